@@ -1,0 +1,134 @@
+"""Step time as a function of the batch: ``t = base·f + max(memory·f, compute·f)``.
+
+``f`` holds a few physically meaningful batch features (``FEATURES``). With ``memory`` and
+``compute`` zero the model is linear (what calibration fits); with them set it is a
+roofline (what the first-principles profile uses). During a run of pure decode steps every
+feature is constant except the attended context, which grows by the number of sequences
+each step, so the time of ``k`` such steps has a closed form (:meth:`decode_run`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FEATURES = (
+    "const",            # 1 per step: scheduling, sampling, launches
+    "prefill_tokens",   # tokens of prefill chunks
+    "decode_tokens",    # decode sequences (one token each)
+    "decode_context",   # sum of attended tokens over decode sequences (KV reads)
+    "prefill_context",  # sum over prefill chunks of n * (start + n) (attention work)
+    "lora_token_rank",  # tokens with an adapter x padded rank (LoRA matmuls)
+    "adapters",         # distinct adapters in the batch (their slot weights are read)
+    "adapter_rank",     # distinct adapters x padded rank (bytes of slot weights read)
+    "lora_slots",       # max_loras when any token has an adapter (kernel grid spans slots)
+)
+
+
+def features(plan, max_lora_rank: int, max_loras: int) -> tuple:
+    """Feature vector of a scheduled step (``twin.sched.StepPlan``)."""
+    lt = plan.decode_lora + plan.prefill_lora_tokens
+    return (1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
+            lt * max_lora_rank, plan.adapters, plan.adapters * max_lora_rank,
+            max_loras if lt else 0)
+
+
+@dataclass
+class StepTimeModel:
+    base: dict
+    memory: dict | None = None
+    compute: dict | None = None
+
+    def __post_init__(self):
+        for part in (self.base, self.memory or {}, self.compute or {}):
+            unknown = set(part) - set(FEATURES)
+            if unknown:
+                raise ValueError(f"unknown step-time feature(s) {sorted(unknown)}; "
+                                 f"known: {FEATURES}")
+        self._b = tuple(float(self.base.get(k, 0.0)) for k in FEATURES)
+        self._m = tuple(float((self.memory or {}).get(k, 0.0)) for k in FEATURES)
+        self._c = tuple(float((self.compute or {}).get(k, 0.0)) for k in FEATURES)
+        self._roof = any(self._m) or any(self._c)
+        # sparse forms: the twin prices ~10^5 steps per simulated hour
+        self._sb, self._sm, self._sc = (tuple((i, w) for i, w in enumerate(v) if w)
+                                        for v in (self._b, self._m, self._c))
+        ctx = FEATURES.index("decode_context")
+        self._slopes = (self._b[ctx], self._m[ctx], self._c[ctx])
+
+    def to_dict(self) -> dict:
+        d = {"base": {k: v for k, v in self.base.items() if v}}
+        if self.memory:
+            d["memory"] = {k: v for k, v in self.memory.items() if v}
+        if self.compute:
+            d["compute"] = {k: v for k, v in self.compute.items() if v}
+        return d
+
+    def __call__(self, f) -> float:
+        t = 0.0
+        for i, w in self._sb:
+            t += w * f[i]
+        if self._roof:
+            m = c = 0.0
+            for i, w in self._sm:
+                m += w * f[i]
+            for i, w in self._sc:
+                c += w * f[i]
+            t += m if m > c else c
+        return t
+
+    def _lines(self, f0):
+        """(intercept, slope-per-step) of base, memory and compute parts in a decode run."""
+        out = []
+        for sparse, slope in zip((self._sb, self._sm, self._sc), self._slopes):
+            v = 0.0
+            for i, w in sparse:
+                v += w * f0[i]
+            out.append((v, slope))
+        return out
+
+    def decode_run(self, f0, ctx_step: int, k: int) -> tuple[float, float, float]:
+        """Total time of ``k`` pure-decode steps whose first step has features ``f0`` and
+        whose attended context grows by ``ctx_step`` per step.
+
+        Returns (total, first step's time, last step's time).
+        """
+        (b0, bs), (m0, ms), (c0, cs) = self._lines(f0)
+        bs *= ctx_step
+        ms *= ctx_step
+        cs *= ctx_step
+        total = k * b0 + bs * k * (k - 1) / 2
+        first = b0
+        last = b0 + bs * (k - 1)
+        if self._roof:
+            total += _sum_max_lines(m0, ms, c0, cs, k)
+            first += max(m0, c0)
+            last += max(m0 + ms * (k - 1), c0 + cs * (k - 1))
+        return total, first, last
+
+    def steps_within(self, f0, ctx_step: int, k_max: int, horizon: float) -> int:
+        """Smallest j in [1, k_max] with run time(j) >= horizon (k_max if none)."""
+        if self.decode_run(f0, ctx_step, k_max)[0] < horizon:
+            return k_max
+        lo, hi = 0, k_max   # time(lo) < horizon <= time(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.decode_run(f0, ctx_step, mid)[0] >= horizon:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+
+def _sum_max_lines(a0: float, a1: float, b0: float, b1: float, k: int) -> float:
+    """sum_{i<k} max(a0 + a1 i, b0 + b1 i) in closed form (one crossing at most)."""
+    def s(c0, c1, lo, hi):  # sum over i in [lo, hi)
+        n = hi - lo
+        return c0 * n + c1 * (lo + hi - 1) * n / 2 if n > 0 else 0.0
+
+    if a1 == b1:
+        return s(max(a0, b0), a1, 0, k)
+    x = (b0 - a0) / (a1 - b1)   # a(x) == b(x)
+    cut = min(max(int(math.ceil(x)), 0), k)
+    # past the crossing the steeper line dominates, before it the flatter one
+    flat, steep = ((a0, a1), (b0, b1)) if a1 < b1 else ((b0, b1), (a0, a1))
+    return s(*flat, 0, cut) + s(*steep, cut, k)

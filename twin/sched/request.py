@@ -1,0 +1,56 @@
+"""Per-request state, as vLLM's ``Request`` keeps it (tokens computed, tokens generated)."""
+
+from __future__ import annotations
+
+
+class RequestStatus:
+    WAITING = 0
+    PREFILLING = 1  # running, prompt (or recompute) not fully computed yet
+    DECODING = 2    # running, one token per step; bookkept lazily by DecodeGroup
+    FINISHED = 3
+    REJECTED = 4    # prompt longer than max_model_len: vLLM answers with an error
+
+    NAMES = {0: "waiting", 1: "running", 2: "running", 3: "finished", 4: "rejected"}
+
+
+class Request:
+    """One request. ``adapter`` is a small int (-1 = base model).
+
+    ``computed`` counts tokens whose KV is in the cache; it is exact for waiting and
+    prefilling requests. For decoding requests the scheduler's ``DecodeGroup`` holds it
+    as ``x + clock`` (``x`` below) so that a decode step costs O(1), not O(running).
+    """
+
+    __slots__ = ("idx", "request_id", "arrival", "adapter", "prompt", "output", "computed",
+                 "generated", "blocks", "key", "seq", "x", "status", "first_scheduled",
+                 "first_token", "finish", "preemptions")
+
+    def __init__(self, idx: int, request_id: int, arrival: float, adapter: int, prompt: int,
+                 output: int):
+        self.idx = idx
+        self.request_id = request_id
+        self.arrival = arrival
+        self.adapter = adapter
+        self.prompt = prompt
+        self.output = output
+        self.computed = 0
+        self.generated = 0
+        self.blocks = 0       # KV blocks held (exact unless DECODING)
+        self.key = idx        # FCFS key in the waiting queue (negative after preemption)
+        self.seq = -1         # position key in the running list (admission order)
+        self.x = 0            # DECODING: computed == x + decode clock
+        self.status = RequestStatus.WAITING
+        self.first_scheduled = -1.0
+        self.first_token = -1.0
+        self.finish = -1.0
+        self.preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: what a (re)prefill must compute."""
+        return self.prompt + self.generated
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return (f"Request(id={self.request_id}, adapter={self.adapter}, status="
+                f"{RequestStatus.NAMES[self.status]}, computed={self.computed}, "
+                f"generated={self.generated}/{self.output})")

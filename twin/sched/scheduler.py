@@ -1,0 +1,386 @@
+"""vLLM V1's scheduling step (``v1/core/sched/scheduler.py::Scheduler.schedule``).
+
+Each step, with a token budget ``max_num_batched_tokens`` and at most ``max_num_seqs``
+running requests:
+
+1. Running requests in order get ``min(remaining, budget)`` tokens (chunked prefill). When
+   KV blocks run out the *last* running request is preempted (recompute: blocks freed,
+   computed tokens reset, put at the head of ``waiting``) until the allocation fits.
+2. Only if nothing was preempted: waiting requests in FCFS order; one whose adapter is not
+   among the step's adapters while ``max_loras`` are already scheduled is skipped (keeps
+   its place); a KV allocation failure stops admission. Base-model requests never count.
+
+The fast path covers the usual step (all decoders first, everything fits) in O(1) plus
+the admissions; anything else falls back to the literal per-request loop, which is the
+reference semantics. ``tests/test_scheduler_reference.py`` checks both against a direct
+transcription of vLLM's loop.
+"""
+
+from __future__ import annotations
+
+from twin.sched.adapter_cache import AdapterCache, AdapterLoad
+from twin.sched.decode_group import DecodeGroup
+from twin.sched.kv_pool import KVBlockPool
+from twin.sched.request import Request, RequestStatus
+from twin.sched.waiting_queue import WaitingQueue
+
+WAITING, PREFILLING, DECODING, FINISHED, REJECTED = (
+    RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.DECODING,
+    RequestStatus.FINISHED, RequestStatus.REJECTED)
+
+# Why the waiting phase stopped (the "blocked" state). All but PREEMPTED persist through
+# a run of pure decode steps until a request finishes or (for EMPTY/LORA) one arrives.
+EMPTY, SEQS, BUDGET, KV, LORA, PREEMPTED = "empty", "seqs", "budget", "kv", "lora", "preempted"
+
+
+class StepPlan:
+    """What one step computes. ``explicit`` lists (request, new tokens) outside the decode
+    group in running order; when ``group_decode`` every group member decodes one token."""
+
+    __slots__ = ("explicit", "group_decode", "decode_n", "decode_ctx", "decode_lora",
+                 "prefill_tokens", "prefill_ctx", "prefill_lora_tokens", "adapters", "loads",
+                 "admitted", "preempted", "blocked", "kv_blocks")
+
+    def __init__(self):
+        self.explicit: list = []        # (request, new tokens), running order
+        self.group_decode = False
+        self.decode_n = 0               # decode sequences (group + explicit decodes)
+        self.decode_ctx = 0             # sum of attended tokens over decode sequences
+        self.decode_lora = 0            # decode sequences with an adapter
+        self.prefill_tokens = 0
+        self.prefill_ctx = 0            # sum over prefill chunks of n * (start + n)
+        self.prefill_lora_tokens = 0
+        self.adapters = 0               # distinct adapters in the batch
+        self.loads: list = []           # AdapterLoad, paid inside the step
+        self.admitted: list = []
+        self.preempted: list = []
+        self.blocked = EMPTY
+        self.kv_blocks = 0              # KV blocks in use once the step's allocations are made
+
+    @property
+    def pure_decode(self) -> bool:
+        return self.group_decode and not self.explicit and not self.loads
+
+    @property
+    def num_tokens(self) -> int:
+        return self.decode_n + self.prefill_tokens
+
+    @property
+    def lora_tokens(self) -> int:
+        return self.decode_lora + self.prefill_lora_tokens
+
+
+class Scheduler:
+    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_loras: int, max_model_len: int,
+                 adapter_cache: AdapterCache, enable_lora: bool = True):
+        self.pool = KVBlockPool(num_blocks, block_size)
+        self.group = DecodeGroup(block_size)
+        self.waiting = WaitingQueue()
+        self.prefilling: list[Request] = []   # running, not decoding, in running order
+        self.cache = adapter_cache
+        self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
+        self.max_loras = max_loras
+        self.max_model_len = max_model_len
+        self.enable_lora = enable_lora
+        self._seq = 0
+        self.blocked = EMPTY
+        self.num_preemptions = 0
+        self._held_next = 0   # decode group's blocks after the current step's allocation
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.group.n + len(self.prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def kv_used_blocks(self) -> int:
+        return self.pool.used + self.group.held_blocks()
+
+    def has_work(self) -> bool:
+        return self.num_running > 0 or len(self.waiting) > 0
+
+    def computed(self, req: Request) -> int:
+        return self.group.computed(req) if req.status == DECODING else req.computed
+
+    def running_in_order(self) -> list[Request]:
+        reqs = list(self.group.members.values()) + self.prefilling
+        reqs.sort(key=lambda r: r.seq)
+        return reqs
+
+    # -- arrivals --------------------------------------------------------------------------
+    def add_request(self, req: Request) -> bool:
+        """Queue an arriving request; False (and REJECTED) if vLLM would refuse it."""
+        if req.prompt >= self.max_model_len:
+            req.status = REJECTED
+            return False
+        if req.prompt + req.output > self.max_model_len:  # generation stops at the limit
+            req.output = self.max_model_len - req.prompt
+        if not self.enable_lora:
+            req.adapter = -1
+        req.status = WAITING
+        self.waiting.append(req)
+        return True
+
+    def arrival_may_change(self, adapter: int) -> bool:
+        """Could a request arriving now change the next steps, given the blocked state?"""
+        b = self.blocked
+        if b == EMPTY or b == PREEMPTED:
+            return True
+        if b == LORA:
+            return adapter < 0 or adapter in self.cache.in_use
+        return False  # SEQS, BUDGET, KV persist until a request finishes
+
+    # -- the step --------------------------------------------------------------------------
+    def schedule(self, now: float = 0.0) -> StepPlan:
+        plan = StepPlan()
+        budget = self.budget
+        group = self.group
+        pool = self.pool
+        ordered = group.n <= budget and (
+            not self.prefilling or group.n == 0 or group.max_seq() < self.prefilling[0].seq)
+        if not ordered:
+            budget = self._schedule_running_slow(plan, budget)
+        else:
+            # decoders first (one token each), then prefill chunks in running order
+            held = group.held_blocks()
+            free = pool.num_blocks - pool.used - held
+            self._held_next = group.held_blocks(group.clock + 1)
+            need = self._held_next - held  # decoders crossing into a new block
+            left = budget - group.n
+            chunks = []
+            for r in self.prefilling:
+                if left <= 0:
+                    break
+                n = min(r.num_tokens - r.computed, left, self.max_model_len - r.computed)
+                if n <= 0:
+                    continue
+                nb = pool.blocks_for(r.computed + n) - r.blocks
+                need += nb
+                chunks.append((r, n, nb))
+                left -= n
+            if need > free:
+                need, chunks = self._preempt_tail(plan, need, chunks)
+            if group.n:
+                plan.group_decode = True
+                plan.decode_n = group.n
+                plan.decode_ctx = group.context_tokens()
+                plan.decode_lora = group.n - group.n_base
+            for r, n, nb in chunks:
+                r.blocks += nb
+                pool.used += nb
+                self._add_chunk(plan, r, n)
+            budget = left
+        # waiting phase
+        if plan.preempted:
+            plan.blocked = PREEMPTED
+        else:
+            plan.blocked = self._admit(plan, budget, now)
+        self.blocked = plan.blocked
+        plan.adapters = len(self.cache.in_use)
+        plan.kv_blocks = self.pool.used + (self._held_next if plan.group_decode else 0)
+        return plan
+
+    def _preempt_tail(self, plan: StepPlan, need: int, chunks: list):
+        """KV shortage: pop running requests from the tail until the rest fit.
+
+        vLLM allocates in running order and pops ``running[-1]`` whenever an allocation
+        fails; the outcome is the longest prefix whose new blocks fit in the free blocks
+        plus those of the popped suffix, so popping from the tail here gives the same
+        split in O(popped).
+        """
+        group, pool = self.group, self.pool
+        free = pool.num_blocks - pool.used - group.held_blocks()
+        while need > free:
+            if self.prefilling:
+                t = self.prefilling.pop()
+                if chunks and chunks[-1][0] is t:
+                    need -= chunks.pop()[2]
+                free += t.blocks
+            else:
+                t = group.members[group.max_seq()]
+                held, held_next = group.held_blocks(), self._held_next
+                c = group.remove(t)
+                t.computed = c
+                t.generated = c - t.prompt + 1
+                t.blocks = 0
+                now_held, self._held_next = group.held_blocks(), group.held_blocks(group.clock + 1)
+                need += (self._held_next - now_held) - (held_next - held)
+                free += held - now_held
+            self._preempt(t)
+            plan.preempted.append(t)
+        return need, chunks
+
+    def _add_chunk(self, plan: StepPlan, r: Request, n: int) -> None:
+        plan.explicit.append((r, n))
+        if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
+            # a decoder outside the group (slow path): a decode sequence, not a prefill
+            plan.decode_n += 1
+            plan.decode_ctx += r.computed + 1
+            if r.adapter >= 0:
+                plan.decode_lora += 1
+            return
+        plan.prefill_tokens += n
+        plan.prefill_ctx += n * (r.computed + n)
+        if r.adapter >= 0:
+            plan.prefill_lora_tokens += n
+
+    def _schedule_running_slow(self, plan: StepPlan, budget: int) -> int:
+        """vLLM's running loop, literally, over an explicit running list."""
+        group, pool = self.group, self.pool
+        # explode the decode group into explicit requests
+        exploded = group.in_order()
+        for r in exploded:
+            c = group.remove(r)
+            r.computed = c
+            r.generated = c - r.prompt + 1
+            r.blocks = pool.blocks_for(c)
+            pool.used += r.blocks
+            r.status = PREFILLING  # explicit; re-enters the group after the step
+        running = sorted(exploded + self.prefilling, key=lambda r: r.seq)
+        self.prefilling = running
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            n = min(r.num_tokens - r.computed, budget, self.max_model_len - r.computed)
+            if n <= 0:
+                i += 1
+                continue
+            scheduled = True
+            while True:
+                nb = pool.blocks_for(r.computed + n) - r.blocks
+                if nb <= pool.free:
+                    break
+                victim = running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is r:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            r.blocks += nb
+            pool.used += nb
+            self._add_chunk(plan, r, n)
+            budget -= n
+            i += 1
+        return budget
+
+    def _preempt(self, r: Request) -> None:
+        self.pool.used -= r.blocks
+        r.blocks = 0
+        r.computed = 0
+        r.status = WAITING
+        r.preemptions += 1
+        self.num_preemptions += 1
+        if r.adapter >= 0:
+            self.cache.release(r.adapter)
+        self.waiting.prepend(r)
+
+    def _admit(self, plan: StepPlan, budget: int, now: float) -> str:
+        waiting, pool, cache = self.waiting, self.pool, self.cache
+        free = pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
+        while True:
+            if self.num_running >= self.max_num_seqs:
+                return SEQS
+            if budget <= 0:
+                return BUDGET
+            if not len(waiting):
+                return EMPTY
+            if self.enable_lora and len(cache.in_use) >= self.max_loras:
+                r = waiting.first_among(cache.in_use)
+                if r is None:
+                    return LORA
+            else:
+                r = waiting.first()
+            n = min(r.num_tokens, budget)
+            nb = pool.blocks_for(n)
+            if nb > free:
+                return KV
+            waiting.pop(r)
+            free -= nb
+            pool.used += nb
+            r.blocks = nb
+            r.computed = 0
+            r.status = PREFILLING
+            r.seq = self._seq
+            self._seq += 1
+            if r.first_scheduled < 0:
+                r.first_scheduled = now
+            self.prefilling.append(r)
+            if r.adapter >= 0:
+                load = cache.acquire(r.adapter)
+                if load is not None:
+                    plan.loads.append(load)
+            plan.admitted.append(r)
+            self._add_chunk(plan, r, n)
+            budget -= n
+
+    # -- after the step --------------------------------------------------------------------
+    def finish_step(self, plan: StepPlan, now: float, steps: int = 1) -> list[Request]:
+        """Commit a step (or ``steps`` identical pure-decode steps) that ended at ``now``.
+
+        Returns the requests that finished; first-token times are stamped here.
+        """
+        done: list[Request] = []
+        group = self.group
+        if plan.group_decode:
+            group.clock += steps
+            for r in group.pop_finished():
+                r.generated = r.output
+                self._finish(r, now)
+                done.append(r)
+        if plan.explicit:
+            prefilling = [r for r in self.prefilling if r.status == PREFILLING]
+            finished_prefill = []
+            for r, n in plan.explicit:
+                r.computed += n
+                if r.computed >= r.num_tokens or r.computed >= self.max_model_len:
+                    r.generated += 1
+                    if r.first_token < 0:
+                        r.first_token = now
+                    finished_prefill.append(r)
+            if finished_prefill:
+                gone = set()
+                for r in finished_prefill:
+                    gone.add(r.seq)
+                    if r.generated >= r.output or r.computed >= self.max_model_len:
+                        self.pool.used -= r.blocks
+                        r.blocks = 0
+                        self._finish(r, now)
+                        done.append(r)
+                    else:
+                        self.pool.used -= r.blocks
+                        r.blocks = 0
+                        group.add(r, r.computed)
+                prefilling = [r for r in prefilling if r.seq not in gone]
+            self.prefilling = prefilling
+        return done
+
+    def _finish(self, r: Request, now: float) -> None:
+        r.status = FINISHED
+        r.finish = now
+        if r.adapter >= 0:
+            self.cache.release(r.adapter)
+
+    # -- quiet runs ------------------------------------------------------------------------
+    def quiet_steps(self, plan: StepPlan) -> int:
+        """How many steps, starting with ``plan`` (pure decode), repeat it exactly.
+
+        Bounded by the next completion and by the KV pool; arrivals are the caller's
+        business (``arrival_may_change``). Returns 1 when no jump is possible.
+        """
+        if not plan.pure_decode or plan.blocked == PREEMPTED:
+            return 1
+        g = self.group
+        k = g.steps_to_next_finish()
+        # the j-th step of the run allocates up to held(clock + j); the plan's own step
+        # (j = 1) already fit
+        cap = self.pool.num_blocks - self.pool.used
+        if g.held_blocks(g.clock + k) > cap:
+            k = g.max_steps_within(cap)
+        return max(1, k)

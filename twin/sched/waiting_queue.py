@@ -1,0 +1,104 @@
+"""The waiting queue with vLLM V1's LoRA skip rule, in O(adapters in use) per admission.
+
+vLLM scans ``waiting`` in FCFS order and *skips* (keeps in place) a request whose adapter
+is not among this step's ``scheduled_loras`` once that set holds ``max_loras`` ids. With
+tens of thousands waiting, scanning is too slow for the twin, so requests sit in one FIFO
+per adapter; each request carries a key that orders it globally (its arrival index, or a
+decreasing negative number when a preempted request is put back at the head). The next
+request vLLM would consider is then the smallest head key, over all adapters when the set
+has room, or over the set's adapters and the base model when it is full.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from twin.sched.request import Request
+
+
+class WaitingQueue:
+    BASE = -1
+
+    def __init__(self):
+        self._fifo: dict[int, deque[Request]] = {}
+        self._heads: list[tuple[int, int]] = []  # (head key, adapter), lazily validated
+        self._n = 0
+        self._next_front = -1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _push_head(self, adapter: int, q: deque) -> None:
+        heapq.heappush(self._heads, (q[0].key, adapter))
+        if len(self._heads) > 4 * len(self._fifo) + 1024:  # drop stale head entries
+            self._heads = [(q[0].key, a) for a, q in self._fifo.items()]
+            heapq.heapify(self._heads)
+
+    def append(self, req: Request) -> None:
+        """Arrival: goes behind everything already waiting (key = arrival index)."""
+        q = self._fifo.get(req.adapter)
+        if q is None:
+            q = self._fifo[req.adapter] = deque()
+        q.append(req)
+        self._n += 1
+        if len(q) == 1:
+            self._push_head(req.adapter, q)
+
+    def prepend(self, req: Request) -> None:
+        """Preempted request: goes to the head of the whole queue."""
+        req.key = self._next_front
+        self._next_front -= 1
+        q = self._fifo.get(req.adapter)
+        if q is None:
+            q = self._fifo[req.adapter] = deque()
+        q.appendleft(req)
+        self._n += 1
+        self._push_head(req.adapter, q)
+
+    def first(self) -> Request | None:
+        """The FCFS head over all adapters."""
+        heads, fifo = self._heads, self._fifo
+        while heads:
+            key, a = heads[0]
+            q = fifo.get(a)
+            if q and q[0].key == key:
+                return q[0]
+            heapq.heappop(heads)
+        return None
+
+    def first_among(self, adapters) -> Request | None:
+        """The FCFS head among base-model requests and the given adapters' requests."""
+        best = None
+        fifo = self._fifo
+        q = fifo.get(self.BASE)
+        if q:
+            best = q[0]
+        for a in adapters:
+            q = fifo.get(a)
+            if q and (best is None or q[0].key < best.key):
+                best = q[0]
+        return best
+
+    def has_any(self, adapter: int) -> bool:
+        q = self._fifo.get(adapter)
+        return bool(q)
+
+    def pop(self, req: Request) -> None:
+        """Remove ``req``, which must be the head of its adapter's FIFO."""
+        q = self._fifo[req.adapter]
+        q.popleft()
+        self._n -= 1
+        if q:
+            self._push_head(req.adapter, q)
+        else:
+            del self._fifo[req.adapter]
+
+    def counts_by_adapter(self) -> dict[int, int]:
+        return {a: len(q) for a, q in self._fifo.items()}
+
+    def __iter__(self):
+        """All waiting requests in FCFS order (slow; for reports and tests)."""
+        reqs = [r for q in self._fifo.values() for r in q]
+        reqs.sort(key=lambda r: r.key)
+        return iter(reqs)

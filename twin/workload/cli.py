@@ -1,0 +1,240 @@
+"""``twin trace``: build a trace file from a public trace or a synthetic generator.
+
+Wire it into the main CLI with ``add_trace_parser(subparsers)``; the parser sets
+``func=run``. ``python -m twin.workload.cli trace ...`` runs it stand-alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twin.errors import TwinInputError
+
+_DESCRIPTION = """\
+Build a request trace (Parquet, or CSV if --out ends in .csv) in twin's trace format:
+request_id, arrival_s, adapter (empty = base model), prompt_tokens, output_tokens.
+
+Public sources are read from the shared data folder: $TWIN_SHARED_DATA, else ../shared/data
+next to the repository (see shared/data/traces/README.md for provenance and licences).
+Azure and Mooncake traces name no adapter: --adapters N tags them (uniform or power-law
+popularity). ServeGen keeps its real tenants (one adapter per client). Every action is
+deterministic given --seed.
+
+examples:
+  twin trace azure --kind conv --adapters 32 --popularity powerlaw --alpha 0.5 --out x.parquet
+  twin trace mooncake --kind conversation --limit-s 600 --out m.parquet
+  twin trace servegen --tenants 32 --duration-s 600 --total-rate 30 --out s.parquet
+  twin trace rate-classes --adapters 32 --rates 1.6,0.8,0.4 --duration-s 3600 --out r.parquet
+  twin trace powerlaw --adapters 100 --rate 20 --alpha 0.5 --cv 2 --out p.parquet
+"""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from exc
+
+
+def _means(text: str):
+    return None if text.strip().lower() == "none" else _floats(text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output file (.parquet or .csv)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _tagging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter tagging (the trace names none)")
+    g.add_argument("--adapters", type=int, default=0,
+                   help="tag requests with N adapters lora-0..lora-(N-1); 0 = leave all on "
+                        "the base model (default)")
+    g.add_argument("--popularity", choices=("uniform", "powerlaw"), default="uniform",
+                   help="uniform, or S-LoRA's power law: adapter = floor(N*X), X~power(alpha)")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="power-law exponent; 1 = uniform, smaller = more skewed (default 1)")
+    g.add_argument("--prefix", default="lora", help="adapter name prefix (default lora)")
+
+
+def _lengths_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("request lengths")
+    g.add_argument("--lengths", choices=("sharegpt", "uniform"), default="sharegpt",
+                   help="sharegpt: pairs from the ShareGPT stats file under vLLM's filter "
+                        "(default); uniform: S-LoRA's U[lo, hi)")
+    g.add_argument("--target-means", type=_means, default=(223.0, 196.0),
+                   help="rescale ShareGPT lengths to these prompt,output means (default "
+                        "223,196: the vLLM-H100 runs' pool); 'none' keeps the file's")
+    g.add_argument("--max-prompt", type=int, default=1024, help="ShareGPT filter (1024)")
+    g.add_argument("--max-total", type=int, default=2048, help="ShareGPT filter (2048)")
+    g.add_argument("--uniform", type=_floats, default=(8, 512), metavar="LO,HI",
+                   help="bounds for --lengths uniform (default 8,512)")
+
+
+def add_trace_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``trace`` (with actions azure, mooncake, servegen, rate-classes, powerlaw)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    tp = subparsers.add_parser("trace", help="build a trace file from public or synthetic "
+                               "workloads", description=_DESCRIPTION, formatter_class=fmt)
+    tp.set_defaults(func=run)
+    acts = tp.add_subparsers(dest="trace_action", metavar="ACTION", required=True)
+
+    p = acts.add_parser("azure", help="Azure LLM inference trace 2023 (CC-BY 4.0)",
+                        description="One hour of Azure's production LLM service (2023): real "
+                        "arrivals and token counts; adapters assigned synthetically.")
+    p.add_argument("--kind", choices=("conv", "code"), default="conv",
+                   help="conversation (5.5 req/s) or code completion (2.6 req/s, bursty)")
+    p.add_argument("--input", type=Path, help="CSV path (default: the shared copy)")
+    p.add_argument("--limit-s", type=float, help="keep arrivals in [0, LIMIT_S)")
+    _tagging(p)
+    _common(p)
+
+    p = acts.add_parser("mooncake", help="Mooncake FAST'25 trace (Apache-2.0)",
+                        description="Kimi's conversation trace (1 h, long prompts, 3-s "
+                        "ticks) or Mooncake's synthetic one; adapters assigned synthetically.")
+    p.add_argument("--kind", choices=("conversation", "synthetic"), default="conversation")
+    p.add_argument("--input", type=Path, help="JSONL path (default: the shared copy)")
+    p.add_argument("--limit-s", type=float, help="keep arrivals in [0, LIMIT_S)")
+    _tagging(p)
+    _common(p)
+
+    p = acts.add_parser("servegen", help="per-tenant trace from ServeGen statistics "
+                        "(Apache-2.0)", description="Synthesise one adapter per ServeGen "
+                        "client (real tenant skew and burstiness): gaps from each client's "
+                        "600-s Gamma/Weibull fit, lengths from its quantiles.")
+    p.add_argument("--model", default="m-large",
+                   help="m-large, m-mid, m-small (14 days), deepseek-r1 (1 day)")
+    p.add_argument("--tenants", type=int, default=32, help="top clients by traffic (32)")
+    p.add_argument("--duration-s", type=float, default=3600, help="span length (3600)")
+    p.add_argument("--start-s", type=int, default=None,
+                   help="span start, a multiple of 600 s (default: the model's busiest span)")
+    p.add_argument("--total-rate", type=float, default=None,
+                   help="scale all tenants so their mean aggregate rate is this many req/s "
+                        "(default: the real rates, hundreds of req/s for m-large)")
+    p.add_argument("--rate-csv", type=Path, help="default: the shared copy")
+    p.add_argument("--length-csv", type=Path, help="default: the shared copy")
+    _common(p)
+
+    p = acts.add_parser("rate-classes", help="adapters as independent processes with "
+                        "class rates (arXiv 2508.08343)", description="Each adapter an "
+                        "independent Poisson (or Gamma) process; rates assigned round-robin "
+                        "from --rates, then shuffled.")
+    p.add_argument("--adapters", type=int, required=True, help="number of adapters")
+    p.add_argument("--rates", type=_floats, default=(1.6, 0.8, 0.4),
+                   help="req/s per class, comma-separated (default 1.6,0.8,0.4)")
+    p.add_argument("--duration-s", type=float, default=3600,
+                   help="arrivals stop here (default 3600)")
+    p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson",
+                   help="gap distribution per adapter (default poisson)")
+    p.add_argument("--cv", type=float, default=1.0, help="gap CV for --arrival gamma")
+    p.add_argument("--prefix", default="lora")
+    _lengths_opts(p)
+    _common(p)
+
+    p = acts.add_parser("powerlaw", help="S-LoRA-style power-law popularity",
+                        description="One Gamma arrival process (shape 1/cv^2) of --rate "
+                        "req/s; adapter = floor(N*X), X ~ power(alpha).")
+    p.add_argument("--adapters", type=int, required=True, help="number of adapters")
+    p.add_argument("--rate", type=float, required=True, help="aggregate req/s")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="1 = uniform, smaller = more skewed (default 1)")
+    p.add_argument("--cv", type=float, default=1.0,
+                   help="gap CV of the aggregate process; 1 = Poisson (default)")
+    p.add_argument("--duration-s", type=float, default=3600,
+                   help="arrivals stop here (default 3600)")
+    p.add_argument("--prefix", default="lora")
+    _lengths_opts(p)
+    _common(p)
+    return tp
+
+
+def _length_sampler(args):
+    from twin.workload import generate, public
+    if args.lengths == "uniform":
+        lo, hi = (int(x) for x in args.uniform)
+        return generate.uniform_lengths(lo, hi)
+    means = args.target_means or None
+    return public.sharegpt_length_pool(public.shared_trace_path(public.SHAREGPT_FILE),
+                                       max_prompt=args.max_prompt, max_total=args.max_total,
+                                       target_means=means)
+
+
+def build(args) -> pd.DataFrame:
+    """The trace an argument namespace describes (no file written)."""
+    from twin.workload import generate, public
+    act = args.trace_action
+    if act in ("azure", "mooncake"):
+        if act == "azure":
+            path = args.input or public.shared_trace_path(public.AZURE_FILES[args.kind])
+            df = public.load_azure2023(path, limit_s=args.limit_s)
+        else:
+            path = args.input or public.shared_trace_path(public.MOONCAKE_FILES[args.kind])
+            df = public.load_mooncake(path, limit_s=args.limit_s)
+        if args.adapters:
+            df = public.assign_adapters(df, args.adapters, popularity=args.popularity,
+                                        alpha=args.alpha, seed=args.seed, prefix=args.prefix)
+        return df
+    if act == "servegen":
+        rate = args.rate_csv or public.shared_trace_path(public.SERVEGEN_RATE_FILE)
+        length = args.length_csv or public.shared_trace_path(public.SERVEGEN_LENGTH_FILE)
+        return public.servegen_tenants(rate, length, model=args.model, n_tenants=args.tenants,
+                                       duration_s=args.duration_s,
+                                       start_window_s=args.start_s,
+                                       total_rate=args.total_rate, seed=args.seed)
+    if act == "rate-classes":
+        return generate.rate_class_trace(args.adapters, args.rates,
+                                         duration_s=args.duration_s,
+                                         lengths=_length_sampler(args), arrival=args.arrival,
+                                         cv=args.cv, seed=args.seed, prefix=args.prefix)
+    if act == "powerlaw":
+        return generate.powerlaw_trace(args.adapters, args.rate, alpha=args.alpha,
+                                       duration_s=args.duration_s, cv=args.cv,
+                                       lengths=_length_sampler(args), seed=args.seed,
+                                       prefix=args.prefix)
+    raise TwinInputError(f"unknown trace action {act!r}", field="trace_action")
+
+
+def summary(df: pd.DataFrame) -> str:
+    """One line: rows, span, rate, adapters, mean lengths."""
+    span = float(df["arrival_s"].max()) if len(df) else 0.0
+    n_ad = int(df["adapter"].nunique())
+    rate = len(df) / span if span > 0 else float("nan")
+    return (f"{len(df)} requests over {span:.0f} s ({rate:.2f} req/s), "
+            f"{n_ad} adapter(s){' + base' if df['adapter'].isna().any() else ''}, "
+            f"mean prompt {np.mean(df['prompt_tokens']) if len(df) else 0:.0f} / "
+            f"output {np.mean(df['output_tokens']) if len(df) else 0:.0f} tokens")
+
+
+def run(args) -> int:
+    """Build the trace, write it, print a one-line summary. Returns the exit code."""
+    from twin.workload.schema import validate_trace, write_trace
+    df = build(args)
+    out = Path(args.out)
+    if out.suffix.lower() == ".csv":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        validate_trace(df, source=str(out)).to_csv(out, index=False)
+    else:
+        write_trace(df, out)
+    print(f"{out}: {summary(df)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="twin", description="twin trace tools")
+    add_trace_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TwinInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
