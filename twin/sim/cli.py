@@ -1,0 +1,100 @@
+"""``twin simulate``: run a trace through the twin and report as ``vllm bench serve`` does."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from twin.config import ServingConfig
+
+_DESCRIPTION = """\
+Simulate a request trace served by vLLM with LoRA adapters, on the hardware and base
+model described by a profile, and print the result in `vllm bench serve` terms plus
+adapter loads, preemptions, KV usage and the starvation verdict.
+
+The serving configuration uses vLLM's own names, as flags (--max-loras 8) or in a YAML
+file (--config serve.yaml, keys like max_loras or max-loras); flags override the file.
+
+examples:
+  twin simulate --trace traces/azure_conv_1h_32lora.parquet --max-loras 8 --max-cpu-loras 32
+  twin simulate --trace t.parquet --config serve.yaml --window-s 3600 --out runs/a --plot
+"""
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM serving flags (shared by simulate, execute, validate, compare)."""
+    g = p.add_argument_group("serving configuration (vLLM names; default: vLLM's defaults)")
+    g.add_argument("--config", type=Path, help="YAML file of vLLM settings")
+    for f in dataclasses.fields(ServingConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = str(f.type)
+        if typ.startswith("bool"):
+            g.add_argument(flag, dest=f.name, default=None,
+                           type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+                           metavar="{true,false}", help=f"default {f.default}")
+        else:
+            conv = int if typ.startswith("int") else float if typ.startswith("float") else str
+            g.add_argument(flag, dest=f.name, default=None, type=conv,
+                           help=f"default {f.default if f.default is not None else 'max_loras'}")
+
+
+def config_from_args(args) -> ServingConfig:
+    base = ServingConfig.from_yaml(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(ServingConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            base[f.name] = v
+    if "max_cpu_loras" not in base or base["max_cpu_loras"] is None:
+        base.pop("max_cpu_loras", None)
+    return ServingConfig.from_dict(base, source=str(args.config or "flags"))
+
+
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="simulate a trace on the twin",
+                              description=_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", required=True, type=Path, help="trace (.parquet or .csv)")
+    p.add_argument("--profile", default=None,
+                   help="profile JSON path or shipped name (default: llama31-8b-h100-64gb)")
+    p.add_argument("--catalog", type=Path,
+                   help="adapter catalog (CSV/Parquet: adapter, rank); default: every adapter "
+                        "of the trace at max_lora_rank")
+    p.add_argument("--window-s", type=float, default=None,
+                   help="measure a fixed window (arrivals after it dropped, unfinished "
+                        "requests counted as not completed); default: run to completion")
+    p.add_argument("--out", type=Path, help="write requests.parquet, summary.json, "
+                   "timeline.parquet (and timeline.png with --plot) here")
+    p.add_argument("--plot", action="store_true", help="PNG timeline (needs --out)")
+    p.add_argument("--steps", action="store_true", help="also write steps.parquet (step log)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from twin.errors import TwinInputError
+    from twin.sim import simulate
+    from twin.workload.catalog import AdapterCatalog
+    from twin.workload.schema import read_trace
+
+    if args.plot and not args.out:
+        raise TwinInputError("--plot needs --out DIR", field="--plot")
+    config = config_from_args(args)
+    trace = read_trace(args.trace)
+    catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
+    result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
+                      progress=not args.no_progress, record_steps=args.steps,
+                      trace_source=str(args.trace))
+    result.meta["trace"] = str(args.trace)
+    if args.json:
+        print(json.dumps(result.summary, indent=2))
+    else:
+        print(result.format_summary())
+    if args.out:
+        out = result.save(args.out, plot=args.plot)
+        print(f"wrote {out}/")
+    return 0
