@@ -284,14 +284,16 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int, now: float) -> str:
         waiting, pool, cache = self.waiting, self.pool, self.cache
         free = pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
+        running = self.group.n + len(self.prefilling)
+        lora_gate = self.max_loras if self.enable_lora else 1 << 62
         while True:
-            if self.num_running >= self.max_num_seqs:
+            if running >= self.max_num_seqs:
                 return SEQS
             if budget <= 0:
                 return BUDGET
-            if not len(waiting):
+            if not waiting._n:
                 return EMPTY
-            if self.enable_lora and len(cache.in_use) >= self.max_loras:
+            if len(cache.in_use) >= lora_gate:
                 r = waiting.first_among(cache.in_use)
                 if r is None:
                     return LORA
@@ -319,6 +321,7 @@ class Scheduler:
             plan.admitted.append(r)
             self._add_chunk(plan, r, n)
             budget -= n
+            running += 1
 
     # -- after the step --------------------------------------------------------------------
     def finish_step(self, plan: StepPlan, now: float, steps: int = 1) -> list[Request]:

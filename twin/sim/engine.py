@@ -96,11 +96,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
 
     n = len(trace)
     arrival = trace["arrival_s"].to_numpy(dtype=np.float64)
-    adapter_col = trace["adapter"]
-    aid = np.full(n, -1, dtype=np.int64)
-    has = adapter_col.notna().to_numpy()
-    if has.any():
-        aid[has] = adapter_col[has].map(ids).to_numpy(dtype=np.int64)
+    aid = pd.Categorical(trace["adapter"], categories=catalog.adapters).codes  # NA -> -1
     prompt = trace["prompt_tokens"].to_numpy(dtype=np.int64)
     output = trace["output_tokens"].to_numpy(dtype=np.int64)
     rid = trace["request_id"].to_numpy(dtype=np.int64)

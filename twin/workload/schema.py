@@ -60,6 +60,9 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     ``request_id`` may be missing (then 0..n-1 is used). Raises :class:`TwinInputError`
     at the first bad row.
     """
+    if _canonical(df):
+        _check_values(df, source)
+        return df   # already in canonical dtypes: checked without a copy
     df = df.copy()
     if "request_id" not in df.columns:
         df.insert(0, "request_id", np.arange(len(df), dtype=np.int64))
@@ -126,3 +129,35 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     for c in extra:  # keep annotations (e.g. tenant, rate class) untouched
         out[c] = df[c].to_numpy()
     return out
+
+
+def _canonical(df: pd.DataFrame) -> bool:
+    return all(c in df.columns and str(df[c].dtype) == t for c, t in TRACE_COLUMNS.items())
+
+
+def _check_values(df: pd.DataFrame, source: str) -> None:
+    """The value checks of validate_trace for a frame whose dtypes are already canonical."""
+    def fail(mask, col, msg):
+        row = int(np.flatnonzero(mask)[0])
+        raise TwinInputError(msg.format(v=df[col].iloc[row]), file=source, row=row, field=col)
+
+    arr = df["arrival_s"].to_numpy()
+    if not np.isfinite(arr).all():
+        fail(~np.isfinite(arr), "arrival_s", "expected a finite number, got {v}")
+    for col in ("prompt_tokens", "output_tokens"):
+        v = df[col].to_numpy()
+        if (v < 1).any():
+            fail(v < 1, col, "must be >= 1 token, got {v}")
+    if (arr < 0).any():
+        fail(arr < 0, "arrival_s", "must be >= 0 seconds, got {v}")
+    if len(arr) > 1 and (np.diff(arr) < 0).any():
+        mask = np.concatenate([[False], np.diff(arr) < 0])
+        fail(mask, "arrival_s", "arrivals must be non-decreasing: {v} comes after an earlier "
+             "larger value (sort the trace by arrival_s)")
+    ids = df["request_id"].to_numpy()
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        fail(dup, "request_id", "duplicate request_id {v}")
+    if (df["adapter"].str.len() == 0).fillna(False).any():
+        fail((df["adapter"].str.len() == 0).fillna(False).to_numpy(), "adapter",
+             "empty adapter id (use null for the base model), got {v!r}")

@@ -1,0 +1,206 @@
+"""The twin end to end: memory model vs vLLM, bad input, results, CLI, window semantics."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twin.cli import main as twin_main
+from twin.config import ServingConfig
+from twin.errors import ConfigError, TwinInputError
+from twin.models import load_profile
+from twin.sim import simulate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.schema import read_trace, validate_trace
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+KV_CSV = SHARED / "vllm-h100" / "kv_cache_tokens_llama31_8b.csv"
+
+
+def small_trace(n=300, adapters=4, seed=0, span=30.0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "arrival_s": np.sort(rng.uniform(0, span, n)),
+        "adapter": [f"a{i}" for i in rng.integers(0, adapters, n)],
+        "prompt_tokens": rng.integers(4, 600, n),
+        "output_tokens": rng.integers(1, 200, n)})
+
+
+@pytest.mark.skipif(not KV_CSV.exists(), reason="shared vLLM data not present")
+def test_memory_model_matches_vllm_reported_kv_capacity_within_2pct():
+    prof = load_profile()
+    kv = pd.read_csv(KV_CSV).dropna(subset=["kv_cache_tokens"])
+    errs = []
+    for _, r in kv.iterrows():
+        cfg = ServingConfig(max_loras=int(r.max_loras), max_cpu_loras=int(r.max_loras),
+                            max_lora_rank=int(r.max_lora_rank), max_num_seqs=2048,
+                            max_num_batched_tokens=2048, max_model_len=131072)
+        errs.append(abs(prof.memory.kv_tokens(cfg) - r.kv_cache_tokens) / r.kv_cache_tokens)
+    assert len(errs) >= 36
+    assert max(errs) <= 0.02
+
+
+@pytest.mark.skipif(not KV_CSV.exists(), reason="shared vLLM data not present")
+def test_refuses_to_start_exactly_where_vllm_did():
+    prof = load_profile()
+    kv = pd.read_csv(KV_CSV)
+    for _, r in kv.iterrows():
+        cfg = ServingConfig(max_loras=int(r.max_loras), max_cpu_loras=int(r.max_loras),
+                            max_lora_rank=int(r.max_lora_rank), max_num_seqs=2048,
+                            max_num_batched_tokens=2048, max_model_len=131072)
+        started = prof.memory.kv_tokens(cfg) >= 131072
+        assert started == (r.status == "started"), (r.max_loras, r.max_lora_rank)
+
+
+def test_kv_cache_too_small_is_refused_with_the_numbers():
+    cfg = ServingConfig(max_loras=384, max_cpu_loras=384, max_lora_rank=32)
+    with pytest.raises(ConfigError) as e:
+        simulate(small_trace(10), cfg)
+    msg = str(e.value)
+    assert "max_model_len" in msg and "LoRA slots" in msg and "GiB" in msg
+
+
+@pytest.mark.parametrize("mutate, field, row", [
+    (lambda d: d.assign(arrival_s=d["arrival_s"][::-1].to_numpy()), "arrival_s", 1),
+    (lambda d: d.assign(prompt_tokens=np.where(np.arange(len(d)) == 3, 0, d["prompt_tokens"])),
+     "prompt_tokens", 3),
+    (lambda d: d.assign(output_tokens=np.where(np.arange(len(d)) == 5, np.nan, d["output_tokens"])),
+     "output_tokens", 5),
+    (lambda d: d.drop(columns=["prompt_tokens"]), "prompt_tokens", None),
+    (lambda d: d.assign(arrival_s=d["arrival_s"] - 1.0), "arrival_s", 0),
+])
+def test_bad_trace_names_file_row_and_field(tmp_path, mutate, field, row):
+    bad = mutate(small_trace(20))
+    path = tmp_path / "bad.csv"
+    bad.to_csv(path, index=False)
+    with pytest.raises(TwinInputError) as e:
+        read_trace(path)
+    assert e.value.field == field and e.value.row == row and e.value.file == str(path)
+    assert str(path) in str(e.value)
+
+
+def test_unknown_adapter_and_rank_above_max_lora_rank():
+    trace = small_trace(20, adapters=3)
+    cat = AdapterCatalog(pd.DataFrame({"adapter": ["a0", "a1"], "rank": [8, 8]}), source="cat.csv")
+    with pytest.raises(TwinInputError) as e:
+        simulate(trace, ServingConfig(max_loras=2), catalog=cat)
+    assert e.value.field == "adapter" and "a2" in str(e.value)
+    cat = AdapterCatalog(pd.DataFrame({"adapter": ["a0", "a1", "a2"], "rank": [8, 64, 8]}),
+                         source="cat.csv")
+    with pytest.raises(TwinInputError) as e:
+        simulate(trace, ServingConfig(max_loras=2, max_lora_rank=16), catalog=cat)
+    assert e.value.row == 1 and e.value.field == "rank" and "max_lora_rank" in str(e.value)
+
+
+def test_config_errors_name_the_setting(tmp_path):
+    with pytest.raises(TwinInputError) as e:
+        ServingConfig(max_loras=4, max_cpu_loras=2)
+    assert e.value.field == "max_cpu_loras"
+    y = tmp_path / "c.yaml"
+    y.write_text("max-loras: 4\nmax_lora_rank: 17\n")
+    with pytest.raises(TwinInputError) as e:
+        ServingConfig.from_yaml(y)
+    assert e.value.field == "max_lora_rank"
+    y.write_text("max_loras: four\n")
+    with pytest.raises(TwinInputError) as e:
+        ServingConfig.from_yaml(y)
+    assert e.value.field == "max_loras" and str(y) in str(e.value)
+    y.write_text("max_lorras: 4\n")
+    with pytest.raises(TwinInputError):
+        ServingConfig.from_yaml(y)
+
+
+def test_summary_metrics_follow_vllm_bench_definitions():
+    res = simulate(small_trace(200), ServingConfig(max_loras=2, max_cpu_loras=4))
+    req, s = res.requests, res.summary
+    done = req[req.status == "finished"]
+    assert s["completed"] == len(done) == len(req)            # conservation
+    assert (done.generated_tokens == done.output_tokens).all()
+    assert math.isclose(s["total_throughput"],
+                        (done.prompt_tokens.sum() + done.generated_tokens.sum()) / s["duration_s"])
+    ttft = (done.first_token_s - done.arrival_s) * 1000
+    assert math.isclose(s["ttft_ms"]["mean"], ttft.mean())
+    multi = done[done.generated_tokens > 1]
+    tpot = (multi.finish_s - multi.first_token_s) / (multi.generated_tokens - 1) * 1000
+    assert math.isclose(s["tpot_ms"]["mean"], tpot.mean())
+    assert (done.first_scheduled_s >= done.arrival_s).all()
+    assert (done.first_token_s > done.first_scheduled_s).all()
+    assert (done.finish_s >= done.first_token_s).all()
+    loads = s["adapter_loads"]
+    assert loads["from_disk"] == 4          # each adapter read from disk once (host cache 4)
+    assert s["itl_ms"]["median"] <= s["itl_ms"]["p99"]
+
+
+def test_window_reports_unfinished_requests_with_their_state():
+    trace = small_trace(400, span=20.0)
+    cfg = ServingConfig(max_loras=1, max_cpu_loras=4, max_num_seqs=4)   # overloaded
+    res = simulate(trace, cfg, window_s=10.0)
+    st = res.requests.status.value_counts().to_dict()
+    assert set(st) <= {"finished", "running", "waiting"}
+    assert st.get("waiting", 0) > 0 and res.summary["duration_s"] == 10.0
+    assert res.summary["starving"]
+    assert res.summary["completed"] + res.summary["unfinished"] == int(
+        (trace.arrival_s <= 10.0).sum())
+
+
+def test_cli_simulate_writes_results_and_plot(tmp_path, capsys):
+    trace = tmp_path / "t.parquet"
+    small_trace(150).to_parquet(trace)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("max_loras: 2\nmax-cpu-loras: 4\n")
+    out = tmp_path / "run"
+    rc = twin_main(["simulate", "--trace", str(trace), "--config", str(cfg),
+                    "--max-num-seqs", "64", "--out", str(out), "--plot", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Total token throughput" in text and "Verdict" in text
+    assert {p.name for p in out.iterdir()} == {"requests.parquet", "summary.json",
+                                              "timeline.parquet", "timeline.png"}
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["config"]["max_loras"] == 2 and meta["config"]["max_num_seqs"] == 64
+    assert pd.read_parquet(out / "requests.parquet").shape[0] == 150
+
+
+def test_cli_leaves_nothing_half_written_on_failure(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    small_trace(30).assign(adapter="x").to_csv(trace, index=False)
+    out = tmp_path / "run"
+    rc = twin_main(["simulate", "--trace", str(trace), "--max-loras", "384",
+                    "--max-lora-rank", "32", "--out", str(out), "--no-progress"])
+    assert rc == 2
+    assert "refuses to start" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == [trace]
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    res = simulate(small_trace(50), ServingConfig(max_loras=2, max_cpu_loras=4))
+    out = tmp_path / "run"
+    res.save(out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
+    with pytest.raises(OSError):
+        res.save(out)
+    assert sorted(p.name for p in out.iterdir()) == before   # old result intact
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]    # no temp dir left
+
+
+def test_preloaded_adapters_need_no_disk_loads():
+    trace = small_trace(100, adapters=4)
+    res = simulate(trace, ServingConfig(max_loras=4, max_cpu_loras=4, preload_adapters=True))
+    assert res.summary["adapter_loads"]["from_disk"] == 0
+    assert res.summary["adapter_loads"]["from_host"] == 0
+
+
+def test_more_slots_never_hurt_a_skewed_light_workload():
+    trace = small_trace(300, adapters=8, span=60)
+    few = simulate(trace, ServingConfig(max_loras=1, max_cpu_loras=8)).summary
+    many = simulate(trace, ServingConfig(max_loras=8, max_cpu_loras=8)).summary
+    assert many["ttft_ms"]["mean"] < few["ttft_ms"]["mean"]
+    assert many["adapter_loads"]["from_host"] < few["adapter_loads"]["from_host"]
