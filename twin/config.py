@@ -16,7 +16,8 @@ from typing import Any
 from twin.errors import TwinInputError
 
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-POLICIES = ("vllm",)
+# serving strategies (twin.policies; issue 7): "vllm" is the default and the engine's own
+POLICIES = ("vllm", "slora", "merged", "hybrid")
 
 
 @dataclass(frozen=True)

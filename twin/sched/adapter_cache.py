@@ -135,6 +135,17 @@ class AdapterCache:
         self.gpu.insert(adapter, self._tick)
         return AdapterLoad(adapter, from_disk, evicted_gpu, evicted_host)
 
+    def drop(self, adapter: int) -> None:
+        """Forget ``adapter`` (not in use): off its GPU slot and out of host memory. The
+        executor calls this when an adapter failed to load, so the cache never claims a
+        slot or host entry that holds nothing."""
+        if self.in_use.get(adapter, 0):
+            raise ValueError(f"adapter {adapter} is in use by running requests")
+        if adapter in self.gpu:
+            self.gpu.remove(adapter)
+        if adapter in self.host:
+            self.host.remove(adapter)
+
     def release(self, adapter: int) -> None:
         n = self.in_use[adapter] - 1
         if n:

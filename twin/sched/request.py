@@ -9,8 +9,10 @@ class RequestStatus:
     DECODING = 2    # running, one token per step; bookkept lazily by DecodeGroup
     FINISHED = 3
     REJECTED = 4    # prompt longer than max_model_len: vLLM answers with an error
+    ABORTED = 5     # taken out by the engine (the executor: its adapter failed to load)
 
-    NAMES = {0: "waiting", 1: "running", 2: "running", 3: "finished", 4: "rejected"}
+    NAMES = {0: "waiting", 1: "running", 2: "running", 3: "finished", 4: "rejected",
+             5: "failed"}
 
 
 class Request:

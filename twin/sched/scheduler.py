@@ -24,9 +24,9 @@ from twin.sched.kv_pool import KVBlockPool
 from twin.sched.request import Request, RequestStatus
 from twin.sched.waiting_queue import WaitingQueue
 
-WAITING, PREFILLING, DECODING, FINISHED, REJECTED = (
+WAITING, PREFILLING, DECODING, FINISHED, REJECTED, ABORTED = (
     RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.DECODING,
-    RequestStatus.FINISHED, RequestStatus.REJECTED)
+    RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.ABORTED)
 
 # Why the waiting phase stopped (the "blocked" state). All but PREEMPTED persist through
 # a run of pure decode steps until a request finishes or (for EMPTY/LORA) one arrives.
@@ -363,6 +363,46 @@ class Scheduler:
                 prefilling = [r for r in prefilling if r.seq not in gone]
             self.prefilling = prefilling
         return done
+
+    # -- aborts ----------------------------------------------------------------------------
+    def abort(self, req: Request, plan: StepPlan | None = None) -> None:
+        """Take a prefilling request out of the running set (the executor aborts requests
+        whose adapter failed to load): its KV blocks are freed, its adapter released and
+        its status set to ABORTED. With ``plan`` (the current step, not yet finished) its
+        share of that step is removed too, so ``finish_step`` never sees it.
+        """
+        if req.status != PREFILLING:
+            raise ValueError(f"abort: only prefilling requests can be aborted, got {req!r}")
+        self.prefilling.remove(req)
+        if plan is not None:
+            for j, (r, n) in enumerate(plan.explicit):
+                if r is req:
+                    del plan.explicit[j]
+                    self._sub_chunk(plan, r, n)
+                    break
+            if req in plan.admitted:
+                plan.admitted.remove(req)
+            plan.kv_blocks -= req.blocks
+        self.pool.used -= req.blocks
+        req.blocks = 0
+        req.status = ABORTED
+        if req.adapter >= 0:
+            self.cache.release(req.adapter)
+        if plan is not None:
+            plan.adapters = len(self.cache.in_use)
+
+    def _sub_chunk(self, plan: StepPlan, r: Request, n: int) -> None:
+        """Undo :meth:`_add_chunk` (same classification: r has not advanced yet)."""
+        if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
+            plan.decode_n -= 1
+            plan.decode_ctx -= r.computed + 1
+            if r.adapter >= 0:
+                plan.decode_lora -= 1
+            return
+        plan.prefill_tokens -= n
+        plan.prefill_ctx -= n * (r.computed + n)
+        if r.adapter >= 0:
+            plan.prefill_lora_tokens -= n
 
     def _finish(self, r: Request, now: float) -> None:
         r.status = FINISHED

@@ -64,35 +64,59 @@ class _Recorder:
 def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str | None = None,
              catalog: AdapterCatalog | None = None, *, window_s: float | None = None,
              progress: bool = False, record_steps: bool = False, sample_dt: float | None = None,
-             trace_source: str = "trace") -> RunResult:
+             trace_source: str = "trace", build_server=None,
+             max_in_flight: int | None = None) -> RunResult:
     """Simulate ``trace`` served with ``config`` on the hardware/model of ``profile``.
 
     ``window_s``: measure a fixed window as ``vllm bench serve`` runs with a time limit do
     (arrivals after it are dropped, requests unfinished at its end are reported as such);
     by default the run goes on until every request has finished.
+
+    ``max_in_flight``: a client-side cap on requests in flight (running + waiting). An
+    arrival that finds that many fails on the client and never reaches the server (status
+    ``rejected``; it still counts in the offered load). A long overloaded ``vllm bench
+    serve`` hits such a cap when its ~28k ephemeral ports are all held by open connections.
+
+    ``config.policy`` other than ``"vllm"`` hands the run to that serving strategy
+    (``twin.policies``). ``build_server`` is how a single-server strategy plugs its own
+    scheduler in: ``build_server(config, profile, catalog, trace, trace_source)`` returns a
+    ``twin.policies.ServerParts`` (scheduler, adapter cache, KV tokens, step featurizer).
     """
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
+    # -- policy hook (twin.policies, issue 7): other strategies run through their class -----
+    if build_server is None and config.policy != "vllm":
+        from twin.policies import get_policy
+
+        return get_policy(config.policy).simulate(
+            trace, config, profile, catalog, window_s=window_s, progress=progress,
+            record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source).result
     trace = validate_trace(trace, source=trace_source)
     if window_s is not None:
         trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
     names = trace["adapter"].dropna().unique().tolist()
     if catalog is None:
         catalog = AdapterCatalog.uniform(sorted(names), config.max_lora_rank)
-    catalog.check(trace, config.max_lora_rank, trace_source)
-    kv_tokens = kv_capacity_tokens(config, profile)
-    num_blocks = kv_tokens // config.block_size
 
     # adapters are small ints in catalog order; bytes for load times from the model shape
     ids = {a: i for i, a in enumerate(catalog.adapters)}
     adapter_bytes = [profile.model.adapter_bytes(catalog.rank(a)) for a in catalog.adapters]
-    preload = list(range(len(catalog))) if config.preload_adapters else []
-    cache = AdapterCache(config.max_loras, config.max_cpu_loras, preload=preload)
-    sched = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
-                      max_num_seqs=config.max_num_seqs,
-                      max_num_batched_tokens=config.max_num_batched_tokens,
-                      max_loras=config.max_loras, max_model_len=config.max_model_len,
-                      adapter_cache=cache, enable_lora=config.enable_lora)
+    featurize = None   # None: vLLM's features (padded rank, max_loras slots)
+    if build_server is None:
+        catalog.check(trace, config.max_lora_rank, trace_source)
+        kv_tokens = kv_capacity_tokens(config, profile)
+        num_blocks = kv_tokens // config.block_size
+        preload = list(range(len(catalog))) if config.preload_adapters else []
+        cache = AdapterCache(config.max_loras, config.max_cpu_loras, preload=preload)
+        sched = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
+                          max_num_seqs=config.max_num_seqs,
+                          max_num_batched_tokens=config.max_num_batched_tokens,
+                          max_loras=config.max_loras, max_model_len=config.max_model_len,
+                          adapter_cache=cache, enable_lora=config.enable_lora)
+    else:  # a strategy's own server (twin.policies); adapter ids are catalog order as above
+        parts = build_server(config, profile, catalog, trace, trace_source)
+        sched, cache, kv_tokens, featurize = (parts.scheduler, parts.cache, parts.kv_tokens,
+                                              parts.featurize)
 
     n = len(trace)
     arrival = trace["arrival_s"].to_numpy(dtype=np.float64)
@@ -107,7 +131,10 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
 
     def arrive(i: int) -> None:
         r = Request(i, int(rid[i]), arrival_list[i], int(aid[i]), int(prompt[i]), int(output[i]))
-        if not sched.add_request(r):
+        if max_in_flight is not None and sched.num_running + sched.num_waiting >= max_in_flight:
+            r.status = RequestStatus.REJECTED   # the client's connection failed
+            out.record(r)
+        elif not sched.add_request(r):
             out.record(r)
 
     horizon = window_s if window_s is not None else (arrival_list[-1] if n else 0.0)
@@ -137,7 +164,14 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
                 yield env.timeout(arrival_list[i] - now)
                 continue
             plan = sched.schedule(now)
-            f = features(plan, rank_pad, max_loras)
+            if not plan.num_tokens and not plan.preempted:
+                # nothing can run until something arrives (cannot happen for a config vLLM
+                # starts, where any single request fits the KV cache); never spin
+                if i >= n:
+                    break
+                yield env.timeout(arrival_list[i] - now)
+                continue
+            f = features(plan, rank_pad, max_loras) if featurize is None else featurize(plan)
             steps = 1
             if plan.pure_decode:
                 steps = sched.quiet_steps(plan)

@@ -1,0 +1,160 @@
+"""recommend and place end to end on a tiny grid: a model trained here on a small sweep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from twin.ml.dataset import family_table, row_table, workload_table
+from twin.ml.recommender import Recommender, place, recommend
+from twin.ml.spec import pad_rank
+from twin.ml.sweep import plan, read_sweep, run_sweep
+from twin.ml.train import fit_recommender, sample_workloads
+from twin.sim.engine import simulate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.generate import rate_class_trace
+
+WINDOW = 90.0
+UNIFORM = ({"kind": "uniform", "lo": 8, "hi": 512},)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from twin.models.profile import load_profile
+
+    d = tmp_path_factory.mktemp("tiny")
+    profile = load_profile(None)
+    specs = sample_workloads(5, seed=3, window_s=WINDOW, lengths=UNIFORM, sizes=(4, 8, 16),
+                             rate_range=(4.0, 80.0), per_family=(2, 2))
+    run_sweep(plan(specs, window_s=WINDOW, profile=profile), d / "sweep", profile=profile,
+              workers=2, progress=False)
+    sweep = read_sweep(d / "sweep")
+    model = fit_recommender(sweep, profile, n_estimators=40, latency_estimators=20)
+    path = model.save(d / "model.json")
+    return {"dir": d, "profile": profile, "sweep": sweep, "model": Recommender.load(path),
+            "path": path}
+
+
+def _workload(n, rates, seed=5):
+    tr = rate_class_trace(n, rates, duration_s=WINDOW, seed=seed)
+    ranks = [8, 16, 32][:3] * ((n + 2) // 3)
+    cat = AdapterCatalog(pd.DataFrame({"adapter": [f"lora-{i}" for i in range(n)],
+                                       "rank": ranks[:n]}))
+    return tr, cat
+
+
+def test_tables(tiny):
+    rows = row_table(tiny["sweep"])
+    assert {"achieved", "starving", "throughput", "ttft_p99"} <= set(rows.columns)
+    wt = workload_table(tiny["sweep"])
+    assert len(wt) == 10 and {"best_max_loras", "max_throughput", "starving_all"} <= set(wt)
+    ok = wt[~wt["starving_all"]]
+    assert (ok["best_max_loras"] <= ok["n_adapters"]).all()
+    ft = family_table(tiny["sweep"])
+    assert {"max_served", "best_max_loras_at_max"} <= set(ft.columns)
+
+
+def test_model_roundtrip_and_speed(tiny):
+    import time
+
+    m = tiny["model"]
+    X = row_table(tiny["sweep"]).iloc[:14]
+    p1 = m.predict_rows(X)
+    assert {"achieved", "p_starve", "ttft_p99", "tpot_p50"} <= set(p1.columns)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        m.predict_rows(X)
+    assert (time.perf_counter() - t0) / 20 < 0.05
+
+
+def test_recommend_returns_verified_non_starving_config(tiny):
+    tr, cat = _workload(12, (4.0, 2.0, 1.0))
+    rec = recommend(tr, cat, profile=tiny["profile"], model=tiny["model"], window_s=WINDOW,
+                    workers=2)
+    assert rec.ok, rec.report()
+    c = rec.config
+    assert c.max_cpu_loras == 12 and c.max_lora_rank == pad_rank(32) == 32
+    assert c.max_loras <= 12 and c.max_num_seqs == 2048
+    assert not rec.verified["starving"] and rec.runs <= 4
+    # the verification is a plain twin run of that configuration
+    s = simulate(tr, c, tiny["profile"], cat, window_s=WINDOW).summary
+    assert s["total_throughput"] == pytest.approx(rec.verified["throughput"])
+    assert not s["starving"]
+    assert "recommended: max_loras=" in rec.report()
+
+
+def test_recommend_goodput_objective(tiny):
+    tr, cat = _workload(8, (2.0, 1.0, 0.5))
+    rec = recommend(tr, cat, profile=tiny["profile"], model=tiny["model"], window_s=WINDOW,
+                    objective="goodput", slo={"ttft": 3000.0, "tpot": 200.0}, workers=1)
+    assert rec.ok
+    assert 0 < rec.verified["goodput"] <= rec.verified["throughput"] + 1e-6
+
+
+def test_recommend_cli_writes_vllm_files(tiny, tmp_path):
+    from twin.cli import main
+
+    tr, cat = _workload(12, (4.0, 2.0, 1.0))
+    tp, cp = tmp_path / "t.parquet", tmp_path / "cat.csv"
+    tr.to_parquet(tp, index=False)
+    cat.table.to_csv(cp, index=False)
+    out = tmp_path / "rec"
+    rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--model",
+               str(tiny["path"]), "--window-s", str(WINDOW), "--out", str(out)])
+    assert rc == 0
+    args = (out / "vllm_args.txt").read_text()
+    assert args.startswith("vllm serve ") and "--enable-lora" in args
+    assert "--max-cpu-loras=12" in args and "--max-lora-rank=32" in args
+    assert '"lora-0=$ADAPTER_DIR/lora-0"' in args
+    cfg = yaml.safe_load((out / "vllm_config.yaml").read_text())
+    assert cfg["enable-lora"] is True and cfg["max-cpu-loras"] == 12
+    assert cfg["max-loras"] >= 1 and len(cfg["lora-modules"]) == 12
+    assert (out / "throughput_map.png").stat().st_size > 1000
+    import json
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["ok"] and rec["verified"]["starving"] is False
+
+
+def test_place_assigns_every_adapter_and_each_gpu_verifies(tiny, tmp_path):
+    tr, cat = _workload(48, (2.0, 1.0, 0.5), seed=9)
+    pl = place(tr, cat, profile=tiny["profile"], model=tiny["model"], window_s=WINDOW,
+               workers=2)
+    assert pl.ok, pl.report()
+    r = pl.routing
+    assert sorted(r["adapter"]) == sorted(cat.adapters)
+    assert r["adapter"].is_unique
+    for g in pl.gpus:
+        rec = g.recommendation
+        assert rec.ok and not rec.verified["starving"]
+        sub = tr[tr["adapter"].isin(g.adapters)].reset_index(drop=True)
+        subcat = AdapterCatalog(cat.table[cat.table["adapter"].isin(g.adapters)])
+        assert rec.config.max_cpu_loras == len(g.adapters)
+        s = simulate(sub, rec.config, tiny["profile"], subcat, window_s=WINDOW).summary
+        assert not s["starving"]
+    assert len(pl.gpus) >= 2  # ~29k tok/s offered: more than one GPU of this profile
+
+
+def test_place_cli_outputs(tiny, tmp_path):
+    from twin.cli import main
+
+    tr, cat = _workload(6, (1.0, 0.5, 0.25))
+    tp = tmp_path / "t.parquet"
+    tr.to_parquet(tp, index=False)
+    rc = main(["place", "--trace", str(tp), "--model", str(tiny["path"]), "--window-s",
+               str(WINDOW), "--out", str(tmp_path / "pl")])
+    assert rc == 0
+    routing = pd.read_csv(tmp_path / "pl" / "routing.csv")
+    assert set(routing["adapter"]) == set(cat.adapters) and set(routing["gpu"]) == {0}
+    assert yaml.safe_load((tmp_path / "pl" / "gpu-0" / "vllm_config.yaml").read_text())[
+        "max-cpu-loras"] == 6
+
+
+def test_shipped_model_loads_if_present():
+    from importlib import resources
+
+    if not (resources.files("twin.ml") / "recommender.json").is_file():
+        pytest.skip("no shipped model yet")
+    m = Recommender.load()
+    assert m.meta["profile"] and m.meta["rows"] > 0

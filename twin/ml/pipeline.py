@@ -1,0 +1,120 @@
+"""``twin train`` / ``experiments/train_recommender.py``: the whole retraining in one command.
+
+1. sample training and held-out workload families (different seeds, so held-out
+   workloads are unseen);
+2. sweep both through the twin (resumable; a re-run after a profile change re-runs only
+   what the new profile's hash invalidates: everything);
+3. fit the recommender's tree ensembles, save them (and install them as the shipped model);
+4. compare models on held-out families (GroupKFold): simplified tree, EBM, monotone linear,
+   xgboost and the shipped ensemble; export trees and importances;
+5. recommend for every held-out workload with the saved model and compare its verified
+   throughput with the best of an exhaustive twin search over the same grid.
+
+The last line printed is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def train_main(args) -> int:
+    from twin.ml.recommender import SHIPPED_MODEL
+    from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
+    from twin.ml.train import (compare_models, fit_recommender, heldout_report,
+                               predict_latency_ms, sample_workloads)
+    from twin.models.profile import load_profile
+
+    t_all = time.perf_counter()
+    profile = load_profile(args.profile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    W = float(args.window_s)
+    ee = EarlyExit()
+    train_specs = sample_workloads(args.families, seed=args.seed, window_s=W)
+    held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W)
+    print(f"profile {profile.name}; window {W:.0f} s; {len(train_specs)} training workloads "
+          f"({args.families} families), {len(held_specs)} held-out workloads "
+          f"({args.heldout_families} families)", flush=True)
+    timings = {}
+    for name, specs in (("train", train_specs), ("heldout", held_specs)):
+        t0 = time.perf_counter()
+        tasks = plan(specs, window_s=W, profile=profile, early_exit=ee)
+        rep = run_sweep(tasks, out / f"sweep-{name}", profile=profile, workers=args.workers,
+                        early_exit=ee, progress=not args.no_progress)
+        timings[f"sweep_{name}_s"] = time.perf_counter() - t0
+        print(f"sweep {name}: {rep.line()}", flush=True)
+    keys_train = {t.key for t in plan(train_specs, window_s=W, profile=profile, early_exit=ee)}
+    keys_held = {t.key for t in plan(held_specs, window_s=W, profile=profile, early_exit=ee)}
+    train = read_sweep(out / "sweep-train")
+    train = train[train["key"].isin(keys_train)].reset_index(drop=True)
+    held = read_sweep(out / "sweep-heldout")
+    held = held[held["key"].isin(keys_held)].reset_index(drop=True)
+    print(f"dataset: {len(train)} training rows ({int((~train['early_exit']).sum())} full "
+          f"runs, {int(train['early_exit'].sum())} early exits), {len(held)} held-out rows",
+          flush=True)
+
+    t0 = time.perf_counter()
+    model = fit_recommender(train, profile, meta={
+        "window_s": W, "train_families": args.families, "seed": args.seed,
+        "command": "python experiments/train_recommender.py"})
+    model_path = model.save(out / "recommender.json")
+    timings["fit_s"] = time.perf_counter() - t0
+    kb = model_path.stat().st_size / 1024
+    print(f"model: {model_path} ({kb:.0f} kB), fitted in {timings['fit_s']:.1f} s", flush=True)
+    if not args.no_install:
+        dest = Path(__file__).resolve().parent / SHIPPED_MODEL
+        shutil.copyfile(model_path, dest)
+        print(f"installed as {dest}", flush=True)
+
+    t0 = time.perf_counter()
+    scores = compare_models(train, out / "models", quick=args.quick)
+    timings["compare_s"] = time.perf_counter() - t0
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.float_format", "{:.4f}".format):
+        cols = [c for c in ("target", "model", "smape_median", "smape_mean", "r2", "accuracy",
+                            "predict_us_per_row", "groups") if c in scores.columns]
+        print("model comparison on held-out families (GroupKFold by family):")
+        print(scores[cols].to_string(index=False), flush=True)
+
+    t0 = time.perf_counter()
+    rep = heldout_report(held, model, profile, window_s=W, workers=args.workers,
+                         model_path=model_path)
+    timings["heldout_s"] = time.perf_counter() - t0
+    rep.to_csv(out / "heldout.csv", index=False)
+    pms = predict_latency_ms(model, held)
+    feas = rep[rep["exhaustive_ok"]]
+    gaps = feas["gap_pct"].dropna()
+    starving = int(feas["rec_starving"].sum())
+    with pd.option_context("display.width", 200, "display.max_colwidth", 70):
+        print(rep[["workload", "exhaustive_max_loras", "exhaustive_throughput",
+                   "predicted_max_loras", "rec_max_loras", "rec_throughput", "gap_pct",
+                   "rec_runs", "e2e_s"]].to_string(index=False), flush=True)
+    summary = {
+        "gap_to_exhaustive_median_pct": round(float(gaps.median()), 3) if len(gaps) else None,
+        "gap_to_exhaustive_max_pct": round(float(gaps.max()), 3) if len(gaps) else None,
+        "starving_recommendations": starving,
+        "heldout_workloads": int(len(rep)),
+        "heldout_feasible_workloads": int(len(feas)),
+        "heldout_refused_correctly": int(((~rep["exhaustive_ok"]) & (~rep["rec_ok"])).sum()),
+        "predict_ms": round(pms, 4),
+        "recommend_e2e_median_s": round(float(rep["e2e_s"].median()), 3),
+        "recommend_e2e_max_s": round(float(rep["e2e_s"].max()), 3),
+        "recommend_runs_mean": round(float(rep["rec_runs"].mean()), 2),
+        "exhaustive_runs_mean": round(float(rep["exhaustive_runs"].mean()), 2),
+        "predicted_exact_pct": round(100 * float((feas["predicted_max_loras"]
+                                                 == feas["exhaustive_max_loras"]).mean()), 1)
+        if len(feas) else None,
+        "train_rows": int(len(train)), "window_s": W, "profile": profile.name,
+        "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),
+        **{k: round(v, 1) for k, v in timings.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0

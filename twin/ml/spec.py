@@ -1,0 +1,308 @@
+"""Workload specifications and configuration grids: what a sweep runs.
+
+A :class:`WorkloadSpec` names a synthetic workload family and its parameters (or a trace
+file); it builds the trace and the adapter catalog deterministically and hashes to a stable
+key, so a sweep can tell which (workload, config) points it has already run. A
+:class:`ConfigGrid` turns a workload into the serving configurations to try: a base
+configuration (the fixed knobs) with ``max_loras`` over the slot grid, ``max_cpu_loras`` =
+the workload's adapter count (every adapter served) and ``max_lora_rank`` = the largest
+rank present, as in arXiv 2508.08343.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from twin.config import ALLOWED_LORA_RANKS, ServingConfig
+from twin.errors import TwinInputError
+
+#: ``max_loras`` values tried (the paper's grid, 8..384, plus 1, 2, 4 for small workloads).
+SLOTS_GRID = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384)
+#: The paper's served-adapter grid.
+SERVED_GRID = (8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384)
+#: The paper's fixed knobs (vLLM 0.8.5 runs of arXiv 2508.08343); adapters preloaded in host
+#: memory as ``--dummy-lora-modules`` does.
+PAPER_BASE = dict(max_num_seqs=2048, max_num_batched_tokens=2048, gpu_memory_utilization=0.9,
+                  max_model_len=131072, preload_adapters=True)
+
+_LENGTH_DEFAULTS = {
+    "sharegpt": {"kind": "sharegpt", "means": [223.0, 196.0], "max_prompt": 1024,
+                 "max_total": 2048},
+    "uniform": {"kind": "uniform", "lo": 8, "hi": 512},
+}
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rate_classes": {"n_adapters": 32, "rates": [1.6, 0.8, 0.4], "ranks": [16],
+                     "duration_s": 3600.0, "lengths": "sharegpt", "arrival": "poisson",
+                     "cv": 1.0, "seed": 0},
+    "powerlaw": {"n_adapters": 32, "total_rate": 10.0, "alpha": 1.0, "cv": 1.0,
+                 "ranks": [16], "duration_s": 3600.0, "lengths": "sharegpt", "seed": 0},
+    "trace": {"path": None, "catalog": None, "default_rank": 16},
+}
+
+
+def pad_rank(rank: int) -> int:
+    """The smallest vLLM-allowed ``max_lora_rank`` >= ``rank``."""
+    for r in ALLOWED_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise TwinInputError(f"rank {rank} exceeds vLLM's largest max_lora_rank "
+                         f"{ALLOWED_LORA_RANKS[-1]}", field="rank")
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def digest(obj, n: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _norm_lengths(v) -> dict:
+    if isinstance(v, str):
+        if v not in _LENGTH_DEFAULTS:
+            raise TwinInputError(f"lengths must be one of {sorted(_LENGTH_DEFAULTS)} or a "
+                                 f"mapping with 'kind', got {v!r}", field="lengths")
+        return dict(_LENGTH_DEFAULTS[v])
+    if not isinstance(v, dict) or v.get("kind") not in _LENGTH_DEFAULTS:
+        raise TwinInputError(f"lengths: expected 'sharegpt', 'uniform' or a mapping with kind "
+                             f"sharegpt|uniform, got {v!r}", field="lengths")
+    d = dict(_LENGTH_DEFAULTS[v["kind"]])
+    unknown = set(v) - set(d)
+    if unknown:
+        raise TwinInputError(f"unknown length setting(s) {sorted(unknown)}", field="lengths")
+    d.update(v)
+    if d["kind"] == "sharegpt":
+        d["means"] = [float(x) for x in d["means"]] if d["means"] is not None else None
+    return d
+
+
+@lru_cache(maxsize=8)
+def _sharegpt_pool(means: tuple | None, max_prompt: int, max_total: int) -> np.ndarray:
+    from twin.workload.public import SHAREGPT_FILE, shared_trace_path, sharegpt_length_pool
+
+    return sharegpt_length_pool(shared_trace_path(SHAREGPT_FILE), max_prompt=max_prompt,
+                                max_total=max_total, target_means=means)
+
+
+def length_sampler(lengths: dict):
+    from twin.workload.generate import pool_lengths, uniform_lengths
+
+    if lengths["kind"] == "uniform":
+        return uniform_lengths(int(lengths["lo"]), int(lengths["hi"]))
+    means = tuple(lengths["means"]) if lengths["means"] is not None else None
+    return pool_lengths(_sharegpt_pool(means, int(lengths["max_prompt"]),
+                                       int(lengths["max_total"])))
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A workload: ``family`` (rate_classes | powerlaw | trace) and its parameters.
+
+    rate_classes (arXiv 2508.08343): ``n_adapters`` independent Poisson/Gamma processes at
+    class ``rates`` (round-robin, shuffled); powerlaw (S-LoRA): one process of
+    ``total_rate`` req/s, adapter popularity power(``alpha``), gap CV ``cv``. Both: adapter
+    ranks cycle over ``ranks`` and are shuffled; ``lengths`` is 'sharegpt' (the ShareGPT
+    pool rescaled to ``means``; needs the shared data) or 'uniform' (U[lo, hi)). trace: a
+    trace file (``path``) with an optional ``catalog``. Everything is deterministic given
+    ``seed``.
+    """
+
+    family: str
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family not in _FAMILY_DEFAULTS:
+            raise TwinInputError(f"unknown workload family {self.family!r}; known: "
+                                 f"{sorted(_FAMILY_DEFAULTS)}", field="family")
+        d = dict(_FAMILY_DEFAULTS[self.family])
+        unknown = set(self.params) - set(d)
+        if unknown:
+            raise TwinInputError(f"unknown {self.family} setting(s) {sorted(unknown)}; known: "
+                                 f"{sorted(d)}", field=sorted(unknown)[0])
+        d.update({k: v for k, v in self.params.items() if v is not None or k in ("catalog",)})
+        if self.family == "trace":
+            if not d["path"]:
+                raise TwinInputError("a trace workload needs 'path'", field="path")
+            d["path"] = str(d["path"])
+            d["catalog"] = str(d["catalog"]) if d["catalog"] else None
+        else:
+            d["n_adapters"] = int(d["n_adapters"])
+            d["ranks"] = [int(r) for r in np.atleast_1d(d["ranks"])]
+            d["duration_s"] = float(d["duration_s"])
+            d["seed"] = int(d["seed"])
+            d["cv"] = float(d["cv"])
+            d["lengths"] = _norm_lengths(d["lengths"])
+            if self.family == "rate_classes":
+                d["rates"] = [float(r) for r in np.atleast_1d(d["rates"])]
+            else:
+                d["total_rate"], d["alpha"] = float(d["total_rate"]), float(d["alpha"])
+        object.__setattr__(self, "params", d)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkloadSpec":
+        d = dict(d or {})
+        if "family" not in d:
+            raise TwinInputError("a workload spec needs 'family' (rate_classes, powerlaw or "
+                                 "trace)", field="family")
+        fam = d.pop("family")
+        return cls(fam, d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "WorkloadSpec":
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise TwinInputError("workload spec not found", file=str(path))
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from exc
+        if not isinstance(d, dict):
+            raise TwinInputError("expected a mapping (family: ..., n_adapters: ...)",
+                                 file=str(path))
+        try:
+            return cls.from_dict(d)
+        except TwinInputError as exc:
+            raise TwinInputError(exc.detail, file=str(path), field=exc.field) from None
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, **self.params}
+
+    def replace(self, **changes) -> "WorkloadSpec":
+        return WorkloadSpec(self.family, {**self.params, **changes})
+
+    # -- identity -------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What the key hashes: the parameters, and a trace file's content."""
+        d = self.to_dict()
+        if self.family == "trace":
+            d["path_sha"] = _file_digest(d.pop("path"))
+            if d.get("catalog"):
+                d["catalog_sha"] = _file_digest(d.pop("catalog"))
+        return d
+
+    @property
+    def key(self) -> str:
+        return digest(self.identity())
+
+    @property
+    def family_key(self) -> str:
+        """The workload without its size and seed: groups workloads for held-out splits."""
+        d = self.identity()
+        for k in ("n_adapters", "seed", "total_rate"):
+            d.pop(k, None)
+        return digest(d)
+
+    @property
+    def duration_s(self) -> float | None:
+        return self.params.get("duration_s")
+
+    # -- building -------------------------------------------------------------------------
+    def build(self) -> tuple[pd.DataFrame, "AdapterCatalog"]:
+        """The trace and its adapter catalog."""
+        from twin.workload.catalog import AdapterCatalog
+        from twin.workload.generate import adapter_names, powerlaw_trace, rate_class_trace
+        from twin.workload.schema import read_trace
+
+        p = self.params
+        if self.family == "trace":
+            trace = read_trace(p["path"])
+            if p["catalog"]:
+                catalog = AdapterCatalog.read(p["catalog"])
+            else:
+                names = sorted(trace["adapter"].dropna().unique().tolist())
+                catalog = AdapterCatalog.uniform(names, int(p["default_rank"]))
+            return trace, catalog
+        lengths = length_sampler(p["lengths"])
+        if self.family == "rate_classes":
+            trace = rate_class_trace(p["n_adapters"], p["rates"], duration_s=p["duration_s"],
+                                     lengths=lengths, arrival=p["arrival"], cv=p["cv"],
+                                     seed=p["seed"])
+        else:
+            trace = powerlaw_trace(p["n_adapters"], p["total_rate"], alpha=p["alpha"],
+                                   duration_s=p["duration_s"], cv=p["cv"], lengths=lengths,
+                                   seed=p["seed"])
+        n = p["n_adapters"]
+        ranks = np.asarray(p["ranks"], dtype=np.int64)
+        rng = np.random.default_rng([p["seed"], 7])
+        per = rng.permutation(ranks[np.arange(n) % len(ranks)])
+        catalog = AdapterCatalog(pd.DataFrame({"adapter": adapter_names(n), "rank": per}),
+                                 source=f"{self.family} spec")
+        return trace, catalog
+
+    def describe(self) -> str:
+        p = self.params
+        if self.family == "trace":
+            return f"trace {p['path']}"
+        lens = p["lengths"]
+        ls = (f"sharegpt{tuple(int(m) for m in lens['means'])}" if lens["kind"] == "sharegpt"
+              and lens["means"] else lens["kind"])
+        if self.family == "rate_classes":
+            return (f"rate_classes n={p['n_adapters']} rates={p['rates']} ranks={p['ranks']} "
+                    f"{ls} {p['arrival']} seed={p['seed']}")
+        return (f"powerlaw n={p['n_adapters']} rate={p['total_rate']} alpha={p['alpha']} "
+                f"cv={p['cv']} ranks={p['ranks']} {ls} seed={p['seed']}")
+
+
+def slot_candidates(n_adapters: int, grid=SLOTS_GRID) -> list[int]:
+    """``max_loras`` values for ``n_adapters`` served adapters: grid values below n, and n."""
+    n = max(1, int(n_adapters))
+    return sorted({m for m in grid if m < n} | {n})
+
+
+@dataclass(frozen=True)
+class ConfigGrid:
+    """Configurations for a workload: ``base`` with ``max_loras`` over ``slots`` (values
+    above the adapter count dropped, the adapter count itself added), ``max_cpu_loras`` =
+    adapters served, ``max_lora_rank`` = the largest rank present (padded to vLLM's set)."""
+
+    base: ServingConfig = field(default_factory=lambda: ServingConfig(**PAPER_BASE))
+    slots: tuple = SLOTS_GRID
+
+    def configs(self, n_adapters: int, max_rank: int) -> list[ServingConfig]:
+        return [config_for(self.base, m, n_adapters, max_rank)
+                for m in slot_candidates(n_adapters, self.slots)]
+
+
+def config_for(base: ServingConfig, max_loras: int, n_adapters: int,
+               max_rank: int) -> ServingConfig:
+    n = max(int(n_adapters), int(max_loras))
+    return base.replace(max_loras=int(max_loras), max_cpu_loras=n,
+                        max_lora_rank=pad_rank(int(max_rank)))
+
+
+def paper_base() -> ServingConfig:
+    return ServingConfig(**PAPER_BASE)
+
+
+def config_identity(config: ServingConfig) -> dict:
+    return dataclasses.asdict(config)

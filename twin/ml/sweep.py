@@ -1,0 +1,454 @@
+"""Sweeps: a workload family × configuration grid through the twin, in parallel, into an
+append-only Parquet dataset.
+
+Every (workload, config) point has a key: a hash of the workload spec (a trace file's
+content for trace workloads), the configuration, the measured window, the profile's
+content, the twin's version and the early-exit rule. Points are run in chunks (all the
+configurations of one workload, so its trace is built once); each finished chunk is written
+as one Parquet part file, atomically (temporary name, then rename). A killed sweep loses at
+most the chunks in flight; running it again skips every key already on disk.
+
+Backends: a local process pool (default) and Ray (``backend="ray"``, optional extra
+``pip install 'twin[ray]'``), both running :func:`run_chunk`, so their rows are equal.
+
+Early exit: a point whose first ``probe_frac`` of the window already clearly starves
+(achieved < ``threshold`` of offered *and* a waiting queue still growing) is recorded from
+that probe (``early_exit=True``, latencies left empty) instead of simulating the whole
+window; the starvation verdict of such a run is not in doubt and its cost is most of a
+sweep's (see ``experiments/bench_sweep.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from twin.config import ServingConfig
+from twin.errors import ConfigError, TwinInputError
+from twin.ml.features import config_features, public, workload_features
+from twin.ml.spec import ConfigGrid, WorkloadSpec, digest
+
+#: Columns that change from run to run of the same point (excluded from equality checks).
+VOLATILE_COLUMNS = ("wall_s", "worker")
+
+
+def profile_digest(profile) -> str:
+    return digest(profile.to_dict())
+
+
+@dataclass(frozen=True)
+class EarlyExit:
+    """Stop a clearly starving run after a probe of the window's first ``probe_frac``."""
+
+    enabled: bool = True
+    probe_frac: float = 0.1
+    min_probe_s: float = 60.0
+    threshold: float = 0.75
+
+    def probe_s(self, window_s: float | None) -> float | None:
+        if not self.enabled or window_s is None:
+            return None
+        p = max(self.min_probe_s, self.probe_frac * window_s)
+        return p if p <= 0.5 * window_s else None
+
+    def identity(self):
+        return dataclasses.asdict(self) if self.enabled else False
+
+
+@dataclass(frozen=True)
+class Task:
+    spec: WorkloadSpec
+    config: ServingConfig
+    window_s: float | None
+    key: str
+
+
+def point_key(spec: WorkloadSpec, config: ServingConfig, window_s, profile_sha: str,
+              early_exit: EarlyExit, twin_version: str | None = None,
+              spec_identity: dict | None = None) -> str:
+    twin_version = twin_version or __import__("twin").__version__
+    return digest({"workload": spec_identity or spec.identity(),
+                   "config": dataclasses.asdict(config), "window_s": window_s,
+                   "profile": profile_sha, "twin": twin_version,
+                   "early_exit": early_exit.identity()})
+
+
+def spec_shape(spec: WorkloadSpec) -> tuple[int, int]:
+    """(adapters served, largest rank) of a workload."""
+    p = spec.params
+    if spec.family != "trace":
+        return int(p["n_adapters"]), int(max(p["ranks"]))
+    trace, catalog = spec.build()
+    return len(catalog), int(catalog.table["rank"].max())
+
+
+def plan(workloads: Iterable[WorkloadSpec], grid: ConfigGrid | None = None, *,
+         window_s: float | None = 3600.0, profile=None,
+         early_exit: EarlyExit = EarlyExit()) -> list[Task]:
+    """Every (workload, config) point of the grid, grouped by workload."""
+    from twin.models.profile import Profile, load_profile
+
+    grid = grid or ConfigGrid()
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    psha = profile_digest(profile)
+    tasks = []
+    for spec in workloads:
+        n, r = spec_shape(spec)
+        ident = spec.identity()
+        w = window_s
+        for cfg in grid.configs(n, r):
+            tasks.append(Task(spec, cfg, w, point_key(spec, cfg, w, psha, early_exit,
+                                                      spec_identity=ident)))
+    return tasks
+
+
+# -- running one point ------------------------------------------------------------------------
+
+_METRICS = ("total_throughput", "offered_total_throughput", "achieved_over_offered",
+            "request_throughput", "input_throughput", "output_throughput")
+_LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+
+
+def _flat(summary: dict, full: bool) -> dict:
+    row = {k: float(summary[k]) for k in _METRICS}
+    for lat in _LATENCIES:
+        for stat in ("mean", "median", "p99"):
+            row[f"{lat}_{stat}"] = float(summary[lat][stat]) if full else float("nan")
+    row.update(completed=int(summary["completed"]), num_requests=int(summary["num_requests"]),
+               preemptions=int(summary["preemptions"]),
+               adapter_loads=int(summary["adapter_loads"]["from_disk"]
+                                 + summary["adapter_loads"]["from_host"]),
+               kv_capacity_tokens=int(summary["kv_cache"]["capacity_tokens"]),
+               kv_usage_mean=float(summary["kv_cache"]["usage_mean"]),
+               waiting_growth=int(summary["waiting_growth"]),
+               starving=bool(summary["starving"]),
+               starving_reason=str(summary["starving_reason"] or ""))
+    return row
+
+
+def _empty_metrics() -> dict:
+    row = {k: float("nan") for k in _METRICS}
+    for lat in _LATENCIES:
+        for stat in ("mean", "median", "p99"):
+            row[f"{lat}_{stat}"] = float("nan")
+    row.update(completed=0, num_requests=0, preemptions=0, adapter_loads=0,
+               kv_capacity_tokens=0, kv_usage_mean=float("nan"), waiting_growth=0,
+               starving=True, starving_reason="config_error")
+    return row
+
+
+def simulate_point(trace: pd.DataFrame, catalog, config: ServingConfig, profile,
+                   window_s: float | None, early_exit: EarlyExit = EarlyExit()):
+    """Run one point: the probe first where early exit applies, the full window unless the
+    probe clearly starves. Returns (summary, full_run: bool, simulated_s, RunResult|None);
+    raises ConfigError for a configuration vLLM would not start."""
+    from twin.sim.engine import simulate
+
+    probe = early_exit.probe_s(window_s)
+    if probe is not None:
+        arr = trace["arrival_s"].to_numpy()
+        head = trace.iloc[:int(np.searchsorted(arr, probe, side="right"))]
+        if len(head) > 0:
+            res = simulate(head, config, profile, catalog, window_s=probe)
+            s = res.summary
+            queue_grows = s["waiting_growth"] > max(50, 0.02 * s["num_requests"])
+            if s["achieved_over_offered"] < early_exit.threshold and queue_grows:
+                return s, False, probe, res
+    res = simulate(trace, config, profile, catalog, window_s=window_s)
+    dur = window_s if window_s is not None else res.summary["duration_s"]
+    return res.summary, True, dur, res
+
+
+def _row(spec: WorkloadSpec, wf: dict, config: ServingConfig, window_s, key: str, profile,
+         psha: str, early_exit: EarlyExit, trace, catalog) -> dict:
+    from twin.models.profile import Profile  # noqa: F401  (profile is a Profile)
+
+    t0 = time.perf_counter()
+    kv = profile.memory.kv_tokens(config)
+    try:
+        summary, full, sim_s, _ = simulate_point(trace, catalog, config, profile, window_s,
+                                                 early_exit)
+        metrics, starts = _flat(summary, full), True
+    except ConfigError:
+        metrics, starts, full, sim_s = _empty_metrics(), False, True, 0.0
+    row = {"key": key, "workload_key": spec.key, "family_key": spec.family_key,
+           "family": spec.family, "workload": json.dumps(spec.to_dict(), sort_keys=True),
+           "window_s": float(window_s) if window_s is not None else float("nan"),
+           "profile": profile.name, "profile_sha": psha,
+           "twin_version": __import__("twin").__version__,
+           "max_loras": int(config.max_loras), "max_cpu_loras": int(config.max_cpu_loras),
+           "max_lora_rank": int(config.max_lora_rank), "max_num_seqs": int(config.max_num_seqs),
+           "max_num_batched_tokens": int(config.max_num_batched_tokens),
+           "config": json.dumps(config.to_dict(), sort_keys=True),
+           "starts": starts, "early_exit": not full, "simulated_s": float(sim_s)}
+    row.update(metrics)
+    row.update({f"f_{k}": float(v) for k, v in public(wf).items()})
+    row.update({f"c_{k}": v for k, v in config_features(wf, config.max_loras,
+                                                         config.max_lora_rank, kv).items()})
+    row["wall_s"] = time.perf_counter() - t0
+    row["worker"] = os.getpid()
+    return row
+
+
+_PROFILE_CACHE: dict = {}
+
+
+def _profile_from(d: dict):
+    from twin.models.profile import Profile
+
+    k = digest(d)
+    if k not in _PROFILE_CACHE:
+        _PROFILE_CACHE.clear()
+        _PROFILE_CACHE[k] = Profile.from_dict(d)
+    return _PROFILE_CACHE[k]
+
+
+def run_chunk(payload: dict) -> list[dict]:
+    """Run the points of one chunk (picklable payload; the unit of work of every backend)."""
+    profile = _profile_from(payload["profile"])
+    psha = payload["profile_sha"]
+    ee = EarlyExit(**payload["early_exit"])
+    rows, built = [], {}
+    for item in payload["points"]:
+        spec = WorkloadSpec.from_dict(item["spec"])
+        config = ServingConfig.from_dict(item["config"])
+        window_s = item["window_s"]
+        bkey = (spec.key, window_s)
+        if bkey not in built:
+            built.clear()
+            trace, catalog = spec.build()
+            if window_s is not None:
+                trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+            dur = window_s if window_s is not None else (
+                spec.duration_s or (float(trace["arrival_s"].max()) if len(trace) else 1.0))
+            built[bkey] = (trace, catalog, workload_features(trace, catalog, dur))
+        trace, catalog, wf = built[bkey]
+        rows.append(_row(spec, wf, config, window_s, item["key"], profile, psha, ee, trace,
+                         catalog))
+    return rows
+
+
+# -- the dataset on disk ----------------------------------------------------------------------
+
+class SweepStore:
+    """An append-only Parquet dataset: ``<dir>/parts/part-*.parquet``, one per chunk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.parts = self.path / "parts"
+
+    def part_files(self) -> list[Path]:
+        if not self.parts.is_dir():
+            return []
+        return sorted(p for p in self.parts.glob("part-*.parquet"))
+
+    def done_keys(self) -> set[str]:
+        import pyarrow.parquet as pq
+
+        keys: set[str] = set()
+        for p in self.part_files():
+            keys.update(pq.read_table(p, columns=["key"]).column("key").to_pylist())
+        return keys
+
+    def write_part(self, rows: Sequence[dict]) -> Path | None:
+        if not rows:
+            return None
+        self.parts.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.parts / f".tmp-{name}"
+        pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
+        os.replace(tmp, self.parts / name)
+        return self.parts / name
+
+    def read(self) -> pd.DataFrame:
+        files = self.part_files()
+        if not files:
+            return pd.DataFrame()
+        df = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+        return df.drop_duplicates("key", keep="first").sort_values("key").reset_index(drop=True)
+
+
+def read_sweep(path: str | Path) -> pd.DataFrame:
+    """All rows of a sweep dataset (one per key, sorted by key)."""
+    return SweepStore(path).read()
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+class LocalBackend:
+    """A local process pool (``workers=1``: in this process, serially)."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = int(workers or os.cpu_count() or 1)
+
+    def map_unordered(self, fn: Callable, payloads: list):
+        if self.workers <= 1 or len(payloads) <= 1:
+            for p in payloads:
+                yield fn(p)
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(payloads)),
+                                 mp_context=ctx) as ex:
+            futures = [ex.submit(fn, p) for p in payloads]
+            try:
+                for f in as_completed(futures):
+                    yield f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+class RayBackend:
+    """Ray tasks, one per chunk, on a local instance or a cluster (``address``)."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise TwinInputError("the Ray backend needs Ray: pip install 'twin[ray]' "
+                                 "(or pip install 'ray[default]')", field="--backend") from None
+        self.address, self.num_cpus = address, num_cpus
+
+    def map_unordered(self, fn: Callable, payloads: list):
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            kw = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
+            ray.init(ignore_reinit_error=True, include_dashboard=False,
+                     log_to_driver=False, **kw)
+            started = True
+        try:
+            remote = ray.remote(fn)
+            pending = [remote.remote(p) for p in payloads]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    yield ray.get(ref)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def make_backend(backend: str = "local", *, workers: int | None = None,
+                 address: str | None = None):
+    if backend == "local":
+        return LocalBackend(workers)
+    if backend == "ray":
+        return RayBackend(address, num_cpus=workers)
+    raise TwinInputError(f"unknown backend {backend!r}; use local or ray", field="--backend")
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+@dataclass
+class SweepReport:
+    total: int
+    skipped: int
+    ran: int = 0
+    chunks: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    path: str = ""
+    rows: list = field(default_factory=list, repr=False)
+
+    def line(self) -> str:
+        return (f"{self.total} points: {self.skipped} already done, {self.ran} run in "
+                f"{self.chunks} chunk(s), {self.wall_s:.1f} s wall, {self.cpu_s:.1f} s of "
+                f"simulation -> {self.path}")
+
+
+def _chunks(tasks: list[Task], max_points: int) -> list[list[Task]]:
+    """Consecutive tasks of one workload, at most ``max_points`` per chunk."""
+    out, cur = [], []
+    for t in tasks:
+        if cur and (t.spec.key != cur[-1].spec.key or t.window_s != cur[-1].window_s
+                    or len(cur) >= max_points):
+            out.append(cur)
+            cur = []
+        cur.append(t)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
+              backend: str = "local", workers: int | None = None, address: str | None = None,
+              early_exit: EarlyExit = EarlyExit(), chunk_points: int = 16,
+              progress: bool = True, on_chunk: Callable[[list], None] | None = None,
+              keep_rows: bool = False) -> SweepReport:
+    """Run the points of ``tasks`` not yet in the dataset at ``out``; write one part file
+    per finished chunk. ``tasks`` come from :func:`plan` with the same profile and early
+    exit rule. ``on_chunk(rows)`` is called after each part is written."""
+    from twin.models.profile import Profile, load_profile
+
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    store = SweepStore(out)
+    store.path.mkdir(parents=True, exist_ok=True)
+    meta = store.path / "sweep.json"
+    if not meta.exists():
+        tmp = meta.with_name(".sweep.json.tmp")
+        tmp.write_text(json.dumps({"profile": profile.name, "profile_sha": profile_digest(profile),
+                                   "twin_version": __import__("twin").__version__,
+                                   "early_exit": early_exit.identity()}, indent=2) + "\n")
+        os.replace(tmp, meta)
+    done = store.done_keys()
+    seen, todo = set(), []
+    for t in tasks:
+        if t.key not in done and t.key not in seen:
+            seen.add(t.key)
+            todo.append(t)
+    report = SweepReport(total=len({t.key for t in tasks}), skipped=len({t.key for t in tasks}
+                                                                       & done),
+                         path=str(store.path))
+    if not todo:
+        return report
+    pdict = profile.to_dict()
+    psha = profile_digest(profile)
+    payloads = [{"profile": pdict, "profile_sha": psha, "early_exit": dataclasses.asdict(early_exit),
+                 "points": [{"spec": t.spec.to_dict(), "config": t.config.to_dict(),
+                             "window_s": t.window_s, "key": t.key} for t in chunk]}
+                for chunk in _chunks(todo, chunk_points)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="run", desc="sweep", smoothing=0.05)
+    t0 = time.perf_counter()
+    be = make_backend(backend, workers=workers, address=address)
+    try:
+        for rows in be.map_unordered(run_chunk, payloads):
+            store.write_part(rows)
+            report.ran += len(rows)
+            report.chunks += 1
+            report.cpu_s += sum(r["wall_s"] for r in rows)
+            if keep_rows:
+                report.rows.extend(rows)
+            if bar is not None:
+                bar.update(len(rows))
+            if on_chunk is not None:
+                on_chunk(rows)
+    finally:
+        if bar is not None:
+            bar.close()
+        report.wall_s = time.perf_counter() - t0
+    return report
+
+
+def comparable(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows without the columns that differ between runs of the same points."""
+    return (df.drop(columns=[c for c in VOLATILE_COLUMNS if c in df.columns])
+              .sort_values("key").reset_index(drop=True))

@@ -1,0 +1,148 @@
+"""``twin calibrate``: fit a Profile to real vLLM measurements."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from twin.errors import TwinInputError
+
+_DESCRIPTION = """\
+Fit a twin Profile (memory, adapter load times, step time) to measurements of real vLLM
+multi-LoRA serving, so that the twin predicts your GPU.
+
+Inputs
+  --from-vllm-runs   runs to fit the step-time model to, either
+                     * a run table (CSV, one row per run; the columns of
+                       shared/data/vllm-h100/real_runs_*.csv: max_loras, max_cpu_loras,
+                       max_lora_rank, n_adapters_rank8/16/32, rate_values_rps, rate_counts,
+                       pool_mean_input_tokens, pool_mean_output_tokens, status, duration_s,
+                       total_throughput_tps, mean_ttft_ms, mean_itl_ms, mean_tpot_ms), or
+                     * one or more `vllm bench serve --save-result` JSON files. Those hold the
+                       metrics but not the server's LoRA settings nor the adapters' ranks and
+                       rates: pass them with `vllm bench serve --metadata max_loras=8
+                       max_cpu_loras=32 max_lora_rank=16 adapter_ranks=8,16 ...` or in a
+                       YAML sidecar (--bench-config) with keys max_loras, max_cpu_loras,
+                       max_lora_rank, adapter_ranks ({rank: count} or a list),
+                       adapter_rates_rps ({rate: count} or a list; default: request_rate
+                       split evenly), pool_mean_input_tokens / pool_mean_output_tokens
+                       (default: from the completed requests), and optionally
+                       max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
+                       max_model_len. Per-file values go under `runs: {FILE NAME: {...}}`.
+  --kv-capacity      KV-cache tokens vLLM reported at start-up per (max_loras,
+                     max_lora_rank) (columns max_loras, max_lora_rank, kv_cache_tokens,
+                     optional model_loading_gib): fits the memory model.
+  --load-times       adapter load events (columns adapter_rank, event =
+                     load_disk_to_cpu | activate_cpu_to_gpu_slot, duration_ms): fits the
+                     load-time model.
+Without --kv-capacity / --load-times those parts come from --base-profile.
+
+The step-time fit simulates every run's reconstructed workload (Poisson arrivals per
+adapter, ShareGPT lengths rescaled to the pool means) a few times: expect a few minutes
+on 2 cores for ~130 runs with the default --window-s 600.
+
+examples:
+  twin calibrate --from-vllm-runs real_runs_llama31_8b.csv --experiment-set digital_twin_modelling \\
+      --kv-capacity kv_cache_tokens_llama31_8b.csv --load-times adapter_load_times_llama31_8b.csv \\
+      --out my-h100.json
+  twin calibrate --from-vllm-runs results/*.json --bench-config serve.yaml --out my-gpu.json
+"""
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="fit a profile to real vLLM measurements",
+                              description=_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from-vllm-runs", nargs="+", required=True, type=Path, metavar="FILE",
+                   help="run table (CSV) or `vllm bench serve --save-result` JSON file(s)")
+    p.add_argument("--bench-config", type=Path, metavar="YAML",
+                   help="settings the bench JSON lacks (see above)")
+    p.add_argument("--kv-capacity", type=Path, metavar="CSV", help="KV-capacity probes")
+    p.add_argument("--load-times", type=Path, metavar="CSV", help="adapter load events")
+    p.add_argument("--base-profile", default="llama31-8b-h100-64gb-first-principles",
+                   help="profile giving the model shape, hardware and any part not fitted "
+                        "(path or shipped name; default: %(default)s)")
+    p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
+    p.add_argument("--name", help="profile name (default: the base profile's, without "
+                                  "'-first-principles')")
+    p.add_argument("--experiment-set", action="append", metavar="NAME",
+                   help="keep only run-table rows of this experiment_set (repeatable)")
+    p.add_argument("--max-runs", type=int, metavar="N",
+                   help="fit on N runs spread over the offered load (quick look)")
+    p.add_argument("--window-s", type=float, default=1200.0,
+                   help="simulated seconds per run and iteration (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=4,
+                   help="simulation-in-the-loop iterations (default: %(default)s)")
+    p.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+    return p
+
+
+def load_runs(paths, bench_config=None, experiment_sets=None):
+    """Runs from a run table (CSV) and/or bench JSON files."""
+    from twin.models.vllm_runs import read_bench_results, read_run_table
+
+    csvs = [p for p in paths if Path(p).suffix.lower() in (".csv", ".gz")]
+    jsons = [p for p in paths if p not in csvs]
+    runs = []
+    for p in csvs:
+        runs += read_run_table(p)
+    if jsons:
+        runs += read_bench_results(jsons, bench_config)
+    if experiment_sets:
+        runs = [r for r in runs if r.extra.get("experiment_set") in set(experiment_sets)]
+        if not runs:
+            raise TwinInputError(f"no run of experiment_set {experiment_sets}",
+                                 file=str(paths[0]), field="experiment_set")
+    if not runs:
+        raise TwinInputError("no usable run (status ok, no anomaly)", file=str(paths[0]))
+    return runs
+
+
+def spread(runs, n: int):
+    """``n`` runs evenly spread over the offered load (deterministic)."""
+    if n is None or n >= len(runs):
+        return runs
+    order = sorted(runs, key=lambda r: (r.aggregate_rate, r.key))
+    pick = sorted({round(i * (len(order) - 1) / max(n - 1, 1)) for i in range(n)})
+    return [order[i] for i in pick]
+
+
+def run(args) -> int:
+    from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
+
+    t0 = time.perf_counter()
+    log = (lambda *a, **k: None) if args.quiet else print
+    runs = spread(load_runs(args.from_vllm_runs, args.bench_config, args.experiment_set),
+                  args.max_runs)
+    kv = read_kv_capacity(args.kv_capacity) if args.kv_capacity else None
+    loads = read_load_times(args.load_times) if args.load_times else None
+    sources = {"runs": [str(p) for p in args.from_vllm_runs], "run_count": len(runs),
+               "experiment_sets": args.experiment_set,
+               "kv_capacity": str(args.kv_capacity) if args.kv_capacity else None,
+               "kv_capacity_rows": None if kv is None else len(kv),
+               "load_times": str(args.load_times) if args.load_times else None,
+               "load_times_rows": None if loads is None else len(loads)}
+    if args.bench_config:
+        sources["bench_config"] = str(args.bench_config)
+    log(f"calibrating on {len(runs)} runs")
+    prof = calibrate(runs, kv=kv, loads=loads, base_profile=args.base_profile, name=args.name,
+                     sources=sources, window_s=args.window_s, iterations=args.iterations,
+                     processes=args.processes, seed=args.seed, log=log)
+    prof.save(args.out)
+    coef = prof.step_time.to_dict()["base"]
+    log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
+    log(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    from twin.cli import main
+
+    sys.exit(main(["calibrate", *sys.argv[1:]]))

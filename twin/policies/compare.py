@@ -1,0 +1,381 @@
+"""Run one trace under several serving strategies and say which wins, and why.
+
+``compare`` simulates each strategy's deployment, tabulates throughput, TTFT/TPOT, GPUs,
+the memory split (weights / KV / adapters per GPU) and starvation, breaks each run's cost
+down into the few mechanisms that differ between strategies, and picks a winner:
+
+1. strategies that keep up with the offered load (no starvation, every adapter served)
+   beat those that do not;
+2. among those that keep up: fewer GPUs, then lower TTFT p99, then lower TPOT p99;
+3. if none keeps up: the highest completed throughput per GPU.
+
+Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
+
+- ``unserved``: offered tokens whose adapter got no server (static deployments);
+- ``replication``: GPUs beyond the fewest any strategy needed that kept up (one weight
+  copy per adapter);
+- ``adapter loads``: time spent loading adapters / time spent in steps;
+- ``skip rule``: time during which waiting requests were held back by the ``max_loras``
+  slots (vLLM's LoRA rule);
+- ``KV capacity``: time during which admission stopped for lack of KV blocks (or of
+  reserve, for S-LoRA's conservative admission), plus preemptions;
+- ``LoRA compute``: step time added by the LoRA matmuls and adapter-weight reads (at the
+  padded rank for vLLM, the exact ranks for S-LoRA);
+- ``time-slicing``: compute lost by replicas that share a GPU, 1 − 1/slowdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from twin.models.step_time import FEATURES
+from twin.policies import get_policy
+from twin.policies.deployment import MERGED, SLORA, PolicyRun
+
+DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
+_LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots")]
+
+
+@dataclass
+class Comparison:
+    runs: dict[str, PolicyRun]
+    table: pd.DataFrame
+    costs: dict[str, dict[str, float]]
+    winner: str | None
+    verdict: str
+    offered_tps: float
+    meta: dict = field(default_factory=dict)
+
+    def format(self) -> str:
+        return (format_table(self.table) + "\n\n" + format_deployments(self) + "\n\n"
+                + self.verdict)
+
+
+def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLICIES,
+            gpus: int | None = None, window_s: float | None = None, options: dict | None = None,
+            trace_source: str = "trace", on_run=None) -> Comparison:
+    """Simulate ``trace`` under each strategy in ``policies`` (names, ``Policy`` objects, or
+    ``(label, name or Policy)`` pairs to run variants side by side); ``options`` are passed
+    to the strategies' constructors (e.g. ``k``, ``dynamic``, ``admission``); ``gpus`` fixes
+    every strategy's GPU count."""
+    from twin.models.profile import Profile, load_profile
+    from twin.workload.schema import validate_trace
+
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    trace = validate_trace(trace, source=trace_source)
+    if window_s is not None:
+        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    runs: dict[str, PolicyRun] = {}
+    for p in policies:
+        label, p = p if isinstance(p, tuple) else (None, p)
+        pol = get_policy(p, **(options or {})) if isinstance(p, str) else p
+        label = label or (pol.name if pol.name not in runs else f"{pol.name}#{len(runs)}")
+        run = pol.simulate(trace, config.replace(policy=pol.name), profile, catalog, gpus=gpus,
+                           window_s=window_s, record_steps=True, trace_source=trace_source)
+        runs[label] = run
+        if on_run is not None:
+            on_run(label, run)
+    offered = next(iter(runs.values())).result.summary["offered_total_throughput"] if runs else 0.0
+    rows = [_row(name, run) for name, run in runs.items()]
+    table = pd.DataFrame(rows)
+    keep_up = table[~table["starving"]]
+    min_gpus = int(keep_up["gpus"].min()) if len(keep_up) else None
+    costs = {name: cost_breakdown(run, config, profile, catalog, min_gpus)
+             for name, run in runs.items()}
+    table["dominant_cost"] = [_dominant(costs[n]) for n in table["policy"]]
+    winner = _winner(table)
+    verdict = explain(table, costs, winner, runs, config)
+    return Comparison(runs=runs, table=table, costs=costs, winner=winner, verdict=verdict,
+                      offered_tps=offered, meta={"gpus": gpus, "window_s": window_s,
+                                                 "profile": profile.name})
+
+
+def _row(name: str, run: PolicyRun) -> dict:
+    s = run.result.summary
+    d = s["deployment"]
+    mem = run.memory_split()["per_gpu"]
+    return {
+        "policy": name, "gpus": int(run.gpus), "servers": d["servers"],
+        "adapters_served": d["served_adapters"],
+        "adapters_unserved": d["unserved_adapters"],
+        "req_per_s": s["request_throughput"], "total_tok_per_s": s["total_throughput"],
+        "pct_offered": 100 * s["achieved_over_offered"],
+        "ttft_p50_ms": s["ttft_ms"]["median"], "ttft_p99_ms": s["ttft_ms"]["p99"],
+        "tpot_p50_ms": s["tpot_ms"]["median"], "tpot_p99_ms": s["tpot_ms"]["p99"],
+        "weights_gib_per_gpu": mem["weights_gib"], "kv_gib_per_gpu": mem["kv_gib"],
+        "adapters_gib_per_gpu": mem["adapters_gib"],
+        "activations_gib_per_gpu": mem["activations_gib"],
+        "preemptions": s["preemptions"], "adapter_loads": s["adapter_loads"]["from_disk"]
+        + s["adapter_loads"]["from_host"],
+        "starving": bool(s["starving"]), "starving_reason": s["starving_reason"],
+    }
+
+
+# -- costs -------------------------------------------------------------------------------------
+def cost_breakdown(run: PolicyRun, config, profile, catalog=None, min_gpus=None) -> dict:
+    """The mechanisms of the module docstring, each as a fraction (see there)."""
+    s = run.result.summary
+    req = run.result.requests
+    tok = req["prompt_tokens"].to_numpy(np.int64) + req["output_tokens"].to_numpy(np.int64)
+    unserved = float(tok[req["status"].to_numpy() == "unserved"].sum() / max(tok.sum(), 1))
+    busy = sum(r.busy_s for r in run.servers if r.result is not None and not np.isnan(r.busy_s))
+    loads = s["adapter_loads"]["time_s"] / busy if busy > 0 else 0.0
+    skip = kv = 0.0
+    steps = run.result.steps
+    if steps is not None and len(steps):
+        dur = steps["duration_s"].to_numpy()
+        tot = dur.sum()
+        blocked = steps["blocked"].to_numpy()
+        skip = float(dur[blocked == "lora"].sum() / tot) if tot else 0.0
+        kv = float(dur[np.isin(blocked, ("kv", "preempted"))].sum() / tot) if tot else 0.0
+    lora = _lora_compute_share(run, config, profile, catalog)
+    served = [r for r in run.servers if r.result is not None and len(r.rows)]
+    w = np.array([len(r.rows) for r in served], dtype=float)
+    slow = np.array([r.slowdown for r in served], dtype=float)
+    slicing = float(np.average(1 - 1 / slow, weights=w)) if len(served) else 0.0
+    repl = 0.0
+    if min_gpus and run.gpus > min_gpus:
+        repl = 1.0 - min_gpus / run.gpus
+    return {"unserved": unserved, "replication": repl, "adapter loads": float(loads),
+            "skip rule": skip, "KV capacity": kv, "LoRA compute": lora,
+            "time-slicing": slicing}
+
+
+def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
+    """Share of step time due to LoRA features, over the dynamic servers' recorded steps
+    (a sample of them), with the LoRA token share of each server's traffic."""
+    total = extra = 0.0
+    st = profile.step_time
+    rng = np.random.default_rng(0)
+    for r in run.servers:
+        if r.result is None or r.spec.kind == MERGED or r.result.steps is None:
+            continue
+        steps = r.result.steps
+        if not len(steps):
+            continue
+        rq = r.result.requests
+        has = rq["adapter"].notna().to_numpy()
+        share = float(has.mean()) if len(rq) else 0.0
+        ctx = float(rq["prompt_tokens"].mean() + rq["output_tokens"].mean() / 2)
+        if r.spec.kind == SLORA:
+            ranks = _ranks(rq.loc[has, "adapter"], catalog, config)
+            rank = float(ranks.mean()) if len(ranks) else 0.0
+            slots = None
+        else:
+            rank, slots = config.max_lora_rank, config.max_loras
+        idx = np.arange(len(steps))
+        if len(idx) > 4000:
+            idx = np.sort(rng.choice(idx, 4000, replace=False))
+        sub = steps.iloc[idx]
+        for pre, dec, ad, k in zip(sub["prefill_tokens"].to_numpy(), sub["decode_seqs"].to_numpy(),
+                                   sub["adapters"].to_numpy(), sub["steps"].to_numpy()):
+            lt = (pre + dec) * share
+            f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank,
+                 (slots if slots is not None else ad) if lt else 0]
+            t = st(f)
+            for i in _LORA:
+                f[i] = 0
+            total += t * k
+            extra += (t - st(f)) * k
+    return float(extra / total) if total > 0 else 0.0
+
+
+def _ranks(adapters: pd.Series, catalog, config) -> np.ndarray:
+    if catalog is None:
+        return np.full(len(adapters), config.max_lora_rank, dtype=float)
+    return np.array([catalog.rank(a) for a in adapters.astype(str)], dtype=float)
+
+
+def _dominant(costs: dict) -> str:
+    name, v = max(costs.items(), key=lambda kv: kv[1])
+    return f"{name} ({100 * v:.0f}%)" if v >= 0.005 else "none"
+
+
+# -- verdict ------------------------------------------------------------------------------------
+def _winner(table: pd.DataFrame) -> str | None:
+    if not len(table):
+        return None
+    ok = table[~table["starving"] & (table["adapters_unserved"] == 0)]
+    if len(ok):
+        best = ok.sort_values(["gpus", "ttft_p99_ms", "tpot_p99_ms"], na_position="last")
+        return str(best["policy"].iloc[0])
+    per_gpu = table["total_tok_per_s"] / table["gpus"].clip(lower=1)
+    return str(table["policy"].iloc[int(np.argmax(per_gpu.to_numpy()))])
+
+
+_WHY = {
+    "unserved": "{pct} of the offered tokens belong to adapters that got no replica "
+                "({n} adapters unserved on {gpus} GPU(s); {k} replica(s) fit per GPU)",
+    "replication": "it needs {gpus} GPUs, one full weight copy per replica, where {best} GPU(s) suffice",
+    "adapter loads": "{pct} of its step time goes to loading adapters ({loads} loads)",
+    "skip rule": "for {pct} of the time waiting requests were held back by the max_loras={ml} "
+                 "slots (skip rule), so queues build up",
+    "KV capacity": "for {pct} of the time admission stopped for lack of KV blocks "
+                   "({pre} preemptions)",
+    "LoRA compute": "LoRA matmuls and adapter-weight reads add {pct} to every step",
+    "time-slicing": "replicas sharing a GPU lose {pct} of their compute to time-slicing",
+}
+
+
+def _why(name: str, costs: dict, row, run: PolicyRun, config, best_gpus) -> str:
+    """The dominant cost in words, and the runner-up when it matters (>= 5%)."""
+    ranked = sorted(costs.items(), key=lambda kv: -kv[1])
+    if ranked[0][1] < 0.005:
+        return "no significant overhead"
+    d = run.result.summary["deployment"]
+    parts = []
+    for j, (key, v) in enumerate(ranked[:2]):
+        if j and v < 0.05:
+            break
+        parts.append(f"{key}: " + _WHY[key].format(
+            pct=f"{100 * v:.0f}%", n=d["unserved_adapters"], gpus=row["gpus"],
+            k=d["replicas_per_gpu"], best=best_gpus, loads=row["adapter_loads"],
+            ml=config.max_loras, pre=row["preemptions"]))
+    return "; then ".join(parts)
+
+
+def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, config) -> str:
+    if winner is None:
+        return "No strategy ran."
+    t = table.set_index("policy")
+    w = t.loc[winner]
+    keep = t[~t["starving"] & (t["adapters_unserved"] == 0)]
+    best_gpus = int(keep["gpus"].min()) if len(keep) else int(w["gpus"])
+    if winner in keep.index:
+        head = (f"Winner: {winner} — keeps up with the offered load on {int(w['gpus'])} GPU(s) "
+                f"with TTFT p99 {w['ttft_p99_ms']:.0f} ms and TPOT p99 {w['tpot_p99_ms']:.1f} ms.")
+    else:
+        head = (f"Winner: {winner} — no strategy keeps up; {winner} completes the most per GPU "
+                f"({w['total_tok_per_s'] / max(w['gpus'], 1):.0f} tok/s/GPU, "
+                f"{w['pct_offered']:.0f}% of offered).")
+    lines = [head, f"  {winner}'s largest remaining cost: "
+             f"{_why(winner, costs[winner], w, runs[winner], config, best_gpus)}."]
+    for name in t.index:
+        if name == winner:
+            continue
+        r = t.loc[name]
+        status = ("starves" if r["starving"] else
+                  "keeps up" if r["adapters_unserved"] == 0 else "leaves adapters unserved")
+        lines.append(f"  {name} ({status}, {int(r['gpus'])} GPU(s), TTFT p99 "
+                     f"{r['ttft_p99_ms']:.0f} ms): "
+                     f"{_why(name, costs[name], r, runs[name], config, best_gpus)}.")
+    return "\n".join(lines)
+
+
+# -- output ------------------------------------------------------------------------------------
+_COLUMNS = [
+    ("policy", "policy", "{}"), ("gpus", "GPUs", "{:d}"),
+    ("adapters_served", "served", "{:d}"), ("req_per_s", "req/s", "{:.2f}"),
+    ("total_tok_per_s", "tok/s", "{:.0f}"), ("pct_offered", "%offer", "{:.0f}"),
+    ("ttft_p50_ms", "TTFT p50", "{:.0f}"), ("ttft_p99_ms", "TTFT p99", "{:.0f}"),
+    ("tpot_p50_ms", "TPOT p50", "{:.1f}"), ("tpot_p99_ms", "TPOT p99", "{:.1f}"),
+    ("kv_gib_per_gpu", "KV GiB", "{:.1f}"), ("adapters_gib_per_gpu", "LoRA GiB", "{:.2f}"),
+    ("weights_gib_per_gpu", "W GiB", "{:.1f}"), ("starving", "verdict", "{}"),
+    ("dominant_cost", "dominant cost", "{}"),
+]
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Fixed-width text table (times in ms, memory in GiB per GPU)."""
+    cells = [[h for _, h, _ in _COLUMNS]]
+    for _, r in table.iterrows():
+        row = []
+        for key, _, fmt in _COLUMNS:
+            v = r[key]
+            if key == "starving":
+                v = ("unserved" if r["adapters_unserved"] else "STARVING") if v else "keeps up"
+                row.append(v)
+            elif isinstance(v, float) and np.isnan(v):
+                row.append("-")
+            else:
+                row.append(fmt.format(int(v) if fmt == "{:d}" else v))
+        cells.append(row)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
+    out = []
+    for j, c in enumerate(cells):
+        out.append("  ".join(x.ljust(w) if i in (0, len(c) - 1) else x.rjust(w)
+                             for i, (x, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def format_deployments(cmp: Comparison) -> str:
+    """One line per strategy: servers, GPUs, replicas per GPU, unserved adapters."""
+    lines = ["Deployments:"]
+    for name, run in cmp.runs.items():
+        d = run.result.summary["deployment"]
+        kinds: dict = {}
+        for s in d["per_server"]:
+            kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
+        servers = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        line = f"  {name}: {servers} server(s) on {d['gpus']} GPU(s)"
+        if d.get("merged_adapters"):
+            line += f", {', '.join(d['merged_adapters'])} merged on dedicated GPU(s)"
+        elif "merged" in kinds:
+            line += f", {d['replicas_per_gpu']} merged replica(s) fit per GPU"
+            if "gpus_for_all_adapters" in d:
+                line += f" ({d['gpus_for_all_adapters']} GPUs would serve every adapter)"
+        if d["unserved_adapters"]:
+            names = ", ".join(d["unserved_adapter_names"][:5])
+            more = "…" if d["unserved_adapters"] > 5 else ""
+            line += (f"; {d['unserved_adapters']} adapters unserved ({names}{more}), "
+                     f"{d['unserved_requests']} requests")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_comparison(cmp: Comparison, path, title: str = "") -> str:
+    """Four panels: throughput vs offered, TTFT p50/p99, TPOT p50/p99, memory per GPU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = cmp.table
+    x = np.arange(len(t))
+    names = [f"{p}\n{g} GPU" for p, g in zip(t["policy"], t["gpus"])]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+    colors = ["C2" if p == cmp.winner else "C0" for p in t["policy"]]
+    a = ax[0, 0]
+    a.bar(x, t["total_tok_per_s"], color=colors)
+    a.axhline(cmp.offered_tps, color="k", ls="--", lw=1, label="offered")
+    for i, (s, pct) in enumerate(zip(t["starving"], t["pct_offered"])):
+        a.text(i, t["total_tok_per_s"].iloc[i], f"{pct:.0f}%" + (" !" if s else ""),
+               ha="center", va="bottom", fontsize=8)
+    a.set_ylabel("total tokens/s")
+    a.set_title("throughput (green: winner, !: starving)")
+    a.legend(fontsize=8)
+    for a, key, label in ((ax[0, 1], "ttft", "TTFT (ms)"), (ax[1, 0], "tpot", "TPOT (ms)")):
+        w = 0.38
+        a.bar(x - w / 2, t[f"{key}_p50_ms"], w, label="p50")
+        a.bar(x + w / 2, t[f"{key}_p99_ms"], w, label="p99")
+        a.set_yscale("log")
+        a.set_ylabel(label)
+        a.legend(fontsize=8)
+    a = ax[1, 1]
+    bottom = np.zeros(len(t))
+    for key, label, c in (("weights_gib_per_gpu", "weights", "C7"),
+                          ("activations_gib_per_gpu", "activations", "C8"),
+                          ("adapters_gib_per_gpu", "adapters", "C3"),
+                          ("kv_gib_per_gpu", "KV cache", "C0")):
+        v = t[key].to_numpy(dtype=float)
+        a.bar(x, v, bottom=bottom, label=label, color=c)
+        bottom += v
+    a.set_ylabel("GiB per GPU")
+    a.set_title("memory split (adapters: slots or mean resident pages)")
+    a.legend(fontsize=8)
+    for a in ax.flat:
+        a.set_xticks(x)
+        a.set_xticklabels(names, fontsize=8)
+        a.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,451 @@
+"""Deployments: which servers run on which GPU, which requests each gets, and running them.
+
+A strategy deploys a trace as a list of servers (:class:`ServerSpec`). Each server is one
+serving process on one GPU, or on a share of one (merged replicas packed several to a
+GPU), and serves a set of adapters; every request is routed to exactly one server, or to
+none when its adapter has no server (a static deployment that ran out of GPUs).
+
+Every server is simulated on its share of the trace with the shared scheduler and engine.
+Servers sharing a GPU split its memory by ``share`` and time-slice its compute: each
+server's step times are stretched by ``1 + sum of the other co-located servers' busy
+fractions`` (processor sharing, mean field), found by re-simulating until the busy
+fractions settle. The per-server results are then combined into one ``RunResult``
+(requests, summary, timeline) for the whole deployment.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from twin.policies.base import MemoryPlan, Policy
+from twin.sim.results import RunResult, summarize
+
+MERGED, VLLM, SLORA = "merged", "vllm", "slora"
+MAX_INTERFERENCE_ITERS = 5
+INTERFERENCE_TOL = 0.02
+
+
+@dataclass
+class ServerSpec:
+    kind: str                 # "vllm" | "slora" | "merged" (base-model server, adapter folded in)
+    gpu: int
+    share: float              # fraction of the GPU's memory (compute is time-sliced)
+    adapters: tuple           # adapters served; None stands for base-model requests
+    label: str
+    policy: Policy | None = None   # builds the server and accounts its memory
+
+
+@dataclass
+class Deployment:
+    policy: str
+    servers: list[ServerSpec]
+    route: np.ndarray                  # trace row -> server index, -1 = unserved
+    gpus: int
+    replicas_per_gpu: int = 1
+    unserved: list = field(default_factory=list)     # adapters with no server
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class ServerRun:
+    spec: ServerSpec
+    rows: np.ndarray                   # trace rows it served
+    result: RunResult | None
+    memory: MemoryPlan
+    slowdown: float = 1.0              # step-time stretch from co-located servers
+    busy_s: float = float("nan")       # time spent in steps
+    adapter_gib_mean: float = 0.0      # slora: adapter pages, time average
+    adapter_gib_max: float = 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        if self.result is None:
+            return 0.0
+        d = self.result.summary["duration_s"]
+        return min(self.busy_s / d, 1.0) if d > 0 and not math.isnan(self.busy_s) else 0.0
+
+
+@dataclass
+class PolicyRun:
+    """A strategy's deployment, simulated: the combined result and each server's."""
+
+    policy: str
+    deployment: Deployment
+    result: RunResult
+    servers: list[ServerRun]
+
+    @property
+    def gpus(self) -> int:
+        return self.deployment.gpus
+
+    def memory_split(self) -> dict:
+        """GiB over the whole deployment: weights, KV, adapters (static + resident mean),
+        activations; ``per_gpu`` divides by the GPU count."""
+        tot = {"weights_gib": 0.0, "kv_gib": 0.0, "adapters_gib": 0.0, "adapters_max_gib": 0.0,
+               "activations_gib": 0.0, "host_adapters_gib": 0.0}
+        for s in self.servers:
+            m = s.memory
+            tot["weights_gib"] += m.weights_gib
+            tot["activations_gib"] += m.activations_gib
+            tot["kv_gib"] += m.pool_gib - s.adapter_gib_mean
+            tot["adapters_gib"] += m.adapters_gib + s.adapter_gib_mean
+            tot["adapters_max_gib"] += m.adapters_gib + s.adapter_gib_max
+            tot["host_adapters_gib"] += m.host_adapters_gib
+        g = max(self.gpus, 1)
+        tot["per_gpu"] = {k: v / g for k, v in tot.items() if k.endswith("_gib")}
+        return tot
+
+
+# -- routing -----------------------------------------------------------------------------------
+def adapter_keys(trace: pd.DataFrame) -> np.ndarray:
+    """The adapter of each row as an object array, None for the base model."""
+    col = trace["adapter"]
+    keys = col.astype(object).to_numpy(copy=True)
+    keys[col.isna().to_numpy()] = None
+    return keys
+
+
+def adapter_load(trace: pd.DataFrame) -> dict:
+    """Offered tokens (prompt + output) per adapter key (None: base model), hottest first;
+    ties by name."""
+    keys = adapter_keys(trace)
+    tok = (trace["prompt_tokens"].to_numpy(np.int64) + trace["output_tokens"].to_numpy(np.int64))
+    load: dict = {}
+    for k, t in zip(keys.tolist(), tok.tolist()):
+        load[k] = load.get(k, 0) + t
+    return dict(sorted(load.items(), key=lambda kv: (-kv[1], "" if kv[0] is None else str(kv[0]))))
+
+
+def assign_dynamic(policy: Policy, kind: str, trace: pd.DataFrame, keys: np.ndarray,
+                   rows: np.ndarray, gpus: int, route: np.ndarray, servers: list,
+                   gpu0: int = 0) -> None:
+    """Dynamic (multi-adapter) servers, one per GPU from ``gpu0``, for ``rows`` of the trace.
+
+    Adapters are spread by longest-processing-time on their offered tokens (each adapter on
+    one server, so its requests share its slot/pages); base-model requests go round-robin.
+    """
+    first = len(servers)
+    sub = trace.iloc[rows]
+    load = adapter_load(sub)
+    heap = [(0, i) for i in range(gpus)]
+    owner: dict = {}
+    for a, t in load.items():
+        if a is None:
+            continue
+        l, i = heapq.heappop(heap)
+        owner[a] = i
+        heapq.heappush(heap, (l + t, i))
+    served: list[list] = [[] for _ in range(gpus)]
+    for a, i in owner.items():
+        served[i].append(a)
+    sub_keys = keys[rows]
+    base = np.array([k is None for k in sub_keys.tolist()], dtype=bool)
+    srv = np.empty(len(rows), dtype=np.int64)
+    if (~base).any():
+        srv[~base] = [owner[k] for k in sub_keys[~base].tolist()]
+    if base.any():
+        srv[base] = np.arange(int(base.sum())) % gpus
+        for i in range(gpus):
+            served[i].append(None)
+    route[rows] = first + srv
+    for i in range(gpus):
+        servers.append(ServerSpec(kind=kind, gpu=gpu0 + i, share=1.0,
+                                  adapters=tuple(served[i]),
+                                  label=f"{kind}@gpu{gpu0 + i}", policy=policy))
+
+
+def dynamic_deployment(policy: Policy, kind: str, trace: pd.DataFrame, gpus: int) -> Deployment:
+    """``gpus`` servers of one dynamic kind (vllm or slora) sharing the whole trace."""
+    gpus = max(int(gpus), 1)
+    route = np.zeros(len(trace), dtype=np.int64)
+    servers: list[ServerSpec] = []
+    if gpus == 1:
+        servers.append(ServerSpec(kind=kind, gpu=0, share=1.0,
+                                  adapters=tuple(adapter_load(trace)), label=f"{kind}@gpu0",
+                                  policy=policy))
+    else:
+        assign_dynamic(policy, kind, trace, adapter_keys(trace), np.arange(len(trace)), gpus,
+                       route, servers)
+    return Deployment(policy=policy.name, servers=servers, route=route, gpus=gpus)
+
+
+# -- running -----------------------------------------------------------------------------------
+def scaled_profile(profile, factor: float):
+    """``profile`` with every step-time weight multiplied by ``factor`` (time-slicing)."""
+    if factor == 1.0:
+        return profile
+    import dataclasses
+
+    from twin.models.step_time import StepTimeModel
+
+    st = profile.step_time
+
+    def mul(d):
+        return None if d is None else {k: v * factor for k, v in d.items()}
+
+    return dataclasses.replace(profile, step_time=StepTimeModel(mul(st.base), mul(st.memory),
+                                                               mul(st.compute)))
+
+
+def _sub_catalog(catalog, adapters):
+    from twin.workload.catalog import AdapterCatalog
+
+    names = [a for a in adapters if a is not None]
+    t = catalog.table
+    return AdapterCatalog(t[t["adapter"].isin(names)], source=catalog.source)
+
+
+def run_server(spec: ServerSpec, trace: pd.DataFrame, rows: np.ndarray, config, profile,
+               catalog, *, whole: bool, window_s, record_steps: bool, sample_dt,
+               trace_source: str, slowdown: float = 1.0, progress: bool = False,
+               user_catalog=None) -> ServerRun:
+    """Simulate one server on its rows of ``trace``. ``catalog`` is the resolved catalog;
+    a server given the whole trace gets ``user_catalog`` as ``simulate`` would."""
+    from twin.sim.engine import simulate
+
+    util = config.gpu_memory_utilization * spec.share
+    prof = scaled_profile(profile, slowdown)
+    pol = spec.policy
+    if spec.kind == MERGED:
+        cfg = config.replace(policy=VLLM, enable_lora=False, gpu_memory_utilization=util)
+    else:
+        cfg = config.replace(policy=spec.kind, gpu_memory_utilization=util)
+    mem = pol.memory(cfg, profile, None if spec.kind == MERGED else catalog)
+    if not len(rows):
+        return ServerRun(spec, rows, None, mem, slowdown, 0.0)
+    sub = trace if whole else trace.iloc[rows].reset_index(drop=True)
+    if spec.kind == MERGED:
+        sub = sub.assign(adapter=pd.array([None] * len(sub), dtype="string"))
+        cat = None
+    else:
+        cat = user_catalog if whole else _sub_catalog(catalog, spec.adapters)
+    holder = []
+    build = None
+    if spec.kind == SLORA:
+        def build(c, p, k, t, s):
+            holder.append(pol.server_parts(c, p, k, t, s))
+            return holder[-1]
+    res = simulate(sub, cfg, prof, cat, window_s=window_s, progress=progress,
+                   record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source,
+                   build_server=build)
+    busy = float((res.steps["duration_s"]).sum()) if res.steps is not None else float("nan")
+    run = ServerRun(spec, rows, res, mem, slowdown, busy)
+    if holder:
+        sched = holder[0].scheduler
+        page = profile.memory.kv_bytes_per_token * config.block_size
+        run.adapter_gib_mean = sched.adapter_pages_mean(res.summary["duration_s"]) * page / 2**30
+        run.adapter_gib_max = sched.cache.max_resident_pages * page / 2**30
+        res.summary["adapter_pool"] = {"mean_gib": run.adapter_gib_mean,
+                                       "max_gib": run.adapter_gib_max}
+    return run
+
+
+def run_deployment(dep: Deployment, trace: pd.DataFrame, config, profile, catalog=None, *,
+                   window_s=None, progress=False, record_steps=False, sample_dt=None,
+                   trace_source="trace") -> PolicyRun:
+    """Simulate every server of ``dep`` (``trace`` already validated and windowed)."""
+    from twin.workload.catalog import AdapterCatalog
+
+    user_catalog = catalog
+    if catalog is None:
+        names = trace["adapter"].dropna().unique().tolist()
+        catalog = AdapterCatalog.uniform(sorted(names), config.max_lora_rank)
+    n_srv = len(dep.servers)
+    rows_of = [np.flatnonzero(dep.route == i) for i in range(n_srv)]
+    single = n_srv == 1 and len(rows_of[0]) == len(trace) and dep.servers[0].share == 1.0
+    by_gpu: dict[int, list[int]] = {}
+    for i, s in enumerate(dep.servers):
+        by_gpu.setdefault(s.gpu, []).append(i)
+    runs: list[ServerRun | None] = [None] * n_srv
+    for idxs in by_gpu.values():
+        shared = len([i for i in idxs if len(rows_of[i])]) > 1
+        slow = {i: 1.0 for i in idxs}
+        for _ in range(MAX_INTERFERENCE_ITERS if shared else 1):
+            for i in idxs:
+                s = dep.servers[i]
+                runs[i] = run_server(
+                    s, trace, rows_of[i], config, profile, catalog, user_catalog=user_catalog,
+                    whole=single, window_s=window_s, record_steps=record_steps or shared,
+                    sample_dt=sample_dt, trace_source=trace_source, slowdown=slow[i],
+                    progress=progress and single)
+            if not shared:
+                break
+            busy = {i: runs[i].busy_fraction for i in idxs}
+            new = {i: 1.0 + sum(busy[j] for j in idxs if j != i) for i in idxs}
+            settled = max(abs(new[i] - slow[i]) for i in idxs) < INTERFERENCE_TOL
+            slow = new
+            if settled:
+                break
+    if single and dep.servers[0].kind != MERGED:
+        result = runs[0].result
+        _annotate(result, dep, runs)
+    else:
+        result = combine(dep, trace, runs, config, profile, window_s)
+    return PolicyRun(policy=dep.policy, deployment=dep, result=result, servers=runs)
+
+
+# -- combining ---------------------------------------------------------------------------------
+def _deployment_summary(dep: Deployment, runs: list[ServerRun], starving=None) -> dict:
+    """``starving``: labels of starving servers (default: each server's own verdict)."""
+    unserved_rows = int((dep.route < 0).sum())
+    return {
+        "policy": dep.policy, "gpus": dep.gpus, "servers": len(dep.servers),
+        "replicas_per_gpu": dep.replicas_per_gpu,
+        "served_adapters": len({a for s in dep.servers for a in s.adapters if a is not None}),
+        "unserved_adapters": len(dep.unserved), "unserved_requests": unserved_rows,
+        "unserved_adapter_names": [str(a) for a in dep.unserved[:20]],
+        "per_server": [{
+            "label": r.spec.label, "kind": r.spec.kind, "gpu": r.spec.gpu,
+            "share": r.spec.share, "adapters": len(r.spec.adapters),
+            "requests": int(len(r.rows)), "slowdown": r.slowdown,
+            "busy_fraction": r.busy_fraction,
+            "starving": (r.spec.label in starving if starving is not None else
+                         bool(r.result.summary["starving"]) if r.result is not None else False),
+        } for r in runs],
+        **dep.notes,
+    }
+
+
+def _annotate(result: RunResult, dep: Deployment, runs: list[ServerRun], starving=None) -> None:
+    result.summary["deployment"] = _deployment_summary(dep, runs, starving)
+    result.meta["policy"] = dep.policy
+
+
+def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config, profile,
+            window_s) -> RunResult:
+    """One RunResult for the deployment: requests put back in trace order, unserved ones
+    marked ``unserved``, timelines summed on a common grid."""
+    n = len(trace)
+    cols = {
+        "output_tokens": trace["output_tokens"].to_numpy(np.int64).copy(),
+        "generated_tokens": np.zeros(n, dtype=np.int64),
+        "first_scheduled_s": np.full(n, np.nan), "first_token_s": np.full(n, np.nan),
+        "finish_s": np.full(n, np.nan), "preemptions": np.zeros(n, dtype=np.int64),
+        "status": np.array(["unserved"] * n, dtype=object),
+    }
+    live = [r for r in runs if r.result is not None]
+    for r in live:
+        rq = r.result.requests
+        for col, arr in cols.items():
+            arr[r.rows] = rq[col].to_numpy()
+    req = pd.DataFrame({
+        "request_id": trace["request_id"].to_numpy(), "arrival_s": trace["arrival_s"].to_numpy(),
+        "adapter": trace["adapter"].to_numpy(), "prompt_tokens": trace["prompt_tokens"].to_numpy(),
+        **cols})
+    req["server"] = dep.route
+    durations = [r.result.summary["duration_s"] for r in live]
+    duration = window_s if window_s is not None else max(durations, default=0.0)
+    timeline = _combine_timelines(live, duration)
+    growth = _waiting_growth(timeline, req, window_s)
+    w = np.array([r.result.summary["completed"] for r in live], dtype=float)
+
+    def itl(key):
+        vals = np.array([r.result.summary["itl_ms"][key] for r in live], dtype=float)
+        ok = ~np.isnan(vals) & (w > 0)
+        if not ok.any():
+            return float("nan")
+        return float(vals[ok].max() if key == "p99" else np.average(vals[ok], weights=w[ok]))
+
+    caps = np.array([r.result.summary["kv_cache"]["capacity_tokens"] for r in live], dtype=float)
+    cap = caps.sum()
+
+    def kv(key):
+        vals = np.array([r.result.summary["kv_cache"][key] for r in live], dtype=float)
+        return float((vals * caps).sum() / cap) if cap else 0.0
+
+    loads = {k: sum(r.result.summary["adapter_loads"][k] for r in live)
+             for k in ("from_disk", "from_host", "time_s")}
+    summary = summarize(
+        req, duration_s=duration, window_s=window_s,
+        itl_p50_s=itl("median") / 1000, itl_p99_s=itl("p99") / 1000, loads=loads,
+        preemptions=sum(r.result.summary["preemptions"] for r in live),
+        kv={"capacity_tokens": int(cap), "usage_mean": kv("usage_mean"),
+            "usage_max": kv("usage_max")},
+        waiting_growth=growth)
+    summary["steps"] = sum(r.result.summary.get("steps", 0) for r in live)
+    summary["unserved"] = int((dep.route < 0).sum())
+    starving_servers = [r.spec.label for r in live
+                        if _server_starving(r, req, duration, window_s)]
+    if starving_servers and not summary["starving"]:
+        summary["starving"] = True
+        summary["starving_reason"] = f"server(s) {', '.join(starving_servers[:3])} starving"
+    if summary["unserved"] and summary["starving_reason"] == "throughput":
+        summary["starving_reason"] = "throughput (adapters without a server)"
+    steps = None
+    if live and all(r.result.steps is not None for r in live):
+        steps = pd.concat([r.result.steps.assign(server=r.spec.label) for r in live],
+                          ignore_index=True)
+    meta = {"config": config.to_dict(), "profile": profile.name, "window_s": window_s,
+            "policy": dep.policy, "twin_version": __import__("twin").__version__}
+    result = RunResult(requests=req, summary=summary, timeline=timeline, steps=steps, meta=meta)
+    _annotate(result, dep, runs, set(starving_servers))
+    return result
+
+
+def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s) -> bool:
+    """The starvation rule on one server's requests, over the deployment's window (its own
+    run may end earlier or later): completed tokens per second of the deployment's duration
+    below 90% of its offered tokens per second of the arrival span, or its queue grows."""
+    from twin.sim.results import STARVATION_THRESHOLD
+
+    if r.result.summary.get("starving_reason") == "queue growth":
+        return True
+    sub = req.iloc[r.rows]
+    arr = req["arrival_s"].to_numpy()
+    span = window_s if window_s is not None else max(float(arr.max()) if len(arr) else 0.0, 1e-9)
+    offered_mask = sub["arrival_s"].to_numpy() <= (window_s if window_s is not None else np.inf)
+    offered = float(sub["prompt_tokens"].to_numpy()[offered_mask].sum()
+                    + sub["output_tokens"].to_numpy()[offered_mask].sum()) / span
+    done = sub["status"].to_numpy() == "finished"
+    achieved = float(sub["prompt_tokens"].to_numpy()[done].sum()
+                     + sub["generated_tokens"].to_numpy()[done].sum()) / max(duration, 1e-9)
+    return offered > 0 and achieved / offered < STARVATION_THRESHOLD
+
+
+_SUM_COLS = ("running", "waiting", "tokens", "adapter_loads", "preemptions")
+
+
+def _combine_timelines(live: list[ServerRun], duration: float, points: int = 2000) -> pd.DataFrame:
+    grid = np.linspace(0.0, max(duration, 1e-9), points)
+    out = {"time_s": grid}
+    for c in _SUM_COLS:
+        out[c] = np.zeros(points)
+    kv = np.zeros(points)
+    cap_total = 0.0
+    for r in live:
+        tl = r.result.timeline
+        t = tl["time_s"].to_numpy()
+        if not len(t):
+            continue
+        at = np.clip(np.searchsorted(t, grid, side="right") - 1, 0, len(t) - 1)
+        before = grid < t[0]
+        for c in _SUM_COLS:
+            v = tl[c].to_numpy(dtype=float)[at]
+            v[before] = 0.0
+            out[c] += v
+        cap = float(r.result.summary["kv_cache"]["capacity_tokens"])
+        kv += tl["kv_usage"].to_numpy(dtype=float)[at] * cap
+        cap_total += cap
+    out["kv_usage"] = kv / cap_total if cap_total else kv
+    df = pd.DataFrame(out)
+    for c in ("running", "waiting", "adapter_loads", "preemptions"):
+        df[c] = df[c].round().astype(np.int64)
+    return df[["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
+               "preemptions"]]
+
+
+def _waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
+    """Growth of the waiting queue over the second half of the arrival span (as the engine)."""
+    if len(req) == 0 or len(timeline) < 2:
+        return 0
+    end = window_s if window_s is not None else float(req["arrival_s"].max())
+    t = timeline["time_s"].to_numpy()
+    w = timeline["waiting"].to_numpy()
+    at_end = w[min(np.searchsorted(t, end, side="right") - 1, len(w) - 1)]
+    at_mid = w[max(np.searchsorted(t, end / 2, side="right") - 1, 0)]
+    return int(at_end - at_mid)

@@ -1,0 +1,44 @@
+"""vLLM's own strategy (the default): ``max_loras`` GPU slots padded to ``max_lora_rank``,
+reserved at start-up beside a separate KV pool; the V1 scheduler with the skip rule.
+
+The server is exactly what ``twin.sim.simulate`` builds for ``policy="vllm"``; this class
+adds the memory accounting and, with several GPUs, one such server per GPU with the
+adapters partitioned between them (see ``twin.policies.deployment.dynamic_deployment``).
+"""
+
+from __future__ import annotations
+
+from twin.models.memory import GIB
+from twin.policies.base import MemoryPlan, Policy, gib
+
+
+class VLLMPolicy(Policy):
+    name = "vllm"
+    summary = "vLLM V1: max_loras slots padded to max_lora_rank, separate KV pool, skip rule"
+
+    def memory(self, config, profile, catalog=None, share: float = 1.0) -> MemoryPlan:
+        m = profile.memory
+        cfg = config.replace(gpu_memory_utilization=config.gpu_memory_utilization * share)
+        kv_tokens = m.kv_tokens(cfg)
+        host = 0
+        if catalog is not None and config.enable_lora:
+            sizes = sorted((profile.model.adapter_bytes(int(r)) for r in catalog.table["rank"]),
+                           reverse=True)
+            host = sum(sizes[:config.max_cpu_loras])   # the host cache full of the largest
+        return MemoryPlan(
+            policy=self.name, budget_gib=cfg.gpu_memory_utilization * m.gpu_memory_gib,
+            weights_gib=m.weights_gib,
+            activations_gib=m.activation_bytes(config.max_num_seqs,
+                                               config.max_num_batched_tokens) / GIB,
+            adapters_gib=gib(m.lora_bytes(config.max_loras, config.max_lora_rank,
+                                          config.enable_lora)),
+            pool_gib=gib(kv_tokens * m.kv_bytes_per_token), kv_tokens=kv_tokens,
+            host_adapters_gib=gib(host))
+
+    def server_parts(self, config, profile, catalog, trace=None, trace_source="trace"):
+        return None   # the engine's own vLLM server
+
+    def deploy(self, trace, config, profile, catalog, gpus=None):
+        from twin.policies.deployment import dynamic_deployment
+
+        return dynamic_deployment(self, "vllm", trace, gpus or 1)
