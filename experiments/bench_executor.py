@@ -1,7 +1,8 @@
 """Throughput of the batched multi-LoRA engine vs HF PEFT's own multi-adapter path.
 
 The same trace — every request on one of 16 synthetic adapters (ranks 8/16), all arriving
-at once, prompt and output lengths varied — is served by
+at once, prompt and output lengths uniform as in S-LoRA's workload (scaled down) — is
+served by
 
 - the executor (``twin.executor.execute``): vLLM V1 continuous batching, chunked prefill,
   paged KV cache, adapters in ``max_loras = 16`` slots (preloaded), one mixed batch per
@@ -45,10 +46,11 @@ from twin.executor.weights import make_tiny_llama, smollm2_dir  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
 N_ADAPTERS = 16
-# per model: requests, prompt range, output range, batch size (max_num_seqs), repeats
+# per model: requests, prompt and output length ranges (uniform, S-LoRA's [8, 512) scaled
+# down to CPU sizes), batch size (max_num_seqs = PEFT's static batch), repeats
 SETUPS = {
-    "tiny": dict(n=96, prompt=(16, 128), output=(8, 64), batch=32, repeats=5),
-    "smollm2": dict(n=32, prompt=(16, 64), output=(8, 32), batch=16, repeats=3),
+    "tiny": dict(n=64, prompt=(8, 127), output=(8, 127), batch=16, repeats=3),
+    "smollm2": dict(n=16, prompt=(8, 47), output=(8, 47), batch=8, repeats=3),
 }
 
 

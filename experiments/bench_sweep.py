@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         print(f"  rates {'/'.join(f'{x:g}' for x in r['rates']):>22} ranks "
               f"{'/'.join(map(str, r['ranks'])):>8} served {r['served']:>3} slots "
               f"{r['slots']:>3}: {r['requests']:>8} req, "
-              + (f"full {r['full_cpu_s']:6.2f} s ({'starving' if r['full_starving'] else 'keeps up'}), "
+              + (f"full {r['full_cpu_s']:6.2f} s "
+                 f"({'starving' if r['full_starving'] else 'keeps up'}), "
                  f"sweep {r['sweep_cpu_s']:6.2f} s" if r["starts"] else "does not start"),
               flush=True)
     full = np.array([r["full_cpu_s"] for r in ok])

@@ -109,8 +109,10 @@ def test_kv_reuse_after_completion_and_preemption_is_clean(tiny):
         one = trace.iloc[[i]].assign(arrival_s=0.0)
         ref = execute(one, alone_cfg, model, cat, num_gpu_blocks=16, keep_tokens=True)
         assert ref.summary["preemptions"] == 0
-        assert list(req["output_token_ids"].iloc[i]) == list(ref.requests["output_token_ids"].iloc[0]), \
-            f"request {i} (preempted {req['preemptions'].iloc[i]}x) differs from running alone"
+        got = list(req["output_token_ids"].iloc[i])
+        alone = list(ref.requests["output_token_ids"].iloc[0])
+        assert got == alone, (f"request {i} (preempted {req['preemptions'].iloc[i]}x) differs "
+                              "from running alone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +184,8 @@ def test_grouped_lora_delta_equals_per_segment_loop(tiny):
 # ---------------------------------------------------------------------------------------------
 # bad adapters
 # ---------------------------------------------------------------------------------------------
-def test_bad_adapters_fail_only_their_requests(tiny, tmp_path):
+@pytest.mark.parametrize("preload", [False, True])
+def test_bad_adapters_fail_only_their_requests(tiny, tmp_path, preload):
     root, model_dir, cat = tiny
     good = cat.table.iloc[:2]
     # wrong shapes: an adapter made for a wider model
@@ -212,7 +215,7 @@ def test_bad_adapters_fail_only_their_requests(tiny, tmp_path):
             (0.05, "corrupt", 5, 4), (0.05, "good0", 6, 5), (0.05, "wide", 6, 3)]
     trace = trace_of(rows)
     cfg = ServingConfig(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=8,
-                        max_num_batched_tokens=64, max_model_len=64)
+                        max_num_batched_tokens=64, max_model_len=64, preload_adapters=preload)
     res = execute(trace, cfg, model_dir, catalog, num_gpu_blocks=32)
     req = res.requests.set_index(trace["adapter"].fillna("base").to_numpy() + "#"
                                  + np.arange(len(rows)).astype(str))
@@ -228,7 +231,11 @@ def test_bad_adapters_fail_only_their_requests(tiny, tmp_path):
     assert "shape" in err["wide#5"] and "wide#10" in err
     assert "max_lora_rank" in err["big#7"]
     assert res.summary["failed"] == len(bad) and res.summary["completed"] == len(ok)
-    assert res.steps["failed"].sum() >= 2          # corrupt and wide failed inside a step
+    if preload:   # corrupt and wide failed at start-up; their requests on arrival
+        assert res.steps["failed"].sum() == 0 and set(res.meta["bad_adapters"]) == {
+            "missing", "pickled", "corrupt", "wide", "big"}
+    else:         # corrupt and wide failed inside the step that loaded them
+        assert res.steps["failed"].sum() >= 2
 
 
 def test_unknown_adapter_is_refused_before_the_run(tiny, tmp_path):

@@ -84,6 +84,7 @@ def test_bad_trace_names_file_row_and_field(tmp_path, mutate, field, row):
 
 def test_unknown_adapter_and_rank_above_max_lora_rank():
     trace = small_trace(20, adapters=3)
+    trace.loc[0, "adapter"] = None   # base-model rows mixed in
     cat = AdapterCatalog(pd.DataFrame({"adapter": ["a0", "a1"], "rank": [8, 8]}), source="cat.csv")
     with pytest.raises(TwinInputError) as e:
         simulate(trace, ServingConfig(max_loras=2), catalog=cat)

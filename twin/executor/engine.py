@@ -429,6 +429,9 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     ``time_scale``: multiplies arrival times (0.5 replays the trace twice as fast).
     ``keep_tokens``: add the generated token ids per request (column ``output_token_ids``).
     """
+    if config.policy != "vllm":
+        raise TwinInputError(f"the executor serves the vllm policy only, not {config.policy!r} "
+                             "(other policies run in the twin)", file="config", field="policy")
     trace = validate_trace(trace, source=trace_source)
     if time_scale != 1.0:
         if not time_scale > 0:
@@ -436,8 +439,11 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
         trace = trace.assign(arrival_s=trace["arrival_s"] * float(time_scale))
     if window_s is not None:
         trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
-    catalog = resolve_catalog(catalog, trace)
-    check_unknown_adapters(trace, catalog, trace_source)
+    if config.enable_lora:
+        catalog = resolve_catalog(catalog, trace)
+        check_unknown_adapters(trace, catalog, trace_source)
+    else:   # every request runs on the base model (as vLLM without --enable-lora)
+        catalog = resolve_catalog(None)
 
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -511,8 +517,9 @@ class _Engine:
                 self.store.read_pack(a)
                 if a in self.cache.gpu:
                     self.store.to_slot(a)
-            except AdapterError as exc:
-                self.bad[a] = str(exc)
+            except (AdapterError, OSError) as exc:
+                self.bad[a] = (str(exc) if isinstance(exc, AdapterError) else
+                               str(AdapterError(self.names[a], f"cannot be read: {exc}")))
                 self.store.forget(a)
                 self.cache.drop(a)
 
@@ -522,7 +529,8 @@ class _Engine:
         tables, store, kv, lora = self.tables, self.store, self.kv, self.slots
         n = len(trace)
         arrival = trace["arrival_s"].to_numpy(np.float64).tolist()
-        aid = [(-1 if pd.isna(a) else self.ids[a]) for a in trace["adapter"]]
+        aid = [(-1 if pd.isna(a) or not self.config.enable_lora else self.ids[a])
+               for a in trace["adapter"]]
         prompt = trace["prompt_tokens"].to_numpy(np.int64).tolist()
         output = trace["output_tokens"].to_numpy(np.int64).tolist()
         rid = trace["request_id"].to_numpy(np.int64).tolist()
@@ -621,6 +629,9 @@ class _Engine:
                     t_copy += c_s
                 except AdapterError as exc:
                     failed[ld.adapter] = str(exc)
+                except OSError as exc:          # unreadable file, vanished directory
+                    failed[ld.adapter] = str(AdapterError(self.names[ld.adapter],
+                                                          f"cannot be read: {exc}"))
             t_load = perf() - t if plan.loads else 0.0
             n_failed = 0
             if failed:
@@ -740,6 +751,7 @@ class _Engine:
                 "usage_mean": stats["kv_integral"] / total_time, "usage_max": stats["kv_max"]},
             waiting_growth=_waiting_growth(tl, req, self.window_s))
         summary["failed"] = int((req["status"] == "failed").sum())
+        summary["unfinished"] -= summary["failed"]    # failed: answered with an error
         summary["steps"] = len(rows)
         steps = pd.DataFrame(rows, columns=STEP_COLUMNS)
         phases = ["schedule_s", "load_s", "forward_s", "sample_s"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 from twin.errors import TwinInputError
@@ -22,7 +21,7 @@ into the cartesian product of its lists, e.g.
 
   family: rate_classes
   duration_s: 600
-  lengths: uniform          # or sharegpt (needs the shared data), or {kind: sharegpt, means: [223, 196]}
+  lengths: uniform   # or sharegpt (shared data), or {kind: sharegpt, means: [223, 196]}
   grid:
     n_adapters: [16, 32, 64]
     rates: [[1.6, 0.8, 0.4], [0.4, 0.1, 0.05]]
@@ -49,7 +48,7 @@ the starvation frontier).
 
 examples:
   twin recommend --trace traces/azure_conv_1h_32lora.parquet --out runs/rec
-  twin recommend --trace t.parquet --catalog adapters.csv --objective goodput --slo ttft=2000,tpot=100
+  twin recommend --trace t.parquet --catalog c.csv --objective goodput --slo ttft=2000,tpot=100
   twin recommend --workload-spec w.yaml --profile my-h100.json
 """
 

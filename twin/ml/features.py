@@ -112,7 +112,8 @@ def workload_features(trace: pd.DataFrame, catalog=None, duration_s: float | Non
         "output_mean": float(output.mean()) if nreq else 0.0,
         "output_p90": float(np.percentile(output, 90)) if nreq else 0.0,
         "arrival_cv": agg_cv, "adapter_cv": ad_cv, "dispersion_10s": disp,
-        "gini": _gini(counts), "top10_share": float(srt[:top].sum() / total_ad) if total_ad else 0.0,
+        "gini": _gini(counts),
+        "top10_share": float(srt[:top].sum() / total_ad) if total_ad else 0.0,
         # not model features: kept for config features and placement
         "_counts_sorted": srt,
     }

@@ -189,7 +189,8 @@ class SimplifiedTreeRegressor:
                     ax.plot([x, cx], [y, cy], color="0.6", lw=1, zorder=1)
                     ax.text((x + cx) / 2, (y + cy) / 2, lab, fontsize=7, color="0.4",
                             ha="center")
-                txt = f"{self.feature_names_in_[self.feature_[i]]}\n<= {fmt.format(self.threshold_[i])}"
+                name = self.feature_names_in_[self.feature_[i]]
+                txt = f"{name}\n<= {fmt.format(self.threshold_[i])}"
                 fc = "#dde8f5"
             else:
                 txt = f"{fmt.format(self.value_[i])}\n(n={self.samples_[i]})"
@@ -461,7 +462,8 @@ class PackedTrees:
 # -- evaluation on held-out workloads ----------------------------------------------------------
 
 def evaluate(models: dict[str, Callable[[], object]], X: pd.DataFrame, y, groups, *,
-             n_splits: int = 5, log_target: bool = False, target: str = "") -> tuple[pd.DataFrame, dict]:
+             n_splits: int = 5, log_target: bool = False,
+             target: str = "") -> tuple[pd.DataFrame, dict]:
     """``GroupKFold`` over ``groups`` (workloads or families): every fold's test rows come
     from workloads the model never saw. ``models`` maps a name to a factory. Returns
     (one row per model: SMAPE median/mean/p90, R², fit seconds, predict µs per row;

@@ -20,7 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 
@@ -93,7 +92,7 @@ def train_main(args) -> int:
     gaps = feas["gap_pct"].dropna()
     starving = int(feas["rec_starving"].sum())
     with pd.option_context("display.width", 200, "display.max_colwidth", 70):
-        print(rep[["workload", "exhaustive_max_loras", "exhaustive_throughput",
+        print(rep[["workload", "exhaustive_best_max_loras", "exhaustive_throughput",
                    "predicted_max_loras", "rec_max_loras", "rec_throughput", "gap_pct",
                    "rec_runs", "e2e_s"]].to_string(index=False), flush=True)
     summary = {
@@ -109,7 +108,10 @@ def train_main(args) -> int:
         "recommend_runs_mean": round(float(rep["rec_runs"].mean()), 2),
         "exhaustive_runs_mean": round(float(rep["exhaustive_runs"].mean()), 2),
         "predicted_exact_pct": round(100 * float((feas["predicted_max_loras"]
-                                                 == feas["exhaustive_max_loras"]).mean()), 1)
+                                                 == feas["exhaustive_best_max_loras"]).mean()), 1)
+        if len(feas) else None,
+        "recommended_exact_pct": round(100 * float((feas["rec_max_loras"]
+                                                   == feas["exhaustive_best_max_loras"]).mean()), 1)
         if len(feas) else None,
         "train_rows": int(len(train)), "window_s": W, "profile": profile.name,
         "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),

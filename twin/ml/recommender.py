@@ -34,6 +34,7 @@ import pandas as pd
 
 from twin.config import ServingConfig
 from twin.errors import ConfigError, TwinInputError
+from twin.ml.dataset import TIE_TOL
 from twin.ml.features import ROW_FEATURES, config_features, public, workload_features
 from twin.ml.models import PackedTrees
 from twin.ml.spec import SERVED_GRID, config_for, paper_base, slot_candidates
@@ -44,7 +45,6 @@ SHIPPED_MODEL = "recommender.json"
 STARVING_P = 0.5          # predicted starving when P(starving) >= this ...
 ACHIEVED_MIN = 0.9        # ... or predicted achieved/offered below this (the paper's rule)
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
-TIE_TOL = 0.005           # throughputs within 0.5 % tie; the lower p99 TTFT wins
 
 
 class Recommender:
@@ -142,9 +142,9 @@ def candidate_table(model: Recommender, wf: dict, base: ServingConfig, profile,
             "max_model_len in the base configuration", field="max_model_len")
     c = pd.DataFrame(rows)
     pred = model.predict_rows(c)
-    c["pred_achieved"] = pred["achieved"].to_numpy()
+    c["pred_achieved"] = np.clip(pred["achieved"].to_numpy(), 0.0, 1.0)
     c["pred_p_starve"] = pred["p_starve"].to_numpy()
-    c["pred_throughput"] = np.minimum(c["pred_achieved"], 1.0) * wf["offered_tps"]
+    c["pred_throughput"] = c["pred_achieved"] * wf["offered_tps"]
     for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
         c[f"pred_{k}"] = pred[k].to_numpy()
     c["pred_ok"] = (c["pred_p_starve"] < STARVING_P) & (c["pred_achieved"] >= ACHIEVED_MIN)
@@ -263,7 +263,8 @@ class Recommendation:
             L.append(f"predicted: max_loras={pc.max_loras} -> throughput {p['throughput']:.0f} "
                      f"tok/s ({100 * p['achieved']:.1f}% of offered), P(starving) "
                      f"{p['p_starve']:.2f}, TTFT p99 {p['ttft_p99']:.0f} ms, TPOT p50 "
-                     f"{p['tpot_p50']:.1f} ms  [{self.predict_ms:.2f} ms]")
+                     f"{p['tpot_p50']:.1f} ms  [{len(self.candidates)} candidates in "
+                     f"{self.predict_ms:.1f} ms]")
         tried = self.candidates.dropna(subset=["ver_throughput"])
         for _, r in tried.iterrows():
             st = ("does not start" if not r["ver_starts"] else
@@ -344,9 +345,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     cand = candidate_table(model, wf, base, profile, max_rank)
     score = _pred_score(cand, objective, slo)
     predict_ms = 1000 * (time.perf_counter() - t0)
-    ok_idx = np.flatnonzero(cand["pred_ok"].to_numpy())
-    start = (int(ok_idx[np.argmax(score[ok_idx])]) if len(ok_idx)
-             else int(np.argmin(cand["pred_p_starve"].to_numpy())))
+    start = _predicted_best(cand, score)
     for col in ("ver_starts", "ver_starving", "ver_throughput", "ver_achieved", "ver_goodput",
                 "ver_ttft_p50", "ver_ttft_p99", "ver_tpot_p50", "ver_tpot_p99"):
         cand[col] = np.nan
@@ -404,6 +403,18 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         predicted=predicted, verified=results[best] if best is not None else None,
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
         total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings)
+
+
+def _predicted_best(cand: pd.DataFrame, score: np.ndarray) -> int:
+    """The candidate to verify first: among those predicted to keep up, the highest
+    predicted score, ties (within ``TIE_TOL``) to the lowest predicted p99 TTFT; if none is
+    predicted to keep up, the least likely to starve."""
+    ok = np.flatnonzero(cand["pred_ok"].to_numpy())
+    if not len(ok):
+        return int(np.argmin(cand["pred_p_starve"].to_numpy()))
+    top = score[ok].max()
+    near = ok[score[ok] >= top * (1 - TIE_TOL)]
+    return int(near[np.argmin(cand["pred_ttft_p99"].to_numpy()[near])])
 
 
 def _best(results: dict, good: list, key: str) -> int:
@@ -524,7 +535,8 @@ class _Units:
         order = np.argsort(codes, kind="stable")
         bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(uniq)))]
         self.index = {u: order[bounds[i]:bounds[i + 1]] for i, u in enumerate(uniq)}
-        tok = (trace["prompt_tokens"].to_numpy(np.int64) + trace["output_tokens"].to_numpy(np.int64))
+        tok = (trace["prompt_tokens"].to_numpy(np.int64)
+               + trace["output_tokens"].to_numpy(np.int64))
         self.load = {u: int(tok[ix].sum()) for u, ix in self.index.items()}
         for a in catalog.adapters:  # adapters of the catalog without traffic
             self.index.setdefault(a, np.zeros(0, dtype=np.int64))

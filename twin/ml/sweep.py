@@ -11,11 +11,14 @@ most the chunks in flight; running it again skips every key already on disk.
 Backends: a local process pool (default) and Ray (``backend="ray"``, optional extra
 ``pip install 'twin[ray]'``), both running :func:`run_chunk`, so their rows are equal.
 
-Early exit: a point whose first ``probe_frac`` of the window already clearly starves
-(achieved < ``threshold`` of offered *and* a waiting queue still growing) is recorded from
-that probe (``early_exit=True``, latencies left empty) instead of simulating the whole
-window; the starvation verdict of such a run is not in doubt and its cost is most of a
-sweep's (see ``experiments/bench_sweep.py``).
+Early exit: a point whose first ``probe_frac`` of the window already clearly starves is
+recorded from that probe (``early_exit=True``, latencies left empty) instead of simulating
+the whole window: achieved < ``threshold`` of offered, a waiting queue still growing, *and*
+a saturated server -- its token rate over the last quarter of the probe below
+``threshold`` of the offered rate and no more than ``saturation_tol`` above the quarter
+before. The last condition matters: with few slots and many adapters, the backlog itself
+raises throughput (bigger same-adapter batches) until it settles, so a slow start is not
+starvation. Such runs are most of a sweep's cost (see ``experiments/bench_sweep.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class EarlyExit:
     probe_frac: float = 0.1
     min_probe_s: float = 60.0
     threshold: float = 0.75
+    saturation_tol: float = 0.03
 
     def probe_s(self, window_s: float | None) -> float | None:
         if not self.enabled or window_s is None:
@@ -161,11 +165,28 @@ def simulate_point(trace: pd.DataFrame, catalog, config: ServingConfig, profile,
             res = simulate(head, config, profile, catalog, window_s=probe)
             s = res.summary
             queue_grows = s["waiting_growth"] > max(50, 0.02 * s["num_requests"])
-            if s["achieved_over_offered"] < early_exit.threshold and queue_grows:
+            if (s["achieved_over_offered"] < early_exit.threshold and queue_grows
+                    and _saturated(res.timeline, probe, s["offered_total_throughput"],
+                                   early_exit)):
                 return s, False, probe, res
     res = simulate(trace, config, profile, catalog, window_s=window_s)
     dur = window_s if window_s is not None else res.summary["duration_s"]
     return res.summary, True, dur, res
+
+
+def _saturated(timeline: pd.DataFrame, probe_s: float, offered_tps: float,
+               ee: EarlyExit) -> bool:
+    """Token rate over the probe's last quarter well below the offered rate and not
+    rising (within ``saturation_tol``) over the quarter before."""
+    t = timeline["time_s"].to_numpy(dtype=np.float64)
+    tok = timeline["tokens"].to_numpy(dtype=np.float64)
+    if len(t) < 4:
+        return False
+    a, b, c = (np.interp(x * probe_s, t, tok) for x in (0.5, 0.75, 1.0))
+    q = 0.25 * probe_s
+    r_prev, r_last = (b - a) / q, (c - b) / q
+    return bool(r_last < ee.threshold * offered_tps
+                and r_last <= (1 + ee.saturation_tol) * r_prev)
 
 
 def _row(spec: WorkloadSpec, wf: dict, config: ServingConfig, window_s, key: str, profile,
@@ -418,7 +439,8 @@ def run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
         return report
     pdict = profile.to_dict()
     psha = profile_digest(profile)
-    payloads = [{"profile": pdict, "profile_sha": psha, "early_exit": dataclasses.asdict(early_exit),
+    payloads = [{"profile": pdict, "profile_sha": psha,
+                 "early_exit": dataclasses.asdict(early_exit),
                  "points": [{"spec": t.spec.to_dict(), "config": t.config.to_dict(),
                              "window_s": t.window_s, "key": t.key} for t in chunk]}
                 for chunk in _chunks(todo, chunk_points)]

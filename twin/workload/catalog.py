@@ -69,7 +69,7 @@ class AdapterCatalog:
         names = trace["adapter"].dropna().unique()
         unknown = [a for a in names if a not in self._rank]
         if unknown:
-            row = int((trace["adapter"] == unknown[0]).to_numpy().nonzero()[0][0])
+            row = int((trace["adapter"] == unknown[0]).fillna(False).to_numpy(bool).nonzero()[0][0])
             raise TwinInputError(f"unknown adapter {unknown[0]!r} (not in {self.source}; "
                                  f"{len(unknown)} unknown in all)", file=trace_source, row=row,
                                  field="adapter")
