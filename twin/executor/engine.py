@@ -193,11 +193,13 @@ def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
 
 def choose_num_blocks(model: LlamaModel, config: ServingConfig, trace: pd.DataFrame, *,
                       num_gpu_blocks: int | None = None, kv_cache_gib: float | None = None,
-                      lora_bytes: int = 0) -> int:
+                      lora_bytes: int = 0, extra_blocks: int = 0) -> int:
     """KV blocks for the run: ``num_gpu_blocks`` if given (vLLM's override); else on CUDA
     ``util x total - allocated - activation estimate`` as vLLM does, on CPU a budget of
     ``kv_cache_gib``; never more than the trace could ever use. Refuses (ConfigError), as
-    vLLM does, a cache that cannot hold one ``max_model_len`` request."""
+    vLLM does, a cache that cannot hold one ``max_model_len`` request.
+    ``extra_blocks``: pages the trace may need besides KV (slora: its adapters' pages),
+    added to the cap."""
     B = config.block_size
     per_block = kv_block_bytes(model, B)
     L = config.max_model_len
@@ -208,7 +210,7 @@ def choose_num_blocks(model: LlamaModel, config: ServingConfig, trace: pd.DataFr
         total = np.minimum(trace["prompt_tokens"].to_numpy(np.int64)
                            + trace["output_tokens"].to_numpy(np.int64), L)
         usable = int((-(-total // B)).sum()) + 1
-        usable = max(usable, -(-L // B))
+        usable = max(usable, -(-L // B)) + int(extra_blocks)
         if model.device.type == "cuda":
             free, total_mem = torch.cuda.mem_get_info(model.device)
             s = model.shape
@@ -429,9 +431,10 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     ``time_scale``: multiplies arrival times (0.5 replays the trace twice as fast).
     ``keep_tokens``: add the generated token ids per request (column ``output_token_ids``).
     """
-    if config.policy != "vllm":
-        raise TwinInputError(f"the executor serves the vllm policy only, not {config.policy!r} "
-                             "(other policies run in the twin)", file="config", field="policy")
+    if config.policy not in ("vllm", "slora"):   # slora: twin.executor.slora (issue 7)
+        raise TwinInputError(f"the executor serves the vllm and slora policies only, not "
+                             f"{config.policy!r} (other policies run in the twin)",
+                             file="config", field="policy")
     trace = validate_trace(trace, source=trace_source)
     if time_scale != 1.0:
         if not time_scale > 0:
@@ -483,10 +486,32 @@ class _Engine:
         if config.enable_lora and config.preload_adapters:
             used |= set(names)
         self.bad: dict[int, str] = {}
+        # -- slora hook (issue 7): no slots, so no max_lora_rank ceiling on adapters --------
+        self.paged = config.policy == "slora" and config.enable_lora
+        max_rank = config.max_lora_rank
+        if self.paged:
+            from twin.executor.slora import SLORA_MAX_RANK
+            max_rank = SLORA_MAX_RANK
         for a in sorted(used, key=self.ids.get):
-            msg = check_adapter_dir(paths[self.ids[a]], a, config.max_lora_rank)
+            msg = check_adapter_dir(paths[self.ids[a]], a, max_rank)
             if msg is not None:
                 self.bad[self.ids[a]] = msg
+        if self.paged:
+            # -- slora hook (issue 7): unified page pool, SLoRAScheduler, exact-rank store --
+            from twin.executor.slora import build_slora
+            build_slora(self, num_gpu_blocks=num_gpu_blocks, kv_cache_gib=kv_cache_gib,
+                        choose_num_blocks=choose_num_blocks)
+        else:
+            self._build_vllm(config, model, catalog, trace, names, paths, num_gpu_blocks,
+                             kv_cache_gib)
+        n = len(trace)
+        horizon = window_s if window_s is not None else (
+            float(trace["arrival_s"].iloc[-1]) if n else 0.0)
+        self.sample_dt = sample_dt if sample_dt is not None else max(horizon / 2000.0, 0.05)
+
+    def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
+                    kv_cache_gib) -> None:
+        """vLLM's layout: LoRA slots, KV block tables, AdapterCache, Scheduler."""
         self.slots = None
         if config.enable_lora and len(catalog):
             self.slots = GroupedLoRASlots(model.shape, config.max_loras, config.max_lora_rank,
@@ -505,10 +530,6 @@ class _Engine:
                                max_loras=config.max_loras, max_model_len=config.max_model_len,
                                adapter_cache=self.cache, enable_lora=config.enable_lora)
         self._preload()
-        n = len(trace)
-        horizon = window_s if window_s is not None else (
-            float(trace["arrival_s"].iloc[-1]) if n else 0.0)
-        self.sample_dt = sample_dt if sample_dt is not None else max(horizon / 2000.0, 0.05)
 
     def _preload(self) -> None:
         """Start-up loads (``preload_adapters``), mirroring AdapterCache's preload."""
@@ -596,6 +617,8 @@ class _Engine:
                 now, wall = target, perf()
                 continue
             t = perf()
+            if self.paged:   # slora hook: free the pages of the adapters schedule() drops
+                store.before_schedule(cache)
             plan = sched.schedule(now)
             t_sched = perf() - t
             if not plan.num_tokens and not plan.preempted:
@@ -753,6 +776,9 @@ class _Engine:
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]    # failed: answered with an error
         summary["steps"] = len(rows)
+        if self.paged:   # slora hook: the unified pool's use
+            from twin.executor.slora import pool_summary
+            summary["adapter_pool"] = pool_summary(self)
         steps = pd.DataFrame(rows, columns=STEP_COLUMNS)
         phases = ["schedule_s", "load_s", "forward_s", "sample_s"]
         summary["executor_phases_s"] = {p: float(steps[p].sum()) for p in phases}

@@ -53,7 +53,7 @@ class EarlyExit:
     """Stop a clearly starving run after a probe of the window's first ``probe_frac``."""
 
     enabled: bool = True
-    probe_frac: float = 0.1
+    probe_frac: float = 0.05
     min_probe_s: float = 60.0
     threshold: float = 0.75
     saturation_tol: float = 0.03

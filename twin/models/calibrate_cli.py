@@ -78,6 +78,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    from twin.models.calibrate_executor import add_executor_args
+
+    add_executor_args(p)   # --executor mode (issue 5): microbenchmarks of twin's executor
     p.set_defaults(func=run)
     return p
 
@@ -113,6 +116,12 @@ def spread(runs, n: int):
 
 
 def run(args) -> int:
+    if getattr(args, "executor", False):
+        from twin.models.calibrate_executor import run_executor
+
+        return run_executor(args)
+    if not args.from_vllm_runs:
+        raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
     from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
 
     t0 = time.perf_counter()

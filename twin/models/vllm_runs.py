@@ -53,7 +53,8 @@ _OPTIONAL = ("experiment_set", "workload_dir", "run_dir", "source_path", "anomal
              "num_waiting_mean", "num_waiting_max", "num_running_max", "kv_usage_mean_frac",
              "preemptions_total", "requests_sent_from_twin_replay", "max_num_seqs",
              "max_num_batched_tokens", "completed_requests", "median_ttft_ms",
-             "median_tpot_ms", "median_itl_ms", "p99_ttft_ms", "p99_itl_ms")
+             "median_tpot_ms", "median_itl_ms", "p99_ttft_ms", "p99_itl_ms", "rate_set_arg",
+             "adapter_module_ranks_cycle")
 
 
 def paper_server_defaults() -> dict:

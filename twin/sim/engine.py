@@ -130,11 +130,11 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     out = _Outcomes(n, output)
 
     def arrive(i: int) -> None:
-        r = Request(i, int(rid[i]), arrival_list[i], int(aid[i]), int(prompt[i]), int(output[i]))
         if max_in_flight is not None and sched.num_running + sched.num_waiting >= max_in_flight:
-            r.status = RequestStatus.REJECTED   # the client's connection failed
-            out.record(r)
-        elif not sched.add_request(r):
+            out.status[i] = RequestStatus.REJECTED   # the client's connection failed
+            return
+        r = Request(i, int(rid[i]), arrival_list[i], int(aid[i]), int(prompt[i]), int(output[i]))
+        if not sched.add_request(r):
             out.record(r)
 
     horizon = window_s if window_s is not None else (arrival_list[-1] if n else 0.0)

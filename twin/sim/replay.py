@@ -122,11 +122,17 @@ def zero_load_time() -> LoadTimeModel:
                          host_to_gpu_s_per_byte=0.0)
 
 
-def exact_kv_memory(num_blocks: int, block_size: int, gpu_memory_utilization: float) -> MemoryModel:
-    """A memory model whose KV cache is exactly ``num_blocks`` blocks (for that utilisation)."""
-    tokens = int(num_blocks) * int(block_size)
-    return MemoryModel(gpu_memory_gib=(tokens + 0.5) / (gpu_memory_utilization * GIB),
-                       weights_gib=0.0, kv_bytes_per_token=1, lora_bytes_per_slot_rank=0.0,
+def exact_kv_memory(num_blocks: int, block_size: int, gpu_memory_utilization: float,
+                    kv_bytes_per_token: int = 1) -> MemoryModel:
+    """A memory model whose KV cache is exactly ``num_blocks`` blocks (for that utilisation).
+
+    ``kv_bytes_per_token``: the real per-token KV bytes, so that a page's size is right for
+    the ``slora`` policy (adapter pages = adapter bytes / page bytes); capacity in blocks
+    does not depend on it."""
+    kvb = int(kv_bytes_per_token)
+    nbytes = int(num_blocks) * int(block_size) * kvb
+    return MemoryModel(gpu_memory_gib=(nbytes + 0.5) / (gpu_memory_utilization * GIB),
+                       weights_gib=0.0, kv_bytes_per_token=kvb, lora_bytes_per_slot_rank=0.0,
                        lora_bytes_per_slot=0.0, activation_gib=0.0)
 
 
@@ -146,7 +152,8 @@ def replay_profile(result, config=None) -> Profile:
         name=f"replay:{meta.get('model', 'executor')}",
         hardware={"name": meta.get("device_name", meta.get("device", "?")), "replay": True},
         model=shape,
-        memory=exact_kv_memory(meta["num_gpu_blocks"], meta["block_size"], util),
+        memory=exact_kv_memory(meta["num_gpu_blocks"], meta["block_size"], util,
+                               kv_bytes_per_token=shape.kv_bytes_per_token),
         step_time=ReplayStepTime.from_steps(result.steps),
         load_time=zero_load_time(),
         provenance={"source": "executor step log", "steps": int(len(result.steps))})

@@ -1,0 +1,317 @@
+"""Reproduce real vLLM multi-LoRA runs on an H100-class GPU (Llama-3.1-8B, vLLM 0.8.5).
+
+The twin's profile is fitted only on the ``digital_twin_modelling`` runs (the shipped
+``llama31-8b-h100-64gb`` profile, or a fresh fit with ``--calibrate``); this script reports
+on the held-out ``ml_modelling_test`` runs (different, heterogeneous workloads; ``anomaly``
+rows and failed runs skipped). Every run's workload is reconstructed from its columns
+(``twin.models.vllm_runs``) and simulated for the real 3600-s window.
+
+Side by side with the paper's own twin (arXiv 2508.08343), matched to the same runs in
+``paper_twin_grid_llama31_8b.csv.gz`` on (max_loras, max_cpu_loras, rate set, rank set):
+SMAPE = 2|a−b|/(|a|+|b|) of total throughput, mean TTFT, mean ITL, mean TPOT (median and
+worst), starvation-verdict agreement (starving = total throughput < 90% of the offered
+load ``offered_total_tps_est``, for real and twin alike) and, per workload, whether the best
+non-starving (max_loras, max_cpu_loras) agrees (the paper's procedure: for each slots value
+scan served adapters upward and keep the last acceptable one before the first starving one;
+the optimum is the best throughput among those).
+
+    python experiments/reproduce_vllm_h100.py            # ~10-20 min on 2 cores
+    python experiments/reproduce_vllm_h100.py --calibrate   # refit first (+ a few minutes)
+
+The last line printed is one JSON object with the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twin.models.calibrate_vllm import simulate_run, smape
+from twin.models.profile import load_profile
+from twin.models.vllm_runs import read_run_table
+from twin.workload.public import shared_data_dir
+
+HERE = Path(__file__).resolve().parent
+FIT_SET, TEST_SET = "digital_twin_modelling", "ml_modelling_test"
+METRICS = (("throughput", "total_throughput", "total throughput"),
+           ("ttft", "mean_ttft_ms", "mean TTFT"),
+           ("itl", "mean_itl_ms", "mean ITL"),
+           ("tpot", "mean_tpot_ms", "mean TPOT"))
+
+_PROFILE = None
+_CAP = None
+
+
+def _init(profile, cap):
+    global _PROFILE, _CAP
+    _PROFILE, _CAP = profile, cap
+
+
+def _job(spec):
+    return simulate_run(spec, _PROFILE, seed=0, max_in_flight=_CAP)
+
+
+def simulate_all(runs, profile, cap, processes: int, log=print) -> list[dict]:
+    t0 = time.perf_counter()
+    order = sorted(range(len(runs)), key=lambda i: -runs[i].aggregate_rate)  # longest first
+    out = [None] * len(runs)
+    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+    with ctx.Pool(processes, initializer=_init, initargs=(profile, cap)) as pool:
+        for n, (i, res) in enumerate(zip(order, pool.imap(_job, [runs[i] for i in order]))):
+            out[i] = res
+            if (n + 1) % 50 == 0 or n + 1 == len(runs):
+                log(f"  simulated {n + 1}/{len(runs)} runs [{time.perf_counter() - t0:.0f} s]")
+    return out
+
+
+# -- the comparison table -------------------------------------------------------------------
+
+def results_frame(runs, sims) -> pd.DataFrame:
+    rows = []
+    for r, s in zip(runs, sims):
+        m = r.metrics
+        row = {"key": r.key, "workload": r.extra.get("workload_dir", ""),
+               "max_loras": r.config.max_loras, "max_cpu_loras": r.config.max_cpu_loras,
+               "max_lora_rank": r.config.max_lora_rank,
+               "rate_set": r.extra.get("rate_set_arg"),
+               "offered": float(r.extra.get("offered_total_tps_est", r.offered_tps)),
+               "twin_error": s.get("error")}
+        for short, name, _ in METRICS:
+            row[f"real_{short}"] = m.get(name, np.nan)
+            row[f"twin_{short}"] = s.get(name, np.nan)
+        row["twin_sim_wall_s"] = s.get("sim_wall_s", np.nan)
+        row["twin_rejected"] = s.get("rejected", 0)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["real_starving"] = df["real_throughput"] < 0.9 * df["offered"]
+    df["twin_starving"] = df["twin_throughput"] < 0.9 * df["offered"]
+    return df
+
+
+def attach_paper_twin(df: pd.DataFrame, runs, data: Path) -> pd.DataFrame:
+    """The paper's twin output for the same runs (grid rows for the test set)."""
+    grid = pd.read_csv(data / "paper_twin_grid_llama31_8b.csv.gz")
+    grid = grid[grid["model"].astype(str).str.contains("llama", case=False)]
+    key = ["max_loras", "max_cpu_loras", "rate_set", "adapter_rank_set"]
+    grid = grid.drop_duplicates(key)
+    cyc = {r.key: r.extra.get("adapter_module_ranks_cycle") for r in runs}
+    df = df.copy()
+    df["adapter_rank_set"] = df["key"].map(cyc)
+    g = grid[key + ["total_throughput_tps", "mean_itl_ms", "mean_ttft_ms_incl_unfinished"]]
+    g = g.rename(columns={"total_throughput_tps": "paper_throughput", "mean_itl_ms": "paper_itl",
+                          "mean_ttft_ms_incl_unfinished": "paper_ttft"})
+    df = df.merge(g, on=key, how="left")
+    df["paper_tpot"] = np.nan     # the paper's twin reports no TPOT
+    df["paper_starving"] = np.where(df["paper_throughput"].notna(),
+                                    df["paper_throughput"] < 0.9 * df["offered"], np.nan)
+    return df
+
+
+def best_config(sub: pd.DataFrame, tput: str, starving: str):
+    """The paper's optimum: per slots value scan served upward, keep the last acceptable
+    point before the first starving one; best throughput among those (None if none)."""
+    cands = []
+    for slots, g in sub.sort_values(["max_loras", "max_cpu_loras"]).groupby("max_loras"):
+        last = None
+        for _, row in g.iterrows():
+            if pd.isna(row[starving]) or pd.isna(row[tput]):
+                continue
+            if bool(row[starving]):
+                break
+            last = row
+        if last is not None:
+            cands.append(last)
+    if not cands:
+        return None
+    best = max(cands, key=lambda row: row[tput])
+    return int(best["max_loras"]), int(best["max_cpu_loras"])
+
+
+def optimum_table(df: pd.DataFrame, who: str) -> pd.DataFrame:
+    rows = []
+    for wl, sub in df.groupby("workload"):
+        if who == "paper":
+            sub = sub[sub["paper_throughput"].notna()]
+        real = best_config(sub, "real_throughput", "real_starving")
+        pred = best_config(sub, f"{who}_throughput", f"{who}_starving")
+        real_at_pred = np.nan
+        if pred is not None:
+            hit = sub[(sub.max_loras == pred[0]) & (sub.max_cpu_loras == pred[1])]
+            real_at_pred = float(hit["real_throughput"].iloc[0]) if len(hit) else np.nan
+            pred_ok = bool(len(hit)) and not bool(hit["real_starving"].iloc[0])
+        else:
+            pred_ok = False
+        real_best = np.nan if real is None else float(
+            sub[(sub.max_loras == real[0]) & (sub.max_cpu_loras == real[1])]["real_throughput"].iloc[0])
+        rows.append({"workload": wl, "real_best": real, f"{who}_best": pred,
+                     "agree": real == pred,
+                     "real_tput_of_pick_over_best": real_at_pred / real_best if real_best else np.nan,
+                     "pick_not_starving_in_real": pred_ok})
+    return pd.DataFrame(rows)
+
+
+def error_stats(df: pd.DataFrame, who: str) -> dict:
+    out = {}
+    for short, _, _ in METRICS:
+        a, b = df[f"{who}_{short}"], df[f"real_{short}"]
+        ok = a.notna() & b.notna()
+        e = smape(a[ok], b[ok])
+        out[short] = (float(np.median(e)) if len(e) else np.nan,
+                      float(np.max(e)) if len(e) else np.nan, int(ok.sum()))
+    ok = df[f"{who}_starving"].notna() if who == "paper" else df["twin_throughput"].notna()
+    out["starvation"] = float((df.loc[ok, f"{who}_starving"].astype(bool)
+                               == df.loc[ok, "real_starving"]).mean())
+    return out
+
+
+def format_table(ours: dict, ours_common: dict, paper: dict, opt_ours, opt_paper, n_all,
+                 n_common) -> str:
+    def cell(t):
+        return "n/a" if t is None or np.isnan(t[0]) else f"{t[0]:.1f} / {t[1]:.0f}"
+
+    lines = [f"| metric (SMAPE %, median / worst) | twin, all {n_all} test runs | twin, "
+             f"{n_common} runs the paper's twin has | paper's twin, same {n_common} runs |",
+             "|---|---|---|---|"]
+    for short, _, label in METRICS:
+        p = paper[short] if short != "tpot" else None
+        note = " (incl. unfinished as window)" if short == "ttft" else ""
+        lines.append(f"| {label} | {cell(ours[short])} | {cell(ours_common[short])} | "
+                     f"{cell(p)}{note if p else ''} |")
+    lines.append(f"| starvation verdict agrees with real | {100 * ours['starvation']:.1f}% | "
+                 f"{100 * ours_common['starvation']:.1f}% | {100 * paper['starvation']:.1f}% |")
+    lines.append(f"| best non-starving (max_loras, max_cpu_loras) agrees | "
+                 f"{int(opt_ours['agree'].sum())}/{len(opt_ours)} workloads | – | "
+                 f"{int(opt_paper['agree'].sum())}/{len(opt_paper)} workloads |")
+    return "\n".join(lines)
+
+
+def scatter(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
+    for ax, (short, _, label) in zip(axes, METRICS):
+        a, b = df[f"real_{short}"], df[f"twin_{short}"]
+        ok = a.notna() & b.notna() & (a > 0) & (b > 0)
+        ax.scatter(a[ok][~df.real_starving[ok]], b[ok][~df.real_starving[ok]], s=9, alpha=0.7,
+                   label="real keeps up")
+        ax.scatter(a[ok][df.real_starving[ok]], b[ok][df.real_starving[ok]], s=9, alpha=0.7,
+                   color="C3", label="real starving")
+        if "paper_" + short in df and df["paper_" + short].notna().any() and short != "ttft":
+            p = df["paper_" + short]
+            okp = ok & p.notna()
+            ax.scatter(a[okp], p[okp], s=7, marker="x", alpha=0.35, color="gray",
+                       label="paper's twin")
+        lo, hi = float(min(a[ok].min(), b[ok].min())), float(max(a[ok].max(), b[ok].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        if short in ("ttft",):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        e = smape(b[ok], a[ok])
+        ax.set_title(f"{label}: SMAPE median {np.median(e):.1f}%")
+        ax.set_xlabel("real vLLM")
+        ax.set_ylabel("twin")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("twin vs real vLLM 0.8.5, Llama-3.1-8B on one H100 64 GB: held-out "
+                 "ml_modelling_test runs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="llama31-8b-h100-64gb",
+                    help="profile to evaluate (default: the shipped calibrated one)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="refit the profile on the digital_twin_modelling runs first")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
+    ap.add_argument("--out", type=Path, default=HERE / "figures",
+                    help="where the scatter plot and the per-run CSV go")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    data = shared_data_dir() / "vllm-h100"
+    table = data / "real_runs_llama31_8b.csv"
+    runs = read_run_table(table)
+    fit_runs = [r for r in runs if r.extra.get("experiment_set") == FIT_SET]
+    test_runs = [r for r in runs if r.extra.get("experiment_set") == TEST_SET]
+    if args.max_runs:
+        from twin.models.calibrate_cli import spread
+
+        test_runs = spread(test_runs, args.max_runs)
+    if args.calibrate:
+        from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
+
+        print(f"calibrating on {len(fit_runs)} {FIT_SET} runs")
+        profile = calibrate(fit_runs, kv=read_kv_capacity(data / "kv_cache_tokens_llama31_8b.csv"),
+                            loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
+                            processes=args.processes,
+                            sources={"runs": str(table), "experiment_sets": [FIT_SET]})
+    else:
+        profile = load_profile(args.profile)
+    fitted_on = (profile.provenance.get("sources") or {}).get("experiment_sets")
+    if fitted_on and set(fitted_on) != {FIT_SET}:
+        print(f"warning: profile was fitted on {fitted_on}, not only {FIT_SET}", file=sys.stderr)
+    cap = (profile.provenance.get("client") or {}).get("max_in_flight")
+    print(f"profile {profile.name} (fitted on {fitted_on or 'unknown'}); client cap "
+          f"{cap} requests in flight; {len(test_runs)} held-out {TEST_SET} runs, "
+          f"3600-s windows, {args.processes} processes")
+    sims = simulate_all(test_runs, profile, cap, args.processes)
+    df = results_frame(test_runs, sims)
+    failed = df["twin_error"].notna()
+    if failed.any():
+        print(f"{int(failed.sum())} run(s) the twin's memory model refuses to start "
+              f"(real vLLM started them): {df.loc[failed, 'key'].tolist()}")
+    df = attach_paper_twin(df[~failed], test_runs, data)
+    common = df[df["paper_throughput"].notna()]
+    ours, ours_c, paper = (error_stats(df, "twin"), error_stats(common, "twin"),
+                           error_stats(common, "paper"))
+    opt_ours, opt_paper = optimum_table(df, "twin"), optimum_table(df, "paper")
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "reproduce_vllm_h100_runs.csv", index=False)
+    scatter(df, args.out / "reproduce_vllm_h100_scatter.png")
+    print()
+    print(format_table(ours, ours_c, paper, opt_ours, opt_paper, len(df), len(common)))
+    print()
+    with pd.option_context("display.width", 200):
+        show = opt_ours.merge(opt_paper[["workload", "paper_best", "agree"]], on="workload",
+                              suffixes=("", "_paper"))
+        print(show.to_string(index=False))
+    print()
+    print(f"twin wall time per simulated hour: median {df.twin_sim_wall_s.median():.1f} s, "
+          f"max {df.twin_sim_wall_s.max():.1f} s; script {time.perf_counter() - t0:.0f} s")
+    print(f"figures: {args.out / 'reproduce_vllm_h100_scatter.png'}")
+    summary = {
+        "throughput_smape_median": round(ours["throughput"][0], 2),
+        "throughput_smape_max": round(ours["throughput"][1], 2),
+        "ttft_smape_median": round(ours["ttft"][0], 2),
+        "itl_smape_median": round(ours["itl"][0], 2),
+        "tpot_smape_median": round(ours["tpot"][0], 2),
+        "starvation_agreement": round(ours["starvation"], 4),
+        "optimum_agreement": round(float(opt_ours["agree"].mean()), 4),
+        "paper_twin_throughput_smape_median": round(paper["throughput"][0], 2),
+        "paper_twin_itl_smape_median": round(paper["itl"][0], 2),
+        "paper_twin_starvation_agreement": round(paper["starvation"], 4),
+        "paper_twin_optimum_agreement": round(float(opt_paper["agree"].mean()), 4),
+        "runs": int(len(df)), "runs_with_paper_twin": int(len(common)),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

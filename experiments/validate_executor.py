@@ -1,0 +1,230 @@
+"""Validate the calibrated twin against the reference executor on CPU (issue 5).
+
+Ten workloads — none of them the calibration's bursts (those are all-at-t=0 batches of
+equal-length requests; these are Poisson, power-law and real arrivals with varied
+lengths) — each served for real by the executor and simulated by the twin with the
+shipped CPU profile of its model (``twin/profiles/cpu-tiny.json``,
+``twin/profiles/cpu-smollm2.json``), same config and KV capacity (``twin.validate``):
+
+- light / heavy load, few / many adapters (up to 32 with ``max_cpu_loras`` 8-16, so disk
+  loads happen), skewed (power law) and uniform popularity, ``max_loras`` 1, 2, 4, 8, 32,
+  one KV-starved config (preemptions), base model only;
+- two real traces: the Azure 2023 conversation trace (``traces/azure_conv_1h_32lora``,
+  first 20 s, prompts capped at 256 and outputs at 96 tokens) and ServeGen's 32 tenants
+  (``traces/servegen_32tenants_10min``, first 8 s stretched x2.5 in time = 12 req/s,
+  prompts capped at 192 and outputs at 64);
+- SmolLM2-135M (a 1-thread CPU step takes 50-300 ms): two small workloads.
+
+Then the executor's own noise: one workload served 5 times; its spread (median pairwise
+SMAPE between repeats) is printed next to the twin's error.
+
+    .venv/bin/python experiments/validate_executor.py            # ~10 min on 2 cores
+    .venv/bin/python experiments/validate_executor.py --quick    # 3 tiny workloads
+
+Ends with one JSON line: throughput_smape_median, throughput_smape_max, ttft_smape_median,
+itl_smape_median, executor_spread_pct (all percent), plus more detail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from twin.config import ServingConfig  # noqa: E402
+from twin.validate import smape, validate  # noqa: E402
+from twin.workload.generate import powerlaw_trace, uniform_lengths  # noqa: E402
+from twin.workload.schema import read_trace  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {"tiny": ROOT / "twin/profiles/cpu-tiny.json",
+            "smollm2": ROOT / "twin/profiles/cpu-smollm2.json"}
+
+
+def synthetic(n_adapters, rate, duration, lo, hi, alpha, seed):
+    return powerlaw_trace(n_adapters, rate, alpha=alpha, duration_s=duration,
+                          lengths=uniform_lengths(lo, hi), seed=seed)
+
+
+def real_slice(path, seconds, stretch, max_prompt, max_output, limit=None):
+    """First ``seconds`` of a bundled trace, arrivals x ``stretch``, lengths capped."""
+    t = read_trace(ROOT / "traces" / path)
+    t = t[t["arrival_s"] < seconds].reset_index(drop=True)
+    if limit:
+        t = t.iloc[:limit].reset_index(drop=True)
+    t = t[["request_id", "arrival_s", "adapter", "prompt_tokens", "output_tokens"]].copy()
+    t["arrival_s"] = (t["arrival_s"] - t["arrival_s"].iloc[0]) * stretch
+    t["prompt_tokens"] = t["prompt_tokens"].clip(upper=max_prompt).astype("int32")
+    t["output_tokens"] = t["output_tokens"].clip(upper=max_output).astype("int32")
+    t["request_id"] = np.arange(len(t), dtype=np.int64)
+    return t
+
+
+def cfg(**kw):
+    base = dict(max_lora_rank=16, max_num_seqs=64, max_num_batched_tokens=256)
+    base.update(kw)
+    return ServingConfig(**base)
+
+
+def workloads():
+    """(name, model, trace, config, num_gpu_blocks)."""
+    return [
+        ("light-uniform-4a-ml4", "tiny", synthetic(4, 3.0, 15, 16, 128, 0.0, 11),
+         cfg(max_loras=4, max_cpu_loras=4), None),
+        ("heavy-skewed-32a-ml8", "tiny", synthetic(32, 30.0, 12, 32, 192, 1.0, 12),
+         cfg(max_loras=8, max_cpu_loras=16), None),
+        ("mid-uniform-8a-ml1", "tiny", synthetic(8, 8.0, 12, 16, 128, 0.0, 13),
+         cfg(max_loras=1, max_cpu_loras=2), None),
+        ("heavy-uniform-32a-ml32", "tiny", synthetic(32, 25.0, 12, 32, 160, 0.0, 14),
+         cfg(max_loras=32, max_cpu_loras=32, max_num_seqs=128), None),
+        ("kv-starved-skewed-16a-ml4", "tiny", synthetic(16, 12.0, 12, 64, 256, 1.0, 15),
+         cfg(max_loras=4, max_cpu_loras=8, max_model_len=512), 48),
+        ("azure-conv-32a-ml8", "tiny",
+         real_slice("azure_conv_1h_32lora.parquet", 20, 1.0, 256, 96),
+         cfg(max_loras=8, max_cpu_loras=16), None),
+        ("servegen-32t-ml4", "tiny",
+         real_slice("servegen_32tenants_10min.parquet", 8, 2.5, 192, 64),
+         cfg(max_loras=4, max_cpu_loras=8), None),
+        ("base-heavy-azure-x0.3", "tiny",
+         real_slice("azure_conv_1h.parquet", 40, 0.3, 256, 96),
+         cfg(max_loras=1, max_num_seqs=128, max_num_batched_tokens=512), None),
+        ("smol-light-6a-ml2", "smollm2", synthetic(6, 0.6, 15, 16, 64, 0.0, 16)
+         .assign(output_tokens=lambda d: d["output_tokens"].clip(upper=24)),
+         cfg(max_loras=2, max_cpu_loras=4), None),
+        ("smol-azure-32a-ml4", "smollm2",
+         real_slice("azure_conv_1h_32lora.parquet", 60, 0.5, 64, 16, limit=16),
+         cfg(max_loras=4, max_cpu_loras=8), None),
+    ]
+
+
+COLS = [("throughput", "thru"), ("ttft_mean", "TTFT"), ("tpot_mean", "TPOT"),
+        ("itl_mean", "ITL"), ("e2e_mean", "E2E"), ("ttft_p99", "TTFT99"),
+        ("itl_p99", "ITL99")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 tiny workloads, 3 noise repeats")
+    ap.add_argument("--out", type=Path, default=Path("runs/validate_executor"))
+    ap.add_argument("--noise-repeats", type=int, default=5)
+    ap.add_argument("--only", help="comma-separated workload names")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    wl = workloads()
+    if args.only:
+        keep = set(args.only.split(","))
+        wl = [w for w in wl if w[0] in keep]
+    if args.quick:
+        wl = wl[:3]
+        args.noise_repeats = min(args.noise_repeats, 3)
+    rows = []
+    for name, model, trace, config, nb in wl:
+        t0 = time.perf_counter()
+        v = validate(trace, config, PROFILES[model], model, out=args.out / name,
+                     num_gpu_blocks=nb, trace_source=name)
+        s = v.table.set_index("key")
+        row = {"workload": name, "model": model, "requests": len(trace),
+               "adapters": int(trace["adapter"].nunique()), "max_loras": config.max_loras,
+               "max_cpu_loras": config.max_cpu_loras, "kv_blocks": v.num_blocks,
+               "thru_exec": s.loc["throughput", "executor"],
+               "thru_twin": s.loc["throughput", "twin"]}
+        for key, short in COLS:
+            row[short] = 100 * s.loc[key, "smape"]
+        ex, tw = v.executor.summary, v.twin.summary
+        row["loads_exec"] = ex["adapter_loads"]["from_disk"] + ex["adapter_loads"]["from_host"]
+        row["loads_twin"] = tw["adapter_loads"]["from_disk"] + tw["adapter_loads"]["from_host"]
+        row["disk_exec"] = ex["adapter_loads"]["from_disk"]
+        row["disk_twin"] = tw["adapter_loads"]["from_disk"]
+        row["preempt_exec"] = ex["preemptions"]
+        row["preempt_twin"] = tw["preemptions"]
+        row["starving_exec"] = ex["starving"]
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"{name}: throughput {row['thru_exec']:.0f} vs {row['thru_twin']:.0f} tok/s "
+              f"(SMAPE {row['thru']:.1f}%), TTFT {row['TTFT']:.1f}%, ITL {row['ITL']:.1f}%, "
+              f"loads {row['loads_exec']}/{row['loads_twin']}, preemptions "
+              f"{row['preempt_exec']}/{row['preempt_twin']} [{row['wall_s']:.0f} s]",
+              flush=True)
+    df = pd.DataFrame(rows)
+
+    # -- the executor's own noise: one workload served N times --------------------------
+    noise_name, model, trace, config, nb = wl[0] if args.quick else workloads()[1]
+    reps = []
+    from twin.executor.engine import execute
+    from twin.executor.model import LlamaModel
+    from twin.executor.cli import resolve_model
+    import torch
+
+    torch.set_num_threads(1)
+    m = LlamaModel.from_pretrained(resolve_model(model))
+    adir = args.out / noise_name / "adapters"
+    nb_noise = json.loads((args.out / noise_name / "validation.json").read_text())["num_gpu_blocks"] \
+        if (args.out / noise_name / "validation.json").exists() else nb
+    cfg_eff = config.replace(max_model_len=min(config.max_model_len,
+                                               m.shape.max_position_embeddings))
+    for i in range(args.noise_repeats):
+        r = execute(trace, cfg_eff, m, adir if adir.exists() else None,
+                    num_gpu_blocks=nb_noise or 4096)
+        s = r.summary
+        reps.append({"throughput": s["total_throughput"], "ttft_mean": s["ttft_ms"]["mean"],
+                     "itl_mean": s["itl_ms"]["mean"], "e2e_mean": s["e2e_ms"]["mean"],
+                     "tpot_mean": s["tpot_ms"]["mean"]})
+    rep = pd.DataFrame(reps)
+    spread = {k: 100 * float(np.median([smape(a, b) for a, b in
+                                        itertools.combinations(rep[k].tolist(), 2)]))
+              for k in rep.columns}
+    spread_max = {k: 100 * float(max(smape(a, b) for a, b in
+                                     itertools.combinations(rep[k].tolist(), 2)))
+                  for k in rep.columns}
+    twin_err = df.set_index("workload").loc[noise_name]
+
+    # -- report --------------------------------------------------------------------------
+    pd.set_option("display.width", 200)
+    show = df[["workload", "model", "requests", "adapters", "max_loras", "max_cpu_loras",
+               "thru_exec", "thru_twin"] + [c for _, c in COLS]
+              + ["loads_exec", "loads_twin", "disk_exec", "disk_twin", "preempt_exec",
+                 "preempt_twin"]]
+    print("\nSMAPE (%) executor vs twin per workload")
+    print(show.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
+    agg = pd.DataFrame({c: [df[c].median(), df[c].max()] for _, c in COLS},
+                       index=["median", "worst"])
+    print("\n" + agg.to_string(float_format=lambda x: f"{x:.1f}"))
+    loads_exact = bool((df["loads_exec"] == df["loads_twin"]).all())
+    print(f"\nadapter loads equal (total) in {int((df['loads_exec'] == df['loads_twin']).sum())}"
+          f"/{len(df)} workloads; disk loads equal in "
+          f"{int((df['disk_exec'] == df['disk_twin']).sum())}/{len(df)}")
+    print(f"\nexecutor noise: {noise_name} served {args.noise_repeats}x; median (max) pairwise "
+          "SMAPE between repeats vs the twin's error on it:")
+    for k, short in (("throughput", "thru"), ("ttft_mean", "TTFT"), ("tpot_mean", "TPOT"),
+                     ("itl_mean", "ITL"), ("e2e_mean", "E2E")):
+        print(f"  {k:<11} executor spread {spread[k]:5.1f}% ({spread_max[k]:5.1f}%)   "
+              f"twin error {twin_err[short]:5.1f}%")
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "smape_table.csv", index=False)
+    total = time.perf_counter() - t_start
+    print(f"\ntotal {total:.0f} s")
+    print(json.dumps({
+        "throughput_smape_median": round(float(df["thru"].median()), 2),
+        "throughput_smape_max": round(float(df["thru"].max()), 2),
+        "ttft_smape_median": round(float(df["TTFT"].median()), 2),
+        "itl_smape_median": round(float(df["ITL"].median()), 2),
+        "executor_spread_pct": round(spread["throughput"], 2),
+        "executor_spread_ttft_pct": round(spread["ttft_mean"], 2),
+        "executor_spread_itl_pct": round(spread["itl_mean"], 2),
+        "adapter_loads_exact": loads_exact, "workloads": len(df),
+        "wall_s": round(total, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``twin calibrate --executor``: microbenchmarks of the executor fitted into a Profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from twin.cli import main  # noqa: E402
+from twin.models.calibrate_executor import (Cell, calibrate_executor, design,  # noqa: E402
+                                            fit_nnls, step_features)
+from twin.models.profile import load_profile  # noqa: E402
+from twin.models.step_time import FEATURES, features  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "cpu-test.json"
+    prof, info = calibrate_executor("tiny", out=out, max_cells=4, repeats=2, threads=1,
+                                    progress=False, log=lambda *a, **k: None)
+    return out, prof, info
+
+
+def test_profile_loadable_nonnegative_with_residuals(calibrated):
+    out, prof, info = calibrated
+    p = load_profile(out)
+    assert p.name == "cpu-test"
+    coef = p.step_time.base
+    assert coef and all(v >= 0 for v in coef.values())
+    assert set(coef) <= set(FEATURES)
+    lt = p.load_time
+    assert min(lt.disk_s, lt.disk_s_per_byte, lt.host_to_gpu_s, lt.host_to_gpu_s_per_byte) >= 0
+    prov = p.provenance
+    for k in ("model", "device", "torch", "threads", "date", "n_measurements"):
+        assert k in prov
+    assert prov["threads"] == 1 and prov["n_measurements"] > 0
+    res = prov["step_time_residuals"]
+    assert res["n"] > 0 and np.isfinite(res["rmse_s"]) and "rel_abs_median" in res
+    assert "disk" in prov["load_time_residuals"]
+    # memory: the CPU budget, KV bytes of fp32 K and V
+    assert p.memory.gpu_memory_gib == 2.0
+    assert p.memory.kv_bytes_per_token == 2 * p.model.layers * p.model.kv_heads * p.model.head_dim * 4
+    assert (out.parent / (out.name + ".measurements.parquet")).exists()
+
+
+def test_resume_makes_no_new_measurements(calibrated):
+    out, prof, info = calibrated
+    assert info["new"] > 0
+    prof2, info2 = calibrate_executor("tiny", out=out, max_cells=4, repeats=2, threads=1,
+                                      progress=False, log=lambda *a, **k: None)
+    assert info2["new"] == 0 and info2["reused"] == info["new"] + info["reused"]
+    assert prof2.step_time.base == prof.step_time.base
+
+
+def test_budget_stops_launching_cells(tmp_path):
+    # a budget shorter than one cell still measures the first cell, then stops
+    prof, info = calibrate_executor("tiny", out=tmp_path / "b.json", max_cells=6, repeats=1,
+                                    budget_s=0.0, progress=False, log=lambda *a, **k: None)
+    assert info["skipped"] >= 5
+    assert prof.provenance["cells"] == 1
+
+
+def test_cli_executor_mode(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = main(["calibrate", "--executor", "--model", "tiny", "--out", str(out),
+               "--repeats", "1", "--budget", "0", "--quiet"])
+    assert rc == 0 and json.loads(out.read_text())["schema"] == "twin.profile/1"
+
+
+def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
+    """Features rebuilt from the step log equal the scheduler's own (twin's) features."""
+    import twin.executor.engine as eng
+    from twin.executor.adapters import write_synthetic_adapters
+    from twin.executor.cli import resolve_model
+    from twin.sched import Scheduler
+
+    seen = []
+
+    class Recording(Scheduler):
+        def schedule(self, now):
+            plan = super().schedule(now)
+            if plan.num_tokens:
+                seen.append(features(plan, 16, 4))
+            return plan
+
+    monkeypatch.setattr(eng, "Scheduler", Recording)
+    write_synthetic_adapters(resolve_model("tiny"), tmp_path / "a", 3, ranks=(8,))
+    cell = Cell(9, 40, 12, 3, 4, 16, 64)
+    trace = cell.trace()
+    res = eng.execute(trace, cell.config(512), resolve_model("tiny"), tmp_path / "a",
+                      num_gpu_blocks=200)
+    X = step_features(res.steps, trace, 16, 4)
+    np.testing.assert_allclose(X, np.array(seen))
+
+
+def test_design_spans_features():
+    cells = design("tiny")
+    assert len({c.max_loras for c in cells}) >= 3 and len({c.rank for c in cells}) >= 3
+    assert {0, 32} <= {c.adapters for c in cells}
+    assert 0 < len(design("small")) < len(cells)
+
+
+def test_nnls_nonnegative_and_exact_on_clean_data():
+    rng = np.random.default_rng(0)
+    X = np.c_[np.ones(50), rng.integers(0, 100, 50), rng.integers(0, 10, 50)].astype(float)
+    y = X @ np.array([1e-3, 2e-5, 0.0])
+    coef, res = fit_nnls(X, y, ("a", "b", "c"))
+    assert all(v >= 0 for v in coef.values())
+    assert coef["a"] == pytest.approx(1e-3, rel=1e-6) and res["r2"] > 0.999999

@@ -1,0 +1,206 @@
+"""Calibration from real vLLM runs: memory and load fits, workload reconstruction, the
+``twin calibrate`` CLI and its input errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twin.config import ServingConfig
+from twin.errors import TwinInputError
+from twin.models.calibrate_vllm import (fit_load_time, fit_memory, read_kv_capacity,
+                                        read_load_times)
+from twin.models.profile import load_profile
+from twin.models.vllm_runs import read_bench_results, read_run_table, reconstruct
+
+
+@pytest.fixture(scope="module")
+def data():
+    from twin.workload.public import shared_data_dir
+
+    try:
+        d = shared_data_dir() / "vllm-h100"
+    except TwinInputError:
+        pytest.skip("shared data not available")
+    if not (d / "real_runs_llama31_8b.csv").exists():
+        pytest.skip("vllm-h100 data not available")
+    return d
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_profile("llama31-8b-h100-64gb-first-principles")
+
+
+@pytest.fixture(scope="module")
+def runs(data):
+    return read_run_table(data / "real_runs_llama31_8b.csv")
+
+
+def test_memory_fit_within_one_percent(data, base):
+    kv = read_kv_capacity(data / "kv_cache_tokens_llama31_8b.csv")
+    mem, rep = fit_memory(kv, base.memory)
+    assert rep["rows"] == 42
+    assert rep["kv_tokens_rel_error_max"] <= 0.01
+    for _, row in kv[kv["kv_cache_tokens"].notna()].iterrows():
+        cfg = ServingConfig(max_loras=int(row.max_loras), max_lora_rank=int(row.max_lora_rank),
+                            max_num_seqs=2048, max_num_batched_tokens=2048)
+        assert abs(mem.kv_tokens(cfg) - row.kv_cache_tokens) <= 0.01 * row.kv_cache_tokens
+    # physically sane: bf16 weights of an 8B model, LoRA bytes per slot-rank near the
+    # first-principles A+B size, start-up failures predicted where vLLM failed
+    assert 14.5 < mem.weights_gib < 15.5
+    assert 0.9 < mem.lora_bytes_per_slot_rank / base.memory.lora_bytes_per_slot_rank < 1.1
+    assert all(v == 0 for v in rep["rows_without_kv_predicted_tokens"].values())
+
+
+def test_load_time_fit_sane(data, base):
+    loads = read_load_times(data / "adapter_load_times_llama31_8b.csv")
+    lt, rep = fit_load_time(loads, base.model)
+    for rank in (8, 16, 32):
+        nbytes = base.model.adapter_bytes(rank)
+        assert 6.0e-3 <= lt.host_to_gpu(nbytes) <= 8.0e-3
+        assert 60e-3 <= lt.disk(nbytes) <= 130e-3
+    # robust: the 520 ms / 884 ms first loads do not drag the fit
+    assert lt.disk(base.model.adapter_bytes(8)) < 75e-3
+    assert lt.disk(base.model.adapter_bytes(32)) > 115e-3
+
+
+def test_reconstruction_matches_run(runs):
+    spec = next(r for r in runs if r.config.max_cpu_loras == 128
+                and abs(r.aggregate_rate - 7.5) < 1e-9 and r.config.max_lora_rank == 16)
+    trace, catalog = reconstruct(spec, seed=3)
+    # ranks: the run's counts
+    assert Counter(catalog.table["rank"]) == Counter(spec.ranks)
+    assert len(catalog) == spec.config.max_cpu_loras == 128
+    # rates: each adapter's arrival count is near its class rate x window; classes have
+    # the run's counts
+    window = np.floor(spec.duration_s)
+    per = trace.groupby("adapter").size().reindex(catalog.adapters, fill_value=0) / window
+    rates = sorted(spec.rates)
+    cls = per.apply(lambda x: min(rates, key=lambda r: abs(np.log(max(x, 1e-4) / r))))
+    assert Counter(cls) == Counter(spec.rates)
+    assert len(trace) == pytest.approx(spec.aggregate_rate * window, rel=0.03)
+    # lengths: the run's pool means, within the filter
+    assert trace["prompt_tokens"].mean() == pytest.approx(spec.pool_means[0], rel=0.03)
+    assert trace["output_tokens"].mean() == pytest.approx(spec.pool_means[1], rel=0.03)
+    assert trace["prompt_tokens"].max() <= 1024
+    assert (trace["prompt_tokens"] + trace["output_tokens"]).max() <= 2048
+    # deterministic by seed
+    again, _ = reconstruct(spec, seed=3)
+    pd.testing.assert_frame_equal(trace, again)
+    other, _ = reconstruct(spec, seed=4)
+    assert len(other) != len(trace) or not other["arrival_s"].equals(trace["arrival_s"])
+
+
+def test_run_table_config(runs):
+    r = runs[0]
+    assert r.config.max_num_seqs == 2048 and r.config.max_num_batched_tokens == 2048
+    assert r.config.preload_adapters and r.config.max_model_len == 131072
+    assert not any("anomaly" in x.extra for x in runs)
+
+
+def test_calibrate_cli_writes_loadable_profile(data, tmp_path):
+    from twin.cli import main
+
+    out = tmp_path / "p.json"
+    rc = main(["calibrate", "--from-vllm-runs", str(data / "real_runs_llama31_8b.csv"),
+               "--experiment-set", "digital_twin_modelling", "--max-runs", "3",
+               "--kv-capacity", str(data / "kv_cache_tokens_llama31_8b.csv"),
+               "--load-times", str(data / "adapter_load_times_llama31_8b.csv"),
+               "--window-s", "30", "--iterations", "1", "--processes", "1", "--quiet",
+               "--out", str(out)])
+    assert rc == 0
+    prof = load_profile(out)
+    prov = prof.provenance
+    assert prov["fitted"] and prov["sources"]["run_count"] == 3
+    assert prov["memory"]["kv_tokens_rel_error_max"] <= 0.01
+    assert "history" in prov["step_time"] and prov["step_time"]["runs"] >= 1
+    assert prof.step_time.base["const"] > 0
+
+
+def test_bench_json_with_sidecar(tmp_path):
+    res = {"date": "20250101-000000", "backend": "vllm", "request_rate": 4.0,
+           "completed": 1000, "total_input_tokens": 223000, "total_output_tokens": 196000,
+           "duration": 300.0, "mean_ttft_ms": 40.0, "mean_tpot_ms": 20.0, "mean_itl_ms": 20.5,
+           "total_token_throughput": 1396.0, "max_lora_rank": "16"}
+    p = tmp_path / "bench.json"
+    p.write_text(json.dumps(res))
+    side = {"max_loras": 4, "max_cpu_loras": 8, "adapter_ranks": {8: 4, 16: 4},
+            "runs": {"bench.json": {"adapter_rates_rps": [1.0] * 2 + [0.333333] * 6}}}
+    (spec,) = read_bench_results([p], side)
+    assert spec.config.max_loras == 4 and spec.config.max_cpu_loras == 8
+    assert spec.config.max_lora_rank == 16
+    assert spec.ranks == {8: 4, 16: 4}
+    assert spec.aggregate_rate == pytest.approx(4.0, rel=1e-3)
+    assert spec.pool_means == (223.0, 196.0)
+    trace, cat = reconstruct(spec, seed=0)
+    assert len(cat) == 8 and trace["arrival_s"].max() < 300
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+def test_missing_column_names_file_and_field(tmp_path, data):
+    df = pd.read_csv(data / "real_runs_llama31_8b.csv", nrows=5).drop(columns=["rate_counts"])
+    p = tmp_path / "runs.csv"
+    df.to_csv(p, index=False)
+    with pytest.raises(TwinInputError) as e:
+        read_run_table(p)
+    assert e.value.file == str(p) and e.value.field == "rate_counts"
+
+
+def test_wrong_file_is_refused(data):
+    with pytest.raises(TwinInputError) as e:
+        read_run_table(data / "kv_cache_tokens_llama31_8b.csv")
+    assert "missing column" in str(e.value) and "kv_cache_tokens" in e.value.file
+    with pytest.raises(TwinInputError) as e:
+        read_kv_capacity(data / "adapter_load_times_llama31_8b.csv")
+    assert e.value.field in ("max_loras", "kv_cache_tokens")
+
+
+def test_bad_value_names_row(tmp_path, data):
+    df = pd.read_csv(data / "real_runs_llama31_8b.csv", nrows=6)
+    ok_rows = np.flatnonzero((df["status"] == "ok").to_numpy())
+    df.loc[ok_rows[1], "rate_counts"] = "5 x 6"
+    p = tmp_path / "runs.csv"
+    df.to_csv(p, index=False)
+    with pytest.raises(TwinInputError) as e:
+        read_run_table(p)
+    assert e.value.row == ok_rows[1] and e.value.field == "rate_counts"
+    df = pd.read_csv(data / "real_runs_llama31_8b.csv", nrows=6)
+    df.loc[ok_rows[0], "max_loras"] = -3
+    df.to_csv(p, index=False)
+    with pytest.raises(TwinInputError) as e:
+        read_run_table(p)
+    assert e.value.row == ok_rows[0] and e.value.field == "max_loras"
+
+
+def test_bad_load_event_names_row(tmp_path, data):
+    df = pd.read_csv(data / "adapter_load_times_llama31_8b.csv")
+    df.loc[7, "event"] = "teleport"
+    p = tmp_path / "loads.csv"
+    df.to_csv(p, index=False)
+    with pytest.raises(TwinInputError) as e:
+        read_load_times(p)
+    assert e.value.row == 7 and e.value.field == "event"
+
+
+def test_bench_json_errors(tmp_path):
+    p = tmp_path / "not_bench.json"
+    p.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(TwinInputError) as e:
+        read_bench_results([p])
+    assert e.value.file == str(p) and "missing key" in str(e.value)
+    p.write_text("{not json")
+    with pytest.raises(TwinInputError) as e:
+        read_bench_results([p])
+    assert "not valid JSON" in str(e.value)
+    p.write_text(json.dumps({"completed": 10, "total_input_tokens": 100,
+                             "total_output_tokens": 100, "duration": 10.0,
+                             "mean_ttft_ms": 1.0, "mean_itl_ms": 1.0, "mean_tpot_ms": 1.0}))
+    with pytest.raises(TwinInputError) as e:
+        read_bench_results([p])
+    assert e.value.field == "max_loras" and "--metadata" in str(e.value)

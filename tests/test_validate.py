@@ -1,0 +1,81 @@
+"""``twin validate``: executor and twin on the same trace, side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from twin.cli import main  # noqa: E402
+from twin.config import ServingConfig  # noqa: E402
+from twin.models.calibrate_executor import calibrate_executor  # noqa: E402
+from twin.validate import compare, format_table, smape, validate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vp") / "cpu-tiny-test.json"
+    calibrate_executor("tiny", out=out, max_cells=3, repeats=1, progress=False,
+                       log=lambda *a, **k: None)
+    return out
+
+
+def spaced_trace(n=12, gap=0.15):
+    """Requests far enough apart that each is served alone: the schedule (and so the
+    adapter caches' sequence of loads) cannot depend on step timing."""
+    return pd.DataFrame({
+        "request_id": np.arange(n), "arrival_s": np.arange(n) * gap,
+        "adapter": pd.array([f"a{i % 5}" for i in (0, 1, 2, 0, 3, 4, 1, 2, 0, 4, 3, 1)[:n]],
+                            dtype="string"),
+        "prompt_tokens": np.full(n, 24), "output_tokens": np.full(n, 6)})
+
+
+def test_smape():
+    assert smape(1, 1) == 0 and smape(0, 0) == 0
+    assert smape(1, 3) == pytest.approx(1.0)
+    assert np.isnan(smape(float("nan"), 1))
+
+
+def test_validate_table_plot_and_equal_loads(profile, tmp_path):
+    cfg = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=16, max_num_seqs=16,
+                        max_num_batched_tokens=64)
+    v = validate(spaced_trace(), cfg, profile, "tiny", out=tmp_path / "v")
+    text = v.format("t")
+    for label in ("total throughput", "TTFT mean", "TTFT p99", "TPOT mean", "ITL p99",
+                  "E2E mean", "adapter loads from disk", "preemptions", "SMAPE"):
+        assert label in text
+    ex, tw = v.executor.summary, v.twin.summary
+    assert ex["completed"] == tw["completed"] == 12
+    # the caches are the same code: the same loads for the same trace
+    assert ex["adapter_loads"]["from_disk"] == tw["adapter_loads"]["from_disk"] > 5
+    assert ex["adapter_loads"]["from_host"] == tw["adapter_loads"]["from_host"]
+    assert v.smape("loads_disk") == 0 and v.smape("preemptions") == 0
+    assert (tmp_path / "v" / "timeline_overlay.png").stat().st_size > 1000
+    assert (tmp_path / "v" / "table.csv").exists()
+    assert v.executor.meta["threads"] == 1
+
+
+def test_cli_prints_table(profile, tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    spaced_trace(6).to_csv(trace, index=False)
+    rc = main(["validate", "--trace", str(trace), "--profile", str(profile), "--model", "tiny",
+               "--max-loras", "2", "--max-cpu-loras", "2", "--max-num-batched-tokens", "64",
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "executor" in out and "twin" in out and "SMAPE" in out
+    assert (tmp_path / "o" / "timeline_overlay.png").exists()
+
+
+def test_compare_format():
+    s = {"total_throughput": 100.0, "output_throughput": 50.0, "request_throughput": 1.0,
+         "completed": 10, "ttft_ms": {"mean": 10.0, "p99": 20.0},
+         "tpot_ms": {"mean": 1.0, "p99": 2.0}, "itl_ms": {"mean": 1.0, "p99": 2.0},
+         "e2e_ms": {"mean": 30.0, "p99": 40.0},
+         "adapter_loads": {"from_disk": 3, "from_host": 1, "time_s": 0.1},
+         "preemptions": 0, "duration_s": 10.0}
+    t = compare(s, dict(s, total_throughput=110.0))
+    assert t.set_index("key").loc["throughput", "smape"] == pytest.approx(20 / 210)
+    assert "9.5%" in format_table(t)

@@ -1,0 +1,209 @@
+"""Validate the twin against the reference executor on the same trace and configuration.
+
+``validate`` serves a trace for real (``twin.executor.execute``) and simulates it with a
+calibrated profile (``twin.sim.simulate``), then compares the two in ``vllm bench serve``
+terms: throughput, TTFT / TPOT / ITL / E2E mean and p99, adapter loads, preemptions, each
+with its SMAPE = 2|a - b| / (|a| + |b|).
+
+Both sides get the same KV capacity: the profile's memory model for the config (on CPU a
+device-memory *budget*, see ``twin.models.calibrate_executor``), capped at what the trace
+can ever use (the executor would otherwise zero gigabytes of unused cache), or exactly
+``num_gpu_blocks`` when given (vLLM's ``--num-gpu-blocks-override``, e.g. to force
+preemptions). ``max_model_len`` is capped at the model's context as vLLM derives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# (label, summary path, format)
+METRICS = (
+    ("total throughput (tok/s)", ("total_throughput",), "{:.1f}"),
+    ("output throughput (tok/s)", ("output_throughput",), "{:.1f}"),
+    ("request throughput (req/s)", ("request_throughput",), "{:.3f}"),
+    ("completed requests", ("completed",), "{:.0f}"),
+    ("TTFT mean (ms)", ("ttft_ms", "mean"), "{:.1f}"),
+    ("TTFT p99 (ms)", ("ttft_ms", "p99"), "{:.1f}"),
+    ("TPOT mean (ms)", ("tpot_ms", "mean"), "{:.2f}"),
+    ("TPOT p99 (ms)", ("tpot_ms", "p99"), "{:.2f}"),
+    ("ITL mean (ms)", ("itl_ms", "mean"), "{:.2f}"),
+    ("ITL p99 (ms)", ("itl_ms", "p99"), "{:.2f}"),
+    ("E2E mean (ms)", ("e2e_ms", "mean"), "{:.1f}"),
+    ("E2E p99 (ms)", ("e2e_ms", "p99"), "{:.1f}"),
+    ("adapter loads from disk", ("adapter_loads", "from_disk"), "{:.0f}"),
+    ("adapter loads from host", ("adapter_loads", "from_host"), "{:.0f}"),
+    ("adapter load time (s)", ("adapter_loads", "time_s"), "{:.3f}"),
+    ("preemptions", ("preemptions",), "{:.0f}"),
+    ("duration (s)", ("duration_s",), "{:.2f}"),
+)
+# short keys for JSON / the experiment table
+KEYS = {
+    "total throughput (tok/s)": "throughput", "TTFT mean (ms)": "ttft_mean",
+    "TTFT p99 (ms)": "ttft_p99", "TPOT mean (ms)": "tpot_mean", "TPOT p99 (ms)": "tpot_p99",
+    "ITL mean (ms)": "itl_mean", "ITL p99 (ms)": "itl_p99", "E2E mean (ms)": "e2e_mean",
+    "E2E p99 (ms)": "e2e_p99", "adapter loads from disk": "loads_disk",
+    "adapter loads from host": "loads_host", "preemptions": "preemptions",
+}
+
+
+def smape(a: float, b: float) -> float:
+    """2|a - b| / (|a| + |b|); 0 when both are 0, NaN when either is NaN."""
+    a, b = float(a), float(b)
+    if np.isnan(a) or np.isnan(b):
+        return float("nan")
+    d = abs(a) + abs(b)
+    return 0.0 if d == 0 else 2 * abs(a - b) / d
+
+
+def _get(summary: dict, path):
+    v = summary
+    for k in path:
+        v = v[k]
+    return float(v)
+
+
+def compare(executor: dict, twin: dict) -> pd.DataFrame:
+    """Side-by-side table of two summaries (``RunResult.summary``) with SMAPE per metric."""
+    rows = []
+    for label, path, fmt in METRICS:
+        a, b = _get(executor, path), _get(twin, path)
+        rows.append({"metric": label, "key": KEYS.get(label, label), "executor": a, "twin": b,
+                     "smape": smape(a, b), "fmt": fmt})
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame, title: str = "") -> str:
+    w = (30, 12, 12, 8)
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'metric':<{w[0]}}{'executor':>{w[1]}}{'twin':>{w[2]}}{'SMAPE':>{w[3]}}")
+    lines.append("-" * sum(w))
+    for r in table.itertuples():
+        s = "" if np.isnan(r.smape) else f"{100 * r.smape:.1f}%"
+        lines.append(f"{r.metric:<{w[0]}}{r.fmt.format(r.executor):>{w[1]}}"
+                     f"{r.fmt.format(r.twin):>{w[2]}}{s:>{w[3]}}")
+    return "\n".join(lines)
+
+
+@dataclass
+class Validation:
+    table: pd.DataFrame
+    executor: object          # RunResult
+    twin: object              # RunResult
+    num_blocks: int
+    config: object            # the effective ServingConfig
+    plot: Path | None = None
+
+    def smape(self, key: str) -> float:
+        return float(self.table.set_index("key").loc[key, "smape"])
+
+    def format(self, title: str = "") -> str:
+        return format_table(self.table, title)
+
+    def to_dict(self) -> dict:
+        return {"num_gpu_blocks": self.num_blocks, "config": self.config.to_dict(),
+                "table": self.table.drop(columns="fmt").to_dict(orient="records")}
+
+
+def usable_blocks(trace: pd.DataFrame, block_size: int, max_model_len: int) -> int:
+    """Blocks the trace could ever hold at once (every request at full length), as the
+    executor's own cap."""
+    total = np.minimum(trace["prompt_tokens"].to_numpy(np.int64)
+                       + trace["output_tokens"].to_numpy(np.int64), max_model_len)
+    return max(int((-(-total // block_size)).sum()) + 1, -(-max_model_len // block_size))
+
+
+def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, *,
+             out: str | Path | None = None, threads: int | None = None,
+             num_gpu_blocks: int | None = None, device: str = "cpu",
+             window_s: float | None = None, progress: bool = False, seed: int = 0,
+             warmup: bool = True, adapter_ranks=(8, 16), trace_source: str = "trace",
+             plot: bool = True) -> Validation:
+    """Run ``trace`` with ``config`` on the executor and on the twin (``profile``) and
+    compare them. ``model``: tiny / smollm2 / an HF directory / a loaded LlamaModel.
+    ``adapters``: a PEFT directory or catalog; None writes synthetic adapters (ranks
+    ``adapter_ranks``, cycled) named after the trace's adapters. ``threads`` defaults to
+    the profile's calibration threads."""
+    import torch
+
+    from twin.executor.cli import make_adapters, resolve_model
+    from twin.executor.engine import execute, resolve_catalog
+    from twin.executor.model import LlamaModel
+    from twin.models.profile import Profile, load_profile
+    from twin.sim.engine import kv_capacity_tokens, simulate
+    from twin.sim.replay import exact_kv_memory
+    from twin.workload.catalog import AdapterCatalog
+    from twin.workload.schema import validate_trace
+
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    trace = validate_trace(trace, source=trace_source)
+    if window_s is not None:
+        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    if threads is None:
+        threads = profile.provenance.get("threads") or profile.hardware.get("threads")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        if isinstance(model, LlamaModel):
+            m = model
+        else:
+            m = LlamaModel.from_pretrained(resolve_model(str(model)), device=torch.device(device))
+        model_dir = None if isinstance(model, LlamaModel) else resolve_model(str(model))
+        # the config as vLLM would run it: context capped at the model's
+        config = config.replace(max_model_len=min(config.max_model_len,
+                                                  m.shape.max_position_embeddings))
+        names = trace["adapter"].dropna().unique().tolist()
+        if adapters is None and names and config.enable_lora:
+            if model_dir is None:
+                raise ValueError("pass adapters= with a loaded LlamaModel")
+            from twin.executor.weights import cache_root
+
+            where = (Path(out) / "adapters" if out is not None else
+                     cache_root() / f"validate-adapters-{Path(model_dir).name}-{len(names)}")
+            make_adapters(model_dir, where, len(names), adapter_ranks, names=names, seed=seed)
+            adapters = where
+        catalog = resolve_catalog(adapters, trace) if config.enable_lora else None
+        twin_catalog = (AdapterCatalog(catalog.table[["adapter", "rank"]], source=catalog.source)
+                        if catalog is not None and len(catalog) else None)
+        # one KV capacity for both
+        B = config.block_size
+        if num_gpu_blocks is None:
+            nb = kv_capacity_tokens(config, profile) // B
+            nb = min(nb, usable_blocks(trace, B, config.max_model_len))
+        else:
+            nb = int(num_gpu_blocks)
+        tprof = dataclasses.replace(profile, memory=exact_kv_memory(
+            nb, B, config.gpu_memory_utilization))
+        if warmup and len(trace):   # the first forwards of a process are slow
+            w = trace.iloc[:min(4, len(trace))].assign(arrival_s=0.0)
+            w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4))
+            execute(w, config, m, catalog, num_gpu_blocks=nb, seed=seed)
+        ex = execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
+                     progress=progress, seed=seed, trace_source=trace_source)
+        tw = simulate(trace, config, tprof, twin_catalog, window_s=window_s,
+                      trace_source=trace_source)
+    finally:
+        torch.set_num_threads(old_threads)
+    v = Validation(compare(ex.summary, tw.summary), ex, tw, nb, config)
+    if out is not None:
+        out = Path(out)
+        ex.save(out / "executor")
+        tw.save(out / "twin")
+        v.table.drop(columns="fmt").to_csv(out / "table.csv", index=False)
+        (out / "validation.json").write_text(json.dumps(
+            dict(v.to_dict(), profile=profile.name, threads=threads), indent=2) + "\n")
+        if plot:
+            from twin.sim.plot import plot_timeline
+
+            v.plot = plot_timeline(ex, out / "timeline_overlay.png", other=tw,
+                                   labels=("executor", "twin"))
+    return v
