@@ -11,9 +11,10 @@ The paper's twin ran the 31,440 points that start in 299 CPU-hours.
 A uniform random sample of grid points (seeded) is simulated twice, each point in a worker
 process with its CPU time measured:
 - **full**: the whole hour, however starved;
-- **sweep**: as `twin sweep` runs it, with early exit (a point whose first 3 minutes
-  already clearly starve -- achieved < 75 % of offered, a growing queue and a server
-  saturated below 75 % of the offered token rate -- is recorded from that probe).
+- **sweep**: as `twin sweep` runs it, with early exit (a point whose first 6 minutes
+  already clearly starve -- achieved < 75 % of offered, a growing queue, and a token
+  rate that even projected optimistically cannot serve 80 % of the hour -- is recorded
+  from that probe; see twin/ml/sweep.py).
 The bench checks that every early-exit verdict equals the full hour's.
 The trace of a (rates, ranks, served) workload is built once per workload and shared by
 its slot values in a sweep, so its cost is reported apart and amortised over the mean

@@ -151,10 +151,13 @@ def optimum_table(df: pd.DataFrame, who: str) -> pd.DataFrame:
             pred_ok = False
         real_best = np.nan if real is None else float(
             sub[(sub.max_loras == real[0]) & (sub.max_cpu_loras == real[1])]["real_throughput"].iloc[0])
+        ratio = real_at_pred / real_best if real_best else np.nan
         rows.append({"workload": wl, "real_best": real, f"{who}_best": pred,
                      "agree": real == pred,
-                     "real_tput_of_pick_over_best": real_at_pred / real_best if real_best else np.nan,
-                     "pick_not_starving_in_real": pred_ok})
+                     "real_tput_of_pick_over_best": round(float(ratio), 4),
+                     "pick_not_starving_in_real": pred_ok,
+                     # a tie within the runs' own noise (separate Poisson draws, +-2%)
+                     "agree_within_1pct": bool(pred_ok and ratio >= 0.99)})
     return pd.DataFrame(rows)
 
 
@@ -187,9 +190,12 @@ def format_table(ours: dict, ours_common: dict, paper: dict, opt_ours, opt_paper
                      f"{cell(p)}{note if p else ''} |")
     lines.append(f"| starvation verdict agrees with real | {100 * ours['starvation']:.1f}% | "
                  f"{100 * ours_common['starvation']:.1f}% | {100 * paper['starvation']:.1f}% |")
-    lines.append(f"| best non-starving (max_loras, max_cpu_loras) agrees | "
+    lines.append(f"| best non-starving (max_loras, max_cpu_loras) agrees exactly | "
                  f"{int(opt_ours['agree'].sum())}/{len(opt_ours)} workloads | – | "
                  f"{int(opt_paper['agree'].sum())}/{len(opt_paper)} workloads |")
+    lines.append(f"| ... or is a tie (acceptable in real, real throughput within 1% of the "
+                 f"real best) | {int(opt_ours['agree_within_1pct'].sum())}/{len(opt_ours)} | – | "
+                 f"{int(opt_paper['agree_within_1pct'].sum())}/{len(opt_paper)} |")
     return "\n".join(lines)
 
 
@@ -239,6 +245,9 @@ def main(argv=None) -> int:
                     help="refit the profile on the digital_twin_modelling runs first")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
+    ap.add_argument("--results", type=Path, metavar="CSV",
+                    help="recompute the tables from a per-run CSV this script wrote "
+                         "(no simulation)")
     ap.add_argument("--out", type=Path, default=HERE / "figures",
                     help="where the scatter plot and the per-run CSV go")
     args = ap.parse_args(argv)
@@ -252,36 +261,44 @@ def main(argv=None) -> int:
         from twin.models.calibrate_cli import spread
 
         test_runs = spread(test_runs, args.max_runs)
-    if args.calibrate:
-        from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
-
-        print(f"calibrating on {len(fit_runs)} {FIT_SET} runs")
-        profile = calibrate(fit_runs, kv=read_kv_capacity(data / "kv_cache_tokens_llama31_8b.csv"),
-                            loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
-                            processes=args.processes,
-                            sources={"runs": str(table), "experiment_sets": [FIT_SET]})
+    if args.results:
+        df = pd.read_csv(args.results)
+        profile = None
     else:
-        profile = load_profile(args.profile)
-    fitted_on = (profile.provenance.get("sources") or {}).get("experiment_sets")
-    if fitted_on and set(fitted_on) != {FIT_SET}:
-        print(f"warning: profile was fitted on {fitted_on}, not only {FIT_SET}", file=sys.stderr)
-    cap = (profile.provenance.get("client") or {}).get("max_in_flight")
-    print(f"profile {profile.name} (fitted on {fitted_on or 'unknown'}); client cap "
-          f"{cap} requests in flight; {len(test_runs)} held-out {TEST_SET} runs, "
-          f"3600-s windows, {args.processes} processes")
-    sims = simulate_all(test_runs, profile, cap, args.processes)
-    df = results_frame(test_runs, sims)
-    failed = df["twin_error"].notna()
-    if failed.any():
-        print(f"{int(failed.sum())} run(s) the twin's memory model refuses to start "
-              f"(real vLLM started them): {df.loc[failed, 'key'].tolist()}")
-    df = attach_paper_twin(df[~failed], test_runs, data)
+        if args.calibrate:
+            from twin.models.calibrate_vllm import (calibrate, read_kv_capacity,
+                                                    read_load_times)
+
+            print(f"calibrating on {len(fit_runs)} {FIT_SET} runs")
+            profile = calibrate(
+                fit_runs, kv=read_kv_capacity(data / "kv_cache_tokens_llama31_8b.csv"),
+                loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
+                processes=args.processes, window_s=1200.0, iterations=4,
+                sources={"runs": str(table), "experiment_sets": [FIT_SET]})
+        else:
+            profile = load_profile(args.profile)
+        fitted_on = (profile.provenance.get("sources") or {}).get("experiment_sets")
+        if fitted_on and set(fitted_on) != {FIT_SET}:
+            print(f"warning: profile was fitted on {fitted_on}, not only {FIT_SET}",
+                  file=sys.stderr)
+        cap = (profile.provenance.get("client") or {}).get("max_in_flight")
+        print(f"profile {profile.name} (fitted on {fitted_on or 'unknown'}); client cap "
+              f"{cap} requests in flight; {len(test_runs)} held-out {TEST_SET} runs, "
+              f"3600-s windows, {args.processes} processes")
+        sims = simulate_all(test_runs, profile, cap, args.processes)
+        df = results_frame(test_runs, sims)
+        failed = df["twin_error"].notna()
+        if failed.any():
+            print(f"{int(failed.sum())} run(s) the twin's memory model refuses to start "
+                  f"(real vLLM started them): {df.loc[failed, 'key'].tolist()}")
+        df = attach_paper_twin(df[~failed], test_runs, data)
     common = df[df["paper_throughput"].notna()]
     ours, ours_c, paper = (error_stats(df, "twin"), error_stats(common, "twin"),
                            error_stats(common, "paper"))
     opt_ours, opt_paper = optimum_table(df, "twin"), optimum_table(df, "paper")
     args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "reproduce_vllm_h100_runs.csv", index=False)
+    if not args.results:
+        df.to_csv(args.out / "reproduce_vllm_h100_runs.csv", index=False)
     scatter(df, args.out / "reproduce_vllm_h100_scatter.png")
     print()
     print(format_table(ours, ours_c, paper, opt_ours, opt_paper, len(df), len(common)))
@@ -291,8 +308,9 @@ def main(argv=None) -> int:
                               suffixes=("", "_paper"))
         print(show.to_string(index=False))
     print()
-    print(f"twin wall time per simulated hour: median {df.twin_sim_wall_s.median():.1f} s, "
-          f"max {df.twin_sim_wall_s.max():.1f} s; script {time.perf_counter() - t0:.0f} s")
+    if "twin_sim_wall_s" in df:
+        print(f"twin wall time per simulated hour: median {df.twin_sim_wall_s.median():.1f} s, "
+              f"max {df.twin_sim_wall_s.max():.1f} s; script {time.perf_counter() - t0:.0f} s")
     print(f"figures: {args.out / 'reproduce_vllm_h100_scatter.png'}")
     summary = {
         "throughput_smape_median": round(ours["throughput"][0], 2),
@@ -302,10 +320,15 @@ def main(argv=None) -> int:
         "tpot_smape_median": round(ours["tpot"][0], 2),
         "starvation_agreement": round(ours["starvation"], 4),
         "optimum_agreement": round(float(opt_ours["agree"].mean()), 4),
+        "optimum_agreement_within_1pct": round(float(opt_ours["agree_within_1pct"].mean()), 4),
+        "optimum_pick_real_throughput_ratio_min": round(
+            float(opt_ours["real_tput_of_pick_over_best"].min()), 4),
         "paper_twin_throughput_smape_median": round(paper["throughput"][0], 2),
         "paper_twin_itl_smape_median": round(paper["itl"][0], 2),
         "paper_twin_starvation_agreement": round(paper["starvation"], 4),
         "paper_twin_optimum_agreement": round(float(opt_paper["agree"].mean()), 4),
+        "paper_twin_optimum_agreement_within_1pct": round(
+            float(opt_paper["agree_within_1pct"].mean()), 4),
         "runs": int(len(df)), "runs_with_paper_twin": int(len(common)),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -3,8 +3,9 @@
 Ten workloads — none of them the calibration's bursts (those are all-at-t=0 batches of
 equal-length requests; these are Poisson, power-law and real arrivals with varied
 lengths) — each served for real by the executor and simulated by the twin with the
-shipped CPU profile of its model (``twin/profiles/cpu-tiny.json``,
-``twin/profiles/cpu-smollm2.json``), same config and KV capacity (``twin.validate``):
+CPU profile of its model, calibrated afresh at the start (the shared machine's
+interference changes by the minute; ``--shipped`` uses ``twin/profiles/cpu-*.json``
+instead), same config and KV capacity (``twin.validate``):
 
 - light / heavy load, few / many adapters (up to 32 with ``max_cpu_loras`` 8-16, so disk
   loads happen), skewed (power law) and uniform popularity, ``max_loras`` 1, 2, 4, 8, 32,
@@ -18,7 +19,8 @@ shipped CPU profile of its model (``twin/profiles/cpu-tiny.json``,
 Then the executor's own noise: one workload served 5 times; its spread (median pairwise
 SMAPE between repeats) is printed next to the twin's error.
 
-    .venv/bin/python experiments/validate_executor.py            # ~10 min on 2 cores
+    .venv/bin/python experiments/validate_executor.py            # ~12 min on 2 cores
+    .venv/bin/python experiments/validate_executor.py --shipped  # ~5 min, shipped profiles
     .venv/bin/python experiments/validate_executor.py --quick    # 3 tiny workloads
 
 Ends with one JSON line: throughput_smape_median, throughput_smape_max, ttft_smape_median,
@@ -52,6 +54,7 @@ PROFILES = {"tiny": ROOT / "twin/profiles/cpu-tiny.json",
 
 
 def synthetic(n_adapters, rate, duration, lo, hi, alpha, seed):
+    """S-LoRA's power-law popularity: alpha = 1 uniform, alpha = 0.3 skewed."""
     return powerlaw_trace(n_adapters, rate, alpha=alpha, duration_s=duration,
                           lengths=uniform_lengths(lo, hi), seed=seed)
 
@@ -79,15 +82,15 @@ def cfg(**kw):
 def workloads():
     """(name, model, trace, config, num_gpu_blocks)."""
     return [
-        ("light-uniform-4a-ml4", "tiny", synthetic(4, 3.0, 15, 16, 128, 0.0, 11),
+        ("light-uniform-4a-ml4", "tiny", synthetic(4, 3.0, 15, 16, 128, 1.0, 11),
          cfg(max_loras=4, max_cpu_loras=4), None),
-        ("heavy-skewed-32a-ml8", "tiny", synthetic(32, 30.0, 12, 32, 192, 1.0, 12),
+        ("heavy-skewed-32a-ml8", "tiny", synthetic(32, 30.0, 12, 32, 192, 0.3, 12),
          cfg(max_loras=8, max_cpu_loras=16), None),
-        ("mid-uniform-8a-ml1", "tiny", synthetic(8, 8.0, 12, 16, 128, 0.0, 13),
+        ("mid-uniform-8a-ml1", "tiny", synthetic(8, 8.0, 12, 16, 128, 1.0, 13),
          cfg(max_loras=1, max_cpu_loras=2), None),
-        ("heavy-uniform-32a-ml32", "tiny", synthetic(32, 25.0, 12, 32, 160, 0.0, 14),
+        ("heavy-uniform-32a-ml32", "tiny", synthetic(32, 25.0, 12, 32, 160, 1.0, 14),
          cfg(max_loras=32, max_cpu_loras=32, max_num_seqs=128), None),
-        ("kv-starved-skewed-16a-ml4", "tiny", synthetic(16, 12.0, 12, 64, 256, 1.0, 15),
+        ("kv-starved-skewed-16a-ml4", "tiny", synthetic(16, 12.0, 12, 64, 256, 0.3, 15),
          cfg(max_loras=4, max_cpu_loras=8, max_model_len=512), 48),
         ("azure-conv-32a-ml8", "tiny",
          real_slice("azure_conv_1h_32lora.parquet", 20, 1.0, 256, 96),
@@ -98,13 +101,21 @@ def workloads():
         ("base-heavy-azure-x0.3", "tiny",
          real_slice("azure_conv_1h.parquet", 40, 0.3, 256, 96),
          cfg(max_loras=1, max_num_seqs=128, max_num_batched_tokens=512), None),
-        ("smol-light-6a-ml2", "smollm2", synthetic(6, 0.6, 15, 16, 64, 0.0, 16)
+        ("smol-light-6a-ml2", "smollm2", synthetic(6, 0.6, 15, 16, 64, 1.0, 16)
          .assign(output_tokens=lambda d: d["output_tokens"].clip(upper=24)),
          cfg(max_loras=2, max_cpu_loras=4), None),
         ("smol-azure-32a-ml4", "smollm2",
          real_slice("azure_conv_1h_32lora.parquet", 60, 0.5, 64, 16, limit=16),
          cfg(max_loras=4, max_cpu_loras=8), None),
     ]
+
+
+def slow_fraction(steps: pd.DataFrame) -> float:
+    """Interference diagnostic: the share of executor steps whose forward pass took more
+    than twice the median of the steps with the same number of sequences (on a quiet
+    machine ~1%; a lost scheduler time slice costs ~4 ms, 2-4x a tiny-model step)."""
+    med = steps.groupby("num_seqs")["forward_s"].transform("median")
+    return float((steps["forward_s"] > 2 * med).mean()) if len(steps) else 0.0
 
 
 COLS = [("throughput", "thru"), ("ttft_mean", "TTFT"), ("tpot_mean", "TPOT"),
@@ -118,8 +129,28 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/validate_executor"))
     ap.add_argument("--noise-repeats", type=int, default=5)
     ap.add_argument("--only", help="comma-separated workload names")
+    ap.add_argument("--shipped", action="store_true",
+                    help="validate with the shipped profiles instead of calibrating both "
+                         "models afresh first (~7 min)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    profiles = dict(PROFILES)
+    cal_s = None if args.shipped else {}
+
+    def calibrate(name):
+        # the machine is shared and its interference changes by the minute, so each model
+        # is calibrated (tiny 30-60 s, SmolLM2 <= 6 min) right before its workloads run
+        from twin.models.calibrate_executor import calibrate_executor
+
+        repeats, budget = (5, None) if name == "tiny" else (3, 360)
+        t0 = time.perf_counter()
+        _, info = calibrate_executor(name, out=args.out / f"cpu-{name}.json", repeats=repeats,
+                                     threads=1, budget_s=budget, progress=False)
+        cal_s[name] = round(time.perf_counter() - t0, 1)
+        profiles[name] = args.out / f"cpu-{name}.json"
+        print(f"calibrated {name} in {cal_s[name]:.0f} s ({info['new']} new measurements, "
+              f"{info['reused']} reused, {info['skipped']} cells skipped)", flush=True)
+
     wl = workloads()
     if args.only:
         keep = set(args.only.split(","))
@@ -129,8 +160,10 @@ def main(argv=None) -> int:
         args.noise_repeats = min(args.noise_repeats, 3)
     rows = []
     for name, model, trace, config, nb in wl:
+        if cal_s is not None and model not in cal_s:
+            calibrate(model)
         t0 = time.perf_counter()
-        v = validate(trace, config, PROFILES[model], model, out=args.out / name,
+        v = validate(trace, config, profiles[model], model, out=args.out / name,
                      num_gpu_blocks=nb, trace_source=name)
         s = v.table.set_index("key")
         row = {"workload": name, "model": model, "requests": len(trace),
@@ -148,18 +181,21 @@ def main(argv=None) -> int:
         row["preempt_exec"] = ex["preemptions"]
         row["preempt_twin"] = tw["preemptions"]
         row["starving_exec"] = ex["starving"]
+        row["slow_pct"] = 100 * slow_fraction(v.executor.steps)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"{name}: throughput {row['thru_exec']:.0f} vs {row['thru_twin']:.0f} tok/s "
               f"(SMAPE {row['thru']:.1f}%), TTFT {row['TTFT']:.1f}%, ITL {row['ITL']:.1f}%, "
               f"loads {row['loads_exec']}/{row['loads_twin']}, preemptions "
-              f"{row['preempt_exec']}/{row['preempt_twin']} [{row['wall_s']:.0f} s]",
+              f"{row['preempt_exec']}/{row['preempt_twin']}, slow steps {row['slow_pct']:.0f}% "
+              f"[{row['wall_s']:.0f} s]",
               flush=True)
     df = pd.DataFrame(rows)
 
     # -- the executor's own noise: one workload served N times --------------------------
     noise_name, model, trace, config, nb = wl[0] if args.quick else workloads()[1]
     reps = []
+    slow = []
     from twin.executor.engine import execute
     from twin.executor.model import LlamaModel
     from twin.executor.cli import resolve_model
@@ -176,6 +212,7 @@ def main(argv=None) -> int:
         r = execute(trace, cfg_eff, m, adir if adir.exists() else None,
                     num_gpu_blocks=nb_noise or 4096)
         s = r.summary
+        slow.append(100 * slow_fraction(r.steps))
         reps.append({"throughput": s["total_throughput"], "ttft_mean": s["ttft_ms"]["mean"],
                      "itl_mean": s["itl_ms"]["mean"], "e2e_mean": s["e2e_ms"]["mean"],
                      "tpot_mean": s["tpot_ms"]["mean"]})
@@ -187,13 +224,15 @@ def main(argv=None) -> int:
                                      itertools.combinations(rep[k].tolist(), 2)))
                   for k in rep.columns}
     twin_err = df.set_index("workload").loc[noise_name]
+    print(f"\nslow steps (interference) in the noise repeats: "
+          f"{', '.join(f'{x:.0f}%' for x in slow)}")
 
     # -- report --------------------------------------------------------------------------
     pd.set_option("display.width", 200)
     show = df[["workload", "model", "requests", "adapters", "max_loras", "max_cpu_loras",
                "thru_exec", "thru_twin"] + [c for _, c in COLS]
               + ["loads_exec", "loads_twin", "disk_exec", "disk_twin", "preempt_exec",
-                 "preempt_twin"]]
+                 "preempt_twin", "slow_pct"]]
     print("\nSMAPE (%) executor vs twin per workload")
     print(show.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
     agg = pd.DataFrame({c: [df[c].median(), df[c].max()] for _, c in COLS},
@@ -222,6 +261,8 @@ def main(argv=None) -> int:
         "executor_spread_ttft_pct": round(spread["ttft_mean"], 2),
         "executor_spread_itl_pct": round(spread["itl_mean"], 2),
         "adapter_loads_exact": loads_exact, "workloads": len(df),
+        "slow_steps_pct_median": round(float(df["slow_pct"].median()), 1),
+        "calibration_s": cal_s,
         "wall_s": round(total, 1)}))
     return 0
 

@@ -142,6 +142,12 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import validate_trace
 
+    if config.policy != "vllm":
+        from twin.errors import TwinInputError
+
+        raise TwinInputError(f"twin validate compares the vllm policy only, not "
+                             f"{config.policy!r} (the KV capacity sharing below assumes "
+                             "vLLM's slot layout)", file="config", field="policy")
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)

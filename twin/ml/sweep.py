@@ -13,12 +13,16 @@ Backends: a local process pool (default) and Ray (``backend="ray"``, optional ex
 
 Early exit: a point whose first ``probe_frac`` of the window already clearly starves is
 recorded from that probe (``early_exit=True``, latencies left empty) instead of simulating
-the whole window: achieved < ``threshold`` of offered, a waiting queue still growing, *and*
-a saturated server -- its token rate over the last quarter of the probe below
-``threshold`` of the offered rate and no more than ``saturation_tol`` above the quarter
-before. The last condition matters: with few slots and many adapters, the backlog itself
-raises throughput (bigger same-adapter batches) until it settles, so a slow start is not
-starvation. Such runs are most of a sweep's cost (see ``experiments/bench_sweep.py``).
+the whole window: achieved < ``threshold`` of offered, a waiting queue still growing, and
+even an optimistic projection of the server's token rate (the last quarter's rate, rising
+linearly at the pace it rose over the quarter before, minus a ``saturation_tol`` noise
+floor) would not process ``projected_max`` of the window's offered tokens. The projection
+matters: with few slots and many adapters the backlog itself raises throughput (bigger
+same-adapter batches) for 10-20 minutes until it settles, so a slow start is not
+starvation. Errors can only go one way -- a run that is not cut short is simulated in
+full -- so early exit never makes a starving configuration look acceptable. Such runs are
+most of a sweep's cost (see ``experiments/bench_sweep.py``, which checks every early-exit
+verdict against the full run's).
 """
 
 from __future__ import annotations
@@ -53,10 +57,11 @@ class EarlyExit:
     """Stop a clearly starving run after a probe of the window's first ``probe_frac``."""
 
     enabled: bool = True
-    probe_frac: float = 0.05
+    probe_frac: float = 0.1
     min_probe_s: float = 60.0
     threshold: float = 0.75
     saturation_tol: float = 0.03
+    projected_max: float = 0.8
 
     def probe_s(self, window_s: float | None) -> float | None:
         if not self.enabled or window_s is None:
@@ -166,27 +171,34 @@ def simulate_point(trace: pd.DataFrame, catalog, config: ServingConfig, profile,
             s = res.summary
             queue_grows = s["waiting_growth"] > max(50, 0.02 * s["num_requests"])
             if (s["achieved_over_offered"] < early_exit.threshold and queue_grows
-                    and _saturated(res.timeline, probe, s["offered_total_throughput"],
-                                   early_exit)):
+                    and _projected_achieved(res.timeline, probe, window_s,
+                                            s["offered_total_throughput"], early_exit)
+                    < early_exit.projected_max):
                 return s, False, probe, res
     res = simulate(trace, config, profile, catalog, window_s=window_s)
     dur = window_s if window_s is not None else res.summary["duration_s"]
     return res.summary, True, dur, res
 
 
-def _saturated(timeline: pd.DataFrame, probe_s: float, offered_tps: float,
-               ee: EarlyExit) -> bool:
-    """Token rate over the probe's last quarter well below the offered rate and not
-    rising (within ``saturation_tol``) over the quarter before."""
+def _projected_achieved(timeline: pd.DataFrame, probe_s: float, window_s: float,
+                        offered_tps: float, ee: EarlyExit) -> float:
+    """Share of the window's offered tokens the server would process if its token rate,
+    from the probe's last quarter on, kept rising linearly at the pace it rose over the
+    quarter before (less a ``saturation_tol`` noise floor), capped at twice the offered
+    rate. Optimistic on purpose: a saturated server's rate is flat; a server whose backlog
+    is still raising its throughput is projected to catch up and is simulated in full."""
     t = timeline["time_s"].to_numpy(dtype=np.float64)
     tok = timeline["tokens"].to_numpy(dtype=np.float64)
-    if len(t) < 4:
-        return False
+    if len(t) < 4 or offered_tps <= 0:
+        return 1.0
     a, b, c = (np.interp(x * probe_s, t, tok) for x in (0.5, 0.75, 1.0))
     q = 0.25 * probe_s
     r_prev, r_last = (b - a) / q, (c - b) / q
-    return bool(r_last < ee.threshold * offered_tps
-                and r_last <= (1 + ee.saturation_tol) * r_prev)
+    slope = max(0.0, r_last - (1 + ee.saturation_tol) * r_prev) / q
+    rest = np.linspace(0.0, window_s - probe_s, 257)
+    rate = np.minimum(r_last + slope * rest, 2.0 * offered_tps)
+    processed = c + float(np.sum(0.5 * (rate[1:] + rate[:-1]) * np.diff(rest)))
+    return processed / (offered_tps * window_s)
 
 
 def _row(spec: WorkloadSpec, wf: dict, config: ServingConfig, window_s, key: str, profile,

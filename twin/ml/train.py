@@ -139,6 +139,11 @@ def compare_models(sweep: pd.DataFrame, out: Path, *, quick: bool = False,
     s, oof = evaluate(zoo, X, rows["achieved"], rows["family_key"], n_splits=n_splits,
                       target="row: achieved/offered")
     tables.append(s)
+    imp = {name: make().fit(X, rows["achieved"]).feature_importances_
+           for name, make in zoo.items()}
+    plot_importances(imp, ROW_FEATURES, out / "feature_importances.png",
+                     title="feature importances: achieved/offered per (workload, config) "
+                           "-- the recommender's starvation model")
     thr = rows["throughput"].to_numpy()
     for name, p in oof.items():
         sm = smape(thr, np.minimum(p, 1.05) * rows["offered_tps"].to_numpy())
@@ -172,7 +177,8 @@ def compare_models(sweep: pd.DataFrame, out: Path, *, quick: bool = False,
             for name, make in zw.items():
                 importances[name] = make().fit(Xw, wt[target]).feature_importances_
     if importances:
-        plot_importances(importances, WORKLOAD_FEATURES, out / "feature_importances.png",
+        plot_importances(importances, WORKLOAD_FEATURES,
+                         out / "feature_importances_max_throughput.png",
                          title="feature importances: max throughput per workload")
     # per-family: the most adapters served without starving (paper's features only + ours)
     ft = family_table(sweep[sweep["family"] == "rate_classes"])

@@ -55,7 +55,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("calibrate", help="fit a profile to real vLLM measurements",
                               description=_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from-vllm-runs", nargs="+", required=True, type=Path, metavar="FILE",
+    p.add_argument("--from-vllm-runs", nargs="+", type=Path, metavar="FILE",
                    help="run table (CSV) or `vllm bench serve --save-result` JSON file(s)")
     p.add_argument("--bench-config", type=Path, metavar="YAML",
                    help="settings the bench JSON lacks (see above)")
@@ -64,7 +64,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-profile", default="llama31-8b-h100-64gb-first-principles",
                    help="profile giving the model shape, hardware and any part not fitted "
                         "(path or shipped name; default: %(default)s)")
-    p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
+    p.add_argument("--out", type=Path, help="profile JSON to write (required)")
     p.add_argument("--name", help="profile name (default: the base profile's, without "
                                   "'-first-principles')")
     p.add_argument("--experiment-set", action="append", metavar="NAME",
@@ -122,6 +122,8 @@ def run(args) -> int:
         return run_executor(args)
     if not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
+    if not args.out:
+        raise TwinInputError("give --out PROFILE.json", field="--out")
     from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
 
     t0 = time.perf_counter()

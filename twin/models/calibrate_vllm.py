@@ -260,22 +260,26 @@ def fit_load_time(loads: pd.DataFrame, model) -> tuple[LoadTimeModel, dict]:
 
 # -- client cap ------------------------------------------------------------------------------
 
-def fit_client_cap(runs, *, saturated_waiting: float = 10000.0) -> dict | None:
+def fit_client_cap(runs, *, saturated_waiting: float = 10000.0,
+                   saturated_in_flight: float = 12000.0) -> dict | None:
     """Requests in flight (running + waiting) a ``vllm bench serve`` client sustains before
     new connections fail (ephemeral ports run out near 28k open connections on Linux).
 
-    Estimated from heavily overloaded runs' time-averaged ``num_waiting + num_running``;
-    None when no run is saturated that far (then the client is assumed unbounded).
+    Estimated as the median time-averaged ``num_waiting + num_running`` over heavily
+    overloaded runs (waiting queue above ``saturated_waiting`` at some point and above
+    ``saturated_in_flight`` in flight on average); None when fewer than 3 runs are that
+    overloaded (then the client is assumed unbounded).
     """
-    vals = [r.metrics["num_waiting_mean"] + r.metrics.get("num_running_mean", 0.0)
-            for r in runs if r.metrics.get("num_waiting_max", 0) > saturated_waiting
-            and "num_waiting_mean" in r.metrics]
-    heavy = [v for v in vals if v > 0.6 * saturated_waiting * 2]
+    heavy = [r.metrics["num_waiting_mean"] + r.metrics.get("num_running_mean", 0.0)
+             for r in runs if r.metrics.get("num_waiting_max", 0) > saturated_waiting
+             and "num_waiting_mean" in r.metrics]
+    heavy = [v for v in heavy if v > saturated_in_flight]
     if len(heavy) < 3:
         return None
     return {"max_in_flight": int(round(float(np.median(heavy)))), "runs": len(heavy),
             "method": "median of time-averaged num_waiting + num_running over runs whose "
-                      f"waiting queue exceeded {int(saturated_waiting)}"}
+                      f"waiting queue exceeded {int(saturated_waiting)} and whose mean in "
+                      f"flight exceeded {int(saturated_in_flight)}"}
 
 
 # -- step time: simulation in the loop --------------------------------------------------------
@@ -429,16 +433,38 @@ class StepFit:
     seconds: float = 0.0
 
 
-def _initial_coef(profile: Profile) -> dict:
-    """A linear starting point near the first-principles roofline of ``profile``."""
+def _initial_coef(profile: Profile, runs=()) -> dict:
+    """Starting coefficients: a direct non-negative regression of the runs' mean ITL on
+    their mean batch (``num_running_mean``) and an estimate of the distinct adapters in it
+    (min(max_loras, served, running)), over runs without a waiting queue; the prefill,
+    KV-read and slot terms start from the first-principles rates of ``profile``."""
+    from scipy.optimize import nnls
+
     m = profile.model
-    return {"const": 0.012, "decode_tokens": 5e-5, "prefill_tokens": 4e-5,
-            "decode_context": float(m.kv_bytes_per_token) / 1.6e12, "adapters": 3e-4,
-            "lora_slots": 1e-5, "lora_token_rank": 1e-6}
+    coef = {"const": 0.012, "decode_tokens": 5e-5, "prefill_tokens": 4e-5,
+            "decode_context": 0.25 * float(m.kv_bytes_per_token) / 1.6e12, "adapters": 3e-4,
+            "lora_slots": 1e-5, "lora_token_rank": 1e-7}
+    rows, y = [], []
+    for r in runs:
+        met = r.metrics
+        if met.get("num_waiting_mean", 1.0) < 1.0 and "num_running_mean" in met:
+            n = met["num_running_mean"]
+            u = min(r.config.max_loras, r.config.max_cpu_loras, n)
+            rows.append([1.0, n, u])
+            y.append(met["mean_itl_ms"] / 1e3)
+    if len(rows) >= 5:
+        x, _ = nnls(np.array(rows), np.array(y))
+        if x[0] > 0:
+            # the running-request slope also pays for the prefill of the arriving requests
+            # (~prompt/output tokens per decode step per request): split it
+            coef.update(const=float(x[0]), decode_tokens=float(max(x[1] * 0.5, 1e-6)),
+                        prefill_tokens=float(max(x[1] * 0.5, 1e-6)),
+                        adapters=float(max(x[2], 1e-6)))
+    return coef
 
 
-def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 600.0,
-                  iterations: int = 5, processes: int = 2, seed: int = 0,
+def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 1200.0,
+                  iterations: int = 4, processes: int = 2, seed: int = 0,
                   max_in_flight: int | None = None, init: dict | None = None,
                   weights=(1.0, 1.0, 0.25), log=print, tol: float = 0.01) -> StepFit:
     """Fit the linear step-time coefficients ``terms`` to runs' mean ITL, throughput and
@@ -454,7 +480,7 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     from scipy.optimize import least_squares
 
     t_start = time.perf_counter()
-    coef = dict(init or _initial_coef(profile))
+    coef = dict(init or _initial_coef(profile, runs))
     for k in terms:
         coef.setdefault(k, 0.0)
     idx = np.array([_IDX[k] for k in terms])
@@ -533,7 +559,7 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
 
 def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | None = None,
               base_profile: str | Path | Profile | None = None, name: str | None = None,
-              sources: dict | None = None, window_s: float = 600.0, iterations: int = 5,
+              sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
               processes: int = 2, seed: int = 0, terms=STEP_TERMS, log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap)."""
     t0 = time.perf_counter()
