@@ -84,5 +84,5 @@ def build_profile(model: ModelShape = LLAMA31_8B, hw: dict = H100_64GB,
 if __name__ == "__main__":  # python -m twin.models.first_principles OUT.json
     import sys
 
-    out = sys.argv[1] if len(sys.argv) > 1 else "twin/profiles/llama31-8b-h100-64gb.json"
+    out = sys.argv[1] if len(sys.argv) > 1 else "twin/profiles/llama31-8b-h100-64gb-first-principles.json"
     print(build_profile().save(out))
