@@ -142,12 +142,12 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import validate_trace
 
-    if config.policy != "vllm":
+    if config.policy not in ("vllm", "slora"):
         from twin.errors import TwinInputError
 
-        raise TwinInputError(f"twin validate compares the vllm policy only, not "
-                             f"{config.policy!r} (the KV capacity sharing below assumes "
-                             "vLLM's slot layout)", file="config", field="policy")
+        raise TwinInputError(f"twin validate compares the vllm and slora policies (the "
+                             f"memory layouts the executor implements), not {config.policy!r}",
+                             file="config", field="policy")
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)
@@ -185,10 +185,16 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         if num_gpu_blocks is None:
             nb = kv_capacity_tokens(config, profile) // B
             nb = min(nb, usable_blocks(trace, B, config.max_model_len))
+            if config.policy == "slora" and twin_catalog is not None:
+                # the unified pool also holds the adapters' pages (exact rank)
+                from twin.executor.slora import adapter_pages_for
+
+                nb += sum(adapter_pages_for(m, config, twin_catalog.table["rank"]))
         else:
             nb = int(num_gpu_blocks)
         tprof = dataclasses.replace(profile, memory=exact_kv_memory(
-            nb, B, config.gpu_memory_utilization))
+            nb, B, config.gpu_memory_utilization,
+            kv_bytes_per_token=profile.memory.kv_bytes_per_token))
         if warmup and len(trace):   # the first forwards of a process are slow
             w = trace.iloc[:min(4, len(trace))].assign(arrival_s=0.0)
             w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4))
