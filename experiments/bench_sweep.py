@@ -62,15 +62,15 @@ def _spec(rates, ranks, served):
                                              lengths="sharegpt", seed=0))
 
 
-def _run(point):
-    """(gen cpu s, full cpu s, sweep cpu s, starts, starving full, starving sweep, requests)."""
+def _run(item):
+    """One grid point, with and without early exit: CPU seconds, verdicts, requests."""
     from twin.errors import ConfigError
     from twin.ml.spec import config_for, paper_base
     from twin.ml.sweep import EarlyExit, simulate_point
     from twin.models.profile import load_profile
 
-    rates, ranks, served, slots = point
-    profile = load_profile(None)
+    (rates, ranks, served, slots), profile_name = item
+    profile = load_profile(profile_name)
     c0 = time.process_time()
     trace, catalog = _spec(rates, ranks, served).build()
     gen = time.process_time() - c0
@@ -99,17 +99,22 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=40, help="sampled grid points (40)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default=None, help="profile (default: the shipped default)")
     args = ap.parse_args(argv)
+    from twin.models.profile import load_profile
+
+    prof = load_profile(args.profile)
 
     pts = list(grid_points())
     rng = np.random.default_rng(args.seed)
     sample = [pts[i] for i in rng.choice(len(pts), size=args.points, replace=False)]
     sample.sort(key=lambda p: -p[2] * sum(p[0]))  # heaviest first: better packing
     print(f"paper grid: {len(pts)} (slots <= served) points; sampling {len(sample)} "
-          f"(seed {args.seed}), one simulated hour each, {args.workers} workers", flush=True)
+          f"(seed {args.seed}), one simulated hour each, {args.workers} workers, profile "
+          f"{prof.name}", flush=True)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as ex:
-        res = list(ex.map(_run, sample))
+        res = list(ex.map(_run, [(p, args.profile) for p in sample]))
     wall = time.perf_counter() - t0
     ok = [r for r in res if r["starts"]]
     for r in sorted(res, key=lambda r: -r.get("full_cpu_s", 0)):
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
     print(f"bench wall time {wall:.0f} s on {args.workers} workers "
           f"(machine load average {os.getloadavg()[0]:.1f})")
     print(json.dumps({
-        "sampled_points": len(res), "starting_points": len(ok),
+        "profile": prof.name, "sampled_points": len(res), "starting_points": len(ok),
         "per_run_full_cpu_s_mean": round(float(full.mean()), 3),
         "per_run_full_cpu_s_median": round(float(np.median(full)), 3),
         "per_run_sweep_cpu_s_mean": round(float(sweep.mean()), 3),

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Rebuild the shipped recommender (twin/ml/recommender.json) and report on held-out workloads.
 
-    .venv/bin/python experiments/train_recommender.py            # ~15-20 min on 2 cores
+    .venv/bin/python experiments/train_recommender.py            # 5-20 min on 2 cores
     .venv/bin/python experiments/train_recommender.py --profile my-h100.json
 
 Same as `twin train`. Reduced against the paper: 600-s windows instead of one hour, the
-slot grid up to each workload's adapter count, ~180 workloads in 2-3 adapter counts per
-family instead of 840 x 66 points; sweeps are resumable (runs/train/sweep-*), so an
-interrupted training continues where it stopped. The last line printed is one JSON object:
+slot grid up to each workload's adapter count, 100 training families (2-3 adapter counts
+each, ~250 workloads, ~2,100 points) and 20 held-out families instead of 840 workloads x 66
+points; sweeps are resumable (runs/train/sweep-*), so an interrupted training continues
+where it stopped, and they are keyed by the profile's content, so a new profile re-runs
+them. The last line printed is one JSON object:
 gap_to_exhaustive_median_pct, gap_to_exhaustive_max_pct, starving_recommendations,
 heldout_workloads, predict_ms (and more). See experiments/README_ml.md.
 """

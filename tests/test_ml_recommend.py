@@ -17,6 +17,8 @@ from twin.workload.generate import rate_class_trace
 
 WINDOW = 90.0
 UNIFORM = ({"kind": "uniform", "lo": 8, "hi": 512},)
+# pinned, so that loads below stay light/heavy whatever the default profile becomes
+PROFILE = "llama31-8b-h100-64gb-first-principles"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def tiny(tmp_path_factory):
     from twin.models.profile import load_profile
 
     d = tmp_path_factory.mktemp("tiny")
-    profile = load_profile(None)
+    profile = load_profile(PROFILE)
     specs = sample_workloads(5, seed=3, window_s=WINDOW, lengths=UNIFORM, sizes=(4, 8, 16),
                              rate_range=(4.0, 80.0), per_family=(2, 2))
     run_sweep(plan(specs, window_s=WINDOW, profile=profile), d / "sweep", profile=profile,
@@ -101,7 +103,8 @@ def test_recommend_cli_writes_vllm_files(tiny, tmp_path):
     cat.table.to_csv(cp, index=False)
     out = tmp_path / "rec"
     rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--model",
-               str(tiny["path"]), "--window-s", str(WINDOW), "--out", str(out)])
+               str(tiny["path"]), "--profile", PROFILE, "--window-s", str(WINDOW),
+               "--out", str(out)])
     assert rc == 0
     args = (out / "vllm_args.txt").read_text()
     assert args.startswith("vllm serve ") and "--enable-lora" in args
@@ -133,6 +136,7 @@ def test_place_assigns_every_adapter_and_each_gpu_verifies(tiny, tmp_path):
         s = simulate(sub, rec.config, tiny["profile"], subcat, window_s=WINDOW).summary
         assert not s["starving"]
     assert len(pl.gpus) >= 2  # ~29k tok/s offered: more than one GPU of this profile
+    assert pl.verify_runs >= len(pl.gpus)  # every GPU ran on the twin
 
 
 def test_place_cli_outputs(tiny, tmp_path):
@@ -141,8 +145,8 @@ def test_place_cli_outputs(tiny, tmp_path):
     tr, cat = _workload(6, (1.0, 0.5, 0.25))
     tp = tmp_path / "t.parquet"
     tr.to_parquet(tp, index=False)
-    rc = main(["place", "--trace", str(tp), "--model", str(tiny["path"]), "--window-s",
-               str(WINDOW), "--out", str(tmp_path / "pl")])
+    rc = main(["place", "--trace", str(tp), "--model", str(tiny["path"]), "--profile",
+               PROFILE, "--window-s", str(WINDOW), "--out", str(tmp_path / "pl")])
     assert rc == 0
     routing = pd.read_csv(tmp_path / "pl" / "routing.csv")
     assert set(routing["adapter"]) == set(cat.adapters) and set(routing["gpu"]) == {0}

@@ -18,6 +18,7 @@ from twin.ml.sweep import (EarlyExit, SweepStore, comparable, plan, point_key, r
 from twin.models.profile import load_profile
 
 WINDOW = 60.0
+PROFILE = "llama31-8b-h100-64gb-first-principles"   # pinned: stable shipped profile
 
 
 def _specs(n_workloads=6):
@@ -39,7 +40,7 @@ def test_slot_candidates_and_grid():
 
 
 def test_keys_stable_and_sensitive():
-    prof = load_profile(None)
+    prof = load_profile(PROFILE)
     spec = _specs(1)[0]
     t1 = plan([spec], window_s=WINDOW, profile=prof)
     t2 = plan([WorkloadSpec.from_dict(spec.to_dict())], window_s=WINDOW, profile=prof)

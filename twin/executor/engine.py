@@ -741,23 +741,11 @@ class _Engine:
 
     # -- the result -------------------------------------------------------------------------
     def _result(self, out: _Outcomes, itl, timeline, rows, stats, duration) -> RunResult:
-        from twin.sim.engine import _waiting_growth
+        from twin.sim.results import request_table, waiting_growth
 
         trace, config = self.trace, self.config
-        req = pd.DataFrame({
-            "request_id": trace["request_id"].to_numpy(),
-            "arrival_s": trace["arrival_s"].to_numpy(),
-            "adapter": trace["adapter"].to_numpy(),
-            "prompt_tokens": trace["prompt_tokens"].to_numpy(),
-            "output_tokens": out.output,
-            "generated_tokens": out.generated,
-            "first_scheduled_s": out.first_scheduled,
-            "first_token_s": out.first_token,
-            "finish_s": out.finish,
-            "preemptions": out.preemptions,
-            "status": out.status.astype(str),
-            "error": pd.array(out.error, dtype="string"),
-        })
+        req = request_table(trace, out, out.status.astype(str))
+        req["error"] = pd.array(out.error, dtype="string")
         if out.tokens is not None:
             req["output_token_ids"] = out.tokens
         tl = pd.DataFrame(timeline, columns=["time_s", "running", "waiting", "kv_usage",
@@ -772,7 +760,7 @@ class _Engine:
             preemptions=self.sched.num_preemptions,
             kv={"capacity_tokens": int(self.num_blocks * config.block_size),
                 "usage_mean": stats["kv_integral"] / total_time, "usage_max": stats["kv_max"]},
-            waiting_growth=_waiting_growth(tl, req, self.window_s))
+            waiting_growth=waiting_growth(tl, req, self.window_s))
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]    # failed: answered with an error
         summary["steps"] = len(rows)

@@ -134,8 +134,11 @@ def add_ml_parsers(subparsers) -> None:
 
 def add_train_args(p):
     p.add_argument("--profile", default=None)
-    p.add_argument("--families", type=int, default=60, help="training workload families")
-    p.add_argument("--heldout-families", type=int, default=12)
+    p.add_argument("--families", type=int, default=100, help="training workload families")
+    p.add_argument("--heldout-families", type=int, default=20)
+    p.add_argument("--rate-range", default="3,45",
+                   help="aggregate req/s range of the sampled workloads (default 3,45: "
+                        "light to ~2x one H100's capacity)")
     p.add_argument("--window-s", type=float, default=600.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

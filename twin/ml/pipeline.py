@@ -36,8 +36,11 @@ def train_main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     W = float(args.window_s)
     ee = EarlyExit()
-    train_specs = sample_workloads(args.families, seed=args.seed, window_s=W)
-    held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W)
+    lo, hi = (float(x) for x in str(args.rate_range).split(","))
+    train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
+                                   rate_range=(lo, hi))
+    held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W,
+                                  rate_range=(lo, hi))
     print(f"profile {profile.name}; window {W:.0f} s; {len(train_specs)} training workloads "
           f"({args.families} families), {len(held_specs)} held-out workloads "
           f"({args.heldout_families} families)", flush=True)
@@ -62,6 +65,7 @@ def train_main(args) -> int:
     t0 = time.perf_counter()
     model = fit_recommender(train, profile, meta={
         "window_s": W, "train_families": args.families, "seed": args.seed,
+        "rate_range": [lo, hi],
         "command": "python experiments/train_recommender.py"})
     model_path = model.save(out / "recommender.json")
     timings["fit_s"] = time.perf_counter() - t0

@@ -39,7 +39,7 @@ N_SIZES = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384)
 
 
 def sample_workloads(n_families: int, *, seed: int = 0, window_s: float = 600.0,
-                     lengths=LENGTH_MIXES, rate_range=(4.0, 70.0), sizes=N_SIZES,
+                     lengths=LENGTH_MIXES, rate_range=(3.0, 45.0), sizes=N_SIZES,
                      per_family=(2, 3)) -> list[WorkloadSpec]:
     """Workload families around one GPU's capacity (aggregate rate log-uniform in
     ``rate_range`` req/s at the family's middle size), 2–3 adapter counts each."""

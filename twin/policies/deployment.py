@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from twin.policies.base import MemoryPlan, Policy
-from twin.sim.results import RunResult, summarize
+from twin.sim.results import RunResult, summarize, waiting_growth
 
 MERGED, VLLM, SLORA = "merged", "vllm", "slora"
 MAX_INTERFERENCE_ITERS = 5
@@ -341,7 +341,7 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
     durations = [r.result.summary["duration_s"] for r in live]
     duration = window_s if window_s is not None else max(durations, default=0.0)
     timeline = _combine_timelines(live, duration)
-    growth = _waiting_growth(timeline, req, window_s)
+    growth = waiting_growth(timeline, req, window_s)
     w = np.array([r.result.summary["completed"] for r in live], dtype=float)
 
     def itl(key):
@@ -437,15 +437,3 @@ def _combine_timelines(live: list[ServerRun], duration: float, points: int = 200
         df[c] = df[c].round().astype(np.int64)
     return df[["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
                "preemptions"]]
-
-
-def _waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
-    """Growth of the waiting queue over the second half of the arrival span (as the engine)."""
-    if len(req) == 0 or len(timeline) < 2:
-        return 0
-    end = window_s if window_s is not None else float(req["arrival_s"].max())
-    t = timeline["time_s"].to_numpy()
-    w = timeline["waiting"].to_numpy()
-    at_end = w[min(np.searchsorted(t, end, side="right") - 1, len(w) - 1)]
-    at_mid = w[max(np.searchsorted(t, end / 2, side="right") - 1, 0)]
-    return int(at_end - at_mid)

@@ -21,7 +21,7 @@ from twin.models.profile import Profile, load_profile
 from twin.models.step_time import features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sim.itl_histogram import ITLHistogram
-from twin.sim.results import RunResult, summarize
+from twin.sim.results import RunResult, request_table, summarize, waiting_growth
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import validate_trace
 
@@ -278,25 +278,11 @@ class _Outcomes:
 
 def _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration, window_s,
             n) -> RunResult:
-    req_df = pd.DataFrame({
-        "request_id": trace["request_id"].to_numpy(),
-        "arrival_s": trace["arrival_s"].to_numpy(),
-        "adapter": trace["adapter"].to_numpy(),
-        "prompt_tokens": trace["prompt_tokens"].to_numpy(),
-        "output_tokens": out.output,
-        "generated_tokens": out.generated,
-        "first_scheduled_s": out.first_scheduled,
-        "first_token_s": out.first_token,
-        "finish_s": out.finish,
-        "preemptions": out.preemptions,
-        "status": out.STATUS[out.status],
-    })
-    for col in ("first_scheduled_s", "first_token_s", "finish_s"):
-        req_df.loc[req_df[col] < 0, col] = np.nan
+    req_df = request_table(trace, out, out.STATUS[out.status])
     timeline = pd.DataFrame(rec.rows, columns=["time_s", "running", "waiting", "kv_usage",
                                                "tokens", "adapter_loads", "preemptions"])
     timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)
-    growth = _waiting_growth(timeline, req_df, window_s)
+    growth = waiting_growth(timeline, req_df, window_s)
     total_time = max(duration, 1e-9)
     summary = summarize(
         req_df, duration_s=duration, window_s=window_s,
@@ -317,15 +303,3 @@ def _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration,
             "twin_version": __import__("twin").__version__}
     return RunResult(requests=req_df, summary=summary, timeline=timeline, steps=steps_df,
                      meta=meta)
-
-
-def _waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
-    """Growth of the waiting queue over the second half of the arrival span."""
-    if len(req) == 0 or len(timeline) < 2:
-        return 0
-    end = window_s if window_s is not None else float(req["arrival_s"].max())
-    t = timeline["time_s"].to_numpy()
-    w = timeline["waiting"].to_numpy()
-    at_end = w[min(np.searchsorted(t, end, side="right") - 1, len(w) - 1)]
-    at_mid = w[max(np.searchsorted(t, end / 2, side="right") - 1, 0)]
-    return int(at_end - at_mid)

@@ -166,3 +166,39 @@ def format_summary(s: dict) -> str:
     lines.append(f"Verdict: {verdict}")
     lines.append("=" * w)
     return "\n".join(lines)
+
+
+def waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
+    """Growth of the waiting queue over the second half of the arrival span (one of the
+    two starvation signals: a queue that keeps growing does not keep up)."""
+    if len(req) == 0 or len(timeline) < 2:
+        return 0
+    end = window_s if window_s is not None else float(req["arrival_s"].max())
+    t = timeline["time_s"].to_numpy()
+    w = timeline["waiting"].to_numpy()
+    at_end = w[min(np.searchsorted(t, end, side="right") - 1, len(w) - 1)]
+    at_mid = w[max(np.searchsorted(t, end / 2, side="right") - 1, 0)]
+    return int(at_end - at_mid)
+
+
+def request_table(trace: pd.DataFrame, out, status) -> pd.DataFrame:
+    """The per-request result table (both clocks): the trace's columns plus what happened.
+
+    ``out`` holds per-request arrays ``output``, ``generated``, ``first_scheduled``,
+    ``first_token``, ``finish``, ``preemptions`` (times < 0 = never); ``status`` names."""
+    df = pd.DataFrame({
+        "request_id": trace["request_id"].to_numpy(),
+        "arrival_s": trace["arrival_s"].to_numpy(),
+        "adapter": trace["adapter"].to_numpy(),
+        "prompt_tokens": trace["prompt_tokens"].to_numpy(),
+        "output_tokens": out.output,
+        "generated_tokens": out.generated,
+        "first_scheduled_s": out.first_scheduled,
+        "first_token_s": out.first_token,
+        "finish_s": out.finish,
+        "preemptions": out.preemptions,
+        "status": status,
+    })
+    for col in ("first_scheduled_s", "first_token_s", "finish_s"):
+        df.loc[df[col] < 0, col] = np.nan
+    return df
