@@ -15,8 +15,9 @@ $(BIN)/twin: pyproject.toml
 setup: $(BIN)/twin
 
 demo: setup
-	$(BIN)/twin simulate --trace traces/azure_conv_1h_32lora.parquet \
-	    --max-loras 8 --max-cpu-loras 32 --plot --out runs/demo
+	$(BIN)/twin recommend --trace traces/azure_conv_1h_32lora.parquet --out runs/recommend
+	$(BIN)/twin simulate --trace traces/azure_conv_1h_32lora.parquet --config runs/recommend/vllm_config.yaml \
+	    --no-progress --plot --out runs/demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -161,3 +162,19 @@ def test_shipped_model_loads_if_present():
         pytest.skip("no shipped model yet")
     m = Recommender.load()
     assert m.meta["profile"] and m.meta["rows"] > 0
+
+
+def test_place_replicates_an_adapter_too_hot_for_one_gpu(tiny):
+    # one adapter at ~60 req/s (~31k tok/s) exceeds one GPU of this profile on its own
+    tr, cat = _workload(8, (60.0,) + (0.5,) * 7, seed=4)
+    pl = place(tr, cat, profile=tiny["profile"], model=tiny["model"], window_s=WINDOW,
+               workers=2)
+    assert pl.ok, pl.report()
+    hot = tr["adapter"].value_counts().index[0]
+    assert pl.replicas[hot] >= 2 and len(pl.gpus) >= 2
+    r = pl.routing
+    assert set(r["adapter"]) == set(cat.adapters)
+    w = r.groupby("adapter")["weight"].sum()
+    assert np.allclose(w.to_numpy(), 1.0)
+    assert r.groupby("adapter")["requests"].sum().sum() == len(tr)
+    assert all(g.recommendation.ok for g in pl.gpus)

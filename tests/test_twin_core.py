@@ -205,3 +205,11 @@ def test_more_slots_never_hurt_a_skewed_light_workload():
     many = simulate(trace, ServingConfig(max_loras=8, max_cpu_loras=8)).summary
     assert many["ttft_ms"]["mean"] < few["ttft_ms"]["mean"]
     assert many["adapter_loads"]["from_host"] < few["adapter_loads"]["from_host"]
+
+
+def test_vllm_serve_yaml_is_accepted_with_irrelevant_settings_ignored(tmp_path):
+    y = tmp_path / "vllm_config.yaml"
+    y.write_text("model: meta-llama/Llama-3.1-8B-Instruct\nenable-lora: true\nmax-loras: 8\n"
+                 "lora-modules:\n- a0=/adapters/a0\nport: 8000\n")
+    cfg = ServingConfig.from_yaml(y)
+    assert cfg.max_loras == 8 and cfg.max_cpu_loras == 8 and cfg.enable_lora

@@ -18,6 +18,11 @@ from twin.errors import TwinInputError
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # serving strategies (twin.policies; issue 7): "vllm" is the default and the engine's own
 POLICIES = ("vllm", "slora", "merged", "hybrid")
+# `vllm serve` settings that do not change what the twin models: accepted and ignored, so a
+# vLLM YAML config (e.g. the one `twin recommend` writes) can be simulated as it is
+VLLM_IGNORED = frozenset({"model", "lora_modules", "served_model_name", "host", "port",
+                          "tokenizer", "dtype", "seed", "api_key", "disable_log_requests",
+                          "disable_log_stats", "trust_remote_code", "download_dir"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class ServingConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ServingConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
+        norm = {str(k).replace("-", "_"): v for k, v in (d or {}).items()
+                if str(k).replace("-", "_") not in VLLM_IGNORED}
         unknown = sorted(set(norm) - known)
         if unknown:
             raise TwinInputError(

@@ -54,9 +54,11 @@ examples:
 
 _PLACE = """\
 Place a trace's adapters on the fewest GPUs with no GPU starving: a load-balanced greedy
-partition sized by the model's capacity estimates, each GPU then verified with twin runs
-(one more GPU whenever a verification fails). Writes gpu-<i>/vllm_config.yaml and
-gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter -> GPU) and placement.json.
+partition sized by the model's capacity estimates (an adapter whose traffic alone exceeds a
+GPU is split into replicas), each GPU then verified with twin runs (one more GPU whenever a
+verification fails), then one GPU fewer at a time while the twin still verifies it.
+Writes gpu-<i>/vllm_config.yaml and gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter,
+gpu, weight = share of the adapter's requests) and placement.json.
 
 example:
   twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
@@ -326,10 +328,11 @@ def run_place_cmd(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"ok": pl.ok, "gpus": [], "attempts": pl.attempts, "verify_runs": pl.verify_runs,
               "total_s": pl.total_s, "profile": profile.name}
+    record["replicas"] = {a: r for a, r in pl.replicas.items() if r > 1}
     for g in pl.gpus:
         r = g.recommendation
-        ads = [a for a in g.adapters if a != BASE_UNIT]
-        entry = {"gpu": g.gpu, "adapters": ads, "base_model_traffic": BASE_UNIT in g.adapters,
+        ads = g.adapters
+        entry = {"gpu": g.gpu, "adapters": ads, "base_model_traffic": BASE_UNIT in g.units,
                  "ok": bool(r.ok) if r else None,
                  "config": r.config.to_dict() if (r and r.ok) else None,
                  "verified": r.verified if r else None, "predicted": r.predicted if r else None}

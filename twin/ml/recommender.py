@@ -16,8 +16,11 @@ the probability of starvation and the TTFT / TPOT percentiles. :func:`recommend`
    answer is a configuration the twin has actually seen keep up.
 
 :func:`place` splits a trace's adapters over GPUs: the fewest groups whose ML-estimated
-best configuration keeps up (load-balanced greedy partition, one more GPU at a time), each
-group then verified by :func:`recommend`; a group that fails verification adds a GPU.
+best configuration keeps up (load-balanced greedy partition, one more GPU at a time; an
+adapter whose traffic alone would starve a GPU split into replicas), each group then
+verified by :func:`recommend`; a failed verification adds a GPU (or a replica), and a
+verified placement is then tried with one GPU fewer while the twin still verifies it (the
+model errs on the safe side, so this recovers GPUs it over-provisioned).
 """
 
 from __future__ import annotations
@@ -490,9 +493,9 @@ BASE_UNIT = "(base model)"
 @dataclass
 class GPUPlan:
     gpu: int
-    adapters: list
+    units: list                    # adapters, replicas "name#j/r", or BASE_UNIT
+    adapters: list                 # the adapter names this GPU serves
     recommendation: Recommendation | None = None
-    predicted_ok: bool = True
 
 
 @dataclass
@@ -503,29 +506,36 @@ class Placement:
     total_s: float
     verify_runs: int
     attempts: list
+    replicas: dict
 
     def report(self) -> str:
         L = [f"{len(self.gpus)} GPU(s){'' if self.ok else ' (NOT all verified)'}: "
              f"{self.verify_runs} twin runs, {self.total_s:.1f} s"]
+        rep = {a: r for a, r in self.replicas.items() if r > 1}
+        if rep:
+            L.append("  replicated (traffic alone exceeds one GPU): " + ", ".join(
+                f"{a} x{r}" for a, r in sorted(rep.items())))
         for g in self.gpus:
             r = g.recommendation
             if r is None:
                 continue
-            n_ad = sum(1 for a in g.adapters if a != BASE_UNIT)
             if r.ok:
                 v, c = r.verified, r.config
-                L.append(f"  gpu {g.gpu}: {n_ad} adapters, offered {r.workload['offered_tps']:.0f} "
-                         f"tok/s -> max_loras={c.max_loras} max_cpu_loras={c.max_cpu_loras} "
-                         f"max_lora_rank={c.max_lora_rank}: verified {v['throughput']:.0f} "
-                         f"tok/s ({100 * v['achieved']:.1f}%), TTFT p99 {v['ttft_p99']:.0f} ms")
+                L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters, offered "
+                         f"{r.workload['offered_tps']:.0f} tok/s -> max_loras={c.max_loras} "
+                         f"max_cpu_loras={c.max_cpu_loras} max_lora_rank={c.max_lora_rank}: "
+                         f"verified {v['throughput']:.0f} tok/s ({100 * v['achieved']:.1f}%), "
+                         f"TTFT p99 {v['ttft_p99']:.0f} ms")
             else:
-                L.append(f"  gpu {g.gpu}: {n_ad} adapters: STARVING in every verified config")
-        L.append("  attempts: " + ", ".join(self.attempts))
+                L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: STARVING in every "
+                         "verified configuration")
+        L.append("  attempts: " + "; ".join(self.attempts))
         return "\n".join(L)
 
 
 class _Units:
-    """Per-unit (adapter, or the base model's traffic) request indices, for sub-traces."""
+    """Placement units: an adapter's traffic, a replica's share of it (every r-th request,
+    unit ``name#j/r``), or the base model's traffic; their request indices and loads."""
 
     def __init__(self, trace: pd.DataFrame, catalog):
         self.trace = trace
@@ -534,37 +544,64 @@ class _Units:
         codes, uniq = pd.factorize(ad)
         order = np.argsort(codes, kind="stable")
         bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(uniq)))]
-        self.index = {u: order[bounds[i]:bounds[i + 1]] for i, u in enumerate(uniq)}
-        tok = (trace["prompt_tokens"].to_numpy(np.int64)
-               + trace["output_tokens"].to_numpy(np.int64))
-        self.load = {u: int(tok[ix].sum()) for u, ix in self.index.items()}
+        self.by_adapter = {u: order[bounds[i]:bounds[i + 1]] for i, u in enumerate(uniq)}
         for a in catalog.adapters:  # adapters of the catalog without traffic
-            self.index.setdefault(a, np.zeros(0, dtype=np.int64))
-            self.load.setdefault(a, 0)
+            self.by_adapter.setdefault(a, np.zeros(0, dtype=np.int64))
+        self.tok = (trace["prompt_tokens"].to_numpy(np.int64)
+                    + trace["output_tokens"].to_numpy(np.int64))
+        self.replicas = {a: 1 for a in self.by_adapter}
+        self._build()
+
+    def _build(self):
+        self.index, self.adapter_of = {}, {}
+        for a, ix in self.by_adapter.items():
+            r = self.replicas[a]
+            if r == 1:
+                self.index[a], self.adapter_of[a] = ix, a
+                continue
+            for j in range(r):
+                u = f"{a}#{j + 1}/{r}"
+                self.index[u], self.adapter_of[u] = ix[j::r], a
+        self.load = {u: int(self.tok[ix].sum()) for u, ix in self.index.items()}
         self.units = sorted(self.index, key=lambda u: (-self.load[u], u))
+
+    def split(self, adapter: str, r: int) -> None:
+        self.replicas[adapter] = r
+        self._build()
+
+    def unit_of(self, adapter: str) -> str:
+        r = self.replicas[adapter]
+        return adapter if r == 1 else f"{adapter}#1/{r}"
+
+    def adapters(self, units) -> list:
+        return sorted({self.adapter_of[u] for u in units} - {BASE_UNIT})
 
     def sub(self, units):
         from twin.workload.catalog import AdapterCatalog
 
         ix = np.sort(np.concatenate([self.index[u] for u in units]))
-        names = [u for u in units if u != BASE_UNIT]
+        names = self.adapters(units)
         cat = AdapterCatalog(self.catalog.table[self.catalog.table["adapter"].isin(names)]
                              .reset_index(drop=True))
         return self.trace.iloc[ix].reset_index(drop=True), cat
 
 
-def _partition(units: list, load: dict, rank: dict, k: int) -> list[list]:
-    """Longest-processing-time partition into ``k`` groups; among equally loaded groups an
-    adapter goes where its rank is already the largest (less rank padding)."""
+def _partition(U: _Units, rank: dict, k: int) -> list[list]:
+    """Longest-processing-time partition of the units into ``k`` groups: each unit goes to
+    the least loaded group, never beside another replica of its adapter when avoidable,
+    and, between equally loaded groups, where its rank is already covered (less padding)."""
     groups = [[] for _ in range(k)]
     tot = [0] * k
     mx = [0] * k
-    for u in units:
-        r = rank.get(u, 0)
-        g = min(range(k), key=lambda j: (tot[j], max(0, r - mx[j]), j))
+    has = [set() for _ in range(k)]
+    for u in U.units:
+        a = U.adapter_of[u]
+        r = rank.get(a, 0)
+        g = min(range(k), key=lambda j: (a in has[j], tot[j], max(0, r - mx[j]), j))
         groups[g].append(u)
-        tot[g] += load[u]
+        tot[g] += U.load[u]
         mx[g] = max(mx[g], r)
+        has[g].add(a)
     return [g for g in groups if g]
 
 
@@ -572,7 +609,10 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
           base: ServingConfig | None = None, window_s: float | None = None,
           max_gpus: int = 64, max_runs: int = 4, workers: int = 2,
           early_exit: EarlyExit = EarlyExit()) -> Placement:
-    """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving."""
+    """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving.
+
+    An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
+    into replicas, each taking every r-th of its requests (the routing table's weights)."""
     from twin.models.profile import Profile, load_profile
     from twin.workload.catalog import AdapterCatalog
 
@@ -587,6 +627,7 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
         catalog = AdapterCatalog.uniform(names, base.max_lora_rank)
     U = _Units(trace, catalog)
     rank = {a: catalog.rank(a) for a in catalog.adapters}
+    attempts: list[str] = []
 
     def predicted_ok(units) -> bool:
         t, cat = U.sub(units)
@@ -596,51 +637,107 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
         c = candidate_table(model, wf, base, profile, _max_rank(cat, base.max_lora_rank))
         return bool(c["pred_ok"].any())
 
-    attempts = []
-    total_load = sum(U.load.values())
-    k = 1
-    # a lower bound from the predicted single-GPU capacity of the whole workload's mix
-    groups = None
     runs = 0
     verified: dict[tuple, Recommendation] = {}
-    while k <= max_gpus:
-        groups = _partition(U.units, U.load, rank, k)
-        pred = all(predicted_ok(g) for g in groups)
-        if not pred and len(groups) == k and k < len(U.units):
+
+    def verified_ok(units) -> bool:
+        nonlocal runs
+        key = tuple(sorted(units))
+        if key not in verified:
+            t, cat = U.sub(units)
+            verified[key] = recommend(t, cat, profile=profile, model=model, base=base,
+                                      window_s=window, max_runs=max_runs, workers=workers,
+                                      early_exit=early_exit)
+            runs += verified[key].runs
+        return verified[key].ok
+
+    # hot adapters (by load, hottest first): one the model doubts fits a GPU alone is run
+    # alone on the twin; if it starves, it gets replicas until one replica's share keeps up.
+    # The first adapter that fits alone ends the scan: the rest are lighter.
+    known_ok_load = 0  # the largest load a twin run has seen one GPU keep up with
+    for a in [u for u in U.units if u != BASE_UNIT]:
+        if predicted_ok([a]):
+            break
+        if verified_ok([a]):
+            known_ok_load = max(known_ok_load, U.load[a])
+            break
+        r = 1
+        while r < max_gpus and not verified_ok([U.unit_of(a)]):
+            r += 1
+            U.split(a, r)
+        known_ok_load = max(known_ok_load, U.load[U.unit_of(a)])
+        attempts.append(f"{a} alone starves a GPU: {r} replicas")
+    total_load = sum(U.load.values())
+    # the model may be pessimistic out of its training range (e.g. one very hot adapter
+    # share): never start above the GPU count that loads of verified size would need
+    k_cap = (max(1, math.ceil(total_load / known_ok_load)) if known_ok_load
+             else len(U.units))
+
+    def verify(groups) -> list | None:
+        """Twin-verify every group (recommend: runs + local search); the first failing
+        group, or None."""
+        for g in groups:
+            if not U.adapters(g):  # base-model traffic only: not a LoRA server
+                continue
+            if not verified_ok(g):
+                return g
+        return None
+
+    groups: list = [U.units]
+    ok = False
+    k = 1
+    heaviest = max(U.load.values()) if U.load else 0
+    while k <= max_gpus:  # up: the first k predicted to keep up, then verified
+        groups = _partition(U, rank, k)
+        if (k < min(k_cap, len(U.units))
+                and not all(predicted_ok(g) for g in groups)):
             attempts.append(f"{k} GPU(s): predicted to starve")
             k += 1
             continue
-        # verify every group with a twin run (and the local search around its prediction)
-        all_ok = True
-        for g in groups:
-            key = tuple(sorted(g))
-            if key not in verified:
-                t, cat = U.sub(g)
-                if not len(cat):  # base-model traffic only: not a LoRA server
-                    continue
-                verified[key] = recommend(t, cat, profile=profile, model=model, base=base,
-                                          window_s=window, max_runs=max_runs, workers=workers,
-                                          early_exit=early_exit)
-                runs += verified[key].runs
-            all_ok &= verified[key].ok
-            if not all_ok:
-                break
-        attempts.append(f"{k} GPU(s): {'verified' if all_ok else 'verification failed'}")
-        if all_ok or k >= len(U.units):
+        failed = verify(groups)
+        if failed is None:
+            attempts.append(f"{k} GPU(s): verified")
+            ok = True
             break
+        attempts.append(f"{k} GPU(s): verification failed")
+        alone = [u for u in failed if u != BASE_UNIT]
+        if len(alone) == 1 and U.load[alone[0]] >= 0.5 * heaviest:
+            a = U.adapter_of[alone[0]]  # a hot adapter (share) alone starves: a replica more
+            U.split(a, U.replicas[a] + 1)
+            attempts.append(f"{a}: {U.replicas[a]} replicas")
         k += 1
-    plans = []
-    for i, g in enumerate(groups):
-        plans.append(GPUPlan(i, g, verified.get(tuple(sorted(g)))))
+    if not ok:  # report the last partition tried, consistent with the units
+        groups = _partition(U, rank, min(k, max_gpus))
+    while ok and k > 1:  # down: the model may be pessimistic; fewer GPUs, verified
+        saved = dict(U.replicas)
+        for a, r in saved.items():
+            if r > k - 1:
+                U.split(a, k - 1)
+        fewer = _partition(U, rank, k - 1)
+        if verify(fewer) is not None:
+            attempts.append(f"{k - 1} GPU(s): verification failed")
+            U.replicas = saved
+            U._build()
+            break
+        k -= 1
+        groups = fewer
+        attempts.append(f"{k} GPU(s): verified")
+    plans = [GPUPlan(i, g, U.adapters(g), verified.get(tuple(sorted(g))))
+             for i, g in enumerate(groups)]
     ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
     rows = []
-    counts = {u: len(ix) for u, ix in U.index.items()}
     for p in plans:
-        for u in p.adapters:
-            rows.append({"adapter": u, "gpu": p.gpu, "rank": rank.get(u, np.nan),
-                         "requests": counts[u], "rate_rps": counts[u] / window,
-                         "offered_tps": U.load[u] / window})
-    routing = pd.DataFrame(rows).sort_values(["gpu", "adapter"]).reset_index(drop=True)
-    if total_load == 0:
-        attempts.append("no traffic")
-    return Placement(plans, routing, ok, time.perf_counter() - t0, runs, attempts)
+        for u in p.units:
+            a = U.adapter_of[u]
+            n = len(U.index[u])
+            rows.append({"adapter": a, "gpu": p.gpu, "weight": 1.0 / U.replicas[a],
+                         "replicas": U.replicas[a], "rank": rank.get(a, np.nan),
+                         "requests": n, "offered_tps": U.load[u] / window})
+    routing = (pd.DataFrame(rows)
+               .groupby(["adapter", "gpu"], as_index=False)
+               .agg(weight=("weight", "sum"), replicas=("replicas", "first"),
+                    rank=("rank", "first"), requests=("requests", "sum"),
+                    offered_tps=("offered_tps", "sum")))
+    routing["rate_rps"] = routing["requests"] / window
+    return Placement(plans, routing, ok, time.perf_counter() - t0, runs, attempts,
+                     dict(U.replicas))
