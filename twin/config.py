@@ -9,7 +9,7 @@ own switch for servers that load every adapter into host memory at start-up (as 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

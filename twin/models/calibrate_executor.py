@@ -36,7 +36,6 @@ stops launching cells once the seconds are spent (the fit uses what was measured
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics

@@ -39,7 +39,7 @@ from twin.errors import ConfigError
 from twin.models.memory import GIB
 from twin.policies.base import MemoryPlan, Policy, ServerParts, gib
 from twin.sched.adapter_cache import AdapterLoad
-from twin.sched.scheduler import BUDGET, EMPTY, KV, PREFILLING, SEQS, Scheduler
+from twin.sched.scheduler import BUDGET, EMPTY, KV, SEQS, Scheduler
 
 ADMISSIONS = ("conservative", "on_demand")
 NO_SLOT_LIMIT = 1 << 30
@@ -191,21 +191,7 @@ class SLoRAScheduler(Scheduler):
                 self.reserved += res
             waiting.pop(r)
             free -= nb + pages
-            pool.used += nb
-            r.blocks = nb
-            r.computed = 0
-            r.status = PREFILLING
-            r.seq = self._seq
-            self._seq += 1
-            if r.first_scheduled < 0:
-                r.first_scheduled = now
-            self.prefilling.append(r)
-            if r.adapter >= 0:
-                load = cache.acquire(r.adapter)
-                if load is not None:
-                    plan.loads.append(load)
-            plan.admitted.append(r)
-            self._add_chunk(plan, r, n)
+            self._start_running(plan, r, n, nb, now)
             budget -= n
 
     def _preempt(self, r) -> None:

@@ -18,7 +18,7 @@ transcription of vLLM's loop.
 
 from __future__ import annotations
 
-from twin.sched.adapter_cache import AdapterCache, AdapterLoad
+from twin.sched.adapter_cache import AdapterCache
 from twin.sched.decode_group import DecodeGroup
 from twin.sched.kv_pool import KVBlockPool
 from twin.sched.request import Request, RequestStatus
@@ -305,23 +305,28 @@ class Scheduler:
                 return KV
             waiting.pop(r)
             free -= nb
-            pool.used += nb
-            r.blocks = nb
-            r.computed = 0
-            r.status = PREFILLING
-            r.seq = self._seq
-            self._seq += 1
-            if r.first_scheduled < 0:
-                r.first_scheduled = now
-            self.prefilling.append(r)
-            if r.adapter >= 0:
-                load = cache.acquire(r.adapter)
-                if load is not None:
-                    plan.loads.append(load)
-            plan.admitted.append(r)
-            self._add_chunk(plan, r, n)
+            self._start_running(plan, r, n, nb, now)
             budget -= n
             running += 1
+
+    def _start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
+        """Admit waiting request ``r`` (already popped) with a first chunk of ``n`` tokens
+        in ``nb`` new KV blocks: it joins the running list and its adapter is acquired."""
+        self.pool.used += nb
+        r.blocks = nb
+        r.computed = 0
+        r.status = PREFILLING
+        r.seq = self._seq
+        self._seq += 1
+        if r.first_scheduled < 0:
+            r.first_scheduled = now
+        self.prefilling.append(r)
+        if r.adapter >= 0:
+            load = self.cache.acquire(r.adapter)
+            if load is not None:
+                plan.loads.append(load)
+        plan.admitted.append(r)
+        self._add_chunk(plan, r, n)
 
     # -- after the step --------------------------------------------------------------------
     def finish_step(self, plan: StepPlan, now: float, steps: int = 1) -> list[Request]:

@@ -9,7 +9,6 @@ the cost of a simulation follows the events, not the tokens.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -99,7 +98,6 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
         catalog = AdapterCatalog.uniform(sorted(names), config.max_lora_rank)
 
     # adapters are small ints in catalog order; bytes for load times from the model shape
-    ids = {a: i for i, a in enumerate(catalog.adapters)}
     adapter_bytes = [profile.model.adapter_bytes(catalog.rank(a)) for a in catalog.adapters]
     featurize = None   # None: vLLM's features (padded rank, max_loras slots)
     if build_server is None:
