@@ -63,18 +63,7 @@ class ServingConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServingConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.exists():
-            raise TwinInputError("file not found", file=str(path))
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from exc
-        if not isinstance(data, dict):
-            raise TwinInputError("expected a mapping of vLLM setting names to values",
-                                 file=str(path))
+        data = read_yaml_mapping(path, expected="a mapping of vLLM setting names to values")
         return cls.from_dict(data, source=str(path))
 
     def replace(self, **changes) -> "ServingConfig":
@@ -118,6 +107,23 @@ class ServingConfig:
         args.append("--enable-chunked-prefill" if self.enable_chunked_prefill
                     else "--no-enable-chunked-prefill")
         return args
+
+
+def read_yaml_mapping(path: str | Path, *, missing: str = "file not found",
+                      expected: str = "a mapping") -> dict:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise TwinInputError(missing, file=str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise TwinInputError(f"expected {expected}", file=str(path))
+    return data
 
 
 def _coerce(value, f: dataclasses.Field, source: str):

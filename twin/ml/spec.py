@@ -177,18 +177,10 @@ class WorkloadSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "WorkloadSpec":
-        import yaml
+        from twin.config import read_yaml_mapping
 
-        path = Path(path)
-        if not path.exists():
-            raise TwinInputError("workload spec not found", file=str(path))
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from exc
-        if not isinstance(d, dict):
-            raise TwinInputError("expected a mapping (family: ..., n_adapters: ...)",
-                                 file=str(path))
+        d = read_yaml_mapping(path, missing="workload spec not found",
+                              expected="a mapping (family: ..., n_adapters: ...)")
         try:
             return cls.from_dict(d)
         except TwinInputError as exc:

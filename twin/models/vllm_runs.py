@@ -311,18 +311,9 @@ def _load_sidecar(sidecar) -> dict:
         return {}
     if isinstance(sidecar, dict):
         return sidecar
-    import yaml
+    from twin.config import read_yaml_mapping
 
-    path = Path(sidecar)
-    if not path.exists():
-        raise TwinInputError("sidecar file not found", file=str(path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise TwinInputError("expected a mapping", file=str(path))
-    return data
+    return read_yaml_mapping(sidecar, missing="sidecar file not found")
 
 
 def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
