@@ -29,13 +29,7 @@ from twin.sched import Scheduler  # noqa: E402
 from twin.sim.replay import ReplayExhausted, ReplayStepTime, replay  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

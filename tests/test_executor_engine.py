@@ -31,22 +31,13 @@ from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 # a random tiny Llama whose greedy continuations depend on the context (a larger init
 # than HF's default, untied head), so a corrupted KV cache changes the tokens
 TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
             max_position_embeddings=512)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny ops on a busy 2-core machine are far slower with two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

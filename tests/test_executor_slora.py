@@ -40,13 +40,7 @@ from twin.workload.catalog import AdapterCatalog  # noqa: E402
 TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
             max_position_embeddings=512)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
