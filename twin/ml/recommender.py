@@ -306,6 +306,23 @@ class Recommendation:
                 "warnings": self.warnings, "candidates": cand.to_dict(orient="records")}
 
 
+def _prepare(trace, profile, model, base, window_s, catalog):
+    """Defaults shared by recommend and place: the profile and model loaded, the paper's
+    base config, the trace cut to its window, a catalog at the base rank if none given."""
+    from twin.models.profile import Profile, load_profile
+    from twin.workload.catalog import AdapterCatalog
+
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    model = model or Recommender.load()
+    base = base or paper_base()
+    window = _trace_window(trace, window_s)
+    trace = trace[trace["arrival_s"] <= window].reset_index(drop=True)
+    if catalog is None:
+        names = sorted(trace["adapter"].dropna().unique().tolist())
+        catalog = AdapterCatalog.uniform(names, base.max_lora_rank)
+    return profile, model, base, window, trace, catalog
+
+
 def _trace_window(trace: pd.DataFrame, window_s: float | None) -> float:
     if window_s is not None:
         return float(window_s)
@@ -320,9 +337,6 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     """The best non-starving configuration for ``trace``, predicted then verified by twin
     runs (at most ``max_runs``). ``objective``: 'throughput' or 'goodput' (tokens/s of
     requests meeting ``slo`` = {'ttft': ms, 'tpot': ms})."""
-    from twin.models.profile import Profile, load_profile
-    from twin.workload.catalog import AdapterCatalog
-
     t_start = time.perf_counter()
     if objective not in ("throughput", "goodput"):
         raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
@@ -330,14 +344,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     if objective == "goodput" and not slo:
         raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
                              field="--slo")
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    model = model or Recommender.load()
-    base = base or paper_base()
-    window = _trace_window(trace, window_s)
-    trace = trace[trace["arrival_s"] <= window].reset_index(drop=True)
-    if catalog is None:
-        names = sorted(trace["adapter"].dropna().unique().tolist())
-        catalog = AdapterCatalog.uniform(names, base.max_lora_rank)
+    profile, model, base, window, trace, catalog = _prepare(
+        trace, profile, model, base, window_s, catalog)
     if not len(catalog):
         raise TwinInputError("the trace names no adapter: nothing to recommend for LoRA "
                              "serving", field="adapter")
@@ -613,18 +621,9 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
 
     An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
     into replicas, each taking every r-th of its requests (the routing table's weights)."""
-    from twin.models.profile import Profile, load_profile
-    from twin.workload.catalog import AdapterCatalog
-
     t0 = time.perf_counter()
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    model = model or Recommender.load()
-    base = base or paper_base()
-    window = _trace_window(trace, window_s)
-    trace = trace[trace["arrival_s"] <= window].reset_index(drop=True)
-    if catalog is None:
-        names = sorted(trace["adapter"].dropna().unique().tolist())
-        catalog = AdapterCatalog.uniform(names, base.max_lora_rank)
+    profile, model, base, window, trace, catalog = _prepare(
+        trace, profile, model, base, window_s, catalog)
     U = _Units(trace, catalog)
     rank = {a: catalog.rank(a) for a in catalog.adapters}
     attempts: list[str] = []
