@@ -90,12 +90,20 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eng, "Scheduler", Recording)
     write_synthetic_adapters(resolve_model("tiny"), tmp_path / "a", 3, ranks=(8,))
-    cell = Cell(9, 40, 12, 3, 4, 16, 64)
-    trace = cell.trace()
-    res = eng.execute(trace, cell.config(512), resolve_model("tiny"), tmp_path / "a",
-                      num_gpu_blocks=200)
-    X = step_features(res.steps, trace, 16, 4)
-    np.testing.assert_allclose(X, np.array(seen))
+    for cell in (Cell(9, 40, 12, 3, 4, 16, 64), Cell(3, 40, 2, 2, 4, 16, 64, gap=0.05)):
+        seen.clear()
+        trace = cell.trace()
+        res = eng.execute(trace, cell.config(512), resolve_model("tiny"), tmp_path / "a",
+                          num_gpu_blocks=200)
+        X = step_features(res.steps, trace, 16, 4)
+        # the scheduler's plan knows all but the after-idle flag, which the engine sets
+        np.testing.assert_allclose(X[:, :-1], np.array(seen)[:, :-1])
+        idle = X[:, FEATURES.index("after_idle")]
+        if cell.gap:   # requests 2 and 3 each arrive to an idle engine, request 1 at t = 0
+            assert idle.sum() == 2 and idle[0] == 0
+        else:
+            assert idle.sum() == 0
+        assert (X[:, FEATURES.index("prefill_seqs")] > 1).any() == (not cell.gap)
 
 
 def test_design_spans_features():

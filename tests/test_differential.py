@@ -106,8 +106,13 @@ def test_twin_replaying_executor_durations_batches_identically(setup, name, monk
     tw, log = twin_replay(ex, trace, cat, monkeypatch)
 
     assert (ex.requests["status"] == "finished").all()
-    # the engine idled until the bursts: a step starts exactly at an arrival
+    # the engine idled until the bursts: a step starts exactly at an arrival, and both
+    # engines mark the same steps as after-idle (a step-time feature)
     assert ex.steps["start_s"].isin(trace["arrival_s"]).sum() >= 2
+    idle_ex = ex.steps.loc[ex.steps["after_idle"], "start_s"].to_numpy()
+    idle_tw = tw.steps.loc[tw.steps["after_idle"], "start_s"].to_numpy()
+    assert len(idle_ex) >= 1
+    np.testing.assert_allclose(idle_tw, idle_ex, rtol=0, atol=1e-9)
     ex_batches = [list(zip(ids, ks)) for ids, ks in zip(ex.steps["batch_request_ids"],
                                                         ex.steps["batch_tokens"])]
     tw_batches = [items for items, _ in log]

@@ -213,3 +213,37 @@ def test_vllm_serve_yaml_is_accepted_with_irrelevant_settings_ignored(tmp_path):
                  "lora-modules:\n- a0=/adapters/a0\nport: 8000\n")
     cfg = ServingConfig.from_yaml(y)
     assert cfg.max_loras == 8 and cfg.max_cpu_loras == 8 and cfg.enable_lora
+
+
+def test_after_idle_steps_pay_their_extra_cost_and_only_they():
+    """A request that meets an idle engine pays the profile's after-idle cost once, in its
+    first (prefill) step; requests arriving to a busy engine never do."""
+    import dataclasses
+
+    from twin.models.step_time import StepTimeModel
+
+    base = load_profile("cpu-tiny")
+    extra = 0.004
+    coef = dict(base.step_time.base, after_idle=extra)
+    idle_prof = dataclasses.replace(base, step_time=StepTimeModel(base=coef))
+    quiet = dataclasses.replace(base, step_time=StepTimeModel(
+        base={k: v for k, v in coef.items() if k != "after_idle"}))
+    cfg = ServingConfig(enable_lora=False, max_model_len=512)
+
+    def run(arrivals, prof):
+        n = len(arrivals)
+        t = pd.DataFrame({"request_id": np.arange(n), "arrival_s": arrivals,
+                          "adapter": pd.array([None] * n, dtype="string"),
+                          "prompt_tokens": np.full(n, 40), "output_tokens": np.full(n, 8)})
+        return simulate(t, cfg, prof, record_steps=True)
+
+    spaced = [0.5, 1.0, 1.5, 2.0]            # each finishes long before the next arrives
+    a, b = run(spaced, idle_prof), run(spaced, quiet)
+    assert a.steps["after_idle"].sum() == 4
+    ttft_gap = (a.requests["first_token_s"] - b.requests["first_token_s"]).to_numpy()
+    np.testing.assert_allclose(ttft_gap, extra, rtol=1e-9)
+    burst = [0.5, 0.5, 0.5001, 0.5002]       # later ones arrive to a busy engine
+    a, b = run(burst, idle_prof), run(burst, quiet)
+    assert a.steps["after_idle"].sum() == 1
+    np.testing.assert_allclose(a.requests["finish_s"] - b.requests["finish_s"], extra,
+                               rtol=1e-9)

@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 from twin.cli import main  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.models.calibrate_executor import calibrate_executor  # noqa: E402
-from twin.validate import compare, format_table, smape, validate  # noqa: E402
+from twin.validate import (compare, format_table, median_summary, run_spread,  # noqa: E402
+                           smape, validate)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,34 @@ def test_cli_prints_table(profile, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "executor" in out and "twin" in out and "SMAPE" in out
     assert (tmp_path / "o" / "timeline_overlay.png").exists()
+
+
+def summary(thr=100.0, ttft=10.0):
+    return {"total_throughput": thr, "output_throughput": 50.0, "request_throughput": 1.0,
+            "completed": 10, "ttft_ms": {"mean": ttft, "p99": 20.0},
+            "tpot_ms": {"mean": 1.0, "p99": 2.0}, "itl_ms": {"mean": 1.0, "p99": 2.0},
+            "e2e_ms": {"mean": 30.0, "p99": 40.0},
+            "adapter_loads": {"from_disk": 3, "from_host": 1, "time_s": 0.1},
+            "preemptions": 0, "duration_s": 10.0}
+
+
+def test_twin_is_compared_to_the_median_executor_run():
+    runs = [summary(100.0, 10.0), summary(90.0, 40.0), summary(120.0, 12.0)]
+    med = median_summary(runs)
+    assert med["total_throughput"] == 100.0 and med["ttft_ms"]["mean"] == 12.0
+    t = compare(med, summary(100.0, 12.0)).set_index("key")
+    assert t.loc["throughput", "smape"] == 0 and t.loc["ttft_mean", "smape"] == 0
+    sp = run_spread(runs)   # median of the three pairwise SMAPEs
+    want = np.median([smape(10, 40), smape(10, 12), smape(40, 12)])
+    assert sp["ttft_mean"] == pytest.approx(want) and sp["preemptions"] == 0
+
+
+def test_validate_repeats_the_executor(profile):
+    cfg = ServingConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=16, max_num_seqs=16,
+                        max_num_batched_tokens=64)
+    v = validate(spaced_trace(4), cfg, profile, "tiny", repeats=2, plot=False)
+    assert len(v.executor_summaries) == 2 and v.to_dict()["executor_runs"] == 2
+    assert 0 <= v.spread["ttft_mean"] < 2 and v.spread["completed requests"] == 0
 
 
 def test_compare_format():

@@ -78,6 +78,32 @@ def compare(executor: dict, twin: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def median_summary(summaries: list[dict]) -> dict:
+    """Per metric (``METRICS``) the median over several runs' summaries, in the same nested
+    form, so ``compare`` can set the twin against the executor's typical run."""
+    if len(summaries) == 1:
+        return summaries[0]
+    out: dict = {}
+    for _, path, _ in METRICS:
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = float(np.median([_get(s, path) for s in summaries]))
+    return out
+
+
+def run_spread(summaries: list[dict]) -> dict:
+    """The executor's own noise: per metric key, the median pairwise SMAPE between runs."""
+    import itertools
+
+    out = {}
+    for label, path, _ in METRICS:
+        vals = [_get(s, path) for s in summaries]
+        pairs = [smape(a, b) for a, b in itertools.combinations(vals, 2)]
+        out[KEYS.get(label, label)] = float(np.median(pairs)) if pairs else float("nan")
+    return out
+
+
 def format_table(table: pd.DataFrame, title: str = "") -> str:
     w = (30, 12, 12, 8)
     lines = []
@@ -95,11 +121,21 @@ def format_table(table: pd.DataFrame, title: str = "") -> str:
 @dataclass
 class Validation:
     table: pd.DataFrame
-    executor: object          # RunResult
+    executor: object          # RunResult (the first run)
     twin: object              # RunResult
     num_blocks: int
     config: object            # the effective ServingConfig
     plot: Path | None = None
+    executor_summaries: list = dataclasses.field(default_factory=list)   # every run's
+
+    def recompare(self, more: list[dict]) -> None:
+        """Add further executor runs' summaries and compare the twin to the median run."""
+        self.executor_summaries = list(self.executor_summaries) + list(more)
+        self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
+
+    @property
+    def spread(self) -> dict:
+        return run_spread(self.executor_summaries)
 
     def smape(self, key: str) -> float:
         return float(self.table.set_index("key").loc[key, "smape"])
@@ -108,8 +144,12 @@ class Validation:
         return format_table(self.table, title)
 
     def to_dict(self) -> dict:
-        return {"num_gpu_blocks": self.num_blocks, "config": self.config.to_dict(),
-                "table": self.table.drop(columns="fmt").to_dict(orient="records")}
+        d = {"num_gpu_blocks": self.num_blocks, "config": self.config.to_dict(),
+             "executor_runs": len(self.executor_summaries),
+             "table": self.table.drop(columns="fmt").to_dict(orient="records")}
+        if len(self.executor_summaries) > 1:
+            d["executor_spread"] = self.spread
+        return d
 
 
 def usable_blocks(trace: pd.DataFrame, block_size: int, max_model_len: int) -> int:
@@ -125,9 +165,11 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
              num_gpu_blocks: int | None = None, device: str = "cpu",
              window_s: float | None = None, progress: bool = False, seed: int = 0,
              warmup: bool = True, adapter_ranks=(8, 16), trace_source: str = "trace",
-             plot: bool = True) -> Validation:
+             plot: bool = True, repeats: int = 1) -> Validation:
     """Run ``trace`` with ``config`` on the executor and on the twin (``profile``) and
     compare them. ``model``: tiny / smollm2 / an HF directory / a loaded LlamaModel.
+    ``repeats``: executor runs; the twin is compared to their per-metric median (a shared
+    machine's speed drifts by +-10% over seconds) and their spread is reported.
     ``adapters``: a PEFT directory or catalog; None writes synthetic adapters (ranks
     ``adapter_ranks``, cycled) named after the trace's adapters. ``threads`` defaults to
     the profile's calibration threads."""
@@ -201,11 +243,16 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
             execute(w, config, m, catalog, num_gpu_blocks=nb, seed=seed)
         ex = execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
                      progress=progress, seed=seed, trace_source=trace_source)
+        summaries = [ex.summary] + [
+            execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
+                    seed=seed, trace_source=trace_source).summary
+            for _ in range(max(int(repeats), 1) - 1)]
         tw = simulate(trace, config, tprof, twin_catalog, window_s=window_s,
                       trace_source=trace_source)
     finally:
         torch.set_num_threads(old_threads)
-    v = Validation(compare(ex.summary, tw.summary), ex, tw, nb, config)
+    v = Validation(compare(median_summary(summaries), tw.summary), ex, tw, nb, config,
+                   executor_summaries=summaries)
     if out is not None:
         out = Path(out)
         ex.save(out / "executor")

@@ -48,6 +48,8 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply arrival times (0.5 = twice as fast)")
     p.add_argument("--window-s", type=float, default=None, help="measure a fixed window")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="executor runs; the twin is compared to their median (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -71,12 +73,17 @@ def run(args) -> int:
     v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
                  threads=args.threads, num_gpu_blocks=args.num_gpu_blocks, device=args.device,
                  window_s=args.window_s, progress=not args.no_progress, seed=args.seed,
-                 trace_source=str(args.trace))
+                 trace_source=str(args.trace), repeats=args.repeats)
     if args.json:
         print(json.dumps(v.to_dict(), indent=2))
     else:
         print(v.format(f"executor vs twin: {args.trace} ({len(trace)} requests, "
                        f"{v.num_blocks} KV blocks, profile {args.profile})"))
+    if args.repeats > 1:
+        sp = v.spread
+        print(f"executor: median of {args.repeats} runs; their own spread (median pairwise "
+              f"SMAPE): throughput {100 * sp['throughput']:.1f}%, TTFT mean "
+              f"{100 * sp['ttft_mean']:.1f}%, ITL mean {100 * sp['itl_mean']:.1f}%")
     if args.out:
         print(f"wrote {args.out}/ (table.csv, validation.json, timeline_overlay.png)")
     return 0

@@ -61,7 +61,7 @@ DEFAULT_CPU_KV_GIB = 1.0   # CPU KV-cache budget when no block count is given (c
 STEP_COLUMNS = [
     # the twin's step-log columns (twin.sim.engine), so the two logs line up
     "start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs", "explicit_seqs",
-    "adapters", "loads", "preempted", "blocked",
+    "adapters", "loads", "preempted", "blocked", "after_idle",
     # the executor's own
     "num_seqs", "num_tokens", "batch_adapters", "loads_from_disk", "kv_blocks", "failed",
     "schedule_s", "load_s", "read_s", "pack_s", "copy_s", "forward_s", "sample_s",
@@ -599,6 +599,7 @@ class _Engine:
         i = 0
         now = 0.0            # logical clock (seconds from the trace start)
         wall = perf()        # the wall instant that corresponds to ``now``
+        idle = False         # waited for an arrival since the last step (as the twin marks it)
         while True:
             while i < n and arrival[i] <= now:
                 arrive(i, now)
@@ -614,7 +615,7 @@ class _Engine:
                 left = target - now - (perf() - wall)
                 if left > 0:
                     time.sleep(left)
-                now, wall = target, perf()
+                now, wall, idle = target, perf(), True
                 continue
             t = perf()
             if self.paged:   # slora hook: free the pages of the adapters schedule() drops
@@ -629,7 +630,7 @@ class _Engine:
                 left = target - now - (perf() - wall)
                 if left > 0:
                     time.sleep(left)
-                now, wall = target, perf()
+                now, wall, idle = target, perf(), True
                 continue
             for r in plan.preempted:
                 tables.release(r.idx)
@@ -714,7 +715,7 @@ class _Engine:
             stats["loads"] += len(plan.loads)
             stats["load_time"] += t_load
             rows.append((now, dur, 1, plan.prefill_tokens, plan.decode_n, len(plan.explicit),
-                         plan.adapters, len(plan.loads), len(plan.preempted), plan.blocked,
+                         plan.adapters, len(plan.loads), len(plan.preempted), plan.blocked, idle,
                          len(items), sum(k for _, k in items),
                          len({r.adapter for r, _ in items if r.adapter >= 0}), n_disk,
                          plan.kv_blocks, n_failed, t_sched, t_load, t_read, t_pack, t_copy,
@@ -726,7 +727,7 @@ class _Engine:
                 out.record(r, toks)
                 if bar is not None:
                     bar.update(1)
-            now, wall = t_end, end
+            now, wall, idle = t_end, end, False
             if now >= next_sample:
                 next_sample = sample(now)
         sample(now)

@@ -8,20 +8,24 @@ The loop a user runs on their own hardware: measure a little, fit the twin, chec
   vary the prefill tokens per step (chunk budget, prompt length), the decode batch
   (request count, staggered output lengths so the batch shrinks), the attended context
   (prompt length), the distinct adapters (0 = base model, up to 32), the padded rank
-  (``max_lora_rank`` 8..64) and ``max_loras`` (1..32). Every executor step is one
-  measurement: its full wall-clock duration (scheduling, forward, sampling, bookkeeping —
-  exactly what the twin must predict) minus its adapter-load time, against the twin's
-  step features (``twin.models.step_time.FEATURES``) reconstructed from the step log.
-  Each cell runs ``repeats`` times; the schedule of a burst is deterministic, so the
-  steps line up; per step the median and the mean over the repeats are kept. The fit
-  uses the mean by default (``statistic``): on a shared CPU a fifth of the steps lose a
-  scheduler time slice (~4 ms) to other processes; the median drops those hits, the
-  served trace pays them, so a median fit under-predicts a live run (by ~2x measured on
-  the tiny model with one busy neighbour). ``statistic="median"`` fits the quiet machine. The model is linear,
-  ``t = sum_k c_k f_k`` with ``c >= 0`` (non-negative least squares, relative errors).
+  (``max_lora_rank`` 8..64), ``max_loras`` (1..32), and requests spaced apart so each
+  meets an idle engine (the after-idle step). Every executor step is one measurement: its
+  full wall-clock duration (scheduling, forward, sampling, bookkeeping — exactly what the
+  twin must predict) minus its adapter-load time, against the twin's step features
+  (``twin.models.step_time.FEATURES``) rebuilt from the run's step log. Each cell runs
+  ``repeats`` times, interleaved (every cell once, then again); a burst schedules alike
+  every time, so its steps line up and per step the mean (``statistic``) or median over
+  the repeats is fitted. The mean is the default: on a shared CPU some steps lose a
+  scheduler time slice (~4 ms) to other processes; the median drops those hits, a served
+  trace pays them. The model is linear, ``t = sum_k c_k f_k`` with ``c >= 0``
+  (non-negative least squares on relative errors: a served trace's time is mostly small
+  decode steps, and an unweighted fit bends to the bursts' few large prefill steps —
+  measured on seven served traces, the mean |error| of their summed step time fell from
+  10.6% unweighted to 6.6% relative).
 * **Load time** — adapters of ranks 8..64 are read + packed (disk → host) and copied into
-  a slot (host → device) ``repeats`` times; medians are fitted affine in the adapter's
-  bytes as the twin counts them (``ModelShape.adapter_bytes``), non-negative.
+  a slot (host → device) ``repeats`` times, each after a sweep that evicts the CPU caches
+  as a served step does; medians are fitted affine in the adapter's bytes as the twin
+  counts them (``ModelShape.adapter_bytes``), non-negative.
 * **Memory** — measured, not fitted: weights, LoRA slot bytes per slot and rank, KV bytes
   per token from the executor's own tensors; the activation peak as the executor's
   estimate (per batched token and per sequence). On CUDA the device memory is the GPU's;
@@ -29,9 +33,9 @@ The loop a user runs on their own hardware: measure a little, fit the twin, chec
   ``util x budget - weights - LoRA slots - activations``, like vLLM's
   ``VLLM_CPU_KVCACHE_SPACE``.
 
-Measurements go to ``PROFILE.measurements.parquet`` after every cell; a re-run with the
-same model, device and threads reuses every finished cell (resumable), and ``--budget``
-stops launching cells once the seconds are spent (the fit uses what was measured).
+Measurements go to ``PROFILE.measurements.parquet`` after every run; a re-run with the
+same model, device and threads reuses every finished run (resumable), and ``--budget``
+stops launching runs once the seconds are spent (the fit uses what was measured).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from twin.models.step_time import FEATURES
 MEASUREMENT_SUFFIX = ".measurements.parquet"
 DEFAULT_CPU_MEMORY_GIB = 2.0
 LOAD_RANKS = (8, 16, 32, 64)
+DESIGN_VERSION = 2   # measurements of another version are not reused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +68,11 @@ class Cell:
     """One microbenchmark: ``n`` requests at t = 0, prompt ``prompt`` tokens, outputs
     staggered over ``output * (1, 2/3, 1/3)``, adapters round-robin over ``adapters``
     distinct ones (0: base model), served with ``max_loras``, ``max_lora_rank`` and a
-    chunk budget ``budget`` (max_num_batched_tokens)."""
+    chunk budget ``budget`` (max_num_batched_tokens).
+
+    ``gap`` > 0 spaces the arrivals ``gap`` seconds apart instead, long enough for each
+    request to finish before the next: every request then meets an idle engine, which
+    measures the after-idle step (``after_idle`` feature)."""
 
     n: int
     prompt: int
@@ -72,17 +81,18 @@ class Cell:
     max_loras: int
     rank: int
     budget: int
+    gap: float = 0.0
 
     @property
     def key(self) -> str:
         return (f"n{self.n}-p{self.prompt}-o{self.output}-a{self.adapters}-m{self.max_loras}"
-                f"-r{self.rank}-b{self.budget}")
+                f"-r{self.rank}-b{self.budget}" + (f"-g{self.gap:g}" if self.gap else ""))
 
     def trace(self) -> pd.DataFrame:
         i = np.arange(self.n)
         out = np.maximum(1, (self.output * (3 - i % 3)) // 3)
         names = [f"lora-{k % self.adapters:04d}" if self.adapters else None for k in i]
-        return pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": np.zeros(self.n),
+        return pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": i * self.gap,
                              "adapter": pd.array(names, dtype="string"),
                              "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
                              "output_tokens": out.astype(np.int32)})
@@ -103,15 +113,25 @@ def design(scale: str = "tiny") -> list[Cell]:
     parameter models on a CPU (fewer, shorter requests).
     """
     if scale == "tiny":
-        N, P, O, B = (2, 8, 24, 48), (32, 128, 384), 48, (64, 256, 1024)
+        N, P, O, B, gap = (2, 8, 24, 48), (32, 128, 384), 48, (64, 256, 1024), 0.1
     else:
-        N, P, O, B = (2, 6, 12), (32, 96), 12, (64, 256)
+        N, P, O, B, gap = (2, 6, 12), (32, 96), 12, (64, 256), 0.6
     cells = []
     # the core: decode batch x context x adapters (prefill in chunks of the budget)
     for a in (0, 4):
         for n in N:
             for p in P:
                 cells.append(Cell(n, p, O, min(a, n), 8, 16, B[1]))
+    # slots: max_loras from 1 to 32 at small and large decode batches. The LoRA kernels'
+    # cost grows with the slots they span, and a design where max_loras is mostly 8
+    # confounds that slope with the fixed cost of running LoRA at all (measured: a 1-slot
+    # decode step was predicted 25% short until these cells were added).
+    for m in (1, 2, 4, 16, 32):
+        for n in (N[0], N[2]):
+            cells.append(Cell(n, P[0], O, min(2, m), m, 16, B[1]))
+    # after idle: requests one at a time, each arriving to an idle engine
+    for p in P[:2]:
+        cells.append(Cell(N[1], p, 4, 2, 8, 16, B[1], gap))
     # adapters and slots: distinct adapters, max_loras (kernel span), padded rank
     n = N[-1]
     for a, m in ((1, 1), (2, 32), (8, 8), (8, 32), (n // 2, 32), (n, 32)):
@@ -124,7 +144,8 @@ def design(scale: str = "tiny") -> list[Cell]:
             cells.append(Cell(N[1], p * 2, 4, min(4, N[1]), 8, 16, b))
     out, seen = [], set()
     for c in cells:
-        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), c.max_loras, c.rank, c.budget)
+        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), c.max_loras, c.rank, c.budget,
+                 c.gap)
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)
@@ -145,10 +166,16 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
     """
     prompt = dict(zip(trace["request_id"].tolist(), trace["prompt_tokens"].tolist()))
     lora = dict(zip(trace["request_id"].tolist(), trace["adapter"].notna().tolist()))
+    if "after_idle" in steps.columns:
+        idle = steps["after_idle"].to_numpy(bool)
+    else:   # older logs: a gap before the step means the engine waited
+        end = (steps["start_s"] + steps["duration_s"]).to_numpy()
+        idle = np.r_[steps["start_s"].to_numpy()[:1] > 0,
+                     steps["start_s"].to_numpy()[1:] > end[:-1] + 1e-9]
     computed: dict[int, int] = {}
     X = np.zeros((len(steps), len(FEATURES)))
     for j, (ids, toks) in enumerate(zip(steps["batch_request_ids"], steps["batch_tokens"])):
-        pt = dn = dctx = pctx = lt = 0
+        pt = pn = dn = dctx = pctx = lt = 0
         for rid, k in zip(ids, toks):
             rid, k = int(rid), int(k)
             start = computed.get(rid, 0)
@@ -157,13 +184,14 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
                 dctx += start + 1
             else:
                 pt += k
+                pn += 1
                 pctx += k * (start + k)
             if lora[rid]:
                 lt += k
             computed[rid] = start + k
         a = int(steps["batch_adapters"].iloc[j])
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                max_loras if lt else 0)
+                max_loras if lt else 0, 1 if lt else 0, pn, float(idle[j]))
     return X
 
 
@@ -223,8 +251,13 @@ class _Cache:
         self.reused = len(self.df)
         self.new = 0
 
-    def has(self, key: str) -> bool:
-        return len(self.df) > 0 and bool((self.df["key"] == key).any())
+    def has(self, key: str, repeat: int | None = None) -> bool:
+        if not len(self.df):
+            return False
+        hit = self.df["key"] == key
+        if repeat is not None:
+            hit &= self.df["repeat"] == repeat
+        return bool(hit.any())
 
     def add(self, rows: pd.DataFrame) -> None:
         rows = rows.assign(**{k: str(v) for k, v in self.ident.items()})
@@ -236,43 +269,43 @@ class _Cache:
         tmp.replace(self.path)
 
 
-def _measure_cell(cell: Cell, model, adapters_dir: Path, repeats: int, max_model_len: int):
-    """Run a cell ``repeats`` times; rows (one per step) with features and the median
-    duration / load time over the repeats."""
+def _measure_cell(cell: Cell, model, adapters_dir: Path, max_model_len: int,
+                  repeat: int) -> pd.DataFrame:
+    """Serve a cell once; one row per step with its features (rebuilt from this run's own
+    log), duration and load time."""
     from twin.executor.engine import execute
 
     trace = cell.trace()
     cfg = cell.config(max_model_len)
     catalog = adapters_dir if cell.adapters else None
     need = int(((trace["prompt_tokens"] + trace["output_tokens"] + 15) // 16).sum()) + 1
-    runs = []
-    for _ in range(repeats):
-        res = execute(trace, cfg, model, catalog, num_gpu_blocks=max(need, -(-max_model_len // 16)))
-        st = res.steps
-        if int(st["preempted"].sum()):
-            raise RuntimeError(f"calibration cell {cell.key} preempted (KV too small)")
-        runs.append(st)
-    base = runs[0]
-    same = all(len(r) == len(base) and list(map(list, r["batch_tokens"])) ==
-               list(map(list, base["batch_tokens"])) for r in runs[1:])
-    if not same:   # cannot happen for a burst at t=0; keep the first run only
-        runs = runs[:1]
-    dur = np.median(np.stack([r["duration_s"].to_numpy() for r in runs]), axis=0)
-    load = np.median(np.stack([r["load_s"].to_numpy() for r in runs]), axis=0)
-    X = step_features(base, trace, cfg.max_lora_rank, cfg.max_loras)
+    st = execute(trace, cfg, model, catalog,
+                 num_gpu_blocks=max(need, -(-max_model_len // 16))).steps
+    if int(st["preempted"].sum()):
+        raise RuntimeError(f"calibration cell {cell.key} preempted (KV too small)")
+    X = step_features(st, trace, cfg.max_lora_rank, cfg.max_loras)
     rows = pd.DataFrame(X, columns=list(FEATURES))
     rows.insert(0, "kind", "step")
     rows.insert(1, "key", cell.key)
-    rows["step"] = np.arange(len(base))
-    rows["duration_s"] = dur
-    rows["load_s"] = load
-    rows["duration_mean_s"] = np.mean(np.stack([r["duration_s"].to_numpy() for r in runs]), axis=0)
-    rows["load_mean_s"] = np.mean(np.stack([r["load_s"].to_numpy() for r in runs]), axis=0)
-    rows["loads"] = base["loads"].to_numpy()
-    rows["repeats"] = len(runs)
-    rows["spread"] = (np.stack([r["duration_s"].to_numpy() for r in runs]).std(axis=0) / dur
-                      if len(runs) > 1 else 0.0)
+    rows["repeat"] = repeat
+    rows["step"] = np.arange(len(st))
+    rows["duration_s"] = st["duration_s"].to_numpy()
+    rows["load_s"] = st["load_s"].to_numpy()
+    rows["loads"] = st["loads"].to_numpy()
     return rows
+
+
+def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
+    """One row per distinct step of a cell (same key, step index and features): the
+    ``statistic`` (mean or median) of its duration minus load time over the repeats, the
+    repeats' relative spread and their count. A cell's bursts schedule alike run after run,
+    so its steps line up across repeats; where timing made them differ they stay apart."""
+    df = steps.assign(y=steps["duration_s"] - steps["load_s"])
+    g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
+    out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
+    out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]
+    out["spread"] = (out["y_std"].fillna(0.0) / out["y_median"].where(out["y_median"] > 0)).fillna(0.0)
+    return out
 
 
 def _measure_loads(model, adapters_dir: Path, repeats: int) -> pd.DataFrame:
@@ -280,12 +313,21 @@ def _measure_loads(model, adapters_dir: Path, repeats: int) -> pd.DataFrame:
     from twin.executor.adapters import pack_adapter, read_adapter
     from twin.executor.lora import LoRASlots
 
+    import torch
+
+    # A live load happens between forward passes that have evicted the CPU caches (loading
+    # the same adapter in a tight loop measured 1.0 ms where a served trace paid 1.3-1.9 ms
+    # on the tiny model), so each timed load follows a sweep over a buffer larger than
+    # the last-level cache.
+    flush = torch.ones(16 * 2 ** 20)   # 64 MB of float32
     rows = []
     for r in LOAD_RANKS:
         path = adapters_dir / f"rank-{r}"
         slots = LoRASlots(model.shape, 1, r, dtype=model.dtype, device=model.device)
         disk, copy = [], []
         for _ in range(repeats + 1):   # the first is a warm-up
+            if model.device.type == "cpu":
+                flush.add_(1.0)
             t = time.perf_counter()
             packed = pack_adapter(read_adapter(str(path), f"rank-{r}"), model, r,
                                   dtype=model.dtype, pin_memory=model.device.type == "cuda")
@@ -369,54 +411,57 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
         cells = design(scale)[:max_cells]
         max_model_len = min(m.shape.max_position_embeddings, 2048)
         ident = {"model": str(model_dir), "device": str(dev), "threads": n_threads,
-                 "torch": torch.__version__}
+                 "torch": torch.__version__, "features": "|".join(FEATURES),
+                 "design": DESIGN_VERSION}
         cache = _Cache(out.with_name(out.name + MEASUREMENT_SUFFIX), ident)
         adapters_dir = out.with_name(out.name + ".adapters")
         _ensure_adapters(model_dir, adapters_dir)
-        todo = [c for c in cells if not cache.has(c.key)]
+        # Repeats are interleaved: every cell once, then every cell again, ... so a slow
+        # drift of the machine (other tenants come and go over seconds) spreads over all
+        # cells instead of biasing the few measured while it lasted (back-to-back repeats
+        # left cell-level sum errors of +-15% on a shared 2-core box).
+        todo = [(r, c) for r in range(repeats) for c in cells if not cache.has(c.key, r)]
         need_loads = not cache.has("load-r8")
-        log(f"calibrating {model} on {dev} ({n_threads} thread(s)): {len(cells)} cells, "
-            f"{len(cells) - len(todo)} reused, {len(todo)} to measure"
-            + (f", budget {budget_s:g} s" if budget_s else ""))
+        log(f"calibrating {model} on {dev} ({n_threads} thread(s)): {len(cells)} cells x "
+            f"{repeats} repeats, {len(cells) * repeats - len(todo)} runs reused, {len(todo)} "
+            "to measure" + (f", budget {budget_s:g} s" if budget_s else ""))
         if todo:   # warm-up: the first forwards of a process are slow
-            _measure_cell(Cell(4, 32, 8, 2, 2, 16, 64), m, adapters_dir, 1, max_model_len)
+            _measure_cell(Cell(4, 32, 8, 2, 2, 16, 64), m, adapters_dir, max_model_len, -1)
         if need_loads:
             cache.add(_measure_loads(m, adapters_dir, repeats))
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), unit="cell", desc="calibrating")
+            bar = tqdm(total=len(todo), unit="run", desc="calibrating")
         skipped = 0
-        cell_times = []
-        for c in todo:
+        run_times = []
+        for r, c in todo:
             elapsed = time.perf_counter() - t0
-            est = statistics.median(cell_times) if cell_times else 0.0
+            est = statistics.median(run_times) if run_times else 0.0
             have = len(cache.df) and bool((cache.df["kind"] == "step").any())
             if budget_s is not None and have and elapsed + est > budget_s:
                 skipped += 1
                 continue
             t = time.perf_counter()
-            cache.add(_measure_cell(c, m, adapters_dir, repeats, max_model_len))
-            cell_times.append(time.perf_counter() - t)
+            cache.add(_measure_cell(c, m, adapters_dir, max_model_len, r))
+            run_times.append(time.perf_counter() - t)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         df = cache.df
-        steps = df[df["kind"] == "step"]
+        measured = df[df["kind"] == "step"]
         loads = df[df["kind"] == "load"]
-        if not len(steps):
+        if not len(measured):
             raise TwinInputError("no step measurement within the budget; raise --budget",
                                  field="--budget")
         # step time: duration minus the load work done inside the step
-        if statistic == "mean":
-            y = (steps["duration_mean_s"] - steps["load_mean_s"]).to_numpy()
-        else:
-            y = (steps["duration_s"] - steps["load_s"]).to_numpy()
+        steps = step_table(measured, statistic)
+        y = steps["y"].to_numpy()
         X = steps[list(FEATURES)].to_numpy(float)
-        # unweighted: the twin's metrics are sums of step times, so fit them without bias
-        coef, res = fit_nnls(X, y, FEATURES, relative=False)
+        # relative: every step weighs alike, small decode steps as much as big prefills
+        coef, res = fit_nnls(X, y, FEATURES, relative=True)
         per_cell = {}
         pred = X @ np.array([coef[k] for k in FEATURES])
         for key, idx in steps.groupby("key").indices.items():
@@ -452,18 +497,19 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                 "torch": torch.__version__, "threads": n_threads,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "design": scale, "repeats": repeats,
+                "repeats_interleaved": True,
                 "cells": int(steps["key"].nunique()), "cells_designed": len(cells),
-                "cells_skipped_budget": skipped,
-                "n_measurements": int(len(steps) + len(loads)),
-                "n_step_measurements": int(len(steps)), "n_load_measurements": int(len(loads)),
+                "runs_skipped_budget": skipped,
+                "n_measurements": int(len(measured) + len(loads)),
+                "n_step_measurements": int(len(measured)), "n_load_measurements": int(len(loads)),
+                "n_distinct_steps": int(len(steps)),
                 "measurements": str(cache.path), "measurements_reused": cache.reused,
                 "measurements_new": cache.new, "budget_s": budget_s,
-                "step_time_fit": f"NNLS (unweighted) on the {statistic} over repeats of each "
+                "step_time_fit": f"NNLS (relative errors) on the {statistic} over repeats of each "
                                  "step's duration minus its load time",
                 "step_time_statistic": statistic,
-                "step_time_mean_over_median": float(
-                    (steps["duration_mean_s"] - steps["load_mean_s"]).sum()
-                    / (steps["duration_s"] - steps["load_s"]).sum()),
+                "step_time_mean_over_median": float(steps["y_mean"].sum()
+                                                    / steps["y_median"].sum()),
                 "step_time_residuals": res,
                 "step_time_repeat_spread_median": float(steps["spread"].median()),
                 "step_time_sum_error_per_cell": per_cell,

@@ -22,7 +22,18 @@ FEATURES = (
     "adapters",         # distinct adapters in the batch (their slot weights are read)
     "adapter_rank",     # distinct adapters x padded rank (bytes of slot weights read)
     "lora_slots",       # max_loras when any token has an adapter (kernel grid spans slots)
+    "lora_active",      # 1 when any token has an adapter (the LoRA kernels launch at all)
+    "prefill_seqs",     # prefill chunks (per-sequence attention calls and bookkeeping)
+    "after_idle",       # 1 for the first step after the engine waited idle for an arrival
 )
+AFTER_IDLE = FEATURES.index("after_idle")
+
+
+def after_idle(f: tuple) -> tuple:
+    """``f`` with the after-idle flag set: the first step after an idle wait runs on cold
+    caches and clocks (measured ~1 ms extra on a CPU; light load's TTFT is mostly such
+    steps)."""
+    return f[:AFTER_IDLE] + (1.0,) + f[AFTER_IDLE + 1:]
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> tuple:
@@ -30,7 +41,7 @@ def features(plan, max_lora_rank: int, max_loras: int) -> tuple:
     lt = plan.decode_lora + plan.prefill_lora_tokens
     return (1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
             lt * max_lora_rank, plan.adapters, plan.adapters * max_lora_rank,
-            max_loras if lt else 0)
+            max_loras if lt else 0, 1 if lt else 0, plan.prefill_n, 0.0)
 
 
 @dataclass

@@ -212,7 +212,7 @@ def slora_featurize(cache: UnifiedAdapterPool):
         lt = plan.decode_lora + plan.prefill_lora_tokens
         return (1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
                 lt * cache.mean_running_rank(), plan.adapters, cache.rank_sum,
-                plan.adapters if lt else 0)
+                plan.adapters if lt else 0, 1 if lt else 0, plan.prefill_n, 0.0)
     return featurize
 
 

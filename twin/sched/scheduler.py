@@ -38,8 +38,8 @@ class StepPlan:
     group in running order; when ``group_decode`` every group member decodes one token."""
 
     __slots__ = ("explicit", "group_decode", "decode_n", "decode_ctx", "decode_lora",
-                 "prefill_tokens", "prefill_ctx", "prefill_lora_tokens", "adapters", "loads",
-                 "admitted", "preempted", "blocked", "kv_blocks")
+                 "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_lora_tokens",
+                 "adapters", "loads", "admitted", "preempted", "blocked", "kv_blocks")
 
     def __init__(self):
         self.explicit: list = []        # (request, new tokens), running order
@@ -48,6 +48,7 @@ class StepPlan:
         self.decode_ctx = 0             # sum of attended tokens over decode sequences
         self.decode_lora = 0            # decode sequences with an adapter
         self.prefill_tokens = 0
+        self.prefill_n = 0              # prefill chunks
         self.prefill_ctx = 0            # sum over prefill chunks of n * (start + n)
         self.prefill_lora_tokens = 0
         self.adapters = 0               # distinct adapters in the batch
@@ -225,6 +226,7 @@ class Scheduler:
                 plan.decode_lora += 1
             return
         plan.prefill_tokens += n
+        plan.prefill_n += 1
         plan.prefill_ctx += n * (r.computed + n)
         if r.adapter >= 0:
             plan.prefill_lora_tokens += n
@@ -405,6 +407,7 @@ class Scheduler:
                 plan.decode_lora -= 1
             return
         plan.prefill_tokens -= n
+        plan.prefill_n -= 1
         plan.prefill_ctx -= n * (r.computed + n)
         if r.adapter >= 0:
             plan.prefill_lora_tokens -= n

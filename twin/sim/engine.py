@@ -17,7 +17,7 @@ import simpy
 from twin.config import ServingConfig
 from twin.errors import ConfigError
 from twin.models.profile import Profile, load_profile
-from twin.models.step_time import features
+from twin.models.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sim.itl_histogram import ITLHistogram
 from twin.sim.results import RunResult, request_table, summarize, waiting_growth
@@ -148,6 +148,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     def engine():
         i = 0
         pool = sched.pool
+        idle = False   # the engine waited for an arrival since its last step
         while True:
             now = env.now
             while i < n and arrival_list[i] <= now:
@@ -159,6 +160,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
                 if i >= n:
                     break
                 _sample(rec, now, sched)
+                idle = True
                 yield env.timeout(arrival_list[i] - now)
                 continue
             plan = sched.schedule(now)
@@ -167,11 +169,15 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
                 # starts, where any single request fits the KV cache); never spin
                 if i >= n:
                     break
+                idle = True
                 yield env.timeout(arrival_list[i] - now)
                 continue
             f = features(plan, rank_pad, max_loras) if featurize is None else featurize(plan)
             steps = 1
-            if plan.pure_decode:
+            was_idle, idle = idle, False
+            if was_idle:
+                f = after_idle(f)   # a step of its own: the run after it is warm
+            elif plan.pure_decode:
                 steps = sched.quiet_steps(plan)
             if steps > 1:
                 ctx_step = plan.decode_n
@@ -210,7 +216,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
             if rec.step_rows is not None:
                 rec.step_rows.append((now, dur, steps, plan.prefill_tokens, plan.decode_n,
                                       len(plan.explicit), plan.adapters, len(plan.loads),
-                                      len(plan.preempted), plan.blocked))
+                                      len(plan.preempted), plan.blocked, was_idle))
             yield env.timeout(dur)
             for r in sched.finish_step(plan, env.now, steps):
                 out.record(r)
@@ -296,7 +302,7 @@ def _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration,
     if rec.step_rows is not None:
         steps_df = pd.DataFrame(rec.step_rows, columns=[
             "start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs", "explicit_seqs",
-            "adapters", "loads", "preempted", "blocked"])
+            "adapters", "loads", "preempted", "blocked", "after_idle"])
     meta = {"config": config.to_dict(), "profile": profile.name, "window_s": window_s,
             "twin_version": __import__("twin").__version__}
     return RunResult(requests=req_df, summary=summary, timeline=timeline, steps=steps_df,
