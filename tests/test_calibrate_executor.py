@@ -98,6 +98,8 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
         X = step_features(res.steps, trace, 16, 4)
         # the scheduler's plan knows all but the after-idle flag, which the engine sets
         np.testing.assert_allclose(X[:, :-1], np.array(seen)[:, :-1])
+        # and the executor logs exactly these features (what calibration fits on)
+        np.testing.assert_allclose(np.array(res.steps["features"].tolist()), X)
         idle = X[:, FEATURES.index("after_idle")]
         if cell.gap:   # requests 2 and 3 each arrive to an idle engine, request 1 at t = 0
             assert idle.sum() == 2 and idle[0] == 0
@@ -120,3 +122,23 @@ def test_nnls_nonnegative_and_exact_on_clean_data():
     coef, res = fit_nnls(X, y, ("a", "b", "c"))
     assert all(v >= 0 for v in coef.values())
     assert coef["a"] == pytest.approx(1e-3, rel=1e-6) and res["r2"] > 0.999999
+
+
+def test_slora_calibration_fits_exact_rank_features(tmp_path):
+    """--policy slora: cells on the unified-pool layout, adapters of ranks 8..64, features
+    at exact ranks (lora_token_rank = LoRA tokens x their adapters' mean rank)."""
+    out = tmp_path / "s.json"
+    cells = [Cell(6, 32, 8, 2, 8, 16, 64), Cell(4, 32, 8, 0, 8, 16, 64)]
+    prof, info = calibrate_executor("tiny", out=out, cells=cells, repeats=1, threads=1,
+                                    policy="slora", progress=False, log=lambda *a, **k: None)
+    assert prof.provenance["policy"] == "slora" and info["new"] > 0
+    ms = pd.read_parquet(out.parent / (out.name + ".measurements.parquet"))
+    st = ms[(ms["kind"] == "step") & (ms["lora_active"] > 0)]
+    assert len(st) and (st["policy"] == "slora").all()
+    # a rank-8 and a rank-16 adapter in one batch: rank_sum 24, never a padded 16 x 2
+    mixed = st[st["adapters"] == 2]
+    assert len(mixed) and (mixed["adapter_rank"] == 8 + 16).all()
+    # slots: S-LoRA has none, the kernel spans the batch's adapters
+    assert (st["lora_slots"] == st["adapters"]).all()
+    with pytest.raises(Exception, match="vllm and slora"):
+        calibrate_executor("tiny", out=tmp_path / "x.json", policy="merged", progress=False)

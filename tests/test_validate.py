@@ -96,6 +96,19 @@ def test_validate_repeats_the_executor(profile):
     v = validate(spaced_trace(4), cfg, profile, "tiny", repeats=2, plot=False)
     assert len(v.executor_summaries) == 2 and v.to_dict()["executor_runs"] == 2
     assert 0 <= v.spread["ttft_mean"] < 2 and v.spread["completed requests"] == 0
+    # the twin again with a profile twice as slow: its latencies double, the KV stays
+    import dataclasses
+
+    from twin.models.profile import load_profile
+    from twin.models.step_time import StepTimeModel
+
+    p = load_profile(profile)
+    slow = dataclasses.replace(p, step_time=StepTimeModel(
+        base={k: 2 * c for k, c in p.step_time.base.items()}))
+    before = v.twin.summary["itl_ms"]["mean"]
+    v.resimulate(slow)
+    assert v.twin.summary["itl_ms"]["mean"] == pytest.approx(2 * before, rel=0.05)
+    assert v.twin.summary["kv_cache"]["capacity_tokens"] == v.num_blocks * cfg.block_size
 
 
 def test_compare_format():

@@ -128,6 +128,26 @@ class Validation:
     plot: Path | None = None
     executor_summaries: list = dataclasses.field(default_factory=list)   # every run's
 
+    _twin_inputs: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def resimulate(self, profile) -> None:
+        """Simulate the twin again with another profile of the same hardware (e.g. refitted
+        on calibration rounds interleaved with the executor's runs) and compare anew. The
+        KV capacity stays the one both sides were given."""
+        from twin.models.profile import Profile, load_profile
+        from twin.sim.engine import simulate
+        from twin.sim.replay import exact_kv_memory
+
+        if not isinstance(profile, Profile):
+            profile = load_profile(profile)
+        k = self._twin_inputs
+        tprof = dataclasses.replace(profile, memory=exact_kv_memory(
+            self.num_blocks, self.config.block_size, self.config.gpu_memory_utilization,
+            kv_bytes_per_token=profile.memory.kv_bytes_per_token))
+        self.twin = simulate(k["trace"], self.config, tprof, k["catalog"],
+                             window_s=k["window_s"], trace_source=k["trace_source"])
+        self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
+
     def recompare(self, more: list[dict]) -> None:
         """Add further executor runs' summaries and compare the twin to the median run."""
         self.executor_summaries = list(self.executor_summaries) + list(more)
@@ -139,6 +159,20 @@ class Validation:
 
     def smape(self, key: str) -> float:
         return float(self.table.set_index("key").loc[key, "smape"])
+
+    def save(self, out, *, profile: str = "", threads=None, plot: bool = True) -> None:
+        """Both runs, ``table.csv``, ``validation.json`` and the overlay plot under ``out``."""
+        out = Path(out)
+        self.executor.save(out / "executor")
+        self.twin.save(out / "twin")
+        self.table.drop(columns="fmt").to_csv(out / "table.csv", index=False)
+        (out / "validation.json").write_text(json.dumps(
+            dict(self.to_dict(), profile=profile, threads=threads), indent=2) + "\n")
+        if plot:
+            from twin.sim.plot import plot_timeline
+
+            self.plot = plot_timeline(self.executor, out / "timeline_overlay.png",
+                                      other=self.twin, labels=("executor", "twin"))
 
     def format(self, title: str = "") -> str:
         return format_table(self.table, title)
@@ -179,8 +213,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.executor.engine import execute, resolve_catalog
     from twin.executor.model import LlamaModel
     from twin.models.profile import Profile, load_profile
-    from twin.sim.engine import kv_capacity_tokens, simulate
-    from twin.sim.replay import exact_kv_memory
+    from twin.sim.engine import kv_capacity_tokens
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import validate_trace
 
@@ -234,9 +267,6 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
                 nb += sum(adapter_pages_for(m, config, twin_catalog.table["rank"]))
         else:
             nb = int(num_gpu_blocks)
-        tprof = dataclasses.replace(profile, memory=exact_kv_memory(
-            nb, B, config.gpu_memory_utilization,
-            kv_bytes_per_token=profile.memory.kv_bytes_per_token))
         if warmup and len(trace):   # the first forwards of a process are slow
             w = trace.iloc[:min(4, len(trace))].assign(arrival_s=0.0)
             w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4))
@@ -247,22 +277,12 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
             execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
                     seed=seed, trace_source=trace_source).summary
             for _ in range(max(int(repeats), 1) - 1)]
-        tw = simulate(trace, config, tprof, twin_catalog, window_s=window_s,
-                      trace_source=trace_source)
     finally:
         torch.set_num_threads(old_threads)
-    v = Validation(compare(median_summary(summaries), tw.summary), ex, tw, nb, config,
-                   executor_summaries=summaries)
+    v = Validation(None, ex, None, nb, config, executor_summaries=summaries,
+                   _twin_inputs={"trace": trace, "catalog": twin_catalog, "window_s": window_s,
+                                 "trace_source": trace_source})
+    v.resimulate(profile)   # the twin, on the same KV capacity
     if out is not None:
-        out = Path(out)
-        ex.save(out / "executor")
-        tw.save(out / "twin")
-        v.table.drop(columns="fmt").to_csv(out / "table.csv", index=False)
-        (out / "validation.json").write_text(json.dumps(
-            dict(v.to_dict(), profile=profile.name, threads=threads), indent=2) + "\n")
-        if plot:
-            from twin.sim.plot import plot_timeline
-
-            v.plot = plot_timeline(ex, out / "timeline_overlay.png", other=tw,
-                                   labels=("executor", "twin"))
+        v.save(out, profile=profile.name, threads=threads, plot=plot)
     return v

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from twin.executor.adapters import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, Ada
 from twin.executor.block_tables import PagedBlockTables
 from twin.executor.lora import LoRASlots
 from twin.executor.model import LlamaModel, SeqChunk
+from twin.models.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sched.adapter_cache import AdapterLoad
 from twin.sim.itl_histogram import ITLHistogram
@@ -66,6 +68,7 @@ STEP_COLUMNS = [
     "num_seqs", "num_tokens", "batch_adapters", "loads_from_disk", "kv_blocks", "failed",
     "schedule_s", "load_s", "read_s", "pack_s", "copy_s", "forward_s", "sample_s",
     "batch_request_ids", "batch_tokens",
+    "features",   # the twin's step-time features of the step (its policy's featurizer)
 ]
 
 
@@ -504,6 +507,8 @@ class _Engine:
         else:
             self._build_vllm(config, model, catalog, trace, names, paths, num_gpu_blocks,
                              kv_cache_gib)
+            self.featurize = partial(features, max_lora_rank=config.max_lora_rank,
+                                     max_loras=config.max_loras)
         n = len(trace)
         horizon = window_s if window_s is not None else (
             float(trace["arrival_s"].iloc[-1]) if n else 0.0)
@@ -632,6 +637,9 @@ class _Engine:
                     time.sleep(left)
                 now, wall, idle = target, perf(), True
                 continue
+            f = self.featurize(plan)   # as the twin prices this step
+            if idle:
+                f = after_idle(f)
             for r in plan.preempted:
                 tables.release(r.idx)
             # adapter loads, inside the step (vLLM: set_active_loras before the forward)
@@ -719,7 +727,8 @@ class _Engine:
                          len(items), sum(k for _, k in items),
                          len({r.adapter for r, _ in items if r.adapter >= 0}), n_disk,
                          plan.kv_blocks, n_failed, t_sched, t_load, t_read, t_pack, t_copy,
-                         t_fwd, t_samp, [r.request_id for r, _ in items], [k for _, k in items]))
+                         t_fwd, t_samp, [r.request_id for r, _ in items], [k for _, k in items],
+                         list(f)))
             for r in done:
                 tables.release(r.idx)
                 toks = seqs.pop(r.idx)

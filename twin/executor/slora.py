@@ -372,6 +372,7 @@ def build_slora(engine, *, num_gpu_blocks, kv_cache_gib, choose_num_blocks) -> N
     assert sched.pool.num_blocks == engine.num_blocks
     assert list(sched.cache.pages) == pages, (sched.cache.pages, pages)
     engine.sched, engine.cache = sched, parts.cache
+    engine.featurize = parts.featurize
     engine.kv = model.allocate_kv_cache(engine.num_blocks, config.block_size)
     engine.tables = UnifiedPagePool(engine.num_blocks, config.block_size)
     engine.slots = ExactRankLoRA(model, len(names))

@@ -97,20 +97,24 @@ class Cell:
                              "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
                              "output_tokens": out.astype(np.int32)})
 
-    def config(self, max_model_len: int):
+    def config(self, max_model_len: int, policy: str = "vllm"):
         from twin.config import ServingConfig
 
         return ServingConfig(enable_lora=True, max_loras=self.max_loras,
                              max_cpu_loras=max(self.max_loras, self.adapters, 1),
                              max_lora_rank=self.rank, max_num_seqs=256,
-                             max_num_batched_tokens=self.budget, max_model_len=max_model_len)
+                             max_num_batched_tokens=self.budget, max_model_len=max_model_len,
+                             policy=policy)
 
 
-def design(scale: str = "tiny") -> list[Cell]:
+def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
     """The cells, most informative first (a small ``--budget`` still spans the features).
 
     ``scale``: ``tiny`` for models whose step takes milliseconds, ``small`` for ~100M
-    parameter models on a CPU (fewer, shorter requests).
+    parameter models on a CPU (fewer, shorter requests). ``policy="slora"``: the same
+    batches on S-LoRA's layout, which has no slots and no padded rank, so cells differing
+    only in ``max_loras`` / ``max_lora_rank`` collapse into one (its adapters' own ranks,
+    8 to 64, vary instead).
     """
     if scale == "tiny":
         N, P, O, B, gap = (2, 8, 24, 48), (32, 128, 384), 48, (64, 256, 1024), 0.1
@@ -144,8 +148,8 @@ def design(scale: str = "tiny") -> list[Cell]:
             cells.append(Cell(N[1], p * 2, 4, min(4, N[1]), 8, 16, b))
     out, seen = [], set()
     for c in cells:
-        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), c.max_loras, c.rank, c.budget,
-                 c.gap)
+        m, r = (8, 16) if policy == "slora" else (c.max_loras, c.rank)
+        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), m, r, c.budget, c.gap)
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)
@@ -270,21 +274,28 @@ class _Cache:
 
 
 def _measure_cell(cell: Cell, model, adapters_dir: Path, max_model_len: int,
-                  repeat: int) -> pd.DataFrame:
-    """Serve a cell once; one row per step with its features (rebuilt from this run's own
-    log), duration and load time."""
+                  repeat: int, policy: str = "vllm") -> pd.DataFrame:
+    """Serve a cell once; one row per step with the twin's features of it (as the executor
+    logged them with its policy's featurizer), duration and load time."""
     from twin.executor.engine import execute
 
     trace = cell.trace()
-    cfg = cell.config(max_model_len)
+    cfg = cell.config(max_model_len, policy)
     catalog = adapters_dir if cell.adapters else None
     need = int(((trace["prompt_tokens"] + trace["output_tokens"] + 15) // 16).sum()) + 1
-    st = execute(trace, cfg, model, catalog,
-                 num_gpu_blocks=max(need, -(-max_model_len // 16))).steps
+    blocks = max(need, -(-max_model_len // 16))
+    if policy == "slora" and cell.adapters:   # the unified pool holds the adapters too
+        from twin.executor.slora import adapter_pages_for
+
+        cat = pd.read_csv(adapters_dir / "catalog.csv").set_index("adapter")
+        pages = dict(zip(cat.index, adapter_pages_for(model, cfg, cat["rank"].tolist())))
+        # S-LoRA serves only if one max_model_len request fits beside the largest adapter
+        blocks = max(blocks, -(-max_model_len // 16) + max(pages.values()))
+        blocks += sum(pages[a] for a in trace["adapter"].dropna().unique())
+    st = execute(trace, cfg, model, catalog, num_gpu_blocks=blocks).steps
     if int(st["preempted"].sum()):
         raise RuntimeError(f"calibration cell {cell.key} preempted (KV too small)")
-    X = step_features(st, trace, cfg.max_lora_rank, cfg.max_loras)
-    rows = pd.DataFrame(X, columns=list(FEATURES))
+    rows = pd.DataFrame(np.array(st["features"].tolist(), float), columns=list(FEATURES))
     rows.insert(0, "kind", "step")
     rows.insert(1, "key", cell.key)
     rows["repeat"] = repeat
@@ -380,12 +391,22 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                        budget_s: float | None = None, threads: int | None = 1,
                        repeats: int = 3, scale: str | None = None,
                        device_memory_gib: float | None = None, name: str | None = None,
-                       statistic: str = "mean", max_cells: int | None = None, progress: bool = True, log=print):
+                       statistic: str = "mean", max_cells: int | None = None,
+                       policy: str = "vllm", cells: list | None = None,
+                       progress: bool = True, log=print):
     """Measure, fit and write a Profile; returns (profile, info dict).
 
     ``threads``: torch threads, pinned for the run and recorded (validate with the same).
-    ``max_cells``: only the first cells of the design (tests, quick looks).
+    ``max_cells``: only the first cells of the design (tests, quick looks); ``cells``: a
+    design of one's own instead (``Cell`` objects).
+    ``policy``: the executor's memory layout the cells run on, ``vllm`` (LoRA slots padded
+    to ``max_lora_rank``) or ``slora`` (unified pages, LoRA at each adapter's own rank,
+    grouped by rank); a profile describes one serving implementation on one machine, so
+    validate each policy with its own.
     """
+    if policy not in ("vllm", "slora"):
+        raise TwinInputError(f"the executor implements the vllm and slora layouts, not "
+                             f"{policy!r}", field="--policy")
     import torch
 
     from twin.executor.cli import resolve_model
@@ -408,14 +429,15 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
         m = LlamaModel.from_pretrained(model_dir, device=dev)
         if scale is None:
             scale = "tiny" if m.weight_bytes < 50e6 else "small"
-        cells = design(scale)[:max_cells]
+        cells = (design(scale, policy) if cells is None else list(cells))[:max_cells]
         max_model_len = min(m.shape.max_position_embeddings, 2048)
         ident = {"model": str(model_dir), "device": str(dev), "threads": n_threads,
-                 "torch": torch.__version__, "features": "|".join(FEATURES),
+                 "torch": torch.__version__, "features": "|".join(FEATURES), "policy": policy,
                  "design": DESIGN_VERSION}
         cache = _Cache(out.with_name(out.name + MEASUREMENT_SUFFIX), ident)
         adapters_dir = out.with_name(out.name + ".adapters")
         _ensure_adapters(model_dir, adapters_dir)
+        cell_adapters = adapters_dir / "mixed" if policy == "slora" else adapters_dir
         # Repeats are interleaved: every cell once, then every cell again, ... so a slow
         # drift of the machine (other tenants come and go over seconds) spreads over all
         # cells instead of biasing the few measured while it lasted (back-to-back repeats
@@ -426,7 +448,8 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
             f"{repeats} repeats, {len(cells) * repeats - len(todo)} runs reused, {len(todo)} "
             "to measure" + (f", budget {budget_s:g} s" if budget_s else ""))
         if todo:   # warm-up: the first forwards of a process are slow
-            _measure_cell(Cell(4, 32, 8, 2, 2, 16, 64), m, adapters_dir, max_model_len, -1)
+            _measure_cell(Cell(4, 32, 8, 2, 2, 16, 64), m, cell_adapters, max_model_len, -1,
+                          policy)
         if need_loads:
             cache.add(_measure_loads(m, adapters_dir, repeats))
         bar = None
@@ -444,7 +467,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                 skipped += 1
                 continue
             t = time.perf_counter()
-            cache.add(_measure_cell(c, m, adapters_dir, max_model_len, r))
+            cache.add(_measure_cell(c, m, cell_adapters, max_model_len, r, policy))
             run_times.append(time.perf_counter() - t)
             if bar is not None:
                 bar.update(1)
@@ -492,6 +515,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
             model=shape, memory=memory, step_time=StepTimeModel(base=coef), load_time=load,
             provenance={
                 "method": "twin calibrate --executor (twin.models.calibrate_executor)",
+                "policy": policy,
                 "fitted": True, "model": str(model), "model_dir": str(model_dir),
                 "device": str(dev), "dtype": str(m.dtype).replace("torch.", ""),
                 "torch": torch.__version__, "threads": n_threads,
@@ -528,13 +552,16 @@ def m_name(model: str, model_dir: Path) -> str:
 
 
 def _ensure_adapters(model_dir: Path, adapters_dir: Path) -> None:
-    """Synthetic rank-8 adapters lora-0000.. for the cells, and rank-R ones for loads."""
+    """Synthetic rank-8 adapters lora-0000.. for the cells, the same with ranks 8..64 mixed
+    under ``mixed/`` (slora cells), and rank-R ones for loads."""
     from twin.executor.adapters import write_synthetic_adapters
 
     done = adapters_dir / ".done"
-    if done.exists() and done.read_text() == str(model_dir):
+    mark = f"{model_dir}\nranks {LOAD_RANKS} mixed"
+    if done.exists() and done.read_text() == mark:
         return
     write_synthetic_adapters(model_dir, adapters_dir, 32, ranks=(8,))
+    write_synthetic_adapters(model_dir, adapters_dir / "mixed", 32, ranks=LOAD_RANKS)
     for r in LOAD_RANKS:
         tmp = adapters_dir / f".r{r}"
         write_synthetic_adapters(model_dir, tmp, 1, ranks=(r,), catalog_csv=None)
@@ -545,7 +572,7 @@ def _ensure_adapters(model_dir: Path, adapters_dir: Path) -> None:
             shutil.rmtree(target)
         (tmp / "lora-0000").rename(target)
         tmp.rmdir()
-    done.write_text(str(model_dir))
+    done.write_text(mark)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +589,9 @@ def add_executor_args(parser) -> None:
                    help="calibrate on the reference executor instead of vLLM runs")
     g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
+                   help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
+                        "rank) or slora (unified pages, exact ranks); default vllm")
     g.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="stop launching microbenchmarks after this many seconds")
     g.add_argument("--threads", type=int, default=1,
@@ -580,7 +610,7 @@ def run_executor(args) -> int:
     prof, info = calibrate_executor(
         args.model, device=args.device, out=args.out, budget_s=args.budget,
         threads=args.threads, repeats=args.repeats, device_memory_gib=args.device_memory_gib,
-        statistic=args.statistic,
+        statistic=args.statistic, policy=args.policy,
         name=getattr(args, "name", None), progress=not getattr(args, "quiet", False), log=log)
     coef = prof.step_time.to_dict()["base"]
     res = prof.provenance["step_time_residuals"]
