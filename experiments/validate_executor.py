@@ -188,9 +188,15 @@ def main(argv=None) -> int:
     noise_names = [n for n in ("light-uniform-4a-ml4", "heavy-skewed-32a-ml8")
                    if n in ran and not args.quick] or ran[:1]
 
+    import torch
+
     from twin.executor.cli import resolve_model
     from twin.executor.engine import execute
     from twin.executor.model import LlamaModel
+
+    # every executor run on one pinned thread, as calibrated (validate() pins the profile's
+    # own count; the later rounds call the executor directly)
+    torch.set_num_threads(1)
 
     # Per model: calibration rounds interleaved with executor rounds (cal 1, executor 1,
     # cal 2, executor 2, ...), then the profile refitted on every calibration round and the

@@ -161,12 +161,14 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
 # ---------------------------------------------------------------------------------------------
 def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
                   max_loras: int) -> np.ndarray:
-    """The twin's step features (``FEATURES`` order) of every executor step, rebuilt from
-    the step log's batches (request ids and token counts) and the trace.
+    """The twin's vLLM-layout step features (``FEATURES`` order) of every executor step,
+    rebuilt from the step log's batches (request ids and token counts) and the trace.
 
-    A sequence's tokens this step are a decode when everything before them is computed
-    prompt (one token, start >= prompt), else a prefill chunk; the executor runs must be
-    free of preemptions (recompute resets progress), which calibration ensures.
+    Calibration fits on the features the executor logs (its policy's own featurizer); this
+    independent reconstruction checks them (tests) and analyses a log by hand. A sequence's
+    tokens this step are a decode when everything before them is computed prompt (one
+    token, start >= prompt), else a prefill chunk; the run must be free of preemptions
+    (recompute resets progress).
     """
     prompt = dict(zip(trace["request_id"].tolist(), trace["prompt_tokens"].tolist()))
     lora = dict(zip(trace["request_id"].tolist(), trace["adapter"].notna().tolist()))
