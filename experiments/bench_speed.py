@@ -66,7 +66,9 @@ def run_case(case: str, repeats: int, trace_file: str) -> dict:
     _, cfg, window = build_case(case, lengths_only=True)
     trace = read_trace(trace_file)
     walls, cpus = [], []
+    res = None
     for _ in range(repeats):
+        res = None   # one run's memory at a time, as one `twin simulate` process holds
         w0, c0 = time.perf_counter(), time.process_time()
         res = simulate(trace, cfg, window_s=window)
         walls.append(time.perf_counter() - w0)

@@ -12,7 +12,8 @@ The loop a user runs on their own hardware: measure a little, fit the twin, chec
   meets an idle engine (the after-idle step). Every executor step is one measurement: its
   full wall-clock duration (scheduling, forward, sampling, bookkeeping — exactly what the
   twin must predict) minus its adapter-load time, against the twin's step features
-  (``twin.models.step_time.FEATURES``) rebuilt from the run's step log. Each cell runs
+  (``twin.models.step_time.FEATURES``) as the executor logs them, computed by the same
+  featurizer (vLLM's or S-LoRA's, ``policy``) the twin prices the step with. Each cell runs
   ``repeats`` times, interleaved (every cell once, then again); a burst schedules alike
   every time, so its steps line up and per step the mean (``statistic``) or median over
   the repeats is fitted. The mean is the default: on a shared CPU some steps lose a
