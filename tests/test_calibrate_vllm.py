@@ -137,7 +137,10 @@ def test_bench_json_with_sidecar(tmp_path):
     assert spec.ranks == {8: 4, 16: 4}
     assert spec.aggregate_rate == pytest.approx(4.0, rel=1e-3)
     assert spec.pool_means == (223.0, 196.0)
-    trace, cat = reconstruct(spec, seed=0)
+    try:   # lengths come from the shared ShareGPT pool, outside the repository
+        trace, cat = reconstruct(spec, seed=0)
+    except TwinInputError:
+        pytest.skip("shared data (ShareGPT length pool) not available")
     assert len(cat) == 8 and trace["arrival_s"].max() < 300
 
 
