@@ -599,7 +599,9 @@ def add_executor_args(parser) -> None:
                    help="stop launching microbenchmarks after this many seconds")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, pinned and recorded (default 1)")
-    g.add_argument("--repeats", type=int, default=3, help="repeats per benchmark (median and mean kept; default 3)")
+    g.add_argument("--repeats", type=int, default=3,
+                   help="rounds: every cell is served once per round, rounds interleaved "
+                        "(a re-run with more rounds measures only the new ones; default 3)")
     g.add_argument("--statistic", choices=("mean", "median"), default="mean",
                    help="per-step statistic over repeats to fit (default mean: includes the "
                         "interference of other processes that a live run pays)")
