@@ -29,6 +29,12 @@ class WaitingQueue:
     def __len__(self) -> int:
         return self._n
 
+    def clear(self) -> None:
+        """Drop every waiting request (the run is over and they are recorded)."""
+        self._fifo.clear()
+        self._heads.clear()
+        self._n = 0
+
     def _push_head(self, adapter: int, q: deque) -> None:
         heapq.heappush(self._heads, (q[0].key, adapter))
         if len(self._heads) > 4 * len(self._fifo) + 1024:  # drop stale head entries

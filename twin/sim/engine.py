@@ -127,11 +127,18 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     # starving hour with 10^5 requests stays within a few hundred MB.
     out = _Outcomes(n, output)
 
+    # A starving hour holds ~10^5 waiting requests: let them share their int fields (a
+    # length seen once is one object; a request id equal to the row is the row's int)
+    # instead of each holding its own (-18 MB at 2*10^5 waiting).
+    shared: dict[int, int] = {}
+
     def arrive(i: int) -> None:
         if max_in_flight is not None and sched.num_running + sched.num_waiting >= max_in_flight:
             out.status[i] = RequestStatus.REJECTED   # the client's connection failed
             return
-        r = Request(i, int(rid[i]), arrival_list[i], int(aid[i]), int(prompt[i]), int(output[i]))
+        req_id, p, o = int(rid[i]), int(prompt[i]), int(output[i])
+        r = Request(i, i if req_id == i else req_id, arrival_list[i], int(aid[i]),
+                    shared.setdefault(p, p), shared.setdefault(o, o))
         if not sched.add_request(r):
             out.record(r)
 
@@ -233,8 +240,13 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
         bar.update(max(0.0, horizon - bar.n))
         bar.close()
     duration = window_s if window_s is not None else end_time
-    for r in sched.running_in_order() + list(sched.waiting):
+    for r in sched.running_in_order():
         out.record(r)
+    for r in sched.waiting:
+        out.record(r)
+    # a starving hour ends with ~10^5 waiting requests: free them before the result tables
+    # are built (the run's peak memory)
+    sched.waiting.clear()
     return _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration,
                    window_s, n)
 

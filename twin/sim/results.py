@@ -189,7 +189,7 @@ def request_table(trace: pd.DataFrame, out, status) -> pd.DataFrame:
     df = pd.DataFrame({
         "request_id": trace["request_id"].to_numpy(),
         "arrival_s": trace["arrival_s"].to_numpy(),
-        "adapter": trace["adapter"].to_numpy(),
+        "adapter": trace["adapter"].array,   # its own (string) storage, not 10^5 objects
         "prompt_tokens": trace["prompt_tokens"].to_numpy(),
         "output_tokens": out.output,
         "generated_tokens": out.generated,
