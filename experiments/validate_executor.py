@@ -1,30 +1,35 @@
-"""Validate the calibrated twin against the reference executor on CPU (issue 5).
+"""Validate the calibrated twin against the reference executor on CPU (issues 5 and 7).
 
-Ten workloads — none of them the calibration's bursts (those are all-at-t=0 batches of
-equal-length requests; these are Poisson, power-law and real arrivals with varied
-lengths) — each served for real by the executor and simulated by the twin with the
-CPU profile of its model, calibrated afresh at the start (the shared machine's
-interference changes by the minute; ``--shipped`` uses ``twin/profiles/cpu-*.json``
-instead), same config and KV capacity (``twin.validate``):
+Fourteen workloads — none of them the calibration's cells (those are bursts or spaced
+series of equal-length requests; these are Poisson, power-law and real arrivals with
+varied lengths) — each served for real by the executor (3 runs; 5 for the two noise
+workloads) and simulated by the twin with the CPU profile of its model and memory layout,
+same config and KV capacity (``twin.validate``); the twin is compared to the median run:
 
-- light / heavy load, few / many adapters (up to 32 with ``max_cpu_loras`` 8-16, so disk
-  loads happen), skewed (power law) and uniform popularity, ``max_loras`` 1, 2, 4, 8, 32,
-  one KV-starved config (preemptions), base model only;
+- vLLM's layout: light / heavy load, few / many adapters (up to 32 with ``max_cpu_loras``
+  8-16, so disk loads happen), skewed (power law) and uniform popularity, ``max_loras`` 1,
+  2, 4, 8, 32, one KV-starved config (preemptions), base model only;
 - two real traces: the Azure 2023 conversation trace (``traces/azure_conv_1h_32lora``,
   first 20 s, prompts capped at 256 and outputs at 96 tokens) and ServeGen's 32 tenants
   (``traces/servegen_32tenants_10min``, first 8 s stretched x2.5 in time = 12 req/s,
   prompts capped at 192 and outputs at 64);
-- SmolLM2-135M (a 1-thread CPU step takes 50-300 ms): two small workloads.
+- SmolLM2-135M (a 1-thread CPU step takes 50-300 ms): two small workloads;
+- S-LoRA's layout (issue 7): four workloads (light, heavy skewed, Azure, ServeGen) with
+  adapters of ranks 8/16/32.
 
-Then the executor's own noise: two workloads served 5 more times each; their spread (median pairwise
-SMAPE between repeats) is printed next to the twin's error.
+Per model and layout, calibration rounds are interleaved with the executor's rounds and
+the profile is fitted on all of them before the twin runs (the box's speed drifts by
+10-20% over minutes); ``--shipped`` uses ``twin/profiles/cpu-*.json`` instead. The
+executor's own noise: its spread between runs (median pairwise SMAPE) beside the twin's
+error, per workload and for the two noise workloads.
 
-    .venv/bin/python experiments/validate_executor.py            # ~12 min on 2 cores
-    .venv/bin/python experiments/validate_executor.py --shipped  # ~5 min, shipped profiles
+    .venv/bin/python experiments/validate_executor.py            # ~18 min on 2 cores
+    .venv/bin/python experiments/validate_executor.py --shipped  # shipped profiles
     .venv/bin/python experiments/validate_executor.py --quick    # 3 tiny workloads
 
 Ends with one JSON line: throughput_smape_median, throughput_smape_max, ttft_smape_median,
-itl_smape_median, executor_spread_pct (all percent), plus more detail.
+itl_smape_median (vLLM's layout), executor_spread_pct (all percent), ``slora`` with the
+S-LoRA workloads' figures, plus more detail.
 """
 
 from __future__ import annotations
@@ -152,8 +157,8 @@ def main(argv=None) -> int:
                     help="executor runs of the two noise workloads (light, heavy skewed)")
     ap.add_argument("--only", help="comma-separated workload names")
     ap.add_argument("--shipped", action="store_true",
-                    help="validate with the shipped profiles instead of calibrating both "
-                         "models afresh first (~7 min)")
+                    help="validate with the shipped profiles (twin/profiles/cpu-*.json) "
+                         "instead of calibrating interleaved with the runs")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     profiles = dict(PROFILES)
