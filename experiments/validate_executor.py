@@ -147,6 +147,36 @@ COLS = [("throughput", "thru"), ("ttft_mean", "TTFT"), ("tpot_mean", "TPOT"),
         ("itl_p99", "ITL99")]
 
 
+def plot_errors(df: pd.DataFrame, path: Path) -> Path:
+    """Per workload, the twin's SMAPE on throughput, mean TTFT and mean ITL beside the
+    executor's own spread between its runs (the floor no model of it can beat here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.42 * len(df) + 1.6), sharey=True)
+    y = np.arange(len(df))
+    for ax, (short, title) in zip(axes, (("thru", "throughput"), ("TTFT", "mean TTFT"),
+                                         ("ITL", "mean ITL"))):
+        ax.barh(y - 0.2, df[short], 0.4, label="twin vs executor (median run)",
+                color="tab:blue")
+        ax.barh(y + 0.2, df[f"{short}_spread"], 0.4, label="executor vs itself",
+                color="tab:gray")
+        target = 8 if short == "thru" else 10
+        ax.axvline(target, color="tab:red", lw=1, ls="--",
+                   label="target (worst)" if short == "thru" else "target (median)")
+        ax.set_title(f"{title}: SMAPE %")
+        ax.set_xlim(0, max(25.0, float(df[[short, f"{short}_spread"]].max().max()) * 1.05))
+    axes[0].set_yticks(y, [f"{w} ({p})" for w, p in zip(df["workload"], df["policy"])])
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 tiny workloads, 3 noise repeats")
@@ -314,6 +344,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{r['ttft_ms']['mean']:.1f}" for r in runs))
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "smape_table.csv", index=False)
+    print(f"plot: {plot_errors(df, args.out / 'smape.png')}")
     total = time.perf_counter() - t_start
     print(f"\ntotal {total:.0f} s")
     print(json.dumps({   # the top-level figures are vLLM's layout (issue 5)
