@@ -47,9 +47,7 @@ class RecordingScheduler(Scheduler):
     log: list
 
     def finish_step(self, plan, now, steps=1):
-        items = [(r.request_id, n) for r, n in plan.explicit]
-        if plan.group_decode:
-            items += [(r.request_id, 1) for r in self.group.members.values()]
+        items = [(r.request_id, n) for r, n in self.batch(plan)]
         loads = [(ld.adapter, ld.from_disk) for ld in plan.loads]
         self.log.append((items, loads))
         for _ in range(steps - 1):

@@ -25,10 +25,7 @@ def make_sched(num_blocks=1000, block_size=4, max_num_seqs=8, budget=16, max_lor
 
 def batch_of(sched, plan):
     """(request idx, tokens) in running order, decode-group members included."""
-    items = list(plan.explicit)
-    if plan.group_decode:
-        items += [(r, 1) for r in sched.group.members.values()]
-    return sorted(((r.idx, n) for r, n in items), key=lambda x: x[0])
+    return sorted(((r.idx, n) for r, n in sched.batch(plan)), key=lambda x: x[0])
 
 
 def step(sched, now=0.0):

@@ -680,10 +680,7 @@ class _Engine:
                     self.bad[a] = msg
                     store.forget(a)
                     cache.drop(a)
-            # the batch: explicit chunks in running order, then the decode group
-            items = list(plan.explicit)
-            if plan.group_decode:
-                items += [(r, 1) for r in sched.group.members.values()]
+            items = sched.batch(plan)
             chunks = []
             starts = []
             for r, k in items:

@@ -108,6 +108,14 @@ class Scheduler:
     def computed(self, req: Request) -> int:
         return self.group.computed(req) if req.status == DECODING else req.computed
 
+    def batch(self, plan: StepPlan) -> list[tuple[Request, int]]:
+        """The step's (request, new tokens): explicit chunks in running order, then every
+        decode-group member with one token (the group's order is its admission order)."""
+        items = list(plan.explicit)
+        if plan.group_decode:
+            items += [(r, 1) for r in self.group.members.values()]
+        return items
+
     def running_in_order(self) -> list[Request]:
         reqs = list(self.group.members.values()) + self.prefilling
         reqs.sort(key=lambda r: r.seq)
