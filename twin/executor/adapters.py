@@ -114,6 +114,23 @@ def read_adapter(path, adapter_id: str | None = None) -> PeftAdapter:
     path = Path(path)
     aid = adapter_id or path.name
     t0 = time.perf_counter()
+    cfg = read_adapter_config(path, aid)
+    w_path = weights_path(path, aid)
+    data = w_path.read_bytes()
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise AdapterError(aid, f"corrupt safetensors file {w_path}: {exc}") from None
+    read_s = time.perf_counter() - t0
+    return PeftAdapter(adapter_id=aid, path=path, config=cfg, tensors=tensors,
+                       rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
+                       use_rslora=bool(cfg.get("use_rslora", False)), disk_bytes=len(data),
+                       read_s=read_s)
+
+
+def read_adapter_config(path: Path, aid: str) -> dict:
+    """The checked ``adapter_config.json`` of a PEFT directory (no weights read). Raises
+    AdapterError naming what is missing or wrong; an unreadable file raises OSError."""
     if not path.is_dir():
         raise AdapterError(aid, f"adapter directory not found: {path}")
     cfg_path = path / CONFIG_NAME
@@ -126,7 +143,12 @@ def read_adapter(path, adapter_id: str | None = None) -> PeftAdapter:
     if not isinstance(cfg, dict):
         raise AdapterError(aid, f"{cfg_path} must hold a JSON object")
     _check_config(aid, cfg)
+    return cfg
 
+
+def weights_path(path: Path, aid: str) -> Path:
+    """The adapter's safetensors file; AdapterError if absent (pickle checkpoints named as
+    such: twin never unpickles)."""
     w_path = path / WEIGHTS_NAME
     if not w_path.is_file():
         pickled = [n for n in PICKLE_NAMES if (path / n).exists()]
@@ -134,16 +156,7 @@ def read_adapter(path, adapter_id: str | None = None) -> PeftAdapter:
             raise AdapterError(aid, f"{pickled[0]} is a pickle checkpoint, which twin never loads "
                                     f"(unsafe); convert it to {WEIGHTS_NAME}")
         raise AdapterError(aid, f"missing {WEIGHTS_NAME} in {path}")
-    data = w_path.read_bytes()
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise AdapterError(aid, f"corrupt safetensors file {w_path}: {exc}") from None
-    read_s = time.perf_counter() - t0
-    return PeftAdapter(adapter_id=aid, path=path, config=cfg, tensors=tensors,
-                       rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
-                       use_rslora=bool(cfg.get("use_rslora", False)), disk_bytes=len(data),
-                       read_s=read_s)
+    return w_path
 
 
 def _check_config(aid: str, cfg: dict) -> None:

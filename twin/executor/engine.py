@@ -30,7 +30,6 @@ lacks is refused before the run starts (:class:`TwinInputError`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from functools import partial
@@ -42,9 +41,9 @@ import torch
 
 from twin.config import ServingConfig
 from twin.errors import ConfigError, TwinInputError
-from twin.executor.adapters import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, AdapterError,
-                                    PackedAdapter, _check_config, adapter_catalog,
-                                    pack_adapter, read_adapter)
+from twin.executor.adapters import (CONFIG_NAME, AdapterError, PackedAdapter,
+                                    adapter_catalog, pack_adapter, read_adapter,
+                                    read_adapter_config, weights_path)
 from twin.executor.block_tables import PagedBlockTables
 from twin.executor.lora import LoRASlots
 from twin.executor.model import LlamaModel, SeqChunk
@@ -159,28 +158,15 @@ def check_adapter_dir(path, adapter_id: str, max_lora_rank: int) -> str | None:
         if path is None or (isinstance(path, float) and math.isnan(path)) or pd.isna(path):
             raise AdapterError(adapter_id, "the catalog gives no path")
         p = Path(str(path))
-        if not p.is_dir():
-            raise AdapterError(adapter_id, f"adapter directory not found: {p}")
-        cfg_path = p / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise AdapterError(adapter_id, f"missing {CONFIG_NAME} in {p}")
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterError(adapter_id, f"{cfg_path} is not valid JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise AdapterError(adapter_id, f"{cfg_path} must hold a JSON object")
-        _check_config(adapter_id, cfg)
+            cfg = read_adapter_config(p, adapter_id)
+        except OSError as exc:
+            raise AdapterError(adapter_id, f"{p / CONFIG_NAME} is not valid JSON: "
+                                           f"{exc}") from None
         if cfg["r"] > max_lora_rank:
             raise AdapterError(adapter_id, f"rank {cfg['r']} > max_lora_rank {max_lora_rank}; "
                                            f"raise --max-lora-rank to at least {cfg['r']}")
-        if not (p / WEIGHTS_NAME).is_file():
-            pickled = [n for n in PICKLE_NAMES if (p / n).exists()]
-            if pickled:
-                raise AdapterError(adapter_id, f"{pickled[0]} is a pickle checkpoint, which "
-                                               "twin never loads (unsafe); convert it to "
-                                               f"{WEIGHTS_NAME}")
-            raise AdapterError(adapter_id, f"missing {WEIGHTS_NAME} in {p}")
+        weights_path(p, adapter_id)
     except AdapterError as exc:
         return str(exc)
     return None
