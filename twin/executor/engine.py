@@ -587,6 +587,15 @@ class _Engine:
             seqs[i] = prompt_token_ids(rid[i], prompt[i], vocab, self.seed)
 
         perf = time.perf_counter
+
+        def wait_for(target: float, now: float, wall: float) -> float:
+            """Sleep until the wall clock catches up with logical ``target``; returns the
+            wall instant that now corresponds to it."""
+            left = target - now - (perf() - wall)
+            if left > 0:
+                time.sleep(left)
+            return perf()
+
         i = 0
         now = 0.0            # logical clock (seconds from the trace start)
         wall = perf()        # the wall instant that corresponds to ``now``
@@ -603,10 +612,7 @@ class _Engine:
                 if now >= next_sample:
                     next_sample = sample(now)
                 target = now + (arrival[i] - now)     # as the twin's clock computes it
-                left = target - now - (perf() - wall)
-                if left > 0:
-                    time.sleep(left)
-                now, wall, idle = target, perf(), True
+                now, wall, idle = target, wait_for(target, now, wall), True
                 continue
             t = perf()
             if self.paged:   # slora hook: free the pages of the adapters schedule() drops
@@ -618,10 +624,7 @@ class _Engine:
                 if i >= n:
                     break
                 target = now + (arrival[i] - now)
-                left = target - now - (perf() - wall)
-                if left > 0:
-                    time.sleep(left)
-                now, wall, idle = target, perf(), True
+                now, wall, idle = target, wait_for(target, now, wall), True
                 continue
             f = self.featurize(plan)   # as the twin prices this step
             if idle:

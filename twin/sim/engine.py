@@ -9,6 +9,7 @@ the cost of a simulation follows the events, not the tokens.
 
 from __future__ import annotations
 
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,6 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
 
     # adapters are small ints in catalog order; bytes for load times from the model shape
     adapter_bytes = [profile.model.adapter_bytes(catalog.rank(a)) for a in catalog.adapters]
-    featurize = None   # None: vLLM's features (padded rank, max_loras slots)
     if build_server is None:
         catalog.check(trace, config.max_lora_rank, trace_source)
         kv_tokens = kv_capacity_tokens(config, profile)
@@ -111,6 +111,9 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
                           max_num_batched_tokens=config.max_num_batched_tokens,
                           max_loras=config.max_loras, max_model_len=config.max_model_len,
                           adapter_cache=cache, enable_lora=config.enable_lora)
+        # vLLM's features: LoRA padded to max_lora_rank, the kernel spanning max_loras slots
+        featurize = partial(features, max_lora_rank=config.max_lora_rank,
+                            max_loras=config.max_loras)
     else:  # a strategy's own server (twin.policies); adapter ids are catalog order as above
         parts = build_server(config, profile, catalog, trace, trace_source)
         sched, cache, kv_tokens, featurize = (parts.scheduler, parts.cache, parts.kv_tokens,
@@ -148,7 +151,6 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     rec = _Recorder(sample_dt, record_steps)
     step_time = profile.step_time
     load_model = profile.load_time
-    rank_pad, max_loras = config.max_lora_rank, config.max_loras
     env = simpy.Environment()
     bar = _progress(progress, horizon)
 
@@ -179,7 +181,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
                 idle = True
                 yield env.timeout(arrival_list[i] - now)
                 continue
-            f = features(plan, rank_pad, max_loras) if featurize is None else featurize(plan)
+            f = featurize(plan)
             steps = 1
             was_idle, idle = idle, False
             if was_idle:
