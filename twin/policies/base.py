@@ -53,6 +53,25 @@ def gib(nbytes: float) -> float:
     return float(nbytes) / GIB
 
 
+def memory_plan(policy: str, config, profile, share: float, *, slots: bool,
+                **extra) -> MemoryPlan:
+    """One server's start-up split of ``share`` of the GPU: weights, activations, vLLM's
+    LoRA slot buffers when ``slots`` (and LoRA is enabled), the KV pool from the rest.
+    ``extra``: the strategy's own fields (host adapters, adapter pages)."""
+    m = profile.memory
+    cfg = config.replace(gpu_memory_utilization=config.gpu_memory_utilization * share)
+    if not slots:
+        cfg = cfg.replace(enable_lora=False)
+    kv_tokens = m.kv_tokens(cfg)
+    return MemoryPlan(
+        policy=policy, budget_gib=cfg.gpu_memory_utilization * m.gpu_memory_gib,
+        weights_gib=m.weights_gib,
+        activations_gib=m.activation_bytes(config.max_num_seqs,
+                                           config.max_num_batched_tokens) / GIB,
+        adapters_gib=gib(m.lora_bytes(cfg.max_loras, cfg.max_lora_rank, cfg.enable_lora)),
+        pool_gib=gib(kv_tokens * m.kv_bytes_per_token), kv_tokens=kv_tokens, **extra)
+
+
 class Policy:
     """A serving strategy. Subclasses set ``name`` and implement :meth:`deploy`."""
 

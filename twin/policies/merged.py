@@ -26,8 +26,7 @@ import math
 import numpy as np
 
 from twin.errors import ConfigError
-from twin.models.memory import GIB
-from twin.policies.base import MemoryPlan, Policy, gib
+from twin.policies.base import MemoryPlan, Policy, memory_plan
 from twin.policies.deployment import MERGED, Deployment, ServerSpec, adapter_keys, adapter_load
 
 MAX_REPLICAS_PER_GPU = 64
@@ -41,17 +40,7 @@ class MergedPolicy(Policy):
         self.min_kv_tokens = min_kv_tokens
 
     def memory(self, config, profile, catalog=None, share: float = 1.0) -> MemoryPlan:
-        m = profile.memory
-        cfg = config.replace(enable_lora=False,
-                             gpu_memory_utilization=config.gpu_memory_utilization * share)
-        kv_tokens = m.kv_tokens(cfg)
-        return MemoryPlan(
-            policy=self.name, budget_gib=cfg.gpu_memory_utilization * m.gpu_memory_gib,
-            weights_gib=m.weights_gib,
-            activations_gib=m.activation_bytes(config.max_num_seqs,
-                                               config.max_num_batched_tokens) / GIB,
-            adapters_gib=0.0, pool_gib=gib(kv_tokens * m.kv_bytes_per_token),
-            kv_tokens=kv_tokens)
+        return memory_plan(self.name, config, profile, share, slots=False)
 
     def replicas_per_gpu(self, config, profile) -> int:
         """Largest k such that a replica with 1/k of the GPU still starts (holds

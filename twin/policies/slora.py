@@ -36,8 +36,7 @@ strategy from the batching loop.
 from __future__ import annotations
 
 from twin.errors import ConfigError
-from twin.models.memory import GIB
-from twin.policies.base import MemoryPlan, Policy, ServerParts, gib
+from twin.policies.base import MemoryPlan, Policy, ServerParts, gib, memory_plan
 from twin.sched.adapter_cache import AdapterLoad
 from twin.sched.scheduler import BUDGET, EMPTY, KV, SEQS, Scheduler
 
@@ -235,20 +234,11 @@ class SLoRAPolicy(Policy):
         return -(-profile.model.adapter_bytes(rank) // b)
 
     def memory(self, config, profile, catalog=None, share: float = 1.0) -> MemoryPlan:
-        m = profile.memory
-        cfg = config.replace(enable_lora=False,
-                             gpu_memory_utilization=config.gpu_memory_utilization * share)
-        kv_tokens = m.kv_tokens(cfg)
         ranks = sorted(set(catalog.table["rank"])) if catalog is not None else [config.max_lora_rank]
         host = (sum(profile.model.adapter_bytes(int(r)) for r in catalog.table["rank"])
                 if catalog is not None else 0)
-        return MemoryPlan(
-            policy=self.name, budget_gib=cfg.gpu_memory_utilization * m.gpu_memory_gib,
-            weights_gib=m.weights_gib,
-            activations_gib=m.activation_bytes(config.max_num_seqs,
-                                               config.max_num_batched_tokens) / GIB,
-            adapters_gib=0.0, pool_gib=gib(kv_tokens * m.kv_bytes_per_token),
-            kv_tokens=kv_tokens, host_adapters_gib=gib(host),
+        return memory_plan(
+            self.name, config, profile, share, slots=False, host_adapters_gib=gib(host),
             adapter_pages={int(r): self.adapter_pages(int(r), config, profile) for r in ranks})
 
     # -- the server -------------------------------------------------------------------------

@@ -8,8 +8,7 @@ adapters partitioned between them (see ``twin.policies.deployment.dynamic_deploy
 
 from __future__ import annotations
 
-from twin.models.memory import GIB
-from twin.policies.base import MemoryPlan, Policy, gib
+from twin.policies.base import MemoryPlan, Policy, gib, memory_plan
 
 
 class VLLMPolicy(Policy):
@@ -17,23 +16,13 @@ class VLLMPolicy(Policy):
     summary = "vLLM V1: max_loras slots padded to max_lora_rank, separate KV pool, skip rule"
 
     def memory(self, config, profile, catalog=None, share: float = 1.0) -> MemoryPlan:
-        m = profile.memory
-        cfg = config.replace(gpu_memory_utilization=config.gpu_memory_utilization * share)
-        kv_tokens = m.kv_tokens(cfg)
         host = 0
         if catalog is not None and config.enable_lora:
             sizes = sorted((profile.model.adapter_bytes(int(r)) for r in catalog.table["rank"]),
                            reverse=True)
             host = sum(sizes[:config.max_cpu_loras])   # the host cache full of the largest
-        return MemoryPlan(
-            policy=self.name, budget_gib=cfg.gpu_memory_utilization * m.gpu_memory_gib,
-            weights_gib=m.weights_gib,
-            activations_gib=m.activation_bytes(config.max_num_seqs,
-                                               config.max_num_batched_tokens) / GIB,
-            adapters_gib=gib(m.lora_bytes(config.max_loras, config.max_lora_rank,
-                                          config.enable_lora)),
-            pool_gib=gib(kv_tokens * m.kv_bytes_per_token), kv_tokens=kv_tokens,
-            host_adapters_gib=gib(host))
+        return memory_plan(self.name, config, profile, share, slots=True,
+                           host_adapters_gib=gib(host))
 
     def server_parts(self, config, profile, catalog, trace=None, trace_source="trace"):
         return None   # the engine's own vLLM server
