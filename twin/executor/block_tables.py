@@ -49,19 +49,27 @@ class PagedBlockTables:
             t = self._tables[key] = []
         need = -(-int(tokens) // self.block_size) - len(t)
         if need > 0:
-            free = self._free
-            assert need <= len(free), (
+            assert need <= len(self._free), (
                 f"KV block tables: request {key} needs {need} more block(s) for {tokens} "
-                f"tokens but only {len(free)} are free; the scheduler's block count and the "
-                "executor's block tables disagree (a bug)")
-            t.extend(reversed(free[-need:]))
-            del free[-need:]
+                f"tokens but only {len(self._free)} are free; the scheduler's block count and "
+                "the executor's block tables disagree (a bug)")
+            t.extend(self._take(need))
         return t
 
     def release(self, key: int) -> int:
         """Return all of ``key``'s blocks to the free list; returns how many."""
-        t = self._tables.pop(key, None)
-        if not t:
+        return self._give(self._tables.pop(key, None))
+
+    def _take(self, n: int) -> list[int]:
+        """The next ``n`` free blocks, in the order a fresh pool hands them out."""
+        free = self._free
+        t = list(reversed(free[len(free) - n:]))
+        del free[len(free) - n:]
+        return t
+
+    def _give(self, table: list[int] | None) -> int:
+        """Blocks back to the free list, the last given out first handed out again."""
+        if not table:
             return 0
-        self._free.extend(reversed(t))
-        return len(t)
+        self._free.extend(reversed(table))
+        return len(table)

@@ -78,22 +78,16 @@ class UnifiedPagePool(PagedBlockTables):
 
     def alloc_adapter(self, adapter: int, pages: int) -> list[int]:
         assert adapter not in self.adapter_tables, f"adapter {adapter} already holds pages"
-        free = self._free
-        assert pages <= len(free), (
-            f"unified pool: adapter {adapter} needs {pages} pages but only {len(free)} are "
-            "free; the scheduler's page count and the executor's pool disagree (a bug)")
-        t = list(reversed(free[-pages:])) if pages else []
-        del free[len(free) - pages:]
+        assert pages <= len(self._free), (
+            f"unified pool: adapter {adapter} needs {pages} pages but only {len(self._free)} "
+            "are free; the scheduler's page count and the executor's pool disagree (a bug)")
+        t = self._take(pages)
         self.adapter_tables[adapter] = t
         self.max_used = max(self.max_used, self.used)
         return t
 
     def free_adapter(self, adapter: int) -> int:
-        t = self.adapter_tables.pop(adapter, None)
-        if not t:
-            return 0
-        self._free.extend(reversed(t))
-        return len(t)
+        return self._give(self.adapter_tables.pop(adapter, None))
 
 
 # ---------------------------------------------------------------------------------------------
