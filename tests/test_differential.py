@@ -13,12 +13,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from bursty_trace import make_trace  # noqa: E402
 import twin.sim.engine as sim_engine  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.executor.adapters import write_synthetic_adapters  # noqa: E402
@@ -61,20 +61,6 @@ def twin_replay(result, trace, catalog, monkeypatch):
     monkeypatch.setattr(sim_engine, "Scheduler", RecordingScheduler)
     tw = replay(result, trace, catalog, record_steps=True)
     return tw, log
-
-
-def make_trace(seed, n, bursts, adapters, base_every=5, prompt=(3, 70), output=(1, 40)):
-    rng = np.random.default_rng(seed)
-    per = n // len(bursts)
-    arr = np.concatenate([t0 + np.sort(rng.uniform(0, width, per)) for t0, width in bursts])
-    arr = np.concatenate([[0.0], arr])   # a lone short request, then idle until the bursts
-    n = len(arr)
-    names = [None if k % base_every == 0 else adapters[int(rng.integers(len(adapters)))]
-             for k in range(n)]
-    return pd.DataFrame({"request_id": np.arange(n) + 7, "arrival_s": arr,
-                         "adapter": pd.array(names, dtype="string"),
-                         "prompt_tokens": np.r_[5, rng.integers(*prompt, n - 1)],
-                         "output_tokens": np.r_[2, rng.integers(*output, n - 1)]})
 
 
 SCENARIOS = {

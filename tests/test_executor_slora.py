@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from bursty_trace import make_trace  # noqa: E402
 import twin.policies.slora as slora_policy  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.errors import TwinInputError  # noqa: E402
@@ -50,20 +51,6 @@ def tiny(tmp_path_factory):
     cat = AdapterCatalog(write_synthetic_adapters(root / "model", root / "adapters", 6,
                                                   ranks=(8, 16)))
     return root / "model", cat
-
-
-def make_trace(seed, n, bursts, adapters, base_every=5, prompt=(3, 70), output=(1, 40)):
-    rng = np.random.default_rng(seed)
-    per = n // len(bursts)
-    arr = np.concatenate([t0 + np.sort(rng.uniform(0, width, per)) for t0, width in bursts])
-    arr = np.concatenate([[0.0], arr])
-    n = len(arr)
-    names = [None if k % base_every == 0 else adapters[int(rng.integers(len(adapters)))]
-             for k in range(n)]
-    return pd.DataFrame({"request_id": np.arange(n) + 7, "arrival_s": arr,
-                         "adapter": pd.array(names, dtype="string"),
-                         "prompt_tokens": np.r_[5, rng.integers(*prompt, n - 1)],
-                         "output_tokens": np.r_[2, rng.integers(*output, n - 1)]})
 
 
 # ---------------------------------------------------------------------------------------------
