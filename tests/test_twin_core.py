@@ -159,7 +159,8 @@ def test_cli_simulate_writes_results_and_plot(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Total token throughput" in text and "Verdict" in text
     assert {p.name for p in out.iterdir()} == {"requests.parquet", "summary.json",
-                                              "timeline.parquet", "timeline.png"}
+                                              "timeline.parquet", "timeline.png",
+                                              ".twin-output"}
     meta = json.loads((out / "summary.json").read_text())["meta"]
     assert meta["config"]["max_loras"] == 2 and meta["config"]["max_num_seqs"] == 64
     assert pd.read_parquet(out / "requests.parquet").shape[0] == 150

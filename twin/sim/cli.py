@@ -77,24 +77,28 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from twin.errors import TwinInputError
+    from twin.outputs import console, input_paths, prepare
     from twin.sim import simulate
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import read_trace
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
-    config = config_from_args(args)
-    trace = read_trace(args.trace)
-    catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
-    result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
-                      progress=not args.no_progress, record_steps=args.steps,
-                      trace_source=str(args.trace))
-    result.meta["trace"] = str(args.trace)
-    if args.json:
-        print(json.dumps(result.summary, indent=2))
-    else:
-        print(result.format_summary())
-    if args.out:
-        out = result.save(args.out, plot=args.plot)
-        print(f"wrote {out}/")
+    say = console(args.json)
+    # --out is checked (and locked) before the simulation, not after it
+    with prepare(args.out, "simulate", inputs=input_paths(args)):
+        config = config_from_args(args)
+        trace = read_trace(args.trace)
+        catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
+        result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
+                          progress=not args.no_progress, record_steps=args.steps,
+                          trace_source=str(args.trace))
+        result.meta["trace"] = str(args.trace)
+        if args.json:
+            print(json.dumps(result.summary, indent=2))
+        else:
+            print(result.format_summary())
+        if args.out:
+            out = result.save(args.out, plot=args.plot, kind="simulate")
+            say(f"wrote {out}/")
     return 0

@@ -8,8 +8,6 @@ over requests with more than one output token; ITL = gaps between consecutive to
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,31 +26,31 @@ class RunResult:
     meta: dict = field(default_factory=dict)
 
     # -- persistence -----------------------------------------------------------------------
-    def save(self, out_dir: str | Path, plot: bool = False) -> Path:
-        """Write requests.parquet, summary.json, timeline.parquet (+ steps, plot) atomically:
-        everything goes to a temporary sibling directory that is renamed at the end."""
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            self.requests.to_parquet(tmp / "requests.parquet", index=False)
-            self.timeline.to_parquet(tmp / "timeline.parquet", index=False)
-            if self.steps is not None:
-                self.steps.to_parquet(tmp / "steps.parquet", index=False)
-            (tmp / "summary.json").write_text(
-                json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
-                           default=_json_default) + "\n")
-            if plot:
-                from twin.sim.plot import plot_timeline
+    def save(self, out_dir: str | Path, plot: bool = False, *, kind: str = "run") -> Path:
+        """Write requests.parquet, summary.json, timeline.parquet (+ steps, plot) atomically
+        through :mod:`twin.outputs`: into a temporary sibling directory renamed at the end;
+        an existing ``out_dir`` is replaced only when it is a twin ``kind`` output."""
+        from twin.outputs import staged_dir
 
-                plot_timeline(self, tmp / "timeline.png")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.replace(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+        with staged_dir(out_dir, kind) as tmp:
+            self.write_into(tmp, plot=plot)
+        return Path(out_dir)
+
+    def write_into(self, directory: str | Path, plot: bool = False) -> None:
+        """The result's files in ``directory`` (created; no checks: a staging directory)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.requests.to_parquet(d / "requests.parquet", index=False)
+        self.timeline.to_parquet(d / "timeline.parquet", index=False)
+        if self.steps is not None:
+            self.steps.to_parquet(d / "steps.parquet", index=False)
+        (d / "summary.json").write_text(
+            json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
+                       default=_json_default) + "\n")
+        if plot:
+            from twin.sim.plot import plot_timeline
+
+            plot_timeline(self, d / "timeline.png")
 
     def format_summary(self) -> str:
         return format_summary(self.summary)
