@@ -67,6 +67,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from twin.errors import TwinInputError
+    from twin.outputs import console, input_paths, prepare, staged_dir
     from twin.policies import POLICY_CLASSES
     from twin.policies.compare import compare, plot_comparison
     from twin.sim.cli import config_from_args
@@ -80,39 +81,42 @@ def run(args) -> int:
                              f"{sorted(POLICY_CLASSES)}", field="--policies")
     if args.gpus is not None and args.gpus < 1:
         raise TwinInputError(f"must be >= 1, got {args.gpus}", field="--gpus")
-    config = config_from_args(args)
-    trace = read_trace(args.trace)
-    catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
-    options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
-               "admission": args.slora_admission, "slora_admission": args.slora_admission,
-               "min_kv_tokens": args.merged_min_kv_tokens}
-
-    def progress(name, run):
-        s = run.result.summary
-        print(f"  {name}: {s['total_throughput']:.0f} tok/s on {run.gpus} GPU(s)", flush=True)
-
-    print(f"comparing {', '.join(names)} on {args.trace} ({len(trace)} requests)", flush=True)
-    cmp = compare(trace, config, args.profile, catalog, policies=names, gpus=args.gpus,
-                  window_s=args.window_s, options=options, trace_source=str(args.trace),
-                  on_run=progress)
-    print()
-    if args.json:
-        print(cmp.table.to_json(orient="records", indent=2))
-    else:
-        print(f"offered: {cmp.offered_tps:.0f} tok/s; times in ms, memory in GiB per GPU")
-        print(cmp.format())
+    say = console(args.json)
     out = args.out or Path("runs") / f"compare-{args.trace.stem}"
-    out.mkdir(parents=True, exist_ok=True)
-    cmp.table.to_csv(out / "table.csv", index=False)
-    (out / "summary.json").write_text(json.dumps({
-        "trace": str(args.trace), "config": config.to_dict(), "gpus": args.gpus,
-        "winner": cmp.winner, "verdict": cmp.verdict, "costs": cmp.costs,
-        "table": cmp.table.to_dict(orient="records"),
-        "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
-    }, indent=2, default=_default) + "\n")
-    png = plot_comparison(cmp, out / "compare.png",
-                          title=f"{args.trace.name}: {cmp.offered_tps:.0f} tok/s offered")
-    print(f"\nwrote {png}, {out / 'table.csv'}, {out / 'summary.json'}")
+    # --out is checked (and locked) before the simulations
+    with prepare(out, "compare", inputs=input_paths(args)):
+        config = config_from_args(args)
+        trace = read_trace(args.trace)
+        catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
+        options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
+                   "admission": args.slora_admission, "slora_admission": args.slora_admission,
+                   "min_kv_tokens": args.merged_min_kv_tokens}
+
+        def progress(name, run):
+            s = run.result.summary
+            say(f"  {name}: {s['total_throughput']:.0f} tok/s on {run.gpus} GPU(s)", flush=True)
+
+        say(f"comparing {', '.join(names)} on {args.trace} ({len(trace)} requests)", flush=True)
+        cmp = compare(trace, config, args.profile, catalog, policies=names, gpus=args.gpus,
+                      window_s=args.window_s, options=options, trace_source=str(args.trace),
+                      on_run=progress)
+        say()
+        if args.json:
+            print(cmp.table.to_json(orient="records", indent=2))
+        else:
+            print(f"offered: {cmp.offered_tps:.0f} tok/s; times in ms, memory in GiB per GPU")
+            print(cmp.format())
+        with staged_dir(out, "compare") as tmp:
+            cmp.table.to_csv(tmp / "table.csv", index=False)
+            (tmp / "summary.json").write_text(json.dumps({
+                "trace": str(args.trace), "config": config.to_dict(), "gpus": args.gpus,
+                "winner": cmp.winner, "verdict": cmp.verdict, "costs": cmp.costs,
+                "table": cmp.table.to_dict(orient="records"),
+                "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
+            }, indent=2, default=_default) + "\n")
+            plot_comparison(cmp, tmp / "compare.png",
+                            title=f"{args.trace.name}: {cmp.offered_tps:.0f} tok/s offered")
+    say(f"\nwrote {out / 'compare.png'}, {out / 'table.csv'}, {out / 'summary.json'}")
     return 0
 
 

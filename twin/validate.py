@@ -161,18 +161,22 @@ class Validation:
         return float(self.table.set_index("key").loc[key, "smape"])
 
     def save(self, out, *, profile: str = "", threads=None, plot: bool = True) -> None:
-        """Both runs, ``table.csv``, ``validation.json`` and the overlay plot under ``out``."""
-        out = Path(out)
-        self.executor.save(out / "executor")
-        self.twin.save(out / "twin")
-        self.table.drop(columns="fmt").to_csv(out / "table.csv", index=False)
-        (out / "validation.json").write_text(json.dumps(
-            dict(self.to_dict(), profile=profile, threads=threads), indent=2) + "\n")
-        if plot:
-            from twin.sim.plot import plot_timeline
+        """Both runs, ``table.csv``, ``validation.json`` and the overlay plot under ``out``,
+        written through :mod:`twin.outputs` (staged, then renamed; kind ``validate``)."""
+        from twin.outputs import staged_dir
 
-            self.plot = plot_timeline(self.executor, out / "timeline_overlay.png",
-                                      other=self.twin, labels=("executor", "twin"))
+        with staged_dir(out, "validate") as tmp:
+            self.executor.write_into(tmp / "executor")
+            self.twin.write_into(tmp / "twin")
+            self.table.drop(columns="fmt").to_csv(tmp / "table.csv", index=False)
+            (tmp / "validation.json").write_text(json.dumps(
+                dict(self.to_dict(), profile=profile, threads=threads), indent=2) + "\n")
+            if plot:
+                from twin.sim.plot import plot_timeline
+
+                plot_timeline(self.executor, tmp / "timeline_overlay.png", other=self.twin,
+                              labels=("executor", "twin"))
+                self.plot = Path(out) / "timeline_overlay.png"
 
     def format(self, title: str = "") -> str:
         return format_table(self.table, title)
@@ -217,6 +221,10 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import validate_trace
 
+    if out is not None:   # a bad destination fails now, not after the executor's run
+        from twin.outputs import check_out
+
+        check_out(out, "validate")
     if config.policy not in ("vllm", "slora"):
         from twin.errors import TwinInputError
 
@@ -248,9 +256,11 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
                 raise ValueError("pass adapters= with a loaded LlamaModel")
             from twin.executor.weights import cache_root
 
-            where = (Path(out) / "adapters" if out is not None else
-                     cache_root() / f"validate-adapters-{Path(model_dir).name}-{len(names)}")
-            make_adapters(model_dir, where, len(names), adapter_ranks, names=names, seed=seed)
+            # in twin's cache, not under ``out``: that is written in one piece at the end
+            where = cache_root() / (f"validate-adapters-{Path(model_dir).name}-{len(names)}-"
+                                    f"{'_'.join(map(str, adapter_ranks))}-s{seed}")
+            make_adapters(model_dir, where, len(names), adapter_ranks, names=names, seed=seed,
+                          cached=True)
             adapters = where
         catalog = resolve_catalog(adapters, trace) if config.enable_lora else None
         twin_catalog = (AdapterCatalog(catalog.table[["adapter", "rank"]], source=catalog.source)

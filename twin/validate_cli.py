@@ -60,20 +60,25 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from twin.outputs import console, input_paths, prepare
     from twin.sim.cli import config_from_args
     from twin.validate import validate
     from twin.workload.schema import read_trace
 
-    config = config_from_args(args)
-    trace = read_trace(args.trace)
-    if args.limit is not None:
-        trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
-    if args.time_scale != 1.0:
-        trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
-    v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
-                 threads=args.threads, num_gpu_blocks=args.num_gpu_blocks, device=args.device,
-                 window_s=args.window_s, progress=not args.no_progress, seed=args.seed,
-                 trace_source=str(args.trace), repeats=args.repeats)
+    say = console(args.json)
+    # --out is checked (and locked) before the executor runs
+    with prepare(args.out, "validate", inputs=input_paths(args)):
+        config = config_from_args(args)
+        trace = read_trace(args.trace)
+        if args.limit is not None:
+            trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+        if args.time_scale != 1.0:
+            trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
+        v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
+                     threads=args.threads, num_gpu_blocks=args.num_gpu_blocks,
+                     device=args.device, window_s=args.window_s,
+                     progress=not args.no_progress, seed=args.seed,
+                     trace_source=str(args.trace), repeats=args.repeats)
     if args.json:
         print(json.dumps(v.to_dict(), indent=2))
     else:
@@ -81,9 +86,9 @@ def run(args) -> int:
                        f"{v.num_blocks} KV blocks, profile {args.profile})"))
     if args.repeats > 1:
         sp = v.spread
-        print(f"executor: median of {args.repeats} runs; their own spread (median pairwise "
-              f"SMAPE): throughput {100 * sp['throughput']:.1f}%, TTFT mean "
-              f"{100 * sp['ttft_mean']:.1f}%, ITL mean {100 * sp['itl_mean']:.1f}%")
+        say(f"executor: median of {args.repeats} runs; their own spread (median pairwise "
+            f"SMAPE): throughput {100 * sp['throughput']:.1f}%, TTFT mean "
+            f"{100 * sp['ttft_mean']:.1f}%, ITL mean {100 * sp['itl_mean']:.1f}%")
     if args.out:
-        print(f"wrote {args.out}/ (table.csv, validation.json, timeline_overlay.png)")
+        say(f"wrote {args.out}/ (table.csv, validation.json, timeline_overlay.png)")
     return 0

@@ -164,24 +164,33 @@ def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
 
 
-def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0):
+def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0,
+                  cached: bool = False):
     """Write ``n`` synthetic adapters to ``out_dir`` and its catalog.csv; with ``names``
     (e.g. a trace's adapters) the catalog maps name k to directory k mod n. Returns the
-    catalog DataFrame (adapter, rank, path, bytes)."""
+    catalog DataFrame (adapter, rank, path, bytes). Written through :mod:`twin.outputs`
+    (kind ``adapters``); ``cached``: ``out_dir`` lies in twin's own cache, so a folder there
+    from before the output marker existed is twin's to replace."""
     import pandas as pd
 
     from twin.executor.adapters import write_adapter_catalog, write_synthetic_adapters
 
     if n < 1:
         raise TwinInputError(f"need at least one adapter, got {n}", field="--n")
-    out_dir = Path(out_dir)
-    df = write_synthetic_adapters(model_dir, out_dir, n, ranks=ranks, seed=seed)
-    df["path"] = [str(Path(p).resolve()) for p in df["path"]]
-    if names is not None:
-        names = sorted(set(names), key=natural_key)
-        rows = [dict(df.iloc[k % n].to_dict(), adapter=a) for k, a in enumerate(names)]
-        df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
-    write_adapter_catalog(df, out_dir / "catalog.csv")
+    from twin.outputs import MARKER, staged_dir, write_marker
+
+    if cached and Path(out_dir).is_dir() and not (Path(out_dir) / MARKER).exists():
+        write_marker(out_dir, "adapters")
+    final = Path(out_dir).resolve()
+    with staged_dir(out_dir, "adapters") as tmp:
+        df = write_synthetic_adapters(model_dir, tmp, n, ranks=ranks, seed=seed)
+        # the catalog names where the adapters will be, not the staging directory
+        df["path"] = [str(final / Path(p).relative_to(tmp)) for p in df["path"]]
+        if names is not None:
+            names = sorted(set(names), key=natural_key)
+            rows = [dict(df.iloc[k % n].to_dict(), adapter=a) for k, a in enumerate(names)]
+            df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
+        write_adapter_catalog(df, tmp / "catalog.csv")
     return df
 
 
@@ -191,13 +200,17 @@ def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed
 def run_make_adapters(args) -> int:
     from twin.workload.schema import read_trace
 
-    model_dir = resolve_model(args.model)
-    names = None
-    if args.trace is not None:
-        names = read_trace(args.trace)["adapter"].dropna().unique().tolist()
-        if not names:
-            raise TwinInputError("the trace names no adapters", file=str(args.trace))
-    df = make_adapters(model_dir, args.out, args.n, args.ranks, names=names, seed=args.seed)
+    from twin.outputs import input_paths, prepare
+
+    with prepare(args.out, "adapters", inputs=input_paths(args)):
+        model_dir = resolve_model(args.model)
+        names = None
+        if args.trace is not None:
+            names = read_trace(args.trace)["adapter"].dropna().unique().tolist()
+            if not names:
+                raise TwinInputError("the trace names no adapters", file=str(args.trace))
+        df = make_adapters(model_dir, args.out, args.n, args.ranks, names=names,
+                           seed=args.seed)
     print(f"wrote {args.n} adapters (ranks {','.join(map(str, args.ranks))}) for "
           f"{model_dir} to {args.out}/ and {args.out}/catalog.csv ({len(df)} names)")
     return 0
@@ -208,45 +221,49 @@ def run_execute(args) -> int:
 
     from twin.executor.engine import execute
     from twin.executor.weights import cache_root
+    from twin.outputs import console, input_paths, prepare
     from twin.workload.schema import read_trace
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
-    config = config_from_args(args)
-    trace = read_trace(args.trace)
-    if args.limit is not None:
-        trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TwinInputError("CUDA is not available on this machine", field="--device")
-    model_dir = resolve_model(args.model)
-    catalog = args.adapters
-    if args.make_adapters is not None:
-        names = trace["adapter"].dropna().unique().tolist()
-        where = (cache_root() / f"adapters-{Path(model_dir).name}-{args.make_adapters}-"
-                                f"{'_'.join(map(str, args.ranks))}-s{args.seed}")
-        make_adapters(model_dir, where, args.make_adapters, args.ranks, names=names or None,
-                      seed=args.seed)
-        catalog = where
-    result = execute(trace, config, model_dir, catalog, device=device,
-                     dtype=getattr(torch, args.dtype), threads=args.threads,
-                     window_s=args.window_s, progress=not args.no_progress, seed=args.seed,
-                     num_gpu_blocks=args.num_gpu_blocks, kv_cache_gib=args.kv_cache_gib,
-                     time_scale=args.time_scale, keep_tokens=args.keep_tokens,
-                     trace_source=str(args.trace))
-    result.meta["trace"] = str(args.trace)
-    result.meta["adapters"] = str(catalog) if catalog is not None else None
-    if args.json:
-        print(json.dumps(result.summary, indent=2))
-    else:
-        text = result.format_summary().replace("(twin)", "(executor)")
-        print(text)
-        failed = result.requests[result.requests["status"] == "failed"]
-        if len(failed):
-            print(f"{len(failed)} request(s) failed:")
-            for err, cnt in failed["error"].value_counts().items():
-                print(f"  {cnt} x {err}")
-    if args.out:
-        out = result.save(args.out, plot=args.plot)
-        print(f"wrote {out}/")
+    say = console(args.json)
+    # --out is checked (and locked) before the model loads and the trace is served
+    with prepare(args.out, "execute", inputs=input_paths(args)):
+        config = config_from_args(args)
+        trace = read_trace(args.trace)
+        if args.limit is not None:
+            trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TwinInputError("CUDA is not available on this machine", field="--device")
+        model_dir = resolve_model(args.model)
+        catalog = args.adapters
+        if args.make_adapters is not None:
+            names = trace["adapter"].dropna().unique().tolist()
+            where = (cache_root() / f"adapters-{Path(model_dir).name}-{args.make_adapters}-"
+                                    f"{'_'.join(map(str, args.ranks))}-s{args.seed}")
+            make_adapters(model_dir, where, args.make_adapters, args.ranks,
+                          names=names or None, seed=args.seed, cached=True)
+            catalog = where
+        result = execute(trace, config, model_dir, catalog, device=device,
+                         dtype=getattr(torch, args.dtype), threads=args.threads,
+                         window_s=args.window_s, progress=not args.no_progress, seed=args.seed,
+                         num_gpu_blocks=args.num_gpu_blocks, kv_cache_gib=args.kv_cache_gib,
+                         time_scale=args.time_scale, keep_tokens=args.keep_tokens,
+                         trace_source=str(args.trace))
+        result.meta["trace"] = str(args.trace)
+        result.meta["adapters"] = str(catalog) if catalog is not None else None
+        if args.json:
+            print(json.dumps(result.summary, indent=2))
+        else:
+            text = result.format_summary().replace("(twin)", "(executor)")
+            print(text)
+            failed = result.requests[result.requests["status"] == "failed"]
+            if len(failed):
+                print(f"{len(failed)} request(s) failed:")
+                for err, cnt in failed["error"].value_counts().items():
+                    print(f"  {cnt} x {err}")
+        if args.out:
+            out = result.save(args.out, plot=args.plot, kind="execute")
+            say(f"wrote {out}/")
     return 0

@@ -24,6 +24,15 @@ import pandas as pd
 
 
 def train_main(args) -> int:
+    """The whole retraining into the workspace ``args.out`` (checked and locked through
+    :mod:`twin.outputs`; a workspace of kind train resumes its sweeps)."""
+    from twin.outputs import input_paths, open_store
+
+    with open_store(args.out, "train", inputs=input_paths(args)):
+        return _train(args)
+
+
+def _train(args) -> int:
     from twin.ml.recommender import SHIPPED_MODEL
     from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
     from twin.ml.train import (compare_models, fit_recommender, heldout_report,
@@ -33,7 +42,6 @@ def train_main(args) -> int:
     t_all = time.perf_counter()
     profile = load_profile(args.profile)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     W = float(args.window_s)
     ee = EarlyExit()
     lo, hi = (float(x) for x in str(args.rate_range).split(","))

@@ -83,9 +83,7 @@ class Recommender:
         return cls(d["models"], d.get("meta", {}))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        from twin.outputs import staged_file
 
         def rnd(o):  # 7 significant digits keep the file small and the predictions exact enough
             if isinstance(o, float):
@@ -95,10 +93,12 @@ class Recommender:
             if isinstance(o, dict):
                 return {k: rnd(v) for k, v in o.items()}
             return o
-        tmp.write_text(json.dumps({"schema": SCHEMA, "meta": self.meta,
-                                   "models": rnd(self.models)}, separators=(",", ":")) + "\n")
-        tmp.replace(path)
-        return path
+        # through twin.outputs: replaces only a twin recommender model (its schema field)
+        with staged_file(path, "recommender") as tmp:
+            tmp.write_text(json.dumps({"schema": SCHEMA, "meta": self.meta,
+                                       "models": rnd(self.models)}, separators=(",", ":"))
+                           + "\n")
+        return Path(path)
 
     def predict_rows(self, X: pd.DataFrame) -> pd.DataFrame:
         """Predictions for feature rows (columns ``ROW_FEATURES``)."""

@@ -418,7 +418,33 @@ def _chunks(tasks: list[Task], max_points: int) -> list[list[Task]]:
     return out
 
 
-def run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
+def adopt_store(path: str | Path) -> None:
+    """Mark a sweep store written before twin's output marker existed (it has a
+    ``sweep.json`` with twin's version) as twin's, so it keeps resuming."""
+    from twin.outputs import MARKER, write_marker
+
+    p = Path(path)
+    if p.is_dir() and not (p / MARKER).exists() and (p / "sweep.json").is_file():
+        try:
+            ours = "twin_version" in json.loads((p / "sweep.json").read_text())
+        except (OSError, ValueError):
+            ours = False
+        if ours:
+            write_marker(p, "sweep")
+
+
+def run_sweep(tasks: Sequence[Task], out: str | Path, **kw) -> SweepReport:
+    """Run the points of ``tasks`` not yet in the dataset at ``out`` (see
+    :func:`_run_sweep`), the store checked and locked through :mod:`twin.outputs`: an
+    existing ``out`` must be a sweep store (it resumes) or an empty directory."""
+    from twin.outputs import open_store
+
+    adopt_store(out)
+    with open_store(out, "sweep"):
+        return _run_sweep(tasks, out, **kw)
+
+
+def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
               backend: str = "local", workers: int | None = None, address: str | None = None,
               early_exit: EarlyExit = EarlyExit(), chunk_points: int = 16,
               progress: bool = True, on_chunk: Callable[[list], None] | None = None,

@@ -115,14 +115,23 @@ def spread(runs, n: int):
 
 
 def run(args) -> int:
-    if getattr(args, "executor", False):
-        from twin.models.calibrate_executor import run_executor
+    from twin.outputs import input_paths, prepare
 
-        return run_executor(args)
-    if not args.from_vllm_runs:
+    executor = getattr(args, "executor", False)
+    if not executor and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
+    # --out is checked (and locked) before the calibration, not after it
+    with prepare(args.out, "profile", inputs=input_paths(args), file=True):
+        if executor:
+            from twin.models.calibrate_executor import run_executor
+
+            return run_executor(args)
+        return _fit_vllm_runs(args)
+
+
+def _fit_vllm_runs(args) -> int:
     from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
 
     t0 = time.perf_counter()

@@ -71,12 +71,13 @@ class Profile:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
-        return path
+        """Write the profile atomically through :mod:`twin.outputs`: an existing ``path``
+        is replaced only when it is a twin profile (its ``schema`` field says so)."""
+        from twin.outputs import staged_file
+
+        with staged_file(path, "profile") as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return Path(path)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "profile") -> "Profile":

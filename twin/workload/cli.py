@@ -213,14 +213,18 @@ def summary(df: pd.DataFrame) -> str:
 
 def run(args) -> int:
     """Build the trace, write it, print a one-line summary. Returns the exit code."""
+    from twin.outputs import input_paths, prepare, staged_file
     from twin.workload.schema import validate_trace, write_trace
-    df = build(args)
     out = Path(args.out)
-    if out.suffix.lower() == ".csv":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        validate_trace(df, source=str(out)).to_csv(out, index=False)
-    else:
-        write_trace(df, out)
+    # --out checked (and locked) before the build; a CSV has no room for twin's output
+    # marker, so an existing one is never replaced
+    with prepare(out, "trace", inputs=input_paths(args), file=True):
+        df = build(args)
+        if out.suffix.lower() == ".csv":
+            with staged_file(out, "trace") as tmp:
+                validate_trace(df, source=str(out)).to_csv(tmp, index=False)
+        else:
+            write_trace(df, out)
     print(f"{out}: {summary(df)}")
     return 0
 

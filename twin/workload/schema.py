@@ -44,13 +44,15 @@ def read_trace(path: str | Path) -> pd.DataFrame:
 
 
 def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
-    """Validate and write a trace as Parquet (atomically: temp file, then rename)."""
+    """Validate and write a trace as Parquet through :mod:`twin.outputs` (temp file, then
+    rename; an existing ``path`` is replaced only when twin wrote it as a trace: the
+    Parquet key-value metadata ``twin_output`` says so)."""
+    from twin.outputs import staged_file, write_parquet
+
     path = Path(path)
     df = validate_trace(df, source=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with staged_file(path, "trace") as tmp:
+        write_parquet(df, tmp, "trace")
     return path
 
 
