@@ -274,9 +274,14 @@ def test_trace_file_outputs(tmp_path, capsys):
 
 
 def test_calibrate_refuses_before_fitting(tmp_path, capsys, monkeypatch):
+    import twin.models.calibrate_cli as cc
     import twin.models.calibrate_vllm as cv
 
-    monkeypatch.setattr(cv, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    def never(*a, **k):
+        pytest.fail("the runs were read and fitted before --out was checked")
+
+    monkeypatch.setattr(cc, "load_runs", never)
+    monkeypatch.setattr(cv, "calibrate", never)
     runs = tmp_path / "runs.csv"
     runs.write_text("a,b\n1,2\n")
     assert main(["calibrate", "--from-vllm-runs", str(runs), "--out", str(runs)]) == 2
@@ -284,6 +289,7 @@ def test_calibrate_refuses_before_fitting(tmp_path, capsys, monkeypatch):
     mine = tmp_path / "p.json"
     mine.write_text('{"mine": 1}')
     assert main(["calibrate", "--from-vllm-runs", str(runs), "--out", str(mine)]) == 2
+    assert "not a twin output" in capsys.readouterr().err
     assert mine.read_text() == '{"mine": 1}'
 
 
