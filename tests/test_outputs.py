@@ -113,6 +113,13 @@ def test_dir_with_user_file_refused(tmp_path, trace, capsys, engine_calls):
     assert engine_calls == [] and [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
 
+def test_failed_run_leaves_no_folders_behind(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    small_trace().assign(prompt_tokens=-1).to_csv(bad, index=False)
+    assert main(simulate_args(bad, tmp_path / "new" / "deep" / "run")) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
 def test_existing_plain_file_refused(tmp_path, trace, capsys, engine_calls):
     f = tmp_path / "result"
     f.write_text("mine")

@@ -38,7 +38,7 @@ MARKER = ".twin-output"
 META_KEY = "twin_output"
 LOCK_SUFFIX = ".twin-lock"
 
-# lock files this process holds: path -> [fd, depth] (re-entrant: the CLI takes the lock
+# lock files this process holds: path -> [fd, depth, folders made] (re-entrant: the CLI takes the lock
 # before the run, the library's save takes it again when it writes)
 _HELD: dict[str, list] = {}
 
@@ -159,6 +159,7 @@ def _acquire(dest: Path) -> str:
     if key in _HELD:
         _HELD[key][1] += 1
         return key
+    created = [a for a in [lock.parent, *lock.parent.parents] if not a.exists()]
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -185,7 +186,7 @@ def _acquire(dest: Path) -> str:
             break
         os.close(fd)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = [fd, 1]
+    _HELD[key] = [fd, 1, created]
     return key
 
 
@@ -200,6 +201,11 @@ def _release(key: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(key)
     os.close(held[0])
+    for d in held[2]:   # folders made for an output that never came: removed if empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 @contextlib.contextmanager
