@@ -388,3 +388,18 @@ def test_input_paths_collects_every_path_argument(tmp_path, trace):
     args = build_parser().parse_args(["simulate", "--trace", str(trace), "--config", str(cfg),
                                       "--profile", str(cfg), "--out", "x"])
     assert set(map(str, outputs.input_paths(args))) == {str(trace), str(cfg)}
+
+
+def test_recommend_json_and_place_rerun(tmp_path, trace, capsys):
+    rec = ["recommend", "--trace", str(trace), "--out", str(tmp_path / "rec"), "--json",
+           "--no-plot", "--max-runs", "2", "--workers", "1"]
+    assert main(rec) == 0
+    doc = json.loads(capsys.readouterr().out)     # the report and "wrote" went to stderr
+    assert doc["config"]["max_loras"] >= 1
+    assert main(rec) == 0 and outputs.output_kind(tmp_path / "rec") == "recommend"
+    place = ["place", "--trace", str(trace), "--out", str(tmp_path / "pl"), "--max-runs", "2",
+             "--workers", "1"]
+    assert main(place) == 0 and main(place) == 0
+    assert (tmp_path / "pl" / "routing.csv").exists() and leftovers(tmp_path) == []
+    assert main(place[:-4] + ["--out", str(tmp_path / "rec")]) == 2
+    assert "holds a twin 'recommend' output" in capsys.readouterr().err

@@ -300,7 +300,6 @@ def _recommend(args) -> int:
     say(f"trace: {label}")
     say(rec.report())
     out = args.out
-    names = []
     with staged_dir(out, "recommend") as tmp:
         written = []
         if rec.ok:
