@@ -163,6 +163,9 @@ def test_rerun_into_own_output_and_empty_dir(tmp_path, trace, capsys):
     out.mkdir()                                     # an empty directory may be used
     assert main(simulate_args(trace, out)) == 0
     assert outputs.output_kind(out) == "simulate"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask     # not a temp dir's 0700
     assert main(simulate_args(trace, out, "--max-loras", "1")) == 0
     meta = json.loads((out / "summary.json").read_text())["meta"]
     assert meta["config"]["max_loras"] == 1
@@ -266,6 +269,9 @@ def test_trace_file_outputs(tmp_path, capsys):
     out = tmp_path / "t.parquet"
     assert main(trace_args(out)) == 0
     assert outputs.output_kind(out) == "trace"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask     # not a temp file's 0600
     assert main(trace_args(out)) == 0               # twin's own trace: replaced
     mine = tmp_path / "mine.parquet"
     pd.read_parquet(out).to_parquet(mine)           # the same table, written by the user

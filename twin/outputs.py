@@ -225,6 +225,12 @@ def prepare(path, kind: str, *, inputs=(), file: bool = False):
 
 # -- writing ----------------------------------------------------------------------------------
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_marker(directory: Path, kind: str) -> None:
     (Path(directory) / MARKER).write_text(json.dumps(
         {"kind": kind, "twin_version": __import__("twin").__version__}) + "\n")
@@ -237,6 +243,7 @@ def staged_dir(path, kind: str, *, inputs=()):
     any error (KeyboardInterrupt included) remove it and leave ``path`` as it was."""
     with prepare(path, kind, inputs=inputs) as dest:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 is for temporaries, not results
         old = None
         try:
             yield tmp
@@ -269,6 +276,7 @@ def staged_file(path, kind: str, *, inputs=()):
         fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}",
                                     dir=dest.parent)
         os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())  # as a plain open() would create it, not 0600
         tmp = Path(name)
         try:
             yield tmp
