@@ -250,6 +250,21 @@ def test_no_temp_leftovers_after_failure_mid_write(tmp_path, trace, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
 
 
+def test_killed_run_temporaries_cleared_by_the_next(tmp_path, trace):
+    out = tmp_path / "run"
+    stale = tmp_path / ".run.k1ll3d_x.tmp"            # what a SIGKILL mid-write leaves
+    stale.mkdir()
+    (stale / "requests.parquet").write_text("half")
+    (tmp_path / ".run-notes.txt").write_text("mine")  # not a temporary of ours
+    other = tmp_path / ".run.x.a1b2c3d4.tmp"          # a live one of another --out, run.x
+    other.mkdir()
+    assert main(simulate_args(trace, out)) == 0
+    assert not stale.exists() and (tmp_path / ".run-notes.txt").read_text() == "mine"
+    assert other.is_dir()
+    other.rmdir()
+    assert leftovers(tmp_path) == []
+
+
 def test_os_error_mid_write_propagates_and_cleans(tmp_path):
     with pytest.raises(OSError):
         with outputs.staged_dir(tmp_path / "x", "k") as tmp:

@@ -25,6 +25,7 @@ workspace) use :func:`open_store`: same checks and lock, no rename.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -225,6 +226,16 @@ def prepare(path, kind: str, *, inputs=(), file: bool = False):
 
 # -- writing ----------------------------------------------------------------------------------
 
+def _clear_stale(dest: Path, pattern: str) -> None:
+    """Remove temporaries of ``dest`` a killed run left (we hold the lock: none is live)."""
+    for p in dest.parent.glob(pattern):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -242,6 +253,9 @@ def staged_dir(path, kind: str, *, inputs=()):
     ``kind`` output and rename it into place (replacing a previous one of that kind), on
     any error (KeyboardInterrupt included) remove it and leave ``path`` as it was."""
     with prepare(path, kind, inputs=inputs) as dest:
+        # tempfile's 8 random characters, so that "run.x"'s temporaries are not "run"'s
+        _clear_stale(dest, f".{glob.escape(dest.name)}.{'?' * 8}.tmp")
+        _clear_stale(dest, f".{glob.escape(dest.name)}.{'?' * 8}.old.tmp")
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 is for temporaries, not results
         old = None
@@ -273,6 +287,7 @@ def staged_file(path, kind: str, *, inputs=()):
     it onto ``path``. The writer must mark the file as a twin ``kind`` output (Parquet
     metadata / JSON field) for a later run to replace it."""
     with prepare(path, kind, inputs=inputs, file=True) as dest:
+        _clear_stale(dest, f".{glob.escape(dest.stem)}.{'?' * 8}.tmp{glob.escape(dest.suffix)}")
         fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}",
                                     dir=dest.parent)
         os.close(fd)
