@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+from twin.argtypes import comma_list, positive_float
 from twin.errors import TwinInputError
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -78,7 +79,7 @@ def _common_workload(p):
     p.add_argument("--base-config", type=Path,
                    help="YAML of fixed vLLM settings (default: max_num_seqs 2048, "
                         "max_num_batched_tokens 2048, gpu_memory_utilization 0.9)")
-    p.add_argument("--window-s", type=float, default=None,
+    p.add_argument("--window-s", type=positive_float, default=None,
                    help="measured window (default: the trace's span)")
     p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
     p.add_argument("--model-name", default=None,
@@ -94,9 +95,9 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset folder")
     p.add_argument("--profile", default=None)
     p.add_argument("--base-config", type=Path)
-    p.add_argument("--slots", default=None,
+    p.add_argument("--slots", default=None, type=comma_list(int, minimum=1, name="max_loras values"),
                    help="comma-separated max_loras grid (default 1,2,4,8,16,32,64,96,128,...,384)")
-    p.add_argument("--window-s", type=float, default=3600.0,
+    p.add_argument("--window-s", type=positive_float, default=3600.0,
                    help="measured window per run (default 3600)")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
@@ -139,9 +140,10 @@ def add_train_args(p):
     p.add_argument("--families", type=int, default=100, help="training workload families")
     p.add_argument("--heldout-families", type=int, default=20)
     p.add_argument("--rate-range", default="3,45",
+                   type=comma_list(float, positive=True, length=2, name="req/s bounds"),
                    help="aggregate req/s range of the sampled workloads (default 3,45: "
                         "light to ~2x one H100's capacity)")
-    p.add_argument("--window-s", type=float, default=600.0)
+    p.add_argument("--window-s", type=positive_float, default=600.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/train"))
@@ -248,7 +250,7 @@ def run_sweep_cmd(args) -> int:
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
-    slots = (tuple(int(x) for x in args.slots.split(",")) if args.slots else SLOTS_GRID)
+    slots = args.slots or SLOTS_GRID
     grid = ConfigGrid(base=_base(args.base_config), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
     tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
