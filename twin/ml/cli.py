@@ -208,19 +208,15 @@ def _load_workload(args):
 
 
 def load_workloads_yaml(path: Path) -> list:
-    import yaml
-
+    from twin.config import read_yaml
     from twin.ml.spec import WorkloadSpec
 
-    if not path.exists():
-        raise TwinInputError("workloads file not found", file=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from exc
+    data = read_yaml(path, missing="workloads file not found")
     items = data if isinstance(data, list) else (data.get("workloads", [data])
                                                  if isinstance(data, dict) else None)
-    if not items:
+    if isinstance(items, dict):
+        items = [items]
+    if not items or not isinstance(items, list):
         raise TwinInputError("expected a workload spec or a list of them", file=str(path))
     specs = []
     for i, item in enumerate(items):
@@ -228,6 +224,9 @@ def load_workloads_yaml(path: Path) -> list:
             raise TwinInputError("each workload is a mapping", file=str(path), row=i)
         item = dict(item)
         grid = item.pop("grid", None) or {}
+        if not isinstance(grid, dict):
+            raise TwinInputError("grid is a mapping of setting: [values]", file=str(path),
+                                 row=i, field="grid")
         keys = list(grid)
         for k in keys:
             if not isinstance(grid[k], list):
