@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -301,19 +302,44 @@ def read_bench_results(paths, sidecar: str | Path | dict | None = None) -> list[
                                  f"--save-result` file?", file=file, field=missing[0])
         info = {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
         info.update({k: v for k, v in side.items() if k != "runs"})
-        info.update(side.get("runs", {}).get(Path(p).name, {}))
+        info.update((side.get("runs") or {}).get(Path(p).name) or {})
         runs.append(_bench_run(d, info, file))
     return runs
 
 
+#: keys a sidecar may give (flat, or per file under ``runs``); values are checked where they
+#: are read (numbers by ``num``, server settings by ServingConfig's schema)
+SIDECAR_KEYS = ("max_loras", "max_cpu_loras", "max_lora_rank", "adapter_ranks",
+                "adapter_rates_rps", "pool_mean_input_tokens", "pool_mean_output_tokens",
+                "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+                "max_model_len", "block_size", "preload_adapters", "request_rate", "duration",
+                "completed", "experiment_set")
+
+
+def _sidecar_schemas():
+    from pydantic import create_model
+
+    from twin.schemas import Schema
+
+    fields = {k: (Any, None) for k in SIDECAR_KEYS}
+    run = create_model("SidecarRun", __base__=Schema, **fields)
+    return create_model("Sidecar", __base__=Schema, runs=(dict[str, run] | None, None),
+                        **fields)
+
+
 def _load_sidecar(sidecar) -> dict:
+    """The sidecar's mapping: an unknown key (a typo would silently leave a setting at its
+    default) or ``runs`` that is not ``{file name: {key: value}}`` raises ``TwinInputError``."""
     if sidecar is None:
         return {}
-    if isinstance(sidecar, dict):
-        return sidecar
     from twin.config import read_yaml_mapping
+    from twin.schemas import validate
 
-    return read_yaml_mapping(sidecar, missing="sidecar file not found")
+    source = "sidecar" if isinstance(sidecar, dict) else str(sidecar)
+    data = sidecar if isinstance(sidecar, dict) else read_yaml_mapping(
+        sidecar, missing="sidecar file not found")
+    validate(_sidecar_schemas(), {str(k): v for k, v in data.items()}, source)
+    return data
 
 
 def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
@@ -342,7 +368,7 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
     for k in ("max_loras", "max_lora_rank"):
         if k not in settings:
             num(k)  # raises with the hint
-    settings["preload_adapters"] = bool(info.get("preload_adapters", True))
+    settings["preload_adapters"] = info.get("preload_adapters", True)   # "false" is false
     try:
         cfg = ServingConfig.from_dict(settings, source=file)
     except TwinInputError as exc:
