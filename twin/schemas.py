@@ -64,7 +64,9 @@ def _describe(err: dict) -> str:
         return "unknown key"
     msg = msg.removeprefix("Value error, ")
     inp = err.get("input")
-    if inp is None and kind not in ("missing",):
+    if kind == "value_error" and isinstance(inp, (dict, list)):   # a check across fields
+        return msg
+    if inp is None:
         return f"{msg}, got null (a value is required)"
     text = repr(inp)
     if len(text) > 60:
