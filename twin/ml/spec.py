@@ -158,7 +158,8 @@ def _norm_lengths(v) -> dict:
             raise TwinInputError(f"lengths must be one of {sorted(_LENGTH_DEFAULTS)} or a "
                                  f"mapping with 'kind', got {v!r}", field="lengths")
         return dict(_LENGTH_DEFAULTS[v])
-    if not isinstance(v, dict) or v.get("kind") not in _LENGTH_DEFAULTS:
+    if not isinstance(v, dict) or not isinstance(v.get("kind"), str) \
+            or v["kind"] not in _LENGTH_DEFAULTS:
         raise TwinInputError(f"lengths: expected 'sharegpt', 'uniform' or a mapping with kind "
                              f"sharegpt|uniform, got {v!r}", field="lengths")
     m = validate(_LENGTH_SCHEMAS[v["kind"]], v, None, prefix="lengths")

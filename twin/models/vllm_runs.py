@@ -251,10 +251,19 @@ BENCH_SIDECAR_KEYS = {
 
 
 def _as_counts(value, what: str, file: str) -> dict:
+    out = _parse_counts(value, what, file)
+    bad = [k for k, c in out.items() if not (math.isfinite(k) and k > 0) or c < 0]
+    if bad:
+        raise TwinInputError(f"expected positive finite values and non-negative counts, got "
+                             f"{value!r}", file=file, field=what)
+    return out
+
+
+def _parse_counts(value, what: str, file: str) -> dict:
     if isinstance(value, dict):
         try:
             return {float(k): int(v) for k, v in value.items() if int(v)}
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TwinInputError(f"expected {{value: count}}, got {value!r}", file=file,
                                  field=what) from None
     if isinstance(value, str):
@@ -374,8 +383,11 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
     except TwinInputError as exc:
         raise TwinInputError(exc.detail, file=file, field=exc.field) from None
     if "adapter_ranks" in info:
-        ranks = {int(k): v for k, v in _as_counts(info["adapter_ranks"], "adapter_ranks",
-                                                  file).items()}
+        ranks = _as_counts(info["adapter_ranks"], "adapter_ranks", file)
+        if any(not k.is_integer() for k in ranks):
+            raise TwinInputError(f"ranks are integers, got {info['adapter_ranks']!r}",
+                                 file=file, field="adapter_ranks")
+        ranks = {int(k): v for k, v in ranks.items()}
     else:
         ranks = {cfg.max_lora_rank: cfg.max_cpu_loras}
     n = sum(ranks.values())
@@ -394,16 +406,15 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
         raise TwinInputError(f"adapter_rates_rps name {sum(rates.values())} adapters, "
                              f"max_cpu_loras is {n}", file=file, field="adapter_rates_rps")
     duration = num("duration", positive=True)
-    pin = num("pool_mean_input_tokens", d["total_input_tokens"] / completed, positive=True)
-    pout = num("pool_mean_output_tokens", d["total_output_tokens"] / completed, positive=True)
-    total = d.get("total_token_throughput")
-    if total is None:
-        total = (d["total_input_tokens"] + d["total_output_tokens"]) / duration
-    metrics = {"total_throughput": float(total), "completed": completed}
+    tin, tout = num("total_input_tokens"), num("total_output_tokens")
+    pin = num("pool_mean_input_tokens", tin / completed, positive=True)
+    pout = num("pool_mean_output_tokens", tout / completed, positive=True)
+    total = num("total_token_throughput", (tin + tout) / duration)
+    metrics = {"total_throughput": total, "completed": completed}
     for k in ("mean_ttft_ms", "mean_itl_ms", "mean_tpot_ms", "median_ttft_ms",
               "median_itl_ms", "median_tpot_ms", "p99_ttft_ms", "p99_itl_ms"):
         if d.get(k) is not None:
-            metrics[k] = float(d[k])
+            metrics[k] = num(k)
     return RunSpec(key=Path(file).name, config=cfg, ranks=ranks, rates=rates,
                    pool_means=(pin, pout), duration_s=duration, metrics=metrics,
                    extra={"experiment_set": info.get("experiment_set", "bench")},
