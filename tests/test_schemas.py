@@ -72,19 +72,22 @@ def test_enable_lora_false_with_adapter_requests_is_refused():
 # -- item 6: settings vLLM refuses ---------------------------------------------------------------
 
 @pytest.mark.parametrize("bs", [4, 24, 256])
-def test_block_size_outside_vllm_blocksize_is_refused(bs):
-    # old: any block_size >= 1 was accepted
+def test_block_size_outside_vllm_blocksize_is_refused(bs, tmp_path):
+    # old: any block_size >= 1 was accepted from a YAML file or --block-size
+    p = tmp_path / "serve.yaml"
+    p.write_text(f"block_size: {bs}\n")
     with pytest.raises(TwinInputError) as e:
-        small_config(block_size=bs)
+        ServingConfig.from_yaml(p)
     assert e.value.field == "block_size" and "BlockSize" in str(e.value)
     for ok in (1, 8, 16, 32, 64, 128):
-        assert small_config(block_size=ok).block_size == ok
+        assert ServingConfig.from_dict({"block_size": ok}).block_size == ok
 
 
 def test_max_num_batched_tokens_below_max_num_seqs_is_refused():
     # old: accepted; vLLM's SchedulerConfig refuses it
     with pytest.raises(TwinInputError) as e:
-        ServingConfig.from_dict({"max_num_seqs": 512, "max_num_batched_tokens": 256},
+        ServingConfig.from_dict({"max_num_seqs": 512, "max_num_batched_tokens": 256,
+                                 "max_model_len": 256, "enable_chunked_prefill": "false"},
                                 source="serve.yaml")
     assert e.value.file == "serve.yaml" and e.value.field == "max_num_batched_tokens"
     assert ("max_num_batched_tokens (256) must be greater than or equal to max_num_seqs (512)"
