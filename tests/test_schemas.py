@@ -350,3 +350,13 @@ def test_serving_config_values_unchanged_by_validation():
     assert cfg.gpu_memory_utilization == 0.85
     assert ServingConfig.from_dict(cfg.to_dict()) == cfg
     assert copy.copy(cfg) == cfg
+
+
+def test_executor_refuses_adapter_requests_without_enable_lora(tmp_path):
+    # old: the executor served them on the base model
+    pytest.importorskip("torch")
+    from twin.executor.engine import execute
+
+    with pytest.raises(TwinInputError) as e:
+        execute(tiny_trace(), small_config(enable_lora=False), tmp_path / "no-model", None)
+    assert "does not exist" in str(e.value) and e.value.field == "adapter"
