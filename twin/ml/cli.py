@@ -95,7 +95,8 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset folder")
     p.add_argument("--profile", default=None)
     p.add_argument("--base-config", type=Path)
-    p.add_argument("--slots", default=None, type=comma_list(int, minimum=1, name="max_loras values"),
+    p.add_argument("--slots", default=None,
+                   type=comma_list(int, minimum=1, name="max_loras values"),
                    help="comma-separated max_loras grid (default 1,2,4,8,16,32,64,96,128,...,384)")
     p.add_argument("--window-s", type=positive_float, default=3600.0,
                    help="measured window per run (default 3600)")
