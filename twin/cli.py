@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from twin.errors import TwinInputError
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"twin {__import__('twin').__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an internal error (any position)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, func in _SUBCOMMANDS:
         try:
@@ -51,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Bad input (``TwinInputError``) is one line and exit 2; any other
+    exception is a bug in the twin: one line saying so and exit 70 (EX_SOFTWARE), with the
+    traceback under ``--debug`` (accepted anywhere on the command line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -59,11 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TwinInputError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"twin {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"twin {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:   # noqa: BLE001 - the last line of defence: no traceback
+        if debug:
+            traceback.print_exc()
+        text = " ".join(str(exc).split())
+        if len(text) > 300:
+            text = text[:297] + "..."
+        print(f"twin {args.command}: internal error (a bug): {type(exc).__name__}: {text}"
+              + ("" if debug else " — rerun with --debug for the traceback"), file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

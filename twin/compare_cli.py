@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from twin.argtypes import positive_float
+
 _DESCRIPTION = """\
 Simulate one request trace under several serving strategies and print one table
 (throughput, TTFT/TPOT p50/p99, GPUs, memory per GPU split into weights / KV / adapters,
@@ -54,7 +56,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         "on demand with preemption (conservative)")
     p.add_argument("--merged-min-kv-tokens", type=int, default=None,
                    help="merged: KV tokens a replica must hold (default max_model_len)")
-    p.add_argument("--window-s", type=float, default=None,
+    p.add_argument("--window-s", type=positive_float, default=None,
                    help="measure a fixed window (default: run to completion)")
     p.add_argument("--out", type=Path, default=None,
                    help="write compare.png, table.csv, summary.json here "

@@ -11,11 +11,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
 
 from twin.errors import TwinInputError
+from twin.schemas import Float, Int, Schema, validate
 
+#: vLLM's ``MaxLoRARanks`` (vllm/config/lora.py)
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: vLLM's ``BlockSize`` literal (vllm/config/cache.py, vLLM 0.10-0.11; 256 is not in it)
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 # serving strategies (twin.policies; issue 7): "vllm" is the default and the engine's own
 POLICIES = ("vllm", "slora", "merged", "hybrid")
 # `vllm serve` settings that do not change what the twin models: accepted and ignored, so a
@@ -23,6 +29,14 @@ POLICIES = ("vllm", "slora", "merged", "hybrid")
 VLLM_IGNORED = frozenset({"model", "lora_modules", "served_model_name", "host", "port",
                           "tokenizer", "dtype", "seed", "api_key", "disable_log_requests",
                           "disable_log_stats", "trust_remote_code", "download_dir"})
+
+
+def _one_of(allowed: tuple, vllm_name: str):
+    def check(v):
+        if v not in allowed:
+            raise ValueError(f"must be one of {allowed} (vLLM's {vllm_name})")
+        return v
+    return check
 
 
 @dataclass(frozen=True)
@@ -48,18 +62,18 @@ class ServingConfig:
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ServingConfig":
+        if not isinstance(d, dict):
+            raise TwinInputError(f"expected a mapping of vLLM setting names to values, got "
+                                 f"{type(d).__name__}", file=source)
         known = {f.name for f in dataclasses.fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in (d or {}).items()
+        norm = {str(k).replace("-", "_"): v for k, v in d.items()
                 if str(k).replace("-", "_") not in VLLM_IGNORED}
         unknown = sorted(set(norm) - known)
         if unknown:
             raise TwinInputError(
                 f"unknown setting(s) {unknown}; known: {sorted(known)}", file=source,
                 field=unknown[0])
-        for f in dataclasses.fields(cls):
-            if f.name in norm and norm[f.name] is not None:
-                norm[f.name] = _coerce(norm[f.name], f, source)
-        return cls(**norm)
+        return cls(**_checked(norm, source, vllm=True))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServingConfig":
@@ -74,25 +88,12 @@ class ServingConfig:
 
     # -- checks vLLM makes at start-up -----------------------------------------------------
     def validate(self) -> None:
-        def bad(fld, msg):
-            raise TwinInputError(msg, file="config", field=fld)
-
-        for name in ("max_loras", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "max_model_len"):
-            if int(getattr(self, name)) < 1:
-                bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_lora_rank not in ALLOWED_LORA_RANKS:
-            bad("max_lora_rank", f"must be one of {ALLOWED_LORA_RANKS} (vLLM), got {self.max_lora_rank}")
-        if self.max_cpu_loras < self.max_loras:
-            bad("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.policy not in POLICIES:
-            bad("policy", f"must be one of {POLICIES}, got {self.policy!r}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            bad("max_num_batched_tokens",
-                f"without chunked prefill it must be >= max_model_len ({self.max_model_len}), "
-                f"got {self.max_num_batched_tokens}")
+        """Types and ranges (:class:`ServingSchema`), then vLLM's cross-setting refusals;
+        values are normalised in place ("8" -> 8)."""
+        vals = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                        "config")
+        for k, v in vals.items():
+            object.__setattr__(self, k, v)
 
     def vllm_args(self) -> list[str]:
         """The equivalent ``vllm serve`` flags."""
@@ -109,41 +110,112 @@ class ServingConfig:
         return args
 
 
-def read_yaml_mapping(path: str | Path, *, missing: str = "file not found",
-                      expected: str = "a mapping") -> dict:
-    """Read a YAML file that must hold a mapping; errors name the file."""
+class ServingSchema(Schema):
+    """Types and ranges of the serving settings, as vLLM declares them (vLLM 0.11:
+    ``vllm/config/{lora,cache,scheduler,model}.py``)."""
+
+    enable_lora: bool
+    max_loras: Annotated[Int, Field(ge=1)]
+    max_cpu_loras: Annotated[Int, Field(ge=1)] | None
+    max_lora_rank: Annotated[Int, AfterValidator(_one_of(ALLOWED_LORA_RANKS, "MaxLoRARanks"))]
+    max_num_seqs: Annotated[Int, Field(ge=1)]
+    max_num_batched_tokens: Annotated[Int, Field(ge=1)]
+    gpu_memory_utilization: Annotated[Float, Field(gt=0.0, le=1.0)]
+    block_size: Annotated[Int, Field(ge=1)]   # vLLM's BlockSize: checked on user input
+    enable_chunked_prefill: bool
+    max_model_len: Annotated[Int, Field(ge=1)]
+    policy: Literal[POLICIES]
+    preload_adapters: bool
+
+
+def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict[str, Any]:
+    """``values`` (every ServingConfig field or a subset) typed and range-checked by
+    :class:`ServingSchema`, then vLLM's start-up refusals between settings, with vLLM's
+    reasons (``SchedulerConfig._verify_args``, ``LoRAConfig``).
+
+    ``vllm``: also refuse what vLLM refuses but the twin can still model — a block size
+    outside ``BlockSize`` and, without chunked prefill, ``max_num_batched_tokens <
+    max_num_seqs`` (issue 11; vLLM 0.11's ``_verify_args`` refuses the latter even with
+    chunked prefill, but the executor recipes run small budgets under the default
+    ``max_num_seqs``). Settings a user gives (YAML, flags, sidecars:
+    :meth:`ServingConfig.from_dict`) are held to it; configurations built in code are not
+    (the scheduler's differential tests use 4-token blocks)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ServingConfig)}
+    c = validate(ServingSchema, {**defaults, **values}, source).model_dump()
+    if c["max_cpu_loras"] is None:   # vLLM: max_cpu_loras defaults to max_loras
+        c["max_cpu_loras"] = c["max_loras"]
+
+    def bad(fld, msg):
+        raise TwinInputError(msg, file=source, field=fld)
+
+    if c["max_cpu_loras"] < c["max_loras"]:
+        bad("max_cpu_loras", f"max_cpu_loras ({c['max_cpu_loras']}) must be >= max_loras "
+                             f"({c['max_loras']}) (vLLM LoRAConfig)")
+    if not c["enable_chunked_prefill"] and c["max_num_batched_tokens"] < c["max_model_len"]:
+        bad("max_num_batched_tokens",
+            f"max_num_batched_tokens ({c['max_num_batched_tokens']}) is smaller than "
+            f"max_model_len ({c['max_model_len']}). This effectively limits the maximum "
+            "sequence length to max_num_batched_tokens and makes vLLM reject longer "
+            "sequences. Please increase max_num_batched_tokens or decrease max_model_len. "
+            "(vLLM refuses this without chunked prefill)")
+    if vllm and c["block_size"] not in BLOCK_SIZES:
+        bad("block_size", f"block_size must be one of {BLOCK_SIZES} (vLLM's BlockSize, "
+                          f"vllm/config/cache.py), got {c['block_size']}")
+    if vllm and not c["enable_chunked_prefill"] \
+            and c["max_num_batched_tokens"] < c["max_num_seqs"]:
+        bad("max_num_batched_tokens",
+            f"max_num_batched_tokens ({c['max_num_batched_tokens']}) must be greater than or "
+            f"equal to max_num_seqs ({c['max_num_seqs']}). (vLLM refuses this)")
+    return c
+
+
+def refuse_unserved_adapters(config: ServingConfig, trace, source: str = "trace") -> None:
+    """vLLM without ``--enable-lora`` serves no adapter: a request naming one is answered
+    404 "The model `NAME` does not exist.", never served by the base model. The twin
+    refuses such a run rather than report those requests as base-model traffic."""
+    if config.enable_lora or "adapter" not in getattr(trace, "columns", ()):
+        return
+    named = trace["adapter"].dropna()
+    if len(named):
+        names = sorted(map(str, named.unique()))
+        raise TwinInputError(
+            f"enable_lora is false but {len(named)} request(s) name an adapter "
+            f"({len(names)} adapter(s), e.g. {names[0]!r}); vLLM answers them 404 "
+            f"\"The model `{names[0]}` does not exist.\" Serve with enable_lora true or "
+            "drop the adapter column", file=source, field="adapter")
+
+
+def read_yaml(path: str | Path, *, missing: str = "file not found"):
+    """A YAML file's content (``None`` if empty); unreadable, non-UTF-8 or invalid YAML
+    raises ``TwinInputError`` naming the file."""
     import yaml
 
     path = Path(path)
     if not path.exists():
         raise TwinInputError(missing, file=str(path))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise TwinInputError(f"expected {expected}", file=str(path))
-    return data
-
-
-def _coerce(value, f: dataclasses.Field, source: str):
-    typ = str(f.type)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TwinInputError(f"not UTF-8 text (byte {exc.start}): is this a YAML file?",
+                             file=str(path)) from None
+    except OSError as exc:
+        raise TwinInputError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
     try:
-        if typ.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if typ.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if typ.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise TwinInputError(f"expected {typ.split(' ')[0]}, got {value!r}", file=source,
-                             field=f.name) from None
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TwinInputError(f"not valid YAML: {' '.join(str(exc).split())}",
+                             file=str(path)) from None
+    except (ValueError, TypeError, RecursionError) as exc:   # e.g. unhashable keys
+        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from None
+
+
+def read_yaml_mapping(path: str | Path, *, missing: str = "file not found",
+                      expected: str = "a mapping") -> dict:
+    """Read a YAML file that must hold a mapping (empty file: ``{}``); errors name the file."""
+    data = read_yaml(path, missing=missing)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TwinInputError(f"expected {expected}, got a YAML {type(data).__name__}",
+                             file=str(path))
+    return data

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from twin.argtypes import positive_float
+
 _DESCRIPTION = """\
 Serve a trace for real on the reference executor and simulate it on the twin with a
 calibrated profile (twin calibrate --executor), with the same configuration and KV
@@ -47,7 +49,7 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N requests only")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply arrival times (0.5 = twice as fast)")
-    p.add_argument("--window-s", type=float, default=None, help="measure a fixed window")
+    p.add_argument("--window-s", type=positive_float, default=None, help="measure a fixed window")
     p.add_argument("--repeats", type=int, default=1,
                    help="executor runs; the twin is compared to their median (default 1)")
     p.add_argument("--seed", type=int, default=0)

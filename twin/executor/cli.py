@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from twin.argtypes import comma_list, positive_float
 from twin.errors import TwinInputError
 from twin.sim.cli import add_config_flags, config_from_args
 
@@ -59,15 +60,7 @@ examples:
 """
 
 
-def _ranks(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}")
-    return out
+_ranks = comma_list(int, minimum=1, name="positive integer ranks")
 
 
 def add_execute_parser(subparsers) -> argparse.ArgumentParser:
@@ -101,7 +94,7 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
                         "can use)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply arrival times by this (0.1 = ten times faster; default 1)")
-    p.add_argument("--window-s", type=float, default=None,
+    p.add_argument("--window-s", type=positive_float, default=None,
                    help="stop after this many seconds (arrivals after it dropped)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic prompt ids and adapters (default 0)")

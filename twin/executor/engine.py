@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from twin.config import ServingConfig
+from twin.config import ServingConfig, refuse_unserved_adapters
 from twin.errors import ConfigError, TwinInputError
 from twin.executor.adapters import (CONFIG_NAME, AdapterError, PackedAdapter,
                                     adapter_catalog, pack_adapter, read_adapter,
@@ -434,7 +434,8 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     if config.enable_lora:
         catalog = resolve_catalog(catalog, trace)
         check_unknown_adapters(trace, catalog, trace_source)
-    else:   # every request runs on the base model (as vLLM without --enable-lora)
+    else:   # a base-model server: vLLM answers adapter requests 404, so refuse them
+        refuse_unserved_adapters(config, trace, trace_source)
         catalog = resolve_catalog(None)
 
     old_threads = torch.get_num_threads()

@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+from twin.argtypes import comma_list, positive_float
 from twin.errors import TwinInputError
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -78,7 +79,7 @@ def _common_workload(p):
     p.add_argument("--base-config", type=Path,
                    help="YAML of fixed vLLM settings (default: max_num_seqs 2048, "
                         "max_num_batched_tokens 2048, gpu_memory_utilization 0.9)")
-    p.add_argument("--window-s", type=float, default=None,
+    p.add_argument("--window-s", type=positive_float, default=None,
                    help="measured window (default: the trace's span)")
     p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
     p.add_argument("--model-name", default=None,
@@ -95,8 +96,9 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--profile", default=None)
     p.add_argument("--base-config", type=Path)
     p.add_argument("--slots", default=None,
+                   type=comma_list(int, minimum=1, name="max_loras values"),
                    help="comma-separated max_loras grid (default 1,2,4,8,16,32,64,96,128,...,384)")
-    p.add_argument("--window-s", type=float, default=3600.0,
+    p.add_argument("--window-s", type=positive_float, default=3600.0,
                    help="measured window per run (default 3600)")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
@@ -139,9 +141,10 @@ def add_train_args(p):
     p.add_argument("--families", type=int, default=100, help="training workload families")
     p.add_argument("--heldout-families", type=int, default=20)
     p.add_argument("--rate-range", default="3,45",
+                   type=comma_list(float, positive=True, length=2, name="req/s bounds"),
                    help="aggregate req/s range of the sampled workloads (default 3,45: "
                         "light to ~2x one H100's capacity)")
-    p.add_argument("--window-s", type=float, default=600.0)
+    p.add_argument("--window-s", type=positive_float, default=600.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/train"))
@@ -206,19 +209,15 @@ def _load_workload(args):
 
 
 def load_workloads_yaml(path: Path) -> list:
-    import yaml
-
+    from twin.config import read_yaml
     from twin.ml.spec import WorkloadSpec
 
-    if not path.exists():
-        raise TwinInputError("workloads file not found", file=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise TwinInputError(f"not valid YAML: {exc}", file=str(path)) from exc
+    data = read_yaml(path, missing="workloads file not found")
     items = data if isinstance(data, list) else (data.get("workloads", [data])
                                                  if isinstance(data, dict) else None)
-    if not items:
+    if isinstance(items, dict):
+        items = [items]
+    if not items or not isinstance(items, list):
         raise TwinInputError("expected a workload spec or a list of them", file=str(path))
     specs = []
     for i, item in enumerate(items):
@@ -226,6 +225,9 @@ def load_workloads_yaml(path: Path) -> list:
             raise TwinInputError("each workload is a mapping", file=str(path), row=i)
         item = dict(item)
         grid = item.pop("grid", None) or {}
+        if not isinstance(grid, dict):
+            raise TwinInputError("grid is a mapping of setting: [values]", file=str(path),
+                                 row=i, field="grid")
         keys = list(grid)
         for k in keys:
             if not isinstance(grid[k], list):
@@ -258,7 +260,7 @@ def _sweep(args) -> int:
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
-    slots = (tuple(int(x) for x in args.slots.split(",")) if args.slots else SLOTS_GRID)
+    slots = args.slots or SLOTS_GRID
     grid = ConfigGrid(base=_base(args.base_config), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
     tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)

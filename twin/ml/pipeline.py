@@ -44,7 +44,7 @@ def _train(args) -> int:
     out = Path(args.out)
     W = float(args.window_s)
     ee = EarlyExit()
-    lo, hi = (float(x) for x in str(args.rate_range).split(","))
+    lo, hi = (float(x) for x in args.rate_range)   # argparse: two positive numbers
     train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
                                    rate_range=(lo, hi))
     held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W,

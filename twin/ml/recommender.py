@@ -31,9 +31,11 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from twin.config import ServingConfig
 from twin.errors import ConfigError, TwinInputError
@@ -42,12 +44,57 @@ from twin.ml.features import ROW_FEATURES, config_features, public, workload_fea
 from twin.ml.models import PackedTrees
 from twin.ml.spec import SERVED_GRID, config_for, paper_base, slot_candidates
 from twin.ml.sweep import EarlyExit, profile_digest, simulate_point
+from twin.schemas import Int, Number, Schema, validate
 
 SCHEMA = "twin.recommender/1"
 SHIPPED_MODEL = "recommender.json"
 STARVING_P = 0.5          # predicted starving when P(starving) >= this ...
 ACHIEVED_MIN = 0.9        # ... or predicted achieved/offered below this (the paper's rule)
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
+
+
+# -- the model JSON's schema: trees whose arrays agree, so prediction cannot index out of range --
+class TreeSchema(Schema):
+    feature: list[Int]
+    threshold: list[Number]
+    left: list[Int]
+    right: list[Int]
+    value: list[Number]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        n = len(self.left)
+        if n == 0 or any(len(a) != n for a in (self.feature, self.threshold, self.right,
+                                                self.value)):
+            raise ValueError("feature, threshold, left, right and value must have the same, "
+                             "non-zero length")
+        for i, (lo, hi) in enumerate(zip(self.left, self.right)):
+            if lo >= 0 and not (lo < n and 0 <= hi < n):
+                raise ValueError(f"node {i}: children ({lo}, {hi}) outside the tree's {n} nodes")
+        return self
+
+
+class EnsembleSchema(Schema):
+    kind: Literal["tree_ensemble"] = "tree_ensemble"
+    features: Annotated[list[str], Field(min_length=1)]
+    base: Number
+    link: Literal["identity", "logistic", "exp"]
+    max_depth: Annotated[Int, Field(ge=0)]
+    trees: list[TreeSchema]
+
+    @model_validator(mode="after")
+    def _features_in_range(self):
+        nf = len(self.features)
+        for k, t in enumerate(self.trees):
+            if any(not 0 <= f < nf for f, lo in zip(t.feature, t.left) if lo >= 0):
+                raise ValueError(f"tree {k}: a split on a feature index outside 0..{nf - 1}")
+        return self
+
+
+class RecommenderSchema(Schema):
+    schema_: Literal["twin.recommender/1"] = Field(alias="schema")
+    meta: dict = {}
+    models: Annotated[dict[str, EnsembleSchema], Field(min_length=1)]
 
 
 class Recommender:
@@ -70,17 +117,25 @@ class Recommender:
                 raise TwinInputError("no shipped recommender model; build one with "
                                      "python experiments/train_recommender.py",
                                      file=f"twin/ml/{SHIPPED_MODEL}")
-            text, source = res.read_text(), f"twin/ml/{SHIPPED_MODEL}"
+            data, source = res.read_bytes(), f"twin/ml/{SHIPPED_MODEL}"
         else:
             p = Path(path)
-            if not p.exists():
+            if not p.is_file():
                 raise TwinInputError("model file not found", file=str(p))
-            text, source = p.read_text(), str(p)
-        d = json.loads(text)
-        if d.get("schema") != SCHEMA:
-            raise TwinInputError(f"unsupported model schema {d.get('schema')!r}; expected "
-                                 f"{SCHEMA!r}", file=source)
-        return cls(d["models"], d.get("meta", {}))
+            data, source = p.read_bytes(), str(p)
+        try:
+            d = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise TwinInputError(f"not a recommender model JSON: {exc}", file=source) from None
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            got = d.get("schema") if isinstance(d, dict) else type(d).__name__
+            raise TwinInputError(f"unsupported model schema {got!r}; expected {SCHEMA!r}",
+                                 file=source, field="schema")
+        validate(RecommenderSchema, d, source)
+        try:
+            return cls(d["models"], d.get("meta", {}))
+        except TwinInputError as exc:
+            raise TwinInputError(exc.detail, file=source, field=exc.field) from None
 
     def save(self, path: str | Path) -> Path:
         from twin.outputs import staged_file

@@ -17,13 +17,15 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BeforeValidator, Field, model_validator
 
 from twin.config import ALLOWED_LORA_RANKS, ServingConfig
 from twin.errors import TwinInputError
+from twin.schemas import Float, Int, Schema, validate
 
 #: ``max_loras`` values tried (the paper's grid, 8..384, plus 1, 2, 4 for small workloads).
 SLOTS_GRID = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384)
@@ -84,23 +86,84 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+# -- the workload spec's schema (what each family reads; ranges the generators need) -------------
+def _as_list(v):
+    """A scalar where a list belongs is a one-element list (``rates: 2``)."""
+    return list(np.atleast_1d(v)) if isinstance(v, (int, float, np.ndarray)) else v
+
+
+_PosFloat = Annotated[Float, Field(gt=0)]
+_PosInt = Annotated[Int, Field(ge=1)]
+_Rank = Annotated[Int, Field(ge=1, le=ALLOWED_LORA_RANKS[-1])]
+
+
+class ShareGPTLengths(Schema):
+    kind: Literal["sharegpt"]
+    means: Annotated[list[_PosFloat], Field(min_length=2, max_length=2)] | None = None
+    max_prompt: _PosInt = 1024
+    max_total: _PosInt = 2048
+
+
+class UniformLengths(Schema):
+    kind: Literal["uniform"]
+    lo: _PosInt = 8
+    hi: _PosInt = 512
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.hi <= self.lo:
+            raise ValueError(f"hi ({self.hi}) must be > lo ({self.lo}): lengths are U[lo, hi)")
+        return self
+
+
+_LENGTH_SCHEMAS = {"sharegpt": ShareGPTLengths, "uniform": UniformLengths}
+
+
+class _Synthetic(Schema):
+    n_adapters: _PosInt
+    ranks: Annotated[list[_Rank], Field(min_length=1), BeforeValidator(_as_list)]
+    duration_s: _PosFloat
+    lengths: Any
+    cv: _PosFloat
+    seed: Annotated[Int, Field(ge=0)]
+
+
+class RateClassesParams(_Synthetic):
+    rates: Annotated[list[_PosFloat], Field(min_length=1), BeforeValidator(_as_list)]
+    arrival: Literal["poisson", "gamma"]
+
+
+class PowerlawParams(_Synthetic):
+    total_rate: _PosFloat
+    alpha: _PosFloat
+
+
+_PathStr = Annotated[str, Field(min_length=1),
+                     BeforeValidator(lambda v: str(v) if isinstance(v, Path) else v)]
+
+
+class TraceParams(Schema):
+    path: _PathStr
+    catalog: _PathStr | None = None
+    default_rank: _Rank = 16
+
+
+_PARAM_SCHEMAS = {"rate_classes": RateClassesParams, "powerlaw": PowerlawParams,
+                  "trace": TraceParams}
+
+
 def _norm_lengths(v) -> dict:
     if isinstance(v, str):
         if v not in _LENGTH_DEFAULTS:
             raise TwinInputError(f"lengths must be one of {sorted(_LENGTH_DEFAULTS)} or a "
                                  f"mapping with 'kind', got {v!r}", field="lengths")
         return dict(_LENGTH_DEFAULTS[v])
-    if not isinstance(v, dict) or v.get("kind") not in _LENGTH_DEFAULTS:
+    if not isinstance(v, dict) or not isinstance(v.get("kind"), str) \
+            or v["kind"] not in _LENGTH_DEFAULTS:
         raise TwinInputError(f"lengths: expected 'sharegpt', 'uniform' or a mapping with kind "
                              f"sharegpt|uniform, got {v!r}", field="lengths")
-    d = dict(_LENGTH_DEFAULTS[v["kind"]])
-    unknown = set(v) - set(d)
-    if unknown:
-        raise TwinInputError(f"unknown length setting(s) {sorted(unknown)}", field="lengths")
-    d.update(v)
-    if d["kind"] == "sharegpt":
-        d["means"] = [float(x) for x in d["means"]] if d["means"] is not None else None
-    return d
+    m = validate(_LENGTH_SCHEMAS[v["kind"]], v, None, prefix="lengths")
+    return {**_LENGTH_DEFAULTS[v["kind"]], **m.model_dump(exclude_unset=True)}
 
 
 @lru_cache(maxsize=8)
@@ -146,34 +209,32 @@ class WorkloadSpec:
         if unknown:
             raise TwinInputError(f"unknown {self.family} setting(s) {sorted(unknown)}; known: "
                                  f"{sorted(d)}", field=sorted(unknown)[0])
+        # a null (None) parameter means the family's default
         d.update({k: v for k, v in self.params.items() if v is not None or k in ("catalog",)})
-        if self.family == "trace":
-            if not d["path"]:
-                raise TwinInputError("a trace workload needs 'path'", field="path")
-            d["path"] = str(d["path"])
-            d["catalog"] = str(d["catalog"]) if d["catalog"] else None
-        else:
-            d["n_adapters"] = int(d["n_adapters"])
-            d["ranks"] = [int(r) for r in np.atleast_1d(d["ranks"])]
-            d["duration_s"] = float(d["duration_s"])
-            d["seed"] = int(d["seed"])
-            d["cv"] = float(d["cv"])
+        if self.family == "trace" and not d["path"]:   # the schema would say "too short"
+            raise TwinInputError("a trace workload needs 'path'", field="path")
+        if self.family == "trace" and not d["catalog"]:   # '' as no catalog, as before
+            d["catalog"] = None
+        d = validate(_PARAM_SCHEMAS[self.family], d, None).model_dump()
+        if self.family != "trace":
             d["lengths"] = _norm_lengths(d["lengths"])
-            if self.family == "rate_classes":
-                d["rates"] = [float(r) for r in np.atleast_1d(d["rates"])]
-            else:
-                d["total_rate"], d["alpha"] = float(d["total_rate"]), float(d["alpha"])
         object.__setattr__(self, "params", d)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "WorkloadSpec":
+        if d is not None and not isinstance(d, dict):
+            raise TwinInputError(f"a workload spec is a mapping (family: ..., n_adapters: ...), "
+                                 f"got {type(d).__name__}")
         d = dict(d or {})
         if "family" not in d:
             raise TwinInputError("a workload spec needs 'family' (rate_classes, powerlaw or "
                                  "trace)", field="family")
         fam = d.pop("family")
-        return cls(fam, d)
+        if not isinstance(fam, str):
+            raise TwinInputError(f"family must be rate_classes, powerlaw or trace, got {fam!r}",
+                                 field="family")
+        return cls(fam, {str(k): v for k, v in d.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "WorkloadSpec":

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from twin.argtypes import positive_float
 from twin.errors import TwinInputError
 
 _DESCRIPTION = """\
@@ -70,7 +71,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                    help="keep only run-table rows of this experiment_set (repeatable)")
     p.add_argument("--max-runs", type=int, metavar="N",
                    help="fit on N runs spread over the offered load (quick look)")
-    p.add_argument("--window-s", type=float, default=1200.0,
+    p.add_argument("--window-s", type=positive_float, default=1200.0,
                    help="simulated seconds per run and iteration (default: %(default)s)")
     p.add_argument("--iterations", type=int, default=4,
                    help="simulation-in-the-loop iterations (default: %(default)s)")

@@ -11,11 +11,15 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, StrictBool, StrictStr, create_model
 
 from twin.errors import TwinInputError
 from twin.models.load_time import LoadTimeModel
 from twin.models.memory import MemoryModel
-from twin.models.step_time import StepTimeModel
+from twin.models.step_time import FEATURES, StepTimeModel
+from twin.schemas import Number, Schema, validate
 
 SCHEMA = "twin.profile/1"
 DEFAULT_PROFILE = "llama31-8b-h100-64gb"
@@ -34,6 +38,14 @@ class ModelShape:
     dtype_bytes: int = 2
     params: float = 0.0
     tie_word_embeddings: bool = False
+    # the model's context (config.json); None: unknown, max_model_len is not checked
+    max_position_embeddings: int | None = None
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        if d["max_position_embeddings"] is None:   # profiles written before it existed
+            del d["max_position_embeddings"]
+        return d
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -65,7 +77,7 @@ class Profile:
     def to_dict(self) -> dict:
         return {
             "schema": self.schema, "name": self.name, "hardware": self.hardware,
-            "model": dict(self.model.__dict__), "memory": self.memory.to_dict(),
+            "model": self.model.to_dict(), "memory": self.memory.to_dict(),
             "step_time": self.step_time.to_dict(), "load_time": self.load_time.to_dict(),
             "provenance": self.provenance,
         }
@@ -81,18 +93,99 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "profile") -> "Profile":
+        """A profile from its JSON content, validated by :class:`ProfileSchema` (a missing,
+        wrongly typed or out-of-range field raises ``TwinInputError`` naming it)."""
+        if not isinstance(d, dict):
+            raise TwinInputError(f"expected a JSON object (a twin profile), got a JSON "
+                                 f"{type(d).__name__}", file=source)
         if d.get("schema") != SCHEMA:
             raise TwinInputError(f"unsupported profile schema {d.get('schema')!r}; expected "
                                  f"{SCHEMA!r}", file=source, field="schema")
+        validate(ProfileSchema, d, source)   # strict: the values below are as written
         try:
             return cls(name=d["name"], hardware=d["hardware"], model=ModelShape(**d["model"]),
                        memory=MemoryModel(**d["memory"]), step_time=StepTimeModel(**d["step_time"]),
                        load_time=LoadTimeModel(**d["load_time"]),
                        provenance=d.get("provenance", {}), schema=d["schema"])
-        except KeyError as exc:
-            raise TwinInputError(f"missing section {exc}", file=source, field=str(exc)) from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:   # the schema should have caught it: say so
             raise TwinInputError(f"malformed profile: {exc}", file=source) from None
+
+    def check_max_model_len(self, config) -> None:
+        """vLLM refuses a ``max_model_len`` beyond the model's context
+        (``ModelConfig.get_and_verify_max_len``) unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."""
+        limit = self.model.max_position_embeddings
+        if limit is not None and config.max_model_len > limit:
+            raise TwinInputError(
+                f"User-specified max_model_len ({config.max_model_len}) is greater than the "
+                f"derived max_model_len (max_position_embeddings={limit} in the model's "
+                f"config.json; profile {self.name}). vLLM refuses it: lower max_model_len",
+                file="config", field="max_model_len")
+
+
+# -- the profile JSON's schema -------------------------------------------------------------------
+_NonNeg = Annotated[Number, Field(ge=0)]
+_Pos = Annotated[Number, Field(gt=0)]
+_PosInt = Annotated[int, Field(ge=1, strict=True)]
+
+
+class ModelShapeSchema(Schema):
+    name: StrictStr
+    layers: _PosInt
+    hidden: _PosInt
+    heads: _PosInt
+    kv_heads: _PosInt
+    head_dim: _PosInt
+    intermediate: _PosInt
+    vocab: _PosInt
+    dtype_bytes: _PosInt = 2
+    params: _NonNeg = 0.0
+    tie_word_embeddings: StrictBool = False
+    max_position_embeddings: _PosInt | None = None
+
+
+class MemorySchema(Schema):
+    gpu_memory_gib: _Pos
+    weights_gib: _NonNeg
+    kv_bytes_per_token: _Pos
+    lora_bytes_per_slot_rank: _NonNeg
+    lora_bytes_per_slot: _NonNeg
+    activation_gib: _NonNeg
+    activation_bytes_per_seq: _NonNeg = 0.0
+    activation_bytes_per_token: _NonNeg = 0.0
+
+
+# step-time coefficients by feature (non-negative seconds per unit); the ``base`` part must
+# give ``const`` (a missing one used to be silently 0, which flips verdicts)
+_Coefs = create_model("StepTimeCoefficients", __base__=Schema,
+                      **{k: (_NonNeg, 0.0) for k in FEATURES})
+_BaseCoefs = create_model("StepTimeBaseCoefficients", __base__=_Coefs, const=(_NonNeg, ...))
+
+
+class StepTimeSchema(Schema):
+    base: _BaseCoefs
+    memory: _Coefs | None = None
+    compute: _Coefs | None = None
+
+
+class LoadTimeSchema(Schema):
+    disk_s: _NonNeg
+    disk_s_per_byte: _NonNeg
+    host_to_gpu_s: _NonNeg
+    host_to_gpu_s_per_byte: _NonNeg
+
+
+class ProfileSchema(Schema):
+    """Every field of a profile the twin reads; ``hardware`` and ``provenance`` are free
+    mappings (descriptive, read by no model)."""
+
+    schema_: Literal["twin.profile/1"] = Field(alias="schema")
+    name: StrictStr
+    hardware: dict
+    model: ModelShapeSchema
+    memory: MemorySchema
+    step_time: StepTimeSchema
+    load_time: LoadTimeSchema
+    provenance: dict = {}
 
 
 def shipped_profiles() -> list[str]:
@@ -105,7 +198,7 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
     name_or_path = name_or_path or DEFAULT_PROFILE
     path = Path(name_or_path)
     if path.suffix == ".json" and path.exists():
-        text, source = path.read_text(), str(path)
+        text, source = _read_text(path), str(path)
     else:
         res = resources.files("twin.profiles") / f"{name_or_path}.json"
         if not res.is_file():
@@ -114,6 +207,16 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
         text, source = res.read_text(), f"twin/profiles/{name_or_path}.json"
     try:
         d = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise TwinInputError(f"not valid JSON: {exc}", file=source) from None
     return Profile.from_dict(d, source=source)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TwinInputError(f"not UTF-8 text (byte {exc.start}): is this a profile JSON?",
+                             file=str(path)) from None
+    except OSError as exc:
+        raise TwinInputError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None

@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -250,10 +251,19 @@ BENCH_SIDECAR_KEYS = {
 
 
 def _as_counts(value, what: str, file: str) -> dict:
+    out = _parse_counts(value, what, file)
+    bad = [k for k, c in out.items() if not (math.isfinite(k) and k > 0) or c < 0]
+    if bad:
+        raise TwinInputError(f"expected positive finite values and non-negative counts, got "
+                             f"{value!r}", file=file, field=what)
+    return out
+
+
+def _parse_counts(value, what: str, file: str) -> dict:
     if isinstance(value, dict):
         try:
             return {float(k): int(v) for k, v in value.items() if int(v)}
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TwinInputError(f"expected {{value: count}}, got {value!r}", file=file,
                                  field=what) from None
     if isinstance(value, str):
@@ -301,19 +311,44 @@ def read_bench_results(paths, sidecar: str | Path | dict | None = None) -> list[
                                  f"--save-result` file?", file=file, field=missing[0])
         info = {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
         info.update({k: v for k, v in side.items() if k != "runs"})
-        info.update(side.get("runs", {}).get(Path(p).name, {}))
+        info.update((side.get("runs") or {}).get(Path(p).name) or {})
         runs.append(_bench_run(d, info, file))
     return runs
 
 
+#: keys a sidecar may give (flat, or per file under ``runs``); values are checked where they
+#: are read (numbers by ``num``, server settings by ServingConfig's schema)
+SIDECAR_KEYS = ("max_loras", "max_cpu_loras", "max_lora_rank", "adapter_ranks",
+                "adapter_rates_rps", "pool_mean_input_tokens", "pool_mean_output_tokens",
+                "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+                "max_model_len", "block_size", "preload_adapters", "request_rate", "duration",
+                "completed", "experiment_set")
+
+
+def _sidecar_schemas():
+    from pydantic import create_model
+
+    from twin.schemas import Schema
+
+    fields = {k: (Any, None) for k in SIDECAR_KEYS}
+    run = create_model("SidecarRun", __base__=Schema, **fields)
+    return create_model("Sidecar", __base__=Schema, runs=(dict[str, run] | None, None),
+                        **fields)
+
+
 def _load_sidecar(sidecar) -> dict:
+    """The sidecar's mapping: an unknown key (a typo would silently leave a setting at its
+    default) or ``runs`` that is not ``{file name: {key: value}}`` raises ``TwinInputError``."""
     if sidecar is None:
         return {}
-    if isinstance(sidecar, dict):
-        return sidecar
     from twin.config import read_yaml_mapping
+    from twin.schemas import validate
 
-    return read_yaml_mapping(sidecar, missing="sidecar file not found")
+    source = "sidecar" if isinstance(sidecar, dict) else str(sidecar)
+    data = sidecar if isinstance(sidecar, dict) else read_yaml_mapping(
+        sidecar, missing="sidecar file not found")
+    validate(_sidecar_schemas(), {str(k): v for k, v in data.items()}, source)
+    return data
 
 
 def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
@@ -342,14 +377,17 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
     for k in ("max_loras", "max_lora_rank"):
         if k not in settings:
             num(k)  # raises with the hint
-    settings["preload_adapters"] = bool(info.get("preload_adapters", True))
+    settings["preload_adapters"] = info.get("preload_adapters", True)   # "false" is false
     try:
         cfg = ServingConfig.from_dict(settings, source=file)
     except TwinInputError as exc:
         raise TwinInputError(exc.detail, file=file, field=exc.field) from None
     if "adapter_ranks" in info:
-        ranks = {int(k): v for k, v in _as_counts(info["adapter_ranks"], "adapter_ranks",
-                                                  file).items()}
+        ranks = _as_counts(info["adapter_ranks"], "adapter_ranks", file)
+        if any(not k.is_integer() for k in ranks):
+            raise TwinInputError(f"ranks are integers, got {info['adapter_ranks']!r}",
+                                 file=file, field="adapter_ranks")
+        ranks = {int(k): v for k, v in ranks.items()}
     else:
         ranks = {cfg.max_lora_rank: cfg.max_cpu_loras}
     n = sum(ranks.values())
@@ -368,16 +406,15 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
         raise TwinInputError(f"adapter_rates_rps name {sum(rates.values())} adapters, "
                              f"max_cpu_loras is {n}", file=file, field="adapter_rates_rps")
     duration = num("duration", positive=True)
-    pin = num("pool_mean_input_tokens", d["total_input_tokens"] / completed, positive=True)
-    pout = num("pool_mean_output_tokens", d["total_output_tokens"] / completed, positive=True)
-    total = d.get("total_token_throughput")
-    if total is None:
-        total = (d["total_input_tokens"] + d["total_output_tokens"]) / duration
-    metrics = {"total_throughput": float(total), "completed": completed}
+    tin, tout = num("total_input_tokens"), num("total_output_tokens")
+    pin = num("pool_mean_input_tokens", tin / completed, positive=True)
+    pout = num("pool_mean_output_tokens", tout / completed, positive=True)
+    total = num("total_token_throughput", (tin + tout) / duration)
+    metrics = {"total_throughput": total, "completed": completed}
     for k in ("mean_ttft_ms", "mean_itl_ms", "mean_tpot_ms", "median_ttft_ms",
               "median_itl_ms", "median_tpot_ms", "p99_ttft_ms", "p99_itl_ms"):
         if d.get(k) is not None:
-            metrics[k] = float(d[k])
+            metrics[k] = num(k)
     return RunSpec(key=Path(file).name, config=cfg, ranks=ranks, rates=rates,
                    pool_means=(pin, pout), duration_s=duration, metrics=metrics,
                    extra={"experiment_set": info.get("experiment_set", "bench")},

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from twin.argtypes import positive_float, strict_bool
 from twin.config import ServingConfig
 
 _DESCRIPTION = """\
@@ -31,8 +32,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         typ = str(f.type)
         if typ.startswith("bool"):
-            g.add_argument(flag, dest=f.name, default=None,
-                           type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+            g.add_argument(flag, dest=f.name, default=None, type=strict_bool,
                            metavar="{true,false}", help=f"default {f.default}")
         else:
             conv = int if typ.startswith("int") else float if typ.startswith("float") else str
@@ -61,7 +61,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--catalog", type=Path,
                    help="adapter catalog (CSV/Parquet: adapter, rank); default: every adapter "
                         "of the trace at max_lora_rank")
-    p.add_argument("--window-s", type=float, default=None,
+    p.add_argument("--window-s", type=positive_float, default=None,
                    help="measure a fixed window (arrivals after it dropped, unfinished "
                         "requests counted as not completed); default: run to completion")
     p.add_argument("--out", type=Path, help="write requests.parquet, summary.json, "

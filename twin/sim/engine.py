@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from twin.config import ServingConfig
-from twin.errors import ConfigError
+from twin.config import ServingConfig, refuse_unserved_adapters
+from twin.errors import ConfigError, TwinInputError
 from twin.models.profile import Profile, load_profile
 from twin.models.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
@@ -82,8 +82,12 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     scheduler in: ``build_server(config, profile, catalog, trace, trace_source)`` returns a
     ``twin.policies.ServerParts`` (scheduler, adapter cache, KV tokens, step featurizer).
     """
+    if window_s is not None and not window_s > 0:   # NaN too: such a window measures nothing
+        raise TwinInputError(f"window_s must be a number > 0, got {window_s!r}",
+                             field="window_s")
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
+    profile.check_max_model_len(config)
     # -- policy hook (twin.policies, issue 7): other strategies run through their class -----
     if build_server is None and config.policy != "vllm":
         from twin.policies import get_policy
@@ -92,6 +96,8 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
             trace, config, profile, catalog, window_s=window_s, progress=progress,
             record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source).result
     trace = validate_trace(trace, source=trace_source)
+    if build_server is None:
+        refuse_unserved_adapters(config, trace, trace_source)
     if window_s is not None:
         trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
     names = trace["adapter"].dropna().unique().tolist()

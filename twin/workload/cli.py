@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.argtypes import comma_list
 from twin.errors import TwinInputError
 
 _DESCRIPTION = """\
@@ -34,12 +35,7 @@ examples:
 """
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
-            from exc
+_floats = comma_list(float, positive=True, name="positive numbers")
 
 
 def _means(text: str):
@@ -73,7 +69,8 @@ def _lengths_opts(p: argparse.ArgumentParser) -> None:
                         "223,196: the vLLM-H100 runs' pool); 'none' keeps the file's")
     g.add_argument("--max-prompt", type=int, default=1024, help="ShareGPT filter (1024)")
     g.add_argument("--max-total", type=int, default=2048, help="ShareGPT filter (2048)")
-    g.add_argument("--uniform", type=_floats, default=(8, 512), metavar="LO,HI",
+    g.add_argument("--uniform", type=comma_list(int, minimum=1, length=2, name="integers"),
+                   default=(8, 512), metavar="LO,HI",
                    help="bounds for --lengths uniform (default 8,512)")
 
 

@@ -1,0 +1,67 @@
+"""Argument types shared by every ``twin`` subcommand: strict booleans, comma lists and
+positive numbers. A bad value is an argparse error naming the flag (exit 2), never a value
+silently read as something else (``--enable-lora flase`` used to become false)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def strict_bool(text: str) -> bool:
+    """true/false/1/0/yes/no/on/off (any case); anything else is refused."""
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
+
+
+def _number(conv: Callable, text: str, *, minimum=None, positive: bool = False):
+    try:
+        v = conv(text.strip())
+    except ValueError:
+        kind = "an integer" if conv is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if positive and not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    if minimum is not None and v < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``--window-s``: 0, negative and NaN windows measure nothing)."""
+    return _number(float, text, positive=True)
+
+
+def comma_list(conv: Callable = float, *, minimum=None, positive: bool = False,
+               length: int | None = None, name: str = "values") -> Callable[[str], tuple]:
+    """An argparse ``type=`` for ``a,b,c``: a non-empty tuple of ``conv`` values (``int`` /
+    ``float`` range-checked, ``str`` stripped), exactly ``length`` of them if given."""
+
+    def parse(text: str) -> tuple:
+        parts = [p.strip() for p in str(text).split(",")]
+        if parts and parts[-1] == "":          # a trailing comma is harmless
+            parts.pop()
+        if not parts or any(p == "" for p in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {name}, got {text!r}")
+        if conv is str:
+            out = tuple(parts)
+        else:
+            out = tuple(_number(conv, p, minimum=minimum, positive=positive) for p in parts)
+        if length is not None and len(out) != length:
+            raise argparse.ArgumentTypeError(f"expected {length} comma-separated {name}, "
+                                             f"got {text!r}")
+        return out
+
+    parse.__name__ = f"comma-separated {name}"
+    return parse
