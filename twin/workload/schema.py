@@ -62,12 +62,25 @@ def read_table(path: Path, what: str, str_columns: tuple[str, ...]) -> pd.DataFr
         return _read_csv(path, str_columns)
     except TwinInputError:
         raise
-    except UnicodeDecodeError as exc:
-        raise TwinInputError(f"is not UTF-8 text ({exc.reason} at byte {exc.start}); save "
-                             f"the {what} as UTF-8", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise TwinInputError(f"is not UTF-8 text ({_first_non_utf8(path)}); save the {what} "
+                             "as UTF-8", file=str(path)) from None
     except Exception as exc:  # pyarrow/pandas parse errors, unreadable files
         msg = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise TwinInputError(f"cannot be read as a {what}: {msg}", file=str(path)) from None
+
+
+def _first_non_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is (pandas reports it relative to a chunk)."""
+    import gzip
+
+    data = (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb").read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte {data[exc.start]:#04x} at offset {exc.start}, line {line}"
+    return "undecodable bytes"
 
 
 def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
