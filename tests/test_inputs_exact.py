@@ -167,8 +167,8 @@ def test_catalog_ranks_are_exact_integers_in_range(tmp_path, rank, why):
 
 
 def test_catalog_empty_adapter_id_is_refused(tmp_path):
-    p = tmp_path / "c.csv"
-    p.write_text("adapter,rank\na,8\n,16\n")
+    p = tmp_path / "c.parquet"
+    pd.DataFrame({"adapter": ["a", " "], "rank": [8, 16]}).to_parquet(p, index=False)
     with pytest.raises(TwinInputError, match="empty") as e:
         AdapterCatalog.read(p)
     assert (e.value.row, e.value.field) == (1, "adapter")
