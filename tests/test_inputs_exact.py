@@ -227,3 +227,14 @@ def test_leftover_temp_parts_are_cleaned_on_resume(tmp_path):
     run_sweep(tasks, out, workers=1, progress=False)
     assert not any(p.exists() for p in left)
     assert len(read_sweep(out)) == len(tasks)
+
+
+def test_public_loader_refuses_boolean_token_counts(tmp_path):
+    from twin.workload.public import load_mooncake
+
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": true, "output_length": 5}\n'
+                 '{"timestamp": 10, "input_length": true, "output_length": 7}\n')
+    with pytest.raises(TwinInputError, match="boolean") as e:
+        load_mooncake(p)
+    assert (e.value.file, e.value.row, e.value.field) == (str(p), 0, "input_length")
