@@ -254,7 +254,7 @@ def exact_ints(s: pd.Series, source: str, col: str, lo: int, hi: int,
             row = int(np.flatnonzero(bad)[0])
             fail(row, _range_msg(int(vals[row]), lo, hi, unit))
         return vals
-    if pd.api.types.is_float_dtype(s.dtype) and not isinstance(s.dtype, pd.api.extensions.ExtensionDtype):
+    if pd.api.types.is_float_dtype(s.dtype) and isinstance(s.dtype, np.dtype):
         vals = s.to_numpy(dtype=np.float64)
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(vals) | (vals != np.floor(vals)) | (np.abs(vals) > _FLOAT_EXACT)
@@ -371,7 +371,7 @@ def _seconds(s: pd.Series, source: str, col: str) -> np.ndarray:
             fail(0, f"{why} (e.g. {s.iloc[0]}); convert to seconds since the first request")
         return np.zeros(0, np.float64)
     if (pd.api.types.is_float_dtype(s.dtype) or pd.api.types.is_integer_dtype(s.dtype)) \
-            and not s.hasnans and not isinstance(s.dtype, pd.api.extensions.ExtensionDtype):
+            and not s.hasnans and isinstance(s.dtype, np.dtype):
         vals = s.to_numpy(dtype=np.float64)
     elif (vals := _parse_text(s, "float64")) is not None:
         pass
