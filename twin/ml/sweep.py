@@ -273,7 +273,15 @@ def run_chunk(payload: dict) -> list[dict]:
 # -- the dataset on disk ----------------------------------------------------------------------
 
 class SweepStore:
-    """An append-only Parquet dataset: ``<dir>/parts/part-*.parquet``, one per chunk."""
+    """An append-only Parquet dataset: ``<dir>/parts/part-*.parquet``, one per chunk.
+
+    A part that cannot be read whole (truncated or 0 bytes: a full disk, a node that died)
+    is quarantined -- renamed to ``<part>.corrupt`` and reported once on stderr -- so that
+    its keys count as not done (a resumed sweep redoes them) and every other part is still
+    read. Temporary parts left by a killed writer are removed when a sweep starts.
+    """
+
+    QUARANTINE_SUFFIX = ".corrupt"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -284,30 +292,90 @@ class SweepStore:
             return []
         return sorted(p for p in self.parts.glob("part-*.parquet"))
 
-    def done_keys(self) -> set[str]:
+    def quarantined(self) -> list[Path]:
+        if not self.parts.is_dir():
+            return []
+        return sorted(self.parts.glob(f"part-*.parquet{self.QUARANTINE_SUFFIX}"))
+
+    def _tables(self, columns=None) -> list:
+        """The readable parts (pyarrow tables); unreadable ones are quarantined."""
         import pyarrow.parquet as pq
 
-        keys: set[str] = set()
+        out = []
         for p in self.part_files():
-            keys.update(pq.read_table(p, columns=["key"]).column("key").to_pylist())
+            try:
+                table = pq.read_table(p)   # whole: a damaged page fails here, not later
+                if "key" not in table.column_names:
+                    raise ValueError("no 'key' column")
+            except FileNotFoundError:
+                continue   # quarantined meanwhile by another reader
+            except Exception as exc:  # noqa: BLE001 -- any unreadable part is set aside
+                self._quarantine(p, exc)
+                continue
+            out.append(table.select(columns) if columns else table)
+        return out
+
+    def _quarantine(self, part: Path, exc: BaseException) -> None:
+        import sys
+
+        dest = part.with_name(part.name + self.QUARANTINE_SUFFIX)
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
+        try:
+            os.replace(part, dest)
+            where = f"moved aside to {dest.name}"
+        except OSError as err:   # read-only store: skip it, report it
+            where = f"skipped (could not move it aside: {err.strerror})"
+        print(f"twin: sweep part {part} is unreadable ({why}); {where}; its points count as "
+              "not done and a resumed sweep redoes them", file=sys.stderr)
+
+    def done_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for t in self._tables(["key"]):
+            keys.update(t.column("key").to_pylist())
         return keys
+
+    def clean_temp(self) -> list[Path]:
+        """Remove temporary parts whose writer is gone (a killed sweep); returns them."""
+        removed = []
+        if not self.parts.is_dir():
+            return removed
+        for p in self.parts.glob(".tmp-*"):
+            pid = p.name.split("-")[1] if p.name.count("-") >= 2 else ""
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue   # another sweep on this host is still writing it
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+        return removed
 
     def write_part(self, rows: Sequence[dict]) -> Path | None:
         if not rows:
             return None
         self.parts.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.parts / f".tmp-{name}"
+        tmp = self.parts / f".tmp-{os.getpid()}-{name}"
         pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
         os.replace(tmp, self.parts / name)
         return self.parts / name
 
     def read(self) -> pd.DataFrame:
-        files = self.part_files()
-        if not files:
+        tables = self._tables()
+        if not tables:
             return pd.DataFrame()
-        df = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+        df = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
         return df.drop_duplicates("key", keep="first").sort_values("key").reset_index(drop=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # exists, not ours
+    return True
 
 
 def read_sweep(path: str | Path) -> pd.DataFrame:
@@ -464,6 +532,7 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
                                    "twin_version": __import__("twin").__version__,
                                    "early_exit": early_exit.identity()}, indent=2) + "\n")
         os.replace(tmp, meta)
+    store.clean_temp()
     done = store.done_keys()
     seen, todo = set(), []
     for t in tasks:

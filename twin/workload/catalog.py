@@ -12,6 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from twin.errors import TwinInputError
+from twin.workload.schema import INT32_MAX, exact_ints, exact_strings, read_table
+
+#: The largest rank a catalog may list (int32); vLLM then refuses ranks above max_lora_rank.
+MAX_RANK = INT32_MAX
 
 
 class AdapterCatalog:
@@ -20,21 +24,17 @@ class AdapterCatalog:
             raise TwinInputError("a catalog needs columns 'adapter' and 'rank'", file=source,
                                  field="adapter" if "adapter" not in table.columns else "rank")
         table = table.reset_index(drop=True).copy()
-        table["adapter"] = table["adapter"].astype("string")
-        rank = pd.to_numeric(table["rank"], errors="coerce")
-        for row in range(len(table)):
-            if pd.isna(table["adapter"].iloc[row]):
+        table["adapter"] = exact_strings(table["adapter"], source, "adapter")
+        for row, a in enumerate(table["adapter"]):
+            if pd.isna(a) or not str(a).strip():
                 raise TwinInputError("adapter id is empty", file=source, row=row, field="adapter")
-            r = rank.iloc[row]
-            if pd.isna(r) or r < 1 or r != int(r):
-                raise TwinInputError(f"expected a positive integer rank, got {table['rank'].iloc[row]!r}",
-                                     file=source, row=row, field="rank")
+        rank = exact_ints(table["rank"], source, "rank", 1, MAX_RANK)
         dup = table["adapter"].duplicated()
         if dup.any():
             row = int(dup.to_numpy().nonzero()[0][0])
             raise TwinInputError(f"adapter {table['adapter'].iloc[row]!r} listed twice",
                                  file=source, row=row, field="adapter")
-        table["rank"] = rank.astype(int)
+        table["rank"] = rank
         self.table = table
         self.source = source
         self._rank = dict(zip(table["adapter"], table["rank"]))
@@ -42,9 +42,7 @@ class AdapterCatalog:
     @classmethod
     def read(cls, path: str | Path) -> "AdapterCatalog":
         path = Path(path)
-        if not path.exists():
-            raise TwinInputError("catalog file not found", file=str(path))
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        df = read_table(path, "catalog", str_columns=("adapter", "rank"))
         return cls(df, source=str(path))
 
     @classmethod

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.schema import validate_trace
+from twin.workload.schema import INT32_MAX, exact_ints, validate_trace
 
 __all__ = [
     "shared_data_dir", "shared_trace_path", "load_azure2023", "load_mooncake",
@@ -82,23 +82,14 @@ def _require_columns(df: pd.DataFrame, cols, file: str) -> None:
 
 
 def _tokens(df: pd.DataFrame, col: str, file: str) -> tuple[np.ndarray, int]:
-    """A token-count column as int64; raises on non-numbers, fractions and negatives.
+    """A token-count column as exact int64 (never through float64; booleans, fractions,
+    negatives and counts above int32 refused, naming the original value).
 
     Zeros are clipped to 1 (a request still takes one step); returns (values, n_clipped).
     """
-    vals = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(vals)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise TwinInputError(f"expected a token count, got {df[col].iloc[row]!r}",
-                             file=file, row=row, field=col)
-    bad = (vals < 0) | (vals != np.floor(vals))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise TwinInputError(f"expected a non-negative integer, got {vals[row]}",
-                             file=file, row=row, field=col)
+    vals = exact_ints(df[col], file, col, 0, INT32_MAX, unit="token")
     zero = vals < 1
-    return np.maximum(vals, 1).astype(np.int64), int(zero.sum())
+    return np.maximum(vals, 1), int(zero.sum())
 
 
 def _check_arrivals(t: np.ndarray, file: str, field: str) -> None:
