@@ -217,14 +217,16 @@ def format_summary(s: dict) -> str:
 
 def waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
     """Growth of the waiting queue over the second half of the arrival span (one of the
-    two starvation signals: a queue that keeps growing does not keep up)."""
+    two starvation signals: a queue that keeps growing does not keep up). The span is the
+    window, or run to completion, first to last arrival (as in ``load_spans``)."""
     if len(req) == 0 or len(timeline) < 2:
         return 0
+    start = 0.0 if window_s is not None else float(req["arrival_s"].min())
     end = window_s if window_s is not None else float(req["arrival_s"].max())
     t = timeline["time_s"].to_numpy()
     w = timeline["waiting"].to_numpy()
     at_end = w[min(np.searchsorted(t, end, side="right") - 1, len(w) - 1)]
-    at_mid = w[max(np.searchsorted(t, end / 2, side="right") - 1, 0)]
+    at_mid = w[max(np.searchsorted(t, (start + end) / 2, side="right") - 1, 0)]
     return int(at_end - at_mid)
 
 
