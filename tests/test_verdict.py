@@ -1,7 +1,7 @@
 """The starvation verdict and requests over max_model_len (issue 11, items 3 and 5).
 
 - Run to completion, offered and achieved are measured from the first arrival (offered up
-  to the last arrival plus the longest service, achieved up to the last completion), so
+  to the latest arrival plus time in service, achieved up to the last completion), so
   light traces keep up whatever their arrival span and an overloaded trace still starves.
 - The windowed mode keeps the paper's rule: both per second of the window.
 - A request whose prompt + output exceeds max_model_len is rejected as vLLM's server does
@@ -17,7 +17,6 @@ import pytest
 
 from twin.config import ServingConfig
 from twin.sim import simulate
-from twin.sim.results import STARVATION_THRESHOLD
 
 
 def trace_of(arrivals, prompt, output) -> pd.DataFrame:
@@ -37,7 +36,7 @@ def test_one_request_keeps_up():
     s = run(trace_of([3.0], 500, 200)).summary
     assert s["completed"] == 1
     assert not s["starving"], s
-    assert s["achieved_over_offered"] >= STARVATION_THRESHOLD
+    assert s["achieved_over_offered"] == pytest.approx(1.0)   # it never waited
 
 
 def test_forty_light_requests_keep_up():
@@ -64,7 +63,8 @@ def test_overloaded_trace_starves():
     assert s["completed"] == 1200
     assert s["starving"] and s["starving_reason"] == "throughput"
     assert s["achieved_over_offered"] < 0.75
-    # the backlog outlasts the arrival span plus the longest service by far
+    # time spent waiting to be scheduled stretches the makespan far past where a server
+    # that keeps up would be done
     assert s["achieved_span_s"] - s["offered_span_s"] > 40.0
 
 

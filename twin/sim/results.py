@@ -85,11 +85,11 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     With ``window_s`` (``vllm bench serve`` with a time limit, the paper's rule): the
     tokens of the requests arriving in the window and the tokens completed in it, both per
     second of the window. Run to completion, both are measured from the first arrival:
-    offered up to the last arrival plus the longest time a request spent in service (first
-    scheduled to finish), where a server that keeps up is done; achieved up to the last
-    completion. A light trace (one request, a burst the server takes in at once) then keeps
-    up however short its arrival span; a backlog of waiting requests stretches the makespan
-    past that point, and the drain of a long overloaded trace keeps it below 90%.
+    offered up to the moment a server that keeps up would be done, the latest arrival plus
+    time in service (first scheduled to finish) over the requests; achieved up to the last
+    completion. The difference is time spent waiting to be scheduled: a light trace (one
+    request, a burst the server takes in at once) keeps up however short its arrival span,
+    while the backlog of an overloaded one drains long after that moment.
     """
     arrival = req["arrival_s"].to_numpy()
     tokens = req["prompt_tokens"].to_numpy() + req["output_tokens"].to_numpy()
@@ -105,9 +105,9 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
         offered_span, achieved_span = window_s, duration_s
     elif offered_mask.any():
         first = float(arrival[offered_mask].min())
-        service = (req["finish_s"] - req["first_scheduled_s"]).to_numpy()[done]
-        offered_span = (float(arrival[offered_mask].max()) - first
-                        + (float(service.max()) if done.any() else 0.0))
+        unqueued = (arrival + (req["finish_s"] - req["first_scheduled_s"]).to_numpy())[done]
+        offered_span = max(float(arrival[offered_mask].max()),
+                           float(unqueued.max()) if done.any() else 0.0) - first
         achieved_span = (float(req["finish_s"].to_numpy()[done].max()) if done.any()
                          else duration_s) - first
     else:
