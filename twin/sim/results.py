@@ -93,10 +93,10 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     """
     arrival = req["arrival_s"].to_numpy()
     tokens = req["prompt_tokens"].to_numpy() + req["output_tokens"].to_numpy()
-    refused = exceeds_max_model_len(req["prompt_tokens"].to_numpy(),
-                                    req["output_tokens"].to_numpy(), max_model_len)
     status = req["status"].to_numpy()
-    offered_mask = ~(refused & (status == "rejected"))
+    refused = (status == "rejected") & exceeds_max_model_len(
+        req["prompt_tokens"].to_numpy(), req["output_tokens"].to_numpy(), max_model_len)
+    offered_mask = ~refused   # a client-side failure (max_in_flight) was still offered
     done = status == "finished"
     achieved_tok = float((req["prompt_tokens"].to_numpy()[done]
                           + req["generated_tokens"].to_numpy()[done]).sum())
@@ -117,7 +117,7 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     achieved = achieved_tok / achieved_span
     return {"offered_tps": offered, "offered_span_s": offered_span,
             "achieved_span_s": achieved_span, "offered_requests": int(offered_mask.sum()),
-            "refused": int((refused & (status == "rejected")).sum()),
+            "refused": int(refused.sum()),
             "achieved_over_offered": achieved / offered if offered > 0 else 1.0}
 
 
