@@ -54,6 +54,17 @@ def test_burst_at_one_instant_keeps_up():
     assert not s["starving"], s
 
 
+@pytest.mark.parametrize("policy", ["slora", "merged", "hybrid"])
+def test_light_trace_keeps_up_under_every_policy(policy):
+    """Deployments of several servers judge each server by the same rule (load_spans)."""
+    t = trace_of(np.sort(np.random.default_rng(4).uniform(2.0, 4.0, 12)), 400, 150)
+    t["adapter"] = pd.array([f"a{i % 3}" for i in range(len(t))], dtype="string")
+    s = run(t, policy=policy, max_loras=2, max_cpu_loras=6, max_lora_rank=16,
+            max_model_len=2048).summary
+    assert s["completed"] == 12
+    assert not s["starving"], (s["starving_reason"], s["achieved_over_offered"])
+
+
 # -- overload still starves ---------------------------------------------------------------
 def test_overloaded_trace_starves():
     # 20 req/s of 1000 + 300 tokens for a minute: ~26k tok/s, well over what one server does
