@@ -580,8 +580,9 @@ class _Engine:
                 return
             if not sched.add_request(r):
                 out.record(r)
-                out.error[i] = (f"prompt of {r.prompt} tokens >= max_model_len "
-                                f"{self.config.max_model_len}")
+                out.error[i] = (f"maximum context length is {self.config.max_model_len} "
+                                f"tokens; requested {r.prompt + r.output} ({r.prompt} prompt, "
+                                f"{r.output} output)")
                 if bar is not None:
                     bar.update(1)
                 return
@@ -757,7 +758,8 @@ class _Engine:
             preemptions=self.sched.num_preemptions,
             kv={"capacity_tokens": int(self.num_blocks * config.block_size),
                 "usage_mean": stats["kv_integral"] / total_time, "usage_max": stats["kv_max"]},
-            waiting_growth=waiting_growth(tl, req, self.window_s))
+            waiting_growth=waiting_growth(tl, req, self.window_s),
+            max_model_len=config.max_model_len)
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]    # failed: answered with an error
         summary["steps"] = len(rows)

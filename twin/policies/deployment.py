@@ -366,11 +366,12 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
         preemptions=sum(r.result.summary["preemptions"] for r in live),
         kv={"capacity_tokens": int(cap), "usage_mean": kv("usage_mean"),
             "usage_max": kv("usage_max")},
-        waiting_growth=growth)
+        waiting_growth=growth, max_model_len=config.max_model_len)
     summary["steps"] = sum(r.result.summary.get("steps", 0) for r in live)
     summary["unserved"] = int((dep.route < 0).sum())
     starving_servers = [r.spec.label for r in live
-                        if _server_starving(r, req, duration, window_s)]
+                        if _server_starving(r, req, duration, window_s,
+                                            config.max_model_len)]
     if starving_servers and not summary["starving"]:
         summary["starving"] = True
         summary["starving_reason"] = f"server(s) {', '.join(starving_servers[:3])} starving"
@@ -387,24 +388,17 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
     return result
 
 
-def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s) -> bool:
-    """The starvation rule on one server's requests, over the deployment's window (its own
-    run may end earlier or later): completed tokens per second of the deployment's duration
-    below 90% of its offered tokens per second of the arrival span, or its queue grows."""
-    from twin.sim.results import STARVATION_THRESHOLD
+def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s,
+                     max_model_len: int) -> bool:
+    """The starvation rule (``load_spans``) on one server's requests, over the deployment's
+    window (its own run may end earlier or later), or its queue grows."""
+    from twin.sim.results import STARVATION_THRESHOLD, load_spans
 
     if r.result.summary.get("starving_reason") == "queue growth":
         return True
-    sub = req.iloc[r.rows]
-    arr = req["arrival_s"].to_numpy()
-    span = window_s if window_s is not None else max(float(arr.max()) if len(arr) else 0.0, 1e-9)
-    offered_mask = sub["arrival_s"].to_numpy() <= (window_s if window_s is not None else np.inf)
-    offered = float(sub["prompt_tokens"].to_numpy()[offered_mask].sum()
-                    + sub["output_tokens"].to_numpy()[offered_mask].sum()) / span
-    done = sub["status"].to_numpy() == "finished"
-    achieved = float(sub["prompt_tokens"].to_numpy()[done].sum()
-                     + sub["generated_tokens"].to_numpy()[done].sum()) / max(duration, 1e-9)
-    return offered > 0 and achieved / offered < STARVATION_THRESHOLD
+    load = load_spans(req.iloc[r.rows], duration_s=duration, window_s=window_s,
+                      max_model_len=max_model_len)
+    return load["offered_tps"] > 0 and load["achieved_over_offered"] < STARVATION_THRESHOLD
 
 
 _SUM_COLS = ("running", "waiting", "tokens", "adapter_loads", "preemptions")

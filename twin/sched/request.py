@@ -8,11 +8,20 @@ class RequestStatus:
     PREFILLING = 1  # running, prompt (or recompute) not fully computed yet
     DECODING = 2    # running, one token per step; bookkept lazily by DecodeGroup
     FINISHED = 3
-    REJECTED = 4    # prompt longer than max_model_len: vLLM answers with an error
+    REJECTED = 4    # prompt + output over max_model_len: vLLM answers HTTP 400
     ABORTED = 5     # taken out by the engine (the executor: its adapter failed to load)
 
     NAMES = {0: "waiting", 1: "running", 2: "running", 3: "finished", 4: "rejected",
              5: "failed"}
+
+
+def exceeds_max_model_len(prompt, output, max_model_len):
+    """Would vLLM refuse this request? Its OpenAI server answers HTTP 400 ("maximum context
+    length") when prompt + max_tokens exceeds max_model_len, and refuses a prompt of
+    max_model_len tokens or more whatever max_tokens is. ``vllm bench serve`` sends
+    max_tokens = the trace's output length, so such a request is refused, never truncated.
+    Works on ints and on numpy arrays alike (the summary applies it to whole columns)."""
+    return (prompt >= max_model_len) | (prompt + output > max_model_len)
 
 
 class Request:

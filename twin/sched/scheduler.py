@@ -21,7 +21,7 @@ from __future__ import annotations
 from twin.sched.adapter_cache import AdapterCache
 from twin.sched.decode_group import DecodeGroup
 from twin.sched.kv_pool import KVBlockPool
-from twin.sched.request import Request, RequestStatus
+from twin.sched.request import Request, RequestStatus, exceeds_max_model_len
 from twin.sched.waiting_queue import WaitingQueue
 
 WAITING, PREFILLING, DECODING, FINISHED, REJECTED, ABORTED = (
@@ -123,12 +123,11 @@ class Scheduler:
 
     # -- arrivals --------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
-        """Queue an arriving request; False (and REJECTED) if vLLM would refuse it."""
-        if req.prompt >= self.max_model_len:
+        """Queue an arriving request; False (and REJECTED, its output length untouched) if
+        vLLM would refuse it (``exceeds_max_model_len``)."""
+        if exceeds_max_model_len(req.prompt, req.output, self.max_model_len):
             req.status = REJECTED
             return False
-        if req.prompt + req.output > self.max_model_len:  # generation stops at the limit
-            req.output = self.max_model_len - req.prompt
         if not self.enable_lora:
             req.adapter = -1
         req.status = WAITING

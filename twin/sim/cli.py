@@ -15,6 +15,13 @@ Simulate a request trace served by vLLM with LoRA adapters, on the hardware and 
 model described by a profile, and print the result in `vllm bench serve` terms plus
 adapter loads, preemptions, KV usage and the starvation verdict.
 
+Verdict: STARVING when achieved total throughput is below 90% of offered, or the
+waiting queue keeps growing. With --window-s both are per second of the window; run to
+completion, both are measured from the first arrival: offered up to the latest arrival
+plus time in service (first scheduled to finish) over the requests, achieved up to the last
+completion; the gap is time spent waiting to be scheduled. Requests
+with prompt + output over max_model_len are rejected (as vLLM's HTTP 400), not offered.
+
 The serving configuration uses vLLM's own names, as flags (--max-loras 8) or in a YAML
 file (--config serve.yaml, keys like max_loras or max-loras); flags override the file.
 

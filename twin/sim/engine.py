@@ -74,7 +74,8 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
 
     ``max_in_flight``: a client-side cap on requests in flight (running + waiting). An
     arrival that finds that many fails on the client and never reaches the server (status
-    ``rejected``; it still counts in the offered load). A long overloaded ``vllm bench
+    ``rejected``; unlike a request vLLM refuses for ``max_model_len``, it still counts in the
+    offered load). A long overloaded ``vllm bench
     serve`` hits such a cap when its ~28k ephemeral ports are all held by open connections.
 
     ``config.policy`` other than ``"vllm"`` hands the run to that serving strategy
@@ -316,7 +317,7 @@ def _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration,
         preemptions=sched.num_preemptions,
         kv={"capacity_tokens": int(kv_tokens), "usage_mean": rec.kv_integral / total_time,
             "usage_max": rec.kv_max},
-        waiting_growth=growth)
+        waiting_growth=growth, max_model_len=config.max_model_len)
     summary["steps"] = rec.steps
     steps_df = None
     if rec.step_rows is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.sched.request import exceeds_max_model_len
+
 STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
 
 
@@ -73,18 +75,59 @@ def _stats(x: np.ndarray, scale: float = 1000.0) -> dict:
             "p99": float(np.percentile(x, 99) * scale)}
 
 
+def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
+               max_model_len: int) -> dict:
+    """Offered and achieved total throughput, each over its span (the starvation rule).
+
+    Requests vLLM refuses (``exceeds_max_model_len``) are neither offered nor achieved.
+    With ``window_s`` (``vllm bench serve`` with a time limit, the paper's rule): the
+    tokens of the requests arriving in the window and the tokens completed in it, both per
+    second of the window. Run to completion, both are measured from the first arrival:
+    offered up to the moment a server that keeps up would be done, the latest arrival plus
+    time in service (first scheduled to finish) over the requests; achieved up to the last
+    completion. The difference is time spent waiting to be scheduled: a light trace (one
+    request, a burst the server takes in at once) keeps up however short its arrival span,
+    while the backlog of an overloaded one drains long after that moment.
+    """
+    arrival = req["arrival_s"].to_numpy()
+    tokens = req["prompt_tokens"].to_numpy() + req["output_tokens"].to_numpy()
+    status = req["status"].to_numpy()
+    refused = (status == "rejected") & exceeds_max_model_len(
+        req["prompt_tokens"].to_numpy(), req["output_tokens"].to_numpy(), max_model_len)
+    offered_mask = ~refused   # a client-side failure (max_in_flight) was still offered
+    done = status == "finished"
+    achieved_tok = float((req["prompt_tokens"].to_numpy()[done]
+                          + req["generated_tokens"].to_numpy()[done]).sum())
+    if window_s is not None:
+        offered_mask &= arrival <= window_s
+        offered_span, achieved_span = window_s, duration_s
+    elif offered_mask.any():
+        first = float(arrival[offered_mask].min())
+        unqueued = (arrival + (req["finish_s"] - req["first_scheduled_s"]).to_numpy())[done]
+        offered_span = max(float(arrival[offered_mask].max()),
+                           float(unqueued.max()) if done.any() else 0.0) - first
+        achieved_span = (float(req["finish_s"].to_numpy()[done].max()) if done.any()
+                         else duration_s) - first
+    else:
+        offered_span = achieved_span = duration_s
+    offered_span, achieved_span = max(offered_span, 1e-9), max(achieved_span, 1e-9)
+    offered = float(tokens[offered_mask].sum()) / offered_span
+    achieved = achieved_tok / achieved_span
+    return {"offered_tps": offered, "offered_span_s": offered_span,
+            "achieved_span_s": achieved_span, "offered_requests": int(offered_mask.sum()),
+            "refused": int(refused.sum()),
+            "achieved_over_offered": achieved / offered if offered > 0 else 1.0}
+
+
 def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
               itl_p50_s: float, itl_p99_s: float, loads: dict, preemptions: int,
-              kv: dict, waiting_growth: int) -> dict:
+              kv: dict, waiting_growth: int, max_model_len: int) -> dict:
     """Summary metrics of a run (times in ms, throughputs per second)."""
     done = req["status"].to_numpy() == "finished"
     d = req[done]
-    arrival_limit = window_s if window_s is not None else np.inf
-    offered_mask = req["arrival_s"].to_numpy() <= arrival_limit
-    offered_span = window_s if window_s is not None else max(
-        float(req["arrival_s"].max()) if len(req) else 0.0, 1e-9)
-    offered_tps = float((req["prompt_tokens"][offered_mask].sum()
-                         + req["output_tokens"][offered_mask].sum()) / offered_span)
+    load = load_spans(req, duration_s=duration_s, window_s=window_s,
+                      max_model_len=max_model_len)
+    offered_tps = load["offered_tps"]
     in_tok = int(d["prompt_tokens"].sum())
     out_tok = int(d["generated_tokens"].sum())
     dur = max(duration_s, 1e-9)
@@ -95,9 +138,9 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     tpot = decode_span[multi] / (d["generated_tokens"].to_numpy()[multi] - 1)
     gaps = int((d["generated_tokens"].to_numpy() - 1).clip(min=0).sum())
     total_tps = (in_tok + out_tok) / dur
-    achieved = total_tps / offered_tps if offered_tps > 0 else 1.0
+    achieved = load["achieved_over_offered"]
     starving_throughput = achieved < STARVATION_THRESHOLD
-    starving_queue = waiting_growth > max(50, 0.02 * int(offered_mask.sum()))
+    starving_queue = waiting_growth > max(50, 0.02 * load["offered_requests"])
     return {
         "duration_s": float(duration_s),
         "num_requests": int(len(req)),
@@ -110,6 +153,9 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
         "total_throughput": total_tps,
         "offered_total_throughput": offered_tps,
         "achieved_over_offered": float(achieved),
+        "offered_span_s": load["offered_span_s"],
+        "achieved_span_s": load["achieved_span_s"],
+        "rejected_requests": load["refused"],
         "ttft_ms": _stats(ttft),
         "tpot_ms": _stats(tpot),
         "itl_ms": {"mean": float(decode_span.sum() / gaps * 1000) if gaps else float("nan"),
@@ -135,6 +181,7 @@ def format_summary(s: dict) -> str:
 
     row("Successful requests:", s["completed"])
     row("Unfinished requests:", s["unfinished"])
+    row("Rejected requests (> max_model_len):", s.get("rejected_requests", 0))
     row("Benchmark duration (s):", f"{s['duration_s']:.2f}")
     row("Request throughput (req/s):", f"{s['request_throughput']:.2f}")
     row("Input token throughput (tok/s):", f"{s['input_throughput']:.2f}")
@@ -168,14 +215,16 @@ def format_summary(s: dict) -> str:
 
 def waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
     """Growth of the waiting queue over the second half of the arrival span (one of the
-    two starvation signals: a queue that keeps growing does not keep up)."""
+    two starvation signals: a queue that keeps growing does not keep up). The span is the
+    window, or run to completion, first to last arrival (as in ``load_spans``)."""
     if len(req) == 0 or len(timeline) < 2:
         return 0
+    start = 0.0 if window_s is not None else float(req["arrival_s"].min())
     end = window_s if window_s is not None else float(req["arrival_s"].max())
     t = timeline["time_s"].to_numpy()
     w = timeline["waiting"].to_numpy()
     at_end = w[min(np.searchsorted(t, end, side="right") - 1, len(w) - 1)]
-    at_mid = w[max(np.searchsorted(t, end / 2, side="right") - 1, 0)]
+    at_mid = w[max(np.searchsorted(t, (start + end) / 2, side="right") - 1, 0)]
     return int(at_end - at_mid)
 
 

@@ -1,0 +1,152 @@
+"""The starvation verdict and requests over max_model_len (issue 11, items 3 and 5).
+
+- Run to completion, offered and achieved are measured from the first arrival (offered up
+  to the latest arrival plus time in service, achieved up to the last completion), so
+  light traces keep up whatever their arrival span and an overloaded trace still starves.
+- The windowed mode keeps the paper's rule: both per second of the window.
+- A request whose prompt + output exceeds max_model_len is rejected as vLLM's server does
+  (HTTP 400): status ``rejected``, counted in ``rejected_requests``, its output length
+  untouched, and neither offered nor achieved load.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twin.config import ServingConfig
+from twin.sim import simulate
+
+
+def trace_of(arrivals, prompt, output) -> pd.DataFrame:
+    n = len(arrivals)
+    return pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.asarray(arrivals, float),
+                         "adapter": pd.array([None] * n, dtype="string"),
+                         "prompt_tokens": np.broadcast_to(prompt, n).astype(np.int64),
+                         "output_tokens": np.broadcast_to(output, n).astype(np.int64)})
+
+
+def run(trace, window_s=None, **cfg):
+    return simulate(trace, ServingConfig(**cfg), window_s=window_s)
+
+
+# -- light traces keep up (each was STARVING before: the drain counted against them) ---------
+def test_one_request_keeps_up():
+    s = run(trace_of([3.0], 500, 200)).summary
+    assert s["completed"] == 1
+    assert not s["starving"], s
+    assert s["achieved_over_offered"] == pytest.approx(1.0)   # it never waited
+
+
+def test_forty_light_requests_keep_up():
+    # 40 requests over 10 s: ~3k tok/s offered, a fraction of an H100's capacity; their
+    # drain (the last request's own latency) is a quarter of the arrival span
+    arrivals = np.sort(np.random.default_rng(1).uniform(0.0, 10.0, 40))
+    s = run(trace_of(arrivals, 500, 200)).summary
+    assert s["completed"] == 40 and s["preemptions"] == 0
+    assert not s["starving"], s
+
+
+def test_burst_at_one_instant_keeps_up():
+    s = run(trace_of(np.full(30, 4.0), 500, 200)).summary
+    assert s["completed"] == 30
+    assert not s["starving"], s
+
+
+@pytest.mark.parametrize("policy", ["slora", "merged", "hybrid"])
+def test_light_trace_keeps_up_under_every_policy(policy):
+    """Deployments of several servers judge each server by the same rule (load_spans)."""
+    t = trace_of(np.sort(np.random.default_rng(4).uniform(2.0, 4.0, 12)), 400, 150)
+    t["adapter"] = pd.array([f"a{i % 3}" for i in range(len(t))], dtype="string")
+    s = run(t, policy=policy, max_loras=2, max_cpu_loras=6, max_lora_rank=16,
+            max_model_len=2048).summary
+    assert s["completed"] == 12
+    assert not s["starving"], (s["starving_reason"], s["achieved_over_offered"])
+
+
+# -- overload still starves ---------------------------------------------------------------
+def test_overloaded_trace_starves():
+    # 20 req/s of 1000 + 300 tokens for a minute: ~26k tok/s, well over what one server does
+    arrivals = np.sort(np.random.default_rng(2).uniform(0.0, 60.0, 1200))
+    res = run(trace_of(arrivals, 1000, 300))
+    s = res.summary
+    assert s["completed"] == 1200
+    assert s["starving"] and s["starving_reason"] == "throughput"
+    assert s["achieved_over_offered"] < 0.75
+    # time spent waiting to be scheduled stretches the makespan far past where a server
+    # that keeps up would be done
+    assert s["achieved_span_s"] - s["offered_span_s"] > 40.0
+
+
+def test_window_keeps_the_papers_rule():
+    """With --window-s both rates are per second of the window, as before."""
+    arrivals = np.sort(np.random.default_rng(3).uniform(0.0, 60.0, 1200))
+    trace = trace_of(arrivals, 1000, 300)
+    res = run(trace, window_s=30.0)
+    s, req = res.summary, res.requests
+    offered = (req["prompt_tokens"] + req["output_tokens"])[req["arrival_s"] <= 30.0].sum() / 30
+    assert s["offered_total_throughput"] == pytest.approx(offered)
+    assert s["achieved_over_offered"] == pytest.approx(s["total_throughput"] / offered)
+    assert s["offered_span_s"] == s["achieved_span_s"] == 30.0
+    assert s["starving"]
+
+
+# -- max_model_len ------------------------------------------------------------------------
+def test_request_over_max_model_len_is_rejected_not_truncated(tmp_path):
+    L = 2048
+    light = trace_of([0.5, 1.0, 1.5], 500, 200)
+    long = trace_of([1.2], 1500, 600)        # 2100 > 2048: vLLM answers HTTP 400
+    trace = pd.concat([light, long], ignore_index=True).sort_values(
+        "arrival_s", kind="stable").reset_index(drop=True)
+    trace["request_id"] = np.arange(len(trace))
+    res = run(trace, max_model_len=L)
+    out = pd.read_parquet(res.save(tmp_path / "run") / "requests.parquet")
+    row = out[out["prompt_tokens"] == 1500].iloc[0]
+    assert row["status"] == "rejected"
+    assert row["output_tokens"] == 600 and row["generated_tokens"] == 0
+    s = res.summary
+    assert s["rejected_requests"] == 1 and s["completed"] == 3 and s["unfinished"] == 0
+    assert "Rejected requests (> max_model_len):" in res.format_summary()
+    # not offered: the verdict and the offered load are those of the light requests alone
+    alone = run(light, max_model_len=L).summary
+    assert s["offered_total_throughput"] == pytest.approx(alone["offered_total_throughput"])
+    assert not s["starving"]
+
+
+def test_prompt_alone_at_max_model_len_is_rejected():
+    res = run(trace_of([0.0, 0.1], [2048, 100], [1, 50]), max_model_len=2048)
+    assert res.requests["status"].tolist() == ["rejected", "finished"]
+    assert res.summary["rejected_requests"] == 1
+
+
+def test_request_exactly_at_max_model_len_is_served():
+    res = run(trace_of([0.0], 1448, 600), max_model_len=2048)
+    req = res.requests.iloc[0]
+    assert req["status"] == "finished" and req["generated_tokens"] == 600
+    assert res.summary["rejected_requests"] == 0 and not res.summary["starving"]
+
+
+def test_executor_rejects_over_max_model_len(tmp_path):
+    """The executor shares the scheduler: the same request is refused there too."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from twin.executor.engine import execute
+    from twin.executor.weights import make_tiny_llama
+
+    make_tiny_llama(tmp_path / "model", seed=0, max_position_embeddings=512)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = execute(trace_of([0.0, 0.0], [40, 34], [30, 30]),
+                      ServingConfig(enable_lora=False, max_model_len=64,
+                                    max_num_batched_tokens=64),
+                      tmp_path / "model", None, num_gpu_blocks=16)
+    finally:
+        torch.set_num_threads(n)
+    req = res.requests
+    assert req["status"].tolist() == ["rejected", "finished"]
+    assert req["output_tokens"].tolist() == [30, 30]
+    assert req["generated_tokens"].tolist() == [0, 30]
+    assert "maximum context length is 64" in req["error"].iloc[0]
+    assert res.summary["rejected_requests"] == 1 and not res.summary["starving"]
