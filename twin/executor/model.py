@@ -172,6 +172,7 @@ class BatchInput:
     decode_tok_idx: torch.Tensor | None = None   # [B] tokens of 1-token sequences
     decode_blocks: torch.Tensor | None = None    # [B, nb_max] block ids (padded with 0)
     decode_mask: torch.Tensor | None = None      # [B, 1, 1, nb_max*block_size] bool or None
+    decode_pad: torch.Tensor | None = None       # [B, 1, nb_max*block_size, 1]: ~decode_mask
     prefills: list[tuple[int, int, Any, Any]] = field(default_factory=list)
     # (tok_start, tok_end, blocks [nb] or None when the chunk is the whole context,
     #  mask [n, nb*block_size])
@@ -241,6 +242,7 @@ class BatchInput:
             if (lens != nb * block_size).any():
                 m = np.arange(nb * block_size)[None, :] < lens[:, None]
                 b.decode_mask = torch.from_numpy(m).to(device)[:, None, None, :]
+                b.decode_pad = torch.from_numpy(~m).to(device)[:, None, :, None]
         return b
 
 
@@ -383,7 +385,9 @@ class LlamaModel:
 
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
-        """Zero-filled paged cache (zeros, not empty: padded attention reads must be finite)."""
+        """Zero-filled paged cache. Attention does not rely on it (slots outside a
+        context are zeroed when gathered, see ``_attention``); zeros keep a fresh cache
+        deterministic."""
         s = self.shape
         shp = (num_blocks, block_size, s.kv_heads, s.head_dim)
         mk = lambda: torch.zeros(shp, dtype=self.dtype, device=self.device)  # noqa: E731
@@ -456,14 +460,19 @@ class LlamaModel:
         scale = s.head_dim ** -0.5
         out = torch.empty_like(q)
 
-        def gather(cache, blocks):                                # -> [..., KVH, L, D]
+        def gather(cache, blocks, pad):                           # -> [..., KVH, L, D]
+            # Cache slots outside the context (the tail of the last block, the padding
+            # blocks of shorter decodes) hold whatever an earlier owner left there, NaN
+            # included; the mask alone gives them weight 0, but 0 x NaN is NaN, so they are
+            # zeroed in the gathered copy (``pad``: True outside the context).
             g = cache.index_select(0, blocks.reshape(-1))
-            return g.view(*blocks.shape[:-1], -1, s.kv_heads, s.head_dim).transpose(-3, -2)
+            g = g.view(*blocks.shape[:-1], -1, s.kv_heads, s.head_dim).transpose(-3, -2)
+            return g if pad is None else g.masked_fill_(pad, 0)
 
         if b.decode_tok_idx is not None:
             qd = q[b.decode_tok_idx].unsqueeze(2)                 # [B, H, 1, D]
-            kd = gather(kb, b.decode_blocks)                      # [B, KVH, L, D]
-            vd = gather(vb, b.decode_blocks)
+            kd = gather(kb, b.decode_blocks, b.decode_pad)        # [B, KVH, L, D]
+            vd = gather(vb, b.decode_blocks, b.decode_pad)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out[b.decode_tok_idx] = od.squeeze(2)
@@ -475,8 +484,9 @@ class LlamaModel:
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                     enable_gqa=True)
             else:
-                kp = gather(kb, blocks).unsqueeze(0)              # [1, KVH, nb*bs, D]
-                vp = gather(vb, blocks).unsqueeze(0)
+                pad = ~mask[-1, :, None]                          # past the chunk's end
+                kp = gather(kb, blocks, pad).unsqueeze(0)         # [1, KVH, nb*bs, D]
+                vp = gather(vb, blocks, pad).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale,
                                                     enable_gqa=True)
             out[t0:t1] = op.squeeze(0).transpose(0, 1)
