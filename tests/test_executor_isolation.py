@@ -94,11 +94,15 @@ def _tokens(res, rows=None):
     return {int(req["request_id"].iloc[i]): list(req["output_token_ids"].iloc[i]) for i in rows}
 
 
-def test_nan_adapter_fails_alone_and_others_match_a_clean_run(tiny):
+@pytest.mark.parametrize("policy", ["vllm", "slora"])
+def test_nan_adapter_fails_alone_and_others_match_a_clean_run(tiny, policy):
     model_dir, cat, _ = tiny
     model = LlamaModel.from_pretrained(model_dir, dtype=torch.float64)
     trace = _trace()
-    res = execute(trace, CFG, model, cat, num_gpu_blocks=12, keep_tokens=True)
+    cfg = CFG.replace(policy=policy)
+    # slora: the three good adapters' pages (16 + 32 + 16) on top of 12 KV blocks
+    blocks = 12 if policy == "vllm" else 76
+    res = execute(trace, cfg, model, cat, num_gpu_blocks=blocks, keep_tokens=True)
     req = res.requests
     bad = (trace["adapter"] == "bad").to_numpy()
     assert (req["status"][bad] == "failed").all(), req[["status", "error"]]
@@ -107,8 +111,8 @@ def test_nan_adapter_fails_alone_and_others_match_a_clean_run(tiny):
     assert res.summary["failed"] == bad.sum()
     assert (req["status"][~bad] == "finished").all() and req["error"][~bad].isna().all()
     assert "bad" in res.meta["bad_adapters"]
-    clean = execute(trace[~bad].reset_index(drop=True), CFG, model, cat, num_gpu_blocks=12,
-                    keep_tokens=True)
+    clean = execute(trace[~bad].reset_index(drop=True), cfg, model, cat,
+                    num_gpu_blocks=blocks, keep_tokens=True)
     assert (clean.requests["status"] == "finished").all()
     assert _tokens(res, np.flatnonzero(~bad)) == _tokens(clean)
 
@@ -170,3 +174,7 @@ def test_non_finite_logits_fail_the_request(tiny):
     assert req["error"][bad].str.contains("'bad'").all()
     assert (req["status"][~bad] == "finished").all() and req["error"][~bad].isna().all()
     assert res.summary["failed"] == bad.sum()
+    # the KV blocks the overflowing requests filled with inf/NaN harmed nobody else
+    clean = execute(trace[~bad].reset_index(drop=True), CFG, model, cat_huge,
+                    num_gpu_blocks=12, keep_tokens=True)
+    assert _tokens(res, np.flatnonzero(~bad)) == _tokens(clean)
