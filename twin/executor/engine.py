@@ -697,7 +697,9 @@ class _Engine:
                     toks = seqs[r.idx]
                     if start + k == len(toks):   # end of prompt / recompute, or a decode
                         toks.append(tok)
-                nonfinite = (~torch.isfinite(top)).nonzero().flatten().tolist()
+                finite = torch.isfinite(top)
+                if not bool(finite.all()):
+                    nonfinite = (~finite).nonzero().flatten().tolist()
                 t_samp = perf() - t
             end = perf()
             dur = end - wall
