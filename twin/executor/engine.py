@@ -22,10 +22,14 @@ Prompts. A trace holds lengths only; prompt token ids are synthetic and determin
 Bad adapters. Adapters the trace uses are checked up front from their configs (missing
 directory, pickle-only weights, unsupported PEFT features, rank above ``max_lora_rank``);
 their requests fail on arrival. Anything found only when the weights are read (corrupt
-file, wrong shapes) fails the requests that needed the load, in that step; the adapter is
-then dropped from the caches. Either way the request's status is ``failed`` with the reason
-in ``error``, and every other request runs normally. A trace naming an adapter the catalog
-lacks is refused before the run starts (:class:`TwinInputError`).
+file, wrong shapes, NaN/inf weights) fails the requests that needed the load, in that step;
+the adapter is then dropped from the caches. A request whose logits turn NaN/inf (finite
+weights that overflow) is stopped after that step rather than emitting argmax-of-NaN tokens.
+Either way the request's status is ``failed`` with the reason in ``error``, and every other
+request runs normally: attention never reads KV slots outside a request's own context
+(``twin.executor.model.context_slots``), so what a failed request leaves in freed blocks
+cannot leak. A trace naming an adapter the catalog lacks is refused before the run starts
+(:class:`TwinInputError`).
 """
 
 from __future__ import annotations
