@@ -178,3 +178,53 @@ def test_non_finite_logits_fail_the_request(tiny):
     clean = execute(trace[~bad].reset_index(drop=True), CFG, model, cat_huge,
                     num_gpu_blocks=12, keep_tokens=True)
     assert _tokens(res, np.flatnonzero(~bad)) == _tokens(clean)
+
+
+def test_requests_stopped_mid_prefill_and_mid_decode_free_their_blocks(tiny, monkeypatch):
+    """NaN logits injected into one request's second prefill chunk (it is still
+    prefilling) and into another's fourth decode: exactly those two fail, the KV
+    bookkeeping stays exact (the engine asserts it every step) and everyone else's tokens
+    equal the reference run's."""
+    from twin.executor.engine import prompt_token_ids
+
+    model_dir, cat, _ = tiny
+    model = LlamaModel.from_pretrained(model_dir, dtype=torch.float64)
+    trace = _trace(n=14, seed=5)
+    trace = trace[trace["adapter"] != "bad"].reset_index(drop=True)
+    trace.loc[0, "prompt_tokens"] = 45                     # three chunks at 16 tokens a step
+    a, b = 0, int(np.flatnonzero((trace["prompt_tokens"] < 20) & (trace["output_tokens"] > 6))[0])
+    cfg = CFG.replace(max_num_batched_tokens=16)
+    ref = execute(trace, cfg, model, cat, num_gpu_blocks=12, keep_tokens=True)
+    prompts = {int(r.request_id): prompt_token_ids(int(r.request_id), int(r.prompt_tokens),
+                                                   model.shape.vocab)
+               for r in trace.itertuples()}
+    rid_a, rid_b = int(trace["request_id"][a]), int(trace["request_id"][b])
+    pos_b = int(trace["prompt_tokens"][b]) + 3
+    owner: dict[int, int] = {}        # first KV block -> request id (set by its first chunk)
+    step = LlamaModel.step
+
+    def poisoned(self, seqs, kv_cache, lora=None):
+        logits = step(self, seqs, kv_cache, lora).clone()
+        for j, s in enumerate(seqs):
+            toks = list(s.token_ids)
+            if s.start_pos == 0:
+                owner[s.block_table[0]] = next(r for r, p in prompts.items()
+                                               if p[:len(toks)] == toks[:len(p)])
+            rid = owner[s.block_table[0]]
+            if (rid == rid_a and s.start_pos > 0 and len(toks) > 1) or (
+                    rid == rid_b and s.start_pos == pos_b):
+                logits[j, 7] = float("nan")
+        return logits
+
+    monkeypatch.setattr(LlamaModel, "step", poisoned)
+    res = execute(trace, cfg, model, cat, num_gpu_blocks=12, keep_tokens=True)
+    req = res.requests
+    failed = (req["status"] == "failed").to_numpy()
+    assert np.flatnonzero(failed).tolist() == [a, b], req[["status", "error"]]
+    pos = req["error"].str.extract(r"non-finite logits \(NaN/inf\) at position (\d+)")[0]
+    assert int(pos[a]) < 44 and int(pos[b]) == pos_b      # mid-prefill; mid-decode
+    # b's count includes the token of the step that failed it (positions b.prompt .. pos_b)
+    assert req["generated_tokens"][a] == 0 and req["generated_tokens"][b] == 5
+    assert res.summary["failed"] == 2 and res.steps["failed"].sum() == 2
+    assert (req["status"][~failed] == "finished").all() and req["error"][~failed].isna().all()
+    assert _tokens(res, np.flatnonzero(~failed)) == _tokens(ref, np.flatnonzero(~failed))

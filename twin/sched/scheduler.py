@@ -390,7 +390,9 @@ class Scheduler:
         stops a request whose logits became non-finite); it leaves the decode group.
         """
         if req.status == DECODING and plan is None:
-            self.group.remove(req)
+            c = self.group.remove(req)          # the group keeps counts lazily: settle them
+            req.computed = c
+            req.generated = c - req.prompt + 1
             req.status = ABORTED
             if req.adapter >= 0:
                 self.cache.release(req.adapter)
