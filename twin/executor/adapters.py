@@ -231,6 +231,13 @@ def pack_adapter(raw: PeftAdapter, model, max_lora_rank: int, *,
                                     "match this model")
         if not t.is_floating_point():
             raise AdapterError(aid, f"{key!r} has dtype {t.dtype}, expected floating point")
+        # NaN/inf weights would poison every token of the adapter's requests (and, through
+        # the KV blocks they leave behind, anything that trusted those blocks): refuse them
+        # here, once per read, so only this adapter's requests fail
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            raise AdapterError(aid, f"{key!r} holds {int((~finite).sum())} non-finite "
+                                    f"value(s) (NaN/inf) of {t.numel()}")
         pairs.setdefault((layer, module), {})[ab] = t
     if not pairs:
         raise AdapterError(aid, f"no LoRA weights in {WEIGHTS_NAME}")

@@ -22,10 +22,14 @@ Prompts. A trace holds lengths only; prompt token ids are synthetic and determin
 Bad adapters. Adapters the trace uses are checked up front from their configs (missing
 directory, pickle-only weights, unsupported PEFT features, rank above ``max_lora_rank``);
 their requests fail on arrival. Anything found only when the weights are read (corrupt
-file, wrong shapes) fails the requests that needed the load, in that step; the adapter is
-then dropped from the caches. Either way the request's status is ``failed`` with the reason
-in ``error``, and every other request runs normally. A trace naming an adapter the catalog
-lacks is refused before the run starts (:class:`TwinInputError`).
+file, wrong shapes, NaN/inf weights) fails the requests that needed the load, in that step;
+the adapter is then dropped from the caches. A request whose logits turn NaN/inf (finite
+weights that overflow) is stopped after that step rather than emitting argmax-of-NaN tokens.
+Either way the request's status is ``failed`` with the reason in ``error``, and every other
+request runs normally: attention never reads KV slots outside a request's own context
+(``twin.executor.model.context_slots``), so what a failed request leaves in freed blocks
+cannot leak. A trace naming an adapter the catalog lacks is refused before the run starts
+(:class:`TwinInputError`).
 """
 
 from __future__ import annotations
@@ -685,22 +689,32 @@ class _Engine:
                     f"KV blocks: the executor's tables hold {tables.used}, the scheduler "
                     f"counts {plan.kv_blocks}")
             t_fwd = t_samp = 0.0
+            nonfinite: list[int] = []      # rows of items whose logits were NaN/inf
             if chunks:
                 t = perf()
                 logits = model.step(chunks, kv, lora)
                 sync()
                 t_fwd = perf() - t
                 t = perf()
-                next_ids = logits.argmax(dim=-1).tolist()
+                # one pass gives the greedy token and the check that the logits are finite
+                top, next_ids = logits.max(dim=-1)
+                next_ids = next_ids.tolist()
                 for (r, k), start, tok in zip(items, starts, next_ids):
                     toks = seqs[r.idx]
                     if start + k == len(toks):   # end of prompt / recompute, or a decode
                         toks.append(tok)
+                finite = torch.isfinite(top)
+                if not bool(finite.all()):
+                    nonfinite = (~finite).nonzero().flatten().tolist()
                 t_samp = perf() - t
             end = perf()
             dur = end - wall
             t_end = now + dur
             done = sched.finish_step(plan, t_end)
+            if nonfinite:
+                n_failed += self._stop_nonfinite([items[j] for j in nonfinite],
+                                                 [starts[j] for j in nonfinite], done, t_end,
+                                                 seqs, out, bar)
             # -- bookkeeping (counts toward the next step's time) --
             if plan.decode_n:
                 itl.add(dur, plan.decode_n)
@@ -736,6 +750,26 @@ class _Engine:
             out.record(r, seqs.get(r.idx))
         duration = window_s if window_s is not None else now
         return self._result(out, itl, timeline, rows, stats, duration)
+
+    def _stop_nonfinite(self, items, starts, done, now, seqs, out, bar) -> int:
+        """Fail the requests whose logits were NaN/inf this step (already committed by
+        ``finish_step``) instead of letting them emit argmax-of-NaN tokens as if finished:
+        finished ones are recorded as failed, running ones are aborted and their KV blocks
+        freed. Returns how many failed."""
+        for (r, k), start in zip(items, starts):
+            who = f"adapter {self.names[r.adapter]!r}" if r.adapter >= 0 else "the base model"
+            msg = (f"non-finite logits (NaN/inf) at position {start + k - 1} of request "
+                   f"{r.request_id} ({who}); the request was stopped")
+            if r in done:
+                done.remove(r)
+            else:
+                self.sched.abort(r)
+            self.tables.release(r.idx)
+            seqs.pop(r.idx, None)
+            out.fail(r, now, msg)
+            if bar is not None:
+                bar.update(1)
+        return len(items)
 
     # -- the result -------------------------------------------------------------------------
     def _result(self, out: _Outcomes, itl, timeline, rows, stats, duration) -> RunResult:

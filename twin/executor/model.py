@@ -168,13 +168,13 @@ class BatchInput:
     last_token_idx: torch.Tensor   # [S] int64, sorted order
     inverse_order: torch.Tensor    # [S] int64: caller's i -> sorted row
     lora_segments: list[tuple[int, int, int]]  # (slot, tok_start, tok_end), slot >= 0 only
-    # attention plan: K/V are gathered from the cache a block at a time
+    # attention plan: K/V are gathered from the cache slot by slot (see context_slots)
     decode_tok_idx: torch.Tensor | None = None   # [B] tokens of 1-token sequences
-    decode_blocks: torch.Tensor | None = None    # [B, nb_max] block ids (padded with 0)
+    decode_slots: torch.Tensor | None = None     # [B, nb_max*block_size] flat cache slots
     decode_mask: torch.Tensor | None = None      # [B, 1, 1, nb_max*block_size] bool or None
     prefills: list[tuple[int, int, Any, Any]] = field(default_factory=list)
-    # (tok_start, tok_end, blocks [nb] or None when the chunk is the whole context,
-    #  mask [n, nb*block_size])
+    # (tok_start, tok_end, slots [nb*block_size] or None when the chunk is the whole
+    #  context, mask [n, nb*block_size])
     num_seqs: int = 0
     num_tokens: int = 0
 
@@ -220,7 +220,8 @@ class BatchInput:
             else:
                 mask = (torch.arange(need * block_size)[None, :]
                         <= torch.arange(start, ctx)[:, None]).to(device)
-                prefills.append((t, t + n, torch.from_numpy(bt[:need].copy()).to(device), mask))
+                cs = context_slots(bt[None, :need], np.asarray([ctx]), block_size)[0]
+                prefills.append((t, t + n, torch.from_numpy(cs).to(device), mask))
             t += n
         b = cls(
             input_ids=torch.from_numpy(np.concatenate(ids)).to(device),
@@ -236,12 +237,28 @@ class BatchInput:
             for j, x in enumerate(dec_bt):
                 blocks[j, :len(x)] = x
             b.decode_tok_idx = torch.tensor(dec_tok, dtype=torch.int64, device=device)
-            b.decode_blocks = torch.from_numpy(blocks).to(device)
             lens = np.asarray(dec_len)
+            b.decode_slots = torch.from_numpy(context_slots(blocks, lens, block_size)).to(device)
             if (lens != nb * block_size).any():
                 m = np.arange(nb * block_size)[None, :] < lens[:, None]
                 b.decode_mask = torch.from_numpy(m).to(device)[:, None, None, :]
         return b
+
+
+def context_slots(blocks: np.ndarray, lens: np.ndarray, block_size: int) -> np.ndarray:
+    """The flat KV-cache slots attention reads for each sequence: ``blocks`` [R, nb] (block
+    tables, padded), ``lens`` [R] context lengths -> [R, nb * block_size].
+
+    Slots at or past a sequence's length (the tail of its last block, padding blocks)
+    point at the sequence's own first slot instead. The attention mask gives them weight
+    0, but 0 x NaN is NaN: what a freed or never-written block holds (another request's
+    NaN, garbage) must never be read, so only the sequence's own computed slots are.
+    """
+    L = blocks.shape[1] * block_size
+    slots = (blocks[:, :, None] * block_size + np.arange(block_size)).reshape(len(blocks), L)
+    if (lens < L).any():
+        slots = np.where(np.arange(L)[None, :] < lens[:, None], slots, slots[:, :1])
+    return slots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +400,8 @@ class LlamaModel:
 
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
-        """Zero-filled paged cache (zeros, not empty: padded attention reads must be finite)."""
+        """Zero-filled paged cache. Attention does not rely on it (it never reads a slot
+        outside a sequence's context, see :func:`context_slots`)."""
         s = self.shape
         shp = (num_blocks, block_size, s.kv_heads, s.head_dim)
         mk = lambda: torch.zeros(shp, dtype=self.dtype, device=self.device)  # noqa: E731
@@ -456,27 +474,28 @@ class LlamaModel:
         scale = s.head_dim ** -0.5
         out = torch.empty_like(q)
 
-        def gather(cache, blocks):                                # -> [..., KVH, L, D]
-            g = cache.index_select(0, blocks.reshape(-1))
-            return g.view(*blocks.shape[:-1], -1, s.kv_heads, s.head_dim).transpose(-3, -2)
+        def gather(cache, slots):                                 # -> [..., KVH, L, D]
+            # slot by slot, never outside the sequence's context (see context_slots)
+            g = cache.view(-1, s.kv_heads, s.head_dim).index_select(0, slots.reshape(-1))
+            return g.view(*slots.shape[:-1], -1, s.kv_heads, s.head_dim).transpose(-3, -2)
 
         if b.decode_tok_idx is not None:
             qd = q[b.decode_tok_idx].unsqueeze(2)                 # [B, H, 1, D]
-            kd = gather(kb, b.decode_blocks)                      # [B, KVH, L, D]
-            vd = gather(vb, b.decode_blocks)
+            kd = gather(kb, b.decode_slots)                       # [B, KVH, L, D]
+            vd = gather(vb, b.decode_slots)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out[b.decode_tok_idx] = od.squeeze(2)
-        for t0, t1, blocks, mask in b.prefills:
+        for t0, t1, slots, mask in b.prefills:
             qp = q[t0:t1].transpose(0, 1).unsqueeze(0)            # [1, H, n, D]
-            if blocks is None:  # the chunk is the whole context: plain causal
+            if slots is None:  # the chunk is the whole context: plain causal
                 kp = k[t0:t1].transpose(0, 1).unsqueeze(0)
                 vp = v[t0:t1].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                     enable_gqa=True)
             else:
-                kp = gather(kb, blocks).unsqueeze(0)              # [1, KVH, nb*bs, D]
-                vp = gather(vb, blocks).unsqueeze(0)
+                kp = gather(kb, slots).unsqueeze(0)               # [1, KVH, nb*bs, D]
+                vp = gather(vb, slots).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale,
                                                     enable_gqa=True)
             out[t0:t1] = op.squeeze(0).transpose(0, 1)

@@ -384,9 +384,21 @@ class Scheduler:
         whose adapter failed to load): its KV blocks are freed, its adapter released and
         its status set to ABORTED. With ``plan`` (the current step, not yet finished) its
         share of that step is removed too, so ``finish_step`` never sees it.
+
+        Between steps (no ``plan``) a decoding request can be aborted too (the executor
+        stops a request whose logits became non-finite); it leaves the decode group.
         """
+        if req.status == DECODING and plan is None:
+            c = self.group.remove(req)          # the group keeps counts lazily: settle them
+            req.computed = c
+            req.generated = c - req.prompt + 1
+            req.status = ABORTED
+            if req.adapter >= 0:
+                self.cache.release(req.adapter)
+            return
         if req.status != PREFILLING:
-            raise ValueError(f"abort: only prefilling requests can be aborted, got {req!r}")
+            raise ValueError(f"abort: only prefilling requests (or decoding ones between "
+                             f"steps) can be aborted, got {req!r}")
         self.prefilling.remove(req)
         if plan is not None:
             for j, (r, n) in enumerate(plan.explicit):
