@@ -162,3 +162,23 @@ def test_the_stream_test_sees_evictions_at_both_levels():
     kinds = Counter(ev[0] for ev in ref.events)
     assert kinds["evict_host"] >= 2 and kinds["deactivate"] >= 3
     assert twin.loads_from_host >= 1
+
+
+# -- inside the scheduler ---------------------------------------------------------------------
+from sched_reference import run_reference  # noqa: E402
+from test_scheduler import STEP, _normalise, cfg_strategy, rows_strategy, run_fast_stepwise  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_strategy, cfg_strategy)
+def test_scheduler_loads_match_literal_loop_with_vllm_lora_manager(rows, cfg):
+    """The twin's scheduler with AdapterCache against the literal vLLM loop whose adapters
+    go through vLLM's managers: same batches, and the same loads in the same steps."""
+    rows, kw = _normalise(rows, cfg)
+    manager = LRUCacheWorkerLoRAManager(kw["max_loras"], kw["max_cpu_loras"])
+    ref_loads, fast_loads = [], []
+    _, ref_batches = run_reference(rows, step_time=STEP, lora_manager=manager,
+                                   loads_log=ref_loads, **kw)
+    _, fast_batches = run_fast_stepwise(rows, loads_log=fast_loads, **kw)
+    assert fast_batches == ref_batches
+    assert fast_loads == ref_loads
