@@ -14,6 +14,9 @@ def step_time(prefill_tokens, decode_n, adapters, loads):
     return 0.01 + 1e-4 * prefill_tokens + 2e-4 * decode_n + 1e-3 * adapters + 3e-3 * loads
 
 
+MAX_STEPS = 50_000   # far above any case here (40 requests of at most 100 tokens)
+
+
 def run_twin(rows, *, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
              adapter_pages, admission):
     """SLoRAScheduler one step at a time, logged as the reference logs."""
@@ -23,7 +26,7 @@ def run_twin(rows, *, num_blocks, block_size, max_num_seqs, max_num_batched_toke
                        admission=admission)
     reqs = [Request(i, i, a, ad, p, o) for i, (a, ad, p, o) in enumerate(rows)]
     now, nxt, log = 0.0, 0, []
-    while True:
+    for _ in range(MAX_STEPS):
         while nxt < len(reqs) and reqs[nxt].arrival <= now:
             s.add_request(reqs[nxt])
             nxt += 1
@@ -36,11 +39,15 @@ def run_twin(rows, *, num_blocks, block_size, max_num_seqs, max_num_batched_toke
         order = {r.idx: r.seq for r in s.running_in_order()}
         b = batch_of(s, plan)
         b.sort(key=lambda x: order.get(x[0], 1 << 60))
+        if not b and not plan.preempted:   # every request fits alone: a step always runs one
+            raise AssertionError(f"twin: empty step at {now} with work waiting")
         log.append((tuple(b), tuple(r.idx for r in plan.preempted),
                     tuple(ld.adapter for ld in plan.loads), plan.kv_blocks,
                     tuple(sorted(s.cache.resident))))
         now += step_time(plan.prefill_tokens, plan.decode_n, plan.adapters, len(plan.loads))
         s.finish_step(plan, now)
+    else:
+        raise AssertionError(f"twin: no end after {MAX_STEPS} steps (admission stuck?)")
     return reqs, log, s
 
 
