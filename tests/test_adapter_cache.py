@@ -182,3 +182,33 @@ def test_scheduler_loads_match_literal_loop_with_vllm_lora_manager(rows, cfg):
     _, fast_batches = run_fast_stepwise(rows, loads_log=fast_loads, **kw)
     assert fast_batches == ref_batches
     assert fast_loads == ref_loads
+
+
+# -- the reference itself ---------------------------------------------------------------------
+def test_reference_reloads_a_batch_adapter_evicted_by_an_earlier_load():
+    """vLLM applies a batch's adapters one by one: a load can evict one that comes later in
+    the same batch, which is then read from disk again (AdapterCache's docstring notes that
+    it touches running adapters first instead; the drivers above put them first)."""
+    ref = LRUCacheWorkerLoRAManager(2, 2)
+    ref.set_active_adapters([1, 2])
+    ev = ref.set_active_adapters([0, 1])
+    assert [e[:2] for e in ev] == [("disk", 0), ("evict_host", 1), ("deactivate", 1),
+                                   ("activate", 0), ("disk", 1), ("evict_host", 2),
+                                   ("deactivate", 2), ("activate", 1)]
+    ref = LRUCacheWorkerLoRAManager(2, 2)
+    ref.set_active_adapters([1, 2])
+    assert loads_of(ref.set_active_adapters([1, 0])) == [(0, True, -1, 2)]
+
+
+def test_reference_pinned_adapter_survives_eviction():
+    """``pin_adapter`` (a user API, never used while batches run) exempts an adapter from
+    ``remove_oldest`` at both levels."""
+    ref = LRUCacheWorkerLoRAManager(2, 2)
+    ref.set_active_adapters([0])
+    ref._adapter_manager.pin_adapter(0)
+    for a in (1, 2, 3):
+        ref.set_active_adapters([a])
+    assert ref.list_adapters() == {0, 3} and ref.active_adapters() == {0, 3}
+    ref._adapter_manager.pin_adapter(3)
+    with pytest.raises(RuntimeError):
+        ref.set_active_adapters([4])
