@@ -169,7 +169,7 @@ from sched_reference import run_reference  # noqa: E402
 from test_scheduler import STEP, _normalise, cfg_strategy, rows_strategy, run_fast_stepwise  # noqa: E402
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows_strategy, cfg_strategy)
 def test_scheduler_loads_match_literal_loop_with_vllm_lora_manager(rows, cfg):
     """The twin's scheduler with AdapterCache against the literal vLLM loop whose adapters

@@ -86,7 +86,7 @@ def check(rows, cfg):
     return ref_log
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows_strategy, cfg_strategy)
 def test_slora_scheduler_matches_reference(rows, cfg):
     check(rows, cfg)
