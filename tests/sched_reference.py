@@ -8,6 +8,7 @@ from collections import deque
 
 from twin.models.step_time import FEATURES
 from twin.sched import AdapterCache
+from twin.sched.adapter_cache import AdapterLoad
 
 
 class RefReq:
@@ -29,16 +30,23 @@ class _Plan:
 
 def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                   max_loras, max_cpu_loras, max_lora_rank, step_time, max_model_len=10**9,
-                  preload=(), load_time=None, adapter_bytes=None, max_steps=10**6):
+                  preload=(), load_time=None, adapter_bytes=None, max_steps=10**6,
+                  lora_manager=None, loads_log=None):
     """trace_rows: list of (arrival, adapter int or -1, prompt, output), sorted by arrival.
 
     Returns (requests, batches) where batches lists, per step, the tuple of
     (request idx, new tokens) in running order plus the preempted idxs.
+
+    ``lora_manager`` (tests/lora_manager_reference.py, no preload) replaces twin's
+    AdapterCache: each step the adapters of the scheduled requests go through vLLM's
+    ``set_active_adapters``. ``loads_log`` gets, per step, the loads as
+    (adapter, from_disk, evicted_gpu, evicted_host).
     """
     from twin.models.step_time import features
 
     reqs = [RefReq(i, *row) for i, row in enumerate(trace_rows)]
-    cache = AdapterCache(max_loras, max_cpu_loras, preload=list(preload))
+    cache = (AdapterCache(max_loras, max_cpu_loras, preload=list(preload))
+             if lora_manager is None else None)
     waiting: deque = deque()
     running: list = []
     free = num_blocks
@@ -58,7 +66,7 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
             now = reqs[nxt].arrival
             continue
         budget = max_num_batched_tokens
-        scheduled, preempted, loads = [], [], []
+        scheduled, preempted, loads, admitted = [], [], [], []
         i = 0
         while i < len(running) and budget > 0:
             r = running[i]
@@ -75,7 +83,7 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                 free += v.blocks
                 v.blocks = v.computed = 0
                 v.preemptions += 1
-                if v.adapter >= 0:
+                if v.adapter >= 0 and cache is not None:
                     cache.release(v.adapter)
                 waiting.appendleft(v)
                 preempted.append(v)
@@ -109,11 +117,12 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                 r.blocks = need
                 r.computed = 0
                 running.append(r)
+                admitted.append(r)
                 if r.first_scheduled < 0:
                     r.first_scheduled = now
                 if r.adapter >= 0:
                     loras.add(r.adapter)
-                    ld = cache.acquire(r.adapter)
+                    ld = cache.acquire(r.adapter) if cache is not None else None
                     if ld is not None:
                         loads.append(ld)
                 scheduled.append((r, n))
@@ -133,7 +142,29 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                 p.prefill_ctx += n * (r.computed + n)
                 if r.adapter >= 0:
                     p.prefill_lora_tokens += n
-        p.adapters = len(cache.in_use)
+        if lora_manager is not None:
+            # the model runner applies the set of the batch's LoRARequests (hashed by name:
+            # any order is one vLLM may use). Taken here: adapters already running first,
+            # ordered by their last request in the batch, then new ones in admission order.
+            # Ties among adapters last used in the same step then break as twin's
+            # AdapterCache breaks them (release order); running adapters are touched
+            # before any load, as in AdapterCache.
+            fresh = {r.idx for r in admitted}
+            pos: dict = {}                   # adapter -> positions of its scheduled requests
+            for k, (r, _) in enumerate(scheduled):
+                if r.adapter >= 0:
+                    pos.setdefault(r.adapter, []).append(k)
+            order = {a: (0, ks[-1]) if any(scheduled[k][0].idx not in fresh for k in ks)
+                     else (1, ks[0]) for a, ks in pos.items()}
+            from lora_manager_reference import loads_of
+
+            batch = sorted(order, key=order.get)
+            loads = [AdapterLoad(*ld) for ld in loads_of(lora_manager.set_active_adapters(batch))]
+        if loads_log is not None:
+            loads_log.append(tuple((ld.adapter, ld.from_disk, ld.evicted_gpu, ld.evicted_host)
+                                   for ld in loads))
+        p.adapters = (len(cache.in_use) if cache is not None else
+                      len({r.adapter for r in running if r.adapter >= 0}))
         dur = step_time(features(p, max_lora_rank, max_loras))
         if load_time is not None:
             for ld in loads:
@@ -151,6 +182,6 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                     free += r.blocks
                     r.blocks = 0
                     running.remove(r)
-                    if r.adapter >= 0:
+                    if r.adapter >= 0 and cache is not None:
                         cache.release(r.adapter)
     return reqs, batches

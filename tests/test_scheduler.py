@@ -98,8 +98,9 @@ STEP = StepTimeModel(base={"const": 0.01, "prefill_tokens": 1e-4, "decode_tokens
                            "decode_context": 1e-6, "adapters": 1e-3})
 
 
-def run_fast_stepwise(rows, **kw):
-    """Drive the fast scheduler one step at a time (no jumps), recording batches."""
+def run_fast_stepwise(rows, loads_log=None, **kw):
+    """Drive the fast scheduler one step at a time (no jumps), recording batches (and in
+    ``loads_log`` each step's adapter loads)."""
     cache = AdapterCache(kw["max_loras"], kw["max_cpu_loras"])
     s = Scheduler(num_blocks=kw["num_blocks"], block_size=kw["block_size"],
                   max_num_seqs=kw["max_num_seqs"],
@@ -121,6 +122,9 @@ def run_fast_stepwise(rows, **kw):
         b = batch_of(s, plan)
         b.sort(key=lambda x: order.get(x[0], 1 << 60))
         batches.append((tuple(b), tuple(r.idx for r in plan.preempted)))
+        if loads_log is not None:
+            loads_log.append(tuple((ld.adapter, ld.from_disk, ld.evicted_gpu, ld.evicted_host)
+                                   for ld in plan.loads))
         now += STEP(features(plan, kw["max_lora_rank"], kw["max_loras"]))
         s.finish_step(plan, now)
     return reqs, batches
