@@ -92,8 +92,8 @@ class Recommender:
                 return float(f"{o:.7g}") if math.isfinite(o) else (1e300 if o > 0 else -1e300)
             if isinstance(o, list):
                 return [rnd(x) for x in o]
-            if isinstance(o, dict):
-                return {k: rnd(v) for k, v in o.items()}
+            if isinstance(o, dict):  # thresholds are already as short as routing allows
+                return {k: (v if k == "threshold" else rnd(v)) for k, v in o.items()}
             return o
         tmp.write_text(json.dumps({"schema": SCHEMA, "meta": self.meta,
                                    "models": rnd(self.models)}, separators=(",", ":")) + "\n")
