@@ -164,7 +164,7 @@ def test_saved_thresholds_route_float32_features_as_fitted():
         assert ((vals <= split_threshold(mid)) == (vals <= mid)).all()
 
 
-def test_train_writes_a_model_equal_to_the_fitted_one(trained, capsys):
+def test_train_writes_a_model_equal_to_the_fitted_one(trained):
     from twin.ml.recommender import Recommender
     from twin.ml.train import fit_recommender
 

@@ -59,8 +59,8 @@ def test_tables(tiny):
 
 
 def test_model_roundtrip(tiny):
-    # saving rounds every float to 7 significant digits: the loaded model must predict what
-    # the fitted one did, to that precision (prediction speed: experiments/bench_generate_predict.py)
+    # saving rounds leaf values to 7 significant digits: the loaded model must predict what
+    # the fitted one did, to that precision (speed: experiments/bench_generate_predict.py)
     X = row_table(tiny["sweep"])
     before = tiny["fitted"].predict_rows(X)
     after = tiny["model"].predict_rows(X)
