@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     model = fit_recommender(sweep, profile, n_estimators=40, latency_estimators=20)
     path = model.save(d / "model.json")
     return {"dir": d, "profile": profile, "sweep": sweep, "model": Recommender.load(path),
-            "path": path}
+            "path": path, "fitted": model}
 
 
 def _workload(n, rates, seed=5):
@@ -58,17 +58,16 @@ def test_tables(tiny):
     assert {"max_served", "best_max_loras_at_max"} <= set(ft.columns)
 
 
-def test_model_roundtrip_and_speed(tiny):
-    import time
-
-    m = tiny["model"]
-    X = row_table(tiny["sweep"]).iloc[:14]
-    p1 = m.predict_rows(X)
-    assert {"achieved", "p_starve", "ttft_p99", "tpot_p50"} <= set(p1.columns)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        m.predict_rows(X)
-    assert (time.perf_counter() - t0) / 20 < 0.05
+def test_model_roundtrip(tiny):
+    # saving rounds leaf values to 7 significant digits: the loaded model must predict what
+    # the fitted one did, to that precision (speed: experiments/bench_generate_predict.py)
+    X = row_table(tiny["sweep"])
+    before = tiny["fitted"].predict_rows(X)
+    after = tiny["model"].predict_rows(X)
+    assert {"achieved", "p_starve", "ttft_p99", "tpot_p50"} <= set(after.columns)
+    assert list(after.columns) == list(before.columns)
+    pd.testing.assert_frame_equal(after, before, check_exact=False, rtol=1e-5, atol=1e-6)
+    assert before["achieved"].std() > 0  # the rows are not all predicted alike
 
 
 def test_recommend_returns_verified_non_starving_config(tiny):
@@ -155,13 +154,16 @@ def test_place_cli_outputs(tiny, tmp_path):
         "max-cpu-loras"] == 6
 
 
-def test_shipped_model_loads_if_present():
-    from importlib import resources
-
-    if not (resources.files("twin.ml") / "recommender.json").is_file():
-        pytest.skip("no shipped model yet")
+def test_shipped_model_predicts(tiny):
+    # the shipped model is part of the package (make demo uses it): load it and predict
     m = Recommender.load()
     assert m.meta["profile"] and m.meta["rows"] > 0
+    rows = row_table(tiny["sweep"])
+    p = m.predict_rows(rows)
+    assert len(p) == len(rows) and p.notna().all().all()
+    assert ((p["p_starve"] >= 0) & (p["p_starve"] <= 1)).all()
+    # it ranks starving sweep points as more likely to starve than the points that kept up
+    assert p["p_starve"][rows["starving"]].mean() > p["p_starve"][~rows["starving"]].mean()
 
 
 def test_place_replicates_an_adapter_too_hot_for_one_gpu(tiny):

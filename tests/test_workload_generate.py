@@ -1,8 +1,7 @@
-"""Synthetic generators: determinism, realised rates, rate/popularity assignment, speed."""
+"""Synthetic generators: determinism, realised rates, rate/popularity assignment (their
+speed: experiments/bench_generate_predict.py)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pandas as pd
@@ -103,13 +102,11 @@ def test_lengths():
         pool_lengths(np.array([1, 2, 3]))
 
 
-def test_fast_and_round_trips(tmp_path):
+def test_hour_trace_round_trips(tmp_path):
+    # its generation time is measured by experiments/bench_generate_predict.py, not here
     pool = np.column_stack([np.arange(1, 1001), np.arange(1000, 0, -1)])
-    t0 = time.perf_counter()
     df = rate_class_trace(32, (1.6, 0.8, 0.4), duration_s=3600, lengths=pool, seed=0)
-    elapsed = time.perf_counter() - t0
     assert 105_000 < len(df) < 114_000
-    assert elapsed < 1.0, elapsed
     back = read_trace(write_trace(df, tmp_path / "r.parquet"))
     pd.testing.assert_frame_equal(back, df)
 

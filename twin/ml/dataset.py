@@ -106,7 +106,7 @@ def family_table(sweep: pd.DataFrame) -> pd.DataFrame:
     targets, with the features of the workload at the most adapters served."""
     wt = workload_table(sweep)
     rows = []
-    for fk, g in wt.groupby("family_key", sort=True):
+    for fk, g in (wt.groupby("family_key", sort=True) if len(wt) else ()):
         g = g.sort_values("n_adapters")
         ok = g[~g["starving_all"]]
         at = ok.iloc[-1] if len(ok) else g.iloc[0]
@@ -116,4 +116,7 @@ def family_table(sweep: pd.DataFrame) -> pd.DataFrame:
         r["best_max_loras_at_max"] = float(at["best_max_loras"]) if len(ok) else np.nan
         r["max_throughput_at_max"] = float(at["max_throughput"]) if len(ok) else np.nan
         rows.append(r)
-    return pd.DataFrame(rows)
+    # no family (e.g. a sweep without rate-class workloads): an empty table, same columns
+    return pd.DataFrame(rows, columns=["family_key", "workloads", *WORKLOAD_FEATURES,
+                                       "max_served", "best_max_loras_at_max",
+                                       "max_throughput_at_max"])

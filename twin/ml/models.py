@@ -338,6 +338,27 @@ class XGBRegressorModel:
 
 # -- the shipped ensemble: sklearn gradient boosting, exported as arrays ----------------------
 
+def split_threshold(t: float) -> float:
+    """The shortest decimal that splits float32 feature values as threshold ``t`` does.
+
+    Trees compare float32 features (``x <= t``; sklearn's thresholds are midpoints of
+    float32 training values). Rounding a threshold to a fixed number of digits can cross a
+    value that recurs exactly (a per-adapter rate of 1/60 req/s sits just above a 7-digit
+    rounded threshold) and reroute it, so a saved model predicted differently from the
+    fitted one; any decimal in [largest float32 <= t, smallest float32 > t) routes alike."""
+    if not np.isfinite(t):
+        return float(t)
+    a = np.float32(t)
+    if a > t:
+        a = np.nextafter(a, np.float32(-np.inf))
+    b = np.nextafter(a, np.float32(np.inf))
+    for digits in range(1, 18):
+        d = float(f"{t:.{digits}g}")
+        if a <= d < b:
+            return d
+    return float(t)
+
+
 class TreeEnsemble:
     """Gradient-boosted regression trees (``kind='regressor'``) or a binary classifier
     (``kind='classifier'``, predicts P(class 1)) from scikit-learn, exportable with
@@ -393,7 +414,8 @@ class TreeEnsemble:
         trees = []
         for e in self.model_.estimators_:
             t = e[0].tree_
-            trees.append({"feature": t.feature.tolist(), "threshold": t.threshold.tolist(),
+            trees.append({"feature": t.feature.tolist(),
+                          "threshold": [split_threshold(x) for x in t.threshold.tolist()],
                           "left": t.children_left.tolist(), "right": t.children_right.tolist(),
                           "value": (t.value[:, 0, 0] * self.learning_rate).tolist()})
         link = "logistic" if self.kind == "classifier" else ("exp" if self.log_target else

@@ -145,8 +145,8 @@ class Recommender:
                 return float(f"{o:.7g}") if math.isfinite(o) else (1e300 if o > 0 else -1e300)
             if isinstance(o, list):
                 return [rnd(x) for x in o]
-            if isinstance(o, dict):
-                return {k: rnd(v) for k, v in o.items()}
+            if isinstance(o, dict):  # thresholds are already as short as routing allows
+                return {k: (v if k == "threshold" else rnd(v)) for k, v in o.items()}
             return o
         # through twin.outputs: replaces only a twin recommender model (its schema field)
         with staged_file(path, "recommender") as tmp:
