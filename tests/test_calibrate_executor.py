@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from twin.cli import main  # noqa: E402
 from twin.models.calibrate_executor import (Cell, calibrate_executor, design,  # noqa: E402
                                             fit_nnls, step_features)
+from twin.errors import TwinInputError  # noqa: E402
 from twin.models.profile import load_profile  # noqa: E402
 from twin.models.step_time import FEATURES, features  # noqa: E402
 
@@ -140,5 +141,5 @@ def test_slora_calibration_fits_exact_rank_features(tmp_path):
     assert len(mixed) and (mixed["adapter_rank"] == 8 + 16).all()
     # slots: S-LoRA has none, the kernel spans the batch's adapters
     assert (st["lora_slots"] == st["adapters"]).all()
-    with pytest.raises(Exception, match="vllm and slora"):
+    with pytest.raises(TwinInputError, match="vllm and slora"):
         calibrate_executor("tiny", out=tmp_path / "x.json", policy="merged", progress=False)
