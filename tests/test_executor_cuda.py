@@ -31,7 +31,6 @@ from twin.executor.engine import choose_num_blocks, execute  # noqa: E402
 from twin.executor.lora import LoRASlots  # noqa: E402
 from twin.executor.model import LlamaModel, SeqChunk  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402
-from twin.models.memory import GIB  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
 # context-sensitive logits (larger init than HF's default, untied head)
@@ -158,4 +157,4 @@ def test_kv_auto_sizing_follows_free_gpu_memory(tiny):
     alloc_slack = 2 * 2**20 // per + 2   # the caching allocator rounds segments to 2 MiB
     assert abs((b4 - b4_slots) - slots.nbytes / per) <= alloc_slack + 0.01 * slots.nbytes / per
     del slots
-    assert b3 * per < 0.3 * total / GIB * GIB
+    assert b3 * per < 0.3 * total   # the weights and the CUDA context are in use
