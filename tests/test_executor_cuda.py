@@ -97,9 +97,10 @@ def test_half_precision_logits_close_to_fp32(tiny, dtype):
     assert err > 0
 
 
-def small_trace(n=10):
+def small_trace(n=10, span_s=0.2):
     rng = np.random.default_rng(0)
-    return pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.sort(rng.uniform(0, 0.2, n)),
+    return pd.DataFrame({"request_id": np.arange(n),
+                         "arrival_s": np.sort(rng.uniform(0, span_s, n)),
                          "adapter": pd.array([["lora-0000", "lora-0001", "lora-0002", None][i % 4]
                                               for i in range(n)], dtype="string"),
                          "prompt_tokens": rng.integers(4, 60, n),
@@ -110,12 +111,13 @@ def test_engine_on_cuda_fp32_gives_the_cpu_tokens(tiny):
     model_dir, cat = tiny
     cfg = ServingConfig(max_loras=2, max_cpu_loras=3, max_lora_rank=16, max_num_seqs=4,
                         max_num_batched_tokens=32, max_model_len=128)
-    trace = small_trace()
+    trace = small_trace(span_s=0.0)   # all at once: the same schedule on both devices
     runs = [execute(trace, cfg, model_dir, cat, device=d, num_gpu_blocks=10, keep_tokens=True)
             for d in ("cpu", DEVICE)]
     a, b = (r.requests for r in runs)
     assert (a["status"] == "finished").all() and (b["status"] == "finished").all()
     assert runs[0].summary["preemptions"] > 0   # the small pool preempts and recomputes
+    assert runs[1].summary["preemptions"] == runs[0].summary["preemptions"]
     assert a["output_token_ids"].map(list).tolist() == b["output_token_ids"].map(list).tolist()
 
 
