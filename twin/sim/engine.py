@@ -65,7 +65,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
              catalog: AdapterCatalog | None = None, *, window_s: float | None = None,
              progress: bool = False, record_steps: bool = False, sample_dt: float | None = None,
              trace_source: str = "trace", build_server=None,
-             max_in_flight: int | None = None) -> RunResult:
+             max_in_flight: int | None = None, jump: bool = True) -> RunResult:
     """Simulate ``trace`` served with ``config`` on the hardware/model of ``profile``.
 
     ``window_s``: measure a fixed window as ``vllm bench serve`` runs with a time limit do
@@ -82,6 +82,10 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     (``twin.policies``). ``build_server`` is how a single-server strategy plugs its own
     scheduler in: ``build_server(config, profile, catalog, trace, trace_source)`` returns a
     ``twin.policies.ServerParts`` (scheduler, adapter cache, KV tokens, step featurizer).
+
+    ``jump=False`` prices every decode step on its own instead of advancing quiet decode
+    runs in one closed-form jump: the step-by-step reference the jump must equal (tests);
+    the results are the same, only slower.
     """
     if window_s is not None and not window_s > 0:   # NaN too: such a window measures nothing
         raise TwinInputError(f"window_s must be a number > 0, got {window_s!r}",
@@ -193,7 +197,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
             was_idle, idle = idle, False
             if was_idle:
                 f = after_idle(f)   # a step of its own: the run after it is warm
-            elif plan.pure_decode:
+            elif jump and plan.pure_decode:
                 steps = sched.quiet_steps(plan)
             if steps > 1:
                 ctx_step = plan.decode_n
