@@ -101,11 +101,10 @@ def _trace(n=12, adapters=("a", "b")):
         "prompt_tokens": rng.integers(8, 40, n), "output_tokens": rng.integers(2, 12, n)})
 
 
-def test_the_twin_records_through_the_shared_recorder(monkeypatch):
-    """simulate() writes its steps, timeline and result through twin.results.recorder."""
-    from twin.config import ServingConfig
+def _count_recorder_calls(monkeypatch, engine: str) -> dict:
+    """Count the calls of the shared ``Recorder.step`` and of ``build_result`` as the clock
+    module ``engine`` calls it."""
     from twin.results import recorder
-    from twin.sim import simulate
 
     calls = {"step": 0, "build": 0}
     step, build = recorder.Recorder.step, recorder.build_result
@@ -119,7 +118,17 @@ def test_the_twin_records_through_the_shared_recorder(monkeypatch):
         return build(*a, **k)
 
     monkeypatch.setattr(recorder.Recorder, "step", counting_step)
-    monkeypatch.setattr("twin.sim.engine.build_result", counting_build)
+    monkeypatch.setattr(f"{engine}.build_result", counting_build)
+    return calls
+
+
+def test_the_twin_records_through_the_shared_recorder(monkeypatch):
+    """simulate() writes its steps, timeline and result through twin.results.recorder."""
+    from twin.config import ServingConfig
+    from twin.results import recorder
+    from twin.sim import simulate
+
+    calls = _count_recorder_calls(monkeypatch, "twin.sim.engine")
     cfg = ServingConfig(max_loras=1, max_cpu_loras=2, max_model_len=4096)
     res = simulate(_trace(), cfg, record_steps=True)
     assert calls["build"] == 1 and calls["step"] == len(res.steps) > 0
@@ -145,19 +154,7 @@ def test_the_executor_records_through_the_shared_recorder(monkeypatch, tmp_path,
     make_tiny_llama(tmp_path / "model", seed=0, max_position_embeddings=512)
     cat = AdapterCatalog(write_synthetic_adapters(tmp_path / "model", tmp_path / "ad", 2,
                                                   ranks=(8,)))
-    calls = {"step": 0, "build": 0}
-    step, build = recorder.Recorder.step, recorder.build_result
-
-    def counting_step(self, *a, **k):
-        calls["step"] += 1
-        return step(self, *a, **k)
-
-    def counting_build(*a, **k):
-        calls["build"] += 1
-        return build(*a, **k)
-
-    monkeypatch.setattr(recorder.Recorder, "step", counting_step)
-    monkeypatch.setattr("twin.executor.engine.build_result", counting_build)
+    calls = _count_recorder_calls(monkeypatch, "twin.executor.engine")
     names = cat.adapters
     trace = _trace(6, adapters=names)
     cfg = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=8, max_model_len=512)
