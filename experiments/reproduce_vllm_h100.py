@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.models.calibrate_vllm import simulate_run, smape
+from twin.models.calibrate_vllm import simulate_run
 from twin.models.profile import load_profile
 from twin.models.vllm_runs import read_run_table
+from twin.results import smape
 from twin.workload.public import shared_data_dir
 
 HERE = Path(__file__).resolve().parent
@@ -166,7 +167,7 @@ def error_stats(df: pd.DataFrame, who: str) -> dict:
     for short, _, _ in METRICS:
         a, b = df[f"{who}_{short}"], df[f"real_{short}"]
         ok = a.notna() & b.notna()
-        e = smape(a[ok], b[ok])
+        e = smape(a[ok], b[ok], percent=True)
         out[short] = (float(np.median(e)) if len(e) else np.nan,
                       float(np.max(e)) if len(e) else np.nan, int(ok.sum()))
     ok = df[f"{who}_starving"].notna() if who == "paper" else df["twin_throughput"].notna()
@@ -223,7 +224,7 @@ def scatter(df: pd.DataFrame, path: Path) -> None:
         if short in ("ttft",):
             ax.set_xscale("log")
             ax.set_yscale("log")
-        e = smape(b[ok], a[ok])
+        e = smape(b[ok], a[ok], percent=True)
         ax.set_title(f"{label}: SMAPE median {np.median(e):.1f}%")
         ax.set_xlabel("real vLLM")
         ax.set_ylabel("twin")

@@ -17,6 +17,7 @@ from twin.models.calibrate_executor import (Cell, calibrate_executor, design,  #
 from twin.errors import TwinInputError  # noqa: E402
 from twin.models.profile import load_profile  # noqa: E402
 from twin.models.step_time import FEATURES, features  # noqa: E402
+from twin.results import smape  # noqa: E402
 
 
 #: a small design: decode batch x context, with and without adapters, around one cell held
@@ -61,10 +62,6 @@ def held_out_steps(ms):
     st = step_table(ms[(ms["kind"] == "step") & (ms["key"] == HELD_OUT.key)], "median")
     assert len(st) > 10
     return st[list(FEATURES)].to_numpy(float), st["y"].to_numpy()
-
-
-def smape(a, b):
-    return 2 * abs(a - b) / (abs(a) + abs(b))
 
 
 def test_profile_loadable_nonnegative_with_residuals(calibrated):

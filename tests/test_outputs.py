@@ -240,7 +240,7 @@ def test_no_temp_leftovers_after_failure_mid_write(tmp_path, trace, monkeypatch,
     def boom(*a, **k):
         raise exc
 
-    monkeypatch.setattr("twin.sim.plot.plot_timeline", boom)   # after the Parquet files
+    monkeypatch.setattr("twin.results.plot.plot_timeline", boom)   # after the Parquet files
     if isinstance(exc, KeyboardInterrupt):
         assert main(simulate_args(trace, out, "--plot")) == 130
     else:   # an internal error: one line, exit 70 (the CLI's top level)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.results import crop_window, smape   # smape re-exported for callers
+
 # (label, summary path, format)
 METRICS = (
     ("total throughput (tok/s)", ("total_throughput",), "{:.1f}"),
@@ -50,15 +52,6 @@ KEYS = {
     "E2E p99 (ms)": "e2e_p99", "adapter loads from disk": "loads_disk",
     "adapter loads from host": "loads_host", "preemptions": "preemptions",
 }
-
-
-def smape(a: float, b: float) -> float:
-    """2|a - b| / (|a| + |b|); 0 when both are 0, NaN when either is NaN."""
-    a, b = float(a), float(b)
-    if np.isnan(a) or np.isnan(b):
-        return float("nan")
-    d = abs(a) + abs(b)
-    return 0.0 if d == 0 else 2 * abs(a - b) / d
 
 
 def _get(summary: dict, path):
@@ -172,7 +165,7 @@ class Validation:
             (tmp / "validation.json").write_text(json.dumps(
                 dict(self.to_dict(), profile=profile, threads=threads), indent=2) + "\n")
             if plot:
-                from twin.sim.plot import plot_timeline
+                from twin.results.plot import plot_timeline
 
                 plot_timeline(self.executor, tmp / "timeline_overlay.png", other=self.twin,
                               labels=("executor", "twin"))
@@ -235,8 +228,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = crop_window(trace, window_s)
     if threads is None:
         threads = profile.provenance.get("threads") or profile.hardware.get("threads")
     old_threads = torch.get_num_threads()

@@ -54,8 +54,9 @@ from twin.executor.model import LlamaModel, SeqChunk
 from twin.models.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sched.adapter_cache import AdapterLoad
-from twin.sim.itl_histogram import ITLHistogram
-from twin.sim.results import RunResult, summarize
+from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
+from twin.results.recorder import Outcomes, Recorder, build_result
+from twin.results.results import RunResult, crop_window
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import validate_trace
 
@@ -64,9 +65,7 @@ DEFAULT_CPU_KV_GIB = 1.0   # CPU KV-cache budget when no block count is given (c
                            # VLLM_CPU_KVCACHE_SPACE); capped by what the trace can use
 
 STEP_COLUMNS = [
-    # the twin's step-log columns (twin.sim.engine), so the two logs line up
-    "start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs", "explicit_seqs",
-    "adapters", "loads", "preempted", "blocked", "after_idle",
+    *TWIN_STEP_COLUMNS,   # the twin's step-log columns (twin.results.recorder): logs line up
     # the executor's own
     "num_seqs", "num_tokens", "batch_adapters", "loads_from_disk", "kv_blocks", "failed",
     "schedule_s", "load_s", "read_s", "pack_s", "copy_s", "forward_s", "sample_s",
@@ -376,38 +375,6 @@ class _AdapterStore:
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
-class _Outcomes:
-    def __init__(self, trace: pd.DataFrame, keep_tokens: bool):
-        n = len(trace)
-        self.output = trace["output_tokens"].to_numpy(np.int64).copy()
-        self.generated = np.zeros(n, dtype=np.int64)
-        self.first_scheduled = np.full(n, np.nan)
-        self.first_token = np.full(n, np.nan)
-        self.finish = np.full(n, np.nan)
-        self.preemptions = np.zeros(n, dtype=np.int64)
-        self.status = np.array(["waiting"] * n, dtype=object)   # never arrived: waiting
-        self.error = np.full(n, None, dtype=object)
-        self.tokens = np.full(n, None, dtype=object) if keep_tokens else None
-
-    def record(self, r: Request, tokens: list[int] | None = None) -> None:
-        i = r.idx
-        self.output[i] = r.output
-        self.generated[i] = r.generated
-        for arr, v in ((self.first_scheduled, r.first_scheduled),
-                       (self.first_token, r.first_token), (self.finish, r.finish)):
-            arr[i] = v if v >= 0 else np.nan
-        self.preemptions[i] = r.preemptions
-        self.status[i] = RequestStatus.NAMES[r.status]
-        if self.tokens is not None and tokens is not None:
-            self.tokens[i] = list(tokens[r.prompt:])
-
-    def fail(self, r: Request, now: float, message: str) -> None:
-        r.status = RequestStatus.ABORTED
-        r.finish = now
-        self.record(r)
-        self.error[r.idx] = message
-
-
 def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             threads: int | None = None, window_s: float | None = None, progress: bool = False,
@@ -433,8 +400,7 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
         if not time_scale > 0:
             raise TwinInputError(f"time_scale must be > 0, got {time_scale}", field="time_scale")
         trace = trace.assign(arrival_s=trace["arrival_s"] * float(time_scale))
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = crop_window(trace, window_s)
     if config.enable_lora:
         catalog = resolve_catalog(catalog, trace)
         check_unknown_adapters(trace, catalog, trace_source)
@@ -552,28 +518,19 @@ class _Engine:
         output = trace["output_tokens"].to_numpy(np.int64).tolist()
         rid = trace["request_id"].to_numpy(np.int64).tolist()
         vocab = model.shape.vocab
-        out = _Outcomes(trace, self.keep_tokens)
+        out = Outcomes(trace["output_tokens"].to_numpy(np.int64), failures=True,
+                       keep_tokens=self.keep_tokens)
         seqs: dict[int, list[int]] = {}     # request idx -> prompt + generated token ids
         window_s = self.window_s
         cuda = model.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-        itl = ITLHistogram()
-        timeline: list[tuple] = []
-        rows: list[tuple] = []
-        stats = {"kv_integral": 0.0, "kv_max": 0.0, "load_time": 0.0, "tokens": 0, "loads": 0}
-        next_sample = 0.0
+        rec = Recorder(self.sample_dt, self.num_blocks)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, unit="req", desc=f"executing ({model.device.type})")
-
-        def sample(t):
-            timeline.append((t, sched.num_running, sched.num_waiting,
-                             sched.kv_used_blocks() / sched.pool.num_blocks, stats["tokens"],
-                             stats["loads"], sched.num_preemptions))
-            return t + self.sample_dt
 
         def arrive(i: int, now: float) -> None:
             r = Request(i, rid[i], arrival[i], aid[i], prompt[i], output[i])
@@ -615,8 +572,8 @@ class _Engine:
             if not sched.has_work():
                 if i >= n:
                     break
-                if now >= next_sample:
-                    next_sample = sample(now)
+                if now >= rec.next_sample:
+                    rec.sample(now, sched)
                 target = now + (arrival[i] - now)     # as the twin's clock computes it
                 now, wall, idle = target, wait_for(target, now, wall), True
                 continue
@@ -717,20 +674,14 @@ class _Engine:
                                                  seqs, out, bar)
             # -- bookkeeping (counts toward the next step's time) --
             if plan.decode_n:
-                itl.add(dur, plan.decode_n)
-            frac = plan.kv_blocks / self.num_blocks
-            stats["kv_integral"] += frac * dur
-            stats["kv_max"] = max(stats["kv_max"], frac)
-            stats["tokens"] += plan.prefill_tokens + plan.decode_n
-            stats["loads"] += len(plan.loads)
-            stats["load_time"] += t_load
-            rows.append((now, dur, 1, plan.prefill_tokens, plan.decode_n, len(plan.explicit),
-                         plan.adapters, len(plan.loads), len(plan.preempted), plan.blocked, idle,
-                         len(items), sum(k for _, k in items),
-                         len({r.adapter for r, _ in items if r.adapter >= 0}), n_disk,
-                         plan.kv_blocks, n_failed, t_sched, t_load, t_read, t_pack, t_copy,
-                         t_fwd, t_samp, [r.request_id for r, _ in items], [k for _, k in items],
-                         list(f)))
+                rec.itl.add(dur, plan.decode_n)
+            rec.load(len(plan.loads), t_load)
+            rec.step(plan, now, dur, 1, idle, extra=(
+                len(items), sum(k for _, k in items),
+                len({r.adapter for r, _ in items if r.adapter >= 0}), n_disk,
+                plan.kv_blocks, n_failed, t_sched, t_load, t_read, t_pack, t_copy,
+                t_fwd, t_samp, [r.request_id for r, _ in items], [k for _, k in items],
+                list(f)))
             for r in done:
                 tables.release(r.idx)
                 toks = seqs.pop(r.idx)
@@ -739,9 +690,9 @@ class _Engine:
                 if bar is not None:
                     bar.update(1)
             now, wall, idle = t_end, end, False
-            if now >= next_sample:
-                next_sample = sample(now)
-        sample(now)
+            if now >= rec.next_sample:
+                rec.sample(now, sched)
+        rec.sample(now, sched)
         if bar is not None:
             bar.close()
         for r in sched.running_in_order() + list(sched.waiting):
@@ -749,7 +700,7 @@ class _Engine:
                 r.generated = sched.computed(r) - r.prompt + 1
             out.record(r, seqs.get(r.idx))
         duration = window_s if window_s is not None else now
-        return self._result(out, itl, timeline, rows, stats, duration)
+        return self._result(out, rec, duration)
 
     def _stop_nonfinite(self, items, starts, done, now, seqs, out, bar) -> int:
         """Fail the requests whose logits were NaN/inf this step (already committed by
@@ -772,37 +723,8 @@ class _Engine:
         return len(items)
 
     # -- the result -------------------------------------------------------------------------
-    def _result(self, out: _Outcomes, itl, timeline, rows, stats, duration) -> RunResult:
-        from twin.sim.results import request_table, waiting_growth
-
-        trace, config = self.trace, self.config
-        req = request_table(trace, out, out.status.astype(str))
-        req["error"] = pd.array(out.error, dtype="string")
-        if out.tokens is not None:
-            req["output_token_ids"] = out.tokens
-        tl = pd.DataFrame(timeline, columns=["time_s", "running", "waiting", "kv_usage",
-                                             "tokens", "adapter_loads", "preemptions"])
-        tl = tl.drop_duplicates("time_s", keep="last").reset_index(drop=True)
-        total_time = max(duration, 1e-9)
-        summary = summarize(
-            req, duration_s=duration, window_s=self.window_s,
-            itl_p50_s=itl.percentile(50), itl_p99_s=itl.percentile(99),
-            loads={"from_disk": self.cache.loads_from_disk,
-                   "from_host": self.cache.loads_from_host, "time_s": stats["load_time"]},
-            preemptions=self.sched.num_preemptions,
-            kv={"capacity_tokens": int(self.num_blocks * config.block_size),
-                "usage_mean": stats["kv_integral"] / total_time, "usage_max": stats["kv_max"]},
-            waiting_growth=waiting_growth(tl, req, self.window_s),
-            max_model_len=config.max_model_len)
-        summary["failed"] = int((req["status"] == "failed").sum())
-        summary["unfinished"] -= summary["failed"]    # failed: answered with an error
-        summary["steps"] = len(rows)
-        if self.paged:   # slora hook: the unified pool's use
-            from twin.executor.slora import pool_summary
-            summary["adapter_pool"] = pool_summary(self)
-        steps = pd.DataFrame(rows, columns=STEP_COLUMNS)
-        phases = ["schedule_s", "load_s", "forward_s", "sample_s"]
-        summary["executor_phases_s"] = {p: float(steps[p].sum()) for p in phases}
+    def _result(self, out: Outcomes, rec: Recorder, duration: float) -> RunResult:
+        config = self.config
         s = self.model.shape
         meta = dict(self.meta)
         meta.update({
@@ -820,4 +742,14 @@ class _Engine:
             "bad_adapters": {self.names[a]: m for a, m in self.bad.items()},
             "twin_version": __import__("twin").__version__,
         })
-        return RunResult(requests=req, summary=summary, timeline=tl, steps=steps, meta=meta)
+        result = build_result(self.trace, out, rec, self.sched, self.cache,
+                              kv_tokens=self.num_blocks * config.block_size, duration=duration,
+                              window_s=self.window_s, max_model_len=config.max_model_len,
+                              meta=meta, step_columns=STEP_COLUMNS)
+        summary = result.summary
+        if self.paged:   # slora hook: the unified pool's use
+            from twin.executor.slora import pool_summary
+            summary["adapter_pool"] = pool_summary(self)
+        phases = ["schedule_s", "load_s", "forward_s", "sample_s"]
+        summary["executor_phases_s"] = {p: float(result.steps[p].sum()) for p in phases}
+        return result

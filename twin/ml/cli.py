@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float
 from twin.errors import TwinInputError
+from twin.results import crop_window
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -320,7 +321,7 @@ def _recommend(args) -> int:
 
             cat = catalog or AdapterCatalog.uniform(
                 sorted(trace["adapter"].dropna().unique().tolist()), base.max_lora_rank)
-            tr = trace[trace["arrival_s"] <= rec.window_s]
+            tr = crop_window(trace, rec.window_s)
             grid = served_map(model, tr, cat, profile=profile, base=base, window_s=rec.window_s)
             ver = rec.candidates.dropna(subset=["ver_throughput"])
             ver = ver.assign(served=int(rec.workload["n_adapters"]), starving=ver["ver_starving"])

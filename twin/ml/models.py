@@ -25,17 +25,11 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from twin.results import smape   # re-exported: the one definition
+
 __all__ = ["SimplifiedTreeRegressor", "EBMRegressor", "MonotoneLinearRegressor",
            "XGBRegressorModel", "TreeEnsemble", "PackedTrees", "smape", "evaluate",
            "plot_importances"]
-
-
-def smape(actual, predicted) -> np.ndarray:
-    """Per-point SMAPE 2|a−b|/(|a|+|b|) (0 where both are 0)."""
-    a = np.asarray(actual, dtype=np.float64)
-    b = np.asarray(predicted, dtype=np.float64)
-    den = np.abs(a) + np.abs(b)
-    return np.where(den > 0, 2 * np.abs(a - b) / np.where(den > 0, den, 1), 0.0)
 
 
 def _as_array(X) -> np.ndarray:

@@ -44,6 +44,7 @@ from twin.ml.features import ROW_FEATURES, config_features, public, workload_fea
 from twin.ml.models import PackedTrees
 from twin.ml.spec import SERVED_GRID, config_for, paper_base, slot_candidates
 from twin.ml.sweep import EarlyExit, profile_digest, simulate_point
+from twin.results import crop_window
 from twin.schemas import Int, Number, Schema, validate
 
 SCHEMA = "twin.recommender/1"
@@ -371,7 +372,7 @@ def _prepare(trace, profile, model, base, window_s, catalog):
     model = model or Recommender.load()
     base = base or paper_base()
     window = _trace_window(trace, window_s)
-    trace = trace[trace["arrival_s"] <= window].reset_index(drop=True)
+    trace = crop_window(trace, window)
     if catalog is None:
         names = sorted(trace["adapter"].dropna().unique().tolist())
         catalog = AdapterCatalog.uniform(names, base.max_lora_rank)

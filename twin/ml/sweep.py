@@ -43,6 +43,7 @@ from twin.config import ServingConfig
 from twin.errors import ConfigError, TwinInputError
 from twin.ml.features import config_features, public, workload_features
 from twin.ml.spec import ConfigGrid, WorkloadSpec, digest
+from twin.results import crop_window
 
 #: Columns that change from run to run of the same point (excluded from equality checks).
 VOLATILE_COLUMNS = ("wall_s", "worker")
@@ -259,8 +260,7 @@ def run_chunk(payload: dict) -> list[dict]:
         if bkey not in built:
             built.clear()
             trace, catalog = spec.build()
-            if window_s is not None:
-                trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+            trace = crop_window(trace, window_s)
             dur = window_s if window_s is not None else (
                 spec.duration_s or (float(trace["arrival_s"].max()) if len(trace) else 1.0))
             built[bkey] = (trace, catalog, workload_features(trace, catalog, dur))

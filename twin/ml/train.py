@@ -25,6 +25,7 @@ from twin.ml.models import (EBMRegressor, MonotoneLinearRegressor, SimplifiedTre
 from twin.ml.recommender import Recommender
 from twin.ml.spec import SLOTS_GRID, WorkloadSpec
 from twin.ml.sweep import profile_digest
+from twin.results import crop_window
 
 LENGTH_MIXES = ({"kind": "sharegpt", "means": [223.0, 196.0]},
                 {"kind": "sharegpt", "means": [120.0, 300.0]},
@@ -211,7 +212,7 @@ def heldout_report(heldout: pd.DataFrame, model: Recommender, profile, *, window
     for wk, g in heldout.groupby("workload_key", sort=True):
         spec = WorkloadSpec.from_dict(json.loads(g["workload"].iloc[0]))
         trace, catalog = spec.build()
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+        trace = crop_window(trace, window_s)
         best = best_of(g)                        # strict maximum: the gap's reference
         pick = best_of(g, tie_tol=TIE_TOL)       # what recommend aims at (ties -> lower TTFT)
         t0 = time.perf_counter()

@@ -38,19 +38,12 @@ from twin.models.load_time import LoadTimeModel
 from twin.models.memory import GIB, MemoryModel
 from twin.models.profile import Profile, load_profile
 from twin.models.step_time import FEATURES, StepTimeModel
+from twin.results import smape
 
 __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "calibrate",
-           "simulate_run", "smape", "STEP_TERMS", "read_kv_capacity", "read_load_times"]
+           "simulate_run", "STEP_TERMS", "read_kv_capacity", "read_load_times"]
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def smape(a, b) -> np.ndarray:
-    """Usual symmetric absolute percentage error 2|a−b|/(|a|+|b|), in percent."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    den = np.abs(a) + np.abs(b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, 200.0 * np.abs(a - b) / den, 0.0)
 
 
 def _read_csv(path, need, what: str) -> pd.DataFrame:
@@ -500,10 +493,10 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
         itl = np.array([s["mean_itl_ms"] for s in sims])
         thr = np.array([s["total_throughput"] for s in sims])
         ttft = np.array([s["mean_ttft_ms"] for s in sims])
-        e_itl, e_thr = smape(itl, real_itl), smape(thr, real_thr)
+        e_itl, e_thr = smape(itl, real_itl, percent=True), smape(thr, real_thr, percent=True)
         sat = np.array([s["achieved_over_offered"] < 0.97 for s in sims])
         light = np.array([(r.metrics.get("num_waiting_mean", 0) < 1.0) for r in runs]) & ~sat
-        e_ttft = smape(ttft[light], real_ttft[light])
+        e_ttft = smape(ttft[light], real_ttft[light], percent=True)
         score = float(np.median(e_itl) + np.median(e_thr[sat]) if sat.any() else np.median(e_itl))
         history.append({"iteration": it, "coef": dict(coef), "itl_smape_median": float(np.median(e_itl)),
                         "itl_smape_max": float(e_itl.max()),

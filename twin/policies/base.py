@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from twin.models.memory import GIB
+from twin.results import crop_window
 
 
 @dataclass
@@ -99,8 +100,7 @@ class Policy:
         if not isinstance(profile, Profile):
             profile = load_profile(profile)
         trace = validate_trace(trace, source=trace_source)
-        if window_s is not None:
-            trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+        trace = crop_window(trace, window_s)
         dep = self.deploy(trace, config, profile, catalog, gpus)
         return run_deployment(dep, trace, config, profile, catalog, window_s=window_s,
                               progress=progress, record_steps=record_steps,

@@ -34,6 +34,7 @@ import pandas as pd
 from twin.models.step_time import FEATURES
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
+from twin.results import crop_window
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots")]
@@ -67,8 +68,7 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = crop_window(trace, window_s)
     runs: dict[str, PolicyRun] = {}
     for p in policies:
         label, p = p if isinstance(p, tuple) else (None, p)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from twin.policies.base import MemoryPlan, Policy
-from twin.sim.results import RunResult, summarize, waiting_growth
+from twin.results.results import RunResult, summarize, waiting_growth
 
 MERGED, VLLM, SLORA = "merged", "vllm", "slora"
 MAX_INTERFERENCE_ITERS = 5
@@ -392,7 +392,7 @@ def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s,
                      max_model_len: int) -> bool:
     """The starvation rule (``load_spans``) on one server's requests, over the deployment's
     window (its own run may end earlier or later), or its queue grows."""
-    from twin.sim.results import STARVATION_THRESHOLD, load_spans
+    from twin.results.results import STARVATION_THRESHOLD, load_spans
 
     if r.result.summary.get("starving_reason") == "queue growth":
         return True

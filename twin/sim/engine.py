@@ -20,8 +20,8 @@ from twin.errors import ConfigError, TwinInputError
 from twin.models.profile import Profile, load_profile
 from twin.models.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
-from twin.sim.itl_histogram import ITLHistogram
-from twin.sim.results import RunResult, request_table, summarize, waiting_growth
+from twin.results.recorder import Outcomes, Recorder, build_result
+from twin.results.results import RunResult, crop_window
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import validate_trace
 
@@ -42,23 +42,6 @@ def kv_capacity_tokens(config: ServingConfig, profile: Profile) -> int:
             "Lower max_model_len, max_loras or max_lora_rank.", file="config",
             field="max_model_len")
     return tokens
-
-
-class _Recorder:
-    """Cheap per-step bookkeeping: timeline samples, KV integral, ITL histogram, loads."""
-
-    def __init__(self, sample_dt: float, record_steps: bool):
-        self.sample_dt = sample_dt
-        self.next_sample = 0.0
-        self.rows: list[tuple] = []
-        self.itl = ITLHistogram()
-        self.kv_integral = 0.0
-        self.kv_max = 0.0
-        self.load_time = 0.0
-        self.tokens = 0
-        self.loads = 0
-        self.steps = 0
-        self.step_rows: list[tuple] | None = [] if record_steps else None
 
 
 def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str | None = None,
@@ -103,8 +86,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     trace = validate_trace(trace, source=trace_source)
     if build_server is None:
         refuse_unserved_adapters(config, trace, trace_source)
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = crop_window(trace, window_s)
     names = trace["adapter"].dropna().unique().tolist()
     if catalog is None:
         catalog = AdapterCatalog.uniform(sorted(names), config.max_lora_rank)
@@ -139,7 +121,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     arrival_list = arrival.tolist()   # read in the hot loop: a list indexes faster
     # Requests exist from arrival to completion only; results go to columnar arrays so a
     # starving hour with 10^5 requests stays within a few hundred MB.
-    out = _Outcomes(n, output)
+    out = Outcomes(output)
 
     # A starving hour holds ~10^5 waiting requests: let them share their int fields (a
     # length seen once is one object; a request id equal to the row is the row's int)
@@ -159,7 +141,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     horizon = window_s if window_s is not None else (arrival_list[-1] if n else 0.0)
     if sample_dt is None:
         sample_dt = max(horizon / 2000.0, 0.05)
-    rec = _Recorder(sample_dt, record_steps)
+    rec = Recorder(sample_dt, sched.pool.num_blocks, record_steps)
     step_time = profile.step_time
     load_model = profile.load_time
     env = simpy.Environment()
@@ -167,7 +149,6 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
 
     def engine():
         i = 0
-        pool = sched.pool
         idle = False   # the engine waited for an arrival since its last step
         while True:
             now = env.now
@@ -179,7 +160,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
             if not sched.has_work():
                 if i >= n:
                     break
-                _sample(rec, now, sched)
+                rec.sample(now, sched)
                 idle = True
                 yield env.timeout(arrival_list[i] - now)
                 continue
@@ -222,33 +203,23 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
                     lt = 0.0
                     for ld in plan.loads:
                         lt += load_model.load(adapter_bytes[ld.adapter], ld.from_disk)
-                    rec.load_time += lt
-                    rec.loads += len(plan.loads)
+                    rec.load(len(plan.loads), lt)
                     dur += lt
                 if plan.decode_n:
                     rec.itl.add(dur, plan.decode_n)
-            frac = plan.kv_blocks / pool.num_blocks
-            rec.kv_integral += frac * dur
-            if frac > rec.kv_max:
-                rec.kv_max = frac
-            rec.tokens += plan.prefill_tokens + plan.decode_n * steps
-            rec.steps += steps
-            if rec.step_rows is not None:
-                rec.step_rows.append((now, dur, steps, plan.prefill_tokens, plan.decode_n,
-                                      len(plan.explicit), plan.adapters, len(plan.loads),
-                                      len(plan.preempted), plan.blocked, was_idle))
+            rec.step(plan, now, dur, steps, was_idle)
             yield env.timeout(dur)
             for r in sched.finish_step(plan, env.now, steps):
                 out.record(r)
             if env.now >= rec.next_sample:
-                _sample(rec, env.now, sched)
+                rec.sample(env.now, sched)
                 if bar is not None:
                     bar.update(min(env.now, horizon) - bar.n)
 
     env.process(engine())
     env.run()
     end_time = env.now
-    _sample(rec, end_time, sched)
+    rec.sample(end_time, sched)
     if bar is not None:
         bar.update(max(0.0, horizon - bar.n))
         bar.close()
@@ -260,8 +231,10 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     # a starving hour ends with ~10^5 waiting requests: free them before the result tables
     # are built (the run's peak memory)
     sched.waiting.clear()
-    return _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration,
-                   window_s, n)
+    meta = {"config": config.to_dict(), "profile": profile.name, "window_s": window_s,
+            "twin_version": __import__("twin").__version__}
+    return build_result(trace, out, rec, sched, cache, kv_tokens=kv_tokens, duration=duration,
+                        window_s=window_s, max_model_len=config.max_model_len, meta=meta)
 
 
 def _progress(enabled: bool, horizon: float):
@@ -272,63 +245,3 @@ def _progress(enabled: bool, horizon: float):
     return tqdm(total=round(horizon, 1), unit="sim-s", desc="simulating",
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} sim-s [{elapsed}<{remaining}]")
 
-
-def _sample(rec: _Recorder, t: float, sched: Scheduler) -> None:
-    rec.rows.append((t, sched.num_running, sched.num_waiting,
-                     sched.kv_used_blocks() / sched.pool.num_blocks, rec.tokens, rec.loads,
-                     sched.num_preemptions))
-    rec.next_sample = t + rec.sample_dt
-
-
-class _Outcomes:
-    """Per-request results, written when a request leaves the simulation."""
-
-    STATUS = np.array(["waiting", "running", "running", "finished", "rejected"])
-
-    def __init__(self, n: int, output: list):
-        self.output = np.array(output, dtype=np.int64)
-        self.generated = np.zeros(n, dtype=np.int64)
-        self.first_scheduled = np.full(n, -1.0)
-        self.first_token = np.full(n, -1.0)
-        self.finish = np.full(n, -1.0)
-        self.preemptions = np.zeros(n, dtype=np.int64)
-        self.status = np.zeros(n, dtype=np.int64)   # never arrived (window) = waiting
-
-    def record(self, r: Request) -> None:
-        i = r.idx
-        self.output[i] = r.output
-        self.generated[i] = r.generated
-        self.first_scheduled[i] = r.first_scheduled
-        self.first_token[i] = r.first_token
-        self.finish[i] = r.finish
-        self.preemptions[i] = r.preemptions
-        self.status[i] = r.status
-
-
-def _result(trace, out, sched, cache, rec, config, profile, kv_tokens, duration, window_s,
-            n) -> RunResult:
-    req_df = request_table(trace, out, out.STATUS[out.status])
-    timeline = pd.DataFrame(rec.rows, columns=["time_s", "running", "waiting", "kv_usage",
-                                               "tokens", "adapter_loads", "preemptions"])
-    timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)
-    growth = waiting_growth(timeline, req_df, window_s)
-    total_time = max(duration, 1e-9)
-    summary = summarize(
-        req_df, duration_s=duration, window_s=window_s,
-        itl_p50_s=rec.itl.percentile(50), itl_p99_s=rec.itl.percentile(99),
-        loads={"from_disk": cache.loads_from_disk, "from_host": cache.loads_from_host,
-               "time_s": rec.load_time},
-        preemptions=sched.num_preemptions,
-        kv={"capacity_tokens": int(kv_tokens), "usage_mean": rec.kv_integral / total_time,
-            "usage_max": rec.kv_max},
-        waiting_growth=growth, max_model_len=config.max_model_len)
-    summary["steps"] = rec.steps
-    steps_df = None
-    if rec.step_rows is not None:
-        steps_df = pd.DataFrame(rec.step_rows, columns=[
-            "start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs", "explicit_seqs",
-            "adapters", "loads", "preempted", "blocked", "after_idle"])
-    meta = {"config": config.to_dict(), "profile": profile.name, "window_s": window_s,
-            "twin_version": __import__("twin").__version__}
-    return RunResult(requests=req_df, summary=summary, timeline=timeline, steps=steps_df,
-                     meta=meta)

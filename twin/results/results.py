@@ -19,6 +19,29 @@ from twin.sched.request import exceeds_max_model_len
 STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
 
 
+def crop_window(trace: pd.DataFrame, window_s: float | None) -> pd.DataFrame:
+    """The requests of ``trace`` that arrive within a measured window of ``window_s``
+    seconds (``vllm bench serve`` with a time limit: later arrivals are never sent), rows
+    renumbered; ``None``: the whole trace, as is."""
+    if window_s is None:
+        return trace
+    return trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+
+
+def smape(a, b, *, percent: bool = False):
+    """Symmetric absolute percentage error 2|a − b| / (|a| + |b|), elementwise: 0 where
+    both are 0, NaN where either is NaN (an unknown value has no error to report). A float
+    for scalars, an array otherwise; ``percent``: times 100. The one definition every
+    comparison uses (validation, calibration, the recommender's models)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    den = np.abs(a) + np.abs(b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(den > 0, (200.0 if percent else 2) * np.abs(a - b)
+                       / np.where(den > 0, den, 1), 0.0)
+    err = np.where(np.isnan(den), np.nan, err)
+    return float(err) if err.ndim == 0 else err
+
+
 @dataclass
 class RunResult:
     requests: pd.DataFrame
@@ -50,7 +73,7 @@ class RunResult:
             json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
                        default=_json_default) + "\n")
         if plot:
-            from twin.sim.plot import plot_timeline
+            from twin.results.plot import plot_timeline
 
             plot_timeline(self, d / "timeline.png")
 

@@ -1,0 +1,155 @@
+"""What a run records as it goes, and the result built from it: one recorder for both clocks.
+
+The twin (``twin.sim``, simulated time) and the executor (``twin.executor``, wall time) step
+the same scheduler; they record requests, the timeline, the step log and the summary the same
+way here, so their results line up column for column and a metric is defined once.
+
+Per-request outcomes are numpy columns written when a request leaves the run (not the
+``Request`` objects: a starving hour ends with ~10^5 of them), the timeline and step log are
+tuples turned into tables once at the end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from twin.results.itl_histogram import ITLHistogram
+from twin.results.results import RunResult, request_table, summarize, waiting_growth
+from twin.sched.request import Request, RequestStatus
+
+TIMELINE_COLUMNS = ["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
+                    "preemptions"]
+# the step log both clocks write (the executor appends its own columns after these)
+STEP_COLUMNS = ["start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs",
+                "explicit_seqs", "adapters", "loads", "preempted", "blocked", "after_idle"]
+
+
+class Outcomes:
+    """Per-request results, written when a request leaves the run.
+
+    Times are -1 until they happen (NaN in the table); ``status`` holds
+    ``RequestStatus`` codes (a request that never arrived in the window stays waiting).
+    ``failures``: keep an ``error`` message per request (the executor: an adapter that
+    cannot be loaded fails its requests); ``keep_tokens``: keep the generated token ids."""
+
+    STATUS = np.array([RequestStatus.NAMES[s] for s in range(len(RequestStatus.NAMES))])
+
+    def __init__(self, output, *, failures: bool = False, keep_tokens: bool = False):
+        self.output = np.array(output, dtype=np.int64)
+        n = len(self.output)
+        self.generated = np.zeros(n, dtype=np.int64)
+        self.first_scheduled = np.full(n, -1.0)
+        self.first_token = np.full(n, -1.0)
+        self.finish = np.full(n, -1.0)
+        self.preemptions = np.zeros(n, dtype=np.int64)
+        self.status = np.zeros(n, dtype=np.int64)   # never arrived (window) = waiting
+        self.error = np.full(n, None, dtype=object) if failures else None
+        self.tokens = np.full(n, None, dtype=object) if keep_tokens else None
+
+    def record(self, r: Request, tokens: list[int] | None = None) -> None:
+        """``tokens``: the request's prompt + generated ids (kept with ``keep_tokens``)."""
+        i = r.idx
+        self.output[i] = r.output
+        self.generated[i] = r.generated
+        self.first_scheduled[i] = r.first_scheduled
+        self.first_token[i] = r.first_token
+        self.finish[i] = r.finish
+        self.preemptions[i] = r.preemptions
+        self.status[i] = r.status
+        if self.tokens is not None and tokens is not None:
+            self.tokens[i] = list(tokens[r.prompt:])
+
+    def fail(self, r: Request, now: float, message: str) -> None:
+        """End ``r`` at ``now`` as failed (answered with an error), with ``message``."""
+        r.status = RequestStatus.ABORTED
+        r.finish = now
+        self.record(r)
+        self.error[r.idx] = message
+
+    def table(self, trace: pd.DataFrame) -> pd.DataFrame:
+        """The per-request result table (``request_table``, plus ``error`` and
+        ``output_token_ids`` where kept)."""
+        req = request_table(trace, self, self.STATUS[self.status])
+        if self.error is not None:
+            req["error"] = pd.array(self.error, dtype="string")
+        if self.tokens is not None:
+            req["output_token_ids"] = self.tokens
+        return req
+
+
+class Recorder:
+    """Cheap per-step bookkeeping: timeline samples, KV integral, ITL histogram, loads,
+    the step log (``record_steps``)."""
+
+    def __init__(self, sample_dt: float, num_blocks: int, record_steps: bool = True):
+        self.sample_dt = sample_dt
+        self.num_blocks = num_blocks
+        self.next_sample = 0.0
+        self.rows: list[tuple] = []
+        self.itl = ITLHistogram()
+        self.kv_integral = 0.0
+        self.kv_max = 0.0
+        self.load_time = 0.0
+        self.tokens = 0
+        self.loads = 0
+        self.steps = 0
+        self.step_rows: list[tuple] | None = [] if record_steps else None
+
+    def sample(self, t: float, sched) -> None:
+        """A timeline row at ``t`` (``sched``: the scheduler); the next one is due
+        ``sample_dt`` later."""
+        self.rows.append((t, sched.num_running, sched.num_waiting,
+                          sched.kv_used_blocks() / sched.pool.num_blocks, self.tokens,
+                          self.loads, sched.num_preemptions))
+        self.next_sample = t + self.sample_dt
+
+    def load(self, n: int, seconds: float) -> None:
+        """``n`` adapter loads taking ``seconds`` in a step."""
+        self.load_time += seconds
+        self.loads += n
+
+    def step(self, plan, start: float, dur: float, steps: int, after_idle: bool,
+             extra: tuple = ()) -> None:
+        """``plan`` ran from ``start`` for ``dur`` seconds (``steps`` identical decode steps
+        in one jump for the twin); ``extra``: the clock's own step-log columns."""
+        frac = plan.kv_blocks / self.num_blocks
+        self.kv_integral += frac * dur
+        if frac > self.kv_max:
+            self.kv_max = frac
+        self.tokens += plan.prefill_tokens + plan.decode_n * steps
+        self.steps += steps
+        if self.step_rows is not None:
+            self.step_rows.append((start, dur, steps, plan.prefill_tokens, plan.decode_n,
+                                   len(plan.explicit), plan.adapters, len(plan.loads),
+                                   len(plan.preempted), plan.blocked, after_idle, *extra))
+
+
+def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache, *,
+                 kv_tokens: int, duration: float, window_s: float | None, max_model_len: int,
+                 meta: dict, step_columns: list[str] = STEP_COLUMNS) -> RunResult:
+    """The run's :class:`RunResult` from what ``out`` and ``rec`` recorded (``sched`` and
+    ``cache``: the server's scheduler and adapter cache, for their counters)."""
+    req = out.table(trace)
+    timeline = pd.DataFrame(rec.rows, columns=TIMELINE_COLUMNS)
+    timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)
+    growth = waiting_growth(timeline, req, window_s)
+    total_time = max(duration, 1e-9)
+    summary = summarize(
+        req, duration_s=duration, window_s=window_s,
+        itl_p50_s=rec.itl.percentile(50), itl_p99_s=rec.itl.percentile(99),
+        loads={"from_disk": cache.loads_from_disk, "from_host": cache.loads_from_host,
+               "time_s": rec.load_time},
+        preemptions=sched.num_preemptions,
+        kv={"capacity_tokens": int(kv_tokens), "usage_mean": rec.kv_integral / total_time,
+            "usage_max": rec.kv_max},
+        waiting_growth=growth, max_model_len=max_model_len)
+    if out.error is not None:   # requests can fail: they are answered, not unfinished
+        summary["failed"] = int((req["status"] == "failed").sum())
+        summary["unfinished"] -= summary["failed"]
+    summary["steps"] = rec.steps
+    steps_df = None
+    if rec.step_rows is not None:
+        steps_df = pd.DataFrame(rec.step_rows, columns=step_columns)
+    return RunResult(requests=req, summary=summary, timeline=timeline, steps=steps_df,
+                     meta=meta)
