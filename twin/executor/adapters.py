@@ -389,3 +389,36 @@ def _frame(rows: list[dict]):
 
     df = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS))
     return df.astype({"adapter": "string", "rank": "int64", "path": "string", "bytes": "int64"})
+
+
+def natural_key(s: str):
+    """Sort key putting ``lora-2`` before ``lora-10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+
+
+def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0,
+                  cached: bool = False):
+    """Write ``n`` synthetic adapters to ``out_dir`` and its catalog.csv; with ``names``
+    (e.g. a trace's adapters) the catalog maps name k to directory k mod n. Returns the
+    catalog DataFrame (adapter, rank, path, bytes). Written through :mod:`twin.outputs`
+    (kind ``adapters``); ``cached``: ``out_dir`` lies in twin's own cache, so a folder there
+    from before the output marker existed is twin's to replace."""
+    import pandas as pd
+
+    if n < 1:
+        raise TwinInputError(f"need at least one adapter, got {n}", field="--n")
+    from twin.outputs import MARKER, staged_dir, write_marker
+
+    if cached and Path(out_dir).is_dir() and not (Path(out_dir) / MARKER).exists():
+        write_marker(out_dir, "adapters")
+    final = Path(out_dir).resolve()
+    with staged_dir(out_dir, "adapters") as tmp:
+        df = write_synthetic_adapters(model_dir, tmp, n, ranks=ranks, seed=seed)
+        # the catalog names where the adapters will be, not the staging directory
+        df["path"] = [str(final / Path(p).relative_to(tmp)) for p in df["path"]]
+        if names is not None:
+            names = sorted(set(names), key=natural_key)
+            rows = [dict(df.iloc[k % n].to_dict(), adapter=a) for k, a in enumerate(names)]
+            df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
+        write_adapter_catalog(df, tmp / "catalog.csv")
+    return df

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from twin.argtypes import positive_float
+from twin.cli.config_flags import add_config_flags, config_from_args
 
 _DESCRIPTION = """\
 Simulate one request trace under several serving strategies and print one table
@@ -34,8 +35,6 @@ examples:
 
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    from twin.sim.cli import add_config_flags
-
     p = subparsers.add_parser("compare", help="compare serving strategies on one trace",
                               description=_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +71,6 @@ def run(args) -> int:
     from twin.outputs import console, input_paths, prepare, staged_dir
     from twin.policies import POLICY_CLASSES
     from twin.policies.compare import compare, plot_comparison
-    from twin.sim.cli import config_from_args
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import read_trace
 
