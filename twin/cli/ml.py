@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -156,17 +155,6 @@ def add_train_args(p):
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def _base(path):
-    from twin.config import ServingConfig
-    from twin.ml.spec import PAPER_BASE
-
-    if path is None:
-        return ServingConfig(**PAPER_BASE)
-    d = dict(PAPER_BASE)
-    d.update(ServingConfig.from_yaml(path).to_dict())
-    return ServingConfig.from_dict(d, source=str(path))
-
-
 def parse_slo(text: str | None) -> dict | None:
     """``ttft=2000,tpot=100`` (ms; a value ending in ``s`` is seconds) -> {'ttft': ms, ...}."""
     import re
@@ -208,39 +196,6 @@ def _load_workload(args):
     return trace, catalog, window, label
 
 
-def load_workloads_yaml(path: Path) -> list:
-    from twin.config import read_yaml
-    from twin.ml.spec import WorkloadSpec
-
-    data = read_yaml(path, missing="workloads file not found")
-    items = data if isinstance(data, list) else (data.get("workloads", [data])
-                                                 if isinstance(data, dict) else None)
-    if isinstance(items, dict):
-        items = [items]
-    if not items or not isinstance(items, list):
-        raise TwinInputError("expected a workload spec or a list of them", file=str(path))
-    specs = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise TwinInputError("each workload is a mapping", file=str(path), row=i)
-        item = dict(item)
-        grid = item.pop("grid", None) or {}
-        if not isinstance(grid, dict):
-            raise TwinInputError("grid is a mapping of setting: [values]", file=str(path),
-                                 row=i, field="grid")
-        keys = list(grid)
-        for k in keys:
-            if not isinstance(grid[k], list):
-                raise TwinInputError("grid values are lists", file=str(path), row=i, field=k)
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            try:
-                specs.append(WorkloadSpec.from_dict({**item, **dict(zip(keys, combo))}))
-            except TwinInputError as exc:
-                raise TwinInputError(exc.detail, file=str(path), row=i,
-                                     field=exc.field) from None
-    return specs
-
-
 # -- commands -----------------------------------------------------------------------------------
 
 def run_sweep_cmd(args) -> int:
@@ -254,14 +209,14 @@ def run_sweep_cmd(args) -> int:
 
 
 def _sweep(args) -> int:
-    from twin.ml.spec import SLOTS_GRID, ConfigGrid
+    from twin.ml.spec import SLOTS_GRID, ConfigGrid, base_config, load_workloads_yaml
     from twin.ml.sweep import EarlyExit, plan, run_sweep
     from twin.models.profile import load_profile
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
     slots = args.slots or SLOTS_GRID
-    grid = ConfigGrid(base=_base(args.base_config), slots=slots)
+    grid = ConfigGrid(base=base_config(args.base_config), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
     tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
     print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
@@ -288,6 +243,7 @@ def run_recommend_cmd(args) -> int:
 def _recommend(args) -> int:
     from twin.ml.export import plot_served_map, write_config_files, write_json
     from twin.ml.recommender import Recommender, recommend, served_map
+    from twin.ml.spec import base_config
     from twin.models.profile import load_profile
     from twin.outputs import console, staged_dir
 
@@ -295,7 +251,7 @@ def _recommend(args) -> int:
     profile = load_profile(args.profile)
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
-    base = _base(args.base_config)
+    base = base_config(args.base_config)
     rec = recommend(trace, catalog, profile=profile, model=model, base=base,
                     objective=args.objective, slo=parse_slo(args.slo), window_s=window,
                     max_runs=args.max_runs, workers=args.workers)
@@ -345,13 +301,14 @@ def run_place_cmd(args) -> int:
 def _place(args) -> int:
     from twin.ml.export import write_config_files, write_json
     from twin.ml.recommender import BASE_UNIT, Recommender, place
+    from twin.ml.spec import base_config
     from twin.models.profile import load_profile
     from twin.outputs import staged_dir
 
     profile = load_profile(args.profile)
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
-    pl = place(trace, catalog, profile=profile, model=model, base=_base(args.base_config),
+    pl = place(trace, catalog, profile=profile, model=model, base=base_config(args.base_config),
                window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
                workers=args.workers)
     print(f"trace: {label}")
