@@ -154,9 +154,9 @@ def run_make_adapters(args) -> int:
 def run_execute(args) -> int:
     import torch
 
-    from twin.executor.adapters import make_adapters
+    from twin.executor.adapters import make_cached_adapters
     from twin.executor.engine import execute
-    from twin.executor.weights import cache_root, resolve_model
+    from twin.executor.weights import resolve_model
     from twin.outputs import console, input_paths, prepare
     from twin.workload.schema import read_trace
 
@@ -176,11 +176,8 @@ def run_execute(args) -> int:
         catalog = args.adapters
         if args.make_adapters is not None:
             names = trace["adapter"].dropna().unique().tolist()
-            where = (cache_root() / f"adapters-{Path(model_dir).name}-{args.make_adapters}-"
-                                    f"{'_'.join(map(str, args.ranks))}-s{args.seed}")
-            make_adapters(model_dir, where, args.make_adapters, args.ranks,
-                          names=names or None, seed=args.seed, cached=True)
-            catalog = where
+            catalog = make_cached_adapters(model_dir, args.make_adapters, args.ranks,
+                                           names=names or None, seed=args.seed)
         result = execute(trace, config, model_dir, catalog, device=device,
                          dtype=getattr(torch, args.dtype), threads=args.threads,
                          window_s=args.window_s, progress=not args.no_progress, seed=args.seed,

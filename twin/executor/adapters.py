@@ -422,3 +422,16 @@ def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed
             df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
         write_adapter_catalog(df, tmp / "catalog.csv")
     return df
+
+
+def make_cached_adapters(model_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0,
+                         prefix: str = "adapters") -> Path:
+    """:func:`make_adapters` into twin's cache (``~/.cache/twin``), in a folder named after
+    the model, ``n``, the ranks and the seed; returns the folder. The cache, not a run's
+    ``--out``: that is written in one piece when the run ends."""
+    from twin.executor.weights import cache_root
+
+    where = cache_root() / (f"{prefix}-{Path(model_dir).name}-{n}-"
+                            f"{'_'.join(map(str, ranks))}-s{seed}")
+    make_adapters(model_dir, where, n, ranks, names=names, seed=seed, cached=True)
+    return where
