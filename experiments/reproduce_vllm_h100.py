@@ -4,7 +4,7 @@ The twin's profile is fitted only on the ``digital_twin_modelling`` runs (the sh
 ``llama31-8b-h100-64gb`` profile, or a fresh fit with ``--calibrate``); this script reports
 on the held-out ``ml_modelling_test`` runs (different, heterogeneous workloads; ``anomaly``
 rows and failed runs skipped). Every run's workload is reconstructed from its columns
-(``twin.models.vllm_runs``) and simulated for the real 3600-s window.
+(``twin.calibrate.vllm_runs``) and simulated for the real 3600-s window.
 
 Side by side with the paper's own twin (arXiv 2508.08343), matched to the same runs in
 ``paper_twin_grid_llama31_8b.csv.gz`` on (max_loras, max_cpu_loras, rate set, rank set):
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.models.calibrate_vllm import simulate_run
+from twin.calibrate.vllm import simulate_run
+from twin.calibrate.vllm_runs import read_run_table
 from twin.models.profile import load_profile
-from twin.models.vllm_runs import read_run_table
 from twin.results import smape
 from twin.workload.public import shared_data_dir
 
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     fit_runs = [r for r in runs if r.extra.get("experiment_set") == FIT_SET]
     test_runs = [r for r in runs if r.extra.get("experiment_set") == TEST_SET]
     if args.max_runs:
-        from twin.models.calibrate_cli import spread
+        from twin.calibrate.vllm_runs import spread
 
         test_runs = spread(test_runs, args.max_runs)
     if args.results:
@@ -267,8 +267,7 @@ def main(argv=None) -> int:
         profile = None
     else:
         if args.calibrate:
-            from twin.models.calibrate_vllm import (calibrate, read_kv_capacity,
-                                                    read_load_times)
+            from twin.calibrate.vllm import calibrate, read_kv_capacity, read_load_times
 
             print(f"calibrating on {len(fit_runs)} {FIT_SET} runs")
             profile = calibrate(

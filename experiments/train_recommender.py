@@ -17,7 +17,7 @@ heldout_workloads, predict_ms (and more). See experiments/README_ml.md.
 import argparse
 import sys
 
-from twin.ml.cli import add_train_args
+from twin.cli.ml import add_train_args
 from twin.ml.pipeline import train_main
 
 

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     def calibrate(model, policy, upto):
         """Measure calibration round ``upto`` (each round serves every cell once; earlier
         rounds are reused from the measurement file) and refit the profile on all rounds."""
-        from twin.models.calibrate_executor import calibrate_executor
+        from twin.calibrate.executor import calibrate_executor
 
         t0 = time.perf_counter()
         name = profile_name(model, policy)
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from twin.executor.cli import resolve_model
+    from twin.executor.weights import resolve_model
     from twin.executor.engine import execute
     from twin.executor.model import LlamaModel
 

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from twin.cli import main  # noqa: E402
-from twin.models.calibrate_executor import (Cell, calibrate_executor, design,  # noqa: E402
-                                            fit_nnls, step_features, step_table)
+from twin.calibrate.executor import (Cell, calibrate_executor, design,  # noqa: E402
+                                     fit_nnls, step_features, step_table)
 from twin.errors import TwinInputError  # noqa: E402
 from twin.models.profile import load_profile  # noqa: E402
 from twin.models.step_time import FEATURES, features  # noqa: E402
@@ -116,7 +116,7 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
     """Features rebuilt from the step log equal the scheduler's own (twin's) features."""
     import twin.executor.engine as eng
     from twin.executor.adapters import write_synthetic_adapters
-    from twin.executor.cli import resolve_model
+    from twin.executor.weights import resolve_model
     from twin.sched import Scheduler
 
     seen = []

@@ -301,13 +301,13 @@ def test_trace_file_outputs(tmp_path, capsys):
 
 
 def test_calibrate_refuses_before_fitting(tmp_path, capsys, monkeypatch):
-    import twin.models.calibrate_cli as cc
-    import twin.models.calibrate_vllm as cv
+    import twin.calibrate.vllm as cv
+    import twin.calibrate.vllm_runs as vr
 
     def never(*a, **k):
         pytest.fail("the runs were read and fitted before --out was checked")
 
-    monkeypatch.setattr(cc, "load_runs", never)
+    monkeypatch.setattr(vr, "load_runs", never)
     monkeypatch.setattr(cv, "calibrate", never)
     runs = tmp_path / "runs.csv"
     runs.write_text("a,b\n1,2\n")

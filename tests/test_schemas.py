@@ -270,7 +270,7 @@ def _bench_json(tmp_path):
 
 def test_sidecar_runs_not_a_mapping_is_an_input_error(tmp_path):
     # old: AttributeError ('list' object has no attribute 'get')
-    from twin.models.vllm_runs import read_bench_results
+    from twin.calibrate.vllm_runs import read_bench_results
 
     side = tmp_path / "side.yaml"
     side.write_text("max_loras: 4\nmax_cpu_loras: 8\nruns: [bench.json]\n")
@@ -281,7 +281,7 @@ def test_sidecar_runs_not_a_mapping_is_an_input_error(tmp_path):
 
 def test_sidecar_typo_is_an_input_error(tmp_path):
     # old: the misspelt key was ignored and max_cpu_loras silently defaulted
-    from twin.models.vllm_runs import read_bench_results
+    from twin.calibrate.vllm_runs import read_bench_results
 
     side = {"max_loras": 4, "max_cpu_lora": 8}
     with pytest.raises(TwinInputError) as e:
@@ -291,7 +291,7 @@ def test_sidecar_typo_is_an_input_error(tmp_path):
 
 def test_sidecar_preload_false_is_false(tmp_path):
     # old: bool("false") is True
-    from twin.models.vllm_runs import read_bench_results
+    from twin.calibrate.vllm_runs import read_bench_results
 
     side = {"max_loras": 4, "max_cpu_loras": 4, "preload_adapters": "false"}
     (spec,) = read_bench_results([_bench_json(tmp_path)], side)
@@ -306,9 +306,10 @@ def _boom(args):
 
 @pytest.fixture
 def broken_simulate(monkeypatch):
-    import twin.cli
+    import importlib
 
-    real = twin.cli.build_parser
+    cli = importlib.import_module("twin.cli.main")   # the module; twin.cli.main is the function
+    real = cli.build_parser
 
     def build():
         parser = real()
@@ -316,7 +317,7 @@ def broken_simulate(monkeypatch):
         sub.choices["simulate"].set_defaults(func=_boom)
         return parser
 
-    monkeypatch.setattr(twin.cli, "build_parser", build)
+    monkeypatch.setattr(cli, "build_parser", build)
 
 
 def test_internal_error_is_one_line_without_traceback(broken_simulate, capsys):

@@ -200,7 +200,7 @@ SIDECAR = {"max_loras": 4, "max_cpu_loras": 8, "adapter_ranks": {8: 4, 16: 4},
 @FUZZ
 @given(mangled(SIDECAR))
 def test_sidecar_mangled(tmp_path, side):
-    from twin.models.vllm_runs import read_bench_results
+    from twin.calibrate.vllm_runs import read_bench_results
 
     b = tmp_path / "bench.json"
     b.write_text(json.dumps(BENCH))
@@ -249,7 +249,7 @@ def test_model_json_mangled(tmp_path, d):
 @FUZZ
 @given(mangled(BENCH))
 def test_bench_json_mangled(tmp_path, bench):
-    from twin.models.vllm_runs import read_bench_results
+    from twin.calibrate.vllm_runs import read_bench_results
 
     b = tmp_path / "bench.json"
     b.write_text(json.dumps(bench))

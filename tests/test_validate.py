@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from twin.cli import main  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
-from twin.models.calibrate_executor import calibrate_executor  # noqa: E402
+from twin.calibrate.executor import calibrate_executor  # noqa: E402
 from twin.validate import (compare, format_table, median_summary, run_spread,  # noqa: E402
                            smape, validate)
 

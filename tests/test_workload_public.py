@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from twin.errors import TwinInputError
 from twin.workload import public
-from twin.workload.cli import main as cli_main
+from twin.cli.trace import main as cli_main
 from twin.workload.public import (assign_adapters, load_azure2023, load_mooncake,
                                   powerlaw_shares, servegen_tenants, sharegpt_length_pool,
                                   shared_data_dir)

@@ -389,3 +389,49 @@ def _frame(rows: list[dict]):
 
     df = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS))
     return df.astype({"adapter": "string", "rank": "int64", "path": "string", "bytes": "int64"})
+
+
+def natural_key(s: str):
+    """Sort key putting ``lora-2`` before ``lora-10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+
+
+def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0,
+                  cached: bool = False):
+    """Write ``n`` synthetic adapters to ``out_dir`` and its catalog.csv; with ``names``
+    (e.g. a trace's adapters) the catalog maps name k to directory k mod n. Returns the
+    catalog DataFrame (adapter, rank, path, bytes). Written through :mod:`twin.outputs`
+    (kind ``adapters``); ``cached``: ``out_dir`` lies in twin's own cache, so a folder there
+    from before the output marker existed is twin's to replace."""
+    import pandas as pd
+
+    if n < 1:
+        raise TwinInputError(f"need at least one adapter, got {n}", field="--n")
+    from twin.outputs import MARKER, staged_dir, write_marker
+
+    if cached and Path(out_dir).is_dir() and not (Path(out_dir) / MARKER).exists():
+        write_marker(out_dir, "adapters")
+    final = Path(out_dir).resolve()
+    with staged_dir(out_dir, "adapters") as tmp:
+        df = write_synthetic_adapters(model_dir, tmp, n, ranks=ranks, seed=seed)
+        # the catalog names where the adapters will be, not the staging directory
+        df["path"] = [str(final / Path(p).relative_to(tmp)) for p in df["path"]]
+        if names is not None:
+            names = sorted(set(names), key=natural_key)
+            rows = [dict(df.iloc[k % n].to_dict(), adapter=a) for k, a in enumerate(names)]
+            df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
+        write_adapter_catalog(df, tmp / "catalog.csv")
+    return df
+
+
+def make_cached_adapters(model_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0,
+                         prefix: str = "adapters") -> Path:
+    """:func:`make_adapters` into twin's cache (``~/.cache/twin``), in a folder named after
+    the model, ``n``, the ranks and the seed; returns the folder. The cache, not a run's
+    ``--out``: that is written in one piece when the run ends."""
+    from twin.executor.weights import cache_root
+
+    where = cache_root() / (f"{prefix}-{Path(model_dir).name}-{n}-"
+                            f"{'_'.join(map(str, ranks))}-s{seed}")
+    make_adapters(model_dir, where, n, ranks, names=names, seed=seed, cached=True)
+    return where

@@ -124,3 +124,25 @@ def smollm2_dir(cache_dir=None, *, with_tokenizer: bool = True) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def resolve_model(name: str) -> Path:
+    """``tiny`` / ``smollm2`` / a directory → an HF model directory (``tiny`` is made on first
+    use in the twin cache)."""
+    from twin.errors import TwinInputError
+
+    if name == "tiny":
+        d = cache_root() / "tiny-llama"
+        if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
+            make_tiny_llama(d)
+        return d
+    if name == "smollm2":
+        try:
+            return smollm2_dir()
+        except FileNotFoundError as exc:
+            raise TwinInputError(str(exc), field="--model") from None
+    d = Path(name)
+    if not (d / "config.json").is_file():
+        raise TwinInputError("not tiny, smollm2 or an HF model directory (no config.json)",
+                             file=str(d), field="--model")
+    return d

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BeforeValidator, Field, model_validator
 
-from twin.config import ALLOWED_LORA_RANKS, ServingConfig
+from twin.config import ALLOWED_LORA_RANKS, ServingConfig, read_yaml
 from twin.errors import TwinInputError
 from twin.schemas import Float, Int, Schema, validate
 
@@ -357,5 +358,46 @@ def paper_base() -> ServingConfig:
     return ServingConfig(**PAPER_BASE)
 
 
+def base_config(path=None) -> ServingConfig:
+    """The paper's base config, with the settings of the YAML file at ``path`` over it."""
+    if path is None:
+        return paper_base()
+    d = dict(PAPER_BASE)
+    d.update(ServingConfig.from_yaml(path).to_dict())
+    return ServingConfig.from_dict(d, source=str(path))
+
+
 def config_identity(config: ServingConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def load_workloads_yaml(path: Path) -> list:
+    """The workload specs of a YAML file: one spec, a list, or ``workloads: [...]``; an
+    entry's ``grid: {setting: [values]}`` expands to one spec per combination."""
+    data = read_yaml(path, missing="workloads file not found")
+    items = data if isinstance(data, list) else (data.get("workloads", [data])
+                                                 if isinstance(data, dict) else None)
+    if isinstance(items, dict):
+        items = [items]
+    if not items or not isinstance(items, list):
+        raise TwinInputError("expected a workload spec or a list of them", file=str(path))
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise TwinInputError("each workload is a mapping", file=str(path), row=i)
+        item = dict(item)
+        grid = item.pop("grid", None) or {}
+        if not isinstance(grid, dict):
+            raise TwinInputError("grid is a mapping of setting: [values]", file=str(path),
+                                 row=i, field="grid")
+        keys = list(grid)
+        for k in keys:
+            if not isinstance(grid[k], list):
+                raise TwinInputError("grid values are lists", file=str(path), row=i, field=k)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            try:
+                specs.append(WorkloadSpec.from_dict({**item, **dict(zip(keys, combo))}))
+            except TwinInputError as exc:
+                raise TwinInputError(exc.detail, file=str(path), row=i,
+                                     field=exc.field) from None
+    return specs

@@ -1,4 +1,6 @@
-"""Cost and memory models and the versioned Profile that carries them."""
+"""The cost models (profile, memory, step time, load time, first principles) and the
+versioned Profile that carries them; they import nothing of the twin but its errors and schemas. Fitting a
+profile from measurements lives in :mod:`twin.calibrate`."""
 
 from twin.models.profile import Profile, load_profile
 

@@ -26,7 +26,9 @@ Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -379,3 +381,29 @@ def plot_comparison(cmp: Comparison, path, title: str = "") -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def write_comparison(cmp: Comparison, out, *, trace, config, gpus=None) -> None:
+    """What ``twin compare`` writes into ``out``: table.csv, summary.json (config, winner,
+    verdict, costs, table, each deployment) and compare.png. ``trace``: the trace's path."""
+    out, trace = Path(out), Path(trace)
+    cmp.table.to_csv(out / "table.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({
+        "trace": str(trace), "config": config.to_dict(), "gpus": gpus,
+        "winner": cmp.winner, "verdict": cmp.verdict, "costs": cmp.costs,
+        "table": cmp.table.to_dict(orient="records"),
+        "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
+    }, indent=2, default=_numpy_scalar) + "\n")
+    plot_comparison(cmp, out / "compare.png",
+                    title=f"{trace.name}: {cmp.offered_tps:.0f} tok/s offered")
+
+
+def _numpy_scalar(o):
+    """json.dumps ``default``: numpy scalars as Python numbers."""
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(type(o))

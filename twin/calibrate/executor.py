@@ -415,8 +415,8 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                              f"{policy!r}", field="--policy")
     import torch
 
-    from twin.executor.cli import resolve_model
     from twin.executor.model import LlamaModel
+    from twin.executor.weights import resolve_model
     from twin.models.load_time import LoadTimeModel
     from twin.models.profile import Profile
     from twin.models.step_time import StepTimeModel
@@ -522,7 +522,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                       "threads": n_threads, "cpu_count": os.cpu_count()},
             model=shape, memory=memory, step_time=StepTimeModel(base=coef), load_time=load,
             provenance={
-                "method": "twin calibrate --executor (twin.models.calibrate_executor)",
+                "method": "twin calibrate --executor (twin.calibrate.executor)",
                 "policy": policy,
                 "fitted": True, "model": str(model), "model_dir": str(model_dir),
                 "device": str(dev), "dtype": str(m.dtype).replace("torch.", ""),
@@ -581,58 +581,3 @@ def _ensure_adapters(model_dir: Path, adapters_dir: Path) -> None:
         (tmp / "lora-0000").rename(target)
         tmp.rmdir()
     done.write_text(mark)
-
-
-# ---------------------------------------------------------------------------------------------
-# the CLI hook (twin.models.calibrate_cli dispatches --executor here)
-# ---------------------------------------------------------------------------------------------
-def add_executor_args(parser) -> None:
-    """Add the ``--executor`` mode's flags to ``twin calibrate``."""
-    for action in parser._actions:   # --from-vllm-runs is not needed with --executor
-        if action.dest == "from_vllm_runs":
-            action.required = False
-    g = parser.add_argument_group(
-        "executor calibration (--executor): microbenchmarks of twin's reference executor")
-    g.add_argument("--executor", action="store_true",
-                   help="calibrate on the reference executor instead of vLLM runs")
-    g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="model, KV-cache and LoRA dtype of the executor (default float32)")
-    g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
-                   help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
-                        "rank) or slora (unified pages, exact ranks); default vllm")
-    g.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="stop launching microbenchmarks after this many seconds")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads, pinned and recorded (default 1)")
-    g.add_argument("--repeats", type=int, default=3,
-                   help="rounds: every cell is served once per round, rounds interleaved "
-                        "(a re-run with more rounds measures only the new ones; default 3)")
-    g.add_argument("--statistic", choices=("mean", "median"), default="mean",
-                   help="per-step statistic over repeats to fit (default mean: includes the "
-                        "interference of other processes that a live run pays)")
-    g.add_argument("--device-memory-gib", type=float, default=None,
-                   help=f"device memory for the KV model; on CPU a budget (default "
-                        f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
-
-
-def run_executor(args) -> int:
-    log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
-    prof, info = calibrate_executor(
-        args.model, device=args.device, out=args.out, budget_s=args.budget,
-        threads=args.threads, repeats=args.repeats, device_memory_gib=args.device_memory_gib,
-        statistic=args.statistic, policy=args.policy, dtype=args.dtype,
-        name=getattr(args, "name", None), progress=not getattr(args, "quiet", False), log=log)
-    coef = prof.step_time.to_dict()["base"]
-    res = prof.provenance["step_time_residuals"]
-    log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
-    log(f"step-time residuals: median |rel| {100 * res['rel_abs_median']:.1f}%, p90 "
-        f"{100 * res['rel_abs_p90']:.1f}%, R2 {res['r2']:.3f} over {res['n']} steps")
-    lt = prof.load_time
-    log(f"load time: disk {1e3 * lt.disk_s:.2f} ms + {lt.disk_s_per_byte * 1e9:.3f} s/GB, "
-        f"host->device {1e3 * lt.host_to_gpu_s:.2f} ms + {lt.host_to_gpu_s_per_byte * 1e9:.3f} s/GB")
-    log(f"measurements: {info['new']} new, {info['reused']} reused"
-        + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
-    log(f"wrote {args.out} in {info['seconds']:.0f} s")
-    return 0

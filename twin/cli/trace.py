@@ -1,7 +1,7 @@
 """``twin trace``: build a trace file from a public trace or a synthetic generator.
 
 Wire it into the main CLI with ``add_trace_parser(subparsers)``; the parser sets
-``func=run``. ``python -m twin.workload.cli trace ...`` runs it stand-alone.
+``func=run``. ``python -m twin.cli.trace trace ...`` runs it stand-alone.
 """
 
 from __future__ import annotations

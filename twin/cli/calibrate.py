@@ -1,4 +1,5 @@
-"""``twin calibrate``: fit a Profile to real vLLM measurements."""
+"""``twin calibrate``: fit a Profile to real vLLM measurements (:mod:`twin.calibrate.vllm`)
+or to microbenchmarks of the reference executor (:mod:`twin.calibrate.executor`)."""
 
 from __future__ import annotations
 
@@ -78,41 +79,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    from twin.models.calibrate_executor import add_executor_args
-
     add_executor_args(p)   # --executor mode (issue 5): microbenchmarks of twin's executor
     p.set_defaults(func=run)
     return p
-
-
-def load_runs(paths, bench_config=None, experiment_sets=None):
-    """Runs from a run table (CSV) and/or bench JSON files."""
-    from twin.models.vllm_runs import read_bench_results, read_run_table
-
-    csvs = [p for p in paths if Path(p).suffix.lower() in (".csv", ".gz")]
-    jsons = [p for p in paths if p not in csvs]
-    runs = []
-    for p in csvs:
-        runs += read_run_table(p)
-    if jsons:
-        runs += read_bench_results(jsons, bench_config)
-    if experiment_sets:
-        runs = [r for r in runs if r.extra.get("experiment_set") in set(experiment_sets)]
-        if not runs:
-            raise TwinInputError(f"no run of experiment_set {experiment_sets}",
-                                 file=str(paths[0]), field="experiment_set")
-    if not runs:
-        raise TwinInputError("no usable run (status ok, no anomaly)", file=str(paths[0]))
-    return runs
-
-
-def spread(runs, n: int):
-    """``n`` runs evenly spread over the offered load (deterministic)."""
-    if n is None or n >= len(runs):
-        return runs
-    order = sorted(runs, key=lambda r: (r.aggregate_rate, r.key))
-    pick = sorted({round(i * (len(order) - 1) / max(n - 1, 1)) for i in range(n)})
-    return [order[i] for i in pick]
 
 
 def run(args) -> int:
@@ -126,14 +95,13 @@ def run(args) -> int:
     # --out is checked (and locked) before the calibration, not after it
     with prepare(args.out, "profile", inputs=input_paths(args), file=True):
         if executor:
-            from twin.models.calibrate_executor import run_executor
-
             return run_executor(args)
         return _fit_vllm_runs(args)
 
 
 def _fit_vllm_runs(args) -> int:
-    from twin.models.calibrate_vllm import calibrate, read_kv_capacity, read_load_times
+    from twin.calibrate.vllm import calibrate, read_kv_capacity, read_load_times
+    from twin.calibrate.vllm_runs import load_runs, spread
 
     t0 = time.perf_counter()
     log = (lambda *a, **k: None) if args.quiet else print
@@ -157,6 +125,62 @@ def _fit_vllm_runs(args) -> int:
     coef = prof.step_time.to_dict()["base"]
     log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
     log(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def add_executor_args(parser) -> None:
+    """Add the ``--executor`` mode's flags to ``twin calibrate``."""
+    from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB
+
+    for action in parser._actions:   # --from-vllm-runs is not needed with --executor
+        if action.dest == "from_vllm_runs":
+            action.required = False
+    g = parser.add_argument_group(
+        "executor calibration (--executor): microbenchmarks of twin's reference executor")
+    g.add_argument("--executor", action="store_true",
+                   help="calibrate on the reference executor instead of vLLM runs")
+    g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model, KV-cache and LoRA dtype of the executor (default float32)")
+    g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
+                   help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
+                        "rank) or slora (unified pages, exact ranks); default vllm")
+    g.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="stop launching microbenchmarks after this many seconds")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, pinned and recorded (default 1)")
+    g.add_argument("--repeats", type=int, default=3,
+                   help="rounds: every cell is served once per round, rounds interleaved "
+                        "(a re-run with more rounds measures only the new ones; default 3)")
+    g.add_argument("--statistic", choices=("mean", "median"), default="mean",
+                   help="per-step statistic over repeats to fit (default mean: includes the "
+                        "interference of other processes that a live run pays)")
+    g.add_argument("--device-memory-gib", type=float, default=None,
+                   help=f"device memory for the KV model; on CPU a budget (default "
+                        f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
+
+
+def run_executor(args) -> int:
+    from twin.calibrate.executor import calibrate_executor
+
+    log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
+    prof, info = calibrate_executor(
+        args.model, device=args.device, out=args.out, budget_s=args.budget,
+        threads=args.threads, repeats=args.repeats, device_memory_gib=args.device_memory_gib,
+        statistic=args.statistic, policy=args.policy, dtype=args.dtype,
+        name=getattr(args, "name", None), progress=not getattr(args, "quiet", False), log=log)
+    coef = prof.step_time.to_dict()["base"]
+    res = prof.provenance["step_time_residuals"]
+    log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
+    log(f"step-time residuals: median |rel| {100 * res['rel_abs_median']:.1f}%, p90 "
+        f"{100 * res['rel_abs_p90']:.1f}%, R2 {res['r2']:.3f} over {res['n']} steps")
+    lt = prof.load_time
+    log(f"load time: disk {1e3 * lt.disk_s:.2f} ms + {lt.disk_s_per_byte * 1e9:.3f} s/GB, "
+        f"host->device {1e3 * lt.host_to_gpu_s:.2f} ms + {lt.host_to_gpu_s_per_byte * 1e9:.3f} s/GB")
+    log(f"measurements: {info['new']} new, {info['reused']} reused"
+        + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
+    log(f"wrote {args.out} in {info['seconds']:.0f} s")
     return 0
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from twin.argtypes import positive_float
+from twin.cli.config_flags import add_config_flags, config_from_args
 
 _DESCRIPTION = """\
 Simulate one request trace under several serving strategies and print one table
@@ -34,8 +34,6 @@ examples:
 
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    from twin.sim.cli import add_config_flags
-
     p = subparsers.add_parser("compare", help="compare serving strategies on one trace",
                               description=_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,8 +69,7 @@ def run(args) -> int:
     from twin.errors import TwinInputError
     from twin.outputs import console, input_paths, prepare, staged_dir
     from twin.policies import POLICY_CLASSES
-    from twin.policies.compare import compare, plot_comparison
-    from twin.sim.cli import config_from_args
+    from twin.policies.compare import compare, write_comparison
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import read_trace
 
@@ -109,26 +106,6 @@ def run(args) -> int:
             print(f"offered: {cmp.offered_tps:.0f} tok/s; times in ms, memory in GiB per GPU")
             print(cmp.format())
         with staged_dir(out, "compare") as tmp:
-            cmp.table.to_csv(tmp / "table.csv", index=False)
-            (tmp / "summary.json").write_text(json.dumps({
-                "trace": str(args.trace), "config": config.to_dict(), "gpus": args.gpus,
-                "winner": cmp.winner, "verdict": cmp.verdict, "costs": cmp.costs,
-                "table": cmp.table.to_dict(orient="records"),
-                "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
-            }, indent=2, default=_default) + "\n")
-            plot_comparison(cmp, tmp / "compare.png",
-                            title=f"{args.trace.name}: {cmp.offered_tps:.0f} tok/s offered")
+            write_comparison(cmp, tmp, trace=args.trace, config=config, gpus=args.gpus)
     say(f"\nwrote {out / 'compare.png'}, {out / 'table.csv'}, {out / 'summary.json'}")
     return 0
-
-
-def _default(o):
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(type(o))

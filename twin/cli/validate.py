@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from twin.argtypes import positive_float
+from twin.cli.config_flags import add_config_flags, config_from_args
 
 _DESCRIPTION = """\
 Serve a trace for real on the reference executor and simulate it on the twin with a
@@ -28,8 +29,6 @@ examples:
 
 
 def add_validate_parser(subparsers) -> argparse.ArgumentParser:
-    from twin.sim.cli import add_config_flags
-
     p = subparsers.add_parser("validate", help="compare the twin with the executor",
                               description=_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +62,6 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from twin.outputs import console, input_paths, prepare
-    from twin.sim.cli import config_from_args
     from twin.validate import validate
     from twin.workload.schema import read_trace
 

@@ -1,4 +1,4 @@
-"""``twin``: the command line. Each subcommand lives next to what it drives and registers
+"""``twin``: the command line. Each subcommand is a module of :mod:`twin.cli` that registers
 itself here through an ``add_*_parser(subparsers)`` function that sets ``func``."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ Start with:
 
 # subcommand modules, imported lazily so that `twin simulate` never imports torch
 _SUBCOMMANDS = (
-    ("twin.sim.cli", "add_simulate_parser"),
-    ("twin.workload.cli", "add_trace_parser"),
-    ("twin.executor.cli", "add_execute_parser"),
-    ("twin.models.calibrate_cli", "add_calibrate_parser"),
-    ("twin.validate_cli", "add_validate_parser"),
-    ("twin.ml.cli", "add_ml_parsers"),
-    ("twin.compare_cli", "add_compare_parser"),
+    ("twin.cli.simulate", "add_simulate_parser"),
+    ("twin.cli.trace", "add_trace_parser"),
+    ("twin.cli.execute", "add_execute_parser"),
+    ("twin.cli.calibrate", "add_calibrate_parser"),
+    ("twin.cli.validate", "add_validate_parser"),
+    ("twin.cli.ml", "add_ml_parsers"),
+    ("twin.cli.compare", "add_compare_parser"),
 )
 
 

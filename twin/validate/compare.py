@@ -6,7 +6,7 @@ terms: throughput, TTFT / TPOT / ITL / E2E mean and p99, adapter loads, preempti
 with its SMAPE = 2|a - b| / (|a| + |b|).
 
 Both sides get the same KV capacity: the profile's memory model for the config (on CPU a
-device-memory *budget*, see ``twin.models.calibrate_executor``), capped at what the trace
+device-memory *budget*, see ``twin.calibrate.executor``), capped at what the trace
 can ever use (the executor would otherwise zero gigabytes of unused cache), or exactly
 ``num_gpu_blocks`` when given (vLLM's ``--num-gpu-blocks-override``, e.g. to force
 preemptions). ``max_model_len`` is capped at the model's context as vLLM derives it.
@@ -207,9 +207,10 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     calibrated in on the executor (bf16 steps cost differently from fp32)."""
     import torch
 
-    from twin.executor.cli import make_adapters, resolve_model
+    from twin.executor.adapters import make_cached_adapters
     from twin.executor.engine import execute, resolve_catalog
     from twin.executor.model import LlamaModel
+    from twin.executor.weights import resolve_model
     from twin.models.profile import Profile, load_profile
     from twin.sim.engine import kv_capacity_tokens
     from twin.workload.catalog import AdapterCatalog
@@ -251,14 +252,8 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         if adapters is None and names and config.enable_lora:
             if model_dir is None:
                 raise ValueError("pass adapters= with a loaded LlamaModel")
-            from twin.executor.weights import cache_root
-
-            # in twin's cache, not under ``out``: that is written in one piece at the end
-            where = cache_root() / (f"validate-adapters-{Path(model_dir).name}-{len(names)}-"
-                                    f"{'_'.join(map(str, adapter_ranks))}-s{seed}")
-            make_adapters(model_dir, where, len(names), adapter_ranks, names=names, seed=seed,
-                          cached=True)
-            adapters = where
+            adapters = make_cached_adapters(model_dir, len(names), adapter_ranks, names=names,
+                                            seed=seed, prefix="validate-adapters")
         catalog = resolve_catalog(adapters, trace) if config.enable_lora else None
         twin_catalog = (AdapterCatalog(catalog.table[["adapter", "rank"]], source=catalog.source)
                         if catalog is not None and len(catalog) else None)

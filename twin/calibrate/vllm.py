@@ -363,7 +363,7 @@ def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | Non
     recorded step-feature sums with ``record``). Errors (e.g. a config vLLM refuses) come
     back as ``{"error": message}``."""
     from twin.errors import ConfigError
-    from twin.models.vllm_runs import reconstruct
+    from twin.calibrate.vllm_runs import reconstruct
     from twin.sim.engine import simulate
 
     window = float(window_s if window_s is not None else math.floor(spec.duration_s))
@@ -558,7 +558,7 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
         base_profile or "llama31-8b-h100-64gb-first-principles")
-    prov = {"method": "twin calibrate --from-vllm-runs (twin.models.calibrate_vllm)",
+    prov = {"method": "twin calibrate --from-vllm-runs (twin.calibrate.vllm)",
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "base_profile": base.name, "fitted": True, "sources": sources or {}}
     memory, load_time = base.memory, base.load_time

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float
+from twin.cli.config_flags import add_config_flags, config_from_args
 from twin.errors import TwinInputError
-from twin.sim.cli import add_config_flags, config_from_args
 
 _EXECUTE_DESCRIPTION = """\
 Serve a request trace for real: a Llama model with LoRA adapters, continuous batching by
@@ -130,70 +129,13 @@ def _model_flag(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers (also used by the benchmark script)
-# ---------------------------------------------------------------------------------------------
-def resolve_model(name: str) -> Path:
-    """``tiny`` / ``smollm2`` / a directory → an HF model directory."""
-    from twin.executor.weights import cache_root, make_tiny_llama, smollm2_dir
-
-    if name == "tiny":
-        d = cache_root() / "tiny-llama"
-        if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
-            make_tiny_llama(d)
-        return d
-    if name == "smollm2":
-        try:
-            return smollm2_dir()
-        except FileNotFoundError as exc:
-            raise TwinInputError(str(exc), field="--model") from None
-    d = Path(name)
-    if not (d / "config.json").is_file():
-        raise TwinInputError("not tiny, smollm2 or an HF model directory (no config.json)",
-                             file=str(d), field="--model")
-    return d
-
-
-def natural_key(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
-
-
-def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed: int = 0,
-                  cached: bool = False):
-    """Write ``n`` synthetic adapters to ``out_dir`` and its catalog.csv; with ``names``
-    (e.g. a trace's adapters) the catalog maps name k to directory k mod n. Returns the
-    catalog DataFrame (adapter, rank, path, bytes). Written through :mod:`twin.outputs`
-    (kind ``adapters``); ``cached``: ``out_dir`` lies in twin's own cache, so a folder there
-    from before the output marker existed is twin's to replace."""
-    import pandas as pd
-
-    from twin.executor.adapters import write_adapter_catalog, write_synthetic_adapters
-
-    if n < 1:
-        raise TwinInputError(f"need at least one adapter, got {n}", field="--n")
-    from twin.outputs import MARKER, staged_dir, write_marker
-
-    if cached and Path(out_dir).is_dir() and not (Path(out_dir) / MARKER).exists():
-        write_marker(out_dir, "adapters")
-    final = Path(out_dir).resolve()
-    with staged_dir(out_dir, "adapters") as tmp:
-        df = write_synthetic_adapters(model_dir, tmp, n, ranks=ranks, seed=seed)
-        # the catalog names where the adapters will be, not the staging directory
-        df["path"] = [str(final / Path(p).relative_to(tmp)) for p in df["path"]]
-        if names is not None:
-            names = sorted(set(names), key=natural_key)
-            rows = [dict(df.iloc[k % n].to_dict(), adapter=a) for k, a in enumerate(names)]
-            df = pd.DataFrame(rows, columns=list(df.columns)).astype(df.dtypes.to_dict())
-        write_adapter_catalog(df, tmp / "catalog.csv")
-    return df
-
-
-# ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
 def run_make_adapters(args) -> int:
-    from twin.workload.schema import read_trace
-
+    from twin.executor.adapters import make_adapters
+    from twin.executor.weights import resolve_model
     from twin.outputs import input_paths, prepare
+    from twin.workload.schema import read_trace
 
     with prepare(args.out, "adapters", inputs=input_paths(args)):
         model_dir = resolve_model(args.model)
@@ -212,8 +154,9 @@ def run_make_adapters(args) -> int:
 def run_execute(args) -> int:
     import torch
 
+    from twin.executor.adapters import make_cached_adapters
     from twin.executor.engine import execute
-    from twin.executor.weights import cache_root
+    from twin.executor.weights import resolve_model
     from twin.outputs import console, input_paths, prepare
     from twin.workload.schema import read_trace
 
@@ -233,11 +176,8 @@ def run_execute(args) -> int:
         catalog = args.adapters
         if args.make_adapters is not None:
             names = trace["adapter"].dropna().unique().tolist()
-            where = (cache_root() / f"adapters-{Path(model_dir).name}-{args.make_adapters}-"
-                                    f"{'_'.join(map(str, args.ranks))}-s{args.seed}")
-            make_adapters(model_dir, where, args.make_adapters, args.ranks,
-                          names=names or None, seed=args.seed, cached=True)
-            catalog = where
+            catalog = make_cached_adapters(model_dir, args.make_adapters, args.ranks,
+                                           names=names or None, seed=args.seed)
         result = execute(trace, config, model_dir, catalog, device=device,
                          dtype=getattr(torch, args.dtype), threads=args.threads,
                          window_s=args.window_s, progress=not args.no_progress, seed=args.seed,

@@ -483,3 +483,31 @@ def reconstruct(spec: RunSpec, *, seed: int = 0, window_s: float | None = None,
     catalog = AdapterCatalog(pd.DataFrame({"adapter": names, "rank": ranks}),
                              source=f"reconstruct({spec.key})")
     return trace, catalog
+
+
+def load_runs(paths, bench_config=None, experiment_sets=None):
+    """Runs from a run table (CSV) and/or bench JSON files."""
+    csvs = [p for p in paths if Path(p).suffix.lower() in (".csv", ".gz")]
+    jsons = [p for p in paths if p not in csvs]
+    runs = []
+    for p in csvs:
+        runs += read_run_table(p)
+    if jsons:
+        runs += read_bench_results(jsons, bench_config)
+    if experiment_sets:
+        runs = [r for r in runs if r.extra.get("experiment_set") in set(experiment_sets)]
+        if not runs:
+            raise TwinInputError(f"no run of experiment_set {experiment_sets}",
+                                 file=str(paths[0]), field="experiment_set")
+    if not runs:
+        raise TwinInputError("no usable run (status ok, no anomaly)", file=str(paths[0]))
+    return runs
+
+
+def spread(runs, n: int):
+    """``n`` runs evenly spread over the offered load (deterministic)."""
+    if n is None or n >= len(runs):
+        return runs
+    order = sorted(runs, key=lambda r: (r.aggregate_rate, r.key))
+    pick = sorted({round(i * (len(order) - 1) / max(n - 1, 1)) for i in range(n)})
+    return [order[i] for i in pick]

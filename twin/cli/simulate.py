@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-from twin.argtypes import positive_float, strict_bool
-from twin.config import ServingConfig
+from twin.argtypes import positive_float
+from twin.cli.config_flags import add_config_flags, config_from_args
 
 _DESCRIPTION = """\
 Simulate a request trace served by vLLM with LoRA adapters, on the hardware and base
@@ -29,33 +28,6 @@ examples:
   twin simulate --trace traces/azure_conv_1h_32lora.parquet --max-loras 8 --max-cpu-loras 32
   twin simulate --trace t.parquet --config serve.yaml --window-s 3600 --out runs/a --plot
 """
-
-
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """vLLM serving flags (shared by simulate, execute, validate, compare)."""
-    g = p.add_argument_group("serving configuration (vLLM names; default: vLLM's defaults)")
-    g.add_argument("--config", type=Path, help="YAML file of vLLM settings")
-    for f in dataclasses.fields(ServingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        typ = str(f.type)
-        if typ.startswith("bool"):
-            g.add_argument(flag, dest=f.name, default=None, type=strict_bool,
-                           metavar="{true,false}", help=f"default {f.default}")
-        else:
-            conv = int if typ.startswith("int") else float if typ.startswith("float") else str
-            g.add_argument(flag, dest=f.name, default=None, type=conv,
-                           help=f"default {f.default if f.default is not None else 'max_loras'}")
-
-
-def config_from_args(args) -> ServingConfig:
-    base = ServingConfig.from_yaml(args.config).to_dict() if args.config else {}
-    for f in dataclasses.fields(ServingConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            base[f.name] = v
-    if "max_cpu_loras" not in base or base["max_cpu_loras"] is None:
-        base.pop("max_cpu_loras", None)
-    return ServingConfig.from_dict(base, source=str(args.config or "flags"))
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,0 +1,40 @@
+"""The vLLM serving flags, defined once for every command that serves a trace (simulate,
+execute, validate, compare): one flag per :class:`twin.config.ServingConfig` field, under
+vLLM's own name, plus ``--config`` for a YAML file of them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from twin.argtypes import strict_bool
+from twin.config import ServingConfig
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM serving flags (shared by simulate, execute, validate, compare)."""
+    g = p.add_argument_group("serving configuration (vLLM names; default: vLLM's defaults)")
+    g.add_argument("--config", type=Path, help="YAML file of vLLM settings")
+    for f in dataclasses.fields(ServingConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = str(f.type)
+        if typ.startswith("bool"):
+            g.add_argument(flag, dest=f.name, default=None, type=strict_bool,
+                           metavar="{true,false}", help=f"default {f.default}")
+        else:
+            conv = int if typ.startswith("int") else float if typ.startswith("float") else str
+            g.add_argument(flag, dest=f.name, default=None, type=conv,
+                           help=f"default {f.default if f.default is not None else 'max_loras'}")
+
+
+def config_from_args(args) -> ServingConfig:
+    """The ServingConfig of ``--config`` (if any) with every flag given overriding it."""
+    base = ServingConfig.from_yaml(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(ServingConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            base[f.name] = v
+    if "max_cpu_loras" not in base or base["max_cpu_loras"] is None:
+        base.pop("max_cpu_loras", None)
+    return ServingConfig.from_dict(base, source=str(args.config or "flags"))
