@@ -130,9 +130,9 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eng, "Scheduler", Recording)
     write_synthetic_adapters(resolve_model("tiny"), tmp_path / "a", 3, ranks=(8,))
-    # gap: arrivals far enough apart (0.5 s vs a few ms of service) that each finds the
-    # engine idle even on a loaded 2-core box
-    for cell in (Cell(9, 40, 12, 3, 4, 16, 64), Cell(3, 40, 2, 2, 4, 16, 64, gap=0.5)):
+    # gap: arrivals far enough apart (2 s vs a few ms of service, plus a first step that
+    # warms torch up) that later ones find the engine idle even on a loaded 2-core box
+    for cell in (Cell(9, 40, 12, 3, 4, 16, 64), Cell(3, 40, 2, 2, 4, 16, 64, gap=2.0)):
         seen.clear()
         trace = cell.trace()
         res = eng.execute(trace, cell.config(512), resolve_model("tiny"), tmp_path / "a",
