@@ -93,7 +93,7 @@ class UnifiedAdapterPool:
             return None
         self.resident.add(adapter)
         p = self.pages[adapter]
-        self.pool.used += p
+        self.pool.take(p)
         self.resident_pages += p
         if self.resident_pages > self.max_resident_pages:
             self.max_resident_pages = self.resident_pages
@@ -116,7 +116,7 @@ class UnifiedAdapterPool:
         for a in self.idle:
             self.resident.discard(a)
             p = self.pages[a]
-            self.pool.used -= p
+            self.pool.give(p)
             self.resident_pages -= p
         self.idle.clear()
 

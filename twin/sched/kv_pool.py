@@ -26,9 +26,11 @@ class KVBlockPool:
         return -(-tokens // self.block_size)
 
     def take(self, n: int) -> None:
+        """Count ``n`` more blocks as used; every caller goes through here, not ``used +=``."""
         self.used += n
 
     def give(self, n: int) -> None:
+        """Return ``n`` blocks to the pool (the caller held them)."""
         self.used -= n
 
     @property

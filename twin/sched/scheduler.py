@@ -180,7 +180,7 @@ class Scheduler:
                 plan.decode_lora = group.n - group.n_base
             for r, n, nb in chunks:
                 r.blocks += nb
-                pool.used += nb
+                pool.take(nb)
                 self._add_chunk(plan, r, n)
             budget = left
         # waiting phase
@@ -248,7 +248,7 @@ class Scheduler:
             r.computed = c
             r.generated = c - r.prompt + 1
             r.blocks = pool.blocks_for(c)
-            pool.used += r.blocks
+            pool.take(r.blocks)
             r.status = PREFILLING  # explicit; re-enters the group after the step
         running = sorted(exploded + self.prefilling, key=lambda r: r.seq)
         self.prefilling = running
@@ -273,14 +273,14 @@ class Scheduler:
             if not scheduled:
                 break
             r.blocks += nb
-            pool.used += nb
+            pool.take(nb)
             self._add_chunk(plan, r, n)
             budget -= n
             i += 1
         return budget
 
     def _preempt(self, r: Request) -> None:
-        self.pool.used -= r.blocks
+        self.pool.give(r.blocks)
         r.blocks = 0
         r.computed = 0
         r.status = WAITING
@@ -321,7 +321,7 @@ class Scheduler:
     def _start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
         """Admit waiting request ``r`` (already popped) with a first chunk of ``n`` tokens
         in ``nb`` new KV blocks: it joins the running list and its adapter is acquired."""
-        self.pool.used += nb
+        self.pool.take(nb)
         r.blocks = nb
         r.computed = 0
         r.status = PREFILLING
@@ -366,12 +366,12 @@ class Scheduler:
                 for r in finished_prefill:
                     gone.add(r.seq)
                     if r.generated >= r.output or r.computed >= self.max_model_len:
-                        self.pool.used -= r.blocks
+                        self.pool.give(r.blocks)
                         r.blocks = 0
                         self._finish(r, now)
                         done.append(r)
                     else:
-                        self.pool.used -= r.blocks
+                        self.pool.give(r.blocks)
                         r.blocks = 0
                         group.add(r, r.computed)
                 prefilling = [r for r in prefilling if r.seq not in gone]
@@ -409,7 +409,7 @@ class Scheduler:
             if req in plan.admitted:
                 plan.admitted.remove(req)
             plan.kv_blocks -= req.blocks
-        self.pool.used -= req.blocks
+        self.pool.give(req.blocks)
         req.blocks = 0
         req.status = ABORTED
         if req.adapter >= 0:
