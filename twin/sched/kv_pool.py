@@ -32,7 +32,3 @@ class KVBlockPool:
     def give(self, n: int) -> None:
         """Return ``n`` blocks to the pool (the caller held them)."""
         self.used -= n
-
-    @property
-    def usage(self) -> float:
-        return self.used / self.num_blocks

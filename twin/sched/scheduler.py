@@ -12,8 +12,8 @@ running requests:
 
 The fast path covers the usual step (all decoders first, everything fits) in O(1) plus
 the admissions; anything else falls back to the literal per-request loop, which is the
-reference semantics. ``tests/test_scheduler_reference.py`` checks both against a direct
-transcription of vLLM's loop.
+reference semantics. ``tests/test_scheduler.py`` checks both against a direct
+transcription of vLLM's loop (``tests/sched_reference.py``).
 """
 
 from __future__ import annotations

@@ -86,10 +86,6 @@ class WaitingQueue:
                 best = q[0]
         return best
 
-    def has_any(self, adapter: int) -> bool:
-        q = self._fifo.get(adapter)
-        return bool(q)
-
     def pop(self, req: Request) -> None:
         """Remove ``req``, which must be the head of its adapter's FIFO."""
         q = self._fifo[req.adapter]
@@ -99,9 +95,6 @@ class WaitingQueue:
             self._push_head(req.adapter, q)
         else:
             del self._fifo[req.adapter]
-
-    def counts_by_adapter(self) -> dict[int, int]:
-        return {a: len(q) for a, q in self._fifo.items()}
 
     def __iter__(self):
         """All waiting requests in FCFS order (slow; for reports and tests)."""
