@@ -300,7 +300,7 @@ class Scheduler:
                 return SEQS
             if budget <= 0:
                 return BUDGET
-            if not waiting._n:
+            if not len(waiting):
                 return EMPTY
             if len(cache.in_use) >= lora_gate:
                 r = waiting.first_among(cache.in_use)
