@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from twin.argtypes import positive_float
+from twin.argtypes import device_name, positive_float, positive_int
 
 _DESCRIPTION = """\
 Serve a trace for real on the reference executor and simulate it on the twin with a
@@ -40,17 +40,18 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=Path,
                    help="PEFT adapters directory or catalog (default: synthetic ones named "
                         "after the trace's adapters, ranks 8,16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the profile's calibration threads)")
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV blocks for both (default: the profile's memory model, capped at "
                         "what the trace can use)")
-    p.add_argument("--limit", type=int, default=None, help="first N requests only")
-    p.add_argument("--time-scale", type=float, default=1.0,
+    p.add_argument("--limit", type=positive_int, default=None, help="first N requests only")
+    p.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply arrival times (0.5 = twice as fast)")
     p.add_argument("--window-s", type=positive_float, default=None, help="measure a fixed window")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="executor runs; the twin is compared to their median (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")

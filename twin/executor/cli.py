@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from twin.argtypes import comma_list, positive_float
+from twin.argtypes import comma_list, device_name, positive_float, positive_int
 from twin.errors import TwinInputError
 from twin.sim.cli import add_config_flags, config_from_args
 
@@ -69,7 +69,7 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
                               description=_EXECUTE_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True, type=Path, help="trace (.parquet or .csv)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="serve only the first N requests of the trace")
     _model_flag(p)
     src = p.add_mutually_exclusive_group()
@@ -82,17 +82,18 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
                           "with them")
     p.add_argument("--ranks", type=_ranks, default=(8, 16),
                    help="ranks of --make-adapters, cycled (default 8,16)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model, KV-cache and LoRA dtype (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV cache size in blocks (vLLM's --num-gpu-blocks-override); default: "
                         "from free GPU memory on CUDA, --kv-cache-gib on CPU")
-    p.add_argument("--kv-cache-gib", type=float, default=None,
+    p.add_argument("--kv-cache-gib", type=positive_float, default=None,
                    help="CPU KV-cache budget in GiB (default 1; never more than the trace "
                         "can use)")
-    p.add_argument("--time-scale", type=float, default=1.0,
+    p.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply arrival times by this (0.1 = ten times faster; default 1)")
     p.add_argument("--window-s", type=positive_float, default=None,
                    help="stop after this many seconds (arrivals after it dropped)")

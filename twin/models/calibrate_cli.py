@@ -121,6 +121,17 @@ def run(args) -> int:
     executor = getattr(args, "executor", False)
     if not executor and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
+    if executor:
+        # the two modes fit different things: silently ignoring the runs (and the vLLM-run
+        # inputs) would calibrate the executor while the user believes their GPU was fitted
+        given = [f for f, v in (("--from-vllm-runs", args.from_vllm_runs),
+                                ("--bench-config", args.bench_config),
+                                ("--kv-capacity", args.kv_capacity),
+                                ("--load-times", args.load_times)) if v]
+        if given:
+            raise TwinInputError(f"--executor calibrates the reference executor and reads no "
+                                 f"vLLM measurements; drop {', '.join(given)} (or --executor)",
+                                 field=given[0])
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
     # --out is checked (and locked) before the calibration, not after it

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.argtypes import device_name, positive_float, positive_int
 from twin.errors import TwinInputError
 from twin.models.step_time import FEATURES
 
@@ -596,23 +597,24 @@ def add_executor_args(parser) -> None:
     g.add_argument("--executor", action="store_true",
                    help="calibrate on the reference executor instead of vLLM runs")
     g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model, KV-cache and LoRA dtype of the executor (default float32)")
     g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
                    help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
                         "rank) or slora (unified pages, exact ranks); default vllm")
-    g.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--budget", type=positive_float, default=None, metavar="SECONDS",
                    help="stop launching microbenchmarks after this many seconds")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, pinned and recorded (default 1)")
-    g.add_argument("--repeats", type=int, default=3,
+    g.add_argument("--repeats", type=positive_int, default=3,
                    help="rounds: every cell is served once per round, rounds interleaved "
                         "(a re-run with more rounds measures only the new ones; default 3)")
     g.add_argument("--statistic", choices=("mean", "median"), default="mean",
                    help="per-step statistic over repeats to fit (default mean: includes the "
                         "interference of other processes that a live run pays)")
-    g.add_argument("--device-memory-gib", type=float, default=None,
+    g.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help=f"device memory for the KV model; on CPU a budget (default "
                         f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
 
