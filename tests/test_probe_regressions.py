@@ -120,3 +120,20 @@ def test_make_adapters_rank_above_vllm_limit_is_an_input_error(tmp_path, capsys)
                "--out", str(tmp_path / "a")])
     assert rc == 2
     assert "512" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["simulate", "compare"])
+def test_window_before_first_arrival_is_an_input_error(command, tmp_path, capsys):
+    """--window-s 5 on a trace whose first request arrives at 100 s used to drop every
+    request and print an empty run as the result (0 requests, "keeps up")."""
+    tr = rate_class_trace(2, [1.0], duration_s=20, lengths=uniform_lengths(8, 16), seed=1)
+    tr["arrival_s"] += 100.0
+    path = tmp_path / "late.csv"
+    tr.to_csv(path, index=False)
+    argv = [command, "--trace", str(path), "--window-s", "5"]
+    rc = main(argv + (["--no-progress"] if command == "simulate" else []))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "window_s" in err and "first arrival" in err
+    # a window reaching the first arrival still runs
+    assert main([command, "--trace", str(path), "--window-s", "110"]) == 0

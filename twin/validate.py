@@ -220,7 +220,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.models.profile import Profile, load_profile
     from twin.sim.engine import kv_capacity_tokens
     from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import validate_trace
+    from twin.workload.schema import in_window, validate_trace
 
     if out is not None:   # a bad destination fails now, not after the executor's run
         from twin.outputs import check_out
@@ -235,8 +235,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = in_window(trace, window_s, trace_source)
     if threads is None:
         threads = profile.provenance.get("threads") or profile.hardware.get("threads")
     old_threads = torch.get_num_threads()

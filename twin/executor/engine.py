@@ -57,7 +57,7 @@ from twin.sched.adapter_cache import AdapterLoad
 from twin.sim.itl_histogram import ITLHistogram
 from twin.sim.results import RunResult, summarize
 from twin.workload.catalog import AdapterCatalog
-from twin.workload.schema import validate_trace
+from twin.workload.schema import in_window, validate_trace
 
 GIB = 2 ** 30
 DEFAULT_CPU_KV_GIB = 1.0   # CPU KV-cache budget when no block count is given (cf. vLLM's
@@ -433,8 +433,7 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
         if not time_scale > 0:
             raise TwinInputError(f"time_scale must be > 0, got {time_scale}", field="time_scale")
         trace = trace.assign(arrival_s=trace["arrival_s"] * float(time_scale))
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = in_window(trace, window_s, trace_source)
     if config.enable_lora:
         catalog = resolve_catalog(catalog, trace)
         check_unknown_adapters(trace, catalog, trace_source)

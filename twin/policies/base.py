@@ -94,13 +94,12 @@ class Policy:
         """Deploy and simulate; returns a :class:`~twin.policies.deployment.PolicyRun`."""
         from twin.models.profile import Profile, load_profile
         from twin.policies.deployment import run_deployment
-        from twin.workload.schema import validate_trace
+        from twin.workload.schema import in_window, validate_trace
 
         if not isinstance(profile, Profile):
             profile = load_profile(profile)
         trace = validate_trace(trace, source=trace_source)
-        if window_s is not None:
-            trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+        trace = in_window(trace, window_s, trace_source)
         dep = self.deploy(trace, config, profile, catalog, gpus)
         return run_deployment(dep, trace, config, profile, catalog, window_s=window_s,
                               progress=progress, record_steps=record_steps,

@@ -62,13 +62,12 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     to the strategies' constructors (e.g. ``k``, ``dynamic``, ``admission``); ``gpus`` fixes
     every strategy's GPU count."""
     from twin.models.profile import Profile, load_profile
-    from twin.workload.schema import validate_trace
+    from twin.workload.schema import in_window, validate_trace
 
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = in_window(trace, window_s, trace_source)
     runs: dict[str, PolicyRun] = {}
     for p in policies:
         label, p = p if isinstance(p, tuple) else (None, p)

@@ -23,7 +23,7 @@ from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sim.itl_histogram import ITLHistogram
 from twin.sim.results import RunResult, request_table, summarize, waiting_growth
 from twin.workload.catalog import AdapterCatalog
-from twin.workload.schema import validate_trace
+from twin.workload.schema import in_window, validate_trace
 
 
 def kv_capacity_tokens(config: ServingConfig, profile: Profile) -> int:
@@ -103,8 +103,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     trace = validate_trace(trace, source=trace_source)
     if build_server is None:
         refuse_unserved_adapters(config, trace, trace_source)
-    if window_s is not None:
-        trace = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    trace = in_window(trace, window_s, trace_source)
     names = trace["adapter"].dropna().unique().tolist()
     if catalog is None:
         catalog = AdapterCatalog.uniform(sorted(names), config.max_lora_rank)

@@ -135,6 +135,22 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def in_window(trace: pd.DataFrame, window_s: float | None,
+              source: str = "trace") -> pd.DataFrame:
+    """The requests arriving within ``window_s`` (all of them when None): what ``vllm bench
+    serve`` with a time limit sends. A window that ends before the first arrival sends
+    nothing and would report an empty run as a result, so it is refused."""
+    if window_s is None:
+        return trace
+    kept = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
+    if len(trace) and not len(kept):
+        first = float(trace["arrival_s"].min())
+        raise TwinInputError(f"the window ({window_s:g} s) ends before the first arrival "
+                             f"({first:g} s): no request would be sent; give a window longer "
+                             f"than {first:g} s, or none", file=source, field="window_s")
+    return kept
+
+
 def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     """Check a trace against the contract and return it with canonical dtypes.
 
