@@ -199,6 +199,9 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
     C: list[tuple[str, list[str], object]] = []
 
     def add(name, argv, check=None):
+        if argv and argv[0] == "compare" and "--out" not in argv:   # default: ./runs/...
+            argv = argv + ["--out", out("cmp_" + "".join(c if c.isalnum() else "_"
+                                                         for c in name))]
         C.append((name, argv, check))
 
     def out(name):
@@ -525,7 +528,9 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
     add("train --window-s -1", ["train", "--no-progress", "--quick", "--no-install",
                                 "--window-s", "-1", "--out", out("tr4")])
     add("train --workers 0", ["train", "--no-progress", "--quick", "--no-install",
-                              "--workers", "0", "--window-s", "nan", "--out", out("tr5")])
+                              "--workers", "0", "--out", out("tr5")])
+    add("train --window-s nan", ["train", "--no-progress", "--quick", "--no-install",
+                                 "--window-s", "nan", "--out", out("tr6")])
 
     # --- recommend / place
     for cmd in ["recommend", "place"]:
