@@ -137,3 +137,17 @@ def test_window_before_first_arrival_is_an_input_error(command, tmp_path, capsys
     assert "window_s" in err and "first arrival" in err
     # a window reaching the first arrival still runs
     assert main([command, "--trace", str(path), "--window-s", "110"]) == 0
+
+
+def test_validate_refuses_a_profile_of_another_model(capsys, tmp_path):
+    """`validate --profile llama31-8b-h100-64gb --model tiny` used to serve the tiny model and
+    compare it with the twin pricing an 8B model on an H100: a table of "errors" that
+    measure nothing, exit 0."""
+    tr = rate_class_trace(2, [1.0], duration_s=2, lengths=uniform_lengths(8, 16), seed=1)
+    path = tmp_path / "t.csv"
+    tr.to_csv(path, index=False)
+    rc = main(["validate", "--no-progress", "--profile", "llama31-8b-h100-64gb", "--model",
+               "tiny", "--limit", "2", "--time-scale", "0.01", "--trace", str(path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--profile" in err and "layers 32 vs 2" in err
