@@ -151,3 +151,22 @@ def test_validate_refuses_a_profile_of_another_model(capsys, tmp_path):
     assert rc == 2
     err = capsys.readouterr().err
     assert "--profile" in err and "layers 32 vs 2" in err
+
+
+def test_json_stdout_is_standard_json_when_a_metric_has_no_sample(tmp_path, capsys):
+    """`simulate --json` with nothing finished in the window printed `NaN` for TTFT/TPOT/E2E:
+    not JSON (RFC 8259), so JavaScript/Go/Rust parsers rejected the whole document."""
+    import json
+
+    tr = rate_class_trace(2, [1.0], duration_s=5, lengths=uniform_lengths(8, 16), seed=1)
+    tr["arrival_s"] = 0.0
+    path = tmp_path / "t.csv"
+    tr.to_csv(path, index=False)
+    assert main(["simulate", "--no-progress", "--json", "--trace", str(path),
+                 "--window-s", "0.0001"]) == 0
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert doc["completed"] == 0 and doc["ttft_ms"]["mean"] is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from twin.argtypes import device_name, positive_float, positive_int
@@ -63,7 +62,7 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.outputs import console, input_paths, prepare
+    from twin.outputs import console, input_paths, json_document, prepare
     from twin.sim.cli import config_from_args
     from twin.validate import validate
     from twin.workload.schema import read_trace
@@ -83,7 +82,7 @@ def run(args) -> int:
                      progress=not args.no_progress, seed=args.seed,
                      trace_source=str(args.trace), repeats=args.repeats)
     if args.json:
-        print(json.dumps(v.to_dict(), indent=2))
+        print(json_document(v.to_dict(), indent=2))
     else:
         print(v.format(f"executor vs twin: {args.trace} ({len(trace)} requests, "
                        f"{v.num_blocks} KV blocks, profile {args.profile})"))

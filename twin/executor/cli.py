@@ -7,7 +7,6 @@ imports torch until a command runs, so ``twin --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -215,7 +214,7 @@ def run_execute(args) -> int:
 
     from twin.executor.engine import execute
     from twin.executor.weights import cache_root
-    from twin.outputs import console, input_paths, prepare
+    from twin.outputs import console, input_paths, json_document, prepare
     from twin.workload.schema import read_trace
 
     if args.plot and not args.out:
@@ -248,7 +247,7 @@ def run_execute(args) -> int:
         result.meta["trace"] = str(args.trace)
         result.meta["adapters"] = str(catalog) if catalog is not None else None
         if args.json:
-            print(json.dumps(result.summary, indent=2))
+            print(json_document(result.summary, indent=2))
         else:
             text = result.format_summary().replace("(twin)", "(executor)")
             print(text)

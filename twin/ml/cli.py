@@ -293,7 +293,7 @@ def _recommend(args) -> int:
     from twin.ml.export import plot_served_map, write_config_files, write_json
     from twin.ml.recommender import Recommender, recommend, served_map
     from twin.models.profile import load_profile
-    from twin.outputs import console, staged_dir
+    from twin.outputs import console, json_document, staged_dir
 
     say = console(args.json)
     profile = load_profile(args.profile)
@@ -334,7 +334,7 @@ def _recommend(args) -> int:
         names = [out / Path(p).name for p in written]
     say("wrote " + ", ".join(str(p) for p in names))
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2, default=str))
+        print(json_document(rec.to_dict(), indent=2, default=str))
     return 0 if rec.ok else 3
 
 

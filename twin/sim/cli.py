@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from twin.argtypes import positive_float, strict_bool
@@ -84,7 +83,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from twin.errors import TwinInputError
-    from twin.outputs import console, input_paths, prepare
+    from twin.outputs import console, input_paths, json_document, prepare
     from twin.sim import simulate
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import read_trace
@@ -102,7 +101,7 @@ def run(args) -> int:
                           trace_source=str(args.trace))
         result.meta["trace"] = str(args.trace)
         if args.json:
-            print(json.dumps(result.summary, indent=2))
+            print(json_document(result.summary, indent=2))
         else:
             print(result.format_summary())
         if args.out:
