@@ -46,7 +46,7 @@ def _refused_by_argparse(argv, capsys, flag):
     (["calibrate", "--executor", "--out", "p.json", "--threads", "0"], "--threads"),
     (["calibrate", "--executor", "--out", "p.json", "--device-memory-gib", "-1"],
      "--device-memory-gib"),
-    (["calibrate", "--executor", "--out", "p.json", "--budget", "0"], "--budget"),
+    (["calibrate", "--executor", "--out", "p.json", "--budget", "nan"], "--budget"),
     (["recommend", "--trace", "t.csv", "--max-runs", "0"], "--max-runs"),
     (["place", "--trace", "t.csv", "--max-runs", "0"], "--max-runs"),
     (["place", "--trace", "t.csv", "--max-gpus", "0"], "--max-gpus"),

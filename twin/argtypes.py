@@ -80,3 +80,8 @@ def device_name(text: str) -> str:
     if word in ("cpu", "cuda") or (word.startswith("cuda:") and word[5:].isdigit()):
         return word
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (``--budget 0``: measure the first cell only)."""
+    return _number(float, text, minimum=0)

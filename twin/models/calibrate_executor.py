@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.argtypes import device_name, positive_float, positive_int
+from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
 from twin.errors import TwinInputError
 from twin.models.step_time import FEATURES
 
@@ -604,7 +604,7 @@ def add_executor_args(parser) -> None:
     g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
                    help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
                         "rank) or slora (unified pages, exact ranks); default vllm")
-    g.add_argument("--budget", type=positive_float, default=None, metavar="SECONDS",
+    g.add_argument("--budget", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="stop launching microbenchmarks after this many seconds")
     g.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, pinned and recorded (default 1)")
