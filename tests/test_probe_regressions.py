@@ -170,3 +170,18 @@ def test_json_stdout_is_standard_json_when_a_metric_has_no_sample(tmp_path, caps
 
     doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert doc["completed"] == 0 and doc["ttft_ms"]["mean"] is None
+
+
+def test_servegen_too_many_requests_is_an_input_error(tmp_path, capsys):
+    """`trace servegen --duration-s 1e12 --total-rate 1` tried to allocate 7 TiB
+    (MemoryError, exit 70)."""
+    from twin.workload import public
+
+    try:
+        public.shared_trace_path(public.SERVEGEN_RATE_FILE)
+    except TwinInputError:
+        pytest.skip("shared data (ServeGen) not available")
+    rc = main(["trace", "servegen", "--tenants", "4", "--duration-s", "1e12", "--total-rate",
+               "1", "--out", str(tmp_path / "s.parquet")])
+    assert rc == 2
+    assert "requests expected" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.public import _powerlaw_index, powerlaw_shares
+from twin.workload.public import MAX_REQUESTS, _powerlaw_index, powerlaw_shares
 from twin.workload.schema import validate_trace
 
 __all__ = ["LengthSampler", "uniform_lengths", "pool_lengths", "as_length_sampler",
@@ -117,10 +117,7 @@ def renewal_arrivals(rates: Sequence[float], duration_s: float, *, cv: float = 1
     return t[order], stream[order]
 
 
-# A generated trace is held in memory (~60 bytes a request, several arrays while drawn):
-# past these sizes the generator would exhaust memory or run for hours, not make a trace.
-MAX_REQUESTS = 50_000_000
-MAX_ADAPTERS = 10_000_000
+MAX_ADAPTERS = 10_000_000     # one name and one rate per adapter, held in memory
 
 
 def _check(n_adapters: int, duration_s: float, cv: float, total_rate: float = 0.0) -> None:
