@@ -74,7 +74,7 @@ def run(args) -> int:
     from twin.policies.compare import compare, plot_comparison
     from twin.sim.cli import config_from_args
     from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import in_window, read_trace
 
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in names if p not in POLICY_CLASSES]
@@ -89,6 +89,7 @@ def run(args) -> int:
     with prepare(out, "compare", inputs=input_paths(args)):
         config = config_from_args(args)
         trace = read_trace(args.trace)
+        in_window(trace, args.window_s, str(args.trace), refuse_empty=True)
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
         options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
                    "admission": args.slora_admission, "slora_admission": args.slora_admission,

@@ -65,7 +65,7 @@ def run(args) -> int:
     from twin.outputs import console, input_paths, json_document, prepare
     from twin.sim.cli import config_from_args
     from twin.validate import validate
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import in_window, read_trace
 
     say = console(args.json)
     # --out is checked (and locked) before the executor runs
@@ -76,6 +76,7 @@ def run(args) -> int:
             trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
         if args.time_scale != 1.0:
             trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
+        in_window(trace, args.window_s, str(args.trace), refuse_empty=True)
         v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
                      threads=args.threads, num_gpu_blocks=args.num_gpu_blocks,
                      device=args.device, window_s=args.window_s,

@@ -92,7 +92,7 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=positive_float, default=None,
                    help="CPU KV-cache budget in GiB (default 1; never more than the trace "
                         "can use)")
-    p.add_argument("--time-scale", type=positive_float, default=1.0,
+    p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply arrival times by this (0.1 = ten times faster; default 1)")
     p.add_argument("--window-s", type=positive_float, default=None,
                    help="stop after this many seconds (arrivals after it dropped)")
@@ -215,7 +215,7 @@ def run_execute(args) -> int:
     from twin.executor.engine import execute
     from twin.executor.weights import cache_root
     from twin.outputs import console, input_paths, json_document, prepare
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import in_window, read_trace
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
@@ -226,6 +226,9 @@ def run_execute(args) -> int:
         trace = read_trace(args.trace)
         if args.limit is not None:
             trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+        if args.time_scale > 0:   # the window applies to scaled arrivals (bad scales: engine)
+            in_window(trace.assign(arrival_s=trace["arrival_s"] * args.time_scale),
+                      args.window_s, str(args.trace), refuse_empty=True)
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TwinInputError("CUDA is not available on this machine", field="--device")

@@ -86,7 +86,7 @@ def run(args) -> int:
     from twin.outputs import console, input_paths, json_document, prepare
     from twin.sim import simulate
     from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import in_window, read_trace
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
@@ -95,6 +95,7 @@ def run(args) -> int:
     with prepare(args.out, "simulate", inputs=input_paths(args)):
         config = config_from_args(args)
         trace = read_trace(args.trace)
+        in_window(trace, args.window_s, str(args.trace), refuse_empty=True)
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
         result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
                           progress=not args.no_progress, record_steps=args.steps,

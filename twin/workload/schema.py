@@ -136,14 +136,15 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def in_window(trace: pd.DataFrame, window_s: float | None,
-              source: str = "trace") -> pd.DataFrame:
+              source: str = "trace", *, refuse_empty: bool = False) -> pd.DataFrame:
     """The requests arriving within ``window_s`` (all of them when None): what ``vllm bench
-    serve`` with a time limit sends. A window that ends before the first arrival sends
-    nothing and would report an empty run as a result, so it is refused."""
+    serve`` with a time limit sends. ``refuse_empty`` (the commands, for a user's
+    ``--window-s``): a window that ends before the first arrival sends nothing and would
+    report an empty run as a result, so it is refused."""
     if window_s is None:
         return trace
     kept = trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
-    if len(trace) and not len(kept):
+    if refuse_empty and len(trace) and not len(kept):
         first = float(trace["arrival_s"].min())
         raise TwinInputError(f"the window ({window_s:g} s) ends before the first arrival "
                              f"({first:g} s): no request would be sent; give a window longer "
