@@ -179,6 +179,11 @@ def check_all_rejected(out):
     return None
 
 
+def should_refuse(out):
+    """The command ran, but the input asks for nothing sensible: it must be refused."""
+    return "ran (exit 0) where the input should have been refused"
+
+
 def check_completed(n):
     def chk(out):
         s = _summary(out)
@@ -233,7 +238,7 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
     add("sim all too long", S + ["--trace", f["all_too_long"], "--out", out("toolong")],
         check_all_rejected)
     add("sim window < first arrival", S + ["--trace", f["late_start"], "--window-s", "5",
-                                           "--out", out("late")])
+                                           "--out", out("late")], should_refuse)
     # --- simulate: flags
     for v in ["0", "-1", "nan", "inf", "1e400", "", "1,2", "abc", "0.0001"]:
         add(f"sim --window-s {v!r}", S + ["--trace", sm, "--window-s", v])
@@ -382,9 +387,9 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
     add("exec ok", E + ["--trace", sm, "--make-adapters", "4", "--max-loras", "2",
                         "--out", out("ex_ok")], check_completed(6))
     add("exec --limit 0", ["execute", "--no-progress", "--model", "tiny", "--limit", "0",
-                           "--trace", sm, "--make-adapters", "2"])
+                           "--trace", sm, "--make-adapters", "2"], should_refuse)
     add("exec --limit -1", ["execute", "--no-progress", "--model", "tiny", "--limit", "-1",
-                            "--trace", sm, "--make-adapters", "2"])
+                            "--trace", sm, "--make-adapters", "2"], should_refuse)
     add("exec --time-scale 0", ["execute", "--no-progress", "--model", "tiny", "--limit", "3",
                                 "--time-scale", "0", "--trace", sm, "--make-adapters", "2"])
     add("exec --time-scale -1", ["execute", "--no-progress", "--model", "tiny", "--limit",
@@ -475,8 +480,8 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
     add("cal exec --threads 0", CA + ["--executor", "--model", "tiny", "--threads", "0",
                                       "--budget", "1", "--out", out("c15.json")])
     add("cal exec --device-memory-gib -1", CA + ["--executor", "--model", "tiny",
-                                                 "--device-memory-gib", "-1", "--budget", "1",
-                                                 "--out", out("c16.json")])
+                                                                 "--device-memory-gib", "-1", "--budget", "1",
+                                                 "--out", out("c16.json")], should_refuse)
     add("cal exec + runs", CA + ["--executor", "--from-vllm-runs", f["runs_garbage"],
                                  "--out", out("c17.json")])
 
@@ -486,15 +491,17 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
     add("val ok", V + ["--trace", sm, "--max-loras", "2", "--json"])
     add("val --profile h100 with tiny", ["validate", "--no-progress", "--profile",
                                          "llama31-8b-h100-64gb", "--model", "tiny", "--limit",
-                                         "4", "--time-scale", "0.01", "--trace", sm])
-    add("val --repeats 0", V + ["--trace", sm, "--repeats", "0"])
+                                         "4", "--time-scale", "0.01", "--trace", sm],
+        should_refuse)
+    add("val --repeats 0", V + ["--trace", sm, "--repeats", "0"], should_refuse)
     add("val --limit 0", ["validate", "--no-progress", "--profile", "cpu-tiny", "--model",
-                          "tiny", "--limit", "0", "--trace", sm])
+                          "tiny", "--limit", "0", "--trace", sm], should_refuse)
     add("val --num-gpu-blocks 0", V + ["--trace", sm, "--num-gpu-blocks", "0"])
     add("val garbage trace", V + ["--trace", f["garbage"]])
     add("val all base", V + ["--trace", f["all_base"]])
     add("val --time-scale 0", ["validate", "--no-progress", "--profile", "cpu-tiny", "--model",
-                               "tiny", "--limit", "3", "--time-scale", "0", "--trace", sm])
+                               "tiny", "--limit", "3", "--time-scale", "0", "--trace", sm],
+        should_refuse)
 
     # --- sweep
     SW = ["sweep", "--no-progress", "--window-s", "20", "--slots", "1,2", "--workers", "1"]
@@ -552,7 +559,7 @@ def cases(f: dict[str, str], tmp: Path) -> list[tuple[str, list[str], object]]:
         add(f"{cmd} --window-s 0", R + ["--trace", sm, "--window-s", "0", "--out",
                                         out(cmd + "_w0")])
         add(f"{cmd} --max-runs 0", [cmd, "--workers", "1", "--max-runs", "0", "--trace", sm,
-                                    "--out", out(cmd + "_mr0")])
+                                    "--out", out(cmd + "_mr0")], should_refuse)
         add(f"{cmd} --model bad", R + ["--trace", sm, "--model", f["model_bad"], "--out",
                                        out(cmd + "_mb")])
         add(f"{cmd} --base-config list", R + ["--trace", sm, "--base-config", f["cfg_list"],
@@ -615,6 +622,8 @@ def run_case(case, timeout, env):
         cls = "internal"
     elif p.returncode == 3 and argv[0] in ("recommend", "place"):
         cls = "ok"          # exit 3: no verified configuration -- an answer, not a crash
+        if check is should_refuse:
+            cls, first = "wrong", should_refuse(None)
     else:
         cls = "traceback"
     return name, cls, p.returncode, first[:160], time.monotonic() - t0
@@ -623,6 +632,8 @@ def run_case(case, timeout, env):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help="run only cases whose name contains this")
+    ap.add_argument("--marked", action="store_true",
+                    help="run only the cases that must be refused (silently wrong when ok)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=180)
     args = ap.parse_args()
@@ -636,7 +647,8 @@ def main():
         (tmp / "emptydir").mkdir()
         (tmp / "in").mkdir()
         files = build_files(tmp / "in")
-        todo = [c for c in cases(files, tmp) if not args.only or args.only in c[0]]
+        todo = [c for c in cases(files, tmp) if (not args.only or args.only in c[0])
+                and (not args.marked or c[2] is should_refuse)]
         with ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda c: run_case(c, args.timeout, env), todo))
     counts: dict[str, int] = {}
