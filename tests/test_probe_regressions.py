@@ -185,3 +185,14 @@ def test_servegen_too_many_requests_is_an_input_error(tmp_path, capsys):
                "1", "--out", str(tmp_path / "s.parquet")])
     assert rc == 2
     assert "requests expected" in capsys.readouterr().err
+
+
+def test_trace_selecting_no_request_is_an_input_error(tmp_path, capsys):
+    """`trace azure --limit-s 0` (or a span/rate with no arrival) wrote a trace of 0 requests,
+    exit 0 -- a file every other command then refuses."""
+    out = tmp_path / "empty.csv"
+    rc = main(["trace", "rate-classes", "--adapters", "1", "--rates", "0.001", "--duration-s",
+               "0.001", "--lengths", "uniform", "--out", str(out)])
+    assert rc == 2
+    assert "no request" in capsys.readouterr().err
+    assert not out.exists()
