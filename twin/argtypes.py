@@ -65,3 +65,23 @@ def comma_list(conv: Callable = float, *, minimum=None, positive: bool = False,
 
     parse.__name__ = f"comma-separated {name}"
     return parse
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts: --limit, --repeats, --threads, --max-runs, --max-gpus: zero
+    or a negative count would silently do nothing, or -- as ``head(-1)`` -- something else)."""
+    return _number(int, text, minimum=1)
+
+
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``: the devices the executor runs on, checked before any
+    model is loaded (torch's own error for ``--device gpu`` lists a dozen backends)."""
+    word = str(text).strip().lower()
+    if word in ("cpu", "cuda") or (word.startswith("cuda:") and word[5:].isdigit()):
+        return word
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (``--budget 0``: measure the first cell only)."""
+    return _number(float, text, minimum=0)

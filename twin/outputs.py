@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import shutil
 import sys
@@ -336,3 +337,20 @@ def console(json_mode: bool):
         k["file"] = sys.stderr
         print(*a, **k)
     return say
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_document(obj, **kw) -> str:
+    """``obj`` as standard JSON for ``--json`` stdout: NaN/inf (a metric with no sample, e.g.
+    TTFT when nothing finished) become null, as RFC 8259 has no NaN; Python's default
+    ``NaN`` token makes JavaScript, Go and Rust parsers reject the whole document."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from twin.argtypes import positive_float
+from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
 from twin.errors import TwinInputError
 
 _DESCRIPTION = """\
@@ -90,6 +90,17 @@ def run(args) -> int:
     executor = getattr(args, "executor", False)
     if not executor and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
+    if executor:
+        # the two modes fit different things: silently ignoring the runs (and the vLLM-run
+        # inputs) would calibrate the executor while the user believes their GPU was fitted
+        given = [f for f, v in (("--from-vllm-runs", args.from_vllm_runs),
+                                ("--bench-config", args.bench_config),
+                                ("--kv-capacity", args.kv_capacity),
+                                ("--load-times", args.load_times)) if v]
+        if given:
+            raise TwinInputError(f"--executor calibrates the reference executor and reads no "
+                                 f"vLLM measurements; drop {', '.join(given)} (or --executor)",
+                                 field=given[0])
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
     # --out is checked (and locked) before the calibration, not after it
@@ -140,23 +151,24 @@ def add_executor_args(parser) -> None:
     g.add_argument("--executor", action="store_true",
                    help="calibrate on the reference executor instead of vLLM runs")
     g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model, KV-cache and LoRA dtype of the executor (default float32)")
     g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
                    help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
                         "rank) or slora (unified pages, exact ranks); default vllm")
-    g.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--budget", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="stop launching microbenchmarks after this many seconds")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, pinned and recorded (default 1)")
-    g.add_argument("--repeats", type=int, default=3,
+    g.add_argument("--repeats", type=positive_int, default=3,
                    help="rounds: every cell is served once per round, rounds interleaved "
                         "(a re-run with more rounds measures only the new ones; default 3)")
     g.add_argument("--statistic", choices=("mean", "median"), default="mean",
                    help="per-step statistic over repeats to fit (default mean: includes the "
                         "interference of other processes that a live run pays)")
-    g.add_argument("--device-memory-gib", type=float, default=None,
+    g.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help=f"device memory for the KV model; on CPU a budget (default "
                         f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
 

@@ -71,7 +71,7 @@ def run(args) -> int:
     from twin.policies import POLICY_CLASSES
     from twin.policies.compare import compare, write_comparison
     from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import read_trace, refuse_empty_window
 
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in names if p not in POLICY_CLASSES]
@@ -86,6 +86,7 @@ def run(args) -> int:
     with prepare(out, "compare", inputs=input_paths(args)):
         config = config_from_args(args)
         trace = read_trace(args.trace)
+        refuse_empty_window(trace, args.window_s, str(args.trace))
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
         options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
                    "admission": args.slora_admission, "slora_admission": args.slora_admission,

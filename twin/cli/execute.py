@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from twin.argtypes import comma_list, positive_float
+from twin.argtypes import comma_list, device_name, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args
 from twin.errors import TwinInputError
 
@@ -68,7 +68,7 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
                               description=_EXECUTE_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True, type=Path, help="trace (.parquet or .csv)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="serve only the first N requests of the trace")
     _model_flag(p)
     src = p.add_mutually_exclusive_group()
@@ -81,14 +81,15 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
                           "with them")
     p.add_argument("--ranks", type=_ranks, default=(8, 16),
                    help="ranks of --make-adapters, cycled (default 8,16)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model, KV-cache and LoRA dtype (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV cache size in blocks (vLLM's --num-gpu-blocks-override); default: "
                         "from free GPU memory on CUDA, --kv-cache-gib on CPU")
-    p.add_argument("--kv-cache-gib", type=float, default=None,
+    p.add_argument("--kv-cache-gib", type=positive_float, default=None,
                    help="CPU KV-cache budget in GiB (default 1; never more than the trace "
                         "can use)")
     p.add_argument("--time-scale", type=float, default=1.0,
@@ -157,8 +158,8 @@ def run_execute(args) -> int:
     from twin.executor.adapters import make_cached_adapters
     from twin.executor.engine import execute
     from twin.executor.weights import resolve_model
-    from twin.outputs import console, input_paths, prepare
-    from twin.workload.schema import read_trace
+    from twin.outputs import console, input_paths, json_document, prepare
+    from twin.workload.schema import read_trace, refuse_empty_window
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
@@ -169,6 +170,9 @@ def run_execute(args) -> int:
         trace = read_trace(args.trace)
         if args.limit is not None:
             trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+        if args.time_scale > 0:   # the window applies to scaled arrivals (bad scales: engine)
+            refuse_empty_window(trace.assign(arrival_s=trace["arrival_s"] * args.time_scale),
+                                args.window_s, str(args.trace))
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TwinInputError("CUDA is not available on this machine", field="--device")
@@ -187,7 +191,7 @@ def run_execute(args) -> int:
         result.meta["trace"] = str(args.trace)
         result.meta["adapters"] = str(catalog) if catalog is not None else None
         if args.json:
-            print(json.dumps(result.summary, indent=2))
+            print(json_document(result.summary, indent=2))
         else:
             text = result.format_summary().replace("(twin)", "(executor)")
             print(text)

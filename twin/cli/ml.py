@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from twin.argtypes import comma_list, positive_float
+from twin.argtypes import comma_list, positive_float, positive_int
 from twin.errors import TwinInputError
 from twin.results import crop_window
 
@@ -84,8 +84,10 @@ def _common_workload(p):
     p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
     p.add_argument("--model-name", default=None,
                    help="model for `vllm serve` (default: the profile's model)")
-    p.add_argument("--max-runs", type=int, default=4, help="twin runs per GPU (default 4)")
-    p.add_argument("--workers", type=int, default=2, help="parallel twin runs (default 2)")
+    p.add_argument("--max-runs", type=positive_int, default=4,
+                   help="twin runs per GPU (default 4)")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="parallel twin runs (default 2)")
 
 
 def add_ml_parsers(subparsers) -> None:
@@ -102,7 +104,8 @@ def add_ml_parsers(subparsers) -> None:
                    help="measured window per run (default 3600)")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes (default: CPUs)")
     p.add_argument("--no-early-exit", action="store_true",
                    help="simulate clearly starving points for the whole window too")
     p.add_argument("--no-progress", action="store_true")
@@ -122,7 +125,7 @@ def add_ml_parsers(subparsers) -> None:
     p = subparsers.add_parser("place", help="place adapters on the fewest GPUs",
                               description=_PLACE, formatter_class=_FMT)
     _common_workload(p)
-    p.add_argument("--max-gpus", type=int, default=64)
+    p.add_argument("--max-gpus", type=positive_int, default=64)
     p.add_argument("--out", type=Path, default=Path("runs/place"),
                    help="output folder (default runs/place)")
     p.set_defaults(func=run_place_cmd)
@@ -138,14 +141,15 @@ def add_ml_parsers(subparsers) -> None:
 
 def add_train_args(p):
     p.add_argument("--profile", default=None)
-    p.add_argument("--families", type=int, default=100, help="training workload families")
-    p.add_argument("--heldout-families", type=int, default=20)
+    p.add_argument("--families", type=positive_int, default=100,
+                   help="training workload families")
+    p.add_argument("--heldout-families", type=positive_int, default=20)
     p.add_argument("--rate-range", default="3,45",
                    type=comma_list(float, positive=True, length=2, name="req/s bounds"),
                    help="aggregate req/s range of the sampled workloads (default 3,45: "
                         "light to ~2x one H100's capacity)")
     p.add_argument("--window-s", type=positive_float, default=600.0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/train"))
     p.add_argument("--no-install", action="store_true",
@@ -246,7 +250,7 @@ def _recommend(args) -> int:
     from twin.ml.recommender import Recommender, recommend
     from twin.ml.spec import base_config
     from twin.models.profile import load_profile
-    from twin.outputs import console, staged_dir
+    from twin.outputs import console, json_document, staged_dir
 
     say = console(args.json)
     profile = load_profile(args.profile)
@@ -268,7 +272,7 @@ def _recommend(args) -> int:
         names = [out / Path(p).name for p in written]
     say("wrote " + ", ".join(str(p) for p in names))
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2, default=str))
+        print(json_document(rec.to_dict(), indent=2, default=str))
     return 0 if rec.ok else 3
 
 

@@ -56,10 +56,10 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from twin.errors import TwinInputError
-    from twin.outputs import console, input_paths, prepare
+    from twin.outputs import console, input_paths, json_document, prepare
     from twin.sim import simulate
     from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import read_trace, refuse_empty_window
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
@@ -68,13 +68,14 @@ def run(args) -> int:
     with prepare(args.out, "simulate", inputs=input_paths(args)):
         config = config_from_args(args)
         trace = read_trace(args.trace)
+        refuse_empty_window(trace, args.window_s, str(args.trace))
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
         result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
                           progress=not args.no_progress, record_steps=args.steps,
                           trace_source=str(args.trace))
         result.meta["trace"] = str(args.trace)
         if args.json:
-            print(json.dumps(result.summary, indent=2))
+            print(json_document(result.summary, indent=2))
         else:
             print(result.format_summary())
         if args.out:

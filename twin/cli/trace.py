@@ -217,6 +217,10 @@ def run(args) -> int:
     # marker, so an existing one is never replaced
     with prepare(out, "trace", inputs=input_paths(args), file=True):
         df = build(args)
+        if not len(df):   # every command refuses a trace without requests: say so now
+            raise TwinInputError("these options select no request (e.g. --limit-s 0, or a "
+                                 "span or rate with no arrivals); nothing written",
+                                 file=str(out))
         if out.suffix.lower() == ".csv":
             with staged_file(out, "trace") as tmp:
                 validate_trace(df, source=str(out)).to_csv(tmp, index=False)

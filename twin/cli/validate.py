@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from twin.argtypes import positive_float
+from twin.argtypes import device_name, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args
 
 _DESCRIPTION = """\
@@ -39,17 +38,18 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=Path,
                    help="PEFT adapters directory or catalog (default: synthetic ones named "
                         "after the trace's adapters, ranks 8,16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the profile's calibration threads)")
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV blocks for both (default: the profile's memory model, capped at "
                         "what the trace can use)")
-    p.add_argument("--limit", type=int, default=None, help="first N requests only")
-    p.add_argument("--time-scale", type=float, default=1.0,
+    p.add_argument("--limit", type=positive_int, default=None, help="first N requests only")
+    p.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply arrival times (0.5 = twice as fast)")
     p.add_argument("--window-s", type=positive_float, default=None, help="measure a fixed window")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="executor runs; the twin is compared to their median (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")
@@ -61,9 +61,9 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.outputs import console, input_paths, prepare
+    from twin.outputs import console, input_paths, json_document, prepare
     from twin.validate import validate
-    from twin.workload.schema import read_trace
+    from twin.workload.schema import read_trace, refuse_empty_window
 
     say = console(args.json)
     # --out is checked (and locked) before the executor runs
@@ -74,13 +74,14 @@ def run(args) -> int:
             trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
         if args.time_scale != 1.0:
             trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
+        refuse_empty_window(trace, args.window_s, str(args.trace))
         v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
                      threads=args.threads, num_gpu_blocks=args.num_gpu_blocks,
                      device=args.device, window_s=args.window_s,
                      progress=not args.no_progress, seed=args.seed,
                      trace_source=str(args.trace), repeats=args.repeats)
     if args.json:
-        print(json.dumps(v.to_dict(), indent=2))
+        print(json_document(v.to_dict(), indent=2))
     else:
         print(v.format(f"executor vs twin: {args.trace} ({len(trace)} requests, "
                        f"{v.num_blocks} KV blocks, profile {args.profile})"))

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
+from twin.config import ALLOWED_LORA_RANKS
 from twin.errors import TwinInputError
 from twin.executor.model import (LORA_GROUPS, LORA_MODULES, MODULE_GROUP, MODULE_PARENT,
                                  LlamaShape)
@@ -307,6 +308,11 @@ def write_synthetic_adapters(model_dir, out_dir, n: int, ranks: Iterable[int] = 
     ranks = [int(r) for r in ranks]
     if not ranks or min(ranks) < 1:
         raise ValueError(f"ranks must be positive integers, got {ranks}")
+    if max(ranks) > ALLOWED_LORA_RANKS[-1]:
+        # vLLM serves no adapter above its largest max_lora_rank; such a rank would only
+        # try to allocate (ranks x hidden) weights per module until memory runs out
+        raise TwinInputError(f"ranks must be <= {ALLOWED_LORA_RANKS[-1]} (vLLM's largest "
+                             f"max_lora_rank), got {max(ranks)}", field="ranks")
     mods = list(LORA_MODULES if target_modules is None else target_modules)
     bad = [m for m in mods if m not in MODULE_GROUP]
     if bad:

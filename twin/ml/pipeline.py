@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from twin.errors import TwinInputError
+
 
 def train_main(args) -> int:
     """The whole retraining into the workspace ``args.out`` (checked and locked through
@@ -45,6 +47,9 @@ def _train(args) -> int:
     W = float(args.window_s)
     ee = EarlyExit()
     lo, hi = (float(x) for x in args.rate_range)   # argparse: two positive numbers
+    if lo > hi:
+        raise TwinInputError(f"--rate-range is LOW,HIGH req/s; got {lo:g},{hi:g}",
+                             field="--rate-range")
     train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
                                    rate_range=(lo, hi))
     held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W,

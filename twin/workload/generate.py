@@ -15,13 +15,14 @@ replacement (e.g. :func:`twin.workload.public.sharegpt_length_pool`) or a distri
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.public import _powerlaw_index, powerlaw_shares
+from twin.workload.public import MAX_REQUESTS, _powerlaw_index, powerlaw_shares
 from twin.workload.schema import validate_trace
 
 __all__ = ["LengthSampler", "uniform_lengths", "pool_lengths", "as_length_sampler",
@@ -116,13 +117,27 @@ def renewal_arrivals(rates: Sequence[float], duration_s: float, *, cv: float = 1
     return t[order], stream[order]
 
 
-def _check(n_adapters: int, duration_s: float, cv: float) -> None:
+MAX_ADAPTERS = 10_000_000     # one name and one rate per adapter, held in memory
+
+
+def _check(n_adapters: int, duration_s: float, cv: float, total_rate: float = 0.0) -> None:
+    """Refuse what the generators cannot make: no adapters, a non-finite or non-positive
+    duration/CV, or a trace too large to hold (``total_rate`` x ``duration_s`` requests)."""
     if int(n_adapters) < 1:
         raise TwinInputError(f"need at least one adapter, got {n_adapters}", field="n_adapters")
-    if not duration_s > 0:
-        raise TwinInputError(f"duration must be > 0 s, got {duration_s}", field="duration_s")
-    if not cv > 0:
-        raise TwinInputError(f"cv must be > 0, got {cv}", field="cv")
+    if int(n_adapters) > MAX_ADAPTERS:
+        raise TwinInputError(f"at most {MAX_ADAPTERS:,} adapters, got {n_adapters}",
+                             field="n_adapters")
+    if not (duration_s > 0 and math.isfinite(duration_s)):
+        raise TwinInputError(f"duration must be a finite number > 0 s, got {duration_s}",
+                             field="duration_s")
+    if not (cv > 0 and math.isfinite(cv)):
+        raise TwinInputError(f"cv must be a finite number > 0, got {cv}", field="cv")
+    if total_rate * duration_s > MAX_REQUESTS:
+        raise TwinInputError(f"{total_rate:g} req/s over {duration_s:g} s is "
+                             f"{total_rate * duration_s:.3g} requests; at most "
+                             f"{MAX_REQUESTS:,} fit in memory (lower the rate or the duration)",
+                             field="duration_s")
 
 
 def _frame(t: np.ndarray, idx: np.ndarray, names: np.ndarray, lens: np.ndarray,
@@ -152,10 +167,12 @@ def rate_class_trace(n_adapters: int, rates: Sequence[float] = (1.6, 0.8, 0.4), 
         raise TwinInputError(f"arrival must be 'poisson' or 'gamma', got {arrival!r}",
                              field="arrival")
     cv = 1.0 if arrival == "poisson" else float(cv)
-    _check(n_adapters, duration_s, cv)
     rates = np.asarray(rates, dtype=np.float64)
-    if not len(rates) or not (rates > 0).all():
-        raise TwinInputError(f"rates must be > 0 req/s, got {list(rates)}", field="rates")
+    if not len(rates) or not ((rates > 0) & np.isfinite(rates)).all():
+        raise TwinInputError(f"rates must be finite numbers > 0 req/s, got {list(rates)}",
+                             field="rates")
+    full, rest = divmod(max(int(n_adapters), 0), len(rates))   # adapter i: rates[i % len]
+    _check(n_adapters, duration_s, cv, float(full * rates.sum() + rates[:rest].sum()))
     sampler = as_length_sampler(lengths)
     rng = np.random.default_rng(seed)
     per_adapter = rng.permutation(rates[np.arange(n_adapters) % len(rates)])
@@ -175,12 +192,12 @@ def powerlaw_trace(n_adapters: int, total_rate: float, *, alpha: float = 1.0,
     expected rate, ``total_rate * P(adapter)`` (see
     :func:`twin.workload.public.powerlaw_shares`).
     """
-    _check(n_adapters, duration_s, cv)
-    if not total_rate > 0:
-        raise TwinInputError(f"total_rate must be > 0 req/s, got {total_rate}",
+    if not (total_rate > 0 and math.isfinite(total_rate)):
+        raise TwinInputError(f"total_rate must be a finite number > 0 req/s, got {total_rate}",
                              field="total_rate")
-    if not alpha > 0:
-        raise TwinInputError(f"alpha must be > 0, got {alpha}", field="alpha")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise TwinInputError(f"alpha must be a finite number > 0, got {alpha}", field="alpha")
+    _check(n_adapters, duration_s, cv, total_rate)
     sampler = as_length_sampler(lengths)
     rng = np.random.default_rng(seed)
     t, _ = renewal_arrivals([total_rate], duration_s, cv=cv, rng=rng)

@@ -41,6 +41,9 @@ SHAREGPT_FILE = "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 VLLM_H100_POOL_MEANS = (223.0, 196.0)
 
 _SERVEGEN_WINDOW_S = 600
+# A generated trace is held in memory (~60 bytes a request, several arrays while drawn):
+# past this size a generator would exhaust memory or run for hours, not make a trace.
+MAX_REQUESTS = 50_000_000
 
 
 # -- locating the shared data ----------------------------------------------------------------
@@ -352,6 +355,10 @@ def servegen_tenants(rate_csv, length_csv, *, model: str = "m-large", n_tenants:
 
     # requests per window: floor(rate * W) + Bernoulli(frac), unbiased for any rate
     expect = rate * _SERVEGEN_WINDOW_S
+    if expect.sum() > MAX_REQUESTS:
+        raise TwinInputError(f"{expect.sum():.3g} requests expected; at most "
+                             f"{MAX_REQUESTS:,} fit in memory (lower --total-rate or "
+                             f"--duration-s)", field="duration_s")
     count = (np.floor(expect) + (rng.random(len(win)) < expect % 1)).astype(np.int64)
     gaps_per = count + 1  # n arrivals need n+1 gaps to place them strictly inside the window
     shape = np.repeat(win["iat_shape"].to_numpy(dtype=np.float64), gaps_per)

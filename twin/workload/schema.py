@@ -135,6 +135,20 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
+                        source: str = "trace") -> None:
+    """A user's ``--window-s`` that ends before the first arrival sends nothing (``vllm bench
+    serve`` with a time limit) and would report an empty run as a result: refused. The
+    engines crop with :func:`twin.results.crop_window` and accept an empty window."""
+    if window_s is None or not len(trace):
+        return
+    first = float(trace["arrival_s"].min())
+    if first > window_s:
+        raise TwinInputError(f"the window ({window_s:g} s) ends before the first arrival "
+                             f"({first:g} s): no request would be sent; give a window longer "
+                             f"than {first:g} s, or none", file=source, field="window_s")
+
+
 def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     """Check a trace against the contract and return it with canonical dtypes.
 
