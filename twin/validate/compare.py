@@ -191,6 +191,25 @@ def usable_blocks(trace: pd.DataFrame, block_size: int, max_model_len: int) -> i
     return max(int((-(-total // block_size)).sum()) + 1, -(-max_model_len // block_size))
 
 
+_SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+
+
+def _check_profile_model(profile, m, model) -> None:
+    """The profile must describe the model the executor serves: the twin prices steps,
+    KV blocks and adapter bytes from the profile's shape, so an 8B/H100 profile compared
+    with ``--model tiny`` yields a table of large "errors" that measure nothing."""
+    from twin.errors import TwinInputError
+
+    diff = [f"{f} {getattr(profile.model, f)} vs {getattr(m.shape, f)}" for f in _SHAPE_FIELDS
+            if getattr(profile.model, f) != getattr(m.shape, f)]
+    if diff:
+        raise TwinInputError(
+            f"profile {profile.name!r} describes {profile.model.name} but --model "
+            f"{model if isinstance(model, str) else 'given'} has another shape "
+            f"({', '.join(diff)}); validate with a profile calibrated on this model "
+            f"(twin calibrate --executor --model ...)", field="--profile")
+
+
 def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, *,
              out: str | Path | None = None, threads: int | None = None,
              num_gpu_blocks: int | None = None, device: str = "cpu",
@@ -244,6 +263,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
                 "twin calibrate --executor") else "float32")
             m = LlamaModel.from_pretrained(resolve_model(str(model)), device=torch.device(device),
                                            dtype=getattr(torch, dtype))
+        _check_profile_model(profile, m, model)
         model_dir = None if isinstance(model, LlamaModel) else resolve_model(str(model))
         # the config as vLLM would run it: context capped at the model's
         config = config.replace(max_model_len=min(config.max_model_len,
