@@ -150,3 +150,13 @@ def test_executor_rejects_over_max_model_len(tmp_path):
     assert req["generated_tokens"].tolist() == [0, 30]
     assert "maximum context length is 64" in req["error"].iloc[0]
     assert res.summary["rejected_requests"] == 1 and not res.summary["starving"]
+
+
+def test_every_request_rejected_offers_no_load():
+    """Nothing offered: not STARVING, and the printed verdict does not claim "100% of
+    offered" of nothing."""
+    res = run(trace_of([0.0, 0.5], 3000, 100), max_model_len=2048)
+    s = res.summary
+    assert s["rejected_requests"] == 2 and s["completed"] == 0 and not s["starving"]
+    assert s["offered_total_throughput"] == 0
+    assert "Verdict: no load offered" in res.format_summary()

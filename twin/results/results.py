@@ -228,9 +228,13 @@ def format_summary(s: dict) -> str:
     row("KV cache tokens:", s["kv_cache"]["capacity_tokens"])
     row("KV usage mean / max (%):",
         f"{100 * s['kv_cache']['usage_mean']:.1f} / {100 * s['kv_cache']['usage_max']:.1f}")
-    verdict = (f"STARVING ({s['starving_reason']}; {100 * s['achieved_over_offered']:.1f}% "
-               "of offered)" if s["starving"] else
-               f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)")
+    if s["offered_total_throughput"] == 0:   # a ratio of nothing to nothing says nothing
+        verdict = "no load offered (every request rejected or outside the window)"
+    elif s["starving"]:
+        verdict = (f"STARVING ({s['starving_reason']}; {100 * s['achieved_over_offered']:.1f}% "
+                   "of offered)")
+    else:
+        verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
     lines.append("=" * w)
     return "\n".join(lines)
