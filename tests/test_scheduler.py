@@ -99,6 +99,33 @@ STEP = StepTimeModel(base={"const": 0.01, "prefill_tokens": 1e-4, "decode_tokens
                            "decode_context": 1e-6, "adapters": 1e-3})
 
 
+def drive_stepwise(s, reqs, step_s, max_steps=None):
+    """Serve ``reqs`` through scheduler ``s`` one step at a time (no jumps), jumping idle
+    time to the next arrival. Yields ``(now, plan, batch)`` before each step is finished,
+    ``batch`` the step's (request idx, tokens) in running order; ``step_s(plan)`` is the
+    step's duration."""
+    now, nxt, steps = 0.0, 0, 0
+    while True:
+        while nxt < len(reqs) and reqs[nxt].arrival <= now:
+            s.add_request(reqs[nxt])
+            nxt += 1
+        if not s.has_work():
+            if nxt >= len(reqs):
+                return
+            now = reqs[nxt].arrival
+            continue
+        if max_steps is not None and steps >= max_steps:
+            raise AssertionError(f"no end after {max_steps} steps (admission stuck?)")
+        plan = s.schedule(now)
+        order = {r.idx: r.seq for r in s.running_in_order()}
+        b = batch_of(s, plan)
+        b.sort(key=lambda x: order.get(x[0], 1 << 60))
+        yield now, plan, b
+        now += step_s(plan)
+        s.finish_step(plan, now)
+        steps += 1
+
+
 def run_fast_stepwise(rows, loads_log=None, **kw):
     """Drive the fast scheduler one step at a time (no jumps), recording batches (and in
     ``loads_log`` each step's adapter loads)."""
@@ -108,26 +135,13 @@ def run_fast_stepwise(rows, loads_log=None, **kw):
                   max_num_batched_tokens=kw["max_num_batched_tokens"],
                   max_loras=kw["max_loras"], max_model_len=10**9, adapter_cache=cache)
     reqs = [Request(i, i, a, ad, p, o) for i, (a, ad, p, o) in enumerate(rows)]
-    now, nxt, batches = 0.0, 0, []
-    while True:
-        while nxt < len(reqs) and reqs[nxt].arrival <= now:
-            s.add_request(reqs[nxt])
-            nxt += 1
-        if not s.has_work():
-            if nxt >= len(reqs):
-                break
-            now = reqs[nxt].arrival
-            continue
-        plan = s.schedule(now)
-        order = {r.idx: r.seq for r in s.running_in_order()}
-        b = batch_of(s, plan)
-        b.sort(key=lambda x: order.get(x[0], 1 << 60))
+    batches = []
+    step_s = lambda plan: STEP(features(plan, kw["max_lora_rank"], kw["max_loras"]))  # noqa: E731
+    for _, plan, b in drive_stepwise(s, reqs, step_s):
         batches.append((tuple(b), tuple(r.idx for r in plan.preempted)))
         if loads_log is not None:
             loads_log.append(tuple((ld.adapter, ld.from_disk, ld.evicted_gpu, ld.evicted_host)
                                    for ld in plan.loads))
-        now += STEP(features(plan, kw["max_lora_rank"], kw["max_loras"]))
-        s.finish_step(plan, now)
     return reqs, batches
 
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slora_reference import run_slora_reference
-from test_scheduler import batch_of
+from test_scheduler import drive_stepwise
 from twin.policies.slora import SLoRAScheduler
 from twin.sched import Request
 
@@ -25,29 +25,17 @@ def run_twin(rows, *, num_blocks, block_size, max_num_seqs, max_num_batched_toke
                        adapter_pages=adapter_pages, adapter_ranks=[8] * len(adapter_pages),
                        admission=admission)
     reqs = [Request(i, i, a, ad, p, o) for i, (a, ad, p, o) in enumerate(rows)]
-    now, nxt, log = 0.0, 0, []
-    for _ in range(MAX_STEPS):
-        while nxt < len(reqs) and reqs[nxt].arrival <= now:
-            s.add_request(reqs[nxt])
-            nxt += 1
-        if not s.has_work():
-            if nxt >= len(reqs):
-                break
-            now = reqs[nxt].arrival
-            continue
-        plan = s.schedule(now)
-        order = {r.idx: r.seq for r in s.running_in_order()}
-        b = batch_of(s, plan)
-        b.sort(key=lambda x: order.get(x[0], 1 << 60))
+    log = []
+
+    def step_s(plan):
+        return step_time(plan.prefill_tokens, plan.decode_n, plan.adapters, len(plan.loads))
+
+    for now, plan, b in drive_stepwise(s, reqs, step_s, max_steps=MAX_STEPS):
         if not b and not plan.preempted:   # every request fits alone: a step always runs one
             raise AssertionError(f"twin: empty step at {now} with work waiting")
         log.append((tuple(b), tuple(r.idx for r in plan.preempted),
                     tuple(ld.adapter for ld in plan.loads), plan.kv_blocks,
                     tuple(sorted(s.cache.resident))))
-        now += step_time(plan.prefill_tokens, plan.decode_n, plan.adapters, len(plan.loads))
-        s.finish_step(plan, now)
-    else:
-        raise AssertionError(f"twin: no end after {MAX_STEPS} steps (admission stuck?)")
     return reqs, log, s
 
 
