@@ -38,3 +38,14 @@ def config_from_args(args) -> ServingConfig:
     if "max_cpu_loras" not in base or base["max_cpu_loras"] is None:
         base.pop("max_cpu_loras", None)
     return ServingConfig.from_dict(base, source=str(args.config or "flags"))
+
+
+def read_limited_trace(args):
+    """The ``--trace`` file, cut to its first ``--limit`` requests when that flag is given
+    (the executor's commands serve a prefix of a long trace on a CPU)."""
+    from twin.workload.schema import read_trace
+
+    trace = read_trace(args.trace)
+    if getattr(args, "limit", None) is not None:
+        trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+    return trace

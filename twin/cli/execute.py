@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from twin.argtypes import comma_list, device_name, positive_float, positive_int
-from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
 from twin.errors import TwinInputError
 
 _EXECUTE_DESCRIPTION = """\
@@ -159,7 +159,7 @@ def run_execute(args) -> int:
     from twin.executor.engine import execute
     from twin.executor.weights import resolve_model
     from twin.outputs import console, input_paths, json_document, prepare
-    from twin.workload.schema import read_trace, refuse_empty_window
+    from twin.workload.schema import refuse_empty_window
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
@@ -167,9 +167,7 @@ def run_execute(args) -> int:
     # --out is checked (and locked) before the model loads and the trace is served
     with prepare(args.out, "execute", inputs=input_paths(args)):
         config = config_from_args(args)
-        trace = read_trace(args.trace)
-        if args.limit is not None:
-            trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+        trace = read_limited_trace(args)
         if args.time_scale > 0:   # the window applies to scaled arrivals (bad scales: engine)
             refuse_empty_window(trace.assign(arrival_s=trace["arrival_s"] * args.time_scale),
                                 args.window_s, str(args.trace))

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from twin.argtypes import device_name, positive_float, positive_int
-from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
 
 _DESCRIPTION = """\
 Serve a trace for real on the reference executor and simulate it on the twin with a
@@ -63,15 +63,13 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from twin.outputs import console, input_paths, json_document, prepare
     from twin.validate import validate
-    from twin.workload.schema import read_trace, refuse_empty_window
+    from twin.workload.schema import refuse_empty_window
 
     say = console(args.json)
     # --out is checked (and locked) before the executor runs
     with prepare(args.out, "validate", inputs=input_paths(args)):
         config = config_from_args(args)
-        trace = read_trace(args.trace)
-        if args.limit is not None:
-            trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
+        trace = read_limited_trace(args)
         if args.time_scale != 1.0:
             trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
         refuse_empty_window(trace, args.window_s, str(args.trace))
