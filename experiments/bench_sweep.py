@@ -67,7 +67,7 @@ def _run(item):
     from twin.errors import ConfigError
     from twin.ml.spec import config_for, paper_base
     from twin.ml.sweep import EarlyExit, simulate_point
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
 
     (rates, ranks, served, slots), profile_name = item
     profile = load_profile(profile_name)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default=None, help="profile (default: the shipped default)")
     args = ap.parse_args(argv)
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
 
     prof = load_profile(args.profile)
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from twin.config import ServingConfig
-from twin.models.profile import load_profile
+from twin.costs.profile import load_profile
 from twin.policies import HybridPolicy, MergedPolicy, get_policy
 from twin.policies.compare import compare, plot_comparison
 from twin.workload.catalog import AdapterCatalog

@@ -36,7 +36,7 @@ import pandas as pd
 
 from twin.calibrate.vllm import simulate_run
 from twin.calibrate.vllm_runs import read_run_table
-from twin.models.profile import load_profile
+from twin.costs.profile import load_profile
 from twin.results import smape
 from twin.workload.public import shared_data_dir
 

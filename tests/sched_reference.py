@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from twin.models.step_time import FEATURES
+from twin.costs.step_time import FEATURES
 from twin.sched import AdapterCache
 from twin.sched.adapter_cache import AdapterLoad
 
@@ -42,7 +42,7 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
     ``set_active_adapters``. ``loads_log`` gets, per step, the loads as
     (adapter, from_disk, evicted_gpu, evicted_host).
     """
-    from twin.models.step_time import features
+    from twin.costs.step_time import features
 
     reqs = [RefReq(i, *row) for i, row in enumerate(trace_rows)]
     cache = (AdapterCache(max_loras, max_cpu_loras, preload=list(preload))

@@ -15,8 +15,8 @@ from twin.cli import main  # noqa: E402
 from twin.calibrate.executor import (Cell, calibrate_executor, design,  # noqa: E402
                                      fit_nnls, step_features, step_table)
 from twin.errors import TwinInputError  # noqa: E402
-from twin.models.profile import load_profile  # noqa: E402
-from twin.models.step_time import FEATURES, features  # noqa: E402
+from twin.costs.profile import load_profile  # noqa: E402
+from twin.costs.step_time import FEATURES, features  # noqa: E402
 from twin.results import smape  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from twin.config import ServingConfig
 from twin.errors import TwinInputError
 from twin.calibrate.vllm import (fit_load_time, fit_memory, read_kv_capacity,
                                  read_load_times)
-from twin.models.profile import load_profile
+from twin.costs.profile import load_profile
 from twin.calibrate.vllm_runs import read_bench_results, read_run_table, reconstruct
 
 

@@ -25,7 +25,7 @@ from twin.executor.lora import LoRASlots  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402
 from twin.calibrate.executor import memory_model  # noqa: E402
-from twin.models.memory import GIB  # noqa: E402
+from twin.costs.memory import GIB  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings(
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]

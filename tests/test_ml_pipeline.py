@@ -16,7 +16,7 @@ from twin.cli import main
 from twin.ml.dataset import row_table
 from twin.ml.spec import ConfigGrid, WorkloadSpec
 from twin.ml.sweep import EarlyExit, plan, read_sweep
-from twin.models.profile import load_profile
+from twin.costs.profile import load_profile
 from twin.sim.engine import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

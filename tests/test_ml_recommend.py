@@ -24,7 +24,7 @@ PROFILE = "llama31-8b-h100-64gb-first-principles"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
 
     d = tmp_path_factory.mktemp("tiny")
     profile = load_profile(PROFILE)

@@ -15,7 +15,7 @@ import yaml
 from twin.ml.spec import ConfigGrid, WorkloadSpec, slot_candidates
 from twin.ml.sweep import (EarlyExit, SweepStore, comparable, plan, point_key, read_sweep,
                            run_sweep)
-from twin.models.profile import load_profile
+from twin.costs.profile import load_profile
 
 WINDOW = 60.0
 PROFILE = "llama31-8b-h100-64gb-first-principles"   # pinned: stable shipped profile
@@ -51,7 +51,7 @@ def test_keys_stable_and_sensitive():
     # a profile with different content gets different keys
     d = prof.to_dict()
     d["hardware"] = {**d["hardware"], "step_overhead_s": 0.004}
-    from twin.models.profile import Profile
+    from twin.costs.profile import Profile
     p2 = Profile.from_dict(d)
     cfg = t1[0].config
     ee = EarlyExit()

@@ -321,7 +321,7 @@ def test_calibrate_refuses_before_fitting(tmp_path, capsys, monkeypatch):
 
 
 def test_profile_save_replaces_only_profiles(tmp_path):
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
 
     prof = load_profile("cpu-tiny")
     out = prof.save(tmp_path / "p.json")

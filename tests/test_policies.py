@@ -8,7 +8,7 @@ import pytest
 
 from twin.config import POLICIES, ServingConfig
 from twin.errors import ConfigError, TwinInputError
-from twin.models.profile import load_profile
+from twin.costs.profile import load_profile
 from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, SLoRAScheduler,
                            UnifiedAdapterPool, VLLMPolicy, get_policy)
 from twin.policies.deployment import adapter_load, scaled_profile

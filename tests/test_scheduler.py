@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sched_reference import run_reference
 from twin.config import ServingConfig
-from twin.models.step_time import StepTimeModel, features
+from twin.costs.step_time import StepTimeModel, features
 from twin.sched import AdapterCache, Request, Scheduler
 from twin.sim import simulate
 
@@ -180,7 +180,7 @@ def _twin_inputs(rows, kw, *, free_loads=True):
     """The twin's trace, config and profile for the reference's (rows, kw): step times from
     ``STEP``, KV capacity exactly the reference's, adapters named so that catalog order
     equals the reference's integer ids; loads free (as in the reference) unless told."""
-    from twin.models.first_principles import build_profile
+    from twin.costs.first_principles import build_profile
     from twin.workload.catalog import AdapterCatalog
 
     prof = build_profile()

@@ -13,7 +13,7 @@ import pytest
 from twin.cli import build_parser, main as twin_main
 from twin.config import ServingConfig
 from twin.errors import TwinInputError
-from twin.models.profile import Profile, load_profile, shipped_profiles
+from twin.costs.profile import Profile, load_profile, shipped_profiles
 from twin.sim import simulate
 
 PROFILE = "cpu-tiny"

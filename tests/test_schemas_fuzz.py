@@ -14,7 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from twin.config import ServingConfig  # noqa: E402
 from twin.errors import TwinInputError  # noqa: E402
-from twin.models.profile import Profile, load_profile  # noqa: E402
+from twin.costs.profile import Profile, load_profile  # noqa: E402
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

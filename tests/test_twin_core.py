@@ -10,7 +10,7 @@ import pytest
 from twin.cli import main as twin_main
 from twin.config import ServingConfig
 from twin.errors import ConfigError, TwinInputError
-from twin.models import load_profile
+from twin.costs import load_profile
 from twin.sim import simulate
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import read_trace, validate_trace
@@ -219,7 +219,7 @@ def test_after_idle_steps_pay_their_extra_cost_and_only_they():
     first (prefill) step; requests arriving to a busy engine never do."""
     import dataclasses
 
-    from twin.models.step_time import StepTimeModel
+    from twin.costs.step_time import StepTimeModel
 
     base = load_profile("cpu-tiny")
     extra = 0.004

@@ -114,8 +114,8 @@ def test_validate_repeats_the_executor(profile):
     # the twin again with a profile twice as slow: its latencies double, the KV stays
     import dataclasses
 
-    from twin.models.profile import load_profile
-    from twin.models.step_time import StepTimeModel
+    from twin.costs.profile import load_profile
+    from twin.costs.step_time import StepTimeModel
 
     p = load_profile(profile)
     slow = dataclasses.replace(p, step_time=StepTimeModel(

@@ -12,7 +12,7 @@ The loop a user runs on their own hardware: measure a little, fit the twin, chec
   meets an idle engine (the after-idle step). Every executor step is one measurement: its
   full wall-clock duration (scheduling, forward, sampling, bookkeeping — exactly what the
   twin must predict) minus its adapter-load time, against the twin's step features
-  (``twin.models.step_time.FEATURES``) as the executor logs them, computed by the same
+  (``twin.costs.step_time.FEATURES``) as the executor logs them, computed by the same
   featurizer (vLLM's or S-LoRA's, ``policy``) the twin prices the step with. Each cell runs
   ``repeats`` times, interleaved (every cell once, then again); a burst schedules alike
   every time, so its steps line up and per step the mean (``statistic``) or median over
@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.models.step_time import FEATURES
+from twin.costs.step_time import FEATURES
 
 MEASUREMENT_SUFFIX = ".measurements.parquet"
 DEFAULT_CPU_MEMORY_GIB = 2.0
@@ -363,7 +363,7 @@ def _measure_loads(model, adapters_dir: Path, repeats: int) -> pd.DataFrame:
 # the profile
 # ---------------------------------------------------------------------------------------------
 def model_shape(model, name: str):
-    from twin.models.profile import ModelShape
+    from twin.costs.profile import ModelShape
 
     s = model.shape
     db = model.embed.element_size()
@@ -376,7 +376,7 @@ def model_shape(model, name: str):
 def memory_model(model, device_memory_gib: float):
     """Measured memory model (see the module docstring)."""
     from twin.executor.lora import LoRASlots
-    from twin.models.memory import GIB, MemoryModel
+    from twin.costs.memory import GIB, MemoryModel
 
     s = model.shape
     db = model.embed.element_size()
@@ -417,9 +417,9 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
 
     from twin.executor.model import LlamaModel
     from twin.executor.weights import resolve_model
-    from twin.models.load_time import LoadTimeModel
-    from twin.models.profile import Profile
-    from twin.models.step_time import StepTimeModel
+    from twin.costs.load_time import LoadTimeModel
+    from twin.costs.profile import Profile
+    from twin.costs.step_time import StepTimeModel
 
     t0 = time.perf_counter()
     out = Path(out)

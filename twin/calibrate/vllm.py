@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.models.load_time import LoadTimeModel
-from twin.models.memory import GIB, MemoryModel
-from twin.models.profile import Profile, load_profile
-from twin.models.step_time import FEATURES, StepTimeModel
+from twin.costs.load_time import LoadTimeModel
+from twin.costs.memory import GIB, MemoryModel
+from twin.costs.profile import Profile, load_profile
+from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.results import smape
 
 __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "calibrate",

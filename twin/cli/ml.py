@@ -216,7 +216,7 @@ def run_sweep_cmd(args) -> int:
 def _sweep(args) -> int:
     from twin.ml.spec import SLOTS_GRID, ConfigGrid, base_config, load_workloads_yaml
     from twin.ml.sweep import EarlyExit, plan, run_sweep
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
@@ -249,7 +249,7 @@ def _recommend(args) -> int:
     from twin.ml.export import write_recommendation
     from twin.ml.recommender import Recommender, recommend
     from twin.ml.spec import base_config
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
     from twin.outputs import console, json_document, staged_dir
 
     say = console(args.json)
@@ -288,7 +288,7 @@ def _place(args) -> int:
     from twin.ml.export import write_placement
     from twin.ml.recommender import Recommender, place
     from twin.ml.spec import base_config
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
     from twin.outputs import staged_dir
 
     profile = load_profile(args.profile)

@@ -51,7 +51,7 @@ from twin.executor.adapters import (CONFIG_NAME, AdapterError, PackedAdapter,
 from twin.executor.block_tables import PagedBlockTables
 from twin.executor.lora import LoRASlots
 from twin.executor.model import LlamaModel, SeqChunk
-from twin.models.step_time import after_idle, features
+from twin.costs.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sched.adapter_cache import AdapterLoad
 from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS

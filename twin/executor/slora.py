@@ -44,7 +44,7 @@ import torch
 from twin.executor.adapters import AdapterError, PackedAdapter, pack_adapter, read_adapter
 from twin.executor.block_tables import PagedBlockTables
 from twin.executor.model import LORA_GROUPS, LlamaModel
-from twin.models.profile import ModelShape, Profile
+from twin.costs.profile import ModelShape, Profile
 from twin.sched.adapter_cache import AdapterLoad
 
 #: no rank ceiling under slora (there are no slots to pad to); the check of an adapter's

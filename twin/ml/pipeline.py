@@ -39,7 +39,7 @@ def _train(args) -> int:
     from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
     from twin.ml.train import (compare_models, fit_recommender, heldout_report,
                                predict_latency_ms, sample_workloads)
-    from twin.models.profile import load_profile
+    from twin.costs.profile import load_profile
 
     t_all = time.perf_counter()
     profile = load_profile(args.profile)

@@ -365,7 +365,7 @@ class Recommendation:
 def _prepare(trace, profile, model, base, window_s, catalog):
     """Defaults shared by recommend and place: the profile and model loaded, the paper's
     base config, the trace cut to its window, a catalog at the base rank if none given."""
-    from twin.models.profile import Profile, load_profile
+    from twin.costs.profile import Profile, load_profile
     from twin.workload.catalog import AdapterCatalog
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)

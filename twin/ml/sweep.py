@@ -105,7 +105,7 @@ def plan(workloads: Iterable[WorkloadSpec], grid: ConfigGrid | None = None, *,
          window_s: float | None = 3600.0, profile=None,
          early_exit: EarlyExit = EarlyExit()) -> list[Task]:
     """Every (workload, config) point of the grid, grouped by workload."""
-    from twin.models.profile import Profile, load_profile
+    from twin.costs.profile import Profile, load_profile
 
     grid = grid or ConfigGrid()
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -204,7 +204,7 @@ def _projected_achieved(timeline: pd.DataFrame, probe_s: float, window_s: float,
 
 def _row(spec: WorkloadSpec, wf: dict, config: ServingConfig, window_s, key: str, profile,
          psha: str, early_exit: EarlyExit, trace, catalog) -> dict:
-    from twin.models.profile import Profile  # noqa: F401  (profile is a Profile)
+    from twin.costs.profile import Profile  # noqa: F401  (profile is a Profile)
 
     t0 = time.perf_counter()
     kv = profile.memory.kv_tokens(config)
@@ -237,7 +237,7 @@ _PROFILE_CACHE: dict = {}
 
 
 def _profile_from(d: dict):
-    from twin.models.profile import Profile
+    from twin.costs.profile import Profile
 
     k = digest(d)
     if k not in _PROFILE_CACHE:
@@ -520,7 +520,7 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
     """Run the points of ``tasks`` not yet in the dataset at ``out``; write one part file
     per finished chunk. ``tasks`` come from :func:`plan` with the same profile and early
     exit rule. ``on_chunk(rows)`` is called after each part is written."""
-    from twin.models.profile import Profile, load_profile
+    from twin.costs.profile import Profile, load_profile
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     store = SweepStore(out)

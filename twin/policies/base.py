@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from twin.models.memory import GIB
+from twin.costs.memory import GIB
 from twin.results import crop_window
 
 
@@ -93,7 +93,7 @@ class Policy:
                  record_steps: bool = False, sample_dt: float | None = None,
                  trace_source: str = "trace"):
         """Deploy and simulate; returns a :class:`~twin.policies.deployment.PolicyRun`."""
-        from twin.models.profile import Profile, load_profile
+        from twin.costs.profile import Profile, load_profile
         from twin.policies.deployment import run_deployment
         from twin.workload.schema import validate_trace
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.models.step_time import FEATURES
+from twin.costs.step_time import FEATURES
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.results import crop_window
@@ -64,7 +64,7 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     ``(label, name or Policy)`` pairs to run variants side by side); ``options`` are passed
     to the strategies' constructors (e.g. ``k``, ``dynamic``, ``admission``); ``gpus`` fixes
     every strategy's GPU count."""
-    from twin.models.profile import Profile, load_profile
+    from twin.costs.profile import Profile, load_profile
     from twin.workload.schema import validate_trace
 
     if not isinstance(profile, Profile):

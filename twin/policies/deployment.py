@@ -181,7 +181,7 @@ def scaled_profile(profile, factor: float):
         return profile
     import dataclasses
 
-    from twin.models.step_time import StepTimeModel
+    from twin.costs.step_time import StepTimeModel
 
     st = profile.step_time
 

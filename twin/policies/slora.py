@@ -205,7 +205,7 @@ class SLoRAScheduler(Scheduler):
 
 
 def slora_featurize(cache: UnifiedAdapterPool):
-    """Step features at exact ranks (``twin.models.step_time.FEATURES`` order)."""
+    """Step features at exact ranks (``twin.costs.step_time.FEATURES`` order)."""
 
     def featurize(plan) -> tuple:
         lt = plan.decode_lora + plan.prefill_lora_tokens

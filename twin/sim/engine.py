@@ -17,8 +17,8 @@ import simpy
 
 from twin.config import ServingConfig, refuse_unserved_adapters
 from twin.errors import ConfigError, TwinInputError
-from twin.models.profile import Profile, load_profile
-from twin.models.step_time import after_idle, features
+from twin.costs.profile import Profile, load_profile
+from twin.costs.step_time import after_idle, features
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.results.recorder import Outcomes, Recorder, build_result
 from twin.results.results import RunResult, crop_window

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from twin.models.load_time import LoadTimeModel
-from twin.models.memory import GIB, MemoryModel
-from twin.models.profile import ModelShape, Profile
+from twin.costs.load_time import LoadTimeModel
+from twin.costs.memory import GIB, MemoryModel
+from twin.costs.profile import ModelShape, Profile
 
 
 class ReplayExhausted(RuntimeError):

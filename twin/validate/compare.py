@@ -127,7 +127,7 @@ class Validation:
         """Simulate the twin again with another profile of the same hardware (e.g. refitted
         on calibration rounds interleaved with the executor's runs) and compare anew. The
         KV capacity stays the one both sides were given."""
-        from twin.models.profile import Profile, load_profile
+        from twin.costs.profile import Profile, load_profile
         from twin.sim.engine import simulate
         from twin.sim.replay import exact_kv_memory
 
@@ -230,7 +230,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.executor.engine import execute, resolve_catalog
     from twin.executor.model import LlamaModel
     from twin.executor.weights import resolve_model
-    from twin.models.profile import Profile, load_profile
+    from twin.costs.profile import Profile, load_profile
     from twin.sim.engine import kv_capacity_tokens
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import validate_trace

@@ -14,10 +14,10 @@ written into the profile's provenance and replaced by ``twin calibrate``.
 
 from __future__ import annotations
 
-from twin.models.load_time import LoadTimeModel
-from twin.models.memory import GIB, MemoryModel
-from twin.models.profile import ModelShape, Profile
-from twin.models.step_time import StepTimeModel
+from twin.costs.load_time import LoadTimeModel
+from twin.costs.memory import GIB, MemoryModel
+from twin.costs.profile import ModelShape, Profile
+from twin.costs.step_time import StepTimeModel
 
 LLAMA31_8B = ModelShape(name="Llama-3.1-8B-Instruct", layers=32, hidden=4096, heads=32,
                         kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
@@ -75,13 +75,13 @@ def build_profile(model: ModelShape = LLAMA31_8B, hw: dict = H100_64GB,
                          host_to_gpu_s=3.0e-3, host_to_gpu_s_per_byte=1 / hw["host_to_gpu_bytes_per_s"])
     return Profile(name=name, hardware=dict(hw), model=model, memory=memory, step_time=step,
                    load_time=load, provenance={
-                       "method": "first principles (twin.models.first_principles)",
+                       "method": "first principles (twin.costs.first_principles)",
                        "assumptions": "effective HBM bandwidth, FLOP rate, per-step overhead, "
                                       "non-torch memory and load bandwidths as in 'hardware'",
                        "fitted": False})
 
 
-if __name__ == "__main__":  # python -m twin.models.first_principles OUT.json
+if __name__ == "__main__":  # python -m twin.costs.first_principles OUT.json
     import sys
 
     out = sys.argv[1] if len(sys.argv) > 1 else "twin/profiles/llama31-8b-h100-64gb-first-principles.json"

@@ -16,9 +16,9 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictBool, StrictStr, create_model
 
 from twin.errors import TwinInputError
-from twin.models.load_time import LoadTimeModel
-from twin.models.memory import MemoryModel
-from twin.models.step_time import FEATURES, StepTimeModel
+from twin.costs.load_time import LoadTimeModel
+from twin.costs.memory import MemoryModel
+from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.schemas import Number, Schema, validate
 
 SCHEMA = "twin.profile/1"

@@ -2,6 +2,6 @@
 versioned Profile that carries them; they import nothing of the twin but its errors and schemas. Fitting a
 profile from measurements lives in :mod:`twin.calibrate`."""
 
-from twin.models.profile import Profile, load_profile
+from twin.costs.profile import Profile, load_profile
 
 __all__ = ["Profile", "load_profile"]
