@@ -17,6 +17,7 @@ import yaml
 
 import twin
 from twin.cli import main
+from twin.ml.recommender import Recommendation
 from twin.workload.generate import uniform_lengths
 from twin.workload.schema import write_trace
 
@@ -130,7 +131,7 @@ def test_recommend_equals_the_cli_and_writes_nothing_unless_asked(files, tmp_pat
     rec = twin.recommend(files["trace_df"], catalog=files["catalog_df"], profile=PROFILE,
                          window_s=WINDOW, max_runs=2, workers=1)
     assert list(empty.iterdir()) == []                  # no file written without out=
-    assert isinstance(rec, twin.Recommendation)
+    assert isinstance(rec, Recommendation)
     got = json.loads(json.dumps(rec.to_dict(), default=str))
     assert _comparable(got) == _comparable(cli)
     assert cli["runs"] >= 1 and len(cli["candidates"]) > 1
@@ -192,13 +193,15 @@ def test_bad_input_names_the_file_and_row(files, tmp_path):
 # -- import twin stays light -----------------------------------------------------------------
 
 def test_import_twin_loads_neither_pandas_nor_torch_and_the_api_not_torch():
+    """``import twin`` loads no pandas; the API loads no torch, and simulate (as ``twin
+    simulate``) not the recommender either."""
     code = ("import sys, twin\n"
             "light = not {'pandas', 'torch', 'twin.api'} & set(sys.modules)\n"
             "twin.simulate, twin.recommend\n"
-            "print(light, 'torch' in sys.modules)")
+            "print(light, 'torch' in sys.modules, 'twin.ml' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout.split()
-    assert out == ["True", "False"]
+    assert out == ["True", "False", "False"]
 
 
 def test_every_public_name_resolves_and_unknown_names_fail():

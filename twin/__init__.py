@@ -2,8 +2,10 @@
 
 The public Python API (:mod:`twin.api`) is reachable from here: ``twin.load_trace``,
 ``twin.ServingConfig``, ``twin.load_profile``, ``twin.simulate``, ``twin.recommend`` and
-the types they take and return. Those names are loaded on first use (PEP 562), so that
-``import twin`` stays a few milliseconds and imports neither pandas nor torch.
+the types they take and return (``recommend`` returns a
+:class:`twin.ml.recommender.Recommendation`). Those names are loaded on first use (PEP
+562), so that ``import twin`` stays a few milliseconds and imports neither pandas nor
+torch.
 
 The package is split so that the simulator never imports torch:
 ``twin.sched`` (scheduler, KV pool, adapter caches: shared by both clocks),
@@ -17,7 +19,7 @@ __version__ = "0.1.0"
 #: the public API's names, each loaded from twin.api on first access
 __all__ = ["load_trace", "ServingConfig", "load_config", "load_profile", "Profile",
            "load_catalog", "AdapterCatalog", "simulate", "RunResult", "recommend",
-           "Recommendation", "TwinInputError", "rate_class_trace", "powerlaw_trace"]
+           "TwinInputError", "rate_class_trace", "powerlaw_trace"]
 
 
 def __getattr__(name: str):

@@ -23,22 +23,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from twin.config import ServingConfig
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
-from twin.ml.export import write_recommendation
-from twin.ml.recommender import Recommendation, Recommender
-from twin.ml.recommender import recommend as _recommend
-from twin.ml.spec import PAPER_BASE, base_config
 from twin.outputs import prepare, staged_dir
 from twin.results.results import RunResult
 from twin.sim.engine import simulate as _simulate
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import powerlaw_trace, rate_class_trace
 from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
+
+if TYPE_CHECKING:
+    from twin.ml.recommender import Recommendation, Recommender
 
 _PATH = (str, os.PathLike)
 
@@ -137,7 +137,8 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
               profile: Profile | str | os.PathLike | None = None,
               base: ServingConfig | dict | str | os.PathLike | None = None,
               objective: str = "throughput", slo: dict | None = None,
-              window_s: float | None = None, model: Recommender | str | os.PathLike | None = None,
+              window_s: float | None = None,
+              model: Recommender | str | os.PathLike | None = None,
               max_runs: int = 4, workers: int = 2, out: str | os.PathLike | None = None,
               plot: bool = True, model_name: str | None = None) -> Recommendation:
     """The throughput-optimal (or goodput-optimal) non-starving vLLM configuration for
@@ -152,6 +153,11 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
     (``config``, ``ok``, ``candidates`` DataFrame, ``report()``, ``to_dict()``). ``out``:
     also write what the command writes there (``vllm_config.yaml``, ``vllm_args.txt``,
     ``recommendation.json`` and, with ``plot``, ``throughput_map.png``)."""
+    # twin.ml's schemas cost ~0.15 s of start-up that simulate and `twin simulate` skip
+    from twin.ml.export import write_recommendation   # lazy: twin.ml off simulate's path
+    from twin.ml.recommender import Recommender   # lazy: twin.ml off simulate's path
+    from twin.ml.recommender import recommend as _recommend   # lazy: as above
+
     with prepare(out, "recommend", inputs=_input_paths(trace, catalog, profile, base, model)):
         profile = _profile(profile)
         trace, path = _trace_and_source(trace)
@@ -173,6 +179,8 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
 
 def _base(base) -> ServingConfig:
     """The recommender's fixed settings (see :func:`recommend`)."""
+    from twin.ml.spec import PAPER_BASE, base_config   # lazy: twin.ml off simulate's path
+
     if base is None or isinstance(base, ServingConfig):
         return base_config() if base is None else base
     if isinstance(base, dict):
