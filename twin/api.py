@@ -34,7 +34,7 @@ from twin.outputs import prepare, staged_dir
 from twin.results.results import RunResult
 from twin.sim.engine import simulate as _simulate
 from twin.workload.catalog import AdapterCatalog
-from twin.workload.generate import powerlaw_trace, rate_class_trace
+from twin.workload.generate import powerlaw_trace, rate_class_trace  # noqa: F401 - re-exported
 from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
 
 if TYPE_CHECKING:
