@@ -55,25 +55,19 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from twin.api import simulate
     from twin.errors import TwinInputError
     from twin.outputs import console, input_paths, json_document, prepare
-    from twin.sim import simulate
-    from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace, refuse_empty_window
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
     say = console(args.json)
     # --out is checked (and locked) before the simulation, not after it
     with prepare(args.out, "simulate", inputs=input_paths(args)):
-        config = config_from_args(args)
-        trace = read_trace(args.trace)
-        refuse_empty_window(trace, args.window_s, str(args.trace))
-        catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
-        result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
-                          progress=not args.no_progress, record_steps=args.steps,
-                          trace_source=str(args.trace))
-        result.meta["trace"] = str(args.trace)
+        # the Python API reads the trace, catalog and profile, as `twin.simulate` does
+        result = simulate(args.trace, config_from_args(args), args.profile,
+                          catalog=args.catalog, window_s=args.window_s,
+                          progress=not args.no_progress, record_steps=args.steps)
         if args.json:
             print(json_document(result.summary, indent=2))
         else:

@@ -44,11 +44,30 @@ def smape(a, b, *, percent: bool = False):
 
 @dataclass
 class RunResult:
+    """What one run (twin or executor) gives: ``requests`` (one row per request: the
+    trace's columns, ``generated_tokens``, ``first_scheduled_s``, ``first_token_s``,
+    ``finish_s`` (NaN = never), ``preemptions``, ``status``), ``summary`` (the metrics of
+    ``vllm bench serve`` plus adapter loads, preemptions, KV usage and the starvation
+    verdict; times in ms), ``timeline`` (running, waiting, KV usage, tokens, adapter loads
+    and preemptions over time), ``steps`` (the step log, when recorded) and ``meta``
+    (config, profile, window, twin version; the trace file when read from one). ``repr`` is
+    one line of headline figures; ``format_summary()`` is the full report."""
+
     requests: pd.DataFrame
     summary: dict
     timeline: pd.DataFrame
     steps: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # the tables are summarised by their shape: a notebook cell shows one line, not 10^5 rows
+        s = self.summary
+        figures = ", ".join(f"{k}={s[k]:.6g}" if isinstance(s[k], float) else f"{k}={s[k]!r}"
+                            for k in ("completed", "num_requests", "total_throughput",
+                                      "starving") if k in s)
+        steps = "None" if self.steps is None else f"<{len(self.steps)} rows>"
+        return (f"RunResult({figures}, requests=<{len(self.requests)} rows>, "
+                f"timeline=<{len(self.timeline)} rows>, steps={steps})")
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, out_dir: str | Path, plot: bool = False, *, kind: str = "run") -> Path:

@@ -1,0 +1,195 @@
+"""The public Python API: the twin for notebooks and scripts, in five names.
+
+``load_trace``, ``ServingConfig`` (and ``load_config``), ``load_profile``, ``simulate`` and
+``recommend`` run what ``twin simulate`` and ``twin recommend`` run, on Python objects: a
+trace as a DataFrame or a file, a configuration as a :class:`ServingConfig`, a dict (vLLM's
+names) or a YAML file, a profile as a :class:`Profile`, a shipped name or a JSON file. They
+return Python objects (a :class:`RunResult` of pandas tables and a summary dict; a
+:class:`Recommendation`) and write nothing unless asked. Bad input raises
+:class:`TwinInputError` naming the file, row and field, exactly as the commands report it.
+
+This module sits at the top of the layers, beside :mod:`twin.cli` (which calls it): it
+imports the layers below and nothing imports it but the CLI and ``twin/__init__`` (lazily,
+so that ``import twin`` stays light; ``twin.__all__`` lists the public names). It never
+imports torch.
+
+    import twin
+    trace = twin.load_trace("traces/azure_conv_1h_32lora.parquet")
+    run = twin.simulate(trace, {"max_loras": 8, "max_cpu_loras": 32})
+    run.summary["total_throughput"], run.requests.head()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from twin.config import ServingConfig
+from twin.costs.profile import Profile, load_profile
+from twin.errors import TwinInputError
+from twin.outputs import prepare, staged_dir
+from twin.results.results import RunResult
+from twin.sim.engine import simulate as _simulate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.generate import powerlaw_trace, rate_class_trace  # noqa: F401 - re-exported
+from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
+
+if TYPE_CHECKING:
+    from twin.ml.recommender import Recommendation, Recommender
+
+_PATH = (str, os.PathLike)
+
+
+def _refuse(what: str, value, expected: str):
+    raise TwinInputError(f"expected {expected}, got {type(value).__name__}", field=what)
+
+
+def load_trace(trace: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """A validated trace (DESIGN §3: ``request_id, arrival_s, adapter, prompt_tokens,
+    output_tokens``) from a DataFrame or a Parquet/CSV file, in canonical dtypes. A file
+    with no requests is refused, as every command refuses it."""
+    if isinstance(trace, pd.DataFrame):
+        return validate_trace(trace, source="trace")
+    if isinstance(trace, _PATH):
+        return read_trace(trace)
+    _refuse("trace", trace, "a DataFrame or the path of a .parquet/.csv trace")
+
+
+def load_config(config: ServingConfig | dict | str | os.PathLike | None = None
+                ) -> ServingConfig:
+    """A :class:`ServingConfig` from itself, a dict of vLLM settings (``max_loras`` or
+    ``max-loras``; settings the twin does not model, e.g. ``model``, are ignored as in a
+    ``vllm serve --config`` file) or such a YAML file; ``None``: vLLM's defaults."""
+    if config is None:
+        return ServingConfig()
+    if isinstance(config, ServingConfig):
+        return config
+    if isinstance(config, dict):
+        return ServingConfig.from_dict(config, source="config")
+    if isinstance(config, _PATH):
+        return ServingConfig.from_yaml(config)
+    _refuse("config", config, "a ServingConfig, a dict of vLLM settings or a YAML path")
+
+
+def _profile(profile: Profile | str | os.PathLike | None) -> Profile:
+    """A :class:`Profile` from itself, a shipped name or a JSON path (``None``: the default)."""
+    if isinstance(profile, Profile):
+        return profile
+    if profile is None or isinstance(profile, _PATH):
+        return load_profile(profile)
+    _refuse("profile", profile, "a Profile, a shipped profile name or a JSON path")
+
+
+def load_catalog(catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None
+                 ) -> AdapterCatalog | None:
+    """An adapter catalog (columns ``adapter, rank``) from itself, a DataFrame or a
+    CSV/Parquet file; ``None`` stays ``None`` (every adapter at ``max_lora_rank``)."""
+    if catalog is None or isinstance(catalog, AdapterCatalog):
+        return catalog
+    if isinstance(catalog, pd.DataFrame):
+        return AdapterCatalog(catalog)
+    if isinstance(catalog, _PATH):
+        return AdapterCatalog.read(catalog)
+    _refuse("catalog", catalog, "an AdapterCatalog, a DataFrame or a CSV/Parquet path")
+
+
+def _trace_and_source(trace) -> tuple[pd.DataFrame, str | None]:
+    """The validated trace and the file it came from (None for a DataFrame)."""
+    return load_trace(trace), (str(trace) if isinstance(trace, _PATH) else None)
+
+
+def simulate(trace: pd.DataFrame | str | os.PathLike,
+             config: ServingConfig | dict | str | os.PathLike | None = None,
+             profile: Profile | str | os.PathLike | None = None, *,
+             catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None = None,
+             window_s: float | None = None, record_steps: bool = False,
+             progress: bool = False) -> RunResult:
+    """Simulate ``trace`` served by vLLM with ``config`` on the hardware and base model of
+    ``profile``: what ``twin simulate`` runs, with the same figures.
+
+    ``window_s``: measure a fixed window as ``vllm bench serve`` with a time limit does
+    (later arrivals dropped, unfinished requests reported as such); by default the run goes
+    on until every request has finished. ``config.policy`` other than ``"vllm"`` (slora,
+    merged, hybrid) runs that serving strategy. ``record_steps`` keeps the step log
+    (``result.steps``). Returns a :class:`RunResult`: ``requests``, ``timeline`` (and
+    ``steps``) DataFrames, ``summary`` (``vllm bench serve``'s metrics plus adapter loads,
+    preemptions, KV usage and the starvation verdict), ``format_summary()``, ``save(dir)``.
+    """
+    config = load_config(config)
+    trace, path = _trace_and_source(trace)
+    source = path or "trace"
+    refuse_empty_window(trace, window_s, source)
+    catalog = load_catalog(catalog)
+    # TODO(lead): non-"vllm" policies are dispatched inside twin.sim.engine.simulate today;
+    # call twin.policies' dispatch here once it moves up there.
+    result = _simulate(trace, config, _profile(profile), catalog, window_s=window_s,
+                       progress=progress, record_steps=record_steps, trace_source=source)
+    if path is not None:
+        result.meta["trace"] = path
+    return result
+
+
+def recommend(trace: pd.DataFrame | str | os.PathLike, *,
+              catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None = None,
+              profile: Profile | str | os.PathLike | None = None,
+              base: ServingConfig | dict | str | os.PathLike | None = None,
+              objective: str = "throughput", slo: dict | None = None,
+              window_s: float | None = None,
+              model: Recommender | str | os.PathLike | None = None,
+              max_runs: int = 4, workers: int = 2, out: str | os.PathLike | None = None,
+              plot: bool = True, model_name: str | None = None) -> Recommendation:
+    """The throughput-optimal (or goodput-optimal) non-starving vLLM configuration for
+    ``trace``: what ``twin recommend`` runs, with the same figures. The recommender model
+    (default: the shipped one) predicts every candidate; the best are verified by at most
+    ``max_runs`` twin runs (``workers`` in parallel).
+
+    ``base``: the fixed settings (a ServingConfig as is; a dict over the paper's base,
+    ``max_num_seqs`` 2048, ``max_num_batched_tokens`` 2048, adapters preloaded; a YAML path
+    as ``--base-config`` reads it; default: the paper's base). ``slo``: ``{"ttft": ms,
+    "tpot": ms}`` for ``objective="goodput"``. Returns a :class:`Recommendation`
+    (``config``, ``ok``, ``candidates`` DataFrame, ``report()``, ``to_dict()``). ``out``:
+    also write what the command writes there (``vllm_config.yaml``, ``vllm_args.txt``,
+    ``recommendation.json`` and, with ``plot``, ``throughput_map.png``)."""
+    # twin.ml's schemas cost ~0.15 s of start-up that simulate and `twin simulate` skip
+    from twin.ml.export import write_recommendation   # lazy: twin.ml off simulate's path
+    from twin.ml.recommender import Recommender   # lazy: twin.ml off simulate's path
+    from twin.ml.recommender import recommend as _recommend   # lazy: as above
+
+    with prepare(out, "recommend", inputs=_input_paths(trace, catalog, profile, base, model)):
+        profile = _profile(profile)
+        trace, path = _trace_and_source(trace)
+        catalog = load_catalog(catalog)
+        if catalog is not None:   # as `twin recommend`: ranks vLLM can load at all
+            catalog.check(trace, 512, catalog.source)
+        model = model if isinstance(model, Recommender) else Recommender.load(model)
+        base = _base(base)
+        rec = _recommend(trace, catalog, profile=profile, model=model, base=base,
+                         objective=objective, slo=slo, window_s=window_s, max_runs=max_runs,
+                         workers=workers)
+        if out is not None:
+            with staged_dir(out, "recommend") as tmp:
+                write_recommendation(tmp, rec, trace, catalog, profile=profile, model=model,
+                                     base=base, model_name=model_name or profile.model.name,
+                                     label=path or "a DataFrame trace", plot=plot)
+    return rec
+
+
+def _base(base) -> ServingConfig:
+    """The recommender's fixed settings (see :func:`recommend`)."""
+    from twin.ml.spec import PAPER_BASE, base_config   # lazy: twin.ml off simulate's path
+
+    if base is None or isinstance(base, ServingConfig):
+        return base_config() if base is None else base
+    if isinstance(base, dict):
+        return ServingConfig.from_dict({**PAPER_BASE, **base}, source="base")
+    if isinstance(base, _PATH):
+        return base_config(base)
+    _refuse("base", base, "a ServingConfig, a dict of vLLM settings or a YAML path")
+
+
+def _input_paths(*values) -> list[Path]:
+    """The files among the inputs: what ``out`` must never replace."""
+    return [Path(v) for v in values if isinstance(v, _PATH) and os.path.exists(v)]
