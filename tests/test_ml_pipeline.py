@@ -148,7 +148,7 @@ def test_saved_thresholds_route_float32_features_as_fitted():
     threshold just below it, rounded to 7 digits as saving did, sent it the other way."""
     import numpy as np
 
-    from twin.ml.models import split_threshold
+    from twin.ml.estimators import split_threshold
 
     x = np.float32(1 / 60)
     t = (float(x) + float(np.nextafter(x, np.float32(0)))) / 2   # sklearn's midpoint

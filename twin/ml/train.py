@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from twin.ml.dataset import TIE_TOL, best_of, family_table, row_table, workload_table
+from twin.ml.estimators import (EBMRegressor, MonotoneLinearRegressor, SimplifiedTreeRegressor,
+                                TreeEnsemble, XGBRegressorModel, evaluate, plot_importances,
+                                smape)
 from twin.ml.features import ROW_FEATURES, WORKLOAD_FEATURES
-from twin.ml.models import (EBMRegressor, MonotoneLinearRegressor, SimplifiedTreeRegressor,
-                            TreeEnsemble, XGBRegressorModel, evaluate, plot_importances, smape)
 from twin.ml.recommender import Recommender
 from twin.ml.spec import SLOTS_GRID, WorkloadSpec
 from twin.ml.sweep import profile_digest
