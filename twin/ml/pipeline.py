@@ -22,25 +22,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
+from twin.ml.recommender import SHIPPED_MODEL
+from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
+from twin.ml.train import (compare_models, fit_recommender, heldout_report, predict_latency_ms,
+                           sample_workloads)
+from twin.outputs import input_paths, open_store
 
 
 def train_main(args) -> int:
     """The whole retraining into the workspace ``args.out`` (checked and locked through
     :mod:`twin.outputs`; a workspace of kind train resumes its sweeps)."""
-    from twin.outputs import input_paths, open_store
-
     with open_store(args.out, "train", inputs=input_paths(args)):
         return _train(args)
 
 
 def _train(args) -> int:
-    from twin.ml.recommender import SHIPPED_MODEL
-    from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
-    from twin.ml.train import (compare_models, fit_recommender, heldout_report,
-                               predict_latency_ms, sample_workloads)
-    from twin.costs.profile import load_profile
-
     t_all = time.perf_counter()
     profile = load_profile(args.profile)
     out = Path(args.out)
