@@ -65,6 +65,11 @@ class _Units:
         self.replicas[adapter] = r
         self._build()
 
+    def restore(self, replicas: dict) -> None:
+        """Back to an earlier replica count per adapter (a copy of ``replicas``)."""
+        self.replicas = dict(replicas)
+        self._build()
+
     def unit_of(self, adapter: str) -> str:
         r = self.replicas[adapter]
         return adapter if r == 1 else f"{adapter}#1/{r}"
@@ -210,8 +215,7 @@ class _Search:
             fewer = _partition(U, rank, k - 1)
             if self.first_failing(fewer) is not None:
                 self.attempts.append(f"{k - 1} GPU(s): verification failed")
-                U.replicas = saved
-                U._build()
+                U.restore(saved)
                 break
             k -= 1
             groups = fewer

@@ -90,11 +90,6 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     score = _pred_score(cand, objective, slo)
     predict_ms = 1000 * (time.perf_counter() - t0)
     start = _predicted_best(cand, score)
-    for col in ("ver_starts", "ver_starving", "ver_throughput", "ver_achieved", "ver_goodput",
-                "ver_ttft_p50", "ver_ttft_p99", "ver_tpot_p50", "ver_tpot_p99"):
-        cand[col] = np.nan
-    cand["ver_starts"] = cand["ver_starts"].astype(object)
-    cand["ver_starving"] = cand["ver_starving"].astype(object)
     own = verifier is None
     ver = verifier or Verifier(trace, catalog, profile, window, slo, early_exit, workers)
     key = "goodput" if objective == "goodput" else "throughput"
@@ -103,11 +98,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     finally:
         if own:
             ver.close()
-    for i, r in results.items():
-        cand.at[i, "ver_starts"] = r["starts"]
-        cand.at[i, "ver_starving"] = r["starving"]
-        for k in _VERIFIED:
-            cand.at[i, f"ver_{k}"] = r.get(k, np.nan)
+    _record_verified(cand, results)
     good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
     best = _best(results, good, key) if good else None
     pr = cand.iloc[start]
@@ -152,6 +143,19 @@ def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, ma
         if not nxt or not run(nxt):
             break
     return results
+
+
+def _record_verified(cand: pd.DataFrame, results: dict[int, dict]) -> None:
+    """The twin runs' figures as the candidates' ``ver_*`` columns (empty where not run)."""
+    for col in ("ver_starts", "ver_starving", *(f"ver_{k}" for k in _VERIFIED)):
+        cand[col] = np.nan
+    cand["ver_starts"] = cand["ver_starts"].astype(object)
+    cand["ver_starving"] = cand["ver_starving"].astype(object)
+    for i, r in results.items():
+        cand.at[i, "ver_starts"] = r["starts"]
+        cand.at[i, "ver_starving"] = r["starving"]
+        for k in _VERIFIED:
+            cand.at[i, f"ver_{k}"] = r.get(k, np.nan)
 
 
 def _predicted(pr: pd.Series) -> dict:
