@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from twin.ml.estimators import (MonotoneLinearRegressor, PackedTrees, SimplifiedTreeRegressor,
+                                TreeEnsemble, evaluate, plot_importances, smape)
 from twin.ml.features import workload_features
-from twin.ml.models import (MonotoneLinearRegressor, PackedTrees, SimplifiedTreeRegressor,
-                            TreeEnsemble, evaluate, plot_importances, smape)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_fit_predict_conventions(make, data):
 
 def test_optional_models_follow_conventions(data):
     X, y = data
-    from twin.ml.models import EBMRegressor, XGBRegressorModel
+    from twin.ml.estimators import EBMRegressor, XGBRegressorModel
     for mod, make in (("interpret", lambda: EBMRegressor(interactions=0, outer_bags=1)),
                       ("xgboost", lambda: XGBRegressorModel(n_estimators=30))):
         pytest.importorskip(mod)

@@ -123,6 +123,7 @@ UNIFORM = ({"kind": "uniform", "lo": 8, "hi": 512},)
 def trained(tmp_path_factory):
     """``twin train`` at its smallest: 2 training families, 1 held out, 120-s windows, light
     loads, uniform lengths (so that no shared data is needed)."""
+    import twin.ml.pipeline as pipeline_mod
     import twin.ml.train as train_mod
 
     d = tmp_path_factory.mktemp("train")
@@ -130,7 +131,7 @@ def trained(tmp_path_factory):
     before = shipped.read_bytes()
     real = train_mod.sample_workloads
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_mod, "sample_workloads",
+    mp.setattr(pipeline_mod, "sample_workloads",
                lambda *a, **k: real(*a, **{**k, "lengths": UNIFORM}))
     try:
         rc = main(["train", "--profile", PROFILE, "--families", "2", "--heldout-families", "1",
@@ -148,7 +149,7 @@ def test_saved_thresholds_route_float32_features_as_fitted():
     threshold just below it, rounded to 7 digits as saving did, sent it the other way."""
     import numpy as np
 
-    from twin.ml.models import split_threshold
+    from twin.ml.estimators import split_threshold
 
     x = np.float32(1 / 60)
     t = (float(x) + float(np.nextafter(x, np.float32(0)))) / 2   # sklearn's midpoint

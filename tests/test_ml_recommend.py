@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from twin.ml.dataset import family_table, row_table, workload_table
-from twin.ml.recommender import Recommender, place, recommend
+from twin.ml.placement import place
+from twin.ml.recommend import recommend
+from twin.ml.recommender import Recommender
 from twin.ml.spec import pad_rank
 from twin.ml.sweep import plan, read_sweep, run_sweep
 from twin.ml.train import fit_recommender, sample_workloads

@@ -56,12 +56,12 @@ def test_importing_results_loads_no_clock_and_no_torch():
 
 
 def test_one_smape_everywhere():
-    from twin.ml import models as ml_models
+    from twin.ml import estimators as ml_estimators
     from twin.calibrate import vllm as calibrate_vllm
     from twin.results import smape
     import twin.validate as validate
 
-    assert ml_models.smape is smape and validate.smape is smape
+    assert ml_estimators.smape is smape and validate.smape is smape
     assert calibrate_vllm.smape is smape
     defined = [p.relative_to(ROOT).as_posix() for p in (ROOT / "twin").rglob("*.py")
                if any(isinstance(n, ast.FunctionDef) and n.name == "smape"

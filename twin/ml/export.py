@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from twin.config import ServingConfig
-from twin.ml.recommender import BASE_UNIT, served_map
+from twin.ml.placement import BASE_UNIT
+from twin.ml.recommender import served_map
 from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
 
@@ -50,8 +52,6 @@ def _lora_modules(adapters, adapter_dir, catalog) -> list[str]:
 def vllm_yaml(config: ServingConfig, model: str, adapters=(), adapter_dir: str = "$ADAPTER_DIR",
               catalog=None, header: str = "") -> str:
     """A ``vllm serve --config`` file: the CLI's long option names as keys."""
-    import yaml
-
     d = {"model": model}
     args = config.vllm_args()
     for a in args:
@@ -117,10 +117,10 @@ def plot_served_map(grid: pd.DataFrame, path, *, verified: pd.DataFrame | None =
     """Predicted throughput over (max_loras, served adapters), starving cells hatched, the
     starvation frontier (most adapters served without starving, per max_loras), the twin
     runs at the trace's adapter count and the recommended point."""
-    import matplotlib
+    import matplotlib  # lazy: plotting only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: plotting only
 
     xs = sorted(grid["max_loras"].unique())
     ys = sorted(grid["served"].unique())

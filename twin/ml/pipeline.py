@@ -22,58 +22,33 @@ from pathlib import Path
 
 import pandas as pd
 
+from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
+from twin.ml.recommender import SHIPPED_MODEL
+from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
+from twin.ml.train import (compare_models, fit_recommender, heldout_report, predict_latency_ms,
+                           sample_workloads)
+from twin.outputs import input_paths, open_store
 
 
 def train_main(args) -> int:
     """The whole retraining into the workspace ``args.out`` (checked and locked through
     :mod:`twin.outputs`; a workspace of kind train resumes its sweeps)."""
-    from twin.outputs import input_paths, open_store
-
     with open_store(args.out, "train", inputs=input_paths(args)):
         return _train(args)
 
 
 def _train(args) -> int:
-    from twin.ml.recommender import SHIPPED_MODEL
-    from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
-    from twin.ml.train import (compare_models, fit_recommender, heldout_report,
-                               predict_latency_ms, sample_workloads)
-    from twin.costs.profile import load_profile
-
     t_all = time.perf_counter()
     profile = load_profile(args.profile)
     out = Path(args.out)
     W = float(args.window_s)
-    ee = EarlyExit()
     lo, hi = (float(x) for x in args.rate_range)   # argparse: two positive numbers
     if lo > hi:
         raise TwinInputError(f"--rate-range is LOW,HIGH req/s; got {lo:g},{hi:g}",
                              field="--rate-range")
-    train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
-                                   rate_range=(lo, hi))
-    held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W,
-                                  rate_range=(lo, hi))
-    print(f"profile {profile.name}; window {W:.0f} s; {len(train_specs)} training workloads "
-          f"({args.families} families), {len(held_specs)} held-out workloads "
-          f"({args.heldout_families} families)", flush=True)
-    timings = {}
-    for name, specs in (("train", train_specs), ("heldout", held_specs)):
-        t0 = time.perf_counter()
-        tasks = plan(specs, window_s=W, profile=profile, early_exit=ee)
-        rep = run_sweep(tasks, out / f"sweep-{name}", profile=profile, workers=args.workers,
-                        early_exit=ee, progress=not args.no_progress)
-        timings[f"sweep_{name}_s"] = time.perf_counter() - t0
-        print(f"sweep {name}: {rep.line()}", flush=True)
-    keys_train = {t.key for t in plan(train_specs, window_s=W, profile=profile, early_exit=ee)}
-    keys_held = {t.key for t in plan(held_specs, window_s=W, profile=profile, early_exit=ee)}
-    train = read_sweep(out / "sweep-train")
-    train = train[train["key"].isin(keys_train)].reset_index(drop=True)
-    held = read_sweep(out / "sweep-heldout")
-    held = held[held["key"].isin(keys_held)].reset_index(drop=True)
-    print(f"dataset: {len(train)} training rows ({int((~train['early_exit']).sum())} full "
-          f"runs, {int(train['early_exit'].sum())} early exits), {len(held)} held-out rows",
-          flush=True)
+    timings: dict = {}
+    train, held = _datasets(args, profile, W, (lo, hi), timings)
 
     t0 = time.perf_counter()
     model = fit_recommender(train, profile, meta={
@@ -105,17 +80,59 @@ def _train(args) -> int:
     timings["heldout_s"] = time.perf_counter() - t0
     rep.to_csv(out / "heldout.csv", index=False)
     pms = predict_latency_ms(model, held)
-    feas = rep[rep["exhaustive_ok"]]
-    gaps = feas["gap_pct"].dropna()
-    starving = int(feas["rec_starving"].sum())
     with pd.option_context("display.width", 200, "display.max_colwidth", 70):
         print(rep[["workload", "exhaustive_best_max_loras", "exhaustive_throughput",
                    "predicted_max_loras", "rec_max_loras", "rec_throughput", "gap_pct",
                    "rec_runs", "e2e_s"]].to_string(index=False), flush=True)
-    summary = {
+    summary = {**_headline(rep, pms),
+               "train_rows": int(len(train)), "window_s": W, "profile": profile.name,
+               "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),
+               **{k: round(v, 1) for k, v in timings.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+def _datasets(args, profile, W: float, rate_range: tuple, timings: dict):
+    """Sample the training and held-out workload families (different seeds), sweep both
+    through the twin (resumable) and read back the rows of this run's points."""
+    ee = EarlyExit()
+    train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
+                                   rate_range=rate_range)
+    held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W,
+                                  rate_range=rate_range)
+    print(f"profile {profile.name}; window {W:.0f} s; {len(train_specs)} training workloads "
+          f"({args.families} families), {len(held_specs)} held-out workloads "
+          f"({args.heldout_families} families)", flush=True)
+    out = Path(args.out)
+    for name, specs in (("train", train_specs), ("heldout", held_specs)):
+        t0 = time.perf_counter()
+        tasks = plan(specs, window_s=W, profile=profile, early_exit=ee)
+        rep = run_sweep(tasks, out / f"sweep-{name}", profile=profile, workers=args.workers,
+                        early_exit=ee, progress=not args.no_progress)
+        timings[f"sweep_{name}_s"] = time.perf_counter() - t0
+        print(f"sweep {name}: {rep.line()}", flush=True)
+    keys_train = {t.key for t in plan(train_specs, window_s=W, profile=profile, early_exit=ee)}
+    keys_held = {t.key for t in plan(held_specs, window_s=W, profile=profile, early_exit=ee)}
+    train = read_sweep(out / "sweep-train")
+    train = train[train["key"].isin(keys_train)].reset_index(drop=True)
+    held = read_sweep(out / "sweep-heldout")
+    held = held[held["key"].isin(keys_held)].reset_index(drop=True)
+    print(f"dataset: {len(train)} training rows ({int((~train['early_exit']).sum())} full "
+          f"runs, {int(train['early_exit'].sum())} early exits), {len(held)} held-out rows",
+          flush=True)
+    return train, held
+
+
+def _headline(rep: pd.DataFrame, pms: float) -> dict:
+    """The held-out figures of the summary: gap to the exhaustive best, starving
+    recommendations, refusals, prediction and end-to-end times, exact hits."""
+    feas = rep[rep["exhaustive_ok"]]
+    gaps = feas["gap_pct"].dropna()
+    return {
         "gap_to_exhaustive_median_pct": round(float(gaps.median()), 3) if len(gaps) else None,
         "gap_to_exhaustive_max_pct": round(float(gaps.max()), 3) if len(gaps) else None,
-        "starving_recommendations": starving,
+        "starving_recommendations": int(feas["rec_starving"].sum()),
         "heldout_workloads": int(len(rep)),
         "heldout_feasible_workloads": int(len(feas)),
         "heldout_refused_correctly": int(((~rep["exhaustive_ok"]) & (~rep["rec_ok"])).sum()),
@@ -130,10 +147,4 @@ def _train(args) -> int:
         "recommended_exact_pct": round(100 * float((feas["rec_max_loras"]
                                                    == feas["exhaustive_best_max_loras"]).mean()), 1)
         if len(feas) else None,
-        "train_rows": int(len(train)), "window_s": W, "profile": profile.name,
-        "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),
-        **{k: round(v, 1) for k, v in timings.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
-    return 0

@@ -24,9 +24,14 @@ import numpy as np
 import pandas as pd
 from pydantic import BeforeValidator, Field, model_validator
 
-from twin.config import ALLOWED_LORA_RANKS, ServingConfig, read_yaml
+from twin.config import ALLOWED_LORA_RANKS, ServingConfig, read_yaml, read_yaml_mapping
 from twin.errors import TwinInputError
 from twin.schemas import Float, Int, Schema, validate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.generate import (adapter_names, pool_lengths, powerlaw_trace,
+                                    rate_class_trace, uniform_lengths)
+from twin.workload.public import SHAREGPT_FILE, shared_trace_path, sharegpt_length_pool
+from twin.workload.schema import read_trace
 
 #: ``max_loras`` values tried (the paper's grid, 8..384, plus 1, 2, 4 for small workloads).
 SLOTS_GRID = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 320, 384)
@@ -77,6 +82,11 @@ def _json_default(o):
 
 def digest(obj, n: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
+
+
+def profile_digest(profile) -> str:
+    """A profile's content hash: sweep keys and the recommender's provenance use it."""
+    return digest(profile.to_dict())
 
 
 def _file_digest(path: str) -> str:
@@ -169,15 +179,11 @@ def _norm_lengths(v) -> dict:
 
 @lru_cache(maxsize=8)
 def _sharegpt_pool(means: tuple | None, max_prompt: int, max_total: int) -> np.ndarray:
-    from twin.workload.public import SHAREGPT_FILE, shared_trace_path, sharegpt_length_pool
-
     return sharegpt_length_pool(shared_trace_path(SHAREGPT_FILE), max_prompt=max_prompt,
                                 max_total=max_total, target_means=means)
 
 
 def length_sampler(lengths: dict):
-    from twin.workload.generate import pool_lengths, uniform_lengths
-
     if lengths["kind"] == "uniform":
         return uniform_lengths(int(lengths["lo"]), int(lengths["hi"]))
     means = tuple(lengths["means"]) if lengths["means"] is not None else None
@@ -239,8 +245,6 @@ class WorkloadSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "WorkloadSpec":
-        from twin.config import read_yaml_mapping
-
         d = read_yaml_mapping(path, missing="workload spec not found",
                               expected="a mapping (family: ..., n_adapters: ...)")
         try:
@@ -281,12 +285,8 @@ class WorkloadSpec:
         return self.params.get("duration_s")
 
     # -- building -------------------------------------------------------------------------
-    def build(self) -> tuple[pd.DataFrame, "AdapterCatalog"]:
+    def build(self) -> tuple[pd.DataFrame, AdapterCatalog]:
         """The trace and its adapter catalog."""
-        from twin.workload.catalog import AdapterCatalog
-        from twin.workload.generate import adapter_names, powerlaw_trace, rate_class_trace
-        from twin.workload.schema import read_trace
-
         p = self.params
         if self.family == "trace":
             trace = read_trace(p["path"])

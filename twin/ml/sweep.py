@@ -8,8 +8,9 @@ configurations of one workload, so its trace is built once); each finished chunk
 as one Parquet part file, atomically (temporary name, then rename). A killed sweep loses at
 most the chunks in flight; running it again skips every key already on disk.
 
-Backends: a local process pool (default) and Ray (``backend="ray"``, optional extra
-``pip install 'twin[ray]'``), both running :func:`run_chunk`, so their rows are equal.
+Backends (:mod:`twin.ml.backends`): a local process pool (default) and Ray
+(``backend="ray"``, optional extra ``pip install 'twin[ray]'``), both running
+:func:`run_chunk`, so their rows are equal. The store on disk is :mod:`twin.ml.store`.
 
 Early exit: a point whose first ``probe_frac`` of the window already clearly starves is
 recorded from that probe (``early_exit=True``, latencies left empty) instead of simulating
@@ -31,7 +32,6 @@ import dataclasses
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -40,17 +40,17 @@ import numpy as np
 import pandas as pd
 
 from twin.config import ServingConfig
-from twin.errors import ConfigError, TwinInputError
+from twin.costs.profile import Profile, load_profile
+from twin.errors import ConfigError
+from twin.ml.backends import make_backend
 from twin.ml.features import config_features, public, workload_features
-from twin.ml.spec import ConfigGrid, WorkloadSpec, digest
+from twin.ml.spec import ConfigGrid, WorkloadSpec, digest, profile_digest
+from twin.ml.store import SweepStore, adopt_store, comparable, read_sweep  # noqa: F401
+from twin.outputs import open_store
 from twin.results import crop_window
+from twin.sim.engine import simulate
 
-#: Columns that change from run to run of the same point (excluded from equality checks).
-VOLATILE_COLUMNS = ("wall_s", "worker")
-
-
-def profile_digest(profile) -> str:
-    return digest(profile.to_dict())
+# read_sweep and comparable are re-exported: callers read a sweep where they run it
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,6 @@ def plan(workloads: Iterable[WorkloadSpec], grid: ConfigGrid | None = None, *,
          window_s: float | None = 3600.0, profile=None,
          early_exit: EarlyExit = EarlyExit()) -> list[Task]:
     """Every (workload, config) point of the grid, grouped by workload."""
-    from twin.costs.profile import Profile, load_profile
-
     grid = grid or ConfigGrid()
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     psha = profile_digest(profile)
@@ -161,8 +159,6 @@ def simulate_point(trace: pd.DataFrame, catalog, config: ServingConfig, profile,
     """Run one point: the probe first where early exit applies, the full window unless the
     probe clearly starves. Returns (summary, full_run: bool, simulated_s, RunResult|None);
     raises ConfigError for a configuration vLLM would not start."""
-    from twin.sim.engine import simulate
-
     probe = early_exit.probe_s(window_s)
     if probe is not None:
         arr = trace["arrival_s"].to_numpy()
@@ -204,8 +200,6 @@ def _projected_achieved(timeline: pd.DataFrame, probe_s: float, window_s: float,
 
 def _row(spec: WorkloadSpec, wf: dict, config: ServingConfig, window_s, key: str, profile,
          psha: str, early_exit: EarlyExit, trace, catalog) -> dict:
-    from twin.costs.profile import Profile  # noqa: F401  (profile is a Profile)
-
     t0 = time.perf_counter()
     kv = profile.memory.kv_tokens(config)
     try:
@@ -237,8 +231,6 @@ _PROFILE_CACHE: dict = {}
 
 
 def _profile_from(d: dict):
-    from twin.costs.profile import Profile
-
     k = digest(d)
     if k not in _PROFILE_CACHE:
         _PROFILE_CACHE.clear()
@@ -269,188 +261,6 @@ def run_chunk(payload: dict) -> list[dict]:
                          catalog))
     return rows
 
-
-# -- the dataset on disk ----------------------------------------------------------------------
-
-class SweepStore:
-    """An append-only Parquet dataset: ``<dir>/parts/part-*.parquet``, one per chunk.
-
-    A part that cannot be read whole (truncated or 0 bytes: a full disk, a node that died)
-    is quarantined -- renamed to ``<part>.corrupt`` and reported once on stderr -- so that
-    its keys count as not done (a resumed sweep redoes them) and every other part is still
-    read. Temporary parts left by a killed writer are removed when a sweep starts.
-    """
-
-    QUARANTINE_SUFFIX = ".corrupt"
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.parts = self.path / "parts"
-
-    def part_files(self) -> list[Path]:
-        if not self.parts.is_dir():
-            return []
-        return sorted(p for p in self.parts.glob("part-*.parquet"))
-
-    def quarantined(self) -> list[Path]:
-        if not self.parts.is_dir():
-            return []
-        return sorted(self.parts.glob(f"part-*.parquet{self.QUARANTINE_SUFFIX}"))
-
-    def _tables(self, columns=None) -> list:
-        """The readable parts (pyarrow tables); unreadable ones are quarantined."""
-        import pyarrow.parquet as pq
-
-        out = []
-        for p in self.part_files():
-            try:
-                table = pq.read_table(p)   # whole: a damaged page fails here, not later
-                if "key" not in table.column_names:
-                    raise ValueError("no 'key' column")
-            except FileNotFoundError:
-                continue   # quarantined meanwhile by another reader
-            except Exception as exc:  # noqa: BLE001 -- any unreadable part is set aside
-                self._quarantine(p, exc)
-                continue
-            out.append(table.select(columns) if columns else table)
-        return out
-
-    def _quarantine(self, part: Path, exc: BaseException) -> None:
-        import sys
-
-        dest = part.with_name(part.name + self.QUARANTINE_SUFFIX)
-        why = " ".join(str(exc).split())[:200] or type(exc).__name__
-        try:
-            os.replace(part, dest)
-            where = f"moved aside to {dest.name}"
-        except OSError as err:   # read-only store: skip it, report it
-            where = f"skipped (could not move it aside: {err.strerror})"
-        print(f"twin: sweep part {part} is unreadable ({why}); {where}; its points count as "
-              "not done and a resumed sweep redoes them", file=sys.stderr)
-
-    def done_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for t in self._tables(["key"]):
-            keys.update(t.column("key").to_pylist())
-        return keys
-
-    def clean_temp(self) -> list[Path]:
-        """Remove temporary parts whose writer is gone (a killed sweep); returns them."""
-        removed = []
-        if not self.parts.is_dir():
-            return removed
-        for p in self.parts.glob(".tmp-*"):
-            pid = p.name.split("-")[1] if p.name.count("-") >= 2 else ""
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                continue   # another sweep on this host is still writing it
-            try:
-                p.unlink()
-                removed.append(p)
-            except FileNotFoundError:
-                pass
-        return removed
-
-    def write_part(self, rows: Sequence[dict]) -> Path | None:
-        if not rows:
-            return None
-        self.parts.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.parts / f".tmp-{os.getpid()}-{name}"
-        pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
-        os.replace(tmp, self.parts / name)
-        return self.parts / name
-
-    def read(self) -> pd.DataFrame:
-        tables = self._tables()
-        if not tables:
-            return pd.DataFrame()
-        df = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
-        return df.drop_duplicates("key", keep="first").sort_values("key").reset_index(drop=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True   # exists, not ours
-    return True
-
-
-def read_sweep(path: str | Path) -> pd.DataFrame:
-    """All rows of a sweep dataset (one per key, sorted by key)."""
-    return SweepStore(path).read()
-
-
-# -- backends ---------------------------------------------------------------------------------
-
-class LocalBackend:
-    """A local process pool (``workers=1``: in this process, serially)."""
-
-    def __init__(self, workers: int | None = None):
-        self.workers = int(workers or os.cpu_count() or 1)
-
-    def map_unordered(self, fn: Callable, payloads: list):
-        if self.workers <= 1 or len(payloads) <= 1:
-            for p in payloads:
-                yield fn(p)
-            return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(payloads)),
-                                 mp_context=ctx) as ex:
-            futures = [ex.submit(fn, p) for p in payloads]
-            try:
-                for f in as_completed(futures):
-                    yield f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-
-
-class RayBackend:
-    """Ray tasks, one per chunk, on a local instance or a cluster (``address``)."""
-
-    def __init__(self, address: str | None = None, num_cpus: int | None = None):
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise TwinInputError("the Ray backend needs Ray: pip install 'twin[ray]' "
-                                 "(or pip install 'ray[default]')", field="--backend") from None
-        self.address, self.num_cpus = address, num_cpus
-
-    def map_unordered(self, fn: Callable, payloads: list):
-        import ray
-
-        started = False
-        if not ray.is_initialized():
-            kw = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
-            ray.init(ignore_reinit_error=True, include_dashboard=False,
-                     log_to_driver=False, **kw)
-            started = True
-        try:
-            remote = ray.remote(fn)
-            pending = [remote.remote(p) for p in payloads]
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    yield ray.get(ref)
-        finally:
-            if started:
-                ray.shutdown()
-
-
-def make_backend(backend: str = "local", *, workers: int | None = None,
-                 address: str | None = None):
-    if backend == "local":
-        return LocalBackend(workers)
-    if backend == "ray":
-        return RayBackend(address, num_cpus=workers)
-    raise TwinInputError(f"unknown backend {backend!r}; use local or ray", field="--backend")
 
 
 # -- the sweep ---------------------------------------------------------------------------------
@@ -486,27 +296,12 @@ def _chunks(tasks: list[Task], max_points: int) -> list[list[Task]]:
     return out
 
 
-def adopt_store(path: str | Path) -> None:
-    """Mark a sweep store written before twin's output marker existed (it has a
-    ``sweep.json`` with twin's version) as twin's, so it keeps resuming."""
-    from twin.outputs import MARKER, write_marker
-
-    p = Path(path)
-    if p.is_dir() and not (p / MARKER).exists() and (p / "sweep.json").is_file():
-        try:
-            ours = "twin_version" in json.loads((p / "sweep.json").read_text())
-        except (OSError, ValueError):
-            ours = False
-        if ours:
-            write_marker(p, "sweep")
 
 
 def run_sweep(tasks: Sequence[Task], out: str | Path, **kw) -> SweepReport:
     """Run the points of ``tasks`` not yet in the dataset at ``out`` (see
     :func:`_run_sweep`), the store checked and locked through :mod:`twin.outputs`: an
     existing ``out`` must be a sweep store (it resumes) or an empty directory."""
-    from twin.outputs import open_store
-
     adopt_store(out)
     with open_store(out, "sweep"):
         return _run_sweep(tasks, out, **kw)
@@ -520,8 +315,6 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
     """Run the points of ``tasks`` not yet in the dataset at ``out``; write one part file
     per finished chunk. ``tasks`` come from :func:`plan` with the same profile and early
     exit rule. ``on_chunk(rows)`` is called after each part is written."""
-    from twin.costs.profile import Profile, load_profile
-
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     store = SweepStore(out)
     store.path.mkdir(parents=True, exist_ok=True)
@@ -553,7 +346,7 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
                 for chunk in _chunks(todo, chunk_points)]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: tqdm only with a progress bar
 
         bar = tqdm(total=len(todo), unit="run", desc="sweep", smoothing=0.05)
     t0 = time.perf_counter()
@@ -575,9 +368,3 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
             bar.close()
         report.wall_s = time.perf_counter() - t0
     return report
-
-
-def comparable(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows without the columns that differ between runs of the same points."""
-    return (df.drop(columns=[c for c in VOLATILE_COLUMNS if c in df.columns])
-              .sort_values("key").reset_index(drop=True))

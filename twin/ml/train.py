@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from twin.ml.dataset import TIE_TOL, best_of, family_table, row_table, workload_table
+from twin.ml.estimators import (EBMRegressor, MonotoneLinearRegressor, SimplifiedTreeRegressor,
+                                TreeEnsemble, XGBRegressorModel, evaluate, plot_importances,
+                                smape)
 from twin.ml.features import ROW_FEATURES, WORKLOAD_FEATURES
-from twin.ml.models import (EBMRegressor, MonotoneLinearRegressor, SimplifiedTreeRegressor,
-                            TreeEnsemble, XGBRegressorModel, evaluate, plot_importances, smape)
+from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
-from twin.ml.spec import SLOTS_GRID, WorkloadSpec
-from twin.ml.sweep import profile_digest
+from twin.ml.spec import SLOTS_GRID, WorkloadSpec, profile_digest
 from twin.results import crop_window
 
 LENGTH_MIXES = ({"kind": "sharegpt", "means": [223.0, 196.0]},
@@ -112,12 +113,12 @@ def _model_zoo(quick: bool, grid=None):
         "gbt_shipped": lambda: TreeEnsemble("regressor", n_estimators=200, max_depth=3),
     }
     try:
-        import xgboost  # noqa: F401
+        import xgboost  # noqa: F401  # lazy: probes for the optional extra
         zoo["xgboost"] = lambda: XGBRegressorModel(n_estimators=200 if quick else 400)
     except ImportError:
         pass
     try:
-        import interpret  # noqa: F401
+        import interpret  # noqa: F401  # lazy: probes for the optional extra
         zoo["ebm"] = lambda: EBMRegressor(interactions=0 if quick else 3,
                                           outer_bags=2 if quick else 4)
     except ImportError:
@@ -206,8 +207,6 @@ def heldout_report(heldout: pd.DataFrame, model: Recommender, profile, *, window
                    base=None, workers: int = 2, model_path: Path | None = None) -> pd.DataFrame:
     """For each held-out workload: exhaustive best (from its full-grid sweep) vs the
     recommendation verified by the twin (end-to-end time includes loading the model)."""
-    from twin.ml.recommender import recommend
-
     out = []
     for wk, g in heldout.groupby("workload_key", sort=True):
         spec = WorkloadSpec.from_dict(json.loads(g["workload"].iloc[0]))

@@ -1,4 +1,4 @@
-"""Models of the twin's sweeps, scikit-learn style (``fit``/``predict``, parameters in
+"""Estimators fitted on the twin's sweeps, scikit-learn style (``fit``/``predict``, parameters in
 ``__init__``, fitted attributes ending in ``_``).
 
 Interpretable:
@@ -11,7 +11,11 @@ Interpretable:
 
 Accurate: :class:`XGBRegressorModel` (xgboost) and :class:`TreeEnsemble` (scikit-learn
 gradient boosting, exported to plain JSON arrays and evaluated by :class:`PackedTrees` in
-numpy: the recommender ships this one, so recommending needs neither xgboost nor pickle).
+numpy: the recommender ships this one, so recommending needs neither xgboost nor pickle;
+both live in :mod:`twin.ml.ensemble`, re-exported here with the other estimators).
+
+Each heavy library (scikit-learn, interpret, xgboost, matplotlib) is imported inside the
+method that needs it, so importing this module costs numpy and pandas only.
 
 :func:`evaluate` scores models on held-out *workloads* (``GroupKFold`` over a group key):
 SMAPE (2|a−b|/(|a|+|b|)) median / mean / p90, R², fit time and prediction time per row.
@@ -25,19 +29,12 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from twin.ml.ensemble import PackedTrees, TreeEnsemble, as_array, column_names, split_threshold
 from twin.results import smape   # re-exported: the one definition
 
 __all__ = ["SimplifiedTreeRegressor", "EBMRegressor", "MonotoneLinearRegressor",
-           "XGBRegressorModel", "TreeEnsemble", "PackedTrees", "smape", "evaluate",
-           "plot_importances"]
-
-
-def _as_array(X) -> np.ndarray:
-    return np.asarray(X.to_numpy() if hasattr(X, "to_numpy") else X, dtype=np.float64)
-
-
-def _names(X, n: int) -> list[str]:
-    return list(X.columns) if hasattr(X, "columns") else [f"x{i}" for i in range(n)]
+           "XGBRegressorModel", "TreeEnsemble", "PackedTrees", "split_threshold", "smape",
+           "evaluate", "plot_importances"]
 
 
 # -- the simplified tree ------------------------------------------------------------------------
@@ -75,10 +72,10 @@ class SimplifiedTreeRegressor:
         return float(np.round(v, -int(np.floor(np.log10(abs(v)))) + self.round_sig - 1))
 
     def fit(self, X, y):
-        from sklearn.tree import DecisionTreeRegressor
+        from sklearn.tree import DecisionTreeRegressor  # lazy: scikit-learn only to fit
 
-        Xa = _as_array(X)
-        self.feature_names_in_ = np.array(_names(X, Xa.shape[1]), dtype=object)
+        Xa = as_array(X)
+        self.feature_names_in_ = np.array(column_names(X, Xa.shape[1]), dtype=object)
         tree = DecisionTreeRegressor(max_depth=self.max_depth,
                                      min_samples_leaf=self.min_samples_leaf,
                                      random_state=self.random_state)
@@ -124,7 +121,7 @@ class SimplifiedTreeRegressor:
         return self
 
     def predict(self, X) -> np.ndarray:
-        Xa = _as_array(X).astype(np.float32).astype(np.float64)
+        Xa = as_array(X).astype(np.float32).astype(np.float64)
         node = np.zeros(len(Xa), dtype=np.int64)
         rows = np.arange(len(Xa))
         for _ in range(self.max_depth + 1):
@@ -157,10 +154,10 @@ class SimplifiedTreeRegressor:
 
     def plot(self, path, title: str = "", fmt: str = "{:.4g}"):
         """Draw the tree to a PNG."""
-        import matplotlib
+        import matplotlib  # lazy: plotting only
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: plotting only
 
         pos, leaves = {}, [0]
 
@@ -237,11 +234,11 @@ class EBMRegressor:
 
     def fit(self, X, y):
         try:
-            from interpret.glassbox import ExplainableBoostingRegressor
+            from interpret.glassbox import ExplainableBoostingRegressor  # lazy: optional extra
         except ImportError:
             raise ImportError("EBMRegressor needs interpret-core: pip install 'twin[ml]'") from None
-        Xa = _as_array(X)
-        self.feature_names_in_ = np.array(_names(X, Xa.shape[1]), dtype=object)
+        Xa = as_array(X)
+        self.feature_names_in_ = np.array(column_names(X, Xa.shape[1]), dtype=object)
         self.model_ = ExplainableBoostingRegressor(
             feature_names=list(self.feature_names_in_), interactions=self.interactions,
             max_bins=self.max_bins, outer_bags=self.outer_bags, n_jobs=1,
@@ -255,7 +252,7 @@ class EBMRegressor:
         return self
 
     def predict(self, X) -> np.ndarray:
-        return self.model_.predict(_as_array(X))
+        return self.model_.predict(as_array(X))
 
 
 class MonotoneLinearRegressor:
@@ -270,10 +267,10 @@ class MonotoneLinearRegressor:
         return {"monotone": self.monotone}
 
     def fit(self, X, y):
-        from sklearn.linear_model import LinearRegression
+        from sklearn.linear_model import LinearRegression  # lazy: scikit-learn only to fit
 
-        Xa = _as_array(X)
-        self.feature_names_in_ = np.array(_names(X, Xa.shape[1]), dtype=object)
+        Xa = as_array(X)
+        self.feature_names_in_ = np.array(column_names(X, Xa.shape[1]), dtype=object)
         mono = np.zeros(Xa.shape[1]) if self.monotone is None else np.asarray(self.monotone)
         self.mean_, self.scale_ = Xa.mean(0), Xa.std(0)
         self.scale_[self.scale_ == 0] = 1.0
@@ -295,7 +292,7 @@ class MonotoneLinearRegressor:
         return self
 
     def predict(self, X) -> np.ndarray:
-        return _as_array(X) @ self.coef_ + self.intercept_
+        return as_array(X) @ self.coef_ + self.intercept_
 
 
 class XGBRegressorModel:
@@ -314,11 +311,11 @@ class XGBRegressorModel:
 
     def fit(self, X, y):
         try:
-            from xgboost import XGBRegressor
+            from xgboost import XGBRegressor  # lazy: optional extra
         except ImportError:
             raise ImportError("XGBRegressorModel needs xgboost: pip install 'twin[ml]'") from None
-        Xa = _as_array(X)
-        self.feature_names_in_ = np.array(_names(X, Xa.shape[1]), dtype=object)
+        Xa = as_array(X)
+        self.feature_names_in_ = np.array(column_names(X, Xa.shape[1]), dtype=object)
         self.model_ = XGBRegressor(n_estimators=self.n_estimators, max_depth=self.max_depth,
                                    learning_rate=self.learning_rate, subsample=self.subsample,
                                    n_jobs=1, random_state=self.random_state, tree_method="hist")
@@ -327,152 +324,7 @@ class XGBRegressorModel:
         return self
 
     def predict(self, X) -> np.ndarray:
-        return self.model_.predict(_as_array(X)).astype(np.float64)
-
-
-# -- the shipped ensemble: sklearn gradient boosting, exported as arrays ----------------------
-
-def split_threshold(t: float) -> float:
-    """The shortest decimal that splits float32 feature values as threshold ``t`` does.
-
-    Trees compare float32 features (``x <= t``; sklearn's thresholds are midpoints of
-    float32 training values). Rounding a threshold to a fixed number of digits can cross a
-    value that recurs exactly (a per-adapter rate of 1/60 req/s sits just above a 7-digit
-    rounded threshold) and reroute it, so a saved model predicted differently from the
-    fitted one; any decimal in [largest float32 <= t, smallest float32 > t) routes alike."""
-    if not np.isfinite(t):
-        return float(t)
-    a = np.float32(t)
-    if a > t:
-        a = np.nextafter(a, np.float32(-np.inf))
-    b = np.nextafter(a, np.float32(np.inf))
-    for digits in range(1, 18):
-        d = float(f"{t:.{digits}g}")
-        if a <= d < b:
-            return d
-    return float(t)
-
-
-class TreeEnsemble:
-    """Gradient-boosted regression trees (``kind='regressor'``) or a binary classifier
-    (``kind='classifier'``, predicts P(class 1)) from scikit-learn, exportable with
-    :meth:`to_dict` to plain arrays that :class:`PackedTrees` evaluates without sklearn.
-    ``log_target``: fit log(y) (positive targets spanning decades, e.g. latencies)."""
-
-    def __init__(self, kind: str = "regressor", n_estimators: int = 200, max_depth: int = 3,
-                 learning_rate: float = 0.08, subsample: float = 0.9, log_target: bool = False,
-                 random_state: int = 0):
-        self.kind, self.n_estimators, self.max_depth = kind, n_estimators, max_depth
-        self.learning_rate, self.subsample, self.log_target = learning_rate, subsample, log_target
-        self.random_state = random_state
-
-    def get_params(self, deep=True):
-        return {k: getattr(self, k) for k in ("kind", "n_estimators", "max_depth",
-                                              "learning_rate", "subsample", "log_target",
-                                              "random_state")}
-
-    def fit(self, X, y):
-        from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
-
-        Xa = _as_array(X)
-        self.feature_names_in_ = np.array(_names(X, Xa.shape[1]), dtype=object)
-        y = np.asarray(y, dtype=np.float64)
-        kw = dict(n_estimators=self.n_estimators, max_depth=self.max_depth,
-                  learning_rate=self.learning_rate, subsample=self.subsample,
-                  random_state=self.random_state)
-        if self.kind == "classifier":
-            self.model_ = GradientBoostingClassifier(**kw).fit(Xa, y.astype(int))
-            raw = self.model_.decision_function(Xa)
-        else:
-            yt = np.log(np.maximum(y, 1e-6)) if self.log_target else y
-            self.model_ = GradientBoostingRegressor(**kw).fit(Xa, yt)
-            raw = self.model_.predict(Xa)
-        trees = [e[0] for e in self.model_.estimators_]
-        tree_sum = np.sum([t.predict(Xa.astype(np.float32)) for t in trees], axis=0)
-        self.base_ = float(np.mean(raw - self.learning_rate * tree_sum))
-        self.feature_importances_ = self.model_.feature_importances_
-        return self
-
-    def _raw(self, X):
-        Xa = _as_array(X)
-        return (self.model_.decision_function(Xa) if self.kind == "classifier"
-                else self.model_.predict(Xa))
-
-    def predict(self, X) -> np.ndarray:
-        raw = self._raw(X)
-        if self.kind == "classifier":
-            return 1.0 / (1.0 + np.exp(-raw))
-        return np.exp(raw) if self.log_target else raw
-
-    def to_dict(self) -> dict:
-        trees = []
-        for e in self.model_.estimators_:
-            t = e[0].tree_
-            trees.append({"feature": t.feature.tolist(),
-                          "threshold": [split_threshold(x) for x in t.threshold.tolist()],
-                          "left": t.children_left.tolist(), "right": t.children_right.tolist(),
-                          "value": (t.value[:, 0, 0] * self.learning_rate).tolist()})
-        link = "logistic" if self.kind == "classifier" else ("exp" if self.log_target else
-                                                             "identity")
-        return {"kind": "tree_ensemble", "features": list(self.feature_names_in_),
-                "base": self.base_, "link": link, "max_depth": self.max_depth, "trees": trees}
-
-
-class PackedTrees:
-    """Several exported tree ensembles evaluated together, in numpy: one pass over all
-    trees of all models (leaves loop to themselves, so a fixed number of steps suffices)."""
-
-    def __init__(self, models: dict[str, dict]):
-        self.names = list(models)
-        feats = [tuple(m["features"]) for m in models.values()]
-        if len(set(feats)) > 1:
-            raise ValueError("packed models must share their features")
-        self.features = list(feats[0]) if feats else []
-        F, T, L, R, V, roots, owner = [], [], [], [], [], [], []
-        off = 0
-        self.base = np.array([m["base"] for m in models.values()])
-        self.link = [m["link"] for m in models.values()]
-        self.depth = max((m["max_depth"] for m in models.values()), default=1)
-        for k, m in enumerate(models.values()):
-            for t in m["trees"]:
-                left = np.asarray(t["left"])
-                n = len(left)
-                leaf = left < 0
-                idx = np.arange(n) + off
-                F.append(np.where(leaf, 0, np.asarray(t["feature"])))
-                T.append(np.where(leaf, np.inf, np.asarray(t["threshold"], dtype=np.float64)))
-                L.append(np.where(leaf, idx, left + off))
-                R.append(np.where(leaf, idx, np.asarray(t["right"]) + off))
-                V.append(np.asarray(t["value"], dtype=np.float64))
-                roots.append(off)
-                owner.append(k)
-                off += n
-        self.F = np.concatenate(F).astype(np.int64)
-        self.T = np.concatenate(T)
-        self.L = np.concatenate(L).astype(np.int64)
-        self.R = np.concatenate(R).astype(np.int64)
-        self.V = np.concatenate(V)
-        self.roots = np.asarray(roots, dtype=np.int64)
-        owner = np.asarray(owner)
-        self.starts = np.r_[0, np.flatnonzero(np.diff(owner)) + 1]
-
-    def predict(self, X) -> dict[str, np.ndarray]:
-        """{model name: predictions} for the rows of ``X`` (columns in ``features`` order)."""
-        Xa = _as_array(X).astype(np.float32).astype(np.float64)
-        n = len(Xa)
-        node = np.broadcast_to(self.roots, (n, len(self.roots))).copy()
-        rows = np.arange(n)[:, None]
-        for _ in range(self.depth):
-            go_left = Xa[rows, self.F[node]] <= self.T[node]
-            node = np.where(go_left, self.L[node], self.R[node])
-        raw = np.add.reduceat(self.V[node], self.starts, axis=1) + self.base
-        out = {}
-        for k, name in enumerate(self.names):
-            r = raw[:, k]
-            link = self.link[k]
-            out[name] = (1.0 / (1.0 + np.exp(-r)) if link == "logistic"
-                         else np.exp(r) if link == "exp" else r)
-        return out
+        return self.model_.predict(as_array(X)).astype(np.float64)
 
 
 # -- evaluation on held-out workloads ----------------------------------------------------------
@@ -484,8 +336,8 @@ def evaluate(models: dict[str, Callable[[], object]], X: pd.DataFrame, y, groups
     from workloads the model never saw. ``models`` maps a name to a factory. Returns
     (one row per model: SMAPE median/mean/p90, R², fit seconds, predict µs per row;
     {name: out-of-fold predictions})."""
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import GroupKFold
+    from sklearn.metrics import r2_score  # lazy: scikit-learn only to evaluate
+    from sklearn.model_selection import GroupKFold  # lazy: scikit-learn only to evaluate
 
     y = np.asarray(y, dtype=np.float64)
     groups = np.asarray(groups)
@@ -516,10 +368,10 @@ def evaluate(models: dict[str, Callable[[], object]], X: pd.DataFrame, y, groups
 
 def plot_importances(importances: dict[str, np.ndarray], feature_names, path, title=""):
     """Horizontal bars of feature importances, one panel per model."""
-    import matplotlib
+    import matplotlib  # lazy: plotting only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: plotting only
 
     k = len(importances)
     names = list(feature_names)

@@ -1,0 +1,271 @@
+"""Place a trace's adapters on the fewest GPUs, with no GPU starving.
+
+:func:`place` looks for the fewest groups whose ML-estimated best configuration keeps up
+(load-balanced greedy partition, one more GPU at a time; an adapter whose traffic alone
+would starve a GPU split into replicas), each group then verified by
+:func:`twin.ml.recommend.recommend`; a failed verification adds a GPU (or a replica), and
+a verified placement is then tried with one GPU fewer while the twin still verifies it (the
+model errs on the safe side, so this recovers GPUs it over-provisioned). The steps are the
+methods of :class:`_Search`, in that order; what it returns is
+:class:`twin.ml.report.Placement`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+
+from twin.config import ServingConfig
+from twin.ml.features import workload_features
+from twin.ml.recommend import prepare_inputs, recommend
+from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
+from twin.ml.report import GPUPlan, Placement, Recommendation
+from twin.ml.sweep import EarlyExit
+from twin.workload.catalog import AdapterCatalog
+
+BASE_UNIT = "(base model)"
+
+
+class _Units:
+    """Placement units: an adapter's traffic, a replica's share of it (every r-th request,
+    unit ``name#j/r``), or the base model's traffic; their request indices and loads."""
+
+    def __init__(self, trace: pd.DataFrame, catalog):
+        self.trace = trace
+        self.catalog = catalog
+        ad = trace["adapter"].astype(object).where(trace["adapter"].notna(), BASE_UNIT)
+        codes, uniq = pd.factorize(ad)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(uniq)))]
+        self.by_adapter = {u: order[bounds[i]:bounds[i + 1]] for i, u in enumerate(uniq)}
+        for a in catalog.adapters:  # adapters of the catalog without traffic
+            self.by_adapter.setdefault(a, np.zeros(0, dtype=np.int64))
+        self.tok = (trace["prompt_tokens"].to_numpy(np.int64)
+                    + trace["output_tokens"].to_numpy(np.int64))
+        self.replicas = {a: 1 for a in self.by_adapter}
+        self._build()
+
+    def _build(self):
+        self.index, self.adapter_of = {}, {}
+        for a, ix in self.by_adapter.items():
+            r = self.replicas[a]
+            if r == 1:
+                self.index[a], self.adapter_of[a] = ix, a
+                continue
+            for j in range(r):
+                u = f"{a}#{j + 1}/{r}"
+                self.index[u], self.adapter_of[u] = ix[j::r], a
+        self.load = {u: int(self.tok[ix].sum()) for u, ix in self.index.items()}
+        self.units = sorted(self.index, key=lambda u: (-self.load[u], u))
+
+    def split(self, adapter: str, r: int) -> None:
+        self.replicas[adapter] = r
+        self._build()
+
+    def restore(self, replicas: dict) -> None:
+        """Back to an earlier replica count per adapter (a copy of ``replicas``)."""
+        self.replicas = dict(replicas)
+        self._build()
+
+    def unit_of(self, adapter: str) -> str:
+        r = self.replicas[adapter]
+        return adapter if r == 1 else f"{adapter}#1/{r}"
+
+    def adapters(self, units) -> list:
+        return sorted({self.adapter_of[u] for u in units} - {BASE_UNIT})
+
+    def sub(self, units):
+        ix = np.sort(np.concatenate([self.index[u] for u in units]))
+        names = self.adapters(units)
+        cat = AdapterCatalog(self.catalog.table[self.catalog.table["adapter"].isin(names)]
+                             .reset_index(drop=True))
+        return self.trace.iloc[ix].reset_index(drop=True), cat
+
+
+def _partition(U: _Units, rank: dict, k: int) -> list[list]:
+    """Longest-processing-time partition of the units into ``k`` groups: each unit goes to
+    the least loaded group, never beside another replica of its adapter when avoidable,
+    and, between equally loaded groups, where its rank is already covered (less padding)."""
+    groups = [[] for _ in range(k)]
+    tot = [0] * k
+    mx = [0] * k
+    has = [set() for _ in range(k)]
+    for u in U.units:
+        a = U.adapter_of[u]
+        r = rank.get(a, 0)
+        g = min(range(k), key=lambda j: (a in has[j], tot[j], max(0, r - mx[j]), j))
+        groups[g].append(u)
+        tot[g] += U.load[u]
+        mx[g] = max(mx[g], r)
+        has[g].add(a)
+    return [g for g in groups if g]
+
+
+class _Search:
+    """One placement search over the units ``U``: the model's and the twin's verdicts on
+    groups of units (each group verified once, by :func:`recommend`), the twin runs spent
+    and the log of attempts."""
+
+    def __init__(self, U: _Units, rank: dict, *, profile, model: Recommender,
+                 base: ServingConfig, window: float, max_gpus: int, max_runs: int, workers: int,
+                 early_exit: EarlyExit):
+        self.U, self.rank = U, rank
+        self.profile, self.model, self.base, self.window = profile, model, base, window
+        self.max_gpus, self.max_runs, self.workers = max_gpus, max_runs, workers
+        self.early_exit = early_exit
+        self.runs = 0
+        self.verified: dict[tuple, Recommendation] = {}
+        self.attempts: list[str] = []
+
+    def predicted_ok(self, units) -> bool:
+        t, cat = self.U.sub(units)
+        if not len(cat):
+            return True
+        wf = workload_features(t, cat, self.window)
+        c = candidate_table(self.model, wf, self.base, self.profile,
+                            catalog_max_rank(cat, self.base.max_lora_rank))
+        return bool(c["pred_ok"].any())
+
+    def verified_ok(self, units) -> bool:
+        key = tuple(sorted(units))
+        if key not in self.verified:
+            t, cat = self.U.sub(units)
+            self.verified[key] = recommend(t, cat, profile=self.profile, model=self.model,
+                                           base=self.base, window_s=self.window,
+                                           max_runs=self.max_runs, workers=self.workers,
+                                           early_exit=self.early_exit)
+            self.runs += self.verified[key].runs
+        return self.verified[key].ok
+
+    def first_failing(self, groups) -> list | None:
+        """Twin-verify every group (recommend: runs + local search); the first failing
+        group, or None."""
+        for g in groups:
+            if not self.U.adapters(g):  # base-model traffic only: not a LoRA server
+                continue
+            if not self.verified_ok(g):
+                return g
+        return None
+
+    def split_hot(self) -> int:
+        """Hot adapters (by load, hottest first): one the model doubts fits a GPU alone is run
+        alone on the twin; if it starves, it gets replicas until one replica's share keeps up.
+        The first adapter that fits alone ends the scan: the rest are lighter. Returns the
+        most GPUs worth predicting for: the model may be pessimistic out of its training
+        range (e.g. one very hot adapter share), so never start above the GPU count that
+        loads of verified size would need."""
+        U = self.U
+        known_ok_load = 0  # the largest load a twin run has seen one GPU keep up with
+        for a in [u for u in U.units if u != BASE_UNIT]:
+            if self.predicted_ok([a]):
+                break
+            if self.verified_ok([a]):
+                known_ok_load = max(known_ok_load, U.load[a])
+                break
+            r = 1
+            while r < self.max_gpus and not self.verified_ok([U.unit_of(a)]):
+                r += 1
+                U.split(a, r)
+            known_ok_load = max(known_ok_load, U.load[U.unit_of(a)])
+            self.attempts.append(f"{a} alone starves a GPU: {r} replicas")
+        total_load = sum(U.load.values())
+        return (max(1, math.ceil(total_load / known_ok_load)) if known_ok_load
+                else len(U.units))
+
+    def grow(self, k_cap: int) -> tuple[list, bool, int]:
+        """Up: one GPU more at a time, the first partition predicted to keep up (always
+        below ``k_cap``), then verified; a hot unit that fails alone gets a replica more.
+        Returns (the last partition, verified?, its GPU count)."""
+        U, rank = self.U, self.rank
+        groups: list = [U.units]
+        k = 1
+        heaviest = max(U.load.values()) if U.load else 0
+        while k <= self.max_gpus:
+            groups = _partition(U, rank, k)
+            if (k < min(k_cap, len(U.units))
+                    and not all(self.predicted_ok(g) for g in groups)):
+                self.attempts.append(f"{k} GPU(s): predicted to starve")
+                k += 1
+                continue
+            failed = self.first_failing(groups)
+            if failed is None:
+                self.attempts.append(f"{k} GPU(s): verified")
+                return groups, True, k
+            self.attempts.append(f"{k} GPU(s): verification failed")
+            alone = [u for u in failed if u != BASE_UNIT]
+            if len(alone) == 1 and U.load[alone[0]] >= 0.5 * heaviest:
+                a = U.adapter_of[alone[0]]  # a hot adapter (share) alone starves: a replica more
+                U.split(a, U.replicas[a] + 1)
+                self.attempts.append(f"{a}: {U.replicas[a]} replicas")
+            k += 1
+        return groups, False, k
+
+    def shrink(self, groups: list, k: int) -> list:
+        """Down, from a verified partition on ``k`` GPUs: the model may be pessimistic; one
+        GPU fewer at a time while the twin still verifies it. Returns the last verified."""
+        U, rank = self.U, self.rank
+        while k > 1:
+            saved = dict(U.replicas)
+            for a, r in saved.items():
+                if r > k - 1:
+                    U.split(a, k - 1)
+            fewer = _partition(U, rank, k - 1)
+            if self.first_failing(fewer) is not None:
+                self.attempts.append(f"{k - 1} GPU(s): verification failed")
+                U.restore(saved)
+                break
+            k -= 1
+            groups = fewer
+            self.attempts.append(f"{k} GPU(s): verified")
+        return groups
+
+
+def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender | None = None,
+          base: ServingConfig | None = None, window_s: float | None = None,
+          max_gpus: int = 64, max_runs: int = 4, workers: int = 2,
+          early_exit: EarlyExit = EarlyExit()) -> Placement:
+    """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving.
+
+    An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
+    into replicas, each taking every r-th of its requests (the routing table's weights)."""
+    t0 = time.perf_counter()
+    profile, model, base, window, trace, catalog = prepare_inputs(
+        trace, profile, model, base, window_s, catalog)
+    U = _Units(trace, catalog)
+    rank = {a: catalog.rank(a) for a in catalog.adapters}
+    s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
+                max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit)
+    k_cap = s.split_hot()
+    groups, ok, k = s.grow(k_cap)
+    if ok:
+        groups = s.shrink(groups, k)
+    else:  # report the last partition tried, consistent with the units
+        groups = _partition(U, rank, min(k, max_gpus))
+    plans = [GPUPlan(i, g, U.adapters(g), s.verified.get(tuple(sorted(g))))
+             for i, g in enumerate(groups)]
+    ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
+    return Placement(plans, _routing(U, plans, rank, window), ok, time.perf_counter() - t0,
+                     s.runs, s.attempts, dict(U.replicas))
+
+
+def _routing(U: _Units, plans: list, rank: dict, window: float) -> pd.DataFrame:
+    """One row per (adapter, GPU): the share of the adapter's requests the GPU takes
+    (``weight``), its replica count, rank, requests, offered tokens/s and request rate."""
+    rows = []
+    for p in plans:
+        for u in p.units:
+            a = U.adapter_of[u]
+            n = len(U.index[u])
+            rows.append({"adapter": a, "gpu": p.gpu, "weight": 1.0 / U.replicas[a],
+                         "replicas": U.replicas[a], "rank": rank.get(a, np.nan),
+                         "requests": n, "offered_tps": U.load[u] / window})
+    routing = (pd.DataFrame(rows)
+               .groupby(["adapter", "gpu"], as_index=False)
+               .agg(weight=("weight", "sum"), replicas=("replicas", "first"),
+                    rank=("rank", "first"), requests=("requests", "sum"),
+                    offered_tps=("offered_tps", "sum")))
+    routing["rate_rps"] = routing["requests"] / window
+    return routing
