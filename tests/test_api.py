@@ -17,7 +17,7 @@ import yaml
 
 import twin
 from twin.cli import main
-from twin.ml.recommender import Recommendation
+from twin.ml.report import Recommendation
 from twin.workload.generate import uniform_lengths
 from twin.workload.schema import write_trace
 

@@ -38,7 +38,8 @@ from twin.workload.generate import powerlaw_trace, rate_class_trace  # noqa: F40
 from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
 
 if TYPE_CHECKING:
-    from twin.ml.recommender import Recommendation, Recommender
+    from twin.ml.recommender import Recommender
+    from twin.ml.report import Recommendation
 
 _PATH = (str, os.PathLike)
 
@@ -156,7 +157,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
     # twin.ml's schemas cost ~0.15 s of start-up that simulate and `twin simulate` skip
     from twin.ml.export import write_recommendation   # lazy: twin.ml off simulate's path
     from twin.ml.recommender import Recommender   # lazy: twin.ml off simulate's path
-    from twin.ml.recommender import recommend as _recommend   # lazy: as above
+    from twin.ml.recommend import recommend as _recommend   # lazy: as above
 
     with prepare(out, "recommend", inputs=_input_paths(trace, catalog, profile, base, model)):
         profile = _profile(profile)

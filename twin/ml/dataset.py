@@ -62,7 +62,7 @@ def best_of(group: pd.DataFrame, objective: str = "total_throughput",
 
     ``tie_tol=0``: the highest ``objective`` (ties to fewer ``max_loras``): the
     exhaustive-search optimum. ``tie_tol>0``: among rows within ``tie_tol`` of the highest,
-    the lowest p99 TTFT, as :func:`twin.ml.recommender.recommend` chooses (the twin often
+    the lowest p99 TTFT, as :func:`twin.ml.recommend.recommend` chooses (the twin often
     serves every request in several configurations: equal throughput, very different
     latency)."""
     ok = group[group["starts"] & ~group["starving"].astype(bool)]
