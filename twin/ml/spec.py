@@ -362,8 +362,11 @@ def base_config(path=None) -> ServingConfig:
     """The paper's base config, with the settings of the YAML file at ``path`` over it."""
     if path is None:
         return paper_base()
+    given = ServingConfig.from_yaml(path)   # checks the file: names, types, vLLM's refusals
+    keys = {str(k).replace("-", "_") for k in
+            read_yaml_mapping(path, expected="a mapping of vLLM setting names to values")}
     d = dict(PAPER_BASE)
-    d.update(ServingConfig.from_yaml(path).to_dict())
+    d.update({k: v for k, v in given.to_dict().items() if k in keys})   # only what it sets
     return ServingConfig.from_dict(d, source=str(path))
 
 
