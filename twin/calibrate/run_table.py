@@ -56,7 +56,7 @@ def read_run_table(path: str | Path, *, ok_only: bool = True, need_metrics: bool
     file = str(path)
     need = RUN_CONFIG_COLUMNS + (RUN_METRIC_COLUMNS if need_metrics else ())
     df = read_csv_table(path, need, "run", hint=" (see shared/data/vllm-h100/README.md)",
-                        low_memory=False)
+                        missing="run table not found", low_memory=False)
     keep = np.ones(len(df), bool)
     if ok_only and "status" in df.columns:
         keep &= (df["status"].astype(str) == "ok").to_numpy()

@@ -15,20 +15,22 @@ import pandas as pd
 from twin.errors import TwinInputError
 
 
-def read_csv_table(path, need, what: str, *, hint: str = "", **read_kw) -> pd.DataFrame:
+def read_csv_table(path, need, what: str, *, hint: str = "", missing: str | None = None,
+                   **read_kw) -> pd.DataFrame:
     """The CSV at ``path`` with at least the columns ``need`` (a ``what`` table; ``hint``
-    is appended to the missing-column message, e.g. where the columns are documented)."""
+    is appended to the missing-column message, e.g. where the columns are documented;
+    ``missing`` replaces the message for an absent file)."""
     file = str(path)
     if not Path(path).exists():
-        raise TwinInputError(f"{what} file not found", file=file)
+        raise TwinInputError(missing or f"{what} file not found", file=file)
     try:
         df = pd.read_csv(path, **read_kw)
     except Exception as exc:
         raise TwinInputError(f"cannot be read as CSV: {exc}", file=file) from exc
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise TwinInputError(f"missing column(s) {missing}; a {what} table needs "
-                             f"{list(need)}{hint}", file=file, field=missing[0])
+    absent = [c for c in need if c not in df.columns]
+    if absent:
+        raise TwinInputError(f"missing column(s) {absent}; a {what} table needs "
+                             f"{list(need)}{hint}", file=file, field=absent[0])
     return df
 
 
