@@ -57,7 +57,7 @@ def test_importing_results_loads_no_clock_and_no_torch():
 
 def test_one_smape_everywhere():
     from twin.ml import estimators as ml_estimators
-    from twin.calibrate import vllm as calibrate_vllm
+    from twin.calibrate import step_fit as calibrate_vllm
     from twin.results import smape
     import twin.validate as validate
 

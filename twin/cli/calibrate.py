@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 
 from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
+from twin.calibrate import vllm, vllm_runs
+from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB, calibrate_executor
 from twin.errors import TwinInputError
+from twin.outputs import input_paths, prepare
 
 _DESCRIPTION = """\
 Fit a twin Profile (memory, adapter load times, step time) to measurements of real vLLM
@@ -85,8 +88,6 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.outputs import input_paths, prepare
-
     executor = getattr(args, "executor", False)
     if not executor and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
@@ -111,15 +112,12 @@ def run(args) -> int:
 
 
 def _fit_vllm_runs(args) -> int:
-    from twin.calibrate.vllm import calibrate, read_kv_capacity, read_load_times
-    from twin.calibrate.vllm_runs import load_runs, spread
-
     t0 = time.perf_counter()
     log = (lambda *a, **k: None) if args.quiet else print
-    runs = spread(load_runs(args.from_vllm_runs, args.bench_config, args.experiment_set),
-                  args.max_runs)
-    kv = read_kv_capacity(args.kv_capacity) if args.kv_capacity else None
-    loads = read_load_times(args.load_times) if args.load_times else None
+    runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
+                                                args.experiment_set), args.max_runs)
+    kv = vllm.read_kv_capacity(args.kv_capacity) if args.kv_capacity else None
+    loads = vllm.read_load_times(args.load_times) if args.load_times else None
     sources = {"runs": [str(p) for p in args.from_vllm_runs], "run_count": len(runs),
                "experiment_sets": args.experiment_set,
                "kv_capacity": str(args.kv_capacity) if args.kv_capacity else None,
@@ -129,9 +127,10 @@ def _fit_vllm_runs(args) -> int:
     if args.bench_config:
         sources["bench_config"] = str(args.bench_config)
     log(f"calibrating on {len(runs)} runs")
-    prof = calibrate(runs, kv=kv, loads=loads, base_profile=args.base_profile, name=args.name,
-                     sources=sources, window_s=args.window_s, iterations=args.iterations,
-                     processes=args.processes, seed=args.seed, log=log)
+    prof = vllm.calibrate(runs, kv=kv, loads=loads, base_profile=args.base_profile,
+                          name=args.name, sources=sources, window_s=args.window_s,
+                          iterations=args.iterations, processes=args.processes,
+                          seed=args.seed, log=log)
     prof.save(args.out)
     coef = prof.step_time.to_dict()["base"]
     log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
@@ -141,8 +140,6 @@ def _fit_vllm_runs(args) -> int:
 
 def add_executor_args(parser) -> None:
     """Add the ``--executor`` mode's flags to ``twin calibrate``."""
-    from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB
-
     for action in parser._actions:   # --from-vllm-runs is not needed with --executor
         if action.dest == "from_vllm_runs":
             action.required = False
@@ -174,8 +171,6 @@ def add_executor_args(parser) -> None:
 
 
 def run_executor(args) -> int:
-    from twin.calibrate.executor import calibrate_executor
-
     log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
     prof, info = calibrate_executor(
         args.model, device=args.device, out=args.out, budget_s=args.budget,

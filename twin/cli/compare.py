@@ -7,6 +7,12 @@ from pathlib import Path
 
 from twin.argtypes import positive_float
 from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.errors import TwinInputError
+from twin.outputs import console, input_paths, prepare, staged_dir
+from twin.policies import POLICY_CLASSES
+from twin.policies.compare import compare, write_comparison
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.schema import read_trace, refuse_empty_window
 
 _DESCRIPTION = """\
 Simulate one request trace under several serving strategies and print one table
@@ -66,13 +72,6 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.errors import TwinInputError
-    from twin.outputs import console, input_paths, prepare, staged_dir
-    from twin.policies import POLICY_CLASSES
-    from twin.policies.compare import compare, write_comparison
-    from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace, refuse_empty_window
-
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in names if p not in POLICY_CLASSES]
     if bad or not names:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from twin.argtypes import device_name, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
+from twin.outputs import console, input_paths, json_document, prepare
+from twin.validate import validate
+from twin.workload.schema import refuse_empty_window
 
 _DESCRIPTION = """\
 Serve a trace for real on the reference executor and simulate it on the twin with a
@@ -61,10 +64,6 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.outputs import console, input_paths, json_document, prepare
-    from twin.validate import validate
-    from twin.workload.schema import refuse_empty_window
-
     say = console(args.json)
     # --out is checked (and locked) before the executor runs
     with prepare(args.out, "validate", inputs=input_paths(args)):

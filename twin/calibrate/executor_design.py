@@ -1,0 +1,113 @@
+"""The microbenchmark design of ``twin calibrate --executor``: which cells to serve.
+
+A *cell* is a burst of requests arriving at t = 0 served by the executor with one
+configuration. The cells vary the prefill tokens per step (chunk budget, prompt length),
+the decode batch (request count, staggered output lengths so the batch shrinks), the
+attended context (prompt length), the distinct adapters (0 = base model, up to 32), the
+padded rank (``max_lora_rank`` 8..64), ``max_loras`` (1..32), and requests spaced apart so
+each meets an idle engine (the after-idle step). No torch here: the design is data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from twin.config import ServingConfig
+
+__all__ = ["Cell", "design", "DESIGN_VERSION"]
+
+DESIGN_VERSION = 2   # measurements of another version are not reused
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One microbenchmark: ``n`` requests at t = 0, prompt ``prompt`` tokens, outputs
+    staggered over ``output * (1, 2/3, 1/3)``, adapters round-robin over ``adapters``
+    distinct ones (0: base model), served with ``max_loras``, ``max_lora_rank`` and a
+    chunk budget ``budget`` (max_num_batched_tokens).
+
+    ``gap`` > 0 spaces the arrivals ``gap`` seconds apart instead, long enough for each
+    request to finish before the next: every request then meets an idle engine, which
+    measures the after-idle step (``after_idle`` feature)."""
+
+    n: int
+    prompt: int
+    output: int
+    adapters: int
+    max_loras: int
+    rank: int
+    budget: int
+    gap: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return (f"n{self.n}-p{self.prompt}-o{self.output}-a{self.adapters}-m{self.max_loras}"
+                f"-r{self.rank}-b{self.budget}" + (f"-g{self.gap:g}" if self.gap else ""))
+
+    def trace(self) -> pd.DataFrame:
+        i = np.arange(self.n)
+        out = np.maximum(1, (self.output * (3 - i % 3)) // 3)
+        names = [f"lora-{k % self.adapters:04d}" if self.adapters else None for k in i]
+        return pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": i * self.gap,
+                             "adapter": pd.array(names, dtype="string"),
+                             "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
+                             "output_tokens": out.astype(np.int32)})
+
+    def config(self, max_model_len: int, policy: str = "vllm"):
+        return ServingConfig(enable_lora=True, max_loras=self.max_loras,
+                             max_cpu_loras=max(self.max_loras, self.adapters, 1),
+                             max_lora_rank=self.rank, max_num_seqs=256,
+                             max_num_batched_tokens=self.budget, max_model_len=max_model_len,
+                             policy=policy)
+
+
+def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
+    """The cells, most informative first (a small ``--budget`` still spans the features).
+
+    ``scale``: ``tiny`` for models whose step takes milliseconds, ``small`` for ~100M
+    parameter models on a CPU (fewer, shorter requests). ``policy="slora"``: the same
+    batches on S-LoRA's layout, which has no slots and no padded rank, so cells differing
+    only in ``max_loras`` / ``max_lora_rank`` collapse into one (its adapters' own ranks,
+    8 to 64, vary instead).
+    """
+    if scale == "tiny":
+        N, P, O, B, gap = (2, 8, 24, 48), (32, 128, 384), 48, (64, 256, 1024), 0.1
+    else:
+        N, P, O, B, gap = (2, 6, 12), (32, 96), 12, (64, 256), 0.6
+    cells = []
+    # the core: decode batch x context x adapters (prefill in chunks of the budget)
+    for a in (0, 4):
+        for n in N:
+            for p in P:
+                cells.append(Cell(n, p, O, min(a, n), 8, 16, B[1]))
+    # slots: max_loras from 1 to 32 at small and large decode batches. The LoRA kernels'
+    # cost grows with the slots they span, and a design where max_loras is mostly 8
+    # confounds that slope with the fixed cost of running LoRA at all (measured: a 1-slot
+    # decode step was predicted 25% short until these cells were added).
+    for m in (1, 2, 4, 16, 32):
+        for n in (N[0], N[2]):
+            cells.append(Cell(n, P[0], O, min(2, m), m, 16, B[1]))
+    # after idle: requests one at a time, each arriving to an idle engine
+    for p in P[:2]:
+        cells.append(Cell(N[1], p, 4, 2, 8, 16, B[1], gap))
+    # adapters and slots: distinct adapters, max_loras (kernel span), padded rank
+    n = N[-1]
+    for a, m in ((1, 1), (2, 32), (8, 8), (8, 32), (n // 2, 32), (n, 32)):
+        cells.append(Cell(n, P[0], O, min(a, n), m, 16, B[1]))
+    for r in (8, 32, 64):
+        cells.append(Cell(n, P[0], O, min(8, n), 8, r, B[1]))
+    # prefill: chunk budget x prompt length (long prompts, short outputs)
+    for b in B:
+        for p in P[-2:]:
+            cells.append(Cell(N[1], p * 2, 4, min(4, N[1]), 8, 16, b))
+    out, seen = [], set()
+    for c in cells:
+        m, r = (8, 16) if policy == "slora" else (c.max_loras, c.rank)
+        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), m, r, c.budget, c.gap)
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    return out

@@ -1,0 +1,152 @@
+"""The fit of ``twin calibrate --executor``: a Profile's step-time and load-time models from
+a measurements log (no torch: a saved log refits anywhere).
+
+Every executor step is one measurement: its full wall-clock duration (scheduling, forward,
+sampling, bookkeeping — exactly what the twin must predict) minus its adapter-load time,
+against the twin's step features (``twin.costs.step_time.FEATURES``) as the executor logs
+them. A burst schedules alike every time, so a cell's steps line up across its repeats and
+per step the mean (``statistic``) or median over the repeats is fitted
+(:func:`step_table`). The model is linear, ``t = sum_k c_k f_k`` with ``c >= 0``
+(non-negative least squares on relative errors, :func:`fit_nnls`). Load times are fitted
+affine in the adapter's bytes as the twin counts them (``ModelShape.adapter_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from twin.costs.load_time import LoadTimeModel
+from twin.costs.step_time import FEATURES
+
+__all__ = ["ExecutorFit", "fit_measurements", "fit_nnls", "residual_stats", "step_features",
+           "step_table"]
+
+
+@dataclass
+class ExecutorFit:
+    """What :func:`fit_measurements` fits, with how well it fits."""
+
+    steps: pd.DataFrame          # step_table: one row per distinct step of a cell
+    coef: dict                   # step time, s per unit of each feature (FEATURES)
+    residuals: dict              # residual_stats of the step-time fit
+    sum_error_per_cell: dict     # cell key -> predicted / measured summed step time - 1
+    load_time: LoadTimeModel
+    load_residuals: dict         # {"disk": ..., "host_to_gpu": ...} residual_stats
+
+
+def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
+                     statistic: str = "mean") -> ExecutorFit:
+    """Fit the step-time model to the step rows ``measured`` (per distinct step, the
+    ``statistic`` over the repeats of its duration minus its load time; relative errors:
+    every step weighs alike, small decode steps as much as big prefills) and the load-time
+    model to the load rows ``loads`` (disk and host-to-device medians, affine in
+    ``shape.adapter_bytes``)."""
+    steps = step_table(measured, statistic)
+    y = steps["y"].to_numpy()
+    X = steps[list(FEATURES)].to_numpy(float)
+    coef, res = fit_nnls(X, y, FEATURES, relative=True)
+    per_cell = {}
+    pred = X @ np.array([coef[k] for k in FEATURES])
+    for key, idx in steps.groupby("key").indices.items():
+        per_cell[key] = float(pred[idx].sum() / y[idx].sum() - 1)
+    nbytes = np.array([shape.adapter_bytes(int(r)) for r in loads["rank"]], float)
+    A = np.c_[np.ones(len(nbytes)), nbytes]
+    dcoef, dres = fit_nnls(A, loads["disk_s"].to_numpy(float), ("s", "s_per_byte"))
+    ccoef, cres = fit_nnls(A, loads["copy_s"].to_numpy(float), ("s", "s_per_byte"))
+    load = LoadTimeModel(disk_s=dcoef["s"], disk_s_per_byte=dcoef["s_per_byte"],
+                         host_to_gpu_s=ccoef["s"], host_to_gpu_s_per_byte=ccoef["s_per_byte"])
+    return ExecutorFit(steps=steps, coef=coef, residuals=res, sum_error_per_cell=per_cell,
+                       load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres})
+
+
+def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
+                  max_loras: int) -> np.ndarray:
+    """The twin's vLLM-layout step features (``FEATURES`` order) of every executor step,
+    rebuilt from the step log's batches (request ids and token counts) and the trace.
+
+    Calibration fits on the features the executor logs (its policy's own featurizer); this
+    independent reconstruction checks them (tests) and analyses a log by hand. A sequence's
+    tokens this step are a decode when everything before them is computed prompt (one
+    token, start >= prompt), else a prefill chunk; the run must be free of preemptions
+    (recompute resets progress).
+    """
+    prompt = dict(zip(trace["request_id"].tolist(), trace["prompt_tokens"].tolist()))
+    lora = dict(zip(trace["request_id"].tolist(), trace["adapter"].notna().tolist()))
+    if "after_idle" in steps.columns:
+        idle = steps["after_idle"].to_numpy(bool)
+    else:   # older logs: a gap before the step means the engine waited
+        end = (steps["start_s"] + steps["duration_s"]).to_numpy()
+        idle = np.r_[steps["start_s"].to_numpy()[:1] > 0,
+                     steps["start_s"].to_numpy()[1:] > end[:-1] + 1e-9]
+    computed: dict[int, int] = {}
+    X = np.zeros((len(steps), len(FEATURES)))
+    for j, (ids, toks) in enumerate(zip(steps["batch_request_ids"], steps["batch_tokens"])):
+        pt = pn = dn = dctx = pctx = lt = 0
+        for rid, k in zip(ids, toks):
+            rid, k = int(rid), int(k)
+            start = computed.get(rid, 0)
+            if k == 1 and start >= prompt[rid]:
+                dn += 1
+                dctx += start + 1
+            else:
+                pt += k
+                pn += 1
+                pctx += k * (start + k)
+            if lora[rid]:
+                lt += k
+            computed[rid] = start + k
+        a = int(steps["batch_adapters"].iloc[j])
+        X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
+                max_loras if lt else 0, 1 if lt else 0, pn, float(idle[j]))
+    return X
+
+
+
+def fit_nnls(X: np.ndarray, y: np.ndarray, names, relative: bool = True) -> tuple[dict, dict]:
+    """Non-negative least squares ``y ~ X c`` (rows weighted by 1/y when ``relative``).
+    Returns (coefficients by name, residual statistics)."""
+    from scipy.optimize import nnls   # lazy: scipy.optimize takes ~0.5 s to import
+
+    X = np.asarray(X, float)
+    y = np.asarray(y, float)
+    w = 1.0 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
+    Xw = X * w[:, None]
+    scale = np.abs(Xw).max(axis=0)
+    scale[scale == 0] = 1.0
+    c, _ = nnls(Xw / scale, y * w, maxiter=50 * X.shape[1])
+    c = c / scale
+    pred = X @ c
+    coef = {n: float(v) for n, v in zip(names, c)}
+    return coef, residual_stats(y, pred)
+
+
+def residual_stats(y, pred) -> dict:
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    if not len(y):
+        return {"n": 0}
+    rel = (pred - y) / np.maximum(np.abs(y), 1e-12)
+    ss = float(((y - y.mean()) ** 2).sum())
+    return {"n": int(len(y)), "rmse_s": float(np.sqrt(np.mean((pred - y) ** 2))),
+            "r2": float(1 - ((pred - y) ** 2).sum() / ss) if ss > 0 else float("nan"),
+            "rel_abs_median": float(np.median(np.abs(rel))),
+            "rel_abs_p90": float(np.percentile(np.abs(rel), 90)),
+            "rel_mean": float(rel.mean()),
+            "sum_error": float(pred.sum() / y.sum() - 1) if y.sum() > 0 else float("nan")}
+
+
+
+def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
+    """One row per distinct step of a cell (same key, step index and features): the
+    ``statistic`` (mean or median) of its duration minus load time over the repeats, the
+    repeats' relative spread and their count. A cell's bursts schedule alike run after run,
+    so its steps line up across repeats; where timing made them differ they stay apart."""
+    df = steps.assign(y=steps["duration_s"] - steps["load_s"])
+    g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
+    out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
+    out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]
+    out["spread"] = (out["y_std"].fillna(0.0) / out["y_median"].where(out["y_median"] > 0)).fillna(0.0)
+    return out
+

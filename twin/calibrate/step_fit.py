@@ -1,0 +1,350 @@
+"""The step-time fit of a vLLM calibration: simulation in the loop.
+
+Runs only report aggregates (mean ITL, TTFT, throughput), so the twin simulates every fit
+run with the current coefficients while summing the step features the engine prices
+(:class:`_RecordingStepTime`); with the batch compositions held fixed, mean ITL is linear
+in the coefficients and the time per token of a saturated run too, so a small bounded
+least-squares problem on log-errors gives the next coefficients; re-simulate and repeat
+until the compositions settle (a Gauss–Newton step on a surrogate, a few iterations). The
+model is linear in a handful of terms: fixed per-step cost, per decode sequence, per
+prefill token, per attended KV token, per distinct adapter in the batch, per adapter slot
+(``max_loras``), per padded LoRA rank.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from twin.calibrate.reconstruct import reconstruct
+from twin.costs.profile import Profile
+from twin.costs.step_time import FEATURES, StepTimeModel
+from twin.errors import ConfigError, TwinInputError
+from twin.results import smape
+from twin.sim.engine import simulate
+
+__all__ = ["STEP_TERMS", "StepFit", "fit_step_time", "simulate_run"]
+
+# -- step time: simulation in the loop --------------------------------------------------------
+
+#: Coefficients fitted (s per unit of the feature). Each is a physical cost: fixed per-step
+#: overhead (scheduler, sampler, kernel launches, weight read), per decode sequence, per
+#: prefill token (dense FLOPs), per attended KV token (KV read), per distinct adapter in the
+#: batch, per adapter slot (the LoRA kernel grid spans max_loras), per padded LoRA
+#: rank·token.
+STEP_TERMS = ("const", "decode_tokens", "prefill_tokens", "decode_context", "adapters",
+              "lora_slots", "lora_token_rank")
+_IDX = {k: i for i, k in enumerate(FEATURES)}
+
+
+class _RecordingStepTime(StepTimeModel):
+    """The step-time model, also summing the features of the steps the engine commits.
+
+    The engine prices a single step with ``__call__`` and a run of pure-decode steps with
+    ``decode_run`` (possibly re-priced with fewer steps when an arrival or the window cuts
+    the run; ``steps_within`` probes lengths). The last direct ``decode_run`` for a plan is
+    the one committed, so it is held as pending until the next step is priced.
+    """
+
+    def start_recording(self):
+        n = len(FEATURES)
+        self.rec_all = np.zeros(n)       # sum of features over steps
+        self.rec_dec = np.zeros(n)       # sum of decode_n x features (ITL weighting)
+        self.rec_pre = np.zeros(n)       # sum of prefill_tokens x features (TTFT weighting)
+        self.rec_ndec = 0.0
+        self.rec_npre = 0.0
+        self.rec_steps = 0
+        self._pending = None
+        self._probing = False
+
+    def _commit(self, f, ctx_step, k):
+        v = np.asarray(f, float) * k
+        v[_IDX["decode_context"]] += ctx_step * k * (k - 1) / 2.0
+        self.rec_all += v
+        d = f[_IDX["decode_tokens"]]
+        if d:
+            self.rec_dec += d * v
+            self.rec_ndec += d * k
+        p = f[_IDX["prefill_tokens"]]
+        if p:
+            self.rec_pre += p * v
+            self.rec_npre += p * k
+        self.rec_steps += k
+
+    def flush(self):
+        if self._pending is not None:
+            self._commit(*self._pending)
+            self._pending = None
+
+    def __call__(self, f):
+        if not self._probing:
+            self.flush()
+            self._commit(f, 0, 1)
+        return super().__call__(f)
+
+    def decode_run(self, f0, ctx_step, k):
+        if not self._probing:
+            if self._pending is not None and self._pending[0] is not f0:
+                self.flush()
+            self._pending = (f0, ctx_step, k)
+        return super().decode_run(f0, ctx_step, k)
+
+    def steps_within(self, f0, ctx_step, k_max, horizon):
+        self._probing = True
+        try:
+            return super().steps_within(f0, ctx_step, k_max, horizon)
+        finally:
+            self._probing = False
+
+
+def _profile_with(profile: Profile, coef: dict, recording: bool) -> Profile:
+    cls = _RecordingStepTime if recording else StepTimeModel
+    st = cls(base={k: v for k, v in coef.items() if v})
+    if recording:
+        st.start_recording()
+    return Profile(name=profile.name, hardware=profile.hardware, model=profile.model,
+                   memory=profile.memory, step_time=st, load_time=profile.load_time,
+                   provenance=profile.provenance)
+
+
+def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | None = None,
+                 max_in_flight: int | None = None, record: bool = False) -> dict:
+    """Simulate one run's reconstructed workload; returns the summary metrics (and the
+    recorded step-feature sums with ``record``). Errors (e.g. a config vLLM refuses) come
+    back as ``{"error": message}``."""
+    window = float(window_s if window_s is not None else math.floor(spec.duration_s))
+    trace, catalog = reconstruct(spec, seed=seed, window_s=window)
+    kw = {"max_in_flight": max_in_flight} if max_in_flight else {}
+    t0 = time.perf_counter()
+    try:
+        res = simulate(trace, spec.config, profile, catalog, window_s=window, **kw)
+    except ConfigError as exc:
+        return {"key": spec.key, "error": str(exc)}
+    s = res.summary
+    out = {"key": spec.key, "total_throughput": s["total_throughput"],
+           "offered": s["offered_total_throughput"],
+           "achieved_over_offered": s["achieved_over_offered"],
+           "mean_ttft_ms": s["ttft_ms"]["mean"], "mean_itl_ms": s["itl_ms"]["mean"],
+           "mean_tpot_ms": s["tpot_ms"]["mean"], "median_ttft_ms": s["ttft_ms"]["median"],
+           "starving": s["starving"], "completed": s["completed"],
+           "rejected": s.get("rejected", 0), "preemptions": s["preemptions"],
+           "kv_usage_mean": s["kv_cache"]["usage_mean"],
+           "num_running_mean": float(res.timeline["running"].mean()),
+           "num_waiting_mean": float(res.timeline["waiting"].mean()),
+           "load_time_s": s["adapter_loads"]["time_s"], "window_s": window,
+           "sim_wall_s": time.perf_counter() - t0, "n_requests": len(trace)}
+    st = profile.step_time
+    if record and isinstance(st, _RecordingStepTime):
+        st.flush()
+        out.update(rec_all=st.rec_all.copy(), rec_dec=st.rec_dec.copy(),
+                   rec_pre=st.rec_pre.copy(), rec_ndec=st.rec_ndec, rec_npre=st.rec_npre,
+                   rec_steps=st.rec_steps)
+    return out
+
+
+def _sim_job(args):
+    spec, profile, coef, seed, window, cap = args
+    prof = _profile_with(profile, coef, recording=True)
+    return simulate_run(spec, prof, seed=seed, window_s=window, max_in_flight=cap, record=True)
+
+
+def _map(fn, jobs, processes: int):
+    if processes <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+    # longest jobs first keeps both workers busy to the end
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].aggregate_rate)
+    with ctx.Pool(processes) as pool:
+        res = pool.map(fn, [jobs[i] for i in order], chunksize=1)
+    out = [None] * len(jobs)
+    for i, r in zip(order, res):
+        out[i] = r
+    return out
+
+
+@dataclass
+class StepFit:
+    coef: dict
+    history: list = field(default_factory=list)
+    residuals: pd.DataFrame | None = None
+    seconds: float = 0.0
+
+
+def _initial_coef(profile: Profile, runs=()) -> dict:
+    """Starting coefficients: a direct non-negative regression of the runs' mean ITL on
+    their mean batch (``num_running_mean``) and an estimate of the distinct adapters in it
+    (min(max_loras, served, running)), over runs without a waiting queue; the prefill,
+    KV-read and slot terms start from the first-principles rates of ``profile``."""
+    from scipy.optimize import nnls   # lazy: scipy.optimize takes ~0.5 s to import
+
+    m = profile.model
+    coef = {"const": 0.012, "decode_tokens": 5e-5, "prefill_tokens": 4e-5,
+            "decode_context": 0.25 * float(m.kv_bytes_per_token) / 1.6e12, "adapters": 3e-4,
+            "lora_slots": 1e-5, "lora_token_rank": 1e-7}
+    rows, y = [], []
+    for r in runs:
+        met = r.metrics
+        if met.get("num_waiting_mean", 1.0) < 1.0 and "num_running_mean" in met:
+            n = met["num_running_mean"]
+            u = min(r.config.max_loras, r.config.max_cpu_loras, n)
+            rows.append([1.0, n, u])
+            y.append(met["mean_itl_ms"] / 1e3)
+    if len(rows) >= 5:
+        x, _ = nnls(np.array(rows), np.array(y))
+        if x[0] > 0:
+            # the running-request slope also pays for the prefill of the arriving requests
+            # (~prompt/output tokens per decode step per request): split it
+            coef.update(const=float(x[0]), decode_tokens=float(max(x[1] * 0.5, 1e-6)),
+                        prefill_tokens=float(max(x[1] * 0.5, 1e-6)),
+                        adapters=float(max(x[2], 1e-6)))
+    return coef
+
+
+def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 1200.0,
+                  iterations: int = 4, processes: int = 2, seed: int = 0,
+                  max_in_flight: int | None = None, init: dict | None = None,
+                  weights=(1.0, 1.0, 0.25), log=print, tol: float = 0.01) -> StepFit:
+    """Fit the linear step-time coefficients ``terms`` to runs' mean ITL, throughput and
+    TTFT by simulation in the loop (see the module docstring).
+
+    Each iteration simulates every run for ``window_s`` seconds with the current
+    coefficients, then solves a bounded (non-negative) least-squares problem on the
+    surrogate log-errors: ITL scales as (g·θ')/(g·θ) with g the decode-weighted mean step
+    features; throughput of runs the twin finds saturated as (h·θ)/(h·θ') with h the mean
+    features per step; light-load TTFT as the prefill-weighted features. ``weights`` weigh
+    ITL, throughput and TTFT. The coefficients of the best-scoring iteration are returned.
+    """
+    t_start = time.perf_counter()
+    coef = dict(init or _initial_coef(profile, runs))
+    for k in terms:
+        coef.setdefault(k, 0.0)
+    real = _Measured.of(runs)
+    history = []
+    best = None
+    for it in range(iterations + 1):
+        t0 = time.perf_counter()
+        rnd = _simulate_round(runs, profile, coef, seed=seed, window_s=window_s,
+                              max_in_flight=max_in_flight, processes=processes)
+        score, entry = _score(rnd, real, it, coef)
+        history.append(dict(entry, seconds=time.perf_counter() - t0))
+        log(f"  iteration {it}: ITL SMAPE median {entry['itl_smape_median']:.1f}% (max "
+            f"{entry['itl_smape_max']:.0f}%), throughput median "
+            f"{entry['throughput_smape_median']:.1f}% (saturated "
+            f"{entry['throughput_smape_median_saturated'] or 0:.1f}%), light TTFT median "
+            f"{entry['ttft_smape_median_light'] or 0:.1f}%  [{time.perf_counter() - t0:.0f} s]")
+        if best is None or score < best[0]:
+            best = (score, dict(coef), rnd.sims)
+        if it == iterations:
+            break
+        coef, change = _surrogate_step(coef, terms, rnd, real, weights)
+        if change < tol:
+            log(f"  converged (largest coefficient change {100 * change:.2f}%)")
+            break
+    _, coef_best, sims = best
+    resid_df = pd.DataFrame({
+        "key": [r.key for r in runs],
+        "real_itl_ms": real.itl, "twin_itl_ms": [s["mean_itl_ms"] for s in sims],
+        "real_throughput": real.thr, "twin_throughput": [s["total_throughput"] for s in sims],
+        "real_ttft_ms": real.ttft, "twin_ttft_ms": [s["mean_ttft_ms"] for s in sims]})
+    return StepFit(coef=coef_best, history=history, residuals=resid_df,
+                   seconds=time.perf_counter() - t_start)
+
+
+@dataclass
+class _Measured:
+    """The runs' measured means the fit aims at."""
+
+    itl: np.ndarray
+    thr: np.ndarray
+    ttft: np.ndarray
+
+    @classmethod
+    def of(cls, runs) -> _Measured:
+        return cls(itl=np.array([r.metrics["mean_itl_ms"] for r in runs]),
+                   thr=np.array([r.metrics["total_throughput"] for r in runs]),
+                   ttft=np.array([r.metrics["mean_ttft_ms"] for r in runs]))
+
+
+@dataclass
+class _Round:
+    """Every run simulated once at the same coefficients: the twin's means, which runs it
+    finds saturated, which are light (no queue, not saturated), the recorded features."""
+
+    sims: list
+    itl: np.ndarray
+    thr: np.ndarray
+    ttft: np.ndarray
+    sat: np.ndarray
+    light: np.ndarray
+
+
+def _simulate_round(runs, profile: Profile, coef: dict, *, seed: int, window_s: float,
+                    max_in_flight: int | None, processes: int) -> _Round:
+    jobs = [(r, profile, coef, seed, window_s, max_in_flight) for r in runs]
+    sims = _map(_sim_job, jobs, processes)
+    bad = [s for s in sims if "error" in s]
+    if bad:
+        raise TwinInputError(f"{len(bad)} fit run(s) cannot start under the fitted memory "
+                             f"model, e.g. {bad[0]['key']}: {bad[0]['error']}")
+    sat = np.array([s["achieved_over_offered"] < 0.97 for s in sims])
+    light = np.array([(r.metrics.get("num_waiting_mean", 0) < 1.0) for r in runs]) & ~sat
+    return _Round(sims=sims, itl=np.array([s["mean_itl_ms"] for s in sims]),
+                  thr=np.array([s["total_throughput"] for s in sims]),
+                  ttft=np.array([s["mean_ttft_ms"] for s in sims]), sat=sat, light=light)
+
+
+def _score(rnd: _Round, real: _Measured, it: int, coef: dict) -> tuple[float, dict]:
+    """The round's score (median ITL SMAPE plus that of saturated throughput; lower is
+    better) and its history entry."""
+    e_itl = smape(rnd.itl, real.itl, percent=True)
+    e_thr = smape(rnd.thr, real.thr, percent=True)
+    sat, light = rnd.sat, rnd.light
+    e_ttft = smape(rnd.ttft[light], real.ttft[light], percent=True)
+    score = float(np.median(e_itl) + np.median(e_thr[sat]) if sat.any() else np.median(e_itl))
+    return score, {"iteration": it, "coef": dict(coef),
+                   "itl_smape_median": float(np.median(e_itl)),
+                   "itl_smape_max": float(e_itl.max()),
+                   "throughput_smape_median": float(np.median(e_thr)),
+                   "throughput_smape_median_saturated":
+                       float(np.median(e_thr[sat])) if sat.any() else None,
+                   "ttft_smape_median_light": float(np.median(e_ttft)) if light.any() else None}
+
+
+def _surrogate_step(coef: dict, terms, rnd: _Round, real: _Measured,
+                    weights) -> tuple[dict, float]:
+    """The next coefficients from the surrogate problem at the round's batch compositions
+    (moved at most x3 per coefficient), and the largest relative change."""
+    from scipy.optimize import least_squares   # lazy: scipy.optimize takes ~0.5 s to import
+
+    idx = np.array([_IDX[k] for k in terms])
+    sims, sat, light = rnd.sims, rnd.sat, rnd.light
+    theta0 = np.array([coef[k] for k in terms])
+    G = np.array([s["rec_dec"][idx] / max(s["rec_ndec"], 1.0) for s in sims])
+    H = np.array([s["rec_all"][idx] / max(s["rec_steps"], 1) for s in sims])
+    P = np.array([s["rec_pre"][idx] / max(s["rec_npre"], 1.0) for s in sims])
+    scale = np.where(theta0 > 0, theta0, 1e-6)
+    wi, wt, wf = weights
+
+    def resid(z):
+        th = z * scale
+        r_itl = np.log(np.maximum(G @ th, 1e-9) / np.maximum(G @ theta0, 1e-9)
+                       * rnd.itl / real.itl)
+        r_thr = np.log(np.maximum(H[sat] @ theta0, 1e-9) / np.maximum(H[sat] @ th, 1e-9)
+                       * rnd.thr[sat] / real.thr[sat])
+        r_ttft = np.log(np.maximum(P[light] @ th, 1e-9) / np.maximum(P[light] @ theta0, 1e-9)
+                        * np.maximum(rnd.ttft[light], 1e-3) / real.ttft[light])
+        return np.concatenate([wi * r_itl, wt * r_thr, wf * r_ttft,
+                               [1e-3 * np.log1p(z.sum())]])
+    z0 = np.ones(len(terms))
+    sol = least_squares(resid, z0, bounds=(0.0, np.inf), loss="soft_l1", f_scale=0.1)
+    new = sol.x * scale
+    # damp: move at most x3 per iteration per coefficient
+    new = np.clip(new, theta0 / 3.0, np.maximum(theta0 * 3.0, 1e-7))
+    change = float(np.max(np.abs(new - theta0) / np.maximum(theta0, 1e-9)))
+    return {**coef, **{k: float(v) for k, v in zip(terms, new)}}, change
