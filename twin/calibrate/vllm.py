@@ -583,7 +583,7 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
         log(f"client: at most {cap['max_in_flight']} requests in flight (from {cap['runs']} "
             "overloaded runs)")
     # runs the memory model says cannot start are dropped from the step fit
-    from twin.sim.engine import kv_capacity_tokens
+    from twin.servers import kv_capacity_tokens
     from twin.errors import ConfigError
 
     usable = []

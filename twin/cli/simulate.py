@@ -57,7 +57,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from twin.errors import TwinInputError
     from twin.outputs import console, input_paths, json_document, prepare
-    from twin.sim import simulate
+    from twin.policies import simulate_policy
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import read_trace, refuse_empty_window
 
@@ -70,7 +70,7 @@ def run(args) -> int:
         trace = read_trace(args.trace)
         refuse_empty_window(trace, args.window_s, str(args.trace))
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
-        result = simulate(trace, config, args.profile, catalog, window_s=args.window_s,
+        result = simulate_policy(trace, config, args.profile, catalog, window_s=args.window_s,
                           progress=not args.no_progress, record_steps=args.steps,
                           trace_source=str(args.trace))
         result.meta["trace"] = str(args.trace)

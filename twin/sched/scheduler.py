@@ -187,7 +187,7 @@ class Scheduler:
         if plan.preempted:
             plan.blocked = PREEMPTED
         else:
-            plan.blocked = self._admit(plan, budget, now)
+            plan.blocked = self.admit(plan, budget, now)
         self.blocked = plan.blocked
         plan.adapters = len(self.cache.in_use)
         plan.kv_blocks = self.pool.used + (self._held_next if plan.group_decode else 0)
@@ -288,11 +288,27 @@ class Scheduler:
         self.num_preemptions += 1
         if r.adapter >= 0:
             self.cache.release(r.adapter)
+        self.left_running(r)
         self.waiting.prepend(r)
 
-    def _admit(self, plan: StepPlan, budget: int, now: float) -> str:
+    # -- hooks for another admission rule (twin.sched.unified_pool.SLoRAScheduler) -------
+    def left_running(self, r: Request) -> None:
+        """Hook: ``r`` left the running set (finished or preempted), its blocks and
+        adapter already released. vLLM keeps no other state per running request."""
+
+    def admission_free_blocks(self, plan: StepPlan) -> int:
+        """KV blocks the waiting phase of ``plan`` may still allocate: the pool's free
+        blocks less what the decode group takes in this step."""
+        pool = self.pool
+        return pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
+
+    def admit(self, plan: StepPlan, budget: int, now: float) -> str:
+        """Hook: the waiting phase (vLLM's loop with the ``max_loras`` skip rule). Admits
+        with :meth:`start_running` and returns why it stopped (``EMPTY``, ``SEQS``,
+        ``BUDGET``, ``KV``, ``LORA``), which must persist as :meth:`arrival_may_change`
+        assumes."""
         waiting, pool, cache = self.waiting, self.pool, self.cache
-        free = pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
+        free = self.admission_free_blocks(plan)
         running = self.group.n + len(self.prefilling)
         lora_gate = self.max_loras if self.enable_lora else 1 << 62
         while True:
@@ -314,11 +330,11 @@ class Scheduler:
                 return KV
             waiting.pop(r)
             free -= nb
-            self._start_running(plan, r, n, nb, now)
+            self.start_running(plan, r, n, nb, now)
             budget -= n
             running += 1
 
-    def _start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
+    def start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
         """Admit waiting request ``r`` (already popped) with a first chunk of ``n`` tokens
         in ``nb`` new KV blocks: it joins the running list and its adapter is acquired."""
         self.pool.take(nb)
@@ -436,6 +452,7 @@ class Scheduler:
         r.finish = now
         if r.adapter >= 0:
             self.cache.release(r.adapter)
+        self.left_running(r)
 
     # -- quiet runs ------------------------------------------------------------------------
     def quiet_steps(self, plan: StepPlan) -> int:

@@ -128,7 +128,7 @@ class Validation:
         on calibration rounds interleaved with the executor's runs) and compare anew. The
         KV capacity stays the one both sides were given."""
         from twin.costs.profile import Profile, load_profile
-        from twin.sim.engine import simulate
+        from twin.policies import simulate_policy
         from twin.sim.replay import exact_kv_memory
 
         if not isinstance(profile, Profile):
@@ -137,8 +137,8 @@ class Validation:
         tprof = dataclasses.replace(profile, memory=exact_kv_memory(
             self.num_blocks, self.config.block_size, self.config.gpu_memory_utilization,
             kv_bytes_per_token=profile.memory.kv_bytes_per_token))
-        self.twin = simulate(k["trace"], self.config, tprof, k["catalog"],
-                             window_s=k["window_s"], trace_source=k["trace_source"])
+        self.twin = simulate_policy(k["trace"], self.config, tprof, k["catalog"],
+                                    window_s=k["window_s"], trace_source=k["trace_source"])
         self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
 
     def recompare(self, more: list[dict]) -> None:
@@ -231,7 +231,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     from twin.executor.model import LlamaModel
     from twin.executor.weights import resolve_model
     from twin.costs.profile import Profile, load_profile
-    from twin.sim.engine import kv_capacity_tokens
+    from twin.servers import kv_capacity_tokens
     from twin.workload.catalog import AdapterCatalog
     from twin.workload.schema import validate_trace
 
