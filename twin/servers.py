@@ -32,6 +32,9 @@ from twin.sched import AdapterCache, Scheduler
 from twin.sched.unified_pool import SLoRAScheduler
 
 LAYOUTS = ("vllm", "slora", "merged")
+#: the layouts a config's ``policy`` names by itself (``merged`` and ``hybrid`` are
+#: deployments of several servers, ``twin.policies``')
+SERVER_LAYOUTS = ("vllm", "slora")
 
 
 @dataclass
@@ -161,5 +164,5 @@ def _build_slora(config, profile, catalog, num_blocks, admission):
                        page_bytes=page_bytes(config, profile))
 
 
-__all__ = ["LAYOUTS", "ServerParts", "build_server", "kv_capacity_tokens", "adapter_pages",
+__all__ = ["LAYOUTS", "SERVER_LAYOUTS", "ServerParts", "build_server", "kv_capacity_tokens", "adapter_pages",
            "page_bytes", "unified_pool_tokens"]

@@ -20,7 +20,7 @@ from twin.errors import TwinInputError
 from twin.results.recorder import Outcomes, Recorder, build_result
 from twin.results.results import RunResult, crop_window
 from twin.sched import Request, RequestStatus
-from twin.servers import ServerParts, build_server
+from twin.servers import SERVER_LAYOUTS, ServerParts, build_server
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import validate_trace
 
@@ -74,6 +74,11 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     runs in one closed-form jump: the step-by-step reference the jump must equal (tests);
     the results are the same, only slower.
     """
+    if server is None and config.policy not in SERVER_LAYOUTS:
+        raise TwinInputError(
+            f"policy {config.policy!r} deploys servers of its own; twin.sim.simulate runs one "
+            "server (vllm or slora): run it with twin.policies.simulate_policy",
+            file="config", field="policy")
     profile = check_run_inputs(config, profile, window_s)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
     if catalog is None:
