@@ -13,7 +13,8 @@ and what they model: ``twin.policies.slora``. Both clocks build it through
 from __future__ import annotations
 
 from twin.sched.adapter_cache import AdapterLoad
-from twin.sched.scheduler import BUDGET, EMPTY, KV, SEQS, Scheduler
+from twin.sched.scheduler import Scheduler
+from twin.sched.step_plan import BUDGET, EMPTY, KV, SEQS
 
 ADMISSIONS = ("conservative", "on_demand")
 NO_SLOT_LIMIT = 1 << 30
