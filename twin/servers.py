@@ -164,5 +164,5 @@ def _build_slora(config, profile, catalog, num_blocks, admission):
                        page_bytes=page_bytes(config, profile))
 
 
-__all__ = ["LAYOUTS", "SERVER_LAYOUTS", "ServerParts", "build_server", "kv_capacity_tokens", "adapter_pages",
-           "page_bytes", "unified_pool_tokens"]
+__all__ = ["LAYOUTS", "SERVER_LAYOUTS", "ServerParts", "build_server", "kv_capacity_tokens",
+           "adapter_pages", "page_bytes", "unified_pool_tokens"]

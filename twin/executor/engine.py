@@ -487,7 +487,8 @@ class _Engine:
                    if config.enable_lora and config.preload_adapters else [])
         server = build_server(config, None, catalog, layout="vllm", num_blocks=num_blocks,
                               preload=preload)
-        return BuiltServer(server, num_blocks, model.allocate_kv_cache(num_blocks, config.block_size),
+        return BuiltServer(server, num_blocks,
+                           model.allocate_kv_cache(num_blocks, config.block_size),
                            PagedBlockTables(num_blocks, config.block_size), slots,
                            _AdapterStore(model, slots, names, paths, config.max_lora_rank))
 

@@ -54,8 +54,9 @@ def simulate_policy(trace, config, profile=None, catalog=None, *, gpus: int | No
     vLLM on one GPU is one server, ``twin.sim.simulate`` itself (its result carries no
     deployment summary, as it never has); any other strategy, or vLLM on ``gpus`` GPUs,
     is deployed and simulated by its :class:`Policy` (``options``: its constructor's,
-    e.g. ``admission``, ``k``; vLLM takes none), the result being the whole deployment's. ``max_in_flight``
-    and ``jump`` (see ``twin.sim.simulate``) apply to one vLLM server only.
+    e.g. ``admission``, ``k``; vLLM takes none), the result being the whole deployment's.
+    ``max_in_flight`` and ``jump`` (see ``twin.sim.simulate``) apply to one vLLM server
+    only.
     """
     if config.policy == "vllm" and gpus is None:
         return simulate(trace, config, profile, catalog, window_s=window_s, progress=progress,

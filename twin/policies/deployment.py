@@ -175,7 +175,8 @@ def assign_dynamic(policy: ServerPolicy, kind: str, trace: pd.DataFrame, keys: n
                                   label=f"{kind}@gpu{gpu0 + i}", policy=policy))
 
 
-def dynamic_deployment(policy: ServerPolicy, kind: str, trace: pd.DataFrame, gpus: int) -> Deployment:
+def dynamic_deployment(policy: ServerPolicy, kind: str, trace: pd.DataFrame,
+                       gpus: int) -> Deployment:
     """``gpus`` servers of one dynamic kind (vllm or slora) sharing the whole trace."""
     gpus = max(int(gpus), 1)
     route = np.zeros(len(trace), dtype=np.int64)
