@@ -1,5 +1,5 @@
 """A reference of S-LoRA's admission and unified paging in plain lists, for differential tests
-of ``twin.policies.slora.SLoRAScheduler`` / ``UnifiedAdapterPool``.
+of ``twin.sched.unified_pool.SLoRAScheduler`` / ``UnifiedAdapterPool``.
 
 Written from the paper (arXiv 2311.03285, §4-5) and the S-LoRA repository's router
 (``slora/server/router/manager.py``: ``_step`` loads the new batch's adapters before its

@@ -115,6 +115,7 @@ def test_cli_executor_mode(tmp_path, capsys):
 def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
     """Features rebuilt from the step log equal the scheduler's own (twin's) features."""
     import twin.executor.engine as eng
+    import twin.servers as servers
     from twin.executor.adapters import write_synthetic_adapters
     from twin.executor.weights import resolve_model
     from twin.sched import Scheduler
@@ -128,7 +129,7 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
                 seen.append(features(plan, 16, 4))
             return plan
 
-    monkeypatch.setattr(eng, "Scheduler", Recording)
+    monkeypatch.setattr(servers, "Scheduler", Recording)
     write_synthetic_adapters(resolve_model("tiny"), tmp_path / "a", 3, ranks=(8,))
     # gap: arrivals far enough apart (2 s vs a few ms of service, plus a first step that
     # warms torch up) that later ones find the engine idle even on a loaded 2-core box

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from bursty_trace import make_trace  # noqa: E402
-import twin.sim.engine as sim_engine  # noqa: E402
+import twin.servers as servers  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.executor.adapters import write_synthetic_adapters  # noqa: E402
 from twin.executor.engine import execute  # noqa: E402
@@ -58,7 +58,7 @@ class RecordingScheduler(Scheduler):
 def twin_replay(result, trace, catalog, monkeypatch):
     log = []
     monkeypatch.setattr(RecordingScheduler, "log", log, raising=False)
-    monkeypatch.setattr(sim_engine, "Scheduler", RecordingScheduler)
+    monkeypatch.setattr(servers, "Scheduler", RecordingScheduler)
     tw = replay(result, trace, catalog, record_steps=True)
     return tw, log
 

@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 
 from bursty_trace import make_trace  # noqa: E402
 import twin.policies.slora as slora_policy  # noqa: E402
+import twin.servers as servers  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.errors import TwinInputError  # noqa: E402
 from twin.executor.adapters import load_adapter, write_synthetic_adapters  # noqa: E402
@@ -33,7 +34,7 @@ from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.slora import (ExactRankLoRA, UnifiedPagePool, _Resident,  # noqa: E402
                                  adapter_pages_for)
 from twin.executor.weights import make_tiny_llama  # noqa: E402
-from twin.policies.slora import SLoRAScheduler  # noqa: E402
+from twin.sched.unified_pool import SLoRAScheduler  # noqa: E402
 from twin.sim.replay import replay  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
@@ -200,7 +201,7 @@ def test_twin_slora_replaying_executor_batches_identically(tiny, name, monkeypat
     ex = execute(trace, sc["config"], model, cat, num_gpu_blocks=sc["blocks"])
     log = []
     monkeypatch.setattr(RecordingSLoRAScheduler, "log", log, raising=False)
-    monkeypatch.setattr(slora_policy, "SLoRAScheduler", RecordingSLoRAScheduler)
+    monkeypatch.setattr(servers, "SLoRAScheduler", RecordingSLoRAScheduler)
     tw = replay(ex, trace, cat, record_steps=True)
     assert tw.meta.get("policy") == "slora"
 

@@ -22,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Package-level cycles that still exist today. Each entry is the set of units of one
 # strongly connected component. Remove an entry once the cycle is gone; never add one.
-KNOWN_PACKAGE_CYCLES = {
-    # twin.sim builds the policy objects and twin.policies reads the simulator's state;
-    # server construction (one place that wires the scheduler, cache and policy) removes it.
-    frozenset({"twin.policies", "twin.sim"}),
-}
+KNOWN_PACKAGE_CYCLES: set = set()
 
 # Module cycles inside a package that still exist today, each closed by a lazy in-function
 # import. Same rule: remove an entry once the cycle is gone; never add one.
@@ -34,8 +30,6 @@ KNOWN_MODULE_CYCLES = {
     # Model.make_lora_slots imports LoRASlots, and lora/adapters import the model's shapes.
     "twin.executor": {frozenset({"twin.executor.adapters", "twin.executor.lora",
                                  "twin.executor.model"})},
-    # Policy.simulate calls deployment.run_deployment, which imports Policy from base.
-    "twin.policies": {frozenset({"twin.policies.base", "twin.policies.deployment"})},
 }
 
 

@@ -9,8 +9,9 @@ import pytest
 from twin.config import POLICIES, ServingConfig
 from twin.errors import ConfigError, TwinInputError
 from twin.costs.profile import load_profile
-from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, SLoRAScheduler,
-                           UnifiedAdapterPool, VLLMPolicy, get_policy)
+from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, VLLMPolicy, get_policy,
+                           simulate_policy)
+from twin.sched.unified_pool import SLoRAScheduler, UnifiedAdapterPool
 from twin.policies.deployment import adapter_load, scaled_profile
 from twin.sched import KVBlockPool, Request
 from twin.sim import simulate
@@ -59,7 +60,7 @@ def test_vllm_policy_is_plain_simulate(trace):
 
 
 def test_simulate_dispatches_on_policy(trace):
-    r = simulate(trace, cfg(policy="slora"), PROFILE)
+    r = simulate_policy(trace, cfg(policy="slora"), PROFILE)
     assert r.summary["deployment"]["policy"] == "slora"
     assert r.summary["adapter_pool"]["max_gib"] > 0
 

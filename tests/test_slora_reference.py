@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from slora_reference import run_slora_reference
 from test_scheduler import drive_stepwise
-from twin.policies.slora import SLoRAScheduler
+from twin.sched.unified_pool import SLoRAScheduler
 from twin.sched import Request
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from twin.config import ServingConfig
-from twin.sim import simulate
+from twin.policies import simulate_policy as simulate
 
 
 def trace_of(arrivals, prompt, output) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.outputs import prepare, staged_dir
 from twin.results.results import RunResult
-from twin.sim.engine import simulate as _simulate
+from twin.policies import simulate_policy
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import powerlaw_trace, rate_class_trace  # noqa: F401 - re-exported
 from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
@@ -124,10 +124,9 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     source = path or "trace"
     refuse_empty_window(trace, window_s, source)
     catalog = load_catalog(catalog)
-    # TODO(lead): non-"vllm" policies are dispatched inside twin.sim.engine.simulate today;
-    # call twin.policies' dispatch here once it moves up there.
-    result = _simulate(trace, config, _profile(profile), catalog, window_s=window_s,
-                       progress=progress, record_steps=record_steps, trace_source=source)
+    # every serving strategy (config.policy): one vLLM server goes straight to the simulator
+    result = simulate_policy(trace, config, _profile(profile), catalog, window_s=window_s,
+                             progress=progress, record_steps=record_steps, trace_source=source)
     if path is not None:
         result.meta["trace"] = path
     return result

@@ -28,7 +28,7 @@ from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import StepTimeModel
 from twin.errors import ConfigError
-from twin.sim.engine import kv_capacity_tokens
+from twin.servers import kv_capacity_tokens
 
 __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "calibrate",
            "simulate_run", "STEP_TERMS", "read_kv_capacity", "read_load_times"]

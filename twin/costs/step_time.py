@@ -11,37 +11,67 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
-FEATURES = (
-    "const",            # 1 per step: scheduling, sampling, launches
-    "prefill_tokens",   # tokens of prefill chunks
-    "decode_tokens",    # decode sequences (one token each)
-    "decode_context",   # sum of attended tokens over decode sequences (KV reads)
-    "prefill_context",  # sum over prefill chunks of n * (start + n) (attention work)
-    "lora_token_rank",  # tokens with an adapter x padded rank (LoRA matmuls)
-    "adapters",         # distinct adapters in the batch (their slot weights are read)
-    "adapter_rank",     # distinct adapters x padded rank (bytes of slot weights read)
-    "lora_slots",       # max_loras when any token has an adapter (kernel grid spans slots)
-    "lora_active",      # 1 when any token has an adapter (the LoRA kernels launch at all)
-    "prefill_seqs",     # prefill chunks (per-sequence attention calls and bookkeeping)
-    "after_idle",       # 1 for the first step after the engine waited idle for an arrival
-)
-AFTER_IDLE = FEATURES.index("after_idle")
+class StepFeatures(NamedTuple):
+    """A scheduled step's batch features, the step-time model's inputs (``FEATURES``)."""
+
+    const: float             # 1 per step: scheduling, sampling, launches
+    prefill_tokens: int      # tokens of prefill chunks
+    decode_tokens: int       # decode sequences (one token each)
+    decode_context: int      # sum of attended tokens over decode sequences (KV reads)
+    prefill_context: int     # sum over prefill chunks of n * (start + n) (attention work)
+    lora_token_rank: float   # tokens with an adapter x rank (LoRA matmuls)
+    adapters: int            # distinct adapters in the batch (their weights are read)
+    adapter_rank: float      # distinct adapters x rank (bytes of adapter weights read)
+    lora_slots: int          # adapter slots the LoRA kernel grid spans, when any token has one
+    lora_active: int         # 1 when any token has an adapter (the LoRA kernels launch at all)
+    prefill_seqs: int        # prefill chunks (per-sequence attention calls and bookkeeping)
+    after_idle: float        # 1 for the first step after the engine waited idle for an arrival
 
 
-def after_idle(f: tuple) -> tuple:
+FEATURES = StepFeatures._fields
+_new = tuple.__new__   # builds a StepFeatures without the generated __new__'s argument parsing
+
+
+def after_idle(f: StepFeatures) -> StepFeatures:
     """``f`` with the after-idle flag set: the first step after an idle wait runs on cold
     caches and clocks (measured ~1 ms extra on a CPU; light load's TTFT is mostly such
     steps)."""
-    return f[:AFTER_IDLE] + (1.0,) + f[AFTER_IDLE + 1:]
+    return f._replace(after_idle=1.0)
 
 
-def features(plan, max_lora_rank: int, max_loras: int) -> tuple:
-    """Feature vector of a scheduled step (``twin.sched.StepPlan``)."""
+def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int) -> StepFeatures:
+    """Features of a scheduled step (``twin.sched.StepPlan``), given how the server counts
+    LoRA ranks: ``token_rank`` per adapter token, ``adapter_rank`` summed over the batch's
+    adapters and the ``lora_slots`` the kernel grid spans (see :func:`features` for vLLM's
+    padded count, :class:`ExactRankFeatures` for S-LoRA's exact one)."""
     lt = plan.decode_lora + plan.prefill_lora_tokens
-    return (1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
-            lt * max_lora_rank, plan.adapters, plan.adapters * max_lora_rank,
-            max_loras if lt else 0, 1 if lt else 0, plan.prefill_n, 0.0)
+    return _new(StepFeatures, (
+        1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
+        lt * token_rank, plan.adapters, adapter_rank, lora_slots if lt else 0,
+        1 if lt else 0, plan.prefill_n, 0.0))
+
+
+def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:
+    """vLLM's count: every adapter padded to ``max_lora_rank``, the LoRA kernel's grid
+    spanning all ``max_loras`` slots."""
+    return step_features(plan, max_lora_rank, plan.adapters * max_lora_rank, max_loras)
+
+
+class ExactRankFeatures:
+    """S-LoRA's count over a unified pool (``twin.sched.unified_pool.UnifiedAdapterPool``):
+    LoRA FLOPs at the running requests' mean rank, weight bytes at the batch's adapters'
+    own ranks, the kernel grid spanning the batch's adapters (no slots, no padding)."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __call__(self, plan) -> StepFeatures:
+        pool = self.pool
+        return step_features(plan, pool.mean_running_rank(), pool.rank_sum, plan.adapters)
 
 
 @dataclass

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +50,14 @@ from twin.executor.adapters import (CONFIG_NAME, AdapterError, PackedAdapter,
 from twin.executor.block_tables import PagedBlockTables
 from twin.executor.lora import LoRASlots
 from twin.executor.model import LlamaModel, SeqChunk
-from twin.costs.step_time import after_idle, features
-from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
+from twin.costs.step_time import after_idle
+from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
+from twin.sched import Request, RequestStatus
 from twin.sched.adapter_cache import AdapterLoad
 from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.results.recorder import Outcomes, Recorder, build_result
 from twin.results.results import RunResult, crop_window
+from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import validate_trace
 
@@ -448,50 +449,48 @@ class _Engine:
         self.bad: dict[int, str] = {}
         # -- slora hook (issue 7): no slots, so no max_lora_rank ceiling on adapters --------
         self.paged = config.policy == "slora" and config.enable_lora
-        max_rank = config.max_lora_rank
-        if self.paged:
-            from twin.executor.slora import SLORA_MAX_RANK
-            max_rank = SLORA_MAX_RANK
+        max_rank = SLORA_MAX_RANK if self.paged else config.max_lora_rank
         for a in sorted(used, key=self.ids.get):
             msg = check_adapter_dir(paths[self.ids[a]], a, max_rank)
             if msg is not None:
                 self.bad[self.ids[a]] = msg
-        if self.paged:
-            # -- slora hook (issue 7): unified page pool, SLoRAScheduler, exact-rank store --
-            from twin.executor.slora import build_slora
-            build_slora(self, num_gpu_blocks=num_gpu_blocks, kv_cache_gib=kv_cache_gib,
-                        choose_num_blocks=choose_num_blocks)
+        # the server (twin.servers.build_server, as the twin builds it) and its torch side
+        if self.paged:   # unified page pool, SLoRAScheduler, exact-rank store
+            built = build_slora(model, config, trace, catalog, self.bad,
+                                num_gpu_blocks=num_gpu_blocks, kv_cache_gib=kv_cache_gib,
+                                choose_num_blocks=choose_num_blocks)
+            self.meta["slora"] = built.meta
         else:
-            self._build_vllm(config, model, catalog, trace, names, paths, num_gpu_blocks,
-                             kv_cache_gib)
-            self.featurize = partial(features, max_lora_rank=config.max_lora_rank,
-                                     max_loras=config.max_loras)
+            built = self._build_vllm(config, model, catalog, trace, names, paths,
+                                     num_gpu_blocks, kv_cache_gib)
+        self.num_blocks, self.kv, self.tables = built.num_blocks, built.kv, built.tables
+        self.slots, self.store = built.lora, built.store
+        server = built.server
+        self.sched, self.cache, self.featurize = server.scheduler, server.cache, server.featurize
+        if not self.paged:
+            self._preload()
         n = len(trace)
         horizon = window_s if window_s is not None else (
             float(trace["arrival_s"].iloc[-1]) if n else 0.0)
         self.sample_dt = sample_dt if sample_dt is not None else max(horizon / 2000.0, 0.05)
 
     def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
-                    kv_cache_gib) -> None:
+                    kv_cache_gib) -> BuiltServer:
         """vLLM's layout: LoRA slots, KV block tables, AdapterCache, Scheduler."""
-        self.slots = None
+        slots = None
         if config.enable_lora and len(catalog):
-            self.slots = GroupedLoRASlots(model.shape, config.max_loras, config.max_lora_rank,
-                                          dtype=model.dtype, device=model.device)
-        self.num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
-                                            kv_cache_gib=kv_cache_gib)
-        self.kv = model.allocate_kv_cache(self.num_blocks, config.block_size)
-        self.tables = PagedBlockTables(self.num_blocks, config.block_size)
-        self.store = _AdapterStore(model, self.slots, names, paths, config.max_lora_rank)
+            slots = GroupedLoRASlots(model.shape, config.max_loras, config.max_lora_rank,
+                                     dtype=model.dtype, device=model.device)
+        num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
+                                       kv_cache_gib=kv_cache_gib)
         preload = ([i for i in range(len(names)) if i not in self.bad]
                    if config.enable_lora and config.preload_adapters else [])
-        self.cache = AdapterCache(config.max_loras, config.max_cpu_loras, preload=preload)
-        self.sched = Scheduler(num_blocks=self.num_blocks, block_size=config.block_size,
-                               max_num_seqs=config.max_num_seqs,
-                               max_num_batched_tokens=config.max_num_batched_tokens,
-                               max_loras=config.max_loras, max_model_len=config.max_model_len,
-                               adapter_cache=self.cache, enable_lora=config.enable_lora)
-        self._preload()
+        server = build_server(config, None, catalog, layout="vllm", num_blocks=num_blocks,
+                              preload=preload)
+        return BuiltServer(server, num_blocks,
+                           model.allocate_kv_cache(num_blocks, config.block_size),
+                           PagedBlockTables(num_blocks, config.block_size), slots,
+                           _AdapterStore(model, slots, names, paths, config.max_lora_rank))
 
     def _preload(self) -> None:
         """Start-up loads (``preload_adapters``), mirroring AdapterCache's preload."""

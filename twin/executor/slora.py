@@ -4,7 +4,7 @@
 fixed LoRA slots (``twin.executor.lora``). What it is made of:
 
 - **The scheduler is the twin's.** :func:`build_slora` builds the server with
-  ``SLoRAPolicy.server_parts`` (``twin.policies.slora``) from a profile describing the
+  ``twin.servers.build_server`` (layout ``slora``) from a profile describing the
   executor's own model and pool (:func:`executor_profile`), so the number of pages, the
   pages each adapter takes and the admission rule are computed by the very code the twin
   runs; the twin replaying this run (``twin.sim.replay``) builds the same scheduler.
@@ -38,6 +38,7 @@ KV tensor plus the resident adapters' tensors (at most the reserved pages' bytes
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +47,7 @@ from twin.executor.block_tables import PagedBlockTables
 from twin.executor.model import LORA_GROUPS, LlamaModel
 from twin.costs.profile import ModelShape, Profile
 from twin.sched.adapter_cache import AdapterLoad
+from twin.servers import ServerParts, build_server
 
 #: no rank ceiling under slora (there are no slots to pad to); the check of an adapter's
 #: config uses this instead of ``max_lora_rank``
@@ -326,7 +328,7 @@ def model_shape_of(model: LlamaModel, name: str = "executor") -> ModelShape:
 
 def executor_profile(model: LlamaModel, num_blocks: int, config) -> Profile:
     """A profile describing the executor's model and a pool of exactly ``num_blocks``
-    pages, for ``SLoRAPolicy.server_parts`` (the same one ``twin.sim.replay`` builds from
+    pages, for ``twin.servers.build_server`` (the same one ``twin.sim.replay`` builds from
     the run's meta, so both sides count pages identically)."""
     from twin.sim.replay import exact_kv_memory, zero_load_time
 
@@ -345,42 +347,51 @@ def adapter_pages_for(model: LlamaModel, config, ranks) -> list[int]:
     return [-(-shape.adapter_bytes(int(r)) // page) for r in ranks]
 
 
-def build_slora(engine, *, num_gpu_blocks, kv_cache_gib, choose_num_blocks) -> None:
-    """Set up ``engine`` (an ``_Engine``) with the unified pool, the S-LoRA scheduler and
-    the exact-rank adapter store (instead of LoRA slots, ``AdapterCache`` and
-    ``Scheduler``)."""
-    from twin.policies import get_policy
+class BuiltServer(NamedTuple):
+    """An executor's server: the scheduler core both clocks build
+    (``twin.servers.build_server``) and the torch side serving it."""
 
-    model, config, trace, catalog = engine.model, engine.config, engine.trace, engine.catalog
-    names = engine.names
+    server: ServerParts
+    num_blocks: int
+    kv: object            # the model's KV cache tensors
+    tables: PagedBlockTables   # KV block tables (slora: and adapter page tables)
+    lora: object          # LoRA compute: slots (vllm) or ExactRankLoRA (slora)
+    store: object         # adapters in tensors, kept in step with the scheduler's cache
+    meta: dict | None = None   # the run's ``meta["slora"]`` (slora)
+
+
+def build_slora(model: LlamaModel, config, trace, catalog, bad: dict[int, str], *,
+                num_gpu_blocks, kv_cache_gib, choose_num_blocks) -> BuiltServer:
+    """The unified pool, the S-LoRA scheduler and the exact-rank adapter store (instead of
+    LoRA slots, ``AdapterCache`` and ``Scheduler``). Adapters of the trace that cannot be
+    read or packed go to ``bad`` (their requests fail on arrival)."""
+    names = catalog.adapters
+    ids = {a: i for i, a in enumerate(names)}
     ranks = [int(catalog.rank(a)) for a in names]
     pages = adapter_pages_for(model, config, ranks)
-    used = sorted(engine.ids[a] for a in trace["adapter"].dropna().unique())
+    used = sorted(ids[a] for a in trace["adapter"].dropna().unique())
     extra = sum(pages[a] for a in used)
-    engine.num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
-                                          kv_cache_gib=kv_cache_gib, extra_blocks=extra)
-    policy = get_policy("slora")
-    parts = policy.server_parts(config, executor_profile(model, engine.num_blocks, config),
-                                catalog)
-    sched = parts.scheduler
-    assert sched.pool.num_blocks == engine.num_blocks
+    num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
+                                   kv_cache_gib=kv_cache_gib, extra_blocks=extra)
+    admission = "conservative"   # S-LoRA's own (twin.policies.slora's default)
+    server = build_server(config, executor_profile(model, num_blocks, config), catalog,
+                          layout="slora", admission=admission)
+    sched = server.scheduler
+    assert sched.pool.num_blocks == num_blocks
     assert list(sched.cache.pages) == pages, (sched.cache.pages, pages)
-    engine.sched, engine.cache = sched, parts.cache
-    engine.featurize = parts.featurize
-    engine.kv = model.allocate_kv_cache(engine.num_blocks, config.block_size)
-    engine.tables = UnifiedPagePool(engine.num_blocks, config.block_size)
-    engine.slots = ExactRankLoRA(model, len(names))
-    engine.store = SLoRAAdapterStore(model, names, list(catalog.table["path"]) if len(names)
-                                     else [], pages, engine.tables, engine.slots)
-    engine.store.slot_of = {a: i for i, a in enumerate(sorted(range(len(names)),
-                                                              key=lambda a: (ranks[a], a)))}
-    engine.store.pack_all(used, engine.bad)
-    engine.meta["slora"] = {
-        "admission": policy.admission,
-        "adapter_pages": {names[a]: pages[a] for a in used},
-        "page_bytes": int(model_shape_of(model).kv_bytes_per_token * config.block_size),
-        "host_pack_s": engine.store.read_s + engine.store.pack_s,
-    }
+    tables = UnifiedPagePool(num_blocks, config.block_size)
+    lora = ExactRankLoRA(model, len(names))
+    store = SLoRAAdapterStore(model, names, list(catalog.table["path"]) if len(names) else [],
+                              pages, tables, lora)
+    store.slot_of = {a: i for i, a in enumerate(sorted(range(len(names)),
+                                                       key=lambda a: (ranks[a], a)))}
+    store.pack_all(used, bad)
+    meta = {"admission": admission,
+            "adapter_pages": {names[a]: pages[a] for a in used},
+            "page_bytes": int(model_shape_of(model).kv_bytes_per_token * config.block_size),
+            "host_pack_s": store.read_s + store.pack_s}
+    return BuiltServer(server, num_blocks, model.allocate_kv_cache(num_blocks, config.block_size),
+                      tables, lora, store, meta)
 
 
 def pool_summary(engine) -> dict:
@@ -394,5 +405,5 @@ def pool_summary(engine) -> dict:
             "copy_s": engine.store.copy_s}
 
 
-__all__ = ["UnifiedPagePool", "ExactRankLoRA", "SLoRAAdapterStore", "build_slora",
+__all__ = ["UnifiedPagePool", "ExactRankLoRA", "SLoRAAdapterStore", "build_slora", "BuiltServer",
            "executor_profile", "adapter_pages_for", "SLORA_MAX_RANK", "pool_summary"]

@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.results import crop_window
+from twin.workload.schema import validate_trace
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots")]
@@ -64,9 +66,6 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     ``(label, name or Policy)`` pairs to run variants side by side); ``options`` are passed
     to the strategies' constructors (e.g. ``k``, ``dynamic``, ``admission``); ``gpus`` fixes
     every strategy's GPU count."""
-    from twin.costs.profile import Profile, load_profile
-    from twin.workload.schema import validate_trace
-
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     trace = validate_trace(trace, source=trace_source)
@@ -333,10 +332,10 @@ def format_deployments(cmp: Comparison) -> str:
 
 def plot_comparison(cmp: Comparison, path, title: str = "") -> str:
     """Four panels: throughput vs offered, TTFT p50/p99, TPOT p50/p99, memory per GPU."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only for a plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
 
     t = cmp.table
     x = np.arange(len(t))

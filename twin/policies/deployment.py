@@ -15,19 +15,35 @@ fractions settle. The per-server results are then combined into one ``RunResult`
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from twin.policies.base import MemoryPlan, Policy
-from twin.results.results import RunResult, summarize, waiting_growth
+from twin.costs.step_time import StepTimeModel
+from twin.policies.memory import MemoryPlan
+from twin.results.results import (STARVATION_THRESHOLD, RunResult, load_spans, summarize,
+                                  waiting_growth)
+from twin.sim.engine import default_catalog, simulate
+from twin.workload.catalog import AdapterCatalog
 
 MERGED, VLLM, SLORA = "merged", "vllm", "slora"
 MAX_INTERFERENCE_ITERS = 5
 INTERFERENCE_TOL = 0.02
+
+
+class ServerPolicy(Protocol):
+    """What a deployment asks of the strategy that made a server (``twin.policies.base``)."""
+
+    name: str
+
+    def memory(self, config, profile, catalog=None, share: float = 1.0) -> MemoryPlan: ...
+
+    def server_parts(self, config, profile, catalog): ...
 
 
 @dataclass
@@ -37,7 +53,7 @@ class ServerSpec:
     share: float              # fraction of the GPU's memory (compute is time-sliced)
     adapters: tuple           # adapters served; None stands for base-model requests
     label: str
-    policy: Policy | None = None   # builds the server and accounts its memory
+    policy: ServerPolicy | None = None   # builds the server and accounts its memory
 
 
 @dataclass
@@ -121,7 +137,7 @@ def adapter_load(trace: pd.DataFrame) -> dict:
     return dict(sorted(load.items(), key=lambda kv: (-kv[1], "" if kv[0] is None else str(kv[0]))))
 
 
-def assign_dynamic(policy: Policy, kind: str, trace: pd.DataFrame, keys: np.ndarray,
+def assign_dynamic(policy: ServerPolicy, kind: str, trace: pd.DataFrame, keys: np.ndarray,
                    rows: np.ndarray, gpus: int, route: np.ndarray, servers: list,
                    gpu0: int = 0) -> None:
     """Dynamic (multi-adapter) servers, one per GPU from ``gpu0``, for ``rows`` of the trace.
@@ -159,7 +175,8 @@ def assign_dynamic(policy: Policy, kind: str, trace: pd.DataFrame, keys: np.ndar
                                   label=f"{kind}@gpu{gpu0 + i}", policy=policy))
 
 
-def dynamic_deployment(policy: Policy, kind: str, trace: pd.DataFrame, gpus: int) -> Deployment:
+def dynamic_deployment(policy: ServerPolicy, kind: str, trace: pd.DataFrame,
+                       gpus: int) -> Deployment:
     """``gpus`` servers of one dynamic kind (vllm or slora) sharing the whole trace."""
     gpus = max(int(gpus), 1)
     route = np.zeros(len(trace), dtype=np.int64)
@@ -179,10 +196,6 @@ def scaled_profile(profile, factor: float):
     """``profile`` with every step-time weight multiplied by ``factor`` (time-slicing)."""
     if factor == 1.0:
         return profile
-    import dataclasses
-
-    from twin.costs.step_time import StepTimeModel
-
     st = profile.step_time
 
     def mul(d):
@@ -193,8 +206,6 @@ def scaled_profile(profile, factor: float):
 
 
 def _sub_catalog(catalog, adapters):
-    from twin.workload.catalog import AdapterCatalog
-
     names = [a for a in adapters if a is not None]
     t = catalog.table
     return AdapterCatalog(t[t["adapter"].isin(names)], source=catalog.source)
@@ -202,12 +213,9 @@ def _sub_catalog(catalog, adapters):
 
 def run_server(spec: ServerSpec, trace: pd.DataFrame, rows: np.ndarray, config, profile,
                catalog, *, whole: bool, window_s, record_steps: bool, sample_dt,
-               trace_source: str, slowdown: float = 1.0, progress: bool = False,
-               user_catalog=None) -> ServerRun:
-    """Simulate one server on its rows of ``trace``. ``catalog`` is the resolved catalog;
-    a server given the whole trace gets ``user_catalog`` as ``simulate`` would."""
-    from twin.sim.engine import simulate
-
+               trace_source: str, slowdown: float = 1.0, progress: bool = False) -> ServerRun:
+    """Simulate one server on its rows of ``trace``. ``catalog`` is the resolved catalog
+    (a server given the whole trace gets all of it, as ``simulate`` would)."""
     util = config.gpu_memory_utilization * spec.share
     prof = scaled_profile(profile, slowdown)
     pol = spec.policy
@@ -223,25 +231,15 @@ def run_server(spec: ServerSpec, trace: pd.DataFrame, rows: np.ndarray, config, 
         sub = sub.assign(adapter=pd.array([None] * len(sub), dtype="string"))
         cat = None
     else:
-        cat = user_catalog if whole else _sub_catalog(catalog, spec.adapters)
-    holder = []
-    build = None
-    if spec.kind == SLORA:
-        def build(c, p, k, t, s):
-            holder.append(pol.server_parts(c, p, k, t, s))
-            return holder[-1]
-    res = simulate(sub, cfg, prof, cat, window_s=window_s, progress=progress,
-                   record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source,
-                   build_server=build)
+        cat = catalog if whole else _sub_catalog(catalog, spec.adapters)
+    server = pol.server_parts(cfg, prof, cat) if cat is not None else None
+    res = simulate(sub, cfg, prof, cat, server=server, window_s=window_s, progress=progress,
+                   record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source)
     busy = float((res.steps["duration_s"]).sum()) if res.steps is not None else float("nan")
     run = ServerRun(spec, rows, res, mem, slowdown, busy)
-    if holder:
-        sched = holder[0].scheduler
-        page = profile.memory.kv_bytes_per_token * config.block_size
-        run.adapter_gib_mean = sched.adapter_pages_mean(res.summary["duration_s"]) * page / 2**30
-        run.adapter_gib_max = sched.cache.max_resident_pages * page / 2**30
-        res.summary["adapter_pool"] = {"mean_gib": run.adapter_gib_mean,
-                                       "max_gib": run.adapter_gib_max}
+    pool = res.summary.get("adapter_pool")
+    if pool is not None:
+        run.adapter_gib_mean, run.adapter_gib_max = pool["mean_gib"], pool["max_gib"]
     return run
 
 
@@ -249,12 +247,8 @@ def run_deployment(dep: Deployment, trace: pd.DataFrame, config, profile, catalo
                    window_s=None, progress=False, record_steps=False, sample_dt=None,
                    trace_source="trace") -> PolicyRun:
     """Simulate every server of ``dep`` (``trace`` already validated and windowed)."""
-    from twin.workload.catalog import AdapterCatalog
-
-    user_catalog = catalog
     if catalog is None:
-        names = trace["adapter"].dropna().unique().tolist()
-        catalog = AdapterCatalog.uniform(sorted(names), config.max_lora_rank)
+        catalog = default_catalog(trace, config)
     n_srv = len(dep.servers)
     rows_of = [np.flatnonzero(dep.route == i) for i in range(n_srv)]
     single = n_srv == 1 and len(rows_of[0]) == len(trace) and dep.servers[0].share == 1.0
@@ -269,7 +263,7 @@ def run_deployment(dep: Deployment, trace: pd.DataFrame, config, profile, catalo
             for i in idxs:
                 s = dep.servers[i]
                 runs[i] = run_server(
-                    s, trace, rows_of[i], config, profile, catalog, user_catalog=user_catalog,
+                    s, trace, rows_of[i], config, profile, catalog,
                     whole=single, window_s=window_s, record_steps=record_steps or shared,
                     sample_dt=sample_dt, trace_source=trace_source, slowdown=slow[i],
                     progress=progress and single)
@@ -392,8 +386,6 @@ def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s,
                      max_model_len: int) -> bool:
     """The starvation rule (``load_spans``) on one server's requests, over the deployment's
     window (its own run may end earlier or later), or its queue grows."""
-    from twin.results.results import STARVATION_THRESHOLD, load_spans
-
     if r.result.summary.get("starving_reason") == "queue growth":
         return True
     load = load_spans(req.iloc[r.rows], duration_s=duration, window_s=window_s,

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from twin.errors import TwinInputError
-from twin.policies.base import MemoryPlan, Policy
+from twin.policies.base import Policy
 from twin.policies.deployment import (Deployment, adapter_keys, adapter_load, assign_dynamic)
+from twin.policies.memory import MemoryPlan
 from twin.policies.merged import MergedPolicy, place_replicas
 from twin.policies.slora import SLoRAPolicy
 from twin.policies.vllm import VLLMPolicy

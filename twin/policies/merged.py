@@ -26,7 +26,8 @@ import math
 import numpy as np
 
 from twin.errors import ConfigError
-from twin.policies.base import MemoryPlan, Policy, memory_plan
+from twin.policies.base import Policy
+from twin.policies.memory import MemoryPlan, memory_plan
 from twin.policies.deployment import MERGED, Deployment, ServerSpec, adapter_keys, adapter_load
 
 MAX_REPLICAS_PER_GPU = 64

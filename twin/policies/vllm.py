@@ -1,14 +1,16 @@
 """vLLM's own strategy (the default): ``max_loras`` GPU slots padded to ``max_lora_rank``,
 reserved at start-up beside a separate KV pool; the V1 scheduler with the skip rule.
 
-The server is exactly what ``twin.sim.simulate`` builds for ``policy="vllm"``; this class
+The server is exactly what ``twin.servers.build_server`` builds for ``policy="vllm"``; this class
 adds the memory accounting and, with several GPUs, one such server per GPU with the
 adapters partitioned between them (see ``twin.policies.deployment.dynamic_deployment``).
 """
 
 from __future__ import annotations
 
-from twin.policies.base import MemoryPlan, Policy, gib, memory_plan
+from twin.policies.base import Policy
+from twin.policies.deployment import dynamic_deployment
+from twin.policies.memory import MemoryPlan, gib, memory_plan
 
 
 class VLLMPolicy(Policy):
@@ -24,10 +26,5 @@ class VLLMPolicy(Policy):
         return memory_plan(self.name, config, profile, share, slots=True,
                            host_adapters_gib=gib(host))
 
-    def server_parts(self, config, profile, catalog, trace=None, trace_source="trace"):
-        return None   # the engine's own vLLM server
-
     def deploy(self, trace, config, profile, catalog, gpus=None):
-        from twin.policies.deployment import dynamic_deployment
-
         return dynamic_deployment(self, "vllm", trace, gpus or 1)

@@ -5,7 +5,8 @@ the twin drives them with a SimPy clock, the executor with a wall clock and tens
 from twin.sched.adapter_cache import AdapterCache, AdapterLoad
 from twin.sched.kv_pool import KVBlockPool
 from twin.sched.request import Request, RequestStatus
-from twin.sched.scheduler import Scheduler, StepPlan
+from twin.sched.scheduler import Scheduler
+from twin.sched.step_plan import StepPlan
 
 __all__ = ["AdapterCache", "AdapterLoad", "KVBlockPool", "Request", "RequestStatus",
            "Scheduler", "StepPlan"]

@@ -22,54 +22,12 @@ from twin.sched.adapter_cache import AdapterCache
 from twin.sched.decode_group import DecodeGroup
 from twin.sched.kv_pool import KVBlockPool
 from twin.sched.request import Request, RequestStatus, exceeds_max_model_len
+from twin.sched.step_plan import BUDGET, EMPTY, KV, LORA, PREEMPTED, SEQS, StepPlan
 from twin.sched.waiting_queue import WaitingQueue
 
 WAITING, PREFILLING, DECODING, FINISHED, REJECTED, ABORTED = (
     RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.DECODING,
     RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.ABORTED)
-
-# Why the waiting phase stopped (the "blocked" state). All but PREEMPTED persist through
-# a run of pure decode steps until a request finishes or (for EMPTY/LORA) one arrives.
-EMPTY, SEQS, BUDGET, KV, LORA, PREEMPTED = "empty", "seqs", "budget", "kv", "lora", "preempted"
-
-
-class StepPlan:
-    """What one step computes. ``explicit`` lists (request, new tokens) outside the decode
-    group in running order; when ``group_decode`` every group member decodes one token."""
-
-    __slots__ = ("explicit", "group_decode", "decode_n", "decode_ctx", "decode_lora",
-                 "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_lora_tokens",
-                 "adapters", "loads", "admitted", "preempted", "blocked", "kv_blocks")
-
-    def __init__(self):
-        self.explicit: list = []        # (request, new tokens), running order
-        self.group_decode = False
-        self.decode_n = 0               # decode sequences (group + explicit decodes)
-        self.decode_ctx = 0             # sum of attended tokens over decode sequences
-        self.decode_lora = 0            # decode sequences with an adapter
-        self.prefill_tokens = 0
-        self.prefill_n = 0              # prefill chunks
-        self.prefill_ctx = 0            # sum over prefill chunks of n * (start + n)
-        self.prefill_lora_tokens = 0
-        self.adapters = 0               # distinct adapters in the batch
-        self.loads: list = []           # AdapterLoad, paid inside the step
-        self.admitted: list = []
-        self.preempted: list = []
-        self.blocked = EMPTY
-        self.kv_blocks = 0              # KV blocks in use once the step's allocations are made
-
-    @property
-    def pure_decode(self) -> bool:
-        return self.group_decode and not self.explicit and not self.loads
-
-    @property
-    def num_tokens(self) -> int:
-        return self.decode_n + self.prefill_tokens
-
-    @property
-    def lora_tokens(self) -> int:
-        return self.decode_lora + self.prefill_lora_tokens
-
 
 class Scheduler:
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
@@ -187,7 +145,7 @@ class Scheduler:
         if plan.preempted:
             plan.blocked = PREEMPTED
         else:
-            plan.blocked = self._admit(plan, budget, now)
+            plan.blocked = self.admit(plan, budget, now)
         self.blocked = plan.blocked
         plan.adapters = len(self.cache.in_use)
         plan.kv_blocks = self.pool.used + (self._held_next if plan.group_decode else 0)
@@ -288,11 +246,27 @@ class Scheduler:
         self.num_preemptions += 1
         if r.adapter >= 0:
             self.cache.release(r.adapter)
+        self.left_running(r)
         self.waiting.prepend(r)
 
-    def _admit(self, plan: StepPlan, budget: int, now: float) -> str:
+    # -- hooks for another admission rule (twin.sched.unified_pool.SLoRAScheduler) -------
+    def left_running(self, r: Request) -> None:
+        """Hook: ``r`` left the running set (finished or preempted), its blocks and
+        adapter already released. vLLM keeps no other state per running request."""
+
+    def admission_free_blocks(self, plan: StepPlan) -> int:
+        """KV blocks the waiting phase of ``plan`` may still allocate: the pool's free
+        blocks less what the decode group takes in this step."""
+        pool = self.pool
+        return pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
+
+    def admit(self, plan: StepPlan, budget: int, now: float) -> str:
+        """Hook: the waiting phase (vLLM's loop with the ``max_loras`` skip rule). Admits
+        with :meth:`start_running` and returns why it stopped (``EMPTY``, ``SEQS``,
+        ``BUDGET``, ``KV``, ``LORA``), which must persist as :meth:`arrival_may_change`
+        assumes."""
         waiting, pool, cache = self.waiting, self.pool, self.cache
-        free = pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
+        free = self.admission_free_blocks(plan)
         running = self.group.n + len(self.prefilling)
         lora_gate = self.max_loras if self.enable_lora else 1 << 62
         while True:
@@ -314,11 +288,11 @@ class Scheduler:
                 return KV
             waiting.pop(r)
             free -= nb
-            self._start_running(plan, r, n, nb, now)
+            self.start_running(plan, r, n, nb, now)
             budget -= n
             running += 1
 
-    def _start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
+    def start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
         """Admit waiting request ``r`` (already popped) with a first chunk of ``n`` tokens
         in ``nb`` new KV blocks: it joins the running list and its adapter is acquired."""
         self.pool.take(nb)
@@ -436,6 +410,7 @@ class Scheduler:
         r.finish = now
         if r.adapter >= 0:
             self.cache.release(r.adapter)
+        self.left_running(r)
 
     # -- quiet runs ------------------------------------------------------------------------
     def quiet_steps(self, plan: StepPlan) -> int:

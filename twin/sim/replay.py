@@ -23,9 +23,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from twin.config import ServingConfig
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import GIB, MemoryModel
 from twin.costs.profile import ModelShape, Profile
+from twin.sim.engine import simulate
 
 
 class ReplayExhausted(RuntimeError):
@@ -165,9 +167,6 @@ def replay(result, trace: pd.DataFrame, catalog=None, config=None, **simulate_kw
     ``config`` defaults to the executor run's (effective) config; ``catalog`` to every
     adapter of the trace. Returns the twin's RunResult.
     """
-    from twin.config import ServingConfig
-    from twin.sim.engine import simulate
-
     if config is None:
         config = ServingConfig.from_dict(result.meta["config"])
     scale = result.meta.get("time_scale", 1.0)

@@ -27,7 +27,8 @@ from twin.errors import TwinInputError
 from twin.outputs import check_out, staged_dir
 from twin.results import crop_window
 from twin.results.plot import plot_timeline
-from twin.sim.engine import kv_capacity_tokens, simulate
+from twin.policies import simulate_policy
+from twin.servers import kv_capacity_tokens
 from twin.sim.replay import exact_kv_memory
 from twin.validate.compare import compare, format_table, median_summary, run_spread
 from twin.workload.catalog import AdapterCatalog
@@ -58,8 +59,8 @@ class Validation:
         tprof = dataclasses.replace(profile, memory=exact_kv_memory(
             self.num_blocks, self.config.block_size, self.config.gpu_memory_utilization,
             kv_bytes_per_token=profile.memory.kv_bytes_per_token))
-        self.twin = simulate(k["trace"], self.config, tprof, k["catalog"],
-                             window_s=k["window_s"], trace_source=k["trace_source"])
+        self.twin = simulate_policy(k["trace"], self.config, tprof, k["catalog"],
+                                    window_s=k["window_s"], trace_source=k["trace_source"])
         self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
 
     def recompare(self, more: list[dict]) -> None:
