@@ -31,9 +31,6 @@ KNOWN_PACKAGE_CYCLES = {
 # Module cycles inside a package that still exist today, each closed by a lazy in-function
 # import. Same rule: remove an entry once the cycle is gone; never add one.
 KNOWN_MODULE_CYCLES = {
-    # Model.make_lora_slots imports LoRASlots, and lora/adapters import the model's shapes.
-    "twin.executor": {frozenset({"twin.executor.adapters", "twin.executor.lora",
-                                 "twin.executor.model"})},
     # Policy.simulate calls deployment.run_deployment, which imports Policy from base.
     "twin.policies": {frozenset({"twin.policies.base", "twin.policies.deployment"})},
 }

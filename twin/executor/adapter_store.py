@@ -8,7 +8,8 @@ loads, ``slot`` for the forward pass, ``summary`` for the result.
 
 from __future__ import annotations
 
-from twin.executor.adapters import AdapterError, PackedAdapter, pack_adapter, read_adapter
+from twin.executor.adapters import (AdapterError, PackedAdapter, load_error, pack_adapter,
+                                    read_adapter)
 from twin.executor.model import LlamaModel
 from twin.sched.adapter_cache import AdapterLoad
 
@@ -26,6 +27,20 @@ class SlotAdapterStore:
         n = slots.max_loras if slots is not None else 0
         self.free_slots = list(range(n - 1, -1, -1))
         self.pin = model.device.type == "cuda"
+
+    def preload(self, cache, bad: dict[int, str]) -> None:
+        """Start-up loads (``preload_adapters``) of what ``cache`` preloaded: into host
+        memory, and into a slot if on the GPU. Failures go to ``bad`` and leave the caches
+        (their requests fail on arrival)."""
+        for a in list(cache.host.resident):
+            try:
+                self.read_pack(a)
+                if a in cache.gpu:
+                    self.to_slot(a)
+            except (AdapterError, OSError) as exc:
+                bad[a] = load_error(self.names[a], exc)
+                self.forget(a)
+                cache.drop(a)
 
     def slot(self, adapter: int) -> int:
         return -1 if adapter < 0 else self.slot_of[adapter]

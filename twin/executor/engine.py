@@ -194,15 +194,7 @@ class _Engine:
 
     def _preload(self) -> None:
         """Start-up loads (``preload_adapters``), mirroring AdapterCache's preload."""
-        for a in list(self.cache.host.resident):
-            try:
-                self.store.read_pack(a)
-                if a in self.cache.gpu:
-                    self.store.to_slot(a)
-            except (AdapterError, OSError) as exc:
-                self.bad[a] = load_error(self.names[a], exc)
-                self.store.forget(a)
-                self.cache.drop(a)
+        self.store.preload(self.cache, self.bad)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:

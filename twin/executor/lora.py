@@ -16,6 +16,8 @@ The delta is computed segment-wise: the batch's tokens are grouped by slot (the 
 orders sequences so that each slot's tokens are contiguous) and each segment does one
 shrink matmul (x @ A^T, all slices at once) and one expand matmul per slice. Base-model
 tokens (slot -1) are never touched. Padded ranks are computed, as vLLM's kernels do.
+:class:`GroupedLoRASlots` computes the same delta as one grouped GEMM per module over all
+slots (punica's shrink/expand), the engine's default.
 """
 
 from __future__ import annotations

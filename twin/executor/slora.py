@@ -46,6 +46,7 @@ from twin.executor.adapters import (AdapterError, PackedAdapter, load_error, pac
 from twin.executor.block_tables import PagedBlockTables
 from twin.executor.model import LlamaModel
 from twin.executor.shape import LORA_GROUPS
+from twin.costs.measured import exact_kv_memory, zero_load_time
 from twin.costs.profile import ModelShape, Profile
 from twin.sched.adapter_cache import AdapterLoad
 
@@ -337,8 +338,6 @@ def executor_profile(model: LlamaModel, num_blocks: int, config) -> Profile:
     """A profile describing the executor's model and a pool of exactly ``num_blocks``
     pages, for ``SLoRAPolicy.server_parts`` (the same one ``twin.sim.replay`` builds from
     the run's meta, so both sides count pages identically)."""
-    from twin.sim.replay import exact_kv_memory, zero_load_time
-
     shape = model_shape_of(model)
     return Profile(name="executor", hardware={"name": str(model.device)}, model=shape,
                    memory=exact_kv_memory(num_blocks, config.block_size,
