@@ -1,12 +1,15 @@
 """The reference executor: continuous batching of a multi-LoRA Llama on a wall clock.
 
 It drives the *same* ``Scheduler`` / ``KVBlockPool`` / ``AdapterCache`` objects as the twin
-(DESIGN §1) with real tensors: each step asks the scheduler for a plan, performs the plan's
-adapter loads (disk read, pack, host→device copy, vLLM-style, inside the step), extends the
-requests' KV block tables, runs one forward pass over the mixed batch of prefill chunks and
-decodes (``LlamaModel.step``), samples greedily and commits the step. Requests are released
-when their arrival time has come; the engine sleeps when idle. Unlike the twin it never
-jumps over runs of decode steps: every step is computed and timed.
+(DESIGN §1) with real tensors. A step runs in three phases: *load* asks the scheduler for a
+plan and performs its adapter loads (disk read, pack, host→device copy, vLLM-style, inside
+the step); *forward* extends the requests' KV block tables and runs one forward pass over
+the mixed batch of prefill chunks and decodes (``LlamaModel.step``, the only torch work);
+*commit* samples greedily, ends the step on the clock and commits it to the scheduler and
+the recorder. The memory layout (vLLM's slots, S-LoRA's unified pool) is the adapter store
+the server was built with; the loop only calls its hooks. Requests are released when their
+arrival time has come; the engine sleeps when idle. Unlike the twin it never jumps over
+runs of decode steps: every step is computed and timed.
 
 Clock. The engine keeps a *logical* clock that advances by each step's measured wall
 duration and, when idle, jumps to the next arrival (then sleeps until the wall clock has
@@ -41,13 +44,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from twin.config import ServingConfig, refuse_unserved_adapters
+from twin.config import ServingConfig
 from twin.costs.step_time import after_idle, features
-from twin.errors import TwinInputError
 from twin.executor.adapter_store import SlotAdapterStore as _AdapterStore
 from twin.executor.adapters import AdapterError, load_error
 from twin.executor.block_tables import PagedBlockTables
-from twin.executor.inputs import (check_adapter_dir, check_unknown_adapters, prompt_token_ids,
+from twin.executor.inputs import (check_adapter_dir, checked_inputs, prompt_token_ids,
                                   resolve_catalog)
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
@@ -55,11 +57,10 @@ from twin.executor.loop_state import Arrivals, Clock, NoProgress, Step, no_sync
 from twin.executor.model import LlamaModel, SeqChunk
 from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.results.recorder import Outcomes, Recorder, build_result
-from twin.results.results import RunResult, crop_window
+from twin.results.results import RunResult
 from twin.sched import AdapterCache, Request, RequestStatus, Scheduler
 from twin.sched.adapter_cache import AdapterLoad
 from twin.workload.catalog import AdapterCatalog
-from twin.workload.schema import validate_trace
 
 STEP_COLUMNS = [
     *TWIN_STEP_COLUMNS,   # the twin's step-log columns (twin.results.recorder): logs line up
@@ -90,23 +91,8 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     ``time_scale``: multiplies arrival times (0.5 replays the trace twice as fast).
     ``keep_tokens``: add the generated token ids per request (column ``output_token_ids``).
     """
-    if config.policy not in ("vllm", "slora"):   # slora: twin.executor.slora (issue 7)
-        raise TwinInputError(f"the executor serves the vllm and slora policies only, not "
-                             f"{config.policy!r} (other policies run in the twin)",
-                             file="config", field="policy")
-    trace = validate_trace(trace, source=trace_source)
-    if time_scale != 1.0:
-        if not time_scale > 0:
-            raise TwinInputError(f"time_scale must be > 0, got {time_scale}", field="time_scale")
-        trace = trace.assign(arrival_s=trace["arrival_s"] * float(time_scale))
-    trace = crop_window(trace, window_s)
-    if config.enable_lora:
-        catalog = resolve_catalog(catalog, trace)
-        check_unknown_adapters(trace, catalog, trace_source)
-    else:   # a base-model server: vLLM answers adapter requests 404, so refuse them
-        refuse_unserved_adapters(config, trace, trace_source)
-        catalog = resolve_catalog(None)
-
+    trace, catalog = checked_inputs(trace, config, catalog, time_scale=time_scale,
+                                    window_s=window_s, trace_source=trace_source)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

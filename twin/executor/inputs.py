@@ -1,6 +1,7 @@
-"""The executor's inputs, resolved and checked before anything runs: the adapter catalog
-(with each adapter's PEFT directory), adapters the trace names but the catalog lacks, each
-adapter's directory, and the synthetic prompt of each request.
+"""The executor's inputs, resolved and checked before anything runs: the trace (validated,
+scaled, cropped), the adapter catalog (with each adapter's PEFT directory), adapters the
+trace names but the catalog lacks, each adapter's directory, and the synthetic prompt of
+each request.
 
 Apart from the serving loop (``engine.py``) because these run once, up front, and are used
 by callers that never serve (``twin validate`` resolves the catalog the same way).
@@ -14,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.config import ServingConfig, refuse_unserved_adapters
 from twin.errors import TwinInputError
 from twin.executor.adapters import (CONFIG_NAME, AdapterError, adapter_catalog,
                                     read_adapter_config, weights_path)
+from twin.results.results import crop_window
 from twin.workload.catalog import AdapterCatalog
+from twin.workload.schema import validate_trace
 
 
 def prompt_token_ids(request_id: int, length: int, vocab: int, seed: int = 0) -> list[int]:
@@ -26,6 +30,33 @@ def prompt_token_ids(request_id: int, length: int, vocab: int, seed: int = 0) ->
     rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(request_id) & 0x7FFFFFFFFFFFFFFF])
     low = 3 if vocab > 16 else 0
     return rng.integers(low, vocab, size=int(length)).tolist()
+
+
+def checked_inputs(trace: pd.DataFrame, config: ServingConfig, catalog, *,
+                   time_scale: float = 1.0, window_s: float | None = None,
+                   trace_source: str = "trace") -> tuple[pd.DataFrame, AdapterCatalog]:
+    """The trace and catalog an executor run serves, refused before anything is built if
+    they cannot be served: the trace validated, its arrivals scaled by ``time_scale`` and
+    cropped to the window; the catalog resolved (:func:`resolve_catalog`) and covering
+    every adapter the trace names (a base-model server refuses adapter requests, as
+    vLLM answers them 404)."""
+    if config.policy not in ("vllm", "slora"):   # slora: twin.executor.slora (issue 7)
+        raise TwinInputError(f"the executor serves the vllm and slora policies only, not "
+                             f"{config.policy!r} (other policies run in the twin)",
+                             file="config", field="policy")
+    trace = validate_trace(trace, source=trace_source)
+    if time_scale != 1.0:
+        if not time_scale > 0:
+            raise TwinInputError(f"time_scale must be > 0, got {time_scale}", field="time_scale")
+        trace = trace.assign(arrival_s=trace["arrival_s"] * float(time_scale))
+    trace = crop_window(trace, window_s)
+    if config.enable_lora:
+        catalog = resolve_catalog(catalog, trace)
+        check_unknown_adapters(trace, catalog, trace_source)
+    else:
+        refuse_unserved_adapters(config, trace, trace_source)
+        catalog = resolve_catalog(None)
+    return trace, catalog
 
 
 def resolve_catalog(catalog, trace: pd.DataFrame | None = None) -> AdapterCatalog:
