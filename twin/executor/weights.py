@@ -107,7 +107,7 @@ def smollm2_dir(cache_dir=None, *, with_tokenizer: bool = True) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if with_tokenizer:
             try:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # lazy: transformers is heavy
 
                 AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
             except Exception:  # the tokenizer is a convenience; the executor works on ids
