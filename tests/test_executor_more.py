@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 from twin.cli import main  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.errors import ConfigError, TwinInputError  # noqa: E402
-from twin.executor.engine import DEFAULT_CPU_KV_GIB, choose_num_blocks, execute  # noqa: E402
+from twin.executor.engine import execute  # noqa: E402
+from twin.executor.kv_memory import DEFAULT_CPU_KV_GIB, choose_num_blocks  # noqa: E402
 from twin.executor.lora import LoRASlots  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402

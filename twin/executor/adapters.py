@@ -23,12 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from twin.config import ALLOWED_LORA_RANKS
 from twin.errors import TwinInputError
-from twin.executor.model import (LORA_GROUPS, LORA_MODULES, MODULE_GROUP, MODULE_PARENT,
+from twin.executor.shape import (LORA_GROUPS, LORA_MODULES, MODULE_GROUP, MODULE_PARENT,
                                  LlamaShape)
+from twin.executor.weights import cache_root
+from twin.outputs import MARKER, staged_dir, write_marker
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,6 +50,14 @@ class AdapterError(TwinInputError):
     def __init__(self, adapter_id: str, message: str):
         self.adapter_id = adapter_id
         super().__init__(f"adapter {adapter_id!r}: {message}")
+
+
+def load_error(adapter_id: str, exc: Exception) -> str:
+    """Why loading an adapter failed, as its requests report it: an AdapterError's own
+    message, or an OSError (unreadable file, vanished directory) as "cannot be read"."""
+    if isinstance(exc, AdapterError):
+        return str(exc)
+    return str(AdapterError(adapter_id, f"cannot be read: {exc}"))
 
 
 @dataclass
@@ -109,9 +122,6 @@ def _as_shape(model) -> LlamaShape:
 # ---------------------------------------------------------------------------------------------
 def read_adapter(path, adapter_id: str | None = None) -> PeftAdapter:
     """Read and check a PEFT LoRA directory (config + safetensors). Raises AdapterError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = Path(path)
     aid = adapter_id or path.name
     t0 = time.perf_counter()
@@ -302,8 +312,6 @@ def write_synthetic_adapters(model_dir, out_dir, n: int, ranks: Iterable[int] = 
     Returns a DataFrame (adapter, rank, path, bytes); also written to ``out_dir/catalog_csv``
     unless that is None.
     """
-    from safetensors.torch import save_file
-
     shape = _as_shape(model_dir)
     ranks = [int(r) for r in ranks]
     if not ranks or min(ranks) < 1:
@@ -378,8 +386,6 @@ def adapter_catalog(source) -> "Any":
 
 def write_adapter_catalog(catalog, path) -> Path:
     """Write a catalog (DataFrame or list of dicts) as CSV with columns adapter, rank, path, bytes."""
-    import pandas as pd
-
     df = catalog if isinstance(catalog, pd.DataFrame) else _frame(list(catalog))
     missing = [c for c in CATALOG_COLUMNS if c not in df.columns]
     if missing:
@@ -391,8 +397,6 @@ def write_adapter_catalog(catalog, path) -> Path:
 
 
 def _frame(rows: list[dict]):
-    import pandas as pd
-
     df = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS))
     return df.astype({"adapter": "string", "rank": "int64", "path": "string", "bytes": "int64"})
 
@@ -409,12 +413,8 @@ def make_adapters(model_dir, out_dir, n: int, ranks=(8, 16), *, names=None, seed
     catalog DataFrame (adapter, rank, path, bytes). Written through :mod:`twin.outputs`
     (kind ``adapters``); ``cached``: ``out_dir`` lies in twin's own cache, so a folder there
     from before the output marker existed is twin's to replace."""
-    import pandas as pd
-
     if n < 1:
         raise TwinInputError(f"need at least one adapter, got {n}", field="--n")
-    from twin.outputs import MARKER, staged_dir, write_marker
-
     if cached and Path(out_dir).is_dir() and not (Path(out_dir) / MARKER).exists():
         write_marker(out_dir, "adapters")
     final = Path(out_dir).resolve()
@@ -435,8 +435,6 @@ def make_cached_adapters(model_dir, n: int, ranks=(8, 16), *, names=None, seed: 
     """:func:`make_adapters` into twin's cache (``~/.cache/twin``), in a folder named after
     the model, ``n``, the ranks and the seed; returns the folder. The cache, not a run's
     ``--out``: that is written in one piece when the run ends."""
-    from twin.executor.weights import cache_root
-
     where = cache_root() / (f"{prefix}-{Path(model_dir).name}-{n}-"
                             f"{'_'.join(map(str, ranks))}-s{seed}")
     make_adapters(model_dir, where, n, ranks, names=names, seed=seed, cached=True)

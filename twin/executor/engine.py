@@ -1,12 +1,15 @@
 """The reference executor: continuous batching of a multi-LoRA Llama on a wall clock.
 
 It drives the *same* ``Scheduler`` / ``KVBlockPool`` / ``AdapterCache`` objects as the twin
-(DESIGN §1) with real tensors: each step asks the scheduler for a plan, performs the plan's
-adapter loads (disk read, pack, host→device copy, vLLM-style, inside the step), extends the
-requests' KV block tables, runs one forward pass over the mixed batch of prefill chunks and
-decodes (``LlamaModel.step``), samples greedily and commits the step. Requests are released
-when their arrival time has come; the engine sleeps when idle. Unlike the twin it never
-jumps over runs of decode steps: every step is computed and timed.
+(DESIGN §1) with real tensors. A step runs in three phases: *load* asks the scheduler for a
+plan and performs its adapter loads (disk read, pack, host→device copy, vLLM-style, inside
+the step); *forward* extends the requests' KV block tables and runs one forward pass over
+the mixed batch of prefill chunks and decodes (``LlamaModel.step``, the only torch work);
+*commit* samples greedily, ends the step on the clock and commits it to the scheduler and
+the recorder. The memory layout (vLLM's slots, S-LoRA's unified pool) is the adapter store
+the server was built with; the loop only calls its hooks. Requests are released when their
+arrival time has come; the engine sleeps when idle. Unlike the twin it never jumps over
+runs of decode steps: every step is computed and timed.
 
 Clock. The engine keeps a *logical* clock that advances by each step's measured wall
 duration and, when idle, jumps to the next arrival (then sleeps until the wall clock has
@@ -34,36 +37,31 @@ cannot leak. A trace naming an adapter the catalog lacks is refused before the r
 
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from twin.config import ServingConfig, refuse_unserved_adapters
-from twin.errors import ConfigError, TwinInputError
-from twin.executor.adapters import (CONFIG_NAME, AdapterError, PackedAdapter,
-                                    adapter_catalog, pack_adapter, read_adapter,
-                                    read_adapter_config, weights_path)
-from twin.executor.block_tables import PagedBlockTables
-from twin.executor.lora import LoRASlots
-from twin.executor.model import LlamaModel, SeqChunk
+from twin.config import ServingConfig
 from twin.costs.step_time import after_idle
+from twin.executor.adapter_store import SlotAdapterStore as _AdapterStore
+from twin.executor.adapters import AdapterError, load_error
+from twin.executor.block_tables import PagedBlockTables
+from twin.executor.inputs import check_adapter_dir, checked_inputs, prompt_token_ids
+from twin.executor.inputs import resolve_catalog  # noqa: F401 - its old import path
+from twin.executor.kv_memory import choose_num_blocks
+from twin.executor.lora import GroupedLoRASlots
+from twin.executor.loop_state import Arrivals, Clock, NoProgress, Step, no_sync
+from twin.executor.model import LlamaModel, SeqChunk
 from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
-from twin.sched import Request, RequestStatus
-from twin.sched.adapter_cache import AdapterLoad
 from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.results.recorder import Outcomes, Recorder, build_result
-from twin.results.results import RunResult, crop_window
+from twin.results.results import RunResult
+from twin.sched import Request, RequestStatus
+from twin.sched.adapter_cache import AdapterLoad
 from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
-from twin.workload.schema import validate_trace
-
-GIB = 2 ** 30
-DEFAULT_CPU_KV_GIB = 1.0   # CPU KV-cache budget when no block count is given (cf. vLLM's
-                           # VLLM_CPU_KVCACHE_SPACE); capped by what the trace can use
 
 STEP_COLUMNS = [
     *TWIN_STEP_COLUMNS,   # the twin's step-log columns (twin.results.recorder): logs line up
@@ -73,304 +71,6 @@ STEP_COLUMNS = [
     "batch_request_ids", "batch_tokens",
     "features",   # the twin's step-time features of the step (its policy's featurizer)
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------
-def prompt_token_ids(request_id: int, length: int, vocab: int, seed: int = 0) -> list[int]:
-    """Deterministic synthetic prompt of ``length`` ids for a request (the trace holds
-    lengths only). Ids avoid 0..2 (usual pad/bos/eos) when the vocabulary allows."""
-    rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(request_id) & 0x7FFFFFFFFFFFFFFF])
-    low = 3 if vocab > 16 else 0
-    return rng.integers(low, vocab, size=int(length)).tolist()
-
-
-def resolve_catalog(catalog, trace: pd.DataFrame | None = None) -> AdapterCatalog:
-    """An :class:`AdapterCatalog` with a ``path`` per adapter, from an AdapterCatalog, a
-    DataFrame (adapter, rank, path), a catalog file (CSV/Parquet) or a directory of PEFT
-    adapters (its ``catalog.csv`` if present, else every sub-directory with a config).
-
-    Relative paths are resolved against the catalog file's directory when they do not
-    exist relative to the working directory.
-    """
-    base = None
-    if catalog is None:
-        if trace is not None and trace["adapter"].notna().any():
-            raise TwinInputError("the trace names adapters but no adapters were given: pass "
-                                 "a directory of PEFT adapters or a catalog with a 'path' "
-                                 "column (or make synthetic ones: twin make-adapters)",
-                                 field="adapters")
-        return AdapterCatalog(pd.DataFrame({"adapter": pd.Series([], dtype="string"),
-                                            "rank": pd.Series([], dtype="int64"),
-                                            "path": pd.Series([], dtype="string")}),
-                              source="none")
-    if isinstance(catalog, (str, Path)):
-        p = Path(catalog)
-        if p.is_dir():
-            if (p / "catalog.csv").is_file():
-                base, catalog = p, AdapterCatalog.read(p / "catalog.csv")
-            else:
-                try:
-                    df = adapter_catalog(p)
-                except AdapterError as exc:
-                    raise TwinInputError(str(exc), file=str(p)) from None
-                if not len(df):
-                    raise TwinInputError("no PEFT adapters (sub-directories with "
-                                         f"{CONFIG_NAME}) and no catalog.csv", file=str(p))
-                catalog = AdapterCatalog(df, source=str(p))
-        else:
-            base, catalog = p.parent, AdapterCatalog.read(p)
-    elif isinstance(catalog, pd.DataFrame):
-        catalog = AdapterCatalog(catalog)
-    if not isinstance(catalog, AdapterCatalog):
-        raise TypeError(f"catalog: expected an AdapterCatalog, DataFrame or path, got "
-                        f"{type(catalog).__name__}")
-    if len(catalog) and "path" not in catalog.table.columns:
-        raise TwinInputError("the executor needs each adapter's PEFT directory: the catalog "
-                             "has no 'path' column", file=catalog.source, field="path")
-    if base is not None and len(catalog):
-        t = catalog.table
-        paths = []
-        for v in t["path"]:
-            if isinstance(v, str) and not Path(v).is_absolute() and not Path(v).exists() \
-                    and (base / v).exists():
-                v = str(base / v)
-            paths.append(v)
-        t["path"] = pd.array(paths, dtype="string")
-    return catalog
-
-
-def check_unknown_adapters(trace: pd.DataFrame, catalog: AdapterCatalog,
-                           trace_source: str = "trace") -> None:
-    """Refuse a trace that names an adapter the catalog lacks (before anything runs)."""
-    names = trace["adapter"].dropna().unique()
-    unknown = [a for a in names if a not in catalog]
-    if unknown:
-        row = int((trace["adapter"] == unknown[0]).fillna(False).to_numpy(bool).nonzero()[0][0])
-        known = catalog.adapters
-        hint = f"; the catalog has {known[:4]}{' ...' if len(known) > 4 else ''}"
-        raise TwinInputError(f"unknown adapter {unknown[0]!r} ({len(unknown)} unknown in all, "
-                             f"not in {catalog.source}){hint}", file=trace_source, row=row,
-                             field="adapter")
-
-
-def check_adapter_dir(path, adapter_id: str, max_lora_rank: int) -> str | None:
-    """Cheap up-front check of a PEFT adapter (config and file presence, no weights read).
-    Returns the error message, or None if the adapter looks servable."""
-    try:
-        if path is None or (isinstance(path, float) and math.isnan(path)) or pd.isna(path):
-            raise AdapterError(adapter_id, "the catalog gives no path")
-        p = Path(str(path))
-        try:
-            cfg = read_adapter_config(p, adapter_id)
-        except OSError as exc:
-            raise AdapterError(adapter_id, f"{p / CONFIG_NAME} is not valid JSON: "
-                                           f"{exc}") from None
-        if cfg["r"] > max_lora_rank:
-            raise AdapterError(adapter_id, f"rank {cfg['r']} > max_lora_rank {max_lora_rank}; "
-                                           f"raise --max-lora-rank to at least {cfg['r']}")
-        weights_path(p, adapter_id)
-    except AdapterError as exc:
-        return str(exc)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# KV capacity
-# ---------------------------------------------------------------------------------------------
-def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
-    s = model.shape
-    return 2 * s.layers * block_size * s.kv_size * model.embed.element_size()
-
-
-def choose_num_blocks(model: LlamaModel, config: ServingConfig, trace: pd.DataFrame, *,
-                      num_gpu_blocks: int | None = None, kv_cache_gib: float | None = None,
-                      lora_bytes: int = 0, extra_blocks: int = 0) -> int:
-    """KV blocks for the run: ``num_gpu_blocks`` if given (vLLM's override); else on CUDA
-    ``util x total - allocated - activation estimate`` as vLLM does, on CPU a budget of
-    ``kv_cache_gib``; never more than the trace could ever use. Refuses (ConfigError), as
-    vLLM does, a cache that cannot hold one ``max_model_len`` request.
-    ``extra_blocks``: pages the trace may need besides KV (slora: its adapters' pages),
-    added to the cap."""
-    B = config.block_size
-    per_block = kv_block_bytes(model, B)
-    L = config.max_model_len
-    if num_gpu_blocks is not None:
-        nb = int(num_gpu_blocks)
-        source = f"num_gpu_blocks={nb}"
-    else:
-        total = np.minimum(trace["prompt_tokens"].to_numpy(np.int64)
-                           + trace["output_tokens"].to_numpy(np.int64), L)
-        usable = int((-(-total // B)).sum()) + 1
-        usable = max(usable, -(-L // B)) + int(extra_blocks)
-        if model.device.type == "cuda":
-            free, total_mem = torch.cuda.mem_get_info(model.device)
-            s = model.shape
-            act = (config.max_num_batched_tokens * (4 * s.hidden + s.q_size + 2 * s.kv_size
-                                                    + 3 * s.intermediate)
-                   * model.embed.element_size() * 2
-                   + config.max_num_seqs * s.vocab * 4 * 2)
-            avail = (config.gpu_memory_utilization * total_mem - (total_mem - free) - act)
-            source = (f"{config.gpu_memory_utilization:.2f} x {total_mem / GIB:.1f} GiB minus "
-                      f"{(total_mem - free) / GIB:.2f} GiB in use minus "
-                      f"{act / GIB:.2f} GiB activations")
-        else:
-            gib = DEFAULT_CPU_KV_GIB if kv_cache_gib is None else float(kv_cache_gib)
-            avail = gib * GIB
-            source = f"kv_cache_gib={gib:g}"
-        nb = min(int(max(avail, 0) // per_block), usable)
-    if nb * B < L:
-        raise ConfigError(
-            f"the KV cache holds {nb * B} tokens ({source}, {per_block} bytes per block of "
-            f"{B}), fewer than one max_model_len request ({L}); vLLM refuses to start. "
-            "Lower max_model_len or give more KV blocks.", file="config", field="max_model_len")
-    return nb
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA compute: one grouped GEMM per module instead of one matmul per adapter segment
-# ---------------------------------------------------------------------------------------------
-class GroupedLoRASlots(LoRASlots):
-    """``LoRASlots`` whose delta runs as segmented (grouped) GEMMs over all slots at once —
-    punica's shrink/expand — with ``torch._grouped_mm``: the tokens of a batch are sorted
-    by slot, so slot ``m``'s tokens are rows ``offs[m-1]:offs[m]`` and one call per
-    shrink/expand slice covers every adapter of the batch (empty slots cost nothing). On
-    a CPU with 16 adapters in a 16-sequence decode batch this halves the LoRA time of the
-    per-segment loop. Falls back to that loop where the grouped kernel is unavailable
-    (dtype/device/alignment), with the same results.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._seg_key = None
-        self._seg_val = None
-        # the shrink weights as [L, M, S*R, in] views of the slot buffers (no copy)
-        self._a_t = {g: a.flatten(2, 3) for g, a in self.a.items()}
-        self._grouped = self._grouped_ok()
-
-    def _grouped_ok(self) -> bool:
-        """The grouped kernel needs 16-byte aligned strides; probe it once."""
-        if not hasattr(torch, "_grouped_mm") or self.device.type != "cpu":
-            return False
-        per = 16 // torch.empty(0, dtype=self.dtype).element_size()
-        dims = [self.max_lora_rank]
-        for g, a in self.a.items():
-            dims += [a.shape[-1], a.shape[2] * self.max_lora_rank]
-            dims += [o for r in self.out_ranges[g] for o in r]
-        if any(d % per for d in dims):
-            return False
-        try:
-            x = torch.zeros((2, 4 * per), dtype=self.dtype, device=self.device)
-            w = torch.zeros((2, 4 * per, per), dtype=self.dtype, device=self.device)
-            torch._grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32))
-        except (RuntimeError, NotImplementedError):
-            return False
-        return True
-
-    def _offsets(self, segments):
-        if self._seg_key is segments:
-            return self._seg_val
-        t0 = segments[0][1]
-        t1 = segments[-1][2]
-        counts = [0] * self.max_loras
-        prev_slot, prev_end = -1, t0
-        for slot, a, b in segments:
-            if slot < prev_slot or a != prev_end:
-                self._seg_key, self._seg_val = segments, None   # not slot-sorted: loop
-                return None
-            counts[slot] += b - a
-            prev_slot, prev_end = slot, b
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
-        self._seg_key, self._seg_val = segments, (t0, t1, offs)
-        return self._seg_val
-
-    def apply(self, layer, group, x, y, segments) -> None:
-        if not self._grouped:
-            return super().apply(layer, group, x, y, segments)
-        seg = self._offsets(segments)
-        if seg is None:
-            return super().apply(layer, group, x, y, segments)
-        t0, t1, offs = seg
-        A = self._a_t[group][layer]                     # [M, S*R, in]
-        B = self.b[group][layer]                        # [M, out, R]
-        R = self.max_lora_rank
-        buf = torch._grouped_mm(x[t0:t1], A.transpose(1, 2), offs=offs)       # shrink
-        ys = y[t0:t1]
-        ranges = self.out_ranges[group]
-        if len(ranges) == 1:
-            ys += torch._grouped_mm(buf, B.transpose(1, 2), offs=offs)        # expand
-        else:
-            for i, (o0, o1) in enumerate(ranges):
-                ys[:, o0:o1] += torch._grouped_mm(buf[:, i * R:(i + 1) * R],
-                                                  B[:, o0:o1].transpose(1, 2), offs=offs)
-
-
-# ---------------------------------------------------------------------------------------------
-# adapters in tensors: the host cache and the device slots mirroring AdapterCache
-# ---------------------------------------------------------------------------------------------
-class _AdapterStore:
-    """PackedAdapters in host memory and LoRA slots on the device, kept in step with the
-    scheduler's ``AdapterCache`` by replaying its ``AdapterLoad`` records."""
-
-    def __init__(self, model: LlamaModel, slots, names: list[str], paths: list, max_lora_rank: int):
-        self.model, self.slots = model, slots
-        self.names, self.paths = names, paths
-        self.max_lora_rank = max_lora_rank
-        self.host: dict[int, PackedAdapter] = {}
-        self.slot_of: dict[int, int] = {}
-        n = slots.max_loras if slots is not None else 0
-        self.free_slots = list(range(n - 1, -1, -1))
-        self.pin = model.device.type == "cuda"
-
-    def slot(self, adapter: int) -> int:
-        return -1 if adapter < 0 else self.slot_of[adapter]
-
-    def read_pack(self, a: int) -> tuple[float, float]:
-        raw = read_adapter(str(self.paths[a]), self.names[a])
-        packed = pack_adapter(raw, self.model, self.max_lora_rank, dtype=self.model.dtype,
-                              pin_memory=self.pin)
-        self.host[a] = packed
-        return packed.read_s, packed.pack_s
-
-    def to_slot(self, a: int) -> float:
-        slot = self.free_slots.pop()
-        try:
-            dt = self.slots.load_slot(slot, self.host[a])
-        except Exception:
-            self.free_slots.append(slot)
-            raise
-        self.slot_of[a] = slot
-        return dt
-
-    def evict(self, ld: AdapterLoad) -> None:
-        """The evictions a load implies (host LRU entry, and its slot; the LRU slot)."""
-        if ld.evicted_host >= 0:
-            self.forget(ld.evicted_host)
-        if ld.evicted_gpu >= 0:
-            s = self.slot_of.pop(ld.evicted_gpu, None)
-            if s is not None:
-                self.free_slots.append(s)
-
-    def apply(self, ld: AdapterLoad) -> tuple[float, float, float]:
-        """Perform one load of the plan: evictions, then disk→host (read, pack) if needed,
-        then host→device. Returns (read_s, pack_s, copy_s); raises AdapterError."""
-        self.evict(ld)
-        read_s = pack_s = 0.0
-        if ld.from_disk or ld.adapter not in self.host:
-            read_s, pack_s = self.read_pack(ld.adapter)
-        try:
-            copy_s = self.to_slot(ld.adapter)
-        except AdapterError:
-            self.host.pop(ld.adapter, None)
-            raise
-        return read_s, pack_s, copy_s
-
-    def forget(self, a: int) -> None:
-        self.host.pop(a, None)
-        s = self.slot_of.pop(a, None)
-        if s is not None:
-            self.free_slots.append(s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,23 +92,8 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     ``time_scale``: multiplies arrival times (0.5 replays the trace twice as fast).
     ``keep_tokens``: add the generated token ids per request (column ``output_token_ids``).
     """
-    if config.policy not in ("vllm", "slora"):   # slora: twin.executor.slora (issue 7)
-        raise TwinInputError(f"the executor serves the vllm and slora policies only, not "
-                             f"{config.policy!r} (other policies run in the twin)",
-                             file="config", field="policy")
-    trace = validate_trace(trace, source=trace_source)
-    if time_scale != 1.0:
-        if not time_scale > 0:
-            raise TwinInputError(f"time_scale must be > 0, got {time_scale}", field="time_scale")
-        trace = trace.assign(arrival_s=trace["arrival_s"] * float(time_scale))
-    trace = crop_window(trace, window_s)
-    if config.enable_lora:
-        catalog = resolve_catalog(catalog, trace)
-        check_unknown_adapters(trace, catalog, trace_source)
-    else:   # a base-model server: vLLM answers adapter requests 404, so refuse them
-        refuse_unserved_adapters(config, trace, trace_source)
-        catalog = resolve_catalog(None)
-
+    trace, catalog = checked_inputs(trace, config, catalog, time_scale=time_scale,
+                                    window_s=window_s, trace_source=trace_source)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -494,232 +179,238 @@ class _Engine:
 
     def _preload(self) -> None:
         """Start-up loads (``preload_adapters``), mirroring AdapterCache's preload."""
-        for a in list(self.cache.host.resident):
-            try:
-                self.store.read_pack(a)
-                if a in self.cache.gpu:
-                    self.store.to_slot(a)
-            except (AdapterError, OSError) as exc:
-                self.bad[a] = (str(exc) if isinstance(exc, AdapterError) else
-                               str(AdapterError(self.names[a], f"cannot be read: {exc}")))
-                self.store.forget(a)
-                self.cache.drop(a)
+        self.store.preload(self.cache, self.bad)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:
-        trace, sched, cache, model = self.trace, self.sched, self.cache, self.model
-        tables, store, kv, lora = self.tables, self.store, self.kv, self.slots
-        n = len(trace)
-        arrival = trace["arrival_s"].to_numpy(np.float64).tolist()
-        aid = [(-1 if pd.isna(a) or not self.config.enable_lora else self.ids[a])
-               for a in trace["adapter"]]
-        prompt = trace["prompt_tokens"].to_numpy(np.int64).tolist()
-        output = trace["output_tokens"].to_numpy(np.int64).tolist()
-        rid = trace["request_id"].to_numpy(np.int64).tolist()
-        vocab = model.shape.vocab
-        out = Outcomes(trace["output_tokens"].to_numpy(np.int64), failures=True,
-                       keep_tokens=self.keep_tokens)
-        seqs: dict[int, list[int]] = {}     # request idx -> prompt + generated token ids
-        window_s = self.window_s
-        cuda = model.device.type == "cuda"
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-        rec = Recorder(self.sample_dt, self.num_blocks)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, unit="req", desc=f"executing ({model.device.type})")
-
-        def arrive(i: int, now: float) -> None:
-            r = Request(i, rid[i], arrival[i], aid[i], prompt[i], output[i])
-            if self.config.enable_lora and r.adapter in self.bad:
-                out.fail(r, now, self.bad[r.adapter])
-                if bar is not None:
-                    bar.update(1)
-                return
-            if not sched.add_request(r):
-                out.record(r)
-                out.error[i] = (f"maximum context length is {self.config.max_model_len} "
-                                f"tokens; requested {r.prompt + r.output} ({r.prompt} prompt, "
-                                f"{r.output} output)")
-                if bar is not None:
-                    bar.update(1)
-                return
-            seqs[i] = prompt_token_ids(rid[i], prompt[i], vocab, self.seed)
-
-        perf = time.perf_counter
-
-        def wait_for(target: float, now: float, wall: float) -> float:
-            """Sleep until the wall clock catches up with logical ``target``; returns the
-            wall instant that now corresponds to it."""
-            left = target - now - (perf() - wall)
-            if left > 0:
-                time.sleep(left)
-            return perf()
-
-        i = 0
-        now = 0.0            # logical clock (seconds from the trace start)
-        wall = perf()        # the wall instant that corresponds to ``now``
-        idle = False         # waited for an arrival since the last step (as the twin marks it)
+        """Serve the trace: release the requests whose arrival has come, then run a step
+        (load, forward, commit) whenever the scheduler plans one; when nothing can run,
+        wait on the wall clock for the next arrival."""
+        self._start_run()
+        clock, arrivals, sched, rec = self.clock, self.arrivals, self.sched, self.rec
         while True:
-            while i < n and arrival[i] <= now:
-                arrive(i, now)
-                i += 1
-            if window_s is not None and now >= window_s:
+            for r in arrivals.due(clock.now):
+                self._arrive(r)
+            if self.window_s is not None and clock.now >= self.window_s:
                 break
             if not sched.has_work():
-                if i >= n:
+                if not arrivals.left:
                     break
-                if now >= rec.next_sample:
-                    rec.sample(now, sched)
-                target = now + (arrival[i] - now)     # as the twin's clock computes it
-                now, wall, idle = target, wait_for(target, now, wall), True
+                if clock.now >= rec.next_sample:
+                    rec.sample(clock.now, sched)
+                clock.wait_until(arrivals.next_s)
                 continue
-            t = perf()
-            if self.paged:   # slora hook: free the pages of the adapters schedule() drops
-                store.before_schedule(cache)
-            plan = sched.schedule(now)
-            t_sched = perf() - t
-            if not plan.num_tokens and not plan.preempted:
-                # nothing can run until something arrives (the twin waits the same way)
-                if i >= n:
+            step = self._load_phase()
+            if step is None:   # nothing can run until something arrives (as the twin waits)
+                if not arrivals.left:
                     break
-                target = now + (arrival[i] - now)
-                now, wall, idle = target, wait_for(target, now, wall), True
+                clock.wait_until(arrivals.next_s)
                 continue
-            f = self.featurize(plan)   # as the twin prices this step
-            if idle:
-                f = after_idle(f)
-            for r in plan.preempted:
-                tables.release(r.idx)
-            # adapter loads, inside the step (vLLM: set_active_loras before the forward)
-            t_read = t_pack = t_copy = 0.0
-            t = perf()
-            failed: dict[int, str] = {}
-            n_disk = 0
-            for ld in plan.loads:
-                n_disk += ld.from_disk
-                known = self.bad.get(ld.adapter)
-                if known is not None:   # failed before: no second attempt
-                    store.evict(ld)
-                    failed[ld.adapter] = known
-                    continue
-                try:
-                    r_s, p_s, c_s = store.apply(ld)
-                    t_read += r_s
-                    t_pack += p_s
-                    t_copy += c_s
-                except AdapterError as exc:
-                    failed[ld.adapter] = str(exc)
-                except OSError as exc:          # unreadable file, vanished directory
-                    failed[ld.adapter] = str(AdapterError(self.names[ld.adapter],
-                                                          f"cannot be read: {exc}"))
-            t_load = perf() - t if plan.loads else 0.0
-            n_failed = 0
-            if failed:
-                victims = [r for r, _ in plan.explicit if r.adapter in failed]
-                for r in victims:
-                    sched.abort(r, plan)
-                    tables.release(r.idx)
-                    seqs.pop(r.idx, None)
-                    out.fail(r, now, failed[r.adapter])
-                    n_failed += 1
-                    if bar is not None:
-                        bar.update(1)
-                for a, msg in failed.items():
-                    self.bad[a] = msg
-                    store.forget(a)
-                    cache.drop(a)
-            items = sched.batch(plan)
-            chunks = []
-            starts = []
-            for r, k in items:
-                start = sched.computed(r)
-                toks = seqs[r.idx]
-                chunks.append(SeqChunk(toks[start:start + k], start,
-                                       tables.ensure(r.idx, start + k), store.slot(r.adapter)))
-                starts.append(start)
-            if not failed:
-                assert tables.used == plan.kv_blocks, (
-                    f"KV blocks: the executor's tables hold {tables.used}, the scheduler "
-                    f"counts {plan.kv_blocks}")
-            t_fwd = t_samp = 0.0
-            nonfinite: list[int] = []      # rows of items whose logits were NaN/inf
-            if chunks:
-                t = perf()
-                logits = model.step(chunks, kv, lora)
-                sync()
-                t_fwd = perf() - t
-                t = perf()
-                # one pass gives the greedy token and the check that the logits are finite
-                top, next_ids = logits.max(dim=-1)
-                next_ids = next_ids.tolist()
-                for (r, k), start, tok in zip(items, starts, next_ids):
-                    toks = seqs[r.idx]
-                    if start + k == len(toks):   # end of prompt / recompute, or a decode
-                        toks.append(tok)
-                finite = torch.isfinite(top)
-                if not bool(finite.all()):
-                    nonfinite = (~finite).nonzero().flatten().tolist()
-                t_samp = perf() - t
-            end = perf()
-            dur = end - wall
-            t_end = now + dur
-            done = sched.finish_step(plan, t_end)
-            if nonfinite:
-                n_failed += self._stop_nonfinite([items[j] for j in nonfinite],
-                                                 [starts[j] for j in nonfinite], done, t_end,
-                                                 seqs, out, bar)
-            # -- bookkeeping (counts toward the next step's time) --
-            if plan.decode_n:
-                rec.itl.add(dur, plan.decode_n)
-            rec.load(len(plan.loads), t_load)
-            rec.step(plan, now, dur, 1, idle, extra=(
-                len(items), sum(k for _, k in items),
-                len({r.adapter for r, _ in items if r.adapter >= 0}), n_disk,
-                plan.kv_blocks, n_failed, t_sched, t_load, t_read, t_pack, t_copy,
-                t_fwd, t_samp, [r.request_id for r, _ in items], [k for _, k in items],
-                list(f)))
-            for r in done:
-                tables.release(r.idx)
-                toks = seqs.pop(r.idx)
-                assert len(toks) - r.prompt == r.generated, (len(toks), r.prompt, r.generated)
-                out.record(r, toks)
-                if bar is not None:
-                    bar.update(1)
-            now, wall, idle = t_end, end, False
-            if now >= rec.next_sample:
-                rec.sample(now, sched)
-        rec.sample(now, sched)
-        if bar is not None:
-            bar.close()
+            self._forward_phase(step)
+            self._commit_phase(step)
+        return self._finish_run()
+
+    def _start_run(self) -> None:
+        """The run's state: arrivals, logical clock, outcomes, token ids, recorder."""
+        trace = self.trace
+        self.arrivals = Arrivals(trace, self.ids, self.config.enable_lora)
+        self.out = Outcomes(trace["output_tokens"].to_numpy(np.int64), failures=True,
+                            keep_tokens=self.keep_tokens)
+        self.seqs: dict[int, list[int]] = {}    # request idx -> prompt + generated token ids
+        self.rec = Recorder(self.sample_dt, self.num_blocks)
+        self.bar = NoProgress()
+        if self.progress:
+            from tqdm.auto import tqdm  # lazy: tqdm only for progress=True
+
+            self.bar = tqdm(total=len(trace), unit="req",
+                            desc=f"executing ({self.model.device.type})")
+        self.sync = torch.cuda.synchronize if self.model.device.type == "cuda" else no_sync
+        self.clock = Clock()
+
+    def _arrive(self, r: Request) -> None:
+        """A request arrives: failed at once if its adapter is known bad, rejected if it
+        exceeds max_model_len (vLLM's HTTP 400), else queued with its prompt's token ids."""
+        now = self.clock.now
+        if self.config.enable_lora and r.adapter in self.bad:
+            self._fail(r, now, self.bad[r.adapter])
+            return
+        if not self.sched.add_request(r):
+            self.out.record(r)
+            self.out.error[r.idx] = (
+                f"maximum context length is {self.config.max_model_len} tokens; requested "
+                f"{r.prompt + r.output} ({r.prompt} prompt, {r.output} output)")
+            self.bar.update(1)
+            return
+        self.seqs[r.idx] = prompt_token_ids(r.request_id, r.prompt, self.model.shape.vocab,
+                                            self.seed)
+
+    def _fail(self, r: Request, now: float, msg: str) -> None:
+        self.out.fail(r, now, msg)
+        self.bar.update(1)
+
+    # -- load: schedule the step and perform its adapter loads ------------------------------
+    def _load_phase(self) -> Step | None:
+        """Plan the step and perform its adapter loads, inside the step as vLLM does
+        (``set_active_loras`` before the forward); the requests of an adapter that cannot
+        be loaded fail in this step. None when the plan is empty."""
+        perf = time.perf_counter
+        t = perf()
+        self.store.before_schedule(self.cache)   # S-LoRA: free the pages of idle adapters
+        plan = self.sched.schedule(self.clock.now)
+        t_sched = perf() - t
+        if not plan.num_tokens and not plan.preempted:
+            return None
+        f = self.featurize(plan)   # as the twin prices this step
+        if self.clock.idle:
+            f = after_idle(f)
+        for r in plan.preempted:
+            self.tables.release(r.idx)
+        step = Step(plan, f, t_sched)
+        t = perf()
+        for ld in plan.loads:
+            self._load(step, ld)
+        step.t_load = perf() - t if plan.loads else 0.0
+        if step.failed:
+            self._fail_loads(step)
+        return step
+
+    def _load(self, step: Step, ld: AdapterLoad) -> None:
+        """One load of the plan (disk read, pack, host→device copy), timed into ``step``;
+        a failure is noted in ``step.failed``."""
+        step.n_disk += ld.from_disk
+        known = self.bad.get(ld.adapter)
+        if known is not None:   # failed before: no second attempt
+            self.store.evict(ld)
+            step.failed[ld.adapter] = known
+            return
+        try:
+            r_s, p_s, c_s = self.store.apply(ld)
+        except (AdapterError, OSError) as exc:   # OSError: unreadable file, vanished directory
+            step.failed[ld.adapter] = load_error(self.names[ld.adapter], exc)
+            return
+        step.t_read += r_s
+        step.t_pack += p_s
+        step.t_copy += c_s
+
+    def _fail_loads(self, step: Step) -> None:
+        """Abort the plan's requests whose adapter failed to load, and drop the adapters."""
+        failed = step.failed
+        for r in [r for r, _ in step.plan.explicit if r.adapter in failed]:
+            self.sched.abort(r, step.plan)
+            self.tables.release(r.idx)
+            self.seqs.pop(r.idx, None)
+            self._fail(r, self.clock.now, failed[r.adapter])
+            step.n_failed += 1
+        for a, msg in failed.items():
+            self.bad[a] = msg
+            self.store.forget(a)
+            self.cache.drop(a)
+
+    # -- forward: the batch through the model (torch) ---------------------------------------
+    def _forward_phase(self, step: Step) -> None:
+        """Build the batch (each request's new tokens, KV block table and adapter slot) and
+        run one forward pass over it."""
+        sched, tables, store = self.sched, self.tables, self.store
+        step.items = sched.batch(step.plan)
+        chunks = []
+        for r, k in step.items:
+            start = sched.computed(r)
+            toks = self.seqs[r.idx]
+            chunks.append(SeqChunk(toks[start:start + k], start,
+                                   tables.ensure(r.idx, start + k), store.slot(r.adapter)))
+            step.starts.append(start)
+        if not step.failed:
+            assert tables.used == step.plan.kv_blocks, (
+                f"KV blocks: the executor's tables hold {tables.used}, the scheduler "
+                f"counts {step.plan.kv_blocks}")
+        if chunks:
+            t = time.perf_counter()
+            step.logits = self.model.step(chunks, self.kv, self.slots)
+            self.sync()
+            step.t_fwd = time.perf_counter() - t
+
+    # -- commit: sample, advance the clock, finish, record ----------------------------------
+    def _commit_phase(self, step: Step) -> None:
+        """Sample the next tokens, end the step on the clock (its wall duration), commit it
+        to the scheduler, stop requests whose logits were NaN/inf, record the step and the
+        finished requests."""
+        nonfinite = self._sample(step) if step.logits is not None else []
+        end = time.perf_counter()
+        clock = self.clock
+        dur = end - clock.wall
+        t_end = clock.now + dur
+        done = self.sched.finish_step(step.plan, t_end)
+        for j in nonfinite:
+            self._stop_nonfinite(step.items[j], step.starts[j], done, t_end)
+        step.n_failed += len(nonfinite)
+        self._record_step(step, dur)
+        for r in done:
+            self.tables.release(r.idx)
+            toks = self.seqs.pop(r.idx)
+            assert len(toks) - r.prompt == r.generated, (len(toks), r.prompt, r.generated)
+            self.out.record(r, toks)
+            self.bar.update(1)
+        clock.step_ended(t_end, end)
+        if clock.now >= self.rec.next_sample:
+            self.rec.sample(clock.now, self.sched)
+
+    def _sample(self, step: Step) -> list[int]:
+        """Greedy tokens, appended where a sequence's step ends its known tokens (end of
+        prompt / recompute, or a decode). Returns the rows whose logits were not finite."""
+        t = time.perf_counter()
+        # one pass gives the greedy token and the check that the logits are finite
+        top, next_ids = step.logits.max(dim=-1)
+        for (r, k), start, tok in zip(step.items, step.starts, next_ids.tolist()):
+            toks = self.seqs[r.idx]
+            if start + k == len(toks):
+                toks.append(tok)
+        finite = torch.isfinite(top)
+        nonfinite = [] if bool(finite.all()) else (~finite).nonzero().flatten().tolist()
+        step.t_samp = time.perf_counter() - t
+        return nonfinite
+
+    def _stop_nonfinite(self, item, start: int, done: list, now: float) -> None:
+        """Fail a request whose logits were NaN/inf this step (already committed by
+        ``finish_step``) instead of letting it emit argmax-of-NaN tokens as if finished:
+        a finished one is recorded as failed, a running one is aborted and its KV blocks
+        freed."""
+        r, k = item
+        who = f"adapter {self.names[r.adapter]!r}" if r.adapter >= 0 else "the base model"
+        msg = (f"non-finite logits (NaN/inf) at position {start + k - 1} of request "
+               f"{r.request_id} ({who}); the request was stopped")
+        if r in done:
+            done.remove(r)
+        else:
+            self.sched.abort(r)
+        self.tables.release(r.idx)
+        self.seqs.pop(r.idx, None)
+        self._fail(r, now, msg)
+
+    def _record_step(self, step: Step, dur: float) -> None:
+        """The step's row of the step log (counts toward the next step's time)."""
+        plan, items, rec = step.plan, step.items, self.rec
+        if plan.decode_n:
+            rec.itl.add(dur, plan.decode_n)
+        rec.load(len(plan.loads), step.t_load)
+        rec.step(plan, self.clock.now, dur, 1, self.clock.idle, extra=(
+            len(items), sum(k for _, k in items),
+            len({r.adapter for r, _ in items if r.adapter >= 0}), step.n_disk,
+            plan.kv_blocks, step.n_failed, step.t_sched, step.t_load, step.t_read,
+            step.t_pack, step.t_copy, step.t_fwd, step.t_samp,
+            [r.request_id for r, _ in items], [k for _, k in items], list(step.features)))
+
+    def _finish_run(self) -> RunResult:
+        """The last timeline sample; requests still running or waiting are recorded as
+        they stand (a window's end)."""
+        now, sched = self.clock.now, self.sched
+        self.rec.sample(now, sched)
+        self.bar.close()
         for r in sched.running_in_order() + list(sched.waiting):
             if r.status == RequestStatus.DECODING:
                 r.generated = sched.computed(r) - r.prompt + 1
-            out.record(r, seqs.get(r.idx))
-        duration = window_s if window_s is not None else now
-        return self._result(out, rec, duration)
-
-    def _stop_nonfinite(self, items, starts, done, now, seqs, out, bar) -> int:
-        """Fail the requests whose logits were NaN/inf this step (already committed by
-        ``finish_step``) instead of letting them emit argmax-of-NaN tokens as if finished:
-        finished ones are recorded as failed, running ones are aborted and their KV blocks
-        freed. Returns how many failed."""
-        for (r, k), start in zip(items, starts):
-            who = f"adapter {self.names[r.adapter]!r}" if r.adapter >= 0 else "the base model"
-            msg = (f"non-finite logits (NaN/inf) at position {start + k - 1} of request "
-                   f"{r.request_id} ({who}); the request was stopped")
-            if r in done:
-                done.remove(r)
-            else:
-                self.sched.abort(r)
-            self.tables.release(r.idx)
-            seqs.pop(r.idx, None)
-            out.fail(r, now, msg)
-            if bar is not None:
-                bar.update(1)
-        return len(items)
+            self.out.record(r, self.seqs.get(r.idx))
+        duration = self.window_s if self.window_s is not None else now
+        return self._result(self.out, self.rec, duration)
 
     # -- the result -------------------------------------------------------------------------
     def _result(self, out: Outcomes, rec: Recorder, duration: float) -> RunResult:
@@ -746,9 +437,7 @@ class _Engine:
                               window_s=self.window_s, max_model_len=config.max_model_len,
                               meta=meta, step_columns=STEP_COLUMNS)
         summary = result.summary
-        if self.paged:   # slora hook: the unified pool's use
-            from twin.executor.slora import pool_summary
-            summary["adapter_pool"] = pool_summary(self)
+        summary.update(self.store.summary(self.cache))   # S-LoRA: the unified pool's use
         phases = ["schedule_s", "load_s", "forward_s", "sample_s"]
         summary["executor_phases_s"] = {p: float(result.steps[p].sum()) for p in phases}
         return result

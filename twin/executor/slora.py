@@ -42,9 +42,12 @@ from typing import NamedTuple
 
 import torch
 
-from twin.executor.adapters import AdapterError, PackedAdapter, pack_adapter, read_adapter
+from twin.executor.adapters import (AdapterError, PackedAdapter, load_error, pack_adapter,
+                                    read_adapter)
 from twin.executor.block_tables import PagedBlockTables
-from twin.executor.model import LORA_GROUPS, LlamaModel
+from twin.executor.model import LlamaModel
+from twin.executor.shape import LORA_GROUPS
+from twin.costs.measured import exact_kv_memory, zero_load_time
 from twin.costs.profile import ModelShape, Profile
 from twin.sched.adapter_cache import AdapterLoad
 from twin.servers import ServerParts, build_server
@@ -258,11 +261,8 @@ class SLoRAAdapterStore:
                 raw = read_adapter(str(self.paths[a]), self.names[a])
                 p = pack_adapter(raw, self.model, SLORA_MAX_RANK, dtype=self.model.dtype,
                                  pin_memory=self.pin)
-            except AdapterError as exc:
-                bad[a] = str(exc)
-                continue
-            except OSError as exc:
-                bad[a] = str(AdapterError(self.names[a], f"cannot be read: {exc}"))
+            except (AdapterError, OSError) as exc:
+                bad[a] = load_error(self.names[a], exc)
                 continue
             if p.shape != self.model.shape:
                 bad[a] = str(AdapterError(self.names[a], "packed for a different model shape"))
@@ -306,6 +306,16 @@ class SLoRAAdapterStore:
         self.loads += 1
         return 0.0, 0.0, dt
 
+    def summary(self, cache) -> dict:
+        """The unified pool's use over the run (``summary["adapter_pool"]``); ``cache``:
+        the scheduler's ``UnifiedAdapterPool``."""
+        page = page_bytes(self.model, self.pool.block_size)
+        return {"adapter_pool": {
+            "pages": int(self.pool.num_blocks), "max_used_pages": int(self.pool.max_used),
+            "max_adapter_pages": int(cache.max_resident_pages),
+            "max_gib": cache.max_resident_pages * page / 2 ** 30,
+            "adapter_loads": self.loads, "adapter_drops": self.drops, "copy_s": self.copy_s}}
+
     def evict(self, ld: AdapterLoad) -> None:
         """S-LoRA's loads evict nothing (idle adapters are dropped before scheduling)."""
 
@@ -330,8 +340,6 @@ def executor_profile(model: LlamaModel, num_blocks: int, config) -> Profile:
     """A profile describing the executor's model and a pool of exactly ``num_blocks``
     pages, for ``twin.servers.build_server`` (the same one ``twin.sim.replay`` builds from
     the run's meta, so both sides count pages identically)."""
-    from twin.sim.replay import exact_kv_memory, zero_load_time
-
     shape = model_shape_of(model)
     return Profile(name="executor", hardware={"name": str(model.device)}, model=shape,
                    memory=exact_kv_memory(num_blocks, config.block_size,
@@ -340,10 +348,15 @@ def executor_profile(model: LlamaModel, num_blocks: int, config) -> Profile:
                    step_time=None, load_time=zero_load_time())
 
 
+def page_bytes(model: LlamaModel, block_size: int) -> int:
+    """Bytes of one page of the unified pool: one KV block of the executor's model."""
+    return model_shape_of(model).kv_bytes_per_token * block_size
+
+
 def adapter_pages_for(model: LlamaModel, config, ranks) -> list[int]:
     """Pages each adapter takes (``SLoRAPolicy.adapter_pages`` on the executor's shape)."""
     shape = model_shape_of(model)
-    page = shape.kv_bytes_per_token * config.block_size
+    page = page_bytes(model, config.block_size)
     return [-(-shape.adapter_bytes(int(r)) // page) for r in ranks]
 
 
@@ -388,22 +401,11 @@ def build_slora(model: LlamaModel, config, trace, catalog, bad: dict[int, str], 
     store.pack_all(used, bad)
     meta = {"admission": admission,
             "adapter_pages": {names[a]: pages[a] for a in used},
-            "page_bytes": int(model_shape_of(model).kv_bytes_per_token * config.block_size),
+            "page_bytes": page_bytes(model, config.block_size),
             "host_pack_s": store.read_s + store.pack_s}
     return BuiltServer(server, num_blocks, model.allocate_kv_cache(num_blocks, config.block_size),
                       tables, lora, store, meta)
 
 
-def pool_summary(engine) -> dict:
-    """The pool's use over the run (for ``summary["adapter_pool"]``)."""
-    pool, sched = engine.tables, engine.sched
-    page = engine.meta["slora"]["page_bytes"]
-    return {"pages": int(pool.num_blocks), "max_used_pages": int(pool.max_used),
-            "max_adapter_pages": int(sched.cache.max_resident_pages),
-            "max_gib": sched.cache.max_resident_pages * page / 2 ** 30,
-            "adapter_loads": engine.store.loads, "adapter_drops": engine.store.drops,
-            "copy_s": engine.store.copy_s}
-
-
 __all__ = ["UnifiedPagePool", "ExactRankLoRA", "SLoRAAdapterStore", "build_slora", "BuiltServer",
-           "executor_profile", "adapter_pages_for", "SLORA_MAX_RANK", "pool_summary"]
+           "executor_profile", "adapter_pages_for", "page_bytes", "SLORA_MAX_RANK"]

