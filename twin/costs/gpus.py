@@ -4,8 +4,9 @@ them into the effective rates a first-principles step time uses.
 ``memory_gib`` is what the runtime reports (``torch.cuda.mem_get_info()[1] / 2**30``, which
 vLLM multiplies by ``gpu_memory_utilization``): a few percent below the marketing "GB"
 (GB = 10^9 bytes, and the driver keeps some). The H100 64 GB figure is measured (the GPU of
-the shared vLLM runs); the others are the ``nvidia-smi`` / ``rocm-smi`` totals of those
-boards as commonly reported, in GiB. Bandwidths are bytes/s; FLOP rates are *dense* (no 2:4
+the shared vLLM runs); the others are torch's totals for those boards as commonly reported
+in vLLM logs (``nvidia-smi``'s total less the driver's ~0.5-1 GiB reserve), approximate to a
+few tenths of a GiB: give ``--gpu-memory-gib`` with your board's figure when it matters. Bandwidths are bytes/s; FLOP rates are *dense* (no 2:4
 sparsity) tensor-core rates; ``fp8_flops`` is None on GPUs without FP8 tensor cores (vLLM
 then runs FP8 weights through a weight-only kernel at the 16-bit rate). ``link_bytes_per_s``
 is what one GPU can send per direction to its tensor-parallel peers (NVLink / Infinity
