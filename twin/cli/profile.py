@@ -14,7 +14,7 @@ Build a twin profile from first principles: the model's shape (a Hugging Face co
 model directory holding one, or a built-in short name), a GPU of the catalogue (or explicit
 numbers), the tensor-parallel size and the dtypes. The profile gives `twin simulate
 --profile P.json` vLLM's start-up KV capacity for every max_loras x max_lora_rank (within
-0.1% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
+0.12% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
 vLLM allocates them and as PyTorch's caching allocator reserves them, one fitted non-torch
 constant) and a roofline step time from effective (derated datasheet) rates, plus two
 all-reduces per decoder layer priced from the interconnect when --tensor-parallel-size > 1.
@@ -34,7 +34,8 @@ examples:
   twin profile --model qwen2.5-7b --gpu a100-80gb --out qwen7b-a100.json
   twin profile --model /models/Llama-3.1-70B-Instruct --gpu h100 --tensor-parallel-size 4 \\
       --quantization fp8 --kv-cache-dtype fp8 --out llama70b-h100x4.json
-  twin simulate --profile qwen7b-a100.json --trace my_trace.parquet --max-loras 8 --out runs/q
+  twin simulate --profile qwen7b-a100.json --max-model-len 32768 --trace my_trace.parquet \\
+      --max-loras 8 --out runs/q
 """
 
 
