@@ -29,6 +29,7 @@ _SUBCOMMANDS = (
     ("twin.cli.validate", "add_validate_parser"),
     ("twin.cli.ml", "add_ml_parsers"),
     ("twin.cli.compare", "add_compare_parser"),
+    ("twin.cli.profile", "add_profile_parser"),
 )
 
 

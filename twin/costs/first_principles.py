@@ -1,88 +1,209 @@
-"""A profile from first principles, so the twin runs before any calibration.
+"""A profile from first principles, so the twin runs before any calibration — for any model
+shape (:mod:`twin.costs.model_config`), GPU (:mod:`twin.costs.gpus`), tensor-parallel size
+and dtype. ``twin profile`` is the command; the shipped
+``llama31-8b-h100-64gb-first-principles`` profile is this module's output for Llama-3.1-8B on
+the 64 GB H100.
 
-Memory: weights = params × dtype bytes; LoRA slot buffers as vLLM allocates them (A and B
-padded to ``max_lora_rank`` on q,k,v,o,gate,up,down, plus embedding and lm_head buffers
-over the vocabulary, plus the extra-vocabulary embeddings); activation peak of the
-profiling run = CUDA context and graphs (a constant) + sampler tensors (fp32 logits,
-probabilities and log-probabilities per scheduled sequence) + forward activations per
-batched token. Step time: a roofline — weights, KV and adapter weights read from HBM vs
-dense and attention FLOPs — plus a fixed per-step CPU overhead.
+Memory, per GPU, as vLLM 0.8.x sizes it at start-up:
 
-The hardware numbers are effective rates, not datasheet peaks; they are assumptions
+- weights: the linear layers split across the tensor-parallel group (q/k/v, gate/up column
+  parallel, o/down row parallel; with fewer KV heads than GPUs each GPU holds one replicated
+  KV head), embeddings and lm_head split over the vocabulary, norms and biases replicated;
+  FP8 (``quantization="fp8"``) stores the linear layers in one byte, the rest in 16 bits;
+  plus the rotary cos/sin cache (``max_position_embeddings × head_dim`` in the model dtype)
+  and, for models with embedding LoRA, the 256 extra-vocabulary rows;
+- LoRA slot buffers tensor by tensor (:func:`lora_buffers`) as vLLM allocates them, with
+  A of a column-parallel layer and B of a row-parallel layer whole on every GPU and the other
+  side split (vLLM's default ``fully_sharded_loras=False``); the caching allocator's segments
+  are replayed over them (:func:`twin.costs.memory.reserved_bytes`);
+- the start-up profile's peak: non-torch memory (CUDA context, cuBLAS workspace) — the one
+  *fitted* memory constant, ``NON_TORCH_GIB``, fitted on the measured H100 Llama-3.1-8B table
+  — plus the sampler's fp32 logits/probabilities/log-probabilities per sequence and forward
+  activations per batched token (first principles);
+- KV cache per token: ``2 × layers × KV heads per GPU × head_dim × KV dtype bytes``.
+
+Step time: a roofline — weights, KV and adapter weights read from HBM vs dense and attention
+FLOPs, at effective rates (:func:`twin.costs.gpus.effective`: one derating rule) — plus a fixed
+per-step overhead and, with tensor parallelism, two all-reduces of the hidden state per
+decoder layer (ring: ``2(N−1)/N × tokens × hidden × 2 bytes`` over the link, plus a latency per
+all-reduce), added outside the roofline (vLLM does not overlap them). They are assumptions
 written into the profile's provenance and replaced by ``twin calibrate``.
 """
 
 from __future__ import annotations
 
+from twin.costs.gpus import effective, get_gpu
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import GIB, MemoryModel
+from twin.costs.model_config import BUILTIN, model_shape
 from twin.costs.profile import ModelShape, Profile
 from twin.costs.step_time import StepTimeModel
+from twin.errors import TwinInputError
 
-LLAMA31_8B = ModelShape(name="Llama-3.1-8B-Instruct", layers=32, hidden=4096, heads=32,
-                        kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
-                        dtype_bytes=2, params=8.030261248e9, tie_word_embeddings=False)
+LLAMA31_8B = model_shape(BUILTIN["llama-3.1-8b"], "built-in:llama-3.1-8b",
+                         name="Llama-3.1-8B-Instruct")
 
-H100_64GB = {
-    "name": "H100 64 GB (HBM2e, SXM class)",
-    "memory_gib": 63.43,            # what torch reports on the GPU of the vLLM runs
-    "hbm_bytes_per_s": 1.6e12,      # effective, ~80% of peak
-    "flops_per_s": 6.0e14,          # effective dense bf16
-    "step_overhead_s": 3.0e-3,      # scheduler, sampler, launches per step
-    "host_to_gpu_bytes_per_s": 2.5e10,
-    "disk_bytes_per_s": 1.5e9,
-    "non_torch_gib": 1.3,           # CUDA context, cuBLAS workspace, CUDA graphs
-}
+LORA_EXTRA_VOCAB = 256      # vLLM's lora_extra_vocab_size default
+LORA_VOCAB_PADDING = 256    # vLLM's lora_vocab_padding_size
 
-LORA_EXTRA_VOCAB = 256  # vLLM's lora_extra_vocab_size default
+# fitted on shared/data/vllm-h100/kv_cache_tokens_llama31_8b.csv (the only measured table):
+# the start-up peak left after the first-principles terms (the probes' max_num_seqs and
+# max_num_batched_tokens taken as 2048, as twin calibrate assumes). Over the 36 probes it
+# lies in 1.260-1.292 GiB; 1.278 minimises the worst relative KV-capacity error (0.09%).
+# Before the allocator was modelled, the same constant absorbed 0.43 GiB swings.
+NON_TORCH_GIB = 1.278
+# assumptions (not fitted): scheduler, sampler and launches per step; one all-reduce's
+# latency (NCCL / vLLM custom all-reduce on NVLink, small messages); load bandwidths
+PER_STEP_OVERHEAD_S = 3.0e-3
+ALLREDUCE_LATENCY_S = 1.0e-5
+HOST_TO_GPU_BYTES_PER_S = 2.5e10
+DISK_BYTES_PER_S = 1.5e9
 
-
-def lora_slot_bytes(model: ModelShape) -> tuple[float, float]:
-    """(bytes per slot per unit of max_lora_rank, rank-independent bytes per slot)."""
-    vocab = model.vocab + LORA_EXTRA_VOCAB
-    per_rank = (model.lora_elems_per_rank + 2 * vocab + 2 * model.hidden) * model.dtype_bytes
-    # extra-vocabulary embeddings: the embedding's in the model dtype, lm_head's in fp32
-    # (LogitsProcessorWithLoRA fills its -inf tensor without a dtype)
-    per_slot = LORA_EXTRA_VOCAB * model.hidden * (model.dtype_bytes + 4)
-    return float(per_rank), float(per_slot)
+DTYPES = {"auto": 2, "bfloat16": 2, "float16": 2, "half": 2}
+KV_CACHE_DTYPES = {"auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+QUANTIZATIONS = (None, "fp8")
 
 
-def build_profile(model: ModelShape = LLAMA31_8B, hw: dict = H100_64GB,
-                  name: str = "llama31-8b-h100-64gb-first-principles") -> Profile:
-    per_rank, per_slot = lora_slot_bytes(model)
-    weight_bytes = model.params * model.dtype_bytes
-    act_per_token = (model.hidden * 3 + (model.heads + 2 * model.kv_heads) * model.head_dim
-                     + 3 * model.intermediate) * model.dtype_bytes
+def check_tensor_parallel(model: ModelShape, tp: int) -> None:
+    """vLLM's own checks: attention heads (and the intermediate size) divide across the
+    group; KV heads divide it or it divides them (then heads are replicated)."""
+    if tp < 1:
+        raise TwinInputError(f"expected a positive integer, got {tp}",
+                             field="--tensor-parallel-size")
+    for what, n in (("num_attention_heads", model.heads), ("intermediate_size", model.intermediate)):
+        if n % tp:
+            raise TwinInputError(f"{what} ({n}) must be divisible by tensor_parallel_size ({tp}) "
+                                 f"(vLLM refuses it)", field="--tensor-parallel-size")
+    if model.kv_heads % tp and tp % model.kv_heads:
+        raise TwinInputError(f"num_key_value_heads ({model.kv_heads}) and tensor_parallel_size "
+                             f"({tp}) must divide one another", field="--tensor-parallel-size")
+
+
+def per_gpu(model: ModelShape, tp: int = 1) -> dict:
+    """Per-GPU widths: q, KV (one replicated head at least) and intermediate outputs."""
+    return dict(q=model.heads // tp * model.head_dim,
+                kv=max(1, model.kv_heads // tp) * model.head_dim,
+                inter=model.intermediate // tp)
+
+
+def lora_buffers(model: ModelShape, tp: int = 1) -> dict:
+    """vLLM's LoRA slot buffers on one GPU, in allocation order, each as (bytes per slot per
+    unit of max_lora_rank, bytes per slot): embed_tokens (extra-vocab embeddings, A over the
+    vocabulary, B), per layer qkv_proj (A slices, then B slices), o_proj, gate_up_proj,
+    down_proj, then lm_head's (A, B over the padded vocabulary, extra-vocab logits in fp32:
+    LogitsProcessorWithLoRA fills its -inf tensor without a dtype)."""
+    b, h = model.dtype_bytes, model.hidden
+    w = per_gpu(model, tp)
+    q, kv, i = w["q"], w["kv"], w["inter"]
+    r = lambda n: [float(n * b), 0.0]   # noqa: E731 - n elements per unit of rank
+    if model.lora_fused_modules:        # Phi-3: one slice for qkv_proj and for gate_up_proj
+        layer = [r(h), r(q + 2 * kv), r(q), r(h),
+                 r(h), r(2 * i), r(i), r(h)]
+    else:
+        layer = [r(h), r(h), r(h), r(q), r(kv), r(kv), r(q), r(h),
+                 r(h), r(h), r(i), r(i), r(i), r(h)]
+    head, tail = [], []
+    if model.lora_embeddings:
+        vocab = model.vocab + LORA_EXTRA_VOCAB
+        padded = -(-vocab // LORA_VOCAB_PADDING) * LORA_VOCAB_PADDING
+        head = [[0.0, float(LORA_EXTRA_VOCAB * h * b)], r(vocab), r(h)]
+        tail = [r(h), r(padded), [0.0, float(LORA_EXTRA_VOCAB * h * 4)]]
+    return {"head": head, "layer": layer, "layers": model.layers, "tail": tail}
+
+
+def weight_bytes(model: ModelShape, tp: int = 1, quantization: str | None = None) -> float:
+    """Bytes of weights on one GPU (see the module docstring)."""
+    b, h, L = model.dtype_bytes, model.hidden, model.layers
+    full_q = model.heads * model.head_dim
+    full_kv = model.kv_heads * model.head_dim
+    linear_full = L * (h * (full_q + 2 * full_kv) + full_q * h + 3 * h * model.intermediate)
+    emb = model.vocab * h * (1 if model.tie_word_embeddings else 2)
+    other = max(0.0, model.params - linear_full - emb)      # norms, biases: replicated
+    w = per_gpu(model, tp)
+    linear = L * (h * (w["q"] + 2 * w["kv"]) + w["q"] * h + 3 * h * w["inter"])
+    lin_b = 1 if quantization == "fp8" else b
+    extra = LORA_EXTRA_VOCAB * h * (1 if model.tie_word_embeddings else 2) \
+        if model.lora_embeddings else 0
+    rope = (model.max_position_embeddings or 0) * model.head_dim * b
+    return linear * lin_b + (emb + extra) / tp * b + other * b + rope
+
+
+def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb", *,
+                  tensor_parallel_size: int = 1, quantization: str | None = None,
+                  kv_cache_dtype: str = "auto", name: str | None = None) -> Profile:
+    """The first-principles profile of ``model`` on one GPU of a ``tensor_parallel_size``
+    group of ``gpu`` (a catalogue name or an entry of :data:`twin.costs.gpus.GPUS`' form)."""
+    hw = get_gpu(gpu) if isinstance(gpu, str) else dict(gpu)
+    tp = int(tensor_parallel_size)
+    check_tensor_parallel(model, tp)
+    if quantization not in QUANTIZATIONS:
+        raise TwinInputError(f"unsupported quantization {quantization!r}; supported: fp8",
+                             field="--quantization")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise TwinInputError(f"unsupported kv_cache_dtype {kv_cache_dtype!r}; supported: "
+                             f"{', '.join(KV_CACHE_DTYPES)}", field="--kv-cache-dtype")
+    kv_b = KV_CACHE_DTYPES[kv_cache_dtype] or model.dtype_bytes
+    w = per_gpu(model, tp)
+    h, L = model.hidden, model.layers
+    buffers = lora_buffers(model, tp)
+    per_rank = sum(a for part in ("head", "tail") for a, _ in buffers[part]) + \
+        L * sum(a for a, _ in buffers["layer"])
+    per_slot = sum(s for part in ("head", "tail") for _, s in buffers[part]) + \
+        L * sum(s for _, s in buffers["layer"])
+    wbytes = weight_bytes(model, tp, quantization)
+    kv_per_token = 2 * L * w["kv"] * kv_b
+    act_per_token = (h * 3 + w["q"] + 2 * w["kv"] + 3 * w["inter"]) * model.dtype_bytes
     memory = MemoryModel(
-        gpu_memory_gib=hw["memory_gib"], weights_gib=weight_bytes / GIB,
-        kv_bytes_per_token=model.kv_bytes_per_token, lora_bytes_per_slot_rank=per_rank,
-        lora_bytes_per_slot=per_slot, activation_gib=hw["non_torch_gib"],
-        activation_bytes_per_seq=3 * model.vocab * 4, activation_bytes_per_token=act_per_token)
-    bw, fl = hw["hbm_bytes_per_s"], hw["flops_per_s"]
-    dense_flops = 2 * (model.params - model.vocab * model.hidden)   # per token
-    attn_flops = 4 * model.layers * model.heads * model.head_dim    # per (query, key) pair
-    lora_flops = 2 * model.lora_elems_per_rank                      # per token per rank
+        gpu_memory_gib=hw["memory_gib"], weights_gib=wbytes / GIB,
+        kv_bytes_per_token=kv_per_token, lora_bytes_per_slot_rank=per_rank,
+        lora_bytes_per_slot=per_slot, activation_gib=NON_TORCH_GIB,
+        activation_bytes_per_seq=3 * model.vocab * 4, activation_bytes_per_token=act_per_token,
+        lora_buffers=buffers)
+
+    bw, fl, link = effective(hw, fp8=quantization == "fp8")
+    lm_head = 0 if model.tie_word_embeddings else model.vocab * h
+    dense_flops = 2 * (model.params - lm_head) / tp          # per token (embeddings: a lookup)
+    attn_flops = 4 * L * model.heads * model.head_dim / tp   # per (query, key) pair
+    lora_flops = 2 * L * sum(a for a, _ in buffers["layer"]) / model.dtype_bytes  # token·rank
+    base = {"const": PER_STEP_OVERHEAD_S}
+    if tp > 1:   # two all-reduces of the hidden state per decoder layer
+        per_token = 2 * L * 2 * (tp - 1) / tp * h * model.dtype_bytes / link
+        base = {"const": PER_STEP_OVERHEAD_S + 2 * L * ALLREDUCE_LATENCY_S,
+                "prefill_tokens": per_token, "decode_tokens": per_token}
     step = StepTimeModel(
-        base={"const": hw["step_overhead_s"]},
-        memory={"const": weight_bytes / bw,
-                "decode_context": model.kv_bytes_per_token / bw,
+        base=base,
+        memory={"const": wbytes / bw, "decode_context": kv_per_token / bw,
                 "adapter_rank": per_rank / bw},
         compute={"prefill_tokens": dense_flops / fl, "decode_tokens": dense_flops / fl,
                  "decode_context": attn_flops / fl, "prefill_context": attn_flops / 2 / fl,
-                 "lora_token_rank": lora_flops / fl},
-    )
-    load = LoadTimeModel(disk_s=0.03, disk_s_per_byte=1 / hw["disk_bytes_per_s"],
-                         host_to_gpu_s=3.0e-3, host_to_gpu_s_per_byte=1 / hw["host_to_gpu_bytes_per_s"])
-    return Profile(name=name, hardware=dict(hw), model=model, memory=memory, step_time=step,
+                 "lora_token_rank": lora_flops / fl})
+    load = LoadTimeModel(disk_s=0.03, disk_s_per_byte=1 / DISK_BYTES_PER_S,
+                         host_to_gpu_s=3.0e-3, host_to_gpu_s_per_byte=1 / HOST_TO_GPU_BYTES_PER_S)
+    hardware = dict(hw, tensor_parallel_size=tp, quantization=quantization,
+                    kv_cache_dtype=kv_cache_dtype, effective_hbm_bytes_per_s=bw,
+                    effective_flops_per_s=fl, effective_link_bytes_per_s=link,
+                    step_overhead_s=PER_STEP_OVERHEAD_S, non_torch_gib=NON_TORCH_GIB,
+                    host_to_gpu_bytes_per_s=HOST_TO_GPU_BYTES_PER_S,
+                    disk_bytes_per_s=DISK_BYTES_PER_S)
+    if name is None:
+        name = "-".join([model.name.lower(), hw.get("key", "gpu")]
+                        + ([f"tp{tp}"] if tp > 1 else []) + (["fp8"] if quantization else [])
+                        + (["kv-fp8"] if kv_b == 1 else []) + ["first-principles"])
+    return Profile(name=name, hardware=hardware, model=model, memory=memory, step_time=step,
                    load_time=load, provenance={
                        "method": "first principles (twin.costs.first_principles)",
-                       "assumptions": "effective HBM bandwidth, FLOP rate, per-step overhead, "
-                                      "non-torch memory and load bandwidths as in 'hardware'",
-                       "fitted": False})
+                       "fitted": False,
+                       "assumptions": "effective HBM bandwidth, FLOP rate and link bandwidth = "
+                                      "datasheet peak x twin.costs.gpus.DERATE; per-step "
+                                      "overhead, all-reduce latency and load bandwidths as "
+                                      "in 'hardware'",
+                       "fitted_constants": {"non_torch_gib": "fitted to vLLM's start-up KV "
+                                            "capacity of Llama-3.1-8B on the 64 GB H100 "
+                                            "(shared/data/vllm-h100/kv_cache_tokens_llama31_8b.csv)"}})
 
 
 if __name__ == "__main__":  # python -m twin.costs.first_principles OUT.json
     import sys
 
     out = sys.argv[1] if len(sys.argv) > 1 else "twin/profiles/llama31-8b-h100-64gb-first-principles.json"
-    print(build_profile().save(out))
+    print(build_profile(name="llama31-8b-h100-64gb-first-principles").save(out))

@@ -40,11 +40,20 @@ class ModelShape:
     tie_word_embeddings: bool = False
     # the model's context (config.json); None: unknown, max_model_len is not checked
     max_position_embeddings: int | None = None
+    # how vLLM wraps the model for LoRA (twin.costs.model_config): q/k/v and gate/up as one
+    # slice each (Phi-3's fused checkpoint) rather than one slice per projection; LoRA
+    # buffers on embed_tokens and lm_head (the model class declares embedding_modules)
+    lora_fused_modules: bool = False
+    lora_embeddings: bool = True
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
-        if d["max_position_embeddings"] is None:   # profiles written before it existed
-            del d["max_position_embeddings"]
+        # fields at their defaults are left out: profiles written before they existed
+        # read and write back unchanged
+        for key, default in (("max_position_embeddings", None), ("lora_fused_modules", False),
+                             ("lora_embeddings", True)):
+            if d[key] == default:
+                del d[key]
         return d
 
     @property
@@ -55,7 +64,10 @@ class ModelShape:
     def lora_elems_per_rank(self) -> int:
         """A + B elements per unit of rank over q,k,v,o,gate,up,down of all layers."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
+        if self.lora_fused_modules:   # one A for qkv_proj, one for gate_up_proj
+            per_layer = (h + q + 2 * kv) + (q + h) + (h + 2 * i) + (i + h)
+        else:
+            per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
         return self.layers * per_layer
 
     def adapter_bytes(self, rank: int) -> int:
@@ -141,6 +153,18 @@ class ModelShapeSchema(Schema):
     params: _NonNeg = 0.0
     tie_word_embeddings: StrictBool = False
     max_position_embeddings: _PosInt | None = None
+    lora_fused_modules: StrictBool = False
+    lora_embeddings: StrictBool = True
+
+
+_Pair = Annotated[list[_NonNeg], Field(min_length=2, max_length=2)]
+
+
+class LoraBuffersSchema(Schema):
+    head: list[_Pair] = []
+    layer: list[_Pair] = []
+    layers: Annotated[int, Field(ge=0, strict=True)] = 0
+    tail: list[_Pair] = []
 
 
 class MemorySchema(Schema):
@@ -152,6 +176,7 @@ class MemorySchema(Schema):
     activation_gib: _NonNeg
     activation_bytes_per_seq: _NonNeg = 0.0
     activation_bytes_per_token: _NonNeg = 0.0
+    lora_buffers: LoraBuffersSchema | None = None
 
 
 # step-time coefficients by feature (non-negative seconds per unit); the ``base`` part must

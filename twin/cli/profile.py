@@ -1,0 +1,144 @@
+"""``twin profile``: a first-principles profile for any supported model, GPU and
+tensor-parallel size (:mod:`twin.costs.first_principles`), with no run and no torch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from twin.argtypes import positive_float, positive_int
+from twin.errors import TwinInputError
+
+_DESCRIPTION = """\
+Build a twin profile from first principles: the model's shape (a Hugging Face config.json, a
+model directory holding one, or a built-in short name), a GPU of the catalogue (or explicit
+numbers), the tensor-parallel size and the dtypes. The profile gives `twin simulate
+--profile P.json` vLLM's start-up KV capacity for every max_loras x max_lora_rank (within
+0.12% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
+vLLM allocates them and as PyTorch's caching allocator reserves them, one fitted non-torch
+constant) and a roofline step time from effective (derated datasheet) rates, plus two
+all-reduces per decoder layer priced from the interconnect when --tensor-parallel-size > 1.
+
+The step time is a prior, not a measurement: calibrate it on your own runs with
+`twin calibrate` before trusting latencies.
+
+Models (--model): a config.json, a directory, or one of
+  {models}
+  (Llama 2/3.x, Mistral, Qwen2/2.5/3 dense, Gemma 2/3, Phi-3 configs are read.)
+GPUs (--gpu): {gpus}
+  Explicit numbers (--gpu-memory-gib, --hbm-bandwidth, --flops, --link-bandwidth) are
+  datasheet peaks, derated like the catalogue's; with all of the first three, --gpu may be
+  left out.
+
+examples:
+  twin profile --model qwen2.5-7b --gpu a100-80gb --out qwen7b-a100.json
+  twin profile --model /models/Llama-3.1-70B-Instruct --gpu h100 --tensor-parallel-size 4 \\
+      --quantization fp8 --kv-cache-dtype fp8 --out llama70b-h100x4.json
+  twin simulate --profile qwen7b-a100.json --max-model-len 32768 --trace my_trace.parquet \\
+      --max-loras 8 --out runs/q
+"""
+
+
+def add_profile_parser(subparsers) -> argparse.ArgumentParser:
+    from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES
+    from twin.costs.gpus import gpu_names
+    from twin.costs.model_config import builtin_names
+
+    p = subparsers.add_parser(
+        "profile", help="build a first-principles profile for a model, GPU and TP size",
+        description=_DESCRIPTION.format(models=", ".join(builtin_names()),
+                                        gpus=", ".join(gpu_names())),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="CONFIG|DIR|NAME",
+                   help="config.json, model directory or built-in name (see above)")
+    p.add_argument("--gpu", metavar="NAME", help="GPU of the catalogue (see above)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="GPUs the model is split across (default: %(default)s); the profile "
+                        "describes one of them")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                   help="model dtype (default: %(default)s = the 16-bit dtype)")
+    p.add_argument("--quantization", choices=["fp8"],
+                   help="fp8: linear-layer weights in FP8 (vLLM --quantization fp8)")
+    p.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
+                   help="KV-cache dtype (default: %(default)s = the model dtype)")
+    p.add_argument("--gpu-memory-gib", type=positive_float, metavar="GIB",
+                   help="GPU memory as the runtime reports it, GiB (overrides the catalogue)")
+    p.add_argument("--hbm-bandwidth", type=positive_float, metavar="BYTES_PER_S",
+                   help="peak memory bandwidth, bytes/s, e.g. 3.35e12")
+    p.add_argument("--flops", type=positive_float, metavar="FLOP_PER_S",
+                   help="peak dense tensor FLOP/s at the weights' dtype, e.g. 9.89e14")
+    p.add_argument("--link-bandwidth", type=positive_float, metavar="BYTES_PER_S",
+                   help="GPU-to-GPU bandwidth per direction, bytes/s (tensor parallelism)")
+    p.add_argument("--name", help="profile name (default: MODEL-GPU[-tpN][-fp8]-first-principles)")
+    p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    p.set_defaults(func=run)
+    return p
+
+
+def _hardware(args) -> dict:
+    from twin.costs.gpus import get_gpu
+
+    explicit = (args.gpu_memory_gib, args.hbm_bandwidth, args.flops)
+    if args.gpu is None:
+        if None in explicit:
+            raise TwinInputError("give --gpu NAME, or all of --gpu-memory-gib, --hbm-bandwidth "
+                                 "and --flops", field="--gpu")
+        gpu = dict(key="custom", name="custom GPU", pcie_bytes_per_s=32e9,
+                   link_bytes_per_s=32e9, link="PCIe (assumed)", fp8_flops=None)
+    else:
+        gpu = get_gpu(args.gpu)
+    if args.gpu_memory_gib is not None:
+        gpu["memory_gib"] = args.gpu_memory_gib
+    if args.hbm_bandwidth is not None:
+        gpu["hbm_bytes_per_s"] = args.hbm_bandwidth
+    if args.flops is not None:   # the rate of the weights' dtype, whichever it is
+        gpu["bf16_flops"] = args.flops
+        if args.quantization == "fp8":
+            gpu["fp8_flops"] = args.flops
+    if args.link_bandwidth is not None:
+        gpu["link_bytes_per_s"] = args.link_bandwidth
+    if any(v is not None for v in explicit + (args.link_bandwidth,)):
+        gpu["overridden"] = [f for f, v in (("memory_gib", args.gpu_memory_gib),
+                                            ("hbm_bytes_per_s", args.hbm_bandwidth),
+                                            ("flops", args.flops),
+                                            ("link_bytes_per_s", args.link_bandwidth))
+                             if v is not None]
+    return gpu
+
+
+def run(args) -> int:
+    from twin.config import ServingConfig
+    from twin.costs.first_principles import build_profile
+    from twin.costs.memory import GIB
+    from twin.costs.model_config import load_model_shape
+    from twin.outputs import input_paths, prepare
+
+    with prepare(args.out, "profile", inputs=input_paths(args), file=True):
+        shape = load_model_shape(args.model)
+        gpu = _hardware(args)
+        prof = build_profile(shape, gpu, tensor_parallel_size=args.tensor_parallel_size,
+                             quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                             name=args.name)
+        prof.hardware["dtype"] = args.dtype
+        m = prof.memory
+        cfg = ServingConfig()
+        kv = m.kv_tokens(cfg)
+        if kv <= 0:
+            raise TwinInputError(
+                f"{shape.name} does not fit on {gpu['name']} with tensor_parallel_size "
+                f"{args.tensor_parallel_size}: {m.weights_gib:.1f} GiB of weights per GPU, "
+                f"{m.lora_bytes(cfg.max_loras, cfg.max_lora_rank) / GIB:.1f} GiB of LoRA slots "
+                f"(max_loras {cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}) of "
+                f"{cfg.gpu_memory_utilization * m.gpu_memory_gib:.1f} GiB: raise "
+                f"--tensor-parallel-size or use --quantization fp8", field="--model")
+        out = prof.save(args.out)
+    print(f"wrote {out}: {shape.name} ({shape.params / 1e9:.2f}B parameters) on "
+          f"{args.tensor_parallel_size} x {gpu['name']}: {m.weights_gib:.2f} GiB weights/GPU, "
+          f"{m.kv_bytes_per_token} KV bytes/token/GPU, {kv} KV tokens at max_loras "
+          f"{cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}, max_num_seqs "
+          f"{cfg.max_num_seqs}")
+    ctx = shape.max_position_embeddings
+    if ctx is not None and ctx < cfg.max_model_len:
+        print(f"note: the model's context is {ctx} tokens: run twin simulate with "
+              f"--max-model-len {ctx} (or less), as vLLM derives it")
+    return 0
