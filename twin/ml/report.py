@@ -59,8 +59,8 @@ def tie_text(tie: dict) -> str:
     names = ", ".join(ml[:-1]) + " and " + ml[-1]
     return (f"tie: max_loras={names} within {100 * tie['band']:.1f}% (the twin's throughput "
             f"error; {tie['band_source']}): they differ by {100 * tie['spread']:.2f}%, which "
-            f"the twin cannot resolve; max_loras={tie['picked']} is the one recommended, the "
-            "others are as good within that error")
+            f"the twin cannot resolve; max_loras={tie['picked']} is the one recommended, "
+            f"{'the others are' if len(ml) > 2 else 'the other is'} as good within that error")
 
 
 @dataclass
