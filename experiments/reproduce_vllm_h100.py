@@ -13,7 +13,10 @@ worst), starvation-verdict agreement (starving = total throughput < 90% of the o
 load ``offered_total_tps_est``, for real and twin alike) and, per workload, whether the best
 non-starving (max_loras, max_cpu_loras) agrees (the paper's procedure: for each slots value
 scan served adapters upward and keep the last acceptable one before the first starving one;
-the optimum is the best throughput among those).
+the optimum is the best throughput among those). ``optimum_agreement_with_ties`` also counts a
+workload where the twin declares a tie (its candidates within its own throughput error of its
+best: the fit-set throughput SMAPE its profile records, ``twin.ml.report.tie_band``) that
+names the real best.
 
     python experiments/reproduce_vllm_h100.py            # ~10-20 min on 2 cores
     python experiments/reproduce_vllm_h100.py --calibrate   # refit first (+ a few minutes)
