@@ -135,7 +135,8 @@ class Recommendation:
                 else None, "predicted": self.predicted, "verified": self.verified,
                 "workload": self.workload, "window_s": self.window_s, "runs": self.runs,
                 "predict_ms": self.predict_ms, "total_s": self.total_s,
-                "warnings": self.warnings, "tie": self.tie, "candidates": cand.to_dict(orient="records")}
+                "warnings": self.warnings, "tie": self.tie,
+                "candidates": cand.to_dict(orient="records")}
 
 
 @dataclass
