@@ -177,13 +177,11 @@ def optimum_table(df: pd.DataFrame, who: str, tie_band: float | None = None) -> 
         real_best = np.nan if real is None else float(
             sub[(sub.max_loras == real[0]) & (sub.max_cpu_loras == real[1])]["real_throughput"].iloc[0])
         ratio = real_at_pred / real_best if real_best else np.nan
-        at_real = sub[(sub.max_loras == real[0]) & (sub.max_cpu_loras == real[1])] \
-            if real is not None and pred is not None else sub.iloc[:0]
-        pick_t = sub[(sub.max_loras == pred[0]) & (sub.max_cpu_loras == pred[1])][
-            f"{who}_throughput"] if pred is not None else sub.iloc[:0]
         # how far below its own pick the twin puts the real best (the band a tie would need)
-        gap = (1 - float(at_real[f"{who}_throughput"].iloc[0]) / float(pick_t.iloc[0])
-               if len(at_real) and len(pick_t) else np.nan)
+        gap = np.nan
+        if real is not None and pred is not None:
+            t = sub.set_index(["max_loras", "max_cpu_loras"])[f"{who}_throughput"]
+            gap = 1 - float(t.get(real, np.nan)) / float(t[pred])
         rows.append({"workload": wl, "real_best": real, f"{who}_best": pred,
                      "agree": real == pred,
                      "real_tput_of_pick_over_best": round(float(ratio), 4),
