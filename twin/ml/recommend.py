@@ -12,6 +12,9 @@
    search over neighbouring ``max_loras`` values (the prediction and its upper neighbour
    first, in parallel, then the neighbours of the best verified point whose predicted score
    is close), so the answer is a configuration the twin has actually seen keep up.
+4. declares a tie when verified configurations that keep up lie within the twin's own
+   throughput error of the best (:func:`twin.ml.report.tie_band`): the report and
+   ``recommendation.json`` name them all instead of presenting one as clearly best.
 
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 """
@@ -30,7 +33,7 @@ from twin.errors import TwinInputError
 from twin.ml.dataset import TIE_TOL
 from twin.ml.features import public, workload_features
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
-from twin.ml.report import Recommendation
+from twin.ml.report import Recommendation, declared_tie, tie_band
 from twin.ml.spec import paper_base
 from twin.ml.sweep import EarlyExit
 from twin.ml.verify import Verifier
@@ -101,13 +104,18 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     _record_verified(cand, results)
     good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
     best = _best(results, good, key) if good else None
+    tie = None
+    if best is not None:   # verified points the twin's own error cannot rank: named, not hidden
+        band, source = tie_band(profile)
+        tie = declared_tie({int(cand.at[i, "max_loras"]): results[i][key] for i in good},
+                           band, source, picked=cand.at[best, "max_loras"])
     pr = cand.iloc[start]
     return Recommendation(
         config=cand.at[best, "_config"] if best is not None else None, ok=best is not None,
         objective=objective, slo=slo, workload=public(wf), candidates=cand,
         predicted=_predicted(pr), verified=results[best] if best is not None else None,
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
-        total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings)
+        total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie)
 
 
 def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, max_runs: int,

@@ -13,6 +13,55 @@ import pandas as pd
 
 from twin.config import ServingConfig
 
+#: The twin's throughput error when a profile records none of its own: its held-out median
+#: throughput SMAPE against real vLLM runs (``experiments/reproduce_vllm_h100.py``, 1.3 %).
+DEFAULT_TIE_BAND = 0.013
+
+
+def tie_band(profile) -> tuple[float, str]:
+    """How close two throughputs must be for the twin to call them a tie, and where that
+    figure comes from. It is the twin's own measured throughput error: the median SMAPE that
+    the profile's calibration records on its fit runs
+    (``provenance.step_time.throughput_smape_median``), else :data:`DEFAULT_TIE_BAND`.
+    Ranking two configurations closer than this would claim a precision the twin has not
+    shown, so they are reported as a tie, both named, rather than one picked silently."""
+    st = ((getattr(profile, "provenance", None) or {}).get("step_time") or {})
+    e = st.get("throughput_smape_median") if isinstance(st, dict) else None
+    if isinstance(e, (int, float)) and np.isfinite(e) and e > 0:
+        return float(e) / 100.0, (f"profile {profile.name}: median throughput SMAPE on its "
+                                  "fit runs")
+    return DEFAULT_TIE_BAND, "default: the twin's held-out throughput SMAPE vs real vLLM runs"
+
+
+def within_band(values: dict, band: float) -> list:
+    """The keys whose value is within ``band`` (relative) of the largest, best first."""
+    if not values:
+        return []
+    top = max(values.values())
+    near = [k for k, v in values.items() if v >= top * (1 - band)]
+    return sorted(near, key=lambda k: -values[k])
+
+
+def declared_tie(values: dict, band: float, source: str, picked) -> dict | None:
+    """A tie among verified configurations ({max_loras: objective}) within ``band`` of the
+    best, or None when only one is that close. ``picked`` is the one recommended."""
+    near = within_band(values, band)
+    if len(near) < 2:
+        return None
+    spread = 1.0 - min(values[k] for k in near) / max(values[k] for k in near)
+    return {"max_loras": sorted(int(k) for k in near), "band": band, "band_source": source,
+            "spread": spread, "picked": int(picked)}
+
+
+def tie_text(tie: dict) -> str:
+    """"tie: max_loras=8 and 16 within 3.8% ..." for the report."""
+    ml = [str(m) for m in tie["max_loras"]]
+    names = ", ".join(ml[:-1]) + " and " + ml[-1]
+    return (f"tie: max_loras={names} within {100 * tie['band']:.1f}% (the twin's throughput "
+            f"error; {tie['band_source']}): they differ by {100 * tie['spread']:.2f}%, which "
+            f"the twin cannot resolve; max_loras={tie['picked']} is the one recommended, "
+            f"{'the others are' if len(ml) > 2 else 'the other is'} as good within that error")
+
 
 @dataclass
 class Recommendation:
@@ -33,6 +82,7 @@ class Recommendation:
     total_s: float
     window_s: float
     warnings: list = field(default_factory=list)
+    tie: dict | None = None        # verified configurations within the twin's error (declared_tie)
 
     def report(self) -> str:
         w = self.workload
@@ -67,6 +117,8 @@ class Recommendation:
                      f"{v['tpot_p50']:.1f}/{v['tpot_p99']:.1f} ms"
                      + (f", goodput {v['goodput']:.0f} tok/s" if self.objective == "goodput"
                         else ""))
+            if self.tie:
+                L.append(tie_text(self.tie))
         else:
             L.append("no verified configuration keeps up with this load on one GPU: split the "
                      "adapters over GPUs with `twin place`")
@@ -83,7 +135,8 @@ class Recommendation:
                 else None, "predicted": self.predicted, "verified": self.verified,
                 "workload": self.workload, "window_s": self.window_s, "runs": self.runs,
                 "predict_ms": self.predict_ms, "total_s": self.total_s,
-                "warnings": self.warnings, "candidates": cand.to_dict(orient="records")}
+                "warnings": self.warnings, "tie": self.tie,
+                "candidates": cand.to_dict(orient="records")}
 
 
 @dataclass
