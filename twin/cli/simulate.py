@@ -8,6 +8,11 @@ from pathlib import Path
 
 from twin.argtypes import positive_float
 from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.errors import TwinInputError
+from twin.outputs import console, input_paths, json_document, prepare
+from twin.sim import simulate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.schema import read_trace, refuse_empty_window
 
 _DESCRIPTION = """\
 Simulate a request trace served by vLLM with LoRA adapters, on the hardware and base
@@ -55,12 +60,6 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.errors import TwinInputError
-    from twin.outputs import console, input_paths, json_document, prepare
-    from twin.sim import simulate
-    from twin.workload.catalog import AdapterCatalog
-    from twin.workload.schema import read_trace, refuse_empty_window
-
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
     say = console(args.json)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.outputs import staged_dir
+from twin.results.plot import plot_timeline
 from twin.sched.request import exceeds_max_model_len
 
 STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
@@ -58,8 +60,6 @@ class RunResult:
         """Write requests.parquet, summary.json, timeline.parquet (+ steps, plot) atomically
         through :mod:`twin.outputs`: into a temporary sibling directory renamed at the end;
         an existing ``out_dir`` is replaced only when it is a twin ``kind`` output."""
-        from twin.outputs import staged_dir
-
         with staged_dir(out_dir, kind) as tmp:
             self.write_into(tmp, plot=plot)
         return Path(out_dir)
@@ -76,8 +76,6 @@ class RunResult:
             json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
                        default=_json_default) + "\n")
         if plot:
-            from twin.results.plot import plot_timeline
-
             plot_timeline(self, d / "timeline.png")
 
     def format_summary(self) -> str:
