@@ -27,10 +27,7 @@ def crop_window(trace: pd.DataFrame, window_s: float | None) -> pd.DataFrame:
     renumbered; ``None``: the whole trace, as is."""
     if window_s is None:
         return trace
-    keep = trace["arrival_s"].to_numpy() <= window_s
-    if keep.all():   # nothing cropped: no copy of a trace held for the whole run (10^5 rows)
-        return trace.reset_index(drop=True)
-    return trace[keep].reset_index(drop=True)
+    return trace[trace["arrival_s"] <= window_s].reset_index(drop=True)
 
 
 def smape(a, b, *, percent: bool = False):
