@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from twin.outputs import staged_dir
-from twin.results.plot import plot_timeline
+from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.sched.request import exceeds_max_model_len
 
 STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
@@ -73,7 +73,7 @@ class RunResult:
             json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
                        default=_json_default) + "\n")
         if plot:
-            plot_timeline(self, d / "timeline.png")
+            plots.plot_timeline(self, d / "timeline.png")
 
     def format_summary(self) -> str:
         return format_summary(self.summary)
