@@ -34,36 +34,42 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
+from twin.config import ServingConfig
+from twin.sim import simulate
+from twin.workload.generate import rate_class_trace
+from twin.workload.schema import read_trace, write_trace
+
 ROOT = Path(__file__).resolve().parents[1]
+N_ADAPTERS = {"heavy": 32, "starving": 96}
 
 
-def build_case(case: str, lengths_only: bool = False):
-    import numpy as np
-
-    from twin.config import ServingConfig
-    from twin.workload.generate import rate_class_trace
-    from twin.workload.schema import read_trace
-
+def case_config(case: str) -> tuple[ServingConfig, float | None]:
+    """The serving config and measured window of ``case``."""
     if case == "azure":
-        trace = None if lengths_only else read_trace(ROOT / "traces" / "azure_conv_1h.parquet")
-        return trace, ServingConfig(enable_lora=False), None
-    pool_trace = read_trace(ROOT / "traces" / "rate_classes_32_heavy_10min.parquet")
-    pool = np.stack([pool_trace["prompt_tokens"].to_numpy(), pool_trace["output_tokens"].to_numpy()], 1)
-    n_adapters = 32 if case == "heavy" else 96
-    trace = None if lengths_only else rate_class_trace(
-        n_adapters, (1.6, 0.8, 0.4), duration_s=3600, lengths=pool, seed=1)
-    cfg = ServingConfig(max_loras=32, max_cpu_loras=n_adapters, max_lora_rank=16,
+        return ServingConfig(enable_lora=False), None
+    cfg = ServingConfig(max_loras=32, max_cpu_loras=N_ADAPTERS[case], max_lora_rank=16,
                         max_num_seqs=2048, max_num_batched_tokens=2048, max_model_len=131072,
                         preload_adapters=True)
-    return trace, cfg, 3600.0
+    return cfg, 3600.0
+
+
+def build_trace(case: str) -> pd.DataFrame:
+    """The trace of ``case`` (the parent process writes it for the child to read)."""
+    if case == "azure":
+        return read_trace(ROOT / "traces" / "azure_conv_1h.parquet")
+    pool_trace = read_trace(ROOT / "traces" / "rate_classes_32_heavy_10min.parquet")
+    pool = np.stack([pool_trace["prompt_tokens"].to_numpy(), pool_trace["output_tokens"].to_numpy()], 1)
+    return rate_class_trace(N_ADAPTERS[case], (1.6, 0.8, 0.4), duration_s=3600, lengths=pool,
+                            seed=1)
 
 
 def run_case(case: str, repeats: int, trace_file: str) -> dict:
-    """In a fresh process, as `twin simulate --trace FILE` would: read, then simulate."""
-    from twin.sim import simulate
-    from twin.workload.schema import read_trace
-
-    _, cfg, window = build_case(case, lengths_only=True)
+    """In a fresh process, as `twin simulate --trace FILE` would: read, then simulate (the
+    config only: the child reads no other trace, so its peak RSS is that command's)."""
+    cfg, window = case_config(case)
     trace = read_trace(trace_file)
     walls, cpus = [], []
     res = None
@@ -92,13 +98,11 @@ def main() -> None:
     if args.case:  # child process
         print(json.dumps(run_case(args.case, args.repeats, args.trace_file)))
         return
-    from twin.workload.schema import write_trace
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in ("azure", "heavy", "starving"):
             path = Path(tmp) / f"{case}.parquet"
-            write_trace(build_case(case)[0], path)
+            write_trace(build_trace(case), path)
             out = subprocess.run([sys.executable, __file__, "--case", case, "--repeats",
                                   str(args.repeats), "--trace-file", str(path)],
                                  check=True, capture_output=True, text=True)

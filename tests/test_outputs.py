@@ -42,18 +42,27 @@ def trace(tmp_path):
 
 @pytest.fixture
 def engine_calls(monkeypatch):
-    """Counts twin simulations (the long work a bad --out must not wait for)."""
-    import twin.sim
+    """Counts twin simulations (the long work a bad --out must not wait for). The count is
+    taken on the simulator's run object, which every path to a simulation constructs (the
+    CLI, the API, the policies' dispatch), so no caller's own binding of a function can
+    hide one."""
+    from twin.sim import engine
 
     calls = []
-    real = twin.sim.simulate
+    real = engine._Clock.__init__
 
-    def counted(*a, **k):
+    def counted(self, *a, **k):
         calls.append(1)
-        return real(*a, **k)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(twin.sim, "simulate", counted)
+    monkeypatch.setattr(engine._Clock, "__init__", counted)
     return calls
+
+
+def test_engine_calls_sees_a_simulation(tmp_path, trace, engine_calls):
+    """The counter the refusal tests rely on does count a simulation that runs."""
+    assert main(simulate_args(trace, tmp_path / "run")) == 0
+    assert engine_calls == [1]
 
 
 def simulate_args(trace, out, *more):

@@ -11,7 +11,7 @@ from twin.errors import TwinInputError
 from twin.workload import generate
 from twin.workload.generate import (pool_lengths, powerlaw_trace, rate_class_trace,
                                     renewal_arrivals, uniform_lengths)
-from twin.workload.public import powerlaw_shares
+from twin.workload.popularity import powerlaw_shares
 from twin.workload.schema import read_trace, write_trace
 
 POOL = np.array([[10, 20], [300, 40], [5, 500]])

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from twin.errors import TwinInputError
 from twin.workload import public
 from twin.cli.trace import main as cli_main
-from twin.workload.public import (assign_adapters, load_azure2023, load_mooncake,
-                                  powerlaw_shares, servegen_tenants, sharegpt_length_pool,
+from twin.workload.popularity import assign_adapters, powerlaw_shares
+from twin.workload.public import (load_azure2023, load_mooncake, sharegpt_length_pool,
                                   shared_data_dir)
+from twin.workload.servegen import servegen_tenants
 from twin.workload.schema import read_trace, validate_trace, write_trace
 
 REPO = Path(__file__).resolve().parents[1]

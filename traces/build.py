@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from twin.workload import generate, public  # noqa: E402
+from twin.workload import generate, popularity, public, servegen  # noqa: E402
 from twin.workload.schema import write_trace  # noqa: E402
 
 
@@ -30,11 +30,11 @@ def build_all(out_dir: Path = HERE) -> dict[str, Path]:
         "azure_conv_1h.parquet": azure,
         # the same requests over 32 adapters, S-LoRA power law alpha 0.5 (hottest 17.7%,
         # coldest 1.6% of requests)
-        "azure_conv_1h_32lora.parquet": public.assign_adapters(
+        "azure_conv_1h_32lora.parquet": popularity.assign_adapters(
             azure, 32, popularity="powerlaw", alpha=0.5, seed=0),
         # ServeGen m-large, its 32 busiest clients in the model's busiest 10 minutes,
         # rates scaled to 30 req/s in aggregate (one H100-class GPU's worth)
-        "servegen_32tenants_10min.parquet": public.servegen_tenants(
+        "servegen_32tenants_10min.parquet": servegen.servegen_tenants(
             tr(public.SERVEGEN_RATE_FILE), tr(public.SERVEGEN_LENGTH_FILE), model="m-large",
             n_tenants=32, duration_s=600, total_rate=30.0, seed=0),
         # the vLLM-H100 runs' heavy workload: 32 adapters at 1.6/0.8/0.4 req/s (Poisson),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import AfterValidator, Field
 
 from twin.errors import TwinInputError
@@ -188,8 +189,6 @@ def refuse_unserved_adapters(config: ServingConfig, trace, source: str = "trace"
 def read_yaml(path: str | Path, *, missing: str = "file not found"):
     """A YAML file's content (``None`` if empty); unreadable, non-UTF-8 or invalid YAML
     raises ``TwinInputError`` naming the file."""
-    import yaml
-
     path = Path(path)
     if not path.exists():
         raise TwinInputError(missing, file=str(path))

@@ -25,6 +25,7 @@ workspace) use :func:`open_store`: same checks and lock, no rename.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import math
@@ -33,6 +34,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import pyarrow as pa
 
 from twin.errors import TwinInputError
 
@@ -58,7 +61,7 @@ def output_kind(path: str | Path) -> str | None:
             return str(json.loads((p / MARKER).read_text()).get("kind")) or None
         suffix = p.suffix.lower()
         if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq   # lazy: +5 MB RSS, only for a Parquet output
 
             meta = pq.read_schema(p).metadata or {}
             kind = meta.get(META_KEY.encode())
@@ -154,8 +157,6 @@ def _lock_path(dest: Path) -> Path:
 
 
 def _acquire(dest: Path) -> str:
-    import fcntl
-
     lock = _lock_path(dest)
     key = str(lock)
     if key in _HELD:
@@ -318,8 +319,7 @@ def open_store(path, kind: str, *, inputs=()):
 def write_parquet(df, path, kind: str) -> None:
     """``df`` as Parquet at ``path`` (a temp file of :func:`staged_file`) carrying
     ``twin_output = kind`` in its key-value metadata (pandas readers ignore it)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq   # lazy: +5 MB RSS, only for a Parquet output
 
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),

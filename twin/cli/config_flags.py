@@ -10,6 +10,7 @@ from pathlib import Path
 
 from twin.argtypes import strict_bool
 from twin.config import ServingConfig
+from twin.workload.schema import read_trace
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -43,8 +44,6 @@ def config_from_args(args) -> ServingConfig:
 def read_limited_trace(args):
     """The ``--trace`` file, cut to its first ``--limit`` requests when that flag is given
     (the executor's commands serve a prefix of a long trace on a CPU)."""
-    from twin.workload.schema import read_trace
-
     trace = read_trace(args.trace)
     if getattr(args, "limit", None) is not None:
         trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)

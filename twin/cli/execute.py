@@ -7,12 +7,13 @@ imports torch until a command runs, so ``twin --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from twin.argtypes import comma_list, device_name, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
 from twin.errors import TwinInputError
+from twin.outputs import console, input_paths, json_document, prepare
+from twin.workload.schema import read_trace, refuse_empty_window
 
 _EXECUTE_DESCRIPTION = """\
 Serve a request trace for real: a Llama model with LoRA adapters, continuous batching by
@@ -133,10 +134,8 @@ def _model_flag(p: argparse.ArgumentParser) -> None:
 # commands
 # ---------------------------------------------------------------------------------------------
 def run_make_adapters(args) -> int:
-    from twin.executor.adapters import make_adapters
-    from twin.executor.weights import resolve_model
-    from twin.outputs import input_paths, prepare
-    from twin.workload.schema import read_trace
+    from twin.executor.adapters import make_adapters   # lazy: imports torch
+    from twin.executor.weights import resolve_model   # lazy: the executor, only when it runs
 
     with prepare(args.out, "adapters", inputs=input_paths(args)):
         model_dir = resolve_model(args.model)
@@ -153,13 +152,11 @@ def run_make_adapters(args) -> int:
 
 
 def run_execute(args) -> int:
-    import torch
+    import torch   # lazy: `twin` commands other than the executor's never import torch
 
-    from twin.executor.adapters import make_cached_adapters
-    from twin.executor.engine import execute
-    from twin.executor.weights import resolve_model
-    from twin.outputs import console, input_paths, json_document, prepare
-    from twin.workload.schema import refuse_empty_window
+    from twin.executor.adapters import make_cached_adapters   # lazy: imports torch
+    from twin.executor.engine import execute   # lazy: imports torch
+    from twin.executor.weights import resolve_model   # lazy: the executor, only when it runs
 
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")

@@ -4,6 +4,7 @@ itself here through an ``add_*_parser(subparsers)`` function that sets ``func``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 
@@ -34,8 +35,6 @@ _SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(prog="twin", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",

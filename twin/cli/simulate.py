@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from twin.argtypes import positive_float
 from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.errors import TwinInputError
+from twin.outputs import console, input_paths, json_document, prepare
+from twin import api
 
 _DESCRIPTION = """\
 Simulate a request trace served by vLLM with LoRA adapters, on the hardware and base
@@ -55,19 +57,15 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from twin.api import simulate
-    from twin.errors import TwinInputError
-    from twin.outputs import console, input_paths, json_document, prepare
-
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
     say = console(args.json)
     # --out is checked (and locked) before the simulation, not after it
     with prepare(args.out, "simulate", inputs=input_paths(args)):
         # the Python API reads the trace, catalog and profile, as `twin.simulate` does
-        result = simulate(args.trace, config_from_args(args), args.profile,
-                          catalog=args.catalog, window_s=args.window_s,
-                          progress=not args.no_progress, record_steps=args.steps)
+        result = api.simulate(args.trace, config_from_args(args), args.profile,
+                              catalog=args.catalog, window_s=args.window_s,
+                              progress=not args.no_progress, record_steps=args.steps)
         if args.json:
             print(json_document(result.summary, indent=2))
         else:

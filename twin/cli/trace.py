@@ -15,6 +15,9 @@ import pandas as pd
 
 from twin.argtypes import comma_list
 from twin.errors import TwinInputError
+from twin.outputs import input_paths, prepare, staged_file
+from twin.workload import generate, popularity, public, servegen
+from twin.workload.schema import validate_trace, write_trace
 
 _DESCRIPTION = """\
 Build a request trace (Parquet, or CSV if --out ends in .csv) in twin's trace format:
@@ -152,7 +155,6 @@ def add_trace_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _length_sampler(args):
-    from twin.workload import generate, public
     if args.lengths == "uniform":
         lo, hi = (int(x) for x in args.uniform)
         return generate.uniform_lengths(lo, hi)
@@ -164,7 +166,6 @@ def _length_sampler(args):
 
 def build(args) -> pd.DataFrame:
     """The trace an argument namespace describes (no file written)."""
-    from twin.workload import generate, public
     act = args.trace_action
     if act in ("azure", "mooncake"):
         if act == "azure":
@@ -174,16 +175,17 @@ def build(args) -> pd.DataFrame:
             path = args.input or public.shared_trace_path(public.MOONCAKE_FILES[args.kind])
             df = public.load_mooncake(path, limit_s=args.limit_s)
         if args.adapters:
-            df = public.assign_adapters(df, args.adapters, popularity=args.popularity,
-                                        alpha=args.alpha, seed=args.seed, prefix=args.prefix)
+            df = popularity.assign_adapters(df, args.adapters, popularity=args.popularity,
+                                            alpha=args.alpha, seed=args.seed,
+                                            prefix=args.prefix)
         return df
     if act == "servegen":
         rate = args.rate_csv or public.shared_trace_path(public.SERVEGEN_RATE_FILE)
         length = args.length_csv or public.shared_trace_path(public.SERVEGEN_LENGTH_FILE)
-        return public.servegen_tenants(rate, length, model=args.model, n_tenants=args.tenants,
-                                       duration_s=args.duration_s,
-                                       start_window_s=args.start_s,
-                                       total_rate=args.total_rate, seed=args.seed)
+        return servegen.servegen_tenants(rate, length, model=args.model,
+                                         n_tenants=args.tenants, duration_s=args.duration_s,
+                                         start_window_s=args.start_s,
+                                         total_rate=args.total_rate, seed=args.seed)
     if act == "rate-classes":
         return generate.rate_class_trace(args.adapters, args.rates,
                                          duration_s=args.duration_s,
@@ -210,8 +212,6 @@ def summary(df: pd.DataFrame) -> str:
 
 def run(args) -> int:
     """Build the trace, write it, print a one-line summary. Returns the exit code."""
-    from twin.outputs import input_paths, prepare, staged_file
-    from twin.workload.schema import validate_trace, write_trace
     out = Path(args.out)
     # --out checked (and locked) before the build; a CSV has no room for twin's output
     # marker, so an existing one is never replaced

@@ -9,10 +9,10 @@ import numpy as np
 
 def plot_timeline(result, path: str | Path, other=None, labels=("twin", "other")) -> Path:
     """Four stacked panels over time; with ``other`` (a second RunResult) both are overlaid."""
-    import matplotlib
+    import matplotlib   # lazy: matplotlib (~30 MB) only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # lazy: as above, after the Agg backend is chosen
 
     fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
     runs = [(result, labels[0], "C0")] + ([(other, labels[1], "C3")] if other is not None else [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from twin.results.itl_histogram import ITLHistogram
 from twin.results.results import RunResult, request_table, summarize, waiting_growth
@@ -36,14 +37,16 @@ class Outcomes:
     STATUS = np.array([RequestStatus.NAMES[s] for s in range(len(RequestStatus.NAMES))])
 
     def __init__(self, output, *, failures: bool = False, keep_tokens: bool = False):
-        self.output = np.array(output, dtype=np.int64)
+        # counts as int32 (token counts are the trace's int32) and status codes as int8: held
+        # for the whole run, they are widened to the table's int64 only at its end
+        self.output = np.array(output, dtype=np.int32)
         n = len(self.output)
-        self.generated = np.zeros(n, dtype=np.int64)
+        self.generated = np.zeros(n, dtype=np.int32)
         self.first_scheduled = np.full(n, -1.0)
         self.first_token = np.full(n, -1.0)
         self.finish = np.full(n, -1.0)
-        self.preemptions = np.zeros(n, dtype=np.int64)
-        self.status = np.zeros(n, dtype=np.int64)   # never arrived (window) = waiting
+        self.preemptions = np.zeros(n, dtype=np.int32)
+        self.status = np.zeros(n, dtype=np.int8)   # never arrived (window) = waiting
         self.error = np.full(n, None, dtype=object) if failures else None
         self.tokens = np.full(n, None, dtype=object) if keep_tokens else None
 
@@ -70,7 +73,9 @@ class Outcomes:
     def table(self, trace: pd.DataFrame) -> pd.DataFrame:
         """The per-request result table (``request_table``, plus ``error`` and
         ``output_token_ids`` where kept)."""
-        req = request_table(trace, self, self.STATUS[self.status])
+        # the names through Arrow: a column of 10^5 strings, not a numpy array of them
+        names = pa.array(self.STATUS).take(self.status).to_pandas().array
+        req = request_table(trace, self, names)
         if self.error is not None:
             req["error"] = pd.array(self.error, dtype="string")
         if self.tokens is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.outputs import staged_dir
+from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.sched.request import exceeds_max_model_len
 
 STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
@@ -74,8 +76,6 @@ class RunResult:
         """Write requests.parquet, summary.json, timeline.parquet (+ steps, plot) atomically
         through :mod:`twin.outputs`: into a temporary sibling directory renamed at the end;
         an existing ``out_dir`` is replaced only when it is a twin ``kind`` output."""
-        from twin.outputs import staged_dir
-
         with staged_dir(out_dir, kind) as tmp:
             self.write_into(tmp, plot=plot)
         return Path(out_dir)
@@ -92,9 +92,7 @@ class RunResult:
             json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
                        default=_json_default) + "\n")
         if plot:
-            from twin.results.plot import plot_timeline
-
-            plot_timeline(self, d / "timeline.png")
+            plots.plot_timeline(self, d / "timeline.png")
 
     def format_summary(self) -> str:
         return format_summary(self.summary)
@@ -166,19 +164,22 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
               kv: dict, waiting_growth: int, max_model_len: int) -> dict:
     """Summary metrics of a run (times in ms, throughputs per second)."""
     done = req["status"].to_numpy() == "finished"
-    d = req[done]
+    # the completed requests' columns, not a copy of the whole table (10^5 rows of strings)
+    arrival, first_token, finish, generated = (
+        req[c].to_numpy()[done] for c in ("arrival_s", "first_token_s", "finish_s",
+                                          "generated_tokens"))
     load = load_spans(req, duration_s=duration_s, window_s=window_s,
                       max_model_len=max_model_len)
     offered_tps = load["offered_tps"]
-    in_tok = int(d["prompt_tokens"].sum())
-    out_tok = int(d["generated_tokens"].sum())
+    in_tok = int(req["prompt_tokens"].to_numpy()[done].sum())
+    out_tok = int(generated.sum())
     dur = max(duration_s, 1e-9)
-    ttft = (d["first_token_s"] - d["arrival_s"]).to_numpy()
-    e2e = (d["finish_s"] - d["arrival_s"]).to_numpy()
-    multi = d["generated_tokens"].to_numpy() > 1
-    decode_span = (d["finish_s"] - d["first_token_s"]).to_numpy()
-    tpot = decode_span[multi] / (d["generated_tokens"].to_numpy()[multi] - 1)
-    gaps = int((d["generated_tokens"].to_numpy() - 1).clip(min=0).sum())
+    ttft = first_token - arrival
+    e2e = finish - arrival
+    multi = generated > 1
+    decode_span = finish - first_token
+    tpot = decode_span[multi] / (generated[multi] - 1)
+    gaps = int((generated - 1).clip(min=0).sum())
     total_tps = (in_tok + out_tok) / dur
     achieved = load["achieved_over_offered"]
     starving_throughput = achieved < STARVATION_THRESHOLD
@@ -278,20 +279,25 @@ def request_table(trace: pd.DataFrame, out, status) -> pd.DataFrame:
     """The per-request result table (both clocks): the trace's columns plus what happened.
 
     ``out`` holds per-request arrays ``output``, ``generated``, ``first_scheduled``,
-    ``first_token``, ``finish``, ``preemptions`` (times < 0 = never); ``status`` names."""
-    df = pd.DataFrame({
-        "request_id": trace["request_id"].to_numpy(),
-        "arrival_s": trace["arrival_s"].to_numpy(),
-        "adapter": trace["adapter"].array,   # its own (string) storage, not 10^5 objects
-        "prompt_tokens": trace["prompt_tokens"].to_numpy(),
-        "output_tokens": out.output,
-        "generated_tokens": out.generated,
-        "first_scheduled_s": out.first_scheduled,
-        "first_token_s": out.first_token,
-        "finish_s": out.finish,
-        "preemptions": out.preemptions,
+    ``first_token``, ``finish``, ``preemptions`` (times < 0 = never); ``status``: the status
+    names, an array. Each column is made once, as the table's own array, and taken without
+    a second copy: built at the end of a run, beside all the run still holds, the table is
+    where a starving hour's memory peaks."""
+    return pd.DataFrame({
+        "request_id": trace["request_id"].to_numpy(copy=True),
+        "arrival_s": trace["arrival_s"].to_numpy(copy=True),
+        "adapter": trace["adapter"].array.copy(),   # (Arrow) string storage, shared, not copied
+        "prompt_tokens": trace["prompt_tokens"].to_numpy(copy=True),
+        "output_tokens": out.output.astype(np.int64),
+        "generated_tokens": out.generated.astype(np.int64),
+        "first_scheduled_s": _never_nan(out.first_scheduled),
+        "first_token_s": _never_nan(out.first_token),
+        "finish_s": _never_nan(out.finish),
+        "preemptions": out.preemptions.astype(np.int64),
         "status": status,
-    })
-    for col in ("first_scheduled_s", "first_token_s", "finish_s"):
-        df.loc[df[col] < 0, col] = np.nan
-    return df
+    }, copy=False)
+
+
+def _never_nan(t: np.ndarray) -> np.ndarray:
+    """Times with "never" (< 0) as NaN, a new array."""
+    return np.where(t < 0, np.nan, t)

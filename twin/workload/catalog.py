@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.schema import INT32_MAX, exact_ints, exact_strings, read_table
+from twin.workload.schema import read_table
+from twin.workload.values import INT32_MAX, exact_ints, exact_strings
 
 #: The largest rank a catalog may list (int32); vLLM then refuses ranks above max_lora_rank.
 MAX_RANK = INT32_MAX

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.public import MAX_REQUESTS, _powerlaw_index, powerlaw_shares
+from twin.workload.popularity import powerlaw_index, powerlaw_shares
 from twin.workload.schema import validate_trace
 
 __all__ = ["LengthSampler", "uniform_lengths", "pool_lengths", "as_length_sampler",
@@ -118,6 +118,9 @@ def renewal_arrivals(rates: Sequence[float], duration_s: float, *, cv: float = 1
 
 
 MAX_ADAPTERS = 10_000_000     # one name and one rate per adapter, held in memory
+# A generated trace is held in memory (~60 bytes a request, several arrays while drawn):
+# past this size a generator would exhaust memory or run for hours, not make a trace.
+MAX_REQUESTS = 50_000_000
 
 
 def _check(n_adapters: int, duration_s: float, cv: float, total_rate: float = 0.0) -> None:
@@ -190,7 +193,7 @@ def powerlaw_trace(n_adapters: int, total_rate: float, *, alpha: float = 1.0,
 
     Adapter 0 is the hottest; alpha = 1 is uniform. Column ``rate_rps`` is the adapter's
     expected rate, ``total_rate * P(adapter)`` (see
-    :func:`twin.workload.public.powerlaw_shares`).
+    :func:`twin.workload.popularity.powerlaw_shares`).
     """
     if not (total_rate > 0 and math.isfinite(total_rate)):
         raise TwinInputError(f"total_rate must be a finite number > 0 req/s, got {total_rate}",
@@ -201,7 +204,7 @@ def powerlaw_trace(n_adapters: int, total_rate: float, *, alpha: float = 1.0,
     sampler = as_length_sampler(lengths)
     rng = np.random.default_rng(seed)
     t, _ = renewal_arrivals([total_rate], duration_s, cv=cv, rng=rng)
-    idx = _powerlaw_index(rng, n_adapters, alpha, len(t))
+    idx = powerlaw_index(rng, n_adapters, alpha, len(t))
     lens = sampler(rng, len(t))
     return _frame(t, idx, adapter_names(n_adapters, prefix), lens,
                   total_rate * powerlaw_shares(n_adapters, alpha), "powerlaw_trace")

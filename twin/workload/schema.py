@@ -8,12 +8,17 @@ the file, the row (0-based data row) and the field.
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from twin.errors import TwinInputError
+from twin.outputs import staged_file, write_parquet
+from twin.workload.values import (INT32_MAX, INT64_RANGE, exact_ints, exact_seconds,
+                                  exact_strings)
 
 TRACE_COLUMNS = {
     "request_id": "int64",
@@ -72,8 +77,6 @@ def read_table(path: Path, what: str, str_columns: tuple[str, ...]) -> pd.DataFr
 
 def _first_non_utf8(path: Path) -> str:
     """Where the first byte that is not UTF-8 is (pandas reports it relative to a chunk)."""
-    import gzip
-
     data = (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb").read()
     try:
         data.decode("utf-8")
@@ -84,8 +87,7 @@ def _first_non_utf8(path: Path) -> str:
 
 
 def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq   # lazy: +5 MB RSS, only for a Parquet file read
 
     table = pq.read_table(path)
 
@@ -126,8 +128,6 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
     """Validate and write a trace as Parquet through :mod:`twin.outputs` (temp file, then
     rename; an existing ``path`` is replaced only when twin wrote it as a trace: the
     Parquet key-value metadata ``twin_output`` says so)."""
-    from twin.outputs import staged_file, write_parquet
-
     path = Path(path)
     df = validate_trace(df, source=str(path))
     with staged_file(path, "trace") as tmp:
@@ -169,7 +169,7 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
             f"missing column(s) {missing}; a trace needs {list(TRACE_COLUMNS)}",
             file=source, field=missing[0])
     df["request_id"] = exact_ints(df["request_id"], source, "request_id", *INT64_RANGE)
-    df["arrival_s"] = _seconds(df["arrival_s"], source, "arrival_s")
+    df["arrival_s"] = exact_seconds(df["arrival_s"], source, "arrival_s")
     for col in ("prompt_tokens", "output_tokens"):
         df[col] = exact_ints(df[col], source, col, 1, INT32_MAX, unit="token")
     arr = df["arrival_s"].to_numpy()
@@ -200,11 +200,6 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     return out
 
 
-INT64_RANGE = (-(2 ** 63), 2 ** 63 - 1)
-INT32_MAX = 2 ** 31 - 1
-_FLOAT_EXACT = 2 ** 53   # above this a float64 cannot hold every integer
-
-
 def _check_unique_ids(ids: np.ndarray, source: str) -> None:
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
@@ -212,233 +207,6 @@ def _check_unique_ids(ids: np.ndarray, source: str) -> None:
         first = int(np.flatnonzero(ids == ids[row])[0])
         raise TwinInputError(f"duplicate request_id {int(ids[row])} (also at row {first})",
                              file=source, row=row, field="request_id")
-
-
-def _kind(v) -> str | None:
-    """Why a single value is not a number, or None when it may be one."""
-    import datetime as _dt
-
-    if v is None or v is pd.NA or v is pd.NaT:
-        return "a missing value"
-    if isinstance(v, (bool, np.bool_)):
-        return f"a boolean ({v})"
-    if isinstance(v, (_dt.datetime, _dt.date, _dt.time, np.datetime64)):
-        return f"a date/time ({v})"
-    if isinstance(v, (_dt.timedelta, np.timedelta64)):
-        return f"a duration ({v})"
-    return None
-
-
-def _column_kind(s: pd.Series) -> str | None:
-    """Why a whole column cannot hold numbers, from its dtype (None: check the values)."""
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return "booleans"
-    if pd.api.types.is_datetime64_any_dtype(s.dtype) or isinstance(s.dtype, pd.PeriodDtype):
-        return "dates/times"
-    if pd.api.types.is_timedelta64_dtype(s.dtype):
-        return "durations"
-    return None
-
-
-def exact_ints(s: pd.Series, source: str, col: str, lo: int, hi: int,
-               unit: str | None = None) -> np.ndarray:
-    """A column as exact int64 values in [lo, hi], never through float64.
-
-    Accepted: integers, integral floats up to 2**53, and text that is an exact integer
-    ("12", "12.0", "1e3"). Refused, naming the row and the ORIGINAL value: missing values,
-    booleans, dates, durations, fractions, NaN/inf, and values out of range.
-    """
-    def fail(row, why):
-        raise TwinInputError(why, file=source, row=int(row), field=col)
-
-    expected = f"an integer{' count of ' + unit + 's' if unit else ''}"
-    why = _column_kind(s)
-    if why is not None and len(s):
-        fail(0, f"expected {expected}, got {why} (e.g. {s.iloc[0]})")
-    if why is not None:
-        return np.zeros(0, np.int64)
-    if pd.api.types.is_integer_dtype(s.dtype) and not s.hasnans:
-        vals = s.to_numpy()
-        if vals.dtype == np.uint64:
-            big = vals > np.uint64(hi)
-            if big.any():
-                row = int(np.flatnonzero(big)[0])
-                fail(row, _range_msg(int(vals[row]), lo, hi, unit))
-        vals = vals.astype(np.int64)
-        bad = (vals < lo) | (vals > hi)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            fail(row, _range_msg(int(vals[row]), lo, hi, unit))
-        return vals
-    if pd.api.types.is_float_dtype(s.dtype) and isinstance(s.dtype, np.dtype):
-        vals = s.to_numpy(dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(vals) | (vals != np.floor(vals)) | (np.abs(vals) > _FLOAT_EXACT)
-        if not bad.any():
-            ints = vals.astype(np.int64)
-            out = (ints < lo) | (ints > hi)
-            if out.any():
-                row = int(np.flatnonzero(out)[0])
-                fail(row, _range_msg(vals[row], lo, hi, unit))
-            return ints
-    fast = _parse_text(s, "int64")
-    if fast is not None:
-        bad = (fast < lo) | (fast > hi)
-        if not bad.any():
-            return fast
-    # the general case (text, objects, nullable dtypes, suspicious floats): value by value
-    out = np.empty(len(s), dtype=np.int64)
-    for row, v in enumerate(s.to_numpy(dtype=object)):
-        n = _exact_int(v)
-        if isinstance(n, str):
-            fail(row, f"expected {expected}, got {n}")
-        if not lo <= n <= hi:
-            fail(row, _range_msg(v, lo, hi, unit))
-        out[row] = n
-    return out
-
-
-def _parse_text(s: pd.Series, to: str) -> np.ndarray | None:
-    """A column of plain text parsed by Arrow in one go (strict: "12" for int64, correctly
-    rounded decimals for float64), or None when any value is not plain text of that type --
-    then the caller goes value by value and names the bad row. Keeps a million-row CSV
-    trace at about a second."""
-    import pyarrow as pa
-
-    if not (pd.api.types.is_string_dtype(s.dtype) or pd.api.types.is_object_dtype(s.dtype)):
-        return None
-    try:
-        arr = pa.array(s, from_pandas=True)
-        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) \
-                or arr.null_count:
-            return None
-        out = arr.cast(getattr(pa, to)()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError,
-            ValueError):
-        return None
-    return out
-
-
-def _range_msg(v, lo, hi, unit) -> str:
-    if unit and lo == 1 and _num(v) < 1:
-        return f"must be >= 1 {unit}, got {v}"
-    if _num(v) < lo:
-        return f"must be >= {lo}, got {v}"
-    return f"is too large: got {v}, at most {hi} ({'int32' if hi == INT32_MAX else 'int64'})"
-
-
-def _num(v):
-    from decimal import Decimal
-
-    return Decimal(str(v).strip()) if isinstance(v, str) else v
-
-
-def _exact_int(v):
-    """``v`` as a Python int, or a description of why it is not an exact integer."""
-    from decimal import Decimal, InvalidOperation
-
-    why = _kind(v)
-    if why is not None:
-        return why
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        if not np.isfinite(v):
-            return f"{v}"
-        if v != np.floor(v):
-            return f"a fraction ({v!r})"
-        if abs(v) > _FLOAT_EXACT:
-            return (f"{v!r}, a float too large to hold an exact integer (above 2**53); store "
-                    "it as an integer")
-        return int(v)
-    if isinstance(v, Decimal):
-        d = v
-    elif isinstance(v, str):
-        t = v.strip()
-        if not t:
-            return "an empty field"
-        try:
-            return int(t, 10)
-        except ValueError:
-            pass
-        try:
-            d = Decimal(t)
-        except InvalidOperation:
-            return repr(v)
-    else:
-        return f"{v!r} ({type(v).__name__})"
-    if not d.is_finite():
-        return repr(v)
-    if d != d.to_integral_value():
-        return f"a fraction ({v!r})"
-    return int(d)
-
-
-def _seconds(s: pd.Series, source: str, col: str) -> np.ndarray:
-    """Arrival times as float64 seconds from the trace start; dates, durations, booleans,
-    text that is not a number, NaN and inf are refused."""
-    def fail(row, why):
-        raise TwinInputError(f"expected seconds from the trace start (a number), got {why}",
-                             file=source, row=int(row), field=col)
-
-    why = _column_kind(s)
-    if why is not None:
-        if len(s):
-            fail(0, f"{why} (e.g. {s.iloc[0]}); convert to seconds since the first request")
-        return np.zeros(0, np.float64)
-    if (pd.api.types.is_float_dtype(s.dtype) or pd.api.types.is_integer_dtype(s.dtype)) \
-            and not s.hasnans and isinstance(s.dtype, np.dtype):
-        vals = s.to_numpy(dtype=np.float64)
-    elif (vals := _parse_text(s, "float64")) is not None:
-        pass
-    else:
-        vals = np.empty(len(s), dtype=np.float64)
-        for row, v in enumerate(s.to_numpy(dtype=object)):
-            why = _kind(v)
-            if why is not None:
-                fail(row, why)
-            if isinstance(v, str):
-                try:
-                    v = float(v.strip())
-                except ValueError:
-                    fail(row, repr(v))
-            elif not isinstance(v, (int, float, np.integer, np.floating)):
-                from decimal import Decimal
-
-                if not isinstance(v, Decimal):
-                    fail(row, f"{v!r} ({type(v).__name__})")
-            try:
-                vals[row] = float(v)
-            except OverflowError:
-                fail(row, f"{v!r}, too large for a float64")
-    bad = ~np.isfinite(vals)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise TwinInputError(f"expected a finite number of seconds, got {vals[row]}",
-                             file=source, row=row, field=col)
-    return vals
-
-
-def exact_strings(s: pd.Series, source: str, col: str) -> pd.Series:
-    """A column of ids as pandas strings: text as it is, integers as their digits, missing as
-    NA; booleans, floats, dates and other objects are refused (they would be renamed)."""
-    if pd.api.types.is_string_dtype(s.dtype) and not pd.api.types.is_object_dtype(s.dtype):
-        return s.astype("string")
-    if pd.api.types.is_integer_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
-        return s.astype("string")
-    vals = s.to_numpy(dtype=object)
-    out = []
-    for row, v in enumerate(vals):
-        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
-            out.append(pd.NA)
-        elif isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
-            out.append(str(int(v)))
-        else:
-            raise TwinInputError(f"expected a text id (or null), got {v!r} "
-                                 f"({type(v).__name__})", file=source, row=row, field=col)
-    return pd.Series(out, index=s.index, dtype="string")
 
 
 def _canonical(df: pd.DataFrame) -> bool:
