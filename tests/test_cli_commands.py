@@ -297,3 +297,33 @@ def test_calibrate_reads_the_bench_config(tmp_path, capsys):
     # ranks): the same measurements fit differently
     assert fits["a"]["history"] != fits["b"]["history"]
     assert fits["a"]["itl_smape_median"] != pytest.approx(fits["b"]["itl_smape_median"])
+
+
+def test_command_table_matches_what_the_modules_register():
+    """`twin X` imports only the module that registers X (twin.cli.app.COMMANDS): the table
+    must name every registered command and the module that really registers it."""
+    import argparse
+    import importlib
+
+    from twin.cli import app as cli_main
+
+    seen = {}
+    for module, func in cli_main._REGISTRARS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        getattr(importlib.import_module(module), func)(sub)
+        for name in sub.choices:
+            seen[name] = module
+    assert seen == cli_main.COMMANDS
+
+
+def test_a_command_imports_no_other_commands_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from twin.cli.app import build_parser; build_parser('profile'); "
+            "print(sorted(m for m in sys.modules if m.startswith('twin.cli.') "
+            "or m in ('twin.sim', 'torch', 'twin.ml')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "twin.cli.simulate" not in out and "'torch'" not in out and "twin.sim'" not in out
+    assert "twin.cli.profile" in out

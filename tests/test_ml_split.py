@@ -61,6 +61,6 @@ def test_recommending_imports_no_heavy_library():
 
 
 def test_twin_parser_loads_no_ml_module():
-    loaded = _loaded_after("from twin.cli.main import build_parser; build_parser()")
+    loaded = _loaded_after("from twin.cli.app import build_parser; build_parser()")
     assert "twin.cli.ml" in loaded   # the ML commands are registered ...
     assert sorted(m for m in loaded if m.startswith("twin.ml.")) == []   # ... not loaded

@@ -308,11 +308,11 @@ def _boom(args):
 def broken_simulate(monkeypatch):
     import importlib
 
-    cli = importlib.import_module("twin.cli.main")   # the module; twin.cli.main is the function
+    cli = importlib.import_module("twin.cli.app")
     real = cli.build_parser
 
-    def build():
-        parser = real()
+    def build(command=None):
+        parser = real(command)
         sub = next(a for a in parser._actions if a.dest == "command")
         sub.choices["simulate"].set_defaults(func=_boom)
         return parser

@@ -8,6 +8,6 @@ Each command is a thin file over the package it drives (``simulate`` → ``twin.
 imports no command module, so ``twin simulate`` never imports torch.
 """
 
-from twin.cli.main import build_parser, main
+from twin.cli.app import build_parser, main
 
 __all__ = ["build_parser", "main"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from twin.cli.main import main
+from twin.cli.app import main
 
 sys.exit(main())

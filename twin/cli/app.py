@@ -21,20 +21,38 @@ Start with:
   twin simulate --trace traces/azure_conv_1h_32lora.parquet --max-loras 8 --plot --out runs/demo
 """
 
-# subcommand modules, imported lazily so that `twin simulate` never imports torch
-_SUBCOMMANDS = (
-    ("twin.cli.simulate", "add_simulate_parser"),
-    ("twin.cli.trace", "add_trace_parser"),
-    ("twin.cli.execute", "add_execute_parser"),
-    ("twin.cli.calibrate", "add_calibrate_parser"),
-    ("twin.cli.validate", "add_validate_parser"),
-    ("twin.cli.ml", "add_ml_parsers"),
-    ("twin.cli.compare", "add_compare_parser"),
-    ("twin.cli.profile", "add_profile_parser"),
-)
+# command -> the module that registers it (its ``add_*`` function). Only the module of the
+# command being run is imported: each command pays for its own imports, not every other's
+# (`twin profile` and `twin trace` load no simulator; `twin simulate` never imports torch).
+# tests/test_cli_commands.py checks this table against what the modules register.
+_REGISTRARS = {
+    "twin.cli.simulate": "add_simulate_parser",
+    "twin.cli.trace": "add_trace_parser",
+    "twin.cli.execute": "add_execute_parser",
+    "twin.cli.calibrate": "add_calibrate_parser",
+    "twin.cli.validate": "add_validate_parser",
+    "twin.cli.ml": "add_ml_parsers",
+    "twin.cli.compare": "add_compare_parser",
+    "twin.cli.profile": "add_profile_parser",
+}
+COMMANDS = {
+    "simulate": "twin.cli.simulate", "trace": "twin.cli.trace",
+    "execute": "twin.cli.execute", "make-adapters": "twin.cli.execute",
+    "calibrate": "twin.cli.calibrate", "validate": "twin.cli.validate",
+    "sweep": "twin.cli.ml", "recommend": "twin.cli.ml", "place": "twin.cli.ml",
+    "train": "twin.cli.ml", "compare": "twin.cli.compare", "profile": "twin.cli.profile",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option: the
+    top-level options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command registered, or (``command`` known) only the modules
+    that command needs, so a run imports no other command's dependencies."""
     parser = argparse.ArgumentParser(prog="twin", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
@@ -42,14 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an internal error (any position)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module, func in _SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("twin"):
-                continue  # subcommand not built yet
-            raise
-        getattr(mod, func)(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(_REGISTRARS)
+    for module in modules:
+        getattr(importlib.import_module(module), _REGISTRARS[module])(sub)
     return parser
 
 
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
