@@ -63,10 +63,13 @@ def pick_runs(runs, k: int, seed: int = 0):
 
 
 def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 1.0,
+               noise: float = 0.1,
                window_s: float = 1200.0, max_in_flight: int | None = None, seed: int = 0,
                processes: int = 2, weights=(1.0, 1.0, 0.5), tp: int = 1, log=print) -> dict:
     """Fit the group multipliers of the prior ``hw0`` to ``runs`` (RunSpecs of the model in
-    ``profile``). Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
+    ``profile``). ``sigma``: the prior's spread of each log multiplier; ``noise``: a run's
+    typical log-error (run-to-run variation and the twin's own), which weighs the data
+    against the prior. Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
     "history": [...]}``; the step-time model is ``step_time_model(hardware, shape)``."""
     from scipy.optimize import least_squares
 
@@ -121,9 +124,10 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
                            * thr[sat] / real["total_throughput"][sat])
             r_ttft = np.log(np.maximum(P[has_ttft] @ v, 1e-12) / np.maximum(P[has_ttft] @ v0, 1e-12)
                             * ttft[has_ttft] / real["mean_ttft_ms"][has_ttft])
-            return np.concatenate([wi * r_itl, wt * r_thr, wf * r_ttft, z / sigma])
+            data = np.concatenate([wi * r_itl, wt * r_thr, wf * r_ttft]) / noise
+            return np.concatenate([data, z / sigma])
 
-        sol = least_squares(resid, u, loss="soft_l1", f_scale=0.5)
+        sol = least_squares(resid, u, loss="soft_l1", f_scale=2.0)
         u = np.clip(sol.x, u - 1.0, u + 1.0)     # damped: at most x e per iteration
     best = min(history, key=lambda h: h["itl_smape_median"] + h["throughput_smape_median"])
     u_best = np.array(best["u"])
