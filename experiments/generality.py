@@ -117,15 +117,21 @@ def part_cpu(args, log=print) -> dict:
         shape = shape_from_hf_config(json.loads((mdir / "config.json").read_text()),
                                      name=mname, dtype_bytes=4)
         prof = derive_profile(base, shape, est.coef_, name=f"cpu-{mname}-derived")
+        # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough for
+        # the larger models' fp32 weights; both sides get the same KV blocks anyway
+        prof.memory.gpu_memory_gib = max(prof.memory.gpu_memory_gib, 8.0)
         for wname, trace, config in cpu_workloads(args.quick):
             t = time.perf_counter()
             v = validate(trace, config, prof, model=str(mdir), threads=1, plot=False)
             r = {"model": mname, "workload": wname, "never_run": mname in TARGETS,
                  "throughput": 100 * v.smape("throughput"), "ttft": 100 * v.smape("ttft_mean"),
-                 "itl": 100 * v.smape("itl_mean"), "wall_s": round(time.perf_counter() - t, 1)}
+                 "itl": 100 * v.smape("itl_mean"), "wall_s": round(time.perf_counter() - t, 1),
+                 **{f"{side}_{k}": float(v.table.set_index("key").loc[k, side])
+                    for side in ("executor", "twin") for k in ("throughput", "ttft_mean", "itl_mean")}}
             rows.append(r)
             log(f"[cpu] {mname:14s} {wname:14s} throughput {r['throughput']:5.1f}%  TTFT "
-                f"{r['ttft']:5.1f}%  ITL {r['itl']:5.1f}%  [{r['wall_s']} s]")
+                f"{r['ttft']:5.1f}%  ITL {r['itl']:5.1f}%  (ITL executor {r['executor_itl_mean']:.0f} "
+                f"ms, twin {r['twin_itl_mean']:.0f} ms)  [{r['wall_s']} s]")
     never = [r for r in rows if r["never_run"]]
     res = {"rows": rows, "hardware": est.coef_, "seconds": round(time.perf_counter() - t0, 1),
            "transfer_throughput_smape_median": float(np.median([r["throughput"] for r in never])),
@@ -193,9 +199,9 @@ def part_h100(args, log=print) -> dict:
     res = {"held_out_runs": len(test), "eval_window_s": args.eval_window, "client_cap": cap}
     log(f"[h100] {len(test)} held-out ml_modelling_test runs, {args.eval_window:g}-s windows")
     no_lora = derive_profile(fp, shape, {**hw0, "adapter_call_s": 0.0}, memory=fp.memory)
-    variants = [("prior", prior), ("prior_without_adapter_term", no_lora)]
-    if not args.quick:
-        variants.append(("first_principles_roofline", fp))
+    variants = [("prior", prior)]
+    if not args.quick and not args.no_references:
+        variants += [("prior_without_adapter_term", no_lora), ("first_principles_roofline", fp)]
     for label, prof in variants:
         res[label] = _eval(test, prof, args, cap)
         log(f"[h100] {label:26s} " + _fmt(res[label]) + f" [{time.perf_counter() - t0:.0f} s]")
@@ -205,7 +211,8 @@ def part_h100(args, log=print) -> dict:
     for k in args.ks:
         fr = fit_fewrun(pick_runs(fit_pool, k, seed=args.seed), prior, hw0,
                         iterations=args.iterations, processes=args.processes, max_in_flight=cap,
-                        window_s=args.fit_window, log=lambda *a: None)
+                        window_s=args.fit_window, log=lambda *a: None,
+                        min_multiplier={"memory": 0.8, "compute": 0.6})
         prof = derive_profile(fp, shape, fr["hardware"], name=f"fewrun-k{k}", memory=fp.memory)
         e = _eval(test, prof, args)
         curve.append({"k": k, **e, "u": fr["u"], "fit_s": fr["seconds"]})
@@ -245,6 +252,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-references", action="store_true",
+                    help="skip the reference profiles (first-principles roofline, the prior "
+                         "without its LoRA per-adapter term)")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = 1

@@ -63,13 +63,15 @@ def pick_runs(runs, k: int, seed: int = 0):
 
 
 def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 1.0,
-               noise: float = 0.1,
+               noise: float = 0.1, min_multiplier: dict | None = None,
                window_s: float = 1200.0, max_in_flight: int | None = None, seed: int = 0,
                processes: int = 2, weights=(1.0, 1.0, 0.5), tp: int = 1, log=print) -> dict:
     """Fit the group multipliers of the prior ``hw0`` to ``runs`` (RunSpecs of the model in
     ``profile``). ``sigma``: the prior's spread of each log multiplier; ``noise``: a run's
     typical log-error (run-to-run variation and the twin's own), which weighs the data
-    against the prior. Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
+    against the prior. ``min_multiplier``: a floor per group, e.g. ``{"memory": 0.8}`` when
+    the prior's bandwidth is 80% of the datasheet peak (no fit may read weights faster than
+    the peak: without it a few saturated runs trade weight bytes for FLOPs freely). Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
     "history": [...]}``; the step-time model is ``step_time_model(hardware, shape)``."""
     from scipy.optimize import least_squares
 
@@ -81,6 +83,7 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     real = {m: np.array([r.metrics[m] for r in runs], float)
             for m in ("mean_itl_ms", "total_throughput", "mean_ttft_ms")}
     u = np.zeros(len(GROUPS))
+    lo = np.array([math.log((min_multiplier or {}).get(g, 1e-2)) for g in GROUPS])
     history = []
     t0 = time.perf_counter()
     for it in range(iterations + 1):
@@ -127,8 +130,8 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
             data = np.concatenate([wi * r_itl, wt * r_thr, wf * r_ttft]) / noise
             return np.concatenate([data, z / sigma])
 
-        sol = least_squares(resid, u, loss="soft_l1", f_scale=2.0)
-        u = np.clip(sol.x, u - 1.0, u + 1.0)     # damped: at most x e per iteration
+        sol = least_squares(resid, u, bounds=(lo, np.inf), loss="soft_l1", f_scale=2.0)
+        u = np.maximum(np.clip(sol.x, u - 1.0, u + 1.0), lo)   # damped: at most x e per iteration
     best = min(history, key=lambda h: h["itl_smape_median"] + h["throughput_smape_median"])
     u_best = np.array(best["u"])
     return {"hardware": scaled(hw0, u_best), "u": dict(zip(GROUPS, u_best.tolist())),

@@ -208,3 +208,55 @@ def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None =
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     mark.write_text(want)
     return out
+
+
+# -- command line (to be wired as `twin calibrate --model` / `twin profile --gpu-calibration`) --
+def main(argv=None) -> int:
+    """``python -m twin.calibrate.hardware fit PROFILE.json [...] --out HW.json``: hardware
+    coefficients from ``twin calibrate --executor`` outputs (their measurement files);
+    ``python -m twin.calibrate.hardware derive --gpu-calibration HW.json --model config.json
+    --base PROFILE --out B.json``: the profile of another model on the same machine."""
+    import argparse
+
+    from twin.costs.hardware import load_calibration, save_calibration, shape_from_hf_config
+    from twin.costs.profile import load_profile
+    from twin.errors import TwinInputError
+
+    ap = argparse.ArgumentParser(prog="python -m twin.calibrate.hardware")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("profiles", nargs="+")
+    f.add_argument("--out", required=True)
+    d = sub.add_parser("derive")
+    d.add_argument("--gpu-calibration", required=True)
+    d.add_argument("--model", required=True, help="HF config.json of the model")
+    d.add_argument("--base", required=True, help="a profile of the same machine (memory, loads)")
+    d.add_argument("--dtype-bytes", type=int, default=None)
+    d.add_argument("--tensor-parallel-size", type=int, default=1)
+    d.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "fit":
+            est = calibrate_from_measurements(a.profiles)
+            save_calibration(est.coef_, a.out, fitted_on=list(a.profiles), residuals=est.residuals_)
+            print(f"{a.out}: {est.n_steps_} steps, median |relative error| "
+                  f"{100 * est.residuals_['rel_abs_median']:.1f}%")
+        else:
+            base = load_profile(a.base)
+            try:
+                shape = shape_from_hf_config(a.model, dtype_bytes=a.dtype_bytes or base.model.dtype_bytes)
+            except (OSError, ValueError, KeyError) as exc:
+                raise TwinInputError(f"not a model config.json: {exc}", file=a.model,
+                                     field="--model") from None
+            prof = derive_profile(base, shape, load_calibration(a.gpu_calibration),
+                                  tp=a.tensor_parallel_size,
+                                  provenance={"gpu_calibration": a.gpu_calibration})
+            print(prof.save(a.out))
+    except TwinInputError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
