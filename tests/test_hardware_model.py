@@ -185,3 +185,24 @@ def test_derived_profile_carries_the_new_shape(tmp_path):
     again = Profile.from_dict(json.loads(prof.save(tmp_path / "p.json").read_text()))
     assert again.step_time.base == pytest.approx(prof.step_time.base)
     assert replace(B) == again.model
+
+
+def test_cli_derives_a_profile_and_rejects_a_bad_config(tmp_path, capsys):
+    from twin.calibrate.hardware import main
+    from twin.costs.profile import load_profile
+
+    hw = save_calibration(TRUE_HW, tmp_path / "hw.json")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SMOL360))
+    out = tmp_path / "b.json"
+    assert main(["derive", "--gpu-calibration", str(hw), "--model", str(cfg), "--base",
+                 "cpu-smollm2", "--out", str(out)]) == 0
+    prof = load_profile(out)
+    assert prof.model.hidden == 960 and prof.model.dtype_bytes == 4
+    assert prof.step_time.base == pytest.approx(coefficients(TRUE_HW, prof.model))
+    cfg.write_text(json.dumps({"hidden_size": 960}))
+    capsys.readouterr()
+    assert main(["derive", "--gpu-calibration", str(hw), "--model", str(cfg), "--base",
+                 "cpu-smollm2", "--out", str(out)]) == 2
+    err = capsys.readouterr().out.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and "--model" in err
