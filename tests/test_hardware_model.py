@@ -1,0 +1,208 @@
+"""The step-time model in hardware terms (twin.costs.hardware, twin.calibrate.hardware):
+hardware coefficients fitted on one model's steps price another model's steps."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twin.calibrate.hardware import HardwareStepTime
+from twin.costs.hardware import (HW_TERMS, as_vector, coefficients, counts, design, gpu_prior,
+                                 load_calibration, save_calibration, shape_from_hf_config,
+                                 step_time_model)
+from twin.costs.step_time import FEATURES
+from twin.errors import TwinInputError
+
+CONFIGS = Path("/work/shared/data/model-configs")
+SMOL135 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152,
+           "tie_word_embeddings": True, "model_type": "llama"}
+SMOL360 = dict(SMOL135, hidden_size=960, intermediate_size=2560, num_attention_heads=15,
+               num_key_value_heads=5, num_hidden_layers=32)
+QWEN05 = {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
+          "num_key_value_heads": 2, "num_hidden_layers": 24, "vocab_size": 151936,
+          "tie_word_embeddings": True, "model_type": "qwen2"}
+
+# a CPU-like machine: per-layer interpreter work, sampler per vocab entry, FLOPs, bytes
+TRUE_HW = {"step_s": 2e-3, "layer_s": 3e-4, "weight_s_per_byte": 5e-11, "dense_s_per_flop": 3e-11,
+           "act_s_per_byte": 1e-10, "attn_s_per_flop": 8e-11, "kv_s_per_byte": 2e-10,
+           "decode_seq_layer_s": 2e-5, "prefill_seq_layer_s": 4e-4, "sample_s_per_vocab": 2e-9,
+           "lora_s_per_flop": 2e-10, "adapter_s_per_byte": 3e-10, "adapter_call_s": 3e-6,
+           "slot_call_s": 1e-6, "lora_call_s": 2e-5, "idle_s": 1e-3, "idle_s_per_byte": 2e-11}
+
+
+def _shape(cfg, **kw):
+    return shape_from_hf_config(cfg, name="m", dtype_bytes=4, **kw)
+
+
+def _steps(n: int, seed: int) -> np.ndarray:
+    """Step features as the vLLM layout produces them: decode batches with context,
+    prefill chunks, adapters in slots, the odd after-idle step."""
+    rng = np.random.default_rng(seed)
+    F = np.zeros((n, len(FEATURES)))
+    i = {k: j for j, k in enumerate(FEATURES)}
+    for r in range(n):
+        dn = rng.integers(0, 12)
+        pn = rng.integers(0, 3) if dn else rng.integers(1, 3)
+        pt = int(pn * rng.integers(16, 96))
+        ad = int(rng.integers(0, min(dn + pn, 8) + 1))
+        slots, rank = int(rng.choice([2, 4, 8])), int(rng.choice([8, 16]))
+        lt = int(rng.integers(0, dn + pt + 1)) if ad else 0
+        F[r, i["const"]] = 1
+        F[r, [i["prefill_tokens"], i["decode_tokens"], i["prefill_seqs"]]] = pt, dn, pn
+        F[r, i["decode_context"]] = dn * rng.integers(16, 160)
+        F[r, i["prefill_context"]] = pt * rng.integers(16, 128)
+        F[r, [i["lora_token_rank"], i["adapters"], i["adapter_rank"]]] = lt * rank, ad, ad * rank
+        F[r, [i["lora_slots"], i["lora_active"]]] = (slots, 1) if lt else (0, 0)
+        F[r, i["after_idle"]] = float(rng.random() < 0.05)
+    return F
+
+
+def test_step_time_model_is_the_design_times_the_coefficients():
+    s = _shape(SMOL360)
+    F = _steps(50, 0)
+    st = step_time_model(TRUE_HW, s)
+    assert np.allclose([st(tuple(f)) for f in F], design(F, s) @ as_vector(TRUE_HW))
+
+
+def test_counts_scale_with_the_shape_as_the_physics_says():
+    a, b = _shape(SMOL135), _shape(dict(SMOL135, num_hidden_layers=15))
+    Na, Nb = counts(a), counts(b)
+    j = {k: n for n, k in enumerate(FEATURES)}
+    # per-layer launches and the layers' FLOPs halve with half the layers; the lm_head's and
+    # the per-step overhead do not
+    assert Na[HW_TERMS.index("layer_s"), j["const"]] == 2 * Nb[HW_TERMS.index("layer_s"), j["const"]]
+    assert Na[HW_TERMS.index("step_s"), j["const"]] == Nb[HW_TERMS.index("step_s"), j["const"]] == 1
+    dense = HW_TERMS.index("dense_s_per_flop")
+    assert Na[dense, j["prefill_tokens"]] == 2 * Nb[dense, j["prefill_tokens"]]
+    assert Na[dense, j["prefill_seqs"]] == Nb[dense, j["prefill_seqs"]] == 2 * 49152 * 576
+    # tensor parallel: weights read and KV split across ranks, all-reduce appears
+    tp2 = counts(a, tp=2)
+    w = HW_TERMS.index("weight_s_per_byte")
+    assert tp2[w, j["const"]] == pytest.approx(Na[w, j["const"]] / 2)
+    assert Na[HW_TERMS.index("allreduce_s_per_byte")].sum() == 0 < tp2[HW_TERMS.index("allreduce_s_per_byte")].sum()
+
+
+@pytest.mark.parametrize("cfg,params", [(SMOL360, 361_821_120), (QWEN05, 494_032_768)])
+def test_shape_from_config_counts_the_real_parameters(cfg, params):
+    # published parameter counts (q/k/v biases counted for Qwen2, tied embeddings once)
+    assert _shape(cfg).params == params
+
+
+def test_llama_8b_shape_matches_the_first_principles_constant():
+    from twin.costs.first_principles import LLAMA31_8B
+
+    cfg = CONFIGS / "llama-3.1-8b-instruct.json"
+    if not cfg.exists():
+        pytest.skip("shared model configs absent")
+    s = shape_from_hf_config(cfg)
+    assert (s.layers, s.hidden, s.kv_heads, s.intermediate, s.vocab, s.params) == (
+        LLAMA31_8B.layers, LLAMA31_8B.hidden, LLAMA31_8B.kv_heads, LLAMA31_8B.intermediate,
+        LLAMA31_8B.vocab, LLAMA31_8B.params)
+
+
+def test_fit_on_one_model_at_two_depths_predicts_other_models():
+    """The transfer the issue asks for, on synthetic steps with 3% noise: fitted on
+    SmolLM2-135M (full and half depth), the hardware coefficients price SmolLM2-360M and
+    Qwen2.5-0.5B steps within a few percent. A per-model StepTimeModel fitted on the same
+    steps (the old way: coefficients per feature) carried over to B misses by far more."""
+    from twin.calibrate.executor import fit_nnls
+
+    rng = np.random.default_rng(1)
+    A, Ah = _shape(SMOL135), _shape(dict(SMOL135, num_hidden_layers=15))
+    F = _steps(400, 2)
+    shapes = [A] * 200 + [Ah] * 200
+    y = np.array([design(F[i:i + 1], s)[0] @ as_vector(TRUE_HW) for i, s in enumerate(shapes)])
+    y *= np.exp(rng.normal(0, 0.03, len(y)))
+    est = HardwareStepTime().fit(F, y, shapes)
+    old, _ = fit_nnls(F[:200], y[:200], FEATURES)      # per-feature coefficients of A
+    for cfg in (SMOL360, QWEN05):
+        B = _shape(cfg)
+        Fb = _steps(300, 3)
+        truth = design(Fb, B) @ as_vector(TRUE_HW)
+        err = np.abs(est.predict(Fb, B) / truth - 1)
+        old_err = np.abs(Fb @ np.array([old[k] for k in FEATURES]) / truth - 1)
+        assert np.median(err) < 0.03 and abs(est.predict(Fb, B).sum() / truth.sum() - 1) < 0.03
+        assert np.median(old_err) > 0.2
+        st = est.step_time_model(B)
+        assert st(tuple(Fb[0])) == pytest.approx(est.predict(Fb[:1], B)[0])
+
+
+def test_prior_holds_what_one_shape_cannot_separate():
+    """On one shape, per-step and per-layer overheads are one number; with a prior the fit
+    keeps their prior ratio instead of putting everything on one of them."""
+    A = _shape(SMOL135)
+    F = _steps(200, 4)
+    y = design(F, A) @ as_vector(TRUE_HW)
+    free = HardwareStepTime().fit(F, y, A)
+    held = HardwareStepTime(prior=TRUE_HW, prior_weight=0.05).fit(F, y, A)
+    assert held.coef_["layer_s"] == pytest.approx(TRUE_HW["layer_s"], rel=0.05)
+    assert held.coef_["step_s"] == pytest.approx(TRUE_HW["step_s"], rel=0.05)
+    # both fit the data
+    assert np.allclose(free.predict(F, A), y, rtol=0.05)
+
+
+def test_coefficients_and_calibration_file_roundtrip(tmp_path):
+    s = _shape(SMOL135)
+    path = save_calibration(TRUE_HW, tmp_path / "cpu.json", fitted_on=["x"])
+    assert load_calibration(path) == TRUE_HW
+    assert coefficients(load_calibration(path), s) == coefficients(TRUE_HW, s)
+
+
+@pytest.mark.parametrize("hw,field", [({"bogus_s": 1.0}, "hardware.bogus_s"),
+                                      ({"step_s": -1.0}, "hardware.step_s"),
+                                      ({"step_s": "fast"}, "hardware.step_s")])
+def test_bad_calibration_file_names_the_field(tmp_path, hw, field):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"schema": "twin.hardware/1", "hardware": hw}))
+    with pytest.raises(TwinInputError) as e:
+        load_calibration(p)
+    assert field in str(e.value) and "bad.json" in str(e.value)
+
+
+def test_gpu_prior_prices_the_weight_read_of_a_decode_step():
+    from twin.costs.first_principles import LLAMA31_8B
+
+    hw = gpu_prior({"hbm_bytes_per_s": 2.0e12, "flops_per_s": 989e12})
+    c = coefficients(hw, LLAMA31_8B)
+    # one decode step of Llama-3.1-8B reads 16 GB of weights at 1.6 TB/s: ~10 ms + overheads
+    assert 0.010 < c["const"] < 0.016
+    assert c["adapters"] > 0 and c["lora_token_rank"] > 0
+
+
+def test_derived_profile_carries_the_new_shape(tmp_path):
+    from twin.calibrate.hardware import derive_profile
+    from twin.costs.profile import Profile, load_profile
+
+    base = load_profile("cpu-smollm2")
+    B = _shape(QWEN05)
+    prof = derive_profile(base, B, TRUE_HW)
+    assert prof.model is B and prof.memory.kv_bytes_per_token == B.kv_bytes_per_token
+    again = Profile.from_dict(json.loads(prof.save(tmp_path / "p.json").read_text()))
+    assert again.step_time.base == pytest.approx(prof.step_time.base)
+    assert replace(B) == again.model
+
+
+def test_cli_derives_a_profile_and_rejects_a_bad_config(tmp_path, capsys):
+    from twin.calibrate.hardware import main
+    from twin.costs.profile import load_profile
+
+    hw = save_calibration(TRUE_HW, tmp_path / "hw.json")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SMOL360))
+    out = tmp_path / "b.json"
+    assert main(["derive", "--gpu-calibration", str(hw), "--model", str(cfg), "--base",
+                 "cpu-smollm2", "--out", str(out)]) == 0
+    prof = load_profile(out)
+    assert prof.model.hidden == 960 and prof.model.dtype_bytes == 4
+    assert prof.step_time.base == pytest.approx(coefficients(TRUE_HW, prof.model))
+    cfg.write_text(json.dumps({"hidden_size": 960}))
+    capsys.readouterr()
+    assert main(["derive", "--gpu-calibration", str(hw), "--model", str(cfg), "--base",
+                 "cpu-smollm2", "--out", str(out)]) == 2
+    err = capsys.readouterr().out.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and "--model" in err

@@ -1,0 +1,262 @@
+"""Fit hardware coefficients (``twin.costs.hardware``) from step logs, so a calibration of a
+machine on model A prices model B on it.
+
+:class:`HardwareStepTime` is a scikit-learn-style estimator: ``fit(F, y, shapes)`` takes
+per-step batch features ``F`` (``FEATURES`` columns, as the executor's step log and the
+calibration measurements hold them), step durations ``y`` and the model shape of each row
+(one shape, or one per row), and solves non-negative least squares for the hardware
+coefficients ``coef_`` on relative errors (a served trace's time is mostly small decode
+steps; see ``twin.calibrate.executor``). Rows of several shapes (e.g. model A at two depths)
+separate what one shape confounds: per-step vs per-layer costs, weight bytes vs lm_head
+FLOPs. An optional ``prior`` (hardware coefficients) with weight ``prior_weight`` pulls each
+coefficient toward its prior value in relative terms, for terms the data cannot separate.
+
+:func:`calibrate_from_measurements` reads the measurement Parquet files that
+``twin calibrate --executor`` writes (``PROFILE.measurements.parquet``) with their profiles'
+shapes; :func:`derive_profile` turns the coefficients into a Profile of another model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from twin.costs.hardware import HW_TERMS, as_vector, counts, design, step_time_model
+from twin.costs.step_time import FEATURES
+
+
+class HardwareStepTime:
+    """Step time = design(F, shape) @ coef_ with coef_ >= 0 (``HW_TERMS``).
+
+    ``terms``: the hardware terms fitted (the others stay 0, or at ``prior`` when given).
+    ``tp``: tensor-parallel size of the measured runs."""
+
+    def __init__(self, terms=HW_TERMS, prior: dict | None = None, prior_weight: float = 0.0,
+                 relative: bool = True, tp: int = 1):
+        self.terms = tuple(terms)
+        self.prior = prior
+        self.prior_weight = prior_weight
+        self.relative = relative
+        self.tp = tp
+
+    def _design(self, F, shapes) -> np.ndarray:
+        F = np.asarray(F, float)
+        if F.ndim != 2 or F.shape[1] != len(FEATURES):
+            raise ValueError(f"expected step features with {len(FEATURES)} columns {FEATURES}")
+        if not isinstance(shapes, (list, tuple, np.ndarray)):
+            return design(F, shapes, self.tp)
+        if len(shapes) != len(F):
+            raise ValueError("one shape per row expected")
+        out = np.zeros((len(F), len(HW_TERMS)))
+        ids = {}
+        for j, s in enumerate(shapes):
+            ids.setdefault(id(s), (s, []))[1].append(j)
+        for s, rows in ids.values():
+            out[rows] = design(F[rows], s, self.tp)
+        return out
+
+    def fit(self, F, y, shapes) -> "HardwareStepTime":
+        from twin.calibrate.executor import fit_nnls, residual_stats
+
+        X = self._design(F, shapes)
+        y = np.asarray(y, float)
+        idx = [HW_TERMS.index(t) for t in self.terms]
+        fixed = np.zeros(len(HW_TERMS))
+        if self.prior:   # terms not fitted keep their prior value
+            p = as_vector(self.prior)
+            rest = [j for j in range(len(HW_TERMS)) if j not in idx]
+            fixed[rest] = p[rest]
+        y_fit = y - X @ fixed
+        w = 1.0 / np.maximum(y, 1e-9) if self.relative else np.ones_like(y)
+        A, b = X[:, idx] * w[:, None], y_fit * w
+        if self.prior and self.prior_weight > 0:
+            p = as_vector(self.prior)[idx]
+            has = p > 0
+            lam = self.prior_weight * np.sqrt(len(y))
+            R = np.zeros((int(has.sum()), len(idx)))
+            R[np.arange(int(has.sum())), np.flatnonzero(has)] = lam / p[has]
+            A = np.vstack([A, R])
+            b = np.r_[b, np.full(int(has.sum()), lam)]
+        coef, _ = fit_nnls(A, b, [HW_TERMS[j] for j in idx], relative=False)
+        full = fixed.copy()
+        full[idx] = [coef[HW_TERMS[j]] for j in idx]
+        self.coef_ = {k: float(v) for k, v in zip(HW_TERMS, full)}
+        self.residuals_ = residual_stats(y, X @ full)
+        self.n_steps_ = int(len(y))
+        return self
+
+    def predict(self, F, shapes) -> np.ndarray:
+        return self._design(F, shapes) @ as_vector(self.coef_)
+
+    def step_time_model(self, shape, tp: int | None = None):
+        """The StepTimeModel of ``shape`` (any model) on the fitted machine."""
+        return step_time_model(self.coef_, shape, self.tp if tp is None else tp)
+
+
+# -- executor measurements ----------------------------------------------------------------------
+def read_measurements(profile_path, statistic: str = "mean"):
+    """(step features, durations, shape) of one ``twin calibrate --executor`` output: the
+    distinct steps of its measurement file (mean over repeats, minus load time) and the
+    model shape its profile records."""
+    from twin.calibrate.executor import MEASUREMENT_SUFFIX, step_table
+    from twin.costs.profile import load_profile
+
+    import pandas as pd
+
+    profile_path = Path(profile_path)
+    prof = load_profile(profile_path)
+    df = pd.read_parquet(profile_path.with_name(profile_path.name + MEASUREMENT_SUFFIX))
+    if "model" in df and prof.provenance.get("model_dir"):
+        df = df[df["model"].astype(str) == str(prof.provenance["model_dir"])]
+    steps = step_table(df[df["kind"] == "step"], statistic)
+    return steps[list(FEATURES)].to_numpy(float), steps["y"].to_numpy(float), prof.model
+
+
+def calibrate_from_measurements(profile_paths, *, terms=HW_TERMS, prior=None,
+                                prior_weight: float = 0.0) -> HardwareStepTime:
+    """Hardware coefficients fitted on the steps of one or more executor calibrations
+    (each its own model shape, same machine and threads)."""
+    Fs, ys, shapes = [], [], []
+    for p in profile_paths:
+        F, y, shape = read_measurements(p)
+        Fs.append(F)
+        ys.append(y)
+        shapes += [shape] * len(y)
+    est = HardwareStepTime(terms=terms, prior=prior, prior_weight=prior_weight)
+    return est.fit(np.vstack(Fs), np.concatenate(ys), shapes)
+
+
+def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=None, tp: int = 1,
+                   provenance: dict | None = None):
+    """A Profile of ``shape`` on ``base``'s machine: step time from the hardware coefficients
+    ``hw``; load time per byte from ``base`` (adapter bytes come from the new shape);
+    ``memory`` as given, else ``base``'s rescaled to the new shape's weights, KV bytes per
+    token and LoRA elements per rank."""
+    from dataclasses import replace
+
+    from twin.costs.memory import GIB
+    from twin.costs.profile import Profile
+
+    if memory is None:
+        b = base.memory
+        ratio = shape.lora_elems_per_rank / max(base.model.lora_elems_per_rank, 1)
+        memory = replace(b, weights_gib=shape.params * shape.dtype_bytes / tp / GIB,
+                         kv_bytes_per_token=shape.kv_bytes_per_token // tp,
+                         lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio
+                         * shape.dtype_bytes / base.model.dtype_bytes / tp,
+                         activation_bytes_per_seq=b.activation_bytes_per_seq
+                         * shape.vocab / base.model.vocab)
+    prov = {"method": "hardware coefficients x model-shape counts (twin.costs.hardware)",
+            "hardware_profile": base.name, "hardware": dict(hw), "fitted": False,
+            "tensor_parallel_size": tp, **(provenance or {})}
+    return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=dict(base.hardware),
+                   model=shape, memory=memory, step_time=step_time_model(hw, shape, tp),
+                   load_time=base.load_time, provenance=prov)
+
+
+# -- random-weight models of real shapes --------------------------------------------------------
+def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None = None) -> Path:
+    """An HF model directory (``config.json`` + ``model.safetensors``, bf16 random weights)
+    of ``config``'s shape for the executor: step timing does not depend on weight values,
+    so a random model of a real shape is a faithful timing subject. Qwen2's q/k/v biases are
+    kept (the config becomes a Llama one with ``attention_bias``; Qwen2 has no o bias, a
+    ~0.01% difference the executor then carries). ``layers`` overrides the depth (a
+    shallower copy of the same width, for calibration). Written once per directory."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    qkv_bias = cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias"))
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=qkv_bias,
+               hidden_act="silu")
+    if layers is not None:
+        cfg["num_hidden_layers"] = int(layers)
+    mark = out / ".random-model"
+    want = json.dumps({"config": cfg, "seed": seed}, sort_keys=True)
+    if mark.exists() and mark.read_text() == want:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kvh = cfg.get("num_key_value_heads") or heads
+    hd = cfg.get("head_dim") or h // heads
+    i, v = cfg["intermediate_size"], cfg["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    if not cfg.get("tie_word_embeddings", False):
+        sd["lm_head.weight"] = rnd(v, h)
+    for li in range(L):
+        p = f"model.layers.{li}."
+        sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        for n, (o, k) in {"q_proj": (heads * hd, h), "k_proj": (kvh * hd, h),
+                          "v_proj": (kvh * hd, h), "o_proj": (h, heads * hd)}.items():
+            sd[p + f"self_attn.{n}.weight"] = rnd(o, k)
+            if qkv_bias and n != "o_proj":
+                sd[p + f"self_attn.{n}.bias"] = rnd(o)
+        sd[p + "mlp.gate_proj.weight"] = rnd(i, h)
+        sd[p + "mlp.up_proj.weight"] = rnd(i, h)
+        sd[p + "mlp.down_proj.weight"] = rnd(h, i)
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    mark.write_text(want)
+    return out
+
+
+# -- command line (to be wired as `twin calibrate --model` / `twin profile --gpu-calibration`) --
+def main(argv=None) -> int:
+    """``python -m twin.calibrate.hardware fit PROFILE.json [...] --out HW.json``: hardware
+    coefficients from ``twin calibrate --executor`` outputs (their measurement files);
+    ``python -m twin.calibrate.hardware derive --gpu-calibration HW.json --model config.json
+    --base PROFILE --out B.json``: the profile of another model on the same machine."""
+    import argparse
+
+    from twin.costs.hardware import load_calibration, save_calibration, shape_from_hf_config
+    from twin.costs.profile import load_profile
+    from twin.errors import TwinInputError
+
+    ap = argparse.ArgumentParser(prog="python -m twin.calibrate.hardware")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("profiles", nargs="+")
+    f.add_argument("--out", required=True)
+    d = sub.add_parser("derive")
+    d.add_argument("--gpu-calibration", required=True)
+    d.add_argument("--model", required=True, help="HF config.json of the model")
+    d.add_argument("--base", required=True, help="a profile of the same machine (memory, loads)")
+    d.add_argument("--dtype-bytes", type=int, default=None)
+    d.add_argument("--tensor-parallel-size", type=int, default=1)
+    d.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "fit":
+            est = calibrate_from_measurements(a.profiles)
+            save_calibration(est.coef_, a.out, fitted_on=list(a.profiles), residuals=est.residuals_)
+            print(f"{a.out}: {est.n_steps_} steps, median |relative error| "
+                  f"{100 * est.residuals_['rel_abs_median']:.1f}%")
+        else:
+            base = load_profile(a.base)
+            try:
+                shape = shape_from_hf_config(a.model, dtype_bytes=a.dtype_bytes or base.model.dtype_bytes)
+            except (OSError, ValueError, KeyError) as exc:
+                raise TwinInputError(f"not a model config.json: {exc}", file=a.model,
+                                     field="--model") from None
+            prof = derive_profile(base, shape, load_calibration(a.gpu_calibration),
+                                  tp=a.tensor_parallel_size,
+                                  provenance={"gpu_calibration": a.gpu_calibration})
+            print(prof.save(a.out))
+    except TwinInputError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
