@@ -75,7 +75,7 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     "history": [...]}``; the step-time model is ``step_time_model(hardware, shape)``."""
     from scipy.optimize import least_squares
 
-    from twin.calibrate.vllm import _map, _sim_job
+    from twin.calibrate.step_fit import _map, _sim_job
     from twin.results import smape
 
     shape = profile.model
