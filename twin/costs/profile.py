@@ -20,6 +20,7 @@ from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import MemoryModel
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.schemas import Number, Schema, validate
+from twin.outputs import staged_file
 
 SCHEMA = "twin.profile/1"
 DEFAULT_PROFILE = "llama31-8b-h100-64gb"
@@ -97,8 +98,6 @@ class Profile:
     def save(self, path: str | Path) -> Path:
         """Write the profile atomically through :mod:`twin.outputs`: an existing ``path``
         is replaced only when it is a twin profile (its ``schema`` field says so)."""
-        from twin.outputs import staged_file
-
         with staged_file(path, "profile") as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return Path(path)
