@@ -1,13 +1,15 @@
-"""The import graph of twin/ stays acyclic, so the layers can be moved and tested apart.
+"""The import graph of twin/ stays acyclic and runs only downward through the layers of
+ARCHITECTURE.md, so the layers can be moved and tested apart.
 
 Every module under twin/ is parsed with ast (module-level AND in-function imports: a
 lazy import still ties two packages together) and two graphs are built:
 - the package-level graph, one node per ``twin.X`` unit (as /work/shared/hooks/import-cycles
   does: twin.sim.engine -> twin.sim, twin.cli.simulate -> twin.cli, twin.config -> twin.config);
 - inside each package, the module-level graph (twin.sim.engine -> twin.sim.request).
-At both levels the cycles must be exactly the known remaining set (inside packages: two
-lazy imports, listed below), so that a new one fails here instead of slipping in. ``twin.sched`` is the
-scheduler shared by the simulator and the executor, so it must import nothing else of twin.
+At both levels the cycles must be exactly the known remaining set (none today), so that a
+new one fails here instead of slipping in, and every package-level edge must go to the same
+or a lower layer (``LAYERS``). ``twin.sched`` is the scheduler shared by the simulator and
+the executor, so it must import nothing else of twin.
 
 Only explicit imports are edges: importing twin.sim.engine also runs twin/sim/__init__.py,
 but that parent import cannot close a cycle that matters (the parent is already loading).
@@ -173,3 +175,36 @@ def test_scan_sees_lazy_relative_and_from_imports(tmp_path):
     assert cycles(inside["twin.b"]) == {frozenset({"twin.b.y", "twin.b.v"})}
     # __init__ re-exporting a submodule that imports a name from its package is a cycle too
     assert cycles(inside["twin.c"]) == {frozenset({"twin.c", "twin.c.m"})}
+
+
+# The layers of ARCHITECTURE.md: a unit may import its own layer's units and those below.
+LAYERS = {
+    "twin.errors": 0, "twin.argtypes": 0, "twin.schemas": 0, "twin.outputs": 0,
+    "twin.sched": 1, "twin.config": 2, "twin.workload": 2, "twin.costs": 3,
+    "twin.results": 4, "twin.servers": 4, "twin.sim": 5, "twin.executor": 5,
+    "twin.policies": 6, "twin.calibrate": 6, "twin.validate": 6, "twin.ml": 6,
+    "twin.api": 7, "twin.cli": 7,
+}
+
+
+def upward_imports(packages: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for every import of a unit from a higher layer (``twin`` itself: only its
+    version, exempt)."""
+    return sorted(f"{a} -> {b}" for a, bs in packages.items() for b in bs
+                  if a in LAYERS and b in LAYERS and LAYERS[b] > LAYERS[a])
+
+
+def test_every_unit_has_a_layer():
+    packages, _ = import_graphs(ROOT)
+    units = set(packages) | {u for us in packages.values() for u in us}
+    assert units - {"twin"} <= set(LAYERS), sorted(units - {"twin"} - set(LAYERS))
+
+
+def test_imports_run_only_downward():
+    packages, _ = import_graphs(ROOT)
+    assert upward_imports(packages) == []
+
+
+def test_an_upward_import_is_seen():
+    assert upward_imports({"twin.costs": {"twin.sim"}, "twin.sim": {"twin.costs"}}) == [
+        "twin.costs -> twin.sim"]
