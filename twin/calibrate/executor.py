@@ -58,11 +58,11 @@ from twin.calibrate.executor_fit import (ExecutorFit, fit_measurements, fit_nnls
 from twin.calibrate.executor_measure import (MeasurementCache, ensure_adapters, measure_cell,
                                              measure_cells, measure_loads)
 from twin.costs.memory import GIB, MemoryModel
-from twin.costs.profile import ModelShape, Profile
+from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import TwinInputError
 
-__all__ = ["calibrate_executor", "memory_model", "model_shape", "Cell", "design", "fit_nnls",
+__all__ = ["calibrate_executor", "memory_model", "Cell", "design", "fit_nnls",
            "residual_stats", "step_features", "step_table", "MEASUREMENT_SUFFIX",
            "DEFAULT_CPU_MEMORY_GIB"]
 
@@ -126,7 +126,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
         if not len(measured):
             raise TwinInputError("no step measurement within the budget; raise --budget",
                                  field="--budget")
-        shape = model_shape(m, m_name(model, model_dir))
+        shape = m.cost_shape(m_name(model, model_dir))
         fit = fit_measurements(measured, loads, shape, statistic)
         mem_gib, hardware = _hardware(dev, device_memory_gib, n_threads)
         prov = {"method": "twin calibrate --executor (twin.calibrate.executor)",
@@ -225,16 +225,6 @@ def _fit_provenance(fit: ExecutorFit, cache: MeasurementCache, measured, loads, 
         "step_time_repeat_spread_median": float(steps["spread"].median()),
         "step_time_sum_error_per_cell": fit.sum_error_per_cell,
         "load_time_residuals": fit.load_residuals}
-
-
-def model_shape(model, name: str) -> ModelShape:
-    """The twin's shape of an executor model (dtype bytes and parameters measured)."""
-    s = model.shape
-    db = model.embed.element_size()
-    return ModelShape(name=name, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                      kv_heads=s.kv_heads, head_dim=s.head_dim, intermediate=s.intermediate,
-                      vocab=s.vocab, dtype_bytes=db, params=float(model.weight_bytes / db),
-                      tie_word_embeddings=bool(s.tie_word_embeddings))
 
 
 def memory_model(model, device_memory_gib: float) -> MemoryModel:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from twin.costs.profile import ModelShape
 from twin.executor.lora import LoRASlots
 from twin.executor.shape import LlamaShape
 
@@ -285,6 +286,15 @@ class LlamaModel:
         for lw in self.layers:
             ts += [t for t in vars(lw).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
+
+    def cost_shape(self, name: str = "executor") -> ModelShape:
+        """This model as the twin's cost models see it (dtype bytes and parameters as
+        loaded), the one shape both the S-LoRA page sizes and calibration use."""
+        s, db = self.shape, self.embed.element_size()
+        return ModelShape(name=name, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                          kv_heads=s.kv_heads, head_dim=s.head_dim, intermediate=s.intermediate,
+                          vocab=s.vocab, dtype_bytes=db, params=float(self.weight_bytes / db),
+                          tie_word_embeddings=bool(s.tie_word_embeddings))
 
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:

@@ -48,7 +48,7 @@ from twin.executor.block_tables import PagedBlockTables
 from twin.executor.model import LlamaModel
 from twin.executor.shape import LORA_GROUPS
 from twin.costs.measured import exact_kv_memory, zero_load_time
-from twin.costs.profile import ModelShape, Profile
+from twin.costs.profile import Profile
 from twin.sched.adapter_cache import AdapterLoad
 from twin.servers import ServerParts, build_server
 
@@ -328,19 +328,11 @@ class SLoRAAdapterStore:
 # ---------------------------------------------------------------------------------------------
 # building the server
 # ---------------------------------------------------------------------------------------------
-def model_shape_of(model: LlamaModel, name: str = "executor") -> ModelShape:
-    s = model.shape
-    return ModelShape(name=name, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                      kv_heads=s.kv_heads, head_dim=s.head_dim, intermediate=s.intermediate,
-                      vocab=s.vocab, dtype_bytes=model.embed.element_size(),
-                      tie_word_embeddings=s.tie_word_embeddings)
-
-
 def executor_profile(model: LlamaModel, num_blocks: int, config) -> Profile:
     """A profile describing the executor's model and a pool of exactly ``num_blocks``
     pages, for ``twin.servers.build_server`` (the same one ``twin.sim.replay`` builds from
     the run's meta, so both sides count pages identically)."""
-    shape = model_shape_of(model)
+    shape = model.cost_shape()
     return Profile(name="executor", hardware={"name": str(model.device)}, model=shape,
                    memory=exact_kv_memory(num_blocks, config.block_size,
                                           config.gpu_memory_utilization,
@@ -350,12 +342,12 @@ def executor_profile(model: LlamaModel, num_blocks: int, config) -> Profile:
 
 def page_bytes(model: LlamaModel, block_size: int) -> int:
     """Bytes of one page of the unified pool: one KV block of the executor's model."""
-    return model_shape_of(model).kv_bytes_per_token * block_size
+    return model.cost_shape().kv_bytes_per_token * block_size
 
 
 def adapter_pages_for(model: LlamaModel, config, ranks) -> list[int]:
     """Pages each adapter takes (``SLoRAPolicy.adapter_pages`` on the executor's shape)."""
-    shape = model_shape_of(model)
+    shape = model.cost_shape()
     page = page_bytes(model, config.block_size)
     return [-(-shape.adapter_bytes(int(r)) // page) for r in ranks]
 
