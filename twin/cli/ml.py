@@ -50,6 +50,10 @@ Recommend the throughput-optimal (or goodput-optimal) non-starving vLLM configur
 trace: max_loras, max_cpu_loras (= adapters served), max_lora_rank (= largest rank present),
 max_num_seqs, max_num_batched_tokens. The shipped model predicts every candidate; the best
 is verified by twin runs and refined by a small local search over neighbouring max_loras.
+With --objective goodput, twin runs also search max_num_batched_tokens and max_num_seqs
+(one knob at a time, within --max-runs), and a configuration is recommended only if its
+own twin run meets the SLOs on p99 TTFT/TPOT; if none does, it says so, prints the best
+achievable p99s and what bounds them, and exits 3 (as when nothing keeps up).
 Writes vllm_args.txt (the command line), vllm_config.yaml (vllm serve --config),
 recommendation.json and throughput_map.png (throughput over max_loras x served adapters with
 the starvation frontier).
@@ -91,8 +95,8 @@ def _common_workload(p):
     p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
     p.add_argument("--model-name", default=None,
                    help="model for `vllm serve` (default: the profile's model)")
-    p.add_argument("--max-runs", type=positive_int, default=4,
-                   help="twin runs per GPU (default 4)")
+    p.add_argument("--max-runs", type=positive_int, default=None,
+                   help="twin runs per GPU (default 4; 16 for --objective goodput)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
 
