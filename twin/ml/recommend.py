@@ -185,6 +185,7 @@ def _knob_search(cand: pd.DataFrame, results: dict[int, dict], ver: Verifier, ma
         cand["search"] = "max_loras"
     for k in KNOB_GRID:
         cand[k] = [int(getattr(c, k)) for c in cand["_config"]]
+    cand["pred_ok"] = cand["pred_ok"].astype(object)   # None for the model-blind rows
     index = {_point(c): i for i, c in cand["_config"].items()}
     budget = lambda: max_runs - len(results)   # noqa: E731
 
@@ -201,7 +202,7 @@ def _knob_search(cand: pd.DataFrame, results: dict[int, dict], ver: Verifier, ma
         if p not in index:
             r = cand.loc[src].copy()   # the workload and slot features; no prediction
             for c in [c for c in cand.columns if c.startswith("pred_")]:
-                r[c] = np.nan
+                r[c] = None if c == "pred_ok" else np.nan
             r["_config"], r["search"] = cfg, "knobs"
             r["max_loras"] = float(cfg.max_loras)
             for k in KNOB_GRID:
