@@ -224,6 +224,7 @@ class Recommendation:
     tie: dict | None = None        # verified configurations within the twin's error (declared_tie)
     slo_verdict: dict | None = None     # goodput: did a verified run meet the SLOs (slo_verdict)
     disagreements: dict | None = None   # goodput: model vs twin p99s (latency_disagreements)
+    fewest_gpus: dict | None = None     # SLOs missed on one GPU: Placement.summary() with them
 
     def report(self) -> str:
         w = self.workload
@@ -273,6 +274,14 @@ class Recommendation:
                      "adapters over GPUs with `twin place`")
         if self.slo_verdict is not None:
             L += verdict_lines(self.slo_verdict)
+        if self.fewest_gpus is not None:
+            f = self.fewest_gpus
+            L.append(f"fewest GPUs meeting the SLOs: {f['gpus']} (twin place --slo, "
+                     f"{f['verify_runs']} twin runs)" if f["ok"] else f"no placement on up to {f['gpus']} GPUs meets the SLOs "
+                     f"({f['verify_runs']} twin runs)")
+            L += [f"  gpu {g['gpu']}: {g['adapters']} adapters, {g['config']}, verified p99 "
+                  f"TTFT {g['ttft_p99']:.0f} ms TPOT {g['tpot_p99']:.1f} ms"
+                  for g in f["per_gpu"] if g["config"]]
         if self.disagreements is not None:
             L += disagreement_lines(self.disagreements)
         L.append(f"{self.runs} twin run(s), {self.total_s:.2f} s end to end")
@@ -290,7 +299,8 @@ class Recommendation:
                 "predict_ms": self.predict_ms, "total_s": self.total_s,
                 "warnings": self.warnings, "tie": self.tie,
                 "candidates": cand.to_dict(orient="records"),
-                **({"slo_check": self.slo_verdict, "model_vs_twin": self.disagreements}
+                **({"slo_check": self.slo_verdict, "model_vs_twin": self.disagreements,
+                    "fewest_gpus": self.fewest_gpus}
                    if self.slo_verdict is not None else {})}
 
 
@@ -325,13 +335,37 @@ class Placement:
                 continue
             if r.ok:
                 v, c = r.verified, r.config
+                slo = r.slo_verdict is not None
+                knobs = (f" max_num_batched_tokens={c.max_num_batched_tokens} "
+                         f"max_num_seqs={c.max_num_seqs}" if slo else "")
                 L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters, offered "
                          f"{r.workload['offered_tps']:.0f} tok/s -> max_loras={c.max_loras} "
-                         f"max_cpu_loras={c.max_cpu_loras} max_lora_rank={c.max_lora_rank}: "
-                         f"verified {v['throughput']:.0f} tok/s ({100 * v['achieved']:.1f}%), "
-                         f"TTFT p99 {v['ttft_p99']:.0f} ms")
+                         f"max_cpu_loras={c.max_cpu_loras} max_lora_rank={c.max_lora_rank}"
+                         f"{knobs}: verified {v['throughput']:.0f} tok/s "
+                         f"({100 * v['achieved']:.1f}%), TTFT p99 {v['ttft_p99']:.0f} ms"
+                         + (f", TPOT p99 {v['tpot_p99']:.1f} ms: SLOs met" if slo else ""))
+            elif r.slo_verdict is not None and r.slo_verdict["keeping_up"]:
+                L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: misses the SLOs in every "
+                         "verified configuration")
             else:
                 L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: STARVING in every "
                          "verified configuration")
         L.append("  attempts: " + "; ".join(self.attempts))
         return "\n".join(L)
+
+    def summary(self) -> dict:
+        """The GPU count and each GPU's verified configuration, for a recommendation that
+        names the fewest GPUs meeting its SLOs."""
+        per = []
+        for g in self.gpus:
+            r = g.recommendation
+            ok = r is not None and r.ok
+            c = r.config if ok else None
+            per.append({"gpu": g.gpu, "adapters": len(g.adapters), "ok": ok,
+                        "config": (f"max_loras={c.max_loras} max_cpu_loras={c.max_cpu_loras} "
+                                   f"max_num_batched_tokens={c.max_num_batched_tokens} "
+                                   f"max_num_seqs={c.max_num_seqs}") if ok else None,
+                        "ttft_p99": r.verified["ttft_p99"] if ok else None,
+                        "tpot_p99": r.verified["tpot_p99"] if ok else None})
+        return {"gpus": len(self.gpus), "ok": self.ok, "verify_runs": self.verify_runs,
+                "total_s": self.total_s, "per_gpu": per}
