@@ -276,7 +276,7 @@ def _recommend(args) -> int:
 
         pl = place(trace, catalog, profile=profile, model=model, base=base, window_s=window,
                    max_runs=args.max_runs, workers=args.workers, objective="goodput",
-                   slo=rec.slo, max_gpus=8)
+                   slo=rec.slo, max_gpus=8, known=rec)
         rec.fewest_gpus = pl.summary()
     say(f"trace: {label}")
     say(rec.report())

@@ -235,10 +235,12 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
           base: ServingConfig | None = None, window_s: float | None = None,
           max_gpus: int = 64, max_runs: int | None = None, workers: int = 2,
           early_exit: EarlyExit = EarlyExit(), objective: str = "throughput",
-          slo: dict | None = None) -> Placement:
+          slo: dict | None = None, known: Recommendation | None = None) -> Placement:
     """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving (and, for
     ``objective="goodput"``, every GPU meeting ``slo`` in its twin run). ``max_runs``: twin
-    runs per GPU (default as :func:`twin.ml.recommend.recommend`'s).
+    runs per GPU (default as :func:`twin.ml.recommend.recommend`'s). ``known``: the
+    recommendation already made for the whole trace on one GPU (same objective and SLOs),
+    taken as the one-GPU verdict instead of searching again.
 
     An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
     into replicas, each taking every r-th of its requests (the routing table's weights)."""
@@ -250,6 +252,8 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
                 max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit,
                 objective=objective, slo=slo)
+    if known is not None:
+        s.verified[tuple(sorted(U.units))] = known
     k_cap = s.split_hot()
     groups, ok, k = s.grow(k_cap)
     if ok:

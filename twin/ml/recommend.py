@@ -216,26 +216,36 @@ def _knob_search(cand: pd.DataFrame, results: dict[int, dict], ver: Verifier, ma
         started = [i for i, r in results.items() if r["starts"]]
         return max(started, key=lambda i: (_slo_rank(results[i], slo), -i)) if started else None
 
+    def rank(i: int) -> tuple:
+        return _slo_rank(results[i], slo)
+
+    def walk(knob: str) -> None:
+        """From the best point, both directions of ``knob``'s grid, one step a time (the
+        two first steps run together), on along a direction while its step is no worse
+        (plateaus are crossed: a knob often does nothing until it binds)."""
+        fronts = {d: best() for d in (-1, 1)}
+        while fronts and budget() > 0:
+            steps = {}
+            for d, f in fronts.items():
+                cur = int(getattr(cand.at[f, "_config"], knob))
+                vals = _knob_values(cand, knob, cur)
+                j = vals.index(cur) + d
+                if 0 <= j < len(vals):
+                    steps[d] = row(f, knob, vals[j])
+            todo = [i for i in dict.fromkeys(steps.values()) if i not in results][:budget()]
+            for i, out in ver.run([(i, cand.at[i, "_config"]) for i in todo]):
+                results[i] = out
+            fronts = {d: i for d, i in steps.items() if i in results and rank(i)[0] > 0
+                      and rank(i) >= rank(fronts[d])}
+
+    if best() is None:
+        return cand
     moved = True
     while moved and budget() > 0:
-        moved = False
+        start = best()
         for knob in KNOB_ORDER:
-            while budget() > 0:
-                b = best()
-                if b is None:
-                    return cand
-                cur = getattr(cand.at[b, "_config"], knob)
-                vals = _knob_values(cand, knob, cur)
-                j = vals.index(int(cur))
-                nxt = [row(b, knob, vals[k]) for k in (j - 1, j + 1) if 0 <= k < len(vals)]
-                nxt = [i for i in dict.fromkeys(nxt) if i not in results][:budget()]
-                if not nxt:
-                    break
-                for i, out in ver.run([(i, cand.at[i, "_config"]) for i in nxt]):
-                    results[i] = out
-                if best() == b:
-                    break
-                moved = True
+            walk(knob)
+        moved = best() != start
     return cand
 
 
