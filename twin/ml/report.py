@@ -277,7 +277,8 @@ class Recommendation:
         if self.fewest_gpus is not None:
             f = self.fewest_gpus
             L.append(f"fewest GPUs meeting the SLOs: {f['gpus']} (twin place --slo, "
-                     f"{f['verify_runs']} twin runs)" if f["ok"] else f"no placement on up to {f['gpus']} GPUs meets the SLOs "
+                     f"{f['verify_runs']} twin runs)" if f["ok"] else
+                     f"no placement on up to {f['gpus']} GPUs meets the SLOs "
                      f"({f['verify_runs']} twin runs)")
             L += [f"  gpu {g['gpu']}: {g['adapters']} adapters, {g['config']}, verified p99 "
                   f"TTFT {g['ttft_p99']:.0f} ms TPOT {g['tpot_p99']:.1f} ms"
