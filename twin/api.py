@@ -139,12 +139,12 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
               objective: str = "throughput", slo: dict | None = None,
               window_s: float | None = None,
               model: Recommender | str | os.PathLike | None = None,
-              max_runs: int = 4, workers: int = 2, out: str | os.PathLike | None = None,
+              max_runs: int | None = None, workers: int = 2, out: str | os.PathLike | None = None,
               plot: bool = True, model_name: str | None = None) -> Recommendation:
     """The throughput-optimal (or goodput-optimal) non-starving vLLM configuration for
     ``trace``: what ``twin recommend`` runs, with the same figures. The recommender model
     (default: the shipped one) predicts every candidate; the best are verified by at most
-    ``max_runs`` twin runs (``workers`` in parallel).
+    ``max_runs`` twin runs (default 4; 16 for goodput; ``workers`` in parallel).
 
     ``base``: the fixed settings (a ServingConfig as is; a dict over the paper's base,
     ``max_num_seqs`` 2048, ``max_num_batched_tokens`` 2048, adapters preloaded; a YAML path

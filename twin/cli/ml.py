@@ -50,6 +50,10 @@ Recommend the throughput-optimal (or goodput-optimal) non-starving vLLM configur
 trace: max_loras, max_cpu_loras (= adapters served), max_lora_rank (= largest rank present),
 max_num_seqs, max_num_batched_tokens. The shipped model predicts every candidate; the best
 is verified by twin runs and refined by a small local search over neighbouring max_loras.
+With --objective goodput, twin runs also search max_num_batched_tokens and max_num_seqs
+(one knob at a time, within --max-runs), and a configuration is recommended only if its
+own twin run meets the SLOs on p99 TTFT/TPOT; if none does, it says so, prints the best
+achievable p99s and what bounds them, and exits 3 (as when nothing keeps up).
 Writes vllm_args.txt (the command line), vllm_config.yaml (vllm serve --config),
 recommendation.json and throughput_map.png (throughput over max_loras x served adapters with
 the starvation frontier).
@@ -65,11 +69,14 @@ Place a trace's adapters on the fewest GPUs with no GPU starving: a load-balance
 partition sized by the model's capacity estimates (an adapter whose traffic alone exceeds a
 GPU is split into replicas), each GPU then verified with twin runs (one more GPU whenever a
 verification fails), then one GPU fewer at a time while the twin still verifies it.
+With --slo ttft=MS,tpot=MS a GPU verifies only when its recommended configuration meets
+those p99s in its own twin run: the fewest GPUs that meet the SLOs at the trace's load.
 Writes gpu-<i>/vllm_config.yaml and gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter,
 gpu, weight = share of the adapter's requests) and placement.json.
 
-example:
+examples:
   twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
+  twin place --trace traces/azure_conv_1h_32lora.parquet --slo ttft=2000,tpot=100
 """
 
 
@@ -91,8 +98,8 @@ def _common_workload(p):
     p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
     p.add_argument("--model-name", default=None,
                    help="model for `vllm serve` (default: the profile's model)")
-    p.add_argument("--max-runs", type=positive_int, default=4,
-                   help="twin runs per GPU (default 4)")
+    p.add_argument("--max-runs", type=positive_int, default=None,
+                   help="twin runs per GPU (default 4; 16 with --objective goodput or --slo)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
 
@@ -125,6 +132,9 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--slo", default=None, help="ttft=MS,tpot=MS (goodput objective)")
     p.add_argument("--out", type=Path, default=Path("runs/recommend"),
                    help="output folder (default runs/recommend)")
+    p.add_argument("--no-place", action="store_true",
+                   help="goodput: when no configuration meets the SLOs on one GPU, do not "
+                        "search the fewest GPUs that do (twin place --slo)")
     p.add_argument("--no-plot", action="store_true", help="skip throughput_map.png")
     p.add_argument("--json", action="store_true", help="print recommendation.json")
     p.set_defaults(func=run_recommend_cmd)
@@ -132,6 +142,9 @@ def add_ml_parsers(subparsers) -> None:
     p = subparsers.add_parser("place", help="place adapters on the fewest GPUs",
                               description=_PLACE, formatter_class=_FMT)
     _common_workload(p)
+    p.add_argument("--slo", default=None,
+                   help="ttft=MS,tpot=MS: every GPU must meet these p99s in its twin run "
+                        "(the fewest GPUs meeting the SLOs)")
     p.add_argument("--max-gpus", type=positive_int, default=64)
     p.add_argument("--out", type=Path, default=Path("runs/place"),
                    help="output folder (default runs/place)")
@@ -258,6 +271,13 @@ def _recommend(args) -> int:
     rec = recommend(trace, catalog, profile=profile, model=model, base=base,
                     objective=args.objective, slo=parse_slo(args.slo), window_s=window,
                     max_runs=args.max_runs, workers=args.workers)
+    if rec.slo_verdict is not None and not rec.ok and not args.no_place:
+        from twin.ml.placement import place  # lazy: ML stack off twin --help
+
+        pl = place(trace, catalog, profile=profile, model=model, base=base, window_s=window,
+                   max_runs=args.max_runs, workers=args.workers, objective="goodput",
+                   slo=rec.slo, max_gpus=8, known=rec)
+        rec.fewest_gpus = pl.summary()
     say(f"trace: {label}")
     say(rec.report())
     out = args.out
@@ -289,9 +309,10 @@ def _place(args) -> int:
     profile = load_profile(args.profile)
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
+    slo = parse_slo(args.slo)
     pl = place(trace, catalog, profile=profile, model=model, base=base_config(args.base_config),
                window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
-               workers=args.workers)
+               workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)
     print(f"trace: {label}")
     print(pl.report())
     out = args.out

@@ -8,6 +8,11 @@ a verified placement is then tried with one GPU fewer while the twin still verif
 model errs on the safe side, so this recovers GPUs it over-provisioned). The steps are the
 methods of :class:`_Search`, in that order; what it returns is
 :class:`twin.ml.report.Placement`.
+
+With ``slo`` (``objective="goodput"``) a GPU verifies only when its recommendation meets the
+SLOs in its own twin run (p99 TTFT/TPOT, :func:`twin.ml.recommend.recommend`): the fewest
+GPUs that meet them at the trace's load. The model's keep-up prediction still prunes GPU
+counts (meeting an SLO needs keeping up), so the twin decides every count it accepts.
 """
 
 from __future__ import annotations
@@ -110,12 +115,14 @@ class _Search:
     and the log of attempts."""
 
     def __init__(self, U: _Units, rank: dict, *, profile, model: Recommender,
-                 base: ServingConfig, window: float, max_gpus: int, max_runs: int, workers: int,
-                 early_exit: EarlyExit):
+                 base: ServingConfig, window: float, max_gpus: int, max_runs: int | None,
+                 workers: int, early_exit: EarlyExit, objective: str = "throughput",
+                 slo: dict | None = None):
         self.U, self.rank = U, rank
         self.profile, self.model, self.base, self.window = profile, model, base, window
         self.max_gpus, self.max_runs, self.workers = max_gpus, max_runs, workers
         self.early_exit = early_exit
+        self.objective, self.slo = objective, slo
         self.runs = 0
         self.verified: dict[tuple, Recommendation] = {}
         self.attempts: list[str] = []
@@ -136,7 +143,8 @@ class _Search:
             self.verified[key] = recommend(t, cat, profile=self.profile, model=self.model,
                                            base=self.base, window_s=self.window,
                                            max_runs=self.max_runs, workers=self.workers,
-                                           early_exit=self.early_exit)
+                                           early_exit=self.early_exit,
+                                           objective=self.objective, slo=self.slo)
             self.runs += self.verified[key].runs
         return self.verified[key].ok
 
@@ -225,9 +233,14 @@ class _Search:
 
 def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender | None = None,
           base: ServingConfig | None = None, window_s: float | None = None,
-          max_gpus: int = 64, max_runs: int = 4, workers: int = 2,
-          early_exit: EarlyExit = EarlyExit()) -> Placement:
-    """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving.
+          max_gpus: int = 64, max_runs: int | None = None, workers: int = 2,
+          early_exit: EarlyExit = EarlyExit(), objective: str = "throughput",
+          slo: dict | None = None, known: Recommendation | None = None) -> Placement:
+    """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving (and, for
+    ``objective="goodput"``, every GPU meeting ``slo`` in its twin run). ``max_runs``: twin
+    runs per GPU (default as :func:`twin.ml.recommend.recommend`'s). ``known``: the
+    recommendation already made for the whole trace on one GPU (same objective and SLOs),
+    taken as the one-GPU verdict instead of searching again.
 
     An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
     into replicas, each taking every r-th of its requests (the routing table's weights)."""
@@ -237,7 +250,10 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     U = _Units(trace, catalog)
     rank = {a: catalog.rank(a) for a in catalog.adapters}
     s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
-                max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit)
+                max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit,
+                objective=objective, slo=slo)
+    if known is not None:
+        s.verified[tuple(sorted(U.units))] = known
     k_cap = s.split_hot()
     groups, ok, k = s.grow(k_cap)
     if ok:

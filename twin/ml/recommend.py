@@ -16,6 +16,20 @@
    throughput error of the best (:func:`twin.ml.report.tie_band`): the report and
    ``recommendation.json`` name them all instead of presenting one as clearly best.
 
+For the goodput objective (latency SLOs on p99 TTFT/TPOT) the model only places the
+search: its features do not see ``max_num_batched_tokens`` or ``max_num_seqs``, and its
+latency predictions can be far off under bursts. So after the ``max_loras`` search (a third
+of the budget), a coordinate search (:func:`_knob_search`) moves one knob at a time
+(``max_loras``, ``max_num_batched_tokens``, ``max_num_seqs``) a grid step up or down from
+the best verified point, keeping a move when the twin run is better, until no move helps
+or ``max_runs`` is spent; deterministic (the twin is, and the order is fixed). A
+configuration is recommended only if its own twin run meets the SLOs on its p99s; else the
+result says so (``ok`` False) with the best achievable percentiles and what bounds them
+(:func:`twin.ml.report.slo_verdict`). ``max_cpu_loras`` stays at the adapters served (below
+it every request of the others would wait for a CPU load: a different service), and
+``gpu_memory_utilization`` at the base's. A black-box optimizer (Optuna TPE) would fit the
+larger space; it is not a dependency, and the grid search is what runs.
+
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 """
 
@@ -33,7 +47,8 @@ from twin.errors import TwinInputError
 from twin.ml.dataset import TIE_TOL
 from twin.ml.features import public, workload_features
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
-from twin.ml.report import Recommendation, declared_tie, tie_band
+from twin.ml.report import (Recommendation, declared_tie, latency_disagreements, slo_violation,
+                            slo_verdict, tie_band)
 from twin.ml.spec import paper_base
 from twin.ml.sweep import EarlyExit
 from twin.ml.verify import Verifier
@@ -41,6 +56,11 @@ from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
 
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
+DEFAULT_RUNS = {"throughput": 4, "goodput": 16}   # twin runs when max_runs is not given
+#: The latency knobs the goodput search moves, with the values it tries (the base's own
+#: value is added): chunk size of prefills per step, and how many requests run at once.
+KNOB_GRID = {"max_num_batched_tokens": (2048, 4096, 8192, 16384),
+             "max_num_seqs": (64, 128, 256, 512, 1024, 2048)}
 _VERIFIED = ("throughput", "achieved", "goodput", "ttft_p50", "ttft_p99", "tpot_p50",
              "tpot_p99")
 
@@ -67,12 +87,14 @@ def _trace_window(trace: pd.DataFrame, window_s: float | None) -> float:
 
 def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender | None = None,
               base: ServingConfig | None = None, objective: str = "throughput",
-              slo: dict | None = None, window_s: float | None = None, max_runs: int = 4,
+              slo: dict | None = None, window_s: float | None = None,
+              max_runs: int | None = None,
               workers: int = 2, early_exit: EarlyExit = EarlyExit(),
               verifier: Verifier | None = None) -> Recommendation:
     """The best non-starving configuration for ``trace``, predicted then verified by twin
-    runs (at most ``max_runs``). ``objective``: 'throughput' or 'goodput' (tokens/s of
-    requests meeting ``slo`` = {'ttft': ms, 'tpot': ms})."""
+    runs (at most ``max_runs``, default :data:`DEFAULT_RUNS`). ``objective``: 'throughput'
+    or 'goodput' (tokens/s of requests meeting ``slo`` = {'ttft': ms, 'tpot': ms}; the pick
+    must meet the SLOs on its own run's p99 TTFT/TPOT, else ``ok`` is False)."""
     t_start = time.perf_counter()
     if objective not in ("throughput", "goodput"):
         raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
@@ -80,6 +102,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     if objective == "goodput" and not slo:
         raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
                              field="--slo")
+    if max_runs is None:
+        max_runs = DEFAULT_RUNS[objective]
     profile, model, base, window, trace, catalog = prepare_inputs(
         trace, profile, model, base, window_s, catalog)
     if not len(catalog):
@@ -96,16 +120,27 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     own = verifier is None
     ver = verifier or Verifier(trace, catalog, profile, window, slo, early_exit, workers)
     key = "goodput" if objective == "goodput" else "throughput"
+    goodput_search = objective == "goodput"
     try:
-        results = _search(cand, score, start, ver, max_runs, objective, key)
+        first = max(2, max_runs // 3) if goodput_search else max_runs
+        results = _search(cand, score, start, ver, min(first, max_runs), objective, key)
+        if goodput_search:
+            cand = _knob_search(cand, results, ver, max_runs, slo)
     finally:
         if own:
             ver.close()
     _record_verified(cand, results)
     good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
+    verdict = disagree = None
+    if goodput_search:
+        met = [i for i in good if r_full(results[i]) and slo_violation(results[i], slo) <= 1]
+        disagree = latency_disagreements(cand, model)
+        verdict = slo_verdict(cand, results, slo, met, KNOB_ORDER)
+        good = met
     best = _best(results, good, key) if good else None
     tie = None
-    if best is not None:   # verified points the twin's own error cannot rank: named, not hidden
+    if best is not None and not goodput_search:   # verified points the twin's own error
+        # cannot rank: named, not hidden
         band, source = tie_band(profile)
         tie = declared_tie({int(cand.at[i, "max_loras"]): results[i][key] for i in good},
                            band, source, picked=cand.at[best, "max_loras"])
@@ -115,7 +150,115 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         objective=objective, slo=slo, workload=public(wf), candidates=cand,
         predicted=_predicted(pr), verified=results[best] if best is not None else None,
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
-        total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie)
+        total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
+        slo_verdict=verdict, disagreements=disagree)
+
+
+def r_full(r: dict) -> bool:
+    """A run that simulated the whole window (the early exit's probe has no p99 to judge)."""
+    return bool(r.get("full", False))
+
+
+KNOB_ORDER = ("max_loras", *KNOB_GRID)
+
+
+def _knob_values(cand: pd.DataFrame, knob: str, current) -> list:
+    vals = (sorted(cand["max_loras"].astype(int).unique()) if knob == "max_loras"
+            else sorted(set(KNOB_GRID[knob]) | {int(current)}))
+    return vals
+
+
+def _point(cfg: ServingConfig) -> tuple:
+    return tuple(int(getattr(cfg, k)) for k in KNOB_ORDER)
+
+
+def _knob_search(cand: pd.DataFrame, results: dict[int, dict], ver: Verifier, max_runs: int,
+                 slo: dict) -> pd.DataFrame:
+    """Coordinate search for the goodput objective, from the best verified point of the
+    ``max_loras`` search: for each knob of :data:`KNOB_ORDER` in turn, the neighbouring
+    grid values (one step down and up, run together), moving on while a step is better
+    (:func:`_slo_rank`); passes until a whole pass moves nothing or ``max_runs`` twin runs
+    are spent. New configurations are appended to ``cand`` (their model predictions empty:
+    the model does not see these knobs); ``results`` is filled in place. Returns ``cand``."""
+    cand = cand.copy()
+    if "search" not in cand.columns:
+        cand["search"] = "max_loras"
+    for k in KNOB_GRID:
+        cand[k] = [int(getattr(c, k)) for c in cand["_config"]]
+    cand["pred_ok"] = cand["pred_ok"].astype(object)   # None for the model-blind rows
+    index = {_point(c): i for i, c in cand["_config"].items()}
+    budget = lambda: max_runs - len(results)   # noqa: E731
+
+    def row(base_i: int, knob: str, value) -> int:
+        cfg = cand.at[base_i, "_config"].replace(**{knob: int(value)})
+        if knob == "max_loras":   # the candidate row of that slot count, with these knobs
+            src = int(cand.index[(cand["max_loras"] == value)
+                                 & (cand["search"] == "max_loras")][0])
+            cfg = cand.at[src, "_config"].replace(
+                **{k: getattr(cfg, k) for k in KNOB_GRID})
+        else:
+            src = base_i
+        p = _point(cfg)
+        if p not in index:
+            r = cand.loc[src].copy()   # the workload and slot features; no prediction
+            for c in [c for c in cand.columns if c.startswith("pred_")]:
+                r[c] = None if c == "pred_ok" else np.nan
+            r["_config"], r["search"] = cfg, "knobs"
+            r["max_loras"] = float(cfg.max_loras)
+            for k in KNOB_GRID:
+                r[k] = int(getattr(cfg, k))
+            i = len(cand)
+            cand.loc[i] = r
+            index[p] = i
+        return index[p]
+
+    def best() -> int | None:
+        started = [i for i, r in results.items() if r["starts"]]
+        return max(started, key=lambda i: (_slo_rank(results[i], slo), -i)) if started else None
+
+    def rank(i: int) -> tuple:
+        return _slo_rank(results[i], slo)
+
+    def walk(knob: str) -> None:
+        """From the best point, both directions of ``knob``'s grid, one step a time (the
+        two first steps run together), on along a direction while its step is no worse
+        (plateaus are crossed: a knob often does nothing until it binds)."""
+        fronts = {d: best() for d in (-1, 1)}
+        while fronts and budget() > 0:
+            steps = {}
+            for d, f in fronts.items():
+                cur = int(getattr(cand.at[f, "_config"], knob))
+                vals = _knob_values(cand, knob, cur)
+                j = vals.index(cur) + d
+                if 0 <= j < len(vals):
+                    steps[d] = row(f, knob, vals[j])
+            todo = [i for i in dict.fromkeys(steps.values()) if i not in results][:budget()]
+            for i, out in ver.run([(i, cand.at[i, "_config"]) for i in todo]):
+                results[i] = out
+            fronts = {d: i for d, i in steps.items() if i in results and rank(i)[0] > 0
+                      and rank(i) >= rank(fronts[d])}
+
+    if best() is None:
+        return cand
+    moved = True
+    while moved and budget() > 0:
+        start = best()
+        for knob in KNOB_ORDER:
+            walk(knob)
+        moved = best() != start
+    return cand
+
+
+def _slo_rank(r: dict, slo: dict) -> tuple:
+    """How good a twin run is for the goodput objective, larger is better: one that does
+    not start or keeps not up < one that misses the SLOs (less violation better) < one that
+    meets them (more goodput better, then lower p99 TTFT)."""
+    if not r["starts"] or r["starving"] or not r_full(r):
+        return (0, 0.0, 0.0)
+    v = slo_violation(r, slo)
+    if v > 1:
+        return (1, -v, 0.0)
+    return (2, float(r["goodput"]), -_nan_inf(r.get("ttft_p99")))
 
 
 def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, max_runs: int,
