@@ -84,7 +84,7 @@ def part_cpu(args, log=print) -> dict:
 
     from twin.calibrate.executor import calibrate_executor
     from twin.calibrate.hardware import calibrate_from_measurements, derive_profile
-    from twin.costs.hardware import shape_from_hf_config
+    from twin.costs.model_config import load_config, model_shape
     from twin.validate import validate
 
     torch.set_num_threads(1)
@@ -117,8 +117,8 @@ def part_cpu(args, log=print) -> dict:
     # before the two targets
     profs = {}
     for mname in ["SmolLM2-135M", *TARGETS]:
-        shape = shape_from_hf_config(json.loads((models[mname] / "config.json").read_text()),
-                                     name=mname, dtype_bytes=4)
+        cfg, source = load_config(models[mname])
+        shape = model_shape(cfg, source, name=mname, dtype_bytes=4)
         prof = derive_profile(base, shape, est.coef_, name=f"cpu-{mname}-derived")
         # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough for
         # the larger models' fp32 weights; both sides get the same KV blocks anyway
@@ -162,11 +162,6 @@ def part_cpu(args, log=print) -> dict:
 
 
 # -- parts 2 and 3: H100 prior and few-run calibration ---------------------------------------------
-#: The GPU of the vLLM runs (H100 64 GB HBM2e, SXM class): datasheet peaks. Interim: the GPU
-#: catalogue of ``twin profile`` replaces this entry.
-H100_64GB = {"name": "H100 64 GB", "hbm_bytes_per_s": 2.0e12, "flops_per_s": 989e12}
-
-
 def _eval(runs, profile, args, cap=None):
     """SMAPE (percent) of throughput, mean TTFT, mean ITL of the twin vs the real runs."""
     from twin.calibrate.vllm import _map
@@ -208,9 +203,9 @@ def part_h100(args, log=print) -> dict:
                   args.max_runs)
     fp = load_profile("llama31-8b-h100-64gb-first-principles")
     shape = fp.model
-    hw0 = gpu_prior(H100_64GB)
+    hw0 = gpu_prior("h100-64gb")  # the GPU of the vLLM runs, from twin.costs.gpus
     prior = derive_profile(fp, shape, hw0, name="llama31-8b-h100-64gb-hardware-prior",
-                           memory=fp.memory, provenance={"gpu": H100_64GB})
+                           memory=fp.memory, provenance={"gpu": "h100-64gb"})
     # the benchmark client's cap on requests in flight is a property of the load generator,
     # not of the model or GPU: every variant below runs with it
     shipped = load_profile("llama31-8b-h100-64gb")

@@ -13,7 +13,7 @@ from twin.costs.first_principles import LLAMA31_8B
 from twin.costs.hardware import coefficients, gpu_prior
 from twin.costs.step_time import FEATURES
 
-H100 = {"hbm_bytes_per_s": 2.0e12, "flops_per_s": 989e12}
+H100 = "h100-64gb"
 RUNS = shared_file("vllm-h100", "real_runs_llama31_8b.csv")
 
 

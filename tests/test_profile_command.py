@@ -277,3 +277,99 @@ def test_profile_command_bad_input_is_one_line(args, field, tmp_path, capsys):
     rc, _, err = _run(["profile", *args, "--out", out], capsys)
     assert rc == 2 and not out.exists()
     assert err.count("\n") == 1 and field in err and "Traceback" not in err
+
+
+# -- the calibration path and the commands of README's "Your own model and GPU" ---------------
+
+def _trace(tmp_path):
+    return write_trace(rate_class_trace(4, (0.5,), duration_s=20,
+                                        lengths=uniform_lengths(8, 128), seed=1),
+                       tmp_path / "t.parquet")
+
+
+def test_readme_commands_profile_simulate_recommend(tmp_path, capsys):
+    """The three commands from nothing to a verified recommendation, on a tiny trace: a
+    model whose context (32768) is below the twin's default max_model_len simulates without
+    --max-model-len, as vLLM derives it from the model (it used to be refused)."""
+    prof, trace = tmp_path / "qwen7b-a100.json", _trace(tmp_path)
+    assert _run(["profile", "--model", "qwen2.5-7b", "--gpu", "a100-80gb", "--out", prof],
+                capsys)[0] == 0
+    rc, text, err = _run(["simulate", "--profile", prof, "--trace", trace, "--max-loras", 2,
+                          "--no-progress", "--json", "--out", tmp_path / "sim"], capsys)
+    assert rc == 0, err
+    summary = json.loads(text)
+    assert summary["completed"] == summary["num_requests"] > 0
+    # an explicit max_model_len beyond the model's context is still refused, as vLLM does
+    rc, _, err = _run(["simulate", "--profile", prof, "--trace", trace, "--max-model-len",
+                       65536, "--no-progress", "--out", tmp_path / "sim2"], capsys)
+    assert rc == 2 and "max_model_len" in err
+    base = tmp_path / "base.yaml"
+    base.write_text("max_model_len: 32768\n")
+    rc, text, err = _run(["recommend", "--trace", trace, "--profile", prof, "--base-config",
+                          base, "--max-runs", 1, "--workers", 1, "--no-plot", "--json",
+                          "--out", tmp_path / "rec"], capsys)
+    assert rc == 0, err
+    rec = json.loads(text)
+    assert (tmp_path / "rec" / "vllm_args.txt").exists() and rec
+
+
+def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(tmp_path, capsys):
+    """`twin calibrate --executor --model M` also writes M's machine in hardware terms
+    (OUT.hardware.json); `twin profile --model B --gpu-calibration` derives B's profile from
+    it, with no run of B, and `twin simulate` runs it."""
+    from twin.costs.hardware import coefficients, load_calibration
+
+    cal = tmp_path / "cpu.json"
+    rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 2,
+                       "--repeats", 1, "--quiet", "--out", cal], capsys)
+    assert rc == 0, err
+    hw_path = tmp_path / "cpu.hardware.json"
+    hw = load_calibration(hw_path)
+    assert json.loads(hw_path.read_text())["profile"] == "cpu.json"
+    assert hw["step_s"] + hw["layer_s"] > 0
+    out = tmp_path / "smol360.json"
+    rc, _, err = _run(["profile", "--model", "smollm2-360m", "--gpu-calibration", hw_path,
+                       "--gpu-memory-gib", 8, "--out", out], capsys)
+    assert rc == 0, err
+    b, base = load_profile(out), load_profile(cal)
+    assert b.model.hidden == 960 and b.model.dtype_bytes == base.model.dtype_bytes
+    assert b.step_time.base == pytest.approx(coefficients(hw, b.model))
+    assert b.provenance["gpu_calibration"] == str(hw_path)
+    assert b.memory.gpu_memory_gib == 8
+    assert b.load_time == base.load_time
+    rc, _, err = _run(["simulate", "--profile", out, "--trace", _trace(tmp_path),
+                       "--max-loras", 2, "--no-progress", "--out", tmp_path / "sim"], capsys)
+    assert rc == 0, err
+
+
+def test_profile_from_a_gpu_calibration_and_a_catalogue_gpu(tmp_path, capsys):
+    """With --gpu the memory is first principles' for that GPU, the step time the
+    calibration's hardware coefficients x the model's counts."""
+    from twin.costs.hardware import coefficients, gpu_prior, save_calibration
+
+    hw = {**gpu_prior("a100-80gb"), "step_s": 4.2e-3}
+    path = save_calibration(hw, tmp_path / "a100.hardware.json")
+    out = tmp_path / "q.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-7b", "--gpu", "a100-80gb",
+                       "--gpu-calibration", path, "--out", out], capsys)
+    assert rc == 0, err
+    p = load_profile(out)
+    shape = load_model_shape("qwen2.5-7b")
+    assert p.memory.to_dict() == build_profile(shape, "a100-80gb").memory.to_dict()
+    assert p.step_time.base == pytest.approx(coefficients(hw, shape))
+
+
+@pytest.mark.parametrize("content,extra,field", [
+    ({"schema": "twin.hardware/1", "hardware": {"step_s": 1e-3}}, [], "--base-profile"),
+    ({"schema": "nope"}, [], "schema"),
+    ({"schema": "twin.hardware/1", "hardware": {"warp_s": 1.0}}, ["--gpu", "h100"],
+     "hardware.warp_s"),
+])
+def test_profile_bad_gpu_calibration_is_one_line(content, extra, field, tmp_path, capsys):
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(content))
+    out = tmp_path / "p.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-0.5b", "--gpu-calibration", path, *extra,
+                       "--out", out], capsys)
+    assert rc == 2 and not out.exists()
+    assert err.count("\n") == 1 and field in err and "Traceback" not in err

@@ -10,6 +10,8 @@ from pathlib import Path
 from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
 from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB, calibrate_executor
+from twin.calibrate.hardware import calibrate_from_measurements
+from twin.costs.hardware import calibration_path, save_calibration
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare
 
@@ -52,6 +54,12 @@ examples:
       --kv-capacity kv_cache_tokens_llama31_8b.csv --load-times adapter_load_times_llama31_8b.csv \\
       --out my-h100.json
   twin calibrate --from-vllm-runs results/*.json --bench-config serve.yaml --out my-gpu.json
+  twin calibrate --executor --model smollm2 --out cpu.json    # also writes cpu.hardware.json
+
+With --executor the machine's hardware coefficients (twin.costs.hardware: seconds per byte of
+weights, per FLOP, per layer launch, ...) are fitted on the same steps and written next to
+the profile (OUT.hardware.json); `twin profile --model B --gpu-calibration OUT.hardware.json`
+then derives the profile of another model B on this machine with no run of B.
 """
 
 
@@ -147,7 +155,9 @@ def add_executor_args(parser) -> None:
         "executor calibration (--executor): microbenchmarks of twin's reference executor")
     g.add_argument("--executor", action="store_true",
                    help="calibrate on the reference executor instead of vLLM runs")
-    g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
+    g.add_argument("--model", default="tiny",
+                   help="tiny, smollm2 or an HF Llama directory: the shape measured (its "
+                        "hardware coefficients go to OUT.hardware.json)")
     g.add_argument("--device", type=device_name, default="cpu",
                    help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -188,6 +198,14 @@ def run_executor(args) -> int:
     log(f"measurements: {info['new']} new, {info['reused']} reused"
         + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
     log(f"wrote {args.out} in {info['seconds']:.0f} s")
+    # the same steps in hardware terms: what carries over to another model on this machine
+    est = calibrate_from_measurements([args.out])
+    hw = save_calibration(est.coef_, calibration_path(args.out), profile=Path(args.out).name,
+                          model=str(args.model), fitted_on=[str(args.out)],
+                          residuals=est.residuals_)
+    log(f"wrote {hw}: hardware coefficients of this machine (median |relative error| "
+        f"{100 * est.residuals_['rel_abs_median']:.1f}% over {est.n_steps_} steps); "
+        f"`twin profile --model B --gpu-calibration {hw} --out B.json` prices another model")
     return 0
 
 
