@@ -22,7 +22,6 @@ import math
 import time
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from twin.calibrate.step_fit import _map, _sim_job
 from twin.costs.hardware import HW_TERMS, coefficients
@@ -77,6 +76,8 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     the prior's bandwidth is 80% of the datasheet peak (no fit may read weights faster than
     the peak: without it a few saturated runs trade weight bytes for FLOPs freely). Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
     "history": [...]}``; the step-time model is ``step_time_model(hardware, shape)``."""
+    from scipy.optimize import least_squares  # lazy: off twin.calibrate's import path
+
     shape = profile.model
     C = group_coefficients(hw0, shape, tp)              # groups x features
     real = {m: np.array([r.metrics[m] for r in runs], float)

@@ -4,6 +4,7 @@ or to microbenchmarks of the reference executor (:mod:`twin.calibrate.executor`)
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -210,8 +211,6 @@ def run_executor(args) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    from twin.cli import main
+    from twin.cli import main  # lazy: twin.cli imports this module (a cycle at module level)
 
     sys.exit(main(["calibrate", *sys.argv[1:]]))

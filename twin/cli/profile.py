@@ -24,8 +24,13 @@ numbers), the tensor-parallel size and the dtypes. The profile gives `twin simul
 --profile P.json` vLLM's start-up KV capacity for every max_loras x max_lora_rank (within
 0.12% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
 vLLM allocates them and as PyTorch's caching allocator reserves them, one fitted non-torch
-constant) and a roofline step time from effective (derated datasheet) rates, plus two
-all-reduces per decoder layer priced from the interconnect when --tensor-parallel-size > 1.
+constant) and a step time from the GPU's effective (derated datasheet) rates and vLLM's
+software constants times the model's counts (twin.costs.hardware), plus two all-reduces per
+decoder layer priced from the interconnect when --tensor-parallel-size > 1.
+
+With --gpu-calibration HW.json (written by `twin calibrate --executor` next to its profile)
+the step time comes from that machine's fitted hardware coefficients instead: a model you
+never ran, priced on a machine you calibrated on another model.
 
 The step time is a prior, not a measurement: calibrate it on your own runs with
 `twin calibrate` before trusting latencies.
@@ -42,8 +47,9 @@ examples:
   twin profile --model qwen2.5-7b --gpu a100-80gb --out qwen7b-a100.json
   twin profile --model /models/Llama-3.1-70B-Instruct --gpu h100 --tensor-parallel-size 4 \\
       --quantization fp8 --kv-cache-dtype fp8 --out llama70b-h100x4.json
-  twin simulate --profile qwen7b-a100.json --max-model-len 32768 --trace my_trace.parquet \\
-      --max-loras 8 --out runs/q
+  twin simulate --profile qwen7b-a100.json --trace my_trace.parquet --max-loras 8 --out runs/q
+  twin profile --model qwen2.5-0.5b --gpu-calibration cpu.hardware.json --gpu-memory-gib 8 \\
+      --out qwen-cpu.json
 """
 
 
@@ -183,6 +189,7 @@ def run(args) -> int:
           f"{cfg.max_num_seqs}")
     ctx = shape.max_position_embeddings
     if ctx is not None and ctx < cfg.max_model_len:
-        print(f"note: the model's context is {ctx} tokens: run twin simulate with "
-              f"--max-model-len {ctx} (or less), as vLLM derives it")
+        print(f"note: the model's context is {ctx} tokens: twin simulate derives max_model_len "
+              f"{ctx} from it as vLLM does; elsewhere (twin recommend --base-config) give "
+              f"--max-model-len {ctx} or less")
     return 0

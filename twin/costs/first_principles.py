@@ -1,8 +1,9 @@
 """A profile from first principles, so the twin runs before any calibration — for any model
 shape (:mod:`twin.costs.model_config`), GPU (:mod:`twin.costs.gpus`), tensor-parallel size
 and dtype. ``twin profile`` is the command; the shipped
-``llama31-8b-h100-64gb-first-principles`` profile is this module's output for Llama-3.1-8B on
-the 64 GB H100.
+``llama31-8b-h100-64gb-first-principles`` profile is this module's memory model for
+Llama-3.1-8B on the 64 GB H100 with the roofline step time it used before the hardware prior
+(kept: other tests pin its verdicts; experiments/README_generality.md compares the two).
 
 Memory, per GPU, as vLLM 0.8.x sizes it at start-up:
 
@@ -33,6 +34,8 @@ the profile's provenance and replaced by ``twin calibrate``.
 """
 
 from __future__ import annotations
+
+import sys
 
 from twin.costs.gpus import effective, get_gpu
 from twin.costs.hardware import gpu_prior, step_time_model
@@ -189,7 +192,5 @@ def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb",
 
 
 if __name__ == "__main__":  # python -m twin.costs.first_principles OUT.json
-    import sys
-
-    out = sys.argv[1] if len(sys.argv) > 1 else "twin/profiles/llama31-8b-h100-64gb-first-principles.json"
+    out = sys.argv[1] if len(sys.argv) > 1 else "llama31-8b-h100-64gb-first-principles.json"
     print(build_profile(name="llama31-8b-h100-64gb-first-principles").save(out))
