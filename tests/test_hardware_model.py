@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twin.calibrate.hardware import HardwareStepTime
+from twin.calibrate.executor import fit_nnls
+from twin.calibrate.hardware import HardwareStepTime, derive_profile
 from twin.costs.hardware import (HW_TERMS, as_vector, coefficients, counts, design, gpu_prior,
                                  load_calibration, save_calibration, step_time_model)
+from twin.costs.first_principles import LLAMA31_8B
+from twin.costs.gpus import effective, get_gpu
 from twin.costs.model_config import load_model_shape, model_shape
+from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES
 from twin.errors import TwinInputError
 
@@ -94,8 +98,6 @@ def test_shape_from_config_counts_the_real_parameters(cfg, params):
 
 
 def test_llama_8b_shape_matches_the_first_principles_constant():
-    from twin.costs.first_principles import LLAMA31_8B
-
     cfg = CONFIGS / "llama-3.1-8b-instruct.json"
     if not cfg.exists():
         pytest.skip("shared model configs absent")
@@ -110,8 +112,6 @@ def test_fit_on_one_model_at_two_depths_predicts_other_models():
     SmolLM2-135M (full and half depth), the hardware coefficients price SmolLM2-360M and
     Qwen2.5-0.5B steps within a few percent. A per-model StepTimeModel fitted on the same
     steps (the old way: coefficients per feature) carried over to B misses by far more."""
-    from twin.calibrate.executor import fit_nnls
-
     rng = np.random.default_rng(1)
     A, Ah = _shape(SMOL135), _shape(dict(SMOL135, num_hidden_layers=15))
     F = _steps(400, 2)
@@ -165,8 +165,6 @@ def test_bad_calibration_file_names_the_field(tmp_path, hw, field):
 
 
 def test_gpu_prior_prices_the_weight_read_of_a_decode_step():
-    from twin.costs.first_principles import LLAMA31_8B
-
     hw = gpu_prior("h100-64gb")
     c = coefficients(hw, LLAMA31_8B)
     # one decode step of Llama-3.1-8B reads 16 GB of weights at 1.6 TB/s: ~10 ms + overheads
@@ -177,8 +175,6 @@ def test_gpu_prior_prices_the_weight_read_of_a_decode_step():
 def test_gpu_prior_uses_the_catalogue_and_its_one_derating_rule():
     """The prior's rates are twin.costs.gpus' effective ones (no second GPU table): a GPU
     twice as fast on paper gives half the byte and FLOP terms; FP8 weights use the FP8 rate."""
-    from twin.costs.gpus import effective, get_gpu
-
     for name in ("h100-64gb", "a100-80gb", "l40s"):
         bw, fl, link = effective(get_gpu(name))
         hw = gpu_prior(name)
@@ -205,9 +201,6 @@ def test_tensor_parallel_all_reduce_is_priced_as_a_ring():
 
 
 def test_derived_profile_carries_the_new_shape(tmp_path):
-    from twin.calibrate.hardware import derive_profile
-    from twin.costs.profile import Profile, load_profile
-
     base = load_profile("cpu-smollm2")
     B = _shape(QWEN05)
     prof = derive_profile(base, B, TRUE_HW)

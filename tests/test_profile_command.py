@@ -15,6 +15,7 @@ from shared_data import KV_CSV, shared_file
 from twin.cli import main
 from twin.config import ServingConfig
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
+from twin.costs.hardware import coefficients, gpu_prior, load_calibration, save_calibration
 from twin.costs.memory import MIB, MemoryModel, reserved_bytes
 from twin.costs.model_config import BUILTIN, load_config, load_model_shape, model_shape
 from twin.costs.profile import load_profile, shipped_profiles
@@ -187,8 +188,6 @@ def test_tensor_parallel_splits_weights_kv_heads_and_lora_b():
     assert 0.5 < m2.lora_bytes_per_slot_rank / m1.lora_bytes_per_slot_rank < 0.8
     # the all-reduces: a per-token and a per-step time only with TP (the weights read per
     # step halve, the all-reduce launches add to the rest of the per-step time)
-    from twin.costs.hardware import coefficients, gpu_prior
-
     ar = {k: v for k, v in gpu_prior("h100-80gb").items() if k.startswith("allreduce")}
     assert coefficients(ar, LLAMA31_8B, 1) == {}
     c2 = coefficients(ar, LLAMA31_8B, 2)
@@ -332,8 +331,6 @@ def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(t
     """`twin calibrate --executor --model M` also writes M's machine in hardware terms
     (OUT.hardware.json); `twin profile --model B --gpu-calibration` derives B's profile from
     it, with no run of B, and `twin simulate` runs it."""
-    from twin.costs.hardware import coefficients, load_calibration
-
     cal = tmp_path / "cpu.json"
     rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 2,
                        "--repeats", 1, "--quiet", "--out", cal], capsys)
@@ -360,8 +357,6 @@ def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(t
 def test_profile_from_a_gpu_calibration_and_a_catalogue_gpu(tmp_path, capsys):
     """With --gpu the memory is first principles' for that GPU, the step time the
     calibration's hardware coefficients x the model's counts."""
-    from twin.costs.hardware import coefficients, gpu_prior, save_calibration
-
     hw = {**gpu_prior("a100-80gb"), "step_s": 4.2e-3}
     path = save_calibration(hw, tmp_path / "a100.hardware.json")
     out = tmp_path / "q.json"

@@ -136,7 +136,7 @@ def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None =
     kept (the config becomes a Llama one with ``attention_bias``; Qwen2 has no o bias, a
     ~0.01% difference the executor then carries). ``layers`` overrides the depth (a
     shallower copy of the same width, for calibration). Written once per directory."""
-    import torch  # lazy: torch stays off `import twin`'s path (twin profile imports this module)
+    import torch  # lazy: torch stays off twin.calibrate's import path
     from safetensors.torch import save_file  # lazy: as torch
 
     out = Path(out)
