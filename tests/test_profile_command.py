@@ -15,7 +15,8 @@ from shared_data import KV_CSV, shared_file
 from twin.cli import main
 from twin.config import ServingConfig
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
-from twin.costs.hardware import coefficients, gpu_prior, load_calibration, save_calibration
+from twin.costs.hardware import (HW_TERMS, coefficients, gpu_prior, load_calibration,
+                                 save_calibration)
 from twin.costs.memory import MIB, MemoryModel, reserved_bytes
 from twin.costs.model_config import BUILTIN, load_config, load_model_shape, model_shape
 from twin.costs.profile import load_profile, shipped_profiles
@@ -338,7 +339,7 @@ def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(t
     hw_path = tmp_path / "cpu.hardware.json"
     hw = load_calibration(hw_path)
     assert json.loads(hw_path.read_text())["profile"] == "cpu.json"
-    assert hw["step_s"] + hw["layer_s"] > 0
+    assert set(hw) == set(HW_TERMS) and sum(hw.values()) > 0
     out = tmp_path / "smol360.json"
     rc, _, err = _run(["profile", "--model", "smollm2-360m", "--gpu-calibration", hw_path,
                        "--gpu-memory-gib", 8, "--out", out], capsys)
