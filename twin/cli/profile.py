@@ -129,7 +129,7 @@ def _gpu_given(args) -> bool:
 
 def _from_calibration(args):
     """(profile, machine name) of --model on the machine of --gpu-calibration: step time from
-    its hardware coefficients (twin.calibrate.hardware.derive_profile); memory from --gpu
+    its hardware coefficients (twin.costs.hardware.derive_profile); memory from --gpu
     (first principles) when given, else from the calibrated machine's own profile."""
     hw, info = read_calibration(args.gpu_calibration)
     tp = args.tensor_parallel_size
