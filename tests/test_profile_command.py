@@ -384,3 +384,33 @@ def test_profile_bad_gpu_calibration_is_one_line(content, extra, field, tmp_path
                        "--out", out], capsys)
     assert rc == 2 and not out.exists()
     assert err.count("\n") == 1 and field in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(shared_file("vllm-h100", "real_runs_llama31_8b.csv") is None,
+                    reason="shared vLLM run table absent")
+def test_calibrate_few_run_writes_a_gpu_calibration_for_other_models(tmp_path, capsys):
+    """`twin calibrate --few-run` fits the GPU prior's group multipliers to a few vLLM runs
+    and writes the GPU's hardware coefficients; `twin profile --gpu-calibration` prices
+    another model on that GPU from them."""
+    runs = pd.read_csv(shared_file("vllm-h100", "real_runs_llama31_8b.csv"))
+    runs = runs[(runs["experiment_set"] == "digital_twin_modelling") & (runs["status"] == "ok")]
+    table = tmp_path / "runs.csv"
+    runs.sort_values("rate_values_rps").head(3).to_csv(table, index=False)
+    base = tmp_path / "llama-h100.json"
+    assert _run(["profile", "--model", "llama-3.1-8b", "--gpu", "h100-64gb", "--out", base],
+                capsys)[0] == 0
+    out = tmp_path / "fewrun.json"
+    rc, _, err = _run(["calibrate", "--from-vllm-runs", table, "--few-run", "--base-profile",
+                       base, "--window-s", 60, "--iterations", 1, "--processes", 1, "--quiet",
+                       "--out", out], capsys)
+    assert rc == 0, err
+    hw = load_calibration(tmp_path / "fewrun.hardware.json")
+    prof = load_profile(out)
+    assert prof.step_time.base == pytest.approx(coefficients(hw, prof.model))
+    assert prof.memory.to_dict() == load_profile(base).memory.to_dict()
+    q = tmp_path / "qwen.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-7b", "--gpu", "h100-64gb",
+                       "--gpu-calibration", tmp_path / "fewrun.hardware.json", "--out", q], capsys)
+    assert rc == 0, err
+    assert load_profile(q).step_time.base == pytest.approx(
+        coefficients(hw, load_model_shape("qwen2.5-7b")))

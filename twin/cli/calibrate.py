@@ -4,6 +4,7 @@ or to microbenchmarks of the reference executor (:mod:`twin.calibrate.executor`)
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -11,8 +12,12 @@ from pathlib import Path
 from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
 from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB, calibrate_executor
+from twin.calibrate.fewrun import fit_fewrun
 from twin.calibrate.hardware import calibrate_from_measurements
-from twin.costs.hardware import calibration_path, save_calibration
+from twin.calibrate.vllm_fits import fit_client_cap
+from twin.costs.gpus import DERATE
+from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
+from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare
 
@@ -57,6 +62,13 @@ examples:
   twin calibrate --from-vllm-runs results/*.json --bench-config serve.yaml --out my-gpu.json
   twin calibrate --executor --model smollm2 --out cpu.json    # also writes cpu.hardware.json
 
+With --few-run the step time is not fitted freely but as four multipliers (software overheads,
+memory traffic, compute, LoRA kernels) of the GPU's hardware prior (twin.calibrate.fewrun), so
+3-5 runs suffice; --base-profile must then be a `twin profile --gpu` output (its GPU numbers
+give the prior), and the fitted hardware coefficients go to OUT.hardware.json as well:
+`twin profile --model B --gpu G --gpu-calibration OUT.hardware.json` prices another model B
+on that GPU with no run of B.
+
 With --executor the machine's hardware coefficients (twin.costs.hardware: seconds per byte of
 weights, per FLOP, per layer launch, ...) are fitted on the same steps and written next to
 the profile (OUT.hardware.json); `twin profile --model B --gpu-calibration OUT.hardware.json`
@@ -91,6 +103,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--few-run", action="store_true",
+                   help="fit the hardware prior's four group multipliers to the runs (3-5 "
+                        "runs suffice; see above); also writes OUT.hardware.json")
     add_executor_args(p)   # --executor mode (issue 5): microbenchmarks of twin's executor
     p.set_defaults(func=run)
     return p
@@ -117,7 +132,40 @@ def run(args) -> int:
     with prepare(args.out, "profile", inputs=input_paths(args), file=True):
         if executor:
             return run_executor(args)
+        if args.few_run:
+            return _fit_few_runs(args)
         return _fit_vllm_runs(args)
+
+
+def _fit_few_runs(args) -> int:
+    """``--few-run``: the prior of the base profile's GPU (twin.costs.hardware.gpu_prior)
+    with its group multipliers fitted to the runs (twin.calibrate.fewrun.fit_fewrun)."""
+    log = (lambda *a, **k: None) if args.quiet else print
+    base = load_profile(args.base_profile)
+    if "hbm_bytes_per_s" not in base.hardware or "bf16_flops" not in base.hardware:
+        raise TwinInputError("--few-run needs a `twin profile --gpu` output as --base-profile "
+                             "(its GPU numbers give the prior)", field="--base-profile")
+    runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
+                                                args.experiment_set), args.max_runs)
+    tp = int(base.hardware.get("tensor_parallel_size", 1))
+    hw0 = gpu_prior(base.hardware, fp8=base.hardware.get("quantization") == "fp8")
+    cap = fit_client_cap(runs)
+    log(f"few-run calibration on {len(runs)} runs from the prior of {base.hardware.get('name')}")
+    fr = fit_fewrun(runs, base, hw0, iterations=args.iterations, window_s=args.window_s,
+                    max_in_flight=cap["max_in_flight"] if cap else None, seed=args.seed,
+                    processes=args.processes, tp=tp, log=log,
+                    min_multiplier={"memory": DERATE["hbm"], "compute": DERATE["flops"]})
+    prof = derive_profile(base, base.model, fr["hardware"], memory=base.memory, tp=tp,
+                          name=args.name or base.name.replace("-first-principles", "-fewrun"),
+                          provenance={"method": "twin calibrate --few-run (twin.calibrate."
+                                      "fewrun)", "fitted": True, "runs": fr["runs"],
+                                      "multipliers": fr["u"], "client": cap})
+    prof.save(args.out)
+    hw = save_calibration(fr["hardware"], calibration_path(args.out), profile=Path(args.out).name,
+                          model=base.model.name, fitted_on=fr["runs"], multipliers=fr["u"])
+    log(f"wrote {args.out} and {hw} (group multipliers: "
+        + ", ".join(f"{g} x{math.exp(u):.2f}" for g, u in fr["u"].items()) + ")")
+    return 0
 
 
 def _fit_vllm_runs(args) -> int:
