@@ -353,6 +353,16 @@ def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(t
     rc, _, err = _run(["simulate", "--profile", out, "--trace", _trace(tmp_path),
                        "--max-loras", 2, "--no-progress", "--out", tmp_path / "sim"], capsys)
     assert rc == 0, err
+    # a second model's calibration fits the hardware terms on both shapes' steps
+    rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 1,
+                       "--repeats", 1, "--quiet", "--hardware-with", cal,
+                       "--out", tmp_path / "cpu2.json"], capsys)
+    assert rc == 0, err
+    both = json.loads((tmp_path / "cpu2.hardware.json").read_text())
+    assert both["fitted_on"] == [str(tmp_path / "cpu2.json"), str(cal)]
+    rc, _, err = _run(["calibrate", "--executor", "--hardware-with", out, "--out",
+                       tmp_path / "cpu3.json"], capsys)
+    assert rc == 2 and "--hardware-with" in err and not (tmp_path / "cpu3.json").exists()
 
 
 def test_profile_from_a_gpu_calibration_and_a_catalogue_gpu(tmp_path, capsys):

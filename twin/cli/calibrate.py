@@ -11,7 +11,8 @@ from pathlib import Path
 
 from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
 from twin.calibrate import vllm, vllm_runs
-from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB, calibrate_executor
+from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
+                                     calibrate_executor)
 from twin.calibrate.fewrun import fit_fewrun
 from twin.calibrate.hardware import calibrate_from_measurements
 from twin.calibrate.vllm_fits import fit_client_cap
@@ -60,7 +61,9 @@ examples:
       --kv-capacity kv_cache_tokens_llama31_8b.csv --load-times adapter_load_times_llama31_8b.csv \\
       --out my-h100.json
   twin calibrate --from-vllm-runs results/*.json --bench-config serve.yaml --out my-gpu.json
-  twin calibrate --executor --model smollm2 --out cpu.json    # also writes cpu.hardware.json
+  twin calibrate --executor --model tiny --out cpu-tiny.json
+  twin calibrate --executor --model smollm2 --hardware-with cpu-tiny.json --out cpu.json
+                                                         # also writes cpu.hardware.json
 
 With --few-run the step time is not fitted freely but as four multipliers (software overheads,
 memory traffic, compute, LoRA kernels) of the GPU's hardware prior (twin.calibrate.fewrun), so
@@ -224,6 +227,11 @@ def add_executor_args(parser) -> None:
     g.add_argument("--statistic", choices=("mean", "median"), default="mean",
                    help="per-step statistic over repeats to fit (default mean: includes the "
                         "interference of other processes that a live run pays)")
+    g.add_argument("--hardware-with", nargs="+", type=Path, default=[], metavar="PROFILE",
+                   help="earlier --executor outputs of this machine (other models): the "
+                        "hardware coefficients (OUT.hardware.json) are fitted on their steps "
+                        "too; shapes of another depth or width separate per-step from "
+                        "per-layer and per-byte costs, which one model confounds")
     g.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help=f"device memory for the KV model; on CPU a budget (default "
                         f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
@@ -231,6 +239,11 @@ def add_executor_args(parser) -> None:
 
 def run_executor(args) -> int:
     log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
+    for p in args.hardware_with:   # checked before the microbenchmarks, not after them
+        if not p.with_name(p.name + MEASUREMENT_SUFFIX).is_file():
+            raise TwinInputError(f"not a `twin calibrate --executor` output: no "
+                                 f"{p.name + MEASUREMENT_SUFFIX} next to it", file=str(p),
+                                 field="--hardware-with")
     prof, info = calibrate_executor(
         args.model, device=args.device, out=args.out, budget_s=args.budget,
         threads=args.threads, repeats=args.repeats, device_memory_gib=args.device_memory_gib,
@@ -248,9 +261,10 @@ def run_executor(args) -> int:
         + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
     log(f"wrote {args.out} in {info['seconds']:.0f} s")
     # the same steps in hardware terms: what carries over to another model on this machine
-    est = calibrate_from_measurements([args.out])
+    fitted_on = [Path(args.out), *args.hardware_with]
+    est = calibrate_from_measurements(fitted_on)
     hw = save_calibration(est.coef_, calibration_path(args.out), profile=Path(args.out).name,
-                          model=str(args.model), fitted_on=[str(args.out)],
+                          model=str(args.model), fitted_on=[str(p) for p in fitted_on],
                           residuals=est.residuals_)
     log(f"wrote {hw}: hardware coefficients of this machine (median |relative error| "
         f"{100 * est.residuals_['rel_abs_median']:.1f}% over {est.n_steps_} steps); "
