@@ -36,6 +36,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from twin.calibrate.executor import calibrate_executor  # noqa: E402
+from twin.calibrate.fewrun import GROUPS, fit_fewrun, pick_runs, scaled  # noqa: E402
+from twin.calibrate.hardware import (calibrate_from_measurements, derive_profile,  # noqa: E402
+                                     write_random_model)
+from twin.calibrate.step_fit import _map, simulate_run  # noqa: E402
+from twin.calibrate.vllm_runs import read_run_table, spread  # noqa: E402
+from twin.costs.hardware import gpu_prior, save_calibration  # noqa: E402
+from twin.costs.model_config import load_config, model_shape  # noqa: E402
+from twin.costs.profile import load_profile  # noqa: E402
+from twin.results import smape  # noqa: E402
+from twin.workload.public import shared_data_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 CONFIGS = Path(os.environ.get("TWIN_SHARED", "/work/shared")) / "data" / "model-configs"
@@ -46,8 +58,7 @@ TARGETS = ("SmolLM2-360M", "Qwen2.5-0.5B")
 def cpu_models(out: Path) -> dict:
     """name -> HF model directory: the calibration model (bundled SmolLM2-135M), its
     half-depth random copy, and the two random-weight target shapes."""
-    from twin.calibrate.hardware import write_random_model
-    from twin.executor.weights import resolve_model
+    from twin.executor.weights import resolve_model  # lazy: torch only for --part cpu
 
     a = resolve_model("smollm2")
     cfg_a = json.loads((a / "config.json").read_text())
@@ -65,7 +76,7 @@ def cpu_models(out: Path) -> dict:
 def cpu_workloads(quick: bool):
     """(name, trace, config): short Poisson / real-trace slices (a 0.5B fp32 step on one
     thread takes 0.2-0.6 s)."""
-    from validate_executor import cfg, real_slice, synthetic
+    from validate_executor import cfg, real_slice, synthetic  # lazy: torch only for --part cpu
 
     w = [("light-6a-ml2", synthetic(6, 0.4, 15, 16, 64, 1.0, 16)
           .assign(output_tokens=lambda d: d["output_tokens"].clip(upper=16)),
@@ -80,12 +91,9 @@ def cpu_workloads(quick: bool):
 
 
 def part_cpu(args, log=print) -> dict:
-    import torch
+    import torch  # lazy: torch only for --part cpu
 
-    from twin.calibrate.executor import calibrate_executor
-    from twin.calibrate.hardware import calibrate_from_measurements, derive_profile
-    from twin.costs.hardware import shape_from_hf_config
-    from twin.validate import validate
+    from twin.validate import validate  # lazy: torch only for --part cpu
 
     torch.set_num_threads(1)
     out = args.out / "cpu"
@@ -102,8 +110,6 @@ def part_cpu(args, log=print) -> dict:
         cal.append(path)
         log(f"[cpu] calibrated {name} [{time.perf_counter() - t0:.0f} s]")
     est = calibrate_from_measurements(cal)
-    from twin.costs.hardware import save_calibration
-    from twin.costs.profile import load_profile
 
     save_calibration(est.coef_, out / "cpu-hardware.json", fitted_on=[str(p) for p in cal],
                      residuals=est.residuals_)
@@ -117,8 +123,8 @@ def part_cpu(args, log=print) -> dict:
     # before the two targets
     profs = {}
     for mname in ["SmolLM2-135M", *TARGETS]:
-        shape = shape_from_hf_config(json.loads((models[mname] / "config.json").read_text()),
-                                     name=mname, dtype_bytes=4)
+        cfg, source = load_config(models[mname])
+        shape = model_shape(cfg, source, name=mname, dtype_bytes=4)
         prof = derive_profile(base, shape, est.coef_, name=f"cpu-{mname}-derived")
         # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough for
         # the larger models' fp32 weights; both sides get the same KV blocks anyway
@@ -146,7 +152,6 @@ def part_cpu(args, log=print) -> dict:
            "in_sample_throughput_smape_median": float(np.median([r["throughput"] for r in rows
                                                                  if not r["never_run"]]))}
     # drift-corrected: B's twin/executor ratio over A's on the same workload, run just before
-    from twin.results import smape
 
     ref = {r["workload"]: r for r in rows if not r["never_run"]}
     for short, k in (("throughput", "throughput"), ("ttft", "ttft_mean"), ("itl", "itl_mean")):
@@ -162,15 +167,8 @@ def part_cpu(args, log=print) -> dict:
 
 
 # -- parts 2 and 3: H100 prior and few-run calibration ---------------------------------------------
-#: The GPU of the vLLM runs (H100 64 GB HBM2e, SXM class): datasheet peaks. Interim: the GPU
-#: catalogue of ``twin profile`` replaces this entry.
-H100_64GB = {"name": "H100 64 GB", "hbm_bytes_per_s": 2.0e12, "flops_per_s": 989e12}
-
-
 def _eval(runs, profile, args, cap=None):
     """SMAPE (percent) of throughput, mean TTFT, mean ITL of the twin vs the real runs."""
-    from twin.calibrate.vllm import _map
-    from twin.results import smape
 
     sims = _map(_eval_job, [(r, profile, args.eval_window, cap) for r in runs], args.processes)
     ok = [i for i, s in enumerate(sims) if "error" not in s]
@@ -187,19 +185,12 @@ def _eval(runs, profile, args, cap=None):
 
 
 def _eval_job(a):
-    from twin.calibrate.vllm import simulate_run
 
     spec, profile, window, cap = a
     return simulate_run(spec, profile, seed=0, window_s=window, max_in_flight=cap)
 
 
 def part_h100(args, log=print) -> dict:
-    from twin.calibrate.fewrun import fit_fewrun, pick_runs
-    from twin.calibrate.hardware import derive_profile
-    from twin.calibrate.vllm_runs import read_run_table, spread
-    from twin.costs.hardware import gpu_prior
-    from twin.costs.profile import load_profile
-    from twin.workload.public import shared_data_dir
 
     t0 = time.perf_counter()
     runs = read_run_table(shared_data_dir() / "vllm-h100" / "real_runs_llama31_8b.csv")
@@ -208,9 +199,9 @@ def part_h100(args, log=print) -> dict:
                   args.max_runs)
     fp = load_profile("llama31-8b-h100-64gb-first-principles")
     shape = fp.model
-    hw0 = gpu_prior(H100_64GB)
+    hw0 = gpu_prior("h100-64gb")  # the GPU of the vLLM runs, from twin.costs.gpus
     prior = derive_profile(fp, shape, hw0, name="llama31-8b-h100-64gb-hardware-prior",
-                           memory=fp.memory, provenance={"gpu": H100_64GB})
+                           memory=fp.memory, provenance={"gpu": "h100-64gb"})
     # the benchmark client's cap on requests in flight is a property of the load generator,
     # not of the model or GPU: every variant below runs with it
     shipped = load_profile("llama31-8b-h100-64gb")
@@ -220,7 +211,9 @@ def part_h100(args, log=print) -> dict:
     no_lora = derive_profile(fp, shape, {**hw0, "adapter_call_s": 0.0}, memory=fp.memory)
     variants = [("prior", prior)]
     if not args.quick and not args.no_references:
-        variants += [("prior_without_adapter_term", no_lora), ("first_principles_roofline", fp)]
+        # the shipped first-principles profile is build_profile's output: since issue 14's
+        # wiring its step time is this prior (it was a roofline: README_generality.md)
+        variants += [("prior_without_adapter_term", no_lora), ("shipped_first_principles", fp)]
     for label, prof in variants:
         res[label] = _eval(test, prof, args, cap)
         log(f"[h100] {label:26s} " + _fmt(res[label]) + f" [{time.perf_counter() - t0:.0f} s]")
@@ -243,7 +236,6 @@ def part_h100(args, log=print) -> dict:
     if not args.quick:
         # TTFT of overloaded runs grows with the window: the headline figures of the prior and
         # the last k on the runs' full 3600-s windows
-        from twin.calibrate.fewrun import GROUPS, scaled
 
         full = argparse.Namespace(eval_window=None, processes=args.processes)
         hw_k = scaled(hw0, [last["u"][g] for g in GROUPS])
@@ -286,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-references", action="store_true",
-                    help="skip the reference profiles (first-principles roofline, the prior "
+                    help="skip the reference profiles (shipped first-principles profile, the prior "
                          "without its LoRA per-adapter term)")
     args = ap.parse_args(argv)
     if args.quick:

@@ -9,11 +9,15 @@ import pytest
 
 from tests.shared_data import shared_file
 from twin.calibrate.fewrun import GROUPS, fit_fewrun, group_coefficients, pick_runs, scaled
+from twin.calibrate.hardware import derive_profile
+from twin.calibrate.vllm import simulate_run
+from twin.calibrate.vllm_runs import read_run_table
 from twin.costs.first_principles import LLAMA31_8B
 from twin.costs.hardware import coefficients, gpu_prior
+from twin.costs.profile import load_profile
 from twin.costs.step_time import FEATURES
 
-H100 = {"hbm_bytes_per_s": 2.0e12, "flops_per_s": 989e12}
+H100 = "h100-64gb"
 RUNS = shared_file("vllm-h100", "real_runs_llama31_8b.csv")
 
 
@@ -39,11 +43,6 @@ def test_pick_runs_is_seeded_and_nested():
 def test_fewrun_recovers_a_known_overhead_from_two_runs():
     """Runs whose 'real' metrics come from the twin with the per-step overheads x1.5: the
     prior misses their ITL; two runs bring the fit back within a few percent."""
-    from twin.calibrate.hardware import derive_profile
-    from twin.calibrate.vllm import simulate_run
-    from twin.calibrate.vllm_runs import read_run_table
-    from twin.costs.profile import load_profile
-
     fp = load_profile("llama31-8b-h100-64gb-first-principles")
     hw0 = gpu_prior(H100)
     prior = derive_profile(fp, fp.model, hw0, memory=fp.memory)

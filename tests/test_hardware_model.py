@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twin.calibrate.hardware import HardwareStepTime
+from twin.calibrate.executor import fit_nnls
+from twin.calibrate.hardware import HardwareStepTime, derive_profile
 from twin.costs.hardware import (HW_TERMS, as_vector, coefficients, counts, design, gpu_prior,
-                                 load_calibration, save_calibration, shape_from_hf_config,
-                                 step_time_model)
+                                 load_calibration, save_calibration, step_time_model)
+from twin.costs.first_principles import LLAMA31_8B
+from twin.costs.gpus import effective, get_gpu
+from twin.costs.model_config import load_model_shape, model_shape
+from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES
 from twin.errors import TwinInputError
 
@@ -36,7 +40,7 @@ TRUE_HW = {"step_s": 2e-3, "layer_s": 3e-4, "weight_s_per_byte": 5e-11, "dense_s
 
 
 def _shape(cfg, **kw):
-    return shape_from_hf_config(cfg, name="m", dtype_bytes=4, **kw)
+    return model_shape(cfg, name="m", dtype_bytes=4, **kw)
 
 
 def _steps(n: int, seed: int) -> np.ndarray:
@@ -94,12 +98,10 @@ def test_shape_from_config_counts_the_real_parameters(cfg, params):
 
 
 def test_llama_8b_shape_matches_the_first_principles_constant():
-    from twin.costs.first_principles import LLAMA31_8B
-
     cfg = CONFIGS / "llama-3.1-8b-instruct.json"
     if not cfg.exists():
         pytest.skip("shared model configs absent")
-    s = shape_from_hf_config(cfg)
+    s = load_model_shape(cfg)
     assert (s.layers, s.hidden, s.kv_heads, s.intermediate, s.vocab, s.params) == (
         LLAMA31_8B.layers, LLAMA31_8B.hidden, LLAMA31_8B.kv_heads, LLAMA31_8B.intermediate,
         LLAMA31_8B.vocab, LLAMA31_8B.params)
@@ -110,8 +112,6 @@ def test_fit_on_one_model_at_two_depths_predicts_other_models():
     SmolLM2-135M (full and half depth), the hardware coefficients price SmolLM2-360M and
     Qwen2.5-0.5B steps within a few percent. A per-model StepTimeModel fitted on the same
     steps (the old way: coefficients per feature) carried over to B misses by far more."""
-    from twin.calibrate.executor import fit_nnls
-
     rng = np.random.default_rng(1)
     A, Ah = _shape(SMOL135), _shape(dict(SMOL135, num_hidden_layers=15))
     F = _steps(400, 2)
@@ -165,19 +165,42 @@ def test_bad_calibration_file_names_the_field(tmp_path, hw, field):
 
 
 def test_gpu_prior_prices_the_weight_read_of_a_decode_step():
-    from twin.costs.first_principles import LLAMA31_8B
-
-    hw = gpu_prior({"hbm_bytes_per_s": 2.0e12, "flops_per_s": 989e12})
+    hw = gpu_prior("h100-64gb")
     c = coefficients(hw, LLAMA31_8B)
     # one decode step of Llama-3.1-8B reads 16 GB of weights at 1.6 TB/s: ~10 ms + overheads
     assert 0.010 < c["const"] < 0.016
     assert c["adapters"] > 0 and c["lora_token_rank"] > 0
 
 
-def test_derived_profile_carries_the_new_shape(tmp_path):
-    from twin.calibrate.hardware import derive_profile
-    from twin.costs.profile import Profile, load_profile
+def test_gpu_prior_uses_the_catalogue_and_its_one_derating_rule():
+    """The prior's rates are twin.costs.gpus' effective ones (no second GPU table): a GPU
+    twice as fast on paper gives half the byte and FLOP terms; FP8 weights use the FP8 rate."""
+    for name in ("h100-64gb", "a100-80gb", "l40s"):
+        bw, fl, link = effective(get_gpu(name))
+        hw = gpu_prior(name)
+        assert hw["weight_s_per_byte"] == pytest.approx(1 / bw)
+        assert hw["dense_s_per_flop"] == pytest.approx(1 / fl)
+        assert hw["allreduce_s_per_byte"] == pytest.approx(1 / link)
+    assert gpu_prior(get_gpu("h200")) == gpu_prior("h200")
+    fast = dict(get_gpu("h100-64gb"), hbm_bytes_per_s=4.0e12)
+    slow = gpu_prior("h100-64gb")["kv_s_per_byte"]
+    assert gpu_prior(fast)["kv_s_per_byte"] == pytest.approx(slow / 2)
+    assert gpu_prior("h100-80gb", fp8=True)["dense_s_per_flop"] == pytest.approx(
+        gpu_prior("h100-80gb")["dense_s_per_flop"] / 2, rel=1e-3)
+    with pytest.raises(TwinInputError):
+        gpu_prior("no-such-gpu")
 
+
+def test_tensor_parallel_all_reduce_is_priced_as_a_ring():
+    """Two all-reduces per layer, each sending 2(N-1)/N of the hidden state per token."""
+    s = _shape(SMOL135)
+    j = FEATURES.index("decode_tokens")
+    for tp in (2, 4):
+        n = counts(s, tp)[HW_TERMS.index("allreduce_s_per_byte"), j]
+        assert n == pytest.approx(2 * s.layers * 2 * (tp - 1) / tp * s.hidden * s.dtype_bytes)
+
+
+def test_derived_profile_carries_the_new_shape(tmp_path):
     base = load_profile("cpu-smollm2")
     B = _shape(QWEN05)
     prof = derive_profile(base, B, TRUE_HW)
@@ -185,24 +208,3 @@ def test_derived_profile_carries_the_new_shape(tmp_path):
     again = Profile.from_dict(json.loads(prof.save(tmp_path / "p.json").read_text()))
     assert again.step_time.base == pytest.approx(prof.step_time.base)
     assert replace(B) == again.model
-
-
-def test_cli_derives_a_profile_and_rejects_a_bad_config(tmp_path, capsys):
-    from twin.calibrate.hardware import main
-    from twin.costs.profile import load_profile
-
-    hw = save_calibration(TRUE_HW, tmp_path / "hw.json")
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(SMOL360))
-    out = tmp_path / "b.json"
-    assert main(["derive", "--gpu-calibration", str(hw), "--model", str(cfg), "--base",
-                 "cpu-smollm2", "--out", str(out)]) == 0
-    prof = load_profile(out)
-    assert prof.model.hidden == 960 and prof.model.dtype_bytes == 4
-    assert prof.step_time.base == pytest.approx(coefficients(TRUE_HW, prof.model))
-    cfg.write_text(json.dumps({"hidden_size": 960}))
-    capsys.readouterr()
-    assert main(["derive", "--gpu-calibration", str(hw), "--model", str(cfg), "--base",
-                 "cpu-smollm2", "--out", str(out)]) == 2
-    err = capsys.readouterr().out.strip()
-    assert len(err.splitlines()) == 1 and "config.json" in err and "--model" in err

@@ -15,6 +15,8 @@ from shared_data import KV_CSV, shared_file
 from twin.cli import main
 from twin.config import ServingConfig
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
+from twin.costs.hardware import (HW_TERMS, coefficients, gpu_prior, load_calibration,
+                                 save_calibration)
 from twin.costs.memory import MIB, MemoryModel, reserved_bytes
 from twin.costs.model_config import BUILTIN, load_config, load_model_shape, model_shape
 from twin.costs.profile import load_profile, shipped_profiles
@@ -152,8 +154,14 @@ def test_kv_capacity_matches_vllm_within_one_percent_on_every_probe():
 
 
 def test_shipped_first_principles_profile_is_this_module_output():
+    """Its model and memory are build_profile's. Its step time is the roofline build_profile
+    used before the hardware prior replaced it (issue 14): other tests pin that profile's
+    verdicts, so the file is kept as it was (experiments/README_generality.md compares both)."""
     shipped = load_profile("llama31-8b-h100-64gb-first-principles")
-    assert shipped.to_dict() == build_profile(name=shipped.name).to_dict()
+    built = build_profile(name=shipped.name)
+    assert shipped.model == built.model
+    assert shipped.memory.to_dict() == built.memory.to_dict()
+    assert shipped.step_time.memory["const"] < built.step_time.base["const"]
 
 
 @pytest.mark.parametrize("name", shipped_profiles())
@@ -179,10 +187,13 @@ def test_tensor_parallel_splits_weights_kv_heads_and_lora_b():
     assert m2.kv_bytes_per_token * 2 == m1.kv_bytes_per_token
     # LoRA: A of column-parallel and B of row-parallel layers stay whole on every GPU
     assert 0.5 < m2.lora_bytes_per_slot_rank / m1.lora_bytes_per_slot_rank < 0.8
-    # the all-reduces: a per-token and a per-step time only with TP
-    assert "prefill_tokens" not in tp1.step_time.base
-    assert tp2.step_time.base["decode_tokens"] > 0
-    assert tp2.step_time.base["const"] > tp1.step_time.base["const"]
+    # the all-reduces: a per-token and a per-step time only with TP (the weights read per
+    # step halve, the all-reduce launches add to the rest of the per-step time)
+    ar = {k: v for k, v in gpu_prior("h100-80gb").items() if k.startswith("allreduce")}
+    assert coefficients(ar, LLAMA31_8B, 1) == {}
+    c2 = coefficients(ar, LLAMA31_8B, 2)
+    assert c2["decode_tokens"] > 0 and c2["prefill_tokens"] > 0 and c2["const"] > 0
+    assert tp2.step_time.base["const"] < tp1.step_time.base["const"]
 
 
 def test_fewer_kv_heads_than_gpus_replicates_them():
@@ -206,7 +217,11 @@ def test_fp8_weights_and_kv_cache():
     # the linear layers (~6.98e9 of 8.03e9 parameters) in one byte; embeddings stay 16-bit
     assert 0.55 < fp8.memory.weights_gib / bf16.memory.weights_gib < 0.58
     assert fp8.memory.lora_bytes_per_slot_rank == bf16.memory.lora_bytes_per_slot_rank
-    assert fp8.step_time.compute["decode_tokens"] < bf16.step_time.compute["decode_tokens"]
+    # FP8 matmuls at the FP8 rate, half the weight bytes of the linear layers read per step
+    assert fp8.step_time.base["decode_tokens"] < bf16.step_time.base["decode_tokens"]
+    saved = (bf16.memory.weights_gib - fp8.memory.weights_gib) * 2**30 \
+        / bf16.hardware["effective_hbm_bytes_per_s"]
+    assert bf16.step_time.base["const"] - fp8.step_time.base["const"] == pytest.approx(saved)
 
 
 def test_models_without_embedding_lora_have_no_embedding_buffers():
@@ -277,3 +292,135 @@ def test_profile_command_bad_input_is_one_line(args, field, tmp_path, capsys):
     rc, _, err = _run(["profile", *args, "--out", out], capsys)
     assert rc == 2 and not out.exists()
     assert err.count("\n") == 1 and field in err and "Traceback" not in err
+
+
+# -- the calibration path and the commands of README's "Your own model and GPU" ---------------
+
+def _trace(tmp_path):
+    return write_trace(rate_class_trace(4, (0.5,), duration_s=20,
+                                        lengths=uniform_lengths(8, 128), seed=1),
+                       tmp_path / "t.parquet")
+
+
+def test_readme_commands_profile_simulate_recommend(tmp_path, capsys):
+    """The three commands from nothing to a verified recommendation, on a tiny trace: a
+    model whose context (32768) is below the twin's default max_model_len simulates without
+    --max-model-len, as vLLM derives it from the model (it used to be refused)."""
+    prof, trace = tmp_path / "qwen7b-a100.json", _trace(tmp_path)
+    assert _run(["profile", "--model", "qwen2.5-7b", "--gpu", "a100-80gb", "--out", prof],
+                capsys)[0] == 0
+    rc, text, err = _run(["simulate", "--profile", prof, "--trace", trace, "--max-loras", 2,
+                          "--no-progress", "--json", "--out", tmp_path / "sim"], capsys)
+    assert rc == 0, err
+    summary = json.loads(text)
+    assert summary["completed"] == summary["num_requests"] > 0
+    # an explicit max_model_len beyond the model's context is still refused, as vLLM does
+    rc, _, err = _run(["simulate", "--profile", prof, "--trace", trace, "--max-model-len",
+                       65536, "--no-progress", "--out", tmp_path / "sim2"], capsys)
+    assert rc == 2 and "max_model_len" in err
+    base = tmp_path / "base.yaml"
+    base.write_text("max_model_len: 32768\n")
+    rc, text, err = _run(["recommend", "--trace", trace, "--profile", prof, "--base-config",
+                          base, "--max-runs", 1, "--workers", 1, "--no-plot", "--json",
+                          "--out", tmp_path / "rec"], capsys)
+    assert rc == 0, err
+    rec = json.loads(text)
+    assert (tmp_path / "rec" / "vllm_args.txt").exists() and rec
+
+
+def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(tmp_path, capsys):
+    """`twin calibrate --executor --model M` also writes M's machine in hardware terms
+    (OUT.hardware.json); `twin profile --model B --gpu-calibration` derives B's profile from
+    it, with no run of B, and `twin simulate` runs it."""
+    cal = tmp_path / "cpu.json"
+    rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 2,
+                       "--repeats", 1, "--quiet", "--out", cal], capsys)
+    assert rc == 0, err
+    hw_path = tmp_path / "cpu.hardware.json"
+    hw = load_calibration(hw_path)
+    assert json.loads(hw_path.read_text())["profile"] == "cpu.json"
+    assert set(hw) == set(HW_TERMS) and sum(hw.values()) > 0
+    out = tmp_path / "smol360.json"
+    rc, _, err = _run(["profile", "--model", "smollm2-360m", "--gpu-calibration", hw_path,
+                       "--gpu-memory-gib", 8, "--out", out], capsys)
+    assert rc == 0, err
+    b, base = load_profile(out), load_profile(cal)
+    assert b.model.hidden == 960 and b.model.dtype_bytes == base.model.dtype_bytes
+    assert b.step_time.base == pytest.approx(coefficients(hw, b.model))
+    assert b.provenance["gpu_calibration"] == str(hw_path)
+    assert b.memory.gpu_memory_gib == 8
+    assert b.load_time == base.load_time
+    rc, _, err = _run(["simulate", "--profile", out, "--trace", _trace(tmp_path),
+                       "--max-loras", 2, "--no-progress", "--out", tmp_path / "sim"], capsys)
+    assert rc == 0, err
+    # a second model's calibration fits the hardware terms on both shapes' steps
+    rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 1,
+                       "--repeats", 1, "--quiet", "--hardware-with", cal,
+                       "--out", tmp_path / "cpu2.json"], capsys)
+    assert rc == 0, err
+    both = json.loads((tmp_path / "cpu2.hardware.json").read_text())
+    assert both["fitted_on"] == [str(tmp_path / "cpu2.json"), str(cal)]
+    rc, _, err = _run(["calibrate", "--executor", "--hardware-with", out, "--out",
+                       tmp_path / "cpu3.json"], capsys)
+    assert rc == 2 and "--hardware-with" in err and not (tmp_path / "cpu3.json").exists()
+
+
+def test_profile_from_a_gpu_calibration_and_a_catalogue_gpu(tmp_path, capsys):
+    """With --gpu the memory is first principles' for that GPU, the step time the
+    calibration's hardware coefficients x the model's counts."""
+    hw = {**gpu_prior("a100-80gb"), "step_s": 4.2e-3}
+    path = save_calibration(hw, tmp_path / "a100.hardware.json")
+    out = tmp_path / "q.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-7b", "--gpu", "a100-80gb",
+                       "--gpu-calibration", path, "--out", out], capsys)
+    assert rc == 0, err
+    p = load_profile(out)
+    shape = load_model_shape("qwen2.5-7b")
+    assert p.memory.to_dict() == build_profile(shape, "a100-80gb").memory.to_dict()
+    assert p.step_time.base == pytest.approx(coefficients(hw, shape))
+
+
+@pytest.mark.parametrize("content,extra,field", [
+    ({"schema": "twin.hardware/1", "hardware": {"step_s": 1e-3}}, [], "--base-profile"),
+    ({"schema": "nope"}, [], "schema"),
+    ({"schema": "twin.hardware/1", "hardware": {"warp_s": 1.0}}, ["--gpu", "h100"],
+     "hardware.warp_s"),
+])
+def test_profile_bad_gpu_calibration_is_one_line(content, extra, field, tmp_path, capsys):
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(content))
+    out = tmp_path / "p.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-0.5b", "--gpu-calibration", path, *extra,
+                       "--out", out], capsys)
+    assert rc == 2 and not out.exists()
+    assert err.count("\n") == 1 and field in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(shared_file("vllm-h100", "real_runs_llama31_8b.csv") is None,
+                    reason="shared vLLM run table absent")
+def test_calibrate_few_run_writes_a_gpu_calibration_for_other_models(tmp_path, capsys):
+    """`twin calibrate --few-run` fits the GPU prior's group multipliers to a few vLLM runs
+    and writes the GPU's hardware coefficients; `twin profile --gpu-calibration` prices
+    another model on that GPU from them."""
+    runs = pd.read_csv(shared_file("vllm-h100", "real_runs_llama31_8b.csv"))
+    runs = runs[(runs["experiment_set"] == "digital_twin_modelling") & (runs["status"] == "ok")]
+    table = tmp_path / "runs.csv"
+    runs.sort_values("rate_values_rps").head(3).to_csv(table, index=False)
+    base = tmp_path / "llama-h100.json"
+    assert _run(["profile", "--model", "llama-3.1-8b", "--gpu", "h100-64gb", "--out", base],
+                capsys)[0] == 0
+    out = tmp_path / "fewrun.json"
+    rc, _, err = _run(["calibrate", "--from-vllm-runs", table, "--few-run", "--base-profile",
+                       base, "--window-s", 60, "--iterations", 1, "--processes", 1, "--quiet",
+                       "--out", out], capsys)
+    assert rc == 0, err
+    hw = load_calibration(tmp_path / "fewrun.hardware.json")
+    prof = load_profile(out)
+    assert prof.step_time.base == pytest.approx(coefficients(hw, prof.model))
+    assert prof.memory.to_dict() == load_profile(base).memory.to_dict()
+    q = tmp_path / "qwen.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-7b", "--gpu", "h100-64gb",
+                       "--gpu-calibration", tmp_path / "fewrun.hardware.json", "--out", q], capsys)
+    assert rc == 0, err
+    assert load_profile(q).step_time.base == pytest.approx(
+        coefficients(hw, load_model_shape("qwen2.5-7b")))

@@ -23,8 +23,11 @@ import time
 
 import numpy as np
 
+from twin.calibrate.step_fit import _map, _sim_job
 from twin.costs.hardware import HW_TERMS, coefficients
 from twin.costs.step_time import FEATURES
+from twin.errors import TwinInputError
+from twin.results import smape
 
 GROUPS = {
     "overhead": ("step_s", "layer_s", "decode_seq_layer_s", "prefill_seq_layer_s",
@@ -73,10 +76,7 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     the prior's bandwidth is 80% of the datasheet peak (no fit may read weights faster than
     the peak: without it a few saturated runs trade weight bytes for FLOPs freely). Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
     "history": [...]}``; the step-time model is ``step_time_model(hardware, shape)``."""
-    from scipy.optimize import least_squares
-
-    from twin.calibrate.step_fit import _map, _sim_job
-    from twin.results import smape
+    from scipy.optimize import least_squares  # lazy: off twin.calibrate's import path
 
     shape = profile.model
     C = group_coefficients(hw0, shape, tp)              # groups x features
@@ -93,8 +93,6 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
                     processes)
         bad = [s for s in sims if "error" in s]
         if bad:
-            from twin.errors import TwinInputError
-
             raise TwinInputError(f"run {bad[0]['key']} cannot start under the profile's memory "
                                  f"model: {bad[0]['error']}")
         itl = np.array([s["mean_itl_ms"] for s in sims])

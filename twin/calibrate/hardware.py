@@ -13,7 +13,8 @@ coefficient toward its prior value in relative terms, for terms the data cannot 
 
 :func:`calibrate_from_measurements` reads the measurement Parquet files that
 ``twin calibrate --executor`` writes (``PROFILE.measurements.parquet``) with their profiles'
-shapes; :func:`derive_profile` turns the coefficients into a Profile of another model.
+shapes; :func:`twin.costs.hardware.derive_profile` (imported here too) turns the
+coefficients into a Profile of another model.
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from twin.costs.hardware import HW_TERMS, as_vector, counts, design, step_time_model
+from twin.calibrate.executor import MEASUREMENT_SUFFIX, fit_nnls, residual_stats, step_table
+from twin.costs.hardware import HW_TERMS, as_vector, derive_profile, design, step_time_model
+from twin.costs.profile import load_profile
 from twin.costs.step_time import FEATURES
+
+__all__ = ["HardwareStepTime", "calibrate_from_measurements", "derive_profile",
+           "read_measurements", "write_random_model"]
 
 
 class HardwareStepTime:
@@ -58,8 +65,6 @@ class HardwareStepTime:
         return out
 
     def fit(self, F, y, shapes) -> "HardwareStepTime":
-        from twin.calibrate.executor import fit_nnls, residual_stats
-
         X = self._design(F, shapes)
         y = np.asarray(y, float)
         idx = [HW_TERMS.index(t) for t in self.terms]
@@ -100,11 +105,6 @@ def read_measurements(profile_path, statistic: str = "mean"):
     """(step features, durations, shape) of one ``twin calibrate --executor`` output: the
     distinct steps of its measurement file (mean over repeats, minus load time) and the
     model shape its profile records."""
-    from twin.calibrate.executor import MEASUREMENT_SUFFIX, step_table
-    from twin.costs.profile import load_profile
-
-    import pandas as pd
-
     profile_path = Path(profile_path)
     prof = load_profile(profile_path)
     df = pd.read_parquet(profile_path.with_name(profile_path.name + MEASUREMENT_SUFFIX))
@@ -128,34 +128,6 @@ def calibrate_from_measurements(profile_paths, *, terms=HW_TERMS, prior=None,
     return est.fit(np.vstack(Fs), np.concatenate(ys), shapes)
 
 
-def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=None, tp: int = 1,
-                   provenance: dict | None = None):
-    """A Profile of ``shape`` on ``base``'s machine: step time from the hardware coefficients
-    ``hw``; load time per byte from ``base`` (adapter bytes come from the new shape);
-    ``memory`` as given, else ``base``'s rescaled to the new shape's weights, KV bytes per
-    token and LoRA elements per rank."""
-    from dataclasses import replace
-
-    from twin.costs.memory import GIB
-    from twin.costs.profile import Profile
-
-    if memory is None:
-        b = base.memory
-        ratio = shape.lora_elems_per_rank / max(base.model.lora_elems_per_rank, 1)
-        memory = replace(b, weights_gib=shape.params * shape.dtype_bytes / tp / GIB,
-                         kv_bytes_per_token=shape.kv_bytes_per_token // tp,
-                         lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio
-                         * shape.dtype_bytes / base.model.dtype_bytes / tp,
-                         activation_bytes_per_seq=b.activation_bytes_per_seq
-                         * shape.vocab / base.model.vocab)
-    prov = {"method": "hardware coefficients x model-shape counts (twin.costs.hardware)",
-            "hardware_profile": base.name, "hardware": dict(hw), "fitted": False,
-            "tensor_parallel_size": tp, **(provenance or {})}
-    return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=dict(base.hardware),
-                   model=shape, memory=memory, step_time=step_time_model(hw, shape, tp),
-                   load_time=base.load_time, provenance=prov)
-
-
 # -- random-weight models of real shapes --------------------------------------------------------
 def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None = None) -> Path:
     """An HF model directory (``config.json`` + ``model.safetensors``, bf16 random weights)
@@ -164,8 +136,8 @@ def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None =
     kept (the config becomes a Llama one with ``attention_bias``; Qwen2 has no o bias, a
     ~0.01% difference the executor then carries). ``layers`` overrides the depth (a
     shallower copy of the same width, for calibration). Written once per directory."""
-    import torch
-    from safetensors.torch import save_file
+    import torch  # lazy: torch stays off twin.calibrate's import path
+    from safetensors.torch import save_file  # lazy: as torch
 
     out = Path(out)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -208,55 +180,3 @@ def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None =
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     mark.write_text(want)
     return out
-
-
-# -- command line (to be wired as `twin calibrate --model` / `twin profile --gpu-calibration`) --
-def main(argv=None) -> int:
-    """``python -m twin.calibrate.hardware fit PROFILE.json [...] --out HW.json``: hardware
-    coefficients from ``twin calibrate --executor`` outputs (their measurement files);
-    ``python -m twin.calibrate.hardware derive --gpu-calibration HW.json --model config.json
-    --base PROFILE --out B.json``: the profile of another model on the same machine."""
-    import argparse
-
-    from twin.costs.hardware import load_calibration, save_calibration, shape_from_hf_config
-    from twin.costs.profile import load_profile
-    from twin.errors import TwinInputError
-
-    ap = argparse.ArgumentParser(prog="python -m twin.calibrate.hardware")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit")
-    f.add_argument("profiles", nargs="+")
-    f.add_argument("--out", required=True)
-    d = sub.add_parser("derive")
-    d.add_argument("--gpu-calibration", required=True)
-    d.add_argument("--model", required=True, help="HF config.json of the model")
-    d.add_argument("--base", required=True, help="a profile of the same machine (memory, loads)")
-    d.add_argument("--dtype-bytes", type=int, default=None)
-    d.add_argument("--tensor-parallel-size", type=int, default=1)
-    d.add_argument("--out", required=True)
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "fit":
-            est = calibrate_from_measurements(a.profiles)
-            save_calibration(est.coef_, a.out, fitted_on=list(a.profiles), residuals=est.residuals_)
-            print(f"{a.out}: {est.n_steps_} steps, median |relative error| "
-                  f"{100 * est.residuals_['rel_abs_median']:.1f}%")
-        else:
-            base = load_profile(a.base)
-            try:
-                shape = shape_from_hf_config(a.model, dtype_bytes=a.dtype_bytes or base.model.dtype_bytes)
-            except (OSError, ValueError, KeyError) as exc:
-                raise TwinInputError(f"not a model config.json: {exc}", file=a.model,
-                                     field="--model") from None
-            prof = derive_profile(base, shape, load_calibration(a.gpu_calibration),
-                                  tp=a.tensor_parallel_size,
-                                  provenance={"gpu_calibration": a.gpu_calibration})
-            print(prof.save(a.out))
-    except TwinInputError as exc:
-        print(f"error: {exc}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,12 +4,21 @@ or to microbenchmarks of the reference executor (:mod:`twin.calibrate.executor`)
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
 from pathlib import Path
 
 from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
 from twin.calibrate import vllm, vllm_runs
-from twin.calibrate.executor import DEFAULT_CPU_MEMORY_GIB, calibrate_executor
+from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
+                                     calibrate_executor)
+from twin.calibrate.fewrun import fit_fewrun
+from twin.calibrate.hardware import calibrate_from_measurements
+from twin.calibrate.vllm_fits import fit_client_cap
+from twin.costs.gpus import DERATE
+from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
+from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare
 
@@ -52,6 +61,21 @@ examples:
       --kv-capacity kv_cache_tokens_llama31_8b.csv --load-times adapter_load_times_llama31_8b.csv \\
       --out my-h100.json
   twin calibrate --from-vllm-runs results/*.json --bench-config serve.yaml --out my-gpu.json
+  twin calibrate --executor --model tiny --out cpu-tiny.json
+  twin calibrate --executor --model smollm2 --hardware-with cpu-tiny.json --out cpu.json
+                                                         # also writes cpu.hardware.json
+
+With --few-run the step time is not fitted freely but as four multipliers (software overheads,
+memory traffic, compute, LoRA kernels) of the GPU's hardware prior (twin.calibrate.fewrun), so
+3-5 runs suffice; --base-profile must then be a `twin profile --gpu` output (its GPU numbers
+give the prior), and the fitted hardware coefficients go to OUT.hardware.json as well:
+`twin profile --model B --gpu G --gpu-calibration OUT.hardware.json` prices another model B
+on that GPU with no run of B.
+
+With --executor the machine's hardware coefficients (twin.costs.hardware: seconds per byte of
+weights, per FLOP, per layer launch, ...) are fitted on the same steps and written next to
+the profile (OUT.hardware.json); `twin profile --model B --gpu-calibration OUT.hardware.json`
+then derives the profile of another model B on this machine with no run of B.
 """
 
 
@@ -82,6 +106,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--few-run", action="store_true",
+                   help="fit the hardware prior's four group multipliers to the runs (3-5 "
+                        "runs suffice; see above); also writes OUT.hardware.json")
     add_executor_args(p)   # --executor mode (issue 5): microbenchmarks of twin's executor
     p.set_defaults(func=run)
     return p
@@ -108,7 +135,40 @@ def run(args) -> int:
     with prepare(args.out, "profile", inputs=input_paths(args), file=True):
         if executor:
             return run_executor(args)
+        if args.few_run:
+            return _fit_few_runs(args)
         return _fit_vllm_runs(args)
+
+
+def _fit_few_runs(args) -> int:
+    """``--few-run``: the prior of the base profile's GPU (twin.costs.hardware.gpu_prior)
+    with its group multipliers fitted to the runs (twin.calibrate.fewrun.fit_fewrun)."""
+    log = (lambda *a, **k: None) if args.quiet else print
+    base = load_profile(args.base_profile)
+    if "hbm_bytes_per_s" not in base.hardware or "bf16_flops" not in base.hardware:
+        raise TwinInputError("--few-run needs a `twin profile --gpu` output as --base-profile "
+                             "(its GPU numbers give the prior)", field="--base-profile")
+    runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
+                                                args.experiment_set), args.max_runs)
+    tp = int(base.hardware.get("tensor_parallel_size", 1))
+    hw0 = gpu_prior(base.hardware, fp8=base.hardware.get("quantization") == "fp8")
+    cap = fit_client_cap(runs)
+    log(f"few-run calibration on {len(runs)} runs from the prior of {base.hardware.get('name')}")
+    fr = fit_fewrun(runs, base, hw0, iterations=args.iterations, window_s=args.window_s,
+                    max_in_flight=cap["max_in_flight"] if cap else None, seed=args.seed,
+                    processes=args.processes, tp=tp, log=log,
+                    min_multiplier={"memory": DERATE["hbm"], "compute": DERATE["flops"]})
+    prof = derive_profile(base, base.model, fr["hardware"], memory=base.memory, tp=tp,
+                          name=args.name or base.name.replace("-first-principles", "-fewrun"),
+                          provenance={"method": "twin calibrate --few-run (twin.calibrate."
+                                      "fewrun)", "fitted": True, "runs": fr["runs"],
+                                      "multipliers": fr["u"], "client": cap})
+    prof.save(args.out)
+    hw = save_calibration(fr["hardware"], calibration_path(args.out), profile=Path(args.out).name,
+                          model=base.model.name, fitted_on=fr["runs"], multipliers=fr["u"])
+    log(f"wrote {args.out} and {hw} (group multipliers: "
+        + ", ".join(f"{g} x{math.exp(u):.2f}" for g, u in fr["u"].items()) + ")")
+    return 0
 
 
 def _fit_vllm_runs(args) -> int:
@@ -147,7 +207,9 @@ def add_executor_args(parser) -> None:
         "executor calibration (--executor): microbenchmarks of twin's reference executor")
     g.add_argument("--executor", action="store_true",
                    help="calibrate on the reference executor instead of vLLM runs")
-    g.add_argument("--model", default="tiny", help="tiny, smollm2 or an HF Llama directory")
+    g.add_argument("--model", default="tiny",
+                   help="tiny, smollm2 or an HF Llama directory: the shape measured (its "
+                        "hardware coefficients go to OUT.hardware.json)")
     g.add_argument("--device", type=device_name, default="cpu",
                    help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -165,6 +227,11 @@ def add_executor_args(parser) -> None:
     g.add_argument("--statistic", choices=("mean", "median"), default="mean",
                    help="per-step statistic over repeats to fit (default mean: includes the "
                         "interference of other processes that a live run pays)")
+    g.add_argument("--hardware-with", nargs="+", type=Path, default=[], metavar="PROFILE",
+                   help="earlier --executor outputs of this machine (other models): the "
+                        "hardware coefficients (OUT.hardware.json) are fitted on their steps "
+                        "too; shapes of another depth or width separate per-step from "
+                        "per-layer and per-byte costs, which one model confounds")
     g.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help=f"device memory for the KV model; on CPU a budget (default "
                         f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
@@ -172,6 +239,11 @@ def add_executor_args(parser) -> None:
 
 def run_executor(args) -> int:
     log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
+    for p in args.hardware_with:   # checked before the microbenchmarks, not after them
+        if not p.with_name(p.name + MEASUREMENT_SUFFIX).is_file():
+            raise TwinInputError(f"not a `twin calibrate --executor` output: no "
+                                 f"{p.name + MEASUREMENT_SUFFIX} next to it", file=str(p),
+                                 field="--hardware-with")
     prof, info = calibrate_executor(
         args.model, device=args.device, out=args.out, budget_s=args.budget,
         threads=args.threads, repeats=args.repeats, device_memory_gib=args.device_memory_gib,
@@ -188,12 +260,19 @@ def run_executor(args) -> int:
     log(f"measurements: {info['new']} new, {info['reused']} reused"
         + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
     log(f"wrote {args.out} in {info['seconds']:.0f} s")
+    # the same steps in hardware terms: what carries over to another model on this machine
+    fitted_on = [Path(args.out), *args.hardware_with]
+    est = calibrate_from_measurements(fitted_on)
+    hw = save_calibration(est.coef_, calibration_path(args.out), profile=Path(args.out).name,
+                          model=str(args.model), fitted_on=[str(p) for p in fitted_on],
+                          residuals=est.residuals_)
+    log(f"wrote {hw}: hardware coefficients of this machine (median |relative error| "
+        f"{100 * est.residuals_['rel_abs_median']:.1f}% over {est.n_steps_} steps); "
+        f"`twin profile --model B --gpu-calibration {hw} --out B.json` prices another model")
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    from twin.cli import main
+    from twin.cli import main  # lazy: twin.cli imports this module (a cycle at module level)
 
     sys.exit(main(["calibrate", *sys.argv[1:]]))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from twin.argtypes import strict_bool
 from twin.config import ServingConfig
+from twin.costs.profile import load_profile
 from twin.workload.schema import read_trace
 
 
@@ -38,6 +39,12 @@ def config_from_args(args) -> ServingConfig:
             base[f.name] = v
     if "max_cpu_loras" not in base or base["max_cpu_loras"] is None:
         base.pop("max_cpu_loras", None)
+    if base.get("max_model_len") is None and getattr(args, "profile", None):
+        # not given: vLLM derives max_model_len from the model (max_position_embeddings),
+        # so a model with a shorter context than the default runs instead of being refused
+        context = load_profile(args.profile).model.max_position_embeddings
+        if context is not None:
+            base["max_model_len"] = context
     return ServingConfig.from_dict(base, source=str(args.config or "flags"))
 
 

@@ -7,7 +7,15 @@ import argparse
 from pathlib import Path
 
 from twin.argtypes import positive_float, positive_int
+from twin.config import ServingConfig
+from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES, build_profile
+from twin.costs.gpus import get_gpu, gpu_names
+from twin.costs.hardware import derive_profile, read_calibration
+from twin.costs.memory import GIB
+from twin.costs.model_config import builtin_names, load_model_shape
+from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
+from twin.outputs import input_paths, prepare
 
 _DESCRIPTION = """\
 Build a twin profile from first principles: the model's shape (a Hugging Face config.json, a
@@ -16,8 +24,13 @@ numbers), the tensor-parallel size and the dtypes. The profile gives `twin simul
 --profile P.json` vLLM's start-up KV capacity for every max_loras x max_lora_rank (within
 0.12% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
 vLLM allocates them and as PyTorch's caching allocator reserves them, one fitted non-torch
-constant) and a roofline step time from effective (derated datasheet) rates, plus two
-all-reduces per decoder layer priced from the interconnect when --tensor-parallel-size > 1.
+constant) and a step time from the GPU's effective (derated datasheet) rates and vLLM's
+software constants times the model's counts (twin.costs.hardware), plus two all-reduces per
+decoder layer priced from the interconnect when --tensor-parallel-size > 1.
+
+With --gpu-calibration HW.json (written by `twin calibrate --executor` next to its profile)
+the step time comes from that machine's fitted hardware coefficients instead: a model you
+never ran, priced on a machine you calibrated on another model.
 
 The step time is a prior, not a measurement: calibrate it on your own runs with
 `twin calibrate` before trusting latencies.
@@ -34,16 +47,13 @@ examples:
   twin profile --model qwen2.5-7b --gpu a100-80gb --out qwen7b-a100.json
   twin profile --model /models/Llama-3.1-70B-Instruct --gpu h100 --tensor-parallel-size 4 \\
       --quantization fp8 --kv-cache-dtype fp8 --out llama70b-h100x4.json
-  twin simulate --profile qwen7b-a100.json --max-model-len 32768 --trace my_trace.parquet \\
-      --max-loras 8 --out runs/q
+  twin simulate --profile qwen7b-a100.json --trace my_trace.parquet --max-loras 8 --out runs/q
+  twin profile --model qwen2.5-0.5b --gpu-calibration cpu.hardware.json --gpu-memory-gib 8 \\
+      --out qwen-cpu.json
 """
 
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
-    from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES
-    from twin.costs.gpus import gpu_names
-    from twin.costs.model_config import builtin_names
-
     p = subparsers.add_parser(
         "profile", help="build a first-principles profile for a model, GPU and TP size",
         description=_DESCRIPTION.format(models=", ".join(builtin_names()),
@@ -69,6 +79,14 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
                    help="peak dense tensor FLOP/s at the weights' dtype, e.g. 9.89e14")
     p.add_argument("--link-bandwidth", type=positive_float, metavar="BYTES_PER_S",
                    help="GPU-to-GPU bandwidth per direction, bytes/s (tensor parallelism)")
+    p.add_argument("--gpu-calibration", type=Path, metavar="HW.json",
+                   help="hardware coefficients of a calibrated machine (written by `twin "
+                        "calibrate --executor` next to its profile): the step time of --model "
+                        "on that machine, with no run of it")
+    p.add_argument("--base-profile", metavar="PROFILE",
+                   help="with --gpu-calibration and no --gpu: the calibrated machine's profile "
+                        "(memory and load times, rescaled to --model; default: the profile "
+                        "the calibration was written with)")
     p.add_argument("--name", help="profile name (default: MODEL-GPU[-tpN][-fp8]-first-principles)")
     p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
     p.set_defaults(func=run)
@@ -76,8 +94,6 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _hardware(args) -> dict:
-    from twin.costs.gpus import get_gpu
-
     explicit = (args.gpu_memory_gib, args.hbm_bandwidth, args.flops)
     if args.gpu is None:
         if None in explicit:
@@ -106,39 +122,74 @@ def _hardware(args) -> dict:
     return gpu
 
 
-def run(args) -> int:
-    from twin.config import ServingConfig
-    from twin.costs.first_principles import build_profile
-    from twin.costs.memory import GIB
-    from twin.costs.model_config import load_model_shape
-    from twin.outputs import input_paths, prepare
+def _gpu_given(args) -> bool:
+    return args.gpu is not None or None not in (args.gpu_memory_gib, args.hbm_bandwidth,
+                                                 args.flops)
 
-    with prepare(args.out, "profile", inputs=input_paths(args), file=True):
+
+def _from_calibration(args):
+    """(profile, machine name) of --model on the machine of --gpu-calibration: step time from
+    its hardware coefficients (twin.costs.hardware.derive_profile); memory from --gpu
+    (first principles) when given, else from the calibrated machine's own profile."""
+    hw, info = read_calibration(args.gpu_calibration)
+    tp = args.tensor_parallel_size
+    prov = {"gpu_calibration": str(args.gpu_calibration)}
+    if _gpu_given(args):
         shape = load_model_shape(args.model)
         gpu = _hardware(args)
-        prof = build_profile(shape, gpu, tensor_parallel_size=args.tensor_parallel_size,
-                             quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                             name=args.name)
+        fp = build_profile(shape, gpu, tensor_parallel_size=tp, quantization=args.quantization,
+                           kv_cache_dtype=args.kv_cache_dtype)
+        name = args.name or f"{shape.name.lower()}-{gpu.get('key', 'gpu')}-calibrated"
+        return derive_profile(fp, shape, hw, name=name, memory=fp.memory, tp=tp,
+                              provenance=prov), gpu["name"]
+    ref = args.base_profile
+    if ref is None and info.get("profile"):
+        ref = str(Path(args.gpu_calibration).parent / str(info["profile"]))
+    if ref is None:
+        raise TwinInputError("the calibration names no profile of its machine: give "
+                             "--base-profile PROFILE (or --gpu)", field="--base-profile")
+    base = load_profile(ref)
+    shape = load_model_shape(args.model, dtype_bytes=base.model.dtype_bytes)
+    prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov)
+    if args.gpu_memory_gib is not None:   # e.g. a CPU's memory budget for a larger model
+        prof.memory.gpu_memory_gib = args.gpu_memory_gib
+    return prof, base.name
+
+
+def run(args) -> int:
+    with prepare(args.out, "profile", inputs=input_paths(args), file=True):
+        if args.gpu_calibration is not None:
+            prof, machine = _from_calibration(args)
+        else:
+            gpu = _hardware(args)
+            prof = build_profile(load_model_shape(args.model), gpu,
+                                 tensor_parallel_size=args.tensor_parallel_size,
+                                 quantization=args.quantization,
+                                 kv_cache_dtype=args.kv_cache_dtype, name=args.name)
+            machine = gpu["name"]
+        shape = prof.model
         prof.hardware["dtype"] = args.dtype
         m = prof.memory
         cfg = ServingConfig()
         kv = m.kv_tokens(cfg)
         if kv <= 0:
             raise TwinInputError(
-                f"{shape.name} does not fit on {gpu['name']} with tensor_parallel_size "
+                f"{shape.name} does not fit on {machine} with tensor_parallel_size "
                 f"{args.tensor_parallel_size}: {m.weights_gib:.1f} GiB of weights per GPU, "
                 f"{m.lora_bytes(cfg.max_loras, cfg.max_lora_rank) / GIB:.1f} GiB of LoRA slots "
                 f"(max_loras {cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}) of "
                 f"{cfg.gpu_memory_utilization * m.gpu_memory_gib:.1f} GiB: raise "
-                f"--tensor-parallel-size or use --quantization fp8", field="--model")
+                f"--tensor-parallel-size, use --quantization fp8 or give --gpu-memory-gib",
+                field="--model")
         out = prof.save(args.out)
     print(f"wrote {out}: {shape.name} ({shape.params / 1e9:.2f}B parameters) on "
-          f"{args.tensor_parallel_size} x {gpu['name']}: {m.weights_gib:.2f} GiB weights/GPU, "
+          f"{args.tensor_parallel_size} x {machine}: {m.weights_gib:.2f} GiB weights/GPU, "
           f"{m.kv_bytes_per_token} KV bytes/token/GPU, {kv} KV tokens at max_loras "
           f"{cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}, max_num_seqs "
           f"{cfg.max_num_seqs}")
     ctx = shape.max_position_embeddings
     if ctx is not None and ctx < cfg.max_model_len:
-        print(f"note: the model's context is {ctx} tokens: run twin simulate with "
-              f"--max-model-len {ctx} (or less), as vLLM derives it")
+        print(f"note: the model's context is {ctx} tokens: twin simulate derives max_model_len "
+              f"{ctx} from it as vLLM does; elsewhere (twin recommend --base-config) give "
+              f"--max-model-len {ctx} or less")
     return 0

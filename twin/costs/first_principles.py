@@ -1,8 +1,9 @@
 """A profile from first principles, so the twin runs before any calibration — for any model
 shape (:mod:`twin.costs.model_config`), GPU (:mod:`twin.costs.gpus`), tensor-parallel size
 and dtype. ``twin profile`` is the command; the shipped
-``llama31-8b-h100-64gb-first-principles`` profile is this module's output for Llama-3.1-8B on
-the 64 GB H100.
+``llama31-8b-h100-64gb-first-principles`` profile is this module's memory model for
+Llama-3.1-8B on the 64 GB H100 with the roofline step time it used before the hardware prior
+(kept: other tests pin its verdicts; experiments/README_generality.md compares the two).
 
 Memory, per GPU, as vLLM 0.8.x sizes it at start-up:
 
@@ -22,22 +23,26 @@ Memory, per GPU, as vLLM 0.8.x sizes it at start-up:
   activations per batched token (first principles);
 - KV cache per token: ``2 × layers × KV heads per GPU × head_dim × KV dtype bytes``.
 
-Step time: a roofline — weights, KV and adapter weights read from HBM vs dense and attention
-FLOPs, at effective rates (:func:`twin.costs.gpus.effective`: one derating rule) — plus a fixed
-per-step overhead and, with tensor parallelism, two all-reduces of the hidden state per
-decoder layer (ring: ``2(N−1)/N × tokens × hidden × 2 bytes`` over the link, plus a latency per
-all-reduce), added outside the roofline (vLLM does not overlap them). They are assumptions
-written into the profile's provenance and replaced by ``twin calibrate``.
+Step time: the hardware prior (:func:`twin.costs.hardware.gpu_prior`: the catalogue's rates
+derated by :func:`twin.costs.gpus.effective`, plus vLLM's software constants per step, layer
+and LoRA kernel call) times the counts of this shape (:func:`twin.costs.hardware.counts`:
+weights, KV and adapter bytes read, dense/attention/LoRA FLOPs, layers, LoRA calls and, with
+tensor parallelism, two ring all-reduces of the hidden state per decoder layer), summed
+rather than a roofline's max. On the held-out H100 runs it is closer to vLLM than the
+roofline it replaced (experiments/README_generality.md). They are assumptions written into
+the profile's provenance and replaced by ``twin calibrate``.
 """
 
 from __future__ import annotations
 
+import sys
+
 from twin.costs.gpus import effective, get_gpu
+from twin.costs.hardware import gpu_prior, step_time_model
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import GIB, MemoryModel
 from twin.costs.model_config import BUILTIN, model_shape
 from twin.costs.profile import ModelShape, Profile
-from twin.costs.step_time import StepTimeModel
 from twin.errors import TwinInputError
 
 LLAMA31_8B = model_shape(BUILTIN["llama-3.1-8b"], "built-in:llama-3.1-8b",
@@ -52,10 +57,7 @@ LORA_VOCAB_PADDING = 256    # vLLM's lora_vocab_padding_size
 # lies in 1.260-1.292 GiB; 1.278 minimises the worst relative KV-capacity error (0.09%).
 # Before the allocator was modelled, the same constant absorbed 0.43 GiB swings.
 NON_TORCH_GIB = 1.278
-# assumptions (not fitted): scheduler, sampler and launches per step; one all-reduce's
-# latency (NCCL / vLLM custom all-reduce on NVLink, small messages); load bandwidths
-PER_STEP_OVERHEAD_S = 3.0e-3
-ALLREDUCE_LATENCY_S = 1.0e-5
+# assumptions (not fitted): load bandwidths (the step time's are twin.costs.hardware's)
 HOST_TO_GPU_BYTES_PER_S = 2.5e10
 DISK_BYTES_PER_S = 1.5e9
 
@@ -160,29 +162,16 @@ def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb",
         activation_bytes_per_seq=3 * model.vocab * 4, activation_bytes_per_token=act_per_token,
         lora_buffers=buffers)
 
-    bw, fl, link = effective(hw, fp8=quantization == "fp8")
-    lm_head = 0 if model.tie_word_embeddings else model.vocab * h
-    dense_flops = 2 * (model.params - lm_head) / tp          # per token (embeddings: a lookup)
-    attn_flops = 4 * L * model.heads * model.head_dim / tp   # per (query, key) pair
-    lora_flops = 2 * L * sum(a for a, _ in buffers["layer"]) / model.dtype_bytes  # token·rank
-    base = {"const": PER_STEP_OVERHEAD_S}
-    if tp > 1:   # two all-reduces of the hidden state per decoder layer
-        per_token = 2 * L * 2 * (tp - 1) / tp * h * model.dtype_bytes / link
-        base = {"const": PER_STEP_OVERHEAD_S + 2 * L * ALLREDUCE_LATENCY_S,
-                "prefill_tokens": per_token, "decode_tokens": per_token}
-    step = StepTimeModel(
-        base=base,
-        memory={"const": wbytes / bw, "decode_context": kv_per_token / bw,
-                "adapter_rank": per_rank / bw},
-        compute={"prefill_tokens": dense_flops / fl, "decode_tokens": dense_flops / fl,
-                 "decode_context": attn_flops / fl, "prefill_context": attn_flops / 2 / fl,
-                 "lora_token_rank": lora_flops / fl})
+    fp8 = quantization == "fp8"
+    bw, fl, link = effective(hw, fp8=fp8)
+    prior = gpu_prior(hw, fp8=fp8)
+    step = step_time_model(prior, model, tp, weight_bytes=wbytes, kv_dtype_bytes=kv_b)
     load = LoadTimeModel(disk_s=0.03, disk_s_per_byte=1 / DISK_BYTES_PER_S,
                          host_to_gpu_s=3.0e-3, host_to_gpu_s_per_byte=1 / HOST_TO_GPU_BYTES_PER_S)
     hardware = dict(hw, tensor_parallel_size=tp, quantization=quantization,
                     kv_cache_dtype=kv_cache_dtype, effective_hbm_bytes_per_s=bw,
                     effective_flops_per_s=fl, effective_link_bytes_per_s=link,
-                    step_overhead_s=PER_STEP_OVERHEAD_S, non_torch_gib=NON_TORCH_GIB,
+                    step_time_prior=prior, non_torch_gib=NON_TORCH_GIB,
                     host_to_gpu_bytes_per_s=HOST_TO_GPU_BYTES_PER_S,
                     disk_bytes_per_s=DISK_BYTES_PER_S)
     if name is None:
@@ -193,17 +182,15 @@ def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb",
                    load_time=load, provenance={
                        "method": "first principles (twin.costs.first_principles)",
                        "fitted": False,
-                       "assumptions": "effective HBM bandwidth, FLOP rate and link bandwidth = "
-                                      "datasheet peak x twin.costs.gpus.DERATE; per-step "
-                                      "overhead, all-reduce latency and load bandwidths as "
-                                      "in 'hardware'",
+                       "assumptions": "step time = hardware prior (hardware.step_time_prior: "
+                                      "datasheet peak x twin.costs.gpus.DERATE, software "
+                                      "constants twin.costs.hardware.GPU_SOFTWARE) x the "
+                                      "shape's counts; load bandwidths as in 'hardware'",
                        "fitted_constants": {"non_torch_gib": "fitted to vLLM's start-up KV "
                                             "capacity of Llama-3.1-8B on the 64 GB H100 "
                                             "(shared/data/vllm-h100/kv_cache_tokens_llama31_8b.csv)"}})
 
 
 if __name__ == "__main__":  # python -m twin.costs.first_principles OUT.json
-    import sys
-
-    out = sys.argv[1] if len(sys.argv) > 1 else "twin/profiles/llama31-8b-h100-64gb-first-principles.json"
+    out = sys.argv[1] if len(sys.argv) > 1 else "llama31-8b-h100-64gb-first-principles.json"
     print(build_profile(name="llama31-8b-h100-64gb-first-principles").save(out))

@@ -17,8 +17,9 @@ Derating (one rule, :func:`effective`): effective = peak × ``DERATE``: 0.8 of H
 with vLLM's shapes), 0.7 of link bandwidth (NCCL ring bus bandwidth). These are first
 principles' assumptions, not fits: they reproduce the constants the shipped
 ``llama31-8b-h100-64gb-first-principles`` profile always used (1.6 TB/s, ~6e14 FLOP/s).
-What *is* fitted to data is in :mod:`twin.costs.first_principles` (``NON_TORCH_GIB``,
-``PER_STEP_OVERHEAD_S``) and everything a ``twin calibrate`` run writes.
+What *is* fitted to data is in :mod:`twin.costs.first_principles` (``NON_TORCH_GIB``) and
+everything a ``twin calibrate`` run writes; the step time's software constants
+(:data:`twin.costs.hardware.GPU_SOFTWARE`) are assumptions.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ adapter_call_s            per distinct adapter and LoRA kernel call (4 per layer
 slot_call_s               per adapter slot (max_loras) and LoRA kernel call (grid span)
 lora_call_s               per LoRA kernel call when any token has an adapter (launches)
 idle_s, idle_s_per_byte   first step after an idle wait: constant + weights re-read cold
-allreduce_s_per_byte      tensor parallel: all-reduce bytes per token (2 per layer)
+allreduce_s_per_byte      tensor parallel: bytes a ring all-reduce sends per token (2 per
+                          layer, 2(N-1)/N of the hidden state each)
 allreduce_call_s          tensor parallel: all-reduce launches (2 per layer and step)
 ========================  =============================================================
 
@@ -47,11 +48,16 @@ KV dtype); a hardware dict names its terms as above, missing ones are 0.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from twin.costs.gpus import effective, get_gpu
+from twin.costs.memory import GIB
+from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
+from twin.errors import TwinInputError
 
 HW_TERMS = (
     "step_s", "layer_s", "weight_s_per_byte", "dense_s_per_flop", "act_s_per_byte",
@@ -71,17 +77,22 @@ def linear_params(shape) -> float:
     return float(shape.layers * (h * (q + 2 * kv) + q * h + 3 * h * i))
 
 
-def counts(shape, tp: int = 1) -> np.ndarray:
+def counts(shape, tp: int = 1, *, weight_bytes: float | None = None,
+           kv_dtype_bytes: int | None = None) -> np.ndarray:
     """``N[j, k]``: units of hardware term ``HW_TERMS[j]`` per unit of step feature
     ``FEATURES[k]`` for a model of ``shape`` on ``tp`` tensor-parallel ranks (weights,
-    heads, FLOPs and KV split evenly as vLLM's column/row-parallel layers do)."""
+    heads, FLOPs and KV split evenly as vLLM's column/row-parallel layers do).
+    ``weight_bytes``: the bytes of weights on one rank when they are not ``params x
+    dtype_bytes / tp`` (FP8 linear layers: ``twin.costs.first_principles.weight_bytes``);
+    ``kv_dtype_bytes``: the KV cache's element size when it is not the model's (FP8 KV)."""
     tp = int(tp)
     N = np.zeros((len(HW_TERMS), len(FEATURES)))
     L, h, v, db = shape.layers, shape.hidden, shape.vocab, shape.dtype_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lin = linear_params(shape) / tp
     head_flops = 2.0 * v * h / tp                     # lm_head: one logits row
-    weights = (shape.params or (linear_params(shape) + v * h * (1 if shape.tie_word_embeddings else 2))) * db / tp
+    weights = weight_bytes if weight_bytes is not None else (shape.params or (
+        linear_params(shape) + v * h * (1 if shape.tie_word_embeddings else 2))) * db / tp
     calls = LORA_CALLS_PER_LAYER * L
 
     def put(term, feature, value):
@@ -97,7 +108,7 @@ def counts(shape, tp: int = 1) -> np.ndarray:
     put("dense_s_per_flop", "prefill_seqs", head_flops)
     put("attn_s_per_flop", "decode_context", 4.0 * L * q / tp)
     put("attn_s_per_flop", "prefill_context", 2.0 * L * q / tp)
-    put("kv_s_per_byte", "decode_context", 2.0 * L * kv * db / tp)
+    put("kv_s_per_byte", "decode_context", 2.0 * L * kv * (kv_dtype_bytes or db) / tp)
     put("decode_seq_layer_s", "decode_tokens", L)
     put("prefill_seq_layer_s", "prefill_seqs", L)
     put("sample_s_per_vocab", "decode_tokens", v)
@@ -111,7 +122,7 @@ def counts(shape, tp: int = 1) -> np.ndarray:
     put("idle_s_per_byte", "after_idle", weights)
     if tp > 1:
         for f in ("prefill_tokens", "decode_tokens"):
-            put("allreduce_s_per_byte", f, 2.0 * L * h * db * (tp - 1) / tp)
+            put("allreduce_s_per_byte", f, 2.0 * L * 2.0 * (tp - 1) / tp * h * db)
         put("allreduce_call_s", "const", 2.0 * L)
     return N
 
@@ -123,15 +134,16 @@ def as_vector(hw: dict) -> np.ndarray:
     return np.array([float(hw.get(k, 0.0)) for k in HW_TERMS])
 
 
-def coefficients(hw: dict, shape, tp: int = 1) -> dict:
-    """Step-time coefficients (by feature) of ``shape`` on the machine ``hw`` describes."""
-    c = as_vector(hw) @ counts(shape, tp)
+def coefficients(hw: dict, shape, tp: int = 1, **kw) -> dict:
+    """Step-time coefficients (by feature) of ``shape`` on the machine ``hw`` describes
+    (``kw``: :func:`counts`' overrides)."""
+    c = as_vector(hw) @ counts(shape, tp, **kw)
     return {k: float(v) for k, v in zip(FEATURES, c) if v}
 
 
-def step_time_model(hw: dict, shape, tp: int = 1) -> StepTimeModel:
+def step_time_model(hw: dict, shape, tp: int = 1, **kw) -> StepTimeModel:
     """The linear StepTimeModel of ``shape`` from hardware coefficients ``hw``."""
-    return StepTimeModel(base={"const": 0.0, **coefficients(hw, shape, tp)})
+    return StepTimeModel(base={"const": 0.0, **coefficients(hw, shape, tp, **kw)})
 
 
 def design(F, shape, tp: int = 1) -> np.ndarray:
@@ -140,14 +152,15 @@ def design(F, shape, tp: int = 1) -> np.ndarray:
     return np.asarray(F, float) @ counts(shape, tp).T
 
 
-# -- a GPU prior from datasheet numbers ---------------------------------------------------------
+# -- a GPU prior from the catalogue's datasheet numbers ---------------------------------------
 #: Software constants of vLLM V1 (0.8.x) on a datacentre GPU, not fitted to any run: per-step
 #: CPU work (scheduler, input preparation, sampler; vLLM's own profiles put it at 2-5 ms with
 #: a few hundred sequences), a kernel launch (~5 us; a layer launches ~10 kernels without
-#: CUDA graphs) and the Triton LoRA kernels' cost per active adapter and call (~2.5 us: a
+#: CUDA graphs), the Triton LoRA kernels' cost per active adapter and call (~2.5 us: a
 #: program wave per adapter; NOTE: of the same order as, and chosen knowing, the 2.4 us that
 #: the Llama-3.1-8B/H100 calibration implies, the only GPU LoRA measurement we have; a prior
-#: for that model is not independent of it in this one term, see experiments/README_generality.md).
+#: for that model is not independent of it in this one term, see experiments/README_generality.md)
+#: and one all-reduce's latency (NCCL / vLLM's custom all-reduce on NVLink, small messages).
 GPU_SOFTWARE = {
     "step_s": 3.0e-3,
     "layer_s": 10 * 5.0e-6,
@@ -158,38 +171,46 @@ GPU_SOFTWARE = {
     "slot_call_s": 0.0,
     "adapter_call_s": 2.5e-6,
     "idle_s": 0.0,
+    "allreduce_call_s": 1.0e-5,
 }
 
 
-def gpu_prior(gpu: dict, *, bandwidth_efficiency: float = 0.8, flops_efficiency: float = 0.6,
-              software: dict | None = None) -> dict:
-    """Hardware coefficients from a GPU's datasheet numbers (``hbm_bytes_per_s`` and
-    ``flops_per_s`` peak, ``interconnect_bytes_per_s`` optional) times typical achieved
-    fractions, plus the software constants ``GPU_SOFTWARE``. No run of any model."""
-    bw = float(gpu["hbm_bytes_per_s"]) * bandwidth_efficiency
-    fl = float(gpu["flops_per_s"]) * flops_efficiency
+def gpu_prior(gpu, *, fp8: bool = False, software: dict | None = None) -> dict:
+    """Hardware coefficients of ``gpu`` (a :mod:`twin.costs.gpus` catalogue name or an entry
+    of its form) with no run of any model: the catalogue's one derating rule
+    (:func:`twin.costs.gpus.effective`: effective HBM bandwidth, FLOP rate at the weights'
+    dtype, link bandwidth) for the byte, FLOP and all-reduce terms, plus the software
+    constants ``GPU_SOFTWARE``."""
+    gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    bw, fl, link = effective(gpu, fp8=fp8)
     hw = dict(GPU_SOFTWARE if software is None else software)
     hw.update(weight_s_per_byte=1 / bw, kv_s_per_byte=1 / bw, adapter_s_per_byte=1 / bw,
               act_s_per_byte=1 / bw, dense_s_per_flop=1 / fl, attn_s_per_flop=1 / fl,
-              lora_s_per_flop=1 / fl)
-    if gpu.get("interconnect_bytes_per_s"):
-        hw["allreduce_s_per_byte"] = 1 / (0.7 * float(gpu["interconnect_bytes_per_s"]))
-        hw["allreduce_call_s"] = 10e-6
+              lora_s_per_flop=1 / fl, allreduce_s_per_byte=1 / link)
     return hw
 
 
+def calibration_path(profile_path) -> Path:
+    """Where ``twin calibrate --executor --out P.json`` writes its machine's hardware
+    coefficients: ``P.hardware.json`` next to the profile."""
+    profile_path = Path(profile_path)
+    stem = profile_path.name[:-5] if profile_path.name.endswith(".json") else profile_path.name
+    return profile_path.with_name(stem + ".hardware.json")
+
+
 def save_calibration(hw: dict, path, **info) -> Path:
-    """A GPU/CPU calibration file: ``{"schema": "twin.hardware/1", "hardware": {...}, ...}``."""
+    """A GPU/CPU calibration file: ``{"schema": "twin.hardware/1", "hardware": {...}, ...}``
+    (``info``: what it was fitted on; ``profile``: the profile written with it, relative to
+    the file, which ``twin profile --gpu-calibration`` takes memory and load times from)."""
     path = Path(path)
     path.write_text(json.dumps({"schema": "twin.hardware/1", "hardware": dict(hw), **info},
                                indent=2) + "\n")
     return path
 
 
-def load_calibration(path) -> dict:
-    """The hardware coefficients of a calibration file written by :func:`save_calibration`."""
-    from twin.errors import TwinInputError
-
+def read_calibration(path) -> tuple[dict, dict]:
+    """``(hardware coefficients, the file's other fields)`` of a calibration file written by
+    :func:`save_calibration`; a malformed one is a TwinInputError naming the field."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -207,31 +228,33 @@ def load_calibration(path) -> dict:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
             raise TwinInputError(f"expected a non-negative number, got {v!r}", file=str(path),
                                  field=f"hardware.{k}")
-    return {k: float(v) for k, v in hw.items()}
+    info = {k: v for k, v in d.items() if k not in ("schema", "hardware")}
+    return {k: float(v) for k, v in hw.items()}, info
 
 
-def shape_from_hf_config(cfg, name: str | None = None, dtype_bytes: int = 2):
-    """A ModelShape from an HF ``config.json`` (dict or path) of a dense decoder (Llama,
-    Qwen2, Mistral: GQA, tied or untied embeddings, q/k/v biases counted when the
-    architecture has them). Interim helper of the hardware experiments; ``twin profile``'s
-    model-config parser replaces it."""
-    from twin.costs.profile import ModelShape
+def load_calibration(path) -> dict:
+    """The hardware coefficients of a calibration file (:func:`read_calibration`)."""
+    return read_calibration(path)[0]
 
-    if not isinstance(cfg, dict):
-        p = Path(cfg)
-        name = name or p.stem
-        cfg = json.loads(p.read_text())
-    h, L = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    kvh = int(cfg.get("num_key_value_heads") or heads)
-    hd = int(cfg.get("head_dim") or h // heads)
-    i, v = int(cfg["intermediate_size"]), int(cfg["vocab_size"])
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    q, kv = heads * hd, kvh * hd
-    bias = (q + 2 * kv) if (cfg.get("attention_bias") or cfg.get("model_type") == "qwen2") else 0
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + bias
-    params = L * per_layer + v * h * (1 if tied else 2) + h
-    return ModelShape(name=name or cfg.get("_name_or_path", "model"), layers=L, hidden=h,
-                      heads=heads, kv_heads=kvh, head_dim=hd, intermediate=i, vocab=v,
-                      dtype_bytes=dtype_bytes, params=float(params), tie_word_embeddings=tied,
-                      max_position_embeddings=cfg.get("max_position_embeddings"))
+
+def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=None, tp: int = 1,
+                   provenance: dict | None = None):
+    """A Profile of ``shape`` on ``base``'s machine: step time from the hardware coefficients
+    ``hw``; load time per byte from ``base`` (adapter bytes come from the new shape);
+    ``memory`` as given, else ``base``'s rescaled to the new shape's weights, KV bytes per
+    token and LoRA elements per rank."""
+    if memory is None:
+        b = base.memory
+        ratio = shape.lora_elems_per_rank / max(base.model.lora_elems_per_rank, 1)
+        memory = replace(b, weights_gib=shape.params * shape.dtype_bytes / tp / GIB,
+                         kv_bytes_per_token=shape.kv_bytes_per_token // tp,
+                         lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio
+                         * shape.dtype_bytes / base.model.dtype_bytes / tp,
+                         activation_bytes_per_seq=b.activation_bytes_per_seq
+                         * shape.vocab / base.model.vocab)
+    prov = {"method": "hardware coefficients x model-shape counts (twin.costs.hardware)",
+            "hardware_profile": base.name, "hardware": dict(hw), "fitted": False,
+            "tensor_parallel_size": tp, **(provenance or {})}
+    return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=dict(base.hardware),
+                   model=shape, memory=memory, step_time=step_time_model(hw, shape, tp),
+                   load_time=base.load_time, provenance=prov)
