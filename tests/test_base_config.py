@@ -23,3 +23,24 @@ def test_a_setting_the_file_gives_wins(tmp_path):
     f = tmp_path / "base.yaml"
     f.write_text("max_num_seqs: 64\nmax_loras: 2\n")
     assert base_config(f).max_num_seqs == 64
+
+
+def test_max_model_len_follows_the_models_context_unless_set(tmp_path):
+    """vLLM derives max_model_len from the model: a 32k-context model on the paper's base
+    gets 32768, not Llama-3.1's 131072 (which vLLM would refuse to start)."""
+    assert base_config(None, 32768).max_model_len == 32768
+    f = tmp_path / "base.yaml"
+    f.write_text("max_loras: 4\n")
+    assert base_config(f, 32768).max_model_len == 32768
+    f.write_text("max_model_len: 8192\n")
+    assert base_config(f, 32768).max_model_len == 8192
+    assert base_config(None).max_model_len == PAPER_BASE["max_model_len"]
+
+
+def test_the_api_base_follows_the_models_context():
+    from twin.api import _base
+
+    assert _base({"max_num_seqs": 256}, 32768).max_model_len == 32768
+    assert _base({"max_num_seqs": 256, "max-model-len": 4096}, 32768).max_model_len == 4096
+    assert _base({"max_num_seqs": 256}, 32768).max_num_batched_tokens == PAPER_BASE[
+        "max_num_batched_tokens"]

@@ -165,7 +165,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
         if catalog is not None:   # as `twin recommend`: ranks vLLM can load at all
             catalog.check(trace, 512, catalog.source)
         model = model if isinstance(model, Recommender) else Recommender.load(model)
-        base = _base(base)
+        base = _base(base, profile.model.max_position_embeddings)
         rec = _recommend(trace, catalog, profile=profile, model=model, base=base,
                          objective=objective, slo=slo, window_s=window_s, max_runs=max_runs,
                          workers=workers)
@@ -177,16 +177,19 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
     return rec
 
 
-def _base(base) -> ServingConfig:
-    """The recommender's fixed settings (see :func:`recommend`)."""
-    from twin.ml.spec import PAPER_BASE, base_config   # lazy: twin.ml off simulate's path
+def _base(base, model_context: int | None = None) -> ServingConfig:
+    """The recommender's fixed settings (see :func:`recommend`); ``max_model_len``, unless
+    given, is the model's context, as vLLM derives it (``twin.ml.spec.base_config``)."""
+    from twin.ml.spec import base_config   # lazy: twin.ml off simulate's path
 
-    if base is None or isinstance(base, ServingConfig):
-        return base_config() if base is None else base
+    if isinstance(base, ServingConfig):
+        return base
+    if base is None or isinstance(base, _PATH):
+        return base_config(base, model_context)
     if isinstance(base, dict):
-        return ServingConfig.from_dict({**PAPER_BASE, **base}, source="base")
-    if isinstance(base, _PATH):
-        return base_config(base)
+        given = {str(k).replace("-", "_"): v for k, v in base.items()}
+        d = base_config(None, None if "max_model_len" in given else model_context).to_dict()
+        return ServingConfig.from_dict({**d, **given}, source="base")   # names and values checked
     _refuse("base", base, "a ServingConfig, a dict of vLLM settings or a YAML path")
 
 

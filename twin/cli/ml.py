@@ -235,7 +235,8 @@ def _sweep(args) -> int:
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
     slots = args.slots or SLOTS_GRID
-    grid = ConfigGrid(base=base_config(args.base_config), slots=slots)
+    context = profile.model.max_position_embeddings
+    grid = ConfigGrid(base=base_config(args.base_config, context), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
     tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
     print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
@@ -267,7 +268,7 @@ def _recommend(args) -> int:
     profile = load_profile(args.profile)
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
-    base = base_config(args.base_config)
+    base = base_config(args.base_config, profile.model.max_position_embeddings)
     rec = recommend(trace, catalog, profile=profile, model=model, base=base,
                     objective=args.objective, slo=parse_slo(args.slo), window_s=window,
                     max_runs=args.max_runs, workers=args.workers)
@@ -310,7 +311,8 @@ def _place(args) -> int:
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
     slo = parse_slo(args.slo)
-    pl = place(trace, catalog, profile=profile, model=model, base=base_config(args.base_config),
+    base = base_config(args.base_config, profile.model.max_position_embeddings)
+    pl = place(trace, catalog, profile=profile, model=model, base=base,
                window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
                workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)
     print(f"trace: {label}")
