@@ -318,14 +318,14 @@ def test_readme_commands_profile_simulate_recommend(tmp_path, capsys):
     rc, _, err = _run(["simulate", "--profile", prof, "--trace", trace, "--max-model-len",
                        65536, "--no-progress", "--out", tmp_path / "sim2"], capsys)
     assert rc == 2 and "max_model_len" in err
-    base = tmp_path / "base.yaml"
-    base.write_text("max_model_len: 32768\n")
-    rc, text, err = _run(["recommend", "--trace", trace, "--profile", prof, "--base-config",
-                          base, "--max-runs", 1, "--workers", 1, "--no-plot", "--json",
+    # recommend too: no base config needed, max_model_len is the model's context
+    rc, text, err = _run(["recommend", "--trace", trace, "--profile", prof,
+                          "--max-runs", 1, "--workers", 1, "--no-plot", "--json",
                           "--out", tmp_path / "rec"], capsys)
     assert rc == 0, err
     rec = json.loads(text)
-    assert (tmp_path / "rec" / "vllm_args.txt").exists() and rec
+    assert (tmp_path / "rec" / "vllm_args.txt").exists()
+    assert rec["config"]["max_model_len"] == 32768
 
 
 def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(tmp_path, capsys):
