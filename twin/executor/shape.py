@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from twin.costs.model_config import model_shape
+
 # LoRA-able linear layers, grouped as the model fuses them (vLLM's packed modules).
 # group -> the HF module names (slices) it packs, in output order.
 LORA_GROUPS: dict[str, tuple[str, ...]] = {
@@ -59,8 +61,6 @@ class LlamaShape:
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {act!r} (Llama uses silu)")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
         # transformers >= 5 writes rope_parameters (theta + scaling together); older configs
         # write rope_theta and rope_scaling.
         rp = dict(cfg.get("rope_parameters") or {})
@@ -75,14 +75,14 @@ class LlamaShape:
             elif rtype not in ("llama3", "linear"):
                 raise ValueError(f"unsupported rope scaling {rtype!r} (supported: default, "
                                  "linear, llama3)")
+        # the dimensions as the cost models read them (one reader of config.json)
+        dims = model_shape(dict(cfg, model_type="llama"))
         return cls(
-            hidden=hidden, layers=int(cfg["num_hidden_layers"]), heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate=int(cfg["intermediate_size"]), vocab=int(cfg["vocab_size"]),
+            hidden=dims.hidden, layers=dims.layers, heads=dims.heads, kv_heads=dims.kv_heads,
+            head_dim=dims.head_dim, intermediate=dims.intermediate, vocab=dims.vocab,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=dims.tie_word_embeddings,
+            max_position_embeddings=dims.max_position_embeddings or 2048,
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)))
 
