@@ -163,6 +163,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
 
     with prepare(out, "recommend", inputs=_input_paths(trace, catalog, profile, base, model)):
         profile = _profile(profile)
+        warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
         trace, path = _trace_and_source(trace)
         catalog = load_catalog(catalog)
         if catalog is not None:   # as `twin recommend`: ranks vLLM can load at all
