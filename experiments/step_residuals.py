@@ -53,10 +53,44 @@ GROUPS = (
 )
 
 
+def with_derived(f: pd.DataFrame, loads) -> pd.DataFrame:
+    """``f`` with every feature of ``FEATURES`` it lacks: a log or a measurement file
+    written before a feature existed. ``after_load`` (a step that loads an adapter and is
+    not after idle) follows from the step's load count; any other missing one is 0."""
+    f = f.copy()
+    for k in FEATURES:
+        if k not in f:
+            f[k] = (((np.asarray(loads) > 0) & (f["after_idle"].to_numpy() == 0)).astype(float)
+                    if k == "after_load" else 0.0)
+    return f
+
+
+def logged_features(steps: pd.DataFrame) -> pd.DataFrame:
+    """The step log's features as named columns (``FEATURES``; missing ones derived)."""
+    arr = np.array(steps["features"].tolist(), float)
+    return with_derived(pd.DataFrame(arr, columns=list(FEATURES[:arr.shape[1]])),
+                        steps["loads"].to_numpy())[list(FEATURES)]
+
+
+def refit(profile, measurements: Path):
+    """``profile`` with its step-time model refitted on the calibration ``measurements``
+    (``PROFILE.measurements.parquet``) with the current ``FEATURES``, deriving those the
+    file predates: what a recalibration would fit, without measuring again."""
+    import dataclasses
+
+    from twin.calibrate.executor_fit import fit_measurements
+    from twin.costs.step_time import StepTimeModel
+
+    df = pd.read_parquet(measurements)
+    steps = with_derived(df[df["kind"] == "step"], df.loc[df["kind"] == "step", "loads"])
+    fit = fit_measurements(steps, df[df["kind"] == "load"], profile.model)
+    return dataclasses.replace(profile, step_time=StepTimeModel(base=fit.coef)), fit
+
+
 def step_table(steps: pd.DataFrame, requests: pd.DataFrame, profile) -> pd.DataFrame:
     """Per step: its features, measured and predicted seconds, the residual and its group
     flags. ``requests`` maps request ids to adapters (the run's ``requests`` table)."""
-    f = pd.DataFrame(np.array(steps["features"].tolist(), float), columns=list(FEATURES))
+    f = logged_features(steps)
     st = profile.step_time
     pred = np.array([st(row) for row in f.itertuples(index=False)])
     meas = steps["duration_s"].to_numpy(float) - steps["load_s"].to_numpy(float)
@@ -122,11 +156,22 @@ def main(argv=None) -> int:
     ap.add_argument("dirs", nargs="+", type=Path,
                     help="validation directories (twin validate --out), or their parent")
     ap.add_argument("--profile", help="profile to predict with (default: each validation's)")
+    ap.add_argument("--refit", action="store_true",
+                    help="refit each profile on its calibration measurements "
+                         "(PROFILE.measurements.parquet) with the current FEATURES first")
     args = ap.parse_args(argv)
-    tables = []
+    tables, refits = [], {}
     for d in run_dirs(args.dirs):
         meta = json.loads((d / "validation.json").read_text())
-        prof = load_profile(args.profile or meta["profile"])
+        path = args.profile or meta["profile"]
+        prof = load_profile(path)
+        if args.refit:
+            if path not in refits:
+                refits[path] = refit(prof, Path(str(path) + ".measurements.parquet"))
+                fit = refits[path][1]
+                print(f"refitted {path}: {json.dumps({k: v for k, v in fit.coef.items() if v})}"
+                      f"; |rel. error| median {fit.residuals['rel_abs_median']:.3f}")
+            prof = refits[path][0]
         steps = pd.read_parquet(d / "executor" / "steps.parquet")
         req = pd.read_parquet(d / "executor" / "requests.parquet")
         t = step_table(steps, req, prof).assign(workload=d.name)
