@@ -1,6 +1,6 @@
-"""Validate the calibrated twin against the reference executor on CPU (issues 5 and 7).
+"""Validate the calibrated twin against the reference executor on CPU (issues 5, 7, 15).
 
-Fourteen workloads — none of them the calibration's cells (those are bursts or spaced
+Twenty workloads — none of them the calibration's cells (those are bursts or spaced
 series of equal-length requests; these are Poisson, power-law and real arrivals with
 varied lengths) — each served for real by the executor (3 runs; 5 for the two noise
 workloads) and simulated by the twin with the CPU profile of its model and memory layout,
@@ -13,6 +13,11 @@ same config and KV capacity (``twin.validate``); the twin is compared to the med
   first 20 s, prompts capped at 256 and outputs at 96 tokens) and ServeGen's 32 tenants
   (``traces/servegen_32tenants_10min``, first 8 s stretched x2.5 in time = 12 req/s,
   prompts capped at 192 and outputs at 64);
+- issue 15's classes, unlike the calibration set: a 50/50 base-model/adapter mix; 64
+  adapters of short requests over 2 slots (an adapter switch every few steps); bursty
+  arrivals (Gamma gaps, CV 4; and CV 8 with short requests, 32 adapters, 20% base); an
+  overloaded one (60 req/s on 8 sequences: throughput is the serving capacity, not the
+  offered load); adapters of ranks 8/16/32/64 under ``max_lora_rank`` 64;
 - SmolLM2-135M (a 1-thread CPU step takes 50-300 ms): two small workloads;
 - S-LoRA's layout (issue 7): four workloads (light, heavy skewed, Azure, ServeGen) with
   adapters of ranks 8/16/32.
@@ -26,10 +31,14 @@ error, per workload and for the two noise workloads.
     .venv/bin/python experiments/validate_executor.py            # ~18 min on 2 cores
     .venv/bin/python experiments/validate_executor.py --shipped  # shipped profiles
     .venv/bin/python experiments/validate_executor.py --quick    # 3 tiny workloads
+    .venv/bin/python experiments/validate_executor.py --models tiny --policies vllm
 
 Ends with one JSON line: throughput_smape_median, throughput_smape_max, ttft_smape_median,
-itl_smape_median (vLLM's layout), executor_spread_pct (all percent), ``slora`` with the
-S-LoRA workloads' figures, plus more detail.
+itl_smape_median (vLLM's layout), ttft_p99_smape_median, itl_p99_smape_median,
+overload_throughput_smape_max (the overloaded workloads), worst_error_over_spread (the largest
+ratio of a workload's mean TTFT or ITL error to max(its executor spread, 5%)) and the
+workload it belongs to, executor_spread_pct (all percent), ``slora`` with the S-LoRA
+workloads' figures, plus more detail.
 """
 
 from __future__ import annotations
@@ -62,10 +71,18 @@ def profile_name(model, policy):
     return f"cpu-{model}" + ("" if policy == "vllm" else f"-{policy}")
 
 
-def synthetic(n_adapters, rate, duration, lo, hi, alpha, seed):
-    """S-LoRA's power-law popularity: alpha = 1 uniform, alpha = 0.3 skewed."""
-    return powerlaw_trace(n_adapters, rate, alpha=alpha, duration_s=duration,
+def synthetic(n_adapters, rate, duration, lo, hi, alpha, seed, cv=1.0):
+    """S-LoRA's power-law popularity: alpha = 1 uniform, alpha = 0.3 skewed; Gamma gaps of
+    coefficient of variation ``cv`` (1: Poisson; 4-8: bursts separated by idle gaps)."""
+    return powerlaw_trace(n_adapters, rate, alpha=alpha, duration_s=duration, cv=cv,
                           lengths=uniform_lengths(lo, hi), seed=seed)
+
+
+def with_base(trace, share, seed):
+    """``trace`` with a random ``share`` of its requests sent to the base model (no
+    adapter): batches then mix base-model and adapter rows."""
+    base = np.random.default_rng(seed).random(len(trace)) < share
+    return trace.assign(adapter=trace["adapter"].mask(base))
 
 
 def real_slice(path, seconds, stretch, max_prompt, max_output, limit=None):
@@ -116,6 +133,23 @@ def workloads():
         ("smol-azure-32a-ml4", "smollm2",
          real_slice("azure_conv_1h_32lora.parquet", 60, 0.5, 64, 16, limit=16),
          cfg(max_loras=4, max_cpu_loras=8), None),
+        # issue 15's classes, unlike the calibration set: base/adapter mixes, adapter-switch
+        # rates, burstiness (CV of inter-arrivals 4 and 8), overload, ranks 8-64
+        ("mix-base-adapter-50pct-ml4", "tiny",
+         with_base(synthetic(8, 10.0, 12, 16, 160, 1.0, 31), 0.5, 31),
+         cfg(max_loras=4, max_cpu_loras=8), None),
+        ("switch-64a-short-ml2", "tiny", synthetic(64, 15.0, 12, 8, 40, 1.0, 32),
+         cfg(max_loras=2, max_cpu_loras=4), None),
+        ("bursty-cv4-16a-ml4", "tiny",
+         synthetic(16, 10.0, 15, 16, 128, 0.3, 33, cv=4.0), cfg(max_loras=4, max_cpu_loras=8),
+         None),
+        ("bursty-cv8-switch-32a-ml4", "tiny",
+         with_base(synthetic(32, 12.0, 15, 8, 48, 1.0, 34, cv=8.0), 0.2, 34),
+         cfg(max_loras=4, max_cpu_loras=8), None),
+        ("overload-16a-ml8", "tiny", synthetic(16, 60.0, 5, 32, 192, 0.3, 35),
+         cfg(max_loras=8, max_cpu_loras=16, max_num_seqs=8), None),
+        ("rank-mix-8to64-16a-ml4", "tiny", synthetic(16, 8.0, 12, 16, 160, 1.0, 36),
+         cfg(max_loras=4, max_cpu_loras=16, max_lora_rank=64), None),
         # S-LoRA's layout (issue 7): unified pages, adapters of ranks 8/16/32 at their own
         # rank, no slot limit
         ("slora-light-8a", "tiny", synthetic(8, 4.0, 12, 16, 128, 1.0, 21),
@@ -132,6 +166,9 @@ def workloads():
 
 
 ADAPTER_RANKS = {"vllm": (8, 16), "slora": (8, 16, 32)}   # synthetic adapters, cycled
+WORKLOAD_RANKS = {"rank-mix-8to64-16a-ml4": (8, 16, 32, 64)}   # per workload, over the above
+# arrivals faster than service: throughput is the serving capacity, not the offered load
+OVERLOADED = ("overload-16a-ml8", "kv-starved-skewed-16a-ml4")
 
 
 def slow_fraction(steps: pd.DataFrame) -> float:
@@ -177,6 +214,22 @@ def plot_errors(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def fidelity_figures(d: pd.DataFrame) -> dict:
+    """Issue 15's figures over a layout's workloads (SMAPE in percent): p99 TTFT / ITL
+    medians, the worst throughput error among overloaded workloads (None without one) and
+    ``worst_error_over_spread``: the largest ratio of a workload's mean TTFT or ITL error to
+    max(the executor's own spread on it, 5%) — above 2 a finding to explain."""
+    floor = lambda c: np.maximum(d[f"{c}_spread"].fillna(0.0), 5.0)   # noqa: E731
+    ratio = np.maximum(d["TTFT"] / floor("TTFT"), d["ITL"] / floor("ITL"))
+    over = d[d["overloaded"]]
+    return {"ttft_p99_smape_median": round(float(d["TTFT99"].median()), 2),
+            "itl_p99_smape_median": round(float(d["ITL99"].median()), 2),
+            "overload_throughput_smape_max": (round(float(over["thru"].max()), 2)
+                                              if len(over) else None),
+            "worst_error_over_spread": round(float(ratio.max()), 2),
+            "worst_error_over_spread_workload": str(d["workload"].iloc[int(np.argmax(ratio))])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 tiny workloads, 3 noise repeats")
@@ -186,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-repeats", type=int, default=5,
                     help="executor runs of the two noise workloads (light, heavy skewed)")
     ap.add_argument("--only", help="comma-separated workload names")
+    ap.add_argument("--models", help="comma-separated models to keep (tiny, smollm2)")
+    ap.add_argument("--policies", help="comma-separated layouts to keep (vllm, slora)")
     ap.add_argument("--shipped", action="store_true",
                     help="validate with the shipped profiles (twin/profiles/cpu-*.json) "
                          "instead of calibrating interleaved with the runs")
@@ -213,6 +268,10 @@ def main(argv=None) -> int:
     if args.only:
         keep = set(args.only.split(","))
         wl = [w for w in wl if w[0] in keep]
+    if args.models:
+        wl = [w for w in wl if w[1] in args.models.split(",")]
+    if args.policies:
+        wl = [w for w in wl if w[3].policy in args.policies.split(",")]
     if args.quick:
         wl = wl[:3]
         args.noise_repeats = min(args.noise_repeats, 3)
@@ -226,7 +285,6 @@ def main(argv=None) -> int:
     import torch
 
     from twin.executor.weights import resolve_model
-    from twin.executor.engine import execute
     from twin.executor.model import LlamaModel
 
     # every executor run on one pinned thread, as calibrated (validate() pins the profile's
@@ -248,7 +306,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             vals[name] = validate(trace, config, profiles[model, policy], model,
                                   out=args.out / name, num_gpu_blocks=nb, trace_source=name,
-                                  plot=False, adapter_ranks=ADAPTER_RANKS[policy])
+                                  plot=False,
+                                  adapter_ranks=WORKLOAD_RANKS.get(name, ADAPTER_RANKS[policy]))
             slow[name] = [100 * slow_fraction(vals[name].executor.steps)]
             print(f"{name}: executor round 1 in {time.perf_counter() - t0:.0f} s", flush=True)
         m = LlamaModel.from_pretrained(resolve_model(model))
@@ -261,11 +320,7 @@ def main(argv=None) -> int:
             for name, _, trace, config, nb in group:
                 if rnd > args.rounds and name not in noise_names:
                     continue
-                v = vals[name]
-                adir = args.out / name / "adapters"
-                r = execute(trace, v.config, m, adir if adir.exists() else None,
-                            num_gpu_blocks=v.num_blocks, trace_source=name)
-                v.recompare([r.summary])
+                r = vals[name].serve_again(m)   # same adapters, config and KV capacity
                 slow[name].append(100 * slow_fraction(r.steps))
             print(f"{profile_name(model, policy)}: executor round {rnd} done", flush=True)
         for name, *_ in group:   # the twin with the final profile
@@ -286,8 +341,9 @@ def main(argv=None) -> int:
         for key, short in COLS:
             row[short] = 100 * s.loc[key, "smape"]
         spread = v.spread
-        for key, short in COLS[:5]:
+        for key, short in COLS:
             row[f"{short}_spread"] = 100 * spread[key]
+        row["overloaded"] = name in OVERLOADED
         ex, tw = v.executor.summary, v.twin.summary   # loads: the first run, as its own
         row["loads_exec"] = ex["adapter_loads"]["from_disk"] + ex["adapter_loads"]["from_host"]
         row["loads_twin"] = tw["adapter_loads"]["from_disk"] + tw["adapter_loads"]["from_host"]
@@ -311,7 +367,7 @@ def main(argv=None) -> int:
     pd.set_option("display.width", 200)
     show = df[["workload", "model", "policy", "requests", "adapters", "max_loras", "max_cpu_loras",
                "runs", "thru_exec", "thru_twin"] + [c for _, c in COLS]
-              + ["TTFT_spread", "ITL_spread", "loads_exec", "loads_twin", "disk_exec",
+              + ["TTFT_spread", "ITL_spread", "TTFT99_spread", "ITL99_spread", "loads_exec", "loads_twin", "disk_exec",
                  "disk_twin", "preempt_exec", "preempt_twin", "slow_pct"]]
     print("\nSMAPE (%) executor vs twin per workload")
     print(show.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
@@ -325,7 +381,15 @@ def main(argv=None) -> int:
             "throughput_smape_median": round(float(d["thru"].median()), 2),
             "throughput_smape_max": round(float(d["thru"].max()), 2),
             "ttft_smape_median": round(float(d["TTFT"].median()), 2),
-            "itl_smape_median": round(float(d["ITL"].median()), 2), "workloads": len(d)}
+            "itl_smape_median": round(float(d["ITL"].median()), 2), "workloads": len(d),
+            **fidelity_figures(d)}
+    # issue 15: a twin error above twice the executor's own spread (floor 5%) is a finding
+    for r in df.itertuples():
+        for short in ("TTFT", "ITL"):
+            floor = max(np.nan_to_num(getattr(r, f"{short}_spread")), 5.0)
+            if getattr(r, short) > 2 * floor:
+                print(f"finding: {r.workload} mean {short} error {getattr(r, short):.1f}% > 2 x "
+                      f"max(executor spread {getattr(r, f'{short}_spread'):.1f}%, 5%)")
     vl = df[df["policy"] == "vllm"] if (df["policy"] == "vllm").any() else df
     loads_exact = bool((vl["loads_exec"] == vl["loads_twin"]).all())
     print(f"\nadapter loads equal (total) in {int((df['loads_exec'] == df['loads_twin']).sum())}"
@@ -352,6 +416,7 @@ def main(argv=None) -> int:
         "throughput_smape_max": round(float(vl["thru"].max()), 2),
         "ttft_smape_median": round(float(vl["TTFT"].median()), 2),
         "itl_smape_median": round(float(vl["ITL"].median()), 2),
+        **fidelity_figures(vl),
         "executor_spread_pct": round(100 * max(v.spread["throughput"] for v in noise.values()), 2),
         "executor_spread_ttft_pct": {k: round(100 * v.spread["ttft_mean"], 2) for k, v in noise.items()},
         "executor_spread_itl_pct": {k: round(100 * v.spread["itl_mean"], 2) for k, v in noise.items()},

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from twin.config import ServingConfig
+from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.outputs import prepare, staged_dir
@@ -125,7 +126,9 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     refuse_empty_window(trace, window_s, source)
     catalog = load_catalog(catalog)
     # every serving strategy (config.policy): one vLLM server goes straight to the simulator
-    result = simulate_policy(trace, config, _profile(profile), catalog, window_s=window_s,
+    profile = _profile(profile)
+    warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
+    result = simulate_policy(trace, config, profile, catalog, window_s=window_s,
                              progress=progress, record_steps=record_steps, trace_source=source)
     if path is not None:
         result.meta["trace"] = path
@@ -160,6 +163,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
 
     with prepare(out, "recommend", inputs=_input_paths(trace, catalog, profile, base, model)):
         profile = _profile(profile)
+        warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
         trace, path = _trace_and_source(trace)
         catalog = load_catalog(catalog)
         if catalog is not None:   # as `twin recommend`: ranks vLLM can load at all

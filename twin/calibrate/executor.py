@@ -57,6 +57,7 @@ from twin.calibrate.executor_fit import (ExecutorFit, fit_measurements, fit_nnls
                                          residual_stats, step_features, step_table)
 from twin.calibrate.executor_measure import (MeasurementCache, ensure_adapters, measure_cell,
                                              measure_cells, measure_loads)
+from twin.costs.machine import machine_record
 from twin.costs.memory import GIB, MemoryModel
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
@@ -136,7 +137,9 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                 "torch": torch.__version__, "threads": n_threads,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "design": scale, "repeats": repeats,
-                "repeats_interleaved": True}
+                "repeats_interleaved": True,
+                # where it was measured: simulate / validate warn on another machine
+                **machine_record(dev, hardware["name"] if dev.type == "cuda" else None)}
         prov.update(_fit_provenance(fit, cache, measured, loads, cells_designed=len(cells),
                                     skipped=skipped, budget_s=budget_s, statistic=statistic))
         prov["calibration_s"] = round(time.perf_counter() - t0, 1)

@@ -31,7 +31,12 @@ class Cell:
 
     ``gap`` > 0 spaces the arrivals ``gap`` seconds apart instead, long enough for each
     request to finish before the next: every request then meets an idle engine, which
-    measures the after-idle step (``after_idle`` feature)."""
+    measures the after-idle step (``after_idle`` feature).
+
+    ``base_every`` > 0 sends every ``base_every``-th request to the base model: batches mix
+    rows with and without an adapter (issue 15: the worst validation workload was such a
+    mix). ``adapters`` > ``max_loras`` swaps adapters into slots mid-run, beside running
+    decodes (loads outside the first, after-idle step)."""
 
     n: int
     prompt: int
@@ -41,16 +46,21 @@ class Cell:
     rank: int
     budget: int
     gap: float = 0.0
+    base_every: int = 0
 
     @property
     def key(self) -> str:
         return (f"n{self.n}-p{self.prompt}-o{self.output}-a{self.adapters}-m{self.max_loras}"
-                f"-r{self.rank}-b{self.budget}" + (f"-g{self.gap:g}" if self.gap else ""))
+                f"-r{self.rank}-b{self.budget}" + (f"-g{self.gap:g}" if self.gap else "")
+                + (f"-base{self.base_every}" if self.base_every else ""))
 
     def trace(self) -> pd.DataFrame:
         i = np.arange(self.n)
         out = np.maximum(1, (self.output * (3 - i % 3)) // 3)
-        names = [f"lora-{k % self.adapters:04d}" if self.adapters else None for k in i]
+        base = (i % self.base_every == 0) if self.base_every else np.zeros(self.n, bool)
+        k = np.cumsum(~base) - 1   # adapter rows round-robin over the adapters
+        names = [f"lora-{j % self.adapters:04d}" if self.adapters and not b else None
+                 for j, b in zip(k, base)]
         return pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": i * self.gap,
                              "adapter": pd.array(names, dtype="string"),
                              "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
@@ -99,6 +109,12 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
         cells.append(Cell(n, P[0], O, min(a, n), m, 16, B[1]))
     for r in (8, 32, 64):
         cells.append(Cell(n, P[0], O, min(8, n), 8, r, B[1]))
+    # issue 15: base-model and adapter rows in one batch (every 2nd / 4th request base),
+    # and adapter swaps mid-run (more adapters than slots: loads beside running decodes)
+    for k in (2, 4):
+        cells.append(Cell(N[2], P[1], O, 4, 4, 16, B[1], base_every=k))
+    for a, m in ((8, 2), (16, 4)):
+        cells.append(Cell(N[2], P[0], O, a, m, 16, B[1]))
     # prefill: chunk budget x prompt length (long prompts, short outputs)
     for b in B:
         for p in P[-2:]:
@@ -106,7 +122,8 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
     out, seen = [], set()
     for c in cells:
         m, r = (8, 16) if policy == "slora" else (c.max_loras, c.rank)
-        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), m, r, c.budget, c.gap)
+        c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), m, r, c.budget, c.gap,
+                 c.base_every)
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)

@@ -259,6 +259,7 @@ def run_recommend_cmd(args) -> int:
 
 
 def _recommend(args) -> int:
+    from twin.costs.machine import warn_if_other_machine
     from twin.ml.export import write_recommendation  # lazy: ML stack off twin --help
     from twin.ml.recommend import recommend  # lazy: ML stack off twin --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
@@ -266,6 +267,7 @@ def _recommend(args) -> int:
 
     say = console(args.json)
     profile = load_profile(args.profile)
+    warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
     base = base_config(args.base_config, profile.model.max_position_embeddings)

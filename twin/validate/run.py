@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.outputs import check_out, staged_dir
@@ -62,6 +63,19 @@ class Validation:
         self.twin = simulate_policy(k["trace"], self.config, tprof, k["catalog"],
                                     window_s=k["window_s"], trace_source=k["trace_source"])
         self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
+
+    def serve_again(self, model, *, seed: int = 0) -> object:
+        """Serve the trace once more on the executor (``model``: the loaded LlamaModel),
+        with the same adapters, config and KV capacity as the first run, and compare the
+        twin to the median of all runs. Returns the new run's result (its step log)."""
+        from twin.executor.engine import execute   # lazy: needs torch
+
+        k = self._twin_inputs
+        r = execute(k["trace"], self.config, model, k.get("executor_catalog"),
+                    num_gpu_blocks=self.num_blocks, window_s=k["window_s"], seed=seed,
+                    trace_source=k["trace_source"])
+        self.recompare([r.summary])
+        return r
 
     def recompare(self, more: list[dict]) -> None:
         """Add further executor runs' summaries and compare the twin to the median run."""
@@ -150,6 +164,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
                              file="config", field="policy")
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
+    warn_if_other_machine(profile)   # one stderr line: the profile describes another box
     trace = validate_trace(trace, source=trace_source)
     trace = crop_window(trace, window_s)
     if threads is None:
@@ -173,7 +188,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         torch.set_num_threads(old_threads)
     v = Validation(None, ex, None, nb, config, executor_summaries=summaries,
                    _twin_inputs={"trace": trace, "catalog": twin_catalog, "window_s": window_s,
-                                 "trace_source": trace_source})
+                                 "trace_source": trace_source, "executor_catalog": catalog})
     v.resimulate(profile)   # the twin, on the same KV capacity
     if out is not None:
         v.save(out, profile=profile.name, threads=threads, plot=plot)
