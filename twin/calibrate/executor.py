@@ -87,9 +87,8 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
     to ``max_lora_rank``) or ``slora`` (unified pages, LoRA at each adapter's own rank,
     grouped by rank); a profile describes one serving implementation on one machine, so
     validate each policy with its own.
-    ``dtype``: model, KV-cache and LoRA dtype (``float32``, ``bfloat16``, ``float16``); a
-    GPU serves in bf16/fp16, whose steps cost differently. Recorded in the provenance,
-    where ``twin validate`` takes it from.
+    ``dtype``: model, KV-cache and LoRA dtype (``float32``, ``bfloat16``, ``float16``;
+    recorded in the provenance, where ``twin validate`` takes it from).
     """
     if policy not in ("vllm", "slora"):
         raise TwinInputError(f"the executor implements the vllm and slora layouts, not "

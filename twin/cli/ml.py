@@ -259,7 +259,7 @@ def run_recommend_cmd(args) -> int:
 
 
 def _recommend(args) -> int:
-    from twin.costs.machine import warn_if_other_machine
+    from twin.costs.machine import warn_if_other_machine  # lazy: as the other imports here
     from twin.ml.export import write_recommendation  # lazy: ML stack off twin --help
     from twin.ml.recommend import recommend  # lazy: ML stack off twin --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
