@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twin.argtypes import strict_bool
 from twin.config import ServingConfig
-from twin.costs.profile import load_profile
+from twin.costs.profile import Profile, load_profile
 from twin.workload.schema import read_trace
 
 
@@ -30,8 +30,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=f"default {f.default if f.default is not None else 'max_loras'}")
 
 
-def config_from_args(args) -> ServingConfig:
-    """The ServingConfig of ``--config`` (if any) with every flag given overriding it."""
+def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
+    """The ServingConfig of ``--config`` (if any) with every flag given overriding it.
+    ``profile``: the ``--profile`` already loaded by the caller (else it is read here, for
+    the model's context only)."""
     base = ServingConfig.from_yaml(args.config).to_dict() if args.config else {}
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
@@ -42,7 +44,7 @@ def config_from_args(args) -> ServingConfig:
     if base.get("max_model_len") is None and getattr(args, "profile", None):
         # not given: vLLM derives max_model_len from the model (max_position_embeddings),
         # so a model with a shorter context than the default runs instead of being refused
-        context = load_profile(args.profile).model.max_position_embeddings
+        context = (profile or load_profile(args.profile)).model.max_position_embeddings
         if context is not None:
             base["max_model_len"] = context
     return ServingConfig.from_dict(base, source=str(args.config or "flags"))

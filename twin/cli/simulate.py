@@ -62,8 +62,9 @@ def run(args) -> int:
     say = console(args.json)
     # --out is checked (and locked) before the simulation, not after it
     with prepare(args.out, "simulate", inputs=input_paths(args)):
-        # the Python API reads the trace, catalog and profile, as `twin.simulate` does
-        result = api.simulate(args.trace, config_from_args(args), args.profile,
+        # the Python API reads the trace and catalog, as `twin.simulate` does
+        profile = api.load_profile(args.profile)   # read once: the config takes its context
+        result = api.simulate(args.trace, config_from_args(args, profile), profile,
                               catalog=args.catalog, window_s=args.window_s,
                               progress=not args.no_progress, record_steps=args.steps)
         if args.json:
