@@ -78,15 +78,15 @@ def check_hash_ids(df: pd.DataFrame, source: str) -> list:
     output lengths and the block size."""
     block = block_size(df, source)
     lists = _as_lists(df["hash_ids"], source)
-    kinds = set(map(type, chain.from_iterable(lists)))
-    if not kinds <= {int}:
-        if kinds <= {int, np.int64, np.int32, np.uint32, np.int16, np.int8}:
-            lists = [[int(x) for x in ids] for ids in lists]
-        else:
-            _first_bad_id(lists, source)
-    lo, hi = INT64_RANGE
     flat = list(chain.from_iterable(lists))
-    if flat and (min(flat) < lo or max(flat) > hi):
+    kinds = set(map(type, flat))
+    if not kinds <= {int}:
+        if not kinds <= {int, np.int64, np.int32, np.uint32, np.int16, np.int8}:
+            _first_bad_id(lists, source)
+        lists = [[int(x) for x in ids] for ids in lists]
+    try:   # int64's range, in one numpy pass
+        np.asarray(flat, dtype=np.int64)
+    except OverflowError:
         _first_bad_id(lists, source)
     n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
     prompt = df["prompt_tokens"].to_numpy(np.int64)

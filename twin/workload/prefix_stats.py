@@ -1,0 +1,107 @@
+"""How much of a trace an ideal prefix cache would serve, and how its sessions look.
+
+:func:`prefix_share` is the trace's *shared-prefix fraction*: the share of prompt tokens
+whose block an infinite prefix cache would already hold when the request arrives, under
+vLLM V1's rules (``vllm/v1/core/kv_cache_manager.py`` ``get_computed_blocks``,
+``kv_cache_utils.py`` ``hash_block_tokens``): blocks are hashed as a chain (a block hits
+only if every block before it hits too), only full blocks are cached, a request can reuse at
+most ``prompt_tokens - 1`` tokens (the last one is recomputed for its logits), and the hash
+includes the adapter, so a block never hits across adapters (the base model, ``adapter``
+null, is one more namespace). Every block of an earlier request counts, its output blocks
+included (vLLM caches decoded blocks once full); "earlier" is the trace's row order, so a
+real server, whose cache is finite and which may not have finished the earlier request,
+hits at most this often. It is the ideal-cache hit rate, a workload feature that does not
+depend on the server.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import numpy as np
+import pandas as pd
+
+from twin.errors import TwinInputError
+from twin.workload.prefix_columns import block_size
+
+__all__ = ["prefix_hit_tokens", "prefix_share", "prefix_groups", "session_summary"]
+
+
+def _chain_keys(ids: np.ndarray, row: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """A dense id per element for the chain (its row's ids up to and including it): equal
+    keys iff equal prefixes. One pass per block position, exact (no hashing)."""
+    dense, uniq = pd.factorize(ids)
+    n_ids = max(len(uniq), 1)
+    key = np.empty(len(ids), dtype=np.int64)
+    order = np.argsort(pos, kind="stable")
+    bounds = np.searchsorted(pos[order], np.arange(int(pos.max(initial=-1)) + 2))
+    next_key = 0
+    for p in range(len(bounds) - 1):
+        e = order[bounds[p]:bounds[p + 1]]
+        parent = key[e - 1] if p else np.zeros(len(e), dtype=np.int64)
+        codes, found = pd.factorize(parent * n_ids + dense[e])
+        key[e] = codes + next_key
+        next_key += len(found)
+    return key
+
+
+def prefix_hit_tokens(df: pd.DataFrame) -> np.ndarray:
+    """Per request, the prompt tokens an ideal per-adapter prefix cache would serve (see
+    the module doc); needs ``hash_ids`` and ``df.attrs["hash_block_size"]``."""
+    if "hash_ids" not in df.columns:
+        raise TwinInputError("the trace has no hash_ids column: nothing says which prompts "
+                             "share tokens", field="hash_ids")
+    block = block_size(df)
+    lists = df["hash_ids"].tolist()
+    n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    ids = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(n.sum()))
+    row = np.repeat(np.arange(len(n)), n)
+    pos = np.arange(len(ids)) - np.repeat(np.cumsum(n) - n, n)
+    key = _chain_keys(ids, row, pos)
+    adapter = pd.factorize(df["adapter"], use_na_sentinel=True)[0].astype(np.int64) + 1
+    seen = pd.Series(adapter[row] * (int(key.max(initial=0)) + 1) + key).duplicated()
+    cacheable = (df["prompt_tokens"].to_numpy(np.int64) - 1) // block
+    hit = seen.to_numpy() & (pos < cacheable[row])
+    return np.bincount(row[hit], minlength=len(n)) * block
+
+
+def prefix_share(df: pd.DataFrame) -> float:
+    """The shared-prefix fraction: ideal-cache hit tokens / prompt tokens (0 for an empty
+    trace). The recommender's workload feature and ``twin trace``'s summary use it."""
+    prompt = df["prompt_tokens"].to_numpy(np.int64).sum()
+    return float(prefix_hit_tokens(df).sum() / prompt) if prompt else 0.0
+
+
+def session_summary(df: pd.DataFrame) -> dict:
+    """Sessions, sessions per adapter (mean, max) and turns per session (mean, max) of a
+    multi-turn trace; empty when the trace has no ``session_id``."""
+    if "session_id" not in df.columns or not len(df):
+        return {}
+    sid = df["session_id"]
+    turns = sid.value_counts()
+    per_adapter = df.groupby(df["adapter"].fillna(""), sort=False)["session_id"].nunique()
+    return {"sessions": int(len(turns)),
+            "sessions_per_adapter_mean": float(per_adapter.mean()),
+            "sessions_per_adapter_max": int(per_adapter.max()),
+            "turns_mean": float(turns.mean()), "turns_max": int(turns.max())}
+
+
+def prefix_groups(df: pd.DataFrame, blocks: int) -> np.ndarray:
+    """A group code per request: equal iff the requests' first ``blocks`` hash ids are equal
+    (a request with fewer ids is grouped by all of them). Tagging adapters per group keeps a
+    conversation's turns, which re-send the same opening, on one adapter."""
+    if "hash_ids" not in df.columns:
+        raise TwinInputError("grouping by prefix needs a hash_ids column", field="hash_ids")
+    if int(blocks) < 1:
+        raise TwinInputError(f"need at least 1 block to group by, got {blocks}",
+                             field="blocks")
+    lists = df["hash_ids"].tolist()
+    n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    k = np.minimum(n, int(blocks))
+    ids = np.fromiter(chain.from_iterable(ids[:b] for ids, b in zip(lists, k.tolist())),
+                      dtype=np.int64, count=int(k.sum()))
+    row = np.repeat(np.arange(len(k)), k)
+    pos = np.arange(len(ids)) - np.repeat(np.cumsum(k) - k, k)
+    key = _chain_keys(ids, row, pos)
+    last = np.cumsum(k) - 1
+    return np.where(k > 0, key[np.maximum(last, 0)] if len(key) else -1, -1)
