@@ -4,12 +4,15 @@ sessions / summary actions."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from twin.cli.trace import main as cli_main
 from twin.errors import TwinInputError
+from twin.ml.features import PREFIX_FEATURES, prefix_features
 from twin.workload import public
 from twin.workload.popularity import assign_adapters
 from twin.workload.prefix_stats import (prefix_groups, prefix_hit_tokens, prefix_share,
@@ -132,3 +135,24 @@ def test_cli_sessions_and_summary(tmp_path, capsys):
     assert "12 sessions" in line
     assert cli_main(["trace", "sessions", "--adapters", "0", "--out",
                      str(tmp_path / "x.parquet")]) == 2
+
+
+def test_prefix_features_for_the_recommender():
+    df = session_trace(4, 3, duration_s=1e6, max_model_len=10 ** 6, seed=0)
+    f = prefix_features(df)
+    assert tuple(f) == PREFIX_FEATURES
+    assert f == {"prefix_share": prefix_share(df), "sessions_per_adapter": 3.0}
+    plain = df.drop(columns=["hash_ids", "session_id", "turn"])
+    assert prefix_features(plain) == {"prefix_share": 0.0,
+                                      "sessions_per_adapter": len(df) / 4}
+
+
+@pytest.mark.parametrize("name, block, share_min", [
+    ("sessions_16lora_10min.parquet", 16, 0.8), ("mooncake_conv_5min_8lora.parquet", 512, 0.1)])
+def test_bundled_prefix_traces_hold_the_contract(name, block, share_min):
+    path = Path(__file__).resolve().parents[1] / "traces" / name
+    assert path.stat().st_size < 300_000
+    df = read_trace(path)
+    assert df.attrs["hash_block_size"] == block
+    assert share_min < prefix_share(df) < 1
+    assert prefix_hit_tokens(df).tolist() == _brute_hits(df)
