@@ -175,6 +175,30 @@ def add_trace_parser(subparsers) -> argparse.ArgumentParser:
     return tp
 
 
+# (flag, type, default, help) of `twin trace sessions`; each flag's dest is the name of
+# twin.workload.sessions.session_trace's parameter it sets
+_SESSION_FLAGS = (
+    ("--sessions-per-adapter", float, 10,
+     "sessions per adapter over the span, on average (default 10)"),
+    ("--turns-mean", float, 4.0, "mean turns per session, geometric distribution (default 4)"),
+    ("--max-turns", int, None, "cap on turns per session (default: none)"),
+    ("--think-s", float, 30.0, "mean think time between turns, exponential (default 30 s)"),
+    ("--tpot-s", float, 0.03,
+     "seconds per output token used to estimate a turn's duration (default 0.03)"),
+    ("--duration-s", float, 3600,
+     "sessions start in [0, DURATION_S); later turns are dropped (default 3600)"),
+    ("--system-tokens", int, 512, "tokens of each adapter's system prompt (default 512)"),
+    ("--context-tokens", int, 2048,
+     "agent style: tokens of each session's tool context (default 2048)"),
+    ("--block-size", int, 16,
+     "tokens per hash id (default 16, vLLM's block size, so every full KV block can hit)"),
+    ("--max-model-len", int, 8192,
+     "a session ends before a turn whose prompt + output would pass this (default 8192)"),
+)
+_SESSION_ARGS = tuple(f[0][2:].replace("-", "_") for f in _SESSION_FLAGS[1:]) + (
+    "style", "same_system_prompt", "popularity", "alpha", "seed", "prefix")
+
+
 def _sessions_parser(acts) -> None:
     p = acts.add_parser(
         "sessions", help="multi-turn conversations (or agents) with per-adapter system "
@@ -183,37 +207,17 @@ def _sessions_parser(acts) -> None:
         "the same tool context re-sent with a new message (agent). Every adapter's sessions "
         "share its system prompt. Open loop: turn k arrives a think time plus an estimate "
         "of turn k-1's duration (--tpot-s per output token) after turn k-1 arrived, not "
-        "after it really finished. Writes hash_ids (block ids, equal ids = equal tokens), "
-        "session_id and turn.")
+        "after it really finished. Each turn's new message and answer are one (prompt, "
+        "output) pair of --lengths. Writes hash_ids (block ids, equal ids = equal tokens; "
+        "Parquet only), session_id and turn.")
     p.add_argument("--adapters", type=int, required=True, help="number of adapters")
-    p.add_argument("--sessions-per-adapter", type=float, default=10,
-                   help="sessions per adapter over the span, on average (default 10)")
-    p.add_argument("--turns-mean", type=float, default=4.0,
-                   help="mean turns per session, geometric distribution (default 4)")
-    p.add_argument("--max-turns", type=int, default=None, help="cap on turns per session")
-    p.add_argument("--think-s", type=float, default=30.0,
-                   help="mean think time between turns, exponential (default 30 s)")
-    p.add_argument("--tpot-s", type=float, default=0.03,
-                   help="seconds per output token used to estimate a turn's duration "
-                        "(default 0.03)")
-    p.add_argument("--duration-s", type=float, default=3600,
-                   help="sessions start in [0, DURATION_S); later turns are dropped "
-                        "(default 3600)")
+    for flag, kind, default, text in _SESSION_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--style", choices=sessions.STYLES, default="chat",
                    help="chat: history re-sent (default); agent: tool context re-sent")
-    p.add_argument("--system-tokens", type=int, default=512,
-                   help="tokens of each adapter's system prompt (default 512)")
-    p.add_argument("--context-tokens", type=int, default=2048,
-                   help="agent style: tokens of each session's tool context (default 2048)")
     p.add_argument("--same-system-prompt", action="store_true",
                    help="every adapter gets the same system prompt text (vLLM still never "
                         "shares its blocks across adapters)")
-    p.add_argument("--block-size", type=int, default=16,
-                   help="tokens per hash id (default 16, vLLM's block size, so every full "
-                        "KV block can hit)")
-    p.add_argument("--max-model-len", type=int, default=8192,
-                   help="a session ends before a turn whose prompt + output would pass "
-                        "this (default 8192)")
     p.add_argument("--popularity", choices=("uniform", "powerlaw"), default="uniform",
                    help="sessions per adapter: equal (default) or S-LoRA's power law")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (default 1)")
@@ -270,14 +274,9 @@ def build(args) -> pd.DataFrame:
                                        lengths=_length_sampler(args), seed=args.seed,
                                        prefix=args.prefix)
     if act == "sessions":
-        return sessions.session_trace(
-            args.adapters, args.sessions_per_adapter, turns_mean=args.turns_mean,
-            max_turns=args.max_turns, think_s=args.think_s, tpot_s=args.tpot_s,
-            duration_s=args.duration_s, system_tokens=args.system_tokens,
-            context_tokens=args.context_tokens, style=args.style,
-            lengths=_length_sampler(args), block_size=args.block_size,
-            max_model_len=args.max_model_len, popularity=args.popularity, alpha=args.alpha,
-            same_system_prompt=args.same_system_prompt, seed=args.seed, prefix=args.prefix)
+        return sessions.session_trace(args.adapters, args.sessions_per_adapter,
+                                      lengths=_length_sampler(args),
+                                      **{k: getattr(args, k) for k in _SESSION_ARGS})
     raise TwinInputError(f"unknown trace action {act!r}", field="trace_action")
 
 
