@@ -82,7 +82,8 @@ def _lengths_opts(p: argparse.ArgumentParser) -> None:
 
 
 def add_trace_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``trace`` (with actions azure, mooncake, servegen, rate-classes, powerlaw)."""
+    """Add ``trace`` (with actions azure, mooncake, servegen, rate-classes, powerlaw,
+    sessions, summary)."""
     fmt = argparse.RawDescriptionHelpFormatter
     tp = subparsers.add_parser("trace", help="build a trace file from public or synthetic "
                                "workloads", description=_DESCRIPTION, formatter_class=fmt)

@@ -9,7 +9,11 @@ A trace may carry, besides the five columns of :mod:`twin.workload.schema`:
   for Mooncake), kept in the Parquet file's key-value metadata: a trace with ``hash_ids``
   and no block size is refused, since nothing could tell which tokens an id covers. The ids
   must cover the prompt (``len * block >= prompt_tokens``) and no more than prompt and
-  output (``len <= ceil((prompt + output) / block)``).
+  output (``len <= ceil((prompt + output) / block)``). A last, partial block holds the first
+  tokens of the full block with the same id. Every row has a list (a request known to share
+  nothing gets fresh ids). A block is reused only after the same preceding ids and for the
+  same adapter: vLLM hashes blocks as a chain including the adapter
+  (:mod:`twin.workload.prefix_stats`).
 - ``session_id`` (int64) and ``turn`` (int32 >= 0): a multi-turn conversation's requests,
   turns numbered in arrival order. Both or neither.
 
