@@ -58,7 +58,6 @@ def test_hash_ids_without_block_size_names_the_file(tmp_path):
     ([[1, 2], [1, 2.5, 3], [9]], 1, "integers"),
     ([[1, 2], [1, True, 3], [9]], 1, "integers"),
     ([[1, 2], [1, 2, 2 ** 64], [9]], 1, "int64"),
-    ([[1, 2], None, [9]], 1, "list"),
     ([[1, 2], "1,2,3", [9]], 1, "list"),
 ])
 def test_bad_hash_ids_name_row_and_field(ids, row, words):
@@ -66,6 +65,13 @@ def test_bad_hash_ids_name_row_and_field(ids, row, words):
         validate_trace(_trace(hash_ids=ids), source="t")
     assert (e.value.row, e.value.field) == (row, "hash_ids")
     assert words in str(e.value)
+
+
+def test_null_hash_ids_are_requests_that_share_nothing(tmp_path):
+    df = validate_trace(_trace(hash_ids=[[1, 2], None, [9]]))
+    assert df["hash_ids"].tolist() == [[1, 2], None, [9]]
+    back = read_trace(write_trace(df, tmp_path / "n.parquet"))
+    assert back["hash_ids"].tolist() == [[1, 2], None, [9]]
 
 
 def test_bad_block_size():

@@ -27,6 +27,9 @@ def _brute_hits(df: pd.DataFrame) -> list[int]:
     chain of ids some earlier request of the same adapter held."""
     block, seen, out = df.attrs["hash_block_size"], set(), []
     for ids, adapter, prompt in zip(df["hash_ids"], df["adapter"], df["prompt_tokens"]):
+        if ids is None:   # unknown content: shares nothing
+            out.append(0)
+            continue
         ns = None if pd.isna(adapter) else adapter
         hits = 0
         for i in range((prompt - 1) // block):
@@ -52,7 +55,8 @@ def _random_trace(seed: int, n: int = 300, block: int = 4) -> pd.DataFrame:
                        "adapter": rng.choice(np.array(["a", "b", None], dtype=object), n),
                        "prompt_tokens": [r[1] for r in rows],
                        "output_tokens": [r[2] for r in rows]})
-    df["hash_ids"] = pd.Series([r[0] for r in rows], dtype=object)
+    df["hash_ids"] = pd.Series([None if i % 37 == 5 else r[0] for i, r in enumerate(rows)],
+                               dtype=object)
     df.attrs["hash_block_size"] = block
     return validate_trace(df)
 
@@ -84,9 +88,12 @@ def test_prefix_share_needs_hash_ids():
 def test_prefix_groups_and_group_tagging():
     df = _random_trace(1)
     g = prefix_groups(df, 2)
-    heads = df["hash_ids"].map(lambda ids: tuple(ids[:2]))
-    assert (pd.Series(g).groupby(heads.to_numpy()).nunique() == 1).all()
-    assert (heads.groupby(g).nunique() == 1).all()
+    null = df["hash_ids"].isna().to_numpy()
+    assert null.any() and len(set(g[null])) == null.sum()   # no ids: each alone
+    assert not set(g[null]) & set(g[~null])
+    heads = df["hash_ids"][~null].map(lambda ids: tuple(ids[:2]))
+    assert (pd.Series(g[~null]).groupby(heads.to_numpy()).nunique() == 1).all()
+    assert (heads.groupby(g[~null]).nunique() == 1).all()
     tagged = assign_adapters(df, 5, groups=g, seed=0)
     assert (tagged["adapter"].groupby(g).nunique() == 1).all()
     assert tagged["adapter"].nunique() > 1

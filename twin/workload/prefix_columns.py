@@ -10,8 +10,8 @@ A trace may carry, besides the five columns of :mod:`twin.workload.schema`:
   and no block size is refused, since nothing could tell which tokens an id covers. The ids
   must cover the prompt (``len * block >= prompt_tokens``) and no more than prompt and
   output (``len <= ceil((prompt + output) / block)``). A last, partial block holds the first
-  tokens of the full block with the same id. Every row has a list (a request known to share
-  nothing gets fresh ids). A block is reused only after the same preceding ids and for the
+  tokens of the full block with the same id. A null row (None) is a request whose content is
+  unknown: it shares nothing with anyone (the scheduler's contract). A block is reused only after the same preceding ids and for the
   same adapter: vLLM hashes blocks as a chain including the adapter
   (:mod:`twin.workload.prefix_stats`).
 - ``session_id`` (int64) and ``turn`` (int32 >= 0): a multi-turn conversation's requests,
@@ -52,10 +52,13 @@ def block_size(df: pd.DataFrame, source: str = "trace") -> int:
 
 
 def _as_lists(col: pd.Series, source: str) -> list:
-    """Each row a Python list (tuples and numpy arrays converted); anything else refused."""
+    """Each row a Python list (tuples and numpy arrays converted) or None (null, NaN, NA);
+    anything else refused."""
     out = []
     for i, v in enumerate(col.tolist()):
-        if isinstance(v, list):
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+            out.append(None)
+        elif isinstance(v, list):
             out.append(v)
         elif isinstance(v, np.ndarray) and v.ndim == 1:
             out.append(v.tolist())
@@ -70,7 +73,7 @@ def _as_lists(col: pd.Series, source: str) -> list:
 def _first_bad_id(lists: list, source: str) -> None:
     lo, hi = INT64_RANGE
     for i, ids in enumerate(lists):
-        for x in ids:
+        for x in ids or ():
             ok = isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
             if not ok or not lo <= int(x) <= hi:
                 raise TwinInputError(f"block ids must be integers in int64's range, got "
@@ -82,20 +85,22 @@ def check_hash_ids(df: pd.DataFrame, source: str) -> list:
     output lengths and the block size."""
     block = block_size(df, source)
     lists = _as_lists(df["hash_ids"], source)
-    flat = list(chain.from_iterable(lists))
+    null = np.fromiter((x is None for x in lists), dtype=bool, count=len(lists))
+    flat = list(chain.from_iterable(ids for ids in lists if ids is not None))
     kinds = set(map(type, flat))
     if not kinds <= {int}:
         if not kinds <= {int, np.int64, np.int32, np.uint32, np.int16, np.int8}:
             _first_bad_id(lists, source)
-        lists = [[int(x) for x in ids] for ids in lists]
+        lists = [None if ids is None else [int(x) for x in ids] for ids in lists]
     try:   # int64's range, in one numpy pass
         np.asarray(flat, dtype=np.int64)
     except OverflowError:
         _first_bad_id(lists, source)
-    n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    n = np.fromiter((len(x) if x is not None else 0 for x in lists), dtype=np.int64,
+                    count=len(lists))
     prompt = df["prompt_tokens"].to_numpy(np.int64)
     total = prompt + df["output_tokens"].to_numpy(np.int64)
-    short = n * block < prompt
+    short = (n * block < prompt) & ~null
     if short.any():
         r = int(np.flatnonzero(short)[0])
         raise TwinInputError(f"{n[r]} block ids of {block} tokens do not cover the prompt's "

@@ -27,6 +27,20 @@ from twin.workload.prefix_columns import block_size
 __all__ = ["prefix_hit_tokens", "prefix_share", "prefix_groups", "session_summary"]
 
 
+def _flat(lists: list, limit: int | None = None):
+    """(ids, row, position) of every element of ``lists`` (None = no ids), at most
+    ``limit`` leading ids per row, and the ids per row."""
+    n = np.fromiter((0 if x is None else len(x) for x in lists), dtype=np.int64,
+                    count=len(lists))
+    if limit is not None:
+        n = np.minimum(n, int(limit))
+    rows = (x[:k] for x, k in zip(lists, n.tolist()) if k)
+    ids = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(n.sum()))
+    row = np.repeat(np.arange(len(n)), n)
+    pos = np.arange(len(ids)) - np.repeat(np.cumsum(n) - n, n)
+    return ids, row, pos, n
+
+
 def _chain_keys(ids: np.ndarray, row: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """A dense id per element for the chain (its row's ids up to and including it): equal
     keys iff equal prefixes. One pass per block position, exact (no hashing)."""
@@ -52,11 +66,7 @@ def prefix_hit_tokens(df: pd.DataFrame) -> np.ndarray:
         raise TwinInputError("the trace has no hash_ids column: nothing says which prompts "
                              "share tokens", field="hash_ids")
     block = block_size(df)
-    lists = df["hash_ids"].tolist()
-    n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    ids = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(n.sum()))
-    row = np.repeat(np.arange(len(n)), n)
-    pos = np.arange(len(ids)) - np.repeat(np.cumsum(n) - n, n)
+    ids, row, pos, n = _flat(df["hash_ids"].tolist())
     key = _chain_keys(ids, row, pos)
     adapter = pd.factorize(df["adapter"], use_na_sentinel=True)[0].astype(np.int64) + 1
     seen = pd.Series(adapter[row] * (int(key.max(initial=0)) + 1) + key).duplicated()
@@ -88,20 +98,14 @@ def session_summary(df: pd.DataFrame) -> dict:
 
 def prefix_groups(df: pd.DataFrame, blocks: int) -> np.ndarray:
     """A group code per request: equal iff the requests' first ``blocks`` hash ids are equal
-    (a request with fewer ids is grouped by all of them). Tagging adapters per group keeps a
+    (a request with fewer ids is grouped by all of them, one without ids is alone). Tagging adapters per group keeps a
     conversation's turns, which re-send the same opening, on one adapter."""
     if "hash_ids" not in df.columns:
         raise TwinInputError("grouping by prefix needs a hash_ids column", field="hash_ids")
     if int(blocks) < 1:
         raise TwinInputError(f"need at least 1 block to group by, got {blocks}",
                              field="blocks")
-    lists = df["hash_ids"].tolist()
-    n = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    k = np.minimum(n, int(blocks))
-    ids = np.fromiter(chain.from_iterable(ids[:b] for ids, b in zip(lists, k.tolist())),
-                      dtype=np.int64, count=int(k.sum()))
-    row = np.repeat(np.arange(len(k)), k)
-    pos = np.arange(len(ids)) - np.repeat(np.cumsum(k) - k, k)
+    ids, row, pos, k = _flat(df["hash_ids"].tolist(), blocks)
     key = _chain_keys(ids, row, pos)
-    last = np.cumsum(k) - 1
-    return np.where(k > 0, key[np.maximum(last, 0)] if len(key) else -1, -1)
+    last = key[np.maximum(np.cumsum(k) - 1, 0)] if len(key) else np.zeros(len(k), np.int64)
+    return np.where(k > 0, last, -1 - np.arange(len(k)))   # no ids: a group of its own
