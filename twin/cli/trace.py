@@ -318,9 +318,9 @@ def run(args) -> int:
                                  file=str(out))
         if out.suffix.lower() == ".csv":
             if "hash_ids" in df.columns:
-                raise TwinInputError("a CSV trace cannot keep hash_ids' block size: write "
-                                     ".parquet (or drop them: mooncake --no-hash-ids)",
-                                     file=str(out), field="--out")
+                drop = " (or drop them: --no-hash-ids)" if args.trace_action == "mooncake" else ""
+                raise TwinInputError("a CSV trace cannot keep the hash_ids' block size: "
+                                     f"write .parquet{drop}", file=str(out), field="--out")
             with staged_file(out, "trace") as tmp:
                 validate_trace(df, source=str(out)).to_csv(tmp, index=False)
         else:

@@ -11,9 +11,9 @@ A trace may carry, besides the five columns of :mod:`twin.workload.schema`:
   must cover the prompt (``len * block >= prompt_tokens``) and no more than prompt and
   output (``len <= ceil((prompt + output) / block)``). A last, partial block holds the first
   tokens of the full block with the same id. A null row (None) is a request whose content is
-  unknown: it shares nothing with anyone (the scheduler's contract). A block is reused only after the same preceding ids and for the
-  same adapter: vLLM hashes blocks as a chain including the adapter
-  (:mod:`twin.workload.prefix_stats`).
+  unknown: it shares nothing with anyone (the scheduler's contract). A block is reused only
+  after the same preceding ids and for the same adapter: vLLM hashes blocks as a chain
+  including the adapter (:mod:`twin.workload.prefix_stats`).
 - ``session_id`` (int64) and ``turn`` (int32 >= 0): a multi-turn conversation's requests,
   turns numbered in arrival order. Both or neither.
 

@@ -98,8 +98,9 @@ def session_summary(df: pd.DataFrame) -> dict:
 
 def prefix_groups(df: pd.DataFrame, blocks: int) -> np.ndarray:
     """A group code per request: equal iff the requests' first ``blocks`` hash ids are equal
-    (a request with fewer ids is grouped by all of them, one without ids is alone). Tagging adapters per group keeps a
-    conversation's turns, which re-send the same opening, on one adapter."""
+    (a request with fewer ids is grouped by all of them, one without ids is alone).
+    Tagging adapters per group keeps a conversation's turns, which re-send the same
+    opening, on one adapter."""
     if "hash_ids" not in df.columns:
         raise TwinInputError("grouping by prefix needs a hash_ids column", field="hash_ids")
     if int(blocks) < 1:

@@ -27,7 +27,8 @@ from twin.workload.values import INT32_MAX, exact_ints, require_columns
 __all__ = [
     "shared_data_dir", "shared_trace_path", "load_azure2023", "load_mooncake",
     "sharegpt_length_pool",
-    "AZURE_FILES", "MOONCAKE_FILES", "MOONCAKE_BLOCK_SIZE", "SERVEGEN_RATE_FILE", "SERVEGEN_LENGTH_FILE",
+    "AZURE_FILES", "MOONCAKE_FILES", "MOONCAKE_BLOCK_SIZE", "SERVEGEN_RATE_FILE",
+    "SERVEGEN_LENGTH_FILE",
     "SHAREGPT_FILE", "VLLM_H100_POOL_MEANS",
 ]
 
