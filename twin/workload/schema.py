@@ -207,10 +207,10 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
         "output_tokens": df["output_tokens"].to_numpy().astype(np.int32),
     })
     out["adapter"] = out["adapter"].astype("string")
-    extra = [c for c in df.columns if c not in TRACE_COLUMNS]
+    check_prefix_columns(df, out, source)   # hash_ids, session_id, turn: canonical forms
+    extra = [c for c in df.columns if c not in TRACE_COLUMNS and c not in out.columns]
     for c in extra:  # keep annotations (e.g. tenant, rate class) untouched
         out[c] = df[c].to_numpy()
-    check_prefix_columns(df, out, source)
     return out
 
 
