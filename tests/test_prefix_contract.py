@@ -31,10 +31,11 @@ def test_round_trip_keeps_hash_ids_block_size_and_sessions(tmp_path):
     assert back["hash_ids"].tolist() == [[1, 2], [1, 2, 3], [9]]
     assert all(type(x) is int for ids in back["hash_ids"] for x in ids)
     assert back["session_id"].tolist() == [7, 7, 8] and back["turn"].dtype == np.int32
-    # an existing trace without the columns is unchanged: no attrs, no extra columns
+    # a trace without the columns is read as before: the contract's five columns
     plain = read_trace(write_trace(df.drop(columns=["hash_ids", "session_id", "turn"]),
                                    tmp_path / "p.parquet"))
-    assert "hash_ids" not in plain and plain.attrs == {}
+    assert list(plain.columns) == ["request_id", "arrival_s", "adapter", "prompt_tokens",
+                                   "output_tokens"]
 
 
 def test_hash_ids_without_block_size_names_the_file(tmp_path):

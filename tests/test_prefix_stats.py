@@ -24,9 +24,11 @@ from shared_data import shared_file
 
 def _brute_hits(df: pd.DataFrame) -> list[int]:
     """vLLM's rule by hand: leading full blocks (at most (prompt - 1) // block) whose whole
-    chain of ids some earlier request of the same adapter held."""
+    chain of ids some earlier request of the same adapter computed in full (it computed
+    prompt + output - 1 tokens)."""
     block, seen, out = df.attrs["hash_block_size"], set(), []
-    for ids, adapter, prompt in zip(df["hash_ids"], df["adapter"], df["prompt_tokens"]):
+    for ids, adapter, prompt, output in zip(df["hash_ids"], df["adapter"],
+                                            df["prompt_tokens"], df["output_tokens"]):
         if ids is None:   # unknown content: shares nothing
             out.append(0)
             continue
@@ -37,7 +39,8 @@ def _brute_hits(df: pd.DataFrame) -> list[int]:
                 break
             hits += 1
         out.append(hits * block)
-        seen.update((ns, tuple(ids[:i + 1])) for i in range(len(ids)))
+        full = min(len(ids), (prompt + output - 1) // block)
+        seen.update((ns, tuple(ids[:i + 1])) for i in range(full))
     return out
 
 

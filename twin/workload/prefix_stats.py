@@ -7,11 +7,16 @@ vLLM V1's rules (``vllm/v1/core/kv_cache_manager.py`` ``get_computed_blocks``,
 only if every block before it hits too), only full blocks are cached, a request can reuse at
 most ``prompt_tokens - 1`` tokens (the last one is recomputed for its logits), and the hash
 includes the adapter, so a block never hits across adapters (the base model, ``adapter``
-null, is one more namespace). Every block of an earlier request counts, its output blocks
-included (vLLM caches decoded blocks once full); "earlier" is the trace's row order, so a
-real server, whose cache is finite and which may not have finished the earlier request,
-hits at most this often. It is the ideal-cache hit rate, a workload feature that does not
-depend on the server.
+null, is one more namespace). An earlier request leaves cached the full blocks of the
+tokens it computed, its output included: ``prompt + output - 1`` tokens (vLLM caches decode
+blocks as they fill; the last sampled token is never fed back, so never computed). A block
+it held only in part is not cached, even if a later request holds all of it. "Earlier" is
+the trace's row order, so a real server, whose cache is finite and which may not have
+finished the earlier request, hits at most this often, counted in hash blocks. With hash
+blocks larger than the KV block (Mooncake's 512 tokens against vLLM's 16), a server can also
+reuse the leading KV blocks of a hash block an earlier request computed in part, which this
+count leaves out. It is the ideal-cache hit rate, a workload feature that does not depend on
+the server.
 """
 
 from __future__ import annotations
@@ -69,9 +74,15 @@ def prefix_hit_tokens(df: pd.DataFrame) -> np.ndarray:
     ids, row, pos, n = _flat(df["hash_ids"].tolist())
     key = _chain_keys(ids, row, pos)
     adapter = pd.factorize(df["adapter"], use_na_sentinel=True)[0].astype(np.int64) + 1
-    seen = pd.Series(adapter[row] * (int(key.max(initial=0)) + 1) + key).duplicated()
-    cacheable = (df["prompt_tokens"].to_numpy(np.int64) - 1) // block
-    hit = seen.to_numpy() & (pos < cacheable[row])
+    group = pd.factorize(adapter[row] * (int(key.max(initial=0)) + 1) + key)[0]
+    prompt = df["prompt_tokens"].to_numpy(np.int64)
+    computed = prompt + df["output_tokens"].to_numpy(np.int64) - 1
+    full = (pos + 1) * block <= computed[row]      # what each request leaves cached
+    first = np.full(int(group.max(initial=-1)) + 1, np.iinfo(np.int64).max)
+    g, r = group[full], row[full]                  # rows ascend: the first is the earliest
+    new = ~pd.Series(g).duplicated().to_numpy()
+    first[g[new]] = r[new]
+    hit = (first[group] < row) & (pos < ((prompt - 1) // block)[row])
     return np.bincount(row[hit], minlength=len(n)) * block
 
 
