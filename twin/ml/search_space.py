@@ -99,11 +99,12 @@ class SearchSpace:
 
 
 def search_space(n_adapters: int, max_rank: int, base: ServingConfig,
-                 objective: str = "goodput") -> SearchSpace:
+                 objective: str = "goodput", knobs=None) -> SearchSpace:
     """The space for a workload of ``n_adapters`` adapters whose largest rank is
-    ``max_rank``, around ``base``; only :data:`OBJECTIVE_KNOBS`'s knobs vary. The point of
-    the paper's candidates (``max_cpu_loras`` = adapters, rank = the largest padded, the
-    rest the base's) is always in it."""
+    ``max_rank``, around ``base``; only :data:`OBJECTIVE_KNOBS`'s knobs vary (``knobs``:
+    fewer of them; the others keep the base's value). The point of the paper's candidates
+    (``max_cpu_loras`` = adapters, rank = the largest padded, the rest the base's) is
+    always in it."""
     n = max(1, int(n_adapters))
     first = config_for(base, 1, n, max_rank)   # the base with the workload's cpu/rank
     r0 = pad_rank(int(max_rank))
@@ -117,6 +118,11 @@ def search_space(n_adapters: int, max_rank: int, base: ServingConfig,
                                                | {round(base.gpu_memory_utilization, 4)})),
     }
     keep = OBJECTIVE_KNOBS[objective]
+    if knobs is not None:
+        bad = sorted(set(knobs) - set(KNOBS))
+        if bad:
+            raise ValueError(f"unknown knob(s) {', '.join(bad)}; knobs: {', '.join(KNOBS)}")
+        keep = tuple(k for k in keep if k in knobs)
     grids = {k: (v if k in keep else (_base_value(first, k),)) for k, v in full.items()}
     return SearchSpace(first, grids)
 
