@@ -147,13 +147,11 @@ def test_cost_gpus_equal_the_exhaustive_count(setup):
     assert all(c["ttft_p99"] <= slo["ttft"] for c in met)
 
 
-def test_cost_infeasible_is_said_plainly(setup, tmp_path, capsys):
+def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
     from twin.cli import main
 
     tr, cat, _, _ = setup
-    tp, cp = tmp_path / "t.parquet", tmp_path / "cat.csv"
-    tr.to_parquet(tp, index=False)
-    cat.table.to_csv(cp, index=False)
+    tp, cp = trace_files(tr, cat)
     out = tmp_path / "cost"
     rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
                str(WINDOW), "--objective", "cost", "--slo", "ttft=1,tpot=0.5", "--max-gpus",
@@ -164,3 +162,18 @@ def test_cost_infeasible_is_said_plainly(setup, tmp_path, capsys):
     d = json.loads((out / "cost.json").read_text())
     assert d["ok"] is False and d["gpus"] is None and d["max_gpus"] == 2
     assert (out / "cost_curve.png").stat().st_size > 0
+
+
+def test_frontier_plot_and_help(exhaustive, tmp_path, capsys):
+    from twin.cli import main
+    from twin.ml.slo_plots import plot_slo_frontier, top_knobs
+
+    t = pd.DataFrame(exhaustive.search["trials"])
+    assert set(top_knobs(t, KNOBS)) == set(KNOBS)
+    png = plot_slo_frontier(exhaustive.search, SLO, tmp_path / "f.png", chosen=exhaustive.config)
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["recommend", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--optimizer", "--seed", "--study-db", "--gpu-price", "--max-gpus", "cost"):
+        assert flag in text

@@ -17,18 +17,19 @@
    ``recommendation.json`` name them all instead of presenting one as clearly best.
 
 For the goodput objective (latency SLOs on p99 TTFT/TPOT) the model only places the
-search: its features do not see ``max_num_batched_tokens`` or ``max_num_seqs``, and its
-latency predictions can be far off under bursts. So after the ``max_loras`` search (a third
-of the budget), a coordinate search (:func:`_knob_search`) moves one knob at a time
-(``max_loras``, ``max_num_batched_tokens``, ``max_num_seqs``) a grid step up or down from
-the best verified point, keeping a move when the twin run is better, until no move helps
-or ``max_runs`` is spent; deterministic (the twin is, and the order is fixed). A
-configuration is recommended only if its own twin run meets the SLOs on its p99s; else the
-result says so (``ok`` False) with the best achievable percentiles and what bounds them
-(:func:`twin.ml.report.slo_verdict`). ``max_cpu_loras`` stays at the adapters served (below
-it every request of the others would wait for a CPU load: a different service), and
-``gpu_memory_utilization`` at the base's. A black-box optimizer (Optuna TPE) would fit the
-larger space; it is not a dependency, and the grid search is what runs.
+search: its features do not see ``max_num_batched_tokens``, ``max_num_seqs`` or
+``max_cpu_loras``, and its latency predictions can be far off under bursts. After the
+``max_loras`` search (a third of the budget), the rest of ``max_runs`` goes to a search over
+the enlarged space of :mod:`twin.ml.search_space` (``max_loras``, ``max_cpu_loras``,
+``max_lora_rank`` padding, ``max_num_batched_tokens``, ``max_num_seqs``,
+``gpu_memory_utilization``) by :func:`twin.ml.optimize.optimize`: exhaustive when the space
+fits the budget, else Optuna TPE (seeded; the model's best predicted configurations over
+what it sees -- slots, padded rank, KV capacity -- enqueued first) when Optuna is installed,
+else a deterministic coordinate walk (:func:`twin.ml.trials.coordinate_search`). Every trial
+is a twin run. A configuration is recommended only if its own twin run meets the SLOs on
+its p99s; else the result says so (``ok`` False) with the best achievable percentiles and
+what bounds them (:func:`twin.ml.report.slo_verdict`). The model's explanation of its pick
+(which features drove it: :func:`twin.ml.explain.explain`) is kept in the result.
 
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 """
@@ -103,12 +104,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     ``study_db`` (an SQLite file: a resumable Optuna study); ``knobs``: search only these
     (default all of :data:`twin.ml.search_space.KNOBS`; ignored when ``space`` is given)."""
     t_start = time.perf_counter()
-    if objective not in ("throughput", "goodput"):
-        raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
-                             field="--objective")
-    if objective == "goodput" and not slo:
-        raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
-                             field="--slo")
+    _check_objective(objective, slo)
     if max_runs is None:
         max_runs = DEFAULT_RUNS[objective]
     profile, model, base, window, trace, catalog = prepare_inputs(
@@ -136,9 +132,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
             space = space or search_space(len(catalog), max_rank, base, objective, knobs)
             T = Trials(cand, results, space, ver, max_runs, profile)
             prior = _prior(model, wf, space, profile, max_rank, slo)
-            ident = {"trace": int(pd.util.hash_pandas_object(trace, index=False).sum()),
-                   "slo": slo, "space": space.to_dict(), "profile": profile.name,
-                   "window_s": window}
+            ident = (int(pd.util.hash_pandas_object(trace, index=False).sum()), slo,
+                     space.to_dict(), profile.name, window)   # what a stored study is of
             search = optimize(T, slo, optimizer=optimizer, seed=seed, prior=prior,
                               study_db=study_db, study_key=ident, workers=workers)
             search.update(space=space.to_dict(), trials=T.records())
@@ -170,6 +165,15 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
         slo_verdict=verdict, disagreements=disagree, search=search,
         explanation=explain(model, cand.iloc[start]))
+
+
+def _check_objective(objective: str, slo: dict | None) -> None:
+    if objective not in ("throughput", "goodput"):
+        raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
+                             field="--objective")
+    if objective == "goodput" and not slo:
+        raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
+                             field="--slo")
 
 
 def _prior(model, wf, space: SearchSpace, profile, max_rank: int, slo: dict) -> list:
