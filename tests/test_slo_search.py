@@ -142,6 +142,7 @@ def test_cost_gpus_equal_the_exhaustive_count(setup):
     assert want is not None and want > 1
     assert plan.ok and plan.gpus == want
     assert plan.per_hour == pytest.approx(2.0 * want)
+    assert all(c["gpus_verified"] <= c["gpus"] for c in plan.placement.curve)
     met = [c for c in plan.placement.curve if c["met"]]
     assert met and min(c["gpus"] for c in met) == want
     assert all(c["ttft_p99"] <= slo["ttft"] for c in met)

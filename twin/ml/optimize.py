@@ -44,7 +44,8 @@ def choose(optimizer: str, T: Trials) -> tuple[str, str]:
     if optimizer not in OPTIMIZERS:
         raise TwinInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
                              f"{optimizer!r}", field="--optimizer")
-    left = sum(1 for p in T.space.points() if T.index.get(p) not in T.results)
+    left = T.space.size() - sum(1 for p, i in T.index.items()
+                                if i in T.results and T.space.contains(p))
     if optimizer == "auto":
         if left <= T.budget():
             return "exhaustive", f"the space's {T.space.size()} points fit the budget"
@@ -98,7 +99,7 @@ def tpe_search(T: Trials, slo: dict, *, seed: int, prior=(), study_db: str | Non
     told = {_key(t.params) for t in study.trials}
     for i in list(T.order):   # the runs made so far, told to the study
         params = _params(T, i, dists)
-        if _key(params) not in told:
+        if _key(params) not in told and all(params[k] in dists[k].choices for k in dists):
             study.add_trial(optuna.trial.create_trial(
                 params=params, distributions=dists, value=slo_value(T.results[i], slo),
                 user_attrs={"run": _attrs(T.results[i]), "search": str(T.cand.at[i, "search"])}))

@@ -158,21 +158,24 @@ class _Search:
             if not self.U.adapters(g):  # base-model traffic only: not a LoRA server
                 continue
             ok = self.verified_ok(g)
-            self._chart(len(groups), self.verified[tuple(sorted(g))], ok)
+            self._chart(len(groups), tuple(sorted(g)), ok)
             if not ok:
                 return g
         return None
 
-    def _chart(self, k: int, rec: Recommendation, ok: bool) -> None:
+    def _chart(self, k: int, key: tuple, ok: bool) -> None:
         """The cost curve's point for ``k`` GPUs: the worst p99s among its GPUs verified so
         far (a GPU that misses the SLOs: its best achievable p99s; starving: infinite), and
         whether every GPU verified (a failed count stops at its first failing GPU)."""
         pt = self.curve.setdefault(k, {"gpus": k, "ttft_p99": 0.0, "tpot_p99": 0.0,
-                                       "met": True, "gpus_verified": 0})
+                                       "met": True, "gpus_verified": 0, "_seen": set()})
+        if key in pt["_seen"]:
+            return
+        pt["_seen"].add(key)
         for m in ("ttft_p99", "tpot_p99"):
-            pt[m] = max(pt[m], _p99(rec, m))
+            pt[m] = max(pt[m], _p99(self.verified[key], m))
         pt["met"] = pt["met"] and ok
-        pt["gpus_verified"] += 1
+        pt["gpus_verified"] = len(pt["_seen"])
 
     def split_hot(self) -> int:
         """Hot adapters (by load, hottest first): one the model doubts fits a GPU alone is run
@@ -270,12 +273,13 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
                 max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit,
                 objective=objective, slo=slo, search_kw=search_kw)
+    whole = tuple(sorted(U.units))
     if known is not None:
-        s.verified[tuple(sorted(U.units))] = known
+        s.verified[whole] = known
     k_cap = s.split_hot()
     groups, ok, k = s.grow(k_cap)
     if known is not None and 1 not in s.curve:   # the one-GPU verdict, for the cost curve
-        s._chart(1, known, known.ok)
+        s._chart(1, whole, known.ok)
     if ok:
         groups = s.shrink(groups, k)
     else:  # report the last partition tried, consistent with the units
@@ -285,7 +289,8 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
     return Placement(plans, _routing(U, plans, rank, window), ok, time.perf_counter() - t0,
                      s.runs, s.attempts, dict(U.replicas),
-                     curve=[s.curve[k] for k in sorted(s.curve)])
+                     curve=[{n: v for n, v in s.curve[k].items() if n != "_seen"}
+                            for k in sorted(s.curve)])
 
 
 def _p99(rec: Recommendation, m: str) -> float:

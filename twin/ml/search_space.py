@@ -26,6 +26,7 @@ Which knobs an objective searches (:data:`OBJECTIVE_KNOBS`): ``throughput`` only
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 from twin.config import ALLOWED_LORA_RANKS, ServingConfig
@@ -71,8 +72,24 @@ class SearchSpace:
         return tuple(k for k in KNOBS if len(self.grids.get(k, ())) > 1)
 
     def size(self) -> int:
-        """Distinct configurations (after raising max_cpu_loras to max_loras)."""
-        return len(set(self.points()))
+        """Distinct configurations (after raising max_cpu_loras to max_loras), counted
+        without building them."""
+        g = self.grids
+        ml = g.get("max_loras", (self.base.max_loras,))
+        cpu = g.get("max_cpu_loras", (self.base.max_cpu_loras,))
+        pairs = len({(m, max(m, c)) for m in ml for c in cpu})
+        return pairs * math.prod(len(g[k]) for k in KNOBS[2:] if k in g)
+
+    def contains(self, point) -> bool:
+        """Is a point (KNOBS order) one of the space's?"""
+        d = dict(zip(KNOBS, point))
+        if d["max_cpu_loras"] < d["max_loras"]:
+            return False
+        cpu = self.grids.get("max_cpu_loras", (self.base.max_cpu_loras,))
+        if d["max_cpu_loras"] not in cpu and not (d["max_cpu_loras"] == d["max_loras"]
+                                                 and min(cpu) <= d["max_loras"]):
+            return False
+        return all(d[k] in v for k, v in self.grids.items() if k != "max_cpu_loras")
 
     def points(self):
         """Every distinct point, in grid order (for an exhaustive search: sloeval)."""
