@@ -118,7 +118,8 @@ def _common_workload(p):
     p.add_argument("--model-name", default=None,
                    help="model for `vllm serve` (default: the profile's model)")
     p.add_argument("--max-runs", type=positive_int, default=None,
-                   help="twin runs per GPU (default 4; 16 with --objective goodput or --slo)")
+                   help="twin runs per GPU (default 4; 16 with --objective goodput or cost, "
+                        "or --slo)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
 

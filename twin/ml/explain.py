@@ -44,7 +44,7 @@ def explain(model, row, top: int = 5) -> dict:
            "max_loras": int(x.get("max_loras", 0)), "targets": {}}
     for target, what in TARGETS.items():
         m = getattr(model, "models", {}).get(target)
-        if m is None:
+        if not isinstance(m, dict) or "trees" not in m:   # not a tree ensemble: no terms
             continue
         base, c = contributions(m, x)
         order = sorted(c, key=lambda f: (-abs(c[f]), f))[:top]
