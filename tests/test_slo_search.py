@@ -106,12 +106,21 @@ def test_tpe_is_deterministic_by_seed_and_records_its_trials(setup):
 
 
 @needs_optuna
-def test_study_db_resumes_without_running_again(setup, tmp_path):
-    db = str(tmp_path / "study.db")
-    first = _rec(setup, optimizer="tpe", max_runs=6, study_db=db)
-    again = _rec(setup, optimizer="tpe", max_runs=6, study_db=db)
-    resumed = [t for t in again.search["trials"] if t.get("resumed")]
-    assert first.runs == 6 and len(resumed) >= 4   # the max_loras phase's runs are re-made
+def test_study_db_resumes_without_running_again(setup, tmp_path, trace_files):
+    from twin.cli import main
+
+    tp, cp = trace_files(*setup[:2])
+    out = tmp_path / "rec"
+    args = ["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s", str(WINDOW),
+            "--objective", "goodput", "--slo", "ttft=1000,tpot=25", "--optimizer", "tpe",
+            "--max-runs", "6", "--workers", "1", "--no-plot", "--study-db", "--out", str(out)]
+    assert main(args) == 0 and (out / "study.db").stat().st_size > 0
+    first = json.loads((out / "recommendation.json").read_text())["search"]["trials"]
+    assert main(args) == 0   # the study in OUT/study.db is resumed: nothing run again
+    again = json.loads((out / "recommendation.json").read_text())["search"]["trials"]
+    resumed = [t for t in again if t.get("resumed")]
+    assert len(first) == 6 and len(resumed) >= 4
+    assert not (tmp_path / ".rec.study.db").exists()   # the working copy is gone
 
 
 def _exhaustive_gpus(tr, cat, profile, model, slo, max_gpus):
