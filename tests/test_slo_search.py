@@ -187,3 +187,10 @@ def test_frontier_plot_and_help(exhaustive, tmp_path, capsys):
     text = capsys.readouterr().out
     for flag in ("--optimizer", "--seed", "--study-db", "--gpu-price", "--max-gpus", "cost"):
         assert flag in text
+
+
+def test_without_optuna_auto_falls_back_to_the_coordinate_walk(setup, monkeypatch):
+    monkeypatch.setattr("twin.ml.optimize.optuna_version", lambda: None)
+    rec = _rec(setup, max_runs=6)
+    assert rec.search["optimizer"] == "coordinate" and "not installed" in rec.search["why"]
+    assert "search: coordinate (optuna is not installed" in rec.report()
