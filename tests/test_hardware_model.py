@@ -84,10 +84,12 @@ def test_counts_scale_with_the_shape_as_the_physics_says():
     dense = HW_TERMS.index("dense_s_per_flop")
     assert Na[dense, j["prefill_tokens"]] == 2 * Nb[dense, j["prefill_tokens"]]
     assert Na[dense, j["prefill_seqs"]] == Nb[dense, j["prefill_seqs"]] == 2 * 49152 * 576
-    # tensor parallel: weights read and KV split across ranks, all-reduce appears
-    tp2 = counts(a, tp=2)
-    w = HW_TERMS.index("weight_s_per_byte")
-    assert tp2[w, j["const"]] == pytest.approx(Na[w, j["const"]] / 2)
+    # tensor parallel (9 heads, 3 KV heads: tp 3 splits both): weights read and KV split
+    # across ranks, all-reduce appears
+    tp2 = counts(a, tp=3)
+    w, kv = HW_TERMS.index("weight_s_per_byte"), HW_TERMS.index("kv_s_per_byte")
+    assert tp2[w, j["const"]] == pytest.approx(Na[w, j["const"]] / 3)
+    assert tp2[kv, j["decode_context"]] == pytest.approx(Na[kv, j["decode_context"]] / 3)
     assert Na[HW_TERMS.index("allreduce_s_per_byte")].sum() == 0 < tp2[HW_TERMS.index("allreduce_s_per_byte")].sum()
 
 

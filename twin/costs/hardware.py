@@ -70,29 +70,50 @@ LORA_CALLS_PER_LAYER = 4   # qkv, o, gate_up, down: vLLM's packed LoRA modules
 _F = {k: i for i, k in enumerate(FEATURES)}
 
 
-def linear_params(shape) -> float:
-    """Parameters of the linear layers of all decoder layers (no embeddings, no lm_head)."""
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    h, i = shape.hidden, shape.intermediate
-    return float(shape.layers * (h * (q + 2 * kv) + q * h + 3 * h * i))
+def per_rank(shape, tp: int = 1) -> dict:
+    """Widths on one of ``tp`` tensor-parallel ranks: q, KV and intermediate outputs. vLLM's
+    QKVParallelLinear splits KV heads when there are at least ``tp`` of them and otherwise
+    gives every rank one replicated head (``num_kv_heads = 1``, ``num_kv_head_replicas =
+    tp // total_num_kv_heads``); its KV cache holds ``max(1, kv_heads // tp)`` heads a rank
+    (``ModelConfig.get_num_kv_heads``)."""
+    return dict(q=shape.heads // tp * shape.head_dim,
+                kv=max(1, shape.kv_heads // tp) * shape.head_dim,
+                inter=shape.intermediate // tp)
+
+
+def linear_params(shape, tp: int = 1) -> float:
+    """Parameters of the linear layers of all decoder layers (no embeddings, no lm_head) on
+    one of ``tp`` ranks (KV heads replicated when fewer than ``tp``: :func:`per_rank`)."""
+    w, h = per_rank(shape, tp), shape.hidden
+    return float(shape.layers * (h * (w["q"] + 2 * w["kv"]) + w["q"] * h + 3 * h * w["inter"]))
+
+
+def rank_weight_bytes(shape, tp: int = 1) -> float:
+    """Bytes of weights on one of ``tp`` ranks in the model dtype: its linear layers
+    (:func:`linear_params`) and ``1/tp`` of the rest (embeddings, lm_head, norms)."""
+    rest = (shape.params - linear_params(shape)) if shape.params else \
+        shape.vocab * shape.hidden * (1 if shape.tie_word_embeddings else 2)
+    return (linear_params(shape, tp) + rest / tp) * shape.dtype_bytes
 
 
 def counts(shape, tp: int = 1, *, weight_bytes: float | None = None,
            kv_dtype_bytes: int | None = None) -> np.ndarray:
     """``N[j, k]``: units of hardware term ``HW_TERMS[j]`` per unit of step feature
     ``FEATURES[k]`` for a model of ``shape`` on ``tp`` tensor-parallel ranks (weights,
-    heads, FLOPs and KV split evenly as vLLM's column/row-parallel layers do).
-    ``weight_bytes``: the bytes of weights on one rank when they are not ``params x
-    dtype_bytes / tp`` (FP8 linear layers: ``twin.costs.first_principles.weight_bytes``);
+    heads, FLOPs and KV split as vLLM's column/row-parallel layers split them: KV heads
+    evenly, or one replicated head a rank when there are fewer than ``tp``).
+    ``weight_bytes``: the bytes of weights on one rank when they are not the linear layers
+    on a rank plus ``1/tp`` of the rest (FP8 linear layers:
+    ``twin.costs.first_principles.weight_bytes``);
     ``kv_dtype_bytes``: the KV cache's element size when it is not the model's (FP8 KV)."""
     tp = int(tp)
     N = np.zeros((len(HW_TERMS), len(FEATURES)))
     L, h, v, db = shape.layers, shape.hidden, shape.vocab, shape.dtype_bytes
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    lin = linear_params(shape) / tp
+    w = per_rank(shape, tp)
+    q, kv = w["q"], w["kv"]
+    lin = linear_params(shape, tp)
     head_flops = 2.0 * v * h / tp                     # lm_head: one logits row
-    weights = weight_bytes if weight_bytes is not None else (shape.params or (
-        linear_params(shape) + v * h * (1 if shape.tie_word_embeddings else 2))) * db / tp
+    weights = weight_bytes if weight_bytes is not None else rank_weight_bytes(shape, tp)
     calls = LORA_CALLS_PER_LAYER * L
 
     def put(term, feature, value):
@@ -103,12 +124,12 @@ def counts(shape, tp: int = 1, *, weight_bytes: float | None = None,
     put("weight_s_per_byte", "const", weights)
     for f in ("prefill_tokens", "decode_tokens"):
         put("dense_s_per_flop", f, 2.0 * lin)
-        put("act_s_per_byte", f, L * (6 * h + q + 2 * kv + 3 * shape.intermediate) * db / tp)
+        put("act_s_per_byte", f, L * (6 * h / tp + q + 2 * kv + 3 * w["inter"]) * db)
     put("dense_s_per_flop", "decode_tokens", head_flops)
     put("dense_s_per_flop", "prefill_seqs", head_flops)
-    put("attn_s_per_flop", "decode_context", 4.0 * L * q / tp)
-    put("attn_s_per_flop", "prefill_context", 2.0 * L * q / tp)
-    put("kv_s_per_byte", "decode_context", 2.0 * L * kv * (kv_dtype_bytes or db) / tp)
+    put("attn_s_per_flop", "decode_context", 4.0 * L * q)
+    put("attn_s_per_flop", "prefill_context", 2.0 * L * q)
+    put("kv_s_per_byte", "decode_context", 2.0 * L * kv * (kv_dtype_bytes or db))
     put("decode_seq_layer_s", "decode_tokens", L)
     put("prefill_seq_layer_s", "prefill_seqs", L)
     put("sample_s_per_vocab", "decode_tokens", v)
@@ -246,8 +267,9 @@ def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=Non
     if memory is None:
         b = base.memory
         ratio = shape.lora_elems_per_rank / max(base.model.lora_elems_per_rank, 1)
-        memory = replace(b, weights_gib=shape.params * shape.dtype_bytes / tp / GIB,
-                         kv_bytes_per_token=shape.kv_bytes_per_token // tp,
+        memory = replace(b, weights_gib=rank_weight_bytes(shape, tp) / GIB,
+                         kv_bytes_per_token=shape.kv_bytes_per_token
+                         * per_rank(shape, tp)["kv"] // (shape.kv_heads * shape.head_dim),
                          lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio
                          * shape.dtype_bytes / base.model.dtype_bytes / tp,
                          activation_bytes_per_seq=b.activation_bytes_per_seq
