@@ -177,11 +177,17 @@ def design(F, shape, tp: int = 1) -> np.ndarray:
 #: Software constants of vLLM V1 (0.8.x) on a datacentre GPU, not fitted to any run: per-step
 #: CPU work (scheduler, input preparation, sampler; vLLM's own profiles put it at 2-5 ms with
 #: a few hundred sequences), a kernel launch (~5 us; a layer launches ~10 kernels without
-#: CUDA graphs), the Triton LoRA kernels' cost per active adapter and call (~2.5 us: a
-#: program wave per adapter; NOTE: of the same order as, and chosen knowing, the 2.4 us that
-#: the Llama-3.1-8B/H100 calibration implies, the only GPU LoRA measurement we have; a prior
-#: for that model is not independent of it in this one term, see experiments/README_generality.md)
-#: and one all-reduce's latency (NCCL / vLLM's custom all-reduce on NVLink, small messages).
+#: CUDA graphs) and one all-reduce's latency (NCCL / vLLM's custom all-reduce on NVLink, small
+#: messages). LoRA (vLLM's source, ``lora/ops/triton_ops``): every packed module (qkv, o,
+#: gate_up, down) runs two Triton kernels, ``lora_shrink`` then ``lora_expand``, whose grids
+#: give each active adapter its own programs; ``lora_call_s`` is their two launches a module,
+#: ``adapter_call_s`` an active adapter's programs in both (2 x ~2.5 us a kernel: a program
+#: wave per adapter). NOTE: 2.5 us per adapter and kernel is of the same order as, and was
+#: chosen knowing, the 2.4 us that the Llama-3.1-8B/H100 calibration (fitted on the
+#: digital_twin_modelling runs) implies, the only GPU LoRA measurement we have; a prior for that
+#: model is not independent of it in this one term (experiments/README_generality.md reports
+#: the prior without it). Until issue 14's follow-up the code counted one kernel per module
+#: (2.5 us a module, half the cost the comment above describes).
 GPU_SOFTWARE = {
     "step_s": 3.0e-3,
     "layer_s": 10 * 5.0e-6,
@@ -190,23 +196,38 @@ GPU_SOFTWARE = {
     "sample_s_per_vocab": 0.0,
     "lora_call_s": 2 * 5.0e-6,          # shrink + expand launch per packed module
     "slot_call_s": 0.0,
-    "adapter_call_s": 2.5e-6,
+    "adapter_call_s": 2 * 2.5e-6,       # shrink + expand programs per adapter and module
     "idle_s": 0.0,
     "allreduce_call_s": 1.0e-5,
 }
 
+#: Throughput of vLLM with LoRA enabled over without, saturated, one adapter: 3656.98 /
+#: 5509.93 total tokens/s (Llama-2-7B, 1 x A100, ShareGPT, ``benchmark_throughput.py``, rank 8,
+#: max_loras 1; 3664.67 with max_loras 4), measured by a vLLM maintainer in vLLM PR #11267
+#: (github.com/vllm-project/vllm/pull/11267, Dec 2024). At saturation a step is its token
+#: work, so the LoRA-wrapped layers (the base GEMM, then shrink/expand reading the input and
+#: read-modify-writing the output of every linear layer) do a token's dense work at 0.664 of
+#: the base efficiency: the prior's FLOP rate for LoRA serving. Caveats: another GPU and
+#: model, vLLM 0.6-era Triton kernels (0.8's V1 kernels are their successors); the measured
+#: slowdown includes the per-step LoRA launches and one adapter's kernel cost (a few percent
+#: of a saturated step), not subtracted. Not fitted to any run in shared/data.
+LORA_TOKEN_EFFICIENCY = 3656.98 / 5509.93
 
-def gpu_prior(gpu, *, fp8: bool = False, software: dict | None = None) -> dict:
+
+def gpu_prior(gpu, *, fp8: bool = False, software: dict | None = None,
+              lora: bool = True) -> dict:
     """Hardware coefficients of ``gpu`` (a :mod:`twin.costs.gpus` catalogue name or an entry
     of its form) with no run of any model: the catalogue's one derating rule
     (:func:`twin.costs.gpus.effective`: effective HBM bandwidth, FLOP rate at the weights'
     dtype, link bandwidth) for the byte, FLOP and all-reduce terms, plus the software
-    constants ``GPU_SOFTWARE``."""
+    constants ``GPU_SOFTWARE``; ``lora`` (a server with ``enable_lora``, the twin's case):
+    dense FLOPs at ``LORA_TOKEN_EFFICIENCY`` of that rate."""
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     bw, fl, link = effective(gpu, fp8=fp8)
     hw = dict(GPU_SOFTWARE if software is None else software)
+    dense = fl * (LORA_TOKEN_EFFICIENCY if lora else 1.0)
     hw.update(weight_s_per_byte=1 / bw, kv_s_per_byte=1 / bw, adapter_s_per_byte=1 / bw,
-              act_s_per_byte=1 / bw, dense_s_per_flop=1 / fl, attn_s_per_flop=1 / fl,
+              act_s_per_byte=1 / bw, dense_s_per_flop=1 / dense, attn_s_per_flop=1 / fl,
               lora_s_per_flop=1 / fl, allreduce_s_per_byte=1 / link)
     return hw
 
