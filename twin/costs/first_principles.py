@@ -24,8 +24,9 @@ Memory, per GPU, as vLLM 0.8.x sizes it at start-up:
 - KV cache per token: ``2 × layers × KV heads per GPU × head_dim × KV dtype bytes``.
 
 Step time: the hardware prior (:func:`twin.costs.hardware.gpu_prior`: the catalogue's rates
-derated by :func:`twin.costs.gpus.effective`, plus vLLM's software constants per step, layer
-and LoRA kernel call) times the counts of this shape (:func:`twin.costs.hardware.counts`:
+derated by :func:`twin.costs.gpus.effective`, dense FLOPs at vLLM's measured LoRA efficiency
+(:data:`twin.costs.hardware.LORA_TOKEN_EFFICIENCY`), plus vLLM's software constants per step,
+layer and LoRA kernel call) times the counts of this shape (:func:`twin.costs.hardware.counts`:
 weights, KV and adapter bytes read, dense/attention/LoRA FLOPs, layers, LoRA calls and, with
 tensor parallelism, two ring all-reduces of the hidden state per decoder layer), summed
 rather than a roofline's max. On the held-out H100 runs it is closer to vLLM than the
