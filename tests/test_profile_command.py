@@ -377,9 +377,16 @@ def test_a_config_file_without_max_model_len_gets_the_models_context(tmp_path, c
     path, trace = tmp_path / "qwen.json", _trace(tmp_path)
     prof.save(path)
     f.write_text("max_loras: 2\n")
-    rc, _, err = _run(["simulate", "--profile", path, "--trace", trace, "--config", f,
-                       "--no-progress", "--json", "--out", tmp_path / "sim"], capsys)
+    rc, text, err = _run(["simulate", "--profile", path, "--trace", trace, "--config", f,
+                          "--no-progress", "--json", "--out", tmp_path / "sim"], capsys)
     assert rc == 0, err
+    # the Python API reads the same file the same way, and gives the same figures
+    import twin
+
+    assert twin.load_config(f, 32768).max_model_len == 32768
+    assert twin.load_config({"max-model-len": 4096}, 32768).max_model_len == 4096
+    assert twin.load_config(None, 32768).max_model_len == 32768
+    assert twin.simulate(trace, f, prof).summary == json.loads(text)
     # a bad setting in the file is still refused with the file's name
     f.write_text("max_loras: many\n")
     rc, _, err = _run(["simulate", "--profile", path, "--trace", trace, "--config", f,
