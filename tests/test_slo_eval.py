@@ -14,7 +14,7 @@ from twin.ml.features import ROW_FEATURES
 from twin.ml.latency import heldout_error
 from twin.ml.recommender import Recommender
 from twin.ml.report import stated_latency_error
-from twin.ml.slo_eval import (exhaustive_best, headline, score_case, search_space, slo_levels)
+from twin.ml.slo_eval import exhaustive_best, headline, score_case, slo_levels
 from twin.ml.spec import paper_base
 from twin.ml.verify import goodput, goodput_of, request_latencies
 
@@ -102,13 +102,22 @@ def test_goodput_of_kept_latencies_equals_goodput_of_requests():
     assert goodput_of(lat, 50.0, {"ttft": 500}) < goodput_of(lat, 50.0, None)
 
 
-def test_search_space_is_every_combination_once():
-    base = paper_base()   # max_num_batched_tokens = max_num_seqs = 2048
-    cfgs = [base.replace(max_loras=m, max_cpu_loras=8) for m in (2, 4, 8)]
-    space = search_space(cfgs, {"max_num_batched_tokens": (4096, 8192),
-                                "max_num_seqs": (64, 2048)})
-    keys = {(c.max_loras, c.max_num_batched_tokens, c.max_num_seqs) for c in space}
-    assert len(space) == len(keys) == 3 * 3 * 2   # base's 2048 added to the first grid
+def test_exhaustive_space_is_recommends_space_less_configs_vllm_refuses():
+    from twin.costs.profile import load_profile
+    from twin.ml.recommend import KNOB_GRID
+    from twin.ml.recommender import candidate_table
+    from twin.ml.slo_bench import SLO_KNOBS, space_configs
+
+    profile, base = load_profile(None), paper_base()
+    cfgs = space_configs(8, 16, base, profile, SLO_KNOBS)
+    keys = {(c.max_loras, c.max_num_batched_tokens, c.max_num_seqs) for c in cfgs}
+    assert len(keys) == len(cfgs)
+    # every max_loras candidate recommend would consider x every latency-knob value it walks
+    wf = {k: 1.0 for k in ROW_FEATURES} | {"n_adapters": 8.0, "offered_tps": 1000.0}
+    slots = set(candidate_table(Recommender.load(), wf, base, profile, 16)["max_loras"])
+    grid = [sorted(set(v) | {int(getattr(base, k))}) for k, v in KNOB_GRID.items()]
+    assert keys == {(int(m), a, b) for m in slots for a in grid[0] for b in grid[1]}
+    assert all(c.max_cpu_loras == 8 and c.max_lora_rank == 16 for c in cfgs)
 
 
 def _queueing_rows(n_families=16, per=25, seed=0) -> pd.DataFrame:

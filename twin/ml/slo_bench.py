@@ -20,9 +20,10 @@ import pandas as pd
 
 from twin.ml.features import workload_features
 from twin.ml.placement import place
-from twin.ml.recommend import KNOB_GRID, recommend
+from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
-from twin.ml.slo_eval import (exhaustive_best, keeps_up, score_case, search_space, slo_levels)
+from twin.ml.search_space import KNOBS, LATENCY_GRID, search_space
+from twin.ml.slo_eval import exhaustive_best, keeps_up, score_case, slo_levels
 from twin.ml.spec import WorkloadSpec, paper_base
 from twin.ml.sweep import EarlyExit
 from twin.ml.verify import Verifier
@@ -32,6 +33,10 @@ SLO_WINDOW_S = 120.0
 SLO_WORKLOADS = 8
 MAX_ADAPTERS = 32      # the space grows with the max_loras candidates (one per grid value)
 MAX_GPUS = 4
+#: The knobs evaluated: those ``recommend --objective goodput`` searches on this branch
+#: (``max_cpu_loras``, rank padding and ``gpu_memory_utilization`` stay at the paper's
+#: candidates' values; pass ``knobs`` to widen it, at the cost of an exhaustive search).
+SLO_KNOBS = ("max_loras", *LATENCY_GRID)
 
 
 def pick_workloads(specs: list[WorkloadSpec], n: int = SLO_WORKLOADS,
@@ -93,7 +98,7 @@ def _pred_pairs(runs: list[dict], cand: pd.DataFrame, base) -> list[dict]:
         if not keeps_up(r):
             continue
         c = r["config"]
-        base_knobs = all(int(getattr(c, k)) == int(getattr(base, k)) for k in KNOB_GRID)
+        base_knobs = all(int(getattr(c, k)) == int(getattr(base, k)) for k in LATENCY_GRID)
         for m in ("ttft_p99", "tpot_p99"):
             rows.append({"max_loras": c.max_loras, "metric": m, "base_knobs": base_knobs,
                          "predicted": float(pred.at[int(c.max_loras), f"pred_{m}"]),
@@ -109,8 +114,18 @@ def _rec_outcome(rec, pl) -> dict:
     return {"ok": False, "gpus": len(pl.gpus) if pl is not None and pl.ok else None}
 
 
+def space_configs(n_adapters: int, max_rank: int, base, profile, knobs) -> list:
+    """Every configuration of the space over ``knobs`` that vLLM would start (KV cache
+    holding ``max_model_len``, as :func:`twin.ml.recommender.candidate_table` requires)."""
+    space = search_space(n_adapters, max_rank, base, "goodput")
+    at_base = dict(zip(KNOBS, space.point(space.base)))   # the paper's candidates' values
+    space = space.restrict(**{k: at_base[k] for k in KNOBS if k not in knobs})
+    cfgs = [space.config(p) for p in space.points()]
+    return [c for c in cfgs if profile.memory.kv_tokens(c) >= c.max_model_len]
+
+
 def evaluate_workload(spec: WorkloadSpec, model: Recommender, profile, *, window_s: float,
-                      knob_grid: dict, workers: int, model_path: Path | None = None,
+                      knobs, workers: int, model_path: Path | None = None,
                       max_gpus: int = MAX_GPUS, log=None) -> tuple[list[dict], list[dict]]:
     """The exhaustive runs of one workload, then each SLO level's recommendation scored
     against them. Returns (case rows, model-vs-twin pairs)."""
@@ -119,8 +134,9 @@ def evaluate_workload(spec: WorkloadSpec, model: Recommender, profile, *, window
     trace, catalog = spec.build()
     trace = crop_window(trace, window_s)
     wf = workload_features(trace, catalog, window_s)
-    cand = candidate_table(model, wf, base, profile, catalog_max_rank(catalog, base.max_lora_rank))
-    configs = search_space(cand["_config"], knob_grid)
+    max_rank = catalog_max_rank(catalog, base.max_lora_rank)
+    cand = candidate_table(model, wf, base, profile, max_rank)
+    configs = space_configs(int(wf["n_adapters"]), max_rank, base, profile, knobs)
     t0 = time.perf_counter()
     runs = exhaustive_runs(trace, catalog, profile, window_s, configs, workers)
     split = split_runs(trace, catalog, profile, window_s, configs, 2, workers)
@@ -172,18 +188,17 @@ def _knob_text(cfg) -> str | None:
 
 def slo_report(held_specs: list[WorkloadSpec], model: Recommender, profile, out: Path, *,
                window_s: float = SLO_WINDOW_S, n_workloads: int = SLO_WORKLOADS,
-               knob_grid: dict | None = None, workers: int = 2,
+               knobs=SLO_KNOBS, workers: int = 2,
                model_path: Path | None = None, log=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The whole SLO evaluation: (case table, model-vs-twin pairs), also written to
-    ``out/slo_cases.csv`` and ``out/slo_pred_pairs.csv``. ``knob_grid``: the latency knobs
-    searched besides ``max_loras`` (default recommend's :data:`KNOB_GRID`)."""
+    ``out/slo_cases.csv`` and ``out/slo_pred_pairs.csv``. ``knobs``: the knobs of the
+    space searched exhaustively (:data:`SLO_KNOBS`)."""
     log = log or _say
-    grid = dict(knob_grid or KNOB_GRID)
     specs = pick_workloads(held_specs, n_workloads)
     cases, pairs = [], []
     for n, spec in enumerate(specs, 1):
         log(f"SLO evaluation {n}/{len(specs)}: {spec.describe()}")
-        c, p = evaluate_workload(spec, model, profile, window_s=window_s, knob_grid=grid,
+        c, p = evaluate_workload(spec, model, profile, window_s=window_s, knobs=knobs,
                                  workers=workers, model_path=model_path, log=log)
         cases += c
         pairs += p

@@ -1,8 +1,8 @@
 """How good are SLO recommendations? Held-out workloads x SLO levels against exhaustive
 twin search (issue 16's figures; driven by :func:`twin.ml.slo_bench.slo_report`).
 
-Per workload, every configuration of the search space (``max_loras`` candidates x the
-latency knobs' grid, :func:`search_space`) runs once on the twin, keeping each finished
+Per workload, every configuration of the search space (:mod:`twin.ml.search_space`,
+restricted to the knobs the evaluation covers) runs once on the twin, keeping each finished
 request's TTFT/TPOT so that any SLO can be scored afterwards (:func:`goodput_of`). SLO
 levels are set relative to what the workload can achieve on one GPU
 (:func:`slo_levels`: multiples of the lowest p99 TTFT and p99 TPOT among runs that keep
@@ -15,8 +15,6 @@ checked on cases whose answer is known by construction (tests/test_slo_eval.py):
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pandas as pd
@@ -32,22 +30,6 @@ SLO_LEVELS = (("tight", 1.25, 1.25), ("medium", 2.0, 1.5), ("loose", 5.0, 2.0))
 #: (geometric mean), p99 TPOT at this multiple of one GPU's best: infeasible on one GPU by
 #: construction; set only where two GPUs lower the best p99 TTFT by more than 10 %.
 BEYOND_TPOT = 2.0
-
-def search_space(base_configs, knob_grid: dict) -> list:
-    """Every configuration of the space: each base configuration (one per ``max_loras``
-    candidate) with every combination of ``knob_grid`` values ({knob: values}; the base's
-    own value is always included)."""
-    out, seen = [], set()
-    for cfg in base_configs:
-        grids = [sorted(set(vals) | {int(getattr(cfg, k))}) for k, vals in knob_grid.items()]
-        for combo in itertools.product(*grids):
-            c = cfg.replace(**dict(zip(knob_grid, combo)))
-            key = (c.max_loras, *combo)
-            if key not in seen:
-                seen.add(key)
-                out.append(c)
-    return out
-
 
 def keeps_up(r: dict) -> bool:
     """A run that starts, simulated the whole window and does not starve: its p99s count."""
