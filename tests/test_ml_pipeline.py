@@ -222,6 +222,30 @@ def test_train_reports_the_slo_evaluation_and_the_latency_error(trained):
         assert summary["latency_ttft_p99_smape_median"] == err["ttft_p99"]["smape_median"]
 
 
+def test_slo_only_runs_just_the_slo_evaluation(trained, tmp_path, monkeypatch, capsys):
+    """``--slo-only`` with ``--model``: no sweeps, no model written; the last line is the
+    SLO summary, equal to the one the full training computed on the same workloads."""
+    import twin.ml.pipeline as pipeline_mod
+    import twin.ml.train as train_mod
+
+    real = train_mod.sample_workloads
+    monkeypatch.setattr(pipeline_mod, "sample_workloads",
+                        lambda *a, **k: real(*a, **{**k, "lengths": UNIFORM}))
+    out = tmp_path / "slo"
+    rc = main(["train", "--slo-only", "--model", str(trained / "recommender.json"),
+               "--profile", PROFILE, "--families", "2", "--heldout-families", "1",
+               "--rate-range", "2,6", "--window-s", str(WINDOW), "--workers", "2",
+               "--no-progress", "--out", str(out), "--slo-workloads", "1",
+               "--slo-window-s", "30"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not (out / "sweep-train").exists() and not (out / "recommender.json").exists()
+    full = json.loads((trained / "summary.json").read_text())
+    for k in ("slo_cases", "slo_violations", "slo_gap_to_exhaustive_median_pct",
+              "pred_ttft_p99_smape_median"):
+        assert last.get(k) == full.get(k), k
+
+
 # -- recommend with the shipped model (make demo) -------------------------------------------
 
 def test_recommend_with_shipped_model_on_the_demo_trace(tmp_path, capsys):
