@@ -41,6 +41,10 @@ def test_levels_and_exhaustive_best_ignore_runs_that_do_not_keep_up():
     assert exhaustive_best(RUNS, {"ttft": 400, "tpot": 20}) == (1, 200.0)   # B has more
     assert exhaustive_best(RUNS, {"ttft": 60, "tpot": 20})[0] is None
     assert slo_levels([RUNS[2], RUNS[3]]) == {}
+    # nothing keeps up on one GPU: one level, relative to the 2-GPU split's worse GPU
+    two = [[_run(40, 8)], [_run(60, 6), _run(300, 12)]]
+    assert slo_levels([RUNS[2], RUNS[3]], two) == {"overload": {"ttft": 120.0, "tpot": 16.0}}
+    assert slo_levels([RUNS[2]], [[RUNS[2]], [_run(60, 6)]]) == {}
     # "beyond": only when two GPUs lower the best p99 TTFT by > 10 %: geometric mean
     split = [[_run(25, 10)], [_run(64, 10)]]
     assert slo_levels(RUNS, split)["beyond"] == {"ttft": 80.0, "tpot": 20.0}

@@ -30,6 +30,9 @@ SLO_LEVELS = (("tight", 1.25, 1.25), ("medium", 2.0, 1.5), ("loose", 5.0, 2.0))
 #: (geometric mean), p99 TPOT at this multiple of one GPU's best: infeasible on one GPU by
 #: construction; set only where two GPUs lower the best p99 TTFT by more than 10 %.
 BEYOND_TPOT = 2.0
+#: "overload", for a workload no one-GPU configuration keeps up with: this multiple of the
+#: best p99 TTFT and TPOT on an even 2-GPU split (its worse GPU's).
+OVERLOAD = 2.0
 
 def keeps_up(r: dict) -> bool:
     """A run that starts, simulated the whole window and does not starve: its p99s count."""
@@ -46,10 +49,15 @@ def slo_levels(runs: list[dict], split: list[list[dict]] | None = None,
                levels=SLO_LEVELS) -> dict[str, dict]:
     """{level: {'ttft': ms, 'tpot': ms}} relative to the best p99s on one GPU (``runs``)
     and, for "beyond", on an even 2-GPU split (``split``: each GPU's runs; the split's best
-    p99 TTFT is its worse GPU's best). {} when no run keeps up."""
+    p99 TTFT is its worse GPU's best). When no one-GPU run keeps up, one level,
+    "overload", relative to the split's best; {} when the split does not keep up either."""
     ttft, tpot = best_p99(runs, "ttft_p99"), best_p99(runs, "tpot_p99")
-    if not np.isfinite(ttft):
-        return {}
+    if not np.isfinite(ttft):   # nothing keeps up on one GPU: an SLO relative to 2 GPUs
+        two = [max(best_p99(g, m) for g in split) for m in ("ttft_p99", "tpot_p99")] \
+            if split else [np.nan]
+        return ({"overload": {"ttft": round(OVERLOAD * two[0], 1),
+                              "tpot": round(OVERLOAD * two[1], 2)}}
+                if np.all(np.isfinite(two)) else {})
     out = {name: {"ttft": round(ft * ttft, 1), "tpot": round(fp * tpot, 2)}
            for name, ft, fp in levels}
     if split:
