@@ -88,6 +88,9 @@ def test_case_figures_known_by_construction():
     assert h["cost_gap_gpus_max"] == 1 and h["slo_recommend_e2e_median_s"] == 3.0
     assert h["pred_ttft_p99_smape_median"] == 50.0          # SMAPEs 0 and 100
     assert h["pred_ttft_p99_smape_median_base_knobs"] == 0.0
+    # no run kept up anywhere: no pairs, no SMAPE (and no error)
+    empty = pd.DataFrame(columns=["max_loras", "metric", "base_knobs", "predicted", "twin"])
+    assert headline(cases, empty)["pred_ttft_p99_smape_median"] is None
 
 
 def test_goodput_of_kept_latencies_equals_goodput_of_requests():

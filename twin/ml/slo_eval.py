@@ -157,7 +157,7 @@ def headline(cases: pd.DataFrame, pred: pd.DataFrame) -> dict:
     for metric in ("ttft_p99", "tpot_p99"):
         p = pred[pred["metric"] == metric]
         s = np.atleast_1d(smape(p["predicted"], p["twin"], percent=True))
-        b = p[p["base_knobs"]]
+        b = p[p["base_knobs"].astype(bool)]   # (an empty column is not a mask)
         sb = np.atleast_1d(smape(b["predicted"], b["twin"], percent=True))
         name = metric.split("_")[0]
         out[f"pred_{name}_p99_smape_median"] = _r(np.median(s), 1) if len(s) else None
