@@ -41,3 +41,13 @@ def test_throughput_space_is_the_papers_max_loras_only():
     assert (c.max_cpu_loras, c.max_lora_rank, c.max_num_seqs) == (32, 16, base.max_num_seqs)
     with pytest.raises(ValueError, match="unknown knob"):
         s.restrict(max_rank=8)
+
+
+def test_size_and_membership_agree_with_the_points():
+    s = search_space(6, 16, paper_base(), "goodput").restrict(
+        max_num_batched_tokens=(2048, 8192), max_num_seqs=256, gpu_memory_utilization=0.9)
+    pts = set(s.points())
+    assert s.size() == len(pts)
+    assert all(s.contains(p) for p in pts)
+    p = next(iter(pts))
+    assert not s.contains(p[:3] + (4096,) + p[4:])   # a batched-tokens value not searched

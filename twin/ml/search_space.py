@@ -26,6 +26,7 @@ Which knobs an objective searches (:data:`OBJECTIVE_KNOBS`): ``throughput`` only
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 from twin.config import ALLOWED_LORA_RANKS, ServingConfig
@@ -71,8 +72,24 @@ class SearchSpace:
         return tuple(k for k in KNOBS if len(self.grids.get(k, ())) > 1)
 
     def size(self) -> int:
-        """Distinct configurations (after raising max_cpu_loras to max_loras)."""
-        return len(set(self.points()))
+        """Distinct configurations (after raising max_cpu_loras to max_loras), counted
+        without building them."""
+        g = self.grids
+        ml = g.get("max_loras", (self.base.max_loras,))
+        cpu = g.get("max_cpu_loras", (self.base.max_cpu_loras,))
+        pairs = len({(m, max(m, c)) for m in ml for c in cpu})
+        return pairs * math.prod(len(g[k]) for k in KNOBS[2:] if k in g)
+
+    def contains(self, point) -> bool:
+        """Is a point (KNOBS order) one of the space's?"""
+        d = dict(zip(KNOBS, point))
+        if d["max_cpu_loras"] < d["max_loras"]:
+            return False
+        cpu = self.grids.get("max_cpu_loras", (self.base.max_cpu_loras,))
+        if d["max_cpu_loras"] not in cpu and not (d["max_cpu_loras"] == d["max_loras"]
+                                                 and min(cpu) <= d["max_loras"]):
+            return False
+        return all(d[k] in v for k, v in self.grids.items() if k != "max_cpu_loras")
 
     def points(self):
         """Every distinct point, in grid order (for an exhaustive search: sloeval)."""
@@ -99,11 +116,12 @@ class SearchSpace:
 
 
 def search_space(n_adapters: int, max_rank: int, base: ServingConfig,
-                 objective: str = "goodput") -> SearchSpace:
+                 objective: str = "goodput", knobs=None) -> SearchSpace:
     """The space for a workload of ``n_adapters`` adapters whose largest rank is
-    ``max_rank``, around ``base``; only :data:`OBJECTIVE_KNOBS`'s knobs vary. The point of
-    the paper's candidates (``max_cpu_loras`` = adapters, rank = the largest padded, the
-    rest the base's) is always in it."""
+    ``max_rank``, around ``base``; only :data:`OBJECTIVE_KNOBS`'s knobs vary (``knobs``:
+    fewer of them; the others keep the base's value). The point of the paper's candidates
+    (``max_cpu_loras`` = adapters, rank = the largest padded, the rest the base's) is
+    always in it."""
     n = max(1, int(n_adapters))
     first = config_for(base, 1, n, max_rank)   # the base with the workload's cpu/rank
     r0 = pad_rank(int(max_rank))
@@ -117,6 +135,11 @@ def search_space(n_adapters: int, max_rank: int, base: ServingConfig,
                                                | {round(base.gpu_memory_utilization, 4)})),
     }
     keep = OBJECTIVE_KNOBS[objective]
+    if knobs is not None:
+        bad = sorted(set(knobs) - set(KNOBS))
+        if bad:
+            raise ValueError(f"unknown knob(s) {', '.join(bad)}; knobs: {', '.join(KNOBS)}")
+        keep = tuple(k for k in keep if k in knobs)
     grids = {k: (v if k in keep else (_base_value(first, k),)) for k, v in full.items()}
     return SearchSpace(first, grids)
 
