@@ -109,9 +109,9 @@ def test_goodput_of_kept_latencies_equals_goodput_of_requests():
     assert goodput_of(lat, 50.0, {"ttft": 500}) < goodput_of(lat, 50.0, None)
 
 
-def test_exhaustive_space_is_recommends_space_less_configs_vllm_refuses():
+def test_exhaustive_space_is_the_reduced_search_space_less_configs_vllm_refuses():
     from twin.costs.profile import load_profile
-    from twin.ml.recommend import KNOB_GRID
+    from twin.ml.search_space import LATENCY_GRID
     from twin.ml.recommender import candidate_table
     from twin.ml.slo_bench import SLO_KNOBS, space_configs
 
@@ -122,7 +122,7 @@ def test_exhaustive_space_is_recommends_space_less_configs_vllm_refuses():
     # every max_loras candidate recommend would consider x every latency-knob value it walks
     wf = {k: 1.0 for k in ROW_FEATURES} | {"n_adapters": 8.0, "offered_tps": 1000.0}
     slots = set(candidate_table(Recommender.load(), wf, base, profile, 16)["max_loras"])
-    grid = [sorted(set(v) | {int(getattr(base, k))}) for k, v in KNOB_GRID.items()]
+    grid = [sorted(set(v) | {int(getattr(base, k))}) for k, v in LATENCY_GRID.items()]
     assert keys == {(int(m), a, b) for m in slots for a in grid[0] for b in grid[1]}
     assert all(c.max_cpu_loras == 8 and c.max_lora_rank == 16 for c in cfgs)
 

@@ -22,7 +22,7 @@ from twin.ml.features import workload_features
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
-from twin.ml.search_space import KNOBS, LATENCY_GRID, search_space
+from twin.ml.search_space import LATENCY_GRID, search_space
 from twin.ml.slo_eval import exhaustive_best, keeps_up, score_case, slo_levels
 from twin.ml.spec import WorkloadSpec, paper_base
 from twin.ml.sweep import EarlyExit
@@ -33,9 +33,11 @@ SLO_WINDOW_S = 120.0
 SLO_WORKLOADS = 8
 MAX_ADAPTERS = 32      # the space grows with the max_loras candidates (one per grid value)
 MAX_GPUS = 4
-#: The knobs evaluated: those ``recommend --objective goodput`` searches on this branch
-#: (``max_cpu_loras``, rank padding and ``gpu_memory_utilization`` stay at the paper's
-#: candidates' values; pass ``knobs`` to widen it, at the cost of an exhaustive search).
+#: The knobs evaluated, and searched by the recommendations scored (``recommend(knobs=)``,
+#: ``place(search_kw=)``), so both judge the same space: the reduced space of ``max_loras``
+#: and the latency knobs (96-144 configurations for 8-32 adapters). ``max_cpu_loras``, rank
+#: padding and ``gpu_memory_utilization`` stay at the paper's candidates' values: with them
+#: the exhaustive search is ~40x larger (pass ``knobs`` to widen it).
 SLO_KNOBS = ("max_loras", *LATENCY_GRID)
 
 
@@ -117,9 +119,7 @@ def _rec_outcome(rec, pl) -> dict:
 def space_configs(n_adapters: int, max_rank: int, base, profile, knobs) -> list:
     """Every configuration of the space over ``knobs`` that vLLM would start (KV cache
     holding ``max_model_len``, as :func:`twin.ml.recommender.candidate_table` requires)."""
-    space = search_space(n_adapters, max_rank, base, "goodput")
-    at_base = dict(zip(KNOBS, space.point(space.base)))   # the paper's candidates' values
-    space = space.restrict(**{k: at_base[k] for k in KNOBS if k not in knobs})
+    space = search_space(n_adapters, max_rank, base, "goodput", knobs=knobs)
     cfgs = [space.config(p) for p in space.points()]
     return [c for c in cfgs if profile.memory.kv_tokens(c) >= c.max_model_len]
 
@@ -146,13 +146,14 @@ def evaluate_workload(spec: WorkloadSpec, model: Recommender, profile, *, window
         t0 = time.perf_counter()
         m = Recommender.load(model_path) if model_path else model
         rec = recommend(trace, catalog, profile=profile, model=m, base=base,
-                        objective="goodput", slo=slo, window_s=window_s, workers=workers)
+                        objective="goodput", slo=slo, window_s=window_s, workers=workers,
+                        knobs=knobs)
         e2e = time.perf_counter() - t0
         pl = None
         if not rec.ok:
             pl = place(trace, catalog, profile=profile, model=m, base=base, window_s=window_s,
                        objective="goodput", slo=slo, max_gpus=max_gpus, known=rec,
-                       workers=workers)
+                       workers=workers, search_kw={"knobs": knobs})
         out = _rec_outcome(rec, pl)
         k_min, two = None, split_feasible(split, slo)
         if out["gpus"] is not None and out["gpus"] >= 3 and not two \
