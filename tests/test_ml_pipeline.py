@@ -136,7 +136,8 @@ def trained(tmp_path_factory):
     try:
         rc = main(["train", "--profile", PROFILE, "--families", "2", "--heldout-families", "1",
                    "--rate-range", "2,6", "--window-s", str(WINDOW), "--workers", "2",
-                   "--quick", "--no-install", "--no-progress", "--out", str(d)])
+                   "--quick", "--no-install", "--no-progress", "--out", str(d),
+                   "--slo-workloads", "1", "--slo-window-s", "30"])
     finally:
         mp.undo()
     assert rc == 0
@@ -203,6 +204,46 @@ def test_train_reports_recommendations_checked_by_the_sweep(trained):
         assert not row["starving"]
         assert r["rec_throughput"] == pytest.approx(row["total_throughput"], rel=1e-9)
         assert r["rec_throughput"] <= r["exhaustive_throughput"] * (1 + 1e-9)
+
+
+def test_train_reports_the_slo_evaluation_and_the_latency_error(trained):
+    """The SLO part ran (issue 16): its keys are in the summary, and every recommendation it
+    made met its SLO in its own run; the saved model records its p99 latency error."""
+    from twin.ml.recommender import Recommender
+
+    summary = json.loads((trained / "summary.json").read_text())
+    assert "slo_cases" in summary and summary["slo_window_s"] == 30.0
+    if summary["slo_cases"]:
+        cases = pd.read_csv(trained / "slo_cases.csv")
+        assert len(cases) == summary["slo_cases"] and summary["slo_violations"] == 0
+        assert not cases.loc[cases["rec_ok"] & ~cases["feasible"]].shape[0]
+    err = Recommender.load(trained / "recommender.json").latency_error
+    if err is not None:   # two or more families with runs that keep up
+        assert summary["latency_ttft_p99_smape_median"] == err["ttft_p99"]["smape_median"]
+
+
+def test_slo_only_runs_just_the_slo_evaluation(trained, tmp_path, monkeypatch, capsys):
+    """``--slo-only`` with ``--model``: no sweeps, no model written; the last line is the
+    SLO summary, equal to the one the full training computed on the same workloads."""
+    import twin.ml.pipeline as pipeline_mod
+    import twin.ml.train as train_mod
+
+    real = train_mod.sample_workloads
+    monkeypatch.setattr(pipeline_mod, "sample_workloads",
+                        lambda *a, **k: real(*a, **{**k, "lengths": UNIFORM}))
+    out = tmp_path / "slo"
+    rc = main(["train", "--slo-only", "--model", str(trained / "recommender.json"),
+               "--profile", PROFILE, "--families", "2", "--heldout-families", "1",
+               "--rate-range", "2,6", "--window-s", str(WINDOW), "--workers", "2",
+               "--no-progress", "--out", str(out), "--slo-workloads", "1",
+               "--slo-window-s", "30"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not (out / "sweep-train").exists() and not (out / "recommender.json").exists()
+    full = json.loads((trained / "summary.json").read_text())
+    for k in ("slo_cases", "slo_violations", "slo_gap_to_exhaustive_median_pct",
+              "pred_ttft_p99_smape_median"):
+        assert last.get(k) == full.get(k), k
 
 
 # -- recommend with the shipped model (make demo) -------------------------------------------

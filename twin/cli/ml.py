@@ -213,6 +213,19 @@ def add_train_args(p):
                    help="do not overwrite the shipped twin/ml/recommender.json")
     p.add_argument("--quick", action="store_true", help="smaller model comparison")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("SLO evaluation (issue 16): held-out workloads x SLO levels, "
+                             "recommend --objective goodput vs exhaustive twin search")
+    g.add_argument("--slo-only", action="store_true",
+                   help="run only the SLO evaluation, with --model (default: the shipped "
+                        "model); no sweeps, no training")
+    g.add_argument("--no-slo", action="store_true", help="skip the SLO evaluation")
+    g.add_argument("--slo-workloads", type=positive_int, default=8,
+                   help="held-out workloads evaluated, one per family, <= 32 adapters "
+                        "(default 8)")
+    g.add_argument("--slo-window-s", type=positive_float, default=120.0,
+                   help="window of each SLO evaluation run, s (default 120: minutes in all)")
+    g.add_argument("--model", type=Path, default=None,
+                   help="recommender model for --slo-only (default: the shipped one)")
 
 
 # -- helpers ------------------------------------------------------------------------------------

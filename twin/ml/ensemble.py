@@ -59,7 +59,7 @@ class TreeEnsemble:
                                               "learning_rate", "subsample", "log_target",
                                               "random_state")}
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         from sklearn.ensemble import (  # lazy: scikit-learn only to fit, not to predict
             GradientBoostingClassifier, GradientBoostingRegressor)
 
@@ -70,11 +70,12 @@ class TreeEnsemble:
                   learning_rate=self.learning_rate, subsample=self.subsample,
                   random_state=self.random_state)
         if self.kind == "classifier":
-            self.model_ = GradientBoostingClassifier(**kw).fit(Xa, y.astype(int))
+            self.model_ = GradientBoostingClassifier(**kw).fit(Xa, y.astype(int),
+                                                               sample_weight=sample_weight)
             raw = self.model_.decision_function(Xa)
         else:
             yt = np.log(np.maximum(y, 1e-6)) if self.log_target else y
-            self.model_ = GradientBoostingRegressor(**kw).fit(Xa, yt)
+            self.model_ = GradientBoostingRegressor(**kw).fit(Xa, yt, sample_weight=sample_weight)
             raw = self.model_.predict(Xa)
         trees = [e[0] for e in self.model_.estimators_]
         tree_sum = np.sum([t.predict(Xa.astype(np.float32)) for t in trees], axis=0)

@@ -8,7 +8,10 @@
 4. compare models on held-out families (GroupKFold): simplified tree, EBM, monotone linear,
    xgboost and the shipped ensemble; export trees and importances;
 5. recommend for every held-out workload with the saved model and compare its verified
-   throughput with the best of an exhaustive twin search over the same grid.
+   throughput with the best of an exhaustive twin search over the same grid;
+6. the SLO evaluation (:mod:`twin.ml.slo_bench`; alone with ``--slo-only``): held-out
+   workloads x SLO levels, ``recommend --objective goodput`` (and ``place`` when one GPU
+   cannot meet the SLO) against exhaustive twin search of the same knob space.
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -24,7 +27,9 @@ import pandas as pd
 
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
-from twin.ml.recommender import SHIPPED_MODEL
+from twin.ml.recommender import SHIPPED_MODEL, Recommender
+from twin.ml.slo_bench import slo_report
+from twin.ml.slo_eval import headline as slo_headline
 from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
 from twin.ml.train import (compare_models, fit_recommender, heldout_report, predict_latency_ms,
                            sample_workloads)
@@ -41,6 +46,8 @@ def train_main(args) -> int:
 def _train(args) -> int:
     t_all = time.perf_counter()
     profile = load_profile(args.profile)
+    if args.slo_only:
+        return _slo_only(args, profile, t_all)
     out = Path(args.out)
     W = float(args.window_s)
     lo, hi = (float(x) for x in args.rate_range)   # argparse: two positive numbers
@@ -84,11 +91,58 @@ def _train(args) -> int:
         print(rep[["workload", "exhaustive_best_max_loras", "exhaustive_throughput",
                    "predicted_max_loras", "rec_max_loras", "rec_throughput", "gap_pct",
                    "rec_runs", "e2e_s"]].to_string(index=False), flush=True)
-    summary = {**_headline(rep, pms),
+    slo = {}
+    if not args.no_slo:
+        t0 = time.perf_counter()
+        slo = _slo_part(args, profile, model, model_path)
+        timings["slo_s"] = time.perf_counter() - t0
+    summary = {**_headline(rep, pms), **_latency_keys(model), **slo,
                "train_rows": int(len(train)), "window_s": W, "profile": profile.name,
                "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),
                **{k: round(v, 1) for k, v in timings.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+def _held_specs(args, rate_range: tuple) -> list:
+    return sample_workloads(args.heldout_families, seed=args.seed + 1000,
+                            window_s=float(args.window_s), rate_range=rate_range)
+
+
+def _slo_part(args, profile, model: Recommender, model_path: Path | None) -> dict:
+    """The SLO evaluation on the held-out families' workloads: its summary keys (the case
+    table and model-vs-twin pairs go to ``out/slo_cases.csv``, ``slo_pred_pairs.csv``)."""
+    lo, hi = (float(x) for x in args.rate_range)
+    cases, pairs = slo_report(_held_specs(args, (lo, hi)), model, profile, Path(args.out),
+                              window_s=float(args.slo_window_s),
+                              n_workloads=args.slo_workloads, workers=args.workers,
+                              model_path=model_path)
+    if len(cases):
+        with pd.option_context("display.width", 220, "display.max_colwidth", 60):
+            print(cases[["workload", "level", "slo_ttft_ms", "slo_tpot_ms", "feasible",
+                         "rec_ok", "rec_gpus", "min_gpus", "gap_pct", "violation",
+                         "e2e_s"]].to_string(index=False), flush=True)
+    return {**(slo_headline(cases, pairs) if len(cases) else {"slo_cases": 0}),
+            "slo_window_s": float(args.slo_window_s)}
+
+
+def _latency_keys(model: Recommender) -> dict:
+    """The model's recorded p99 latency error (held-out families) as summary keys."""
+    err = model.latency_error or {}
+    return {f"latency_{m}_smape_{s}": err[m][f"smape_{s}"] for m in ("ttft_p99", "tpot_p99")
+            if m in err for s in ("median", "p90")}
+
+
+def _slo_only(args, profile, t_all: float) -> int:
+    """``--slo-only``: the SLO evaluation with ``--model`` (default the shipped model)."""
+    model = Recommender.load(args.model)
+    summary = {**_latency_keys(model), **_slo_part(args, profile, model, args.model),
+               "profile": profile.name,
+               "total_s": round(time.perf_counter() - t_all, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary_slo.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
 
@@ -99,8 +153,7 @@ def _datasets(args, profile, W: float, rate_range: tuple, timings: dict):
     ee = EarlyExit()
     train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
                                    rate_range=rate_range)
-    held_specs = sample_workloads(args.heldout_families, seed=args.seed + 1000, window_s=W,
-                                  rate_range=rate_range)
+    held_specs = _held_specs(args, rate_range)
     print(f"profile {profile.name}; window {W:.0f} s; {len(train_specs)} training workloads "
           f"({args.families} families), {len(held_specs)} held-out workloads "
           f"({args.heldout_families} families)", flush=True)

@@ -76,18 +76,39 @@ class EnsembleSchema(Schema):
         return self
 
 
+class HeadErrorSchema(Schema):
+    smape_median: Annotated[Number, Field(ge=0)]
+    smape_p90: Annotated[Number, Field(ge=0)]
+    rows: Annotated[Int, Field(ge=0)]
+
+
+class LatencyErrorSchema(Schema):
+    """The p99 heads' SMAPE (%) on held-out families (:func:`twin.ml.latency.heldout_error`)."""
+    ttft_p99: HeadErrorSchema
+    tpot_p99: HeadErrorSchema
+    families: Int = 0
+    folds: Int = 0
+    on: str = ""
+
+
 class RecommenderSchema(Schema):
     schema_: Literal["twin.recommender/1"] = Field(alias="schema")
     meta: dict = {}
     models: Annotated[dict[str, EnsembleSchema], Field(min_length=1)]
+    # optional: models saved before it was recorded load without it (no stated error)
+    latency_error: LatencyErrorSchema | None = None
 
 
 class Recommender:
-    """The fitted models (exported tree ensembles) and their provenance."""
+    """The fitted models (exported tree ensembles), their provenance and, when recorded,
+    the latency heads' held-out error (``latency_error``: {'ttft_p99': {'smape_median',
+    'smape_p90', 'rows'}, 'tpot_p99': ..., ...}; None for a model saved without it)."""
 
-    def __init__(self, models: dict[str, dict], meta: dict | None = None):
+    def __init__(self, models: dict[str, dict], meta: dict | None = None,
+                 latency_error: dict | None = None):
         self.models = models
         self.meta = dict(meta or {})
+        self.latency_error = latency_error
         self.packed_ = PackedTrees(models)
         if list(self.packed_.features) != list(ROW_FEATURES):
             raise TwinInputError("recommender model features do not match this twin "
@@ -118,7 +139,7 @@ class Recommender:
                                  file=source, field="schema")
         validate(RecommenderSchema, d, source)
         try:
-            return cls(d["models"], d.get("meta", {}))
+            return cls(d["models"], d.get("meta", {}), d.get("latency_error"))
         except TwinInputError as exc:
             raise TwinInputError(exc.detail, file=source, field=exc.field) from None
 
@@ -133,7 +154,8 @@ class Recommender:
             return o
         # through twin.outputs: replaces only a twin recommender model (its schema field)
         with staged_file(path, "recommender") as tmp:
-            tmp.write_text(json.dumps({"schema": SCHEMA, "meta": self.meta,
+            err = {"latency_error": self.latency_error} if self.latency_error else {}
+            tmp.write_text(json.dumps({"schema": SCHEMA, "meta": self.meta, **err,
                                        "models": rnd(self.models)}, separators=(",", ":"))
                            + "\n")
         return Path(path)

@@ -23,6 +23,7 @@ from twin.ml.estimators import (EBMRegressor, MonotoneLinearRegressor, Simplifie
                                 TreeEnsemble, XGBRegressorModel, evaluate, plot_importances,
                                 smape)
 from twin.ml.features import ROW_FEATURES, WORKLOAD_FEATURES
+from twin.ml.latency import fit_heads, heldout_error
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
 from twin.ml.spec import SLOTS_GRID, WorkloadSpec, profile_digest
@@ -79,8 +80,11 @@ def sample_workloads(n_families: int, *, seed: int = 0, window_s: float = 600.0,
 # -- the shipped model -------------------------------------------------------------------------
 
 def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
-                    latency_estimators: int = 80, meta: dict | None = None) -> Recommender:
-    """Tree ensembles for achieved/offered, P(starving) and TTFT/TPOT percentiles."""
+                    latency_estimators: int | None = None, meta: dict | None = None,
+                    latency_error: bool = True) -> Recommender:
+    """Tree ensembles for achieved/offered, P(starving) and TTFT/TPOT percentiles
+    (:mod:`twin.ml.latency`: calibrated heads, and with ``latency_error`` their p99 error on
+    held-out families, recorded in the model)."""
     rows = row_table(sweep)
     X = rows[list(ROW_FEATURES)]
     models = {}
@@ -88,11 +92,8 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
                                       max_depth=3).fit(X, rows["achieved"]).to_dict()
     models["p_starve"] = TreeEnsemble("classifier", n_estimators=n_estimators,
                                       max_depth=3).fit(X, rows["starving"]).to_dict()
-    full = rows[rows["full"] & rows["ttft_p50"].notna() & rows["tpot_p50"].notna()]
-    Xf = full[list(ROW_FEATURES)]
-    for t in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
-        models[t] = TreeEnsemble("regressor", n_estimators=latency_estimators, max_depth=3,
-                                 log_target=True).fit(Xf, full[t].clip(lower=1e-3)).to_dict()
+    models.update(fit_heads(rows, latency_estimators))
+    err = heldout_error(rows, n_estimators=latency_estimators) if latency_error else None
     m = {"profile": profile.name, "profile_sha": profile_digest(profile),
          "twin_version": __import__("twin").__version__, "rows": int(len(rows)),
          "workloads": int(rows["workload_key"].nunique()),
@@ -100,7 +101,7 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
          "window_s": float(rows["window_s"].iloc[0]) if len(rows) else None,
          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     m.update(meta or {})
-    return Recommender(models, m)
+    return Recommender(models, m, latency_error=err)
 
 
 # -- model comparison --------------------------------------------------------------------------

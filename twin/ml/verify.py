@@ -19,19 +19,31 @@ from twin.ml.sweep import EarlyExit, simulate_point
 _CTX: dict = {}   # what the forked workers inherit: the trace, catalog, profile, ...
 
 
+def request_latencies(requests: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per finished request: TTFT and TPOT (ms) and tokens (prompt + generated), what
+    goodput counts; kept by :class:`Verifier` (``keep_latencies``) so that a run can be
+    scored later against SLOs chosen after it (:func:`goodput_of`)."""
+    d = requests[requests["status"] == "finished"]
+    g = d["generated_tokens"].to_numpy()
+    tpot = np.where(g > 1, (d["finish_s"] - d["first_token_s"]).to_numpy()
+                    / np.maximum(g - 1, 1), 0.0) * 1000
+    return {"ttft_ms": (d["first_token_s"] - d["arrival_s"]).to_numpy() * 1000,
+            "tpot_ms": tpot, "tokens": d["prompt_tokens"].to_numpy() + g}
+
+
+def goodput_of(lat: dict, duration_s: float, slo: dict | None) -> float:
+    """Tokens/s of the requests of :func:`request_latencies` meeting the SLOs (ms)."""
+    ok = np.ones(len(lat["tokens"]), dtype=bool)
+    if slo and slo.get("ttft"):
+        ok &= lat["ttft_ms"] <= slo["ttft"]
+    if slo and slo.get("tpot"):
+        ok &= lat["tpot_ms"] <= slo["tpot"]
+    return float(lat["tokens"][ok].sum() / max(duration_s, 1e-9))
+
+
 def goodput(requests: pd.DataFrame, duration_s: float, slo: dict | None) -> float:
     """Tokens/s of completed requests meeting the SLOs (TTFT and TPOT in ms)."""
-    d = requests[requests["status"] == "finished"]
-    ok = np.ones(len(d), dtype=bool)
-    if slo and slo.get("ttft"):
-        ok &= (d["first_token_s"] - d["arrival_s"]).to_numpy() * 1000 <= slo["ttft"]
-    if slo and slo.get("tpot"):
-        g = d["generated_tokens"].to_numpy()
-        tpot = np.where(g > 1, (d["finish_s"] - d["first_token_s"]).to_numpy()
-                        / np.maximum(g - 1, 1), 0.0) * 1000
-        ok &= tpot <= slo["tpot"]
-    tokens = d["prompt_tokens"].to_numpy()[ok].sum() + d["generated_tokens"].to_numpy()[ok].sum()
-    return float(tokens / max(duration_s, 1e-9))
+    return goodput_of(request_latencies(requests), duration_s, slo)
 
 
 def _verify(item):
@@ -54,6 +66,8 @@ def _verify(item):
            "tpot_p50": s["tpot_ms"]["median"], "tpot_p99": s["tpot_ms"]["p99"],
            "e2e_p50": s["e2e_ms"]["median"], "preemptions": int(s["preemptions"])}
     out["goodput"] = goodput(res.requests, sim_s, slo) if (full and slo) else out["throughput"]
+    if full and _CTX.get("keep_latencies"):
+        out["latencies"], out["duration_s"] = request_latencies(res.requests), sim_s
     out["wall_s"] = time.perf_counter() - t0
     return i, out
 
@@ -62,9 +76,11 @@ class Verifier:
     """Runs twin verifications, in parallel (forked workers inherit the trace)."""
 
     def __init__(self, trace, catalog, profile, window_s, slo, early_exit: EarlyExit,
-                 workers: int):
+                 workers: int, keep_latencies: bool = False):
+        """``keep_latencies``: full runs also return their requests' ``latencies``
+        (:func:`request_latencies`) and ``duration_s``, to score other SLOs later."""
         _CTX.update(trace=trace, catalog=catalog, profile=profile, window_s=window_s, slo=slo,
-                    early_exit=early_exit)
+                    early_exit=early_exit, keep_latencies=keep_latencies)
         self.workers = max(1, int(workers))
         self.pool = None
 

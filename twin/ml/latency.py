@@ -1,0 +1,95 @@
+"""The recommender's latency heads (TTFT / TPOT p50 and p99), calibrated on twin runs, and
+their held-out error, which the shipped model records (``latency_error``) and
+``recommend`` uses to say when a twin run disagrees with the model beyond it.
+
+Why the first heads missed (p99 TTFT off 48x on azure_conv_1h_32lora): they were shallow
+(depth 3, 80 trees) and fitted every fully simulated run alike, and 44 % of those starve
+(p99 TTFT of minutes, a regime the search never picks from). A non-starving run's p99 TTFT
+spans 50 ms to minutes, set by how close the load is to the configuration's capacity: an
+interaction of many features. The p99 heads are now deeper and longer (depth 4, 200 trees)
+and weight runs that keep up :data:`KEEPS_UP_WEIGHT` times as much; on the calibrated H100
+sweep (GroupKFold by family) this took the p99 TTFT SMAPE on runs that keep up from a
+median of 46 % to 32 %. What remains is out of the features' reach (bursts within the
+window, windows longer than the training's): the held-out error is measured, recorded
+and used instead of hidden.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from twin.ml.ensemble import TreeEnsemble
+from twin.ml.features import ROW_FEATURES
+from twin.results import smape
+
+LATENCY_TARGETS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
+#: the heads whose error is recorded (the SLOs are on p99s)
+ERROR_TARGETS = ("ttft_p99", "tpot_p99")
+#: how much more a run that keeps up weighs than a starving one in the p99 heads' fit
+KEEPS_UP_WEIGHT = 3.0
+#: (n_estimators, max_depth, learning_rate): the p99 heads; the p50 heads keep the first
+#: shape (their error is not used; smaller file)
+P99_HEAD = (200, 4, 0.05)
+P50_HEAD = (80, 3, 0.08)
+
+
+def latency_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows the heads learn from: fully simulated runs with measured latencies."""
+    ok = rows["full"] & rows["ttft_p50"].notna() & rows["tpot_p50"].notna()
+    return rows[ok].reset_index(drop=True)
+
+
+def make_head(target: str, n_estimators: int | None = None) -> TreeEnsemble:
+    """An unfitted head for ``target`` (``n_estimators`` overrides its tree count)."""
+    n, depth, lr = P99_HEAD if target.endswith("p99") else P50_HEAD
+    return TreeEnsemble("regressor", n_estimators=n_estimators or n, max_depth=depth,
+                        learning_rate=lr, log_target=True)
+
+
+def head_weights(target: str, full: pd.DataFrame) -> np.ndarray | None:
+    """Sample weights of a head's fit: runs that keep up count more in the p99 heads."""
+    if not target.endswith("p99"):
+        return None
+    return np.where(full["starving"].to_numpy(dtype=bool), 1.0, KEEPS_UP_WEIGHT)
+
+
+def fit_heads(rows: pd.DataFrame, n_estimators: int | None = None) -> dict[str, dict]:
+    """The fitted latency heads, exported ({target: ensemble dict})."""
+    full = latency_rows(rows)
+    X = full[list(ROW_FEATURES)]
+    return {t: make_head(t, n_estimators).fit(X, full[t].clip(lower=1e-3),
+                                              sample_weight=head_weights(t, full)).to_dict()
+            for t in LATENCY_TARGETS}
+
+
+def heldout_error(rows: pd.DataFrame, n_splits: int = 5, n_estimators: int | None = None,
+                  make=None, weighted: bool = True) -> dict | None:
+    """The p99 heads' error on families they never saw: ``GroupKFold`` by family, SMAPE of
+    out-of-fold predictions over the runs that keep up (the ones a recommendation can be):
+    {target: {'smape_median', 'smape_p90', 'rows'}, 'families', 'folds', 'on'}. ``make``:
+    (target) -> unfitted head (default :func:`make_head`); ``weighted``: fit with
+    :func:`head_weights` (as shipped). None when under 2 families or no run keeps up."""
+    from sklearn.model_selection import GroupKFold  # lazy: scikit-learn only to evaluate
+
+    full = latency_rows(rows)
+    groups = full["family_key"].to_numpy()
+    k = min(n_splits, len(np.unique(groups)))
+    up = ~full["starving"].to_numpy(dtype=bool)
+    if k < 2 or not up.any():
+        return None
+    make = make or (lambda t: make_head(t, n_estimators))
+    X = full[list(ROW_FEATURES)]
+    out: dict = {"families": int(len(np.unique(groups))), "folds": int(k),
+                 "on": "fully simulated runs that keep up, families held out (GroupKFold)"}
+    for t in ERROR_TARGETS:
+        y = full[t].clip(lower=1e-3).to_numpy()
+        w = head_weights(t, full) if weighted else None
+        pred = np.full(len(y), np.nan)
+        for tr, te in GroupKFold(n_splits=k).split(X, y, groups):
+            m = make(t).fit(X.iloc[tr], y[tr], sample_weight=None if w is None else w[tr])
+            pred[te] = m.predict(X.iloc[te])
+        s = smape(pred[up], y[up], percent=True)
+        out[t] = {"smape_median": round(float(np.median(s)), 2),
+                  "smape_p90": round(float(np.percentile(s, 90)), 2), "rows": int(up.sum())}
+    return out
