@@ -136,7 +136,8 @@ def _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, prelo
                       max_num_seqs=config.max_num_seqs,
                       max_num_batched_tokens=config.max_num_batched_tokens,
                       max_loras=config.max_loras, max_model_len=config.max_model_len,
-                      adapter_cache=cache, enable_lora=config.enable_lora)
+                      adapter_cache=cache, enable_lora=config.enable_lora,
+                      enable_prefix_caching=config.enable_prefix_caching)
     # vLLM's features: LoRA padded to max_lora_rank, the kernel spanning max_loras slots
     featurize = partial(features, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
     return ServerParts("vllm", sched, cache, kv_tokens, featurize)
