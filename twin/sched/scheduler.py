@@ -69,6 +69,13 @@ class Scheduler(Aborts):
     def kv_used_blocks(self) -> int:
         return self.pool.used + self.group.held_blocks()
 
+    def kv_cached_blocks(self) -> int:
+        """Blocks cached and evictable (free for vLLM, reusable by a hit), between steps."""
+        if self.prefix is None:
+            return 0
+        self.prefix.sync(self.pool.num_blocks - self.kv_used_blocks())
+        return self.prefix.evictable
+
     def has_work(self) -> bool:
         return self.num_running > 0 or len(self.waiting) > 0
 

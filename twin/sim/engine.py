@@ -123,7 +123,7 @@ class _Clock:
         self.hashes, self.hash_block_size = request_hashes(trace)   # prefix cache
         # Requests exist from arrival to completion only; results go to columnar arrays so a
         # starving hour with 10^5 requests stays within a few hundred MB.
-        self.out = Outcomes(self.output)
+        self.out = Outcomes(self.output, prefix=self.hashes is not None)
         # A starving hour holds ~10^5 waiting requests: let them share their int fields (a
         # length seen once is one object; a request id equal to the row is the row's int)
         # instead of each holding its own (-18 MB at 2*10^5 waiting).
@@ -131,7 +131,8 @@ class _Clock:
         self.horizon = window_s if window_s is not None else (self.arrival[-1] if n else 0.0)
         if sample_dt is None:
             sample_dt = max(self.horizon / 2000.0, 0.05)
-        self.rec = Recorder(sample_dt, self.sched.pool.num_blocks, record_steps)
+        self.rec = Recorder(sample_dt, self.sched.pool.num_blocks, record_steps,
+                            prefix=self.hashes is not None)
         self.step_time = profile.step_time
         self.load_model = profile.load_time
 
