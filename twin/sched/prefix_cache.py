@@ -24,8 +24,11 @@ when ``hash_block_size`` is a multiple of ``block_size``, else one KV block each
 segment, running holders hold leading blocks, so a segment is ``cached`` (leading blocks
 present) and its holders' extents, and a Mooncake hour costs ~10^2 operations per request,
 not one per KV block. The free queue (vLLM's ``FreeKVCacheBlockQueue``: empty and evictable
-blocks, least recently freed first) is a list of runs; pops for new blocks are applied
-lazily (:meth:`sync`) before anything whose outcome depends on the queue's order.
+blocks, least recently freed first) is a queue of *batches*, one per release, each a list
+of pieces ``[segment key or None (empty blocks), lo, hi]`` in the order vLLM appends the
+blocks; pops for new blocks are applied lazily (:meth:`sync`) before anything whose
+outcome depends on the queue's order. While no cached block is free the queue is one count
+of empty blocks, so a trace without hash ids costs nothing here.
 
 Accounting: a block several running requests share is counted once per holder by the
 scheduler; the cache gives the surplus back to the pool (``pool.give``) while it is shared,
@@ -41,24 +44,17 @@ from collections import OrderedDict
 
 
 class Segment:
-    """Cached leading blocks of one segment, the running holders' extents, and its runs in
-    the free queue (earliest queued first: they hold its highest free blocks)."""
+    """Cached leading blocks of one segment, the running holders' extents (``top``: the
+    largest), and its pieces in the free queue (earliest queued first: they hold its
+    highest free blocks, ``[top, cached)`` in all)."""
 
-    __slots__ = ("cached", "holders", "runs")
+    __slots__ = ("cached", "holders", "top", "runs")
 
     def __init__(self):
         self.cached = 0
         self.holders: list[int] = []
-        self.runs: list[Run] = []
-
-
-class Run:
-    """A stretch of the free queue: blocks ``[lo, hi)`` of segment ``key`` (None: empty)."""
-
-    __slots__ = ("key", "lo", "hi", "id")
-
-    def __init__(self, key, lo: int, hi: int, rid: int):
-        self.key, self.lo, self.hi, self.id = key, lo, hi, rid
+        self.top = 0
+        self.runs: list[list] = []
 
 
 class PrefixState:
@@ -107,14 +103,14 @@ class PrefixCache:
         self.pool = pool
         self.B = pool.block_size
         self.segments: dict[int, Segment] = {}
-        self.queue: OrderedDict[int, Run] = OrderedDict()
-        self.loose = 0            # empty blocks at the queue's head, ahead of every run
+        self.queue: OrderedDict[int, list] = OrderedDict()   # id -> [next piece, pieces]
+        self.loose = 0            # empty blocks at the queue's head, ahead of every batch
         self.qlen = 0             # blocks in the free queue (empty + evictable)
         self.evictable = 0        # cached blocks in the free queue
         self.cached_blocks = 0    # cached blocks, held or evictable
         self.queries = 0          # prefix_cache_queries (tokens looked up at admissions)
         self.hits = 0             # prefix_cache_hits (tokens found)
-        self._rid = 0
+        self._bid = 0
 
     def state(self, r) -> PrefixState | None:
         """``r``'s prefix state (built at its first lookup); None without hash ids."""
@@ -128,59 +124,59 @@ class PrefixCache:
     def sync(self, free: int) -> None:
         """Apply the pops (allocations) made since the last call: the queue holds ``free``
         blocks, the pool's empty + evictable count, before any order-dependent operation."""
-        if not self.queue:
+        if not self.evictable:     # only empty blocks: their order does not matter
+            if self.queue:
+                self.queue.clear()
             self.loose = self.qlen = free
             return
         excess = self.qlen - free
         if excess > 0:
             self._pop(excess)
         elif excess < 0:           # freed outside the cache (an adapter's pages): empty
-            self._append(None, 0, -excess)
+            self._batch([[None, 0, -excess]], -excess, 0)
 
     def _pop(self, n: int) -> None:
         """Take ``n`` blocks from the queue's head, evicting the cached ones."""
         self.qlen -= n
-        k = min(self.loose, n)
+        k = self.loose if self.loose < n else n
         self.loose -= k
         n -= k
-        q = self.queue
+        q, segments = self.queue, self.segments
         while n:
-            run = next(iter(q.values()))
-            k = min(run.hi - run.lo, n)
-            n -= k
-            run.hi -= k
-            if run.key is not None:
-                seg = self.segments[run.key]
-                seg.cached = run.hi
-                self.evictable -= k
-                self.cached_blocks -= k
-                if run.hi == run.lo:
-                    seg.runs.pop(0)
-                    if seg.cached == 0:
-                        del self.segments[run.key]
-            if run.hi == run.lo:
+            batch = q[next(iter(q))]
+            pieces, i = batch[1], batch[0]
+            while n and i < len(pieces):
+                p = pieces[i]
+                k = p[2] - p[1]
+                if k > n:
+                    k = n
+                p[2] -= k
+                n -= k
+                if k and p[0] is not None:   # evict from the segment's top
+                    seg = segments[p[0]]
+                    seg.cached = p[2]
+                    self.evictable -= k
+                    self.cached_blocks -= k
+                    if p[1] == p[2]:
+                        seg.runs.pop(0)
+                        if not seg.cached:
+                            del segments[p[0]]
+                if p[1] == p[2]:
+                    i += 1
+            if i == len(pieces):
                 q.popitem(last=False)
+            else:
+                batch[0] = i
 
-    def _append(self, key, lo: int, hi: int, seg: Segment | None = None) -> None:
-        """Blocks ``[lo, hi)`` of segment ``key`` (None: ``hi - lo`` empty ones) join the
-        queue's tail."""
-        n = hi - lo
+    def _batch(self, pieces: list, n: int, cached: int) -> None:
+        """``pieces`` (``n`` blocks, ``cached`` of them cached) join the queue's tail."""
         self.qlen += n
-        q = self.queue
-        if key is None:
-            if not q:
-                self.loose += n
-                return
-            tail = q[next(reversed(q))]
-            if tail.key is None:
-                tail.hi += n
-                return
-        run = Run(key, lo, hi, self._rid)
-        q[self._rid] = run
-        self._rid += 1
-        if seg is not None:
-            seg.runs.append(run)
-            self.evictable += n
+        self.evictable += cached
+        if not cached and not self.queue:
+            self.loose += n
+            return
+        self.queue[self._bid] = [0, pieces]
+        self._bid += 1
 
     def _touch(self, seg: Segment, lo: int, hi: int) -> None:
         """Take the evictable blocks ``[lo, hi)`` of ``seg`` out of the queue (a hit)."""
@@ -189,13 +185,14 @@ class PrefixCache:
         self.evictable -= n
         runs = seg.runs
         while n:
-            run = runs[-1]                # the latest queued run holds the lowest blocks
-            k = min(run.hi - run.lo, n)
-            run.lo += k
+            p = runs[-1]                  # the latest queued piece holds the lowest blocks
+            k = p[2] - p[1]
+            if k > n:
+                k = n
+            p[1] += k
             n -= k
-            if run.lo == run.hi:
+            if p[1] == p[2]:
                 runs.pop()
-                del self.queue[run.id]
 
     # -- what the scheduler calls ----------------------------------------------------------
     def peek(self, r, free: int) -> tuple[int, int]:
@@ -203,10 +200,12 @@ class PrefixCache:
         at most ``num_tokens - 1`` tokens, in full blocks. ``free``: empty + evictable
         blocks now. Changes nothing but applying pending pops."""
         st = self.state(r)
-        if st is None:
+        if st is None or not self.segments:
             return 0, 0
         self.sync(free)
-        limit = min((r.prompt + r.generated - 1) // self.B, st.nblocks)
+        limit = (r.prompt + r.generated - 1) // self.B
+        if limit > st.nblocks:
+            limit = st.nblocks
         hit = ev = 0
         S, segments = st.seg, self.segments
         for key in st.keys:
@@ -215,12 +214,12 @@ class PrefixCache:
             seg = segments.get(key)
             if seg is None:
                 break
-            e = min(seg.cached, limit - hit)
-            m = max(seg.holders, default=0)
-            if e > m:
-                ev += e - m
+            c = seg.cached
+            e = c if c < limit - hit else limit - hit
+            if e > seg.top:
+                ev += e - seg.top
             hit += e
-            if seg.cached < S:
+            if c < S:
                 break
         return hit, ev
 
@@ -239,11 +238,14 @@ class PrefixCache:
         S, segments, shared, j = st.seg, self.segments, 0, 0
         while hit > 0:
             seg = segments[st.keys[j]]
-            e = min(S, hit)
-            m = max(seg.holders, default=0)
+            e = S if S < hit else hit
+            m = seg.top
             if e > m:
                 self._touch(seg, m, e)
-            shared += min(e, m)
+                seg.top = e
+                shared += m
+            else:
+                shared += e
             seg.holders.append(e)
             hit -= e
             j += 1
@@ -256,7 +258,9 @@ class PrefixCache:
         st = r.prefix
         if st is None or st.stopped:
             return
-        target = min(tokens // self.B, st.nblocks)
+        target = tokens // self.B
+        if target > st.nblocks:
+            target = st.nblocks
         c, S, segments = st.chain, st.seg, self.segments
         while c < target:
             j, k = divmod(c, S)
@@ -267,8 +271,10 @@ class PrefixCache:
             if seg.cached != k:      # cached meanwhile by another request: a duplicate
                 st.stopped = True
                 break
-            e = min(S, target - j * S)
-            seg.cached = e
+            e = target - j * S
+            if e > S:
+                e = S
+            seg.cached = seg.top = e  # every other holder holds at most k < e
             if k:
                 seg.holders.remove(k)
             seg.holders.append(e)
@@ -281,25 +287,37 @@ class PrefixCache:
         empty + evictable before): its blocks join the queue's tail last block first, its
         cached ones staying cached (vLLM's ``free``)."""
         st = r.prefix
-        if st is None and not self.queue:
-            return                 # nothing cached anywhere: the queue is only empty blocks
-        self.sync(free)
         chain = st.chain if st is not None else 0
-        if blocks > chain:
-            self._append(None, 0, blocks - chain)
+        if not chain and not self.evictable:
+            return                 # nothing cached is free: the queue is only empty blocks
+        self.sync(free)
+        pieces = [[None, 0, blocks - chain]] if blocks > chain else []
         if not chain:
+            self._batch(pieces, blocks, 0)
             return
-        S, segments, shared = st.seg, self.segments, 0
-        for j in range((chain - 1) // S, -1, -1):
-            key = st.keys[j]
+        S, segments, keys = st.seg, self.segments, st.keys
+        shared = freed = 0
+        last = (chain - 1) // S
+        e = chain - last * S
+        for j in range(last, -1, -1):
+            key = keys[j]
             seg = segments[key]
-            e = min(S, chain - j * S)
-            seg.holders.remove(e)
-            m = max(seg.holders, default=0)
+            h = seg.holders
+            h.remove(e)
+            if e == seg.top:
+                seg.top = max(h) if h else 0
+            m = seg.top
             if e > m:
-                self._append(key, m, e, seg)
-            shared += min(e, m)
+                p = [key, m, e]
+                pieces.append(p)
+                seg.runs.append(p)
+                freed += e - m
+                shared += m
+            else:
+                shared += e
+            e = S
         st.chain = 0
+        self._batch(pieces, blocks - chain + freed, freed)
         if shared:
             self.pool.take(shared)
 
