@@ -10,6 +10,7 @@ import pytest
 
 from prefix_traces import conversations
 from twin.config import ServingConfig
+from twin.costs.step_time import features
 from twin.sched import AdapterCache, Request, Scheduler
 from twin.sim import simulate
 
@@ -86,6 +87,18 @@ def test_shared_blocks_are_counted_once_while_several_requests_hold_them():
     # both hold 9 cached blocks and one new block each: 11 blocks in use, not 20
     assert s.kv_used_blocks() == 11
     assert s.prefix.hits == 2 * 36
+
+
+def test_a_hit_prices_only_computed_tokens_and_attends_the_hit_as_context():
+    s = make_sched()
+    serve(s, req(0, 0, 40, tuple(range(10))))
+    r = req(1, 0, 40, tuple(range(10)))
+    s.add_request(r)
+    plan = s.schedule(0.0)
+    assert r.computed == 36                      # 9 cached blocks of 4 tokens
+    f = features(plan, max_lora_rank=16, max_loras=4)
+    assert f.prefill_tokens == 4 and f.prefill_context == 4 * (36 + 4)
+    assert f.lora_token_rank == 4 * 16           # LoRA applies to computed tokens only
 
 
 def test_preempted_request_hits_its_own_prefix_when_readmitted():

@@ -7,7 +7,8 @@ A *layout* is how one serving process arranges GPU memory for adapters:
   with the skip rule; step features at padded ranks over ``max_loras`` slots.
 - ``slora``: S-LoRA's unified pool, KV blocks and exact-rank adapter pages in one pool, no
   slots; ``UnifiedAdapterPool`` and ``SLoRAScheduler`` (``twin.sched.unified_pool``); step
-  features at exact ranks.
+  features at exact ranks. S-LoRA has no prefix cache: ``enable_prefix_caching`` applies to
+  the ``vllm`` layout (and merged replicas) only.
 - ``merged``: a merged replica is a plain base-model vLLM server, the ``vllm`` layout with
   ``enable_lora=False``.
 
