@@ -37,11 +37,11 @@ def block_hashes(hash_ids, hash_block_size: int, block_size: int, adapter: int) 
 
 
 class RefRequest:
-    def __init__(self, adapter, hash_ids, hash_block_size, num_tokens):
+    def __init__(self, adapter, hash_ids, hash_block_size, num_tokens, block_size=None):
         self.adapter = adapter
         self.num_tokens = num_tokens
         self.hashes = ([] if hash_ids is None else
-                       block_hashes(hash_ids, hash_block_size, BLOCK, adapter))
+                       block_hashes(hash_ids, hash_block_size, block_size or BLOCK, adapter))
         self.blocks: list[int] = []        # block ids, in order
         self.num_cached = 0                # leading blocks cached (own or hit)
         self.stopped = False

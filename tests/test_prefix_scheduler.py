@@ -158,3 +158,17 @@ def test_caching_speeds_up_conversations_and_jumps_equal_steps():
     assert on.summary["ttft_ms"]["mean"] < off.summary["ttft_ms"]["mean"]
     stepwise = simulate(trace, cfg, record_steps=True, jump=False)
     pd.testing.assert_frame_equal(on.requests, stepwise.requests)
+
+
+def test_cached_blocks_have_stable_ids_shared_within_an_adapter_only():
+    s = make_sched()
+    a, b, c = (req(0, 0, 24, (1, 2, 3, 4, 5, 6), output=20),
+               req(1, 0, 24, (1, 2, 3, 9, 9, 9), output=20),
+               req(2, 1, 24, (1, 2, 3, 4, 5, 6), output=20))
+    for r in (a, b, c):
+        s.add_request(r)
+    s.schedule(0.0)     # a registers its 6 blocks first; b hits 3 of them, c none
+    ids = [s.prefix.block_ids(r) for r in (a, b, c)]
+    assert (b.prefix.hit_blocks, c.prefix.hit_blocks) == (3, 0)
+    assert ids[0][:3] == ids[1][:3] and ids[0][3:] != ids[1][3:]
+    assert not set(ids[0]) & set(ids[2])
