@@ -389,6 +389,8 @@ class Scheduler(Aborts):
         """``r`` leaves the running set with ``computed`` tokens in ``blocks`` blocks, of
         which ``uncounted`` are already out of the scheduler's counts: its full blocks are
         cached, then freed (cached ones stay, evictable)."""
+        if r.prefix is None and not self.prefix.evictable:
+            return   # nothing to cache, nothing cached is free: the queue is empty blocks
         pool = self.pool
         free = pool.num_blocks - pool.used - self.group.held_blocks() - uncounted
         self.prefix.register(r, computed)
@@ -397,6 +399,8 @@ class Scheduler(Aborts):
     def _leave_group(self, finished: list[Request]) -> None:
         """Decoders that finished together leave the cache one by one (their blocks are
         out of the group's count already)."""
+        if not self.prefix.evictable and all(r.prefix is None for r in finished):
+            return
         blocks = [self.pool.blocks_for(r.prompt + r.output - 1) for r in finished]
         pending = sum(blocks)
         for r, b in zip(finished, blocks):
