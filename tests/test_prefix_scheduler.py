@@ -172,3 +172,21 @@ def test_cached_blocks_have_stable_ids_shared_within_an_adapter_only():
     assert (b.prefix.hit_blocks, c.prefix.hit_blocks) == (3, 0)
     assert ids[0][:3] == ids[1][:3] and ids[0][3:] != ids[1][3:]
     assert not set(ids[0]) & set(ids[2])
+
+
+def test_aborted_requests_leave_their_blocks_cached_and_the_counts_consistent():
+    s = make_sched(num_blocks=40, budget=8)
+    ids = tuple(range(8))
+    serve(s, req(0, 0, 32, ids))
+    a, b = req(1, 0, 32, ids, output=10), req(2, 0, 20, tuple(range(50, 55)), output=10)
+    s.add_request(a)
+    s.add_request(b)
+    s.finish_step(s.schedule(0.0), 1.0)
+    # a hit 28 tokens and decodes; b's first chunk (the budget's last 4 tokens) is cached
+    assert a.status == 2 and b.status == 1 and b.computed == 4
+    s.abort(a)
+    s.abort(b)
+    assert s.kv_used_blocks() == 0 and not s.has_work()
+    s.prefix.sync(s.pool.num_blocks)
+    assert s.prefix.qlen == 40 and s.prefix.evictable == s.prefix.cached_blocks == 8 + 1
+    assert serve(s, req(3, 0, 20, tuple(range(50, 55)))) == [4]   # b's computed block
