@@ -256,9 +256,10 @@ class Scheduler(Aborts):
         return budget
 
     def _preempt(self, r: Request) -> None:
-        if self.prefix is not None:   # a decoder left the group: its blocks are uncounted
-            self._leave_cache(r, r.computed, r.blocks or self.pool.blocks_for(r.computed),
-                              0 if r.blocks else self.pool.blocks_for(r.computed))
+        if self.prefix is not None:
+            # a decoder has left the group already (r.blocks 0): its blocks are uncounted
+            held = r.blocks or self.pool.blocks_for(r.computed)
+            self._leave_cache(r, r.computed, held, held - r.blocks)
         self.pool.give(r.blocks)
         r.blocks = 0
         r.computed = 0
