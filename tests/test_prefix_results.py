@@ -54,12 +54,19 @@ def test_caching_off_reports_no_hits_and_no_trace_reports_nothing():
 
 
 def test_hash_block_size_comes_from_the_trace_metadata():
+    """The same token content named in 48-token blocks, or in 16-token blocks (each id
+    split in three): the same hits, request by request (and a hash block size that is
+    not a multiple of the KV block's, 40, is served too)."""
     trace = conversations(13, 30, 3, ["a"], hbs=48)
-    assert simulate(trace, CFG).summary["prefix_cache_hits"] > 0
-    wrong = trace.copy()
-    wrong.attrs["hash_block_size"] = 16    # the same ids naming fewer tokens: fewer hits
-    assert (simulate(wrong, CFG).summary["prefix_cache_hits"]
-            < simulate(trace, CFG).summary["prefix_cache_hits"])
+    fine = trace.copy()
+    fine["hash_ids"] = [tuple(3 * h + k for h in ids for k in range(3))
+                        for ids in trace["hash_ids"]]
+    fine.attrs["hash_block_size"] = 16
+    coarse, split = simulate(trace, CFG), simulate(fine, CFG)
+    assert coarse.summary["prefix_cache_hits"] > 0
+    pd.testing.assert_frame_equal(coarse.requests, split.requests)
+    assert simulate(conversations(13, 30, 3, ["a"], hbs=40), CFG).summary[
+        "prefix_cache_hits"] > 0
 
 
 def test_a_deployment_of_several_servers_sums_its_servers_figures():
