@@ -59,8 +59,10 @@ def test_hash_block_size_comes_from_the_trace_metadata():
     not a multiple of the KV block's, 40, is served too)."""
     trace = conversations(13, 30, 3, ["a"], hbs=48)
     fine = trace.copy()
-    fine["hash_ids"] = [tuple(3 * h + k for h in ids for k in range(3))
-                        for ids in trace["hash_ids"]]
+    # (at most the blocks prompt + output fill: the trace contract's bound)
+    fine["hash_ids"] = [tuple(3 * h + k for h in ids for k in range(3))[:-(-(p + o) // 16)]
+                        for ids, p, o in zip(trace["hash_ids"], trace["prompt_tokens"],
+                                             trace["output_tokens"])]
     fine.attrs["hash_block_size"] = 16
     coarse, split = simulate(trace, CFG), simulate(fine, CFG)
     assert coarse.summary["prefix_cache_hits"] > 0
