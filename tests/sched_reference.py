@@ -31,7 +31,8 @@ class _Plan:
 def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                   max_loras, max_cpu_loras, max_lora_rank, step_time, max_model_len=10**9,
                   preload=(), load_time=None, adapter_bytes=None, max_steps=10**6,
-                  lora_manager=None, loads_log=None):
+                  lora_manager=None, loads_log=None, prefix=None, hash_ids=None,
+                  hash_block_size=4):
     """trace_rows: list of (arrival, adapter int or -1, prompt, output), sorted by arrival.
 
     Returns (requests, batches) where batches lists, per step, the tuple of
@@ -41,10 +42,20 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
     AdapterCache: each step the adapters of the scheduled requests go through vLLM's
     ``set_active_adapters``. ``loads_log`` gets, per step, the loads as
     (adapter, from_disk, evicted_gpu, evicted_host).
+
+    ``prefix`` (tests/prefix_cache_reference.py's ``RefPrefixCache``) turns on vLLM's prefix
+    caching: every block goes through it, admissions look up ``hash_ids`` (per row, ids of
+    ``hash_block_size`` tokens) and every scheduled chunk caches its full blocks.
     """
     from twin.costs.step_time import features
 
     reqs = [RefReq(i, *row) for i, row in enumerate(trace_rows)]
+    if prefix is not None:
+        from prefix_cache_reference import RefRequest
+
+        for r, ids in zip(reqs, hash_ids):
+            r.pr = RefRequest(r.adapter, ids, hash_block_size, r.prompt, block_size)
+    n_free = (lambda: prefix.num_free()) if prefix is not None else (lambda: free)
     cache = (AdapterCache(max_loras, max_cpu_loras, preload=list(preload))
              if lora_manager is None else None)
     waiting: deque = deque()
@@ -77,10 +88,12 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
             ok = True
             while True:
                 need = cdiv(r.computed + n, block_size) - r.blocks
-                if need <= free:
+                if need <= n_free():
                     break
                 v = running.pop()
                 free += v.blocks
+                if prefix is not None:
+                    prefix.free(v.pr)
                 v.blocks = v.computed = 0
                 v.preemptions += 1
                 if v.adapter >= 0 and cache is not None:
@@ -94,6 +107,9 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                 break
             free -= need
             r.blocks += need
+            if prefix is not None:
+                prefix.grow(r.pr, r.computed + n)
+                prefix.cache_full_blocks(r.pr, r.computed + n)
             scheduled.append((r, n))
             budget -= n
             i += 1
@@ -108,14 +124,23 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                     waiting.popleft()
                     skipped.append(r)
                     continue
-                n = min(r.num_tokens, budget)
-                need = cdiv(n, block_size)
-                if need > free:
+                hit = []
+                if prefix is not None:
+                    r.pr.num_tokens = r.num_tokens
+                    hit = prefix.longest_hit(r.pr)
+                c = len(hit) * block_size
+                n = min(r.num_tokens - c, budget)
+                need = cdiv(c + n, block_size)
+                if prefix is not None:
+                    if not prefix.allocate(r.pr, hit, c + n):
+                        break
+                    prefix.cache_full_blocks(r.pr, c + n)
+                elif need > free:
                     break
                 waiting.popleft()
                 free -= need
                 r.blocks = need
-                r.computed = 0
+                r.computed = c
                 running.append(r)
                 admitted.append(r)
                 if r.first_scheduled < 0:
@@ -180,6 +205,8 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                 if r.generated >= r.output:
                     r.finish = now
                     free += r.blocks
+                    if prefix is not None:
+                        prefix.free(r.pr)
                     r.blocks = 0
                     running.remove(r)
                     if r.adapter >= 0 and cache is not None:

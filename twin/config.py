@@ -54,6 +54,10 @@ class ServingConfig:
     max_model_len: int = 131072
     policy: str = "vllm"
     preload_adapters: bool = False
+    # vLLM V1's automatic prefix caching (on by default there too): requests of a trace
+    # with hash_ids reuse cached prefix blocks of their own adapter; without hash_ids no
+    # request hits and every figure is what caching off gives
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.max_cpu_loras is None:
@@ -108,6 +112,8 @@ class ServingConfig:
                  f"--block-size={self.block_size}", f"--max-model-len={self.max_model_len}"]
         args.append("--enable-chunked-prefill" if self.enable_chunked_prefill
                     else "--no-enable-chunked-prefill")
+        if not self.enable_prefix_caching:   # on is vLLM V1's default
+            args.append("--no-enable-prefix-caching")
         return args
 
 
@@ -127,6 +133,7 @@ class ServingSchema(Schema):
     max_model_len: Annotated[Int, Field(ge=1)]
     policy: Literal[POLICIES]
     preload_adapters: bool
+    enable_prefix_caching: bool
 
 
 def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict[str, Any]:

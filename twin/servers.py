@@ -7,7 +7,8 @@ A *layout* is how one serving process arranges GPU memory for adapters:
   with the skip rule; step features at padded ranks over ``max_loras`` slots.
 - ``slora``: S-LoRA's unified pool, KV blocks and exact-rank adapter pages in one pool, no
   slots; ``UnifiedAdapterPool`` and ``SLoRAScheduler`` (``twin.sched.unified_pool``); step
-  features at exact ranks.
+  features at exact ranks. S-LoRA has no prefix cache: ``enable_prefix_caching`` applies to
+  the ``vllm`` layout (and merged replicas) only.
 - ``merged``: a merged replica is a plain base-model vLLM server, the ``vllm`` layout with
   ``enable_lora=False``.
 
@@ -136,7 +137,8 @@ def _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, prelo
                       max_num_seqs=config.max_num_seqs,
                       max_num_batched_tokens=config.max_num_batched_tokens,
                       max_loras=config.max_loras, max_model_len=config.max_model_len,
-                      adapter_cache=cache, enable_lora=config.enable_lora)
+                      adapter_cache=cache, enable_lora=config.enable_lora,
+                      enable_prefix_caching=config.enable_prefix_caching)
     # vLLM's features: LoRA padded to max_lora_rank, the kernel spanning max_loras slots
     featurize = partial(features, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
     return ServerParts("vllm", sched, cache, kv_tokens, featurize)

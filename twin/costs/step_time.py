@@ -20,7 +20,9 @@ class StepFeatures(NamedTuple):
     prefill_tokens: int      # tokens of prefill chunks
     decode_tokens: int       # decode sequences (one token each)
     decode_context: int      # sum of attended tokens over decode sequences (KV reads)
-    prefill_context: int     # sum over prefill chunks of n * (start + n) (attention work)
+    prefill_context: int     # sum over prefill chunks of n * (start + n) (attention work;
+    #                          start counts prefix-cache hits: a cached prefix is attended
+    #                          context, never computed tokens, which prefill_tokens counts)
     lora_token_rank: float   # tokens with an adapter x rank (LoRA matmuls)
     adapters: int            # distinct adapters in the batch (their weights are read)
     adapter_rank: float      # distinct adapters x rank (bytes of adapter weights read)

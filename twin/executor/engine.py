@@ -170,8 +170,10 @@ class _Engine:
                                        kv_cache_gib=kv_cache_gib)
         preload = ([i for i in range(len(names)) if i not in self.bad]
                    if config.enable_lora and config.preload_adapters else [])
-        server = build_server(config, None, catalog, layout="vllm", num_blocks=num_blocks,
-                              preload=preload)
+        # no prefix cache yet: the executor reuses no KV block (issue 17, item 3), so a
+        # cached prefix would be attended without its keys and values
+        server = build_server(config.replace(enable_prefix_caching=False), None, catalog,
+                              layout="vllm", num_blocks=num_blocks, preload=preload)
         return BuiltServer(server, num_blocks,
                            model.allocate_kv_cache(num_blocks, config.block_size),
                            PagedBlockTables(num_blocks, config.block_size), slots,

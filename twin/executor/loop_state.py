@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from twin.sched import Request
+from twin.workload.hash_ids import request_hashes
 
 
 class Clock:
@@ -54,6 +55,7 @@ class Arrivals:
         self.prompt = trace["prompt_tokens"].to_numpy(np.int64).tolist()
         self.output = trace["output_tokens"].to_numpy(np.int64).tolist()
         self.request_id = trace["request_id"].to_numpy(np.int64).tolist()
+        self.hashes, self.hash_block_size = request_hashes(trace)   # prefix cache
         self.n = len(self.arrival)
         self.i = 0
 
@@ -71,7 +73,9 @@ class Arrivals:
             i = self.i
             self.i += 1
             yield Request(i, self.request_id[i], self.arrival[i], self.adapter[i],
-                          self.prompt[i], self.output[i])
+                          self.prompt[i], self.output[i],
+                          self.hashes[i] if self.hashes is not None else None,
+                          self.hash_block_size)
 
 
 @dataclass(slots=True)

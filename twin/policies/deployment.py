@@ -26,7 +26,8 @@ import pandas as pd
 
 from twin.costs.step_time import StepTimeModel
 from twin.policies.memory import MemoryPlan
-from twin.results.results import (STARVATION_THRESHOLD, RunResult, load_spans, summarize,
+from twin.results.results import (STARVATION_THRESHOLD, RunResult, load_spans,
+                                  prefix_cache_summary, summarize,
                                   waiting_growth)
 from twin.sim.engine import default_catalog, simulate
 from twin.workload.catalog import AdapterCatalog
@@ -362,6 +363,7 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
             "usage_max": kv("usage_max")},
         waiting_growth=growth, max_model_len=config.max_model_len)
     summary["steps"] = sum(r.result.summary.get("steps", 0) for r in live)
+    _combine_prefix_cache(req, summary, live)
     summary["unserved"] = int((dep.route < 0).sum())
     starving_servers = [r.spec.label for r in live
                         if _server_starving(r, req, duration, window_s,
@@ -380,6 +382,19 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
     result = RunResult(requests=req, summary=summary, timeline=timeline, steps=steps, meta=meta)
     _annotate(result, dep, runs, set(starving_servers))
     return result
+
+
+def _combine_prefix_cache(req: pd.DataFrame, summary: dict, live: list[ServerRun]) -> None:
+    """The servers' prefix-cache columns and figures, when the trace named its tokens."""
+    if not live or not all("prefix_cache_queries" in r.result.requests for r in live):
+        return
+    for col in ("prefix_cache_queries", "prefix_cache_hits"):
+        arr = np.zeros(len(req), dtype=np.int64)
+        for r in live:
+            arr[r.rows] = r.result.requests[col].to_numpy()
+        req[col] = arr
+    summary.update(prefix_cache_summary(
+        req, any(r.result.summary["enable_prefix_caching"] for r in live)))
 
 
 def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s,

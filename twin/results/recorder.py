@@ -16,11 +16,15 @@ import pandas as pd
 import pyarrow as pa
 
 from twin.results.itl_histogram import ITLHistogram
-from twin.results.results import RunResult, request_table, summarize, waiting_growth
+from twin.results.results import (RunResult, prefix_cache_summary, request_table, summarize,
+                                  waiting_growth)
 from twin.sched.request import Request, RequestStatus
 
 TIMELINE_COLUMNS = ["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
                     "preemptions"]
+# with a trace that names its tokens (hash_ids): the blocks cached and evictable (free for
+# vLLM, reusable by a hit), beside kv_usage (blocks running requests hold)
+PREFIX_TIMELINE_COLUMNS = TIMELINE_COLUMNS + ["kv_cached"]
 # the step log both clocks write (the executor appends its own columns after these)
 STEP_COLUMNS = ["start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs",
                 "explicit_seqs", "adapters", "loads", "preempted", "blocked", "after_idle"]
@@ -32,11 +36,14 @@ class Outcomes:
     Times are -1 until they happen (NaN in the table); ``status`` holds
     ``RequestStatus`` codes (a request that never arrived in the window stays waiting).
     ``failures``: keep an ``error`` message per request (the executor: an adapter that
-    cannot be loaded fails its requests); ``keep_tokens``: keep the generated token ids."""
+    cannot be loaded fails its requests); ``keep_tokens``: keep the generated token ids;
+    ``prefix``: keep each request's prefix-cache queries and hits (tokens, summed over its
+    admissions)."""
 
     STATUS = np.array([RequestStatus.NAMES[s] for s in range(len(RequestStatus.NAMES))])
 
-    def __init__(self, output, *, failures: bool = False, keep_tokens: bool = False):
+    def __init__(self, output, *, failures: bool = False, keep_tokens: bool = False,
+                 prefix: bool = False):
         # counts as int32 (token counts are the trace's int32) and status codes as int8: held
         # for the whole run, they are widened to the table's int64 only at its end
         self.output = np.array(output, dtype=np.int32)
@@ -49,6 +56,8 @@ class Outcomes:
         self.status = np.zeros(n, dtype=np.int8)   # never arrived (window) = waiting
         self.error = np.full(n, None, dtype=object) if failures else None
         self.tokens = np.full(n, None, dtype=object) if keep_tokens else None
+        self.prefix = (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) if prefix \
+            else None
 
     def record(self, r: Request, tokens: list[int] | None = None) -> None:
         """``tokens``: the request's prompt + generated ids (kept with ``keep_tokens``)."""
@@ -62,6 +71,9 @@ class Outcomes:
         self.status[i] = r.status
         if self.tokens is not None and tokens is not None:
             self.tokens[i] = list(tokens[r.prompt:])
+        if self.prefix is not None and r.prefix is not None:
+            self.prefix[0][i] = r.prefix.queried
+            self.prefix[1][i] = r.prefix.hit
 
     def fail(self, r: Request, now: float, message: str) -> None:
         """End ``r`` at ``now`` as failed (answered with an error), with ``message``."""
@@ -80,6 +92,8 @@ class Outcomes:
             req["error"] = pd.array(self.error, dtype="string")
         if self.tokens is not None:
             req["output_token_ids"] = self.tokens
+        if self.prefix is not None:
+            req["prefix_cache_queries"], req["prefix_cache_hits"] = self.prefix
         return req
 
 
@@ -87,7 +101,8 @@ class Recorder:
     """Cheap per-step bookkeeping: timeline samples, KV integral, ITL histogram, loads,
     the step log (``record_steps``)."""
 
-    def __init__(self, sample_dt: float, num_blocks: int, record_steps: bool = True):
+    def __init__(self, sample_dt: float, num_blocks: int, record_steps: bool = True,
+                 prefix: bool = False):
         self.sample_dt = sample_dt
         self.num_blocks = num_blocks
         self.next_sample = 0.0
@@ -100,13 +115,17 @@ class Recorder:
         self.loads = 0
         self.steps = 0
         self.step_rows: list[tuple] | None = [] if record_steps else None
+        self.prefix = prefix    # sample the cached blocks too (PREFIX_TIMELINE_COLUMNS)
 
     def sample(self, t: float, sched) -> None:
         """A timeline row at ``t`` (``sched``: the scheduler); the next one is due
         ``sample_dt`` later."""
-        self.rows.append((t, sched.num_running, sched.num_waiting,
-                          sched.kv_used_blocks() / sched.pool.num_blocks, self.tokens,
-                          self.loads, sched.num_preemptions))
+        row = (t, sched.num_running, sched.num_waiting,
+               sched.kv_used_blocks() / sched.pool.num_blocks, self.tokens, self.loads,
+               sched.num_preemptions)
+        if self.prefix:
+            row += (sched.kv_cached_blocks() / sched.pool.num_blocks,)
+        self.rows.append(row)
         self.next_sample = t + self.sample_dt
 
     def load(self, n: int, seconds: float) -> None:
@@ -136,7 +155,8 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     """The run's :class:`RunResult` from what ``out`` and ``rec`` recorded (``sched`` and
     ``cache``: the server's scheduler and adapter cache, for their counters)."""
     req = out.table(trace)
-    timeline = pd.DataFrame(rec.rows, columns=TIMELINE_COLUMNS)
+    timeline = pd.DataFrame(rec.rows, columns=PREFIX_TIMELINE_COLUMNS if rec.prefix
+                            else TIMELINE_COLUMNS)
     timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)
     growth = waiting_growth(timeline, req, window_s)
     total_time = max(duration, 1e-9)
@@ -153,6 +173,8 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]
     summary["steps"] = rec.steps
+    if out.prefix is not None:
+        summary.update(prefix_cache_summary(req, sched.prefix is not None))
     steps_df = None
     if rec.step_rows is not None:
         steps_df = pd.DataFrame(rec.step_rows, columns=step_columns)

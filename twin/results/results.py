@@ -214,6 +214,25 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     }
 
 
+def prefix_cache_summary(req: pd.DataFrame, enabled: bool) -> dict:
+    """Prefix-cache figures of a run whose trace names its tokens (``hash_ids``), from the
+    per-request ``prefix_cache_queries`` / ``prefix_cache_hits`` columns: vLLM's counters
+    (tokens looked up and found at admissions; a re-admission after preemption looks up
+    again), the hit rate overall and per adapter ("base": no adapter), and the prefill
+    tokens the hits saved. ``enabled``: the server's ``enable_prefix_caching``."""
+    q, h = req["prefix_cache_queries"], req["prefix_cache_hits"]
+    by = {}
+    names = req["adapter"].astype(object).where(req["adapter"].notna(), "base")
+    for name, g in pd.DataFrame({"a": names, "q": q, "h": h}).groupby("a", sort=True):
+        gq, gh = int(g["q"].sum()), int(g["h"].sum())
+        by[str(name)] = {"prefix_cache_queries": gq, "prefix_cache_hits": gh,
+                         "hit_rate": gh / gq if gq else 0.0}
+    queries, hits = int(q.sum()), int(h.sum())
+    return {"enable_prefix_caching": bool(enabled), "prefix_cache_queries": queries,
+            "prefix_cache_hits": hits, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            "prefill_tokens_saved": hits, "prefix_cache_by_adapter": by}
+
+
 def format_summary(s: dict) -> str:
     """The summary as ``vllm bench serve`` prints it, plus twin's extras."""
     w = 50
@@ -248,6 +267,14 @@ def format_summary(s: dict) -> str:
     row("KV cache tokens:", s["kv_cache"]["capacity_tokens"])
     row("KV usage mean / max (%):",
         f"{100 * s['kv_cache']['usage_mean']:.1f} / {100 * s['kv_cache']['usage_max']:.1f}")
+    if "prefix_cache_queries" in s:   # the trace named its tokens (hash_ids)
+        row("Prefix caching:", "on" if s["enable_prefix_caching"] else "off")
+        row("Prefix cache hit rate (%):", f"{100 * s['prefix_cache_hit_rate']:.1f}")
+        row("Prefix cache hits / queries (tok):",
+            f"{s['prefix_cache_hits']}/{s['prefix_cache_queries']}", "{:<30}{:>20}")
+        row("Prefill tokens saved:", s["prefill_tokens_saved"])
+        for name, a in s["prefix_cache_by_adapter"].items():
+            row(f"  hit rate, {name[:24]} (%):", f"{100 * a['hit_rate']:.1f}")
     if s["offered_total_throughput"] == 0:   # a ratio of nothing to nothing says nothing
         verdict = "no load offered (every request rejected or outside the window)"
     elif s["starving"]:

@@ -1,12 +1,14 @@
 """The serving core shared by both clocks: request state, waiting queue, KV-block pool,
-adapter caches and the vLLM V1 scheduler. Plain Python objects with no notion of time:
-the twin drives them with a SimPy clock, the executor with a wall clock and tensors."""
+prefix cache, adapter caches and the vLLM V1 scheduler. Plain Python objects with no
+notion of time: the twin drives them with a SimPy clock, the executor with a wall clock
+and tensors."""
 
 from twin.sched.adapter_cache import AdapterCache, AdapterLoad
 from twin.sched.kv_pool import KVBlockPool
+from twin.sched.prefix_cache import PrefixCache
 from twin.sched.request import Request, RequestStatus
 from twin.sched.scheduler import Scheduler
 from twin.sched.step_plan import StepPlan
 
-__all__ = ["AdapterCache", "AdapterLoad", "KVBlockPool", "Request", "RequestStatus",
-           "Scheduler", "StepPlan"]
+__all__ = ["AdapterCache", "AdapterLoad", "KVBlockPool", "PrefixCache", "Request",
+           "RequestStatus", "Scheduler", "StepPlan"]

@@ -2,6 +2,10 @@
 
 The scheduler only needs counts; the executor maps counts to concrete block ids with its
 own ``PagedBlockTables`` (the scheduler has already checked that enough blocks are free).
+With prefix caching, ``used`` is the prefilling requests' blocks less the surplus of blocks
+several running requests share (``twin.sched.prefix_cache``), so that ``used`` plus the
+decode group's blocks is what is held, each block once (``used`` alone may then be
+negative); cached blocks no one holds count as free, as in vLLM.
 """
 
 from __future__ import annotations

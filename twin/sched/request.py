@@ -27,17 +27,19 @@ def exceeds_max_model_len(prompt, output, max_model_len):
 class Request:
     """One request. ``adapter`` is a small int (-1 = base model).
 
-    ``computed`` counts tokens whose KV is in the cache; it is exact for waiting and
-    prefilling requests. For decoding requests the scheduler's ``DecodeGroup`` holds it
+    ``computed`` counts tokens whose KV is in the cache (prefix-cache hits included); it is
+    exact for waiting and prefilling requests. For decoding requests the scheduler's ``DecodeGroup`` holds it
     as ``x + clock`` (``x`` below) so that a decode step costs O(1), not O(running).
     """
 
     __slots__ = ("idx", "request_id", "arrival", "adapter", "prompt", "output", "computed",
                  "generated", "blocks", "key", "seq", "x", "status", "first_scheduled",
-                 "first_token", "finish", "preemptions")
+                 "first_token", "finish", "preemptions", "hash_ids", "hash_block_size",
+                 "prefix")
 
     def __init__(self, idx: int, request_id: int, arrival: float, adapter: int, prompt: int,
-                 output: int):
+                 output: int, hash_ids: tuple[int, ...] | None = None,
+                 hash_block_size: int = 512):
         self.idx = idx
         self.request_id = request_id
         self.arrival = arrival
@@ -55,6 +57,12 @@ class Request:
         self.first_token = -1.0
         self.finish = -1.0
         self.preemptions = 0
+        # the token content, for the prefix cache: ids of consecutive hash_block_size-token
+        # blocks, prompt first (two requests agreeing on the first j ids share their first
+        # j * hash_block_size tokens); None shares nothing with anyone
+        self.hash_ids = hash_ids
+        self.hash_block_size = hash_block_size
+        self.prefix = None    # twin.sched.prefix_cache.PrefixState, built at first lookup
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,11 @@ running requests:
    among the step's adapters while ``max_loras`` are already scheduled is skipped (keeps
    its place); a KV allocation failure stops admission. Base-model requests never count.
 
+With ``enable_prefix_caching`` (vLLM V1's default) a request's admission first looks up its
+cached prefix (``twin.sched.prefix_cache``): the hit sets its computed tokens, chunks go on
+from there, its full blocks are cached as they are scheduled (decoders' when they leave)
+and stay cached, evictable, once it leaves. Requests without ``hash_ids`` never hit.
+
 The fast path covers the usual step (all decoders first, everything fits) in O(1) plus
 the admissions; anything else falls back to the literal per-request loop, which is the
 reference semantics. ``tests/test_scheduler.py`` checks both against a direct
@@ -18,9 +23,11 @@ transcription of vLLM's loop (``tests/sched_reference.py``).
 
 from __future__ import annotations
 
+from twin.sched.abort import Aborts
 from twin.sched.adapter_cache import AdapterCache
 from twin.sched.decode_group import DecodeGroup
 from twin.sched.kv_pool import KVBlockPool
+from twin.sched.prefix_cache import PrefixCache
 from twin.sched.request import Request, RequestStatus, exceeds_max_model_len
 from twin.sched.step_plan import BUDGET, EMPTY, KV, LORA, PREEMPTED, SEQS, StepPlan
 from twin.sched.waiting_queue import WaitingQueue
@@ -29,11 +36,14 @@ WAITING, PREFILLING, DECODING, FINISHED, REJECTED, ABORTED = (
     RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.DECODING,
     RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.ABORTED)
 
-class Scheduler:
+class Scheduler(Aborts):
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_loras: int, max_model_len: int,
-                 adapter_cache: AdapterCache, enable_lora: bool = True):
+                 adapter_cache: AdapterCache, enable_lora: bool = True,
+                 enable_prefix_caching: bool = False):
         self.pool = KVBlockPool(num_blocks, block_size)
+        self.prefix = PrefixCache(self.pool) if enable_prefix_caching else None
+        self.caching = False   # a prefix cache, and a request that names its tokens arrived
         self.group = DecodeGroup(block_size)
         self.waiting = WaitingQueue()
         self.prefilling: list[Request] = []   # running, not decoding, in running order
@@ -59,6 +69,13 @@ class Scheduler:
 
     def kv_used_blocks(self) -> int:
         return self.pool.used + self.group.held_blocks()
+
+    def kv_cached_blocks(self) -> int:
+        """Blocks cached and evictable (free for vLLM, reusable by a hit), between steps."""
+        if self.prefix is None:
+            return 0
+        self.prefix.sync(self.pool.num_blocks - self.kv_used_blocks())
+        return self.prefix.evictable
 
     def has_work(self) -> bool:
         return self.num_running > 0 or len(self.waiting) > 0
@@ -88,6 +105,8 @@ class Scheduler:
             return False
         if not self.enable_lora:
             req.adapter = -1
+        if req.hash_ids is not None and self.prefix is not None:
+            self.caching = True   # till then nothing is cached: no call is needed
         req.status = WAITING
         self.waiting.append(req)
         return True
@@ -178,11 +197,15 @@ class Scheduler:
                 need += (self._held_next - now_held) - (held_next - held)
                 free += held - now_held
             self._preempt(t)
+            if self.caching:   # blocks t shared stay held: only its own ones are free
+                free = pool.num_blocks - pool.used - group.held_blocks()
             plan.preempted.append(t)
         return need, chunks
 
     def _add_chunk(self, plan: StepPlan, r: Request, n: int) -> None:
         plan.explicit.append((r, n))
+        if r.prefix is not None:   # vLLM caches the full blocks a step will compute
+            self.prefix.register(r, r.computed + n, self.admission_free_blocks(plan))
         if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
             # a decoder outside the group (slow path): a decode sequence, not a prefill
             plan.decode_n += 1
@@ -238,6 +261,10 @@ class Scheduler:
         return budget
 
     def _preempt(self, r: Request) -> None:
+        if self.caching:
+            # a decoder has left the group already (r.blocks 0): its blocks are uncounted
+            held = r.blocks or self.pool.blocks_for(r.computed)
+            self._leave_cache(r, r.computed, held, held - r.blocks)
         self.pool.give(r.blocks)
         r.blocks = 0
         r.computed = 0
@@ -282,22 +309,29 @@ class Scheduler:
                     return LORA
             else:
                 r = waiting.first()
-            n = min(r.num_tokens, budget)
-            nb = pool.blocks_for(n)
-            if nb > free:
+            hit = evictable = 0   # leading blocks cached, and those of them in the free queue
+            if self.caching and r.hash_ids is not None:
+                hit, evictable = self.prefix.peek(r, free)
+            n = min(r.num_tokens - hit * pool.block_size, budget)
+            nb = pool.blocks_for(hit * pool.block_size + n)
+            if nb - hit + evictable > free:
                 return KV
             waiting.pop(r)
-            free -= nb
-            self.start_running(plan, r, n, nb, now)
+            free -= nb - hit + evictable
+            self.start_running(plan, r, n, nb, now, hit)
             budget -= n
             running += 1
 
-    def start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float) -> None:
+    def start_running(self, plan: StepPlan, r: Request, n: int, nb: int, now: float,
+                      hit: int = 0) -> None:
         """Admit waiting request ``r`` (already popped) with a first chunk of ``n`` tokens
-        in ``nb`` new KV blocks: it joins the running list and its adapter is acquired."""
+        after its ``hit`` cached blocks, holding ``nb`` KV blocks in all: it joins the
+        running list and its adapter is acquired."""
         self.pool.take(nb)
         r.blocks = nb
-        r.computed = 0
+        r.computed = hit * self.pool.block_size
+        if r.prefix is not None:
+            self.prefix.acquire(r, hit)
         r.status = PREFILLING
         r.seq = self._seq
         self._seq += 1
@@ -321,7 +355,10 @@ class Scheduler:
         group = self.group
         if plan.group_decode:
             group.clock += steps
-            for r in group.pop_finished():
+            finished = group.pop_finished()
+            if self.caching and finished:
+                self._leave_group(finished)
+            for r in finished:
                 r.generated = r.output
                 self._finish(r, now)
                 done.append(r)
@@ -340,6 +377,8 @@ class Scheduler:
                 for r in finished_prefill:
                     gone.add(r.seq)
                     if r.generated >= r.output or r.computed >= self.max_model_len:
+                        if self.caching:
+                            self._leave_cache(r, r.computed, r.blocks)
                         self.pool.give(r.blocks)
                         r.blocks = 0
                         self._finish(r, now)
@@ -352,58 +391,27 @@ class Scheduler:
             self.prefilling = prefilling
         return done
 
-    # -- aborts ----------------------------------------------------------------------------
-    def abort(self, req: Request, plan: StepPlan | None = None) -> None:
-        """Take a prefilling request out of the running set (the executor aborts requests
-        whose adapter failed to load): its KV blocks are freed, its adapter released and
-        its status set to ABORTED. With ``plan`` (the current step, not yet finished) its
-        share of that step is removed too, so ``finish_step`` never sees it.
+    def _leave_cache(self, r: Request, computed: int, blocks: int, uncounted: int = 0) -> None:
+        """``r`` leaves the running set with ``computed`` tokens in ``blocks`` blocks, of
+        which ``uncounted`` are already out of the scheduler's counts: its full blocks are
+        cached, then freed (cached ones stay, evictable)."""
+        if r.prefix is None and not self.prefix.evictable:
+            return   # nothing to cache, nothing cached is free: the queue is empty blocks
+        pool = self.pool
+        free = pool.num_blocks - pool.used - self.group.held_blocks() - uncounted
+        self.prefix.register(r, computed, free)
+        self.prefix.release(r, blocks, free)
 
-        Between steps (no ``plan``) a decoding request can be aborted too (the executor
-        stops a request whose logits became non-finite); it leaves the decode group.
-        """
-        if req.status == DECODING and plan is None:
-            c = self.group.remove(req)          # the group keeps counts lazily: settle them
-            req.computed = c
-            req.generated = c - req.prompt + 1
-            req.status = ABORTED
-            if req.adapter >= 0:
-                self.cache.release(req.adapter)
+    def _leave_group(self, finished: list[Request]) -> None:
+        """Decoders that finished together leave the cache one by one (their blocks are
+        out of the group's count already)."""
+        if not self.prefix.evictable and all(r.prefix is None for r in finished):
             return
-        if req.status != PREFILLING:
-            raise ValueError(f"abort: only prefilling requests (or decoding ones between "
-                             f"steps) can be aborted, got {req!r}")
-        self.prefilling.remove(req)
-        if plan is not None:
-            for j, (r, n) in enumerate(plan.explicit):
-                if r is req:
-                    del plan.explicit[j]
-                    self._sub_chunk(plan, r, n)
-                    break
-            if req in plan.admitted:
-                plan.admitted.remove(req)
-            plan.kv_blocks -= req.blocks
-        self.pool.give(req.blocks)
-        req.blocks = 0
-        req.status = ABORTED
-        if req.adapter >= 0:
-            self.cache.release(req.adapter)
-        if plan is not None:
-            plan.adapters = len(self.cache.in_use)
-
-    def _sub_chunk(self, plan: StepPlan, r: Request, n: int) -> None:
-        """Undo :meth:`_add_chunk` (same classification: r has not advanced yet)."""
-        if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
-            plan.decode_n -= 1
-            plan.decode_ctx -= r.computed + 1
-            if r.adapter >= 0:
-                plan.decode_lora -= 1
-            return
-        plan.prefill_tokens -= n
-        plan.prefill_n -= 1
-        plan.prefill_ctx -= n * (r.computed + n)
-        if r.adapter >= 0:
-            plan.prefill_lora_tokens -= n
+        blocks = [self.pool.blocks_for(r.prompt + r.output - 1) for r in finished]
+        pending = sum(blocks)
+        for r, b in zip(finished, blocks):
+            self._leave_cache(r, r.prompt + r.output - 1, b, pending)
+            pending -= b
 
     def _finish(self, r: Request, now: float) -> None:
         r.status = FINISHED

@@ -22,6 +22,7 @@ from twin.results.results import RunResult, crop_window
 from twin.sched import Request, RequestStatus
 from twin.servers import SERVER_LAYOUTS, ServerParts, build_server
 from twin.workload.catalog import AdapterCatalog
+from twin.workload.hash_ids import request_hashes
 from twin.workload.schema import validate_trace
 
 
@@ -119,9 +120,10 @@ class _Clock:
         self.rid = trace["request_id"].to_numpy(dtype=np.int64)
         # read in the hot loop: a list indexes faster
         self.arrival = trace["arrival_s"].to_numpy(dtype=np.float64).tolist()
+        self.hashes, self.hash_block_size = request_hashes(trace)   # prefix cache
         # Requests exist from arrival to completion only; results go to columnar arrays so a
         # starving hour with 10^5 requests stays within a few hundred MB.
-        self.out = Outcomes(self.output)
+        self.out = Outcomes(self.output, prefix=self.hashes is not None)
         # A starving hour holds ~10^5 waiting requests: let them share their int fields (a
         # length seen once is one object; a request id equal to the row is the row's int)
         # instead of each holding its own (-18 MB at 2*10^5 waiting).
@@ -129,7 +131,8 @@ class _Clock:
         self.horizon = window_s if window_s is not None else (self.arrival[-1] if n else 0.0)
         if sample_dt is None:
             sample_dt = max(self.horizon / 2000.0, 0.05)
-        self.rec = Recorder(sample_dt, self.sched.pool.num_blocks, record_steps)
+        self.rec = Recorder(sample_dt, self.sched.pool.num_blocks, record_steps,
+                            prefix=self.hashes is not None)
         self.step_time = profile.step_time
         self.load_model = profile.load_time
 
@@ -142,7 +145,8 @@ class _Clock:
         req_id, p, o = int(self.rid[i]), int(self.prompt[i]), int(self.output[i])
         shared = self.shared
         r = Request(i, i if req_id == i else req_id, self.arrival[i], int(self.aid[i]),
-                    shared.setdefault(p, p), shared.setdefault(o, o))
+                    shared.setdefault(p, p), shared.setdefault(o, o),
+                    self.hashes[i] if self.hashes is not None else None, self.hash_block_size)
         if not sched.add_request(r):
             self.out.record(r)
 

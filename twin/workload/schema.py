@@ -211,6 +211,7 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     extra = [c for c in df.columns if c not in TRACE_COLUMNS and c not in out.columns]
     for c in extra:  # keep annotations (e.g. tenant, rate class) untouched
         out[c] = df[c].to_numpy()
+    out.attrs.update(df.attrs)   # trace metadata (e.g. the hash_ids' hash_block_size)
     return out
 
 
