@@ -37,6 +37,13 @@ class ITLHistogram:
             k.append(steps)
             p.append(per_step)
 
+    def replace_last(self, first: float, last: float, steps: int, per_step: float) -> None:
+        """Replace the last range added (a run cut short after it was priced: a router
+        fed its clock an arrival that changes the schedule, ``twin.sim.fed``)."""
+        for c in self._cols:
+            c.pop()
+        self.add_range(first, last, steps, per_step)
+
     def _weights(self) -> np.ndarray:
         """Bin what was added since the last call, a chunk at a time (bounded memory)."""
         n = len(self._cols[0])
