@@ -101,6 +101,8 @@ def _replicas(replicas, config, profile, window_s) -> list[Replica]:
     for r in replicas:
         if isinstance(r, ServingConfig):
             r = Replica(r, profile)
+        elif r.profile is None:
+            r = Replica(r.config, profile)
         if r.config.policy not in ("vllm", "slora"):
             raise TwinInputError(f"a fleet replica is one server (vllm or slora), not "
                                  f"policy {r.config.policy!r}", field="policy")

@@ -27,6 +27,7 @@ def run_loop(clocks: list, arrival: list[float], adapter: list[int], router, *,
     view = ScrapedView(clocks) if refresh_s > 0 else LiveView(clocks)
     heap = [(0.0, 0, k) for k in range(len(clocks))]
     pick, sent, push, pop = router.pick, view.sent, heapq.heappush, heapq.heappop
+    stepped = view.dirty.add
     route = [0] * len(arrival)
     n, j = len(arrival), 0
     next_refresh = refresh_s if refresh_s > 0 else INF
@@ -64,6 +65,7 @@ def run_loop(clocks: list, arrival: list[float], adapter: list[int], router, *,
         if version != c.version:
             continue   # superseded: woken or cut short since
         w = c.resume()
+        stepped(k)
         if w is not None and w != INF:
             c.version += 1
             push(heap, (w, c.version, k))
