@@ -69,6 +69,7 @@ def combine_fleet(trace, reps, router, route, results, window_s, *, wall_s: floa
                      route=np.asarray(route), gpus=n)
     result = combine(dep, trace, runs, reps[0].config, reps[0].profile, window_s)
     result.requests = result.requests.rename(columns={"server": "replica"})
+    result.requests["adapter"] = trace["adapter"].array   # the trace's dtype, as simulate's
     verdicts = [p["starving"] for p in result.summary["deployment"]["per_server"]]
     per = [_replica_row(k, rep, res, verdicts[k]) for k, (rep, res) in
            enumerate(zip(reps, results))]
