@@ -15,6 +15,7 @@ router unit tests.
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -109,6 +110,21 @@ def test_mixed_replicas_in_one_loop_equal_their_own_runs(trace):
     per = own.summary["fleet"]["per_replica"]
     assert [p["max_loras"] for p in per] == [2, 4, 1]
     assert sum(p["requests"] for p in per) == own.summary["num_requests"]
+
+
+def test_ray_backend_equals_local(trace):
+    # as tests/test_ml_sweep.py: CI installs the ray extra, so there a missing Ray fails
+    if not os.environ.get("CI"):
+        pytest.importorskip("ray")
+    import ray
+
+    short = trace[trace["arrival_s"] <= 20].reset_index(drop=True)
+    kw = dict(config=CONFIG, profile=PROFILE)
+    local = simulate_fleet(short, 2, "consistent_hash", **kw)
+    remote = simulate_fleet(short, 2, "consistent_hash", backend="ray", workers=2, **kw)
+    for a, b in zip(local.replicas, remote.replicas):
+        _same(a, b)
+    assert not ray.is_initialized()   # the local instance it started is shut down
 
 
 def test_stale_view_routes_on_the_routers_own_sends(trace):
