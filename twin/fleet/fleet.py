@@ -77,12 +77,12 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
         horizon = window_s if window_s is not None else (
             float(trace["arrival_s"].iloc[-1]) if len(trace) else 0.0)
         sample_dt = max(horizon / 2000.0, 0.05)
-    aid = pd.Categorical(trace["adapter"], categories=catalog.adapters).codes
     kw = dict(window_s=window_s, sample_dt=sample_dt, trace_source=trace_source)
     if router.reads_state or one_loop:
-        route, results = _event_loop(trace, reps, router, catalog, aid, refresh_s,
+        route, results = _event_loop(trace, reps, router, catalog, refresh_s,
                                      progress, **kw)
     else:
+        aid = pd.Categorical(trace["adapter"], categories=catalog.adapters).codes
         route = router.route_all(aid.tolist())
         results = _independent(trace, reps, route, catalog, workers, backend, address,
                                progress, **kw)
@@ -117,7 +117,7 @@ def _replicas(replicas, config, profile, window_s) -> list[Replica]:
     return out
 
 
-def _event_loop(trace, reps, router, catalog, aid, refresh_s, progress, *, window_s,
+def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
                 sample_dt, trace_source):
     cols = TraceColumns(trace, catalog)
     checked: set = set()   # a config's adapters are checked against the trace once
@@ -129,7 +129,7 @@ def _event_loop(trace, reps, router, catalog, aid, refresh_s, progress, *, windo
         clocks.append(FedClock(cols, catalog, server, r.profile, window_s=window_s,
                                sample_dt=sample_dt))
     bar = _bar(progress, float(cols.arrival[-1]) if cols.arrival else 0.0, "sim-s")
-    route = run_loop(clocks, cols.arrival, aid.tolist(), router, refresh_s=refresh_s, bar=bar)
+    route = run_loop(clocks, cols.arrival, cols.aid, router, refresh_s=refresh_s, bar=bar)
     if bar is not None:
         bar.close()
     results = [c.result(r.config, r.profile, window_s) if c.rows else None

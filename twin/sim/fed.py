@@ -20,6 +20,8 @@ cut short is rescheduled, which a SimPy ``Timeout`` cannot be.
 
 from __future__ import annotations
 
+from array import array
+
 import pandas as pd
 
 from twin.sim.engine import _Clock, _result
@@ -41,16 +43,17 @@ class ManualEnv:
 
 
 class TraceColumns:
-    """A fleet's trace as the per-row lists every fed clock reads from (shared, not copied:
-    a clock appends the same int and float objects)."""
+    """A fleet's trace as the per-row columns every fed clock reads from."""
 
     def __init__(self, trace: pd.DataFrame, catalog):
         self.trace = trace
         self.arrival = trace["arrival_s"].to_numpy(dtype="float64").tolist()
-        self.aid = pd.Categorical(trace["adapter"], categories=catalog.adapters).codes.tolist()
-        self.prompt = trace["prompt_tokens"].to_numpy(dtype="int64").tolist()
-        self.output = trace["output_tokens"].to_numpy(dtype="int64").tolist()
-        self.rid = trace["request_id"].to_numpy(dtype="int64").tolist()
+        # ints as arrays: 10^6 requests' Python ints would take ~30 bytes each, per column
+        self.aid = array("q", pd.Categorical(trace["adapter"],
+                                             categories=catalog.adapters).codes.astype("int64"))
+        self.prompt = array("q", trace["prompt_tokens"].to_numpy(dtype="int64"))
+        self.output = array("q", trace["output_tokens"].to_numpy(dtype="int64"))
+        self.rid = array("q", trace["request_id"].to_numpy(dtype="int64"))
 
 
 class FedClock(_Clock):
@@ -65,7 +68,7 @@ class FedClock(_Clock):
         self.cols = cols
         self.rows: list[int] = []            # the fleet's trace rows, in delivery order
         self.arrival = [INF]                 # + the sentinel the idle engine waits for
-        self.aid, self.prompt, self.output, self.rid = [], [], [], []
+        self.aid, self.prompt, self.output, self.rid = (array("q") for _ in range(4))
         self.n = 1
         self.env = ManualEnv()
         self.gen = self.engine(self.env, None)
