@@ -37,3 +37,15 @@ def twin_cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TWIN_CACHE_DIR", str(root))
         yield root
+
+
+@pytest.fixture
+def trace_files(tmp_path):
+    """Writes a trace and its adapter catalog where a `twin` command can read them:
+    ``trace_files(trace, catalog) -> (trace.parquet path, catalog.csv path)``."""
+    def write(trace, catalog):
+        tp, cp = tmp_path / "t.parquet", tmp_path / "cat.csv"
+        trace.to_parquet(tp, index=False)
+        catalog.table.to_csv(cp, index=False)
+        return tp, cp
+    return write

@@ -106,13 +106,11 @@ def test_model_twin_disagreement_is_named(setup):
     assert json.loads(json.dumps(rec.to_dict(), default=str))["model_vs_twin"]["beyond"] >= 1
 
 
-def test_cli_infeasible_exit_3_and_no_vllm_files(setup, tmp_path):
+def test_cli_infeasible_exit_3_and_no_vllm_files(setup, tmp_path, trace_files):
     from twin.cli import main
 
     tr, cat, _, _ = setup
-    tp, cp = tmp_path / "t.parquet", tmp_path / "cat.csv"
-    tr.to_parquet(tp, index=False)
-    cat.table.to_csv(cp, index=False)
+    tp, cp = trace_files(tr, cat)
     out = tmp_path / "rec"
     rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
                str(WINDOW), "--objective", "goodput", "--slo", "ttft=1,tpot=0.5",
@@ -148,13 +146,11 @@ def test_place_with_slo_every_gpu_meets_it_and_needs_more_gpus(setup):
         assert v["ttft_p99"] <= slo["ttft"] and v["tpot_p99"] <= slo["tpot"]
 
 
-def test_cli_infeasible_on_one_gpu_names_the_fewest_gpus(setup, tmp_path):
+def test_cli_infeasible_on_one_gpu_names_the_fewest_gpus(setup, tmp_path, trace_files):
     from twin.cli import main
 
     tr, cat = _busier()
-    tp, cp = tmp_path / "t.parquet", tmp_path / "cat.csv"
-    tr.to_parquet(tp, index=False)
-    cat.table.to_csv(cp, index=False)
+    tp, cp = trace_files(tr, cat)
     out = tmp_path / "rec"
     rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
                str(WINDOW), "--objective", "goodput", "--slo", "ttft=1000,tpot=20",

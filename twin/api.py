@@ -36,6 +36,7 @@ from twin.results.results import RunResult
 from twin.policies import simulate_policy
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import powerlaw_trace, rate_class_trace  # noqa: F401 - re-exported
+from twin.workload.sessions import session_trace  # noqa: F401 - re-exported
 from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
 
 if TYPE_CHECKING:
@@ -185,7 +186,8 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
               window_s: float | None = None,
               model: Recommender | str | os.PathLike | None = None,
               max_runs: int | None = None, workers: int = 2, out: str | os.PathLike | None = None,
-              plot: bool = True, model_name: str | None = None) -> Recommendation:
+              plot: bool = True, model_name: str | None = None, optimizer: str = "auto",
+              seed: int = 0) -> Recommendation:
     """The throughput-optimal (or goodput-optimal) non-starving vLLM configuration for
     ``trace``: what ``twin recommend`` runs, with the same figures. The recommender model
     (default: the shipped one) predicts every candidate; the best are verified by at most
@@ -197,7 +199,9 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
     "tpot": ms}`` for ``objective="goodput"``. Returns a :class:`Recommendation`
     (``config``, ``ok``, ``candidates`` DataFrame, ``report()``, ``to_dict()``). ``out``:
     also write what the command writes there (``vllm_config.yaml``, ``vllm_args.txt``,
-    ``recommendation.json`` and, with ``plot``, ``throughput_map.png``)."""
+    ``recommendation.json`` and, with ``plot``, ``throughput_map.png``). Goodput only:
+    ``optimizer`` ('auto', 'tpe', 'coordinate', 'exhaustive') and ``seed`` of the search over
+    the enlarged space (:mod:`twin.ml.optimize`)."""
     # twin.ml's schemas cost ~0.15 s of start-up that simulate and `twin simulate` skip
     from twin.ml.export import write_recommendation   # lazy: twin.ml off simulate's path
     from twin.ml.recommender import Recommender   # lazy: twin.ml off simulate's path
@@ -214,7 +218,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
         base = _base(base, profile.model.max_position_embeddings)
         rec = _recommend(trace, catalog, profile=profile, model=model, base=base,
                          objective=objective, slo=slo, window_s=window_s, max_runs=max_runs,
-                         workers=workers)
+                         workers=workers, optimizer=optimizer, seed=seed)
         if out is not None:
             with staged_dir(out, "recommend") as tmp:
                 write_recommendation(tmp, rec, trace, catalog, profile=profile, model=model,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float, positive_int
@@ -46,21 +48,38 @@ examples:
 """
 
 _RECOMMEND = """\
-Recommend the throughput-optimal (or goodput-optimal) non-starving vLLM configuration for a
-trace: max_loras, max_cpu_loras (= adapters served), max_lora_rank (= largest rank present),
-max_num_seqs, max_num_batched_tokens. The shipped model predicts every candidate; the best
-is verified by twin runs and refined by a small local search over neighbouring max_loras.
-With --objective goodput, twin runs also search max_num_batched_tokens and max_num_seqs
-(one knob at a time, within --max-runs), and a configuration is recommended only if its
-own twin run meets the SLOs on p99 TTFT/TPOT; if none does, it says so, prints the best
-achievable p99s and what bounds them, and exits 3 (as when nothing keeps up).
-Writes vllm_args.txt (the command line), vllm_config.yaml (vllm serve --config),
-recommendation.json and throughput_map.png (throughput over max_loras x served adapters with
-the starvation frontier).
+Recommend a vLLM configuration for a trace, verified by twin runs.
+
+objectives:
+  throughput (default)  the throughput-optimal non-starving max_loras (the paper's question;
+                        max_cpu_loras = adapters served, max_lora_rank = largest rank).
+  goodput               the most goodput (tokens/s of requests within --slo) on one GPU,
+                        searched over max_loras, max_cpu_loras, max_lora_rank padding,
+                        max_num_batched_tokens, max_num_seqs and gpu_memory_utilization
+                        (twin/ml/search_space.py). The model's predictions place the search,
+                        twin runs judge every configuration (--max-runs of them, default
+                        16). Recommended only if its own twin run meets the SLOs at p99;
+                        else it says so, prints the best achievable p99s and what bounds
+                        them, searches the fewest GPUs that meet them, and exits 3.
+  cost                  the fewest GPUs (and $/hour with --gpu-price) meeting --slo at the
+                        trace's load, up to --max-gpus: each GPU's configuration searched
+                        as for goodput, the adapters placed by `twin place`; exits 3 when no
+                        count up to the cap meets them.
+
+optimizer (--optimizer, goodput/cost): auto = exhaustive when the whole space fits the
+budget, else Optuna TPE when optuna is installed (pip install 'twin[search]'), else a
+deterministic coordinate walk; the one used is printed and recorded.
+
+Writes vllm_args.txt, vllm_config.yaml (vllm serve --config), recommendation.json (the
+space searched, the optimizer, every twin run, the model's explanation), throughput_map.png
+and slo_frontier.png; for cost also routing.csv, gpu-<i>/vllm_config.yaml, cost.json and
+cost_curve.png.
 
 examples:
   twin recommend --trace traces/azure_conv_1h_32lora.parquet --out runs/rec
   twin recommend --trace t.parquet --catalog c.csv --objective goodput --slo ttft=2000,tpot=100
+  twin recommend --trace t.parquet --objective goodput --slo ttft=2000,tpot=100 --study-db
+  twin recommend --trace t.parquet --objective cost --slo ttft=2000,tpot=100 --gpu-price 2.49
   twin recommend --workload-spec w.yaml --profile my-h100.json
 """
 
@@ -99,7 +118,8 @@ def _common_workload(p):
     p.add_argument("--model-name", default=None,
                    help="model for `vllm serve` (default: the profile's model)")
     p.add_argument("--max-runs", type=positive_int, default=None,
-                   help="twin runs per GPU (default 4; 16 with --objective goodput or --slo)")
+                   help="twin runs per GPU (default 4; 16 with --objective goodput or cost, "
+                        "or --slo)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
 
@@ -128,8 +148,25 @@ def add_ml_parsers(subparsers) -> None:
     p = subparsers.add_parser("recommend", help="recommend a verified vLLM configuration",
                               description=_RECOMMEND, formatter_class=_FMT)
     _common_workload(p)
-    p.add_argument("--objective", choices=("throughput", "goodput"), default="throughput")
-    p.add_argument("--slo", default=None, help="ttft=MS,tpot=MS (goodput objective)")
+    p.add_argument("--objective", choices=("throughput", "goodput", "cost"),
+                   default="throughput", help="what to optimize (see above; default "
+                   "throughput)")
+    p.add_argument("--slo", default=None,
+                   help="ttft=MS,tpot=MS: p99 latency SLOs (goodput and cost objectives)")
+    p.add_argument("--optimizer", choices=("auto", "tpe", "coordinate", "exhaustive"),
+                   default="auto", help="search over the enlarged space (goodput/cost; "
+                   "default auto: exhaustive if it fits --max-runs, else tpe if optuna is "
+                   "installed, else coordinate)")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    p.add_argument("--study-db", action="store_true",
+                   help="keep the TPE study in OUT/study.db (SQLite) and resume it: runs it "
+                        "records are not made again and count against --max-runs (raise "
+                        "--max-runs to continue a study)")
+    p.add_argument("--gpu-price", type=positive_float, default=None,
+                   help="cost: dollars per GPU-hour, for $/hour and $ per million tokens")
+    p.add_argument("--max-gpus", type=positive_int, default=8,
+                   help="cost: most GPUs to try (default 8); also the cap of the fewest-GPU "
+                        "search after an infeasible goodput recommendation")
     p.add_argument("--out", type=Path, default=Path("runs/recommend"),
                    help="output folder (default runs/recommend)")
     p.add_argument("--no-place", action="store_true",
@@ -260,7 +297,6 @@ def run_recommend_cmd(args) -> int:
 
 def _recommend(args) -> int:
     from twin.costs.machine import warn_if_other_machine  # lazy: as the other imports here
-    from twin.ml.export import write_recommendation  # lazy: ML stack off twin --help
     from twin.ml.recommend import recommend  # lazy: ML stack off twin --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
     from twin.ml.spec import base_config  # lazy: ML stack off twin --help
@@ -271,30 +307,82 @@ def _recommend(args) -> int:
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
     base = base_config(args.base_config, profile.model.max_position_embeddings)
-    rec = recommend(trace, catalog, profile=profile, model=model, base=base,
-                    objective=args.objective, slo=parse_slo(args.slo), window_s=window,
-                    max_runs=args.max_runs, workers=args.workers)
-    if rec.slo_verdict is not None and not rec.ok and not args.no_place:
-        from twin.ml.placement import place  # lazy: ML stack off twin --help
+    slo = parse_slo(args.slo)
+    if args.objective == "cost" and not slo:
+        raise TwinInputError("the cost objective needs --slo ttft=MS,tpot=MS", field="--slo")
+    kw = {"optimizer": args.optimizer, "seed": args.seed}
+    with study_file(args.out, args.study_db) as db:
+        rec = recommend(trace, catalog, profile=profile, model=model, base=base,
+                        objective="goodput" if args.objective == "cost" else args.objective,
+                        slo=slo, window_s=window, max_runs=args.max_runs,
+                        workers=args.workers, study_db=db, **kw)
+        plan = None
+        if args.objective == "cost":
+            from twin.ml.cost import cost_plan  # lazy: ML stack off twin --help
 
-        pl = place(trace, catalog, profile=profile, model=model, base=base, window_s=window,
-                   max_runs=args.max_runs, workers=args.workers, objective="goodput",
-                   slo=rec.slo, max_gpus=8, known=rec)
-        rec.fewest_gpus = pl.summary()
-    say(f"trace: {label}")
-    say(rec.report())
+            plan = cost_plan(trace, catalog, slo=slo, profile=profile, model=model, base=base,
+                             window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
+                             workers=args.workers, gpu_price=args.gpu_price, one_gpu=rec, **kw)
+        elif rec.slo_verdict is not None and not rec.ok and not args.no_place:
+            from twin.ml.placement import place  # lazy: ML stack off twin --help
+
+            pl = place(trace, catalog, profile=profile, model=model, base=base,
+                       window_s=window, max_runs=args.max_runs, workers=args.workers,
+                       objective="goodput", slo=rec.slo, max_gpus=args.max_gpus, known=rec,
+                       search_kw=kw)
+            rec.fewest_gpus = pl.summary()
+        say(f"trace: {label}")
+        say(rec.report() if plan is None else plan.report())
+        ok = rec.ok if plan is None else plan.ok
+        _write_recommend(args, say, rec, plan, trace, catalog, profile, model, base, label, db)
+    if args.json:
+        print(json_document(rec.to_dict() if plan is None else plan.to_dict(), indent=2,
+                            default=str))
+    return 0 if ok else 3
+
+
+def _write_recommend(args, say, rec, plan, trace, catalog, profile, model, base, label, db):
+    """The output folder, staged: the recommendation's files, the cost plan's (cost
+    objective), the study's SQLite file (--study-db)."""
+    from twin.ml.export import write_cost, write_recommendation  # lazy: ML stack off --help
+
     out = args.out
     with staged_dir(out, "recommend") as tmp:
-        written, cmd = write_recommendation(
-            tmp, rec, trace, catalog, profile=profile, model=model, base=base,
-            model_name=_model_name(args, profile), label=label, plot=not args.no_plot)
-        if cmd is not None:
-            say("vllm command:", cmd[:300] + (" ..." if len(cmd) > 300 else ""))
+        if plan is None:
+            written, cmd = write_recommendation(
+                tmp, rec, trace, catalog, profile=profile, model=model, base=base,
+                model_name=_model_name(args, profile), label=label, plot=not args.no_plot)
+            if cmd is not None:
+                say("vllm command:", cmd[:300] + (" ..." if len(cmd) > 300 else ""))
+        else:
+            written = write_cost(tmp, plan, catalog, profile_name=profile.name,
+                                 model_name=_model_name(args, profile), label=label,
+                                 plot=not args.no_plot)
+        if db is not None and Path(db).exists():
+            shutil.copyfile(db, tmp / STUDY_DB)
+            written.append(tmp / STUDY_DB)
         names = [out / Path(p).name for p in written]
     say("wrote " + ", ".join(str(p) for p in names))
-    if args.json:
-        print(json_document(rec.to_dict(), indent=2, default=str))
-    return 0 if rec.ok else 3
+
+
+STUDY_DB = "study.db"
+
+
+@contextmanager
+def study_file(out: Path, wanted: bool):
+    """--study-db: a working copy of OUT/study.db beside OUT (OUT is replaced whole when
+    the results are written), seeded from the previous one; None when not wanted."""
+    if not wanted:
+        yield None
+        return
+    work = out.parent / f".{out.name}.{STUDY_DB}"
+    work.parent.mkdir(parents=True, exist_ok=True)
+    if (out / STUDY_DB).is_file():
+        shutil.copyfile(out / STUDY_DB, work)
+    try:
+        yield str(work)
+    finally:
+        work.unlink(missing_ok=True)
 
 
 def run_place_cmd(args) -> int:

@@ -14,6 +14,7 @@ import yaml
 from twin.config import ServingConfig
 from twin.ml.placement import BASE_UNIT
 from twin.ml.recommender import served_map
+from twin.ml.slo_plots import plot_cost_curve, plot_slo_frontier
 from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
 
@@ -212,7 +213,26 @@ def write_recommendation(out: Path, rec, trace: pd.DataFrame, catalog=None, *, p
         chosen = ((rec.config.max_loras, int(rec.workload["n_adapters"])) if rec.ok else None)
         written.append(plot_served_map(grid, out / "throughput_map.png", verified=ver,
                                        chosen=chosen))
+        if rec.search is not None:
+            written.append(plot_slo_frontier(rec.search, rec.slo, out / "slo_frontier.png",
+                                             chosen=rec.config))
     return written, cmd
+
+
+def write_cost(out: Path, plan, catalog=None, *, profile_name: str, model_name: str,
+               label: str, plot: bool = True) -> list:
+    """What ``twin recommend --objective cost`` writes into ``out``: the placement's files
+    (:func:`write_placement`), ``cost.json`` (GPUs, price, cost curve) and, with ``plot``,
+    ``cost_curve.png``."""
+    write_placement(out, plan.placement, catalog, profile_name=profile_name,
+                    model_name=model_name, label=label)
+    written = [out / "routing.csv", out / "placement.json",
+               write_json(out / "cost.json", {**plan.to_dict(), "trace": label,
+                                              "one_gpu": plan.one_gpu.to_dict()})]
+    if plot and plan.placement.curve:
+        written.append(plot_cost_curve(plan.placement.curve, plan.slo, out / "cost_curve.png",
+                                       chosen=plan.gpus))
+    return written
 
 
 def write_placement(out: Path, pl, catalog=None, *, profile_name: str, model_name: str,

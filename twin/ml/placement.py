@@ -117,12 +117,14 @@ class _Search:
     def __init__(self, U: _Units, rank: dict, *, profile, model: Recommender,
                  base: ServingConfig, window: float, max_gpus: int, max_runs: int | None,
                  workers: int, early_exit: EarlyExit, objective: str = "throughput",
-                 slo: dict | None = None):
+                 slo: dict | None = None, search_kw: dict | None = None):
         self.U, self.rank = U, rank
         self.profile, self.model, self.base, self.window = profile, model, base, window
         self.max_gpus, self.max_runs, self.workers = max_gpus, max_runs, workers
         self.early_exit = early_exit
         self.objective, self.slo = objective, slo
+        self.search_kw = dict(search_kw or {})
+        self.curve: dict[int, dict] = {}   # GPU count -> the worst verified p99s seen
         self.runs = 0
         self.verified: dict[tuple, Recommendation] = {}
         self.attempts: list[str] = []
@@ -144,7 +146,8 @@ class _Search:
                                            base=self.base, window_s=self.window,
                                            max_runs=self.max_runs, workers=self.workers,
                                            early_exit=self.early_exit,
-                                           objective=self.objective, slo=self.slo)
+                                           objective=self.objective, slo=self.slo,
+                                           **self.search_kw)
             self.runs += self.verified[key].runs
         return self.verified[key].ok
 
@@ -154,9 +157,25 @@ class _Search:
         for g in groups:
             if not self.U.adapters(g):  # base-model traffic only: not a LoRA server
                 continue
-            if not self.verified_ok(g):
+            ok = self.verified_ok(g)
+            self._chart(len(groups), tuple(sorted(g)), ok)
+            if not ok:
                 return g
         return None
+
+    def _chart(self, k: int, key: tuple, ok: bool) -> None:
+        """The cost curve's point for ``k`` GPUs: the worst p99s among its GPUs verified so
+        far (a GPU that misses the SLOs: its best achievable p99s; starving: infinite), and
+        whether every GPU verified (a failed count stops at its first failing GPU)."""
+        pt = self.curve.setdefault(k, {"gpus": k, "ttft_p99": 0.0, "tpot_p99": 0.0,
+                                       "met": True, "gpus_verified": 0, "_seen": set()})
+        if key in pt["_seen"]:
+            return
+        pt["_seen"].add(key)
+        for m in ("ttft_p99", "tpot_p99"):
+            pt[m] = max(pt[m], _p99(self.verified[key], m))
+        pt["met"] = pt["met"] and ok
+        pt["gpus_verified"] = len(pt["_seen"])
 
     def split_hot(self) -> int:
         """Hot adapters (by load, hottest first): one the model doubts fits a GPU alone is run
@@ -235,12 +254,14 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
           base: ServingConfig | None = None, window_s: float | None = None,
           max_gpus: int = 64, max_runs: int | None = None, workers: int = 2,
           early_exit: EarlyExit = EarlyExit(), objective: str = "throughput",
-          slo: dict | None = None, known: Recommendation | None = None) -> Placement:
+          slo: dict | None = None, known: Recommendation | None = None,
+          search_kw: dict | None = None) -> Placement:
     """The fewest GPUs, and an adapter -> GPU assignment, with no GPU starving (and, for
     ``objective="goodput"``, every GPU meeting ``slo`` in its twin run). ``max_runs``: twin
     runs per GPU (default as :func:`twin.ml.recommend.recommend`'s). ``known``: the
     recommendation already made for the whole trace on one GPU (same objective and SLOs),
-    taken as the one-GPU verdict instead of searching again.
+    taken as the one-GPU verdict instead of searching again. ``search_kw``: more keywords
+    for each GPU's :func:`recommend` (``optimizer``, ``seed``).
 
     An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
     into replicas, each taking every r-th of its requests (the routing table's weights)."""
@@ -251,11 +272,14 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     rank = {a: catalog.rank(a) for a in catalog.adapters}
     s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
                 max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit,
-                objective=objective, slo=slo)
+                objective=objective, slo=slo, search_kw=search_kw)
+    whole = tuple(sorted(U.units))
     if known is not None:
-        s.verified[tuple(sorted(U.units))] = known
+        s.verified[whole] = known
     k_cap = s.split_hot()
     groups, ok, k = s.grow(k_cap)
+    if known is not None and 1 not in s.curve:   # the one-GPU verdict, for the cost curve
+        s._chart(1, whole, known.ok)
     if ok:
         groups = s.shrink(groups, k)
     else:  # report the last partition tried, consistent with the units
@@ -264,7 +288,17 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
              for i, g in enumerate(groups)]
     ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
     return Placement(plans, _routing(U, plans, rank, window), ok, time.perf_counter() - t0,
-                     s.runs, s.attempts, dict(U.replicas))
+                     s.runs, s.attempts, dict(U.replicas),
+                     curve=[{n: v for n, v in s.curve[k].items() if n != "_seen"}
+                            for k in sorted(s.curve)])
+
+
+def _p99(rec: Recommendation, m: str) -> float:
+    """A GPU's verified p99 (its pick's run), else its best achievable one, else inf."""
+    if rec.ok and rec.verified:
+        return float(rec.verified[m])
+    best = ((rec.slo_verdict or {}).get("best") or {}).get(m)
+    return float(best["value"]) if best else float("inf")
 
 
 def _routing(U: _Units, plans: list, rank: dict, window: float) -> pd.DataFrame:

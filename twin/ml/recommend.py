@@ -17,18 +17,19 @@
    ``recommendation.json`` name them all instead of presenting one as clearly best.
 
 For the goodput objective (latency SLOs on p99 TTFT/TPOT) the model only places the
-search: its features do not see ``max_num_batched_tokens`` or ``max_num_seqs``, and its
-latency predictions can be far off under bursts. So after the ``max_loras`` search (a third
-of the budget), a coordinate search (:func:`_knob_search`) moves one knob at a time
-(``max_loras``, ``max_num_batched_tokens``, ``max_num_seqs``) a grid step up or down from
-the best verified point, keeping a move when the twin run is better, until no move helps
-or ``max_runs`` is spent; deterministic (the twin is, and the order is fixed). A
-configuration is recommended only if its own twin run meets the SLOs on its p99s; else the
-result says so (``ok`` False) with the best achievable percentiles and what bounds them
-(:func:`twin.ml.report.slo_verdict`). ``max_cpu_loras`` stays at the adapters served (below
-it every request of the others would wait for a CPU load: a different service), and
-``gpu_memory_utilization`` at the base's. A black-box optimizer (Optuna TPE) would fit the
-larger space; it is not a dependency, and the grid search is what runs.
+search: its features do not see ``max_num_batched_tokens``, ``max_num_seqs`` or
+``max_cpu_loras``, and its latency predictions can be far off under bursts. After the
+``max_loras`` search (a third of the budget), the rest of ``max_runs`` goes to a search over
+the enlarged space of :mod:`twin.ml.search_space` (``max_loras``, ``max_cpu_loras``,
+``max_lora_rank`` padding, ``max_num_batched_tokens``, ``max_num_seqs``,
+``gpu_memory_utilization``) by :func:`twin.ml.optimize.optimize`: exhaustive when the space
+fits the budget, else Optuna TPE (seeded; the model's best predicted configurations over
+what it sees -- slots, padded rank, KV capacity -- enqueued first) when Optuna is installed,
+else a deterministic coordinate walk (:func:`twin.ml.trials.coordinate_search`). Every trial
+is a twin run. A configuration is recommended only if its own twin run meets the SLOs on
+its p99s; else the result says so (``ok`` False) with the best achievable percentiles and
+what bounds them (:func:`twin.ml.report.slo_verdict`). The model's explanation of its pick
+(which features drove it: :func:`twin.ml.explain.explain`) is kept in the result.
 
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 """
@@ -45,22 +46,23 @@ from twin.config import ServingConfig
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.ml.dataset import TIE_TOL
+from twin.ml.explain import explain
 from twin.ml.features import public, workload_features
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
+from twin.ml.optimize import optimize
 from twin.ml.report import (Recommendation, declared_tie, latency_disagreements, slo_violation,
                             slo_verdict, tie_band)
+from twin.ml.search_space import SearchSpace, search_space
 from twin.ml.spec import paper_base
 from twin.ml.sweep import EarlyExit
+from twin.ml.trials import Trials, nan_inf, r_full, slo_rank  # noqa: F401 (sloeval imports)
 from twin.ml.verify import Verifier
 from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
 
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
 DEFAULT_RUNS = {"throughput": 4, "goodput": 16}   # twin runs when max_runs is not given
-#: The latency knobs the goodput search moves, with the values it tries (the base's own
-#: value is added): chunk size of prefills per step, and how many requests run at once.
-KNOB_GRID = {"max_num_batched_tokens": (2048, 4096, 8192, 16384),
-             "max_num_seqs": (64, 128, 256, 512, 1024, 2048)}
+PRIOR_TRIALS = 3          # the model's best predicted configurations enqueued for TPE
 _VERIFIED = ("throughput", "achieved", "goodput", "ttft_p50", "ttft_p99", "tpot_p50",
              "tpot_p99")
 
@@ -90,18 +92,19 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
               slo: dict | None = None, window_s: float | None = None,
               max_runs: int | None = None,
               workers: int = 2, early_exit: EarlyExit = EarlyExit(),
-              verifier: Verifier | None = None) -> Recommendation:
+              verifier: Verifier | None = None, space: SearchSpace | None = None,
+              optimizer: str = "auto", seed: int = 0, study_db: str | None = None,
+              knobs=None) -> Recommendation:
     """The best non-starving configuration for ``trace``, predicted then verified by twin
     runs (at most ``max_runs``, default :data:`DEFAULT_RUNS`). ``objective``: 'throughput'
     or 'goodput' (tokens/s of requests meeting ``slo`` = {'ttft': ms, 'tpot': ms}; the pick
-    must meet the SLOs on its own run's p99 TTFT/TPOT, else ``ok`` is False)."""
+    must meet the SLOs on its own run's p99 TTFT/TPOT, else ``ok`` is False). Goodput only:
+    ``space`` (default :func:`twin.ml.search_space.search_space`'s), ``optimizer`` ('auto',
+    'tpe', 'coordinate', 'exhaustive': :mod:`twin.ml.optimize`), ``seed`` (TPE's) and
+    ``study_db`` (an SQLite file: a resumable Optuna study); ``knobs``: search only these
+    (default all of :data:`twin.ml.search_space.KNOBS`; ignored when ``space`` is given)."""
     t_start = time.perf_counter()
-    if objective not in ("throughput", "goodput"):
-        raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
-                             field="--objective")
-    if objective == "goodput" and not slo:
-        raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
-                             field="--slo")
+    _check_objective(objective, slo)
     if max_runs is None:
         max_runs = DEFAULT_RUNS[objective]
     profile, model, base, window, trace, catalog = prepare_inputs(
@@ -121,11 +124,20 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     ver = verifier or Verifier(trace, catalog, profile, window, slo, early_exit, workers)
     key = "goodput" if objective == "goodput" else "throughput"
     goodput_search = objective == "goodput"
+    search = None
     try:
         first = max(2, max_runs // 3) if goodput_search else max_runs
         results = _search(cand, score, start, ver, min(first, max_runs), objective, key)
         if goodput_search:
-            cand = _knob_search(cand, results, ver, max_runs, slo)
+            space = space or search_space(len(catalog), max_rank, base, objective, knobs)
+            T = Trials(cand, results, space, ver, max_runs, profile)
+            prior = _prior(model, wf, space, profile, max_rank, slo)
+            ident = (int(pd.util.hash_pandas_object(trace, index=False).sum()), slo,
+                     space.to_dict(), profile.name, window)   # what a stored study is of
+            search = optimize(T, slo, optimizer=optimizer, seed=seed, prior=prior,
+                              study_db=study_db, study_key=ident, workers=workers)
+            search.update(space=space.to_dict(), trials=T.records())
+            cand = T.cand
     finally:
         if own:
             ver.close()
@@ -135,7 +147,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     if goodput_search:
         met = [i for i in good if r_full(results[i]) and slo_violation(results[i], slo) <= 1]
         disagree = latency_disagreements(cand, model)
-        verdict = slo_verdict(cand, results, slo, met, KNOB_ORDER)
+        verdict = slo_verdict(cand, results, slo, met, space.knobs)
         good = met
     best = _best(results, good, key) if good else None
     tie = None
@@ -151,114 +163,39 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         predicted=_predicted(pr), verified=results[best] if best is not None else None,
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
         total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
-        slo_verdict=verdict, disagreements=disagree)
+        slo_verdict=verdict, disagreements=disagree, search=search,
+        explanation=explain(model, cand.iloc[start]))
 
 
-def r_full(r: dict) -> bool:
-    """A run that simulated the whole window (the early exit's probe has no p99 to judge)."""
-    return bool(r.get("full", False))
+def _check_objective(objective: str, slo: dict | None) -> None:
+    if objective not in ("throughput", "goodput"):
+        raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
+                             field="--objective")
+    if objective == "goodput" and not slo:
+        raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
+                             field="--slo")
 
 
-KNOB_ORDER = ("max_loras", *KNOB_GRID)
-
-
-def _knob_values(cand: pd.DataFrame, knob: str, current) -> list:
-    vals = (sorted(cand["max_loras"].astype(int).unique()) if knob == "max_loras"
-            else sorted(set(KNOB_GRID[knob]) | {int(current)}))
-    return vals
-
-
-def _point(cfg: ServingConfig) -> tuple:
-    return tuple(int(getattr(cfg, k)) for k in KNOB_ORDER)
-
-
-def _knob_search(cand: pd.DataFrame, results: dict[int, dict], ver: Verifier, max_runs: int,
-                 slo: dict) -> pd.DataFrame:
-    """Coordinate search for the goodput objective, from the best verified point of the
-    ``max_loras`` search: for each knob of :data:`KNOB_ORDER` in turn, the neighbouring
-    grid values (one step down and up, run together), moving on while a step is better
-    (:func:`_slo_rank`); passes until a whole pass moves nothing or ``max_runs`` twin runs
-    are spent. New configurations are appended to ``cand`` (their model predictions empty:
-    the model does not see these knobs); ``results`` is filled in place. Returns ``cand``."""
-    cand = cand.copy()
-    if "search" not in cand.columns:
-        cand["search"] = "max_loras"
-    for k in KNOB_GRID:
-        cand[k] = [int(getattr(c, k)) for c in cand["_config"]]
-    cand["pred_ok"] = cand["pred_ok"].astype(object)   # None for the model-blind rows
-    index = {_point(c): i for i, c in cand["_config"].items()}
-    budget = lambda: max_runs - len(results)   # noqa: E731
-
-    def row(base_i: int, knob: str, value) -> int:
-        cfg = cand.at[base_i, "_config"].replace(**{knob: int(value)})
-        if knob == "max_loras":   # the candidate row of that slot count, with these knobs
-            src = int(cand.index[(cand["max_loras"] == value)
-                                 & (cand["search"] == "max_loras")][0])
-            cfg = cand.at[src, "_config"].replace(
-                **{k: getattr(cfg, k) for k in KNOB_GRID})
-        else:
-            src = base_i
-        p = _point(cfg)
-        if p not in index:
-            r = cand.loc[src].copy()   # the workload and slot features; no prediction
-            for c in [c for c in cand.columns if c.startswith("pred_")]:
-                r[c] = None if c == "pred_ok" else np.nan
-            r["_config"], r["search"] = cfg, "knobs"
-            r["max_loras"] = float(cfg.max_loras)
-            for k in KNOB_GRID:
-                r[k] = int(getattr(cfg, k))
-            i = len(cand)
-            cand.loc[i] = r
-            index[p] = i
-        return index[p]
-
-    def best() -> int | None:
-        started = [i for i, r in results.items() if r["starts"]]
-        return max(started, key=lambda i: (_slo_rank(results[i], slo), -i)) if started else None
-
-    def rank(i: int) -> tuple:
-        return _slo_rank(results[i], slo)
-
-    def walk(knob: str) -> None:
-        """From the best point, both directions of ``knob``'s grid, one step a time (the
-        two first steps run together), on along a direction while its step is no worse
-        (plateaus are crossed: a knob often does nothing until it binds)."""
-        fronts = {d: best() for d in (-1, 1)}
-        while fronts and budget() > 0:
-            steps = {}
-            for d, f in fronts.items():
-                cur = int(getattr(cand.at[f, "_config"], knob))
-                vals = _knob_values(cand, knob, cur)
-                j = vals.index(cur) + d
-                if 0 <= j < len(vals):
-                    steps[d] = row(f, knob, vals[j])
-            todo = [i for i in dict.fromkeys(steps.values()) if i not in results][:budget()]
-            for i, out in ver.run([(i, cand.at[i, "_config"]) for i in todo]):
-                results[i] = out
-            fronts = {d: i for d, i in steps.items() if i in results and rank(i)[0] > 0
-                      and rank(i) >= rank(fronts[d])}
-
-    if best() is None:
-        return cand
-    moved = True
-    while moved and budget() > 0:
-        start = best()
-        for knob in KNOB_ORDER:
-            walk(knob)
-        moved = best() != start
-    return cand
-
-
-def _slo_rank(r: dict, slo: dict) -> tuple:
-    """How good a twin run is for the goodput objective, larger is better: one that does
-    not start or keeps not up < one that misses the SLOs (less violation better) < one that
-    meets them (more goodput better, then lower p99 TTFT)."""
-    if not r["starts"] or r["starving"] or not r_full(r):
-        return (0, 0.0, 0.0)
-    v = slo_violation(r, slo)
-    if v > 1:
-        return (1, -v, 0.0)
-    return (2, float(r["goodput"]), -_nan_inf(r.get("ttft_p99")))
+def _prior(model, wf, space: SearchSpace, profile, max_rank: int, slo: dict) -> list:
+    """The model's best predicted configurations over what it sees (``max_loras``, the
+    padded rank, the KV capacity that ``gpu_memory_utilization`` sets), the latency knobs
+    at the base's values: TPE's first trials (:data:`PRIOR_TRIALS`)."""
+    rows = []
+    for rank in space.grids["max_lora_rank"]:
+        for u in space.grids["gpu_memory_utilization"]:
+            try:
+                c = candidate_table(model, wf, space.base.replace(gpu_memory_utilization=u),
+                                    profile, rank)
+            except TwinInputError:   # nothing starts at this rank and memory share
+                continue
+            c["score"] = _pred_score(c, "goodput", slo)
+            rows.append(c)
+    if not rows:
+        return []
+    c = pd.concat(rows, ignore_index=True)
+    c = c[c["pred_ok"].astype(bool)] if c["pred_ok"].astype(bool).any() else c
+    c = c.sort_values(["score", "pred_ttft_p99"], ascending=[False, True], kind="stable")
+    return [space.config(space.point(cfg)) for cfg in c["_config"].head(PRIOR_TRIALS)]
 
 
 def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, max_runs: int,
@@ -348,11 +285,7 @@ def _best(results: dict, good: list, key: str) -> int:
     ``TIE_TOL`` of it, the lowest p99 TTFT (then fewer slots)."""
     top = max(results[i][key] for i in good)
     near = [i for i in good if results[i][key] >= top * (1 - TIE_TOL)]
-    return min(near, key=lambda i: (_nan_inf(results[i].get("ttft_p99")), i))
-
-
-def _nan_inf(x) -> float:
-    return float("inf") if x is None or not np.isfinite(x) else float(x)
+    return min(near, key=lambda i: (nan_inf(results[i].get("ttft_p99")), i))
 
 
 def _promising(cand, score, results, b: int, j: int, objective: str) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from twin.config import ServingConfig
+from twin.ml.explain import explanation_lines
 
 #: The twin's throughput error when a profile records none of its own: its held-out median
 #: throughput SMAPE against real vLLM runs (``experiments/reproduce_vllm_h100.py``, 1.3 %).
@@ -80,7 +81,7 @@ def latency_disagreements(cand: pd.DataFrame, model) -> dict:
 
 
 def _knobs(cfg, knobs) -> dict:
-    return {k: int(getattr(cfg, k)) for k in knobs}
+    return {k: getattr(cfg, k) for k in knobs}
 
 
 def slo_verdict(cand: pd.DataFrame, results: dict, slo: dict, met: list, knobs) -> dict:
@@ -202,6 +203,27 @@ def tie_text(tie: dict) -> str:
             f"{'the others are' if len(ml) > 2 else 'the other is'} as good within that error")
 
 
+_SHORT = {"max_loras": "max_loras", "max_cpu_loras": "cpu", "max_lora_rank": "rank",
+          "max_num_batched_tokens": "mbt", "max_num_seqs": "seqs",
+          "gpu_memory_utilization": "gmu"}
+
+
+def _knob_text(cfg, knobs) -> str:
+    """A twin run's knobs for the report (the searched ones; short names past max_loras)."""
+    knobs = knobs or ("max_loras", "max_num_batched_tokens", "max_num_seqs")
+    return " ".join(f"{_SHORT.get(k, k)}={getattr(cfg, k):g}" for k in knobs)
+
+
+def search_line(s: dict) -> str:
+    """"search: tpe (why) over N points (knobs), seed 0": which optimizer ran."""
+    sp = s.get("space", {})
+    seed = f", seed {s['seed']}" if s.get("seed") is not None else ""
+    return (f"search: {s['optimizer']} ({s['why']}){seed} over {sp.get('size')} "
+            f"configurations of {', '.join(sp.get('knobs', []))}; {len(s.get('trials', []))} "
+            "twin runs (run names: cpu=max_cpu_loras rank=max_lora_rank "
+            "mbt=max_num_batched_tokens seqs=max_num_seqs gmu=gpu_memory_utilization)")
+
+
 @dataclass
 class Recommendation:
     """A verified configuration (``config``, None when none keeps up), the prediction it
@@ -225,6 +247,8 @@ class Recommendation:
     slo_verdict: dict | None = None     # goodput: did a verified run meet the SLOs (slo_verdict)
     disagreements: dict | None = None   # goodput: model vs twin p99s (latency_disagreements)
     fewest_gpus: dict | None = None     # SLOs missed on one GPU: Placement.summary() with them
+    search: dict | None = None          # goodput: space, optimizer, trials (twin.ml.optimize)
+    explanation: dict | None = None     # the features that drove the model's pick (explain)
 
     def report(self) -> str:
         w = self.workload
@@ -241,6 +265,9 @@ class Recommendation:
                      f"{p['tpot_p50']:.1f} ms  [{len(self.candidates)} candidates in "
                      f"{self.predict_ms:.1f} ms]")
         tried = self.candidates.dropna(subset=["ver_throughput"])
+        knobs = tuple((self.search or {}).get("space", {}).get("knobs", ()))
+        if self.search is not None:
+            L.append(search_line(self.search))
         for _, r in tried.iterrows():
             st = ("does not start" if not r["ver_starts"] else
                   "STARVING" if r["ver_starving"] else "keeps up")
@@ -249,9 +276,7 @@ class Recommendation:
                          f"{r['ver_throughput']:.0f} tok/s ({100 * r['ver_achieved']:.1f}%), "
                          f"TTFT p99 {r['ver_ttft_p99']:.0f} ms  {st}")
                 continue
-            c = r["_config"]
-            L.append(f"  twin run max_loras={c.max_loras:>3} max_num_batched_tokens="
-                     f"{c.max_num_batched_tokens:>5} max_num_seqs={c.max_num_seqs:>4}: "
+            L.append(f"  twin run {_knob_text(r['_config'], knobs)}: "
                      f"{r['ver_throughput']:.0f} tok/s ({100 * r['ver_achieved']:.1f}%), p99 "
                      f"TTFT {r['ver_ttft_p99']:.0f} ms TPOT {r['ver_tpot_p99']:.1f} ms, "
                      f"goodput {r['ver_goodput']:.0f} tok/s  {st}")
@@ -260,7 +285,8 @@ class Recommendation:
             c = self.config
             L.append(f"recommended: max_loras={c.max_loras} max_cpu_loras={c.max_cpu_loras} "
                      f"max_lora_rank={c.max_lora_rank} max_num_seqs={c.max_num_seqs} "
-                     f"max_num_batched_tokens={c.max_num_batched_tokens}")
+                     f"max_num_batched_tokens={c.max_num_batched_tokens} "
+                     f"gpu_memory_utilization={c.gpu_memory_utilization:g}")
             L.append(f"verified:  throughput {v['throughput']:.0f} tok/s "
                      f"({100 * v['achieved']:.1f}% of offered), TTFT p50/p99 "
                      f"{v['ttft_p50']:.0f}/{v['ttft_p99']:.0f} ms, TPOT p50/p99 "
@@ -285,6 +311,7 @@ class Recommendation:
                   for g in f["per_gpu"] if g["config"]]
         if self.disagreements is not None:
             L += disagreement_lines(self.disagreements)
+        L += explanation_lines(self.explanation)
         L.append(f"{self.runs} twin run(s), {self.total_s:.2f} s end to end")
         L += [f"warning: {x}" for x in self.warnings]
         return "\n".join(L)
@@ -298,7 +325,8 @@ class Recommendation:
                 else None, "predicted": self.predicted, "verified": self.verified,
                 "workload": self.workload, "window_s": self.window_s, "runs": self.runs,
                 "predict_ms": self.predict_ms, "total_s": self.total_s,
-                "warnings": self.warnings, "tie": self.tie,
+                "warnings": self.warnings, "tie": self.tie, "search": self.search,
+                "explanation": self.explanation,
                 "candidates": cand.to_dict(orient="records"),
                 **({"slo_check": self.slo_verdict, "model_vs_twin": self.disagreements,
                     "fewest_gpus": self.fewest_gpus}
@@ -322,6 +350,7 @@ class Placement:
     verify_runs: int
     attempts: list
     replicas: dict
+    curve: list = field(default_factory=list)   # per GPU count tried: worst p99s (SLO search)
 
     def report(self) -> str:
         L = [f"{len(self.gpus)} GPU(s){'' if self.ok else ' (NOT all verified)'}: "

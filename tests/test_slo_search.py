@@ -1,0 +1,196 @@
+"""The SLO search over the enlarged space (issue 16): the new knobs change what the twin
+measures, the optimizers find the optimum of a space small enough to run whole, TPE is
+deterministic by seed, the cost objective's GPU count is the exhaustive one, and an
+infeasible cost is said plainly. Small synthetic traces, the default profile."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from twin.costs.profile import load_profile
+from twin.ml.cost import cost_plan
+from twin.ml.optimize import optuna_version
+from twin.ml.placement import _partition, _Units
+from twin.ml.recommend import recommend
+from twin.ml.recommender import Recommender
+from twin.ml.search_space import search_space
+from twin.ml.spec import paper_base
+from twin.sim.engine import simulate
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.generate import rate_class_trace
+
+WINDOW = 60.0
+needs_optuna = pytest.mark.skipif(optuna_version() is None, reason="optuna not installed")
+
+
+def _cat(n: int) -> AdapterCatalog:
+    return AdapterCatalog(pd.DataFrame({"adapter": [f"lora-{i}" for i in range(n)],
+                                        "rank": [16] * n}))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tr = rate_class_trace(6, (2.0, 1.0, 0.5), duration_s=WINDOW, seed=7)
+    return tr, _cat(6), load_profile(None), Recommender.load()
+
+
+def _run(setup, **cfg):
+    tr, cat, profile, _ = setup
+    base = paper_base().replace(max_loras=6, max_cpu_loras=6)
+    return simulate(tr, base.replace(**cfg), profile, cat, window_s=WINDOW).summary
+
+
+def test_new_knobs_change_what_the_twin_measures(setup):
+    lo, hi = _run(setup, gpu_memory_utilization=0.80), _run(setup, gpu_memory_utilization=0.95)
+    assert lo["kv_cache"]["capacity_tokens"] < hi["kv_cache"]["capacity_tokens"]
+    r16, r64 = _run(setup, max_lora_rank=16), _run(setup, max_lora_rank=64)
+    assert r64["tpot_ms"]["median"] > r16["tpot_ms"]["median"]   # padding: slower steps
+    assert r64["kv_cache"]["capacity_tokens"] < r16["kv_cache"]["capacity_tokens"]
+    few = _run(setup, max_loras=2, max_cpu_loras=2)
+    many = _run(setup, max_loras=2, max_cpu_loras=6)   # host cache: fewer disk loads
+    assert few["ttft_ms"]["p99"] > many["ttft_ms"]["p99"]
+
+
+SLO = {"ttft": 1000.0, "tpot": 25.0}
+KNOBS = ("max_loras", "max_num_seqs")
+SIZE = search_space(6, 16, paper_base(), knobs=KNOBS).size()
+
+
+def _rec(setup, **kw):
+    tr, cat, profile, model = setup
+    return recommend(tr, cat, profile=profile, model=model, window_s=WINDOW,
+                     objective="goodput", slo=SLO, workers=1, knobs=KNOBS, **kw)
+
+
+def _goodput(rec) -> float:
+    return rec.verified["goodput"] if rec.ok else 0.0
+
+
+@pytest.fixture(scope="module")
+def exhaustive(setup):
+    return _rec(setup, max_runs=SIZE + 4)   # auto: the whole space fits the budget
+
+
+def test_auto_runs_the_whole_space_when_it_fits(exhaustive):
+    s = exhaustive.search
+    assert s["optimizer"] == "exhaustive"
+    assert set(s["space"]["knobs"]) == set(KNOBS) and s["space"]["size"] == SIZE
+    ran = {(t["max_loras"], t["max_num_seqs"]) for t in s["trials"]}
+    assert len(ran) >= SIZE
+    assert exhaustive.ok and exhaustive.slo_verdict["met"]
+
+
+@pytest.mark.parametrize("optimizer", [pytest.param("tpe", marks=needs_optuna), "coordinate"])
+def test_optimizer_finds_the_exhaustive_optimum(setup, exhaustive, optimizer):
+    budget = SIZE // 2
+    rec = _rec(setup, optimizer=optimizer, max_runs=budget)
+    assert rec.search["optimizer"] == optimizer and rec.runs <= budget
+    assert rec.ok
+    assert _goodput(rec) >= 0.99 * _goodput(exhaustive)
+
+
+@needs_optuna
+def test_tpe_is_deterministic_by_seed_and_records_its_trials(setup):
+    a = _rec(setup, optimizer="tpe", seed=3, max_runs=8)
+    b = _rec(setup, optimizer="tpe", seed=3, max_runs=8)
+    ta, tb = a.search["trials"], b.search["trials"]
+    assert [(t["max_loras"], t["max_num_seqs"]) for t in ta] == \
+        [(t["max_loras"], t["max_num_seqs"]) for t in tb]
+    assert len(ta) == a.runs <= 8 and {t["search"] for t in ta} >= {"max_loras", "tpe"}
+    d = json.loads(json.dumps(a.to_dict(), default=str))
+    assert d["search"]["optimizer"] == "tpe" and d["search"]["seed"] == 3
+    assert d["explanation"]["targets"]["achieved"]["features"]
+
+
+@needs_optuna
+def test_study_db_resumes_without_running_again(setup, tmp_path, trace_files):
+    from twin.cli import main
+
+    tp, cp = trace_files(*setup[:2])
+    out = tmp_path / "rec"
+    args = ["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s", str(WINDOW),
+            "--objective", "goodput", "--slo", "ttft=1000,tpot=25", "--optimizer", "tpe",
+            "--max-runs", "6", "--workers", "1", "--no-plot", "--study-db", "--out", str(out)]
+    assert main(args) == 0 and (out / "study.db").stat().st_size > 0
+    first = json.loads((out / "recommendation.json").read_text())["search"]["trials"]
+    assert main(args) == 0   # the study in OUT/study.db is resumed: nothing run again
+    again = json.loads((out / "recommendation.json").read_text())["search"]["trials"]
+    resumed = [t for t in again if t.get("resumed")]
+    assert len(first) == 6 and len(resumed) >= 4
+    assert not (tmp_path / ".rec.study.db").exists()   # the working copy is gone
+
+
+def _exhaustive_gpus(tr, cat, profile, model, slo, max_gpus):
+    """The fewest k whose load-balanced partition has, on every GPU, a configuration of
+    the space meeting the SLOs (every configuration run)."""
+    U = _Units(tr, cat)
+    rank = {a: cat.rank(a) for a in cat.adapters}
+    for k in range(1, max_gpus + 1):
+        ok = True
+        for g in _partition(U, rank, k):
+            t, c = U.sub(g)
+            r = recommend(t, c, profile=profile, model=model, window_s=WINDOW,
+                          objective="goodput", slo=slo, workers=1, knobs=("max_loras",),
+                          optimizer="exhaustive", max_runs=50)
+            ok = ok and r.ok
+        if ok:
+            return k
+    return None
+
+
+def test_cost_gpus_equal_the_exhaustive_count(setup):
+    tr, cat, profile, model = setup
+    slo = {"ttft": 1000.0, "tpot": 20.0}
+    plan = cost_plan(tr, cat, slo=slo, profile=profile, model=model, window_s=WINDOW,
+                     max_gpus=3, max_runs=50, workers=1, gpu_price=2.0,
+                     optimizer="exhaustive", knobs=("max_loras",))
+    want = _exhaustive_gpus(tr, cat, profile, model, slo, 3)
+    assert want is not None and want > 1
+    assert plan.ok and plan.gpus == want
+    assert plan.per_hour == pytest.approx(2.0 * want)
+    assert all(c["gpus_verified"] <= c["gpus"] for c in plan.placement.curve)
+    met = [c for c in plan.placement.curve if c["met"]]
+    assert met and min(c["gpus"] for c in met) == want
+    assert all(c["ttft_p99"] <= slo["ttft"] for c in met)
+
+
+def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
+    from twin.cli import main
+
+    tr, cat, _, _ = setup
+    tp, cp = trace_files(tr, cat)
+    out = tmp_path / "cost"
+    rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
+               str(WINDOW), "--objective", "cost", "--slo", "ttft=1,tpot=0.5", "--max-gpus",
+               "2", "--max-runs", "3", "--optimizer", "coordinate", "--workers", "1",
+               "--out", str(out)])
+    assert rc == 3
+    assert "NO placement on up to 2 GPUs meets the SLOs" in capsys.readouterr().out
+    d = json.loads((out / "cost.json").read_text())
+    assert d["ok"] is False and d["gpus"] is None and d["max_gpus"] == 2
+    assert (out / "cost_curve.png").stat().st_size > 0
+
+
+def test_frontier_plot_and_help(exhaustive, tmp_path, capsys):
+    from twin.cli import main
+    from twin.ml.slo_plots import plot_slo_frontier, top_knobs
+
+    t = pd.DataFrame(exhaustive.search["trials"])
+    assert set(top_knobs(t, KNOBS)) == set(KNOBS)
+    png = plot_slo_frontier(exhaustive.search, SLO, tmp_path / "f.png", chosen=exhaustive.config)
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["recommend", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--optimizer", "--seed", "--study-db", "--gpu-price", "--max-gpus", "cost"):
+        assert flag in text
+
+
+def test_without_optuna_auto_falls_back_to_the_coordinate_walk(setup, monkeypatch):
+    monkeypatch.setattr("twin.ml.optimize.optuna_version", lambda: None)
+    rec = _rec(setup, max_runs=6)
+    assert rec.search["optimizer"] == "coordinate" and "not installed" in rec.search["why"]
+    assert "search: coordinate (optuna is not installed" in rec.report()
