@@ -12,8 +12,9 @@ import pytest
 
 from twin.calibrate.executor import fit_nnls
 from twin.calibrate.hardware import HardwareStepTime, derive_profile
-from twin.costs.hardware import (HW_TERMS, as_vector, coefficients, counts, design, gpu_prior,
-                                 load_calibration, save_calibration, step_time_model)
+from twin.costs.hardware import (HW_TERMS, LORA_TOKEN_EFFICIENCY, as_vector, coefficients, counts,
+                                 design, gpu_prior, load_calibration, save_calibration,
+                                 step_time_model)
 from twin.costs.first_principles import LLAMA31_8B
 from twin.costs.gpus import effective, get_gpu
 from twin.costs.model_config import load_model_shape, model_shape
@@ -84,10 +85,12 @@ def test_counts_scale_with_the_shape_as_the_physics_says():
     dense = HW_TERMS.index("dense_s_per_flop")
     assert Na[dense, j["prefill_tokens"]] == 2 * Nb[dense, j["prefill_tokens"]]
     assert Na[dense, j["prefill_seqs"]] == Nb[dense, j["prefill_seqs"]] == 2 * 49152 * 576
-    # tensor parallel: weights read and KV split across ranks, all-reduce appears
-    tp2 = counts(a, tp=2)
-    w = HW_TERMS.index("weight_s_per_byte")
-    assert tp2[w, j["const"]] == pytest.approx(Na[w, j["const"]] / 2)
+    # tensor parallel (9 heads, 3 KV heads: tp 3 splits both): weights read and KV split
+    # across ranks, all-reduce appears
+    tp2 = counts(a, tp=3)
+    w, kv = HW_TERMS.index("weight_s_per_byte"), HW_TERMS.index("kv_s_per_byte")
+    assert tp2[w, j["const"]] == pytest.approx(Na[w, j["const"]] / 3)
+    assert tp2[kv, j["decode_context"]] == pytest.approx(Na[kv, j["decode_context"]] / 3)
     assert Na[HW_TERMS.index("allreduce_s_per_byte")].sum() == 0 < tp2[HW_TERMS.index("allreduce_s_per_byte")].sum()
 
 
@@ -179,7 +182,10 @@ def test_gpu_prior_uses_the_catalogue_and_its_one_derating_rule():
         bw, fl, link = effective(get_gpu(name))
         hw = gpu_prior(name)
         assert hw["weight_s_per_byte"] == pytest.approx(1 / bw)
-        assert hw["dense_s_per_flop"] == pytest.approx(1 / fl)
+        # dense FLOPs of LoRA-wrapped layers at vLLM's measured LoRA efficiency (PR #11267)
+        assert hw["dense_s_per_flop"] == pytest.approx(1 / (fl * LORA_TOKEN_EFFICIENCY))
+        assert gpu_prior(name, lora=False)["dense_s_per_flop"] == pytest.approx(1 / fl)
+        assert hw["attn_s_per_flop"] == pytest.approx(1 / fl)
         assert hw["allreduce_s_per_byte"] == pytest.approx(1 / link)
     assert gpu_prior(get_gpu("h200")) == gpu_prior("h200")
     fast = dict(get_gpu("h100-64gb"), hbm_bytes_per_s=4.0e12)

@@ -15,8 +15,8 @@ from shared_data import KV_CSV, shared_file
 from twin.cli import main
 from twin.config import ServingConfig
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
-from twin.costs.hardware import (HW_TERMS, coefficients, gpu_prior, load_calibration,
-                                 save_calibration)
+from twin.costs.hardware import (HW_TERMS, coefficients, derive_profile, gpu_prior,
+                                 load_calibration, save_calibration)
 from twin.costs.memory import MIB, MemoryModel, reserved_bytes
 from twin.costs.model_config import BUILTIN, load_config, load_model_shape, model_shape
 from twin.costs.profile import load_profile, shipped_profiles
@@ -204,6 +204,28 @@ def test_fewer_kv_heads_than_gpus_replicates_them():
     assert m16.weights_gib < m8.weights_gib
 
 
+def test_replicated_kv_heads_in_the_step_time_and_a_derived_profile():
+    """With 8 KV heads on 16 GPUs each still reads and holds one whole KV head per layer
+    (vLLM replicates it): decode attention's KV bytes per context token are tp 8's, not
+    half; the q/o/MLP work halves; derive_profile's KV capacity per GPU follows."""
+    big = load_model_shape("llama-3.1-70b")
+    kv = {"kv_s_per_byte": 1.0}
+    c4, c8, c16 = (coefficients(kv, big, tp)["decode_context"] for tp in (4, 8, 16))
+    assert c8 == c16 == 2 * 80 * 128 * 2 and c4 == 2 * c8
+    dense = {"dense_s_per_flop": 1.0}
+    d8, d16 = (coefficients(dense, big, tp)["prefill_tokens"] for tp in (8, 16))
+    assert 0.5 < d16 / d8 < 0.52                 # the replicated K/V projections stay
+    w8, w16 = (coefficients({"weight_s_per_byte": 1.0}, big, tp)["const"] for tp in (8, 16))
+    assert abs(w8 - build_profile(big, "h100", tensor_parallel_size=8).memory.weights_gib
+               * MIB * 1024) / w8 < 0.01        # the same bytes as the memory model's
+    assert 0.5 < w16 / w8 < 0.52
+    base = build_profile(big, "h100")
+    d = derive_profile(base, big, gpu_prior("h100"), tp=16)
+    assert d.memory.kv_bytes_per_token == 2 * 80 * 1 * 128 * 2
+    assert derive_profile(base, big, gpu_prior("h100"), tp=4).memory.kv_bytes_per_token \
+        == 2 * 80 * 2 * 128 * 2
+
+
 def test_tensor_parallel_size_must_divide_the_heads():
     with pytest.raises(TwinInputError) as exc:
         build_profile(load_model_shape("qwen2.5-7b"), "h100", tensor_parallel_size=8)
@@ -326,6 +348,50 @@ def test_readme_commands_profile_simulate_recommend(tmp_path, capsys):
     rec = json.loads(text)
     assert (tmp_path / "rec" / "vllm_args.txt").exists()
     assert rec["config"]["max_model_len"] == 32768
+
+
+def test_a_config_file_without_max_model_len_gets_the_models_context(tmp_path, capsys):
+    """`twin simulate --config` with a `vllm serve --config` YAML that leaves max_model_len
+    out: vLLM derives it from the model (32768 for Qwen2.5-7B), so the twin must too; a file
+    that names it keeps its value, and flags still override the file."""
+    import argparse
+
+    from twin.cli.config_flags import add_config_flags, config_from_args
+
+    prof = build_profile(load_model_shape("qwen2.5-7b"), "a100-80gb")
+    ap = argparse.ArgumentParser()
+    add_config_flags(ap)
+    ap.add_argument("--profile")
+    f = tmp_path / "serve.yaml"
+    f.write_text("model: Qwen/Qwen2.5-7B-Instruct\nmax-loras: 4\nmax_num_seqs: 64\n")
+    cfg = config_from_args(ap.parse_args(["--config", str(f), "--profile", "p"]), prof)
+    assert (cfg.max_model_len, cfg.max_loras, cfg.max_num_seqs) == (32768, 4, 64)
+    assert cfg.max_cpu_loras == 4
+    cfg = config_from_args(ap.parse_args(["--config", str(f), "--profile", "p",
+                                          "--max-loras", "2"]), prof)
+    assert (cfg.max_loras, cfg.max_cpu_loras, cfg.max_model_len) == (2, 2, 32768)
+    f.write_text("max_model_len: 8192\n")
+    assert config_from_args(ap.parse_args(["--config", str(f), "--profile", "p"]),
+                            prof).max_model_len == 8192
+    # end to end: the YAML alone (no --max-model-len) simulates the 32k-context model
+    path, trace = tmp_path / "qwen.json", _trace(tmp_path)
+    prof.save(path)
+    f.write_text("max_loras: 2\n")
+    rc, text, err = _run(["simulate", "--profile", path, "--trace", trace, "--config", f,
+                          "--no-progress", "--json", "--out", tmp_path / "sim"], capsys)
+    assert rc == 0, err
+    # the Python API reads the same file the same way, and gives the same figures
+    import twin
+
+    assert twin.load_config(f, 32768).max_model_len == 32768
+    assert twin.load_config({"max-model-len": 4096}, 32768).max_model_len == 4096
+    assert twin.load_config(None, 32768).max_model_len == 32768
+    assert twin.simulate(trace, f, prof).summary == json.loads(text)
+    # a bad setting in the file is still refused with the file's name
+    f.write_text("max_loras: many\n")
+    rc, _, err = _run(["simulate", "--profile", path, "--trace", trace, "--config", f,
+                       "--no-progress", "--out", tmp_path / "sim2"], capsys)
+    assert rc == 2 and "serve.yaml" in err and "max_loras" in err
 
 
 def test_calibrate_executor_writes_hardware_terms_profile_prices_another_model(tmp_path, capsys):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from twin.config import ServingConfig
+from twin.config import ServingConfig, read_yaml_mapping
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
@@ -61,20 +61,28 @@ def load_trace(trace: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     _refuse("trace", trace, "a DataFrame or the path of a .parquet/.csv trace")
 
 
-def load_config(config: ServingConfig | dict | str | os.PathLike | None = None
-                ) -> ServingConfig:
+def load_config(config: ServingConfig | dict | str | os.PathLike | None = None,
+                model_context: int | None = None) -> ServingConfig:
     """A :class:`ServingConfig` from itself, a dict of vLLM settings (``max_loras`` or
     ``max-loras``; settings the twin does not model, e.g. ``model``, are ignored as in a
-    ``vllm serve --config`` file) or such a YAML file; ``None``: vLLM's defaults."""
-    if config is None:
-        return ServingConfig()
+    ``vllm serve --config`` file) or such a YAML file; ``None``: vLLM's defaults.
+    ``model_context``: the model's context, which a dict, file or ``None`` that gives no
+    ``max_model_len`` gets, as vLLM derives it (``twin simulate --profile`` does the same)."""
     if isinstance(config, ServingConfig):
         return config
-    if isinstance(config, dict):
-        return ServingConfig.from_dict(config, source="config")
-    if isinstance(config, _PATH):
-        return ServingConfig.from_yaml(config)
-    _refuse("config", config, "a ServingConfig, a dict of vLLM settings or a YAML path")
+    if config is None:
+        d, source = {}, "config"
+    elif isinstance(config, dict):
+        d, source = config, "config"
+    elif isinstance(config, _PATH):
+        d = read_yaml_mapping(config, expected="a mapping of vLLM setting names to values")
+        source = str(config)
+    else:
+        _refuse("config", config, "a ServingConfig, a dict of vLLM settings or a YAML path")
+    d = {str(k).replace("-", "_"): v for k, v in d.items()}
+    if d.get("max_model_len") is None and model_context is not None:
+        d["max_model_len"] = model_context
+    return ServingConfig.from_dict(d, source=source)
 
 
 def _profile(profile: Profile | str | os.PathLike | None) -> Profile:
@@ -121,13 +129,13 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     ``steps``) DataFrames, ``summary`` (``vllm bench serve``'s metrics plus adapter loads,
     preemptions, KV usage and the starvation verdict), ``format_summary()``, ``save(dir)``.
     """
-    config = load_config(config)
+    profile = _profile(profile)
+    config = load_config(config, profile.model.max_position_embeddings)
     trace, path = _trace_and_source(trace)
     source = path or "trace"
     refuse_empty_window(trace, window_s, source)
     catalog = load_catalog(catalog)
     # every serving strategy (config.policy): one vLLM server goes straight to the simulator
-    profile = _profile(profile)
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     result = simulate_policy(trace, config, profile, catalog, window_s=window_s,
                              progress=progress, record_steps=record_steps, trace_source=source)

@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from twin.argtypes import strict_bool
-from twin.config import ServingConfig
+from twin.config import ServingConfig, read_yaml_mapping
 from twin.costs.profile import Profile, load_profile
 from twin.workload.schema import read_trace
 
@@ -34,7 +34,13 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     """The ServingConfig of ``--config`` (if any) with every flag given overriding it.
     ``profile``: the ``--profile`` already loaded by the caller (else it is read here, for
     the model's context only)."""
-    base = ServingConfig.from_yaml(args.config).to_dict() if args.config else {}
+    base = {}
+    if args.config:
+        # only the settings the file names: a default filled in here (max_model_len 131072)
+        # would hide the model's context below; names, types and refusals are checked once,
+        # on the merged settings (ServingConfig.from_dict names the file)
+        base = {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(
+            args.config, expected="a mapping of vLLM setting names to values").items()}
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
         if v is not None:

@@ -24,8 +24,9 @@ numbers), the tensor-parallel size and the dtypes. The profile gives `twin simul
 --profile P.json` vLLM's start-up KV capacity for every max_loras x max_lora_rank (within
 0.12% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
 vLLM allocates them and as PyTorch's caching allocator reserves them, one fitted non-torch
-constant) and a step time from the GPU's effective (derated datasheet) rates and vLLM's
-software constants times the model's counts (twin.costs.hardware), plus two all-reduces per
+constant) and a step time from the GPU's effective (derated datasheet) rates, the LoRA
+slowdown vLLM measured (PR #11267) and vLLM's software constants times the model's counts
+(twin.costs.hardware; accuracy: experiments/README_generality.md), plus two all-reduces per
 decoder layer priced from the interconnect when --tensor-parallel-size > 1.
 
 With --gpu-calibration HW.json (written by `twin calibrate --executor` next to its profile)

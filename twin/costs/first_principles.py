@@ -24,8 +24,9 @@ Memory, per GPU, as vLLM 0.8.x sizes it at start-up:
 - KV cache per token: ``2 × layers × KV heads per GPU × head_dim × KV dtype bytes``.
 
 Step time: the hardware prior (:func:`twin.costs.hardware.gpu_prior`: the catalogue's rates
-derated by :func:`twin.costs.gpus.effective`, plus vLLM's software constants per step, layer
-and LoRA kernel call) times the counts of this shape (:func:`twin.costs.hardware.counts`:
+derated by :func:`twin.costs.gpus.effective`, dense FLOPs at vLLM's measured LoRA efficiency
+(:data:`twin.costs.hardware.LORA_TOKEN_EFFICIENCY`), plus vLLM's software constants per step,
+layer and LoRA kernel call) times the counts of this shape (:func:`twin.costs.hardware.counts`:
 weights, KV and adapter bytes read, dense/attention/LoRA FLOPs, layers, LoRA calls and, with
 tensor parallelism, two ring all-reduces of the hidden state per decoder layer), summed
 rather than a roofline's max. On the held-out H100 runs it is closer to vLLM than the
@@ -38,7 +39,7 @@ from __future__ import annotations
 import sys
 
 from twin.costs.gpus import effective, get_gpu
-from twin.costs.hardware import gpu_prior, step_time_model
+from twin.costs.hardware import gpu_prior, per_rank, step_time_model
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import GIB, MemoryModel
 from twin.costs.model_config import BUILTIN, model_shape
@@ -81,13 +82,6 @@ def check_tensor_parallel(model: ModelShape, tp: int) -> None:
                              f"({tp}) must divide one another", field="--tensor-parallel-size")
 
 
-def per_gpu(model: ModelShape, tp: int = 1) -> dict:
-    """Per-GPU widths: q, KV (one replicated head at least) and intermediate outputs."""
-    return dict(q=model.heads // tp * model.head_dim,
-                kv=max(1, model.kv_heads // tp) * model.head_dim,
-                inter=model.intermediate // tp)
-
-
 def lora_buffers(model: ModelShape, tp: int = 1) -> dict:
     """vLLM's LoRA slot buffers on one GPU, in allocation order, each as (bytes per slot per
     unit of max_lora_rank, bytes per slot): embed_tokens (extra-vocab embeddings, A over the
@@ -95,7 +89,7 @@ def lora_buffers(model: ModelShape, tp: int = 1) -> dict:
     down_proj, then lm_head's (A, B over the padded vocabulary, extra-vocab logits in fp32:
     LogitsProcessorWithLoRA fills its -inf tensor without a dtype)."""
     b, h = model.dtype_bytes, model.hidden
-    w = per_gpu(model, tp)
+    w = per_rank(model, tp)
     q, kv, i = w["q"], w["kv"], w["inter"]
     r = lambda n: [float(n * b), 0.0]   # noqa: E731 - n elements per unit of rank
     if model.lora_fused_modules:        # Phi-3: one slice for qkv_proj and for gate_up_proj
@@ -121,7 +115,7 @@ def weight_bytes(model: ModelShape, tp: int = 1, quantization: str | None = None
     linear_full = L * (h * (full_q + 2 * full_kv) + full_q * h + 3 * h * model.intermediate)
     emb = model.vocab * h * (1 if model.tie_word_embeddings else 2)
     other = max(0.0, model.params - linear_full - emb)      # norms, biases: replicated
-    w = per_gpu(model, tp)
+    w = per_rank(model, tp)
     linear = L * (h * (w["q"] + 2 * w["kv"]) + w["q"] * h + 3 * h * w["inter"])
     lin_b = 1 if quantization == "fp8" else b
     extra = LORA_EXTRA_VOCAB * h * (1 if model.tie_word_embeddings else 2) \
@@ -145,10 +139,10 @@ def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb",
         raise TwinInputError(f"unsupported kv_cache_dtype {kv_cache_dtype!r}; supported: "
                              f"{', '.join(KV_CACHE_DTYPES)}", field="--kv-cache-dtype")
     kv_b = KV_CACHE_DTYPES[kv_cache_dtype] or model.dtype_bytes
-    w = per_gpu(model, tp)
+    w = per_rank(model, tp)
     h, L = model.hidden, model.layers
     buffers = lora_buffers(model, tp)
-    per_rank = sum(a for part in ("head", "tail") for a, _ in buffers[part]) + \
+    lora_per_rank = sum(a for part in ("head", "tail") for a, _ in buffers[part]) + \
         L * sum(a for a, _ in buffers["layer"])
     per_slot = sum(s for part in ("head", "tail") for _, s in buffers[part]) + \
         L * sum(s for _, s in buffers["layer"])
@@ -157,7 +151,7 @@ def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb",
     act_per_token = (h * 3 + w["q"] + 2 * w["kv"] + 3 * w["inter"]) * model.dtype_bytes
     memory = MemoryModel(
         gpu_memory_gib=hw["memory_gib"], weights_gib=wbytes / GIB,
-        kv_bytes_per_token=kv_per_token, lora_bytes_per_slot_rank=per_rank,
+        kv_bytes_per_token=kv_per_token, lora_bytes_per_slot_rank=lora_per_rank,
         lora_bytes_per_slot=per_slot, activation_gib=NON_TORCH_GIB,
         activation_bytes_per_seq=3 * model.vocab * 4, activation_bytes_per_token=act_per_token,
         lora_buffers=buffers)

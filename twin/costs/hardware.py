@@ -70,29 +70,50 @@ LORA_CALLS_PER_LAYER = 4   # qkv, o, gate_up, down: vLLM's packed LoRA modules
 _F = {k: i for i, k in enumerate(FEATURES)}
 
 
-def linear_params(shape) -> float:
-    """Parameters of the linear layers of all decoder layers (no embeddings, no lm_head)."""
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    h, i = shape.hidden, shape.intermediate
-    return float(shape.layers * (h * (q + 2 * kv) + q * h + 3 * h * i))
+def per_rank(shape, tp: int = 1) -> dict:
+    """Widths on one of ``tp`` tensor-parallel ranks: q, KV and intermediate outputs. vLLM's
+    QKVParallelLinear splits KV heads when there are at least ``tp`` of them and otherwise
+    gives every rank one replicated head (``num_kv_heads = 1``, ``num_kv_head_replicas =
+    tp // total_num_kv_heads``); its KV cache holds ``max(1, kv_heads // tp)`` heads a rank
+    (``ModelConfig.get_num_kv_heads``)."""
+    return dict(q=shape.heads // tp * shape.head_dim,
+                kv=max(1, shape.kv_heads // tp) * shape.head_dim,
+                inter=shape.intermediate // tp)
+
+
+def linear_params(shape, tp: int = 1) -> float:
+    """Parameters of the linear layers of all decoder layers (no embeddings, no lm_head) on
+    one of ``tp`` ranks (KV heads replicated when fewer than ``tp``: :func:`per_rank`)."""
+    w, h = per_rank(shape, tp), shape.hidden
+    return float(shape.layers * (h * (w["q"] + 2 * w["kv"]) + w["q"] * h + 3 * h * w["inter"]))
+
+
+def rank_weight_bytes(shape, tp: int = 1) -> float:
+    """Bytes of weights on one of ``tp`` ranks in the model dtype: its linear layers
+    (:func:`linear_params`) and ``1/tp`` of the rest (embeddings, lm_head, norms)."""
+    rest = (shape.params - linear_params(shape)) if shape.params else \
+        shape.vocab * shape.hidden * (1 if shape.tie_word_embeddings else 2)
+    return (linear_params(shape, tp) + rest / tp) * shape.dtype_bytes
 
 
 def counts(shape, tp: int = 1, *, weight_bytes: float | None = None,
            kv_dtype_bytes: int | None = None) -> np.ndarray:
     """``N[j, k]``: units of hardware term ``HW_TERMS[j]`` per unit of step feature
     ``FEATURES[k]`` for a model of ``shape`` on ``tp`` tensor-parallel ranks (weights,
-    heads, FLOPs and KV split evenly as vLLM's column/row-parallel layers do).
-    ``weight_bytes``: the bytes of weights on one rank when they are not ``params x
-    dtype_bytes / tp`` (FP8 linear layers: ``twin.costs.first_principles.weight_bytes``);
+    heads, FLOPs and KV split as vLLM's column/row-parallel layers split them: KV heads
+    evenly, or one replicated head a rank when there are fewer than ``tp``).
+    ``weight_bytes``: the bytes of weights on one rank when they are not the linear layers
+    on a rank plus ``1/tp`` of the rest (FP8 linear layers:
+    ``twin.costs.first_principles.weight_bytes``);
     ``kv_dtype_bytes``: the KV cache's element size when it is not the model's (FP8 KV)."""
     tp = int(tp)
     N = np.zeros((len(HW_TERMS), len(FEATURES)))
     L, h, v, db = shape.layers, shape.hidden, shape.vocab, shape.dtype_bytes
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    lin = linear_params(shape) / tp
+    w = per_rank(shape, tp)
+    q, kv = w["q"], w["kv"]
+    lin = linear_params(shape, tp)
     head_flops = 2.0 * v * h / tp                     # lm_head: one logits row
-    weights = weight_bytes if weight_bytes is not None else (shape.params or (
-        linear_params(shape) + v * h * (1 if shape.tie_word_embeddings else 2))) * db / tp
+    weights = weight_bytes if weight_bytes is not None else rank_weight_bytes(shape, tp)
     calls = LORA_CALLS_PER_LAYER * L
 
     def put(term, feature, value):
@@ -103,12 +124,12 @@ def counts(shape, tp: int = 1, *, weight_bytes: float | None = None,
     put("weight_s_per_byte", "const", weights)
     for f in ("prefill_tokens", "decode_tokens"):
         put("dense_s_per_flop", f, 2.0 * lin)
-        put("act_s_per_byte", f, L * (6 * h + q + 2 * kv + 3 * shape.intermediate) * db / tp)
+        put("act_s_per_byte", f, L * (6 * h / tp + q + 2 * kv + 3 * w["inter"]) * db)
     put("dense_s_per_flop", "decode_tokens", head_flops)
     put("dense_s_per_flop", "prefill_seqs", head_flops)
-    put("attn_s_per_flop", "decode_context", 4.0 * L * q / tp)
-    put("attn_s_per_flop", "prefill_context", 2.0 * L * q / tp)
-    put("kv_s_per_byte", "decode_context", 2.0 * L * kv * (kv_dtype_bytes or db) / tp)
+    put("attn_s_per_flop", "decode_context", 4.0 * L * q)
+    put("attn_s_per_flop", "prefill_context", 2.0 * L * q)
+    put("kv_s_per_byte", "decode_context", 2.0 * L * kv * (kv_dtype_bytes or db))
     put("decode_seq_layer_s", "decode_tokens", L)
     put("prefill_seq_layer_s", "prefill_seqs", L)
     put("sample_s_per_vocab", "decode_tokens", v)
@@ -156,11 +177,17 @@ def design(F, shape, tp: int = 1) -> np.ndarray:
 #: Software constants of vLLM V1 (0.8.x) on a datacentre GPU, not fitted to any run: per-step
 #: CPU work (scheduler, input preparation, sampler; vLLM's own profiles put it at 2-5 ms with
 #: a few hundred sequences), a kernel launch (~5 us; a layer launches ~10 kernels without
-#: CUDA graphs), the Triton LoRA kernels' cost per active adapter and call (~2.5 us: a
-#: program wave per adapter; NOTE: of the same order as, and chosen knowing, the 2.4 us that
-#: the Llama-3.1-8B/H100 calibration implies, the only GPU LoRA measurement we have; a prior
-#: for that model is not independent of it in this one term, see experiments/README_generality.md)
-#: and one all-reduce's latency (NCCL / vLLM's custom all-reduce on NVLink, small messages).
+#: CUDA graphs) and one all-reduce's latency (NCCL / vLLM's custom all-reduce on NVLink, small
+#: messages). LoRA (vLLM's source, ``lora/ops/triton_ops``): every packed module (qkv, o,
+#: gate_up, down) runs two Triton kernels, ``lora_shrink`` then ``lora_expand``, whose grids
+#: give each active adapter its own programs; ``lora_call_s`` is their two launches a module,
+#: ``adapter_call_s`` an active adapter's programs in both (2 x ~2.5 us a kernel: a program
+#: wave per adapter). NOTE: 2.5 us per adapter and kernel is of the same order as, and was
+#: chosen knowing, the 2.4 us that the Llama-3.1-8B/H100 calibration (fitted on the
+#: digital_twin_modelling runs) implies, the only GPU LoRA measurement we have; a prior for that
+#: model is not independent of it in this one term (experiments/README_generality.md reports
+#: the prior without it). Until issue 14's follow-up the code counted one kernel per module
+#: (2.5 us a module, half the cost the comment above describes).
 GPU_SOFTWARE = {
     "step_s": 3.0e-3,
     "layer_s": 10 * 5.0e-6,
@@ -169,23 +196,38 @@ GPU_SOFTWARE = {
     "sample_s_per_vocab": 0.0,
     "lora_call_s": 2 * 5.0e-6,          # shrink + expand launch per packed module
     "slot_call_s": 0.0,
-    "adapter_call_s": 2.5e-6,
+    "adapter_call_s": 2 * 2.5e-6,       # shrink + expand programs per adapter and module
     "idle_s": 0.0,
     "allreduce_call_s": 1.0e-5,
 }
 
+#: Throughput of vLLM with LoRA enabled over without, saturated, one adapter: 3656.98 /
+#: 5509.93 total tokens/s (Llama-2-7B, 1 x A100, ShareGPT, ``benchmark_throughput.py``, rank 8,
+#: max_loras 1; 3664.67 with max_loras 4), measured by a vLLM maintainer in vLLM PR #11267
+#: (github.com/vllm-project/vllm/pull/11267, Dec 2024). At saturation a step is its token
+#: work, so the LoRA-wrapped layers (the base GEMM, then shrink/expand reading the input and
+#: read-modify-writing the output of every linear layer) do a token's dense work at 0.664 of
+#: the base efficiency: the prior's FLOP rate for LoRA serving. Caveats: another GPU and
+#: model, vLLM 0.6-era Triton kernels (0.8's V1 kernels are their successors); the measured
+#: slowdown includes the per-step LoRA launches and one adapter's kernel cost (a few percent
+#: of a saturated step), not subtracted. Not fitted to any run in shared/data.
+LORA_TOKEN_EFFICIENCY = 3656.98 / 5509.93
 
-def gpu_prior(gpu, *, fp8: bool = False, software: dict | None = None) -> dict:
+
+def gpu_prior(gpu, *, fp8: bool = False, software: dict | None = None,
+              lora: bool = True) -> dict:
     """Hardware coefficients of ``gpu`` (a :mod:`twin.costs.gpus` catalogue name or an entry
     of its form) with no run of any model: the catalogue's one derating rule
     (:func:`twin.costs.gpus.effective`: effective HBM bandwidth, FLOP rate at the weights'
     dtype, link bandwidth) for the byte, FLOP and all-reduce terms, plus the software
-    constants ``GPU_SOFTWARE``."""
+    constants ``GPU_SOFTWARE``; ``lora`` (a server with ``enable_lora``, the twin's case):
+    dense FLOPs at ``LORA_TOKEN_EFFICIENCY`` of that rate."""
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     bw, fl, link = effective(gpu, fp8=fp8)
     hw = dict(GPU_SOFTWARE if software is None else software)
+    dense = fl * (LORA_TOKEN_EFFICIENCY if lora else 1.0)
     hw.update(weight_s_per_byte=1 / bw, kv_s_per_byte=1 / bw, adapter_s_per_byte=1 / bw,
-              act_s_per_byte=1 / bw, dense_s_per_flop=1 / fl, attn_s_per_flop=1 / fl,
+              act_s_per_byte=1 / bw, dense_s_per_flop=1 / dense, attn_s_per_flop=1 / fl,
               lora_s_per_flop=1 / fl, allreduce_s_per_byte=1 / link)
     return hw
 
@@ -246,8 +288,9 @@ def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=Non
     if memory is None:
         b = base.memory
         ratio = shape.lora_elems_per_rank / max(base.model.lora_elems_per_rank, 1)
-        memory = replace(b, weights_gib=shape.params * shape.dtype_bytes / tp / GIB,
-                         kv_bytes_per_token=shape.kv_bytes_per_token // tp,
+        memory = replace(b, weights_gib=rank_weight_bytes(shape, tp) / GIB,
+                         kv_bytes_per_token=shape.kv_bytes_per_token
+                         * per_rank(shape, tp)["kv"] // (shape.kv_heads * shape.head_dim),
                          lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio
                          * shape.dtype_bytes / base.model.dtype_bytes / tp,
                          activation_bytes_per_seq=b.activation_bytes_per_seq
