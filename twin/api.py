@@ -168,8 +168,10 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
         options = {"slack": affinity_slack} if (router == "adapter_affinity"
                                                 and affinity_slack is not None) else {}
         router = fleet.make_router(router, table=routing, **options)
+    profile = _profile(profile)
     run = fleet.simulate_fleet(
-        trace, replicas, router, config=load_config(config), profile=_profile(profile),
+        trace, replicas, router, profile=profile,
+        config=load_config(config, profile.model.max_position_embeddings),
         catalog=load_catalog(catalog), window_s=window_s, refresh_s=refresh_s,
         workers=workers, backend=backend, address=address, progress=progress,
         trace_source=source)
@@ -180,10 +182,14 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
 
 def fleet_replica(config: ServingConfig | dict | str | os.PathLike | None = None,
                   profile: Profile | str | os.PathLike | None = None):
-    """One replica of a fleet (``twin.fleet.Replica``): its config and profile."""
+    """One replica of a fleet (``twin.fleet.Replica``): its config and profile (None: the
+    fleet's ``profile``; a config without ``max_model_len`` then gets the default
+    profile's model context)."""
     from twin import fleet   # lazy: as simulate_fleet
 
-    return fleet.Replica(load_config(config), None if profile is None else _profile(profile))
+    prof = _profile(profile)   # a config without max_model_len gets its model's context
+    config = load_config(config, prof.model.max_position_embeddings)
+    return fleet.Replica(config, None if profile is None else prof)
 
 
 def recommend(trace: pd.DataFrame | str | os.PathLike, *,
