@@ -21,7 +21,7 @@ MAX_FUNCTION_LINES = 80
 SHORT_FUNCTIONS = ("twin/sched", "twin/sim", "twin/servers.py", "twin/executor/engine.py",
                    "twin/executor/loop_state.py", "twin/calibrate", "twin/validate",
                    "twin/ml/recommend.py", "twin/ml/placement.py", "twin/ml/verify.py",
-                   "twin/ml/recommender.py")
+                   "twin/ml/recommender.py", "twin/fleet")
 
 
 def _modules() -> list[Path]:

@@ -166,3 +166,27 @@ def test_the_executor_records_through_the_shared_recorder(monkeypatch, tmp_path,
     assert list(res.requests.columns[:len(sim.requests.columns)]) == list(sim.requests.columns)
     assert res.requests["status"].tolist() == ["finished"] * len(trace)
     assert set(sim.summary) <= set(res.summary)
+
+
+def test_itl_histogram_binned_in_chunks_as_at_once_and_last_range_replaceable():
+    """Ranges are binned a chunk at a time as they come (bounded memory); the weights are
+    those of binning everything at the end, and the last range can still be replaced (a
+    fleet's fed clock cuts a priced run short)."""
+    import numpy as np
+
+    from twin.results.itl_histogram import ITLHistogram
+
+    rng = np.random.default_rng(0)
+    ranges = [(float(a), float(a) * (1 + b), int(k), float(p)) for a, b, k, p in zip(
+        rng.uniform(1e-3, 0.1, 300), rng.uniform(0, 0.2, 300), rng.integers(1, 50, 300),
+        rng.integers(1, 64, 300))]
+    at_once, chunked = ITLHistogram(), ITLHistogram()
+    at_once.CHUNK = 10**9
+    chunked.CHUNK = 7
+    for h in (at_once, chunked):
+        for r in ranges:
+            h.add_range(*r)
+        h.replace_last(0.02, 0.03, 5, 8.0)
+    assert len(chunked._cols[0]) < 8 and len(at_once._cols[0]) == 300
+    np.testing.assert_array_equal(at_once._weights(), chunked._weights())
+    assert at_once.percentile(99) == chunked.percentile(99)

@@ -132,3 +132,25 @@ def test_powerlaw_errors():
     with pytest.raises(TwinInputError) as e:
         powerlaw_trace(4, 1.0, alpha=0)
     assert e.value.field == "alpha"
+
+
+def test_tenant_copies_shift_each_tenant_circularly():
+    base = rate_class_trace(3, (1.0,), duration_s=100, lengths=uniform_lengths(8, 64), seed=2)
+    out = generate.tenant_copies(base, 4, span_s=100.0, seed=5)
+    assert len(out) == 4 * len(base) and out["arrival_s"].is_monotonic_increasing
+    assert out["adapter"].value_counts().to_dict() == {f"tenant-{k}": len(base)
+                                                      for k in range(4)}
+    for k in range(4):
+        mine = out[out["adapter"] == f"tenant-{k}"]
+        # the same requests: lengths as a multiset, gaps the same up to the wrap point
+        assert sorted(zip(mine["prompt_tokens"], mine["output_tokens"])) == sorted(
+            zip(base["prompt_tokens"], base["output_tokens"]))
+        a, b = np.sort(mine["arrival_s"].to_numpy()), base["arrival_s"].to_numpy()
+        # one common offset (mod the span) explains every arrival of the tenant
+        assert any(np.allclose(np.sort((b + (a[0] - x)) % 100.0), a) for x in b)
+    offsets = {round(float(out[out["adapter"] == f"tenant-{k}"]["arrival_s"].min()), 6)
+               for k in range(4)}
+    assert len(offsets) == 4   # tenants' bursts do not coincide
+    assert generate.tenant_copies(base, 4, span_s=100.0, seed=5).equals(out)
+    with pytest.raises(TwinInputError, match="at least one tenant"):
+        generate.tenant_copies(base, 0)

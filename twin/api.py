@@ -144,6 +144,54 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     return result
 
 
+def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
+                   router: str = "round_robin", *,
+                   config: ServingConfig | dict | str | os.PathLike | None = None,
+                   profile: Profile | str | os.PathLike | None = None,
+                   catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None = None,
+                   routing: pd.DataFrame | str | os.PathLike | None = None,
+                   window_s: float | None = None, refresh_s: float = 0.0,
+                   affinity_slack: int | None = None, workers: int = 1,
+                   backend: str = "local", address: str | None = None,
+                   progress: bool = False):
+    """Simulate ``trace`` through ``router`` onto ``replicas`` (a count of ``config`` on
+    ``profile``, or a list of :func:`fleet_replica`): what ``twin fleet`` runs. Returns a
+    ``twin.fleet.FleetRun``: ``result`` (a RunResult whose requests carry the ``replica``
+    that served each and whose summary has a ``fleet`` section), ``replicas`` (each
+    replica's RunResult), ``format_summary()``, ``save(dir, plot=...)``."""
+    from twin import fleet   # lazy: the fleet (and twin.ml's backends) only when asked for
+
+    trace, path = _trace_and_source(trace)
+    source = path or "trace"
+    refuse_empty_window(trace, window_s, source)
+    if isinstance(router, str):
+        options = {"slack": affinity_slack} if (router == "adapter_affinity"
+                                                and affinity_slack is not None) else {}
+        router = fleet.make_router(router, table=routing, **options)
+    profile = _profile(profile)
+    run = fleet.simulate_fleet(
+        trace, replicas, router, profile=profile,
+        config=load_config(config, profile.model.max_position_embeddings),
+        catalog=load_catalog(catalog), window_s=window_s, refresh_s=refresh_s,
+        workers=workers, backend=backend, address=address, progress=progress,
+        trace_source=source)
+    if path is not None:
+        run.result.meta["trace"] = path
+    return run
+
+
+def fleet_replica(config: ServingConfig | dict | str | os.PathLike | None = None,
+                  profile: Profile | str | os.PathLike | None = None):
+    """One replica of a fleet (``twin.fleet.Replica``): its config and profile (None: the
+    fleet's ``profile``; a config without ``max_model_len`` then gets the default
+    profile's model context)."""
+    from twin import fleet   # lazy: as simulate_fleet
+
+    prof = _profile(profile)   # a config without max_model_len gets its model's context
+    config = load_config(config, prof.model.max_position_embeddings)
+    return fleet.Replica(config, None if profile is None else prof)
+
+
 def recommend(trace: pd.DataFrame | str | os.PathLike, *,
               catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None = None,
               profile: Profile | str | os.PathLike | None = None,

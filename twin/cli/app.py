@@ -27,6 +27,7 @@ Start with:
 # tests/test_cli_commands.py checks this table against what the modules register.
 _REGISTRARS = {
     "twin.cli.simulate": "add_simulate_parser",
+    "twin.cli.fleet": "add_fleet_parser",
     "twin.cli.trace": "add_trace_parser",
     "twin.cli.execute": "add_execute_parser",
     "twin.cli.calibrate": "add_calibrate_parser",
@@ -36,7 +37,7 @@ _REGISTRARS = {
     "twin.cli.profile": "add_profile_parser",
 }
 COMMANDS = {
-    "simulate": "twin.cli.simulate", "trace": "twin.cli.trace",
+    "simulate": "twin.cli.simulate", "fleet": "twin.cli.fleet", "trace": "twin.cli.trace",
     "execute": "twin.cli.execute", "make-adapters": "twin.cli.execute",
     "calibrate": "twin.cli.calibrate", "validate": "twin.cli.validate",
     "sweep": "twin.cli.ml", "recommend": "twin.cli.ml", "place": "twin.cli.ml",

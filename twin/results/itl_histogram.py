@@ -32,10 +32,28 @@ class ITLHistogram:
         """``steps`` durations spread linearly from ``first`` to ``last``."""
         if steps > 0:
             f, l, k, p = self._cols
+            if len(f) >= self.CHUNK:   # bin a full chunk and drop it: memory stays bounded
+                self._compact()
             f.append(first)
             l.append(last)
             k.append(steps)
             p.append(per_step)
+
+    def _compact(self) -> None:
+        """Bin every range added so far and forget them (the same chunks in the same order
+        as one binning at the end: the same weights). The last range stays until the next
+        is added, so :meth:`replace_last` can still replace it."""
+        self._weights()
+        for c in self._cols:
+            del c[:]
+        self._done = 0
+
+    def replace_last(self, first: float, last: float, steps: int, per_step: float) -> None:
+        """Replace the last range added (a run cut short after it was priced: a router
+        fed its clock an arrival that changes the schedule, ``twin.sim.fed``)."""
+        for c in self._cols:
+            c.pop()
+        self.add_range(first, last, steps, per_step)
 
     def _weights(self) -> np.ndarray:
         """Bin what was added since the last call, a chunk at a time (bounded memory)."""

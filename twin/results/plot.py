@@ -7,13 +7,53 @@ from pathlib import Path
 import numpy as np
 
 
-def plot_timeline(result, path: str | Path, other=None, labels=("twin", "other")) -> Path:
-    """Four stacked panels over time; with ``other`` (a second RunResult) both are overlaid."""
+def _pyplot():
     import matplotlib   # lazy: matplotlib (~30 MB) only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt   # lazy: as above, after the Agg backend is chosen
 
+    return plt
+
+
+def _throughput(tl, points: int = 100):
+    """(times, tokens/s) from a timeline's cumulative tokens, ~``points`` windows."""
+    t = tl["time_s"].to_numpy()
+    window = max((t[-1] - t[0]) / points, 1e-9)
+    edges = np.arange(t[0], t[-1] + window, window)
+    tok = np.interp(edges, t, tl["tokens"].to_numpy())
+    return edges[1:], np.diff(tok) / window
+
+
+def plot_replicas(results, labels, path: str | Path, title: str = "") -> Path:
+    """A fleet's timeline, one line per replica (``results``: their RunResults):
+    throughput, waiting requests and cumulative adapter loads over time."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    for res, label in zip(results, labels):
+        tl = res.timeline
+        if len(tl) < 2:
+            continue
+        axes[0].plot(*_throughput(tl), lw=0.8, label=label)
+        axes[1].plot(tl["time_s"], tl["waiting"], lw=0.8)
+        axes[2].plot(tl["time_s"], tl["adapter_loads"], lw=0.8)
+    for ax, name in zip(axes, ("tokens/s", "waiting requests", "adapter loads (cumulative)")):
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[2].set_xlabel("time (s)")
+    axes[0].set_title(title, fontsize=9)
+    if len(results) <= 16:
+        axes[0].legend(loc="upper left", fontsize=7, ncol=4)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_timeline(result, path: str | Path, other=None, labels=("twin", "other")) -> Path:
+    """Four stacked panels over time; with ``other`` (a second RunResult) both are overlaid."""
+    plt = _pyplot()
     fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
     runs = [(result, labels[0], "C0")] + ([(other, labels[1], "C3")] if other is not None else [])
     for res, label, color in runs:
@@ -21,10 +61,7 @@ def plot_timeline(result, path: str | Path, other=None, labels=("twin", "other")
         t = tl["time_s"].to_numpy()
         if len(t) < 2:
             continue
-        window = max((t[-1] - t[0]) / 100, 1e-9)   # ~100 throughput points
-        edges = np.arange(t[0], t[-1] + window, window)
-        tok = np.interp(edges, t, tl["tokens"].to_numpy())
-        axes[0].plot(edges[1:], np.diff(tok) / window, color=color, label=label)
+        axes[0].plot(*_throughput(tl), color=color, label=label)
         axes[1].plot(t, tl["running"], color=color, label=f"{label} running")
         axes[1].plot(t, tl["waiting"], color=color, ls="--", label=f"{label} waiting")
         axes[2].plot(t, 100 * tl["kv_usage"], color=color, label=label)

@@ -59,6 +59,19 @@ class Outcomes:
         self.prefix = (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) if prefix \
             else None
 
+    _FILL = {"output": 0, "generated": 0, "first_scheduled": -1.0, "first_token": -1.0,
+             "finish": -1.0, "preemptions": 0, "status": 0}
+
+    def resize(self, n: int) -> None:
+        """Hold ``n`` requests: rows kept, new ones as never arrived (a clock fed its
+        requests one at a time by a router grows it, then cuts it to what it was fed)."""
+        for name, fill in self._FILL.items():
+            old = getattr(self, name)
+            new = np.full(n, fill, dtype=old.dtype)
+            k = min(n, len(old))
+            new[:k] = old[:k]
+            setattr(self, name, new)
+
     def record(self, r: Request, tokens: list[int] | None = None) -> None:
         """``tokens``: the request's prompt + generated ids (kept with ``keep_tokens``)."""
         i = r.idx

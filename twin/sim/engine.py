@@ -154,12 +154,13 @@ class _Clock:
         """The SimPy process: arrivals, idle waits, then one priced step (or a run of
         identical decode steps) at a time."""
         sched, rec, out, arrive = self.sched, self.rec, self.out, self.arrive
-        arrival_list, n, window_s = self.arrival, self.n, self.window_s
+        arrival_list, window_s = self.arrival, self.window_s
         featurize, jump, horizon = self.server.featurize, self.jump, self.horizon
         i = 0
         idle = False   # the engine waited for an arrival since its last step
         while True:
             now = env.now
+            n = self.n   # grows while a router feeds the clock (twin.sim.fed)
             while i < n and arrival_list[i] <= now:
                 arrive(i)
                 i += 1
@@ -192,8 +193,10 @@ class _Clock:
                 dur, steps, i = self.decode_run(plan, f, now, steps, i)
             else:
                 dur = self.one_step(plan, f)
+            fed = yield env.timeout(dur)
+            if fed is not None:   # a router fed arrivals during the run (twin.sim.fed)
+                dur, steps, i = fed
             rec.step(plan, now, dur, steps, was_idle)
-            yield env.timeout(dur)
             for r in sched.finish_step(plan, env.now, steps):
                 out.record(r)
             if env.now >= rec.next_sample:

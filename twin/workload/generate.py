@@ -26,7 +26,8 @@ from twin.workload.popularity import powerlaw_index, powerlaw_shares
 from twin.workload.schema import validate_trace
 
 __all__ = ["LengthSampler", "uniform_lengths", "pool_lengths", "as_length_sampler",
-           "renewal_arrivals", "rate_class_trace", "powerlaw_trace", "adapter_names"]
+           "renewal_arrivals", "rate_class_trace", "powerlaw_trace", "adapter_names",
+           "tenant_copies"]
 
 #: ``sampler(rng, n) -> int array (n, 2)`` of (prompt_tokens, output_tokens), each >= 1.
 LengthSampler = Callable[[np.random.Generator, int], np.ndarray]
@@ -208,3 +209,31 @@ def powerlaw_trace(n_adapters: int, total_rate: float, *, alpha: float = 1.0,
     lens = sampler(rng, len(t))
     return _frame(t, idx, adapter_names(n_adapters, prefix), lens,
                   total_rate * powerlaw_shares(n_adapters, alpha), "powerlaw_trace")
+
+
+def tenant_copies(trace: pd.DataFrame, n_tenants: int, *, span_s: float | None = None,
+                  seed: int = 0, prefix: str = "tenant") -> pd.DataFrame:
+    """A real trace's traffic for each of ``n_tenants`` tenants, one adapter each
+    (``{prefix}-{k}``): every tenant sends the trace's requests, its arrivals shifted
+    circularly by its own uniform offset within ``span_s`` (default: the trace's last
+    arrival), so the tenants' bursts do not coincide. The fleet workload: e.g. the Azure
+    conversation hour x 64 tenants is 1.24 M requests."""
+    if n_tenants < 1:
+        raise TwinInputError(f"need at least one tenant, got {n_tenants}", field="n_tenants")
+    arrival = trace["arrival_s"].to_numpy(np.float64)
+    span = float(span_s if span_s is not None else arrival.max())
+    if not span > 0:
+        raise TwinInputError(f"span_s must be > 0, got {span}", field="span_s")
+    offsets = np.random.default_rng(seed).uniform(0.0, span, n_tenants)
+    t = np.concatenate([(arrival + o) % span for o in offsets])
+    k = np.repeat(np.arange(n_tenants), len(arrival))
+    order = np.argsort(t, kind="stable")
+    lens = np.column_stack([np.tile(trace["prompt_tokens"].to_numpy(), n_tenants),
+                            np.tile(trace["output_tokens"].to_numpy(), n_tenants)])
+    names = adapter_names(n_tenants, prefix)
+    out = pd.DataFrame({"request_id": np.arange(len(t), dtype=np.int64),
+                        "arrival_s": t[order],
+                        "adapter": pd.array(names[k[order]], dtype="string"),
+                        "prompt_tokens": lens[order, 0].astype(np.int32),
+                        "output_tokens": lens[order, 1].astype(np.int32)})
+    return validate_trace(out, source="tenant_copies")

@@ -1,0 +1,221 @@
+"""The fleet twin (``twin.fleet``): differential tests against ``twin.sim.simulate`` and
+router unit tests.
+
+- A fleet of one replica is ``twin simulate``, request for request, whatever the router
+  (the event loop's fed clock cuts quiet decode runs where ``simulate``'s look-ahead does).
+- A fleet whose router reads no state equals the per-replica simulations of each replica's
+  share of the trace, request for request, both when simulated independently and when run
+  in the one event loop of the state-reading routers (which so checks the fed clocks with
+  several replicas, mixed configs, S-LoRA and a window).
+- Routers: affinity prefers GPU residency, then host, bounded by load; a view refreshed
+  late sees stale state; consistent hashing moves ~1/N of adapters when a replica is added;
+  a static table's weights split an adapter's requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twin.cli import main
+from twin.config import ServingConfig
+from twin.errors import TwinInputError
+from twin.fleet import Replica, simulate_fleet
+from twin.fleet.routers import AdapterAffinity, ConsistentHash, StaticTable, make_router
+from twin.fleet.view import GPU, HOST, NONE, LiveView, ScrapedView
+from twin.sim import simulate
+from twin.sim.fed import FedClock
+from twin.workload.generate import rate_class_trace, uniform_lengths
+from twin.workload.schema import write_trace
+
+PROFILE = "llama31-8b-h100-64gb-first-principles"   # pinned: stable shipped profile
+CONFIG = ServingConfig(max_loras=2, max_cpu_loras=4, max_num_seqs=32)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    """12 adapters, ~22 req/s for 60 s: with 2 GPU slots a replica loads adapters,
+    decode runs are cut by arrivals, and some requests queue."""
+    return rate_class_trace(12, (3.2, 1.6, 0.8), duration_s=60,
+                            lengths=uniform_lengths(8, 512), seed=1)
+
+
+def _same(a, b):
+    pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+    pd.testing.assert_frame_equal(a.timeline, b.timeline, check_exact=True)
+    assert json.dumps(a.summary, sort_keys=True) == json.dumps(b.summary, sort_keys=True)
+
+
+@pytest.mark.parametrize("router,refresh", [("least_outstanding_requests", 0.0),
+                                            ("adapter_affinity", 0.0),
+                                            ("adapter_affinity", 0.5),
+                                            ("round_robin", 0.0)])
+def test_fleet_of_one_is_simulate_request_for_request(trace, router, refresh, monkeypatch):
+    ref = simulate(trace, CONFIG, PROFILE)
+    cuts = []
+    deliver = FedClock.deliver
+
+    def counting(self, row):   # count the runs the fed clock cut short
+        before = self.pending
+        w = deliver(self, row)
+        cuts.append(w is not None and self.pending is not before and self.run is None)
+        return w
+
+    monkeypatch.setattr(FedClock, "deliver", counting)
+    run = simulate_fleet(trace, 1, router, config=CONFIG, profile=PROFILE, refresh_s=refresh)
+    _same(run.replicas[0], ref)
+    cols = list(ref.requests.columns)
+    pd.testing.assert_frame_equal(run.result.requests[cols], ref.requests, check_exact=True)
+    assert (run.result.requests["replica"] == 0).all()
+    if router != "round_robin":   # the event loop ran, and cut quiet decode runs short
+        assert sum(cuts) > 0
+
+
+def test_static_fleet_is_each_replicas_own_simulation(trace):
+    adapters = sorted(trace["adapter"].unique())
+    # adapters[0]: half on replica 0, half on replica 1
+    table = pd.DataFrame({"adapter": adapters + [adapters[0]],
+                          "gpu": [i % 3 for i in range(len(adapters))] + [1],
+                          "weight": [1.0] * len(adapters) + [1.0]})
+    run = simulate_fleet(trace, 3, StaticTable(table), config=CONFIG, profile=PROFILE)
+    loop = simulate_fleet(trace, 3, StaticTable(table), config=CONFIG, profile=PROFILE,
+                          one_loop=True)
+    dt = max(trace["arrival_s"].iloc[-1] / 2000, 0.05)
+    for k in range(3):
+        rows = np.flatnonzero(run.route == k)
+        own = simulate(trace.iloc[rows].reset_index(drop=True), CONFIG, PROFILE,
+                       sample_dt=dt)
+        _same(run.replicas[k], own)
+        _same(loop.replicas[k], own)
+    first = run.route[(trace["adapter"] == adapters[0]).to_numpy()]
+    assert list(first[:6]) == [0, 1, 0, 1, 0, 1]   # equal weights alternate
+    pd.testing.assert_frame_equal(run.result.requests, loop.result.requests)
+
+
+def test_mixed_replicas_in_one_loop_equal_their_own_runs(trace):
+    reps = [Replica(CONFIG), Replica(ServingConfig(max_loras=4, max_cpu_loras=12)),
+            Replica(ServingConfig(policy="slora", max_num_seqs=32))]
+    kw = dict(profile=PROFILE, window_s=40.0)
+    own = simulate_fleet(trace, reps, "consistent_hash", **kw)
+    loop = simulate_fleet(trace, reps, "consistent_hash", one_loop=True, **kw)
+    pool = simulate_fleet(trace, reps, "consistent_hash", workers=2, **kw)
+    for a, b, c in zip(own.replicas, loop.replicas, pool.replicas):
+        _same(a, b)
+        _same(a, c)
+    per = own.summary["fleet"]["per_replica"]
+    assert [p["max_loras"] for p in per] == [2, 4, 1]
+    assert sum(p["requests"] for p in per) == own.summary["num_requests"]
+
+
+def test_ray_backend_equals_local(trace):
+    # as tests/test_ml_sweep.py: CI installs the ray extra, so there a missing Ray fails
+    if not os.environ.get("CI"):
+        pytest.importorskip("ray")
+    import ray
+
+    short = trace[trace["arrival_s"] <= 20].reset_index(drop=True)
+    kw = dict(config=CONFIG, profile=PROFILE)
+    local = simulate_fleet(short, 2, "consistent_hash", **kw)
+    remote = simulate_fleet(short, 2, "consistent_hash", backend="ray", workers=2, **kw)
+    for a, b in zip(local.replicas, remote.replicas):
+        _same(a, b)
+    assert not ray.is_initialized()   # the local instance it started is shut down
+
+
+def test_stale_view_routes_on_the_routers_own_sends(trace):
+    """A least-outstanding router whose view is never refreshed after t=0 counts only its
+    own sends: round robin. Refreshed at each arrival it follows completions instead."""
+    stale = simulate_fleet(trace, 3, "least_outstanding_requests", config=CONFIG,
+                           profile=PROFILE, refresh_s=1e6)
+    assert (stale.route == np.arange(len(trace)) % 3).all()
+    live = simulate_fleet(trace, 3, "least_outstanding_requests", config=CONFIG,
+                          profile=PROFILE)
+    assert (live.route != stale.route).any()
+
+
+def _clock(running, waiting, gpu=(), host=()):
+    cache = SimpleNamespace(gpu=SimpleNamespace(resident=dict.fromkeys(gpu)),
+                            host=SimpleNamespace(resident=dict.fromkeys(host)))
+    sched = SimpleNamespace(num_running=running, num_waiting=waiting)
+    return SimpleNamespace(sched=sched, server=SimpleNamespace(cache=cache), inbox=0)
+
+
+def test_scraped_view_sees_state_as_of_its_last_refresh():
+    clocks = [_clock(3, 0, gpu=[1], host=[1]), _clock(0, 0)]
+    live, scraped = LiveView(clocks), ScrapedView(clocks)
+    clocks[0].sched.num_running = 0          # replica 0 finished its requests ...
+    clocks[1].server.cache.gpu.resident[1] = None   # ... replica 1 loaded adapter 1
+    live.dirty.add(0)
+    assert live.outstanding_all() == [0, 0] and live.tier(1, 1) == GPU
+    assert scraped.outstanding_all() == [3, 0] and scraped.tier(1, 1) == NONE
+    scraped.sent(1)
+    assert scraped.outstanding_all() == [3, 1]   # its own sends, not the completions
+    scraped.refresh()
+    assert scraped.outstanding_all() == [0, 0] and scraped.tier(1, 1) == GPU
+
+
+def test_affinity_prefers_gpu_then_host_bounded_by_load():
+    clocks = [_clock(5, 0), _clock(9, 0, host=[7]), _clock(12, 0, gpu=[7], host=[7])]
+    view = LiveView(clocks)
+    router = AdapterAffinity(slack=16).bind(3, [f"a{i}" for i in range(8)])
+    assert view.tier(2, 7) == GPU and view.tier(1, 7) == HOST and view.tier(0, 7) == NONE
+    assert router.pick(7, view) == 2                 # on a GPU, though the busiest
+    clocks[2].server.cache.gpu.resident.clear()
+    assert router.pick(7, view) == 1                 # in host memory on 1 and 2: the less loaded
+    clocks[1].sched.num_running, clocks[2].sched.num_running = 40, 30
+    view.dirty.update(range(3))
+    assert router.pick(7, view) == 0 and 0 in router.holders[7]   # both over the bound
+    clocks[0].sched.num_running = 20
+    clocks[0].server.cache.host.resident.clear()
+    view.dirty.update(range(3))
+    assert router.pick(7, view) == 2                 # within slack of the least loaded
+    assert router.pick(3, view) == 0                 # unseen adapter: least loaded
+
+
+def test_consistent_hash_moves_about_one_nth_when_a_replica_is_added():
+    names = [f"tenant-{i}" for i in range(2000)]
+    before = ConsistentHash().bind(8, names).table
+    after = ConsistentHash().bind(9, names).table
+    moved = [a != b for a, b in zip(before, after)]
+    assert 0.5 / 9 < np.mean(moved) < 2 / 9
+    assert all(b == 8 for m, b in zip(moved, after) if m)   # only to the new replica
+    assert ConsistentHash().bind(8, names).table == before   # stable run to run
+    assert np.bincount(before, minlength=8).min() > 2000 / 8 / 2   # spread over all
+
+
+def test_static_table_weights_and_errors():
+    table = pd.DataFrame({"adapter": ["a", "a", "(base model)"], "gpu": [0, 1, 1],
+                          "weight": [0.75, 0.25, 1.0]})
+    r = StaticTable(table).bind(2, ["a", "b"])
+    picks = [r.pick(0, None) for _ in range(8)]
+    assert picks.count(0) == 6 and picks[:4].count(1) == 1   # 3:1, interleaved
+    assert r.pick(-1, None) == 1
+    with pytest.raises(TwinInputError, match="'b' of the trace has no row"):
+        r.pick(1, None)
+    with pytest.raises(TwinInputError, match="replica index"):
+        StaticTable(table).bind(1, ["a"])
+    with pytest.raises(TwinInputError, match="routing table"):
+        make_router("static")
+    with pytest.raises(TwinInputError, match="unknown router"):
+        make_router("random")
+
+
+def test_cli_fleet_writes_requests_with_their_replica(trace, tmp_path, capsys):
+    path = write_trace(trace, tmp_path / "t.parquet")
+    rc = main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",
+               "--router", "adapter_affinity", "--max-loras", "2", "--max-cpu-loras", "4",
+               "--router-refresh-s", "0.25", "--out", str(tmp_path / "f"), "--plot",
+               "--json", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    req = pd.read_parquet(tmp_path / "f" / "requests.parquet")
+    per = pd.read_csv(tmp_path / "f" / "replicas.csv")
+    assert req["replica"].value_counts().sort_index().tolist() == per["requests"].tolist()
+    assert summary["fleet"]["refresh_s"] == 0.25
+    assert (tmp_path / "f" / "timeline.png").stat().st_size > 0
+    assert main(["fleet", "--trace", str(path), "--router", "static"]) == 2

@@ -1,0 +1,238 @@
+"""Routers: which replica of a fleet serves each arriving request.
+
+Each router is a small class with ``pick(adapter, view) -> replica``: ``adapter`` is the
+request's adapter id (the fleet catalog's order, -1 for the base model) and ``view`` the
+router's view of the replicas (``twin.fleet.view``: outstanding requests and adapter
+residency, exact or as last scraped). Routers that never read the view
+(``reads_state = False``) decide every request from the trace alone, so their replicas can
+be simulated independently (``route_all``, ``twin.fleet.fleet``'s process pool).
+
+Names follow the routers operators run: vLLM production-stack's ``roundrobin``, Envoy's
+``LEAST_REQUEST`` (least outstanding requests), a static table (``twin place``'s
+``routing.csv``), consistent hashing by adapter (production-stack's session routing,
+Envoy's ``RING_HASH``), and llm-d's LoRA affinity, here by *residency* (the adapter on
+the replica's GPU, else in its host memory), bounded by load.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twin.errors import TwinInputError
+from twin.workload.schema import read_table
+
+BASE_KEY = "(base model)"   # the base model's key in routing tables and hash rings
+
+
+class Router:
+    """A routing rule. ``reads_state``: whether ``pick`` reads the view."""
+
+    name = "router"
+    reads_state = False
+
+    def bind(self, n_replicas: int, adapters: list[str]) -> "Router":
+        """Prepare for ``n_replicas`` replicas and the catalog's ``adapters`` (id order)."""
+        self.n = int(n_replicas)
+        self.adapters = list(adapters)
+        return self
+
+    def pick(self, adapter: int, view) -> int:
+        raise NotImplementedError
+
+    def route_all(self, adapter_ids) -> np.ndarray:
+        """Every request's replica, in trace order (routers that read no state)."""
+        if self.reads_state:
+            raise TypeError(f"{self.name} reads replica state: it routes in the event loop")
+        return np.fromiter((self.pick(a, None) for a in adapter_ids), dtype=np.int64,
+                           count=len(adapter_ids))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class RoundRobin(Router):
+    """Replica ``j mod N`` for the j-th request (production-stack ``roundrobin``)."""
+
+    name = "round_robin"
+
+    def bind(self, n_replicas, adapters):
+        self.next = 0
+        return super().bind(n_replicas, adapters)
+
+    def pick(self, adapter, view):
+        k = self.next
+        self.next = (k + 1) % self.n
+        return k
+
+
+class LeastOutstandingRequests(Router):
+    """The replica with the fewest requests in flight (running + waiting + sent since the
+    view was refreshed); ties to the lowest index (Envoy ``LEAST_REQUEST``, all hosts)."""
+
+    name = "least_outstanding_requests"
+    reads_state = True
+
+    def pick(self, adapter, view):
+        loads = view.outstanding_all()
+        return loads.index(min(loads))
+
+
+class StaticTable(Router):
+    """A routing table: adapter -> replicas with weights (``twin place``'s ``routing.csv``:
+    ``adapter, gpu, weight``; ``gpu`` is the replica index, the base model's row is
+    ``(base model)``). An adapter's requests are spread over its replicas by smooth
+    weighted round robin (nginx's), so equal weights take every r-th request as the
+    placement split it."""
+
+    name = "static"
+
+    def __init__(self, table: pd.DataFrame | str | Path):
+        self.source = "routing table" if isinstance(table, pd.DataFrame) else str(table)
+        if not isinstance(table, pd.DataFrame):
+            table = _read_routing(Path(table))
+        self.table = table
+
+    def bind(self, n_replicas, adapters):
+        super().bind(n_replicas, adapters)
+        self.rows: dict[int, tuple[list[int], list[float]]] = {}
+        ids = {a: i for i, a in enumerate(adapters)}
+        for row, (a, g, w) in enumerate(zip(self.table["adapter"], self.table["gpu"],
+                                            self.table["weight"])):
+            key = -1 if a == BASE_KEY else ids.get(str(a))
+            if key is None:
+                continue   # an adapter without traffic in this trace
+            if not 0 <= int(g) < self.n or not float(w) > 0:
+                raise TwinInputError(
+                    f"routing table row {row + 2}: gpu {g!r} must be a replica index in "
+                    f"[0, {self.n}) and weight {w!r} > 0", file=self.source, field="gpu")
+            gs, ws = self.rows.setdefault(key, ([], []))
+            gs.append(int(g))
+            ws.append(float(w))
+        self.current = {k: [0.0] * len(gs) for k, (gs, _) in self.rows.items()}
+        return self
+
+    def pick(self, adapter, view):
+        entry = self.rows.get(adapter)
+        if entry is None:
+            name = BASE_KEY if adapter < 0 else self.adapters[adapter]
+            raise TwinInputError(f"adapter {name!r} of the trace has no row in the routing "
+                                 "table", file=self.source, field="adapter")
+        gs, ws = entry
+        if len(gs) == 1:
+            return gs[0]
+        cur = self.current[adapter]   # smooth weighted round robin
+        total = 0.0
+        best = 0
+        for j, w in enumerate(ws):
+            cur[j] += w
+            total += w
+            if cur[j] > cur[best]:
+                best = j
+        cur[best] -= total
+        return gs[best]
+
+
+def _read_routing(path: Path) -> pd.DataFrame:
+    df = read_table(path, "routing table", str_columns=("adapter",))
+    missing = [c for c in ("adapter", "gpu", "weight") if c not in df.columns]
+    if missing:
+        raise TwinInputError(f"routing table lacks column(s) {missing} (twin place writes "
+                             "adapter, gpu, weight)", file=str(path), field=missing[0])
+    return df
+
+
+def stable_hash(key: str) -> int:
+    """A hash that is the same in every process (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+class ConsistentHash(Router):
+    """Consistent hashing of the adapter name on a ring of ``vnodes`` points per replica
+    (Envoy ``RING_HASH``): adding a replica moves only the keys its points take, ~1/N."""
+
+    name = "consistent_hash"
+
+    def __init__(self, vnodes: int = 160):
+        self.vnodes = int(vnodes)
+
+    def bind(self, n_replicas, adapters):
+        super().bind(n_replicas, adapters)
+        ring = sorted((stable_hash(f"replica-{k}#{v}"), k)
+                      for k in range(self.n) for v in range(self.vnodes))
+        self.points = [p for p, _ in ring]
+        self.owner = [k for _, k in ring]
+        self.table = [self.lookup(a) for a in adapters]
+        self.base = self.lookup(BASE_KEY)
+        return self
+
+    def lookup(self, key: str) -> int:
+        j = bisect.bisect(self.points, stable_hash(key)) % len(self.points)
+        return self.owner[j]
+
+    def pick(self, adapter, view):
+        return self.base if adapter < 0 else self.table[adapter]
+
+
+class AdapterAffinity(Router):
+    """Prefer a replica with the adapter resident on its GPU, then one holding it in host
+    memory, then any; among equals the least outstanding. Bounded by load: a replica with
+    the adapter is skipped when it has more than ``slack`` requests in flight beyond the
+    least-loaded replica (which then gets the request, and loads the adapter), so a hot
+    adapter spreads instead of queueing on one GPU. llm-d's ``lora-affinity`` scorer ranks
+    by adapters *active* on a replica (llm-d#2605); this one by residency."""
+
+    name = "adapter_affinity"
+    reads_state = True
+
+    def __init__(self, slack: int = 16):
+        self.slack = int(slack)
+
+    def bind(self, n_replicas, adapters):
+        self.holders: dict[int, set[int]] = {}   # replicas ever sent the adapter
+        return super().bind(n_replicas, adapters)
+
+    def pick(self, adapter, view):
+        held = self.holders.get(adapter)
+        if held is None:
+            held = self.holders[adapter] = set(view.preloaded(adapter))
+        best = None
+        for k in held:
+            tier = view.tier(k, adapter)
+            if tier > 1:
+                continue
+            key = (tier, view.outstanding(k), k)
+            if best is None or key < best:
+                best = key
+        if best is not None and (best[1] <= self.slack
+                                 or best[1] <= min(view.outstanding_all()) + self.slack):
+            return best[2]
+        loads = view.outstanding_all()
+        k = loads.index(min(loads))
+        held.add(k)
+        return k
+
+    def __repr__(self) -> str:
+        return f"AdapterAffinity(slack={self.slack})"
+
+
+ROUTERS = {c.name: c for c in (RoundRobin, LeastOutstandingRequests, StaticTable,
+                               ConsistentHash, AdapterAffinity)}
+
+
+def make_router(name: str, *, table=None, **options) -> Router:
+    """The router ``name`` (``ROUTERS``); ``table``: the static router's routing table."""
+    cls = ROUTERS.get(name)
+    if cls is None:
+        raise TwinInputError(f"unknown router {name!r}; known: {sorted(ROUTERS)}",
+                             field="--router")
+    if cls is StaticTable:
+        if table is None:
+            raise TwinInputError("the static router needs a routing table (--routing "
+                                 "routing.csv, as twin place writes)", field="--routing")
+        return StaticTable(table)
+    return cls(**options)
