@@ -219,3 +219,21 @@ def test_cli_fleet_writes_requests_with_their_replica(trace, tmp_path, capsys):
     assert summary["fleet"]["refresh_s"] == 0.25
     assert (tmp_path / "f" / "timeline.png").stat().st_size > 0
     assert main(["fleet", "--trace", str(path), "--router", "static"]) == 2
+
+
+def test_fleet_of_one_with_prefix_caching_is_simulate():
+    """A trace naming its prompts' blocks (multi-turn sessions): the fed clock passes each
+    request's hash ids on, so the fleet's prefix-cache hits are simulate's, request for
+    request (and there are hits to compare)."""
+    from twin.workload.schema import read_trace
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "traces/sessions_16lora_10min.parquet"
+    sessions = read_trace(path)
+    sessions = sessions[sessions["arrival_s"] < 120].reset_index(drop=True)
+    sessions.attrs.update(read_trace(path).attrs)
+    ref = simulate(sessions, CONFIG, PROFILE)
+    run = simulate_fleet(sessions, 1, "adapter_affinity", config=CONFIG, profile=PROFILE)
+    _same(run.replicas[0], ref)
+    assert ref.requests["prefix_cache_hits"].sum() > 0
+    two = simulate_fleet(sessions, 2, "adapter_affinity", config=CONFIG, profile=PROFILE)
+    assert two.result.requests["prefix_cache_hits"].sum() > 0

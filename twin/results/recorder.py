@@ -71,6 +71,9 @@ class Outcomes:
             k = min(n, len(old))
             new[:k] = old[:k]
             setattr(self, name, new)
+        if self.prefix is not None:
+            self.prefix = tuple(np.concatenate([a[:n], np.zeros(max(0, n - len(a)), a.dtype)])
+                                for a in self.prefix)
 
     def record(self, r: Request, tokens: list[int] | None = None) -> None:
         """``tokens``: the request's prompt + generated ids (kept with ``keep_tokens``)."""

@@ -25,6 +25,7 @@ from array import array
 import pandas as pd
 
 from twin.sim.engine import _Clock, _result
+from twin.workload.hash_ids import request_hashes
 
 INF = float("inf")
 
@@ -54,6 +55,7 @@ class TraceColumns:
         self.prompt = array("q", trace["prompt_tokens"].to_numpy(dtype="int64"))
         self.output = array("q", trace["output_tokens"].to_numpy(dtype="int64"))
         self.rid = array("q", trace["request_id"].to_numpy(dtype="int64"))
+        self.hashes, _ = request_hashes(trace)    # prefix cache: None without hash_ids
 
 
 class FedClock(_Clock):
@@ -116,6 +118,8 @@ class FedClock(_Clock):
         self.prompt.append(c.prompt[row])
         self.output.append(c.output[row])
         self.rid.append(c.rid[row])
+        if self.hashes is not None:
+            self.hashes.append(c.hashes[row])
         self.n = k + 2
         out = self.out
         if k >= len(out.output):
