@@ -15,7 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from twin.workload import generate, popularity, public, servegen  # noqa: E402
+from twin.workload import (generate, popularity, prefix_stats, public, servegen,  # noqa: E402
+                           sessions)
 from twin.workload.schema import write_trace  # noqa: E402
 
 
@@ -25,6 +26,8 @@ def build_all(out_dir: Path = HERE) -> dict[str, Path]:
     azure = public.load_azure2023(tr(public.AZURE_FILES["conv"]))
     pool = public.sharegpt_length_pool(tr(public.SHAREGPT_FILE), max_prompt=1024,
                                        max_total=2048, target_means=public.VLLM_H100_POOL_MEANS)
+    mooncake = public.load_mooncake(tr(public.MOONCAKE_FILES["conversation"]), limit_s=300,
+                                    hash_ids=True)
     traces = {
         # the whole Azure conversation hour, base model only
         "azure_conv_1h.parquet": azure,
@@ -41,6 +44,15 @@ def build_all(out_dir: Path = HERE) -> dict[str, Path]:
         # ShareGPT lengths rescaled to the runs' pool means 223/196
         "rate_classes_32_heavy_10min.parquet": generate.rate_class_trace(
             32, (1.6, 0.8, 0.4), duration_s=600, lengths=pool, arrival="poisson", seed=0),
+        # prefix caching: 16 adapters, 8 chat sessions each (mean 5 turns, 10-s think
+        # time), a 512-token system prompt per adapter, ShareGPT turns, 16-token blocks
+        "sessions_16lora_10min.parquet": sessions.session_trace(
+            16, 8, turns_mean=5, think_s=10, duration_s=600, system_tokens=512,
+            lengths=pool, block_size=16, max_model_len=8192, seed=0),
+        # the first 5 minutes of Kimi's conversation trace with its 512-token block ids,
+        # 8 adapters drawn per conversation (requests agreeing on their first 2 blocks)
+        "mooncake_conv_5min_8lora.parquet": popularity.assign_adapters(
+            mooncake, 8, seed=0, groups=prefix_stats.prefix_groups(mooncake, 2)),
     }
     out = {}
     for name, df in traces.items():

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 #: the public API's names, each loaded from twin.api on first access
 __all__ = ["load_trace", "ServingConfig", "load_config", "load_profile", "Profile",
            "load_catalog", "AdapterCatalog", "simulate", "RunResult", "recommend",
-           "TwinInputError", "rate_class_trace", "powerlaw_trace"]
+           "TwinInputError", "rate_class_trace", "powerlaw_trace", "session_trace"]
 
 
 def __getattr__(name: str):

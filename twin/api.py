@@ -36,6 +36,7 @@ from twin.results.results import RunResult
 from twin.policies import simulate_policy
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import powerlaw_trace, rate_class_trace  # noqa: F401 - re-exported
+from twin.workload.sessions import session_trace  # noqa: F401 - re-exported
 from twin.workload.schema import read_trace, refuse_empty_window, validate_trace
 
 if TYPE_CHECKING:

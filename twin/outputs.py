@@ -316,13 +316,15 @@ def open_store(path, kind: str, *, inputs=()):
         yield dest
 
 
-def write_parquet(df, path, kind: str) -> None:
+def write_parquet(df, path, kind: str, metadata: dict[str, str] | None = None) -> None:
     """``df`` as Parquet at ``path`` (a temp file of :func:`staged_file`) carrying
-    ``twin_output = kind`` in its key-value metadata (pandas readers ignore it)."""
+    ``twin_output = kind`` and ``metadata`` (str -> str) in its key-value metadata (pandas
+    readers ignore it)."""
     import pyarrow.parquet as pq   # lazy: +5 MB RSS, only for a Parquet output
 
     table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+    extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra,
                                            META_KEY.encode(): kind.encode()})
     pq.write_table(table, path)
 

@@ -8,6 +8,11 @@ dispersion of 10-s counts), popularity skew (Gini of per-adapter counts, share o
 10 % of adapters) and the base-model share. Configuration features: ``max_loras``, the
 padded rank, ``max_loras`` / adapters, the request share covered by the ``max_loras``
 busiest adapters and the KV capacity the profile's memory model gives the configuration.
+
+Prefix caching (issue 17): :func:`prefix_features` gives the shared-prefix fraction and the
+sessions per adapter. They are NOT in :data:`WORKLOAD_FEATURES` yet: the shipped recommender
+(``twin/ml/recommender.json``) refuses a feature list other than the one it was trained on,
+so they join the model's features when it is retrained with caching-on sweeps.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from twin.workload.prefix_stats import prefix_share
+
 PAPER_FEATURES = ("rate_max", "rate_min", "rate_mean", "rate_std",
                   "rank_max", "rank_min", "rank_mean", "rank_std")
 WORKLOAD_FEATURES = PAPER_FEATURES + (
     "n_adapters", "total_rate", "offered_tps", "base_share",
     "prompt_mean", "prompt_p90", "output_mean", "output_p90",
     "arrival_cv", "adapter_cv", "dispersion_10s", "gini", "top10_share")
+#: prefix-caching workload features (not yet model features; see the module doc)
+PREFIX_FEATURES = ("prefix_share", "sessions_per_adapter")
 CONFIG_FEATURES = ("max_loras", "max_lora_rank", "slots_frac", "cover_share", "kv_tokens")
 ROW_FEATURES = WORKLOAD_FEATURES + CONFIG_FEATURES
 
@@ -117,6 +126,22 @@ def workload_features(trace: pd.DataFrame, catalog=None, duration_s: float | Non
         # not model features: kept for config features and placement
         "_counts_sorted": srt,
     }
+
+
+def prefix_features(trace: pd.DataFrame) -> dict:
+    """``prefix_share``: the ideal per-adapter prefix-cache hit share of the prompt tokens
+    (:func:`twin.workload.prefix_stats.prefix_share`; 0 without ``hash_ids``, nothing known
+    to be shared). ``sessions_per_adapter``: distinct sessions per adapter, on average; a
+    request without ``session_id`` is a session of its own (base model: one more group)."""
+    share = prefix_share(trace) if "hash_ids" in trace.columns and len(trace) else 0.0
+    if not len(trace):
+        return {"prefix_share": 0.0, "sessions_per_adapter": 0.0}
+    if "session_id" in trace.columns:
+        session = trace["session_id"].to_numpy()
+    else:
+        session = np.arange(len(trace))
+    per = pd.Series(session).groupby(trace["adapter"].fillna("").to_numpy()).nunique()
+    return {"prefix_share": float(share), "sessions_per_adapter": float(per.mean())}
 
 
 def config_features(wf: dict, max_loras: int, max_lora_rank: int, kv_tokens: int) -> dict:

@@ -26,13 +26,17 @@ def powerlaw_index(rng: np.random.Generator, n_adapters: int, alpha: float,
 
 
 def assign_adapters(df: pd.DataFrame, n_adapters: int, *, popularity: str = "uniform",
-                    alpha: float = 1.0, seed: int = 0, prefix: str = "lora") -> pd.DataFrame:
+                    alpha: float = 1.0, seed: int = 0, prefix: str = "lora",
+                    groups: np.ndarray | None = None) -> pd.DataFrame:
     """Tag each request of a trace with one of ``n_adapters`` adapters ``{prefix}-{i}``.
 
     ``uniform``: every adapter equally likely. ``powerlaw`` (S-LoRA's popularity model):
     adapter = floor(n * X) with X ~ power(alpha), so adapter 0 is the hottest and
     P(i) = ((i+1)/n)^alpha - (i/n)^alpha; alpha = 1 is uniform, smaller alpha is more skewed.
     Arrivals and lengths are untouched, so the aggregate load stays the real trace's.
+    ``groups`` (an int code per request, e.g.
+    :func:`twin.workload.prefix_stats.prefix_groups`): one draw per group instead of per
+    request, so that requests of one group (a conversation) share their adapter.
     """
     if n_adapters < 1:
         raise TwinInputError(f"need at least one adapter, got {n_adapters}", field="n_adapters")
@@ -43,8 +47,13 @@ def assign_adapters(df: pd.DataFrame, n_adapters: int, *, popularity: str = "uni
         raise TwinInputError(f"alpha must be > 0, got {alpha}", field="alpha")
     rng = np.random.default_rng(seed)
     n = len(df)
+    if groups is not None:
+        codes, uniq = pd.factorize(np.asarray(groups))
+        n = len(uniq)
     idx = (rng.integers(0, n_adapters, size=n) if popularity == "uniform"
            else powerlaw_index(rng, n_adapters, alpha, n))
+    if groups is not None:
+        idx = idx[codes]
     names = np.array([f"{prefix}-{i}" for i in range(n_adapters)], dtype=object)
     out = df.copy()
     out["adapter"] = pd.array(names[idx], dtype="string")

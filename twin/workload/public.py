@@ -27,13 +27,16 @@ from twin.workload.values import INT32_MAX, exact_ints, require_columns
 __all__ = [
     "shared_data_dir", "shared_trace_path", "load_azure2023", "load_mooncake",
     "sharegpt_length_pool",
-    "AZURE_FILES", "MOONCAKE_FILES", "SERVEGEN_RATE_FILE", "SERVEGEN_LENGTH_FILE",
+    "AZURE_FILES", "MOONCAKE_FILES", "MOONCAKE_BLOCK_SIZE", "SERVEGEN_RATE_FILE",
+    "SERVEGEN_LENGTH_FILE",
     "SHAREGPT_FILE", "VLLM_H100_POOL_MEANS",
 ]
 
 AZURE_FILES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 MOONCAKE_FILES = {"conversation": "mooncake_conversation_trace.jsonl",
                   "synthetic": "mooncake_synthetic_trace.jsonl"}
+#: tokens per Mooncake hash id (FAST'25 traces)
+MOONCAKE_BLOCK_SIZE = 512
 SERVEGEN_RATE_FILE = "servegen_client_rate_windows.csv.gz"
 SERVEGEN_LENGTH_FILE = "servegen_client_length_quantiles.csv.gz"
 SHAREGPT_FILE = "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
@@ -166,9 +169,10 @@ def load_mooncake(path: str | Path, *, limit_s: float | None = None,
     """Mooncake (FAST'25) JSONL trace: ``timestamp`` (ms), ``input_length``, ``output_length``.
 
     ``arrival_s`` is seconds since the first timestamp (the conversation trace is bucketed to
-    3 s ticks, so many arrivals tie). ``hash_ids`` keeps the 512-token prefix-block ids as an
-    annotation column (for prefix-caching studies); off by default to keep traces small.
-    Zero token counts are clipped to 1 as in :func:`load_azure2023`.
+    3 s ticks, so many arrivals tie). ``hash_ids=True`` keeps the ids of the requests'
+    512-token blocks (column ``hash_ids``, block size in ``df.attrs["hash_block_size"]``: the
+    prefix-caching contract of :mod:`twin.workload.prefix_columns`); off by default to keep
+    traces small. Zero token counts are clipped to 1 as in :func:`load_azure2023`.
     """
     file = str(path)
     if not Path(path).exists():
@@ -193,6 +197,7 @@ def load_mooncake(path: str | Path, *, limit_s: float | None = None,
     df = pd.DataFrame({"arrival_s": t, "prompt_tokens": prompt, "output_tokens": output})
     if hash_ids:
         df["hash_ids"] = raw["hash_ids"].to_numpy()
+        df.attrs["hash_block_size"] = MOONCAKE_BLOCK_SIZE
     return _finish(df, file, limit_s)
 
 

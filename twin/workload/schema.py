@@ -3,12 +3,16 @@
 A trace is one row per request: ``request_id`` int64, ``arrival_s`` float64 (non-decreasing
 seconds from the trace start), ``adapter`` string (null = base model), ``prompt_tokens``
 int32 >= 1, ``output_tokens`` int32 >= 1. Parquet on disk; CSV accepted. Every check names
-the file, the row (0-based data row) and the field.
+the file, the row (0-based data row) and the field. Optional prefix-caching columns
+(``hash_ids`` with the block size in ``df.attrs``, ``session_id``, ``turn``):
+:mod:`twin.workload.prefix_columns`; the block size travels in the Parquet file's
+key-value metadata (``twin_trace_attrs``, JSON).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ import pyarrow as pa
 
 from twin.errors import TwinInputError
 from twin.outputs import staged_file, write_parquet
+from twin.workload.prefix_columns import BLOCK_SIZE_ATTR, PREFIX_COLUMNS, check_prefix_columns
 from twin.workload.values import (INT32_MAX, INT64_RANGE, exact_ints, exact_seconds,
                                   exact_strings)
 
@@ -27,6 +32,8 @@ TRACE_COLUMNS = {
     "prompt_tokens": "int32",
     "output_tokens": "int32",
 }
+#: Parquet key-value metadata key holding the trace's ``df.attrs`` that twin keeps (JSON)
+ATTRS_META_KEY = "twin_trace_attrs"
 
 
 def read_trace(path: str | Path) -> pd.DataFrame:
@@ -108,7 +115,11 @@ def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
         other = table.select(rest).to_pandas()
         for c in rest:
             df[c] = other[c].to_numpy()
-    return df[names] if names else df
+    out = df[names] if names else df
+    attrs = (table.schema.metadata or {}).get(ATTRS_META_KEY.encode())
+    if attrs:
+        out.attrs.update(json.loads(attrs))
+    return out
 
 
 def _read_csv(path: Path, text_columns) -> pd.DataFrame:
@@ -130,8 +141,10 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
     Parquet key-value metadata ``twin_output`` says so)."""
     path = Path(path)
     df = validate_trace(df, source=str(path))
+    keep = {k: df.attrs[k] for k in (BLOCK_SIZE_ATTR,) if k in df.attrs and "hash_ids" in df}
+    meta = {ATTRS_META_KEY: json.dumps(keep)} if keep else None
     with staged_file(path, "trace") as tmp:
-        write_parquet(df, tmp, "trace")
+        write_parquet(df, tmp, "trace", metadata=meta)
     return path
 
 
@@ -155,7 +168,7 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     ``request_id`` may be missing (then 0..n-1 is used). Raises :class:`TwinInputError`
     at the first bad row.
     """
-    if _canonical(df):
+    if _canonical(df) and not any(c in df.columns for c in PREFIX_COLUMNS):
         _check_values(df, source)
         return df   # already in canonical dtypes: checked without a copy
     df = df.copy()
@@ -194,7 +207,8 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
         "output_tokens": df["output_tokens"].to_numpy().astype(np.int32),
     })
     out["adapter"] = out["adapter"].astype("string")
-    extra = [c for c in df.columns if c not in TRACE_COLUMNS]
+    check_prefix_columns(df, out, source)   # hash_ids, session_id, turn: canonical forms
+    extra = [c for c in df.columns if c not in TRACE_COLUMNS and c not in out.columns]
     for c in extra:  # keep annotations (e.g. tenant, rate class) untouched
         out[c] = df[c].to_numpy()
     out.attrs.update(df.attrs)   # trace metadata (e.g. the hash_ids' hash_block_size)
