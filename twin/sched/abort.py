@@ -30,7 +30,7 @@ class Aborts:
             c = self.group.remove(req)          # the group keeps counts lazily: settle them
             req.computed = c
             req.generated = c - req.prompt + 1
-            if self.prefix is not None:
+            if self.caching:
                 self._leave_cache(req, c, self.pool.blocks_for(c), self.pool.blocks_for(c))
             req.status = ABORTED
             if req.adapter >= 0:
@@ -49,7 +49,7 @@ class Aborts:
             if req in plan.admitted:
                 plan.admitted.remove(req)
             plan.kv_blocks -= req.blocks
-        if self.prefix is not None:
+        if self.caching:
             self._leave_cache(req, req.computed, req.blocks)
         self.pool.give(req.blocks)
         req.blocks = 0

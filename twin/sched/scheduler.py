@@ -43,6 +43,7 @@ class Scheduler(Aborts):
                  enable_prefix_caching: bool = False):
         self.pool = KVBlockPool(num_blocks, block_size)
         self.prefix = PrefixCache(self.pool) if enable_prefix_caching else None
+        self.caching = False   # a prefix cache, and a request that names its tokens arrived
         self.group = DecodeGroup(block_size)
         self.waiting = WaitingQueue()
         self.prefilling: list[Request] = []   # running, not decoding, in running order
@@ -104,6 +105,8 @@ class Scheduler(Aborts):
             return False
         if not self.enable_lora:
             req.adapter = -1
+        if req.hash_ids is not None and self.prefix is not None:
+            self.caching = True   # till then nothing is cached: no call is needed
         req.status = WAITING
         self.waiting.append(req)
         return True
@@ -256,7 +259,7 @@ class Scheduler(Aborts):
         return budget
 
     def _preempt(self, r: Request) -> None:
-        if self.prefix is not None:
+        if self.caching:
             # a decoder has left the group already (r.blocks 0): its blocks are uncounted
             held = r.blocks or self.pool.blocks_for(r.computed)
             self._leave_cache(r, r.computed, held, held - r.blocks)
@@ -305,7 +308,7 @@ class Scheduler(Aborts):
             else:
                 r = waiting.first()
             hit = evictable = 0   # leading blocks cached, and those of them in the free queue
-            if self.prefix is not None and r.hash_ids is not None:
+            if self.caching and r.hash_ids is not None:
                 hit, evictable = self.prefix.peek(r, free)
             n = min(r.num_tokens - hit * pool.block_size, budget)
             nb = pool.blocks_for(hit * pool.block_size + n)
@@ -351,7 +354,7 @@ class Scheduler(Aborts):
         if plan.group_decode:
             group.clock += steps
             finished = group.pop_finished()
-            if self.prefix is not None and finished:
+            if self.caching and finished:
                 self._leave_group(finished)
             for r in finished:
                 r.generated = r.output
@@ -372,7 +375,7 @@ class Scheduler(Aborts):
                 for r in finished_prefill:
                     gone.add(r.seq)
                     if r.generated >= r.output or r.computed >= self.max_model_len:
-                        if self.prefix is not None:
+                        if self.caching:
                             self._leave_cache(r, r.computed, r.blocks)
                         self.pool.give(r.blocks)
                         r.blocks = 0
