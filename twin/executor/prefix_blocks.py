@@ -62,6 +62,8 @@ class CachedBlockTables(PagedBlockTables):
     def before_step(self, plan, items) -> None:
         """Empty the cached free blocks the scheduler no longer holds, or registered anew in
         ``plan`` (``items``: its batch), before any new block is handed out."""
+        if not self.sched.caching:   # no request named its tokens yet: nothing cached
+            return
         # the scheduler's pending pops (evictions), its decoders' next blocks included
         self.sched.prefix.sync(self.num_blocks - plan.kv_blocks)
         fresh, B = set(), self.block_size
