@@ -20,6 +20,7 @@ SMAPEs as indicative. The profile was calibrated with caching off (no cached-pre
 
     python experiments/prefix_caching.py            # 4 workloads, ~20 s each + the hour
     python experiments/prefix_caching.py --quick    # shorter workloads, no hour run
+    python experiments/prefix_caching.py --control  # and each workload with caching off
 
 Last line: one JSON object (hit_rate_abs_diff_max_pts, throughput_smape_median/max,
 ttft_smape_median, itl_smape_median, mooncake_hour_wall_s, workloads).
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter workloads, no hour run")
     ap.add_argument("--out", type=Path, default=Path("runs/prefix_caching"))
+    ap.add_argument("--control", action="store_true",
+                    help="also validate each workload with caching off (the same box, the "
+                         "same minutes): how much of the error is the box's, not caching's")
     args = ap.parse_args(argv)
     rows = []
     for name, trace in workloads(args.quick).items():
@@ -114,6 +118,12 @@ def main(argv=None) -> int:
                                                         - t["prefix_cache_hit_rate"]),
                      "throughput_smape": smape["throughput"], "ttft_smape": smape["ttft_mean"],
                      "itl_smape": smape["itl_mean"], "preemptions": e["preemptions"]})
+        if args.control:
+            off = validate(trace, CFG.replace(enable_prefix_caching=False), PROFILE, "tiny",
+                           threads=1, trace_source=name, plot=False)
+            off = dict(zip(off.table["key"], off.table["smape"]))
+            rows[-1].update({f"{k}_smape_off": off[k]
+                             for k in ("throughput", "ttft_mean", "itl_mean")})
         print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format="%.3f"), flush=True)
     d = pd.DataFrame(rows)
     print(d.to_string(index=False, float_format="%.3f"))
