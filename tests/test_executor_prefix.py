@@ -127,3 +127,29 @@ def test_corrupting_adapter_a_cached_block_changes_only_a(tiny, monkeypatch):
     for name in clean:
         if name != a:
             assert dirty[name] == clean[name], name
+
+
+def test_a_window_cut_records_only_the_tokens_generated(tiny):
+    """Output tokens the hash ids name are fed, not yet generated: a request cut by the
+    window's end records only what it generated."""
+    model, cat = tiny
+    trace = sessions(cat)
+    res = run(model, trace, cat, CFG, window_s=float(trace["arrival_s"].iloc[len(trace) // 2]))
+    req = res.requests
+    assert (req["status"] != "finished").any()
+    assert (req["output_token_ids"].map(len) == req["generated_tokens"]).all()
+
+
+def test_nan_in_emptied_blocks_changes_no_token_with_caching(tiny, monkeypatch):
+    """Blocks turn NaN the moment they are emptied (freed without a cached id, or evicted
+    from the cache): a hit never reads one, a tight pool evicting all along."""
+    from test_executor_isolation import _nan_garbage
+
+    model, cat = tiny
+    trace = sessions(cat, seed=8)
+    ref = tokens_by_adapter(run(model, trace, cat, CFG, num_gpu_blocks=52))
+    caches = _nan_garbage(monkeypatch)
+    res = run(model, trace, cat, CFG, num_gpu_blocks=52)
+    assert res.summary["prefix_cache_hits"] > 0
+    assert torch.isnan(caches[-1].k[0]).any()
+    assert tokens_by_adapter(res) == ref

@@ -415,7 +415,7 @@ class _Engine:
         for r in sched.running_in_order() + list(sched.waiting):
             if r.status == RequestStatus.DECODING:
                 r.generated = sched.computed(r) - r.prompt + 1
-            self.out.record(r, self.seqs.get(r.idx))
+            self.out.record(r, (self.seqs.get(r.idx) or [])[:r.prompt + r.generated] or None)
         duration = self.window_s if self.window_s is not None else now
         return self._result(self.out, self.rec, duration)
 

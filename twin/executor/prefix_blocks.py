@@ -77,7 +77,7 @@ class CachedBlockTables(PagedBlockTables):
                   if self._id_of[p] in fresh or not self._cached(self._id_of[p])]:
             del self._cached_free[p]
             self._untag(p)
-            self._free.append(p)
+            self._give([p])
 
     def ensure_for(self, r, start: int, tokens: int) -> list[int]:
         """``r``'s table covering ``tokens`` tokens; at its admission (``start``: its
@@ -110,13 +110,15 @@ class CachedBlockTables(PagedBlockTables):
                     break
                 if bid not in self._by_id:
                     self._tag(t[i], bid)
+        empty = []
         for p in reversed(t):
             self._ref[p] -= 1
             if not self._ref[p]:
                 if p in self._id_of:
                     self._cached_free[p] = None
                 else:
-                    self._free.append(p)
+                    empty.append(p)
+        self._give(empty[::-1])   # the base class's order: the last block handed out first
         return len(t)
 
     def _take(self, n: int) -> list[int]:
@@ -145,7 +147,7 @@ class CachedBlockTables(PagedBlockTables):
             assert not self._ref[old], f"prefix cache: block id {bid} held twice (a bug)"
             self._cached_free.pop(old, None)
             self._untag(old)
-            self._free.append(old)
+            self._give([old])
         self._untag(p)
         self._by_id[bid] = p
         self._id_of[p] = bid
