@@ -73,7 +73,7 @@ def run_stream(seed: int, hbs: int, num_blocks: int = 48, ops: int = 400) -> dic
                 pc.acquire(p.twin, hit)
                 pool.take(nb)
                 p.twin.blocks, p.twin.computed = nb, hit * BLOCK
-                pc.register(p.twin, hit * BLOCK + n)
+                pc.register(p.twin, hit * BLOCK + n, free_count(pool))
                 ref.cache_full_blocks(p.ref, hit * BLOCK + n)
                 p.twin.computed += n
                 running.append(p)
@@ -91,7 +91,7 @@ def run_stream(seed: int, hbs: int, num_blocks: int = 48, ops: int = 400) -> dic
             if fits:
                 pool.take(nb)
                 p.twin.blocks += nb
-                pc.register(p.twin, p.twin.computed + n)
+                pc.register(p.twin, p.twin.computed + n, free_count(pool))
                 ref.cache_full_blocks(p.ref, p.twin.computed + n)
                 p.twin.computed += n
         else:

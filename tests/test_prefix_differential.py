@@ -4,6 +4,8 @@ preemptions and times, step by step and with the twin's jumps."""
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +59,8 @@ def run_twin(rows, ids, **kw):
     return reqs, batches, s
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("PREFIX_EXAMPLES", 150)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(rows_strategy, cfg_strategy)
 def test_prefix_caching_scheduler_matches_vllm_loop_with_vllm_cache(rows6, cfg):
     rows6 = sorted(rows6, key=lambda r: r[0])

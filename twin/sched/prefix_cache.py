@@ -252,15 +252,20 @@ class PrefixCache:
         if shared:   # the scheduler counts shared blocks per holder: once is physical
             self.pool.give(shared)
 
-    def register(self, r, tokens: int) -> None:
+    def register(self, r, tokens: int, free: int) -> None:
         """``r``'s full blocks within its first ``tokens`` (computed or being computed)
-        and named by its hash ids become cached, as vLLM's ``cache_full_blocks``."""
+        and named by its hash ids become cached, as vLLM's ``cache_full_blocks`` after
+        ``allocate_slots``: ``free`` (empty + evictable now) applies the pops before, which
+        may have evicted a block ``r`` would otherwise find cached."""
         st = r.prefix
         if st is None or st.stopped:
             return
         target = tokens // self.B
         if target > st.nblocks:
             target = st.nblocks
+        if target <= st.chain:
+            return
+        self.sync(free)
         c, S, segments = st.chain, st.seg, self.segments
         while c < target:
             j, k = divmod(c, S)

@@ -197,13 +197,15 @@ class Scheduler(Aborts):
                 need += (self._held_next - now_held) - (held_next - held)
                 free += held - now_held
             self._preempt(t)
+            if self.caching:   # blocks t shared stay held: only its own ones are free
+                free = pool.num_blocks - pool.used - group.held_blocks()
             plan.preempted.append(t)
         return need, chunks
 
     def _add_chunk(self, plan: StepPlan, r: Request, n: int) -> None:
         plan.explicit.append((r, n))
         if r.prefix is not None:   # vLLM caches the full blocks a step will compute
-            self.prefix.register(r, r.computed + n)
+            self.prefix.register(r, r.computed + n, self.admission_free_blocks(plan))
         if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
             # a decoder outside the group (slow path): a decode sequence, not a prefill
             plan.decode_n += 1
@@ -397,7 +399,7 @@ class Scheduler(Aborts):
             return   # nothing to cache, nothing cached is free: the queue is empty blocks
         pool = self.pool
         free = pool.num_blocks - pool.used - self.group.held_blocks() - uncounted
-        self.prefix.register(r, computed)
+        self.prefix.register(r, computed, free)
         self.prefix.release(r, blocks, free)
 
     def _leave_group(self, finished: list[Request]) -> None:
