@@ -153,3 +153,26 @@ def test_nan_in_emptied_blocks_changes_no_token_with_caching(tiny, monkeypatch):
     assert res.summary["prefix_cache_hits"] > 0
     assert torch.isnan(caches[-1].k[0]).any()
     assert tokens_by_adapter(res) == ref
+
+
+def test_sessions_naming_each_answer_reuse_it_as_the_next_prompt(tiny):
+    """``twin trace sessions`` names each turn's answer in its hash ids (the next turn
+    re-sends it): those tokens are fed, so the answer's cached KV is the next prompt's,
+    and caching on equals off per adapter (a tight pool: evictions)."""
+    import numpy as np
+
+    from twin.workload.sessions import session_trace
+
+    model, cat = tiny
+    lengths = np.stack(np.meshgrid(np.arange(8, 40, 4), np.arange(4, 24, 4)), -1).reshape(-1, 2)
+    t = session_trace(3, 3, style="chat", duration_s=3.0, think_s=0.5, tpot_s=0.005,
+                      system_tokens=48, lengths=lengths, block_size=16, max_model_len=400,
+                      seed=1)
+    names = dict(zip(sorted(t["adapter"].dropna().unique()), cat.adapters))
+    t["adapter"] = t["adapter"].map(names).astype("string")
+    n = t["hash_ids"].map(len) * 16
+    assert (n > t["prompt_tokens"]).any()                 # answers named
+    on = run(model, t, cat, CFG, num_gpu_blocks=51)
+    off = run(model, t, cat, CFG.replace(enable_prefix_caching=False), num_gpu_blocks=51)
+    assert on.summary["prefix_cache_hits"] > 0
+    assert tokens_by_adapter(on) == tokens_by_adapter(off)
