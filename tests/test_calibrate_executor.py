@@ -237,3 +237,24 @@ def test_slora_calibration_fits_exact_rank_features(tmp_path):
     assert (st["lora_slots"] == st["adapters"]).all()
     with pytest.raises(TwinInputError, match="vllm and slora"):
         calibrate_executor("tiny", out=tmp_path / "x.json", policy="merged", progress=False)
+
+
+def test_cached_prefix_cells_compute_a_short_suffix_over_cached_context(tmp_path):
+    """Issue 17's cells: a later request of an adapter finds the shared prefix cached and
+    computes only its suffix, its context (cached tokens included) in ``prefill_context``;
+    the design has such cells for vLLM's layout and none for S-LoRA's (no prefix cache)."""
+    from twin.executor.engine import execute
+    from twin.executor.weights import resolve_model
+
+    cell = Cell(4, 160, 2, 0, 8, 16, 256, gap=0.5, cached=128)
+    assert cell.key.endswith("-c128") and "-c" not in Cell(4, 160, 2, 0, 8, 16, 256).key
+    trace = cell.trace()
+    res = execute(trace, cell.config(512), resolve_model("tiny"), None, num_gpu_blocks=200)
+    assert res.summary["prefix_cache_hits"] == 3 * 128
+    X = np.array(res.steps["features"].tolist())
+    pt, pctx = X[:, FEATURES.index("prefill_tokens")], X[:, FEATURES.index("prefill_context")]
+    first = pt > 1                                        # prefill steps (decodes: 1 token)
+    assert list(pt[first]) == [160, 32, 32, 32]           # only the suffix after the first
+    assert list(pctx[first][1:]) == [32 * 160] * 3        # over the whole context
+    assert any(c.cached for c in design("tiny"))
+    assert not any(c.cached for c in design("tiny", "slora"))

@@ -5,9 +5,11 @@ hash_ids (every existing result stays as it was)."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from prefix_traces import conversations
 from twin.config import ServingConfig
+from twin.errors import TwinInputError
 from twin.policies import simulate_policy
 from twin.results.recorder import PREFIX_TIMELINE_COLUMNS, TIMELINE_COLUMNS
 from twin.sim import simulate
@@ -69,6 +71,10 @@ def test_hash_block_size_comes_from_the_trace_metadata():
     pd.testing.assert_frame_equal(coarse.requests, split.requests)
     assert simulate(conversations(13, 30, 3, ["a"], hbs=40), CFG).summary[
         "prefix_cache_hits"] > 0
+    wrong = trace.copy()
+    wrong.attrs["hash_block_size"] = 16    # the same ids naming fewer tokens than the prompt
+    with pytest.raises(TwinInputError, match="do not cover the prompt"):
+        simulate(wrong, CFG)
 
 
 def test_a_deployment_of_several_servers_sums_its_servers_figures():

@@ -36,7 +36,12 @@ class Cell:
     ``base_every`` > 0 sends every ``base_every``-th request to the base model: batches mix
     rows with and without an adapter (issue 15: the worst validation workload was such a
     mix). ``adapters`` > ``max_loras`` swaps adapters into slots mid-run, beside running
-    decodes (loads outside the first, after-idle step)."""
+    decodes (loads outside the first, after-idle step).
+
+    ``cached`` > 0 (a multiple of 16): every prompt opens with the same ``cached`` tokens
+    (``hash_ids``, 16-token blocks), so with the prefix cache on a later request of an
+    adapter computes only its suffix over a long cached context (issue 17: the fit sees
+    attention over cached tokens priced as context, ``prefill_context``)."""
 
     n: int
     prompt: int
@@ -47,12 +52,14 @@ class Cell:
     budget: int
     gap: float = 0.0
     base_every: int = 0
+    cached: int = 0
 
     @property
     def key(self) -> str:
         return (f"n{self.n}-p{self.prompt}-o{self.output}-a{self.adapters}-m{self.max_loras}"
                 f"-r{self.rank}-b{self.budget}" + (f"-g{self.gap:g}" if self.gap else "")
-                + (f"-base{self.base_every}" if self.base_every else ""))
+                + (f"-base{self.base_every}" if self.base_every else "")
+                + (f"-c{self.cached}" if self.cached else ""))
 
     def trace(self) -> pd.DataFrame:
         i = np.arange(self.n)
@@ -61,10 +68,17 @@ class Cell:
         k = np.cumsum(~base) - 1   # adapter rows round-robin over the adapters
         names = [f"lora-{j % self.adapters:04d}" if self.adapters and not b else None
                  for j, b in zip(k, base)]
-        return pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": i * self.gap,
-                             "adapter": pd.array(names, dtype="string"),
-                             "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
-                             "output_tokens": out.astype(np.int32)})
+        df = pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": i * self.gap,
+                           "adapter": pd.array(names, dtype="string"),
+                           "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
+                           "output_tokens": out.astype(np.int32)})
+        if self.cached:   # the shared prefix's ids, then ids of each request's own
+            shared, own = self.cached // 16, -(-self.prompt // 16) - self.cached // 16
+            df["hash_ids"] = [tuple(range(shared)) + tuple(range(1000 * (j + 1),
+                                                                 1000 * (j + 1) + own))
+                              for j in range(self.n)]
+            df.attrs["hash_block_size"] = 16
+        return df
 
     def config(self, max_model_len: int, policy: str = "vllm"):
         return ServingConfig(enable_lora=True, max_loras=self.max_loras,
@@ -115,15 +129,21 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
         cells.append(Cell(N[2], P[1], O, 4, 4, 16, B[1], base_every=k))
     for a, m in ((8, 2), (16, 4)):
         cells.append(Cell(N[2], P[0], O, a, m, 16, B[1]))
+    # issue 17: a short suffix over a long cached prefix (requests spaced so each finds
+    # the prefix cached by an earlier one of its adapter)
+    for p in P[-2:]:
+        cells.append(Cell(N[1], p + 32, 4, 2, 8, 16, B[1], gap, cached=p))
     # prefill: chunk budget x prompt length (long prompts, short outputs)
     for b in B:
         for p in P[-2:]:
             cells.append(Cell(N[1], p * 2, 4, min(4, N[1]), 8, 16, b))
     out, seen = [], set()
     for c in cells:
+        if c.cached and policy == "slora":   # S-LoRA has no prefix cache
+            continue
         m, r = (8, 16) if policy == "slora" else (c.max_loras, c.rank)
         c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), m, r, c.budget, c.gap,
-                 c.base_every)
+                 c.base_every, c.cached)
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)

@@ -56,6 +56,14 @@ class PagedBlockTables:
             t.extend(self._take(need))
         return t
 
+    def before_step(self, plan, items) -> None:
+        """Hook before a step's tables are extended (the prefix cache's tables use it)."""
+
+    def ensure_for(self, r, start: int, tokens: int) -> list[int]:
+        """Request ``r``'s table extended to hold ``tokens`` tokens (``start``: its
+        computed tokens; the prefix cache's tables read their hits there)."""
+        return self.ensure(r.idx, tokens)
+
     def release(self, key: int) -> int:
         """Return all of ``key``'s blocks to the free list; returns how many."""
         return self._give(self._tables.pop(key, None))

@@ -18,8 +18,9 @@ where it ended, so the twin, replaying the recorded durations (``twin.sim.replay
 the very same instants and must produce the very same batches. The logical clock trails
 the wall clock only by sleep overshoot.
 
-Prompts. A trace holds lengths only; prompt token ids are synthetic and deterministic
-(:func:`prompt_token_ids`). Generation is greedy and stops at the request's
+Prompts. A trace holds lengths (and maybe ``hash_ids``); token ids are synthetic and
+deterministic (:func:`request_token_ids`: equal hash ids, equal tokens). With the prefix
+cache on, a hit reads the cached KV blocks (``twin.executor.prefix_blocks``). Generation is greedy and stops at the request's
 ``output_tokens`` (EOS is ignored), as ``vllm bench`` runs with ``ignore_eos`` do.
 
 Bad adapters. Adapters the trace uses are checked up front from their configs (missing
@@ -47,13 +48,14 @@ from twin.config import ServingConfig
 from twin.costs.step_time import after_idle
 from twin.executor.adapter_store import SlotAdapterStore as _AdapterStore
 from twin.executor.adapters import AdapterError, load_error
-from twin.executor.block_tables import PagedBlockTables
-from twin.executor.inputs import check_adapter_dir, checked_inputs, prompt_token_ids
+from twin.executor.inputs import check_adapter_dir, checked_inputs, prompt_token_ids  # noqa: F401
+from twin.executor.inputs import request_token_ids
 from twin.executor.inputs import resolve_catalog  # noqa: F401 - its old import path
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
 from twin.executor.loop_state import Arrivals, Clock, NoProgress, Step, no_sync
 from twin.executor.model import LlamaModel, SeqChunk
+from twin.executor.prefix_blocks import block_tables
 from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
 from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.results.recorder import Outcomes, Recorder, build_result
@@ -170,13 +172,12 @@ class _Engine:
                                        kv_cache_gib=kv_cache_gib)
         preload = ([i for i in range(len(names)) if i not in self.bad]
                    if config.enable_lora and config.preload_adapters else [])
-        # no prefix cache yet: the executor reuses no KV block (issue 17, item 3), so a
-        # cached prefix would be attended without its keys and values
-        server = build_server(config.replace(enable_prefix_caching=False), None, catalog,
-                              layout="vllm", num_blocks=num_blocks, preload=preload)
+        # the prefix cache's hits read the KV blocks they name (twin.executor.prefix_blocks)
+        server = build_server(config, None, catalog, layout="vllm", num_blocks=num_blocks,
+                              preload=preload)
         return BuiltServer(server, num_blocks,
                            model.allocate_kv_cache(num_blocks, config.block_size),
-                           PagedBlockTables(num_blocks, config.block_size), slots,
+                           block_tables(num_blocks, config.block_size, server.scheduler), slots,
                            _AdapterStore(model, slots, names, paths, config.max_lora_rank))
 
     def _preload(self) -> None:
@@ -216,10 +217,12 @@ class _Engine:
         """The run's state: arrivals, logical clock, outcomes, token ids, recorder."""
         trace = self.trace
         self.arrivals = Arrivals(trace, self.ids, self.config.enable_lora)
+        named = self.arrivals.hashes is not None   # the trace names its tokens: prefix figures
         self.out = Outcomes(trace["output_tokens"].to_numpy(np.int64), failures=True,
-                            keep_tokens=self.keep_tokens)
+                            keep_tokens=self.keep_tokens, prefix=named)
         self.seqs: dict[int, list[int]] = {}    # request idx -> prompt + generated token ids
-        self.rec = Recorder(self.sample_dt, self.num_blocks)
+        self.memo: dict = {}                    # hash id -> its tokens (request_token_ids)
+        self.rec = Recorder(self.sample_dt, self.num_blocks, prefix=named)
         self.bar = NoProgress()
         if self.progress:
             from tqdm.auto import tqdm  # lazy: tqdm only for progress=True
@@ -243,8 +246,8 @@ class _Engine:
                 f"{r.prompt + r.output} ({r.prompt} prompt, {r.output} output)")
             self.bar.update(1)
             return
-        self.seqs[r.idx] = prompt_token_ids(r.request_id, r.prompt, self.model.shape.vocab,
-                                            self.seed)
+        # prompt (+ output tokens its hash ids name, fed instead of the sampled ones)
+        self.seqs[r.idx] = request_token_ids(r, self.model.shape.vocab, self.seed, self.memo)
 
     def _fail(self, r: Request, now: float, msg: str) -> None:
         self.out.fail(r, now, msg)
@@ -314,12 +317,14 @@ class _Engine:
         run one forward pass over it."""
         sched, tables, store = self.sched, self.tables, self.store
         step.items = sched.batch(step.plan)
+        tables.before_step(step.plan, step.items)
         chunks = []
         for r, k in step.items:
             start = sched.computed(r)
             toks = self.seqs[r.idx]
             chunks.append(SeqChunk(toks[start:start + k], start,
-                                   tables.ensure(r.idx, start + k), store.slot(r.adapter)))
+                                   tables.ensure_for(r, start, start + k),
+                                   store.slot(r.adapter)))
             step.starts.append(start)
         if not step.failed:
             assert tables.used == step.plan.kv_blocks, (
@@ -410,7 +415,7 @@ class _Engine:
         for r in sched.running_in_order() + list(sched.waiting):
             if r.status == RequestStatus.DECODING:
                 r.generated = sched.computed(r) - r.prompt + 1
-            self.out.record(r, self.seqs.get(r.idx))
+            self.out.record(r, (self.seqs.get(r.idx) or [])[:r.prompt + r.generated] or None)
         duration = self.window_s if self.window_s is not None else now
         return self._result(self.out, self.rec, duration)
 

@@ -32,6 +32,27 @@ def prompt_token_ids(request_id: int, length: int, vocab: int, seed: int = 0) ->
     return rng.integers(low, vocab, size=int(length)).tolist()
 
 
+def request_token_ids(r, vocab: int, seed: int = 0, memo: dict | None = None) -> list[int]:
+    """The token ids request ``r`` is known to hold: its prompt, and, where its
+    ``hash_ids`` name them, its output tokens too (a multi-turn trace names a turn's output
+    as part of the next turn's prompt). Tokens named by hash ids come from the hash id and
+    the offset in its block only, so equal hash prefixes are equal tokens, whatever the
+    adapter (the prefix cache keeps adapters apart, not the tokens); the rest of the prompt
+    is :func:`prompt_token_ids`. ``memo``: hash id -> its block's tokens, for a run."""
+    toks = prompt_token_ids(r.request_id, r.prompt, vocab, seed)
+    if r.hash_ids is None:
+        return toks
+    size, memo = r.hash_block_size, {} if memo is None else memo
+    n = min(len(r.hash_ids) * size, r.prompt + r.output)
+    named = []
+    for h in r.hash_ids[:-(-n // size)]:
+        block = memo.get(h)
+        if block is None:
+            block = memo[h] = prompt_token_ids(h, size, vocab, seed + 1)
+        named += block
+    return named[:n] + toks[n:]
+
+
 def checked_inputs(trace: pd.DataFrame, config: ServingConfig, catalog, *,
                    time_scale: float = 1.0, window_s: float | None = None,
                    trace_source: str = "trace") -> tuple[pd.DataFrame, AdapterCatalog]:

@@ -255,7 +255,9 @@ def _serve(trace: pd.DataFrame, config, m, catalog, nb: int, *, window_s, progre
 
     if warmup and len(trace):
         w = trace.iloc[:min(4, len(trace))].assign(arrival_s=0.0)
-        w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4))
+        # shortened outputs: its hash ids (prompt + output) would name too many tokens
+        w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4)).drop(
+            columns="hash_ids", errors="ignore")
         execute(w, config, m, catalog, num_gpu_blocks=nb, seed=seed)
     ex = execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
                  progress=progress, seed=seed, trace_source=trace_source)
