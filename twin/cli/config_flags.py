@@ -63,3 +63,18 @@ def read_limited_trace(args):
     if getattr(args, "limit", None) is not None:
         trace = trace.iloc[:max(args.limit, 0)].reset_index(drop=True)
     return trace
+
+
+def add_prefix_caching_flag(p: argparse.ArgumentParser) -> None:
+    """``--enable-prefix-caching`` / ``--no-enable-prefix-caching`` (vLLM's names), for the
+    commands that build configurations from a base (sweep, recommend, place)."""
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="vLLM's automatic prefix caching in every twin run "
+                   "(default: the --base-config's value, else on, vLLM V1's default); "
+                   "it matters only for a trace with hash_ids")
+
+
+def with_prefix_caching(base: ServingConfig, args) -> ServingConfig:
+    """``base`` with ``--[no-]enable-prefix-caching`` applied when it was given."""
+    flag = getattr(args, "enable_prefix_caching", None)
+    return base if flag is None else base.replace(enable_prefix_caching=bool(flag))

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float, positive_int
+from twin.cli.config_flags import add_prefix_caching_flag, with_prefix_caching
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
@@ -122,6 +123,7 @@ def _common_workload(p):
                         "or --slo)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
+    add_prefix_caching_flag(p)
 
 
 def add_ml_parsers(subparsers) -> None:
@@ -143,6 +145,7 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--no-early-exit", action="store_true",
                    help="simulate clearly starving points for the whole window too")
     p.add_argument("--no-progress", action="store_true")
+    add_prefix_caching_flag(p)
     p.set_defaults(func=run_sweep_cmd)
 
     p = subparsers.add_parser("recommend", help="recommend a verified vLLM configuration",
@@ -286,7 +289,8 @@ def _sweep(args) -> int:
     specs = load_workloads_yaml(args.workloads)
     slots = args.slots or SLOTS_GRID
     context = profile.model.max_position_embeddings
-    grid = ConfigGrid(base=base_config(args.base_config, context), slots=slots)
+    grid = ConfigGrid(base=with_prefix_caching(base_config(args.base_config, context), args),
+                      slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
     tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
     print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
@@ -319,7 +323,8 @@ def _recommend(args) -> int:
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
-    base = base_config(args.base_config, profile.model.max_position_embeddings)
+    base = with_prefix_caching(base_config(args.base_config,
+                                           profile.model.max_position_embeddings), args)
     slo = parse_slo(args.slo)
     if args.objective == "cost" and not slo:
         raise TwinInputError("the cost objective needs --slo ttft=MS,tpot=MS", field="--slo")
@@ -414,7 +419,8 @@ def _place(args) -> int:
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
     slo = parse_slo(args.slo)
-    base = base_config(args.base_config, profile.model.max_position_embeddings)
+    base = with_prefix_caching(base_config(args.base_config,
+                                           profile.model.max_position_embeddings), args)
     pl = place(trace, catalog, profile=profile, model=model, base=base,
                window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
                workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)

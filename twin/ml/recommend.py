@@ -8,7 +8,9 @@
    dropping those whose KV cache cannot hold ``max_model_len`` (vLLM would not start);
 2. predicts every candidate (:mod:`twin.ml.recommender`) and picks the best one predicted
    not to starve;
-3. verifies it with twin runs (:mod:`twin.ml.verify`) and refines it by a small local
+3. verifies it with twin runs (:mod:`twin.ml.verify`, with the base's
+   ``enable_prefix_caching``: for a trace with ``hash_ids`` the runs reuse cached prefixes,
+   which the model does not see -- :mod:`twin.ml.prefix_info`) and refines it by a small local
    search over neighbouring ``max_loras`` values (the prediction and its upper neighbour
    first, in parallel, then the neighbours of the best verified point whose predicted score
    is close), so the answer is a configuration the twin has actually seen keep up.
@@ -50,6 +52,7 @@ from twin.ml.explain import explain
 from twin.ml.features import public, workload_features
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
 from twin.ml.optimize import optimize
+from twin.ml.prefix_info import MODEL_UNAWARE, prefix_info, with_verified
 from twin.ml.report import (Recommendation, declared_tie, latency_disagreements, slo_violation,
                             slo_verdict, tie_band)
 from twin.ml.search_space import SearchSpace, search_space
@@ -113,6 +116,9 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         raise TwinInputError("the trace names no adapter: nothing to recommend for LoRA "
                              "serving", field="adapter")
     warnings = [w for w in [model.profile_warning(profile)] if w]
+    prefix = prefix_info(trace, base)
+    if prefix is not None:
+        warnings.append(MODEL_UNAWARE.format(base.enable_prefix_caching))
     wf = workload_features(trace, catalog, window)
     max_rank = catalog_max_rank(catalog, base.max_lora_rank)
     t0 = time.perf_counter()
@@ -164,7 +170,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
         total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
         slo_verdict=verdict, disagreements=disagree, search=search,
-        explanation=explain(model, cand.iloc[start]))
+        explanation=explain(model, cand.iloc[start]),
+        prefix=with_verified(prefix, results[best] if best is not None else None))
 
 
 def _check_objective(objective: str, slo: dict | None) -> None:

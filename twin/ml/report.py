@@ -13,6 +13,7 @@ import pandas as pd
 
 from twin.config import ServingConfig
 from twin.ml.explain import explanation_lines
+from twin.ml.prefix_info import prefix_lines
 
 #: The twin's throughput error when a profile records none of its own: its held-out median
 #: throughput SMAPE against real vLLM runs (``experiments/reproduce_vllm_h100.py``, 1.3 %).
@@ -260,6 +261,7 @@ class Recommendation:
     fewest_gpus: dict | None = None     # SLOs missed on one GPU: Placement.summary() with them
     search: dict | None = None          # goodput: space, optimizer, trials (twin.ml.optimize)
     explanation: dict | None = None     # the features that drove the model's pick (explain)
+    prefix: dict | None = None          # trace with hash_ids: twin.ml.prefix_info
 
     def report(self) -> str:
         w = self.workload
@@ -323,6 +325,7 @@ class Recommendation:
         if self.disagreements is not None:
             L += disagreement_lines(self.disagreements)
         L += explanation_lines(self.explanation)
+        L += prefix_lines(self.prefix)
         L.append(f"{self.runs} twin run(s), {self.total_s:.2f} s end to end")
         L += [f"warning: {x}" for x in self.warnings]
         return "\n".join(L)
@@ -337,7 +340,7 @@ class Recommendation:
                 "workload": self.workload, "window_s": self.window_s, "runs": self.runs,
                 "predict_ms": self.predict_ms, "total_s": self.total_s,
                 "warnings": self.warnings, "tie": self.tie, "search": self.search,
-                "explanation": self.explanation,
+                "explanation": self.explanation, "prefix_caching": self.prefix,
                 "candidates": cand.to_dict(orient="records"),
                 **({"slo_check": self.slo_verdict, "model_vs_twin": self.disagreements,
                     "fewest_gpus": self.fewest_gpus}
