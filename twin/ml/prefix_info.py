@@ -33,12 +33,18 @@ def prefix_info(trace: pd.DataFrame, base: ServingConfig) -> dict | None:
             **prefix_features(trace), "model_aware": False}
 
 
-def with_verified(info: dict | None, verified: dict | None) -> dict | None:
-    """``info`` with the verified pick's prefix-cache hit rate (None when nothing was
-    verified, or the run had no prefix counters)."""
+def unaware_warning(info: dict | None) -> str | None:
+    """The warning that the model's prediction does not see caching (a trace with
+    ``hash_ids``); None otherwise."""
+    return None if info is None else MODEL_UNAWARE.format(info["enable_prefix_caching"])
+
+
+def with_verified(info: dict | None, results: dict, best: int | None) -> dict | None:
+    """``info`` with the verified pick's (``results[best]``) prefix-cache hit rate (None
+    when nothing was verified, or the run had no prefix counters)."""
     if info is None:
         return None
-    rate = (verified or {}).get("prefix_cache_hit_rate")
+    rate = results[best].get("prefix_cache_hit_rate") if best is not None else None
     return {**info, "verified_hit_rate": None if rate is None else float(rate)}
 
 

@@ -52,7 +52,7 @@ from twin.ml.explain import explain
 from twin.ml.features import public, workload_features
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
 from twin.ml.optimize import optimize
-from twin.ml.prefix_info import MODEL_UNAWARE, prefix_info, with_verified
+from twin.ml.prefix_info import prefix_info, unaware_warning, with_verified
 from twin.ml.report import (Recommendation, declared_tie, latency_disagreements, slo_violation,
                             slo_verdict, tie_band)
 from twin.ml.search_space import SearchSpace, search_space
@@ -105,7 +105,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     ``space`` (default :func:`twin.ml.search_space.search_space`'s), ``optimizer`` ('auto',
     'tpe', 'coordinate', 'exhaustive': :mod:`twin.ml.optimize`), ``seed`` (TPE's) and
     ``study_db`` (an SQLite file: a resumable Optuna study); ``knobs``: search only these
-    (default all of :data:`twin.ml.search_space.KNOBS`; ignored when ``space`` is given)."""
+    (default all of :data:`twin.ml.search_space.KNOBS`; ignored when ``space`` is given).
+    A trace with ``hash_ids``: see :mod:`twin.ml.prefix_info` (``prefix``, a warning)."""
     t_start = time.perf_counter()
     _check_objective(objective, slo)
     if max_runs is None:
@@ -115,10 +116,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     if not len(catalog):
         raise TwinInputError("the trace names no adapter: nothing to recommend for LoRA "
                              "serving", field="adapter")
-    warnings = [w for w in [model.profile_warning(profile)] if w]
     prefix = prefix_info(trace, base)
-    if prefix is not None:
-        warnings.append(MODEL_UNAWARE.format(base.enable_prefix_caching))
+    warnings = [w for w in [model.profile_warning(profile), unaware_warning(prefix)] if w]
     wf = workload_features(trace, catalog, window)
     max_rank = catalog_max_rank(catalog, base.max_lora_rank)
     t0 = time.perf_counter()
@@ -170,8 +169,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
         total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
         slo_verdict=verdict, disagreements=disagree, search=search,
-        explanation=explain(model, cand.iloc[start]),
-        prefix=with_verified(prefix, results[best] if best is not None else None))
+        explanation=explain(model, cand.iloc[start]), prefix=with_verified(prefix, results, best))
 
 
 def _check_objective(objective: str, slo: dict | None) -> None:
