@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float, positive_int
+from twin.cli.place_fleet import (add_verify_fleet_args, check_fleet_routers,
+                                  verify_placement_fleet)
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
@@ -93,8 +95,18 @@ those p99s in its own twin run: the fewest GPUs that meet the SLOs at the trace'
 Writes gpu-<i>/vllm_config.yaml and gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter,
 gpu, weight = share of the adapter's requests) and placement.json.
 
+--verify-fleet then checks the placement under traffic: it runs as one fleet (`twin
+fleet --router static --routing routing.csv`, each GPU its own verified config) on the
+whole trace, and reports whether any GPU starves; then, for each router of --fleet-routers
+(which do not know the placement), the fewest identical GPUs (the placement's largest
+per-GPU config) that keep up: from the placement's GPU count down while the fleet keeps
+up, else up until it does, at most --fleet-max-gpus, one fleet run per count. The table is
+printed and stored as `fleet_check` in placement.json; exit status 3 when the placement's
+fleet starves. See experiments/README_fleet.md.
+
 examples:
   twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
+  twin place --trace traces/servegen_32tenants_10min.parquet --verify-fleet --out runs/place
   twin place --trace traces/azure_conv_1h_32lora.parquet --slo ttft=2000,tpot=100
 """
 
@@ -185,6 +197,7 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--max-gpus", type=positive_int, default=64)
     p.add_argument("--out", type=Path, default=Path("runs/place"),
                    help="output folder (default runs/place)")
+    add_verify_fleet_args(p)
     p.set_defaults(func=run_place_cmd)
 
     p = subparsers.add_parser("train", help="retrain the recommender on the twin",
@@ -410,6 +423,7 @@ def _place(args) -> int:
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
     from twin.ml.spec import base_config  # lazy: ML stack off twin --help
 
+    check_fleet_routers(args)
     profile = load_profile(args.profile)
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
@@ -420,12 +434,14 @@ def _place(args) -> int:
                workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)
     print(f"trace: {label}")
     print(pl.report())
+    check = verify_placement_fleet(args, pl, trace, catalog, profile, base, window)
     out = args.out
     with staged_dir(out, "place") as tmp:
         write_placement(tmp, pl, catalog, profile_name=profile.name,
-                        model_name=_model_name(args, profile), label=label)
+                        model_name=_model_name(args, profile), label=label,
+                        fleet_check=check)
     print(f"wrote {out}/routing.csv, {out}/placement.json and gpu-*/vllm_config.yaml")
-    return 0 if pl.ok else 3
+    return 0 if pl.ok and (check is None or check["placement"]["keeps_up"]) else 3
 
 
 def run_train_cmd(args) -> int:
