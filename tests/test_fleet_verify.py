@@ -10,7 +10,9 @@ import pytest
 from twin.cli import main
 from twin.cli.place_fleet import FLEET_ROUTERS
 from twin.config import ServingConfig
-from twin.fleet import simulate_fleet
+from twin.fleet import Replica, simulate_fleet
+from twin.fleet.routers import StaticTable
+from twin.sim import simulate
 from twin.fleet.verify import (ROUTERS_TO_SIZE, fleet_config, format_fleet_check,
                                gpus_needed, keeps_up, verify_fleet)
 from twin.workload.generate import rate_class_trace, uniform_lengths
@@ -42,6 +44,28 @@ def test_a_placement_that_fits_keeps_up_as_a_fleet(trace):
     (rr,) = check["routers"]
     assert rr["router"] == "round_robin" and rr["gpus"] is not None
     assert "every GPU keeps up" in format_fleet_check(check)
+
+
+@pytest.mark.parametrize("one_loop", [False, True])
+def test_replicas_preload_only_the_adapters_they_serve(trace, one_loop):
+    """With preload_adapters each GPU of a placement preloads its own --lora-modules: the
+    static fleet equals each GPU's own run on its share (what place verified), request for
+    request; preloading the whole catalog's first adapters instead loads more from disk."""
+    cfg = CONFIG.replace(max_loras=6, max_cpu_loras=6, preload_adapters=True)
+    table = _routing(trace, 2)
+    served = [tuple(table.loc[table["gpu"] == k, "adapter"]) for k in range(2)]
+    run = simulate_fleet(trace, [Replica(cfg, adapters=a) for a in served],
+                         StaticTable(table), profile=PROFILE, one_loop=one_loop)
+    naive = simulate_fleet(trace, [cfg, cfg], StaticTable(table), profile=PROFILE,
+                           one_loop=one_loop)
+    dt = max(trace["arrival_s"].iloc[-1] / 2000, 0.05)
+    for k in range(2):
+        own = simulate(trace.iloc[run.route == k].reset_index(drop=True), cfg, PROFILE,
+                       sample_dt=dt)
+        pd.testing.assert_frame_equal(run.replicas[k].requests, own.requests,
+                                      check_exact=True)
+        assert own.summary["adapter_loads"]["from_disk"] == 0   # all 6 preloaded
+    assert sum(p["loads_from_disk"] for p in naive.summary["fleet"]["per_replica"]) > 0
 
 
 def test_a_too_small_placement_is_reported_starving(trace):

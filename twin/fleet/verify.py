@@ -3,7 +3,8 @@
 ``twin place`` verifies each GPU on its own share of the trace, cut out ahead of time. Here
 the placement runs as one fleet (:func:`twin.fleet.simulate_fleet`): a static-table router
 with the placement's ``routing.csv``, each replica its GPU's verified serving config, the
-whole trace. The check says whether any GPU starves (the starvation rule of every twin run,
+whole trace, each GPU preloading (``preload_adapters``) only the adapters it serves, as
+its ``vllm serve --lora-modules`` does. The check says whether any GPU starves (the starvation rule of every twin run,
 per replica and for the fleet).
 
 Then, for each router that does not know the placement (round robin, least outstanding
@@ -55,9 +56,12 @@ def check_placement(trace, configs, routing, *, profile, catalog=None, window_s=
                     refresh_s: float = 0.0, workers: int = 1) -> dict:
     """The placement (``configs[k]`` on GPU ``k``, ``routing``: ``routing.csv``) as a
     static-routed fleet on ``trace``: does any GPU starve, and each GPU's figures."""
-    run = simulate_fleet(trace, [Replica(c) for c in configs], make_router(
-        "static", table=routing), profile=profile, catalog=catalog, window_s=window_s,
-        refresh_s=refresh_s, workers=workers)
+    served = [tuple(routing.loc[routing["gpu"] == k, "adapter"].astype(str)) for k in
+              range(len(configs))]   # each GPU's --lora-modules: what it preloads
+    run = simulate_fleet(trace, [Replica(c, adapters=a) for c, a in zip(configs, served)],
+                         make_router("static", table=routing), profile=profile,
+                         catalog=catalog, window_s=window_s, refresh_s=refresh_s,
+                         workers=workers)
     per = run.summary["fleet"]["per_replica"]
     return {"gpus": len(configs), "keeps_up": keeps_up(run),
             "starving_gpus": [p["replica"] for p in per if p["starving"]],
