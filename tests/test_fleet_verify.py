@@ -4,6 +4,8 @@ one GPU of ``CONFIG`` starves, two keep up)."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -108,3 +110,29 @@ def test_cli_routers_match_and_help_explains(capsys):
         main(["place", "--help"])
     out = capsys.readouterr().out
     assert "--verify-fleet" in out and "--fleet-max-gpus" in out and "fleet_check" in out
+
+
+def test_cli_place_verify_fleet_writes_fleet_check(trace, tmp_path, capsys):
+    tp = tmp_path / "t.parquet"
+    trace.to_parquet(tp, index=False)
+    out = tmp_path / "pl"
+    rc = main(["place", "--trace", str(tp), "--profile", PROFILE, "--max-runs", "2",
+               "--verify-fleet", "--fleet-routers", "round_robin", "--fleet-max-gpus", "3",
+               "--out", str(out)])
+    record = json.loads((out / "placement.json").read_text())
+    check = record["fleet_check"]
+    assert rc == (0 if record["ok"] and check["placement"]["keeps_up"] else 3)
+    assert check["placement"]["gpus"] == len(record["gpus"])
+    assert [r["router"] for r in check["routers"]] == ["round_robin"]
+    assert check["max_gpus"] == 3 and all(t["gpus"] <= 3 for t in check["routers"][0]["runs"])
+    assert "fleet check: the placement on" in capsys.readouterr().out
+
+
+def test_cli_unknown_fleet_router_fails_before_placing(trace, tmp_path, capsys):
+    tp = tmp_path / "t.parquet"
+    trace.to_parquet(tp, index=False)
+    rc = main(["place", "--trace", str(tp), "--profile", PROFILE, "--verify-fleet",
+               "--fleet-routers", "round_robin,static", "--out", str(tmp_path / "pl")])
+    assert rc != 0
+    assert "--fleet-routers" in capsys.readouterr().err
+    assert not (tmp_path / "pl" / "placement.json").exists()
