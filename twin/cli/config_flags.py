@@ -78,3 +78,13 @@ def with_prefix_caching(base: ServingConfig, args) -> ServingConfig:
     """``base`` with ``--[no-]enable-prefix-caching`` applied when it was given."""
     flag = getattr(args, "enable_prefix_caching", None)
     return base if flag is None else base.replace(enable_prefix_caching=bool(flag))
+
+
+def ml_base(args, profile: Profile) -> ServingConfig:
+    """The base configuration of sweep, recommend and place: the paper's, ``--base-config``
+    over it (the model's context where the file sets no ``max_model_len``), then
+    ``--[no-]enable-prefix-caching``."""
+    from twin.ml.spec import base_config  # lazy: the ML stack only for the ML commands
+
+    return with_prefix_caching(base_config(args.base_config,
+                                           profile.model.max_position_embeddings), args)

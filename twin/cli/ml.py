@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float, positive_int
-from twin.cli.config_flags import add_prefix_caching_flag, with_prefix_caching
+from twin.cli.config_flags import add_prefix_caching_flag, ml_base
+from twin.cli.place_fleet import (add_verify_fleet_args, check_fleet_routers,
+                                  verify_placement_fleet)
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
@@ -94,8 +96,18 @@ those p99s in its own twin run: the fewest GPUs that meet the SLOs at the trace'
 Writes gpu-<i>/vllm_config.yaml and gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter,
 gpu, weight = share of the adapter's requests) and placement.json.
 
+--verify-fleet then checks the placement under traffic: it runs as one fleet (`twin
+fleet --router static --routing routing.csv`, each GPU its own verified config) on the
+whole trace, and reports whether any GPU starves; then, for each router of --fleet-routers
+(which do not know the placement), the fewest identical GPUs (the placement's largest
+per-GPU config) that keep up: from the placement's GPU count down while the fleet keeps
+up, else up until it does, at most --fleet-max-gpus, one fleet run per count. The table is
+printed and stored as `fleet_check` in placement.json; exit status 3 when the placement's
+fleet starves. See experiments/README_fleet.md.
+
 examples:
   twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
+  twin place --trace traces/servegen_32tenants_10min.parquet --verify-fleet --out runs/place
   twin place --trace traces/azure_conv_1h_32lora.parquet --slo ttft=2000,tpot=100
 """
 
@@ -188,6 +200,7 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--max-gpus", type=positive_int, default=64)
     p.add_argument("--out", type=Path, default=Path("runs/place"),
                    help="output folder (default runs/place)")
+    add_verify_fleet_args(p)
     p.set_defaults(func=run_place_cmd)
 
     p = subparsers.add_parser("train", help="retrain the recommender on the twin",
@@ -282,15 +295,13 @@ def run_sweep_cmd(args) -> int:
 
 def _sweep(args) -> int:
     from twin.ml.spec import (  # lazy: ML stack off twin --help
-        SLOTS_GRID, ConfigGrid, base_config, load_workloads_yaml)
+        SLOTS_GRID, ConfigGrid, load_workloads_yaml)
     from twin.ml.sweep import EarlyExit, plan, run_sweep  # lazy: ML stack off twin --help
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
     slots = args.slots or SLOTS_GRID
-    context = profile.model.max_position_embeddings
-    grid = ConfigGrid(base=with_prefix_caching(base_config(args.base_config, context), args),
-                      slots=slots)
+    grid = ConfigGrid(base=ml_base(args, profile), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
     tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
     print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
@@ -316,15 +327,13 @@ def _recommend(args) -> int:
     from twin.costs.machine import warn_if_other_machine  # lazy: as the other imports here
     from twin.ml.recommend import recommend  # lazy: ML stack off twin --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
-    from twin.ml.spec import base_config  # lazy: ML stack off twin --help
 
     say = console(args.json)
     profile = load_profile(args.profile)
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
-    base = with_prefix_caching(base_config(args.base_config,
-                                           profile.model.max_position_embeddings), args)
+    base = ml_base(args, profile)
     slo = parse_slo(args.slo)
     if args.objective == "cost" and not slo:
         raise TwinInputError("the cost objective needs --slo ttft=MS,tpot=MS", field="--slo")
@@ -413,25 +422,26 @@ def _place(args) -> int:
     from twin.ml.export import write_placement  # lazy: ML stack off twin --help
     from twin.ml.placement import place  # lazy: ML stack off twin --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
-    from twin.ml.spec import base_config  # lazy: ML stack off twin --help
 
+    check_fleet_routers(args)
     profile = load_profile(args.profile)
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
     slo = parse_slo(args.slo)
-    base = with_prefix_caching(base_config(args.base_config,
-                                           profile.model.max_position_embeddings), args)
+    base = ml_base(args, profile)
     pl = place(trace, catalog, profile=profile, model=model, base=base,
                window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
                workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)
     print(f"trace: {label}")
     print(pl.report())
+    check = verify_placement_fleet(args, pl, trace, catalog, profile, base, window)
     out = args.out
     with staged_dir(out, "place") as tmp:
         write_placement(tmp, pl, catalog, profile_name=profile.name,
-                        model_name=_model_name(args, profile), label=label)
+                        model_name=_model_name(args, profile), label=label,
+                        fleet_check=check)
     print(f"wrote {out}/routing.csv, {out}/placement.json and gpu-*/vllm_config.yaml")
-    return 0 if pl.ok else 3
+    return 0 if pl.ok and (check is None or check["placement"]["keeps_up"]) else 3
 
 
 def run_train_cmd(args) -> int:

@@ -37,10 +37,14 @@ from twin.workload.schema import validate_trace
 
 @dataclass
 class Replica:
-    """One replica of a fleet: its serving config and profile (name, path or loaded)."""
+    """One replica of a fleet: its serving config and profile (name, path or loaded), and
+    ``adapters``, the ones it serves (its ``--lora-modules``): those are what it preloads
+    at start-up with ``preload_adapters`` (default None: every catalog adapter, as a server
+    given them all)."""
 
     config: ServingConfig
     profile: Profile | str | None = None
+    adapters: tuple | None = None
 
 
 def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_robin", *,
@@ -102,7 +106,7 @@ def _replicas(replicas, config, profile, window_s) -> list[Replica]:
         if isinstance(r, ServingConfig):
             r = Replica(r, profile)
         elif r.profile is None:
-            r = Replica(r.config, profile)
+            r = Replica(r.config, profile, r.adapters)
         if r.config.policy not in ("vllm", "slora"):
             raise TwinInputError(f"a fleet replica is one server (vllm or slora), not "
                                  f"policy {r.config.policy!r}", field="policy")
@@ -111,7 +115,7 @@ def _replicas(replicas, config, profile, window_s) -> list[Replica]:
             loaded[key] = check_run_inputs(r.config, r.profile, window_s)
         prof = loaded[key]
         prof.check_max_model_len(r.config)
-        out.append(Replica(r.config, prof))
+        out.append(Replica(r.config, prof, r.adapters))
     if not out:
         raise TwinInputError("a fleet needs at least 1 replica", field="replicas")
     return out
@@ -124,7 +128,8 @@ def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
     clocks = []
     for r in reps:
         server = build_server(r.config, r.profile, catalog, trace_source=trace_source,
-                              trace=None if r.config in checked else trace)
+                              trace=None if r.config in checked else trace,
+                              preload=_preload(r, catalog))
         checked.add(r.config)
         clocks.append(FedClock(cols, catalog, server, r.profile, window_s=window_s,
                                sample_dt=sample_dt))
@@ -137,10 +142,24 @@ def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
     return np.asarray(route, dtype=np.int64), results
 
 
+def _preload(rep: Replica, catalog) -> list[int] | None:
+    """The catalog ids ``rep`` preloads (None: the server's default, every adapter)."""
+    if rep.adapters is None:
+        return None
+    if not rep.config.preload_adapters:
+        return []
+    ids = {a: i for i, a in enumerate(catalog.adapters)}
+    return [ids[a] for a in rep.adapters if a in ids]
+
+
 def simulate_replica(payload):
     """One replica on its share of the trace (a process pool's or Ray's task)."""
-    k, sub, config, profile, catalog, kw = payload
-    return k, simulate(sub, config, profile, catalog, **kw)
+    k, sub, config, profile, catalog, preload, kw = payload
+    server = None
+    if preload is not None:   # sub: the fleet's validated, windowed trace's share
+        server = build_server(config, profile, catalog, trace=sub,
+                              trace_source=kw["trace_source"], preload=preload)
+    return k, simulate(sub, config, profile, catalog, server=server, **kw)
 
 
 def _independent(trace, reps, route, catalog, workers, backend, address, progress, **kw):
@@ -149,7 +168,7 @@ def _independent(trace, reps, route, catalog, workers, backend, address, progres
         rows = np.flatnonzero(route == k)
         if len(rows):
             sub = trace.iloc[rows].reset_index(drop=True)
-            payloads.append((k, sub, r.config, r.profile, catalog, kw))
+            payloads.append((k, sub, r.config, r.profile, catalog, _preload(r, catalog), kw))
     results = [None] * len(reps)
     runner = make_backend(backend, workers=workers, address=address)
     bar = _bar(progress, len(payloads), "replica")

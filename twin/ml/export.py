@@ -236,9 +236,10 @@ def write_cost(out: Path, plan, catalog=None, *, profile_name: str, model_name: 
 
 
 def write_placement(out: Path, pl, catalog=None, *, profile_name: str, model_name: str,
-                    label: str) -> None:
+                    label: str, fleet_check: dict | None = None) -> None:
     """What ``twin place`` writes into ``out``: one folder of vLLM config files per GPU
-    whose configuration was found, ``routing.csv`` and ``placement.json``."""
+    whose configuration was found, ``routing.csv`` and ``placement.json`` (with
+    ``fleet_check``, ``twin.fleet.verify``'s, when given)."""
     record = {"ok": pl.ok, "gpus": [], "attempts": pl.attempts, "verify_runs": pl.verify_runs,
               "total_s": pl.total_s, "profile": profile_name}
     record["replicas"] = {a: r for a, r in pl.replicas.items() if r > 1}
@@ -254,5 +255,7 @@ def write_placement(out: Path, pl, catalog=None, *, profile_name: str, model_nam
         if r is not None and r.ok:
             write_config_files(out / f"gpu-{g.gpu}", r.config, model_name, ads, catalog=catalog,
                                header=f"twin place ({label}): GPU {g.gpu} of {len(pl.gpus)}")
+    if fleet_check is not None:
+        record["fleet_check"] = fleet_check
     pl.routing.to_csv(out / "routing.csv", index=False)
     write_json(out / "placement.json", record)

@@ -1,0 +1,138 @@
+"""``twin place --verify-fleet`` (``twin.fleet.verify``): a placement run as a static-routed
+fleet, and the GPU count each router needs, on a small trace (12 adapters, ~11 req/s, 30 s:
+one GPU of ``CONFIG`` starves, two keep up)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from twin.cli import main
+from twin.cli.place_fleet import FLEET_ROUTERS
+from twin.config import ServingConfig
+from twin.fleet import Replica, simulate_fleet
+from twin.fleet.routers import StaticTable
+from twin.sim import simulate
+from twin.fleet.verify import (ROUTERS_TO_SIZE, fleet_config, format_fleet_check,
+                               gpus_needed, keeps_up, verify_fleet)
+from twin.workload.generate import rate_class_trace, uniform_lengths
+
+PROFILE = "llama31-8b-h100-64gb-first-principles"   # pinned: stable shipped profile
+CONFIG = ServingConfig(max_loras=4, max_cpu_loras=12, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return rate_class_trace(12, (1.6, 0.8, 0.4), duration_s=30,
+                            lengths=uniform_lengths(8, 256), seed=1)
+
+
+def _routing(trace, gpus: int) -> pd.DataFrame:
+    """Adapters dealt round the GPUs by request count (as place's balanced partition)."""
+    counts = trace["adapter"].value_counts()
+    return pd.DataFrame({"adapter": counts.index.astype(str),
+                         "gpu": [i % gpus for i in range(len(counts))], "weight": 1.0})
+
+
+def test_a_placement_that_fits_keeps_up_as_a_fleet(trace):
+    check = verify_fleet(trace, [CONFIG, CONFIG], _routing(trace, 2), profile=PROFILE,
+                         routers=("round_robin",), max_gpus=4)
+    p = check["placement"]
+    assert p["keeps_up"] and p["starving_gpus"] == []
+    assert sum(g["requests"] for g in p["per_gpu"]) == len(trace)
+    assert all(g["requests"] > 0 for g in p["per_gpu"])
+    (rr,) = check["routers"]
+    assert rr["router"] == "round_robin" and rr["gpus"] is not None
+    assert "every GPU keeps up" in format_fleet_check(check)
+
+
+@pytest.mark.parametrize("one_loop", [False, True])
+def test_replicas_preload_only_the_adapters_they_serve(trace, one_loop):
+    """With preload_adapters each GPU of a placement preloads its own --lora-modules: the
+    static fleet equals each GPU's own run on its share (what place verified), request for
+    request; preloading the whole catalog's first adapters instead loads more from disk."""
+    cfg = CONFIG.replace(max_loras=6, max_cpu_loras=6, preload_adapters=True)
+    table = _routing(trace, 2)
+    served = [tuple(table.loc[table["gpu"] == k, "adapter"]) for k in range(2)]
+    run = simulate_fleet(trace, [Replica(cfg, adapters=a) for a in served],
+                         StaticTable(table), profile=PROFILE, one_loop=one_loop)
+    naive = simulate_fleet(trace, [cfg, cfg], StaticTable(table), profile=PROFILE,
+                           one_loop=one_loop)
+    dt = max(trace["arrival_s"].iloc[-1] / 2000, 0.05)
+    for k in range(2):
+        own = simulate(trace.iloc[run.route == k].reset_index(drop=True), cfg, PROFILE,
+                       sample_dt=dt)
+        pd.testing.assert_frame_equal(run.replicas[k].requests, own.requests,
+                                      check_exact=True)
+        assert own.summary["adapter_loads"]["from_disk"] == 0   # all 6 preloaded
+    assert sum(p["loads_from_disk"] for p in naive.summary["fleet"]["per_replica"]) > 0
+
+
+def test_a_too_small_placement_is_reported_starving(trace):
+    check = verify_fleet(trace, [CONFIG], _routing(trace, 1), profile=PROFILE, routers=())
+    assert not check["placement"]["keeps_up"]
+    assert check["placement"]["starving_gpus"] == [0]
+    assert "STARVING" in format_fleet_check(check)
+
+
+@pytest.mark.parametrize("router", ["round_robin", "adapter_affinity"])
+def test_gpu_search_returns_the_fewest_that_keep_up(trace, router):
+    down = gpus_needed(trace, router, CONFIG, start=4, max_gpus=6, profile=PROFILE)
+    up = gpus_needed(trace, router, CONFIG, start=1, max_gpus=6, profile=PROFILE)
+    n = down["gpus"]
+    assert n is not None and up["gpus"] == n and n < 4
+    assert {r["gpus"]: r["keeps_up"] for r in down["runs"]}[n]
+    fewer = n - 1   # one GPU fewer starves (found by the search, and in a run of its own)
+    if fewer >= 1:
+        assert not {r["gpus"]: r["keeps_up"] for r in up["runs"]}[fewer]
+        assert not keeps_up(simulate_fleet(trace, fewer, router, config=CONFIG,
+                                           profile=PROFILE))
+
+
+def test_gpu_search_reports_none_when_the_cap_starves(trace):
+    tight = CONFIG.replace(max_num_seqs=2)
+    r = gpus_needed(trace, "round_robin", tight, start=1, max_gpus=2, profile=PROFILE)
+    assert r["gpus"] is None and [t["gpus"] for t in r["runs"]] == [1, 2]
+
+
+def test_fleet_config_covers_every_gpu():
+    a = ServingConfig(max_loras=2, max_cpu_loras=8, max_lora_rank=8)
+    b = ServingConfig(max_loras=6, max_cpu_loras=6, max_lora_rank=16)
+    c = fleet_config([a, b])
+    assert (c.max_loras, c.max_cpu_loras, c.max_lora_rank) == (6, 8, 16)
+
+
+def test_cli_routers_match_and_help_explains(capsys):
+    assert tuple(FLEET_ROUTERS) == tuple(ROUTERS_TO_SIZE)
+    with pytest.raises(SystemExit):
+        main(["place", "--help"])
+    out = capsys.readouterr().out
+    assert "--verify-fleet" in out and "--fleet-max-gpus" in out and "fleet_check" in out
+
+
+def test_cli_place_verify_fleet_writes_fleet_check(trace, tmp_path, capsys):
+    tp = tmp_path / "t.parquet"
+    trace.to_parquet(tp, index=False)
+    out = tmp_path / "pl"
+    rc = main(["place", "--trace", str(tp), "--profile", PROFILE, "--max-runs", "2",
+               "--verify-fleet", "--fleet-routers", "round_robin", "--fleet-max-gpus", "3",
+               "--out", str(out)])
+    record = json.loads((out / "placement.json").read_text())
+    check = record["fleet_check"]
+    assert rc == (0 if record["ok"] and check["placement"]["keeps_up"] else 3)
+    assert check["placement"]["gpus"] == len(record["gpus"])
+    assert [r["router"] for r in check["routers"]] == ["round_robin"]
+    assert check["max_gpus"] == 3 and all(t["gpus"] <= 3 for t in check["routers"][0]["runs"])
+    assert "fleet check: the placement on" in capsys.readouterr().out
+
+
+def test_cli_unknown_fleet_router_fails_before_placing(trace, tmp_path, capsys):
+    tp = tmp_path / "t.parquet"
+    trace.to_parquet(tp, index=False)
+    rc = main(["place", "--trace", str(tp), "--profile", PROFILE, "--verify-fleet",
+               "--fleet-routers", "round_robin,static", "--out", str(tmp_path / "pl")])
+    assert rc != 0
+    assert "--fleet-routers" in capsys.readouterr().err
+    assert not (tmp_path / "pl" / "placement.json").exists()
