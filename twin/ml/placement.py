@@ -109,6 +109,33 @@ def _partition(U: _Units, rank: dict, k: int) -> list[list]:
     return [g for g in groups if g]
 
 
+#: Under an SLO, the most a GPU's offered tokens may exceed an even share (total / k) before
+#: the hottest adapter on the busiest GPU gets a replica more (:func:`_balanced`).
+BALANCE_TOL = 0.05
+
+
+def _balanced(U: _Units, rank: dict, k: int, tol: float = BALANCE_TOL) -> list[list]:
+    """:func:`_partition` into ``k`` groups, hot adapters given replicas until no group's
+    offered tokens exceed an even share by more than ``tol`` (or every adapter on the
+    busiest group already has ``k`` replicas). Why: a p99 latency SLO is set by the busiest
+    GPU; a partition of whole adapters by offered tokens cannot balance a workload whose
+    hottest adapter carries more than 1/k of the load, while an even split of the requests
+    (every GPU serving every adapter) can. Replicas go only where the balance needs them,
+    so each GPU still serves as few adapters as it can."""
+    while True:
+        groups = _partition(U, rank, k)
+        loads = [sum(U.load[u] for u in g) for g in groups]
+        busiest = int(np.argmax(loads))
+        if loads[busiest] <= (1 + tol) * sum(loads) / k:
+            return groups
+        hot = [u for u in groups[busiest]
+               if U.adapter_of[u] != BASE_UNIT and U.replicas[U.adapter_of[u]] < k]
+        if not hot:
+            return groups
+        a = U.adapter_of[max(hot, key=lambda u: (U.load[u], u))]
+        U.split(a, U.replicas[a] + 1)
+
+
 class _Search:
     """One placement search over the units ``U``: the model's and the twin's verdicts on
     groups of units (each group verified once, by :func:`recommend`), the twin runs spent
@@ -128,6 +155,13 @@ class _Search:
         self.runs = 0
         self.verified: dict[tuple, Recommendation] = {}
         self.attempts: list[str] = []
+
+    def partition(self, k: int) -> list[list]:
+        """The units in ``k`` groups: balanced with replicas under an SLO (the busiest GPU
+        sets the p99), by whole adapters otherwise (keeping up is about capacity)."""
+        if self.slo:
+            return _balanced(self.U, self.rank, k)
+        return _partition(self.U, self.rank, k)
 
     def predicted_ok(self, units) -> bool:
         t, cat = self.U.sub(units)
@@ -206,12 +240,12 @@ class _Search:
         """Up: one GPU more at a time, the first partition predicted to keep up (always
         below ``k_cap``), then verified; a hot unit that fails alone gets a replica more.
         Returns (the last partition, verified?, its GPU count)."""
-        U, rank = self.U, self.rank
+        U = self.U
         groups: list = [U.units]
         k = 1
         heaviest = max(U.load.values()) if U.load else 0
         while k <= self.max_gpus:
-            groups = _partition(U, rank, k)
+            groups = self.partition(k)
             if (k < min(k_cap, len(U.units))
                     and not all(self.predicted_ok(g) for g in groups)):
                 self.attempts.append(f"{k} GPU(s): predicted to starve")
@@ -233,13 +267,13 @@ class _Search:
     def shrink(self, groups: list, k: int) -> list:
         """Down, from a verified partition on ``k`` GPUs: the model may be pessimistic; one
         GPU fewer at a time while the twin still verifies it. Returns the last verified."""
-        U, rank = self.U, self.rank
+        U = self.U
         while k > 1:
             saved = dict(U.replicas)
             for a, r in saved.items():
                 if r > k - 1:
                     U.split(a, k - 1)
-            fewer = _partition(U, rank, k - 1)
+            fewer = self.partition(k - 1)
             if self.first_failing(fewer) is not None:
                 self.attempts.append(f"{k - 1} GPU(s): verification failed")
                 U.restore(saved)
@@ -283,7 +317,7 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     if ok:
         groups = s.shrink(groups, k)
     else:  # report the last partition tried, consistent with the units
-        groups = _partition(U, rank, min(k, max_gpus))
+        groups = s.partition(min(k, max_gpus))
     plans = [GPUPlan(i, g, U.adapters(g), s.verified.get(tuple(sorted(g))))
              for i, g in enumerate(groups)]
     ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
