@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from twin.ml.placement import BALANCE_TOL, _balanced, _partition, _Units
+from twin.ml.placement import BALANCE_TOL, _balanced, _partition, _Search, _Units
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import rate_class_trace
 
@@ -62,3 +62,43 @@ def test_balanced_stops_at_k_replicas():
     groups = _balanced(U, rank, 3)
     assert len(groups) == 3 and max(U.replicas.values()) == 3
     assert sum(len(U.index[u]) for g in groups for u in g) == len(U.trace)
+
+
+class _StubSearch(_Search):
+    """A search whose twin verdict is a rule on the group (no model, no twin runs): a GPU
+    meets the SLO only when it serves every adapter and at most 60 % of the requests (a
+    stand-in for the light-load case where only a split of the requests meets a p99 TTFT
+    that one GPU misses)."""
+
+    def __init__(self, U, rank, n_adapters):
+        super().__init__(U, rank, profile=None, model=None, base=None, window=120.0,
+                         max_gpus=4, max_runs=None, workers=1, early_exit=None,
+                         objective="goodput", slo={"ttft": 100.0, "tpot": 50.0})
+        self.n_adapters = n_adapters
+
+    def verified_ok(self, units) -> bool:
+        self.runs += 1
+        n = sum(len(self.U.index[u]) for u in units)
+        return (len(self.U.adapters(units)) == self.n_adapters
+                and n <= 0.6 * len(self.U.trace))
+
+    def _chart(self, k, key, ok):
+        pass
+
+
+def test_slo_search_tries_a_request_split_before_one_gpu_more():
+    U, rank = _units((1.0,) * 6)
+    s = _StubSearch(U, rank, 6)
+    groups, ok, k = s.grow(k_cap=1)
+    assert ok and k == 2 and len(groups) == 2
+    assert set(U.replicas.values()) == {2}     # every adapter on both GPUs
+    assert all(len(U.adapters(g)) == 6 for g in groups)
+    assert sum(len(U.index[u]) for g in groups for u in g) == len(U.trace)
+
+
+def test_failed_request_split_restores_the_replicas():
+    U, rank = _units((6.0, 1.0, 1.0, 1.0, 1.0))
+    s = _StubSearch(U, rank, 99)                # nothing ever verifies
+    before = _balanced(U, rank, 2) and dict(U.replicas)
+    assert s.request_split(2) is None
+    assert U.replicas == before

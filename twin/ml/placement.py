@@ -256,6 +256,9 @@ class _Search:
                 self.attempts.append(f"{k} GPU(s): verified")
                 return groups, True, k
             self.attempts.append(f"{k} GPU(s): verification failed")
+            split = self.request_split(k) if self.slo and k > 1 else None
+            if split is not None:
+                return split, True, k
             alone = [u for u in failed if u != BASE_UNIT]
             if len(alone) == 1 and U.load[alone[0]] >= 0.5 * heaviest:
                 a = U.adapter_of[alone[0]]  # a hot adapter (share) alone starves: a replica more
@@ -263,6 +266,25 @@ class _Search:
                 self.attempts.append(f"{a}: {U.replicas[a]} replicas")
             k += 1
         return groups, False, k
+
+    def request_split(self, k: int) -> list | None:
+        """Under an SLO, before one GPU more: every adapter on every one of the ``k`` GPUs,
+        each taking every k-th of its requests (data parallelism, what a deployment with
+        all adapters loaded everywhere does). At light load a GPU's p99 TTFT is set by the
+        few longest prompts it gets, not by its load, so a placement of whole adapters can
+        miss where a split of the requests meets the SLO. Its groups if every GPU verifies,
+        else None (replicas as before)."""
+        saved = dict(self.U.replicas)
+        for a in self.U.by_adapter:
+            if a != BASE_UNIT:
+                self.U.split(a, k)
+        groups = _partition(self.U, self.rank, k)
+        if self.first_failing(groups) is None:
+            self.attempts.append(f"{k} GPU(s): every adapter on every GPU, verified")
+            return groups
+        self.attempts.append(f"{k} GPU(s): every adapter on every GPU, verification failed")
+        self.U.restore(saved)
+        return None
 
     def shrink(self, groups: list, k: int) -> list:
         """Down, from a verified partition on ``k`` GPUs: the model may be pessimistic; one
