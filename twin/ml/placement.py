@@ -12,7 +12,12 @@ methods of :class:`_Search`, in that order; what it returns is
 With ``slo`` (``objective="goodput"``) a GPU verifies only when its recommendation meets the
 SLOs in its own twin run (p99 TTFT/TPOT, :func:`twin.ml.recommend.recommend`): the fewest
 GPUs that meet them at the trace's load. The model's keep-up prediction still prunes GPU
-counts (meeting an SLO needs keeping up), so the twin decides every count it accepts.
+counts (meeting an SLO needs keeping up), so the twin decides every count it accepts. Two
+steps exist for the SLO alone (issue 16: ``place`` gave 3-4 GPUs, or none within 4, where
+an even 2-way split of the requests met the SLO): the partition is balanced with replicas
+(:func:`_balanced`: the busiest GPU sets the p99), and a failed count is tried once more as
+a split of the requests, every adapter on every GPU (:meth:`_Search.request_split`),
+before a GPU is added.
 """
 
 from __future__ import annotations
