@@ -12,7 +12,12 @@ methods of :class:`_Search`, in that order; what it returns is
 With ``slo`` (``objective="goodput"``) a GPU verifies only when its recommendation meets the
 SLOs in its own twin run (p99 TTFT/TPOT, :func:`twin.ml.recommend.recommend`): the fewest
 GPUs that meet them at the trace's load. The model's keep-up prediction still prunes GPU
-counts (meeting an SLO needs keeping up), so the twin decides every count it accepts.
+counts (meeting an SLO needs keeping up), so the twin decides every count it accepts. Two
+steps exist for the SLO alone (issue 16: ``place`` gave 3-4 GPUs, or none within 4, where
+an even 2-way split of the requests met the SLO): the partition is balanced with replicas
+(:func:`_balanced`: the busiest GPU sets the p99), and a failed count is tried once more as
+a split of the requests, every adapter on every GPU (:meth:`_Search.request_split`),
+before a GPU is added.
 """
 
 from __future__ import annotations
@@ -109,6 +114,33 @@ def _partition(U: _Units, rank: dict, k: int) -> list[list]:
     return [g for g in groups if g]
 
 
+#: Under an SLO, the most a GPU's offered tokens may exceed an even share (total / k) before
+#: the hottest adapter on the busiest GPU gets a replica more (:func:`_balanced`).
+BALANCE_TOL = 0.05
+
+
+def _balanced(U: _Units, rank: dict, k: int, tol: float = BALANCE_TOL) -> list[list]:
+    """:func:`_partition` into ``k`` groups, hot adapters given replicas until no group's
+    offered tokens exceed an even share by more than ``tol`` (or every adapter on the
+    busiest group already has ``k`` replicas). Why: a p99 latency SLO is set by the busiest
+    GPU; a partition of whole adapters by offered tokens cannot balance a workload whose
+    hottest adapter carries more than 1/k of the load, while an even split of the requests
+    (every GPU serving every adapter) can. Replicas go only where the balance needs them,
+    so each GPU still serves as few adapters as it can."""
+    while True:
+        groups = _partition(U, rank, k)
+        loads = [sum(U.load[u] for u in g) for g in groups]
+        busiest = int(np.argmax(loads))
+        if loads[busiest] <= (1 + tol) * sum(loads) / k:
+            return groups
+        hot = [u for u in groups[busiest]
+               if U.adapter_of[u] != BASE_UNIT and U.replicas[U.adapter_of[u]] < k]
+        if not hot:
+            return groups
+        a = U.adapter_of[max(hot, key=lambda u: (U.load[u], u))]
+        U.split(a, U.replicas[a] + 1)
+
+
 class _Search:
     """One placement search over the units ``U``: the model's and the twin's verdicts on
     groups of units (each group verified once, by :func:`recommend`), the twin runs spent
@@ -128,6 +160,13 @@ class _Search:
         self.runs = 0
         self.verified: dict[tuple, Recommendation] = {}
         self.attempts: list[str] = []
+
+    def partition(self, k: int) -> list[list]:
+        """The units in ``k`` groups: balanced with replicas under an SLO (the busiest GPU
+        sets the p99), by whole adapters otherwise (keeping up is about capacity)."""
+        if self.slo:
+            return _balanced(self.U, self.rank, k)
+        return _partition(self.U, self.rank, k)
 
     def predicted_ok(self, units) -> bool:
         t, cat = self.U.sub(units)
@@ -206,12 +245,12 @@ class _Search:
         """Up: one GPU more at a time, the first partition predicted to keep up (always
         below ``k_cap``), then verified; a hot unit that fails alone gets a replica more.
         Returns (the last partition, verified?, its GPU count)."""
-        U, rank = self.U, self.rank
+        U = self.U
         groups: list = [U.units]
         k = 1
         heaviest = max(U.load.values()) if U.load else 0
         while k <= self.max_gpus:
-            groups = _partition(U, rank, k)
+            groups = self.partition(k)
             if (k < min(k_cap, len(U.units))
                     and not all(self.predicted_ok(g) for g in groups)):
                 self.attempts.append(f"{k} GPU(s): predicted to starve")
@@ -222,6 +261,9 @@ class _Search:
                 self.attempts.append(f"{k} GPU(s): verified")
                 return groups, True, k
             self.attempts.append(f"{k} GPU(s): verification failed")
+            split = self.request_split(k) if self.slo and k > 1 else None
+            if split is not None:
+                return split, True, k
             alone = [u for u in failed if u != BASE_UNIT]
             if len(alone) == 1 and U.load[alone[0]] >= 0.5 * heaviest:
                 a = U.adapter_of[alone[0]]  # a hot adapter (share) alone starves: a replica more
@@ -230,16 +272,35 @@ class _Search:
             k += 1
         return groups, False, k
 
+    def request_split(self, k: int) -> list | None:
+        """Under an SLO, before one GPU more: every adapter on every one of the ``k`` GPUs,
+        each taking every k-th of its requests (data parallelism, what a deployment with
+        all adapters loaded everywhere does). At light load a GPU's p99 TTFT is set by the
+        few longest prompts it gets, not by its load, so a placement of whole adapters can
+        miss where a split of the requests meets the SLO. Its groups if every GPU verifies,
+        else None (replicas as before)."""
+        saved = dict(self.U.replicas)
+        for a in self.U.by_adapter:
+            if a != BASE_UNIT:
+                self.U.split(a, k)
+        groups = _partition(self.U, self.rank, k)
+        if self.first_failing(groups) is None:
+            self.attempts.append(f"{k} GPU(s): every adapter on every GPU, verified")
+            return groups
+        self.attempts.append(f"{k} GPU(s): every adapter on every GPU, verification failed")
+        self.U.restore(saved)
+        return None
+
     def shrink(self, groups: list, k: int) -> list:
         """Down, from a verified partition on ``k`` GPUs: the model may be pessimistic; one
         GPU fewer at a time while the twin still verifies it. Returns the last verified."""
-        U, rank = self.U, self.rank
+        U = self.U
         while k > 1:
             saved = dict(U.replicas)
             for a, r in saved.items():
                 if r > k - 1:
                     U.split(a, k - 1)
-            fewer = _partition(U, rank, k - 1)
+            fewer = self.partition(k - 1)
             if self.first_failing(fewer) is not None:
                 self.attempts.append(f"{k - 1} GPU(s): verification failed")
                 U.restore(saved)
@@ -283,7 +344,7 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     if ok:
         groups = s.shrink(groups, k)
     else:  # report the last partition tried, consistent with the units
-        groups = _partition(U, rank, min(k, max_gpus))
+        groups = s.partition(min(k, max_gpus))
     plans = [GPUPlan(i, g, U.adapters(g), s.verified.get(tuple(sorted(g))))
              for i, g in enumerate(groups)]
     ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
