@@ -490,3 +490,15 @@ def test_calibrate_few_run_writes_a_gpu_calibration_for_other_models(tmp_path, c
     assert rc == 0, err
     assert load_profile(q).step_time.base == pytest.approx(
         coefficients(hw, load_model_shape("qwen2.5-7b")))
+
+
+def test_a_fit_with_a_zero_step_constant_saves_and_loads(tmp_path):
+    """A calibration on a fast machine can fit the per-step constant at exactly 0; the
+    profile it writes must still load (the schema requires ``const``)."""
+    from twin.costs.step_time import StepTimeModel
+    prof = load_profile("cpu-tiny")
+    prof.step_time = StepTimeModel(base={"const": 0.0, "decode_tokens": 1e-4,
+                                         "prefill_tokens": 2e-4})
+    back = load_profile(prof.save(tmp_path / "p.json"))
+    assert back.step_time.base["const"] == 0.0
+    assert back.step_time.base["prefill_tokens"] == 2e-4

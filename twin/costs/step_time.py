@@ -99,7 +99,10 @@ class StepTimeModel:
         self._slopes = (self._b[ctx], self._m[ctx], self._c[ctx])
 
     def to_dict(self) -> dict:
-        d = {"base": {k: v for k, v in self.base.items() if v}}
+        # zero terms are left out, except ``const``: the profile schema requires it (a fit
+        # on a fast machine can put the per-step constant at exactly 0)
+        d = {"base": {k: v for k, v in self.base.items() if v or k == "const"}}
+        d["base"].setdefault("const", 0.0)
         if self.memory:
             d["memory"] = {k: v for k, v in self.memory.items() if v}
         if self.compute:
