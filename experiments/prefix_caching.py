@@ -104,10 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--control", action="store_true",
                     help="also validate each workload with caching off (the same box, the "
                          "same minutes): how much of the error is the box's, not caching's")
+    ap.add_argument("--profile", type=Path, default=PROFILE,
+                    help="CPU profile of the tiny model (default: the shipped cpu-tiny; a "
+                         "fresh `twin calibrate --executor --model tiny` of this machine is "
+                         "what the timings should be read against)")
     args = ap.parse_args(argv)
     rows = []
     for name, trace in workloads(args.quick).items():
-        v = validate(trace, CFG, PROFILE, "tiny", threads=1, trace_source=name, plot=False,
+        v = validate(trace, CFG, args.profile, "tiny", threads=1, trace_source=name, plot=False,
                      out=args.out / name)
         e, t = v.executor.summary, v.twin.summary
         smape = dict(zip(v.table["key"], v.table["smape"]))
@@ -119,8 +123,8 @@ def main(argv=None) -> int:
                      "throughput_smape": smape["throughput"], "ttft_smape": smape["ttft_mean"],
                      "itl_smape": smape["itl_mean"], "preemptions": e["preemptions"]})
         if args.control:
-            off = validate(trace, CFG.replace(enable_prefix_caching=False), PROFILE, "tiny",
-                           threads=1, trace_source=name, plot=False)
+            off = validate(trace, CFG.replace(enable_prefix_caching=False), args.profile,
+                           "tiny", threads=1, trace_source=name, plot=False)
             off = dict(zip(off.table["key"], off.table["smape"]))
             rows[-1].update({f"{k}_smape_off": off[k]
                              for k in ("throughput", "ttft_mean", "itl_mean")})
