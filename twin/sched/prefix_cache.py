@@ -108,6 +108,7 @@ class PrefixCache:
         self.qlen = 0             # blocks in the free queue (empty + evictable)
         self.evictable = 0        # cached blocks in the free queue
         self.cached_blocks = 0    # cached blocks, held or evictable
+        self.evicted = 0          # cached blocks evicted so far (only ever grows)
         self.queries = 0          # prefix_cache_queries (tokens looked up at admissions)
         self.hits = 0             # prefix_cache_hits (tokens found)
         self._bid = 0
@@ -157,6 +158,7 @@ class PrefixCache:
                     seg.cached = p[2]
                     self.evictable -= k
                     self.cached_blocks -= k
+                    self.evicted += k
                     if p[1] == p[2]:
                         seg.runs.pop(0)
                         if not seg.cached:
@@ -326,10 +328,11 @@ class PrefixCache:
         if shared:
             self.pool.take(shared)
 
-    def block_ids(self, r) -> list[tuple[int, int]]:
-        """A stable id (segment key, index) for each cached block ``r`` holds, in order: the
-        same id is the same cached block for every request (for executor block reuse)."""
+    def block_ids(self, r, start: int = 0) -> list[tuple[int, int]]:
+        """A stable id (segment key, index) for each cached block ``r`` holds, in order,
+        from its ``start``-th: the same id is the same cached block for every request (for
+        executor block reuse)."""
         st = r.prefix
         if st is None:
             return []
-        return [(st.keys[i // st.seg], i % st.seg) for i in range(st.chain)]
+        return [(st.keys[i // st.seg], i % st.seg) for i in range(start, st.chain)]
