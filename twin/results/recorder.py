@@ -30,6 +30,14 @@ STEP_COLUMNS = ["start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs
                 "explicit_seqs", "adapters", "loads", "preempted", "blocked", "after_idle"]
 
 
+def _resized(old: np.ndarray, n: int, fill) -> np.ndarray:
+    """``old`` cut or grown to ``n`` rows, new rows ``fill``."""
+    new = np.full(n, fill, dtype=old.dtype)
+    k = min(n, len(old))
+    new[:k] = old[:k]
+    return new
+
+
 class Outcomes:
     """Per-request results, written when a request leaves the run.
 
@@ -66,14 +74,9 @@ class Outcomes:
         """Hold ``n`` requests: rows kept, new ones as never arrived (a clock fed its
         requests one at a time by a router grows it, then cuts it to what it was fed)."""
         for name, fill in self._FILL.items():
-            old = getattr(self, name)
-            new = np.full(n, fill, dtype=old.dtype)
-            k = min(n, len(old))
-            new[:k] = old[:k]
-            setattr(self, name, new)
+            setattr(self, name, _resized(getattr(self, name), n, fill))
         if self.prefix is not None:
-            self.prefix = tuple(np.concatenate([a[:n], np.zeros(max(0, n - len(a)), a.dtype)])
-                                for a in self.prefix)
+            self.prefix = tuple(_resized(a, n, 0) for a in self.prefix)
 
     def record(self, r: Request, tokens: list[int] | None = None) -> None:
         """``tokens``: the request's prompt + generated ids (kept with ``keep_tokens``)."""
