@@ -24,7 +24,7 @@ ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: vLLM's ``BlockSize`` literal (vllm/config/cache.py, vLLM 0.10-0.11; 256 is not in it)
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 # serving strategies (twin.policies; issue 7): "vllm" is the default and the engine's own
-POLICIES = ("vllm", "slora", "merged", "hybrid")
+POLICIES = ("vllm", "slora", "merged", "hybrid", "split")
 # `vllm serve` settings that do not change what the twin models: accepted and ignored, so a
 # vLLM YAML config (e.g. the one `twin recommend` writes) can be simulated as it is
 VLLM_IGNORED = frozenset({"model", "lora_modules", "served_model_name", "host", "port",

@@ -10,6 +10,7 @@ their memory (``memory``) and, where options of its own shape a server, builds i
 - ``slora``: S-LoRA unified paging, exact ranks, no slots, FCFS bounded by the pool.
 - ``merged``: one replica per adapter with the adapter merged into the weights.
 - ``hybrid``: the hottest ``k`` adapters merged, the rest dynamic (vllm or slora).
+- ``split``: a shared base executor, clients with their own KV and adapters (Symbiosis).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from twin.policies.hybrid import HybridPolicy
 from twin.policies.memory import MemoryPlan
 from twin.policies.merged import MergedPolicy
 from twin.policies.slora import SLoRAPolicy
+from twin.policies.split import SplitPolicy
 from twin.policies.vllm import VLLMPolicy
 from twin.results import RunResult
 from twin.sim.engine import simulate
 
 POLICY_CLASSES: dict[str, type[Policy]] = {
     "vllm": VLLMPolicy, "slora": SLoRAPolicy, "merged": MergedPolicy, "hybrid": HybridPolicy,
+    "split": SplitPolicy,
 }
 
 
@@ -72,4 +75,4 @@ def simulate_policy(trace, config, profile=None, catalog=None, *, gpus: int | No
 
 __all__ = ["POLICY_CLASSES", "get_policy", "simulate_policy", "Policy", "PolicyRun",
            "Deployment", "ServerSpec", "MemoryPlan", "run_deployment", "VLLMPolicy",
-           "SLoRAPolicy", "MergedPolicy", "HybridPolicy"]
+           "SLoRAPolicy", "MergedPolicy", "HybridPolicy", "SplitPolicy"]
