@@ -327,16 +327,14 @@ class LlamaModel:
             if segs[-1][0] >= lora.max_loras:
                 raise ValueError(f"LoRA slot {segs[-1][0]} out of range: max_loras is "
                                  f"{lora.max_loras}")
-        x = F.embedding(batch.input_ids, self.embed)
+        x = self._embed(batch.input_ids)
         freqs = batch.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos().to(self.dtype)[:, None, :]
         sin = emb.sin().to(self.dtype)[:, None, :]
         for li, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, s.rms_eps)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
-            if segs:
-                lora.apply(li, "qkv", h, qkv, segs)
+            qkv = self._linear(li, "qkv", h, lora, segs)
             q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
             q = q.reshape(T, s.heads, s.head_dim)
             k = k.reshape(T, s.kv_heads, s.head_dim)
@@ -344,23 +342,31 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             attn = self._attention(li, q, k, v, batch, kv_cache)
-            o = F.linear(attn, w.o, w.o_bias)
-            if segs:
-                lora.apply(li, "o", attn, o, segs)
-            x = x + o
+            x = x + self._linear(li, "o", attn, lora, segs)
             h = rms_norm(x, w.post_norm, s.rms_eps)
-            gu = F.linear(h, w.gate_up, w.gate_up_bias)
-            if segs:
-                lora.apply(li, "gate_up", h, gu, segs)
+            gu = self._linear(li, "gate_up", h, lora, segs)
             g, u = gu.split([s.intermediate, s.intermediate], dim=-1)
-            a = F.silu(g) * u
-            d = F.linear(a, w.down, w.down_bias)
-            if segs:
-                lora.apply(li, "down", a, d, segs)
-            x = x + d
+            x = x + self._linear(li, "down", F.silu(g) * u, lora, segs)
         last = rms_norm(x[batch.last_token_idx], self.norm, s.rms_eps)
-        logits = F.linear(last, self.lm_head)
+        logits = self._head(last)
         return logits[batch.inverse_order]
+
+    # -- the base model's ops: overridden where the base weights live elsewhere ---------------
+    # (twin.executor.split: a client sends these to the base-executor process)
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
+
+    def _linear(self, li: int, op: str, x: torch.Tensor, lora, segs) -> torch.Tensor:
+        """Packed linear ``op`` (qkv, o, gate_up, down) of layer ``li`` on ``x``, plus the
+        LoRA delta of the batch's segments."""
+        w = self.layers[li]
+        y = F.linear(x, getattr(w, op), getattr(w, op + "_bias"))
+        if segs:
+            lora.apply(li, op, x, y, segs)
+        return y
+
+    def _head(self, last: torch.Tensor) -> torch.Tensor:
+        return F.linear(last, self.lm_head)
 
     def _attention(self, li: int, q, k, v, b: BatchInput, kv: KVCache) -> torch.Tensor:
         s = self.shape

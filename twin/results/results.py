@@ -53,13 +53,16 @@ class RunResult:
     verdict; times in ms), ``timeline`` (running, waiting, KV usage, tokens, adapter loads
     and preemptions over time), ``steps`` (the step log, when recorded) and ``meta``
     (config, profile, window, twin version; the trace file when read from one). ``repr`` is
-    one line of headline figures; ``format_summary()`` is the full report."""
+    one line of headline figures; ``format_summary()`` is the full report. ``extras``: a
+    strategy's own tables (split mode: ``base_batches``, ``client_steps``), each
+    DataFrame saved as ``<name>.parquet``."""
 
     requests: pd.DataFrame
     summary: dict
     timeline: pd.DataFrame
     steps: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # the tables are summarised by their shape: a notebook cell shows one line, not 10^5 rows
@@ -88,6 +91,9 @@ class RunResult:
         self.timeline.to_parquet(d / "timeline.parquet", index=False)
         if self.steps is not None:
             self.steps.to_parquet(d / "steps.parquet", index=False)
+        for name, table in self.extras.items():
+            if isinstance(table, pd.DataFrame):
+                table.to_parquet(d / f"{name}.parquet", index=False)
         (d / "summary.json").write_text(
             json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
                        default=_json_default) + "\n")

@@ -1,0 +1,188 @@
+"""Split execution (issue 19, twin.executor.split) on the tiny model, CPU, real processes.
+
+- Token-identical to the single-process executor (greedy, same requests and LoRA
+  adapters) with 1 and 3 clients; the request table has the executor's columns + client.
+- The base process holds the base weights only (its report: names and bytes) and they are
+  unchanged by a run; each client holds its adapters and norm vectors only.
+- Per-(layer, op) batching batches across clients under a burst of concurrent requests.
+- A client that raises stops the whole run with its traceback, without hanging.
+- A training client's loss falls while it shares the base with an inference client; the
+  base's input gradients are the true ones (gradcheck, in-process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from twin.config import ServingConfig  # noqa: E402
+from twin.errors import TwinInputError  # noqa: E402
+from twin.executor.adapters import write_synthetic_adapters  # noqa: E402
+from twin.executor.engine import execute  # noqa: E402
+from twin.executor.model import LlamaModel  # noqa: E402
+from twin.executor.split import (SplitExecutionError, TrainerSpec, assign_clients,  # noqa: E402
+                                 execute_split)
+from twin.executor.split.base import BaseWeights  # noqa: E402
+from twin.executor.split.exchange import LocalExchange  # noqa: E402
+from twin.executor.split.trainer import RemoteLinear  # noqa: E402
+from twin.executor.weights import make_tiny_llama  # noqa: E402
+from twin.workload.catalog import AdapterCatalog  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
+            max_position_embeddings=512)
+CONFIG = ServingConfig(enable_lora=True, max_loras=4, max_lora_rank=16, max_model_len=256)
+TIMEOUT_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    make_tiny_llama(root / "model", **TINY)
+    cat = AdapterCatalog(write_synthetic_adapters(root / "model", root / "adapters", 4,
+                                                  ranks=(8, 16)))
+    return root / "model", cat
+
+
+def burst_trace(cat: AdapterCatalog, n: int = 12, seed: int = 0, spread_s: float = 0.0):
+    """n requests (every adapter and the base model) arriving within ``spread_s``."""
+    rng = np.random.default_rng(seed)
+    names = cat.adapters
+    return pd.DataFrame({
+        "request_id": np.arange(n) + 1000,
+        "arrival_s": np.sort(rng.uniform(0, spread_s, n)) if spread_s else np.zeros(n),
+        "adapter": pd.array([None if i % 5 == 0 else names[i % len(names)] for i in range(n)],
+                            dtype="string"),
+        "prompt_tokens": rng.integers(5, 40, n), "output_tokens": rng.integers(2, 8, n)})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    model, cat = tiny
+    trace = burst_trace(cat)
+    return trace, execute(trace, CONFIG, model, cat, keep_tokens=True, threads=1)
+
+
+@pytest.fixture(scope="module")
+def three(tiny, reference):
+    model, cat = tiny
+    trace, _ = reference
+    return execute_split(trace, CONFIG, model, cat, clients=3, keep_tokens=True,
+                         timeout_s=TIMEOUT_S)
+
+
+def _tokens(result) -> list[list[int]]:
+    return [list(t) for t in result.requests["output_token_ids"]]
+
+
+def test_three_clients_token_identical(reference, three):
+    trace, ref = reference
+    assert (three.requests["status"] == "finished").all()
+    assert _tokens(three) == _tokens(ref)
+    assert list(three.requests["request_id"]) == list(trace["request_id"])
+    assert set(three.requests.columns) == set(ref.requests.columns) | {"client"}
+    # the catalog order gives adapter i to client i % 3; base-model requests to client 0
+    assert sorted(three.requests["client"].unique()) == [0, 1, 2]
+
+
+def test_one_client_token_identical(tiny, reference):
+    model, cat = tiny
+    trace, ref = reference
+    one = execute_split(trace, CONFIG, model, cat, clients=1, keep_tokens=True,
+                        timeout_s=TIMEOUT_S)
+    assert _tokens(one) == _tokens(ref)
+    assert (one.requests["client"] == 0).all()
+
+
+def test_base_holds_base_weights_only(tiny, three):
+    model_dir, cat = tiny
+    model = LlamaModel.from_pretrained(model_dir)
+    expect = {"embed_tokens": model.embed, "lm_head": model.lm_head}
+    for i, w in enumerate(model.layers):
+        expect.update({f"layers.{i}.{op}": getattr(w, op)
+                       for op in ("qkv", "o", "gate_up", "down")})
+    report = three.extras["base_report"]
+    assert set(report["tensors"]) == set(expect)
+    assert report["tensors"] == {k: t.numel() * t.element_size() for k, t in expect.items()}
+    assert three.extras["base_sha256_after"] == report["sha256"]
+    # the adapters live in the clients, each client holding only its own
+    held = [set(c["adapters"]) for c in three.extras["clients"]]
+    assert set().union(*held) == set(cat.adapters)
+    assert held[0].isdisjoint(held[1])
+    for c in three.extras["clients"]:
+        assert all(a["bytes"] > 0 for a in c["adapters"].values())
+        assert all("norm" in name for name in c["tensors"])   # no base matrix in a client
+
+
+def test_base_batches_across_clients(three):
+    batches = three.extras["base_batches"]
+    lin = batches[batches["kind"] == "lin"]
+    assert (lin["clients"] > 1).any()
+    assert set(lin["op"]) == {"qkv", "o", "gate_up", "down"}
+    assert (batches["compute_s"] >= 0).all() and (batches["t_queue_s"] >= 0).all()
+    steps = three.extras["client_steps"]
+    assert (steps["t_end"] >= steps["t_start"]).all()
+    assert (steps["base_wait_s"] > 0).all()
+    assert steps.groupby("client")["num_tokens"].sum().sum() == three.steps["num_tokens"].sum()
+
+
+def test_failing_client_stops_the_run(tiny, reference):
+    model, cat = tiny
+    trace, _ = reference
+    t = time.monotonic()
+    with pytest.raises(SplitExecutionError, match="injected fault"):
+        execute_split(trace, CONFIG, model, cat, clients=2, fault={1: 1}, timeout_s=TIMEOUT_S)
+    assert time.monotonic() - t < TIMEOUT_S
+    assert not [p for p in torch.multiprocessing.active_children()
+                if p.name.startswith("split-")]
+
+
+def test_trainer_loss_falls_base_unchanged(tiny, reference):
+    model, cat = tiny
+    trace, ref = reference
+    res = execute_split(trace.iloc[:4], CONFIG, model, cat, clients=1, keep_tokens=True,
+                        trainer=TrainerSpec(min_steps=12, seq_len=16, lr=2e-2),
+                        timeout_s=TIMEOUT_S)
+    tr = res.summary["trainer"]
+    losses = res.extras["trainer_steps"]["loss"].to_numpy()
+    assert tr["train_steps"] >= 12 and tr["train_tokens_per_s"] > 0
+    assert losses[-1] < 0.7 * losses[0]
+    assert res.extras["base_sha256_after"] == res.extras["base_report"]["sha256"]
+    assert _tokens(res) == _tokens(ref)[:4]   # inference unaffected by the trainer
+    kinds = set(res.extras["base_batches"]["kind"])
+    assert {"lin", "grad", "embed", "head"} <= kinds
+
+
+def test_base_input_gradients_are_exact(tiny):
+    weights = BaseWeights.load(tiny[0], torch.float64)
+    ex = LocalExchange(weights)
+    for op, d_in in (("qkv", 64), ("down", 128)):
+        x = torch.randn(5, d_in, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: RemoteLinear.apply(t, ex, "lin", 1, op), (x,))
+    h = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: RemoteLinear.apply(t, ex, "head", -1, "head"),
+                                    (h,))
+
+
+def test_assign_clients_and_refusals(tiny):
+    model, cat = tiny
+    trace = burst_trace(cat, n=10)
+    who = assign_clients(trace, cat, 3)
+    pos = {a: i % 3 for i, a in enumerate(cat.adapters)}
+    assert list(who) == [0 if pd.isna(a) else pos[a] for a in trace["adapter"]]
+    assert list(assign_clients(trace.assign(client=np.arange(10) % 2), cat, 2)) == \
+        list(np.arange(10) % 2)
+    with pytest.raises(TwinInputError, match="client 2 out of range"):
+        assign_clients(trace.assign(client=2), cat, 2)
+    with pytest.raises(TwinInputError, match="shared memory"):
+        execute_split(trace, CONFIG, model, cat, link="pcie")

@@ -1,0 +1,193 @@
+"""A split-mode client: its own requests, scheduler, paged KV cache and adapters; the base
+model's weights are reached through the base executor.
+
+:class:`SplitModel` is :class:`twin.executor.model.LlamaModel` with the base's ops (the
+embedding, every packed linear, the lm_head) sent to the base executor
+(``twin.executor.split.exchange``); what stays local is what the contract gives the
+client: the norms (tiny vectors, read alone from the model's safetensors), RoPE,
+attention over its own KV cache, its adapters' hooks around each linear, sampling.
+
+:class:`ClientEngine` is the executor's own serving loop (``twin.executor.engine``: the
+same ``Scheduler``, KV block tables, clock, recorder and result) over a ``SplitModel``,
+with every adapter of the client resident from the start (``ClientAdapterStore``: no
+loads, no slots) and, per step, the split counters of the contract's client-step log
+(``transfer_s``, ``base_wait_s``, ``local_s``, ``context_tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from twin.config import ALLOWED_LORA_RANKS, ServingConfig
+from twin.executor.engine import _Engine
+from twin.executor.kv_memory import choose_num_blocks
+from twin.executor.model import LayerWeights, LlamaModel
+from twin.executor.prefix_blocks import block_tables
+from twin.executor.shape import LlamaShape
+from twin.executor.slora import BuiltServer
+from twin.executor.split.client_adapters import ClientAdapterStore
+from twin.executor.split.exchange import Exchange
+from twin.servers import build_server
+from twin.workload.catalog import AdapterCatalog
+
+SPLIT_STEP_COLUMNS = ["transfer_s", "base_wait_s", "local_s", "base_calls", "context_tokens"]
+
+
+def read_norms(model_dir, dtype: torch.dtype) -> tuple[LlamaShape, list, torch.Tensor]:
+    """The model's shape and its norm vectors only (per layer input / post-attention,
+    and the final one), read tensor by tensor without loading the rest."""
+    d = Path(model_dir)
+    shape = LlamaShape.from_config(json.loads((d / "config.json").read_text()))
+    index = d / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+             if index.exists() else ["model.safetensors"])
+    want = {"norm.weight"} | {f"layers.{i}.{n}_layernorm.weight" for i in range(shape.layers)
+                              for n in ("input", "post_attention")}
+    got: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(d / f), framework="pt") as fh:
+            for key in fh.keys():
+                name = key[len("model."):] if key.startswith("model.") else key
+                if name in want:
+                    got[name] = fh.get_tensor(key).to(dtype)
+    missing = want - set(got)
+    if missing:
+        raise KeyError(f"{d}: norm weights {sorted(missing)[:3]} missing")
+    norms = [(got[f"layers.{i}.input_layernorm.weight"],
+              got[f"layers.{i}.post_attention_layernorm.weight"]) for i in range(shape.layers)]
+    return shape, norms, got["norm.weight"]
+
+
+class SplitModel(LlamaModel):
+    """A Llama whose base ops run in the base executor (see the module docstring).
+
+    ``embed`` is an empty tensor that only carries the dtype and device (the engine reads
+    them from it); the client holds no base weight besides the norms."""
+
+    def __init__(self, model_dir, dtype: torch.dtype, exchange: Exchange | None):
+        shape, norms, final = read_norms(model_dir, dtype)
+        layers = [LayerWeights(inp, post, None, None, None, None) for inp, post in norms]
+        super().__init__(shape, torch.empty(0, dtype=dtype), layers, final, None)
+        self.ex = exchange
+        self.name = str(model_dir)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ex.call("embed", -1, "embed", input_ids)
+
+    def _linear(self, li: int, op: str, x: torch.Tensor, lora, segs) -> torch.Tensor:
+        if segs:
+            x = lora.before(li, op, x, segs)
+        y = self.ex.call("lin", li, op, x)
+        if segs:
+            lora.apply(li, op, x, y, segs)
+        return y
+
+    def _head(self, last: torch.Tensor) -> torch.Tensor:
+        return self.ex.call("head", -1, "head", last)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The base-model tensors the client holds (norm vectors only)."""
+        named = {"norm": self.norm}
+        for i, w in enumerate(self.layers):
+            named[f"layers.{i}.input_norm"] = w.input_norm
+            named[f"layers.{i}.post_norm"] = w.post_norm
+        return named
+
+
+def client_config(config: ServingConfig, n_adapters: int) -> ServingConfig:
+    """The client's own server: vLLM's scheduler with every adapter of the client resident
+    (as many slots and host entries as adapters, preloaded) and no rank ceiling."""
+    n = max(int(n_adapters), 1)
+    return config.replace(policy="vllm", max_loras=n, max_cpu_loras=n, preload_adapters=True,
+                          max_lora_rank=max(ALLOWED_LORA_RANKS))
+
+
+class ClientEngine(_Engine):
+    """The executor's serving loop over a :class:`SplitModel` (see the module docstring)."""
+
+    fault_step: int | None = None   # fault injection (tests): raise in this step's forward
+
+    def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
+                    kv_cache_gib) -> BuiltServer:
+        num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
+                                       kv_cache_gib=kv_cache_gib)
+        preload = ([i for i in range(len(names)) if i not in self.bad]
+                   if config.enable_lora else [])
+        server = build_server(config, None, catalog, layout="vllm", num_blocks=num_blocks,
+                              preload=preload)
+        store = ClientAdapterStore(model.shape, model.dtype, names, paths)
+        self.split_rows: list[tuple] = []
+        return BuiltServer(server, num_blocks,
+                           model.allocate_kv_cache(num_blocks, config.block_size),
+                           block_tables(num_blocks, config.block_size, server.scheduler),
+                           store.lora, store)
+
+    def _forward_phase(self, step) -> None:
+        """The executor's forward, with the split counters of the step recorded."""
+        if self.fault_step is not None and len(self.split_rows) >= self.fault_step:
+            raise RuntimeError(f"injected fault at step {len(self.split_rows)}")
+        self.model.ex.reset()
+        super()._forward_phase(step)
+        transfer, wait, calls = self.model.ex.reset()
+        local = max(step.t_fwd - transfer - wait, 0.0)
+        ctx = sum(s + k for (_, k), s in zip(step.items, step.starts))
+        self.split_rows.append((transfer, wait, local, calls, ctx))
+
+
+@dataclass
+class ClientSpec:
+    """What a client process is given: its share of the trace and of the catalog."""
+
+    client: int
+    model_dir: str
+    dtype: torch.dtype
+    trace: pd.DataFrame
+    catalog: AdapterCatalog
+    config: ServingConfig
+    seed: int = 0
+    num_gpu_blocks: int | None = None
+    kv_cache_gib: float | None = None
+    keep_tokens: bool = False
+    start_timeout_s: float = 120.0
+    fault_step: int | None = None
+
+
+def client_main(spec: ClientSpec, conn, buffers, ready, results) -> None:
+    """A client process: build its server, wait for everyone, serve its requests, send
+    the result (or the error) to ``results``."""
+    torch.set_num_threads(1)
+    ex = None
+    try:
+        ex = Exchange(conn, buffers, None)
+        model = SplitModel(spec.model_dir, spec.dtype, ex)
+        ex.shape = model.shape
+        engine = ClientEngine(
+            spec.trace, spec.config, model, spec.catalog, window_s=None, progress=False,
+            seed=spec.seed, num_gpu_blocks=spec.num_gpu_blocks, kv_cache_gib=spec.kv_cache_gib,
+            keep_tokens=spec.keep_tokens, sample_dt=None,
+            meta={"model": model.name, "time_scale": 1.0, "seed": spec.seed, "threads": 1,
+                  "trace": f"client {spec.client}"})
+        engine.fault_step = spec.fault_step
+        adapters = {a.adapter_id: {"kind": a.kind, "bytes": int(a.nbytes)}
+                    for a in engine.store.lora.table}
+        ready.wait(spec.start_timeout_s)
+        t0 = time.perf_counter()
+        result = engine.run()
+        results.put(("client", spec.client, {
+            "result": result, "split_rows": engine.split_rows, "t0": t0,
+            "adapters": adapters,
+            "tensors": {n: int(t.numel() * t.element_size())
+                        for n, t in model.tensors().items()}}))
+    except BaseException:   # noqa: BLE001 - any failure goes to the driver, which stops all
+        results.put(("error", f"client {spec.client}", traceback.format_exc()))
+    finally:
+        if ex is not None:
+            ex.close()
