@@ -87,8 +87,8 @@ def test_batching_saves_base_time():
     both["request_id"] = np.arange(len(both))
     pol = get_policy("split", clients=2, link="free", log_batches=True)
     run = pol.simulate(both, _config(policy="split"), PROFILE)
-    batches = run.result.meta["split"]["base_batches"]
-    steps = run.result.meta["split"]["client_steps"]
+    batches = run.result.extras["base_batches"]
+    steps = run.result.extras["client_steps"]
     assert (batches["clients"] == 2).mean() > 0.9
     c = split_costs(PROFILE, "free", pol.layer_groups)
     unbatched = sum(c.base.pass_time(int(p), int(d), int(d) + (1 if p else 0))

@@ -22,6 +22,10 @@ What changes against vLLM (``twin.policies.vllm``):
 
 ``costs``: a :class:`~twin.costs.split_costs.SplitCosts` fitted to the executor's split
 mode (``twin.calibrate.split_fit``); by default derived from the profile.
+``client_kv_tokens``: each client's KV pool when given (what an executor chose), instead
+of the memory split above. The result's ``extras`` hold the contract's ``client_steps``
+and (``log_batches``) ``base_batches`` tables, ``summary["split"]`` where the clients'
+step time went.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class SplitPolicy(Policy):
     def __init__(self, clients: int = 4, link: str = "shm", devices: str = "same",
                  layer_groups: int | None = 4, finetune_tokens_per_s: float = 0.0,
                  finetune_tokens_per_step: int = 2048, host_memory_gib: float = HOST_MEMORY_GIB,
-                 costs=None, log_batches: bool = False):
+                 costs=None, log_batches: bool = False, client_kv_tokens: int | None = None):
         if int(clients) < 1:
             raise TwinInputError(f"split needs >= 1 client, got {clients}", field="clients")
         self.clients = int(clients)
@@ -83,6 +87,7 @@ class SplitPolicy(Policy):
         self.host_memory_gib = float(host_memory_gib)
         self.costs = costs
         self.log_batches = log_batches
+        self.client_kv_tokens = client_kv_tokens
 
     def device(self, c: int) -> str:
         return self.devices[c % len(self.devices)]
@@ -150,6 +155,8 @@ class SplitPolicy(Policy):
             cpus = sum(1 for k in range(self.clients) if self.device(k) == "cpu")
             avail = 0.9 * self.host_memory_gib / cpus - ad
         blocks = int(max(avail, 0.0) * GIB // (m.kv_bytes_per_token * config.block_size))
+        if self.client_kv_tokens is not None:   # the pool an executor chose for itself
+            blocks = self.client_kv_tokens // config.block_size
         tokens = blocks * config.block_size
         first = c == 0
         return MemoryPlan(policy=self.name, budget_gib=avail + ad,
@@ -204,10 +211,8 @@ class SplitPolicy(Policy):
         actors: list = list(clients)
         job = None
         if self.finetune_tokens_per_s > 0:
-            until = window_s if window_s is not None else (
-                float(trace["arrival_s"].max()) if len(trace) else 0.0)
             job = TrainJob(self.split_costs(profile, "same"), self.finetune_tokens_per_s,
-                           self.finetune_tokens_per_step, until)
+                           self.finetune_tokens_per_step, window_s, clients)
             actors.append(job)
         base = actors[0].costs.base
         loop = SplitLoop(actors, base, log_batches=self.log_batches)
@@ -219,8 +224,8 @@ class SplitPolicy(Policy):
             runs.append(ServerRun(dep.servers[cl.cid], rows, res, mem, 1.0, busy))
         result = combine(dep, trace, runs, config, profile, window_s)
         result.summary["split"] = split_summary(clients, loop, job, result)
-        result.meta["split"] = {"client_steps": client_steps(clients),
-                                "base_batches": base_batches(loop, base)}
+        result.extras.update(client_steps=client_steps(clients),
+                             base_batches=base_batches(loop, base))
         return PolicyRun(policy=self.name, deployment=dep, result=result, servers=runs)
 
 
@@ -254,7 +259,7 @@ def split_summary(clients, loop: SplitLoop, job, result) -> dict:
            "base_share": float(log["base_wait_s"].sum() / tot) if tot else 0.0,
            "local_share": float(log["local_s"].sum() / tot) if tot else 0.0}
     if job is not None:
-        span = max(min(dur, job.until or dur), 1e-9)
-        out["finetune_tokens_per_s"] = job.done_tokens / span
+        span = job.steps[-1][1] - job.steps[0][0] if job.steps else 0.0
+        out["finetune_tokens_per_s"] = job.done_tokens / span if span > 0 else 0.0
         out["finetune_target_tokens_per_s"] = job.rate
     return out

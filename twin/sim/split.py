@@ -123,11 +123,14 @@ class TrainJob:
     """A fine-tuning job on the base: a step of ``tokens`` rows is a forward pass and an
     input-gradient pass (stages in reverse; ``W^T`` GEMMs of the forward's cost, batched
     only with each other), started every ``tokens / tokens_per_s`` seconds (at once when
-    behind), until ``until`` (the window's end, or the last client's)."""
+    behind; ``inf``: back to back, as fast as the base lets it), until ``until`` (the
+    window's end) or until every client of ``clients`` is done, as a trainer stops when
+    inference is over."""
 
     def __init__(self, costs, tokens_per_s: float, tokens: int, until: float | None,
-                 start_s: float = 0.0):
+                 clients: list, start_s: float = 0.0):
         self.costs, self.rate, self.tokens, self.until = costs, tokens_per_s, tokens, until
+        self.clients = clients
         k = len(costs.base.stages)
         self.order = [(s, 0) for s in range(k)] + [(s, 1) for s in reversed(range(k))]
         self.next_start = start_s
@@ -135,13 +138,17 @@ class TrainJob:
         self.done_tokens = 0
         self.steps: list[tuple[float, float]] = []
 
+    def over(self, now: float) -> bool:
+        if self.until is not None and max(now, self.next_start) >= self.until:
+            return True
+        return not any(c.cur is not None or c.sched.has_work() or c.next_row < c.n
+                       for c in self.clients)
+
     def wake_time(self, now: float) -> float | None:
-        if self.until is not None and self.next_start >= self.until:
-            return None
-        return self.next_start
+        return None if self.over(now) else max(self.next_start, now)
 
     def begin(self, now: float) -> bool:
-        if now < self.next_start or (self.until is not None and now >= self.until):
+        if now < self.next_start or self.over(now):
             return False
         c, t = self.costs, self.tokens
         f = np.zeros(12)

@@ -1,0 +1,149 @@
+"""Split costs fitted to the executor's split mode (``twin.executor.split``'s logs).
+
+Three fits, one per part of a split step (``twin.costs.split_costs``):
+
+- **base**: per op (``embed``, ``qkv``, ``o``, ``gate_up``, ``down``, ``head``), a batch's
+  ``compute_s = const + row_s x rows`` (non-negative least squares over the base-batch
+  log, forward ``lin`` batches and the ends; input-gradient batches priced as forward);
+- **link**: the client's copies into and out of the shared buffers, ``transfer_s =
+  a x calls + bytes / bandwidth`` per step, plus the pipe's message latency: per step,
+  ``base_wait_s`` less its own batches' compute, over ``2 x calls`` messages (from one-
+  client runs, where no other client's batch is queued ahead; the lower quartile of every
+  step when there are none);
+- **local**: ``local_s = const + prefill_tokens + decode_tokens + decode_context`` (non-
+  negative least squares over the client-step log).
+
+The result is a :class:`SplitCosts` for the model's shape (every layer its own stage),
+saved as JSON (``twin.split-costs/1``) with the fit's residuals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twin.costs.split_costs import (OPS, BaseCosts, Link, SplitCosts, stages)
+from twin.costs.step_time import StepTimeModel
+from twin.errors import TwinInputError
+
+SCHEMA = "twin.split-costs/1"
+BASE_OPS = ("embed",) + OPS + ("head",)
+LOCAL_TERMS = ("const", "prefill_tokens", "decode_tokens", "decode_context")
+
+
+def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from scipy.optimize import nnls   # lazy: scipy.optimize takes ~0.5 s to import
+
+    return nnls(X, y)[0]
+
+
+def fit_base(batches: pd.DataFrame) -> dict:
+    """``{op: (const_s, row_s)}`` from base batches (see the module docstring)."""
+    out = {}
+    for op in BASE_OPS:
+        b = batches[batches["op"] == op]
+        if not len(b):
+            raise TwinInputError(f"no base batch of op {op!r} to fit", field="base_batches")
+        X = np.column_stack([np.ones(len(b)), b["rows"].to_numpy(float)])
+        c = _nnls(X, b["compute_s"].to_numpy(float))
+        out[op] = (float(c[0]), float(c[1]))
+    return out
+
+
+def base_costs_from(shape, fit: dict, layer_groups: int | None = None) -> BaseCosts:
+    """Per-stage base costs from the per-op fit (a stage of n layers: n x the op)."""
+    st = stages(shape, layer_groups)
+    k = len(st)
+    const, row, seq = np.zeros(k), np.zeros(k), np.zeros(k)
+    for i, s in enumerate(st):
+        op = "head" if s.op == "lm_head" else s.op
+        a, b = fit[op]
+        const[i] = a * s.layers
+        if s.per_seq:
+            seq[i] = b
+        else:
+            row[i] = b * s.layers
+    return BaseCosts(st, const=const, prefill=row, decode=row.copy(), seq=seq)
+
+
+def _own_compute(steps: pd.DataFrame, base: BaseCosts) -> np.ndarray:
+    """Each step's own base compute had it been alone (its pass, unbatched)."""
+    seqs = steps["num_decode"].to_numpy() + (steps["num_prefill_tokens"].to_numpy() > 0)
+    return np.array([base.pass_time(int(p), int(d), int(s)) for p, d, s in zip(
+        steps["num_prefill_tokens"], steps["num_decode"], seqs)])
+
+
+def fit_link(steps: pd.DataFrame, base: BaseCosts, shape, one_client: np.ndarray) -> Link:
+    """The link's per-message latency and bandwidth (see the module docstring)."""
+    st = base.stages
+    calls = steps["calls"].to_numpy(float)
+    tokens = steps["num_tokens"].to_numpy(float)
+    seqs = steps["num_decode"].to_numpy() + (steps["num_prefill_tokens"].to_numpy() > 0)
+    nbytes = sum(np.where(s.per_seq, seqs, tokens) * (s.in_bytes + s.out_bytes) for s in st)
+    a, inv_bw = _nnls(np.column_stack([calls, nbytes]), steps["transfer_s"].to_numpy(float))
+    pipe = (steps["base_wait_s"].to_numpy() - _own_compute(steps, base)) / (2 * calls)
+    lat = float(np.median(pipe[one_client]) if one_client.any() else np.quantile(pipe, 0.25))
+    return Link("executor", max(lat, 0.0) + a / 2, 1.0 / inv_bw if inv_bw > 0 else np.inf,
+                "fitted to the executor's split mode (twin.calibrate.split_fit)")
+
+
+def fit_local(steps: pd.DataFrame) -> tuple[StepTimeModel, float]:
+    """The client-local model and its relative RMS residual."""
+    X = np.column_stack([np.ones(len(steps)), steps["num_prefill_tokens"], steps["num_decode"],
+                         steps["context_tokens"]]).astype(float)
+    y = steps["local_s"].to_numpy(float)
+    c = _nnls(X, y)
+    rms = float(np.sqrt(np.mean((X @ c - y) ** 2)) / max(np.mean(y), 1e-12))
+    return StepTimeModel(base=dict(zip(LOCAL_TERMS, map(float, c)))), rms
+
+
+def fit_split_costs(results, shape) -> SplitCosts:
+    """:class:`SplitCosts` for ``shape`` from executor split runs (``RunResult``s with the
+    ``base_batches`` and ``client_steps`` extras, and ``summary["split"]["clients"]``)."""
+    batches, steps = [], []
+    for r in results:
+        if "base_batches" not in r.extras or "client_steps" not in r.extras:
+            raise TwinInputError("not a split-mode run: no base_batches/client_steps extras",
+                                 field="extras")
+        b = r.extras["base_batches"]
+        batches.append(b[b["kind"] != "grad"])
+        s = r.extras["client_steps"].copy()
+        s["calls"] = r.steps["base_calls"].to_numpy() if "base_calls" in r.steps else (
+            len(stages(shape)) + 0 * s["step"])
+        s["one_client"] = r.summary["split"]["clients"] == 1
+        steps.append(s)
+    batches = pd.concat(batches, ignore_index=True)
+    steps = pd.concat(steps, ignore_index=True)
+    steps = steps[steps["calls"] > 0]
+    fit = fit_base(batches)
+    base = base_costs_from(shape, fit)
+    link = fit_link(steps, base, shape, steps["one_client"].to_numpy(bool))
+    local, rms = fit_local(steps)
+    return SplitCosts(base, local, link, notes={
+        "schema": SCHEMA, "base_ops": {k: list(v) for k, v in fit.items()},
+        "link": {"latency_s": link.latency_s, "bytes_per_s": link.bytes_per_s},
+        "local": local.base, "local_rel_rms": rms, "runs": len(results),
+        "base_batches": int(len(batches)), "client_steps": int(len(steps))})
+
+
+def save_split_costs(costs: SplitCosts, path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(costs.notes, indent=2, default=float) + "\n")
+    return path
+
+
+def load_split_costs(path, shape, layer_groups: int | None = None) -> SplitCosts:
+    """A saved fit as :class:`SplitCosts` for ``shape``."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise TwinInputError(f"cannot read split costs: {exc}", file=str(path)) from None
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise TwinInputError(f"expected schema {SCHEMA!r}", file=str(path), field="schema")
+    fit = {k: tuple(v) for k, v in d["base_ops"].items()}
+    link = Link("executor", d["link"]["latency_s"], d["link"]["bytes_per_s"])
+    return SplitCosts(base_costs_from(shape, fit, layer_groups),
+                      StepTimeModel(base=dict(d["local"])), link, notes=d)
