@@ -376,7 +376,12 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600.0, help="trace length, s (600)")
     ap.add_argument("--quick", action="store_true", help="120-s traces, fewer adapter counts")
+    ap.add_argument("--split", action="store_true",
+                    help="only the split-execution rows (experiments/split_study.py, issue "
+                         "19): figures/policies_split.csv and the table in README_split.md")
     args = ap.parse_args(argv)
+    if args.split:
+        return split_rows(args)
     duration = 120.0 if args.quick else args.duration
     adapters = (5, 50, 2000) if args.quick else ADAPTERS
     FIG.mkdir(parents=True, exist_ok=True)
@@ -403,6 +408,22 @@ def main(argv=None) -> int:
         readme = write_readme(sc, hot, cmp, share, k, duration, cmd, time.time() - t0)
         print(f"wrote {readme}")
     print(f"figures in {FIG} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def split_rows(args) -> int:
+    """``--split``: where split execution wins and loses (experiments/split_study.py)."""
+    from split_study import markdown, study  # lazy: only for --split
+
+    duration = 60.0 if args.quick else min(args.duration, 300.0)
+    t0 = time.time()
+    df = study(load_profile(PROFILE), duration)
+    FIG.mkdir(parents=True, exist_ok=True)
+    df.to_csv(FIG / "policies_split.csv", index=False)
+    (FIG / "policies_split.md").write_text(markdown(df))
+    print(markdown(df))
+    print(f"wrote {FIG / 'policies_split.csv'}, {FIG / 'policies_split.md'} "
+          f"({time.time() - t0:.0f} s)")
     return 0
 
 

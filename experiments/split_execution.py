@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -102,20 +103,41 @@ def setup(root: Path):
     return model, cat
 
 
-def run_split(trace, model, cat, clients, **kw):
+CACHE: Path | None = None
+
+
+def cached(name: str, fn):
+    """``fn()``, or what it returned before under ``name`` in ``--cache`` (executor runs
+    are minutes of the timing lock; the twin side can be re-run on them)."""
+    path = CACHE / f"{name}.pkl" if CACHE is not None else None
+    if path is not None and path.exists():
+        return pickle.loads(path.read_bytes())
+    got = fn()
+    if path is not None:
+        path.write_bytes(pickle.dumps(got))
+    return got
+
+
+def run_split(trace, model, cat, clients, name: str, **kw):
     from twin.executor.split import execute_split  # lazy: torch
 
-    with timing_lock():
-        return execute_split(trace, CONFIG, model, cat, clients=clients, timeout_s=600, **kw)
+    def run():
+        with timing_lock():
+            return execute_split(trace, CONFIG, model, cat, clients=clients, timeout_s=600,
+                                 **kw)
+    return cached(name, run)
 
 
 def tokens_identical(model, cat) -> bool:
     from twin.executor.engine import execute  # lazy: torch
 
     tr = workload(cat, "burst", 1, 12, 1000.0, (5, 40), (2, 8), 0.2, 0)
-    with timing_lock():
-        ref = execute(tr, CONFIG, model, cat, keep_tokens=True, threads=1)
-    got = run_split(tr, model, cat, 3, keep_tokens=True)
+
+    def single():
+        with timing_lock():
+            return execute(tr, CONFIG, model, cat, keep_tokens=True, threads=1)
+    ref = cached("single-process", single)
+    got = run_split(tr, model, cat, 3, "split-3clients", keep_tokens=True)
     return [list(t) for t in ref.requests["output_token_ids"]] == \
         [list(t) for t in got.requests["output_token_ids"]]
 
@@ -167,7 +189,7 @@ def validate(model, cat, costs, workloads) -> list[dict]:
     rows = []
     for w in workloads:
         trace = workload(cat, *w)
-        ex = run_split(trace, model, cat, w[1])
+        ex = run_split(trace, model, cat, w[1], w[0])
         kv = ex.summary["kv_cache"]["capacity_tokens"] // w[1]
         tw = twin_split(trace, cat, costs, w[1], kv)
         f = figures(tw, ex)
@@ -187,9 +209,11 @@ def finetune(model, cat, costs, w) -> dict:
 
     trace = workload(cat, *w)
     spec = TrainerSpec(batch=2, seq_len=32, rank=8)
-    with timing_lock():
-        got = finetune_interference(trace, CONFIG, model, cat, clients=w[1], trainer=spec,
-                                    timeout_s=600)
+    def run():
+        with timing_lock():
+            return finetune_interference(trace, CONFIG, model, cat, clients=w[1],
+                                         trainer=spec, timeout_s=600)
+    got = dict(cached("finetune", run))
     tokens = spec.batch * spec.seq_len
     alone = twin_split(trace, cat, costs, w[1])
     shared = twin_split(trace, cat, costs, w[1], finetune_tokens_per_s=float("inf"),
@@ -204,7 +228,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two validation workloads")
     ap.add_argument("--out", type=Path, default=HERE / "split_results.json")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep the executor's runs here and reuse them on the next run")
     args = ap.parse_args(argv)
+    global CACHE
+    CACHE = args.cache
+    if CACHE is not None:
+        CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="split-exp-") as tmp:
         root = Path(tmp)
@@ -213,7 +243,7 @@ def main(argv=None) -> int:
         print(f"tokens_identical: {same}", flush=True)
         kinds = peft_methods(root)
         print(f"peft_methods: {kinds}", flush=True)
-        cal = [run_split(workload(cat, *w), model, cat, w[1]) for w in CALIBRATION]
+        cal = [run_split(workload(cat, *w), model, cat, w[1], w[0]) for w in CALIBRATION]
         costs = fit_split_costs(cal, load_profile("cpu-tiny").model)
         save_split_costs(costs, args.out.with_suffix(".costs.json"))
         print("fitted:", json.dumps(costs.notes, default=float), flush=True)

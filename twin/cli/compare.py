@@ -27,6 +27,11 @@ strategies (--policies):
           replicas per GPU = how many fit with a KV cache of max_model_len tokens
   hybrid  the hottest --hybrid-k adapters merged on dedicated GPUs, the rest dynamic
           (--hybrid-dynamic vllm|slora)
+  split   Symbiosis: one base executor holds the weights once and batches the linears of
+          --clients clients per layer; each client keeps its own requests, KV cache and
+          adapters (always resident) on --client-devices (same: the base's GPU, gpu: a
+          GPU of its own, cpu: the host), activations over --link (auto, shm, ipc,
+          pcie, nvlink, network); --finetune-tokens-per-s adds a fine-tuning job on the same base
 
 GPUs: with --gpus N every strategy is deployed on N GPUs (static deployments serve the
 hottest adapters that fit and report the rest as unserved; dynamic ones split adapters
@@ -60,6 +65,16 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         "on demand with preemption (conservative)")
     p.add_argument("--merged-min-kv-tokens", type=int, default=None,
                    help="merged: KV tokens a replica must hold (default max_model_len)")
+    p.add_argument("--clients", type=int, default=4, help="split: clients (4)")
+    p.add_argument("--link", choices=("auto", "shm", "ipc", "pcie", "nvlink", "network",
+                                      "free"), default="auto",
+                   help="split: client <-> base link; auto: by device (same GPU: ipc, "
+                        "another GPU: nvlink, CPU: pcie)")
+    p.add_argument("--client-devices", default="same",
+                   help="split: device of each client, comma-separated and cycled over "
+                        "the clients: same, gpu, cpu (same)")
+    p.add_argument("--finetune-tokens-per-s", type=float, default=0.0,
+                   help="split: a fine-tuning job's target tokens/s on the base (0: none)")
     p.add_argument("--window-s", type=positive_float, default=None,
                    help="measure a fixed window (default: run to completion)")
     p.add_argument("--out", type=Path, default=None,
@@ -77,6 +92,11 @@ def run(args) -> int:
     if bad or not names:
         raise TwinInputError(f"unknown policy {bad[0] if bad else ''!r}; known: "
                              f"{sorted(POLICY_CLASSES)}", field="--policies")
+    if args.clients < 1:
+        raise TwinInputError(f"must be >= 1, got {args.clients}", field="--clients")
+    if not args.finetune_tokens_per_s >= 0:
+        raise TwinInputError(f"must be >= 0, got {args.finetune_tokens_per_s}",
+                             field="--finetune-tokens-per-s")
     if args.gpus is not None and args.gpus < 1:
         raise TwinInputError(f"must be >= 1, got {args.gpus}", field="--gpus")
     say = console(args.json)
@@ -89,7 +109,9 @@ def run(args) -> int:
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
         options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
                    "admission": args.slora_admission, "slora_admission": args.slora_admission,
-                   "min_kv_tokens": args.merged_min_kv_tokens}
+                   "min_kv_tokens": args.merged_min_kv_tokens, "clients": args.clients,
+                   "link": args.link, "devices": args.client_devices,
+                   "finetune_tokens_per_s": args.finetune_tokens_per_s}
 
         def progress(name, run):
             s = run.result.summary

@@ -65,6 +65,10 @@ LINKS: dict[str, Link] = {
     # core) plus a control message through a multiprocessing pipe (~20 us round trip on Linux;
     # the executor's split mode measures its own: twin.calibrate.split_fit)
     "shm": Link("shm", 20e-6, 10e9, "one-core memcpy ~10 GB/s; pipe message ~20 us (Linux)"),
+    # a client on the base's own GPU (CUDA IPC handles to the same HBM): a device copy reads
+    # and writes, so half the effective HBM bandwidth (H100 64 GB: 1.6 TB/s / 2), and ~5 us
+    # of event synchronisation per message
+    "ipc": Link("ipc", 5e-6, 0.8e12, "same-GPU copy at half of 1.6 TB/s; 5 us sync"),
     # PCIe Gen5 x16: 64 GB/s per direction (twin.costs.gpus 'pcie_bytes_per_s') x 0.7 link
     # derate; ~10 us per small cudaMemcpy + event (a client on the CPU or another board)
     "pcie": Link("pcie", 10e-6, 64e9 * DERATE["link"], "PCIe Gen5 x16 64 GB/s x 0.7; 10 us"),
@@ -75,9 +79,15 @@ LINKS: dict[str, Link] = {
 }
 
 
-def get_link(link) -> Link:
+#: ``link="auto"``: each client's link by its device (twin.policies.split)
+AUTO_LINKS = {"same": "ipc", "gpu": "nvlink", "cpu": "pcie"}
+
+
+def get_link(link, device: str = "same") -> Link:
     if isinstance(link, Link):
         return link
+    if link == "auto":
+        link = AUTO_LINKS.get(device, "shm")
     if link not in LINKS:
         raise TwinInputError(f"unknown link {link!r}; known: {', '.join(LINKS)}", field="link")
     return LINKS[link]
@@ -136,16 +146,18 @@ class SplitCosts:
         self._passes: dict = {}
 
     def pass_costs(self, prefill_tokens: int, decode_tokens: int, seqs: int) -> tuple:
-        """(base contributions, request and response transfer times, total transfer) of a
-        step's pass, as lists; memoised (decode steps repeat the same few shapes)."""
+        """(base contributions, request and response transfer times, as lists; the total
+        transfer; the pass's base compute alone) of a step's pass; memoised (decode steps
+        repeat the same few shapes)."""
         key = (prefill_tokens, decode_tokens, seqs)
         hit = self._passes.get(key)
         if hit is None:
             if len(self._passes) > 100_000:
                 self._passes.clear()
             x_in, x_out = self.transfer(prefill_tokens + decode_tokens, seqs)
-            hit = (self.base.contribution(prefill_tokens, decode_tokens, seqs).tolist(),
-                   x_in, x_out, sum(x_in) + sum(x_out))
+            contrib = self.base.contribution(prefill_tokens, decode_tokens, seqs)
+            hit = (contrib.tolist(), x_in, x_out, sum(x_in) + sum(x_out),
+                   float((contrib + self.base.const).sum()))
             self._passes[key] = hit
         return hit
 

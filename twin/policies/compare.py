@@ -21,7 +21,10 @@ Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
   reserve, for S-LoRA's conservative admission), plus preemptions;
 - ``LoRA compute``: step time added by the LoRA matmuls and adapter-weight reads (at the
   padded rank for vLLM, the exact ranks for S-LoRA);
-- ``time-slicing``: compute lost by replicas that share a GPU, 1 − 1/slowdown.
+- ``time-slicing``: compute lost by replicas that share a GPU, 1 − 1/slowdown;
+- ``transfers`` (split): clients' step time spent moving activations over the link;
+- ``base queueing`` (split): clients' step time spent waiting behind other clients' (and
+  fine-tuning jobs') batches at the shared base executor, beyond their own compute.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
+from twin.policies.split import SPLIT
 from twin.results import crop_window
 from twin.workload.schema import validate_trace
 
@@ -141,9 +145,11 @@ def cost_breakdown(run: PolicyRun, config, profile, catalog=None, min_gpus=None)
     repl = 0.0
     if min_gpus and run.gpus > min_gpus:
         repl = 1.0 - min_gpus / run.gpus
+    split = s.get("split", {})
     return {"unserved": unserved, "replication": repl, "adapter loads": float(loads),
             "skip rule": skip, "KV capacity": kv, "LoRA compute": lora,
-            "time-slicing": slicing}
+            "time-slicing": slicing, "transfers": split.get("transfer_share", 0.0),
+            "base queueing": split.get("base_queue_share", 0.0)}
 
 
 def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
@@ -162,7 +168,7 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
         has = rq["adapter"].notna().to_numpy()
         share = float(has.mean()) if len(rq) else 0.0
         ctx = float(rq["prompt_tokens"].mean() + rq["output_tokens"].mean() / 2)
-        if r.spec.kind == SLORA:
+        if r.spec.kind in (SLORA, SPLIT):   # exact ranks, no slots
             ranks = _ranks(rq.loc[has, "adapter"], catalog, config)
             rank = float(ranks.mean()) if len(ranks) else 0.0
             slots = None
@@ -219,6 +225,10 @@ _WHY = {
                    "({pre} preemptions)",
     "LoRA compute": "LoRA matmuls and adapter-weight reads add {pct} to every step",
     "time-slicing": "replicas sharing a GPU lose {pct} of their compute to time-slicing",
+    "transfers": "its clients spend {pct} of their step time moving activations to and "
+                 "from the base executor",
+    "base queueing": "its clients spend {pct} of their step time queued behind other "
+                     "batches at the shared base executor",
 }
 
 

@@ -11,10 +11,15 @@ What changes against vLLM (``twin.policies.vllm``):
   stage (``twin.costs.split_costs``), queued FIFO and batched per stage across clients
   (``twin.sim.split``). Fine-tuning jobs (``finetune_tokens_per_s``) load it with forward
   and input-gradient passes.
-- **Transfers** over ``link`` (``shm``, ``pcie``, ``nvlink``, ``network``; ``free``: none).
+- **Transfers** over ``link`` (``shm``, ``ipc``, ``pcie``, ``nvlink``, ``network``;
+  ``free``: none; ``auto``: by device, ``same`` -> ``ipc``, ``gpu`` -> ``nvlink``,
+  ``cpu`` -> ``pcie``).
 - **Devices** (``devices``, cycled over the clients): ``same`` (the base's GPU), ``gpu``
   (a GPU of its own, like the base's) or ``cpu`` (local compute at CPU rates, KV in host
   memory).
+- **PEFT kinds** (the catalog's ``kind`` / ``virtual_tokens`` columns): LoRA at its rank;
+  IA³ (elementwise scales) with no LoRA work; prompt and prefix tuning add their virtual
+  tokens to each prompt (:func:`with_virtual_tokens`). vLLM's strategies serve LoRA only.
 - **Memory.** The base weights once (GPU 0). Clients on the same GPU split what is left
   after weights and activations, less their adapters; a ``gpu`` client has a GPU's budget
   less activations and adapters; a ``cpu`` client ``host_memory_gib`` split among the CPU
@@ -22,7 +27,8 @@ What changes against vLLM (``twin.policies.vllm``):
 
 ``costs``: a :class:`~twin.costs.split_costs.SplitCosts` fitted to the executor's split
 mode (``twin.calibrate.split_fit``); by default derived from the profile.
-``client_kv_tokens``: each client's KV pool when given (what an executor chose), instead
+``shared_compute``: whether a client's local work queues on the base's device (default:
+for ``same`` clients, whose device it is). ``client_kv_tokens``: each client's KV pool when given (what an executor chose), instead
 of the memory split above. The result's ``extras`` hold the contract's ``client_steps``
 and (``log_batches``) ``base_batches`` tables, ``summary["split"]`` where the clients'
 step time went.
@@ -51,6 +57,26 @@ SPLIT = "split"
 HOST_MEMORY_GIB = 256.0     # a serving host's RAM for CPU clients' KV (an assumption)
 
 
+def peft_kinds(catalog) -> dict:
+    """adapter -> (PEFT kind, virtual tokens) from the catalog's ``kind`` and
+    ``virtual_tokens`` columns (as ``twin.executor.peft_methods`` writes them); LoRA and 0
+    where absent."""
+    t = catalog.table
+    kinds = t["kind"].astype(str).str.upper() if "kind" in t else ["LORA"] * len(t)
+    virt = t["virtual_tokens"].astype(int) if "virtual_tokens" in t else [0] * len(t)
+    return {a: (k, int(v)) for a, k, v in zip(t["adapter"], kinds, virt)}
+
+
+def with_virtual_tokens(trace: pd.DataFrame, kinds: dict) -> pd.DataFrame:
+    """Prompt and prefix tuning: each request's prompt grows by its adapter's virtual
+    tokens (prompt tuning computes them through the base; prefix tuning only attends and
+    holds them, priced here as prompt tuning: an upper bound of a few tokens' prefill)."""
+    extra = trace["adapter"].map(lambda a: 0 if pd.isna(a) else kinds.get(a, ("", 0))[1])
+    if not extra.any():
+        return trace
+    return trace.assign(prompt_tokens=trace["prompt_tokens"] + extra.astype("int32"))
+
+
 class ClientFeatures:
     """A split client's step features: LoRA at its adapters' mean exact rank, the kernel
     spanning the batch's adapters (no slots, nothing padded)."""
@@ -68,14 +94,16 @@ class SplitPolicy(Policy):
     name = SPLIT
     summary = "shared base executor, clients with their own KV/adapters (Symbiosis)"
 
-    def __init__(self, clients: int = 4, link: str = "shm", devices: str = "same",
+    def __init__(self, clients: int = 4, link: str = "auto", devices: str = "same",
                  layer_groups: int | None = 4, finetune_tokens_per_s: float = 0.0,
                  finetune_tokens_per_step: int = 2048, host_memory_gib: float = HOST_MEMORY_GIB,
-                 costs=None, log_batches: bool = False, client_kv_tokens: int | None = None):
+                 costs=None, log_batches: bool = False, client_kv_tokens: int | None = None,
+                 shared_compute: bool | None = None):
         if int(clients) < 1:
             raise TwinInputError(f"split needs >= 1 client, got {clients}", field="clients")
         self.clients = int(clients)
-        self.link = get_link(link) if costs is None else costs.link
+        self.link = link if link == "auto" and costs is None else (
+            get_link(link) if costs is None else costs.link)
         self.devices = tuple(d.strip() for d in str(devices).split(",") if d.strip())
         bad = [d for d in self.devices if d not in DEVICES]
         if bad or not self.devices:
@@ -88,6 +116,7 @@ class SplitPolicy(Policy):
         self.costs = costs
         self.log_batches = log_batches
         self.client_kv_tokens = client_kv_tokens
+        self.shared_compute = shared_compute
 
     def device(self, c: int) -> str:
         return self.devices[c % len(self.devices)]
@@ -123,7 +152,8 @@ class SplitPolicy(Policy):
             servers.append(ServerSpec(kind=SPLIT, gpu=gpu, share=1.0, adapters=ads,
                                       label=f"client{c}@{dev}", policy=self))
         return Deployment(policy=self.name, servers=servers, route=route, gpus=1 + own_gpu,
-                          notes={"clients": self.clients, "link": self.link.name,
+                          notes={"clients": self.clients,
+                                 "link": getattr(self.link, "name", self.link),
                                  "devices": ",".join(self.devices)})
 
     # -- memory ------------------------------------------------------------------------------
@@ -168,8 +198,8 @@ class SplitPolicy(Policy):
 
     # -- simulation --------------------------------------------------------------------------
     def split_costs(self, profile, device: str):
-        costs = self.costs if self.costs is not None else split_costs(profile, self.link,
-                                                                      self.layer_groups)
+        costs = self.costs if self.costs is not None else split_costs(
+            profile, get_link(self.link, device), self.layer_groups)
         if device == "cpu" and self.costs is None:
             costs = type(costs)(costs.base, on_device(costs.local, profile, device),
                                 costs.link, costs.notes)
@@ -192,11 +222,14 @@ class SplitPolicy(Policy):
                 "clients on the base's GPU or lower max_model_len", field="clients")
         server = build_server(cfg, profile, cat, trace=sub, layout="vllm",
                               num_blocks=mem.kv_tokens // config.block_size)
-        ranks = [int(cat.rank(a)) for a in cat.adapters]
+        kinds = peft_kinds(cat)
+        ranks = [int(cat.rank(a)) if kinds[a][0] == "LORA" else 0 for a in cat.adapters]
         server.featurize = ClientFeatures(float(np.mean(ranks)) if ranks else 0.0)
         client = SplitClient(c, sub, cat, server, profile,
                              self.split_costs(profile, self.device(c)), window_s=window_s,
-                             record_steps=record_steps, sample_dt=sample_dt)
+                             record_steps=record_steps, sample_dt=sample_dt,
+                             shared_compute=self.device(c) == "same" if self.shared_compute
+                             is None else self.shared_compute)
         return client, rows, mem
 
     def simulate(self, trace, config, profile=None, catalog=None, *, gpus=None, window_s=None,
@@ -204,6 +237,7 @@ class SplitPolicy(Policy):
         profile = check_run_inputs(config, profile, window_s)
         trace = crop_window(validate_trace(trace, source=trace_source), window_s)
         catalog = catalog if catalog is not None else default_catalog(trace, config)
+        trace = with_virtual_tokens(trace, peft_kinds(catalog))
         dep = self.deploy(trace, config, profile, catalog, gpus)
         built = [self._client(c, dep, trace, config, profile, catalog, window_s, record_steps,
                               sample_dt) for c in range(self.clients)]
@@ -230,14 +264,16 @@ class SplitPolicy(Policy):
 
 
 STEP_LOG = ["client", "step", "t_start", "t_end", "num_tokens", "num_decode",
-            "num_prefill_tokens", "context_tokens", "transfer_s", "base_wait_s", "local_s"]
+            "num_prefill_tokens", "context_tokens", "transfer_s", "base_wait_s", "local_s",
+            "base_alone_s"]
 BATCH_LOG = ["stage", "op", "layers", "backward", "rows", "clients", "t_queue_s", "compute_s",
              "t_start"]
 
 
 def client_steps(clients) -> pd.DataFrame:
     """Per client step, the executor's split-mode columns (``base_wait_s``: the step's
-    time in base queues and batches)."""
+    time in base queues and batches) and ``base_alone_s``, its pass's base compute had it
+    been alone (so ``base_wait_s - base_alone_s`` is what sharing the base cost it)."""
     return pd.DataFrame([e for c in clients for e in c.log], columns=STEP_LOG)
 
 
@@ -257,6 +293,8 @@ def split_summary(clients, loop: SplitLoop, job, result) -> dict:
     out = {"base_busy_fraction": loop.busy_s / dur if dur > 0 else 0.0,
            "transfer_share": float(log["transfer_s"].sum() / tot) if tot else 0.0,
            "base_share": float(log["base_wait_s"].sum() / tot) if tot else 0.0,
+           "base_queue_share": max(float((log["base_wait_s"] - log["base_alone_s"]).sum()
+                                         / tot), 0.0) if tot else 0.0,
            "local_share": float(log["local_s"].sum() / tot) if tot else 0.0}
     if job is not None:
         span = job.steps[-1][1] - job.steps[0][0] if job.steps else 0.0

@@ -4,7 +4,9 @@ Each client is a server of its own (``_Clock``: its requests, the shared schedul
 pool; its adapters always resident) whose step is a forward pass through the base: one
 request per stage (``twin.costs.split_costs``: embed, per layer group qkv / o / gate_up /
 down, lm_head), each sent over the client's link, served by the base, answered, followed by
-a share of the client's local compute. The base executor is one server with a FIFO queue:
+a share of the client's local compute (``shared_compute``: a client on the base's own device runs its local work
+on the base's queue, in its stages' batches, since one device does both). The base
+executor is one server with a FIFO queue:
 when it is free it takes the oldest request and every queued request for the *same* stage
 (rows of several clients in one batch, the const of the stage paid once) and runs them as
 one batch. Fine-tuning jobs (:class:`TrainJob`) load the base with forward and
@@ -35,24 +37,25 @@ class _Pass:
     (lists), the local compute before, between and after the stages (``gap`` each)."""
 
     __slots__ = ("order", "pos", "contrib", "x_in", "x_out", "gap", "start", "transfer",
-                 "local")
+                 "local", "own")
 
     def __init__(self, order, costs: tuple, gap, start, local, passes: int = 1):
         self.order, self.pos = order, 0
-        self.contrib, self.x_in, self.x_out, transfer = costs
+        self.contrib, self.x_in, self.x_out, transfer, own = costs
         self.gap, self.start, self.local = gap, start, local
-        self.transfer = transfer * passes
+        self.transfer, self.own = transfer * passes, own * passes
 
 
 class SplitClient(_Clock):
     """One client: a server of its own whose steps go through the base (see the module)."""
 
     def __init__(self, cid: int, trace, catalog, server, profile, costs, *, window_s,
-                 record_steps: bool, sample_dt):
+                 record_steps: bool, sample_dt, shared_compute: bool = False):
         super().__init__(trace, catalog, server, profile, window_s=window_s,
                          max_in_flight=None, record_steps=record_steps, sample_dt=sample_dt,
                          jump=False)
         self.cid, self.costs = cid, costs
+        self.shared_compute = shared_compute
         self.order = [(s, 0) for s in range(len(costs.base.stages))]
         self.next_row = 0
         self.idle = False
@@ -92,7 +95,12 @@ class SplitClient(_Clock):
         c = self.costs
         local = max(c.local(f), 0.0)
         costs = c.pass_costs(plan.prefill_tokens, plan.decode_n, plan.decode_n + plan.prefill_n)
-        self.cur = _Pass(self.order, costs, local / (len(self.order) + 1), now, local)
+        if self.shared_compute:   # on the base's device: its local work queues there too
+            share = local / len(self.order)
+            costs = ([x + share for x in costs[0]],) + costs[1:]
+            self.cur = _Pass(self.order, costs, 0.0, now, local)
+        else:
+            self.cur = _Pass(self.order, costs, local / (len(self.order) + 1), now, local)
         return True
 
     def finish(self, now: float) -> None:
@@ -109,7 +117,7 @@ class SplitClient(_Clock):
             rec.sample(now, sched)
         self.log.append((self.cid, len(self.log), p.start, now, plan.num_tokens, plan.decode_n,
                          plan.prefill_tokens, plan.decode_ctx, p.transfer,
-                         dur - p.transfer - p.local, p.local))
+                         dur - p.transfer - p.local, p.local, p.own))
         self.cur = None
         self.end = now
 
