@@ -141,3 +141,30 @@ def test_cpu_clients_are_slower_and_hold_their_kv_on_the_host():
     assert cpu.result.summary["itl_ms"]["mean"] > gpu.result.summary["itl_ms"]["mean"]
     assert gpu.gpus == 3 and cpu.gpus == 1
     assert cpu.memory_split()["kv_gib"] == 0.0
+
+
+def test_split_fit_recovers_the_twins_own_costs():
+    """The calibration read on the twin's own logs (the executor's columns) gives back the
+    per-op base costs and the link the twin ran with."""
+    from twin.calibrate.split_fit import fit_split_costs
+    from twin.costs.split_costs import SplitCosts, base_costs
+
+    tiny = load_profile("cpu-tiny")
+    t = powerlaw_trace(4, 20.0, alpha=1.0, duration_s=5.0, seed=3)
+    t = t.assign(prompt_tokens=(t["prompt_tokens"] % 60) + 4,
+                 output_tokens=(t["output_tokens"] % 20) + 2)
+    runs = []
+    link = Link("pipe", 50e-6, 1e9)
+    base = base_costs(tiny.model, {"const": 1e-3, "prefill_tokens": 4e-6, "decode_tokens": 4e-6,
+                                   "prefill_seqs": 9e-6})
+    true = SplitCosts(base, split_costs(tiny).local, link)
+    for n in (1, 2):
+        pol = get_policy("split", clients=n, costs=true, layer_groups=None, log_batches=True,
+                         shared_compute=False)
+        runs.append(pol.simulate(t, _config(policy="split", max_model_len=256), tiny).result)
+    fit = fit_split_costs(runs, tiny.model)
+    for i, s in enumerate(true.base.stages):
+        assert fit.base.const[i] == pytest.approx(true.base.const[i], rel=0.02, abs=1e-9)
+        assert fit.base.decode[i] == pytest.approx(true.base.decode[i], rel=0.02, abs=1e-12)
+        assert fit.base.seq[i] == pytest.approx(true.base.seq[i], rel=0.02, abs=1e-12)
+    assert fit.link.latency_s == pytest.approx(link.latency_s, rel=0.05)

@@ -111,8 +111,8 @@ def fit_split_costs(results, shape) -> SplitCosts:
         b = r.extras["base_batches"]
         batches.append(b[b["kind"] != "grad"])
         s = r.extras["client_steps"].copy()
-        s["calls"] = r.steps["base_calls"].to_numpy() if "base_calls" in r.steps else (
-            len(stages(shape)) + 0 * s["step"])
+        has = r.steps is not None and "base_calls" in r.steps
+        s["calls"] = r.steps["base_calls"].to_numpy() if has else len(stages(shape))
         s["one_client"] = r.summary["split"]["clients"] == 1
         steps.append(s)
     batches = pd.concat(batches, ignore_index=True)

@@ -266,8 +266,8 @@ class SplitPolicy(Policy):
 STEP_LOG = ["client", "step", "t_start", "t_end", "num_tokens", "num_decode",
             "num_prefill_tokens", "context_tokens", "transfer_s", "base_wait_s", "local_s",
             "base_alone_s"]
-BATCH_LOG = ["stage", "op", "layers", "backward", "rows", "clients", "t_queue_s", "compute_s",
-             "t_start"]
+BATCH_LOG = ["stage", "kind", "layer", "op", "layers", "rows", "clients", "t_start",
+             "t_queue_s", "compute_s"]
 
 
 def client_steps(clients) -> pd.DataFrame:
@@ -280,9 +280,17 @@ def client_steps(clients) -> pd.DataFrame:
 def base_batches(loop: SplitLoop, base) -> pd.DataFrame | None:
     if loop.batches is None:
         return None
+    """One row per base batch, the executor's columns (``kind``: embed, lin, head, grad;
+    ``layer``: the layer group's index, -1 at the ends) plus the stage and its layers."""
     st = base.stages
-    return pd.DataFrame([(st[s].name, st[s].op, st[s].layers, b, np.nan, k, q, c, t)
-                         for s, b, k, q, c, t in loop.batches], columns=BATCH_LOG)
+    rows = []
+    for s, back, n, k, q, c, t in loop.batches:
+        x = st[s]
+        op = "head" if x.op == "lm_head" else x.op
+        kind = "grad" if back else x.op if x.op == "embed" else "head" if op == "head" else "lin"
+        layer = int(x.name[1:].split(".")[0]) if x.name.startswith("g") else -1
+        rows.append((x.name, kind, layer, op, x.layers, n, k, t, q, c))
+    return pd.DataFrame(rows, columns=BATCH_LOG)
 
 
 def split_summary(clients, loop: SplitLoop, job, result) -> dict:
@@ -290,7 +298,8 @@ def split_summary(clients, loop: SplitLoop, job, result) -> dict:
     log = client_steps(clients)
     tot = float((log["t_end"] - log["t_start"]).sum()) if len(log) else 0.0
     dur = result.summary["duration_s"]
-    out = {"base_busy_fraction": loop.busy_s / dur if dur > 0 else 0.0,
+    out = {"clients": len(clients),
+           "base_busy_fraction": loop.busy_s / dur if dur > 0 else 0.0,
            "transfer_share": float(log["transfer_s"].sum() / tot) if tot else 0.0,
            "base_share": float(log["base_wait_s"].sum() / tot) if tot else 0.0,
            "base_queue_share": max(float((log["base_wait_s"] - log["base_alone_s"]).sum()

@@ -37,10 +37,11 @@ class _Pass:
     (lists), the local compute before, between and after the stages (``gap`` each)."""
 
     __slots__ = ("order", "pos", "contrib", "x_in", "x_out", "gap", "start", "transfer",
-                 "local", "own")
+                 "local", "own", "rows")
 
-    def __init__(self, order, costs: tuple, gap, start, local, passes: int = 1):
-        self.order, self.pos = order, 0
+    def __init__(self, order, costs: tuple, gap, start, local, passes: int = 1,
+                 rows: tuple = (0, 0)):
+        self.order, self.pos, self.rows = order, 0, rows     # rows: (tokens, logits rows)
         self.contrib, self.x_in, self.x_out, transfer, own = costs
         self.gap, self.start, self.local = gap, start, local
         self.transfer, self.own = transfer * passes, own * passes
@@ -94,13 +95,15 @@ class SplitClient(_Clock):
         self.plan = plan
         c = self.costs
         local = max(c.local(f), 0.0)
-        costs = c.pass_costs(plan.prefill_tokens, plan.decode_n, plan.decode_n + plan.prefill_n)
+        rows = (plan.num_tokens, plan.decode_n + plan.prefill_n)
+        costs = c.pass_costs(plan.prefill_tokens, plan.decode_n, rows[1])
         if self.shared_compute:   # on the base's device: its local work queues there too
             share = local / len(self.order)
             costs = ([x + share for x in costs[0]],) + costs[1:]
-            self.cur = _Pass(self.order, costs, 0.0, now, local)
+            self.cur = _Pass(self.order, costs, 0.0, now, local, rows=rows)
         else:
-            self.cur = _Pass(self.order, costs, local / (len(self.order) + 1), now, local)
+            self.cur = _Pass(self.order, costs, local / (len(self.order) + 1), now, local,
+                             rows=rows)
         return True
 
     def finish(self, now: float) -> None:
@@ -163,7 +166,7 @@ class TrainJob:
         f[0], f[1], f[4], f[10] = 1.0, t, t * t, 1              # a prefill of t tokens
         local = 2.0 * max(c.local(tuple(f)), 0.0)               # forward + backward
         self.cur = _Pass(self.order, c.pass_costs(t, 0, t), local / (len(self.order) + 1),
-                         now, local, passes=2)
+                         now, local, passes=2, rows=(t, t))
         self.next_start = max(self.next_start + t / self.rate, now)
         return True
 
@@ -178,6 +181,7 @@ class SplitLoop:
 
     def __init__(self, actors: list, base, *, log_batches: bool = False):
         self.actors, self.const = actors, base.const.tolist()
+        self.per_seq = [int(s.per_seq) for s in base.stages]
         self.heap: list = []
         self.seq = 0
         self.queue: list[tuple[float, int]] = []     # (time reached the base, actor)
@@ -248,7 +252,8 @@ class SplitLoop:
                 cost += actors[i].cur.contrib[key[0]]
         self.busy_s += cost
         if self.batches is not None:
-            self.batches.append((key[0], key[1], len(members), t - members[0][0], cost, t))
+            rows = sum(actors[i].cur.rows[self.per_seq[key[0]]] for _, i in members)
+            self.batches.append((key[0], key[1], rows, len(members), t - members[0][0], cost, t))
         self.push(t + cost, BASE_DONE, [i for _, i in members])
 
     def base_done(self, t: float, members: list[int]) -> None:
@@ -286,6 +291,7 @@ class SplitLoop:
             cost = const[s_next] + contrib[s_next]
             self.busy_s += cost
             if log is not None:
-                log.append((s_next, order[p.pos][1], 1, 0.0, cost, sub))
+                log.append((s_next, order[p.pos][1], p.rows[self.per_seq[s_next]], 1, 0.0,
+                            cost, sub))
             t = sub + cost
         return t
