@@ -48,6 +48,7 @@ def _row(study: str, label: str, run, offered: float) -> dict:
             "transfer_share": sp.get("transfer_share", np.nan),
             "base_queue_share": sp.get("base_queue_share", np.nan),
             "base_busy": sp.get("base_busy_fraction", np.nan),
+            "clients_per_batch": sp.get("mean_clients_per_batch", np.nan),
             "finetune_tok_s": sp.get("finetune_tokens_per_s", np.nan)}
 
 
@@ -132,6 +133,7 @@ COLUMNS = [("setup", "setup", "{}"), ("gpus", "GPUs", "{:d}"),
            ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"), ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
            ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"), ("kv_gib_per_gpu", "KV GiB/GPU", "{:.1f}"),
            ("transfer_share", "transfer", "{:.0%}"), ("base_queue_share", "base queue", "{:.0%}"),
+           ("clients_per_batch", "per batch", "{:.2f}"),
            ("finetune_tok_s", "job tok/s", "{:.0f}")]
 
 

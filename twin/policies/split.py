@@ -300,6 +300,7 @@ def split_summary(clients, loop: SplitLoop, job, result) -> dict:
     dur = result.summary["duration_s"]
     out = {"clients": len(clients),
            "base_busy_fraction": loop.busy_s / dur if dur > 0 else 0.0,
+           "mean_clients_per_batch": loop.n_requests / max(loop.n_batches, 1),
            "transfer_share": float(log["transfer_s"].sum() / tot) if tot else 0.0,
            "base_share": float(log["base_wait_s"].sum() / tot) if tot else 0.0,
            "base_queue_share": max(float((log["base_wait_s"] - log["base_alone_s"]).sum()

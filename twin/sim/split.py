@@ -188,6 +188,7 @@ class SplitLoop:
         self.busy = False
         self.batches: list[tuple] | None = [] if log_batches else None
         self.busy_s = 0.0
+        self.n_batches = self.n_requests = 0     # base batches, and requests in them
 
     def push(self, t: float, kind: int, who) -> None:
         self.seq += 1
@@ -251,6 +252,8 @@ class SplitLoop:
             for _, i in members:
                 cost += actors[i].cur.contrib[key[0]]
         self.busy_s += cost
+        self.n_batches += 1
+        self.n_requests += len(members)
         if self.batches is not None:
             rows = sum(actors[i].cur.rows[self.per_seq[key[0]]] for _, i in members)
             self.batches.append((key[0], key[1], rows, len(members), t - members[0][0], cost, t))
@@ -290,6 +293,8 @@ class SplitLoop:
             p.pos += 1
             cost = const[s_next] + contrib[s_next]
             self.busy_s += cost
+            self.n_batches += 1
+            self.n_requests += 1
             if log is not None:
                 log.append((s_next, order[p.pos][1], p.rows[self.per_seq[s_next]], 1, 0.0,
                             cost, sub))
