@@ -31,11 +31,12 @@ strategies (--policies):
           --clients clients per layer; each client keeps its own requests, KV cache and
           adapters (always resident) on --client-devices (same: the base's GPU, gpu: a
           GPU of its own, cpu: the host), activations over --link (auto, shm, ipc,
-          pcie, nvlink, network); --finetune-tokens-per-s adds a fine-tuning job on the same base
+          pcie, nvlink, network); --finetune-tokens-per-s adds a fine-tuning job on the
+          same base (not in the default list: --policies vllm,split)
 
-GPUs: with --gpus N every strategy is deployed on N GPUs (static deployments serve the
-hottest adapters that fit and report the rest as unserved; dynamic ones split adapters
-across N servers). Without it vllm and slora use 1 GPU, merged as many as all adapters
+GPUs: with --gpus N every strategy but split (its GPUs: the base's + one per 'gpu'
+client) is deployed on N GPUs (static deployments serve the hottest adapters that fit and
+report the rest as unserved; dynamic ones split adapters across N servers). Without it vllm and slora use 1 GPU, merged as many as all adapters
 need, hybrid k + 1.
 
 examples:

@@ -28,8 +28,8 @@ What changes against vLLM (``twin.policies.vllm``):
 ``costs``: a :class:`~twin.costs.split_costs.SplitCosts` fitted to the executor's split
 mode (``twin.calibrate.split_fit``); by default derived from the profile.
 ``shared_compute``: whether a client's local work queues on the base's device (default:
-for ``same`` clients, whose device it is). ``client_kv_tokens``: each client's KV pool when given (what an executor chose), instead
-of the memory split above. The result's ``extras`` hold the contract's ``client_steps``
+for ``same`` clients, whose device it is). ``client_kv_tokens``: each client's KV pool
+when given (what an executor chose), instead of the memory split above. The result's ``extras`` hold the contract's ``client_steps``
 and (``log_batches``) ``base_batches`` tables, ``summary["split"]`` where the clients'
 step time went.
 """
@@ -46,7 +46,7 @@ from twin.errors import TwinInputError
 from twin.policies.base import Policy
 from twin.policies.deployment import (Deployment, PolicyRun, ServerRun, ServerSpec,
                                       _sub_catalog, combine)
-from twin.policies.memory import MemoryPlan, gib
+from twin.policies.memory import MemoryPlan
 from twin.results import crop_window
 from twin.servers import build_server
 from twin.sim.engine import check_run_inputs, default_catalog

@@ -4,9 +4,9 @@ Each client is a server of its own (``_Clock``: its requests, the shared schedul
 pool; its adapters always resident) whose step is a forward pass through the base: one
 request per stage (``twin.costs.split_costs``: embed, per layer group qkv / o / gate_up /
 down, lm_head), each sent over the client's link, served by the base, answered, followed by
-a share of the client's local compute (``shared_compute``: a client on the base's own device runs its local work
-on the base's queue, in its stages' batches, since one device does both). The base
-executor is one server with a FIFO queue:
+a share of the client's local compute (``shared_compute``: a client on the base's own
+device runs its local work on the base's queue, in its stages' batches, since one device
+does both). The base executor is one server with a FIFO queue:
 when it is free it takes the oldest request and every queued request for the *same* stage
 (rows of several clients in one batch, the const of the stage paid once) and runs them as
 one batch. Fine-tuning jobs (:class:`TrainJob`) load the base with forward and
@@ -260,7 +260,7 @@ class SplitLoop:
         self.push(t + cost, BASE_DONE, [i for _, i in members])
 
     def base_done(self, t: float, members: list[int]) -> None:
-        actors, heap = self.actors, self.heap
+        actors = self.actors
         if len(members) == 1 and not self.queue:
             t = self._alone(t, members[0])
             if t is None:
