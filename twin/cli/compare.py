@@ -36,12 +36,13 @@ strategies (--policies):
 
 GPUs: with --gpus N every strategy but split (its GPUs: the base's + one per 'gpu'
 client) is deployed on N GPUs (static deployments serve the hottest adapters that fit and
-report the rest as unserved; dynamic ones split adapters across N servers). Without it vllm and slora use 1 GPU, merged as many as all adapters
-need, hybrid k + 1.
+report the rest as unserved; dynamic ones split adapters across N servers). Without it
+vllm and slora use 1 GPU, merged as many as all adapters need, hybrid k + 1.
 
 examples:
   twin compare --trace traces/rate_classes_32_heavy_10min.parquet --max-loras 8 --max-cpu-loras 32
   twin compare --trace t.parquet --policies vllm,slora,merged --gpus 2 --max-model-len 4096 --out runs/cmp
+  twin compare --trace t.parquet --policies vllm,split --clients 8 --client-devices same,cpu
 """
 
 
