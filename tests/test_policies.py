@@ -39,7 +39,8 @@ def cfg(**kw):
 
 # -- registry and the engine hook ------------------------------------------------------------
 def test_registry_and_config():
-    assert set(POLICIES) == {"vllm", "slora", "merged", "hybrid"}
+    assert set(POLICIES) == {"vllm", "slora", "merged", "hybrid", "split"}
+    assert get_policy("split", clients=3, k=2).clients == 3
     assert isinstance(get_policy("slora", admission="on_demand", k=3), SLoRAPolicy)
     assert get_policy("hybrid", k=2, dynamic="slora").k == 2
     with pytest.raises(TwinInputError):
