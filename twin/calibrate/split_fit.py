@@ -10,8 +10,11 @@ Three fits, one per part of a split step (``twin.costs.split_costs``):
   ``base_wait_s`` less its own batches' compute, over ``2 x calls`` messages (from one-
   client runs, where no other client's batch is queued ahead; the lower quartile of every
   step when there are none);
-- **local**: ``local_s = const + prefill_tokens + decode_tokens + decode_context`` (non-
-  negative least squares over the client-step log).
+- **local**: everything of a client step that is neither transfer nor base wait (its
+  forward's ``local_s`` and the scheduling, sampling and bookkeeping around it: the
+  step's duration less ``transfer_s`` and ``base_wait_s``) as ``const + prefill_tokens +
+  decode_tokens + decode_context + after_idle`` (non-negative least squares over the
+  client-step log; ``after_idle`` from the step log where present).
 
 The result is a :class:`SplitCosts` for the model's shape (every layer its own stage),
 saved as JSON (``twin.split-costs/1``) with the fit's residuals.
@@ -31,7 +34,7 @@ from twin.errors import TwinInputError
 
 SCHEMA = "twin.split-costs/1"
 BASE_OPS = ("embed",) + OPS + ("head",)
-LOCAL_TERMS = ("const", "prefill_tokens", "decode_tokens", "decode_context")
+LOCAL_TERMS = ("const", "prefill_tokens", "decode_tokens", "decode_context", "after_idle")
 
 
 def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -93,8 +96,9 @@ def fit_link(steps: pd.DataFrame, base: BaseCosts, shape, one_client: np.ndarray
 def fit_local(steps: pd.DataFrame) -> tuple[StepTimeModel, float]:
     """The client-local model and its relative RMS residual."""
     X = np.column_stack([np.ones(len(steps)), steps["num_prefill_tokens"], steps["num_decode"],
-                         steps["context_tokens"]]).astype(float)
-    y = steps["local_s"].to_numpy(float)
+                         steps["context_tokens"], steps["after_idle"]]).astype(float)
+    y = (steps["t_end"] - steps["t_start"] - steps["transfer_s"]
+         - steps["base_wait_s"]).to_numpy(float)
     c = _nnls(X, y)
     rms = float(np.sqrt(np.mean((X @ c - y) ** 2)) / max(np.mean(y), 1e-12))
     return StepTimeModel(base=dict(zip(LOCAL_TERMS, map(float, c)))), rms
@@ -114,6 +118,8 @@ def fit_split_costs(results, shape) -> SplitCosts:
         has = r.steps is not None and "base_calls" in r.steps
         s["calls"] = r.steps["base_calls"].to_numpy() if has else len(stages(shape))
         s["one_client"] = r.summary["split"]["clients"] == 1
+        idle = r.steps is not None and "after_idle" in r.steps and len(r.steps) == len(s)
+        s["after_idle"] = r.steps["after_idle"].to_numpy(float) if idle else 0.0
         steps.append(s)
     batches = pd.concat(batches, ignore_index=True)
     steps = pd.concat(steps, ignore_index=True)
