@@ -69,17 +69,27 @@ WORKLOADS = [("light-1client", 1, 30, 3.0, (8, 64), (8, 32), 0.2, 21),
              ("three-clients", 3, 45, 6.0, (8, 80), (8, 32), 0.2, 24)]
 
 
+_HELD = [0]
+
+
 @contextlib.contextmanager
 def timing_lock():
-    """The shared lock every timing-sensitive run holds (waits while another holds it)."""
-    if not LOCK.parent.exists():
-        yield
-        return
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """The shared lock every timing-sensitive run holds (waits while another holds it);
+    re-entrant, so that main can hold it over every executor run at once."""
+    if _HELD[0] or not LOCK.parent.exists():
+        _HELD[0] += 1
         try:
             yield
         finally:
+            _HELD[0] -= 1
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _HELD[0] += 1
+        try:
+            yield
+        finally:
+            _HELD[0] -= 1
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -189,7 +199,7 @@ def validate(model, cat, costs, workloads) -> list[dict]:
     rows = []
     for w in workloads:
         trace = workload(cat, *w)
-        ex = run_split(trace, model, cat, w[1], w[0])
+        ex = run_split(trace, model, cat, w[1], w[0])   # cached: run before, under the lock
         kv = ex.summary["kv_cache"]["capacity_tokens"] // w[1]
         tw = twin_split(trace, cat, costs, w[1], kv)
         f = figures(tw, ex)
@@ -203,21 +213,30 @@ def validate(model, cat, costs, workloads) -> list[dict]:
     return rows
 
 
-def finetune(model, cat, costs, w) -> dict:
+FINETUNE = dict(batch=2, seq_len=32, rank=8)
+
+
+def finetune_executor(model, cat, w) -> dict:
+    """The executor's co-located fine-tuning figures (``finetune_interference``)."""
     from twin.executor.split import TrainerSpec  # lazy: torch
     from twin.executor.split.colocated import finetune_interference  # lazy: torch
 
-    trace = workload(cat, *w)
-    spec = TrainerSpec(batch=2, seq_len=32, rank=8)
     def run():
         with timing_lock():
-            return finetune_interference(trace, CONFIG, model, cat, clients=w[1],
-                                         trainer=spec, timeout_s=600)
-    got = dict(cached("finetune", run))
-    tokens = spec.batch * spec.seq_len
+            return finetune_interference(workload(cat, *w), CONFIG, model, cat, clients=w[1],
+                                         trainer=TrainerSpec(**FINETUNE), timeout_s=600)
+    return dict(cached("finetune", run))
+
+
+def finetune(model, cat, costs, w) -> dict:
+    """The executor's figures and the twin's: the same clients without and with a job
+    training as fast as the base lets it (the executor's trainer runs back to back)."""
+    trace = workload(cat, *w)
+    got = finetune_executor(model, cat, w)
+    tokens = FINETUNE["batch"] * FINETUNE["seq_len"]
     alone = twin_split(trace, cat, costs, w[1])
     shared = twin_split(trace, cat, costs, w[1], finetune_tokens_per_s=float("inf"),
-                             finetune_tokens_per_step=tokens)
+                        finetune_tokens_per_step=tokens)
     got["twin_itl_slowdown_pct"] = float(100 * (shared.summary["itl_ms"]["mean"]
                                                 / alone.summary["itl_ms"]["mean"] - 1))
     got["twin_train_tokens_per_s"] = shared.summary["split"]["finetune_tokens_per_s"]
@@ -239,15 +258,20 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="split-exp-") as tmp:
         root = Path(tmp)
         model, cat = setup(root)
-        same = tokens_identical(model, cat)
+        valid = WORKLOADS[:2] if args.quick else WORKLOADS
+        with timing_lock():   # every executor run at once (each one cached)
+            same = tokens_identical(model, cat)
+            cal = [run_split(workload(cat, *w), model, cat, w[1], w[0]) for w in CALIBRATION]
+            for w in valid:
+                run_split(workload(cat, *w), model, cat, w[1], w[0])
+            finetune_executor(model, cat, WORKLOADS[1])
         print(f"tokens_identical: {same}", flush=True)
         kinds = peft_methods(root)
         print(f"peft_methods: {kinds}", flush=True)
-        cal = [run_split(workload(cat, *w), model, cat, w[1], w[0]) for w in CALIBRATION]
         costs = fit_split_costs(cal, load_profile("cpu-tiny").model)
         save_split_costs(costs, args.out.with_suffix(".costs.json"))
         print("fitted:", json.dumps(costs.notes, default=float), flush=True)
-        rows = validate(model, cat, costs, WORKLOADS[:2] if args.quick else WORKLOADS)
+        rows = validate(model, cat, costs, valid)
         fine = finetune(model, cat, costs, WORKLOADS[1])
     df = pd.DataFrame(rows)
     out = {
