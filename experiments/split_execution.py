@@ -181,9 +181,12 @@ def peft_methods(root: Path) -> list[str]:
 
 def twin_split(trace, cat, costs, clients, kv=None, **opts):
     """The twin's ``split`` run of a workload the executor served (its catalog, so the
-    same adapter -> client assignment; ``kv``: its clients' KV pools)."""
+    same adapter -> client assignment; ``kv``: its clients' KV pools). The executor's
+    processes (base, clients, trainer) share this box's two cores with each other and
+    with whatever else runs, so the twin runs the clients' local work on the base's
+    queue (``shared_compute``: one processor), as for clients on the base's own GPU."""
     pol = get_policy("split", clients=clients, costs=costs, layer_groups=None,
-                     client_kv_tokens=kv, **opts)
+                     client_kv_tokens=kv, shared_compute=True, **opts)
     return pol.simulate(trace, CONFIG.replace(policy="split"), load_profile("cpu-tiny"),
                         cat).result
 
