@@ -9,7 +9,8 @@ executor and PEFT, and the twin's ``split`` policy against the executor's split 
    logits agree within 1e-4.
 3. **Calibration**: two runs of the split mode (1 and 2 clients) on their own workloads;
    ``twin.calibrate.split_fit`` fits the base's per-op batch cost, the link and the
-   clients' local cost.
+   clients' local cost by regression, then the base's time per request handled by
+   simulating the 2-client run (``fit_base_overhead``).
 4. **Validation**: four other workloads (1-3 clients, light to busy, short and long
    prompts) served by the split mode and simulated by the twin's ``split`` policy with
    the fitted costs, the clients' KV pools as the executor chose them: SMAPE of
@@ -47,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pandas as pd
 
-from twin.calibrate.split_fit import fit_split_costs, save_split_costs
+from twin.calibrate.split_fit import fit_base_overhead, fit_split_costs, save_split_costs
 from twin.config import ServingConfig
 from twin.costs.profile import load_profile
 from twin.policies import get_policy
@@ -246,6 +247,23 @@ def finetune(model, cat, costs, w) -> dict:
     return got
 
 
+def calibrate(cat, cal) -> object:
+    """The regression fit, then the base's per-request time by simulating the several-
+    client calibration runs (``fit_base_overhead``)."""
+    costs = fit_split_costs(cal, load_profile("cpu-tiny").model)
+
+    def score(c) -> float:
+        err = 0.0
+        for w, ex in zip(CALIBRATION, cal):
+            if w[1] > 1:
+                tw = twin_split(workload(cat, *w), cat, c, w[1],
+                                ex.summary["kv_cache"]["capacity_tokens"] // w[1])
+                err += sum(float(smape(a, b)) for k, (a, b) in figures(tw, ex).items()
+                           if k != "throughput")
+        return err
+    return fit_base_overhead(costs, score)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two validation workloads")
@@ -271,7 +289,7 @@ def main(argv=None) -> int:
         print(f"tokens_identical: {same}", flush=True)
         kinds = peft_methods(root)
         print(f"peft_methods: {kinds}", flush=True)
-        costs = fit_split_costs(cal, load_profile("cpu-tiny").model)
+        costs = calibrate(cat, cal)
         save_split_costs(costs, args.out.with_suffix(".costs.json"))
         print("fitted:", json.dumps(costs.notes, default=float), flush=True)
         rows = validate(model, cat, costs, valid)

@@ -23,6 +23,7 @@ saved as JSON (``twin.split-costs/1``) with the fit's residuals.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,26 @@ def fit_split_costs(results, shape) -> SplitCosts:
         "base_batches": int(len(batches)), "client_steps": int(len(steps))})
 
 
+def with_base_overhead(costs: SplitCosts, h: float) -> SplitCosts:
+    """``costs`` with ``h`` s of the base's time per request handled, taken out of the
+    link's latency (a one-client round trip, ``2 x latency + h``, stays what was fitted)."""
+    base = replace(costs.base, per_request=float(h))
+    link = replace(costs.link, latency_s=max(costs.link.latency_s - h / 2, 0.0))
+    notes = {**costs.notes, "base_per_request_s": float(h),
+             "link": {"latency_s": link.latency_s, "bytes_per_s": link.bytes_per_s}}
+    return SplitCosts(base, costs.local, link, notes=notes)
+
+
+def fit_base_overhead(costs: SplitCosts, score, grid: int = 9) -> SplitCosts:
+    """The base's per-request handling time: the one of ``grid`` values in ``[0, 2 x
+    latency]`` whose costs ``score(costs) -> error`` finds lowest (simulation in the loop:
+    ``score`` simulates the several-client calibration runs and compares them with the
+    executor's; one-client runs cannot tell the base's time from the pipe's)."""
+    best = min(np.linspace(0.0, 2 * costs.link.latency_s, grid),
+               key=lambda h: score(with_base_overhead(costs, h)))
+    return with_base_overhead(costs, best)
+
+
 def save_split_costs(costs: SplitCosts, path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(costs.notes, indent=2, default=float) + "\n")
@@ -151,5 +172,6 @@ def load_split_costs(path, shape, layer_groups: int | None = None) -> SplitCosts
         raise TwinInputError(f"expected schema {SCHEMA!r}", file=str(path), field="schema")
     fit = {k: tuple(v) for k, v in d["base_ops"].items()}
     link = Link("executor", d["link"]["latency_s"], d["link"]["bytes_per_s"])
-    return SplitCosts(base_costs_from(shape, fit, layer_groups),
-                      StepTimeModel(base=dict(d["local"])), link, notes=d)
+    base = replace(base_costs_from(shape, fit, layer_groups),
+                   per_request=float(d.get("base_per_request_s", 0.0)))
+    return SplitCosts(base, StepTimeModel(base=dict(d["local"])), link, notes=d)

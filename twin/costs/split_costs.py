@@ -10,9 +10,11 @@ summed, so the twin's event loop takes ``4 x groups + 2`` stages a pass, not ``4
 + 2`` (batching and queueing are then resolved per group, not per layer).
 
 - **Base** (:class:`BaseCosts`): a stage batch of ``rows`` token rows and ``seqs`` logits
-  rows costs ``const[s] + prefill[s] x P + decode[s] x D + seq[s] x S`` summed over the
-  clients in it: the const (weights read, kernel launch) is paid once per batch, which is
-  what opportunistic batching saves.
+  rows costs ``const[s] + prefill[s] x P + decode[s] x D + seq[s] x S + per_request``
+  summed over the clients in it: the const (weights read, kernel launch) is paid once per
+  batch, which is what opportunistic batching saves; ``per_request`` is the base's own
+  time to take in and answer each client's message (0 from a profile; fitted on the
+  executor, whose base process handles every message on its one core).
 - **Transfers** (:class:`Link`): each request and response is one message, ``latency +
   bytes / bandwidth``.
 - **Local**: the rest of the step (attention, norms, RoPE, adapter math, scheduling,
@@ -114,6 +116,7 @@ class BaseCosts:
     prefill: np.ndarray     # per stage: per prefill token of each client in the batch
     decode: np.ndarray      # per stage: per decode token
     seq: np.ndarray         # per stage: per logits row (sequence sampled this step)
+    per_request: float = 0.0   # base time to take in and answer one client's request
 
     def contribution(self, prefill_tokens: int, decode_tokens: int, seqs: int) -> np.ndarray:
         """What one client's step adds to each stage's batch time (the const aside)."""
@@ -121,11 +124,13 @@ class BaseCosts:
 
     def pass_time(self, prefill_tokens: int, decode_tokens: int, seqs: int) -> float:
         """A client's pass alone: every stage unbatched."""
-        return float((self.const + self.contribution(prefill_tokens, decode_tokens, seqs)).sum())
+        return float((self.const + self.contribution(prefill_tokens, decode_tokens, seqs)).sum()
+                     + self.per_request * len(self.stages))
 
     def scaled(self, factor: float) -> "BaseCosts":
         return replace(self, const=self.const * factor, prefill=self.prefill * factor,
-                       decode=self.decode * factor, seq=self.seq * factor)
+                       decode=self.decode * factor, seq=self.seq * factor,
+                       per_request=self.per_request * factor)
 
 
 @dataclass
@@ -157,7 +162,7 @@ class SplitCosts:
             x_in, x_out = self.transfer(prefill_tokens + decode_tokens, seqs)
             contrib = self.base.contribution(prefill_tokens, decode_tokens, seqs)
             hit = (contrib.tolist(), x_in, x_out, sum(x_in) + sum(x_out),
-                   float((contrib + self.base.const).sum()))
+                   self.base.pass_time(prefill_tokens, decode_tokens, seqs))
             self._passes[key] = hit
         return hit
 

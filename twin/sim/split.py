@@ -180,7 +180,7 @@ class SplitLoop:
     """The event loop over clients and jobs sharing one base executor."""
 
     def __init__(self, actors: list, base, *, log_batches: bool = False):
-        self.actors, self.const = actors, base.const.tolist()
+        self.actors, self.const, self.per_req = actors, base.const.tolist(), base.per_request
         self.per_seq = [int(s.per_seq) for s in base.stages]
         self.heap: list = []
         self.seq = 0
@@ -239,7 +239,7 @@ class SplitLoop:
             self.queue = []
             p = actors[queue[0][1]].cur
             key = p.order[p.pos]
-            cost = self.const[key[0]] + p.contrib[key[0]]
+            cost = self.const[key[0]] + p.contrib[key[0]] + self.per_req
         else:
             p = actors[queue[0][1]].cur
             key = p.order[p.pos]
@@ -248,7 +248,7 @@ class SplitLoop:
                 p = actors[q[1]].cur
                 (members if p.order[p.pos] == key else rest).append(q)
             self.queue = rest
-            cost = self.const[key[0]]
+            cost = self.const[key[0]] + self.per_req * len(members)
             for _, i in members:
                 cost += actors[i].cur.contrib[key[0]]
         self.busy_s += cost
@@ -291,7 +291,7 @@ class SplitLoop:
             if heap and heap[0][0] <= sub:
                 return t
             p.pos += 1
-            cost = const[s_next] + contrib[s_next]
+            cost = const[s_next] + contrib[s_next] + self.per_req
             self.busy_s += cost
             self.n_batches += 1
             self.n_requests += 1
