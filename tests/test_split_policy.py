@@ -168,3 +168,22 @@ def test_split_fit_recovers_the_twins_own_costs():
         assert fit.base.decode[i] == pytest.approx(true.base.decode[i], rel=0.02, abs=1e-12)
         assert fit.base.seq[i] == pytest.approx(true.base.seq[i], rel=0.02, abs=1e-12)
     assert fit.link.latency_s == pytest.approx(link.latency_s, rel=0.05)
+
+
+def test_base_overhead_moves_time_from_the_link_to_the_base():
+    """``with_base_overhead``: one client alone sees the same round trips (its requests
+    take the same time), two clients queue behind each other's handling."""
+    from twin.calibrate.split_fit import with_base_overhead
+
+    t, cat = _trace(duration=5.0)
+    c = split_costs(PROFILE, Link("pipe", 200e-6, 1e10))
+    h = with_base_overhead(c, 300e-6)
+    assert h.link.latency_s == pytest.approx(50e-6) and h.base.per_request == 300e-6
+
+    def run(costs, n):
+        return get_policy("split", clients=n, costs=costs).simulate(
+            t, _config(policy="split"), PROFILE, cat).result
+    one, one_h = run(c, 1), run(h, 1)
+    np.testing.assert_allclose(one_h.requests["finish_s"], one.requests["finish_s"], rtol=1e-9)
+    two, two_h = run(c, 2), run(h, 2)
+    assert two_h.summary["split"]["base_busy_fraction"] > two.summary["split"]["base_busy_fraction"]
