@@ -199,13 +199,14 @@ def figures(twin, ex) -> dict:
             "itl": (t["itl_ms"]["mean"], e["itl_ms"]["mean"])}
 
 
-def validate(model, cat, costs, workloads) -> list[dict]:
+def validate(model, cat, costs_for, workloads) -> list[dict]:
+    """Twin vs executor per workload; ``costs_for(name)``: the costs to simulate it with."""
     rows = []
     for w in workloads:
         trace = workload(cat, *w)
         ex = run_split(trace, model, cat, w[1], w[0])   # cached: run before, under the lock
         kv = ex.summary["kv_cache"]["capacity_tokens"] // w[1]
-        tw = twin_split(trace, cat, costs, w[1], kv)
+        tw = twin_split(trace, cat, costs_for(w[0]), w[1], kv)
         f = figures(tw, ex)
         row = {"workload": w[0], "clients": w[1], "requests": w[2]}
         for k, (a, b) in f.items():
@@ -247,14 +248,14 @@ def finetune(model, cat, costs, w) -> dict:
     return got
 
 
-def calibrate(cat, cal) -> object:
-    """The regression fit, then the base's per-request time by simulating the several-
-    client calibration runs (``fit_base_overhead``)."""
-    costs = fit_split_costs(cal, load_profile("cpu-tiny").model)
+def calibrate(cat, pairs) -> object:
+    """The regression fit on ``pairs`` of (workload, executor result), then the base's
+    per-request time by simulating the several-client ones (``fit_base_overhead``)."""
+    costs = fit_split_costs([ex for _, ex in pairs], load_profile("cpu-tiny").model)
 
     def score(c) -> float:
         err = 0.0
-        for w, ex in zip(CALIBRATION, cal):
+        for w, ex in pairs:
             if w[1] > 1:
                 tw = twin_split(workload(cat, *w), cat, c, w[1],
                                 ex.summary["kv_cache"]["capacity_tokens"] // w[1])
@@ -262,6 +263,11 @@ def calibrate(cat, cal) -> object:
                            if k != "throughput")
         return err
     return fit_base_overhead(costs, score)
+
+
+def medians(rows: list[dict]) -> dict:
+    df = pd.DataFrame(rows)
+    return {k: float(df[f"{k}_smape_pct"].median()) for k in ("throughput", "ttft", "itl")}
 
 
 def main(argv=None) -> int:
@@ -289,24 +295,34 @@ def main(argv=None) -> int:
         print(f"tokens_identical: {same}", flush=True)
         kinds = peft_methods(root)
         print(f"peft_methods: {kinds}", flush=True)
-        costs = calibrate(cat, cal)
+        costs = calibrate(cat, list(zip(CALIBRATION, cal)))
         save_split_costs(costs, args.out.with_suffix(".costs.json"))
         print("fitted:", json.dumps(costs.notes, default=float), flush=True)
-        rows = validate(model, cat, costs, valid)
-        fine = finetune(model, cat, costs, WORKLOADS[1])
-    df = pd.DataFrame(rows)
+        rows_cal = validate(model, cat, lambda name: costs, valid)
+        # leave one workload out: fitted on the other validation runs, taken minutes apart
+        # at most (the box's speed drifts far more between the calibration runs and these)
+        exs = {w[0]: run_split(workload(cat, *w), model, cat, w[1], w[0]) for w in valid}
+        loo = {w[0]: calibrate(cat, [(v, exs[v[0]]) for v in valid if v is not w])
+               for w in valid}
+        rows = validate(model, cat, loo.get, valid)
+        every = calibrate(cat, [(v, exs[v[0]]) for v in valid])
+        fine = finetune(model, cat, every, WORKLOADS[1])
+    m, m_cal = medians(rows), medians(rows_cal)
     out = {
         "tokens_identical": bool(same), "peft_methods": len(kinds), "peft_kinds": kinds,
-        "twin_vs_executor_throughput_smape_median": float(df["throughput_smape_pct"].median()),
-        "twin_vs_executor_ttft_smape_median": float(df["ttft_smape_pct"].median()),
-        "twin_vs_executor_itl_smape_median": float(df["itl_smape_pct"].median()),
+        "twin_vs_executor_throughput_smape_median": m["throughput"],
+        "twin_vs_executor_ttft_smape_median": m["ttft"],
+        "twin_vs_executor_itl_smape_median": m["itl"],
+        "validation": "leave one workload out (fitted on the other validation runs)",
+        "calibration_runs_smape_medians": m_cal,
         "finetune_inference_itl_slowdown_pct": fine["itl_slowdown_pct"],
         "finetune_train_tokens_per_s": fine["train_tokens_per_s"],
         "twin_finetune_itl_slowdown_pct": fine["twin_itl_slowdown_pct"],
         "twin_finetune_train_tokens_per_s": fine["twin_train_tokens_per_s"],
-        "workloads": len(df), "wall_s": round(time.time() - t0, 1),
+        "workloads": len(rows), "wall_s": round(time.time() - t0, 1),
     }
-    args.out.write_text(json.dumps({"summary": out, "workloads": rows, "finetune": fine},
+    args.out.write_text(json.dumps({"summary": out, "workloads": rows,
+                                    "workloads_calibration_runs": rows_cal, "finetune": fine},
                                    indent=2, default=float) + "\n")
     print(json.dumps(out, default=float))
     return 0
