@@ -365,6 +365,9 @@ compute lost to time-slicing between co-located replicas.
   stretched by 1 + the other replicas' busy fractions, iterated to a fixed point.
 - The executor side (`twin validate --policy slora`) is not built yet; see
   `twin/policies/README.md`.
+
+Split execution (Symbiosis, `--policies split`): where it wins and loses is
+`compare_policies.py --split`, in `README_split.md`.
 """
     path = HERE / "README_policies.md"
     path.write_text(text)

@@ -29,9 +29,9 @@ What changes against vLLM (``twin.policies.vllm``):
 mode (``twin.calibrate.split_fit``); by default derived from the profile.
 ``shared_compute``: whether a client's local work queues on the base's device (default:
 for ``same`` clients, whose device it is). ``client_kv_tokens``: each client's KV pool
-when given (what an executor chose), instead of the memory split above. The result's ``extras`` hold the contract's ``client_steps``
-and (``log_batches``) ``base_batches`` tables, ``summary["split"]`` where the clients'
-step time went.
+when given (what an executor chose), instead of the memory split above. The result's
+``extras`` hold the contract's ``client_steps`` and (``log_batches``) ``base_batches``
+tables, ``summary["split"]`` where the clients' step time went.
 """
 
 from __future__ import annotations
