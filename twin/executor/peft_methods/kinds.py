@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twin.costs.peft_costs import IA3, LORA, PEFT_KINDS, PREFIX_TUNING, PROMPT_TUNING
 from twin.executor.adapters import PackedAdapter
 from twin.executor.lora import LoRASlots
 from twin.executor.shape import LORA_GROUPS, LlamaShape
 
 OPS: tuple[str, ...] = tuple(LORA_GROUPS)           # the packed linear ops of one layer
-LORA, IA3, PREFIX_TUNING, PROMPT_TUNING = "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"
-PEFT_KINDS: tuple[str, ...] = (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)
+__all__ = ["OPS", "IA3", "LORA", "PEFT_KINDS", "PREFIX_TUNING", "PROMPT_TUNING",
+           "ClientAdapter", "BASE_ADAPTER", "LoraClientAdapter", "IA3ClientAdapter",
+           "PrefixClientAdapter", "PromptClientAdapter"]
 
 
 @dataclass(eq=False)
