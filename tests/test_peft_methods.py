@@ -283,3 +283,54 @@ def test_smollm2_every_kind_matches_peft(tmp_path):
     got = reference_forward_batch(model, [(a, ids) for a in ads])
     for a, path, lg in zip(ads, cat.path, got):
         torch.testing.assert_close(lg, peft_logits(model_dir, path, ids), atol=2e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix tuning in the executor's paged KV cache
+# ---------------------------------------------------------------------------------------------
+def test_prefix_in_a_paged_cache_with_chunked_prefill_and_decode_matches_peft(tiny):
+    """``write_prefix_kv`` + ``LlamaModel.step`` from ``start_pos = virtual_tokens``: every
+    chunk's and decode step's logits are PEFT's, beside a base-model sequence."""
+    from twin.executor.model import SeqChunk
+    from twin.executor.peft_methods import prefix_tokens, write_prefix_kv
+
+    model_dir, model, paths = tiny
+    prefix = load_peft(paths["PREFIX_TUNING"], model.shape)
+    kv = model.allocate_kv_cache(num_blocks=16, block_size=4)
+    tables = [[9, 2, 14, 5, 0, 11], [3, 7, 1, 12]]   # scattered blocks, prefix spans two
+    n = write_prefix_kv(prefix, kv, tables[0])
+    assert n == prefix_tokens(prefix) == 5 and write_prefix_kv(None, kv, tables[1]) == 0
+    ids = [list(PROMPTS[3]), list(PROMPTS[0])]
+    done = [n, 0]   # tokens in each sequence's cache
+    fed = [0, 0]    # real tokens fed so far
+    for step in range(6):   # chunks of 4, then decode greedily
+        chunks = []
+        for i in range(2):
+            if fed[i] == len(ids[i]):   # decode: the token chosen last step
+                ids[i].append(int(last[i].argmax()))
+            new = ids[i][fed[i]:fed[i] + 4]
+            chunks.append(SeqChunk(new, done[i], tables[i]))
+        logits = model.step(chunks, kv)
+        for i, c in enumerate(chunks):
+            fed[i] += len(c.token_ids)
+            done[i] += len(c.token_ids)
+        last = logits
+        for i, adapter_dir in enumerate([paths["PREFIX_TUNING"], None]):
+            want = peft_logits(model_dir, adapter_dir, ids[i][:fed[i]])[-1]
+            torch.testing.assert_close(logits[i], want, atol=ATOL, rtol=0)
+    assert len(ids[0]) > len(PROMPTS[3])   # it decoded
+
+
+def test_prompt_tuning_placeholders_take_the_virtual_embeddings(tiny):
+    from twin.executor.peft_methods import VIRTUAL_TOKEN_ID, scheduled_token_ids
+
+    _, model, paths = tiny
+    prompt = load_peft(paths["PROMPT_TUNING"], model.shape)
+    ids = scheduled_token_ids(prompt, [7, 8])
+    assert ids == [VIRTUAL_TOKEN_ID] * 5 + [7, 8]
+    assert scheduled_token_ids(load_peft(paths["LORA"], model.shape), [7, 8]) == [7, 8]
+    x = torch.nn.functional.embedding(torch.tensor(ids), model.embed)
+    pos = torch.arange(7)
+    got = prompt.after_embedding(pos, x)
+    assert torch.equal(got[:5], prompt.prompt_embeddings()) and torch.equal(got[5:], x[5:])
+    assert torch.equal(prompt.after_embedding(pos[5:], x[5:]), x[5:])   # real rows untouched
