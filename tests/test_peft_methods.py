@@ -133,6 +133,18 @@ def test_hooks_leave_their_arguments_alone(tiny):
             assert (not torch.equal(y1, y0) or not torch.equal(x1, x0)) == changed, (kind, op)
 
 
+def test_adapters_load_in_the_models_dtype(tiny):
+    _, model, paths = tiny
+    s = model.shape
+    for kind in PEFT_KINDS:
+        a = load_peft(paths[kind], s, torch.bfloat16)
+        assert {t.dtype for t in a.tensors()} == {torch.bfloat16}
+        assert a.nbytes == load_peft(paths[kind], s).nbytes // 2
+        x = torch.ones(2, s.intermediate, dtype=torch.bfloat16)
+        y = torch.ones(2, s.hidden, dtype=torch.bfloat16)
+        assert a.after_linear(0, "down", a.before_linear(0, "down", x), y).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------------------------
 # several kinds side by side
 # ---------------------------------------------------------------------------------------------
