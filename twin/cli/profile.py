@@ -142,7 +142,7 @@ def _from_calibration(args):
                            kv_cache_dtype=args.kv_cache_dtype)
         name = args.name or f"{shape.name.lower()}-{gpu.get('key', 'gpu')}-calibrated"
         return derive_profile(fp, shape, hw, name=name, memory=fp.memory, tp=tp,
-                              provenance=prov), gpu["name"]
+                              provenance=prov, gemm=info.get("gemm")), gpu["name"]
     ref = args.base_profile
     if ref is None and info.get("profile"):
         ref = str(Path(args.gpu_calibration).parent / str(info["profile"]))
@@ -151,7 +151,8 @@ def _from_calibration(args):
                              "--base-profile PROFILE (or --gpu)", field="--base-profile")
     base = load_profile(ref)
     shape = load_model_shape(args.model, dtype_bytes=base.model.dtype_bytes)
-    prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov)
+    prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov,
+                          gemm=info.get("gemm"))
     if args.gpu_memory_gib is not None:   # e.g. a CPU's memory budget for a larger model
         prof.memory.gpu_memory_gib = args.gpu_memory_gib
     return prof, base.name
