@@ -197,7 +197,7 @@ def _errors(v) -> dict:
                for k in ("throughput", "ttft_mean", "itl_mean")}}
 
 
-TOKEN_BINS = (0, 2, 8, 32, 128, 10 ** 9)
+TOKEN_BINS = (0, 2, 8, 64, 10 ** 9)
 
 
 def _step_rows(steps, profs: dict, mname: str, wname: str) -> list[dict]:
@@ -212,19 +212,20 @@ def _step_rows(steps, profs: dict, mname: str, wname: str) -> list[dict]:
 
 
 def _step_check(steps: list[dict]) -> dict:
-    """Predicted over measured step time by model and token count (bins ``TOKEN_BINS``):
-    where a shape-dependent miss lives (issue 14: GEMM size, attention/KV reads)."""
+    """Predicted over measured step time by workload, model and token count (bins
+    ``TOKEN_BINS``): where a shape-dependent miss lives (issue 14: GEMM size, attention/KV
+    reads). Per workload, the calibration model's row is that moment's drift floor."""
     import pandas as pd  # lazy: only for this table
 
     df = pd.DataFrame(steps)
     if df.empty:
         return {"table": [], "lines": []}
-    df["bin"] = pd.cut(df["tokens"], TOKEN_BINS, labels=["1-2", "3-8", "9-32", "33-128", ">128"])
-    g = df.groupby(["model", "bin"], observed=True).agg(
+    df["bin"] = pd.cut(df["tokens"], TOKEN_BINS, labels=["1-2", "3-8", "9-64", ">64"])
+    g = df.groupby(["workload", "model", "bin"], observed=True, sort=False).agg(
         steps=("measured", "size"), measured=("measured", "sum"), gemm=("gemm", "sum"),
         flat=("flat", "sum")).reset_index()
     g["gemm_ratio"], g["flat_ratio"] = g["gemm"] / g["measured"], g["flat"] / g["measured"]
-    lines = [f"{r.model:14s} tokens {r.bin:>6s}: {r.steps:4d} steps, predicted/measured "
+    lines = [f"{r.workload:14s} {r.model:14s} tokens {r.bin:>5s}: {r.steps:4d} steps, predicted/measured "
              f"{r.gemm_ratio:.2f} (GEMM table) {r.flat_ratio:.2f} (flat)" for r in g.itertuples()]
     g["bin"] = g["bin"].astype(str)
     return {"table": g.to_dict("records"), "lines": lines}
