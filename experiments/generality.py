@@ -8,7 +8,11 @@ models, the H100 prior with no run of the model, and few-run calibration.
    (random weights of their real shapes from ``shared/data/model-configs``; timing does not
    depend on weight values) — are derived from the coefficients alone and checked with
    ``twin validate`` (executor vs twin: throughput, mean TTFT, mean ITL SMAPE). Torch
-   threads pinned to 1, fp32.
+   threads pinned to 1, fp32. The dense work is priced from a GEMM table measured on the
+   machine right after the calibration (``twin.costs.gemm``, one fitted multiplier); the
+   same executor runs are also compared with the flat-FLOP-rate fit (``flat_*`` keys, the
+   model before the table; ``--no-gemm`` drops the table), and every executor step is
+   priced by both (predicted / measured by workload, model and token count).
 2. **H100 prior** — datasheet hardware coefficients (``gpu_prior``) x Llama-3.1-8B's counts,
    no run of the model, on the held-out ``ml_modelling_test`` runs.
 3. **Few-run calibration** — the prior + k ``digital_twin_modelling`` runs
