@@ -15,10 +15,10 @@ import pytest
 from shared_data import KV_CSV, shared_file
 from twin.cli import main
 from twin.config import ServingConfig
-from twin.costs.gemm import GemmTable
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
+from twin.costs.gemm import GemmTable
 from twin.costs.hardware import (HW_TERMS, coefficients, derive_profile, gpu_prior,
-                                 load_calibration, save_calibration)
+                                 load_calibration, read_calibration, save_calibration)
 from twin.costs.memory import MIB, MemoryModel, reserved_bytes
 from twin.costs.model_config import BUILTIN, load_config, load_model_shape, model_shape
 from twin.costs.profile import load_profile, shipped_profiles
@@ -476,6 +476,28 @@ def test_profile_from_a_calibration_with_a_gemm_table_prices_its_gemms(tmp_path,
     rc, _, err = _run(["simulate", "--profile", out, "--trace", _trace(tmp_path),
                        "--max-loras", 2, "--no-progress", "--out", tmp_path / "sim"], capsys)
     assert rc == 0, err
+
+
+def test_calibrate_executor_gemm_stores_the_table_and_fits_its_multiplier(tmp_path, capsys,
+                                                                          monkeypatch):
+    """`twin calibrate --executor --gemm` measures the machine's GEMM table (here a stand-in:
+    the microbenchmark's timing is not what this tests) and fits ``gemm_scale`` on it in
+    place of the flat FLOP rate; the file carries the table for `twin profile`."""
+    import twin.cli.calibrate as cli_calibrate
+    m, kn = [1, 4, 16, 64, 256], [256, 1024, 4096]
+    M, K, N = np.meshgrid(m, kn, kn, indexing="ij")
+    table = GemmTable(m, kn, kn, K * N * 4 / 2e10 + 2.0 * M * K * N / 5e10, {"threads": 1})
+    asked = {}
+    monkeypatch.setattr(cli_calibrate, "measure_gemm_table",
+                        lambda **kw: asked.update(kw) or table)
+    cal = tmp_path / "cpu.json"
+    rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 2,
+                       "--repeats", 1, "--quiet", "--gemm", "--out", cal], capsys)
+    assert rc == 0, err
+    assert asked["threads"] == 1 and asked["dtype"] == "float32"
+    hw, info = read_calibration(tmp_path / "cpu.hardware.json")
+    assert hw["dense_s_per_flop"] == 0.0 and "gemm_scale" in hw
+    assert np.allclose(info["gemm"].s, table.s)
 
 
 @pytest.mark.parametrize("content,extra,field", [
