@@ -176,7 +176,8 @@ def part_cpu(args, log=print) -> dict:
                                                                  if not r["never_run"]])),
            **{f"flat_transfer_{k}_smape_median": float(np.median([r[f"flat_{k}"] for r in never]))
               for k in ("throughput", "ttft", "itl")},
-           "flat_transfer_throughput_smape_max": float(np.max([r["flat_throughput"] for r in never]))}
+           "flat_transfer_throughput_smape_max":
+               float(np.max([r["flat_throughput"] for r in never]))}
     # drift-corrected: B's twin/executor ratio over A's on the same workload, run just before
 
     ref = {r["workload"]: r for r in rows if not r["never_run"]}
@@ -229,8 +230,9 @@ def _step_check(steps: list[dict]) -> dict:
         steps=("measured", "size"), measured=("measured", "sum"), gemm=("gemm", "sum"),
         flat=("flat", "sum")).reset_index()
     g["gemm_ratio"], g["flat_ratio"] = g["gemm"] / g["measured"], g["flat"] / g["measured"]
-    lines = [f"{r.workload:14s} {r.model:14s} tokens {r.bin:>5s}: {r.steps:4d} steps, predicted/measured "
-             f"{r.gemm_ratio:.2f} (GEMM table) {r.flat_ratio:.2f} (flat)" for r in g.itertuples()]
+    lines = [f"{r.workload:14s} {r.model:14s} tokens {r.bin:>5s}: {r.steps:4d} steps, "
+             f"predicted/measured {r.gemm_ratio:.2f} (GEMM table) {r.flat_ratio:.2f} (flat)"
+             for r in g.itertuples()]
     g["bin"] = g["bin"].astype(str)
     return {"table": g.to_dict("records"), "lines": lines}
 

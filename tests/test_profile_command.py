@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from shared_data import KV_CSV, shared_file
+import twin.cli.calibrate as cli_calibrate
 from twin.cli import main
 from twin.config import ServingConfig
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
@@ -471,7 +472,8 @@ def test_profile_from_a_calibration_with_a_gemm_table_prices_its_gemms(tmp_path,
     one = p.step_time(tuple(1.0 if k in ("const", "decode_tokens") else 0.0 for k in FEATURES))
     s = p.model
     gemms = [(896, 896 + 2 * 128), (896, 896), (896, 2 * 4864), (4864, 896)]
-    dense = 24 * sum(table.seconds([1], k, n)[0] for k, n in gemms) + table.seconds([1], 896, s.vocab)[0]
+    dense = (24 * sum(table.seconds([1], k, n)[0] for k, n in gemms)
+             + table.seconds([1], 896, s.vocab)[0])
     assert one == pytest.approx(2e-3 + 24 * 1e-4 + 0.9 * dense)
     rc, _, err = _run(["simulate", "--profile", out, "--trace", _trace(tmp_path),
                        "--max-loras", 2, "--no-progress", "--out", tmp_path / "sim"], capsys)
@@ -483,7 +485,6 @@ def test_calibrate_executor_gemm_stores_the_table_and_fits_its_multiplier(tmp_pa
     """`twin calibrate --executor --gemm` measures the machine's GEMM table (here a stand-in:
     the microbenchmark's timing is not what this tests) and fits ``gemm_scale`` on it in
     place of the flat FLOP rate; the file carries the table for `twin profile`."""
-    import twin.cli.calibrate as cli_calibrate
     m, kn = [1, 4, 16, 64, 256], [256, 1024, 4096]
     M, K, N = np.meshgrid(m, kn, kn, indexing="ij")
     table = GemmTable(m, kn, kn, K * N * 4 / 2e10 + 2.0 * M * K * N / 5e10, {"threads": 1})

@@ -11,8 +11,9 @@ separate what one shape confounds: per-step vs per-layer costs, weight bytes vs 
 FLOPs. With a measured GEMM table (``gemm``, ``twin.costs.gemm``) the dense work is the
 table's time of each step's GEMMs times one fitted multiplier ``gemm_scale``, in place of one
 flat ``dense_s_per_flop``: the FLOP rate a CPU reaches depends on the matrix sizes, which
-differ between the calibration model and the one priced. An optional ``prior`` (hardware coefficients) with weight ``prior_weight`` pulls each
-coefficient toward its prior value in relative terms, for terms the data cannot separate.
+differ between the calibration model and the one priced. An optional ``prior`` (hardware
+coefficients) with weight ``prior_weight`` pulls each coefficient toward its prior value in
+relative terms, for terms the data cannot separate.
 
 :func:`calibrate_from_measurements` reads the measurement Parquet files that
 ``twin calibrate --executor`` writes (``PROFILE.measurements.parquet``) with their profiles'

@@ -90,7 +90,8 @@ class Curve:
     def __init__(self, features, x, s):
         unknown = set(features) - set(FEATURES)
         if unknown or not features:
-            raise ValueError(f"a curve needs step features, got {list(features)}; known: {FEATURES}")
+            raise ValueError(f"a curve needs step features, got {list(features)}; "
+                             f"known: {FEATURES}")
         if len(x) != len(s) or not x or any(v <= 0 for v in (*x, *s)) \
                 or any(b <= a for a, b in zip(x, x[1:])):
             raise ValueError("a curve needs as many positive seconds as positive, increasing x")
