@@ -31,7 +31,9 @@ decoder layer priced from the interconnect when --tensor-parallel-size > 1.
 
 With --gpu-calibration HW.json (written by `twin calibrate --executor` next to its profile)
 the step time comes from that machine's fitted hardware coefficients instead: a model you
-never ran, priced on a machine you calibrated on another model.
+never ran, priced on a machine you calibrated on another model. When the calibration carries
+the machine's measured GEMM table (`twin calibrate --executor --gemm`), --model's GEMMs are
+priced at the rates that machine reaches at their sizes.
 
 The step time is a prior, not a measurement: calibrate it on your own runs with
 `twin calibrate` before trusting latencies.
@@ -83,7 +85,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpu-calibration", type=Path, metavar="HW.json",
                    help="hardware coefficients of a calibrated machine (written by `twin "
                         "calibrate --executor` next to its profile): the step time of --model "
-                        "on that machine, with no run of it")
+                        "on that machine, with no run of it (its GEMM table too, if it has one)")
     p.add_argument("--base-profile", metavar="PROFILE",
                    help="with --gpu-calibration and no --gpu: the calibrated machine's profile "
                         "(memory and load times, rescaled to --model; default: the profile "
