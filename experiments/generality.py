@@ -8,7 +8,11 @@ models, the H100 prior with no run of the model, and few-run calibration.
    (random weights of their real shapes from ``shared/data/model-configs``; timing does not
    depend on weight values) — are derived from the coefficients alone and checked with
    ``twin validate`` (executor vs twin: throughput, mean TTFT, mean ITL SMAPE). Torch
-   threads pinned to 1, fp32.
+   threads pinned to 1, fp32. The dense work is priced from a GEMM table measured on the
+   machine right after the calibration (``twin.costs.gemm``, one fitted multiplier); the
+   same executor runs are also compared with the flat-FLOP-rate fit (``flat_*`` keys, the
+   model before the table; ``--no-gemm`` drops the table), and every executor step is
+   priced by both (predicted / measured by workload, model and token count).
 2. **H100 prior** — datasheet hardware coefficients (``gpu_prior``) x Llama-3.1-8B's counts,
    no run of the model, on the held-out ``ml_modelling_test`` runs.
 3. **Few-run calibration** — the prior + k ``digital_twin_modelling`` runs
@@ -37,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from twin.calibrate.executor import calibrate_executor  # noqa: E402
+from twin.calibrate.gemm_bench import measure_gemm_table  # noqa: E402
 from twin.calibrate.fewrun import GROUPS, fit_fewrun, pick_runs, scaled  # noqa: E402
 from twin.calibrate.hardware import (calibrate_from_measurements, derive_profile,  # noqa: E402
                                      write_random_model)
@@ -109,13 +114,21 @@ def part_cpu(args, log=print) -> dict:
                            log=lambda *a: log("  ", *a))
         cal.append(path)
         log(f"[cpu] calibrated {name} [{time.perf_counter() - t0:.0f} s]")
-    est = calibrate_from_measurements(cal)
+    gemm = None
+    if not args.no_gemm:   # the machine's GEMM table, right after the calibration it goes with
+        t = time.perf_counter()
+        gemm = measure_gemm_table(threads=1, dtype="float32")
+        (out / "gemm-table.json").write_text(json.dumps(gemm.to_dict()) + "\n")
+        log(f"[cpu] GEMM table measured [{time.perf_counter() - t:.0f} s]")
+    est = calibrate_from_measurements(cal, gemm=gemm)
+    flat = calibrate_from_measurements(cal)   # the A/B: one flat FLOP rate, same steps
 
-    save_calibration(est.coef_, out / "cpu-hardware.json", fitted_on=[str(p) for p in cal],
-                     residuals=est.residuals_)
-    log(f"[cpu] hardware fit on {est.n_steps_} steps: residual median "
-        f"{100 * est.residuals_['rel_abs_median']:.1f}%; coefficients "
-        + ", ".join(f"{k}={v:.3g}" for k, v in est.coef_.items() if v))
+    save_calibration(est.coef_, out / "cpu-hardware.json", gemm=gemm,
+                     fitted_on=[str(p) for p in cal], residuals=est.residuals_)
+    for label, e in (("GEMM table" if gemm else "flat", est), ("flat (A/B)", flat)):
+        log(f"[cpu] hardware fit ({label}) on {e.n_steps_} steps: residual median "
+            f"{100 * e.residuals_['rel_abs_median']:.1f}%; coefficients "
+            + ", ".join(f"{k}={v:.3g}" for k, v in e.coef_.items() if v))
     base = load_profile(cal[0])
     rows = []
     # the calibration model itself is the drift control: on a shared box its own error
@@ -125,32 +138,46 @@ def part_cpu(args, log=print) -> dict:
     for mname in ["SmolLM2-135M", *TARGETS]:
         cfg, source = load_config(models[mname])
         shape = model_shape(cfg, source, name=mname, dtype_bytes=4)
-        prof = derive_profile(base, shape, est.coef_, name=f"cpu-{mname}-derived")
-        # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough for
-        # the larger models' fp32 weights; both sides get the same KV blocks anyway
-        prof.memory.gpu_memory_gib = max(prof.memory.gpu_memory_gib, 8.0)
-        profs[mname] = prof
+        pair = [derive_profile(base, shape, e.coef_, name=f"cpu-{mname}-{tag}", gemm=g)
+                for e, tag, g in ((est, "derived", gemm), (flat, "flat", None))]
+        for prof in pair:
+            # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough
+            # for the larger models' fp32 weights; both sides get the same KV blocks anyway
+            prof.memory.gpu_memory_gib = max(prof.memory.gpu_memory_gib, 8.0)
+        profs[mname] = pair
+    steps = []
     for wname, trace, config in cpu_workloads(args.quick):
-        for mname, prof in profs.items():
+        for mname, (prof, prof_flat) in profs.items():
             t = time.perf_counter()
             v = validate(trace, config, prof, model=str(models[mname]), threads=1, plot=False)
             r = {"model": mname, "workload": wname, "never_run": mname in TARGETS,
-                 "throughput": 100 * v.smape("throughput"), "ttft": 100 * v.smape("ttft_mean"),
-                 "itl": 100 * v.smape("itl_mean"), "wall_s": round(time.perf_counter() - t, 1),
-                 **{f"{side}_{k}": float(v.table.set_index("key").loc[k, side])
-                    for side in ("executor", "twin") for k in ("throughput", "ttft_mean", "itl_mean")}}
+                 **_errors(v), "wall_s": round(time.perf_counter() - t, 1)}
+            steps += _step_rows(v.executor.steps, {"gemm": prof, "flat": prof_flat}, mname, wname)
+            v.resimulate(prof_flat)   # the same executor runs against the flat-rate twin
+            r.update({f"flat_{k}": x for k, x in _errors(v).items()})
             rows.append(r)
             log(f"[cpu] {mname:14s} {wname:14s} throughput {r['throughput']:5.1f}%  TTFT "
                 f"{r['ttft']:5.1f}%  ITL {r['itl']:5.1f}%  (ITL executor {r['executor_itl_mean']:.0f} "
-                f"ms, twin {r['twin_itl_mean']:.0f} ms)  [{r['wall_s']} s]")
+                f"ms, twin {r['twin_itl_mean']:.0f} ms; flat rate: {r['flat_throughput']:.1f}% "
+                f"/ {r['flat_ttft']:.1f}% / {r['flat_itl']:.1f}%)  [{r['wall_s']} s]")
+    step_check = _step_check(steps)
+    for line in step_check["lines"]:
+        log("[cpu] steps " + line)
     never = [r for r in rows if r["never_run"]]
-    res = {"rows": rows, "hardware": est.coef_, "seconds": round(time.perf_counter() - t0, 1),
+    res = {"rows": rows, "hardware": est.coef_, "hardware_flat": flat.coef_,
+           "fit_residual_median": est.residuals_["rel_abs_median"],
+           "fit_residual_median_flat": flat.residuals_["rel_abs_median"],
+           "step_check": step_check["table"], "seconds": round(time.perf_counter() - t0, 1),
            "transfer_throughput_smape_median": float(np.median([r["throughput"] for r in never])),
            "transfer_throughput_smape_max": float(np.max([r["throughput"] for r in never])),
            "transfer_ttft_smape_median": float(np.median([r["ttft"] for r in never])),
            "transfer_itl_smape_median": float(np.median([r["itl"] for r in never])),
            "in_sample_throughput_smape_median": float(np.median([r["throughput"] for r in rows
-                                                                 if not r["never_run"]]))}
+                                                                 if not r["never_run"]])),
+           **{f"flat_transfer_{k}_smape_median": float(np.median([r[f"flat_{k}"] for r in never]))
+              for k in ("throughput", "ttft", "itl")},
+           "flat_transfer_throughput_smape_max":
+               float(np.max([r["flat_throughput"] for r in never]))}
     # drift-corrected: B's twin/executor ratio over A's on the same workload, run just before
 
     ref = {r["workload"]: r for r in rows if not r["never_run"]}
@@ -164,6 +191,50 @@ def part_cpu(args, log=print) -> dict:
         f"{res[f'drift_corrected_{s}_smape_max']:.1f}%" for s in ("throughput", "ttft", "itl")))
     (out / "result.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _errors(v) -> dict:
+    """SMAPEs (%) and both sides' values of one validation."""
+    t = v.table.set_index("key")
+    return {"throughput": 100 * v.smape("throughput"), "ttft": 100 * v.smape("ttft_mean"),
+            "itl": 100 * v.smape("itl_mean"),
+            **{f"{side}_{k}": float(t.loc[k, side]) for side in ("executor", "twin")
+               for k in ("throughput", "ttft_mean", "itl_mean")}}
+
+
+TOKEN_BINS = (0, 2, 8, 64, 10 ** 9)
+
+
+def _step_rows(steps, profs: dict, mname: str, wname: str) -> list[dict]:
+    """Per executor step: its token count, measured seconds (minus adapter loads) and each
+    profile's predicted seconds from the step's features."""
+    out = []
+    for f, d, ld, n in zip(steps["features"], steps["duration_s"], steps["load_s"],
+                           steps["num_tokens"]):
+        out.append({"model": mname, "workload": wname, "tokens": int(n), "measured": d - ld,
+                    **{k: p.step_time(tuple(f)) for k, p in profs.items()}})
+    return out
+
+
+def _step_check(steps: list[dict]) -> dict:
+    """Predicted over measured step time by workload, model and token count (bins
+    ``TOKEN_BINS``): where a shape-dependent miss lives (issue 14: GEMM size, attention/KV
+    reads). Per workload, the calibration model's row is that moment's drift floor."""
+    import pandas as pd  # lazy: only for this table
+
+    df = pd.DataFrame(steps)
+    if df.empty:
+        return {"table": [], "lines": []}
+    df["bin"] = pd.cut(df["tokens"], TOKEN_BINS, labels=["1-2", "3-8", "9-64", ">64"])
+    g = df.groupby(["workload", "model", "bin"], observed=True, sort=False).agg(
+        steps=("measured", "size"), measured=("measured", "sum"), gemm=("gemm", "sum"),
+        flat=("flat", "sum")).reset_index()
+    g["gemm_ratio"], g["flat_ratio"] = g["gemm"] / g["measured"], g["flat"] / g["measured"]
+    lines = [f"{r.workload:14s} {r.model:14s} tokens {r.bin:>5s}: {r.steps:4d} steps, "
+             f"predicted/measured {r.gemm_ratio:.2f} (GEMM table) {r.flat_ratio:.2f} (flat)"
+             for r in g.itertuples()]
+    g["bin"] = g["bin"].astype(str)
+    return {"table": g.to_dict("records"), "lines": lines}
 
 
 # -- parts 2 and 3: H100 prior and few-run calibration ---------------------------------------------
@@ -269,6 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("cpu", "h100", "all"), default="all")
     ap.add_argument("--out", type=Path, default=Path("runs/generality"))
     ap.add_argument("--repeats", type=int, default=2, help="executor calibration repeats")
+    ap.add_argument("--no-gemm", action="store_true",
+                    help="CPU: no GEMM table, one flat FLOP rate (the model before the table)")
     ap.add_argument("--max-runs", type=int, default=60, help="held-out H100 runs (spread)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--eval-window", type=float, default=1200.0,

@@ -12,14 +12,15 @@ import pytest
 
 from twin.calibrate.executor import fit_nnls
 from twin.calibrate.hardware import HardwareStepTime, derive_profile
+from twin.costs.gemm import GemmTable
 from twin.costs.hardware import (HW_TERMS, LORA_TOKEN_EFFICIENCY, as_vector, coefficients, counts,
-                                 design, gpu_prior, load_calibration, save_calibration,
-                                 step_time_model)
+                                 design, gpu_prior, load_calibration, read_calibration,
+                                 save_calibration, step_time_model)
 from twin.costs.first_principles import LLAMA31_8B
 from twin.costs.gpus import effective, get_gpu
 from twin.costs.model_config import load_model_shape, model_shape
 from twin.costs.profile import Profile, load_profile
-from twin.costs.step_time import FEATURES
+from twin.costs.step_time import FEATURES, Curve
 from twin.errors import TwinInputError
 
 CONFIGS = Path("/work/shared/data/model-configs")
@@ -214,3 +215,124 @@ def test_derived_profile_carries_the_new_shape(tmp_path):
     again = Profile.from_dict(json.loads(prof.save(tmp_path / "p.json").read_text()))
     assert again.step_time.base == pytest.approx(prof.step_time.base)
     assert replace(B) == again.model
+
+
+# -- GEMM efficiency by size (twin.costs.gemm) ---------------------------------------------------
+def _synthetic_table(m=(1, 2, 4, 16, 64, 256), kn=(256, 512, 1024, 2048, 4096, 8192)):
+    """A CPU-like GEMM table: a weight read (memory-bound at few tokens) plus FLOPs at a rate
+    that grows with the matrix (small matrices run far below peak)."""
+    M, K, N = np.meshgrid(m, kn, kn, indexing="ij")
+    flops = 2.0 * M * K * N
+    rate = 8e10 * (K * N / (K * N + 2e6)) * (M / (M + 8.0))
+    return GemmTable(m, kn, kn, K * N * 4 / 2e10 + flops / rate)
+
+
+def test_gemm_table_interpolates_in_log_space_and_clamps_at_its_edges():
+    t = _synthetic_table()
+    # on the grid: the measured seconds
+    assert t.seconds([16], 1024, 4096)[0] == pytest.approx(t.s[3, 2, 4])
+    # between grid points in m, k and n the log-rate is the average of the neighbours'
+    r = np.log(t.rate([2 ** 1.5], 2 ** 9.5, 4096)[0])
+    corners = [np.log(t.rate([mm], kk, 4096)[0]) for mm in (2, 4) for kk in (512, 1024)]
+    assert r == pytest.approx(np.mean(corners))
+    # beyond the grid: the edge's rate (the vocabulary GEMM at the widest n's rate)
+    assert t.rate([64], 576, 151936)[0] == pytest.approx(t.rate([64], 576, 8192)[0])
+    assert t.rate([1024], 576, 1536)[0] == pytest.approx(t.rate([256], 576, 1536)[0])
+    assert t.seconds([0], 576, 1536)[0] == 0.0
+    # a bigger matrix runs at a higher FLOP rate, as on the CPU the table describes
+    assert t.rate([64], 896, 9728)[0] > t.rate([64], 576, 3072)[0]
+    with pytest.raises(ValueError):
+        GemmTable([1, 1], [256], [256], [[[1.0]], [[1.0]]])
+
+
+def test_curve_interpolates_log_log_and_extends_at_the_edge_rate():
+    c = Curve(["prefill_tokens", "decode_tokens"], [1, 4, 16], [1e-3, 2e-3, 8e-3])
+    f = dict.fromkeys(FEATURES, 0.0)
+    assert c.at(0) == 0.0 and c.at(4) == pytest.approx(2e-3)
+    assert c.at(2) == pytest.approx(np.sqrt(1e-3 * 2e-3))        # halfway in log-log
+    assert c.at(32) == pytest.approx(16e-3)                      # linear beyond the last
+    f.update(prefill_tokens=10, decode_tokens=6)
+    assert c(tuple(f[k] for k in FEATURES)) == pytest.approx(c.at(16))
+    with pytest.raises(ValueError):
+        Curve(["decode_tokens"], [4, 1], [1e-3, 2e-3])
+
+
+def test_step_time_model_with_curves_keeps_the_decode_run_closed_form(tmp_path):
+    """A curve of the step's tokens is constant along a run of decode steps: the run's
+    total is k single steps, and a profile with curves round-trips through its JSON."""
+    t = _synthetic_table()
+    s = _shape(SMOL135)
+    st = step_time_model(dict(TRUE_HW, gemm_scale=0.7), s, gemm=t)
+    f0 = list(_steps(1, 5)[0])
+    f0[FEATURES.index("prefill_tokens")] = f0[FEATURES.index("prefill_seqs")] = 0
+    f0 = tuple(f0)
+    total, first, _ = st.decode_run(f0, 3, 5)
+    singles = [st(tuple(v + 3 * i if k == "decode_context" else v
+                        for k, v in zip(FEATURES, f0))) for i in range(5)]
+    assert total == pytest.approx(sum(singles)) and first == pytest.approx(singles[0])
+    prof = derive_profile(load_profile("cpu-smollm2"), s, dict(TRUE_HW, gemm_scale=0.7), gemm=t)
+    again = load_profile(prof.save(tmp_path / "p.json"))
+    assert again.step_time(f0) == pytest.approx(prof.step_time(f0))
+    assert again.step_time.to_dict() == prof.step_time.to_dict()
+
+
+def test_gemm_table_fit_recovers_a_size_dependent_rate_where_a_flat_rate_fails():
+    """Steps generated with the table's size-dependent GEMM time (3% noise) on SmolLM2-135M
+    at two depths: the fit with the table recovers its multiplier and prices SmolLM2-360M
+    and Qwen2.5-0.5B steps within a few percent; one flat FLOP rate fitted on the same
+    steps misses the wider models (their GEMMs run at a higher rate than SmolLM2's)."""
+    rng = np.random.default_rng(6)
+    t = _synthetic_table()
+    truth_hw = dict(TRUE_HW, dense_s_per_flop=0.0, gemm_scale=1.3)
+    A, Ah = _shape(SMOL135), _shape(dict(SMOL135, num_hidden_layers=15))
+    F = _steps(400, 7)
+    shapes = [A] * 200 + [Ah] * 200
+    y = np.array([design(F[i:i + 1], s, gemm=t)[0] @ as_vector(truth_hw)
+                  for i, s in enumerate(shapes)]) * np.exp(rng.normal(0, 0.03, len(F)))
+    est = HardwareStepTime(gemm=t).fit(F, y, shapes)
+    flat = HardwareStepTime().fit(F, y, shapes)
+    assert est.coef_["gemm_scale"] == pytest.approx(1.3, rel=0.1)
+    assert est.coef_["dense_s_per_flop"] == 0.0 and flat.coef_["gemm_scale"] == 0.0
+    for cfg in (SMOL360, QWEN05):
+        B = _shape(cfg)
+        Fb = _steps(300, 8)
+        truth = design(Fb, B, gemm=t) @ as_vector(truth_hw)
+        err = np.abs(est.predict(Fb, B) / truth - 1)
+        assert np.median(err) < 0.03 and abs(est.predict(Fb, B).sum() / truth.sum() - 1) < 0.03
+        # the profile the twin runs prices the same steps
+        st = est.step_time_model(B)
+        assert st(tuple(Fb[0])) == pytest.approx(est.predict(Fb[:1], B)[0])
+        # a flat rate carries SmolLM2's low FLOP rate to the wider GEMMs: too slow
+        assert flat.predict(Fb, B).sum() / truth.sum() - 1 > 0.05
+
+
+def test_calibration_file_carries_the_gemm_table(tmp_path):
+    t = _synthetic_table()
+    hw = dict(TRUE_HW, gemm_scale=0.8)
+    path = save_calibration(hw, tmp_path / "cpu.json", gemm=t, fitted_on=["x"])
+    back, info = read_calibration(path)
+    assert back == hw and info["fitted_on"] == ["x"]
+    assert np.allclose(info["gemm"].s, t.s) and list(info["gemm"].k) == list(t.k)
+    s = _shape(QWEN05)
+    f = tuple(_steps(1, 9)[0])
+    assert step_time_model(back, s, gemm=info["gemm"])(f) == pytest.approx(
+        step_time_model(hw, s, gemm=t)(f))
+    # an old file (no table) still loads: flat rate, gemm_scale absent
+    old = save_calibration(TRUE_HW, tmp_path / "old.json")
+    assert read_calibration(old)[0] == TRUE_HW and "gemm" not in read_calibration(old)[1]
+    # gemm_scale without its table, or a malformed table, names the field
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "twin.hardware/1", "hardware": hw}))
+    with pytest.raises(TwinInputError, match="hardware.gemm_scale"):
+        read_calibration(bad)
+    bad.write_text(json.dumps({"schema": "twin.hardware/1", "hardware": hw,
+                               "gemm": {"m": [1], "k": [2], "n": [3], "seconds": [[[-1.0]]]}}))
+    with pytest.raises(TwinInputError, match="gemm"):
+        read_calibration(bad)
+
+
+def test_gpu_prior_has_no_gemm_term():
+    """GPUs without a measured table keep the catalogue's flat rate (existing behaviour)."""
+    hw = gpu_prior("h100-64gb")
+    assert "gemm_scale" not in hw
+    assert step_time_model(hw, LLAMA31_8B).to_dict().get("curves") is None

@@ -1,5 +1,6 @@
 """Serving strategies (twin.policies): memory accounting, admission, deployments, compare."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from twin.config import POLICIES, ServingConfig
 from twin.errors import ConfigError, TwinInputError
 from twin.costs.profile import load_profile
+from twin.costs.step_time import StepTimeModel
 from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, VLLMPolicy, get_policy,
                            simulate_policy)
 from twin.sched.unified_pool import SLoRAScheduler, UnifiedAdapterPool
@@ -357,6 +359,18 @@ def test_colocated_replicas_time_slice(trace):
     sp = scaled_profile(PROFILE, 2.0)
     f = (1.0, 100, 10, 1000, 5000, 0, 0, 0, 0)
     assert sp.step_time(f) == pytest.approx(2 * PROFILE.step_time(f))
+
+
+def test_time_slicing_scales_measured_step_time_curves_too():
+    """A profile whose dense GEMM time is a measured curve (twin.costs.gemm) slows down by
+    the same factor under time-slicing as its linear terms."""
+    curve = {"features": ["prefill_tokens", "decode_tokens"], "x": [1, 8, 64],
+             "s": [1e-3, 4e-3, 2e-2]}
+    prof = dataclasses.replace(PROFILE, step_time=StepTimeModel(base={"const": 0.01},
+                                                                curves=[curve]))
+    f = (1.0, 20, 3, 300, 400, 0, 0, 0, 0, 0, 1, 0.0)
+    assert scaled_profile(prof, 2.0).step_time(f) == pytest.approx(2 * prof.step_time(f))
+    assert prof.step_time(f) > 0.01
 
 
 def test_dynamic_policies_split_adapters_over_gpus(trace):

@@ -8,18 +8,22 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from shared_data import KV_CSV, shared_file
+import twin.cli.calibrate as cli_calibrate
 from twin.cli import main
 from twin.config import ServingConfig
 from twin.costs.first_principles import LLAMA31_8B, build_profile, lora_buffers
+from twin.costs.gemm import GemmTable
 from twin.costs.hardware import (HW_TERMS, coefficients, derive_profile, gpu_prior,
-                                 load_calibration, save_calibration)
+                                 load_calibration, read_calibration, save_calibration)
 from twin.costs.memory import MIB, MemoryModel, reserved_bytes
 from twin.costs.model_config import BUILTIN, load_config, load_model_shape, model_shape
 from twin.costs.profile import load_profile, shipped_profiles
+from twin.costs.step_time import FEATURES
 from twin.errors import TwinInputError
 from twin.workload.generate import rate_class_trace, uniform_lengths
 from twin.workload.schema import write_trace
@@ -444,6 +448,57 @@ def test_profile_from_a_gpu_calibration_and_a_catalogue_gpu(tmp_path, capsys):
     shape = load_model_shape("qwen2.5-7b")
     assert p.memory.to_dict() == build_profile(shape, "a100-80gb").memory.to_dict()
     assert p.step_time.base == pytest.approx(coefficients(hw, shape))
+
+
+def test_profile_from_a_calibration_with_a_gemm_table_prices_its_gemms(tmp_path, capsys):
+    """A calibration that carries the machine's GEMM table (``twin calibrate --executor
+    --gemm``) gives the derived profile the dense GEMM curves of the new shape, scaled by its
+    ``gemm_scale``; `twin simulate` runs it."""
+    m, kn = [1, 4, 16, 64], [256, 1024, 4096]
+    M, K, N = np.meshgrid(m, kn, kn, indexing="ij")
+    table = GemmTable(m, kn, kn, K * N * 4 / 2e10 + 2.0 * M * K * N / 5e10)
+    hw = {"step_s": 2e-3, "layer_s": 1e-4, "gemm_scale": 0.9}
+    path = save_calibration(hw, tmp_path / "cpu.hardware.json", gemm=table)
+    out = tmp_path / "q.json"
+    rc, _, err = _run(["profile", "--model", "qwen2.5-0.5b", "--gpu-calibration", path,
+                       "--base-profile", "cpu-smollm2", "--gpu-memory-gib", 8, "--out", out],
+                      capsys)
+    assert rc == 0, err
+    p = load_profile(out)
+    curves = p.step_time.to_dict()["curves"]
+    assert [c["features"] for c in curves] == [["prefill_tokens", "decode_tokens"],
+                                               ["decode_tokens", "prefill_seqs"]]
+    # one decode token: 24 layers of qkv, o, gate_up, down plus the lm_head, x 0.9
+    one = p.step_time(tuple(1.0 if k in ("const", "decode_tokens") else 0.0 for k in FEATURES))
+    s = p.model
+    gemms = [(896, 896 + 2 * 128), (896, 896), (896, 2 * 4864), (4864, 896)]
+    dense = (24 * sum(table.seconds([1], k, n)[0] for k, n in gemms)
+             + table.seconds([1], 896, s.vocab)[0])
+    assert one == pytest.approx(2e-3 + 24 * 1e-4 + 0.9 * dense)
+    rc, _, err = _run(["simulate", "--profile", out, "--trace", _trace(tmp_path),
+                       "--max-loras", 2, "--no-progress", "--out", tmp_path / "sim"], capsys)
+    assert rc == 0, err
+
+
+def test_calibrate_executor_gemm_stores_the_table_and_fits_its_multiplier(tmp_path, capsys,
+                                                                          monkeypatch):
+    """`twin calibrate --executor --gemm` measures the machine's GEMM table (here a stand-in:
+    the microbenchmark's timing is not what this tests) and fits ``gemm_scale`` on it in
+    place of the flat FLOP rate; the file carries the table for `twin profile`."""
+    m, kn = [1, 4, 16, 64, 256], [256, 1024, 4096]
+    M, K, N = np.meshgrid(m, kn, kn, indexing="ij")
+    table = GemmTable(m, kn, kn, K * N * 4 / 2e10 + 2.0 * M * K * N / 5e10, {"threads": 1})
+    asked = {}
+    monkeypatch.setattr(cli_calibrate, "measure_gemm_table",
+                        lambda **kw: asked.update(kw) or table)
+    cal = tmp_path / "cpu.json"
+    rc, _, err = _run(["calibrate", "--executor", "--model", "tiny", "--budget", 2,
+                       "--repeats", 1, "--quiet", "--gemm", "--out", cal], capsys)
+    assert rc == 0, err
+    assert asked["threads"] == 1 and asked["dtype"] == "float32"
+    hw, info = read_calibration(tmp_path / "cpu.hardware.json")
+    assert hw["dense_s_per_flop"] == 0.0 and "gemm_scale" in hw
+    assert np.allclose(info["gemm"].s, table.s)
 
 
 @pytest.mark.parametrize("content,extra,field", [

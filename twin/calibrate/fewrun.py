@@ -34,7 +34,7 @@ GROUPS = {
                  "sample_s_per_vocab", "idle_s", "allreduce_call_s"),
     "memory": ("weight_s_per_byte", "kv_s_per_byte", "adapter_s_per_byte", "act_s_per_byte",
                "idle_s_per_byte", "allreduce_s_per_byte"),
-    "compute": ("dense_s_per_flop", "attn_s_per_flop", "lora_s_per_flop"),
+    "compute": ("dense_s_per_flop", "attn_s_per_flop", "lora_s_per_flop", "gemm_scale"),
     "lora": ("adapter_call_s", "slot_call_s", "lora_call_s"),
 }
 assert sorted(t for g in GROUPS.values() for t in g) == sorted(HW_TERMS)

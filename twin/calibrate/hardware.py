@@ -8,8 +8,12 @@ calibration measurements hold them), step durations ``y`` and the model shape of
 coefficients ``coef_`` on relative errors (a served trace's time is mostly small decode
 steps; see ``twin.calibrate.executor``). Rows of several shapes (e.g. model A at two depths)
 separate what one shape confounds: per-step vs per-layer costs, weight bytes vs lm_head
-FLOPs. An optional ``prior`` (hardware coefficients) with weight ``prior_weight`` pulls each
-coefficient toward its prior value in relative terms, for terms the data cannot separate.
+FLOPs. With a measured GEMM table (``gemm``, ``twin.costs.gemm``) the dense work is the
+table's time of each step's GEMMs times one fitted multiplier ``gemm_scale``, in place of one
+flat ``dense_s_per_flop``: the FLOP rate a CPU reaches depends on the matrix sizes, which
+differ between the calibration model and the one priced. An optional ``prior`` (hardware
+coefficients) with weight ``prior_weight`` pulls each coefficient toward its prior value in
+relative terms, for terms the data cannot separate.
 
 :func:`calibrate_from_measurements` reads the measurement Parquet files that
 ``twin calibrate --executor`` writes (``PROFILE.measurements.parquet``) with their profiles'
@@ -26,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from twin.calibrate.executor import MEASUREMENT_SUFFIX, fit_nnls, residual_stats, step_table
+from twin.costs.gemm import GemmTable
 from twin.costs.hardware import HW_TERMS, as_vector, derive_profile, design, step_time_model
 from twin.costs.profile import load_profile
 from twin.costs.step_time import FEATURES
@@ -37,23 +42,32 @@ __all__ = ["HardwareStepTime", "calibrate_from_measurements", "derive_profile",
 class HardwareStepTime:
     """Step time = design(F, shape) @ coef_ with coef_ >= 0 (``HW_TERMS``).
 
-    ``terms``: the hardware terms fitted (the others stay 0, or at ``prior`` when given).
-    ``tp``: tensor-parallel size of the measured runs."""
+    ``terms``: the hardware terms fitted (the others stay 0, or at ``prior`` when given;
+    default: all but ``gemm_scale`` without a GEMM table, all but ``dense_s_per_flop`` with
+    one). ``tp``: tensor-parallel size of the measured runs. ``gemm``: the machine's
+    measured GEMM table (:class:`twin.costs.gemm.GemmTable`)."""
 
-    def __init__(self, terms=HW_TERMS, prior: dict | None = None, prior_weight: float = 0.0,
-                 relative: bool = True, tp: int = 1):
-        self.terms = tuple(terms)
+    def __init__(self, terms=None, prior: dict | None = None, prior_weight: float = 0.0,
+                 relative: bool = True, tp: int = 1, gemm: GemmTable | None = None):
+        self.terms = terms
         self.prior = prior
         self.prior_weight = prior_weight
         self.relative = relative
         self.tp = tp
+        self.gemm = gemm
+
+    def _terms(self) -> tuple:
+        if self.terms is not None:
+            return tuple(self.terms)
+        drop = "dense_s_per_flop" if self.gemm is not None else "gemm_scale"
+        return tuple(t for t in HW_TERMS if t != drop)
 
     def _design(self, F, shapes) -> np.ndarray:
         F = np.asarray(F, float)
         if F.ndim != 2 or F.shape[1] != len(FEATURES):
             raise ValueError(f"expected step features with {len(FEATURES)} columns {FEATURES}")
         if not isinstance(shapes, (list, tuple, np.ndarray)):
-            return design(F, shapes, self.tp)
+            return design(F, shapes, self.tp, self.gemm)
         if len(shapes) != len(F):
             raise ValueError("one shape per row expected")
         out = np.zeros((len(F), len(HW_TERMS)))
@@ -61,13 +75,13 @@ class HardwareStepTime:
         for j, s in enumerate(shapes):
             ids.setdefault(id(s), (s, []))[1].append(j)
         for s, rows in ids.values():
-            out[rows] = design(F[rows], s, self.tp)
+            out[rows] = design(F[rows], s, self.tp, self.gemm)
         return out
 
     def fit(self, F, y, shapes) -> "HardwareStepTime":
         X = self._design(F, shapes)
         y = np.asarray(y, float)
-        idx = [HW_TERMS.index(t) for t in self.terms]
+        idx = [HW_TERMS.index(t) for t in self._terms()]
         fixed = np.zeros(len(HW_TERMS))
         if self.prior:   # terms not fitted keep their prior value
             p = as_vector(self.prior)
@@ -97,7 +111,7 @@ class HardwareStepTime:
 
     def step_time_model(self, shape, tp: int | None = None):
         """The StepTimeModel of ``shape`` (any model) on the fitted machine."""
-        return step_time_model(self.coef_, shape, self.tp if tp is None else tp)
+        return step_time_model(self.coef_, shape, self.tp if tp is None else tp, self.gemm)
 
 
 # -- executor measurements ----------------------------------------------------------------------
@@ -114,17 +128,18 @@ def read_measurements(profile_path, statistic: str = "mean"):
     return steps[list(FEATURES)].to_numpy(float), steps["y"].to_numpy(float), prof.model
 
 
-def calibrate_from_measurements(profile_paths, *, terms=HW_TERMS, prior=None,
-                                prior_weight: float = 0.0) -> HardwareStepTime:
+def calibrate_from_measurements(profile_paths, *, terms=None, prior=None,
+                                prior_weight: float = 0.0,
+                                gemm: GemmTable | None = None) -> HardwareStepTime:
     """Hardware coefficients fitted on the steps of one or more executor calibrations
-    (each its own model shape, same machine and threads)."""
+    (each its own model shape, same machine and threads; ``gemm``: its GEMM table)."""
     Fs, ys, shapes = [], [], []
     for p in profile_paths:
         F, y, shape = read_measurements(p)
         Fs.append(F)
         ys.append(y)
         shapes += [shape] * len(y)
-    est = HardwareStepTime(terms=terms, prior=prior, prior_weight=prior_weight)
+    est = HardwareStepTime(terms=terms, prior=prior, prior_weight=prior_weight, gemm=gemm)
     return est.fit(np.vstack(Fs), np.concatenate(ys), shapes)
 
 

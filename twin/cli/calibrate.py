@@ -14,6 +14,7 @@ from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
 from twin.calibrate.fewrun import fit_fewrun
+from twin.calibrate.gemm_bench import measure_gemm_table
 from twin.calibrate.hardware import calibrate_from_measurements
 from twin.calibrate.vllm_fits import fit_client_cap
 from twin.costs.gpus import DERATE
@@ -232,6 +233,12 @@ def add_executor_args(parser) -> None:
                         "hardware coefficients (OUT.hardware.json) are fitted on their steps "
                         "too; shapes of another depth or width separate per-step from "
                         "per-layer and per-byte costs, which one model confounds")
+    g.add_argument("--gemm", action="store_true",
+                   help="also measure this machine's GEMM table (F.linear at a grid of token "
+                        "counts and k x n up to 8192, at --threads/--dtype; ~2 min on one CPU "
+                        "core) and price the dense work from it in OUT.hardware.json: the "
+                        "FLOP rate depends on the matrix sizes, so one flat rate fitted on "
+                        "this model's GEMMs does not carry to a wider model's")
     g.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help=f"device memory for the KV model; on CPU a budget (default "
                         f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
@@ -262,10 +269,14 @@ def run_executor(args) -> int:
     log(f"wrote {args.out} in {info['seconds']:.0f} s")
     # the same steps in hardware terms: what carries over to another model on this machine
     fitted_on = [Path(args.out), *args.hardware_with]
-    est = calibrate_from_measurements(fitted_on)
-    hw = save_calibration(est.coef_, calibration_path(args.out), profile=Path(args.out).name,
-                          model=str(args.model), fitted_on=[str(p) for p in fitted_on],
-                          residuals=est.residuals_)
+    gemm = None
+    if getattr(args, "gemm", False):
+        gemm = measure_gemm_table(threads=args.threads, dtype=args.dtype, device=args.device,
+                                  progress=not getattr(args, "quiet", False))
+    est = calibrate_from_measurements(fitted_on, gemm=gemm)
+    hw = save_calibration(est.coef_, calibration_path(args.out), gemm=gemm,
+                          profile=Path(args.out).name, model=str(args.model),
+                          fitted_on=[str(p) for p in fitted_on], residuals=est.residuals_)
     log(f"wrote {hw}: hardware coefficients of this machine (median |relative error| "
         f"{100 * est.residuals_['rel_abs_median']:.1f}% over {est.n_steps_} steps); "
         f"`twin profile --model B --gpu-calibration {hw} --out B.json` prices another model")

@@ -31,7 +31,9 @@ decoder layer priced from the interconnect when --tensor-parallel-size > 1.
 
 With --gpu-calibration HW.json (written by `twin calibrate --executor` next to its profile)
 the step time comes from that machine's fitted hardware coefficients instead: a model you
-never ran, priced on a machine you calibrated on another model.
+never ran, priced on a machine you calibrated on another model. When the calibration carries
+the machine's measured GEMM table (`twin calibrate --executor --gemm`), --model's GEMMs are
+priced at the rates that machine reaches at their sizes.
 
 The step time is a prior, not a measurement: calibrate it on your own runs with
 `twin calibrate` before trusting latencies.
@@ -83,7 +85,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpu-calibration", type=Path, metavar="HW.json",
                    help="hardware coefficients of a calibrated machine (written by `twin "
                         "calibrate --executor` next to its profile): the step time of --model "
-                        "on that machine, with no run of it")
+                        "on that machine, with no run of it (its GEMM table too, if it has one)")
     p.add_argument("--base-profile", metavar="PROFILE",
                    help="with --gpu-calibration and no --gpu: the calibrated machine's profile "
                         "(memory and load times, rescaled to --model; default: the profile "
@@ -142,7 +144,7 @@ def _from_calibration(args):
                            kv_cache_dtype=args.kv_cache_dtype)
         name = args.name or f"{shape.name.lower()}-{gpu.get('key', 'gpu')}-calibrated"
         return derive_profile(fp, shape, hw, name=name, memory=fp.memory, tp=tp,
-                              provenance=prov), gpu["name"]
+                              provenance=prov, gemm=info.get("gemm")), gpu["name"]
     ref = args.base_profile
     if ref is None and info.get("profile"):
         ref = str(Path(args.gpu_calibration).parent / str(info["profile"]))
@@ -151,7 +153,8 @@ def _from_calibration(args):
                              "--base-profile PROFILE (or --gpu)", field="--base-profile")
     base = load_profile(ref)
     shape = load_model_shape(args.model, dtype_bytes=base.model.dtype_bytes)
-    prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov)
+    prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov,
+                          gemm=info.get("gemm"))
     if args.gpu_memory_gib is not None:   # e.g. a CPU's memory budget for a larger model
         prof.memory.gpu_memory_gib = args.gpu_memory_gib
     return prof, base.name

@@ -39,6 +39,11 @@ idle_s, idle_s_per_byte   first step after an idle wait: constant + weights re-r
 allreduce_s_per_byte      tensor parallel: bytes a ring all-reduce sends per token (2 per
                           layer, 2(N-1)/N of the hidden state each)
 allreduce_call_s          tensor parallel: all-reduce launches (2 per layer and step)
+gemm_scale                a multiplier on the dense GEMM time of a measured GEMM table
+                          (``twin.costs.gemm``: per layer qkv, o, gate_up, down at the
+                          step's tokens, the lm_head at its logits rows, each at the rate
+                          the machine reaches at that size); with a table the fit uses it
+                          instead of the flat ``dense_s_per_flop``; without one it is 0
 ========================  =============================================================
 
 Counts use :class:`twin.costs.profile.ModelShape` only (``dtype_bytes`` is the weight and
@@ -53,10 +58,11 @@ from pathlib import Path
 
 import numpy as np
 
+from twin.costs.gemm import GemmTable, dense_curves
 from twin.costs.gpus import effective, get_gpu
 from twin.costs.memory import GIB
 from twin.costs.profile import Profile
-from twin.costs.step_time import FEATURES, StepTimeModel
+from twin.costs.step_time import FEATURES, Curve, StepTimeModel
 from twin.errors import TwinInputError
 
 HW_TERMS = (
@@ -64,7 +70,7 @@ HW_TERMS = (
     "attn_s_per_flop", "kv_s_per_byte", "decode_seq_layer_s", "prefill_seq_layer_s",
     "sample_s_per_vocab", "lora_s_per_flop", "adapter_s_per_byte", "adapter_call_s",
     "slot_call_s", "lora_call_s", "idle_s", "idle_s_per_byte", "allreduce_s_per_byte",
-    "allreduce_call_s",
+    "allreduce_call_s", "gemm_scale",
 )
 LORA_CALLS_PER_LAYER = 4   # qkv, o, gate_up, down: vLLM's packed LoRA modules
 _F = {k: i for i, k in enumerate(FEATURES)}
@@ -86,6 +92,22 @@ def linear_params(shape, tp: int = 1) -> float:
     one of ``tp`` ranks (KV heads replicated when fewer than ``tp``: :func:`per_rank`)."""
     w, h = per_rank(shape, tp), shape.hidden
     return float(shape.layers * (h * (w["q"] + 2 * w["kv"]) + w["q"] * h + 3 * h * w["inter"]))
+
+
+def layer_gemms(shape, tp: int = 1) -> list[tuple[int, float]]:
+    """(k, n) of one decoder layer's GEMMs on one of ``tp`` ranks as the executor and vLLM
+    pack them: qkv, o, gate_up, down (column-parallel ones split n, row-parallel ones k)."""
+    w, h = per_rank(shape, tp), shape.hidden
+    return [(h, w["q"] + 2 * w["kv"]), (w["q"], h), (h, 2 * w["inter"]), (w["inter"], h)]
+
+
+def gemm_curves(table: GemmTable, shape, tp: int = 1, scale: float = 1.0) -> list[Curve]:
+    """The dense GEMM time of a step of ``shape`` from ``table``, times ``scale``, as
+    StepTimeModel curves: the layers' GEMMs at the step's tokens, the lm_head's at its
+    logits rows (:func:`twin.costs.gemm.dense_curves`)."""
+    curves = dense_curves(table, layer_gemms(shape, tp), shape.layers,
+                          (shape.hidden, shape.vocab / tp))
+    return [Curve(c["features"], c["x"], [scale * v for v in c["s"]]) for c in curves]
 
 
 def rank_weight_bytes(shape, tp: int = 1) -> float:
@@ -157,20 +179,31 @@ def as_vector(hw: dict) -> np.ndarray:
 
 def coefficients(hw: dict, shape, tp: int = 1, **kw) -> dict:
     """Step-time coefficients (by feature) of ``shape`` on the machine ``hw`` describes
-    (``kw``: :func:`counts`' overrides)."""
+    (``kw``: :func:`counts`' overrides); the linear part: ``gemm_scale`` prices curves
+    (:func:`step_time_model`)."""
     c = as_vector(hw) @ counts(shape, tp, **kw)
     return {k: float(v) for k, v in zip(FEATURES, c) if v}
 
 
-def step_time_model(hw: dict, shape, tp: int = 1, **kw) -> StepTimeModel:
-    """The linear StepTimeModel of ``shape`` from hardware coefficients ``hw``."""
-    return StepTimeModel(base={"const": 0.0, **coefficients(hw, shape, tp, **kw)})
+def step_time_model(hw: dict, shape, tp: int = 1, gemm: GemmTable | None = None,
+                    **kw) -> StepTimeModel:
+    """The StepTimeModel of ``shape`` from hardware coefficients ``hw``: linear, plus the
+    dense GEMM curves of ``gemm`` times ``hw["gemm_scale"]`` when both are given."""
+    scale = float(hw.get("gemm_scale", 0.0))
+    curves = gemm_curves(gemm, shape, tp, scale) if gemm is not None and scale > 0 else None
+    return StepTimeModel(base={"const": 0.0, **coefficients(hw, shape, tp, **kw)}, curves=curves)
 
 
-def design(F, shape, tp: int = 1) -> np.ndarray:
+def design(F, shape, tp: int = 1, gemm: GemmTable | None = None) -> np.ndarray:
     """Step features ``F`` (rows x ``FEATURES``) -> the hardware design matrix (rows x
-    ``HW_TERMS``): step time = design @ h."""
-    return np.asarray(F, float) @ counts(shape, tp).T
+    ``HW_TERMS``): step time = design @ h. With a GEMM table the ``gemm_scale`` column is
+    each step's dense GEMM seconds from it (else 0)."""
+    F = np.asarray(F, float)
+    X = F @ counts(shape, tp).T
+    if gemm is not None:
+        curves = gemm_curves(gemm, shape, tp)
+        X[:, HW_TERMS.index("gemm_scale")] = [sum(c(f) for c in curves) for f in F]
+    return X
 
 
 # -- a GPU prior from the catalogue's datasheet numbers ---------------------------------------
@@ -240,13 +273,15 @@ def calibration_path(profile_path) -> Path:
     return profile_path.with_name(stem + ".hardware.json")
 
 
-def save_calibration(hw: dict, path, **info) -> Path:
+def save_calibration(hw: dict, path, gemm: GemmTable | None = None, **info) -> Path:
     """A GPU/CPU calibration file: ``{"schema": "twin.hardware/1", "hardware": {...}, ...}``
-    (``info``: what it was fitted on; ``profile``: the profile written with it, relative to
-    the file, which ``twin profile --gpu-calibration`` takes memory and load times from)."""
+    (``gemm``: the machine's measured GEMM table, which ``gemm_scale`` multiplies; ``info``:
+    what it was fitted on; ``profile``: the profile written with it, relative to the file,
+    which ``twin profile --gpu-calibration`` takes memory and load times from)."""
     path = Path(path)
-    path.write_text(json.dumps({"schema": "twin.hardware/1", "hardware": dict(hw), **info},
-                               indent=2) + "\n")
+    extra = {"gemm": gemm.to_dict()} if gemm is not None else {}
+    path.write_text(json.dumps({"schema": "twin.hardware/1", "hardware": dict(hw), **extra,
+                                **info}, indent=2) + "\n")
     return path
 
 
@@ -271,6 +306,15 @@ def read_calibration(path) -> tuple[dict, dict]:
             raise TwinInputError(f"expected a non-negative number, got {v!r}", file=str(path),
                                  field=f"hardware.{k}")
     info = {k: v for k, v in d.items() if k not in ("schema", "hardware")}
+    if "gemm" in info:
+        try:
+            info["gemm"] = GemmTable.from_dict(info["gemm"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise TwinInputError(f"expected a GEMM table {{m, k, n, seconds}}: {exc}",
+                                 file=str(path), field="gemm") from None
+    elif hw.get("gemm_scale"):
+        raise TwinInputError("gemm_scale multiplies a GEMM table; the file has none",
+                             file=str(path), field="hardware.gemm_scale")
     return {k: float(v) for k, v in hw.items()}, info
 
 
@@ -280,9 +324,10 @@ def load_calibration(path) -> dict:
 
 
 def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=None, tp: int = 1,
-                   provenance: dict | None = None):
+                   provenance: dict | None = None, gemm: GemmTable | None = None):
     """A Profile of ``shape`` on ``base``'s machine: step time from the hardware coefficients
-    ``hw``; load time per byte from ``base`` (adapter bytes come from the new shape);
+    ``hw`` (and the machine's GEMM table ``gemm``, if it has one); load time per byte from
+    ``base`` (adapter bytes come from the new shape);
     ``memory`` as given, else ``base``'s rescaled to the new shape's weights, KV bytes per
     token and LoRA elements per rank."""
     if memory is None:
@@ -299,5 +344,5 @@ def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=Non
             "hardware_profile": base.name, "hardware": dict(hw), "fitted": False,
             "tensor_parallel_size": tp, **(provenance or {})}
     return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=dict(base.hardware),
-                   model=shape, memory=memory, step_time=step_time_model(hw, shape, tp),
+                   model=shape, memory=memory, step_time=step_time_model(hw, shape, tp, gemm),
                    load_time=base.load_time, provenance=prov)

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, StrictBool, StrictStr, create_model
+from pydantic import Field, StrictBool, StrictStr, create_model, model_validator
 
 from twin.errors import TwinInputError
 from twin.costs.load_time import LoadTimeModel
@@ -185,10 +185,30 @@ _Coefs = create_model("StepTimeCoefficients", __base__=Schema,
 _BaseCoefs = create_model("StepTimeBaseCoefficients", __base__=_Coefs, const=(_NonNeg, ...))
 
 
+class CurveSchema(Schema):
+    """A measured step-time curve (``twin.costs.step_time.Curve``): seconds at increasing x
+    of a sum of step features."""
+
+    features: Annotated[list[Literal[FEATURES]], Field(min_length=1)]
+    x: Annotated[list[_Pos], Field(min_length=1)]
+    s: Annotated[list[_Pos], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _points(self):
+        if len(self.x) != len(self.s):
+            raise ValueError(f"x and s need the same length, got {len(self.x)} and {len(self.s)}")
+        if any(b <= a for a, b in zip(self.x, self.x[1:])):
+            raise ValueError("x must increase")
+        if "decode_context" in self.features:
+            raise ValueError("a curve cannot read decode_context (decode runs' closed form)")
+        return self
+
+
 class StepTimeSchema(Schema):
     base: _BaseCoefs
     memory: _Coefs | None = None
     compute: _Coefs | None = None
+    curves: list[CurveSchema] | None = None
 
 
 class LoadTimeSchema(Schema):

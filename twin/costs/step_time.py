@@ -1,15 +1,19 @@
-"""Step time as a function of the batch: ``t = base·f + max(memory·f, compute·f)``.
+"""Step time as a function of the batch: ``t = base·f + max(memory·f, compute·f) + Σ curves``.
 
 ``f`` holds a few physically meaningful batch features (``FEATURES``). With ``memory`` and
 ``compute`` zero the model is linear (what calibration fits); with them set it is a
-roofline (what the first-principles profile uses). During a run of pure decode steps every
-feature is constant except the attended context, which grows by the number of sequences
-each step, so the time of ``k`` such steps has a closed form (:meth:`decode_run`).
+roofline (what the first-principles profile uses). ``curves`` (optional, :class:`Curve`)
+are measured functions of a sum of features: the dense GEMM time of a step as a function
+of its token count, whose FLOP rate depends on the size (``twin.costs.gemm``). During a run
+of pure decode steps every feature is constant except the attended context, which grows by
+the number of sequences each step, so the time of ``k`` such steps has a closed form
+(:meth:`decode_run`; a curve's value is constant along the run).
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,11 +80,51 @@ class ExactRankFeatures:
         return step_features(plan, pool.mean_running_rank(), pool.rank_sum, plan.adapters)
 
 
+class Curve:
+    """Seconds as a measured function of ``x = sum of features``: log-log interpolation
+    between the points ``(x_i, s_i)`` (constant FLOP rate between neighbours' rates), linear
+    in ``x`` beyond them (the edge's rate), 0 at ``x <= 0``."""
+
+    __slots__ = ("features", "idx", "x", "s", "_lx", "_ls")
+
+    def __init__(self, features, x, s):
+        unknown = set(features) - set(FEATURES)
+        if unknown or not features:
+            raise ValueError(f"a curve needs step features, got {list(features)}; "
+                             f"known: {FEATURES}")
+        if len(x) != len(s) or not x or any(v <= 0 for v in (*x, *s)) \
+                or any(b <= a for a, b in zip(x, x[1:])):
+            raise ValueError("a curve needs as many positive seconds as positive, increasing x")
+        self.features = tuple(features)
+        self.idx = tuple(FEATURES.index(k) for k in features)
+        self.x, self.s = tuple(map(float, x)), tuple(map(float, s))
+        self._lx, self._ls = tuple(map(math.log, self.x)), tuple(map(math.log, self.s))
+
+    def at(self, v: float) -> float:
+        x, s = self.x, self.s
+        if v <= 0:
+            return 0.0
+        if v >= x[-1]:
+            return s[-1] * v / x[-1]
+        if v <= x[0]:
+            return s[0] * v / x[0]
+        i = bisect_right(x, v) - 1
+        lx, ls = self._lx, self._ls
+        return math.exp(ls[i] + (math.log(v) - lx[i]) / (lx[i + 1] - lx[i]) * (ls[i + 1] - ls[i]))
+
+    def __call__(self, f) -> float:
+        return self.at(sum(f[i] for i in self.idx))
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "x": list(self.x), "s": list(self.s)}
+
+
 @dataclass
 class StepTimeModel:
     base: dict
     memory: dict | None = None
     compute: dict | None = None
+    curves: list | None = None     # [{"features": [...], "x": [...], "s": [...]}]: Curve
 
     def __post_init__(self):
         for part in (self.base, self.memory or {}, self.compute or {}):
@@ -97,6 +141,9 @@ class StepTimeModel:
                                         for v in (self._b, self._m, self._c))
         ctx = FEATURES.index("decode_context")
         self._slopes = (self._b[ctx], self._m[ctx], self._c[ctx])
+        self._curves = tuple(c if isinstance(c, Curve) else Curve(**c) for c in self.curves or ())
+        if ctx in {i for c in self._curves for i in c.idx}:
+            raise ValueError("a curve of decode_context would break the decode runs' closed form")
 
     def to_dict(self) -> dict:
         # zero terms are left out, except ``const``: the profile schema requires it (a fit
@@ -107,6 +154,8 @@ class StepTimeModel:
             d["memory"] = {k: v for k, v in self.memory.items() if v}
         if self.compute:
             d["compute"] = {k: v for k, v in self.compute.items() if v}
+        if self._curves:
+            d["curves"] = [c.to_dict() for c in self._curves]
         return d
 
     def __call__(self, f) -> float:
@@ -120,6 +169,8 @@ class StepTimeModel:
             for i, w in self._sc:
                 c += w * f[i]
             t += m if m > c else c
+        for curve in self._curves:
+            t += curve(f)
         return t
 
     def _lines(self, f0):
@@ -142,6 +193,8 @@ class StepTimeModel:
         bs *= ctx_step
         ms *= ctx_step
         cs *= ctx_step
+        if self._curves:   # constant along the run: no curve reads decode_context
+            b0 += sum(curve(f0) for curve in self._curves)
         total = k * b0 + bs * k * (k - 1) / 2
         first = b0
         last = b0 + bs * (k - 1)

@@ -202,8 +202,9 @@ def scaled_profile(profile, factor: float):
     def mul(d):
         return None if d is None else {k: v * factor for k, v in d.items()}
 
+    curves = [dict(c, s=[v * factor for v in c["s"]]) for c in st.to_dict().get("curves", ())]
     return dataclasses.replace(profile, step_time=StepTimeModel(mul(st.base), mul(st.memory),
-                                                               mul(st.compute)))
+                                                               mul(st.compute), curves or None))
 
 
 def _sub_catalog(catalog, adapters):
