@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import heapq
 
-import numpy as np
 
-from twin.costs.step_time import after_idle
+from twin.costs.step_time import FEATURES, after_idle
 from twin.sim.engine import _Clock, _result
 
 WAKE, SUBMIT, START, BASE_DONE, STEP_DONE = range(5)
@@ -162,9 +161,9 @@ class TrainJob:
         if now < self.next_start or self.over(now):
             return False
         c, t = self.costs, self.tokens
-        f = np.zeros(12)
-        f[0], f[1], f[4], f[10] = 1.0, t, t * t, 1              # a prefill of t tokens
-        local = 2.0 * max(c.local(tuple(f)), 0.0)               # forward + backward
+        f = dict.fromkeys(FEATURES, 0.0)                       # a prefill of t tokens
+        f.update(const=1.0, prefill_tokens=t, prefill_context=t * t, prefill_seqs=1)
+        local = 2.0 * max(c.local(tuple(f.values())), 0.0)     # forward + backward
         self.cur = _Pass(self.order, c.pass_costs(t, 0, t), local / (len(self.order) + 1),
                          now, local, passes=2, rows=(t, t))
         self.next_start = max(self.next_start + t / self.rate, now)
