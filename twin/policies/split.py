@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.memory import GIB
+from twin.costs.peft_costs import peft_cost
 from twin.costs.split_costs import DEVICES, get_link, on_device, split_costs
 from twin.costs.step_time import step_features
 from twin.errors import TwinInputError
@@ -65,6 +66,14 @@ def peft_kinds(catalog) -> dict:
     kinds = t["kind"].astype(str).str.upper() if "kind" in t else ["LORA"] * len(t)
     virt = t["virtual_tokens"].astype(int) if "virtual_tokens" in t else [0] * len(t)
     return {a: (k, int(v)) for a, k, v in zip(t["adapter"], kinds, virt)}
+
+
+def adapter_bytes(model, kind: tuple, rank: int) -> int:
+    """An adapter's weights: LoRA's as every strategy counts them (``adapter_bytes``),
+    the other kinds' from ``twin.costs.peft_costs``."""
+    if kind[0] == "LORA":
+        return model.adapter_bytes(rank)
+    return peft_cost(model, kind[0], virtual_tokens=kind[1]).adapter_bytes
 
 
 def with_virtual_tokens(trace: pd.DataFrame, kinds: dict) -> pd.DataFrame:
@@ -173,7 +182,8 @@ class SplitPolicy(Policy):
         charged to client 0 (the base executor's GPU) only."""
         m = profile.memory
         dev = self.device(c)
-        ad = sum(profile.model.adapter_bytes(int(catalog.rank(a)))
+        kinds = peft_kinds(catalog)
+        ad = sum(adapter_bytes(profile.model, kinds.get(a, ("LORA", 0)), int(catalog.rank(a)))
                  for a in dep.servers[c].adapters) / GIB
         act = m.activation_bytes(config.max_num_seqs, config.max_num_batched_tokens) / GIB
         if dev == "same":
