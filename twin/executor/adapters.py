@@ -126,22 +126,29 @@ def read_adapter(path, adapter_id: str | None = None) -> PeftAdapter:
     aid = adapter_id or path.name
     t0 = time.perf_counter()
     cfg = read_adapter_config(path, aid)
-    w_path = weights_path(path, aid)
-    data = w_path.read_bytes()
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise AdapterError(aid, f"corrupt safetensors file {w_path}: {exc}") from None
+    tensors, disk_bytes = read_weights(path, aid)
     read_s = time.perf_counter() - t0
     return PeftAdapter(adapter_id=aid, path=path, config=cfg, tensors=tensors,
                        rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
-                       use_rslora=bool(cfg.get("use_rslora", False)), disk_bytes=len(data),
+                       use_rslora=bool(cfg.get("use_rslora", False)), disk_bytes=disk_bytes,
                        read_s=read_s)
 
 
-def read_adapter_config(path: Path, aid: str) -> dict:
+def read_weights(path: Path, aid: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The tensors of a PEFT directory's safetensors file and its size in bytes; a corrupt
+    or missing file raises AdapterError naming it."""
+    w_path = weights_path(path, aid)
+    data = w_path.read_bytes()
+    try:
+        return load(data), len(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise AdapterError(aid, f"corrupt safetensors file {w_path}: {exc}") from None
+
+
+def read_adapter_config(path: Path, aid: str, *, lora_only: bool = True) -> dict:
     """The checked ``adapter_config.json`` of a PEFT directory (no weights read). Raises
-    AdapterError naming what is missing or wrong; an unreadable file raises OSError."""
+    AdapterError naming what is missing or wrong; an unreadable file raises OSError.
+    ``lora_only=False``: only read it (the other PEFT kinds check their own fields)."""
     if not path.is_dir():
         raise AdapterError(aid, f"adapter directory not found: {path}")
     cfg_path = path / CONFIG_NAME
@@ -153,7 +160,8 @@ def read_adapter_config(path: Path, aid: str) -> dict:
         raise AdapterError(aid, f"{cfg_path} is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise AdapterError(aid, f"{cfg_path} must hold a JSON object")
-    _check_config(aid, cfg)
+    if lora_only:
+        _check_config(aid, cfg)
     return cfg
 
 
