@@ -41,7 +41,8 @@ from twin.executor.split.trainer import RemoteLinear  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
             max_position_embeddings=512)
@@ -170,28 +171,43 @@ def _greedy(model, adapter, ids, n):
     return out
 
 
-def test_mixed_peft_kinds_served_side_by_side(tmp_path_factory, tiny):
-    """LoRA, IA3, prefix and prompt tuning (written by PEFT) on two clients, each request
-    token-identical to greedy decoding with peft_methods.reference_forward (which the peft
-    tests hold to PEFT's own outputs); virtual tokens counted apart from the prompt."""
+def test_cli_mixed_peft_kinds_side_by_side(tmp_path_factory, tiny, tmp_path, capsys):
+    """``twin execute --policy split --clients 2`` serving LoRA, IA3, prefix and prompt
+    tuning adapters (written by PEFT) side by side: each request token-identical to greedy
+    decoding with peft_methods.reference_forward (which the peft tests hold to PEFT's own
+    outputs); virtual tokens counted apart from the prompt; the split tables written."""
+    from twin.cli import main
+
     model_dir, _ = tiny
     root = tmp_path_factory.mktemp("split-peft")
     df = write_synthetic_peft_adapters(model_dir, root, virtual_tokens=5, seed=1)
     cat = AdapterCatalog(df.assign(rank=df["rank"].clip(lower=1)))   # catalog ranks >= 1
     trace = burst_trace(cat, n=9, seed=2)
-    res = execute_split(trace, CONFIG, model_dir, cat, clients=2, keep_tokens=True,
-                        timeout_s=TIMEOUT_S)
+    trace.to_csv(tmp_path / "t.csv", index=False)
+    cat.table.to_csv(tmp_path / "cat.csv", index=False)
+    args = ["execute", "--trace", str(tmp_path / "t.csv"), "--model", str(model_dir),
+            "--adapters", str(tmp_path / "cat.csv"), "--max-model-len", "128"]
+    assert main([*args, "--policy", "split", "--clients", "2", "--keep-tokens", "--json",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert '"completed": 9' in capsys.readouterr().out
+    for f in ("steps", "base_batches", "client_steps"):
+        assert (tmp_path / "run" / f"{f}.parquet").exists()
+    req = pd.read_parquet(tmp_path / "run" / "requests.parquet")
+    assert sorted(req["client"].unique()) == [0, 1]
+    assert list(req["prompt_tokens"]) == list(trace["prompt_tokens"])
     model = LlamaModel.from_pretrained(model_dir)
     ads = {a: load_peft(p, model.shape, adapter_id=a) for a, p in zip(df.adapter, df.path)}
-    assert list(res.requests["prompt_tokens"]) == list(trace["prompt_tokens"])
-    for row in res.requests.itertuples():
+    assert {a.kind for a in ads.values()} == {"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"}
+    assert set(req["adapter"].dropna()) == set(ads)
+    for row in req.itertuples():
         ad = None if pd.isna(row.adapter) else ads[row.adapter]
         assert row.virtual_tokens == (ad.virtual_tokens if ad is not None else 0)
         ids = prompt_token_ids(row.request_id, row.prompt_tokens, model.shape.vocab, 0)
         assert list(row.output_token_ids) == _greedy(model, ad, ids, row.output_tokens)
-    kinds = set().union(*(set(a["kind"] for a in c["adapters"].values())
-                          for c in res.extras["clients"]))
-    assert kinds == {"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"}
+    for extra, flag in ((["--clients", "2"], "--clients"),
+                        (["--policy", "split", "--device", "cuda"], "--device")):
+        assert main([*args, *extra]) != 0
+        assert flag in capsys.readouterr().err
 
 
 def test_base_input_gradients_are_exact(tiny):
@@ -217,25 +233,3 @@ def test_assign_clients_and_refusals(tiny):
         assign_clients(trace.assign(client=2), cat, 2)
     with pytest.raises(TwinInputError, match="shared memory"):
         execute_split(trace, CONFIG, model, cat, link="pcie")
-
-
-def test_cli_execute_policy_split(tiny, tmp_path, capsys):
-    from twin.cli import main
-
-    model, cat = tiny
-    trace = burst_trace(cat, n=5, seed=3)
-    trace.to_csv(tmp_path / "t.csv", index=False)
-    cat.table.to_csv(tmp_path / "cat.csv", index=False)
-    args = ["execute", "--trace", str(tmp_path / "t.csv"), "--model", str(model),
-            "--adapters", str(tmp_path / "cat.csv"), "--max-model-len", "128"]
-    assert main([*args, "--policy", "split", "--clients", "2", "--json",
-                 "--out", str(tmp_path / "run")]) == 0
-    assert '"completed": 5' in capsys.readouterr().out
-    for f in ("requests", "steps", "base_batches", "client_steps"):
-        assert (tmp_path / "run" / f"{f}.parquet").exists()
-    assert sorted(pd.read_parquet(tmp_path / "run" / "requests.parquet")["client"].unique()) \
-        == [0, 1]
-    for extra, flag in ((["--clients", "2"], "--clients"),
-                        (["--policy", "split", "--device", "cuda"], "--device")):
-        assert main([*args, *extra]) != 0
-        assert flag in capsys.readouterr().err
