@@ -36,6 +36,7 @@ from twin.executor.peft_methods import (load_peft, reference_forward,  # noqa: E
 from twin.executor.split import (SplitExecutionError, TrainerSpec, assign_clients,  # noqa: E402
                                  execute_split)
 from twin.executor.split.base import BaseWeights  # noqa: E402
+from twin.executor.split.driver import per_client_catalogs  # noqa: E402
 from twin.executor.split.exchange import LocalExchange  # noqa: E402
 from twin.executor.split.trainer import RemoteLinear  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402
@@ -229,6 +230,12 @@ def test_assign_clients_and_refusals(tiny):
     assert list(who) == [0 if pd.isna(a) else pos[a] for a in trace["adapter"]]
     assert list(assign_clients(trace.assign(client=np.arange(10) % 2), cat, 2)) == \
         list(np.arange(10) % 2)
+    # one catalog per client: each adapter on its own client
+    both, owner = per_client_catalogs([cat.table.iloc[[3, 1]], cat.table.iloc[[0, 2]]])
+    assert owner == {cat.adapters[3]: 0, cat.adapters[1]: 0, cat.adapters[0]: 1,
+                     cat.adapters[2]: 1}
+    who = assign_clients(trace, both, 2, owner)
+    assert list(who) == [0 if pd.isna(a) else owner[a] for a in trace["adapter"]]
     with pytest.raises(TwinInputError, match="client 2 out of range"):
         assign_clients(trace.assign(client=2), cat, 2)
     with pytest.raises(TwinInputError, match="shared memory"):

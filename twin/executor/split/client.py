@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from twin.config import ALLOWED_LORA_RANKS, ServingConfig
+from twin.errors import TwinInputError
 from twin.executor.engine import _Engine
 from twin.executor.inputs import prompt_token_ids
 from twin.executor.kv_memory import choose_num_blocks
@@ -159,6 +160,13 @@ class ClientEngine(_Engine):
                     kv_cache_gib) -> BuiltServer:
         store = ClientAdapterStore(model.shape, model.dtype, names, paths)
         self.virtual = store.load_all(self.bad) if config.enable_lora else {}
+        if self.virtual and "hash_ids" in trace.columns:
+            virt = trace["adapter"].isin([names[a] for a in self.virtual]).fillna(False)
+            if trace.loc[virt.to_numpy(bool), "hash_ids"].notna().any():
+                raise TwinInputError(
+                    "requests of prompt/prefix-tuning adapters with hash_ids are not served in "
+                    "split mode (the hash ids name the prompt's tokens, not the virtual tokens "
+                    "ahead of it)", field="hash_ids")
         self.trace = trace = with_virtual_tokens(trace, names, self.virtual)
         num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
                                        kv_cache_gib=kv_cache_gib)
