@@ -131,7 +131,10 @@ def test_base_batches_across_clients(three):
     steps = three.extras["client_steps"]
     assert (steps["t_end"] >= steps["t_start"]).all()
     assert (steps["base_wait_s"] > 0).all()
-    assert steps.groupby("client")["num_tokens"].sum().sum() == three.steps["num_tokens"].sum()
+    req = three.requests   # every prompt token prefilled once, every later token decoded
+    assert three.summary["preemptions"] == 0
+    assert steps["num_tokens"].sum() == (req["prompt_tokens"] + req["output_tokens"] - 1).sum()
+    assert steps["num_prefill_tokens"].sum() == req["prompt_tokens"].sum()
 
 
 def test_failing_client_stops_the_run(tiny, reference):
