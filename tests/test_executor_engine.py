@@ -238,6 +238,28 @@ def test_unknown_adapter_is_refused_before_the_run(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the step's phases (issue 15: where a step's time goes)
+# ---------------------------------------------------------------------------------------------
+def test_step_phases_partition_the_step_duration(tiny):
+    """The logged phases are disjoint parts of each step's wall duration: the gap since the
+    previous step (its bookkeeping, arrivals), schedule, loads, forward (whose batch tensors
+    are ``inputs_s``) and sampling never add up to more than the step took."""
+    _, model_dir, cat = tiny
+    trace = trace_of([(0.0, "lora-0000", 30, 6), (0.0, None, 12, 8), (0.3, "lora-0001", 9, 5),
+                      (0.6, None, 20, 4)])
+    cfg = ServingConfig(max_loras=2, max_cpu_loras=2, max_num_seqs=4,
+                        max_num_batched_tokens=16, max_model_len=128)
+    st = execute(trace, cfg, model_dir, cat, num_gpu_blocks=40).steps
+    phases = st[["gap_s", "schedule_s", "load_s", "forward_s", "sample_s"]]
+    assert (phases >= 0).all().all() and st["inputs_s"].ge(0).all()
+    assert (st["inputs_s"] <= st["forward_s"]).all() and st["inputs_s"].gt(0).all()
+    assert (phases.sum(axis=1) <= st["duration_s"] + 1e-9).all()
+    # a step after an idle wait: its gap is only the arrivals released, not the wait
+    idle = st[st["after_idle"].astype(bool)]
+    assert len(idle) and (idle["gap_s"] < idle["duration_s"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 def test_cli_make_adapters_and_execute(tiny, tmp_path, monkeypatch, capsys):

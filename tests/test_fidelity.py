@@ -180,6 +180,21 @@ def test_step_residual_groups():
     assert g.loc["prefill only", "steps"] == 0
 
 
+def test_local_residual_cancels_the_machines_drift():
+    """A run whose second half ran 2x slower (the box's slow state): against the profile
+    every step of that half is +100%, against its neighbours only the one step that was
+    slower than the steps around it stands out."""
+    sr = _experiment("step_residuals")
+    t = np.arange(40) * 0.1                       # 4 s of steps, 0.1 s apart
+    pred = np.full(40, 1e-3)
+    meas = np.where(t >= 2.0, 2e-3, 1e-3)
+    meas[10] *= 1.5                               # a composition 50% dearer than its neighbours
+    r = sr.local_ratio(pd.DataFrame({"start_s": t}), meas, pred)
+    assert r[10] == pytest.approx(1.5)
+    assert np.allclose(np.delete(r, [10]), 1.0)
+    assert np.isnan(sr.local_ratio(pd.DataFrame({"x": t}), meas, pred)).all()
+
+
 # -- validate: further executor runs with the first run's adapters ---------------------------------
 def test_serve_again_reuses_the_adapters_and_blocks(tmp_path):
     pytest.importorskip("torch")

@@ -22,7 +22,9 @@ The loop a user runs on their own hardware: measure a little, fit the twin, chec
   (non-negative least squares on relative errors: a served trace's time is mostly small
   decode steps, and an unweighted fit bends to the bursts' few large prefill steps —
   measured on seven served traces, the mean |error| of their summed step time fell from
-  10.6% unweighted to 6.6% relative).
+  10.6% unweighted to 6.6% relative). Relative to the fit's prediction, not to the
+  measurement: measured errors weigh fast-running steps more, pulling the fit ~3% under
+  the mean on a box that flips between a fast and a slow state (issue 15).
 * **Load time** — adapters of ranks 8..64 are read + packed (disk → host) and copied into
   a slot (host → device) ``repeats`` times, each after a sweep that evicts the CPU caches
   as a served step does; medians are fitted affine in the adapter's bytes as the twin
@@ -219,8 +221,8 @@ def _fit_provenance(fit: ExecutorFit, cache: MeasurementCache, measured, loads, 
         "n_distinct_steps": int(len(steps)),
         "measurements": str(cache.path), "measurements_reused": cache.reused,
         "measurements_new": cache.new, "budget_s": budget_s,
-        "step_time_fit": f"NNLS (relative errors) on the {statistic} over repeats of each "
-                         "step's duration minus its load time",
+        "step_time_fit": f"NNLS (errors relative to the prediction, reweighted) on the "
+                         f"{statistic} over repeats of each step's duration minus its load time",
         "step_time_statistic": statistic,
         "step_time_mean_over_median": float(steps["y_mean"].sum() / steps["y_median"].sum()),
         "step_time_residuals": fit.residuals,

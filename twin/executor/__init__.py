@@ -9,6 +9,8 @@ The serving side: ``engine`` (``execute``, the loop in load / forward / commit p
 ``loop_state`` (its clock, arrivals, step), ``adapter_store`` (vLLM's slots in step with
 the scheduler's cache), ``slora`` (S-LoRA's unified pool), ``kv_memory`` (KV blocks),
 ``inputs`` (catalog and adapter checks, synthetic prompts), ``block_tables``.
+``peft_methods``: LoRA, IA³, prefix and prompt tuning as client-side hooks (split
+execution), checked against PEFT.
 """
 
 from __future__ import annotations

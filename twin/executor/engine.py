@@ -54,8 +54,9 @@ from twin.executor.inputs import resolve_catalog  # noqa: F401 - its old import 
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
 from twin.executor.loop_state import Arrivals, Clock, NoProgress, Step, no_sync
-from twin.executor.model import LlamaModel, SeqChunk
+from twin.executor.model import BatchInput, LlamaModel, SeqChunk
 from twin.executor.prefix_blocks import block_tables
+from twin.executor.run_meta import run_meta
 from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
 from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.results.recorder import Outcomes, Recorder, build_result
@@ -71,6 +72,9 @@ STEP_COLUMNS = [
     "num_seqs", "num_tokens", "batch_adapters", "loads_from_disk", "kv_blocks", "failed",
     "schedule_s", "load_s", "read_s", "pack_s", "copy_s", "forward_s", "sample_s",
     "batch_request_ids", "batch_tokens",
+    "gap_s",      # from the previous step's end to this one's schedule: that step's commit
+    #               bookkeeping, the arrivals released, the loop (issue 15's phase split)
+    "inputs_s",   # the batch's tensors (BatchInput.build), a part of forward_s
     "features",   # the twin's step-time features of the step (its policy's featurizer)
 ]
 
@@ -258,6 +262,7 @@ class _Engine:
         be loaded fail in this step. None when the plan is empty."""
         perf = time.perf_counter
         t = perf()
+        t_gap = t - self.clock.wall
         self.store.before_schedule(self.cache)   # S-LoRA: free the pages of idle adapters
         plan = self.sched.schedule(self.clock.now)
         t_sched = perf() - t
@@ -268,7 +273,7 @@ class _Engine:
             f = after_idle(f)
         for r in plan.preempted:
             self.tables.release(r.idx)
-        step = Step(plan, f, t_sched)
+        step = Step(plan, f, t_sched, t_gap=t_gap)
         t = perf()
         for ld in plan.loads:
             self._load(step, ld)
@@ -329,8 +334,10 @@ class _Engine:
                 f"KV blocks: the executor's tables hold {tables.used}, the scheduler "
                 f"counts {step.plan.kv_blocks}")
         if chunks:
-            t = time.perf_counter()
-            step.logits = self.model.step(chunks, self.kv, self.slots)
+            t = time.perf_counter()   # forward_s: the batch's tensors + the model (model.step)
+            batch = BatchInput.build(chunks, self.kv.block_size, self.model.device)
+            step.t_inputs = time.perf_counter() - t
+            step.logits = self.model.forward(batch, self.kv, self.slots)
             self.sync()
             step.t_fwd = time.perf_counter() - t
 
@@ -402,7 +409,8 @@ class _Engine:
             len({r.adapter for r, _ in items if r.adapter >= 0}), step.n_disk,
             plan.kv_blocks, step.n_failed, step.t_sched, step.t_load, step.t_read,
             step.t_pack, step.t_copy, step.t_fwd, step.t_samp,
-            [r.request_id for r, _ in items], [k for _, k in items], list(step.features)))
+            [r.request_id for r, _ in items], [k for _, k in items], step.t_gap, step.t_inputs,
+            list(step.features)))
 
     def _finish_run(self) -> RunResult:
         """The last timeline sample; requests still running or waiting are recorded as
@@ -420,23 +428,8 @@ class _Engine:
     # -- the result -------------------------------------------------------------------------
     def _result(self, out: Outcomes, rec: Recorder, duration: float) -> RunResult:
         config = self.config
-        s = self.model.shape
-        meta = dict(self.meta)
-        meta.update({
-            "config": config.to_dict(), "profile": "executor", "executor": True,
-            "window_s": self.window_s, "device": str(self.model.device),
-            "device_name": (torch.cuda.get_device_name(self.model.device)
-                            if self.model.device.type == "cuda" else "cpu"),
-            "dtype": str(self.model.dtype).replace("torch.", ""),
-            "num_gpu_blocks": self.num_blocks, "block_size": config.block_size,
-            "model_shape": {"layers": s.layers, "hidden": s.hidden, "heads": s.heads,
-                            "kv_heads": s.kv_heads, "head_dim": s.head_dim,
-                            "intermediate": s.intermediate, "vocab": s.vocab,
-                            "dtype_bytes": self.model.embed.element_size(),
-                            "tie_word_embeddings": s.tie_word_embeddings},
-            "bad_adapters": {self.names[a]: m for a, m in self.bad.items()},
-            "twin_version": __import__("twin").__version__,
-        })
+        meta = run_meta(self.meta, config, self.model, self.num_blocks, self.bad, self.names,
+                        self.window_s)
         result = build_result(self.trace, out, rec, self.sched, self.cache,
                               kv_tokens=self.num_blocks * config.block_size, duration=duration,
                               window_s=self.window_s, max_model_len=config.max_model_len,

@@ -92,6 +92,8 @@ class Step:
     t_copy: float = 0.0
     t_fwd: float = 0.0
     t_samp: float = 0.0
+    t_gap: float = 0.0      # previous step's end -> this step's schedule (see STEP_COLUMNS)
+    t_inputs: float = 0.0   # the batch's tensors, within t_fwd
     n_disk: int = 0
     n_failed: int = 0
     failed: dict[int, str] = field(default_factory=dict)   # adapter -> why its load failed

@@ -154,7 +154,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         disagree = latency_disagreements(cand, model)
         verdict = slo_verdict(cand, results, slo, met, space.knobs)
         good = met
-    best = _best(results, good, key) if good else None
+    best = best_verified(results, good, key) if good else None
     tie = None
     if best is not None and not goodput_search:   # verified points the twin's own error
         # cannot rank: named, not hidden
@@ -230,7 +230,7 @@ def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, ma
                                      -cand.at[i, "pred_achieved"], -i))
             nxt = rest[:2]
         else:
-            b = _best(results, good, key)
+            b = best_verified(results, good, key)
             nxt = [j for j in (b - 1, b + 1) if 0 <= j < n and j not in results
                    and _promising(cand, score, results, b, j, objective)]
         if not nxt or not run(nxt):
@@ -285,7 +285,7 @@ def _predicted_best(cand: pd.DataFrame, score: np.ndarray) -> int:
     return int(near[np.argmin(cand["pred_ttft_p99"].to_numpy()[near])])
 
 
-def _best(results: dict, good: list, key: str) -> int:
+def best_verified(results: dict, good: list, key: str) -> int:
     """The best verified point: the highest objective; among points within
     ``TIE_TOL`` of it, the lowest p99 TTFT (then fewer slots)."""
     top = max(results[i][key] for i in good)

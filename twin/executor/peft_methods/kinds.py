@@ -13,7 +13,8 @@ and the client brings the adapter in around them, through four hooks:
   kv_heads, head_dim]``, used as given: transformers puts them in the cache ahead of the
   prompt and never rotates them (they are past keys);
 - ``prompt_embeddings() -> [n_virtual, hidden]``: prompt tuning's virtual token embeddings,
-  prefilled ahead of the prompt.
+  prefilled ahead of the prompt; ``after_embedding(positions, x) -> x`` puts them in place
+  of the embeddings of placeholder tokens scheduled at positions ``0 .. n_virtual - 1``.
 
 Hooks never modify their arguments (a client's activations may live in shared-memory
 buffers); they return a new tensor, or the argument itself where the adapter does not touch
@@ -29,13 +30,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twin.costs.peft_costs import IA3, LORA, PEFT_KINDS, PREFIX_TUNING, PROMPT_TUNING
 from twin.executor.adapters import PackedAdapter
 from twin.executor.lora import LoRASlots
 from twin.executor.shape import LORA_GROUPS, LlamaShape
 
 OPS: tuple[str, ...] = tuple(LORA_GROUPS)           # the packed linear ops of one layer
-LORA, IA3, PREFIX_TUNING, PROMPT_TUNING = "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"
-PEFT_KINDS: tuple[str, ...] = (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)
+VIRTUAL_TOKEN_ID = 0   # the id scheduled at a prompt-tuning virtual position (replaced)
+__all__ = ["OPS", "VIRTUAL_TOKEN_ID", "IA3", "LORA", "PEFT_KINDS", "PREFIX_TUNING", "PROMPT_TUNING",
+           "ClientAdapter", "BASE_ADAPTER", "LoraClientAdapter", "IA3ClientAdapter",
+           "PrefixClientAdapter", "PromptClientAdapter"]
 
 
 @dataclass(eq=False)
@@ -66,6 +70,12 @@ class ClientAdapter:
 
     def prefix_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
+
+    def after_embedding(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The input embeddings ``x`` of rows at sequence ``positions`` (prompt tuning puts
+        its virtual embeddings at positions below ``virtual_tokens``; the token ids there
+        are placeholders, :data:`VIRTUAL_TOKEN_ID`)."""
+        return x
 
     def before_linear(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -167,3 +177,11 @@ class PromptClientAdapter(ClientAdapter):
 
     def prompt_embeddings(self):
         return self.embeddings
+
+    def after_embedding(self, positions, x):
+        virtual = positions < self.virtual_tokens
+        if not bool(virtual.any()):
+            return x
+        out = x.clone()
+        out[virtual] = self.embeddings[positions[virtual]].to(out.dtype)
+        return out

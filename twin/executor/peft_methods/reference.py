@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from twin.executor.model import LlamaModel, _rotate_half, rms_norm
 from twin.executor.peft_methods.kinds import BASE_ADAPTER, ClientAdapter
+from twin.executor.peft_methods.paged import prefix_tokens, scheduled_token_ids
 
 
 @dataclass
@@ -35,20 +36,17 @@ class _Seq:
 
 def _sequence(model: LlamaModel, adapter: ClientAdapter | None, token_ids) -> _Seq:
     adapter = adapter or BASE_ADAPTER
-    ids = torch.as_tensor(list(token_ids), dtype=torch.int64, device=model.device)
-    if ids.numel() < 1:
+    if len(token_ids) < 1:
         raise ValueError("reference_forward needs at least one token")
-    x = F.embedding(ids, model.embed)
-    prompt = adapter.prompt_embeddings()
-    n_prompt = 0
-    if prompt is not None:
-        n_prompt = prompt.shape[0]
-        x = torch.cat([prompt.to(device=x.device, dtype=x.dtype), x])
-    n_past = adapter.virtual_tokens if adapter.prefix_kv(0) is not None else 0
+    # prompt tuning: placeholders ahead of the prompt, their embeddings replaced
+    ids = scheduled_token_ids(adapter, token_ids)
+    n_prompt, n_past = len(ids) - len(token_ids), prefix_tokens(adapter)
+    ids = torch.as_tensor(ids, dtype=torch.int64, device=model.device)
     # positions as transformers gives them: prefix keys count as past tokens; prompt
     # embeddings are the first inputs
-    pos = torch.arange(n_past, n_past + x.shape[0], device=x.device, dtype=torch.float32)
-    freqs = pos[:, None] * model.inv_freq[None, :]
+    positions = torch.arange(n_past, n_past + ids.shape[0], device=ids.device)
+    x = adapter.after_embedding(positions, F.embedding(ids, model.embed))
+    freqs = positions.to(torch.float32)[:, None] * model.inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return _Seq(adapter, x, n_prompt, n_past, emb.cos().to(model.dtype)[:, None, :],
                 emb.sin().to(model.dtype)[:, None, :])

@@ -16,14 +16,13 @@ from typing import Iterable
 import pandas as pd
 import torch
 
+from twin.costs.peft_costs import (IA3, IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, LORA,
+                                   PEFT_KINDS, PREFIX_TUNING, PROMPT_TUNING)
 from twin.executor.adapters import CATALOG_COLUMNS, WEIGHTS_NAME
-from twin.executor.peft_methods.kinds import IA3, LORA, PEFT_KINDS, PREFIX_TUNING, PROMPT_TUNING
 from twin.executor.shape import LORA_MODULES
 
 SHORT_NAME = {LORA: "lora", IA3: "ia3", PREFIX_TUNING: "prefix", PROMPT_TUNING: "prompt"}
 PEFT_CATALOG_COLUMNS = (*CATALOG_COLUMNS, "kind", "virtual_tokens")
-IA3_TARGETS = ("k_proj", "v_proj", "down_proj")   # PEFT's default for Llama
-IA3_FEEDFORWARD = ("down_proj",)
 
 
 def peft_config(kind: str, *, rank: int = 8, virtual_tokens: int = 8,
@@ -37,7 +36,7 @@ def peft_config(kind: str, *, rank: int = 8, virtual_tokens: int = 8,
         return LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=16, lora_dropout=0.0,
                           target_modules=list(LORA_MODULES))
     if kind == IA3:
-        return IA3Config(task_type="CAUSAL_LM", target_modules=list(IA3_TARGETS),
+        return IA3Config(task_type="CAUSAL_LM", target_modules=list(IA3_DEFAULT_TARGETS),
                          feedforward_modules=list(IA3_FEEDFORWARD))
     if kind == PREFIX_TUNING:
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens,
