@@ -33,6 +33,7 @@ from twin.executor.engine import _Engine
 from twin.executor.inputs import prompt_token_ids
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.model import LayerWeights, LlamaModel
+from twin.executor.peft_methods.kinds import VIRTUAL_TOKEN_ID
 from twin.executor.prefix_blocks import block_tables
 from twin.executor.shape import LlamaShape
 from twin.executor.slora import BuiltServer
@@ -93,9 +94,7 @@ class SplitModel(LlamaModel):
         """The base's embedding; prompt tuning's virtual rows take its embeddings."""
         x = self.ex.call("embed", -1, "embed", input_ids)
         for ad, rows, idx in self._virtual:
-            pe = ad.prompt_embeddings()
-            if pe is not None:
-                x[rows] = pe[idx].to(x.dtype)
+            x[rows] = ad.after_embedding(idx, x[rows])
         return x
 
     def _attention(self, li: int, q, k, v, b, kv) -> torch.Tensor:
@@ -181,14 +180,14 @@ class ClientEngine(_Engine):
                            store.lora, store)
 
     def _arrive(self, r) -> None:
-        """The executor's arrival; a request with virtual tokens gets placeholders (id 0)
-        for them ahead of its own prompt's ids."""
+        """The executor's arrival; a request with virtual tokens gets placeholders
+        (``VIRTUAL_TOKEN_ID``) for them ahead of its own prompt's ids."""
         super()._arrive(r)
         n = self.virtual.get(r.adapter, 0)
         if n and r.idx in self.seqs:
             own = prompt_token_ids(r.request_id, r.prompt - n, self.model.shape.vocab,
                                    self.seed)
-            self.seqs[r.idx] = [0] * n + own
+            self.seqs[r.idx] = [VIRTUAL_TOKEN_ID] * n + own
 
     def _forward_phase(self, step) -> None:
         """The executor's forward, with the split counters of the step recorded."""
