@@ -36,9 +36,18 @@ trace's adapters. Requests whose adapter cannot be loaded fail (status 'failed',
 'error'); every other request is served. A trace naming an adapter the catalog lacks is
 refused before anything runs.
 
+Split mode (--policy split --clients N, CPU): the base model runs once in a base-executor
+process that batches the clients' linears layer by layer; N client processes each serve
+their share of the requests (the trace's 'client' column, else adapter i of the catalog
+-> client i mod N, base-model requests -> client 0) with their own scheduler, KV cache
+and adapters of any PEFT kind (LoRA, IA3, prefix/prompt tuning). It also writes
+base_batches.parquet (one row per base GEMM) and client_steps.parquet.
+
 examples:
   twin execute --trace traces/rate_classes_32_heavy_10min.parquet --limit 200 \\
       --model tiny --make-adapters 32 --max-loras 8 --max-cpu-loras 16 --out runs/exec
+  twin execute --trace t.parquet --limit 50 --model tiny --make-adapters 8 \\
+      --policy split --clients 3 --out runs/split
   twin execute --trace t.parquet --model smollm2 --adapters adapters/ --threads 2 \\
       --max-loras 4 --max-model-len 2048 --num-gpu-blocks 512 --out runs/smol
   twin execute --trace t.parquet --model /models/Llama-3.1-8B --adapters a/ --device cuda \\
@@ -99,6 +108,8 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
                    help="stop after this many seconds (arrivals after it dropped)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic prompt ids and adapters (default 0)")
+    p.add_argument("--clients", type=positive_int, default=None,
+                   help="with --policy split: the number of client processes (default 1)")
     p.add_argument("--out", type=Path, help="write requests.parquet, summary.json, "
                    "timeline.parquet, steps.parquet here")
     p.add_argument("--plot", action="store_true", help="PNG timeline (needs --out)")
@@ -161,6 +172,7 @@ def run_execute(args) -> int:
     if args.plot and not args.out:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
     say = console(args.json)
+    split = _split_mode(args)
     # --out is checked (and locked) before the model loads and the trace is served
     with prepare(args.out, "execute", inputs=input_paths(args)):
         config = config_from_args(args)
@@ -177,12 +189,21 @@ def run_execute(args) -> int:
             names = trace["adapter"].dropna().unique().tolist()
             catalog = make_cached_adapters(model_dir, args.make_adapters, args.ranks,
                                            names=names or None, seed=args.seed)
-        result = execute(trace, config, model_dir, catalog, device=device,
-                         dtype=getattr(torch, args.dtype), threads=args.threads,
-                         window_s=args.window_s, progress=not args.no_progress, seed=args.seed,
-                         num_gpu_blocks=args.num_gpu_blocks, kv_cache_gib=args.kv_cache_gib,
-                         time_scale=args.time_scale, keep_tokens=args.keep_tokens,
-                         trace_source=str(args.trace))
+        if split:
+            from twin.executor.split import execute_split   # lazy: imports torch
+
+            result = execute_split(trace, config, model_dir, catalog, clients=args.clients or 1,
+                                   seed=args.seed, dtype=getattr(torch, args.dtype),
+                                   num_gpu_blocks=args.num_gpu_blocks,
+                                   kv_cache_gib=args.kv_cache_gib, time_scale=args.time_scale,
+                                   keep_tokens=args.keep_tokens, trace_source=str(args.trace))
+        else:
+            result = execute(trace, config, model_dir, catalog, device=device,
+                             dtype=getattr(torch, args.dtype), threads=args.threads,
+                             window_s=args.window_s, progress=not args.no_progress,
+                             seed=args.seed, num_gpu_blocks=args.num_gpu_blocks,
+                             kv_cache_gib=args.kv_cache_gib, time_scale=args.time_scale,
+                             keep_tokens=args.keep_tokens, trace_source=str(args.trace))
         result.meta["trace"] = str(args.trace)
         result.meta["adapters"] = str(catalog) if catalog is not None else None
         if args.json:
@@ -199,3 +220,20 @@ def run_execute(args) -> int:
             out = result.save(args.out, plot=args.plot, kind="execute")
             say(f"wrote {out}/")
     return 0
+
+
+def _split_mode(args) -> bool:
+    """Whether ``--policy split`` asks for the split executor; its flags checked. The
+    clients' own servers are vLLM's (the policy field is taken off the config)."""
+    if args.policy != "split":
+        if args.clients is not None:
+            raise TwinInputError("--clients needs --policy split", field="--clients")
+        return False
+    args.policy = None
+    if args.device != "cpu":
+        raise TwinInputError("--policy split runs on the CPU only (one process per client)",
+                             field="--device")
+    if args.window_s is not None:
+        raise TwinInputError("--window-s is not supported with --policy split",
+                             field="--window-s")
+    return True

@@ -119,6 +119,8 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
 
 
 class _Engine:
+    check_adapter = staticmethod(check_adapter_dir)   # the up-front check of an adapter
+
     def __init__(self, trace, config: ServingConfig, model: LlamaModel, catalog: AdapterCatalog,
                  *, window_s, progress, seed, num_gpu_blocks, kv_cache_gib, keep_tokens,
                  sample_dt, meta):
@@ -142,7 +144,7 @@ class _Engine:
         self.paged = config.policy == "slora" and config.enable_lora
         max_rank = SLORA_MAX_RANK if self.paged else config.max_lora_rank
         for a in sorted(used, key=self.ids.get):
-            msg = check_adapter_dir(paths[self.ids[a]], a, max_rank)
+            msg = self.check_adapter(paths[self.ids[a]], a, max_rank)
             if msg is not None:
                 self.bad[self.ids[a]] = msg
         # the server (twin.servers.build_server, as the twin builds it) and its torch side
@@ -158,8 +160,8 @@ class _Engine:
         self.slots, self.store = built.lora, built.store
         server = built.server
         self.sched, self.cache, self.featurize = server.scheduler, server.cache, server.featurize
-        if not self.paged:
-            self._preload()
+        if not self.paged:   # start-up loads (preload_adapters), as AdapterCache preloads
+            self.store.preload(self.cache, self.bad)
         n = len(trace)
         horizon = window_s if window_s is not None else (
             float(trace["arrival_s"].iloc[-1]) if n else 0.0)
@@ -183,10 +185,6 @@ class _Engine:
                            model.allocate_kv_cache(num_blocks, config.block_size),
                            block_tables(num_blocks, config.block_size, server.scheduler), slots,
                            _AdapterStore(model, slots, names, paths, config.max_lora_rank))
-
-    def _preload(self) -> None:
-        """Start-up loads (``preload_adapters``), mirroring AdapterCache's preload."""
-        self.store.preload(self.cache, self.bad)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:

@@ -22,18 +22,22 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
 
 from twin.config import ALLOWED_LORA_RANKS, ServingConfig
+from twin.errors import TwinInputError
 from twin.executor.engine import _Engine
+from twin.executor.inputs import prompt_token_ids
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.model import LayerWeights, LlamaModel
+from twin.executor.peft_methods.kinds import VIRTUAL_TOKEN_ID
 from twin.executor.prefix_blocks import block_tables
 from twin.executor.shape import LlamaShape
 from twin.executor.slora import BuiltServer
-from twin.executor.split.client_adapters import ClientAdapterStore
+from twin.executor.split.client_adapters import ClientAdapterStore, check_client_adapter
 from twin.executor.split.exchange import Exchange
 from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
@@ -79,8 +83,29 @@ class SplitModel(LlamaModel):
         self.ex = exchange
         self.name = str(model_dir)
 
+    def forward(self, batch, kv_cache, lora=None) -> torch.Tensor:
+        """The model's forward; the rows of virtual tokens (prompt/prefix tuning) are
+        found first for the embedding and attention to use."""
+        segs = batch.lora_segments
+        self._virtual = lora.virtual_rows(batch.positions, segs) if segs else []
+        return super().forward(batch, kv_cache, lora)
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.ex.call("embed", -1, "embed", input_ids)
+        """The base's embedding; prompt tuning's virtual rows take its embeddings."""
+        x = self.ex.call("embed", -1, "embed", input_ids)
+        for ad, rows, idx in self._virtual:
+            x[rows] = ad.after_embedding(idx, x[rows])
+        return x
+
+    def _attention(self, li: int, q, k, v, b, kv) -> torch.Tensor:
+        """Attention over the client's KV cache; prefix tuning's virtual rows hold its
+        keys and values (unrotated, as transformers holds them as past tokens)."""
+        for ad, rows, idx in self._virtual:
+            pkv = ad.prefix_kv(li)
+            if pkv is not None:
+                k[rows] = pkv[0][idx].to(k.dtype)
+                v[rows] = pkv[1][idx].to(v.dtype)
+        return super()._attention(li, q, k, v, b, kv)
 
     def _linear(self, li: int, op: str, x: torch.Tensor, lora, segs) -> torch.Tensor:
         if segs:
@@ -110,25 +135,59 @@ def client_config(config: ServingConfig, n_adapters: int) -> ServingConfig:
                           max_lora_rank=max(ALLOWED_LORA_RANKS))
 
 
+def with_virtual_tokens(trace: pd.DataFrame, names: list[str],
+                        virtual: dict[int, int]) -> pd.DataFrame:
+    """``trace`` with each prompt lengthened by its adapter's virtual tokens: they are
+    prefilled ahead of the prompt and take KV slots like prompt tokens."""
+    if not virtual:
+        return trace
+    extra = trace["adapter"].map({names[a]: n for a, n in virtual.items()})
+    return trace.assign(prompt_tokens=trace["prompt_tokens"]
+                        + extra.fillna(0).to_numpy(np.int64))
+
+
 class ClientEngine(_Engine):
-    """The executor's serving loop over a :class:`SplitModel` (see the module docstring)."""
+    """The executor's serving loop over a :class:`SplitModel` (see the module docstring).
+    Adapters of any PEFT kind; a request of a prompt/prefix-tuning adapter is scheduled
+    with its virtual tokens ahead of its prompt (its context holds them), its token ids
+    are the executor's for its own prompt behind as many placeholders."""
 
     fault_step: int | None = None   # fault injection (tests): raise in this step's forward
+    check_adapter = staticmethod(check_client_adapter)
 
     def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
                     kv_cache_gib) -> BuiltServer:
+        store = ClientAdapterStore(model.shape, model.dtype, names, paths)
+        self.virtual = store.load_all(self.bad) if config.enable_lora else {}
+        if self.virtual and "hash_ids" in trace.columns:
+            virt = trace["adapter"].isin([names[a] for a in self.virtual]).fillna(False)
+            if trace.loc[virt.to_numpy(bool), "hash_ids"].notna().any():
+                raise TwinInputError(
+                    "requests of prompt/prefix-tuning adapters with hash_ids are not served in "
+                    "split mode (the hash ids name the prompt's tokens, not the virtual tokens "
+                    "ahead of it)", field="hash_ids")
+        self.trace = trace = with_virtual_tokens(trace, names, self.virtual)
         num_blocks = choose_num_blocks(model, config, trace, num_gpu_blocks=num_gpu_blocks,
                                        kv_cache_gib=kv_cache_gib)
         preload = ([i for i in range(len(names)) if i not in self.bad]
                    if config.enable_lora else [])
         server = build_server(config, None, catalog, layout="vllm", num_blocks=num_blocks,
                               preload=preload)
-        store = ClientAdapterStore(model.shape, model.dtype, names, paths)
         self.split_rows: list[tuple] = []
         return BuiltServer(server, num_blocks,
                            model.allocate_kv_cache(num_blocks, config.block_size),
                            block_tables(num_blocks, config.block_size, server.scheduler),
                            store.lora, store)
+
+    def _arrive(self, r) -> None:
+        """The executor's arrival; a request with virtual tokens gets placeholders
+        (``VIRTUAL_TOKEN_ID``) for them ahead of its own prompt's ids."""
+        super()._arrive(r)
+        n = self.virtual.get(r.adapter, 0)
+        if n and r.idx in self.seqs:
+            own = prompt_token_ids(r.request_id, r.prompt - n, self.model.shape.vocab,
+                                   self.seed)
+            self.seqs[r.idx] = [VIRTUAL_TOKEN_ID] * n + own
 
     def _forward_phase(self, step) -> None:
         """The executor's forward, with the split counters of the step recorded."""

@@ -1,92 +1,40 @@
 """A split client's adapters: always resident, private to the client, applied as hooks
 around the base executor's linears.
 
-An adapter is anything with the PEFT hook interface of the split contract
-(``before_linear(layer, op, x) -> x``, ``after_linear(layer, op, x_in, y) -> y``,
-``kind``, ``adapter_id``, ``nbytes``, ``virtual_tokens``). :func:`load_client_adapter`
-reads a PEFT directory with ``twin.executor.peft_methods.load_peft`` when that module is
-there (LoRA, IA³, prompt/prefix tuning), else with the executor's own LoRA reader wrapped
-as :class:`LoRAClientAdapter`. Prompt/prefix tuning (virtual tokens) is not served in
-split mode yet: such an adapter is refused when loaded.
-
-:class:`ClientAdapters` is the ``lora`` argument the model's forward passes to its linears
-(``apply`` per segment of the batch), :class:`ClientAdapterStore` the engine's adapter
-store (``twin.executor.adapter_store``'s interface) with every adapter loaded at start-up.
+Adapters of any PEFT kind ``twin.executor.peft_methods.load_peft`` reads (LoRA, IA³,
+prefix and prompt tuning) as ``ClientAdapter`` objects with the split contract's hooks
+(``before_linear``, ``after_linear``, ``prefix_kv``, ``prompt_embeddings``).
+:class:`ClientAdapters` is the ``lora`` argument the model's forward passes to its
+linears (the hooks of each segment's adapter around the base's rows),
+:class:`ClientAdapterStore` the engine's adapter store (``twin.executor.adapter_store``'s
+interface) with every adapter read at start-up and never evicted, and
+:func:`check_client_adapter` the engine's up-front check for any PEFT kind.
 """
 
 from __future__ import annotations
 
-import importlib
+from pathlib import Path
 
 import torch
 
-from twin.executor.adapters import (AdapterError, PackedAdapter, load_error, pack_adapter,
-                                    read_adapter)
+from twin.executor.adapters import AdapterError, load_error, weights_path
+from twin.executor.inputs import check_adapter_dir
+from twin.executor.peft_methods import LORA, load_peft, peft_kind
 from twin.executor.shape import LlamaShape
 
 SPLIT_MAX_RANK = 1 << 30   # no slots: no rank ceiling
 
 
-class LoRAClientAdapter:
-    """A LoRA adapter (packed by ``twin.executor.adapters``, scaling folded into B) with
-    the PEFT hook interface: ``y += (x A^T) B^T`` per slice of the packed op."""
-
-    kind = "LORA"
-    virtual_tokens = 0
-
-    def __init__(self, packed: PackedAdapter):
-        self.adapter_id = packed.adapter_id
-        self.rank = packed.rank
-        self.a, self.b = packed.a, packed.b   # a[op]: [L, S, r, in]; b[op]: [L, out, r]
-        self.nbytes = packed.nbytes
-        s = packed.shape   # each slice's output width (q, k, v; gate, up)
-        self.slices = {"qkv": [s.q_size, s.kv_size, s.kv_size],
-                       "gate_up": [s.intermediate, s.intermediate]}
-
-    def prompt_embeddings(self):
-        return None
-
-    def prefix_kv(self, layer: int):
-        return None
-
-    def before_linear(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def after_linear(self, layer: int, op: str, x_in: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor:
-        a, b = self.a[op][layer], self.b[op][layer]   # [S, r, in], [out, r]
-        S, r = a.shape[0], a.shape[1]
-        shrink = x_in @ a.reshape(S * r, -1).t()      # [t, S*r]
-        if S == 1:
-            return y + shrink @ b.t()
-        parts, o0 = [], 0
-        for i, n in enumerate(self.slices[op]):
-            parts.append(shrink[:, i * r:(i + 1) * r] @ b[o0:o0 + n].t())
-            o0 += n
-        return y + torch.cat(parts, dim=1)
-
-
-def _peft_loader():
-    """``peft_methods.load_peft`` where the peft helper's module is present, else None."""
+def check_client_adapter(path, adapter_id: str, max_lora_rank: int) -> str | None:
+    """The up-front check of an adapter of any PEFT kind (config and weights file present;
+    LoRA: the executor's own checks, without a rank ceiling). The message, or None."""
     try:
-        return importlib.import_module("twin.executor.peft_methods").load_peft
-    except (ImportError, AttributeError):
-        return None
-
-
-def load_client_adapter(path, adapter_id: str, shape: LlamaShape, dtype: torch.dtype):
-    """A client's adapter from its PEFT directory (see the module docstring)."""
-    load_peft = _peft_loader()
-    if load_peft is not None:
-        adapter = load_peft(path, shape, dtype)
-        adapter.adapter_id = adapter_id
-    else:
-        raw = read_adapter(str(path), adapter_id)
-        adapter = LoRAClientAdapter(pack_adapter(raw, shape, SPLIT_MAX_RANK, dtype=dtype))
-    if getattr(adapter, "virtual_tokens", 0):
-        raise AdapterError(adapter_id, f"{adapter.kind} adds virtual tokens, which split "
-                                       "mode does not serve yet")
-    return adapter
+        if peft_kind(Path(str(path)), adapter_id) == LORA:
+            return check_adapter_dir(path, adapter_id, SPLIT_MAX_RANK)
+        weights_path(Path(str(path)), adapter_id)
+    except (AdapterError, OSError, TypeError, ValueError) as exc:
+        return load_error(adapter_id, exc)
+    return None
 
 
 class ClientAdapters:
@@ -105,44 +53,68 @@ class ClientAdapters:
 
     def before(self, layer: int, op: str, x: torch.Tensor, segs) -> torch.Tensor:
         """``before_linear`` of each segment's adapter (a new tensor only if one changes)."""
-        out = None
+        out = x
         for slot, t0, t1 in segs:
-            xs = self.table[slot].before_linear(layer, op, x[t0:t1])
-            if xs is not x[t0:t1] and not _same_view(xs, x, t0, t1):
-                out = x.clone() if out is None else out
+            part = x[t0:t1]
+            xs = self.table[slot].before_linear(layer, op, part)
+            if xs is not part:
+                out = x.clone() if out is x else out
                 out[t0:t1] = xs
-        return x if out is None else out
+        return out
 
     def apply(self, layer: int, op: str, x: torch.Tensor, y: torch.Tensor, segs) -> None:
         """``after_linear`` of each segment's adapter, written into ``y`` in place."""
         for slot, t0, t1 in segs:
-            y[t0:t1] = self.table[slot].after_linear(layer, op, x[t0:t1], y[t0:t1])
+            part = y[t0:t1]
+            ys = self.table[slot].after_linear(layer, op, x[t0:t1], part)
+            if ys is not part:
+                part.copy_(ys)
 
-
-def _same_view(xs: torch.Tensor, x: torch.Tensor, t0: int, t1: int) -> bool:
-    return (xs.data_ptr() == x[t0:t1].data_ptr() and xs.shape == x[t0:t1].shape)
+    def virtual_rows(self, positions: torch.Tensor, segs) -> list[tuple]:
+        """The batch rows that are virtual tokens (prompt/prefix tuning): ``(adapter,
+        rows, index into its virtual tokens)`` per segment that has some."""
+        out = []
+        for slot, t0, t1 in segs:
+            ad = self.table[slot]
+            if ad.virtual_tokens:
+                idx = (positions[t0:t1] < ad.virtual_tokens).nonzero().flatten()
+                if len(idx):
+                    out.append((ad, idx + t0, positions[t0:t1][idx]))
+        return out
 
 
 class ClientAdapterStore:
     """The engine's adapter store for a split client: every adapter of the client read at
-    start-up (``preload``) and never evicted (the scheduler's caches hold them all)."""
+    start-up (:meth:`load_all`, before the server is sized: virtual tokens lengthen the
+    prompts) and never evicted (the scheduler's caches hold them all)."""
 
     def __init__(self, shape: LlamaShape, dtype: torch.dtype, names: list[str], paths: list):
         self.shape, self.dtype, self.names, self.paths = shape, dtype, names, paths
         self.lora = ClientAdapters()
         self.slot_of: dict[int, int] = {}
 
-    def preload(self, cache, bad: dict[int, str]) -> None:
-        for a in list(cache.host.resident):
+    def load_all(self, bad: dict[int, str]) -> dict[int, int]:
+        """Read every adapter not known bad (failures go to ``bad``); returns the virtual
+        tokens of those that have some."""
+        for a in range(len(self.names)):
+            if a in bad or a in self.slot_of:
+                continue
             try:
-                adapter = load_client_adapter(self.paths[a], self.names[a], self.shape,
-                                              self.dtype)
+                adapter = load_peft(self.paths[a], self.shape, self.dtype,
+                                    adapter_id=self.names[a])
             except (AdapterError, OSError) as exc:
                 bad[a] = load_error(self.names[a], exc)
-                cache.drop(a)
                 continue
             self.slot_of[a] = len(self.lora.table)
             self.lora.table.append(adapter)
+        return {a: self.lora.table[s].virtual_tokens for a, s in self.slot_of.items()
+                if self.lora.table[s].virtual_tokens}
+
+    def preload(self, cache, bad: dict[int, str]) -> None:
+        """The scheduler's start-up loads: all read already; drop what failed."""
+        for a in list(cache.host.resident):
+            if a not in self.slot_of:
+                cache.drop(a)
 
     def slot(self, adapter: int) -> int:
         return -1 if adapter < 0 else self.slot_of[adapter]

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from twin.config import ServingConfig
 from twin.errors import TwinInputError
-from twin.executor.inputs import checked_inputs
+from twin.executor.inputs import checked_inputs, resolve_catalog
 from twin.executor.split.base import base_main
 from twin.executor.split.client import ClientSpec, client_config, client_main
 from twin.executor.split.exchange import ClientBuffers
@@ -41,9 +41,28 @@ class SplitExecutionError(RuntimeError):
     """A process of a split run failed; the message carries its traceback."""
 
 
-def assign_clients(trace: pd.DataFrame, catalog: AdapterCatalog, n: int) -> np.ndarray:
-    """The client of each request: the trace's ``client`` column if present, else adapter
-    i of the catalog -> client i % n; base-model requests go to client 0."""
+def adapter_owners(catalog: AdapterCatalog, n: int) -> dict[str, int]:
+    """Adapter i of the catalog -> client i % n."""
+    return {a: i % n for i, a in enumerate(catalog.adapters)}
+
+
+def per_client_catalogs(adapters: list) -> tuple[AdapterCatalog, dict[str, int]]:
+    """One catalog of every client's adapters (a list of catalog sources, one per client)
+    and the client that owns each."""
+    cats = [resolve_catalog(c) for c in adapters]
+    owner: dict[str, int] = {}
+    for i, c in enumerate(cats):
+        for a in c.adapters:
+            owner.setdefault(a, i)
+    table = pd.concat([c.table for c in cats], ignore_index=True)
+    return AdapterCatalog(table.drop_duplicates("adapter").reset_index(drop=True)), owner
+
+
+def assign_clients(trace: pd.DataFrame, catalog: AdapterCatalog, n: int,
+                   owner: dict[str, int] | None = None) -> np.ndarray:
+    """The client of each request: the trace's ``client`` column if present, else its
+    adapter's owner (``owner``, default :func:`adapter_owners`); base-model requests go
+    to client 0."""
     if "client" in trace.columns:
         c = trace["client"].to_numpy(np.int64)
         if len(c) and (c.min() < 0 or c.max() >= n):
@@ -51,16 +70,16 @@ def assign_clients(trace: pd.DataFrame, catalog: AdapterCatalog, n: int) -> np.n
             raise TwinInputError(f"client {c[row]} out of range [0, {n})", row=row,
                                  field="client")
         return c
-    pos = {a: i % n for i, a in enumerate(catalog.adapters)}
+    pos = owner if owner is not None else adapter_owners(catalog, n)
     return np.asarray([0 if pd.isna(a) else pos[a] for a in trace["adapter"]], dtype=np.int64)
 
 
-def client_catalog(catalog: AdapterCatalog, n: int, client: int,
+def client_catalog(catalog: AdapterCatalog, owner: dict[str, int], client: int,
                    trace: pd.DataFrame) -> AdapterCatalog:
-    """The adapters client ``client`` holds: those the catalog order gives it and those
-    its requests name, in catalog order."""
+    """The adapters client ``client`` holds: those it owns and those its requests name,
+    in catalog order."""
     used = set(trace["adapter"].dropna())
-    keep = [i % n == client or a in used for i, a in enumerate(catalog.adapters)]
+    keep = [owner.get(a) == client or a in used for a in catalog.adapters]
     return AdapterCatalog(catalog.table[np.asarray(keep, dtype=bool)].reset_index(drop=True),
                           source=catalog.source)
 
@@ -92,23 +111,31 @@ def execute_split(trace: pd.DataFrame, config: ServingConfig, model, adapters=No
     tensors) and ``trainer`` (a training client's figures, when ``trainer`` is given).
 
     ``model``: an HF Llama directory. ``adapters``: a catalog source as
-    ``twin.executor.execute`` takes it. ``clients``: N inference clients. ``fault``:
+    ``twin.executor.execute`` takes it (adapter i -> client i % ``clients``), or a list of
+    them, one per client (then ``clients`` is its length). Requests go to their
+    adapter's client unless the trace has a ``client`` column. ``num_gpu_blocks`` /
+    ``kv_cache_gib``: each client's KV cache. ``fault``:
     ``{client: step}`` raises in that client's step (tests of the shutdown path).
     """
     if link not in LINKS:
         raise TwinInputError(f"link {link!r}: the CPU split executor exchanges activations "
                              f"through shared memory only ({', '.join(LINKS)})", field="link")
+    owner = None
+    if isinstance(adapters, (list, tuple)):   # one catalog per client
+        clients = len(adapters)
+        adapters, owner = per_client_catalogs(list(adapters)) if clients else (None, None)
     if clients < 1:
         raise TwinInputError(f"clients must be >= 1, got {clients}", field="clients")
     trace, catalog = checked_inputs(trace, config.replace(policy="vllm"), adapters,
                                     time_scale=time_scale, trace_source=trace_source)
-    who = assign_clients(trace, catalog, clients)
+    owner = owner if owner is not None else adapter_owners(catalog, clients)
+    who = assign_clients(trace, catalog, clients, owner)
     model_dir = str(Path(model))
     shape = LlamaShape.from_dir(model_dir)
     specs = []
     for c in range(clients):
         sub = trace[who == c]
-        cat = client_catalog(catalog, clients, c, sub)
+        cat = client_catalog(catalog, owner, c, sub)
         specs.append(ClientSpec(c, model_dir, dtype, sub, cat, client_config(config, len(cat)),
                                 seed=seed, num_gpu_blocks=num_gpu_blocks,
                                 kv_cache_gib=kv_cache_gib, keep_tokens=keep_tokens,

@@ -26,14 +26,19 @@ CLIENT_STEP_COLUMNS = ["client", "step", "t_start", "t_end", "num_tokens", "num_
 
 
 def _requests(trace: pd.DataFrame, who: np.ndarray, payloads: list[dict]) -> pd.DataFrame:
-    """The clients' request tables back in trace order, with their client."""
+    """The clients' request tables back in trace order, with their client; prompts as the
+    trace gives them, an adapter's virtual tokens (prompt/prefix tuning) apart."""
     parts = []
     for c, p in enumerate(payloads):
         req = p["result"].requests.copy()
         req.insert(0, "client", c)
         req.index = np.nonzero(who == c)[0]
         parts.append(req)
-    return pd.concat(parts).sort_index().reset_index(drop=True)
+    req = pd.concat(parts).sort_index().reset_index(drop=True)
+    prompt = trace["prompt_tokens"].to_numpy(np.int64)
+    req["virtual_tokens"] = req["prompt_tokens"].to_numpy(np.int64) - prompt
+    req["prompt_tokens"] = prompt
+    return req
 
 
 def _steps(payloads: list[dict]) -> pd.DataFrame:

@@ -113,7 +113,7 @@ class LoRATrainer:
         loss = self.loss()
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def _train(trainer: LoRATrainer, spec: TrainerSpec, done) -> list[tuple]:
