@@ -185,7 +185,7 @@ def test_cli_mixed_peft_kinds_side_by_side(tmp_path_factory, tiny, tmp_path, cap
     model_dir, _ = tiny
     root = tmp_path_factory.mktemp("split-peft")
     df = write_synthetic_peft_adapters(model_dir, root, virtual_tokens=5, seed=1)
-    cat = AdapterCatalog(df.assign(rank=df["rank"].clip(lower=1)))   # catalog ranks >= 1
+    cat = AdapterCatalog(df)
     trace = burst_trace(cat, n=9, seed=2)
     trace.to_csv(tmp_path / "t.csv", index=False)
     cat.table.to_csv(tmp_path / "cat.csv", index=False)

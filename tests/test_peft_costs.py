@@ -77,3 +77,32 @@ def test_bad_input_is_named(kind, kw, msg):
 def test_every_kind_is_priced():
     assert {peft_cost(MODEL, k, rank=8, virtual_tokens=4).kind for k in PEFT_KINDS} == set(
         PEFT_KINDS)
+
+
+def test_catalog_kinds_rank_zero_only_for_non_lora_and_vllm_refuses_them():
+    """A catalog's ``kind`` column: rank 0 is allowed for non-LoRA kinds only; unknown kinds
+    are refused naming the row; vLLM's server (LoRA only) refuses a trace that names a
+    non-LoRA adapter, a split client (any_peft_kind) serves it."""
+    import pandas as pd
+    import pytest as _pytest
+
+    from twin.errors import TwinInputError
+    from twin.workload.catalog import AdapterCatalog
+
+    ok = AdapterCatalog(pd.DataFrame({"adapter": ["a", "b"], "rank": [8, 0],
+                                      "kind": ["LORA", "ia3"]}))
+    assert ok.kind("b") == IA3 and ok.kind("a") == LORA
+    with _pytest.raises(TwinInputError) as e:
+        AdapterCatalog(pd.DataFrame({"adapter": ["a"], "rank": [0], "kind": ["LORA"]}))
+    assert e.value.field == "rank"
+    with _pytest.raises(TwinInputError) as e:
+        AdapterCatalog(pd.DataFrame({"adapter": ["a", "b"], "rank": [8, 8],
+                                     "kind": ["LORA", "ADAPTER_V2"]}))
+    assert e.value.field == "kind" and e.value.row == 1
+    with _pytest.raises(TwinInputError):
+        AdapterCatalog(pd.DataFrame({"adapter": ["a"], "rank": [0]}))   # LoRA by default
+    trace = pd.DataFrame({"adapter": ["a", "b"]})
+    with _pytest.raises(TwinInputError) as e:
+        ok.check(trace, 16)
+    assert e.value.field == "kind" and "split" in str(e.value)
+    ok.check(trace, 16, lora_only=False)

@@ -99,7 +99,7 @@ def unified_pool_tokens(config: ServingConfig, profile: Profile) -> int:
 def build_server(config: ServingConfig, profile: Profile | None, catalog, *, trace=None,
                  trace_source: str = "trace", layout: str | None = None,
                  num_blocks: int | None = None, preload: list[int] | None = None,
-                 admission: str = "conservative") -> ServerParts:
+                 admission: str = "conservative", any_peft_kind: bool = False) -> ServerParts:
     """The server ``config`` describes, in ``layout`` (default ``config.policy``).
 
     ``catalog``: adapter ids are its order (as both clocks number them). ``trace``: the
@@ -109,22 +109,26 @@ def build_server(config: ServingConfig, profile: Profile | None, catalog, *, tra
     executor); default from ``profile``'s memory model, refusing a config the server would
     not start with. ``preload``: adapters resident at start-up (vllm; default every
     catalog adapter when ``preload_adapters``). ``admission``: S-LoRA's rule (slora).
+    ``any_peft_kind``: serve catalog adapters of every PEFT kind (a split client), not
+    LoRA only as vLLM does.
     """
     layout = config.policy if layout is None else layout
     if layout == "merged":
         config, layout = config.replace(policy="vllm", enable_lora=False), "vllm"
     if layout == "vllm":
-        return _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, preload)
+        return _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, preload,
+                           any_peft_kind)
     if layout == "slora":
         return _build_slora(config, profile, catalog, num_blocks, admission)
     raise ConfigError(f"no server layout {layout!r}; known: {LAYOUTS} (deployments of "
                       "several servers are twin.policies')", file="config", field="policy")
 
 
-def _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, preload):
+def _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, preload,
+                any_peft_kind=False):
     if trace is not None:
         refuse_unserved_adapters(config, trace, trace_source)
-        catalog.check(trace, config.max_lora_rank, trace_source)
+        catalog.check(trace, config.max_lora_rank, trace_source, lora_only=not any_peft_kind)
     if num_blocks is None:
         kv_tokens = kv_capacity_tokens(config, profile)
         num_blocks = kv_tokens // config.block_size

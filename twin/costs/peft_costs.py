@@ -25,9 +25,9 @@ from typing import Iterable
 
 from twin.costs.profile import ModelShape
 from twin.errors import TwinInputError
-
-LORA, IA3, PREFIX_TUNING, PROMPT_TUNING = "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"
-PEFT_KINDS: tuple[str, ...] = (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)
+# the kind names belong to the catalog (its ``kind`` column); re-exported for the executor
+from twin.workload.catalog import (IA3, LORA, PEFT_KINDS, PREFIX_TUNING,  # noqa: F401
+                                   PROMPT_TUNING)
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")     # PEFT's default for Llama
 IA3_FEEDFORWARD = ("down_proj",)     # the modules whose *input* IA³ scales (PEFT's default)

@@ -231,7 +231,7 @@ class SplitPolicy(Policy):
                 f"fewer than one max_model_len request ({config.max_model_len}); use fewer "
                 "clients on the base's GPU or lower max_model_len", field="clients")
         server = build_server(cfg, profile, cat, trace=sub, layout="vllm",
-                              num_blocks=mem.kv_tokens // config.block_size)
+                              num_blocks=mem.kv_tokens // config.block_size, any_peft_kind=True)
         kinds = peft_kinds(cat)
         ranks = [int(cat.rank(a)) if kinds[a][0] == "LORA" else 0 for a in cat.adapters]
         server.featurize = ClientFeatures(float(np.mean(ranks)) if ranks else 0.0)

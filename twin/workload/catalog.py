@@ -17,6 +17,25 @@ from twin.workload.values import INT32_MAX, exact_ints, exact_strings
 
 #: The largest rank a catalog may list (int32); vLLM then refuses ranks above max_lora_rank.
 MAX_RANK = INT32_MAX
+#: PEFT's ``peft_type`` names, the values of a catalog's optional ``kind`` column (split
+#: execution serves them side by side; vLLM serves LoRA only). Without the column every
+#: adapter is LoRA. Only LoRA has a rank: the other kinds list rank 0.
+LORA, IA3, PREFIX_TUNING, PROMPT_TUNING = "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"
+PEFT_KINDS: tuple[str, ...] = (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)
+
+
+def _check_kinds(table: pd.DataFrame, rank, source: str) -> None:
+    """Known ``kind`` values (when the column is there); rank >= 1 for every LoRA adapter."""
+    if "kind" in table.columns:
+        table["kind"] = [str(k).upper() if isinstance(k, str) else k for k in table["kind"]]
+    kinds = table["kind"] if "kind" in table.columns else pd.Series(LORA, index=table.index)
+    for row, (k, r) in enumerate(zip(kinds, rank)):
+        if k not in PEFT_KINDS:
+            raise TwinInputError(f"unknown adapter kind {k!r}; expected one of {PEFT_KINDS}",
+                                 file=source, row=row, field="kind")
+        if k == LORA and r < 1:
+            raise TwinInputError(f"a LoRA adapter needs rank >= 1, got {r}",
+                                 file=source, row=row, field="rank")
 
 
 class AdapterCatalog:
@@ -29,7 +48,8 @@ class AdapterCatalog:
         for row, a in enumerate(table["adapter"]):
             if pd.isna(a) or not str(a).strip():
                 raise TwinInputError("adapter id is empty", file=source, row=row, field="adapter")
-        rank = exact_ints(table["rank"], source, "rank", 1, MAX_RANK)
+        rank = exact_ints(table["rank"], source, "rank", 0, MAX_RANK)
+        _check_kinds(table, rank, source)
         dup = table["adapter"].duplicated()
         if dup.any():
             row = int(dup.to_numpy().nonzero()[0][0])
@@ -39,6 +59,7 @@ class AdapterCatalog:
         self.table = table
         self.source = source
         self._rank = dict(zip(table["adapter"], table["rank"]))
+        self._kind = dict(zip(table["adapter"], table["kind"])) if "kind" in table else {}
 
     @classmethod
     def read(cls, path: str | Path) -> "AdapterCatalog":
@@ -63,8 +84,13 @@ class AdapterCatalog:
     def __len__(self) -> int:
         return len(self.table)
 
-    def check(self, trace: pd.DataFrame, max_lora_rank: int, trace_source: str = "trace") -> None:
-        """Refuse traces naming unknown adapters and adapters vLLM would refuse to load."""
+    def kind(self, adapter: str) -> str:
+        return self._kind.get(adapter, LORA)
+
+    def check(self, trace: pd.DataFrame, max_lora_rank: int, trace_source: str = "trace", *,
+              lora_only: bool = True) -> None:
+        """Refuse traces naming unknown adapters and adapters vLLM would refuse to load
+        (``lora_only``: vLLM serves LoRA only; a split client serves every PEFT kind)."""
         names = trace["adapter"].dropna().unique()
         unknown = [a for a in names if a not in self._rank]
         if unknown:
@@ -72,6 +98,13 @@ class AdapterCatalog:
             raise TwinInputError(f"unknown adapter {unknown[0]!r} (not in {self.source}; "
                                  f"{len(unknown)} unknown in all)", file=trace_source, row=row,
                                  field="adapter")
+        other = [a for a in names if self.kind(a) != LORA] if lora_only else []
+        if other:
+            row = int(self.table.index[self.table["adapter"] == other[0]][0])
+            raise TwinInputError(
+                f"adapter {other[0]!r} is {self.kind(other[0])}: vLLM serves LoRA adapters "
+                "only; serve other PEFT kinds with --policy split", file=self.source, row=row,
+                field="kind")
         too_big = self.table[self.table["rank"] > max_lora_rank]
         if len(too_big):
             row = int(too_big.index[0])
