@@ -20,6 +20,7 @@ only pushes and pops tuples keeps 64 replicas and 10^6 arrivals within a minute.
 
 from __future__ import annotations
 
+import gc
 import heapq
 
 from twin.fleet.view import LiveView, ScrapedView
@@ -29,19 +30,34 @@ from twin.sim.fed import INF
 def run_loop(clocks: list, arrival: list[float], adapter, router, *,
              refresh_s: float = 0.0, bar=None) -> list[int]:
     """Simulate ``clocks`` fed the arrivals (times ``arrival``, adapter ids ``adapter``)
-    through ``router``; returns the replica of every arrival."""
+    through ``router``; returns the replica of every arrival.
+
+    Python's cyclic garbage collector is paused meanwhile: the loop makes no reference
+    cycles (``gc.collect()`` after a fleet run finds none), so its passes over the
+    fleet's objects, ~5% of the loop's time, free nothing; reference counting frees the
+    requests as they finish."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run(clocks, arrival, adapter, router, refresh_s, bar)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _run(clocks, arrival, adapter, router, refresh_s, bar) -> list[int]:
     view = ScrapedView(clocks) if refresh_s > 0 else LiveView(clocks)
     heap = [(0.0, 0, k) for k in range(len(clocks))]
-    pick, sent, push = router.pick, view.sent, heapq.heappush
+    pick, sent, push, dirty = router.pick, view.sent, heapq.heappush, view.dirty
     route = [0] * len(arrival)
     next_refresh = refresh_s if refresh_s > 0 else INF
     next_bar = 0.0
     for j, a in enumerate(arrival):
         while next_refresh <= a:   # refreshes due by ``a``, each after the steps before it
-            _steps_before(clocks, heap, next_refresh, view.dirty)
+            _steps_before(clocks, heap, next_refresh, dirty)
             view.refresh()
             next_refresh += refresh_s
-        _steps_before(clocks, heap, a, view.dirty)
+        _steps_before(clocks, heap, a, dirty)
         k = pick(adapter[j], view)
         route[j] = k
         sent(k)
@@ -54,7 +70,7 @@ def run_loop(clocks: list, arrival: list[float], adapter, router, *,
             bar.update(a - bar.n)
             next_bar = a + 1.0
     _close(clocks, heap)
-    _steps_before(clocks, heap, INF, view.dirty)
+    _steps_before(clocks, heap, INF, dirty)
     return route
 
 
