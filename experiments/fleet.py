@@ -11,8 +11,9 @@ tenants, one adapter each, arrivals circularly shifted per tenant
   independently in a local pool of 2 workers.
 
 Each is timed in a fresh process (peak RSS is that process's, trace building included);
-medians over ``--repeats``. ``cpu_s`` (CPU seconds, pool workers included) is reported
-beside the wall time: on a shared, loaded machine it says more than the wall time.
+medians over ``--repeats``. ``..._cpu_s`` (CPU seconds, pool workers included) is reported
+beside each wall time (``..._wall_s``) and peak RSS (``..._peak_rss_mb``): on a shared,
+loaded machine it says more than the wall time.
 
 Routers side by side. A skewed trace: the Azure hour x 4 tenants' arrivals (21.5 req/s)
 with 128 adapters of power-law popularity alpha 0.3 (the hottest gets 23% of requests),
@@ -188,10 +189,8 @@ def main() -> None:
             runs = [run_child(case) for _ in range(args.repeats)]
             print(case, runs, flush=True)
             key = "fleet64_affinity" if case == "affinity" else "fleet64_static_pool"
-            out[f"{key}_wall_s"] = statistics.median(r["wall_s"] for r in runs)
-            if case == "affinity":
-                out["fleet64_affinity_peak_rss_mb"] = statistics.median(
-                    r["peak_rss_mb"] for r in runs)
+            for fig in ("wall_s", "cpu_s", "peak_rss_mb"):
+                out[f"{key}_{fig}"] = statistics.median(r[fig] for r in runs)
             out[f"{key}_detail"] = runs[-1]
     if args.part in ("all", "routers"):
         df = routers_side_by_side()

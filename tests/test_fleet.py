@@ -237,3 +237,41 @@ def test_fleet_of_one_with_prefix_caching_is_simulate():
     assert ref.requests["prefix_cache_hits"].sum() > 0
     two = simulate_fleet(sessions, 2, "adapter_affinity", config=CONFIG, profile=PROFILE)
     assert two.result.requests["prefix_cache_hits"].sum() > 0
+
+
+def test_event_loop_makes_no_reference_cycles_and_restores_the_gc(trace):
+    """The loop pauses Python's cyclic GC (``twin.fleet.loop``): sound only while a fleet
+    run leaves no cyclic garbage behind; the GC's state is restored after it."""
+    import gc
+
+    short = trace[trace["arrival_s"] <= 20].reset_index(drop=True)
+    kw = dict(config=CONFIG, profile=PROFILE)
+    simulate_fleet(short, 2, "adapter_affinity", **kw)   # warm: imports, caches
+    gc.collect()
+    gc.disable()
+    try:
+        simulate_fleet(short, 2, "adapter_affinity", **kw)
+        assert not gc.isenabled()   # left as it was found
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found == 0
+    simulate_fleet(short, 2, "least_outstanding_requests", refresh_s=0.5, **kw)
+    assert gc.isenabled()
+
+
+def test_pool_shares_are_each_replicas_rows_largest_first(trace):
+    from twin.fleet.fleet import Replica as Rep, _Shares
+
+    route = np.arange(len(trace)) % 5
+    route[route == 3] = 1   # replica 1 gets two fifths, replica 3 none
+    reps = [Rep(CONFIG, PROFILE)] * 5
+    shares = _Shares(trace, reps, route, None, {})
+    got = list(shares)
+    assert len(shares) == len(got) == 4
+    assert [k for k, *_ in got][0] == 1
+    sizes = [len(sub) for _, sub, *_ in got]
+    assert sizes == sorted(sizes, reverse=True)
+    for k, sub, *_ in got:
+        pd.testing.assert_frame_equal(
+            sub, trace.iloc[np.flatnonzero(route == k)].reset_index(drop=True))

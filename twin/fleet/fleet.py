@@ -137,6 +137,7 @@ def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
     route = run_loop(clocks, cols.arrival, cols.aid, router, refresh_s=refresh_s, bar=bar)
     if bar is not None:
         bar.close()
+    cols.release()
     results = [c.result(r.config, r.profile, window_s) if c.rows else None
                for c, r in zip(clocks, reps)]
     return np.asarray(route, dtype=np.int64), results
@@ -162,13 +163,33 @@ def simulate_replica(payload):
     return k, simulate(sub, config, profile, catalog, server=server, **kw)
 
 
+class _Shares:
+    """The replicas' payloads for a pool, sliced from the trace as the pool takes them
+    (a sequence with a length, iterated once): the first replica starts while the parent
+    slices the others, instead of after all 64 shares are cut and pickled. Largest share
+    first, so the pool's last task is a small one."""
+
+    def __init__(self, trace, reps, route, catalog, kw):
+        self.trace, self.reps, self.catalog, self.kw = trace, reps, catalog, kw
+        order = np.argsort(route, kind="stable")
+        bounds = np.searchsorted(route[order], np.arange(len(reps) + 1))
+        rows = [order[bounds[k]:bounds[k + 1]] for k in range(len(reps))]
+        self.rows = sorted(((k, r) for k, r in enumerate(rows) if len(r)),
+                           key=lambda kr: -len(kr[1]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        for k, rows in self.rows:
+            r = self.reps[k]
+            sub = self.trace.iloc[rows].reset_index(drop=True)
+            yield (k, sub, r.config, r.profile, self.catalog, _preload(r, self.catalog),
+                   self.kw)
+
+
 def _independent(trace, reps, route, catalog, workers, backend, address, progress, **kw):
-    payloads = []
-    for k, r in enumerate(reps):
-        rows = np.flatnonzero(route == k)
-        if len(rows):
-            sub = trace.iloc[rows].reset_index(drop=True)
-            payloads.append((k, sub, r.config, r.profile, catalog, _preload(r, catalog), kw))
+    payloads = _Shares(trace, reps, np.asarray(route, dtype=np.int64), catalog, kw)
     results = [None] * len(reps)
     runner = make_backend(backend, workers=workers, address=address)
     bar = _bar(progress, len(payloads), "replica")

@@ -200,19 +200,12 @@ class AdapterAffinity(Router):
         held = self.holders.get(adapter)
         if held is None:
             held = self.holders[adapter] = set(view.preloaded(adapter))
-        best = None
-        for k in held:
-            tier = view.tier(k, adapter)
-            if tier > 1:
-                continue
-            key = (tier, view.outstanding(k), k)
-            if best is None or key < best:
-                best = key
-        if best is not None and (best[1] <= self.slack
-                                 or best[1] <= min(view.outstanding_all()) + self.slack):
-            return best[2]
+        best = view.best_holder(held, adapter)   # (tier, outstanding, replica)
         loads = view.outstanding_all()
-        k = loads.index(min(loads))
+        least = min(loads)
+        if best is not None and best[1] <= least + self.slack:
+            return best[2]
+        k = loads.index(least)
         held.add(k)
         return k
 

@@ -5,6 +5,11 @@
 ``refresh_s`` seconds of simulated time, as real routers scrape ``/metrics``; between
 refreshes it adds the requests the router itself sent since (a router knows what it
 sent), but sees no completion and no adapter load or eviction until the next scrape.
+
+Both keep each replica's in-flight count in a list that is read again only for the
+replicas that changed (``dirty``), and where adapters reside as two containers per
+replica (the live ones, or copies taken at the scrape): a router reads a count and a
+residency tier with an index and a membership test, ~10^6 times in a fleet's hour.
 """
 
 from __future__ import annotations
@@ -12,19 +17,17 @@ from __future__ import annotations
 GPU, HOST, NONE = 0, 1, 2   # residency tiers, best first
 
 
-def residency(cache, adapter: int) -> int:
-    """Where ``adapter`` is on one replica: GPU, HOST or NONE (the base model: GPU)."""
-    if adapter < 0:
-        return GPU
-    gpu = getattr(cache, "gpu", None)
-    if gpu is not None:   # vLLM: GPU slots over a host cache
-        return GPU if adapter in gpu.resident else HOST if adapter in cache.host.resident else NONE
-    return GPU if adapter in cache.resident else HOST   # S-LoRA: all adapters in host memory
-
-
 def _outstanding(clock) -> int:
     s = clock.sched
     return s.num_running + s.num_waiting + clock.inbox
+
+
+def _residents(cache) -> tuple:
+    """(adapters on the GPU, adapters in host memory or None: all of them) of one cache."""
+    gpu = getattr(cache, "gpu", None)
+    if gpu is not None:   # vLLM: GPU slots over a host cache
+        return gpu.resident, cache.host.resident
+    return cache.resident, None   # S-LoRA: all adapters in host memory
 
 
 class LiveView:
@@ -37,19 +40,46 @@ class LiveView:
         self.clocks = clocks
         self.loads = [0] * len(clocks)
         self.dirty = set(range(len(clocks)))
+        self.gpu, self.host = [], []   # the live containers: read, never copied
+        for c in clocks:
+            gpu, host = _residents(c.server.cache)
+            self.gpu.append(gpu)
+            self.host.append(host)
 
     def outstanding(self, k: int) -> int:
-        return _outstanding(self.clocks[k])
+        return self.outstanding_all()[k]
 
     def outstanding_all(self) -> list[int]:
-        loads, clocks = self.loads, self.clocks
-        for k in self.dirty:
-            loads[k] = _outstanding(clocks[k])
-        self.dirty.clear()
+        loads, clocks, dirty = self.loads, self.clocks, self.dirty
+        if dirty:
+            for k in dirty:
+                loads[k] = _outstanding(clocks[k])
+            dirty.clear()
         return loads
 
     def tier(self, k: int, adapter: int) -> int:
-        return residency(self.clocks[k].server.cache, adapter)
+        """Where ``adapter`` is on replica ``k``: GPU, HOST or NONE (the base model: GPU)."""
+        if adapter < 0 or adapter in self.gpu[k]:
+            return GPU
+        host = self.host[k]
+        return HOST if host is None or adapter in host else NONE
+
+    def best_holder(self, replicas, adapter: int):
+        """(tier, outstanding, k), the least, over the ``replicas`` that hold ``adapter``
+        on GPU or in host memory; None when none does."""
+        loads = self.outstanding_all()
+        gpus, hosts = self.gpu, self.host
+        best = None
+        for k in replicas:
+            if adapter < 0 or adapter in gpus[k]:
+                key = (GPU, loads[k], k)
+            elif hosts[k] is None or adapter in hosts[k]:
+                key = (HOST, loads[k], k)
+            else:
+                continue
+            if best is None or key < best:
+                best = key
+        return best
 
     def preloaded(self, adapter: int) -> list[int]:
         """Replicas holding ``adapter`` before any request for it was routed."""
@@ -75,25 +105,12 @@ class ScrapedView(LiveView):
         self.loads = [_outstanding(c) for c in self.clocks]
         self.gpu, self.host = [], []
         for c in self.clocks:
-            cache = c.server.cache
-            if getattr(cache, "gpu", None) is not None:
-                self.gpu.append(set(cache.gpu.resident))
-                self.host.append(set(cache.host.resident))
-            else:
-                self.gpu.append(set(cache.resident))
-                self.host.append(None)   # S-LoRA: every adapter
-
-    def outstanding(self, k: int) -> int:
-        return self.loads[k]
+            gpu, host = _residents(c.server.cache)
+            self.gpu.append(set(gpu))
+            self.host.append(None if host is None else set(host))
 
     def outstanding_all(self) -> list[int]:
         return self.loads
-
-    def tier(self, k: int, adapter: int) -> int:
-        if adapter < 0 or adapter in self.gpu[k]:
-            return GPU
-        host = self.host[k]
-        return HOST if host is None or adapter in host else NONE
 
     def sent(self, k: int) -> None:
         self.loads[k] += 1

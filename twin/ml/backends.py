@@ -1,6 +1,8 @@
 """Where a sweep's chunks run: a local process pool (default) or Ray (``backend="ray"``,
 optional extra ``pip install 'twin[ray]'``). Both map the same picklable payloads through
-the same function (:func:`twin.ml.sweep.run_chunk`), so their rows are equal.
+the same function (:func:`twin.ml.sweep.run_chunk`), so their rows are equal. ``payloads``: a
+list, or any iterable with a length, iterated once as tasks are submitted (a fleet cuts
+each replica's share of the trace as the pool takes it).
 """
 
 from __future__ import annotations
