@@ -157,16 +157,21 @@ def test_cost_gpus_equal_the_exhaustive_count(setup):
     assert all(c["ttft_p99"] <= slo["ttft"] for c in met)
 
 
-def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
+def _cli_cost(setup, trace_files, out, slo: str, max_gpus: int, max_runs: int, *extra):
+    """``twin recommend --objective cost`` on the setup's trace: its exit status."""
     from twin.cli import main
 
     tr, cat, _, _ = setup
     tp, cp = trace_files(tr, cat)
+    return main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
+                 str(WINDOW), "--objective", "cost", "--slo", slo, "--max-gpus",
+                 str(max_gpus), "--max-runs", str(max_runs), "--optimizer", "coordinate",
+                 "--workers", "1", "--out", str(out), *extra])
+
+
+def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
     out = tmp_path / "cost"
-    rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
-               str(WINDOW), "--objective", "cost", "--slo", "ttft=1,tpot=0.5", "--max-gpus",
-               "2", "--max-runs", "3", "--optimizer", "coordinate", "--workers", "1",
-               "--out", str(out)])
+    rc = _cli_cost(setup, trace_files, out, "ttft=1,tpot=0.5", 2, 3)
     assert rc == 3
     assert "NO placement on up to 2 GPUs meets the SLOs" in capsys.readouterr().out
     d = json.loads((out / "cost.json").read_text())
@@ -214,15 +219,9 @@ def test_cost_price_defaults_to_the_gpus_list_price_and_says_where_from():
 
 
 def test_cli_cost_checks_the_slos_on_the_whole_fleet(setup, tmp_path, trace_files, capsys):
-    from twin.cli import main
-
-    tr, cat, _, _ = setup
-    tp, cp = trace_files(tr, cat)
+    tr = setup[0]
     out = tmp_path / "cost"
-    rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
-               str(WINDOW), "--objective", "cost", "--slo", "ttft=1000,tpot=20", "--max-gpus",
-               "3", "--max-runs", "6", "--optimizer", "coordinate", "--workers", "1",
-               "--no-plot", "--out", str(out)])
+    rc = _cli_cost(setup, trace_files, out, "ttft=1000,tpot=20", 3, 6, "--no-plot")
     text = capsys.readouterr().out
     d = json.loads((out / "cost.json").read_text())
     assert d["ok"] and d["gpus"] >= 2

@@ -23,7 +23,8 @@ from twin.ml.estimators import (EBMRegressor, MonotoneLinearRegressor, Simplifie
                                 TreeEnsemble, XGBRegressorModel, evaluate, plot_importances,
                                 smape)
 from twin.ml.features import ROW_FEATURES, WORKLOAD_FEATURES
-from twin.ml.latency import fit_heads, heldout_error
+from twin.ml.ensemble import reindexed
+from twin.ml.latency import HEAD_FEATURES, fit_heads, heldout_error, latency_rows, with_queue_features
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
 from twin.ml.spec import SLOTS_GRID, WorkloadSpec, profile_digest
@@ -87,13 +88,16 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
     held-out families, recorded in the model)."""
     rows = row_table(sweep)
     X = rows[list(ROW_FEATURES)]
-    models = {}
-    models["achieved"] = TreeEnsemble("regressor", n_estimators=n_estimators,
-                                      max_depth=3).fit(X, rows["achieved"]).to_dict()
-    models["p_starve"] = TreeEnsemble("classifier", n_estimators=n_estimators,
-                                      max_depth=3).fit(X, rows["starving"]).to_dict()
-    models.update(fit_heads(rows, latency_estimators))
-    err = heldout_error(rows, n_estimators=latency_estimators) if latency_error else None
+    models = {}   # achieved / starving on the rows' features; the latency heads see more
+    models["achieved"] = reindexed(TreeEnsemble("regressor", n_estimators=n_estimators,
+                                                max_depth=3).fit(X, rows["achieved"]).to_dict(),
+                                   HEAD_FEATURES)
+    models["p_starve"] = reindexed(TreeEnsemble("classifier", n_estimators=n_estimators,
+                                                max_depth=3).fit(X, rows["starving"]).to_dict(),
+                                   HEAD_FEATURES)
+    full = latency_rows(rows, profile)    # the queueing features, computed once
+    models.update(fit_heads(full, latency_estimators))
+    err = heldout_error(full, n_estimators=latency_estimators) if latency_error else None
     m = {"profile": profile.name, "profile_sha": profile_digest(profile),
          "twin_version": __import__("twin").__version__, "rows": int(len(rows)),
          "workloads": int(rows["workload_key"].nunique()),
@@ -240,11 +244,13 @@ def heldout_report(heldout: pd.DataFrame, model: Recommender, profile, *, window
     return pd.DataFrame(out)
 
 
-def predict_latency_ms(model: Recommender, heldout: pd.DataFrame, reps: int = 200) -> float:
-    """Median time to predict one workload's candidate set (all models)."""
+def predict_latency_ms(model: Recommender, heldout: pd.DataFrame, profile,
+                       reps: int = 200) -> float:
+    """Median time to predict one workload's candidate set (all models; its features,
+    the queueing ones included, computed beforehand)."""
     rows = row_table(heldout)
     wk = rows["workload_key"].iloc[0]
-    X = rows[rows["workload_key"] == wk][list(ROW_FEATURES)]
+    X = with_queue_features(rows[rows["workload_key"] == wk], profile)[list(HEAD_FEATURES)]
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
