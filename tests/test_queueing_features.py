@@ -76,3 +76,21 @@ def test_shipped_model_sees_the_queueing_features_and_an_older_model_still_loads
     back = Recommender(old, shipped.meta)
     X = pd.DataFrame(np.ones((2, len(MODEL_FEATURES))), columns=list(MODEL_FEATURES))
     assert set(back.predict_rows(X)) == set(shipped.models)
+
+
+def test_knobs_never_varied_in_training_are_priced_at_the_trained_values(profile):
+    from twin.ml.queueing import within_trained
+    from twin.ml.recommender import config_table
+
+    model = Recommender.load()
+    lo, hi = model.trained_knobs["max_num_seqs"]
+    base = paper_base().replace(max_loras=8, max_cpu_loras=16)
+    assert within_trained(base.replace(max_num_seqs=hi + 100), model.trained_knobs) \
+        .max_num_seqs == hi
+    assert within_trained(base.replace(max_num_seqs=64), None).max_num_seqs == 64
+    wf = _wf(1.0)
+    other = base.replace(max_num_seqs=64, max_num_batched_tokens=8192)
+    if lo == hi == base.max_num_seqs:   # the shipped model saw one max_num_seqs only
+        t = config_table(model, wf, [base, other], profile)
+        for k in QUEUE_FEATURES:   # (kv_tokens, a row feature, still moves with the knobs)
+            assert t.at[0, k] == t.at[1, k], k

@@ -28,7 +28,8 @@ from twin.errors import TwinInputError
 from twin.ml.ensemble import PackedTrees
 from twin.ml.features import ROW_FEATURES, config_features, workload_features
 from twin.ml.latency import HEAD_FEATURES as MODEL_FEATURES
-from twin.ml.queueing import queue_features
+from twin.ml.queueing import queue_features, within_trained
+from twin.ml.spec import PAPER_BASE
 from twin.ml.spec import SERVED_GRID, config_for, profile_digest, slot_candidates
 from twin.outputs import staged_file
 from twin.schemas import Int, Number, Schema, validate
@@ -115,6 +116,11 @@ class Recommender:
         # MODEL_FEATURES; a model saved before the queueing features (ROW_FEATURES
         # alone) still loads and predicts with its own
         self.features = list(self.packed_.features)
+        # the latency knobs' range in the training sweep (queueing features are priced
+        # within it); a model that does not record it was trained at the paper's values
+        self.trained_knobs = self.meta.get("trained_knobs") or {
+            k: [PAPER_BASE[k], PAPER_BASE[k]] for k in ("max_num_batched_tokens",
+                                                        "max_num_seqs")}
         if self.features not in (list(MODEL_FEATURES), list(ROW_FEATURES)):
             raise TwinInputError("recommender model features do not match this twin "
                                  "version; retrain with experiments/train_recommender.py",
@@ -212,7 +218,7 @@ def config_table(model: Recommender, wf: dict, configs: list, profile) -> pd.Dat
         r = {k: wf[k] for k in ROW_FEATURES if k in wf}
         r.update(config_features(wf, cfg.max_loras, cfg.max_lora_rank,
                                  profile.memory.kv_tokens(cfg)))
-        r.update(queue_features(wf, cfg, profile))
+        r.update(queue_features(wf, within_trained(cfg, model.trained_knobs), profile))
         r["_config"] = cfg
         rows.append(r)
     c = pd.DataFrame(rows)

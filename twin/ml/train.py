@@ -24,7 +24,9 @@ from twin.ml.estimators import (EBMRegressor, MonotoneLinearRegressor, Simplifie
                                 smape)
 from twin.ml.features import ROW_FEATURES, WORKLOAD_FEATURES
 from twin.ml.ensemble import reindexed
-from twin.ml.latency import HEAD_FEATURES, fit_heads, heldout_error, latency_rows, with_queue_features
+from twin.ml.latency import (HEAD_FEATURES, fit_heads, heldout_error, latency_rows,
+                              with_queue_features)
+from twin.ml.queueing import KNOBS
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
 from twin.ml.spec import SLOTS_GRID, WorkloadSpec, profile_digest
@@ -87,6 +89,7 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
     (:mod:`twin.ml.latency`: calibrated heads, and with ``latency_error`` their p99 error on
     held-out families, recorded in the model)."""
     rows = row_table(sweep)
+    rows_all = sweep[sweep["starts"]]
     X = rows[list(ROW_FEATURES)]
     models = {}   # achieved / starving on the rows' features; the latency heads see more
     models["achieved"] = reindexed(TreeEnsemble("regressor", n_estimators=n_estimators,
@@ -103,7 +106,9 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
          "workloads": int(rows["workload_key"].nunique()),
          "families": int(rows["family_key"].nunique()),
          "window_s": float(rows["window_s"].iloc[0]) if len(rows) else None,
-         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "trained_knobs": {k: [int(rows_all[k].min()), int(rows_all[k].max())]
+                           for k in KNOBS} if len(rows_all) else None}
     m.update(meta or {})
     return Recommender(models, m, latency_error=err)
 
