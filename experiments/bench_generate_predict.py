@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=14, help="rows per predict call (14)")
     args = ap.parse_args(argv)
 
-    from twin.ml.features import ROW_FEATURES
-    from twin.ml.recommender import Recommender
+    from twin.ml.recommender import MODEL_FEATURES, Recommender
     from twin.workload.generate import rate_class_trace
 
     pool = np.column_stack([np.arange(1, 1001), np.arange(1000, 0, -1)])
@@ -58,8 +57,8 @@ def main(argv=None) -> int:
 
     model = Recommender.load()
     rng = np.random.default_rng(0)
-    X = pd.DataFrame(rng.uniform(0.0, 10.0, size=(args.batch, len(ROW_FEATURES))),
-                     columns=list(ROW_FEATURES))
+    X = pd.DataFrame(rng.uniform(0.0, 10.0, size=(args.batch, len(MODEL_FEATURES))),
+                     columns=list(MODEL_FEATURES))
     model.predict_rows(X)  # warm-up
     loops = 20
     pred_s = _median_s(lambda: [model.predict_rows(X) for _ in range(loops)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,8 +16,9 @@ from twin.config import ServingConfig
 from twin.fleet import Replica, simulate_fleet
 from twin.fleet.routers import StaticTable
 from twin.sim import simulate
-from twin.fleet.verify import (ROUTERS_TO_SIZE, fleet_config, format_fleet_check,
-                               gpus_needed, keeps_up, verify_fleet)
+from twin.fleet.verify import (ROUTERS_TO_SIZE, check_placement, fleet_config,
+                               format_fleet_check, format_placement_check, gpus_needed,
+                               keeps_up, slo_misses, verify_fleet)
 from twin.workload.generate import rate_class_trace, uniform_lengths
 
 PROFILE = "llama31-8b-h100-64gb-first-principles"   # pinned: stable shipped profile
@@ -136,3 +138,62 @@ def test_cli_unknown_fleet_router_fails_before_placing(trace, tmp_path, capsys):
     assert rc != 0
     assert "--fleet-routers" in capsys.readouterr().err
     assert not (tmp_path / "pl" / "placement.json").exists()
+
+
+# -- SLOs on the fleet's requests (issue 16) ----------------------------------------------------
+
+def _uneven(trace):
+    """Two GPUs, the first with a single sequence slot (its requests queue: high p99
+    TTFT), the second as CONFIG; adapters dealt alternately."""
+    configs = [CONFIG.replace(max_num_seqs=1), CONFIG.replace(max_loras=6)]
+    return configs, _routing(trace, 2)
+
+
+def test_slo_is_scored_on_the_fleet_and_the_gpu_that_misses_is_named(trace):
+    configs, table = _uneven(trace)
+    plain = check_placement(trace, configs, table, profile=PROFILE)
+    assert "slo_check" not in plain
+    t0, t1 = (g["ttft_p99_ms"] for g in plain["per_gpu"])
+    assert t0 > 2 * t1   # the one-slot GPU queues
+    # between the GPUs' own p99s: the slow GPU misses it, the fast one meets it; the
+    # fleet's p99 is a quantile of their mixture, so it lies between the two
+    slo = {"ttft": float(np.sqrt(t0 * t1)), "tpot": 1e6}
+    p = check_placement(trace, configs, table, profile=PROFILE, slo=slo)
+    sc = p["slo_check"]
+    assert [g["gpu"] for g in sc["gpus_missing"]] == [0]
+    assert sc["gpus_missing"][0]["missed"] == ["ttft"]
+    assert t1 <= sc["ttft_p99"] <= t0
+    assert sc["met"] == (sc["ttft_p99"] <= slo["ttft"])
+    # a looser SLO than the fleet's p99: met by the fleet, still missed by GPU 0
+    loose = {"ttft": (sc["ttft_p99"] + t0) / 2}
+    sc2 = check_placement(trace, configs, table, profile=PROFILE, slo=loose)["slo_check"]
+    assert sc2["met"] and [g["gpu"] for g in sc2["gpus_missing"]] == [0]
+    text = "\n".join(format_placement_check({**p, "slo_check": sc2}))
+    assert "on the fleet's requests" in text and "gpu 0 (TTFT" in text
+    # tighter than either GPU: the fleet misses, both GPUs are named
+    tight = {"ttft": t1 / 2}
+    sc3 = check_placement(trace, configs, table, profile=PROFILE, slo=tight)["slo_check"]
+    assert not sc3["met"] and sc3["missed"] == ["ttft"]
+    assert [g["gpu"] for g in sc3["gpus_missing"]] == [0, 1]
+    assert "MISSED (TTFT)" in "\n".join(format_placement_check({**p, "slo_check": sc3}))
+
+
+def test_slo_misses_counts_a_missing_p99_as_missed():
+    assert slo_misses({"ttft": 10.0, "tpot": 5.0}, {"ttft": 10.0, "tpot": 4.0}) == ["tpot"]
+    assert slo_misses({"ttft": float("nan"), "tpot": 1.0}, {"ttft": 1e9}) == ["ttft"]
+    assert slo_misses({"ttft": 50.0}, None) == []
+
+
+def test_cli_place_verify_fleet_with_slo_exits_3_when_the_fleet_misses(trace, tmp_path,
+                                                                       capsys):
+    tp = tmp_path / "t.parquet"
+    trace.to_parquet(tp, index=False)
+    out = tmp_path / "pl"
+    rc = main(["place", "--trace", str(tp), "--profile", PROFILE, "--max-runs", "2",
+               "--slo", "ttft=100000,tpot=100000", "--verify-fleet", "--fleet-routers",
+               "round_robin", "--fleet-max-gpus", "2", "--out", str(out)])
+    check = json.loads((out / "placement.json").read_text())["fleet_check"]["placement"]
+    sc = check["slo_check"]
+    assert sc["slo"] == {"ttft": 100000.0, "tpot": 100000.0} and sc["met"]
+    assert rc == (0 if check["keeps_up"] else 3)
+    assert "on the fleet's requests" in capsys.readouterr().out

@@ -168,6 +168,7 @@ def test_saved_thresholds_route_float32_features_as_fitted():
 
 def test_train_writes_a_model_equal_to_the_fitted_one(trained):
     from twin.ml.recommender import Recommender
+    from twin.ml.latency import with_queue_features
     from twin.ml.train import fit_recommender
 
     profile = load_profile(PROFILE)
@@ -180,7 +181,7 @@ def test_train_writes_a_model_equal_to_the_fitted_one(trained):
     # the in-memory model fitted on the same sweep predicts the held-out rows as the saved
     # one does, up to the 7 significant digits the file keeps
     fitted = fit_recommender(train, profile)
-    X = row_table(held)
+    X = with_queue_features(row_table(held), profile)
     a, b = fitted.predict_rows(X), saved.predict_rows(X)
     assert len(a) == len(X) > 0   # rows of configs that start
     pd.testing.assert_frame_equal(b, a, check_exact=False, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from twin.ml.dataset import family_table, row_table, workload_table
+from twin.ml.latency import with_queue_features
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
@@ -63,7 +64,7 @@ def test_tables(tiny):
 def test_model_roundtrip(tiny):
     # saving rounds leaf values to 7 significant digits: the loaded model must predict what
     # the fitted one did, to that precision (speed: experiments/bench_generate_predict.py)
-    X = row_table(tiny["sweep"])
+    X = with_queue_features(row_table(tiny["sweep"]), tiny["profile"])
     before = tiny["fitted"].predict_rows(X)
     after = tiny["model"].predict_rows(X)
     assert {"achieved", "p_starve", "ttft_p99", "tpot_p50"} <= set(after.columns)
@@ -160,7 +161,7 @@ def test_shipped_model_predicts(tiny):
     # the shipped model is part of the package (make demo uses it): load it and predict
     m = Recommender.load()
     assert m.meta["profile"] and m.meta["rows"] > 0
-    rows = row_table(tiny["sweep"])
+    rows = with_queue_features(row_table(tiny["sweep"]), tiny["profile"])
     p = m.predict_rows(rows)
     assert len(p) == len(rows) and p.notna().all().all()
     assert ((p["p_starve"] >= 0) & (p["p_starve"] <= 1)).all()

@@ -233,8 +233,7 @@ def test_model_json_mangled(tmp_path, d):
     import numpy as np
     import pandas as pd
 
-    from twin.ml.features import ROW_FEATURES
-    from twin.ml.recommender import Recommender
+    from twin.ml.recommender import MODEL_FEATURES, Recommender
 
     p = tmp_path / "model.json"
     p.write_text(json.dumps(d))
@@ -242,7 +241,7 @@ def test_model_json_mangled(tmp_path, d):
         model = Recommender.load(p)
     except TwinInputError:
         return
-    X = pd.DataFrame(np.ones((2, len(ROW_FEATURES))), columns=list(ROW_FEATURES))
+    X = pd.DataFrame(np.ones((2, len(MODEL_FEATURES))), columns=list(MODEL_FEATURES))
     model.predict_rows(X)   # a model that loads predicts without an exception
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from twin.ml.ensemble import TreeEnsemble
 from twin.ml.features import ROW_FEATURES
-from twin.ml.latency import heldout_error
+from twin.ml.latency import HEAD_FEATURES, heldout_error
 from twin.ml.recommender import Recommender
 from twin.ml.report import stated_latency_error
 from twin.ml.slo_eval import exhaustive_best, headline, score_case, slo_levels
@@ -120,7 +120,8 @@ def test_exhaustive_space_is_the_reduced_search_space_less_configs_vllm_refuses(
     keys = {(c.max_loras, c.max_num_batched_tokens, c.max_num_seqs) for c in cfgs}
     assert len(keys) == len(cfgs)
     # every max_loras candidate recommend would consider x every latency-knob value it walks
-    wf = {k: 1.0 for k in ROW_FEATURES} | {"n_adapters": 8.0, "offered_tps": 1000.0}
+    wf = {k: 1.0 for k in ROW_FEATURES} | {"n_adapters": 8.0, "offered_tps": 1000.0,
+                                           "prompt_p99": 1.0}
     slots = set(candidate_table(Recommender.load(), wf, base, profile, 16)["max_loras"])
     grid = [sorted(set(v) | {int(getattr(base, k))}) for k, v in LATENCY_GRID.items()]
     assert keys == {(int(m), a, b) for m in slots for a in grid[0] for b in grid[1]}
@@ -136,7 +137,7 @@ def _queueing_rows(n_families=16, per=25, seed=0) -> pd.DataFrame:
     for fam in range(n_families):
         prompt, kv = rng.uniform(100, 1200), rng.uniform(2e5, 6e5)
         for _ in range(per):
-            r = dict.fromkeys(ROW_FEATURES, 0.0)
+            r = dict.fromkeys(HEAD_FEATURES, 0.0)
             slots = rng.choice([4, 8, 16, 32, 64])
             cap = 40.0 * (kv / 4e5) * min(1.0, slots / 16) * (300.0 / prompt)
             rate = rng.uniform(0.2, 1.3) * cap

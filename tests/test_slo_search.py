@@ -157,16 +157,21 @@ def test_cost_gpus_equal_the_exhaustive_count(setup):
     assert all(c["ttft_p99"] <= slo["ttft"] for c in met)
 
 
-def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
+def _cli_cost(setup, trace_files, out, slo: str, max_gpus: int, max_runs: int, *extra):
+    """``twin recommend --objective cost`` on the setup's trace: its exit status."""
     from twin.cli import main
 
     tr, cat, _, _ = setup
     tp, cp = trace_files(tr, cat)
+    return main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
+                 str(WINDOW), "--objective", "cost", "--slo", slo, "--max-gpus",
+                 str(max_gpus), "--max-runs", str(max_runs), "--optimizer", "coordinate",
+                 "--workers", "1", "--out", str(out), *extra])
+
+
+def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
     out = tmp_path / "cost"
-    rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
-               str(WINDOW), "--objective", "cost", "--slo", "ttft=1,tpot=0.5", "--max-gpus",
-               "2", "--max-runs", "3", "--optimizer", "coordinate", "--workers", "1",
-               "--out", str(out)])
+    rc = _cli_cost(setup, trace_files, out, "ttft=1,tpot=0.5", 2, 3)
     assert rc == 3
     assert "NO placement on up to 2 GPUs meets the SLOs" in capsys.readouterr().out
     d = json.loads((out / "cost.json").read_text())
@@ -194,3 +199,38 @@ def test_without_optuna_auto_falls_back_to_the_coordinate_walk(setup, monkeypatc
     rec = _rec(setup, max_runs=6)
     assert rec.search["optimizer"] == "coordinate" and "not installed" in rec.search["why"]
     assert "search: coordinate (optuna is not installed" in rec.report()
+
+
+def test_cost_price_defaults_to_the_gpus_list_price_and_says_where_from():
+    from twin.costs.gpus import GPU_PRICES, GPUS, list_price
+    from twin.ml.cost import price_of
+
+    for key, p in GPU_PRICES.items():   # every price names its GPU, provider and date
+        assert key in GPUS and p["usd_per_hour"] > 0 and p["source"]
+        assert len(p["as_of"]) == 10 and p["as_of"].startswith("20")
+    price, why = price_of(None, None)   # the default profile: the 64 GB H100
+    assert price == GPU_PRICES["h100-64gb"]["usd_per_hour"]
+    assert "list price" in why and GPU_PRICES["h100-64gb"]["as_of"] in why
+    assert price_of(None, 1.5) == (1.5, "--gpu-price")
+    assert price_of("cpu-tiny", None)[0] is None   # no board, no price: said, not guessed
+    hw = dict(GPUS["l4"], key="l4", tensor_parallel_size=2)
+    assert list_price(hw)["usd_per_hour"] == pytest.approx(2 * GPU_PRICES["l4"]["usd_per_hour"])
+    assert list_price({"name": "some other board"}) is None
+
+
+def test_cli_cost_checks_the_slos_on_the_whole_fleet(setup, tmp_path, trace_files, capsys):
+    tr = setup[0]
+    out = tmp_path / "cost"
+    rc = _cli_cost(setup, trace_files, out, "ttft=1000,tpot=20", 3, 6, "--no-plot")
+    text = capsys.readouterr().out
+    d = json.loads((out / "cost.json").read_text())
+    assert d["ok"] and d["gpus"] >= 2
+    check = d["fleet_check"]
+    sc = check["slo_check"]
+    assert check["gpus"] == d["gpus"] and sc["slo"] == {"ttft": 1000.0, "tpot": 20.0}
+    assert sum(g["requests"] for g in check["per_gpu"]) == len(tr)
+    assert sc["met"] == (sc["ttft_p99"] <= 1000.0 and sc["tpot_p99"] <= 20.0)
+    assert rc == (0 if sc["met"] and check["keeps_up"] else 3)
+    assert "on the fleet's requests" in text
+    assert "list price" in d["gpu_price_source"] and d["per_hour"] > 0
+    assert "price: public on-demand list price" in text

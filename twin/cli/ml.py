@@ -7,7 +7,6 @@ simulator with simpy, pydantic schemas, the model) would otherwise load with eve
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from twin.argtypes import comma_list, positive_float, positive_int
 from twin.cli.config_flags import add_prefix_caching_flag, ml_base
 from twin.cli.place_fleet import (add_verify_fleet_args, check_fleet_routers,
                                   verify_placement_fleet)
+from twin.cli.slo import cost_with_fleet_check, fleet_check_text, fleet_ok, parse_slo
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
@@ -64,10 +64,14 @@ objectives:
                         16). Recommended only if its own twin run meets the SLOs at p99;
                         else it says so, prints the best achievable p99s and what bounds
                         them, searches the fewest GPUs that meet them, and exits 3.
-  cost                  the fewest GPUs (and $/hour with --gpu-price) meeting --slo at the
+  cost                  the fewest GPUs (and $/hour: --gpu-price, else the GPU's public
+                        on-demand list price, source and date printed) meeting --slo at the
                         trace's load, up to --max-gpus: each GPU's configuration searched
-                        as for goodput, the adapters placed by `twin place`; exits 3 when no
-                        count up to the cap meets them.
+                        as for goodput, the adapters placed by `twin place`; then the
+                        placement runs as one fleet on the whole trace (static routing),
+                        the SLOs scored on the fleet's requests and per GPU, naming any GPU
+                        that misses; exits 3 when no count up to the cap meets them or the
+                        fleet misses them.
 
 optimizer (--optimizer, goodput/cost): auto = exhaustive when the whole space fits the
 budget, else Optuna TPE when optuna is installed (pip install 'twin[search]'), else a
@@ -103,7 +107,9 @@ whole trace, and reports whether any GPU starves; then, for each router of --fle
 per-GPU config) that keep up: from the placement's GPU count down while the fleet keeps
 up, else up until it does, at most --fleet-max-gpus, one fleet run per count. The table is
 printed and stored as `fleet_check` in placement.json; exit status 3 when the placement's
-fleet starves. See experiments/README_fleet.md.
+fleet starves. With --slo, the fleet run also scores the SLOs on the fleet's requests (the
+p99 an operator measures) and on each GPU's own, names every GPU that misses them, and
+exits 3 when the fleet misses them. See experiments/README_fleet.md.
 
 examples:
   twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
@@ -178,12 +184,17 @@ def add_ml_parsers(subparsers) -> None:
                         "records are not made again and count against --max-runs (raise "
                         "--max-runs to continue a study)")
     p.add_argument("--gpu-price", type=positive_float, default=None,
-                   help="cost: dollars per GPU-hour, for $/hour and $ per million tokens")
+                   help="cost: dollars per GPU-hour, for $/hour and $ per million tokens "
+                        "(default: the profile GPU's public on-demand list price, "
+                        "twin/costs/gpus.py, printed with its source and date)")
     p.add_argument("--max-gpus", type=positive_int, default=8,
                    help="cost: most GPUs to try (default 8); also the cap of the fewest-GPU "
                         "search after an infeasible goodput recommendation")
     p.add_argument("--out", type=Path, default=Path("runs/recommend"),
                    help="output folder (default runs/recommend)")
+    p.add_argument("--no-fleet-check", action="store_true",
+                   help="cost: skip running the placement as one fleet on the whole trace "
+                        "(SLOs on the fleet's requests, and per GPU)")
     p.add_argument("--no-place", action="store_true",
                    help="goodput: when no configuration meets the SLOs on one GPU, do not "
                         "search the fewest GPUs that do (twin place --slo)")
@@ -245,21 +256,6 @@ def add_train_args(p):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def parse_slo(text: str | None) -> dict | None:
-    """``ttft=2000,tpot=100`` (ms; a value ending in ``s`` is seconds) -> {'ttft': ms, ...}."""
-    if not text:
-        return None
-    out = {}
-    for part in text.split(","):
-        k, sep, v = part.partition("=")
-        k = k.strip().lower()
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*", v)
-        if not sep or k not in ("ttft", "tpot") or not m:
-            raise TwinInputError(f"expected ttft=MS,tpot=MS, got {text!r}", field="--slo")
-        out[k] = float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0)
-    return out
-
 
 def _load_workload(args):
     window = args.window_s
@@ -345,11 +341,8 @@ def _recommend(args) -> int:
                         workers=args.workers, study_db=db, **kw)
         plan = None
         if args.objective == "cost":
-            from twin.ml.cost import cost_plan  # lazy: ML stack off twin --help
-
-            plan = cost_plan(trace, catalog, slo=slo, profile=profile, model=model, base=base,
-                             window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
-                             workers=args.workers, gpu_price=args.gpu_price, one_gpu=rec, **kw)
+            plan = cost_with_fleet_check(args, trace, catalog, profile, model, base, window,
+                                         slo, rec, kw)
         elif rec.slo_verdict is not None and not rec.ok and not args.no_place:
             from twin.ml.placement import place  # lazy: ML stack off twin --help
 
@@ -360,7 +353,9 @@ def _recommend(args) -> int:
             rec.fewest_gpus = pl.summary()
         say(f"trace: {label}")
         say(rec.report() if plan is None else plan.report())
-        ok = rec.ok if plan is None else plan.ok
+        if plan is not None and plan.fleet_check is not None:
+            say(fleet_check_text(plan.fleet_check))
+        ok = rec.ok if plan is None else plan.ok and fleet_ok(plan.fleet_check)
         _write_recommend(args, say, rec, plan, trace, catalog, profile, model, base, label, db)
     if args.json:
         print(json_document(rec.to_dict() if plan is None else plan.to_dict(), indent=2,
@@ -434,14 +429,14 @@ def _place(args) -> int:
                workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)
     print(f"trace: {label}")
     print(pl.report())
-    check = verify_placement_fleet(args, pl, trace, catalog, profile, base, window)
+    check = verify_placement_fleet(args, pl, trace, catalog, profile, base, window, slo)
     out = args.out
     with staged_dir(out, "place") as tmp:
         write_placement(tmp, pl, catalog, profile_name=profile.name,
                         model_name=_model_name(args, profile), label=label,
                         fleet_check=check)
     print(f"wrote {out}/routing.csv, {out}/placement.json and gpu-*/vllm_config.yaml")
-    return 0 if pl.ok and (check is None or check["placement"]["keeps_up"]) else 3
+    return 0 if pl.ok and (check is None or fleet_ok(check["placement"])) else 3
 
 
 def run_train_cmd(args) -> int:

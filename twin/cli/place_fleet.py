@@ -40,8 +40,9 @@ def check_fleet_routers(args) -> None:
 
 
 def verify_placement_fleet(args, placement, trace, catalog, profile, base,
-                           window) -> dict | None:
-    """With --verify-fleet: ``fleet_check`` for ``placement`` (printed), else None."""
+                           window, slo: dict | None = None) -> dict | None:
+    """With --verify-fleet: ``fleet_check`` for ``placement`` (printed; with ``slo``, the
+    SLOs scored on the fleet's requests and each GPU's), else None."""
     if not args.verify_fleet:
         return None
     from twin.fleet.verify import (format_fleet_check, placement_configs,  # lazy: simulator
@@ -51,6 +52,6 @@ def verify_placement_fleet(args, placement, trace, catalog, profile, base,
                          profile=profile, catalog=catalog, window_s=window,
                          routers=args.fleet_routers, max_gpus=args.fleet_max_gpus,
                          refresh_s=args.router_refresh_s, workers=args.workers,
-                         progress=True)
+                         progress=True, slo=slo)
     print(format_fleet_check(check))
     return check

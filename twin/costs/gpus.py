@@ -20,6 +20,9 @@ principles' assumptions, not fits: they reproduce the constants the shipped
 What *is* fitted to data is in :mod:`twin.costs.first_principles` (``NON_TORCH_GIB``) and
 everything a ``twin calibrate`` run writes; the step time's software constants
 (:data:`twin.costs.hardware.GPU_SOFTWARE`) are assumptions.
+
+Prices (:data:`GPU_PRICES`, :func:`list_price`): public on-demand list prices per GPU-hour,
+each with its provider and date, the cost objective's default when no price is given.
 """
 
 from __future__ import annotations
@@ -112,3 +115,62 @@ def effective(gpu: dict, fp8: bool = False) -> tuple[float, float, float]:
     flops = gpu["fp8_flops"] if fp8 and gpu.get("fp8_flops") else gpu["bf16_flops"]
     return (gpu["hbm_bytes_per_s"] * DERATE["hbm"], flops * DERATE["flops"],
             gpu["link_bytes_per_s"] * DERATE["link"])
+
+
+# -- prices -------------------------------------------------------------------------------------
+#: Public list prices, US dollars per GPU-hour, ON-DEMAND (no commitment, no spot), each of one
+#: named provider on one stated date: a default for ``twin recommend --objective cost`` when no
+#: ``--gpu-price`` is given, never what a fleet pays (reserved, committed-use and spot prices
+#: are 30-90 % lower; regions and providers differ by 2-3x). Where no price could be cited the
+#: GPU is absent: give ``--gpu-price``. Sources, as read from stored copies of public pages
+#: (no provider page could be opened from this machine, so each figure is as quoted there):
+#:  - Lambda on-demand instances (1x H100 SXM $3.78, 1x H100 PCIe $2.86, 1x A100 40 GB $1.48)
+#:    and Modal's per-second GPU prices (A100 80 GB $2.4984/h = $0.000694/s, L40S $1.9512/h,
+#:    L4 $0.7992/h): techbytes.app/posts/serverless-gpu-pricing-matrix-modal-replicate-lambda-
+#:    2026, "prices verified on May 7, 2026 from official vendor pricing". Modal bills only
+#:    running containers per second; an always-on replica pays that rate every hour.
+#:  - AWS g5.xlarge (1x A10G) on-demand, us-east-1, Linux: $1.006/h
+#:    (factualminds.com/blog/amazon-ec2-on-demand-pricing-instance-families-2026, 2026-06-17;
+#:    the instance's 4 vCPUs and 16 GiB are included).
+#: Not cited (absent): H200, B200, MI300X. The 64 GB H100 of the shared vLLM runs is not a
+#: cloud product: it is priced as the H100 SXM it is built like, and says so.
+GPU_PRICES: dict[str, dict] = {
+    "h100-80gb": dict(usd_per_hour=3.78, source="Lambda on-demand, 1x H100 SXM",
+                      as_of="2026-05-07"),
+    "h100-pcie": dict(usd_per_hour=2.86, source="Lambda on-demand, 1x H100 PCIe",
+                      as_of="2026-05-07"),
+    "a100-40gb": dict(usd_per_hour=1.48, source="Lambda on-demand, 1x A100 40 GB",
+                      as_of="2026-05-07"),
+    "a100-80gb": dict(usd_per_hour=2.4984, source="Modal per-second price, A100 80 GB",
+                      as_of="2026-05-07"),
+    "l40s": dict(usd_per_hour=1.9512, source="Modal per-second price, L40S", as_of="2026-05-07"),
+    "l4": dict(usd_per_hour=0.7992, source="Modal per-second price, L4", as_of="2026-05-07"),
+    "a10g": dict(usd_per_hour=1.006, source="AWS EC2 g5.xlarge on-demand, us-east-1",
+                 as_of="2026-06-17"),
+    "h100-64gb": dict(usd_per_hour=3.78, source="no public price for this board: priced as "
+                      "Lambda on-demand 1x H100 SXM", as_of="2026-05-07"),
+}
+
+
+def gpu_key_of(hardware: dict) -> str | None:
+    """The catalogue key of a profile's ``hardware`` section: its ``key`` (first-principles
+    profiles), else the catalogue entry whose ``name`` it carries (calibrated profiles keep
+    the name); None for a CPU or an unknown board."""
+    key = hardware.get("key")
+    if key in GPUS:
+        return key
+    name = hardware.get("name")
+    return next((k for k, g in GPUS.items() if g["name"] == name), None)
+
+
+def list_price(hardware: dict) -> dict | None:
+    """The on-demand list price of one replica of a profile (``GPU_PRICES`` of its GPU
+    times its ``tensor_parallel_size``): {'usd_per_hour', 'source', 'as_of', 'gpu',
+    'gpus_per_replica'}; None when the catalogue has no cited price for it."""
+    key = gpu_key_of(hardware)
+    if key not in GPU_PRICES:
+        return None
+    tp = int(hardware.get("tensor_parallel_size") or 1)
+    p = GPU_PRICES[key]
+    return {"usd_per_hour": p["usd_per_hour"] * tp, "source": p["source"],
+            "as_of": p["as_of"], "gpu": key, "gpus_per_replica": tp}

@@ -107,6 +107,7 @@ def _replica_row(k: int, rep, res: RunResult | None, starving: bool) -> dict:
         "ttft_mean_ms": s["ttft_ms"]["mean"] if s else nan,
         "ttft_p99_ms": s["ttft_ms"]["p99"] if s else nan,
         "tpot_mean_ms": s["tpot_ms"]["mean"] if s else nan,
+        "tpot_p99_ms": s["tpot_ms"]["p99"] if s else nan,
         "itl_mean_ms": s["itl_ms"]["mean"] if s else nan,
         "itl_p99_ms": s["itl_ms"]["p99"] if s else nan,
         "loads_from_disk": s["adapter_loads"]["from_disk"] if s else 0,

@@ -7,6 +7,12 @@ whole trace, each GPU preloading (``preload_adapters``) only the adapters it ser
 its ``vllm serve --lora-modules`` does. The check says whether any GPU starves (the starvation rule of every twin run,
 per replica and for the fleet).
 
+With latency SLOs (``slo``: p99 TTFT/TPOT in ms) the check also scores them on the whole
+fleet's requests, the p99 an operator measures at the fleet's front door (:func:`slo_check`),
+and names every GPU whose own requests' p99 misses them: ``twin place`` and ``twin
+recommend --objective cost`` verify each GPU alone on its share of the trace cut out ahead
+of time, the fleet run on the share the router actually sends it.
+
 Then, for each router that does not know the placement (round robin, least outstanding
 requests, consistent hashing, adapter affinity), :func:`gpus_needed` searches the fewest
 identical replicas that keep up: from the placement's GPU count down while the fleet keeps
@@ -19,6 +25,8 @@ count that starves going down, or keeps up going up).
 from __future__ import annotations
 
 import sys
+
+import numpy as np
 
 from twin.config import ServingConfig
 from twin.fleet.fleet import Replica, simulate_fleet
@@ -52,10 +60,44 @@ def keeps_up(run) -> bool:
     return not run.summary["starving"] and run.summary["fleet"]["starving_replicas"] == 0
 
 
+#: the SLO keys and the p99 each bounds (a run summary's, ms)
+SLO_P99 = {"ttft": "ttft_ms", "tpot": "tpot_ms"}
+
+
+def slo_misses(p99: dict, slo: dict | None) -> list[str]:
+    """The SLOs of ``slo`` ({'ttft': ms, 'tpot': ms}) that the p99s ``p99`` ({'ttft': ms,
+    'tpot': ms}) miss; a p99 that is not a number (no finished request) misses."""
+    out = []
+    for k, limit in (slo or {}).items():
+        v = p99.get(k)
+        if limit and not (v is not None and np.isfinite(v) and v <= float(limit)):
+            out.append(k)
+    return out
+
+
+def slo_check(summary: dict, slo: dict) -> dict:
+    """``slo`` on a fleet run: the p99s over all its requests (``met``: none missed) and
+    the GPUs whose own p99s miss it (``gpus_missing``: [{'gpu', 'missed', 'ttft_p99',
+    'tpot_p99'}]; a GPU may miss while the fleet meets it: its requests are ~1/k of the
+    fleet's)."""
+    fleet = {k: float(summary[m]["p99"]) for k, m in SLO_P99.items()}
+    missing = []
+    for p in summary["fleet"]["per_replica"]:
+        own = {"ttft": p["ttft_p99_ms"], "tpot": p["tpot_p99_ms"]}
+        miss = slo_misses(own, slo) if p["requests"] else []
+        if miss:
+            missing.append({"gpu": p["replica"], "missed": miss, "ttft_p99": own["ttft"],
+                            "tpot_p99": own["tpot"]})
+    return {"slo": dict(slo), "ttft_p99": fleet["ttft"], "tpot_p99": fleet["tpot"],
+            "missed": slo_misses(fleet, slo), "met": not slo_misses(fleet, slo),
+            "gpus_missing": missing}
+
+
 def check_placement(trace, configs, routing, *, profile, catalog=None, window_s=None,
-                    refresh_s: float = 0.0, workers: int = 1) -> dict:
+                    refresh_s: float = 0.0, workers: int = 1, slo: dict | None = None) -> dict:
     """The placement (``configs[k]`` on GPU ``k``, ``routing``: ``routing.csv``) as a
-    static-routed fleet on ``trace``: does any GPU starve, and each GPU's figures."""
+    static-routed fleet on ``trace``: does any GPU starve, each GPU's figures and, with
+    ``slo``, the SLO verdict on the fleet's requests and each GPU's (``slo_check``)."""
     served = [tuple(routing.loc[routing["gpu"] == k, "adapter"].astype(str)) for k in
               range(len(configs))]   # each GPU's --lora-modules: what it preloads
     run = simulate_fleet(trace, [Replica(c, adapters=a) for c, a in zip(configs, served)],
@@ -63,11 +105,14 @@ def check_placement(trace, configs, routing, *, profile, catalog=None, window_s=
                          catalog=catalog, window_s=window_s, refresh_s=refresh_s,
                          workers=workers)
     per = run.summary["fleet"]["per_replica"]
-    return {"gpus": len(configs), "keeps_up": keeps_up(run),
-            "starving_gpus": [p["replica"] for p in per if p["starving"]],
-            "per_gpu": [{k: p[k] for k in ("replica", "requests", "total_throughput",
-                                           "ttft_p99_ms", "loads_from_disk", "starving")}
-                        for p in per]}
+    out = {"gpus": len(configs), "keeps_up": keeps_up(run),
+           "starving_gpus": [p["replica"] for p in per if p["starving"]],
+           "per_gpu": [{k: p[k] for k in ("replica", "requests", "total_throughput",
+                                          "ttft_p99_ms", "tpot_p99_ms", "loads_from_disk",
+                                          "starving")} for p in per]}
+    if slo:
+        out["slo_check"] = slo_check(run.summary, slo)
+    return out
 
 
 def gpus_needed(trace, router: str, config: ServingConfig, *, start: int, max_gpus: int,
@@ -108,15 +153,17 @@ def gpus_needed(trace, router: str, config: ServingConfig, *, start: int, max_gp
 
 def verify_fleet(trace, configs, routing, *, profile, catalog=None, window_s=None,
                  routers=ROUTERS_TO_SIZE, max_gpus: int | None = None,
-                 refresh_s: float = 0.0, workers: int = 1, progress: bool = False) -> dict:
-    """``fleet_check``: the placement as a static-routed fleet (:func:`check_placement`),
+                 refresh_s: float = 0.0, workers: int = 1, progress: bool = False,
+                 slo: dict | None = None) -> dict:
+    """``fleet_check``: the placement as a static-routed fleet (:func:`check_placement`,
+    with ``slo`` scored on the fleet's requests),
     then the GPU count each of ``routers`` needs (:func:`gpus_needed`, from the placement's
     count, at most ``max_gpus``: default twice the placement's count, at least 4)."""
     k = len(configs)
     cap = max_gpus if max_gpus is not None else max(2 * k, 4)
     kw = dict(profile=profile, catalog=catalog, window_s=window_s, refresh_s=refresh_s,
               workers=workers)
-    check = {"placement": check_placement(trace, configs, routing, **kw),
+    check = {"placement": check_placement(trace, configs, routing, slo=slo, **kw),
              "router_refresh_s": refresh_s, "max_gpus": cap, "routers": []}
     shared = fleet_config(configs)
     check["fleet_config"] = shared.to_dict()
@@ -126,17 +173,39 @@ def verify_fleet(trace, configs, routing, *, profile, catalog=None, window_s=Non
     return check
 
 
-def format_fleet_check(check: dict) -> str:
-    """The fleet check as lines for ``twin place``'s report."""
-    p = check["placement"]
+def format_placement_check(p: dict) -> list[str]:
+    """:func:`check_placement`'s verdicts and per-GPU table as report lines."""
     verdict = ("every GPU keeps up" if p["keeps_up"] else
                f"STARVING (GPU(s) {', '.join(map(str, p['starving_gpus'])) or 'fleet-wide'})")
-    lines = [f"fleet check: the placement on {p['gpus']} GPU(s), static routing: {verdict}",
-             f"  {'gpu':>4} {'requests':>9} {'tok/s':>9} {'TTFT p99':>9} {'disk':>6}  verdict"]
+    sc = p.get("slo_check")
+    miss = {g["gpu"]: g["missed"] for g in sc["gpus_missing"]} if sc else {}
+    lines = [f"fleet check: the placement on {p['gpus']} GPU(s), static routing: {verdict}"]
+    if sc:
+        slo = ", ".join(f"p99 {k.upper()} <= {v:g} ms" for k, v in sc["slo"].items() if v)
+        lines.append(f"  SLOs ({slo}) on the fleet's requests: p99 TTFT {sc['ttft_p99']:.0f} "
+                     f"ms, p99 TPOT {sc['tpot_p99']:.1f} ms: "
+                     + ("met" if sc["met"] else "MISSED (" + ", ".join(
+                         k.upper() for k in sc["missed"]) + ")"))
+        if miss:
+            lines.append("  GPU(s) whose own requests miss them: " + "; ".join(
+                f"gpu {g['gpu']} ({', '.join(k.upper() for k in g['missed'])}: p99 TTFT "
+                f"{g['ttft_p99']:.0f} ms, TPOT {g['tpot_p99']:.1f} ms)"
+                for g in sc["gpus_missing"]))
+    lines.append(f"  {'gpu':>4} {'requests':>9} {'tok/s':>9} {'TTFT p99':>9} {'TPOT p99':>9} "
+                 f"{'disk':>6}  verdict")
     for g in p["per_gpu"]:
+        v = "STARVING" if g["starving"] else (
+            "misses " + ",".join(k.upper() for k in miss[g["replica"]])
+            if g["replica"] in miss else "ok")
         lines.append(f"  {g['replica']:>4} {g['requests']:>9} {g['total_throughput']:>9.0f} "
-                     f"{g['ttft_p99_ms']:>9.0f} {g['loads_from_disk']:>6}  "
-                     f"{'STARVING' if g['starving'] else 'ok'}")
+                     f"{g['ttft_p99_ms']:>9.0f} {g['tpot_p99_ms']:>9.1f} "
+                     f"{g['loads_from_disk']:>6}  {v}")
+    return lines
+
+
+def format_fleet_check(check: dict) -> str:
+    """The fleet check as lines for ``twin place``'s report."""
+    lines = format_placement_check(check["placement"])
     c = check["fleet_config"]
     lines.append(f"GPUs each router needs (identical replicas, max_loras={c['max_loras']} "
                  f"max_cpu_loras={c['max_cpu_loras']}; searched up to {check['max_gpus']}):")

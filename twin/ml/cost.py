@@ -6,14 +6,18 @@ run must meet them; each GPU's configuration searched over the enlarged space by
 :func:`twin.ml.recommend.recommend`), started from the one-GPU recommendation, and capped at
 ``max_gpus``. Its cost curve is the worst verified p99 TTFT/TPOT over the GPUs of each GPU
 count tried (a count that failed shows what its first failing GPU could at best reach).
-Price: ``gpu_price`` dollars per GPU-hour, given by the user (no price list is shipped:
-cloud prices change and differ by region and commitment).
+Price: ``gpu_price`` dollars per GPU-hour given by the user, else the public on-demand
+list price of the profile's GPU (:data:`twin.costs.gpus.GPU_PRICES`: one provider's, with
+its source and date, which the report prints: list prices change and differ by provider,
+region and commitment), else none ($ figures left out, and the report says why).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twin.costs.gpus import list_price
+from twin.costs.profile import load_profile
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
 from twin.ml.report import Placement, Recommendation
@@ -31,6 +35,11 @@ class CostPlan:
     one_gpu: Recommendation
     offered_tps: float
     gpu_price: float | None = None
+    #: where ``gpu_price`` came from ("--gpu-price", a list price's source and date, or None)
+    price_source: str | None = None
+    #: the placement run as one fleet with the SLOs (``twin.fleet.verify.check_placement``;
+    #: set by ``twin recommend``, None when not run)
+    fleet_check: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -55,7 +64,10 @@ class CostPlan:
             if self.per_hour is not None:
                 L.append(f"cost: {self.gpus} x ${self.gpu_price:g}/GPU-hour = "
                          f"${self.per_hour:.2f}/hour (${self.per_mtok:.3f} per million "
-                         "tokens at this load)")
+                         f"tokens at this load); price: {self.price_source}")
+            else:
+                L.append(f"cost: no price ({self.price_source or 'none given'}): give "
+                         "--gpu-price DOLLARS_PER_GPU_HOUR for $/hour")
         else:
             L = [f"NO placement on up to {self.max_gpus} GPUs meets the SLOs ({slo}) at the "
                  f"trace's load ({self.offered_tps:.0f} tok/s offered): raise --max-gpus or "
@@ -72,10 +84,11 @@ class CostPlan:
     def to_dict(self) -> dict:
         return {"objective": "cost", "ok": self.ok, "slo": self.slo, "gpus": self.gpus,
                 "max_gpus": self.max_gpus, "gpu_price_per_hour": self.gpu_price,
+                "gpu_price_source": self.price_source,
                 "per_hour": self.per_hour, "per_million_tokens": self.per_mtok,
                 "offered_tps": self.offered_tps, "curve": self.placement.curve,
                 "placement": self.placement.summary(),
-                "attempts": self.placement.attempts}
+                "attempts": self.placement.attempts, "fleet_check": self.fleet_check}
 
 
 def cost_plan(trace, catalog=None, *, slo: dict, profile=None, model=None, base=None,
@@ -87,6 +100,7 @@ def cost_plan(trace, catalog=None, *, slo: dict, profile=None, model=None, base=
     (made here when not given). ``optimizer``, ``seed``, ``knobs``: each GPU's search
     (:func:`twin.ml.recommend.recommend`)."""
     kw = {"optimizer": optimizer, "seed": seed, "knobs": knobs}
+    gpu_price, price_source = price_of(profile, gpu_price)
     if one_gpu is None:
         one_gpu = recommend(trace, catalog, profile=profile, model=model, base=base,
                             objective="goodput", slo=slo, window_s=window_s,
@@ -96,4 +110,21 @@ def cost_plan(trace, catalog=None, *, slo: dict, profile=None, model=None, base=
                slo=slo, known=one_gpu, search_kw=kw)
     return CostPlan(slo=dict(slo), gpus=len(pl.gpus) if pl.ok else None, max_gpus=max_gpus,
                     placement=pl, one_gpu=one_gpu,
-                    offered_tps=float(one_gpu.workload["offered_tps"]), gpu_price=gpu_price)
+                    offered_tps=float(one_gpu.workload["offered_tps"]), gpu_price=gpu_price,
+                    price_source=price_source)
+
+
+def price_of(profile, gpu_price: float | None) -> tuple[float | None, str]:
+    """(dollars per GPU-hour, where it came from): ``gpu_price`` when given, else the list
+    price of ``profile``'s GPU (:func:`twin.costs.gpus.list_price`), else (None, why)."""
+    if gpu_price is not None:
+        return float(gpu_price), "--gpu-price"
+    prof = profile if hasattr(profile, "hardware") else load_profile(profile)
+    lp = list_price(prof.hardware)
+    if lp is None:
+        return None, (f"no public list price for the GPU of profile {prof.name!r} in "
+                      "twin/costs/gpus.py")
+    per = f" x {lp['gpus_per_replica']} GPUs per replica" if lp["gpus_per_replica"] > 1 else ""
+    return lp["usd_per_hour"], (f"public on-demand list price ({lp['source']}, as of "
+                                f"{lp['as_of']}{per}; twin/costs/gpus.py), not a quote: "
+                                "--gpu-price for yours")

@@ -51,7 +51,7 @@ def row_table(sweep: pd.DataFrame) -> pd.DataFrame:
         "tpot_p50": d["tpot_ms_median"], "tpot_p99": d["tpot_ms_p99"],
         "e2e_p50": d["e2e_ms_median"],
     }, index=d.index)
-    meta = d[["key", "workload_key", "family_key", "workload", "window_s"]].copy()
+    meta = d[["key", "workload_key", "family_key", "workload", "window_s", "config"]].copy()
     meta["full"] = ~d["early_exit"].astype(bool)
     return pd.concat([meta, X, t], axis=1).reset_index(drop=True)
 

@@ -108,6 +108,18 @@ class TreeEnsemble:
                 "base": self.base_, "link": link, "max_depth": self.max_depth, "trees": trees}
 
 
+def reindexed(model: dict, features) -> dict:
+    """An exported ensemble (:meth:`TreeEnsemble.to_dict`) over the longer feature list
+    ``features`` (a superset of its own, in any order): the same trees, their split indices
+    remapped, so that models fitted on different features can be packed together."""
+    pos = {f: i for i, f in enumerate(features)}
+    old = model["features"]
+    trees = [{**t, "feature": [pos[old[f]] if lo >= 0 else f
+                               for f, lo in zip(t["feature"], t["left"])]}
+             for t in model["trees"]]
+    return {**model, "features": list(features), "trees": trees}
+
+
 class PackedTrees:
     """Several exported tree ensembles evaluated together, in numpy: one pass over all
     trees of all models (leaves loop to themselves, so a fixed number of steps suffices)."""

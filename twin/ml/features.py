@@ -118,9 +118,11 @@ def workload_features(trace: pd.DataFrame, catalog=None, duration_s: float | Non
         "base_share": float((~has).sum() / nreq) if nreq else 0.0,
         "prompt_mean": float(prompt.mean()) if nreq else 0.0,
         "prompt_p90": float(np.percentile(prompt, 90)) if nreq else 0.0,
+        "prompt_p99": float(np.percentile(prompt, 99)) if nreq else 0.0,
         "output_mean": float(output.mean()) if nreq else 0.0,
         "output_p90": float(np.percentile(output, 90)) if nreq else 0.0,
         "arrival_cv": agg_cv, "adapter_cv": ad_cv, "dispersion_10s": disp,
+        "n_requests": float(nreq),
         "gini": _gini(counts),
         "top10_share": float(srt[:top].sum() / total_ad) if total_ad else 0.0,
         # not model features: kept for config features and placement

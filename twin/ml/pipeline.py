@@ -86,7 +86,7 @@ def _train(args) -> int:
                          model_path=model_path)
     timings["heldout_s"] = time.perf_counter() - t0
     rep.to_csv(out / "heldout.csv", index=False)
-    pms = predict_latency_ms(model, held)
+    pms = predict_latency_ms(model, held, profile)
     with pd.option_context("display.width", 200, "display.max_colwidth", 70):
         print(rep[["workload", "exhaustive_best_max_loras", "exhaustive_throughput",
                    "predicted_max_loras", "rec_max_loras", "rec_throughput", "gap_pct",

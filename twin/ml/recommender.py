@@ -27,6 +27,9 @@ from twin.config import ServingConfig
 from twin.errors import TwinInputError
 from twin.ml.ensemble import PackedTrees
 from twin.ml.features import ROW_FEATURES, config_features, workload_features
+from twin.ml.latency import HEAD_FEATURES as MODEL_FEATURES
+from twin.ml.queueing import queue_features, within_trained
+from twin.ml.spec import PAPER_BASE
 from twin.ml.spec import SERVED_GRID, config_for, profile_digest, slot_candidates
 from twin.outputs import staged_file
 from twin.schemas import Int, Number, Schema, validate
@@ -110,7 +113,15 @@ class Recommender:
         self.meta = dict(meta or {})
         self.latency_error = latency_error
         self.packed_ = PackedTrees(models)
-        if list(self.packed_.features) != list(ROW_FEATURES):
+        # MODEL_FEATURES; a model saved before the queueing features (ROW_FEATURES
+        # alone) still loads and predicts with its own
+        self.features = list(self.packed_.features)
+        # the latency knobs' range in the training sweep (queueing features are priced
+        # within it); a model that does not record it was trained at the paper's values
+        self.trained_knobs = self.meta.get("trained_knobs") or {
+            k: [PAPER_BASE[k], PAPER_BASE[k]] for k in ("max_num_batched_tokens",
+                                                        "max_num_seqs")}
+        if self.features not in (list(MODEL_FEATURES), list(ROW_FEATURES)):
             raise TwinInputError("recommender model features do not match this twin "
                                  "version; retrain with experiments/train_recommender.py",
                                  field="features")
@@ -161,8 +172,8 @@ class Recommender:
         return Path(path)
 
     def predict_rows(self, X: pd.DataFrame) -> pd.DataFrame:
-        """Predictions for feature rows (columns ``ROW_FEATURES``)."""
-        out = self.packed_.predict(X[list(ROW_FEATURES)])
+        """Predictions for feature rows (columns: the model's ``features``)."""
+        out = self.packed_.predict(X[self.features])
         return pd.DataFrame(out, index=X.index)
 
     def profile_warning(self, profile) -> str | None:
@@ -189,21 +200,27 @@ def candidate_table(model: Recommender, wf: dict, base: ServingConfig, profile,
     """One row per candidate ``max_loras`` that starts: configuration, features,
     predictions (achieved, p_starve, throughput, latencies) and ``pred_ok``."""
     n = int(wf["n_adapters"]) or 1
-    rows = []
-    for m in slot_candidates(n):
-        cfg = config_for(base, m, n, max_rank)
-        kv = profile.memory.kv_tokens(cfg)
-        if kv < cfg.max_model_len:
-            continue
-        r = {k: wf[k] for k in ROW_FEATURES if k in wf}
-        r.update(config_features(wf, m, cfg.max_lora_rank, kv))
-        r["_config"] = cfg
-        rows.append(r)
-    if not rows:
+    cfgs = [config_for(base, m, n, max_rank) for m in slot_candidates(n)]
+    cfgs = [c for c in cfgs if profile.memory.kv_tokens(c) >= c.max_model_len]
+    if not cfgs:
         raise TwinInputError(
             f"no max_loras value starts: even max_loras=1 at max_lora_rank {max_rank} leaves "
             f"the KV cache too small for max_model_len {base.max_model_len}; lower "
             "max_model_len in the base configuration", field="max_model_len")
+    return config_table(model, wf, cfgs, profile)
+
+
+def config_table(model: Recommender, wf: dict, configs: list, profile) -> pd.DataFrame:
+    """One row per configuration of ``configs`` (of one workload, features ``wf``): its
+    features and predictions, as :func:`candidate_table`'s rows."""
+    rows = []
+    for cfg in configs:
+        r = {k: wf[k] for k in ROW_FEATURES if k in wf}
+        r.update(config_features(wf, cfg.max_loras, cfg.max_lora_rank,
+                                 profile.memory.kv_tokens(cfg)))
+        r.update(queue_features(wf, within_trained(cfg, model.trained_knobs), profile))
+        r["_config"] = cfg
+        rows.append(r)
     c = pd.DataFrame(rows)
     pred = model.predict_rows(c)
     c["pred_achieved"] = np.clip(pred["achieved"].to_numpy(), 0.0, 1.0)

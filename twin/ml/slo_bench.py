@@ -21,7 +21,7 @@ import pandas as pd
 from twin.ml.features import workload_features
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
-from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
+from twin.ml.recommender import Recommender, catalog_max_rank, config_table
 from twin.ml.search_space import LATENCY_GRID, search_space
 from twin.ml.slo_eval import exhaustive_best, keeps_up, score_case, slo_levels
 from twin.ml.spec import WorkloadSpec, paper_base
@@ -91,20 +91,20 @@ def min_gpus_even_split(trace, catalog, profile, window_s: float, configs: list,
     return k_rec
 
 
-def _pred_pairs(runs: list[dict], cand: pd.DataFrame, base) -> list[dict]:
-    """The model's p99 predictions (per ``max_loras``: it does not see the other knobs)
-    against every run that keeps up."""
-    pred = cand.set_index(cand["max_loras"].astype(int))
+def _pred_pairs(runs: list[dict], model: Recommender, wf: dict, profile, base) -> list[dict]:
+    """The model's p99 predictions for each run's own configuration (the latency knobs
+    reach it through the queueing features) against every run that keeps up."""
+    up = [r for r in runs if keeps_up(r)]
+    if not up:
+        return []
+    pred = config_table(model, wf, [r["config"] for r in up], profile)
     rows = []
-    for r in runs:
-        if not keeps_up(r):
-            continue
+    for i, r in enumerate(up):
         c = r["config"]
         base_knobs = all(int(getattr(c, k)) == int(getattr(base, k)) for k in LATENCY_GRID)
         for m in ("ttft_p99", "tpot_p99"):
             rows.append({"max_loras": c.max_loras, "metric": m, "base_knobs": base_knobs,
-                         "predicted": float(pred.at[int(c.max_loras), f"pred_{m}"]),
-                         "twin": float(r[m])})
+                         "predicted": float(pred.at[i, f"pred_{m}"]), "twin": float(r[m])})
     return rows
 
 
@@ -135,7 +135,6 @@ def evaluate_workload(spec: WorkloadSpec, model: Recommender, profile, *, window
     trace = crop_window(trace, window_s)
     wf = workload_features(trace, catalog, window_s)
     max_rank = catalog_max_rank(catalog, base.max_lora_rank)
-    cand = candidate_table(model, wf, base, profile, max_rank)
     configs = space_configs(int(wf["n_adapters"]), max_rank, base, profile, knobs)
     t0 = time.perf_counter()
     runs = exhaustive_runs(trace, catalog, profile, window_s, configs, workers)
@@ -173,7 +172,7 @@ def evaluate_workload(spec: WorkloadSpec, model: Recommender, profile, *, window
             f"{'feasible' if row['feasible'] else 'infeasible'} on 1 GPU; recommended "
             f"{row['rec_config'] or 'none'} ({row['rec_gpus']} GPU), gap "
             f"{row['gap_pct']:.2f}%, {rec.runs} runs, {e2e:.1f} s")
-    return cases, _pred_pairs(runs, cand, base)
+    return cases, _pred_pairs(runs, model, wf, profile, base)
 
 
 def _say(line: str) -> None:

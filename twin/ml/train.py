@@ -23,7 +23,10 @@ from twin.ml.estimators import (EBMRegressor, MonotoneLinearRegressor, Simplifie
                                 TreeEnsemble, XGBRegressorModel, evaluate, plot_importances,
                                 smape)
 from twin.ml.features import ROW_FEATURES, WORKLOAD_FEATURES
-from twin.ml.latency import fit_heads, heldout_error
+from twin.ml.ensemble import reindexed
+from twin.ml.latency import (HEAD_FEATURES, fit_heads, heldout_error, latency_rows,
+                              with_queue_features)
+from twin.ml.queueing import KNOBS
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
 from twin.ml.spec import SLOTS_GRID, WorkloadSpec, profile_digest
@@ -86,20 +89,26 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
     (:mod:`twin.ml.latency`: calibrated heads, and with ``latency_error`` their p99 error on
     held-out families, recorded in the model)."""
     rows = row_table(sweep)
+    rows_all = sweep[sweep["starts"]]
     X = rows[list(ROW_FEATURES)]
-    models = {}
-    models["achieved"] = TreeEnsemble("regressor", n_estimators=n_estimators,
-                                      max_depth=3).fit(X, rows["achieved"]).to_dict()
-    models["p_starve"] = TreeEnsemble("classifier", n_estimators=n_estimators,
-                                      max_depth=3).fit(X, rows["starving"]).to_dict()
-    models.update(fit_heads(rows, latency_estimators))
-    err = heldout_error(rows, n_estimators=latency_estimators) if latency_error else None
+    models = {}   # achieved / starving on the rows' features; the latency heads see more
+    models["achieved"] = reindexed(TreeEnsemble("regressor", n_estimators=n_estimators,
+                                                max_depth=3).fit(X, rows["achieved"]).to_dict(),
+                                   HEAD_FEATURES)
+    models["p_starve"] = reindexed(TreeEnsemble("classifier", n_estimators=n_estimators,
+                                                max_depth=3).fit(X, rows["starving"]).to_dict(),
+                                   HEAD_FEATURES)
+    full = latency_rows(rows, profile)    # the queueing features, computed once
+    models.update(fit_heads(full, latency_estimators))
+    err = heldout_error(full, n_estimators=latency_estimators) if latency_error else None
     m = {"profile": profile.name, "profile_sha": profile_digest(profile),
          "twin_version": __import__("twin").__version__, "rows": int(len(rows)),
          "workloads": int(rows["workload_key"].nunique()),
          "families": int(rows["family_key"].nunique()),
          "window_s": float(rows["window_s"].iloc[0]) if len(rows) else None,
-         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "trained_knobs": {k: [int(rows_all[k].min()), int(rows_all[k].max())]
+                           for k in KNOBS} if len(rows_all) else None}
     m.update(meta or {})
     return Recommender(models, m, latency_error=err)
 
@@ -240,11 +249,13 @@ def heldout_report(heldout: pd.DataFrame, model: Recommender, profile, *, window
     return pd.DataFrame(out)
 
 
-def predict_latency_ms(model: Recommender, heldout: pd.DataFrame, reps: int = 200) -> float:
-    """Median time to predict one workload's candidate set (all models)."""
+def predict_latency_ms(model: Recommender, heldout: pd.DataFrame, profile,
+                       reps: int = 200) -> float:
+    """Median time to predict one workload's candidate set (all models; its features,
+    the queueing ones included, computed beforehand)."""
     rows = row_table(heldout)
     wk = rows["workload_key"].iloc[0]
-    X = rows[rows["workload_key"] == wk][list(ROW_FEATURES)]
+    X = with_queue_features(rows[rows["workload_key"] == wk], profile)[list(HEAD_FEATURES)]
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
