@@ -203,8 +203,8 @@ def test_requests_stopped_mid_prefill_and_mid_decode_free_their_blocks(tiny, mon
     owner: dict[int, int] = {}        # first KV block -> request id (set by its first chunk)
     step = LlamaModel.step
 
-    def poisoned(self, seqs, kv_cache, lora=None):
-        logits = step(self, seqs, kv_cache, lora).clone()
+    def poisoned(self, seqs, kv_cache, lora=None, **kw):
+        logits = step(self, seqs, kv_cache, lora, **kw).clone()
         for j, s in enumerate(seqs):
             toks = list(s.token_ids)
             if s.start_pos == 0:

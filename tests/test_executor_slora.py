@@ -27,31 +27,24 @@ import twin.policies.slora as slora_policy  # noqa: E402
 import twin.servers as servers  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.errors import TwinInputError  # noqa: E402
-from twin.executor.adapters import load_adapter, write_synthetic_adapters  # noqa: E402
+from twin.executor.adapters import load_adapter  # noqa: E402
 from twin.executor.engine import execute  # noqa: E402
 from twin.executor.lora import LoRASlots  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.slora import (ExactRankLoRA, UnifiedPagePool, _Resident,  # noqa: E402
                                  adapter_pages_for)
-from twin.executor.weights import make_tiny_llama  # noqa: E402
+from tiny_llama import tiny_with_adapters  # noqa: E402
 from twin.sched.unified_pool import SLoRAScheduler  # noqa: E402
 from twin.sim.replay import replay  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
-# a tiny Llama whose greedy continuations depend on the context (cf. test_executor_engine)
-TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
-            max_position_embeddings=512)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slora")
-    make_tiny_llama(root / "model", **TINY)
-    cat = AdapterCatalog(write_synthetic_adapters(root / "model", root / "adapters", 6,
-                                                  ranks=(8, 16)))
-    return root / "model", cat
+    return tiny_with_adapters(tmp_path_factory.mktemp("slora"), 6)
 
 
 # ---------------------------------------------------------------------------------------------

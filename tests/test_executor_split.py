@@ -27,7 +27,6 @@ pytest.importorskip("transformers")
 
 from twin.config import ServingConfig  # noqa: E402
 from twin.errors import TwinInputError  # noqa: E402
-from twin.executor.adapters import write_synthetic_adapters  # noqa: E402
 from twin.executor.engine import execute  # noqa: E402
 from twin.executor.inputs import prompt_token_ids  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
@@ -39,25 +38,19 @@ from twin.executor.split.base import BaseWeights  # noqa: E402
 from twin.executor.split.driver import per_client_catalogs  # noqa: E402
 from twin.executor.split.exchange import LocalExchange  # noqa: E402
 from twin.executor.split.trainer import RemoteLinear  # noqa: E402
-from twin.executor.weights import make_tiny_llama  # noqa: E402
+from tiny_llama import tiny_with_adapters  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
-            max_position_embeddings=512)
 CONFIG = ServingConfig(enable_lora=True, max_loras=4, max_lora_rank=16, max_model_len=256)
 TIMEOUT_S = 240.0
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("split")
-    make_tiny_llama(root / "model", **TINY)
-    cat = AdapterCatalog(write_synthetic_adapters(root / "model", root / "adapters", 4,
-                                                  ranks=(8, 16)))
-    return root / "model", cat
+    return tiny_with_adapters(tmp_path_factory.mktemp("split"), 4)
 
 
 def burst_trace(cat: AdapterCatalog, n: int = 12, seed: int = 0, spread_s: float = 0.0):

@@ -54,7 +54,7 @@ from twin.executor.inputs import resolve_catalog  # noqa: F401 - its old import 
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
 from twin.executor.loop_state import Arrivals, Clock, NoProgress, Step, no_sync
-from twin.executor.model import BatchInput, LlamaModel, SeqChunk
+from twin.executor.model import LlamaModel, SeqChunk
 from twin.executor.prefix_blocks import block_tables
 from twin.executor.run_meta import run_meta
 from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
@@ -335,9 +335,9 @@ class _Engine:
                 f"counts {step.plan.kv_blocks}")
         if chunks:
             t = time.perf_counter()   # forward_s: the batch's tensors + the model (model.step)
-            batch = BatchInput.build(chunks, self.kv.block_size, self.model.device)
-            step.t_inputs = time.perf_counter() - t
-            step.logits = self.model.forward(batch, self.kv, self.slots)
+            timing: dict = {}
+            step.logits = self.model.step(chunks, self.kv, self.slots, timing=timing)
+            step.t_inputs = timing.get("inputs_s", 0.0)
             self.sync()
             step.t_fwd = time.perf_counter() - t
 

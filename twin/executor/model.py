@@ -12,6 +12,7 @@ Weights are read from an HF directory (``config.json`` + safetensors) with safet
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -309,10 +310,15 @@ class LlamaModel:
         return LoRASlots(self.shape, max_loras, max_lora_rank, dtype=self.dtype, device=self.device)
 
     # -- forward ------------------------------------------------------------------------------
-    def step(self, seqs: Sequence[SeqChunk], kv_cache: KVCache, lora=None) -> torch.Tensor:
+    def step(self, seqs: Sequence[SeqChunk], kv_cache: KVCache, lora=None,
+             timing: dict | None = None) -> torch.Tensor:
         """One engine step: logits [len(seqs), vocab] of each sequence's last new token,
-        in the order of ``seqs``. Writes the new tokens' K/V into ``kv_cache``."""
+        in the order of ``seqs``. Writes the new tokens' K/V into ``kv_cache``.
+        ``timing``: gets ``inputs_s``, the seconds spent building the batch's tensors."""
+        t = time.perf_counter()
         batch = BatchInput.build(seqs, kv_cache.block_size, self.device)
+        if timing is not None:
+            timing["inputs_s"] = time.perf_counter() - t
         return self.forward(batch, kv_cache, lora)
 
     @torch.inference_mode()
