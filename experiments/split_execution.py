@@ -7,7 +7,8 @@ executor and PEFT, and the twin's ``split`` policy against the executor's split 
    PEFT itself, run through ``twin.executor.peft_methods`` (``load_peft`` +
    ``reference_forward``) and compared with ``PeftModel`` on the HF model: the kinds whose
    logits agree within 1e-4.
-3. **Calibration**: two runs of the split mode (1 and 2 clients) on their own workloads;
+3. **Calibration**: two runs of the split mode (1 and 2 clients) on their own workloads
+   (``twin.calibrate.split_design``, as ``twin calibrate --executor --policy split``);
    ``twin.calibrate.split_fit`` fits the base's per-op batch cost, the link and the
    clients' local cost by regression, then the base's time per request handled by
    simulating the 2-client run (``fit_base_overhead``).
@@ -45,13 +46,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pandas as pd
 
-from twin.calibrate.split_fit import fit_base_overhead, fit_split_costs, save_split_costs
-from twin.config import ServingConfig
-from twin.costs.profile import load_profile
-from twin.policies import get_policy
+from twin.calibrate.split_design import (CALIBRATION, CONFIG, figures, fit_calibration,
+                                         twin_split, workload)
+from twin.calibrate.split_fit import save_split_costs
 from twin.results import smape
 from twin.workload.catalog import AdapterCatalog
 
@@ -59,11 +58,9 @@ HERE = Path(__file__).resolve().parent
 LOCK = Path("/work/timing.lock")
 TINY = dict(seed=0, initializer_range=0.2, tie_word_embeddings=False,
             max_position_embeddings=512)
-CONFIG = ServingConfig(enable_lora=True, max_loras=4, max_lora_rank=16, max_model_len=256)
 PEFT_ATOL = 1e-4
-#: name, clients, requests, rate (req/s), prompt range, output range, base-model share, seed
-CALIBRATION = [("cal-1client", 1, 40, 6.0, (8, 96), (8, 48), 0.2, 11),
-               ("cal-2clients", 2, 48, 8.0, (8, 96), (8, 48), 0.2, 12)]
+#: as CALIBRATION (twin.calibrate.split_design): name, clients, requests, rate (req/s),
+#: prompt range, output range, base-model share, seed
 WORKLOADS = [("light-1client", 1, 30, 3.0, (8, 64), (8, 32), 0.2, 21),
              ("busy-2clients", 2, 60, 10.0, (8, 64), (8, 40), 0.1, 22),
              ("long-prompts-2clients", 2, 30, 4.0, (96, 200), (8, 24), 0.2, 23),
@@ -92,17 +89,6 @@ def timing_lock():
         finally:
             _HELD[0] -= 1
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def workload(cat: AdapterCatalog, name, clients, n, rate, prompt, output, base, seed):
-    """Poisson arrivals; adapters in turn (a ``base`` share of base-model requests)."""
-    rng = np.random.default_rng(seed)
-    names = cat.adapters
-    ad = [None if rng.random() < base else names[i % len(names)] for i in range(n)]
-    return pd.DataFrame({
-        "request_id": np.arange(n), "arrival_s": np.cumsum(rng.exponential(1 / rate, n)),
-        "adapter": pd.array(ad, dtype="string"),
-        "prompt_tokens": rng.integers(*prompt, n), "output_tokens": rng.integers(*output, n)})
 
 
 def setup(root: Path):
@@ -180,25 +166,6 @@ def peft_methods(root: Path) -> list[str]:
     return ok
 
 
-def twin_split(trace, cat, costs, clients, kv=None, **opts):
-    """The twin's ``split`` run of a workload the executor served (its catalog, so the
-    same adapter -> client assignment; ``kv``: its clients' KV pools). The executor's
-    processes (base, clients, trainer) share this box's two cores with each other and
-    with whatever else runs, so the twin runs the clients' local work on the base's
-    queue (``shared_compute``: one processor), as for clients on the base's own GPU."""
-    pol = get_policy("split", clients=clients, costs=costs, layer_groups=None,
-                     client_kv_tokens=kv, shared_compute=True, **opts)
-    return pol.simulate(trace, CONFIG.replace(policy="split"), load_profile("cpu-tiny"),
-                        cat).result
-
-
-def figures(twin, ex) -> dict:
-    t, e = twin.summary, ex.summary
-    return {"throughput": (t["total_throughput"], e["total_throughput"]),
-            "ttft": (t["ttft_ms"]["mean"], e["ttft_ms"]["mean"]),
-            "itl": (t["itl_ms"]["mean"], e["itl_ms"]["mean"])}
-
-
 def validate(model, cat, costs_for, workloads) -> list[dict]:
     """Twin vs executor per workload; ``costs_for(name)``: the costs to simulate it with."""
     rows = []
@@ -248,23 +215,6 @@ def finetune(model, cat, costs, w) -> dict:
     return got
 
 
-def calibrate(cat, pairs) -> object:
-    """The regression fit on ``pairs`` of (workload, executor result), then the base's
-    per-request time by simulating the several-client ones (``fit_base_overhead``)."""
-    costs = fit_split_costs([ex for _, ex in pairs], load_profile("cpu-tiny").model)
-
-    def score(c) -> float:
-        err = 0.0
-        for w, ex in pairs:
-            if w[1] > 1:
-                tw = twin_split(workload(cat, *w), cat, c, w[1],
-                                ex.summary["kv_cache"]["capacity_tokens"] // w[1])
-                err += sum(float(smape(a, b)) for k, (a, b) in figures(tw, ex).items()
-                           if k != "throughput")
-        return err
-    return fit_base_overhead(costs, score)
-
-
 def medians(rows: list[dict]) -> dict:
     df = pd.DataFrame(rows)
     return {k: float(df[f"{k}_smape_pct"].median()) for k in ("throughput", "ttft", "itl")}
@@ -295,17 +245,17 @@ def main(argv=None) -> int:
         print(f"tokens_identical: {same}", flush=True)
         kinds = peft_methods(root)
         print(f"peft_methods: {kinds}", flush=True)
-        costs = calibrate(cat, list(zip(CALIBRATION, cal)))
+        costs = fit_calibration(cat, list(zip(CALIBRATION, cal)))
         save_split_costs(costs, args.out.with_suffix(".costs.json"))
         print("fitted:", json.dumps(costs.notes, default=float), flush=True)
         rows_cal = validate(model, cat, lambda name: costs, valid)
         # leave one workload out: fitted on the other validation runs, taken minutes apart
         # at most (the box's speed drifts far more between the calibration runs and these)
         exs = {w[0]: run_split(workload(cat, *w), model, cat, w[1], w[0]) for w in valid}
-        loo = {w[0]: calibrate(cat, [(v, exs[v[0]]) for v in valid if v is not w])
+        loo = {w[0]: fit_calibration(cat, [(v, exs[v[0]]) for v in valid if v is not w])
                for w in valid}
         rows = validate(model, cat, loo.get, valid)
-        every = calibrate(cat, [(v, exs[v[0]]) for v in valid])
+        every = fit_calibration(cat, [(v, exs[v[0]]) for v in valid])
         fine = finetune(model, cat, every, WORKLOADS[1])
     m, m_cal = medians(rows), medians(rows_cal)
     out = {

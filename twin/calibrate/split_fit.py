@@ -170,8 +170,26 @@ def load_split_costs(path, shape, layer_groups: int | None = None) -> SplitCosts
         raise TwinInputError(f"cannot read split costs: {exc}", file=str(path)) from None
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         raise TwinInputError(f"expected schema {SCHEMA!r}", file=str(path), field="schema")
-    fit = {k: tuple(v) for k, v in d["base_ops"].items()}
-    link = Link("executor", d["link"]["latency_s"], d["link"]["bytes_per_s"])
-    base = replace(base_costs_from(shape, fit, layer_groups),
-                   per_request=float(d.get("base_per_request_s", 0.0)))
-    return SplitCosts(base, StepTimeModel(base=dict(d["local"])), link, notes=d)
+    bad = (KeyError, TypeError, ValueError, AttributeError)
+    try:
+        fit = {k: tuple(map(float, v)) for k, v in d["base_ops"].items()}
+    except bad as exc:
+        raise _malformed(path, exc) from None
+    missing = [op for op in BASE_OPS if op not in fit]
+    if missing:
+        raise TwinInputError(f"no cost for base op {missing[0]!r}", file=str(path),
+                             field="base_ops")
+    try:
+        link = Link("executor", float(d["link"]["latency_s"]), float(d["link"]["bytes_per_s"]))
+        base = replace(base_costs_from(shape, fit, layer_groups),
+                       per_request=float(d.get("base_per_request_s", 0.0)))
+        local = StepTimeModel(base={k: float(v) for k, v in dict(d["local"]).items()})
+    except bad as exc:
+        raise _malformed(path, exc) from None
+    return SplitCosts(base, local, link, notes=d)
+
+
+def _malformed(path, exc) -> TwinInputError:
+    return TwinInputError(f"malformed split costs ({type(exc).__name__}: {exc}); expected "
+                          "base_ops, link.latency_s, link.bytes_per_s and local as `twin "
+                          "calibrate --executor --policy split` writes them", file=str(path))

@@ -16,12 +16,14 @@ from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
 from twin.calibrate.fewrun import fit_fewrun
 from twin.calibrate.gemm_bench import measure_gemm_table
 from twin.calibrate.hardware import calibrate_from_measurements
+from twin.calibrate.split_design import calibrate_split
+from twin.calibrate.split_fit import save_split_costs
 from twin.calibrate.vllm_fits import fit_client_cap
 from twin.costs.gpus import DERATE
 from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
-from twin.outputs import input_paths, prepare
+from twin.outputs import input_paths, prepare, staged_file
 
 _DESCRIPTION = """\
 Fit a twin Profile (memory, adapter load times, step time) to measurements of real vLLM
@@ -64,6 +66,7 @@ examples:
   twin calibrate --from-vllm-runs results/*.json --bench-config serve.yaml --out my-gpu.json
   twin calibrate --executor --model tiny --out cpu-tiny.json
   twin calibrate --executor --model smollm2 --hardware-with cpu-tiny.json --out cpu.json
+  twin calibrate --executor --policy split --model tiny --out split-tiny.json
                                                          # also writes cpu.hardware.json
 
 With --few-run the step time is not fitted freely but as four multipliers (software overheads,
@@ -77,6 +80,13 @@ With --executor the machine's hardware coefficients (twin.costs.hardware: second
 weights, per FLOP, per layer launch, ...) are fitted on the same steps and written next to
 the profile (OUT.hardware.json); `twin profile --model B --gpu-calibration OUT.hardware.json`
 then derives the profile of another model B on this machine with no run of B.
+
+With --executor --policy split the executor's split mode (one base process, --clients-max
+client processes) serves one workload per client count 1..N (twin.calibrate.split_design;
+~1-2 min per run for tiny on 2 cores, --quick: a quarter of the requests), and the split
+costs (the base's per-op batch cost, the link, the clients' local step cost, the base's
+time per request) are fitted to them and written to OUT (JSON, twin.split-costs/1):
+`twin compare --policies split --split-costs OUT` simulates the split policy with them.
 """
 
 
@@ -133,6 +143,8 @@ def run(args) -> int:
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
     # --out is checked (and locked) before the calibration, not after it
+    if executor and args.policy == "split":
+        return run_split_executor(args)
     with prepare(args.out, "profile", inputs=input_paths(args), file=True):
         if executor:
             return run_executor(args)
@@ -215,9 +227,19 @@ def add_executor_args(parser) -> None:
                    help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model, KV-cache and LoRA dtype of the executor (default float32)")
-    g.add_argument("--policy", choices=("vllm", "slora"), default="vllm",
+    g.add_argument("--policy", choices=("vllm", "slora", "split"), default="vllm",
                    help="the executor's memory layout to calibrate: vllm (LoRA slots, padded "
-                        "rank) or slora (unified pages, exact ranks); default vllm")
+                        "rank) or slora (unified pages, exact ranks); default vllm. split: "
+                        "the split mode (a shared base executor and clients) served on one "
+                        "workload per client count; writes split costs (JSON, "
+                        "twin.split-costs/1) for `twin compare --policies split "
+                        "--split-costs OUT`, not a profile")
+    g.add_argument("--clients-max", type=positive_int, default=2,
+                   help="split: calibrate on 1..N clients, one run each (default 2; 1 "
+                        "cannot fit the base's time per request)")
+    g.add_argument("--quick", action="store_true",
+                   help="split: a quarter of the requests per run, short outputs (tests, "
+                        "a quick look; a noisier fit)")
     g.add_argument("--budget", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="stop launching microbenchmarks after this many seconds")
     g.add_argument("--threads", type=positive_int, default=1,
@@ -242,6 +264,37 @@ def add_executor_args(parser) -> None:
     g.add_argument("--device-memory-gib", type=positive_float, default=None,
                    help=f"device memory for the KV model; on CPU a budget (default "
                         f"{DEFAULT_CPU_MEMORY_GIB:g}), on CUDA the GPU's")
+
+
+def run_split_executor(args) -> int:
+    """``--executor --policy split``: the split costs fitted to the executor's split mode
+    (twin.calibrate.split_design), written atomically to ``--out``."""
+    log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
+    unused = [f for f, v in (("--device", args.device != "cpu"),
+                             ("--dtype", args.dtype != "float32"),
+                             ("--hardware-with", args.hardware_with),
+                             ("--gemm", getattr(args, "gemm", False)),
+                             ("--budget", args.budget is not None),
+                             ("--few-run", args.few_run)) if v]
+    if unused:
+        raise TwinInputError(f"--policy split runs the split mode on CPU in float32 and fits "
+                             f"no profile; drop {', '.join(unused)}", field=unused[0])
+    if Path(args.out).suffix.lower() != ".json":
+        raise TwinInputError("split costs are JSON: give --out NAME.json", file=str(args.out),
+                             field="--out")
+    t0 = time.perf_counter()
+    with staged_file(args.out, "split-costs", inputs=input_paths(args)) as tmp:
+        costs = calibrate_split(args.model, clients_max=args.clients_max, quick=args.quick,
+                                log=log)
+        save_split_costs(costs, tmp)
+    n = costs.notes
+    log(f"link: latency {1e6 * n['link']['latency_s']:.1f} us, "
+        f"{n['link']['bytes_per_s'] / 1e9:.3g} GB/s; base per request "
+        f"{1e3 * n.get('base_per_request_s', 0.0):.3f} ms; local fit relative RMS "
+        f"{100 * n['local_rel_rms']:.1f}% over {n['client_steps']} client steps")
+    log(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s; use it with `twin compare "
+        f"--policies split --split-costs {args.out}`")
+    return 0
 
 
 def run_executor(args) -> int:

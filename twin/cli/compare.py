@@ -7,6 +7,8 @@ from pathlib import Path
 
 from twin.argtypes import positive_float
 from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.calibrate.split_fit import load_split_costs
+from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, prepare, staged_dir
 from twin.policies import POLICY_CLASSES
@@ -77,6 +79,10 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         "the clients: same, gpu, cpu (same)")
     p.add_argument("--finetune-tokens-per-s", type=float, default=0.0,
                    help="split: a fine-tuning job's target tokens/s on the base (0: none)")
+    p.add_argument("--split-costs", type=Path, default=None, metavar="JSON",
+                   help="split: costs fitted by `twin calibrate --executor --policy split` "
+                        "(base, link and client-local costs; replace --link's and the "
+                        "profile's)")
     p.add_argument("--window-s", type=positive_float, default=None,
                    help="measure a fixed window (default: run to completion)")
     p.add_argument("--out", type=Path, default=None,
@@ -109,18 +115,20 @@ def run(args) -> int:
         trace = read_trace(args.trace)
         refuse_empty_window(trace, args.window_s, str(args.trace))
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
+        profile = load_profile(args.profile)
+        costs = _split_costs(args, names, profile, say)
         options = {"k": args.hybrid_k, "dynamic": args.hybrid_dynamic,
                    "admission": args.slora_admission, "slora_admission": args.slora_admission,
                    "min_kv_tokens": args.merged_min_kv_tokens, "clients": args.clients,
                    "link": args.link, "devices": args.client_devices,
-                   "finetune_tokens_per_s": args.finetune_tokens_per_s}
+                   "finetune_tokens_per_s": args.finetune_tokens_per_s, "costs": costs}
 
         def progress(name, run):
             s = run.result.summary
             say(f"  {name}: {s['total_throughput']:.0f} tok/s on {run.gpus} GPU(s)", flush=True)
 
         say(f"comparing {', '.join(names)} on {args.trace} ({len(trace)} requests)", flush=True)
-        cmp = compare(trace, config, args.profile, catalog, policies=names, gpus=args.gpus,
+        cmp = compare(trace, config, profile, catalog, policies=names, gpus=args.gpus,
                       window_s=args.window_s, options=options, trace_source=str(args.trace),
                       on_run=progress)
         say()
@@ -133,3 +141,18 @@ def run(args) -> int:
             write_comparison(cmp, tmp, trace=args.trace, config=config, gpus=args.gpus)
     say(f"\nwrote {out / 'compare.png'}, {out / 'table.csv'}, {out / 'summary.json'}")
     return 0
+
+
+def _split_costs(args, names, profile, say):
+    """The ``--split-costs`` file as costs for ``profile``'s model shape (None without it)."""
+    if args.split_costs is None:
+        return None
+    if "split" not in names:
+        raise TwinInputError("only the split policy takes split costs; add split to "
+                             "--policies or drop --split-costs", field="--split-costs")
+    costs = load_split_costs(args.split_costs, profile.model, None)
+    fitted = costs.notes.get("model")
+    if fitted and fitted != profile.model.name:
+        say(f"note: {args.split_costs} was fitted on {fitted}; the split policy prices "
+            f"{profile.model.name}'s shape with its per-layer costs", flush=True)
+    return costs
