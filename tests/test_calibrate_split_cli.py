@@ -59,20 +59,29 @@ def test_writes_split_costs_that_load(fitted):
     assert not list(fitted.parent.glob(".*.tmp*"))   # written atomically, nothing left
 
 
+def _split_ttft(trace, catalog, out, *extra) -> float:
+    rc = main(["compare", "--trace", str(trace), "--catalog", str(catalog),
+               "--policies", "vllm,split", "--clients", "2", "--max-loras", "4",
+               "--max-lora-rank", "16", "--max-model-len", "256", "--json",
+               "--out", str(out), *map(str, extra)])
+    assert rc == 0
+    table = pd.read_csv(out / "table.csv")
+    return float(table.set_index("policy").loc["split", "ttft_p50_ms"])
+
+
 def test_compare_simulates_split_with_the_costs(fitted, trace_files, tmp_path, capsys):
     trace, catalog = trace_files
-    ttft = {}
-    for name, extra in (("with", ["--split-costs", str(fitted)]), ("without", [])):
-        out = tmp_path / f"cmp-{name}"
-        rc = main(["compare", "--trace", str(trace), "--catalog", str(catalog),
-                   "--policies", "vllm,split", "--clients", "2", "--max-loras", "4",
-                   "--max-lora-rank", "16", "--max-model-len", "256", "--json",
-                   "--out", str(out), *extra])
-        assert rc == 0
-        table = pd.read_csv(out / "table.csv")
-        ttft[name] = float(table.set_index("policy").loc["split", "ttft_p50_ms"])
-    # the fitted costs (a tiny model's pipe carrying the 8B's activations), not the profile's
-    assert ttft["with"] > ttft["without"]
+    # on the profile of the model it was fitted on (cpu-tiny: tiny-llama's shape)
+    tiny = ("--profile", "cpu-tiny")
+    with_costs = _split_ttft(trace, catalog, tmp_path / "a", *tiny, "--split-costs", fitted)
+    without = _split_ttft(trace, catalog, tmp_path / "b", *tiny)
+    assert with_costs != without   # the fitted costs, not the profile's, priced it
+    got = capsys.readouterr()
+    assert "was fitted on" not in got.out + got.err
+    # on another model's profile (the default 8B): its shape at the tiny's per-layer costs,
+    # with a note; the tiny's pipe carrying the 8B's activations is slower than the 8B's
+    big = _split_ttft(trace, catalog, tmp_path / "c", "--split-costs", fitted)
+    assert big > _split_ttft(trace, catalog, tmp_path / "d")
     got = capsys.readouterr()
     assert "fitted on tiny-llama" in got.out + got.err
 

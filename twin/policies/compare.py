@@ -45,7 +45,8 @@ from twin.results import crop_window
 from twin.workload.schema import validate_trace
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
-_LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots")]
+_LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots",
+                                     "lora_active")]
 
 
 @dataclass
@@ -182,7 +183,8 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
                                    sub["adapters"].to_numpy(), sub["steps"].to_numpy()):
             lt = (pre + dec) * share
             f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank,
-                 (slots if slots is not None else ad) if lt else 0]
+                 (slots if slots is not None else ad) if lt else 0, 1.0 if lt else 0.0,
+                 0.0, 0.0]   # lora_active; prefill_seqs, after_idle: not in the step log
             t = st(f)
             for i in _LORA:
                 f[i] = 0
