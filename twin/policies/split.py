@@ -52,6 +52,7 @@ from twin.results import crop_window
 from twin.servers import build_server
 from twin.sim.engine import check_run_inputs, default_catalog
 from twin.sim.split import SplitClient, SplitLoop, TrainJob
+from twin.workload.catalog import LORA
 from twin.workload.schema import validate_trace
 
 SPLIT = "split"
@@ -63,15 +64,14 @@ def peft_kinds(catalog) -> dict:
     ``virtual_tokens`` columns (as ``twin.executor.peft_methods`` writes them); LoRA and 0
     where absent."""
     t = catalog.table
-    kinds = t["kind"].astype(str).str.upper() if "kind" in t else ["LORA"] * len(t)
     virt = t["virtual_tokens"].astype(int) if "virtual_tokens" in t else [0] * len(t)
-    return {a: (k, int(v)) for a, k, v in zip(t["adapter"], kinds, virt)}
+    return {a: (catalog.kind(a), int(v)) for a, v in zip(t["adapter"], virt)}
 
 
 def adapter_bytes(model, kind: tuple, rank: int) -> int:
     """An adapter's weights: LoRA's as every strategy counts them (``adapter_bytes``),
     the other kinds' from ``twin.costs.peft_costs``."""
-    if kind[0] == "LORA":
+    if kind[0] == LORA:
         return model.adapter_bytes(rank)
     return peft_cost(model, kind[0], virtual_tokens=kind[1]).adapter_bytes
 
@@ -183,7 +183,7 @@ class SplitPolicy(Policy):
         m = profile.memory
         dev = self.device(c)
         kinds = peft_kinds(catalog)
-        ad = sum(adapter_bytes(profile.model, kinds.get(a, ("LORA", 0)), int(catalog.rank(a)))
+        ad = sum(adapter_bytes(profile.model, kinds.get(a, (LORA, 0)), int(catalog.rank(a)))
                  for a in dep.servers[c].adapters) / GIB
         act = m.activation_bytes(config.max_num_seqs, config.max_num_batched_tokens) / GIB
         if dev == "same":
@@ -233,7 +233,7 @@ class SplitPolicy(Policy):
         server = build_server(cfg, profile, cat, trace=sub, layout="vllm",
                               num_blocks=mem.kv_tokens // config.block_size, any_peft_kind=True)
         kinds = peft_kinds(cat)
-        ranks = [int(cat.rank(a)) if kinds[a][0] == "LORA" else 0 for a in cat.adapters]
+        ranks = [int(cat.rank(a)) if kinds[a][0] == LORA else 0 for a in cat.adapters]
         server.featurize = ClientFeatures(float(np.mean(ranks)) if ranks else 0.0)
         client = SplitClient(c, sub, cat, server, profile,
                              self.split_costs(profile, self.device(c)), window_s=window_s,

@@ -24,11 +24,8 @@ LORA, IA3, PREFIX_TUNING, PROMPT_TUNING = "LORA", "IA3", "PREFIX_TUNING", "PROMP
 PEFT_KINDS: tuple[str, ...] = (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)
 
 
-def _check_kinds(table: pd.DataFrame, rank, source: str) -> None:
-    """Known ``kind`` values (when the column is there); rank >= 1 for every LoRA adapter."""
-    if "kind" in table.columns:
-        table["kind"] = [str(k).upper() if isinstance(k, str) else k for k in table["kind"]]
-    kinds = table["kind"] if "kind" in table.columns else pd.Series(LORA, index=table.index)
+def _check_kinds(kinds, rank, source: str) -> None:
+    """Known ``kinds`` (PEFT's names); rank >= 1 for every LoRA adapter."""
     for row, (k, r) in enumerate(zip(kinds, rank)):
         if k not in PEFT_KINDS:
             raise TwinInputError(f"unknown adapter kind {k!r}; expected one of {PEFT_KINDS}",
@@ -49,7 +46,10 @@ class AdapterCatalog:
             if pd.isna(a) or not str(a).strip():
                 raise TwinInputError("adapter id is empty", file=source, row=row, field="adapter")
         rank = exact_ints(table["rank"], source, "rank", 0, MAX_RANK)
-        _check_kinds(table, rank, source)
+        if "kind" in table.columns:     # PEFT writes its names in capitals; accept any case
+            table["kind"] = [k.upper() if isinstance(k, str) else k for k in table["kind"]]
+        _check_kinds(table["kind"] if "kind" in table.columns else [LORA] * len(table), rank,
+                     source)
         dup = table["adapter"].duplicated()
         if dup.any():
             row = int(dup.to_numpy().nonzero()[0][0])
