@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.calibrate.executor_fit import fit_nnls
 from twin.costs.split_costs import (OPS, BaseCosts, Link, SplitCosts, stages)
 from twin.costs.step_time import StepTimeModel
 from twin.errors import TwinInputError
@@ -39,9 +40,9 @@ LOCAL_TERMS = ("const", "prefill_tokens", "decode_tokens", "decode_context", "af
 
 
 def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from scipy.optimize import nnls   # lazy: scipy.optimize takes ~0.5 s to import
-
-    return nnls(X, y)[0]
+    """Non-negative least squares in seconds (the executor fit's solver, unweighted)."""
+    coef, _ = fit_nnls(X, y, range(X.shape[1]), relative=False)
+    return np.array([coef[j] for j in range(X.shape[1])])
 
 
 def fit_base(batches: pd.DataFrame) -> dict:
