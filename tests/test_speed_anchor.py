@@ -22,9 +22,6 @@ from twin.policies.deployment import scaled_profile  # noqa: E402
 from twin.validate import validate  # noqa: E402
 from twin.validate.anchor import SpeedAnchor  # noqa: E402
 
-# the module's profile: the tiny model calibrated on 3 cells (start, middle, end anchors)
-from test_validate import profile  # noqa: E402, F401
-
 CFG = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=16, max_num_seqs=16,
                     max_num_batched_tokens=64)
 
@@ -55,30 +52,30 @@ def test_benchmark_times_every_shape():
     assert all(v > 0 for v in a["per_shape_s"].values())
 
 
-def test_calibration_records_anchor_start_middle_end_and_reuses_it(profile, tmp_path):
-    prov = load_profile(profile).provenance
+def test_calibration_records_anchor_start_middle_end_and_reuses_it(tiny_profile, tmp_path):
+    prov = load_profile(tiny_profile).provenance
     assert prov["speed_anchor_samples"] == 3   # start, middle, end of the cells
     assert prov["speed_anchor_s"] > 0 and prov["speed_anchor_spread"] >= 0
     assert prov["speed_anchor_version"] == speed_anchor.ANCHOR_VERSION
     assert prov["speed_anchor_model"] == str(resolve_model("tiny"))
     # a re-run reuses every measurement, the anchor samples included
-    again, info = calibrate_executor("tiny", out=profile, max_cells=3, repeats=1,
+    again, info = calibrate_executor("tiny", out=tiny_profile, max_cells=3, repeats=1,
                                      progress=False, log=lambda *a, **k: None)
     assert info["new"] == 0
     assert again.provenance["speed_anchor_s"] == prov["speed_anchor_s"]
 
 
-def test_scaled_profile_scales_step_times_exactly(profile):
-    prof = load_profile(profile)
+def test_scaled_profile_scales_step_times_exactly(tiny_profile):
+    prof = load_profile(tiny_profile)
     f = (1.0, 48, 3, 200, 1200, 16 * 8, 1, 16, 1, 1, 1, 0.0)
     assert scaled_profile(prof, 1.3).step_time(f) == pytest.approx(1.3 * prof.step_time(f),
                                                                    rel=1e-12)
 
 
-def test_anchor_ratio_is_applied_exactly(profile, monkeypatch):
-    prof = load_profile(profile)
+def test_anchor_ratio_is_applied_exactly(tiny_profile, monkeypatch):
+    prof = load_profile(tiny_profile)
     fake_anchor(monkeypatch, 1.3 * prof.provenance["speed_anchor_s"])
-    v = validate(spaced(adapters=False), CFG.replace(enable_lora=False), profile, "tiny",
+    v = validate(spaced(adapters=False), CFG.replace(enable_lora=False), tiny_profile, "tiny",
                  plot=False)
     a = v.anchor_info
     assert a["applied"] and a["ratio"] == pytest.approx(1.3)
@@ -92,10 +89,10 @@ def test_anchor_ratio_is_applied_exactly(profile, monkeypatch):
     assert v.smape_raw("itl_mean") != v.smape("itl_mean")
 
 
-def test_slower_anchor_gives_longer_twin_latencies_and_is_logged(profile, monkeypatch):
-    cal = load_profile(profile).provenance["speed_anchor_s"]
+def test_slower_anchor_gives_longer_twin_latencies_and_is_logged(tiny_profile, monkeypatch):
+    cal = load_profile(tiny_profile).provenance["speed_anchor_s"]
     fake_anchor(monkeypatch, 1.5 * cal)
-    v = validate(spaced(), CFG, profile, "tiny", plot=False, repeats=2)
+    v = validate(spaced(), CFG, tiny_profile, "tiny", plot=False, repeats=2)
     assert v.anchor_info["ratio"] == pytest.approx(1.5)
     assert len(v.anchor_info["samples_s"]) == 4   # before and after each of 2 runs
     assert v.twin.summary["ttft_ms"]["mean"] > v.twin_raw.summary["ttft_ms"]["mean"]
@@ -105,8 +102,8 @@ def test_slower_anchor_gives_longer_twin_latencies_and_is_logged(profile, monkey
     assert "twin raw" in v.format()
 
 
-def test_profile_without_anchor_validates_unscaled(profile, monkeypatch, tmp_path):
-    prof = load_profile(profile)
+def test_profile_without_anchor_validates_unscaled(tiny_profile, monkeypatch, tmp_path):
+    prof = load_profile(tiny_profile)
     old = dataclasses.replace(prof, provenance={k: v for k, v in prof.provenance.items()
                                                 if not k.startswith("speed_anchor")})
     calls = []
@@ -120,8 +117,8 @@ def test_profile_without_anchor_validates_unscaled(profile, monkeypatch, tmp_pat
     assert v.executor.meta["speed_anchor_s"] == {"before": None, "after": None}
 
 
-def test_anchor_off_on_cuda_by_default_and_for_foreign_profiles(profile):
-    prof = load_profile(profile)
+def test_anchor_off_on_cuda_by_default_and_for_foreign_profiles(tiny_profile):
+    prof = load_profile(tiny_profile)
     assert not SpeedAnchor.for_profile(prof, None, None, enabled=None, device="cuda",
                                        threads=1).on
     assert not SpeedAnchor.for_profile(prof, None, None, enabled=False, device="cpu",
@@ -135,11 +132,11 @@ def test_anchor_off_on_cuda_by_default_and_for_foreign_profiles(profile):
     assert not a.on and "not on this machine" in a.reason
 
 
-def test_cli_no_speed_anchor(profile, tmp_path, capsys, monkeypatch):
-    fake_anchor(monkeypatch, 2.0 * load_profile(profile).provenance["speed_anchor_s"])
+def test_cli_no_speed_anchor(tiny_profile, tmp_path, capsys, monkeypatch):
+    fake_anchor(monkeypatch, 2.0 * load_profile(tiny_profile).provenance["speed_anchor_s"])
     trace = tmp_path / "t.csv"
     spaced(4).to_csv(trace, index=False)
-    args = ["validate", "--trace", str(trace), "--profile", str(profile), "--model",
+    args = ["validate", "--trace", str(trace), "--profile", str(tiny_profile), "--model",
             "tiny", "--max-loras", "1", "--max-cpu-loras", "2", "--max-num-batched-tokens",
             "64", "--no-progress"]
     assert main(args) == 0
