@@ -12,7 +12,10 @@ models, the H100 prior with no run of the model, and few-run calibration.
    machine right after the calibration (``twin.costs.gemm``, one fitted multiplier); the
    same executor runs are also compared with the flat-FLOP-rate fit (``flat_*`` keys, the
    model before the table; ``--no-gemm`` drops the table), and every executor step is
-   priced by both (predicted / measured by workload, model and token count).
+   priced by both (predicted / measured by workload, model and token count). The speed
+   anchor (``twin.validate.anchor``): SmolLM2-135M's calibration records it, the derived
+   profiles carry it, and each validation prices the twin at the box's speed during its run
+   (anchor sampled on SmolLM2-135M); the raw twin's figures are the ``*_raw`` keys.
 2. **H100 prior** — datasheet hardware coefficients (``gpu_prior``) x Llama-3.1-8B's counts,
    no run of the model, on the held-out ``ml_modelling_test`` runs.
 3. **Few-run calibration** — the prior + k ``digital_twin_modelling`` runs
@@ -130,6 +133,9 @@ def part_cpu(args, log=print) -> dict:
             f"{100 * e.residuals_['rel_abs_median']:.1f}%; coefficients "
             + ", ".join(f"{k}={v:.3g}" for k, v in e.coef_.items() if v))
     base = load_profile(cal[0])
+    # the speed anchor goes with the derived profiles: validation measures it on the
+    # calibration model (twin.validate.anchor) and prices the twin at the box's speed then
+    anchor = {k: v for k, v in base.provenance.items() if k.startswith("speed_anchor")}
     rows = []
     # the calibration model itself is the drift control: on a shared box its own error
     # measures how far the machine moved since the calibration; per workload it runs right
@@ -138,7 +144,8 @@ def part_cpu(args, log=print) -> dict:
     for mname in ["SmolLM2-135M", *TARGETS]:
         cfg, source = load_config(models[mname])
         shape = model_shape(cfg, source, name=mname, dtype_bytes=4)
-        pair = [derive_profile(base, shape, e.coef_, name=f"cpu-{mname}-{tag}", gemm=g)
+        pair = [derive_profile(base, shape, e.coef_, name=f"cpu-{mname}-{tag}", gemm=g,
+                               provenance=anchor)
                 for e, tag, g in ((est, "derived", gemm), (flat, "flat", None))]
         for prof in pair:
             # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough
@@ -159,7 +166,9 @@ def part_cpu(args, log=print) -> dict:
             log(f"[cpu] {mname:14s} {wname:14s} throughput {r['throughput']:5.1f}%  TTFT "
                 f"{r['ttft']:5.1f}%  ITL {r['itl']:5.1f}%  (ITL executor {r['executor_itl_mean']:.0f} "
                 f"ms, twin {r['twin_itl_mean']:.0f} ms; flat rate: {r['flat_throughput']:.1f}% "
-                f"/ {r['flat_ttft']:.1f}% / {r['flat_itl']:.1f}%)  [{r['wall_s']} s]")
+                f"/ {r['flat_ttft']:.1f}% / {r['flat_itl']:.1f}%; raw, no anchor: "
+                f"{r['throughput_raw']:.1f}% / {r['ttft_raw']:.1f}% / {r['itl_raw']:.1f}%, "
+                f"anchor ratio {r['anchor_ratio'] or float('nan'):.3f})  [{r['wall_s']} s]")
     step_check = _step_check(steps)
     for line in step_check["lines"]:
         log("[cpu] steps " + line)
@@ -172,6 +181,10 @@ def part_cpu(args, log=print) -> dict:
            "transfer_throughput_smape_max": float(np.max([r["throughput"] for r in never])),
            "transfer_ttft_smape_median": float(np.median([r["ttft"] for r in never])),
            "transfer_itl_smape_median": float(np.median([r["itl"] for r in never])),
+           **{f"transfer_{k}_smape_median_raw": float(np.median([r[f"{k}_raw"] for r in never]))
+              for k in ("throughput", "ttft", "itl")},
+           "transfer_throughput_smape_max_raw": float(np.max([r["throughput_raw"] for r in never])),
+           "anchor_ratios": [r["anchor_ratio"] for r in rows],
            "in_sample_throughput_smape_median": float(np.median([r["throughput"] for r in rows
                                                                  if not r["never_run"]])),
            **{f"flat_transfer_{k}_smape_median": float(np.median([r[f"flat_{k}"] for r in never]))
@@ -196,10 +209,12 @@ def part_cpu(args, log=print) -> dict:
 def _errors(v) -> dict:
     """SMAPEs (%) and both sides' values of one validation."""
     t = v.table.set_index("key")
-    return {"throughput": 100 * v.smape("throughput"), "ttft": 100 * v.smape("ttft_mean"),
-            "itl": 100 * v.smape("itl_mean"),
-            **{f"{side}_{k}": float(t.loc[k, side]) for side in ("executor", "twin")
-               for k in ("throughput", "ttft_mean", "itl_mean")}}
+    keys = (("throughput", "throughput"), ("ttft", "ttft_mean"), ("itl", "itl_mean"))
+    return {**{short: 100 * v.smape(k) for short, k in keys},
+            **{f"{short}_raw": 100 * v.smape_raw(k) for short, k in keys},   # no anchor
+            "anchor_ratio": v.anchor_info.get("ratio"),
+            **{f"{side}_{k}": float(t.loc[k, side]) for side in ("executor", "twin", "twin_raw")
+               for _, k in keys}}
 
 
 TOKEN_BINS = (0, 2, 8, 64, 10 ** 9)
@@ -363,6 +378,8 @@ def main(argv=None) -> int:
     if args.part in ("cpu", "all"):
         r = part_cpu(args)
         summary.update({k: round(v, 2) for k, v in r.items() if k.startswith("transfer_")})
+        summary["anchor_ratios"] = [None if x is None else round(x, 3)
+                                    for x in r["anchor_ratios"]]
     if args.part in ("h100", "all"):
         r = part_h100(args)
         summary.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()

@@ -23,7 +23,10 @@ SMAPEs as indicative. The profile was calibrated with caching off (no cached-pre
     python experiments/prefix_caching.py --control  # and each workload with caching off
 
 Last line: one JSON object (hit_rate_abs_diff_max_pts, throughput_smape_median/max,
-ttft_smape_median, itl_smape_median, mooncake_hour_wall_s, workloads).
+ttft_smape_median, itl_smape_median, mooncake_hour_wall_s, workloads), the timing figures
+for the twin priced at the speed anchor's ratio (``twin.validate.anchor``; needs a profile
+calibrated with the anchor, ``--profile``) with the raw twin's beside them (``*_raw``) and
+the anchor ratios seen (``anchor_ratio``: [min, max], None for a profile without anchor).
 """
 
 from __future__ import annotations
@@ -115,31 +118,43 @@ def main(argv=None) -> int:
                      out=args.out / name)
         e, t = v.executor.summary, v.twin.summary
         smape = dict(zip(v.table["key"], v.table["smape"]))
+        raw = dict(zip(v.table["key"], v.table["smape_raw"]))
         rows.append({"workload": name, "requests": len(trace),
                      "hit_rate_executor": e["prefix_cache_hit_rate"],
                      "hit_rate_twin": t["prefix_cache_hit_rate"],
                      "hit_rate_abs_diff_pts": 100 * abs(e["prefix_cache_hit_rate"]
                                                         - t["prefix_cache_hit_rate"]),
                      "throughput_smape": smape["throughput"], "ttft_smape": smape["ttft_mean"],
-                     "itl_smape": smape["itl_mean"], "preemptions": e["preemptions"]})
+                     "itl_smape": smape["itl_mean"], "preemptions": e["preemptions"],
+                     "throughput_smape_raw": raw["throughput"],
+                     "ttft_smape_raw": raw["ttft_mean"], "itl_smape_raw": raw["itl_mean"],
+                     "anchor_ratio": v.anchor_info.get("ratio")})
         if args.control:
             off = validate(trace, CFG.replace(enable_prefix_caching=False), args.profile,
                            "tiny", threads=1, trace_source=name, plot=False)
-            off = dict(zip(off.table["key"], off.table["smape"]))
-            rows[-1].update({f"{k}_smape_off": off[k]
-                             for k in ("throughput", "ttft_mean", "itl_mean")})
+            ratio = off.anchor_info.get("ratio")
+            off = off.table.set_index("key")
+            rows[-1].update({f"{k}_smape_off{sfx}": off.loc[k, col]
+                             for k in ("throughput", "ttft_mean", "itl_mean")
+                             for sfx, col in (("", "smape"), ("_raw", "smape_raw"))})
+            rows[-1]["anchor_ratio_off"] = ratio
         print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format="%.3f"), flush=True)
     d = pd.DataFrame(rows)
     print(d.to_string(index=False, float_format="%.3f"))
     wall = None if args.quick else hour_wall_s()
     print("targets: hit rate diff <= 2 pts; throughput SMAPE median/max <= 3%/8%; TTFT/ITL "
           "SMAPE median <= 15%/10% (timings on a shared 2-core box are noisy)")
-    print(json.dumps({
+    pct = lambda col, f="median": round(100 * float(getattr(d[col], f)()), 2)   # noqa: E731
+    ratios = d.filter(like="anchor_ratio").stack().dropna().astype(float)
+    print(json.dumps({   # the anchored twin's figures; *_raw: priced as calibrated
         "hit_rate_abs_diff_max_pts": round(float(d["hit_rate_abs_diff_pts"].max()), 3),
-        "throughput_smape_median": round(100 * float(d["throughput_smape"].median()), 2),
-        "throughput_smape_max": round(100 * float(d["throughput_smape"].max()), 2),
-        "ttft_smape_median": round(100 * float(d["ttft_smape"].median()), 2),
-        "itl_smape_median": round(100 * float(d["itl_smape"].median()), 2),
+        **{f"{k}{sfx}": pct(f"{col}{sfx}", f) for sfx in ("", "_raw")
+           for k, col, f in (("throughput_smape_median", "throughput_smape", "median"),
+                             ("throughput_smape_max", "throughput_smape", "max"),
+                             ("ttft_smape_median", "ttft_smape", "median"),
+                             ("itl_smape_median", "itl_smape", "median"))},
+        "anchor_ratio": ([round(float(ratios.min()), 3), round(float(ratios.max()), 3)]
+                         if len(ratios) else None),
         "mooncake_hour_wall_s": wall, "quick": args.quick,
         "workloads": {r["workload"]: {k: (round(v, 4) if isinstance(v, float) else v)
                                       for k, v in r.items() if k != "workload"}

@@ -28,6 +28,12 @@ the profile is fitted on all of them before the twin runs (the box's speed drift
 executor's own noise: its spread between runs (median pairwise SMAPE) beside the twin's
 error, per workload and for the two noise workloads.
 
+Speed anchor (``twin.validate.anchor``): calibration records a short benchmark of the
+executor's hot path at the start, middle and end of every round, validation before and
+after every executor run; the twin compared is priced at the ratio (during the runs /
+during calibration). The raw twin's figures (priced as calibrated) are reported beside,
+as ``*_raw`` keys, and the ratios seen as ``anchor_ratio``.
+
     .venv/bin/python experiments/validate_executor.py            # ~18 min on 2 cores
     .venv/bin/python experiments/validate_executor.py --shipped  # shipped profiles
     .venv/bin/python experiments/validate_executor.py --quick    # 3 tiny workloads
@@ -230,6 +236,22 @@ def fidelity_figures(d: pd.DataFrame) -> dict:
             "worst_error_over_spread_workload": str(d["workload"].iloc[int(np.argmax(ratio))])}
 
 
+def raw_figures(d: pd.DataFrame) -> dict:
+    """The headline figures of the raw twin (priced as calibrated, no speed anchor) as
+    ``*_raw`` keys beside the anchored ones, and the anchor ratios seen (run / calibration)."""
+    raw = d.assign(**{short: d[f"{short}_raw"] for _, short in COLS})
+    figs = {"throughput_smape_median": round(float(raw["thru"].median()), 2),
+            "throughput_smape_max": round(float(raw["thru"].max()), 2),
+            "ttft_smape_median": round(float(raw["TTFT"].median()), 2),
+            "itl_smape_median": round(float(raw["ITL"].median()), 2),
+            **fidelity_figures(raw)}
+    ratios = d["anchor_ratio"].dropna().astype(float)
+    return {**{f"{k}_raw": v for k, v in figs.items()},
+            "anchor_ratio": ({"median": round(float(ratios.median()), 3),
+                              "min": round(float(ratios.min()), 3),
+                              "max": round(float(ratios.max()), 3)} if len(ratios) else None)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 tiny workloads, 3 noise repeats")
@@ -338,8 +360,10 @@ def main(argv=None) -> int:
                "runs": len(v.executor_summaries),
                "thru_exec": s.loc["throughput", "executor"],
                "thru_twin": s.loc["throughput", "twin"]}
-        for key, short in COLS:
+        for key, short in COLS:   # the twin priced at the speed anchor's ratio, and raw
             row[short] = 100 * s.loc[key, "smape"]
+            row[f"{short}_raw"] = 100 * s.loc[key, "smape_raw"]
+        row["anchor_ratio"] = v.anchor_info.get("ratio")
         spread = v.spread
         for key, short in COLS:
             row[f"{short}_spread"] = 100 * spread[key]
@@ -359,7 +383,9 @@ def main(argv=None) -> int:
               f"loads {row['loads_exec']}/{row['loads_twin']}, preemptions "
               f"{row['preempt_exec']}/{row['preempt_twin']}, executor spread over "
               f"{row['runs']} runs: TTFT {row['TTFT_spread']:.1f}%, ITL "
-              f"{row['ITL_spread']:.1f}%, slow steps {row['slow_pct']:.0f}%", flush=True)
+              f"{row['ITL_spread']:.1f}%, slow steps {row['slow_pct']:.0f}%; raw (no anchor): "
+              f"{row['thru_raw']:.1f}% / {row['TTFT_raw']:.1f}% / {row['ITL_raw']:.1f}%, "
+              f"anchor ratio {row['anchor_ratio'] or float('nan'):.3f}", flush=True)
     df = pd.DataFrame(rows)
     noise = {n: vals[n] for n in noise_names}
 
@@ -382,7 +408,7 @@ def main(argv=None) -> int:
             "throughput_smape_max": round(float(d["thru"].max()), 2),
             "ttft_smape_median": round(float(d["TTFT"].median()), 2),
             "itl_smape_median": round(float(d["ITL"].median()), 2), "workloads": len(d),
-            **fidelity_figures(d)}
+            **fidelity_figures(d), **raw_figures(d)}
     # issue 15: a twin error above twice the executor's own spread (floor 5%) is a finding
     for r in df.itertuples():
         for short in ("TTFT", "ITL"):
@@ -417,6 +443,7 @@ def main(argv=None) -> int:
         "ttft_smape_median": round(float(vl["TTFT"].median()), 2),
         "itl_smape_median": round(float(vl["ITL"].median()), 2),
         **fidelity_figures(vl),
+        **raw_figures(vl),
         "executor_spread_pct": round(100 * max(v.spread["throughput"] for v in noise.values()), 2),
         "executor_spread_ttft_pct": {k: round(100 * v.spread["ttft_mean"], 2) for k, v in noise.items()},
         "executor_spread_itl_pct": {k: round(100 * v.spread["itl_mean"], 2) for k, v in noise.items()},

@@ -18,6 +18,18 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    """The tiny model calibrated on the executor's first 3 cells, one repeat: a real profile
+    of this machine in seconds (with its speed anchor: start, middle and end samples)."""
+    from twin.calibrate.executor import calibrate_executor
+
+    out = tmp_path_factory.mktemp("vp") / "cpu-tiny-test.json"
+    calibrate_executor("tiny", out=out, max_cells=3, repeats=1, progress=False,
+                       log=lambda *a, **k: None)
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def twin_cache_dir(tmp_path_factory):
     """The twin cache (``$TWIN_CACHE_DIR``: tiny model, synthetic adapters, converted

@@ -11,17 +11,13 @@ pytest.importorskip("transformers")
 
 from twin.cli import main  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
-from twin.calibrate.executor import calibrate_executor  # noqa: E402
 from twin.validate import (compare, format_table, median_summary, run_spread,  # noqa: E402
                            smape, validate)
 
 
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vp") / "cpu-tiny-test.json"
-    calibrate_executor("tiny", out=out, max_cells=3, repeats=1, progress=False,
-                       log=lambda *a, **k: None)
-    return out
+def profile(tiny_profile):
+    return tiny_profile
 
 
 def spaced_trace(n=12, gap=0.15):
@@ -107,10 +103,11 @@ def test_validate_repeats_the_executor(profile):
         d = abs(row.executor) + abs(row.twin)
         assert row.smape == pytest.approx(2 * abs(row.executor - row.twin) / d if d else 0.0,
                                           nan_ok=True), key
-    # a spaced trace of requests served alone: the twin's calibrated profile prices the
-    # executor's TTFT within a factor of ~3 (this box's hiccups); a unit slip (ms vs s)
+    # a spaced trace of requests served alone: the twin's calibrated profile (raw: not
+    # scaled by the speed anchor, whose samples on a loaded box vary several-fold) prices
+    # the executor's TTFT within a factor of ~3 (this box's hiccups); a unit slip (ms vs s)
     # or a lost step cost would give ~2
-    assert v.smape("ttft_mean") < 1.0
+    assert v.smape_raw("ttft_mean") < 1.0
     # the twin again with a profile twice as slow: its latencies double, the KV stays
     import dataclasses
 

@@ -138,9 +138,9 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                 "torch": torch.__version__, "threads": n_threads,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "design": scale, "repeats": repeats,
-                "repeats_interleaved": True,
-                # where it was measured: simulate / validate warn on another machine
-                **machine_record(dev, hardware["name"] if dev.type == "cuda" else None)}
+                "repeats_interleaved": True,   # where: simulate / validate warn elsewhere
+                **machine_record(dev, hardware["name"] if dev.type == "cuda" else None),
+                **_anchor_provenance(df, model_dir)}   # the box's speed while measuring
         prov.update(_fit_provenance(fit, cache, measured, loads, cells_designed=len(cells),
                                     skipped=skipped, budget_s=budget_s, statistic=statistic))
         prov["calibration_s"] = round(time.perf_counter() - t0, 1)
@@ -229,6 +229,19 @@ def _fit_provenance(fit: ExecutorFit, cache: MeasurementCache, measured, loads, 
         "step_time_repeat_spread_median": float(steps["spread"].median()),
         "step_time_sum_error_per_cell": fit.sum_error_per_cell,
         "load_time_residuals": fit.load_residuals}
+
+
+def _anchor_provenance(df, model_dir: Path) -> dict:
+    """The box's speed during the calibration (``twin.executor.speed_anchor``): the median
+    of the anchor samples interleaved with the cells (start, middle, end of every session
+    that measured), their spread, and the model they ran on. Empty for a measurements log
+    of a version without anchors (``twin validate`` then prices the twin unscaled)."""
+    a = df[df["kind"] == "anchor"]["anchor_s"].dropna() if "anchor_s" in df else []
+    if not len(a):
+        return {}
+    from twin.executor.speed_anchor import anchor_summary   # lazy: needs torch
+
+    return {**anchor_summary(a), "speed_anchor_model": str(model_dir)}
 
 
 def memory_model(model, device_memory_gib: float) -> MemoryModel:

@@ -21,8 +21,8 @@ import pandas as pd
 from twin.calibrate.executor_design import Cell
 from twin.costs.step_time import FEATURES
 
-__all__ = ["LOAD_RANKS", "MeasurementCache", "ensure_adapters", "measure_cell",
-           "measure_cells", "measure_loads"]
+__all__ = ["LOAD_RANKS", "MeasurementCache", "ensure_adapters", "measure_anchor",
+           "measure_cell", "measure_cells", "measure_loads"]
 
 LOAD_RANKS = (8, 16, 32, 64)
 
@@ -157,12 +157,25 @@ def ensure_adapters(model_dir: Path, adapters_dir: Path) -> None:
 
 
 
+def measure_anchor(model, repeat: int, position: str) -> pd.DataFrame:
+    """One speed-anchor sample (``twin.executor.speed_anchor``) as a measurements row (kind
+    ``anchor``): the box's speed while the cells around it were measured."""
+    from twin.executor.speed_anchor import measure_speed_anchor   # lazy: needs torch
+
+    a = measure_speed_anchor(model)
+    return pd.DataFrame([{"kind": "anchor", "key": f"anchor-{position}", "repeat": repeat,
+                          "anchor_s": a["anchor_s"], "anchor_rounds": a["rounds"],
+                          "anchor_time": time.time()}])
+
+
 def measure_cells(todo, cache: MeasurementCache, model, adapters_dir: Path,
                   max_model_len: int, policy: str, *, budget_s: float | None, t0: float,
-                  progress: bool) -> int:
+                  progress: bool, anchor: bool = True) -> int:
     """Serve each (repeat, cell) of ``todo`` into ``cache`` until ``budget_s`` seconds since
     ``t0`` would be exceeded by one more run (the median run so far; at least one cell is
-    measured); returns how many runs the budget skipped."""
+    measured); returns how many runs the budget skipped. With ``anchor``, a speed-anchor
+    sample is taken before the first run, after the middle one and after the last."""
+    marks = {len(todo) // 2: "middle", 0: "start"} if anchor and todo else {}
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm   # lazy: tqdm is optional, loaded only for a progress bar
@@ -170,7 +183,9 @@ def measure_cells(todo, cache: MeasurementCache, model, adapters_dir: Path,
         bar = tqdm(total=len(todo), unit="run", desc="calibrating")
     skipped = 0
     run_times = []
-    for r, c in todo:
+    for i, (r, c) in enumerate(todo):
+        if i in marks:
+            cache.add(measure_anchor(model, r, marks[i]))
         elapsed = time.perf_counter() - t0
         est = statistics.median(run_times) if run_times else 0.0
         have = len(cache.df) and bool((cache.df["kind"] == "step").any())
@@ -182,6 +197,8 @@ def measure_cells(todo, cache: MeasurementCache, model, adapters_dir: Path,
         run_times.append(time.perf_counter() - t)
         if bar is not None:
             bar.update(1)
+    if marks:
+        cache.add(measure_anchor(model, todo[-1][0], "end"))
     if bar is not None:
         bar.close()
     return skipped

@@ -319,6 +319,10 @@ def run_executor(args) -> int:
         f"host->device {1e3 * lt.host_to_gpu_s:.2f} ms + {lt.host_to_gpu_s_per_byte * 1e9:.3f} s/GB")
     log(f"measurements: {info['new']} new, {info['reused']} reused"
         + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
+    if prof.provenance.get("speed_anchor_s"):   # what twin validate prices the box's speed by
+        p = prof.provenance
+        log(f"speed anchor: {1e3 * p['speed_anchor_s']:.2f} ms (median of "
+            f"{p['speed_anchor_samples']} samples, spread {100 * p['speed_anchor_spread']:.0f}%)")
     log(f"wrote {args.out} in {info['seconds']:.0f} s")
     # the same steps in hardware terms: what carries over to another model on this machine
     fitted_on = [Path(args.out), *args.hardware_with]

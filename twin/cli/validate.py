@@ -22,6 +22,14 @@ timelines overlaid).
 The executor runs in real time (arrivals on the wall clock): keep traces to tens of
 seconds on a CPU (--limit, --time-scale).
 
+Speed anchor (on by default on CPU): a shared CPU is not equally fast at calibration and
+at validation. A ~0.4-s benchmark of the executor's hot path runs before and after every
+executor run; the twin is priced at the box's speed during the runs (step times x anchor
+now / anchor at calibration, from the profile's speed_anchor_s) and the raw twin, priced as
+calibrated, is printed beside it. It corrects slow drift of the box between calibration
+and validation, not noise within a run. Profiles without speed_anchor_s (calibrated
+before the anchor, or from vLLM runs) are compared unscaled, as stated.
+
 examples:
   twin validate --trace t.parquet --profile cpu-tiny --model tiny --max-loras 4 \\
       --max-cpu-loras 8 --out runs/val
@@ -54,6 +62,10 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=positive_float, default=None, help="measure a fixed window")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="executor runs; the twin is compared to their median (default 1)")
+    p.add_argument("--speed-anchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="price the twin at the box's speed during the executor runs (the "
+                        "speed anchor; default: on for --device cpu, off for cuda, where a "
+                        "dedicated GPU does not drift and the anchor is unnecessary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -76,12 +88,20 @@ def run(args) -> int:
                      threads=args.threads, num_gpu_blocks=args.num_gpu_blocks,
                      device=args.device, window_s=args.window_s,
                      progress=not args.no_progress, seed=args.seed,
-                     trace_source=str(args.trace), repeats=args.repeats)
+                     trace_source=str(args.trace), repeats=args.repeats,
+                     speed_anchor=args.speed_anchor)
     if args.json:
         print(json_document(v.to_dict(), indent=2))
     else:
         print(v.format(f"executor vs twin: {args.trace} ({len(trace)} requests, "
                        f"{v.num_blocks} KV blocks, profile {args.profile})"))
+    a = v.anchor_info
+    if a.get("applied"):
+        say(f"speed anchor: {1e3 * a['during_s']:.1f} ms during the runs vs "
+            f"{1e3 * a['calibration_s']:.1f} ms at calibration: twin step times x "
+            f"{a['ratio']:.3f} ('twin raw': priced as calibrated)")
+    elif a:
+        say(f"speed anchor: {a['reason']}")
     if args.repeats > 1:
         sp = v.spread
         say(f"executor: median of {args.repeats} runs; their own spread (median pairwise "

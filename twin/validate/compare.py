@@ -50,13 +50,17 @@ def _get(summary: dict, path):
     return float(v)
 
 
-def compare(executor: dict, twin: dict) -> pd.DataFrame:
-    """Side-by-side table of two summaries (``RunResult.summary``) with SMAPE per metric."""
+def compare(executor: dict, twin: dict, raw: dict | None = None) -> pd.DataFrame:
+    """Side-by-side table of two summaries (``RunResult.summary``) with SMAPE per metric;
+    ``raw``: the twin priced as calibrated when ``twin`` is priced at the speed anchor's
+    (``twin_raw`` / ``smape_raw`` columns, equal to ``twin`` / ``smape`` without one)."""
     rows = []
     for label, path, fmt in METRICS:
         a, b = _get(executor, path), _get(twin, path)
+        c = b if raw is None else _get(raw, path)
         rows.append({"metric": label, "key": KEYS.get(label, label), "executor": a, "twin": b,
-                     "smape": smape(a, b), "fmt": fmt})
+                     "smape": smape(a, b), "twin_raw": c, "smape_raw": smape(a, c),
+                     "fmt": fmt})
     return pd.DataFrame(rows)
 
 
@@ -84,15 +88,20 @@ def run_spread(summaries: list[dict]) -> dict:
     return out
 
 
-def format_table(table: pd.DataFrame, title: str = "") -> str:
-    w = (30, 12, 12, 8)
+def format_table(table: pd.DataFrame, title: str = "", raw: bool = False) -> str:
+    """The table as text; ``raw``: with the unanchored twin's columns beside."""
+    w = (30, 12, 12, 8) + ((12, 8) if raw else ())
     lines = []
     if title:
         lines.append(title)
-    lines.append(f"{'metric':<{w[0]}}{'executor':>{w[1]}}{'twin':>{w[2]}}{'SMAPE':>{w[3]}}")
+    head = f"{'metric':<{w[0]}}{'executor':>{w[1]}}{'twin':>{w[2]}}{'SMAPE':>{w[3]}}"
+    lines.append(head + (f"{'twin raw':>{w[4]}}{'SMAPE':>{w[5]}}" if raw else ""))
     lines.append("-" * sum(w))
+    pct = lambda x: "" if np.isnan(x) else f"{100 * x:.1f}%"   # noqa: E731
     for r in table.itertuples():
-        s = "" if np.isnan(r.smape) else f"{100 * r.smape:.1f}%"
-        lines.append(f"{r.metric:<{w[0]}}{r.fmt.format(r.executor):>{w[1]}}"
-                     f"{r.fmt.format(r.twin):>{w[2]}}{s:>{w[3]}}")
+        line = (f"{r.metric:<{w[0]}}{r.fmt.format(r.executor):>{w[1]}}"
+                f"{r.fmt.format(r.twin):>{w[2]}}{pct(r.smape):>{w[3]}}")
+        if raw:
+            line += f"{r.fmt.format(r.twin_raw):>{w[4]}}{pct(r.smape_raw):>{w[5]}}"
+        lines.append(line)
     return "\n".join(lines)

@@ -10,6 +10,11 @@ device-memory *budget*, see ``twin.calibrate.executor``), capped at what the tra
 can ever use (the executor would otherwise zero gigabytes of unused cache), or exactly
 ``num_gpu_blocks`` when given (vLLM's ``--num-gpu-blocks-override``, e.g. to force
 preemptions). ``max_model_len`` is capped at the model's context as vLLM derives it.
+
+The speed anchor (:mod:`twin.validate.anchor`, on by default on CPU): the anchor benchmark
+runs before and after every executor run, and the twin compared is priced at the box's
+speed during the runs (step times x anchor now / anchor at calibration); the raw twin,
+priced as calibrated, is reported beside it (``twin_raw`` / ``smape_raw``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from twin.outputs import check_out, staged_dir
 from twin.results import crop_window
 from twin.results.plot import plot_timeline
 from twin.policies import simulate_policy
+from twin.policies.deployment import scaled_profile
 from twin.servers import kv_capacity_tokens
 from twin.sim.replay import exact_kv_memory
+from twin.validate.anchor import SpeedAnchor
 from twin.validate.compare import compare, format_table, median_summary, run_spread
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import validate_trace
@@ -42,11 +49,14 @@ __all__ = ["Validation", "usable_blocks", "validate"]
 class Validation:
     table: pd.DataFrame
     executor: object          # RunResult (the first run)
-    twin: object              # RunResult
+    twin: object              # RunResult (anchored: priced at the box's speed during the runs)
     num_blocks: int
     config: object            # the effective ServingConfig
     plot: Path | None = None
     executor_summaries: list = dataclasses.field(default_factory=list)   # every run's
+    twin_raw: object = None   # RunResult priced as calibrated (== twin when not anchored)
+    anchor: SpeedAnchor = dataclasses.field(default_factory=SpeedAnchor)
+    profile: object = None    # the profile the twin was last simulated with
 
     _twin_inputs: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -60,9 +70,21 @@ class Validation:
         tprof = dataclasses.replace(profile, memory=exact_kv_memory(
             self.num_blocks, self.config.block_size, self.config.gpu_memory_utilization,
             kv_bytes_per_token=profile.memory.kv_bytes_per_token))
-        self.twin = simulate_policy(k["trace"], self.config, tprof, k["catalog"],
-                                    window_s=k["window_s"], trace_source=k["trace_source"])
-        self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
+        self.profile = profile
+
+        def sim(p):
+            return simulate_policy(k["trace"], self.config, p, k["catalog"],
+                                   window_s=k["window_s"], trace_source=k["trace_source"])
+
+        self.twin_raw = sim(tprof)
+        ratio = self.anchor.ratio(profile)
+        self.twin = self.twin_raw if ratio is None else sim(scaled_profile(tprof, ratio))
+        self._compare()
+
+    def _compare(self) -> None:
+        raw = self.twin_raw.summary if self.twin_raw is not self.twin else None
+        self.table = compare(median_summary(self.executor_summaries), self.twin.summary,
+                             raw=raw)
 
     def serve_again(self, model, *, seed: int = 0) -> object:
         """Serve the trace once more on the executor (``model``: the loaded LlamaModel),
@@ -71,23 +93,36 @@ class Validation:
         from twin.executor.engine import execute   # lazy: needs torch
 
         k = self._twin_inputs
-        r = execute(k["trace"], self.config, model, k.get("executor_catalog"),
-                    num_gpu_blocks=self.num_blocks, window_s=k["window_s"], seed=seed,
-                    trace_source=k["trace_source"])
-        self.recompare([r.summary])
+        r = anchored_run(self.anchor, lambda: execute(
+            k["trace"], self.config, model, k.get("executor_catalog"),
+            num_gpu_blocks=self.num_blocks, window_s=k["window_s"], seed=seed,
+            trace_source=k["trace_source"]))
+        self.executor_summaries = list(self.executor_summaries) + [r.summary]
+        if self.profile is not None:   # the new samples move the anchor ratio
+            self.resimulate(self.profile)
         return r
 
     def recompare(self, more: list[dict]) -> None:
         """Add further executor runs' summaries and compare the twin to the median run."""
         self.executor_summaries = list(self.executor_summaries) + list(more)
-        self.table = compare(median_summary(self.executor_summaries), self.twin.summary)
+        self._compare()
 
     @property
     def spread(self) -> dict:
         return run_spread(self.executor_summaries)
 
     def smape(self, key: str) -> float:
+        """The (anchored) twin's SMAPE against the median executor run."""
         return float(self.table.set_index("key").loc[key, "smape"])
+
+    def smape_raw(self, key: str) -> float:
+        """The raw twin's (priced as calibrated, no anchor) SMAPE."""
+        return float(self.table.set_index("key").loc[key, "smape_raw"])
+
+    @property
+    def anchor_info(self) -> dict:
+        """The speed anchor: whether it was applied, its ratio, samples and why."""
+        return self.anchor.info(self.profile) if self.profile is not None else {}
 
     def save(self, out, *, profile: str = "", threads=None, plot: bool = True) -> None:
         """Both runs, ``table.csv``, ``validation.json`` and the overlay plot under ``out``,
@@ -95,6 +130,8 @@ class Validation:
         with staged_dir(out, "validate") as tmp:
             self.executor.write_into(tmp / "executor")
             self.twin.write_into(tmp / "twin")
+            if self.twin_raw is not self.twin:
+                self.twin_raw.write_into(tmp / "twin_raw")
             self.table.drop(columns="fmt").to_csv(tmp / "table.csv", index=False)
             (tmp / "validation.json").write_text(json.dumps(
                 dict(self.to_dict(), profile=profile, threads=threads), indent=2) + "\n")
@@ -104,11 +141,11 @@ class Validation:
                 self.plot = Path(out) / "timeline_overlay.png"
 
     def format(self, title: str = "") -> str:
-        return format_table(self.table, title)
+        return format_table(self.table, title, raw=self.twin_raw is not self.twin)
 
     def to_dict(self) -> dict:
         d = {"num_gpu_blocks": self.num_blocks, "config": self.config.to_dict(),
-             "executor_runs": len(self.executor_summaries),
+             "executor_runs": len(self.executor_summaries), "speed_anchor": self.anchor_info,
              "table": self.table.drop(columns="fmt").to_dict(orient="records")}
         if len(self.executor_summaries) > 1:
             d["executor_spread"] = self.spread
@@ -145,7 +182,8 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
              num_gpu_blocks: int | None = None, device: str = "cpu",
              window_s: float | None = None, progress: bool = False, seed: int = 0,
              warmup: bool = True, adapter_ranks=(8, 16), trace_source: str = "trace",
-             plot: bool = True, repeats: int = 1) -> Validation:
+             plot: bool = True, repeats: int = 1,
+             speed_anchor: bool | None = None) -> Validation:
     """Run ``trace`` with ``config`` on the executor and on the twin (``profile``) and
     compare them. ``model``: tiny / smollm2 / an HF directory / a loaded LlamaModel.
     ``repeats``: executor runs; the twin is compared to their per-metric median (a shared
@@ -153,7 +191,9 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     ``adapters``: a PEFT directory or catalog; None writes synthetic adapters (ranks
     ``adapter_ranks``, cycled) named after the trace's adapters. ``threads`` defaults to
     the profile's calibration threads; the model runs in the dtype the profile was
-    calibrated in on the executor (bf16 steps cost differently from fp32)."""
+    calibrated in on the executor (bf16 steps cost differently from fp32).
+    ``speed_anchor``: price the twin at the box's speed during the runs (module docstring;
+    None: on for CPU, off for CUDA); the raw twin is reported beside it either way."""
     import torch   # lazy: torch is an optional dependency, off `import twin`'s path
 
     if out is not None:   # a bad destination fails now, not after the executor's run
@@ -181,12 +221,14 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         catalog, twin_catalog = _catalogs(trace, config, adapters, model_dir,
                                           adapter_ranks=adapter_ranks, seed=seed)
         nb = _kv_blocks(trace, config, profile, m, twin_catalog, num_gpu_blocks)
+        anchor = SpeedAnchor.for_profile(profile, m, model_dir, enabled=speed_anchor,
+                                         device=device, threads=threads)
         ex, summaries = _serve(trace, config, m, catalog, nb, window_s=window_s,
                                progress=progress, seed=seed, trace_source=trace_source,
-                               warmup=warmup, repeats=repeats)
+                               warmup=warmup, repeats=repeats, anchor=anchor)
     finally:
         torch.set_num_threads(old_threads)
-    v = Validation(None, ex, None, nb, config, executor_summaries=summaries,
+    v = Validation(None, ex, None, nb, config, executor_summaries=summaries, anchor=anchor,
                    _twin_inputs={"trace": trace, "catalog": twin_catalog, "window_s": window_s,
                                  "trace_source": trace_source, "executor_catalog": catalog})
     v.resimulate(profile)   # the twin, on the same KV capacity
@@ -247,10 +289,20 @@ def _kv_blocks(trace: pd.DataFrame, config, profile: Profile, m, twin_catalog,
     return nb
 
 
+def anchored_run(anchor: SpeedAnchor, run):
+    """``run()`` (an executor run) between two speed-anchor samples, which its result's
+    ``meta["speed_anchor_s"]`` logs (``before``, ``after``; None when the anchor is off)."""
+    before = anchor.sample()
+    r = run()
+    r.meta["speed_anchor_s"] = {"before": before, "after": anchor.sample()}
+    return r
+
+
 def _serve(trace: pd.DataFrame, config, m, catalog, nb: int, *, window_s, progress: bool,
-           seed: int, trace_source: str, warmup: bool, repeats: int):
+           seed: int, trace_source: str, warmup: bool, repeats: int, anchor: SpeedAnchor):
     """The executor's runs of the trace: (the first run's result, every run's summary),
-    after a short warm-up (the first forwards of a process are slow)."""
+    after a short warm-up (the first forwards of a process are slow), each run between
+    two speed-anchor samples."""
     from twin.executor.engine import execute   # lazy: needs torch
 
     if warmup and len(trace):
@@ -259,10 +311,11 @@ def _serve(trace: pd.DataFrame, config, m, catalog, nb: int, *, window_s, progre
         w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4)).drop(
             columns="hash_ids", errors="ignore")
         execute(w, config, m, catalog, num_gpu_blocks=nb, seed=seed)
-    ex = execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
-                 progress=progress, seed=seed, trace_source=trace_source)
-    summaries = [ex.summary] + [
-        execute(trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
-                seed=seed, trace_source=trace_source).summary
-        for _ in range(max(int(repeats), 1) - 1)]
-    return ex, summaries
+    first, summaries = None, []
+    for i in range(max(int(repeats), 1)):   # only the first run's step log is kept
+        r = anchored_run(anchor, lambda: execute(
+            trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
+            progress=progress and i == 0, seed=seed, trace_source=trace_source))
+        first = r if first is None else first
+        summaries.append(r.summary)
+    return first, summaries
