@@ -156,7 +156,8 @@ def part_cpu(args, log=print) -> dict:
     for wname, trace, config in cpu_workloads(args.quick):
         for mname, (prof, prof_flat) in profs.items():
             t = time.perf_counter()
-            v = validate(trace, config, prof, model=str(models[mname]), threads=1, plot=False)
+            v = validate(trace, config, prof, model=str(models[mname]), threads=1, plot=False,
+                         speed_anchor=args.speed_anchor)
             r = {"model": mname, "workload": wname, "never_run": mname in TARGETS,
                  **_errors(v), "wall_s": round(time.perf_counter() - t, 1)}
             steps += _step_rows(v.executor.steps, {"gemm": prof, "flat": prof_flat}, mname, wname)
@@ -366,6 +367,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speed-anchor", action="store_true",
+                    help="price the twin at the box's speed during the executor runs "
+                         "(twin.validate.anchor; off by default; *_raw keys: unscaled)")
     ap.add_argument("--no-references", action="store_true",
                     help="skip the reference profiles (shipped first-principles profile, the prior "
                          "without its LoRA per-adapter term)")

@@ -111,11 +111,14 @@ def main(argv=None) -> int:
                     help="CPU profile of the tiny model (default: the shipped cpu-tiny; a "
                          "fresh `twin calibrate --executor --model tiny` of this machine is "
                          "what the timings should be read against)")
+    ap.add_argument("--speed-anchor", action="store_true",
+                    help="price the twin at the box's speed during the executor runs "
+                         "(twin.validate.anchor; off by default; *_raw keys: unscaled)")
     args = ap.parse_args(argv)
     rows = []
     for name, trace in workloads(args.quick).items():
         v = validate(trace, CFG, args.profile, "tiny", threads=1, trace_source=name, plot=False,
-                     out=args.out / name)
+                     out=args.out / name, speed_anchor=args.speed_anchor)
         e, t = v.executor.summary, v.twin.summary
         smape = dict(zip(v.table["key"], v.table["smape"]))
         raw = dict(zip(v.table["key"], v.table["smape_raw"]))
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
                      "anchor_ratio": v.anchor_info.get("ratio")})
         if args.control:
             off = validate(trace, CFG.replace(enable_prefix_caching=False), args.profile,
-                           "tiny", threads=1, trace_source=name, plot=False)
+                           "tiny", threads=1, trace_source=name, plot=False,
+                           speed_anchor=args.speed_anchor)
             ratio = off.anchor_info.get("ratio")
             off = off.table.set_index("key")
             rows[-1].update({f"{k}_smape_off{sfx}": off.loc[k, col]

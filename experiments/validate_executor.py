@@ -261,6 +261,9 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-repeats", type=int, default=5,
                     help="executor runs of the two noise workloads (light, heavy skewed)")
     ap.add_argument("--only", help="comma-separated workload names")
+    ap.add_argument("--speed-anchor", action="store_true",
+                    help="price the twin at the box's speed during the executor runs "
+                         "(twin.validate.anchor; off by default; *_raw keys: unscaled)")
     ap.add_argument("--models", help="comma-separated models to keep (tiny, smollm2)")
     ap.add_argument("--policies", help="comma-separated layouts to keep (vllm, slora)")
     ap.add_argument("--shipped", action="store_true",
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             vals[name] = validate(trace, config, profiles[model, policy], model,
                                   out=args.out / name, num_gpu_blocks=nb, trace_source=name,
-                                  plot=False,
+                                  plot=False, speed_anchor=args.speed_anchor,
                                   adapter_ranks=WORKLOAD_RANKS.get(name, ADAPTER_RANKS[policy]))
             slow[name] = [100 * slow_fraction(vals[name].executor.steps)]
             print(f"{name}: executor round 1 in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -76,7 +76,7 @@ def test_anchor_ratio_is_applied_exactly(tiny_profile, monkeypatch):
     prof = load_profile(tiny_profile)
     fake_anchor(monkeypatch, 1.3 * prof.provenance["speed_anchor_s"])
     v = validate(spaced(adapters=False), CFG.replace(enable_lora=False), tiny_profile, "tiny",
-                 plot=False)
+                 plot=False, speed_anchor=True)
     a = v.anchor_info
     assert a["applied"] and a["ratio"] == pytest.approx(1.3)
     assert len(a["samples_s"]) == 2   # before and after the run
@@ -92,7 +92,8 @@ def test_anchor_ratio_is_applied_exactly(tiny_profile, monkeypatch):
 def test_slower_anchor_gives_longer_twin_latencies_and_is_logged(tiny_profile, monkeypatch):
     cal = load_profile(tiny_profile).provenance["speed_anchor_s"]
     fake_anchor(monkeypatch, 1.5 * cal)
-    v = validate(spaced(), CFG, tiny_profile, "tiny", plot=False, repeats=2)
+    v = validate(spaced(), CFG, tiny_profile, "tiny", plot=False, repeats=2,
+                 speed_anchor=True)
     assert v.anchor_info["ratio"] == pytest.approx(1.5)
     assert len(v.anchor_info["samples_s"]) == 4   # before and after each of 2 runs
     assert v.twin.summary["ttft_ms"]["mean"] > v.twin_raw.summary["ttft_ms"]["mean"]
@@ -108,7 +109,7 @@ def test_profile_without_anchor_validates_unscaled(tiny_profile, monkeypatch, tm
                                                 if not k.startswith("speed_anchor")})
     calls = []
     fake_anchor(monkeypatch, 1.0, calls)
-    v = validate(spaced(), CFG, old, "tiny", plot=False)
+    v = validate(spaced(), CFG, old, "tiny", plot=False, speed_anchor=True)
     assert calls == []   # nothing measured
     a = v.anchor_info
     assert not a["applied"] and a["ratio"] is None and "no speed_anchor_s" in a["reason"]
@@ -117,10 +118,11 @@ def test_profile_without_anchor_validates_unscaled(tiny_profile, monkeypatch, tm
     assert v.executor.meta["speed_anchor_s"] == {"before": None, "after": None}
 
 
-def test_anchor_off_on_cuda_by_default_and_for_foreign_profiles(tiny_profile):
+def test_anchor_off_by_default_and_for_foreign_profiles(tiny_profile):
     prof = load_profile(tiny_profile)
-    assert not SpeedAnchor.for_profile(prof, None, None, enabled=None, device="cuda",
-                                       threads=1).on
+    for device in ("cpu", "cuda"):
+        assert not SpeedAnchor.for_profile(prof, None, None, enabled=None, device=device,
+                                           threads=1).on
     assert not SpeedAnchor.for_profile(prof, None, None, enabled=False, device="cpu",
                                        threads=1).on
     h100 = load_profile("llama31-8b-h100-64gb")
@@ -132,16 +134,16 @@ def test_anchor_off_on_cuda_by_default_and_for_foreign_profiles(tiny_profile):
     assert not a.on and "not on this machine" in a.reason
 
 
-def test_cli_no_speed_anchor(tiny_profile, tmp_path, capsys, monkeypatch):
+def test_cli_speed_anchor_is_opt_in(tiny_profile, tmp_path, capsys, monkeypatch):
     fake_anchor(monkeypatch, 2.0 * load_profile(tiny_profile).provenance["speed_anchor_s"])
     trace = tmp_path / "t.csv"
     spaced(4).to_csv(trace, index=False)
     args = ["validate", "--trace", str(trace), "--profile", str(tiny_profile), "--model",
             "tiny", "--max-loras", "1", "--max-cpu-loras", "2", "--max-num-batched-tokens",
             "64", "--no-progress"]
-    assert main(args) == 0
+    assert main(args + ["--speed-anchor"]) == 0
     out = capsys.readouterr()
     assert "twin raw" in out.out and "x 2.000" in out.err + out.out
-    assert main(args + ["--no-speed-anchor"]) == 0
+    assert main(args) == 0
     out = capsys.readouterr()
-    assert "twin raw" not in out.out and "off (--no-speed-anchor" in out.err + out.out
+    assert "twin raw" not in out.out and "off (the default" in out.err + out.out

@@ -22,13 +22,15 @@ timelines overlaid).
 The executor runs in real time (arrivals on the wall clock): keep traces to tens of
 seconds on a CPU (--limit, --time-scale).
 
-Speed anchor (on by default on CPU): a shared CPU is not equally fast at calibration and
+Speed anchor (--speed-anchor, off by default): a shared CPU is not equally fast at calibration and
 at validation. A ~0.4-s benchmark of the executor's hot path runs before and after every
 executor run; the twin is priced at the box's speed during the runs (step times x anchor
 now / anchor at calibration, from the profile's speed_anchor_s) and the raw twin, priced as
 calibrated, is printed beside it. It corrects slow drift of the box between calibration
 and validation, not noise within a run. Profiles without speed_anchor_s (calibrated
-before the anchor, or from vLLM runs) are compared unscaled, as stated.
+before the anchor, or from vLLM runs) are compared unscaled, as stated. Off by default:
+on a shared 2-core box its correction was as large as its own noise, helping some
+validations and hurting others (experiments/README_validate.md).
 
 examples:
   twin validate --trace t.parquet --profile cpu-tiny --model tiny --max-loras 4 \\
@@ -62,10 +64,10 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=positive_float, default=None, help="measure a fixed window")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="executor runs; the twin is compared to their median (default 1)")
-    p.add_argument("--speed-anchor", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--speed-anchor", action=argparse.BooleanOptionalAction, default=False,
                    help="price the twin at the box's speed during the executor runs (the "
-                        "speed anchor; default: on for --device cpu, off for cuda, where a "
-                        "dedicated GPU does not drift and the anchor is unnecessary)")
+                        "speed anchor; default off; for a shared CPU whose speed drifts "
+                        "between calibration and validation, unnecessary on a dedicated GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--json", action="store_true", help="print the table as JSON")

@@ -42,15 +42,14 @@ class SpeedAnchor:
     def for_profile(cls, profile, served, served_dir, *, enabled: bool | None, device: str,
                     threads: int | None) -> "SpeedAnchor":
         """The anchor for validating ``profile`` with the executor model ``served`` (loaded
-        from ``served_dir``, None when given loaded): off when disabled (default: off on
-        CUDA), when the profile has no ``speed_anchor_s`` or its anchor model is not here;
-        samples on ``served`` when it is the anchor model, else on that model, loaded."""
+        from ``served_dir``, None when given loaded): off unless enabled, when the profile has no ``speed_anchor_s`` or its anchor model is not here;
+        samples on ``served`` when it is the anchor model, else on that model, loaded.
+        Opt-in (``enabled`` None is off): on this box the correction was as large as the
+        anchor's own noise, helping some validations and hurting others (README_validate)."""
         prov = profile.provenance
-        if enabled is None:
-            enabled = str(device).startswith("cpu")
         if not enabled:
-            return cls(reason="off (--no-speed-anchor; the default on CUDA: a dedicated GPU "
-                              "does not drift)")
+            return cls(reason="off (the default; --speed-anchor turns it on, for a "
+                              "shared CPU: a dedicated GPU does not drift)")
         if not prov.get("speed_anchor_s"):
             return cls(reason=f"profile {profile.name!r} has no speed_anchor_s (calibrated "
                               f"without the anchor): twin priced as calibrated, unscaled")

@@ -183,7 +183,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
              window_s: float | None = None, progress: bool = False, seed: int = 0,
              warmup: bool = True, adapter_ranks=(8, 16), trace_source: str = "trace",
              plot: bool = True, repeats: int = 1,
-             speed_anchor: bool | None = None) -> Validation:
+             speed_anchor: bool = False) -> Validation:
     """Run ``trace`` with ``config`` on the executor and on the twin (``profile``) and
     compare them. ``model``: tiny / smollm2 / an HF directory / a loaded LlamaModel.
     ``repeats``: executor runs; the twin is compared to their per-metric median (a shared
@@ -193,7 +193,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     the profile's calibration threads; the model runs in the dtype the profile was
     calibrated in on the executor (bf16 steps cost differently from fp32).
     ``speed_anchor``: price the twin at the box's speed during the runs (module docstring;
-    None: on for CPU, off for CUDA); the raw twin is reported beside it either way."""
+    off by default); the raw twin is reported beside it either way."""
     import torch   # lazy: torch is an optional dependency, off `import twin`'s path
 
     if out is not None:   # a bad destination fails now, not after the executor's run
