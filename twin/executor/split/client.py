@@ -39,6 +39,7 @@ from twin.executor.shape import LlamaShape
 from twin.executor.slora import BuiltServer
 from twin.executor.split.client_adapters import ClientAdapterStore, check_client_adapter
 from twin.executor.split.exchange import Exchange
+from twin.executor.split.probe import ProcessProbe, freeze_startup_heap, schedstat
 from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
 
@@ -153,6 +154,7 @@ class ClientEngine(_Engine):
     are the executor's for its own prompt behind as many placeholders."""
 
     fault_step: int | None = None   # fault injection (tests): raise in this step's forward
+    probe_rows: list | None = None  # a list: per step, its CPU and run-queue seconds (probe)
     check_adapter = staticmethod(check_client_adapter)
 
     def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
@@ -194,7 +196,13 @@ class ClientEngine(_Engine):
         if self.fault_step is not None and len(self.split_rows) >= self.fault_step:
             raise RuntimeError(f"injected fault at step {len(self.split_rows)}")
         self.model.ex.reset()
-        super()._forward_phase(step)
+        if self.probe_rows is not None:
+            on, delay = schedstat()
+            super()._forward_phase(step)
+            on2, delay2 = schedstat()
+            self.probe_rows.append((on2 - on, delay2 - delay))
+        else:
+            super()._forward_phase(step)
         transfer, wait, calls = self.model.ex.reset()
         local = max(step.t_fwd - transfer - wait, 0.0)
         ctx = sum(s + k for (_, k), s in zip(step.items, step.starts))
@@ -217,6 +225,8 @@ class ClientSpec:
     keep_tokens: bool = False
     start_timeout_s: float = 120.0
     fault_step: int | None = None
+    gc_freeze: bool = True    # twin.executor.split.probe
+    probe: bool = False
 
 
 def client_main(spec: ClientSpec, conn, buffers, ready, results) -> None:
@@ -237,12 +247,20 @@ def client_main(spec: ClientSpec, conn, buffers, ready, results) -> None:
         engine.fault_step = spec.fault_step
         adapters = {a.adapter_id: {"kind": a.kind, "bytes": int(a.nbytes)}
                     for a in engine.store.lora.table}
+        if spec.gc_freeze:
+            freeze_startup_heap()
+        watch = ProcessProbe() if spec.probe else None
+        if watch is not None:
+            ex.calls_log, engine.probe_rows = [], []
         ready.wait(spec.start_timeout_s)
         t0 = time.perf_counter()
+        if watch is not None:
+            watch.start()
         result = engine.run()
         results.put(("client", spec.client, {
             "result": result, "split_rows": engine.split_rows, "t0": t0,
-            "adapters": adapters,
+            "adapters": adapters, "probe": watch.report(
+                calls=ex.calls_log, steps=engine.probe_rows) if watch else None,
             "tensors": {n: int(t.numel() * t.element_size())
                         for n, t in model.tensors().items()}}))
     except BaseException:   # noqa: BLE001 - any failure goes to the driver, which stops all
