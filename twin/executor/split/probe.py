@@ -82,7 +82,9 @@ class ProcessProbe:
         self.sched0 = schedstat()
 
     def start(self) -> None:
+        """Count from now (the run's start): the clock, the schedstat, the GC log."""
         self.t0, self.sched0 = time.perf_counter(), schedstat()
+        self.gc.log.clear()
 
     def report(self, **tables) -> dict:
         """Wall, CPU and run-queue seconds since :meth:`start`, the GC pauses, and the
