@@ -4,9 +4,10 @@
 objects) before it serves. CPython's cyclic collector scans all of them in every
 generation-2 collection, which the run's own allocations trigger every few hundred steps:
 a 100-250 ms pause of one process (the base: every client waits; a client: its step and
-every request queued behind it). :func:`freeze_startup_heap` does what vLLM's engine does
-after start-up (``gc.collect(); gc.freeze()``): the start-up objects leave the
-collector's generations, so a later full collection scans only what the run created.
+every request queued behind it). :func:`freeze_startup_heap` does what vLLM's workers do
+after warm-up (``freeze_gc_heap()`` at the end of ``compile_or_warm_up_model``:
+``gc.collect(); gc.freeze()``): the start-up objects leave the collector's generations,
+so a later full collection scans only what the run created.
 
 **The probe** (``execute_split(probe=True)``): per process, its GC pauses
 (:class:`GCPauses`), its thread's CPU time and its run-queue delay (time runnable but
