@@ -172,7 +172,8 @@ def test_cli_mixed_peft_kinds_side_by_side(tmp_path_factory, tiny, tmp_path, cap
     """``twin execute --policy split --clients 2`` serving LoRA, IA3, prefix and prompt
     tuning adapters (written by PEFT) side by side: each request token-identical to greedy
     decoding with peft_methods.reference_forward (which the peft tests hold to PEFT's own
-    outputs); virtual tokens counted apart from the prompt; the split tables written."""
+    outputs); virtual tokens counted apart from the prompt, prefix tuning's never sent to
+    the base; the split tables written."""
     from twin.cli import main
 
     model_dir, _ = tiny
@@ -201,6 +202,13 @@ def test_cli_mixed_peft_kinds_side_by_side(tmp_path_factory, tiny, tmp_path, cap
         assert row.virtual_tokens == (ad.virtual_tokens if ad is not None else 0)
         ids = prompt_token_ids(row.request_id, row.prompt_tokens, model.shape.vocab, 0)
         assert list(row.output_token_ids) == _greedy(model, ad, ids, row.output_tokens)
+    # prefix tuning's virtual tokens are KV only: scheduled and cached, never sent to the base
+    bb = pd.read_parquet(tmp_path / "run" / "base_batches.parquet")
+    steps = pd.read_parquet(tmp_path / "run" / "steps.parquet")
+    kv_only = sum(ads[a].virtual_tokens for a in req["adapter"].dropna()
+                  if ads[a].kind == "PREFIX_TUNING")
+    assert kv_only > 0 and steps["preempted"].sum() == 0
+    assert bb.loc[bb["kind"] == "embed", "rows"].sum() == steps["num_tokens"].sum() - kv_only
     for extra, flag in ((["--clients", "2"], "--clients"),
                         (["--policy", "split", "--device", "cuda"], "--device")):
         assert main([*args, *extra]) != 0

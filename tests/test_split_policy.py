@@ -187,3 +187,41 @@ def test_base_overhead_moves_time_from_the_link_to_the_base():
     np.testing.assert_allclose(one_h.requests["finish_s"], one.requests["finish_s"], rtol=1e-9)
     two, two_h = run(c, 2), run(h, 2)
     assert two_h.summary["split"]["base_busy_fraction"] > two.summary["split"]["base_busy_fraction"]
+
+
+def test_split_fit_recovers_the_clients_waits():
+    """Waits for a core added to the one-client run's base waits (a constant and a cost
+    per prefill token) come back: the constant in the link's latency (a median per
+    message, which a constant shifts), the per-token cost in the local model on top of
+    the clean fit; without ``client_waits`` it does not."""
+    from twin.calibrate.split_fit import fit_split_costs
+    from twin.costs.split_costs import SplitCosts, base_costs
+
+    tiny = load_profile("cpu-tiny")
+    t = powerlaw_trace(4, 20.0, alpha=1.0, duration_s=5.0, seed=3)
+    t = t.assign(prompt_tokens=(t["prompt_tokens"] % 60) + 4,
+                 output_tokens=(t["output_tokens"] % 20) + 2)
+    base = base_costs(tiny.model, {"const": 1e-3, "prefill_tokens": 4e-6, "decode_tokens": 4e-6,
+                                   "prefill_seqs": 9e-6})
+    true = SplitCosts(base, split_costs(tiny).local, Link("pipe", 50e-6, 1e9))
+    runs = [get_policy("split", clients=n, costs=true, layer_groups=None, log_batches=True,
+                       shared_compute=False).simulate(
+        t, _config(policy="split", max_model_len=256), tiny).result for n in (1, 2)]
+    clean = fit_split_costs(runs, tiny.model)
+    steps = runs[0].extras["client_steps"]
+    extra = 3e-4 + 5e-6 * steps["num_prefill_tokens"]
+    runs[0].extras["client_steps"] = steps.assign(base_wait_s=steps["base_wait_s"] + extra,
+                                                  t_end=steps["t_end"] + extra)
+    got = fit_split_costs(runs, tiny.model)
+    calls = len(true.base.stages)
+    const = (got.local.base["const"] - clean.local.base["const"]
+             + 2 * calls * (got.link.latency_s - clean.link.latency_s))
+    assert const == pytest.approx(3e-4, rel=0.05)
+    assert (got.local.base["prefill_tokens"] - clean.local.base["prefill_tokens"]
+            == pytest.approx(5e-6, rel=0.05))
+    assert got.notes["client_waits"]["prefill_tokens"] == pytest.approx(5e-6, rel=0.05)
+    assert got.local.base["const"] == pytest.approx(clean.local.base["const"], rel=1e-6)
+    off = fit_split_costs(runs, tiny.model, client_waits=False)
+    assert off.local.base["prefill_tokens"] == pytest.approx(
+        clean.local.base["prefill_tokens"], rel=0.05, abs=1e-7)
+    assert off.notes["client_waits"] is None

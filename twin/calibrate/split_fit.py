@@ -14,7 +14,14 @@ Three fits, one per part of a split step (``twin.costs.split_costs``):
   forward's ``local_s`` and the scheduling, sampling and bookkeeping around it: the
   step's duration less ``transfer_s`` and ``base_wait_s``) as ``const + prefill_tokens +
   decode_tokens + decode_context + after_idle`` (non-negative least squares over the
-  client-step log; ``after_idle`` from the step log where present).
+  client-step log; ``after_idle`` from the step log where present);
+- **client waits** (their after-idle and per-prefill-token terms added to the local
+  model): what one-client steps wait on the base beyond their own base compute and the
+  link's messages, in the same terms. The probe
+  (``experiments/split_step_profile.py``) shows it is the processes' wake-ups and
+  run-queue delays on shared cores, not the base's queue or GEMMs: longer after the
+  client was idle and with more of its own CPU work in the step. The link's latency is
+  their median, so without this term the twin misses their tail.
 
 The result is a :class:`SplitCosts` for the model's shape (every layer its own stage),
 saved as JSON (``twin.split-costs/1``) with the fit's residuals.
@@ -36,6 +43,8 @@ from twin.errors import TwinInputError
 
 SCHEMA = "twin.split-costs/1"
 BASE_OPS = ("embed",) + OPS + ("head",)
+#: the client waits' terms added to the local model (see :func:`fit_waits`)
+WAIT_TERMS = ("prefill_tokens", "after_idle")
 LOCAL_TERMS = ("const", "prefill_tokens", "decode_tokens", "decode_context", "after_idle")
 
 
@@ -81,13 +90,18 @@ def _own_compute(steps: pd.DataFrame, base: BaseCosts) -> np.ndarray:
         steps["num_prefill_tokens"], steps["num_decode"], seqs)])
 
 
-def fit_link(steps: pd.DataFrame, base: BaseCosts, shape, one_client: np.ndarray) -> Link:
-    """The link's per-message latency and bandwidth (see the module docstring)."""
-    st = base.stages
-    calls = steps["calls"].to_numpy(float)
+def _step_bytes(steps: pd.DataFrame, stages_: list) -> np.ndarray:
+    """Each step's bytes sent and received over the link (every stage, both ways)."""
     tokens = steps["num_tokens"].to_numpy(float)
     seqs = steps["num_decode"].to_numpy() + (steps["num_prefill_tokens"].to_numpy() > 0)
-    nbytes = sum(np.where(s.per_seq, seqs, tokens) * (s.in_bytes + s.out_bytes) for s in st)
+    return sum(np.where(s.per_seq, seqs, tokens) * (s.in_bytes + s.out_bytes)
+               for s in stages_)
+
+
+def fit_link(steps: pd.DataFrame, base: BaseCosts, shape, one_client: np.ndarray) -> Link:
+    """The link's per-message latency and bandwidth (see the module docstring)."""
+    calls = steps["calls"].to_numpy(float)
+    nbytes = _step_bytes(steps, base.stages)
     a, inv_bw = _nnls(np.column_stack([calls, nbytes]), steps["transfer_s"].to_numpy(float))
     pipe = (steps["base_wait_s"].to_numpy() - _own_compute(steps, base)) / (2 * calls)
     lat = float(np.median(pipe[one_client]) if one_client.any() else np.quantile(pipe, 0.25))
@@ -95,20 +109,56 @@ def fit_link(steps: pd.DataFrame, base: BaseCosts, shape, one_client: np.ndarray
                 "fitted to the executor's split mode (twin.calibrate.split_fit)")
 
 
-def fit_local(steps: pd.DataFrame) -> tuple[StepTimeModel, float]:
-    """The client-local model and its relative RMS residual."""
+def local_rest(steps: pd.DataFrame, base: BaseCosts, link: Link) -> np.ndarray:
+    """Per step, what the twin's base pass alone and its link do not explain: the step
+    less its own base compute (unbatched) and its messages and bytes over ``link``.
+    Besides the client's own work it holds the wake-ups and run-queue delays of the
+    processes on shared cores, which grow with the client's CPU work in the step
+    (``experiments/split_step_profile.py``), and (several clients) queueing behind
+    the others' batches."""
+    msgs = 2 * link.latency_s * steps["calls"].to_numpy(float)
+    return ((steps["t_end"] - steps["t_start"]).to_numpy(float) - _own_compute(steps, base)
+            - msgs - _step_bytes(steps, base.stages) / link.bytes_per_s)
+
+
+def fit_local(steps: pd.DataFrame, y: np.ndarray | None = None
+              ) -> tuple[StepTimeModel, float]:
+    """The client-local model and its relative RMS residual, fitted to ``y`` (default:
+    the step less its transfer and base wait; :func:`local_rest`)."""
     X = np.column_stack([np.ones(len(steps)), steps["num_prefill_tokens"], steps["num_decode"],
                          steps["context_tokens"], steps["after_idle"]]).astype(float)
-    y = (steps["t_end"] - steps["t_start"] - steps["transfer_s"]
-         - steps["base_wait_s"]).to_numpy(float)
+    if y is None:
+        y = (steps["t_end"] - steps["t_start"] - steps["transfer_s"]
+             - steps["base_wait_s"]).to_numpy(float)
     c = _nnls(X, y)
     rms = float(np.sqrt(np.mean((X @ c - y) ** 2)) / max(np.mean(y), 1e-12))
     return StepTimeModel(base=dict(zip(LOCAL_TERMS, map(float, c)))), rms
 
 
-def fit_split_costs(results, shape) -> SplitCosts:
+def fit_waits(steps: pd.DataFrame, base: BaseCosts, link: Link) -> StepTimeModel | None:
+    """The client's waits for a core, in the local model's terms: what one-client steps'
+    base waits hold beyond their own base compute and the link's messages
+    (:func:`local_rest` less the measured local part), fitted as the local model is.
+    One-client steps only: with several clients the rest also holds queueing behind the
+    others' batches, which the twin's event loop plays out itself. None without
+    one-client steps. Of the fit, :func:`fit_split_costs` adds the terms of the steps
+    that wait more than the others (:data:`WAIT_TERMS`: after idle, per prefill token);
+    the constant and per-decode part of the waits is the link's (its latency) and the
+    base's time per request (``fit_base_overhead``)."""
+    one = steps["one_client"].to_numpy(bool)
+    if not one.any():
+        return None
+    own = (steps["t_end"] - steps["t_start"] - steps["transfer_s"]
+           - steps["base_wait_s"]).to_numpy(float)
+    waits, _ = fit_local(steps[one], (local_rest(steps, base, link) - own)[one])
+    return waits
+
+
+def fit_split_costs(results, shape, client_waits: bool = True) -> SplitCosts:
     """:class:`SplitCosts` for ``shape`` from executor split runs (``RunResult``s with the
-    ``base_batches`` and ``client_steps`` extras, and ``summary["split"]["clients"]``)."""
+    ``base_batches`` and ``client_steps`` extras, and ``summary["split"]["clients"]``).
+    ``client_waits``: add :func:`fit_waits`'s :data:`WAIT_TERMS` to the local model
+    (False: the local model is the steps' local part only, as before the probe)."""
     batches, steps = [], []
     for r in results:
         if "base_batches" not in r.extras or "client_steps" not in r.extras:
@@ -130,10 +180,15 @@ def fit_split_costs(results, shape) -> SplitCosts:
     base = base_costs_from(shape, fit)
     link = fit_link(steps, base, shape, steps["one_client"].to_numpy(bool))
     local, rms = fit_local(steps)
+    waits = fit_waits(steps, base, link) if client_waits else None
+    if waits is not None:
+        local = StepTimeModel(base={k: local.base[k] + waits.base[k] * (k in WAIT_TERMS)
+                                    for k in LOCAL_TERMS})
     return SplitCosts(base, local, link, notes={
         "schema": SCHEMA, "base_ops": {k: list(v) for k, v in fit.items()},
         "link": {"latency_s": link.latency_s, "bytes_per_s": link.bytes_per_s},
         "local": local.base, "local_rel_rms": rms, "runs": len(results),
+        "client_waits": waits.base if waits is not None else None,
         "base_batches": int(len(batches)), "client_steps": int(len(steps))})
 
 

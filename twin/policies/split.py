@@ -79,7 +79,8 @@ def adapter_bytes(model, kind: tuple, rank: int) -> int:
 def with_virtual_tokens(trace: pd.DataFrame, kinds: dict) -> pd.DataFrame:
     """Prompt and prefix tuning: each request's prompt grows by its adapter's virtual
     tokens (prompt tuning computes them through the base; prefix tuning only attends and
-    holds them, priced here as prompt tuning: an upper bound of a few tokens' prefill)."""
+    holds them, and the executor's split mode sends them to the base no more, but they
+    are priced here as prompt tuning: an upper bound of a few tokens' base rows)."""
     extra = trace["adapter"].map(lambda a: 0 if pd.isna(a) else kinds.get(a, ("", 0))[1])
     if not extra.any():
         return trace

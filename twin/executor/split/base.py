@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from twin.executor.model import LlamaModel
 from twin.executor.split.exchange import LINEAR_OPS
+from twin.executor.split.probe import ProcessProbe, freeze_startup_heap
 
 BATCH_COLUMNS = ["batch", "kind", "layer", "op", "rows", "clients", "t_start",
                  "t_queue_s", "compute_s"]
@@ -86,8 +87,9 @@ class BaseServer:
         self.w, self.conns, self.buffers, self.stop = weights, conns, buffers, stop
         self.idle_timeout_s = idle_timeout_s
         self.live = set(range(len(conns)))
-        self.pending: list[tuple] = []   # (client, kind, layer, op, rows, t_sent)
+        self.pending: list[tuple] = []   # (client, kind, layer, op, rows, t_sent, t_arrived)
         self.log: list[tuple] = []
+        self.probe: list | None = None   # a list: one row per request answered (probe)
 
     def _receive(self, timeout: float) -> None:
         """Move every message that has arrived (waiting up to ``timeout`` for the first)
@@ -102,7 +104,7 @@ class BaseServer:
                     if msg[0] == "bye":
                         self.live.discard(c)
                         break
-                    self.pending.append((c, *msg))
+                    self.pending.append((c, *msg, time.perf_counter()))
                     if not conn.poll():
                         break
             except (EOFError, OSError):
@@ -142,6 +144,9 @@ class BaseServer:
                 self.conns[m[0]].send((batch,))
             except (BrokenPipeError, OSError):
                 self.live.discard(m[0])
+            if self.probe is not None:
+                self.probe.append((m[0], batch, m[5], m[6], t, t + compute_s,
+                                   time.perf_counter()))
         self.log.append((batch, kind, layer, op, r0, len(group), t, t - first[5], compute_s))
 
     def _source(self, m: tuple) -> torch.Tensor:
@@ -158,18 +163,26 @@ class BaseServer:
 
 
 def base_main(model_dir: str, dtype: torch.dtype, conns: list, buffers: list, stop,
-              ready, results) -> None:
+              ready, results, gc_freeze: bool = True, probe: bool = False) -> None:
     """The base executor process: load the base weights, report them, serve until every
-    client has left, send the batch log (or the error) to ``results``."""
+    client has left, send the batch log (or the error) to ``results``. ``gc_freeze``,
+    ``probe``: ``twin.executor.split.probe``."""
     torch.set_num_threads(1)
     try:
         weights = BaseWeights.load(model_dir, dtype)
         before = weights.report()
-        ready.wait()
         server = BaseServer(weights, conns, buffers, stop)
+        if gc_freeze:
+            freeze_startup_heap()
+        watch = ProcessProbe() if probe else None
+        server.probe = [] if probe else None
+        ready.wait()
+        if watch is not None:
+            watch.start()
         server.serve()
         after = weights.report()
         results.put(("base", {"report": before, "sha256_after": after["sha256"],
-                              "batches": server.log}))
+                              "batches": server.log,
+                              "probe": watch.report(calls=server.probe) if watch else None}))
     except BaseException:   # noqa: BLE001 - any failure goes to the driver, which stops all
         results.put(("error", "base", traceback.format_exc()))

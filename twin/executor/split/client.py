@@ -33,12 +33,13 @@ from twin.executor.engine import _Engine
 from twin.executor.inputs import prompt_token_ids
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.model import LayerWeights, LlamaModel
-from twin.executor.peft_methods.kinds import VIRTUAL_TOKEN_ID
+from twin.executor.peft_methods.kinds import PREFIX_TUNING, VIRTUAL_TOKEN_ID
 from twin.executor.prefix_blocks import block_tables
 from twin.executor.shape import LlamaShape
 from twin.executor.slora import BuiltServer
 from twin.executor.split.client_adapters import ClientAdapterStore, check_client_adapter
-from twin.executor.split.exchange import Exchange
+from twin.executor.split.exchange import Exchange, op_dims
+from twin.executor.split.probe import ProcessProbe, freeze_startup_heap, schedstat
 from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
 
@@ -83,16 +84,38 @@ class SplitModel(LlamaModel):
         self.ex = exchange
         self.name = str(model_dir)
 
+    _keep: torch.Tensor | None = None   # the rows the base computes (None: all)
+
     def forward(self, batch, kv_cache, lora=None) -> torch.Tensor:
         """The model's forward; the rows of virtual tokens (prompt/prefix tuning) are
-        found first for the embedding and attention to use."""
+        found first for the embedding and attention to use. Prefix tuning's are KV only:
+        their keys and values are the adapter's, in every layer, and no other row reads
+        their hidden states, so they skip the base (:meth:`_base`)."""
         segs = batch.lora_segments
         self._virtual = lora.virtual_rows(batch.positions, segs) if segs else []
+        kv_only = [rows for ad, rows, _ in self._virtual if ad.kind == PREFIX_TUNING]
+        self._keep = None
+        if kv_only:
+            keep = torch.ones(len(batch.positions), dtype=torch.bool)
+            keep[torch.cat(kv_only)] = False
+            self._keep = keep.nonzero().flatten()
         return super().forward(batch, kv_cache, lora)
+
+    def _base(self, kind: str, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
+        """The base's answer for the rows it computes; prefix tuning's virtual rows
+        (KV only) get zeros, which only their own attention queries ever read."""
+        keep = self._keep
+        if keep is None:
+            return self.ex.call(kind, layer, op, x)
+        width = self.shape.hidden if kind == "embed" else op_dims(self.shape, op)[1]
+        y = torch.zeros((x.shape[0], width), dtype=self.dtype)
+        if len(keep):
+            y[keep] = self.ex.call(kind, layer, op, x[keep])
+        return y
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The base's embedding; prompt tuning's virtual rows take its embeddings."""
-        x = self.ex.call("embed", -1, "embed", input_ids)
+        x = self._base("embed", -1, "embed", input_ids)
         for ad, rows, idx in self._virtual:
             x[rows] = ad.after_embedding(idx, x[rows])
         return x
@@ -110,7 +133,7 @@ class SplitModel(LlamaModel):
     def _linear(self, li: int, op: str, x: torch.Tensor, lora, segs) -> torch.Tensor:
         if segs:
             x = lora.before(li, op, x, segs)
-        y = self.ex.call("lin", li, op, x)
+        y = self._base("lin", li, op, x)
         if segs:
             lora.apply(li, op, x, y, segs)
         return y
@@ -153,6 +176,7 @@ class ClientEngine(_Engine):
     are the executor's for its own prompt behind as many placeholders."""
 
     fault_step: int | None = None   # fault injection (tests): raise in this step's forward
+    probe_rows: list | None = None  # a list: per step, its CPU and run-queue seconds (probe)
     check_adapter = staticmethod(check_client_adapter)
 
     def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
@@ -194,7 +218,13 @@ class ClientEngine(_Engine):
         if self.fault_step is not None and len(self.split_rows) >= self.fault_step:
             raise RuntimeError(f"injected fault at step {len(self.split_rows)}")
         self.model.ex.reset()
-        super()._forward_phase(step)
+        if self.probe_rows is not None:
+            on, delay = schedstat()
+            super()._forward_phase(step)
+            on2, delay2 = schedstat()
+            self.probe_rows.append((on2 - on, delay2 - delay))
+        else:
+            super()._forward_phase(step)
         transfer, wait, calls = self.model.ex.reset()
         local = max(step.t_fwd - transfer - wait, 0.0)
         ctx = sum(s + k for (_, k), s in zip(step.items, step.starts))
@@ -217,6 +247,8 @@ class ClientSpec:
     keep_tokens: bool = False
     start_timeout_s: float = 120.0
     fault_step: int | None = None
+    gc_freeze: bool = True    # twin.executor.split.probe
+    probe: bool = False
 
 
 def client_main(spec: ClientSpec, conn, buffers, ready, results) -> None:
@@ -237,12 +269,20 @@ def client_main(spec: ClientSpec, conn, buffers, ready, results) -> None:
         engine.fault_step = spec.fault_step
         adapters = {a.adapter_id: {"kind": a.kind, "bytes": int(a.nbytes)}
                     for a in engine.store.lora.table}
+        if spec.gc_freeze:
+            freeze_startup_heap()
+        watch = ProcessProbe() if spec.probe else None
+        if watch is not None:
+            ex.calls_log, engine.probe_rows = [], []
         ready.wait(spec.start_timeout_s)
         t0 = time.perf_counter()
+        if watch is not None:
+            watch.start()
         result = engine.run()
         results.put(("client", spec.client, {
             "result": result, "split_rows": engine.split_rows, "t0": t0,
-            "adapters": adapters,
+            "adapters": adapters, "probe": watch.report(
+                calls=ex.calls_log, steps=engine.probe_rows) if watch else None,
             "tensors": {n: int(t.numel() * t.element_size())
                         for n, t in model.tensors().items()}}))
     except BaseException:   # noqa: BLE001 - any failure goes to the driver, which stops all

@@ -28,6 +28,8 @@ from twin.executor.inputs import checked_inputs, resolve_catalog
 from twin.executor.split.base import base_main
 from twin.executor.split.client import ClientSpec, client_config, client_main
 from twin.executor.split.exchange import ClientBuffers
+from twin.executor.split.probe import (BASE_CALL_COLUMNS, CALL_COLUMNS, STEP_PROBE_COLUMNS,
+                                       probe_tables)
 from twin.executor.split.results import merge_results
 from twin.executor.split.trainer import TrainerSpec, trainer_main
 from twin.executor.shape import LlamaShape
@@ -102,7 +104,8 @@ def execute_split(trace: pd.DataFrame, config: ServingConfig, model, adapters=No
                   num_gpu_blocks: int | None = None, kv_cache_gib: float | None = None,
                   keep_tokens: bool = False, time_scale: float = 1.0,
                   timeout_s: float = 600.0, buffer_rows: int = 1024, logit_rows: int = 64,
-                  fault: dict | None = None, trace_source: str = "trace") -> RunResult:
+                  fault: dict | None = None, trace_source: str = "trace",
+                  gc_freeze: bool = True, probe: bool = False) -> RunResult:
     """Serve ``trace`` in split mode (see the module docstring) and return its
     :class:`RunResult`: requests with a ``client`` column, the clients' step logs
     (``steps``, with ``client`` and the split counters), and ``extras``:
@@ -116,6 +119,10 @@ def execute_split(trace: pd.DataFrame, config: ServingConfig, model, adapters=No
     adapter's client unless the trace has a ``client`` column. ``num_gpu_blocks`` /
     ``kv_cache_gib``: each client's KV cache. ``fault``:
     ``{client: step}`` raises in that client's step (tests of the shutdown path).
+    ``gc_freeze``: every process freezes its start-up heap out of the cyclic collector,
+    as vLLM does (``twin.executor.split.probe``; False: the collector's long pauses
+    stall steps). ``probe``: ``extras["probe"]``, where each process's time went
+    (:func:`probe_extras`).
     """
     if link not in LINKS:
         raise TwinInputError(f"link {link!r}: the CPU split executor exchanges activations "
@@ -139,26 +146,46 @@ def execute_split(trace: pd.DataFrame, config: ServingConfig, model, adapters=No
         specs.append(ClientSpec(c, model_dir, dtype, sub, cat, client_config(config, len(cat)),
                                 seed=seed, num_gpu_blocks=num_gpu_blocks,
                                 kv_cache_gib=kv_cache_gib, keep_tokens=keep_tokens,
-                                fault_step=(fault or {}).get(c)))
+                                fault_step=(fault or {}).get(c), gc_freeze=gc_freeze,
+                                probe=probe))
     rows = min(config.max_num_batched_tokens, buffer_rows)
     n_tr = 1 if trainer is not None else 0
     bufs = [ClientBuffers.allocate(shape, rows, logit_rows, dtype) for _ in range(clients)]
     if trainer is not None:
         t_rows = trainer.batch * trainer.seq_len
         bufs.append(ClientBuffers.allocate(shape, max(rows, t_rows), t_rows, dtype))
-    run = _start(specs, trainer, bufs, model_dir, dtype, clients + n_tr, timeout_s)
+    run = _start(specs, trainer, bufs, model_dir, dtype, clients + n_tr, timeout_s,
+                 gc_freeze, probe)
     try:
         _collect(run, timeout_s)
     finally:
         _shutdown(run)
-    return merge_results(trace, who, [run.got[f"client {c}"] for c in range(clients)],
-                         run.got["base"], run.got.get("trainer"), config,
-                         meta={"model": model_dir, "clients": clients, "link": link,
-                               "seed": seed, "dtype": str(dtype).replace("torch.", ""),
-                               "time_scale": time_scale, "trace": trace_source})
+    result = merge_results(trace, who, [run.got[f"client {c}"] for c in range(clients)],
+                           run.got["base"], run.got.get("trainer"), config,
+                           meta={"model": model_dir, "clients": clients, "link": link,
+                                 "seed": seed, "dtype": str(dtype).replace("torch.", ""),
+                                 "time_scale": time_scale, "trace": trace_source,
+                                 "gc_freeze": bool(gc_freeze)})
+    return probe_extras(result, run.got, clients) if probe else result
 
 
-def _start(specs, trainer, bufs, model_dir, dtype, n_conns, timeout_s) -> _Run:
+def probe_extras(result: RunResult, got: dict, clients: int) -> RunResult:
+    """``result`` with ``extras["probe"]``: ``base`` and ``clients`` (one each), every
+    process's wall, CPU and run-queue seconds and GC pauses, and its logs as tables
+    (``calls``: one row per base call, the client's instants and copies or the base's
+    arrival, batch and answer instants; a client's ``steps``: per step, its CPU and
+    run-queue seconds), instants from the clients' common start."""
+    t0 = min(got[f"client {c}"]["t0"] for c in range(clients))
+    result.extras["probe"] = {
+        "base": probe_tables(got["base"]["probe"], t0, {"calls": BASE_CALL_COLUMNS}),
+        "clients": [probe_tables(got[f"client {c}"]["probe"], t0,
+                                 {"calls": CALL_COLUMNS, "steps": STEP_PROBE_COLUMNS})
+                    for c in range(clients)]}
+    return result
+
+
+def _start(specs, trainer, bufs, model_dir, dtype, n_conns, timeout_s, gc_freeze=True,
+           probe=False) -> _Run:
     """Start the base, the clients and the trainer (spawn) with their pipes and buffers."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -167,7 +194,7 @@ def _start(specs, trainer, bufs, model_dir, dtype, n_conns, timeout_s) -> _Run:
     pipes = [ctx.Pipe() for _ in range(n_conns)]
     base_ends = [b for _, b in pipes]
     run.procs["base"] = ctx.Process(target=base_main, name="split-base", daemon=True, args=(
-        model_dir, dtype, base_ends, bufs, run.stop, run.ready, results))
+        model_dir, dtype, base_ends, bufs, run.stop, run.ready, results, gc_freeze, probe))
     for spec in specs:
         run.procs[f"client {spec.client}"] = ctx.Process(
             target=client_main, name=f"split-client-{spec.client}", daemon=True,
@@ -176,7 +203,7 @@ def _start(specs, trainer, bufs, model_dir, dtype, n_conns, timeout_s) -> _Run:
         run.procs["trainer"] = ctx.Process(
             target=trainer_main, name="split-trainer", daemon=True,
             args=(trainer, model_dir, dtype, pipes[-1][0], bufs[-1], run.ready, run.done,
-                  results))
+                  results, gc_freeze))
     for p in run.procs.values():
         p.start()
     for a, b in pipes:   # the children hold their ends; ours would hide a child's exit

@@ -75,6 +75,7 @@ class Exchange:
         self.transfer_s = 0.0
         self.base_wait_s = 0.0
         self.calls = 0
+        self.calls_log: list | None = None   # a list: one row per call (twin...probe)
 
     def reset(self) -> tuple[float, float, int]:
         """The counters since the last reset (transfer_s, base_wait_s, calls), zeroed."""
@@ -83,15 +84,21 @@ class Exchange:
         self.calls = 0
         return c
 
-    def _roundtrip(self, kind: str, layer: int, op: str, rows: int) -> None:
-        t = time.perf_counter()
+    def _roundtrip(self, kind: str, layer: int, op: str, rows: int) -> tuple:
+        """One message and its answer: (sent at, send returned, answer readable, read)."""
+        perf = time.perf_counter
+        t = perf()
         self.conn.send((kind, layer, op, rows, t))
+        t_sent = perf()
         if not self.conn.poll(self.timeout_s):
             raise TimeoutError(f"the base executor did not answer {kind} {op} of layer "
                                f"{layer} within {self.timeout_s:g} s")
+        t_ready = perf()
         self.conn.recv()
-        self.base_wait_s += time.perf_counter() - t
+        t_recv = perf()
+        self.base_wait_s += t_recv - t
         self.calls += 1
+        return t, t_sent, t_ready, t_recv
 
     def call(self, kind: str, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         """The base's answer to ``kind`` of ``op`` (layer ``layer``) on the rows of ``x``."""
@@ -111,11 +118,17 @@ class Exchange:
             r1 = min(n, r0 + step)
             t = time.perf_counter()
             src[:r1 - r0, :d_in].copy_(x[r0:r1].reshape(r1 - r0, d_in))
-            self.transfer_s += time.perf_counter() - t
-            self._roundtrip(kind, layer, op, r1 - r0)
+            copy_in = time.perf_counter() - t
+            times = self._roundtrip(kind, layer, op, r1 - r0)
             t = time.perf_counter()
             y[r0:r1].copy_(dst[:r1 - r0, :d_out])
-            self.transfer_s += time.perf_counter() - t
+            copy_out = time.perf_counter() - t
+            self.transfer_s += copy_in + copy_out
+            if self.calls_log is not None:
+                self.calls_log.append((kind, layer, op, r1 - r0,
+                                       (r1 - r0) * d_in * src.element_size(),
+                                       (r1 - r0) * d_out * dst.element_size(), copy_in,
+                                       *times, copy_out))
         return y
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from twin.executor.model import _rotate_half, rms_norm
 from twin.executor.split.client import SplitModel
 from twin.executor.split.exchange import LINEAR_OPS, Exchange, op_dims
+from twin.executor.split.probe import freeze_startup_heap
 
 TRAIN_STEP_COLUMNS = ["step", "t_start", "t_end", "tokens", "loss", "base_wait_s",
                       "transfer_s"]
@@ -131,8 +132,9 @@ def _train(trainer: LoRATrainer, spec: TrainerSpec, done) -> list[tuple]:
 
 
 def trainer_main(spec: TrainerSpec, model_dir: str, dtype: torch.dtype, conn, buffers, ready,
-                 done, results) -> None:
-    """The training client's process: build, wait for everyone, train, report."""
+                 done, results, gc_freeze: bool = True) -> None:
+    """The training client's process: build, wait for everyone, train, report
+    (``gc_freeze``: ``twin.executor.split.probe``)."""
     torch.set_num_threads(1)
     torch.manual_seed(spec.seed)
     ex = None
@@ -141,6 +143,8 @@ def trainer_main(spec: TrainerSpec, model_dir: str, dtype: torch.dtype, conn, bu
         model = SplitModel(model_dir, dtype, ex)
         ex.shape = model.shape
         trainer = LoRATrainer(model, spec)
+        if gc_freeze:
+            freeze_startup_heap()
         ready.wait(spec.start_timeout_s)
         rows = _train(trainer, spec, done)
         span = rows[-1][2] - rows[0][1]
