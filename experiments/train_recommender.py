@@ -7,7 +7,9 @@
 Same as `twin train`. Reduced against the paper: 600-s windows instead of one hour, the
 slot grid up to each workload's adapter count, 100 training families (2-3 adapter counts
 each, ~250 workloads, ~2,100 points) and 20 held-out families instead of 840 workloads x 66
-points; sweeps are resumable (runs/train/sweep-*), so an interrupted training continues
+points, plus the latency heads' sweep (the same workloads at 10 sampled max_loras x
+max_num_batched_tokens x max_num_seqs configurations, 120-s and 600-s windows: 2,480 points,
+~15 min at load; --no-latency-sweep skips it); sweeps are resumable (runs/train/sweep-*), so an interrupted training continues
 where it stopped, and they are keyed by the profile's content, so a new profile re-runs
 them. The last line printed is one JSON object:
 gap_to_exhaustive_median_pct, gap_to_exhaustive_max_pct, starving_recommendations,

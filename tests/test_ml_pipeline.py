@@ -178,9 +178,15 @@ def test_train_writes_a_model_equal_to_the_fitted_one(trained):
     saved = Recommender.load(trained / "recommender.json")
     assert saved.meta["profile"] == PROFILE and saved.meta["rows"] == len(train)
     assert saved.meta["window_s"] == WINDOW
-    # the in-memory model fitted on the same sweep predicts the held-out rows as the saved
+    # the latency heads also learned from the latency sweep (the same training workloads
+    # at other latency knobs; held-out workloads never in it)
+    lat = read_sweep(trained / "sweep-latency")
+    assert len(lat) and set(lat["workload_key"]) <= set(train["workload_key"])
+    assert lat["max_num_seqs"].nunique() > 1 or lat["max_num_batched_tokens"].nunique() > 1
+    assert saved.meta["latency_rows"] > 0
+    # the in-memory model fitted on the same sweeps predicts the held-out rows as the saved
     # one does, up to the 7 significant digits the file keeps
-    fitted = fit_recommender(train, profile)
+    fitted = fit_recommender(train, profile, latency_sweep=lat)
     X = with_queue_features(row_table(held), profile)
     a, b = fitted.predict_rows(X), saved.predict_rows(X)
     assert len(a) == len(X) > 0   # rows of configs that start

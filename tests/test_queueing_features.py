@@ -54,6 +54,25 @@ def test_prefill_floor_grows_with_the_prompt_and_the_chunks(profile):
     assert long_["prefill_p99_ms"] > 2 * short["prefill_p99_ms"]
 
 
+def test_loaded_prefill_shares_the_token_budget_with_the_running_batch(profile):
+    from twin.ml.queueing import loaded_prefill_s
+
+    alone = prefill_s(profile, 4000, 2048, 16, 8)
+    assert loaded_prefill_s(profile, 4000, 2048, 0, 300, 16, 8) == pytest.approx(alone,
+                                                                                  rel=0.3)
+    # decodes take the budget first: more of them, more (and slower) steps for the prompt
+    light, heavy = (loaded_prefill_s(profile, 4000, 2048, b, 300, 16, 8) for b in (64, 1900))
+    assert heavy > 3 * light > 3 * 0.5 * alone
+    # a larger budget leaves the prompt more room beside the same batch
+    assert loaded_prefill_s(profile, 4000, 16384, 1900, 300, 16, 8) < heavy / 3
+    wf = _wf(1.0, prompt=(512, 4096))
+    small, big = (queue_features(wf, paper_base().replace(
+        max_loras=16, max_cpu_loras=16, max_num_batched_tokens=m), profile)
+        for m in (2048, 16384))
+    assert big["prefill_p99_loaded_ms"] < small["prefill_p99_loaded_ms"]
+    assert small["prefill_p99_loaded_ms"] >= small["prefill_p99_ms"]
+
+
 def test_models_on_different_features_pack_together_unchanged():
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])
@@ -65,20 +84,32 @@ def test_models_on_different_features_pack_together_unchanged():
     np.testing.assert_allclose(packed.predict(X2)["m"], m.predict(X), rtol=1e-9, atol=1e-9)
 
 
+def _cut(model: Recommender, n: int) -> dict:
+    """``model``'s ensembles as if saved with its first ``n`` features only."""
+    return {k: {**m, "features": list(MODEL_FEATURES)[:n], "trees": [
+        {**t, "feature": [f if f < n else 0 for f in t["feature"]]}
+        for t in m["trees"]]} for k, m in model.models.items()}
+
+
 def test_shipped_model_sees_the_queueing_features_and_an_older_model_still_loads():
     shipped = Recommender.load()
     assert shipped.features == list(MODEL_FEATURES)
     assert set(QUEUE_FEATURES) <= set(shipped.features)
-    # a model saved before the queueing features (ROW_FEATURES alone) predicts with its own
-    old = {k: {**m, "features": list(ROW_FEATURES), "trees": [
-        {**t, "feature": [f if f < len(ROW_FEATURES) else 0 for f in t["feature"]]}
-        for t in m["trees"]]} for k, m in shipped.models.items()}
-    back = Recommender(old, shipped.meta)
     X = pd.DataFrame(np.ones((2, len(MODEL_FEATURES))), columns=list(MODEL_FEATURES))
-    assert set(back.predict_rows(X)) == set(shipped.models)
+    # models saved before the queueing features (ROW_FEATURES alone), or before the later
+    # ones (a leading part of them), predict with their own
+    for n in (len(ROW_FEATURES), len(MODEL_FEATURES) - 1):
+        back = Recommender(_cut(shipped, n), shipped.meta)
+        assert back.features == list(MODEL_FEATURES)[:n]
+        assert set(back.predict_rows(X)) == set(shipped.models)
+    # a feature list that is not this twin's is refused
+    odd = {k: {**m, "features": list(reversed(m["features"]))}
+           for k, m in shipped.models.items()}
+    with pytest.raises(Exception, match="features do not match"):
+        Recommender(odd, shipped.meta)
 
 
-def test_knobs_never_varied_in_training_are_priced_at_the_trained_values(profile):
+def test_knobs_are_priced_within_the_trained_range(profile):
     from twin.ml.queueing import within_trained
     from twin.ml.recommender import config_table
 
@@ -90,7 +121,11 @@ def test_knobs_never_varied_in_training_are_priced_at_the_trained_values(profile
     assert within_trained(base.replace(max_num_seqs=64), None).max_num_seqs == 64
     wf = _wf(1.0)
     other = base.replace(max_num_seqs=64, max_num_batched_tokens=8192)
-    if lo == hi == base.max_num_seqs:   # the shipped model saw one max_num_seqs only
-        t = config_table(model, wf, [base, other], profile)
+    t = config_table(model, wf, [base, other], profile)
+    if lo == hi == base.max_num_seqs:   # a model that saw one max_num_seqs only
         for k in QUEUE_FEATURES:   # (kv_tokens, a row feature, still moves with the knobs)
             assert t.at[0, k] == t.at[1, k], k
+    else:   # trained over the latency sweep's grids: the knobs move the features
+        assert lo <= 64 and model.trained_knobs["max_num_batched_tokens"][1] >= 8192
+        assert t.at[0, "decode_batch"] != t.at[1, "decode_batch"]
+        assert t.at[0, "prefill_p99_loaded_ms"] != t.at[1, "prefill_p99_loaded_ms"]

@@ -239,6 +239,10 @@ def add_train_args(p):
     p.add_argument("--no-install", action="store_true",
                    help="do not overwrite the shipped twin/ml/recommender.json")
     p.add_argument("--quick", action="store_true", help="smaller model comparison")
+    p.add_argument("--no-latency-sweep", action="store_true",
+                   help="fit the latency heads on the recommender's sweep alone (the paper's "
+                        "max_num_batched_tokens / max_num_seqs, one window), without the "
+                        "latency sweep over the goodput search's knobs and 120/600-s windows")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("SLO evaluation (issue 16): held-out workloads x SLO levels, "
                              "recommend --objective goodput vs exhaustive twin search")

@@ -18,8 +18,11 @@ statistics. The heads now also see :data:`twin.ml.queueing.QUEUE_FEATURES` (the 
 prompt's prefill time, the running batch, utilisation = offered / capacity, adapters in
 flight and slot pressure, priced on the profile's step-time model; :data:`HEAD_FEATURES`),
 computed for each training row by rebuilding its workload (:func:`with_queue_features`).
-What remains (bursts within the window, windows longer than the training's) is measured,
-recorded and used instead of hidden.
+The heads learn from the recommender's sweep and the latency sweep
+(:mod:`twin.ml.latency_sweep`: the same training workloads at the goodput search's
+``max_num_batched_tokens`` / ``max_num_seqs`` and at 120-s windows), so the knobs the search
+varies are inside their training range. What remains (bursts within the window, windows
+longer than the training's) is measured, recorded and used instead of hidden.
 """
 
 from __future__ import annotations
@@ -64,13 +67,14 @@ def latency_rows(rows: pd.DataFrame, profile=None) -> pd.DataFrame:
 
 def with_queue_features(rows: pd.DataFrame, profile) -> pd.DataFrame:
     """``rows`` (:func:`twin.ml.dataset.row_table`'s) with the queueing features of each
-    point: each workload's trace rebuilt from its spec, cut to its window, once."""
+    point: each workload's trace rebuilt from its spec, cut to its window, once per
+    (workload, window)."""
     from twin.costs.profile import load_profile  # lazy: only when a profile is named
 
     profile = profile if hasattr(profile, "step_time") else load_profile(profile)
     extra = np.full((len(rows), len(LATENCY_EXTRA)), np.nan)
     pos = {k: i for i, k in enumerate(rows.index)}
-    for _, g in rows.groupby("workload_key", sort=False):
+    for _, g in rows.groupby(["workload_key", "window_s"], sort=False):
         first = g.iloc[0]
         trace, catalog = WorkloadSpec.from_dict(json.loads(first["workload"])).build()
         w = float(first["window_s"])

@@ -3,7 +3,9 @@
 1. sample training and held-out workload families (different seeds, so held-out
    workloads are unseen);
 2. sweep both through the twin (resumable; a re-run after a profile change re-runs only
-   what the new profile's hash invalidates: everything);
+   what the new profile's hash invalidates: everything), and the training workloads at the
+   goodput search's latency knobs and at 120-s windows for the latency heads
+   (:mod:`twin.ml.latency_sweep`; ``--no-latency-sweep`` skips it);
 3. fit the recommender's tree ensembles, save them (and install them as the shipped model);
 4. compare models on held-out families (GroupKFold): simplified tree, EBM, monotone linear,
    xgboost and the shipped ensemble; export trees and importances;
@@ -27,6 +29,7 @@ import pandas as pd
 
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
+from twin.ml.latency_sweep import latency_plan
 from twin.ml.recommender import SHIPPED_MODEL, Recommender
 from twin.ml.slo_bench import slo_report
 from twin.ml.slo_eval import headline as slo_headline
@@ -55,10 +58,10 @@ def _train(args) -> int:
         raise TwinInputError(f"--rate-range is LOW,HIGH req/s; got {lo:g},{hi:g}",
                              field="--rate-range")
     timings: dict = {}
-    train, held = _datasets(args, profile, W, (lo, hi), timings)
+    train, held, lat = _datasets(args, profile, W, (lo, hi), timings)
 
     t0 = time.perf_counter()
-    model = fit_recommender(train, profile, meta={
+    model = fit_recommender(train, profile, latency_sweep=lat, meta={
         "window_s": W, "train_families": args.families, "seed": args.seed,
         "rate_range": [lo, hi],
         "command": "python experiments/train_recommender.py"})
@@ -149,7 +152,9 @@ def _slo_only(args, profile, t_all: float) -> int:
 
 def _datasets(args, profile, W: float, rate_range: tuple, timings: dict):
     """Sample the training and held-out workload families (different seeds), sweep both
-    through the twin (resumable) and read back the rows of this run's points."""
+    through the twin (resumable), and the training workloads at the latency heads' knobs
+    and windows (:mod:`twin.ml.latency_sweep`; not with ``--no-latency-sweep``); read back
+    the rows of this run's points: (train, held-out, latency sweep or None)."""
     ee = EarlyExit()
     train_specs = sample_workloads(args.families, seed=args.seed, window_s=W,
                                    rate_range=rate_range)
@@ -165,16 +170,31 @@ def _datasets(args, profile, W: float, rate_range: tuple, timings: dict):
                         early_exit=ee, progress=not args.no_progress)
         timings[f"sweep_{name}_s"] = time.perf_counter() - t0
         print(f"sweep {name}: {rep.line()}", flush=True)
-    keys_train = {t.key for t in plan(train_specs, window_s=W, profile=profile, early_exit=ee)}
-    keys_held = {t.key for t in plan(held_specs, window_s=W, profile=profile, early_exit=ee)}
-    train = read_sweep(out / "sweep-train")
-    train = train[train["key"].isin(keys_train)].reset_index(drop=True)
-    held = read_sweep(out / "sweep-heldout")
-    held = held[held["key"].isin(keys_held)].reset_index(drop=True)
+    lat_tasks = [] if args.no_latency_sweep else latency_plan(
+        train_specs, profile=profile, early_exit=ee, paper_window_s=W, seed=args.seed)
+    if lat_tasks:
+        t0 = time.perf_counter()
+        rep = run_sweep(lat_tasks, out / "sweep-latency", profile=profile,
+                        workers=args.workers, early_exit=ee, progress=not args.no_progress)
+        timings["sweep_latency_s"] = time.perf_counter() - t0
+        print(f"sweep latency (the latency heads' knobs and windows): {rep.line()}",
+              flush=True)
+    train = _rows_of(out / "sweep-train", plan(train_specs, window_s=W, profile=profile,
+                                                early_exit=ee))
+    held = _rows_of(out / "sweep-heldout", plan(held_specs, window_s=W, profile=profile,
+                                                 early_exit=ee))
+    lat = _rows_of(out / "sweep-latency", lat_tasks) if lat_tasks else None
     print(f"dataset: {len(train)} training rows ({int((~train['early_exit']).sum())} full "
-          f"runs, {int(train['early_exit'].sum())} early exits), {len(held)} held-out rows",
-          flush=True)
-    return train, held
+          f"runs, {int(train['early_exit'].sum())} early exits), {len(held)} held-out rows, "
+          f"{0 if lat is None else len(lat)} latency-sweep rows", flush=True)
+    return train, held, lat
+
+
+def _rows_of(path: Path, tasks) -> pd.DataFrame:
+    """The rows of a sweep store that belong to ``tasks`` (a store may hold more)."""
+    keys = {t.key for t in tasks}
+    rows = read_sweep(path)
+    return rows[rows["key"].isin(keys)].reset_index(drop=True)
 
 
 def _headline(rep: pd.DataFrame, pms: float) -> dict:

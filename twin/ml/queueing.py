@@ -22,12 +22,19 @@ trees learn the residual. Each is a first-order estimate, not a simulation:
   1 - exp(-rate_a x time in the batch) (each adapter's requests as a Poisson stream:
   M/G/inf occupancy), and ``slot_pressure`` = that over ``max_loras``: above 1, requests
   wait for a LoRA slot.
+- ``prefill_p99_loaded_ms``: the p99 prompt's prefill beside the running batch: each step's
+  ``max_num_batched_tokens`` budget goes to the batch's decodes first, the prompt gets the
+  rest (:func:`loaded_prefill_s`): how the token budget and the batch (``max_num_seqs``)
+  trade against each other at load, where ``prefill_p99_ms`` is the empty server's floor.
 
-The latency knobs a model never saw vary in training (today's sweeps run every point at the
-paper's ``max_num_batched_tokens`` and ``max_num_seqs``) are held at the trained values
-(:func:`within_trained`): priced at other values the features leave the region the trees
-were fitted on and the predictions got worse, not better (SLO evaluation: p99 TTFT SMAPE
-35.7 % with the knobs priced as given, vs 32.5 % on the runs at the trained values).
+The latency knobs are priced as given within the range the model's training sweep varied
+them over, and held at its ends outside it (:func:`within_trained`; the model records the
+range as ``trained_knobs``): priced beyond it the features leave the region the trees were
+fitted on. A model trained on the recommender's sweep alone saw the paper's 2048 / 2048
+only (its features then ignore the knobs: SLO evaluation p99 TTFT SMAPE 35.7 % with them
+priced as given, the same with them held); the latency sweep
+(:mod:`twin.ml.latency_sweep`) spans the goodput search's grids, so the knobs now move the
+features (and the predictions) wherever the search goes.
 
 Inputs: :func:`twin.ml.features.workload_features` (with its per-adapter counts) and a
 configuration; the same function serves the training rows (:mod:`twin.ml.latency`) and
@@ -43,14 +50,19 @@ import numpy as np
 from twin.costs.step_time import StepFeatures
 
 QUEUE_FEATURES = ("prefill_p99_ms", "decode_batch", "utilisation", "busy_adapters",
-                  "slot_pressure")
+                  "slot_pressure", "prefill_p99_loaded_ms")
 #: the latency knobs the features price; held within the training's range for prediction
 KNOBS = ("max_num_batched_tokens", "max_num_seqs")
-#: the features the latency heads see beyond :data:`twin.ml.features.ROW_FEATURES`
-#: (the workload's prompt p99, max and 10-s peak as features of their own did not help:
-#: held-out p99 TTFT SMAPE 36.3 % -> 36.5 %)
+#: the features the latency heads see beyond :data:`twin.ml.features.ROW_FEATURES`.
+#: Tried and left out: the workload's prompt p99, max and 10-s peak (held-out p99 TTFT
+#: SMAPE 36.3 -> 36.5 %); the requests in the window, a proxy of its length (SLO evaluation
+#: 27.6 -> 33.2 % on a partial latency sweep); ``seq_pressure`` = rate x time in a full
+#: batch / ``max_num_seqs`` (held-out families 22.2 -> 21.9 % alone, 22.2 % beside
+#: ``prefill_p99_loaded_ms``, which alone gives 21.2 %)
 LATENCY_EXTRA = QUEUE_FEATURES
 _ITER = 40
+#: the least share of a step's token budget a waiting prefill gets beside a full batch
+MIN_PREFILL_SHARE = 1 / 16
 
 
 def _step(profile, *, prefill=0, decode=0, ctx=0.0, prefill_ctx=0.0, rank=16, adapters=1,
@@ -70,6 +82,20 @@ def prefill_s(profile, prompt: float, chunk: int, rank: int, slots: int) -> floa
         t += _step(profile, prefill=n, prefill_ctx=n * (done + n), rank=rank, slots=slots)
         done += n
     return t
+
+
+def loaded_prefill_s(profile, prompt: float, chunk: int, batch: float, ctx: float, rank: int,
+                     slots: int) -> float:
+    """Seconds to prefill one ``prompt`` beside a running batch of ``batch`` decodes: each
+    step's ``chunk`` token budget goes to the decodes first (vLLM's chunked prefill), the
+    prompt gets the rest (at least :data:`MIN_PREFILL_SHARE` of the budget, as decodes
+    finish), and every such step takes the batch's step time."""
+    b = max(int(round(batch)), 0)
+    free = max(chunk - b, int(MIN_PREFILL_SHARE * chunk), 1)
+    steps = math.ceil(max(prompt, 1.0) / free)
+    return steps * _step(profile, prefill=min(free, int(max(prompt, 1))), decode=b,
+                         ctx=b * ctx, prefill_ctx=free * max(prompt, 1.0) / 2, rank=rank,
+                         adapters=min(b + 1, slots), slots=slots)
 
 
 def queue_features(wf: dict, cfg, profile) -> dict:
@@ -107,10 +133,12 @@ def queue_features(wf: dict, cfg, profile) -> dict:
         n = max(int(wf["n_adapters"]), 1)
         rates = np.full(n, rate * (1 - float(wf.get("base_share", 0.0))) / n)
     busy_ad = float(np.sum(1.0 - np.exp(-rates * t_req)))
-    out = dict(prefill_p99_ms=1000 * prefill_s(profile, float(wf["prompt_p99"]), chunk, rank,
-                                               slots),
+    p99 = float(wf["prompt_p99"])
+    out = dict(prefill_p99_ms=1000 * prefill_s(profile, p99, chunk, rank, slots),
                decode_batch=float(b), utilisation=float(busy), busy_adapters=busy_ad,
-               slot_pressure=busy_ad / max(slots, 1))
+               slot_pressure=busy_ad / max(slots, 1),
+               prefill_p99_loaded_ms=1000 * loaded_prefill_s(profile, p99, chunk, b, ctx,
+                                                             rank, slots))
     return {k: (v if math.isfinite(v) else 1e9) for k, v in out.items()}
 
 

@@ -113,15 +113,16 @@ class Recommender:
         self.meta = dict(meta or {})
         self.latency_error = latency_error
         self.packed_ = PackedTrees(models)
-        # MODEL_FEATURES; a model saved before the queueing features (ROW_FEATURES
-        # alone) still loads and predicts with its own
+        # MODEL_FEATURES; a model saved before some of the latency features (ROW_FEATURES
+        # and a leading part of the rest) still loads and predicts with its own
         self.features = list(self.packed_.features)
         # the latency knobs' range in the training sweep (queueing features are priced
         # within it); a model that does not record it was trained at the paper's values
         self.trained_knobs = self.meta.get("trained_knobs") or {
             k: [PAPER_BASE[k], PAPER_BASE[k]] for k in ("max_num_batched_tokens",
                                                         "max_num_seqs")}
-        if self.features not in (list(MODEL_FEATURES), list(ROW_FEATURES)):
+        if not (len(ROW_FEATURES) <= len(self.features) <= len(MODEL_FEATURES)
+                and self.features == list(MODEL_FEATURES)[:len(self.features)]):
             raise TwinInputError("recommender model features do not match this twin "
                                  "version; retrain with experiments/train_recommender.py",
                                  field="features")

@@ -40,6 +40,10 @@ LATENCY_GRID = {"max_num_batched_tokens": (2048, 4096, 8192, 16384),
 GPU_MEMORY_UTILIZATION = (0.80, 0.85, 0.90, 0.95)
 RANK_STEPS = 3            # max_lora_rank: the largest adapter rank padded, and 2 values above
 OBJECTIVE_KNOBS = {"throughput": ("max_loras",), "goodput": KNOBS, "cost": KNOBS}
+#: ``max_loras`` and the latency knobs: the space the SLO evaluation searches exhaustively
+#: (:mod:`twin.ml.slo_bench`) and the latency heads' training sweep samples
+#: (:mod:`twin.ml.latency_sweep`)
+LATENCY_KNOBS = ("max_loras", *LATENCY_GRID)
 
 
 @dataclass(frozen=True)
@@ -147,3 +151,13 @@ def search_space(n_adapters: int, max_rank: int, base: ServingConfig,
 def _base_value(cfg: ServingConfig, knob: str):
     v = getattr(cfg, knob)
     return round(float(v), 4) if knob == "gpu_memory_utilization" else int(v)
+
+
+def space_configs(n_adapters: int, max_rank: int, base: ServingConfig, profile,
+                  knobs=None) -> list[ServingConfig]:
+    """Every configuration of the goodput space over ``knobs`` that vLLM would start (KV
+    cache holding ``max_model_len``, as :func:`twin.ml.recommender.candidate_table`
+    requires), in grid order."""
+    space = search_space(n_adapters, max_rank, base, "goodput", knobs=knobs)
+    cfgs = [space.config(p) for p in space.points()]
+    return [c for c in cfgs if profile.memory.kv_tokens(c) >= c.max_model_len]

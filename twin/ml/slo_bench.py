@@ -22,7 +22,7 @@ from twin.ml.features import workload_features
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender, catalog_max_rank, config_table
-from twin.ml.search_space import LATENCY_GRID, search_space
+from twin.ml.search_space import LATENCY_GRID, LATENCY_KNOBS, space_configs
 from twin.ml.slo_eval import exhaustive_best, keeps_up, score_case, slo_levels
 from twin.ml.spec import WorkloadSpec, paper_base
 from twin.ml.sweep import EarlyExit
@@ -38,7 +38,7 @@ MAX_GPUS = 4
 #: and the latency knobs (96-144 configurations for 8-32 adapters). ``max_cpu_loras``, rank
 #: padding and ``gpu_memory_utilization`` stay at the paper's candidates' values: with them
 #: the exhaustive search is ~40x larger (pass ``knobs`` to widen it).
-SLO_KNOBS = ("max_loras", *LATENCY_GRID)
+SLO_KNOBS = LATENCY_KNOBS
 
 
 def pick_workloads(specs: list[WorkloadSpec], n: int = SLO_WORKLOADS,
@@ -114,14 +114,6 @@ def _rec_outcome(rec, pl) -> dict:
         return {"ok": True, "gpus": 1, **{k: rec.verified[k] for k in (
             "goodput", "ttft_p99", "tpot_p99", "starving", "full")}}
     return {"ok": False, "gpus": len(pl.gpus) if pl is not None and pl.ok else None}
-
-
-def space_configs(n_adapters: int, max_rank: int, base, profile, knobs) -> list:
-    """Every configuration of the space over ``knobs`` that vLLM would start (KV cache
-    holding ``max_model_len``, as :func:`twin.ml.recommender.candidate_table` requires)."""
-    space = search_space(n_adapters, max_rank, base, "goodput", knobs=knobs)
-    cfgs = [space.config(p) for p in space.points()]
-    return [c for c in cfgs if profile.memory.kv_tokens(c) >= c.max_model_len]
 
 
 def evaluate_workload(spec: WorkloadSpec, model: Recommender, profile, *, window_s: float,

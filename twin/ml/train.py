@@ -84,12 +84,17 @@ def sample_workloads(n_families: int, *, seed: int = 0, window_s: float = 600.0,
 
 def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
                     latency_estimators: int | None = None, meta: dict | None = None,
-                    latency_error: bool = True) -> Recommender:
+                    latency_error: bool = True,
+                    latency_sweep: pd.DataFrame | None = None) -> Recommender:
     """Tree ensembles for achieved/offered, P(starving) and TTFT/TPOT percentiles
     (:mod:`twin.ml.latency`: calibrated heads, and with ``latency_error`` their p99 error on
-    held-out families, recorded in the model)."""
+    held-out families, recorded in the model). ``latency_sweep``: more rows for the latency
+    heads alone (:mod:`twin.ml.latency_sweep`: the same training workloads at other latency
+    knobs and windows); the achieved and starvation models keep ``sweep``'s grid."""
     rows = row_table(sweep)
-    rows_all = sweep[sweep["starts"]]
+    both = sweep if latency_sweep is None else pd.concat([sweep, latency_sweep],
+                                                         ignore_index=True)
+    rows_all = both[both["starts"]]
     X = rows[list(ROW_FEATURES)]
     models = {}   # achieved / starving on the rows' features; the latency heads see more
     models["achieved"] = reindexed(TreeEnsemble("regressor", n_estimators=n_estimators,
@@ -98,7 +103,7 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
     models["p_starve"] = reindexed(TreeEnsemble("classifier", n_estimators=n_estimators,
                                                 max_depth=3).fit(X, rows["starving"]).to_dict(),
                                    HEAD_FEATURES)
-    full = latency_rows(rows, profile)    # the queueing features, computed once
+    full = latency_rows(row_table(both), profile)   # the queueing features, computed once
     models.update(fit_heads(full, latency_estimators))
     err = heldout_error(full, n_estimators=latency_estimators) if latency_error else None
     m = {"profile": profile.name, "profile_sha": profile_digest(profile),
@@ -106,6 +111,8 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
          "workloads": int(rows["workload_key"].nunique()),
          "families": int(rows["family_key"].nunique()),
          "window_s": float(rows["window_s"].iloc[0]) if len(rows) else None,
+         "latency_rows": int(len(full)),
+         "latency_windows_s": sorted(float(w) for w in full["window_s"].unique()),
          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          "trained_knobs": {k: [int(rows_all[k].min()), int(rows_all[k].max())]
                            for k in KNOBS} if len(rows_all) else None}
