@@ -92,6 +92,9 @@ def results_frame(runs, sims) -> pd.DataFrame:
         for short, name, _ in METRICS:
             row[f"real_{short}"] = m.get(name, np.nan)
             row[f"twin_{short}"] = s.get(name, np.nan)
+        for q in ("median", "p99"):   # the TTFT tail (the means above are SMAPE'd)
+            row[f"real_ttft_{q}"] = m.get(f"{q}_ttft_ms", np.nan)
+            row[f"twin_ttft_{q}"] = s.get(f"{q}_ttft_ms", np.nan)
         row["twin_sim_wall_s"] = s.get("sim_wall_s", np.nan)
         row["twin_rejected"] = s.get("rejected", 0)
         rows.append(row)

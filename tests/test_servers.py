@@ -44,10 +44,18 @@ def test_features_are_named_and_after_idle_sets_only_its_flag():
                   max_loras=2, max_model_len=512, adapter_cache=servers.AdapterCache(2, 4))
     s.add_request(Request(0, 0, 0.0, 1, 40, 5))
     s.add_request(Request(1, 1, 0.0, -1, 30, 5))
-    f = features(s.schedule(), max_lora_rank=16, max_loras=2)
+    plan = s.schedule()
+    f = features(plan, max_lora_rank=16, max_loras=2)
     assert isinstance(f, StepFeatures) and f._fields == FEATURES
     assert (f.prefill_tokens, f.lora_token_rank, f.adapter_rank, f.lora_slots) == (70, 40 * 16,
                                                                                    16, 2)
+    # vLLM's LoRA kernel grid: every token of the step (base rows too) times every slot
+    assert f.lora_slot_tokens == 70 * 2
+    assert features(plan, max_lora_rank=16, max_loras=8).lora_slot_tokens == 70 * 8
+    base = Scheduler(num_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=256,
+                     max_loras=2, max_model_len=512, adapter_cache=servers.AdapterCache(2, 4))
+    base.add_request(Request(0, 0, 0.0, -1, 30, 5))
+    assert features(base.schedule(), max_lora_rank=16, max_loras=2).lora_slot_tokens == 0
     g = after_idle(f)
     assert g.after_idle == 1.0 and f.after_idle == 0.0
     assert g._replace(after_idle=0.0) == f
@@ -85,6 +93,7 @@ def test_slora_layout_counts_exact_ranks_with_the_policys_admission(trace):
         s.add_request(Request(i, i, 0.0, i, 10, 5))
     f = parts.featurize(s.schedule())
     assert (f.lora_token_rank, f.adapter_rank, f.lora_slots) == (20 * 8, 2 * 8, 2)
+    assert f.lora_slot_tokens == 20 * 2   # the grid spans the batch's adapters
 
 
 def test_scheduler_hook_sees_every_request_leave_the_running_set(trace):

@@ -21,7 +21,12 @@ import pandas as pd
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.step_time import FEATURES
 
-__all__ = ["ExecutorFit", "fit_measurements", "fit_nnls", "residual_stats", "step_features",
+#: The features an executor calibration fits: all but ``lora_slot_tokens``, the launch cost
+#: of vLLM's Triton LoRA kernel grid (the executor's LoRA is its own code, with no such grid;
+#: measurement logs written before the feature lack its column).
+EXECUTOR_FEATURES = tuple(k for k in FEATURES if k != "lora_slot_tokens")
+
+__all__ = ["EXECUTOR_FEATURES", "ExecutorFit", "fit_measurements", "fit_nnls", "residual_stats", "step_features",
            "step_table"]
 
 
@@ -46,10 +51,10 @@ def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
     ``loads`` (disk and host-to-device medians, affine in ``shape.adapter_bytes``)."""
     steps = step_table(measured, statistic)
     y = steps["y"].to_numpy()
-    X = steps[list(FEATURES)].to_numpy(float)
-    coef, res = fit_nnls(X, y, FEATURES, relative=True, weights=weights)
+    X = steps[list(EXECUTOR_FEATURES)].to_numpy(float)
+    coef, res = fit_nnls(X, y, EXECUTOR_FEATURES, relative=True, weights=weights)
     per_cell = {}
-    pred = X @ np.array([coef[k] for k in FEATURES])
+    pred = X @ np.array([coef[k] for k in EXECUTOR_FEATURES])
     for key, idx in steps.groupby("key").indices.items():
         per_cell[key] = float(pred[idx].sum() / y[idx].sum() - 1)
     nbytes = np.array([shape.adapter_bytes(int(r)) for r in loads["rank"]], float)
@@ -99,8 +104,9 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
                 lt += k
             computed[rid] = start + k
         a = int(steps["batch_adapters"].iloc[j])
+        slots = max_loras if lt else 0
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                max_loras if lt else 0, 1 if lt else 0, pn, float(idle[j]))
+                slots, 1 if lt else 0, pn, float(idle[j]), (pt + dn) * slots)
     return X
 
 
@@ -162,6 +168,8 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     repeats' relative spread and their count. A cell's bursts schedule alike run after run,
     so its steps line up across repeats; where timing made them differ they stay apart."""
     df = steps.assign(y=steps["duration_s"] - steps["load_s"])
+    # rows logged before the feature existed lack it (the executor fit leaves it out)
+    df["lora_slot_tokens"] = df.get("lora_slot_tokens", pd.Series(0.0, df.index)).fillna(0.0)
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
     out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]

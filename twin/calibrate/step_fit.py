@@ -29,7 +29,7 @@ from twin.errors import ConfigError, TwinInputError
 from twin.results import smape
 from twin.sim.engine import simulate
 
-__all__ = ["STEP_TERMS", "StepFit", "fit_step_time", "simulate_run"]
+__all__ = ["GRID_TERMS", "STEP_TERMS", "StepFit", "fit_step_time", "simulate_run"]
 
 # -- step time: simulation in the loop --------------------------------------------------------
 
@@ -40,6 +40,14 @@ __all__ = ["STEP_TERMS", "StepFit", "fit_step_time", "simulate_run"]
 #: rank·token.
 STEP_TERMS = ("const", "decode_tokens", "prefill_tokens", "decode_context", "adapters",
               "lora_slots", "lora_token_rank")
+#: ``STEP_TERMS`` plus a cost per token·slot: vLLM's Triton LoRA kernels launch a thread
+#: block per token block and slot (``lora_shrink`` / ``lora_expand``). Opt-in: on the H100
+#: runs it lowers ITL at 64-192 slots but over-charges the saturated 2048-token steps there
+#: (experiments/README_validate.md, "real H100 runs").
+GRID_TERMS = STEP_TERMS + ("lora_slot_tokens",)
+#: where a term the initial regression does not set starts (the surrogate moves a
+#: coefficient at most x3 per iteration: one starting at 0 would stay there)
+_START = {"lora_slot_tokens": 2e-7}
 _IDX = {k: i for i, k in enumerate(FEATURES)}
 
 
@@ -132,6 +140,7 @@ def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | Non
            "achieved_over_offered": s["achieved_over_offered"],
            "mean_ttft_ms": s["ttft_ms"]["mean"], "mean_itl_ms": s["itl_ms"]["mean"],
            "mean_tpot_ms": s["tpot_ms"]["mean"], "median_ttft_ms": s["ttft_ms"]["median"],
+           "p99_ttft_ms": s["ttft_ms"]["p99"],
            "starving": s["starving"], "completed": s["completed"],
            "rejected": s.get("rejected", 0), "preemptions": s["preemptions"],
            "kv_usage_mean": s["kv_cache"]["usage_mean"],
@@ -206,6 +215,15 @@ def _initial_coef(profile: Profile, runs=()) -> dict:
     return coef
 
 
+def start_coef(profile: Profile, runs, terms, init: dict | None = None) -> dict:
+    """The fit's starting coefficients: ``init``, or the initial regression's
+    (:func:`_initial_coef`); a term neither sets starts at ``_START`` (else 0)."""
+    coef = dict(init or _initial_coef(profile, runs))
+    for k in terms:
+        coef.setdefault(k, _START.get(k, 0.0))
+    return coef
+
+
 def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 1200.0,
                   iterations: int = 4, processes: int = 2, seed: int = 0,
                   max_in_flight: int | None = None, init: dict | None = None,
@@ -221,9 +239,7 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     ITL, throughput and TTFT. The coefficients of the best-scoring iteration are returned.
     """
     t_start = time.perf_counter()
-    coef = dict(init or _initial_coef(profile, runs))
-    for k in terms:
-        coef.setdefault(k, 0.0)
+    coef = start_coef(profile, runs, terms, init)
     real = _Measured.of(runs)
     history = []
     best = None

@@ -34,6 +34,9 @@ class StepFeatures(NamedTuple):
     lora_active: int         # 1 when any token has an adapter (the LoRA kernels launch at all)
     prefill_seqs: int        # prefill chunks (per-sequence attention calls and bookkeeping)
     after_idle: float        # 1 for the first step after the engine waited idle for an arrival
+    lora_slot_tokens: float  # the step's tokens x lora_slots: vLLM's Triton LoRA kernels launch
+    #                          thread blocks for every (token block, slot) pair, a slot
+    #                          without tokens exiting early (a launch cost ~ tokens x max_loras)
 
 
 FEATURES = StepFeatures._fields
@@ -53,10 +56,11 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     adapters and the ``lora_slots`` the kernel grid spans (see :func:`features` for vLLM's
     padded count, :class:`ExactRankFeatures` for S-LoRA's exact one)."""
     lt = plan.decode_lora + plan.prefill_lora_tokens
+    slots = lora_slots if lt else 0
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
-        lt * token_rank, plan.adapters, adapter_rank, lora_slots if lt else 0,
-        1 if lt else 0, plan.prefill_n, 0.0))
+        lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
+        0.0, (plan.prefill_tokens + plan.decode_n) * slots))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:

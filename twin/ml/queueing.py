@@ -71,7 +71,7 @@ def _step(profile, *, prefill=0, decode=0, ctx=0.0, prefill_ctx=0.0, rank=16, ad
     tokens = prefill + decode
     return float(profile.step_time(StepFeatures(
         1.0, int(prefill), int(decode), int(ctx), int(prefill_ctx), tokens * rank, adapters,
-        adapters * rank, slots, 1 if tokens else 0, 1 if prefill else 0, 0.0)))
+        adapters * rank, slots, 1 if tokens else 0, 1 if prefill else 0, 0.0, tokens * slots)))
 
 
 def prefill_s(profile, prompt: float, chunk: int, rank: int, slots: int) -> float:

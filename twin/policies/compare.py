@@ -46,7 +46,7 @@ from twin.workload.schema import validate_trace
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots",
-                                     "lora_active")]
+                                     "lora_active", "lora_slot_tokens")]
 
 
 @dataclass
@@ -182,9 +182,10 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
         for pre, dec, ad, k in zip(sub["prefill_tokens"].to_numpy(), sub["decode_seqs"].to_numpy(),
                                    sub["adapters"].to_numpy(), sub["steps"].to_numpy()):
             lt = (pre + dec) * share
-            f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank,
-                 (slots if slots is not None else ad) if lt else 0, 1.0 if lt else 0.0,
-                 0.0, 0.0]   # lora_active; prefill_seqs, after_idle: not in the step log
+            sl = (slots if slots is not None else ad) if lt else 0
+            f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank, sl,
+                 1.0 if lt else 0.0, 0.0, 0.0,   # lora_active; prefill_seqs, after_idle: not
+                 (pre + dec) * sl]               # in the step log; lora_slot_tokens
             t = st(f)
             for i in _LORA:
                 f[i] = 0
