@@ -52,9 +52,10 @@ def test_linear_decode_run_is_the_general_form_bit_for_bit():
     general._linear = False   # the lines of base, memory and compute, memory/compute empty
     assert fast._linear
     for _ in range(200):
-        f = StepFeatures(1.0, 0, rng.randrange(1, 300), rng.randrange(1, 10**6), 0,
-                         rng.uniform(0, 5000), rng.randrange(0, 8), rng.uniform(0, 500),
-                         rng.randrange(0, 8), 1, 0, 0.0)
+        # every feature >= 0, const 1, a decode step's large attended context
+        f = StepFeatures(*(1.0 if k == "const" else rng.randrange(1, 10**6)
+                           if k == "decode_context" else rng.uniform(0, 500)
+                           for k in FEATURES))
         ctx, k = rng.randrange(1, 300), rng.randrange(1, 4000)
         assert fast.decode_run(f, ctx, k) == general.decode_run(f, ctx, k)
         h = rng.uniform(0.0, 5.0)
