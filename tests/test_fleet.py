@@ -138,10 +138,15 @@ def test_stale_view_routes_on_the_routers_own_sends(trace):
     assert (live.route != stale.route).any()
 
 
+class _Sched(SimpleNamespace):
+    def in_flight(self):   # the scheduler's running + waiting
+        return self.num_running + self.num_waiting
+
+
 def _clock(running, waiting, gpu=(), host=()):
     cache = SimpleNamespace(gpu=SimpleNamespace(resident=dict.fromkeys(gpu)),
                             host=SimpleNamespace(resident=dict.fromkeys(host)))
-    sched = SimpleNamespace(num_running=running, num_waiting=waiting)
+    sched = _Sched(num_running=running, num_waiting=waiting)
     return SimpleNamespace(sched=sched, server=SimpleNamespace(cache=cache), inbox=0)
 
 

@@ -146,6 +146,7 @@ class StepTimeModel:
         ctx = FEATURES.index("decode_context")
         self._slopes = (self._b[ctx], self._m[ctx], self._c[ctx])
         self._curves = tuple(c if isinstance(c, Curve) else Curve(**c) for c in self.curves or ())
+        self._linear = not self._roof and not self._curves   # what calibration fits
         if ctx in {i for c in self._curves for i in c.idx}:
             raise ValueError("a curve of decode_context would break the decode runs' closed form")
 
@@ -193,6 +194,12 @@ class StepTimeModel:
 
         Returns (total, first step's time, last step's time).
         """
+        if self._linear:   # one line (the general form below, without its empty parts)
+            b0 = 0.0
+            for i, w in self._sb:
+                b0 += w * f0[i]
+            bs = self._slopes[0] * ctx_step
+            return k * b0 + bs * k * (k - 1) / 2, b0, b0 + bs * (k - 1)
         (b0, bs), (m0, ms), (c0, cs) = self._lines(f0)
         bs *= ctx_step
         ms *= ctx_step

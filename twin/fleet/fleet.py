@@ -87,7 +87,7 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
                                      progress, **kw)
     else:
         aid = pd.Categorical(trace["adapter"], categories=catalog.adapters).codes
-        route = router.route_all(aid.tolist())
+        route = router.route_all(aid)
         results = _independent(trace, reps, route, catalog, workers, backend, address,
                                progress, **kw)
     return combine_fleet(trace, reps, router, route, results, window_s,

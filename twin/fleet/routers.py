@@ -45,11 +45,12 @@ class Router:
         raise NotImplementedError
 
     def route_all(self, adapter_ids) -> np.ndarray:
-        """Every request's replica, in trace order (routers that read no state)."""
+        """Every request's replica, in trace order (routers that read no state): what
+        ``pick`` would answer request after request, with its state left as after them."""
         if self.reads_state:
             raise TypeError(f"{self.name} reads replica state: it routes in the event loop")
-        return np.fromiter((self.pick(a, None) for a in adapter_ids), dtype=np.int64,
-                           count=len(adapter_ids))
+        ids = np.asarray(adapter_ids, dtype=np.int64).tolist()
+        return np.fromiter((self.pick(a, None) for a in ids), dtype=np.int64, count=len(ids))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -68,6 +69,11 @@ class RoundRobin(Router):
         k = self.next
         self.next = (k + 1) % self.n
         return k
+
+    def route_all(self, adapter_ids):
+        route = (self.next + np.arange(len(adapter_ids), dtype=np.int64)) % self.n
+        self.next = (self.next + len(adapter_ids)) % self.n
+        return route
 
 
 class LeastOutstandingRequests(Router):
@@ -119,9 +125,7 @@ class StaticTable(Router):
     def pick(self, adapter, view):
         entry = self.rows.get(adapter)
         if entry is None:
-            name = BASE_KEY if adapter < 0 else self.adapters[adapter]
-            raise TwinInputError(f"adapter {name!r} of the trace has no row in the routing "
-                                 "table", file=self.source, field="adapter")
+            self._no_row(adapter)
         gs, ws = entry
         if len(gs) == 1:
             return gs[0]
@@ -135,6 +139,32 @@ class StaticTable(Router):
                 best = j
         cur[best] -= total
         return gs[best]
+
+    def route_all(self, adapter_ids):
+        """``pick``'s answers, an adapter at a time: a table lookup for an adapter on one
+        replica, the weighted round robin over its own requests for one on several (a
+        fleet's hour is 10^6 requests: per request in Python, ~10 s before any replica
+        starts)."""
+        aid = np.asarray(adapter_ids, dtype=np.int64)
+        order = np.argsort(aid, kind="stable")
+        keys, starts = np.unique(aid[order], return_index=True)
+        missing = [(order[i], a) for a, i in zip(keys.tolist(), starts.tolist())
+                   if a not in self.rows]
+        if missing:
+            self._no_row(min(missing)[1])   # the first request pick would refuse
+        route = np.empty(len(aid), dtype=np.int64)
+        for a, rows in zip(keys.tolist(), np.split(order, starts[1:])):
+            gs = self.rows[a][0]
+            if len(gs) == 1:
+                route[rows] = gs[0]
+            else:
+                route[rows] = [self.pick(a, None) for _ in range(len(rows))]
+        return route
+
+    def _no_row(self, adapter: int):
+        name = BASE_KEY if adapter < 0 else self.adapters[adapter]
+        raise TwinInputError(f"adapter {name!r} of the trace has no row in the routing "
+                             "table", file=self.source, field="adapter")
 
 
 def _read_routing(path: Path) -> pd.DataFrame:
@@ -176,6 +206,10 @@ class ConsistentHash(Router):
 
     def pick(self, adapter, view):
         return self.base if adapter < 0 else self.table[adapter]
+
+    def route_all(self, adapter_ids):
+        lookup = np.asarray(self.table + [self.base], dtype=np.int64)   # -1: the base's
+        return lookup[np.asarray(adapter_ids, dtype=np.int64)]
 
 
 class AdapterAffinity(Router):

@@ -18,8 +18,7 @@ GPU, HOST, NONE = 0, 1, 2   # residency tiers, best first
 
 
 def _outstanding(clock) -> int:
-    s = clock.sched
-    return s.num_running + s.num_waiting + clock.inbox
+    return clock.sched.in_flight() + clock.inbox
 
 
 def _residents(cache) -> tuple:

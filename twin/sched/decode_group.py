@@ -86,6 +86,23 @@ class DecodeGroup:
             h += sum(self.hist[self.B - s + 1:])
         return h
 
+    def held_blocks_now_and_next(self) -> tuple[int, int]:
+        """``(held_blocks(), held_blocks(clock + 1))`` in one call (every step asks both)."""
+        n = self.n
+        if n == 0:
+            return 0, 0
+        B, hist = self.B, self.hist
+        a, s = divmod(self.clock, B)
+        h = self.Q + n * a + n
+        if s == 0:
+            h -= hist[0]
+        else:
+            h += sum(hist[B - s + 1:])
+        # clock + 1: s + 1 == B wraps to the next a with s == 0
+        if s + 1 == B:
+            return h, self.Q + n * (a + 1) + n - hist[0]
+        return h, self.Q + n * a + n + sum(hist[B - s:])
+
     def context_tokens(self, clock: int | None = None) -> int:
         """Sum of attended context (computed + the new token) in a step at ``clock``."""
         t = self.clock if clock is None else clock

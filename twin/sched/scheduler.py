@@ -67,6 +67,10 @@ class Scheduler(Aborts):
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def in_flight(self) -> int:
+        """Requests running or waiting (a router's count of a replica's load)."""
+        return self.group.n + len(self.prefilling) + len(self.waiting)
+
     def kv_used_blocks(self) -> int:
         return self.pool.used + self.group.held_blocks()
 
@@ -78,7 +82,8 @@ class Scheduler(Aborts):
         return self.prefix.evictable
 
     def has_work(self) -> bool:
-        return self.num_running > 0 or len(self.waiting) > 0
+        # num_running's terms, read directly: asked once per engine step
+        return self.group.n > 0 or len(self.prefilling) > 0 or len(self.waiting) > 0
 
     def computed(self, req: Request) -> int:
         return self.group.computed(req) if req.status == DECODING else req.computed
@@ -132,9 +137,8 @@ class Scheduler(Aborts):
             budget = self._schedule_running_slow(plan, budget)
         else:
             # decoders first (one token each), then prefill chunks in running order
-            held = group.held_blocks()
+            held, self._held_next = group.held_blocks_now_and_next()
             free = pool.num_blocks - pool.used - held
-            self._held_next = group.held_blocks(group.clock + 1)
             need = self._held_next - held  # decoders crossing into a new block
             left = budget - group.n
             chunks = []

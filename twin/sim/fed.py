@@ -25,23 +25,10 @@ from array import array
 import numpy as np
 import pandas as pd
 
-from twin.sim.engine import _Clock, _result
+from twin.sim.engine import ManualEnv, _Clock, _result
 from twin.workload.hash_ids import request_hashes
 
 INF = float("inf")
-
-
-class ManualEnv:
-    """The engine's view of time when a driver, not SimPy, resumes it."""
-
-    __slots__ = ("now",)
-
-    def __init__(self):
-        self.now = 0.0
-
-    @staticmethod
-    def timeout(delay: float) -> float:
-        return delay
 
 
 class TraceColumns:
