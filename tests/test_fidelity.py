@@ -223,3 +223,29 @@ def _adapters(trace):
     names = trace["adapter"].dropna().unique().tolist()
     return make_cached_adapters(resolve_model("tiny"), len(names), (8, 16), names=names,
                                 prefix="test-fidelity")
+
+
+def test_refit_cells_leaves_out_the_named_cells_and_keeps_the_rest(tiny_profile, tmp_path):
+    """experiments/refit_cells.py: the profile refitted without a cell is the fit of the
+    other cells' steps alone (an A/B of two designs on one calibration's minutes)."""
+    from twin.calibrate.executor_fit import fit_measurements
+
+    rc = _experiment("refit_cells")
+    df = pd.read_parquet(str(tiny_profile) + ".measurements.parquet")
+    keys = sorted(df.loc[df["kind"] == "step", "key"].unique())
+    prof, fit, gone = rc.refit_without(tiny_profile, [keys[0]])
+    assert gone == [keys[0]]
+    kept = df[(df["kind"] == "step") & (df["key"] != keys[0])]
+    assert fit.residuals["n"] == len(fit_measurements(kept, df[df["kind"] == "load"],
+                                                      prof.model).steps)
+    assert fit.residuals["n"] < len(fit_measurements(df[df["kind"] == "step"],
+                                                     df[df["kind"] == "load"],
+                                                     prof.model).steps)
+    assert prof.provenance["refit_without"] == [keys[0]]
+    assert rc.main([str(tiny_profile), "--drop", "no-such-cell", "--out",
+                    str(tmp_path / "x.json")]) == 2
+    assert rc.main([str(tiny_profile), "--drop", keys[0], "--out",
+                    str(tmp_path / "p.json")]) == 0
+    nonzero = lambda b: {k: v for k, v in b.items() if v}   # noqa: E731 (zeros not saved)
+    assert nonzero(load_profile(tmp_path / "p.json").step_time.base) == \
+        nonzero(prof.step_time.base)
