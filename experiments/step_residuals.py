@@ -120,7 +120,8 @@ def step_table(steps: pd.DataFrame, requests: pd.DataFrame, profile) -> pd.DataF
                         where=dec > 0)
     # earlier tokens per prefill token: prefill_context = sum k (start + k) over chunks
     # (chunks of one token count as decodes here)
-    sq = np.array([sum(k * k for k in toks if k > 1) for toks in steps["batch_tokens"]], float)
+    sq = (np.array([sum(k * k for k in toks if k > 1) for toks in steps["batch_tokens"]], float)
+          if "batch_tokens" in steps else pre ** 2)   # older logs: one chunk assumed
     earlier = np.divide(f["prefill_context"].to_numpy() - sq, pre, out=np.zeros(len(f)),
                         where=pre > 0)
     idle = f["after_idle"].to_numpy() > 0

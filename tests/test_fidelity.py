@@ -160,10 +160,15 @@ def test_step_residual_groups():
                   lora_active=1),                                          # loads; beside long
             _step(decode_tokens=4, decode_context=40, lora_token_rank=64, adapters=4,
                   lora_slots=4, lora_active=1),                            # after load; many
-            _step(decode_tokens=1, decode_context=10)],                    # base decode
-        "batch_request_ids": [[1, 2], [3, 6], [2, 3, 4, 5], [6]],
-        "num_tokens": [2, 33, 4, 1], "loads": [0, 1, 0, 0],
-        "duration_s": [0.004, 0.010, 0.003, 0.001], "load_s": [0.0, 0.002, 0.0, 0.0]})
+            _step(decode_tokens=1, decode_context=10),                     # base decode
+            _step(prefill_tokens=32, prefill_context=32 * 416, prefill_seqs=1,
+                  decode_tokens=1, decode_context=20),      # a 32-token suffix over 384 cached
+            _step(prefill_tokens=32, prefill_context=32 * 416, prefill_seqs=1)],  # alone
+        "batch_request_ids": [[1, 2], [3, 6], [2, 3, 4, 5], [6], [1, 6], [1]],
+        "batch_tokens": [[1, 1], [32, 1], [1, 1, 1, 1], [1], [32, 1], [32]],
+        "num_tokens": [2, 33, 4, 1, 33, 32], "loads": [0, 1, 0, 0, 0, 0],
+        "duration_s": [0.004, 0.010, 0.003, 0.001, 0.005, 0.004],
+        "load_s": [0.0, 0.002, 0.0, 0.0, 0.0, 0.0]})
     t = sr.step_table(steps, reqs, prof)
     groups = {g: t.index[t[g]].tolist() for g, _ in sr.GROUPS}
     assert groups["mixed base + adapter rows"] == [0, 1]
@@ -172,12 +177,15 @@ def test_step_residual_groups():
     assert groups["many adapters, few tokens each"] == [2]
     assert groups["prefill beside long decodes"] == [1]
     assert groups["decode only, base"] == [3]
+    # attending earlier (cached) context: 32 x (384 + 32), not step 1's fresh 32 x 32
+    assert groups["prefill over context beside decodes"] == [4]
+    assert groups["prefill over context, no decodes"] == [5]
     # residual: measured (minus the load's time) less the profile's price of the features
     assert t.loc[1, "measured_s"] == pytest.approx(0.008)
     assert t.loc[1, "residual_s"] == pytest.approx(0.008 - prof.step_time(steps["features"][1]))
     g = sr.group_residuals(t).set_index("group")
     assert g.loc["mixed base + adapter rows", "steps"] == 2
-    assert g.loc["prefill only", "steps"] == 0
+    assert g.loc["prefill only", "steps"] == 1                 # step 5
 
 
 def test_local_residual_cancels_the_machines_drift():
