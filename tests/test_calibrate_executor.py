@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -283,23 +282,3 @@ def test_cached_prefix_cells_compute_a_short_suffix_over_cached_context(tmp_path
     assert list(pctx[first][1:]) == [32 * 160] * 3        # over the whole context
     assert any(c.cached for c in design("tiny"))
     assert not any(c.cached for c in design("tiny", "slora"))
-
-
-def test_cached_prefix_cells_beside_decodes_are_no_after_idle_steps():
-    """The closely spaced cached cells put a suffix over cached context beside running
-    decodes, outside the after-idle step (else the after-idle term absorbs its cost)."""
-    from twin.executor.engine import execute
-    from twin.executor.weights import resolve_model
-
-    cells = [c for c in design("tiny") if c.cached and c.output > 4]
-    assert {c.prompt - c.cached for c in cells} >= {32, 96}   # several suffix lengths
-    cell = dataclasses.replace(min(cells, key=lambda c: c.prompt), adapters=0)  # base model
-    res = execute(cell.trace(), cell.config(512), resolve_model("tiny"), None,
-                  num_gpu_blocks=200)
-    assert res.summary["prefix_cache_hits"] == (cell.n - 1) * cell.cached
-    X = np.array(res.steps["features"].tolist())
-    col = {k: X[:, FEATURES.index(k)] for k in FEATURES}
-    suffix = (col["prefill_tokens"] == cell.prompt - cell.cached) \
-        & (col["prefill_context"] == (cell.prompt - cell.cached) * cell.prompt)
-    beside = suffix & (col["decode_tokens"] > 0) & (col["after_idle"] == 0)
-    assert beside.sum() >= (cell.n - 2) // 2

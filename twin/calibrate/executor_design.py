@@ -133,13 +133,6 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
     # the prefix cached by an earlier one of its adapter)
     for p in P[-2:]:
         cells.append(Cell(N[1], p + 32, 4, 2, 8, 16, B[1], gap, cached=p))
-    # ... and beside running decodes, at several suffix lengths: arrivals closer than an
-    # answer lasts, so a suffix step is no after-idle step (in the spaced cells above every
-    # cached-context step was one, and the after-idle term absorbed the cost of attending
-    # over the cached context; measured: a 24-44-token suffix beside 1-2 decodes ran 1.2-1.5x
-    # its price in the multi-turn workloads, the same suffix after idle was priced right)
-    for p, s in ((P[1], 32), (P[2], 32), (P[2], 96)):
-        cells.append(Cell(N[1], p + s, O, 2, 8, 16, B[1], gap / 5, cached=p))
     # prefill: chunk budget x prompt length (long prompts, short outputs)
     for b in B:
         for p in P[-2:]:
