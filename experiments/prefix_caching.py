@@ -21,6 +21,8 @@ SMAPEs as indicative. The profile was calibrated with caching off (no cached-pre
     python experiments/prefix_caching.py            # 4 workloads, ~20 s each + the hour
     python experiments/prefix_caching.py --quick    # shorter workloads, no hour run
     python experiments/prefix_caching.py --control  # and each workload with caching off
+    # and the twin priced with a second profile against the same executor runs (*_baseline)
+    python experiments/prefix_caching.py --profile new.json --baseline-profile old.json
 
 Last line: one JSON object (hit_rate_abs_diff_max_pts, throughput_smape_median/max,
 ttft_smape_median, itl_smape_median, mooncake_hour_wall_s, workloads), the timing figures

@@ -257,3 +257,26 @@ def test_refit_cells_leaves_out_the_named_cells_and_keeps_the_rest(tiny_profile,
     nonzero = lambda b: {k: v for k, v in b.items() if v}   # noqa: E731 (zeros not saved)
     assert nonzero(load_profile(tmp_path / "p.json").step_time.base) == \
         nonzero(prof.step_time.base)
+
+
+def test_prefix_caching_baseline_prices_the_same_runs_with_another_profile():
+    """prefix_caching.py --baseline-profile: the second profile's raw SMAPEs against the
+    same executor runs, the validation left priced with its own profile afterwards."""
+    pc = _experiment("prefix_caching")
+    keys = ["throughput", "ttft_mean", "itl_mean"]
+
+    class Run:   # the part of twin.validate.Validation it uses
+        profile = "own"
+
+        def resimulate(self, p):
+            self.profile = p
+            self.table = pd.DataFrame({"key": keys, "smape_raw": [0.01, 0.2, 0.3]
+                                       if p == "other" else [0.0, 0.1, 0.1]})
+
+    v = Run()
+    v.resimulate("own")
+    assert pc.baseline_smapes(v, None, "") == {}
+    got = pc.baseline_smapes(v, "other", "_off")
+    assert got == {"throughput_smape_off_baseline": 0.01, "ttft_mean_smape_off_baseline": 0.2,
+                   "itl_mean_smape_off_baseline": 0.3}
+    assert v.profile == "own" and v.table["smape_raw"].tolist() == [0.0, 0.1, 0.1]
