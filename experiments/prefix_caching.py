@@ -21,6 +21,8 @@ SMAPEs as indicative. The profile was calibrated with caching off (no cached-pre
     python experiments/prefix_caching.py            # 4 workloads, ~20 s each + the hour
     python experiments/prefix_caching.py --quick    # shorter workloads, no hour run
     python experiments/prefix_caching.py --control  # and each workload with caching off
+    # and the twin priced with a second profile against the same executor runs (*_baseline)
+    python experiments/prefix_caching.py --profile new.json --baseline-profile old.json
 
 Last line: one JSON object (hit_rate_abs_diff_max_pts, throughput_smape_median/max,
 ttft_smape_median, itl_smape_median, mooncake_hour_wall_s, workloads), the timing figures
@@ -100,6 +102,19 @@ def hour_wall_s() -> float | None:
     return json.loads(p.stdout.strip().splitlines()[-1])["mooncake_hour_wall_s"]
 
 
+def baseline_smapes(v, profile, sfx: str) -> dict:
+    """The raw twin's SMAPEs with ``profile`` against validation ``v``'s executor runs
+    (``{metric}_smape{sfx}_baseline``); v is left priced with its own profile."""
+    if profile is None:
+        return {}
+    own = v.profile
+    v.resimulate(profile)
+    t = v.table.set_index("key")["smape_raw"]
+    v.resimulate(own)
+    return {f"{k}_smape{sfx}_baseline": float(t[k]) for k in ("throughput", "ttft_mean",
+                                                              "itl_mean")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter workloads, no hour run")
@@ -111,6 +126,11 @@ def main(argv=None) -> int:
                     help="CPU profile of the tiny model (default: the shipped cpu-tiny; a "
                          "fresh `twin calibrate --executor --model tiny` of this machine is "
                          "what the timings should be read against)")
+    ap.add_argument("--baseline-profile", type=Path,
+                    help="also price the twin with this profile against the same executor "
+                         "runs (Validation.resimulate; *_baseline keys): an A/B of two fits "
+                         "with the executor's noise held fixed, e.g. a fit of the same "
+                         "measurements without some cells (experiments/refit_cells.py)")
     ap.add_argument("--speed-anchor", action="store_true",
                     help="price the twin at the box's speed during the executor runs "
                          "(twin.validate.anchor; off by default; *_raw keys: unscaled)")
@@ -132,11 +152,13 @@ def main(argv=None) -> int:
                      "throughput_smape_raw": raw["throughput"],
                      "ttft_smape_raw": raw["ttft_mean"], "itl_smape_raw": raw["itl_mean"],
                      "anchor_ratio": v.anchor_info.get("ratio")})
+        rows[-1].update(baseline_smapes(v, args.baseline_profile, ""))
         if args.control:
             off = validate(trace, CFG.replace(enable_prefix_caching=False), args.profile,
                            "tiny", threads=1, trace_source=name, plot=False,
                            speed_anchor=args.speed_anchor)
             ratio = off.anchor_info.get("ratio")
+            rows[-1].update(baseline_smapes(off, args.baseline_profile, "_off"))
             off = off.table.set_index("key")
             rows[-1].update({f"{k}_smape_off{sfx}": off.loc[k, col]
                              for k in ("throughput", "ttft_mean", "itl_mean")
@@ -159,6 +181,14 @@ def main(argv=None) -> int:
                              ("itl_smape_median", "itl_smape", "median"))},
         "anchor_ratio": ([round(float(ratios.min()), 3), round(float(ratios.max()), 3)]
                          if len(ratios) else None),
+        **{f"{k}_smape_median_off": pct(f"{k}_mean_smape_off") for k in ("ttft", "itl")
+           if args.control},
+        **({f"{k}_baseline": pct(f"{col}_baseline")
+            for k, col in (("ttft_smape_median", "ttft_mean_smape"),
+                           ("itl_smape_median", "itl_mean_smape"),
+                           ("ttft_smape_median_off", "ttft_mean_smape_off"),
+                           ("itl_smape_median_off", "itl_mean_smape_off"))
+            if f"{col}_baseline" in d} if args.baseline_profile else {}),
         "mooncake_hour_wall_s": wall, "quick": args.quick,
         "workloads": {r["workload"]: {k: (round(v, 4) if isinstance(v, float) else v)
                                       for k, v in r.items() if k != "workload"}

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_DECODE = 128   # mean attended context per decode sequence that counts as "long"
 FEW_TOKENS = 2      # tokens per distinct adapter that count as "few"
 MANY_ADAPTERS = 4   # distinct adapters that count as "many"
+LONG_CONTEXT = 64  # earlier tokens a prefill token attends on average that count as "over context"
 LOCAL_S = 0.5       # half-width (s) of the window of neighbouring steps a step is set against
 # the executor's step phases (ms), where the log has them (``gap_s`` / ``inputs_s``: issue 15)
 PHASES = {"gap": "gap_s", "schedule": "schedule_s", "inputs": "inputs_s",
@@ -57,6 +58,10 @@ GROUPS = (
     ("prefill beside long decodes",
      f"prefill chunk(s) with decode rows attending >= {LONG_DECODE} tokens on average"),
     ("after idle", "the first step after the engine waited for an arrival"),
+    ("prefill over context, no decodes",
+     f"prefill chunk(s) attending >= {LONG_CONTEXT} earlier tokens on average (a prefix-cache "
+     "hit or an earlier chunk), no decode rows"),
+    ("prefill over context beside decodes", "the same beside decode rows, not after idle"),
 )
 
 
@@ -113,6 +118,13 @@ def step_table(steps: pd.DataFrame, requests: pd.DataFrame, profile) -> pd.DataF
     dec, pre = f["decode_tokens"].to_numpy(), f["prefill_tokens"].to_numpy()
     ctx_per = np.divide(f["decode_context"].to_numpy(), dec, out=np.zeros(len(f)),
                         where=dec > 0)
+    # earlier tokens per prefill token: prefill_context = sum k (start + k) over chunks
+    # (chunks of one token count as decodes here)
+    sq = (np.array([sum(k * k for k in toks if k > 1) for toks in steps["batch_tokens"]], float)
+          if "batch_tokens" in steps else pre ** 2)   # older logs: one chunk assumed
+    earlier = np.divide(f["prefill_context"].to_numpy() - sq, pre, out=np.zeros(len(f)),
+                        where=pre > 0)
+    idle = f["after_idle"].to_numpy() > 0
     out = f.assign(measured_s=meas, predicted_s=pred, residual_s=meas - pred,
                    base_rows=n_base, lora_rows=n_lora,
                    local_ratio=local_ratio(steps, meas, pred))
@@ -129,7 +141,10 @@ def step_table(steps: pd.DataFrame, requests: pd.DataFrame, profile) -> pd.DataF
         "many adapters, few tokens each": (ad >= MANY_ADAPTERS)
         & (tokens <= FEW_TOKENS * np.maximum(ad, 1)),
         "prefill beside long decodes": (pre > 0) & (dec > 0) & (ctx_per >= LONG_DECODE),
-        "after idle": f["after_idle"].to_numpy() > 0,
+        "after idle": idle,
+        "prefill over context, no decodes": (pre > 0) & (dec == 0) & (earlier >= LONG_CONTEXT),
+        "prefill over context beside decodes": (pre > 0) & (dec > 0) & ~idle
+        & (earlier >= LONG_CONTEXT),
     }
     for g, mask in flags.items():
         out[g] = mask

@@ -160,10 +160,15 @@ def test_step_residual_groups():
                   lora_active=1),                                          # loads; beside long
             _step(decode_tokens=4, decode_context=40, lora_token_rank=64, adapters=4,
                   lora_slots=4, lora_active=1),                            # after load; many
-            _step(decode_tokens=1, decode_context=10)],                    # base decode
-        "batch_request_ids": [[1, 2], [3, 6], [2, 3, 4, 5], [6]],
-        "num_tokens": [2, 33, 4, 1], "loads": [0, 1, 0, 0],
-        "duration_s": [0.004, 0.010, 0.003, 0.001], "load_s": [0.0, 0.002, 0.0, 0.0]})
+            _step(decode_tokens=1, decode_context=10),                     # base decode
+            _step(prefill_tokens=32, prefill_context=32 * 416, prefill_seqs=1,
+                  decode_tokens=1, decode_context=20),      # a 32-token suffix over 384 cached
+            _step(prefill_tokens=32, prefill_context=32 * 416, prefill_seqs=1)],  # alone
+        "batch_request_ids": [[1, 2], [3, 6], [2, 3, 4, 5], [6], [1, 6], [1]],
+        "batch_tokens": [[1, 1], [32, 1], [1, 1, 1, 1], [1], [32, 1], [32]],
+        "num_tokens": [2, 33, 4, 1, 33, 32], "loads": [0, 1, 0, 0, 0, 0],
+        "duration_s": [0.004, 0.010, 0.003, 0.001, 0.005, 0.004],
+        "load_s": [0.0, 0.002, 0.0, 0.0, 0.0, 0.0]})
     t = sr.step_table(steps, reqs, prof)
     groups = {g: t.index[t[g]].tolist() for g, _ in sr.GROUPS}
     assert groups["mixed base + adapter rows"] == [0, 1]
@@ -172,12 +177,15 @@ def test_step_residual_groups():
     assert groups["many adapters, few tokens each"] == [2]
     assert groups["prefill beside long decodes"] == [1]
     assert groups["decode only, base"] == [3]
+    # attending earlier (cached) context: 32 x (384 + 32), not step 1's fresh 32 x 32
+    assert groups["prefill over context beside decodes"] == [4]
+    assert groups["prefill over context, no decodes"] == [5]
     # residual: measured (minus the load's time) less the profile's price of the features
     assert t.loc[1, "measured_s"] == pytest.approx(0.008)
     assert t.loc[1, "residual_s"] == pytest.approx(0.008 - prof.step_time(steps["features"][1]))
     g = sr.group_residuals(t).set_index("group")
     assert g.loc["mixed base + adapter rows", "steps"] == 2
-    assert g.loc["prefill only", "steps"] == 0
+    assert g.loc["prefill only", "steps"] == 1                 # step 5
 
 
 def test_local_residual_cancels_the_machines_drift():
@@ -223,3 +231,52 @@ def _adapters(trace):
     names = trace["adapter"].dropna().unique().tolist()
     return make_cached_adapters(resolve_model("tiny"), len(names), (8, 16), names=names,
                                 prefix="test-fidelity")
+
+
+def test_refit_cells_leaves_out_the_named_cells_and_keeps_the_rest(tiny_profile, tmp_path):
+    """experiments/refit_cells.py: the profile refitted without a cell is the fit of the
+    other cells' steps alone (an A/B of two designs on one calibration's minutes)."""
+    from twin.calibrate.executor_fit import fit_measurements
+
+    rc = _experiment("refit_cells")
+    df = pd.read_parquet(str(tiny_profile) + ".measurements.parquet")
+    keys = sorted(df.loc[df["kind"] == "step", "key"].unique())
+    prof, fit, gone = rc.refit_without(tiny_profile, [keys[0]])
+    assert gone == [keys[0]]
+    kept = df[(df["kind"] == "step") & (df["key"] != keys[0])]
+    assert fit.residuals["n"] == len(fit_measurements(kept, df[df["kind"] == "load"],
+                                                      prof.model).steps)
+    assert fit.residuals["n"] < len(fit_measurements(df[df["kind"] == "step"],
+                                                     df[df["kind"] == "load"],
+                                                     prof.model).steps)
+    assert prof.provenance["refit_without"] == [keys[0]]
+    assert rc.main([str(tiny_profile), "--drop", "no-such-cell", "--out",
+                    str(tmp_path / "x.json")]) == 2
+    assert rc.main([str(tiny_profile), "--drop", keys[0], "--out",
+                    str(tmp_path / "p.json")]) == 0
+    nonzero = lambda b: {k: v for k, v in b.items() if v}   # noqa: E731 (zeros not saved)
+    assert nonzero(load_profile(tmp_path / "p.json").step_time.base) == \
+        nonzero(prof.step_time.base)
+
+
+def test_prefix_caching_baseline_prices_the_same_runs_with_another_profile():
+    """prefix_caching.py --baseline-profile: the second profile's raw SMAPEs against the
+    same executor runs, the validation left priced with its own profile afterwards."""
+    pc = _experiment("prefix_caching")
+    keys = ["throughput", "ttft_mean", "itl_mean"]
+
+    class Run:   # the part of twin.validate.Validation it uses
+        profile = "own"
+
+        def resimulate(self, p):
+            self.profile = p
+            self.table = pd.DataFrame({"key": keys, "smape_raw": [0.01, 0.2, 0.3]
+                                       if p == "other" else [0.0, 0.1, 0.1]})
+
+    v = Run()
+    v.resimulate("own")
+    assert pc.baseline_smapes(v, None, "") == {}
+    got = pc.baseline_smapes(v, "other", "_off")
+    assert got == {"throughput_smape_off_baseline": 0.01, "ttft_mean_smape_off_baseline": 0.2,
+                   "itl_mean_smape_off_baseline": 0.3}
+    assert v.profile == "own" and v.table["smape_raw"].tolist() == [0.0, 0.1, 0.1]
