@@ -165,15 +165,17 @@ def test_time_scale_scales_arrivals_and_queueing(tiny):
 # -- --window-s ---------------------------------------------------------------------------------
 def test_window_drops_later_arrivals_from_the_run_and_its_figures(tiny, tmp_path, capsys):
     d, _ = tiny
-    trace = trace_of([(0.0, 16, 3), (0.05, 16, 3), (0.1, 16, 3), (0.6, 16, 3), (0.8, 16, 3)])
+    # seconds of slack after the last arrival inside the window, so that a loaded machine
+    # still finishes those requests inside it
+    trace = trace_of([(0.0, 16, 3), (0.05, 16, 3), (0.1, 16, 3), (3.0, 16, 3), (4.0, 16, 3)])
     trace.to_csv(tmp_path / "t.csv", index=False)
     args = ["execute", "--trace", str(tmp_path / "t.csv"), "--model", str(d),
             "--max-model-len", "64", "--no-progress", "--json"]
-    assert main(args + ["--window-s", "0.3"]) == 0
+    assert main(args + ["--window-s", "1.5"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["num_requests"] == 3 and s["completed"] == 3 and s["duration_s"] == 0.3
+    assert s["num_requests"] == 3 and s["completed"] == 3 and s["duration_s"] == 1.5
     # the window applies to scaled arrivals: x0.25 brings all five inside it
-    assert main(args + ["--window-s", "0.3", "--time-scale", "0.25"]) == 0
+    assert main(args + ["--window-s", "1.5", "--time-scale", "0.25"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["num_requests"] == 5 and s["completed"] == 5
     assert main(args + ["--time-scale", "0"]) == 2
