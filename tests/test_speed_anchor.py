@@ -120,17 +120,14 @@ def test_profile_without_anchor_validates_unscaled(tiny_profile, monkeypatch, tm
 
 def test_anchor_off_by_default_and_for_foreign_profiles(tiny_profile):
     prof = load_profile(tiny_profile)
-    for device in ("cpu", "cuda"):
-        assert not SpeedAnchor.for_profile(prof, None, None, enabled=None, device=device,
-                                           threads=1).on
-    assert not SpeedAnchor.for_profile(prof, None, None, enabled=False, device="cpu",
-                                       threads=1).on
+    a = SpeedAnchor.for_profile(prof, None, None, enabled=False, threads=1)
+    assert not a.on and "off (the default" in a.reason
     h100 = load_profile("llama31-8b-h100-64gb")
-    a = SpeedAnchor.for_profile(h100, None, None, enabled=True, device="cpu", threads=1)
+    a = SpeedAnchor.for_profile(h100, None, None, enabled=True, threads=1)
     assert not a.on and "no speed_anchor_s" in a.reason and a.ratio(h100) is None
     moved = dataclasses.replace(prof, provenance=dict(prof.provenance,
                                                       speed_anchor_model="/nonexistent"))
-    a = SpeedAnchor.for_profile(moved, None, None, enabled=True, device="cpu", threads=1)
+    a = SpeedAnchor.for_profile(moved, None, None, enabled=True, threads=1)
     assert not a.on and "not on this machine" in a.reason
 
 

@@ -9,7 +9,7 @@ torch.
 
 The package is split so that the simulator never imports torch:
 ``twin.sched`` (scheduler, KV pool, adapter caches: shared by both clocks),
-``twin.sim`` (SimPy clock + cost model), ``twin.costs`` (profiles, cost and memory
+``twin.sim`` (discrete-event clock + cost model), ``twin.costs`` (profiles, cost and memory
 models), ``twin.workload`` (traces), ``twin.executor`` (torch reference engine),
 ``twin.ml`` (sweeps and recommendation).
 """
@@ -26,7 +26,7 @@ __all__ = ["load_trace", "ServingConfig", "load_config", "load_profile", "Profil
 def __getattr__(name: str):
     if name not in __all__:
         raise AttributeError(f"module 'twin' has no attribute {name!r}")
-    from twin import api   # lazy: pandas, simpy and pydantic off `import twin`'s path
+    from twin import api   # lazy: pandas and pydantic off `import twin`'s path
 
     value = getattr(api, name)
     globals()[name] = value

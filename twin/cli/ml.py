@@ -1,7 +1,7 @@
 """``twin sweep``, ``twin recommend``, ``twin place``, ``twin train``.
 
 Every command imports its part of :mod:`twin.ml` when it runs: the ML stack (the
-simulator with simpy, pydantic schemas, the model) would otherwise load with every
+simulator, pydantic schemas, the model) would otherwise load with every
 ``twin`` command, ``twin --help`` included (0.5-0.7 s more, measured on this machine)."""
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ timelines overlaid).
 The executor runs in real time (arrivals on the wall clock): keep traces to tens of
 seconds on a CPU (--limit, --time-scale).
 
-Speed anchor (--speed-anchor, off by default): a shared CPU is not equally fast at calibration and
-at validation. A ~0.4-s benchmark of the executor's hot path runs before and after every
+Speed anchor (--speed-anchor): a shared CPU is not equally fast at calibration and at
+validation. A ~0.4-s benchmark of the executor's hot path runs before and after every
 executor run; the twin is priced at the box's speed during the runs (step times x anchor
 now / anchor at calibration, from the profile's speed_anchor_s) and the raw twin, priced as
 calibrated, is printed beside it. It corrects slow drift of the box between calibration

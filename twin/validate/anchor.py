@@ -15,7 +15,10 @@ steps. Adapter load times are not scaled (disk and copy, not the forward's hot p
 
 It corrects a slow drift of the whole box between calibration and validation; it does not
 correct noise within a run (lost time slices, a speed flip in the middle of a trace).
-Off on CUDA by default: a dedicated GPU does not drift like a shared CPU.
+Opt-in (``twin validate --speed-anchor``), off by default on every device: on the shared
+2-core box it was built on, its correction was as large as its own noise, helping some
+validations and hurting others (experiments/README_validate.md); a dedicated GPU does not
+drift like a shared CPU.
 """
 
 from __future__ import annotations
@@ -39,13 +42,12 @@ class SpeedAnchor:
         self.samples: list[float] = []
 
     @classmethod
-    def for_profile(cls, profile, served, served_dir, *, enabled: bool | None, device: str,
+    def for_profile(cls, profile, served, served_dir, *, enabled: bool,
                     threads: int | None) -> "SpeedAnchor":
         """The anchor for validating ``profile`` with the executor model ``served`` (loaded
-        from ``served_dir``, None when given loaded): off unless enabled, when the profile has no ``speed_anchor_s`` or its anchor model is not here;
-        samples on ``served`` when it is the anchor model, else on that model, loaded.
-        Opt-in (``enabled`` None is off): on this box the correction was as large as the
-        anchor's own noise, helping some validations and hurting others (README_validate)."""
+        from ``served_dir``, None when given loaded): off unless ``enabled``, when the
+        profile has no ``speed_anchor_s`` or when its anchor model is not here; samples on
+        ``served`` when it is the anchor model, else on that model, loaded."""
         prov = profile.provenance
         if not enabled:
             return cls(reason="off (the default; --speed-anchor turns it on, for a "

@@ -11,7 +11,7 @@ can ever use (the executor would otherwise zero gigabytes of unused cache), or e
 ``num_gpu_blocks`` when given (vLLM's ``--num-gpu-blocks-override``, e.g. to force
 preemptions). ``max_model_len`` is capped at the model's context as vLLM derives it.
 
-The speed anchor (:mod:`twin.validate.anchor`, on by default on CPU): the anchor benchmark
+The speed anchor (:mod:`twin.validate.anchor`, opt-in: ``speed_anchor=True``): the anchor benchmark
 runs before and after every executor run, and the twin compared is priced at the box's
 speed during the runs (step times x anchor now / anchor at calibration); the raw twin,
 priced as calibrated, is reported beside it (``twin_raw`` / ``smape_raw``).
@@ -97,9 +97,11 @@ class Validation:
             k["trace"], self.config, model, k.get("executor_catalog"),
             num_gpu_blocks=self.num_blocks, window_s=k["window_s"], seed=seed,
             trace_source=k["trace_source"]))
-        self.executor_summaries = list(self.executor_summaries) + [r.summary]
-        if self.profile is not None:   # the new samples move the anchor ratio
+        if self.anchor.on and self.profile is not None:   # new samples move the ratio
+            self.executor_summaries = list(self.executor_summaries) + [r.summary]
             self.resimulate(self.profile)
+        else:
+            self.recompare([r.summary])
         return r
 
     def recompare(self, more: list[dict]) -> None:
@@ -222,7 +224,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
                                           adapter_ranks=adapter_ranks, seed=seed)
         nb = _kv_blocks(trace, config, profile, m, twin_catalog, num_gpu_blocks)
         anchor = SpeedAnchor.for_profile(profile, m, model_dir, enabled=speed_anchor,
-                                         device=device, threads=threads)
+                                         threads=threads)
         ex, summaries = _serve(trace, config, m, catalog, nb, window_s=window_s,
                                progress=progress, seed=seed, trace_source=trace_source,
                                warmup=warmup, repeats=repeats, anchor=anchor)
