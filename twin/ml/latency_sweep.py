@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from twin.ml.search_space import LATENCY_GRID, LATENCY_KNOBS, space_configs
+from twin.ml.search_space import LATENCY_KNOBS, at_base_latency_knobs, space_configs
 from twin.ml.spec import paper_base, profile_digest
 from twin.ml.sweep import EarlyExit, Task, point_key, spec_shape
 
 #: window lengths (s) of the latency sweep and configurations drawn per workload at each:
 #: the SLO evaluation's short windows and the recommender's own
 WINDOWS = {120.0: 8, 600.0: 2}
-
-
-def _is_paper_point(cfg, base) -> bool:
-    return all(int(getattr(cfg, k)) == int(getattr(base, k)) for k in LATENCY_GRID)
 
 
 def latency_plan(specs, *, profile, early_exit: EarlyExit = EarlyExit(), windows=None,
@@ -52,7 +48,7 @@ def latency_plan(specs, *, profile, early_exit: EarlyExit = EarlyExit(), windows
         cfgs = space_configs(n, r, base, profile, LATENCY_KNOBS)
         ident = spec.identity()
         for w, k in sorted(windows.items()):
-            pool = [c for c in cfgs if not (w == paper_window_s and _is_paper_point(c, base))]
+            pool = [c for c in cfgs if not (w == paper_window_s and at_base_latency_knobs(c, base))]
             rng = np.random.default_rng([seed, int(spec.key[:12], 16), int(w)])
             pick = sorted(rng.choice(len(pool), size=min(k, len(pool)), replace=False))
             tasks += [Task(spec, pool[i], w, point_key(spec, pool[i], w, psha, early_exit,

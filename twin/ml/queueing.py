@@ -70,8 +70,11 @@ def _step(profile, *, prefill=0, decode=0, ctx=0.0, prefill_ctx=0.0, rank=16, ad
     """Seconds of one step of the profile's step-time model."""
     tokens = prefill + decode
     return float(profile.step_time(StepFeatures(
-        1.0, int(prefill), int(decode), int(ctx), int(prefill_ctx), tokens * rank, adapters,
-        adapters * rank, slots, 1 if tokens else 0, 1 if prefill else 0, 0.0, tokens * slots)))
+        const=1.0, prefill_tokens=int(prefill), decode_tokens=int(decode),
+        decode_context=int(ctx), prefill_context=int(prefill_ctx),
+        lora_token_rank=tokens * rank, adapters=adapters, adapter_rank=adapters * rank,
+        lora_slots=slots, lora_active=1 if tokens else 0, prefill_seqs=1 if prefill else 0,
+        after_idle=0.0, lora_slot_tokens=tokens * slots)))
 
 
 def prefill_s(profile, prompt: float, chunk: int, rank: int, slots: int) -> float:

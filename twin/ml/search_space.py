@@ -46,6 +46,11 @@ OBJECTIVE_KNOBS = {"throughput": ("max_loras",), "goodput": KNOBS, "cost": KNOBS
 LATENCY_KNOBS = ("max_loras", *LATENCY_GRID)
 
 
+def at_base_latency_knobs(cfg, base) -> bool:
+    """Whether ``cfg`` keeps ``base``'s latency knobs (every :data:`LATENCY_GRID` knob)."""
+    return all(int(getattr(cfg, k)) == int(getattr(base, k)) for k in LATENCY_GRID)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Candidate values per knob (``grids``: knob -> sorted tuple), over ``base``'s other

@@ -22,7 +22,7 @@ from twin.ml.features import workload_features
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender, catalog_max_rank, config_table
-from twin.ml.search_space import LATENCY_GRID, LATENCY_KNOBS, space_configs
+from twin.ml.search_space import LATENCY_KNOBS, at_base_latency_knobs, space_configs
 from twin.ml.slo_eval import exhaustive_best, keeps_up, score_case, slo_levels
 from twin.ml.spec import WorkloadSpec, paper_base
 from twin.ml.sweep import EarlyExit
@@ -101,7 +101,7 @@ def _pred_pairs(runs: list[dict], model: Recommender, wf: dict, profile, base) -
     rows = []
     for i, r in enumerate(up):
         c = r["config"]
-        base_knobs = all(int(getattr(c, k)) == int(getattr(base, k)) for k in LATENCY_GRID)
+        base_knobs = at_base_latency_knobs(c, base)
         for m in ("ttft_p99", "tpot_p99"):
             rows.append({"max_loras": c.max_loras, "metric": m, "base_knobs": base_knobs,
                          "predicted": float(pred.at[i, f"pred_{m}"]), "twin": float(r[m])})
