@@ -87,21 +87,14 @@ class DecodeGroup:
         return h
 
     def held_blocks_now_and_next(self) -> tuple[int, int]:
-        """``(held_blocks(), held_blocks(clock + 1))`` in one call (every step asks both)."""
-        n = self.n
-        if n == 0:
+        """``(held_blocks(), held_blocks(clock + 1))`` in one call (every step asks both).
+        One more token takes a new block exactly for the members whose context ends a block,
+        those with ``x ≡ -clock (mod B)``: one histogram bin (``sum(hist) == n`` makes the
+        wrap from ``s = B - 1`` to the next block row the same bin, ``hist[1]``)."""
+        if self.n == 0:
             return 0, 0
-        B, hist = self.B, self.hist
-        a, s = divmod(self.clock, B)
-        h = self.Q + n * a + n
-        if s == 0:
-            h -= hist[0]
-        else:
-            h += sum(hist[B - s + 1:])
-        # clock + 1: s + 1 == B wraps to the next a with s == 0
-        if s + 1 == B:
-            return h, self.Q + n * (a + 1) + n - hist[0]
-        return h, self.Q + n * a + n + sum(hist[B - s:])
+        h = self.held_blocks()
+        return h, h + self.hist[-self.clock % self.B]
 
     def context_tokens(self, clock: int | None = None) -> int:
         """Sum of attended context (computed + the new token) in a step at ``clock``."""

@@ -197,7 +197,7 @@ class Scheduler(Aborts):
                 t.computed = c
                 t.generated = c - t.prompt + 1
                 t.blocks = 0
-                now_held, self._held_next = group.held_blocks(), group.held_blocks(group.clock + 1)
+                now_held, self._held_next = group.held_blocks_now_and_next()
                 need += (self._held_next - now_held) - (held_next - held)
                 free += held - now_held
             self._preempt(t)

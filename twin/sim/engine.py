@@ -173,7 +173,7 @@ class _Clock:
     def arrive(self, i: int) -> None:
         sched = self.sched
         if (self.max_in_flight is not None
-                and sched.num_running + sched.num_waiting >= self.max_in_flight):
+                and sched.in_flight() >= self.max_in_flight):
             self.out.status[i] = RequestStatus.REJECTED   # the client's connection failed
             return
         req_id, p, o = int(self.rid[i]), int(self.prompt[i]), int(self.output[i])
