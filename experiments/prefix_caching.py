@@ -107,10 +107,10 @@ def baseline_smapes(v, profile, sfx: str) -> dict:
     (``{metric}_smape{sfx}_baseline``); v is left priced with its own profile."""
     if profile is None:
         return {}
-    own = v.profile
+    own = (v.profile, v.twin_raw, v.twin, v.table)   # put back, not simulated again
     v.resimulate(profile)
     t = v.table.set_index("key")["smape_raw"]
-    v.resimulate(own)
+    v.profile, v.twin_raw, v.twin, v.table = own
     return {f"{k}_smape{sfx}_baseline": float(t[k]) for k in ("throughput", "ttft_mean",
                                                               "itl_mean")}
 

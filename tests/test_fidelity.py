@@ -267,6 +267,7 @@ def test_prefix_caching_baseline_prices_the_same_runs_with_another_profile():
 
     class Run:   # the part of twin.validate.Validation it uses
         profile = "own"
+        twin = twin_raw = None   # the twin runs (kept, put back as they were)
 
         def resimulate(self, p):
             self.profile = p
