@@ -236,15 +236,20 @@ def fidelity_figures(d: pd.DataFrame) -> dict:
             "worst_error_over_spread_workload": str(d["workload"].iloc[int(np.argmax(ratio))])}
 
 
+def headline(d: pd.DataFrame) -> dict:
+    """The four headline SMAPEs (%) of a table of workloads: throughput median and max, mean
+    TTFT and mean ITL medians."""
+    return {"throughput_smape_median": round(float(d["thru"].median()), 2),
+            "throughput_smape_max": round(float(d["thru"].max()), 2),
+            "ttft_smape_median": round(float(d["TTFT"].median()), 2),
+            "itl_smape_median": round(float(d["ITL"].median()), 2)}
+
+
 def raw_figures(d: pd.DataFrame) -> dict:
     """The headline figures of the raw twin (priced as calibrated, no speed anchor) as
     ``*_raw`` keys beside the anchored ones, and the anchor ratios seen (run / calibration)."""
     raw = d.assign(**{short: d[f"{short}_raw"] for _, short in COLS})
-    figs = {"throughput_smape_median": round(float(raw["thru"].median()), 2),
-            "throughput_smape_max": round(float(raw["thru"].max()), 2),
-            "ttft_smape_median": round(float(raw["TTFT"].median()), 2),
-            "itl_smape_median": round(float(raw["ITL"].median()), 2),
-            **fidelity_figures(raw)}
+    figs = {**headline(raw), **fidelity_figures(raw)}
     ratios = d["anchor_ratio"].dropna().astype(float)
     return {**{f"{k}_raw": v for k, v in figs.items()},
             "anchor_ratio": ({"median": round(float(ratios.median()), 3),
@@ -406,12 +411,8 @@ def main(argv=None) -> int:
                            index=["median", "worst"])
         print(f"\n{policy} layout ({len(d)} workloads)\n"
               + agg.to_string(float_format=lambda x: f"{x:.1f}"))
-        by_policy[policy] = {
-            "throughput_smape_median": round(float(d["thru"].median()), 2),
-            "throughput_smape_max": round(float(d["thru"].max()), 2),
-            "ttft_smape_median": round(float(d["TTFT"].median()), 2),
-            "itl_smape_median": round(float(d["ITL"].median()), 2), "workloads": len(d),
-            **fidelity_figures(d), **raw_figures(d)}
+        by_policy[policy] = {**headline(d), "workloads": len(d), **fidelity_figures(d),
+                             **raw_figures(d)}
     # issue 15: a twin error above twice the executor's own spread (floor 5%) is a finding
     for r in df.itertuples():
         for short in ("TTFT", "ITL"):
@@ -441,10 +442,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     print(f"\ntotal {total:.0f} s")
     print(json.dumps({   # the top-level figures are vLLM's layout (issue 5)
-        "throughput_smape_median": round(float(vl["thru"].median()), 2),
-        "throughput_smape_max": round(float(vl["thru"].max()), 2),
-        "ttft_smape_median": round(float(vl["TTFT"].median()), 2),
-        "itl_smape_median": round(float(vl["ITL"].median()), 2),
+        **headline(vl),
         **fidelity_figures(vl),
         **raw_figures(vl),
         "executor_spread_pct": round(100 * max(v.spread["throughput"] for v in noise.values()), 2),
