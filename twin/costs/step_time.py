@@ -178,15 +178,6 @@ class StepTimeModel:
             t += curve(f)
         return t
 
-    def min_step_s(self) -> float:
-        """A floor on any step's time: the ``const`` term when no term of the model is
-        negative (NNLS fits; features are counts >= 0, ``const`` is 1 every step), else 0
-        (no floor known). A fleet's exact view bounds how fast a replica can finish its
-        requests with it (``twin.fleet.lazy``)."""
-        if self._curves or min(self._b + self._m + self._c) < 0:
-            return 0.0
-        return self._b[0]
-
     def _lines(self, f0):
         """(intercept, slope-per-step) of base, memory and compute parts in a decode run."""
         out = []

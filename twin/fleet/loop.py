@@ -28,12 +28,8 @@ from __future__ import annotations
 import gc
 import heapq
 
-from twin.fleet import lazy
-from twin.fleet.routers import AdapterAffinity
 from twin.fleet.view import LiveView, ScrapedView
 from twin.sim.fed import INF
-
-LAZY = True   # the exact view of adapter affinity runs lagging replicas (twin.fleet.lazy)
 
 
 def run_loop(clocks: list, arrival: list[float], adapter, router, *,
@@ -48,11 +44,8 @@ def run_loop(clocks: list, arrival: list[float], adapter, router, *,
     enabled = gc.isenabled()
     gc.disable()
     try:
-        if refresh_s > 0:
-            return _run_refreshed(clocks, arrival, adapter, router, refresh_s, bar)
-        if LAZY and type(router) is AdapterAffinity and lazy.supported(clocks):
-            return lazy.run_lazy(clocks, arrival, adapter, router, bar)
-        return _run(clocks, arrival, adapter, router, refresh_s, bar)
+        run = _run_refreshed if refresh_s > 0 else _run
+        return run(clocks, arrival, adapter, router, refresh_s, bar)
     finally:
         if enabled:
             gc.enable()

@@ -110,21 +110,6 @@ class DecodeGroup:
             heapq.heappop(heap)
         return 1 << 62
 
-    def finishing_within(self, steps: float) -> list[int]:
-        """Steps to finish of every member that finishes within ``steps`` steps, read off
-        the finish heap without validating its entries: a departed member's stale entry
-        may be among them (a superset; a lower bound on members left after ``steps``)."""
-        heap, limit = self._finish, self.clock + steps
-        out, todo = [], [0] if heap else []
-        n = len(heap)
-        while todo:
-            i = todo.pop()
-            fc = heap[i][0]
-            if fc < limit:
-                out.append(fc - self.clock)
-                todo.extend(c for c in (2 * i + 1, 2 * i + 2) if c < n)
-        return out
-
     def pop_finished(self) -> list[Request]:
         """Members whose last token was computed by now (removed from the group)."""
         out = []

@@ -96,15 +96,6 @@ class WaitingQueue:
         else:
             del self._fifo[req.adapter]
 
-    def adapters(self):
-        """The adapters (-1: the base model) with requests waiting."""
-        return self._fifo.keys()
-
-    def unordered(self):
-        """All waiting requests in no particular order (no sort: for counts)."""
-        for q in self._fifo.values():
-            yield from q
-
     def __iter__(self):
         """All waiting requests in FCFS order (slow; for reports and tests)."""
         reqs = [r for q in self._fifo.values() for r in q]
