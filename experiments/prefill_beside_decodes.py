@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 
 from twin.calibrate.executor_design import Cell  # noqa: E402
 from twin.costs.profile import load_profile  # noqa: E402
+from twin.costs.step_time import FEATURES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("gap", "schedule", "assemble", "inputs", "model", "sample")
@@ -62,7 +63,8 @@ def phases(steps: pd.DataFrame, profile) -> pd.DataFrame:
     meas = 1e3 * s["duration_s"].to_numpy(float)
     known = ms("gap_s") + ms("schedule_s") + ms("forward_s") + ms("sample_s")
     pre, dec = s["prefill_tokens"].to_numpy(), s["decode_seqs"].to_numpy()
-    kind = np.where(pre == 0, "decode", np.where((dec > 0) & (f[:, 10] == 1), "prefill", "other"))
+    one = f[:, FEATURES.index("prefill_seqs")] == 1
+    kind = np.where(pre == 0, "decode", np.where((dec > 0) & one, "prefill", "other"))
     return pd.DataFrame({"kind": kind, "start_s": s["start_s"].to_numpy(float),
                          "prefill_tokens": pre, "decodes": dec, "measured": meas, "predicted": 1e3 * pred,
                          "gap": ms("gap_s"), "schedule": ms("schedule_s"),
@@ -98,10 +100,10 @@ def main(argv=None) -> int:
 
     import torch   # lazy: the executor needs torch
 
-    from twin.executor.adapters import make_cached_adapters
-    from twin.executor.engine import execute
-    from twin.executor.model import LlamaModel
-    from twin.executor.weights import resolve_model
+    from twin.executor.adapters import make_cached_adapters   # lazy: needs torch
+    from twin.executor.engine import execute   # lazy: needs torch
+    from twin.executor.model import LlamaModel   # lazy: needs torch
+    from twin.executor.weights import resolve_model   # lazy: needs torch
 
     torch.set_num_threads(1)
     profile = load_profile(args.profile)
