@@ -89,7 +89,7 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
     computed: dict[int, int] = {}
     X = np.zeros((len(steps), len(FEATURES)))
     for j, (ids, toks) in enumerate(zip(steps["batch_request_ids"], steps["batch_tokens"])):
-        pt = pn = dn = dctx = pctx = lt = 0
+        pt = pn = pcn = dn = dctx = pctx = lt = 0
         for rid, k in zip(ids, toks):
             rid, k = int(rid), int(k)
             start = computed.get(rid, 0)
@@ -99,6 +99,7 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
             else:
                 pt += k
                 pn += 1
+                pcn += start > 0
                 pctx += k * (start + k)
             if lora[rid]:
                 lt += k
@@ -106,7 +107,7 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
         a = int(steps["batch_adapters"].iloc[j])
         slots = max_loras if lt else 0
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                slots, 1 if lt else 0, pn, float(idle[j]), (pt + dn) * slots)
+                slots, 1 if lt else 0, pn, float(idle[j]), (pt + dn) * slots, pcn)
     return X
 
 
@@ -168,8 +169,10 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     repeats' relative spread and their count. A cell's bursts schedule alike run after run,
     so its steps line up across repeats; where timing made them differ they stay apart."""
     df = steps.assign(y=steps["duration_s"] - steps["load_s"])
-    # rows logged before the feature existed lack it (the executor fit leaves it out)
-    df["lora_slot_tokens"] = df.get("lora_slot_tokens", pd.Series(0.0, df.index)).fillna(0.0)
+    # rows logged before a feature existed lack it (lora_slot_tokens: the executor fit
+    # leaves it out; prefill_ctx_seqs: refits of older logs, experiments/refit_cells.py)
+    for k in ("lora_slot_tokens", "prefill_ctx_seqs"):
+        df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
     out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]

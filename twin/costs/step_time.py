@@ -37,6 +37,10 @@ class StepFeatures(NamedTuple):
     lora_slot_tokens: float  # the step's tokens x lora_slots: vLLM's Triton LoRA kernels launch
     #                          thread blocks for every (token block, slot) pair, a slot
     #                          without tokens exiting early (a launch cost ~ tokens x max_loras)
+    prefill_ctx_seqs: int = 0  # prefill chunks attending earlier tokens (a prefix-cache hit or
+    #                          an earlier chunk): the executor gathers their context from the
+    #                          paged cache under a mask, a fixed cost per chunk beyond
+    #                          prefill_context (issue 17: a hit's short suffix beside decodes)
 
 
 FEATURES = StepFeatures._fields
@@ -60,7 +64,7 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, (plan.prefill_tokens + plan.decode_n) * slots))
+        0.0, (plan.prefill_tokens + plan.decode_n) * slots, plan.prefill_ctx_n))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:

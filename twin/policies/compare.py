@@ -185,7 +185,8 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
             sl = (slots if slots is not None else ad) if lt else 0
             f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank, sl,
                  1.0 if lt else 0.0, 0.0, 0.0,   # lora_active; prefill_seqs, after_idle: not
-                 (pre + dec) * sl]               # in the step log; lora_slot_tokens
+                 (pre + dec) * sl, 0.0]          # in the step log; lora_slot_tokens;
+            #                                      prefill_ctx_seqs: not in the step log
             t = st(f)
             for i in _LORA:
                 f[i] = 0
