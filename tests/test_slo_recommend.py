@@ -73,15 +73,16 @@ def test_search_moves_the_latency_knobs_within_budget_deterministically(setup):
     slo = {"ttft": 1.0, "tpot": 0.5}   # never met: the search spends what it may
     a = _rec(setup, slo, max_runs=7)
     b = _rec(setup, slo, max_runs=7)
-    ran = a.candidates.dropna(subset=["ver_throughput"])
+    ran = a.candidates.dropna(subset=["ver_starts"])   # full runs and runs stopped early
     assert a.runs == len(ran) <= 7
     # beyond max_loras (the old search space): the knobs that move latency were run
     cfgs = list(ran["_config"])
     assert len({c.max_num_batched_tokens for c in cfgs}) > 1 or \
         len({c.max_num_seqs for c in cfgs}) > 1
-    cols = ["max_loras", "max_num_batched_tokens", "max_num_seqs", "ver_ttft_p99"]
+    cols = ["max_loras", "max_num_batched_tokens", "max_num_seqs", "ver_ttft_p99",
+            "ver_slo_proven"]
     pd.testing.assert_frame_equal(ran[cols].reset_index(drop=True),
-                                  b.candidates.dropna(subset=["ver_throughput"])[cols]
+                                  b.candidates.dropna(subset=["ver_starts"])[cols]
                                   .reset_index(drop=True))
 
 

@@ -17,7 +17,10 @@ steps exist for the SLO alone (issue 16: ``place`` gave 3-4 GPUs, or none within
 an even 2-way split of the requests met the SLO): the partition is balanced with replicas
 (:func:`_balanced`: the busiest GPU sets the p99), and a failed count is tried once more as
 a split of the requests, every adapter on every GPU (:meth:`_Search.request_split`),
-before a GPU is added.
+before a GPU is added. Under an SLO each GPU's search stops at its first configuration that
+meets it (``recommend(first_met=True)``; ``search_kw={"first_met": False}`` searches each
+GPU's best goodput): whether a GPU count verifies is the same, in fewer twin runs, and a
+run that is proven to miss the SLO stops early (:mod:`twin.ml.slo_stop`).
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ class _Search:
                                            max_runs=self.max_runs, workers=self.workers,
                                            early_exit=self.early_exit,
                                            objective=self.objective, slo=self.slo,
-                                           **self.search_kw)
+                                           **{"first_met": bool(self.slo), **self.search_kw})
             self.runs += self.verified[key].runs
         return self.verified[key].ok
 
