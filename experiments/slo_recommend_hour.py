@@ -19,6 +19,7 @@ achievable p99s it reported (the same every repeat: the runs are deterministic).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,11 +33,12 @@ TRACE = ROOT / "traces" / "azure_conv_1h_32lora.parquet"
 SLO = "ttft=2000,tpot=100"
 
 
-def run_once(out: Path, extra: list[str]) -> tuple[float, dict, int]:
+def run_once(root: Path, out: Path, extra: list[str]) -> tuple[float, dict, int]:
     cmd = [sys.executable, "-m", "twin.cli", "recommend", "--trace", str(TRACE),
            "--objective", "goodput", "--slo", SLO, "--out", str(out), "--json", *extra]
+    env = {**os.environ, "PYTHONPATH": str(root)}
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     wall = time.perf_counter() - t0
     if p.returncode not in (0, 3):
         sys.exit(f"twin recommend failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -47,12 +49,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3, help="runs of the command (median)")
+    p.add_argument("--root", type=Path, default=ROOT,
+                   help="the twin checkout to run (default: this one; e.g. main's, to compare)")
     p.add_argument("extra", nargs="*", help="more twin recommend options (after --)")
     a = p.parse_args(argv)
     walls, recs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(a.repeat):
-            wall, d, rc = run_once(Path(tmp) / f"rec{k}", a.extra)
+            wall, d, rc = run_once(a.root.resolve(), Path(tmp) / f"rec{k}", a.extra)
             walls.append(wall)
             recs.append(d["total_s"])
             print(f"run {k + 1}: {wall:.2f} s wall (recommendation {d['total_s']:.2f} s), "
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
         "best_ttft_p99_ms": round(best["ttft_p99"]["value"], 1) if "ttft_p99" in best else None,
         "best_tpot_p99_ms": round(best["tpot_p99"]["value"], 2) if "tpot_p99" in best else None,
         "fewest_gpus": few.get("gpus"), "fewest_gpus_runs": few.get("verify_runs"),
-        "repeat": a.repeat}))
+        "repeat": a.repeat, "root": str(a.root)}))
     return 0
 
 

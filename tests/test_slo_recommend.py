@@ -147,6 +147,24 @@ def test_place_with_slo_every_gpu_meets_it_and_needs_more_gpus(setup):
         assert v["ttft_p99"] <= slo["ttft"] and v["tpot_p99"] <= slo["tpot"]
 
 
+def test_fewest_gpus_stop_at_the_first_config_meeting_the_slo_same_count(setup):
+    """Each GPU's search stops at its first run meeting the SLO (first_met): the GPU count
+    is the one a full search per GPU finds, in fewer twin runs, each GPU verified."""
+    tr, cat = _busier()
+    profile, model = setup[2], setup[3]
+    slo = {"ttft": 1000.0, "tpot": 20.0}
+    kw = dict(profile=profile, model=model, window_s=WINDOW, workers=1, max_gpus=4,
+              objective="goodput", slo=slo, max_runs=6)
+    fast = place(tr, cat, **kw)
+    full = place(tr, cat, **kw, search_kw={"first_met": False})
+    assert fast.ok and full.ok and len(fast.gpus) == len(full.gpus)
+    assert fast.verify_runs < full.verify_runs
+    for g in fast.gpus:
+        r = g.recommendation
+        assert r.search["optimizer"] == "first met" and r.runs <= 2
+        assert r.verified["full"] and r.verified["tpot_p99"] <= slo["tpot"]
+
+
 def test_cli_infeasible_on_one_gpu_names_the_fewest_gpus(setup, tmp_path, trace_files):
     from twin.cli import main
 

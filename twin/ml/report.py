@@ -340,7 +340,10 @@ class Recommendation:
             L += disagreement_lines(self.disagreements)
         L += explanation_lines(self.explanation)
         L += prefix_lines(self.prefix)
-        L.append(f"{self.runs} twin run(s), {self.total_s:.2f} s end to end")
+        again = len((self.search or {}).get("reruns") or ())
+        L.append(f"{self.runs} twin run(s)" + (f" (+ {again} stopped early, run again in full)"
+                                               if again else "")
+                 + f", {self.total_s:.2f} s end to end")
         L += [f"warning: {x}" for x in self.warnings]
         return "\n".join(L)
 

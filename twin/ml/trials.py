@@ -74,19 +74,19 @@ def any_met(results: dict, slo: dict) -> bool:
 
 
 def full_reruns(T: "Trials", slo: dict, n: int) -> list[int]:
-    """When no run met the SLOs: runs stopped once proven to miss them
-    (:mod:`twin.ml.slo_stop`) run again over the whole window, ``n`` together, so that the
-    best achievable p99s come from full runs. First those that might hold one
-    (:func:`~twin.ml.slo_stop.might_beat`): for each SLO the one with the lowest proven bound
-    of that p99 (not starving when stopped first), then the least far off
-    (``slo_violation_lower_bound``). Then, only while no full run keeps up (a bound proven
-    early says little about keeping up), the stopped runs in the order the search made them
-    (the model's predicted best first). Their full figures replace the stopped ones
-    (``rerun_after_stop``: what the stop had proven). Returns the rows run again."""
+    """When no run met the SLOs and no full run keeps up (the verdict would have no p99 to
+    show): runs stopped once proven to miss the SLOs (:mod:`twin.ml.slo_stop`) run again
+    over the whole window, ``n`` together. First those that might hold a best achievable
+    p99 (:func:`~twin.ml.slo_stop.might_beat`): for each SLO the one with the lowest
+    proven bound of that p99 (not starving when stopped first), then the least far off
+    (``slo_violation_lower_bound``); if none of those keeps up either, the stopped runs in
+    the order the search made them (the model's predicted best first). Their full figures
+    replace the stopped ones (``rerun_after_stop``: what the stop had proven). Returns the
+    rows run again."""
     res, ran = T.results, []
     for second in (False, True):
         up = any(r["starts"] and not r["starving"] and r_full(r) for r in res.values())
-        if any_met(res, slo) or (second and up):
+        if any_met(res, slo) or up:
             break
         stopped = [i for i in T.order if res[i].get("slo_violated_early")]
         picks = []
