@@ -165,6 +165,18 @@ def test_fewest_gpus_stop_at_the_first_config_meeting_the_slo_same_count(setup):
         assert r.verified["full"] and r.verified["tpot_p99"] <= slo["tpot"]
 
 
+def test_gpus_verified_side_by_side_equal_one_after_another(setup):
+    """workers=2 verifies a count's GPUs side by side in forked processes: the same
+    placement, configurations and verified figures as one GPU after another."""
+    tr, cat = _busier()
+    profile, model = setup[2], setup[3]
+    kw = dict(profile=profile, model=model, window_s=WINDOW, max_gpus=4,
+              objective="goodput", slo={"ttft": 1000.0, "tpot": 20.0}, max_runs=6)
+    one, two = place(tr, cat, workers=1, **kw), place(tr, cat, workers=2, **kw)
+    assert one.summary() == {**two.summary(), "total_s": one.summary()["total_s"]}
+    assert one.attempts == two.attempts and one.verify_runs == two.verify_runs
+
+
 def test_cli_infeasible_on_one_gpu_names_the_fewest_gpus(setup, tmp_path, trace_files):
     from twin.cli import main
 

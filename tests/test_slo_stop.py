@@ -15,6 +15,7 @@ from twin.config import ServingConfig
 from twin.costs.profile import load_profile
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
+from twin.ml.slo_plots import plot_slo_frontier
 from twin.ml.slo_stop import count_needed
 from twin.ml.sweep import EarlyExit, simulate_point
 from twin.ml.verify import Verifier
@@ -115,7 +116,7 @@ def test_a_stopped_verification_is_reported_as_stopped(setup):
     assert f["full"] is True and f["ttft_p99"] == pytest.approx(full["ttft_ms"]["p99"])
 
 
-def test_infeasible_recommendation_reports_stops_and_full_best(setup):
+def test_infeasible_recommendation_reports_stops_and_full_best(setup, tmp_path):
     profile = setup[2]
     tr = rate_class_trace(6, (1.0, 0.5, 0.25), duration_s=WINDOW, seed=7)   # keeps up
     cat = setup[1]
@@ -135,3 +136,5 @@ def test_infeasible_recommendation_reports_stops_and_full_best(setup):
     text = rec.report()
     assert "stopped early, p99 TTFT >= " in text
     assert "stopped once proven to miss them by 2x" in text
+    # the frontier plot draws stopped runs at their proven bound
+    assert plot_slo_frontier(rec.search, slo, tmp_path / "f.png").stat().st_size > 0

@@ -237,8 +237,13 @@ def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, ma
             return False
         idxs = [i for i in dict.fromkeys(idxs) if 0 <= i < len(cand) and i not in results]
         idxs = idxs[:max(0, max_runs - len(results))]
-        for i, out in ver.run([(i, cand.at[i, "_config"]) for i in idxs]):
-            results[i] = out
+        # first_met with one worker: one run at a time, none after the first meeting the SLO
+        step = 1 if (met_slo and getattr(ver, "workers", 1) <= 1) else max(1, len(idxs))
+        for j in range(0, len(idxs), step):
+            if j and any_met(results, met_slo):
+                break
+            for i, out in ver.run([(i, cand.at[i, "_config"]) for i in idxs[j:j + step]]):
+                results[i] = out
         return bool(idxs)
 
     n = len(cand)
