@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         "best_ttft_p99_ms": round(best["ttft_p99"]["value"], 1) if "ttft_p99" in best else None,
         "best_tpot_p99_ms": round(best["tpot_p99"]["value"], 2) if "tpot_p99" in best else None,
         "fewest_gpus": few.get("gpus"), "fewest_gpus_runs": few.get("verify_runs"),
+        "fewest_gpus_s": round(few["total_s"], 2) if few else None,
         "repeat": a.repeat, "root": str(a.root)}))
     return 0
 
