@@ -38,6 +38,7 @@ CELLS = {   # name -> the cell served (requests spaced so each meets an idle eng
     "o4_4a_ml4": Cell(8, 64, 4, 4, 4, 16, 256, 0.4),      # the light workload's slots
     "o48_4a_ml4": Cell(8, 64, 48, 4, 4, 16, 256, 0.4),
     "o128": Cell(8, 64, 128, 4, 4, 16, 256, 0.7),         # answers as long as the light's
+    "poisson": Cell(16, 64, 96, 4, 4, 16, 256, 0.33, poisson=True),   # light-like arrivals
     "p57": Cell(8, 57, 4, 4, 4, 16, 256, 0.4),            # prompt lengths off the cells' grid
     "p72": Cell(8, 72, 4, 4, 4, 16, 256, 0.4),
     "p63": Cell(8, 63, 4, 4, 4, 16, 256, 0.4),

@@ -169,6 +169,23 @@ def test_design_spans_features():
     assert 0 < len(design("small")) < len(cells)
 
 
+def test_poisson_cell_arrivals_overlap_and_wait_like_served_traffic():
+    """A Poisson cell: seeded (the same trace every time), the first request at t = 0, gaps
+    of the given mean, some shorter than an answer takes (requests overlap) and some much
+    longer (the engine waits idle); a regular cell's key and trace stay as they were."""
+    c = Cell(400, 32, 48, 4, 4, 16, 256, 0.33, poisson=True)
+    t = c.trace()
+    pd.testing.assert_frame_equal(t, c.trace())
+    gaps = np.diff(t["arrival_s"].to_numpy())
+    assert t["arrival_s"].iloc[0] == 0.0 and (gaps >= 0).all()
+    assert gaps.mean() == pytest.approx(0.33, rel=0.15)
+    assert (gaps < 0.05).mean() > 0.1 and (gaps > 0.66).mean() > 0.1
+    plain = Cell(400, 32, 48, 4, 4, 16, 256, 0.33)
+    assert c.key == plain.key + "-poi" and not plain.key.endswith("-poi")
+    assert np.allclose(plain.trace()["arrival_s"], 0.33 * np.arange(400))
+    assert any(c.poisson for c in design("tiny")) and not any(c.poisson for c in design("small"))
+
+
 def test_nnls_nonnegative_and_exact_on_clean_data():
     rng = np.random.default_rng(0)
     X = np.c_[np.ones(50), rng.integers(0, 100, 50), rng.integers(0, 10, 50)].astype(float)
