@@ -162,6 +162,22 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
         assert (ctx_seqs <= X[:, FEATURES.index("prefill_seqs")]).all()
 
 
+def test_poisson_cell_measures_only_its_after_idle_steps(tmp_path):
+    """A Poisson cell's rows are its after-idle steps (the fit prices ``after_idle`` from
+    them; its other steps would weigh on the decode terms); a spaced cell keeps every step."""
+    from twin.calibrate.executor_measure import measure_cell
+    from twin.executor.adapters import write_synthetic_adapters   # lazy: needs torch
+    from twin.executor.weights import resolve_model   # lazy: needs torch
+
+    write_synthetic_adapters(resolve_model("tiny"), tmp_path / "a", 2, ranks=(8,))
+    poi = measure_cell(Cell(4, 32, 3, 2, 2, 16, 64, 1.0, poisson=True), resolve_model("tiny"),
+                       tmp_path / "a", 512, 0)
+    assert len(poi) >= 1 and (poi["after_idle"] == 1).all()
+    spaced = measure_cell(Cell(3, 32, 3, 2, 2, 16, 64, 1.0), resolve_model("tiny"),
+                          tmp_path / "a", 512, 0)
+    assert (spaced["after_idle"] == 0).any() and (spaced["after_idle"] == 1).any()
+
+
 def test_design_spans_features():
     cells = design("tiny")
     assert len({c.max_loras for c in cells}) >= 3 and len({c.rank for c in cells}) >= 3
