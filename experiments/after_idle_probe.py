@@ -4,17 +4,22 @@ The calibration's after-idle cells serve 8 requests 0.1 s apart with 4-token ans
 prompt meets an idle engine that ran a handful of steps before it waited. In served
 light-load traffic an idle wait follows a busy stretch (answers of tens to hundreds of
 tokens), and the validation priced those after-idle steps 13-17% short (README_prefix).
-Here *arms* serve the same 64-token prompts, one at a time onto an idle engine, and differ
-only in what came before the wait: the answer's length (4 or 48 tokens), the
-adapters and slots (the light workload's 4 adapters over 4 slots). Arms are interleaved
-round by round (the box's drift spreads over all). Per arm: the after-idle step (median,
-ms, load time subtracted), by the executor's phases, and set against the same run's
-decode-only steps of one sequence (``ratio``), which cancels the box's speed.
+Here *arms* serve requests onto an idle engine and differ in one thing each: cells (8
+requests 0.4 s apart) with 4- to 128-token answers, prompt lengths off the 16-token grid,
+the light workload's 4 adapters over 4 slots, Poisson arrivals (``poisson``: the
+calibration's served-like cell); and the light validation workload's first seconds itself
+(``light``), with the cells' config (``light_cellcfg``), with every prompt 64 tokens, every
+answer 4 tokens, or arrivals evenly spaced. Arms are interleaved round by round (the box's
+drift spreads over all). Per arm, pooled over the after-idle steps (each run's first step
+left out: a fresh engine): the step (median, ms, load time subtracted), by the executor's
+phases, over the profile's price of it (``vs_profile``), the step after it, and over the
+run's one-sequence decode steps at least 4 steps past a wait (``ratio``).
 
-    flock /work/timing.lock .venv/bin/python experiments/after_idle_probe.py --rounds 6
+    flock /work/timing.lock .venv/bin/python experiments/after_idle_probe.py --rounds 5 \
+        --arms light,poisson,o4_4a_ml4 --profile runs/vq/cpu-tiny.json
 
-Ends with one JSON line: per arm the medians (ms) of the after-idle step and its phases,
-the one-decode step and their ratio.
+Ends with one JSON line: per arm those medians, the step count and the share of steps over
+1.6x the warm decode step.
 """
 
 from __future__ import annotations
