@@ -162,11 +162,44 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
         assert (ctx_seqs <= X[:, FEATURES.index("prefill_seqs")]).all()
 
 
+def test_poisson_cell_measures_only_its_after_idle_steps(tmp_path):
+    """A Poisson cell's rows are its after-idle steps (the fit prices ``after_idle`` from
+    them; its other steps would weigh on the decode terms); a spaced cell keeps every step."""
+    from twin.calibrate.executor_measure import measure_cell
+    from twin.executor.adapters import write_synthetic_adapters   # lazy: needs torch
+    from twin.executor.weights import resolve_model   # lazy: needs torch
+
+    write_synthetic_adapters(resolve_model("tiny"), tmp_path / "a", 2, ranks=(8,))
+    poi = measure_cell(Cell(4, 32, 3, 2, 2, 16, 64, 1.0, poisson=True), resolve_model("tiny"),
+                       tmp_path / "a", 512, 0)
+    assert len(poi) >= 1 and (poi["after_idle"] == 1).all()
+    spaced = measure_cell(Cell(3, 32, 3, 2, 2, 16, 64, 1.0), resolve_model("tiny"),
+                          tmp_path / "a", 512, 0)
+    assert (spaced["after_idle"] == 0).any() and (spaced["after_idle"] == 1).any()
+
+
 def test_design_spans_features():
     cells = design("tiny")
     assert len({c.max_loras for c in cells}) >= 3 and len({c.rank for c in cells}) >= 3
     assert {0, 32} <= {c.adapters for c in cells}
     assert 0 < len(design("small")) < len(cells)
+
+
+def test_poisson_cell_arrivals_overlap_and_wait_like_served_traffic():
+    """A Poisson cell: seeded (the same trace every time), the first request at t = 0, gaps
+    of the given mean, some shorter than an answer takes (requests overlap) and some much
+    longer (the engine waits idle); a regular cell's key and trace stay as they were."""
+    c = Cell(400, 32, 48, 4, 4, 16, 256, 0.33, poisson=True)
+    t = c.trace()
+    pd.testing.assert_frame_equal(t, c.trace())
+    gaps = np.diff(t["arrival_s"].to_numpy())
+    assert t["arrival_s"].iloc[0] == 0.0 and (gaps >= 0).all()
+    assert gaps.mean() == pytest.approx(0.33, rel=0.15)
+    assert (gaps < 0.05).mean() > 0.1 and (gaps > 0.66).mean() > 0.1
+    plain = Cell(400, 32, 48, 4, 4, 16, 256, 0.33)
+    assert c.key == plain.key + "-poi" and not plain.key.endswith("-poi")
+    assert np.allclose(plain.trace()["arrival_s"], 0.33 * np.arange(400))
+    assert any(c.poisson for c in design("tiny")) and not any(c.poisson for c in design("small"))
 
 
 def test_nnls_nonnegative_and_exact_on_clean_data():

@@ -40,6 +40,12 @@ class Cell:
     mix). ``adapters`` > ``max_loras`` swaps adapters into slots mid-run, beside running
     decodes (loads outside the first, after-idle step).
 
+    ``poisson``: the arrivals are a Poisson process of mean gap ``gap`` instead, and the
+    prompts vary uniformly over ``prompt`` x (1/2 .. 3/2) (seeded): requests overlap at
+    times and the engine waits idle between bursts of them, as it does in served light
+    traffic. Its after-idle steps ran ~1.8x the regularly spaced cells'
+    (``experiments/after_idle_probe.py``; README_validate, "the first step after idle").
+
     ``cached`` > 0 (a multiple of 16): every prompt opens with the same ``cached`` tokens
     (``hash_ids``, 16-token blocks), so with the prefix cache on a later request of an
     adapter computes only its suffix over a long cached context (issue 17: the fit sees
@@ -55,13 +61,14 @@ class Cell:
     gap: float = 0.0
     base_every: int = 0
     cached: int = 0
+    poisson: bool = False
 
     @property
     def key(self) -> str:
         return (f"n{self.n}-p{self.prompt}-o{self.output}-a{self.adapters}-m{self.max_loras}"
                 f"-r{self.rank}-b{self.budget}" + (f"-g{self.gap:g}" if self.gap else "")
                 + (f"-base{self.base_every}" if self.base_every else "")
-                + (f"-c{self.cached}" if self.cached else ""))
+                + (f"-c{self.cached}" if self.cached else "") + ("-poi" if self.poisson else ""))
 
     def trace(self) -> pd.DataFrame:
         i = np.arange(self.n)
@@ -70,9 +77,14 @@ class Cell:
         k = np.cumsum(~base) - 1   # adapter rows round-robin over the adapters
         names = [f"lora-{j % self.adapters:04d}" if self.adapters and not b else None
                  for j, b in zip(k, base)]
-        df = pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": i * self.gap,
+        arrival, prompt = i * self.gap, np.full(self.n, self.prompt)
+        if self.poisson:   # the first at t = 0, then exponential gaps of mean ``gap``
+            rng = np.random.default_rng(self.n)
+            arrival = np.r_[0.0, np.cumsum(rng.exponential(self.gap, self.n)[1:])]
+            prompt = rng.integers(self.prompt // 2, self.prompt * 3 // 2 + 1, self.n)
+        df = pd.DataFrame({"request_id": i.astype(np.int64), "arrival_s": arrival,
                            "adapter": pd.array(names, dtype="string"),
-                           "prompt_tokens": np.full(self.n, self.prompt, dtype=np.int32),
+                           "prompt_tokens": prompt.astype(np.int32),
                            "output_tokens": out.astype(np.int32)})
         if self.cached:   # the shared prefix's ids, then ids of each request's own
             shared, own = self.cached // 16, -(-self.prompt // 16) - self.cached // 16
@@ -119,6 +131,12 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
     # after idle: requests one at a time, each arriving to an idle engine
     for p in P[:2]:
         cells.append(Cell(N[1], p, 4, 2, 8, 16, B[1], gap))
+    # ... and as served light traffic meets it: Poisson arrivals (3 per second), answers
+    # of tens of tokens, so requests overlap at times and the waits fall between bursts
+    # (the validation's light workload: its after-idle steps ran ~1.8x the spaced cells')
+    if scale == "tiny":
+        for p in P[:2]:
+            cells.append(Cell(N[2], p, 2 * O, 4, 4, 16, B[1], 0.33, poisson=True))
     # adapters and slots: distinct adapters, max_loras (kernel span), padded rank
     n = N[-1]
     for a, m in ((1, 1), (2, 32), (8, 8), (8, 32), (n // 2, 32), (n, 32)):
@@ -150,7 +168,7 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
             continue
         m, r = (8, 16) if policy == "slora" else (c.max_loras, c.rank)
         c = Cell(c.n, c.prompt, c.output, min(c.adapters, 32), m, r, c.budget, c.gap,
-                 c.base_every, c.cached)
+                 c.base_every, c.cached, c.poisson)
         if c.key not in seen:
             seen.add(c.key)
             out.append(c)
