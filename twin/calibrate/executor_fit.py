@@ -21,10 +21,12 @@ import pandas as pd
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.step_time import FEATURES
 
-#: The features an executor calibration fits: all but ``lora_slot_tokens``, the launch cost
-#: of vLLM's Triton LoRA kernel grid (the executor's LoRA is its own code, with no such grid;
-#: measurement logs written before the feature lack its column).
-EXECUTOR_FEATURES = tuple(k for k in FEATURES if k != "lora_slot_tokens")
+#: vLLM's Triton LoRA kernel grid launch cost, in its linear and its capped form: features
+#: an executor calibration leaves out (the executor's LoRA is its own code, with no such
+#: grid; measurement logs written before the features lack their columns).
+GRID_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped")
+#: The features an executor calibration fits: all but ``GRID_FEATURES``.
+EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GRID_FEATURES)
 
 __all__ = ["EXECUTOR_FEATURES", "ExecutorFit", "fit_measurements", "fit_nnls", "residual_stats", "step_features",
            "step_table"]
@@ -169,7 +171,8 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     so its steps line up across repeats; where timing made them differ they stay apart."""
     df = steps.assign(y=steps["duration_s"] - steps["load_s"])
     # rows logged before the feature existed lack it (the executor fit leaves it out)
-    df["lora_slot_tokens"] = df.get("lora_slot_tokens", pd.Series(0.0, df.index)).fillna(0.0)
+    for k in GRID_FEATURES:
+        df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
     out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]

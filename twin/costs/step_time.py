@@ -37,9 +37,16 @@ class StepFeatures(NamedTuple):
     lora_slot_tokens: float  # the step's tokens x lora_slots: vLLM's Triton LoRA kernels launch
     #                          thread blocks for every (token block, slot) pair, a slot
     #                          without tokens exiting early (a launch cost ~ tokens x max_loras)
+    # min(tokens, LORA_GRID_TOKEN_CAP) x lora_slots: the same grid cost where it shows, in
+    # small (decode) steps; in a large step the empty slots' early-exiting blocks run beside
+    # the blocks doing real LoRA work and hide behind them (saturates with step size)
+    lora_slot_tokens_capped: float = 0.0
 
 
 FEATURES = StepFeatures._fields
+#: the step size (tokens) past which ``lora_slot_tokens_capped`` stops growing; a module
+#: constant (not a coefficient) so the features stay linear in the fitted weights
+LORA_GRID_TOKEN_CAP = 256
 _new = tuple.__new__   # builds a StepFeatures without the generated __new__'s argument parsing
 
 
@@ -57,10 +64,11 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     padded count, :class:`ExactRankFeatures` for S-LoRA's exact one)."""
     lt = plan.decode_lora + plan.prefill_lora_tokens
     slots = lora_slots if lt else 0
+    tokens = plan.prefill_tokens + plan.decode_n
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, (plan.prefill_tokens + plan.decode_n) * slots))
+        0.0, tokens * slots, min(tokens, LORA_GRID_TOKEN_CAP) * slots))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:
