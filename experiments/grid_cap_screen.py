@@ -17,7 +17,7 @@ simulate the held-out ``ml_modelling_test`` runs (``--test-runs``, spread as
 ``reproduce_vllm_h100.py --max-runs``) and score them as that script does. ``--cap 0`` is the
 shipped profile, unchanged (the reference row).
 
-    python experiments/grid_cap_screen.py --caps 0 128 256 512
+    python experiments/grid_cap_screen.py --caps 0 256 1024
 
 The last line printed is one JSON object: per cap, the fit's in-sample and the held-out figures.
 """
@@ -102,7 +102,7 @@ def held_out(profile, test_runs, data: Path, processes: int) -> tuple[dict, obje
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--caps", type=int, nargs="+", default=[0, 128, 256, 512],
+    ap.add_argument("--caps", type=int, nargs="+", default=[0, 256, 1024],
                     help="token caps to screen; 0 = the shipped profile as it is")
     ap.add_argument("--profile", default="llama31-8b-h100-64gb",
                     help="profile to start from (memory, loads, client cap, coefficients)")

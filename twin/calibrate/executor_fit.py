@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.load_time import LoadTimeModel
-from twin.costs.step_time import FEATURES
+from twin.costs.step_time import FEATURES, lora_grid
 
 #: vLLM's Triton LoRA kernel grid launch cost, in its linear and its capped form: features
 #: an executor calibration leaves out (the executor's LoRA is its own code, with no such
@@ -108,7 +108,7 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
         a = int(steps["batch_adapters"].iloc[j])
         slots = max_loras if lt else 0
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                slots, 1 if lt else 0, pn, float(idle[j]), (pt + dn) * slots)
+                slots, 1 if lt else 0, pn, float(idle[j]), *lora_grid(pt + dn, slots))
     return X
 
 

@@ -47,7 +47,8 @@ STEP_TERMS = ("const", "decode_tokens", "prefill_tokens", "decode_context", "ada
 GRID_TERMS = STEP_TERMS + ("lora_slot_tokens",)
 #: ``STEP_TERMS`` plus the grid cost capped at ``LORA_GRID_TOKEN_CAP`` tokens per step
 #: (``lora_slot_tokens_capped``): the empty slots' blocks show in decode steps and hide
-#: behind the real LoRA work of a large step. Opt-in, as ``GRID_TERMS``.
+#: behind the real LoRA work of a large step. Opt-in, as ``GRID_TERMS`` (no refit with it
+#: was better on every held-out figure: experiments/README_validate.md, "the capped grid").
 CAPPED_GRID_TERMS = STEP_TERMS + ("lora_slot_tokens_capped",)
 #: where a term the initial regression does not set starts (the surrogate moves a
 #: coefficient at most x3 per iteration: one starting at 0 would stay there)

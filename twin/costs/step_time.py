@@ -45,8 +45,11 @@ class StepFeatures(NamedTuple):
 
 FEATURES = StepFeatures._fields
 #: the step size (tokens) past which ``lora_slot_tokens_capped`` stops growing; a module
-#: constant (not a coefficient) so the features stay linear in the fitted weights
-LORA_GRID_TOKEN_CAP = 256
+#: constant (not a coefficient) so the features stay linear in the fitted weights. 1024: of
+#: the caps screened on the real H100 runs (256, 1024; experiments/grid_cap_screen.py,
+#: README_validate "the capped grid") the one that kept the linear term's ITL below
+#: saturation and removed most of its over-charge of the 2048-token steps
+LORA_GRID_TOKEN_CAP = 1024
 _new = tuple.__new__   # builds a StepFeatures without the generated __new__'s argument parsing
 
 
@@ -55,6 +58,12 @@ def after_idle(f: StepFeatures) -> StepFeatures:
     caches and clocks (measured ~1 ms extra on a CPU; light load's TTFT is mostly such
     steps)."""
     return f._replace(after_idle=1.0)
+
+
+def lora_grid(tokens: float, slots: float) -> tuple[float, float]:
+    """``(lora_slot_tokens, lora_slot_tokens_capped)`` of a step of ``tokens`` tokens whose
+    LoRA kernel grid spans ``slots`` slots (0 when no token has an adapter)."""
+    return tokens * slots, min(tokens, LORA_GRID_TOKEN_CAP) * slots
 
 
 def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int) -> StepFeatures:

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.profile import Profile, load_profile
-from twin.costs.step_time import FEATURES, LORA_GRID_TOKEN_CAP
+from twin.costs.step_time import FEATURES, lora_grid
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
@@ -186,8 +186,7 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
             sl = (slots if slots is not None else ad) if lt else 0
             f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank, sl,
                  1.0 if lt else 0.0, 0.0, 0.0,   # lora_active; prefill_seqs, after_idle: not
-                 (pre + dec) * sl,               # in the step log; lora_slot_tokens
-                 min(pre + dec, LORA_GRID_TOKEN_CAP) * sl]   # and its capped form
+                 *lora_grid(pre + dec, sl)]      # in the step log; the LoRA grid
             t = st(f)
             for i in _LORA:
                 f[i] = 0
