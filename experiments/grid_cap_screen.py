@@ -60,13 +60,15 @@ def refit(profile, fit_runs, cap: int, args, log=print):
                + (h["throughput_smape_median_saturated"] or 0))
     prof = load_profile(args.profile)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
-    prof.provenance = dict(prof.provenance, step_time=dict(
-        prof.provenance.get("step_time") or {}, terms=list(terms),
-        lora_grid_token_cap=cap, runs=len(fit_runs), window_s=args.window_s,
-        iterations=len(fit.history), seconds=round(fit.seconds, 1),
-        itl_smape_median=best["itl_smape_median"],
-        throughput_smape_median=best["throughput_smape_median"],
-        ttft_smape_median_light=best["ttft_smape_median_light"]))
+    prof.provenance = dict(prof.provenance, step_time={
+        "method": "experiments/grid_cap_screen.py: simulation in the loop (twin.calibrate."
+                  "step_fit) of the terms below, the others held at init's; a screen, not the "
+                  "normal command's protocol",
+        "init": args.init or args.profile, "terms": list(terms), "lora_grid_token_cap": cap,
+        "runs": len(fit_runs), "window_s": args.window_s, "iterations": len(fit.history),
+        "seconds": round(fit.seconds, 1), "itl_smape_median": best["itl_smape_median"],
+        "throughput_smape_median": best["throughput_smape_median"],
+        "ttft_smape_median_light": best["ttft_smape_median_light"]})
     insample = {k: round(best[k], 2) if best[k] is not None else None for k in
                 ("itl_smape_median", "throughput_smape_median",
                  "throughput_smape_median_saturated", "ttft_smape_median_light")}
