@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/prefix_caching"))
     ap.add_argument("--control", action="store_true",
                     help="also validate each workload with caching off (the same box, the "
-                         "same minutes): how much of the error is the box's, not caching's")
+                         "same minutes): how much of the error is the box's, not caching's; "
+                         "kept under OUT/WORKLOAD_off")
     ap.add_argument("--profile", type=Path, default=PROFILE,
                     help="CPU profile of the tiny model (default: the shipped cpu-tiny; a "
                          "fresh `twin calibrate --executor --model tiny` of this machine is "
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         if args.control:
             off = validate(trace, CFG.replace(enable_prefix_caching=False), args.profile,
                            "tiny", threads=1, trace_source=name, plot=False,
-                           speed_anchor=args.speed_anchor)
+                           out=args.out / f"{name}_off", speed_anchor=args.speed_anchor)
             ratio = off.anchor_info.get("ratio")
             rows[-1].update(baseline_smapes(off, args.baseline_profile, "_off"))
             off = off.table.set_index("key")

@@ -156,6 +156,7 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
         p = _Plan()
         p.decode_n = p.decode_ctx = p.decode_lora = 0
         p.prefill_tokens = p.prefill_n = p.prefill_ctx = p.prefill_lora_tokens = 0
+        p.prefill_ctx_n = 0
         for r, n in scheduled:
             if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
                 p.decode_n += 1
@@ -165,6 +166,7 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
                 p.prefill_tokens += n
                 p.prefill_n += 1
                 p.prefill_ctx += n * (r.computed + n)
+                p.prefill_ctx_n += r.computed > 0
                 if r.adapter >= 0:
                     p.prefill_lora_tokens += n
         if lora_manager is not None:

@@ -156,6 +156,10 @@ def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
         else:
             assert arrives_idle == 0
         assert (X[:, FEATURES.index("prefill_seqs")] > 1).any() == (not cell.gap)
+        # 40-token prompts in a 64-token budget: some chunks go on over an earlier chunk
+        ctx_seqs = X[:, FEATURES.index("prefill_ctx_seqs")]
+        assert (ctx_seqs > 0).any() == (not cell.gap)
+        assert (ctx_seqs <= X[:, FEATURES.index("prefill_seqs")]).all()
 
 
 def test_design_spans_features():
@@ -281,5 +285,8 @@ def test_cached_prefix_cells_compute_a_short_suffix_over_cached_context(tmp_path
     first = pt > 1                                        # prefill steps (decodes: 1 token)
     assert list(pt[first]) == [160, 32, 32, 32]           # only the suffix after the first
     assert list(pctx[first][1:]) == [32 * 160] * 3        # over the whole context
+    # the suffixes attend cached tokens (the executor's gathered, masked path); the first
+    # prompt, computed whole, does not
+    assert list(X[first, FEATURES.index("prefill_ctx_seqs")]) == [0, 1, 1, 1]
     assert any(c.cached for c in design("tiny"))
     assert not any(c.cached for c in design("tiny", "slora"))

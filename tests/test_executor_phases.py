@@ -93,6 +93,41 @@ def test_arrivals_release_each_request_once_in_order_when_due():
     assert arr.left == 0
     no_lora = Arrivals(trace, {"a": 0, "b": 1}, enable_lora=False)
     assert [r.adapter for r in no_lora.due(1.0)] == [-1, -1, -1]
+    r = arr.request(2)   # a request by its row, as released (token ids are made from it)
+    assert (r.idx, r.request_id, r.adapter, r.prompt, r.output) == (2, 9, 0, 5, 8)
+
+
+def test_token_ids_are_made_before_the_clock_starts(monkeypatch):
+    """Issue 17: every request's token ids are made before the clock starts (vLLM's engine
+    gets prompts tokenized), not when it arrives: made at arrival they landed in the next
+    step's time, beside running decodes a cost no step feature sees."""
+    import twin.executor.engine as eng
+    from twin.executor.inputs import request_token_ids
+    from twin.executor.weights import resolve_model
+
+    started, made = [], []
+
+    class Clock(eng.Clock):
+        def __init__(self):
+            super().__init__()
+            started.append(True)
+
+    def tokens(r, *a, **k):
+        made.append((r.idx, bool(started)))
+        return request_token_ids(r, *a, **k)
+
+    monkeypatch.setattr(eng, "Clock", Clock)
+    monkeypatch.setattr(eng, "request_token_ids", tokens)
+    n = 5
+    trace = pd.DataFrame({"request_id": np.arange(n) + 40, "arrival_s": 0.01 * np.arange(n),
+                          "adapter": pd.array([None] * n, dtype="string"),
+                          "prompt_tokens": [9, 17, 3, 30, 12], "output_tokens": [8] * n})
+    cfg = ServingConfig(enable_lora=False, max_num_batched_tokens=64, max_model_len=128)
+    res = eng.execute(trace, cfg, resolve_model("tiny"), None, num_gpu_blocks=64)
+    assert sorted(i for i, _ in made) == list(range(n))       # each request once
+    assert not any(after for _, after in made)                 # all before the clock
+    assert started == [True]
+    assert (res.requests["status"] == "finished").all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,6 +257,14 @@ def test_refit_cells_leaves_out_the_named_cells_and_keeps_the_rest(tiny_profile,
     nonzero = lambda b: {k: v for k, v in b.items() if v}   # noqa: E731 (zeros not saved)
     assert nonzero(load_profile(tmp_path / "p.json").step_time.base) == \
         nonzero(prof.step_time.base)
+    # without a feature: its coefficient 0, the others refitted to do without it
+    full = rc.refit_without(tiny_profile, [keys[0]])[0].step_time.base
+    used = next(k for k in full if k != "const" and full[k] > 0)   # a feature it uses
+    cut = rc.refit_without(tiny_profile, [keys[0]], [used])[0]
+    assert cut.step_time.base.get(used, 0.0) == 0.0
+    assert cut.provenance["refit_without_features"] == [used]
+    assert rc.main([str(tiny_profile), "--drop", keys[0], "--zero-features", "no_such",
+                    "--out", str(tmp_path / "y.json")]) == 2
 
 
 def test_prefix_caching_baseline_prices_the_same_runs_with_another_profile():

@@ -74,7 +74,7 @@ def test_a_prefill_over_more_slots_costs_more_and_decode_runs_stay_closed_form()
     capped = min(512, LORA_GRID_TOKEN_CAP) * 1e-7
     assert many - few == pytest.approx(120 * (512 * 5e-7 + capped + coef["lora_slots"]))
     st = prof.step_time
-    f0 = StepFeatures(1.0, 0, 40, 8000, 0, 40 * 16, 10, 160, 64, 1, 0, 0.0, 40 * 64, 40 * 64)
+    f0 = StepFeatures(1.0, 0, 40, 8000, 0, 40 * 16, 10, 160, 64, 1, 0, 0.0, 40 * 64, 0, 40 * 64)
     total, first, _ = st.decode_run(f0, 40, 7)
     steps = [st(f0._replace(decode_context=8000 + 40 * i)) for i in range(7)]
     assert total == pytest.approx(sum(steps)) and first == pytest.approx(steps[0])
@@ -84,7 +84,8 @@ def _plan(prefill: int, decode: int):
     """A scheduled step with ``prefill`` adapter prompt tokens and ``decode`` adapter decodes."""
     return SimpleNamespace(decode_lora=decode, prefill_lora_tokens=prefill,
                            prefill_tokens=prefill, decode_n=decode, decode_ctx=100 * decode,
-                           prefill_ctx=prefill * prefill, adapters=2, prefill_n=1 if prefill else 0)
+                           prefill_ctx=prefill * prefill, adapters=2, prefill_n=1 if prefill else 0,
+                           prefill_ctx_n=0)
 
 
 def test_the_capped_grid_term_grows_with_a_small_step_and_stops_at_the_cap():

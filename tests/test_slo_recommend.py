@@ -73,15 +73,16 @@ def test_search_moves_the_latency_knobs_within_budget_deterministically(setup):
     slo = {"ttft": 1.0, "tpot": 0.5}   # never met: the search spends what it may
     a = _rec(setup, slo, max_runs=7)
     b = _rec(setup, slo, max_runs=7)
-    ran = a.candidates.dropna(subset=["ver_throughput"])
+    ran = a.candidates.dropna(subset=["ver_starts"])   # full runs and runs stopped early
     assert a.runs == len(ran) <= 7
     # beyond max_loras (the old search space): the knobs that move latency were run
     cfgs = list(ran["_config"])
     assert len({c.max_num_batched_tokens for c in cfgs}) > 1 or \
         len({c.max_num_seqs for c in cfgs}) > 1
-    cols = ["max_loras", "max_num_batched_tokens", "max_num_seqs", "ver_ttft_p99"]
+    cols = ["max_loras", "max_num_batched_tokens", "max_num_seqs", "ver_ttft_p99",
+            "ver_slo_proven"]
     pd.testing.assert_frame_equal(ran[cols].reset_index(drop=True),
-                                  b.candidates.dropna(subset=["ver_throughput"])[cols]
+                                  b.candidates.dropna(subset=["ver_starts"])[cols]
                                   .reset_index(drop=True))
 
 
@@ -144,6 +145,36 @@ def test_place_with_slo_every_gpu_meets_it_and_needs_more_gpus(setup):
     for g in pl.gpus:
         v = g.recommendation.verified
         assert v["ttft_p99"] <= slo["ttft"] and v["tpot_p99"] <= slo["tpot"]
+
+
+def test_fewest_gpus_stop_at_the_first_config_meeting_the_slo_same_count(setup):
+    """Each GPU's search stops at its first run meeting the SLO (first_met): the GPU count
+    is the one a full search per GPU finds, in fewer twin runs, each GPU verified."""
+    tr, cat = _busier()
+    profile, model = setup[2], setup[3]
+    slo = {"ttft": 1000.0, "tpot": 20.0}
+    kw = dict(profile=profile, model=model, window_s=WINDOW, workers=1, max_gpus=4,
+              objective="goodput", slo=slo, max_runs=6)
+    fast = place(tr, cat, **kw)
+    full = place(tr, cat, **kw, search_kw={"first_met": False})
+    assert fast.ok and full.ok and len(fast.gpus) == len(full.gpus)
+    assert fast.verify_runs < full.verify_runs
+    for g in fast.gpus:
+        r = g.recommendation
+        assert r.search["optimizer"] == "first met" and r.runs <= 2
+        assert r.verified["full"] and r.verified["tpot_p99"] <= slo["tpot"]
+
+
+def test_gpus_verified_side_by_side_equal_one_after_another(setup):
+    """workers=2 verifies a count's GPUs side by side in forked processes: the same
+    placement, configurations and verified figures as one GPU after another."""
+    tr, cat = _busier()
+    profile, model = setup[2], setup[3]
+    kw = dict(profile=profile, model=model, window_s=WINDOW, max_gpus=4,
+              objective="goodput", slo={"ttft": 1000.0, "tpot": 20.0}, max_runs=6)
+    one, two = place(tr, cat, workers=1, **kw), place(tr, cat, workers=2, **kw)
+    assert one.summary() == {**two.summary(), "total_s": one.summary()["total_s"]}
+    assert one.attempts == two.attempts and one.verify_runs == two.verify_runs
 
 
 def test_cli_infeasible_on_one_gpu_names_the_fewest_gpus(setup, tmp_path, trace_files):

@@ -63,6 +63,7 @@ from twin.costs.machine import machine_record
 from twin.costs.memory import GIB, MemoryModel
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
+from twin.executor.anchor_spec import anchor_summary
 from twin.errors import TwinInputError
 
 __all__ = ["calibrate_executor", "memory_model", "Cell", "design", "fit_nnls",
@@ -239,8 +240,6 @@ def _anchor_provenance(df, model_dir: Path) -> dict:
     a = df[df["kind"] == "anchor"]["anchor_s"].dropna() if "anchor_s" in df else []
     if not len(a):
         return {}
-    from twin.executor.speed_anchor import anchor_summary   # lazy: needs torch
-
     return {**anchor_summary(a), "speed_anchor_model": str(model_dir)}
 
 

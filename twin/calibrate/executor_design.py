@@ -19,7 +19,8 @@ from twin.config import ServingConfig
 
 __all__ = ["Cell", "design", "DESIGN_VERSION"]
 
-DESIGN_VERSION = 2   # measurements of another version are not reused
+DESIGN_VERSION = 3   # measurements of another version are not reused (3: the executor makes
+#                      token ids before its clock starts, no longer in the step after arrival)
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,10 @@ class Cell:
     distinct ones (0: base model), served with ``max_loras``, ``max_lora_rank`` and a
     chunk budget ``budget`` (max_num_batched_tokens).
 
-    ``gap`` > 0 spaces the arrivals ``gap`` seconds apart instead, long enough for each
-    request to finish before the next: every request then meets an idle engine, which
-    measures the after-idle step (``after_idle`` feature).
+    ``gap`` > 0 spaces the arrivals ``gap`` seconds apart instead: long enough for each
+    request to finish before the next, every request meets an idle engine, which measures
+    the after-idle step (``after_idle`` feature); shorter (0.02 s), each new prompt meets
+    the earlier requests' running decodes.
 
     ``base_every`` > 0 sends every ``base_every``-th request to the base model: batches mix
     rows with and without an adapter (issue 15: the worst validation workload was such a
@@ -133,6 +135,11 @@ def design(scale: str = "tiny", policy: str = "vllm") -> list[Cell]:
     # the prefix cached by an earlier one of its adapter)
     for p in P[-2:]:
         cells.append(Cell(N[1], p + 32, 4, 2, 8, 16, B[1], gap, cached=p))
+    # ... and one at a time beside running decodes (20 ms apart, answers of O tokens): a
+    # short chunk beside decodes, fresh (causal attention) or a suffix over a cached
+    # prefix (gathered, masked: prefill_ctx_seqs), the step a hit becomes in served traffic
+    for c in (0, P[1]):
+        cells.append(Cell(N[1], P[0] + c, O, 2, 8, 16, B[1], 0.02, cached=c))
     # prefill: chunk budget x prompt length (long prompts, short outputs)
     for b in B:
         for p in P[-2:]:

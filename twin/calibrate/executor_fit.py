@@ -91,7 +91,7 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
     computed: dict[int, int] = {}
     X = np.zeros((len(steps), len(FEATURES)))
     for j, (ids, toks) in enumerate(zip(steps["batch_request_ids"], steps["batch_tokens"])):
-        pt = pn = dn = dctx = pctx = lt = 0
+        pt = pn = pcn = dn = dctx = pctx = lt = 0
         for rid, k in zip(ids, toks):
             rid, k = int(rid), int(k)
             start = computed.get(rid, 0)
@@ -101,14 +101,16 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
             else:
                 pt += k
                 pn += 1
+                pcn += start > 0
                 pctx += k * (start + k)
             if lora[rid]:
                 lt += k
             computed[rid] = start + k
         a = int(steps["batch_adapters"].iloc[j])
         slots = max_loras if lt else 0
+        grid, grid_capped = lora_grid(pt + dn, slots)
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                slots, 1 if lt else 0, pn, float(idle[j]), *lora_grid(pt + dn, slots))
+                slots, 1 if lt else 0, pn, float(idle[j]), grid, pcn, grid_capped)
     return X
 
 
@@ -170,8 +172,9 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     repeats' relative spread and their count. A cell's bursts schedule alike run after run,
     so its steps line up across repeats; where timing made them differ they stay apart."""
     df = steps.assign(y=steps["duration_s"] - steps["load_s"])
-    # rows logged before the feature existed lack it (the executor fit leaves it out)
-    for k in GRID_FEATURES:
+    # rows logged before a feature existed lack it (the grid features: the executor fit
+    # leaves them out; prefill_ctx_seqs: refits of older logs, experiments/refit_cells.py)
+    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
         df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()

@@ -37,9 +37,14 @@ class StepFeatures(NamedTuple):
     lora_slot_tokens: float  # the step's tokens x lora_slots: vLLM's Triton LoRA kernels launch
     #                          thread blocks for every (token block, slot) pair, a slot
     #                          without tokens exiting early (a launch cost ~ tokens x max_loras)
-    # min(tokens, LORA_GRID_TOKEN_CAP) x lora_slots: the same grid cost where it shows, in
-    # small (decode) steps; in a large step the empty slots' early-exiting blocks run beside
-    # the blocks doing real LoRA work and hide behind them (saturates with step size)
+    prefill_ctx_seqs: int = 0  # prefill chunks attending earlier tokens (a prefix-cache hit or
+    #                          an earlier chunk): the executor gathers their context from the
+    #                          paged cache under a mask, a fixed cost per chunk beyond
+    #                          prefill_context (issue 17: a hit's short suffix beside decodes)
+    # min(tokens, LORA_GRID_TOKEN_CAP) x lora_slots: the same grid cost as lora_slot_tokens
+    # where it shows, in small (decode) steps; in a large step the empty slots' early-exiting
+    # blocks run beside the blocks doing real LoRA work and hide behind them (saturates with
+    # step size)
     lora_slot_tokens_capped: float = 0.0
 
 
@@ -77,7 +82,7 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, tokens * slots, min(tokens, LORA_GRID_TOKEN_CAP) * slots))
+        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:

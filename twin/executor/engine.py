@@ -19,7 +19,8 @@ the very same instants and must produce the very same batches. The logical clock
 the wall clock only by sleep overshoot.
 
 Prompts. A trace holds lengths (and maybe ``hash_ids``); token ids are synthetic and
-deterministic (:func:`request_token_ids`: equal hash ids, equal tokens). With the prefix
+deterministic (:func:`request_token_ids`: equal hash ids, equal tokens), made for every
+request before the clock starts (vLLM's engine gets prompts tokenized). With the prefix
 cache on, a hit reads the cached KV blocks (``twin.executor.prefix_blocks``). Generation is greedy and stops at the request's
 ``output_tokens`` (EOS is ignored), as ``vllm bench`` runs with ``ignore_eos`` do.
 
@@ -224,6 +225,12 @@ class _Engine:
                             keep_tokens=self.keep_tokens, prefix=named)
         self.seqs: dict[int, list[int]] = {}    # request idx -> prompt + generated token ids
         self.memo: dict = {}                    # hash id -> its tokens (request_token_ids)
+        # Token ids made before the clock starts (vLLM's engine gets prompts tokenized, in
+        # another process): made at arrival (~0.3 ms each) they landed in the next step, a
+        # cost no step feature sees beside running decodes (issue 17: a hit's short step).
+        vocab, arr = self.model.shape.vocab, self.arrivals
+        self.prompt_ids: list = [request_token_ids(arr.request(i), vocab, self.seed, self.memo)
+                                 for i in range(arr.n)]
         self.rec = Recorder(self.sample_dt, self.num_blocks, prefix=named)
         self.bar = NoProgress()
         if self.progress:
@@ -249,7 +256,7 @@ class _Engine:
             self.bar.update(1)
             return
         # prompt (+ output tokens its hash ids name, fed instead of the sampled ones)
-        self.seqs[r.idx] = request_token_ids(r, self.model.shape.vocab, self.seed, self.memo)
+        self.seqs[r.idx], self.prompt_ids[r.idx] = self.prompt_ids[r.idx], None
 
     def _fail(self, r: Request, now: float, msg: str) -> None:
         self.out.fail(r, now, msg)

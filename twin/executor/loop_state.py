@@ -70,12 +70,15 @@ class Arrivals:
     def due(self, now: float) -> Iterator[Request]:
         """The requests that have arrived by ``now`` and were not released yet."""
         while self.i < self.n and self.arrival[self.i] <= now:
-            i = self.i
             self.i += 1
-            yield Request(i, self.request_id[i], self.arrival[i], self.adapter[i],
-                          self.prompt[i], self.output[i],
-                          self.hashes[i] if self.hashes is not None else None,
-                          self.hash_block_size)
+            yield self.request(self.i - 1)
+
+    def request(self, i: int) -> Request:
+        """The trace's ``i``-th request (in arrival order), as released."""
+        return Request(i, self.request_id[i], self.arrival[i], self.adapter[i],
+                       self.prompt[i], self.output[i],
+                       self.hashes[i] if self.hashes is not None else None,
+                       self.hash_block_size)
 
 
 @dataclass(slots=True)

@@ -30,21 +30,15 @@ import time
 import numpy as np
 import torch
 
+from twin.executor.anchor_spec import (ANCHOR_SHAPES, ANCHOR_VERSION, anchor_spread,
+                                       anchor_summary)
 from twin.executor.lora import GroupedLoRASlots
 from twin.executor.model import LlamaModel, SeqChunk
 
 __all__ = ["ANCHOR_SHAPES", "ANCHOR_VERSION", "anchor_spread", "anchor_summary",
            "measure_speed_anchor"]
 
-ANCHOR_VERSION = 1   # bump when the shapes change: anchors of two versions do not compare
 BLOCK = 16
-# (name, [(new tokens, start position, with adapter)]): a prefill chunk, a decode batch,
-# a decode batch beside a prefill chunk
-ANCHOR_SHAPES = (
-    ("prefill", [(96, 0, True)]),
-    ("decode", [(1, 127, i % 2 == 0) for i in range(8)]),
-    ("mixed", [(1, 63, i % 2 == 0) for i in range(4)] + [(32, 0, False)]),
-)
 
 
 def _batches(model: LlamaModel) -> list[list[SeqChunk]]:
@@ -98,17 +92,3 @@ def measure_speed_anchor(model: LlamaModel, *, budget_s: float = 0.4, min_rounds
                 "wall_s": time.perf_counter() - t0}
     finally:
         torch.set_num_threads(old)
-
-
-def anchor_spread(samples) -> float:
-    """(max - min) / median of anchor samples."""
-    s = [float(x) for x in samples]
-    return (max(s) - min(s)) / statistics.median(s)
-
-
-def anchor_summary(samples) -> dict:
-    """Median and relative spread (:func:`anchor_spread`) of anchor samples (seconds)."""
-    s = [float(x) for x in samples]
-    med = statistics.median(s)
-    return {"speed_anchor_s": med, "speed_anchor_spread": anchor_spread(s),
-            "speed_anchor_samples": len(s), "speed_anchor_version": ANCHOR_VERSION}

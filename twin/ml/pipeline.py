@@ -163,11 +163,12 @@ def _datasets(args, profile, W: float, rate_range: tuple, timings: dict):
           f"({args.families} families), {len(held_specs)} held-out workloads "
           f"({args.heldout_families} families)", flush=True)
     out = Path(args.out)
-    for name, specs in (("train", train_specs), ("heldout", held_specs)):
+    tasks = {name: plan(specs, window_s=W, profile=profile, early_exit=ee)
+             for name, specs in (("train", train_specs), ("heldout", held_specs))}
+    for name in ("train", "heldout"):
         t0 = time.perf_counter()
-        tasks = plan(specs, window_s=W, profile=profile, early_exit=ee)
-        rep = run_sweep(tasks, out / f"sweep-{name}", profile=profile, workers=args.workers,
-                        early_exit=ee, progress=not args.no_progress)
+        rep = run_sweep(tasks[name], out / f"sweep-{name}", profile=profile,
+                        workers=args.workers, early_exit=ee, progress=not args.no_progress)
         timings[f"sweep_{name}_s"] = time.perf_counter() - t0
         print(f"sweep {name}: {rep.line()}", flush=True)
     lat_tasks = [] if args.no_latency_sweep else latency_plan(
@@ -179,10 +180,8 @@ def _datasets(args, profile, W: float, rate_range: tuple, timings: dict):
         timings["sweep_latency_s"] = time.perf_counter() - t0
         print(f"sweep latency (the latency heads' knobs and windows): {rep.line()}",
               flush=True)
-    train = _rows_of(out / "sweep-train", plan(train_specs, window_s=W, profile=profile,
-                                                early_exit=ee))
-    held = _rows_of(out / "sweep-heldout", plan(held_specs, window_s=W, profile=profile,
-                                                 early_exit=ee))
+    train = _rows_of(out / "sweep-train", tasks["train"])
+    held = _rows_of(out / "sweep-heldout", tasks["heldout"])
     lat = _rows_of(out / "sweep-latency", lat_tasks) if lat_tasks else None
     print(f"dataset: {len(train)} training rows ({int((~train['early_exit']).sum())} full "
           f"runs, {int(train['early_exit'].sum())} early exits), {len(held)} held-out rows, "

@@ -17,13 +17,19 @@ steps exist for the SLO alone (issue 16: ``place`` gave 3-4 GPUs, or none within
 an even 2-way split of the requests met the SLO): the partition is balanced with replicas
 (:func:`_balanced`: the busiest GPU sets the p99), and a failed count is tried once more as
 a split of the requests, every adapter on every GPU (:meth:`_Search.request_split`),
-before a GPU is added.
+before a GPU is added. Under an SLO each GPU's search stops at its first configuration that
+meets it (``recommend(first_met=True)``; ``search_kw={"first_met": False}`` searches each
+GPU's best goodput): whether a GPU count verifies is the same, in fewer twin runs, and a
+run that is proven to miss the SLO stops early (:mod:`twin.ml.slo_stop`); the GPUs of a
+count are verified side by side (:meth:`_Search.side_by_side`).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -177,22 +183,47 @@ class _Search:
                             catalog_max_rank(cat, self.base.max_lora_rank))
         return bool(c["pred_ok"].any())
 
+    def recommend(self, units, workers: int) -> Recommendation:
+        """One group's verification: :func:`recommend` on its share of the trace (under an
+        SLO stopping at its first configuration meeting it: ``first_met``)."""
+        t, cat = self.U.sub(units)
+        return recommend(t, cat, profile=self.profile, model=self.model, base=self.base,
+                         window_s=self.window, max_runs=self.max_runs, workers=workers,
+                         early_exit=self.early_exit, objective=self.objective, slo=self.slo,
+                         **{"first_met": bool(self.slo), **self.search_kw})
+
     def verified_ok(self, units) -> bool:
         key = tuple(sorted(units))
         if key not in self.verified:
-            t, cat = self.U.sub(units)
-            self.verified[key] = recommend(t, cat, profile=self.profile, model=self.model,
-                                           base=self.base, window_s=self.window,
-                                           max_runs=self.max_runs, workers=self.workers,
-                                           early_exit=self.early_exit,
-                                           objective=self.objective, slo=self.slo,
-                                           **self.search_kw)
+            self.verified[key] = self.recommend(units, self.workers)
             self.runs += self.verified[key].runs
         return self.verified[key].ok
 
+    def side_by_side(self, groups) -> None:
+        """Under an SLO, the groups not verified yet verified at once, one forked process
+        each (``workers`` at a time, one twin run at a time each), instead of one group
+        after another with ``workers`` runs each: a group whose first run meets the SLO
+        (``first_met``) then costs one run, not a round of ``workers``, and the GPUs of a
+        count take one round together. The verdicts are the same (twin runs are
+        deterministic); a count whose first group fails verifies the others too."""
+        todo = [g for g in groups if self.U.adapters(g) and tuple(sorted(g)) not in self.verified]
+        if (not self.slo or self.workers <= 1 or len(todo) <= 1
+                or "fork" not in mp.get_all_start_methods()):
+            return
+        _FORKED["search"] = self
+        try:
+            with ProcessPoolExecutor(min(self.workers, len(todo)),
+                                     mp_context=mp.get_context("fork")) as pool:
+                for g, rec in zip(todo, pool.map(_recommend_alone, todo)):
+                    self.verified[tuple(sorted(g))] = rec
+                    self.runs += rec.runs
+        finally:
+            _FORKED.clear()
+
     def first_failing(self, groups) -> list | None:
-        """Twin-verify every group (recommend: runs + local search); the first failing
-        group, or None."""
+        """Twin-verify every group (recommend: runs + local search; under an SLO side by
+        side first); the first failing group, or None."""
+        self.side_by_side(groups)
         for g in groups:
             if not self.U.adapters(g):  # base-model traffic only: not a LoRA server
                 continue
@@ -309,6 +340,14 @@ class _Search:
             groups = fewer
             self.attempts.append(f"{k} GPU(s): verified")
         return groups
+
+
+_FORKED: dict = {}   # the search the forked processes of side_by_side inherit
+
+
+def _recommend_alone(units) -> Recommendation:
+    """:meth:`_Search.recommend` of one group in a forked process, one twin run at a time."""
+    return _FORKED["search"].recommend(units, 1)
 
 
 def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender | None = None,

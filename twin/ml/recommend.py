@@ -30,7 +30,10 @@ what it sees -- slots, padded rank, KV capacity -- enqueued first) when Optuna i
 else a deterministic coordinate walk (:func:`twin.ml.trials.coordinate_search`). Every trial
 is a twin run. A configuration is recommended only if its own twin run meets the SLOs on
 its p99s; else the result says so (``ok`` False) with the best achievable percentiles and
-what bounds them (:func:`twin.ml.report.slo_verdict`). The model's explanation of its pick
+what bounds them (:func:`twin.ml.report.slo_verdict`). A twin run stops once it is proven
+to miss the SLOs (:mod:`twin.ml.slo_stop`, reported as such); when none meets them, the
+stopped runs nearest to them are run again in full (:func:`twin.ml.trials.full_reruns`), so
+the best achievable p99s are full runs' figures. The model's explanation of its pick
 (which features drove it: :func:`twin.ml.explain.explain`) is kept in the result.
 
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
@@ -58,7 +61,7 @@ from twin.ml.report import (Recommendation, declared_tie, latency_disagreements,
 from twin.ml.search_space import SearchSpace, search_space
 from twin.ml.spec import paper_base
 from twin.ml.sweep import EarlyExit
-from twin.ml.trials import Trials, nan_inf, r_full, slo_rank  # noqa: F401 (sloeval imports)
+from twin.ml.trials import FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_full
 from twin.ml.verify import Verifier
 from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
@@ -97,7 +100,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
               workers: int = 2, early_exit: EarlyExit = EarlyExit(),
               verifier: Verifier | None = None, space: SearchSpace | None = None,
               optimizer: str = "auto", seed: int = 0, study_db: str | None = None,
-              knobs=None) -> Recommendation:
+              knobs=None, first_met: bool = False) -> Recommendation:
     """The best non-starving configuration for ``trace``, predicted then verified by twin
     runs (at most ``max_runs``, default :data:`DEFAULT_RUNS`). ``objective``: 'throughput'
     or 'goodput' (tokens/s of requests meeting ``slo`` = {'ttft': ms, 'tpot': ms}; the pick
@@ -106,7 +109,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     'tpe', 'coordinate', 'exhaustive': :mod:`twin.ml.optimize`), ``seed`` (TPE's) and
     ``study_db`` (an SQLite file: a resumable Optuna study); ``knobs``: search only these
     (default all of :data:`twin.ml.search_space.KNOBS`; ignored when ``space`` is given).
-    A trace with ``hash_ids``: see :mod:`twin.ml.prefix_info` (``prefix``, a warning)."""
+    A trace with ``hash_ids``: see :mod:`twin.ml.prefix_info` (``prefix``, a warning).
+    ``first_met``: stop at the first run meeting the SLOs (:func:`twin.ml.placement.place`)."""
     t_start = time.perf_counter()
     _check_objective(objective, slo)
     if max_runs is None:
@@ -132,16 +136,14 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     search = None
     try:
         first = max(2, max_runs // 3) if goodput_search else max_runs
-        results = _search(cand, score, start, ver, min(first, max_runs), objective, key)
+        results = _search(cand, score, start, ver, min(first, max_runs), objective, key,
+                          slo if first_met else None)
         if goodput_search:
             space = space or search_space(len(catalog), max_rank, base, objective, knobs)
-            T = Trials(cand, results, space, ver, max_runs, profile)
-            prior = _prior(model, wf, space, profile, max_rank, slo)
-            ident = (int(pd.util.hash_pandas_object(trace, index=False).sum()), slo,
-                     space.to_dict(), profile.name, window)   # what a stored study is of
-            search = optimize(T, slo, optimizer=optimizer, seed=seed, prior=prior,
-                              study_db=study_db, study_key=ident, workers=workers)
-            search.update(space=space.to_dict(), trials=T.records())
+            T = Trials(cand, results, space, ver, max_runs, profile,
+                       done=(lambda: any_met(results, slo)) if first_met else None)
+            search = _slo_search(T, trace, model, wf, max_rank, slo, window, workers,
+                                 optimizer=optimizer, seed=seed, study_db=study_db)
             cand = T.cand
     finally:
         if own:
@@ -170,6 +172,24 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
         slo_verdict=verdict, disagreements=disagree, search=search,
         explanation=explain(model, cand.iloc[start]), prefix=with_verified(prefix, results, best))
+
+
+def _slo_search(T: Trials, trace, model, wf, max_rank: int, slo: dict, window: float,
+                workers: int, **opt) -> dict:
+    """The search over the enlarged space (:func:`twin.ml.optimize.optimize`, the model's
+    best predictions its prior), unless ``T`` is done already (``first_met``); then the
+    full reruns of stopped runs when none met the SLOs. Returns the search's record."""
+    if T.done is not None and T.done():
+        search = FIRST_MET.copy()
+    else:
+        space, profile = T.space, T.profile
+        prior = _prior(model, wf, space, profile, max_rank, slo)
+        ident = (int(pd.util.hash_pandas_object(trace, index=False).sum()), slo,
+                 space.to_dict(), profile.name, window)   # what a stored study is of
+        search = optimize(T, slo, prior=prior, study_key=ident, workers=workers, **opt)
+    search.update(reruns=full_reruns(T, slo, max(1, workers)))
+    search.update(space=T.space.to_dict(), trials=T.records())
+    return search
 
 
 def _check_objective(objective: str, slo: dict | None) -> None:
@@ -204,18 +224,26 @@ def _prior(model, wf, space: SearchSpace, profile, max_rank: int, slo: dict) -> 
 
 
 def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, max_runs: int,
-            objective: str, key: str) -> dict[int, dict]:
+            objective: str, key: str, met_slo: dict | None = None) -> dict[int, dict]:
     """Twin runs from the predicted best ``start`` (with its upper neighbour, in parallel),
     then the neighbours of the best verified point worth a run (:func:`_promising`), or, while
-    none keeps up, the candidates least likely to starve; at most ``max_runs``. Returns
-    {candidate index: the run's figures}."""
+    none keeps up, the candidates least likely to starve; at most ``max_runs``, and none
+    once a run meets ``met_slo`` (``first_met``). Returns {candidate index: the run's
+    figures}."""
     results: dict[int, dict] = {}
 
     def run(idxs):
+        if met_slo and any_met(results, met_slo):
+            return False
         idxs = [i for i in dict.fromkeys(idxs) if 0 <= i < len(cand) and i not in results]
         idxs = idxs[:max(0, max_runs - len(results))]
-        for i, out in ver.run([(i, cand.at[i, "_config"]) for i in idxs]):
-            results[i] = out
+        # first_met with one worker: one run at a time, none after the first meeting the SLO
+        step = 1 if (met_slo and getattr(ver, "workers", 1) <= 1) else max(1, len(idxs))
+        for j in range(0, len(idxs), step):
+            if j and any_met(results, met_slo):
+                break
+            for i, out in ver.run([(i, cand.at[i, "_config"]) for i in idxs[j:j + step]]):
+                results[i] = out
         return bool(idxs)
 
     n = len(cand)
@@ -244,7 +272,9 @@ def _record_verified(cand: pd.DataFrame, results: dict[int, dict]) -> None:
         cand[col] = np.nan
     cand["ver_starts"] = cand["ver_starts"].astype(object)
     cand["ver_starving"] = cand["ver_starving"].astype(object)
+    cand["ver_slo_proven"] = None
     for i, r in results.items():
+        cand.at[i, "ver_slo_proven"] = r.get("slo_proven")
         cand.at[i, "ver_starts"] = r["starts"]
         cand.at[i, "ver_starving"] = r["starving"]
         for k in _VERIFIED:

@@ -14,6 +14,7 @@ import pandas as pd
 from twin.config import ServingConfig
 from twin.ml.explain import explanation_lines
 from twin.ml.prefix_info import prefix_lines
+from twin.ml.slo_stop import SloStop, might_beat
 
 #: The twin's throughput error when a profile records none of its own: its held-out median
 #: throughput SMAPE against real vLLM runs (``experiments/reproduce_vllm_h100.py``, 1.3 %).
@@ -105,7 +106,9 @@ def slo_verdict(cand: pd.DataFrame, results: dict, slo: dict, met: list, knobs) 
     full = {i: r for i, r in results.items() if r["starts"] and r.get("full")}
     up = {i: r for i, r in full.items() if not r["starving"]}
     out = {"met": bool(met), "slo": dict(slo), "meeting": len(met), "runs": len(results),
-           "keeping_up": len(up), "best": {}, "bounds": {}}
+           "keeping_up": len(up), "best": {}, "bounds": {},
+           "stopped_early": sum(bool(r.get("slo_violated_early")) for r in results.values()),
+           "stopped_might_beat": {m: len(might_beat(results, m)) for m in _SLO_P99.values()}}
     if met:
         return out
     for k, m in _SLO_P99.items():
@@ -148,13 +151,18 @@ def verdict_lines(v: dict, objective_gpus: str = "one GPU") -> list[str]:
     if v["met"]:
         return [f"SLOs met ({slo}) in the recommended configuration's own twin run "
                 f"({v['meeting']} of {v['runs']} runs meet them)"]
+    stopped = v.get("stopped_early", 0)
     L = [f"NO verified configuration meets the SLOs ({slo}) on {objective_gpus}: "
-         f"{v['runs']} twin runs, {v['keeping_up']} keep up, none within the SLOs"]
+         f"{v['runs']} twin runs, {v['keeping_up']} keep up, none within the SLOs"
+         + (f"; {stopped} stopped once proven to miss them by {SloStop.FACTOR:g}x or "
+            "more (no p99s: the best achievable p99s below are full runs')" if stopped else "")]
     for m, b in v["best"].items():
         name, unit, nd = _UNIT[m]
         cfg = " ".join(f"{k}={x}" for k, x in b.items() if k not in ("value", "slo"))
+        n = v.get("stopped_might_beat", {}).get(m, 0)
         L.append(f"  best achievable {name}: {b['value']:.{nd}f} {unit} (SLO {b['slo']:g}) "
-                 f"at {cfg}")
+                 f"at {cfg}" + (f" ({n} stopped run(s) not run in full might reach lower)"
+                                if n else ""))
         bd = v["bounds"].get(m)
         if bd is None:
             continue
@@ -277,7 +285,8 @@ class Recommendation:
                      f"{p['p_starve']:.2f}, TTFT p99 {p['ttft_p99']:.0f} ms, TPOT p50 "
                      f"{p['tpot_p50']:.1f} ms  [{len(self.candidates)} candidates in "
                      f"{self.predict_ms:.1f} ms]")
-        tried = self.candidates.dropna(subset=["ver_throughput"])
+        c = self.candidates
+        tried = c[c["ver_throughput"].notna() | c.get("ver_slo_proven", c["ver_throughput"]).notna()]
         knobs = tuple((self.search or {}).get("space", {}).get("knobs", ()))
         if self.search is not None:
             L.append(search_line(self.search))
@@ -288,6 +297,10 @@ class Recommendation:
                 L.append(f"  twin run max_loras={int(r['max_loras']):>3}: "
                          f"{r['ver_throughput']:.0f} tok/s ({100 * r['ver_achieved']:.1f}%), "
                          f"TTFT p99 {r['ver_ttft_p99']:.0f} ms  {st}")
+                continue
+            if isinstance(r.get("ver_slo_proven"), str):   # twin.ml.slo_stop
+                L.append(f"  twin run {_knob_text(r['_config'], knobs)}: stopped early, "
+                         f"{r['ver_slo_proven']}: misses the SLOs (not a full run)")
                 continue
             L.append(f"  twin run {_knob_text(r['_config'], knobs)}: "
                      f"{r['ver_throughput']:.0f} tok/s ({100 * r['ver_achieved']:.1f}%), p99 "
@@ -308,7 +321,8 @@ class Recommendation:
                         else ""))
             if self.tie:
                 L.append(tie_text(self.tie))
-        elif self.slo_verdict is None or not self.slo_verdict["keeping_up"]:
+        elif self.slo_verdict is None or not (self.slo_verdict["keeping_up"]
+                                              or self.slo_verdict.get("stopped_early")):
             L.append("no verified configuration keeps up with this load on one GPU: split the "
                      "adapters over GPUs with `twin place`")
         if self.slo_verdict is not None:
@@ -326,7 +340,10 @@ class Recommendation:
             L += disagreement_lines(self.disagreements)
         L += explanation_lines(self.explanation)
         L += prefix_lines(self.prefix)
-        L.append(f"{self.runs} twin run(s), {self.total_s:.2f} s end to end")
+        again = len((self.search or {}).get("reruns") or ())
+        L.append(f"{self.runs} twin run(s)" + (f" (+ {again} stopped early, run again in full)"
+                                               if again else "")
+                 + f", {self.total_s:.2f} s end to end")
         L += [f"warning: {x}" for x in self.warnings]
         return "\n".join(L)
 
@@ -388,7 +405,8 @@ class Placement:
                          f"{knobs}: verified {v['throughput']:.0f} tok/s "
                          f"({100 * v['achieved']:.1f}%), TTFT p99 {v['ttft_p99']:.0f} ms"
                          + (f", TPOT p99 {v['tpot_p99']:.1f} ms: SLOs met" if slo else ""))
-            elif r.slo_verdict is not None and r.slo_verdict["keeping_up"]:
+            elif r.slo_verdict is not None and (r.slo_verdict["keeping_up"]
+                                                or r.slo_verdict.get("stopped_early")):
                 L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: misses the SLOs in every "
                          "verified configuration")
             else:

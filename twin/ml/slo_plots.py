@@ -62,14 +62,23 @@ def plot_slo_frontier(search: dict, slo: dict, path, chosen=None):
         cell[c] = j + 1
         X.append(c[0] + 0.12 * ((j % 5) - 2))
         Y.append(c[1] + 0.12 * ((j // 5) - 0.5))
-    ttft = t["ttft_p99"].astype(float).clip(lower=1.0).to_numpy()
+    # a run stopped once proven to miss (twin.ml.slo_stop): its proven lower bound
+    early = np.array([r.get("slo_violated_early") is not None
+                      and r.get("slo_violated_early") == True   # noqa: E712 (NaN: not set)
+                      for _, r in t.iterrows()], dtype=bool)
+    ttft = np.array([_bound(r, "ttft_p99") if e else r["ttft_p99"]
+                     for e, (_, r) in zip(early, t.iterrows())], dtype=float).clip(min=1.0)
     met = np.array([_meets(r, slo) for _, r in t.iterrows()])
     norm = LogNorm(vmin=max(1.0, np.nanmin(ttft)), vmax=max(2.0, np.nanmax(ttft)))
     X, Y = np.array(X), np.array(Y)
     sc = ax.scatter(X[met], Y[met], c=ttft[met], norm=norm, cmap="viridis_r", marker="o",
                     s=60, edgecolors="black", label="twin run: meets the SLOs")
-    ax.scatter(X[~met], Y[~met], c=ttft[~met], norm=norm, cmap="viridis_r", marker="X", s=60,
+    full = ~met & ~early
+    ax.scatter(X[full], Y[full], c=ttft[full], norm=norm, cmap="viridis_r", marker="X", s=60,
                label="twin run: misses them (or starves)")
+    if early.any():
+        ax.scatter(X[early], Y[early], c=ttft[early], norm=norm, cmap="viridis_r", marker="^",
+                   s=50, edgecolors="grey", label="stopped early: misses them (p99 >= colour)")
     if chosen is not None and getattr(chosen, kx) in xs and getattr(chosen, ky) in ys:
         ax.plot(xs.index(getattr(chosen, kx)), ys.index(getattr(chosen, ky)), marker="*",
                 color="gold", ms=20, mec="black", ls="", label="recommended (verified)")
@@ -89,6 +98,13 @@ def plot_slo_frontier(search: dict, slo: dict, path, chosen=None):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bound(r, m: str) -> float:
+    """A stopped run's proven lower bound of p99 ``m`` (NaN: none)."""
+    lb = r.get("p99_lower_bounds")
+    v = lb.get(m) if isinstance(lb, dict) else None
+    return float(v) if v is not None else np.nan
 
 
 def _meets(r, slo: dict) -> bool:

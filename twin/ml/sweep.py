@@ -44,6 +44,7 @@ from twin.costs.profile import Profile, load_profile
 from twin.errors import ConfigError
 from twin.ml.backends import make_backend
 from twin.ml.features import config_features, public, workload_features
+from twin.ml.slo_stop import SloStop, stop_report
 from twin.ml.spec import ConfigGrid, WorkloadSpec, digest, profile_digest
 from twin.ml.store import SweepStore, adopt_store, comparable, read_sweep  # noqa: F401
 from twin.outputs import open_store
@@ -155,10 +156,14 @@ def _empty_metrics() -> dict:
 
 
 def simulate_point(trace: pd.DataFrame, catalog, config: ServingConfig, profile,
-                   window_s: float | None, early_exit: EarlyExit = EarlyExit()):
+                   window_s: float | None, early_exit: EarlyExit = EarlyExit(),
+                   slo: dict | None = None):
     """Run one point: the probe first where early exit applies, the full window unless the
     probe clearly starves. Returns (summary, full_run: bool, simulated_s, RunResult|None);
-    raises ConfigError for a configuration vLLM would not start."""
+    raises ConfigError for a configuration vLLM would not start. ``slo`` ({'ttft': ms,
+    'tpot': ms} on the p99s): the window's run stops once it is proven to miss one
+    (:class:`twin.ml.slo_stop.SloStop`; ``full`` False, the RunResult's
+    ``meta["slo_stop"]`` says what was proven and when)."""
     probe = early_exit.probe_s(window_s)
     if probe is not None:
         arr = trace["arrival_s"].to_numpy()
@@ -172,7 +177,17 @@ def simulate_point(trace: pd.DataFrame, catalog, config: ServingConfig, profile,
                                             s["offered_total_throughput"], early_exit)
                     < early_exit.projected_max):
                 return s, False, probe, res
-    res = simulate(trace, config, profile, catalog, window_s=window_s)
+    rule = None
+    if slo:   # the rows the engine's outcomes index: the window's
+        w = crop_window(trace, window_s)
+        rule = SloStop(slo, w["arrival_s"].to_numpy(), w["output_tokens"].to_numpy(),
+                       every_s=min(SloStop.EVERY_S, (window_s or np.inf) / 100))
+    res = simulate(trace, config, profile, catalog, window_s=window_s, stop=rule)
+    if rule is not None and rule.stopped_s is not None:
+        res.meta["slo_stop"] = {"stopped_s": rule.stopped_s, "proven": rule.proven,
+                                "lower_bounds": rule.lower_bounds, "line": stop_report(rule),
+                                "violation_lower_bound": rule.violation_lower_bound()}
+        return res.summary, False, rule.stopped_s, res
     dur = window_s if window_s is not None else res.summary["duration_s"]
     return res.summary, True, dur, res
 

@@ -91,10 +91,11 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
     held-out families, recorded in the model). ``latency_sweep``: more rows for the latency
     heads alone (:mod:`twin.ml.latency_sweep`: the same training workloads at other latency
     knobs and windows); the achieved and starvation models keep ``sweep``'s grid."""
-    rows = row_table(sweep)
     both = sweep if latency_sweep is None else pd.concat([sweep, latency_sweep],
                                                          ignore_index=True)
     rows_all = both[both["starts"]]
+    both_rows = row_table(both)   # sweep's rows first, in order: row_table keeps row order
+    rows = both_rows.iloc[:int(sweep["starts"].sum())]
     X = rows[list(ROW_FEATURES)]
     models = {}   # achieved / starving on the rows' features; the latency heads see more
     models["achieved"] = reindexed(TreeEnsemble("regressor", n_estimators=n_estimators,
@@ -103,7 +104,7 @@ def fit_recommender(sweep: pd.DataFrame, profile, *, n_estimators: int = 200,
     models["p_starve"] = reindexed(TreeEnsemble("classifier", n_estimators=n_estimators,
                                                 max_depth=3).fit(X, rows["starving"]).to_dict(),
                                    HEAD_FEATURES)
-    full = latency_rows(row_table(both), profile)   # the queueing features, computed once
+    full = latency_rows(both_rows, profile)   # the queueing features, computed once
     models.update(fit_heads(full, latency_estimators))
     err = heldout_error(full, n_estimators=latency_estimators) if latency_error else None
     m = {"profile": profile.name, "profile_sha": profile_digest(profile),

@@ -16,6 +16,7 @@ import pandas as pd
 from twin.config import ServingConfig
 from twin.ml.report import slo_violation
 from twin.ml.search_space import KNOBS, SearchSpace
+from twin.ml.slo_stop import might_beat
 
 
 def r_full(r: dict) -> bool:
@@ -30,8 +31,14 @@ def nan_inf(x) -> float:
 def slo_rank(r: dict, slo: dict) -> tuple:
     """How good a twin run is for the goodput objective, larger is better: one that does
     not start or keeps not up < one that misses the SLOs (less violation better) < one that
-    meets them (more goodput better, then lower p99 TTFT)."""
-    if not r["starts"] or r["starving"] or not r_full(r):
+    meets them (more goodput better, then lower p99 TTFT). A run stopped once proven to
+    miss them (:mod:`twin.ml.slo_stop`) ranks with the misses by its proven lower bound
+    (``slo_violation_lower_bound``: it misses by at least that)."""
+    if not r["starts"] or r["starving"]:
+        return (0, 0.0, 0.0)
+    if r.get("slo_violated_early"):
+        return (1, -float(r["slo_violation_lower_bound"]), 0.0)
+    if not r_full(r):
         return (0, 0.0, 0.0)
     v = slo_violation(r, slo)
     if v > 1:
@@ -54,6 +61,48 @@ def slo_value(r: dict, slo: dict) -> float:
     return 1.0 + a / max(float(r.get("offered") or 0.0), a, 1e-9)
 
 
+#: the search record when it stopped at the first run meeting the SLOs (``first_met``)
+FIRST_MET = {"optimizer": "first met", "why": "stopped at the first configuration meeting "
+             "the SLOs (one settles a GPU of the fewest-GPU search)", "seed": None,
+             "study_db": None}
+
+
+def any_met(results: dict, slo: dict) -> bool:
+    """Has a full run that keeps up met the SLOs (p99s within them)?"""
+    return any(r["starts"] and not r["starving"] and r_full(r) and slo_violation(r, slo) <= 1
+               for r in results.values())
+
+
+def full_reruns(T: "Trials", slo: dict, n: int) -> list[int]:
+    """When no run met the SLOs and no full run keeps up (the verdict would have no p99 to
+    show): runs stopped once proven to miss the SLOs (:mod:`twin.ml.slo_stop`) run again
+    over the whole window, ``n`` together. First those that might hold a best achievable
+    p99 (:func:`~twin.ml.slo_stop.might_beat`): for each SLO the one with the lowest
+    proven bound of that p99 (not starving when stopped first), then the least far off
+    (``slo_violation_lower_bound``); if none of those keeps up either, the stopped runs in
+    the order the search made them (the model's predicted best first). Their full figures
+    replace the stopped ones (``rerun_after_stop``: what the stop had proven). Returns the
+    rows run again."""
+    res, ran = T.results, []
+    for second in (False, True):
+        up = any(r["starts"] and not r["starving"] and r_full(r) for r in res.values())
+        if any_met(res, slo) or up:
+            break
+        stopped = [i for i in T.order if res[i].get("slo_violated_early")]
+        picks = []
+        if not second:
+            for m in (f"{k}_p99" for k in ("ttft", "tpot") if slo.get(k)):
+                near = might_beat(res, m)
+                picks += sorted(near, key=lambda i: (res[i]["starving_at_stop"], near[i], i))[:1]
+            stopped.sort(key=lambda i: (res[i]["starving_at_stop"],
+                                        res[i]["slo_violation_lower_bound"], i))
+        picks = list(dict.fromkeys(picks + stopped))[:n]
+        for i, out in T.ver.run_full([(i, T.cand.at[i, "_config"]) for i in picks]):
+            res[i] = {**out, "rerun_after_stop": res[i]["slo_proven"]}
+        ran += picks
+    return ran
+
+
 class Trials:
     """The candidate table ``cand`` (one row per configuration: features, the model's
     predictions where it made them, ``search`` = which search added it), ``results``
@@ -61,7 +110,7 @@ class Trials:
     they were run) and the budget of ``max_runs`` twin runs."""
 
     def __init__(self, cand: pd.DataFrame, results: dict, space: SearchSpace, ver,
-                 max_runs: int, profile=None):
+                 max_runs: int, profile=None, done=None):
         cand = cand.copy()
         if "search" not in cand.columns:
             cand["search"] = "max_loras"
@@ -69,11 +118,14 @@ class Trials:
             cand[k] = [getattr(c, k) for c in cand["_config"]]
         cand["pred_ok"] = cand["pred_ok"].astype(object)   # None for the model-blind rows
         self.cand, self.results, self.space, self.ver = cand, results, space, ver
-        self.max_runs, self.profile = max_runs, profile
+        self.max_runs, self.profile, self.done = max_runs, profile, done
         self.index = {space.point(c): i for i, c in cand["_config"].items()}
         self.order = list(results)
 
     def budget(self) -> int:
+        """Twin runs left: none once ``done()`` (the search's own end) is True."""
+        if self.done is not None and self.done():
+            return 0
         return self.max_runs - len(self.results)
 
     def row(self, cfg: ServingConfig, search: str) -> int:
@@ -102,10 +154,17 @@ class Trials:
     def run(self, rows) -> list[int]:
         """Twin-run the rows not run yet, within the budget (in parallel); the rows run."""
         todo = [i for i in dict.fromkeys(rows) if i not in self.results][:max(0, self.budget())]
-        for i, out in self.ver.run([(i, self.cand.at[i, "_config"]) for i in todo]):
-            self.results[i] = out
-            self.order.append(i)
-        return todo
+        step = max(1, self.ver.workers) if self.done is not None else max(1, len(todo))
+        ran = []
+        for j in range(0, len(todo), step):   # with done(): a batch at a time, till done
+            if j and self.budget() <= 0:
+                break
+            batch = todo[j:j + step]
+            for i, out in self.ver.run([(i, self.cand.at[i, "_config"]) for i in batch]):
+                self.results[i] = out
+                self.order.append(i)
+            ran += batch
+        return ran
 
     def best(self, slo: dict) -> int | None:
         """The best run that started (:func:`slo_rank`; ties to the row added first)."""

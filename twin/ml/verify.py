@@ -47,16 +47,22 @@ def goodput(requests: pd.DataFrame, duration_s: float, slo: dict | None) -> floa
 
 
 def _verify(item):
-    """One twin run, in a worker: ``item`` = (candidate index, configuration) -> (index, the
-    run's figures; ``starts`` False for a configuration vLLM would not start)."""
-    i, cfg = item
+    """One twin run, in a worker: ``item`` = (candidate index, configuration[, in full])
+    -> (index, the run's figures; ``starts`` False for a configuration vLLM would not
+    start). With SLOs the run stops once it is proven to miss them (:func:`_stopped`)
+    unless the Verifier's ``slo_stop`` is off or the item asks for the full window."""
+    i, cfg = item[:2]
     trace, catalog, profile, window_s, slo, ee = (_CTX[k] for k in (
         "trace", "catalog", "profile", "window_s", "slo", "early_exit"))
+    stop_at = slo if (_CTX.get("slo_stop") and not item[2:]) else None
     t0 = time.perf_counter()
     try:
-        s, full, sim_s, res = simulate_point(trace, catalog, cfg, profile, window_s, ee)
+        s, full, sim_s, res = simulate_point(trace, catalog, cfg, profile, window_s, ee,
+                                             slo=stop_at)
     except ConfigError:
         return i, {"starts": False, "starving": True, "wall_s": time.perf_counter() - t0}
+    if "slo_stop" in res.meta:
+        return i, _stopped(res, sim_s, slo, t0)
     out = {"starts": True, "full": full, "starving": bool(s["starving"]),
            "starving_reason": s["starving_reason"],
            "throughput": float(s["total_throughput"]),
@@ -76,15 +82,42 @@ def _verify(item):
     return i, out
 
 
+def _stopped(res, sim_s: float, slo: dict, t0: float) -> dict:
+    """A run stopped once proven to miss the SLOs (:mod:`twin.ml.slo_stop`): what was
+    proven and when, the p99s' proven lower bounds (``p99_lower_bounds``; a p99 that had not
+    enough finished requests: None) and the worst as a ratio to its SLO
+    (``slo_violation_lower_bound``); no p99 and no throughput of a full run (NaN).
+    ``starving_at_stop``: the starvation rule on the run so far (a hint, not a verdict).
+    ``goodput`` too is what the run proves at least: the tokens of the requests finished by
+    the stop within the SLOs, per second of the whole window; ``starving`` None: not known."""
+    stop = res.meta["slo_stop"]
+    window = res.meta["window_s"] or sim_s
+    nan = float("nan")
+    return {"starts": True, "full": False, "starving": None,
+            "starving_reason": "not known: stopped once the SLOs were proven missed",
+            "slo_violated_early": True, "stopped_s": float(stop["stopped_s"]),
+            "slo_proven": stop["line"], "p99_lower_bounds": stop["lower_bounds"],
+            "slo_violation_lower_bound": float(stop["violation_lower_bound"]),
+            "starving_at_stop": bool(res.summary["starving"]),
+            "throughput": nan, "offered": float(res.summary["offered_total_throughput"]),
+            "achieved": nan, "ttft_p50": nan, "ttft_p99": nan, "tpot_p50": nan,
+            "tpot_p99": nan, "e2e_p50": nan, "preemptions": int(res.summary["preemptions"]),
+            "goodput": goodput(res.requests, window, slo),
+            "wall_s": time.perf_counter() - t0}
+
+
 class Verifier:
     """Runs twin verifications, in parallel (forked workers inherit the trace)."""
 
     def __init__(self, trace, catalog, profile, window_s, slo, early_exit: EarlyExit,
-                 workers: int, keep_latencies: bool = False):
+                 workers: int, keep_latencies: bool = False, slo_stop: bool = True):
         """``keep_latencies``: full runs also return their requests' ``latencies``
-        (:func:`request_latencies`) and ``duration_s``, to score other SLOs later."""
+        (:func:`request_latencies`) and ``duration_s``, to score other SLOs later.
+        ``slo_stop``: with ``slo``, stop a run once it is proven to miss them
+        (:mod:`twin.ml.slo_stop`); :meth:`run_full` runs the whole window anyway."""
         _CTX.update(trace=trace, catalog=catalog, profile=profile, window_s=window_s, slo=slo,
-                    early_exit=early_exit, keep_latencies=keep_latencies)
+                    early_exit=early_exit, keep_latencies=keep_latencies,
+                    slo_stop=bool(slo_stop and slo))
         self.workers = max(1, int(workers))
         self.pool = None
 
@@ -96,6 +129,10 @@ class Verifier:
                 return [_verify(it) for it in items]
             self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
         return list(self.pool.map(_verify, items))
+
+    def run_full(self, items):
+        """:meth:`run` without the SLO early exit: every run over the whole window."""
+        return self.run([(i, cfg, True) for i, cfg in items])
 
     def close(self):
         if self.pool is not None:

@@ -184,9 +184,11 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
                                    sub["adapters"].to_numpy(), sub["steps"].to_numpy()):
             lt = (pre + dec) * share
             sl = (slots if slots is not None else ad) if lt else 0
+            grid, capped = lora_grid(pre + dec, sl)
             f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank, sl,
                  1.0 if lt else 0.0, 0.0, 0.0,   # lora_active; prefill_seqs, after_idle: not
-                 *lora_grid(pre + dec, sl)]      # in the step log; the LoRA grid
+                 grid, 0.0, capped]              # in the step log; the LoRA grid;
+            #                                      prefill_ctx_seqs: not in the step log
             t = st(f)
             for i in _LORA:
                 f[i] = 0

@@ -220,6 +220,8 @@ class Scheduler(Aborts):
         plan.prefill_tokens += n
         plan.prefill_n += 1
         plan.prefill_ctx += n * (r.computed + n)
+        if r.computed:
+            plan.prefill_ctx_n += 1
         if r.adapter >= 0:
             plan.prefill_lora_tokens += n
 

@@ -12,7 +12,7 @@ class StepPlan:
     group in running order; when ``group_decode`` every group member decodes one token."""
 
     __slots__ = ("explicit", "group_decode", "decode_n", "decode_ctx", "decode_lora",
-                 "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_lora_tokens",
+                 "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_ctx_n", "prefill_lora_tokens",
                  "adapters", "loads", "admitted", "preempted", "blocked", "kv_blocks")
 
     def __init__(self):
@@ -24,6 +24,7 @@ class StepPlan:
         self.prefill_tokens = 0
         self.prefill_n = 0              # prefill chunks
         self.prefill_ctx = 0            # sum over prefill chunks of n * (start + n)
+        self.prefill_ctx_n = 0          # prefill chunks with start > 0 (a hit or a chunk before)
         self.prefill_lora_tokens = 0
         self.adapters = 0               # distinct adapters in the batch
         self.loads: list = []           # AdapterLoad, paid inside the step

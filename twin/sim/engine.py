@@ -55,7 +55,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
              window_s: float | None = None, progress: bool = False,
              record_steps: bool = False, sample_dt: float | None = None,
              trace_source: str = "trace", max_in_flight: int | None = None,
-             jump: bool = True) -> RunResult:
+             jump: bool = True, stop=None) -> RunResult:
     """Simulate ``trace`` served by one server with ``config`` on the hardware/model of
     ``profile``.
 
@@ -78,6 +78,11 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     ``jump=False`` prices every decode step on its own instead of advancing quiet decode
     runs in one closed-form jump: the step-by-step reference the jump must equal (tests);
     the results are the same, only slower.
+
+    ``stop``: a rule asked at each timeline sample, ``stop(now, outcomes)`` (the
+    :class:`~twin.results.recorder.Outcomes` of the requests finished so far): True ends the
+    run there, its summary over ``now`` seconds and ``meta["stopped_s"] = now`` (e.g. once a
+    latency SLO is proven missed: :mod:`twin.ml.slo_stop`). None (default): no check.
     """
     if server is None and config.policy not in SERVER_LAYOUTS:
         raise TwinInputError(
@@ -92,13 +97,17 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
         server = build_server(config, profile, catalog, trace=trace, trace_source=trace_source)
     clock = _Clock(trace, catalog, server, profile, window_s=window_s,
                    max_in_flight=max_in_flight, record_steps=record_steps,
-                   sample_dt=sample_dt, jump=jump)
+                   sample_dt=sample_dt, jump=jump, stop=stop)
     bar = _progress(progress, clock.horizon)
     end_time = run_alone(clock, bar)
     clock.rec.sample(end_time, server.scheduler)
     if bar is not None:
         bar.update(max(0.0, clock.horizon - bar.n))
         bar.close()
+    if clock.stopped_s is not None:
+        result = _result(clock, config, profile, clock.stopped_s, window_s)
+        result.meta["stopped_s"] = clock.stopped_s
+        return result
     duration = window_s if window_s is not None else end_time
     return _result(clock, config, profile, duration, window_s)
 
@@ -141,8 +150,10 @@ class _Clock:
     the process that steps the server (:meth:`engine`)."""
 
     def __init__(self, trace: pd.DataFrame, catalog: AdapterCatalog, server: ServerParts,
-                 profile: Profile, *, window_s, max_in_flight, record_steps, sample_dt, jump):
+                 profile: Profile, *, window_s, max_in_flight, record_steps, sample_dt, jump,
+                 stop=None):
         self.trace, self.server, self.sched = trace, server, server.scheduler
+        self.stop, self.stopped_s = stop, None
         self.window_s, self.max_in_flight, self.jump = window_s, max_in_flight, jump
         # adapters are small ints in catalog order; bytes for load times from the model shape
         self.adapter_bytes = [profile.model.adapter_bytes(catalog.rank(a))
@@ -237,6 +248,9 @@ class _Clock:
                 rec.sample(env.now, sched)
                 if bar is not None:
                     bar.update(min(env.now, horizon) - bar.n)
+                if self.stop is not None and self.stop(env.now, out):
+                    self.stopped_s = env.now
+                    break
 
     def decode_run(self, plan, f, now: float, steps: int, i: int) -> tuple[float, int, int]:
         """Price a run of ``steps`` identical pure decode steps in one closed form, cut at

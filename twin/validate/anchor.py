@@ -26,6 +26,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from twin.executor.anchor_spec import anchor_spread
+
 __all__ = ["SpeedAnchor"]
 
 
@@ -96,8 +98,6 @@ class SpeedAnchor:
 
     def info(self, profile) -> dict:
         """What the validation reports: the ratio applied (None: unscaled) and why."""
-        from twin.executor.speed_anchor import anchor_spread   # lazy: needs torch
-
         r = self.ratio(profile)
         prov = profile.provenance
         return {"applied": r is not None, "ratio": r, "reason": self.reason,
