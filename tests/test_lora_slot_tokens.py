@@ -1,17 +1,20 @@
-"""``lora_slot_tokens``: the launch cost of vLLM's Triton LoRA kernel grid (a thread block per
+"""``lora_slot_tokens`` (and its capped form): the launch cost of vLLM's Triton LoRA kernel grid (a thread block per
 token block and adapter slot, ``lora_shrink`` / ``lora_expand``), fitted on real vLLM runs
 only; the executor's fit leaves it out and reads step logs written before it existed."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from twin.calibrate.executor_fit import EXECUTOR_FEATURES, fit_measurements, step_table
-from twin.calibrate.step_fit import GRID_TERMS, STEP_TERMS, start_coef
+from twin.calibrate.step_fit import CAPPED_GRID_TERMS, GRID_TERMS, STEP_TERMS, start_coef
 from twin.costs.profile import Profile, load_profile
-from twin.costs.step_time import FEATURES, StepFeatures, StepTimeModel
+from twin.costs.step_time import (FEATURES, LORA_GRID_TOKEN_CAP, StepFeatures, StepTimeModel,
+                                  features)
 from twin.ml.queueing import prefill_s
 
 
@@ -63,14 +66,49 @@ def test_the_vllm_fit_prices_the_grid_only_when_asked_and_starts_it_positive():
 
 def test_a_prefill_over_more_slots_costs_more_and_decode_runs_stay_closed_form():
     base = load_profile("llama31-8b-h100-64gb")
-    coef = dict(base.step_time.base, lora_slot_tokens=5e-7)
+    coef = dict(base.step_time.base, lora_slot_tokens=5e-7, lora_slot_tokens_capped=1e-7)
     prof = Profile(name="grid", hardware=base.hardware, model=base.model, memory=base.memory,
                    step_time=StepTimeModel(base=coef), load_time=base.load_time,
                    provenance={})
     few, many = prefill_s(prof, 512, 2048, 16, 8), prefill_s(prof, 512, 2048, 16, 128)
-    assert many - few == pytest.approx(120 * (512 * 5e-7 + coef["lora_slots"]))
+    capped = min(512, LORA_GRID_TOKEN_CAP) * 1e-7
+    assert many - few == pytest.approx(120 * (512 * 5e-7 + capped + coef["lora_slots"]))
     st = prof.step_time
-    f0 = StepFeatures(1.0, 0, 40, 8000, 0, 40 * 16, 10, 160, 64, 1, 0, 0.0, 40 * 64)
+    f0 = StepFeatures(1.0, 0, 40, 8000, 0, 40 * 16, 10, 160, 64, 1, 0, 0.0, 40 * 64, 0, 40 * 64)
     total, first, _ = st.decode_run(f0, 40, 7)
     steps = [st(f0._replace(decode_context=8000 + 40 * i)) for i in range(7)]
     assert total == pytest.approx(sum(steps)) and first == pytest.approx(steps[0])
+
+
+def _plan(prefill: int, decode: int):
+    """A scheduled step with ``prefill`` adapter prompt tokens and ``decode`` adapter decodes."""
+    return SimpleNamespace(decode_lora=decode, prefill_lora_tokens=prefill,
+                           prefill_tokens=prefill, decode_n=decode, decode_ctx=100 * decode,
+                           prefill_ctx=prefill * prefill, adapters=2, prefill_n=1 if prefill else 0,
+                           prefill_ctx_n=0)
+
+
+def test_the_capped_grid_term_grows_with_a_small_step_and_stops_at_the_cap():
+    """``lora_slot_tokens_capped`` = min(tokens, cap) x slots: a decode step pays per token
+    and slot as the linear term does; a step past the cap pays no more (its empty blocks
+    hide behind the real LoRA work); no adapter token, no grid."""
+    cap = LORA_GRID_TOKEN_CAP
+    small = features(_plan(0, 40), max_lora_rank=16, max_loras=64)
+    assert small.lora_slot_tokens_capped == small.lora_slot_tokens == 40 * 64
+    big = features(_plan(2048 - 40, 40), max_lora_rank=16, max_loras=64)
+    assert big.lora_slot_tokens == 2048 * 64 and big.lora_slot_tokens_capped == cap * 64
+    at_cap = features(_plan(cap - 40, 40), max_lora_rank=16, max_loras=64)
+    st = StepTimeModel(base={"lora_slot_tokens_capped": 1e-7})
+    assert st(big) == pytest.approx(st(at_cap)) and st(small) < st(at_cap)
+    none = features(_no_lora(_plan(0, 40)), max_lora_rank=16, max_loras=64)
+    assert none.lora_slot_tokens_capped == 0
+    # the executor fit leaves it out, the vLLM fit opts in to it and starts it above 0
+    assert "lora_slot_tokens_capped" not in EXECUTOR_FEATURES
+    assert "lora_slot_tokens_capped" not in STEP_TERMS + GRID_TERMS
+    assert start_coef(load_profile("llama31-8b-h100-64gb"), [],
+                      CAPPED_GRID_TERMS)["lora_slot_tokens_capped"] > 0
+
+
+def _no_lora(plan):
+    plan.decode_lora = plan.prefill_lora_tokens = 0
+    return plan

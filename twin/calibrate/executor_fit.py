@@ -19,12 +19,14 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.load_time import LoadTimeModel
-from twin.costs.step_time import FEATURES
+from twin.costs.step_time import FEATURES, lora_grid
 
-#: The features an executor calibration fits: all but ``lora_slot_tokens``, the launch cost
-#: of vLLM's Triton LoRA kernel grid (the executor's LoRA is its own code, with no such grid;
-#: measurement logs written before the feature lack its column).
-EXECUTOR_FEATURES = tuple(k for k in FEATURES if k != "lora_slot_tokens")
+#: vLLM's Triton LoRA kernel grid launch cost, in its linear and its capped form: features
+#: an executor calibration leaves out (the executor's LoRA is its own code, with no such
+#: grid; measurement logs written before the features lack their columns).
+GRID_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped")
+#: The features an executor calibration fits: all but ``GRID_FEATURES``.
+EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GRID_FEATURES)
 
 __all__ = ["EXECUTOR_FEATURES", "ExecutorFit", "fit_measurements", "fit_nnls", "residual_stats", "step_features",
            "step_table"]
@@ -106,8 +108,9 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
             computed[rid] = start + k
         a = int(steps["batch_adapters"].iloc[j])
         slots = max_loras if lt else 0
+        grid, grid_capped = lora_grid(pt + dn, slots)
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                slots, 1 if lt else 0, pn, float(idle[j]), (pt + dn) * slots, pcn)
+                slots, 1 if lt else 0, pn, float(idle[j]), grid, pcn, grid_capped)
     return X
 
 
@@ -169,9 +172,9 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     repeats' relative spread and their count. A cell's bursts schedule alike run after run,
     so its steps line up across repeats; where timing made them differ they stay apart."""
     df = steps.assign(y=steps["duration_s"] - steps["load_s"])
-    # rows logged before a feature existed lack it (lora_slot_tokens: the executor fit
-    # leaves it out; prefill_ctx_seqs: refits of older logs, experiments/refit_cells.py)
-    for k in ("lora_slot_tokens", "prefill_ctx_seqs"):
+    # rows logged before a feature existed lack it (the grid features: the executor fit
+    # leaves them out; prefill_ctx_seqs: refits of older logs, experiments/refit_cells.py)
+    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
         df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()

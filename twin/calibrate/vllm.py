@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.calibrate.step_fit import GRID_TERMS, STEP_TERMS, StepFit, fit_step_time, simulate_run
+from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, STEP_TERMS, StepFit,
+                                    fit_step_time, simulate_run)
 from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
                                       read_kv_capacity, read_load_times)
 from twin.costs.profile import Profile, load_profile
@@ -31,7 +32,7 @@ from twin.errors import ConfigError
 from twin.servers import kv_capacity_tokens
 
 __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "calibrate",
-           "simulate_run", "STEP_TERMS", "GRID_TERMS", "read_kv_capacity", "read_load_times"]
+           "simulate_run", "STEP_TERMS", "GRID_TERMS", "CAPPED_GRID_TERMS", "read_kv_capacity", "read_load_times"]
 
 
 def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | None = None,

@@ -41,9 +41,20 @@ class StepFeatures(NamedTuple):
     #                          an earlier chunk): the executor gathers their context from the
     #                          paged cache under a mask, a fixed cost per chunk beyond
     #                          prefill_context (issue 17: a hit's short suffix beside decodes)
+    # min(tokens, LORA_GRID_TOKEN_CAP) x lora_slots: the same grid cost as lora_slot_tokens
+    # where it shows, in small (decode) steps; in a large step the empty slots' early-exiting
+    # blocks run beside the blocks doing real LoRA work and hide behind them (saturates with
+    # step size)
+    lora_slot_tokens_capped: float = 0.0
 
 
 FEATURES = StepFeatures._fields
+#: the step size (tokens) past which ``lora_slot_tokens_capped`` stops growing; a module
+#: constant (not a coefficient) so the features stay linear in the fitted weights. 1024: of
+#: the caps screened on the real H100 runs (256, 1024; experiments/grid_cap_screen.py,
+#: README_validate "the capped grid") the one that kept the linear term's ITL below
+#: saturation and removed most of its over-charge of the 2048-token steps
+LORA_GRID_TOKEN_CAP = 1024
 _new = tuple.__new__   # builds a StepFeatures without the generated __new__'s argument parsing
 
 
@@ -54,6 +65,12 @@ def after_idle(f: StepFeatures) -> StepFeatures:
     return f._replace(after_idle=1.0)
 
 
+def lora_grid(tokens: float, slots: float) -> tuple[float, float]:
+    """``(lora_slot_tokens, lora_slot_tokens_capped)`` of a step of ``tokens`` tokens whose
+    LoRA kernel grid spans ``slots`` slots (0 when no token has an adapter)."""
+    return tokens * slots, min(tokens, LORA_GRID_TOKEN_CAP) * slots
+
+
 def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int) -> StepFeatures:
     """Features of a scheduled step (``twin.sched.StepPlan``), given how the server counts
     LoRA ranks: ``token_rank`` per adapter token, ``adapter_rank`` summed over the batch's
@@ -61,10 +78,11 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     padded count, :class:`ExactRankFeatures` for S-LoRA's exact one)."""
     lt = plan.decode_lora + plan.prefill_lora_tokens
     slots = lora_slots if lt else 0
+    tokens = plan.prefill_tokens + plan.decode_n
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, (plan.prefill_tokens + plan.decode_n) * slots, plan.prefill_ctx_n))
+        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:

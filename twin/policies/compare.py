@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.profile import Profile, load_profile
-from twin.costs.step_time import FEATURES
+from twin.costs.step_time import FEATURES, lora_grid
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
@@ -46,7 +46,8 @@ from twin.workload.schema import validate_trace
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots",
-                                     "lora_active", "lora_slot_tokens")]
+                                     "lora_active", "lora_slot_tokens",
+                                     "lora_slot_tokens_capped")]
 
 
 @dataclass
@@ -183,9 +184,10 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
                                    sub["adapters"].to_numpy(), sub["steps"].to_numpy()):
             lt = (pre + dec) * share
             sl = (slots if slots is not None else ad) if lt else 0
+            grid, capped = lora_grid(pre + dec, sl)
             f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank, sl,
                  1.0 if lt else 0.0, 0.0, 0.0,   # lora_active; prefill_seqs, after_idle: not
-                 (pre + dec) * sl, 0.0]          # in the step log; lora_slot_tokens;
+                 grid, 0.0, capped]              # in the step log; the LoRA grid;
             #                                      prefill_ctx_seqs: not in the step log
             t = st(f)
             for i in _LORA:
