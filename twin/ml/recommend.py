@@ -33,8 +33,9 @@ its p99s; else the result says so (``ok`` False) with the best achievable percen
 what bounds them (:func:`twin.ml.report.slo_verdict`). A goodput search's twin run stops
 once proven to miss the SLOs (:mod:`twin.ml.slo_stop`, reported as such); when none meets
 them, the stopped runs nearest to them are run again in full
-(:func:`twin.ml.trials.full_reruns`), so the best achievable p99s are full runs' figures. The model's explanation of its pick
-(which features drove it: :func:`twin.ml.explain.explain`) is kept in the result.
+(:func:`twin.ml.trials.full_reruns`), so the best achievable p99s are full runs' figures.
+The model's explanation of its pick (which features drove it:
+:func:`twin.ml.explain.explain`) is kept in the result.
 
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 """
