@@ -18,10 +18,11 @@ an even 2-way split of the requests met the SLO): the partition is balanced with
 (:func:`_balanced`: the busiest GPU sets the p99), and a failed count is tried once more as
 a split of the requests, every adapter on every GPU (:meth:`_Search.request_split`),
 before a GPU is added. Under an SLO (the goodput objective) each GPU's search stops at its
-first configuration that meets it (``recommend(first_met=True)``; ``search_kw={"first_met": False}`` searches each
-GPU's best goodput): whether a GPU count verifies is the same, in fewer twin runs, and a
-run that is proven to miss the SLO stops early (:mod:`twin.ml.slo_stop`); the GPUs of a
-count are verified side by side (:meth:`_Search.side_by_side`).
+first configuration that meets it (``recommend(first_met=True)``; ``search_kw=
+{"first_met": False}`` searches each GPU's best goodput): whether a GPU count verifies is
+the same, in fewer twin runs, and a run that is proven to miss the SLO stops early
+(:mod:`twin.ml.slo_stop`); the GPUs of a count are verified side by side
+(:meth:`_Search.side_by_side`).
 """
 
 from __future__ import annotations
