@@ -200,6 +200,8 @@ def test_poisson_cell_arrivals_overlap_and_wait_like_served_traffic():
     assert c.key == plain.key + "-poi" and not plain.key.endswith("-poi")
     assert np.allclose(plain.trace()["arrival_s"], 0.33 * np.arange(400))
     assert any(c.poisson for c in design("tiny")) and not any(c.poisson for c in design("small"))
+    with pytest.raises(ValueError, match="Poisson"):   # its prompts vary; hash ids follow one
+        Cell(4, 32, 3, 2, 2, 16, 64, 0.33, cached=16, poisson=True)
 
 
 def test_nnls_nonnegative_and_exact_on_clean_data():

@@ -165,6 +165,23 @@ def test_fewest_gpus_stop_at_the_first_config_meeting_the_slo_same_count(setup):
         assert r.verified["full"] and r.verified["tpot_p99"] <= slo["tpot"]
 
 
+@pytest.mark.parametrize("objective, first_met", [("goodput", True), ("throughput", False)])
+def test_only_the_goodput_search_stops_at_the_first_config_meeting_the_slo(
+        setup, monkeypatch, objective, first_met):
+    """first_met serves the fewest-GPU goodput search; the throughput objective ranks by
+    throughput, so an SLO given with it (reported as goodput) does not cut its search."""
+    import twin.ml.placement as pl
+
+    seen = []
+    monkeypatch.setattr(pl, "recommend", lambda *a, **kw: seen.append(kw["first_met"]))
+    tr, cat = _busier()
+    s = pl._Search(pl._Units(tr, cat), {}, profile=setup[2], model=setup[3], base=None,
+                   window=WINDOW, max_gpus=2, max_runs=4, workers=1, early_exit=None,
+                   objective=objective, slo={"ttft": 1000.0, "tpot": 20.0}, search_kw=None)
+    s.recommend(tuple(s.U.units)[:1], 1)
+    assert seen == [first_met]
+
+
 def test_gpus_verified_side_by_side_equal_one_after_another(setup):
     """workers=2 verifies a count's GPUs side by side in forked processes: the same
     placement, configurations and verified figures as one GPU after another."""

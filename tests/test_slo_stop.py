@@ -138,3 +138,17 @@ def test_infeasible_recommendation_reports_stops_and_full_best(setup, tmp_path):
     assert "stopped once proven to miss them by 2x" in text
     # the frontier plot draws stopped runs at their proven bound
     assert plot_slo_frontier(rec.search, slo, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_throughput_objective_with_an_slo_runs_every_verification_in_full(setup):
+    """The throughput objective ranks runs by throughput, which a stopped run lacks: with
+    an SLO given (reported as goodput) its runs are never stopped early (a stopped run
+    counted as keeping up left nothing to rank, a crash)."""
+    tr = rate_class_trace(6, (1.0, 0.5, 0.25), duration_s=WINDOW, seed=7)
+    rec = recommend(tr, setup[1], profile=setup[2], model=Recommender.load(),
+                    window_s=WINDOW, objective="throughput", slo={"ttft": 1.0, "tpot": 0.5},
+                    workers=1, max_runs=4)
+    ran = rec.candidates.dropna(subset=["ver_starts"])
+    assert len(ran) == rec.runs > 0
+    assert ran["ver_slo_proven"].isna().all() and ran["ver_throughput"].notna().all()
+    assert rec.ok and rec.verified["full"] and np.isfinite(rec.verified["throughput"])

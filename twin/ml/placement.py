@@ -17,11 +17,12 @@ steps exist for the SLO alone (issue 16: ``place`` gave 3-4 GPUs, or none within
 an even 2-way split of the requests met the SLO): the partition is balanced with replicas
 (:func:`_balanced`: the busiest GPU sets the p99), and a failed count is tried once more as
 a split of the requests, every adapter on every GPU (:meth:`_Search.request_split`),
-before a GPU is added. Under an SLO each GPU's search stops at its first configuration that
-meets it (``recommend(first_met=True)``; ``search_kw={"first_met": False}`` searches each
-GPU's best goodput): whether a GPU count verifies is the same, in fewer twin runs, and a
-run that is proven to miss the SLO stops early (:mod:`twin.ml.slo_stop`); the GPUs of a
-count are verified side by side (:meth:`_Search.side_by_side`).
+before a GPU is added. Under an SLO (the goodput objective) each GPU's search stops at its
+first configuration that meets it (``recommend(first_met=True)``; ``search_kw=
+{"first_met": False}`` searches each GPU's best goodput): whether a GPU count verifies is
+the same, in fewer twin runs, and a run that is proven to miss the SLO stops early
+(:mod:`twin.ml.slo_stop`); the GPUs of a count are verified side by side
+(:meth:`_Search.side_by_side`).
 """
 
 from __future__ import annotations
@@ -184,13 +185,15 @@ class _Search:
         return bool(c["pred_ok"].any())
 
     def recommend(self, units, workers: int) -> Recommendation:
-        """One group's verification: :func:`recommend` on its share of the trace (under an
-        SLO stopping at its first configuration meeting it: ``first_met``)."""
+        """One group's verification: :func:`recommend` on its share of the trace (the
+        goodput objective under an SLO stopping at its first configuration meeting it:
+        ``first_met``; the throughput objective ranks by throughput, so searches on)."""
         t, cat = self.U.sub(units)
+        first_met = bool(self.slo) and self.objective == "goodput"
         return recommend(t, cat, profile=self.profile, model=self.model, base=self.base,
                          window_s=self.window, max_runs=self.max_runs, workers=workers,
                          early_exit=self.early_exit, objective=self.objective, slo=self.slo,
-                         **{"first_met": bool(self.slo), **self.search_kw})
+                         **{"first_met": first_met, **self.search_kw})
 
     def verified_ok(self, units) -> bool:
         key = tuple(sorted(units))

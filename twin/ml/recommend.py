@@ -30,11 +30,12 @@ what it sees -- slots, padded rank, KV capacity -- enqueued first) when Optuna i
 else a deterministic coordinate walk (:func:`twin.ml.trials.coordinate_search`). Every trial
 is a twin run. A configuration is recommended only if its own twin run meets the SLOs on
 its p99s; else the result says so (``ok`` False) with the best achievable percentiles and
-what bounds them (:func:`twin.ml.report.slo_verdict`). A twin run stops once it is proven
-to miss the SLOs (:mod:`twin.ml.slo_stop`, reported as such); when none meets them, the
-stopped runs nearest to them are run again in full (:func:`twin.ml.trials.full_reruns`), so
-the best achievable p99s are full runs' figures. The model's explanation of its pick
-(which features drove it: :func:`twin.ml.explain.explain`) is kept in the result.
+what bounds them (:func:`twin.ml.report.slo_verdict`). A goodput search's twin run stops
+once proven to miss the SLOs (:mod:`twin.ml.slo_stop`, reported as such); when none meets
+them, the stopped runs nearest to them are run again in full
+(:func:`twin.ml.trials.full_reruns`), so the best achievable p99s are full runs' figures.
+The model's explanation of its pick (which features drove it:
+:func:`twin.ml.explain.explain`) is kept in the result.
 
 What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 """
@@ -130,9 +131,10 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     predict_ms = 1000 * (time.perf_counter() - t0)
     start = _predicted_best(cand, score)
     own = verifier is None
-    ver = verifier or Verifier(trace, catalog, profile, window, slo, early_exit, workers)
     key = "goodput" if objective == "goodput" else "throughput"
     goodput_search = objective == "goodput"
+    ver = verifier or Verifier(trace, catalog, profile, window, slo, early_exit, workers,
+                               slo_stop=goodput_search)   # a stopped run has no throughput
     search = None
     try:
         first = max(2, max_runs // 3) if goodput_search else max_runs

@@ -286,7 +286,8 @@ class Recommendation:
                      f"{p['tpot_p50']:.1f} ms  [{len(self.candidates)} candidates in "
                      f"{self.predict_ms:.1f} ms]")
         c = self.candidates
-        tried = c[c["ver_throughput"].notna() | c.get("ver_slo_proven", c["ver_throughput"]).notna()]
+        stopped = c.get("ver_slo_proven", c["ver_throughput"])   # twin.ml.slo_stop
+        tried = c[c["ver_throughput"].notna() | stopped.notna()]
         knobs = tuple((self.search or {}).get("space", {}).get("knobs", ()))
         if self.search is not None:
             L.append(search_line(self.search))

@@ -12,7 +12,8 @@ class StepPlan:
     group in running order; when ``group_decode`` every group member decodes one token."""
 
     __slots__ = ("explicit", "group_decode", "decode_n", "decode_ctx", "decode_lora",
-                 "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_ctx_n", "prefill_lora_tokens",
+                 "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_ctx_n",
+                 "prefill_lora_tokens",
                  "adapters", "loads", "admitted", "preempted", "blocked", "kv_blocks")
 
     def __init__(self):
