@@ -138,7 +138,8 @@ def _common_workload(p):
                    help="model for `vllm serve` (default: the profile's model)")
     p.add_argument("--max-runs", type=positive_int, default=None,
                    help="twin runs per GPU (default 4; 16 with --objective goodput or cost, "
-                        "or --slo)")
+                        "or --slo; a goodput search may add up to 2 x --workers full reruns "
+                        "of runs stopped once proven to miss the SLOs)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
     add_prefix_caching_flag(p)
