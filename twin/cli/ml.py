@@ -61,8 +61,9 @@ objectives:
                         max_num_batched_tokens, max_num_seqs and gpu_memory_utilization
                         (twin/ml/search_space.py). The model's predictions place the search,
                         twin runs judge every configuration (--max-runs of them, default
-                        16). Recommended only if its own twin run meets the SLOs at p99;
-                        else it says so, prints the best achievable p99s and what bounds
+                        16; one proven to miss a p99 SLO by 2x stops early, said so).
+                        Recommended only if its own twin run meets the SLOs at p99; else
+                        it says so, prints the best achievable p99s and what bounds
                         them, searches the fewest GPUs that meet them, and exits 3.
   cost                  the fewest GPUs (and $/hour: --gpu-price, else the GPU's public
                         on-demand list price, source and date printed) meeting --slo at the
@@ -138,8 +139,7 @@ def _common_workload(p):
                    help="model for `vllm serve` (default: the profile's model)")
     p.add_argument("--max-runs", type=positive_int, default=None,
                    help="twin runs per GPU (default 4; 16 with --objective goodput or cost, "
-                        "or --slo; a goodput search may add up to 2 x --workers full reruns "
-                        "of runs stopped once proven to miss the SLOs)")
+                        "or --slo; goodput: + up to 2 x --workers reruns of stopped runs)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="parallel twin runs (default 2)")
     add_prefix_caching_flag(p)

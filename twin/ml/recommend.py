@@ -103,9 +103,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
               optimizer: str = "auto", seed: int = 0, study_db: str | None = None,
               knobs=None, first_met: bool = False) -> Recommendation:
     """The best non-starving configuration for ``trace``, predicted then verified by twin
-    runs (``max_runs`` for the search, default :data:`DEFAULT_RUNS`, plus at most two
-    rounds of ``workers`` full reruns of runs stopped early:
-    :func:`~twin.ml.trials.full_reruns`). ``objective``: 'throughput'
+    runs (``max_runs``, default :data:`DEFAULT_RUNS`; + reruns). ``objective``: 'throughput'
     or 'goodput' (tokens/s of requests meeting ``slo`` = {'ttft': ms, 'tpot': ms}; the pick
     must meet the SLOs on its own run's p99 TTFT/TPOT, else ``ok`` is False). Goodput only:
     ``space`` (default :func:`twin.ml.search_space.search_space`'s), ``optimizer`` ('auto',
