@@ -85,14 +85,7 @@ def held_out(profile, test_runs, data: Path, processes: int) -> tuple[dict, obje
     ours = rep.error_stats(df, "twin")
     band, _ = tie_band(profile)
     opt = rep.optimum_table(df, "twin", band)
-    out = {"throughput_smape_median": round(ours["throughput"][0], 2),
-           "throughput_smape_max": round(ours["throughput"][1], 2),
-           "ttft_smape_median": round(ours["ttft"][0], 2),
-           "itl_smape_median": round(ours["itl"][0], 2),
-           "starvation_agreement": round(ours["starvation"], 4),
-           "optimum_agreement": round(float(opt["agree"].mean()), 4),
-           "optimum_agreement_with_ties": round(float(opt["agree_with_ties"].mean()), 4),
-           "tie_band_pct": round(100 * band, 2)}
+    out = rep.twin_figures(ours, opt, band)
     for name, part in (("nonstarved", df[~df.real_starving]), ("starved", df[df.real_starving])):
         if len(part):
             s = rep.error_stats(part, "twin")

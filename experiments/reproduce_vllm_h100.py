@@ -215,6 +215,25 @@ def error_stats(df: pd.DataFrame, who: str) -> dict:
     return out
 
 
+def twin_figures(ours: dict, opt: pd.DataFrame, band: float) -> dict:
+    """The twin's headline keys (the summary's first ones): SMAPEs from :func:`error_stats`,
+    starvation and optimum agreement from :func:`optimum_table` at tie band ``band``."""
+    return {
+        "throughput_smape_median": round(ours["throughput"][0], 2),
+        "throughput_smape_max": round(ours["throughput"][1], 2),
+        "ttft_smape_median": round(ours["ttft"][0], 2),
+        "itl_smape_median": round(ours["itl"][0], 2),
+        "tpot_smape_median": round(ours["tpot"][0], 2),
+        "starvation_agreement": round(ours["starvation"], 4),
+        "optimum_agreement": round(float(opt["agree"].mean()), 4),
+        "optimum_agreement_within_1pct": round(float(opt["agree_within_1pct"].mean()), 4),
+        "optimum_agreement_with_ties": round(float(opt["agree_with_ties"].mean()), 4),
+        "optimum_tie_band_pct": round(100 * band, 2),
+        "optimum_pick_real_throughput_ratio_min": round(
+            float(opt["real_tput_of_pick_over_best"].min()), 4),
+    }
+
+
 def format_table(ours: dict, ours_common: dict, paper: dict, opt_ours, opt_paper, n_all,
                  n_common, band: float) -> str:
     def cell(t):
@@ -357,18 +376,7 @@ def main(argv=None) -> int:
               f"max {df.twin_sim_wall_s.max():.1f} s; script {time.perf_counter() - t0:.0f} s")
     print(f"figures: {args.out / 'reproduce_vllm_h100_scatter.png'}")
     summary = {
-        "throughput_smape_median": round(ours["throughput"][0], 2),
-        "throughput_smape_max": round(ours["throughput"][1], 2),
-        "ttft_smape_median": round(ours["ttft"][0], 2),
-        "itl_smape_median": round(ours["itl"][0], 2),
-        "tpot_smape_median": round(ours["tpot"][0], 2),
-        "starvation_agreement": round(ours["starvation"], 4),
-        "optimum_agreement": round(float(opt_ours["agree"].mean()), 4),
-        "optimum_agreement_within_1pct": round(float(opt_ours["agree_within_1pct"].mean()), 4),
-        "optimum_agreement_with_ties": round(float(opt_ours["agree_with_ties"].mean()), 4),
-        "optimum_tie_band_pct": round(100 * band, 2),
-        "optimum_pick_real_throughput_ratio_min": round(
-            float(opt_ours["real_tput_of_pick_over_best"].min()), 4),
+        **twin_figures(ours, opt_ours, band),
         "paper_twin_throughput_smape_median": round(paper["throughput"][0], 2),
         "paper_twin_itl_smape_median": round(paper["itl"][0], 2),
         "paper_twin_starvation_agreement": round(paper["starvation"], 4),
