@@ -10,7 +10,7 @@ import pytest
 from twin.config import POLICIES, ServingConfig
 from twin.errors import ConfigError, TwinInputError
 from twin.costs.profile import load_profile
-from twin.costs.step_time import StepTimeModel
+from twin.costs.step_time import StepFeatures, StepTimeModel
 from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, VLLMPolicy, get_policy,
                            simulate_policy)
 from twin.sched.unified_pool import SLoRAScheduler, UnifiedAdapterPool
@@ -357,7 +357,7 @@ def test_colocated_replicas_time_slice(trace):
     slow = [r.slowdown for r in run.servers]
     assert all(1.0 < x <= k for x in slow)
     sp = scaled_profile(PROFILE, 2.0)
-    f = (1.0, 100, 10, 1000, 5000, 0, 0, 0, 0)
+    f = StepFeatures(1.0, 100, 10, 1000, 5000, 0, 0, 0, 0, 0, 1, 0.0, 0.0, prefill_ctx_seqs=1)
     assert sp.step_time(f) == pytest.approx(2 * PROFILE.step_time(f))
 
 
@@ -368,7 +368,7 @@ def test_time_slicing_scales_measured_step_time_curves_too():
              "s": [1e-3, 4e-3, 2e-2]}
     prof = dataclasses.replace(PROFILE, step_time=StepTimeModel(base={"const": 0.01},
                                                                 curves=[curve]))
-    f = (1.0, 20, 3, 300, 400, 0, 0, 0, 0, 0, 1, 0.0)
+    f = StepFeatures(1.0, 20, 3, 300, 400, 0, 0, 0, 0, 0, 1, 0.0, 0.0)
     assert scaled_profile(prof, 2.0).step_time(f) == pytest.approx(2 * prof.step_time(f))
     assert prof.step_time(f) > 0.01
 

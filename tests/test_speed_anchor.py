@@ -16,6 +16,7 @@ from twin.calibrate.executor import calibrate_executor  # noqa: E402
 from twin.cli import main  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
 from twin.costs.profile import load_profile  # noqa: E402
+from twin.costs.step_time import StepFeatures  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.weights import resolve_model  # noqa: E402
 from twin.policies.deployment import scaled_profile  # noqa: E402
@@ -67,7 +68,8 @@ def test_calibration_records_anchor_start_middle_end_and_reuses_it(tiny_profile,
 
 def test_scaled_profile_scales_step_times_exactly(tiny_profile):
     prof = load_profile(tiny_profile)
-    f = (1.0, 48, 3, 200, 1200, 16 * 8, 1, 16, 1, 1, 1, 0.0)
+    f = StepFeatures(1.0, 48, 3, 200, 1200, 16 * 8, 1, 16, 1, 1, 1, 0.0, 48 + 3,
+                      prefill_ctx_seqs=1, lora_slot_tokens_capped=48 + 3)
     assert scaled_profile(prof, 1.3).step_time(f) == pytest.approx(1.3 * prof.step_time(f),
                                                                    rel=1e-12)
 

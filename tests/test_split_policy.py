@@ -10,6 +10,7 @@ import pytest
 from twin.config import ServingConfig
 from twin.costs.profile import load_profile
 from twin.costs.split_costs import LINKS, Link, get_link, split_costs
+from twin.costs.step_time import StepFeatures
 from twin.errors import TwinInputError
 from twin.policies import get_policy
 from twin.sim.engine import simulate
@@ -55,7 +56,7 @@ def test_one_client_on_a_free_link_is_the_vllm_server():
 def test_base_plus_local_is_the_profile_step():
     """The decomposition: base pass alone + local = the profile's step time."""
     c = split_costs(PROFILE, "free")
-    f = (1.0, 300, 20, 20 * 400, 300 * 300, 0.0, 0, 0.0, 0, 0, 1, 0.0)
+    f = StepFeatures(1.0, 300, 20, 20 * 400, 300 * 300, 0.0, 0, 0.0, 0, 0, 1, 0.0, 0.0)
     base = c.base.pass_time(300, 20, 21)
     assert base > 0
     assert base + c.local(f) == pytest.approx(PROFILE.step_time(f), rel=1e-12)
