@@ -30,6 +30,24 @@ def tiny_profile(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def alone_gap():
+    """``alone_gap(trace, config, profile, floor_s, margin=3.0)``: an arrival spacing at which
+    every request of ``trace`` is served alone, by the twin priced with ``profile`` (and by
+    the executor, whose speed a fresh calibration of this machine measured): ``margin`` x
+    the longest end-to-end time of a request served alone, never below ``floor_s``. Tests
+    whose schedule must not depend on step times take it instead of a fixed gap, which a
+    slower machine's (or a busier calibration's) step times could cross."""
+    def gap(trace, config, profile, floor_s: float, margin: float = 3.0) -> float:
+        from twin.sim.engine import simulate   # lazy: only the tests that space a trace
+
+        apart = trace.assign(arrival_s=trace["arrival_s"].rank(method="first") * 1000.0)
+        req = simulate(apart, config, profile).requests
+        longest = float((req["finish_s"] - req["arrival_s"]).max())
+        return max(floor_s, margin * longest)
+    return gap
+
+
 @pytest.fixture(scope="session", autouse=True)
 def twin_cache_dir(tmp_path_factory):
     """The twin cache (``$TWIN_CACHE_DIR``: tiny model, synthetic adapters, converted

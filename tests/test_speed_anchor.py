@@ -27,13 +27,22 @@ CFG = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=16, max_num_seqs
                     max_num_batched_tokens=64)
 
 
-def spaced(n=6, adapters=True):
-    """Requests far apart: each is served alone, so the schedule does not depend on step
-    times and a scaled twin serves the very same batches."""
+def spaced(n=6, adapters=True, gap=0.2):
+    """Requests ``gap`` apart: far enough (see :func:`alone`) that each is served alone, so
+    the schedule does not depend on step times and a scaled twin serves the very same
+    batches."""
     ad = pd.array([f"a{i % 2}" if adapters else None for i in range(n)], dtype="string")
-    return pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.arange(n) * 0.2,
+    return pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.arange(n) * gap,
                          "adapter": ad, "prompt_tokens": np.full(n, 24),
                          "output_tokens": np.full(n, 6)})
+
+
+def alone(alone_gap, cfg, profile, scale, **kw):
+    """:func:`spaced` at a gap that keeps every request alone in the twin at ``scale`` x
+    the fitted profile's step times: 0.2 s, or more where this machine's fresh calibration
+    (a slow or busy box) fitted step times that a 0.2-s gap would not hold."""
+    t = spaced(**kw)
+    return spaced(**kw, gap=alone_gap(t, cfg, scaled_profile(profile, scale), 0.2, 2.0))
 
 
 def fake_anchor(monkeypatch, seconds, calls=None):
@@ -74,10 +83,11 @@ def test_scaled_profile_scales_step_times_exactly(tiny_profile):
                                                                    rel=1e-12)
 
 
-def test_anchor_ratio_is_applied_exactly(tiny_profile, monkeypatch):
+def test_anchor_ratio_is_applied_exactly(tiny_profile, monkeypatch, alone_gap):
     prof = load_profile(tiny_profile)
     fake_anchor(monkeypatch, 1.3 * prof.provenance["speed_anchor_s"])
-    v = validate(spaced(adapters=False), CFG.replace(enable_lora=False), tiny_profile, "tiny",
+    cfg = CFG.replace(enable_lora=False)
+    v = validate(alone(alone_gap, cfg, prof, 1.3, adapters=False), cfg, tiny_profile, "tiny",
                  plot=False, speed_anchor=True)
     a = v.anchor_info
     assert a["applied"] and a["ratio"] == pytest.approx(1.3)
@@ -91,11 +101,13 @@ def test_anchor_ratio_is_applied_exactly(tiny_profile, monkeypatch):
     assert v.smape_raw("itl_mean") != v.smape("itl_mean")
 
 
-def test_slower_anchor_gives_longer_twin_latencies_and_is_logged(tiny_profile, monkeypatch):
-    cal = load_profile(tiny_profile).provenance["speed_anchor_s"]
+def test_slower_anchor_gives_longer_twin_latencies_and_is_logged(tiny_profile, monkeypatch,
+                                                                 alone_gap):
+    prof = load_profile(tiny_profile)
+    cal = prof.provenance["speed_anchor_s"]
     fake_anchor(monkeypatch, 1.5 * cal)
-    v = validate(spaced(), CFG, tiny_profile, "tiny", plot=False, repeats=2,
-                 speed_anchor=True)
+    v = validate(alone(alone_gap, CFG, prof, 1.5), CFG, tiny_profile, "tiny", plot=False,
+                 repeats=2, speed_anchor=True)
     assert v.anchor_info["ratio"] == pytest.approx(1.5)
     assert len(v.anchor_info["samples_s"]) == 4   # before and after each of 2 runs
     assert v.twin.summary["ttft_ms"]["mean"] > v.twin_raw.summary["ttft_ms"]["mean"]

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from twin.cli import main  # noqa: E402
 from twin.config import ServingConfig  # noqa: E402
+from twin.costs.profile import load_profile  # noqa: E402
 from twin.validate import (compare, format_table, median_summary, run_spread,  # noqa: E402
                            smape, validate)
 
@@ -21,8 +22,9 @@ def profile(tiny_profile):
 
 
 def spaced_trace(n=12, gap=0.15):
-    """Requests far enough apart that each is served alone: the schedule (and so the
-    adapter caches' sequence of loads) cannot depend on step timing."""
+    """Requests far enough apart that each is served alone (the ``alone_gap`` fixture: a
+    slower machine needs more than 0.15 s): the schedule (and so the adapter caches'
+    sequence of loads) cannot depend on step timing."""
     return pd.DataFrame({
         "request_id": np.arange(n), "arrival_s": np.arange(n) * gap,
         "adapter": pd.array([f"a{i % 5}" for i in (0, 1, 2, 0, 3, 4, 1, 2, 0, 4, 3, 1)[:n]],
@@ -36,10 +38,11 @@ def test_smape():
     assert np.isnan(smape(float("nan"), 1))
 
 
-def test_validate_table_plot_and_equal_loads(profile, tmp_path):
+def test_validate_table_plot_and_equal_loads(profile, tmp_path, alone_gap):
     cfg = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=16, max_num_seqs=16,
                         max_num_batched_tokens=64)
-    v = validate(spaced_trace(), cfg, profile, "tiny", out=tmp_path / "v")
+    gap = alone_gap(spaced_trace(), cfg, load_profile(profile), 0.15)
+    v = validate(spaced_trace(gap=gap), cfg, profile, "tiny", out=tmp_path / "v")
     text = v.format("t")
     for label in ("total throughput", "TTFT mean", "TTFT p99", "TPOT mean", "ITL p99",
                   "E2E mean", "adapter loads from disk", "preemptions", "SMAPE"):
