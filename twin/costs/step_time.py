@@ -186,6 +186,12 @@ class StepTimeModel:
         return d
 
     def __call__(self, f) -> float:
+        """Seconds of a step of features ``f``: a :class:`StepFeatures`, or any sequence in
+        ``FEATURES`` order. Its length is not checked: this prices every step of a run
+        (~10^5 per simulated hour), and the twin's featurizers build whole
+        ``StepFeatures``; a short tuple built by hand either lacks only zero-weight fields
+        (the same price) or raises IndexError. Build one with ``StepFeatures(...)``, whose
+        constructor requires every field without a default."""
         t = 0.0
         for i, w in self._sb:
             t += w * f[i]
