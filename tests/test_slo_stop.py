@@ -90,17 +90,24 @@ def test_stopped_only_when_the_full_run_misses_and_never_when_it_meets(setup, cf
                     and s["total_throughput"] == full["total_throughput"]
 
 
-def test_a_stopped_verification_is_reported_as_stopped(setup):
+def _verify_missed_10x(setup, window_s):
+    """The plain run's summary, then the verification of an SLO it misses 10x (stopped at
+    2x) and the same run in full: (summary, slo, stopped figures, full figures)."""
     tr, cat, profile = setup
     cfg = _cfg()
-    full = simulate(tr, cfg, profile, cat, window_s=WINDOW).summary
-    slo = {"ttft": full["ttft_ms"]["p99"] / 10, "tpot": 1e6}   # missed 10x: stopped at 2x
-    ver = Verifier(tr, cat, profile, WINDOW, slo, NO_PROBE, workers=1)
+    full = simulate(tr, cfg, profile, cat, window_s=window_s).summary
+    slo = {"ttft": full["ttft_ms"]["p99"] / 10, "tpot": 1e6}
+    ver = Verifier(tr, cat, profile, window_s, slo, NO_PROBE, workers=1)
     try:
         (_, r), = ver.run([(0, cfg)])
         (_, f), = ver.run_full([(0, cfg)])
     finally:
         ver.close()
+    return full, slo, r, f
+
+
+def test_a_stopped_verification_is_reported_as_stopped(setup):
+    full, slo, r, f = _verify_missed_10x(setup, WINDOW)
     assert r["full"] is False and r["slo_violated_early"] is True
     assert 0 < r["stopped_s"] < WINDOW
     assert r["slo_proven"].startswith("p99 TTFT >= ")
@@ -152,3 +159,83 @@ def test_throughput_objective_with_an_slo_runs_every_verification_in_full(setup)
     assert len(ran) == rec.runs > 0
     assert ran["ver_slo_proven"].isna().all() and ran["ver_throughput"].notna().all()
     assert rec.ok and rec.verified["full"] and np.isfinite(rec.verified["throughput"])
+
+
+def test_a_stopped_run_ends_its_timeline_with_one_sample_at_the_stop(setup):
+    """The engine samples the timeline, then asks the stop rule; ``simulate`` samples again
+    at its end, the same time and state, and the result keeps one row per time
+    (``build_result``): the timeline ends at the stop, with the unstopped run's samples."""
+    tr, cat, profile = setup
+    cfg = _cfg()
+    every = simulate(tr, cfg, profile, cat, window_s=WINDOW).timeline
+    asked = []
+
+    def stop(now, outcomes):
+        asked.append(now)
+        return len(asked) == 20
+
+    res = simulate(tr, cfg, profile, cat, window_s=WINDOW, stop=stop)
+    t = res.timeline["time_s"].to_numpy()
+    assert res.meta["stopped_s"] == asked[-1] == t[-1] and (np.diff(t) > 0).all()
+    # up to the stop, the very samples of the run that was not stopped
+    pd.testing.assert_frame_equal(res.timeline, every.iloc[:len(t)], check_dtype=False)
+
+
+def test_a_stopped_verification_without_a_window_has_no_goodput(setup):
+    """Without a window the run's length is not known at the stop: its goodput is NaN, not
+    the SLO-meeting tokens per second of the run so far (an overstatement)."""
+    _, _, r, f = _verify_missed_10x(setup, None)
+    assert r["slo_violated_early"] and np.isnan(r["goodput"])
+    assert f["full"] and np.isfinite(f["goodput"])
+
+
+class _Runs:
+    """A verifier of fixed figures per candidate row: rows of ``stopped`` ({row: the
+    violation bound proven}) stop early with a high partial goodput, the others keep up
+    with ``goodput``."""
+
+    workers = 2
+
+    def __init__(self, goodput: dict, stopped: dict | None = None):
+        self.goodput, self.stopped, self.seen = goodput, stopped or {}, []
+
+    def run(self, items):
+        out = []
+        for i, _ in items:
+            self.seen.append(i)
+            if i in self.stopped:
+                r = {"starts": True, "full": False, "starving": None,
+                     "slo_violated_early": True, "slo_violation_lower_bound": self.stopped[i],
+                     "goodput": 1e6, "ttft_p99": float("nan")}
+            else:
+                r = {"starts": True, "full": True, "starving": False,
+                     "goodput": self.goodput[i], "ttft_p99": 100.0}
+            out.append((i, r))
+        return out
+
+
+def _search_over(ver, n=6, start=2, max_runs=4):
+    from twin.ml.recommend import _search   # the max_loras walk itself
+
+    cand = pd.DataFrame({"_config": [_cfg(max_loras=m + 1) for m in range(n)],
+                         "pred_p_starve": 0.0, "pred_achieved": 1.0, "pred_ok": True})
+    score = np.ones(n)   # every neighbour predicted as good: promising
+    return _search(cand, score, start, ver, max_runs, "goodput", "goodput")
+
+
+def test_max_loras_walk_ranks_a_stopped_run_as_missing_the_slos():
+    """A run stopped once proven to miss the SLOs by 2x counts as missing them: the walk goes
+    on from the best full run, not from the stopped one for its partial goodput; among
+    stopped runs only, from the one proven to miss them least."""
+    down = {i: 100.0 * (6 - i) for i in range(6)}   # full runs: fewer slots, more goodput
+    ver = _Runs(down, stopped={2: 2.5})
+    res = _search_over(ver)
+    assert ver.seen[:2] == [2, 3]   # the predicted best and its upper neighbour, together
+    assert 4 in res and 1 not in res   # from row 3 (the full run) on, not from row 2
+    ver = _Runs(down, stopped={2: 3.0, 3: 2.2})
+    assert 4 in _search_over(ver) and 1 not in ver.seen   # from row 3: proven nearer
+    ver = _Runs(down, stopped={2: 2.2, 3: 3.0})
+    assert 1 in _search_over(ver) and 4 not in ver.seen
+    # with no stopped run the walk goes from row 2 (the best) down
+    ver = _Runs(down)
+    assert 1 in _search_over(ver) and 4 not in ver.seen

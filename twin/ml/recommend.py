@@ -62,7 +62,8 @@ from twin.ml.report import (Recommendation, declared_tie, latency_disagreements,
 from twin.ml.search_space import SearchSpace, search_space
 from twin.ml.spec import paper_base
 from twin.ml.sweep import EarlyExit
-from twin.ml.trials import FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_full
+from twin.ml.trials import (FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_full,
+                            run_batches)
 from twin.ml.verify import Verifier
 from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
@@ -239,19 +240,17 @@ def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, ma
             return False
         idxs = [i for i in dict.fromkeys(idxs) if 0 <= i < len(cand) and i not in results]
         idxs = idxs[:max(0, max_runs - len(results))]
-        # first_met with one worker: one run at a time, none after the first meeting the SLO
-        step = 1 if (met_slo and getattr(ver, "workers", 1) <= 1) else max(1, len(idxs))
-        for j in range(0, len(idxs), step):
-            if j and any_met(results, met_slo):
-                break
-            for i, out in ver.run([(i, cand.at[i, "_config"]) for i in idxs[j:j + step]]):
-                results[i] = out
+        # first_met: a batch of workers at a time (idxs holds two at most: one batch unless
+        # one worker), none after the first run meeting the SLO
+        done = (lambda: any_met(results, met_slo)) if met_slo else None
+        run_batches(ver, idxs, lambda i: cand.at[i, "_config"], results, done)
         return bool(idxs)
 
     n = len(cand)
     first = [start, start + 1] if start + 1 < n else [start, start - 1]
     run(first)
     while len(results) < max_runs:
+        # a run stopped once proven to miss the SLOs has starving None (not known)
         good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
         if not good:
             rest = [i for i in range(n) if i not in results]
@@ -260,12 +259,23 @@ def _search(cand: pd.DataFrame, score: np.ndarray, start: int, ver: Verifier, ma
                                      -cand.at[i, "pred_achieved"], -i))
             nxt = rest[:2]
         else:
-            b = best_verified(results, good, key)
+            b = _walk_base(results, good, key)
             nxt = [j for j in (b - 1, b + 1) if 0 <= j < n and j not in results
                    and _promising(cand, score, results, b, j, objective)]
         if not nxt or not run(nxt):
             break
     return results
+
+
+def _walk_base(results: dict[int, dict], good: list, key: str) -> int:
+    """The run the ``max_loras`` walk goes on from: the best verified full run. A run
+    stopped once proven to miss the SLOs by 2x counts as missing them, below every full
+    run, whatever the goodput it proved so far: only when all of ``good`` were stopped, the
+    one proven to miss them least."""
+    full = [i for i in good if not results[i].get("slo_violated_early")]
+    if full:
+        return best_verified(results, full, key)
+    return min(good, key=lambda i: (results[i]["slo_violation_lower_bound"], i))
 
 
 def _record_verified(cand: pd.DataFrame, results: dict[int, dict]) -> None:

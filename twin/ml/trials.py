@@ -67,10 +67,35 @@ FIRST_MET = {"optimizer": "first met", "why": "stopped at the first configuratio
              "study_db": None}
 
 
+def keeps_up(r: dict) -> bool:
+    """A run known to keep up: it started and ran the whole window without starving (a run
+    stopped once proven to miss the SLOs has ``starving`` None, not known, and is not full)."""
+    return bool(r["starts"] and not r["starving"] and r_full(r))
+
+
 def any_met(results: dict, slo: dict) -> bool:
     """Has a full run that keeps up met the SLOs (p99s within them)?"""
-    return any(r["starts"] and not r["starving"] and r_full(r) and slo_violation(r, slo) <= 1
-               for r in results.values())
+    return any(keeps_up(r) and slo_violation(r, slo) <= 1 for r in results.values())
+
+
+def run_batches(ver, rows: list, config_of, results: dict, done=None, order=None) -> list:
+    """Twin-run ``rows`` (``ver.run`` of ``(row, config_of(row))``) into ``results`` (and
+    ``order``): all together, or with ``done`` a batch of ``ver.workers`` at a time until
+    ``done()`` (the search's end: its budget spent, a run meeting the SLOs). Returns the
+    rows run. Every search runs its configurations through it (:meth:`Trials.run`, the
+    ``max_loras`` walk of :mod:`twin.ml.recommend`)."""
+    step = max(1, getattr(ver, "workers", 1)) if done is not None else max(1, len(rows))
+    ran = []
+    for j in range(0, len(rows), step):
+        if j and done():
+            break
+        batch = rows[j:j + step]
+        for i, out in ver.run([(i, config_of(i)) for i in batch]):
+            results[i] = out
+            if order is not None:
+                order.append(i)
+        ran += batch
+    return ran
 
 
 def full_reruns(T: "Trials", slo: dict, n: int) -> list[int]:
@@ -85,7 +110,7 @@ def full_reruns(T: "Trials", slo: dict, n: int) -> list[int]:
     rows run again."""
     res, ran = T.results, []
     for second in (False, True):
-        up = any(r["starts"] and not r["starving"] and r_full(r) for r in res.values())
+        up = any(keeps_up(r) for r in res.values())
         if any_met(res, slo) or up:
             break
         stopped = [i for i in T.order if res[i].get("slo_violated_early")]
@@ -154,17 +179,9 @@ class Trials:
     def run(self, rows) -> list[int]:
         """Twin-run the rows not run yet, within the budget (in parallel); the rows run."""
         todo = [i for i in dict.fromkeys(rows) if i not in self.results][:max(0, self.budget())]
-        step = max(1, self.ver.workers) if self.done is not None else max(1, len(todo))
-        ran = []
-        for j in range(0, len(todo), step):   # with done(): a batch at a time, till done
-            if j and self.budget() <= 0:
-                break
-            batch = todo[j:j + step]
-            for i, out in self.ver.run([(i, self.cand.at[i, "_config"]) for i in batch]):
-                self.results[i] = out
-                self.order.append(i)
-            ran += batch
-        return ran
+        done = (lambda: self.budget() <= 0) if self.done is not None else None
+        return run_batches(self.ver, todo, lambda i: self.cand.at[i, "_config"], self.results,
+                           done, self.order)
 
     def best(self, slo: dict) -> int | None:
         """The best run that started (:func:`slo_rank`; ties to the row added first)."""

@@ -62,7 +62,7 @@ def _verify(item):
     except ConfigError:
         return i, {"starts": False, "starving": True, "wall_s": time.perf_counter() - t0}
     if "slo_stop" in res.meta:
-        return i, _stopped(res, sim_s, slo, t0)
+        return i, _stopped(res, slo, t0)
     out = {"starts": True, "full": full, "starving": bool(s["starving"]),
            "starving_reason": s["starving_reason"],
            "throughput": float(s["total_throughput"]),
@@ -82,16 +82,18 @@ def _verify(item):
     return i, out
 
 
-def _stopped(res, sim_s: float, slo: dict, t0: float) -> dict:
+def _stopped(res, slo: dict, t0: float) -> dict:
     """A run stopped once proven to miss the SLOs (:mod:`twin.ml.slo_stop`): what was
     proven and when, the p99s' proven lower bounds (``p99_lower_bounds``; a p99 that had not
     enough finished requests: None) and the worst as a ratio to its SLO
     (``slo_violation_lower_bound``); no p99 and no throughput of a full run (NaN).
     ``starving_at_stop``: the starvation rule on the run so far (a hint, not a verdict).
     ``goodput`` too is what the run proves at least: the tokens of the requests finished by
-    the stop within the SLOs, per second of the whole window; ``starving`` None: not known."""
+    the stop within the SLOs, per second of the whole window (a run without a window: NaN,
+    not known: its length is not known at the stop, and per second of the run so far
+    would overstate it); ``starving`` None: not known."""
     stop = res.meta["slo_stop"]
-    window = res.meta["window_s"] or sim_s
+    window = res.meta["window_s"]
     nan = float("nan")
     return {"starts": True, "full": False, "starving": None,
             "starving_reason": "not known: stopped once the SLOs were proven missed",
@@ -102,7 +104,7 @@ def _stopped(res, sim_s: float, slo: dict, t0: float) -> dict:
             "throughput": nan, "offered": float(res.summary["offered_total_throughput"]),
             "achieved": nan, "ttft_p50": nan, "ttft_p99": nan, "tpot_p50": nan,
             "tpot_p99": nan, "e2e_p50": nan, "preemptions": int(res.summary["preemptions"]),
-            "goodput": goodput(res.requests, window, slo),
+            "goodput": goodput(res.requests, window, slo) if window else nan,
             "wall_s": time.perf_counter() - t0}
 
 
