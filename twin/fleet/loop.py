@@ -44,14 +44,15 @@ def run_loop(clocks: list, arrival: list[float], adapter, router, *,
     enabled = gc.isenabled()
     gc.disable()
     try:
-        run = _run_refreshed if refresh_s > 0 else _run
-        return run(clocks, arrival, adapter, router, refresh_s, bar)
+        if refresh_s > 0:
+            return _run_refreshed(clocks, arrival, adapter, router, refresh_s, bar)
+        return _run(clocks, arrival, adapter, router, bar)
     finally:
         if enabled:
             gc.enable()
 
 
-def _run(clocks, arrival, adapter, router, refresh_s, bar) -> list[int]:
+def _run(clocks, arrival, adapter, router, bar) -> list[int]:
     """The loop for the exact view (``refresh_s`` 0): every replica due before an arrival
     steps before the router reads the view."""
     view = LiveView(clocks)
