@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from twin.config import ServingConfig
 from twin.costs.profile import load_profile
-from twin.ml.recommend import recommend
+from twin.ml.recommend import _search, recommend
 from twin.ml.recommender import Recommender
 from twin.ml.slo_plots import plot_slo_frontier
 from twin.ml.slo_stop import count_needed
@@ -215,8 +215,7 @@ class _Runs:
 
 
 def _search_over(ver, n=6, start=2, max_runs=4):
-    from twin.ml.recommend import _search   # the max_loras walk itself
-
+    """The max_loras walk (``_search``) over ``n`` candidates, every neighbour promising."""
     cand = pd.DataFrame({"_config": [_cfg(max_loras=m + 1) for m in range(n)],
                          "pred_p_starve": 0.0, "pred_achieved": 1.0, "pred_ok": True})
     score = np.ones(n)   # every neighbour predicted as good: promising
