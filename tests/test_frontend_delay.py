@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from twin.calibrate import frontend_fit
+from twin.calibrate.run_spec import RunSpec
 from twin.config import ServingConfig
 from twin.costs import load_profile
 from twin.costs.frontend import Frontend, first_use_rows
@@ -143,3 +145,33 @@ def test_fleet_event_loop_says_it_runs_without_the_delay():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         simulate_fleet(trace, 2, "least_outstanding_requests", config=CONFIG, profile=PROFILE)
+
+
+def test_fit_reads_the_mean_excess_the_twin_lacks_per_first_request(monkeypatch):
+    """The estimator's arithmetic on runs whose twin side is given: light runs only, each
+    run's (real - twin) mean-over-median excess over its first-request share, the median."""
+    def spec(key, adapters, completed, excess_ms, running=2.0, waiting=0.0):
+        return RunSpec(key=key, config=CONFIG, ranks={16: adapters}, rates={0.1: adapters},
+                       pool_means=(200, 200),
+                       metrics={"mean_ttft_ms": 40.0 + excess_ms, "median_ttft_ms": 40.0,
+                                "completed": completed, "num_running_mean": running,
+                                "num_waiting_mean": waiting})
+
+    twin_excess = 2.0
+    runs = [spec("a", 16, 1600, 2.0 + 0.01 * 300), spec("b", 32, 1600, 2.0 + 0.02 * 200),
+            spec("c", 16, 1600, 2.0 + 0.01 * 500), spec("queue", 16, 1600, 900.0, waiting=5),
+            spec("busy", 16, 1600, 900.0, running=50)]
+    seen = []
+
+    def fake_map(fn, jobs, processes):
+        seen.extend(j[0].key for j in jobs)
+        assert all(j[1].frontend.is_default for j in jobs)   # the twin side runs without it
+        return [{"mean_ttft_ms": 30.0 + twin_excess, "median_ttft_ms": 30.0} for _ in jobs]
+
+    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    fe, rep = frontend_fit.fit_first_lora_request(runs, with_delay(0.2))
+    assert seen == ["a", "b", "c"]
+    assert [round(p["delay_s"], 6) for p in rep["per_run"]] == [0.3, 0.2, 0.5]
+    assert fe.first_lora_request_s == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="nothing to fit"):
+        frontend_fit.fit_first_lora_request(runs[3:], PROFILE)
