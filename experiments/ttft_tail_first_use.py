@@ -19,6 +19,13 @@ no per-request times); the twin replays the runs with adapters preloaded and has
 cost.
 
     python experiments/ttft_tail_first_use.py
+    python experiments/ttft_tail_first_use.py --profile llama31-8b-h100-64gb \
+        --profile experiments/figures/llama31-8b-h100-64gb-firstreq.json
+
+``--profile`` (repeatable) also simulates the same light runs with that profile (3600-s
+windows, seed 0) and sets the twin's median / p99 TTFT beside the real ones, per band: the
+first-request delay (``frontend.first_lora_request_s``) should raise the twin's p99 above
+the 1% line only.
 
 The last line printed is one JSON object.
 """
@@ -32,12 +39,19 @@ import sys
 import numpy as np
 import pandas as pd
 
+from twin.calibrate.frontend_fit import light_runs as light_specs
+from twin.calibrate.step_fit import simulate_run
+from twin.calibrate.vllm_runs import read_run_table
+from twin.costs.profile import load_profile
+from twin.results import smape
 from twin.workload.public import shared_data_dir
+
+RUNS_CSV = ("vllm-h100", "real_runs_llama31_8b.csv")
 
 
 def light_runs(max_running: float) -> pd.DataFrame:
     """The ok, non-anomalous runs without a queue and below ``max_running`` running."""
-    rr = pd.read_csv(shared_data_dir() / "vllm-h100" / "real_runs_llama31_8b.csv")
+    rr = pd.read_csv(shared_data_dir().joinpath(*RUNS_CSV))
     rr = rr[(rr["status"] == "ok") & rr["anomaly"].isna()]
     rr = rr[(rr["num_waiting_mean"] < 1) & (rr["num_running_mean"] < max_running)].copy()
     rr["first_share_pct"] = 100 * rr["max_cpu_loras"] / rr["completed_requests"]
@@ -62,11 +76,40 @@ def by_share(rr: pd.DataFrame) -> pd.DataFrame:
         "mean_excess_ms": g["mean_excess_ms"].median()}).round(2)
 
 
+def twin_by_share(profile: str, max_running: float) -> tuple[pd.DataFrame, dict]:
+    """The same light runs simulated with ``profile``: per run the real and twin median,
+    mean and p99 TTFT; and per band (below 0.8%, above 1%) the medians of the p99s and
+    the mean-TTFT SMAPE median."""
+    specs = light_specs(read_run_table(shared_data_dir().joinpath(*RUNS_CSV)), max_running)
+    prof = load_profile(profile)
+    rows = []
+    for r in specs:
+        s = simulate_run(r, prof, seed=0)
+        m = r.metrics
+        rows.append({"max_loras": r.config.max_loras, "served": r.n_adapters,
+                     "first_share_pct": 100 * r.n_adapters / m["completed"],
+                     **{f"{w}_{q}_ttft_ms": src[f"{q}_ttft_ms"] for w, src in
+                        (("real", m), ("twin", s)) for q in ("median", "mean", "p99")}})
+    df = pd.DataFrame(rows)
+    out = {}
+    for band, sel in (("below_0p8pct", df["first_share_pct"] < 0.8),
+                      ("above_1pct", df["first_share_pct"] > 1.0)):
+        d = df[sel]
+        out[band] = {"runs": int(len(d)),
+                     "real_p99_ttft_ms_median": round(float(d["real_p99_ttft_ms"].median()), 1),
+                     "twin_p99_ttft_ms_median": round(float(d["twin_p99_ttft_ms"].median()), 1),
+                     "mean_ttft_smape_median": round(float(np.median(smape(
+                         d["twin_mean_ttft_ms"], d["real_mean_ttft_ms"], percent=True))), 2)}
+    return df, out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-running", type=float, default=6.0,
                     help="light load: mean running requests below this (default %(default)s)")
+    ap.add_argument("--profile", action="append", default=[], metavar="PROFILE",
+                    help="also simulate the runs with this profile (repeatable)")
     args = ap.parse_args(argv)
     rr = light_runs(args.max_running)
     table = by_share(rr)
@@ -88,6 +131,10 @@ def main(argv=None) -> int:
            "first_use_cost_ms_from_p99": round(float(above["p99_excess_ms"].median()), 1),
            "first_use_cost_ms_from_mean_slope": round(float(slope), 1),
            "mean_excess_ms_intercept": round(float(rest), 2)}
+    for profile in args.profile:
+        df, out[f"twin:{profile}"] = twin_by_share(profile, args.max_running)
+        print(f"\ntwin, {profile}:")
+        print(df.sort_values("first_share_pct").round(2).to_string(index=False))
     print(json.dumps(out))
     return 0
 

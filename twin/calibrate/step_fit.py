@@ -123,7 +123,7 @@ def _profile_with(profile: Profile, coef: dict, recording: bool) -> Profile:
         st.start_recording()
     return Profile(name=profile.name, hardware=profile.hardware, model=profile.model,
                    memory=profile.memory, step_time=st, load_time=profile.load_time,
-                   provenance=profile.provenance)
+                   provenance=profile.provenance, frontend=profile.frontend)
 
 
 def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | None = None,

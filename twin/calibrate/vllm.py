@@ -82,7 +82,8 @@ def _fit_memory_and_loads(base: Profile, kv, loads, name, prov: dict, log) -> Pr
             f"{1e3 * load_time.disk_s:.1f} ms + {1e3 * load_time.disk_s_per_byte * 2**20:.3f} ms/MiB")
     return Profile(name=name or base.name.replace("-first-principles", ""),
                    hardware=base.hardware, model=base.model, memory=memory,
-                   step_time=base.step_time, load_time=load_time, provenance=prov)
+                   step_time=base.step_time, load_time=load_time, provenance=prov,
+                   frontend=base.frontend)
 
 
 def _startable(runs, prof: Profile) -> list:

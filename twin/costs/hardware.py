@@ -345,4 +345,4 @@ def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=Non
             "tensor_parallel_size": tp, **(provenance or {})}
     return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=dict(base.hardware),
                    model=shape, memory=memory, step_time=step_time_model(hw, shape, tp, gemm),
-                   load_time=base.load_time, provenance=prov)
+                   load_time=base.load_time, provenance=prov, frontend=base.frontend)

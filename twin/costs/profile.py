@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictBool, StrictStr, create_model, model_validator
 
 from twin.errors import TwinInputError
+from twin.costs.frontend import Frontend
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import MemoryModel
 from twin.costs.step_time import FEATURES, StepTimeModel
@@ -86,14 +87,19 @@ class Profile:
     load_time: LoadTimeModel
     provenance: dict = field(default_factory=dict)
     schema: str = SCHEMA
+    # the serving frontend's delays (twin.costs.frontend); default: none
+    frontend: Frontend = field(default_factory=Frontend)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "schema": self.schema, "name": self.name, "hardware": self.hardware,
             "model": self.model.to_dict(), "memory": self.memory.to_dict(),
             "step_time": self.step_time.to_dict(), "load_time": self.load_time.to_dict(),
-            "provenance": self.provenance,
         }
+        if not self.frontend.is_default:   # profiles without one write back unchanged
+            d["frontend"] = self.frontend.to_dict()
+        d["provenance"] = self.provenance
+        return d
 
     def save(self, path: str | Path) -> Path:
         """Write the profile atomically through :mod:`twin.outputs`: an existing ``path``
@@ -117,7 +123,8 @@ class Profile:
             return cls(name=d["name"], hardware=d["hardware"], model=ModelShape(**d["model"]),
                        memory=MemoryModel(**d["memory"]), step_time=StepTimeModel(**d["step_time"]),
                        load_time=LoadTimeModel(**d["load_time"]),
-                       provenance=d.get("provenance", {}), schema=d["schema"])
+                       provenance=d.get("provenance", {}), schema=d["schema"],
+                       frontend=Frontend(**(d.get("frontend") or {})))
         except (TypeError, ValueError) as exc:   # the schema should have caught it: say so
             raise TwinInputError(f"malformed profile: {exc}", file=source) from None
 
@@ -218,6 +225,10 @@ class LoadTimeSchema(Schema):
     host_to_gpu_s_per_byte: _NonNeg
 
 
+class FrontendSchema(Schema):
+    first_lora_request_s: _NonNeg = 0.0
+
+
 class ProfileSchema(Schema):
     """Every field of a profile the twin reads; ``hardware`` and ``provenance`` are free
     mappings (descriptive, read by no model)."""
@@ -229,6 +240,7 @@ class ProfileSchema(Schema):
     memory: MemorySchema
     step_time: StepTimeSchema
     load_time: LoadTimeSchema
+    frontend: FrontendSchema | None = None
     provenance: dict = {}
 
 

@@ -169,6 +169,10 @@ class _Clock:
         # Requests exist from arrival to completion only; results go to columnar arrays so a
         # starving hour with 10^5 requests stays within a few hundred MB.
         self.out = Outcomes(self.output, prefix=self.hashes is not None)
+        # the trace row of each position of the arrays above; None: the identity (no
+        # frontend delay reorders what the engine gets, twin.costs.frontend)
+        self.row = None
+        self._admit_in_frontend_order(profile)
         # A starving hour holds ~10^5 waiting requests: let them share their int fields (a
         # length seen once is one object; a request id equal to the row is the row's int)
         # instead of each holding its own (-18 MB at 2*10^5 waiting).
@@ -181,17 +185,37 @@ class _Clock:
         self.step_time = profile.step_time
         self.load_model = profile.load_time
 
+    def _admit_in_frontend_order(self, profile: Profile) -> None:
+        """With a frontend that delays requests (an adapter's first, ``profile.frontend``),
+        the engine gets them in the order they leave the frontend: the per-position arrays
+        are put in that order, ``arrival`` holds the times the engine gets them and ``row``
+        each one's trace row (its outcomes, and its TTFT from its own arrival, stay there)."""
+        adm = profile.frontend.admission_order(np.asarray(self.arrival), self.aid)
+        if adm is None:
+            return
+        order, admitted = adm
+        self.row = order.tolist()
+        self.aid, self.prompt = self.aid[order], self.prompt[order]
+        self.output, self.rid = self.output[order], self.rid[order]
+        self.arrival = admitted.tolist()
+        if self.hashes is not None:
+            self.hashes = [self.hashes[j] for j in self.row]
+
     def arrive(self, i: int) -> None:
+        """The request at position ``i`` reaches the engine (its trace row: ``row[i]``)."""
         sched = self.sched
+        row = i if self.row is None else self.row[i]
         if (self.max_in_flight is not None
                 and sched.in_flight() >= self.max_in_flight):
-            self.out.status[i] = RequestStatus.REJECTED   # the client's connection failed
+            self.out.status[row] = RequestStatus.REJECTED   # the client's connection failed
             return
         req_id, p, o = int(self.rid[i]), int(self.prompt[i]), int(self.output[i])
         shared = self.shared
-        r = Request(i, i if req_id == i else req_id, self.arrival[i], int(self.aid[i]),
+        r = Request(row, row if req_id == row else req_id, self.arrival[i], int(self.aid[i]),
                     shared.setdefault(p, p), shared.setdefault(o, o),
                     self.hashes[i] if self.hashes is not None else None, self.hash_block_size)
+        if row != i:
+            r.key = i   # first come, first served in the order the engine got them
         if not sched.add_request(r):
             self.out.record(r)
 

@@ -20,6 +20,7 @@ cut short is rescheduled, which a SimPy ``Timeout`` cannot be.
 
 from __future__ import annotations
 
+import warnings
 from array import array
 
 import numpy as np
@@ -57,6 +58,10 @@ class FedClock(_Clock):
 
     def __init__(self, cols: TraceColumns, catalog, server, profile, *, window_s, sample_dt,
                  record_steps: bool = False):
+        if not profile.frontend.is_default:
+            warnings.warn(f"profile {profile.name}: the frontend's first-request delay "
+                          f"(frontend.first_lora_request_s) is not modelled in a fleet's "
+                          f"event loop; this replica runs without it", stacklevel=2)
         super().__init__(cols.trace.iloc[:0], catalog, server, profile, window_s=window_s,
                          max_in_flight=None, record_steps=record_steps, sample_dt=sample_dt,
                          jump=True)

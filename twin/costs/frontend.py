@@ -1,0 +1,63 @@
+"""The serving frontend: time a request spends in the API server before the engine has it.
+
+vLLM's OpenAI-compatible server does per-adapter work on the first request that names a
+LoRA adapter it has not served since it started: ``TokenizerGroup.get_lora_tokenizer`` tries
+to load a tokenizer from the adapter's folder for each new ``lora_int_id`` and caches it.
+The engine gets such a request that much later; the client's clock (TTFT, E2E) started
+when it sent it. In the real Llama-3.1-8B / H100 runs (vLLM 0.8.5) an adapter's first
+request pays ~0.3 s (README_validate, "the TTFT tail at light load"); later requests of the
+same adapter pay nothing measurable.
+
+The cost belongs to the serving software, like the step-time constants, so it is a profile
+field (``frontend.first_lora_request_s``); 0, the default, is the engine without a frontend
+(the twin before it existed, and the executor, which has none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """The frontend's delays. ``first_lora_request_s``: seconds between the arrival of an
+    adapter's first request and the moment the engine gets it."""
+
+    first_lora_request_s: float = 0.0
+
+    def __post_init__(self):
+        if not self.first_lora_request_s >= 0:   # NaN too
+            raise ValueError(f"first_lora_request_s must be >= 0, got "
+                             f"{self.first_lora_request_s!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self.first_lora_request_s == 0
+
+    def to_dict(self) -> dict:
+        return {"first_lora_request_s": self.first_lora_request_s}
+
+    def admission_order(self, arrival: np.ndarray, adapter: np.ndarray):
+        """When and in which order the engine gets the requests: ``(order, admitted)``, the
+        rows sorted by the time the engine gets them (ties: row order) and those times;
+        None when the frontend delays nothing (the engine takes the arrivals as they are).
+
+        ``arrival``: the rows' arrival times, in order; ``adapter``: their adapter ids (< 0:
+        the base model, which has no first request)."""
+        d = float(self.first_lora_request_s)
+        if d == 0 or len(arrival) == 0:
+            return None
+        admitted = np.array(arrival, dtype=np.float64)
+        admitted[first_use_rows(adapter)] += d
+        order = np.argsort(admitted, kind="stable")
+        return order, admitted[order]
+
+
+def first_use_rows(adapter: np.ndarray) -> np.ndarray:
+    """The rows that are the first of their adapter (adapter ids >= 0), in row order."""
+    a = np.asarray(adapter)
+    rows = np.flatnonzero(a >= 0)
+    _, first = np.unique(a[rows], return_index=True)
+    return np.sort(rows[first])
