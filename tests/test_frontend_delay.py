@@ -175,3 +175,32 @@ def test_fit_reads_the_mean_excess_the_twin_lacks_per_first_request(monkeypatch)
     assert fe.first_lora_request_s == pytest.approx(0.3)
     with pytest.raises(ValueError, match="nothing to fit"):
         frontend_fit.fit_first_lora_request(runs[3:], PROFILE)
+
+
+def _light_spec(key, completed=1600, adapters=16, excess_ms=5.0):
+    return RunSpec(key=key, config=CONFIG, ranks={16: adapters}, rates={0.1: adapters},
+                   pool_means=(200, 200),
+                   metrics={"mean_ttft_ms": 40.0 + excess_ms, "median_ttft_ms": 40.0,
+                            "completed": completed, "num_running_mean": 2.0,
+                            "num_waiting_mean": 0.0})
+
+
+def test_fit_skips_runs_without_an_estimate_instead_of_fitting_zero(monkeypatch):
+    """A run the twin finished nothing of (NaN mean TTFT) or one that completed nothing has
+    no estimate: the others set the delay (a NaN in the median made it 0), and with none
+    left the fit says so (it crashed in np.quantile)."""
+    runs = [_light_spec("a", excess_ms=5.0), _light_spec("b", excess_ms=5.0),
+            _light_spec("none", completed=0), _light_spec("nan")]
+
+    def fake_map(fn, jobs, processes):
+        return [{"mean_ttft_ms": float("nan") if j[0].key == "nan" else 32.0,
+                 "median_ttft_ms": 30.0} for j in jobs]
+
+    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    fe, rep = frontend_fit.fit_first_lora_request(runs, PROFILE)
+    assert [p["key"] for p in rep["per_run"]] == ["a", "b"]
+    assert fe.first_lora_request_s == pytest.approx(0.003 / 0.01)
+    monkeypatch.setattr(frontend_fit, "_map",
+                        lambda fn, jobs, processes: [{"error": "boom"} for _ in jobs])
+    with pytest.raises(ValueError, match="no light run"):
+        frontend_fit.fit_first_lora_request(runs, PROFILE)

@@ -30,7 +30,7 @@ from twin.costs.profile import Profile
 
 def light_runs(runs, max_running: float = 6.0) -> list:
     """The runs without a queue (``num_waiting_mean`` < 1) and below ``max_running``
-    running on average, that report mean and median TTFT and their completed requests."""
+    running on average, that report mean and median TTFT and completed requests (> 0)."""
     out = []
     for r in runs:
         m = r.metrics
@@ -38,7 +38,8 @@ def light_runs(runs, max_running: float = 6.0) -> list:
                 "num_waiting_mean")
         if not all(k in m and math.isfinite(m[k]) for k in need):
             continue
-        if m["num_waiting_mean"] < 1 and m["num_running_mean"] < max_running:
+        if (m["num_waiting_mean"] < 1 and m["num_running_mean"] < max_running
+                and m["completed"] > 0):
             out.append(r)
     return out
 
@@ -67,8 +68,13 @@ def fit_first_lora_request(runs, profile: Profile, *, max_running: float = 6.0,
         share = r.n_adapters / m["completed"]
         real = m["mean_ttft_ms"] - m["median_ttft_ms"]
         twin = s["mean_ttft_ms"] - s["median_ttft_ms"]
+        if not math.isfinite(twin):   # the twin finished nothing: no estimate
+            continue
         per_run.append({"key": r.key, "share": share, "real_excess_ms": real,
                         "twin_excess_ms": twin, "delay_s": (real - twin) / 1e3 / share})
+    if not per_run:
+        raise ValueError(f"no light run has an estimate (of {len(light)}: the twin failed "
+                         "or finished nothing): nothing to fit the first-request delay on")
     d = np.array([p["delay_s"] for p in per_run])
     fitted = max(0.0, float(np.median(d)))
     report = {"method": "median over light runs of (real - twin) mean-over-median TTFT "
