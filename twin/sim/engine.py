@@ -279,8 +279,8 @@ class _Clock:
     def decode_run(self, plan, f, now: float, steps: int, i: int) -> tuple[float, int, int]:
         """Price a run of ``steps`` identical pure decode steps in one closed form, cut at
         the first arrival that could change the schedule (arrivals that cannot are admitted
-        to the queue on the way) and at the window's end. Returns (duration, steps, next
-        arrival's row)."""
+        to the queue on the way) and at the window's end. Returns (duration, steps, the next
+        arrival's position: its trace row is ``row[i]``, see :meth:`arrive`)."""
         step_time, sched, arrival_list, aid = self.step_time, self.sched, self.arrival, self.aid
         ctx_step = plan.decode_n
         dur, first, last = step_time.decode_run(f, ctx_step, steps)
