@@ -73,13 +73,16 @@ def test_zero_delay_is_todays_engine_bit_for_bit():
 @pytest.mark.parametrize("seed,window", [(0, None), (1, 20.0), (2, None)])
 def test_delay_is_exactly_the_first_requests_arriving_later(seed, window):
     """Differential: the delay equals a run of the trace whose adapters' first requests
-    arrive ``d`` later (nothing else moved); only their recorded arrival differs."""
+    arrive ``d`` later, and their requests that arrived before that with them (nothing
+    else moved); only their recorded arrival differs."""
     d = 0.4
     trace = mixed_trace(seed=seed)
     first = first_rows(trace)
     assert len(first) == 10
     shifted = trace.copy()
-    shifted.loc[first, "arrival_s"] += d
+    ready = trace.groupby("adapter")["arrival_s"].transform("first") + d   # NaN: base
+    waits = ready > trace["arrival_s"]
+    shifted.loc[waits, "arrival_s"] = ready[waits]
     shifted = shifted.iloc[np.argsort(shifted["arrival_s"].to_numpy(), kind="stable")]
     if window is not None:   # the delayed run keeps a first request that arrived in time
         shifted = shifted[trace.set_index("request_id").loc[shifted["request_id"],
@@ -91,7 +94,8 @@ def test_delay_is_exactly_the_first_requests_arriving_later(seed, window):
     assert (got.requests["arrival_s"].to_numpy() == trace["arrival_s"].to_numpy()[
         :len(got.requests)]).all()   # the client's arrival, in trace order
     moved = a["arrival_s"] != b["arrival_s"]
-    assert set(a.index[moved]) <= set(trace["request_id"].to_numpy()[first])
+    assert set(a.index[moved]) <= set(trace["request_id"][waits])
+    assert set(trace["request_id"].to_numpy()[first]) <= set(trace["request_id"][waits])
     assert moved.sum() >= 8   # the first requests inside the window, all of them moved
 
 
@@ -204,3 +208,25 @@ def test_fit_skips_runs_without_an_estimate_instead_of_fitting_zero(monkeypatch)
                         lambda fn, jobs, processes: [{"error": "boom"} for _ in jobs])
     with pytest.raises(ValueError, match="no light run"):
         frontend_fit.fit_first_lora_request(runs, PROFILE)
+
+
+def test_no_request_of_an_adapter_reaches_the_engine_before_its_first():
+    """A request of an adapter that arrives while its first is still in the frontend (tied
+    with it, or within the delay) cannot skip the per-adapter work its first is doing: it
+    reaches the engine no earlier than the first does, whichever of two tied rows the
+    trace lists first; one arriving after the first got through pays nothing."""
+    d = 0.3
+    rows = [(10, 0.0, "a", 50, 4), (11, 0.0, "a", 60, 4), (12, 0.1, "a", 70, 4),
+            (13, 2.0, "a", 80, 4), (14, 0.05, None, 40, 4)]
+    trace = pd.DataFrame(rows, columns=["request_id", "arrival_s", "adapter",
+                                        "prompt_tokens", "output_tokens"]).sort_values(
+        "arrival_s", kind="stable").reset_index(drop=True)
+    swapped = trace.iloc[[1, 0, 2, 3, 4]].reset_index(drop=True)
+    for t in (trace, swapped):
+        req = by_id(simulate(t, CONFIG, with_delay(d)))
+        sched = req["first_scheduled_s"]
+        assert sched.loc[10] >= d and sched.loc[11] >= d and sched.loc[12] >= d
+        assert sched.loc[13] == pytest.approx(2.0, abs=0.05)   # after the first: no wait
+        assert sched.loc[14] < d                                  # the base model: none
+    a = Frontend(d).admission_order(np.array([0.0, 0.0, 0.1, 2.0]), np.array([0, 0, 0, 0]))
+    assert a[0].tolist() == [0, 1, 2, 3] and a[1].tolist() == [d, d, d, 2.0]

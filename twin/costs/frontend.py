@@ -6,7 +6,12 @@ to load a tokenizer from the adapter's folder for each new ``lora_int_id`` and c
 The engine gets such a request that much later; the client's clock (TTFT, E2E) started
 when it sent it. In the real Llama-3.1-8B / H100 runs (vLLM 0.8.5) an adapter's first
 request pays ~0.3 s (README_validate, "the TTFT tail at light load"); later requests of the
-same adapter pay nothing measurable.
+same adapter pay nothing measurable. One that arrives while the first is still being
+worked on (tied with it, or within the delay) finds nothing cached yet: the twin lets it
+through no earlier than the first (a lower bound: ``TokenizerGroup`` as read in the code
+search loads through a thread pool and shares no load in flight, so such a request may pay
+the whole delay itself; not measured). It never overtakes the first, and which of two tied
+rows a trace lists first does not matter.
 
 The cost belongs to the serving software, like the step-time constants, so it is a profile
 field (``frontend.first_lora_request_s``); 0, the default, is the engine without a frontend
@@ -44,15 +49,33 @@ class Frontend:
         rows sorted by the time the engine gets them (ties: row order) and those times;
         None when the frontend delays nothing (the engine takes the arrivals as they are).
 
+        An adapter's first request gets through ``first_lora_request_s`` after it arrived;
+        one of the same adapter arriving before that (tied with it, or within the delay)
+        finds the adapter's work not done yet and gets through no earlier than the first
+        (:func:`ready_times`); later ones pay nothing.
+
         ``arrival``: the rows' arrival times, in order; ``adapter``: their adapter ids (< 0:
         the base model, which has no first request)."""
         d = float(self.first_lora_request_s)
-        if d == 0 or len(arrival) == 0:
+        rows = np.flatnonzero(np.asarray(adapter) >= 0)
+        if d == 0 or len(rows) == 0:
             return None
         admitted = np.array(arrival, dtype=np.float64)
-        admitted[first_use_rows(adapter)] += d
+        admitted[rows] = np.maximum(admitted[rows], ready_times(admitted, adapter, d)[rows])
         order = np.argsort(admitted, kind="stable")
         return order, admitted[order]
+
+
+def ready_times(arrival: np.ndarray, adapter: np.ndarray, d: float) -> np.ndarray:
+    """Per row, when its adapter's first request gets through the frontend (its arrival +
+    ``d``; ``arrival`` in row order, as a trace is); the base model's rows (< 0): -inf."""
+    a = np.asarray(adapter)
+    out = np.full(len(a), -np.inf)
+    rows = np.flatnonzero(a >= 0)
+    if len(rows):
+        _, first, inv = np.unique(a[rows], return_index=True, return_inverse=True)
+        out[rows] = (np.asarray(arrival, dtype=np.float64)[rows[first]] + d)[inv]
+    return out
 
 
 def first_use_rows(adapter: np.ndarray) -> np.ndarray:
