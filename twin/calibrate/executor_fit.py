@@ -28,7 +28,7 @@ GRID_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped")
 #: The features an executor calibration fits: all but ``GRID_FEATURES``.
 EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GRID_FEATURES)
 
-__all__ = ["EXECUTOR_FEATURES", "ExecutorFit", "fit_measurements", "fit_nnls", "residual_stats", "step_features",
+__all__ = ["EXECUTOR_FEATURES", "ExecutorFit", "fit_measurements", "fit_nnls", "relative_to_prediction", "residual_stats", "step_features",
            "step_table"]
 
 
@@ -131,13 +131,28 @@ def fit_nnls(X: np.ndarray, y: np.ndarray, names, relative: bool = True,
         raise ValueError(f"weights must be 'observed' or 'predicted', not {weights!r}")
     X = np.asarray(X, float)
     y = np.asarray(y, float)
-    w = 1.0 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
-    c = _weighted_nnls(X, y, w)
-    if relative and weights == "predicted":
-        for _ in range(3):   # converges in one or two (the weights barely move)
-            c = _weighted_nnls(X, y, 1.0 / np.maximum(X @ c, 0.1 * np.maximum(y, 1e-9)))
+    if not relative:
+        c = _weighted_nnls(X, y, np.ones_like(y))
+    elif weights == "observed":
+        c = _weighted_nnls(X, y, 1.0 / np.maximum(y, 1e-9))
+    else:
+        c = relative_to_prediction(lambda scale: _weighted_nnls(X, y, 1.0 / scale), X, y)
     coef = {n: float(v) for n, v in zip(names, c)}
     return coef, residual_stats(y, X @ c)
+
+
+def relative_to_prediction(solve, X: np.ndarray, y: np.ndarray,
+                           rounds: int = 3) -> np.ndarray:
+    """Coefficients fitted on errors relative to their own prediction (see
+    :func:`fit_nnls`): ``solve(scale)`` fits with each row's error divided by ``scale``;
+    the first fit divides by the measured ``y``, each later one by the previous fit's
+    prediction ``X @ c`` (floored at a tenth of ``y``). Converges in one or two rounds (the
+    weights barely move)."""
+    c = solve(np.maximum(y, 1e-9))
+    floor = 0.1 * np.maximum(y, 1e-9)
+    for _ in range(rounds):
+        c = solve(np.maximum(X @ c, floor))
+    return c
 
 
 def _weighted_nnls(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:

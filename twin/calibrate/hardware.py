@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from twin.calibrate.executor import MEASUREMENT_SUFFIX, fit_nnls, residual_stats, step_table
+from twin.calibrate.executor_fit import relative_to_prediction
 from twin.costs.gemm import GemmTable
 from twin.costs.hardware import HW_TERMS, as_vector, derive_profile, design, step_time_model
 from twin.costs.profile import load_profile
@@ -92,20 +93,20 @@ class HardwareStepTime:
             p = as_vector(self.prior)
             rest = [j for j in range(len(HW_TERMS)) if j not in idx]
             fixed[rest] = p[rest]
-        full = self._solve(X, y, idx, fixed, np.maximum(y, 1e-9))
         if self.relative:
-            floor = 0.1 * np.maximum(y, 1e-9)
-            for _ in range(3):   # converges in one or two (the weights barely move)
-                full = self._solve(X, y, idx, fixed, np.maximum(X @ full, floor))
+            full = relative_to_prediction(lambda scale: self._solve(X, y, idx, fixed, scale),
+                                          X, y)
+        else:
+            full = self._solve(X, y, idx, fixed, None)
         self.coef_ = {k: float(v) for k, v in zip(HW_TERMS, full)}
         self.residuals_ = residual_stats(y, X @ full)
         self.n_steps_ = int(len(y))
         return self
 
     def _solve(self, X, y, idx, fixed, scale) -> np.ndarray:
-        """One weighted NNLS solve (errors relative to ``scale`` when ``relative``), the
+        """One weighted NNLS solve (errors relative to ``scale``; None: absolute), the
         prior's pull rows appended; the full coefficient vector."""
-        w = 1.0 / scale if self.relative else np.ones_like(y)
+        w = np.ones_like(y) if scale is None else 1.0 / scale
         A, b = X[:, idx] * w[:, None], (y - X @ fixed) * w
         if self.prior and self.prior_weight > 0:
             p = as_vector(self.prior)[idx]
