@@ -17,7 +17,7 @@ from twin.calibrate import frontend_fit
 from twin.calibrate.run_spec import RunSpec
 from twin.config import ServingConfig
 from twin.costs import load_profile
-from twin.costs.frontend import Frontend, first_use_rows
+from twin.costs.frontend import Frontend
 from twin.costs.profile import Profile
 from twin.errors import TwinInputError
 from twin.fleet import simulate_fleet
@@ -44,6 +44,15 @@ def mixed_trace(n=300, adapters=10, seed=0, span=30.0, base_share=0.15) -> pd.Da
 
 def with_delay(d: float, profile: Profile = PROFILE) -> Profile:
     return dataclasses.replace(profile, frontend=Frontend(first_lora_request_s=d))
+
+
+def first_use_rows(adapter: np.ndarray) -> np.ndarray:
+    """The rows that are the first of their adapter (adapter ids >= 0), in row order: the
+    test's own reference for which requests the frontend delays."""
+    a = np.asarray(adapter)
+    rows = np.flatnonzero(a >= 0)
+    _, first = np.unique(a[rows], return_index=True)
+    return np.sort(rows[first])
 
 
 def first_rows(trace: pd.DataFrame) -> np.ndarray:

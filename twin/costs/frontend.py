@@ -76,11 +76,3 @@ def ready_times(arrival: np.ndarray, adapter: np.ndarray, d: float) -> np.ndarra
         _, first, inv = np.unique(a[rows], return_index=True, return_inverse=True)
         out[rows] = (np.asarray(arrival, dtype=np.float64)[rows[first]] + d)[inv]
     return out
-
-
-def first_use_rows(adapter: np.ndarray) -> np.ndarray:
-    """The rows that are the first of their adapter (adapter ids >= 0), in row order."""
-    a = np.asarray(adapter)
-    rows = np.flatnonzero(a >= 0)
-    _, first = np.unique(a[rows], return_index=True)
-    return np.sort(rows[first])
