@@ -24,10 +24,13 @@ starving, per router. The static table is a longest-processing-time split of the
 offered tokens, one replica per adapter (``twin place`` would also split a hot adapter).
 Figure: ``experiments/figures/fleet_routers.png``; table: ``fleet_routers.csv``.
 
-    python experiments/fleet.py [--repeats 1] [--part all|scale|routers]
+    python experiments/fleet.py [--repeats 1] [--part all|scale|routers|executor]
 
-The last line is one JSON object. The executor-vs-fleet validation keys of the issue
-(``fleet_vs_executor_*``) are not measured here.
+``--part executor`` (in ``all``): two executor replicas behind each router against the
+fleet twin (``experiments/fleet_executor.py``, the ``fleet_vs_executor_*`` keys); run it
+un-niced under the timing lock, its steps are timed.
+
+The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -177,7 +180,7 @@ def plot_routers(df: pd.DataFrame, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--part", choices=["all", "scale", "routers"], default="all")
+    p.add_argument("--part", choices=["all", "scale", "routers", "executor"], default="all")
     p.add_argument("--case", choices=["affinity", "static"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
@@ -198,6 +201,10 @@ def main() -> None:
         df.to_csv(FIGURES / "fleet_routers.csv", index=False)
         plot_routers(df, FIGURES / "fleet_routers.png")
         out["routers"] = df.set_index("router").to_dict(orient="index")
+    if args.part in ("all", "executor"):
+        from fleet_executor import part_executor   # lazy: it imports this module
+
+        out.update(part_executor(ROOT / "runs" / "fleet_executor"))
     out["box_loadavg_1m_at_end"] = os.getloadavg()[0]
     print(json.dumps(out, default=float))
 

@@ -43,6 +43,11 @@ def positive_float(text: str) -> float:
     return _number(float, text, positive=True)
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (``--router-refresh-s``: 0 means exact)."""
+    return _number(float, text, minimum=0.0)
+
+
 def comma_list(conv: Callable = float, *, minimum=None, positive: bool = False,
                length: int | None = None, name: str = "values") -> Callable[[str], tuple]:
     """An argparse ``type=`` for ``a,b,c``: a non-empty tuple of ``conv`` values (``int`` /

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twin.argtypes import positive_float, positive_int
+from twin.argtypes import non_negative_float, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args
 from twin.config import ServingConfig
 from twin.errors import TwinInputError
@@ -67,7 +67,7 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
                    choices=["round_robin", "least_outstanding_requests", "static",
                             "consistent_hash", "adapter_affinity"], help="routing rule")
     p.add_argument("--routing", type=Path, help="routing.csv for --router static")
-    p.add_argument("--router-refresh-s", type=float, default=0.0,
+    p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
                    help="seconds between refreshes of the router's view (0: exact)")
     p.add_argument("--affinity-slack", type=positive_int, default=16,
                    help="adapter_affinity: requests in flight a replica holding the adapter "

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twin.argtypes import device_name, positive_float, positive_int
+from twin.argtypes import device_name, non_negative_float, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
 from twin.outputs import console, input_paths, json_document, prepare
+from twin.errors import TwinInputError
+from twin.fleet.routers import ROUTERS
 from twin.validate import validate
+from twin.validate.fleet import validate_fleet
 from twin.workload.schema import refuse_empty_window
 
 _DESCRIPTION = """\
@@ -32,11 +35,20 @@ before the anchor, or from vLLM runs) are compared unscaled, as stated. Off by d
 on a shared 2-core box its correction was as large as its own noise, helping some
 validations and hurting others (experiments/README_validate.md).
 
+A fleet (--replicas N, --router R): N executor replicas behind the router, against the fleet
+twin (twin fleet) behind the same router code and event loop; each replica's clock counts
+only its own steps, so the replicas run side by side in logical time on one core. Printed:
+the fleet-wide table, each replica's requests / throughput / TTFT / ITL / adapter loads on
+both sides, and the share of requests both sides routed to the same replica
+(experiments/README_fleet.md, "Executor replicas behind the router").
+
 examples:
   twin validate --trace t.parquet --profile cpu-tiny --model tiny --max-loras 4 \\
       --max-cpu-loras 8 --out runs/val
   twin validate --trace t.parquet --config serve.yaml --profile cpu-smollm2 --model smollm2 \\
       --adapters adapters/smol --out runs/val-smol
+  twin validate --trace t.parquet --profile my-cpu-tiny.json --model tiny --replicas 2 \
+      --router adapter_affinity --max-loras 2 --out runs/val-fleet
 """
 
 
@@ -68,6 +80,14 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
                    help="price the twin at the box's speed during the executor runs (the "
                         "speed anchor; default off; for a shared CPU whose speed drifts "
                         "between calibration and validation, unnecessary on a dedicated GPU)")
+    p.add_argument("--replicas", type=positive_int, default=1,
+                   help="executor replicas behind --router, against the fleet twin "
+                        "(default 1: one server, no router)")
+    p.add_argument("--router", default=None, choices=sorted(ROUTERS),
+                   help="the fleet's routing rule (default round_robin with --replicas > 1)")
+    p.add_argument("--routing", type=Path, help="routing.csv for --router static")
+    p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
+                   help="seconds between refreshes of the router's view (0: exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -86,6 +106,8 @@ def run(args) -> int:
         if args.time_scale != 1.0:
             trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
         refuse_empty_window(trace, args.window_s, str(args.trace))
+        if args.replicas > 1 or args.router is not None:
+            return _run_fleet(args, config, trace, say)
         v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
                      threads=args.threads, num_gpu_blocks=args.num_gpu_blocks,
                      device=args.device, window_s=args.window_s,
@@ -111,4 +133,29 @@ def run(args) -> int:
             f"{100 * sp['ttft_mean']:.1f}%, ITL mean {100 * sp['itl_mean']:.1f}%")
     if args.out:
         say(f"wrote {args.out}/ (table.csv, validation.json, timeline_overlay.png)")
+    return 0
+
+
+def _run_fleet(args, config, trace, say) -> int:
+    """``--replicas`` / ``--router``: executor replicas behind the router vs the fleet twin."""
+    router = args.router or "round_robin"
+    if router == "static" and args.routing is None:
+        raise TwinInputError("--router static needs --routing routing.csv", field="--routing")
+    if args.num_gpu_blocks is not None or args.speed_anchor:
+        raise TwinInputError("--num-gpu-blocks and --speed-anchor are for one server; a "
+                             "fleet's replicas take the profile's KV capacity, unanchored",
+                             field="--replicas")
+    v = validate_fleet(trace, args.replicas, args.profile, router, args.model, args.adapters,
+                       config=config, routing=args.routing, refresh_s=args.router_refresh_s,
+                       threads=args.threads, device=args.device, window_s=args.window_s,
+                       seed=args.seed, repeats=args.repeats, trace_source=str(args.trace),
+                       out=args.out)
+    if args.json:
+        print(json_document(v.to_dict(), indent=2))
+    else:
+        print(v.format(f"executor fleet vs twin fleet: {args.trace} ({len(trace)} requests, "
+                       f"{args.replicas} replicas, router {router}, profile {args.profile})"))
+    if args.out:
+        say(f"wrote {args.out}/ (table.csv, replicas.csv, validation.json, "
+            f"timeline_overlay.png)")
     return 0

@@ -55,30 +55,17 @@ from twin.executor.inputs import request_token_ids
 from twin.executor.inputs import resolve_catalog  # noqa: F401 - its old import path
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
-from twin.executor.loop_state import Arrivals, Clock, NoProgress, Step, no_sync
+from twin.executor.loop_state import STEP_COLUMNS, Arrivals, Clock, NoProgress, Step, no_sync
 from twin.executor.model import LlamaModel, SeqChunk
 from twin.executor.prefix_blocks import block_tables
 from twin.executor.run_meta import run_meta
 from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
-from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.results.recorder import Outcomes, Recorder, build_result
 from twin.results.results import RunResult
 from twin.sched import Request, RequestStatus
 from twin.sched.adapter_cache import AdapterLoad
 from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
-
-STEP_COLUMNS = [
-    *TWIN_STEP_COLUMNS,   # the twin's step-log columns (twin.results.recorder): logs line up
-    # the executor's own
-    "num_seqs", "num_tokens", "batch_adapters", "loads_from_disk", "kv_blocks", "failed",
-    "schedule_s", "load_s", "read_s", "pack_s", "copy_s", "forward_s", "sample_s",
-    "batch_request_ids", "batch_tokens",
-    "gap_s",      # from the previous step's end to this one's schedule: that step's commit
-    #               bookkeeping, the arrivals released, the loop (issue 15's phase split)
-    "inputs_s",   # the batch's tensors (BatchInput.build), a part of forward_s
-    "features",   # the twin's step-time features of the step (its policy's featurizer)
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +109,7 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
 
 class _Engine:
     check_adapter = staticmethod(check_adapter_dir)   # the up-front check of an adapter
+    arrivals_class = Arrivals   # releases the trace's requests (a fleet's: when delivered)
 
     def __init__(self, trace, config: ServingConfig, model: LlamaModel, catalog: AdapterCatalog,
                  *, window_s, progress, seed, num_gpu_blocks, kv_cache_gib, keep_tokens,
@@ -160,7 +148,7 @@ class _Engine:
                                      num_gpu_blocks, kv_cache_gib)
         self.num_blocks, self.kv, self.tables = built.num_blocks, built.kv, built.tables
         self.slots, self.store = built.lora, built.store
-        server = built.server
+        self.server = server = built.server
         self.sched, self.cache, self.featurize = server.scheduler, server.cache, server.featurize
         if not self.paged:   # start-up loads (preload_adapters), as AdapterCache preloads
             self.store.preload(self.cache, self.bad)
@@ -190,37 +178,43 @@ class _Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:
-        """Serve the trace: release the requests whose arrival has come, then run a step
-        (load, forward, commit) whenever the scheduler plans one; when nothing can run,
-        wait on the wall clock for the next arrival."""
+        """Serve the trace: tick (release the requests whose arrival has come, run a step
+        when the scheduler plans one) until the run is over; when nothing can run, wait on
+        the wall clock for the next arrival."""
         self._start_run()
-        clock, arrivals, sched, rec = self.clock, self.arrivals, self.sched, self.rec
-        while True:
-            for r in arrivals.due(clock.now):
-                self._arrive(r)
-            if self.window_s is not None and clock.now >= self.window_s:
-                break
-            if not sched.has_work():
-                if not arrivals.left:
-                    break
-                if clock.now >= rec.next_sample:
-                    rec.sample(clock.now, sched)
-                clock.wait_until(arrivals.next_s)
-                continue
-            step = self._load_phase()
-            if step is None:   # nothing can run until something arrives (as the twin waits)
-                if not arrivals.left:
-                    break
-                clock.wait_until(arrivals.next_s)
-                continue
-            self._forward_phase(step)
-            self._commit_phase(step)
+        clock = self.clock
+        while (t := self._tick()) is not None:
+            if t > clock.now:
+                clock.wait_until(t)
         return self._finish_run()
+
+    def _tick(self) -> float | None:
+        """Release the requests due by now, then run one step (load, forward, commit) if
+        the scheduler plans one. Returns when to tick next: the clock's time after a step,
+        the next arrival when nothing can run until it comes, None once the run is over
+        (a fleet's driver, ``twin.executor.fed``, ticks a replica itself)."""
+        clock, arrivals, sched, rec = self.clock, self.arrivals, self.sched, self.rec
+        for r in arrivals.due(clock.now):
+            self._arrive(r)
+        if self.window_s is not None and clock.now >= self.window_s:
+            return None
+        if not sched.has_work():
+            if not arrivals.left:
+                return None
+            if clock.now >= rec.next_sample:
+                rec.sample(clock.now, sched)
+            return arrivals.next_s
+        step = self._load_phase()
+        if step is None:   # nothing can run until something arrives (as the twin waits)
+            return arrivals.next_s if arrivals.left else None
+        self._forward_phase(step)
+        self._commit_phase(step)
+        return clock.now
 
     def _start_run(self) -> None:
         """The run's state: arrivals, logical clock, outcomes, token ids, recorder."""
         trace = self.trace
-        self.arrivals = Arrivals(trace, self.ids, self.config.enable_lora)
+        self.arrivals = self.arrivals_class(trace, self.ids, self.config.enable_lora)
         named = self.arrivals.hashes is not None   # the trace names its tokens: prefix figures
         self.out = Outcomes(trace["output_tokens"].to_numpy(np.int64), failures=True,
                             keep_tokens=self.keep_tokens, prefix=named)
@@ -422,6 +416,12 @@ class _Engine:
             list(step.features)))
 
     def _finish_run(self) -> RunResult:
+        """The run's result (requests still running or waiting recorded as they stand)."""
+        self._record_unfinished()
+        duration = self.window_s if self.window_s is not None else self.clock.now
+        return self._result(self.out, self.rec, duration)
+
+    def _record_unfinished(self) -> None:
         """The last timeline sample; requests still running or waiting are recorded as
         they stand (a window's end)."""
         now, sched = self.clock.now, self.sched
@@ -431,8 +431,6 @@ class _Engine:
             if r.status == RequestStatus.DECODING:
                 r.generated = sched.computed(r) - r.prompt + 1
             self.out.record(r, (self.seqs.get(r.idx) or [])[:r.prompt + r.generated] or None)
-        duration = self.window_s if self.window_s is not None else now
-        return self._result(self.out, self.rec, duration)
 
     # -- the result -------------------------------------------------------------------------
     def _result(self, out: Outcomes, rec: Recorder, duration: float) -> RunResult:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from twin.results.recorder import STEP_COLUMNS as TWIN_STEP_COLUMNS
 from twin.sched import Request
 from twin.workload.hash_ids import request_hashes
 
@@ -79,6 +80,20 @@ class Arrivals:
                        self.prompt[i], self.output[i],
                        self.hashes[i] if self.hashes is not None else None,
                        self.hash_block_size)
+
+
+# the executor's step log: the twin's columns, then the executor's own
+STEP_COLUMNS = [
+    *TWIN_STEP_COLUMNS,   # the twin's step-log columns (twin.results.recorder): logs line up
+    # the executor's own
+    "num_seqs", "num_tokens", "batch_adapters", "loads_from_disk", "kv_blocks", "failed",
+    "schedule_s", "load_s", "read_s", "pack_s", "copy_s", "forward_s", "sample_s",
+    "batch_request_ids", "batch_tokens",
+    "gap_s",      # from the previous step's end to this one's schedule: that step's commit
+    #               bookkeeping, the arrivals released, the loop (issue 15's phase split)
+    "inputs_s",   # the batch's tensors (BatchInput.build), a part of forward_s
+    "features",   # the twin's step-time features of the step (its policy's featurizer)
+]
 
 
 @dataclass(slots=True)

@@ -11,6 +11,8 @@ tuples turned into tables once at the end.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -77,6 +79,18 @@ class Outcomes:
             setattr(self, name, _resized(getattr(self, name), n, fill))
         if self.prefix is not None:
             self.prefix = tuple(_resized(a, n, 0) for a in self.prefix)
+
+    def take(self, rows) -> "Outcomes":
+        """The outcomes of ``rows`` only, in that order (an executor replica of a fleet
+        records by the fleet trace's row; its result holds the rows it was fed)."""
+        new = copy.copy(self)
+        for name in (*self._FILL, "error", "tokens"):
+            col = getattr(self, name)
+            if col is not None:
+                setattr(new, name, col[rows])
+        if self.prefix is not None:
+            new.prefix = tuple(a[rows] for a in self.prefix)
+        return new
 
     def record(self, r: Request, tokens: list[int] | None = None) -> None:
         """``tokens``: the request's prompt + generated ids (kept with ``keep_tokens``)."""

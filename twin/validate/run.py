@@ -19,6 +19,7 @@ priced as calibrated, is reported beside it (``twin_raw`` / ``smape_raw``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -67,9 +68,7 @@ class Validation:
         if not isinstance(profile, Profile):
             profile = load_profile(profile)
         k = self._twin_inputs
-        tprof = dataclasses.replace(profile, memory=exact_kv_memory(
-            self.num_blocks, self.config.block_size, self.config.gpu_memory_utilization,
-            kv_bytes_per_token=profile.memory.kv_bytes_per_token))
+        tprof = capacity_profile(profile, self.num_blocks, self.config)
         self.profile = profile
 
         def sim(p):
@@ -196,8 +195,6 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     calibrated in on the executor (bf16 steps cost differently from fp32).
     ``speed_anchor``: price the twin at the box's speed during the runs (module docstring;
     off by default); the raw twin is reported beside it either way."""
-    import torch   # lazy: torch is an optional dependency, off `import twin`'s path
-
     if out is not None:   # a bad destination fails now, not after the executor's run
         check_out(out, "validate")
     if config.policy not in ("vllm", "slora"):
@@ -209,17 +206,10 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     warn_if_other_machine(profile)   # one stderr line: the profile describes another box
     trace = validate_trace(trace, source=trace_source)
     trace = crop_window(trace, window_s)
-    if threads is None:
-        threads = profile.provenance.get("threads") or profile.hardware.get("threads")
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    with pinned_threads(profile, threads) as threads:
         m, model_dir = _executor_model(model, profile, device)
         _check_profile_model(profile, m, model)
-        # the config as vLLM would run it: context capped at the model's
-        config = config.replace(max_model_len=min(config.max_model_len,
-                                                  m.shape.max_position_embeddings))
+        config = capped_context(config, m)
         catalog, twin_catalog = _catalogs(trace, config, adapters, model_dir,
                                           adapter_ranks=adapter_ranks, seed=seed)
         nb = _kv_blocks(trace, config, profile, m, twin_catalog, num_gpu_blocks)
@@ -228,8 +218,6 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         ex, summaries = _serve(trace, config, m, catalog, nb, window_s=window_s,
                                progress=progress, seed=seed, trace_source=trace_source,
                                warmup=warmup, repeats=repeats, anchor=anchor)
-    finally:
-        torch.set_num_threads(old_threads)
     v = Validation(None, ex, None, nb, config, executor_summaries=summaries, anchor=anchor,
                    _twin_inputs={"trace": trace, "catalog": twin_catalog, "window_s": window_s,
                                  "trace_source": trace_source, "executor_catalog": catalog})
@@ -237,6 +225,29 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
     if out is not None:
         v.save(out, profile=profile.name, threads=threads, plot=plot)
     return v
+
+
+@contextlib.contextmanager
+def pinned_threads(profile: Profile, threads: int | None):
+    """torch's threads for the executor's runs, restored after; default: the profile's
+    calibration threads (yields the count used, None: torch's own)."""
+    import torch   # lazy: torch is an optional dependency, off `import twin`'s path
+
+    if threads is None:
+        threads = profile.provenance.get("threads") or profile.hardware.get("threads")
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(old)
+
+
+def capped_context(config, m):
+    """The config as vLLM would run it on model ``m``: context capped at the model's."""
+    return config.replace(max_model_len=min(config.max_model_len,
+                                            m.shape.max_position_embeddings))
 
 
 def _executor_model(model, profile: Profile, device: str):
@@ -291,6 +302,28 @@ def _kv_blocks(trace: pd.DataFrame, config, profile: Profile, m, twin_catalog,
     return nb
 
 
+def capacity_profile(profile: Profile, num_blocks: int, config) -> Profile:
+    """``profile`` whose memory model yields exactly ``num_blocks`` KV blocks for
+    ``config``: the twin gets the capacity the executor was given."""
+    return dataclasses.replace(profile, memory=exact_kv_memory(
+        num_blocks, config.block_size, config.gpu_memory_utilization,
+        kv_bytes_per_token=profile.memory.kv_bytes_per_token))
+
+
+def warm_up(trace: pd.DataFrame, config, m, catalog, nb: int, seed: int) -> None:
+    """A short executor run of the trace's first requests at once (the first forwards of
+    a process are slow): not measured."""
+    from twin.executor.engine import execute   # lazy: needs torch
+
+    if not len(trace):
+        return
+    w = trace.iloc[:min(4, len(trace))].assign(arrival_s=0.0)
+    # shortened outputs: its hash ids (prompt + output) would name too many tokens
+    w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4)).drop(
+        columns="hash_ids", errors="ignore")
+    execute(w, config, m, catalog, num_gpu_blocks=nb, seed=seed)
+
+
 def anchored_run(anchor: SpeedAnchor, run):
     """``run()`` (an executor run) between two speed-anchor samples, which its result's
     ``meta["speed_anchor_s"]`` logs (``before``, ``after``; None when the anchor is off)."""
@@ -307,12 +340,8 @@ def _serve(trace: pd.DataFrame, config, m, catalog, nb: int, *, window_s, progre
     two speed-anchor samples."""
     from twin.executor.engine import execute   # lazy: needs torch
 
-    if warmup and len(trace):
-        w = trace.iloc[:min(4, len(trace))].assign(arrival_s=0.0)
-        # shortened outputs: its hash ids (prompt + output) would name too many tokens
-        w = w.assign(output_tokens=np.minimum(w["output_tokens"], 4)).drop(
-            columns="hash_ids", errors="ignore")
-        execute(w, config, m, catalog, num_gpu_blocks=nb, seed=seed)
+    if warmup:
+        warm_up(trace, config, m, catalog, nb, seed)
     first, summaries = None, []
     for i in range(max(int(repeats), 1)):   # only the first run's step log is kept
         r = anchored_run(anchor, lambda: execute(

@@ -1,0 +1,133 @@
+"""Executor replicas behind the fleet's router and event loop (``twin.executor.fed``,
+``twin.validate.fleet``): the fleet twin's validation against real engines (issue 18)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from twin.cli import main  # noqa: E402
+from twin.config import ServingConfig  # noqa: E402
+from twin.costs.profile import load_profile  # noqa: E402
+from twin.errors import TwinInputError  # noqa: E402
+from twin.sim.engine import simulate  # noqa: E402
+from twin.validate.fleet import validate_fleet  # noqa: E402
+
+CFG = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=16, max_num_seqs=16,
+                    max_num_batched_tokens=64)
+
+
+def trace_of(adapters, gap=0.0, prompt=24, output=6):
+    n = len(adapters)
+    return pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.arange(n) * gap,
+                         "adapter": pd.array(adapters, dtype="string"),
+                         "prompt_tokens": np.full(n, prompt), "output_tokens": np.full(n, output)})
+
+
+def steps_of(fleet_run, k):
+    return fleet_run.replicas[k].steps
+
+
+def test_burst_replicas_run_concurrently_in_logical_time(tiny_profile, one_torch_thread):
+    """A burst at t = 0 on 2 replicas: both start at 0 though their steps ran one after
+    another on one thread, each replica's steps follow one another without gaps (its clock
+    counts only its own steps), and every request is served once, where it was routed."""
+    tr = trace_of([f"a{i % 2}" for i in range(8)])
+    v = validate_fleet(tr, 2, tiny_profile, "round_robin", "tiny", config=CFG, warmup=False)
+    ex = v.executor
+    assert ex.route.tolist() == [0, 1] * 4 == v.twin.route.tolist()
+    assert v.route_agreement == 1.0
+    req = ex.result.requests
+    assert (req["status"] == "finished").all() and len(req) == 8
+    assert req["replica"].tolist() == ex.route.tolist()
+    for k in (0, 1):
+        s = steps_of(ex, k)
+        assert s["start_s"].iloc[0] == 0.0
+        ends = (s["start_s"] + s["duration_s"]).to_numpy()[:-1]
+        assert np.array_equal(s["start_s"].to_numpy()[1:], ends)   # contiguous: busy
+        assert ex.replicas[k].summary["num_requests"] == 4
+    busy = [steps_of(ex, k)["duration_s"].sum() for k in (0, 1)]
+    assert ex.summary["duration_s"] < 0.8 * sum(busy)   # the two ran side by side
+
+
+def test_idle_replica_wakes_at_the_arrival_it_was_sent(tiny_profile, one_torch_thread,
+                                                       alone_gap):
+    """Requests apart: a replica's step after a wait starts exactly at the arrival of the
+    request delivered to it and is marked after-idle, as a lone executor's (one arriving at
+    t = 0 meets an engine that never waited)."""
+    tr = trace_of(["a0", "a1", "a0", "a1", "a0", "a1"])
+    gap = alone_gap(tr, CFG, load_profile(tiny_profile), 0.1)
+    tr = trace_of(["a0", "a1", "a0", "a1", "a0", "a1"], gap=gap)
+    v = validate_fleet(tr, 2, tiny_profile, "round_robin", "tiny", config=CFG, warmup=False)
+    for k in (0, 1):
+        s = steps_of(v.executor, k)
+        firsts = s[s["after_idle"]]
+        mine = tr["arrival_s"].iloc[k::2]
+        assert firsts["start_s"].tolist() == mine[mine > 0].tolist()   # t = 0: no wait
+
+
+def busy_trace(tiny_profile, alone_gap, names):
+    """``names[0]``'s request runs long from t = 0 on one replica while the others, short
+    and served alone, arrive after it: the routers' picks depend on what they read."""
+    prof = load_profile(tiny_profile)
+    gap = alone_gap(trace_of(names[1:]), CFG, prof, 0.05)
+    span = (len(names) + 1) * gap
+    out = 32
+    while out < 1500:   # long enough to outlast the short ones, by the profile's step time
+        long = trace_of(names[:1], output=out)
+        req = simulate(long, CFG, prof).requests
+        if float(req["finish_s"].iloc[0]) > 2 * span:
+            break
+        out *= 2
+    tr = trace_of(names, gap=gap)
+    tr.loc[0, "output_tokens"] = out
+    return tr
+
+
+def test_routers_read_the_executor_replicas_state(tiny_profile, one_torch_thread, alone_gap):
+    """While a0's long request runs on replica 0: least outstanding requests sends every
+    short request to replica 1 (it read the in-flight counts), adapter affinity sends b0's
+    to replica 1 and a0's to replica 0, where a0 is resident (it read the adapter caches);
+    round robin would alternate. Executor and twin route alike and load alike."""
+    names = ["a0", "b0", "b0", "a0", "b0"]
+    tr = busy_trace(tiny_profile, alone_gap, names)
+    for router, want in (("least_outstanding_requests", [0, 1, 1, 1, 1]),
+                         ("adapter_affinity", [0, 1, 1, 0, 1])):
+        v = validate_fleet(tr, 2, tiny_profile, router, "tiny", config=CFG, warmup=False)
+        assert v.executor.route.tolist() == want == v.twin.route.tolist(), router
+        assert v.route_agreement == 1.0
+        per = v.replicas.set_index("replica")
+        assert (per["loads_from_disk_executor"] == per["loads_from_disk_twin"]).all()
+
+
+def test_fleet_validation_table_files_and_errors(tiny_profile, tmp_path, one_torch_thread):
+    tr = trace_of([f"a{i % 3}" for i in range(9)], gap=0.02)
+    v = validate_fleet(tr, [CFG, CFG.replace(max_loras=2)], tiny_profile,
+                       "least_outstanding_requests", "tiny", out=tmp_path / "fv", repeats=2)
+    text = v.format("t")
+    for label in ("total throughput", "TTFT mean", "ITL mean", "per replica", "routed alike"):
+        assert label in text
+    assert len(v.executor_summaries) == 2 and "throughput" in v.spread
+    assert v.twin.summary["fleet"]["per_replica"][1]["max_loras"] == 2
+    for f in ("table.csv", "replicas.csv", "validation.json", "timeline_overlay.png",
+              "executor/requests.parquet", "twin/requests.parquet"):
+        assert (tmp_path / "fv" / f).exists(), f
+    with pytest.raises(TwinInputError):
+        validate_fleet(tr, 0, tiny_profile, "round_robin", "tiny", config=CFG)
+
+
+def test_cli_validate_fleet(tiny_profile, tmp_path, capsys, one_torch_thread):
+    tr = trace_of([f"a{i % 2}" for i in range(6)], gap=0.02)
+    path = tmp_path / "t.csv"
+    tr.to_csv(path, index=False)
+    rc = main(["validate", "--trace", str(path), "--profile", str(tiny_profile), "--model",
+               "tiny", "--replicas", "2", "--router", "round_robin", "--max-loras", "1",
+               "--max-lora-rank", "16", "--out", str(tmp_path / "cv")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "per replica" in out and "routed alike: 100.0%" in out
+    assert (tmp_path / "cv" / "replicas.csv").exists()

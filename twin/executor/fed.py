@@ -1,0 +1,115 @@
+"""The reference executor as one replica of a fleet: fed its requests by a router, ticked
+by the fleet's event loop.
+
+``twin.fleet.loop.run_loop`` drives the twin's replicas (``twin.sim.fed.FedClock``) through
+``resume`` / ``deliver`` / ``close`` and reads their state (``sched``, ``inbox``,
+``server.cache``) for the router. :class:`FedEngine` offers the same to the executor, so
+executor replicas run behind the very same router and loop code as the fleet twin
+(``twin.validate.fleet``): the validation of the fleet twin against real engines.
+
+Time. Each replica keeps the executor's logical clock: it advances by that replica's own
+measured step durations (one step per ``resume``) and, when the replica is idle, jumps to
+the arrival that wakes it. The replicas' steps are measured one after another on the same
+thread, so the wall clock is reset at every resume (the other replicas' steps in between
+are not this one's). A replica woken from idle first sleeps its wait, as
+``Clock.wait_until`` does: its first step after a wait then meets the cold caches a lone
+executor's does (the twin's ``after_idle`` step); the sleep, outside the step, moves no
+logical clock. The replicas run concurrently in logical time, as N servers would, each
+step timed alone on one core; a fleet run takes about the sum of the replicas' busy and
+idle times on the wall clock.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import deque
+
+import numpy as np
+
+from twin.executor.engine import _Engine
+from twin.executor.loop_state import Arrivals
+
+INF = float("inf")
+
+
+class FedArrivals(Arrivals):
+    """The fleet trace's requests, released only once delivered to this replica. Until
+    :attr:`open` is cleared (no more arrivals) the replica counts as having arrivals to
+    come, with the next at +inf when none is queued (the engine then waits)."""
+
+    def __init__(self, trace, ids, enable_lora):
+        super().__init__(trace, ids, enable_lora)
+        self.inbox: deque[int] = deque()   # delivered rows not yet released
+        self.open = True
+
+    @property
+    def left(self) -> int:
+        return len(self.inbox) + int(self.open)
+
+    @property
+    def next_s(self) -> float:
+        return self.arrival[self.inbox[0]] if self.inbox else INF
+
+    def due(self, now: float):
+        inbox = self.inbox
+        while inbox and self.arrival[inbox[0]] <= now:
+            yield self.request(inbox.popleft())
+
+
+class FedEngine(_Engine):
+    """One executor replica of a fleet, built on the whole fleet trace (request ids are
+    the trace's rows) and fed its share by :meth:`deliver`; :attr:`wake` is when it next
+    ticks (INF: waiting for a delivery; None: done)."""
+
+    arrivals_class = FedArrivals
+
+    def __init__(self, trace, config, model, catalog, *, num_gpu_blocks: int, window_s,
+                 sample_dt: float, seed: int = 0, meta: dict | None = None):
+        super().__init__(trace, config, model, catalog, window_s=window_s, progress=False,
+                         seed=seed, num_gpu_blocks=num_gpu_blocks, kv_cache_gib=None,
+                         keep_tokens=False, sample_dt=sample_dt, meta=dict(meta or {}))
+        self._start_run()
+        self.rows = array("q")   # the fleet's trace rows delivered here, in order
+        self.wake: float | None = 0.0
+        self.version = 0         # the driver's heap entry that is current
+
+    @property
+    def inbox(self) -> int:
+        """Delivered, not yet released to the scheduler (a router counts them in flight)."""
+        return len(self.arrivals.inbox)
+
+    def resume(self) -> float | None:
+        """Tick once at :attr:`wake` (jumping there when idle); the new wake."""
+        clock = self.clock
+        if self.wake > clock.now:   # idle until now: sleep the wait, as Clock.wait_until
+            time.sleep(self.wake - clock.now)
+            clock.now, clock.idle = self.wake, True
+        clock.wall = time.perf_counter()   # other replicas' steps ran since: not this one's
+        self.wake = self._tick()
+        return self.wake
+
+    def deliver(self, row: int) -> float | None:
+        """Row ``row`` arrives here now; returns the new wake when it woke the replica."""
+        self.rows.append(row)
+        self.arrivals.inbox.append(row)
+        if self.wake == INF:
+            self.wake = self.arrivals.arrival[row]
+            return self.wake
+        return None
+
+    def close(self) -> float | None:
+        """No more arrivals: a waiting replica wakes where it is, to end."""
+        self.arrivals.open = False
+        if self.wake == INF:
+            self.wake = self.clock.now
+            return self.wake
+        return None
+
+    def result(self):
+        """The replica's RunResult over the requests it was fed (rows in delivery order)."""
+        self._record_unfinished()
+        rows = np.frombuffer(self.rows, dtype=np.int64) if self.rows else np.zeros(0, np.int64)
+        self.trace = self.trace.iloc[rows].reset_index(drop=True)
+        duration = self.window_s if self.window_s is not None else self.clock.now
+        return self._result(self.out.take(rows), self.rec, duration)
