@@ -131,3 +131,40 @@ def test_cli_validate_fleet(tiny_profile, tmp_path, capsys, one_torch_thread):
     out = capsys.readouterr().out
     assert "per replica" in out and "routed alike: 100.0%" in out
     assert (tmp_path / "cv" / "replicas.csv").exists()
+
+
+def test_each_executor_replica_is_a_lone_executor(tiny_profile, one_torch_thread):
+    """Every executor replica of a fleet, replayed by the twin on the requests routed to
+    it (its own measured step durations, ``twin.sim.replay``), is the run a lone executor
+    makes: the same step count, after-idle instants, loads and request times. So a fed
+    replica releases arrivals, idles and schedules as ``execute`` does."""
+    from twin.executor.weights import resolve_model
+    from twin.sim.replay import replay
+    from twin.validate.run import _catalogs
+
+    rng = np.random.default_rng(3)
+    n = 30
+    tr = trace_of([f"a{i}" for i in rng.integers(0, 4, n)], output=8)
+    tr["arrival_s"] = np.sort(np.concatenate([np.zeros(10), rng.uniform(0.3, 0.6, 10),
+                                              rng.uniform(1.5, 1.8, 10)]))
+    tr["output_tokens"] = rng.integers(2, 24, n)
+    v = validate_fleet(tr, 2, tiny_profile, "least_outstanding_requests", "tiny",
+                       config=CFG, warmup=False)
+    _, twin_catalog = _catalogs(tr, CFG, None, resolve_model("tiny"), adapter_ranks=(8, 16),
+                                seed=0)
+    ex = v.executor
+    for k in (0, 1):
+        res = ex.replicas[k]
+        sub = tr.iloc[np.flatnonzero(ex.route == k)].reset_index(drop=True)
+        tw = replay(res, sub, twin_catalog, record_steps=True)
+        assert tw.summary["steps"] == len(res.steps) > 0
+        idle_ex = res.steps.loc[res.steps["after_idle"], "start_s"].to_numpy()
+        idle_tw = tw.steps.loc[tw.steps["after_idle"], "start_s"].to_numpy()
+        np.testing.assert_allclose(idle_tw, idle_ex, rtol=0, atol=1e-9)
+        for key in ("from_disk", "from_host"):
+            assert tw.summary["adapter_loads"][key] == res.summary["adapter_loads"][key]
+        a = res.requests.set_index("request_id").sort_index()
+        b = tw.requests.set_index("request_id").sort_index()
+        assert a.index.tolist() == sub["request_id"].sort_values().tolist()
+        for col in ("first_scheduled_s", "first_token_s", "finish_s"):
+            np.testing.assert_allclose(b[col], a[col], rtol=0, atol=1e-9)
