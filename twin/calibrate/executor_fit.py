@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from twin.costs.dispersion import fit_dispersion
 from twin.costs.load_time import LoadTimeModel
-from twin.costs.step_time import FEATURES, lora_grid
+from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid
 
 #: vLLM's Triton LoRA kernel grid launch cost, in its linear and its capped form: features
 #: an executor calibration leaves out (the executor's LoRA is its own code, with no such
@@ -42,6 +43,13 @@ class ExecutorFit:
     sum_error_per_cell: dict     # cell key -> predicted / measured summed step time - 1
     load_time: LoadTimeModel
     load_residuals: dict         # {"disk": ..., "host_to_gpu": ...} residual_stats
+    # measured / predicted over every repeat of every step, as equally likely multipliers
+    # (twin.costs.dispersion): what the twin's ITL percentiles mix its prices with
+    dispersion: list | None = None
+
+    def step_time_model(self) -> StepTimeModel:
+        """The profile's step-time model: the coefficients, with the dispersion."""
+        return StepTimeModel(base=self.coef, dispersion=self.dispersion)
 
 
 def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
@@ -65,8 +73,15 @@ def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
     ccoef, cres = fit_nnls(A, loads["copy_s"].to_numpy(float), ("s", "s_per_byte"))
     load = LoadTimeModel(disk_s=dcoef["s"], disk_s_per_byte=dcoef["s_per_byte"],
                          host_to_gpu_s=ccoef["s"], host_to_gpu_s_per_byte=ccoef["s_per_byte"])
+    # the spread of single measurements (every repeat), not of the means the fit saw
+    each = _with_feature_columns(measured)
+    disp = fit_dispersion(
+        (each["duration_s"] - each["load_s"]).to_numpy(float),
+        each[list(EXECUTOR_FEATURES)].to_numpy(float)
+        @ np.array([coef[k] for k in EXECUTOR_FEATURES]))
     return ExecutorFit(steps=steps, coef=coef, residuals=res, sum_error_per_cell=per_cell,
-                       load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres})
+                       load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres},
+                       dispersion=disp)
 
 
 def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
@@ -186,14 +201,20 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     ``statistic`` (mean or median) of its duration minus load time over the repeats, the
     repeats' relative spread and their count. A cell's bursts schedule alike run after run,
     so its steps line up across repeats; where timing made them differ they stay apart."""
-    df = steps.assign(y=steps["duration_s"] - steps["load_s"])
-    # rows logged before a feature existed lack it (the grid features: the executor fit
-    # leaves them out; prefill_ctx_seqs: refits of older logs, experiments/refit_cells.py)
-    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
-        df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
+    df = _with_feature_columns(steps).assign(y=steps["duration_s"] - steps["load_s"])
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
     out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]
     out["spread"] = (out["y_std"].fillna(0.0) / out["y_median"].where(out["y_median"] > 0)).fillna(0.0)
     return out
 
+
+
+def _with_feature_columns(steps: pd.DataFrame) -> pd.DataFrame:
+    """``steps`` (a copy) with every feature column: rows logged before a feature existed
+    lack it (the grid features: the executor fit leaves them out; prefill_ctx_seqs: refits
+    of older logs, experiments/refit_cells.py), read as 0."""
+    df = steps.copy()
+    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
+        df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
+    return df

@@ -170,9 +170,13 @@ class Recorder:
 
 def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache, *,
                  kv_tokens: int, duration: float, window_s: float | None, max_model_len: int,
-                 meta: dict, step_columns: list[str] = STEP_COLUMNS) -> RunResult:
+                 meta: dict, step_columns: list[str] = STEP_COLUMNS,
+                 itl_dispersion=None) -> RunResult:
     """The run's :class:`RunResult` from what ``out`` and ``rec`` recorded (``sched`` and
-    ``cache``: the server's scheduler and adapter cache, for their counters)."""
+    ``cache``: the server's scheduler and adapter cache, for their counters).
+    ``itl_dispersion``: the twin's ITL percentiles from its prices mixed with the profile's
+    step-time spread (``ITLHistogram.percentile``); None (the executor's measured steps, a
+    profile without one): as recorded."""
     req = out.table(trace)
     timeline = pd.DataFrame(rec.rows, columns=PREFIX_TIMELINE_COLUMNS if rec.prefix
                             else TIMELINE_COLUMNS)
@@ -181,7 +185,8 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     total_time = max(duration, 1e-9)
     summary = summarize(
         req, duration_s=duration, window_s=window_s,
-        itl_p50_s=rec.itl.percentile(50), itl_p99_s=rec.itl.percentile(99),
+        itl_p50_s=rec.itl.percentile(50, itl_dispersion),
+        itl_p99_s=rec.itl.percentile(99, itl_dispersion),
         loads={"from_disk": cache.loads_from_disk, "from_host": cache.loads_from_host,
                "time_s": rec.load_time},
         preemptions=sched.num_preemptions,

@@ -332,7 +332,8 @@ def _result(clock: _Clock, config: ServingConfig, profile: Profile, duration: fl
         meta["policy"] = server.layout
     result = build_result(clock.trace, out, clock.rec, sched, server.cache,
                           kv_tokens=server.kv_tokens, duration=duration, window_s=window_s,
-                          max_model_len=config.max_model_len, meta=meta)
+                          max_model_len=config.max_model_len, meta=meta,
+                          itl_dispersion=profile.step_time.dispersion)
     pool = server.adapter_pool(result.summary["duration_s"])
     if pool is not None:
         result.summary["adapter_pool"] = pool
