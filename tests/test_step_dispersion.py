@@ -12,7 +12,7 @@ import pytest
 
 from twin.calibrate.executor_fit import EXECUTOR_FEATURES, fit_measurements
 from twin.config import ServingConfig
-from twin.costs.dispersion import LEVELS, check_dispersion, fit_dispersion, log_sd
+from twin.costs.dispersion import LEVELS, check_dispersion, fit_dispersion, log_sd, quantile
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import TwinInputError
@@ -34,6 +34,9 @@ def test_fit_dispersion_keeps_the_spread_at_mean_one():
     assert len(d) == LEVELS and check_dispersion(d) == tuple(d)
     assert np.mean(d) == pytest.approx(1.0, abs=0.01)
     assert log_sd(d) == pytest.approx(0.25, rel=0.08)   # the quantiles' own log-sd
+    # read back: the 90th percentile of a log-normal of log-sd 0.25 and mean 1
+    assert quantile(d, 0.9) == pytest.approx(np.exp(-0.25 ** 2 / 2 + 1.2816 * 0.25), rel=0.02)
+    assert quantile(d, 0.5) == pytest.approx((d[49] + d[50]) / 2)
     # a price that is always right has no spread; pairs without a ratio are left out
     flat = fit_dispersion([2.0, 4.0, 1.0, 0.0], [1.0, 2.0, 0.5, 0.0])
     assert flat == pytest.approx([1.0] * LEVELS)

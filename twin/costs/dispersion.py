@@ -53,6 +53,13 @@ def check_dispersion(values) -> tuple[float, ...]:
     return v
 
 
+def quantile(values, q: float) -> float:
+    """The ``q`` quantile (0..1) of the multipliers ``values`` (each the quantile at
+    (i + 0.5) / len), interpolated between them."""
+    v = np.asarray(values, float)
+    return float(np.interp(q, (np.arange(len(v)) + 0.5) / len(v), v))
+
+
 def log_sd(values) -> float:
     """The multipliers' standard deviation of the log: the spread in one number (provenance,
     reports)."""
