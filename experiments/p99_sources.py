@@ -18,7 +18,9 @@ Per vLLM-layout workload, p99 ITL (ms) five ways, each a step apart:
 Beside them the spread itself: quantiles of measured / predicted over the served decode
 steps (first run) against the calibration's dispersion. For p99 TTFT: per workload the three
 slowest requests of the first run, the longest step inside each one's TTFT (an executor stall
-shows as one step of 100+ ms) and the twin's TTFT of the same requests.
+shows as one step of 100+ ms) and the twin's TTFT of the same requests; and p99 TTFT of the
+twin without and with the spread (each TTFT mixed with the dispersion shrunk to the steps it
+spans by the calibration's step-to-step correlation, ``twin.results.spread``).
 
     .venv/bin/python experiments/p99_sources.py /work/runs/q/val
 
@@ -61,8 +63,9 @@ def p99_ms(durations, rows, dispersion=None) -> float:
     return 1e3 * h.percentile(99, dispersion)
 
 
-def itl_row(wdir: Path, v: dict, profile, disp_profile, trace, model: str) -> dict:
-    """The five p99 ITLs of one workload and the served steps' ratio quantiles."""
+def itl_row(wdir: Path, v: dict, profile, disp_profile, twin_disp: dict) -> dict:
+    """The five p99 ITLs of one workload and the served steps' ratio quantiles
+    (``twin_disp``: the twin's summary with ``disp_profile``)."""
     steps = pd.read_parquet(wdir / "executor" / "steps.parquet")
     req = pd.read_parquet(wdir / "executor" / "requests.parquet")
     first = json.loads((wdir / "executor" / "summary.json").read_text())["summary"]
@@ -78,8 +81,7 @@ def itl_row(wdir: Path, v: dict, profile, disp_profile, trace, model: str) -> di
            "priced_disp": p99_ms(t["predicted_s"] + steps["load_s"], rows,
                                  disp_profile.step_time.dispersion),
            "twin": float(table.loc["itl_p99", "twin"]),
-           "twin_disp": float(rv.twin_summary(v, wdir.name, trace, disp_profile,
-                                              model)["itl_ms"]["p99"])}
+           "twin_disp": float(twin_disp["itl_ms"]["p99"])}
     out.update({f"served_q{q}": float(np.quantile(ratio / ratio.mean(), q)) for q in QS})
     # the executor's tail: its steps at or above its own p99, by decode rows — how many of
     # those rows sit in steps slower than 1.5x their price (spread), in steps with a prefill
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
         if model not in cal:   # the run's profile, and refitted with its dispersion
             cal[model] = (load_profile(str(ppath)), rv.refit(ppath, "predicted", True)[0])
         prof, disp = cal[model]
-        rows.append({"workload": name, **itl_row(wdir, v, prof, disp, trace, model),
-                     **ttft_row(wdir, v)})
+        summary = rv.twin_summary(v, name, trace, disp, model)
+        rows.append({"workload": name, **itl_row(wdir, v, prof, disp, summary),
+                     **ttft_row(wdir, v), "ttft_disp": float(summary["ttft_ms"]["p99"])})
     d = pd.DataFrame(rows)
     for c in ("exec_log", "priced", "priced_disp", "twin", "twin_disp"):
         d[f"e_{c}"] = 100 * smape(d["exec"], d[c])
@@ -163,8 +166,21 @@ def main(argv=None) -> int:
           "the longest step inside each one's TTFT, the twin's TTFT of them")
     print(d[["workload", "ttft_exec", "ttft_twin", "ttft_spread", "slowest_ms",
              "longest_step_ms", "twin_same_ms"]].to_string(index=False, float_format=fmt))
+    for c in ("ttft_twin", "ttft_disp"):
+        d[f"t_{c}"] = 100 * smape(d["ttft_exec"], d[c])
+    for model, (_, disp) in cal.items():
+        rho = disp.step_time.autocorrelation
+        print(f"  calibration cpu-{model}: step-to-step correlation of log(measured / "
+              f"predicted) at lag 1 / 2 / 5 / 10: {rho[0]:.2f} / {rho[1]:.2f} / {rho[4]:.2f} / "
+              f"{rho[9]:.2f}")
+    print("\np99 TTFT (ms, SMAPE %): the twin without and with the spread (each TTFT mixed "
+          "with the dispersion shrunk to the steps it spans, twin.results.spread)")
+    print(d[["workload", "ttft_exec", "ttft_twin", "ttft_disp", "t_ttft_twin",
+             "t_ttft_disp"]].to_string(index=False, float_format=lambda x: f"{x:.1f}"))
     med = {c[2:]: round(float(d[c].median()), 2) for c in d if c.startswith("e_")}
-    print(json.dumps({"itl_p99_smape_median": med, "workloads": len(d),
+    tmed = {c[2:]: round(float(d[c].median()), 2) for c in d if c.startswith("t_")}
+    print(json.dumps({"itl_p99_smape_median": med, "ttft_p99_smape_median": tmed,
+                      "workloads": len(d),
                       "per_workload": {r["workload"]: {k: round(r[k], 3) for k in (
                           "exec", "exec_log", "priced", "priced_disp", "twin", "twin_disp")}
                           for r in rows}}))

@@ -53,13 +53,14 @@ KEYS = {"throughput": "thru", "ttft_mean": "TTFT", "itl_mean": "ITL", "ttft_p99"
 
 def refit(profile_path: Path, weights: str, dispersion: bool = True):
     """The run's profile refitted on its own calibration measurements with ``weights``;
-    ``dispersion``: with the step-time spread a calibration now stores (the twin's ITL
-    percentiles read from its prices mixed with it; ``twin.costs.dispersion``)."""
+    ``dispersion``: with the step-time spread and its step-to-step correlation a calibration
+    now stores (the twin's ITL and TTFT percentiles read from its prices mixed with them;
+    ``twin.costs.dispersion``)."""
     prof = load_profile(str(profile_path))
     df = pd.read_parquet(str(profile_path) + ".measurements.parquet")
     fit = fit_measurements(df[df["kind"] == "step"], df[df["kind"] == "load"], prof.model,
                            weights=weights)
-    st = StepTimeModel(base=fit.coef, dispersion=fit.dispersion if dispersion else None)
+    st = fit.step_time_model() if dispersion else StepTimeModel(base=fit.coef)
     return dataclasses.replace(prof, step_time=st), fit
 
 
@@ -85,6 +86,12 @@ def workload_row(run: Path, name: str, trace, profile, model: str = "tiny") -> d
 def twin_summary(v: dict, name: str, trace, profile, model: str = "tiny") -> dict:
     """The twin's summary of workload ``name`` with ``profile``, on the run's config, KV
     capacity and adapters (``v``: its ``validation.json``)."""
+    return twin_run(v, name, trace, profile, model).summary
+
+
+def twin_run(v: dict, name: str, trace, profile, model: str = "tiny", **options):
+    """The twin's run (``RunResult``) behind :func:`twin_summary`; ``options``: passed to
+    ``simulate_policy`` (e.g. ``record_steps=True``)."""
     config = ServingConfig.from_dict(v["config"])
     ranks = ve.WORKLOAD_RANKS.get(name, ve.ADAPTER_RANKS[config.policy])
     from twin.executor.weights import resolve_model   # lazy: needs torch
@@ -95,7 +102,7 @@ def twin_summary(v: dict, name: str, trace, profile, model: str = "tiny") -> dic
     tprof = dataclasses.replace(profile, memory=exact_kv_memory(
         nb, config.block_size, config.gpu_memory_utilization,
         kv_bytes_per_token=profile.memory.kv_bytes_per_token))
-    return simulate_policy(trace, config, tprof, catalog, trace_source=name).summary
+    return simulate_policy(trace, config, tprof, catalog, trace_source=name, **options)
 
 
 def figures(d: pd.DataFrame) -> dict:

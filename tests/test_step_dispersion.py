@@ -12,12 +12,14 @@ import pytest
 
 from twin.calibrate.executor_fit import EXECUTOR_FEATURES, fit_measurements
 from twin.config import ServingConfig
-from twin.costs.dispersion import LEVELS, check_dispersion, fit_dispersion, log_sd, quantile
+from twin.costs.dispersion import (LEVELS, check_dispersion, fit_autocorrelation,
+                                   fit_dispersion, log_sd, mean_share, quantile, shrunk)
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import TwinInputError
 from twin.policies.deployment import scaled_profile
 from twin.results.itl_histogram import ITLHistogram, mixed
+from twin.results.spread import spread_percentiles
 from twin.sim import simulate
 from twin.workload.generate import powerlaw_trace, uniform_lengths
 
@@ -115,6 +117,10 @@ def test_calibration_fit_stores_the_spread_of_single_measurements():
     assert log_sd(fit.dispersion) == pytest.approx(0.2, rel=0.1)
     quiet = fit_measurements(synthetic_measurements(0.01), loads, shape)
     assert log_sd(quiet.dispersion) < 0.02
+    # independent noise step to step: no correlation within a cell's run
+    assert len(fit.autocorrelation) == 30 and max(map(abs, fit.autocorrelation[:5])) < 0.1
+    st = fit.step_time_model()
+    assert (st.dispersion, st.autocorrelation) == (fit.dispersion, fit.autocorrelation)
     assert set(fit.coef) == set(EXECUTOR_FEATURES)
 
 
@@ -124,18 +130,25 @@ def test_profile_round_trip_and_schema(tmp_path):
     assert "dispersion" not in prof.step_time.to_dict()   # written back unchanged
     disp = lognormal_dispersion(0.2)
     with_disp = dataclasses.replace(prof, step_time=StepTimeModel(
-        base=prof.step_time.base, dispersion=disp))
+        base=prof.step_time.base, dispersion=disp, autocorrelation=[0.6, 0.3, -0.1]))
     path = with_disp.save(tmp_path / "p.json")
     again = load_profile(str(path))
     assert again.step_time.dispersion == pytest.approx(disp)
     assert again.step_time.base == prof.step_time.base
+    assert again.step_time.autocorrelation == [0.6, 0.3, -0.1]
     # time-slicing scales the prices, not their relative spread
-    assert scaled_profile(again, 1.5).step_time.dispersion == again.step_time.dispersion
+    scaled = scaled_profile(again, 1.5).step_time
+    assert (scaled.dispersion, scaled.autocorrelation) == (again.step_time.dispersion,
+                                                           again.step_time.autocorrelation)
     d = json.loads(path.read_text())
     for bad in ([1.2, 0.9], [0.0, 1.0], []):
         d["step_time"]["dispersion"] = bad
         with pytest.raises(TwinInputError, match="dispersion"):
             Profile.from_dict(d, source="bad.json")
+    d["step_time"]["dispersion"] = disp
+    d["step_time"]["autocorrelation"] = [0.5, 1.5]
+    with pytest.raises(TwinInputError, match="autocorrelation"):
+        Profile.from_dict(d, source="bad.json")
 
 
 def test_dispersion_moves_the_itl_percentiles_and_nothing_else():
@@ -146,9 +159,9 @@ def test_dispersion_moves_the_itl_percentiles_and_nothing_else():
     config = ServingConfig(max_loras=2, max_num_seqs=16)
     prof = load_profile("cpu-tiny")
 
-    def run(disp):
-        p = dataclasses.replace(prof, step_time=StepTimeModel(base=prof.step_time.base,
-                                                              dispersion=disp))
+    def run(disp, autocorrelation=None):
+        p = dataclasses.replace(prof, step_time=StepTimeModel(
+            base=prof.step_time.base, dispersion=disp, autocorrelation=autocorrelation))
         return simulate(trace, config, p).summary
 
     plain, unit, noisy = run(None), run([1.0] * 4), run(lognormal_dispersion(0.25))
@@ -156,4 +169,53 @@ def test_dispersion_moves_the_itl_percentiles_and_nothing_else():
     assert noisy["itl_ms"]["p99"] > plain["itl_ms"]["p99"] * 1.1
     assert noisy["itl_ms"]["mean"] == plain["itl_ms"]["mean"]
     strip = lambda s: {k: v for k, v in s.items() if k != "itl_ms"}   # noqa: E731
-    assert strip(noisy) == strip(plain)
+    assert strip(noisy) == strip(plain)   # TTFT too: no autocorrelation, no TTFT spread
+    # with the correlation as well, the TTFT median and p99 read the mixture; its mean and
+    # everything else stand
+    both = run(lognormal_dispersion(0.25), [0.6, 0.36, 0.2])
+    assert both["itl_ms"] == noisy["itl_ms"]
+    assert both["ttft_ms"]["mean"] == plain["ttft_ms"]["mean"]
+    assert both["ttft_ms"]["p99"] != plain["ttft_ms"]["p99"]
+    strip2 = lambda s: {k: v for k, v in s.items() if k not in ("itl_ms", "ttft_ms")}  # noqa: E731
+    assert strip2(both) == strip2(plain)
+
+
+def test_ttft_spread_matches_a_monte_carlo_and_shrinks_with_the_steps_spanned():
+    """TTFTs spanning 1 to ~1000 steps of 4 ms, each times the spread of the mean of as many
+    correlated step multipliers: percentiles as a Monte Carlo of it; one-step TTFTs keep the
+    whole spread, TTFTs over hundreds of steps nearly none."""
+    rng = np.random.default_rng(7)
+    disp = lognormal_dispersion(0.25, seed=8)
+    rho = [0.6, 0.36, 0.2, 0.1]
+    v = np.r_[rng.uniform(3e-3, 2e-2, 300), rng.uniform(1.0, 4.0, 100)]
+    share = mean_share(v / 4e-3, rho)
+    draws = np.stack([rng.choice(shrunk(disp, sh), 400) for sh in share])
+    noisy = (v[:, None] * draws).ravel()
+    for q, got in zip((50, 90, 99), spread_percentiles(v, 4e-3, disp, rho, (50, 90, 99))):
+        assert got == pytest.approx(np.percentile(noisy, q), rel=0.02), q
+    short = np.full(50, 4e-3)   # one step: the ITL mixture of the same durations
+    assert spread_percentiles(short, 4e-3, disp, rho, (99,))[0] == pytest.approx(
+        filled(short, np.ones(50)).percentile(99, disp), rel=0.011)
+    long = rng.uniform(3.0, 4.0, 200)   # ~900 steps: the spread averages away
+    assert spread_percentiles(long, 4e-3, disp, rho, (99,))[0] == pytest.approx(
+        np.percentile(long, 99), rel=0.02)
+
+
+def test_mean_share_and_the_fitted_correlation():
+    assert mean_share([1, 0.2], [0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    assert mean_share([4, 100], []) == pytest.approx([0.25, 0.01])       # independent steps
+    assert mean_share([10], [1.0] * 30) == pytest.approx([1.0])           # one state throughout
+    assert mean_share([2], [-1.0]) == pytest.approx([0.0])                # clipped at 0
+    # AR(1) noise of coefficient 0.6 in runs of 200 steps: rho_k = 0.6^k
+    rng = np.random.default_rng(9)
+    runs = []
+    for _ in range(200):
+        e = rng.normal(size=200)
+        x = np.empty(200)
+        x[0] = e[0]
+        for t in range(1, 200):
+            x[t] = 0.6 * x[t - 1] + 0.8 * e[t]
+        runs.append(x + rng.normal())   # a run's own level: removed
+    rho = fit_autocorrelation(runs)
+    assert rho[0] == pytest.approx(0.6, abs=0.03) and rho[1] == pytest.approx(0.36, abs=0.04)
+    assert abs(rho[9]) < 0.05 and len(rho) == 30

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from twin.costs.dispersion import fit_dispersion
+from twin.costs.dispersion import fit_autocorrelation, fit_dispersion
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid
 
@@ -46,10 +46,13 @@ class ExecutorFit:
     # measured / predicted over every repeat of every step, as equally likely multipliers
     # (twin.costs.dispersion): what the twin's ITL percentiles mix its prices with
     dispersion: list | None = None
+    # and its correlation from a step to the next ones within a cell's run (TTFT percentiles)
+    autocorrelation: list | None = None
 
     def step_time_model(self) -> StepTimeModel:
         """The profile's step-time model: the coefficients, with the dispersion."""
-        return StepTimeModel(base=self.coef, dispersion=self.dispersion)
+        return StepTimeModel(base=self.coef, dispersion=self.dispersion,
+                             autocorrelation=self.autocorrelation)
 
 
 def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
@@ -75,13 +78,14 @@ def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
                          host_to_gpu_s=ccoef["s"], host_to_gpu_s_per_byte=ccoef["s_per_byte"])
     # the spread of single measurements (every repeat), not of the means the fit saw
     each = _with_feature_columns(measured)
-    disp = fit_dispersion(
-        (each["duration_s"] - each["load_s"]).to_numpy(float),
-        each[list(EXECUTOR_FEATURES)].to_numpy(float)
-        @ np.array([coef[k] for k in EXECUTOR_FEATURES]))
+    y_each = (each["duration_s"] - each["load_s"]).to_numpy(float)
+    pred_each = each[list(EXECUTOR_FEATURES)].to_numpy(float) @ np.array(
+        [coef[k] for k in EXECUTOR_FEATURES])
     return ExecutorFit(steps=steps, coef=coef, residuals=res, sum_error_per_cell=per_cell,
                        load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres},
-                       dispersion=disp)
+                       dispersion=fit_dispersion(y_each, pred_each),
+                       autocorrelation=fit_autocorrelation(
+                           _consecutive_runs(each, y_each, pred_each)))
 
 
 def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
@@ -208,6 +212,20 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     out["spread"] = (out["y_std"].fillna(0.0) / out["y_median"].where(out["y_median"] > 0)).fillna(0.0)
     return out
 
+
+
+def _consecutive_runs(each: pd.DataFrame, y: np.ndarray, pred: np.ndarray):
+    """log(y / pred) of every cell run (key, repeat) in step order, for runs that kept every
+    step (a Poisson cell keeps only its after-idle ones: not consecutive)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.log(y / pred)
+    repeat = each["repeat"].fillna(-1) if "repeat" in each else 0   # older logs: one run
+    d = pd.DataFrame({"key": each["key"].to_numpy(), "repeat": repeat,
+                      "step": each["step"].to_numpy(), "lr": lr}, index=each.index)
+    for _, g in d.groupby(["key", "repeat"], sort=False):
+        g = g.sort_values("step")
+        if len(g) > 2 and (np.diff(g["step"].to_numpy()) == 1).all():
+            yield g["lr"].to_numpy()
 
 
 def _with_feature_columns(steps: pd.DataFrame) -> pd.DataFrame:

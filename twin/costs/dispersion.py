@@ -13,6 +13,12 @@ measured / predicted over its step measurements (every repeat of every step), sc
 mean 1 so that the mixture's mean is the price's. The twin reads its ITL percentiles from
 the mixture of each priced step with them (``twin.results.itl_histogram``); no random draw,
 so a run stays deterministic, and nothing else (the schedule, every mean) moves.
+
+A TTFT spans several steps whose spreads are correlated (the box's speed holds for a few
+steps: lag-1 correlation ~0.6 on the tiny model) but average out over hundreds: the
+calibration also keeps the correlation of log(measured / predicted) between a step and the
+steps after it (:func:`fit_autocorrelation`), and a request's TTFT is mixed with the
+multipliers shrunk to the steps it spans (:func:`mean_share`, :func:`shrunk`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import numpy as np
 
 #: multipliers a profile keeps: the 0.5th, 1.5th, ..., 99.5th percentiles of the ratio
 LEVELS = 100
+#: lags of the step-to-step correlation a profile keeps (the tiny model's falls to ~0.1 by 10)
+MAX_LAG = 30
 
 
 def fit_dispersion(measured, predicted, levels: int = LEVELS) -> list[float]:
@@ -53,6 +61,15 @@ def check_dispersion(values) -> tuple[float, ...]:
     return v
 
 
+def check_autocorrelation(values) -> tuple[float, ...]:
+    """``values`` as a tuple of correlations in [-1, 1] (a profile's
+    ``step_time.autocorrelation``); ValueError otherwise."""
+    v = tuple(float(x) for x in values)
+    if not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in v):
+        raise ValueError("step-time autocorrelations must lie in [-1, 1]")
+    return v
+
+
 def quantile(values, q: float) -> float:
     """The ``q`` quantile (0..1) of the multipliers ``values`` (each the quantile at
     (i + 0.5) / len), interpolated between them."""
@@ -64,3 +81,44 @@ def log_sd(values) -> float:
     """The multipliers' standard deviation of the log: the spread in one number (provenance,
     reports)."""
     return float(np.std(np.log(np.asarray(values, float))))
+
+
+def fit_autocorrelation(runs, max_lag: int = MAX_LAG) -> list[float]:
+    """rho_1 .. rho_max_lag of the log ratio along consecutive steps, each run (an array of
+    log(measured / predicted), in step order) less its own mean, pooled over runs: the
+    correlation within a run. Lags no run is long enough for are 0."""
+    num, cnt = np.zeros(max_lag), np.zeros(max_lag)
+    var = n = 0.0
+    for x in runs:
+        x = np.asarray(x, float)
+        x = x[np.isfinite(x)]
+        x = x - x.mean() if len(x) else x
+        var, n = var + float(x @ x), n + len(x)
+        for k in range(1, min(max_lag, len(x) - 1) + 1):
+            num[k - 1] += float(x[:-k] @ x[k:])
+            cnt[k - 1] += len(x) - k
+    if var <= 0:
+        return [0.0] * max_lag
+    rho = np.divide(num, cnt, out=np.zeros(max_lag), where=cnt > 0) / (var / n)
+    return [float(r) for r in np.clip(rho, -1.0, 1.0)]
+
+
+def mean_share(steps, autocorrelation) -> np.ndarray:
+    """Per element of ``steps``: the variance of the mean log spread over that many
+    consecutive steps, as a share of one step's (1 for one step; ~(1 + 2 sum rho) / n for
+    many), from the correlations ``autocorrelation`` (0 beyond them), within [0, 1]."""
+    rho = np.asarray(autocorrelation, float)
+    n = np.maximum(np.rint(np.asarray(steps, float)), 1).astype(np.int64)
+    k = np.arange(1, len(rho) + 1)
+    out = np.empty(len(n))
+    for m in np.unique(n):   # few distinct counts: each computed once
+        kk = k[k < m]
+        out[n == m] = (1 + 2 * float(((1 - kk / m) * rho[kk - 1]).sum())) / m
+    return np.clip(out, 0.0, 1.0)
+
+
+def shrunk(dispersion, share: float) -> np.ndarray:
+    """The multipliers of a mean over steps whose log spread has ``share`` of one step's
+    variance: each log multiplier x sqrt(share), scaled back to mean 1."""
+    m = np.exp(np.log(np.asarray(dispersion, float)) * np.sqrt(share))
+    return m / m.mean()

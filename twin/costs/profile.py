@@ -218,6 +218,8 @@ class StepTimeSchema(Schema):
     curves: list[CurveSchema] | None = None
     # equally likely multipliers of a step's price (twin.costs.dispersion), increasing
     dispersion: Annotated[list[_Pos], Field(min_length=1)] | None = None
+    # its correlation from a step to the next 1, 2, ... steps
+    autocorrelation: list[Annotated[Number, Field(ge=-1, le=1)]] | None = None
 
     @model_validator(mode="after")
     def _quantiles(self):

@@ -206,7 +206,8 @@ def scaled_profile(profile, factor: float):
     # the dispersion multiplies a price: the same at any speed
     return dataclasses.replace(profile, step_time=StepTimeModel(mul(st.base), mul(st.memory),
                                                                mul(st.compute), curves or None,
-                                                               st.dispersion))
+                                                               st.dispersion,
+                                                               st.autocorrelation))
 
 
 def _sub_catalog(catalog, adapters):

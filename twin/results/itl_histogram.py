@@ -68,9 +68,7 @@ class ITLHistogram:
             j = np.arange(PARTS)[None, :]
             d = first[:, None] + (last - first)[:, None] * ((j + 0.5) / parts[:, None])
             wt = np.where(j < parts[:, None], (per * steps / parts)[:, None], 0.0)
-            idx = np.clip(np.floor(np.log(np.maximum(d, LO) / LO) / np.log(RATIO)) + 1,
-                          0, NBINS - 1).astype(np.int64)
-            np.add.at(w, idx.ravel(), wt.ravel())
+            np.add.at(w, bin_index(d).ravel(), wt.ravel())
         self._done = n
         return w
 
@@ -84,13 +82,22 @@ class ITLHistogram:
         ``step_time.dispersion``): the percentile of the mixture, as a run whose steps spread
         so around their prices would show it. None: of the durations as recorded."""
         w = self._weights()
-        if dispersion is not None:
-            w = mixed(w, dispersion)
-        total = w.sum()
-        if total <= 0:
-            return float("nan")
-        i = min(int(np.searchsorted(np.cumsum(w), q / 100.0 * total)), NBINS - 1)
-        return LO * RATIO ** (i - 0.5) if i > 0 else LO
+        return weights_percentile(w if dispersion is None else mixed(w, dispersion), q)
+
+
+def bin_index(d: np.ndarray) -> np.ndarray:
+    """The 0.5%-wide log bin of each duration ``d`` (seconds; clipped to the range)."""
+    return np.clip(np.floor(np.log(np.maximum(d, LO) / LO) / np.log(RATIO)) + 1,
+                   0, NBINS - 1).astype(np.int64)
+
+
+def weights_percentile(w: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of bin weights ``w`` (the bin's centre; NaN when empty)."""
+    total = w.sum()
+    if total <= 0:
+        return float("nan")
+    i = min(int(np.searchsorted(np.cumsum(w), q / 100.0 * total)), NBINS - 1)
+    return LO * RATIO ** (i - 0.5) if i > 0 else LO
 
 
 def mixed(w: np.ndarray, dispersion) -> np.ndarray:
