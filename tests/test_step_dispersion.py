@@ -13,13 +13,13 @@ import pytest
 from twin.calibrate.executor_fit import EXECUTOR_FEATURES, fit_measurements
 from twin.config import ServingConfig
 from twin.costs.dispersion import (LEVELS, check_dispersion, fit_autocorrelation,
-                                   fit_dispersion, log_sd, mean_share, quantile, shrunk)
+                                   fit_dispersion, log_sd, quantile)
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import TwinInputError
 from twin.policies.deployment import scaled_profile
 from twin.results.itl_histogram import ITLHistogram, mixed
-from twin.results.spread import spread_percentiles
+from twin.results.spread import mean_share, shrunk, spread_percentiles
 from twin.sim import simulate
 from twin.workload.generate import powerlaw_trace, uniform_lengths
 

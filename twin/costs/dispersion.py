@@ -18,7 +18,7 @@ A TTFT spans several steps whose spreads are correlated (the box's speed holds f
 steps: lag-1 correlation ~0.6 on the tiny model) but average out over hundreds: the
 calibration also keeps the correlation of log(measured / predicted) between a step and the
 steps after it (:func:`fit_autocorrelation`), and a request's TTFT is mixed with the
-multipliers shrunk to the steps it spans (:func:`mean_share`, :func:`shrunk`).
+multipliers shrunk to the steps it spans (``twin.results.spread``).
 """
 
 from __future__ import annotations
@@ -101,24 +101,3 @@ def fit_autocorrelation(runs, max_lag: int = MAX_LAG) -> list[float]:
         return [0.0] * max_lag
     rho = np.divide(num, cnt, out=np.zeros(max_lag), where=cnt > 0) / (var / n)
     return [float(r) for r in np.clip(rho, -1.0, 1.0)]
-
-
-def mean_share(steps, autocorrelation) -> np.ndarray:
-    """Per element of ``steps``: the variance of the mean log spread over that many
-    consecutive steps, as a share of one step's (1 for one step; ~(1 + 2 sum rho) / n for
-    many), from the correlations ``autocorrelation`` (0 beyond them), within [0, 1]."""
-    rho = np.asarray(autocorrelation, float)
-    n = np.maximum(np.rint(np.asarray(steps, float)), 1).astype(np.int64)
-    k = np.arange(1, len(rho) + 1)
-    out = np.empty(len(n))
-    for m in np.unique(n):   # few distinct counts: each computed once
-        kk = k[k < m]
-        out[n == m] = (1 + 2 * float(((1 - kk / m) * rho[kk - 1]).sum())) / m
-    return np.clip(out, 0.0, 1.0)
-
-
-def shrunk(dispersion, share: float) -> np.ndarray:
-    """The multipliers of a mean over steps whose log spread has ``share`` of one step's
-    variance: each log multiplier x sqrt(share), scaled back to mean 1."""
-    m = np.exp(np.log(np.asarray(dispersion, float)) * np.sqrt(share))
-    return m / m.mean()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from twin.costs.dispersion import mean_share, shrunk
 from twin.results.itl_histogram import NBINS, bin_index, mixed, weights_percentile
 
 SHRINK_LEVELS = 64   # groups of sqrt(share) in [0, 1]: 1.6% steps of the log spread
@@ -38,3 +37,23 @@ def spread_percentiles(values_s, mean_step_s: float, dispersion, autocorrelation
         counts = np.bincount(idx[level == g], minlength=NBINS).astype(float)
         w += mixed(counts, shrunk(dispersion, (g / SHRINK_LEVELS) ** 2))
     return [weights_percentile(w, q) for q in qs]
+
+
+def mean_share(steps, autocorrelation) -> np.ndarray:
+    """Per element of ``steps``: the variance of the mean log spread over that many
+    consecutive steps, as a share of one step's (1 for one step; ~(1 + 2 sum rho) / n for
+    many), from the correlations ``autocorrelation`` (0 beyond them), within [0, 1]."""
+    rho = np.asarray(autocorrelation, float)
+    n = np.maximum(np.rint(np.asarray(steps, float)), 1.0)
+    # sum over lags k < n of (1 - k / n) rho_k, from running sums of rho_k and k rho_k
+    c1 = np.r_[0.0, np.cumsum(rho)]
+    c2 = np.r_[0.0, np.cumsum(np.arange(1, len(rho) + 1) * rho)]
+    j = np.minimum(n - 1, len(rho)).astype(np.int64)
+    return np.clip((1 + 2 * (c1[j] - c2[j] / n)) / n, 0.0, 1.0)
+
+
+def shrunk(dispersion, share: float) -> np.ndarray:
+    """The multipliers of a mean over steps whose log spread has ``share`` of one step's
+    variance: each log multiplier x sqrt(share), scaled back to mean 1."""
+    m = np.exp(np.log(np.asarray(dispersion, float)) * np.sqrt(share))
+    return m / m.mean()
