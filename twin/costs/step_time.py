@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from twin.costs.dispersion import check_autocorrelation, check_dispersion
 
+
 class StepFeatures(NamedTuple):
     """A scheduled step's batch features, the step-time model's inputs (``FEATURES``)."""
 
