@@ -11,7 +11,8 @@ Per vLLM-layout workload, p99 ITL (ms) five ways, each a step apart:
   (load time as measured) — what is left of the gap to ``exec_log`` is the steps' spread
   around their prices (candidate a), the rest is the schedule or the pricing of step kinds
   (candidate b: compare with ``twin``);
-- ``twin``: the twin's own (its schedule, its prices), as the run printed it;
+- ``twin``: the twin's own (its schedule, its prices), as the run printed it (without the
+  spread in runs made before it; with it since, when the run's calibration stored one);
 - ``twin_disp``: the twin with the profile's step-time dispersion (``twin.costs.dispersion``,
   refitted from the run's calibration measurements as a calibration now stores it).
 
