@@ -13,7 +13,12 @@ must match, with the executor's noise held fixed.
     .venv/bin/python experiments/resimulate_validation.py runs/validate_executor_tq
     .venv/bin/python experiments/resimulate_validation.py runs/validate_executor_tq --weights observed
 
-Ends with one JSON line: the headline figures for each ``--weights`` given.
+``--dispersion off on`` sets the twin's ITL percentiles from its prices alone beside those
+mixed with the calibration's step-time spread (``twin.costs.dispersion``; the default, what a
+calibration now stores; ``off`` reproduces runs made before it).
+
+Ends with one JSON line: the headline figures for each ``--weights`` (and ``--dispersion``,
+when several) given.
 """
 
 from __future__ import annotations
@@ -46,32 +51,26 @@ KEYS = {"throughput": "thru", "ttft_mean": "TTFT", "itl_mean": "ITL", "ttft_p99"
         "itl_p99": "ITL99"}
 
 
-def refit(profile_path: Path, weights: str):
-    """The run's profile refitted on its own calibration measurements with ``weights``."""
+def refit(profile_path: Path, weights: str, dispersion: bool = True):
+    """The run's profile refitted on its own calibration measurements with ``weights``;
+    ``dispersion``: with the step-time spread and its step-to-step correlation a calibration
+    now stores (the twin's ITL and TTFT percentiles read from its prices mixed with them;
+    ``twin.costs.dispersion``)."""
     prof = load_profile(str(profile_path))
     df = pd.read_parquet(str(profile_path) + ".measurements.parquet")
     fit = fit_measurements(df[df["kind"] == "step"], df[df["kind"] == "load"], prof.model,
                            weights=weights)
-    return dataclasses.replace(prof, step_time=StepTimeModel(base=fit.coef)), fit
+    st = fit.step_time_model() if dispersion else StepTimeModel(base=fit.coef)
+    return dataclasses.replace(prof, step_time=st), fit
 
 
-def workload_row(run: Path, name: str, trace, profile) -> dict | None:
+def workload_row(run: Path, name: str, trace, profile, model: str = "tiny") -> dict | None:
     """SMAPE (%) of the twin with ``profile`` against the run's executor median."""
     vj = run / name / "validation.json"
     if not vj.is_file():
         return None
     v = json.loads(vj.read_text())
-    config = ServingConfig.from_dict(v["config"])
-    ranks = ve.WORKLOAD_RANKS.get(name, ve.ADAPTER_RANKS[config.policy])
-    from twin.executor.weights import resolve_model   # lazy: needs torch
-
-    _, catalog = _catalogs(trace, config, None, resolve_model("tiny"), adapter_ranks=ranks,
-                           seed=0)
-    nb = int(v["num_gpu_blocks"])
-    tprof = dataclasses.replace(profile, memory=exact_kv_memory(
-        nb, config.block_size, config.gpu_memory_utilization,
-        kv_bytes_per_token=profile.memory.kv_bytes_per_token))
-    twin = simulate_policy(trace, config, tprof, catalog, trace_source=name).summary
+    twin = twin_summary(v, name, trace, profile, model)
     mine = compare(twin, twin).set_index("key")["twin"]
     ex = pd.DataFrame(v["table"]).set_index("key")["executor"]
     spread = v.get("executor_spread", {})
@@ -82,6 +81,28 @@ def workload_row(run: Path, name: str, trace, profile) -> dict | None:
         row[short + "_sign"] = float(np.sign(b - a))
         row[short + "_spread"] = 100 * spread.get(key, np.nan)
     return row
+
+
+def twin_summary(v: dict, name: str, trace, profile, model: str = "tiny") -> dict:
+    """The twin's summary of workload ``name`` with ``profile``, on the run's config, KV
+    capacity and adapters (``v``: its ``validation.json``)."""
+    return twin_run(v, name, trace, profile, model).summary
+
+
+def twin_run(v: dict, name: str, trace, profile, model: str = "tiny", **options):
+    """The twin's run (``RunResult``) behind :func:`twin_summary`; ``options``: passed to
+    ``simulate_policy`` (e.g. ``record_steps=True``)."""
+    config = ServingConfig.from_dict(v["config"])
+    ranks = ve.WORKLOAD_RANKS.get(name, ve.ADAPTER_RANKS[config.policy])
+    from twin.executor.weights import resolve_model   # lazy: needs torch
+
+    _, catalog = _catalogs(trace, config, None, resolve_model(model), adapter_ranks=ranks,
+                           seed=0)
+    nb = int(v["num_gpu_blocks"])
+    tprof = dataclasses.replace(profile, memory=exact_kv_memory(
+        nb, config.block_size, config.gpu_memory_utilization,
+        kv_bytes_per_token=profile.memory.kv_bytes_per_token))
+    return simulate_policy(trace, config, tprof, catalog, trace_source=name, **options)
 
 
 def figures(d: pd.DataFrame) -> dict:
@@ -97,24 +118,36 @@ def figures(d: pd.DataFrame) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a validate_executor.py --out folder")
+    ap.add_argument("--dispersion", nargs="+", default=["on"], choices=["on", "off"],
+                    help="the twin's ITL percentiles with the fitted step-time spread (on: "
+                         "what a calibration now stores) or from its prices alone (off: "
+                         "reproduces runs made before it); several: each")
     ap.add_argument("--profile", default="cpu-tiny.json",
                     help="the run's profile file, relative to the run (default cpu-tiny.json)")
+    ap.add_argument("--models", default="tiny",
+                    help="comma-separated models whose vLLM-layout workloads to re-price "
+                         "(tiny, smollm2: the run's cpu-smollm2.json); default tiny")
     ap.add_argument("--weights", nargs="+", default=["observed", "predicted"],
                     choices=["observed", "predicted"],
                     help="step-time fit weightings to compare (default both)")
     args = ap.parse_args(argv)
-    wl = [(n, t) for n, m, t, c, _ in ve.workloads() if m == "tiny" and c.policy == "vllm"]
+    models = args.models.split(",")
+    wl = [(n, m, t) for n, m, t, c, _ in ve.workloads() if m in models and c.policy == "vllm"]
     result = {}
-    for w in args.weights:
-        prof, fit = refit(args.run / args.profile, w)
-        rows = [r for n, t in wl if (r := workload_row(args.run, n, t, prof)) is not None]
+    for w, disp in ((w, d) for w in args.weights for d in args.dispersion):
+        key = w if len(args.dispersion) == 1 else f"{w}, dispersion {disp}"
+        profs = {m: refit(args.run / (args.profile if m == "tiny" else f"cpu-{m}.json"), w,
+                          disp == "on") for m in models}
+        prof, fit = profs.get("tiny", next(iter(profs.values())))
+        rows = [r for n, m, t in wl
+                if (r := workload_row(args.run, n, t, profs[m][0], m)) is not None]
         d = pd.DataFrame(rows)
-        print(f"\n--weights {w}: fit sum error {100 * fit.residuals['sum_error']:+.1f}%, "
+        print(f"\n--weights {w} --dispersion {disp}: fit sum error {100 * fit.residuals['sum_error']:+.1f}%, "
               f"mean relative error {100 * fit.residuals['rel_mean']:+.1f}%")
         print(d[["workload", *KEYS.values(), "ITL_sign"]].to_string(
             index=False, float_format=lambda x: f"{x:.1f}"))
-        result[w] = figures(d)
-        print(json.dumps(result[w]))
+        result[key] = figures(d)
+        print(json.dumps(result[key]))
     print(json.dumps(result))
     return 0
 

@@ -80,6 +80,11 @@ def test_profile_loadable_nonnegative_with_residuals(calibrated):
     res = prov["step_time_residuals"]
     assert res["n"] > 0 and np.isfinite(res["rmse_s"]) and "rel_abs_median" in res
     assert "disk" in prov["load_time_residuals"]
+    # the spread of the measurements around the fit, for the twin's ITL percentiles
+    disp = p.step_time.dispersion
+    assert disp is not None and all(b >= a > 0 for a, b in zip(disp, disp[1:]))
+    assert np.mean(disp) == pytest.approx(1.0, abs=0.02) and disp[-1] > disp[0]
+    assert prov["step_time_dispersion_log_sd"] > 0
     # memory: the CPU budget, KV bytes of fp32 K and V
     assert p.memory.gpu_memory_gib == 2.0
     assert p.memory.kv_bytes_per_token == 2 * p.model.layers * p.model.kv_heads * p.model.head_dim * 4

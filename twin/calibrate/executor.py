@@ -59,10 +59,11 @@ from twin.calibrate.executor_fit import (ExecutorFit, fit_measurements, fit_nnls
                                          residual_stats, step_features, step_table)
 from twin.calibrate.executor_measure import (MeasurementCache, ensure_adapters, measure_cell,
                                              measure_cells, measure_loads)
+from twin.costs.dispersion import log_sd
 from twin.costs.machine import machine_record
 from twin.costs.memory import GIB, MemoryModel
 from twin.costs.profile import Profile
-from twin.costs.step_time import FEATURES, StepTimeModel
+from twin.costs.step_time import FEATURES
 from twin.executor.anchor_spec import anchor_summary
 from twin.errors import TwinInputError
 
@@ -146,7 +147,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
                                     skipped=skipped, budget_s=budget_s, statistic=statistic))
         prov["calibration_s"] = round(time.perf_counter() - t0, 1)
         prof = Profile(name=name or out.stem, hardware=hardware, model=shape,
-                       memory=memory_model(m, mem_gib), step_time=StepTimeModel(base=fit.coef),
+                       memory=memory_model(m, mem_gib), step_time=fit.step_time_model(),
                        load_time=fit.load_time, provenance=prov)
         prof.save(out)
         info = {"profile": prof, "new": cache.new, "reused": cache.reused,
@@ -228,6 +229,8 @@ def _fit_provenance(fit: ExecutorFit, cache: MeasurementCache, measured, loads, 
         "step_time_mean_over_median": float(steps["y_mean"].sum() / steps["y_median"].sum()),
         "step_time_residuals": fit.residuals,
         "step_time_repeat_spread_median": float(steps["spread"].median()),
+        # measured / predicted over every step measurement (the profile's dispersion)
+        "step_time_dispersion_log_sd": log_sd(fit.dispersion),
         "step_time_sum_error_per_cell": fit.sum_error_per_cell,
         "load_time_residuals": fit.load_residuals}
 

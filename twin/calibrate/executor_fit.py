@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from twin.costs.dispersion import fit_autocorrelation, fit_dispersion
 from twin.costs.load_time import LoadTimeModel
-from twin.costs.step_time import FEATURES, lora_grid
+from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid
 
 #: vLLM's Triton LoRA kernel grid launch cost, in its linear and its capped form: features
 #: an executor calibration leaves out (the executor's LoRA is its own code, with no such
@@ -42,6 +43,16 @@ class ExecutorFit:
     sum_error_per_cell: dict     # cell key -> predicted / measured summed step time - 1
     load_time: LoadTimeModel
     load_residuals: dict         # {"disk": ..., "host_to_gpu": ...} residual_stats
+    # measured / predicted over every repeat of every step, as equally likely multipliers
+    # (twin.costs.dispersion): what the twin's ITL percentiles mix its prices with
+    dispersion: list | None = None
+    # and its correlation from a step to the next ones within a cell's run (TTFT percentiles)
+    autocorrelation: list | None = None
+
+    def step_time_model(self) -> StepTimeModel:
+        """The profile's step-time model: the coefficients, with the dispersion."""
+        return StepTimeModel(base=self.coef, dispersion=self.dispersion,
+                             autocorrelation=self.autocorrelation)
 
 
 def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
@@ -65,8 +76,16 @@ def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
     ccoef, cres = fit_nnls(A, loads["copy_s"].to_numpy(float), ("s", "s_per_byte"))
     load = LoadTimeModel(disk_s=dcoef["s"], disk_s_per_byte=dcoef["s_per_byte"],
                          host_to_gpu_s=ccoef["s"], host_to_gpu_s_per_byte=ccoef["s_per_byte"])
+    # the spread of single measurements (every repeat), not of the means the fit saw
+    each = _with_feature_columns(measured)
+    y_each = (each["duration_s"] - each["load_s"]).to_numpy(float)
+    pred_each = each[list(EXECUTOR_FEATURES)].to_numpy(float) @ np.array(
+        [coef[k] for k in EXECUTOR_FEATURES])
     return ExecutorFit(steps=steps, coef=coef, residuals=res, sum_error_per_cell=per_cell,
-                       load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres})
+                       load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres},
+                       dispersion=fit_dispersion(y_each, pred_each),
+                       autocorrelation=fit_autocorrelation(
+                           _consecutive_runs(each, y_each, pred_each)))
 
 
 def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
@@ -186,14 +205,34 @@ def step_table(steps: pd.DataFrame, statistic: str = "mean") -> pd.DataFrame:
     ``statistic`` (mean or median) of its duration minus load time over the repeats, the
     repeats' relative spread and their count. A cell's bursts schedule alike run after run,
     so its steps line up across repeats; where timing made them differ they stay apart."""
-    df = steps.assign(y=steps["duration_s"] - steps["load_s"])
-    # rows logged before a feature existed lack it (the grid features: the executor fit
-    # leaves them out; prefill_ctx_seqs: refits of older logs, experiments/refit_cells.py)
-    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
-        df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
+    df = _with_feature_columns(steps).assign(y=steps["duration_s"] - steps["load_s"])
     g = df.groupby(["key", "step", *FEATURES], sort=False)["y"]
     out = g.agg(y_mean="mean", y_median="median", y_std="std", repeats="size").reset_index()
     out["y"] = out["y_mean"] if statistic == "mean" else out["y_median"]
     out["spread"] = (out["y_std"].fillna(0.0) / out["y_median"].where(out["y_median"] > 0)).fillna(0.0)
     return out
 
+
+
+def _consecutive_runs(each: pd.DataFrame, y: np.ndarray, pred: np.ndarray):
+    """log(y / pred) of every cell run (key, repeat) in step order, for runs that kept every
+    step (a Poisson cell keeps only its after-idle ones: not consecutive)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.log(y / pred)
+    repeat = each["repeat"].fillna(-1) if "repeat" in each else 0   # older logs: one run
+    d = pd.DataFrame({"key": each["key"].to_numpy(), "repeat": repeat,
+                      "step": each["step"].to_numpy(), "lr": lr}, index=each.index)
+    for _, g in d.groupby(["key", "repeat"], sort=False):
+        g = g.sort_values("step")
+        if len(g) > 2 and (np.diff(g["step"].to_numpy()) == 1).all():
+            yield g["lr"].to_numpy()
+
+
+def _with_feature_columns(steps: pd.DataFrame) -> pd.DataFrame:
+    """``steps`` (a copy) with every feature column: rows logged before a feature existed
+    lack it (the grid features: the executor fit leaves them out; prefill_ctx_seqs: refits
+    of older logs, experiments/refit_cells.py), read as 0."""
+    df = steps.copy()
+    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
+        df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
+    return df

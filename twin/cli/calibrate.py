@@ -19,6 +19,7 @@ from twin.calibrate.hardware import calibrate_from_measurements
 from twin.calibrate.split_design import calibrate_split
 from twin.calibrate.split_fit import save_split_costs
 from twin.calibrate.vllm_fits import fit_client_cap
+from twin.costs.dispersion import quantile
 from twin.costs.gpus import DERATE
 from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
 from twin.costs.profile import load_profile
@@ -314,6 +315,9 @@ def run_executor(args) -> int:
     log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
     log(f"step-time residuals: median |rel| {100 * res['rel_abs_median']:.1f}%, p90 "
         f"{100 * res['rel_abs_p90']:.1f}%, R2 {res['r2']:.3f} over {res['n']} steps")
+    disp = prof.step_time.dispersion   # what the twin's ITL percentiles mix its prices with
+    log("step-time spread (measured / predicted, every measurement): 10th / 90th / 99th "
+        "percentile " + " / ".join(f"{quantile(disp, q):.2f}" for q in (0.1, 0.9, 0.99)))
     lt = prof.load_time
     log(f"load time: disk {1e3 * lt.disk_s:.2f} ms + {lt.disk_s_per_byte * 1e9:.3f} s/GB, "
         f"host->device {1e3 * lt.host_to_gpu_s:.2f} ms + {lt.host_to_gpu_s_per_byte * 1e9:.3f} s/GB")

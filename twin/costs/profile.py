@@ -216,6 +216,17 @@ class StepTimeSchema(Schema):
     memory: _Coefs | None = None
     compute: _Coefs | None = None
     curves: list[CurveSchema] | None = None
+    # equally likely multipliers of a step's price (twin.costs.dispersion), increasing
+    dispersion: Annotated[list[_Pos], Field(min_length=1)] | None = None
+    # its correlation from a step to the next 1, 2, ... steps
+    autocorrelation: list[Annotated[Number, Field(ge=-1, le=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _quantiles(self):
+        d = self.dispersion or []
+        if any(b < a for a, b in zip(d, d[1:])):
+            raise ValueError("dispersion: the multipliers must not decrease (quantiles)")
+        return self
 
 
 class LoadTimeSchema(Schema):

@@ -17,6 +17,9 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from twin.costs.dispersion import check_autocorrelation, check_dispersion
+
+
 class StepFeatures(NamedTuple):
     """A scheduled step's batch features, the step-time model's inputs (``FEATURES``)."""
 
@@ -151,8 +154,18 @@ class StepTimeModel:
     memory: dict | None = None
     compute: dict | None = None
     curves: list | None = None     # [{"features": [...], "x": [...], "s": [...]}]: Curve
+    # measured / predicted step time as equally likely multipliers (twin.costs.dispersion):
+    # the spread an executor calibration saw; read by ITL percentiles only, never by a price
+    dispersion: list | None = None
+    # its correlation from a step to the next 1..MAX_LAG steps (twin.costs.dispersion):
+    # read by TTFT percentiles only, a TTFT spanning several steps
+    autocorrelation: list | None = None
 
     def __post_init__(self):
+        if self.dispersion is not None:
+            self.dispersion = list(check_dispersion(self.dispersion))
+        if self.autocorrelation is not None:
+            self.autocorrelation = list(check_autocorrelation(self.autocorrelation))
         for part in (self.base, self.memory or {}, self.compute or {}):
             unknown = set(part) - set(FEATURES)
             if unknown:
@@ -183,6 +196,10 @@ class StepTimeModel:
             d["compute"] = {k: v for k, v in self.compute.items() if v}
         if self._curves:
             d["curves"] = [c.to_dict() for c in self._curves]
+        if self.dispersion is not None:   # profiles without one write back unchanged
+            d["dispersion"] = list(self.dispersion)
+        if self.autocorrelation is not None:
+            d["autocorrelation"] = list(self.autocorrelation)
         return d
 
     def __call__(self, f) -> float:

@@ -203,8 +203,11 @@ def scaled_profile(profile, factor: float):
         return None if d is None else {k: v * factor for k, v in d.items()}
 
     curves = [dict(c, s=[v * factor for v in c["s"]]) for c in st.to_dict().get("curves", ())]
+    # the dispersion multiplies a price: the same at any speed
     return dataclasses.replace(profile, step_time=StepTimeModel(mul(st.base), mul(st.memory),
-                                                               mul(st.compute), curves or None))
+                                                               mul(st.compute), curves or None,
+                                                               st.dispersion,
+                                                               st.autocorrelation))
 
 
 def _sub_catalog(catalog, adapters):

@@ -3,7 +3,9 @@
 Percentiles of ITL need every decode token's gap; a run has millions of them but only as
 many distinct step durations as steps, and a jump over k steps spans a linear range. The
 run appends (first, last, steps, tokens per step) per step or jump — cheap in the hot
-loop — and the percentiles are read from a histogram with 0.5%-wide bins.
+loop — and the percentiles are read from a histogram with 0.5%-wide bins. The twin's
+percentiles may be read from the mixture of every duration with the step times' measured
+spread (:func:`mixed`): its prices are deterministic, a real engine's steps are not.
 """
 
 from __future__ import annotations
@@ -66,9 +68,7 @@ class ITLHistogram:
             j = np.arange(PARTS)[None, :]
             d = first[:, None] + (last - first)[:, None] * ((j + 0.5) / parts[:, None])
             wt = np.where(j < parts[:, None], (per * steps / parts)[:, None], 0.0)
-            idx = np.clip(np.floor(np.log(np.maximum(d, LO) / LO) / np.log(RATIO)) + 1,
-                          0, NBINS - 1).astype(np.int64)
-            np.add.at(w, idx.ravel(), wt.ravel())
+            np.add.at(w, bin_index(d).ravel(), wt.ravel())
         self._done = n
         return w
 
@@ -76,10 +76,36 @@ class ITLHistogram:
     def total(self) -> float:
         return float(self._weights().sum())
 
-    def percentile(self, q: float) -> float:
+    def percentile(self, q: float, dispersion=None) -> float:
+        """The ``q``-th percentile of the token-weighted durations; ``dispersion``: equally
+        likely multipliers of every duration (``twin.costs.dispersion``, a profile's
+        ``step_time.dispersion``): the percentile of the mixture, as a run whose steps spread
+        so around their prices would show it. None: of the durations as recorded."""
         w = self._weights()
-        total = w.sum()
-        if total <= 0:
-            return float("nan")
-        i = min(int(np.searchsorted(np.cumsum(w), q / 100.0 * total)), NBINS - 1)
-        return LO * RATIO ** (i - 0.5) if i > 0 else LO
+        return weights_percentile(w if dispersion is None else mixed(w, dispersion), q)
+
+
+def bin_index(d: np.ndarray) -> np.ndarray:
+    """The 0.5%-wide log bin of each duration ``d`` (seconds; clipped to the range)."""
+    return np.clip(np.floor(np.log(np.maximum(d, LO) / LO) / np.log(RATIO)) + 1,
+                   0, NBINS - 1).astype(np.int64)
+
+
+def weights_percentile(w: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of bin weights ``w`` (the bin's centre; NaN when empty)."""
+    total = w.sum()
+    if total <= 0:
+        return float("nan")
+    i = min(int(np.searchsorted(np.cumsum(w), q / 100.0 * total)), NBINS - 1)
+    return LO * RATIO ** (i - 0.5) if i > 0 else LO
+
+
+def mixed(w: np.ndarray, dispersion) -> np.ndarray:
+    """Bin weights ``w`` with every duration spread over the equally likely multipliers
+    ``dispersion``: each multiplier moves a copy of the histogram by its log (whole bins,
+    within half a bin's 0.25%), each copy weighing 1 / len(dispersion). The same total."""
+    shifts = np.rint(np.log(np.asarray(dispersion, float)) / np.log(RATIO)).astype(np.int64)
+    nz = np.flatnonzero(w)
+    idx = np.clip(nz[None, :] + shifts[:, None], 0, NBINS - 1)
+    wt = np.broadcast_to(w[nz] / len(shifts), idx.shape)
+    return np.bincount(idx.ravel(), weights=wt.ravel(), minlength=NBINS)

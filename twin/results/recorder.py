@@ -147,6 +147,7 @@ class Recorder:
         self.tokens = 0
         self.loads = 0
         self.steps = 0
+        self.busy = 0.0   # seconds of steps (a TTFT's steps: twin.results.spread)
         self.step_rows: list[tuple] | None = [] if record_steps else None
         self.prefix = prefix    # sample the cached blocks too (PREFIX_TIMELINE_COLUMNS)
 
@@ -176,6 +177,7 @@ class Recorder:
             self.kv_max = frac
         self.tokens += plan.prefill_tokens + plan.decode_n * steps
         self.steps += steps
+        self.busy += dur
         if self.step_rows is not None:
             self.step_rows.append((start, dur, steps, plan.prefill_tokens, plan.decode_n,
                                    len(plan.explicit), plan.adapters, len(plan.loads),
@@ -184,9 +186,14 @@ class Recorder:
 
 def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache, *,
                  kv_tokens: int, duration: float, window_s: float | None, max_model_len: int,
-                 meta: dict, step_columns: list[str] = STEP_COLUMNS) -> RunResult:
+                 meta: dict, step_columns: list[str] = STEP_COLUMNS,
+                 dispersion=None, autocorrelation=None) -> RunResult:
     """The run's :class:`RunResult` from what ``out`` and ``rec`` recorded (``sched`` and
-    ``cache``: the server's scheduler and adapter cache, for their counters)."""
+    ``cache``: the server's scheduler and adapter cache, for their counters).
+    ``dispersion``: the twin's ITL percentiles from its prices mixed with the profile's
+    step-time spread (``ITLHistogram.percentile``), and with ``autocorrelation`` too its TTFT
+    median and p99 (``twin.results.spread``); None (the executor's measured steps, a
+    profile without them): as recorded."""
     req = out.table(trace)
     timeline = pd.DataFrame(rec.rows, columns=PREFIX_TIMELINE_COLUMNS if rec.prefix
                             else TIMELINE_COLUMNS)
@@ -195,7 +202,10 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     total_time = max(duration, 1e-9)
     summary = summarize(
         req, duration_s=duration, window_s=window_s,
-        itl_p50_s=rec.itl.percentile(50), itl_p99_s=rec.itl.percentile(99),
+        itl_p50_s=rec.itl.percentile(50, dispersion),
+        itl_p99_s=rec.itl.percentile(99, dispersion),
+        ttft_spread=None if dispersion is None or autocorrelation is None else
+        (dispersion, autocorrelation, rec.busy / max(rec.steps, 1)),
         loads={"from_disk": cache.loads_from_disk, "from_host": cache.loads_from_host,
                "time_s": rec.load_time},
         preemptions=sched.num_preemptions,

@@ -16,6 +16,7 @@ import pandas as pd
 
 from twin.outputs import staged_dir
 from twin.results import plot as plots   # looked up at call time (tests replace it)
+from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
 
 STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
@@ -121,6 +122,16 @@ def _stats(x: np.ndarray, scale: float = 1000.0) -> dict:
             "p99": float(np.percentile(x, 99) * scale)}
 
 
+def _spread_stats(x: np.ndarray, dispersion, autocorrelation, mean_step_s: float) -> dict:
+    """``_stats`` with the median and p99 of ``x`` mixed with the step times' spread (the
+    mean is the prices': the multipliers have mean 1)."""
+    out = _stats(x)
+    if len(x):
+        out["median"], out["p99"] = (1000.0 * p for p in spread_percentiles(
+            x, mean_step_s, dispersion, autocorrelation, (50, 99)))
+    return out
+
+
 def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
                max_model_len: int) -> dict:
     """Offered and achieved total throughput, each over its span (the starvation rule).
@@ -167,8 +178,11 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
 
 def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
               itl_p50_s: float, itl_p99_s: float, loads: dict, preemptions: int,
-              kv: dict, waiting_growth: int, max_model_len: int) -> dict:
-    """Summary metrics of a run (times in ms, throughputs per second)."""
+              kv: dict, waiting_growth: int, max_model_len: int,
+              ttft_spread: tuple | None = None) -> dict:
+    """Summary metrics of a run (times in ms, throughputs per second). ``ttft_spread``:
+    (dispersion, autocorrelation, mean busy step s): the TTFT median and p99 of the mixture
+    with the step times' spread (``twin.results.spread``; the twin's); None: as measured."""
     done = req["status"].to_numpy() == "finished"
     # the completed requests' columns, not a copy of the whole table (10^5 rows of strings)
     arrival, first_token, finish, generated = (
@@ -205,7 +219,7 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
         "offered_span_s": load["offered_span_s"],
         "achieved_span_s": load["achieved_span_s"],
         "rejected_requests": load["refused"],
-        "ttft_ms": _stats(ttft),
+        "ttft_ms": _stats(ttft) if ttft_spread is None else _spread_stats(ttft, *ttft_spread),
         "tpot_ms": _stats(tpot),
         "itl_ms": {"mean": float(decode_span.sum() / gaps * 1000) if gaps else float("nan"),
                    "median": itl_p50_s * 1000, "p99": itl_p99_s * 1000},

@@ -332,7 +332,10 @@ def _result(clock: _Clock, config: ServingConfig, profile: Profile, duration: fl
         meta["policy"] = server.layout
     result = build_result(clock.trace, out, clock.rec, sched, server.cache,
                           kv_tokens=server.kv_tokens, duration=duration, window_s=window_s,
-                          max_model_len=config.max_model_len, meta=meta)
+                          max_model_len=config.max_model_len, meta=meta,
+                          # a replay of recorded durations (ReplayStepTime) has neither
+                          dispersion=getattr(profile.step_time, "dispersion", None),
+                          autocorrelation=getattr(profile.step_time, "autocorrelation", None))
     pool = server.adapter_pool(result.summary["duration_s"])
     if pool is not None:
         result.summary["adapter_pool"] = pool
