@@ -10,9 +10,11 @@ executor replicas run behind the very same router and loop code as the fleet twi
 Time. Each replica keeps the executor's logical clock: it advances by that replica's own
 measured step durations (one step per ``resume``) and, when the replica is idle, jumps to
 the arrival that wakes it. The replicas' steps are measured one after another on the same
-thread, so the wall clock is reset at every resume (the other replicas' steps in between
-are not this one's). A replica woken from idle first sleeps its wait, as
-``Clock.wait_until`` does: its first step after a wait then meets the cold caches a lone
+thread, so the wall time between two resumes of a replica (the other replicas' steps, the
+router) is taken out of its clock at each resume; what the replica itself did after its
+step's end (its finished requests recorded) counts toward its next step, as in a lone
+executor. A replica woken from idle first sleeps what is left of its wait
+(``Clock.wait_until``): its first step after a wait then meets the cold caches a lone
 executor's does (the twin's ``after_idle`` step); the sleep, outside the step, moves no
 logical clock. The replicas run concurrently in logical time, as N servers would, each
 step timed alone on one core; a fleet run takes about the sum of the replicas' busy and
@@ -73,6 +75,7 @@ class FedEngine(_Engine):
         self.rows = array("q")   # the fleet's trace rows delivered here, in order
         self.wake: float | None = 0.0
         self.version = 0         # the driver's heap entry that is current
+        self.paused = self.clock.wall   # when this replica last gave the thread back
 
     @property
     def inbox(self) -> int:
@@ -80,13 +83,19 @@ class FedEngine(_Engine):
         return len(self.arrivals.inbox)
 
     def resume(self) -> float | None:
-        """Tick once at :attr:`wake` (jumping there when idle); the new wake."""
+        """Tick once at :attr:`wake` (jumping there when idle); the new wake.
+
+        The wall time since the last resume returned (other replicas' steps, the router)
+        is taken out of this replica's clock, and only that: what this replica did after
+        its last step's end (recording the requests it finished, a timeline sample) still
+        counts toward its next step, as a lone executor's ``Clock`` counts it."""
         clock = self.clock
+        now = time.perf_counter()
+        clock.wall += now - self.paused   # the others' time since: not this replica's
         if self.wake > clock.now:   # idle until now: sleep the wait, as Clock.wait_until
-            time.sleep(self.wake - clock.now)
-            clock.now, clock.idle = self.wake, True
-        clock.wall = time.perf_counter()   # other replicas' steps ran since: not this one's
+            clock.wait_until(self.wake)
         self.wake = self._tick()
+        self.paused = time.perf_counter()
         return self.wake
 
     def deliver(self, row: int) -> float | None:
