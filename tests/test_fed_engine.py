@@ -132,11 +132,11 @@ def test_fed_replica_without_requests_and_window_cut(tiny):
 
 
 def test_fed_step_counts_its_own_work_after_the_previous_step(tiny, monkeypatch):
-    """What a replica does after its step's end (here: recording the step, made 40 ms
+    """What a replica does after its step's end (here: recording the step, made 100 ms
     slow) belongs to its next step, as in a lone executor, whose ``Clock`` only restarts
     at the next step's end; only the other replicas' time in between is left out."""
     model, cat = tiny
-    slow = 0.04
+    slow = 0.1
     record = engine_mod._Engine._record_step
 
     def slow_record(self, step, dur):
@@ -152,4 +152,4 @@ def test_fed_step_counts_its_own_work_after_the_previous_step(tiny, monkeypatch)
         assert len(res.steps) == len(alone.steps) > 1
         assert (res.steps["duration_s"].iloc[1:] >= slow).all()
         # and not the other replica's steps (each also slow): less than two sleeps a step
-        assert (res.steps["duration_s"].iloc[1:] < slow + 0.9 * slow).mean() > 0.5
+        assert np.median(res.steps["duration_s"].iloc[1:]) < 1.9 * slow
