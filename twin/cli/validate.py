@@ -47,7 +47,7 @@ examples:
       --max-cpu-loras 8 --out runs/val
   twin validate --trace t.parquet --config serve.yaml --profile cpu-smollm2 --model smollm2 \\
       --adapters adapters/smol --out runs/val-smol
-  twin validate --trace t.parquet --profile my-cpu-tiny.json --model tiny --replicas 2 \
+  twin validate --trace t.parquet --profile my-cpu-tiny.json --model tiny --replicas 2 \\
       --router adapter_affinity --max-loras 2 --out runs/val-fleet
 """
 
