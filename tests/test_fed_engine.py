@@ -64,14 +64,16 @@ def trace_of(rows):
                          "output_tokens": [r[3] for r in rows]})
 
 
-def fleet(trace, config, model, catalog, n, *, window_s=None):
-    """(each replica's RunResult or None, the route): ``n`` FedEngines behind round robin."""
+def fleet(trace, config, model, catalog, n, *, window_s=None, refresh_s=0.0):
+    """(each replica's RunResult or None, the route): ``n`` FedEngines behind round robin
+    (``refresh_s`` > 0: the event loop that runs each replica alone between refreshes)."""
     trace, xcat = checked_inputs(trace, config, catalog)
     engines = [FedEngine(trace, config, model, xcat, num_gpu_blocks=BLOCKS,
                          window_s=window_s, sample_dt=0.05) for _ in range(n)]
     aid = pd.Categorical(trace["adapter"], categories=xcat.adapters).codes.tolist()
     router = make_router("round_robin").bind(n, xcat.adapters)
-    route = np.asarray(run_loop(engines, trace["arrival_s"].tolist(), aid, router))
+    route = np.asarray(run_loop(engines, trace["arrival_s"].tolist(), aid, router,
+                                refresh_s=refresh_s))
     return [e.result() if len(e.rows) else None for e in engines], route
 
 
@@ -97,15 +99,16 @@ BURST = [(0.0, "lora-0000", 12, 6), (0.0, None, 9, 5), (0.0, "corrupt", 8, 4),
          (0.0, None, 11, 4), (0.0, "lora-0000", 5, 6)]
 
 
-@pytest.mark.parametrize("policy", ["vllm", "slora"])
-def test_fed_replica_is_a_lone_executor(tiny, policy):
+@pytest.mark.parametrize("policy, refresh_s", [("vllm", 0.0), ("slora", 0.0), ("vllm", 0.5)])
+def test_fed_replica_is_a_lone_executor(tiny, policy, refresh_s):
     """A burst at t = 0 (so batches do not depend on step times) with base-model requests
     and an adapter whose load fails, on 3 replicas: each replica's run is the lone
-    executor's run of its share, for vLLM's slots and S-LoRA's unified pool."""
+    executor's run of its share, for vLLM's slots and S-LoRA's unified pool, under either
+    event loop."""
     model, cat = tiny
     cfg = CFG.replace(policy=policy)
     tr = trace_of(BURST)
-    results, route = fleet(tr, cfg, model, cat, 3)
+    results, route = fleet(tr, cfg, model, cat, 3, refresh_s=refresh_s)
     assert route.tolist() == [0, 1, 2] * 2 + [0, 1]
     for k, res in enumerate(results):
         sub = tr.iloc[np.flatnonzero(route == k)].reset_index(drop=True)
