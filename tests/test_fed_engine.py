@@ -24,6 +24,7 @@ from twin.executor.fed import FedEngine  # noqa: E402
 from twin.executor.inputs import checked_inputs  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.weights import make_tiny_llama  # noqa: E402
+from twin.fleet import simulate_fleet  # noqa: E402
 from twin.fleet.loop import run_loop  # noqa: E402
 from twin.fleet.routers import make_router  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
@@ -156,3 +157,27 @@ def test_fed_step_counts_its_own_work_after_the_previous_step(tiny, monkeypatch)
         assert (res.steps["duration_s"].iloc[1:] >= slow).all()
         # and not the other replica's steps (each also slow): less than two sleeps a step
         assert np.median(res.steps["duration_s"].iloc[1:]) < 1.9 * slow
+
+
+def test_router_reads_a_replica_as_it_is_during_its_step(tiny):
+    """A request arriving while a replica's step runs (in logical time) sees the requests
+    of that step still in flight, as the twin's router does (the twin commits a step at
+    its end) and a real server would: not the step's outcome, which the executor computed
+    when the loop resumed the replica at the step's start. Here B (one output token)
+    finishes in replica 1's first step, which ends well after C arrives (10 us): least
+    outstanding requests sees replicas 0 and 1 at one request each and picks 0, where a
+    view from the step's end would see replica 1 empty and pick 1."""
+    model, cat = tiny
+    tr = trace_of([(0.0, "lora-0000", 32, 8), (0.0, "lora-0001", 32, 1),
+                   (1e-5, "lora-0002", 8, 2)])
+    trace, xcat = checked_inputs(tr, CFG, cat)
+    engines = [FedEngine(trace, CFG, model, xcat, num_gpu_blocks=BLOCKS, window_s=None,
+                         sample_dt=0.05) for _ in range(2)]
+    aid = pd.Categorical(trace["adapter"], categories=xcat.adapters).codes.tolist()
+    router = make_router("least_outstanding_requests").bind(2, xcat.adapters)
+    route = run_loop(engines, trace["arrival_s"].tolist(), aid, router)
+    first_end = [float(e.result().steps["duration_s"].iloc[0]) for e in engines]
+    assert min(first_end) > 1e-5   # C arrived during both replicas' first steps
+    assert route == [0, 1, 0]
+    twin = simulate_fleet(tr, 2, "least_outstanding_requests", config=CFG, profile="cpu-tiny")
+    assert twin.route.tolist() == route   # the twin's view during a step, the same

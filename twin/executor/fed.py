@@ -16,9 +16,13 @@ step's end (its finished requests recorded) counts toward its next step, as in a
 executor. A replica woken from idle first sleeps what is left of its wait
 (``Clock.wait_until``): its first step after a wait then meets the cold caches a lone
 executor's does (the twin's ``after_idle`` step); the sleep, outside the step, moves no
-logical clock. The replicas run concurrently in logical time, as N servers would, each
-step timed alone on one core; a fleet run takes about the sum of the replicas' busy and
-idle times on the wall clock.
+logical clock. A step is run and timed when the loop resumes the replica at the step's
+start, and committed (requests finished, the step recorded) when it resumes it at the
+step's end: arrivals routed meanwhile see the replica during the step, as the twin's
+replicas show themselves (``twin.sim.engine`` commits a step at its end), not its
+outcome ahead of time. The replicas run concurrently in logical time, as N servers
+would, each step timed alone on one core; a fleet run takes about the sum of the
+replicas' busy and idle times on the wall clock.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class FedEngine(_Engine):
         self.wake: float | None = 0.0
         self.version = 0         # the driver's heap entry that is current
         self.paused = self.clock.wall   # when this replica last gave the thread back
+        self.step = None   # the step run at the last resume, committed at the next one
 
     @property
     def inbox(self) -> int:
@@ -90,13 +95,27 @@ class FedEngine(_Engine):
         its last step's end (recording the requests it finished, a timeline sample) still
         counts toward its next step, as a lone executor's ``Clock`` counts it."""
         clock = self.clock
-        now = time.perf_counter()
-        clock.wall += now - self.paused   # the others' time since: not this replica's
-        if self.wake > clock.now:   # idle until now: sleep the wait, as Clock.wait_until
+        shift = time.perf_counter() - self.paused   # the others' time: not this replica's
+        clock.wall += shift
+        if self.step is not None:   # the step measured at the last resume ends now
+            step, nonfinite, end, dur = self.step
+            self.step = None
+            self._commit(step, nonfinite, end + shift, dur)
+        elif self.wake > clock.now:   # idle until now: sleep the wait, as Clock.wait_until
             clock.wait_until(self.wake)
         self.wake = self._tick()
         self.paused = time.perf_counter()
         return self.wake
+
+    def _commit_phase(self, step) -> float:
+        """Sample and time the step now, commit it at its end (the next resume): until
+        then a router reads this replica as it is during the step (its requests in flight,
+        none finished), as the twin's clock, which commits a step at its end, shows it."""
+        nonfinite = self._sample(step) if step.logits is not None else []
+        end = time.perf_counter()
+        dur = end - self.clock.wall
+        self.step = (step, nonfinite, end, dur)
+        return self.clock.now + dur
 
     def deliver(self, row: int) -> float | None:
         """Row ``row`` arrives here now; returns the new wake when it woke the replica."""
