@@ -88,7 +88,8 @@ class FedEngine(_Engine):
         return len(self.arrivals.inbox)
 
     def resume(self) -> float | None:
-        """Tick once at :attr:`wake` (jumping there when idle); the new wake.
+        """Tick once at :attr:`wake` (committing the step that ends there, or jumping there
+        when idle); the new wake.
 
         The wall time since the last resume returned (other replicas' steps, the router)
         is taken out of this replica's clock, and only that: what this replica did after
