@@ -168,3 +168,60 @@ def test_each_executor_replica_is_a_lone_executor(tiny_profile, one_torch_thread
         assert a.index.tolist() == sub["request_id"].sort_values().tolist()
         for col in ("first_scheduled_s", "first_token_s", "finish_s"):
             np.testing.assert_allclose(b[col], a[col], rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# validate_fleet: bad input refused before any executor run
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_executor(monkeypatch):
+    """Fail the test if validate_fleet gets as far as loading the executor's model."""
+    def refuse(*a, **k):
+        raise AssertionError("validate_fleet reached the executor before refusing its input")
+
+    monkeypatch.setattr("twin.validate.fleet._executor_model", refuse)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(replicas=2, config=CFG.replace(policy="merged")), "merged"),
+    (dict(replicas=2, router="static"), "routing"),
+    (dict(replicas=2, router="no_such_router"), "no_such_router"),
+    (dict(replicas=2, router="static", routing="missing-routing.csv"), "missing-routing"),
+])
+def test_validate_fleet_refuses_bad_input_early(no_executor, kw, match):
+    tr = trace_of(["a0", "a1"])
+    kw = {"router": "round_robin", **kw}
+    with pytest.raises(TwinInputError, match=match):
+        validate_fleet(tr, kw.pop("replicas"), "cpu-tiny", model="tiny", **kw)
+
+
+def test_validate_fleet_refuses_a_routing_table_that_misses_an_adapter(no_executor,
+                                                                        tmp_path):
+    """A static table without a row for an adapter of the trace fails before the runs,
+    not at that adapter's first request in the middle of an executor run."""
+    path = tmp_path / "routing.csv"
+    pd.DataFrame({"adapter": ["lora-0000"], "gpu": [0], "weight": [1.0]}).to_csv(path,
+                                                                                   index=False)
+    tr = trace_of(["lora-0000", "lora-0001"], gap=0.1)
+    with pytest.raises(TwinInputError, match="lora-0001"):
+        validate_fleet(tr, 2, "cpu-tiny", "static", "tiny", routing=path)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--routing", "routing.csv"], "fleet"),                      # no fleet asked for
+    (["--router-refresh-s", "0.5"], "fleet"),
+    (["--replicas", "2", "--routing", "routing.csv"], "static"),  # round robin reads none
+    (["--replicas", "2", "--router", "static"], "--routing"),
+    (["--replicas", "2", "--num-gpu-blocks", "64"], "one server"),
+    (["--replicas", "2", "--policy", "merged"], "merged"),
+])
+def test_cli_validate_refuses_flags_that_do_not_fit(no_executor, tmp_path, capsys, flags,
+                                                    match):
+    """Fleet flags without a fleet, or that its router does not read, are refused (exit
+    2, the reason on stderr) rather than ignored, before any executor run."""
+    path = tmp_path / "t.csv"
+    trace_of(["a0", "a1"]).to_csv(path, index=False)
+    rc = main(["validate", "--trace", str(path), "--profile", "cpu-tiny", "--model", "tiny",
+               *flags])
+    assert rc == 2
+    assert match in capsys.readouterr().err

@@ -47,7 +47,7 @@ examples:
       --max-cpu-loras 8 --out runs/val
   twin validate --trace t.parquet --config serve.yaml --profile cpu-smollm2 --model smollm2 \\
       --adapters adapters/smol --out runs/val-smol
-  twin validate --trace t.parquet --profile my-cpu-tiny.json --model tiny --replicas 2 \
+  twin validate --trace t.parquet --profile my-cpu-tiny.json --model tiny --replicas 2 \\
       --router adapter_affinity --max-loras 2 --out runs/val-fleet
 """
 
@@ -102,11 +102,12 @@ def run(args) -> int:
     # --out is checked (and locked) before the executor runs
     with prepare(args.out, "validate", inputs=input_paths(args)):
         config = config_from_args(args)
+        fleet = _fleet_requested(args)   # a fleet's flags refused before the trace is read
         trace = read_limited_trace(args)
         if args.time_scale != 1.0:
             trace = trace.assign(arrival_s=trace["arrival_s"] * args.time_scale)
         refuse_empty_window(trace, args.window_s, str(args.trace))
-        if args.replicas > 1 or args.router is not None:
+        if fleet:
             return _run_fleet(args, config, trace, say)
         v = validate(trace, config, args.profile, args.model, args.adapters, out=args.out,
                      threads=args.threads, num_gpu_blocks=args.num_gpu_blocks,
@@ -136,15 +137,31 @@ def run(args) -> int:
     return 0
 
 
-def _run_fleet(args, config, trace, say) -> int:
-    """``--replicas`` / ``--router``: executor replicas behind the router vs the fleet twin."""
+def _fleet_requested(args) -> bool:
+    """Whether the flags ask for a fleet (``--replicas`` > 1 or ``--router``); flags that
+    do not fit what they ask for are refused rather than ignored."""
+    fleet = args.replicas > 1 or args.router is not None
     router = args.router or "round_robin"
+    if not fleet:
+        if args.routing is not None or args.router_refresh_s:
+            raise TwinInputError("--routing and --router-refresh-s are a fleet's: add "
+                                 "--router (and --replicas N)", field="--router")
+        return False
     if router == "static" and args.routing is None:
         raise TwinInputError("--router static needs --routing routing.csv", field="--routing")
+    if router != "static" and args.routing is not None:
+        raise TwinInputError(f"--routing is the static router's table; --router {router} "
+                             f"reads none (add --router static)", field="--routing")
     if args.num_gpu_blocks is not None or args.speed_anchor:
         raise TwinInputError("--num-gpu-blocks and --speed-anchor are for one server; a "
                              "fleet's replicas take the profile's KV capacity, unanchored",
                              field="--replicas")
+    return True
+
+
+def _run_fleet(args, config, trace, say) -> int:
+    """``--replicas`` / ``--router``: executor replicas behind the router vs the fleet twin."""
+    router = args.router or "round_robin"
     v = validate_fleet(trace, args.replicas, args.profile, router, args.model, args.adapters,
                        config=config, routing=args.routing, refresh_s=args.router_refresh_s,
                        threads=args.threads, device=args.device, window_s=args.window_s,

@@ -189,10 +189,9 @@ class _Engine:
         return self._finish_run()
 
     def _tick(self) -> float | None:
-        """Release the requests due by now, then run one step (load, forward, commit) if
-        the scheduler plans one. Returns when to tick next: the clock's time after a step,
-        the next arrival when nothing can run until it comes, None once the run is over
-        (a fleet's driver, ``twin.executor.fed``, ticks a replica itself)."""
+        """Release the requests due by now, then run one step (load, forward, commit) if the
+        scheduler plans one. Returns when to tick next: the step's end, the next arrival when
+        nothing can run until it comes, None once the run is over (``twin.executor.fed``)."""
         clock, arrivals, sched, rec = self.clock, self.arrivals, self.sched, self.rec
         for r in arrivals.due(clock.now):
             self._arrive(r)
@@ -208,8 +207,7 @@ class _Engine:
         if step is None:   # nothing can run until something arrives (as the twin waits)
             return arrivals.next_s if arrivals.left else None
         self._forward_phase(step)
-        self._commit_phase(step)
-        return clock.now
+        return self._commit_phase(step)
 
     def _start_run(self) -> None:
         """The run's state: arrivals, logical clock, outcomes, token ids, recorder."""
@@ -345,14 +343,18 @@ class _Engine:
             step.t_fwd = time.perf_counter() - t
 
     # -- commit: sample, advance the clock, finish, record ----------------------------------
-    def _commit_phase(self, step: Step) -> None:
-        """Sample the next tokens, end the step on the clock (its wall duration), commit it
-        to the scheduler, stop requests whose logits were NaN/inf, record the step and the
-        finished requests."""
+    def _commit_phase(self, step: Step) -> float:
+        """Sample the next tokens, end the step on the clock (its wall duration) and commit
+        it (:meth:`_commit`); returns the step's end (a fleet's replica commits there)."""
         nonfinite = self._sample(step) if step.logits is not None else []
         end = time.perf_counter()
+        self._commit(step, nonfinite, end, end - self.clock.wall)
+        return self.clock.now
+
+    def _commit(self, step: Step, nonfinite: list[int], end: float, dur: float) -> None:
+        """Commit the step, ``dur`` long, ended at wall instant ``end``, to the scheduler;
+        stop requests whose logits were NaN/inf; record the step and the finished ones."""
         clock = self.clock
-        dur = end - clock.wall
         t_end = clock.now + dur
         done = self.sched.finish_step(step.plan, t_end)
         for j in nonfinite:

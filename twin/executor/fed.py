@@ -10,13 +10,19 @@ executor replicas run behind the very same router and loop code as the fleet twi
 Time. Each replica keeps the executor's logical clock: it advances by that replica's own
 measured step durations (one step per ``resume``) and, when the replica is idle, jumps to
 the arrival that wakes it. The replicas' steps are measured one after another on the same
-thread, so the wall clock is reset at every resume (the other replicas' steps in between
-are not this one's). A replica woken from idle first sleeps its wait, as
-``Clock.wait_until`` does: its first step after a wait then meets the cold caches a lone
+thread, so the wall time between two resumes of a replica (the other replicas' steps, the
+router) is taken out of its clock at each resume; what the replica itself did after its
+step's end (its finished requests recorded) counts toward its next step, as in a lone
+executor. A replica woken from idle first sleeps what is left of its wait
+(``Clock.wait_until``): its first step after a wait then meets the cold caches a lone
 executor's does (the twin's ``after_idle`` step); the sleep, outside the step, moves no
-logical clock. The replicas run concurrently in logical time, as N servers would, each
-step timed alone on one core; a fleet run takes about the sum of the replicas' busy and
-idle times on the wall clock.
+logical clock. A step is run and timed when the loop resumes the replica at the step's
+start, and committed (requests finished, the step recorded) when it resumes it at the
+step's end: arrivals routed meanwhile see the replica during the step, as the twin's
+replicas show themselves (``twin.sim.engine`` commits a step at its end), not its
+outcome ahead of time. The replicas run concurrently in logical time, as N servers
+would, each step timed alone on one core; a fleet run takes about the sum of the
+replicas' busy and idle times on the wall clock.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ class FedEngine(_Engine):
         self.rows = array("q")   # the fleet's trace rows delivered here, in order
         self.wake: float | None = 0.0
         self.version = 0         # the driver's heap entry that is current
+        self.paused = self.clock.wall   # when this replica last gave the thread back
+        self.step = None   # the step run at the last resume, committed at the next one
 
     @property
     def inbox(self) -> int:
@@ -80,14 +88,35 @@ class FedEngine(_Engine):
         return len(self.arrivals.inbox)
 
     def resume(self) -> float | None:
-        """Tick once at :attr:`wake` (jumping there when idle); the new wake."""
+        """Tick once at :attr:`wake` (committing the step that ends there, or jumping there
+        when idle); the new wake.
+
+        The wall time since the last resume returned (other replicas' steps, the router)
+        is taken out of this replica's clock, and only that: what this replica did after
+        its last step's end (recording the requests it finished, a timeline sample) still
+        counts toward its next step, as a lone executor's ``Clock`` counts it."""
         clock = self.clock
-        if self.wake > clock.now:   # idle until now: sleep the wait, as Clock.wait_until
-            time.sleep(self.wake - clock.now)
-            clock.now, clock.idle = self.wake, True
-        clock.wall = time.perf_counter()   # other replicas' steps ran since: not this one's
+        shift = time.perf_counter() - self.paused   # the others' time: not this replica's
+        clock.wall += shift
+        if self.step is not None:   # the step measured at the last resume ends now
+            step, nonfinite, end, dur = self.step
+            self.step = None
+            self._commit(step, nonfinite, end + shift, dur)
+        elif self.wake > clock.now:   # idle until now: sleep the wait, as Clock.wait_until
+            clock.wait_until(self.wake)
         self.wake = self._tick()
+        self.paused = time.perf_counter()
         return self.wake
+
+    def _commit_phase(self, step) -> float:
+        """Sample and time the step now, commit it at its end (the next resume): until
+        then a router reads this replica as it is during the step (its requests in flight,
+        none finished), as the twin's clock, which commits a step at its end, shows it."""
+        nonfinite = self._sample(step) if step.logits is not None else []
+        end = time.perf_counter()
+        dur = end - self.clock.wall
+        self.step = (step, nonfinite, end, dur)
+        return self.clock.now + dur
 
     def deliver(self, row: int) -> float | None:
         """Row ``row`` arrives here now; returns the new wake when it woke the replica."""

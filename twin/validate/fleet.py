@@ -112,11 +112,12 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
     as :func:`twin.validate.validate`."""
     if out is not None:   # a bad destination fails now, not after the executor's runs
         check_out(out, "validate")
+    configs = _configs(replicas, config)
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     warn_if_other_machine(profile)
-    configs = _configs(replicas, config)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
+    _check_router(router, routing, len(configs), trace)
     with pinned_threads(profile, threads):
         m, model_dir = _executor_model(model, profile, device)
         _check_profile_model(profile, m, model)
@@ -147,12 +148,15 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
 
 
 def _configs(replicas, config) -> list[ServingConfig]:
+    """Every replica's config, refused now (before any executor run) unless the executor
+    serves its policy, whether given as a count of ``config`` or one by one."""
     if isinstance(replicas, (int, np.integer)):
         if replicas < 1:
             raise TwinInputError(f"a fleet needs at least 1 replica, got {replicas}",
                                  field="replicas")
-        return [config or ServingConfig()] * int(replicas)
-    configs = list(replicas)
+        configs = [config or ServingConfig()] * int(replicas)
+    else:
+        configs = list(replicas)
     if not configs:
         raise TwinInputError("a fleet needs at least 1 replica", field="replicas")
     for c in configs:
@@ -160,6 +164,18 @@ def _configs(replicas, config) -> list[ServingConfig]:
             raise TwinInputError(f"the executor serves the vllm and slora policies, not "
                                  f"{c.policy!r}", field="policy")
     return configs
+
+
+def _check_router(router: str, routing, n: int, trace: pd.DataFrame) -> None:
+    """The router's input refused before any executor run: an unknown name, the static
+    router without a table, a table that cannot be read, names no replica of the fleet or
+    lacks a row for an adapter of the trace (else found at that adapter's first request,
+    in the middle of an executor run)."""
+    r = make_router(router, table=routing)
+    names = trace["adapter"].dropna().unique().tolist()
+    r.bind(n, names)
+    if not r.reads_state:   # a state-free router's picks are known before any run
+        r.route_all(pd.Categorical(trace["adapter"], categories=names).codes)
 
 
 def _execute_fleet(trace, reps, blocks, router, m, catalog, *, window_s, sample_dt, seed,
