@@ -102,7 +102,7 @@ def run_workload(name, trace, config, router, refresh_s, profile, repeats) -> di
 
 def figures(df: pd.DataFrame) -> dict:
     over = df[df["workload"].isin(OVERLOADED)]
-    r = lambda x: round(float(x), 2)   # noqa: E731
+    r = lambda x: None if pd.isna(x) else round(float(x), 2)   # noqa: E731  (NaN: JSON null)
     return {
         "fleet_vs_executor_throughput_smape_median": r(df["thru"].median()),
         "fleet_vs_executor_throughput_smape_max": r(df["thru"].max()),
@@ -129,6 +129,10 @@ def part_executor(out: Path, *, repeats: int = 2, profile=None, cal_repeats: int
     if profile is None:
         profile = calibrate(out, cal_repeats)
         log(f"calibrated {profile} in {time.perf_counter() - t0:.0f} s", flush=True)
+    known = [w[0] for w in workloads()]
+    if only and not set(only) <= set(known):
+        raise SystemExit(f"--only: unknown workload(s) {sorted(set(only) - set(known))}; "
+                         f"known: {', '.join(known)}")
     rows = []
     for w in workloads():
         if only and w[0] not in only:
@@ -141,7 +145,8 @@ def part_executor(out: Path, *, repeats: int = 2, profile=None, cal_repeats: int
             f"{100 * row['route_agreement']:.0f}% ({row['wall_s']} s)", flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(out / "fleet_executor.csv", index=False)
-    return {**figures(df), "fleet_executor_rows": df.round(2).to_dict(orient="records"),
+    rows = df.round(2).astype(object).where(df.notna(), None).to_dict(orient="records")
+    return {**figures(df), "fleet_executor_rows": rows,
             "fleet_executor_wall_s": round(time.perf_counter() - t0, 1)}
 
 
