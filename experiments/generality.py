@@ -67,7 +67,7 @@ TARGETS = ("SmolLM2-360M", "Qwen2.5-0.5B")
 #: GEMM time, which depths alone confound: README_generality.md 1d); the first two are the
 #: design before 1d (the ``two_depth`` A/B)
 CAL_MODELS = ("SmolLM2-135M", "SmolLM2-135M-half", "SmolLM2-135M-wide")
-WIDE = {"factor": 2, "layers": 4}   # the wide copy: ~the half-depth copy's weight bytes
+WIDE = {"factor": 2, "layers": 4}   # the wide copy: 113M parameters (the half-depth one 81M)
 
 
 # -- part 1: executor transfer --------------------------------------------------------------------

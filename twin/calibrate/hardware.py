@@ -6,9 +6,9 @@ per-step batch features ``F`` (``FEATURES`` columns, as the executor's step log 
 calibration measurements hold them), step durations ``y`` and the model shape of each row
 (one shape, or one per row), and solves non-negative least squares for the hardware
 coefficients ``coef_`` on relative errors (a served trace's time is mostly small decode
-steps; see ``twin.calibrate.executor``). Rows of several shapes (e.g. model A at two depths)
-separate what one shape confounds: per-step vs per-layer costs, weight bytes vs lm_head
-FLOPs. With a measured GEMM table (``gemm``, ``twin.costs.gemm``) the dense work is the
+steps; see ``twin.calibrate.executor``). Rows of several shapes (e.g. model A at two depths
+and at twice its width: :func:`widened_config`) separate what one shape confounds: per-step
+vs per-layer costs, weight bytes vs lm_head FLOPs, per-layer launches vs a layer's bytes. With a measured GEMM table (``gemm``, ``twin.costs.gemm``) the dense work is the
 table's time of each step's GEMMs times one fitted multiplier ``gemm_scale``, in place of one
 flat ``dense_s_per_flop``: the FLOP rate a CPU reaches depends on the matrix sizes, which
 differ between the calibration model and the one priced. An optional ``prior`` (hardware
