@@ -23,7 +23,7 @@ models, the H100 prior with no run of the model, and few-run calibration.
 3. **Few-run calibration** — the prior + k ``digital_twin_modelling`` runs
    (``twin.calibrate.fewrun``), k = 1..5, held-out error vs k.
 
-    python experiments/generality.py            # CPU ~15 min (25+ on a loaded box), H100 ~35 min
+    python experiments/generality.py            # CPU ~17 min (25+ on a loaded box), H100 ~35 min
     python experiments/generality.py --quick    # 1 calibration repeat, 2 workloads, ks 1 3 5,
                                                 # 1200-s windows only (~25 min in all)
     python experiments/generality.py --part cpu|h100
