@@ -3,16 +3,18 @@ models, the H100 prior with no run of the model, and few-run calibration.
 
 1. **Executor transfer (CPU)** — hardware coefficients (``twin.costs.hardware``) are fitted
    on executor microbenchmarks of ONE model, SmolLM2-135M (its real weights at full depth,
-   and a random-weight copy of the same width at half depth, so per-step and per-layer
-   costs separate), then profiles of two models never run — SmolLM2-360M and Qwen2.5-0.5B
+   a random-weight copy of the same width at half depth, so per-step and per-layer costs
+   separate, and one at twice the width and 4 layers, so per-layer constants and the
+   layers' GEMM time separate: ``CAL_MODELS``), then profiles of two models never run — SmolLM2-360M and Qwen2.5-0.5B
    (random weights of their real shapes from ``shared/data/model-configs``; timing does not
    depend on weight values) — are derived from the coefficients alone and checked with
    ``twin validate`` (executor vs twin: throughput, mean TTFT, mean ITL SMAPE). Torch
    threads pinned to 1, fp32. The dense work is priced from a GEMM table measured on the
    machine right after the calibration (``twin.costs.gemm``, one fitted multiplier); the
    same executor runs are also compared with the flat-FLOP-rate fit (``flat_*`` keys, the
-   model before the table; ``--no-gemm`` drops the table), and every executor step is
-   priced by both (predicted / measured by workload, model and token count). The speed
+   model before the table; ``--no-gemm`` drops the table) and with the fit on the two
+   depths alone (``two_depth_*`` keys, the calibration design before the wide copy), and
+   every executor step is priced by each (predicted / measured by workload, model and token count). The speed
    anchor (``twin.validate.anchor``): SmolLM2-135M's calibration records it, the derived
    profiles carry it, and each validation prices the twin at the box's speed during its run
    (anchor sampled on SmolLM2-135M); the raw twin's figures are the ``*_raw`` keys.
@@ -21,7 +23,7 @@ models, the H100 prior with no run of the model, and few-run calibration.
 3. **Few-run calibration** — the prior + k ``digital_twin_modelling`` runs
    (``twin.calibrate.fewrun``), k = 1..5, held-out error vs k.
 
-    python experiments/generality.py            # CPU ~15 min (25+ on a loaded box), H100 ~35 min
+    python experiments/generality.py            # CPU ~17 min (25+ on a loaded box), H100 ~35 min
     python experiments/generality.py --quick    # 1 calibration repeat, 2 workloads, ks 1 3 5,
                                                 # 1200-s windows only (~25 min in all)
     python experiments/generality.py --part cpu|h100
@@ -47,7 +49,7 @@ from twin.calibrate.executor import calibrate_executor  # noqa: E402
 from twin.calibrate.gemm_bench import measure_gemm_table  # noqa: E402
 from twin.calibrate.fewrun import GROUPS, fit_fewrun, pick_runs, scaled  # noqa: E402
 from twin.calibrate.hardware import (calibrate_from_measurements, derive_profile,  # noqa: E402
-                                     write_random_model)
+                                     widened_config, write_random_model)
 from twin.calibrate.step_fit import _map, simulate_run  # noqa: E402
 from twin.calibrate.vllm_runs import read_run_table, spread  # noqa: E402
 from twin.costs.hardware import gpu_prior, save_calibration  # noqa: E402
@@ -60,12 +62,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 CONFIGS = Path(os.environ.get("TWIN_SHARED", "/work/shared")) / "data" / "model-configs"
 TARGETS = ("SmolLM2-360M", "Qwen2.5-0.5B")
+#: the calibration shapes, all of model A: its own weights, a random copy at half depth (per
+#: step vs per layer), one at twice the width and 4 layers (per-layer constants vs the layers'
+#: GEMM time, which depths alone confound: README_generality.md 1d); the first two are the
+#: design before 1d (the ``two_depth`` A/B)
+CAL_MODELS = ("SmolLM2-135M", "SmolLM2-135M-half", "SmolLM2-135M-wide")
+WIDE = {"factor": 2, "layers": 4}   # the wide copy: 113M parameters (the half-depth one 81M)
 
 
 # -- part 1: executor transfer --------------------------------------------------------------------
 def cpu_models(out: Path) -> dict:
     """name -> HF model directory: the calibration model (bundled SmolLM2-135M), its
-    half-depth random copy, and the two random-weight target shapes."""
+    half-depth and its double-width random copies, and the two random-weight target
+    shapes."""
     from twin.executor.weights import resolve_model  # lazy: torch only for --part cpu
 
     a = resolve_model("smollm2")
@@ -74,6 +83,9 @@ def cpu_models(out: Path) -> dict:
         "SmolLM2-135M": a,
         "SmolLM2-135M-half": write_random_model(cfg_a, out / "models/smollm2-135m-half",
                                                 layers=cfg_a["num_hidden_layers"] // 2),
+        "SmolLM2-135M-wide": write_random_model(widened_config(cfg_a, WIDE["factor"]),
+                                                out / "models/smollm2-135m-wide",
+                                                layers=WIDE["layers"]),
         "SmolLM2-360M": write_random_model(json.loads((CONFIGS / "smollm2-360m-instruct.json").read_text()),
                                            out / "models/smollm2-360m"),
         "Qwen2.5-0.5B": write_random_model(json.loads((CONFIGS / "qwen2.5-0.5b-instruct.json").read_text()),
@@ -110,7 +122,7 @@ def part_cpu(args, log=print) -> dict:
     models = cpu_models(out)
     log(f"[cpu] models ready [{time.perf_counter() - t0:.0f} s]")
     cal = []
-    for name in ("SmolLM2-135M", "SmolLM2-135M-half"):
+    for name in CAL_MODELS:
         path = out / f"cal-{name}.json"
         calibrate_executor(str(models[name]), out=path, repeats=args.repeats, scale="small",
                            threads=1, progress=False, name=f"cpu-{name}",
@@ -125,10 +137,12 @@ def part_cpu(args, log=print) -> dict:
         log(f"[cpu] GEMM table measured [{time.perf_counter() - t:.0f} s]")
     est = calibrate_from_measurements(cal, gemm=gemm)
     flat = calibrate_from_measurements(cal)   # the A/B: one flat FLOP rate, same steps
+    two = calibrate_from_measurements(cal[:2], gemm=gemm)   # A/B: the two depths alone
 
     save_calibration(est.coef_, out / "cpu-hardware.json", gemm=gemm,
                      fitted_on=[str(p) for p in cal], residuals=est.residuals_)
-    for label, e in (("GEMM table" if gemm else "flat", est), ("flat (A/B)", flat)):
+    for label, e in (("GEMM table" if gemm else "flat", est), ("flat (A/B)", flat),
+                     ("two depths (A/B)", two)):
         log(f"[cpu] hardware fit ({label}) on {e.n_steps_} steps: residual median "
             f"{100 * e.residuals_['rel_abs_median']:.1f}%; coefficients "
             + ", ".join(f"{k}={v:.3g}" for k, v in e.coef_.items() if v))
@@ -146,7 +160,8 @@ def part_cpu(args, log=print) -> dict:
         shape = model_shape(cfg, source, name=mname, dtype_bytes=4)
         pair = [derive_profile(base, shape, e.coef_, name=f"cpu-{mname}-{tag}", gemm=g,
                                provenance=anchor)
-                for e, tag, g in ((est, "derived", gemm), (flat, "flat", None))]
+                for e, tag, g in ((est, "derived", gemm), (flat, "flat", None),
+                                  (two, "two-depth", gemm))]
         for prof in pair:
             # the CPU 'device memory' is a budget (twin calibrate --executor): one big enough
             # for the larger models' fp32 weights; both sides get the same KV blocks anyway
@@ -154,20 +169,24 @@ def part_cpu(args, log=print) -> dict:
         profs[mname] = pair
     steps = []
     for wname, trace, config in cpu_workloads(args.quick):
-        for mname, (prof, prof_flat) in profs.items():
+        for mname, (prof, prof_flat, prof_two) in profs.items():
             t = time.perf_counter()
             v = validate(trace, config, prof, model=str(models[mname]), threads=1, plot=False,
                          speed_anchor=args.speed_anchor)
             r = {"model": mname, "workload": wname, "never_run": mname in TARGETS,
                  **_errors(v), "wall_s": round(time.perf_counter() - t, 1)}
-            steps += _step_rows(v.executor.steps, {"gemm": prof, "flat": prof_flat}, mname, wname)
-            v.resimulate(prof_flat)   # the same executor runs against the flat-rate twin
-            r.update({f"flat_{k}": x for k, x in _errors(v).items()})
+            steps += _step_rows(v.executor.steps, {"gemm": prof, "flat": prof_flat,
+                                                   "two_depth": prof_two}, mname, wname)
+            for tag, p in (("flat", prof_flat), ("two_depth", prof_two)):
+                v.resimulate(p)   # the same executor runs against the A/B's twin
+                r.update({f"{tag}_{k}": x for k, x in _errors(v).items()})
             rows.append(r)
             log(f"[cpu] {mname:14s} {wname:14s} throughput {r['throughput']:5.1f}%  TTFT "
                 f"{r['ttft']:5.1f}%  ITL {r['itl']:5.1f}%  (ITL executor {r['executor_itl_mean']:.0f} "
                 f"ms, twin {r['twin_itl_mean']:.0f} ms; flat rate: {r['flat_throughput']:.1f}% "
-                f"/ {r['flat_ttft']:.1f}% / {r['flat_itl']:.1f}%; raw, no anchor: "
+                f"/ {r['flat_ttft']:.1f}% / {r['flat_itl']:.1f}%; two depths: "
+                f"{r['two_depth_throughput']:.1f}% / {r['two_depth_ttft']:.1f}% / "
+                f"{r['two_depth_itl']:.1f}%; raw, no anchor: "
                 f"{r['throughput_raw']:.1f}% / {r['ttft_raw']:.1f}% / {r['itl_raw']:.1f}%, "
                 f"anchor ratio {r['anchor_ratio'] or float('nan'):.3f})  [{r['wall_s']} s]")
     step_check = _step_check(steps)
@@ -175,8 +194,10 @@ def part_cpu(args, log=print) -> dict:
         log("[cpu] steps " + line)
     never = [r for r in rows if r["never_run"]]
     res = {"rows": rows, "hardware": est.coef_, "hardware_flat": flat.coef_,
+           "hardware_two_depth": two.coef_,
            "fit_residual_median": est.residuals_["rel_abs_median"],
            "fit_residual_median_flat": flat.residuals_["rel_abs_median"],
+           "fit_residual_median_two_depth": two.residuals_["rel_abs_median"],
            "step_check": step_check["table"], "seconds": round(time.perf_counter() - t0, 1),
            "transfer_throughput_smape_median": float(np.median([r["throughput"] for r in never])),
            "transfer_throughput_smape_max": float(np.max([r["throughput"] for r in never])),
@@ -188,10 +209,10 @@ def part_cpu(args, log=print) -> dict:
            "anchor_ratios": [r["anchor_ratio"] for r in rows],
            "in_sample_throughput_smape_median": float(np.median([r["throughput"] for r in rows
                                                                  if not r["never_run"]])),
-           **{f"flat_transfer_{k}_smape_median": float(np.median([r[f"flat_{k}"] for r in never]))
-              for k in ("throughput", "ttft", "itl")},
-           "flat_transfer_throughput_smape_max":
-               float(np.max([r["flat_throughput"] for r in never]))}
+           **{f"{tag}_transfer_{k}_smape_median": float(np.median([r[f"{tag}_{k}"] for r in never]))
+              for tag in ("flat", "two_depth") for k in ("throughput", "ttft", "itl")},
+           **{f"{tag}_transfer_throughput_smape_max":
+              float(np.max([r[f"{tag}_throughput"] for r in never])) for tag in ("flat", "two_depth")}}
     # drift-corrected: B's twin/executor ratio over A's on the same workload, run just before
 
     ref = {r["workload"]: r for r in rows if not r["never_run"]}
@@ -244,11 +265,12 @@ def _step_check(steps: list[dict]) -> dict:
     df["bin"] = pd.cut(df["tokens"], TOKEN_BINS, labels=["1-2", "3-8", "9-64", ">64"])
     g = df.groupby(["workload", "model", "bin"], observed=True, sort=False).agg(
         steps=("measured", "size"), measured=("measured", "sum"), gemm=("gemm", "sum"),
-        flat=("flat", "sum")).reset_index()
-    g["gemm_ratio"], g["flat_ratio"] = g["gemm"] / g["measured"], g["flat"] / g["measured"]
+        flat=("flat", "sum"), two_depth=("two_depth", "sum")).reset_index()
+    for k in ("gemm", "flat", "two_depth"):
+        g[f"{k}_ratio"] = g[k] / g["measured"]
     lines = [f"{r.workload:14s} {r.model:14s} tokens {r.bin:>5s}: {r.steps:4d} steps, "
-             f"predicted/measured {r.gemm_ratio:.2f} (GEMM table) {r.flat_ratio:.2f} (flat)"
-             for r in g.itertuples()]
+             f"predicted/measured {r.gemm_ratio:.2f} (GEMM table) {r.flat_ratio:.2f} (flat) "
+             f"{r.two_depth_ratio:.2f} (two depths)" for r in g.itertuples()]
     g["bin"] = g["bin"].astype(str)
     return {"table": g.to_dict("records"), "lines": lines}
 
@@ -381,7 +403,7 @@ def main(argv=None) -> int:
     summary = {}
     if args.part in ("cpu", "all"):
         r = part_cpu(args)
-        summary.update({k: round(v, 2) for k, v in r.items() if k.startswith("transfer_")})
+        summary.update({k: round(v, 2) for k, v in r.items() if k.startswith(("transfer_", "two_depth_transfer_"))})
         summary["anchor_ratios"] = [None if x is None else round(x, 3)
                                     for x in r["anchor_ratios"]]
     if args.part in ("h100", "all"):

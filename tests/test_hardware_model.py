@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from twin.calibrate.executor import fit_nnls
-from twin.calibrate.hardware import HardwareStepTime, derive_profile
+from twin.calibrate.hardware import HardwareStepTime, derive_profile, widened_config
 from twin.costs.gemm import GemmTable
 from twin.costs.hardware import (HW_TERMS, LORA_TOKEN_EFFICIENCY, as_vector, coefficients, counts,
                                  design, gpu_prior, load_calibration, read_calibration,
@@ -356,3 +356,68 @@ def test_fit_follows_the_mean_of_noisy_steps_not_their_fast_ones():
     c_obs, _ = fit_nnls(X / y[:, None], np.ones_like(y), HW_TERMS, relative=False)
     low = X @ np.array([c_obs[k] for k in HW_TERMS])
     assert low.sum() / y.sum() < 0.95   # the observed weighting's bias the fit avoids
+
+
+# -- calibration shapes: what depths alone cannot separate (README_generality.md 1d) --------------
+def _cpu_table(m=(1, 2, 4, 16, 64, 256), kn=(256, 512, 1024, 2048, 4096, 8192)):
+    """A GEMM table shaped like the CPU's: a soft roofline of the weight read and FLOPs at a
+    rate that grows with the matrix (not affine in m, unlike :func:`_synthetic_table`,
+    whose time the linear terms alone span)."""
+    M, K, N = np.meshgrid(m, kn, kn, indexing="ij")
+    read = K * N * 4 / 1.5e10
+    comp = 2.0 * M * K * N / (7e10 * np.sqrt(K * N / (K * N + 4e6)))
+    return GemmTable(m, kn, kn, np.sqrt(read ** 2 + comp ** 2))
+
+
+def test_widened_config_scales_the_width_and_keeps_the_head_dim():
+    w = widened_config(dict(SMOL135, head_dim=64), 2)
+    s, a = _shape(w), _shape(SMOL135)
+    assert (s.hidden, s.intermediate, s.heads, s.kv_heads) == (1152, 3072, 18, 6)
+    assert s.head_dim == a.head_dim == 64 and s.vocab == a.vocab and s.layers == a.layers
+    with pytest.raises(ValueError):
+        widened_config(SMOL135, 0)
+
+
+def test_a_wider_copy_separates_what_two_depths_of_one_width_cannot():
+    """At one width a step's weight read is ``L x (a layer's bytes) + embeddings``: a
+    per-layer plus a per-step constant, so ``step_s``, ``layer_s`` and
+    ``weight_s_per_byte`` are linearly dependent on any set of depths. Two machines, one
+    paying per layer launched, the other per byte read, time every step of SmolLM2-135M at
+    both depths identically, yet price SmolLM2-360M and Qwen2.5-0.5B differently: no fit
+    on those steps can tell which machine it is on. A copy of twice the width changes a
+    layer's bytes, not its launches: fitted with it, each machine's targets are priced
+    (synthetic steps, a CPU-like GEMM table, 3% noise)."""
+    t = _cpu_table()
+    A, Ah = _shape(SMOL135), _shape(dict(SMOL135, num_hidden_layers=15))
+    Aw = _shape(dict(widened_config(SMOL135, 2), num_hidden_layers=4))
+    const = [HW_TERMS.index(k) for k in ("step_s", "layer_s", "weight_s_per_byte")]
+    N = {s.layers: counts(s)[const, FEATURES.index("const")] for s in (A, Ah, Aw)}
+    assert np.linalg.matrix_rank(np.array([N[30], N[15]]) / N[30]) == 2
+    assert np.linalg.matrix_rank(np.array([N[30], N[15], N[4]]) / N[30]) == 3
+    base = dict(TRUE_HW, weight_s_per_byte=0.0, dense_s_per_flop=0.0, gemm_scale=1.0)
+    per_layer_bytes = (N[30][2] - N[15][2]) / 15
+    reads = dict(base, layer_s=0.0, weight_s_per_byte=1e-3 / per_layer_bytes)
+    launches = dict(base, layer_s=1e-3, step_s=base["step_s"] + 1e-3 / per_layer_bytes
+                    * (N[30][2] - 30 * per_layer_bytes))    # + the embeddings' read
+    F = _steps(450, 7)
+    Fb = _steps(300, 8)
+    for s in (A, Ah):   # the same steps at both depths of A's width ...
+        assert np.allclose(design(F, s, gemm=t) @ as_vector(launches),
+                           design(F, s, gemm=t) @ as_vector(reads), rtol=1e-9)
+    for cfg in (SMOL360, QWEN05):   # ... not on the targets
+        B = _shape(cfg)
+        ratio = (design(Fb, B, gemm=t) @ as_vector(reads)).sum() / \
+            (design(Fb, B, gemm=t) @ as_vector(launches)).sum()
+        assert ratio > 1.03, ratio   # 5-9%: the two machines differ there
+    rng = np.random.default_rng(0)
+    shapes = [s for s in (A, Ah, Aw) for _ in range(150)]
+    for hw in (launches, reads):
+        y = np.array([design(F[i:i + 1], s, gemm=t)[0] @ as_vector(hw)
+                      for i, s in enumerate(shapes)]) * np.exp(rng.normal(0, 0.03, len(F)))
+        est = HardwareStepTime(gemm=t).fit(F, y, shapes)
+        assert est.coef_["gemm_scale"] == pytest.approx(1.0, rel=0.05)
+        assert est.coef_["layer_s"] == pytest.approx(hw["layer_s"], abs=1e-4)
+        for cfg in (SMOL360, QWEN05):
+            B = _shape(cfg)
+            truth = (design(Fb, B, gemm=t) @ as_vector(hw)).sum()
+            assert est.predict(Fb, B).sum() / truth == pytest.approx(1.0, abs=0.01)

@@ -6,9 +6,9 @@ per-step batch features ``F`` (``FEATURES`` columns, as the executor's step log 
 calibration measurements hold them), step durations ``y`` and the model shape of each row
 (one shape, or one per row), and solves non-negative least squares for the hardware
 coefficients ``coef_`` on relative errors (a served trace's time is mostly small decode
-steps; see ``twin.calibrate.executor``). Rows of several shapes (e.g. model A at two depths)
-separate what one shape confounds: per-step vs per-layer costs, weight bytes vs lm_head
-FLOPs. With a measured GEMM table (``gemm``, ``twin.costs.gemm``) the dense work is the
+steps; see ``twin.calibrate.executor``). Rows of several shapes (e.g. model A at two depths
+and at twice its width: :func:`widened_config`) separate what one shape confounds: per-step
+vs per-layer costs, weight bytes vs lm_head FLOPs, per-layer launches vs a layer's bytes. With a measured GEMM table (``gemm``, ``twin.costs.gemm``) the dense work is the
 table's time of each step's GEMMs times one fitted multiplier ``gemm_scale``, in place of one
 flat ``dense_s_per_flop``: the FLOP rate a CPU reaches depends on the matrix sizes, which
 differ between the calibration model and the one priced. An optional ``prior`` (hardware
@@ -37,7 +37,7 @@ from twin.costs.profile import load_profile
 from twin.costs.step_time import FEATURES
 
 __all__ = ["HardwareStepTime", "calibrate_from_measurements", "derive_profile",
-           "read_measurements", "write_random_model"]
+           "read_measurements", "widened_config", "write_random_model"]
 
 
 class HardwareStepTime:
@@ -159,6 +159,22 @@ def calibrate_from_measurements(profile_paths, *, terms=None, prior=None,
 
 
 # -- random-weight models of real shapes --------------------------------------------------------
+def widened_config(config: dict, factor: int) -> dict:
+    """``config`` at ``factor`` times its width: hidden size, intermediate size, attention
+    and KV heads scaled together (head dim, vocabulary and the ratios between them kept).
+    A calibration shape: at one width the per-layer constants (launches, per-layer
+    interpreter work) and the layers' GEMM time both grow with the depth alone, so depths
+    cannot tell them apart; the GEMM time grows with the width and they do not."""
+    factor = int(factor)
+    if factor < 1:
+        raise ValueError(f"width factor must be a positive integer, got {factor}")
+    heads = config["num_attention_heads"]
+    return dict(config, hidden_size=config["hidden_size"] * factor,
+                intermediate_size=config["intermediate_size"] * factor,
+                num_attention_heads=heads * factor,
+                num_key_value_heads=(config.get("num_key_value_heads") or heads) * factor)
+
+
 def write_random_model(config: dict, out, *, seed: int = 0, layers: int | None = None) -> Path:
     """An HF model directory (``config.json`` + ``model.safetensors``, bf16 random weights)
     of ``config``'s shape for the executor: step timing does not depend on weight values,
