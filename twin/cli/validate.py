@@ -115,25 +115,32 @@ def run(args) -> int:
                      progress=not args.no_progress, seed=args.seed,
                      trace_source=str(args.trace), repeats=args.repeats,
                      speed_anchor=args.speed_anchor)
+    a = v.anchor_info
+    note = (f"speed anchor: {1e3 * a['during_s']:.1f} ms during the runs vs "
+            f"{1e3 * a['calibration_s']:.1f} ms at calibration: twin step times x "
+            f"{a['ratio']:.3f} ('twin raw': priced as calibrated)" if a.get("applied")
+            else f"speed anchor: {a['reason']}" if a else None)
+    return _report(args, v, f"executor vs twin: {args.trace} ({len(trace)} requests, "
+                   f"{v.num_blocks} KV blocks, profile {args.profile})",
+                   "table.csv, validation.json, timeline_overlay.png", say, note)
+
+
+def _report(args, v, title: str, files: str, say, note: str | None = None) -> int:
+    """The table (or ``--json``), ``note``, the executor's own spread over ``--repeats``
+    runs, and what was written."""
     if args.json:
         print(json_document(v.to_dict(), indent=2))
     else:
-        print(v.format(f"executor vs twin: {args.trace} ({len(trace)} requests, "
-                       f"{v.num_blocks} KV blocks, profile {args.profile})"))
-    a = v.anchor_info
-    if a.get("applied"):
-        say(f"speed anchor: {1e3 * a['during_s']:.1f} ms during the runs vs "
-            f"{1e3 * a['calibration_s']:.1f} ms at calibration: twin step times x "
-            f"{a['ratio']:.3f} ('twin raw': priced as calibrated)")
-    elif a:
-        say(f"speed anchor: {a['reason']}")
+        print(v.format(title))
+    if note:
+        say(note)
     if args.repeats > 1:
         sp = v.spread
         say(f"executor: median of {args.repeats} runs; their own spread (median pairwise "
             f"SMAPE): throughput {100 * sp['throughput']:.1f}%, TTFT mean "
             f"{100 * sp['ttft_mean']:.1f}%, ITL mean {100 * sp['itl_mean']:.1f}%")
     if args.out:
-        say(f"wrote {args.out}/ (table.csv, validation.json, timeline_overlay.png)")
+        say(f"wrote {args.out}/ ({files})")
     return 0
 
 
@@ -167,12 +174,7 @@ def _run_fleet(args, config, trace, say) -> int:
                        threads=args.threads, device=args.device, window_s=args.window_s,
                        seed=args.seed, repeats=args.repeats, trace_source=str(args.trace),
                        out=args.out)
-    if args.json:
-        print(json_document(v.to_dict(), indent=2))
-    else:
-        print(v.format(f"executor fleet vs twin fleet: {args.trace} ({len(trace)} requests, "
-                       f"{args.replicas} replicas, router {router}, profile {args.profile})"))
-    if args.out:
-        say(f"wrote {args.out}/ (table.csv, replicas.csv, validation.json, "
-            f"timeline_overlay.png)")
-    return 0
+    return _report(args, v, f"executor fleet vs twin fleet: {args.trace} ({len(trace)} "
+                   f"requests, {args.replicas} replicas, router {router}, profile "
+                   f"{args.profile})", "table.csv, replicas.csv, validation.json, "
+                   "timeline_overlay.png", say)
