@@ -225,3 +225,10 @@ def test_cli_validate_refuses_flags_that_do_not_fit(no_executor, tmp_path, capsy
                *flags])
     assert rc == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_router_names_are_the_routers():
+    from twin.cli.fleet import ROUTER_NAMES
+    from twin.fleet.routers import ROUTERS
+
+    assert sorted(ROUTER_NAMES) == sorted(ROUTERS)

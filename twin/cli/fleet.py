@@ -12,6 +12,11 @@ from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare
 from twin import api
 
+# twin.fleet.routers.ROUTERS by name (a test keeps them equal): building the parser loads no
+# fleet module (twin.fleet imports the ML backends)
+ROUTER_NAMES = ("round_robin", "least_outstanding_requests", "static", "consistent_hash",
+                "adapter_affinity")
+
 _DESCRIPTION = """\
 Simulate a fleet: one request trace through a router onto N replicas, each a whole vLLM
 server in the twin (its own scheduler, KV pool, adapter caches, profile and serving
@@ -63,9 +68,8 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
                    help="one replica's serve YAML (vLLM names); repeat for each replica")
     p.add_argument("--replica-profile", action="append", default=[],
                    help="the profile of the replica of the same position in --replica-config")
-    p.add_argument("--router", default="round_robin",
-                   choices=["round_robin", "least_outstanding_requests", "static",
-                            "consistent_hash", "adapter_affinity"], help="routing rule")
+    p.add_argument("--router", default="round_robin", choices=ROUTER_NAMES,
+                   help="routing rule")
     p.add_argument("--routing", type=Path, help="routing.csv for --router static")
     p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
                    help="seconds between refreshes of the router's view (0: exact)")

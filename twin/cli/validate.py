@@ -9,9 +9,8 @@ from twin.argtypes import device_name, non_negative_float, positive_float, posit
 from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
 from twin.outputs import console, input_paths, json_document, prepare
 from twin.errors import TwinInputError
-from twin.fleet.routers import ROUTERS
+from twin.cli.fleet import ROUTER_NAMES
 from twin.validate import validate
-from twin.validate.fleet import validate_fleet
 from twin.workload.schema import refuse_empty_window
 
 _DESCRIPTION = """\
@@ -83,7 +82,7 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=positive_int, default=1,
                    help="executor replicas behind --router, against the fleet twin "
                         "(default 1: one server, no router)")
-    p.add_argument("--router", default=None, choices=sorted(ROUTERS),
+    p.add_argument("--router", default=None, choices=ROUTER_NAMES,
                    help="the fleet's routing rule (default round_robin with --replicas > 1)")
     p.add_argument("--routing", type=Path, help="routing.csv for --router static")
     p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
@@ -168,6 +167,8 @@ def _fleet_requested(args) -> bool:
 
 def _run_fleet(args, config, trace, say) -> int:
     """``--replicas`` / ``--router``: executor replicas behind the router vs the fleet twin."""
+    from twin.validate.fleet import validate_fleet   # lazy: the parser loads no fleet module
+
     router = args.router or "round_robin"
     v = validate_fleet(trace, args.replicas, args.profile, router, args.model, args.adapters,
                        config=config, routing=args.routing, refresh_s=args.router_refresh_s,
