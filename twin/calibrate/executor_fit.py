@@ -67,7 +67,7 @@ def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
     X = steps[list(EXECUTOR_FEATURES)].to_numpy(float)
     coef, res = fit_nnls(X, y, EXECUTOR_FEATURES, relative=True, weights=weights)
     per_cell = {}
-    pred = X @ np.array([coef[k] for k in EXECUTOR_FEATURES])
+    pred = _predict(steps, coef)
     for key, idx in steps.groupby("key").indices.items():
         per_cell[key] = float(pred[idx].sum() / y[idx].sum() - 1)
     nbytes = np.array([shape.adapter_bytes(int(r)) for r in loads["rank"]], float)
@@ -79,8 +79,7 @@ def fit_measurements(measured: pd.DataFrame, loads: pd.DataFrame, shape,
     # the spread of single measurements (every repeat), not of the means the fit saw
     each = _with_feature_columns(measured)
     y_each = (each["duration_s"] - each["load_s"]).to_numpy(float)
-    pred_each = each[list(EXECUTOR_FEATURES)].to_numpy(float) @ np.array(
-        [coef[k] for k in EXECUTOR_FEATURES])
+    pred_each = _predict(each, coef)
     return ExecutorFit(steps=steps, coef=coef, residuals=res, sum_error_per_cell=per_cell,
                        load_time=load, load_residuals={"disk": dres, "host_to_gpu": cres},
                        dispersion=fit_dispersion(y_each, pred_each),
@@ -226,6 +225,12 @@ def _consecutive_runs(each: pd.DataFrame, y: np.ndarray, pred: np.ndarray):
         g = g.sort_values("step")
         if len(g) > 2 and (np.diff(g["step"].to_numpy()) == 1).all():
             yield g["lr"].to_numpy()
+
+
+def _predict(rows: pd.DataFrame, coef: dict) -> np.ndarray:
+    """The fitted step time of each row (its ``EXECUTOR_FEATURES`` columns)."""
+    return rows[list(EXECUTOR_FEATURES)].to_numpy(float) @ np.array(
+        [coef[k] for k in EXECUTOR_FEATURES])
 
 
 def _with_feature_columns(steps: pd.DataFrame) -> pd.DataFrame:

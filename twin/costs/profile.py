@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictBool, StrictStr, create_model, model_validator
 
 from twin.errors import TwinInputError
+from twin.costs.dispersion import check_dispersion
 from twin.costs.frontend import Frontend
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import MemoryModel
@@ -223,9 +224,8 @@ class StepTimeSchema(Schema):
 
     @model_validator(mode="after")
     def _quantiles(self):
-        d = self.dispersion or []
-        if any(b < a for a, b in zip(d, d[1:])):
-            raise ValueError("dispersion: the multipliers must not decrease (quantiles)")
+        if self.dispersion is not None:
+            check_dispersion(self.dispersion)   # the rule StepTimeModel applies
         return self
 
 

@@ -60,7 +60,8 @@ from twin.executor.model import LlamaModel, SeqChunk
 from twin.executor.prefix_blocks import block_tables
 from twin.executor.run_meta import run_meta
 from twin.executor.slora import SLORA_MAX_RANK, BuiltServer, build_slora
-from twin.results.recorder import Outcomes, Recorder, build_result
+from twin.results.recorder import (Outcomes, Recorder, build_result, default_sample_dt,
+                                   trace_horizon)
 from twin.results.results import RunResult
 from twin.sched import Request, RequestStatus
 from twin.sched.adapter_cache import AdapterLoad
@@ -152,10 +153,8 @@ class _Engine:
         self.sched, self.cache, self.featurize = server.scheduler, server.cache, server.featurize
         if not self.paged:   # start-up loads (preload_adapters), as AdapterCache preloads
             self.store.preload(self.cache, self.bad)
-        n = len(trace)
-        horizon = window_s if window_s is not None else (
-            float(trace["arrival_s"].iloc[-1]) if n else 0.0)
-        self.sample_dt = sample_dt if sample_dt is not None else max(horizon / 2000.0, 0.05)
+        self.sample_dt = (sample_dt if sample_dt is not None
+                          else default_sample_dt(trace_horizon(trace, window_s)))
 
     def _build_vllm(self, config, model, catalog, trace, names, paths, num_gpu_blocks,
                     kv_cache_gib) -> BuiltServer:

@@ -29,6 +29,7 @@ from twin.fleet.report import FleetRun, combine_fleet
 from twin.fleet.routers import Router, make_router
 from twin.ml.backends import make_backend
 from twin.results import crop_window
+from twin.results.recorder import default_sample_dt, trace_horizon
 from twin.servers import build_server
 from twin.sim.engine import check_run_inputs, default_catalog, simulate
 from twin.sim.fed import FedClock, TraceColumns
@@ -78,9 +79,7 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     if not refresh_s >= 0:
         raise TwinInputError(f"refresh_s must be >= 0, got {refresh_s!r}", field="refresh_s")
     if sample_dt is None:
-        horizon = window_s if window_s is not None else (
-            float(trace["arrival_s"].iloc[-1]) if len(trace) else 0.0)
-        sample_dt = max(horizon / 2000.0, 0.05)
+        sample_dt = default_sample_dt(trace_horizon(trace, window_s))
     kw = dict(window_s=window_s, sample_dt=sample_dt, trace_source=trace_source)
     if router.reads_state or one_loop:
         route, results = _event_loop(trace, reps, router, catalog, refresh_s,

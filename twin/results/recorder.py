@@ -184,6 +184,19 @@ class Recorder:
                                    len(plan.preempted), plan.blocked, after_idle, *extra))
 
 
+def default_sample_dt(horizon_s: float) -> float:
+    """The timeline's step when none is given: the run's span (its window, else its last
+    arrival) over 2000 samples, at least 50 ms."""
+    return max(horizon_s / 2000.0, 0.05)
+
+
+def trace_horizon(trace: pd.DataFrame, window_s: float | None) -> float:
+    """A run's span for its timeline: the window, else the trace's last arrival."""
+    if window_s is not None:
+        return window_s
+    return float(trace["arrival_s"].iloc[-1]) if len(trace) else 0.0
+
+
 def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache, *,
                  kv_tokens: int, duration: float, window_s: float | None, max_model_len: int,
                  meta: dict, step_columns: list[str] = STEP_COLUMNS,

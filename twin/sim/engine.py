@@ -21,7 +21,7 @@ from twin.config import ServingConfig
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import after_idle
 from twin.errors import TwinInputError
-from twin.results.recorder import Outcomes, Recorder, build_result
+from twin.results.recorder import Outcomes, Recorder, build_result, default_sample_dt
 from twin.results.results import RunResult, crop_window
 from twin.sched import Request, RequestStatus
 from twin.servers import SERVER_LAYOUTS, ServerParts, build_server
@@ -179,7 +179,7 @@ class _Clock:
         self.shared: dict[int, int] = {}
         self.horizon = window_s if window_s is not None else (self.arrival[-1] if n else 0.0)
         if sample_dt is None:
-            sample_dt = max(self.horizon / 2000.0, 0.05)
+            sample_dt = default_sample_dt(self.horizon)
         self.rec = Recorder(sample_dt, self.sched.pool.num_blocks, record_steps,
                             prefix=self.hashes is not None)
         self.step_time = profile.step_time

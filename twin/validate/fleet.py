@@ -36,6 +36,7 @@ from twin.fleet.report import combine_fleet
 from twin.outputs import check_out, staged_dir
 from twin.results import crop_window
 from twin.results.plot import plot_timeline
+from twin.results.recorder import default_sample_dt, trace_horizon
 from twin.validate.compare import compare, format_table, median_summary, run_spread
 from twin.validate.run import (_catalogs, _check_profile_model, _executor_model, _kv_blocks,
                                capacity_profile, capped_context, pinned_threads, warm_up)
@@ -126,9 +127,9 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
                                           adapter_ranks=adapter_ranks, seed=seed)
         blocks = [_kv_blocks(trace, c, profile, m, twin_catalog, None) for c in configs]
         reps = [Replica(c, capacity_profile(profile, nb, c)) for c, nb in zip(configs, blocks)]
-        horizon = window_s if window_s is not None else (
-            float(trace["arrival_s"].iloc[-1]) if len(trace) else 0.0)
-        kw = dict(window_s=window_s, sample_dt=max(horizon / 2000.0, 0.05), seed=seed,
+        # one timeline step for both sides
+        kw = dict(window_s=window_s, sample_dt=default_sample_dt(trace_horizon(trace, window_s)),
+                  seed=seed,
                   refresh_s=refresh_s, routing=routing, trace_source=trace_source)
         if warmup:
             warm_up(trace, configs[0], m, catalog, blocks[0], seed)
