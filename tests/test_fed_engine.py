@@ -65,12 +65,16 @@ def trace_of(rows):
                          "output_tokens": [r[3] for r in rows]})
 
 
-def fleet(trace, config, model, catalog, n, *, window_s=None, refresh_s=0.0):
+def fleet(trace, config, model, catalog, n, *, window_s=None, refresh_s=0.0, keep_tokens=False,
+          engines_out=None):
     """(each replica's RunResult or None, the route): ``n`` FedEngines behind round robin
     (``refresh_s`` > 0: the event loop that runs each replica alone between refreshes)."""
     trace, xcat = checked_inputs(trace, config, catalog)
     engines = [FedEngine(trace, config, model, xcat, num_gpu_blocks=BLOCKS,
-                         window_s=window_s, sample_dt=0.05) for _ in range(n)]
+                         window_s=window_s, sample_dt=0.05, keep_tokens=keep_tokens)
+               for _ in range(n)]
+    if engines_out is not None:
+        engines_out.extend(engines)
     aid = pd.Categorical(trace["adapter"], categories=xcat.adapters).codes.tolist()
     router = make_router("round_robin").bind(n, xcat.adapters)
     route = np.asarray(run_loop(engines, trace["arrival_s"].tolist(), aid, router,
@@ -78,9 +82,9 @@ def fleet(trace, config, model, catalog, n, *, window_s=None, refresh_s=0.0):
     return [e.result() if len(e.rows) else None for e in engines], route
 
 
-def lone(trace, config, model, catalog, *, window_s=None):
+def lone(trace, config, model, catalog, *, window_s=None, keep_tokens=False):
     return execute(trace, config, model, catalog, num_gpu_blocks=BLOCKS, window_s=window_s,
-                   sample_dt=0.05)
+                   sample_dt=0.05, keep_tokens=keep_tokens)
 
 
 def same_run(fed, alone):
@@ -116,6 +120,28 @@ def test_fed_replica_is_a_lone_executor(tiny, policy, refresh_s):
         same_run(res, lone(sub, cfg, model, cat))
     failed = pd.concat([r.requests for r in results]).query("status == 'failed'")
     assert sorted(failed["request_id"]) == [102, 104]
+
+
+def test_fed_replica_makes_token_ids_of_its_own_rows_only(tiny):
+    """A replica makes the token ids of the rows delivered to it, not the whole fleet
+    trace's (N replicas would hold N copies), and serves the same tokens as a lone executor
+    of its share: the generated ids are equal request for request."""
+    model, cat = tiny
+    tr = trace_of(BURST)
+    engines = []
+    results, route = fleet(tr, CFG, model, cat, 3, keep_tokens=True, engines_out=engines)
+    for k, (e, res) in enumerate(zip(engines, results)):
+        mine = set(np.flatnonzero(route == k).tolist())
+        made = {i for i, ids in enumerate(e.prompt_ids) if ids is not None}
+        assert not made - mine   # undelivered rows: no ids (delivered ones: used, released)
+        sub = tr.iloc[sorted(mine)].reset_index(drop=True)
+        alone = lone(sub, CFG, model, cat, keep_tokens=True)
+        a = res.requests.set_index("request_id")["output_token_ids"]
+        b = alone.requests.set_index("request_id")["output_token_ids"]
+        ids = sub["request_id"]
+        assert ([None if a[i] is None else list(a[i]) for i in ids]
+                == [None if b[i] is None else list(b[i]) for i in ids])
+        assert sum(len(x) for x in a if x is not None) > 0
 
 
 def test_fed_replica_without_requests_and_window_cut(tiny):

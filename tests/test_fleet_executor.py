@@ -207,6 +207,22 @@ def test_validate_fleet_refuses_a_routing_table_that_misses_an_adapter(no_execut
         validate_fleet(tr, 2, "cpu-tiny", "static", "tiny", routing=path)
 
 
+def test_validate_fleet_refuses_a_replica_that_cannot_serve_the_trace(monkeypatch):
+    """Every replica's config is checked against the trace before the warm-up and the
+    runs: a replica without LoRA in a fleet whose trace names adapters is refused, whichever
+    place it has (the adapters are the fleet's, not replica 0's)."""
+    def refuse(*a, **k):
+        raise AssertionError("validate_fleet ran the executor before refusing its input")
+
+    monkeypatch.setattr("twin.validate.fleet.warm_up", refuse)
+    monkeypatch.setattr("twin.validate.fleet._execute_fleet", refuse)
+    tr = trace_of(["a0", "a1"], gap=0.1)
+    base = CFG.replace(enable_lora=False)
+    for configs in ([CFG, base], [base, CFG]):
+        with pytest.raises(TwinInputError, match="a0"):
+            validate_fleet(tr, configs, "cpu-tiny", "round_robin", "tiny")
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--routing", "routing.csv"], "fleet"),                      # no fleet asked for
     (["--router-refresh-s", "0.5"], "fleet"),

@@ -174,7 +174,7 @@ def _run_fleet(args, config, trace, say) -> int:
                        config=config, routing=args.routing, refresh_s=args.router_refresh_s,
                        threads=args.threads, device=args.device, window_s=args.window_s,
                        seed=args.seed, repeats=args.repeats, trace_source=str(args.trace),
-                       out=args.out)
+                       out=args.out, progress=not args.no_progress)
     return _report(args, v, f"executor fleet vs twin fleet: {args.trace} ({len(trace)} "
                    f"requests, {args.replicas} replicas, router {router}, profile "
                    f"{args.profile})", "table.csv, replicas.csv, validation.json, "

@@ -220,10 +220,7 @@ class _Engine:
         # Token ids made before the clock starts (vLLM's engine gets prompts tokenized, in
         # another process): made at arrival (~0.3 ms each) they landed in the next step, a
         # cost no step feature sees beside running decodes (issue 17: a hit's short step).
-        # as 4-byte arrays until arrival: Python ints take ~9x that over a whole trace
-        vocab, arr, seed = self.model.shape.vocab, self.arrivals, self.seed
-        self.prompt_ids = [array("i", request_token_ids(arr.request(i), vocab, seed, self.memo))
-                           for i in range(arr.n)]
+        self.prompt_ids = self._token_ids_ahead()
         self.rec = Recorder(self.sample_dt, self.num_blocks, prefix=named)
         self.bar = NoProgress()
         if self.progress:
@@ -233,6 +230,15 @@ class _Engine:
                             desc=f"executing ({self.model.device.type})")
         self.sync = torch.cuda.synchronize if self.model.device.type == "cuda" else no_sync
         self.clock = Clock()
+
+    def _token_ids_ahead(self) -> list:
+        """Every request's token ids, made before the clock starts; as 4-byte arrays until
+        arrival (Python ints take ~9x that over a whole trace)."""
+        return [self._token_ids(i) for i in range(self.arrivals.n)]
+
+    def _token_ids(self, i: int) -> array:
+        return array("i", request_token_ids(self.arrivals.request(i), self.model.shape.vocab,
+                                            self.seed, self.memo))
 
     def _arrive(self, r: Request) -> None:
         """A request arrives: failed at once if its adapter is known bad, rejected if it

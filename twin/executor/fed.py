@@ -71,10 +71,11 @@ class FedEngine(_Engine):
     arrivals_class = FedArrivals
 
     def __init__(self, trace, config, model, catalog, *, num_gpu_blocks: int, window_s,
-                 sample_dt: float, seed: int = 0, meta: dict | None = None):
+                 sample_dt: float, seed: int = 0, meta: dict | None = None,
+                 keep_tokens: bool = False):
         super().__init__(trace, config, model, catalog, window_s=window_s, progress=False,
                          seed=seed, num_gpu_blocks=num_gpu_blocks, kv_cache_gib=None,
-                         keep_tokens=False, sample_dt=sample_dt, meta=dict(meta or {}))
+                         keep_tokens=keep_tokens, sample_dt=sample_dt, meta=dict(meta or {}))
         self._start_run()
         self.rows = array("q")   # the fleet's trace rows delivered here, in order
         self.wake: float | None = 0.0
@@ -118,8 +119,14 @@ class FedEngine(_Engine):
         self.step = (step, nonfinite, end, dur)
         return self.clock.now + dur
 
+    def _token_ids_ahead(self) -> list:
+        """None per row: a replica makes the token ids of the rows delivered to it only (at
+        :meth:`deliver`, between its steps: outside its clock), not the whole fleet's."""
+        return [None] * self.arrivals.n
+
     def deliver(self, row: int) -> float | None:
         """Row ``row`` arrives here now; returns the new wake when it woke the replica."""
+        self.prompt_ids[row] = self._token_ids(row)
         self.rows.append(row)
         self.arrivals.inbox.append(row)
         if self.wake == INF:

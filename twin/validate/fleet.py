@@ -104,13 +104,15 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
                    routing=None, refresh_s: float = 0.0, threads: int | None = None,
                    device: str = "cpu", window_s: float | None = None, seed: int = 0,
                    repeats: int = 1, warmup: bool = True, adapter_ranks=(8, 16),
-                   trace_source: str = "trace", out=None, plot: bool = True) -> FleetValidation:
+                   trace_source: str = "trace", out=None, plot: bool = True,
+                   progress: bool = False) -> FleetValidation:
     """Serve ``trace`` on ``replicas`` executor replicas behind ``router`` and compare with
     the fleet twin on ``profile`` (calibrated on this model: ``twin calibrate --executor``).
     ``replicas``: a count (each ``config``) or a list of ServingConfigs. ``routing``: the
     static router's table; ``refresh_s``: the router's view refresh (0: exact).
-    ``repeats``: executor fleet runs, the twin compared to their median. Other arguments
-    as :func:`twin.validate.validate`."""
+    ``repeats``: executor fleet runs, the twin compared to their median; ``progress``: a
+    bar over the first run's simulated seconds. Other arguments as
+    :func:`twin.validate.validate`."""
     if out is not None:   # a bad destination fails now, not after the executor's runs
         check_out(out, "validate")
     configs = _configs(replicas, config)
@@ -119,12 +121,18 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
     warn_if_other_machine(profile)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
     _check_router(router, routing, len(configs), trace)
+    from twin.executor.inputs import checked_inputs   # lazy: needs torch
+
     with pinned_threads(profile, threads):
         m, model_dir = _executor_model(model, profile, device)
         _check_profile_model(profile, m, model)
         configs = [capped_context(c, m) for c in configs]
-        catalog, twin_catalog = _catalogs(trace, configs[0], adapters, model_dir,
+        # the adapters every replica is given: a fleet serves them if any replica has LoRA
+        lora = next((c for c in configs if c.enable_lora), configs[0])
+        catalog, twin_catalog = _catalogs(trace, lora, adapters, model_dir,
                                           adapter_ranks=adapter_ranks, seed=seed)
+        for c in dict.fromkeys(configs):   # each replica's config refused now, not mid-run
+            checked_inputs(trace, c, catalog, trace_source=trace_source)
         blocks = [_kv_blocks(trace, c, profile, m, twin_catalog, None) for c in configs]
         reps = [Replica(c, capacity_profile(profile, nb, c)) for c, nb in zip(configs, blocks)]
         # one timeline step for both sides
@@ -133,8 +141,9 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
                   refresh_s=refresh_s, routing=routing, trace_source=trace_source)
         if warmup:
             warm_up(trace, configs[0], m, catalog, blocks[0], seed)
-        runs = [_execute_fleet(trace, reps, blocks, router, m, catalog, **kw)
-                for _ in range(max(int(repeats), 1))]
+        runs = [_execute_fleet(trace, reps, blocks, router, m, catalog, lora,
+                               progress=progress and i == 0, **kw)
+                for i in range(max(int(repeats), 1))]
     twin = simulate_fleet(trace, reps, make_router(router, table=routing), catalog=twin_catalog,
                           routing=routing, window_s=window_s, refresh_s=refresh_s,
                           sample_dt=kw["sample_dt"], trace_source=trace_source)
@@ -179,16 +188,17 @@ def _check_router(router: str, routing, n: int, trace: pd.DataFrame) -> None:
         r.route_all(pd.Categorical(trace["adapter"], categories=names).codes)
 
 
-def _execute_fleet(trace, reps, blocks, router, m, catalog, *, window_s, sample_dt, seed,
-                   refresh_s, routing, trace_source):
-    """One executor fleet run: a FedEngine per replica under the fleet's event loop."""
+def _execute_fleet(trace, reps, blocks, router, m, catalog, lora, *, window_s, sample_dt,
+                   seed, refresh_s, routing, trace_source, progress):
+    """One executor fleet run: a FedEngine per replica under the fleet's event loop;
+    ``lora``: the config whose LoRA setting decides the adapters the fleet is given."""
     import torch   # lazy: torch is an optional dependency, off `import twin`'s path
 
     from twin.executor.fed import FedEngine   # lazy: needs torch
     from twin.executor.inputs import checked_inputs   # lazy: needs torch
 
     t0 = time.perf_counter()
-    trace, xcat = checked_inputs(trace, reps[0].config, catalog, trace_source=trace_source)
+    trace, xcat = checked_inputs(trace, lora, catalog, trace_source=trace_source)
     router = make_router(router, table=routing).bind(len(reps), xcat.adapters)
     meta = {"model": getattr(m, "name", "LlamaModel"), "threads": torch.get_num_threads(),
             "trace": trace_source, "seed": seed, "time_scale": 1.0}
@@ -196,10 +206,22 @@ def _execute_fleet(trace, reps, blocks, router, m, catalog, *, window_s, sample_
                          sample_dt=sample_dt, seed=seed, meta=dict(meta, replica=k))
                for k, (r, nb) in enumerate(zip(reps, blocks))]
     aid = pd.Categorical(trace["adapter"], categories=xcat.adapters).codes.tolist()
-    route = run_loop(engines, trace["arrival_s"].tolist(), aid, router, refresh_s=refresh_s)
+    arrival = trace["arrival_s"].tolist()
+    bar = _bar(progress, arrival[-1] if arrival else 0.0)
+    route = run_loop(engines, arrival, aid, router, refresh_s=refresh_s, bar=bar)
+    if bar is not None:
+        bar.close()
     results = [e.result() if len(e.rows) else None for e in engines]
     return combine_fleet(trace, reps, router, np.asarray(route, dtype=np.int64), results,
                          window_s, wall_s=time.perf_counter() - t0, refresh_s=refresh_s)
+
+
+def _bar(enabled: bool, total_s: float):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # lazy: tqdm only for an interactive progress bar
+
+    return tqdm(total=round(total_s, 1), unit="s", desc="executor fleet")
 
 
 def _replica_table(ex, twin) -> pd.DataFrame:
