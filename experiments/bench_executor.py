@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from twin.config import ServingConfig  # noqa: E402
 from twin.executor.adapters import write_synthetic_adapters  # noqa: E402
-from twin.executor.engine import execute, prompt_token_ids  # noqa: E402
+from twin.executor.engine import execute  # noqa: E402
+from twin.executor.inputs import prompt_token_ids  # noqa: E402
 from twin.executor.model import LlamaModel  # noqa: E402
 from twin.executor.weights import make_tiny_llama, smollm2_dir  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402

@@ -185,7 +185,7 @@ def test_requests_stopped_mid_prefill_and_mid_decode_free_their_blocks(tiny, mon
     prefilling) and into another's fourth decode: exactly those two fail, the KV
     bookkeeping stays exact (the engine asserts it every step) and everyone else's tokens
     equal the reference run's."""
-    from twin.executor.engine import prompt_token_ids
+    from twin.executor.inputs import prompt_token_ids
 
     model_dir, cat, _ = tiny
     model = LlamaModel.from_pretrained(model_dir, dtype=torch.float64)

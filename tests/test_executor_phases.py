@@ -169,7 +169,8 @@ def test_every_phase_matches_peft_greedy_decoding(tiny, policy, blocks):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from twin.executor.engine import execute, prompt_token_ids
+    from twin.executor.engine import execute
+    from twin.executor.inputs import prompt_token_ids
     from twin.executor.model import LlamaModel
 
     model_dir, cat = tiny

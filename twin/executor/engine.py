@@ -19,10 +19,10 @@ the very same instants and must produce the very same batches. The logical clock
 the wall clock only by sleep overshoot.
 
 Prompts. A trace holds lengths (and maybe ``hash_ids``); token ids are synthetic and
-deterministic (:func:`request_token_ids`: equal hash ids, equal tokens), made for every
-request before the clock starts (vLLM's engine gets prompts tokenized). With the prefix
-cache on, a hit reads the cached KV blocks (``twin.executor.prefix_blocks``). Generation is greedy and stops at the request's
-``output_tokens`` (EOS is ignored), as ``vllm bench`` runs with ``ignore_eos`` do.
+deterministic (:func:`request_token_ids`: equal hash ids, equal tokens), made before the
+clock starts. With the prefix cache on, a hit reads the cached KV blocks
+(``twin.executor.prefix_blocks``). Generation is greedy and stops at ``output_tokens``
+(EOS ignored), as ``vllm bench`` runs with ``ignore_eos`` do.
 
 Bad adapters. Adapters the trace uses are checked up front from their configs (missing
 directory, pickle-only weights, unsupported PEFT features, rank above ``max_lora_rank``);
@@ -50,9 +50,7 @@ from twin.config import ServingConfig
 from twin.costs.step_time import after_idle
 from twin.executor.adapter_store import SlotAdapterStore as _AdapterStore
 from twin.executor.adapters import AdapterError, load_error
-from twin.executor.inputs import check_adapter_dir, checked_inputs, prompt_token_ids  # noqa: F401
-from twin.executor.inputs import request_token_ids
-from twin.executor.inputs import resolve_catalog  # noqa: F401 - its old import path
+from twin.executor.inputs import check_adapter_dir, checked_inputs, request_token_ids
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
 from twin.executor.loop_state import STEP_COLUMNS, Arrivals, Clock, NoProgress, Step, no_sync
@@ -82,7 +80,7 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     twin's, plus the per-step log in ``result.steps`` (see ``STEP_COLUMNS``).
 
     ``model``: an HF Llama directory or a loaded :class:`LlamaModel` (then ``device`` and
-    ``dtype`` are the model's). ``catalog``: see :func:`resolve_catalog`; adapter ids are
+    ``dtype`` are the model's). ``catalog``: see ``inputs.resolve_catalog``; adapter ids are
     catalog order, as in the twin. ``threads``: torch CPU threads for the run.
     ``num_gpu_blocks`` / ``kv_cache_gib``: KV capacity (see :func:`choose_num_blocks`).
     ``time_scale``: multiplies arrival times (0.5 replays the trace twice as fast).
@@ -210,16 +208,12 @@ class _Engine:
 
     def _start_run(self) -> None:
         """The run's state: arrivals, logical clock, outcomes, token ids, recorder."""
-        trace = self.trace
-        self.arrivals = self.arrivals_class(trace, self.ids, self.config.enable_lora)
+        self.arrivals = self.arrivals_class(trace := self.trace, self.ids, self.config.enable_lora)
         named = self.arrivals.hashes is not None   # the trace names its tokens: prefix figures
         self.out = Outcomes(trace["output_tokens"].to_numpy(np.int64), failures=True,
                             keep_tokens=self.keep_tokens, prefix=named)
         self.seqs: dict[int, list[int]] = {}    # request idx -> prompt + generated token ids
         self.memo: dict = {}                    # hash id -> its tokens (request_token_ids)
-        # Token ids made before the clock starts (vLLM's engine gets prompts tokenized, in
-        # another process): made at arrival (~0.3 ms each) they landed in the next step, a
-        # cost no step feature sees beside running decodes (issue 17: a hit's short step).
         self.prompt_ids = self._token_ids_ahead()
         self.rec = Recorder(self.sample_dt, self.num_blocks, prefix=named)
         self.bar = NoProgress()
@@ -232,8 +226,9 @@ class _Engine:
         self.clock = Clock()
 
     def _token_ids_ahead(self) -> list:
-        """Every request's token ids, made before the clock starts; as 4-byte arrays until
-        arrival (Python ints take ~9x that over a whole trace)."""
+        """Every request's token ids before the clock starts (vLLM's engine gets prompts
+        tokenized; made at arrival, ~0.3 ms each, they landed in the next step, issue 17),
+        as 4-byte arrays (Python ints take ~9x that)."""
         return [self._token_ids(i) for i in range(self.arrivals.n)]
 
     def _token_ids(self, i: int) -> array:

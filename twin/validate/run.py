@@ -272,7 +272,7 @@ def _catalogs(trace: pd.DataFrame, config, adapters, model_dir, *, adapter_ranks
     """(the executor's adapter catalog, the twin's: adapter and rank), None without LoRA;
     without ``adapters``, synthetic ones named after the trace's are written (cached)."""
     from twin.executor.adapters import make_cached_adapters   # lazy: needs torch
-    from twin.executor.engine import resolve_catalog   # lazy: needs torch
+    from twin.executor.inputs import resolve_catalog   # lazy: needs torch
 
     names = trace["adapter"].dropna().unique().tolist()
     if adapters is None and names and config.enable_lora:
