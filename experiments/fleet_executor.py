@@ -9,6 +9,7 @@ loads on both sides; and how many requests both sides routed to the same replica
 that reads replica state routes by each side's own state).
 
     python experiments/fleet_executor.py [--repeats 2] [--profile P.json] [--only a,b]
+                                         [--replica-processes]
     python experiments/fleet.py --part executor          # the same, inside fleet.py's JSON
 
 Run it un-niced under the shared timing lock (``flock /work/timing.lock``): the executor's
@@ -76,11 +77,15 @@ def calibrate(out: Path, repeats: int) -> Path:
     return path
 
 
-def run_workload(name, trace, config, router, refresh_s, profile, repeats) -> dict:
+def run_workload(name, trace, config, router, refresh_s, profile, repeats,
+                 processes: bool = False) -> dict:
     routing = lpt_table(trace, REPLICAS) if router == "static" else None
+    if processes:   # replica processes are read as of their last step: no scrape interval
+        refresh_s = 0.0
     t0 = time.perf_counter()
     v = validate_fleet(trace, REPLICAS, profile, router, "tiny", config=config,
-                       routing=routing, refresh_s=refresh_s, threads=1, repeats=repeats)
+                       routing=routing, refresh_s=refresh_s, threads=1, repeats=repeats,
+                       replica_processes=processes)
     sp = v.spread if repeats > 1 else {}
     per = v.replicas
     row = {"workload": name, "router": router, "refresh_s": refresh_s, "requests": len(trace),
@@ -120,7 +125,7 @@ def figures(df: pd.DataFrame) -> dict:
 
 
 def part_executor(out: Path, *, repeats: int = 2, profile=None, cal_repeats: int = 3,
-                  only=None, log=print) -> dict:
+                  only=None, processes: bool = False, log=print) -> dict:
     import torch  # lazy: torch
 
     torch.set_num_threads(1)
@@ -137,7 +142,7 @@ def part_executor(out: Path, *, repeats: int = 2, profile=None, cal_repeats: int
     for w in workloads():
         if only and w[0] not in only:
             continue
-        row = run_workload(*w, profile, repeats)
+        row = run_workload(*w, profile, repeats, processes)
         rows.append(row)
         log(f"{row['workload']:<36} {row['router']:<27} thru {row['thru']:5.1f}% "
             f"TTFT {row['TTFT']:5.1f}% ITL {row['ITL']:5.1f}% (spread {row['thru_spread']:.1f}"
@@ -146,7 +151,8 @@ def part_executor(out: Path, *, repeats: int = 2, profile=None, cal_repeats: int
     df = pd.DataFrame(rows)
     df.to_csv(out / "fleet_executor.csv", index=False)
     rows = df.round(2).astype(object).where(df.notna(), None).to_dict(orient="records")
-    return {**figures(df), "fleet_executor_rows": rows,
+    return {**figures(df), "fleet_executor_replica_processes": processes,
+            "fleet_executor_rows": rows,
             "fleet_executor_wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -157,9 +163,13 @@ def main(argv=None) -> int:
     p.add_argument("--cal-repeats", type=int, default=3, help="calibration repeats")
     p.add_argument("--only", help="comma-separated workload names")
     p.add_argument("--out", type=Path, default=Path("runs/fleet_executor"))
+    p.add_argument("--replica-processes", action="store_true",
+                   help="each executor replica in a process of its own, routed in real time "
+                        "(twin validate --replica-processes); default: one thread")
     a = p.parse_args(argv)
     res = part_executor(a.out, repeats=a.repeats, profile=a.profile, cal_repeats=a.cal_repeats,
-                        only=set(a.only.split(",")) if a.only else None)
+                        only=set(a.only.split(",")) if a.only else None,
+                        processes=a.replica_processes)
     print(json.dumps(res, default=str))
     return 0
 

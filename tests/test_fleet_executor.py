@@ -139,7 +139,6 @@ def test_each_executor_replica_is_a_lone_executor(tiny_profile, one_torch_thread
     makes: the same step count, after-idle instants, loads and request times. So a fed
     replica releases arrivals, idles and schedules as ``execute`` does."""
     from twin.executor.weights import resolve_model
-    from twin.sim.replay import replay
     from twin.validate.run import _catalogs
 
     rng = np.random.default_rng(3)
@@ -154,20 +153,28 @@ def test_each_executor_replica_is_a_lone_executor(tiny_profile, one_torch_thread
                                 seed=0)
     ex = v.executor
     for k in (0, 1):
-        res = ex.replicas[k]
         sub = tr.iloc[np.flatnonzero(ex.route == k)].reset_index(drop=True)
-        tw = replay(res, sub, twin_catalog, record_steps=True)
-        assert tw.summary["steps"] == len(res.steps) > 0
-        idle_ex = res.steps.loc[res.steps["after_idle"], "start_s"].to_numpy()
-        idle_tw = tw.steps.loc[tw.steps["after_idle"], "start_s"].to_numpy()
-        np.testing.assert_allclose(idle_tw, idle_ex, rtol=0, atol=1e-9)
-        for key in ("from_disk", "from_host"):
-            assert tw.summary["adapter_loads"][key] == res.summary["adapter_loads"][key]
-        a = res.requests.set_index("request_id").sort_index()
-        b = tw.requests.set_index("request_id").sort_index()
-        assert a.index.tolist() == sub["request_id"].sort_values().tolist()
-        for col in ("first_scheduled_s", "first_token_s", "finish_s"):
-            np.testing.assert_allclose(b[col], a[col], rtol=0, atol=1e-9)
+        assert_replays_alone(ex.replicas[k], sub, twin_catalog)
+
+
+def assert_replays_alone(res, sub, twin_catalog):
+    """Executor replica run ``res``, replayed by the twin on its share ``sub`` (its own
+    measured step durations, ``twin.sim.replay``), is a lone executor's run: the same step
+    count, after-idle instants, loads and request times."""
+    from twin.sim.replay import replay
+
+    tw = replay(res, sub, twin_catalog, record_steps=True)
+    assert tw.summary["steps"] == len(res.steps) > 0
+    idle_ex = res.steps.loc[res.steps["after_idle"], "start_s"].to_numpy()
+    idle_tw = tw.steps.loc[tw.steps["after_idle"], "start_s"].to_numpy()
+    np.testing.assert_allclose(idle_tw, idle_ex, rtol=0, atol=1e-9)
+    for key in ("from_disk", "from_host"):
+        assert tw.summary["adapter_loads"][key] == res.summary["adapter_loads"][key]
+    a = res.requests.set_index("request_id").sort_index()
+    b = tw.requests.set_index("request_id").sort_index()
+    assert a.index.tolist() == sub["request_id"].sort_values().tolist()
+    for col in ("first_scheduled_s", "first_token_s", "finish_s"):
+        np.testing.assert_allclose(b[col], a[col], rtol=0, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------

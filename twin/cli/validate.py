@@ -87,6 +87,10 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--routing", type=Path, help="routing.csv for --router static")
     p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
                    help="seconds between refreshes of the router's view (0: exact)")
+    p.add_argument("--replica-processes", action="store_true",
+                   help="run each executor replica in a process of its own, routed in real "
+                        "time (one core per replica: no replica's step shares a core's "
+                        "caches with another's); default: all on one thread, logical time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -149,9 +153,9 @@ def _fleet_requested(args) -> bool:
     fleet = args.replicas > 1 or args.router is not None
     router = args.router or "round_robin"
     if not fleet:
-        if args.routing is not None or args.router_refresh_s:
-            raise TwinInputError("--routing and --router-refresh-s are a fleet's: add "
-                                 "--router (and --replicas N)", field="--router")
+        if args.routing is not None or args.router_refresh_s or args.replica_processes:
+            raise TwinInputError("--routing, --router-refresh-s and --replica-processes are "
+                                 "a fleet's: add --router (and --replicas N)", field="--router")
         return False
     if router == "static" and args.routing is None:
         raise TwinInputError("--router static needs --routing routing.csv", field="--routing")
@@ -174,7 +178,8 @@ def _run_fleet(args, config, trace, say) -> int:
                        config=config, routing=args.routing, refresh_s=args.router_refresh_s,
                        threads=args.threads, device=args.device, window_s=args.window_s,
                        seed=args.seed, repeats=args.repeats, trace_source=str(args.trace),
-                       out=args.out, progress=not args.no_progress)
+                       out=args.out, progress=not args.no_progress,
+                       replica_processes=args.replica_processes)
     return _report(args, v, f"executor fleet vs twin fleet: {args.trace} ({len(trace)} "
                    f"requests, {args.replicas} replicas, router {router}, profile "
                    f"{args.profile})", "table.csv, replicas.csv, validation.json, "

@@ -132,7 +132,7 @@ def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
         checked.add(r.config)
         clocks.append(FedClock(cols, catalog, server, r.profile, window_s=window_s,
                                sample_dt=sample_dt))
-    bar = _bar(progress, float(cols.arrival[-1]) if cols.arrival else 0.0, "sim-s")
+    bar = progress_bar(progress, float(cols.arrival[-1]) if cols.arrival else 0.0, "sim-s")
     route = run_loop(clocks, cols.arrival, cols.aid, router, refresh_s=refresh_s, bar=bar)
     if bar is not None:
         bar.close()
@@ -191,7 +191,7 @@ def _independent(trace, reps, route, catalog, workers, backend, address, progres
     payloads = _Shares(trace, reps, np.asarray(route, dtype=np.int64), catalog, kw)
     results = [None] * len(reps)
     runner = make_backend(backend, workers=workers, address=address)
-    bar = _bar(progress, len(payloads), "replica")
+    bar = progress_bar(progress, len(payloads), "replica")
     for k, res in runner.map_unordered(simulate_replica, payloads):
         results[k] = res
         if bar is not None:
@@ -201,9 +201,10 @@ def _independent(trace, reps, route, catalog, workers, backend, address, progres
     return results
 
 
-def _bar(enabled: bool, total: float, unit: str):
+def progress_bar(enabled: bool, total: float, unit: str, desc: str = "fleet"):
+    """A tqdm bar to ``total`` (simulated seconds, replicas), None when not ``enabled``."""
     if not enabled:
         return None
     from tqdm.auto import tqdm  # lazy: tqdm only for an interactive progress bar
 
-    return tqdm(total=round(total, 1), unit=unit, desc="fleet")
+    return tqdm(total=round(total, 1), unit=unit, desc=desc)

@@ -14,19 +14,13 @@ residency tier with an index and a membership test, ~10^6 times in a fleet's hou
 
 from __future__ import annotations
 
+from twin.sched.adapter_cache import residency as _residents
+
 GPU, HOST, NONE = 0, 1, 2   # residency tiers, best first
 
 
 def _outstanding(clock) -> int:
     return clock.sched.in_flight() + clock.inbox
-
-
-def _residents(cache) -> tuple:
-    """(adapters on the GPU, adapters in host memory or None: all of them) of one cache."""
-    gpu = getattr(cache, "gpu", None)
-    if gpu is not None:   # vLLM: GPU slots over a host cache
-        return gpu.resident, cache.host.resident
-    return cache.resident, None   # S-LoRA: all adapters in host memory
 
 
 class LiveView:
@@ -112,4 +106,40 @@ class ScrapedView(LiveView):
         return self.loads
 
     def sent(self, k: int) -> None:
+        self.loads[k] += 1
+
+
+class PublishedView(LiveView):
+    """The replicas' state as each last published it, plus the router's own sends since.
+
+    For replicas that run in processes of their own (``twin.executor.live``): a replica
+    sends its requests in flight, the requests it has received and where its adapters
+    reside after every step that changed them (:meth:`update`). A request the router sent
+    that the replica had not received when it published is counted on top, so a burst
+    routed between two steps is not sent to one replica as if it were idle."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.loads, self.sent_to, self.received = [0] * n, [0] * n, [0] * n
+        self.dirty: set = set()   # never read: the loads are kept current
+        self.gpu: list = [set() for _ in range(n)]
+        self.host: list = [set() for _ in range(n)]
+
+    def update(self, k: int, in_flight: int, received: int, gpu, host) -> None:
+        """Replica ``k`` published: ``in_flight`` requests (delivered, not finished),
+        ``received`` requests delivered so far, adapters on its GPU and in host memory
+        (None: every adapter, S-LoRA)."""
+        self.received[k] = received
+        self.loads[k] = in_flight + self.sent_to[k] - received
+        self.gpu[k] = set(gpu)
+        self.host[k] = None if host is None else set(host)
+
+    def outstanding_all(self) -> list[int]:
+        return self.loads
+
+    def preloaded(self, adapter: int) -> list[int]:
+        return [k for k in range(self.n) if self.tier(k, adapter) != NONE]
+
+    def sent(self, k: int) -> None:
+        self.sent_to[k] += 1
         self.loads[k] += 1

@@ -155,3 +155,14 @@ class AdapterCache:
         self._tick += 1
         self.gpu.touch(adapter, self._tick)
         self.host.touch(adapter, self._tick)
+
+
+def residency(cache) -> tuple:
+    """(adapters on the GPU, adapters in host memory or None: all of them) of a server's
+    adapter cache, as live containers (membership tests): vLLM's slots over a host cache
+    (:class:`AdapterCache`), or S-LoRA's pool (``resident``: every adapter is in host
+    memory). What a router reads of a replica (``twin.fleet.view``, ``twin.executor.live``)."""
+    gpu = getattr(cache, "gpu", None)
+    if gpu is not None:
+        return gpu.resident, cache.host.resident
+    return cache.resident, None

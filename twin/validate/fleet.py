@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.fleet import Replica, make_router, simulate_fleet
+from twin.fleet.fleet import progress_bar
 from twin.fleet.loop import run_loop
 from twin.fleet.report import combine_fleet
 from twin.outputs import check_out, staged_dir
@@ -38,6 +38,7 @@ from twin.results import crop_window
 from twin.results.plot import plot_timeline
 from twin.results.recorder import default_sample_dt, trace_horizon
 from twin.validate.compare import compare, format_table, median_summary, run_spread
+from twin.validate.fleet_live import check_live_fleet, execute_live_fleet
 from twin.validate.run import (_catalogs, _check_profile_model, _executor_model, _kv_blocks,
                                capacity_profile, capped_context, pinned_threads, warm_up)
 from twin.workload.schema import validate_trace
@@ -105,13 +106,15 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
                    device: str = "cpu", window_s: float | None = None, seed: int = 0,
                    repeats: int = 1, warmup: bool = True, adapter_ranks=(8, 16),
                    trace_source: str = "trace", out=None, plot: bool = True,
-                   progress: bool = False) -> FleetValidation:
+                   progress: bool = False, replica_processes: bool = False) -> FleetValidation:
     """Serve ``trace`` on ``replicas`` executor replicas behind ``router`` and compare with
     the fleet twin on ``profile`` (calibrated on this model: ``twin calibrate --executor``).
     ``replicas``: a count (each ``config``) or a list of ServingConfigs. ``routing``: the
     static router's table; ``refresh_s``: the router's view refresh (0: exact).
     ``repeats``: executor fleet runs, the twin compared to their median; ``progress``: a
-    bar over the first run's simulated seconds. Other arguments as
+    bar over the first run's simulated seconds. ``replica_processes``: each executor
+    replica in a process of its own, routed in real time (``twin.validate.fleet_live``;
+    default: all on this thread, in logical time). Other arguments as
     :func:`twin.validate.validate`."""
     if out is not None:   # a bad destination fails now, not after the executor's runs
         check_out(out, "validate")
@@ -121,9 +124,11 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
     warn_if_other_machine(profile)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
     _check_router(router, routing, len(configs), trace)
+    if replica_processes:
+        check_live_fleet(model, refresh_s)
     from twin.executor.inputs import checked_inputs   # lazy: needs torch
 
-    with pinned_threads(profile, threads):
+    with pinned_threads(profile, threads) as used:
         m, model_dir = _executor_model(model, profile, device)
         _check_profile_model(profile, m, model)
         configs = [capped_context(c, m) for c in configs]
@@ -139,11 +144,18 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
         kw = dict(window_s=window_s, sample_dt=default_sample_dt(trace_horizon(trace, window_s)),
                   seed=seed,
                   refresh_s=refresh_s, routing=routing, trace_source=trace_source)
-        if warmup:
-            warm_up(trace, configs[0], m, catalog, blocks[0], seed)
-        runs = [_execute_fleet(trace, reps, blocks, router, m, catalog, lora,
-                               progress=progress and i == 0, **kw)
-                for i in range(max(int(repeats), 1))]
+        if replica_processes:
+            dtype = str(m.dtype).removeprefix("torch.")
+            runs = [execute_live_fleet(trace, reps, blocks, router, model_dir, dtype, catalog,
+                                       lora, threads=used, warmup=warmup,
+                                       progress=progress and i == 0, **kw)
+                    for i in range(max(int(repeats), 1))]
+        else:
+            if warmup:
+                warm_up(trace, configs[0], m, catalog, blocks[0], seed)
+            runs = [_execute_fleet(trace, reps, blocks, router, m, catalog, lora,
+                                   progress=progress and i == 0, **kw)
+                    for i in range(max(int(repeats), 1))]
     twin = simulate_fleet(trace, reps, make_router(router, table=routing), catalog=twin_catalog,
                           routing=routing, window_s=window_s, refresh_s=refresh_s,
                           sample_dt=kw["sample_dt"], trace_source=trace_source)
@@ -207,21 +219,13 @@ def _execute_fleet(trace, reps, blocks, router, m, catalog, lora, *, window_s, s
                for k, (r, nb) in enumerate(zip(reps, blocks))]
     aid = pd.Categorical(trace["adapter"], categories=xcat.adapters).codes.tolist()
     arrival = trace["arrival_s"].tolist()
-    bar = _bar(progress, arrival[-1] if arrival else 0.0)
+    bar = progress_bar(progress, arrival[-1] if arrival else 0.0, "s", "executor fleet")
     route = run_loop(engines, arrival, aid, router, refresh_s=refresh_s, bar=bar)
     if bar is not None:
         bar.close()
     results = [e.result() if len(e.rows) else None for e in engines]
     return combine_fleet(trace, reps, router, np.asarray(route, dtype=np.int64), results,
                          window_s, wall_s=time.perf_counter() - t0, refresh_s=refresh_s)
-
-
-def _bar(enabled: bool, total_s: float):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm  # lazy: tqdm only for an interactive progress bar
-
-    return tqdm(total=round(total_s, 1), unit="s", desc="executor fleet")
 
 
 def _replica_table(ex, twin) -> pd.DataFrame:
