@@ -105,3 +105,18 @@ def test_token_ids_are_made_outside_the_replica_clock(model_dir, monkeypatch):
     assert (res.requests["status"] == "finished").all() and len(res.requests) == 10
     assert res.steps["duration_s"].max() < 0.3, res.steps[["start_s", "duration_s"]]
 
+
+def test_an_idle_wait_for_a_late_row_is_no_step(model_dir):
+    """A row that arrives while the replica waits idle, already due (the parent sent it
+    late: a loaded box), starts an after-idle step that counts none of the wait (the
+    replica's clock stood at its last step's end, the wait fell into the next step)."""
+    r = _Replica(_spec(model_dir, 2))
+    r.conn.send(("start", time.perf_counter() + 0.05, [0]))
+    r.until("state", lambda m: m[1] == 0 and m[2] == 1)   # row 0 finished: idle
+    time.sleep(0.4)
+    r.conn.send(("row", 1))   # its arrival (0 s) is long past
+    res = r.result()
+    assert (res.requests["status"] == "finished").all()
+    late = res.steps[[1 in ids for ids in res.steps["batch_request_ids"]]]
+    assert late["duration_s"].max() < 0.3, res.steps[["start_s", "duration_s"]]
+    assert bool(late["after_idle"].iloc[0])

@@ -78,8 +78,10 @@ class LiveEngine(FedEngine):
                 if not self.arrivals.open:
                     break
                 self._drain(conn, block=True)   # the window ended: take the rest, unserved
-            elif t == INF:
+            elif t == INF:   # idle until a delivery: the wait is no step's
                 self._drain(conn, block=True)
+                if self.arrivals.inbox:   # due already (sent late): its step starts now
+                    clock.wait_until(max(clock.now, self.arrivals.next_s))
             elif t > clock.now:
                 clock.wait_until(t)
         return self.result()
