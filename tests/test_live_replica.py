@@ -120,3 +120,15 @@ def test_an_idle_wait_for_a_late_row_is_no_step(model_dir):
     late = res.steps[[1 in ids for ids in res.steps["batch_request_ids"]]]
     assert late["duration_s"].max() < 0.3, res.steps[["start_s", "duration_s"]]
     assert bool(late["after_idle"].iloc[0])
+
+
+def test_a_start_taken_late_is_no_step(model_dir):
+    """The start instant is named by the parent (~50 ms ahead); a replica that takes its
+    start message after that instant (a loaded box) starts its clock when it starts, as
+    a lone executor's clock starts when it starts: its first step does not count the
+    lateness."""
+    r = _Replica(_spec(model_dir, 2))
+    r.conn.send(("start", time.perf_counter() - 0.4, [0, 1]))
+    res = r.result()
+    assert (res.requests["status"] == "finished").all()
+    assert res.steps["duration_s"].max() < 0.3, res.steps[["start_s", "duration_s"]]

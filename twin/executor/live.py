@@ -16,7 +16,8 @@ last step, as a real router reads a replica's last report; the requests it sent 
 are counted on top.
 
 Time. Logical 0 is the wall instant the parent names at start (``time.perf_counter`` is
-the system's monotonic clock, the same in every process); the parent sends a request no
+the system's monotonic clock, the same in every process), or the replica's own start when
+it takes that message late (the lateness is no step's); the parent sends a request no
 later than its arrival's wall instant (``twin.validate.fleet_live``: a state-free router's
 share with the start, a state-reading router's picks a few ms ahead), and the replica
 releases it when its clock reaches the arrival, as a lone executor releases its trace's.
@@ -62,10 +63,13 @@ class LiveEngine(FedEngine):
         ``start_wall``; sends ``("state", ...)`` (:meth:`state`) after every tick that
         changed it. Returns the replica's RunResult once closed and done."""
         clock = self.clock
-        clock.now, clock.wall = 0.0, start_wall
         left = start_wall - time.perf_counter()
         if left > 0:
             time.sleep(left)
+        # logical 0 is now: the start instant, or later when this replica took its start
+        # late (a loaded box), which its first step must not count (a lone executor's clock
+        # starts when it starts, and Clock.wait_until ends a wait where the sleep ends)
+        clock.now, clock.wall = 0.0, time.perf_counter()
         last = None
         while True:
             self._drain(conn, block=False)
