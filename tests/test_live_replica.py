@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 from multiprocessing.connection import Connection  # noqa: E402
 
-from twin.config import ServingConfig  # noqa: E402
+from tests.test_fed_engine import CFG, pytestmark  # noqa: E402,F401 - one torch thread
 from twin.executor.adapters import write_synthetic_adapters  # noqa: E402
 from twin.executor.engine import _Engine  # noqa: E402
 from twin.executor.inputs import checked_inputs  # noqa: E402
@@ -28,18 +28,11 @@ from twin.executor.weights import make_tiny_llama  # noqa: E402
 from twin.validate.fleet_live import replica_main  # noqa: E402
 from twin.workload.catalog import AdapterCatalog  # noqa: E402
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
-
-CFG = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=16, max_num_seqs=4,
-                    max_num_batched_tokens=32, max_model_len=64)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     make_tiny_llama(root / "model", seed=0)
-    write_synthetic_adapters(root / "model", root / "ad", 2, ranks=(8,))
     return root
 
 
