@@ -111,3 +111,119 @@ def test_replica_processes_refuse_what_they_cannot_do(monkeypatch, tiny_profile)
     with pytest.raises(RuntimeError, match="replica 0 failed(.|\n)*no-such-model"):
         with _Replicas([spec]):
             pass
+
+
+# -- the parent's side of the sockets, with replicas played by threads ----------------------
+def _replicas_over_threads(*replicas):
+    """A ``_Replicas`` over socket pairs whose other ends are served by the given functions
+    (each called with its end, on a thread of its own); no process is started."""
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    from twin.validate.fleet_live import _Replicas
+
+    procs = _Replicas.__new__(_Replicas)
+    procs.conns, procs.procs, threads = [], [], []
+    for fn in replicas:
+        mine, theirs = socket.socketpair()
+        procs.conns.append(Connection(mine.detach()))
+        threads.append(threading.Thread(target=fn, args=(Connection(theirs.detach()),),
+                                        daemon=True))
+    procs.view = PublishedView(len(replicas))
+    procs._results, procs._done = [None] * len(replicas), [False] * len(replicas)
+    for t in threads:
+        t.start()
+    return procs, threads
+
+
+def test_parent_reads_every_replica_while_it_waits_for_the_results():
+    """A replica publishes its state after every step until it ends; while the parent
+    waits for one replica's result it keeps reading every other replica's reports, so a
+    replica that publishes more than a socket's buffer holds (~300 small messages) is
+    never held in ``send`` (its clock would count the wait as a step) until a slower one
+    ends. Replica 0 here ends only once replica 1 has sent all its reports (or 5 s on)."""
+    import threading
+
+    sent_all = threading.Event()
+
+    def slow(conn):
+        conn.recv()   # close
+        conn.send(("result", "r0" if sent_all.wait(timeout=5) else "r0, replica 1 held"))
+
+    def busy(conn):
+        conn.recv()
+        for i in range(3000):
+            conn.send(("state", i % 7, 0, (1, 2), (1, 2, 3)))
+        sent_all.set()
+        conn.send(("result", "r1"))
+
+    procs, threads = _replicas_over_threads(slow, busy)
+    assert procs.results() == ["r0", "r1"]
+    assert procs.view.outstanding_all()[1] == 2999 % 7   # its last report read
+    for t in threads:
+        t.join(timeout=5)
+
+
+def test_a_replica_that_failed_and_exited_raises_its_traceback():
+    """A replica that failed sends its traceback and exits: the parent raises it, not the
+    broken pipe of the close (or the row) it sends to the exited replica; a replica that
+    ended without a word (killed) is named."""
+    def failed(conn):
+        conn.send(("error", "Traceback: boom in replica"))
+        conn.close()
+
+    def fine(conn):
+        try:
+            conn.recv()
+            conn.send(("result", "r1"))
+        except (EOFError, OSError):   # the parent gave up on the fleet
+            pass
+
+    procs, threads = _replicas_over_threads(failed, fine)
+    threads[0].join(timeout=5)
+    with pytest.raises(RuntimeError, match="replica 0 failed(.|\n)*boom in replica"):
+        procs.results()
+    procs.__exit__(RuntimeError, None, None)
+    procs, threads = _replicas_over_threads(failed, fine)
+    threads[0].join(timeout=5)
+    with pytest.raises(RuntimeError, match="replica 0 failed(.|\n)*boom in replica"):
+        procs.send(0, ("row", 3))
+    procs.__exit__(RuntimeError, None, None)
+    procs, threads = _replicas_over_threads(lambda conn: conn.close(), fine)
+    threads[0].join(timeout=5)
+    with pytest.raises(RuntimeError, match="replica 0 exited"):
+        procs.results()
+    procs.__exit__(RuntimeError, None, None)
+    for t in threads:
+        t.join(timeout=5)
+
+
+def test_no_replica_process_outlives_a_failed_start(monkeypatch, tiny_profile):
+    """Replica 0 fails to load its model while replica 1 loads and waits for its start:
+    the parent raises replica 0's traceback and ends replica 1 too, at once (it would wait
+    for a start that never comes while the parent lives on)."""
+    import subprocess
+
+    from twin.validate import fleet_live
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            started.append(self)
+
+    def broken_first(self, specs, _init=fleet_live._Replicas.__init__):
+        _init(self, [dict(specs[0], model_dir=str(tiny_profile.parent / "no-model")),
+                     *specs[1:]])
+
+    monkeypatch.setattr(fleet_live.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(fleet_live._Replicas, "__init__", broken_first)
+    tr = trace_of(["a0", "a1"], gap=0.1)
+    with pytest.raises(RuntimeError, match="replica 0 failed") as failed:
+        validate_fleet(tr, 2, tiny_profile, "round_robin", "tiny", config=CFG,
+                       replica_processes=True, warmup=False)
+    assert len(started) == 2 and failed.value is not None   # the parent's frames kept
+    for p in started:
+        p.wait(timeout=20)   # TimeoutExpired: a replica left running

@@ -126,7 +126,8 @@ class FedEngine(_Engine):
 
     def deliver(self, row: int) -> float | None:
         """Row ``row`` arrives here now; returns the new wake when it woke the replica."""
-        self.prompt_ids[row] = self._token_ids(row)
+        if self.prompt_ids[row] is None:   # not made ahead (twin.executor.live makes all)
+            self.prompt_ids[row] = self._token_ids(row)
         self.rows.append(row)
         self.arrivals.inbox.append(row)
         if self.wake == INF:

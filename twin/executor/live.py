@@ -16,7 +16,8 @@ last step, as a real router reads a replica's last report; the requests it sent 
 are counted on top.
 
 Time. Logical 0 is the wall instant the parent names at start (``time.perf_counter`` is
-the system's monotonic clock, the same in every process); the parent sends a request no
+the system's monotonic clock, the same in every process), or the replica's own start when
+it takes that message late (the lateness is no step's); the parent sends a request no
 later than its arrival's wall instant (``twin.validate.fleet_live``: a state-free router's
 share with the start, a state-reading router's picks a few ms ahead), and the replica
 releases it when its clock reaches the arrival, as a lone executor releases its trace's.
@@ -42,6 +43,12 @@ class LiveEngine(FedEngine):
     it ends, on the wall clock)."""
 
     _commit_phase = _Engine._commit_phase
+    #: every row's token ids before the clock starts, as a lone executor makes its trace's
+    #: (the fed replica makes them at delivery, between its logical steps; here a delivery
+    #: falls between two steps on the wall clock, and ~0.1-0.3 ms a request would land in
+    #: the next step, or delay the start when a share comes with it). The cost: each
+    #: process holds the fleet trace's ids, as a lone executor of that trace would.
+    _token_ids_ahead = _Engine._token_ids_ahead
 
     def state(self) -> tuple:
         """(requests in flight, requests received, adapters on the GPU, in host memory or
@@ -56,10 +63,13 @@ class LiveEngine(FedEngine):
         ``start_wall``; sends ``("state", ...)`` (:meth:`state`) after every tick that
         changed it. Returns the replica's RunResult once closed and done."""
         clock = self.clock
-        clock.now, clock.wall = 0.0, start_wall
         left = start_wall - time.perf_counter()
         if left > 0:
             time.sleep(left)
+        # logical 0 is now: the start instant, or later when this replica took its start
+        # late (a loaded box), which its first step must not count (a lone executor's clock
+        # starts when it starts, and Clock.wait_until ends a wait where the sleep ends)
+        clock.now, clock.wall = 0.0, time.perf_counter()
         last = None
         while True:
             self._drain(conn, block=False)
@@ -72,8 +82,10 @@ class LiveEngine(FedEngine):
                 if not self.arrivals.open:
                     break
                 self._drain(conn, block=True)   # the window ended: take the rest, unserved
-            elif t == INF:
+            elif t == INF:   # idle until a delivery: the wait is no step's
                 self._drain(conn, block=True)
+                if self.arrivals.inbox:   # due already (sent late): its step starts now
+                    clock.wait_until(max(clock.now, self.arrivals.next_s))
             elif t > clock.now:
                 clock.wait_until(t)
         return self.result()

@@ -121,28 +121,40 @@ class _Replicas:
         # fork (torch's thread pools do not survive one) nor multiprocessing's spawn (it
         # re-imports the caller's main script); a socket pair carries pickled messages
         self.conns, self.procs = [], []
-        for spec in specs:
-            mine, theirs = socket.socketpair()
-            p = subprocess.Popen([sys.executable, "-m", "twin.validate.fleet_live",
-                                  str(theirs.fileno())], pass_fds=[theirs.fileno()])
-            theirs.close()
-            conn = Connection(mine.detach())
-            conn.send(spec)
-            self.conns.append(conn)
-            self.procs.append(p)
         self.view = PublishedView(len(specs))
         self._results, self._done = [None] * len(specs), [False] * len(specs)
+        try:
+            for spec in specs:
+                mine, theirs = socket.socketpair()
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "twin.validate.fleet_live", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()]))
+                theirs.close()
+                self.conns.append(Connection(mine.detach()))
+                self.send(len(self.conns) - 1, spec)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
 
     def __enter__(self):
-        for k, c in enumerate(self.conns):   # each replica's "ready" and first state
-            while not self._take(k, c.recv()):
-                pass
+        try:
+            for k in range(self.n):   # each replica's "ready" and first state
+                while not self._take(k, self._recv(k)):
+                    pass
+        except BaseException:   # no __exit__ when __enter__ raises: the replicas end here
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        """Close the sockets; on an error kill every replica at once (one waiting for a
+        message, or sleeping to its next arrival, would outlive the run), else let each
+        end."""
         for c in self.conns:
             c.close()
         for p in self.procs:
+            if exc_type is not None:
+                p.kill()
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -157,32 +169,50 @@ class _Replicas:
         """Start every replica at one wall instant, replica ``k`` given ``rows[k]`` (the
         fleet trace's rows routed to it ahead of time, delivered before its clock starts)."""
         start = time.perf_counter() + START_LEAD_S
-        for c, mine in zip(self.conns, rows):
-            c.send(("start", start, mine))
+        for k, mine in enumerate(rows):
+            self.send(k, ("start", start, mine))
         return start
 
     def send(self, k: int, msg) -> None:
-        self.conns[k].send(msg)
+        """Send replica ``k`` a message; a replica that has exited raises what it said."""
+        try:
+            self.conns[k].send(msg)
+        except OSError:   # a broken pipe: it failed (its traceback waits unread) or died
+            while True:
+                self._take(k, self._recv(k))
 
     def listen_until(self, wall: float) -> None:
         """Read what the replicas publish until the wall instant ``wall`` (and once more)."""
         while True:
             left = wall - time.perf_counter()
-            for c in connection.wait(self.conns, timeout=max(left, 0.0)):
-                k = self.conns.index(c)
-                while c.poll():
-                    self._take(k, c.recv())
+            self._read_ready(self.conns, max(left, 0.0))
             if left <= 0:
                 return
 
     def results(self) -> list:
-        """Close every replica and collect its RunResult."""
-        for c in self.conns:
-            c.send(("close",))
-        for k, c in enumerate(self.conns):
-            while not self._done[k]:
-                self._take(k, c.recv())
+        """Close every replica and collect its RunResult, reading every replica's reports
+        meanwhile: one left unread would be held in ``send`` once its socket's buffer
+        (~300 reports) is full, its clock counting the wait, until the others ended."""
+        for k in range(self.n):
+            self.send(k, ("close",))
+        while not all(self._done):
+            self._read_ready([c for c, d in zip(self.conns, self._done) if not d], None)
         return self._results
+
+    def _read_ready(self, conns, timeout) -> None:
+        """Take every message waiting on ``conns``, waiting up to ``timeout`` (None: until
+        one has some) for the first."""
+        for c in connection.wait(conns, timeout=timeout):
+            k = self.conns.index(c)
+            while not self._done[k] and c.poll():
+                self._take(k, self._recv(k))
+
+    def _recv(self, k: int):
+        try:
+            return self.conns[k].recv()
+        except EOFError:   # its end closed without an error message: killed
+            raise RuntimeError(f"executor replica {k} exited without its result (killed? "
+                               f"out of memory?)") from None
 
     def _take(self, k: int, msg) -> bool:
         """Act on replica ``k``'s message; True for "ready"."""
