@@ -90,7 +90,7 @@ def test_token_ids_are_made_outside_the_replica_clock(model_dir, monkeypatch):
     monkeypatch.setattr(_Engine, "_token_ids", slow)
     r = _Replica(_spec(model_dir, 10))
     start = time.perf_counter() + 0.05
-    r.conn.send(("start", start, list(range(6))))
+    r.conn.send(("start", start, list(range(6)), True))
     time.sleep(max(start + 0.01 - time.perf_counter(), 0.0))
     for j in range(6, 10):
         r.conn.send(("row", j))
@@ -104,7 +104,7 @@ def test_an_idle_wait_for_a_late_row_is_no_step(model_dir):
     late: a loaded box), starts an after-idle step that counts none of the wait (the
     replica's clock stood at its last step's end, the wait fell into the next step)."""
     r = _Replica(_spec(model_dir, 2))
-    r.conn.send(("start", time.perf_counter() + 0.05, [0]))
+    r.conn.send(("start", time.perf_counter() + 0.05, [0], True))
     r.until("state", lambda m: m[1] == 0 and m[2] == 1)   # row 0 finished: idle
     time.sleep(0.4)
     r.conn.send(("row", 1))   # its arrival (0 s) is long past
@@ -121,7 +121,7 @@ def test_a_start_taken_late_is_no_step(model_dir):
     a lone executor's clock starts when it starts: its first step does not count the
     lateness."""
     r = _Replica(_spec(model_dir, 2))
-    r.conn.send(("start", time.perf_counter() - 0.4, [0, 1]))
+    r.conn.send(("start", time.perf_counter() - 0.4, [0, 1], True))
     res = r.result()
     assert (res.requests["status"] == "finished").all()
     assert res.steps["duration_s"].max() < 0.3, res.steps[["start_s", "duration_s"]]

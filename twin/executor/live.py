@@ -57,11 +57,12 @@ class LiveEngine(FedEngine):
         return (self.sched.in_flight() + self.inbox, len(self.rows), tuple(sorted(gpu)),
                 None if host is None else tuple(sorted(host)))
 
-    def serve(self, conn, start_wall: float):
+    def serve(self, conn, start_wall: float, publish: bool = True):
         """Serve what arrives on ``conn`` (``("row", i)``: row ``i`` of the fleet trace
         arrives now; ``("close",)``: no more) from logical 0 at wall instant
-        ``start_wall``; sends ``("state", ...)`` (:meth:`state`) after every tick that
-        changed it. Returns the replica's RunResult once closed and done."""
+        ``start_wall``; with ``publish`` (a router that reads state), sends ``("state",
+        ...)`` (:meth:`state`) after every tick that changed it, until closed (no route
+        reads it after). Returns the replica's RunResult once closed and done."""
         clock = self.clock
         left = start_wall - time.perf_counter()
         if left > 0:
@@ -74,8 +75,7 @@ class LiveEngine(FedEngine):
         while True:
             self._drain(conn, block=False)
             t = self._tick()
-            state = self.state()
-            if state != last:
+            if publish and self.arrivals.open and (state := self.state()) != last:
                 conn.send(("state", *state))
                 last = state
             if t is None:

@@ -46,6 +46,9 @@ START_LEAD_S = 0.05   # between the start message and logical 0: every replica i
 #: when its clock reaches the arrival (a socket and a wake-up take ~0.1-1 ms; more on a
 #: loaded box), and the router reads the replicas as of then (up to ~a step earlier)
 ROUTE_LEAD_S = 0.005
+#: how often the router empties the replicas' sockets while it waits for an arrival (a
+#: socket holds ~300 reports: ~1 s of a busy replica's steps)
+READ_EVERY_S = 0.1
 
 
 def execute_live_fleet(trace, reps, blocks, router, model_dir, dtype: str, catalog, lora, *,
@@ -93,10 +96,11 @@ def _route_live(procs, arrival, adapter, router, progress: bool) -> list[int]:
     instant, from what the replicas have published by then, and sends it."""
     if not router.reads_state:
         route = router.route_all(adapter).tolist()
-        procs.start([[j for j, k in enumerate(route) if k == r] for r in range(procs.n)])
+        procs.start([[j for j, k in enumerate(route) if k == r] for r in range(procs.n)],
+                    publish=False)
         return route
     view = procs.view
-    start = procs.start([[] for _ in range(procs.n)])
+    start = procs.start([[] for _ in range(procs.n)], publish=True)
     bar = progress_bar(progress, arrival[-1] if arrival else 0.0, "s", "executor fleet")
     route = [0] * len(arrival)
     for j, a in enumerate(arrival):
@@ -165,12 +169,13 @@ class _Replicas:
     def n(self) -> int:
         return len(self.conns)
 
-    def start(self, rows: list[list[int]]) -> float:
+    def start(self, rows: list[list[int]], publish: bool) -> float:
         """Start every replica at one wall instant, replica ``k`` given ``rows[k]`` (the
-        fleet trace's rows routed to it ahead of time, delivered before its clock starts)."""
+        fleet trace's rows routed to it ahead of time, delivered before its clock starts);
+        ``publish``: whether they report their state (a router that reads it)."""
         start = time.perf_counter() + START_LEAD_S
         for k, mine in enumerate(rows):
-            self.send(k, ("start", start, mine))
+            self.send(k, ("start", start, mine, publish))
         return start
 
     def send(self, k: int, msg) -> None:
@@ -182,12 +187,13 @@ class _Replicas:
                 self._take(k, self._recv(k))
 
     def listen_until(self, wall: float) -> None:
-        """Read what the replicas publish until the wall instant ``wall`` (and once more)."""
-        while True:
-            left = wall - time.perf_counter()
-            self._read_ready(self.conns, max(left, 0.0))
-            if left <= 0:
-                return
+        """Read what the replicas have published by the wall instant ``wall``: asleep
+        until then, waking every ``READ_EVERY_S`` to empty the sockets (a wake per report
+        would take a core from a replica hundreds of times a second)."""
+        while (left := wall - time.perf_counter()) > 0:
+            time.sleep(min(left, READ_EVERY_S))
+            self._read_ready(self.conns, 0.0)
+        self._read_ready(self.conns, 0.0)
 
     def results(self) -> list:
         """Close every replica and collect its RunResult, reading every replica's reports
@@ -248,10 +254,10 @@ def replica_main(conn, spec: dict) -> None:
                        sample_dt=spec["sample_dt"], seed=spec["seed"], meta=spec["meta"])
         conn.send(("state", *e.state()))
         conn.send(("ready",))
-        _, start, rows = conn.recv()
+        _, start, rows, publish = conn.recv()
         for row in rows:
             e.deliver(row)
-        res = e.serve(conn, start)
+        res = e.serve(conn, start, publish)
         conn.send(("result", res if len(e.rows) else None))
     except Exception:   # the parent raises it, with the replica's traceback
         conn.send(("error", traceback.format_exc()))
