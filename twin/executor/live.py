@@ -7,13 +7,15 @@ every replica's KV cache and LoRA slots. Measured on two tiny-model replicas, th
 the test rig that a fleet of separate GPUs does not have. :class:`LiveEngine` is the
 other rig: one replica per process (one torch thread each, on a core of its own where
 the box has one per replica), with the lone executor's loop and clock on the wall clock
-as it is, fed the requests a router sends it as they arrive (:func:`serve`).
+as it is, fed the requests a router sends it as they arrive (:func:`serve`). (Measured on
+the 2-core box, it is not the cleaner rig: two replicas stepping at once on two cores
+are slower than interleaved on one; README_fleet, "Replica processes".)
 
-After every tick that changed them it publishes what a router reads: its requests in
-flight (delivered, not finished), how many it has received, and where its adapters reside
-(``twin.fleet.view.PublishedView`` reads them). So a router reads a replica as of its
-last step, as a real router reads a replica's last report; the requests it sent since
-are counted on top.
+For a router that reads state it publishes, after every tick that changed them, its
+requests in flight (delivered, not finished), how many it has received, and where its
+adapters reside (``twin.fleet.view.PublishedView`` reads them). So a router reads a
+replica as of its last step, as a real router reads a replica's last report; the
+requests it sent since are counted on top.
 
 Time. Logical 0 is the wall instant the parent names at start (``time.perf_counter`` is
 the system's monotonic clock, the same in every process), or the replica's own start when
