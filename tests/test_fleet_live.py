@@ -107,7 +107,7 @@ def test_replica_processes_refuse_what_they_cannot_do(monkeypatch, tiny_profile)
     from twin.validate.fleet_live import _Replicas
 
     spec = {"threads": 1, "model_dir": str(tiny_profile.parent / "no-such-model"),
-            "dtype": "float32"}
+            "dtype": "float32", "device": "cpu"}
     with pytest.raises(RuntimeError, match="replica 0 failed(.|\n)*no-such-model"):
         with _Replicas([spec]):
             pass

@@ -43,7 +43,7 @@ def _spec(root, n):
                                            dtype="string"),
                        "prompt_tokens": np.full(n, 12), "output_tokens": np.full(n, 3)})
     tr, xcat = checked_inputs(tr, CFG, cat)
-    return dict(trace=tr, config=CFG, model_dir=str(root / "model"), dtype="float32",
+    return dict(trace=tr, config=CFG, model_dir=str(root / "model"), dtype="float32", device="cpu",
                 catalog=xcat, num_gpu_blocks=64, window_s=None, sample_dt=0.05, seed=0,
                 meta={}, threads=0, warmup=False)
 

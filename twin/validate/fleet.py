@@ -145,8 +145,7 @@ def validate_fleet(trace: pd.DataFrame, replicas, profile, router: str = "round_
                   seed=seed,
                   refresh_s=refresh_s, routing=routing, trace_source=trace_source)
         if replica_processes:
-            dtype = str(m.dtype).removeprefix("torch.")
-            runs = [execute_live_fleet(trace, reps, blocks, router, model_dir, dtype, catalog,
+            runs = [execute_live_fleet(trace, reps, blocks, router, m, model_dir, catalog,
                                        lora, threads=used, warmup=warmup,
                                        progress=progress and i == 0, **kw)
                     for i in range(max(int(repeats), 1))]

@@ -38,6 +38,7 @@ from twin.fleet import make_router
 from twin.fleet.fleet import progress_bar
 from twin.fleet.report import combine_fleet
 from twin.fleet.view import PublishedView
+from twin.validate.run import warm_up
 
 __all__ = ["check_live_fleet", "execute_live_fleet"]
 
@@ -51,12 +52,12 @@ ROUTE_LEAD_S = 0.005
 READ_EVERY_S = 0.1
 
 
-def execute_live_fleet(trace, reps, blocks, router, model_dir, dtype: str, catalog, lora, *,
+def execute_live_fleet(trace, reps, blocks, router, m, model_dir, catalog, lora, *,
                        window_s, sample_dt, seed, refresh_s, routing, trace_source,
                        threads, warmup: bool, progress: bool = False):
     """One executor fleet run, each replica in its own process, routed in real time from
-    this one. Arguments as ``twin.validate.fleet._execute_fleet``; ``model_dir`` and
-    ``dtype``: the model each process loads."""
+    this one. Arguments as ``twin.validate.fleet._execute_fleet``; each process loads the
+    model in ``model_dir`` on the device and in the dtype of ``m``, the loaded one."""
     from twin.executor.inputs import checked_inputs   # lazy: needs torch
 
     if (os.cpu_count() or 1) < len(reps):
@@ -67,7 +68,9 @@ def execute_live_fleet(trace, reps, blocks, router, model_dir, dtype: str, catal
     router = make_router(router, table=routing).bind(len(reps), xcat.adapters)
     meta = {"model": str(model_dir), "threads": threads, "trace": trace_source, "seed": seed,
             "time_scale": 1.0, "replica_processes": True}
+    dtype = str(m.dtype).removeprefix("torch.")
     specs = [dict(trace=trace, config=r.config, model_dir=str(model_dir), dtype=dtype,
+                  device=m.device.type,
                   catalog=xcat, num_gpu_blocks=nb, window_s=window_s, sample_dt=sample_dt,
                   seed=seed, meta=dict(meta, replica=k), threads=threads, warmup=warmup)
              for k, (r, nb) in enumerate(zip(reps, blocks))]
@@ -240,11 +243,10 @@ def replica_main(conn, spec: dict) -> None:
 
         from twin.executor.live import LiveEngine   # lazy: needs torch
         from twin.executor.model import LlamaModel   # lazy: needs torch
-        from twin.validate.run import warm_up   # lazy: needs torch
 
         if spec["threads"]:
             torch.set_num_threads(int(spec["threads"]))
-        m = LlamaModel.from_pretrained(spec["model_dir"], device=torch.device("cpu"),
+        m = LlamaModel.from_pretrained(spec["model_dir"], device=torch.device(spec["device"]),
                                        dtype=getattr(torch, spec["dtype"]))
         trace, config, cat, nb = (spec[k] for k in ("trace", "config", "catalog",
                                                      "num_gpu_blocks"))
@@ -261,7 +263,6 @@ def replica_main(conn, spec: dict) -> None:
         conn.send(("result", res if len(e.rows) else None))
     except Exception:   # the parent raises it, with the replica's traceback
         conn.send(("error", traceback.format_exc()))
-
 
 
 if __name__ == "__main__":   # a replica process: its socket's descriptor, then its spec on it
