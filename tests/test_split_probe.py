@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from twin.executor.split.probe import (GCPauses, freeze_startup_heap, probe_tables,
-                                       schedstat)
+from twin.executor.gc_heap import freeze_startup_heap
+from twin.executor.split.probe import GCPauses, probe_tables, schedstat
 
 
 def test_freeze_moves_the_heap_out_of_the_collector():

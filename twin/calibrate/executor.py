@@ -65,6 +65,7 @@ from twin.costs.memory import GIB, MemoryModel
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES
 from twin.executor.anchor_spec import anchor_summary
+from twin.executor.gc_heap import frozen_heap
 from twin.errors import TwinInputError
 
 __all__ = ["calibrate_executor", "memory_model", "Cell", "design", "fit_nnls",
@@ -184,12 +185,14 @@ def _measure(m, model_dir: Path, cells: list, cache: MeasurementCache, adapters_
     need_loads = not cache.has("load-r8")
     log(f"{len(cells)} cells x {repeats} repeats, {len(cells) * repeats - len(todo)} runs "
         f"reused, {len(todo)} to measure" + (f", budget {budget_s:g} s" if budget_s else ""))
-    if todo:   # warm-up: the first forwards of a process are slow
-        measure_cell(Cell(4, 32, 8, 2, 2, 16, 64), m, cell_adapters, max_model_len, -1, policy)
-    if need_loads:
-        cache.add(measure_loads(m, adapters_dir, repeats))
-    return measure_cells(todo, cache, m, cell_adapters, max_model_len, policy,
-                         budget_s=budget_s, t0=t0, progress=progress)
+    with frozen_heap():   # as validation serves (gc_heap); one collection, not one a cell
+        if todo:   # warm-up: the first forwards of a process are slow
+            measure_cell(Cell(4, 32, 8, 2, 2, 16, 64), m, cell_adapters, max_model_len, -1,
+                         policy)
+        if need_loads:
+            cache.add(measure_loads(m, adapters_dir, repeats))
+        return measure_cells(todo, cache, m, cell_adapters, max_model_len, policy,
+                             budget_s=budget_s, t0=t0, progress=progress)
 
 
 def _hardware(dev, device_memory_gib: float | None, n_threads: int) -> tuple[float, dict]:

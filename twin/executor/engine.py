@@ -11,12 +11,10 @@ the server was built with; the loop only calls its hooks. Requests are released 
 arrival time has come; the engine sleeps when idle. Unlike the twin it never jumps over
 runs of decode steps: every step is computed and timed.
 
-Clock. The engine keeps a *logical* clock that advances by each step's measured wall
-duration and, when idle, jumps to the next arrival (then sleeps until the wall clock has
-caught up). Step ``i`` occupies ``[start_i, start_i + duration_i)`` and the next step starts
-where it ended, so the twin, replaying the recorded durations (``twin.sim.replay``), sees
-the very same instants and must produce the very same batches. The logical clock trails
-the wall clock only by sleep overshoot.
+Clock. A *logical* clock advances by each step's measured duration and, idle, jumps to the
+next arrival (sleeping until the wall clock catches up): step ``i`` is ``[start_i, start_i +
+duration_i)``, so the twin replaying the durations (``twin.sim.replay``) sees the same
+instants and must make the same batches. The start-up heap is out of the collector (vLLM).
 
 Prompts. A trace holds lengths (and maybe ``hash_ids``); token ids are synthetic and
 deterministic (:func:`request_token_ids`: equal hash ids, equal tokens), made before the
@@ -24,17 +22,16 @@ clock starts. With the prefix cache on, a hit reads the cached KV blocks
 (``twin.executor.prefix_blocks``). Generation is greedy and stops at ``output_tokens``
 (EOS ignored), as ``vllm bench`` runs with ``ignore_eos`` do.
 
-Bad adapters. Adapters the trace uses are checked up front from their configs (missing
-directory, pickle-only weights, unsupported PEFT features, rank above ``max_lora_rank``);
-their requests fail on arrival. Anything found only when the weights are read (corrupt
-file, wrong shapes, NaN/inf weights) fails the requests that needed the load, in that step;
-the adapter is then dropped from the caches. A request whose logits turn NaN/inf (finite
-weights that overflow) is stopped after that step rather than emitting argmax-of-NaN tokens.
-Either way the request's status is ``failed`` with the reason in ``error``, and every other
-request runs normally: attention never reads KV slots outside a request's own context
-(``twin.executor.model.context_slots``), so what a failed request leaves in freed blocks
-cannot leak. A trace naming an adapter the catalog lacks is refused before the run starts
-(:class:`TwinInputError`).
+Bad adapters. Adapters the trace uses are checked up front from their configs (missing dir,
+pickle-only weights, unsupported PEFT features, rank > ``max_lora_rank``): their requests
+fail. Anything found only when the weights are read (corrupt file, wrong shapes, NaN/inf
+weights) fails the requests that needed the load, in that step; the adapter is then dropped
+from the caches. A request whose logits turn NaN/inf (finite weights that overflow) is
+stopped after that step rather than emitting argmax-of-NaN tokens. Either way the request's
+status is ``failed`` with the reason in ``error``, and every other request runs normally:
+attention never reads KV slots outside a request's own context (``model.context_slots``), so
+what a failed request leaves in freed blocks cannot leak. A trace naming an adapter the
+catalog lacks is refused before the run starts (:class:`TwinInputError`).
 """
 
 from __future__ import annotations
@@ -50,6 +47,7 @@ from twin.config import ServingConfig
 from twin.costs.step_time import after_idle
 from twin.executor.adapter_store import SlotAdapterStore as _AdapterStore
 from twin.executor.adapters import AdapterError, load_error
+from twin.executor.gc_heap import frozen_heap
 from twin.executor.inputs import check_adapter_dir, checked_inputs, request_token_ids
 from twin.executor.kv_memory import choose_num_blocks
 from twin.executor.lora import GroupedLoRASlots
@@ -75,7 +73,7 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
             threads: int | None = None, window_s: float | None = None, progress: bool = False,
             seed: int = 0, num_gpu_blocks: int | None = None, kv_cache_gib: float | None = None,
             time_scale: float = 1.0, keep_tokens: bool = False, trace_source: str = "trace",
-            sample_dt: float | None = None) -> RunResult:
+            sample_dt: float | None = None, gc_freeze: bool = True) -> RunResult:
     """Serve ``trace`` for real with ``config`` and return a :class:`RunResult` like the
     twin's, plus the per-step log in ``result.steps`` (see ``STEP_COLUMNS``).
 
@@ -85,6 +83,7 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
     ``num_gpu_blocks`` / ``kv_cache_gib``: KV capacity (see :func:`choose_num_blocks`).
     ``time_scale``: multiplies arrival times (0.5 replays the trace twice as fast).
     ``keep_tokens``: add the generated token ids per request (column ``output_token_ids``).
+    ``gc_freeze``: False scans the start-up heap in every full collection (module docstring).
     """
     trace, catalog = checked_inputs(trace, config, catalog, time_scale=time_scale,
                                     window_s=window_s, trace_source=trace_source)
@@ -97,11 +96,13 @@ def execute(trace: pd.DataFrame, config: ServingConfig, model, catalog=None, *,
             model = LlamaModel.from_pretrained(model, device=device, dtype=dtype)
         else:
             model_name = getattr(model, "name", "LlamaModel")
-        return _Engine(trace, config, model, catalog, window_s=window_s, progress=progress,
-                       seed=seed, num_gpu_blocks=num_gpu_blocks, kv_cache_gib=kv_cache_gib,
-                       keep_tokens=keep_tokens, sample_dt=sample_dt,
-                       meta={"model": model_name, "time_scale": time_scale, "seed": seed,
-                             "threads": torch.get_num_threads(), "trace": trace_source}).run()
+        engine = _Engine(trace, config, model, catalog, window_s=window_s, progress=progress,
+                         seed=seed, num_gpu_blocks=num_gpu_blocks, kv_cache_gib=kv_cache_gib,
+                         keep_tokens=keep_tokens, sample_dt=sample_dt,
+                         meta={"model": model_name, "time_scale": time_scale, "seed": seed,
+                               "threads": torch.get_num_threads(), "trace": trace_source})
+        with frozen_heap(gc_freeze):
+            return engine.run()
     finally:
         torch.set_num_threads(old_threads)
 
@@ -120,8 +121,7 @@ class _Engine:
             # vLLM derives max_model_len from the model; it never serves beyond it
             config = config.replace(max_model_len=model.shape.max_position_embeddings)
         self.config = config
-        names = catalog.adapters
-        self.names = names
+        self.names = names = catalog.adapters
         self.ids = {a: i for i, a in enumerate(names)}
         paths = list(catalog.table["path"]) if len(catalog) else []
         # up-front checks of the adapters the trace (or the preload) needs

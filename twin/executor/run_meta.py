@@ -10,13 +10,15 @@ from __future__ import annotations
 import torch
 
 import twin
+from twin.executor.gc_heap import gc_frozen
 
 
 def run_meta(meta: dict, config, model, num_blocks: int, bad: dict[int, str],
              names: list[str], window_s: float | None) -> dict:
     """``meta`` (the run's own: model name, threads, seed, ...) with the executor's
     provenance added: config, device (and GPU name on CUDA), dtype, KV blocks, the model's
-    shape and the adapters found bad (name -> why)."""
+    shape, the adapters found bad (name -> why) and whether the collector had the start-up
+    heap frozen (``twin.executor.gc_heap``)."""
     s = model.shape
     out = dict(meta)
     out.update({
@@ -32,6 +34,7 @@ def run_meta(meta: dict, config, model, num_blocks: int, bad: dict[int, str],
                         "dtype_bytes": model.embed.element_size(),
                         "tie_word_embeddings": s.tie_word_embeddings},
         "bad_adapters": {names[a]: m for a, m in bad.items()},
+        "gc_frozen": gc_frozen(),
         "twin_version": twin.__version__,
     })
     return out

@@ -29,6 +29,7 @@ from twin.config import ServingConfig
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
+from twin.executor.gc_heap import frozen_heap
 from twin.fleet import Replica, make_router, simulate_fleet
 from twin.fleet.fleet import progress_bar
 from twin.fleet.loop import run_loop
@@ -219,10 +220,11 @@ def _execute_fleet(trace, reps, blocks, router, m, catalog, lora, *, window_s, s
     aid = pd.Categorical(trace["adapter"], categories=xcat.adapters).codes.tolist()
     arrival = trace["arrival_s"].tolist()
     bar = progress_bar(progress, arrival[-1] if arrival else 0.0, "s", "executor fleet")
-    route = run_loop(engines, arrival, aid, router, refresh_s=refresh_s, bar=bar)
-    if bar is not None:
-        bar.close()
-    results = [e.result() if len(e.rows) else None for e in engines]
+    with frozen_heap():   # as vLLM's engines serve (twin.executor.gc_heap)
+        route = run_loop(engines, arrival, aid, router, refresh_s=refresh_s, bar=bar)
+        if bar is not None:
+            bar.close()
+        results = [e.result() if len(e.rows) else None for e in engines]
     return combine_fleet(trace, reps, router, np.asarray(route, dtype=np.int64), results,
                          window_s, wall_s=time.perf_counter() - t0, refresh_s=refresh_s)
 

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
+from twin.executor.gc_heap import freeze_startup_heap
 from twin.fleet import make_router
 from twin.fleet.fleet import progress_bar
 from twin.fleet.report import combine_fleet
@@ -254,6 +255,7 @@ def replica_main(conn, spec: dict) -> None:
             warm_up(trace, config, m, cat, nb, spec["seed"])
         e = LiveEngine(trace, config, m, cat, num_gpu_blocks=nb, window_s=spec["window_s"],
                        sample_dt=spec["sample_dt"], seed=spec["seed"], meta=spec["meta"])
+        freeze_startup_heap()   # a replica serves until it exits, as a vLLM engine does
         conn.send(("state", *e.state()))
         conn.send(("ready",))
         _, start, rows, publish = conn.recv()

@@ -31,6 +31,7 @@ import pandas as pd
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
+from twin.executor.gc_heap import frozen_heap
 from twin.outputs import check_out, staged_dir
 from twin.results import crop_window
 from twin.results.plot import plot_timeline
@@ -340,13 +341,14 @@ def _serve(trace: pd.DataFrame, config, m, catalog, nb: int, *, window_s, progre
     two speed-anchor samples."""
     from twin.executor.engine import execute   # lazy: needs torch
 
-    if warmup:
-        warm_up(trace, config, m, catalog, nb, seed)
     first, summaries = None, []
-    for i in range(max(int(repeats), 1)):   # only the first run's step log is kept
-        r = anchored_run(anchor, lambda: execute(
-            trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
-            progress=progress and i == 0, seed=seed, trace_source=trace_source))
-        first = r if first is None else first
-        summaries.append(r.summary)
+    with frozen_heap():   # one collection for the warm-up and every run (gc_heap)
+        if warmup:
+            warm_up(trace, config, m, catalog, nb, seed)
+        for i in range(max(int(repeats), 1)):   # only the first run's step log is kept
+            r = anchored_run(anchor, lambda: execute(
+                trace, config, m, catalog, num_gpu_blocks=nb, window_s=window_s,
+                progress=progress and i == 0, seed=seed, trace_source=trace_source))
+            first = r if first is None else first
+            summaries.append(r.summary)
     return first, summaries

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from twin.executor.model import LlamaModel
 from twin.executor.split.exchange import LINEAR_OPS
-from twin.executor.split.probe import ProcessProbe, freeze_startup_heap
+from twin.executor.gc_heap import freeze_startup_heap
+from twin.executor.split.probe import ProcessProbe
 
 BATCH_COLUMNS = ["batch", "kind", "layer", "op", "rows", "clients", "t_start",
                  "t_queue_s", "compute_s"]

@@ -39,7 +39,8 @@ from twin.executor.shape import LlamaShape
 from twin.executor.slora import BuiltServer
 from twin.executor.split.client_adapters import ClientAdapterStore, check_client_adapter
 from twin.executor.split.exchange import Exchange, op_dims
-from twin.executor.split.probe import ProcessProbe, freeze_startup_heap, schedstat
+from twin.executor.gc_heap import freeze_startup_heap
+from twin.executor.split.probe import ProcessProbe, schedstat
 from twin.servers import build_server
 from twin.workload.catalog import AdapterCatalog
 

@@ -4,10 +4,9 @@
 objects) before it serves. CPython's cyclic collector scans all of them in every
 generation-2 collection, which the run's own allocations trigger every few hundred steps:
 a 100-250 ms pause of one process (the base: every client waits; a client: its step and
-every request queued behind it). :func:`freeze_startup_heap` does what vLLM's workers do
-after warm-up (``freeze_gc_heap()`` at the end of ``compile_or_warm_up_model``:
-``gc.collect(); gc.freeze()``): the start-up objects leave the collector's generations,
-so a later full collection scans only what the run created.
+every request queued behind it). Each process freezes its start-up heap as vLLM's
+workers do (``twin.executor.gc_heap``), so a later full collection scans only what the run
+created.
 
 **The probe** (``execute_split(probe=True)``): per process, its GC pauses
 (:class:`GCPauses`), its thread's CPU time and its run-queue delay (time runnable but
@@ -35,12 +34,6 @@ BASE_CALL_COLUMNS = ["client", "batch", "t_send", "t_arrived", "t_start", "t_com
 #: the client's per-step log (``ClientEngine.probe_rows``)
 STEP_PROBE_COLUMNS = ["cpu_s", "run_delay_s"]
 GC_COLUMNS = ["t_start", "pause_s", "generation", "collected"]
-
-
-def freeze_startup_heap() -> None:
-    """Collect once and freeze what survives (see the module docstring)."""
-    gc.collect()
-    gc.freeze()
 
 
 def schedstat() -> tuple[float, float]:

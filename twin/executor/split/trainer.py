@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from twin.executor.model import _rotate_half, rms_norm
 from twin.executor.split.client import SplitModel
 from twin.executor.split.exchange import LINEAR_OPS, Exchange, op_dims
-from twin.executor.split.probe import freeze_startup_heap
+from twin.executor.gc_heap import freeze_startup_heap
 
 TRAIN_STEP_COLUMNS = ["step", "t_start", "t_end", "tokens", "loss", "base_wait_s",
                       "transfer_s"]
