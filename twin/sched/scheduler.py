@@ -131,34 +131,40 @@ class Scheduler(Aborts):
         budget = self.budget
         group = self.group
         pool = self.pool
-        ordered = group.n <= budget and (
-            not self.prefilling or group.n == 0 or group.max_seq() < self.prefilling[0].seq)
+        prefilling = self.prefilling
+        gn = group.n
+        ordered = gn <= budget and (
+            not prefilling or gn == 0 or group.max_seq() < prefilling[0].seq)
         if not ordered:
             budget = self._schedule_running_slow(plan, budget)
         else:
             # decoders first (one token each), then prefill chunks in running order
-            held, self._held_next = group.held_blocks_now_and_next()
-            free = pool.num_blocks - pool.used - held
-            need = self._held_next - held  # decoders crossing into a new block
-            left = budget - group.n
+            held, held_next = group.held_blocks_now_and_next()
+            self._held_next = held_next
+            need = held_next - held  # decoders crossing into a new block
+            left = budget - gn
             chunks = []
-            for r in self.prefilling:
-                if left <= 0:
-                    break
-                n = min(r.num_tokens - r.computed, left, self.max_model_len - r.computed)
-                if n <= 0:
-                    continue
-                nb = pool.blocks_for(r.computed + n) - r.blocks
-                need += nb
-                chunks.append((r, n, nb))
-                left -= n
-            if need > free:
+            if prefilling:
+                # Request.num_tokens and pool.blocks_for written out: once per chunk per step
+                B, max_model_len = pool.block_size, self.max_model_len
+                for r in prefilling:
+                    if left <= 0:
+                        break
+                    c = r.computed
+                    n = min(r.prompt + r.generated - c, left, max_model_len - c)
+                    if n <= 0:
+                        continue
+                    nb = -(-(c + n) // B) - r.blocks
+                    need += nb
+                    chunks.append((r, n, nb))
+                    left -= n
+            if need > pool.num_blocks - pool.used - held:
                 need, chunks = self._preempt_tail(plan, need, chunks)
             if group.n:
                 plan.group_decode = True
-                plan.decode_n = group.n
-                plan.decode_ctx = group.context_tokens()
-                plan.decode_lora = group.n - group.n_base
+                plan.decode_n = gn = group.n
+                plan.decode_ctx = group.X + gn * (group.clock + 1)   # group.context_tokens()
+                plan.decode_lora = gn - group.n_base
             for r, n, nb in chunks:
                 r.blocks += nb
                 pool.take(nb)
@@ -171,7 +177,7 @@ class Scheduler(Aborts):
             plan.blocked = self.admit(plan, budget, now)
         self.blocked = plan.blocked
         plan.adapters = len(self.cache.in_use)
-        plan.kv_blocks = self.pool.used + (self._held_next if plan.group_decode else 0)
+        plan.kv_blocks = pool.used + (self._held_next if plan.group_decode else 0)
         return plan
 
     def _preempt_tail(self, plan: StepPlan, need: int, chunks: list):
@@ -298,19 +304,29 @@ class Scheduler(Aborts):
         with :meth:`start_running` and returns why it stopped (``EMPTY``, ``SEQS``,
         ``BUDGET``, ``KV``, ``LORA``), which must persist as :meth:`arrival_may_change`
         assumes."""
-        waiting, pool, cache = self.waiting, self.pool, self.cache
-        free = self.admission_free_blocks(plan)
+        waiting = self.waiting
         running = self.group.n + len(self.prefilling)
+        max_num_seqs = self.max_num_seqs
+        # the loop's first checks before anything is computed: most steps admit no one
+        if running >= max_num_seqs:
+            return SEQS
+        if budget <= 0:
+            return BUDGET
+        if not len(waiting):
+            return EMPTY
+        pool, cache = self.pool, self.cache
+        free = self.admission_free_blocks(plan)
         lora_gate = self.max_loras if self.enable_lora else 1 << 62
+        in_use = cache.in_use
         while True:
-            if running >= self.max_num_seqs:
+            if running >= max_num_seqs:
                 return SEQS
             if budget <= 0:
                 return BUDGET
             if not len(waiting):
                 return EMPTY
-            if len(cache.in_use) >= lora_gate:
-                r = waiting.first_among(cache.in_use)
+            if len(in_use) >= lora_gate:
+                r = waiting.first_among(in_use)
                 if r is None:
                     return LORA
             else:
@@ -318,7 +334,7 @@ class Scheduler(Aborts):
             hit = evictable = 0   # leading blocks cached, and those of them in the free queue
             if self.caching and r.hash_ids is not None:
                 hit, evictable = self.prefix.peek(r, free)
-            n = min(r.num_tokens - hit * pool.block_size, budget)
+            n = min(r.prompt + r.generated - hit * pool.block_size, budget)   # r.num_tokens
             nb = pool.blocks_for(hit * pool.block_size + n)
             if nb - hit + evictable > free:
                 return KV
@@ -362,27 +378,31 @@ class Scheduler(Aborts):
         if plan.group_decode:
             group.clock += steps
             finished = group.pop_finished()
-            if self.caching and finished:
-                self._leave_group(finished)
-            for r in finished:
-                r.generated = r.output
-                self._finish(r, now)
-                done.append(r)
+            if finished:
+                if self.caching:
+                    self._leave_group(finished)
+                for r in finished:
+                    r.generated = r.output
+                    self._finish(r, now)
+                done = finished
         if plan.explicit:
-            prefilling = [r for r in self.prefilling if r.status == PREFILLING]
+            max_model_len = self.max_model_len
             finished_prefill = []
             for r, n in plan.explicit:
-                r.computed += n
-                if r.computed >= r.num_tokens or r.computed >= self.max_model_len:
+                c = r.computed = r.computed + n
+                if c >= r.prompt + r.generated or c >= max_model_len:   # r.num_tokens
                     r.generated += 1
                     if r.first_token < 0:
                         r.first_token = now
                     finished_prefill.append(r)
             if finished_prefill:
+                # running ones with another chunk to go stay, in order (read before the
+                # finished ones below change status: they leave by seq whatever it is)
+                prefilling = [r for r in self.prefilling if r.status == PREFILLING]
                 gone = set()
                 for r in finished_prefill:
                     gone.add(r.seq)
-                    if r.generated >= r.output or r.computed >= self.max_model_len:
+                    if r.generated >= r.output or r.computed >= max_model_len:
                         if self.caching:
                             self._leave_cache(r, r.computed, r.blocks)
                         self.pool.give(r.blocks)
@@ -393,8 +413,9 @@ class Scheduler(Aborts):
                         self.pool.give(r.blocks)
                         r.blocks = 0
                         group.add(r, r.computed)
-                prefilling = [r for r in prefilling if r.seq not in gone]
-            self.prefilling = prefilling
+                self.prefilling = [r for r in prefilling if r.seq not in gone]
+            else:
+                self.prefilling = [r for r in self.prefilling if r.status == PREFILLING]
         return done
 
     def _leave_cache(self, r: Request, computed: int, blocks: int, uncounted: int = 0) -> None:
@@ -433,7 +454,8 @@ class Scheduler(Aborts):
         Bounded by the next completion and by the KV pool; arrivals are the caller's
         business (``arrival_may_change``). Returns 1 when no jump is possible.
         """
-        if not plan.pure_decode or plan.blocked == PREEMPTED:
+        if not (plan.group_decode and not plan.explicit and not plan.loads) \
+                or plan.blocked == PREEMPTED:   # not plan.pure_decode, its property read
             return 1
         g = self.group
         k = g.steps_to_next_finish()
