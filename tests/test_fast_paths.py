@@ -62,6 +62,29 @@ def test_linear_decode_run_is_the_general_form_bit_for_bit():
         assert fast.steps_within(f, ctx, k, h) == general.steps_within(f, ctx, k, h)
 
 
+def test_linear_steps_within_at_the_run_times_themselves_is_the_bisection():
+    """The closed form's bracket (``StepTimeModel._linear_bracket``) must give the
+    bisection's step at the hardest horizons: a run's own times and the floats either
+    side of them, for short and long runs, a slope of 0 and a slope much larger than the
+    first step."""
+    rng = random.Random(1)
+    for trial in range(300):
+        base = {k: rng.uniform(1e-8, 1e-2) for k in FEATURES}
+        base["decode_context"] = rng.choice([0.0, 1e-9, rng.uniform(1e-9, 1e-6), 1e-3])
+        fast = StepTimeModel(base)
+        general = StepTimeModel(base)
+        general._linear = False
+        f = StepFeatures(*(1.0 if k == "const" else rng.randrange(1, 10**6)
+                           if k == "decode_context" else rng.uniform(0, 500)
+                           for k in FEATURES))
+        ctx, k = rng.randrange(1, 300), rng.choice([1, 2, 3, rng.randrange(4, 10**5)])
+        j = rng.randrange(1, k + 1)
+        t = fast.decode_run(f, ctx, j)[0]
+        for h in (t, np.nextafter(t, 0), np.nextafter(t, np.inf), t / 2, 0.0, -1.0,
+                  fast.decode_run(f, ctx, k)[0] * 2, float("inf"), float("nan")):
+            assert fast.steps_within(f, ctx, k, h) == general.steps_within(f, ctx, k, h)
+
+
 @pytest.fixture(scope="module")
 def trace():
     return rate_class_trace(8, (3.2, 1.6, 0.8), duration_s=60,

@@ -234,7 +234,7 @@ class _Clock:
         sched, rec, out, arrive = self.sched, self.rec, self.out, self.arrive
         has_work, schedule, finish_step = sched.has_work, sched.schedule, sched.finish_step
         quiet_steps, record, rec_step = sched.quiet_steps, out.record, rec.step
-        decode_run, one_step = self.decode_run, self.one_step
+        decode_run, one_step, timeout = self.decode_run, self.one_step, env.timeout
         arrival_list, window_s = self.arrival, self.window_s
         featurize, jump, horizon = self.server.featurize, self.jump, self.horizon
         i = 0
@@ -252,7 +252,7 @@ class _Clock:
                     break
                 rec.sample(now, sched)
                 idle = True
-                yield env.timeout(arrival_list[i] - now)
+                yield timeout(arrival_list[i] - now)
                 continue
             plan = schedule(now)
             if not (plan.decode_n or plan.prefill_tokens) and not plan.preempted:
@@ -261,7 +261,7 @@ class _Clock:
                 if i >= n:
                     break
                 idle = True
-                yield env.timeout(arrival_list[i] - now)
+                yield timeout(arrival_list[i] - now)
                 continue
             f = featurize(plan)
             steps = 1
@@ -274,7 +274,7 @@ class _Clock:
                 dur, steps, i = decode_run(plan, f, now, steps, i)
             else:
                 dur = one_step(plan, f)
-            fed = yield env.timeout(dur)
+            fed = yield timeout(dur)
             if fed is not None:   # a router fed arrivals during the run (twin.sim.fed)
                 dur, steps, i = fed
             rec_step(plan, now, dur, steps, was_idle)
