@@ -18,6 +18,8 @@ from twin.sched.request import Request
 
 
 class WaitingQueue:
+    __slots__ = ("_fifo", "_heads", "_n", "_next_front")
+
     BASE = -1
 
     def __init__(self):
