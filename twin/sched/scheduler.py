@@ -69,7 +69,7 @@ class Scheduler(Aborts):
 
     def in_flight(self) -> int:
         """Requests running or waiting (a router's count of a replica's load)."""
-        return self.group.n + len(self.prefilling) + len(self.waiting)
+        return self.group.n + len(self.prefilling) + self.waiting.n
 
     def kv_used_blocks(self) -> int:
         return self.pool.used + self.group.held_blocks()
@@ -83,7 +83,7 @@ class Scheduler(Aborts):
 
     def has_work(self) -> bool:
         # num_running's terms, read directly: asked once per engine step
-        return self.group.n > 0 or len(self.prefilling) > 0 or len(self.waiting) > 0
+        return self.group.n > 0 or len(self.prefilling) > 0 or self.waiting.n > 0
 
     def computed(self, req: Request) -> int:
         return self.group.computed(req) if req.status == DECODING else req.computed
@@ -128,10 +128,7 @@ class Scheduler(Aborts):
     # -- the step --------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
         plan = StepPlan()
-        budget = self.budget
-        group = self.group
-        pool = self.pool
-        prefilling = self.prefilling
+        budget, group, pool, prefilling = self.budget, self.group, self.pool, self.prefilling
         gn = group.n
         ordered = gn <= budget and (
             not prefilling or gn == 0 or group.max_seq() < prefilling[0].seq)
@@ -144,20 +141,18 @@ class Scheduler(Aborts):
             need = held_next - held  # decoders crossing into a new block
             left = budget - gn
             chunks = []
-            if prefilling:
-                # Request.num_tokens and pool.blocks_for written out: once per chunk per step
-                B, max_model_len = pool.block_size, self.max_model_len
-                for r in prefilling:
-                    if left <= 0:
-                        break
-                    c = r.computed
-                    n = min(r.prompt + r.generated - c, left, max_model_len - c)
-                    if n <= 0:
-                        continue
-                    nb = -(-(c + n) // B) - r.blocks
-                    need += nb
-                    chunks.append((r, n, nb))
-                    left -= n
+            B, max_model_len = pool.block_size, self.max_model_len
+            for r in prefilling:   # r.num_tokens and pool.blocks_for written out
+                if left <= 0:
+                    break
+                c = r.computed
+                n = min(r.prompt + r.generated - c, left, max_model_len - c)
+                if n <= 0:
+                    continue
+                nb = -(-(c + n) // B) - r.blocks
+                need += nb
+                chunks.append((r, n, nb))
+                left -= n
             if need > pool.num_blocks - pool.used - held:
                 need, chunks = self._preempt_tail(plan, need, chunks)
             if group.n:
@@ -304,27 +299,20 @@ class Scheduler(Aborts):
         with :meth:`start_running` and returns why it stopped (``EMPTY``, ``SEQS``,
         ``BUDGET``, ``KV``, ``LORA``), which must persist as :meth:`arrival_may_change`
         assumes."""
-        waiting = self.waiting
+        waiting, pool, in_use = self.waiting, self.pool, self.cache.in_use
+        free = None   # asked at the first request considered: most steps admit no one
         running = self.group.n + len(self.prefilling)
         max_num_seqs = self.max_num_seqs
-        # the loop's first checks before anything is computed: most steps admit no one
-        if running >= max_num_seqs:
-            return SEQS
-        if budget <= 0:
-            return BUDGET
-        if not len(waiting):
-            return EMPTY
-        pool, cache = self.pool, self.cache
-        free = self.admission_free_blocks(plan)
         lora_gate = self.max_loras if self.enable_lora else 1 << 62
-        in_use = cache.in_use
         while True:
             if running >= max_num_seqs:
                 return SEQS
             if budget <= 0:
                 return BUDGET
-            if not len(waiting):
+            if not waiting.n:
                 return EMPTY
+            if free is None:
+                free = self.admission_free_blocks(plan)
             if len(in_use) >= lora_gate:
                 r = waiting.first_among(in_use)
                 if r is None:
@@ -378,14 +366,14 @@ class Scheduler(Aborts):
         if plan.group_decode:
             group.clock += steps
             finished = group.pop_finished()
-            if finished:
-                if self.caching:
-                    self._leave_group(finished)
-                for r in finished:
-                    r.generated = r.output
-                    self._finish(r, now)
-                done = finished
+            if self.caching and finished:
+                self._leave_group(finished)
+            for r in finished:
+                r.generated = r.output
+                self._finish(r, now)
+                done.append(r)
         if plan.explicit:
+            prefilling = [r for r in self.prefilling if r.status == PREFILLING]
             max_model_len = self.max_model_len
             finished_prefill = []
             for r, n in plan.explicit:
@@ -396,9 +384,6 @@ class Scheduler(Aborts):
                         r.first_token = now
                     finished_prefill.append(r)
             if finished_prefill:
-                # running ones with another chunk to go stay, in order (read before the
-                # finished ones below change status: they leave by seq whatever it is)
-                prefilling = [r for r in self.prefilling if r.status == PREFILLING]
                 gone = set()
                 for r in finished_prefill:
                     gone.add(r.seq)
@@ -413,9 +398,8 @@ class Scheduler(Aborts):
                         self.pool.give(r.blocks)
                         r.blocks = 0
                         group.add(r, r.computed)
-                self.prefilling = [r for r in prefilling if r.seq not in gone]
-            else:
-                self.prefilling = [r for r in self.prefilling if r.status == PREFILLING]
+                prefilling = [r for r in prefilling if r.seq not in gone]
+            self.prefilling = prefilling
         return done
 
     def _leave_cache(self, r: Request, computed: int, blocks: int, uncounted: int = 0) -> None:
@@ -454,8 +438,7 @@ class Scheduler(Aborts):
         Bounded by the next completion and by the KV pool; arrivals are the caller's
         business (``arrival_may_change``). Returns 1 when no jump is possible.
         """
-        if not (plan.group_decode and not plan.explicit and not plan.loads) \
-                or plan.blocked == PREEMPTED:   # not plan.pure_decode, its property read
+        if not plan.pure_decode or plan.blocked == PREEMPTED:
             return 1
         g = self.group
         k = g.steps_to_next_finish()
