@@ -166,10 +166,7 @@ class Scheduler(Aborts):
                 self._add_chunk(plan, r, n)
             budget = left
         # waiting phase
-        if plan.preempted:
-            plan.blocked = PREEMPTED
-        else:
-            plan.blocked = self.admit(plan, budget, now)
+        plan.blocked = PREEMPTED if plan.preempted else self.admit(plan, budget, now)
         self.blocked = plan.blocked
         plan.adapters = len(self.cache.in_use)
         plan.kv_blocks = pool.used + (self._held_next if plan.group_decode else 0)
@@ -373,9 +370,8 @@ class Scheduler(Aborts):
                 self._finish(r, now)
                 done.append(r)
         if plan.explicit:
-            prefilling = [r for r in self.prefilling if r.status == PREFILLING]
             max_model_len = self.max_model_len
-            finished_prefill = []
+            finished_prefill, gone = [], ()   # gone: their seqs
             for r, n in plan.explicit:
                 c = r.computed = r.computed + n
                 if c >= r.prompt + r.generated or c >= max_model_len:   # r.num_tokens
@@ -398,7 +394,11 @@ class Scheduler(Aborts):
                         self.pool.give(r.blocks)
                         r.blocks = 0
                         group.add(r, r.computed)
-                prefilling = [r for r in prefilling if r.seq not in gone]
+            # the rest, in order (a finisher's status changed, not its seq): a loop, no call
+            prefilling = []
+            for r in self.prefilling:
+                if r.status == PREFILLING and r.seq not in gone:
+                    prefilling.append(r)
             self.prefilling = prefilling
         return done
 
