@@ -6,6 +6,7 @@ routers' whole-trace routing against their per-request ``pick``."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,10 @@ from twin.sim import simulate
 from twin.sim.engine import _Clock, _result, default_catalog, run_alone
 from twin.servers import build_server
 from twin.workload.generate import rate_class_trace, uniform_lengths
+from twin.workload.schema import read_trace
 
 PROFILE = "llama31-8b-h100-64gb"   # a calibrated, linear step-time model
+TRACES = Path(__file__).resolve().parents[1] / "traces"
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 16])
@@ -62,6 +65,29 @@ def test_linear_decode_run_is_the_general_form_bit_for_bit():
         assert fast.steps_within(f, ctx, k, h) == general.steps_within(f, ctx, k, h)
 
 
+def test_linear_steps_within_at_the_run_times_themselves_is_the_bisection():
+    """The closed form's bracket (``StepTimeModel._linear_bracket``) must give the
+    bisection's step at the hardest horizons: a run's own times and the floats either
+    side of them, for short and long runs, a slope of 0 and a slope much larger than the
+    first step."""
+    rng = random.Random(1)
+    for trial in range(300):
+        base = {k: rng.uniform(1e-8, 1e-2) for k in FEATURES}
+        base["decode_context"] = rng.choice([0.0, 1e-9, rng.uniform(1e-9, 1e-6), 1e-3])
+        fast = StepTimeModel(base)
+        general = StepTimeModel(base)
+        general._linear = False
+        f = StepFeatures(*(1.0 if k == "const" else rng.randrange(1, 10**6)
+                           if k == "decode_context" else rng.uniform(0, 500)
+                           for k in FEATURES))
+        ctx, k = rng.randrange(1, 300), rng.choice([1, 2, 3, rng.randrange(4, 10**5)])
+        j = rng.randrange(1, k + 1)
+        t = fast.decode_run(f, ctx, j)[0]
+        for h in (t, np.nextafter(t, 0), np.nextafter(t, np.inf), t / 2, 0.0, -1.0,
+                  fast.decode_run(f, ctx, k)[0] * 2, float("inf"), float("nan")):
+            assert fast.steps_within(f, ctx, k, h) == general.steps_within(f, ctx, k, h)
+
+
 @pytest.fixture(scope="module")
 def trace():
     return rate_class_trace(8, (3.2, 1.6, 0.8), duration_s=60,
@@ -88,6 +114,47 @@ def test_simulate_without_simpy_equals_the_simpy_process(trace, window_s):
     pd.testing.assert_frame_equal(res.steps, ref.steps, check_exact=True)
     ref.summary["meta"], res.summary["meta"] = None, None
     assert res.summary == ref.summary
+
+
+@pytest.mark.parametrize("case", ["preemptions", "prefix"])
+def test_run_alone_makes_no_reference_cycles_and_restores_the_gc(trace, case):
+    """``run_alone`` pauses Python's cyclic GC (``gc_paused``): sound only while an engine
+    run leaves no cyclic garbage behind, through preemptions and the prefix cache too; the
+    GC's state is restored after it, on or off."""
+    import gc
+
+    if case == "prefix":
+        trace = read_trace(TRACES / "sessions_16lora_10min.parquet")
+        trace = trace[trace["arrival_s"] <= 120].reset_index(drop=True)
+        config = ServingConfig(max_loras=4, max_cpu_loras=16, max_num_seqs=32)
+    else:   # a KV pool of 120 blocks: recomputations, the slow running loop
+        config = ServingConfig(max_loras=2, max_cpu_loras=4, max_num_seqs=32)
+    profile = load_profile(PROFILE)
+    catalog = default_catalog(trace, config)
+
+    def clock():
+        server = build_server(config, profile, catalog, trace=trace,
+                              num_blocks=120 if case == "preemptions" else None)
+        return _Clock(trace, catalog, server, profile, window_s=None, max_in_flight=None,
+                      record_steps=True, sample_dt=None, jump=True)
+
+    run_alone(clock())   # warm: imports, caches
+    gc.collect()
+    gc.disable()
+    try:
+        c = clock()
+        run_alone(c)
+        assert not gc.isenabled()   # left as it was found
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found == 0
+    if case == "preemptions":
+        assert c.sched.num_preemptions > 0
+    else:
+        assert c.out.prefix[1].sum() > 0   # prefix-cache hits
+    run_alone(clock())
+    assert gc.isenabled()
 
 
 def test_run_alone_refuses_a_negative_wait():

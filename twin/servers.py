@@ -21,13 +21,12 @@ of theirs through the twin. This module knows no clock and no policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 from twin.config import ServingConfig, refuse_unserved_adapters
 from twin.costs.memory import GIB
 from twin.costs.profile import Profile
-from twin.costs.step_time import ExactRankFeatures, features
+from twin.costs.step_time import ExactRankFeatures, PaddedRankFeatures
 from twin.errors import ConfigError
 from twin.sched import AdapterCache, Scheduler
 from twin.sched.unified_pool import SLoRAScheduler
@@ -144,7 +143,7 @@ def _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, prelo
                       adapter_cache=cache, enable_lora=config.enable_lora,
                       enable_prefix_caching=config.enable_prefix_caching)
     # vLLM's features: LoRA padded to max_lora_rank, the kernel spanning max_loras slots
-    featurize = partial(features, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
+    featurize = PaddedRankFeatures(config.max_lora_rank, config.max_loras)
     return ServerParts("vllm", sched, cache, kv_tokens, featurize)
 
 

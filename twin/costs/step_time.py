@@ -94,6 +94,21 @@ def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:
     return step_features(plan, max_lora_rank, plan.adapters * max_lora_rank, max_loras)
 
 
+class PaddedRankFeatures:
+    """vLLM's count (:func:`features`) as a server's featurizer: the same features, one
+    call less per step than a ``partial`` of :func:`features` (a step is priced ~10^5
+    times per simulated hour)."""
+
+    __slots__ = ("max_lora_rank", "max_loras")
+
+    def __init__(self, max_lora_rank: int, max_loras: int):
+        self.max_lora_rank, self.max_loras = max_lora_rank, max_loras
+
+    def __call__(self, plan) -> StepFeatures:
+        rank = self.max_lora_rank
+        return step_features(plan, rank, plan.adapters * rank, self.max_loras)
+
+
 class ExactRankFeatures:
     """S-LoRA's count over a unified pool (``twin.sched.unified_pool.UnifiedAdapterPool``):
     LoRA FLOPs at the running requests' mean rank, weight bytes at the batch's adapters'
@@ -265,6 +280,8 @@ class StepTimeModel:
         if self.decode_run(f0, ctx_step, k_max)[0] < horizon:
             return k_max
         lo, hi = 0, k_max   # time(lo) < horizon <= time(hi)
+        if self._linear:
+            lo, hi = self._linear_bracket(f0, ctx_step, hi, horizon)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self.decode_run(f0, ctx_step, mid)[0] >= horizon:
@@ -272,6 +289,40 @@ class StepTimeModel:
             else:
                 lo = mid
         return hi
+
+
+    def _linear_bracket(self, f0, ctx_step: int, k_max: int, horizon: float) -> tuple[int, int]:
+        """:meth:`steps_within`'s bracket ``(lo, hi)`` narrowed around the root of a linear
+        run's quadratic time (a cut run is priced at every arrival that may change the
+        schedule). With ``b0 > 0`` and a slope >= 0 the run's time is nondecreasing in
+        its steps, also as computed in floating point (each operation of
+        :meth:`decode_run`'s line rounds monotonically), so the smallest ``j`` with
+        ``time(j) >= horizon`` is the only one where the answer turns, and the bisection
+        finds it from any bracket: the same ``j`` as from ``(0, k_max)``, in two prices
+        instead of ``log2(k_max)``. Otherwise the bracket stays ``(0, k_max)``."""
+        b0 = 0.0
+        for i, w in self._sb:
+            b0 += w * f0[i]
+        bs = self._slopes[0] * ctx_step
+        if not (b0 > 0 and bs >= 0 and 0 < horizon < math.inf):
+            return 0, k_max
+        # b0 j + bs j (j - 1) / 2 = horizon, the root without cancellation on either side
+        c = b0 - bs / 2
+        d = math.sqrt(c * c + 2 * bs * horizon)
+        root = 2 * horizon / (c + d) if c >= 0 else (d - c) / bs
+        if not root < k_max:   # NaN too
+            return 0, k_max
+        j = max(1, math.ceil(root))
+        lo, hi = 0, k_max
+        if self.decode_run(f0, ctx_step, j)[0] >= horizon:
+            hi = j
+            if j > 1 and self.decode_run(f0, ctx_step, j - 1)[0] < horizon:
+                lo = j - 1
+        else:
+            lo = j
+            if self.decode_run(f0, ctx_step, j + 1)[0] >= horizon:
+                hi = j + 1
+        return lo, hi
 
 
 def _sum_max_lines(a0: float, a1: float, b0: float, b1: float, k: int) -> float:

@@ -25,10 +25,10 @@ only pushes and pops tuples keeps 64 replicas and 10^6 arrivals within a minute.
 
 from __future__ import annotations
 
-import gc
 import heapq
 
 from twin.fleet.view import LiveView, ScrapedView
+from twin.sim.engine import gc_paused
 from twin.sim.fed import INF
 
 
@@ -41,15 +41,10 @@ def run_loop(clocks: list, arrival: list[float], adapter, router, *,
     cycles (``gc.collect()`` after a fleet run finds none), so its passes over the
     fleet's objects, ~5% of the loop's time, free nothing; reference counting frees the
     requests as they finish."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         if refresh_s > 0:
             return _run_refreshed(clocks, arrival, adapter, router, refresh_s, bar)
         return _run(clocks, arrival, adapter, router, bar)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _run(clocks, arrival, adapter, router, bar) -> list[int]:

@@ -134,6 +134,9 @@ class Recorder:
     """Cheap per-step bookkeeping: timeline samples, KV integral, ITL histogram, loads,
     the step log (``record_steps``)."""
 
+    __slots__ = ("sample_dt", "num_blocks", "next_sample", "rows", "itl", "kv_integral", "kv_max",
+                 "load_time", "tokens", "loads", "steps", "busy", "step_rows", "prefix")
+
     def __init__(self, sample_dt: float, num_blocks: int, record_steps: bool = True,
                  prefix: bool = False):
         self.sample_dt = sample_dt

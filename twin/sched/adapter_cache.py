@@ -86,6 +86,9 @@ class AdapterCache:
     returns the load the step must do (or None); ``release`` when it leaves.
     """
 
+    __slots__ = ("max_loras", "max_cpu_loras", "gpu", "host", "in_use", "_tick", "loads_from_disk",
+                 "loads_from_host")
+
     def __init__(self, max_loras: int, max_cpu_loras: int, preload: list[int] | tuple = ()):
         if max_cpu_loras < max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")

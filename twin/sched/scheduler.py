@@ -69,7 +69,7 @@ class Scheduler(Aborts):
 
     def in_flight(self) -> int:
         """Requests running or waiting (a router's count of a replica's load)."""
-        return self.group.n + len(self.prefilling) + len(self.waiting)
+        return self.group.n + len(self.prefilling) + self.waiting.n
 
     def kv_used_blocks(self) -> int:
         return self.pool.used + self.group.held_blocks()
@@ -83,7 +83,7 @@ class Scheduler(Aborts):
 
     def has_work(self) -> bool:
         # num_running's terms, read directly: asked once per engine step
-        return self.group.n > 0 or len(self.prefilling) > 0 or len(self.waiting) > 0
+        return self.group.n > 0 or len(self.prefilling) > 0 or self.waiting.n > 0
 
     def computed(self, req: Request) -> int:
         return self.group.computed(req) if req.status == DECODING else req.computed
@@ -128,50 +128,48 @@ class Scheduler(Aborts):
     # -- the step --------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
         plan = StepPlan()
-        budget = self.budget
-        group = self.group
-        pool = self.pool
-        ordered = group.n <= budget and (
-            not self.prefilling or group.n == 0 or group.max_seq() < self.prefilling[0].seq)
+        budget, group, pool, prefilling = self.budget, self.group, self.pool, self.prefilling
+        gn = group.n
+        ordered = gn <= budget and (
+            not prefilling or gn == 0 or group.max_seq() < prefilling[0].seq)
         if not ordered:
             budget = self._schedule_running_slow(plan, budget)
         else:
             # decoders first (one token each), then prefill chunks in running order
-            held, self._held_next = group.held_blocks_now_and_next()
-            free = pool.num_blocks - pool.used - held
-            need = self._held_next - held  # decoders crossing into a new block
-            left = budget - group.n
+            held, held_next = group.held_blocks_now_and_next()
+            self._held_next = held_next
+            need = held_next - held  # decoders crossing into a new block
+            left = budget - gn
             chunks = []
-            for r in self.prefilling:
+            B, max_model_len = pool.block_size, self.max_model_len
+            for r in prefilling:   # r.num_tokens and pool.blocks_for written out
                 if left <= 0:
                     break
-                n = min(r.num_tokens - r.computed, left, self.max_model_len - r.computed)
+                c = r.computed
+                n = min(r.prompt + r.generated - c, left, max_model_len - c)
                 if n <= 0:
                     continue
-                nb = pool.blocks_for(r.computed + n) - r.blocks
+                nb = -(-(c + n) // B) - r.blocks
                 need += nb
                 chunks.append((r, n, nb))
                 left -= n
-            if need > free:
+            if need > pool.num_blocks - pool.used - held:
                 need, chunks = self._preempt_tail(plan, need, chunks)
             if group.n:
                 plan.group_decode = True
-                plan.decode_n = group.n
-                plan.decode_ctx = group.context_tokens()
-                plan.decode_lora = group.n - group.n_base
+                plan.decode_n = gn = group.n
+                plan.decode_ctx = group.X + gn * (group.clock + 1)   # group.context_tokens()
+                plan.decode_lora = gn - group.n_base
             for r, n, nb in chunks:
                 r.blocks += nb
                 pool.take(nb)
                 self._add_chunk(plan, r, n)
             budget = left
         # waiting phase
-        if plan.preempted:
-            plan.blocked = PREEMPTED
-        else:
-            plan.blocked = self.admit(plan, budget, now)
+        plan.blocked = PREEMPTED if plan.preempted else self.admit(plan, budget, now)
         self.blocked = plan.blocked
         plan.adapters = len(self.cache.in_use)
-        plan.kv_blocks = self.pool.used + (self._held_next if plan.group_decode else 0)
+        plan.kv_blocks = pool.used + (self._held_next if plan.group_decode else 0)
         return plan
 
     def _preempt_tail(self, plan: StepPlan, need: int, chunks: list):
@@ -298,19 +296,22 @@ class Scheduler(Aborts):
         with :meth:`start_running` and returns why it stopped (``EMPTY``, ``SEQS``,
         ``BUDGET``, ``KV``, ``LORA``), which must persist as :meth:`arrival_may_change`
         assumes."""
-        waiting, pool, cache = self.waiting, self.pool, self.cache
-        free = self.admission_free_blocks(plan)
+        waiting, pool, in_use = self.waiting, self.pool, self.cache.in_use
+        free = None   # asked at the first request considered: most steps admit no one
         running = self.group.n + len(self.prefilling)
+        max_num_seqs = self.max_num_seqs
         lora_gate = self.max_loras if self.enable_lora else 1 << 62
         while True:
-            if running >= self.max_num_seqs:
+            if running >= max_num_seqs:
                 return SEQS
             if budget <= 0:
                 return BUDGET
-            if not len(waiting):
+            if not waiting.n:
                 return EMPTY
-            if len(cache.in_use) >= lora_gate:
-                r = waiting.first_among(cache.in_use)
+            if free is None:
+                free = self.admission_free_blocks(plan)
+            if len(in_use) >= lora_gate:
+                r = waiting.first_among(in_use)
                 if r is None:
                     return LORA
             else:
@@ -318,7 +319,7 @@ class Scheduler(Aborts):
             hit = evictable = 0   # leading blocks cached, and those of them in the free queue
             if self.caching and r.hash_ids is not None:
                 hit, evictable = self.prefix.peek(r, free)
-            n = min(r.num_tokens - hit * pool.block_size, budget)
+            n = min(r.prompt + r.generated - hit * pool.block_size, budget)   # r.num_tokens
             nb = pool.blocks_for(hit * pool.block_size + n)
             if nb - hit + evictable > free:
                 return KV
@@ -369,11 +370,11 @@ class Scheduler(Aborts):
                 self._finish(r, now)
                 done.append(r)
         if plan.explicit:
-            prefilling = [r for r in self.prefilling if r.status == PREFILLING]
-            finished_prefill = []
+            max_model_len = self.max_model_len
+            finished_prefill, gone = [], ()   # gone: their seqs
             for r, n in plan.explicit:
-                r.computed += n
-                if r.computed >= r.num_tokens or r.computed >= self.max_model_len:
+                c = r.computed = r.computed + n
+                if c >= r.prompt + r.generated or c >= max_model_len:   # r.num_tokens
                     r.generated += 1
                     if r.first_token < 0:
                         r.first_token = now
@@ -382,7 +383,7 @@ class Scheduler(Aborts):
                 gone = set()
                 for r in finished_prefill:
                     gone.add(r.seq)
-                    if r.generated >= r.output or r.computed >= self.max_model_len:
+                    if r.generated >= r.output or r.computed >= max_model_len:
                         if self.caching:
                             self._leave_cache(r, r.computed, r.blocks)
                         self.pool.give(r.blocks)
@@ -393,7 +394,11 @@ class Scheduler(Aborts):
                         self.pool.give(r.blocks)
                         r.blocks = 0
                         group.add(r, r.computed)
-                prefilling = [r for r in prefilling if r.seq not in gone]
+            # the rest, in order (a finisher's status changed, not its seq): a loop, no call
+            prefilling = []
+            for r in self.prefilling:
+                if r.status == PREFILLING and r.seq not in gone:
+                    prefilling.append(r)
             self.prefilling = prefilling
         return done
 

@@ -18,22 +18,24 @@ from twin.sched.request import Request
 
 
 class WaitingQueue:
+    __slots__ = ("_fifo", "_heads", "n", "_next_front")
+
     BASE = -1
 
     def __init__(self):
         self._fifo: dict[int, deque[Request]] = {}
         self._heads: list[tuple[int, int]] = []  # (head key, adapter), lazily validated
-        self._n = 0
+        self.n = 0   # requests waiting (``len``; read as a field where every step asks)
         self._next_front = -1
 
     def __len__(self) -> int:
-        return self._n
+        return self.n
 
     def clear(self) -> None:
         """Drop every waiting request (the run is over and they are recorded)."""
         self._fifo.clear()
         self._heads.clear()
-        self._n = 0
+        self.n = 0
 
     def _push_head(self, adapter: int, q: deque) -> None:
         heapq.heappush(self._heads, (q[0].key, adapter))
@@ -47,7 +49,7 @@ class WaitingQueue:
         if q is None:
             q = self._fifo[req.adapter] = deque()
         q.append(req)
-        self._n += 1
+        self.n += 1
         if len(q) == 1:
             self._push_head(req.adapter, q)
 
@@ -59,7 +61,7 @@ class WaitingQueue:
         if q is None:
             q = self._fifo[req.adapter] = deque()
         q.appendleft(req)
-        self._n += 1
+        self.n += 1
         self._push_head(req.adapter, q)
 
     def first(self) -> Request | None:
@@ -90,7 +92,7 @@ class WaitingQueue:
         """Remove ``req``, which must be the head of its adapter's FIFO."""
         q = self._fifo[req.adapter]
         q.popleft()
-        self._n -= 1
+        self.n -= 1
         if q:
             self._push_head(req.adapter, q)
         else:
