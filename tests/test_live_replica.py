@@ -125,3 +125,19 @@ def test_a_start_taken_late_is_no_step(model_dir):
     res = r.result()
     assert (res.requests["status"] == "finished").all()
     assert res.steps["duration_s"].max() < 0.3, res.steps[["start_s", "duration_s"]]
+
+
+def test_a_replica_leaves_the_collector_as_it_found_it(model_dir):
+    """A replica serves with its start-up heap frozen (``twin.executor.gc_heap``) and its
+    result says so; run here on a thread of this process, it thaws the heap when it
+    returns, as any library call does (a process frozen for good would run every later
+    test with ~10^5 objects out of the collector)."""
+    import gc
+
+    gc.unfreeze()
+    r = _Replica(_spec(model_dir, 2))
+    r.conn.send(("start", time.perf_counter() + 0.05, [0, 1], True))
+    res = r.result()
+    assert not r.thread.is_alive()
+    assert res.meta["gc_frozen"] is True
+    assert gc.get_freeze_count() == 0

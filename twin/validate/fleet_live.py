@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.executor.gc_heap import freeze_startup_heap
+from twin.executor.gc_heap import frozen_heap
 from twin.fleet import make_router
 from twin.fleet.fleet import progress_bar
 from twin.fleet.report import combine_fleet
@@ -255,14 +255,16 @@ def replica_main(conn, spec: dict) -> None:
             warm_up(trace, config, m, cat, nb, spec["seed"])
         e = LiveEngine(trace, config, m, cat, num_gpu_blocks=nb, window_s=spec["window_s"],
                        sample_dt=spec["sample_dt"], seed=spec["seed"], meta=spec["meta"])
-        freeze_startup_heap()   # a replica serves until it exits, as a vLLM engine does
-        conn.send(("state", *e.state()))
-        conn.send(("ready",))
-        _, start, rows, publish = conn.recv()
-        for row in rows:
-            e.deliver(row)
-        res = e.serve(conn, start, publish)
-        conn.send(("result", res if len(e.rows) else None))
+        # served with the start-up heap frozen, as a vLLM engine serves; thawed on return,
+        # so a replica run on a thread of a process (tests) leaves that process as it was
+        with frozen_heap():
+            conn.send(("state", *e.state()))
+            conn.send(("ready",))
+            _, start, rows, publish = conn.recv()
+            for row in rows:
+                e.deliver(row)
+            res = e.serve(conn, start, publish)
+            conn.send(("result", res if len(e.rows) else None))
     except Exception:   # the parent raises it, with the replica's traceback
         conn.send(("error", traceback.format_exc()))
 
