@@ -36,6 +36,8 @@ class StepPlan:
 
     @property
     def pure_decode(self) -> bool:
+        # twin.sim.engine's step loop reads these three fields inline (one property call
+        # less per step): change both together
         return self.group_decode and not self.explicit and not self.loads
 
     @property

@@ -275,7 +275,7 @@ class _Clock:
                 yield timeout(arrival_list[i] - now)
                 continue
             plan = schedule(now)
-            if not (plan.decode_n or plan.prefill_tokens) and not plan.preempted:
+            if not (plan.decode_n or plan.prefill_tokens) and not plan.preempted:   # num_tokens
                 # nothing can run until something arrives (cannot happen for a config vLLM
                 # starts, where any single request fits the KV cache); never spin
                 if i >= n:
