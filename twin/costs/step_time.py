@@ -290,7 +290,6 @@ class StepTimeModel:
                 lo = mid
         return hi
 
-
     def _linear_bracket(self, f0, ctx_step: int, k_max: int, horizon: float) -> tuple[int, int]:
         """:meth:`steps_within`'s bracket ``(lo, hi)`` narrowed around the root of a linear
         run's quadratic time (a cut run is priced at every arrival that may change the
@@ -300,9 +299,7 @@ class StepTimeModel:
         ``time(j) >= horizon`` is the only one where the answer turns, and the bisection
         finds it from any bracket: the same ``j`` as from ``(0, k_max)``, in two prices
         instead of ``log2(k_max)``. Otherwise the bracket stays ``(0, k_max)``."""
-        b0 = 0.0
-        for i, w in self._sb:
-            b0 += w * f0[i]
+        b0 = self.decode_run(f0, ctx_step, 1)[1]   # the line's first step, as it prices it
         bs = self._slopes[0] * ctx_step
         if not (b0 > 0 and bs >= 0 and 0 < horizon < math.inf):
             return 0, k_max

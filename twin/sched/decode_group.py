@@ -64,6 +64,7 @@ class DecodeGroup:
         heapq.heapify(self._maxseq)
 
     def _valid(self, entry) -> bool:
+        # steps_to_next_finish and pop_finished test the same inline: change all three
         _, seq, _, x, req = entry
         return req.x == x and req.status == DECODING and self.members.get(seq) is req
 
@@ -140,7 +141,7 @@ class DecodeGroup:
         clock, members = self.clock, self.members
         while heap and heap[0][0] <= clock:
             entry = heappop(heap)
-            req = entry[4]
+            req = entry[4]   # _valid, written out as in steps_to_next_finish
             if req.x == entry[3] and req.status == DECODING and members.get(entry[1]) is req:
                 self.remove(req)
                 out.append(req)
