@@ -53,23 +53,24 @@ METRICS = (("throughput", "total_throughput", "total throughput"),
 
 _PROFILE = None
 _CAP = None
+_SEED = 0
 
 
-def _init(profile, cap):
-    global _PROFILE, _CAP
-    _PROFILE, _CAP = profile, cap
+def _init(profile, cap, seed):
+    global _PROFILE, _CAP, _SEED
+    _PROFILE, _CAP, _SEED = profile, cap, seed
 
 
 def _job(spec):
-    return simulate_run(spec, _PROFILE, seed=0, max_in_flight=_CAP)
+    return simulate_run(spec, _PROFILE, seed=_SEED, max_in_flight=_CAP)
 
 
-def simulate_all(runs, profile, cap, processes: int, log=print) -> list[dict]:
+def simulate_all(runs, profile, cap, processes: int, log=print, seed: int = 0) -> list[dict]:
     t0 = time.perf_counter()
     order = sorted(range(len(runs)), key=lambda i: -runs[i].aggregate_rate)  # longest first
     out = [None] * len(runs)
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-    with ctx.Pool(processes, initializer=_init, initargs=(profile, cap)) as pool:
+    with ctx.Pool(processes, initializer=_init, initargs=(profile, cap, seed)) as pool:
         for n, (i, res) in enumerate(zip(order, pool.imap(_job, [runs[i] for i in order]))):
             out[i] = res
             if (n + 1) % 50 == 0 or n + 1 == len(runs):
@@ -307,6 +308,10 @@ def main(argv=None) -> int:
                     help="refit the profile on the digital_twin_modelling runs first")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the reconstructed workloads (arrivals, lengths, adapter "
+                         "ranks and rates); another seed shows the twin's spread over "
+                         "workloads the real runs' aggregates cannot tell apart")
     ap.add_argument("--results", type=Path, metavar="CSV",
                     help="recompute the tables from a per-run CSV this script wrote "
                          "(no simulation)")
@@ -346,7 +351,7 @@ def main(argv=None) -> int:
         print(f"profile {profile.name} (fitted on {fitted_on or 'unknown'}); client cap "
               f"{cap} requests in flight; {len(test_runs)} held-out {TEST_SET} runs, "
               f"3600-s windows, {args.processes} processes")
-        sims = simulate_all(test_runs, profile, cap, args.processes)
+        sims = simulate_all(test_runs, profile, cap, args.processes, seed=args.seed)
         df = results_frame(test_runs, sims)
         failed = df["twin_error"].notna()
         if failed.any():

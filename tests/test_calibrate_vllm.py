@@ -211,3 +211,22 @@ def test_bench_json_errors(tmp_path):
     with pytest.raises(TwinInputError) as e:
         read_bench_results([p])
     assert e.value.field == "max_loras" and "--metadata" in str(e.value)
+
+
+def test_client_cap_is_the_ceiling_the_overloaded_runs_reached():
+    """The cap is the most the client held (largest waiting queue + running batch), over
+    runs overloaded enough to reach it; light runs and runs without a scrape say nothing."""
+    from types import SimpleNamespace as NS
+
+    from twin.calibrate.vllm_fits import fit_client_cap
+
+    def run(w_mean, w_max, running):
+        return NS(metrics={"num_waiting_mean": w_mean, "num_waiting_max": w_max,
+                           "num_running_mean": running})
+
+    heavy = [run(20000, 25000, 500), run(21000, 26000, 400), run(15000, 27000, 300)]
+    light = [run(10, 50, 100), run(9000, 30000, 100), NS(metrics={"mean_ttft_ms": 1.0})]
+    cap = fit_client_cap(heavy + light)
+    assert cap["max_in_flight"] == 26400 and cap["runs"] == 3    # median of 25500, 26400, 27300
+    assert cap["mean_in_flight"] == 20500                        # the time averages, recorded
+    assert fit_client_cap(heavy[:2] + light) is None             # fewer than 3: unbounded

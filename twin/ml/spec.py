@@ -85,8 +85,12 @@ def digest(obj, n: int = 16) -> str:
 
 
 def profile_digest(profile) -> str:
-    """A profile's content hash: sweep keys and the recommender's provenance use it."""
-    return digest(profile.to_dict())
+    """A hash of what a profile prices (everything but its ``provenance``, which records how
+    it was fitted and changes no simulation): sweep keys and the recommender's check that it
+    runs on the profile it was trained on use it."""
+    d = profile.to_dict()
+    d.pop("provenance", None)
+    return digest(d)
 
 
 def _file_digest(path: str) -> str:
