@@ -2,7 +2,8 @@
 (issue 15, README_validate "the client's ceiling").
 
 For each cap: simulate N overloaded runs of an experiment set (waiting queue above 10,000
-at some point, over 12,000 in flight on average: the runs ``fit_client_cap`` reads) with
+at some point, over 12,000 in flight on average: ``overloaded_runs``, which
+``fit_client_cap`` reads) with
 the shipped profile's step time, and compare the twin's mean TTFT, throughput and
 time-averaged requests in flight with the real scrape's.
 
@@ -20,6 +21,7 @@ import multiprocessing as mp
 import pandas as pd
 
 from twin.calibrate.vllm import simulate_run
+from twin.calibrate.vllm_fits import overloaded_runs
 from twin.calibrate.vllm_runs import read_run_table
 from twin.costs.profile import load_profile
 from twin.workload.public import shared_data_dir
@@ -39,9 +41,8 @@ def _job(args):
 
 
 def overloaded(runs, n: int):
-    heavy = [r for r in runs if r.metrics.get("num_waiting_max", 0) > 10000
-             and r.metrics["num_waiting_mean"] + r.metrics.get("num_running_mean", 0) > 12000]
-    heavy.sort(key=lambda r: r.key)
+    """``n`` of the runs ``fit_client_cap`` reads, spread by key (deterministic)."""
+    heavy = sorted(overloaded_runs(runs), key=lambda r: r.key)
     return heavy[::max(1, len(heavy) // n)][:n]
 
 

@@ -17,7 +17,8 @@ def test_shipped_recommender_matches_the_default_profile():
 def test_a_changed_step_time_is_warned_about():
     model = Recommender.load()
     d = load_profile(model.meta["profile"]).to_dict()
-    d["step_time"]["base"] = dict(d["step_time"]["base"], const=d["step_time"]["base"]["const"] * 1.01)
+    base = d["step_time"]["base"]
+    d["step_time"]["base"] = dict(base, const=base["const"] * 1.01)
     assert "differs" in (model.profile_warning(Profile.from_dict(d)) or "")
 
 

@@ -23,7 +23,7 @@ from twin.costs.memory import GIB, MemoryModel
 from twin.errors import TwinInputError
 
 __all__ = ["read_kv_capacity", "fit_memory", "read_load_times", "fit_load_time",
-           "fit_client_cap", "KV_COLUMNS", "LOAD_COLUMNS", "DISK_EVENT", "ACTIVATE_EVENT"]
+           "fit_client_cap", "overloaded_runs", "KV_COLUMNS", "LOAD_COLUMNS", "DISK_EVENT", "ACTIVATE_EVENT"]
 
 # -- memory ----------------------------------------------------------------------------------
 
@@ -211,25 +211,32 @@ def fit_load_time(loads: pd.DataFrame, model) -> tuple[LoadTimeModel, dict]:
 
 # -- client cap ------------------------------------------------------------------------------
 
+def overloaded_runs(runs, *, saturated_waiting: float = 10000.0,
+                    saturated_in_flight: float = 12000.0) -> list:
+    """Runs overloaded enough to have reached the client's cap: a waiting queue above
+    ``saturated_waiting`` at some scrape and above ``saturated_in_flight`` requests in flight
+    (running + waiting) on average. Runs without a scrape (bench JSON) are never among them."""
+    return [r for r in runs if r.metrics.get("num_waiting_max", 0) > saturated_waiting
+            and "num_waiting_mean" in r.metrics
+            and r.metrics["num_waiting_mean"] + r.metrics.get("num_running_mean", 0.0)
+            > saturated_in_flight]
+
+
 def fit_client_cap(runs, *, saturated_waiting: float = 10000.0,
                    saturated_in_flight: float = 12000.0) -> dict | None:
     """Requests in flight (running + waiting) a ``vllm bench serve`` client sustains before
     new connections fail (ephemeral ports run out near 28k open connections on Linux).
 
-    Estimated as the median over heavily overloaded runs (waiting queue above
-    ``saturated_waiting`` at some point and above ``saturated_in_flight`` in flight on
-    average) of the most the client held: the largest scraped waiting queue plus the mean
-    running batch. Not the time average: a real run stays below its ceiling for part of the
-    window (the queue fills, the client falls behind its schedule), while the twin's cap is
-    a ceiling it holds once reached, so a cap at the real runs' average puts the twin's
-    queue ~17% short and its overloaded TTFT as much low (experiments/README_validate.md,
-    "the client's ceiling"). None when fewer than 3 runs are that overloaded (then the
-    client is assumed unbounded).
+    Estimated over the :func:`overloaded_runs` as the median of the most the client held:
+    the largest scraped waiting queue plus the mean running batch. Not the time average: a
+    real run stays below its ceiling for part of the window (the queue fills, the client
+    falls behind its schedule), while the twin's cap is a ceiling it holds once reached, so
+    a cap at the real runs' average holds the twin's queue ~17% short and its overloaded
+    mean TTFT ~10% low (experiments/README_validate.md, "the client's ceiling"). None when
+    fewer than 3 runs are that overloaded (then the client is assumed unbounded).
     """
-    heavy = [r.metrics for r in runs if r.metrics.get("num_waiting_max", 0) > saturated_waiting
-             and "num_waiting_mean" in r.metrics
-             and r.metrics["num_waiting_mean"] + r.metrics.get("num_running_mean", 0.0)
-             > saturated_in_flight]
+    heavy = [r.metrics for r in overloaded_runs(runs, saturated_waiting=saturated_waiting,
+                                                saturated_in_flight=saturated_in_flight)]
     if len(heavy) < 3:
         return None
     peak = [m["num_waiting_max"] + m.get("num_running_mean", 0.0) for m in heavy]
