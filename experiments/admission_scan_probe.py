@@ -20,13 +20,14 @@ The last line printed is one JSON object: a row per (run, c).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
 
 from twin.calibrate.reconstruct import reconstruct
 from twin.calibrate.vllm_runs import read_run_table
-from twin.costs.profile import Profile, load_profile
+from twin.costs.profile import load_profile
 from twin.costs.step_time import StepTimeModel
 from twin.sched import scheduler as scheduler_mod
 from twin.sched.step_plan import BUDGET, KV, LORA, SEQS
@@ -121,9 +122,7 @@ def main(argv=None) -> int:
         for c in args.c_us:
             st = ScanPriced(base=base.step_time.base)
             st.c = c * 1e-6
-            prof = Profile(name=base.name, hardware=base.hardware, model=base.model,
-                           memory=base.memory, step_time=st, load_time=base.load_time,
-                           provenance=base.provenance, frontend=base.frontend)
+            prof = dataclasses.replace(base, step_time=st)
             STATE["tree"] = Fenwick(FRONT + len(trace) + 1)
             t0 = time.perf_counter()
             res = simulate(trace, run.config, prof, catalog, window_s=window,

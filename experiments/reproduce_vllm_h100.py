@@ -305,7 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="llama31-8b-h100-64gb",
                     help="profile to evaluate (default: the shipped calibrated one)")
     ap.add_argument("--calibrate", action="store_true",
-                    help="refit the profile on the digital_twin_modelling runs first")
+                    help="refit the profile on the digital_twin_modelling runs first (kept as "
+                         "calibrated_profile.json in --out)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
     ap.add_argument("--seed", type=int, default=0,
@@ -341,6 +342,8 @@ def main(argv=None) -> int:
                 loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
                 processes=args.processes, window_s=1200.0, iterations=4,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
+            args.out.mkdir(parents=True, exist_ok=True)
+            print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")
         else:
             profile = load_profile(args.profile)
         fitted_on = (profile.provenance.get("sources") or {}).get("experiment_sets")
