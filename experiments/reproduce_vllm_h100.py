@@ -307,6 +307,13 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="refit the profile on the digital_twin_modelling runs first (kept as "
                          "calibrated_profile.json in --out)")
+    ap.add_argument("--terms", default="step",
+                    help="with --calibrate: the step-time terms fitted: step, grid, "
+                         "capped-grid (twin.calibrate.step_fit) or a comma-separated list, "
+                         "where a+b ties two features to one coefficient")
+    ap.add_argument("--balance", action="store_true",
+                    help="with --calibrate: weigh each (max_loras, regime) cell of the fit "
+                         "runs alike, not each run")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
     ap.add_argument("--seed", type=int, default=0,
@@ -334,13 +341,16 @@ def main(argv=None) -> int:
         profile = load_profile(args.profile)   # for its recorded error (the tie band)
     else:
         if args.calibrate:
-            from twin.calibrate.vllm import calibrate, read_kv_capacity, read_load_times
+            from twin.calibrate.vllm import (CAPPED_GRID_TERMS, GRID_TERMS, STEP_TERMS,
+                                             calibrate, read_kv_capacity, read_load_times)
 
             print(f"calibrating on {len(fit_runs)} {FIT_SET} runs")
             profile = calibrate(
                 fit_runs, kv=read_kv_capacity(data / "kv_cache_tokens_llama31_8b.csv"),
                 loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
                 processes=args.processes, window_s=1200.0, iterations=4,
+                terms={"step": STEP_TERMS, "grid": GRID_TERMS, "capped-grid": CAPPED_GRID_TERMS}
+                .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
             args.out.mkdir(parents=True, exist_ok=True)
             print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")

@@ -230,3 +230,65 @@ def test_client_cap_is_the_ceiling_the_overloaded_runs_reached():
     assert cap["max_in_flight"] == 26400 and cap["runs"] == 3    # median of 25500, 26400, 27300
     assert cap["mean_in_flight"] == 20500                        # the time averages, recorded
     assert fit_client_cap(heavy[:2] + light) is None             # fewer than 3: unbounded
+
+
+def test_balanced_fit_weighs_each_cell_alike():
+    """``balance``: every (max_loras, measured regime) cell of fit runs carries the same
+    total weight, whatever its size, and the weights average 1; the weighted median the fit
+    scores with is the plain median under equal weights."""
+    from types import SimpleNamespace as NS
+
+    from twin.calibrate.step_fit import _wmedian, cell_weights
+
+    def run(max_loras, waiting):
+        return NS(config=NS(max_loras=max_loras), metrics={"num_waiting_mean": waiting})
+
+    runs = ([run(16, 20000)] * 6 + [run(16, 0.0)] * 2 + [run(64, 0.5)] + [run(64, 50.0)] * 3)
+    w = cell_weights(runs)
+    assert w.mean() == pytest.approx(1.0)
+    totals = Counter()
+    for r, wi in zip(runs, w):
+        totals[(r.config.max_loras, r.metrics["num_waiting_mean"])] += wi
+    cells = {(16, 20000): 0, (16, 0.0): 0, (64, 0.5): 0, (64, 50.0): 0}
+    assert set(totals) == set(cells)
+    assert np.allclose(list(totals.values()), len(runs) / 4)
+    assert w[8] == pytest.approx(6 * w[0])          # the lone light 64-slot run vs one of six
+    x = np.array([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert _wmedian(x, np.ones(5)) == 3.0
+    assert _wmedian(x, np.array([1.0, 10.0, 1.0, 1.0, 1.0])) == 1.0
+
+
+def test_tied_terms_share_one_coefficient():
+    """A term ``a+b`` fits one coefficient for two features: it starts at their mean, its
+    column is their summed features, and the surrogate step moves both to the same value
+    (here up: the twin's ITL is 20% short of the real one)."""
+    from twin.calibrate.step_fit import _columns, _Measured, _Round, _surrogate_step, start_coef
+    from twin.costs.step_time import FEATURES
+
+    terms = ("const", "decode_tokens+prefill_tokens")
+    coef = start_coef(None, [], terms, init={"const": 0.01, "decode_tokens": 1e-6,
+                                               "prefill_tokens": 3e-6})
+    assert coef["decode_tokens"] == coef["prefill_tokens"] == pytest.approx(2e-6)
+    assert "decode_tokens+prefill_tokens" not in coef
+    rng = np.random.default_rng(0)
+    sims = []
+    for _ in range(6):
+        rec = np.zeros(len(FEATURES))
+        rec[FEATURES.index("const")] = 1.0
+        rec[FEATURES.index("decode_tokens")] = rng.uniform(10, 500)
+        rec[FEATURES.index("prefill_tokens")] = rng.uniform(0, 1500)
+        sims.append({"rec_dec": rec, "rec_ndec": 1.0, "rec_all": rec, "rec_steps": 1,
+                     "rec_pre": rec, "rec_npre": 1.0})
+    assert _columns(sims[0]["rec_dec"], terms)[1] == pytest.approx(
+        sims[0]["rec_dec"][FEATURES.index("decode_tokens")]
+        + sims[0]["rec_dec"][FEATURES.index("prefill_tokens")])
+    twin_itl = np.array([_columns(s["rec_dec"], terms) @ [coef["const"], coef["decode_tokens"]]
+                         for s in sims]) * 1e3
+    none = np.zeros(6, bool)
+    rnd = _Round(sims=sims, itl=twin_itl, thr=np.ones(6), ttft=np.ones(6), sat=none, light=none)
+    real = _Measured(itl=1.2 * twin_itl, thr=np.ones(6), ttft=np.ones(6))
+    new, change = _surrogate_step(coef, terms, rnd, real, (1.0, 1.0, 0.25), np.ones(6))
+    assert new["decode_tokens"] == new["prefill_tokens"]
+    assert change > 0.05
+    assert _columns(sims[0]["rec_dec"], terms) @ [new["const"], new["decode_tokens"]] > \
+        1.1 * (_columns(sims[0]["rec_dec"], terms) @ [coef["const"], coef["decode_tokens"]])

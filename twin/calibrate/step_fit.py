@@ -29,7 +29,8 @@ from twin.errors import ConfigError, TwinInputError
 from twin.results import smape
 from twin.sim.engine import simulate
 
-__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "STEP_TERMS", "StepFit", "fit_step_time", "simulate_run"]
+__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "STEP_TERMS", "StepFit", "cell_weights",
+           "fit_step_time", "simulate_run"]
 
 # -- step time: simulation in the loop --------------------------------------------------------
 
@@ -225,14 +226,25 @@ def start_coef(profile: Profile, runs, terms, init: dict | None = None) -> dict:
     (:func:`_initial_coef`); a term neither sets starts at ``_START`` (else 0)."""
     coef = dict(init or _initial_coef(profile, runs))
     for k in terms:
-        coef.setdefault(k, _START.get(k, 0.0))
+        members = k.split("+")
+        if len(members) > 1:   # one coefficient shared: start all at their mean
+            coef.update(dict.fromkeys(members, float(np.mean([coef.get(m, 0.0)
+                                                               for m in members]))))
+        else:
+            coef.setdefault(k, _START.get(k, 0.0))
     return coef
+
+
+def _columns(rec: np.ndarray, terms) -> np.ndarray:
+    """A run's recorded feature sums per term; a tied term (``a+b``) sums its features."""
+    return np.array([sum(rec[_IDX[m]] for m in k.split("+")) for k in terms])
 
 
 def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 1200.0,
                   iterations: int = 4, processes: int = 2, seed: int = 0,
                   max_in_flight: int | None = None, init: dict | None = None,
-                  weights=(1.0, 1.0, 0.25), log=print, tol: float = 0.01) -> StepFit:
+                  weights=(1.0, 1.0, 0.25), balance: bool = False, log=print,
+                  tol: float = 0.01) -> StepFit:
     """Fit the linear step-time coefficients ``terms`` to runs' mean ITL, throughput and
     TTFT by simulation in the loop (see the module docstring).
 
@@ -242,17 +254,22 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     features; throughput of runs the twin finds saturated as (h·θ)/(h·θ') with h the mean
     features per step; light-load TTFT as the prefill-weighted features. ``weights`` weigh
     ITL, throughput and TTFT. The coefficients of the best-scoring iteration are returned.
+
+    ``balance`` weighs every (regime, ``max_loras``) cell of the runs alike
+    (:func:`cell_weights`), where the plain fit weighs every run alike: a run grid that is
+    mostly overloaded runs otherwise sets the LoRA costs from saturated steps alone.
     """
     t_start = time.perf_counter()
     coef = start_coef(profile, runs, terms, init)
     real = _Measured.of(runs)
+    w = cell_weights(runs) if balance else np.ones(len(runs))
     history = []
     best = None
     for it in range(iterations + 1):
         t0 = time.perf_counter()
         rnd = _simulate_round(runs, profile, coef, seed=seed, window_s=window_s,
                               max_in_flight=max_in_flight, processes=processes)
-        score, entry = _score(rnd, real, it, coef)
+        score, entry = _score(rnd, real, it, coef, w)
         history.append(dict(entry, seconds=time.perf_counter() - t0))
         log(f"  iteration {it}: ITL SMAPE median {entry['itl_smape_median']:.1f}% (max "
             f"{entry['itl_smape_max']:.0f}%), throughput median "
@@ -263,7 +280,7 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
             best = (score, dict(coef), rnd.sims)
         if it == iterations:
             break
-        coef, change = _surrogate_step(coef, terms, rnd, real, weights)
+        coef, change = _surrogate_step(coef, terms, rnd, real, weights, w)
         if change < tol:
             log(f"  converged (largest coefficient change {100 * change:.2f}%)")
             break
@@ -314,21 +331,49 @@ def _simulate_round(runs, profile: Profile, coef: dict, *, seed: int, window_s: 
         raise TwinInputError(f"{len(bad)} fit run(s) cannot start under the fitted memory "
                              f"model, e.g. {bad[0]['key']}: {bad[0]['error']}")
     sat = np.array([s["achieved_over_offered"] < 0.97 for s in sims])
-    light = np.array([(r.metrics.get("num_waiting_mean", 0) < 1.0) for r in runs]) & ~sat
+    light = np.array([_regime(r.metrics.get("num_waiting_mean", 0.0)) == "light"
+                      for r in runs]) & ~sat
     return _Round(sims=sims, itl=np.array([s["mean_itl_ms"] for s in sims]),
                   thr=np.array([s["total_throughput"] for s in sims]),
                   ttft=np.array([s["mean_ttft_ms"] for s in sims]), sat=sat, light=light)
 
 
-def _score(rnd: _Round, real: _Measured, it: int, coef: dict) -> tuple[float, dict]:
-    """The round's score (median ITL SMAPE plus that of saturated throughput; lower is
-    better) and its history entry."""
+def cell_weights(runs) -> np.ndarray:
+    """Per-run weights (mean 1) under which each cell of runs counts alike: a cell is the
+    runs of one ``max_loras`` in one measured regime (no queue: ``num_waiting_mean`` < 1;
+    a queue; overloaded: > 1000 waiting). Residuals are multiplied by the square root, so a
+    cell's share of the squared loss is the same whatever its size."""
+    cells = [(r.config.max_loras, _regime(r.metrics.get("num_waiting_mean", 0.0)))
+             for r in runs]
+    size = {c: cells.count(c) for c in set(cells)}
+    w = np.array([1.0 / size[c] for c in cells])
+    return w * len(runs) / w.sum()
+
+
+def _regime(waiting_mean: float) -> str:
+    """A run's measured regime from its mean waiting queue (the fit's thresholds)."""
+    return "light" if waiting_mean < 1.0 else ("queue" if waiting_mean <= 1000 else "overloaded")
+
+
+def _wmedian(x: np.ndarray, w: np.ndarray) -> float:
+    """The weighted median (the plain median when the weights are equal)."""
+    if np.allclose(w, w[0]):
+        return float(np.median(x))
+    o = np.argsort(x)
+    c = np.cumsum(w[o])
+    return float(x[o][np.searchsorted(c, 0.5 * c[-1])])
+
+
+def _score(rnd: _Round, real: _Measured, it: int, coef: dict,
+           w: np.ndarray) -> tuple[float, dict]:
+    """The round's score ((weighted) median ITL SMAPE plus that of saturated throughput;
+    lower is better) and its history entry."""
     e_itl = smape(rnd.itl, real.itl, percent=True)
     e_thr = smape(rnd.thr, real.thr, percent=True)
     sat, light = rnd.sat, rnd.light
     e_ttft = smape(rnd.ttft[light], real.ttft[light], percent=True)
-    score = float(np.median(e_itl) + np.median(e_thr[sat]) if sat.any() else np.median(e_itl))
-    return score, {"iteration": it, "coef": dict(coef),
+    score = _wmedian(e_itl, w) + (_wmedian(e_thr[sat], w[sat]) if sat.any() else 0.0)
+    return score, {"iteration": it, "score": score, "coef": dict(coef),
                    "itl_smape_median": float(np.median(e_itl)),
                    "itl_smape_max": float(e_itl.max()),
                    "throughput_smape_median": float(np.median(e_thr)),
@@ -338,19 +383,19 @@ def _score(rnd: _Round, real: _Measured, it: int, coef: dict) -> tuple[float, di
 
 
 def _surrogate_step(coef: dict, terms, rnd: _Round, real: _Measured,
-                    weights) -> tuple[dict, float]:
+                    weights, run_w: np.ndarray) -> tuple[dict, float]:
     """The next coefficients from the surrogate problem at the round's batch compositions
     (moved at most x3 per coefficient), and the largest relative change."""
     from scipy.optimize import least_squares   # lazy: scipy.optimize takes ~0.5 s to import
 
-    idx = np.array([_IDX[k] for k in terms])
     sims, sat, light = rnd.sims, rnd.sat, rnd.light
-    theta0 = np.array([coef[k] for k in terms])
-    G = np.array([s["rec_dec"][idx] / max(s["rec_ndec"], 1.0) for s in sims])
-    H = np.array([s["rec_all"][idx] / max(s["rec_steps"], 1) for s in sims])
-    P = np.array([s["rec_pre"][idx] / max(s["rec_npre"], 1.0) for s in sims])
+    theta0 = np.array([coef[k.split("+")[0]] for k in terms])
+    G = np.array([_columns(s["rec_dec"], terms) / max(s["rec_ndec"], 1.0) for s in sims])
+    H = np.array([_columns(s["rec_all"], terms) / max(s["rec_steps"], 1) for s in sims])
+    P = np.array([_columns(s["rec_pre"], terms) / max(s["rec_npre"], 1.0) for s in sims])
     scale = np.where(theta0 > 0, theta0, 1e-6)
     wi, wt, wf = weights
+    sw = np.sqrt(run_w)
 
     def resid(z):
         th = z * scale
@@ -360,7 +405,7 @@ def _surrogate_step(coef: dict, terms, rnd: _Round, real: _Measured,
                        * rnd.thr[sat] / real.thr[sat])
         r_ttft = np.log(np.maximum(P[light] @ th, 1e-9) / np.maximum(P[light] @ theta0, 1e-9)
                         * np.maximum(rnd.ttft[light], 1e-3) / real.ttft[light])
-        return np.concatenate([wi * r_itl, wt * r_thr, wf * r_ttft,
+        return np.concatenate([wi * sw * r_itl, wt * sw[sat] * r_thr, wf * sw[light] * r_ttft,
                                [1e-3 * np.log1p(z.sum())]])
     z0 = np.ones(len(terms))
     sol = least_squares(resid, z0, bounds=(0.0, np.inf), loss="soft_l1", f_scale=0.1)
@@ -368,4 +413,4 @@ def _surrogate_step(coef: dict, terms, rnd: _Round, real: _Measured,
     # damp: move at most x3 per iteration per coefficient
     new = np.clip(new, theta0 / 3.0, np.maximum(theta0 * 3.0, 1e-7))
     change = float(np.max(np.abs(new - theta0) / np.maximum(theta0, 1e-9)))
-    return {**coef, **{k: float(v) for k, v in zip(terms, new)}}, change
+    return {**coef, **{m: float(v) for k, v in zip(terms, new) for m in k.split("+")}}, change

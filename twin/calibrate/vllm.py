@@ -38,7 +38,8 @@ __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "ca
 def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | None = None,
               base_profile: str | Path | Profile | None = None, name: str | None = None,
               sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
-              processes: int = 2, seed: int = 0, terms=STEP_TERMS, log=print) -> Profile:
+              processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: bool = False,
+              log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
@@ -57,9 +58,12 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
         f"{processes} process(es)")
     fit = fit_step_time(usable, prof, terms=terms, window_s=window_s, iterations=iterations,
                         processes=processes, seed=seed,
-                        max_in_flight=cap["max_in_flight"] if cap else None, log=log)
+                        max_in_flight=cap["max_in_flight"] if cap else None,
+                        balance=balance, log=log)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed)
+    if balance:
+        prov["step_time"]["weights"] = "each (max_loras, regime) cell alike"
     prov["seconds"] = round(time.perf_counter() - t0, 1)
     return prof
 
@@ -101,8 +105,7 @@ def _startable(runs, prof: Profile) -> list:
 
 def _step_provenance(fit: StepFit, terms, n_runs: int, window_s: float, seed: int) -> dict:
     """What the step-time fit did and how well it fits, at its best iteration."""
-    last = min(fit.history, key=lambda h: h["itl_smape_median"]
-               + (h["throughput_smape_median_saturated"] or 0))
+    last = min(fit.history, key=lambda h: h["score"])
     log_ratio = np.log(fit.residuals.twin_itl_ms / fit.residuals.real_itl_ms)
     return {
         "method": "simulation in the loop: twin runs of each fit run's reconstructed workload "
