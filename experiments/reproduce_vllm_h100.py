@@ -311,9 +311,13 @@ def main(argv=None) -> int:
                     help="with --calibrate: the step-time terms fitted: step, grid, "
                          "capped-grid (twin.calibrate.step_fit) or a comma-separated list, "
                          "where a+b ties two features to one coefficient")
-    ap.add_argument("--balance", action="store_true",
-                    help="with --calibrate: weigh each (max_loras, regime) cell of the fit "
-                         "runs alike, not each run")
+    ap.add_argument("--balance", choices=("regime", "slots"),
+                    help="with --calibrate: weigh each measured regime (no queue, a queue, "
+                         "overloaded) of the fit runs alike, or each (max_loras, regime) "
+                         "cell, not each run")
+    ap.add_argument("--feedback", action="store_true",
+                    help="with --calibrate: scale each run's ITL residual by the gain its "
+                         "batch adds (fit_step_time(feedback=True))")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
     ap.add_argument("--seed", type=int, default=0,
@@ -351,6 +355,7 @@ def main(argv=None) -> int:
                 processes=args.processes, window_s=1200.0, iterations=4,
                 terms={"step": STEP_TERMS, "grid": GRID_TERMS, "capped-grid": CAPPED_GRID_TERMS}
                 .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
+                feedback=args.feedback,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
             args.out.mkdir(parents=True, exist_ok=True)
             print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")

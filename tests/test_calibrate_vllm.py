@@ -233,29 +233,31 @@ def test_client_cap_is_the_ceiling_the_overloaded_runs_reached():
 
 
 def test_balanced_fit_weighs_each_cell_alike():
-    """``balance``: every (max_loras, measured regime) cell of fit runs carries the same
-    total weight, whatever its size, and the weights average 1; the weighted median the fit
-    scores with is the plain median under equal weights."""
+    """``balance``: every measured regime (or (max_loras, regime) cell) of fit runs carries
+    the same total weight, whatever its size, and the weights average 1; the weighted median
+    the fit scores with is the plain median under equal weights."""
     from types import SimpleNamespace as NS
 
-    from twin.calibrate.step_fit import _wmedian, cell_weights
+    from twin.calibrate.run_weights import cell_weights, weighted_median
 
     def run(max_loras, waiting):
         return NS(config=NS(max_loras=max_loras), metrics={"num_waiting_mean": waiting})
 
     runs = ([run(16, 20000)] * 6 + [run(16, 0.0)] * 2 + [run(64, 0.5)] + [run(64, 50.0)] * 3)
-    w = cell_weights(runs)
+    w = cell_weights(runs, by_slots=True)
     assert w.mean() == pytest.approx(1.0)
     totals = Counter()
     for r, wi in zip(runs, w):
         totals[(r.config.max_loras, r.metrics["num_waiting_mean"])] += wi
-    cells = {(16, 20000): 0, (16, 0.0): 0, (64, 0.5): 0, (64, 50.0): 0}
-    assert set(totals) == set(cells)
+    assert set(totals) == {(16, 20000), (16, 0.0), (64, 0.5), (64, 50.0)}
     assert np.allclose(list(totals.values()), len(runs) / 4)
     assert w[8] == pytest.approx(6 * w[0])          # the lone light 64-slot run vs one of six
+    by_regime = cell_weights(runs)                    # light 3, queue 3, overloaded 6
+    assert by_regime[6] == pytest.approx(by_regime[8]) == pytest.approx(2 * by_regime[0])
+    assert by_regime.mean() == pytest.approx(1.0)
     x = np.array([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert _wmedian(x, np.ones(5)) == 3.0
-    assert _wmedian(x, np.array([1.0, 10.0, 1.0, 1.0, 1.0])) == 1.0
+    assert weighted_median(x, np.ones(5)) == 3.0
+    assert weighted_median(x, np.array([1.0, 10.0, 1.0, 1.0, 1.0])) == 1.0
 
 
 def test_tied_terms_share_one_coefficient():
@@ -292,3 +294,29 @@ def test_tied_terms_share_one_coefficient():
     assert change > 0.05
     assert _columns(sims[0]["rec_dec"], terms) @ [new["const"], new["decode_tokens"]] > \
         1.1 * (_columns(sims[0]["rec_dec"], terms) @ [coef["const"], coef["decode_tokens"]])
+
+
+def test_itl_gain_is_the_measured_response_over_the_frozen_batch_one():
+    """``itl_gains``: a run whose mean ITL moved 3x as much (in log) as its round-0 batch
+    predicts for the new coefficients gets gain 3; one that moved as predicted gets 1; one
+    whose predicted change is under 1% keeps its last gain; gains are clipped to [1, 8]."""
+    from twin.calibrate.step_fit import _Round, itl_gains
+    from twin.costs.step_time import FEATURES
+
+    terms = ("const", "adapters")
+    rec = np.zeros(len(FEATURES))
+    rec[FEATURES.index("const")] = 1.0
+    rec[FEATURES.index("adapters")] = 10.0
+
+    def rnd(itl):
+        sims = [{"rec_dec": rec, "rec_ndec": 1.0}] * len(itl)
+        return _Round(sims=sims, itl=np.array(itl), thr=None, ttft=None, sat=None, light=None)
+
+    c0 = {"const": 0.010, "adapters": 0.001}            # 20 ms a step
+    c1 = {"const": 0.010, "adapters": 0.0012}           # 22 ms at the same batch: +9.5% in log
+    static = np.log(22.0 / 20.0)
+    itl1 = [20.0 * np.exp(k * static) for k in (3.0, 1.0, 20.0, 0.5)]
+    g = itl_gains(rnd([20.0] * 4), c0, rnd(itl1), c1, terms, last=np.full(4, 2.0))
+    assert g == pytest.approx([3.0, 1.0, 8.0, 1.0])
+    same = itl_gains(rnd([20.0] * 4), c0, rnd([20.0] * 4), c0, terms, last=np.full(4, 2.0))
+    assert same == pytest.approx([2.0] * 4)             # no predicted change: last gain kept

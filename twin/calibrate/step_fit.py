@@ -23,14 +23,15 @@ import numpy as np
 import pandas as pd
 
 from twin.calibrate.reconstruct import reconstruct
+from twin.calibrate.run_weights import cell_weights, regime, weighted_median
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import ConfigError, TwinInputError
 from twin.results import smape
 from twin.sim.engine import simulate
 
-__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "STEP_TERMS", "StepFit", "cell_weights",
-           "fit_step_time", "simulate_run"]
+__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "STEP_TERMS", "StepFit", "fit_step_time",
+           "itl_gains", "simulate_run"]
 
 # -- step time: simulation in the loop --------------------------------------------------------
 
@@ -240,11 +241,16 @@ def _columns(rec: np.ndarray, terms) -> np.ndarray:
     return np.array([sum(rec[_IDX[m]] for m in k.split("+")) for k in terms])
 
 
+def _theta(coef: dict, terms) -> np.ndarray:
+    """The coefficients of ``terms`` (a tied term's members share one)."""
+    return np.array([coef[k.split("+")[0]] for k in terms])
+
+
 def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 1200.0,
                   iterations: int = 4, processes: int = 2, seed: int = 0,
                   max_in_flight: int | None = None, init: dict | None = None,
-                  weights=(1.0, 1.0, 0.25), balance: bool = False, log=print,
-                  tol: float = 0.01) -> StepFit:
+                  weights=(1.0, 1.0, 0.25), balance: str | None = None, feedback: bool = False,
+                  log=print, tol: float = 0.01) -> StepFit:
     """Fit the linear step-time coefficients ``terms`` to runs' mean ITL, throughput and
     TTFT by simulation in the loop (see the module docstring).
 
@@ -255,16 +261,28 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     features per step; light-load TTFT as the prefill-weighted features. ``weights`` weigh
     ITL, throughput and TTFT. The coefficients of the best-scoring iteration are returned.
 
-    ``balance`` weighs every (regime, ``max_loras``) cell of the runs alike
-    (:func:`cell_weights`), where the plain fit weighs every run alike: a run grid that is
-    mostly overloaded runs otherwise sets the LoRA costs from saturated steps alone.
+    ``balance`` (``"regime"`` or ``"slots"``) weighs every measured regime, or every
+    (``max_loras``, regime) cell, of the runs alike (:func:`cell_weights`), where the plain
+    fit weighs every run alike: a run grid that is mostly overloaded runs otherwise sets the
+    LoRA costs from saturated steps alone.
+
+    ``feedback`` lets the surrogate know that a run's batch answers its step cost: a run that
+    keeps up holds ``arrival rate x output x ITL`` requests, so a dearer step means a larger
+    batch and dearer steps again, and its mean ITL moves several times the step cost near
+    the knee (:func:`itl_gains`). With it the ITL residuals scale the surrogate's change by
+    each run's gain measured between the last two rounds, instead of assuming the batch
+    stays put.
     """
     t_start = time.perf_counter()
     coef = start_coef(profile, runs, terms, init)
     real = _Measured.of(runs)
-    w = cell_weights(runs) if balance else np.ones(len(runs))
+    if balance not in (None, "regime", "slots"):
+        raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
+    w = cell_weights(runs, by_slots=balance == "slots") if balance else np.ones(len(runs))
     history = []
     best = None
+    prev = None
+    gain = np.ones(len(runs))
     for it in range(iterations + 1):
         t0 = time.perf_counter()
         rnd = _simulate_round(runs, profile, coef, seed=seed, window_s=window_s,
@@ -280,7 +298,11 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
             best = (score, dict(coef), rnd.sims)
         if it == iterations:
             break
-        coef, change = _surrogate_step(coef, terms, rnd, real, weights, w)
+        if feedback and prev is not None:
+            gain = itl_gains(prev[0], prev[1], rnd, coef, terms, gain)
+        prev = (rnd, coef)
+        coef, change = _surrogate_step(coef, terms, rnd, real, weights, w,
+                                       gain if feedback else None)
         if change < tol:
             log(f"  converged (largest coefficient change {100 * change:.2f}%)")
             break
@@ -331,37 +353,11 @@ def _simulate_round(runs, profile: Profile, coef: dict, *, seed: int, window_s: 
         raise TwinInputError(f"{len(bad)} fit run(s) cannot start under the fitted memory "
                              f"model, e.g. {bad[0]['key']}: {bad[0]['error']}")
     sat = np.array([s["achieved_over_offered"] < 0.97 for s in sims])
-    light = np.array([_regime(r.metrics.get("num_waiting_mean", 0.0)) == "light"
+    light = np.array([regime(r.metrics.get("num_waiting_mean", 0.0)) == "light"
                       for r in runs]) & ~sat
     return _Round(sims=sims, itl=np.array([s["mean_itl_ms"] for s in sims]),
                   thr=np.array([s["total_throughput"] for s in sims]),
                   ttft=np.array([s["mean_ttft_ms"] for s in sims]), sat=sat, light=light)
-
-
-def cell_weights(runs) -> np.ndarray:
-    """Per-run weights (mean 1) under which each cell of runs counts alike: a cell is the
-    runs of one ``max_loras`` in one measured regime (no queue: ``num_waiting_mean`` < 1;
-    a queue; overloaded: > 1000 waiting). Residuals are multiplied by the square root, so a
-    cell's share of the squared loss is the same whatever its size."""
-    cells = [(r.config.max_loras, _regime(r.metrics.get("num_waiting_mean", 0.0)))
-             for r in runs]
-    size = {c: cells.count(c) for c in set(cells)}
-    w = np.array([1.0 / size[c] for c in cells])
-    return w * len(runs) / w.sum()
-
-
-def _regime(waiting_mean: float) -> str:
-    """A run's measured regime from its mean waiting queue (the fit's thresholds)."""
-    return "light" if waiting_mean < 1.0 else ("queue" if waiting_mean <= 1000 else "overloaded")
-
-
-def _wmedian(x: np.ndarray, w: np.ndarray) -> float:
-    """The weighted median (the plain median when the weights are equal)."""
-    if np.allclose(w, w[0]):
-        return float(np.median(x))
-    o = np.argsort(x)
-    c = np.cumsum(w[o])
-    return float(x[o][np.searchsorted(c, 0.5 * c[-1])])
 
 
 def _score(rnd: _Round, real: _Measured, it: int, coef: dict,
@@ -372,7 +368,7 @@ def _score(rnd: _Round, real: _Measured, it: int, coef: dict,
     e_thr = smape(rnd.thr, real.thr, percent=True)
     sat, light = rnd.sat, rnd.light
     e_ttft = smape(rnd.ttft[light], real.ttft[light], percent=True)
-    score = _wmedian(e_itl, w) + (_wmedian(e_thr[sat], w[sat]) if sat.any() else 0.0)
+    score = weighted_median(e_itl, w) + (weighted_median(e_thr[sat], w[sat]) if sat.any() else 0.0)
     return score, {"iteration": it, "score": score, "coef": dict(coef),
                    "itl_smape_median": float(np.median(e_itl)),
                    "itl_smape_max": float(e_itl.max()),
@@ -382,14 +378,33 @@ def _score(rnd: _Round, real: _Measured, it: int, coef: dict,
                    "ttft_smape_median_light": float(np.median(e_ttft)) if light.any() else None}
 
 
+def itl_gains(rnd0: _Round, coef0: dict, rnd1: _Round, coef1: dict, terms,
+              last: np.ndarray, lo: float = 1.0, hi: float = 8.0) -> np.ndarray:
+    """Per run, how many times the change of its step cost its mean ITL moved between two
+    rounds: log(ITL1/ITL0) over the log change round 0's batches predict (g0·θ1 / g0·θ0),
+    clipped to [lo, hi]; runs whose predicted change is under 1% keep their ``last``
+    gain."""
+    th0, th1 = _theta(coef0, terms), _theta(coef1, terms)
+    G0 = np.array([_columns(s["rec_dec"], terms) / max(s["rec_ndec"], 1.0) for s in rnd0.sims])
+    static = np.log(np.maximum(G0 @ th1, 1e-12) / np.maximum(G0 @ th0, 1e-12))
+    actual = np.log(np.maximum(rnd1.itl, 1e-9) / np.maximum(rnd0.itl, 1e-9))
+    ok = np.abs(static) > 0.01
+    out = last.copy()
+    out[ok] = np.clip(actual[ok] / static[ok], lo, hi)
+    return out
+
+
 def _surrogate_step(coef: dict, terms, rnd: _Round, real: _Measured,
-                    weights, run_w: np.ndarray) -> tuple[dict, float]:
+                    weights, run_w: np.ndarray,
+                    gain: np.ndarray | None = None) -> tuple[dict, float]:
     """The next coefficients from the surrogate problem at the round's batch compositions
-    (moved at most x3 per coefficient), and the largest relative change."""
+    (moved at most x3 per coefficient), and the largest relative change. ``run_w`` weighs
+    the runs (:func:`cell_weights`); ``gain`` scales each run's predicted ITL change
+    (:func:`itl_gains`; None: the batch held fixed)."""
     from scipy.optimize import least_squares   # lazy: scipy.optimize takes ~0.5 s to import
 
     sims, sat, light = rnd.sims, rnd.sat, rnd.light
-    theta0 = np.array([coef[k.split("+")[0]] for k in terms])
+    theta0 = _theta(coef, terms)
     G = np.array([_columns(s["rec_dec"], terms) / max(s["rec_ndec"], 1.0) for s in sims])
     H = np.array([_columns(s["rec_all"], terms) / max(s["rec_steps"], 1) for s in sims])
     P = np.array([_columns(s["rec_pre"], terms) / max(s["rec_npre"], 1.0) for s in sims])
@@ -399,8 +414,9 @@ def _surrogate_step(coef: dict, terms, rnd: _Round, real: _Measured,
 
     def resid(z):
         th = z * scale
-        r_itl = np.log(np.maximum(G @ th, 1e-9) / np.maximum(G @ theta0, 1e-9)
-                       * rnd.itl / real.itl)
+        ratio = np.maximum(G @ th, 1e-9) / np.maximum(G @ theta0, 1e-9)
+        r_itl = (np.log(ratio * rnd.itl / real.itl) if gain is None
+                 else gain * np.log(ratio) + np.log(rnd.itl / real.itl))
         r_thr = np.log(np.maximum(H[sat] @ theta0, 1e-9) / np.maximum(H[sat] @ th, 1e-9)
                        * rnd.thr[sat] / real.thr[sat])
         r_ttft = np.log(np.maximum(P[light] @ th, 1e-9) / np.maximum(P[light] @ theta0, 1e-9)

@@ -38,8 +38,8 @@ __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "ca
 def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | None = None,
               base_profile: str | Path | Profile | None = None, name: str | None = None,
               sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
-              processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: bool = False,
-              log=print) -> Profile:
+              processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: str | None = None,
+              feedback: bool = False, log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
@@ -59,11 +59,14 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     fit = fit_step_time(usable, prof, terms=terms, window_s=window_s, iterations=iterations,
                         processes=processes, seed=seed,
                         max_in_flight=cap["max_in_flight"] if cap else None,
-                        balance=balance, log=log)
+                        balance=balance, feedback=feedback, log=log)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed)
     if balance:
-        prov["step_time"]["weights"] = "each (max_loras, regime) cell alike"
+        prov["step_time"]["weights"] = ("each measured regime alike" if balance == "regime"
+                                         else "each (max_loras, regime) cell alike")
+    if feedback:
+        prov["step_time"]["feedback"] = "ITL residuals scaled by each run's measured gain"
     prov["seconds"] = round(time.perf_counter() - t0, 1)
     return prof
 
