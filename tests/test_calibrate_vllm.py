@@ -235,10 +235,13 @@ def test_client_cap_is_the_ceiling_the_overloaded_runs_reached():
 def test_balanced_fit_weighs_each_cell_alike():
     """``balance``: every measured regime (or (max_loras, regime) cell) of fit runs carries
     the same total weight, whatever its size, and the weights average 1; the weighted median
-    the fit scores with is the plain median under equal weights."""
+    the fit scores with is the plain median under equal weights; another value is refused
+    before any work."""
     from types import SimpleNamespace as NS
 
     from twin.calibrate.run_weights import cell_weights, weighted_median
+    from twin.calibrate.step_fit import fit_step_time
+    from twin.errors import ConfigError
 
     def run(max_loras, waiting):
         return NS(config=NS(max_loras=max_loras), metrics={"num_waiting_mean": waiting})
@@ -258,6 +261,8 @@ def test_balanced_fit_weighs_each_cell_alike():
     x = np.array([5.0, 1.0, 3.0, 2.0, 4.0])
     assert weighted_median(x, np.ones(5)) == 3.0
     assert weighted_median(x, np.array([1.0, 10.0, 1.0, 1.0, 1.0])) == 1.0
+    with pytest.raises(ConfigError, match="balance"):
+        fit_step_time(runs, None, balance="cells")
 
 
 def test_tied_terms_share_one_coefficient():

@@ -273,11 +273,11 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     each run's gain measured between the last two rounds, instead of assuming the batch
     stays put.
     """
+    if balance not in (None, "regime", "slots"):
+        raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
     t_start = time.perf_counter()
     coef = start_coef(profile, runs, terms, init)
     real = _Measured.of(runs)
-    if balance not in (None, "regime", "slots"):
-        raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
     w = cell_weights(runs, by_slots=balance == "slots") if balance else np.ones(len(runs))
     history = []
     best = None
