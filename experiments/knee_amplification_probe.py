@@ -23,7 +23,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from twin.calibrate.step_fit import simulate_run  # noqa: E402
+from twin.calibrate.run_weights import regime  # noqa: E402
+from twin.calibrate.vllm import simulate_run  # noqa: E402
 from twin.calibrate.vllm_runs import read_run_table  # noqa: E402
 from twin.costs.profile import load_profile  # noqa: E402
 from twin.costs.step_time import StepTimeModel  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     for exp_set, slots, served, lo, hi in CASES:
         run = next(r for r in runs if r.extra.get("experiment_set") == exp_set
                    and r.config.max_loras == slots and r.n_adapters == served
-                   and r.metrics.get("num_waiting_mean", 1.0) <= 1000
+                   and regime(r.metrics.get("num_waiting_mean", 1.0)) != "overloaded"
                    and lo < r.metrics["num_running_mean"] < hi)
         real_itl, real_running = run.metrics["mean_itl_ms"], run.metrics["num_running_mean"]
         row = {"run": run.key, "max_loras": slots, "served": served,

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from twin.calibrate.run_weights import regime
 from twin.calibrate.step_fit import _map, _sim_job
 from twin.costs.hardware import HW_TERMS, coefficients
 from twin.costs.step_time import FEATURES
@@ -113,7 +114,8 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
         sat = np.array([s["achieved_over_offered"] < 0.97 for s in sims])
         # TTFT only where the run keeps up (a queue's TTFT depends on the window, not the step)
         has_ttft = (np.isfinite(ttft) & (ttft > 0) & ~sat
-                    & np.array([r.metrics.get("num_waiting_mean", 0.0) < 1.0 for r in runs]))
+                    & np.array([regime(r.metrics.get("num_waiting_mean", 0.0)) == "light"
+                                for r in runs]))
         v0 = np.exp(u)
         wi, wt, wf = weights
 

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from twin.calibrate.run_weights import regime
 from twin.calibrate.step_fit import _map, simulate_run
 from twin.costs.frontend import Frontend
 from twin.costs.profile import Profile
@@ -38,7 +39,7 @@ def light_runs(runs, max_running: float = 6.0) -> list:
                 "num_waiting_mean")
         if not all(k in m and math.isfinite(m[k]) for k in need):
             continue
-        if (m["num_waiting_mean"] < 1 and m["num_running_mean"] < max_running
+        if (regime(m["num_waiting_mean"]) == "light" and m["num_running_mean"] < max_running
                 and m["completed"] > 0):
             out.append(r)
     return out

@@ -206,7 +206,7 @@ def _initial_coef(profile: Profile, runs=()) -> dict:
     rows, y = [], []
     for r in runs:
         met = r.metrics
-        if met.get("num_waiting_mean", 1.0) < 1.0 and "num_running_mean" in met:
+        if regime(met.get("num_waiting_mean", 1.0)) == "light" and "num_running_mean" in met:
             n = met["num_running_mean"]
             u = min(r.config.max_loras, r.config.max_cpu_loras, n)
             rows.append([1.0, n, u])
