@@ -318,6 +318,9 @@ def main(argv=None) -> int:
     ap.add_argument("--feedback", action="store_true",
                     help="with --calibrate: scale each run's ITL residual by the gain its "
                          "batch adds (fit_step_time(feedback=True))")
+    ap.add_argument("--residual-weights", default="1,1,0.25", metavar="ITL,THR,TTFT",
+                    help="with --calibrate: weights of the step-time fit's ITL, throughput "
+                         "and light-load TTFT residuals (default 1,1,0.25)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
     ap.add_argument("--seed", type=int, default=0,
@@ -356,6 +359,7 @@ def main(argv=None) -> int:
                 terms={"step": STEP_TERMS, "grid": GRID_TERMS, "capped-grid": CAPPED_GRID_TERMS}
                 .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
                 feedback=args.feedback,
+                residual_weights=[float(v) for v in args.residual_weights.split(",")],
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
             args.out.mkdir(parents=True, exist_ok=True)
             print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")

@@ -119,6 +119,7 @@ def test_calibrate_cli_writes_loadable_profile(data, tmp_path):
     assert prov["fitted"] and prov["sources"]["run_count"] == 3
     assert prov["memory"]["kv_tokens_rel_error_max"] <= 0.01
     assert "history" in prov["step_time"] and prov["step_time"]["runs"] >= 1
+    assert prov["step_time"]["residual_weights"] == {"itl": 1.0, "throughput": 1.0, "ttft": 0.25}
     assert prof.step_time.base["const"] > 0
 
 
@@ -235,8 +236,8 @@ def test_client_cap_is_the_ceiling_the_overloaded_runs_reached():
 def test_balanced_fit_weighs_each_cell_alike():
     """``balance``: every measured regime (or (max_loras, regime) cell) of fit runs carries
     the same total weight, whatever its size, and the weights average 1; the weighted median
-    the fit scores with is the plain median under equal weights; another value is refused
-    before any work."""
+    the fit scores with is the plain median under equal weights; another balance, or residual
+    weights that are not three non-negative numbers, are refused before any work."""
     from types import SimpleNamespace as NS
 
     from twin.calibrate.run_weights import cell_weights, weighted_median
@@ -263,6 +264,9 @@ def test_balanced_fit_weighs_each_cell_alike():
     assert weighted_median(x, np.array([1.0, 10.0, 1.0, 1.0, 1.0])) == 1.0
     with pytest.raises(ConfigError, match="balance"):
         fit_step_time(runs, None, balance="cells")
+    for bad in ((1.0, 1.0), (1.0, -1.0, 0.25), (0, 0, 0)):
+        with pytest.raises(ConfigError, match="weights"):
+            fit_step_time(runs, None, weights=bad)
 
 
 def test_tied_terms_share_one_coefficient():

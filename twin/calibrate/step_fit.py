@@ -275,6 +275,10 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     """
     if balance not in (None, "regime", "slots"):
         raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
+    weights = tuple(float(v) for v in weights)
+    if len(weights) != 3 or min(weights) < 0 or not any(weights):
+        raise ConfigError("weights must be three non-negative numbers (ITL, throughput, "
+                          f"TTFT), not all zero; got {weights}")
     t_start = time.perf_counter()
     coef = start_coef(profile, runs, terms, init)
     real = _Measured.of(runs)

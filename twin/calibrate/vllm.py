@@ -39,8 +39,11 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
               base_profile: str | Path | Profile | None = None, name: str | None = None,
               sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
               processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: str | None = None,
-              feedback: bool = False, log=print) -> Profile:
-    """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap)."""
+              feedback: bool = False, residual_weights=(1.0, 1.0, 0.25),
+              log=print) -> Profile:
+    """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap).
+    ``residual_weights`` weigh the step-time fit's ITL, throughput and TTFT residuals
+    (``fit_step_time(weights=)``)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
         base_profile or "llama31-8b-h100-64gb-first-principles")
@@ -59,12 +62,15 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     fit = fit_step_time(usable, prof, terms=terms, window_s=window_s, iterations=iterations,
                         processes=processes, seed=seed,
                         max_in_flight=cap["max_in_flight"] if cap else None,
-                        balance=balance, feedback=feedback, log=log)
+                        weights=residual_weights, balance=balance, feedback=feedback,
+                        log=log)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed)
     if balance:
         prov["step_time"]["weights"] = ("each measured regime alike" if balance == "regime"
                                          else "each (max_loras, regime) cell alike")
+    prov["step_time"]["residual_weights"] = dict(zip(("itl", "throughput", "ttft"),
+                                                     map(float, residual_weights)))
     if feedback:
         prov["step_time"]["feedback"] = "ITL residuals scaled by each run's measured gain"
     prov["seconds"] = round(time.perf_counter() - t0, 1)
