@@ -54,7 +54,7 @@ GRID_TERMS = STEP_TERMS + ("lora_slot_tokens",)
 CAPPED_GRID_TERMS = STEP_TERMS + ("lora_slot_tokens_capped",)
 #: where a term the initial regression does not set starts (the surrogate moves a
 #: coefficient at most x3 per iteration: one starting at 0 would stay there)
-_START = {"lora_slot_tokens": 2e-7, "lora_slot_tokens_capped": 2e-7, "lora_grid_ctas": 2e-5}
+_START = {"lora_slot_tokens": 2e-7, "lora_slot_tokens_capped": 2e-7}
 _IDX = {k: i for i, k in enumerate(FEATURES)}
 
 

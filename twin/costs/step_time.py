@@ -49,8 +49,6 @@ class StepFeatures(NamedTuple):
     # blocks run beside the blocks doing real LoRA work and hide behind them (saturates with
     # step size)
     lora_slot_tokens_capped: float = 0.0
-    lora_grid_ctas: float = 0.0   # thread blocks (thousands, per layer) vLLM's Triton LoRA
-    #                               kernels launch: see :func:`lora_grid_ctas`
 
 
 FEATURES = StepFeatures._fields
@@ -76,18 +74,6 @@ def lora_grid(tokens: float, slots: float) -> tuple[float, float]:
     return tokens * slots, min(tokens, LORA_GRID_TOKEN_CAP) * slots
 
 
-def lora_grid_ctas(tokens: int, slots: int, rank: float) -> float:
-    """Thousands of thread blocks per layer that vLLM's Triton LoRA kernels launch for a
-    step of ``tokens`` tokens over ``slots`` slots (EXPERIMENT: Llama-8B shape)."""
-    if not slots or not tokens:
-        return 0.0
-    tokens = min(tokens, 1024)   # EXPERIMENT: capped as lora_slot_tokens_capped
-    split = 64 if tokens < 128 else 8
-    shrink = 7 * split * -(-tokens // 32) * -(-int(rank) // 16)
-    expand = 384 * -(-tokens // 64)
-    return slots * (shrink + expand) / 1000.0
-
-
 def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int) -> StepFeatures:
     """Features of a scheduled step (``twin.sched.StepPlan``), given how the server counts
     LoRA ranks: ``token_rank`` per adapter token, ``adapter_rank`` summed over the batch's
@@ -99,8 +85,7 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots,
-        lora_grid_ctas(tokens, slots, token_rank)))
+        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:
