@@ -204,6 +204,13 @@ def test_static_table_weights_and_errors():
         r.pick(1, None)
     with pytest.raises(TwinInputError, match="replica index"):
         StaticTable(table).bind(1, ["a"])
+    for gpu, weight, field, row in (("x", 1.0, "gpu", 0), (None, 1.0, "gpu", 0),
+                                    (1.5, 1.0, "gpu", 0), (0, "abc", "weight", 0),
+                                    (0, -1.0, "weight", 0), (0, float("inf"), "weight", 0)):
+        bad = pd.DataFrame({"adapter": ["b", "a"], "gpu": [0, gpu], "weight": [1.0, weight]})
+        with pytest.raises(TwinInputError) as err:   # a user's cell: an error, not a crash
+            StaticTable(bad).bind(2, ["a", "b"])
+        assert (err.value.field, err.value.row) == (field, row + 1), (gpu, weight)
     with pytest.raises(TwinInputError, match="routing table"):
         make_router("static")
     with pytest.raises(TwinInputError, match="unknown router"):

@@ -87,6 +87,11 @@ def test_recommend_returns_verified_non_starving_config(tiny):
     assert s["total_throughput"] == pytest.approx(rec.verified["throughput"])
     assert not s["starving"]
     assert "recommended: max_loras=" in rec.report()
+    # a 90-s window: its edge may read STARVING, and the report says so (an hour's: silent)
+    assert any("window is only 90 s" in w for w in rec.warnings)
+    assert "warning: the window is only 90 s" in rec.report()
+    from twin.ml.recommend import short_window_warning
+    assert short_window_warning(3600.0) is None and short_window_warning(599.0)
 
 
 def test_recommend_goodput_objective(tiny):
@@ -139,6 +144,7 @@ def test_place_assigns_every_adapter_and_each_gpu_verifies(tiny, tmp_path):
         s = simulate(sub, rec.config, tiny["profile"], subcat, window_s=WINDOW).summary
         assert not s["starving"]
     assert len(pl.gpus) >= 2  # ~29k tok/s offered: more than one GPU of this profile
+    assert pl.report().count("warning: the window is only 90 s") == 1   # once, not per GPU
     assert pl.verify_runs >= len(pl.gpus)  # every GPU ran on the twin
 
 

@@ -181,6 +181,35 @@ def test_rerun_into_own_output_and_empty_dir(tmp_path, trace, capsys):
     assert leftovers(tmp_path) == []
 
 
+def test_rerun_refuses_an_output_holding_the_users_files(tmp_path, trace, capsys,
+                                                        engine_calls):
+    """A previous output of the same kind is replaced only while it holds just what twin
+    wrote there: a note the user added beside it, a folder of plots, or a nested output
+    makes the rerun refuse before any work, and every one of them stays."""
+    out = tmp_path / "run"
+    assert main(simulate_args(trace, out)) == 0
+    assert outputs.foreign_entries(out) == []
+    (out / "analysis.md").write_text("my notes")
+    (out / "plots").mkdir()
+    (out / "plots" / "fig.png").write_bytes(b"x")
+    before = len(engine_calls)
+    assert main(simulate_args(trace, out, "--max-loras", "1")) == 2
+    assert "analysis.md" in capsys.readouterr().err
+    assert len(engine_calls) == before                     # refused before simulating
+    assert (out / "analysis.md").read_text() == "my notes"
+    assert (out / "plots" / "fig.png").read_bytes() == b"x"
+    assert outputs.foreign_entries(out) == ["analysis.md", "plots", "plots/fig.png"]
+    (out / "analysis.md").unlink()
+    (out / "plots" / "fig.png").unlink()
+    (out / "plots").rmdir()
+    assert main(simulate_args(trace, out / "sub")) == 0     # a nested output of its own
+    assert main(simulate_args(trace, out)) == 2
+    assert (out / "sub" / "summary.json").is_file()
+    __import__("shutil").rmtree(out / "sub")
+    assert main(simulate_args(trace, out, "--max-loras", "1")) == 0   # only twin's: replaced
+    assert json.loads((out / "summary.json").read_text())["meta"]["config"]["max_loras"] == 1
+
+
 def test_json_with_out_prints_one_document(tmp_path, trace, capsys):
     assert main(simulate_args(trace, tmp_path / "run", "--json")) == 0
     cap = capsys.readouterr()
@@ -306,6 +335,9 @@ def test_trace_file_outputs(tmp_path, capsys):
     assert main(trace_args(csv)) == 2 and csv.read_text() == "user,data\n"
     assert main(trace_args(tmp_path)) == 2          # a directory: refused
     assert main(trace_args(tmp_path / "new.csv")) == 0
+    for name in ("t.json", "t_noext"):   # Parquet under a name no command reads back
+        assert main(trace_args(tmp_path / name)) == 2
+        assert ".parquet" in capsys.readouterr().err and not (tmp_path / name).exists()
     assert leftovers(tmp_path) == []
 
 
@@ -339,6 +371,12 @@ def test_profile_save_replaces_only_profiles(tmp_path):
     (tmp_path / "m.json").write_text('{"schema": "twin.recommender/1"}')
     with pytest.raises(TwinInputError, match="'recommender'"):
         prof.save(tmp_path / "m.json")
+    with pytest.raises(TwinInputError, match=r"\.json"):   # JSON under a name load refuses
+        prof.save(tmp_path / "p.yaml")
+    assert not (tmp_path / "p.yaml").exists()
+    (tmp_path / "q.yaml").write_text((tmp_path / "p.json").read_text())
+    with pytest.raises(TwinInputError, match="must end in .json"):   # not "no such profile"
+        load_profile(tmp_path / "q.yaml")
     assert leftovers(tmp_path) == []
 
 

@@ -5,7 +5,9 @@ Twin never deletes what the user had. An output is written into a fresh sibling 
 leaves the destination as it was and no temporary behind. An existing destination is
 replaced only when it is a previous twin output of the same *kind*:
 
-- a directory holding the marker file ``.twin-output`` (JSON: kind, twin version);
+- a directory holding the marker file ``.twin-output`` (JSON: kind, twin version, and the
+  paths twin wrote there); one holding anything else besides (a user's notes, a nested
+  output) is refused, since replacing the folder would delete it;
 - a Parquet file whose key-value metadata has ``twin_output`` = kind;
 - a JSON file whose ``twin_output`` field is the kind, or whose ``schema`` is
   ``twin.<kind>/<version>`` (profiles, recommender models);
@@ -139,6 +141,14 @@ def check_out(path, kind: str, *, inputs=(), file: bool = False, field: str = "-
             if have != kind:
                 raise TwinInputError(f"holds a twin {have!r} output, not {kind!r}; choose "
                                      "another path", file=raw, field=field)
+            foreign = foreign_entries(dest)
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                  if len(foreign) > 3 else "")
+                raise TwinInputError(
+                    f"is a twin {kind!r} output that also holds what twin did not write there "
+                    f"({shown}); replacing it would delete them: move them out or choose "
+                    "another path", file=raw, field=field)
     anc = dest.parent
     while not anc.exists():
         anc = anc.parent
@@ -244,9 +254,36 @@ def _umask() -> int:
     return mask
 
 
-def write_marker(directory: Path, kind: str) -> None:
-    (Path(directory) / MARKER).write_text(json.dumps(
-        {"kind": kind, "twin_version": __import__("twin").__version__}) + "\n")
+def _entries(directory: Path) -> list[str]:
+    """Every path below ``directory`` (files, links and folders; symlinked folders not
+    followed), relative, '/'-separated, the marker left out."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        rel = Path(root).relative_to(directory)
+        found += [(rel / n).as_posix() for n in dirs + files]
+    return sorted(e for e in found if e != MARKER)
+
+
+def write_marker(directory: Path, kind: str, *, listing: bool = False) -> None:
+    """Mark ``directory`` as a twin ``kind`` output; ``listing``: also record every path in
+    it, so that a later run replaces it only while it holds nothing else
+    (:func:`foreign_entries`). Stores that grow in place are never replaced: no listing."""
+    doc = {"kind": kind, "twin_version": __import__("twin").__version__}
+    if listing:
+        doc["files"] = _entries(Path(directory))
+    (Path(directory) / MARKER).write_text(json.dumps(doc) + "\n")
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """The paths in a marked twin output folder that twin did not write there (empty when
+    its marker predates the listing: nothing to compare with)."""
+    try:
+        listed = json.loads((Path(directory) / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(listed, list):
+        return []
+    return sorted(set(_entries(Path(directory))) - set(map(str, listed)))
 
 
 @contextlib.contextmanager
@@ -263,7 +300,7 @@ def staged_dir(path, kind: str, *, inputs=()):
         old = None
         try:
             yield tmp
-            write_marker(tmp, kind)
+            write_marker(tmp, kind, listing=True)
             check_out(dest, kind, inputs=inputs)   # still ours (or absent) at swap time
             if dest.exists():
                 old = dest.with_name(tmp.name[:-len(".tmp")] + ".old.tmp")

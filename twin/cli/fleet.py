@@ -69,10 +69,11 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replica-profile", action="append", default=[],
                    help="the profile of the replica of the same position in --replica-config")
     p.add_argument("--router", default="round_robin", choices=ROUTER_NAMES,
-                   help="routing rule")
+                   help="routing rule (default round_robin; see the list above)")
     p.add_argument("--routing", type=Path, help="routing.csv for --router static")
     p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
-                   help="seconds between refreshes of the router's view (0: exact)")
+                   help="seconds between refreshes of the router's view (default 0: "
+                        "exact, the replicas' state at each arrival)")
     p.add_argument("--affinity-slack", type=positive_int, default=16,
                    help="adapter_affinity: requests in flight a replica holding the adapter "
                         "may carry beyond the least-loaded replica (default 16)")

@@ -209,7 +209,7 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--slo", default=None,
                    help="ttft=MS,tpot=MS: every GPU must meet these p99s in its twin run "
                         "(the fewest GPUs meeting the SLOs)")
-    p.add_argument("--max-gpus", type=positive_int, default=64)
+    p.add_argument("--max-gpus", type=positive_int, default=64, help="most GPUs to try (64)")
     p.add_argument("--out", type=Path, default=Path("runs/place"),
                    help="output folder (default runs/place)")
     add_verify_fleet_args(p)
@@ -424,11 +424,9 @@ def _place(args) -> int:
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
 
     check_fleet_routers(args)
-    profile = load_profile(args.profile)
+    profile, slo = load_profile(args.profile), parse_slo(args.slo)
     trace, catalog, window, label = _load_workload(args)
-    model = Recommender.load(args.model)
-    slo = parse_slo(args.slo)
-    base = ml_base(args, profile)
+    model, base = Recommender.load(args.model), ml_base(args, profile)
     pl = place(trace, catalog, profile=profile, model=model, base=base,
                window_s=window, max_gpus=args.max_gpus, max_runs=args.max_runs,
                workers=args.workers, objective="goodput" if slo else "throughput", slo=slo)
@@ -440,7 +438,9 @@ def _place(args) -> int:
         write_placement(tmp, pl, catalog, profile_name=profile.name,
                         model_name=_model_name(args, profile), label=label,
                         fleet_check=check)
-    print(f"wrote {out}/routing.csv, {out}/placement.json and gpu-*/vllm_config.yaml")
+    n = len(list(Path(out).glob("gpu-*/vllm_config.yaml")))
+    print(f"wrote {out}/routing.csv, {out}/placement.json" + (f" and {n} GPU config(s) "
+          "(gpu-*/vllm_config.yaml)" if n else "; no GPU config (none verified)"))
     return 0 if pl.ok and (check is None or fleet_ok(check["placement"])) else 3
 
 

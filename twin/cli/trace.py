@@ -308,6 +308,10 @@ def run(args) -> int:
         print(f"{args.trace}: {summary(read_trace(args.trace))}")
         return 0
     out = Path(args.out)
+    if out.suffix.lower() not in (".parquet", ".pq", ".csv"):   # before the build
+        raise TwinInputError("a trace is written as Parquet (.parquet) or CSV (.csv): give "
+                             "a name with one of those endings, so that twin can read it "
+                             "back", file=str(out), field="--out")
     # --out checked (and locked) before the build; a CSV has no room for twin's output
     # marker, so an existing one is never replaced
     with prepare(out, "trace", inputs=input_paths(args), file=True):

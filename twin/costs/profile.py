@@ -105,6 +105,9 @@ class Profile:
     def save(self, path: str | Path) -> Path:
         """Write the profile atomically through :mod:`twin.outputs`: an existing ``path``
         is replaced only when it is a twin profile (its ``schema`` field says so)."""
+        if Path(path).suffix.lower() != ".json":
+            raise TwinInputError("a profile is a JSON file: give a name ending in .json, so "
+                                 "that twin can load it back", file=str(path), field="--out")
         with staged_file(path, "profile") as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return Path(path)
@@ -269,6 +272,9 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
     else:
         res = resources.files("twin.profiles") / f"{name_or_path}.json"
         if not res.is_file():
+            if path.is_file():
+                raise TwinInputError("a profile file must end in .json (twin reads profiles "
+                                     "as JSON); rename it", file=str(name_or_path))
             raise TwinInputError(f"no profile file or shipped profile named {str(name_or_path)!r}; "
                                  f"shipped: {shipped_profiles()}", file=str(name_or_path))
         text, source = res.read_text(), f"twin/profiles/{name_or_path}.json"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,26 @@ class StaticTable(Router):
             key = -1 if a == BASE_KEY else ids.get(str(a))
             if key is None:
                 continue   # an adapter without traffic in this trace
-            if not 0 <= int(g) < self.n or not float(w) > 0:
-                raise TwinInputError(
-                    f"routing table row {row + 2}: gpu {g!r} must be a replica index in "
-                    f"[0, {self.n}) and weight {w!r} > 0", file=self.source, field="gpu")
+            g = int(self._cell(row, g, "gpu", lambda x: x == int(x) and 0 <= x < self.n,
+                               f"a whole replica index in [0, {self.n})"))
+            w = self._cell(row, w, "weight", lambda x: x > 0, "a number > 0")
             gs, ws = self.rows.setdefault(key, ([], []))
-            gs.append(int(g))
-            ws.append(float(w))
+            gs.append(g)
+            ws.append(w)
         self.current = {k: [0.0] * len(gs) for k, (gs, _) in self.rows.items()}
         return self
+
+    def _cell(self, row: int, value, field: str, ok, expected: str) -> float:
+        """Row ``row``'s ``field`` cell as a finite number passing ``ok``, or an error that
+        names the file, row and field (a user's table: never a crash)."""
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            x = math.nan
+        if not (math.isfinite(x) and ok(x)):
+            raise TwinInputError(f"{field} {value!r} must be {expected}", file=self.source,
+                                 row=row, field=field)
+        return x
 
     def pick(self, adapter, view):
         entry = self.rows.get(adapter)

@@ -89,6 +89,31 @@ def prepare_inputs(trace, profile, model, base, window_s, catalog):
     return profile, model, base, window, trace, catalog
 
 
+#: windows shorter than this get :func:`short_window_warning`
+SHORT_WINDOW_S = 600.0
+
+
+def short_window_warning(window: float) -> str | None:
+    """The warning that a short window's STARVING verdicts may be false: a verification
+    run measures the window, and the requests still running at its end count as unserved.
+    Over an hour that edge is a few seconds of traffic; over a 30-s trace at 1 request/s
+    it was ~30% of it, and every GPU count read STARVING. None for windows of
+    :data:`SHORT_WINDOW_S` or more."""
+    if window >= SHORT_WINDOW_S:
+        return None
+    return (f"the window is only {window:.0f} s: the requests still running at its end "
+            "count as unserved, so a STARVING verdict may be the window's edge rather than "
+            f"the load; verify on a trace of {SHORT_WINDOW_S / 60:.0f} minutes or more "
+            "(twin simulate runs a short trace to its last request)")
+
+
+def _warnings(model, profile, prefix, window: float) -> list[str]:
+    """What a recommendation warns of: a profile unlike the model's, a prefix-caching trace
+    the model does not see, a short window."""
+    return [w for w in (model.profile_warning(profile), unaware_warning(prefix),
+                        short_window_warning(window)) if w]
+
+
 def _trace_window(trace: pd.DataFrame, window_s: float | None) -> float:
     if window_s is not None:
         return float(window_s)
@@ -123,7 +148,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         raise TwinInputError("the trace names no adapter: nothing to recommend for LoRA "
                              "serving", field="adapter")
     prefix = prefix_info(trace, base)
-    warnings = [w for w in [model.profile_warning(profile), unaware_warning(prefix)] if w]
+    warnings = _warnings(model, profile, prefix, window)
     wf = workload_features(trace, catalog, window)
     max_rank = catalog_max_rank(catalog, base.max_lora_rank)
     t0 = time.perf_counter()

@@ -414,6 +414,9 @@ class Placement:
                 L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: STARVING in every "
                          "verified configuration")
         L.append("  attempts: " + "; ".join(self.attempts))
+        warned = {w for g in self.gpus if g.recommendation is not None
+                  for w in g.recommendation.warnings}
+        L += [f"warning: {w}" for w in sorted(warned)]
         return "\n".join(L)
 
     def summary(self) -> dict:

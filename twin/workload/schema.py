@@ -140,6 +140,10 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
     rename; an existing ``path`` is replaced only when twin wrote it as a trace: the
     Parquet key-value metadata ``twin_output`` says so)."""
     path = Path(path)
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        raise TwinInputError("a trace is written as Parquet: give a name ending in .parquet "
+                             "(or .csv for CSV, where the command offers it), so that twin "
+                             "can read it back", file=str(path), field="--out")
     df = validate_trace(df, source=str(path))
     keep = {k: df.attrs[k] for k in (BLOCK_SIZE_ATTR,) if k in df.attrs and "hash_ids" in df}
     meta = {ATTRS_META_KEY: json.dumps(keep)} if keep else None
