@@ -70,6 +70,15 @@ def test_version_prints_the_package_version(capsys):
     assert twin.__version__ == meta["project"]["version"]
 
 
+def test_python_m_twin_is_the_twin_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "twin", "--version"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().startswith("twin ")
+
+
 # -- simulate -------------------------------------------------------------------------------
 
 def test_simulate_json_equals_saved_summary(light, tmp_path, capsys):

@@ -217,6 +217,15 @@ def test_static_table_weights_and_errors():
         make_router("random")
 
 
+def test_cli_fleet_refuses_a_routing_table_no_router_reads(trace, tmp_path, capsys):
+    path = write_trace(trace, tmp_path / "t.parquet")
+    table = tmp_path / "routing.csv"
+    table.write_text("adapter,gpu,weight\n")
+    rc = main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",
+               "--routing", str(table), "--no-progress"])   # round robin would ignore it
+    assert rc == 2 and "--router static" in capsys.readouterr().err
+
+
 def test_cli_fleet_writes_requests_with_their_replica(trace, tmp_path, capsys):
     path = write_trace(trace, tmp_path / "t.parquet")
     rc = main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",

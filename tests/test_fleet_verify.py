@@ -133,11 +133,12 @@ def test_cli_place_verify_fleet_writes_fleet_check(trace, tmp_path, capsys):
 def test_cli_unknown_fleet_router_fails_before_placing(trace, tmp_path, capsys):
     tp = tmp_path / "t.parquet"
     trace.to_parquet(tp, index=False)
-    rc = main(["place", "--trace", str(tp), "--profile", PROFILE, "--verify-fleet",
-               "--fleet-routers", "round_robin,static", "--out", str(tmp_path / "pl")])
-    assert rc != 0
-    assert "--fleet-routers" in capsys.readouterr().err
-    assert not (tmp_path / "pl" / "placement.json").exists()
+    for verify in (["--verify-fleet"], []):   # a typo is refused with or without the check
+        rc = main(["place", "--trace", str(tp), "--profile", PROFILE, *verify,
+                   "--fleet-routers", "round_robin,static", "--out", str(tmp_path / "pl")])
+        assert rc != 0
+        assert "--fleet-routers" in capsys.readouterr().err
+        assert not (tmp_path / "pl" / "placement.json").exists()
 
 
 # -- SLOs on the fleet's requests (issue 16) ----------------------------------------------------

@@ -183,7 +183,7 @@ LAYERS = {
     "twin.sched": 1, "twin.config": 2, "twin.workload": 2, "twin.costs": 3,
     "twin.results": 4, "twin.servers": 4, "twin.sim": 5, "twin.executor": 5,
     "twin.policies": 6, "twin.calibrate": 6, "twin.validate": 6, "twin.ml": 6, "twin.fleet": 6,
-    "twin.api": 7, "twin.cli": 7,
+    "twin.api": 7, "twin.cli": 7, "twin.__main__": 7,
 }
 
 

@@ -114,6 +114,10 @@ def run(args) -> int:
         raise TwinInputError("--plot needs --out DIR", field="--plot")
     if args.router == "static" and args.routing is None:
         raise TwinInputError("--router static needs --routing routing.csv", field="--routing")
+    if args.router != "static" and args.routing is not None:
+        raise TwinInputError(f"--routing is read by --router static only (got --router "
+                             f"{args.router}); add --router static or drop --routing",
+                             field="--routing")
     say = console(args.json)
     with prepare(args.out, "fleet", inputs=input_paths(args)):
         profile = api.load_profile(args.profile)

@@ -29,9 +29,8 @@ def add_verify_fleet_args(p) -> None:
 
 
 def check_fleet_routers(args) -> None:
-    """Unknown router names fail before the placement's twin runs, not after."""
-    if not args.verify_fleet:
-        return
+    """Unknown router names fail before the placement's twin runs, not after (and with or
+    without --verify-fleet: a typo is never silently ignored)."""
     bad = [r for r in args.fleet_routers if r not in FLEET_ROUTERS]
     if bad:
         raise TwinInputError(f"--fleet-routers: unknown router(s) {bad}; expected some of "
