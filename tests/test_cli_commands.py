@@ -233,6 +233,24 @@ def _compare(path, out, capsys, *extra):
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.parametrize("flag, value", [("--hybrid-k", "0"), ("--merged-min-kv-tokens", "-1"),
+                                         ("--merged-min-kv-tokens", "0"), ("--gpus", "0"),
+                                         ("--clients", "0"), ("--client-devices", "foo")])
+def test_compare_refuses_a_bad_flag_before_any_strategy_runs(heavy, tmp_path, capsys,
+                                                             monkeypatch, flag, value):
+    import twin.cli.compare as cmd
+
+    path, _ = heavy
+    ran = []
+    monkeypatch.setattr(cmd, "compare", lambda *a, **k: ran.append(1))
+    try:   # argparse's own check exits; twin's returns the input-error code
+        rc = main(["compare", "--trace", str(path), "--profile", PROFILE, flag, value,
+                   "--out", str(tmp_path / "c")])
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2 and flag in capsys.readouterr().err and ran == []
+
+
 def test_compare_gpus_adds_capacity(heavy, tmp_path, capsys):
     path, _ = heavy
     one = _compare(path, tmp_path / "g1", capsys, "--policies", "vllm", "--gpus", 1)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twin.argtypes import positive_float
+from twin.argtypes import positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args
 from twin.calibrate.split_fit import load_split_costs
 from twin.costs.profile import load_profile
+from twin.costs.split_costs import DEVICES
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, prepare, staged_dir
 from twin.policies import POLICY_CLASSES
@@ -58,18 +59,18 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--catalog", type=Path, help="adapter catalog (CSV/Parquet: adapter, rank)")
     p.add_argument("--policies", default="vllm,slora,merged,hybrid",
                    help="comma-separated strategies (default: vllm,slora,merged,hybrid)")
-    p.add_argument("--gpus", type=int, default=None,
+    p.add_argument("--gpus", type=positive_int, default=None,
                    help="deploy every strategy on this many GPUs (default: see above)")
-    p.add_argument("--hybrid-k", type=int, default=1, help="hybrid: merged adapters (1)")
+    p.add_argument("--hybrid-k", type=positive_int, default=1, help="hybrid: merged adapters (1)")
     p.add_argument("--hybrid-dynamic", choices=("vllm", "slora"), default="vllm",
                    help="hybrid: strategy for the other adapters (vllm)")
     p.add_argument("--slora-admission", choices=("conservative", "on_demand"),
                    default="conservative",
                    help="slora: reserve each request's final length (S-LoRA) or vLLM-style "
                         "on demand with preemption (conservative)")
-    p.add_argument("--merged-min-kv-tokens", type=int, default=None,
+    p.add_argument("--merged-min-kv-tokens", type=positive_int, default=None,
                    help="merged: KV tokens a replica must hold (default max_model_len)")
-    p.add_argument("--clients", type=int, default=4, help="split: clients (4)")
+    p.add_argument("--clients", type=positive_int, default=4, help="split: clients (4)")
     p.add_argument("--link", choices=("auto", "shm", "ipc", "pcie", "nvlink", "network",
                                       "free"), default="auto",
                    help="split: client <-> base link; auto: by device (same GPU: ipc, "
@@ -100,13 +101,13 @@ def run(args) -> int:
     if bad or not names:
         raise TwinInputError(f"unknown policy {bad[0] if bad else ''!r}; known: "
                              f"{sorted(POLICY_CLASSES)}", field="--policies")
-    if args.clients < 1:
-        raise TwinInputError(f"must be >= 1, got {args.clients}", field="--clients")
+    devices = [d.strip() for d in args.client_devices.split(",")]
+    if not all(d in DEVICES for d in devices):   # checked before any strategy runs
+        raise TwinInputError(f"expected a comma-separated list of {', '.join(DEVICES)}, got "
+                             f"{args.client_devices!r}", field="--client-devices")
     if not args.finetune_tokens_per_s >= 0:
         raise TwinInputError(f"must be >= 0, got {args.finetune_tokens_per_s}",
                              field="--finetune-tokens-per-s")
-    if args.gpus is not None and args.gpus < 1:
-        raise TwinInputError(f"must be >= 1, got {args.gpus}", field="--gpus")
     say = console(args.json)
     out = args.out or Path("runs") / f"compare-{args.trace.stem}"
     # --out is checked (and locked) before the simulations
