@@ -312,6 +312,8 @@ def test_profile_command_tensor_parallel_and_explicit_numbers(tmp_path, capsys):
     (["--model", "qwen2.5-7b", "--gpu", "tpu-v5"], "--gpu"),
     (["--model", "qwen2.5-7b"], "--gpu"),
     (["--model", "qwen2.5-7b", "--gpu", "h100", "-tp", 3], "--tensor-parallel-size"),
+    (["--model", "qwen2.5-7b", "--gpu", "l4", "--name", " "], "--name"),
+    (["--model", "qwen2.5-7b", "--gpu", "l4", "--base-profile", "nosuch"], "--base-profile"),
 ])
 def test_profile_command_bad_input_is_one_line(args, field, tmp_path, capsys):
     out = tmp_path / "p.json"

@@ -161,6 +161,13 @@ def _from_calibration(args):
 
 
 def run(args) -> int:
+    if args.name is not None and not args.name.strip():
+        raise TwinInputError("a profile needs a name (or leave --name out for the default)",
+                             field="--name")
+    if args.base_profile is not None and (args.gpu_calibration is None or _gpu_given(args)):
+        raise TwinInputError("--base-profile is read only with --gpu-calibration and no --gpu "
+                             "(the machine's memory and load times); drop it, or give the "
+                             "calibration", field="--base-profile")
     with prepare(args.out, "profile", inputs=input_paths(args), file=True):
         if args.gpu_calibration is not None:
             prof, machine = _from_calibration(args)
