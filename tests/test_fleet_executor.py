@@ -72,19 +72,18 @@ def test_idle_replica_wakes_at_the_arrival_it_was_sent(tiny_profile, one_torch_t
 
 def busy_trace(tiny_profile, alone_gap, names):
     """``names[0]``'s request runs long from t = 0 on one replica while the others, short
-    and served alone, arrive after it: the routers' picks depend on what they read."""
+    and served alone, arrive after it: the routers' picks depend on what they read. The
+    long request is as long as the tiny model's context allows (2,000 output tokens of
+    2,048): it must
+    outlast the last short arrival on the executor too, whose steps can be several times
+    faster than a calibration taken on a busier box prices them (a length fitted to the
+    profile's step time once came out too short there, or over the context and refused)."""
     prof = load_profile(tiny_profile)
     gap = alone_gap(trace_of(names[1:]), CFG, prof, 0.05)
-    span = (len(names) + 1) * gap
-    out = 32
-    while out < 1500:   # long enough to outlast the short ones, by the profile's step time
-        long = trace_of(names[:1], output=out)
-        req = simulate(long, CFG, prof).requests
-        if float(req["finish_s"].iloc[0]) > 2 * span:
-            break
-        out *= 2
     tr = trace_of(names, gap=gap)
-    tr.loc[0, "output_tokens"] = out
+    tr.loc[0, "output_tokens"] = 2000
+    long = simulate(tr.iloc[:1], CFG, prof).requests
+    assert float(long["finish_s"].iloc[0]) > 2 * (len(names) + 1) * gap   # by the twin too
     return tr
 
 
