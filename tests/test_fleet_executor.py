@@ -73,11 +73,11 @@ def test_idle_replica_wakes_at_the_arrival_it_was_sent(tiny_profile, one_torch_t
 def busy_trace(tiny_profile, alone_gap, names):
     """``names[0]``'s request runs long from t = 0 on one replica while the others, short
     and served alone, arrive after it: the routers' picks depend on what they read. The
-    long request is as long as the tiny model's context allows (2,000 output tokens of
-    2,048): it must
-    outlast the last short arrival on the executor too, whose steps can be several times
-    faster than a calibration taken on a busier box prices them (a length fitted to the
-    profile's step time once came out too short there, or over the context and refused)."""
+    long request is about as long as the tiny model's context allows (2,000 output tokens
+    of 2,048): it must outlast the last short arrival on the executor too, whose steps can
+    be several times faster than a calibration taken on a busier box prices them (a length
+    fitted to the profile's step time came out too short there, or over the context and
+    refused: every request then went to replica 0)."""
     prof = load_profile(tiny_profile)
     gap = alone_gap(trace_of(names[1:]), CFG, prof, 0.05)
     tr = trace_of(names, gap=gap)
