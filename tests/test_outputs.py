@@ -470,3 +470,23 @@ def test_recommend_json_and_place_rerun(tmp_path, trace, capsys):
     assert (tmp_path / "pl" / "routing.csv").exists() and leftovers(tmp_path) == []
     assert main(place[:-4] + ["--out", str(tmp_path / "rec")]) == 2
     assert "holds a twin 'recommend' output" in capsys.readouterr().err
+
+
+def test_sigterm_leaves_no_temporary_and_no_lock(tmp_path):
+    """``timeout``/``kill`` (SIGTERM) used to kill a command where it stood: a 34,831-entry
+    temporary folder and the lock stayed. Now it unwinds like Ctrl-C: exit 143, nothing
+    left beside the destination."""
+    import signal
+    import time
+
+    out = tmp_path / "adapters"
+    proc = subprocess.Popen([sys.executable, "-m", "twin", "make-adapters", "--n", "100000000",
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".adapters.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.1)   # until the temporary folder is being written
+    assert list(tmp_path.glob(".adapters.*.tmp")), proc.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

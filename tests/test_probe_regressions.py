@@ -101,6 +101,20 @@ def test_train_reversed_rate_range_is_an_input_error(tmp_path, capsys):
     assert "--rate-range" in capsys.readouterr().err
 
 
+def test_train_with_one_family_is_an_input_error_and_installs_nothing(tmp_path, capsys,
+                                                                      monkeypatch):
+    """--families 1 used to crash in the model comparison (exit 70) after the new model
+    had already replaced the shipped one; now refused before any sweep, and the install
+    is the pipeline's last step."""
+    import twin.ml.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_datasets", lambda *a: pytest.fail("swept"))
+    monkeypatch.setattr(pipeline.shutil, "copyfile", lambda *a: pytest.fail("installed"))
+    rc = main(["train", "--quick", "--no-progress", "--families", "1",
+               "--heldout-families", "1", "--out", str(tmp_path / "t")])
+    assert rc == 2 and "--families" in capsys.readouterr().err
+
+
 def test_calibrate_executor_refuses_vllm_inputs(tmp_path, capsys):
     """--executor with --from-vllm-runs used to ignore the runs and calibrate the executor
     for minutes, writing a profile the user believed was fitted to their vLLM runs."""
@@ -196,3 +210,17 @@ def test_trace_selecting_no_request_is_an_input_error(tmp_path, capsys):
     assert rc == 2
     assert "no request" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", [["validate", "--profile", "cpu-tiny", "--model", "tiny"],
+                                 ["execute", "--model", "tiny"]])
+def test_cuda_on_a_cpu_only_torch_is_an_input_error(tmp_path, capsys, cmd, monkeypatch):
+    """validate --device cuda on a torch without CUDA was torch's AssertionError, reported
+    as a bug (exit 70); every executor path now says it in one line (exit 2)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,adapter,prompt_tokens,output_tokens\n0.0,a0,8,4\n")
+    rc = main([cmd[0], "--trace", str(trace), *cmd[1:], "--device", "cuda"])
+    assert rc == 2 and "CUDA is not available" in capsys.readouterr().err

@@ -208,3 +208,37 @@ def test_cli_infeasible_on_one_gpu_names_the_fewest_gpus(setup, tmp_path, trace_
     assert d["slo_check"]["met"] is False
     f = d["fewest_gpus"]
     assert f["ok"] and f["gpus"] == 2 and all(g["tpot_p99"] <= 20.0 for g in f["per_gpu"])
+
+
+@pytest.mark.parametrize("slo", [{"ttft": 0, "tpot": 100}, {"ttft": -5, "tpot": 100},
+                                 {"ttft": float("nan"), "tpot": 100}, {"ttfx": 5},
+                                 {"ttft": "2000", "tpot": 100}, "ttft=2000,tpot=100", {}])
+def test_an_slo_the_search_would_misread_is_refused_before_any_run(setup, slo, monkeypatch):
+    """A 0 SLO read as "no SLO" and the pick was reported as meeting it; a string, an
+    unknown key or a text value were raw Python errors. Each is one clear error, before
+    any twin run, from recommend and from place; the CLI refuses a 0 as well."""
+    from twin.cli.slo import parse_slo
+    from twin.errors import TwinInputError
+    from twin.ml import verify
+
+    runs = []
+    monkeypatch.setattr(verify, "simulate_point", lambda *a, **k: runs.append(1))
+    tr, cat, profile, model = setup
+    with pytest.raises(TwinInputError, match="slo"):
+        _rec(setup, slo)
+    with pytest.raises(TwinInputError, match="slo"):
+        place(tr, cat, profile=profile, model=model, window_s=WINDOW, objective="goodput",
+              slo=slo, workers=1)
+    assert runs == []
+    with pytest.raises(TwinInputError, match="> 0"):
+        parse_slo("ttft=0,tpot=100")
+
+
+@pytest.mark.parametrize("kw", [{"max_runs": 0}, {"workers": 0}, {"window_s": 0.0}])
+def test_recommend_api_refuses_a_count_of_zero(setup, kw):
+    from twin.errors import TwinInputError
+
+    tr, cat, profile, model = setup
+    with pytest.raises(TwinInputError) as err:
+        recommend(tr, cat, profile=profile, model=model, **{"workers": 1, **kw})
+    assert err.value.field == next(iter(kw))

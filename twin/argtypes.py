@@ -44,8 +44,14 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (``--router-refresh-s``: 0 means exact)."""
+    """A finite number >= 0 (``--router-refresh-s``: 0 means exact; ``--budget 0``: measure
+    the first cell only)."""
     return _number(float, text, minimum=0.0)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (``--iterations 0``: the starting fit alone)."""
+    return _number(int, text, minimum=0)
 
 
 def comma_list(conv: Callable = float, *, minimum=None, positive: bool = False,
@@ -86,7 +92,3 @@ def device_name(text: str) -> str:
         return word
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (``--budget 0``: measure the first cell only)."""
-    return _number(float, text, minimum=0)

@@ -65,6 +65,7 @@ from twin.costs.memory import GIB, MemoryModel
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES
 from twin.executor.anchor_spec import anchor_summary
+from twin.executor.device import torch_device
 from twin.executor.gc_heap import frozen_heap
 from twin.errors import TwinInputError
 
@@ -102,9 +103,7 @@ def calibrate_executor(model: str = "tiny", *, device: str = "cpu", out: str | P
 
     t0 = time.perf_counter()
     out = Path(out)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TwinInputError("CUDA is not available on this machine", field="--device")
+    dev = torch_device(device)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

@@ -4,7 +4,10 @@ itself here through an ``add_*_parser(subparsers)`` function that sets ``func``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 import traceback
 
@@ -79,6 +82,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    with _terminate_as_exit():
+        return _run(args, debug)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """While a command runs, SIGTERM (``timeout``, ``kill``, a scheduler's stop) unwinds
+    like Ctrl-C does, so that its output's temporary folder and lock are removed
+    (:mod:`twin.outputs`); without it the process died where it stood and left them.
+    Forked workers keep the default (they die at once); the old handler comes back after."""
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:   # a forked worker: die as before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:   # not the main thread (a library caller's): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run(args, debug: bool) -> int:
     try:
         return int(args.func(args) or 0)
     except TwinInputError as exc:

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from twin.argtypes import device_name, nonnegative_float, positive_float, positive_int
+from twin.argtypes import (device_name, non_negative_float, non_negative_int, positive_float,
+                           positive_int)
 from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
@@ -109,13 +110,14 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                                   "'-first-principles')")
     p.add_argument("--experiment-set", action="append", metavar="NAME",
                    help="keep only run-table rows of this experiment_set (repeatable)")
-    p.add_argument("--max-runs", type=int, metavar="N",
+    p.add_argument("--max-runs", type=positive_int, metavar="N",
                    help="fit on N runs spread over the offered load (quick look)")
     p.add_argument("--window-s", type=positive_float, default=1200.0,
                    help="simulated seconds per run and iteration (default: %(default)s)")
-    p.add_argument("--iterations", type=int, default=4,
+    p.add_argument("--iterations", type=non_negative_int, default=4,
                    help="simulation-in-the-loop iterations (default: %(default)s)")
-    p.add_argument("--processes", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--processes", type=positive_int, default=2,
+                   help="worker processes (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--few-run", action="store_true",
@@ -241,7 +243,7 @@ def add_executor_args(parser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="split: a quarter of the requests per run, short outputs (tests, "
                         "a quick look; a noisier fit)")
-    g.add_argument("--budget", type=nonnegative_float, default=None, metavar="SECONDS",
+    g.add_argument("--budget", type=non_negative_float, default=None, metavar="SECONDS",
                    help="stop launching microbenchmarks after this many seconds")
     g.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads, pinned and recorded (default 1)")

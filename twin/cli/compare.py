@@ -45,7 +45,7 @@ vllm and slora use 1 GPU, merged as many as all adapters need, hybrid k + 1.
 examples:
   twin compare --trace traces/rate_classes_32_heavy_10min.parquet --max-loras 8 --max-cpu-loras 32
   twin compare --trace t.parquet --policies vllm,slora,merged --gpus 2 --max-model-len 4096 --out runs/cmp
-  twin compare --trace t.parquet --policies vllm,split --clients 8 --client-devices same,cpu
+  twin compare --trace t.parquet --policies vllm,split --clients 8 --max-model-len 32768
 """
 
 

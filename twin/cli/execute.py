@@ -96,7 +96,7 @@ def add_execute_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model, KV-cache and LoRA dtype (default float32)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--num-gpu-blocks", type=int, default=None,
+    p.add_argument("--num-gpu-blocks", type=positive_int, default=None,
                    help="KV cache size in blocks (vLLM's --num-gpu-blocks-override); default: "
                         "from free GPU memory on CUDA, --kv-cache-gib on CPU")
     p.add_argument("--kv-cache-gib", type=positive_float, default=None,
@@ -163,9 +163,8 @@ def run_make_adapters(args) -> int:
 
 
 def run_execute(args) -> int:
-    import torch   # lazy: `twin` commands other than the executor's never import torch
-
     from twin.executor.adapters import make_cached_adapters   # lazy: imports torch
+    from twin.executor.device import torch_device   # lazy: imports torch
     from twin.executor.engine import execute   # lazy: imports torch
     from twin.executor.weights import resolve_model   # lazy: the executor, only when it runs
 
@@ -180,9 +179,7 @@ def run_execute(args) -> int:
         if args.time_scale > 0:   # the window applies to scaled arrivals (bad scales: engine)
             refuse_empty_window(trace.assign(arrival_s=trace["arrival_s"] * args.time_scale),
                                 args.window_s, str(args.trace))
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TwinInputError("CUDA is not available on this machine", field="--device")
+        device = torch_device(args.device)
         model_dir = resolve_model(args.model)
         catalog = args.adapters
         if args.make_adapters is not None:

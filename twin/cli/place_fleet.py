@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from twin.argtypes import comma_list, nonnegative_float, positive_int
+from twin.argtypes import comma_list, non_negative_float, positive_int
 from twin.errors import TwinInputError
 
 # the routers --verify-fleet sizes (twin.fleet.verify.ROUTERS_TO_SIZE; named here so that
@@ -23,7 +23,7 @@ def add_verify_fleet_args(p) -> None:
     p.add_argument("--fleet-max-gpus", type=positive_int, default=None,
                    help="most GPUs tried per router (default: twice the placement's, at "
                         "least 4)")
-    p.add_argument("--router-refresh-s", type=nonnegative_float, default=0.0,
+    p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
                    help="seconds between refreshes of a state-reading router's view of the "
                         "replicas (0: exact at each arrival; as twin fleet)")
 

@@ -22,8 +22,9 @@ def parse_slo(text: str | None) -> dict | None:
         k, sep, v = part.partition("=")
         k = k.strip().lower()
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*", v)
-        if not sep or k not in ("ttft", "tpot") or not m:
-            raise TwinInputError(f"expected ttft=MS,tpot=MS, got {text!r}", field="--slo")
+        if not sep or k not in ("ttft", "tpot") or not m or not float(m.group(1)) > 0:
+            raise TwinInputError(f"expected ttft=MS,tpot=MS with values > 0, got {text!r}",
+                                 field="--slo")
         out[k] = float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0)
     return out
 

@@ -66,7 +66,7 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
                    help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the profile's calibration threads)")
-    p.add_argument("--num-gpu-blocks", type=int, default=None,
+    p.add_argument("--num-gpu-blocks", type=positive_int, default=None,
                    help="KV blocks for both (default: the profile's memory model, capped at "
                         "what the trace can use)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N requests only")

@@ -57,6 +57,9 @@ def _train(args) -> int:
     if lo > hi:
         raise TwinInputError(f"--rate-range is LOW,HIGH req/s; got {lo:g},{hi:g}",
                              field="--rate-range")
+    if args.families < 2:   # the model comparison cross-validates by family
+        raise TwinInputError(f"needs at least 2 training families, got {args.families}",
+                             field="--families")
     timings: dict = {}
     train, held, lat = _datasets(args, profile, W, (lo, hi), timings)
 
@@ -69,10 +72,6 @@ def _train(args) -> int:
     timings["fit_s"] = time.perf_counter() - t0
     kb = model_path.stat().st_size / 1024
     print(f"model: {model_path} ({kb:.0f} kB), fitted in {timings['fit_s']:.1f} s", flush=True)
-    if not args.no_install:
-        dest = Path(__file__).resolve().parent / SHIPPED_MODEL
-        shutil.copyfile(model_path, dest)
-        print(f"installed as {dest}", flush=True)
 
     t0 = time.perf_counter()
     scores = compare_models(train, out / "models", quick=args.quick)
@@ -104,6 +103,10 @@ def _train(args) -> int:
                "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),
                **{k: round(v, 1) for k, v in timings.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not args.no_install:   # last: a run that fails on the way installs nothing
+        dest = Path(__file__).resolve().parent / SHIPPED_MODEL
+        shutil.copyfile(model_path, dest)
+        print(f"installed as {dest}", flush=True)
     print(json.dumps(summary))
     return 0
 

@@ -37,7 +37,7 @@ import pandas as pd
 
 from twin.config import ServingConfig
 from twin.ml.features import workload_features
-from twin.ml.recommend import prepare_inputs, recommend
+from twin.ml.recommend import check_slo, prepare_inputs, recommend
 from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
 from twin.ml.report import GPUPlan, Placement, Recommendation
 from twin.ml.sweep import EarlyExit
@@ -369,6 +369,8 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     An adapter whose traffic alone is predicted (or verified) to starve one GPU is split
     into replicas, each taking every r-th of its requests (the routing table's weights)."""
     t0 = time.perf_counter()
+    if slo is not None:
+        check_slo(slo)   # before any twin run, not in the first GPU's recommend
     profile, model, base, window, trace, catalog = prepare_inputs(
         trace, profile, model, base, window_s, catalog)
     U = _Units(trace, catalog)

@@ -43,6 +43,7 @@ What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 
 import numpy as np
@@ -140,8 +141,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     ``first_met``: stop at the first run meeting the SLOs (:func:`twin.ml.placement.place`)."""
     t_start = time.perf_counter()
     _check_objective(objective, slo)
-    if max_runs is None:
-        max_runs = DEFAULT_RUNS[objective]
+    _check_counts(max_runs=max_runs, workers=workers, window_s=window_s)
+    max_runs = DEFAULT_RUNS[objective] if max_runs is None else max_runs
     profile, model, base, window, trace, catalog = prepare_inputs(
         trace, profile, model, base, window_s, catalog)
     if not len(catalog):
@@ -227,6 +228,29 @@ def _check_objective(objective: str, slo: dict | None) -> None:
     if objective == "goodput" and not slo:
         raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
                              field="--slo")
+    if slo is not None:
+        check_slo(slo)
+
+
+def _check_counts(**counts) -> None:
+    """The API's counts (the CLI's flags check their own): each None or > 0."""
+    for name, v in counts.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                              or not 0 < v < math.inf):
+            raise TwinInputError(f"must be > 0, got {v!r}", field=name)
+
+
+def check_slo(slo) -> None:
+    """Refuse SLOs the searches would misread: not a dict of ``ttft`` / ``tpot`` p99s in ms,
+    each a finite number > 0 (a 0 read as "no SLO" and the pick was reported as meeting
+    it)."""
+    if not isinstance(slo, dict) or not slo or not set(slo) <= {"ttft", "tpot"}:
+        raise TwinInputError(f"slo must be a dict of p99 limits in ms, e.g. {{'ttft': 2000, "
+                             f"'tpot': 100}}; got {slo!r}", field="--slo")
+    for k, v in slo.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+            raise TwinInputError(f"slo {k} must be a number of ms > 0, got {v!r}",
+                                 field="--slo")
 
 
 def _prior(model, wf, space: SearchSpace, profile, max_rank: int, slo: dict) -> list:

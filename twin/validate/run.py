@@ -31,6 +31,7 @@ import pandas as pd
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
+from twin.executor.device import torch_device
 from twin.executor.gc_heap import frozen_heap
 from twin.outputs import check_out, staged_dir
 from twin.results import crop_window
@@ -202,6 +203,7 @@ def validate(trace: pd.DataFrame, config, profile, model="tiny", adapters=None, 
         raise TwinInputError(f"twin validate compares the vllm and slora policies (the "
                              f"memory layouts the executor implements), not {config.policy!r}",
                              file="config", field="policy")
+    torch_device(device)   # a CUDA request on a CPU-only torch: an input error, now
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
     warn_if_other_machine(profile)   # one stderr line: the profile describes another box
