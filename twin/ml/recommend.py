@@ -232,11 +232,15 @@ def _check_objective(objective: str, slo: dict | None) -> None:
         check_slo(slo)
 
 
+def _positive(v) -> bool:
+    """A finite real number > 0 (numpy's too; not a bool, a string or NaN)."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 < v < math.inf
+
+
 def _check_counts(**counts) -> None:
     """The API's counts (the CLI's flags check their own): each None or > 0."""
     for name, v in counts.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
-                              or not 0 < v < math.inf):
+        if v is not None and not _positive(v):
             raise TwinInputError(f"must be > 0, got {v!r}", field=name)
 
 
@@ -248,7 +252,7 @@ def check_slo(slo) -> None:
         raise TwinInputError(f"slo must be a dict of p99 limits in ms, e.g. {{'ttft': 2000, "
                              f"'tpot': 100}}; got {slo!r}", field="--slo")
     for k, v in slo.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+        if not _positive(v):
             raise TwinInputError(f"slo {k} must be a number of ms > 0, got {v!r}",
                                  field="--slo")
 
