@@ -163,6 +163,8 @@ def run_make_adapters(args) -> int:
 
 
 def run_execute(args) -> int:
+    import torch   # lazy: `twin` commands other than the executor's never import torch
+
     from twin.executor.adapters import make_cached_adapters   # lazy: imports torch
     from twin.executor.device import torch_device   # lazy: imports torch
     from twin.executor.engine import execute   # lazy: imports torch
