@@ -170,11 +170,25 @@ def test_recommend_base_dict_is_over_the_papers_base(files):
     (lambda f: twin.load_trace(f["trace_df"].assign(prompt_tokens=0)), "prompt_tokens"),
     (lambda f: twin.recommend(f["trace_df"], base=7), "base"),
     (lambda f: twin.recommend(f["trace_df"], base={"max_loras": -1}), "max_loras"),
+    (lambda f: twin.simulate(f["trace_df"], None, PROFILE, window_s="10"), "window_s"),
+    (lambda f: twin.simulate(f["trace_df"], None, PROFILE, window_s=float("nan")), "window_s"),
+    (lambda f: twin.simulate_fleet(f["trace_df"], 2, profile=PROFILE, window_s=0), "window_s"),
 ])
 def test_bad_input_raises_twin_input_error_naming_the_field(files, call, field):
     with pytest.raises(twin.TwinInputError) as e:
         call(files)
     assert e.value.field == field, str(e.value)
+
+
+def test_fleet_replicas_may_be_given_as_configs(files):
+    """A list of config dicts (what simulate takes) is a list of replicas, each on the
+    fleet's profile: the same run as the fleet_replica() list (it was an AttributeError)."""
+    cfgs = [{"max_loras": 2}, {"max_loras": 4}]
+    a = twin.simulate_fleet(files["trace_df"], cfgs, profile=PROFILE)
+    b = twin.simulate_fleet(files["trace_df"], [twin.fleet_replica(c) for c in cfgs],
+                            profile=PROFILE)
+    assert a.result.summary["total_throughput"] == b.result.summary["total_throughput"]
+    assert [r.meta["config"]["max_loras"] for r in a.replicas] == [2, 4]
 
 
 def test_bad_input_names_the_file_and_row(files, tmp_path):

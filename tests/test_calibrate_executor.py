@@ -115,6 +115,10 @@ def test_cli_executor_mode(tmp_path, capsys):
     assert rc == 0 and json.loads(out.read_text())["schema"] == "twin.profile/1"
     p = load_profile(out)
     assert p.provenance["cells"] == 1 and p.provenance["n_step_measurements"] > 0
+    # one cell cannot fit the LoRA and context costs: said on stderr, even with --quiet
+    assert not any(k in p.step_time.base for k in ("lora_token_rank", "decode_context"))
+    err = capsys.readouterr().err
+    assert "no LoRA and no context term" in err and "raise --budget" in err
 
 
 def test_step_features_match_the_scheduler(tmp_path, monkeypatch):

@@ -168,6 +168,8 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
         options = {"slack": affinity_slack} if (router == "adapter_affinity"
                                                 and affinity_slack is not None) else {}
         router = fleet.make_router(router, table=routing, **options)
+    if isinstance(replicas, (list, tuple)):   # configs (dicts, YAML paths) as replicas too
+        replicas = [r if isinstance(r, fleet.Replica) else fleet_replica(r) for r in replicas]
     profile = _profile(profile)
     run = fleet.simulate_fleet(
         trace, replicas, router, profile=profile,

@@ -325,6 +325,13 @@ def run_executor(args) -> int:
         f"host->device {1e3 * lt.host_to_gpu_s:.2f} ms + {lt.host_to_gpu_s_per_byte * 1e9:.3f} s/GB")
     log(f"measurements: {info['new']} new, {info['reused']} reused"
         + (f", {info['skipped']} cells skipped (budget)" if info["skipped"] else ""))
+    missing = [what for what, terms in (("LoRA", ("lora", "adapter")), ("context", ("context",)))
+               if not any(v and any(t in k for t in terms) for k, v in coef.items())]
+    if info["skipped"] and missing:   # a budget cut before those cells: say what it costs
+        print(f"warning: the fit has no {' and no '.join(missing)} term: the budget ended "
+              f"before the cells that measure {'them' if len(missing) > 1 else 'it'} "
+              f"({info['skipped']} cells skipped), so such steps are priced as if free; "
+              "raise --budget", file=sys.stderr)
     if prof.provenance.get("speed_anchor_s"):   # what twin validate prices the box's speed by
         p = prof.provenance
         log(f"speed anchor: {1e3 * p['speed_anchor_s']:.2f} ms (median of "

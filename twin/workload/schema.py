@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +159,13 @@ def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
     """A user's ``--window-s`` that ends before the first arrival sends nothing (``vllm bench
     serve`` with a time limit) and would report an empty run as a result: refused. The
     engines crop with :func:`twin.results.crop_window` and accept an empty window."""
-    if window_s is None or not len(trace):
+    if window_s is None:
+        return
+    if isinstance(window_s, bool) or not isinstance(window_s, numbers.Real) \
+            or not 0 < window_s < math.inf:   # the API's; the CLI's flag checks its own
+        raise TwinInputError(f"window_s must be a number of seconds > 0, got {window_s!r}",
+                             file=source, field="window_s")
+    if not len(trace):
         return
     first = float(trace["arrival_s"].min())
     if first > window_s:
