@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from typing import Callable
 
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -21,6 +22,12 @@ def strict_bool(text: str) -> bool:
         return False
     raise argparse.ArgumentTypeError(
         f"expected one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
+
+
+def is_positive_number(v) -> bool:
+    """A finite real number > 0, as the Python API's counts and seconds must be (numpy's
+    too; not a bool, a string or NaN): the flags' types check the CLI's."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 < v < math.inf
 
 
 def _number(conv: Callable, text: str, *, minimum=None, positive: bool = False):

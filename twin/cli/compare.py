@@ -9,7 +9,7 @@ from twin.argtypes import positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args
 from twin.calibrate.split_fit import load_split_costs
 from twin.costs.profile import load_profile
-from twin.costs.split_costs import DEVICES
+from twin.costs.split_costs import client_devices
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, prepare, staged_dir
 from twin.policies import POLICY_CLASSES
@@ -101,10 +101,7 @@ def run(args) -> int:
     if bad or not names:
         raise TwinInputError(f"unknown policy {bad[0] if bad else ''!r}; known: "
                              f"{sorted(POLICY_CLASSES)}", field="--policies")
-    devices = [d.strip() for d in args.client_devices.split(",")]
-    if not all(d in DEVICES for d in devices):   # checked before any strategy runs
-        raise TwinInputError(f"expected a comma-separated list of {', '.join(DEVICES)}, got "
-                             f"{args.client_devices!r}", field="--client-devices")
+    client_devices(args.client_devices, field="--client-devices")   # before any strategy
     if not args.finetune_tokens_per_s >= 0:
         raise TwinInputError(f"must be >= 0, got {args.finetune_tokens_per_s}",
                              field="--finetune-tokens-per-s")

@@ -17,7 +17,7 @@ from twin.argtypes import comma_list
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare, staged_file
 from twin.workload import generate, popularity, prefix_stats, public, servegen, sessions
-from twin.workload.schema import read_trace, validate_trace, write_trace
+from twin.workload.schema import check_trace_name, read_trace, validate_trace, write_trace
 
 _DESCRIPTION = """\
 Build a request trace (Parquet, or CSV if --out ends in .csv) in twin's trace format:
@@ -307,11 +307,7 @@ def run(args) -> int:
     if args.trace_action == "summary":
         print(f"{args.trace}: {summary(read_trace(args.trace))}")
         return 0
-    out = Path(args.out)
-    if out.suffix.lower() not in (".parquet", ".pq", ".csv"):   # before the build
-        raise TwinInputError("a trace is written as Parquet (.parquet) or CSV (.csv): give "
-                             "a name with one of those endings, so that twin can read it "
-                             "back", file=str(out), field="--out")
+    out = check_trace_name(args.out, csv=True)   # before the build
     # --out checked (and locked) before the build; a CSV has no room for twin's output
     # marker, so an existing one is never replaced
     with prepare(out, "trace", inputs=input_paths(args), file=True):

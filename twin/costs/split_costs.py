@@ -260,6 +260,18 @@ def split_costs(profile, link="shm", layer_groups: int | None = None) -> SplitCo
 #: this box replaces them (twin.calibrate.split_fit).
 CPU_DEVICE = {"bytes_per_s": 614e9 * DERATE["hbm"], "flops_per_s": 5e12}
 DEVICES = ("same", "gpu", "cpu")
+
+
+def client_devices(text, field: str = "devices") -> tuple[str, ...]:
+    """``same,cpu`` -> ('same', 'cpu'): the clients' devices (cycled over the clients), each
+    one of :data:`DEVICES`; anything else is an error naming ``field`` (the policy's option,
+    or the CLI's flag, which checks it before any strategy runs)."""
+    devices = tuple(d.strip() for d in str(text).split(",") if d.strip())
+    bad = [d for d in devices if d not in DEVICES]
+    if bad or not devices:
+        raise TwinInputError(f"unknown client device {bad[0] if bad else ''!r}; known: "
+                             f"{', '.join(DEVICES)}", field=field)
+    return devices
 _BYTES_FEATURES = ("decode_tokens", "prefill_tokens", "decode_context", "adapter_rank")
 _FLOP_FEATURES = ("prefill_context", "lora_token_rank")
 

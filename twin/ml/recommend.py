@@ -43,12 +43,12 @@ What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 
 import numpy as np
 import pandas as pd
 
+from twin.argtypes import is_positive_number
 from twin.config import ServingConfig
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
@@ -232,15 +232,10 @@ def _check_objective(objective: str, slo: dict | None) -> None:
         check_slo(slo)
 
 
-def _positive(v) -> bool:
-    """A finite real number > 0 (numpy's too; not a bool, a string or NaN)."""
-    return not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 < v < math.inf
-
-
 def _check_counts(**counts) -> None:
     """The API's counts (the CLI's flags check their own): each None or > 0."""
     for name, v in counts.items():
-        if v is not None and not _positive(v):
+        if v is not None and not is_positive_number(v):
             raise TwinInputError(f"must be > 0, got {v!r}", field=name)
 
 
@@ -252,7 +247,7 @@ def check_slo(slo) -> None:
         raise TwinInputError(f"slo must be a dict of p99 limits in ms, e.g. {{'ttft': 2000, "
                              f"'tpot': 100}}; got {slo!r}", field="--slo")
     for k, v in slo.items():
-        if not _positive(v):
+        if not is_positive_number(v):
             raise TwinInputError(f"slo {k} must be a number of ms > 0, got {v!r}",
                                  field="--slo")
 

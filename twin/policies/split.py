@@ -41,7 +41,7 @@ import pandas as pd
 
 from twin.costs.memory import GIB
 from twin.costs.peft_costs import peft_cost
-from twin.costs.split_costs import DEVICES, get_link, on_device, split_costs
+from twin.costs.split_costs import client_devices, get_link, on_device, split_costs
 from twin.costs.step_time import step_features
 from twin.errors import TwinInputError
 from twin.policies.base import Policy
@@ -114,11 +114,7 @@ class SplitPolicy(Policy):
         self.clients = int(clients)
         self.link = link if link == "auto" and costs is None else (
             get_link(link) if costs is None else costs.link)
-        self.devices = tuple(d.strip() for d in str(devices).split(",") if d.strip())
-        bad = [d for d in self.devices if d not in DEVICES]
-        if bad or not self.devices:
-            raise TwinInputError(f"unknown client device {bad[0] if bad else ''!r}; known: "
-                                 f"{', '.join(DEVICES)}", field="devices")
+        self.devices = client_devices(devices)
         self.layer_groups = layer_groups
         self.finetune_tokens_per_s = float(finetune_tokens_per_s)
         self.finetune_tokens_per_step = int(finetune_tokens_per_step)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
-import numbers
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from twin.argtypes import is_positive_number
 from twin.errors import TwinInputError
 from twin.outputs import staged_file, write_parquet
 from twin.workload.prefix_columns import BLOCK_SIZE_ATTR, PREFIX_COLUMNS, check_prefix_columns
@@ -137,15 +136,24 @@ def _read_csv(path: Path, text_columns) -> pd.DataFrame:
     return df[list(header)]
 
 
+def check_trace_name(path: str | Path, *, csv: bool) -> Path:
+    """``path`` as a Path when its ending is one twin reads a trace back from (``.parquet``,
+    ``.pq``; ``.csv`` where the writer offers CSV), else an error before anything is built
+    or written (Parquet under ``t.json`` was written, then refused by every reader)."""
+    path = Path(path)
+    endings = (".parquet", ".pq", ".csv") if csv else (".parquet", ".pq")
+    if path.suffix.lower() not in endings:
+        kinds = "Parquet (.parquet) or CSV (.csv)" if csv else "Parquet (.parquet)"
+        raise TwinInputError(f"a trace is written as {kinds}: give a name with that ending, "
+                             "so that twin can read it back", file=str(path), field="--out")
+    return path
+
+
 def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
     """Validate and write a trace as Parquet through :mod:`twin.outputs` (temp file, then
     rename; an existing ``path`` is replaced only when twin wrote it as a trace: the
     Parquet key-value metadata ``twin_output`` says so)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".parquet", ".pq"):
-        raise TwinInputError("a trace is written as Parquet: give a name ending in .parquet "
-                             "(or .csv for CSV, where the command offers it), so that twin "
-                             "can read it back", file=str(path), field="--out")
+    path = check_trace_name(path, csv=False)
     df = validate_trace(df, source=str(path))
     keep = {k: df.attrs[k] for k in (BLOCK_SIZE_ATTR,) if k in df.attrs and "hash_ids" in df}
     meta = {ATTRS_META_KEY: json.dumps(keep)} if keep else None
@@ -161,8 +169,7 @@ def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
     engines crop with :func:`twin.results.crop_window` and accept an empty window."""
     if window_s is None:
         return
-    if isinstance(window_s, bool) or not isinstance(window_s, numbers.Real) \
-            or not 0 < window_s < math.inf:   # the API's; the CLI's flag checks its own
+    if not is_positive_number(window_s):   # the API's; the CLI's flag checks its own
         raise TwinInputError(f"window_s must be a number of seconds > 0, got {window_s!r}",
                              file=source, field="window_s")
     if not len(trace):
