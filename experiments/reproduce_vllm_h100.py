@@ -309,7 +309,7 @@ def main(argv=None) -> int:
                          "calibrated_profile.json in --out)")
     ap.add_argument("--terms", default="step",
                     help="with --calibrate: the step-time terms fitted: step, grid, "
-                         "capped-grid (twin.calibrate.step_fit) or a comma-separated list, "
+                         "capped-grid, ridge (twin.calibrate.step_fit) or a comma-separated list, "
                          "where a+b ties two features to one coefficient")
     ap.add_argument("--balance", choices=("regime", "slots"),
                     help="with --calibrate: weigh each measured regime (no queue, a queue, "
@@ -321,6 +321,10 @@ def main(argv=None) -> int:
     ap.add_argument("--residual-weights", default="1,1,0.25", metavar="ITL,THR,TTFT",
                     help="with --calibrate: weights of the step-time fit's ITL, throughput "
                          "and light-load TTFT residuals (default 1,1,0.25)")
+    ap.add_argument("--hold", metavar="TERM=S[,...]",
+                    help="with --calibrate: step-time coefficients held at these values, not "
+                         "fitted (e.g. decode_context=6.5536e-8, the KV read per attended "
+                         "token at 2 TB/s)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
     ap.add_argument("--seed", type=int, default=0,
@@ -348,18 +352,22 @@ def main(argv=None) -> int:
         profile = load_profile(args.profile)   # for its recorded error (the tie band)
     else:
         if args.calibrate:
-            from twin.calibrate.vllm import (CAPPED_GRID_TERMS, GRID_TERMS, STEP_TERMS,
-                                             calibrate, read_kv_capacity, read_load_times)
+            from twin.calibrate.vllm import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS,
+                                             STEP_TERMS, calibrate, read_kv_capacity,
+                                             read_load_times)
 
             print(f"calibrating on {len(fit_runs)} {FIT_SET} runs")
             profile = calibrate(
                 fit_runs, kv=read_kv_capacity(data / "kv_cache_tokens_llama31_8b.csv"),
                 loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
                 processes=args.processes, window_s=1200.0, iterations=4,
-                terms={"step": STEP_TERMS, "grid": GRID_TERMS, "capped-grid": CAPPED_GRID_TERMS}
+                terms={"step": STEP_TERMS, "grid": GRID_TERMS, "capped-grid": CAPPED_GRID_TERMS,
+                       "ridge": RIDGE_TERMS}
                 .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
                 feedback=args.feedback,
                 residual_weights=[float(v) for v in args.residual_weights.split(",")],
+                hold={k: float(v) for k, v in (kv.split("=") for kv in args.hold.split(","))}
+                if args.hold else None,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
             args.out.mkdir(parents=True, exist_ok=True)
             print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")

@@ -329,3 +329,33 @@ def test_itl_gain_is_the_measured_response_over_the_frozen_batch_one():
     assert g == pytest.approx([3.0, 1.0, 8.0, 1.0])
     same = itl_gains(rnd([20.0] * 4), c0, rnd([20.0] * 4), c0, terms, last=np.full(4, 2.0))
     assert same == pytest.approx([2.0] * 4)             # no predicted change: last gain kept
+
+
+def test_a_held_coefficient_is_refused_among_the_fitted_and_stays_put():
+    """``hold``: a coefficient fixed at a given value (not fitted) must not also be a fitted
+    term and must be >= 0 (refused before any work); the surrogate step moves the fitted
+    terms only, so a held one keeps its value through the fit."""
+    from twin.calibrate.step_fit import _Measured, _Round, _surrogate_step, fit_step_time
+    from twin.costs.step_time import FEATURES
+    from twin.errors import ConfigError
+
+    for bad in ({"decode_context": 1e-8}, {"adapters": -1.0}):
+        with pytest.raises(ConfigError, match="held"):
+            fit_step_time([], None, terms=("const", "decode_context"), hold=bad)
+    coef = {"const": 0.01, "decode_tokens": 1e-6, "decode_context": 6.5e-8}
+    rng = np.random.default_rng(1)
+    sims = []
+    for _ in range(5):
+        rec = np.zeros(len(FEATURES))
+        rec[FEATURES.index("const")] = 1.0
+        rec[FEATURES.index("decode_tokens")] = rng.uniform(10, 500)
+        rec[FEATURES.index("decode_context")] = rng.uniform(1e3, 1e5)
+        sims.append({"rec_dec": rec, "rec_ndec": 1.0, "rec_all": rec, "rec_steps": 1,
+                     "rec_pre": rec, "rec_npre": 1.0})
+    none = np.zeros(5, bool)
+    itl = np.full(5, 20.0)
+    rnd = _Round(sims=sims, itl=itl, thr=np.ones(5), ttft=np.ones(5), sat=none, light=none)
+    new, change = _surrogate_step(coef, ("const", "decode_tokens"), rnd,
+                                  _Measured(itl=1.3 * itl, thr=np.ones(5), ttft=np.ones(5)),
+                                  (1.0, 1.0, 0.25), np.ones(5))
+    assert change > 0.05 and new["decode_context"] == 6.5e-8

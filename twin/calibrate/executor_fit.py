@@ -22,12 +22,14 @@ from twin.costs.dispersion import fit_autocorrelation, fit_dispersion
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid
 
-#: vLLM's Triton LoRA kernel grid launch cost, in its linear and its capped form: features
-#: an executor calibration leaves out (the executor's LoRA is its own code, with no such
-#: grid; measurement logs written before the features lack their columns).
-GRID_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped")
-#: The features an executor calibration fits: all but ``GRID_FEATURES``.
-EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GRID_FEATURES)
+#: Features of a GPU's vLLM an executor calibration leaves out: the Triton LoRA kernel
+#: grid's launch cost, in its linear and its capped form (the executor's LoRA is its own
+#: code, with no such grid), and the dense layers' memory/compute ridge (a CPU's GEMMs are
+#: priced by the measured GEMM curves). Measurement logs written before them lack their
+#: columns.
+GPU_ONLY_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped", "tokens_past_ridge")
+#: The features an executor calibration fits: all but ``GPU_ONLY_FEATURES``.
+EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GPU_ONLY_FEATURES)
 
 __all__ = ["EXECUTOR_FEATURES", "ExecutorFit", "fit_measurements", "fit_nnls", "relative_to_prediction", "residual_stats", "step_features",
            "step_table"]
@@ -235,9 +237,9 @@ def _predict(rows: pd.DataFrame, coef: dict) -> np.ndarray:
 
 def _with_feature_columns(steps: pd.DataFrame) -> pd.DataFrame:
     """``steps`` (a copy) with every feature column: rows logged before a feature existed
-    lack it (the grid features: the executor fit leaves them out; prefill_ctx_seqs: refits
+    lack it (the GPU-only features: the executor fit leaves them out; prefill_ctx_seqs: refits
     of older logs, experiments/refit_cells.py), read as 0."""
     df = steps.copy()
-    for k in (*GRID_FEATURES, "prefill_ctx_seqs"):
+    for k in (*GPU_ONLY_FEATURES, "prefill_ctx_seqs"):
         df[k] = df.get(k, pd.Series(0.0, df.index)).fillna(0.0)
     return df

@@ -24,37 +24,19 @@ import pandas as pd
 
 from twin.calibrate.reconstruct import reconstruct
 from twin.calibrate.run_weights import cell_weights, regime, weighted_median
+from twin.calibrate.step_terms import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS,
+                                      STEP_TERMS, TERM_STARTS)
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import ConfigError, TwinInputError
 from twin.results import smape
 from twin.sim.engine import simulate
 
-__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "STEP_TERMS", "StepFit", "fit_step_time",
-           "itl_gains", "simulate_run"]
+__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "RIDGE_TERMS", "STEP_TERMS", "StepFit",
+           "fit_step_time", "itl_gains", "simulate_run"]
 
 # -- step time: simulation in the loop --------------------------------------------------------
 
-#: Coefficients fitted (s per unit of the feature). Each is a physical cost: fixed per-step
-#: overhead (scheduler, sampler, kernel launches, weight read), per decode sequence, per
-#: prefill token (dense FLOPs), per attended KV token (KV read), per distinct adapter in the
-#: batch, per adapter slot (the LoRA kernel grid spans max_loras), per padded LoRA
-#: rank·token.
-STEP_TERMS = ("const", "decode_tokens", "prefill_tokens", "decode_context", "adapters",
-              "lora_slots", "lora_token_rank")
-#: ``STEP_TERMS`` plus a cost per token·slot: vLLM's Triton LoRA kernels launch a thread
-#: block per token block and slot (``lora_shrink`` / ``lora_expand``). Opt-in: on the H100
-#: runs it lowers ITL at 64-192 slots but over-charges the saturated 2048-token steps there
-#: (experiments/README_validate.md, "real H100 runs").
-GRID_TERMS = STEP_TERMS + ("lora_slot_tokens",)
-#: ``STEP_TERMS`` plus the grid cost capped at ``LORA_GRID_TOKEN_CAP`` tokens per step
-#: (``lora_slot_tokens_capped``): the empty slots' blocks show in decode steps and hide
-#: behind the real LoRA work of a large step. Opt-in, as ``GRID_TERMS`` (no refit with it
-#: was better on every held-out figure: experiments/README_validate.md, "the capped grid").
-CAPPED_GRID_TERMS = STEP_TERMS + ("lora_slot_tokens_capped",)
-#: where a term the initial regression does not set starts (the surrogate moves a
-#: coefficient at most x3 per iteration: one starting at 0 would stay there)
-_START = {"lora_slot_tokens": 2e-7, "lora_slot_tokens_capped": 2e-7}
 _IDX = {k: i for i, k in enumerate(FEATURES)}
 
 
@@ -224,7 +206,7 @@ def _initial_coef(profile: Profile, runs=()) -> dict:
 
 def start_coef(profile: Profile, runs, terms, init: dict | None = None) -> dict:
     """The fit's starting coefficients: ``init``, or the initial regression's
-    (:func:`_initial_coef`); a term neither sets starts at ``_START`` (else 0)."""
+    (:func:`_initial_coef`); a term neither sets starts at ``TERM_STARTS`` (else 0)."""
     coef = dict(init or _initial_coef(profile, runs))
     for k in terms:
         members = k.split("+")
@@ -232,8 +214,17 @@ def start_coef(profile: Profile, runs, terms, init: dict | None = None) -> dict:
             coef.update(dict.fromkeys(members, float(np.mean([coef.get(m, 0.0)
                                                                for m in members]))))
         else:
-            coef.setdefault(k, _START.get(k, 0.0))
+            coef.setdefault(k, TERM_STARTS.get(k, 0.0))
     return coef
+
+
+def _held(terms, hold: dict | None) -> dict:
+    """``hold`` checked: values >= 0 for coefficients that are not fitted ``terms``."""
+    fitted = {m for k in terms for m in k.split("+")}
+    if set(hold or ()) & fitted or any(not v >= 0 for v in (hold or {}).values()):
+        raise ConfigError(f"held coefficients must be >= 0 and not among the fitted terms "
+                          f"{sorted(fitted)}; got {hold}")
+    return dict(hold or {})
 
 
 def _columns(rec: np.ndarray, terms) -> np.ndarray:
@@ -249,6 +240,7 @@ def _theta(coef: dict, terms) -> np.ndarray:
 def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float = 1200.0,
                   iterations: int = 4, processes: int = 2, seed: int = 0,
                   max_in_flight: int | None = None, init: dict | None = None,
+                  hold: dict | None = None,
                   weights=(1.0, 1.0, 0.25), balance: str | None = None, feedback: bool = False,
                   log=print, tol: float = 0.01) -> StepFit:
     """Fit the linear step-time coefficients ``terms`` to runs' mean ITL, throughput and
@@ -272,15 +264,20 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     the knee (:func:`itl_gains`). With it the ITL residuals scale the surrogate's change by
     each run's gain measured between the last two rounds, instead of assuming the batch
     stays put.
+
+    ``hold`` fixes coefficients that are not among ``terms`` at given values (e.g. the KV
+    read per attended token at the hardware's bytes per second, where the runs' contexts are
+    too short to pin it).
     """
     if balance not in (None, "regime", "slots"):
         raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
+    held = _held(terms, hold)
     weights = tuple(float(v) for v in weights)
     if len(weights) != 3 or min(weights) < 0 or not any(weights):
         raise ConfigError("weights must be three non-negative numbers (ITL, throughput, "
                           f"TTFT), not all zero; got {weights}")
     t_start = time.perf_counter()
-    coef = start_coef(profile, runs, terms, init)
+    coef = {**start_coef(profile, runs, terms, init), **held}
     real = _Measured.of(runs)
     w = cell_weights(runs, by_slots=balance == "slots") if balance else np.ones(len(runs))
     history = []

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, STEP_TERMS, StepFit,
-                                    fit_step_time, simulate_run)
+from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS, STEP_TERMS,
+                                    StepFit, fit_step_time, simulate_run)
 from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
                                       read_kv_capacity, read_load_times)
 from twin.costs.profile import Profile, load_profile
@@ -32,7 +32,7 @@ from twin.errors import ConfigError
 from twin.servers import kv_capacity_tokens
 
 __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "calibrate",
-           "simulate_run", "STEP_TERMS", "GRID_TERMS", "CAPPED_GRID_TERMS", "read_kv_capacity", "read_load_times"]
+           "simulate_run", "STEP_TERMS", "GRID_TERMS", "CAPPED_GRID_TERMS", "RIDGE_TERMS", "read_kv_capacity", "read_load_times"]
 
 
 def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | None = None,
@@ -40,10 +40,11 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
               sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
               processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: str | None = None,
               feedback: bool = False, residual_weights=(1.0, 1.0, 0.25),
-              log=print) -> Profile:
+              hold: dict | None = None, log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap).
     ``residual_weights`` weigh the step-time fit's ITL, throughput and TTFT residuals
-    (``fit_step_time(weights=)``)."""
+    (``fit_step_time(weights=)``); ``hold`` fixes step-time coefficients outside ``terms``
+    (``fit_step_time(hold=)``)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
         base_profile or "llama31-8b-h100-64gb-first-principles")
@@ -63,7 +64,7 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
                         processes=processes, seed=seed,
                         max_in_flight=cap["max_in_flight"] if cap else None,
                         weights=residual_weights, balance=balance, feedback=feedback,
-                        log=log)
+                        hold=hold, log=log)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed)
     if balance:
@@ -73,6 +74,8 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
                                                      map(float, residual_weights)))
     if feedback:
         prov["step_time"]["feedback"] = "ITL residuals scaled by each run's measured gain"
+    if hold:
+        prov["step_time"]["held"] = {k: float(v) for k, v in hold.items()}
     prov["seconds"] = round(time.perf_counter() - t0, 1)
     return prof
 

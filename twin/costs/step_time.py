@@ -49,6 +49,10 @@ class StepFeatures(NamedTuple):
     # blocks run beside the blocks doing real LoRA work and hide behind them (saturates with
     # step size)
     lora_slot_tokens_capped: float = 0.0
+    # the step's tokens beyond the dense GEMMs' ridge (DENSE_RIDGE_TOKENS): below it a step's
+    # linear layers are bound by the weight read, a per-step cost; past it by FLOPs, a cost
+    # per token
+    tokens_past_ridge: float = 0.0
 
 
 FEATURES = StepFeatures._fields
@@ -58,6 +62,15 @@ FEATURES = StepFeatures._fields
 #: README_validate "the capped grid") the one that kept the linear term's ITL below
 #: saturation and removed most of its over-charge of the 2048-token steps
 LORA_GRID_TOKEN_CAP = 1024
+#: the step size (tokens) from which a step's dense layers cost FLOPs per token
+#: (``tokens_past_ridge``); below it they cost one read of the weights, a per-step cost
+#: (``const``). A module constant, as ``LORA_GRID_TOKEN_CAP``, so the features stay linear in
+#: the fitted weights; one value for every GPU (a per-GPU ridge is not built). 512: of the
+#: ridges screened on the real H100 runs (384, 512, 768; experiments/README_validate.md,
+#: "the dense ridge") the one with the lowest held-out ITL. An H100's own ridge (bf16 FLOP/s
+#: over HBM bytes/s) is ~300-500 tokens, and at 512 tokens a 4096-wide projection's 128x128
+#: output tiles first overfill one wave of its 132 SMs
+DENSE_RIDGE_TOKENS = 512
 _new = tuple.__new__   # builds a StepFeatures without the generated __new__'s argument parsing
 
 
@@ -74,6 +87,11 @@ def lora_grid(tokens: float, slots: float) -> tuple[float, float]:
     return tokens * slots, min(tokens, LORA_GRID_TOKEN_CAP) * slots
 
 
+def past_ridge(tokens: float) -> float:
+    """``tokens_past_ridge`` of a step of ``tokens`` tokens."""
+    return tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0
+
+
 def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int) -> StepFeatures:
     """Features of a scheduled step (``twin.sched.StepPlan``), given how the server counts
     LoRA ranks: ``token_rank`` per adapter token, ``adapter_rank`` summed over the batch's
@@ -85,7 +103,8 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     return _new(StepFeatures, (
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots))
+        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots,
+        tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0))  # past_ridge, inline
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:
