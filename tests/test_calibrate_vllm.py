@@ -269,6 +269,23 @@ def test_balanced_fit_weighs_each_cell_alike():
             fit_step_time(runs, None, weights=bad)
 
 
+def _recorded_sims(n: int, ranges: dict, seed: int) -> list:
+    """``n`` simulated runs as the fit records them: one step each, ``const`` 1 and each
+    feature of ``ranges`` drawn uniformly in its (low, high)."""
+    from twin.costs.step_time import FEATURES
+
+    rng = np.random.default_rng(seed)
+    sims = []
+    for _ in range(n):
+        rec = np.zeros(len(FEATURES))
+        rec[FEATURES.index("const")] = 1.0
+        for k, (lo, hi) in ranges.items():
+            rec[FEATURES.index(k)] = rng.uniform(lo, hi)
+        sims.append({"rec_dec": rec, "rec_ndec": 1.0, "rec_all": rec, "rec_steps": 1,
+                     "rec_pre": rec, "rec_npre": 1.0})
+    return sims
+
+
 def test_tied_terms_share_one_coefficient():
     """A term ``a+b`` fits one coefficient for two features: it starts at their mean, its
     column is their summed features, and the surrogate step moves both to the same value
@@ -281,15 +298,7 @@ def test_tied_terms_share_one_coefficient():
                                                "prefill_tokens": 3e-6})
     assert coef["decode_tokens"] == coef["prefill_tokens"] == pytest.approx(2e-6)
     assert "decode_tokens+prefill_tokens" not in coef
-    rng = np.random.default_rng(0)
-    sims = []
-    for _ in range(6):
-        rec = np.zeros(len(FEATURES))
-        rec[FEATURES.index("const")] = 1.0
-        rec[FEATURES.index("decode_tokens")] = rng.uniform(10, 500)
-        rec[FEATURES.index("prefill_tokens")] = rng.uniform(0, 1500)
-        sims.append({"rec_dec": rec, "rec_ndec": 1.0, "rec_all": rec, "rec_steps": 1,
-                     "rec_pre": rec, "rec_npre": 1.0})
+    sims = _recorded_sims(6, {"decode_tokens": (10, 500), "prefill_tokens": (0, 1500)}, seed=0)
     assert _columns(sims[0]["rec_dec"], terms)[1] == pytest.approx(
         sims[0]["rec_dec"][FEATURES.index("decode_tokens")]
         + sims[0]["rec_dec"][FEATURES.index("prefill_tokens")])
@@ -336,22 +345,13 @@ def test_a_held_coefficient_is_refused_among_the_fitted_and_stays_put():
     term and must be >= 0 (refused before any work); the surrogate step moves the fitted
     terms only, so a held one keeps its value through the fit."""
     from twin.calibrate.step_fit import _Measured, _Round, _surrogate_step, fit_step_time
-    from twin.costs.step_time import FEATURES
     from twin.errors import ConfigError
 
     for bad in ({"decode_context": 1e-8}, {"adapters": -1.0}):
         with pytest.raises(ConfigError, match="held"):
             fit_step_time([], None, terms=("const", "decode_context"), hold=bad)
     coef = {"const": 0.01, "decode_tokens": 1e-6, "decode_context": 6.5e-8}
-    rng = np.random.default_rng(1)
-    sims = []
-    for _ in range(5):
-        rec = np.zeros(len(FEATURES))
-        rec[FEATURES.index("const")] = 1.0
-        rec[FEATURES.index("decode_tokens")] = rng.uniform(10, 500)
-        rec[FEATURES.index("decode_context")] = rng.uniform(1e3, 1e5)
-        sims.append({"rec_dec": rec, "rec_ndec": 1.0, "rec_all": rec, "rec_steps": 1,
-                     "rec_pre": rec, "rec_npre": 1.0})
+    sims = _recorded_sims(5, {"decode_tokens": (10, 500), "decode_context": (1e3, 1e5)}, seed=1)
     none = np.zeros(5, bool)
     itl = np.full(5, 20.0)
     rnd = _Round(sims=sims, itl=itl, thr=np.ones(5), ttft=np.ones(5), sat=none, light=none)
