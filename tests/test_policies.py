@@ -428,3 +428,15 @@ def test_compare_cli(tmp_path, trace, capsys):
     assert "Winner:" in out and "slora" in out
     assert (tmp_path / "out" / "compare.png").exists()
     assert main(["compare", "--trace", str(path), "--policies", "vllm,bogus"]) == 2
+
+
+def test_compare_prices_every_step_feature_a_profile_may_carry(trace):
+    """The LoRA-compute share re-prices recorded steps from features it builds by name: a
+    profile with a coefficient on a later feature (the dense ridge) is priced, not an
+    IndexError, and a term outside LoRA leaves the share in [0, 1]."""
+    from twin.policies.compare import compare
+
+    ridge = dataclasses.replace(PROFILE, step_time=StepTimeModel(
+        base={**PROFILE.step_time.base, "tokens_past_ridge": 3e-5}))
+    cmp = compare(trace, cfg(), ridge, policies=("vllm",), gpus=1)
+    assert 0.0 < cmp.costs["vllm"]["LoRA compute"] <= 1.0

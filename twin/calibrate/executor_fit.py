@@ -20,7 +20,7 @@ import pandas as pd
 
 from twin.costs.dispersion import fit_autocorrelation, fit_dispersion
 from twin.costs.load_time import LoadTimeModel
-from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid
+from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid, past_ridge
 
 #: Features of a GPU's vLLM an executor calibration leaves out: the Triton LoRA kernel
 #: grid's launch cost, in its linear and its capped form (the executor's LoRA is its own
@@ -130,7 +130,8 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
         slots = max_loras if lt else 0
         grid, grid_capped = lora_grid(pt + dn, slots)
         X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                slots, 1 if lt else 0, pn, float(idle[j]), grid, pcn, grid_capped)
+                slots, 1 if lt else 0, pn, float(idle[j]), grid, pcn, grid_capped,
+                past_ridge(pt + dn))
     return X
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.profile import Profile, load_profile
-from twin.costs.step_time import FEATURES, lora_grid
+from twin.costs.step_time import FEATURES, StepFeatures, lora_grid, past_ridge
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
@@ -185,10 +185,13 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
             lt = (pre + dec) * share
             sl = (slots if slots is not None else ad) if lt else 0
             grid, capped = lora_grid(pre + dec, sl)
-            f = [1.0, pre, dec, dec * ctx, pre * ctx / 2, lt * rank, ad, ad * rank, sl,
-                 1.0 if lt else 0.0, 0.0, 0.0,   # lora_active; prefill_seqs, after_idle: not
-                 grid, 0.0, capped]              # in the step log; the LoRA grid;
-            #                                      prefill_ctx_seqs: not in the step log
+            # prefill_seqs, after_idle, prefill_ctx_seqs: not in the step log (0)
+            f = list(StepFeatures(
+                const=1.0, prefill_tokens=pre, decode_tokens=dec, decode_context=dec * ctx,
+                prefill_context=pre * ctx / 2, lora_token_rank=lt * rank, adapters=ad,
+                adapter_rank=ad * rank, lora_slots=sl, lora_active=1.0 if lt else 0.0,
+                prefill_seqs=0, after_idle=0.0, lora_slot_tokens=grid,
+                lora_slot_tokens_capped=capped, tokens_past_ridge=past_ridge(pre + dec)))
             t = st(f)
             for i in _LORA:
                 f[i] = 0
