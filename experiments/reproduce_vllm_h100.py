@@ -239,13 +239,14 @@ def twin_figures(ours: dict, opt: pd.DataFrame, band: float) -> dict:
 
 
 def batch_ratios(df: pd.DataFrame) -> dict:
-    """Median twin/real mean running requests, in the runs that keep up (really) and in the
-    starved ones: the batch ITL scales with, checked against the real runs' own scrape
-    (their Little's law holds to ~3%), which no fit uses; {} for a CSV without the columns."""
+    """Median twin/real mean running requests, ``keepup`` in the runs that keep up (really)
+    and ``starved`` in the others: the batch ITL scales with, checked against the real runs'
+    own scrape (their Little's law holds to ~3%), which no fit uses; {} for a CSV without
+    the columns."""
     if "real_running" not in df or "twin_running" not in df:
         return {}
     ratio = df["twin_running"] / df["real_running"].where(df["real_running"] > 0)
-    return {f"running_ratio_{name}_median": round(float(ratio[mask].median()), 3)
+    return {name: round(float(ratio[mask].median()), 3)
             for name, mask in (("keepup", ~df["real_starving"]), ("starved", df["real_starving"]))
             if ratio[mask].notna().any()}
 
@@ -314,6 +315,16 @@ def scatter(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def _held_terms(text: str) -> dict:
+    """``--hold``: ``TERM=seconds[,TERM=seconds...]`` as a dict (argparse's type)."""
+    try:
+        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected TERM=seconds[,TERM=seconds...], e.g. decode_context=6.5536e-8; "
+            f"got {text!r}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--residual-weights", default="1,1,0.25", metavar="ITL,THR,TTFT",
                     help="with --calibrate: weights of the step-time fit's ITL, throughput "
                          "and light-load TTFT residuals (default 1,1,0.25)")
-    ap.add_argument("--hold", metavar="TERM=S[,...]",
+    ap.add_argument("--hold", metavar="TERM=S[,...]", type=_held_terms,
                     help="with --calibrate: step-time coefficients held at these values, not "
                          "fitted (e.g. decode_context=6.5536e-8, the KV read per attended "
                          "token at 2 TB/s)")
@@ -381,8 +392,7 @@ def main(argv=None) -> int:
                 .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
                 feedback=args.feedback,
                 residual_weights=[float(v) for v in args.residual_weights.split(",")],
-                hold={k: float(v) for k, v in (kv.split("=") for kv in args.hold.split(","))}
-                if args.hold else None,
+                hold=args.hold,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
             args.out.mkdir(parents=True, exist_ok=True)
             print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")
@@ -427,10 +437,11 @@ def main(argv=None) -> int:
     batch = batch_ratios(df)
     if batch:
         print("mean running requests, twin / real (median): "
-              + ", ".join(f"{k.split('_')[2]} {v:.3f}" for k, v in batch.items()))
+              + ", ".join(f"{name} {v:.3f}" for name, v in batch.items()))
     print(f"figures: {args.out / 'reproduce_vllm_h100_scatter.png'}")
     summary = {
-        **twin_figures(ours, opt_ours, band), **batch,
+        **twin_figures(ours, opt_ours, band),
+        **{f"running_ratio_{name}_median": v for name, v in batch.items()},
         "paper_twin_throughput_smape_median": round(paper["throughput"][0], 2),
         "paper_twin_itl_smape_median": round(paper["itl"][0], 2),
         "paper_twin_starvation_agreement": round(paper["starvation"], 4),
