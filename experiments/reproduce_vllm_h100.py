@@ -335,12 +335,16 @@ def main(argv=None) -> int:
                          "calibrated_profile.json in --out)")
     ap.add_argument("--terms", default="step",
                     help="with --calibrate: the step-time terms fitted: step, grid, "
-                         "capped-grid, ridge (twin.calibrate.step_fit) or a comma-separated list, "
+                         "capped-grid, ridge, adapters-squared (twin.calibrate.step_terms) or a "
+                         "comma-separated list, "
                          "where a+b ties two features to one coefficient")
     ap.add_argument("--balance", choices=("regime", "slots"),
                     help="with --calibrate: weigh each measured regime (no queue, a queue, "
                          "overloaded) of the fit runs alike, or each (max_loras, regime) "
                          "cell, not each run")
+    ap.add_argument("--decode-target", choices=("itl", "tpot"), default="itl",
+                    help="with --calibrate: fit the decode residuals to the runs' mean ITL "
+                         "(default) or mean TPOT (fit_step_time(decode_target=...))")
     ap.add_argument("--feedback", action="store_true",
                     help="with --calibrate: scale each run's ITL residual by the gain its "
                          "batch adds (fit_step_time(feedback=True))")
@@ -378,6 +382,7 @@ def main(argv=None) -> int:
         profile = load_profile(args.profile)   # for its recorded error (the tie band)
     else:
         if args.calibrate:
+            from twin.calibrate.step_terms import ADAPTER_PAIR_TERMS
             from twin.calibrate.vllm import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS,
                                              STEP_TERMS, calibrate, read_kv_capacity,
                                              read_load_times)
@@ -388,9 +393,9 @@ def main(argv=None) -> int:
                 loads=read_load_times(data / "adapter_load_times_llama31_8b.csv"),
                 processes=args.processes, window_s=1200.0, iterations=4,
                 terms={"step": STEP_TERMS, "grid": GRID_TERMS, "capped-grid": CAPPED_GRID_TERMS,
-                       "ridge": RIDGE_TERMS}
+                       "ridge": RIDGE_TERMS, "adapters-squared": ADAPTER_PAIR_TERMS}
                 .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
-                feedback=args.feedback,
+                feedback=args.feedback, decode_target=args.decode_target,
                 residual_weights=[float(v) for v in args.residual_weights.split(",")],
                 hold=args.hold,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})

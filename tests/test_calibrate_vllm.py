@@ -359,3 +359,21 @@ def test_a_held_coefficient_is_refused_among_the_fitted_and_stays_put():
                                   _Measured(itl=1.3 * itl, thr=np.ones(5), ttft=np.ones(5)),
                                   (1.0, 1.0, 0.25), np.ones(5))
     assert change > 0.05 and new["decode_context"] == 6.5e-8
+
+
+def test_the_decode_target_is_checked_and_picks_the_runs_tpot():
+    """``decode_target="tpot"``: the decode residuals aim at each run's mean TPOT, not at
+    bench serve's mean ITL (its gaps between streamed chunks); anything else is refused
+    before any work."""
+    from types import SimpleNamespace
+
+    from twin.calibrate.step_fit import _Measured, fit_step_time
+    from twin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="decode_target"):
+        fit_step_time([], None, decode_target="e2e")
+    runs = [SimpleNamespace(metrics={"mean_itl_ms": 40.0 + i, "mean_tpot_ms": 36.0 + i,
+                                     "total_throughput": 3000.0, "mean_ttft_ms": 90.0})
+            for i in range(3)]
+    assert list(_Measured.of(runs).itl) == [40.0, 41.0, 42.0]
+    assert list(_Measured.of(runs, "tpot").itl) == [36.0, 37.0, 38.0]

@@ -20,14 +20,15 @@ import pandas as pd
 
 from twin.costs.dispersion import fit_autocorrelation, fit_dispersion
 from twin.costs.load_time import LoadTimeModel
-from twin.costs.step_time import FEATURES, StepTimeModel, lora_grid, past_ridge
+from twin.costs.step_time import FEATURES, StepFeatures, StepTimeModel, derived_features
 
 #: Features of a GPU's vLLM an executor calibration leaves out: the Triton LoRA kernel
 #: grid's launch cost, in its linear and its capped form (the executor's LoRA is its own
 #: code, with no such grid), and the dense layers' memory/compute ridge (a CPU's GEMMs are
 #: priced by the measured GEMM curves). Measurement logs written before them lack their
 #: columns.
-GPU_ONLY_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped", "tokens_past_ridge")
+GPU_ONLY_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped", "tokens_past_ridge",
+                     "adapters_squared", "adapter_tokens_capped")
 #: The features an executor calibration fits: all but ``GPU_ONLY_FEATURES``.
 EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GPU_ONLY_FEATURES)
 
@@ -128,10 +129,10 @@ def step_features(steps: pd.DataFrame, trace: pd.DataFrame, max_lora_rank: int,
             computed[rid] = start + k
         a = int(steps["batch_adapters"].iloc[j])
         slots = max_loras if lt else 0
-        grid, grid_capped = lora_grid(pt + dn, slots)
-        X[j] = (1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank,
-                slots, 1 if lt else 0, pn, float(idle[j]), grid, pcn, grid_capped,
-                past_ridge(pt + dn))
+        X[j] = StepFeatures(
+            1.0, pt, dn, dctx, pctx, lt * max_lora_rank, a, a * max_lora_rank, slots,
+            1 if lt else 0, pn, float(idle[j]), prefill_ctx_seqs=pcn,
+            **derived_features(pt + dn, slots, a))
     return X
 
 

@@ -227,6 +227,20 @@ def _held(terms, hold: dict | None) -> dict:
     return dict(hold or {})
 
 
+def _checked_options(terms, hold, weights, balance, decode_target) -> tuple[dict, tuple]:
+    """``fit_step_time``'s options checked before any work: the held coefficients
+    (:func:`_held`) and the residual weights as floats."""
+    if decode_target not in ("itl", "tpot"):
+        raise ConfigError(f"decode_target must be 'itl' or 'tpot', got {decode_target!r}")
+    if balance not in (None, "regime", "slots"):
+        raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
+    weights = tuple(float(v) for v in weights)
+    if len(weights) != 3 or min(weights) < 0 or not any(weights):
+        raise ConfigError("weights must be three non-negative numbers (ITL, throughput, "
+                          f"TTFT), not all zero; got {weights}")
+    return _held(terms, hold), weights
+
+
 def _columns(rec: np.ndarray, terms) -> np.ndarray:
     """A run's recorded feature sums per term; a tied term (``a+b``) sums its features."""
     return np.array([sum(rec[_IDX[m]] for m in k.split("+")) for k in terms])
@@ -242,7 +256,7 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
                   max_in_flight: int | None = None, init: dict | None = None,
                   hold: dict | None = None,
                   weights=(1.0, 1.0, 0.25), balance: str | None = None, feedback: bool = False,
-                  log=print, tol: float = 0.01) -> StepFit:
+                  decode_target: str = "itl", log=print, tol: float = 0.01) -> StepFit:
     """Fit the linear step-time coefficients ``terms`` to runs' mean ITL, throughput and
     TTFT by simulation in the loop (see the module docstring).
 
@@ -268,17 +282,16 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     ``hold`` fixes coefficients that are not among ``terms`` at given values (e.g. the KV
     read per attended token at the hardware's bytes per second, where the runs' contexts are
     too short to pin it).
+
+    ``decode_target`` ``"tpot"`` fits the decode residuals to the runs' mean TPOT (each
+    request's decode time over its tokens) instead of their mean ITL (``vllm bench
+    serve``'s gaps between streamed chunks, which run 5-12% above TPOT where several tokens
+    reach the client in one chunk; the twin streams every token).
     """
-    if balance not in (None, "regime", "slots"):
-        raise ConfigError(f"balance must be 'regime' or 'slots', got {balance!r}")
-    held = _held(terms, hold)
-    weights = tuple(float(v) for v in weights)
-    if len(weights) != 3 or min(weights) < 0 or not any(weights):
-        raise ConfigError("weights must be three non-negative numbers (ITL, throughput, "
-                          f"TTFT), not all zero; got {weights}")
+    held, weights = _checked_options(terms, hold, weights, balance, decode_target)
     t_start = time.perf_counter()
     coef = {**start_coef(profile, runs, terms, init), **held}
-    real = _Measured.of(runs)
+    real = _Measured.of(runs, decode_target)
     w = cell_weights(runs, by_slots=balance == "slots") if balance else np.ones(len(runs))
     history = []
     best = None
@@ -287,10 +300,12 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
     for it in range(iterations + 1):
         t0 = time.perf_counter()
         rnd = _simulate_round(runs, profile, coef, seed=seed, window_s=window_s,
-                              max_in_flight=max_in_flight, processes=processes)
+                              max_in_flight=max_in_flight, processes=processes,
+                              decode_key=f"mean_{decode_target}_ms")
         score, entry = _score(rnd, real, it, coef, w)
         history.append(dict(entry, seconds=time.perf_counter() - t0))
-        log(f"  iteration {it}: ITL SMAPE median {entry['itl_smape_median']:.1f}% (max "
+        log(f"  iteration {it}: {decode_target.upper()} SMAPE median "
+            f"{entry['itl_smape_median']:.1f}% (max "
             f"{entry['itl_smape_max']:.0f}%), throughput median "
             f"{entry['throughput_smape_median']:.1f}% (saturated "
             f"{entry['throughput_smape_median_saturated'] or 0:.1f}%), light TTFT median "
@@ -326,8 +341,8 @@ class _Measured:
     ttft: np.ndarray
 
     @classmethod
-    def of(cls, runs) -> _Measured:
-        return cls(itl=np.array([r.metrics["mean_itl_ms"] for r in runs]),
+    def of(cls, runs, decode_target: str = "itl") -> _Measured:
+        return cls(itl=np.array([r.metrics[f"mean_{decode_target}_ms"] for r in runs]),
                    thr=np.array([r.metrics["total_throughput"] for r in runs]),
                    ttft=np.array([r.metrics["mean_ttft_ms"] for r in runs]))
 
@@ -346,7 +361,8 @@ class _Round:
 
 
 def _simulate_round(runs, profile: Profile, coef: dict, *, seed: int, window_s: float,
-                    max_in_flight: int | None, processes: int) -> _Round:
+                    max_in_flight: int | None, processes: int,
+                    decode_key: str = "mean_itl_ms") -> _Round:
     jobs = [(r, profile, coef, seed, window_s, max_in_flight) for r in runs]
     sims = _map(_sim_job, jobs, processes)
     bad = [s for s in sims if "error" in s]
@@ -356,7 +372,7 @@ def _simulate_round(runs, profile: Profile, coef: dict, *, seed: int, window_s: 
     sat = np.array([s["achieved_over_offered"] < 0.97 for s in sims])
     light = np.array([regime(r.metrics.get("num_waiting_mean", 0.0)) == "light"
                       for r in runs]) & ~sat
-    return _Round(sims=sims, itl=np.array([s["mean_itl_ms"] for s in sims]),
+    return _Round(sims=sims, itl=np.array([s[decode_key] for s in sims]),
                   thr=np.array([s["total_throughput"] for s in sims]),
                   ttft=np.array([s["mean_ttft_ms"] for s in sims]), sat=sat, light=light)
 

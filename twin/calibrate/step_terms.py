@@ -4,7 +4,7 @@ the initial regression does not set starts."""
 
 from __future__ import annotations
 
-__all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "RIDGE_TERMS", "STEP_TERMS", "TERM_STARTS"]
+__all__ = ["ADAPTER_PAIR_TERMS", "CAPPED_GRID_TERMS", "GRID_TERMS", "RIDGE_TERMS", "STEP_TERMS", "TERM_STARTS"]
 
 #: Coefficients fitted (s per unit of the feature). Each is a physical cost: fixed per-step
 #: overhead (scheduler, sampler, kernel launches, weight read), per decode sequence, per
@@ -28,7 +28,12 @@ CAPPED_GRID_TERMS = STEP_TERMS + ("lora_slot_tokens_capped",)
 #: terms alone charge every prefill token a saturated step's cost. Opt-in (README_validate,
 #: "the dense ridge": held-out ITL 5.25 -> 4.97%, 4.36% only with the KV read left free)
 RIDGE_TERMS = STEP_TERMS + ("tokens_past_ridge",)
+#: ``STEP_TERMS`` plus a cost per distinct adapter squared (``adapters_squared``): at their
+#: measured batches the real H100 runs' step times grow faster than linearly in the batch's
+#: adapters (README_validate, "adapters squared"). Opt-in, measured beside the others
+ADAPTER_PAIR_TERMS = STEP_TERMS + ("adapters_squared",)
 #: where a term the initial regression does not set starts (the surrogate moves a
 #: coefficient at most x3 per iteration: one starting at 0 would stay there)
 TERM_STARTS = {"lora_slot_tokens": 2e-7, "lora_slot_tokens_capped": 2e-7,
-               "tokens_past_ridge": 2e-5}
+               "tokens_past_ridge": 2e-5, "adapters_squared": 2e-6,
+               "adapter_tokens_capped": 2e-7}

@@ -40,11 +40,12 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
               sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
               processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: str | None = None,
               feedback: bool = False, residual_weights=(1.0, 1.0, 0.25),
-              hold: dict | None = None, log=print) -> Profile:
+              hold: dict | None = None, decode_target: str = "itl", log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap).
     ``residual_weights`` weigh the step-time fit's ITL, throughput and TTFT residuals
     (``fit_step_time(weights=)``); ``hold`` fixes step-time coefficients outside ``terms``
-    (``fit_step_time(hold=)``)."""
+    (``fit_step_time(hold=)``); ``decode_target`` picks the runs' mean ITL or TPOT as the
+    decode residuals' target (``fit_step_time(decode_target=)``)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
         base_profile or "llama31-8b-h100-64gb-first-principles")
@@ -64,7 +65,7 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
                         processes=processes, seed=seed,
                         max_in_flight=cap["max_in_flight"] if cap else None,
                         weights=residual_weights, balance=balance, feedback=feedback,
-                        hold=hold, log=log)
+                        hold=hold, decode_target=decode_target, log=log)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed)
     if balance:
@@ -74,6 +75,7 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
                                                      map(float, residual_weights)))
     if feedback:
         prov["step_time"]["feedback"] = "ITL residuals scaled by each run's measured gain"
+    prov["step_time"]["decode_target"] = f"mean {decode_target.upper()}"
     if hold:
         prov["step_time"]["held"] = {k: float(v) for k, v in hold.items()}
     prov["seconds"] = round(time.perf_counter() - t0, 1)

@@ -53,6 +53,15 @@ class StepFeatures(NamedTuple):
     # linear layers are bound by the weight read, a per-step cost; past it by FLOPs, a cost
     # per token
     tokens_past_ridge: float = 0.0
+    # distinct adapters squared: each active adapter's LoRA kernel blocks span the token
+    # blocks of the whole batch (vLLM's lora_shrink / lora_expand grid: cdiv(tokens, BLOCK_M)
+    # blocks per active LoRA, those past its own tokens exiting), and in a light step the
+    # batch's tokens grow with its adapters, so the cost grows ~ adapters²; the real H100
+    # runs' step times at their measured batches want it (experiments/README_validate.md)
+    adapters_squared: float = 0.0
+    # adapters x min(tokens, LORA_GRID_TOKEN_CAP): the same grid cost counted as it is
+    # launched, saturating where a large step's real LoRA work hides it
+    adapter_tokens_capped: float = 0.0
 
 
 FEATURES = StepFeatures._fields
@@ -92,6 +101,17 @@ def past_ridge(tokens: float) -> float:
     return tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0
 
 
+def derived_features(tokens: float, slots: float, adapters: float) -> dict:
+    """The features that follow from a step's token count, the slots its LoRA kernel grid
+    spans and its distinct adapters, by name: for the hand-built steps
+    (``twin.ml.queueing``, ``twin.calibrate.executor_fit``, ``twin.policies.compare``),
+    the same values :func:`step_features` computes inline."""
+    grid, capped = lora_grid(tokens, slots)
+    return {"lora_slot_tokens": grid, "lora_slot_tokens_capped": capped,
+            "tokens_past_ridge": past_ridge(tokens), "adapters_squared": adapters * adapters,
+            "adapter_tokens_capped": adapters * min(tokens, LORA_GRID_TOKEN_CAP)}
+
+
 def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int) -> StepFeatures:
     """Features of a scheduled step (``twin.sched.StepPlan``), given how the server counts
     LoRA ranks: ``token_rank`` per adapter token, ``adapter_rank`` summed over the batch's
@@ -100,11 +120,13 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
     lt = plan.decode_lora + plan.prefill_lora_tokens
     slots = lora_slots if lt else 0
     tokens = plan.prefill_tokens + plan.decode_n
-    return _new(StepFeatures, (
+    a = plan.adapters
+    capped = tokens if tokens < LORA_GRID_TOKEN_CAP else LORA_GRID_TOKEN_CAP
+    return _new(StepFeatures, (   # derived_features, inline
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
-        lt * token_rank, plan.adapters, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
-        0.0, tokens * slots, plan.prefill_ctx_n, min(tokens, LORA_GRID_TOKEN_CAP) * slots,
-        tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0))  # past_ridge, inline
+        lt * token_rank, a, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
+        0.0, tokens * slots, plan.prefill_ctx_n, capped * slots,
+        tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0, a * a, a * capped))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:

@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-from twin.costs.step_time import StepFeatures, lora_grid, past_ridge
+from twin.costs.step_time import StepFeatures, derived_features
 
 QUEUE_FEATURES = ("prefill_p99_ms", "decode_batch", "utilisation", "busy_adapters",
                   "slot_pressure", "prefill_p99_loaded_ms")
@@ -69,14 +69,12 @@ def _step(profile, *, prefill=0, decode=0, ctx=0.0, prefill_ctx=0.0, rank=16, ad
           slots=1) -> float:
     """Seconds of one step of the profile's step-time model."""
     tokens = prefill + decode
-    grid, grid_capped = lora_grid(tokens, slots)
     return float(profile.step_time(StepFeatures(
         const=1.0, prefill_tokens=int(prefill), decode_tokens=int(decode),
         decode_context=int(ctx), prefill_context=int(prefill_ctx),
         lora_token_rank=tokens * rank, adapters=adapters, adapter_rank=adapters * rank,
         lora_slots=slots, lora_active=1 if tokens else 0, prefill_seqs=1 if prefill else 0,
-        after_idle=0.0, lora_slot_tokens=grid, lora_slot_tokens_capped=grid_capped,
-        tokens_past_ridge=past_ridge(tokens))))
+        after_idle=0.0, **derived_features(tokens, slots, adapters))))
 
 
 def prefill_s(profile, prompt: float, chunk: int, rank: int, slots: int) -> float:

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from twin.costs.profile import Profile, load_profile
-from twin.costs.step_time import FEATURES, StepFeatures, lora_grid, past_ridge
+from twin.costs.step_time import FEATURES, StepFeatures, derived_features
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
@@ -47,7 +47,8 @@ from twin.workload.schema import validate_trace
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots",
                                      "lora_active", "lora_slot_tokens",
-                                     "lora_slot_tokens_capped")]
+                                     "lora_slot_tokens_capped", "adapters_squared",
+                                     "adapter_tokens_capped")]
 
 
 @dataclass
@@ -184,14 +185,12 @@ def _lora_compute_share(run: PolicyRun, config, profile, catalog) -> float:
                                    sub["adapters"].to_numpy(), sub["steps"].to_numpy()):
             lt = (pre + dec) * share
             sl = (slots if slots is not None else ad) if lt else 0
-            grid, capped = lora_grid(pre + dec, sl)
             # prefill_seqs, after_idle, prefill_ctx_seqs: not in the step log (0)
             f = list(StepFeatures(
                 const=1.0, prefill_tokens=pre, decode_tokens=dec, decode_context=dec * ctx,
                 prefill_context=pre * ctx / 2, lora_token_rank=lt * rank, adapters=ad,
                 adapter_rank=ad * rank, lora_slots=sl, lora_active=1.0 if lt else 0.0,
-                prefill_seqs=0, after_idle=0.0, lora_slot_tokens=grid,
-                lora_slot_tokens_capped=capped, tokens_past_ridge=past_ridge(pre + dec)))
+                prefill_seqs=0, after_idle=0.0, **derived_features(pre + dec, sl, ad)))
             t = st(f)
             for i in _LORA:
                 f[i] = 0
