@@ -285,7 +285,7 @@ def fit_step_time(runs, profile: Profile, *, terms=STEP_TERMS, window_s: float =
 
     ``decode_target`` ``"tpot"`` fits the decode residuals to the runs' mean TPOT (each
     request's decode time over its tokens) instead of their mean ITL (``vllm bench
-    serve``'s gaps between streamed chunks, which run 5-12% above TPOT where several tokens
+    serve``'s gaps between streamed chunks, which run 6-13% above TPOT where several tokens
     reach the client in one chunk; the twin streams every token).
     """
     held, weights = _checked_options(terms, hold, weights, balance, decode_target)
