@@ -120,6 +120,8 @@ def test_calibrate_cli_writes_loadable_profile(data, tmp_path):
     assert prov["memory"]["kv_tokens_rel_error_max"] <= 0.01
     assert "history" in prov["step_time"] and prov["step_time"]["runs"] >= 1
     assert prov["step_time"]["residual_weights"] == {"itl": 1.0, "throughput": 1.0, "ttft": 0.25}
+    assert prov["step_time"]["decode_target"] == "mean ITL"
+    assert "log-errors of mean ITL" in prov["step_time"]["method"]
     assert prof.step_time.base["const"] > 0
 
 
