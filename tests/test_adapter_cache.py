@@ -78,6 +78,53 @@ def test_large_capacity_evicts_only_when_full():
     assert use(c, n) == [AdapterLoad(n, True, -1, 0)]
 
 
+def test_the_running_key_names_the_set_of_adapters_in_use_whatever_the_order():
+    """``running_key``: one number per set of adapters with running requests (vLLM's
+    lora_requests_info label, as a set), kept as adapters join and leave; the same set
+    reached in another order gives the same key, another set another key."""
+    a, b = AdapterCache(4, 8), AdapterCache(4, 8)
+    empty = a.running_key
+    seen = {empty}
+    for x in (1, 1, 2, 3):                    # {1}, {1}, {1,2}, {1,2,3}
+        a.acquire(x)
+        seen.add(a.running_key)
+    assert len(seen) == 4
+    for x in (3, 2, 1):                       # b reaches {1,2,3} in another order
+        b.acquire(x)
+    assert b.running_key == a.running_key
+    a.release(1)                              # 1 still runs once
+    assert a.running_key == b.running_key
+    a.release(1)
+    b.release(1)
+    assert a.running_key == b.running_key != empty
+    for x in (2, 3):
+        a.release(x)
+    assert a.running_key == empty
+
+
+def test_a_run_counts_the_running_adapter_sets_its_steps_ran_with():
+    """The summary's ``lora_running_sets``: many adapters churn through many sets; one
+    adapter gives at most two (empty, and it alone)."""
+    import numpy as np
+    import pandas as pd
+
+    from twin.config import ServingConfig
+    from twin.sim.engine import simulate
+
+    rng = np.random.default_rng(0)
+    n = 400
+
+    def trace(adapters):
+        return pd.DataFrame({"request_id": range(n), "arrival_s": np.sort(rng.uniform(0, 60, n)),
+                             "prompt_tokens": rng.integers(20, 200, n),
+                             "output_tokens": rng.integers(5, 80, n),
+                             "adapter": [f"a{k}" for k in rng.integers(0, adapters, n)]})
+    cfg = ServingConfig(max_loras=8, max_cpu_loras=32)
+    one = simulate(trace(1), cfg).summary["lora_running_sets"]
+    many = simulate(trace(32), cfg).summary["lora_running_sets"]
+    assert 1 <= one <= 2 and many > 50
+
+
 def test_preload_and_drop():
     c = AdapterCache(1, 2, preload=[7, 8, 9])
     assert set(c.host.resident) == {7, 8} and set(c.gpu.resident) == {7}

@@ -136,6 +136,7 @@ def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | Non
            "num_running_mean": float(res.timeline["running"].mean()),
            "num_waiting_mean": float(res.timeline["waiting"].mean()),
            "load_time_s": s["adapter_loads"]["time_s"], "window_s": window,
+           "lora_running_sets": s.get("lora_running_sets", 0),
            "sim_wall_s": time.perf_counter() - t0, "n_requests": len(trace)}
     st = profile.step_time
     if record and isinstance(st, _RecordingStepTime):

@@ -203,13 +203,15 @@ def trace_horizon(trace: pd.DataFrame, window_s: float | None) -> float:
 def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache, *,
                  kv_tokens: int, duration: float, window_s: float | None, max_model_len: int,
                  meta: dict, step_columns: list[str] = STEP_COLUMNS,
-                 dispersion=None, autocorrelation=None) -> RunResult:
+                 dispersion=None, autocorrelation=None, frontend=None) -> RunResult:
     """The run's :class:`RunResult` from what ``out`` and ``rec`` recorded (``sched`` and
     ``cache``: the server's scheduler and adapter cache, for their counters).
     ``dispersion``: the twin's ITL percentiles from its prices mixed with the profile's
     step-time spread (``ITLHistogram.percentile``), and with ``autocorrelation`` too its TTFT
     median and p99 (``twin.results.spread``); None (the executor's measured steps, a
-    profile without them): as recorded."""
+    profile without them): as recorded. ``frontend`` (``twin.costs.frontend.Frontend``):
+    with metrics scrapes, the mean ITL a streaming client times
+    (:meth:`~twin.costs.frontend.Frontend.itl_scale`)."""
     req = out.table(trace)
     timeline = pd.DataFrame(rec.rows, columns=PREFIX_TIMELINE_COLUMNS if rec.prefix
                             else TIMELINE_COLUMNS)
@@ -232,6 +234,14 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]
     summary["steps"] = rec.steps
+    if getattr(cache, "running_sets", None) is not None:
+        # the distinct running-adapter sets its steps ran with (vLLM's lora_requests_info
+        # series, its running label; 1 with no adapter: the empty set)
+        summary["lora_running_sets"] = n_sets = len(cache.running_sets)
+        if frontend is not None and frontend.scrapes:
+            # what a streaming client times: the scrapes merge tokens into chunks
+            itl = summary["itl_ms"]
+            itl["mean"] *= frontend.itl_scale(n_sets, duration, itl["mean"] / 1000)
     if out.prefix is not None:
         summary.update(prefix_cache_summary(req, sched.prefix is not None))
     steps_df = None

@@ -19,6 +19,11 @@ import heapq
 from dataclasses import dataclass
 
 
+#: mixed into each adapter's hash in ``AdapterCache.running_key`` (a tuple's hash is
+#: well mixed, where an int hashes to itself and XORs of small ints collide)
+_SET_SALT = 0x5BD1E995
+
+
 @dataclass(frozen=True)
 class AdapterLoad:
     """A load the step must pay for before its forward pass."""
@@ -87,7 +92,7 @@ class AdapterCache:
     """
 
     __slots__ = ("max_loras", "max_cpu_loras", "gpu", "host", "in_use", "_tick", "loads_from_disk",
-                 "loads_from_host")
+                 "loads_from_host", "running_key", "running_sets")
 
     def __init__(self, max_loras: int, max_cpu_loras: int, preload: list[int] | tuple = ()):
         if max_cpu_loras < max_loras:
@@ -97,6 +102,12 @@ class AdapterCache:
         self.gpu = _LRU(max_loras)
         self.host = _LRU(max_cpu_loras)
         self.in_use: dict[int, int] = {}   # adapter -> running requests using it
+        # the set of adapters in use as one number (XOR of their hashes, kept as adapters
+        # join and leave it), and every such set a step has run with: vLLM's API server
+        # keeps one vllm:lora_requests_info series per running-adapters label it has seen,
+        # and each /metrics scrape renders them all (experiments/README_validate.md)
+        self.running_key = 0
+        self.running_sets: set[int] = set()
         self._tick = 0
         self.loads_from_disk = 0
         self.loads_from_host = 0
@@ -117,6 +128,8 @@ class AdapterCache:
     def acquire(self, adapter: int) -> AdapterLoad | None:
         n = self.in_use.get(adapter, 0)
         self.in_use[adapter] = n + 1
+        if n == 0:
+            self.running_key ^= hash((adapter, _SET_SALT))
         if n > 0 or adapter in self.gpu:
             return None
         evicted_host = -1
@@ -155,6 +168,7 @@ class AdapterCache:
             self.in_use[adapter] = n
             return
         del self.in_use[adapter]
+        self.running_key ^= hash((adapter, _SET_SALT))
         self._tick += 1
         self.gpu.touch(adapter, self._tick)
         self.host.touch(adapter, self._tick)

@@ -368,7 +368,8 @@ def _result(clock: _Clock, config: ServingConfig, profile: Profile, duration: fl
                           max_model_len=config.max_model_len, meta=meta,
                           # a replay of recorded durations (ReplayStepTime) has neither
                           dispersion=getattr(profile.step_time, "dispersion", None),
-                          autocorrelation=getattr(profile.step_time, "autocorrelation", None))
+                          autocorrelation=getattr(profile.step_time, "autocorrelation", None),
+                          frontend=profile.frontend)
     pool = server.adapter_pool(result.summary["duration_s"])
     if pool is not None:
         result.summary["adapter_pool"] = pool

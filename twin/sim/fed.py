@@ -58,7 +58,7 @@ class FedClock(_Clock):
 
     def __init__(self, cols: TraceColumns, catalog, server, profile, *, window_s, sample_dt,
                  record_steps: bool = False):
-        if not profile.frontend.is_default:
+        if profile.frontend.first_lora_request_s > 0:
             warnings.warn(f"profile {profile.name}: the frontend's first-request delay "
                           f"(frontend.first_lora_request_s) is not modelled in a fleet's "
                           f"event loop; this replica runs without it", stacklevel=2)

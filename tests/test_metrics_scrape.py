@@ -1,0 +1,67 @@
+"""The frontend's metrics scrapes (``twin.costs.frontend.Frontend.itl_scale``): each scrape
+of ``/metrics`` stalls vLLM's API server for the ``vllm:lora_requests_info`` series it
+renders, tokens reach a streaming client merged, and its mean ITL grows by
+``1 / (1 − share of the time stalled beyond one step)``. Off by default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twin.config import ServingConfig
+from twin.costs import load_profile
+from twin.costs.frontend import Frontend
+from twin.costs.profile import Profile
+from twin.sim import simulate
+
+
+def test_the_scale_is_the_share_of_time_stalled_beyond_a_step_by_hand():
+    """4 scrapes in 4 s (at 0.5, 1.5, 2.5, 3.5 s) of a run that ended with 1,000 series,
+    grown evenly: they render 125, 375, 625, 875 series at 1 ms each; beyond a 0.2-s step
+    the loop loses 0, 0.175, 0.425, 0.675 s of 4 s."""
+    f = Frontend(metrics_scrape_hz=1.0, metrics_series_s=1e-3)
+    lost = (0.175 + 0.425 + 0.675) / 4
+    assert f.itl_scale(1000, 4.0, 0.2) == pytest.approx(1 / (1 - lost))
+    # a stall shorter than a step merges nothing; more series, more merging
+    assert f.itl_scale(100, 4.0, 0.2) == 1.0
+    assert f.itl_scale(2000, 4.0, 0.2) > f.itl_scale(1000, 4.0, 0.2)
+    # no scrapes (either field 0): no change
+    for off in (Frontend(), Frontend(metrics_scrape_hz=1.0), Frontend(metrics_series_s=1e-3)):
+        assert off.itl_scale(10**6, 3600.0, 0.02) == 1.0 and not off.scrapes
+
+
+def test_negative_or_nan_fields_are_refused_and_the_fields_round_trip():
+    for bad in ({"metrics_scrape_hz": -1.0}, {"metrics_series_s": float("nan")}):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            Frontend(**bad)
+    f = Frontend(metrics_scrape_hz=0.4, metrics_series_s=2.2e-5)
+    assert Frontend(**f.to_dict()) == f and not f.is_default
+    assert Frontend().to_dict() == {"first_lora_request_s": 0.0}   # old profiles unchanged
+
+
+def _trace(n=600, adapters=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"request_id": range(n), "arrival_s": np.sort(rng.uniform(0, 120, n)),
+                         "prompt_tokens": rng.integers(20, 300, n),
+                         "output_tokens": rng.integers(10, 120, n),
+                         "adapter": [f"a{k}" for k in rng.integers(0, adapters, n)]})
+
+
+def test_a_scraped_server_s_mean_itl_is_the_engine_s_times_the_scale_and_nothing_else_moves():
+    base = load_profile("llama31-8b-h100-64gb")
+    scraped = dataclasses.replace(base, frontend=Frontend(metrics_scrape_hz=0.5,
+                                                          metrics_series_s=2e-4))
+    assert isinstance(scraped, Profile)
+    cfg = ServingConfig(max_loras=8, max_cpu_loras=48)
+    a, b = (simulate(_trace(), cfg, p).summary for p in (base, scraped))
+    scale = scraped.frontend.itl_scale(a["lora_running_sets"], a["duration_s"],
+                                       a["itl_ms"]["mean"] / 1000)
+    assert scale > 1.02
+    assert b["itl_ms"]["mean"] == pytest.approx(a["itl_ms"]["mean"] * scale)
+    for k in ("total_throughput", "completed", "lora_running_sets"):
+        assert b[k] == a[k]
+    for k in ("ttft_ms", "tpot_ms"):
+        assert b[k] == a[k]
