@@ -26,7 +26,7 @@ one chunk when the loop is free, so ``vllm bench serve`` counts fewer, longer ga
 ITL is the twin's over ``1 − (share of the time the loop is stalled beyond one step)``
 (:meth:`Frontend.itl_scale`; ``metrics_scrape_hz`` scrapes per second, ``metrics_series_s``
 seconds per series; 0, the default: no scrape). The real H100 runs' collector scraped at
-0.44 Hz (README_validate, "the metrics scrape").
+0.40 Hz (median of the fit runs; README_validate, "the metrics scrape").
 """
 
 from __future__ import annotations
