@@ -122,6 +122,12 @@ class AdapterCache:
         """Adapters with running requests (the scheduler's ``scheduled_loras``)."""
         return self.in_use
 
+    def step_adapters(self) -> int:
+        """The distinct adapters of the step being scheduled (in use now); their set is
+        noted as one a step ran with (``running_sets``)."""
+        self.running_sets.add(self.running_key)
+        return len(self.in_use)
+
     def is_resident(self, adapter: int) -> bool:
         return adapter in self.gpu
 

@@ -48,9 +48,6 @@ class Scheduler(Aborts):
         self.waiting = WaitingQueue()
         self.prefilling: list[Request] = []   # running, not decoding, in running order
         self.cache = adapter_cache
-        # every running-adapter set a step has run with (AdapterCache.running_sets; None
-        # for a cache without: no metrics label to count)
-        self._running_sets = getattr(adapter_cache, "running_sets", None)
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
         self.max_loras = max_loras
@@ -171,10 +168,7 @@ class Scheduler(Aborts):
         # waiting phase
         plan.blocked = PREEMPTED if plan.preempted else self.admit(plan, budget, now)
         self.blocked = plan.blocked
-        cache = self.cache
-        plan.adapters = len(cache.in_use)
-        if self._running_sets is not None:
-            self._running_sets.add(cache.running_key)
+        plan.adapters = self.cache.step_adapters()
         plan.kv_blocks = pool.used + (self._held_next if plan.group_decode else 0)
         return plan
 

@@ -42,6 +42,10 @@ class UnifiedAdapterPool:
         self.loads_from_host = 0
         self.max_resident_pages = 0
 
+    def step_adapters(self) -> int:
+        """The distinct adapters of the step being scheduled (``AdapterCache``'s)."""
+        return len(self.in_use)
+
     def pages_to_load(self, adapter: int) -> int:
         """Pages the pool must give for ``adapter`` to run (0: base model or resident)."""
         if adapter < 0 or adapter in self.resident:
