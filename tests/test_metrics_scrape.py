@@ -1,7 +1,8 @@
 """The frontend's metrics scrapes (``twin.costs.frontend.Frontend.itl_scale``): each scrape
 of ``/metrics`` stalls vLLM's API server for the ``vllm:lora_requests_info`` series it
 renders, tokens reach a streaming client merged, and its mean ITL grows by
-``1 / (1 − share of the time stalled beyond one step)``. Off by default."""
+``1 / (1 − share of the time stalled beyond one step)``; a request or a first token that
+lands in a stall waits for its end (mean TTFT). Off by default."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def test_the_scale_is_the_share_of_time_stalled_beyond_a_step_by_hand():
         assert off.itl_scale(10**6, 3600.0, 0.02) == 1.0 and not off.scrapes
 
 
+def test_the_ttft_wait_is_the_chance_of_landing_in_a_stall_times_its_half_by_hand():
+    """Same scrapes: stalls of 0.125, 0.375, 0.625, 0.875 s in 4 s; a request's intake and
+    its first token each land in stall k with chance S_k / 4 and wait S_k / 2."""
+    f = Frontend(metrics_scrape_hz=1.0, metrics_series_s=1e-3)
+    s = np.array([0.125, 0.375, 0.625, 0.875])
+    assert f.ttft_wait_s(1000, 4.0) == pytest.approx(2 * float((s / 4 * s / 2).sum()))
+    assert Frontend().ttft_wait_s(10**6, 3600.0) == 0.0
+
+
 def test_negative_or_nan_fields_are_refused_and_the_fields_round_trip():
     for bad in ({"metrics_scrape_hz": -1.0}, {"metrics_series_s": float("nan")}):
         with pytest.raises(ValueError, match="must be >= 0"):
@@ -50,7 +60,7 @@ def _trace(n=600, adapters=48, seed=0):
                          "adapter": [f"a{k}" for k in rng.integers(0, adapters, n)]})
 
 
-def test_a_scraped_server_s_mean_itl_is_the_engine_s_times_the_scale_and_nothing_else_moves():
+def test_a_scraped_server_s_mean_itl_and_ttft_move_by_the_model_and_nothing_else_does():
     base = load_profile("llama31-8b-h100-64gb")
     scraped = dataclasses.replace(base, frontend=Frontend(metrics_scrape_hz=0.5,
                                                           metrics_series_s=2e-4))
@@ -61,7 +71,10 @@ def test_a_scraped_server_s_mean_itl_is_the_engine_s_times_the_scale_and_nothing
                                        a["itl_ms"]["mean"] / 1000)
     assert scale > 1.02
     assert b["itl_ms"]["mean"] == pytest.approx(a["itl_ms"]["mean"] * scale)
-    for k in ("total_throughput", "completed", "lora_running_sets"):
+    wait = scraped.frontend.ttft_wait_s(a["lora_running_sets"], a["duration_s"])
+    assert b["ttft_ms"]["mean"] == pytest.approx(a["ttft_ms"]["mean"] + 1000 * wait)
+    assert wait > 0
+    for k in ("total_throughput", "completed", "lora_running_sets", "tpot_ms"):
         assert b[k] == a[k]
-    for k in ("ttft_ms", "tpot_ms"):
-        assert b[k] == a[k]
+    for q in ("median", "p99"):   # the means only
+        assert b["ttft_ms"][q] == a["ttft_ms"][q]

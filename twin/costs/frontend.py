@@ -25,7 +25,8 @@ The engine keeps stepping; each running request's tokens pile up and reach the c
 one chunk when the loop is free, so ``vllm bench serve`` counts fewer, longer gaps: its mean
 ITL is the twin's over ``1 − (share of the time the loop is stalled beyond one step)``
 (:meth:`Frontend.itl_scale`; ``metrics_scrape_hz`` scrapes per second, ``metrics_series_s``
-seconds per series; 0, the default: no scrape). The real H100 runs' collector scraped at
+seconds per series; 0, the default: no scrape); and a request arriving, or a first token
+made, during a stall waits for its end (:meth:`Frontend.ttft_wait_s`, the mean TTFT). The real H100 runs' collector scraped at
 0.40 Hz (median of the fit runs; README_validate, "the metrics scrape").
 """
 
@@ -74,10 +75,25 @@ class Frontend:
         them. 1 without scrapes."""
         if not self.scrapes or series <= 0 or duration_s <= 0:
             return 1.0
-        t = (np.arange(int(duration_s * self.metrics_scrape_hz)) + 0.5) / self.metrics_scrape_hz
-        stall = self.metrics_series_s * series * t / duration_s
+        stall = self._stalls(series, duration_s)
         lost = float(np.clip(stall - step_s, 0.0, None).sum()) / duration_s
         return 1.0 / (1.0 - min(lost, 0.9))
+
+    def _stalls(self, series: int, duration_s: float) -> np.ndarray:
+        """Each scrape's stall (s): scrape k at ``(k + ½) / hz`` renders the series grown
+        evenly from none to ``series`` by the end of the run."""
+        t = (np.arange(int(duration_s * self.metrics_scrape_hz)) + 0.5) / self.metrics_scrape_hz
+        return self.metrics_series_s * series * t / duration_s
+
+    def ttft_wait_s(self, series: int, duration_s: float) -> float:
+        """The mean TTFT a streaming client adds to the engine's: a request that reaches
+        the API server during a stall is taken in when it ends, and a first token made
+        during one reaches the client when it ends; each lands in stall k with chance
+        ``S_k / duration`` and waits ``S_k / 2`` on average: ``Σ S_k² / duration`` for
+        the two. 0 without scrapes."""
+        if not self.scrapes or series <= 0 or duration_s <= 0:
+            return 0.0
+        return float((self._stalls(series, duration_s) ** 2).sum()) / duration_s
 
     def admission_order(self, arrival: np.ndarray, adapter: np.ndarray):
         """When and in which order the engine gets the requests: ``(order, admitted)``, the

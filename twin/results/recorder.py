@@ -239,9 +239,11 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         # series, its running label; 1 with no adapter: the empty set)
         summary["lora_running_sets"] = n_sets = len(cache.running_sets)
         if frontend is not None and frontend.scrapes:
-            # what a streaming client times: the scrapes merge tokens into chunks
+            # what a streaming client times: the scrapes merge tokens into chunks and hold
+            # requests and first tokens (means only)
             itl = summary["itl_ms"]
             itl["mean"] *= frontend.itl_scale(n_sets, duration, itl["mean"] / 1000)
+            summary["ttft_ms"]["mean"] += 1000 * frontend.ttft_wait_s(n_sets, duration)
     if out.prefix is not None:
         summary.update(prefix_cache_summary(req, sched.prefix is not None))
     steps_df = None
