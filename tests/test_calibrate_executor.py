@@ -115,10 +115,15 @@ def test_cli_executor_mode(tmp_path, capsys):
     assert rc == 0 and json.loads(out.read_text())["schema"] == "twin.profile/1"
     p = load_profile(out)
     assert p.provenance["cells"] == 1 and p.provenance["n_step_measurements"] > 0
-    # one cell cannot fit the LoRA and context costs: said on stderr, even with --quiet
-    assert not any(k in p.step_time.base for k in ("lora_token_rank", "decode_context"))
+    # one cell (no adapter) cannot fit the LoRA cost: said on stderr, even with --quiet.
+    # Its sequences' contexts grow within the cell, so whether the noisy timings give the
+    # KV read a small positive cost varies run to run (CI saw both): the warning must
+    # name exactly the terms this fit lacks
+    assert "lora_token_rank" not in p.step_time.base
     err = capsys.readouterr().err
-    assert "no LoRA and no context term" in err and "raise --budget" in err
+    lacks = ("no LoRA term" if p.step_time.base.get("decode_context")
+             else "no LoRA and no context term")
+    assert lacks in err and "raise --budget" in err
 
 
 def test_step_features_match_the_scheduler(tmp_path, monkeypatch):
