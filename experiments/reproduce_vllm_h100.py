@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from twin.calibrate.vllm import simulate_run
+from twin.cli.calibrate import add_vllm_fit_args
 from twin.calibrate.vllm_runs import read_run_table
 from twin.costs.profile import load_profile
 from twin.ml.report import tie_band
@@ -316,16 +317,6 @@ def scatter(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _held_terms(text: str) -> dict:
-    """``--hold``: ``TERM=seconds[,TERM=seconds...]`` as a dict (argparse's type)."""
-    try:
-        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected TERM=seconds[,TERM=seconds...], e.g. decode_context=6.5536e-8; "
-            f"got {text!r}") from None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,19 +334,14 @@ def main(argv=None) -> int:
                     help="with --calibrate: weigh each measured regime (no queue, a queue, "
                          "overloaded) of the fit runs alike, or each (max_loras, regime) "
                          "cell, not each run")
-    ap.add_argument("--decode-target", choices=("itl", "tpot"), default="itl",
-                    help="with --calibrate: fit the decode residuals to the runs' mean ITL "
-                         "(default) or mean TPOT (fit_step_time(decode_target=...))")
     ap.add_argument("--feedback", action="store_true",
                     help="with --calibrate: scale each run's ITL residual by the gain its "
                          "batch adds (fit_step_time(feedback=True))")
     ap.add_argument("--residual-weights", default="1,1,0.25", metavar="ITL,THR,TTFT",
                     help="with --calibrate: weights of the step-time fit's ITL, throughput "
                          "and light-load TTFT residuals (default 1,1,0.25)")
-    ap.add_argument("--hold", metavar="TERM=S[,...]", type=_held_terms,
-                    help="with --calibrate: step-time coefficients held at these values, not "
-                         "fitted (e.g. decode_context=6.5536e-8, the KV read per attended "
-                         "token at 2 TB/s)")
+    add_vllm_fit_args(ap.add_argument_group("with --calibrate: the fit's target, held "
+                                            "coefficients and frontend"))
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--max-runs", type=int, help="evaluate on N test runs (quick look)")
     ap.add_argument("--seed", type=int, default=0,
@@ -398,7 +384,8 @@ def main(argv=None) -> int:
                 .get(args.terms) or tuple(args.terms.split(",")), balance=args.balance,
                 feedback=args.feedback, decode_target=args.decode_target,
                 residual_weights=[float(v) for v in args.residual_weights.split(",")],
-                hold=args.hold,
+                hold=args.hold, metrics_series_s=args.metrics_series_s,
+                request_delay=args.request_delay,
                 sources={"runs": str(table), "experiment_sets": [FIT_SET]})
             args.out.mkdir(parents=True, exist_ok=True)
             print(f"calibrated profile: {profile.save(args.out / 'calibrated_profile.json')}")

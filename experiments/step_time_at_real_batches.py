@@ -15,7 +15,8 @@ Each term set is fitted (non-negative least squares on relative errors) on the
 Llama-3.1-8B token's K and V over 2 TB/s) and one cost per token, prefill and decode
 alike; then the held-out ``ml_modelling_test`` runs' mean TPOT is predicted at their
 measured batches. SMAPE median (all, keep-up, starved), and the median signed error of
-the runs that keep up by batch size.
+the runs that keep up by batch size. ``waiting_skipped`` is each run's mean waiting queue,
+which vLLM's waiting loop walks every step once the step's adapters fill ``max_loras``.
 
     python experiments/step_time_at_real_batches.py     # a second; needs ../shared data
 
@@ -42,6 +43,7 @@ TERM_SETS = {
     "adapter_tokens_capped": BASE + ("adapter_tokens_capped",),
     "lora_slot_tokens": BASE + ("lora_slot_tokens",),
     "tokens_past_ridge": BASE + ("tokens_past_ridge",),
+    "adapters_squared_waiting": BASE + ("adapters_squared", "waiting_skipped"),
 }
 BATCH_BINS = [0, 16, 32, 64, 128, 10_000]
 
@@ -66,7 +68,11 @@ def compositions(runs: pd.DataFrame) -> pd.DataFrame:
         "lora_token_rank": tok * runs["max_lora_rank"], "decode_context": ctx,
         "adapters_squared": a * a, "adapter_tokens_capped": a * np.minimum(tok, 1024),
         "lora_slot_tokens": tok * runs["max_loras"],
-        "tokens_past_ridge": np.maximum(tok - 512, 0)})
+        "tokens_past_ridge": np.maximum(tok - 512, 0),
+        # the requests vLLM's waiting loop visits each step: the run's mean waiting queue
+        # (a scrape of vllm:num_requests_waiting; where the step's adapters fill max_loras
+        # the loop passes over every one of them)
+        "waiting_skipped": runs["num_waiting_mean"].fillna(0).to_numpy()})
 
 
 def fit(df: pd.DataFrame, terms) -> dict:
@@ -81,7 +87,7 @@ def report(df: pd.DataFrame, coef: dict) -> dict:
     real = df["step_s"].to_numpy()
     smape = 200 * np.abs(pred - real) / (pred + real)
     keep = df["keeps_up"].to_numpy()
-    err = pd.Series((pred / real - 1) * 100)[keep]
+    err = pd.Series((pred / real - 1) * 100, index=df.index)[keep]
     bias = err.groupby(pd.cut(df["decode_seqs"][keep], BATCH_BINS), observed=True).median()
     return {"smape_median": float(np.median(smape)),
             "keep_up": float(np.median(smape[keep])), "starved": float(np.median(smape[~keep])),

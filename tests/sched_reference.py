@@ -114,8 +114,8 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
             budget -= n
             i += 1
         loras = {r.adapter for r, _ in scheduled if r.adapter >= 0}
+        skipped = []
         if not preempted:
-            skipped = []
             while waiting and budget > 0:
                 if len(running) == max_num_seqs:
                     break
@@ -157,6 +157,7 @@ def run_reference(trace_rows, *, num_blocks, block_size, max_num_seqs, max_num_b
         p.decode_n = p.decode_ctx = p.decode_lora = 0
         p.prefill_tokens = p.prefill_n = p.prefill_ctx = p.prefill_lora_tokens = 0
         p.prefill_ctx_n = 0
+        p.waiting_skipped = len(skipped)   # the literal loop: every request it passed over
         for r, n in scheduled:
             if n == 1 and r.generated > 0 and r.computed + 1 == r.num_tokens:
                 p.decode_n += 1

@@ -22,7 +22,7 @@ def _plan(prefill: int, decode: int, adapters: int):
     return SimpleNamespace(decode_lora=decode, prefill_lora_tokens=prefill,
                            prefill_tokens=prefill, decode_n=decode, decode_ctx=100 * decode,
                            prefill_ctx=prefill * prefill, adapters=adapters,
-                           prefill_n=1 if prefill else 0, prefill_ctx_n=0)
+                           prefill_n=1 if prefill else 0, prefill_ctx_n=0, waiting_skipped=0)
 
 
 @pytest.mark.parametrize("prefill,decode,adapters", [(0, 1, 1), (0, 40, 17), (300, 40, 8),

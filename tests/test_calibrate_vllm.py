@@ -379,3 +379,32 @@ def test_the_decode_target_is_checked_and_picks_the_runs_tpot():
             for i in range(3)]
     assert list(_Measured.of(runs).itl) == [40.0, 41.0, 42.0]
     assert list(_Measured.of(runs, "tpot").itl) == [36.0, 37.0, 38.0]
+
+
+def test_calibrate_cli_takes_the_step_terms_target_hold_and_frontend(data, tmp_path, capsys):
+    """The flags that reproduce the shipped fit: the terms (one tied), the TPOT target, a
+    held coefficient, the metrics scrape at the runs' collector rate and the per-request
+    delay (not fitted without a light run among the three: said, not a crash). A term
+    twin does not know is refused before any work, naming the known ones."""
+    from twin.cli import main
+
+    out = tmp_path / "p.json"
+    args = ["calibrate", "--from-vllm-runs", str(data / "real_runs_llama31_8b.csv"),
+            "--experiment-set", "digital_twin_modelling", "--max-runs", "3",
+            "--window-s", "30", "--iterations", "1", "--processes", "1", "--quiet",
+            "--out", str(out), "--decode-target", "tpot",
+            "--hold", "decode_context=6.5536e-8", "--metrics-series-s", "2.2e-5",
+            "--request-delay"]
+    terms = "const,decode_tokens+prefill_tokens,adapters,waiting_skipped"
+    assert main(args + ["--terms", terms]) == 0
+    prof = load_profile(out)
+    st = prof.provenance["step_time"]
+    assert st["terms"] == terms.split(",") and st["decode_target"] == "mean TPOT"
+    assert st["held"] == {"decode_context": 6.5536e-8}
+    assert prof.step_time.base["decode_context"] == 6.5536e-8
+    assert prof.step_time.base["decode_tokens"] == prof.step_time.base["prefill_tokens"]
+    assert prof.frontend.metrics_series_s == 2.2e-5 and prof.frontend.metrics_scrape_hz > 0
+    assert "request" in prof.provenance["frontend"]
+    assert main(args + ["--terms", "const,no_such_term"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown step-time term(s) ['no_such_term']" in err and "waiting_skipped" in err

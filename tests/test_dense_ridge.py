@@ -19,7 +19,7 @@ def _plan(prefill: int, decode: int):
     return SimpleNamespace(decode_lora=decode, prefill_lora_tokens=prefill,
                            prefill_tokens=prefill, decode_n=decode, decode_ctx=100 * decode,
                            prefill_ctx=prefill * prefill, adapters=2,
-                           prefill_n=1 if prefill else 0, prefill_ctx_n=0)
+                           prefill_n=1 if prefill else 0, prefill_ctx_n=0, waiting_skipped=0)
 
 
 def _with(coef: dict) -> Profile:

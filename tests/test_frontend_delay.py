@@ -23,7 +23,9 @@ from twin.errors import TwinInputError
 from twin.fleet import simulate_fleet
 from twin.sim import simulate
 
-PROFILE = load_profile()
+# the shipped profile without its own frontend (metrics scrape, per-request delay): the
+# first-request delay under test is the only one
+PROFILE = dataclasses.replace(load_profile(), frontend=Frontend())
 CONFIG = ServingConfig(max_loras=4, max_cpu_loras=16, max_lora_rank=16, max_num_seqs=64)
 OUTCOMES = ["generated_tokens", "first_scheduled_s", "first_token_s", "finish_s",
             "preemptions", "status"]

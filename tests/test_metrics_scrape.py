@@ -61,7 +61,7 @@ def _trace(n=600, adapters=48, seed=0):
 
 
 def test_a_scraped_server_s_mean_itl_and_ttft_move_by_the_model_and_nothing_else_does():
-    base = load_profile("llama31-8b-h100-64gb")
+    base = dataclasses.replace(load_profile("llama31-8b-h100-64gb"), frontend=Frontend())
     scraped = dataclasses.replace(base, frontend=Frontend(metrics_scrape_hz=0.5,
                                                           metrics_series_s=2e-4))
     assert isinstance(scraped, Profile)
@@ -78,3 +78,23 @@ def test_a_scraped_server_s_mean_itl_and_ttft_move_by_the_model_and_nothing_else
         assert b[k] == a[k]
     for q in ("median", "p99"):   # the means only
         assert b["ttft_ms"][q] == a["ttft_ms"][q]
+
+
+def test_the_scrape_rate_is_read_from_the_runs_own_collectors():
+    """``metrics_scrape``: the median of ``ts_samples / ts_span_s`` over the runs that report
+    both (the others left out), the cost per series as given; no run to read, or a cost that
+    is not positive, is an error that says so."""
+    from types import SimpleNamespace
+
+    from twin.calibrate.frontend_fit import metrics_scrape
+
+    runs = [SimpleNamespace(extra={"ts_samples": n, "ts_span_s": 100.0}) for n in (30, 40, 90)]
+    runs += [SimpleNamespace(extra={"ts_samples": 5}), SimpleNamespace(extra={})]
+    front, report = metrics_scrape(runs, 2e-5)
+    assert front.metrics_scrape_hz == pytest.approx(0.4) and front.metrics_series_s == 2e-5
+    assert front.scrapes and front.first_lora_request_s == 0
+    assert report["runs"] == 3 and report["quartiles_hz"] == [0.35, 0.65]
+    with pytest.raises(ValueError, match="ts_samples"):
+        metrics_scrape(runs[3:], 2e-5)
+    with pytest.raises(ValueError, match="series_s"):
+        metrics_scrape(runs, 0.0)

@@ -9,6 +9,7 @@ import pytest
 
 from twin.config import POLICIES, ServingConfig
 from twin.errors import ConfigError, TwinInputError
+from twin.costs.frontend import Frontend
 from twin.costs.profile import load_profile
 from twin.costs.step_time import StepFeatures, StepTimeModel
 from twin.policies import (HybridPolicy, MergedPolicy, SLoRAPolicy, VLLMPolicy, get_policy,
@@ -331,9 +332,12 @@ def test_merged_deploy_with_and_without_gpus(trace):
 def test_merged_replica_has_no_lora_cost():
     t = powerlaw_trace(1, 3.0, duration_s=30, seed=2)
     c = cfg(max_model_len=131072)
-    run = MergedPolicy().simulate(t, c, PROFILE, gpus=1)
+    # the engine without the frontend's metrics-scrape stalls: those are a server's own (its
+    # running-adapter series), which a deployment's combined table does not re-add
+    engine = dataclasses.replace(PROFILE, frontend=Frontend())
+    run = MergedPolicy().simulate(t, c, engine, gpus=1)
     base = simulate(t.assign(adapter=pd.array([None] * len(t), dtype="string")),
-                    c.replace(enable_lora=False), PROFILE)
+                    c.replace(enable_lora=False), engine)
     assert run.result.summary["total_throughput"] == base.summary["total_throughput"]
     assert run.result.summary["ttft_ms"] == base.summary["ttft_ms"]
     assert run.result.requests["adapter"].notna().all()     # names put back

@@ -48,6 +48,52 @@ def test_skip_rule_lets_later_requests_pass():
     assert s.blocked == "lora"
     assert [r.idx for r in s.waiting] == [1]      # b kept its place at the head
     assert s.arrival_may_change(0) and not s.arrival_may_change(1)
+    assert plan.waiting_skipped == 1              # vLLM's loop passed over b, to the end
+
+
+def test_waiting_skipped_counts_what_vllm_s_loop_passes_over():
+    """The feature priced as vLLM's Python scan of ``waiting``: once the step's adapters fill
+    ``max_loras`` every other adapter's request is visited and put back. Counted where the
+    loop ran to the queue's end (the LoRA rule) or stopped on the budget or the KV cache
+    (taken as all of them ahead of the stop); none while the set has room."""
+    s = make_sched(max_loras=1, budget=100)
+    for i, ad in enumerate((0, 1, 2, 1, 0, 2, -1)):
+        s.add_request(Request(i, i, 0.0, ad, 10, 5))
+    plan = s.schedule()
+    assert [r.idx for r in plan.admitted] == [0, 4, 6]
+    assert plan.blocked == "lora" and plan.waiting_skipped == 4 == len(s.waiting)
+    room = make_sched(max_loras=4, budget=100)
+    for i in range(3):
+        room.add_request(Request(i, i, 0.0, i, 10, 5))
+    assert room.schedule().waiting_skipped == 0
+    tight = make_sched(max_loras=1, budget=10)    # the first prompt takes the whole budget
+    for i, ad in enumerate((0, 1, 0, 1, -1)):
+        tight.add_request(Request(i, i, 0.0, ad, 10, 5))
+    plan = tight.schedule()
+    # adapter 1's two requests were passed over; adapter 0's and the base one were not
+    assert plan.blocked == "budget" and plan.waiting_skipped == 2
+    chunked = make_sched(max_loras=1, budget=10)   # a running prompt's chunks take it all:
+    for i, ad in enumerate((0, 1)):                # the loop never starts, skips no one
+        chunked.add_request(Request(i, i, 0.0, ad, 30, 5))
+    first, _ = step(chunked)
+    second = chunked.schedule(1.0)
+    assert first.waiting_skipped == 1 and second.blocked == "budget" and not second.admitted
+    assert second.waiting_skipped == 0
+    roomy_budget = make_sched(max_loras=2, budget=10)
+    for i, ad in enumerate((0, 1, 2)):
+        roomy_budget.add_request(Request(i, i, 0.0, ad, 10, 5))
+    assert roomy_budget.schedule().waiting_skipped == 0   # one adapter of two: no skip yet
+    kv = make_sched(num_blocks=4, block_size=4, max_loras=1, budget=100)
+    for i, ad in enumerate((0, 1, 1, 0)):
+        kv.add_request(Request(i, i, 0.0, ad, 12, 5))
+    plan = kv.schedule()
+    assert plan.blocked == "kv" and plan.waiting_skipped == 2
+    price = StepTimeModel(base={"const": 0.01, "waiting_skipped": 5e-7})
+    assert price(features(plan, 16, 1)) == pytest.approx(0.01 + 2 * 5e-7)
+    many = make_sched(max_loras=1, budget=100)
+    for i in range(1001):
+        many.add_request(Request(i, i, 0.0, 0 if i == 0 else 1, 10, 5))
+    assert price(features(many.schedule(), 16, 1)) == pytest.approx(0.01 + 1000 * 5e-7)
 
 
 def test_kv_failure_blocks_admission_head_of_line():
@@ -244,6 +290,30 @@ def test_jumped_runs_equal_step_by_step_runs(rows, cfg, window_s):
     trace, cfg_obj, prof, catalog = _twin_inputs(rows, kw, free_loads=False)
     runs = [simulate(trace, cfg_obj, prof, catalog, window_s=window_s, record_steps=True,
                      jump=j) for j in (True, False)]
+    assert_jump_equals_stepwise(*runs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_jumps_equal_stepping_when_the_waiting_scan_is_priced(seed):
+    """With ``waiting_skipped`` priced, an arrival the waiting loop would pass over changes
+    the price of the steps ahead, so it cuts a jumped run (``arrival_may_change``): the
+    jumped run still equals the step-by-step one, time for time. One slot, long decodes of
+    one adapter, the others' requests arriving during them (skipped: the LoRA stop), some
+    runs short of KV blocks (the KV stop); priced at 1 ms per request so that a count left
+    stale over a run would show."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    rows = sorted((float(t), int(a), int(p), int(o)) for t, a, p, o in zip(
+        rng.uniform(0, 3, n), rng.integers(0, 4, n), rng.integers(4, 30, n),
+        rng.integers(20, 120, n)))
+    kw = {"num_blocks": int(rng.choice([40, 400])), "block_size": 4, "max_num_seqs": 16,
+          "max_num_batched_tokens": 64, "max_loras": 1, "max_cpu_loras": 4,
+          "max_lora_rank": 16}
+    trace, cfg_obj, prof, catalog = _twin_inputs(rows, kw)
+    prof.step_time = StepTimeModel(base={**STEP.base, "waiting_skipped": 1e-3})
+    runs = [simulate(trace, cfg_obj, prof, catalog, record_steps=True, jump=j)
+            for j in (True, False)]
+    assert (runs[1].steps["steps"] == 1).all() and len(runs[1].steps) > 100
     assert_jump_equals_stepwise(*runs)
 
 

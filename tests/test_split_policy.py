@@ -94,7 +94,9 @@ def test_batching_saves_base_time():
     c = split_costs(PROFILE, "free", pol.layer_groups)
     unbatched = sum(c.base.pass_time(int(p), int(d), int(d) + (1 if p else 0))
                     for p, d in zip(steps["num_prefill_tokens"], steps["num_decode"]))
-    assert batches["compute_s"].sum() < 0.75 * unbatched
+    # the clients share the base's GPU ("same"): their own (local) work queues on it too and
+    # is in the batches' compute, so it is in the unbatched reference as well
+    assert batches["compute_s"].sum() < 0.75 * (unbatched + steps["local_s"].sum())
 
 
 def test_finetune_job_loads_the_base():

@@ -99,3 +99,14 @@ def device_name(text: str) -> str:
         return word
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
+
+
+def held_terms(text: str) -> dict:
+    """``TERM=seconds[,TERM=seconds...]`` as a dict: step-time coefficients held, not fitted
+    (``twin calibrate --hold``, ``reproduce_vllm_h100.py --hold``)."""
+    try:
+        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected TERM=seconds[,TERM=seconds...], e.g. decode_context=6.5536e-8; "
+            f"got {text!r}") from None

@@ -28,7 +28,7 @@ from twin.costs.step_time import FEATURES, StepFeatures, StepTimeModel, derived_
 #: priced by the measured GEMM curves). Measurement logs written before them lack their
 #: columns.
 GPU_ONLY_FEATURES = ("lora_slot_tokens", "lora_slot_tokens_capped", "tokens_past_ridge",
-                     "adapters_squared", "adapter_tokens_capped")
+                     "adapters_squared", "adapter_tokens_capped", "waiting_skipped")
 #: The features an executor calibration fits: all but ``GPU_ONLY_FEATURES``.
 EXECUTOR_FEATURES = tuple(k for k in FEATURES if k not in GPU_ONLY_FEATURES)
 

@@ -1,4 +1,5 @@
-"""Fit the frontend's first-request delay (``frontend.first_lora_request_s``) to real runs.
+"""Fit the frontend's first-request delay (``frontend.first_lora_request_s``) to real runs,
+and read the runs' ``/metrics`` scrape rate (``frontend.metrics_scrape_hz``).
 
 The runs report only the mean, median and p99 TTFT. A delay ``d`` paid by each adapter's
 first request adds ``share x d`` to a run's mean TTFT (``share``: the adapters served over
@@ -46,8 +47,8 @@ def light_runs(runs, max_running: float = 6.0) -> list:
 
 
 def _job(args):
-    spec, profile, seed = args
-    return simulate_run(spec, profile, seed=seed)
+    spec, profile, seed, window_s = args
+    return simulate_run(spec, profile, seed=seed, window_s=window_s)
 
 
 def fit_first_lora_request(runs, profile: Profile, *, max_running: float = 6.0,
@@ -60,7 +61,7 @@ def fit_first_lora_request(runs, profile: Profile, *, max_running: float = 6.0,
         raise ValueError(f"no run without a queue and below {max_running} running: "
                          "nothing to fit the first-request delay on")
     base = dataclasses.replace(profile, frontend=Frontend())
-    sims = _map(_job, [(r, base, seed) for r in light], processes)
+    sims = _map(_job, [(r, base, seed, None) for r in light], processes)
     per_run = []
     for r, s in zip(light, sims):
         if "error" in s:
@@ -85,3 +86,59 @@ def fit_first_lora_request(runs, profile: Profile, *, max_running: float = 6.0,
               "quartiles_s": [round(float(q), 4) for q in np.quantile(d, [0.25, 0.75])],
               "per_run": per_run}
     return Frontend(first_lora_request_s=round(fitted, 4)), report
+
+
+def metrics_scrape(runs, series_s: float) -> tuple[Frontend, dict]:
+    """The frontend's metrics scrape as the runs' own collectors made it: the rate the median
+    of ``ts_samples / ts_span_s`` (samples of vLLM's gauges the collector took, over the
+    seconds they span), each scrape rendering ``lora_requests_info`` at ``series_s`` seconds
+    per series (measured, not fitted: ``experiments/metrics_render_cost.py``). Returns the
+    frontend (its first-request delay 0) and a report."""
+    if not series_s > 0:
+        raise ValueError(f"series_s must be > 0 seconds per series, got {series_s!r}")
+    rates = [float(r.extra["ts_samples"]) / float(r.extra["ts_span_s"]) for r in runs
+             if float(r.extra.get("ts_span_s", 0) or 0) > 0
+             and float(r.extra.get("ts_samples", 0) or 0) > 0]
+    if not rates:
+        raise ValueError("no run reports its metrics samples (ts_samples, ts_span_s): "
+                         "nothing to read the scrape rate from")
+    hz = round(float(np.median(rates)), 4)
+    report = {"method": "median over the runs of ts_samples / ts_span_s (the collector's "
+                        "scrapes of /metrics); the cost per series measured "
+                        "(experiments/metrics_render_cost.py), not fitted",
+              "runs": len(rates), "metrics_scrape_hz": hz, "metrics_series_s": series_s,
+              "quartiles_hz": [round(float(q), 4) for q in np.quantile(rates, [0.25, 0.75])]}
+    return Frontend(metrics_scrape_hz=hz, metrics_series_s=series_s), report
+
+
+def fit_request_delay(runs, profile: Profile, *, max_running: float = 6.0,
+                      processes: int = 2, seed: int = 0, window_s: float | None = None
+                      ) -> tuple[Frontend, dict]:
+    """``profile``'s frontend with its per-request delay (``request_s``) fitted on ``runs``'
+    light runs: the median over them of the real median TTFT minus the twin's (>= 0). At no
+    queue and few running a request's TTFT is its own prefill step and the rest of a step
+    in flight, which the step-time fit prices; what the real median has beyond that is the
+    time outside the engine (HTTP, tokenization, the hops to and from the engine core). The
+    median TTFT, not the mean: the mean carries each adapter's first request
+    (``first_lora_request_s``). Returns the frontend and a report."""
+    light = light_runs(runs, max_running)
+    if not light:
+        raise ValueError(f"no run without a queue and below {max_running} running: "
+                         "nothing to fit the per-request delay on")
+    base = dataclasses.replace(profile, frontend=dataclasses.replace(profile.frontend,
+                                                                     request_s=0.0))
+    sims = _map(_job, [(r, base, seed, window_s) for r in light], processes)
+    per_run = [{"key": r.key, "real_median_ms": r.metrics["median_ttft_ms"],
+                "twin_median_ms": s["median_ttft_ms"]}
+               for r, s in zip(light, sims)
+               if "error" not in s and math.isfinite(s["median_ttft_ms"])]
+    if not per_run:
+        raise ValueError(f"no light run has an estimate (of {len(light)}: the twin failed "
+                         "or finished nothing): nothing to fit the per-request delay on")
+    d = np.array([p["real_median_ms"] - p["twin_median_ms"] for p in per_run]) / 1e3
+    fitted = round(max(0.0, float(np.median(d))), 5)
+    report = {"method": "median over light runs of real - twin median TTFT "
+                        "(twin.calibrate.frontend_fit.fit_request_delay)",
+              "runs": len(per_run), "max_running": max_running, "request_s": fitted,
+              "quartiles_s": [round(float(q), 5) for q in np.quantile(d, [0.25, 0.75])]}
+    return dataclasses.replace(profile.frontend, request_s=fitted), report

@@ -30,7 +30,7 @@ _OPTIONAL = ("experiment_set", "workload_dir", "run_dir", "source_path", "anomal
              "preemptions_total", "requests_sent_from_twin_replay", "max_num_seqs",
              "max_num_batched_tokens", "completed_requests", "median_ttft_ms",
              "median_tpot_ms", "median_itl_ms", "p99_ttft_ms", "p99_itl_ms", "rate_set_arg",
-             "adapter_module_ranks_cycle")
+             "adapter_module_ranks_cycle", "ts_samples", "ts_span_s")
 
 
 # metric name in RunSpec.metrics -> run-table column

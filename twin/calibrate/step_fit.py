@@ -25,7 +25,7 @@ import pandas as pd
 from twin.calibrate.reconstruct import reconstruct
 from twin.calibrate.run_weights import cell_weights, regime, weighted_median
 from twin.calibrate.step_terms import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS,
-                                      STEP_TERMS, TERM_STARTS)
+                                      STEP_TERMS, TERM_STARTS, check_terms)
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import ConfigError, TwinInputError
@@ -220,8 +220,8 @@ def start_coef(profile: Profile, runs, terms, init: dict | None = None) -> dict:
 
 
 def _held(terms, hold: dict | None) -> dict:
-    """``hold`` checked: values >= 0 for coefficients that are not fitted ``terms``."""
-    fitted = {m for k in terms for m in k.split("+")}
+    """``hold`` checked: values >= 0 for coefficients not among ``terms`` (checked too)."""
+    fitted = {m for k in check_terms(terms) for m in k.split("+")}
     if set(hold or ()) & fitted or any(not v >= 0 for v in (hold or {}).values()):
         raise ConfigError(f"held coefficients must be >= 0 and not among the fitted terms "
                           f"{sorted(fitted)}; got {hold}")
@@ -230,7 +230,7 @@ def _held(terms, hold: dict | None) -> dict:
 
 def _checked_options(terms, hold, weights, balance, decode_target) -> tuple[dict, tuple]:
     """``fit_step_time``'s options checked before any work: the held coefficients
-    (:func:`_held`) and the residual weights as floats."""
+    (:func:`_held`, which checks the terms too) and the residual weights as floats."""
     if decode_target not in ("itl", "tpot"):
         raise ConfigError(f"decode_target must be 'itl' or 'tpot', got {decode_target!r}")
     if balance not in (None, "regime", "slots"):

@@ -4,7 +4,10 @@ the initial regression does not set starts."""
 
 from __future__ import annotations
 
-__all__ = ["ADAPTER_PAIR_TERMS", "CAPPED_GRID_TERMS", "GRID_TERMS", "RIDGE_TERMS", "STEP_TERMS", "TERM_STARTS"]
+from twin.costs.step_time import FEATURES
+from twin.errors import ConfigError
+
+__all__ = ["ADAPTER_PAIR_TERMS", "check_terms", "CAPPED_GRID_TERMS", "GRID_TERMS", "RIDGE_TERMS", "STEP_TERMS", "TERM_STARTS"]
 
 #: Coefficients fitted (s per unit of the feature). Each is a physical cost: fixed per-step
 #: overhead (scheduler, sampler, kernel launches, weight read), per decode sequence, per
@@ -36,4 +39,15 @@ ADAPTER_PAIR_TERMS = STEP_TERMS + ("adapters_squared",)
 #: coefficient at most x3 per iteration: one starting at 0 would stay there)
 TERM_STARTS = {"lora_slot_tokens": 2e-7, "lora_slot_tokens_capped": 2e-7,
                "tokens_past_ridge": 2e-5, "adapters_squared": 2e-6,
-               "adapter_tokens_capped": 2e-7}
+               "adapter_tokens_capped": 2e-7, "waiting_skipped": 5e-7, "prefill_seqs": 1e-3,
+               "after_idle": 1e-3}
+
+
+def check_terms(terms):
+    """``terms``, refused (``ConfigError``, naming the known features) where one is no step
+    feature; a tied term ``a+b`` is checked member by member."""
+    unknown = sorted({m for k in terms for m in k.split("+")} - set(FEATURES))
+    if unknown or not terms:
+        raise ConfigError(f"unknown step-time term(s) {unknown or '(none given)'}; "
+                          f"known: {', '.join(FEATURES)}")
+    return terms

@@ -15,6 +15,7 @@ also names the pieces' public functions, so callers need one import.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.calibrate.frontend_fit import fit_request_delay, metrics_scrape
 from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS, STEP_TERMS,
                                     StepFit, fit_step_time, simulate_run)
 from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
@@ -40,12 +42,17 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
               sources: dict | None = None, window_s: float = 1200.0, iterations: int = 4,
               processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: str | None = None,
               feedback: bool = False, residual_weights=(1.0, 1.0, 0.25),
-              hold: dict | None = None, decode_target: str = "itl", log=print) -> Profile:
+              hold: dict | None = None, decode_target: str = "itl",
+              metrics_series_s: float | None = None, request_delay: bool = False,
+              log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap).
     ``residual_weights`` weigh the step-time fit's ITL, throughput and TTFT residuals
     (``fit_step_time(weights=)``); ``hold`` fixes step-time coefficients outside ``terms``
     (``fit_step_time(hold=)``); ``decode_target`` picks the runs' mean ITL or TPOT as the
-    decode residuals' target (``fit_step_time(decode_target=)``)."""
+    decode residuals' target (``fit_step_time(decode_target=)``); ``metrics_series_s``, the
+    measured cost per ``lora_requests_info`` series, turns on the frontend's metrics scrape
+    at the runs' own collector rate (``frontend_fit.metrics_scrape``); ``request_delay`` fits
+    the frontend's per-request delay on the light runs (``frontend_fit.fit_request_delay``)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
         base_profile or "llama31-8b-h100-64gb-first-principles")
@@ -78,6 +85,22 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
         prov["step_time"]["feedback"] = "ITL residuals scaled by each run's measured gain"
     if hold:
         prov["step_time"]["held"] = {k: float(v) for k, v in hold.items()}
+    if metrics_series_s is not None:
+        scrape, prov["frontend"] = metrics_scrape(runs, metrics_series_s)
+        prof.frontend = dataclasses.replace(prof.frontend,
+                                            metrics_scrape_hz=scrape.metrics_scrape_hz,
+                                            metrics_series_s=scrape.metrics_series_s)
+        log(f"frontend: /metrics scraped {scrape.metrics_scrape_hz:.3f}/s (median of "
+            f"{prov['frontend']['runs']} runs), {1e6 * metrics_series_s:.1f} us per series")
+    if request_delay:
+        try:
+            prof.frontend, prov.setdefault("frontend", {})["request"] = fit_request_delay(
+                usable, prof, processes=processes, seed=seed, window_s=window_s)
+            log(f"frontend: {1e3 * prof.frontend.request_s:.1f} ms per request outside the "
+                f"engine (median of {prov['frontend']['request']['runs']} light runs)")
+        except ValueError as exc:   # no light run: the delay stays as the base profile's
+            prov.setdefault("frontend", {})["request"] = {"not_fitted": str(exc)}
+            log(f"warning: per-request delay not fitted: {exc}")
     prov["seconds"] = round(time.perf_counter() - t0, 1)
     return prof
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from twin.argtypes import (device_name, non_negative_float, non_negative_int, positive_float,
-                           positive_int)
+from twin.argtypes import (comma_list, device_name, held_terms, non_negative_float,
+                           non_negative_int, positive_float, positive_int)
 from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
@@ -120,6 +120,11 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                    help="worker processes (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload reconstruction seed")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    g = p.add_argument_group("step-time fit (--from-vllm-runs)")
+    g.add_argument("--terms", type=comma_list(str), default=None, metavar="T[,T...]",
+                   help="step-time terms fitted (twin.costs.step_time features; a+b ties two "
+                        "to one coefficient); default: " + ",".join(vllm.STEP_TERMS))
+    add_vllm_fit_args(g)
     p.add_argument("--few-run", action="store_true",
                    help="fit the hardware prior's four group multipliers to the runs (3-5 "
                         "runs suffice; see above); also writes OUT.hardware.json")
@@ -206,12 +211,33 @@ def _fit_vllm_runs(args) -> int:
     prof = vllm.calibrate(runs, kv=kv, loads=loads, base_profile=args.base_profile,
                           name=args.name, sources=sources, window_s=args.window_s,
                           iterations=args.iterations, processes=args.processes,
-                          seed=args.seed, log=log)
+                          seed=args.seed, terms=tuple(args.terms or vllm.STEP_TERMS),
+                          decode_target=args.decode_target, hold=args.hold,
+                          metrics_series_s=args.metrics_series_s,
+                          request_delay=args.request_delay, log=log)
     prof.save(args.out)
     coef = prof.step_time.to_dict()["base"]
     log("step time (ms per unit): " + ", ".join(f"{k} {1e3 * v:.4g}" for k, v in coef.items()))
     log(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def add_vllm_fit_args(g) -> None:
+    """The options of a fit on vLLM runs beyond its terms, for ``twin calibrate`` and
+    ``experiments/reproduce_vllm_h100.py --calibrate`` alike (``calibrate``'s arguments of the
+    same names)."""
+    g.add_argument("--decode-target", choices=("itl", "tpot"), default="itl",
+                   help="the runs' mean ITL (default) or mean TPOT as the decode target")
+    g.add_argument("--hold", type=held_terms, metavar="TERM=S[,...]",
+                   help="coefficients held, not fitted (e.g. decode_context=6.5536e-8: the "
+                        "KV read per attended token at 2 TB/s)")
+    g.add_argument("--metrics-series-s", type=positive_float, metavar="S",
+                   help="model the frontend's /metrics scrape at the runs' own collector "
+                        "rate (ts_samples / ts_span_s), S seconds per lora_requests_info "
+                        "series (measured by experiments/metrics_render_cost.py: 22e-6)")
+    g.add_argument("--request-delay", action="store_true",
+                   help="fit the frontend's per-request time outside the engine on the runs "
+                        "without a queue (their median TTFT beyond the twin's)")
 
 
 def add_executor_args(parser) -> None:

@@ -15,7 +15,10 @@ rows a trace lists first does not matter.
 
 The cost belongs to the serving software, like the step-time constants, so it is a profile
 field (``frontend.first_lora_request_s``); 0, the default, is the engine without a frontend
-(the twin before it existed, and the executor, which has none).
+(the twin before it existed, and the executor, which has none). Every request also spends
+a fixed time outside the engine (``frontend.request_s``: HTTP, tokenization, the hops to and
+from the engine core), which adds to its TTFT and E2E and moves nothing the engine decides
+(:meth:`Frontend.client_times`); fitted on light runs (``twin.calibrate.frontend_fit``).
 
 A second frontend cost shows in what a streaming client measures, not in the engine: a
 scrape of the server's ``/metrics`` renders, on the API server's event loop, one
@@ -40,20 +43,38 @@ import numpy as np
 @dataclass(frozen=True)
 class Frontend:
     """The frontend's delays. ``first_lora_request_s``: seconds between the arrival of an
-    adapter's first request and the moment the engine gets it."""
+    adapter's first request and the moment the engine gets it. ``request_s``: seconds every
+    request spends outside the engine on its way in and its first token's way out (HTTP,
+    tokenization, the hops to and from the engine core), added to its TTFT and E2E."""
 
     first_lora_request_s: float = 0.0
     metrics_scrape_hz: float = 0.0      # scrapes of /metrics per second
     metrics_series_s: float = 0.0       # seconds a scrape takes per lora_requests_info series
+    request_s: float = 0.0
 
     def __post_init__(self):
-        for k in ("first_lora_request_s", "metrics_scrape_hz", "metrics_series_s"):
+        for k in ("first_lora_request_s", "metrics_scrape_hz", "metrics_series_s", "request_s"):
             if not getattr(self, k) >= 0:   # NaN too
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)!r}")
 
     @property
     def is_default(self) -> bool:
-        return self.first_lora_request_s == 0 and not self.scrapes
+        return self.first_lora_request_s == 0 and not self.scrapes and self.request_s == 0
+
+    def client_times(self, req):
+        """``req`` (a run's per-request table, changed in place and returned) as the client
+        times it: every request's first token and end (``first_token_s``, ``finish_s``;
+        NaN: never) ``request_s`` later. A constant delay moves no engine decision (the
+        engine gets the arrivals in the same order, as far apart), so the engine runs on the
+        trace's arrivals and the shift is made here, on the way out: ``first_scheduled_s``
+        stays the engine's, so the time a request queued is not counted as the frontend's."""
+        if self.request_s == 0:
+            return req
+        for c in ("first_token_s", "finish_s"):
+            if c in req:
+                t = req[c].to_numpy()
+                req[c] = np.where(t >= 0, t + self.request_s, t)
+        return req
 
     @property
     def scrapes(self) -> bool:
@@ -61,6 +82,8 @@ class Frontend:
 
     def to_dict(self) -> dict:
         d = {"first_lora_request_s": self.first_lora_request_s}
+        if self.request_s:
+            d["request_s"] = self.request_s
         if self.scrapes:
             d.update(metrics_scrape_hz=self.metrics_scrape_hz,
                      metrics_series_s=self.metrics_series_s)

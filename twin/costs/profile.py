@@ -243,6 +243,7 @@ class FrontendSchema(Schema):
     first_lora_request_s: _NonNeg = 0.0
     metrics_scrape_hz: _NonNeg = 0.0
     metrics_series_s: _NonNeg = 0.0
+    request_s: _NonNeg = 0.0
 
 
 class ProfileSchema(Schema):

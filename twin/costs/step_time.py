@@ -62,6 +62,13 @@ class StepFeatures(NamedTuple):
     # adapters x min(tokens, LORA_GRID_TOKEN_CAP): the same grid cost counted as it is
     # launched, saturating where a large step's real LoRA work hides it
     adapter_tokens_capped: float = 0.0
+    # waiting requests vLLM's scheduler passed over this step: its waiting loop visits every
+    # waiting request once the step's adapters fill max_loras (the skip rule pops and puts
+    # back each one whose adapter is not among them; Python work per request, inside the
+    # step, while the engine core waits). The twin counts them where that loop runs to the
+    # end of the queue (the waiting phase stopped on the LoRA rule); the real H100 runs'
+    # step times at their measured queues want it (experiments/README_validate.md)
+    waiting_skipped: float = 0.0
 
 
 FEATURES = StepFeatures._fields
@@ -126,7 +133,8 @@ def step_features(plan, token_rank: float, adapter_rank: float, lora_slots: int)
         1.0, plan.prefill_tokens, plan.decode_n, plan.decode_ctx, plan.prefill_ctx,
         lt * token_rank, a, adapter_rank, slots, 1 if lt else 0, plan.prefill_n,
         0.0, tokens * slots, plan.prefill_ctx_n, capped * slots,
-        tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0, a * a, a * capped))
+        tokens - DENSE_RIDGE_TOKENS if tokens > DENSE_RIDGE_TOKENS else 0, a * a, a * capped,
+        plan.waiting_skipped))
 
 
 def features(plan, max_lora_rank: int, max_loras: int) -> StepFeatures:
@@ -240,6 +248,12 @@ class StepTimeModel:
         self._linear = not self._roof and not self._curves   # what calibration fits
         if ctx in {i for c in self._curves for i in c.idx}:
             raise ValueError("a curve of decode_context would break the decode runs' closed form")
+
+    def prices(self, feature: str) -> bool:
+        """Whether any part of the model (base, roofline, curves) charges ``feature``."""
+        i = FEATURES.index(feature)
+        return bool(self._b[i] or self._m[i] or self._c[i]
+                    or any(i in c.idx for c in self._curves))
 
     def to_dict(self) -> dict:
         # zero terms are left out, except ``const``: the profile schema requires it (a fit

@@ -210,9 +210,12 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     step-time spread (``ITLHistogram.percentile``), and with ``autocorrelation`` too its TTFT
     median and p99 (``twin.results.spread``); None (the executor's measured steps, a
     profile without them): as recorded. ``frontend`` (``twin.costs.frontend.Frontend``):
-    with metrics scrapes, the mean ITL a streaming client times
-    (:meth:`~twin.costs.frontend.Frontend.itl_scale`)."""
+    the times a client sees (its per-request delay,
+    :meth:`~twin.costs.frontend.Frontend.client_times`) and, with metrics scrapes, the mean
+    ITL a streaming client times (:meth:`~twin.costs.frontend.Frontend.itl_scale`)."""
     req = out.table(trace)
+    if frontend is not None:   # the table is this run's own: shifted in place
+        frontend.client_times(req)
     timeline = pd.DataFrame(rec.rows, columns=PREFIX_TIMELINE_COLUMNS if rec.prefix
                             else TIMELINE_COLUMNS)
     timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)

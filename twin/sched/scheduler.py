@@ -7,18 +7,18 @@ running requests:
    KV blocks run out the *last* running request is preempted (recompute: blocks freed,
    computed tokens reset, put at the head of ``waiting``) until the allocation fits.
 2. Only if nothing was preempted: waiting requests in FCFS order; one whose adapter is not
-   among the step's adapters while ``max_loras`` are already scheduled is skipped (keeps
-   its place); a KV allocation failure stops admission. Base-model requests never count.
+   among the step's adapters while ``max_loras`` are already scheduled is skipped (keeps its
+   place; ``StepPlan.waiting_skipped`` counts them); a KV allocation failure stops
+   admission. Base-model requests never count.
 
 With ``enable_prefix_caching`` (vLLM V1's default) a request's admission first looks up its
 cached prefix (``twin.sched.prefix_cache``): the hit sets its computed tokens, chunks go on
 from there, its full blocks are cached as they are scheduled (decoders' when they leave)
 and stay cached, evictable, once it leaves. Requests without ``hash_ids`` never hit.
 
-The fast path covers the usual step (all decoders first, everything fits) in O(1) plus
-the admissions; anything else falls back to the literal per-request loop, which is the
-reference semantics. ``tests/test_scheduler.py`` checks both against a direct
-transcription of vLLM's loop (``tests/sched_reference.py``).
+The fast path covers the usual step (all decoders first, everything fits) in O(1) plus the
+admissions; anything else falls back to the literal per-request loop, the reference
+semantics, both checked against vLLM's loop transcribed (``tests/sched_reference.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Scheduler(Aborts):
         self.blocked = EMPTY
         self.num_preemptions = 0
         self._held_next = 0   # decode group's blocks after the current step's allocation
+        self.prices_skipped = False   # the step time prices waiting_skipped (set by the clock)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -117,13 +118,12 @@ class Scheduler(Aborts):
         return True
 
     def arrival_may_change(self, adapter: int) -> bool:
-        """Could a request arriving now change the next steps, given the blocked state?"""
+        """Could a request arriving now change the next steps, given the blocked state (SEQS,
+        BUDGET, KV persist)? With ``prices_skipped``, one the waiting loop passes over does."""
         b = self.blocked
-        if b == EMPTY or b == PREEMPTED:
-            return True
         if b == LORA:
-            return adapter < 0 or adapter in self.cache.in_use
-        return False  # SEQS, BUDGET, KV persist until a request finishes
+            return adapter < 0 or adapter in self.cache.in_use or self.prices_skipped
+        return b == EMPTY or b == PREEMPTED or (b == KV and self.prices_skipped)
 
     # -- the step --------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
@@ -166,20 +166,18 @@ class Scheduler(Aborts):
                 self._add_chunk(plan, r, n)
             budget = left
         # waiting phase
-        plan.blocked = PREEMPTED if plan.preempted else self.admit(plan, budget, now)
-        self.blocked = plan.blocked
+        self.blocked = plan.blocked = (PREEMPTED if plan.preempted
+                                       else self.admit(plan, budget, now))
         plan.adapters = self.cache.step_adapters()
         plan.kv_blocks = pool.used + (self._held_next if plan.group_decode else 0)
         return plan
 
     def _preempt_tail(self, plan: StepPlan, need: int, chunks: list):
-        """KV shortage: pop running requests from the tail until the rest fit.
-
-        vLLM allocates in running order and pops ``running[-1]`` whenever an allocation
-        fails; the outcome is the longest prefix whose new blocks fit in the free blocks
-        plus those of the popped suffix, so popping from the tail here gives the same
-        split in O(popped).
-        """
+        """KV shortage: pop running requests from the tail until the rest fit. vLLM
+        allocates in running order and pops ``running[-1]`` whenever an allocation fails;
+        the outcome is the longest prefix whose new blocks fit in the free blocks plus those
+        of the popped suffix, so popping from the tail here gives the same split in
+        O(popped)."""
         group, pool = self.group, self.pool
         free = pool.num_blocks - pool.used - group.held_blocks()
         while need > free:
@@ -292,10 +290,9 @@ class Scheduler(Aborts):
         return pool.num_blocks - pool.used - self._held_next if plan.group_decode else pool.free
 
     def admit(self, plan: StepPlan, budget: int, now: float) -> str:
-        """Hook: the waiting phase (vLLM's loop with the ``max_loras`` skip rule). Admits
-        with :meth:`start_running` and returns why it stopped (``EMPTY``, ``SEQS``,
-        ``BUDGET``, ``KV``, ``LORA``), which must persist as :meth:`arrival_may_change`
-        assumes."""
+        """Hook: the waiting phase (vLLM's loop with the ``max_loras`` skip rule). Admits with
+        :meth:`start_running`; returns why it stopped (``EMPTY``, ``SEQS``, ``BUDGET``, ``KV``,
+        ``LORA``), which must persist as :meth:`arrival_may_change` assumes."""
         waiting, pool, in_use = self.waiting, self.pool, self.cache.in_use
         free = None   # asked at the first request considered: most steps admit no one
         running = self.group.n + len(self.prefilling)
@@ -304,7 +301,8 @@ class Scheduler(Aborts):
         while True:
             if running >= max_num_seqs:
                 return SEQS
-            if budget <= 0:
+            if budget <= 0:   # vLLM's loop ran only if it admitted someone before
+                plan.waiting_skipped = len(plan.admitted) and waiting.passed_over(in_use, lora_gate)
                 return BUDGET
             if not waiting.n:
                 return EMPTY
@@ -313,6 +311,7 @@ class Scheduler(Aborts):
             if len(in_use) >= lora_gate:
                 r = waiting.first_among(in_use)
                 if r is None:
+                    plan.waiting_skipped = waiting.n   # the loop passed over them all
                     return LORA
             else:
                 r = waiting.first()
@@ -322,6 +321,7 @@ class Scheduler(Aborts):
             n = min(r.prompt + r.generated - hit * pool.block_size, budget)   # r.num_tokens
             nb = pool.blocks_for(hit * pool.block_size + n)
             if nb - hit + evictable > free:
+                plan.waiting_skipped = waiting.passed_over(in_use, lora_gate)
                 return KV
             waiting.pop(r)
             free -= nb - hit + evictable

@@ -88,6 +88,22 @@ class WaitingQueue:
                 best = q[0]
         return best
 
+    def passed_over(self, adapters, gate: int) -> int:
+        """The requests vLLM's waiting loop skipped before it stopped, given the step's
+        ``adapters``: none while they are fewer than ``gate`` (``max_loras``), else every
+        other adapter's request, taken as all ahead of the stop (those the rule holds back
+        are the ones waiting longest). Priced as the loop's Python work (``waiting_skipped``)."""
+        if len(adapters) < gate:
+            return 0
+        fifo = self._fifo
+        q = fifo.get(self.BASE)
+        n = self.n - (len(q) if q else 0)
+        for a in adapters:
+            q = fifo.get(a)
+            if q:
+                n -= len(q)
+        return n
+
     def pop(self, req: Request) -> None:
         """Remove ``req``, which must be the head of its adapter's FIFO."""
         q = self._fifo[req.adapter]

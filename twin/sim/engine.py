@@ -210,6 +210,9 @@ class _Clock:
         self.rec = Recorder(sample_dt, self.sched.pool.num_blocks, record_steps,
                             prefix=self.hashes is not None)
         self.step_time = profile.step_time
+        # an arrival the waiting loop would pass over changes the price of the steps ahead
+        prices = getattr(profile.step_time, "prices", None)   # a measured replay has none
+        self.sched.prices_skipped = bool(prices and prices("waiting_skipped"))
         self.load_model = profile.load_time
 
     def _admit_in_frontend_order(self, profile: Profile) -> None:
