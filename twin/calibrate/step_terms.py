@@ -39,8 +39,7 @@ ADAPTER_PAIR_TERMS = STEP_TERMS + ("adapters_squared",)
 #: coefficient at most x3 per iteration: one starting at 0 would stay there)
 TERM_STARTS = {"lora_slot_tokens": 2e-7, "lora_slot_tokens_capped": 2e-7,
                "tokens_past_ridge": 2e-5, "adapters_squared": 2e-6,
-               "adapter_tokens_capped": 2e-7, "waiting_skipped": 5e-7, "prefill_seqs": 1e-3,
-               "after_idle": 1e-3}
+               "adapter_tokens_capped": 2e-7, "waiting_skipped": 5e-7}
 
 
 def check_terms(terms):

@@ -65,9 +65,9 @@ class StepFeatures(NamedTuple):
     # waiting requests vLLM's scheduler passed over this step: its waiting loop visits every
     # waiting request once the step's adapters fill max_loras (the skip rule pops and puts
     # back each one whose adapter is not among them; Python work per request, inside the
-    # step, while the engine core waits). The twin counts them where that loop runs to the
-    # end of the queue (the waiting phase stopped on the LoRA rule); the real H100 runs'
-    # step times at their measured queues want it (experiments/README_validate.md)
+    # step, while the engine core waits). The twin counts them where the loop stops with the
+    # step's adapters at max_loras (``WaitingQueue.passed_over``); the real H100 runs' step
+    # times at their measured queues want it (experiments/README_validate.md)
     waiting_skipped: float = 0.0
 
 
