@@ -29,8 +29,9 @@ one chunk when the loop is free, so ``vllm bench serve`` counts fewer, longer ga
 ITL is the twin's over ``1 − (share of the time the loop is stalled beyond one step)``
 (:meth:`Frontend.itl_scale`; ``metrics_scrape_hz`` scrapes per second, ``metrics_series_s``
 seconds per series; 0, the default: no scrape); and a request arriving, or a first token
-made, during a stall waits for its end (:meth:`Frontend.ttft_wait_s`, the mean TTFT). The real H100 runs' collector scraped at
-0.40 Hz (median of the fit runs; README_validate, "the metrics scrape").
+made, during a stall waits for its end (:meth:`Frontend.ttft_wait_s`, the mean TTFT). The
+real H100 runs' collector scraped at 0.40 Hz (median of the fit runs, which
+``twin.calibrate.frontend_fit.metrics_scrape`` reads; README_validate, "the metrics scrape").
 """
 
 from __future__ import annotations
