@@ -234,3 +234,20 @@ def test_cli_cost_checks_the_slos_on_the_whole_fleet(setup, tmp_path, trace_file
     assert "on the fleet's requests" in text
     assert "list price" in d["gpu_price_source"] and d["per_hour"] > 0
     assert "price: public on-demand list price" in text
+
+
+def test_a_model_that_predicts_starving_everywhere_does_not_make_a_placement(setup,
+                                                                             monkeypatch):
+    """Every count up to ``max_gpus`` predicted to starve: the last one is still verified
+    on the twin, and a partition no twin run verified is no placement (``ok`` False), not
+    one whose GPUs, never run, count as meeting the SLOs."""
+    from twin.ml import placement
+
+    tr, cat, profile, model = setup
+    monkeypatch.setattr(placement._Search, "predicted_ok", lambda self, units: False)
+    pl = placement.place(tr, cat, profile=profile, model=model, window_s=WINDOW, max_gpus=2,
+                         max_runs=2, workers=1, objective="goodput",
+                         slo={"ttft": 1.0, "tpot": 0.5}, search_kw={"optimizer": "coordinate"})
+    assert not pl.ok
+    assert "2 GPU(s): verification failed" in pl.attempts
+    assert "2 GPU(s): predicted to starve" not in pl.attempts

@@ -285,7 +285,7 @@ class _Search:
         heaviest = max(U.load.values()) if U.load else 0
         while k <= self.max_gpus:
             groups = self.partition(k)
-            if (k < min(k_cap, len(U.units))
+            if (k < min(k_cap, len(U.units), self.max_gpus)   # the last count is verified
                     and not all(self.predicted_ok(g) for g in groups)):
                 self.attempts.append(f"{k} GPU(s): predicted to starve")
                 k += 1
@@ -391,7 +391,8 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
         groups = s.partition(min(k, max_gpus))
     plans = [GPUPlan(i, g, U.adapters(g), s.verified.get(tuple(sorted(g))))
              for i, g in enumerate(groups)]
-    ok = all(p.recommendation is None or p.recommendation.ok for p in plans)
+    # a partition never verified (no count up to max_gpus was) is not a placement
+    ok = ok and all(p.recommendation is None or p.recommendation.ok for p in plans)
     return Placement(plans, _routing(U, plans, rank, window), ok, time.perf_counter() - t0,
                      s.runs, s.attempts, dict(U.replicas),
                      curve=[{n: v for n, v in s.curve[k].items() if n != "_seen"}
