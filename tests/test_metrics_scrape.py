@@ -98,3 +98,43 @@ def test_the_scrape_rate_is_read_from_the_runs_own_collectors():
         metrics_scrape(runs[3:], 2e-5)
     with pytest.raises(ValueError, match="series_s"):
         metrics_scrape(runs, 0.0)
+
+
+def test_a_fleet_s_means_carry_each_replica_s_own_stalls():
+    """A combined result is recomputed from its servers' requests (the engines' times):
+    each replica's scrape stalls are put back, its decode gaps at its own scale and its
+    requests at its own wait, so the fleet's mean ITL and TTFT are its replicas' means
+    weighted by gaps and by completed requests; without scrapes nothing moves."""
+    import numpy as np
+
+    from twin.fleet import simulate_fleet
+    from twin.fleet.routers import StaticTable
+
+    base = dataclasses.replace(load_profile("llama31-8b-h100-64gb"), frontend=Frontend())
+    scraped = dataclasses.replace(base, frontend=Frontend(metrics_scrape_hz=0.5,
+                                                          metrics_series_s=1e-3))
+    trace = _trace(adapters=12)
+    table = pd.DataFrame({"adapter": [f"a{k}" for k in range(12)],
+                          "gpu": [k % 2 for k in range(12)], "weight": 1.0})
+    cfg = ServingConfig(max_loras=4, max_cpu_loras=12)
+    runs = {p: simulate_fleet(trace, 2, StaticTable(table), config=cfg, profile=prof,
+                              workers=1)
+            for p, prof in (("base", base), ("scraped", scraped))}
+    parts = []
+    for k in range(2):
+        sub = trace[(table.set_index("adapter").loc[trace["adapter"], "gpu"] == k).to_numpy()]
+        alone = simulate(sub.reset_index(drop=True), cfg, scraped)
+        s, req = alone.summary, alone.requests
+        done = req["status"] == "finished"
+        parts.append((s, int((req["generated_tokens"][done] - 1).clip(lower=0).sum()),
+                      s["completed"]))
+    fleet = runs["scraped"].summary
+    assert fleet["frontend_stalls"]["itl_scale"] > 1.02
+    itl = sum(s["itl_ms"]["mean"] * g for s, g, _ in parts) / sum(g for _, g, _ in parts)
+    ttft = sum(s["ttft_ms"]["mean"] * c for s, _, c in parts) / sum(c for *_, c in parts)
+    assert fleet["itl_ms"]["mean"] == pytest.approx(itl, rel=1e-9)
+    assert fleet["ttft_ms"]["mean"] == pytest.approx(ttft, rel=1e-9)
+    plain = runs["base"].summary
+    assert "frontend_stalls" not in plain
+    assert plain["itl_ms"]["mean"] < fleet["itl_ms"]["mean"]
+    assert np.isclose(plain["total_throughput"], fleet["total_throughput"])

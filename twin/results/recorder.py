@@ -238,15 +238,19 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         summary["unfinished"] -= summary["failed"]
     summary["steps"] = rec.steps
     if getattr(cache, "running_sets", None) is not None:
-        # the distinct running-adapter sets its steps ran with (vLLM's lora_requests_info
-        # series, its running label; 1 with no adapter: the empty set)
+        # the distinct (running, waiting) adapter-set labels its steps ran with (vLLM's
+        # lora_requests_info series; 1 with no adapter: the empty pair)
         summary["lora_running_sets"] = n_sets = len(cache.running_sets)
         if frontend is not None and frontend.scrapes:
             # what a streaming client times: the scrapes merge tokens into chunks and hold
             # requests and first tokens (means only)
             itl = summary["itl_ms"]
-            itl["mean"] *= frontend.itl_scale(n_sets, duration, itl["mean"] / 1000)
-            summary["ttft_ms"]["mean"] += 1000 * frontend.ttft_wait_s(n_sets, duration)
+            scale = frontend.itl_scale(n_sets, duration, itl["mean"] / 1000)
+            wait_ms = 1000 * frontend.ttft_wait_s(n_sets, duration)
+            itl["mean"] *= scale
+            summary["ttft_ms"]["mean"] += wait_ms
+            # kept for a result that combines servers (server_stalls_in_means)
+            summary["frontend_stalls"] = {"itl_scale": scale, "ttft_wait_ms": wait_ms}
     if out.prefix is not None:
         summary.update(prefix_cache_summary(req, sched.prefix is not None))
     steps_df = None
@@ -254,3 +258,38 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         steps_df = pd.DataFrame(rec.step_rows, columns=step_columns)
     return RunResult(requests=req, summary=summary, timeline=timeline, steps=steps_df,
                      meta=meta)
+
+
+def server_stalls_in_means(summary: dict, servers: list) -> None:
+    """Put each server's frontend stalls into a combined result's mean ITL and TTFT.
+
+    A deployment's or a fleet's summary is recomputed from the requests of all its servers
+    (``twin.policies.deployment.combine``): the engines' times, without the stalls each
+    server's metrics scrapes add to what its clients measure (``summary["frontend_stalls"]``,
+    recorded above). Each server's decode gaps count at its own scale and each of its
+    completed requests waits its own mean wait; ``servers``: the servers' RunResults."""
+    stalled = [r for r in servers if "frontend_stalls" in r.summary]
+    if not stalled:
+        return
+    gaps_all, extra_itl, extra_ttft = 0, 0.0, 0.0
+    for r in servers:
+        req = r.requests
+        done = req["status"].to_numpy() == "finished"
+        gaps = int((req["generated_tokens"].to_numpy()[done] - 1).clip(min=0).sum())
+        gaps_all += gaps
+        stall = r.summary.get("frontend_stalls")
+        if stall is None:
+            continue
+        itl = r.summary["itl_ms"]["mean"]
+        if gaps:   # its engine's gaps, and the share the stalls add to them
+            extra_itl += gaps * itl * (1 - 1 / stall["itl_scale"])
+        extra_ttft += int(done.sum()) * stall["ttft_wait_ms"]
+    done_all = summary["completed"]
+    itl0, ttft0 = summary["itl_ms"]["mean"], summary["ttft_ms"]["mean"]
+    if gaps_all:
+        summary["itl_ms"]["mean"] = itl0 + extra_itl / gaps_all
+    if done_all:
+        summary["ttft_ms"]["mean"] = ttft0 + extra_ttft / done_all
+    summary["frontend_stalls"] = {
+        "itl_scale": summary["itl_ms"]["mean"] / itl0 if gaps_all and itl0 else 1.0,
+        "ttft_wait_ms": extra_ttft / done_all if done_all else 0.0}
