@@ -102,9 +102,11 @@ def test_the_running_key_names_the_set_of_adapters_in_use_whatever_the_order():
     assert a.running_key == empty
 
 
-def test_a_run_counts_the_running_adapter_sets_its_steps_ran_with():
-    """The summary's ``lora_running_sets``: many adapters churn through many sets; one
-    adapter gives at most two (empty, and it alone)."""
+def test_a_run_counts_the_metrics_labels_its_steps_ran_with():
+    """The summary's ``lora_running_sets``: vLLM's ``lora_requests_info`` labels, a pair of
+    (running adapters, waiting adapters) per step. Many adapters churn through many; one
+    adapter whose burst queues gives exactly three: (none, it) before the first step, (it,
+    it) while some wait, (it, none) at the end; with the queue never holding it, fewer."""
     import numpy as np
     import pandas as pd
 
@@ -114,15 +116,39 @@ def test_a_run_counts_the_running_adapter_sets_its_steps_ran_with():
     rng = np.random.default_rng(0)
     n = 400
 
-    def trace(adapters):
-        return pd.DataFrame({"request_id": range(n), "arrival_s": np.sort(rng.uniform(0, 60, n)),
+    def trace(adapters, burst=False):
+        arrival = np.zeros(n) if burst else np.sort(rng.uniform(0, 60, n))
+        return pd.DataFrame({"request_id": range(n), "arrival_s": arrival,
                              "prompt_tokens": rng.integers(20, 200, n),
                              "output_tokens": rng.integers(5, 80, n),
                              "adapter": [f"a{k}" for k in rng.integers(0, adapters, n)]})
     cfg = ServingConfig(max_loras=8, max_cpu_loras=32)
-    one = simulate(trace(1), cfg).summary["lora_running_sets"]
-    many = simulate(trace(32), cfg).summary["lora_running_sets"]
-    assert 1 <= one <= 2 and many > 50
+    burst = simulate(trace(1, burst=True), ServingConfig(max_loras=8, max_cpu_loras=32,
+                                                         max_num_seqs=8)).summary
+    assert burst["lora_running_sets"] == 3
+    assert simulate(trace(1), cfg).summary["lora_running_sets"] <= 4
+    assert simulate(trace(32), cfg).summary["lora_running_sets"] > 50
+
+
+def test_a_label_is_the_pair_of_running_and_waiting_sets():
+    """The same running set beside two waiting sets is two labels, the same pair once; a
+    waiting set is its adapters whatever their order of arrival (the queue's key)."""
+    from twin.sched.request import Request
+    from twin.sched.waiting_queue import WaitingQueue
+
+    c = AdapterCache(4, 8)
+    c.acquire(1)
+    q1, q2 = WaitingQueue(), WaitingQueue()
+    for q, order in ((q1, (2, 3, -1)), (q2, (3, -1, 2, 3))):
+        for k, a in enumerate(order):
+            q.append(Request(k, k, 0.0, a, 8, 8))
+    assert q1.adapters_key == q2.adapters_key != 0   # {2, 3}: the base model is no label
+    for key in (0, q1.adapters_key, q2.adapters_key, 0):
+        c.note_label(key)
+    assert len(c.running_sets) == 2
+    q1.pop(q1.first())   # adapter 2's only request leaves: {3} waits
+    c.note_label(q1.adapters_key)
+    assert len(c.running_sets) == 3
 
 
 def test_preload_and_drop():

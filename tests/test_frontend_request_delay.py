@@ -80,3 +80,39 @@ def test_the_fit_reads_the_light_runs_median_ttft_excess(monkeypatch):
     assert frontend_fit.fit_request_delay(slow, prof)[0].request_s == 0.0
     with pytest.raises(ValueError, match="no run without a queue"):
         frontend_fit.fit_request_delay(runs[3:], prof)
+
+
+def test_the_series_cost_is_fitted_to_the_runs_itl_over_tpot(monkeypatch):
+    """Runs whose real ITL/TPOT a scrape of 12 µs per series made (each with its own series
+    count and step): the fit, on the grid, finds 12 µs from the runs that keep up alone,
+    simulated without the scrape; a run that starves does not count."""
+    from twin.calibrate import frontend_fit
+
+    truth = Frontend(metrics_scrape_hz=0.4, metrics_series_s=12e-6)
+    engine = [(30.0, 29.0, 4000), (45.0, 44.0, 12000), (60.0, 58.0, 25000), (25.0, 25.0, 900)]
+
+    def run(k, itl, tpot, sets, thr=100.0):
+        real = itl * truth.itl_scale(sets, 3600.0, itl / 1e3)
+        return SimpleNamespace(key=f"r{k}", offered_tps=100.0, metrics={
+            "mean_itl_ms": real, "mean_tpot_ms": tpot, "total_throughput": thr})
+
+    runs = [run(k, *e) for k, e in enumerate(engine)]
+    runs.append(run(9, 80.0, 60.0, 30000, thr=50.0))   # starves: its ratio is not the scrape's
+    sims = {f"r{k}": e for k, e in enumerate(engine)}
+    seen = []
+
+    def fake_map(fn, jobs, processes):
+        seen.extend(j[0].key for j in jobs)
+        assert all(j[1].frontend.metrics_series_s == 0 and j[3] is None for j in jobs)
+        return [{"mean_itl_ms": sims[j[0].key][0], "mean_tpot_ms": sims[j[0].key][1],
+                 "lora_running_sets": sims[j[0].key][2], "window_s": 3600.0} for j in jobs]
+
+    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    prof = dataclasses.replace(load_profile("llama31-8b-h100-64gb"),
+                               frontend=Frontend(metrics_scrape_hz=0.4, metrics_series_s=1e-6))
+    front, report = frontend_fit.fit_metrics_series(runs, prof)
+    assert seen == ["r0", "r1", "r2", "r3"]
+    assert front.metrics_series_s == pytest.approx(12e-6) and report["runs"] == 4
+    assert report["loss_pct"] < 0.01 < report["loss_pct_without_scrape"]
+    with pytest.raises(ValueError, match="scrape rate"):
+        frontend_fit.fit_metrics_series(runs, dataclasses.replace(prof, frontend=Frontend()))

@@ -50,6 +50,11 @@ def positive_float(text: str) -> float:
     return _number(float, text, positive=True)
 
 
+def positive_float_or_fit(text: str) -> float | str:
+    """``fit``, or a finite number > 0 (``--metrics-series-s``: a measured cost, or fitted)."""
+    return "fit" if str(text).strip().lower() == "fit" else positive_float(text)
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (``--router-refresh-s``: 0 means exact; ``--budget 0``: measure
     the first cell only)."""

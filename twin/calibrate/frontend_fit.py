@@ -92,8 +92,8 @@ def metrics_scrape(runs, series_s: float) -> tuple[Frontend, dict]:
     """The frontend's metrics scrape as the runs' own collectors made it: the rate the median
     of ``ts_samples / ts_span_s`` (samples of vLLM's gauges the collector took, over the
     seconds they span), each scrape rendering ``lora_requests_info`` at ``series_s`` seconds
-    per series (measured, not fitted: ``experiments/metrics_render_cost.py``). Returns the
-    frontend (its first-request delay 0) and a report."""
+    per series (measured: ``experiments/metrics_render_cost.py``; :func:`fit_metrics_series`
+    fits it). Returns the frontend (its first-request delay 0) and a report."""
     if not series_s > 0:
         raise ValueError(f"series_s must be > 0 seconds per series, got {series_s!r}")
     rates = [float(r.extra["ts_samples"]) / float(r.extra["ts_span_s"]) for r in runs
@@ -104,8 +104,8 @@ def metrics_scrape(runs, series_s: float) -> tuple[Frontend, dict]:
                          "nothing to read the scrape rate from")
     hz = round(float(np.median(rates)), 4)
     report = {"method": "median over the runs of ts_samples / ts_span_s (the collector's "
-                        "scrapes of /metrics); the cost per series measured "
-                        "(experiments/metrics_render_cost.py), not fitted",
+                        "scrapes of /metrics)",
+              "series_cost": "measured (experiments/metrics_render_cost.py), not fitted",
               "runs": len(rates), "metrics_scrape_hz": hz, "metrics_series_s": series_s,
               "quartiles_hz": [round(float(q), 4) for q in np.quantile(rates, [0.25, 0.75])]}
     return Frontend(metrics_scrape_hz=hz, metrics_series_s=series_s), report
@@ -142,3 +142,60 @@ def fit_request_delay(runs, profile: Profile, *, max_running: float = 6.0,
               "runs": len(per_run), "max_running": max_running, "request_s": fitted,
               "quartiles_s": [round(float(q), 5) for q in np.quantile(d, [0.25, 0.75])]}
     return dataclasses.replace(profile.frontend, request_s=fitted), report
+
+
+#: seconds per ``lora_requests_info`` series of a scrape, as measured on this project's box
+#: (``experiments/metrics_render_cost.py``)
+MEASURED_SERIES_S = 22e-6
+#: the grid of seconds per series :func:`fit_metrics_series` searches (0 to 60 µs)
+SERIES_GRID_S = np.round(np.arange(0, 241) * 0.25e-6, 12)
+
+
+def fit_metrics_series(runs, profile: Profile, *, processes: int = 2, seed: int = 0
+                       ) -> tuple[Frontend, dict]:
+    """``profile``'s frontend with the scrape's cost per ``lora_requests_info`` series
+    (``metrics_series_s``) fitted on ``runs``' runs that keep up, at the scrape rate it has.
+
+    The stall merges tokens into chunks, so it shows in mean ITL over mean TPOT and in
+    nothing the engine decides: each run that keeps up is simulated once, whole, with no
+    scrape (its engine ITL, TPOT and series count), and the cost is the one on
+    :data:`SERIES_GRID_S` whose ITL/TPOT (:meth:`Frontend.itl_scale`) is nearest the run's
+    real one, median over the runs of |log(twin ratio / real ratio)|. A cost measured on
+    another CPU (``experiments/metrics_render_cost.py``: 22 µs per series on this project's
+    box) need not be the serving host's; the runs' own ratio is."""
+    hz = profile.frontend.metrics_scrape_hz
+    if not hz > 0:
+        raise ValueError("the series cost is fitted at a scrape rate: the profile has none "
+                         "(metrics_scrape_hz; read it from the runs first)")
+    need = ("mean_itl_ms", "mean_tpot_ms", "total_throughput")
+    keep = [r for r in runs if all(math.isfinite(r.metrics.get(k, math.nan)) for k in need)
+            and r.metrics["total_throughput"] >= 0.9 * r.offered_tps]
+    if not keep:
+        raise ValueError("no run that keeps up reports mean ITL and TPOT: nothing to fit "
+                         "the metrics scrape's cost per series on")
+    off = dataclasses.replace(profile, frontend=dataclasses.replace(
+        profile.frontend, metrics_series_s=0.0))
+    sims = _map(_job, [(r, off, seed, None) for r in keep], processes)
+    rows = [(r.metrics["mean_itl_ms"] / r.metrics["mean_tpot_ms"], s["mean_itl_ms"],
+             s["mean_tpot_ms"], s.get("lora_running_sets", 0), s["window_s"])
+            for r, s in zip(keep, sims)
+            if "error" not in s and s.get("mean_tpot_ms", 0) > 0 and s.get("mean_itl_ms", 0) > 0]
+    if not rows:
+        raise ValueError(f"the twin finished nothing in the {len(keep)} runs that keep up: "
+                         "nothing to fit the metrics scrape's cost per series on")
+    real, itl, tpot, sets, dur = (np.array(c, dtype=float) for c in zip(*rows))
+
+    def loss(series_s: float) -> float:
+        f = dataclasses.replace(profile.frontend, metrics_series_s=series_s)
+        scale = [f.itl_scale(int(n), d, i / 1e3) for n, d, i in zip(sets, dur, itl)]
+        return float(np.median(np.abs(np.log(itl * np.array(scale) / tpot / real))))
+
+    losses = [loss(s) for s in SERIES_GRID_S]
+    best = float(SERIES_GRID_S[int(np.argmin(losses))])
+    report = {"method": "grid search of metrics_series_s: median over the runs that keep up "
+                        "of |log(twin ITL/TPOT / real ITL/TPOT)| "
+                        "(twin.calibrate.frontend_fit.fit_metrics_series)",
+              "runs": len(rows), "metrics_series_s": best,
+              "loss_pct": round(100 * min(losses), 2),
+              "loss_pct_without_scrape": round(100 * losses[0], 2)}
+    return dataclasses.replace(profile.frontend, metrics_series_s=best), report

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.calibrate.frontend_fit import fit_request_delay, metrics_scrape
+from twin.calibrate.frontend_fit import (MEASURED_SERIES_S, fit_metrics_series, fit_request_delay,
+                                        metrics_scrape)
 from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS, STEP_TERMS,
                                     StepFit, fit_step_time, simulate_run)
 from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
@@ -43,7 +44,7 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
               processes: int = 2, seed: int = 0, terms=STEP_TERMS, balance: str | None = None,
               feedback: bool = False, residual_weights=(1.0, 1.0, 0.25),
               hold: dict | None = None, decode_target: str = "itl",
-              metrics_series_s: float | None = None, request_delay: bool = False,
+              metrics_series_s: float | str | None = None, request_delay: bool = False,
               log=print) -> Profile:
     """A Profile fitted to real vLLM measurements (memory, loads, step time, client cap).
     ``residual_weights`` weigh the step-time fit's ITL, throughput and TTFT residuals
@@ -51,7 +52,8 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     (``fit_step_time(hold=)``); ``decode_target`` picks the runs' mean ITL or TPOT as the
     decode residuals' target (``fit_step_time(decode_target=)``); ``metrics_series_s``, the
     measured cost per ``lora_requests_info`` series, turns on the frontend's metrics scrape
-    at the runs' own collector rate (``frontend_fit.metrics_scrape``); ``request_delay`` fits
+    at the runs' own collector rate (``frontend_fit.metrics_scrape``), ``"fit"`` fits that
+    cost on the runs' ITL/TPOT (``frontend_fit.fit_metrics_series``); ``request_delay`` fits
     the frontend's per-request delay on the light runs (``frontend_fit.fit_request_delay``)."""
     t0 = time.perf_counter()
     base = base_profile if isinstance(base_profile, Profile) else load_profile(
@@ -86,12 +88,19 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     if hold:
         prov["step_time"]["held"] = {k: float(v) for k, v in hold.items()}
     if metrics_series_s is not None:
-        scrape, prov["frontend"] = metrics_scrape(runs, metrics_series_s)
+        fitted = metrics_series_s == "fit"
+        scrape, prov["frontend"] = metrics_scrape(runs, MEASURED_SERIES_S if fitted
+                                                  else metrics_series_s)
         prof.frontend = dataclasses.replace(prof.frontend,
                                             metrics_scrape_hz=scrape.metrics_scrape_hz,
                                             metrics_series_s=scrape.metrics_series_s)
+        if fitted:
+            prof.frontend, prov["frontend"]["series_cost"] = fit_metrics_series(
+                usable, prof, processes=processes, seed=seed)
+            prov["frontend"]["metrics_series_s"] = prof.frontend.metrics_series_s
         log(f"frontend: /metrics scraped {scrape.metrics_scrape_hz:.3f}/s (median of "
-            f"{prov['frontend']['runs']} runs), {1e6 * metrics_series_s:.1f} us per series")
+            f"{prov['frontend']['runs']} runs), {1e6 * prof.frontend.metrics_series_s:.2f} us "
+            f"per series ({'fitted on the runs that keep up' if fitted else 'as given'})")
     if request_delay:
         try:
             prof.frontend, prov.setdefault("frontend", {})["request"] = fit_request_delay(

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from twin.argtypes import (comma_list, device_name, held_terms, non_negative_float,
-                           non_negative_int, positive_float, positive_int)
+                           non_negative_int, positive_float, positive_float_or_fit,
+                           positive_int)
 from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
@@ -231,10 +232,13 @@ def add_vllm_fit_args(g) -> None:
     g.add_argument("--hold", type=held_terms, metavar="TERM=S[,...]",
                    help="coefficients held, not fitted (e.g. decode_context=6.5536e-8: the "
                         "KV read per attended token at 2 TB/s)")
-    g.add_argument("--metrics-series-s", type=positive_float, metavar="S",
+    g.add_argument("--metrics-series-s", type=positive_float_or_fit, metavar="S|fit",
                    help="model the frontend's /metrics scrape at the runs' own collector "
                         "rate (ts_samples / ts_span_s), S seconds per lora_requests_info "
-                        "series (measured by experiments/metrics_render_cost.py: 22e-6)")
+                        "series (measured by experiments/metrics_render_cost.py: 22e-6 on "
+                        "this project's box), or 'fit': the cost that matches the runs that "
+                        "keep up in mean ITL over mean TPOT (the scrape's stalls merge "
+                        "tokens into chunks)")
     g.add_argument("--request-delay", action="store_true",
                    help="fit the frontend's per-request time outside the engine on the runs "
                         "without a queue (their median TTFT beyond the twin's)")

@@ -22,8 +22,10 @@ from the engine core), which adds to its TTFT and E2E and moves nothing the engi
 
 A second frontend cost shows in what a streaming client measures, not in the engine: a
 scrape of the server's ``/metrics`` renders, on the API server's event loop, one
-``vllm:lora_requests_info`` series per running-adapters label the server has seen since it
-started (``AdapterCache.running_sets``), ~22 µs each (``experiments/metrics_render_cost.py``).
+``vllm:lora_requests_info`` series per label the server has seen since it started: the
+running and the waiting adapters' names after a step (``AdapterCache.note_label``), ~22 µs
+each on this project's box (``experiments/metrics_render_cost.py``), fitted on real runs'
+ITL/TPOT by ``twin.calibrate.frontend_fit.fit_metrics_series``.
 The engine keeps stepping; each running request's tokens pile up and reach the client in
 one chunk when the loop is free, so ``vllm bench serve`` counts fewer, longer gaps: its mean
 ITL is the twin's over ``1 − (share of the time the loop is stalled beyond one step)``

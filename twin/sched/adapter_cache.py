@@ -19,9 +19,10 @@ import heapq
 from dataclasses import dataclass
 
 
-#: mixed into each adapter's hash in ``AdapterCache.running_key`` (a tuple's hash is
-#: well mixed, where an int hashes to itself and XORs of small ints collide)
-_SET_SALT = 0x5BD1E995
+#: mixed into each adapter's hash in a set key, ``hash((adapter, SET_SALT))``, of which the
+#: key is the XOR over the set (``AdapterCache.running_key``, ``WaitingQueue.adapters_key``;
+#: a tuple's hash is well mixed, where an int hashes to itself and XORs of small ints collide)
+SET_SALT = 0x5BD1E995
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,10 @@ class AdapterCache:
         self.host = _LRU(max_cpu_loras)
         self.in_use: dict[int, int] = {}   # adapter -> running requests using it
         # the set of adapters in use as one number (XOR of their hashes, kept as adapters
-        # join and leave it), and every such set a step has run with: vLLM's API server
-        # keeps one vllm:lora_requests_info series per running-adapters label it has seen,
-        # and each /metrics scrape renders them all (experiments/README_validate.md)
+        # join and leave it), and every (running, waiting) pair of sets a step has run
+        # with: vLLM's API server keeps one vllm:lora_requests_info series per label it has
+        # seen, the running and the waiting adapters' names joined, and each /metrics
+        # scrape renders them all (experiments/README_validate.md)
         self.running_key = 0
         self.running_sets: set[int] = set()
         self._tick = 0
@@ -123,10 +125,15 @@ class AdapterCache:
         return self.in_use
 
     def step_adapters(self) -> int:
-        """The distinct adapters of the step being scheduled (in use now); their set is
-        noted as one a step ran with (``running_sets``)."""
-        self.running_sets.add(self.running_key)
+        """The distinct adapters of the step being scheduled (in use now)."""
         return len(self.in_use)
+
+    def note_label(self, waiting_key: int) -> None:
+        """Note the label vLLM's API server sets after a step's outputs: the adapters
+        running then (in use before the next step admits anyone) and those waiting
+        (``waiting_key``, the waiting queue's ``adapters_key``: the requests not yet
+        scheduled, those that arrived during the step among them), as one int."""
+        self.running_sets.add(self.running_key + (waiting_key << 64))
 
     def is_resident(self, adapter: int) -> bool:
         return adapter in self.gpu
@@ -135,7 +142,7 @@ class AdapterCache:
         n = self.in_use.get(adapter, 0)
         self.in_use[adapter] = n + 1
         if n == 0:
-            self.running_key ^= hash((adapter, _SET_SALT))
+            self.running_key ^= hash((adapter, SET_SALT))
         if n > 0 or adapter in self.gpu:
             return None
         evicted_host = -1
@@ -174,7 +181,7 @@ class AdapterCache:
             self.in_use[adapter] = n
             return
         del self.in_use[adapter]
-        self.running_key ^= hash((adapter, _SET_SALT))
+        self.running_key ^= hash((adapter, SET_SALT))
         self._tick += 1
         self.gpu.touch(adapter, self._tick)
         self.host.touch(adapter, self._tick)

@@ -11,10 +11,9 @@ running requests:
    place; ``StepPlan.waiting_skipped`` counts them); a KV allocation failure stops
    admission. Base-model requests never count.
 
-With ``enable_prefix_caching`` (vLLM V1's default) a request's admission first looks up its
-cached prefix (``twin.sched.prefix_cache``): the hit sets its computed tokens, chunks go on
-from there, its full blocks are cached as they are scheduled (decoders' when they leave)
-and stay cached, evictable, once it leaves. Requests without ``hash_ids`` never hit.
+With ``enable_prefix_caching`` (vLLM V1's default) an admission first looks up the cached
+prefix (``twin.sched.prefix_cache``): the hit sets its computed tokens; full blocks are cached
+as scheduled (decoders' when they leave), evictable once unused. No ``hash_ids``, no hit.
 
 The fast path covers the usual step (all decoders first, everything fits) in O(1) plus the
 admissions; anything else falls back to the literal per-request loop, the reference
@@ -128,6 +127,7 @@ class Scheduler(Aborts):
     # -- the step --------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
         plan = StepPlan()
+        self.cache.note_label(self.waiting.adapters_key)   # the last step's metrics label
         budget, group, pool, prefilling = self.budget, self.group, self.pool, self.prefilling
         gn = group.n
         ordered = gn <= budget and (

@@ -46,6 +46,9 @@ class UnifiedAdapterPool:
         """The distinct adapters of the step being scheduled (``AdapterCache``'s)."""
         return len(self.in_use)
 
+    def note_label(self, waiting_key: int) -> None:
+        """No metrics labels are counted for a unified pool (S-LoRA's server has none)."""
+
     def pages_to_load(self, adapter: int) -> int:
         """Pages the pool must give for ``adapter`` to run (0: base model or resident)."""
         if adapter < 0 or adapter in self.resident:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
+from twin.sched.adapter_cache import SET_SALT
 from twin.sched.request import Request
 
 
 class WaitingQueue:
-    __slots__ = ("_fifo", "_heads", "n", "_next_front")
+    __slots__ = ("_fifo", "_heads", "n", "_next_front", "adapters_key")
 
     BASE = -1
 
@@ -27,6 +28,10 @@ class WaitingQueue:
         self._heads: list[tuple[int, int]] = []  # (head key, adapter), lazily validated
         self.n = 0   # requests waiting (``len``; read as a field where every step asks)
         self._next_front = -1
+        # the adapters with a request waiting, as one number (XOR of their set hashes, kept
+        # as an adapter's FIFO opens and empties): the waiting half of vLLM's
+        # lora_requests_info label (twin.sched.adapter_cache.AdapterCache.note_label)
+        self.adapters_key = 0
 
     def __len__(self) -> int:
         return self.n
@@ -36,6 +41,7 @@ class WaitingQueue:
         self._fifo.clear()
         self._heads.clear()
         self.n = 0
+        self.adapters_key = 0
 
     def _push_head(self, adapter: int, q: deque) -> None:
         heapq.heappush(self._heads, (q[0].key, adapter))
@@ -43,11 +49,23 @@ class WaitingQueue:
             self._heads = [(q[0].key, a) for a, q in self._fifo.items()]
             heapq.heapify(self._heads)
 
+    def _open(self, adapter: int) -> deque:
+        """A new FIFO for ``adapter``: it now has a request waiting (its share of
+        ``adapters_key`` added, as :meth:`append` and :meth:`pop` do inline: they run
+        once per request)."""
+        q = self._fifo[adapter] = deque()
+        if adapter >= 0:
+            self.adapters_key ^= hash((adapter, SET_SALT))
+        return q
+
     def append(self, req: Request) -> None:
         """Arrival: goes behind everything already waiting (key = arrival index)."""
-        q = self._fifo.get(req.adapter)
+        a = req.adapter
+        q = self._fifo.get(a)
         if q is None:
-            q = self._fifo[req.adapter] = deque()
+            q = self._fifo[a] = deque()
+            if a >= 0:
+                self.adapters_key ^= hash((a, SET_SALT))
         q.append(req)
         self.n += 1
         if len(q) == 1:
@@ -59,7 +77,7 @@ class WaitingQueue:
         self._next_front -= 1
         q = self._fifo.get(req.adapter)
         if q is None:
-            q = self._fifo[req.adapter] = deque()
+            q = self._open(req.adapter)
         q.appendleft(req)
         self.n += 1
         self._push_head(req.adapter, q)
@@ -121,7 +139,10 @@ class WaitingQueue:
         if q:
             self._push_head(req.adapter, q)
         else:
-            del self._fifo[req.adapter]
+            a = req.adapter
+            del self._fifo[a]
+            if a >= 0:
+                self.adapters_key ^= hash((a, SET_SALT))
 
     def __iter__(self):
         """All waiting requests in FCFS order (slow; for reports and tests)."""
