@@ -1,13 +1,14 @@
 """The waiting queue's answers against a plain FCFS list (vLLM's ``waiting`` scanned in
 order): random arrivals, preemptions put back at the head and admissions, and after each
-operation the head over all, the head among an adapter set (the LoRA skip rule) and the
-count the skip rule passes over."""
+operation the head over all, the head among an adapter set (the LoRA skip rule), the
+count the skip rule passes over and the waiting adapters' set key (the metrics label)."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twin.sched.adapter_cache import SET_SALT
 from twin.sched.request import Request
 from twin.sched.waiting_queue import WaitingQueue
 
@@ -53,4 +54,8 @@ def test_waiting_queue_matches_a_scanned_fcfs_list(ops):
         skipped = sum(1 for r in order if r.adapter >= 0 and r.adapter not in allowed)
         assert q.passed_over(allowed, gate) == skipped
         assert q.passed_over(allowed, gate + 1) == 0
+        key = 0   # the waiting adapters' set key: the XOR of their members' hashes
+        for a in {r.adapter for r in order if r.adapter >= 0}:
+            key ^= hash((a, SET_SALT))
+        assert q.adapters_key == key
     assert list(q) == order
