@@ -12,6 +12,7 @@ import pytest
 
 from twin.config import ServingConfig
 from twin.errors import TwinInputError
+from twin.calibrate.frontend_fit import SERIES_GRID_S
 from twin.calibrate.vllm import (fit_load_time, fit_memory, read_kv_capacity,
                                  read_load_times)
 from twin.costs.profile import load_profile
@@ -408,3 +409,13 @@ def test_calibrate_cli_takes_the_step_terms_target_hold_and_frontend(data, tmp_p
     assert main(args + ["--terms", "const,no_such_term"]) != 0
     err = capsys.readouterr().err
     assert "unknown step-time term(s) ['no_such_term']" in err and "waiting_skipped" in err
+    # the scrape's cost per series fitted on the runs that keep up, on its grid
+    fit = [a if a != "2.2e-5" else "fit" for a in args]
+    assert main(fit + ["--terms", "const,decode_tokens"]) == 0
+    prof = load_profile(out)
+    cost = prof.provenance["frontend"]["series_cost"]
+    assert cost["runs"] >= 1 and cost["metrics_series_s"] == prof.frontend.metrics_series_s
+    assert prof.frontend.metrics_series_s in set(SERIES_GRID_S.tolist())
+    with pytest.raises(SystemExit):
+        main([a if a != "2.2e-5" else "nope" for a in args])
+    assert "--metrics-series-s" in capsys.readouterr().err
