@@ -105,7 +105,6 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
-
 def held_terms(text: str) -> dict:
     """``TERM=seconds[,TERM=seconds...]`` as a dict: step-time coefficients held, not fitted
     (``twin calibrate --hold``, ``reproduce_vllm_h100.py --hold``)."""

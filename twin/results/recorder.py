@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow as pa
 
 from twin.results.itl_histogram import ITLHistogram
-from twin.results.results import (RunResult, prefix_cache_summary, request_table, summarize,
-                                  waiting_growth)
+from twin.results.results import (RunResult, decode_gaps, prefix_cache_summary,
+                                  request_table, summarize, waiting_growth)
 from twin.sched.request import Request, RequestStatus
 
 TIMELINE_COLUMNS = ["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
@@ -268,14 +268,13 @@ def server_stalls_in_means(summary: dict, servers: list) -> None:
     server's metrics scrapes add to what its clients measure (``summary["frontend_stalls"]``,
     recorded above). Each server's decode gaps count at its own scale and each of its
     completed requests waits its own mean wait; ``servers``: the servers' RunResults."""
-    stalled = [r for r in servers if "frontend_stalls" in r.summary]
-    if not stalled:
+    if not any("frontend_stalls" in r.summary for r in servers):
         return
     gaps_all, extra_itl, extra_ttft = 0, 0.0, 0.0
     for r in servers:
         req = r.requests
         done = req["status"].to_numpy() == "finished"
-        gaps = int((req["generated_tokens"].to_numpy()[done] - 1).clip(min=0).sum())
+        gaps = decode_gaps(req["generated_tokens"].to_numpy()[done])
         gaps_all += gaps
         stall = r.summary.get("frontend_stalls")
         if stall is None:

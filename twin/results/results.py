@@ -176,6 +176,12 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
             "achieved_over_offered": achieved / offered if offered > 0 else 1.0}
 
 
+def decode_gaps(generated) -> int:
+    """The inter-token gaps of finished requests that generated ``generated`` tokens each:
+    what a mean ITL divides by (the first token opens no gap)."""
+    return int((generated - 1).clip(min=0).sum())
+
+
 def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
               itl_p50_s: float, itl_p99_s: float, loads: dict, preemptions: int,
               kv: dict, waiting_growth: int, max_model_len: int,
@@ -199,7 +205,7 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     multi = generated > 1
     decode_span = finish - first_token
     tpot = decode_span[multi] / (generated[multi] - 1)
-    gaps = int((generated - 1).clip(min=0).sum())
+    gaps = decode_gaps(generated)
     total_tps = (in_tok + out_tok) / dur
     achieved = load["achieved_over_offered"]
     starving_throughput = achieved < STARVATION_THRESHOLD
