@@ -2,7 +2,7 @@
 
 At ``max_loras`` 16 the runs that starve hold far fewer running requests than the twin does,
 the more so the more adapters are served (held out, rates 3.2/1.6/0.025: real 774 -> 385
-running from 32 to 384 served, the twin 784 -> 667), and the twin's ITL follows its batch
+running from 32 to 384 served, the twin 780 -> 668), and the twin's ITL follows its batch
 (+21% median over those 36 runs; README_validate, "the runs that starve at 16 slots"). This
 replays one such run with the shipped profile under variants that each change one input of
 the admission dynamics, and prints the twin's mean running requests, KV use, preemptions,
@@ -69,7 +69,8 @@ def _admit_head_of_line(self, plan, budget, now):
 _ADMIT = sched_mod.Scheduler.admit
 
 
-def run_variant(spec, variant: str, window_s: float) -> dict:
+def run_variant(spec, trace, catalog, variant: str, window_s: float) -> dict:
+    """One variant's replay of ``spec``'s workload (``trace``, ``catalog``: rebuilt once)."""
     prof = load_profile("llama31-8b-h100-64gb")
     cap = prof.provenance["client"]["max_in_flight"]
     config = spec.config
@@ -84,7 +85,6 @@ def run_variant(spec, variant: str, window_s: float) -> dict:
     elif name not in ("base", "hol"):
         raise SystemExit(f"unknown variant {variant!r}")
     sched_mod.Scheduler.admit = _admit_head_of_line if name == "hol" else _ADMIT
-    trace, catalog = reconstruct(spec, seed=0, window_s=window_s)
     t0 = time.perf_counter()
     try:
         res = simulate(trace, config, prof, catalog, window_s=window_s, max_in_flight=cap)
@@ -118,9 +118,10 @@ def main() -> None:
     real = {**{k: spec.extra.get(k) for k in REAL_EXTRA},
             **{k: spec.metrics.get(k) for k in REAL_METRICS}}
     print(f"{spec.key}\nreal: {real}")
+    trace, catalog = reconstruct(spec, seed=0, window_s=a.window)
     rows = []
     for v in a.variants:
-        rows.append(run_variant(spec, v, a.window))
+        rows.append(run_variant(spec, trace, catalog, v, a.window))
         print(rows[-1], flush=True)
     print(json.dumps({"run": spec.key, "window_s": a.window, "real": real, "twin": rows}))
 
