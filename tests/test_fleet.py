@@ -211,6 +211,10 @@ def test_static_table_weights_and_errors():
         with pytest.raises(TwinInputError) as err:   # a user's cell: an error, not a crash
             StaticTable(bad).bind(2, ["a", "b"])
         assert (err.value.field, err.value.row) == (field, row + 1), (gpu, weight)
+    # a table given as a DataFrame is checked as a file is: a missing column is named
+    with pytest.raises(TwinInputError, match=r"lacks column\(s\) \['weight'\]") as err:
+        StaticTable(table.drop(columns="weight"))
+    assert err.value.field == "weight"
     with pytest.raises(TwinInputError, match="routing table"):
         make_router("static")
     with pytest.raises(TwinInputError, match="unknown router"):

@@ -22,6 +22,10 @@ completion, both are measured from the first arrival: offered up to the latest a
 plus time in service (first scheduled to finish) over the requests, achieved up to the last
 completion; the gap is time spent waiting to be scheduled. Requests
 with prompt + output over max_model_len are rejected (as vLLM's HTTP 400), not offered.
+"Held by X (% busy)": the share of busy time in which the oldest waiting request was
+kept out by limit X (max_loras: its adapter is outside the full set of GPU slots;
+kv_cache; max_num_batched_tokens: the step was full; max_num_seqs); a STARVING verdict
+names the limit that held it at least half the time, the knob to look at first.
 
 The serving configuration uses vLLM's own names, as flags (--max-loras 8) or in a YAML
 file (--config serve.yaml, keys like max_loras or max-loras); flags override the file.

@@ -20,6 +20,7 @@ from twin.outputs import staged_dir
 from twin.policies.deployment import Deployment, ServerRun, ServerSpec, combine
 from twin.results import RunResult
 from twin.results import plot as plots
+from twin.results.queue_head import main_limit
 
 
 @dataclass
@@ -114,6 +115,8 @@ def _replica_row(k: int, rep, res: RunResult | None, starving: bool) -> dict:
         "loads_from_host": s["adapter_loads"]["from_host"] if s else 0,
         "preemptions": s["preemptions"] if s else 0,
         "starving": bool(starving),
+        # the limit that held its queue most of its busy time ("" when none did)
+        "held_by": (main_limit(s.get("waiting_held_by")) or "") if s else "",
     })
     return row
 
@@ -145,5 +148,6 @@ def format_fleet(f: dict) -> str:
         lines.append(f"{p['replica']:>7} {p['requests']:>9} {p['total_throughput']:>9.0f} "
                      f"{p['ttft_p99_ms']:>9.0f} {p['itl_mean_ms']:>9.1f} "
                      f"{p['loads_from_disk']:>6} {p['loads_from_host']:>6} "
-                     f"{p['preemptions']:>7}  {'STARVING' if p['starving'] else 'ok'}")
+                     f"{p['preemptions']:>7}  {'STARVING' if p['starving'] else 'ok'}"
+                     + (f" ({p['held_by']})" if p.get("held_by") else ""))
     return "\n".join(lines)

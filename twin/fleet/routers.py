@@ -101,8 +101,8 @@ class StaticTable(Router):
     def __init__(self, table: pd.DataFrame | str | Path):
         self.source = "routing table" if isinstance(table, pd.DataFrame) else str(table)
         if not isinstance(table, pd.DataFrame):
-            table = _read_routing(Path(table))
-        self.table = table
+            table = read_table(Path(table), "routing table", str_columns=("adapter",))
+        self.table = _checked(table, self.source)
 
     def bind(self, n_replicas, adapters):
         super().bind(n_replicas, adapters)
@@ -179,12 +179,12 @@ class StaticTable(Router):
                              "table", file=self.source, field="adapter")
 
 
-def _read_routing(path: Path) -> pd.DataFrame:
-    df = read_table(path, "routing table", str_columns=("adapter",))
+def _checked(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """A routing table (read from ``source``, or given as a DataFrame) with its columns."""
     missing = [c for c in ("adapter", "gpu", "weight") if c not in df.columns]
     if missing:
         raise TwinInputError(f"routing table lacks column(s) {missing} (twin place writes "
-                             "adapter, gpu, weight)", file=str(path), field=missing[0])
+                             "adapter, gpu, weight)", file=source, field=missing[0])
     return df
 
 

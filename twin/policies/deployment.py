@@ -26,6 +26,7 @@ import pandas as pd
 
 from twin.costs.step_time import StepTimeModel
 from twin.policies.memory import MemoryPlan
+from twin.results import queue_head
 from twin.results.recorder import server_stalls_in_means
 from twin.results.results import (STARVATION_THRESHOLD, RunResult, load_spans,
                                   prefix_cache_summary, summarize,
@@ -368,6 +369,9 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
             "usage_max": kv("usage_max")},
         waiting_growth=growth, max_model_len=config.max_model_len)
     summary["steps"] = sum(r.result.summary.get("steps", 0) for r in live)
+    held = [r.result.summary.get("waiting_held_by") for r in live]
+    if held and all(held):
+        summary["waiting_held_by"] = queue_head.combined(held)
     server_stalls_in_means(summary, [r.result for r in live])
     _combine_prefix_cache(req, summary, live)
     summary["unserved"] = int((dep.route < 0).sum())

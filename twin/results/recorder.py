@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from twin.results.queue_head import held_seconds, waiting_held_by
 from twin.results.itl_histogram import ITLHistogram
 from twin.results.results import (RunResult, decode_gaps, prefix_cache_summary,
                                   request_table, summarize, waiting_growth)
@@ -29,7 +30,9 @@ TIMELINE_COLUMNS = ["time_s", "running", "waiting", "kv_usage", "tokens", "adapt
 PREFIX_TIMELINE_COLUMNS = TIMELINE_COLUMNS + ["kv_cached"]
 # the step log both clocks write (the executor appends its own columns after these)
 STEP_COLUMNS = ["start_s", "duration_s", "steps", "prefill_tokens", "decode_seqs",
-                "explicit_seqs", "adapters", "loads", "preempted", "blocked", "after_idle"]
+                "explicit_seqs", "adapters", "loads", "preempted", "blocked", "held", "after_idle"]
+# blocked: where the step's waiting phase stopped; held: what kept the oldest waiting request
+# out (twin.results.queue_head)
 
 
 def _resized(old: np.ndarray, n: int, fill) -> np.ndarray:
@@ -135,7 +138,7 @@ class Recorder:
     the step log (``record_steps``)."""
 
     __slots__ = ("sample_dt", "num_blocks", "next_sample", "rows", "itl", "kv_integral", "kv_max",
-                 "load_time", "tokens", "loads", "steps", "busy", "step_rows", "prefix")
+                 "load_time", "tokens", "loads", "steps", "busy", "held", "step_rows", "prefix")
 
     def __init__(self, sample_dt: float, num_blocks: int, record_steps: bool = True,
                  prefix: bool = False):
@@ -151,6 +154,7 @@ class Recorder:
         self.loads = 0
         self.steps = 0
         self.busy = 0.0   # seconds of steps (a TTFT's steps: twin.results.spread)
+        self.held = held_seconds()   # the same by what kept the oldest waiting request out
         self.step_rows: list[tuple] | None = [] if record_steps else None
         self.prefix = prefix    # sample the cached blocks too (PREFIX_TIMELINE_COLUMNS)
 
@@ -181,10 +185,12 @@ class Recorder:
         self.tokens += plan.prefill_tokens + plan.decode_n * steps
         self.steps += steps
         self.busy += dur
+        self.held[plan.held] += dur
         if self.step_rows is not None:
             self.step_rows.append((start, dur, steps, plan.prefill_tokens, plan.decode_n,
                                    len(plan.explicit), plan.adapters, len(plan.loads),
-                                   len(plan.preempted), plan.blocked, after_idle, *extra))
+                                   len(plan.preempted), plan.blocked, plan.held, after_idle,
+                                   *extra))
 
 
 def default_sample_dt(horizon_s: float) -> float:
@@ -237,6 +243,7 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]
     summary["steps"] = rec.steps
+    summary["waiting_held_by"] = waiting_held_by(rec.held, rec.busy)
     if getattr(cache, "running_sets", None) is not None:
         # the distinct (running, waiting) adapter-set labels its steps ran with (vLLM's
         # lora_requests_info series; 1 with no adapter: the empty pair)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from twin.outputs import staged_dir
+from twin.results.queue_head import LIMITS, main_limit
 from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
@@ -301,11 +302,16 @@ def format_summary(s: dict) -> str:
         row("Prefill tokens saved:", s["prefill_tokens_saved"])
         for name, a in s["prefix_cache_by_adapter"].items():
             row(f"  hit rate, {name[:24]} (%):", f"{100 * a['hit_rate']:.1f}")
+    held = s.get("waiting_held_by")
+    if held:   # what held the oldest waiting request, as a share of the busy time
+        for k in LIMITS:
+            row(f"Held by {k} (% busy):", f"{100 * held[k]:.1f}")
     if s["offered_total_throughput"] == 0:   # a ratio of nothing to nothing says nothing
         verdict = "no load offered (every request rejected or outside the window)"
     elif s["starving"]:
+        limit = main_limit(held)
         verdict = (f"STARVING ({s['starving_reason']}; {100 * s['achieved_over_offered']:.1f}% "
-                   "of offered)")
+                   "of offered" + (f"; queue held by {limit}" if limit else "") + ")")
     else:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")

@@ -23,6 +23,7 @@ semantics, both checked against vLLM's loop transcribed (``tests/sched_reference
 from __future__ import annotations
 
 from twin.sched.abort import Aborts
+from twin.sched.cache_leaving import CacheLeaving
 from twin.sched.adapter_cache import AdapterCache
 from twin.sched.decode_group import DecodeGroup
 from twin.sched.kv_pool import KVBlockPool
@@ -35,7 +36,7 @@ WAITING, PREFILLING, DECODING, FINISHED, REJECTED, ABORTED = (
     RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.DECODING,
     RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.ABORTED)
 
-class Scheduler(Aborts):
+class Scheduler(Aborts, CacheLeaving):
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_loras: int, max_model_len: int,
                  adapter_cache: AdapterCache, enable_lora: bool = True,
@@ -118,11 +119,14 @@ class Scheduler(Aborts):
 
     def arrival_may_change(self, adapter: int) -> bool:
         """Could a request arriving now change the next steps, given the blocked state (SEQS,
-        BUDGET, KV persist)? With ``prices_skipped``, one the waiting loop passes over does."""
+        BUDGET, KV persist)? With ``prices_skipped``, one the waiting loop passes over does;
+        so does one that finds the queue empty (it changes what holds the queue's head)."""
         b = self.blocked
         if b == LORA:
             return adapter < 0 or adapter in self.cache.in_use or self.prices_skipped
-        return b == EMPTY or b == PREEMPTED or (b == KV and self.prices_skipped)
+        # one that finds the queue empty becomes its head: the steps' ``held`` changes
+        return (b == EMPTY or b == PREEMPTED or (b == KV and self.prices_skipped)
+                or not self.waiting.n)
 
     # -- the step --------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
@@ -168,9 +172,20 @@ class Scheduler(Aborts):
         # waiting phase
         self.blocked = plan.blocked = (PREEMPTED if plan.preempted
                                        else self.admit(plan, budget, now))
+        if self.waiting.n:
+            plan.held = self._head_held(plan.blocked)
         plan.adapters = self.cache.step_adapters()
         plan.kv_blocks = pool.used + (self._held_next if plan.group_decode else 0)
         return plan
+
+    def _head_held(self, blocked: str) -> str:
+        """What kept the oldest waiting request out (``StepPlan.held``): its adapter outside
+        a full set of slots (``LORA``), else where admission stopped. Constant through a run
+        of identical decode steps: arrivals join at the tail, one finding the queue empty
+        cuts the run (:meth:`arrival_may_change`)."""
+        a, in_use = self.waiting.first().adapter, self.cache.in_use
+        full = self.enable_lora and len(in_use) >= self.max_loras
+        return LORA if blocked == LORA or (full and a >= 0 and a not in in_use) else blocked
 
     def _preempt_tail(self, plan: StepPlan, need: int, chunks: list):
         """KV shortage: pop running requests from the tail until the rest fit. vLLM
@@ -401,28 +416,6 @@ class Scheduler(Aborts):
                     prefilling.append(r)
             self.prefilling = prefilling
         return done
-
-    def _leave_cache(self, r: Request, computed: int, blocks: int, uncounted: int = 0) -> None:
-        """``r`` leaves the running set with ``computed`` tokens in ``blocks`` blocks, of
-        which ``uncounted`` are already out of the scheduler's counts: its full blocks are
-        cached, then freed (cached ones stay, evictable)."""
-        if r.prefix is None and not self.prefix.evictable:
-            return   # nothing to cache, nothing cached is free: the queue is empty blocks
-        pool = self.pool
-        free = pool.num_blocks - pool.used - self.group.held_blocks() - uncounted
-        self.prefix.register(r, computed, free)
-        self.prefix.release(r, blocks, free)
-
-    def _leave_group(self, finished: list[Request]) -> None:
-        """Decoders that finished together leave the cache one by one (their blocks are
-        out of the group's count already)."""
-        if not self.prefix.evictable and all(r.prefix is None for r in finished):
-            return
-        blocks = [self.pool.blocks_for(r.prompt + r.output - 1) for r in finished]
-        pending = sum(blocks)
-        for r, b in zip(finished, blocks):
-            self._leave_cache(r, r.prompt + r.output - 1, b, pending)
-            pending -= b
 
     def _finish(self, r: Request, now: float) -> None:
         r.status = FINISHED

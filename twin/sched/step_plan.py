@@ -14,7 +14,7 @@ class StepPlan:
     __slots__ = ("explicit", "group_decode", "decode_n", "decode_ctx", "decode_lora",
                  "prefill_tokens", "prefill_n", "prefill_ctx", "prefill_ctx_n",
                  "prefill_lora_tokens",
-                 "adapters", "loads", "admitted", "preempted", "blocked", "kv_blocks",
+                 "adapters", "loads", "admitted", "preempted", "blocked", "held", "kv_blocks",
                  "waiting_skipped")
 
     def __init__(self):
@@ -33,6 +33,7 @@ class StepPlan:
         self.admitted: list = []
         self.preempted: list = []
         self.blocked = EMPTY
+        self.held = EMPTY               # what kept the oldest waiting request out (or EMPTY)
         self.kv_blocks = 0              # KV blocks in use once the step's allocations are made
         self.waiting_skipped = 0        # waiting requests the LoRA rule passed over
 
