@@ -15,6 +15,7 @@ from twin.cli.place_fleet import FLEET_ROUTERS
 from twin.config import ServingConfig
 from twin.fleet import Replica, simulate_fleet
 from twin.fleet.routers import StaticTable
+from twin.results.queue_head import main_limit
 from twin.sim import simulate
 from twin.fleet.verify import (ROUTERS_TO_SIZE, check_placement, fleet_config,
                                format_fleet_check, format_placement_check, gpus_needed,
@@ -76,7 +77,11 @@ def test_a_too_small_placement_is_reported_starving(trace):
     check = verify_fleet(trace, [CONFIG], _routing(trace, 1), profile=PROFILE, routers=())
     assert not check["placement"]["keeps_up"]
     assert check["placement"]["starving_gpus"] == [0]
-    assert "STARVING" in format_fleet_check(check)
+    # what held its queue is the one the GPU's own run names, and the report says it
+    held = check["placement"]["per_gpu"][0]["held_by"]
+    own = simulate_fleet(trace, [CONFIG], StaticTable(_routing(trace, 1)), profile=PROFILE)
+    assert held and held == main_limit(own.replicas[0].summary["waiting_held_by"])
+    assert f"STARVING (queue held by {held})" in format_fleet_check(check)
 
 
 @pytest.mark.parametrize("router", ["round_robin", "adapter_affinity"])

@@ -109,7 +109,7 @@ def check_placement(trace, configs, routing, *, profile, catalog=None, window_s=
            "starving_gpus": [p["replica"] for p in per if p["starving"]],
            "per_gpu": [{k: p[k] for k in ("replica", "requests", "total_throughput",
                                           "ttft_p99_ms", "tpot_p99_ms", "loads_from_disk",
-                                          "starving")} for p in per]}
+                                          "starving", "held_by")} for p in per]}
     if slo:
         out["slo_check"] = slo_check(run.summary, slo)
     return out
@@ -194,9 +194,10 @@ def format_placement_check(p: dict) -> list[str]:
     lines.append(f"  {'gpu':>4} {'requests':>9} {'tok/s':>9} {'TTFT p99':>9} {'TPOT p99':>9} "
                  f"{'disk':>6}  verdict")
     for g in p["per_gpu"]:
-        v = "STARVING" if g["starving"] else (
+        v = ("STARVING" + (f" (queue held by {g['held_by']})" if g.get("held_by") else "")
+             if g["starving"] else (
             "misses " + ",".join(k.upper() for k in miss[g["replica"]])
-            if g["replica"] in miss else "ok")
+            if g["replica"] in miss else "ok"))
         lines.append(f"  {g['replica']:>4} {g['requests']:>9} {g['total_throughput']:>9.0f} "
                      f"{g['ttft_p99_ms']:>9.0f} {g['tpot_p99_ms']:>9.1f} "
                      f"{g['loads_from_disk']:>6}  {v}")
