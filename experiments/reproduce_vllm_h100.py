@@ -101,6 +101,7 @@ def results_frame(runs, sims) -> pd.DataFrame:
         row["real_running"] = m.get("num_running_mean", np.nan)
         row["twin_running"] = s.get("num_running_mean", np.nan)
         row["twin_lora_running_sets"] = s.get("lora_running_sets", np.nan)
+        row["twin_held_by"] = s.get("held_by", "")   # what held its queue (queue_head)
         row["twin_sim_wall_s"] = s.get("sim_wall_s", np.nan)
         row["twin_rejected"] = s.get("rejected", 0)
         rows.append(row)

@@ -29,7 +29,7 @@ from twin.calibrate.step_terms import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERM
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.errors import ConfigError, TwinInputError
-from twin.results import smape
+from twin.results import main_limit, smape
 from twin.sim.engine import simulate
 
 __all__ = ["CAPPED_GRID_TERMS", "GRID_TERMS", "RIDGE_TERMS", "STEP_TERMS", "StepFit",
@@ -112,9 +112,8 @@ def _profile_with(profile: Profile, coef: dict, recording: bool) -> Profile:
 
 def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | None = None,
                  max_in_flight: int | None = None, record: bool = False) -> dict:
-    """Simulate one run's reconstructed workload; returns the summary metrics (and the
-    recorded step-feature sums with ``record``). Errors (e.g. a config vLLM refuses) come
-    back as ``{"error": message}``."""
+    """Simulate one run's reconstructed workload: its summary metrics (and the recorded
+    step-feature sums with ``record``); a config vLLM refuses comes back as ``{"error": msg}``."""
     window = float(window_s if window_s is not None else math.floor(spec.duration_s))
     trace, catalog = reconstruct(spec, seed=seed, window_s=window)
     kw = {"max_in_flight": max_in_flight} if max_in_flight else {}
@@ -137,6 +136,7 @@ def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | Non
            "num_waiting_mean": float(res.timeline["waiting"].mean()),
            "load_time_s": s["adapter_loads"]["time_s"], "window_s": window,
            "lora_running_sets": s.get("lora_running_sets", 0),
+           "held_by": main_limit(s.get("waiting_held_by")) or "",
            "sim_wall_s": time.perf_counter() - t0, "n_requests": len(trace)}
     st = profile.step_time
     if record and isinstance(st, _RecordingStepTime):
