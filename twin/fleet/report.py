@@ -149,5 +149,5 @@ def format_fleet(f: dict) -> str:
                      f"{p['ttft_p99_ms']:>9.0f} {p['itl_mean_ms']:>9.1f} "
                      f"{p['loads_from_disk']:>6} {p['loads_from_host']:>6} "
                      f"{p['preemptions']:>7}  {'STARVING' if p['starving'] else 'ok'}"
-                     + (f" ({p['held_by']})" if p.get("held_by") else ""))
+                     + (f" (queue held by {p['held_by']})" if p.get("held_by") else ""))
     return "\n".join(lines)

@@ -194,10 +194,12 @@ def format_placement_check(p: dict) -> list[str]:
     lines.append(f"  {'gpu':>4} {'requests':>9} {'tok/s':>9} {'TTFT p99':>9} {'TPOT p99':>9} "
                  f"{'disk':>6}  verdict")
     for g in p["per_gpu"]:
-        v = ("STARVING" + (f" (queue held by {g['held_by']})" if g.get("held_by") else "")
-             if g["starving"] else (
-            "misses " + ",".join(k.upper() for k in miss[g["replica"]])
-            if g["replica"] in miss else "ok"))
+        if g["starving"]:
+            v = "STARVING" + (f" (queue held by {g['held_by']})" if g["held_by"] else "")
+        elif g["replica"] in miss:
+            v = "misses " + ",".join(k.upper() for k in miss[g["replica"]])
+        else:
+            v = "ok"
         lines.append(f"  {g['replica']:>4} {g['requests']:>9} {g['total_throughput']:>9.0f} "
                      f"{g['ttft_p99_ms']:>9.0f} {g['tpot_p99_ms']:>9.1f} "
                      f"{g['loads_from_disk']:>6}  {v}")

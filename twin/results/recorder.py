@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from twin.results.queue_head import held_seconds, waiting_held_by
 from twin.results.itl_histogram import ITLHistogram
+from twin.results.queue_head import held_seconds, waiting_held_by
 from twin.results.results import (RunResult, decode_gaps, prefix_cache_summary,
                                   request_table, summarize, waiting_growth)
 from twin.sched.request import Request, RequestStatus

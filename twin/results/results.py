@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from twin.outputs import staged_dir
-from twin.results.queue_head import LIMITS, main_limit
 from twin.results import plot as plots   # looked up at call time (tests replace it)
+from twin.results.queue_head import LIMITS, main_limit
 from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
 

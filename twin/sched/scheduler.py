@@ -23,8 +23,8 @@ semantics, both checked against vLLM's loop transcribed (``tests/sched_reference
 from __future__ import annotations
 
 from twin.sched.abort import Aborts
-from twin.sched.cache_leaving import CacheLeaving
 from twin.sched.adapter_cache import AdapterCache
+from twin.sched.cache_leaving import CacheLeaving
 from twin.sched.decode_group import DecodeGroup
 from twin.sched.kv_pool import KVBlockPool
 from twin.sched.prefix_cache import PrefixCache
@@ -124,7 +124,6 @@ class Scheduler(Aborts, CacheLeaving):
         b = self.blocked
         if b == LORA:
             return adapter < 0 or adapter in self.cache.in_use or self.prices_skipped
-        # one that finds the queue empty becomes its head: the steps' ``held`` changes
         return (b == EMPTY or b == PREEMPTED or (b == KV and self.prices_skipped)
                 or not self.waiting.n)
 
