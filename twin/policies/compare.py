@@ -15,10 +15,10 @@ Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
 - ``replication``: GPUs beyond the fewest any strategy needed that kept up (one weight
   copy per adapter);
 - ``adapter loads``: time spent loading adapters / time spent in steps;
-- ``skip rule``: time during which waiting requests were held back by the ``max_loras``
-  slots (vLLM's LoRA rule);
-- ``KV capacity``: time during which admission stopped for lack of KV blocks (or of
-  reserve, for S-LoRA's conservative admission), plus preemptions;
+- ``skip rule``: time during which the oldest waiting request was held back by the
+  ``max_loras`` slots (vLLM's LoRA rule; the step log's ``held``, ``twin.results.queue_head``);
+- ``KV capacity``: time during which it was held back for lack of KV blocks (or of
+  reserve, for S-LoRA's conservative admission), or by a preemption;
 - ``LoRA compute``: step time added by the LoRA matmuls and adapter-weight reads (at the
   padded rank for vLLM, the exact ranks for S-LoRA);
 - ``time-slicing``: compute lost by replicas that share a GPU, 1 − 1/slowdown;
@@ -137,9 +137,9 @@ def cost_breakdown(run: PolicyRun, config, profile, catalog=None, min_gpus=None)
     if steps is not None and len(steps):
         dur = steps["duration_s"].to_numpy()
         tot = dur.sum()
-        blocked = steps["blocked"].to_numpy()
-        skip = float(dur[blocked == "lora"].sum() / tot) if tot else 0.0
-        kv = float(dur[np.isin(blocked, ("kv", "preempted"))].sum() / tot) if tot else 0.0
+        held = steps["held"].to_numpy()   # what kept the oldest waiting request out
+        skip = float(dur[held == "lora"].sum() / tot) if tot else 0.0
+        kv = float(dur[np.isin(held, ("kv", "preempted"))].sum() / tot) if tot else 0.0
     lora = _lora_compute_share(run, config, profile, catalog)
     served = [r for r in run.servers if r.result is not None and len(r.rows)]
     w = np.array([len(r.rows) for r in served], dtype=float)
@@ -227,10 +227,10 @@ _WHY = {
                 "({n} adapters unserved on {gpus} GPU(s); {k} replica(s) fit per GPU)",
     "replication": "it needs {gpus} GPUs, one full weight copy per replica, where {best} GPU(s) suffice",
     "adapter loads": "{pct} of its step time goes to loading adapters ({loads} loads)",
-    "skip rule": "for {pct} of the time waiting requests were held back by the max_loras={ml} "
-                 "slots (skip rule), so queues build up",
-    "KV capacity": "for {pct} of the time admission stopped for lack of KV blocks "
-                   "({pre} preemptions)",
+    "skip rule": "for {pct} of the time the oldest waiting request was held back by the "
+                 "max_loras={ml} slots (skip rule), so queues build up",
+    "KV capacity": "for {pct} of the time the oldest waiting request was held back for lack "
+                   "of KV blocks ({pre} preemptions)",
     "LoRA compute": "LoRA matmuls and adapter-weight reads add {pct} to every step",
     "time-slicing": "replicas sharing a GPU lose {pct} of their compute to time-slicing",
     "transfers": "its clients spend {pct} of their step time moving activations to and "
