@@ -118,3 +118,17 @@ def test_a_fleet_weights_its_replicas_by_busy_time():
     assert per[1]["max_loras"] < fleet["max_loras"] < per[0]["max_loras"]
     rows = run.summary["fleet"]["per_replica"]
     assert [r["held_by"] for r in rows] == ["max_loras", ""]
+
+
+def test_twin_compare_s_skip_rule_share_is_the_time_the_queue_was_held_by_the_slots():
+    """``twin compare``'s "skip rule" and "KV capacity" costs are the run's own shares of
+    what held the queue (one definition for the verdict and the comparison)."""
+    from twin.policies.compare import compare
+
+    trace, cfg = CASES["max_loras"]
+    cmp = compare(trace, ServingConfig(**cfg), policies=["vllm"], gpus=1)
+    held = cmp.runs["vllm"].result.summary["waiting_held_by"]
+    costs = cmp.costs["vllm"]
+    assert costs["skip rule"] == pytest.approx(held["max_loras"], rel=1e-9)
+    assert costs["KV capacity"] == pytest.approx(held["kv_cache"], abs=1e-12)
+    assert cmp.table.set_index("policy").loc["vllm", "dominant_cost"].startswith("skip rule")
