@@ -16,7 +16,8 @@ Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
   copy per adapter);
 - ``adapter loads``: time spent loading adapters / time spent in steps;
 - ``skip rule``: time during which the oldest waiting request was held back by the
-  ``max_loras`` slots (vLLM's LoRA rule; the step log's ``held``, ``twin.results.queue_head``);
+  ``max_loras`` slots (vLLM's LoRA rule; the run's ``waiting_held_by``,
+  ``twin.results.queue_head``);
 - ``KV capacity``: time during which it was held back for lack of KV blocks (or of
   reserve, for S-LoRA's conservative admission), or by a preemption;
 - ``LoRA compute``: step time added by the LoRA matmuls and adapter-weight reads (at the
@@ -132,14 +133,8 @@ def cost_breakdown(run: PolicyRun, config, profile, catalog=None, min_gpus=None)
     unserved = float(tok[req["status"].to_numpy() == "unserved"].sum() / max(tok.sum(), 1))
     busy = sum(r.busy_s for r in run.servers if r.result is not None and not np.isnan(r.busy_s))
     loads = s["adapter_loads"]["time_s"] / busy if busy > 0 else 0.0
-    skip = kv = 0.0
-    steps = run.result.steps
-    if steps is not None and len(steps):
-        dur = steps["duration_s"].to_numpy()
-        tot = dur.sum()
-        held = steps["held"].to_numpy()   # what kept the oldest waiting request out
-        skip = float(dur[held == "lora"].sum() / tot) if tot else 0.0
-        kv = float(dur[np.isin(held, ("kv", "preempted"))].sum() / tot) if tot else 0.0
+    held = s.get("waiting_held_by")   # the recorder's tally, servers weighted by busy time
+    skip, kv = (held["max_loras"], held["kv_cache"]) if held else (0.0, 0.0)
     lora = _lora_compute_share(run, config, profile, catalog)
     served = [r for r in run.servers if r.result is not None and len(r.rows)]
     w = np.array([len(r.rows) for r in served], dtype=float)
