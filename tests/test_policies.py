@@ -420,6 +420,29 @@ def test_compare_table_and_verdict(trace, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000 and png.endswith("c.png")
 
 
+def test_compare_names_the_strategies_tied_with_the_winner(trace):
+    from twin.policies.compare import TIE_BAND, _tied, compare
+
+    # the same strategy twice: identical runs, so each is tied with the other
+    cmp = compare(trace, cfg(max_loras=6), PROFILE, policies=(("a", "vllm"), ("b", "vllm")),
+                  gpus=1)
+    assert cmp.winner == "a" and cmp.tied == ["b"]
+    assert "Tied with b" in cmp.verdict
+    # by hand: within the band on both p99s and on as many GPUs, or not tied
+    row = dict(starving=False, adapters_unserved=0, gpus=2, ttft_p99_ms=100.0, tpot_p99_ms=20.0)
+    near, far = 1 + TIE_BAND / 2, 1 + 2 * TIE_BAND
+    table = pd.DataFrame([
+        {**row, "policy": "w"},
+        {**row, "policy": "close", "ttft_p99_ms": 100 * near, "tpot_p99_ms": 20 * near},
+        {**row, "policy": "slow_ttft", "ttft_p99_ms": 100 * far},
+        {**row, "policy": "slow_tpot", "tpot_p99_ms": 20 * far},
+        {**row, "policy": "more_gpus", "gpus": 3},
+        {**row, "policy": "starves", "starving": True},
+        {**row, "policy": "unserved", "adapters_unserved": 1}])
+    assert _tied(table, "w") == ["close"]
+    assert _tied(table, "starves") == []   # a winner that does not keep up ties with none
+
+
 def test_compare_cli(tmp_path, trace, capsys):
     from twin.cli import main
 

@@ -32,6 +32,7 @@ from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import StepTimeModel
 from twin.errors import ConfigError
+from twin.results.extrapolation import fit_extent
 from twin.servers import kv_capacity_tokens
 
 __all__ = ["fit_memory", "fit_load_time", "fit_step_time", "fit_client_cap", "calibrate",
@@ -78,6 +79,8 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed,
                                          decode_target)
+    # the batches it was fitted on: a run past them says so (twin.results.extrapolation)
+    prov["step_time"]["extent"] = fit_extent((r.config, r.n_adapters) for r in usable)
     if balance:
         prov["step_time"]["weights"] = ("each measured regime alike" if balance == "regime"
                                          else "each (max_loras, regime) cell alike")

@@ -42,6 +42,12 @@ client) is deployed on N GPUs (static deployments serve the hottest adapters tha
 report the rest as unserved; dynamic ones split adapters across N servers). Without it
 vllm and slora use 1 GPU, merged as many as all adapters need, hybrid k + 1.
 
+the winner: among the strategies that keep up (no starvation, every adapter served), the
+fewest GPUs, then the lowest TTFT p99, then TPOT p99; those within 5% of it on both p99s
+on as many GPUs are named as tied with it. A strategy whose steps went past the batches a
+calibrated profile was fitted on (S-LoRA with hundreds of adapters per step on the H100
+profile, fitted with at most 192) gets a note under the verdict: its figures extrapolate.
+
 examples:
   twin compare --trace traces/rate_classes_32_heavy_10min.parquet --max-loras 8 --max-cpu-loras 32
   twin compare --trace t.parquet --policies vllm,slora,merged --gpus 2 --max-model-len 4096 --out runs/cmp

@@ -7,6 +7,9 @@ down into the few mechanisms that differ between strategies, and picks a winner:
 1. strategies that keep up with the offered load (no starvation, every adapter served)
    beat those that do not;
 2. among those that keep up: fewer GPUs, then lower TTFT p99, then lower TPOT p99;
+   strategies on as many GPUs whose TTFT and TPOT p99 are within ``TIE_BAND`` of the
+   winner's are named as tied with it (a p99 a few % apart is within the twin's error:
+   the choice between them rests on something else, memory or simplicity);
 3. if none keeps up: the highest completed throughput per GPU.
 
 Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
@@ -43,9 +46,13 @@ from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
 from twin.results import crop_window
+from twin.results.results import json_default
+from twin.results.extrapolation import describe
 from twin.workload.schema import validate_trace
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
+#: p99s this close (relative) are a tie: the twin's latency error is several % (README_validate)
+TIE_BAND = 0.05
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots",
                                      "lora_active", "lora_slot_tokens",
                                      "lora_slot_tokens_capped", "adapters_squared",
@@ -61,6 +68,7 @@ class Comparison:
     verdict: str
     offered_tps: float
     meta: dict = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)   # within TIE_BAND of the winner
 
     def format(self) -> str:
         return (format_table(self.table) + "\n\n" + format_deployments(self) + "\n\n"
@@ -97,8 +105,10 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
              for name, run in runs.items()}
     table["dominant_cost"] = [_dominant(costs[n]) for n in table["policy"]]
     winner = _winner(table)
-    verdict = explain(table, costs, winner, runs, config)
+    tied = _tied(table, winner)
+    verdict = explain(table, costs, winner, runs, config, tied)
     return Comparison(runs=runs, table=table, costs=costs, winner=winner, verdict=verdict,
+                      tied=tied,
                       offered_tps=offered, meta={"gpus": gpus, "window_s": window_s,
                                                  "profile": profile.name})
 
@@ -217,6 +227,18 @@ def _winner(table: pd.DataFrame) -> str | None:
     return str(table["policy"].iloc[int(np.argmax(per_gpu.to_numpy()))])
 
 
+def _tied(table: pd.DataFrame, winner: str | None) -> list[str]:
+    """The strategies that keep up on as many GPUs as ``winner`` with TTFT and TPOT p99
+    within ``TIE_BAND`` (relative) of its own (none when the winner does not keep up)."""
+    ok = table[~table["starving"] & (table["adapters_unserved"] == 0)].set_index("policy")
+    if winner not in ok.index:
+        return []
+    w = ok.loc[winner]
+    near = [(ok[k] - w[k]).abs() <= TIE_BAND * np.maximum(ok[k].abs(), abs(w[k]))
+            for k in ("ttft_p99_ms", "tpot_p99_ms")]
+    return [str(n) for n in ok.index[near[0] & near[1] & (ok["gpus"] == w["gpus"])] if n != winner]
+
+
 _WHY = {
     "unserved": "{pct} of the offered tokens belong to adapters that got no replica "
                 "({n} adapters unserved on {gpus} GPU(s); {k} replica(s) fit per GPU)",
@@ -252,7 +274,8 @@ def _why(name: str, costs: dict, row, run: PolicyRun, config, best_gpus) -> str:
     return "; then ".join(parts)
 
 
-def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, config) -> str:
+def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, config,
+            tied=()) -> str:
     if winner is None:
         return "No strategy ran."
     t = table.set_index("policy")
@@ -266,6 +289,10 @@ def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, co
         head = (f"Winner: {winner} — no strategy keeps up; {winner} completes the most per GPU "
                 f"({w['total_tok_per_s'] / max(w['gpus'], 1):.0f} tok/s/GPU, "
                 f"{w['pct_offered']:.0f}% of offered).")
+    if tied:
+        head += (f" Tied with {', '.join(tied)}: TTFT and TPOT p99 within "
+                 f"{100 * TIE_BAND:.0f}% on as many GPUs, inside the twin's own error; choose "
+                 "between them on memory or simplicity.")
     lines = [head, f"  {winner}'s largest remaining cost: "
              f"{_why(winner, costs[winner], w, runs[winner], config, best_gpus)}."]
     for name in t.index:
@@ -277,6 +304,10 @@ def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, co
         lines.append(f"  {name} ({status}, {int(r['gpus'])} GPU(s), TTFT p99 "
                      f"{r['ttft_p99_ms']:.0f} ms): "
                      f"{_why(name, costs[name], r, runs[name], config, best_gpus)}.")
+    for name, run in runs.items():   # a figure priced past the profile's calibration
+        note = describe(run.result.summary.get("extrapolated"))
+        if note:
+            lines.append(f"  Note on {name}: {note}.")
     return "\n".join(lines)
 
 
@@ -402,20 +433,9 @@ def write_comparison(cmp: Comparison, out, *, trace, config, gpus=None) -> None:
     cmp.table.to_csv(out / "table.csv", index=False)
     (out / "summary.json").write_text(json.dumps({
         "trace": str(trace), "config": config.to_dict(), "gpus": gpus,
-        "winner": cmp.winner, "verdict": cmp.verdict, "costs": cmp.costs,
+        "winner": cmp.winner, "tied": cmp.tied, "verdict": cmp.verdict, "costs": cmp.costs,
         "table": cmp.table.to_dict(orient="records"),
         "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
-    }, indent=2, default=_numpy_scalar) + "\n")
+    }, indent=2, default=json_default) + "\n")
     plot_comparison(cmp, out / "compare.png",
                     title=f"{trace.name}: {cmp.offered_tps:.0f} tok/s offered")
-
-
-def _numpy_scalar(o):
-    """json.dumps ``default``: numpy scalars as Python numbers."""
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(type(o))

@@ -26,8 +26,7 @@ import pandas as pd
 
 from twin.costs.step_time import StepTimeModel
 from twin.policies.memory import MemoryPlan
-from twin.results import queue_head
-from twin.results.recorder import server_stalls_in_means
+from twin.results.recorder import server_stalls_in_means, server_tallies
 from twin.results.results import (STARVATION_THRESHOLD, RunResult, load_spans,
                                   prefix_cache_summary, summarize,
                                   waiting_growth)
@@ -368,10 +367,7 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
         kv={"capacity_tokens": int(cap), "usage_mean": kv("usage_mean"),
             "usage_max": kv("usage_max")},
         waiting_growth=growth, max_model_len=config.max_model_len)
-    summary["steps"] = sum(r.result.summary.get("steps", 0) for r in live)
-    held = [r.result.summary.get("waiting_held_by") for r in live]
-    if held and all(held):
-        summary["waiting_held_by"] = queue_head.combined(held)
+    summary.update(server_tallies([r.result.summary for r in live]))
     server_stalls_in_means(summary, [r.result for r in live])
     _combine_prefix_cache(req, summary, live)
     summary["unserved"] = int((dep.route < 0).sum())

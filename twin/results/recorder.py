@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from twin.results.itl_histogram import ITLHistogram
+from twin.results import extrapolation, queue_head
 from twin.results.queue_head import held_seconds, waiting_held_by
 from twin.results.results import (RunResult, decode_gaps, prefix_cache_summary,
                                   request_table, summarize, waiting_growth)
@@ -138,7 +139,8 @@ class Recorder:
     the step log (``record_steps``)."""
 
     __slots__ = ("sample_dt", "num_blocks", "next_sample", "rows", "itl", "kv_integral", "kv_max",
-                 "load_time", "tokens", "loads", "steps", "busy", "held", "step_rows", "prefix")
+                 "load_time", "tokens", "loads", "steps", "busy", "held", "adapters_max",
+                 "step_rows", "prefix")
 
     def __init__(self, sample_dt: float, num_blocks: int, record_steps: bool = True,
                  prefix: bool = False):
@@ -155,6 +157,7 @@ class Recorder:
         self.steps = 0
         self.busy = 0.0   # seconds of steps (a TTFT's steps: twin.results.spread)
         self.held = held_seconds()   # the same by what kept the oldest waiting request out
+        self.adapters_max = 0   # the most distinct adapters in one step (twin.results.extrapolation)
         self.step_rows: list[tuple] | None = [] if record_steps else None
         self.prefix = prefix    # sample the cached blocks too (PREFIX_TIMELINE_COLUMNS)
 
@@ -186,6 +189,8 @@ class Recorder:
         self.steps += steps
         self.busy += dur
         self.held[plan.held] += dur
+        if plan.adapters > self.adapters_max:
+            self.adapters_max = plan.adapters
         if self.step_rows is not None:
             self.step_rows.append((start, dur, steps, plan.prefill_tokens, plan.decode_n,
                                    len(plan.explicit), plan.adapters, len(plan.loads),
@@ -244,6 +249,7 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         summary["unfinished"] -= summary["failed"]
     summary["steps"] = rec.steps
     summary["waiting_held_by"] = waiting_held_by(rec.held, rec.busy)
+    summary["step_adapters_max"] = rec.adapters_max
     if getattr(cache, "running_sets", None) is not None:
         # the distinct (running, waiting) adapter-set labels its steps ran with (vLLM's
         # lora_requests_info series; 1 with no adapter: the empty pair)
@@ -265,6 +271,22 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
         steps_df = pd.DataFrame(rec.step_rows, columns=step_columns)
     return RunResult(requests=req, summary=summary, timeline=timeline, steps=steps_df,
                      meta=meta)
+
+
+def server_tallies(summaries: list[dict]) -> dict:
+    """The recorder's tallies of several servers as one (a deployment's or a fleet's
+    summary, ``twin.policies.deployment.combine``): steps summed, what held the queues
+    weighted by busy time, the largest step and how far past its calibration each went."""
+    out = {"steps": sum(s.get("steps", 0) for s in summaries),
+           "step_adapters_max": max((s.get("step_adapters_max", 0) for s in summaries),
+                                    default=0)}
+    held = [s.get("waiting_held_by") for s in summaries]
+    if held and all(held):
+        out["waiting_held_by"] = queue_head.combined(held)
+    beyond = extrapolation.combined([s.get("extrapolated") for s in summaries])
+    if beyond is not None:
+        out["extrapolated"] = beyond
+    return out
 
 
 def server_stalls_in_means(summary: dict, servers: list) -> None:

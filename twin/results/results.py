@@ -8,6 +8,7 @@ over requests with more than one output token; ITL = gaps between consecutive to
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pandas as pd
 
 from twin.outputs import staged_dir
 from twin.results import plot as plots   # looked up at call time (tests replace it)
+from twin.results.extrapolation import describe
 from twin.results.queue_head import LIMITS, main_limit
 from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
@@ -98,7 +100,7 @@ class RunResult:
                 table.to_parquet(d / f"{name}.parquet", index=False)
         (d / "summary.json").write_text(
             json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
-                       default=_json_default) + "\n")
+                       default=json_default) + "\n")
         if plot:
             plots.plot_timeline(self, d / "timeline.png")
 
@@ -106,7 +108,8 @@ class RunResult:
         return format_summary(self.summary)
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps``'s ``default``: numpy scalars as Python numbers."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -315,6 +318,9 @@ def format_summary(s: dict) -> str:
     else:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
+    note = describe(s.get("extrapolated"))
+    if note:
+        lines += textwrap.wrap(f"Note: {note}", w, subsequent_indent="  ")
     lines.append("=" * w)
     return "\n".join(lines)
 

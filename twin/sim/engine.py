@@ -25,6 +25,7 @@ from twin.config import ServingConfig
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import after_idle
 from twin.errors import TwinInputError
+from twin.results.extrapolation import extrapolation
 from twin.results.recorder import Outcomes, Recorder, build_result, default_sample_dt
 from twin.results.results import RunResult, crop_window
 from twin.sched import Request, RequestStatus
@@ -376,6 +377,10 @@ def _result(clock: _Clock, config: ServingConfig, profile: Profile, duration: fl
     pool = server.adapter_pool(result.summary["duration_s"])
     if pool is not None:
         result.summary["adapter_pool"] = pool
+    slots = config.max_loras if server.layout == "vllm" and config.enable_lora else None
+    beyond = extrapolation(profile, clock.rec.adapters_max, slots)
+    if beyond is not None:   # priced past the batches the step time was fitted on
+        result.summary["extrapolated"] = beyond
     return result
 
 
