@@ -111,3 +111,18 @@ def test_the_shipped_h100_profile_says_where_it_was_fitted():
     assert fitted_extent(load_profile("llama31-8b-h100-64gb")) == {"adapters": 192,
                                                                    "max_loras": 192}
     assert fitted_extent(load_profile(PROFILE)) is None
+
+
+def test_a_recommendation_verified_past_the_calibration_warns():
+    from twin.ml.recommend import recommend
+    from twin.workload.generate import powerlaw_trace
+
+    trace = powerlaw_trace(8, 4.0, alpha=1.0, duration_s=60, seed=0)
+    for extent, warned in (({"adapters": 2, "max_loras": 384}, True),
+                           ({"adapters": 384, "max_loras": 384}, False)):
+        prof = with_extent(load_profile(PROFILE), **extent)
+        rec = recommend(trace, profile=prof, max_runs=2, workers=1)
+        assert rec.ok
+        note = [w for w in rec.warnings if w.startswith("outside the profile's calibration")]
+        assert bool(note) == warned, rec.warnings
+        assert ("extrapolated" in rec.verified) == warned

@@ -67,6 +67,7 @@ from twin.ml.trials import (FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_
                             run_batches)
 from twin.ml.verify import Verifier
 from twin.results import crop_window
+from twin.results.extrapolation import describe
 from twin.workload.catalog import AdapterCatalog
 
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
@@ -186,12 +187,10 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         verdict = slo_verdict(cand, results, slo, met, space.knobs)
         good = met
     best = best_verified(results, good, key) if good else None
-    tie = None
-    if best is not None and not goodput_search:   # verified points the twin's own error
-        # cannot rank: named, not hidden
-        band, source = tie_band(profile)
-        tie = declared_tie({int(cand.at[i, "max_loras"]): results[i][key] for i in good},
-                           band, source, picked=cand.at[best, "max_loras"])
+    if best is not None and results[best].get("extrapolated"):
+        warnings.append(describe(results[best]["extrapolated"]))
+    tie = (_declared_tie(profile, cand, results, good, best, key)
+           if best is not None and not goodput_search else None)
     pr = cand.iloc[start]
     return Recommendation(
         config=cand.at[best, "_config"] if best is not None else None, ok=best is not None,
@@ -324,6 +323,14 @@ def _walk_base(results: dict[int, dict], good: list, key: str) -> int:
     if full:
         return best_verified(results, full, key)
     return min(good, key=lambda i: (results[i]["slo_violation_lower_bound"], i))
+
+
+def _declared_tie(profile, cand: pd.DataFrame, results: dict, good: list, best, key: str):
+    """The verified configurations the twin's own error cannot rank against the pick:
+    named, not hidden (:func:`twin.ml.report.declared_tie`)."""
+    band, source = tie_band(profile)
+    return declared_tie({int(cand.at[i, "max_loras"]): results[i][key] for i in good},
+                        band, source, picked=cand.at[best, "max_loras"])
 
 
 def _record_verified(cand: pd.DataFrame, results: dict[int, dict]) -> None:

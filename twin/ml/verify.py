@@ -71,6 +71,8 @@ def _verify(item):
            "ttft_p50": s["ttft_ms"]["median"], "ttft_p99": s["ttft_ms"]["p99"],
            "tpot_p50": s["tpot_ms"]["median"], "tpot_p99": s["tpot_ms"]["p99"],
            "e2e_p50": s["e2e_ms"]["median"], "preemptions": int(s["preemptions"])}
+    if "extrapolated" in s:   # priced past the profile's calibration (twin.results.extrapolation)
+        out["extrapolated"] = s["extrapolated"]
     if "prefix_cache_hit_rate" in s:   # a trace with hash_ids: vLLM's prefix-cache counters
         out.update(enable_prefix_caching=bool(s["enable_prefix_caching"]),
                    prefix_cache_hit_rate=float(s["prefix_cache_hit_rate"]),

@@ -11,9 +11,12 @@ any fitted run's. There the fitted terms are extrapolated (the adapters² term a
 
 Calibration records the extent it fitted on (``provenance.step_time.extent``: the most
 distinct adapters a fit run's step could hold, and the largest ``max_loras``); a run's
-summary gets ``extrapolated`` when its steps went past either, and ``format_summary``,
-``twin compare`` and the fleet report print it. Profiles without an extent (first
-principles, whose terms are physics, or executor calibrations) are never flagged.
+summary gets ``extrapolated`` when its steps went past either, and ``format_summary``
+(so ``twin simulate`` and ``twin fleet``), ``twin compare``'s verdict and ``twin
+recommend``'s warnings (its verified pick's run) say so. Profiles without an extent (first
+principles, whose terms are physics, or executor calibrations) are never flagged. Steps
+with more tokens than the fitted runs' are not flagged either: past the dense layers' ridge
+a step's cost per token is linear (FLOPs), so the per-token terms carry on as measured.
 """
 
 from __future__ import annotations
