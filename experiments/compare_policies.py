@@ -40,6 +40,7 @@ from twin.workload.generate import powerlaw_trace
 HERE = Path(__file__).resolve().parent
 FIG = HERE / "figures"
 PROFILE = "llama31-8b-h100-64gb-first-principles"
+CALIBRATED = "llama31-8b-h100-64gb"   # read only for the Limits note (its per-adapter terms)
 RANK = 8
 ADAPTERS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 HOT_RATES = (10, 20, 30, 40, 50, 60, 70)
@@ -69,7 +70,8 @@ def run(policy: str, trace, config, profile, gpus=1, window=None, **opts) -> dic
             "unserved_adapters": d["unserved_adapters"], "loads": s["adapter_loads"]["from_disk"]
             + s["adapter_loads"]["from_host"], "preemptions": s["preemptions"],
             "adapter_gib_mean": s.get("adapter_pool", {}).get("mean_gib", float("nan")),
-            "kv_tokens": s["kv_cache"]["capacity_tokens"], "gpus": r.gpus}
+            "kv_tokens": s["kv_cache"]["capacity_tokens"], "gpus": r.gpus,
+            "step_adapters_max": s.get("step_adapters_max", 0)}
 
 
 # -- 1. adapters 5 -> 2000 --------------------------------------------------------------------
@@ -234,6 +236,10 @@ def write_readme(sc: pd.DataFrame, hot: pd.DataFrame, cmp, share: float, k: int,
     r10 = sc[sc["rate"] == 10]
     s_lo, s_hi = (r10[(r10.policy == "slora")]["req_per_s"].agg(["min", "max"]))
     s_range = f"{s_lo:.2f}" if f"{s_lo:.2f}" == f"{s_hi:.2f}" else f"{s_lo:.2f}–{s_hi:.2f}"
+    slora_step_adapters = int(sc[sc.policy == "slora"]["step_adapters_max"].max())
+    fitted = load_profile(CALIBRATED).step_time.base   # what its per-adapter terms would add
+    extrap_ms = 1000 * (fitted.get("adapters", 0.0) * slora_step_adapters
+                        + fitted.get("adapters_squared", 0.0) * slora_step_adapters ** 2)
     m5 = r10[(r10.policy == "merged") & (r10.adapters == 5)]["req_per_s"].iloc[0]
     m2k = r10[(r10.policy == "merged") & (r10.adapters == 2000)]["req_per_s"].iloc[0]
     v2k = r10[(r10.policy == "vllm") & (r10.adapters == 2000)]["req_per_s"].iloc[0]
@@ -360,20 +366,22 @@ compute lost to time-slicing between co-located replicas.
   lengths (S-LoRA's code uses the peak over their finishing order, which admits a little
   more). `--slora-admission on_demand` gives vLLM's rule with preemption instead.
 - LoRA work under `slora` uses the mean rank of the running requests (exact for uniform
-  ranks). On the H100 profile it is priced with vLLM's kernels' costs (no S-LoRA kernel
-  measurements exist here); a profile calibrated on S-LoRA's own layout
-  (`twin calibrate --executor --policy slora`) prices it with that layout's costs.
+  ranks). The first-principles profile prices it as it prices vLLM's (LoRA FLOPs, adapter
+  weight bytes read; no S-LoRA kernel measurements exist here); a profile calibrated on
+  S-LoRA's own layout (`twin calibrate --executor --policy slora`) prices it with that
+  layout's costs.
 - **Why the first-principles profile, not the calibrated `llama31-8b-h100-64gb`.** The
   calibrated step time was fitted on real vLLM runs whose steps held at most 192 distinct
   adapters (`max_loras` <= 192); its per-adapter terms (0.42 ms per adapter, 2.0 us per
   adapter squared) price what vLLM does per active adapter in that range. S-LoRA's steps
-  here hold hundreds to ~1,500 distinct adapters, where those terms are extrapolated (the
-  squared term alone prices a 1,500-adapter step at 4.5 s) and S-LoRA would collapse for a
-  reason no measurement supports. The first-principles profile prices both strategies'
-  LoRA work from the same hardware figures (weight bytes read, LoRA FLOPs), so the
-  comparison isolates the strategies. Run on the calibrated profile, `twin compare` says
-  so itself: each run whose steps went past the calibration's extent carries
-  `extrapolated` in its summary and a note under the verdict
+  here hold up to ~{slora_step_adapters} distinct adapters (2000 adapters), where those
+  terms are extrapolated: they would add ~{extrap_ms:.0f} ms to a step of that size, whose
+  whole first-principles price is tens of ms, and S-LoRA would collapse for a reason no
+  measurement supports. The first-principles profile prices both strategies' LoRA work
+  from the same hardware figures, so the comparison isolates the strategies. Run on the
+  calibrated profile,
+  `twin compare` says so itself: each run whose steps went past the calibration's extent
+  carries `extrapolated` in its summary and a note under the verdict
   (`twin.results.extrapolation`).
 - Co-located merged replicas time-slice in a mean-field model: a replica's steps are
   stretched by 1 + the other replicas' busy fractions, iterated to a fixed point.

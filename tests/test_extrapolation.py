@@ -1,9 +1,11 @@
 """A run priced past the batches its profile's step time was fitted on says so
-(``summary["extrapolated"]``, a note under the verdict, ``twin compare``'s verdict): S-LoRA
-steps with more distinct adapters than any fitted step, a ``max_loras`` above every fitted
-run's. The step log is the independent tally of the most adapters in a step; a profile
-without an extent, or one that prices no per-adapter term, is never flagged; deployments
-and fleets carry their servers' furthest; calibration records the extent of its runs."""
+(``summary["extrapolated"]``, a note under the verdict, ``twin compare``'s verdict, ``twin
+recommend``'s warnings): S-LoRA steps with more distinct adapters than any fitted step, a
+``max_loras`` above every fitted run's. The most adapters in a step is checked where it is
+known by construction (every request in one step); a profile without an extent, or one
+that prices no per-adapter term, is never flagged, nor is base-model traffic for its
+slots; deployments and fleets carry their servers' furthest, each with its own profile's
+figure; calibration records the extent of its runs."""
 
 from __future__ import annotations
 
@@ -46,12 +48,33 @@ def slora_config(**kw):
                          max_model_len=1024, **kw)
 
 
+def all_at_once(n_adapters: int, per_adapter: int = 2) -> pd.DataFrame:
+    """Short requests that all arrive at 0: the first step admits every one of them."""
+    n = n_adapters * per_adapter
+    return pd.DataFrame({"request_id": np.arange(n), "arrival_s": np.zeros(n),
+                         "adapter": pd.array([f"a{i % n_adapters}" for i in range(n)],
+                                             dtype="string"),
+                         "prompt_tokens": np.full(n, 20), "output_tokens": np.full(n, 30)})
+
+
+def test_the_most_adapters_in_a_step_is_counted():
+    trace = all_at_once(12)
+    prof = load_profile(PROFILE)
+    # no slots: the first step holds all 12 adapters
+    assert simulate(trace, slora_config(), prof).summary["step_adapters_max"] == 12
+    # vLLM: the slots bound a step's adapters
+    cfg = ServingConfig(max_loras=4, max_cpu_loras=12, max_lora_rank=8, max_model_len=1024)
+    assert simulate(trace, cfg, prof).summary["step_adapters_max"] == 4
+    base = trace.assign(adapter=pd.array([None] * len(trace), dtype="string"))
+    assert simulate(base, cfg, prof).summary["step_adapters_max"] == 0
+
+
 def test_slora_steps_past_the_fitted_adapters_are_flagged():
     trace = trace_of()
     prof = with_extent(load_profile(PROFILE), adapters=4, max_loras=8)
     res = simulate(trace, slora_config(), prof, record_steps=True)
     s = res.summary
-    most = int(res.steps["adapters"].max())   # the step log: an independent tally
+    most = int(res.steps["adapters"].max())
     assert s["step_adapters_max"] == most
     assert most > 4
     assert s["extrapolated"] == {"step_adapters_max": most, "fitted_adapters_max": 4}
@@ -77,7 +100,21 @@ def test_max_loras_above_the_fitted_runs_is_flagged_where_slots_are_priced():
               "lora_slots": 1e-4}))
     s = simulate(trace, cfg, with_extent(slots, adapters=16, max_loras=4)).summary
     assert s["extrapolated"] == {"max_loras": 8, "fitted_max_loras": 4}
-    assert "max_loras 8 is above the fitted runs' largest (4)" in describe(s["extrapolated"])
+    note = describe(s["extrapolated"])
+    assert "max_loras 8 is above the fitted runs' largest (4)" in note
+    assert "its per-slot step terms" in note
+    # the vLLM layout's adapters past the fitted ones: flagged where a term is per adapter
+    s = simulate(trace, cfg, with_extent(slots, adapters=2, max_loras=4)).summary
+    assert "step_adapters_max" not in s["extrapolated"] and s["step_adapters_max"] > 2
+    both = dataclasses.replace(slots, step_time=StepTimeModel(
+        base={**slots.step_time.base, "adapters": 1e-4}))
+    s = simulate(trace, cfg, with_extent(both, adapters=2, max_loras=4)).summary
+    assert s["extrapolated"]["step_adapters_max"] == s["step_adapters_max"] > 2
+    assert "its per-adapter and per-slot step terms" in describe(s["extrapolated"])
+    # base-model traffic runs no LoRA kernel: its slots are not priced, nothing is flagged
+    no_lora = trace.assign(adapter=pd.array([None] * len(trace), dtype="string"))
+    s = simulate(no_lora, cfg, with_extent(slots, adapters=16, max_loras=4)).summary
+    assert "extrapolated" not in s
     # a step time with no per-slot or per-adapter term extrapolates nothing
     flat = dataclasses.replace(base, step_time=StepTimeModel(
         base={"const": 0.01, "decode_tokens": 1e-4, "prefill_tokens": 1e-4}))
@@ -99,6 +136,16 @@ def test_a_fleet_and_a_comparison_carry_their_servers_furthest():
     cmp = compare(trace, cfg, prof, policies=("vllm", "slora"), gpus=1)
     assert "Note on slora: outside the profile's calibration" in cmp.verdict
     assert "Note on vllm" not in cmp.verdict   # 8 slots, 8 adapters a step at most: inside
+
+
+def test_servers_combine_each_kind_with_its_own_profile_s_figure():
+    from twin.results.extrapolation import combined
+
+    far = {"step_adapters_max": 300, "fitted_adapters_max": 100}     # 3x its fit
+    farther = {"step_adapters_max": 250, "fitted_adapters_max": 50}  # 5x its own
+    slots = {"max_loras": 256, "fitted_max_loras": 192}
+    assert combined([far, None, farther, slots]) == {**farther, **slots}
+    assert combined([None, None]) is None
 
 
 def test_calibration_records_the_most_adapters_a_fit_step_could_hold():

@@ -229,7 +229,8 @@ def _winner(table: pd.DataFrame) -> str | None:
 
 def _tied(table: pd.DataFrame, winner: str | None) -> list[str]:
     """The strategies that keep up on as many GPUs as ``winner`` with TTFT and TPOT p99
-    within ``TIE_BAND`` (relative) of its own (none when the winner does not keep up)."""
+    each within ``TIE_BAND`` of the winner's, relative to the larger of the two (none when
+    the winner does not keep up)."""
     ok = table[~table["starving"] & (table["adapters_unserved"] == 0)].set_index("policy")
     if winner not in ok.index:
         return []

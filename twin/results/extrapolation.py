@@ -5,16 +5,20 @@ Its per-adapter terms (a cost per distinct adapter in a step, per adapter square
 adapter and token; twin.costs.step_time) price what vLLM does per active adapter, and were
 measured where a step held at most ``max_loras`` adapters (192 at most in the shipped H100
 runs). A strategy without slots (S-LoRA's unified pool, ``twin.policies.slora``) puts
-hundreds to thousands of adapters in one step; a recommendation may set ``max_loras`` above
-any fitted run's. There the fitted terms are extrapolated (the adapters² term alone prices a
-1,500-adapter step at 4.5 s), and a prediction must say so rather than look like a finding.
+hundreds of adapters in one step (~340 with 2,000 adapters at 10-40 req/s,
+``experiments/README_policies.md``); a recommendation may set ``max_loras`` above any
+fitted run's. There the fitted terms are extrapolated (at 340 adapters the H100 profile's
+per-adapter and adapters² terms add ~0.37 s to a step of ~20 ms), and a prediction must say
+so rather than look like a finding.
 
 Calibration records the extent it fitted on (``provenance.step_time.extent``: the most
 distinct adapters a fit run's step could hold, and the largest ``max_loras``); a run's
 summary gets ``extrapolated`` when its steps went past either, and ``format_summary``
 (so ``twin simulate`` and ``twin fleet``), ``twin compare``'s verdict and ``twin
-recommend``'s warnings (its verified pick's run) say so. Profiles without an extent (first
-principles, whose terms are physics, or executor calibrations) are never flagged. Steps
+recommend``'s warnings (its verified pick's run) say so. Profiles without an extent are
+never flagged: first principles, whose terms are physics; executor calibrations (their
+cells record no extent yet: a CPU profile used far beyond its cells' adapters is not
+flagged); vLLM calibrations made before the extent was recorded. Steps
 with more tokens than the fitted runs' are not flagged either: past the dense layers' ridge
 a step's cost per token is linear (FLOPs), so the per-token terms carry on as measured.
 """
@@ -61,21 +65,23 @@ def extrapolation(profile, step_adapters_max: int, lora_slots: int | None) -> di
         out.update(step_adapters_max=int(step_adapters_max), fitted_adapters_max=int(fitted))
     fitted = extent.get("max_loras")
     if (fitted is not None and lora_slots is not None and lora_slots > fitted
-            and any(prices(k) for k in PER_SLOT)):
+            and step_adapters_max > 0 and any(prices(k) for k in PER_SLOT)):
+        # (slots are priced only in steps with LoRA tokens: base-model traffic is not flagged)
         out.update(max_loras=int(lora_slots), fitted_max_loras=int(fitted))
     return out or None
 
 
 def combined(parts: list[dict | None]) -> dict | None:
-    """Several servers' ``extrapolated`` as one: the furthest each went (None: none did)."""
-    parts = [p for p in parts if p]
-    if not parts:
-        return None
+    """Several servers' ``extrapolated`` as one (None: none went past its calibration): of
+    each kind, the server that went furthest, with its own profile's fitted figure."""
     out: dict = {}
-    for p in parts:
-        for k, v in p.items():
-            out[k] = max(out.get(k, v), v)
-    return out
+    for went, fitted in (("step_adapters_max", "fitted_adapters_max"),
+                         ("max_loras", "fitted_max_loras")):
+        flagged = [p for p in parts if p and went in p]
+        if flagged:
+            top = max(flagged, key=lambda p: p[went] / max(p[fitted], 1))
+            out.update({went: top[went], fitted: top[fitted]})
+    return out or None
 
 
 def describe(extrapolated: dict | None) -> str | None:
@@ -89,6 +95,8 @@ def describe(extrapolated: dict | None) -> str | None:
     if "max_loras" in extrapolated:
         said.append(f"max_loras {extrapolated['max_loras']} is above the fitted runs' "
                     f"largest ({extrapolated['fitted_max_loras']})")
+    terms = " and ".join(t for k, t in (("step_adapters_max", "per-adapter"),
+                                         ("max_loras", "per-slot")) if k in extrapolated)
     return ("outside the profile's calibration: " + "; ".join(said)
-            + " (its per-adapter step terms are extrapolated: calibrate on runs like this one, "
+            + f" (its {terms} step terms are extrapolated: calibrate on runs like this one, "
               "or read these figures as a rough guess)")

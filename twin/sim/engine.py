@@ -377,7 +377,9 @@ def _result(clock: _Clock, config: ServingConfig, profile: Profile, duration: fl
     pool = server.adapter_pool(result.summary["duration_s"])
     if pool is not None:
         result.summary["adapter_pool"] = pool
-    slots = config.max_loras if server.layout == "vllm" and config.enable_lora else None
+    # the slots vLLM's kernel grid spans; None where it spans the step's adapters (S-LoRA,
+    # split clients: ``step_adapters_max`` covers them)
+    slots = getattr(server.featurize, "max_loras", None)
     beyond = extrapolation(profile, clock.rec.adapters_max, slots)
     if beyond is not None:   # priced past the batches the step time was fitted on
         result.summary["extrapolated"] = beyond

@@ -18,6 +18,7 @@ from twin.config import ServingConfig
 from twin.executor.split.base import BATCH_COLUMNS
 from twin.executor.split.client import SPLIT_STEP_COLUMNS
 from twin.results.itl_histogram import ITLHistogram
+from twin.results.recorder import server_tallies
 from twin.results.results import RunResult, summarize
 
 CLIENT_STEP_COLUMNS = ["client", "step", "t_start", "t_end", "num_tokens", "num_decode",
@@ -92,7 +93,7 @@ def _summary(req: pd.DataFrame, steps: pd.DataFrame, payloads: list[dict],
     if "failed" in sums[0]:
         summary["failed"] = int((req["status"] == "failed").sum())
         summary["unfinished"] -= summary["failed"]
-    summary["steps"] = int(sum(s["steps"] for s in sums))
+    summary.update(server_tallies(sums))   # steps, what held the queues, the largest step
     return summary
 
 
