@@ -77,6 +77,11 @@ def test_profile_loadable_nonnegative_with_residuals(calibrated):
     for k in ("model", "device", "torch", "threads", "date", "n_measurements"):
         assert k in prov
     assert prov["threads"] == 1 and prov["n_measurements"] > 0
+    # the extent of the measured steps: the most adapters in one, the widest kernel grid
+    steps = measurements(out).query("kind == 'step'")
+    assert prov["step_time"]["extent"] == {"adapters": int(steps["adapters"].max()),
+                                           "max_loras": int(steps["lora_slots"].max())}
+    assert prov["step_time"]["extent"]["adapters"] > 1
     res = prov["step_time_residuals"]
     assert res["n"] > 0 and np.isfinite(res["rmse_s"]) and "rel_abs_median" in res
     assert "disk" in prov["load_time_residuals"]

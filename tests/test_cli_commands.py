@@ -115,6 +115,10 @@ def test_simulate_steps_table_accounts_for_every_token(light, tmp_path, capsys):
     # the last step ends when the last request finishes
     end = steps["start_s"].iloc[-1] + steps["duration_s"].iloc[-1]
     assert end == pytest.approx(req["finish_s"].max(), abs=1e-6)
+    # without --out the step log would go nowhere: refused, as --plot is
+    for flag in ("--steps", "--plot"):
+        rc, _ = _run(["simulate", "--trace", path, "--profile", PROFILE, flag], capsys)
+        assert rc == 2
 
 
 def test_simulate_catalog_ranks_set_load_times(light, tmp_path, capsys):

@@ -230,6 +230,26 @@ def test_cli_fleet_refuses_a_routing_table_no_router_reads(trace, tmp_path, caps
     assert rc == 2 and "--router static" in capsys.readouterr().err
 
 
+def test_cli_fleet_refuses_serving_flags_beside_replica_configs(trace, tmp_path, capsys):
+    path = write_trace(trace, tmp_path / "t.parquet")
+    rc1 = tmp_path / "rc1.yaml"
+    rc1.write_text("max_loras: 2\nmax_cpu_loras: 4\n")
+    args = ["fleet", "--trace", str(path), "--profile", PROFILE, "--no-progress",
+            "--replica-config", str(rc1), "--replica-config", str(rc1)]
+    # each replica's YAML is its whole config: a flag beside them would be dropped silently
+    assert main(args + ["--max-loras", "5", "--max-num-seqs", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-loras, --max-num-seqs" in err and "replica's YAML" in err
+    assert main(args + ["--config", str(rc1)]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(args) == 0
+    # replicas padding to different ranks, no catalog: the adapters are taken at the
+    # smallest, which every replica can load
+    rc2 = tmp_path / "rc2.yaml"
+    rc2.write_text("max_loras: 2\nmax_cpu_loras: 4\nmax_lora_rank: 8\n")
+    assert main(args[:-2] + ["--replica-config", str(rc2)]) == 0
+
+
 def test_cli_fleet_writes_requests_with_their_replica(trace, tmp_path, capsys):
     path = write_trace(trace, tmp_path / "t.parquet")
     rc = main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",

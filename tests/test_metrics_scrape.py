@@ -43,6 +43,27 @@ def test_the_ttft_wait_is_the_chance_of_landing_in_a_stall_times_its_half_by_han
     assert Frontend().ttft_wait_s(10**6, 3600.0) == 0.0
 
 
+def test_the_closed_forms_are_the_sums_over_every_scrape():
+    """Random scrape rates, costs, series, run lengths and steps: the scale and the wait
+    equal the sums over each scrape's stall written out; a window of 10^12 s (a typo) costs
+    no more than a short one (no array of its 10^11 scrapes)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        f = Frontend(metrics_scrape_hz=float(rng.uniform(0.05, 2.0)),
+                     metrics_series_s=float(rng.uniform(1e-6, 1e-3)))
+        series, dur, step = int(rng.integers(1, 50_000)), float(rng.uniform(1, 4000)), \
+            float(rng.uniform(1e-3, 0.5))
+        t = (np.arange(int(dur * f.metrics_scrape_hz)) + 0.5) / f.metrics_scrape_hz
+        stall = f.metrics_series_s * series * t / dur
+        lost = float(np.clip(stall - step, 0.0, None).sum()) / dur
+        assert f.itl_scale(series, dur, step) == pytest.approx(1 / (1 - min(lost, 0.9)),
+                                                               rel=1e-12)
+        assert f.ttft_wait_s(series, dur) == pytest.approx(float((stall ** 2).sum()) / dur,
+                                                           rel=1e-12)
+    f = Frontend(metrics_scrape_hz=0.1, metrics_series_s=1.4e-5)
+    assert f.itl_scale(1000, 1e12, 0.02) == 1.0 and 0 < f.ttft_wait_s(1000, 1e12) < 1
+
+
 def test_negative_or_nan_fields_are_refused_and_the_fields_round_trip():
     for bad in ({"metrics_scrape_hz": -1.0}, {"metrics_series_s": float("nan")}):
         with pytest.raises(ValueError, match="must be >= 0"):

@@ -127,6 +127,30 @@ def test_recommend_cli_writes_vllm_files(tiny, tmp_path):
     assert rec["ok"] and rec["verified"]["starving"] is False
 
 
+def test_recommend_refuses_what_it_would_ignore_or_cannot_serve(tiny, tmp_path, capsys):
+    from twin.cli import main
+    from twin.errors import TwinInputError
+
+    tr, cat = _workload(6, (4.0, 2.0, 1.0))
+    tp = tmp_path / "t.parquet"
+    tr.to_parquet(tp, index=False)
+    cli = ["recommend", "--trace", str(tp), "--model", str(tiny["path"]), "--profile",
+           PROFILE, "--window-s", str(WINDOW), "--out", str(tmp_path / "rec")]
+    # an SLO or a GPU price under the throughput objective would be ignored: refused
+    assert main(cli + ["--slo", "ttft=1"]) == 2
+    assert "--slo apply to --objective goodput or cost" in capsys.readouterr().err
+    assert main(cli + ["--gpu-price", "2.5"]) == 2
+    assert "--gpu-price" in capsys.readouterr().err
+    assert not (tmp_path / "rec").exists()
+    # every request longer than max_model_len, or none in the window: nothing to serve
+    # (said so, not a division by zero in the tie between 0 tok/s configurations)
+    for t, msg in ((tr.assign(prompt_tokens=200_000), "all .* are longer than max_model_len"),
+                   (tr.assign(arrival_s=tr["arrival_s"] + 10 * WINDOW), "none in its window")):
+        with pytest.raises(TwinInputError, match=msg):
+            recommend(t, cat, profile=tiny["profile"], model=tiny["model"], window_s=WINDOW,
+                      max_runs=2, workers=1)
+
+
 def test_place_assigns_every_adapter_and_each_gpu_verifies(tiny, tmp_path):
     tr, cat = _workload(48, (2.0, 1.0, 0.5), seed=9)
     pl = place(tr, cat, profile=tiny["profile"], model=tiny["model"], window_s=WINDOW,

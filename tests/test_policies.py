@@ -420,6 +420,22 @@ def test_compare_table_and_verdict(trace, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000 and png.endswith("c.png")
 
 
+def test_compare_says_what_max_model_len_refused(trace):
+    from twin.policies.compare import compare
+
+    c = cfg(max_loras=6, max_model_len=1024)
+    long = trace.assign(prompt_tokens=np.where(np.arange(len(trace)) % 4 == 0, 2000,
+                                               trace["prompt_tokens"]))
+    n_long = int((np.arange(len(trace)) % 4 == 0).sum())
+    cmp = compare(long, c, PROFILE, policies=("vllm", "slora"), gpus=1)
+    assert (cmp.table["rejected"] == n_long).all()
+    assert f"Note: {n_long} request(s) are longer than max_model_len 1024" in cmp.verdict
+    assert "rejected" in cmp.format()
+    # nothing left to serve: no strategy wins
+    every = compare(trace.assign(prompt_tokens=2000), c, PROFILE, policies=("vllm",), gpus=1)
+    assert every.winner is None and every.verdict.startswith("No winner:")
+
+
 def test_compare_names_the_strategies_tied_with_the_winner(trace):
     from twin.policies.compare import TIE_BAND, _tied, compare
 

@@ -234,7 +234,10 @@ def _fit_provenance(fit: ExecutorFit, cache: MeasurementCache, measured, loads, 
         # measured / predicted over every step measurement (the profile's dispersion)
         "step_time_dispersion_log_sd": log_sd(fit.dispersion),
         "step_time_sum_error_per_cell": fit.sum_error_per_cell,
-        "load_time_residuals": fit.load_residuals}
+        "load_time_residuals": fit.load_residuals,
+        # the batches it was fitted on: a run past them says so (twin.results.extrapolation)
+        "step_time": {"extent": {"adapters": int(measured["adapters"].max()),
+                                 "max_loras": int(measured["lora_slots"].max())}}}
 
 
 def _anchor_provenance(df, model_dir: Path) -> dict:

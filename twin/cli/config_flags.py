@@ -30,6 +30,13 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=f"default {f.default if f.default is not None else 'max_loras'}")
 
 
+def given_config_flags(args) -> list[str]:
+    """The serving flags given on the command line (``--config`` included), as typed."""
+    given = ["--config"] if getattr(args, "config", None) else []
+    return given + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(ServingConfig)
+                    if getattr(args, f.name, None) is not None]
+
+
 def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     """The ServingConfig of ``--config`` (if any) with every flag given overriding it.
     ``profile``: the ``--profile`` already loaded by the caller (else it is read here, for

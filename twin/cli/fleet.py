@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from twin.argtypes import non_negative_float, positive_float, positive_int
-from twin.cli.config_flags import add_config_flags, config_from_args
+from twin.cli.config_flags import add_config_flags, config_from_args, given_config_flags
 from twin.config import ServingConfig
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare
@@ -42,7 +42,8 @@ loop. The others route the whole trace first and simulate each replica on its ow
 --workers at a time (--backend ray: on Ray, --address of a cluster or a local instance).
 
 Every replica gets the serving flags below (or --config), or give one serve YAML per
-replica with --replica-config (repeated; --replica-profile pairs a profile with each).
+replica with --replica-config (repeated; --replica-profile pairs a profile with each): each
+YAML is then its replica's whole config, and serving flags beside it are refused.
 
 examples:
   twin fleet --trace t.parquet --replicas 4 --router adapter_affinity --max-loras 8 --plot --out runs/f
@@ -61,7 +62,9 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None,
                    help="profile JSON path or shipped name for every replica (default: "
                         "llama31-8b-h100-64gb)")
-    p.add_argument("--catalog", type=Path, help="adapter catalog (adapter, rank)")
+    p.add_argument("--catalog", type=Path,
+                   help="adapter catalog (adapter, rank); default: every adapter of the "
+                        "trace at the replicas' smallest --max-lora-rank")
     p.add_argument("--replicas", type=positive_int, default=None,
                    help="number of identical replicas (default 2; or --replica-config)")
     p.add_argument("--replica-config", type=Path, action="append", default=[],
@@ -103,6 +106,12 @@ def _replicas(args, profile):
         if args.replicas is not None:
             raise TwinInputError("give --replicas or --replica-config, not both",
                                  field="--replicas")
+        flags = given_config_flags(args)
+        if flags:   # would be dropped silently: each replica's YAML is its whole config
+            raise TwinInputError(
+                f"{', '.join(flags)} set the config of --replicas' identical replicas; with "
+                "--replica-config each replica's YAML is its whole config: put the settings "
+                "there", field=flags[0])
         profiles = args.replica_profile or [profile] * len(args.replica_config)
         return [api.fleet_replica(ServingConfig.from_yaml(c), p)
                 for c, p in zip(args.replica_config, profiles)]

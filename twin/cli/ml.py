@@ -326,18 +326,17 @@ def run_recommend_cmd(args) -> int:
 
 def _recommend(args) -> int:
     from twin.costs.machine import warn_if_other_machine  # lazy: as the other imports here
-    from twin.ml.recommend import recommend  # lazy: ML stack off twin --help
+    from twin.ml.recommend import check_objective_flags, recommend  # lazy: ML stack off --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
 
     say = console(args.json)
+    slo = parse_slo(args.slo)
+    check_objective_flags(args.objective, slo, args.gpu_price)
     profile = load_profile(args.profile)
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     trace, catalog, window, label = _load_workload(args)
     model = Recommender.load(args.model)
     base = ml_base(args, profile)
-    slo = parse_slo(args.slo)
-    if args.objective == "cost" and not slo:
-        raise TwinInputError("the cost objective needs --slo ttft=MS,tpot=MS", field="--slo")
     kw = {"optimizer": args.optimizer, "seed": args.seed}
     with study_file(args.out, args.study_db) as db:
         rec = recommend(trace, catalog, profile=profile, model=model, base=base,

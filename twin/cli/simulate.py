@@ -52,7 +52,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write requests.parquet, summary.json, "
                    "timeline.parquet (and timeline.png with --plot) here")
     p.add_argument("--plot", action="store_true", help="PNG timeline (needs --out)")
-    p.add_argument("--steps", action="store_true", help="also write steps.parquet (step log)")
+    p.add_argument("--steps", action="store_true", help="also write steps.parquet (step log; needs --out)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p)
@@ -61,8 +61,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if args.plot and not args.out:
-        raise TwinInputError("--plot needs --out DIR", field="--plot")
+    for flag in ("plot", "steps"):   # what they write would go nowhere
+        if getattr(args, flag) and not args.out:
+            raise TwinInputError(f"--{flag} needs --out DIR", field=f"--{flag}")
     say = console(args.json)
     # --out is checked (and locked) before the simulation, not after it
     with prepare(args.out, "simulate", inputs=input_paths(args)):

@@ -38,6 +38,7 @@ real H100 runs' collector scraped at 0.40 Hz (median of the fit runs, which
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,15 +102,20 @@ class Frontend:
         them. 1 without scrapes."""
         if not self.scrapes or series <= 0 or duration_s <= 0:
             return 1.0
-        stall = self._stalls(series, duration_s)
-        lost = float(np.clip(stall - step_s, 0.0, None).sum()) / duration_s
-        return 1.0 / (1.0 - min(lost, 0.9))
+        n, a = self._stalls(series, duration_s)
+        # sum over k of max(a (k + ½) - step_s, 0): the scrapes from k0 on stall longer
+        k0 = min(n, max(0, math.ceil(step_s / a - 0.5))) if a > 0 else n
+        m = n - k0
+        lost = (a * m * (k0 + n) / 2 - m * step_s) / duration_s
+        return 1.0 / (1.0 - min(max(lost, 0.0), 0.9))
 
-    def _stalls(self, series: int, duration_s: float) -> np.ndarray:
-        """Each scrape's stall (s): scrape k at ``(k + ½) / hz`` renders the series grown
-        evenly from none to ``series`` by the end of the run."""
-        t = (np.arange(int(duration_s * self.metrics_scrape_hz)) + 0.5) / self.metrics_scrape_hz
-        return self.metrics_series_s * series * t / duration_s
+    def _stalls(self, series: int, duration_s: float) -> tuple[int, float]:
+        """The scrapes' stalls as ``(n, a)``: scrape k < n at ``(k + ½) / hz`` renders the
+        series grown evenly from none to ``series`` by the end of the run, a stall of
+        ``a (k + ½)`` seconds. Closed forms over them, not arrays: a run's window may be
+        long (10^5 s is 10^4 scrapes at the shipped rate; a mistyped one, far more)."""
+        hz = self.metrics_scrape_hz
+        return int(duration_s * hz), self.metrics_series_s * series / (duration_s * hz)
 
     def ttft_wait_s(self, series: int, duration_s: float) -> float:
         """The mean TTFT a streaming client adds to the engine's: a request that reaches
@@ -119,7 +125,8 @@ class Frontend:
         the two. 0 without scrapes."""
         if not self.scrapes or series <= 0 or duration_s <= 0:
             return 0.0
-        return float((self._stalls(series, duration_s) ** 2).sum()) / duration_s
+        n, a = self._stalls(series, duration_s)
+        return a * a * (n ** 3 / 3 - n / 12) / duration_s   # sum over k of (a (k + ½))²
 
     def admission_order(self, arrival: np.ndarray, adapter: np.ndarray):
         """When and in which order the engine gets the requests: ``(order, admitted)``, the

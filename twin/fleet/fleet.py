@@ -70,8 +70,8 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     t0 = time.perf_counter()
     reps = _replicas(replicas, config, profile, window_s)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
-    if catalog is None:
-        catalog = default_catalog(trace, max((r.config for r in reps),
+    if catalog is None:   # at the smallest max_lora_rank: every replica can load them all
+        catalog = default_catalog(trace, min((r.config for r in reps),
                                              key=lambda c: c.max_lora_rank))
     if isinstance(router, str):
         router = make_router(router, table=routing)

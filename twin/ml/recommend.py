@@ -68,6 +68,7 @@ from twin.ml.trials import (FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_
 from twin.ml.verify import Verifier
 from twin.results import crop_window
 from twin.results.extrapolation import describe
+from twin.sched.request import exceeds_max_model_len
 from twin.workload.catalog import AdapterCatalog
 
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
@@ -85,10 +86,26 @@ def prepare_inputs(trace, profile, model, base, window_s, catalog):
     base = base or paper_base()
     window = _trace_window(trace, window_s)
     trace = crop_window(trace, window)
+    _check_servable(trace, base)
     if catalog is None:
         names = sorted(trace["adapter"].dropna().unique().tolist())
         catalog = AdapterCatalog.uniform(names, base.max_lora_rank)
     return profile, model, base, window, trace, catalog
+
+
+def _check_servable(trace: pd.DataFrame, base: ServingConfig) -> None:
+    """Refuse a trace with no request vLLM would serve (none in the window, or every one
+    longer than ``max_model_len``): every configuration would read 0 tok/s of 0 offered."""
+    if not len(trace):
+        raise TwinInputError("no request to serve: the trace has none in its window",
+                             field="arrival_s")
+    long = exceeds_max_model_len(trace["prompt_tokens"].to_numpy(),
+                                 trace["output_tokens"].to_numpy(), base.max_model_len)
+    if long.all():
+        raise TwinInputError(
+            f"no request to serve: all {len(trace)} are longer than max_model_len "
+            f"{base.max_model_len} (prompt + output tokens; vLLM refuses them): raise "
+            "max_model_len in the base config", field="max_model_len")
 
 
 #: windows shorter than this get :func:`short_window_warning`
@@ -229,6 +246,18 @@ def _check_objective(objective: str, slo: dict | None) -> None:
                              field="--slo")
     if slo is not None:
         check_slo(slo)
+
+
+def check_objective_flags(objective: str, slo: dict | None, gpu_price) -> None:
+    """``twin recommend``'s flags against its ``--objective``: the cost objective needs
+    ``--slo``; the throughput one takes neither ``--slo`` nor ``--gpu-price`` (they would be
+    ignored without a word)."""
+    ignored = [f for f, v in (("--slo", slo), ("--gpu-price", gpu_price)) if v]
+    if objective == "throughput" and ignored:
+        raise TwinInputError(f"{' and '.join(ignored)} apply to --objective goodput or cost; "
+                             "the throughput objective would ignore them", field=ignored[0])
+    if objective == "cost" and not slo:
+        raise TwinInputError("the cost objective needs --slo ttft=MS,tpot=MS", field="--slo")
 
 
 def _check_counts(**counts) -> None:

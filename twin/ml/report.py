@@ -208,7 +208,8 @@ def declared_tie(values: dict, band: float, source: str, picked) -> dict | None:
     near = within_band(values, band)
     if len(near) < 2:
         return None
-    spread = 1.0 - min(values[k] for k in near) / max(values[k] for k in near)
+    top = max(values[k] for k in near)
+    spread = 1.0 - min(values[k] for k in near) / top if top > 0 else 0.0
     return {"max_loras": sorted(int(k) for k in near), "band": band, "band_source": source,
             "spread": spread, "picked": int(picked)}
 

@@ -104,7 +104,7 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     costs = {name: cost_breakdown(run, config, profile, catalog, min_gpus)
              for name, run in runs.items()}
     table["dominant_cost"] = [_dominant(costs[n]) for n in table["policy"]]
-    winner = _winner(table)
+    winner = _winner(table) if offered > 0 else None   # nothing offered: nothing to rank
     tied = _tied(table, winner)
     verdict = explain(table, costs, winner, runs, config, tied)
     return Comparison(runs=runs, table=table, costs=costs, winner=winner, verdict=verdict,
@@ -128,6 +128,7 @@ def _row(name: str, run: PolicyRun) -> dict:
         "weights_gib_per_gpu": mem["weights_gib"], "kv_gib_per_gpu": mem["kv_gib"],
         "adapters_gib_per_gpu": mem["adapters_gib"],
         "activations_gib_per_gpu": mem["activations_gib"],
+        "rejected": int(s.get("rejected_requests", 0)),   # > max_model_len: never offered
         "preemptions": s["preemptions"], "adapter_loads": s["adapter_loads"]["from_disk"]
         + s["adapter_loads"]["from_host"],
         "starving": bool(s["starving"]), "starving_reason": s["starving_reason"],
@@ -277,8 +278,12 @@ def _why(name: str, costs: dict, row, run: PolicyRun, config, best_gpus) -> str:
 
 def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, config,
             tied=()) -> str:
+    rejected = int(table["rejected"].max()) if len(table) else 0
+    refused = (f"{rejected} request(s) are longer than max_model_len {config.max_model_len}:"
+               " vLLM refuses them, so they count in no strategy's offered load or throughput")
     if winner is None:
-        return "No strategy ran."
+        return (f"No winner: {refused}, and nothing else was offered." if rejected
+                else "No strategy ran.")
     t = table.set_index("policy")
     w = t.loc[winner]
     keep = t[~t["starving"] & (t["adapters_unserved"] == 0)]
@@ -296,6 +301,8 @@ def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, co
                  "between them on memory or simplicity.")
     lines = [head, f"  {winner}'s largest remaining cost: "
              f"{_why(winner, costs[winner], w, runs[winner], config, best_gpus)}."]
+    if rejected:
+        lines.append(f"  Note: {refused}.")
     for name in t.index:
         if name == winner:
             continue
@@ -320,7 +327,8 @@ _COLUMNS = [
     ("ttft_p50_ms", "TTFT p50", "{:.0f}"), ("ttft_p99_ms", "TTFT p99", "{:.0f}"),
     ("tpot_p50_ms", "TPOT p50", "{:.1f}"), ("tpot_p99_ms", "TPOT p99", "{:.1f}"),
     ("kv_gib_per_gpu", "KV GiB", "{:.1f}"), ("adapters_gib_per_gpu", "LoRA GiB", "{:.2f}"),
-    ("weights_gib_per_gpu", "W GiB", "{:.1f}"), ("starving", "verdict", "{}"),
+    ("weights_gib_per_gpu", "W GiB", "{:.1f}"), ("rejected", "rejected", "{:d}"),
+    ("starving", "verdict", "{}"),
     ("dominant_cost", "dominant cost", "{}"),
 ]
 

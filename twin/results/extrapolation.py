@@ -15,10 +15,10 @@ Calibration records the extent it fitted on (``provenance.step_time.extent``: th
 distinct adapters a fit run's step could hold, and the largest ``max_loras``); a run's
 summary gets ``extrapolated`` when its steps went past either, and ``format_summary``
 (so ``twin simulate`` and ``twin fleet``), ``twin compare``'s verdict and ``twin
-recommend``'s warnings (its verified pick's run) say so. Profiles without an extent are
-never flagged: first principles, whose terms are physics; executor calibrations (their
-cells record no extent yet: a CPU profile used far beyond its cells' adapters is not
-flagged); vLLM calibrations made before the extent was recorded. Steps
+recommend``'s warnings (its verified pick's run) say so. An executor calibration records
+the extent of its measured steps too. Profiles without an extent are never flagged: first
+principles, whose terms are physics; calibrations made before the extent was recorded
+(the shipped CPU profiles among them). Steps
 with more tokens than the fitted runs' are not flagged either: past the dense layers' ridge
 a step's cost per token is linear (FLOPs), so the per-token terms carry on as measured.
 """
