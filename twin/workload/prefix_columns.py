@@ -70,13 +70,18 @@ def _as_lists(col: pd.Series, source: str) -> list:
     return out
 
 
+#: the block ids the prefix cache keys exactly: Python hashes an int n >= 0 as n modulo
+#: 2^61 - 1 (and -1 as -2), so ids outside [0, 2^61 - 2] could name two prompts' blocks alike
+HASH_ID_RANGE = (0, 2 ** 61 - 2)
+
+
 def _first_bad_id(lists: list, source: str) -> None:
-    lo, hi = INT64_RANGE
+    lo, hi = HASH_ID_RANGE
     for i, ids in enumerate(lists):
         for x in ids or ():
             ok = isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
             if not ok or not lo <= int(x) <= hi:
-                raise TwinInputError(f"block ids must be integers in int64's range, got "
+                raise TwinInputError(f"block ids must be integers from 0 to 2^61 - 2, got "
                                      f"{str(x)[:40]!r}", file=source, row=i, field="hash_ids")
 
 
@@ -92,8 +97,10 @@ def check_hash_ids(df: pd.DataFrame, source: str) -> list:
         if not kinds <= {int, np.int64, np.int32, np.uint32, np.int16, np.int8}:
             _first_bad_id(lists, source)
         lists = [None if ids is None else [int(x) for x in ids] for ids in lists]
-    try:   # int64's range, in one numpy pass
-        np.asarray(flat, dtype=np.int64)
+    try:   # the range, in one numpy pass
+        ids = np.asarray(flat, dtype=np.int64)
+        if ids.size and (ids.min() < HASH_ID_RANGE[0] or ids.max() > HASH_ID_RANGE[1]):
+            _first_bad_id(lists, source)
     except OverflowError:
         _first_bad_id(lists, source)
     n = np.fromiter((len(x) if x is not None else 0 for x in lists), dtype=np.int64,
