@@ -134,6 +134,24 @@ def test_yaml_null_value_is_an_input_error(tmp_path):
     assert e.value.file == str(p) and e.value.field == "max_loras" and "null" in str(e.value)
 
 
+def test_a_setting_given_twice_in_two_spellings_is_refused(tmp_path, capsys):
+    from twin.api import load_config
+    from twin.cli import main
+
+    p = tmp_path / "serve.yaml"
+    p.write_text("max_loras: 2\nmax-loras: 3\n")   # vLLM's flag spelling beside the name
+    for load in (ServingConfig.from_yaml, load_config):
+        with pytest.raises(TwinInputError) as e:
+            load(p)
+        assert e.value.file == str(p) and e.value.field == "max_loras"
+        assert "given twice" in str(e.value)
+    assert ServingConfig.from_dict({"max-loras": 3}).max_loras == 3   # one spelling: fine
+    trace = tmp_path / "t.csv"
+    trace.write_text("request_id,arrival_s,adapter,prompt_tokens,output_tokens\n0,0,a,10,5\n")
+    assert main(["simulate", "--trace", str(trace), "--config", str(p)]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
 def test_yaml_non_utf8_is_an_input_error(tmp_path):
     # old: UnicodeDecodeError
     p = tmp_path / "serve.yaml"

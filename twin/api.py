@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from twin.config import ServingConfig, read_yaml_mapping
+from twin.config import ServingConfig, read_yaml_mapping, setting_names
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
@@ -79,7 +79,7 @@ def load_config(config: ServingConfig | dict | str | os.PathLike | None = None,
         source = str(config)
     else:
         _refuse("config", config, "a ServingConfig, a dict of vLLM settings or a YAML path")
-    d = {str(k).replace("-", "_"): v for k, v in d.items()}
+    d = setting_names(d, source)
     if d.get("max_model_len") is None and model_context is not None:
         d["max_model_len"] = model_context
     return ServingConfig.from_dict(d, source=source)
@@ -253,7 +253,7 @@ def _base(base, model_context: int | None = None) -> ServingConfig:
     if base is None or isinstance(base, _PATH):
         return base_config(base, model_context)
     if isinstance(base, dict):
-        given = {str(k).replace("-", "_"): v for k, v in base.items()}
+        given = setting_names(base, "base")
         d = base_config(None, None if "max_model_len" in given else model_context).to_dict()
         return ServingConfig.from_dict({**d, **given}, source="base")   # names and values checked
     _refuse("base", base, "a ServingConfig, a dict of vLLM settings or a YAML path")

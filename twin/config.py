@@ -40,6 +40,20 @@ def _one_of(allowed: tuple, vllm_name: str):
     return check
 
 
+def setting_names(d: dict, source: str = "config") -> dict:
+    """``d`` with vLLM's flag spelling (``max-loras``) read as the setting's name
+    (``max_loras``); two keys naming one setting are refused (one would win silently)."""
+    out: dict = {}
+    for k, v in d.items():
+        name = str(k).replace("-", "_")
+        if name in out:
+            raise TwinInputError(f"{name} is given twice (as {name!r} and its flag spelling "
+                                 f"{name.replace('_', '-')!r}); keep one", file=source,
+                                 field=name)
+        out[name] = v
+    return out
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     enable_lora: bool = True
@@ -71,8 +85,7 @@ class ServingConfig:
             raise TwinInputError(f"expected a mapping of vLLM setting names to values, got "
                                  f"{type(d).__name__}", file=source)
         known = {f.name for f in dataclasses.fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in d.items()
-                if str(k).replace("-", "_") not in VLLM_IGNORED}
+        norm = {k: v for k, v in setting_names(d, source).items() if k not in VLLM_IGNORED}
         unknown = sorted(set(norm) - known)
         if unknown:
             raise TwinInputError(

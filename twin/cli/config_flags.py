@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from twin.argtypes import strict_bool
-from twin.config import ServingConfig, read_yaml_mapping
+from twin.config import ServingConfig, read_yaml_mapping, setting_names
 from twin.costs.profile import Profile, load_profile
 from twin.workload.schema import read_trace
 
@@ -46,8 +46,8 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
         # only the settings the file names: a default filled in here (max_model_len 131072)
         # would hide the model's context below; names, types and refusals are checked once,
         # on the merged settings (ServingConfig.from_dict names the file)
-        base = {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(
-            args.config, expected="a mapping of vLLM setting names to values").items()}
+        base = setting_names(read_yaml_mapping(
+            args.config, expected="a mapping of vLLM setting names to values"), str(args.config))
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
         if v is not None:
