@@ -26,6 +26,9 @@ with prompt + output over max_model_len are rejected (as vLLM's HTTP 400), not o
 kept out by limit X (max_loras: its adapter is outside the full set of GPU slots;
 kv_cache; max_num_batched_tokens: the step was full; max_num_seqs); a STARVING verdict
 names the limit that held it at least half the time, the knob to look at first.
+"Note: outside the profile's calibration": the run's steps held more distinct adapters
+(or its max_loras is larger) than the runs the profile's step time was fitted on (the
+shipped H100 profile: 192), so its per-adapter step terms are extrapolated.
 
 The serving configuration uses vLLM's own names, as flags (--max-loras 8) or in a YAML
 file (--config serve.yaml, keys like max_loras or max-loras); flags override the file.
