@@ -5,6 +5,7 @@ before the schemas."""
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -150,6 +151,22 @@ def test_a_setting_given_twice_in_two_spellings_is_refused(tmp_path, capsys):
     trace.write_text("request_id,arrival_s,adapter,prompt_tokens,output_tokens\n0,0,a,10,5\n")
     assert main(["simulate", "--trace", str(trace), "--config", str(p)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_writing_over_a_shipped_profile_is_said(tmp_path, capsys):
+    from importlib import resources
+
+    from twin.costs.profile import DEFAULT_PROFILE, warn_if_shipped
+
+    shipped = Path(str(resources.files("twin.profiles")))
+    assert warn_if_shipped(shipped / f"{DEFAULT_PROFILE}.json")
+    err = capsys.readouterr().err
+    assert "is the shipped profile" in err and "(or uses the default)" in err
+    assert warn_if_shipped(shipped / "cpu-tiny.json")
+    assert "(or uses the default)" not in capsys.readouterr().err
+    for elsewhere in (tmp_path / f"{DEFAULT_PROFILE}.json", shipped / "mine.json"):
+        assert not warn_if_shipped(elsewhere)
+    assert capsys.readouterr().err == ""
 
 
 def test_yaml_non_utf8_is_an_input_error(tmp_path):

@@ -24,7 +24,7 @@ from twin.calibrate.vllm_fits import fit_client_cap
 from twin.costs.dispersion import quantile
 from twin.costs.gpus import DERATE
 from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
-from twin.costs.profile import load_profile
+from twin.costs.profile import load_profile, warn_if_shipped
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare, staged_file
 
@@ -151,6 +151,7 @@ def run(args) -> int:
                                  field=given[0])
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
+    warn_if_shipped(args.out)
     # --out is checked (and locked) before the calibration, not after it
     if executor and args.policy == "split":
         return run_split_executor(args)

@@ -8,6 +8,7 @@ Shipped profiles live in ``twin/profiles/``; users make their own with ``twin ca
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -264,6 +265,20 @@ class ProfileSchema(Schema):
 def shipped_profiles() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("twin.profiles").iterdir()
                   if p.name.endswith(".json"))
+
+
+def warn_if_shipped(path: str | Path, stream=None) -> bool:
+    """One line on stderr when ``path`` is a shipped profile's own file (a checkout's
+    ``twin/profiles/NAME.json``): writing it changes what every command that names NAME,
+    or uses the default, reads from then on. True when it is."""
+    path = Path(path).resolve()
+    shipped = Path(str(resources.files("twin.profiles"))).resolve()
+    if path.parent != shipped or path.stem not in shipped_profiles():
+        return False
+    print(f"note: {path} is the shipped profile {path.stem!r}: every command that names it"
+          f"{' (or uses the default)' if path.stem == DEFAULT_PROFILE else ''} will read the "
+          "new calibration (git checkout restores it)", file=stream or sys.stderr)
+    return True
 
 
 def load_profile(name_or_path: str | Path | None = None) -> Profile:
