@@ -18,9 +18,9 @@ summary gets ``extrapolated`` when its steps went past either, and ``format_summ
 recommend``'s warnings (its verified pick's run) say so. An executor calibration records
 the extent of its measured steps too. Profiles without an extent are never flagged: first
 principles, whose terms are physics; calibrations made before the extent was recorded
-(the shipped CPU profiles among them). Steps
-with more tokens than the fitted runs' are not flagged either: past the dense layers' ridge
-a step's cost per token is linear (FLOPs), so the per-token terms carry on as measured.
+(the shipped CPU profiles among them). Steps with more tokens than the fitted runs' are not
+flagged either: past the dense layers' ridge a step's cost per token is linear (FLOPs), so
+the per-token terms carry on as measured.
 """
 
 from __future__ import annotations
