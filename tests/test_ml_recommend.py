@@ -138,9 +138,11 @@ def test_recommend_refuses_what_it_would_ignore_or_cannot_serve(tiny, tmp_path, 
            PROFILE, "--window-s", str(WINDOW), "--out", str(tmp_path / "rec")]
     # an SLO or a GPU price under the throughput objective would be ignored: refused
     assert main(cli + ["--slo", "ttft=1"]) == 2
-    assert "--slo apply to --objective goodput or cost" in capsys.readouterr().err
-    assert main(cli + ["--gpu-price", "2.5"]) == 2
-    assert "--gpu-price" in capsys.readouterr().err
+    assert "--slo applies to --objective goodput or cost" in capsys.readouterr().err
+    for objective in ("throughput", "goodput"):   # only the cost objective prices GPUs
+        assert main(cli + ["--gpu-price", "2.5", "--objective", objective,
+                           "--slo", "ttft=1000,tpot=100"]) == 2
+        assert "--gpu-price applies to --objective cost only" in capsys.readouterr().err
     assert not (tmp_path / "rec").exists()
     # every request longer than max_model_len, or none in the window: nothing to serve
     # (said so, not a division by zero in the tie between 0 tok/s configurations)

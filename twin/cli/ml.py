@@ -326,12 +326,13 @@ def run_recommend_cmd(args) -> int:
 
 def _recommend(args) -> int:
     from twin.costs.machine import warn_if_other_machine  # lazy: as the other imports here
-    from twin.ml.recommend import check_objective_flags, recommend  # lazy: ML stack off --help
+    from twin.ml.recommend import check_objective, recommend  # lazy: ML stack off --help
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
 
     say = console(args.json)
     slo = parse_slo(args.slo)
-    check_objective_flags(args.objective, slo, args.gpu_price)
+    check_objective(args.objective, slo, args.gpu_price, slo_ranks=True,
+                    allowed=("throughput", "goodput", "cost"))
     profile = load_profile(args.profile)
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     trace, catalog, window, label = _load_workload(args)

@@ -158,7 +158,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     A trace with ``hash_ids``: see :mod:`twin.ml.prefix_info` (``prefix``, a warning).
     ``first_met``: stop at the first run meeting the SLOs (:func:`twin.ml.placement.place`)."""
     t_start = time.perf_counter()
-    _check_objective(objective, slo)
+    check_objective(objective, slo)
     _check_counts(max_runs=max_runs, workers=workers, window_s=window_s)
     max_runs = DEFAULT_RUNS[objective] if max_runs is None else max_runs
     profile, model, base, window, trace, catalog = prepare_inputs(
@@ -237,27 +237,27 @@ def _slo_search(T: Trials, trace, model, wf, max_rank: int, slo: dict, window: f
     return search
 
 
-def _check_objective(objective: str, slo: dict | None) -> None:
-    if objective not in ("throughput", "goodput"):
-        raise TwinInputError(f"objective must be throughput or goodput, got {objective!r}",
-                             field="--objective")
-    if objective == "goodput" and not slo:
-        raise TwinInputError("the goodput objective needs --slo ttft=MS,tpot=MS",
+def check_objective(objective: str, slo: dict | None, gpu_price=None, *,
+                    allowed=("throughput", "goodput"), slo_ranks: bool = False) -> None:
+    """The objective and what it takes: goodput and cost need an SLO, only cost a GPU price
+    (it would be ignored without a word). The throughput objective takes an SLO in the API
+    (each run's goodput is reported beside its throughput) but not from `twin recommend`,
+    whose report ranks and shows throughput only (``slo_ranks``: an SLO must rank). ``allowed``:
+    the API's recommend() ranks by throughput or goodput; `twin recommend` adds cost."""
+    if objective not in allowed:
+        raise TwinInputError(f"objective must be one of {', '.join(allowed)}, got "
+                             f"{objective!r}", field="--objective")
+    if gpu_price is not None and objective != "cost":
+        raise TwinInputError("--gpu-price applies to --objective cost only; the "
+                             f"{objective} objective would ignore it", field="--gpu-price")
+    if slo_ranks and objective == "throughput" and slo:
+        raise TwinInputError("--slo applies to --objective goodput or cost; the throughput "
+                             "objective would ignore it", field="--slo")
+    if objective != "throughput" and not slo:
+        raise TwinInputError(f"the {objective} objective needs --slo ttft=MS,tpot=MS",
                              field="--slo")
     if slo is not None:
         check_slo(slo)
-
-
-def check_objective_flags(objective: str, slo: dict | None, gpu_price) -> None:
-    """``twin recommend``'s flags against its ``--objective``: the cost objective needs
-    ``--slo``; the throughput one takes neither ``--slo`` nor ``--gpu-price`` (they would be
-    ignored without a word)."""
-    ignored = [f for f, v in (("--slo", slo), ("--gpu-price", gpu_price)) if v]
-    if objective == "throughput" and ignored:
-        raise TwinInputError(f"{' and '.join(ignored)} apply to --objective goodput or cost; "
-                             "the throughput objective would ignore them", field=ignored[0])
-    if objective == "cost" and not slo:
-        raise TwinInputError("the cost objective needs --slo ttft=MS,tpot=MS", field="--slo")
 
 
 def _check_counts(**counts) -> None:
