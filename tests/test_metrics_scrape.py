@@ -61,7 +61,24 @@ def test_the_closed_forms_are_the_sums_over_every_scrape():
         assert f.ttft_wait_s(series, dur) == pytest.approx(float((stall ** 2).sum()) / dur,
                                                            rel=1e-12)
     f = Frontend(metrics_scrape_hz=0.1, metrics_series_s=1.4e-5)
-    assert f.itl_scale(1000, 1e12, 0.02) == 1.0 and 0 < f.ttft_wait_s(1000, 1e12) < 1
+    for window in (1e12, 1e200):
+        assert f.itl_scale(1000, window, 0.02) == 1.0 and 0 < f.ttft_wait_s(1000, window) < 1
+    # a run with no decode gap (every output one token) has no mean ITL to scale
+    assert f.itl_scale(1000, 100.0, float("nan")) == 1.0
+
+
+def test_a_scraped_run_without_decode_gaps_or_in_a_vast_window_runs():
+    """The shipped H100 profile scrapes /metrics: a trace of one-token outputs (no ITL),
+    a window shorter than any step and one of 10^200 s all give a summary."""
+    t = pd.DataFrame({"request_id": [0, 1, 2], "arrival_s": [0.0, 1.0, 2.0],
+                      "adapter": pd.array(["a", "b", "a"], dtype="string"),
+                      "prompt_tokens": [100, 200, 50], "output_tokens": [20, 20, 20]})
+    cfg = ServingConfig(max_loras=2)
+    assert load_profile("llama31-8b-h100-64gb").frontend.scrapes
+    s = simulate(t.assign(output_tokens=1), cfg).summary
+    assert s["completed"] == 3 and np.isnan(s["itl_ms"]["mean"])
+    assert simulate(t, cfg, window_s=0.01).summary["completed"] == 0
+    assert simulate(t, cfg, window_s=1e200).summary["completed"] == 3
 
 
 def test_negative_or_nan_fields_are_refused_and_the_fields_round_trip():

@@ -100,8 +100,8 @@ class Frontend:
         the run ended with are taken to have grown evenly from none (a steady churn of
         running sets); scrape k at ``(k + ½) / hz`` renders ``series · t / duration`` of
         them. 1 without scrapes."""
-        if not self.scrapes or series <= 0 or duration_s <= 0:
-            return 1.0
+        if not self.scrapes or series <= 0 or duration_s <= 0 or not step_s >= 0:
+            return 1.0   # (no decode gap at all, step_s NaN: no mean ITL to scale)
         n, a = self._stalls(series, duration_s)
         # sum over k of max(a (k + ½) - step_s, 0): the scrapes from k0 on stall longer
         k0 = min(n, max(0, math.ceil(step_s / a - 0.5))) if a > 0 else n
@@ -126,7 +126,10 @@ class Frontend:
         if not self.scrapes or series <= 0 or duration_s <= 0:
             return 0.0
         n, a = self._stalls(series, duration_s)
-        return a * a * (n ** 3 / 3 - n / 12) / duration_s   # sum over k of (a (k + ½))²
+        # sum over k of (a (k + ½))² = a² (n³/3 - n/12), through x = a·n (~ the last stall)
+        # and n / duration (~ the rate): no n³ to overflow in a window of 10^200 s
+        x = a * n
+        return x * x * (n / duration_s) / 3 - a * x / (12 * duration_s)
 
     def admission_order(self, arrival: np.ndarray, adapter: np.ndarray):
         """When and in which order the engine gets the requests: ``(order, admitted)``, the
