@@ -69,6 +69,17 @@ def test_datetime_and_duration_arrivals_are_refused(tmp_path):
         validate_trace(_frame(arrival_s=pd.to_timedelta([0, 1], unit="s")))
 
 
+def test_a_column_given_twice_is_refused():
+    f = _frame()
+    for twice in (pd.concat([f, f[["adapter"]]], axis=1),          # an extra copy
+                  pd.concat([f, f[["prompt_tokens"]]], axis=1),    # of a canonical column
+                  f.set_axis(["request_id", "arrival_s", "adapter", "prompt_tokens",
+                              "prompt_tokens"], axis=1)):          # two names alike
+        with pytest.raises(TwinInputError, match="more than once") as e:
+            validate_trace(twice, source="mine")
+        assert e.value.file == "mine"
+
+
 @pytest.mark.parametrize("col", ["prompt_tokens", "output_tokens"])
 def test_boolean_token_counts_are_refused(col):
     with pytest.raises(TwinInputError, match="boolean") as e:

@@ -434,6 +434,11 @@ def test_compare_says_what_max_model_len_refused(trace):
     # nothing left to serve: no strategy wins
     every = compare(trace.assign(prompt_tokens=2000), c, PROFILE, policies=("vllm",), gpus=1)
     assert every.winner is None and every.verdict.startswith("No winner:")
+    # an empty window, every strategy (S-LoRA's deployment had no result to annotate)
+    empty = compare(trace.iloc[:0], c, PROFILE, policies=("vllm", "slora", "merged"), gpus=1)
+    assert empty.winner is None and empty.verdict == "No winner: nothing was offered."
+    with pytest.raises(TwinInputError, match="at least one strategy"):
+        compare(trace, c, PROFILE, policies=())
 
 
 def test_compare_names_the_strategies_tied_with_the_winner(trace):

@@ -42,6 +42,7 @@ import pandas as pd
 
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES, StepFeatures, derived_features
+from twin.errors import TwinInputError
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
@@ -82,10 +83,11 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     ``(label, name or Policy)`` pairs to run variants side by side); ``options`` are passed
     to the strategies' constructors (e.g. ``k``, ``dynamic``, ``admission``); ``gpus`` fixes
     every strategy's GPU count."""
+    if not policies:
+        raise TwinInputError("name at least one strategy to compare", field="--policies")
     if not isinstance(profile, Profile):
         profile = load_profile(profile)
-    trace = validate_trace(trace, source=trace_source)
-    trace = crop_window(trace, window_s)
+    trace = crop_window(validate_trace(trace, source=trace_source), window_s)
     runs: dict[str, PolicyRun] = {}
     for p in policies:
         label, p = p if isinstance(p, tuple) else (None, p)
@@ -96,9 +98,8 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
         runs[label] = run
         if on_run is not None:
             on_run(label, run)
-    offered = next(iter(runs.values())).result.summary["offered_total_throughput"] if runs else 0.0
-    rows = [_row(name, run) for name, run in runs.items()]
-    table = pd.DataFrame(rows)
+    offered = next(iter(runs.values())).result.summary["offered_total_throughput"]
+    table = pd.DataFrame([_row(name, run) for name, run in runs.items()])
     keep_up = table[~table["starving"]]
     min_gpus = int(keep_up["gpus"].min()) if len(keep_up) else None
     costs = {name: cost_breakdown(run, config, profile, catalog, min_gpus)
@@ -107,10 +108,9 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     winner = _winner(table) if offered > 0 else None   # nothing offered: nothing to rank
     tied = _tied(table, winner)
     verdict = explain(table, costs, winner, runs, config, tied)
+    meta = {"gpus": gpus, "window_s": window_s, "profile": profile.name}
     return Comparison(runs=runs, table=table, costs=costs, winner=winner, verdict=verdict,
-                      tied=tied,
-                      offered_tps=offered, meta={"gpus": gpus, "window_s": window_s,
-                                                 "profile": profile.name})
+                      tied=tied, offered_tps=offered, meta=meta)
 
 
 def _row(name: str, run: PolicyRun) -> dict:
@@ -278,12 +278,12 @@ def _why(name: str, costs: dict, row, run: PolicyRun, config, best_gpus) -> str:
 
 def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, config,
             tied=()) -> str:
-    rejected = int(table["rejected"].max()) if len(table) else 0
+    rejected = int(table["rejected"].max())   # (compare() runs at least one strategy)
     refused = (f"{rejected} request(s) are longer than max_model_len {config.max_model_len}:"
                " vLLM refuses them, so they count in no strategy's offered load or throughput")
     if winner is None:
-        return (f"No winner: {refused}, and nothing else was offered." if rejected
-                else "No strategy ran.")
+        return f"No winner: {refused + ', and nothing else' if rejected else 'nothing'} " \
+            "was offered."
     t = table.set_index("policy")
     w = t.loc[winner]
     keep = t[~t["starving"] & (t["adapters_unserved"] == 0)]

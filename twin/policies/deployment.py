@@ -281,7 +281,7 @@ def run_deployment(dep: Deployment, trace: pd.DataFrame, config, profile, catalo
             slow = new
             if settled:
                 break
-    if single and dep.servers[0].kind != MERGED:
+    if single and dep.servers[0].kind != MERGED and runs[0].result is not None:
         result = runs[0].result
         _annotate(result, dep, runs)
     else:

@@ -187,6 +187,10 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     ``request_id`` may be missing (then 0..n-1 is used). Raises :class:`TwinInputError`
     at the first bad row.
     """
+    twice = df.columns[df.columns.duplicated()].unique().tolist()
+    if twice:   # df[name] would be a frame, not a column
+        raise TwinInputError(f"column(s) {twice} appear more than once; keep one of each",
+                             file=source, field=str(twice[0]))
     if _canonical(df) and not any(c in df.columns for c in PREFIX_COLUMNS):
         _check_values(df, source)
         return df   # already in canonical dtypes: checked without a copy
