@@ -26,7 +26,7 @@ prefix caching also hash_ids (block ids of each request's tokens, block size kep
 Parquet file), session_id and turn (Mooncake and sessions; Parquet only).
 
 Public sources are read from the shared data folder: $TWIN_SHARED_DATA, else ../shared/data
-next to the repository (see shared/data/traces/README.md for provenance and licences).
+next to the repository (see its traces/README.md for provenance and licences).
 Azure and Mooncake traces name no adapter: --adapters N tags them (uniform or power-law
 popularity). ServeGen keeps its real tenants (one adapter per client). Every action is
 deterministic given --seed.
