@@ -136,6 +136,8 @@ def test_a_fleet_and_a_comparison_carry_their_servers_furthest():
     cmp = compare(trace, cfg, prof, policies=("vllm", "slora"), gpus=1)
     assert "Note on slora: outside the profile's calibration" in cmp.verdict
     assert "Note on vllm" not in cmp.verdict   # 8 slots, 8 adapters a step at most: inside
+    ext = cmp.table.set_index("policy")["extrapolated"]   # the table (and its JSON) too
+    assert ext["vllm"] is None and ext["slora"]["fitted_adapters_max"] == 8
 
 
 def test_servers_combine_each_kind_with_its_own_profile_s_figure():

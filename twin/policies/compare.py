@@ -128,7 +128,7 @@ def _row(name: str, run: PolicyRun) -> dict:
         "weights_gib_per_gpu": mem["weights_gib"], "kv_gib_per_gpu": mem["kv_gib"],
         "adapters_gib_per_gpu": mem["adapters_gib"],
         "activations_gib_per_gpu": mem["activations_gib"],
-        "rejected": int(s.get("rejected_requests", 0)),   # > max_model_len: never offered
+        "rejected": int(s.get("rejected_requests", 0)), "extrapolated": s.get("extrapolated"),
         "preemptions": s["preemptions"], "adapter_loads": s["adapter_loads"]["from_disk"]
         + s["adapter_loads"]["from_host"],
         "starving": bool(s["starving"]), "starving_reason": s["starving_reason"],
