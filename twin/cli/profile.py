@@ -22,7 +22,7 @@ Build a twin profile from first principles: the model's shape (a Hugging Face co
 model directory holding one, or a built-in short name), a GPU of the catalogue (or explicit
 numbers), the tensor-parallel size and the dtypes. The profile gives `twin simulate
 --profile P.json` vLLM's start-up KV capacity for every max_loras x max_lora_rank (within
-0.12% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
+0.11% of vLLM 0.8.5 on the measured Llama-3.1-8B/H100 table: weights, LoRA slot buffers as
 vLLM allocates them and as PyTorch's caching allocator reserves them, one fitted non-torch
 constant) and a step time from the GPU's effective (derated datasheet) rates, the LoRA
 slowdown vLLM measured (PR #11267) and vLLM's software constants times the model's counts
