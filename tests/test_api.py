@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -173,11 +174,32 @@ def test_recommend_base_dict_is_over_the_papers_base(files):
     (lambda f: twin.simulate(f["trace_df"], None, PROFILE, window_s="10"), "window_s"),
     (lambda f: twin.simulate(f["trace_df"], None, PROFILE, window_s=float("nan")), "window_s"),
     (lambda f: twin.simulate_fleet(f["trace_df"], 2, profile=PROFILE, window_s=0), "window_s"),
+    # the fleet's and the recommender's counts (each was a TypeError or AttributeError)
+    (lambda f: twin.simulate_fleet(f["trace_df"], 2.0, profile=PROFILE), "replicas"),
+    (lambda f: twin.simulate_fleet(f["trace_df"], True, profile=PROFILE), "replicas"),
+    (lambda f: twin.simulate_fleet(f["trace_df"], 2, profile=PROFILE, refresh_s=None),
+     "refresh_s"),
+    (lambda f: twin.simulate_fleet(f["trace_df"], 2, "adapter_affinity", profile=PROFILE,
+                                   affinity_slack="x"), "affinity_slack"),
+    (lambda f: twin.simulate_fleet(f["trace_df"], 2, "adapter_affinity", profile=PROFILE,
+                                   affinity_slack=2.7), "affinity_slack"),
+    (lambda f: twin.recommend(f["trace_df"], max_runs=1.5, workers=1), "max_runs"),
 ])
 def test_bad_input_raises_twin_input_error_naming_the_field(files, call, field):
     with pytest.raises(twin.TwinInputError) as e:
         call(files)
     assert e.value.field == field, str(e.value)
+
+
+def test_a_numpy_window_gives_the_summary_of_a_float_one(files):
+    """numpy scalars reach a notebook's calls: the summary is the float window's, JSON-able
+    (a float32 window once leaked float32 figures into it)."""
+    import json
+
+    a = twin.simulate(files["trace_df"], None, PROFILE, window_s=np.float32(30)).summary
+    b = twin.simulate(files["trace_df"], None, PROFILE, window_s=30.0).summary
+    assert json.dumps(a, default=str) == json.dumps(b, default=str)
+    json.dumps(a)   # no numpy scalar left
 
 
 def test_fleet_replicas_may_be_given_as_configs(files):

@@ -134,6 +134,7 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     trace, path = _trace_and_source(trace)
     source = path or "trace"
     refuse_empty_window(trace, window_s, source)
+    window_s = None if window_s is None else float(window_s)   # a numpy scalar: a float
     catalog = load_catalog(catalog)
     # every serving strategy (config.policy): one vLLM server goes straight to the simulator
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
@@ -164,6 +165,7 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
     trace, path = _trace_and_source(trace)
     source = path or "trace"
     refuse_empty_window(trace, window_s, source)
+    window_s = None if window_s is None else float(window_s)   # a numpy scalar: a float
     if isinstance(router, str):
         options = {"slack": affinity_slack} if (router == "adapter_affinity"
                                                 and affinity_slack is not None) else {}

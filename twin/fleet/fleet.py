@@ -76,8 +76,10 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     if isinstance(router, str):
         router = make_router(router, table=routing)
     router.bind(len(reps), catalog.adapters)
-    if not refresh_s >= 0:
-        raise TwinInputError(f"refresh_s must be >= 0, got {refresh_s!r}", field="refresh_s")
+    if isinstance(refresh_s, bool) or not isinstance(refresh_s, (int, float, np.number)) \
+            or not refresh_s >= 0:
+        raise TwinInputError(f"refresh_s must be a number of seconds >= 0, got {refresh_s!r}",
+                             field="refresh_s")
     if sample_dt is None:
         sample_dt = default_sample_dt(trace_horizon(trace, window_s))
     kw = dict(window_s=window_s, sample_dt=sample_dt, trace_source=trace_source)
@@ -94,6 +96,10 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
 
 
 def _replicas(replicas, config, profile, window_s) -> list[Replica]:
+    if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer, list, tuple)):
+        raise TwinInputError(f"replicas is a count or a list of ServingConfig / Replica, got "
+                             f"{type(replicas).__name__} {str(replicas)[:40]!r}",
+                             field="replicas")
     if isinstance(replicas, (int, np.integer)):
         if replicas < 1:
             raise TwinInputError(f"a fleet needs at least 1 replica, got {replicas}",
@@ -104,6 +110,10 @@ def _replicas(replicas, config, profile, window_s) -> list[Replica]:
     for r in replicas:
         if isinstance(r, ServingConfig):
             r = Replica(r, profile)
+        elif not isinstance(r, Replica) or not isinstance(r.config, ServingConfig):
+            raise TwinInputError(f"a replica is a ServingConfig or a Replica of one (make one "
+                                 f"from a dict: twin.fleet_replica), got {str(r)[:60]!r}",
+                                 field="replicas")
         elif r.profile is None:
             r = Replica(r.config, profile, r.adapters)
         if r.config.policy not in ("vllm", "slora"):

@@ -236,6 +236,9 @@ class AdapterAffinity(Router):
     reads_state = True
 
     def __init__(self, slack: int = 16):
+        if isinstance(slack, bool) or not isinstance(slack, (int, np.integer)) or slack < 0:
+            raise TwinInputError(f"the affinity slack is a whole number of requests >= 0, "
+                                 f"got {slack!r}", field="affinity_slack")
         self.slack = int(slack)
 
     def bind(self, n_replicas, adapters):

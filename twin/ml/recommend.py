@@ -261,10 +261,13 @@ def check_objective(objective: str, slo: dict | None, gpu_price=None, *,
 
 
 def _check_counts(**counts) -> None:
-    """The API's counts (the CLI's flags check their own): each None or > 0."""
+    """The API's counts (the CLI's flags check their own): each None or > 0, and the runs
+    and workers whole numbers (a slice of 1.5 runs is no count)."""
     for name, v in counts.items():
-        if v is not None and not is_positive_number(v):
-            raise TwinInputError(f"must be > 0, got {v!r}", field=name)
+        whole = name != "window_s"
+        if v is not None and (not is_positive_number(v) or whole and v != int(v)):
+            raise TwinInputError(f"must be {'a whole number ' if whole else ''}> 0, got {v!r}",
+                                 field=name)
 
 
 def check_slo(slo) -> None:
