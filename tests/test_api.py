@@ -202,6 +202,19 @@ def test_a_numpy_window_gives_the_summary_of_a_float_one(files):
     json.dumps(a)   # no numpy scalar left
 
 
+def test_a_trace_that_starts_late_says_its_throughput_counts_the_wait(files):
+    """A slice of a longer trace (first arrival long after 0): the throughput is per second
+    from 0, which the summary says; a trace from 0 says nothing of it."""
+    t = files["trace_df"]
+    late = twin.simulate(t.assign(arrival_s=t["arrival_s"] + 1000.0), None, PROFILE)
+    s = late.summary
+    assert s["first_arrival_s"] == pytest.approx(float(t["arrival_s"].min()) + 1000.0)
+    assert s["total_throughput"] < 0.5 * s["offered_total_throughput"]   # the dilution
+    assert "Note: the first request arrives at" in late.format_summary()
+    plain = twin.simulate(t, None, PROFILE)
+    assert "first request arrives" not in plain.format_summary()
+
+
 def test_fleet_replicas_may_be_given_as_configs(files):
     """A list of config dicts (what simulate takes) is a list of replicas, each on the
     fleet's profile: the same run as the fleet_replica() list (it was an AttributeError)."""

@@ -216,6 +216,7 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     starving_queue = waiting_growth > max(50, 0.02 * load["offered_requests"])
     return {
         "duration_s": float(duration_s),
+        "first_arrival_s": float(req["arrival_s"].min()) if len(req) else 0.0,
         "num_requests": int(len(req)),
         "completed": int(done.sum()),
         "unfinished": int((req["status"] != "finished").sum() - (req["status"] == "rejected").sum()),
@@ -318,11 +319,22 @@ def format_summary(s: dict) -> str:
     else:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
-    note = describe(s.get("extrapolated"))
-    if note:
+    notes = [describe(s.get("extrapolated")), late_start(s)]
+    for note in filter(None, notes):
         lines += textwrap.wrap(f"Note: {note}", w, subsequent_indent="  ")
     lines.append("=" * w)
     return "\n".join(lines)
+
+
+def late_start(s: dict) -> str | None:
+    """A trace whose first request comes long after 0 (a slice of a longer one): the
+    throughput figures are per second from 0, so they count the idle time before it."""
+    first = s.get("first_arrival_s", 0.0)
+    if first <= max(60.0, 0.1 * s["duration_s"]):
+        return None
+    return (f"the first request arrives at {first:.0f} s: throughput is per second from 0, "
+            "idle time before it included; shift the trace's arrivals to start at 0 to "
+            "measure from it")
 
 
 def waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
