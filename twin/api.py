@@ -133,8 +133,7 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     config = load_config(config, profile.model.max_position_embeddings)
     trace, path = _trace_and_source(trace)
     source = path or "trace"
-    refuse_empty_window(trace, window_s, source)
-    window_s = None if window_s is None else float(window_s)   # a numpy scalar: a float
+    window_s = refuse_empty_window(trace, window_s, source)
     catalog = load_catalog(catalog)
     # every serving strategy (config.policy): one vLLM server goes straight to the simulator
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
@@ -164,8 +163,7 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
 
     trace, path = _trace_and_source(trace)
     source = path or "trace"
-    refuse_empty_window(trace, window_s, source)
-    window_s = None if window_s is None else float(window_s)   # a numpy scalar: a float
+    window_s = refuse_empty_window(trace, window_s, source)
     if isinstance(router, str):
         options = {"slack": affinity_slack} if (router == "adapter_affinity"
                                                 and affinity_slack is not None) else {}

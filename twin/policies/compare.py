@@ -312,8 +312,8 @@ def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, co
         lines.append(f"  {name} ({status}, {int(r['gpus'])} GPU(s), TTFT p99 "
                      f"{r['ttft_p99_ms']:.0f} ms): "
                      f"{_why(name, costs[name], r, runs[name], config, best_gpus)}.")
-    for name, run in runs.items():   # a figure priced past the profile's calibration
-        note = describe(run.result.summary.get("extrapolated"))
+    for name, ext in t["extrapolated"].items():   # priced past the profile's calibration
+        note = describe(ext)
         if note:
             lines.append(f"  Note on {name}: {note}.")
     return "\n".join(lines)

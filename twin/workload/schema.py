@@ -163,22 +163,23 @@ def write_trace(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
-                        source: str = "trace") -> None:
+                        source: str = "trace") -> float | None:
     """A user's ``--window-s`` that ends before the first arrival sends nothing (``vllm bench
     serve`` with a time limit) and would report an empty run as a result: refused. The
-    engines crop with :func:`twin.results.crop_window` and accept an empty window."""
+    engines crop with :func:`twin.results.crop_window` and accept an empty window. Returns
+    the window as a float (None: none), so a numpy scalar's type goes no further."""
     if window_s is None:
-        return
+        return None
     if not is_positive_number(window_s):   # the API's; the CLI's flag checks its own
         raise TwinInputError(f"window_s must be a number of seconds > 0, got {window_s!r}",
                              file=source, field="window_s")
-    if not len(trace):
-        return
-    first = float(trace["arrival_s"].min())
+    window_s = float(window_s)
+    first = float(trace["arrival_s"].min()) if len(trace) else 0.0
     if first > window_s:
         raise TwinInputError(f"the window ({window_s:g} s) ends before the first arrival "
                              f"({first:g} s): no request would be sent; give a window longer "
                              f"than {first:g} s, or none", file=source, field="window_s")
+    return window_s
 
 
 def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
