@@ -40,7 +40,7 @@ from twin.calibrate.step_fit import CAPPED_GRID_TERMS, fit_step_time  # noqa: E4
 from twin.calibrate.vllm_runs import read_run_table, spread  # noqa: E402
 from twin.costs.profile import load_profile  # noqa: E402
 from twin.costs.step_time import StepTimeModel  # noqa: E402
-from twin.ml.report import tie_band  # noqa: E402
+from twin.ml.ties import tie_band  # noqa: E402
 from twin.workload.public import shared_data_dir  # noqa: E402
 
 

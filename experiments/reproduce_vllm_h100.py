@@ -15,7 +15,7 @@ non-starving (max_loras, max_cpu_loras) agrees (the paper's procedure: for each 
 scan served adapters upward and keep the last acceptable one before the first starving one;
 the optimum is the best throughput among those). ``optimum_agreement_with_ties`` also counts a
 workload where the twin declares a tie (its candidates within its own throughput error of its
-best: the fit-set throughput SMAPE its profile records, ``twin.ml.report.tie_band``) that
+best: the fit-set throughput SMAPE its profile records, ``twin.ml.ties.tie_band``) that
 names the real best.
 
     python experiments/reproduce_vllm_h100.py            # ~10-20 min on 2 cores
@@ -41,7 +41,7 @@ from twin.calibrate.vllm import simulate_run
 from twin.cli.calibrate import add_vllm_fit_args
 from twin.calibrate.vllm_runs import read_run_table
 from twin.costs.profile import load_profile
-from twin.ml.report import tie_band
+from twin.ml.ties import tie_band
 from twin.results import smape
 from twin.workload.public import shared_data_dir
 
@@ -161,7 +161,7 @@ def best_config(sub: pd.DataFrame, tput: str, starving: str):
 def declared_tie(sub: pd.DataFrame, tput: str, starving: str, band: float) -> list:
     """The configurations the twin cannot rank apart: its frontier candidates whose
     throughput is within ``band`` (the twin's own throughput error) of its best."""
-    from twin.ml.report import within_band
+    from twin.ml.ties import within_band
 
     return within_band({_key(r): float(r[tput]) for r in frontier(sub, tput, starving)}, band)
 

@@ -184,6 +184,15 @@ def test_recommend_base_dict_is_over_the_papers_base(files):
     (lambda f: twin.simulate_fleet(f["trace_df"], 2, "adapter_affinity", profile=PROFILE,
                                    affinity_slack=2.7), "affinity_slack"),
     (lambda f: twin.recommend(f["trace_df"], max_runs=1.5, workers=1), "max_runs"),
+    # the layers below the API take a ServingConfig: a dict was an AttributeError deep inside
+    (lambda f: __import__("twin.sim", fromlist=["simulate"]).simulate(
+        f["trace_df"], {"max_loras": 2}, PROFILE), "config"),
+    (lambda f: __import__("twin.policies", fromlist=["x"]).simulate_policy(
+        f["trace_df"], {"max_loras": 2}, PROFILE), "config"),
+    (lambda f: __import__("twin.policies.compare", fromlist=["x"]).compare(
+        f["trace_df"], {"max_loras": 2}, PROFILE), "config"),
+    (lambda f: __import__("twin.fleet", fromlist=["x"]).simulate_fleet(
+        f["trace_df"], 2, config={"max_loras": 2}, profile=PROFILE), "config"),
 ])
 def test_bad_input_raises_twin_input_error_naming_the_field(files, call, field):
     with pytest.raises(twin.TwinInputError) as e:

@@ -111,6 +111,62 @@ def test_csv_adapter_named_like_a_null_keeps_its_name(tmp_path):
     assert read_trace(p)["adapter"].isna().tolist() == [False, False, True]
 
 
+def test_whitespace_only_adapter_is_refused_at_its_trace_row(tmp_path, capsys):
+    """Not at the default catalog's row 0, as it was: the user's file and row."""
+    p = _csv(tmp_path, "1,0.0,a,5,6\n2,0.5,\"  \",5,6\n3,1.0,b,5,6\n")
+    with pytest.raises(TwinInputError, match="only whitespace") as e:
+        read_trace(p)
+    assert (e.value.row, e.value.field) == (1, "adapter") and "t.csv" in str(e.value)
+    assert cli_main(["simulate", "--trace", str(p), "--no-progress"]) == 2
+    assert "t.csv, row 1, field 'adapter'" in capsys.readouterr().err
+
+
+def test_a_trace_specs_relative_paths_are_read_beside_the_spec(tmp_path, monkeypatch):
+    """A spec kept with its trace works from any working directory; a path that exists only
+    from the working directory (the old reading) still does; the catalog's unknown adapter
+    is named at the trace's file and row."""
+    from twin.ml.spec import load_workloads_yaml
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    _csv(folder, "1,0.0,a,5,6\n2,0.5,b,5,6\n")
+    (folder / "cat.csv").write_text("adapter,rank\na,8\n")
+    (folder / "w.yaml").write_text("family: trace\npath: t.csv\ncatalog: cat.csv\n")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = WorkloadSpec.from_yaml(folder / "w.yaml")
+    assert spec.params["path"] == str(folder / "t.csv")
+    assert [s.params["catalog"] for s in load_workloads_yaml(folder / "w.yaml")] == [
+        str(folder / "cat.csv")]
+    trace, catalog = spec.build()
+    with pytest.raises(TwinInputError, match="unknown adapter 'b'") as e:
+        catalog.check(trace, 512, spec.params["path"])
+    assert (e.value.row, e.value.field) == (1, "adapter")
+    assert cli_main(["recommend", "--workload-spec", str(folder / "w.yaml"),
+                     "--out", str(tmp_path / "rec")]) == 2
+    monkeypatch.chdir(tmp_path)   # the old reading: relative to the working directory
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "old.yaml").write_text("family: trace\npath: specs/t.csv\n")
+    assert WorkloadSpec.from_yaml(tmp_path / "sub" / "old.yaml").params["path"] == "specs/t.csv"
+
+
+def test_parquet_written_by_pandas_from_a_filtered_frame_reads(tmp_path):
+    """``df[mask].to_parquet(p)`` stores pandas' index as ``__index_level_0__`` with
+    metadata naming it: read as the same trace as the frame (it was a cryptic KeyError)."""
+    frame = pd.DataFrame({"request_id": [10, 11, 12, 13], "arrival_s": [0.0, 1.0, 2.0, 3.0],
+                          "adapter": ["a", None, "b", "a"], "prompt_tokens": [5, 6, 7, 8],
+                          "output_tokens": [1, 2, 3, 4]})
+    part = frame[frame["prompt_tokens"] > 5]
+    part.to_parquet(tmp_path / "f.parquet")
+    got = read_trace(tmp_path / "f.parquet")
+    assert "__index_level_0__" not in got.columns
+    assert got["request_id"].tolist() == [11, 12, 13]
+    assert got.equals(validate_trace(part.reset_index(drop=True)))
+    part.set_index("request_id").to_parquet(tmp_path / "named.parquet")   # a named index
+    assert read_trace(tmp_path / "named.parquet")["request_id"].tolist() == [11, 12, 13]
+
+
 def test_non_integral_text_ids_are_refused_not_rounded(tmp_path):
     p = _csv(tmp_path, f"{BIG + 1}.5,0.0,a,5,6\n")
     with pytest.raises(TwinInputError, match="fraction") as e:

@@ -90,8 +90,29 @@ def test_recommend_returns_verified_non_starving_config(tiny):
     # a 90-s window: its edge may read STARVING, and the report says so (an hour's: silent)
     assert any("window is only 90 s" in w for w in rec.warnings)
     assert "warning: the window is only 90 s" in rec.report()
-    from twin.ml.recommend import short_window_warning
+    from twin.ml.inputs import short_window_warning
     assert short_window_warning(3600.0) is None and short_window_warning(599.0)
+
+
+def test_a_short_trace_given_no_window_is_verified_to_its_last_request(tiny):
+    """A 90-s trace without --window-s: the twin runs go on to the last request (their
+    starvation rule is twin simulate's), so a server that keeps up is not read STARVING
+    for the requests still running at the window's edge; no edge warning then. A window
+    the user gives is measured as given (the test above)."""
+    from twin.ml.inputs import runs_to_completion
+
+    assert runs_to_completion(90.0, None) and not runs_to_completion(90.0, 90.0)
+    assert not runs_to_completion(3600.0, None)
+    tr, cat = _workload(12, (4.0, 2.0, 1.0))
+    rec = recommend(tr, cat, profile=tiny["profile"], model=tiny["model"], workers=1)
+    assert rec.ok and rec.to_completion and rec.to_dict()["to_completion"] is True
+    assert not any("window is only" in w for w in rec.warnings)
+    assert "(twin runs to the last request)" in rec.report()
+    s = simulate(tr, rec.config, tiny["profile"], cat).summary   # no window: to the end
+    assert s["total_throughput"] == pytest.approx(rec.verified["throughput"])
+    assert rec.verified["achieved"] == pytest.approx(s["achieved_over_offered"])
+    cut = simulate(tr, rec.config, tiny["profile"], cat, window_s=rec.window_s).summary
+    assert s["achieved_over_offered"] > cut["achieved_over_offered"]   # the edge, gone
 
 
 def test_recommend_goodput_objective(tiny):
@@ -187,6 +208,19 @@ def test_place_cli_outputs(tiny, tmp_path):
     assert set(routing["adapter"]) == set(cat.adapters) and set(routing["gpu"]) == {0}
     assert yaml.safe_load((tmp_path / "pl" / "gpu-0" / "vllm_config.yaml").read_text())[
         "max-cpu-loras"] == 6
+
+
+def test_place_on_a_short_trace_without_a_window_does_not_split_for_the_edge(tiny):
+    """Each GPU verified to its last request: the GPU count is the one the windowed
+    placement finds at most (a 90-s window's edge read GPUs that keep up as STARVING)."""
+    tr, cat = _workload(12, (8.0, 4.0, 2.0), seed=6)
+    kw = dict(profile=tiny["profile"], model=tiny["model"], workers=2)
+    whole = place(tr, cat, **kw)
+    assert whole.ok, whole.report()
+    assert all(g.recommendation.to_completion for g in whole.gpus)
+    edge = place(tr, cat, window_s=WINDOW, **kw)
+    assert len(whole.gpus) < len(edge.gpus), (whole.report(), edge.report())
+    assert "window is only" not in whole.report()
 
 
 def test_shipped_model_predicts(tiny):

@@ -217,6 +217,34 @@ def test_json_with_out_prints_one_document(tmp_path, trace, capsys):
     assert "total_throughput" in doc and "wrote" in cap.err
 
 
+def strict_json(path):
+    """``path`` read as RFC 8259 JSON: NaN, Infinity and -Infinity are refused, as jq and
+    JavaScript refuse them."""
+    def refuse(token):
+        raise ValueError(f"{path.name}: non-standard JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_summary_json_is_standard_json_when_a_metric_has_no_sample(tmp_path):
+    """A window in which nothing finishes has no TTFT: summary.json writes null, not NaN."""
+    from twin import simulate
+    from twin.config import ServingConfig
+
+    long = pd.DataFrame({"arrival_s": [0.0, 0.001], "adapter": ["a", "b"],
+                         "prompt_tokens": [100, 100], "output_tokens": [500, 500]})
+    result = simulate(long, ServingConfig(max_loras=2), window_s=0.05)
+    assert np.isnan(result.summary["ttft_ms"]["mean"])      # the summary in Python: NaN
+    result.save(tmp_path / "run")
+    doc = strict_json(tmp_path / "run" / "summary.json")
+    assert doc["summary"]["ttft_ms"]["mean"] is None
+    assert doc["summary"]["completed"] == 0
+    (tmp_path / "bare.json").write_text('{"a": NaN}')
+    with pytest.raises(ValueError, match="NaN"):   # the strict reader can fail
+        strict_json(tmp_path / "bare.json")
+    assert outputs.json_document({"x": np.float32(0.5), "y": np.array([1, 2]),
+                                  "z": float("-inf")}) == '{"x": 0.5, "y": [1, 2], "z": null}'
+
+
 def test_compare_json_and_rerun(tmp_path, trace, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--trace", str(trace), "--policies", "vllm,slora", "--max-loras", "2",
@@ -226,6 +254,7 @@ def test_compare_json_and_rerun(tmp_path, trace, capsys):
     assert [r["policy"] for r in rows] == ["vllm", "slora"]
     assert main(args) == 0
     assert {"table.csv", "summary.json", "compare.png"} <= {p.name for p in out.iterdir()}
+    assert strict_json(out / "summary.json")["winner"] in (None, "vllm", "slora")
     assert outputs.output_kind(out) == "compare" and leftovers(tmp_path) == []
 
 

@@ -153,6 +153,39 @@ def test_a_setting_given_twice_in_two_spellings_is_refused(tmp_path, capsys):
     assert "given twice" in capsys.readouterr().err
 
 
+def test_max_cpu_loras_follows_max_loras_only_when_not_given():
+    """vLLM's max_cpu_loras defaults to max_loras; a config given none keeps that default
+    through replace() (``ServingConfig().replace(max_loras=8)`` was refused: its
+    materialized max_cpu_loras 1 < 8); one given a value keeps it."""
+    assert ServingConfig().replace(max_loras=8).max_cpu_loras == 8
+    follows = ServingConfig.from_dict({"max-loras": 4})
+    assert follows.max_cpu_loras == 4 and follows == ServingConfig(max_loras=4, max_cpu_loras=4)
+    assert follows.replace(max_loras=16).replace(policy="slora").max_cpu_loras == 16
+    assert follows.replace(max_loras=2).max_cpu_loras == 2
+    assert follows.replace(max_loras=2, max_cpu_loras=6).max_cpu_loras == 6
+    given = ServingConfig.from_dict({"max_loras": 4, "max_cpu_loras": 6})
+    assert given.replace(max_loras=2).max_cpu_loras == 6       # a given value stays
+    with pytest.raises(TwinInputError, match=r"max_cpu_loras \(6\) must be >= max_loras"):
+        given.replace(max_loras=8)
+    assert copy.deepcopy(follows).replace(max_loras=9).max_cpu_loras == 9
+
+
+def test_a_config_file_listing_lora_modules_preloads_them(tmp_path):
+    """vLLM loads ``--lora-modules`` into host memory at start-up: the config file twin
+    recommend exports lists them, and read back it must simulate the preloaded server the
+    recommendation was verified on (it was read as loading each from disk on first use)."""
+    from twin.ml.export import vllm_yaml
+
+    verified = ServingConfig(max_loras=4, max_cpu_loras=8, preload_adapters=True)
+    path = tmp_path / "vllm_config.yaml"
+    path.write_text(vllm_yaml(verified, "my-model", ["a", "b"]))
+    assert ServingConfig.from_yaml(path) == verified
+    bare = ServingConfig.from_dict({"max_loras": 4, "max_cpu_loras": 8})
+    assert not bare.preload_adapters
+    said = ServingConfig.from_dict({"lora-modules": ["a=/x"], "preload_adapters": False})
+    assert not said.preload_adapters                      # an explicit setting wins
+
+
 def test_writing_over_a_shipped_profile_is_said(tmp_path, capsys):
     from importlib import resources
 

@@ -14,7 +14,7 @@ import pytest
 from twin.costs.profile import load_profile
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
-from twin.ml.report import DEFAULT_TIE_BAND, tie_band
+from twin.ml.ties import DEFAULT_TIE_BAND, tie_band
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import rate_class_trace
 
@@ -89,6 +89,22 @@ def test_recommend_names_every_verified_configuration_within_the_twins_error(wor
     d = rec.to_dict()
     assert d["tie"]["max_loras"] == rec.tie["max_loras"]
     assert d["tie"]["spread"] < d["tie"]["band"]
+
+
+def test_a_tie_on_throughput_says_when_the_tied_runs_latencies_are_far_apart():
+    """A tie is on throughput: max_loras=16 at 41 s p99 TTFT is not "as good" as 32 at
+    1.3 s, and the line says so; latencies within a factor TTFT_APART add nothing."""
+    from twin.ml.ties import TTFT_APART, declared_tie, tie_text
+
+    tie = declared_tie({16: 1000.0, 32: 1000.0}, 0.013, "test", picked=32,
+                       ttft_p99={16: 41387.0, 32: 1292.0})
+    text = tie_text(tie)
+    assert "as good on throughput" in text
+    assert "not on latency: TTFT p99 41,387 ms at max_loras=16, 1,292 ms at max_loras=32" in text
+    close = declared_tie({16: 1000.0, 32: 999.0}, 0.013, "test", picked=16,
+                         ttft_p99={16: 100.0, 32: 100.0 * TTFT_APART * 0.99})
+    assert "latency" not in tie_text(close) and "latency" not in tie_text(
+        declared_tie({16: 1.0, 32: 1.0}, 0.013, "test", picked=16))
 
 
 def test_recommend_declares_no_tie_when_one_configuration_is_clearly_best(workload):

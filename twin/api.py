@@ -229,7 +229,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
         trace, path = _trace_and_source(trace)
         catalog = load_catalog(catalog)
         if catalog is not None:   # as `twin recommend`: ranks vLLM can load at all
-            catalog.check(trace, 512, catalog.source)
+            catalog.check(trace, 512, path or "trace")   # an unknown adapter: the trace's row
         model = model if isinstance(model, Recommender) else Recommender.load(model)
         base = _base(base, profile.model.max_position_embeddings)
         rec = _recommend(trace, catalog, profile=profile, model=model, base=base,

@@ -3,7 +3,8 @@
 Defaults are vLLM's (``LoRAConfig``, ``SchedulerConfig``) for a >=70 GiB GPU served through
 the API server. ``policy`` selects the serving strategy; ``preload_adapters`` is twin's
 own switch for servers that load every adapter into host memory at start-up (as the
-``--dummy-lora-modules`` runs of arXiv 2508.08343 do).
+``--dummy-lora-modules`` runs of arXiv 2508.08343 do, and as vLLM does with the adapters a
+config file's ``lora-modules`` lists: such a file turns it on unless it says otherwise).
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ class ServingConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self):
-        if self.max_cpu_loras is None:
+        # vLLM's max_cpu_loras defaults to max_loras: a config given none follows its
+        # max_loras through replace() too (ServingConfig().replace(max_loras=8) was
+        # refused, its materialized max_cpu_loras 1 below 8)
+        follows = self.max_cpu_loras is None
+        if follows:
             object.__setattr__(self, "max_cpu_loras", self.max_loras)
+        object.__setattr__(self, "_cpu_follows", follows)
         self.validate()
 
     # -- construction ---------------------------------------------------------------------
@@ -85,13 +91,21 @@ class ServingConfig:
             raise TwinInputError(f"expected a mapping of vLLM setting names to values, got "
                                  f"{type(d).__name__}", file=source)
         known = {f.name for f in dataclasses.fields(cls)}
-        norm = {k: v for k, v in setting_names(d, source).items() if k not in VLLM_IGNORED}
+        named = setting_names(d, source)
+        norm = {k: v for k, v in named.items() if k not in VLLM_IGNORED}
+        if named.get("lora_modules") and "preload_adapters" not in norm:
+            # vLLM loads --lora-modules into host memory at start-up (init_static_loras ->
+            # add_lora), as the config files twin recommend writes list them
+            norm["preload_adapters"] = True
         unknown = sorted(set(norm) - known)
         if unknown:
             raise TwinInputError(
                 f"unknown setting(s) {unknown}; known: {sorted(known)}", file=source,
                 field=unknown[0])
-        return cls(**_checked(norm, source, vllm=True))
+        c = _checked(norm, source, vllm=True)
+        if norm.get("max_cpu_loras") is None:   # vLLM's default: it follows max_loras
+            c["max_cpu_loras"] = None
+        return cls(**c)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServingConfig":
@@ -99,6 +113,10 @@ class ServingConfig:
         return cls.from_dict(data, source=str(path))
 
     def replace(self, **changes) -> "ServingConfig":
+        """A copy with ``changes``; ``max_cpu_loras`` still vLLM's default (``max_loras``)
+        when it was not given, here or when ``self`` was built."""
+        if self._cpu_follows and "max_cpu_loras" not in changes:
+            changes["max_cpu_loras"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +206,20 @@ def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict
             f"max_num_batched_tokens ({c['max_num_batched_tokens']}) must be greater than or "
             f"equal to max_num_seqs ({c['max_num_seqs']}). (vLLM refuses this)")
     return c
+
+
+def require_serving_config(config, field: str = "config") -> None:
+    """The entry points below the API (``twin.sim.simulate``, ``twin.policies``) take a
+    :class:`ServingConfig`; a dict or a path there failed deep inside the run with an
+    AttributeError. It is refused here, naming what builds one: ``twin.load_config``
+    derives ``max_model_len`` from the model as ``twin.simulate`` does, which a bare
+    ``ServingConfig.from_dict`` cannot, so the two are not silently different runs."""
+    if not isinstance(config, ServingConfig):
+        raise TwinInputError(
+            f"{field} must be a twin ServingConfig here, got {type(config).__name__} "
+            f"{str(config)[:60]!r}: build one with twin.load_config(settings or YAML path, "
+            "model_context=...) or ServingConfig(max_loras=...), or call twin.simulate, "
+            "which takes a dict or a YAML path", field=field)
 
 
 def refuse_unserved_adapters(config: ServingConfig, trace, source: str = "trace") -> None:

@@ -378,18 +378,31 @@ def console(json_mode: bool):
     return say
 
 
-def _finite(obj):
-    if isinstance(obj, float):
+def plain(obj):
+    """``obj`` as JSON's values: numpy scalars and arrays as Python numbers and lists, and a
+    NaN or infinite float as None (RFC 8259 has no NaN)."""
+    if isinstance(obj, float):   # np.float64 too
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [plain(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    item = getattr(obj, "item", None)   # numpy scalars and 0-d arrays
+    if callable(item) and getattr(obj, "ndim", None) == 0:
+        return plain(item())
+    tolist = getattr(obj, "tolist", None)   # numpy arrays
+    if callable(tolist):
+        return plain(tolist())
     return obj
 
 
 def json_document(obj, **kw) -> str:
-    """``obj`` as standard JSON for ``--json`` stdout: NaN/inf (a metric with no sample, e.g.
-    TTFT when nothing finished) become null, as RFC 8259 has no NaN; Python's default
-    ``NaN`` token makes JavaScript, Go and Rust parsers reject the whole document."""
-    return json.dumps(_finite(obj), allow_nan=False, **kw)
+    """``obj`` as standard JSON, for every JSON file twin writes for its users
+    (``summary.json``, ``validation.json``) and ``--json`` stdout: NaN/inf (a metric with no
+    sample, e.g. TTFT when nothing finished) become null, numpy numbers plain ones.
+    Python's default ``NaN`` token makes JavaScript, Go and Rust parsers (``jq``)
+    reject the whole document. ``kw``: ``json.dumps``'s (``indent``, ``default`` for
+    other objects)."""
+    return json.dumps(plain(obj), allow_nan=False, **kw)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from twin.argtypes import comma_list, positive_float, positive_int
 from twin.cli.config_flags import add_prefix_caching_flag, ml_base
+from twin.cli.ml_help import PLACE, RECOMMEND, SWEEP
 from twin.cli.place_fleet import (add_verify_fleet_args, check_fleet_routers,
                                   verify_placement_fleet)
 from twin.cli.slo import cost_with_fleet_check, fleet_check_text, fleet_ok, parse_slo
@@ -23,101 +24,6 @@ from twin.workload import read_trace
 from twin.workload.catalog import AdapterCatalog
 
 _FMT = argparse.RawDescriptionHelpFormatter
-
-_SWEEP = """\
-Run a workload x configuration grid through the twin into an append-only Parquet dataset
-(one part file per finished chunk, keyed by a hash of workload, config, profile and twin
-version): a killed sweep resumes where it stopped, a re-run skips what is done.
-
-The workloads file (YAML) is one spec or a list of specs; a spec's `grid:` mapping expands
-into the cartesian product of its lists, e.g.
-
-  family: rate_classes
-  duration_s: 600
-  lengths: uniform   # or sharegpt (shared data), or {kind: sharegpt, means: [223, 196]}
-  grid:
-    n_adapters: [16, 32, 64]
-    rates: [[1.6, 0.8, 0.4], [0.4, 0.1, 0.05]]
-    ranks: [[8], [8, 16, 32]]
-    seed: [0, 1]
-
-Every workload is run with max_loras over the slot grid (1..384, up to its adapter count),
-max_cpu_loras = its adapter count and max_lora_rank = its largest rank; other knobs from
---base-config (default: the paper's max_num_seqs 2048, max_num_batched_tokens 2048).
-
-examples:
-  twin sweep --workloads w.yaml --window-s 600 --out runs/sweep
-  twin sweep --workloads w.yaml --out runs/sweep --backend ray --address auto
-"""
-
-_RECOMMEND = """\
-Recommend a vLLM configuration for a trace, verified by twin runs.
-
-objectives:
-  throughput (default)  the throughput-optimal non-starving max_loras (the paper's question;
-                        max_cpu_loras = adapters served, max_lora_rank = largest rank).
-  goodput               the most goodput (tokens/s of requests within --slo) on one GPU,
-                        searched over max_loras, max_cpu_loras, max_lora_rank padding,
-                        max_num_batched_tokens, max_num_seqs and gpu_memory_utilization
-                        (twin/ml/search_space.py). The model's predictions place the search,
-                        twin runs judge every configuration (--max-runs of them, default
-                        16; one proven to miss a p99 SLO by 2x stops early, said so).
-                        Recommended only if its own twin run meets the SLOs at p99; else
-                        it says so, prints the best achievable p99s and what bounds
-                        them, searches the fewest GPUs that meet them, and exits 3.
-  cost                  the fewest GPUs (and $/hour: --gpu-price, else the GPU's public
-                        on-demand list price, source and date printed) meeting --slo at the
-                        trace's load, up to --max-gpus: each GPU's configuration searched
-                        as for goodput, the adapters placed by `twin place`; then the
-                        placement runs as one fleet on the whole trace (static routing),
-                        the SLOs scored on the fleet's requests and per GPU, naming any GPU
-                        that misses; exits 3 when no count up to the cap meets them or the
-                        fleet misses them.
-
-optimizer (--optimizer, goodput/cost): auto = exhaustive when the whole space fits the
-budget, else Optuna TPE when optuna is installed (pip install 'twin[search]'), else a
-deterministic coordinate walk; the one used is printed and recorded.
-
-Writes vllm_args.txt, vllm_config.yaml (vllm serve --config), recommendation.json (the
-space searched, the optimizer, every twin run, the model's explanation), throughput_map.png
-and slo_frontier.png; for cost also routing.csv, gpu-<i>/vllm_config.yaml, cost.json and
-cost_curve.png.
-
-examples:
-  twin recommend --trace traces/azure_conv_1h_32lora.parquet --out runs/rec
-  twin recommend --trace t.parquet --catalog c.csv --objective goodput --slo ttft=2000,tpot=100
-  twin recommend --trace t.parquet --objective goodput --slo ttft=2000,tpot=100 --study-db
-  twin recommend --trace t.parquet --objective cost --slo ttft=2000,tpot=100 --gpu-price 2.49
-  twin recommend --workload-spec w.yaml --profile my-h100.json
-"""
-
-_PLACE = """\
-Place a trace's adapters on the fewest GPUs with no GPU starving: a load-balanced greedy
-partition sized by the model's capacity estimates (an adapter whose traffic alone exceeds a
-GPU is split into replicas), each GPU then verified with twin runs (one more GPU whenever a
-verification fails), then one GPU fewer at a time while the twin still verifies it.
-With --slo ttft=MS,tpot=MS a GPU verifies only when its recommended configuration meets
-those p99s in its own twin run: the fewest GPUs that meet the SLOs at the trace's load.
-Writes gpu-<i>/vllm_config.yaml and gpu-<i>/vllm_args.txt per GPU, routing.csv (adapter,
-gpu, weight = share of the adapter's requests) and placement.json.
-
---verify-fleet then checks the placement under traffic: it runs as one fleet (`twin
-fleet --router static --routing routing.csv`, each GPU its own verified config) on the
-whole trace, and reports whether any GPU starves; then, for each router of --fleet-routers
-(which do not know the placement), the fewest identical GPUs (the placement's largest
-per-GPU config) that keep up: from the placement's GPU count down while the fleet keeps
-up, else up until it does, at most --fleet-max-gpus, one fleet run per count. The table is
-printed and stored as `fleet_check` in placement.json; exit status 3 when the placement's
-fleet starves. With --slo, the fleet run also scores the SLOs on the fleet's requests (the
-p99 an operator measures) and on each GPU's own, names every GPU that misses them, and
-exits 3 when the fleet misses them. See experiments/README_fleet.md.
-
-examples:
-  twin place --trace traces/servegen_32tenants_10min.parquet --out runs/place
-  twin place --trace traces/servegen_32tenants_10min.parquet --verify-fleet --out runs/place
-  twin place --trace traces/azure_conv_1h_32lora.parquet --slo ttft=2000,tpot=100
-"""
-
 
 def _common_workload(p):
     src = p.add_mutually_exclusive_group(required=True)
@@ -147,7 +53,7 @@ def _common_workload(p):
 
 def add_ml_parsers(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="run a workload x config grid into a dataset",
-                              description=_SWEEP, formatter_class=_FMT)
+                              description=SWEEP, formatter_class=_FMT)
     p.add_argument("--workloads", type=Path, required=True, help="workloads YAML")
     p.add_argument("--out", type=Path, required=True, help="dataset folder")
     p.add_argument("--profile", default=None)
@@ -168,7 +74,7 @@ def add_ml_parsers(subparsers) -> None:
     p.set_defaults(func=run_sweep_cmd)
 
     p = subparsers.add_parser("recommend", help="recommend a verified vLLM configuration",
-                              description=_RECOMMEND, formatter_class=_FMT)
+                              description=RECOMMEND, formatter_class=_FMT)
     _common_workload(p)
     p.add_argument("--objective", choices=("throughput", "goodput", "cost"),
                    default="throughput", help="what to optimize (see above; default "
@@ -204,7 +110,7 @@ def add_ml_parsers(subparsers) -> None:
     p.set_defaults(func=run_recommend_cmd)
 
     p = subparsers.add_parser("place", help="place adapters on the fewest GPUs",
-                              description=_PLACE, formatter_class=_FMT)
+                              description=PLACE, formatter_class=_FMT)
     _common_workload(p)
     p.add_argument("--slo", default=None,
                    help="ttft=MS,tpot=MS: every GPU must meet these p99s in its twin run "
@@ -267,7 +173,7 @@ def _load_workload(args):
     if args.trace is not None:
         trace = read_trace(args.trace)
         catalog = AdapterCatalog.read(args.catalog) if args.catalog else None
-        label = str(args.trace)
+        label = source = str(args.trace)
     else:
         from twin.ml.spec import WorkloadSpec  # lazy: ML stack off twin --help
 
@@ -278,8 +184,9 @@ def _load_workload(args):
         if window is None and spec.duration_s:
             window = spec.duration_s
         label = spec.describe()
-    if catalog is not None:
-        catalog.check(trace, 512, str(args.catalog or "catalog"))
+        source = spec.params["path"] if spec.family == "trace" else label
+    if catalog is not None:   # an unknown adapter is named at the trace's row
+        catalog.check(trace, 512, source)
     return trace, catalog, window, label
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from twin.config import ServingConfig
+from twin.config import ServingConfig, require_serving_config
 from twin.costs.profile import Profile
 from twin.errors import TwinInputError
 from twin.fleet.loop import run_loop
@@ -96,6 +96,8 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
 
 
 def _replicas(replicas, config, profile, window_s) -> list[Replica]:
+    if config is not None:
+        require_serving_config(config)
     if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer, list, tuple)):
         raise TwinInputError(f"replicas is a count or a list of ServingConfig / Replica, got "
                              f"{type(replicas).__name__} {str(replicas)[:40]!r}",

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from twin.config import ServingConfig
 from twin.ml.placement import BASE_UNIT
 from twin.ml.recommender import served_map
 from twin.ml.slo_plots import plot_cost_curve, plot_slo_frontier
+from twin.outputs import json_document
 from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
 
@@ -95,21 +95,14 @@ def write_config_files(out: Path, config: ServingConfig, model: str, adapters, c
 
 
 def _jsonable(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if np.isnan(o) else float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, float) and np.isnan(o):
-        return None
+    """``json_document``'s ``default``: a serving config as its dict."""
     if isinstance(o, ServingConfig):
         return o.to_dict()
     raise TypeError(type(o))
 
 
 def write_json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    path.write_text(json_document(obj, indent=2, default=_jsonable) + "\n")
     return path
 
 

@@ -20,7 +20,6 @@ The last line printed is one JSON object with the headline figures.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from twin.ml.slo_eval import headline as slo_headline
 from twin.ml.sweep import EarlyExit, plan, read_sweep, run_sweep
 from twin.ml.train import (compare_models, fit_recommender, heldout_report, predict_latency_ms,
                            sample_workloads)
-from twin.outputs import input_paths, open_store
+from twin.outputs import input_paths, json_document, open_store
 
 
 def train_main(args) -> int:
@@ -102,12 +101,12 @@ def _train(args) -> int:
                "train_rows": int(len(train)), "window_s": W, "profile": profile.name,
                "model_kb": round(kb, 1), "total_s": round(time.perf_counter() - t_all, 1),
                **{k: round(v, 1) for k, v in timings.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json_document(summary, indent=2) + "\n")
     if not args.no_install:   # last: a run that fails on the way installs nothing
         dest = Path(__file__).resolve().parent / SHIPPED_MODEL
         shutil.copyfile(model_path, dest)
         print(f"installed as {dest}", flush=True)
-    print(json.dumps(summary))
+    print(json_document(summary))
     return 0
 
 
@@ -148,8 +147,8 @@ def _slo_only(args, profile, t_all: float) -> int:
                "total_s": round(time.perf_counter() - t_all, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary_slo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    (out / "summary_slo.json").write_text(json_document(summary, indent=2) + "\n")
+    print(json_document(summary))
     return 0
 
 

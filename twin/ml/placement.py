@@ -37,7 +37,8 @@ import pandas as pd
 
 from twin.config import ServingConfig
 from twin.ml.features import workload_features
-from twin.ml.recommend import check_slo, prepare_inputs, recommend
+from twin.ml.inputs import prepare_inputs, runs_to_completion
+from twin.ml.recommend import check_slo, recommend
 from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
 from twin.ml.report import GPUPlan, Placement, Recommendation
 from twin.ml.sweep import EarlyExit
@@ -156,9 +157,11 @@ class _Search:
     def __init__(self, U: _Units, rank: dict, *, profile, model: Recommender,
                  base: ServingConfig, window: float, max_gpus: int, max_runs: int | None,
                  workers: int, early_exit: EarlyExit, objective: str = "throughput",
-                 slo: dict | None = None, search_kw: dict | None = None):
+                 slo: dict | None = None, search_kw: dict | None = None,
+                 to_completion: bool = False):
         self.U, self.rank = U, rank
         self.profile, self.model, self.base, self.window = profile, model, base, window
+        self.to_completion = to_completion   # each GPU's runs (recommend's to_completion)
         self.max_gpus, self.max_runs, self.workers = max_gpus, max_runs, workers
         self.early_exit = early_exit
         self.objective, self.slo = objective, slo
@@ -191,7 +194,8 @@ class _Search:
         t, cat = self.U.sub(units)
         first_met = bool(self.slo) and self.objective == "goodput"
         return recommend(t, cat, profile=self.profile, model=self.model, base=self.base,
-                         window_s=self.window, max_runs=self.max_runs, workers=workers,
+                         window_s=self.window, to_completion=self.to_completion,
+                         max_runs=self.max_runs, workers=workers,
                          early_exit=self.early_exit, objective=self.objective, slo=self.slo,
                          **{"first_met": first_met, **self.search_kw})
 
@@ -377,7 +381,8 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     rank = {a: catalog.rank(a) for a in catalog.adapters}
     s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
                 max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit,
-                objective=objective, slo=slo, search_kw=search_kw)
+                objective=objective, slo=slo, search_kw=search_kw,
+                to_completion=runs_to_completion(window, window_s))
     whole = tuple(sorted(U.units))
     if known is not None:
         s.verified[whole] = known

@@ -15,7 +15,7 @@
    first, in parallel, then the neighbours of the best verified point whose predicted score
    is close), so the answer is a configuration the twin has actually seen keep up.
 4. declares a tie when verified configurations that keep up lie within the twin's own
-   throughput error of the best (:func:`twin.ml.report.tie_band`): the report and
+   throughput error of the best (:func:`twin.ml.ties.tie_band`): the report and
    ``recommendation.json`` name them all instead of presenting one as clearly best.
 
 For the goodput objective (latency SLOs on p99 TTFT/TPOT) the model only places the
@@ -42,7 +42,6 @@ What it returns, and its report, is :class:`twin.ml.report.Recommendation`.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -50,26 +49,22 @@ import pandas as pd
 
 from twin.argtypes import is_positive_number
 from twin.config import ServingConfig
-from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.ml.dataset import TIE_TOL
 from twin.ml.explain import explain
 from twin.ml.features import public, workload_features
+from twin.ml.inputs import prepare_inputs, short_window_warning, verification_window
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
 from twin.ml.optimize import optimize
 from twin.ml.prefix_info import prefix_info, unaware_warning, with_verified
-from twin.ml.report import (Recommendation, declared_tie, latency_disagreements, slo_violation,
-                            slo_verdict, tie_band)
+from twin.ml.report import Recommendation, latency_disagreements, slo_violation, slo_verdict
 from twin.ml.search_space import SearchSpace, search_space
-from twin.ml.spec import paper_base
+from twin.ml.ties import declared_tie, tie_band
 from twin.ml.sweep import EarlyExit
 from twin.ml.trials import (FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_full,
                             run_batches)
 from twin.ml.verify import Verifier
-from twin.results import crop_window
 from twin.results.extrapolation import describe
-from twin.sched.request import exceeds_max_model_len
-from twin.workload.catalog import AdapterCatalog
 
 NEIGHBOUR_TOL = 0.02      # goodput: explore a neighbour predicted within 2 % of the best
 DEFAULT_RUNS = {"throughput": 4, "goodput": 16}   # twin runs when max_runs is not given
@@ -78,75 +73,21 @@ _VERIFIED = ("throughput", "achieved", "goodput", "ttft_p50", "ttft_p99", "tpot_
              "tpot_p99")
 
 
-def prepare_inputs(trace, profile, model, base, window_s, catalog):
-    """Defaults shared by recommend and place: the profile and model loaded, the paper's
-    base config, the trace cut to its window, a catalog at the base rank if none given."""
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    model = model or Recommender.load()
-    base = base or paper_base()
-    window = _trace_window(trace, window_s)
-    trace = crop_window(trace, window)
-    _check_servable(trace, base)
-    if catalog is None:
-        names = sorted(trace["adapter"].dropna().unique().tolist())
-        catalog = AdapterCatalog.uniform(names, base.max_lora_rank)
-    return profile, model, base, window, trace, catalog
-
-
-def _check_servable(trace: pd.DataFrame, base: ServingConfig) -> None:
-    """Refuse a trace with no request vLLM would serve (none in the window, or every one
-    longer than ``max_model_len``): every configuration would read 0 tok/s of 0 offered."""
-    if not len(trace):
-        raise TwinInputError("no request to serve: the trace has none in its window",
-                             field="arrival_s")
-    long = exceeds_max_model_len(trace["prompt_tokens"].to_numpy(),
-                                 trace["output_tokens"].to_numpy(), base.max_model_len)
-    if long.all():
-        raise TwinInputError(
-            f"no request to serve: all {len(trace)} are longer than max_model_len "
-            f"{base.max_model_len} (prompt + output tokens; vLLM refuses them): raise "
-            "max_model_len in the base config", field="max_model_len")
-
-
-#: windows shorter than this get :func:`short_window_warning`
-SHORT_WINDOW_S = 600.0
-
-
-def short_window_warning(window: float) -> str | None:
-    """The warning that a short window's STARVING verdicts may be false: a verification
-    run measures the window, and the requests still running at its end count as unserved.
-    Over an hour that edge is a few seconds of traffic; over a 30-s trace at 1 request/s
-    it was ~30% of it, and every GPU count read STARVING. None for windows of
-    :data:`SHORT_WINDOW_S` or more."""
-    if window >= SHORT_WINDOW_S:
-        return None
-    return (f"the window is only {window:.0f} s: the requests still running at its end "
-            "count as unserved, so a STARVING verdict may be the window's edge rather than "
-            f"the load; verify on a trace of {SHORT_WINDOW_S / 60:.0f} minutes or more "
-            "(twin simulate runs a short trace to its last request)")
-
-
-def _warnings(model, profile, prefix, window: float) -> list[str]:
+def _warnings(model, profile, prefix, window: float | None) -> list[str]:
     """What a recommendation warns of: a profile unlike the model's, a prefix-caching trace
     the model does not see, a short window."""
     return [w for w in (model.profile_warning(profile), unaware_warning(prefix),
                         short_window_warning(window)) if w]
 
 
-def _trace_window(trace: pd.DataFrame, window_s: float | None) -> float:
-    if window_s is not None:
-        return float(window_s)
-    return float(max(1.0, math.ceil(float(trace["arrival_s"].max())))) if len(trace) else 1.0
-
-
 def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender | None = None,
               base: ServingConfig | None = None, objective: str = "throughput",
-              slo: dict | None = None, window_s: float | None = None,
-              max_runs: int | None = None,
+              slo: dict | None = None, window_s: float | None = None, max_runs: int | None = None,
               workers: int = 2, early_exit: EarlyExit = EarlyExit(),
               verifier: Verifier | None = None, space: SearchSpace | None = None,
               optimizer: str = "auto", seed: int = 0, study_db: str | None = None,
-              knobs=None, first_met: bool = False) -> Recommendation:
+              knobs=None, first_met: bool = False, to_completion: bool | None = None
+              ) -> Recommendation:
     """The best non-starving configuration for ``trace``, predicted then verified by twin
     runs (``max_runs``, default :data:`DEFAULT_RUNS`; + reruns). ``objective``: 'throughput'
     or 'goodput' (tokens/s of requests meeting ``slo`` = {'ttft': ms, 'tpot': ms}; the pick
@@ -156,7 +97,9 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     ``study_db`` (an SQLite file: a resumable Optuna study); ``knobs``: search only these
     (default all of :data:`twin.ml.search_space.KNOBS`; ignored when ``space`` is given).
     A trace with ``hash_ids``: see :mod:`twin.ml.prefix_info` (``prefix``, a warning).
-    ``first_met``: stop at the first run meeting the SLOs (:func:`twin.ml.placement.place`)."""
+    ``first_met``: stop at the first run meeting the SLOs (:func:`twin.ml.placement.place`).
+    ``to_completion``: twin runs to the last request, not over the window (default:
+    :func:`twin.ml.inputs.runs_to_completion`: a short trace given no window)."""
     t_start = time.perf_counter()
     check_objective(objective, slo)
     _check_counts(max_runs=max_runs, workers=workers, window_s=window_s)
@@ -166,8 +109,9 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     if not len(catalog):
         raise TwinInputError("the trace names no adapter: nothing to recommend for LoRA "
                              "serving", field="adapter")
+    run_window = verification_window(window, window_s, to_completion)   # None: to the end
     prefix = prefix_info(trace, base)
-    warnings = _warnings(model, profile, prefix, window)
+    warnings = _warnings(model, profile, prefix, run_window)
     wf = workload_features(trace, catalog, window)
     max_rank = catalog_max_rank(catalog, base.max_lora_rank)
     t0 = time.perf_counter()
@@ -178,9 +122,9 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     own = verifier is None
     key = "goodput" if objective == "goodput" else "throughput"
     goodput_search = objective == "goodput"
-    ver = verifier or Verifier(trace, catalog, profile, window, slo, early_exit, workers,
+    ver = verifier or Verifier(trace, catalog, profile, run_window, slo, early_exit, workers,
                                slo_stop=goodput_search)   # a stopped run has no throughput
-    search = None
+    search = verdict = disagree = None
     try:
         first = max(2, max_runs // 3) if goodput_search else max_runs
         results = _search(cand, score, start, ver, min(first, max_runs), objective, key,
@@ -197,7 +141,6 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
             ver.close()
     _record_verified(cand, results)
     good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
-    verdict = disagree = None
     if goodput_search:
         met = [i for i in good if r_full(results[i]) and slo_violation(results[i], slo) <= 1]
         disagree = latency_disagreements(cand, model)
@@ -214,8 +157,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         objective=objective, slo=slo, workload=public(wf), candidates=cand,
         predicted=_predicted(pr), verified=results[best] if best is not None else None,
         predicted_config=pr["_config"], runs=len(results), predict_ms=predict_ms,
-        total_s=time.perf_counter() - t_start, window_s=window, warnings=warnings, tie=tie,
-        slo_verdict=verdict, disagreements=disagree, search=search,
+        total_s=time.perf_counter() - t_start, window_s=window, to_completion=run_window is None,
+        warnings=warnings, tie=tie, slo_verdict=verdict, disagreements=disagree, search=search,
         explanation=explain(model, cand.iloc[start]), prefix=with_verified(prefix, results, best))
 
 
@@ -359,10 +302,12 @@ def _walk_base(results: dict[int, dict], good: list, key: str) -> int:
 
 def _declared_tie(profile, cand: pd.DataFrame, results: dict, good: list, best, key: str):
     """The verified configurations the twin's own error cannot rank against the pick:
-    named, not hidden (:func:`twin.ml.report.declared_tie`)."""
+    named, not hidden (:func:`twin.ml.ties.declared_tie`)."""
     band, source = tie_band(profile)
     return declared_tie({int(cand.at[i, "max_loras"]): results[i][key] for i in good},
-                        band, source, picked=cand.at[best, "max_loras"])
+                        band, source, picked=cand.at[best, "max_loras"],
+                        ttft_p99={int(cand.at[i, "max_loras"]): results[i].get("ttft_p99")
+                                  for i in good})
 
 
 def _record_verified(cand: pd.DataFrame, results: dict[int, dict]) -> None:

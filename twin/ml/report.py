@@ -15,26 +15,7 @@ from twin.config import ServingConfig
 from twin.ml.explain import explanation_lines
 from twin.ml.prefix_info import prefix_lines
 from twin.ml.slo_stop import SloStop, might_beat
-
-#: The twin's throughput error when a profile records none of its own: its held-out median
-#: throughput SMAPE against real vLLM runs (``experiments/reproduce_vllm_h100.py``, 1.3 %).
-DEFAULT_TIE_BAND = 0.013
-
-
-def tie_band(profile) -> tuple[float, str]:
-    """How close two throughputs must be for the twin to call them a tie, and where that
-    figure comes from. It is the twin's own measured throughput error: the median SMAPE that
-    the profile's calibration records on its fit runs
-    (``provenance.step_time.throughput_smape_median``), else :data:`DEFAULT_TIE_BAND`.
-    Ranking two configurations closer than this would claim a precision the twin has not
-    shown, so they are reported as a tie, both named, rather than one picked silently."""
-    st = ((getattr(profile, "provenance", None) or {}).get("step_time") or {})
-    e = st.get("throughput_smape_median") if isinstance(st, dict) else None
-    if isinstance(e, (int, float)) and np.isfinite(e) and e > 0:
-        return float(e) / 100.0, (f"profile {profile.name}: median throughput SMAPE on its "
-                                  "fit runs")
-    return DEFAULT_TIE_BAND, "default: the twin's held-out throughput SMAPE vs real vLLM runs"
-
+from twin.ml.ties import tie_text
 
 #: How far the model's latency prediction may be from the twin before the report says they
 #: disagree, for a model that records no error of its own (``latency_error``, saved by
@@ -193,37 +174,6 @@ def disagreement_lines(d: dict) -> list[str]:
     return L
 
 
-def within_band(values: dict, band: float) -> list:
-    """The keys whose value is within ``band`` (relative) of the largest, best first."""
-    if not values:
-        return []
-    top = max(values.values())
-    near = [k for k, v in values.items() if v >= top * (1 - band)]
-    return sorted(near, key=lambda k: -values[k])
-
-
-def declared_tie(values: dict, band: float, source: str, picked) -> dict | None:
-    """A tie among verified configurations ({max_loras: objective}) within ``band`` of the
-    best, or None when only one is that close. ``picked`` is the one recommended."""
-    near = within_band(values, band)
-    if len(near) < 2:
-        return None
-    top = max(values[k] for k in near)
-    spread = 1.0 - min(values[k] for k in near) / top if top > 0 else 0.0
-    return {"max_loras": sorted(int(k) for k in near), "band": band, "band_source": source,
-            "spread": spread, "picked": int(picked)}
-
-
-def tie_text(tie: dict) -> str:
-    """"tie: max_loras=8 and 16 within 3.8% ..." for the report."""
-    ml = [str(m) for m in tie["max_loras"]]
-    names = ", ".join(ml[:-1]) + " and " + ml[-1]
-    return (f"tie: max_loras={names} within {100 * tie['band']:.1f}% (the twin's throughput "
-            f"error; {tie['band_source']}): they differ by {100 * tie['spread']:.2f}%, which "
-            f"the twin cannot resolve; max_loras={tie['picked']} is the one recommended, "
-            f"{'the others are' if len(ml) > 2 else 'the other is'} as good within that error")
-
-
 _SHORT = {"max_loras": "max_loras", "max_cpu_loras": "cpu", "max_lora_rank": "rank",
           "max_num_batched_tokens": "mbt", "max_num_seqs": "seqs",
           "gpu_memory_utilization": "gmu"}
@@ -263,6 +213,7 @@ class Recommendation:
     predict_ms: float
     total_s: float
     window_s: float
+    to_completion: bool = False    # verified by runs to the last request, not over window_s
     warnings: list = field(default_factory=list)
     tie: dict | None = None        # verified configurations within the twin's error (declared_tie)
     slo_verdict: dict | None = None     # goodput: did a verified run meet the SLOs (slo_verdict)
@@ -277,7 +228,8 @@ class Recommendation:
         L = [f"workload: {int(w['n_adapters'])} adapters, {w['total_rate']:.2f} req/s, offered "
              f"{w['offered_tps']:.0f} tok/s, prompt/output mean {w['prompt_mean']:.0f}/"
              f"{w['output_mean']:.0f}, ranks {int(w['rank_min'])}..{int(w['rank_max'])}, "
-             f"window {self.window_s:.0f} s"]
+             f"window {self.window_s:.0f} s"
+             + (" (twin runs to the last request)" if self.to_completion else "")]
         pc = self.predicted_config
         if pc is not None:
             p = self.predicted
@@ -356,7 +308,8 @@ class Recommendation:
                 "vllm_args": self.config.vllm_args() if self.config else None,
                 "predicted_config": self.predicted_config.to_dict() if self.predicted_config
                 else None, "predicted": self.predicted, "verified": self.verified,
-                "workload": self.workload, "window_s": self.window_s, "runs": self.runs,
+                "workload": self.workload, "window_s": self.window_s,
+                "to_completion": self.to_completion, "runs": self.runs,
                 "predict_ms": self.predict_ms, "total_s": self.total_s,
                 "warnings": self.warnings, "tie": self.tie, "search": self.search,
                 "explanation": self.explanation, "prefix_caching": self.prefix,

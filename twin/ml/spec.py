@@ -249,10 +249,12 @@ class WorkloadSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "WorkloadSpec":
+        """The spec of a YAML file; a trace spec's relative ``path`` and ``catalog`` are
+        read from the file's folder (:func:`paths_beside`)."""
         d = read_yaml_mapping(path, missing="workload spec not found",
                               expected="a mapping (family: ..., n_adapters: ...)")
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(paths_beside(d, Path(path).parent))
         except TwinInputError as exc:
             raise TwinInputError(exc.detail, file=str(path), field=exc.field) from None
 
@@ -383,6 +385,23 @@ def config_identity(config: ServingConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def paths_beside(d: dict, folder: Path) -> dict:
+    """A trace spec's relative ``path`` and ``catalog`` as read from a spec file in
+    ``folder``: beside the spec file, as a spec file kept with its trace means; a file
+    found only from the working directory (what a relative path meant before) is still
+    read from there; one found nowhere is reported beside the spec file."""
+    if d.get("family") != "trace":
+        return d
+    out = dict(d)
+    for key in ("path", "catalog"):
+        v = out.get(key)
+        if isinstance(v, (str, Path)) and str(v) and not Path(v).is_absolute():
+            beside = folder / v
+            if beside.exists() or not Path(v).exists():
+                out[key] = str(beside)
+    return out
+
+
 def load_workloads_yaml(path: Path) -> list:
     """The workload specs of a YAML file: one spec, a list, or ``workloads: [...]``; an
     entry's ``grid: {setting: [values]}`` expands to one spec per combination."""
@@ -408,7 +427,8 @@ def load_workloads_yaml(path: Path) -> list:
                 raise TwinInputError("grid values are lists", file=str(path), row=i, field=k)
         for combo in itertools.product(*(grid[k] for k in keys)):
             try:
-                specs.append(WorkloadSpec.from_dict({**item, **dict(zip(keys, combo))}))
+                specs.append(WorkloadSpec.from_dict(
+                    paths_beside({**item, **dict(zip(keys, combo))}, Path(path).parent)))
             except TwinInputError as exc:
                 raise TwinInputError(exc.detail, file=str(path), row=i,
                                      field=exc.field) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 
+from twin.config import require_serving_config
 from twin.errors import TwinInputError
 from twin.policies.base import Policy
 from twin.policies.deployment import Deployment, PolicyRun, ServerSpec, run_deployment
@@ -61,6 +62,7 @@ def simulate_policy(trace, config, profile=None, catalog=None, *, gpus: int | No
     ``max_in_flight`` and ``jump`` (see ``twin.sim.simulate``) apply to one vLLM server
     only.
     """
+    require_serving_config(config)
     if config.policy == "vllm" and gpus is None:
         return simulate(trace, config, profile, catalog, window_s=window_s, progress=progress,
                         record_steps=record_steps, sample_dt=sample_dt,

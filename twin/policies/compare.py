@@ -33,21 +33,21 @@ Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from twin.config import require_serving_config
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES, StepFeatures, derived_features
 from twin.errors import TwinInputError
+from twin.outputs import json_document
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
 from twin.results import crop_window
-from twin.results.results import json_default
 from twin.results.extrapolation import describe
 from twin.workload.schema import validate_trace
 
@@ -85,8 +85,8 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     every strategy's GPU count."""
     if not policies:
         raise TwinInputError("name at least one strategy to compare", field="--policies")
-    if not isinstance(profile, Profile):
-        profile = load_profile(profile)
+    require_serving_config(config)
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
     runs: dict[str, PolicyRun] = {}
     for p in policies:
@@ -440,11 +440,11 @@ def write_comparison(cmp: Comparison, out, *, trace, config, gpus=None) -> None:
     verdict, costs, table, each deployment) and compare.png. ``trace``: the trace's path."""
     out, trace = Path(out), Path(trace)
     cmp.table.to_csv(out / "table.csv", index=False)
-    (out / "summary.json").write_text(json.dumps({
+    (out / "summary.json").write_text(json_document({
         "trace": str(trace), "config": config.to_dict(), "gpus": gpus,
         "winner": cmp.winner, "tied": cmp.tied, "verdict": cmp.verdict, "costs": cmp.costs,
         "table": cmp.table.to_dict(orient="records"),
         "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
-    }, indent=2, default=json_default) + "\n")
+    }, indent=2) + "\n")
     plot_comparison(cmp, out / "compare.png",
                     title=f"{trace.name}: {cmp.offered_tps:.0f} tok/s offered")

@@ -7,7 +7,6 @@ over requests with more than one output token; ITL = gaps between consecutive to
 
 from __future__ import annotations
 
-import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twin.outputs import staged_dir
+from twin.outputs import json_document, staged_dir
 from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.results.extrapolation import describe
 from twin.results.queue_head import LIMITS, main_limit
@@ -99,24 +98,12 @@ class RunResult:
             if isinstance(table, pd.DataFrame):
                 table.to_parquet(d / f"{name}.parquet", index=False)
         (d / "summary.json").write_text(
-            json.dumps({"summary": self.summary, "meta": self.meta}, indent=2,
-                       default=json_default) + "\n")
+            json_document({"summary": self.summary, "meta": self.meta}, indent=2) + "\n")
         if plot:
             plots.plot_timeline(self, d / "timeline.png")
 
     def format_summary(self) -> str:
         return format_summary(self.summary)
-
-
-def json_default(o):
-    """``json.dumps``'s ``default``: numpy scalars as Python numbers."""
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(type(o))
 
 
 def _stats(x: np.ndarray, scale: float = 1000.0) -> dict:

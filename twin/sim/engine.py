@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 
-from twin.config import ServingConfig
+from twin.config import ServingConfig, require_serving_config
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import after_idle
 from twin.errors import TwinInputError
@@ -89,6 +89,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     run there, its summary over ``now`` seconds and ``meta["stopped_s"] = now`` (e.g. once a
     latency SLO is proven missed: :mod:`twin.ml.slo_stop`). None (default): no check.
     """
+    require_serving_config(config)
     if server is None and config.policy not in SERVER_LAYOUTS:
         raise TwinInputError(
             f"policy {config.policy!r} deploys servers of its own; twin.sim.simulate runs one "

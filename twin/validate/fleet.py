@@ -19,7 +19,6 @@ durations, so they run concurrently in logical time, each step timed alone (see
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ from twin.fleet import Replica, make_router, simulate_fleet
 from twin.fleet.fleet import progress_bar
 from twin.fleet.loop import run_loop
 from twin.fleet.report import combine_fleet
-from twin.outputs import check_out, staged_dir
+from twin.outputs import check_out, json_document, staged_dir
 from twin.results import crop_window
 from twin.results.plot import plot_timeline
 from twin.results.recorder import default_sample_dt, trace_horizon
@@ -95,7 +94,7 @@ class FleetValidation:
             self.twin.result.write_into(tmp / "twin")
             self.table.drop(columns="fmt").to_csv(tmp / "table.csv", index=False)
             self.replicas.to_csv(tmp / "replicas.csv", index=False)
-            (tmp / "validation.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            (tmp / "validation.json").write_text(json_document(self.to_dict(), indent=2) + "\n")
             if plot:
                 plot_timeline(self.executor.result, tmp / "timeline_overlay.png",
                               other=self.twin.result, labels=("executor fleet", "twin fleet"))

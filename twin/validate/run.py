@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
 from twin.executor.device import torch_device
 from twin.executor.gc_heap import frozen_heap
-from twin.outputs import check_out, staged_dir
+from twin.outputs import check_out, json_document, staged_dir
 from twin.results import crop_window
 from twin.results.plot import plot_timeline
 from twin.policies import simulate_policy
@@ -136,7 +135,7 @@ class Validation:
             if self.twin_raw is not self.twin:
                 self.twin_raw.write_into(tmp / "twin_raw")
             self.table.drop(columns="fmt").to_csv(tmp / "table.csv", index=False)
-            (tmp / "validation.json").write_text(json.dumps(
+            (tmp / "validation.json").write_text(json_document(
                 dict(self.to_dict(), profile=profile, threads=threads), indent=2) + "\n")
             if plot:
                 plot_timeline(self.executor, tmp / "timeline_overlay.png", other=self.twin,

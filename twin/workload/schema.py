@@ -97,7 +97,8 @@ def _first_non_utf8(path: Path) -> str:
 def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
     import pyarrow.parquet as pq   # lazy: +5 MB RSS, only for a Parquet file read
 
-    table = pq.read_table(path)
+    table = _without_pandas_index(pq.read_table(path, use_pandas_metadata=True))
+    meta = table.schema.metadata or {}
 
     def nullable(t):   # integers and booleans keep their type when the column has nulls
         if pa.types.is_integer(t):
@@ -117,10 +118,28 @@ def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
         for c in rest:
             df[c] = other[c].to_numpy()
     out = df[names] if names else df
-    attrs = (table.schema.metadata or {}).get(ATTRS_META_KEY.encode())
+    attrs = meta.get(ATTRS_META_KEY.encode())
     if attrs:
         out.attrs.update(json.loads(attrs))
     return out
+
+
+def _without_pandas_index(table: pa.Table) -> pa.Table:
+    """A table that pandas wrote, its index as pandas saved it read as what it is: an
+    unnamed index (``df[mask].to_parquet``) is no trace column and is dropped (its metadata
+    named a column that a selection of the others then missed: a KeyError); a named one
+    (``set_index("request_id")``) is a column, also when pandas kept only its range."""
+    meta = table.schema.metadata or {}
+    if b"pandas" not in meta:
+        return table
+    for ix in json.loads(meta[b"pandas"]).get("index_columns", []):
+        if isinstance(ix, dict) and ix.get("kind") == "range" and ix.get("name") \
+                and ix["name"] not in table.column_names:
+            values = np.arange(ix["start"], ix["stop"], ix["step"], dtype=np.int64)
+            table = table.append_column(str(ix["name"]), pa.array(values))
+    table = table.drop_columns([n for n in table.column_names
+                                if n.startswith("__index_level_")])
+    return table.replace_schema_metadata({k: v for k, v in meta.items() if k != b"pandas"})
 
 
 def _read_csv(path: Path, text_columns) -> pd.DataFrame:
@@ -223,6 +242,12 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     adapter = exact_strings(df["adapter"], source, "adapter")
     empty = (adapter.str.len() == 0).fillna(False).to_numpy()
     adapter[empty] = pd.NA
+    blank = adapter.str.isspace().fillna(False).to_numpy()
+    if blank.any():   # no model has such a name; the catalog would report its own row
+        row = int(np.flatnonzero(blank)[0])
+        raise TwinInputError(f"adapter id {adapter.iloc[row]!r} is only whitespace; leave "
+                             "the cell empty for a base-model request", file=source, row=row,
+                             field="adapter")
     out = pd.DataFrame({
         "request_id": df["request_id"].astype(np.int64).to_numpy(),
         "arrival_s": df["arrival_s"].astype(np.float64).to_numpy(),
