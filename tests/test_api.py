@@ -281,3 +281,12 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md (Python API)", "exec"), scope)   # asserts inside
     assert scope["run"].summary["starving"] and not scope["better"].summary["starving"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_deployments_busy_fraction_is_measured_without_a_step_log(files):
+    """``per_server[*].busy_fraction`` came from the step log only: 0.0 for any run that
+    kept none (every twin simulate --policy without --steps)."""
+    r = twin.simulate(files["trace_df"], {"max_loras": 2, "policy": "slora"}, PROFILE)
+    (per,) = r.summary["deployment"]["per_server"]
+    busy = r.summary["waiting_held_by"]["busy_s"] / r.summary["duration_s"]
+    assert 0 < per["busy_fraction"] == pytest.approx(busy)

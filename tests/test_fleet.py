@@ -72,6 +72,10 @@ def test_fleet_of_one_is_simulate_request_for_request(trace, router, refresh, mo
     cols = list(ref.requests.columns)
     pd.testing.assert_frame_equal(run.result.requests[cols], ref.requests, check_exact=True)
     assert (run.result.requests["replica"] == 0).all()
+    # the fleet-wide figures too (its timeline was resampled: the queue growth differed)
+    pd.testing.assert_frame_equal(run.result.timeline, ref.timeline[run.result.timeline.columns])
+    for key in ("waiting_growth", "starving", "total_throughput", "achieved_over_offered"):
+        assert run.summary[key] == ref.summary[key], key
     if router != "round_robin":   # the event loop ran, and cut quiet decode runs short
         assert sum(cuts) > 0
 
@@ -92,6 +96,10 @@ def test_static_fleet_is_each_replicas_own_simulation(trace):
                        sample_dt=dt)
         _same(run.replicas[k], own)
         _same(loop.replicas[k], own)
+        # the replica's share of time in steps (it was 0.0 for every fleet replica)
+        busy = own.summary["waiting_held_by"]["busy_s"] / own.summary["duration_s"]
+        per = run.summary["deployment"]["per_server"][k]
+        assert 0 < busy <= 1 and per["busy_fraction"] == pytest.approx(busy)
     first = run.route[(trace["adapter"] == adapters[0]).to_numpy()]
     assert list(first[:6]) == [0, 1, 0, 1, 0, 1]   # equal weights alternate
     pd.testing.assert_frame_equal(run.result.requests, loop.result.requests)

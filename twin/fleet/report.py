@@ -65,7 +65,8 @@ def combine_fleet(trace, reps, router, route, results, window_s, *, wall_s: floa
     for k, (rep, res) in enumerate(zip(reps, results)):
         spec = ServerSpec(kind=rep.config.policy, gpu=k, share=1.0, adapters=served[k],
                           label=f"replica-{k}")
-        runs.append(ServerRun(spec, np.flatnonzero(route == k), res, memory=None))
+        busy = res.summary["waiting_held_by"]["busy_s"] if res is not None else 0.0
+        runs.append(ServerRun(spec, np.flatnonzero(route == k), res, memory=None, busy_s=busy))
     dep = Deployment(policy=f"fleet/{router.name}", servers=[r.spec for r in runs],
                      route=np.asarray(route), gpus=n)
     result = combine(dep, trace, runs, reps[0].config, reps[0].profile, window_s)

@@ -241,7 +241,9 @@ def run_server(spec: ServerSpec, trace: pd.DataFrame, rows: np.ndarray, config, 
     server = pol.server_parts(cfg, prof, cat) if cat is not None else None
     res = simulate(sub, cfg, prof, cat, server=server, window_s=window_s, progress=progress,
                    record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source)
-    busy = float((res.steps["duration_s"]).sum()) if res.steps is not None else float("nan")
+    # time in steps (the per-server busy_fraction); without a step log, the recorder's sum
+    busy = float((res.steps["duration_s"]).sum() if res.steps is not None
+                 else res.summary["waiting_held_by"]["busy_s"])
     run = ServerRun(spec, rows, res, mem, slowdown, busy)
     pool = res.summary.get("adapter_pool")
     if pool is not None:
@@ -415,9 +417,12 @@ def _server_starving(r: ServerRun, req: pd.DataFrame, duration: float, window_s,
 
 
 _SUM_COLS = ("running", "waiting", "tokens", "adapter_loads", "preemptions")
+_COLS = ["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads", "preemptions"]
 
 
 def _combine_timelines(live: list[ServerRun], duration: float, points: int = 2000) -> pd.DataFrame:
+    if len(live) == 1:   # its own samples: one server's deployment (a fleet of one) is its run
+        return live[0].result.timeline[_COLS].copy()
     grid = np.linspace(0.0, max(duration, 1e-9), points)
     out = {"time_s": grid}
     for c in _SUM_COLS:
@@ -442,5 +447,4 @@ def _combine_timelines(live: list[ServerRun], duration: float, points: int = 200
     df = pd.DataFrame(out)
     for c in ("running", "waiting", "adapter_loads", "preemptions"):
         df[c] = df[c].round().astype(np.int64)
-    return df[["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
-               "preemptions"]]
+    return df[_COLS]
