@@ -290,3 +290,26 @@ def test_a_deployments_busy_fraction_is_measured_without_a_step_log(files):
     (per,) = r.summary["deployment"]["per_server"]
     busy = r.summary["waiting_held_by"]["busy_s"] / r.summary["duration_s"]
     assert 0 < per["busy_fraction"] == pytest.approx(busy)
+
+
+def test_a_run_to_completion_lasts_until_the_client_gets_the_last_response(files):
+    """vllm bench serve's duration ends at the last response; the frontend's delay puts it
+    after the engine's last step (duration_s ended ~2 ms before the last finish_s)."""
+    r = twin.simulate(files["trace_df"], None, "llama31-8b-h100-64gb")   # request_s 1.8 ms
+    last = float(r.requests["finish_s"].max())
+    assert r.summary["duration_s"] == last
+    assert r.summary["total_throughput"] == pytest.approx(
+        (r.requests["prompt_tokens"].sum() + r.requests["generated_tokens"].sum()) / last)
+    w = twin.simulate(files["trace_df"], None, "llama31-8b-h100-64gb", window_s=20.0)
+    assert w.summary["duration_s"] == 20.0   # a window is the window
+
+
+def test_a_deployments_gpu_count_is_in_the_printed_summary(files):
+    """merged serves each adapter on a GPU of its own: the text says how many GPUs (it
+    was only in summary.json, and the run read as one server's)."""
+    r = twin.simulate(files["trace_df"], {"policy": "merged"}, PROFILE)
+    gpus = r.summary["deployment"]["gpus"]
+    assert gpus == files["trace_df"]["adapter"].nunique() > 1
+    assert f"merged, {gpus}, {gpus}" in r.format_summary()
+    plain = twin.simulate(files["trace_df"], None, PROFILE)
+    assert "Deployment" not in plain.format_summary()

@@ -58,6 +58,58 @@ def test_memory_fit_within_one_percent(data, base):
     assert all(v == 0 for v in rep["rows_without_kv_predicted_tokens"].values())
 
 
+@pytest.mark.parametrize("probes,why", [
+    ([(16, 16)] * 3, "distinct"),                      # one probe three times
+    ([(16, 8), (16, 16), (16, 32)], "distinct"),       # one max_loras: slots not separable
+])
+def test_memory_fit_refuses_probes_that_cannot_identify_it(base, probes, why):
+    """Three copies of a probe fitted -1.28 GiB of weights and wrote the profile (which
+    simulate then refused); probes at one max_loras predicted 0 KV tokens elsewhere."""
+    cfgs = [ServingConfig(max_loras=m, max_lora_rank=r, max_num_seqs=2048,
+                          max_num_batched_tokens=2048) for m, r in probes]
+    kv = pd.DataFrame({"max_loras": [m for m, _ in probes],
+                       "max_lora_rank": [r for _, r in probes],
+                       "kv_cache_tokens": [base.memory.kv_tokens(c) for c in cfgs]})
+    with pytest.raises(TwinInputError, match=why):
+        fit_memory(kv, base.memory)
+
+
+def test_memory_fit_refuses_negative_memory_and_recovers_a_consistent_one(base):
+    grid = [(8, 8), (8, 32), (64, 8), (64, 32)]
+    cfgs = [ServingConfig(max_loras=m, max_lora_rank=r, max_num_seqs=2048,
+                          max_num_batched_tokens=2048) for m, r in grid]
+    tokens = [base.memory.kv_tokens(c) for c in cfgs]
+    kv = pd.DataFrame({"max_loras": [m for m, _ in grid],
+                       "max_lora_rank": [r for _, r in grid], "kv_cache_tokens": tokens})
+    mem, rep = fit_memory(kv, base.memory)   # the first-principles model's own capacities
+    assert rep["kv_tokens_rel_error_max"] < 0.01 and mem.lora_bytes_per_slot_rank > 0
+    more_slots_more_room = kv.assign(kv_cache_tokens=tokens[::-1])   # capacity rising
+    with pytest.raises(TwinInputError, match="negative memory"):
+        fit_memory(more_slots_more_room, base.memory)
+
+
+def test_a_step_fit_says_when_its_runs_cannot_determine_it():
+    """One run three times over, seven free terms, no iteration better than the start and
+    a 72% miss: each is said (the profile was written as fitted without a word)."""
+    from twin.calibrate.fit_checks import fit_warnings
+    from twin.calibrate.run_spec import RunSpec
+
+    def run(key, max_loras=16, rate=0.1):
+        return RunSpec(key, ServingConfig(max_loras=max_loras, max_cpu_loras=128),
+                       {16: 64}, {rate: 64}, (223.0, 196.0))
+
+    hist = [{"itl_smape_median": 72.0, "throughput_smape_median": 25.0},
+            {"itl_smape_median": 80.0, "throughput_smape_median": 30.0}]
+    w = " | ".join(fit_warnings([run("a"), run("b"), run("c")], 7, hist))
+    assert "2 of the 3 runs repeat" in w and "1 distinct run(s) for 7 free" in w
+    assert "no iteration improved" in w and "misses its own runs by 72% mean ITL" in w
+    good = [run(f"r{i}", m, q) for i, (m, q) in enumerate(
+        (m, q) for m in (16, 64, 128) for q in (0.05, 0.1, 0.2))]
+    fine = [{"itl_smape_median": 30.0, "throughput_smape_median": 9.0},
+            {"itl_smape_median": 4.0, "throughput_smape_median": 1.3}]
+    assert fit_warnings(good, 7, fine) == []
+
+
 def test_load_time_fit_sane(data, base):
     loads = read_load_times(data / "adapter_load_times_llama31_8b.csv")
     lt, rep = fit_load_time(loads, base.model)
@@ -215,6 +267,14 @@ def test_bench_json_errors(tmp_path):
     with pytest.raises(TwinInputError) as e:
         read_bench_results([p])
     assert e.value.field == "max_loras" and "--metadata" in str(e.value)
+    # vllm bench serve's default rate, inf: the hint names what to give instead
+    p.write_text(json.dumps({"completed": 10, "total_input_tokens": 100, "request_rate": "inf",
+                             "total_output_tokens": 100, "duration": 10.0, "max_loras": 2,
+                             "max_cpu_loras": 2, "max_lora_rank": 16, "mean_ttft_ms": 1.0,
+                             "mean_itl_ms": 1.0, "mean_tpot_ms": 1.0}))
+    with pytest.raises(TwinInputError, match="adapter_rates_rps") as e:
+        read_bench_results([p])
+    assert e.value.field == "request_rate" and "default" in str(e.value)
 
 
 def test_client_cap_is_the_ceiling_the_overloaded_runs_reached():

@@ -184,6 +184,11 @@ def test_trace_rate_classes(tmp_path, capsys):
     again = read_trace(tmp_path / "again.csv")
     np.testing.assert_allclose(again["arrival_s"], df["arrival_s"])
     assert (again["adapter"].to_numpy() == df["adapter"].to_numpy()).all()
+    assert "note:" not in capsys.readouterr().err
+    # fewer adapters than classes: a class no adapter takes is said, not dropped silently
+    assert main(["trace", "rate-classes", "--adapters", "2", "--rates", "1.6,0.8,0.4",
+                 "--duration-s", "30", "--out", str(tmp_path / "two.parquet")]) == 0
+    assert "no adapter has rate(s) 0.4 req/s" in capsys.readouterr().err
 
 
 def test_trace_powerlaw(tmp_path, capsys):

@@ -194,6 +194,9 @@ def test_gpu_prior_uses_the_catalogue_and_its_one_derating_rule():
     assert gpu_prior(fast)["kv_s_per_byte"] == pytest.approx(slow / 2)
     assert gpu_prior("h100-80gb", fp8=True)["dense_s_per_flop"] == pytest.approx(
         gpu_prior("h100-80gb")["dense_s_per_flop"] / 2, rel=1e-3)
+    # fp8 weights: attention (bf16 KV) and the LoRA kernels (bf16 adapters) keep bf16's rate
+    for k in ("attn_s_per_flop", "lora_s_per_flop"):
+        assert gpu_prior("h100-80gb", fp8=True)[k] == gpu_prior("h100-80gb")[k]
     with pytest.raises(TwinInputError):
         gpu_prior("no-such-gpu")
 

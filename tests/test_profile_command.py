@@ -322,6 +322,23 @@ def test_profile_command_bad_input_is_one_line(args, field, tmp_path, capsys):
     assert err.count("\n") == 1 and field in err and "Traceback" not in err
 
 
+def test_profile_says_what_a_model_that_barely_fits_cannot_serve(tmp_path, capsys):
+    """70B over two H100s holds 9k KV tokens: written, with the note that the model's own
+    context cannot start; a refusal adds up (activations named) and does not suggest the
+    fp8 the user already gave."""
+    rc, _, err = _run(["profile", "--model", "llama-3.1-70b", "--gpu", "h100-80gb",
+                       "-tp", 2, "--out", tmp_path / "tp2.json"], capsys)
+    kv = load_profile(tmp_path / "tp2.json").memory.kv_tokens(ServingConfig())
+    assert rc == 0 and 0 < kv < 131072
+    assert f"note: {kv} KV tokens hold less than one request" in err
+    rc, _, err = _run(["profile", "--model", "llama-3.1-70b", "--gpu", "h100-80gb",
+                       "--quantization", "fp8", "--out", tmp_path / "fp8.json"], capsys)
+    assert rc == 2 and "GiB of activations" in err and "--quantization fp8" not in err
+    rc, _, err = _run(["profile", "--model", "llama-3.1-8b", "--gpu", "h100-80gb",
+                       "--out", tmp_path / "8b.json"], capsys)
+    assert rc == 0 and "note:" not in err
+
+
 # -- the calibration path and the commands of README's "Your own model and GPU" ---------------
 
 def _trace(tmp_path):

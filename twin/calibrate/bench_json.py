@@ -217,11 +217,13 @@ def _bench_adapters(f: _Fields, cfg: ServingConfig) -> tuple[dict, dict]:
     if "adapter_rates_rps" in info:
         rates = _as_counts(info["adapter_rates_rps"], "adapter_rates_rps", file)
     else:
-        rate = f.num("request_rate", positive=True)
-        if not math.isfinite(rate):
-            raise TwinInputError("request_rate is inf: the twin needs Poisson rates; give "
-                                 "adapter_rates_rps", file=file, field="request_rate")
-        rates = {rate / n: n}
+        raw = f.info.get("request_rate", f.d.get("request_rate"))
+        if str(raw).strip().lower() in ("inf", "infinity"):   # vllm bench serve's default
+            raise TwinInputError("request_rate is inf (vllm bench serve's default: every "
+                                 "request sent at once): the twin replays Poisson rates; give "
+                                 "adapter_rates_rps (or --request-rate) in the sidecar",
+                                 file=file, field="request_rate")
+        rates = {f.num("request_rate", positive=True) / n: n}
     if sum(rates.values()) != n:
         raise TwinInputError(f"adapter_rates_rps name {sum(rates.values())} adapters, "
                              f"max_cpu_loras is {n}", file=file, field="adapter_rates_rps")

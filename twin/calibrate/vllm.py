@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twin.calibrate.fit_checks import fit_warnings
 from twin.calibrate.frontend_fit import (MEASURED_SERIES_S, fit_metrics_series, fit_request_delay,
                                         metrics_scrape)
 from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS, STEP_TERMS,
@@ -79,6 +80,12 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
     prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed,
                                          decode_target)
+    kept = min(range(len(fit.history)), key=lambda i: fit.history[i]["score"])
+    warned = fit_warnings(usable, len(terms), fit.history, best=kept)
+    for w in warned:
+        log(f"warning: step time: {w}")
+    if warned:
+        prov["step_time"]["warnings"] = warned
     # the batches it was fitted on: a run past them says so (twin.results.extrapolation)
     prov["step_time"]["extent"] = fit_extent((r.config, r.n_adapters) for r in usable)
     if balance:

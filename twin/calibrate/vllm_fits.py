@@ -78,12 +78,25 @@ def fit_memory(kv: pd.DataFrame, base: MemoryModel, *, max_num_seqs: int = 2048,
         raise TwinInputError("need at least 3 probes with a KV capacity to fit the memory "
                              "model", file=kv.attrs.get("source"), field="kv_cache_tokens")
     A = np.c_[np.ones(has_kv.sum()), L[has_kv] * r[has_kv], L[has_kv]]
+    if np.linalg.matrix_rank(A) < 3:   # 3 copies of a probe, or one max_loras throughout
+        raise TwinInputError(
+            "the KV probes cannot separate the weights from the LoRA buffers per slot and per "
+            "slot-rank: they need at least 3 distinct (max_loras, max_lora_rank) settings "
+            "spanning two max_loras values and two ranks; got "
+            + ", ".join(sorted({f"{int(a)}x{int(b)}" for a, b in zip(L[has_kv], r[has_kv])})),
+            file=kv.attrs.get("source"), field="max_loras")
     y = (util[has_kv] * base.gpu_memory_gib * GIB - tok[has_kv] * base.kv_bytes_per_token
          - act_var) / GIB
     w = 1.0 / tok[has_kv]
     w = w / w.mean()
     (fixed_gib, a_gib, b_gib), *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
     weights_gib, n_loading = _weights_from_loading(kv, L, r, a_gib, b_gib, base.weights_gib)
+    if min(weights_gib, a_gib, b_gib) < 0:   # no memory is negative: the probes disagree
+        raise TwinInputError(
+            f"the KV probes fit negative memory (weights {weights_gib:.2f} GiB, "
+            f"{a_gib * 1024:.3f} MiB per slot-rank, {b_gib * 1024:.3f} MiB per slot): their "
+            "capacities are inconsistent with one model and GPU; check the table's rows",
+            file=kv.attrs.get("source"), field="kv_cache_tokens")
     mem = MemoryModel(gpu_memory_gib=base.gpu_memory_gib, weights_gib=weights_gib,
                       kv_bytes_per_token=base.kv_bytes_per_token,
                       lora_bytes_per_slot_rank=float(a_gib) * GIB,

@@ -16,6 +16,7 @@ from twin.calibrate import vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
 from twin.calibrate.fewrun import fit_fewrun
+from twin.calibrate.fit_checks import fit_warnings
 from twin.calibrate.gemm_bench import measure_gemm_table
 from twin.calibrate.hardware import calibrate_from_measurements
 from twin.calibrate.split_design import calibrate_split
@@ -60,7 +61,7 @@ Without --kv-capacity / --load-times those parts come from --base-profile.
 
 The step-time fit simulates every run's reconstructed workload (Poisson arrivals per
 adapter, ShareGPT lengths rescaled to the pool means) a few times: expect a few minutes
-on 2 cores for ~130 runs with the default --window-s 600.
+on 2 cores for ~130 runs with the default --window-s 1200.
 
 examples:
   twin calibrate --from-vllm-runs real_runs_llama31_8b.csv --experiment-set digital_twin_modelling \\
@@ -181,11 +182,15 @@ def _fit_few_runs(args) -> int:
                     max_in_flight=cap["max_in_flight"] if cap else None, seed=args.seed,
                     processes=args.processes, tp=tp, log=log,
                     min_multiplier={"memory": DERATE["hbm"], "compute": DERATE["flops"]})
+    warned = fit_warnings(runs, len(fr["u"]), fr["history"])
+    for w in warned:
+        log(f"warning: few-run: {w}")
     prof = derive_profile(base, base.model, fr["hardware"], memory=base.memory, tp=tp,
                           name=args.name or base.name.replace("-first-principles", "-fewrun"),
                           provenance={"method": "twin calibrate --few-run (twin.calibrate."
                                       "fewrun)", "fitted": True, "runs": fr["runs"],
-                                      "multipliers": fr["u"], "client": cap})
+                                      "multipliers": fr["u"], "client": cap,
+                                      "history": fr["history"], "warnings": warned})
     prof.save(args.out)
     hw = save_calibration(fr["hardware"], calibration_path(args.out), profile=Path(args.out).name,
                           model=base.model.name, fitted_on=fr["runs"], multipliers=fr["u"])

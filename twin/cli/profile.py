@@ -4,6 +4,7 @@ tensor-parallel size (:mod:`twin.costs.first_principles`), with no run and no to
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from twin.argtypes import positive_float, positive_int
@@ -188,9 +189,13 @@ def run(args) -> int:
                 f"{shape.name} does not fit on {machine} with tensor_parallel_size "
                 f"{args.tensor_parallel_size}: {m.weights_gib:.1f} GiB of weights per GPU, "
                 f"{m.lora_bytes(cfg.max_loras, cfg.max_lora_rank) / GIB:.1f} GiB of LoRA slots "
-                f"(max_loras {cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}) of "
+                f"(max_loras {cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}), "
+                f"{m.activation_bytes(cfg.max_num_seqs, cfg.max_num_batched_tokens) / GIB:.1f} "
+                f"GiB of activations (max_num_seqs {cfg.max_num_seqs}) of "
                 f"{cfg.gpu_memory_utilization * m.gpu_memory_gib:.1f} GiB: raise "
-                f"--tensor-parallel-size, use --quantization fp8 or give --gpu-memory-gib",
+                "--tensor-parallel-size, "
+                + ("" if args.quantization == "fp8" else "use --quantization fp8 ")
+                + "or give --gpu-memory-gib",
                 field="--model")
         out = prof.save(args.out)
     print(f"wrote {out}: {shape.name} ({shape.params / 1e9:.2f}B parameters) on "
@@ -198,6 +203,11 @@ def run(args) -> int:
           f"{m.kv_bytes_per_token} KV bytes/token/GPU, {kv} KV tokens at max_loras "
           f"{cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}, max_num_seqs "
           f"{cfg.max_num_seqs}")
+    context = shape.max_position_embeddings
+    if context and kv < context:   # vLLM checks one max_model_len request fits at start-up
+        print(f"note: {kv} KV tokens hold less than one request of the model's context "
+              f"({context}): vLLM refuses to start at the default max_model_len; serve with "
+              f"max_model_len <= {kv}, or raise --tensor-parallel-size", file=sys.stderr)
     ctx = shape.max_position_embeddings
     if ctx is not None and ctx < cfg.max_model_len:
         print(f"note: the model's context is {ctx} tokens: twin simulate derives max_model_len "

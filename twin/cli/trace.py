@@ -265,6 +265,11 @@ def build(args) -> pd.DataFrame:
                                          start_window_s=args.start_s,
                                          total_rate=args.total_rate, seed=args.seed)
     if act == "rate-classes":
+        if 0 < args.adapters < len(args.rates):   # adapter i takes rates[i % len(rates)]
+            unused = ", ".join(f"{r:g}" for r in args.rates[args.adapters:])
+            print(f"note: {args.adapters} adapter(s) take the first {args.adapters} of "
+                  f"{len(args.rates)} rates; no adapter has rate(s) {unused} req/s",
+                  file=sys.stderr)
         return generate.rate_class_trace(args.adapters, args.rates,
                                          duration_s=args.duration_s,
                                          lengths=_length_sampler(args), arrival=args.arrival,

@@ -254,14 +254,17 @@ def gpu_prior(gpu, *, fp8: bool = False, software: dict | None = None,
     (:func:`twin.costs.gpus.effective`: effective HBM bandwidth, FLOP rate at the weights'
     dtype, link bandwidth) for the byte, FLOP and all-reduce terms, plus the software
     constants ``GPU_SOFTWARE``; ``lora`` (a server with ``enable_lora``, the twin's case):
-    dense FLOPs at ``LORA_TOKEN_EFFICIENCY`` of that rate."""
+    dense FLOPs at ``LORA_TOKEN_EFFICIENCY`` of that rate. ``fp8`` weights speed up the
+    dense GEMMs only: attention (over a bf16 KV cache) and the LoRA kernels (bf16 adapter
+    weights) run at the bf16 rate, as in vLLM."""
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     bw, fl, link = effective(gpu, fp8=fp8)
+    fl16 = effective(gpu, fp8=False)[1] if fp8 else fl
     hw = dict(GPU_SOFTWARE if software is None else software)
     dense = fl * (LORA_TOKEN_EFFICIENCY if lora else 1.0)
     hw.update(weight_s_per_byte=1 / bw, kv_s_per_byte=1 / bw, adapter_s_per_byte=1 / bw,
-              act_s_per_byte=1 / bw, dense_s_per_flop=1 / dense, attn_s_per_flop=1 / fl,
-              lora_s_per_flop=1 / fl, allreduce_s_per_byte=1 / link)
+              act_s_per_byte=1 / bw, dense_s_per_flop=1 / dense, attn_s_per_flop=1 / fl16,
+              lora_s_per_flop=1 / fl16, allreduce_s_per_byte=1 / link)
     return hw
 
 

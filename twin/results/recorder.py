@@ -227,6 +227,11 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     req = out.table(trace)
     if frontend is not None:   # the table is this run's own: shifted in place
         frontend.client_times(req)
+        if window_s is None and len(req):
+            # run to completion, a run lasts until the client gets the last response, as
+            # vllm bench serve's duration does (the engine's end is a delay earlier)
+            last = np.nanmax(req["finish_s"].to_numpy(dtype=float), initial=0.0)
+            duration = max(duration, float(last))
     timeline = pd.DataFrame(rec.rows, columns=PREFIX_TIMELINE_COLUMNS if rec.prefix
                             else TIMELINE_COLUMNS)
     timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)

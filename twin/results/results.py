@@ -262,6 +262,10 @@ def format_summary(s: dict) -> str:
     row("Successful requests:", s["completed"])
     row("Unfinished requests:", s["unfinished"])
     row("Rejected requests (> max_model_len):", s.get("rejected_requests", 0))
+    dep = s.get("deployment")
+    if dep:   # a strategy's GPUs: merged takes one per adapter, hybrid several
+        row("Deployment (policy, GPUs, servers):",
+            f"{dep['policy']}, {dep['gpus']}, {dep['servers']}", "{:<36}{:>14}")
     row("Benchmark duration (s):", f"{s['duration_s']:.2f}")
     row("Request throughput (req/s):", f"{s['request_throughput']:.2f}")
     row("Input token throughput (tok/s):", f"{s['input_throughput']:.2f}")

@@ -97,7 +97,7 @@ def _first_non_utf8(path: Path) -> str:
 def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
     import pyarrow.parquet as pq   # lazy: +5 MB RSS, only for a Parquet file read
 
-    table = _without_pandas_index(pq.read_table(path, use_pandas_metadata=True))
+    table, pandas_attrs = _without_pandas_index(pq.read_table(path, use_pandas_metadata=True))
     meta = table.schema.metadata or {}
 
     def nullable(t):   # integers and booleans keep their type when the column has nulls
@@ -118,28 +118,32 @@ def _read_parquet(path: Path, exact_columns) -> pd.DataFrame:
         for c in rest:
             df[c] = other[c].to_numpy()
     out = df[names] if names else df
+    out.attrs.update(pandas_attrs)   # pandas' to_parquet keeps df.attrs there
     attrs = meta.get(ATTRS_META_KEY.encode())
     if attrs:
         out.attrs.update(json.loads(attrs))
     return out
 
 
-def _without_pandas_index(table: pa.Table) -> pa.Table:
-    """A table that pandas wrote, its index as pandas saved it read as what it is: an
-    unnamed index (``df[mask].to_parquet``) is no trace column and is dropped (its metadata
-    named a column that a selection of the others then missed: a KeyError); a named one
-    (``set_index("request_id")``) is a column, also when pandas kept only its range."""
+def _without_pandas_index(table: pa.Table) -> tuple[pa.Table, dict]:
+    """A table that pandas wrote, its index as pandas saved it read as what it is, and the
+    frame's ``attrs`` pandas kept: an unnamed index (``df[mask].to_parquet``) is no trace
+    column and is dropped (its metadata named a column that a selection of the others
+    then missed: a KeyError); a named one (``set_index("request_id")``) is a column, also
+    when pandas kept only its range."""
     meta = table.schema.metadata or {}
     if b"pandas" not in meta:
-        return table
-    for ix in json.loads(meta[b"pandas"]).get("index_columns", []):
+        return table, {}
+    pandas_meta = json.loads(meta[b"pandas"])
+    for ix in pandas_meta.get("index_columns", []):
         if isinstance(ix, dict) and ix.get("kind") == "range" and ix.get("name") \
                 and ix["name"] not in table.column_names:
             values = np.arange(ix["start"], ix["stop"], ix["step"], dtype=np.int64)
             table = table.append_column(str(ix["name"]), pa.array(values))
     table = table.drop_columns([n for n in table.column_names
                                 if n.startswith("__index_level_")])
-    return table.replace_schema_metadata({k: v for k, v in meta.items() if k != b"pandas"})
+    table = table.replace_schema_metadata({k: v for k, v in meta.items() if k != b"pandas"})
+    return table, dict(pandas_meta.get("attributes") or {})
 
 
 def _read_csv(path: Path, text_columns) -> pd.DataFrame:
