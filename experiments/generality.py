@@ -50,7 +50,7 @@ from twin.calibrate.gemm_bench import measure_gemm_table  # noqa: E402
 from twin.calibrate.fewrun import GROUPS, fit_fewrun, pick_runs, scaled  # noqa: E402
 from twin.calibrate.hardware import (calibrate_from_measurements, derive_profile,  # noqa: E402
                                      widened_config, write_random_model)
-from twin.calibrate.step_fit import _map, simulate_run  # noqa: E402
+from twin.calibrate.run_sim import map_jobs, simulate_run  # noqa: E402
 from twin.calibrate.vllm_runs import read_run_table, spread  # noqa: E402
 from twin.costs.hardware import gpu_prior, save_calibration  # noqa: E402
 from twin.costs.model_config import load_config, model_shape  # noqa: E402
@@ -279,7 +279,7 @@ def _step_check(steps: list[dict]) -> dict:
 def _eval(runs, profile, args, cap=None):
     """SMAPE (percent) of throughput, mean TTFT, mean ITL of the twin vs the real runs."""
 
-    sims = _map(_eval_job, [(r, profile, args.eval_window, cap) for r in runs], args.processes)
+    sims = map_jobs(_eval_job, [(r, profile, args.eval_window, cap) for r in runs], args.processes)
     ok = [i for i, s in enumerate(sims) if "error" not in s]
     out = {}
     for short, name in (("throughput", "total_throughput"), ("ttft", "mean_ttft_ms"),

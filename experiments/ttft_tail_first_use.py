@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from twin.calibrate.frontend_fit import light_runs as light_specs
-from twin.calibrate.step_fit import simulate_run
+from twin.calibrate.run_sim import simulate_run
 from twin.calibrate.vllm_runs import read_run_table
 from twin.costs.profile import load_profile
 from twin.results import smape

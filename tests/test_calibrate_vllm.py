@@ -86,6 +86,12 @@ def test_memory_fit_refuses_negative_memory_and_recovers_a_consistent_one(base):
     more_slots_more_room = kv.assign(kv_cache_tokens=tokens[::-1])   # capacity rising
     with pytest.raises(TwinInputError, match="negative memory"):
         fit_memory(more_slots_more_room, base.memory)
+    # a model whose per-slot term is exactly 0 fits ~-1e-19 of it: noise, not a refusal
+    tiny = load_profile("cpu-tiny").memory
+    assert tiny.lora_bytes_per_slot == 0
+    own = kv.assign(kv_cache_tokens=[tiny.kv_tokens(c) for c in cfgs])
+    mem, _ = fit_memory(own, tiny)
+    assert mem.lora_bytes_per_slot == 0 and mem.lora_bytes_per_slot_rank > 0
 
 
 def test_a_step_fit_says_when_its_runs_cannot_determine_it():
@@ -202,6 +208,11 @@ def test_bench_json_with_sidecar(tmp_path):
         pytest.skip("shared data (ShareGPT length pool) not available")
     trace, cat = reconstruct(spec, seed=0)
     assert len(cat) == 8 and trace["arrival_s"].max() < 300
+    # a calibration's window is at most the run's own 300 s (it simulated 1200 s of it)
+    from twin.calibrate.run_sim import simulate_run
+    sim = simulate_run(spec, load_profile("llama31-8b-h100-64gb-first-principles"),
+                       window_s=1200.0)
+    assert sim["window_s"] == 300.0
 
 
 # -- bad input ------------------------------------------------------------------------------

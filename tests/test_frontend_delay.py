@@ -183,7 +183,7 @@ def test_fit_reads_the_mean_excess_the_twin_lacks_per_first_request(monkeypatch)
         assert all(j[1].frontend.is_default for j in jobs)   # the twin side runs without it
         return [{"mean_ttft_ms": 30.0 + twin_excess, "median_ttft_ms": 30.0} for _ in jobs]
 
-    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    monkeypatch.setattr(frontend_fit, "map_jobs", fake_map)
     fe, rep = frontend_fit.fit_first_lora_request(runs, with_delay(0.2))
     assert seen == ["a", "b", "c"]
     assert [round(p["delay_s"], 6) for p in rep["per_run"]] == [0.3, 0.2, 0.5]
@@ -211,11 +211,11 @@ def test_fit_skips_runs_without_an_estimate_instead_of_fitting_zero(monkeypatch)
         return [{"mean_ttft_ms": float("nan") if j[0].key == "nan" else 32.0,
                  "median_ttft_ms": 30.0} for j in jobs]
 
-    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    monkeypatch.setattr(frontend_fit, "map_jobs", fake_map)
     fe, rep = frontend_fit.fit_first_lora_request(runs, PROFILE)
     assert [p["key"] for p in rep["per_run"]] == ["a", "b"]
     assert fe.first_lora_request_s == pytest.approx(0.003 / 0.01)
-    monkeypatch.setattr(frontend_fit, "_map",
+    monkeypatch.setattr(frontend_fit, "map_jobs",
                         lambda fn, jobs, processes: [{"error": "boom"} for _ in jobs])
     with pytest.raises(ValueError, match="no light run"):
         frontend_fit.fit_first_lora_request(runs, PROFILE)

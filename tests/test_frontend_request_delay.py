@@ -30,8 +30,13 @@ def test_the_delay_moves_ttft_and_e2e_by_itself_and_nothing_the_engine_decides()
         assert b.summary["ttft_ms"][q] == pytest.approx(a.summary["ttft_ms"][q] + 12.0)
         assert b.summary["e2e_ms"][q] == pytest.approx(
             a.summary["e2e_ms"][q] + 12.0)
-    for k in ("total_throughput", "completed", "steps", "preemptions"):
+    for k in ("completed", "steps", "preemptions"):
         assert b.summary[k] == a.summary[k]
+    # the run lasts to the last response the client gets: the delay later (vllm bench's
+    # duration), over the same tokens
+    assert b.summary["duration_s"] == pytest.approx(a.summary["duration_s"] + 0.012)
+    assert b.summary["total_throughput"] * b.summary["duration_s"] == pytest.approx(
+        a.summary["total_throughput"] * a.summary["duration_s"])
     for k in ("tpot_ms", "itl_ms"):
         assert b.summary[k] == pytest.approx(a.summary[k])
     done = a.requests["status"] == "finished"
@@ -70,7 +75,7 @@ def test_the_fit_reads_the_light_runs_median_ttft_excess(monkeypatch):
         assert all(j[1].frontend.request_s == 0 for j in jobs)   # fitted without itself
         return [{"median_ttft_ms": 38.0} for _ in jobs]
 
-    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    monkeypatch.setattr(frontend_fit, "map_jobs", fake_map)
     prof = load_profile("llama31-8b-h100-64gb")
     prof = dataclasses.replace(prof, frontend=Frontend(request_s=0.5))
     front, report = frontend_fit.fit_request_delay(runs, prof)
@@ -107,7 +112,7 @@ def test_the_series_cost_is_fitted_to_the_runs_itl_over_tpot(monkeypatch):
         return [{"mean_itl_ms": sims[j[0].key][0], "mean_tpot_ms": sims[j[0].key][1],
                  "lora_running_sets": sims[j[0].key][2], "window_s": 3600.0} for j in jobs]
 
-    monkeypatch.setattr(frontend_fit, "_map", fake_map)
+    monkeypatch.setattr(frontend_fit, "map_jobs", fake_map)
     prof = dataclasses.replace(load_profile("llama31-8b-h100-64gb"),
                                frontend=Frontend(metrics_scrape_hz=0.4, metrics_series_s=1e-6))
     front, report = frontend_fit.fit_metrics_series(runs, prof)

@@ -114,7 +114,10 @@ class ServingConfig:
 
     def replace(self, **changes) -> "ServingConfig":
         """A copy with ``changes``; ``max_cpu_loras`` still vLLM's default (``max_loras``)
-        when it was not given, here or when ``self`` was built."""
+        when it was not given, here or when ``self`` was built. Whether it was given is
+        not part of a config's equality or of ``to_dict`` (a config written out states its
+        value), so ``ServingConfig()`` and ``ServingConfig(max_cpu_loras=1)`` are equal but
+        only the first follows a new ``max_loras``."""
         if self._cpu_follows and "max_cpu_loras" not in changes:
             changes["max_cpu_loras"] = None
         return dataclasses.replace(self, **changes)

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from twin.calibrate.run_weights import regime
-from twin.calibrate.step_fit import _map, _sim_job
+from twin.calibrate.run_sim import map_jobs, sim_job
 from twin.costs.hardware import HW_TERMS, coefficients
 from twin.costs.step_time import FEATURES
 from twin.errors import TwinInputError
@@ -90,7 +90,7 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     for it in range(iterations + 1):
         coef = {k: float(v) for k, v in zip(FEATURES, np.exp(u) @ C)}
         coef["const"] = max(coef["const"], 1e-9)
-        sims = _map(_sim_job, [(r, profile, coef, seed, window_s, max_in_flight) for r in runs],
+        sims = map_jobs(sim_job, [(r, profile, coef, seed, window_s, max_in_flight) for r in runs],
                     processes)
         bad = [s for s in sims if "error" in s]
         if bad:

@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from twin.calibrate.run_weights import regime
-from twin.calibrate.step_fit import _map, simulate_run
+from twin.calibrate.run_sim import map_jobs, simulate_run
 from twin.costs.frontend import Frontend
 from twin.costs.profile import Profile
 
@@ -61,7 +61,7 @@ def fit_first_lora_request(runs, profile: Profile, *, max_running: float = 6.0,
         raise ValueError(f"no run without a queue and below {max_running} running: "
                          "nothing to fit the first-request delay on")
     base = dataclasses.replace(profile, frontend=Frontend())
-    sims = _map(_job, [(r, base, seed, None) for r in light], processes)
+    sims = map_jobs(_job, [(r, base, seed, None) for r in light], processes)
     per_run = []
     for r, s in zip(light, sims):
         if "error" in s:
@@ -127,7 +127,7 @@ def fit_request_delay(runs, profile: Profile, *, max_running: float = 6.0,
                          "nothing to fit the per-request delay on")
     base = dataclasses.replace(profile, frontend=dataclasses.replace(profile.frontend,
                                                                      request_s=0.0))
-    sims = _map(_job, [(r, base, seed, window_s) for r in light], processes)
+    sims = map_jobs(_job, [(r, base, seed, window_s) for r in light], processes)
     per_run = [{"key": r.key, "real_median_ms": r.metrics["median_ttft_ms"],
                 "twin_median_ms": s["median_ttft_ms"]}
                for r, s in zip(light, sims)
@@ -175,7 +175,7 @@ def fit_metrics_series(runs, profile: Profile, *, processes: int = 2, seed: int 
                          "the metrics scrape's cost per series on")
     off = dataclasses.replace(profile, frontend=dataclasses.replace(
         profile.frontend, metrics_series_s=0.0))
-    sims = _map(_job, [(r, off, seed, None) for r in keep], processes)
+    sims = map_jobs(_job, [(r, off, seed, None) for r in keep], processes)
     rows = [(r.metrics["mean_itl_ms"] / r.metrics["mean_tpot_ms"], s["mean_itl_ms"],
              s["mean_tpot_ms"], s.get("lora_running_sets", 0), s["window_s"])
             for r, s in zip(keep, sims)

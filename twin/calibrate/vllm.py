@@ -26,8 +26,9 @@ import pandas as pd
 from twin.calibrate.fit_checks import fit_warnings
 from twin.calibrate.frontend_fit import (MEASURED_SERIES_S, fit_metrics_series, fit_request_delay,
                                         metrics_scrape)
+from twin.calibrate.run_sim import simulate_run
 from twin.calibrate.step_fit import (CAPPED_GRID_TERMS, GRID_TERMS, RIDGE_TERMS, STEP_TERMS,
-                                    StepFit, fit_step_time, simulate_run)
+                                    StepFit, fit_step_time)
 from twin.calibrate.vllm_fits import (fit_client_cap, fit_load_time, fit_memory,
                                       read_kv_capacity, read_load_times)
 from twin.costs.profile import Profile, load_profile
@@ -78,14 +79,9 @@ def calibrate(runs, *, kv: pd.DataFrame | None = None, loads: pd.DataFrame | Non
                         weights=residual_weights, balance=balance, feedback=feedback,
                         hold=hold, decode_target=decode_target, log=log)
     prof.step_time = StepTimeModel(base={k: v for k, v in fit.coef.items() if v})
-    prov["step_time"] = _step_provenance(fit, terms, len(usable), window_s, seed,
-                                         decode_target)
-    kept = min(range(len(fit.history)), key=lambda i: fit.history[i]["score"])
-    warned = fit_warnings(usable, len(terms), fit.history, best=kept)
-    for w in warned:
+    prov["step_time"] = _step_provenance(fit, terms, usable, window_s, seed, decode_target)
+    for w in prov["step_time"].get("warnings", ()):
         log(f"warning: step time: {w}")
-    if warned:
-        prov["step_time"]["warnings"] = warned
     # the batches it was fitted on: a run past them says so (twin.results.extrapolation)
     prov["step_time"]["extent"] = fit_extent((r.config, r.n_adapters) for r in usable)
     if balance:
@@ -159,19 +155,21 @@ def _startable(runs, prof: Profile) -> list:
     return usable
 
 
-def _step_provenance(fit: StepFit, terms, n_runs: int, window_s: float, seed: int,
+def _step_provenance(fit: StepFit, terms, runs, window_s: float, seed: int,
                      decode_target: str = "itl") -> dict:
     """What the step-time fit did and how well it fits, at its best iteration (the
-    ``itl_*`` figures are of the decode target: mean TPOT where it is ``"tpot"``)."""
+    ``itl_*`` figures are of the decode target: mean TPOT where it is ``"tpot"``), and
+    what it warns of (:func:`twin.calibrate.fit_checks.fit_warnings`)."""
     target = f"mean {decode_target.upper()}"
     last = min(fit.history, key=lambda h: h["score"])
+    warned = fit_warnings(runs, len(terms), fit.history, best=fit.history.index(last))
     log_ratio = np.log(fit.residuals.twin_itl_ms / fit.residuals.real_itl_ms)
     return {
         "method": "simulation in the loop: twin runs of each fit run's reconstructed workload "
                   f"({window_s:.0f} s windows), surrogate Gauss-Newton on log-errors of {target}, "
                   "saturated throughput and light-load TTFT, non-negative coefficients",
         "decode_target": target,
-        "terms": list(terms), "runs": n_runs, "window_s": window_s, "seed": seed,
+        "terms": list(terms), "runs": len(runs), "window_s": window_s, "seed": seed,
         "iterations": len(fit.history), "seconds": round(fit.seconds, 1),
         "itl_smape_median": last["itl_smape_median"], "itl_smape_max": last["itl_smape_max"],
         "throughput_smape_median": last["throughput_smape_median"],
@@ -182,4 +180,5 @@ def _step_provenance(fit: StepFit, terms, n_runs: int, window_s: float, seed: in
             "median": float(np.median(log_ratio)),
             "p10": float(np.quantile(log_ratio, 0.1)),
             "p90": float(np.quantile(log_ratio, 0.9))},
+        **({"warnings": warned} if warned else {}),
     }

@@ -91,12 +91,19 @@ def fit_memory(kv: pd.DataFrame, base: MemoryModel, *, max_num_seqs: int = 2048,
     w = w / w.mean()
     (fixed_gib, a_gib, b_gib), *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
     weights_gib, n_loading = _weights_from_loading(kv, L, r, a_gib, b_gib, base.weights_gib)
-    if min(weights_gib, a_gib, b_gib) < 0:   # no memory is negative: the probes disagree
+    # no memory is negative: a term below zero by more than a KV block over the probes
+    # (what their token counts resolve) says they disagree; less is a zero term's noise
+    block = block_size * base.kv_bytes_per_token / GIB
+    terms = {"weights": (weights_gib, 1.0), "activations": (fixed_gib - weights_gib, 1.0),
+             "per slot-rank": (a_gib, float((L * r)[has_kv].max())),
+             "per slot": (b_gib, float(L[has_kv].max()))}
+    below = [f"{k} {1024 * c:.3f} MiB" for k, (c, x) in terms.items() if c * x < -block]
+    if below:
         raise TwinInputError(
-            f"the KV probes fit negative memory (weights {weights_gib:.2f} GiB, "
-            f"{a_gib * 1024:.3f} MiB per slot-rank, {b_gib * 1024:.3f} MiB per slot): their "
-            "capacities are inconsistent with one model and GPU; check the table's rows",
+            f"the KV probes fit negative memory ({', '.join(below)}): their capacities are "
+            "inconsistent with one model and GPU; check the table's rows",
             file=kv.attrs.get("source"), field="kv_cache_tokens")
+    weights_gib, a_gib, b_gib = max(weights_gib, 0.0), max(a_gib, 0.0), max(b_gib, 0.0)
     mem = MemoryModel(gpu_memory_gib=base.gpu_memory_gib, weights_gib=weights_gib,
                       kv_bytes_per_token=base.kv_bytes_per_token,
                       lora_bytes_per_slot_rank=float(a_gib) * GIB,

@@ -18,7 +18,6 @@ from twin.cli.place_fleet import (add_verify_fleet_args, check_fleet_routers,
                                   verify_placement_fleet)
 from twin.cli.slo import cost_with_fleet_check, fleet_check_text, fleet_ok, parse_slo
 from twin.costs.profile import load_profile
-from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
 from twin.workload import read_trace
 from twin.workload.catalog import AdapterCatalog

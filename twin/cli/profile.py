@@ -203,12 +203,11 @@ def run(args) -> int:
           f"{m.kv_bytes_per_token} KV bytes/token/GPU, {kv} KV tokens at max_loras "
           f"{cfg.max_loras}, max_lora_rank {cfg.max_lora_rank}, max_num_seqs "
           f"{cfg.max_num_seqs}")
-    context = shape.max_position_embeddings
-    if context and kv < context:   # vLLM checks one max_model_len request fits at start-up
-        print(f"note: {kv} KV tokens hold less than one request of the model's context "
-              f"({context}): vLLM refuses to start at the default max_model_len; serve with "
-              f"max_model_len <= {kv}, or raise --tensor-parallel-size", file=sys.stderr)
     ctx = shape.max_position_embeddings
+    if ctx and kv < ctx:   # vLLM checks at start-up that one max_model_len request fits
+        print(f"note: {kv} KV tokens hold less than one request of the model's context "
+              f"({ctx}): vLLM refuses to start at the default max_model_len; serve with "
+              f"max_model_len <= {kv}, or raise --tensor-parallel-size", file=sys.stderr)
     if ctx is not None and ctx < cfg.max_model_len:
         print(f"note: the model's context is {ctx} tokens: twin simulate derives max_model_len "
               f"{ctx} from it as vLLM does; elsewhere (twin recommend --base-config) give "

@@ -23,7 +23,7 @@ from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import MemoryModel
 from twin.costs.step_time import FEATURES, StepTimeModel
 from twin.schemas import Number, Schema, validate
-from twin.outputs import staged_file
+from twin.outputs import json_document, staged_file
 
 SCHEMA = "twin.profile/1"
 DEFAULT_PROFILE = "llama31-8b-h100-64gb"
@@ -110,7 +110,7 @@ class Profile:
             raise TwinInputError("a profile is a JSON file: give a name ending in .json, so "
                                  "that twin can load it back", file=str(path), field="--out")
         with staged_file(path, "profile") as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+            tmp.write_text(json_document(self.to_dict(), indent=2) + "\n")
         return Path(path)
 
     @classmethod

@@ -241,9 +241,7 @@ def run_server(spec: ServerSpec, trace: pd.DataFrame, rows: np.ndarray, config, 
     server = pol.server_parts(cfg, prof, cat) if cat is not None else None
     res = simulate(sub, cfg, prof, cat, server=server, window_s=window_s, progress=progress,
                    record_steps=record_steps, sample_dt=sample_dt, trace_source=trace_source)
-    # time in steps (the per-server busy_fraction); without a step log, the recorder's sum
-    busy = float((res.steps["duration_s"]).sum() if res.steps is not None
-                 else res.summary["waiting_held_by"]["busy_s"])
+    busy = float(res.summary["waiting_held_by"]["busy_s"])   # time in steps (busy_fraction)
     run = ServerRun(spec, rows, res, mem, slowdown, busy)
     pool = res.summary.get("adapter_pool")
     if pool is not None:
