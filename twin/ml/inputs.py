@@ -84,11 +84,12 @@ def short_window_warning(window: float | None) -> str | None:
         return None
     return (f"the window is only {window:.0f} s: the requests still running at its end "
             "count as unserved, so a STARVING verdict may be the window's edge rather than "
-            f"the load; verify on a trace of {SHORT_WINDOW_S / 60:.0f} minutes or more "
-            "(twin simulate runs a short trace to its last request)")
+            f"the load; verify on a trace of {SHORT_WINDOW_S / 60:.0f} minutes or more, or "
+            "give no window: a short trace is then verified to its last request")
 
 
 def trace_window(trace: pd.DataFrame, window_s: float | None) -> float:
+    """The window a trace is measured over: the one given, else its span in whole seconds."""
     if window_s is not None:
         return float(window_s)
     return float(max(1.0, math.ceil(float(trace["arrival_s"].max())))) if len(trace) else 1.0
