@@ -139,12 +139,16 @@ def simulate_run(spec, profile: Profile, *, seed: int = 0, window_s: float | Non
 
 
 def sim_job(args):
+    """One run under ``coef`` with its step features recorded (a pool's task:
+    ``(spec, profile, coef, seed, window, max_in_flight)``)."""
     spec, profile, coef, seed, window, cap = args
     prof = _profile_with(profile, coef, recording=True)
     return simulate_run(spec, prof, seed=seed, window_s=window, max_in_flight=cap, record=True)
 
 
 def map_jobs(fn, jobs, processes: int):
+    """``fn`` over ``jobs`` (tuples whose first item is a RunSpec) in ``processes`` forked
+    workers, the busiest runs first; results in the jobs' order."""
     if processes <= 1 or len(jobs) <= 1:
         return [fn(j) for j in jobs]
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
