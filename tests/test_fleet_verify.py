@@ -135,6 +135,28 @@ def test_cli_place_verify_fleet_writes_fleet_check(trace, tmp_path, capsys):
     assert "fleet check: the placement on" in capsys.readouterr().out
 
 
+def test_twin_fleet_on_the_files_place_wrote_runs_the_fleet_place_checked(tmp_path):
+    """Each replica preloads the adapters its vllm_config.yaml lists under lora-modules;
+    it preloaded the whole catalog (16 adapters into a host cache of 6), evicting the ones
+    it serves: disk loads and a p99 TTFT the placement's own check never saw."""
+    tp = tmp_path / "t.parquet"
+    rate_class_trace(16, (3.2, 1.6, 0.8), duration_s=60, seed=0).to_parquet(tp, index=False)
+    out = tmp_path / "pl"
+    main(["place", "--trace", str(tp), "--verify-fleet", "--fleet-routers", "round_robin",
+          "--fleet-max-gpus", "2", "--out", str(out)])
+    record = json.loads((out / "placement.json").read_text())
+    placed = record["fleet_check"]["placement"]["per_gpu"]
+    assert len(placed) >= 2 and max(g["config"]["max_cpu_loras"] for g in record["gpus"]) < 16
+    configs = [a for k in range(len(placed))
+               for a in ("--replica-config", str(out / f"gpu-{k}" / "vllm_config.yaml"))]
+    assert main(["fleet", "--trace", str(tp), "--router", "static", "--routing",
+                 str(out / "routing.csv"), *configs, "--no-progress",
+                 "--out", str(tmp_path / "fl")]) in (0, 3)
+    rows = pd.read_csv(tmp_path / "fl" / "replicas.csv")
+    assert rows["loads_from_disk"].tolist() == [g["loads_from_disk"] for g in placed]
+    assert rows["ttft_p99_ms"].tolist() == pytest.approx([g["ttft_p99_ms"] for g in placed])
+
+
 def test_cli_unknown_fleet_router_fails_before_placing(trace, tmp_path, capsys):
     tp = tmp_path / "t.parquet"
     trace.to_parquet(tp, index=False)

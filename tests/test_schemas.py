@@ -444,3 +444,12 @@ def test_executor_refuses_adapter_requests_without_enable_lora(tmp_path):
     with pytest.raises(TwinInputError) as e:
         execute(tiny_trace(), small_config(enable_lora=False), tmp_path / "no-model", None)
     assert "does not exist" in str(e.value) and e.value.field == "adapter"
+
+
+def test_lora_module_names_reads_every_form_vllm_takes():
+    from twin.config import lora_module_names
+
+    assert lora_module_names(None) is None and lora_module_names([]) is None
+    assert lora_module_names(["a=/x", " b = /y", '{"name": "c", "path": "/z"}',
+                              {"name": "d", "path": "/w"}]) == ("a", "b", "c", "d")
+    assert lora_module_names("solo=/p") == ("solo",)

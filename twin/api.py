@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from twin.config import ServingConfig, read_yaml_mapping, setting_names
+from twin.config import ServingConfig, lora_module_names, read_yaml_mapping, setting_names
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
@@ -186,12 +186,19 @@ def fleet_replica(config: ServingConfig | dict | str | os.PathLike | None = None
                   profile: Profile | str | os.PathLike | None = None):
     """One replica of a fleet (``twin.fleet.Replica``): its config and profile (None: the
     fleet's ``profile``; a config without ``max_model_len`` then gets the default
-    profile's model context)."""
+    profile's model context). A dict or YAML file that lists ``lora-modules`` (the
+    ``gpu-*/vllm_config.yaml`` twin place writes) serves those adapters: they are what the
+    replica preloads, as vLLM loads the listed modules at start-up."""
     from twin import fleet   # lazy: as simulate_fleet
 
     prof = _profile(profile)   # a config without max_model_len gets its model's context
+    served = None
+    if isinstance(config, (dict, *_PATH)):
+        d = config if isinstance(config, dict) else read_yaml_mapping(
+            config, expected="a mapping of vLLM setting names to values")
+        served = lora_module_names(setting_names(d, str(config)).get("lora_modules"))
     config = load_config(config, prof.model.max_position_embeddings)
-    return fleet.Replica(config, None if profile is None else prof)
+    return fleet.Replica(config, None if profile is None else prof, served)
 
 
 def recommend(trace: pd.DataFrame | str | os.PathLike, *,

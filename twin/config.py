@@ -10,6 +10,7 @@ config file's ``lora-modules`` lists: such a file turns it on unless it says oth
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -209,6 +210,21 @@ def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict
             f"max_num_batched_tokens ({c['max_num_batched_tokens']}) must be greater than or "
             f"equal to max_num_seqs ({c['max_num_seqs']}). (vLLM refuses this)")
     return c
+
+
+def lora_module_names(modules) -> tuple | None:
+    """The adapter names of a ``lora-modules`` setting as vLLM takes it: ``name=path``
+    strings, JSON strings or mappings with a ``name``; None when there is none."""
+    if not modules:
+        return None
+    if isinstance(modules, (str, dict)):
+        modules = [modules]
+    names = []
+    for m in modules:
+        if isinstance(m, str) and m.lstrip().startswith("{"):
+            m = json.loads(m)
+        names.append(str(m["name"]) if isinstance(m, dict) else str(m).split("=", 1)[0].strip())
+    return tuple(names)
 
 
 def require_serving_config(config, field: str = "config") -> None:

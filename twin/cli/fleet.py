@@ -7,7 +7,6 @@ from pathlib import Path
 
 from twin.argtypes import non_negative_float, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args, given_config_flags
-from twin.config import ServingConfig
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare
 from twin import api
@@ -113,8 +112,8 @@ def _replicas(args, profile):
                 "--replica-config each replica's YAML is its whole config: put the settings "
                 "there", field=flags[0])
         profiles = args.replica_profile or [profile] * len(args.replica_config)
-        return [api.fleet_replica(ServingConfig.from_yaml(c), p)
-                for c, p in zip(args.replica_config, profiles)]
+        # the path itself: a file's lora-modules are the adapters its replica preloads
+        return [api.fleet_replica(c, p) for c, p in zip(args.replica_config, profiles)]
     return args.replicas or 2
 
 
