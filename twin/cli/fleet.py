@@ -42,7 +42,9 @@ loop. The others route the whole trace first and simulate each replica on its ow
 
 Every replica gets the serving flags below (or --config), or give one serve YAML per
 replica with --replica-config (repeated; --replica-profile pairs a profile with each): each
-YAML is then its replica's whole config, and serving flags beside it are refused.
+YAML is then its replica's whole config, and serving flags beside it are refused; the
+adapters a YAML lists under lora-modules (twin place's gpu-*/vllm_config.yaml) are the
+ones its replica preloads, as vLLM loads them at start-up.
 
 examples:
   twin fleet --trace t.parquet --replicas 4 --router adapter_affinity --max-loras 8 --plot --out runs/f
