@@ -70,6 +70,12 @@ def load_config(config: ServingConfig | dict | str | os.PathLike | None = None,
     ``max_model_len`` gets, as vLLM derives it (``twin simulate --profile`` does the same)."""
     if isinstance(config, ServingConfig):
         return config
+    return _config_of(*_settings(config), model_context)
+
+
+def _settings(config: dict | str | os.PathLike | None) -> tuple[dict, str]:
+    """The vLLM settings a dict or YAML file gives (``None``: none), by their names, and
+    where they came from (what an error names)."""
     if config is None:
         d, source = {}, "config"
     elif isinstance(config, dict):
@@ -79,9 +85,12 @@ def load_config(config: ServingConfig | dict | str | os.PathLike | None = None,
         source = str(config)
     else:
         _refuse("config", config, "a ServingConfig, a dict of vLLM settings or a YAML path")
-    d = setting_names(d, source)
+    return setting_names(d, source), source
+
+
+def _config_of(d: dict, source: str, model_context: int | None) -> ServingConfig:
     if d.get("max_model_len") is None and model_context is not None:
-        d["max_model_len"] = model_context
+        d = {**d, "max_model_len": model_context}
     return ServingConfig.from_dict(d, source=source)
 
 
@@ -193,11 +202,10 @@ def fleet_replica(config: ServingConfig | dict | str | os.PathLike | None = None
 
     prof = _profile(profile)   # a config without max_model_len gets its model's context
     served = None
-    if isinstance(config, (dict, *_PATH)):
-        d = config if isinstance(config, dict) else read_yaml_mapping(
-            config, expected="a mapping of vLLM setting names to values")
-        served = lora_module_names(setting_names(d, str(config)).get("lora_modules"))
-    config = load_config(config, prof.model.max_position_embeddings)
+    if not isinstance(config, ServingConfig):   # the file read once, for both
+        d, source = _settings(config)
+        served = lora_module_names(d.get("lora_modules"))
+        config = _config_of(d, source, prof.model.max_position_embeddings)
     return fleet.Replica(config, None if profile is None else prof, served)
 
 

@@ -48,12 +48,10 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
         # on the merged settings (ServingConfig.from_dict names the file)
         base = setting_names(read_yaml_mapping(
             args.config, expected="a mapping of vLLM setting names to values"), str(args.config))
-    flags = []
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
         if v is not None:
             base[f.name] = v
-            flags.append("--" + f.name.replace("_", "-"))
     if "max_cpu_loras" not in base or base["max_cpu_loras"] is None:
         base.pop("max_cpu_loras", None)
     if base.get("max_model_len") is None and getattr(args, "profile", None):
@@ -63,7 +61,8 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
         if context is not None:
             base["max_model_len"] = context
     # an error names where the settings came from: a flag's value is not the file's
-    source = " with ".join(s for s in (str(args.config or ""), " ".join(flags)) if s)
+    flags = " ".join(f for f in given_config_flags(args) if f != "--config")
+    source = " with ".join(s for s in (str(args.config or ""), flags) if s)
     return ServingConfig.from_dict(base, source=source or "flags")
 
 
