@@ -117,6 +117,9 @@ def test_mixed_replicas_in_one_loop_equal_their_own_runs(trace):
         _same(a, c)
     per = own.summary["fleet"]["per_replica"]
     assert [p["max_loras"] for p in per] == [2, 4, 1]
+    # no one replica's config stands for replicas that differ; each is in meta.replicas
+    assert own.result.meta["config"] is None
+    assert [m["config"]["max_loras"] for m in own.result.meta["replicas"]] == [2, 4, 1]
     assert sum(p["requests"] for p in per) == own.summary["num_requests"]
 
 
@@ -271,7 +274,21 @@ def test_cli_fleet_writes_requests_with_their_replica(trace, tmp_path, capsys):
     assert req["replica"].value_counts().sort_index().tolist() == per["requests"].tolist()
     assert summary["fleet"]["refresh_s"] == 0.25
     assert (tmp_path / "f" / "timeline.png").stat().st_size > 0
+    # each replica's own timeline, which the plot draws: summed, the fleet's own
+    own = pd.read_parquet(tmp_path / "f" / "replica_timelines.parquet")
+    assert sorted(own["replica"].unique()) == [0, 1]
+    whole = pd.read_parquet(tmp_path / "f" / "timeline.parquet")
+    assert own.groupby("replica")["tokens"].sum().sum() > 0
+    assert own.groupby("replica")["running"].max().max() <= whole["running"].max()
     assert main(["fleet", "--trace", str(path), "--router", "static"]) == 2
+    # a router that reads no state has no view to refresh: refused, not ignored
+    assert main(["fleet", "--trace", str(path), "--profile", PROFILE, "--router",
+                 "round_robin", "--router-refresh-s", "1"]) == 2
+    assert "reads no view" in capsys.readouterr().err
+    assert main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",
+                 "--router", "consistent_hash", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "view refreshed" not in out and "from the trace alone" in out
 
 
 def test_fleet_of_one_with_prefix_caching_is_simulate():
@@ -336,3 +353,29 @@ def test_pool_shares_are_each_replicas_rows_largest_first(trace):
     for k, sub, *_ in got:
         pd.testing.assert_frame_equal(
             sub, trace.iloc[np.flatnonzero(route == k)].reset_index(drop=True))
+
+
+def test_fleet_itl_percentiles_are_over_every_replicas_tokens(trace):
+    """A replica 3x slower serving ~0.2% of the tokens: the fleet's ITL p99 is the fast
+    replica's (the pooled tokens' 99th percentile), not the slow one's (the largest
+    replica p99, as it was); the pooled histogram is the replicas' summed."""
+    from twin.costs.profile import load_profile
+    from twin.policies.deployment import scaled_profile
+    rare = pd.DataFrame({"request_id": [900001, 900002], "arrival_s": [10.0, 30.0],
+                         "adapter": ["rare", "rare"], "prompt_tokens": [64, 64],
+                         "output_tokens": [200, 200]})
+    two = pd.concat([trace, rare]).sort_values("arrival_s", kind="stable")
+    two = two.reset_index(drop=True)
+    table = pd.DataFrame({"adapter": sorted(trace["adapter"].unique()) + ["rare"],
+                          "gpu": [0] * trace["adapter"].nunique() + [1], "weight": 1.0})
+    slow = scaled_profile(load_profile(PROFILE), 3.0)
+    reps = [Replica(CONFIG, PROFILE), Replica(CONFIG, slow)]
+    run = simulate_fleet(two, reps, StaticTable(table))
+    fast_p99, slow_p99 = (r.summary["itl_ms"]["p99"] for r in run.replicas)
+    assert slow_p99 > 2 * fast_p99
+    fleet = run.summary["itl_ms"]
+    assert fleet["p99"] == pytest.approx(fast_p99, rel=0.02)
+    assert fleet["median"] == pytest.approx(run.replicas[0].summary["itl_ms"]["median"],
+                                            rel=0.02)
+    np.testing.assert_allclose(run.result.itl_bins,
+                               run.replicas[0].itl_bins + run.replicas[1].itl_bins)

@@ -89,7 +89,8 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
                    help="where independent replicas run (default local)")
     p.add_argument("--address", help="Ray cluster address (--backend ray)")
     p.add_argument("--out", type=Path, help="write requests.parquet (with replica), "
-                   "summary.json, timeline.parquet, replicas.csv (and timeline.png) here")
+                   "summary.json, timeline.parquet (summed), replica_timelines.parquet (each "
+                   "replica's), replicas.csv (and timeline.png) here")
     p.add_argument("--plot", action="store_true", help="PNG timeline, one line per replica")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -128,6 +129,12 @@ def run(args) -> int:
         raise TwinInputError(f"--routing is read by --router static only (got --router "
                              f"{args.router}); add --router static or drop --routing",
                              field="--routing")
+    from twin.fleet.routers import ROUTERS   # lazy: building the parser loads no fleet module
+    if args.router_refresh_s and not ROUTERS[args.router].reads_state:
+        raise TwinInputError(f"--router {args.router} routes from the trace alone and reads no "
+                             "view to refresh; --router-refresh-s is for "
+                             f"{', '.join(n for n, c in ROUTERS.items() if c.reads_state)}",
+                             field="--router-refresh-s")
     say = console(args.json)
     with prepare(args.out, "fleet", inputs=input_paths(args)):
         profile = api.load_profile(args.profile)

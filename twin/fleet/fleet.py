@@ -8,7 +8,7 @@ consistent hashing) routes the whole trace first, and each replica is then simul
 its own share with ``twin.sim.simulate``, in a local process pool or on Ray
 (``twin.ml.backends``). Both give the same per-replica runs for such a router.
 
-The fleet's result is an ordinary ``RunResult`` (``twin.policies.deployment.combine``: the
+The fleet's result is an ordinary ``RunResult`` (``twin.policies.combine.combine``: the
 requests in trace order with the ``replica`` that served each, summary, timeline summed
 over replicas) whose summary has a ``fleet`` section (``twin.fleet.report``).
 """

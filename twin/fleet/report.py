@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from twin.outputs import staged_dir
-from twin.policies.deployment import Deployment, ServerRun, ServerSpec, combine
+from twin.policies.combine import combine
+from twin.policies.deployment import Deployment, ServerRun, ServerSpec
 from twin.results import RunResult
 from twin.results import plot as plots
 from twin.results.queue_head import main_limit
@@ -43,17 +44,30 @@ class FleetRun:
 
     def save(self, out_dir, plot: bool = False) -> Path:
         """Write the fleet-wide result (requests.parquet with ``replica``, summary.json,
-        timeline.parquet), ``replicas.csv`` and ``timeline.png`` (``plot``: throughput,
-        waiting requests and adapter loads over time, one line per replica), atomically."""
+        timeline.parquet: the replicas' timelines summed), ``replicas.csv``,
+        ``replica_timelines.parquet`` (each replica's own timeline, with its ``replica``)
+        and ``timeline.png`` (``plot``: throughput, waiting requests and adapter loads over
+        time, one line per replica), atomically."""
         with staged_dir(out_dir, "fleet") as tmp:
             self.result.write_into(tmp)
             pd.DataFrame(self.summary["fleet"]["per_replica"]).to_csv(
                 Path(tmp) / "replicas.csv", index=False)
+            self.replica_timelines().to_parquet(Path(tmp) / "replica_timelines.parquet",
+                                                index=False)
             if plot:
                 live = [(f"replica-{k}", r) for k, r in enumerate(self.replicas) if r]
                 plots.plot_replicas([r for _, r in live], [n for n, _ in live],
                                     Path(tmp) / "timeline.png", title=_title(self.summary))
         return Path(out_dir)
+
+    def replica_timelines(self) -> pd.DataFrame:
+        """Every replica's own timeline, one below the other, with its ``replica`` first
+        (a replica that got no request has no rows)."""
+        parts = [r.timeline.assign(replica=k) for k, r in enumerate(self.replicas) if r]
+        if not parts:
+            return pd.DataFrame({"replica": pd.Series(dtype=np.int64)})
+        df = pd.concat(parts, ignore_index=True)
+        return df[["replica"] + [c for c in df.columns if c != "replica"]]
 
 
 def combine_fleet(trace, reps, router, route, results, window_s, *, wall_s: float,
@@ -76,7 +90,8 @@ def combine_fleet(trace, reps, router, route, results, window_s, *, wall_s: floa
     per = [_replica_row(k, rep, res, verdicts[k]) for k, (rep, res) in
            enumerate(zip(reps, results))]
     result.summary["fleet"] = {
-        "router": repr(router), "refresh_s": refresh_s, "replicas": n, "wall_s": wall_s,
+        "router": repr(router), "reads_state": bool(router.reads_state),
+        "refresh_s": refresh_s if router.reads_state else None, "replicas": n, "wall_s": wall_s,
         "starving_replicas": int(sum(verdicts)),
         "imbalance": {key: _imbalance([p[key] for p in per])
                       for key in ("requests", "total_throughput")},
@@ -85,6 +100,9 @@ def combine_fleet(trace, reps, router, route, results, window_s, *, wall_s: floa
     result.meta["router"] = repr(router)
     result.meta["replicas"] = [{"config": r.config.to_dict(), "profile": r.profile.name}
                                for r in reps]
+    for key in ("config", "profile"):   # replica 0's stands for the fleet only if all agree
+        if any(m[key] != result.meta["replicas"][0][key] for m in result.meta["replicas"]):
+            result.meta[key] = None
     return FleetRun(router.name, result, results, np.asarray(route))
 
 
@@ -136,10 +154,17 @@ def _title(s: dict) -> str:
             f"p99 TTFT {s['ttft_ms']['p99']:.0f} ms; {verdict}")
 
 
+def _view(f: dict) -> str:
+    """What the router's picks read: the trace alone, or the replicas' state as of when."""
+    if not f.get("reads_state", True):
+        return "routing from the trace alone (no replica state read)"
+    return "view refreshed " + ("at each arrival" if not f["refresh_s"]
+                                else f"every {f['refresh_s']:g} s")
+
+
 def format_fleet(f: dict) -> str:
     """The per-replica table under the fleet-wide summary."""
-    lines = [f"Fleet: {f['replicas']} replicas, router {f['router']}, view refreshed "
-             + ("at each arrival" if not f["refresh_s"] else f"every {f['refresh_s']:g} s"),
+    lines = [f"Fleet: {f['replicas']} replicas, router {f['router']}, " + _view(f),
              f"Imbalance (max/mean): requests {f['imbalance']['requests']:.2f}, "
              f"throughput {f['imbalance']['total_throughput']:.2f}; starving replicas: "
              f"{f['starving_replicas']}",

@@ -81,8 +81,14 @@ class ITLHistogram:
         likely multipliers of every duration (``twin.costs.dispersion``, a profile's
         ``step_time.dispersion``): the percentile of the mixture, as a run whose steps spread
         so around their prices would show it. None: of the durations as recorded."""
+        return weights_percentile(self.bins(dispersion), q)
+
+    def bins(self, dispersion=None) -> np.ndarray:
+        """The token weights per bin (mixed with ``dispersion`` as :meth:`percentile`
+        reads them): what a deployment or fleet sums over its servers to read its
+        percentiles over all their tokens (a copy)."""
         w = self._weights()
-        return weights_percentile(w if dispersion is None else mixed(w, dispersion), q)
+        return w.copy() if dispersion is None else mixed(w, dispersion)
 
 
 def bin_index(d: np.ndarray) -> np.ndarray:

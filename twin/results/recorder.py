@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from twin.results.itl_histogram import ITLHistogram
+from twin.results.itl_histogram import ITLHistogram, weights_percentile
 from twin.results import extrapolation, queue_head
 from twin.results.queue_head import held_seconds, waiting_held_by
 from twin.results.results import (RunResult, decode_gaps, prefix_cache_summary,
@@ -237,10 +237,11 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     timeline = timeline.drop_duplicates("time_s", keep="last").reset_index(drop=True)
     growth = waiting_growth(timeline, req, window_s)
     total_time = max(duration, 1e-9)
+    itl_bins = rec.itl.bins(dispersion)
     summary = summarize(
         req, duration_s=duration, window_s=window_s,
-        itl_p50_s=rec.itl.percentile(50, dispersion),
-        itl_p99_s=rec.itl.percentile(99, dispersion),
+        itl_p50_s=weights_percentile(itl_bins, 50),
+        itl_p99_s=weights_percentile(itl_bins, 99),
         ttft_spread=None if dispersion is None or autocorrelation is None else
         (dispersion, autocorrelation, rec.busy / max(rec.steps, 1)),
         loads={"from_disk": cache.loads_from_disk, "from_host": cache.loads_from_host,
@@ -275,12 +276,12 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     if rec.step_rows is not None:
         steps_df = pd.DataFrame(rec.step_rows, columns=step_columns)
     return RunResult(requests=req, summary=summary, timeline=timeline, steps=steps_df,
-                     meta=meta)
+                     meta=meta, itl_bins=itl_bins)
 
 
 def server_tallies(summaries: list[dict]) -> dict:
     """The recorder's tallies of several servers as one (a deployment's or a fleet's
-    summary, ``twin.policies.deployment.combine``): steps summed, what held the queues
+    summary, ``twin.policies.combine.combine``): steps summed, what held the queues
     weighted by busy time, the largest step and how far past its calibration each went."""
     out = {"steps": sum(s.get("steps", 0) for s in summaries),
            "step_adapters_max": max((s.get("step_adapters_max", 0) for s in summaries),
@@ -298,7 +299,7 @@ def server_stalls_in_means(summary: dict, servers: list) -> None:
     """Put each server's frontend stalls into a combined result's mean ITL and TTFT.
 
     A deployment's or a fleet's summary is recomputed from the requests of all its servers
-    (``twin.policies.deployment.combine``): the engines' times, without the stalls each
+    (``twin.policies.combine.combine``): the engines' times, without the stalls each
     server's metrics scrapes add to what its clients measure (``summary["frontend_stalls"]``,
     recorded above). Each server's decode gaps count at its own scale and each of its
     completed requests waits its own mean wait; ``servers``: the servers' RunResults."""

@@ -55,7 +55,8 @@ class RunResult:
     ``vllm bench serve`` plus adapter loads, preemptions, KV usage and the starvation
     verdict; times in ms), ``timeline`` (running, waiting, KV usage, tokens, adapter loads
     and preemptions over time), ``steps`` (the step log, when recorded) and ``meta``
-    (config, profile, window, twin version; the trace file when read from one). ``repr`` is
+    (config, profile, window, twin version; the trace file when read from one), ``itl_bins``
+(the ITL histogram, in memory only). ``repr`` is
     one line of headline figures; ``format_summary()`` is the full report. ``extras``: a
     strategy's own tables (split mode: ``base_batches``, ``client_steps``), each
     DataFrame saved as ``<name>.parquet``."""
@@ -66,6 +67,10 @@ class RunResult:
     steps: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    #: the run's token-weighted ITL histogram (``twin.results.itl_histogram`` bins, as its
+    #: percentiles were read), kept in memory so a deployment or fleet reads its ITL
+    #: percentiles over all its servers' tokens; None when not recorded or read from disk
+    itl_bins: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         # the tables are summarised by their shape: a notebook cell shows one line, not 10^5 rows
