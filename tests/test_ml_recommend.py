@@ -113,6 +113,12 @@ def test_a_short_trace_given_no_window_is_verified_to_its_last_request(tiny):
     assert rec.verified["achieved"] == pytest.approx(s["achieved_over_offered"])
     cut = simulate(tr, rec.config, tiny["profile"], cat, window_s=rec.window_s).summary
     assert s["achieved_over_offered"] > cut["achieved_over_offered"]   # the edge, gone
+    # the share is of the run's own offered load, which the report says beside it
+    assert rec.verified["offered"] == pytest.approx(s["offered_total_throughput"])
+    # (here 8% below the workload's tokens over the 90-s window: the span is the last
+    # arrival plus the last request's time in service, from the first arrival)
+    assert abs(rec.verified["offered"] / rec.workload["offered_tps"] - 1) > 0.005
+    assert f"of offered {rec.verified['offered']:.0f} tok/s over the run's span" in rec.report()
 
 
 def test_recommend_goodput_objective(tiny):
@@ -221,6 +227,11 @@ def test_place_on_a_short_trace_without_a_window_does_not_split_for_the_edge(tin
     edge = place(tr, cat, window_s=WINDOW, **kw)
     assert len(whole.gpus) < len(edge.gpus), (whole.report(), edge.report())
     assert "window is only" not in whole.report()
+    # each GPU's line: the offered load its verified percentage is of (the run's span)
+    for g in whole.gpus:
+        v = g.recommendation.verified
+        assert f"gpu {g.gpu}: {len(g.adapters)} adapters, offered {v['offered']:.0f} tok/s" \
+            in whole.report()
 
 
 def test_shipped_model_predicts(tiny):

@@ -402,7 +402,8 @@ def test_hybrid_merges_the_hottest(trace):
 
 # -- compare -----------------------------------------------------------------------------------------
 def test_compare_table_and_verdict(trace, tmp_path):
-    from twin.policies.compare import compare, plot_comparison
+    from twin.policies.compare import compare
+    from twin.policies.compare_output import plot_comparison
 
     cmp = compare(trace, cfg(max_model_len=131072), PROFILE,   # 1 merged replica per GPU
                   policies=("vllm", "slora", "merged", "hybrid"), gpus=2)
@@ -416,6 +417,16 @@ def test_compare_table_and_verdict(trace, tmp_path):
     assert cmp.winner != "merged"
     text = cmp.format()
     assert "TTFT p99" in text and "Winner:" in text
+    # run to completion each strategy's offered load is over its own span: each is shown
+    # (one figure, the first strategy's, was printed beside every %offer)
+    own = [cmp.runs[p].result.summary["offered_total_throughput"] for p in cmp.table["policy"]]
+    assert cmp.table["offered_tok_per_s"].tolist() == own
+    assert max(own) > 1.005 * min(own)   # they differ here (merged's span is its own)
+    assert cmp.offered_text().startswith(f"offered: {min(own):.0f}-{max(own):.0f} tok/s (")
+    windowed = compare(trace, cfg(max_model_len=131072), PROFILE, policies=("vllm", "slora"),
+                       gpus=2, window_s=30.0)
+    assert windowed.table["offered_tok_per_s"].nunique() == 1
+    assert windowed.offered_text() == f"offered: {windowed.offered_tps:.0f} tok/s"
     png = plot_comparison(cmp, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000 and png.endswith("c.png")
 

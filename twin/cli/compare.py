@@ -13,7 +13,8 @@ from twin.costs.split_costs import client_devices
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, prepare, staged_dir
 from twin.policies import POLICY_CLASSES
-from twin.policies.compare import compare, write_comparison
+from twin.policies.compare import compare
+from twin.policies.compare_output import write_comparison
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.schema import read_trace, refuse_empty_window
 
@@ -139,7 +140,7 @@ def run(args) -> int:
         if args.json:
             print(cmp.table.to_json(orient="records", indent=2))
         else:
-            print(f"offered: {cmp.offered_tps:.0f} tok/s; times in ms, memory in GiB per GPU")
+            print(f"{cmp.offered_text()}; times in ms, memory in GiB per GPU")
             print(cmp.format())
         with staged_dir(out, "compare") as tmp:
             write_comparison(cmp, tmp, trace=args.trace, config=config, gpus=args.gpus)

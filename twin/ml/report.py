@@ -195,6 +195,17 @@ def search_line(s: dict) -> str:
             "mbt=max_num_batched_tokens seqs=max_num_seqs gmu=gpu_memory_utilization)")
 
 
+def of_offered(v: dict, workload_offered: float) -> str:
+    """A verified run's share of its offered load, with that load when it is not the
+    workload's figure: a run to completion measures it over its own span (to the last
+    arrival or later, while the last request was in service: ``load_spans``)."""
+    text = f"{100 * v['achieved']:.1f}% of offered"
+    own = v.get("offered")
+    if own is not None and abs(own - workload_offered) > 0.005 * max(workload_offered, 1e-9):
+        text += f" {own:.0f} tok/s over the run's span"
+    return text
+
+
 @dataclass
 class Recommendation:
     """A verified configuration (``config``, None when none keeps up), the prediction it
@@ -268,7 +279,7 @@ class Recommendation:
                      f"max_num_batched_tokens={c.max_num_batched_tokens} "
                      f"gpu_memory_utilization={c.gpu_memory_utilization:g}")
             L.append(f"verified:  throughput {v['throughput']:.0f} tok/s "
-                     f"({100 * v['achieved']:.1f}% of offered), TTFT p50/p99 "
+                     f"({of_offered(v, w['offered_tps'])}), TTFT p50/p99 "
                      f"{v['ttft_p50']:.0f}/{v['ttft_p99']:.0f} ms, TPOT p50/p99 "
                      f"{v['tpot_p50']:.1f}/{v['tpot_p99']:.1f} ms"
                      + (f", goodput {v['goodput']:.0f} tok/s" if self.objective == "goodput"
@@ -355,10 +366,11 @@ class Placement:
                 knobs = (f" max_num_batched_tokens={c.max_num_batched_tokens} "
                          f"max_num_seqs={c.max_num_seqs}" if slo else "")
                 L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters, offered "
-                         f"{r.workload['offered_tps']:.0f} tok/s -> max_loras={c.max_loras} "
-                         f"max_cpu_loras={c.max_cpu_loras} max_lora_rank={c.max_lora_rank}"
-                         f"{knobs}: verified {v['throughput']:.0f} tok/s "
-                         f"({100 * v['achieved']:.1f}%), TTFT p99 {v['ttft_p99']:.0f} ms"
+                         f"{v.get('offered', r.workload['offered_tps']):.0f} tok/s -> "
+                         f"max_loras={c.max_loras} max_cpu_loras={c.max_cpu_loras} "
+                         f"max_lora_rank={c.max_lora_rank}{knobs}: verified "
+                         f"{v['throughput']:.0f} tok/s ({100 * v['achieved']:.1f}%), TTFT "
+                         f"p99 {v['ttft_p99']:.0f} ms"
                          + (f", TPOT p99 {v['tpot_p99']:.1f} ms: SLOs met" if slo else ""))
             elif r.slo_verdict is not None and (r.slo_verdict["keeping_up"]
                                                 or r.slo_verdict.get("stopped_early")):

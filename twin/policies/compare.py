@@ -34,7 +34,6 @@ Cost mechanisms (each a fraction, the largest is a strategy's *dominant cost*):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,7 +42,6 @@ from twin.config import require_serving_config
 from twin.costs.profile import Profile, load_profile
 from twin.costs.step_time import FEATURES, StepFeatures, derived_features
 from twin.errors import TwinInputError
-from twin.outputs import json_document
 from twin.policies import get_policy
 from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
@@ -54,6 +52,8 @@ from twin.workload.schema import validate_trace
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
 #: p99s this close (relative) are a tie: the twin's latency error is several % (README_validate)
 TIE_BAND = 0.05
+#: strategies' offered loads this close (relative) are printed as one figure
+OFFERED_ALIKE = 0.005
 _LORA = [FEATURES.index(k) for k in ("lora_token_rank", "adapters", "adapter_rank", "lora_slots",
                                      "lora_active", "lora_slot_tokens",
                                      "lora_slot_tokens_capped", "adapters_squared",
@@ -67,9 +67,22 @@ class Comparison:
     costs: dict[str, dict[str, float]]
     winner: str | None
     verdict: str
-    offered_tps: float
+    offered_tps: float   # the largest strategy's (``offered_text``); each: the table's
     meta: dict = field(default_factory=dict)
     tied: list[str] = field(default_factory=list)   # within TIE_BAND of the winner
+
+    def offered_text(self, brief: bool = False) -> str:
+        """The offered load: one figure when every strategy measured it alike (a window:
+        the tokens arriving in it per second of it), else the strategies' range: run to
+        completion, a span ends at the last arrival or, later, when the last request
+        would have finished without queueing (``load_spans``), which differs by strategy.
+        ``brief``: without saying why (a plot's title)."""
+        o = self.table["offered_tok_per_s"]
+        if len(o) == 0 or o.max() <= (1 + OFFERED_ALIKE) * o.min():
+            return f"offered: {self.offered_tps:.0f} tok/s"
+        return f"offered: {o.min():.0f}-{o.max():.0f} tok/s" + ("" if brief else (
+            " (run to completion: each strategy's %offer is over its own span, to the last "
+            "arrival or later when the last request was still in service)"))
 
     def format(self) -> str:
         return (format_table(self.table) + "\n\n" + format_deployments(self) + "\n\n"
@@ -98,8 +111,8 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
         runs[label] = run
         if on_run is not None:
             on_run(label, run)
-    offered = next(iter(runs.values())).result.summary["offered_total_throughput"]
     table = pd.DataFrame([_row(name, run) for name, run in runs.items()])
+    offered = float(table["offered_tok_per_s"].max())
     keep_up = table[~table["starving"]]
     min_gpus = int(keep_up["gpus"].min()) if len(keep_up) else None
     costs = {name: cost_breakdown(run, config, profile, catalog, min_gpus)
@@ -122,6 +135,7 @@ def _row(name: str, run: PolicyRun) -> dict:
         "adapters_served": d["served_adapters"],
         "adapters_unserved": d["unserved_adapters"],
         "req_per_s": s["request_throughput"], "total_tok_per_s": s["total_throughput"],
+        "offered_tok_per_s": s["offered_total_throughput"],
         "pct_offered": 100 * s["achieved_over_offered"],
         "ttft_p50_ms": s["ttft_ms"]["median"], "ttft_p99_ms": s["ttft_ms"]["p99"],
         "tpot_p50_ms": s["tpot_ms"]["median"], "tpot_p99_ms": s["tpot_ms"]["p99"],
@@ -381,70 +395,3 @@ def format_deployments(cmp: Comparison) -> str:
                      f"{d['unserved_requests']} requests")
         lines.append(line)
     return "\n".join(lines)
-
-
-def plot_comparison(cmp: Comparison, path, title: str = "") -> str:
-    """Four panels: throughput vs offered, TTFT p50/p99, TPOT p50/p99, memory per GPU."""
-    import matplotlib  # lazy: matplotlib only for a plot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
-
-    t = cmp.table
-    x = np.arange(len(t))
-    names = [f"{p}\n{g} GPU" for p, g in zip(t["policy"], t["gpus"])]
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
-    colors = ["C2" if p == cmp.winner else "C0" for p in t["policy"]]
-    a = ax[0, 0]
-    a.bar(x, t["total_tok_per_s"], color=colors)
-    a.axhline(cmp.offered_tps, color="k", ls="--", lw=1, label="offered")
-    for i, (s, pct) in enumerate(zip(t["starving"], t["pct_offered"])):
-        a.text(i, t["total_tok_per_s"].iloc[i], f"{pct:.0f}%" + (" !" if s else ""),
-               ha="center", va="bottom", fontsize=8)
-    a.set_ylabel("total tokens/s")
-    a.set_title("throughput (green: winner, !: starving)")
-    a.legend(fontsize=8)
-    for a, key, label in ((ax[0, 1], "ttft", "TTFT (ms)"), (ax[1, 0], "tpot", "TPOT (ms)")):
-        w = 0.38
-        a.bar(x - w / 2, t[f"{key}_p50_ms"], w, label="p50")
-        a.bar(x + w / 2, t[f"{key}_p99_ms"], w, label="p99")
-        a.set_yscale("log")
-        a.set_ylabel(label)
-        a.legend(fontsize=8)
-    a = ax[1, 1]
-    bottom = np.zeros(len(t))
-    for key, label, c in (("weights_gib_per_gpu", "weights", "C7"),
-                          ("activations_gib_per_gpu", "activations", "C8"),
-                          ("adapters_gib_per_gpu", "adapters", "C3"),
-                          ("kv_gib_per_gpu", "KV cache", "C0")):
-        v = t[key].to_numpy(dtype=float)
-        a.bar(x, v, bottom=bottom, label=label, color=c)
-        bottom += v
-    a.set_ylabel("GiB per GPU")
-    a.set_title("memory split (adapters: slots or mean resident pages)")
-    a.legend(fontsize=8)
-    for a in ax.flat:
-        a.set_xticks(x)
-        a.set_xticklabels(names, fontsize=8)
-        a.grid(alpha=0.3, axis="y")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
-def write_comparison(cmp: Comparison, out, *, trace, config, gpus=None) -> None:
-    """What ``twin compare`` writes into ``out``: table.csv, summary.json (config, winner,
-    verdict, costs, table, each deployment) and compare.png. ``trace``: the trace's path."""
-    out, trace = Path(out), Path(trace)
-    cmp.table.to_csv(out / "table.csv", index=False)
-    (out / "summary.json").write_text(json_document({
-        "trace": str(trace), "config": config.to_dict(), "gpus": gpus,
-        "winner": cmp.winner, "tied": cmp.tied, "verdict": cmp.verdict, "costs": cmp.costs,
-        "table": cmp.table.to_dict(orient="records"),
-        "deployments": {n: r.result.summary["deployment"] for n, r in cmp.runs.items()},
-    }, indent=2) + "\n")
-    plot_comparison(cmp, out / "compare.png",
-                    title=f"{trace.name}: {cmp.offered_tps:.0f} tok/s offered")
