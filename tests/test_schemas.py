@@ -201,6 +201,33 @@ def test_a_config_file_listing_lora_modules_preloads_them(tmp_path):
     assert not said.preload_adapters                      # an explicit setting wins
 
 
+def test_a_config_file_preloads_only_the_lora_modules_it_lists(tmp_path, capsys):
+    """A GPU's file from twin place lists that GPU's adapters: the server preloads those,
+    and loads any other adapter of the trace from disk on first use (every catalog adapter
+    was preloaded: 0 disk loads where vLLM makes one per unlisted adapter)."""
+    from twin import api
+    from twin.cli import main
+    from twin.workload.generate import rate_class_trace, uniform_lengths
+    from twin.workload.schema import write_trace
+
+    trace = rate_class_trace(4, (1.0,), duration_s=20, lengths=uniform_lengths(8, 64), seed=2)
+    names = sorted(trace["adapter"].unique())
+    assert len(names) == 4
+    listed = tmp_path / "gpu.yaml"
+    listed.write_text("max_loras: 4\nmax_cpu_loras: 4\nlora-modules:\n"
+                      + "".join(f"  - {a}=/adapters/{a}\n" for a in names[:2]))
+    path = write_trace(trace, tmp_path / "t.parquet")
+    profile = "llama31-8b-h100-64gb-first-principles"
+    loads = api.simulate(path, listed, profile).summary["adapter_loads"]
+    assert loads["from_disk"] == 2        # the two unlisted adapters, once each
+    every = api.simulate(path, listed, profile, lora_modules=names).summary["adapter_loads"]
+    assert every["from_disk"] == 0
+    assert main(["simulate", "--trace", str(path), "--config", str(listed), "--profile",
+                 profile, "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adapter_loads"]["from_disk"] == 2
+
+
 def test_writing_over_a_shipped_profile_is_said(tmp_path, capsys):
     from importlib import resources
 

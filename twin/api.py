@@ -126,9 +126,13 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
              profile: Profile | str | os.PathLike | None = None, *,
              catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None = None,
              window_s: float | None = None, record_steps: bool = False,
-             progress: bool = False) -> RunResult:
+             progress: bool = False, lora_modules=None) -> RunResult:
     """Simulate ``trace`` served by vLLM with ``config`` on the hardware and base model of
     ``profile``: what ``twin simulate`` runs, with the same figures.
+
+    ``lora_modules``: the adapter names vLLM loads at start-up (default: a dict's or YAML
+    file's ``lora-modules``, as the ``vllm_config.yaml`` of ``twin recommend`` and ``twin
+    place`` list them; with none, every catalog adapter when ``preload_adapters``).
 
     ``window_s``: measure a fixed window as ``vllm bench serve`` with a time limit does
     (later arrivals dropped, unfinished requests reported as such); by default the run goes
@@ -139,7 +143,11 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     preemptions, KV usage and the starvation verdict), ``format_summary()``, ``save(dir)``.
     """
     profile = _profile(profile)
-    config = load_config(config, profile.model.max_position_embeddings)
+    if not isinstance(config, ServingConfig):   # the file read once, for both
+        d, source = _settings(config)
+        if lora_modules is None:
+            lora_modules = lora_module_names(d.get("lora_modules"))
+        config = _config_of(d, source, profile.model.max_position_embeddings)
     trace, path = _trace_and_source(trace)
     source = path or "trace"
     window_s = refuse_empty_window(trace, window_s, source)
@@ -147,7 +155,8 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     # every serving strategy (config.policy): one vLLM server goes straight to the simulator
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     result = simulate_policy(trace, config, profile, catalog, window_s=window_s,
-                             progress=progress, record_steps=record_steps, trace_source=source)
+                             progress=progress, record_steps=record_steps, trace_source=source,
+                             lora_modules=lora_modules)
     if path is not None:
         result.meta["trace"] = path
     return result

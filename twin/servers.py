@@ -95,6 +95,19 @@ def unified_pool_tokens(config: ServingConfig, profile: Profile) -> int:
     return profile.memory.kv_tokens(config.replace(enable_lora=False))
 
 
+def preload_ids(config: ServingConfig, catalog, lora_modules=None) -> list[int] | None:
+    """The catalog ids a vLLM server loads at start-up: the adapters ``lora_modules`` names
+    (vLLM's ``--lora-modules``, in their order; a name the catalog lacks is not in this
+    trace and is skipped), none without ``preload_adapters``; None when no list is given
+    (the server's default: every catalog adapter with ``preload_adapters``)."""
+    if lora_modules is None:
+        return None
+    if not config.preload_adapters:
+        return []
+    ids = {a: i for i, a in enumerate(catalog.adapters)}
+    return [ids[a] for a in lora_modules if a in ids]
+
+
 def build_server(config: ServingConfig, profile: Profile | None, catalog, *, trace=None,
                  trace_source: str = "trace", layout: str | None = None,
                  num_blocks: int | None = None, preload: list[int] | None = None,

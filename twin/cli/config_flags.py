@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from twin.argtypes import strict_bool
-from twin.config import ServingConfig, read_yaml_mapping, setting_names
+from twin.config import ServingConfig, lora_module_names, read_yaml_mapping, setting_names
 from twin.costs.profile import Profile, load_profile
 from twin.workload.schema import read_trace
 
@@ -41,13 +41,10 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     """The ServingConfig of ``--config`` (if any) with every flag given overriding it.
     ``profile``: the ``--profile`` already loaded by the caller (else it is read here, for
     the model's context only)."""
-    base = {}
-    if args.config:
-        # only the settings the file names: a default filled in here (max_model_len 131072)
-        # would hide the model's context below; names, types and refusals are checked once,
-        # on the merged settings (ServingConfig.from_dict names the file)
-        base = setting_names(read_yaml_mapping(
-            args.config, expected="a mapping of vLLM setting names to values"), str(args.config))
+    # only the settings the file names: a default filled in here (max_model_len 131072)
+    # would hide the model's context below; names, types and refusals are checked once,
+    # on the merged settings (ServingConfig.from_dict names the file)
+    base = _file_settings(args)
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -64,6 +61,20 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     flags = " ".join(f for f in given_config_flags(args) if f != "--config")
     source = " with ".join(s for s in (str(args.config or ""), flags) if s)
     return ServingConfig.from_dict(base, source=source or "flags")
+
+
+def config_lora_modules(args) -> tuple | None:
+    """The adapter names ``--config``'s ``lora-modules`` lists (what vLLM loads at start-up;
+    the file twin recommend or twin place writes lists its GPU's), None without them."""
+    return lora_module_names(_file_settings(args).get("lora_modules"))
+
+
+def _file_settings(args) -> dict:
+    """The settings ``--config`` names, by their names ({} without one)."""
+    if not getattr(args, "config", None):
+        return {}
+    return setting_names(read_yaml_mapping(
+        args.config, expected="a mapping of vLLM setting names to values"), str(args.config))
 
 
 def read_limited_trace(args):

@@ -30,7 +30,7 @@ from twin.fleet.routers import Router, make_router
 from twin.ml.backends import make_backend
 from twin.results import crop_window
 from twin.results.recorder import default_sample_dt, trace_horizon
-from twin.servers import build_server
+from twin.servers import build_server, preload_ids
 from twin.sim.engine import check_run_inputs, default_catalog, simulate
 from twin.sim.fed import FedClock, TraceColumns
 from twin.workload.schema import validate_trace
@@ -156,12 +156,7 @@ def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
 
 def _preload(rep: Replica, catalog) -> list[int] | None:
     """The catalog ids ``rep`` preloads (None: the server's default, every adapter)."""
-    if rep.adapters is None:
-        return None
-    if not rep.config.preload_adapters:
-        return []
-    ids = {a: i for i, a in enumerate(catalog.adapters)}
-    return [ids[a] for a in rep.adapters if a in ids]
+    return preload_ids(rep.config, catalog, rep.adapters)
 
 
 def simulate_replica(payload):
