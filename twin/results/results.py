@@ -17,6 +17,7 @@ import pandas as pd
 from twin.outputs import json_document, staged_dir
 from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.results.extrapolation import describe
+from twin.results.fairness import held_back_note, slowest_adapter
 from twin.results.queue_head import LIMITS, main_limit
 from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
@@ -234,6 +235,7 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
         "starving": bool(starving_throughput or starving_queue),
         "starving_reason": ("throughput" if starving_throughput else
                             "queue growth" if starving_queue else None),
+        "slowest_adapter": slowest_adapter(req, float(duration_s)),
     }
 
 
@@ -315,7 +317,7 @@ def format_summary(s: dict) -> str:
     else:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
-    notes = [describe(s.get("extrapolated")), late_start(s)]
+    notes = [describe(s.get("extrapolated")), held_back_note(s), late_start(s)]
     for note in filter(None, notes):
         lines += textwrap.wrap(f"Note: {note}", w, subsequent_indent="  ")
     lines.append("=" * w)

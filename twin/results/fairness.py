@@ -1,0 +1,64 @@
+"""The adapter a run held back most: what the starvation verdict cannot see.
+
+The verdict (``load_spans``) asks whether the server keeps up with the whole offered
+load. A server can keep up in total while one adapter's requests sit in the queue for
+tens of seconds: ``max_loras`` slots all held by busier adapters (vLLM's scheduler skips
+a request whose adapter would need a slot none frees), or a long prompt waiting for KV
+blocks. Each request's wait to be scheduled (its first scheduling, else the run's end:
+a lower bound) is averaged per adapter; the adapter with the longest mean wait is
+reported beside the others' mean, and called *held back* when it waited at least
+``HELD_RATIO`` times as long and ``HELD_MIN_S`` longer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+#: an adapter whose requests waited this many times the others' mean ...
+HELD_RATIO = 5.0
+#: ... and at least this many seconds more is held back (a few ms apart is noise)
+HELD_MIN_S = 1.0
+#: fewer requests than this say too little about an adapter (one unlucky arrival)
+MIN_REQUESTS = 3
+BASE = "(base model)"
+
+
+def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
+    """The adapter whose offered requests waited longest on average to be scheduled
+    (``requests``, ``wait_mean_s``), the other adapters' mean wait over their requests
+    (``others_wait_mean_s``) and whether it was ``held_back``; None with fewer than two
+    adapters (the base model counts as one) of ``MIN_REQUESTS`` requests or more."""
+    offered = req["status"].to_numpy() != "rejected"
+    if offered.sum() == 0:
+        return None
+    arrival = req["arrival_s"].to_numpy(dtype=float)[offered]
+    first = req["first_scheduled_s"].to_numpy(dtype=float)[offered]
+    wait = np.maximum(np.where(np.isnan(first), end_s, first) - arrival, 0.0)
+    codes, names = pd.factorize(req["adapter"].to_numpy()[offered], use_na_sentinel=True)
+    codes = np.where(codes < 0, len(names), codes)   # the base model's requests: one more
+    n = np.bincount(codes, minlength=len(names) + 1)
+    total = np.bincount(codes, weights=wait, minlength=len(names) + 1)
+    ok = n >= MIN_REQUESTS
+    if ok.sum() < 2:
+        return None
+    mean = np.where(ok, total / np.maximum(n, 1), -np.inf)
+    k = int(np.argmax(mean))
+    others = (total.sum() - total[k]) / max(n.sum() - n[k], 1)
+    name = BASE if k == len(names) else str(names[k])
+    return {"adapter": name, "requests": int(n[k]), "wait_mean_s": float(mean[k]),
+            "others_wait_mean_s": float(others),
+            "held_back": bool(mean[k] >= HELD_RATIO * others and
+                              mean[k] - others >= HELD_MIN_S)}
+
+
+def held_back_note(s: dict) -> str | None:
+    """The summary's note when one adapter was held back (None otherwise)."""
+    a = s.get("slowest_adapter")
+    if not a or not a["held_back"]:
+        return None
+    return (f"adapter {a['adapter']}'s {a['requests']} requests waited {a['wait_mean_s']:.1f} s "
+            f"on average to be scheduled, the other adapters' {a['others_wait_mean_s']:.2f} s: "
+            "the verdict is over the whole load and does not see one adapter held back "
+            "(max_loras slots held by busier adapters, or its prompts' KV blocks); its "
+            "requests' times are in requests.parquet")
