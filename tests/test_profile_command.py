@@ -576,3 +576,37 @@ def test_a_fit_with_a_zero_step_constant_saves_and_loads(tmp_path):
     back = load_profile(prof.save(tmp_path / "p.json"))
     assert back.step_time.base["const"] == 0.0
     assert back.step_time.base["prefill_tokens"] == 2e-4
+
+
+def test_exported_configs_start_the_engine_the_profile_describes(tmp_path):
+    """A TP-2, FP8-weight, FP8-KV profile: twin recommend's and twin place's vLLM files say
+    so (vLLM would start one GPU with 16-bit weights and KV: half the verified KV tokens,
+    weights that may not fit), and such a file is simulated only on a profile of that
+    engine."""
+    from twin import api
+    from twin.ml.export import write_config_files
+
+    prof = build_profile(LLAMA31_8B, "h100-80gb", tensor_parallel_size=2,
+                         quantization="fp8", kv_cache_dtype="fp8")
+    config = ServingConfig(max_loras=2, max_cpu_loras=4, max_model_len=8192)
+    write_config_files(tmp_path, config, "meta-llama/Llama-3.1-8B-Instruct", ["a", "b"],
+                       profile=prof)
+    cmd = (tmp_path / "vllm_args.txt").read_text()
+    for flag in ("--tensor-parallel-size=2", "--quantization=fp8", "--kv-cache-dtype=fp8"):
+        assert flag in cmd
+    text = (tmp_path / "vllm_config.yaml").read_text()
+    assert "tensor-parallel-size: 2" in text and "kv-cache-dtype: fp8" in text
+    trace = rate_class_trace(2, (1.0,), duration_s=10, lengths=uniform_lengths(8, 64), seed=1)
+    trace["adapter"] = trace["adapter"].map({"lora-0": "a", "lora-1": "b"})
+    same = api.simulate(trace, tmp_path / "vllm_config.yaml", prof)
+    assert same.summary["kv_cache"]["capacity_tokens"] == prof.memory.kv_tokens(
+        config.replace(preload_adapters=True))
+    one_gpu = build_profile(LLAMA31_8B, "h100-80gb")
+    with pytest.raises(TwinInputError, match="tensor_parallel_size is 2 here but 1"):
+        api.simulate(trace, tmp_path / "vllm_config.yaml", one_gpu)
+    path = write_trace(trace, tmp_path / "t.parquet")
+    assert main(["simulate", "--trace", str(path), "--config",
+                 str(tmp_path / "vllm_config.yaml"), "--no-progress"]) == 2   # default profile
+    # the single-GPU profile's own files state no engine flag (vLLM's defaults)
+    write_config_files(tmp_path / "one", config, "m", ["a"], profile=one_gpu)
+    assert "--tensor-parallel-size" not in (tmp_path / "one" / "vllm_args.txt").read_text()

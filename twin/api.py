@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from twin.config import ServingConfig, lora_module_names, read_yaml_mapping, setting_names
+from twin.config import (ServingConfig, check_engine_settings, lora_module_names,
+                         read_yaml_mapping, setting_names)
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
@@ -88,7 +89,13 @@ def _settings(config: dict | str | os.PathLike | None) -> tuple[dict, str]:
     return setting_names(d, source), source
 
 
-def _config_of(d: dict, source: str, model_context: int | None) -> ServingConfig:
+def _config_of(d: dict, source: str, model_context: int | None,
+               profile: Profile | None = None) -> ServingConfig:
+    """The config of settings ``d``; ``profile``: the one it is simulated on, whose
+    engine (tensor parallelism, FP8) settings the file states must be."""
+    if profile is not None:
+        check_engine_settings(d, profile.hardware, source=source,
+                              profile=f"profile {profile.name}")
     if d.get("max_model_len") is None and model_context is not None:
         d = {**d, "max_model_len": model_context}
     return ServingConfig.from_dict(d, source=source)
@@ -147,7 +154,7 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
         d, source = _settings(config)
         if lora_modules is None:
             lora_modules = lora_module_names(d.get("lora_modules"))
-        config = _config_of(d, source, profile.model.max_position_embeddings)
+        config = _config_of(d, source, profile.model.max_position_embeddings, profile)
     trace, path = _trace_and_source(trace)
     source = path or "trace"
     window_s = refuse_empty_window(trace, window_s, source)
@@ -214,7 +221,7 @@ def fleet_replica(config: ServingConfig | dict | str | os.PathLike | None = None
     if not isinstance(config, ServingConfig):   # the file read once, for both
         d, source = _settings(config)
         served = lora_module_names(d.get("lora_modules"))
-        config = _config_of(d, source, prof.model.max_position_embeddings)
+        config = _config_of(d, source, prof.model.max_position_embeddings, prof)
     return fleet.Replica(config, None if profile is None else prof, served)
 
 

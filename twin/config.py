@@ -32,6 +32,10 @@ POLICIES = ("vllm", "slora", "merged", "hybrid", "split")
 VLLM_IGNORED = frozenset({"model", "lora_modules", "served_model_name", "host", "port",
                           "tokenizer", "dtype", "seed", "api_key", "disable_log_requests",
                           "disable_log_stats", "trust_remote_code", "download_dir"})
+#: engine settings a profile describes (``twin profile``; ``profile.hardware``), with vLLM's
+#: defaults: a config file may state them (twin recommend writes them), and they must be
+#: the profile's, else the file serves another engine than the one simulated
+ENGINE_SETTINGS = {"tensor_parallel_size": 1, "quantization": None, "kv_cache_dtype": "auto"}
 
 
 def _one_of(allowed: tuple, vllm_name: str):
@@ -93,7 +97,8 @@ class ServingConfig:
                                  f"{type(d).__name__}", file=source)
         known = {f.name for f in dataclasses.fields(cls)}
         named = setting_names(d, source)
-        norm = {k: v for k, v in named.items() if k not in VLLM_IGNORED}
+        norm = {k: v for k, v in named.items()
+                if k not in VLLM_IGNORED and k not in ENGINE_SETTINGS}
         if named.get("lora_modules") and "preload_adapters" not in norm:
             # vLLM loads --lora-modules into host memory at start-up (init_static_loras ->
             # add_lora), as the config files twin recommend writes list them
@@ -210,6 +215,31 @@ def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict
             f"max_num_batched_tokens ({c['max_num_batched_tokens']}) must be greater than or "
             f"equal to max_num_seqs ({c['max_num_seqs']}). (vLLM refuses this)")
     return c
+
+
+def check_engine_settings(settings: dict, hardware: dict, *, source: str = "config",
+                          profile: str = "the profile") -> None:
+    """Refuse engine settings (``ENGINE_SETTINGS``) of a config file that are not those of
+    the profile it is simulated with (``hardware``: ``profile.hardware``; a profile that
+    does not say has vLLM's defaults): its KV capacity, weights and step times are another
+    engine's."""
+    for name, default in ENGINE_SETTINGS.items():
+        if name not in settings:
+            continue
+        given = settings[name]
+        want = hardware.get(name, default)
+        if name == "tensor_parallel_size":
+            given, want = int(given), int(want or 1)
+        elif name == "kv_cache_dtype":
+            given, want = str(given), str(want or "auto")
+        else:
+            given, want = (given or None), (want or None)
+        if given != want:
+            raise TwinInputError(
+                f"{name} is {given!r} here but {want!r} in {profile}: its memory and step "
+                f"times are of another engine; build a profile for it (twin profile "
+                f"--{name.replace('_', '-')} {given}) or drop the setting",
+                file=source, field=name)
 
 
 def lora_module_names(modules) -> tuple | None:

@@ -9,7 +9,8 @@ import dataclasses
 from pathlib import Path
 
 from twin.argtypes import strict_bool
-from twin.config import ServingConfig, lora_module_names, read_yaml_mapping, setting_names
+from twin.config import (ENGINE_SETTINGS, ServingConfig, check_engine_settings,
+                         lora_module_names, read_yaml_mapping, setting_names)
 from twin.costs.profile import Profile, load_profile
 from twin.workload.schema import read_trace
 
@@ -45,6 +46,10 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     # would hide the model's context below; names, types and refusals are checked once,
     # on the merged settings (ServingConfig.from_dict names the file)
     base = _file_settings(args)
+    if any(k in ENGINE_SETTINGS for k in base) and hasattr(args, "profile"):
+        profile = profile or load_profile(args.profile)
+        check_engine_settings(base, profile.hardware, source=str(args.config),
+                              profile=f"profile {profile.name}")
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -71,10 +76,13 @@ def config_lora_modules(args) -> tuple | None:
 
 def _file_settings(args) -> dict:
     """The settings ``--config`` names, by their names ({} without one)."""
-    if not getattr(args, "config", None):
-        return {}
+    return _settings_of(args.config) if getattr(args, "config", None) else {}
+
+
+def _settings_of(path) -> dict:
+    """The settings the YAML file ``path`` names, by their names."""
     return setting_names(read_yaml_mapping(
-        args.config, expected="a mapping of vLLM setting names to values"), str(args.config))
+        path, expected="a mapping of vLLM setting names to values"), str(path))
 
 
 def read_limited_trace(args):
@@ -107,5 +115,8 @@ def ml_base(args, profile: Profile) -> ServingConfig:
     ``--[no-]enable-prefix-caching``."""
     from twin.ml.spec import base_config  # lazy: the ML stack only for the ML commands
 
+    if args.base_config is not None:
+        check_engine_settings(_settings_of(args.base_config), profile.hardware,
+                              source=str(args.base_config), profile=f"profile {profile.name}")
     return with_prefix_caching(base_config(args.base_config,
                                            profile.model.max_position_embeddings), args)

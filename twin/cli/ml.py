@@ -288,7 +288,7 @@ def _write_recommend(args, say, rec, plan, trace, catalog, profile, model, base,
             if cmd is not None:
                 say("vllm command:", cmd[:300] + (" ..." if len(cmd) > 300 else ""))
         else:
-            written = write_cost(tmp, plan, catalog, profile_name=profile.name,
+            written = write_cost(tmp, plan, catalog, profile=profile,
                                  model_name=_model_name(args, profile), label=label,
                                  plot=not args.no_plot)
         if db is not None and Path(db).exists():
@@ -341,7 +341,7 @@ def _place(args) -> int:
     check = verify_placement_fleet(args, pl, trace, catalog, profile, base, window, slo)
     out = args.out
     with staged_dir(out, "place") as tmp:
-        write_placement(tmp, pl, catalog, profile_name=profile.name,
+        write_placement(tmp, pl, catalog, profile=profile,
                         model_name=_model_name(args, profile), label=label,
                         fleet_check=check)
     n = len(list(Path(out).glob("gpu-*/vllm_config.yaml")))

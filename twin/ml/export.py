@@ -19,12 +19,30 @@ from twin.results import crop_window
 from twin.workload.catalog import AdapterCatalog
 
 
+def engine_args(profile) -> list[str]:
+    """The ``vllm serve`` flags of the engine a profile describes, beyond the serving
+    config's: tensor parallelism, FP8 weights, FP8 KV cache (``twin profile``'s
+    ``--tensor-parallel-size``, ``--quantization``, ``--kv-cache-dtype``). Without them
+    vLLM starts one GPU with 16-bit weights and KV: not the server the twin verified."""
+    hw = getattr(profile, "hardware", None) or {}
+    args = []
+    tp = int(hw.get("tensor_parallel_size") or 1)
+    if tp > 1:
+        args.append(f"--tensor-parallel-size={tp}")
+    if hw.get("quantization"):
+        args.append(f"--quantization={hw['quantization']}")
+    if hw.get("kv_cache_dtype") not in (None, "auto"):
+        args.append(f"--kv-cache-dtype={hw['kv_cache_dtype']}")
+    return args
+
+
 def vllm_command(config: ServingConfig, model: str, adapters=(), adapter_dir: str = "$ADAPTER_DIR",
-                 catalog=None) -> str:
+                 catalog=None, engine: list[str] = ()) -> str:
     """``vllm serve MODEL <flags> --lora-modules name=path ...`` as one shell line.
     Adapter paths come from the catalog's ``path`` column when present, else
-    ``<adapter_dir>/<name>`` (``$ADAPTER_DIR`` by default: set it before running)."""
-    parts = ["vllm", "serve", model] + config.vllm_args()
+    ``<adapter_dir>/<name>`` (``$ADAPTER_DIR`` by default: set it before running).
+    ``engine``: the profile's engine flags (:func:`engine_args`)."""
+    parts = ["vllm", "serve", model] + list(engine) + config.vllm_args()
     mods = _lora_modules(adapters, adapter_dir, catalog)
     if mods:
         parts += ["--lora-modules"] + mods
@@ -51,10 +69,11 @@ def _lora_modules(adapters, adapter_dir, catalog) -> list[str]:
 
 
 def vllm_yaml(config: ServingConfig, model: str, adapters=(), adapter_dir: str = "$ADAPTER_DIR",
-              catalog=None, header: str = "") -> str:
-    """A ``vllm serve --config`` file: the CLI's long option names as keys."""
+              catalog=None, header: str = "", engine: list[str] = ()) -> str:
+    """A ``vllm serve --config`` file: the CLI's long option names as keys (``engine``:
+    as :func:`vllm_command`)."""
     d = {"model": model}
-    args = config.vllm_args()
+    args = list(engine) + config.vllm_args()
     for a in args:
         k, _, v = a[2:].partition("=")
         if k.startswith("no-"):
@@ -85,12 +104,14 @@ def _num(v: str):
 
 
 def write_config_files(out: Path, config: ServingConfig, model: str, adapters, catalog=None,
-                       header: str = "") -> list[Path]:
+                       header: str = "", profile=None) -> list[Path]:
+    """``vllm_args.txt`` and ``vllm_config.yaml`` of ``config`` on ``profile``'s engine."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = vllm_command(config, model, adapters, catalog=catalog)
+    engine = engine_args(profile)
+    cmd = vllm_command(config, model, adapters, catalog=catalog, engine=engine)
     (out / "vllm_args.txt").write_text(cmd + "\n")
     (out / "vllm_config.yaml").write_text(vllm_yaml(config, model, adapters, catalog=catalog,
-                                                    header=header))
+                                                    header=header, engine=engine))
     return [out / "vllm_args.txt", out / "vllm_config.yaml"]
 
 
@@ -193,7 +214,7 @@ def write_recommendation(out: Path, rec, trace: pd.DataFrame, catalog=None, *, p
                   f"{rec.verified['throughput']:.0f} tok/s, "
                   f"{100 * rec.verified['achieved']:.1f}% of offered, profile {profile.name}")
         written += write_config_files(out, rec.config, model_name, adapters, catalog=catalog,
-                                      header=header)
+                                      header=header, profile=profile)
         cmd = (out / "vllm_args.txt").read_text().strip()
     written.append(write_json(out / "recommendation.json", rec.to_dict()))
     if plot:
@@ -212,12 +233,12 @@ def write_recommendation(out: Path, rec, trace: pd.DataFrame, catalog=None, *, p
     return written, cmd
 
 
-def write_cost(out: Path, plan, catalog=None, *, profile_name: str, model_name: str,
+def write_cost(out: Path, plan, catalog=None, *, profile, model_name: str,
                label: str, plot: bool = True) -> list:
     """What ``twin recommend --objective cost`` writes into ``out``: the placement's files
     (:func:`write_placement`), ``cost.json`` (GPUs, price, cost curve) and, with ``plot``,
     ``cost_curve.png``."""
-    write_placement(out, plan.placement, catalog, profile_name=profile_name,
+    write_placement(out, plan.placement, catalog, profile=profile,
                     model_name=model_name, label=label)
     written = [out / "routing.csv", out / "placement.json",
                write_json(out / "cost.json", {**plan.to_dict(), "trace": label,
@@ -228,13 +249,13 @@ def write_cost(out: Path, plan, catalog=None, *, profile_name: str, model_name: 
     return written
 
 
-def write_placement(out: Path, pl, catalog=None, *, profile_name: str, model_name: str,
+def write_placement(out: Path, pl, catalog=None, *, profile, model_name: str,
                     label: str, fleet_check: dict | None = None) -> None:
     """What ``twin place`` writes into ``out``: one folder of vLLM config files per GPU
     whose configuration was found, ``routing.csv`` and ``placement.json`` (with
     ``fleet_check``, ``twin.fleet.verify``'s, when given)."""
     record = {"ok": pl.ok, "gpus": [], "attempts": pl.attempts, "verify_runs": pl.verify_runs,
-              "total_s": pl.total_s, "profile": profile_name}
+              "total_s": pl.total_s, "profile": profile.name}
     record["replicas"] = {a: r for a, r in pl.replicas.items() if r > 1}
     for g in pl.gpus:
         r = g.recommendation
@@ -247,7 +268,8 @@ def write_placement(out: Path, pl, catalog=None, *, profile_name: str, model_nam
         record["gpus"].append(entry)
         if r is not None and r.ok:
             write_config_files(out / f"gpu-{g.gpu}", r.config, model_name, ads, catalog=catalog,
-                               header=f"twin place ({label}): GPU {g.gpu} of {len(pl.gpus)}")
+                               header=f"twin place ({label}): GPU {g.gpu} of {len(pl.gpus)}",
+                               profile=profile)
     if fleet_check is not None:
         record["fleet_check"] = fleet_check
     pl.routing.to_csv(out / "routing.csv", index=False)
