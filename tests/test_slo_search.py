@@ -213,9 +213,33 @@ def test_cost_price_defaults_to_the_gpus_list_price_and_says_where_from():
     assert "list price" in why and GPU_PRICES["h100-64gb"]["as_of"] in why
     assert price_of(None, 1.5) == (1.5, "--gpu-price")
     assert price_of("cpu-tiny", None)[0] is None   # no board, no price: said, not guessed
-    hw = dict(GPUS["l4"], key="l4", tensor_parallel_size=2)
-    assert list_price(hw)["usd_per_hour"] == pytest.approx(2 * GPU_PRICES["l4"]["usd_per_hour"])
+    hw = dict(GPUS["l4"], key="l4", tensor_parallel_size=2)   # per GPU, whatever the TP
+    assert list_price(hw)["usd_per_hour"] == GPU_PRICES["l4"]["usd_per_hour"]
     assert list_price({"name": "some other board"}) is None
+
+
+def test_a_tensor_parallel_placement_counts_and_prices_every_gpu():
+    """Servers of a TP-4 profile span 4 GPUs each: 2 servers are 8 GPUs, priced per
+    GPU-hour as --gpu-price says (they were '2 GPUs' and 2 x the price: 4x too cheap, and
+    the list price, multiplied by the TP, disagreed with --gpu-price by 4x)."""
+    from twin.ml.cost import CostPlan
+    from twin.ml.report import GPUPlan, Placement
+
+    def placement(tp):
+        return Placement([GPUPlan(0, (), [], None), GPUPlan(1, (), [], None)],
+                         pd.DataFrame(), True, 0.1, 4, [], {}, gpus_per_server=tp)
+
+    pl = placement(4)
+    assert pl.total_gpus == 8 and "2 server(s) x 4 GPUs (tensor parallel) = 8 GPUs" in pl.report()
+    plan = CostPlan(slo={"ttft": 1000.0}, gpus=2, max_gpus=8, placement=pl, one_gpu=None,
+                    offered_tps=1000.0, gpu_price=3.0, price_source="--gpu-price")
+    assert plan.total_gpus == 8 and plan.per_hour == pytest.approx(24.0)
+    assert "cost: 8 x $3/GPU-hour = $24.00/hour" in plan.report()
+    d = plan.to_dict()
+    assert (d["gpus"], d["gpus_per_server"], d["total_gpus"]) == (2, 4, 8)
+    one = CostPlan(slo={"ttft": 1000.0}, gpus=2, max_gpus=8, placement=placement(1),
+                   one_gpu=None, offered_tps=1000.0, gpu_price=3.0, price_source="x")
+    assert one.per_hour == pytest.approx(6.0) and "2 GPU(s)" in one.placement.report()
 
 
 def test_cli_cost_checks_the_slos_on_the_whole_fleet(setup, tmp_path, trace_files, capsys):

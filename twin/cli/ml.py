@@ -94,8 +94,9 @@ def add_ml_parsers(subparsers) -> None:
                         "(default: the profile GPU's public on-demand list price, "
                         "twin/costs/gpus.py, printed with its source and date)")
     p.add_argument("--max-gpus", type=positive_int, default=8,
-                   help="cost: most GPUs to try (default 8); also the cap of the fewest-GPU "
-                        "search after an infeasible goodput recommendation")
+                   help="cost: most GPUs to try (default 8; servers of a tensor-parallel "
+                        "profile, each its tensor_parallel_size GPUs); also the cap of the "
+                        "fewest-GPU search after an infeasible goodput recommendation")
     p.add_argument("--out", type=Path, default=Path("runs/recommend"),
                    help="output folder (default runs/recommend)")
     p.add_argument("--no-fleet-check", action="store_true",
@@ -114,7 +115,9 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--slo", default=None,
                    help="ttft=MS,tpot=MS: every GPU must meet these p99s in its twin run "
                         "(the fewest GPUs meeting the SLOs)")
-    p.add_argument("--max-gpus", type=positive_int, default=64, help="most GPUs to try (64)")
+    p.add_argument("--max-gpus", type=positive_int, default=64,
+                   help="most GPUs to try (64; servers of a tensor-parallel profile, each its "
+                        "tensor_parallel_size GPUs)")
     p.add_argument("--out", type=Path, default=Path("runs/place"),
                    help="output folder (default runs/place)")
     add_verify_fleet_args(p)

@@ -163,14 +163,18 @@ def gpu_key_of(hardware: dict) -> str | None:
     return next((k for k, g in GPUS.items() if g["name"] == name), None)
 
 
+def gpus_per_replica(hardware: dict) -> int:
+    """The GPUs one server of a profile spans (its ``tensor_parallel_size``; 1 unsaid)."""
+    return int(hardware.get("tensor_parallel_size") or 1)
+
+
 def list_price(hardware: dict) -> dict | None:
-    """The on-demand list price of one replica of a profile (``GPU_PRICES`` of its GPU
-    times its ``tensor_parallel_size``): {'usd_per_hour', 'source', 'as_of', 'gpu',
-    'gpus_per_replica'}; None when the catalogue has no cited price for it."""
+    """The on-demand list price per GPU-hour of a profile's GPU (``GPU_PRICES``):
+    {'usd_per_hour', 'source', 'as_of', 'gpu'}; None when the catalogue has no cited price
+    for it. A server spans :func:`gpus_per_replica` of them."""
     key = gpu_key_of(hardware)
     if key not in GPU_PRICES:
         return None
-    tp = int(hardware.get("tensor_parallel_size") or 1)
     p = GPU_PRICES[key]
-    return {"usd_per_hour": p["usd_per_hour"] * tp, "source": p["source"],
-            "as_of": p["as_of"], "gpu": key, "gpus_per_replica": tp}
+    return {"usd_per_hour": p["usd_per_hour"], "source": p["source"], "as_of": p["as_of"],
+            "gpu": key}

@@ -46,8 +46,14 @@ class CostPlan:
         return self.gpus is not None
 
     @property
+    def total_gpus(self) -> int | None:
+        """The GPUs the servers span (``gpus`` counts servers, each a tensor-parallel
+        group of ``placement.gpus_per_server``)."""
+        return self.gpus * self.placement.gpus_per_server if self.ok else None
+
+    @property
     def per_hour(self) -> float | None:
-        return self.gpus * self.gpu_price if (self.ok and self.gpu_price) else None
+        return self.total_gpus * self.gpu_price if (self.ok and self.gpu_price) else None
 
     @property
     def per_mtok(self) -> float | None:
@@ -60,29 +66,32 @@ class CostPlan:
         pl = self.placement
         if self.ok:
             L = [f"fewest GPUs meeting the SLOs ({slo}) at the trace's load "
-                 f"({self.offered_tps:.0f} tok/s offered): {self.gpus}"]
+                 f"({self.offered_tps:.0f} tok/s offered): "
+                 + (str(self.gpus) if pl.gpus_per_server == 1 else pl.servers_text())]
             if self.per_hour is not None:
-                L.append(f"cost: {self.gpus} x ${self.gpu_price:g}/GPU-hour = "
+                L.append(f"cost: {self.total_gpus} x ${self.gpu_price:g}/GPU-hour = "
                          f"${self.per_hour:.2f}/hour (${self.per_mtok:.3f} per million "
                          f"tokens at this load); price: {self.price_source}")
             else:
                 L.append(f"cost: no price ({self.price_source or 'none given'}): give "
                          "--gpu-price DOLLARS_PER_GPU_HOUR for $/hour")
         else:
-            L = [f"NO placement on up to {self.max_gpus} GPUs meets the SLOs ({slo}) at the "
-                 f"trace's load ({self.offered_tps:.0f} tok/s offered): raise --max-gpus or "
-                 "relax the SLOs"]
+            L = [f"NO placement on up to {pl.servers_text(self.max_gpus)} meets the SLOs "
+                 f"({slo}) at the trace's load ({self.offered_tps:.0f} tok/s offered): raise "
+                 "--max-gpus or relax the SLOs"]
         L.append(pl.report())
         L.append("cost curve (worst GPU's verified p99s per GPU count tried):")
         for c in pl.curve:
             tag = "SLOs met" if c["met"] else (f"missed (first failing GPU's best; "
                                                f"{c['gpus_verified']} GPU(s) verified)")
-            L.append(f"  {c['gpus']:>3} GPU(s): p99 TTFT {c['ttft_p99']:.0f} ms, p99 TPOT "
-                     f"{c['tpot_p99']:.1f} ms  {tag}")
+            L.append(f"  {pl.servers_text(c['gpus']):>9}: p99 TTFT {c['ttft_p99']:.0f} ms, "
+                     f"p99 TPOT {c['tpot_p99']:.1f} ms  {tag}")
         return "\n".join(L)
 
     def to_dict(self) -> dict:
         return {"objective": "cost", "ok": self.ok, "slo": self.slo, "gpus": self.gpus,
+                "gpus_per_server": self.placement.gpus_per_server,
+                "total_gpus": self.total_gpus,
                 "max_gpus": self.max_gpus, "gpu_price_per_hour": self.gpu_price,
                 "gpu_price_source": self.price_source,
                 "per_hour": self.per_hour, "per_million_tokens": self.per_mtok,
@@ -124,7 +133,6 @@ def price_of(profile, gpu_price: float | None) -> tuple[float | None, str]:
     if lp is None:
         return None, (f"no public list price for the GPU of profile {prof.name!r} in "
                       "twin/costs/gpus.py")
-    per = f" x {lp['gpus_per_replica']} GPUs per replica" if lp["gpus_per_replica"] > 1 else ""
     return lp["usd_per_hour"], (f"public on-demand list price ({lp['source']}, as of "
-                                f"{lp['as_of']}{per}; twin/costs/gpus.py), not a quote: "
+                                f"{lp['as_of']}; twin/costs/gpus.py), not a quote: "
                                 "--gpu-price for yours")

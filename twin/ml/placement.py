@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from twin.config import ServingConfig
+from twin.costs.gpus import gpus_per_replica
 from twin.ml.features import workload_features
 from twin.ml.inputs import prepare_inputs, runs_to_completion
 from twin.ml.recommend import check_slo, recommend
@@ -401,7 +402,8 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
     return Placement(plans, _routing(U, plans, rank, window), ok, time.perf_counter() - t0,
                      s.runs, s.attempts, dict(U.replicas),
                      curve=[{n: v for n, v in s.curve[k].items() if n != "_seen"}
-                            for k in sorted(s.curve)])
+                            for k in sorted(s.curve)],
+                     gpus_per_server=gpus_per_replica(profile.hardware))
 
 
 def _p99(rec: Recommendation, m: str) -> float:

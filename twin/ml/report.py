@@ -294,7 +294,10 @@ class Recommendation:
             L += verdict_lines(self.slo_verdict)
         if self.fewest_gpus is not None:
             f = self.fewest_gpus
-            L.append(f"fewest GPUs meeting the SLOs: {f['gpus']} (twin place --slo, "
+            tp = f.get("gpus_per_server", 1)
+            count = (str(f["gpus"]) if tp == 1 else
+                     f"{f['gpus']} server(s) x {tp} GPUs (tensor parallel) = {f['total_gpus']}")
+            L.append(f"fewest GPUs meeting the SLOs: {count} (twin place --slo, "
                      f"{f['verify_runs']} twin runs)" if f["ok"] else
                      f"no placement on up to {f['gpus']} GPUs meets the SLOs "
                      f"({f['verify_runs']} twin runs)")
@@ -348,9 +351,24 @@ class Placement:
     attempts: list
     replicas: dict
     curve: list = field(default_factory=list)   # per GPU count tried: worst p99s (SLO search)
+    #: GPUs each server spans (the profile's tensor_parallel_size): ``gpus`` lists servers
+    gpus_per_server: int = 1
+
+    @property
+    def total_gpus(self) -> int:
+        return len(self.gpus) * self.gpus_per_server
+
+    def servers_text(self, n: int | None = None) -> str:
+        """``n`` servers (default: this placement's) in GPUs: "3 GPU(s)", or with tensor
+        parallelism "2 servers x 4 GPUs (tensor parallel) = 8 GPUs"."""
+        n = len(self.gpus) if n is None else n
+        tp = self.gpus_per_server
+        return (f"{n} GPU(s)" if tp == 1 else
+                f"{n} server(s) x {tp} GPUs (tensor parallel) = {n * tp} GPUs")
 
     def report(self) -> str:
-        L = [f"{len(self.gpus)} GPU(s){'' if self.ok else ' (NOT all verified)'}: "
+        unit = "gpu" if self.gpus_per_server == 1 else "server"
+        L = [f"{self.servers_text()}{'' if self.ok else ' (NOT all verified)'}: "
              f"{self.verify_runs} twin runs, {self.total_s:.1f} s"]
         rep = {a: r for a, r in self.replicas.items() if r > 1}
         if rep:
@@ -365,7 +383,7 @@ class Placement:
                 slo = r.slo_verdict is not None
                 knobs = (f" max_num_batched_tokens={c.max_num_batched_tokens} "
                          f"max_num_seqs={c.max_num_seqs}" if slo else "")
-                L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters, offered "
+                L.append(f"  {unit} {g.gpu}: {len(g.adapters)} adapters, offered "
                          f"{v.get('offered', r.workload['offered_tps']):.0f} tok/s -> "
                          f"max_loras={c.max_loras} max_cpu_loras={c.max_cpu_loras} "
                          f"max_lora_rank={c.max_lora_rank}{knobs}: verified "
@@ -374,10 +392,10 @@ class Placement:
                          + (f", TPOT p99 {v['tpot_p99']:.1f} ms: SLOs met" if slo else ""))
             elif r.slo_verdict is not None and (r.slo_verdict["keeping_up"]
                                                 or r.slo_verdict.get("stopped_early")):
-                L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: misses the SLOs in every "
-                         "verified configuration")
+                L.append(f"  {unit} {g.gpu}: {len(g.adapters)} adapters: misses the SLOs in "
+                         "every verified configuration")
             else:
-                L.append(f"  gpu {g.gpu}: {len(g.adapters)} adapters: STARVING in every "
+                L.append(f"  {unit} {g.gpu}: {len(g.adapters)} adapters: STARVING in every "
                          "verified configuration")
         L.append("  attempts: " + "; ".join(self.attempts))
         warned = {w for g in self.gpus if g.recommendation is not None
@@ -399,5 +417,6 @@ class Placement:
                                    f"max_num_seqs={c.max_num_seqs}") if ok else None,
                         "ttft_p99": r.verified["ttft_p99"] if ok else None,
                         "tpot_p99": r.verified["tpot_p99"] if ok else None})
-        return {"gpus": len(self.gpus), "ok": self.ok, "verify_runs": self.verify_runs,
+        return {"gpus": len(self.gpus), "gpus_per_server": self.gpus_per_server,
+                "total_gpus": self.total_gpus, "ok": self.ok, "verify_runs": self.verify_runs,
                 "total_s": self.total_s, "per_gpu": per}
