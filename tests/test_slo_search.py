@@ -173,7 +173,7 @@ def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
     out = tmp_path / "cost"
     rc = _cli_cost(setup, trace_files, out, "ttft=1,tpot=0.5", 2, 3)
     assert rc == 3
-    assert "NO placement on up to 2 GPUs meets the SLOs" in capsys.readouterr().out
+    assert "NO placement on up to 2 GPU(s) meets the SLOs" in capsys.readouterr().out
     d = json.loads((out / "cost.json").read_text())
     assert d["ok"] is False and d["gpus"] is None and d["max_gpus"] == 2
     assert (out / "cost_curve.png").stat().st_size > 0
