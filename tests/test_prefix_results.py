@@ -85,3 +85,27 @@ def test_a_deployment_of_several_servers_sums_its_servers_figures():
     pd.testing.assert_series_equal(
         res.requests["prefix_cache_queries"] > 0, res.requests["status"] == "finished",
         check_names=False)
+
+
+def test_a_preempted_requests_lookups_are_counted_apart_as_vllm_does():
+    """A KV pool small enough to preempt: a victim re-admitted finds its own blocks again.
+    vLLM counts that lookup apart (``PrefixCacheStats.preempted_queries`` / ``_hits``), so
+    its hit rate counts each request's first lookup only: queries are the admitted
+    requests' prompts, and the rate cannot exceed what an ideal cache gives the trace (it
+    read above it, the victims' own blocks counted as reuse). The prefill the re-hits
+    saved is still counted."""
+    from twin.workload.prefix_stats import prefix_share
+
+    trace = conversations(11, 40, 3, ["a", "b"], base_every=3)
+    trace = trace.assign(arrival_s=trace["arrival_s"] * 0.05)   # a burst
+    cfg = ServingConfig(max_loras=2, max_num_seqs=64, max_num_batched_tokens=512,
+                        max_model_len=1024, gpu_memory_utilization=0.2705)
+    res = simulate(trace, cfg)
+    s, req = res.summary, res.requests
+    assert s["preemptions"] > 0 and s["prefix_cache_preempted_hits"] > 0
+    admitted = req["first_scheduled_s"].notna()
+    assert s["prefix_cache_queries"] == int(req["prompt_tokens"][admitted].sum())
+    assert s["prefix_cache_hit_rate"] <= prefix_share(trace)
+    assert s["prefill_tokens_saved"] == s["prefix_cache_hits"] + s["prefix_cache_preempted_hits"]
+    assert s["prefix_cache_preempted_hits"] == int(req["prefix_cache_preempted_hits"].sum())
+    assert (req["prefix_cache_preempted_hits"][req["preemptions"] == 0] == 0).all()

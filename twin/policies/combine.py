@@ -16,7 +16,7 @@ import pandas as pd
 
 from twin.results.itl_histogram import weights_percentile
 from twin.results.recorder import server_stalls_in_means, server_tallies
-from twin.results.results import (STARVATION_THRESHOLD, RunResult, load_spans,
+from twin.results.results import (PREFIX_COLUMNS, STARVATION_THRESHOLD, RunResult, load_spans,
                                   prefix_cache_summary, summarize, waiting_growth)
 
 
@@ -136,7 +136,7 @@ def _combine_prefix_cache(req: pd.DataFrame, summary: dict, live: list[ServerRun
     """The servers' prefix-cache columns and figures, when the trace named its tokens."""
     if not live or not all("prefix_cache_queries" in r.result.requests for r in live):
         return
-    for col in ("prefix_cache_queries", "prefix_cache_hits"):
+    for col in PREFIX_COLUMNS:
         arr = np.zeros(len(req), dtype=np.int64)
         for r in live:
             arr[r.rows] = r.result.requests[col].to_numpy()

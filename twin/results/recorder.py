@@ -70,8 +70,8 @@ class Outcomes:
         self.status = np.zeros(n, dtype=np.int8)   # never arrived (window) = waiting
         self.error = np.full(n, None, dtype=object) if failures else None
         self.tokens = np.full(n, None, dtype=object) if keep_tokens else None
-        self.prefix = (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) if prefix \
-            else None
+        # queries, hits, and the hits of its admissions after a preemption
+        self.prefix = tuple(np.zeros(n, dtype=np.int64) for _ in range(3)) if prefix else None
 
     _FILL = {"output": 0, "generated": 0, "first_scheduled": -1.0, "first_token": -1.0,
              "finish": -1.0, "preemptions": 0, "status": 0}
@@ -111,6 +111,7 @@ class Outcomes:
         if self.prefix is not None and r.prefix is not None:
             self.prefix[0][i] = r.prefix.queried
             self.prefix[1][i] = r.prefix.hit
+            self.prefix[2][i] = r.prefix.rehit
 
     def fail(self, r: Request, now: float, message: str) -> None:
         """End ``r`` at ``now`` as failed (answered with an error), with ``message``."""
@@ -130,7 +131,8 @@ class Outcomes:
         if self.tokens is not None:
             req["output_token_ids"] = self.tokens
         if self.prefix is not None:
-            req["prefix_cache_queries"], req["prefix_cache_hits"] = self.prefix
+            (req["prefix_cache_queries"], req["prefix_cache_hits"],
+             req["prefix_cache_preempted_hits"]) = self.prefix
         return req
 
 

@@ -239,13 +239,21 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     }
 
 
+#: a run's per-request prefix-cache columns (a trace with hash_ids)
+PREFIX_COLUMNS = ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_preempted_hits")
+
+
 def prefix_cache_summary(req: pd.DataFrame, enabled: bool) -> dict:
     """Prefix-cache figures of a run whose trace names its tokens (``hash_ids``), from the
-    per-request ``prefix_cache_queries`` / ``prefix_cache_hits`` columns: vLLM's counters
-    (tokens looked up and found at admissions; a re-admission after preemption looks up
-    again), the hit rate overall and per adapter ("base": no adapter), and the prefill
-    tokens the hits saved. ``enabled``: the server's ``enable_prefix_caching``."""
+    per-request ``PREFIX_COLUMNS``: vLLM's counters (``vllm:prefix_cache_queries`` /
+    ``_hits``: tokens looked up and found when a request is first admitted; its lookups
+    after a preemption are counted apart, as vLLM's ``PrefixCacheStats`` does, so a request
+    finding its own blocks again does not raise the hit rate), the hit rate overall and
+    per adapter ("base": no adapter), and the prefill tokens every hit saved (those after
+    preemptions too). ``enabled``: the server's ``enable_prefix_caching``."""
     q, h = req["prefix_cache_queries"], req["prefix_cache_hits"]
+    rehits = int(req["prefix_cache_preempted_hits"].sum()) \
+        if "prefix_cache_preempted_hits" in req else 0
     by = {}
     names = req["adapter"].astype(object).where(req["adapter"].notna(), "base")
     for name, g in pd.DataFrame({"a": names, "q": q, "h": h}).groupby("a", sort=True):
@@ -255,7 +263,8 @@ def prefix_cache_summary(req: pd.DataFrame, enabled: bool) -> dict:
     queries, hits = int(q.sum()), int(h.sum())
     return {"enable_prefix_caching": bool(enabled), "prefix_cache_queries": queries,
             "prefix_cache_hits": hits, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
-            "prefill_tokens_saved": hits, "prefix_cache_by_adapter": by}
+            "prefix_cache_preempted_hits": rehits, "prefill_tokens_saved": hits + rehits,
+            "prefix_cache_by_adapter": by}
 
 
 def format_summary(s: dict) -> str:

@@ -59,9 +59,12 @@ class Segment:
 
 class PrefixState:
     """A request's view of the cache: its segment keys, the leading blocks it holds as
-    cached blocks (``chain``), and what its admissions queried and hit (tokens)."""
+    cached blocks (``chain``), and what its admissions queried and hit (tokens): its first
+    (``queried``, ``hit``) apart from those after a preemption (``requeried``, ``rehit``),
+    as vLLM's ``PrefixCacheStats.record`` counts a preempted request's lookup apart."""
 
-    __slots__ = ("keys", "seg", "nblocks", "chain", "stopped", "queried", "hit", "hit_blocks")
+    __slots__ = ("keys", "seg", "nblocks", "chain", "stopped", "queried", "hit", "hit_blocks",
+                 "requeried", "rehit")
 
     def __init__(self, keys: list[int], seg: int, nblocks: int):
         self.keys = keys          # chain hash per segment
@@ -72,6 +75,8 @@ class PrefixState:
         self.queried = 0
         self.hit = 0
         self.hit_blocks = 0       # leading blocks hit at the latest admission
+        self.requeried = 0
+        self.rehit = 0
 
 
 def segment_keys(hash_ids, hash_block_size: int, block_size: int, adapter: int):
@@ -111,6 +116,9 @@ class PrefixCache:
         self.evicted = 0          # cached blocks evicted so far (only ever grows)
         self.queries = 0          # prefix_cache_queries (tokens looked up at admissions)
         self.hits = 0             # prefix_cache_hits (tokens found)
+        # a preempted request's lookups, counted apart as vLLM does (not in its hit rate)
+        self.preempted_queries = 0
+        self.preempted_hits = 0
         self._bid = 0
 
     def state(self, r) -> PrefixState | None:
@@ -231,11 +239,17 @@ class PrefixCache:
         if st is None:
             return
         n = r.prompt + r.generated
-        st.queried += n
-        st.hit += hit * self.B
+        if r.preemptions:   # vLLM: preempted_queries/_hits, outside prefix_cache_queries/_hits
+            st.requeried += n
+            st.rehit += hit * self.B
+            self.preempted_queries += n
+            self.preempted_hits += hit * self.B
+        else:
+            st.queried += n
+            st.hit += hit * self.B
+            self.queries += n
+            self.hits += hit * self.B
         st.hit_blocks = hit
-        self.queries += n
-        self.hits += hit * self.B
         st.chain, st.stopped = hit, False
         S, segments, shared, j = st.seg, self.segments, 0, 0
         while hit > 0:
