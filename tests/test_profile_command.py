@@ -610,3 +610,25 @@ def test_exported_configs_start_the_engine_the_profile_describes(tmp_path):
     # the single-GPU profile's own files state no engine flag (vLLM's defaults)
     write_config_files(tmp_path / "one", config, "m", ["a"], profile=one_gpu)
     assert "--tensor-parallel-size" not in (tmp_path / "one" / "vllm_args.txt").read_text()
+
+
+def test_a_rope_scaled_context_is_derived_as_vllm_derives_it():
+    """vLLM multiplies max_position_embeddings by a RoPE scaling's factor (YaRN: its
+    original_max_position_embeddings), except llama3/longrope/su and Gemma 3, whose
+    max_position_embeddings is already the scaled context."""
+    from twin.costs.model_config import derived_context
+
+    qwen = load_config("qwen2.5-7b")[0]
+    yarn = dict(qwen, rope_scaling={"type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 32768})
+    assert model_shape(yarn).max_position_embeddings == 131072
+    assert model_shape(qwen).max_position_embeddings == 32768
+    linear = dict(qwen, max_position_embeddings=4096,
+                  rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert derived_context(linear, 4096) == 8192
+    assert model_shape(load_config("llama-3.1-8b")[0]).max_position_embeddings == 131072
+    gemma3 = {"model_type": "gemma3_text", "rope_scaling": {"rope_type": "linear",
+                                                              "factor": 8.0}}
+    assert derived_context(gemma3, 131072) == 131072
+    with pytest.raises(TwinInputError, match="rope_scaling.factor"):
+        derived_context(dict(qwen, rope_scaling={"type": "linear", "factor": "x"}), 4096)

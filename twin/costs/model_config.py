@@ -156,6 +156,31 @@ def _int(cfg: dict, key: str, source: str, default=None) -> int:
     return int(v)
 
 
+#: RoPE scalings whose max_position_embeddings already is the scaled context (vLLM)
+_ROPE_UNSCALED = ("su", "longrope", "llama3")
+
+
+def derived_context(cfg: dict, max_pos: int, source: str = "config.json") -> int:
+    """The context vLLM derives from a config (``_get_and_verify_max_len``): the
+    ``max_position_embeddings`` times a RoPE scaling's ``factor`` (YaRN: from its
+    ``original_max_position_embeddings``), except for the scalings whose
+    ``max_position_embeddings`` is already the scaled one (llama3, longrope) and for
+    Gemma 3. It bounds ``max_model_len`` and sizes the rotary cache."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or str(cfg.get("model_type", "")).startswith("gemma3"):
+        return max_pos
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in _ROPE_UNSCALED or kind is None:
+        return max_pos
+    factor = rope.get("factor", 1.0)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        raise TwinInputError(f"expected a positive number, got {factor!r}", file=source,
+                             field="rope_scaling.factor")
+    if kind == "yarn":
+        max_pos = _int(rope, "original_max_position_embeddings", source, max_pos)
+    return int(max_pos * factor)
+
+
 def model_shape(cfg: dict, source: str = "config.json", name: str | None = None,
                 dtype_bytes: int = 2) -> ModelShape:
     """The :class:`ModelShape` of a config dict (see the module docstring for the
@@ -189,7 +214,8 @@ def model_shape(cfg: dict, source: str = "config.json", name: str | None = None,
                              f"num_key_value_heads {kv_heads}", file=source,
                              field="num_key_value_heads")
     max_pos = cfg.get("max_position_embeddings")
-    max_pos = _int(cfg, "max_position_embeddings", source) if max_pos is not None else None
+    max_pos = (derived_context(cfg, _int(cfg, "max_position_embeddings", source), source)
+               if max_pos is not None else None)
     tie = cfg.get("tie_word_embeddings", mt.startswith("gemma"))
     if not isinstance(tie, bool):
         raise TwinInputError(f"expected true or false, got {tie!r}", file=source,

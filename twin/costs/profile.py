@@ -42,7 +42,8 @@ class ModelShape:
     dtype_bytes: int = 2
     params: float = 0.0
     tie_word_embeddings: bool = False
-    # the model's context (config.json); None: unknown, max_model_len is not checked
+    # the model's context as vLLM derives it from config.json (max_position_embeddings, times a
+    # RoPE scaling factor: twin.costs.model_config.derived_context); None: unknown, not checked
     max_position_embeddings: int | None = None
     # how vLLM wraps the model for LoRA (twin.costs.model_config): q/k/v and gate/up as one
     # slice each (Phi-3's fused checkpoint) rather than one slice per projection; LoRA
