@@ -632,3 +632,21 @@ def test_a_rope_scaled_context_is_derived_as_vllm_derives_it():
     assert derived_context(gemma3, 131072) == 131072
     with pytest.raises(TwinInputError, match="rope_scaling.factor"):
         derived_context(dict(qwen, rope_scaling={"type": "linear", "factor": "x"}), 4096)
+
+
+def test_an_h100_pcie_group_past_its_bridged_pair_reduces_over_pcie():
+    """The H100 PCIe's NVLink bridge joins pairs: TP 2 all-reduces over it, TP 4 over PCIe
+    (it was priced at the bridge's bandwidth, ITL ~40% short); a given link bandwidth
+    stays as given."""
+    shape = load_model_shape("llama-3.1-70b")
+    tp2 = build_profile(shape, "h100-pcie", tensor_parallel_size=2)
+    tp4 = build_profile(shape, "h100-pcie", tensor_parallel_size=4)
+    assert tp2.hardware["link_bytes_per_s"] == 300e9
+    assert tp4.hardware["link_bytes_per_s"] == tp4.hardware["pcie_bytes_per_s"] == 64e9
+    assert tp4.hardware["link"].startswith("PCIe")
+    sxm4 = build_profile(shape, "h100-80gb", tensor_parallel_size=4)
+    assert sxm4.hardware["link_bytes_per_s"] == 450e9   # NVLink joins all eight
+    from twin.costs.gpus import get_gpu
+    given = dict(get_gpu("h100-pcie"), link_bytes_per_s=100e9, overridden=["link_bytes_per_s"])
+    assert build_profile(shape, given, tensor_parallel_size=4).hardware[
+        "link_bytes_per_s"] == 100e9

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import sys
 
-from twin.costs.gpus import effective, get_gpu
+from twin.costs.gpus import effective, get_gpu, tp_link
 from twin.costs.hardware import gpu_prior, per_rank, step_time_model
 from twin.costs.load_time import LoadTimeModel
 from twin.costs.memory import GIB, MemoryModel
@@ -129,8 +129,8 @@ def build_profile(model: ModelShape = LLAMA31_8B, gpu: dict | str = "h100-64gb",
                   kv_cache_dtype: str = "auto", name: str | None = None) -> Profile:
     """The first-principles profile of ``model`` on one GPU of a ``tensor_parallel_size``
     group of ``gpu`` (a catalogue name or an entry of :data:`twin.costs.gpus.GPUS`' form)."""
-    hw = get_gpu(gpu) if isinstance(gpu, str) else dict(gpu)
     tp = int(tensor_parallel_size)
+    hw = tp_link(get_gpu(gpu) if isinstance(gpu, str) else dict(gpu), tp)
     check_tensor_parallel(model, tp)
     if quantization not in QUANTIZATIONS:
         raise TwinInputError(f"unsupported quantization {quantization!r}; supported: fp8",

@@ -66,13 +66,13 @@ GPUS: dict[str, dict] = {
     # NVIDIA H100 datasheet: SXM 80 GB HBM3 3.35 TB/s, BF16 1979 TFLOPS with sparsity (989.4
     # dense), FP8 3958 (1979 dense), NVLink 900 GB/s (450 per direction), PCIe Gen5 128 GB/s
     # bidirectional. PCIe card: 80 GB HBM2e 2.0 TB/s, BF16 756 dense, FP8 1513 dense, NVLink
-    # bridge 600 GB/s for pairs (TP > 2 goes over PCIe: give --link-bandwidth).
+    # bridge 600 GB/s for pairs (``link_group``: TP > 2 goes over PCIe, :func:`tp_link`).
     "h100-80gb": dict(name="NVIDIA H100 80 GB SXM", memory_gib=79.2, hbm_bytes_per_s=3.35e12,
                       bf16_flops=989.4e12, fp8_flops=1978.9e12, pcie_bytes_per_s=64e9,
                       link_bytes_per_s=450e9, link="NVLink 4"),
     "h100-pcie": dict(name="NVIDIA H100 80 GB PCIe", memory_gib=79.2, hbm_bytes_per_s=2.0e12,
                       bf16_flops=756e12, fp8_flops=1513e12, pcie_bytes_per_s=64e9,
-                      link_bytes_per_s=300e9, link="NVLink bridge (pairs)"),
+                      link_bytes_per_s=300e9, link="NVLink bridge (pairs)", link_group=2),
     # NVIDIA H200 datasheet (SXM): 141 GB HBM3e 4.8 TB/s, compute as H100 SXM, NVLink 900 GB/s.
     "h200": dict(name="NVIDIA H200 141 GB SXM", memory_gib=139.8, hbm_bytes_per_s=4.8e12,
                  bf16_flops=989.4e12, fp8_flops=1978.9e12, pcie_bytes_per_s=64e9,
@@ -161,6 +161,17 @@ def gpu_key_of(hardware: dict) -> str | None:
         return key
     name = hardware.get("name")
     return next((k for k, g in GPUS.items() if g["name"] == name), None)
+
+
+def tp_link(hw: dict, tp: int) -> dict:
+    """``hw`` with the link a ``tp``-GPU all-reduce crosses: a board whose GPU link joins
+    only ``link_group`` of them (the H100 PCIe's NVLink bridge: pairs) reduces over PCIe
+    beyond that, unless the link bandwidth was given (``overridden``)."""
+    group = hw.get("link_group")
+    if group is None or tp <= group or "link_bytes_per_s" in hw.get("overridden", ()):
+        return hw
+    return dict(hw, link_bytes_per_s=hw["pcie_bytes_per_s"],
+                link=f"PCIe (its {hw['link']} joins {group} GPUs; tensor_parallel_size {tp})")
 
 
 def gpus_per_replica(hardware: dict) -> int:
