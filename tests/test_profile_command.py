@@ -650,3 +650,37 @@ def test_an_h100_pcie_group_past_its_bridged_pair_reduces_over_pcie():
     given = dict(get_gpu("h100-pcie"), link_bytes_per_s=100e9, overridden=["link_bytes_per_s"])
     assert build_profile(shape, given, tensor_parallel_size=4).hardware[
         "link_bytes_per_s"] == 100e9
+
+
+def test_profile_from_a_gpu_calibration_honours_tp_and_fp8(tmp_path, capsys):
+    """--tensor-parallel-size, --quantization fp8 and --kv-cache-dtype fp8 shape a profile
+    derived from a GPU calibration as they do a first-principles one (they were dropped:
+    the written profile said TP 1 and 16-bit KV, and kept the base model's LoRA slot
+    buffers); with --gpu the step time reads the FP8 weights' bytes too."""
+    hw = {**gpu_prior("h100-80gb"), "step_s": 3.1e-3}
+    path = save_calibration(hw, tmp_path / "h100.hardware.json")
+    shape = load_model_shape("qwen2.5-7b")
+    base = tmp_path / "llama-fp.json"
+    build_profile(LLAMA31_8B, "h100-80gb").save(base)
+    plain, fp8 = tmp_path / "plain.json", tmp_path / "fp8.json"
+    for out, extra in ((plain, []), (fp8, ["--quantization", "fp8", "--kv-cache-dtype", "fp8"])):
+        rc, _, err = _run(["profile", "--model", "qwen2.5-7b", "--gpu-calibration", path,
+                           "--base-profile", base, "--tensor-parallel-size", 2, *extra,
+                           "--out", out], capsys)
+        assert rc == 0, err
+    p, q = load_profile(plain), load_profile(fp8)
+    assert p.hardware["tensor_parallel_size"] == q.hardware["tensor_parallel_size"] == 2
+    assert q.hardware["quantization"] == "fp8" and q.hardware["kv_cache_dtype"] == "fp8"
+    assert q.memory.kv_bytes_per_token * 2 == p.memory.kv_bytes_per_token
+    assert q.memory.weights_gib < 0.6 * p.memory.weights_gib
+    # the LoRA slots are this model's on 2 ranks, as first principles list them (the Llama
+    # base's buffers were kept: 8B's slots on one rank)
+    fp = build_profile(shape, "h100-80gb", tensor_parallel_size=2)
+    assert p.memory.lora_bytes(8, 64) == fp.memory.lora_bytes(8, 64)
+    decode = tuple(1.0 if k in ("const", "decode_tokens") else 0.0 for k in FEATURES)
+    assert q.step_time(decode) < p.step_time(decode)      # half the weight bytes to read
+    for out, extra in ((plain, []), (fp8, ["--quantization", "fp8"])):
+        rc, _, err = _run(["profile", "--model", "qwen2.5-7b", "--gpu", "h100-80gb",
+                           "--gpu-calibration", path, *extra, "--out", out], capsys)
+        assert rc == 0, err
+    assert load_profile(fp8).step_time(decode) < load_profile(plain).step_time(decode)

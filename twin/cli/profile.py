@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twin.argtypes import positive_float, positive_int
 from twin.config import ServingConfig
-from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES, build_profile
+from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES, build_profile, lora_buffers
 from twin.costs.gpus import get_gpu, gpu_names
 from twin.costs.hardware import derive_profile, read_calibration
 from twin.costs.memory import GIB
@@ -145,7 +145,9 @@ def _from_calibration(args):
                            kv_cache_dtype=args.kv_cache_dtype)
         name = args.name or f"{shape.name.lower()}-{gpu.get('key', 'gpu')}-calibrated"
         return derive_profile(fp, shape, hw, name=name, memory=fp.memory, tp=tp,
-                              provenance=prov, gemm=info.get("gemm")), gpu["name"]
+                              provenance=prov, gemm=info.get("gemm"),
+                              quantization=args.quantization,
+                              kv_cache_dtype=args.kv_cache_dtype), gpu["name"]
     ref = args.base_profile
     if ref is None and info.get("profile"):
         ref = str(Path(args.gpu_calibration).parent / str(info["profile"]))
@@ -154,8 +156,11 @@ def _from_calibration(args):
                              "--base-profile PROFILE (or --gpu)", field="--base-profile")
     base = load_profile(ref)
     shape = load_model_shape(args.model, dtype_bytes=base.model.dtype_bytes)
+    # a base that lists its model's LoRA slot buffers (first principles): this model's
+    buffers = lora_buffers(shape, tp) if base.memory.lora_buffers is not None else None
     prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov,
-                          gemm=info.get("gemm"))
+                          gemm=info.get("gemm"), quantization=args.quantization,
+                          kv_cache_dtype=args.kv_cache_dtype, lora_buffers=buffers)
     if args.gpu_memory_gib is not None:   # e.g. a CPU's memory budget for a larger model
         prof.memory.gpu_memory_gib = args.gpu_memory_gib
     return prof, base.name

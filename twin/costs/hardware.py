@@ -111,12 +111,14 @@ def gemm_curves(table: GemmTable, shape, tp: int = 1, scale: float = 1.0) -> lis
     return [Curve(c["features"], c["x"], [scale * v for v in c["s"]]) for c in curves]
 
 
-def rank_weight_bytes(shape, tp: int = 1) -> float:
-    """Bytes of weights on one of ``tp`` ranks in the model dtype: its linear layers
-    (:func:`linear_params`) and ``1/tp`` of the rest (embeddings, lm_head, norms)."""
+def rank_weight_bytes(shape, tp: int = 1, quantization: str | None = None) -> float:
+    """Bytes of weights on one of ``tp`` ranks: its linear layers (:func:`linear_params`;
+    one byte each with ``quantization="fp8"``) and ``1/tp`` of the rest (embeddings,
+    lm_head, norms) in the model dtype."""
     rest = (shape.params - linear_params(shape)) if shape.params else \
         shape.vocab * shape.hidden * (1 if shape.tie_word_embeddings else 2)
-    return (linear_params(shape, tp) + rest / tp) * shape.dtype_bytes
+    lin_b = 1 if quantization == "fp8" else shape.dtype_bytes
+    return linear_params(shape, tp) * lin_b + rest / tp * shape.dtype_bytes
 
 
 def counts(shape, tp: int = 1, *, weight_bytes: float | None = None,
@@ -327,26 +329,45 @@ def load_calibration(path) -> dict:
     return read_calibration(path)[0]
 
 
+#: :func:`derive_profile`'s default engine dtypes: the base profile's
+SAME = "same as the base profile"
+
+
 def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=None, tp: int = 1,
-                   provenance: dict | None = None, gemm: GemmTable | None = None):
+                   provenance: dict | None = None, gemm: GemmTable | None = None,
+                   quantization: str | None = SAME, kv_cache_dtype: str = SAME,
+                   lora_buffers: dict | None = None):
     """A Profile of ``shape`` on ``base``'s machine: step time from the hardware coefficients
-    ``hw`` (and the machine's GEMM table ``gemm``, if it has one); load time per byte from
-    ``base`` (adapter bytes come from the new shape);
-    ``memory`` as given, else ``base``'s rescaled to the new shape's weights, KV bytes per
-    token and LoRA elements per rank."""
+    ``hw`` (and the machine's GEMM table ``gemm``, if it has one) with the weights and KV
+    bytes of ``quantization`` / ``kv_cache_dtype`` ("fp8": one byte; the FLOP rate stays
+    the calibrated one; ``SAME``: the base profile's); load time per byte from ``base`` (adapter bytes come from the new
+    shape); ``memory`` as given, else ``base``'s rescaled to the new shape on ``tp`` ranks:
+    weights, KV bytes per token, LoRA slot buffers (``lora_buffers``, this shape's as
+    ``twin.costs.first_principles.lora_buffers`` lists them; None: the base's bytes per
+    slot and rank rescaled, the linear form) and sampler bytes."""
+    if quantization == SAME:
+        quantization = base.hardware.get("quantization")
+    if kv_cache_dtype == SAME:
+        kv_cache_dtype = base.hardware.get("kv_cache_dtype") or "auto"
+    wbytes = rank_weight_bytes(shape, tp, quantization)
+    kv_b = 1 if kv_cache_dtype == "fp8" else shape.dtype_bytes
     if memory is None:
         b = base.memory
         ratio = shape.lora_elems_per_rank / max(base.model.lora_elems_per_rank, 1)
-        memory = replace(b, weights_gib=rank_weight_bytes(shape, tp) / GIB,
-                         kv_bytes_per_token=shape.kv_bytes_per_token
-                         * per_rank(shape, tp)["kv"] // (shape.kv_heads * shape.head_dim),
-                         lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio
-                         * shape.dtype_bytes / base.model.dtype_bytes / tp,
+        dtype = shape.dtype_bytes / base.model.dtype_bytes / tp
+        memory = replace(b, weights_gib=wbytes / GIB,
+                         kv_bytes_per_token=2 * shape.layers * per_rank(shape, tp)["kv"] * kv_b,
+                         lora_bytes_per_slot_rank=b.lora_bytes_per_slot_rank * ratio * dtype,
+                         lora_bytes_per_slot=b.lora_bytes_per_slot * shape.hidden
+                         / base.model.hidden * dtype, lora_buffers=lora_buffers,
                          activation_bytes_per_seq=b.activation_bytes_per_seq
                          * shape.vocab / base.model.vocab)
     prov = {"method": "hardware coefficients x model-shape counts (twin.costs.hardware)",
             "hardware_profile": base.name, "hardware": dict(hw), "fitted": False,
             "tensor_parallel_size": tp, **(provenance or {})}
-    return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=dict(base.hardware),
-                   model=shape, memory=memory, step_time=step_time_model(hw, shape, tp, gemm),
-                   load_time=base.load_time, provenance=prov, frontend=base.frontend)
+    hardware = dict(base.hardware, tensor_parallel_size=tp, quantization=quantization,
+                    kv_cache_dtype=kv_cache_dtype)
+    step = step_time_model(hw, shape, tp, gemm, weight_bytes=wbytes, kv_dtype_bytes=kv_b)
+    return Profile(name=name or f"{shape.name}-from-{base.name}", hardware=hardware,
+                   model=shape, memory=memory, step_time=step, load_time=base.load_time,
+                   provenance=prov, frontend=base.frontend)
