@@ -109,3 +109,19 @@ def test_a_preempted_requests_lookups_are_counted_apart_as_vllm_does():
     assert s["prefill_tokens_saved"] == s["prefix_cache_hits"] + s["prefix_cache_preempted_hits"]
     assert s["prefix_cache_preempted_hits"] == int(req["prefix_cache_preempted_hits"].sum())
     assert (req["prefix_cache_preempted_hits"][req["preemptions"] == 0] == 0).all()
+
+
+def test_compare_says_which_strategy_served_prefixes_from_its_cache():
+    """S-LoRA's server has no prefix cache: beside vLLM's on a trace of conversations its
+    TTFT includes recomputed history, and the comparison says so with both hit rates
+    (it said nothing: one strategy with caching against one without)."""
+    from twin.policies.compare import compare
+
+    trace = conversations(11, 40, 3, ["a", "b"])
+    cmp = compare(trace, CFG, policies=("vllm", "slora"), gpus=1)
+    rates = cmp.table.set_index("policy")["prefix_cache_hit_rate"]
+    assert rates["vllm"] > 0.3 and rates["slora"] == 0.0
+    assert f"vllm {100 * rates['vllm']:.0f}%, slora 0%" in cmp.verdict
+    plain = compare(trace.drop(columns="hash_ids"), CFG, policies=("vllm", "slora"), gpus=1)
+    assert plain.table["prefix_cache_hit_rate"].isna().all()
+    assert "prefix-cache hits differ" not in plain.verdict

@@ -146,6 +146,10 @@ def _row(name: str, run: PolicyRun) -> dict:
         "preemptions": s["preemptions"], "adapter_loads": s["adapter_loads"]["from_disk"]
         + s["adapter_loads"]["from_host"],
         "starving": bool(s["starving"]), "starving_reason": s["starving_reason"],
+        # a trace with hash_ids: the share of prompt tokens its prefix cache served (None:
+        # the trace names no tokens)
+        "prefix_cache_hit_rate": (s["prefix_cache_hit_rate"] if s.get("enable_prefix_caching")
+                                  else 0.0) if "prefix_cache_queries" in s else None,
     }
 
 
@@ -330,7 +334,20 @@ def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, co
         note = describe(ext)
         if note:
             lines.append(f"  Note on {name}: {note}.")
+    lines += _prefix_note(t)
     return "\n".join(lines)
+
+
+def _prefix_note(t: pd.DataFrame) -> list[str]:
+    """When the trace names its tokens and the strategies' prefix caches differ (S-LoRA's
+    server and a merged replica without caching have none): who reused what."""
+    rates = t["prefix_cache_hit_rate"].dropna()
+    if len(rates) < 2 or rates.max() - rates.min() < 0.01:
+        return []
+    parts = ", ".join(f"{n} {100 * v:.0f}%" for n, v in rates.items())
+    return [f"  Note: prefix-cache hits differ ({parts} of prompt tokens): a strategy without "
+            "prefix caching (S-LoRA's server has none) recomputes every shared prompt, part "
+            "of its TTFT above."]
 
 
 # -- output ------------------------------------------------------------------------------------
