@@ -222,6 +222,21 @@ def test_a_trace_that_starts_late_says_its_throughput_counts_the_wait(files):
     assert "Note: the first request arrives at" in late.format_summary()
     plain = twin.simulate(t, None, PROFILE)
     assert "first request arrives" not in plain.format_summary()
+    assert "each over its span" not in plain.format_summary()
+
+
+def test_a_short_run_says_its_throughput_and_its_share_of_offered_have_other_spans():
+    """Two requests at 5 s: 51 tok/s (per second from 0) beside an offered 330 tok/s and
+    "keeps up (100%)" (each over its span from the first arrival) read as a contradiction;
+    the summary says which span each figure is over."""
+    t = pd.DataFrame({"request_id": [0, 1], "arrival_s": [5.0, 5.0], "adapter": ["a", "a"],
+                      "prompt_tokens": [200, 200], "output_tokens": [100, 100]})
+    s = (run := twin.simulate(t, {"max_loras": 2}, PROFILE)).summary
+    assert s["total_throughput"] < 0.5 * s["offered_total_throughput"]
+    assert s["achieved_over_offered"] > 0.95
+    text = " ".join(run.format_summary().split())
+    assert "throughput is per second of the whole run" in text
+    assert f"first arrival at 5.0 s (offered: {s['offered_span_s']:.1f} s" in text
 
 
 def test_fleet_replicas_may_be_given_as_configs(files):
