@@ -102,3 +102,27 @@ def test_failed_request_split_restores_the_replicas():
     before = _balanced(U, rank, 2) and dict(U.replicas)
     assert s.request_split(2) is None
     assert U.replicas == before
+
+
+def test_the_routing_table_deals_each_gpu_the_requests_it_was_verified_with():
+    """A split adapter: GPU k was verified with its units' requests (every r-th from the
+    j-th); the static router deals the adapter's requests to its table rows in order, so
+    the rows follow the units, not the GPUs (GPU 0 holding the adapter's second unit got
+    its first unit's requests: figures no exported file reproduced)."""
+    import numpy as np
+
+    from twin.fleet.routers import StaticTable
+    from twin.ml.placement import _routing
+    from twin.ml.report import GPUPlan
+
+    U, rank = _units((6.0, 1.0, 1.0, 1.0, 1.0))
+    groups = _balanced(U, rank, 2)
+    first = next(i for i, g in enumerate(groups) if any(u.endswith("#1/2") for u in g))
+    groups = [groups[1 - first], groups[first]]     # the first unit on GPU 1
+    plans = [GPUPlan(k, g, U.adapters(g), None) for k, g in enumerate(groups)]
+    router = StaticTable(_routing(U, plans, rank, 120.0)).bind(2, U.catalog.adapters)
+    ids = {a: i for i, a in enumerate(U.catalog.adapters)}
+    route = np.array([router.pick(ids[a], None) for a in U.trace["adapter"]])
+    for k, g in enumerate(groups):
+        mine = np.sort(np.concatenate([U.index[u] for u in g]))
+        assert np.array_equal(np.flatnonzero(route == k), mine)

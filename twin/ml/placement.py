@@ -68,15 +68,15 @@ class _Units:
         self._build()
 
     def _build(self):
-        self.index, self.adapter_of = {}, {}
+        self.index, self.adapter_of, self.part = {}, {}, {}
         for a, ix in self.by_adapter.items():
             r = self.replicas[a]
             if r == 1:
-                self.index[a], self.adapter_of[a] = ix, a
+                self.index[a], self.adapter_of[a], self.part[a] = ix, a, 0
                 continue
             for j in range(r):
                 u = f"{a}#{j + 1}/{r}"
-                self.index[u], self.adapter_of[u] = ix[j::r], a
+                self.index[u], self.adapter_of[u], self.part[u] = ix[j::r], a, j
         self.load = {u: int(self.tok[ix].sum()) for u, ix in self.index.items()}
         self.units = sorted(self.index, key=lambda u: (-self.load[u], u))
 
@@ -416,7 +416,11 @@ def _p99(rec: Recommendation, m: str) -> float:
 
 def _routing(U: _Units, plans: list, rank: dict, window: float) -> pd.DataFrame:
     """One row per (adapter, GPU): the share of the adapter's requests the GPU takes
-    (``weight``), its replica count, rank, requests, offered tokens/s and request rate."""
+    (``weight``), its replica count, rank, requests, offered tokens/s and request rate.
+    A split adapter's rows come in the order of its units (``name#j/r``: every r-th
+    request from the j-th): the static router deals an adapter's requests to its rows in
+    table order (smooth weighted round robin), so each GPU gets the very requests it was
+    verified with."""
     rows = []
     for p in plans:
         for u in p.units:
@@ -424,11 +428,14 @@ def _routing(U: _Units, plans: list, rank: dict, window: float) -> pd.DataFrame:
             n = len(U.index[u])
             rows.append({"adapter": a, "gpu": p.gpu, "weight": 1.0 / U.replicas[a],
                          "replicas": U.replicas[a], "rank": rank.get(a, np.nan),
-                         "requests": n, "offered_tps": U.load[u] / window})
+                         "requests": n, "offered_tps": U.load[u] / window,
+                         "part": U.part[u]})
     routing = (pd.DataFrame(rows)
                .groupby(["adapter", "gpu"], as_index=False)
                .agg(weight=("weight", "sum"), replicas=("replicas", "first"),
                     rank=("rank", "first"), requests=("requests", "sum"),
-                    offered_tps=("offered_tps", "sum")))
+                    offered_tps=("offered_tps", "sum"), part=("part", "min"))
+               .sort_values(["adapter", "part"], kind="stable")
+               .drop(columns="part").reset_index(drop=True))
     routing["rate_rps"] = routing["requests"] / window
     return routing
