@@ -379,3 +379,32 @@ def test_fleet_itl_percentiles_are_over_every_replicas_tokens(trace):
                                             rel=0.02)
     np.testing.assert_allclose(run.result.itl_bins,
                                run.replicas[0].itl_bins + run.replicas[1].itl_bins)
+
+
+def test_fleet_verdict_and_kv_figures_are_the_replicas(tmp_path):
+    """Three replicas whose queues grow by 25, 41 and 22 requests in a minute, each under
+    its own threshold (50): summed, 89 read as the fleet's growing queue, STARVING beside
+    three 'ok' rows (and place --verify-fleet sized routers on it). The KV cache's peak is
+    the fullest replica's (it was a capacity-weighted mean of peaks, nobody's), and its
+    capacity counts replicas that got no request."""
+    path = tmp_path / "h.parquet"
+    assert main(["trace", "rate-classes", "--adapters", "16", "--rates", "6.4,3.2,1.6",
+                 "--duration-s", "60", "--out", str(path)]) == 0
+    cfg = ServingConfig(max_loras=8, max_cpu_loras=8, max_num_seqs=2048,
+                        max_num_batched_tokens=2048, preload_adapters=True)
+    run = simulate_fleet(pd.read_parquet(path), 3, "adapter_affinity", config=cfg,
+                         profile="llama31-8b-h100-64gb")
+    s = run.summary
+    own = [r.summary for r in run.replicas]
+    assert s["waiting_growth"] > max(50, 0.02 * s["num_requests"])   # the summed queue
+    assert all(not o["starving"] for o in own)
+    assert not s["starving"] and s["fleet"]["starving_replicas"] == 0
+    assert s["kv_cache"]["usage_max"] == max(o["kv_cache"]["usage_max"] for o in own)
+    light = rate_class_trace(2, (0.5,), duration_s=20, lengths=uniform_lengths(8, 64),
+                             seed=3)
+    four = simulate_fleet(light, 4, "consistent_hash", config=CONFIG, profile=PROFILE)
+    idle = [r is None for r in four.replicas]
+    assert any(idle)
+    one = next(r for r in four.replicas if r is not None)
+    assert four.summary["kv_cache"]["capacity_tokens"] == 4 * one.summary["kv_cache"][
+        "capacity_tokens"]

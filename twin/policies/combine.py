@@ -47,9 +47,13 @@ def annotate(result: RunResult, dep: Deployment, runs: list[ServerRun], starving
 
 
 def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config, profile,
-            window_s) -> RunResult:
+            window_s, idle_kv_tokens: int = 0) -> RunResult:
     """One RunResult for the deployment: requests put back in trace order, unserved ones
-    marked ``unserved``, timelines summed on a common grid."""
+    marked ``unserved``, timelines summed on a common grid. The KV cache: every server's
+    capacity (``idle_kv_tokens``: that of the servers that got no request, which have no
+    result), the mean usage over all of it, the fullest server's peak. The queue-growth
+    rule is each server's (its own queue, its own threshold): summed over servers, a few
+    requests each that every server keeps up with read as a growing queue."""
     n = len(trace)
     cols = {
         "output_tokens": trace["output_tokens"].to_numpy(np.int64).copy(),
@@ -75,11 +79,9 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
     itl_p50, itl_p99, itl_bins = _combined_itl([r.result for r in live])
 
     caps = np.array([r.result.summary["kv_cache"]["capacity_tokens"] for r in live], dtype=float)
-    cap = caps.sum()
-
-    def kv(key):
-        vals = np.array([r.result.summary["kv_cache"][key] for r in live], dtype=float)
-        return float((vals * caps).sum() / cap) if cap else 0.0
+    cap = caps.sum() + idle_kv_tokens
+    use = np.array([r.result.summary["kv_cache"]["usage_mean"] for r in live], dtype=float)
+    peak = max((r.result.summary["kv_cache"]["usage_max"] for r in live), default=0.0)
 
     loads = {k: sum(r.result.summary["adapter_loads"][k] for r in live)
              for k in ("from_disk", "from_host", "time_s")}
@@ -87,9 +89,12 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
         req, duration_s=duration, window_s=window_s,
         itl_p50_s=itl_p50, itl_p99_s=itl_p99, loads=loads,
         preemptions=sum(r.result.summary["preemptions"] for r in live),
-        kv={"capacity_tokens": int(cap), "usage_mean": kv("usage_mean"),
-            "usage_max": kv("usage_max")},
+        kv={"capacity_tokens": int(cap),
+            "usage_mean": float((use * caps).sum() / cap) if cap else 0.0,
+            "usage_max": float(peak)},
         waiting_growth=growth, max_model_len=config.max_model_len)
+    if summary["starving_reason"] == "queue growth":   # a server's own rule decides, below
+        summary["starving"], summary["starving_reason"] = False, None
     summary.update(server_tallies([r.result.summary for r in live]))
     server_stalls_in_means(summary, [r.result for r in live])
     _combine_prefix_cache(req, summary, live)
