@@ -55,14 +55,20 @@ def test_a_placement_that_fits_keeps_up_as_a_fleet(trace):
 def test_replicas_preload_only_the_adapters_they_serve(trace, one_loop):
     """With preload_adapters each GPU of a placement preloads its own --lora-modules: the
     static fleet equals each GPU's own run on its share (what place verified), request for
-    request; preloading the whole catalog's first adapters instead loads more from disk."""
+    request, whether the replicas are told their adapters or take them from the table;
+    preloading the whole catalog's first adapters instead loads more from disk."""
     cfg = CONFIG.replace(max_loras=6, max_cpu_loras=6, preload_adapters=True)
     table = _routing(trace, 2)
     served = [tuple(table.loc[table["gpu"] == k, "adapter"]) for k in range(2)]
     run = simulate_fleet(trace, [Replica(cfg, adapters=a) for a in served],
                          StaticTable(table), profile=PROFILE, one_loop=one_loop)
-    naive = simulate_fleet(trace, [cfg, cfg], StaticTable(table), profile=PROFILE,
-                           one_loop=one_loop)
+    untold = simulate_fleet(trace, [cfg, cfg], StaticTable(table), profile=PROFILE,
+                            one_loop=one_loop)
+    for a, b in zip(run.replicas, untold.replicas):
+        pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+    every = tuple(sorted(trace["adapter"].unique()))
+    naive = simulate_fleet(trace, [Replica(cfg, adapters=every)] * 2, StaticTable(table),
+                           profile=PROFILE, one_loop=one_loop)
     dt = max(trace["arrival_s"].iloc[-1] / 2000, 0.05)
     for k in range(2):
         own = simulate(trace.iloc[run.route == k].reset_index(drop=True), cfg, PROFILE,

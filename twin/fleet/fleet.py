@@ -40,8 +40,8 @@ from twin.workload.schema import validate_trace
 class Replica:
     """One replica of a fleet: its serving config and profile (name, path or loaded), and
     ``adapters``, the ones it serves (its ``--lora-modules``): those are what it preloads
-    at start-up with ``preload_adapters`` (default None: every catalog adapter, as a server
-    given them all)."""
+    at start-up with ``preload_adapters`` (default None: those a static routing table sends
+    it, else every catalog adapter, as a server given them all)."""
 
     config: ServingConfig
     profile: Profile | str | None = None
@@ -76,6 +76,10 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     if isinstance(router, str):
         router = make_router(router, table=routing)
     router.bind(len(reps), catalog.adapters)
+    # a replica told nothing of what it serves serves what the router sends it: a static
+    # table's rows (what its --lora-modules would list), else any adapter
+    reps = [r if r.adapters is not None else Replica(r.config, r.profile, router.served(k))
+            for k, r in enumerate(reps)]
     if isinstance(refresh_s, bool) or not isinstance(refresh_s, (int, float, np.number)) \
             or not refresh_s >= 0:
         raise TwinInputError(f"refresh_s must be a number of seconds >= 0, got {refresh_s!r}",

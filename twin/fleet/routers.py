@@ -45,6 +45,11 @@ class Router:
     def pick(self, adapter: int, view) -> int:
         raise NotImplementedError
 
+    def served(self, k: int) -> tuple | None:
+        """The adapters replica ``k`` can be sent (its ``--lora-modules``, what it preloads
+        with ``preload_adapters``); None: any of them (every rule but a static table)."""
+        return None
+
     def route_all(self, adapter_ids) -> np.ndarray:
         """Every request's replica, in trace order (routers that read no state): what
         ``pick`` would answer request after request, with its state left as after them."""
@@ -121,6 +126,11 @@ class StaticTable(Router):
             ws.append(w)
         self.current = {k: [0.0] * len(gs) for k, (gs, _) in self.rows.items()}
         return self
+
+    def served(self, k: int) -> tuple:
+        """The adapters the table sends to replica ``k``, in catalog order."""
+        return tuple(self.adapters[key] for key in sorted(self.rows)
+                     if key >= 0 and k in self.rows[key][0])
 
     def _cell(self, row: int, value, field: str, ok, expected: str) -> float:
         """Row ``row``'s ``field`` cell as a finite number passing ``ok``, or an error that
