@@ -33,7 +33,8 @@ import pandas as pd
 from twin.config import ServingConfig
 from twin.costs.profile import load_profile
 from twin.policies import HybridPolicy, MergedPolicy, get_policy
-from twin.policies.compare import compare, plot_comparison
+from twin.policies.compare import compare
+from twin.policies.compare_output import plot_comparison
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import powerlaw_trace
 

@@ -408,3 +408,22 @@ def test_fleet_verdict_and_kv_figures_are_the_replicas(tmp_path):
     one = next(r for r in four.replicas if r is not None)
     assert four.summary["kv_cache"]["capacity_tokens"] == 4 * one.summary["kv_cache"][
         "capacity_tokens"]
+
+
+def test_a_replica_row_names_a_limit_only_when_it_starves():
+    """As twin simulate's verdict: 'ok (queue held by max_loras)' read as a problem on a
+    replica that keeps up; one that keeps up while holding an adapter back says so."""
+    from twin.fleet.report import format_fleet
+
+    row = dict(replica=0, requests=10, total_throughput=100.0, ttft_p99_ms=5.0,
+               itl_mean_ms=1.0, loads_from_disk=0, loads_from_host=0, preemptions=0)
+    f = {"replicas": 3, "router": "r", "reads_state": False, "refresh_s": None,
+         "imbalance": {"requests": 1.0, "total_throughput": 1.0}, "starving_replicas": 1,
+         "per_replica": [dict(row, starving=False, held_by="max_loras", held_back=""),
+                         dict(row, replica=1, starving=True, held_by="kv_cache", held_back=""),
+                         dict(row, replica=2, starving=False, held_by="max_loras",
+                              held_back="lora-3 waited 48.0 s")]}
+    lines = format_fleet(f).splitlines()
+    assert lines[-3].endswith("  ok")
+    assert lines[-2].endswith("STARVING (queue held by kv_cache)")
+    assert lines[-1].endswith("ok (lora-3 waited 48.0 s on average: held back)")

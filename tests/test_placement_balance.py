@@ -126,3 +126,21 @@ def test_the_routing_table_deals_each_gpu_the_requests_it_was_verified_with():
     for k, g in enumerate(groups):
         mine = np.sort(np.concatenate([U.index[u] for u in g]))
         assert np.array_equal(np.flatnonzero(route == k), mine)
+
+
+def test_a_placement_says_why_each_adapter_was_split():
+    """Adapters split to even the GPUs under an SLO were listed as 'traffic alone exceeds
+    one GPU' (an adapter of 1.5k tok/s beside a GPU verified at 10.7k)."""
+    from twin.ml.placement import _split_why
+    from twin.ml.report import Placement
+
+    s = _Search.__new__(_Search)   # the record of why, without a search
+    s.hot, s.spread = {"lora-0"}, False
+    assert _split_why(s, "lora-0") == "traffic" and _split_why(s, "lora-1") == "balance"
+    s.spread = True
+    assert _split_why(s, "lora-1") == "spread"
+    pl = Placement([], pd.DataFrame(), True, 0.1, 0, [], {"lora-0": 2, "lora-1": 2, "lora-2": 1},
+                   split_why={"lora-0": "traffic", "lora-1": "balance"})
+    text = pl.report()
+    assert "replicated (traffic alone exceeds one GPU): lora-0 x2" in text
+    assert "replicated (to even the GPUs' offered tokens under the SLOs): lora-1 x2" in text

@@ -140,8 +140,16 @@ def _replica_row(k: int, rep, res: RunResult | None, starving: bool) -> dict:
         "starving": bool(starving),
         # the limit that held its queue most of its busy time ("" when none did)
         "held_by": (main_limit(s.get("waiting_held_by")) or "") if s else "",
+        # the adapter it held back while keeping up in total (twin.results.fairness)
+        "held_back": _held_back(s),
     })
     return row
+
+
+def _held_back(s: dict | None) -> str:
+    """The adapter a replica held back, with its mean wait ("" when none was)."""
+    a = (s or {}).get("slowest_adapter")
+    return f"{a['adapter']} waited {a['wait_mean_s']:.1f} s" if a and a["held_back"] else ""
 
 
 def _imbalance(values) -> float:
@@ -166,6 +174,14 @@ def _view(f: dict) -> str:
                                 else f"every {f['refresh_s']:g} s")
 
 
+def _verdict(p: dict) -> str:
+    """A replica's verdict as ``twin simulate`` words it: the limit that held its queue
+    named only when it starves; an adapter held back named when it keeps up."""
+    if p["starving"]:
+        return "STARVING" + (f" (queue held by {p['held_by']})" if p.get("held_by") else "")
+    return "ok" + (f" ({p['held_back']} on average: held back)" if p.get("held_back") else "")
+
+
 def format_fleet(f: dict) -> str:
     """The per-replica table under the fleet-wide summary."""
     lines = [f"Fleet: {f['replicas']} replicas, router {f['router']}, " + _view(f),
@@ -178,6 +194,5 @@ def format_fleet(f: dict) -> str:
         lines.append(f"{p['replica']:>7} {p['requests']:>9} {p['total_throughput']:>9.0f} "
                      f"{p['ttft_p99_ms']:>9.0f} {p['itl_mean_ms']:>9.1f} "
                      f"{p['loads_from_disk']:>6} {p['loads_from_host']:>6} "
-                     f"{p['preemptions']:>7}  {'STARVING' if p['starving'] else 'ok'}"
-                     + (f" (queue held by {p['held_by']})" if p.get("held_by") else ""))
+                     f"{p['preemptions']:>7}  {_verdict(p)}")
     return "\n".join(lines)

@@ -257,6 +257,7 @@ def write_placement(out: Path, pl, catalog=None, *, profile, model_name: str,
     record = {"ok": pl.ok, "gpus": [], "attempts": pl.attempts, "verify_runs": pl.verify_runs,
               "total_s": pl.total_s, "profile": profile.name}
     record["replicas"] = {a: r for a, r in pl.replicas.items() if r > 1}
+    record["split_why"] = dict(pl.split_why)
     for g in pl.gpus:
         r = g.recommendation
         ads = g.adapters

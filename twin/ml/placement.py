@@ -171,6 +171,8 @@ class _Search:
         self.runs = 0
         self.verified: dict[tuple, Recommendation] = {}
         self.attempts: list[str] = []
+        self.hot: set = set()      # adapters split because their traffic starves one GPU
+        self.spread = False        # every adapter on every GPU (request_split) verified
 
     def partition(self, k: int) -> list[list]:
         """The units in ``k`` groups: balanced with replicas under an SLO (the busiest GPU
@@ -275,6 +277,7 @@ class _Search:
                 r += 1
                 U.split(a, r)
             known_ok_load = max(known_ok_load, U.load[U.unit_of(a)])
+            self.hot.add(a)
             self.attempts.append(f"{a} alone starves a GPU: {r} replicas")
         total_load = sum(U.load.values())
         return (max(1, math.ceil(total_load / known_ok_load)) if known_ok_load
@@ -307,6 +310,7 @@ class _Search:
             if len(alone) == 1 and U.load[alone[0]] >= 0.5 * heaviest:
                 a = U.adapter_of[alone[0]]  # a hot adapter (share) alone starves: a replica more
                 U.split(a, U.replicas[a] + 1)
+                self.hot.add(a)
                 self.attempts.append(f"{a}: {U.replicas[a]} replicas")
             k += 1
         return groups, False, k
@@ -325,6 +329,7 @@ class _Search:
         groups = _partition(self.U, self.rank, k)
         if self.first_failing(groups) is None:
             self.attempts.append(f"{k} GPU(s): every adapter on every GPU, verified")
+            self.spread = True
             return groups
         self.attempts.append(f"{k} GPU(s): every adapter on every GPU, verification failed")
         self.U.restore(saved)
@@ -403,7 +408,17 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
                      s.runs, s.attempts, dict(U.replicas),
                      curve=[{n: v for n, v in s.curve[k].items() if n != "_seen"}
                             for k in sorted(s.curve)],
-                     gpus_per_server=gpus_per_replica(profile.hardware))
+                     gpus_per_server=gpus_per_replica(profile.hardware),
+                     split_why={a: _split_why(s, a) for a, r in U.replicas.items() if r > 1})
+
+
+def _split_why(s: _Search, adapter: str) -> str:
+    """Why a placement split ``adapter``'s requests over GPUs (``Placement.split_why``)."""
+    if adapter in s.hot:
+        return "traffic"      # alone, it starves (or misses the SLOs on) one GPU
+    if s.spread:
+        return "spread"       # every adapter on every GPU: it met the SLOs, whole ones did not
+    return "balance"          # to even the GPUs' offered tokens under the SLOs
 
 
 def _p99(rec: Recommendation, m: str) -> float:

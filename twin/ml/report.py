@@ -341,6 +341,12 @@ class GPUPlan:
     recommendation: Recommendation | None = None
 
 
+#: ``Placement.split_why`` in words
+_SPLIT_TEXT = {"traffic": "traffic alone exceeds one GPU",
+               "balance": "to even the GPUs' offered tokens under the SLOs",
+               "spread": "every adapter on every GPU: whole adapters missed the SLOs"}
+
+
 @dataclass
 class Placement:
     gpus: list
@@ -353,6 +359,8 @@ class Placement:
     curve: list = field(default_factory=list)   # per GPU count tried: worst p99s (SLO search)
     #: GPUs each server spans (the profile's tensor_parallel_size): ``gpus`` lists servers
     gpus_per_server: int = 1
+    #: why each replicated adapter was split: "traffic", "balance" or "spread"
+    split_why: dict = field(default_factory=dict)
 
     @property
     def total_gpus(self) -> int:
@@ -371,9 +379,10 @@ class Placement:
         L = [f"{self.servers_text()}{'' if self.ok else ' (NOT all verified)'}: "
              f"{self.verify_runs} twin runs, {self.total_s:.1f} s"]
         rep = {a: r for a, r in self.replicas.items() if r > 1}
-        if rep:
-            L.append("  replicated (traffic alone exceeds one GPU): " + ", ".join(
-                f"{a} x{r}" for a, r in sorted(rep.items())))
+        for why, text in _SPLIT_TEXT.items():
+            mine = sorted(a for a in rep if self.split_why.get(a, "traffic") == why)
+            if mine:
+                L.append(f"  replicated ({text}): " + ", ".join(f"{a} x{rep[a]}" for a in mine))
         for g in self.gpus:
             r = g.recommendation
             if r is None:
