@@ -286,6 +286,10 @@ def test_cli_fleet_writes_requests_with_their_replica(trace, tmp_path, capsys):
                  "round_robin", "--router-refresh-s", "1"]) == 2
     assert "reads no view" in capsys.readouterr().err
     assert main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",
+                 "--router", "adapter_affinity", "--affinity-slack", "0", "--max-loras",
+                 "2", "--max-cpu-loras", "4", "--no-progress"]) == 0   # no slack: allowed
+    assert "AdapterAffinity(slack=0)" in capsys.readouterr().out
+    assert main(["fleet", "--trace", str(path), "--profile", PROFILE, "--replicas", "2",
                  "--router", "consistent_hash", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "view refreshed" not in out and "from the trace alone" in out

@@ -143,4 +143,7 @@ def test_a_placement_says_why_each_adapter_was_split():
                    split_why={"lora-0": "traffic", "lora-1": "balance"})
     text = pl.report()
     assert "replicated (traffic alone exceeds one GPU): lora-0 x2" in text
+    from twin.ml.report import GPUPlan
+    unrun = Placement([GPUPlan(0, (), ["lora-0"], None)], pd.DataFrame(), False, 0.1, 0, [], {})
+    assert "gpu 0: 1 adapters: not verified (no twin run of its share)" in unrun.report()
     assert "replicated (to even the GPUs' offered tokens under the SLOs): lora-1 x2" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twin.argtypes import non_negative_float, positive_float, positive_int
+from twin.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args, given_config_flags
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare
@@ -78,7 +78,7 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--router-refresh-s", type=non_negative_float, default=0.0,
                    help="seconds between refreshes of the router's view (default 0: "
                         "exact, the replicas' state at each arrival)")
-    p.add_argument("--affinity-slack", type=positive_int, default=16,
+    p.add_argument("--affinity-slack", type=non_negative_int, default=16,
                    help="adapter_affinity: requests in flight a replica holding the adapter "
                         "may carry beyond the least-loaded replica (default 16)")
     p.add_argument("--window-s", type=positive_float, default=None,

@@ -38,7 +38,8 @@ def _common_workload(p):
                    help="YAML of fixed vLLM settings (default: max_num_seqs 2048, "
                         "max_num_batched_tokens 2048, gpu_memory_utilization 0.9)")
     p.add_argument("--window-s", type=positive_float, default=None,
-                   help="measured window (default: the trace's span)")
+                   help="measured window (default: the trace's span; a trace under 10 "
+                        "minutes is verified by runs to its last request instead)")
     p.add_argument("--model", type=Path, help="recommender model JSON (default: shipped)")
     p.add_argument("--model-name", default=None,
                    help="model for `vllm serve` (default: the profile's model)")

@@ -385,7 +385,9 @@ class Placement:
                 L.append(f"  replicated ({text}): " + ", ".join(f"{a} x{rep[a]}" for a in mine))
         for g in self.gpus:
             r = g.recommendation
-            if r is None:
+            if r is None:   # the search ended before this GPU's share was run
+                L.append(f"  {unit} {g.gpu}: {len(g.adapters)} adapters: not verified (no "
+                         "twin run of its share)")
                 continue
             if r.ok:
                 v, c = r.verified, r.config
