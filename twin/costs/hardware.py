@@ -340,8 +340,8 @@ def derive_profile(base, shape, hw: dict, *, name: str | None = None, memory=Non
     """A Profile of ``shape`` on ``base``'s machine: step time from the hardware coefficients
     ``hw`` (and the machine's GEMM table ``gemm``, if it has one) with the weights and KV
     bytes of ``quantization`` / ``kv_cache_dtype`` ("fp8": one byte; the FLOP rate stays
-    the calibrated one; ``SAME``: the base profile's); load time per byte from ``base`` (adapter bytes come from the new
-    shape); ``memory`` as given, else ``base``'s rescaled to the new shape on ``tp`` ranks:
+    the calibrated one; ``SAME``: the base profile's); load time per byte from ``base``
+    (adapter bytes come from the new shape); ``memory`` as given, else ``base``'s rescaled to the new shape on ``tp`` ranks:
     weights, KV bytes per token, LoRA slot buffers (``lora_buffers``, this shape's as
     ``twin.costs.first_principles.lora_buffers`` lists them; None: the base's bytes per
     slot and rank rescaled, the linear form) and sampler bytes."""
