@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from twin.ml.placement import BALANCE_TOL, _balanced, _partition, _Search, _Units
+from twin.ml.placement import BALANCE_TOL, _balanced, _partition, _Search
+from twin.ml.units import Units
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import rate_class_trace
 
@@ -16,7 +17,7 @@ def _units(rates, seed=7):
     tr = rate_class_trace(n, rates, duration_s=120.0, seed=seed)
     cat = AdapterCatalog(pd.DataFrame({"adapter": [f"lora-{i}" for i in range(n)],
                                        "rank": [8] * n}))
-    U = _Units(tr, cat)
+    U = Units(tr, cat)
     return U, {a: 8 for a in cat.adapters}
 
 
@@ -112,7 +113,7 @@ def test_the_routing_table_deals_each_gpu_the_requests_it_was_verified_with():
     import numpy as np
 
     from twin.fleet.routers import StaticTable
-    from twin.ml.placement import _routing
+    from twin.ml.units import routing_table
     from twin.ml.report import GPUPlan
 
     U, rank = _units((6.0, 1.0, 1.0, 1.0, 1.0))
@@ -120,7 +121,7 @@ def test_the_routing_table_deals_each_gpu_the_requests_it_was_verified_with():
     first = next(i for i, g in enumerate(groups) if any(u.endswith("#1/2") for u in g))
     groups = [groups[1 - first], groups[first]]     # the first unit on GPU 1
     plans = [GPUPlan(k, g, U.adapters(g), None) for k, g in enumerate(groups)]
-    router = StaticTable(_routing(U, plans, rank, 120.0)).bind(2, U.catalog.adapters)
+    router = StaticTable(routing_table(U, plans, rank, 120.0)).bind(2, U.catalog.adapters)
     ids = {a: i for i, a in enumerate(U.catalog.adapters)}
     route = np.array([router.pick(ids[a], None) for a in U.trace["adapter"]])
     for k, g in enumerate(groups):

@@ -13,7 +13,8 @@ import pytest
 from twin.costs.profile import load_profile
 from twin.ml.cost import cost_plan
 from twin.ml.optimize import optuna_version
-from twin.ml.placement import _partition, _Units
+from twin.ml.placement import _partition
+from twin.ml.units import Units
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
 from twin.ml.search_space import search_space
@@ -126,7 +127,7 @@ def test_study_db_resumes_without_running_again(setup, tmp_path, trace_files):
 def _exhaustive_gpus(tr, cat, profile, model, slo, max_gpus):
     """The fewest k whose load-balanced partition has, on every GPU, a configuration of
     the space meeting the SLOs (every configuration run)."""
-    U = _Units(tr, cat)
+    U = Units(tr, cat)
     rank = {a: cat.rank(a) for a in cat.adapters}
     for k in range(1, max_gpus + 1):
         ok = True

@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from twin.config import ServingConfig
-from twin.ml.placement import BASE_UNIT
+from twin.ml.units import BASE_UNIT
 from twin.ml.recommender import served_map
 from twin.ml.slo_plots import plot_cost_curve, plot_slo_frontier
 from twin.outputs import json_document

@@ -43,68 +43,9 @@ from twin.ml.recommend import check_slo, recommend
 from twin.ml.recommender import Recommender, candidate_table, catalog_max_rank
 from twin.ml.report import GPUPlan, Placement, Recommendation
 from twin.ml.sweep import EarlyExit
-from twin.workload.catalog import AdapterCatalog
+from twin.ml.units import BASE_UNIT, Units, routing_table
 
-BASE_UNIT = "(base model)"
-
-
-class _Units:
-    """Placement units: an adapter's traffic, a replica's share of it (every r-th request,
-    unit ``name#j/r``), or the base model's traffic; their request indices and loads."""
-
-    def __init__(self, trace: pd.DataFrame, catalog):
-        self.trace = trace
-        self.catalog = catalog
-        ad = trace["adapter"].astype(object).where(trace["adapter"].notna(), BASE_UNIT)
-        codes, uniq = pd.factorize(ad)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(uniq)))]
-        self.by_adapter = {u: order[bounds[i]:bounds[i + 1]] for i, u in enumerate(uniq)}
-        for a in catalog.adapters:  # adapters of the catalog without traffic
-            self.by_adapter.setdefault(a, np.zeros(0, dtype=np.int64))
-        self.tok = (trace["prompt_tokens"].to_numpy(np.int64)
-                    + trace["output_tokens"].to_numpy(np.int64))
-        self.replicas = {a: 1 for a in self.by_adapter}
-        self._build()
-
-    def _build(self):
-        self.index, self.adapter_of, self.part = {}, {}, {}
-        for a, ix in self.by_adapter.items():
-            r = self.replicas[a]
-            if r == 1:
-                self.index[a], self.adapter_of[a], self.part[a] = ix, a, 0
-                continue
-            for j in range(r):
-                u = f"{a}#{j + 1}/{r}"
-                self.index[u], self.adapter_of[u], self.part[u] = ix[j::r], a, j
-        self.load = {u: int(self.tok[ix].sum()) for u, ix in self.index.items()}
-        self.units = sorted(self.index, key=lambda u: (-self.load[u], u))
-
-    def split(self, adapter: str, r: int) -> None:
-        self.replicas[adapter] = r
-        self._build()
-
-    def restore(self, replicas: dict) -> None:
-        """Back to an earlier replica count per adapter (a copy of ``replicas``)."""
-        self.replicas = dict(replicas)
-        self._build()
-
-    def unit_of(self, adapter: str) -> str:
-        r = self.replicas[adapter]
-        return adapter if r == 1 else f"{adapter}#1/{r}"
-
-    def adapters(self, units) -> list:
-        return sorted({self.adapter_of[u] for u in units} - {BASE_UNIT})
-
-    def sub(self, units):
-        ix = np.sort(np.concatenate([self.index[u] for u in units]))
-        names = self.adapters(units)
-        cat = AdapterCatalog(self.catalog.table[self.catalog.table["adapter"].isin(names)]
-                             .reset_index(drop=True))
-        return self.trace.iloc[ix].reset_index(drop=True), cat
-
-
-def _partition(U: _Units, rank: dict, k: int) -> list[list]:
+def _partition(U: Units, rank: dict, k: int) -> list[list]:
     """Longest-processing-time partition of the units into ``k`` groups: each unit goes to
     the least loaded group, never beside another replica of its adapter when avoidable,
     and, between equally loaded groups, where its rank is already covered (less padding)."""
@@ -128,7 +69,7 @@ def _partition(U: _Units, rank: dict, k: int) -> list[list]:
 BALANCE_TOL = 0.05
 
 
-def _balanced(U: _Units, rank: dict, k: int, tol: float = BALANCE_TOL) -> list[list]:
+def _balanced(U: Units, rank: dict, k: int, tol: float = BALANCE_TOL) -> list[list]:
     """:func:`_partition` into ``k`` groups, hot adapters given replicas until no group's
     offered tokens exceed an even share by more than ``tol`` (or every adapter on the
     busiest group already has ``k`` replicas). Why: a p99 latency SLO is set by the busiest
@@ -155,7 +96,7 @@ class _Search:
     groups of units (each group verified once, by :func:`recommend`), the twin runs spent
     and the log of attempts."""
 
-    def __init__(self, U: _Units, rank: dict, *, profile, model: Recommender,
+    def __init__(self, U: Units, rank: dict, *, profile, model: Recommender,
                  base: ServingConfig, window: float, max_gpus: int, max_runs: int | None,
                  workers: int, early_exit: EarlyExit, objective: str = "throughput",
                  slo: dict | None = None, search_kw: dict | None = None,
@@ -383,7 +324,7 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
         check_slo(slo)   # before any twin run, not in the first GPU's recommend
     profile, model, base, window, trace, catalog = prepare_inputs(
         trace, profile, model, base, window_s, catalog)
-    U = _Units(trace, catalog)
+    U = Units(trace, catalog)
     rank = {a: catalog.rank(a) for a in catalog.adapters}
     s = _Search(U, rank, profile=profile, model=model, base=base, window=window,
                 max_gpus=max_gpus, max_runs=max_runs, workers=workers, early_exit=early_exit,
@@ -404,7 +345,7 @@ def place(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recommender
              for i, g in enumerate(groups)]
     # a partition never verified (no count up to max_gpus was) is not a placement
     ok = ok and all(p.recommendation is None or p.recommendation.ok for p in plans)
-    return Placement(plans, _routing(U, plans, rank, window), ok, time.perf_counter() - t0,
+    return Placement(plans, routing_table(U, plans, rank, window), ok, time.perf_counter() - t0,
                      s.runs, s.attempts, dict(U.replicas),
                      curve=[{n: v for n, v in s.curve[k].items() if n != "_seen"}
                             for k in sorted(s.curve)],
@@ -427,30 +368,3 @@ def _p99(rec: Recommendation, m: str) -> float:
         return float(rec.verified[m])
     best = ((rec.slo_verdict or {}).get("best") or {}).get(m)
     return float(best["value"]) if best else float("inf")
-
-
-def _routing(U: _Units, plans: list, rank: dict, window: float) -> pd.DataFrame:
-    """One row per (adapter, GPU): the share of the adapter's requests the GPU takes
-    (``weight``), its replica count, rank, requests, offered tokens/s and request rate.
-    A split adapter's rows come in the order of its units (``name#j/r``: every r-th
-    request from the j-th): the static router deals an adapter's requests to its rows in
-    table order (smooth weighted round robin), so each GPU gets the very requests it was
-    verified with."""
-    rows = []
-    for p in plans:
-        for u in p.units:
-            a = U.adapter_of[u]
-            n = len(U.index[u])
-            rows.append({"adapter": a, "gpu": p.gpu, "weight": 1.0 / U.replicas[a],
-                         "replicas": U.replicas[a], "rank": rank.get(a, np.nan),
-                         "requests": n, "offered_tps": U.load[u] / window,
-                         "part": U.part[u]})
-    routing = (pd.DataFrame(rows)
-               .groupby(["adapter", "gpu"], as_index=False)
-               .agg(weight=("weight", "sum"), replicas=("replicas", "first"),
-                    rank=("rank", "first"), requests=("requests", "sum"),
-                    offered_tps=("offered_tps", "sum"), part=("part", "min"))
-               .sort_values(["adapter", "part"], kind="stable")
-               .drop(columns="part").reset_index(drop=True))
-    routing["rate_rps"] = routing["requests"] / window
-    return routing
