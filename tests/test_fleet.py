@@ -348,7 +348,7 @@ def test_pool_shares_are_each_replicas_rows_largest_first(trace):
     route = np.arange(len(trace)) % 5
     route[route == 3] = 1   # replica 1 gets two fifths, replica 3 none
     reps = [Rep(CONFIG, PROFILE)] * 5
-    shares = _Shares(trace, reps, route, None, {})
+    shares = _Shares(trace, reps, route, [None] * 5, {})
     got = list(shares)
     assert len(shares) == len(got) == 4
     assert [k for k, *_ in got][0] == 1
@@ -431,3 +431,20 @@ def test_a_replica_row_names_a_limit_only_when_it_starves():
     assert lines[-3].endswith("  ok")
     assert lines[-2].endswith("STARVING (queue held by kv_cache)")
     assert lines[-1].endswith("ok (lora-3 waited 48.0 s on average: held back)")
+
+
+def test_mixed_rank_replicas_price_adapters_as_their_own_simulate(trace):
+    """Without a catalog each replica has the trace's adapters at its own max_lora_rank,
+    as `twin simulate` of its config does (they were all at the smallest replica's: the
+    rank-64 replica loaded rank-8 adapters, its share's own run rank-64 ones)."""
+    adapters = sorted(trace["adapter"].unique())
+    table = pd.DataFrame({"adapter": adapters, "gpu": [i % 2 for i in range(len(adapters))],
+                          "weight": 1.0})
+    reps = [ServingConfig(max_loras=2, max_cpu_loras=4, max_lora_rank=8),
+            ServingConfig(max_loras=2, max_cpu_loras=4, max_lora_rank=64)]
+    run = simulate_fleet(trace, reps, StaticTable(table), profile=PROFILE)
+    dt = max(trace["arrival_s"].iloc[-1] / 2000, 0.05)
+    for k, cfg in enumerate(reps):
+        own = simulate(trace.iloc[run.route == k].reset_index(drop=True), cfg, PROFILE,
+                       sample_dt=dt)
+        _same(run.replicas[k], own)

@@ -65,7 +65,8 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
                         "llama31-8b-h100-64gb)")
     p.add_argument("--catalog", type=Path,
                    help="adapter catalog (adapter, rank); default: every adapter of the "
-                        "trace at the replicas' smallest --max-lora-rank")
+                        "trace, on each replica at its own max_lora_rank (as twin simulate "
+                        "of its config)")
     p.add_argument("--replicas", type=positive_int, default=None,
                    help="number of identical replicas (default 2; or --replica-config)")
     p.add_argument("--replica-config", type=Path, action="append", default=[],

@@ -70,9 +70,11 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     t0 = time.perf_counter()
     reps = _replicas(replicas, config, profile, window_s)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
-    if catalog is None:   # at the smallest max_lora_rank: every replica can load them all
-        catalog = default_catalog(trace, min((r.config for r in reps),
-                                             key=lambda c: c.max_lora_rank))
+    # without a catalog each replica has every adapter at its own max_lora_rank, as twin
+    # simulate has them (the same names in the same order: the router's ids are common)
+    catalogs = ([catalog] * len(reps) if catalog is not None else
+                [default_catalog(trace, r.config) for r in reps])
+    catalog = catalogs[0]
     if isinstance(router, str):
         router = make_router(router, table=routing)
     router.bind(len(reps), catalog.adapters)
@@ -88,12 +90,12 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
         sample_dt = default_sample_dt(trace_horizon(trace, window_s))
     kw = dict(window_s=window_s, sample_dt=sample_dt, trace_source=trace_source)
     if router.reads_state or one_loop:
-        route, results = _event_loop(trace, reps, router, catalog, refresh_s,
+        route, results = _event_loop(trace, reps, router, catalogs, refresh_s,
                                      progress, **kw)
     else:
         aid = pd.Categorical(trace["adapter"], categories=catalog.adapters).codes
         route = router.route_all(aid)
-        results = _independent(trace, reps, route, catalog, workers, backend, address,
+        results = _independent(trace, reps, route, catalogs, workers, backend, address,
                                progress, **kw)
     return combine_fleet(trace, reps, router, route, results, window_s,
                          wall_s=time.perf_counter() - t0, refresh_s=refresh_s)
@@ -136,12 +138,12 @@ def _replicas(replicas, config, profile, window_s) -> list[Replica]:
     return out
 
 
-def _event_loop(trace, reps, router, catalog, refresh_s, progress, *, window_s,
+def _event_loop(trace, reps, router, catalogs, refresh_s, progress, *, window_s,
                 sample_dt, trace_source):
-    cols = TraceColumns(trace, catalog)
+    cols = TraceColumns(trace, catalogs[0])
     checked: set = set()   # a config's adapters are checked against the trace once
     clocks = []
-    for r in reps:
+    for r, catalog in zip(reps, catalogs):
         server = build_server(r.config, r.profile, catalog, trace_source=trace_source,
                               trace=None if r.config in checked else trace,
                               preload=_preload(r, catalog))
@@ -179,8 +181,8 @@ class _Shares:
     slices the others, instead of after all 64 shares are cut and pickled. Largest share
     first, so the pool's last task is a small one."""
 
-    def __init__(self, trace, reps, route, catalog, kw):
-        self.trace, self.reps, self.catalog, self.kw = trace, reps, catalog, kw
+    def __init__(self, trace, reps, route, catalogs, kw):
+        self.trace, self.reps, self.catalogs, self.kw = trace, reps, catalogs, kw
         order = np.argsort(route, kind="stable")
         bounds = np.searchsorted(route[order], np.arange(len(reps) + 1))
         rows = [order[bounds[k]:bounds[k + 1]] for k in range(len(reps))]
@@ -192,14 +194,13 @@ class _Shares:
 
     def __iter__(self):
         for k, rows in self.rows:
-            r = self.reps[k]
+            r, catalog = self.reps[k], self.catalogs[k]
             sub = self.trace.iloc[rows].reset_index(drop=True)
-            yield (k, sub, r.config, r.profile, self.catalog, _preload(r, self.catalog),
-                   self.kw)
+            yield (k, sub, r.config, r.profile, catalog, _preload(r, catalog), self.kw)
 
 
-def _independent(trace, reps, route, catalog, workers, backend, address, progress, **kw):
-    payloads = _Shares(trace, reps, np.asarray(route, dtype=np.int64), catalog, kw)
+def _independent(trace, reps, route, catalogs, workers, backend, address, progress, **kw):
+    payloads = _Shares(trace, reps, np.asarray(route, dtype=np.int64), catalogs, kw)
     results = [None] * len(reps)
     runner = make_backend(backend, workers=workers, address=address)
     bar = progress_bar(progress, len(payloads), "replica")
