@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from twin.config import ServingConfig
 from twin.results.fairness import slowest_adapter
@@ -56,3 +57,33 @@ def test_slowest_adapter_by_hand():
     assert np.isclose(got["others_wait_mean_s"], (0.6 + 50.0 + 49.5) / 5)
     assert not got["held_back"]           # b's long waits make the others' mean long too
     assert slowest_adapter(req.iloc[:3], end_s=20.0) is None   # one group: nothing to compare
+
+
+def test_requests_no_server_received_are_not_held_back():
+    """A deployment's unserved requests (an adapter without a server) never queued: they
+    are not an adapter held back (one read 29.9 s 'waiting' behind max_loras), and a
+    starving run's summary adds no held-back note to its verdict."""
+    req = pd.DataFrame({
+        "adapter": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
+        "arrival_s": [0.0, 1.0, 2.0] * 3,
+        "first_scheduled_s": [0.1, 1.1, 2.1, 0.1, 1.1, 2.1, np.nan, np.nan, np.nan],
+        "status": ["finished"] * 6 + ["unserved"] * 3,
+    })
+    got = slowest_adapter(req, end_s=60.0)
+    assert got["adapter"] in ("a", "b") and not got["held_back"]
+    from twin.results.fairness import held_back_note
+    held = {"slowest_adapter": {"adapter": "c", "requests": 3, "wait_mean_s": 50.0,
+                                "others_wait_mean_s": 0.1, "held_back": True}}
+    assert held_back_note({**held, "starving": False}).startswith("adapter c's 3 requests")
+    assert held_back_note({**held, "starving": True}) is None
+
+
+def test_no_adapter_may_take_the_base_models_name():
+    from twin.errors import TwinInputError
+    from twin.workload.schema import BASE_MODEL, validate_trace
+
+    tr = rate_class_trace(2, (1.0,), duration_s=10, lengths=uniform_lengths(8, 64), seed=1)
+    tr["adapter"] = tr["adapter"].astype(object)
+    tr.loc[3, "adapter"] = BASE_MODEL
+    with pytest.raises(TwinInputError, match="how twin names the base model"):
+        validate_trace(tr)

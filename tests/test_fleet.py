@@ -448,3 +448,17 @@ def test_mixed_rank_replicas_price_adapters_as_their_own_simulate(trace):
         own = simulate(trace.iloc[run.route == k].reset_index(drop=True), cfg, PROFILE,
                        sample_dt=dt)
         _same(run.replicas[k], own)
+
+
+def test_refresh_is_refused_for_a_router_that_reads_no_state_and_idle_slora_counts(trace):
+    """The API refuses what the CLI refuses (a refresh nothing reads); an idle S-LoRA
+    replica's KV capacity is its unified pool, as its live twin's."""
+    with pytest.raises(TwinInputError, match="reads no view to refresh"):
+        simulate_fleet(trace, 2, "round_robin", config=CONFIG, profile=PROFILE, refresh_s=1.0)
+    light = rate_class_trace(1, (0.5,), duration_s=20, lengths=uniform_lengths(8, 64), seed=3)
+    slora = ServingConfig(policy="slora", max_num_seqs=32)
+    run = simulate_fleet(light, 3, "consistent_hash", config=slora, profile=PROFILE)
+    live = [r for r in run.replicas if r is not None]
+    assert len(live) == 1
+    assert run.summary["kv_cache"]["capacity_tokens"] == 3 * live[0].summary["kv_cache"][
+        "capacity_tokens"]

@@ -260,3 +260,22 @@ def test_place_replicates_an_adapter_too_hot_for_one_gpu(tiny):
     assert np.allclose(w.to_numpy(), 1.0)
     assert r.groupby("adapter")["requests"].sum().sum() == len(tr)
     assert all(g.recommendation.ok for g in pl.gpus)
+
+
+def test_a_tensor_parallel_placement_writes_its_engine_and_counts_its_gpus(tiny, tmp_path):
+    """place on a TP-2 profile: each GPU of the report is a server of 2 GPUs, and its
+    exported files start that engine (vLLM would start one GPU from them)."""
+    import json
+
+    from twin.costs.first_principles import LLAMA31_8B, build_profile
+    from twin.ml.export import write_placement
+
+    tp2 = build_profile(LLAMA31_8B, "h100-80gb", tensor_parallel_size=2)
+    tr, cat = _workload(8, (4.0, 2.0, 1.0))
+    pl = place(tr, cat, profile=tp2, model=tiny["model"], window_s=WINDOW, workers=1)
+    assert pl.ok and pl.gpus_per_server == 2 and pl.total_gpus == 2 * len(pl.gpus)
+    assert f"{len(pl.gpus)} server(s) x 2 GPUs (tensor parallel)" in pl.report()
+    write_placement(tmp_path, pl, cat, profile=tp2, model_name="m", label="t")
+    assert "--tensor-parallel-size=2" in (tmp_path / "gpu-0" / "vllm_args.txt").read_text()
+    record = json.loads((tmp_path / "placement.json").read_text())
+    assert record["profile"] == tp2.name

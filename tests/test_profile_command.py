@@ -684,3 +684,25 @@ def test_profile_from_a_gpu_calibration_honours_tp_and_fp8(tmp_path, capsys):
                            "--gpu-calibration", path, *extra, "--out", out], capsys)
         assert rc == 0, err
     assert load_profile(fp8).step_time(decode) < load_profile(plain).step_time(decode)
+
+
+def test_engine_settings_are_checked_against_the_profile_on_every_path():
+    """A config stating tensor parallelism or FP8 is read with the profile it runs on, on
+    every path (a bare twin.load_config dropped the setting unread; the fleet checked its
+    replicas' dicts against the default profile, not the fleet's); bad values are input
+    errors, and vLLM's FP8 KV aliases are FP8."""
+    from twin import api
+
+    tp2 = build_profile(LLAMA31_8B, "h100-80gb", tensor_parallel_size=2, kv_cache_dtype="fp8")
+    d = {"tensor-parallel-size": 2, "kv-cache-dtype": "fp8_e4m3", "max_loras": 2}
+    with pytest.raises(TwinInputError, match="engine setting"):
+        api.load_config(d)
+    assert api.load_config(d, profile=tp2).max_loras == 2
+    with pytest.raises(TwinInputError, match="tensor_parallel_size is 2 here but 1"):
+        api.load_config(d, profile=build_profile(LLAMA31_8B, "h100-80gb"))
+    for bad in ("two", None, 2.5, 0):
+        with pytest.raises(TwinInputError, match="tensor_parallel_size"):
+            api.load_config({"tensor_parallel_size": bad}, profile=tp2)
+    trace = rate_class_trace(2, (1.0,), duration_s=10, lengths=uniform_lengths(8, 64), seed=1)
+    run = api.simulate_fleet(trace, [d, d], profile=tp2)
+    assert run.summary["num_requests"] == len(trace)

@@ -194,7 +194,7 @@ def test_a_config_file_listing_lora_modules_preloads_them(tmp_path):
     verified = ServingConfig(max_loras=4, max_cpu_loras=8, preload_adapters=True)
     path = tmp_path / "vllm_config.yaml"
     path.write_text(vllm_yaml(verified, "my-model", ["a", "b"]))
-    assert ServingConfig.from_yaml(path) == verified
+    assert ServingConfig.from_yaml(path) == verified.replace(lora_modules=("a", "b"))
     bare = ServingConfig.from_dict({"max_loras": 4, "max_cpu_loras": 8})
     assert not bare.preload_adapters
     said = ServingConfig.from_dict({"lora-modules": ["a=/x"], "preload_adapters": False})
@@ -203,8 +203,10 @@ def test_a_config_file_listing_lora_modules_preloads_them(tmp_path):
 
 def test_a_config_file_preloads_only_the_lora_modules_it_lists(tmp_path, capsys):
     """A GPU's file from twin place lists that GPU's adapters: the server preloads those,
-    and loads any other adapter of the trace from disk on first use (every catalog adapter
-    was preloaded: 0 disk loads where vLLM makes one per unlisted adapter)."""
+    and loads any other adapter of the trace from disk on first use, whichever way the
+    file comes in (it preloaded the whole catalog: 0 disk loads where vLLM makes one per
+    unlisted adapter; a path given to twin.simulate did, twin.load_config(path) and twin
+    compare/fleet --config did not: the config could not carry the list)."""
     from twin import api
     from twin.cli import main
     from twin.workload.generate import rate_class_trace, uniform_lengths
@@ -218,14 +220,18 @@ def test_a_config_file_preloads_only_the_lora_modules_it_lists(tmp_path, capsys)
                       + "".join(f"  - {a}=/adapters/{a}\n" for a in names[:2]))
     path = write_trace(trace, tmp_path / "t.parquet")
     profile = "llama31-8b-h100-64gb-first-principles"
-    loads = api.simulate(path, listed, profile).summary["adapter_loads"]
-    assert loads["from_disk"] == 2        # the two unlisted adapters, once each
-    every = api.simulate(path, listed, profile, lora_modules=names).summary["adapter_loads"]
-    assert every["from_disk"] == 0
-    assert main(["simulate", "--trace", str(path), "--config", str(listed), "--profile",
-                 profile, "--json", "--no-progress"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["adapter_loads"]["from_disk"] == 2
+    config = api.load_config(listed)
+    assert config.lora_modules == tuple(names[:2]) and config.preload_adapters
+    for run in (api.simulate(path, listed, profile), api.simulate(path, config, profile),
+                api.simulate_fleet(path, 1, config=listed, profile=profile).result):
+        assert run.summary["adapter_loads"]["from_disk"] == 2   # the unlisted two, once each
+    every = api.simulate(path, config.replace(lora_modules=None), profile)
+    assert every.summary["adapter_loads"]["from_disk"] == 0
+    for argv in (["simulate", "--config", str(listed), "--json", "--no-progress"],
+                 ["simulate", "--lora-modules", *names[:2], "--max-loras", "4",
+                  "--max-cpu-loras", "4", "--json", "--no-progress"]):
+        assert main([*argv, "--trace", str(path), "--profile", profile]) == 0
+        assert json.loads(capsys.readouterr().out)["adapter_loads"]["from_disk"] == 2
 
 
 def test_writing_over_a_shipped_profile_is_said(tmp_path, capsys):

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from twin.config import (ServingConfig, check_engine_settings, lora_module_names,
-                         read_yaml_mapping, setting_names)
+from twin.config import ServingConfig, read_yaml_mapping, setting_names
 from twin.costs.machine import warn_if_other_machine
 from twin.costs.profile import Profile, load_profile
 from twin.errors import TwinInputError
@@ -63,15 +62,21 @@ def load_trace(trace: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
 
 
 def load_config(config: ServingConfig | dict | str | os.PathLike | None = None,
-                model_context: int | None = None) -> ServingConfig:
+                model_context: int | None = None, *,
+                profile: Profile | None = None) -> ServingConfig:
     """A :class:`ServingConfig` from itself, a dict of vLLM settings (``max_loras`` or
     ``max-loras``; settings the twin does not model, e.g. ``model``, are ignored as in a
     ``vllm serve --config`` file) or such a YAML file; ``None``: vLLM's defaults.
     ``model_context``: the model's context, which a dict, file or ``None`` that gives no
-    ``max_model_len`` gets, as vLLM derives it (``twin simulate --profile`` does the same)."""
+    ``max_model_len`` gets, as vLLM derives it (``twin simulate --profile`` does the same).
+    ``profile``: the profile it will run on: its context (unless ``model_context``) and its
+    engine, which engine settings the config states (tensor parallelism, FP8) must be."""
     if isinstance(config, ServingConfig):
         return config
-    return _config_of(*_settings(config), model_context)
+    if profile is not None and model_context is None:
+        model_context = profile.model.max_position_embeddings
+    return _config_of(*_settings(config), model_context,
+                      None if profile is None else profile.hardware)
 
 
 def _settings(config: dict | str | os.PathLike | None) -> tuple[dict, str]:
@@ -90,15 +95,12 @@ def _settings(config: dict | str | os.PathLike | None) -> tuple[dict, str]:
 
 
 def _config_of(d: dict, source: str, model_context: int | None,
-               profile: Profile | None = None) -> ServingConfig:
-    """The config of settings ``d``; ``profile``: the one it is simulated on, whose
-    engine (tensor parallelism, FP8) settings the file states must be."""
-    if profile is not None:
-        check_engine_settings(d, profile.hardware, source=source,
-                              profile=f"profile {profile.name}")
+               engine: dict | None = None) -> ServingConfig:
+    """The config of settings ``d``; ``engine``: the hardware of the profile it runs on
+    (``ServingConfig.from_dict``)."""
     if d.get("max_model_len") is None and model_context is not None:
         d = {**d, "max_model_len": model_context}
-    return ServingConfig.from_dict(d, source=source)
+    return ServingConfig.from_dict(d, source=source, engine=engine)
 
 
 def _profile(profile: Profile | str | os.PathLike | None) -> Profile:
@@ -133,13 +135,9 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
              profile: Profile | str | os.PathLike | None = None, *,
              catalog: AdapterCatalog | pd.DataFrame | str | os.PathLike | None = None,
              window_s: float | None = None, record_steps: bool = False,
-             progress: bool = False, lora_modules=None) -> RunResult:
+             progress: bool = False) -> RunResult:
     """Simulate ``trace`` served by vLLM with ``config`` on the hardware and base model of
     ``profile``: what ``twin simulate`` runs, with the same figures.
-
-    ``lora_modules``: the adapter names vLLM loads at start-up (default: a dict's or YAML
-    file's ``lora-modules``, as the ``vllm_config.yaml`` of ``twin recommend`` and ``twin
-    place`` list them; with none, every catalog adapter when ``preload_adapters``).
 
     ``window_s``: measure a fixed window as ``vllm bench serve`` with a time limit does
     (later arrivals dropped, unfinished requests reported as such); by default the run goes
@@ -150,11 +148,7 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     preemptions, KV usage and the starvation verdict), ``format_summary()``, ``save(dir)``.
     """
     profile = _profile(profile)
-    if not isinstance(config, ServingConfig):   # the file read once, for both
-        d, source = _settings(config)
-        if lora_modules is None:
-            lora_modules = lora_module_names(d.get("lora_modules"))
-        config = _config_of(d, source, profile.model.max_position_embeddings, profile)
+    config = load_config(config, profile=profile)
     trace, path = _trace_and_source(trace)
     source = path or "trace"
     window_s = refuse_empty_window(trace, window_s, source)
@@ -162,8 +156,7 @@ def simulate(trace: pd.DataFrame | str | os.PathLike,
     # every serving strategy (config.policy): one vLLM server goes straight to the simulator
     warn_if_other_machine(profile)   # one stderr line: an executor profile from another box
     result = simulate_policy(trace, config, profile, catalog, window_s=window_s,
-                             progress=progress, record_steps=record_steps, trace_source=source,
-                             lora_modules=lora_modules)
+                             progress=progress, record_steps=record_steps, trace_source=source)
     if path is not None:
         result.meta["trace"] = path
     return result
@@ -193,12 +186,12 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
         options = {"slack": affinity_slack} if (router == "adapter_affinity"
                                                 and affinity_slack is not None) else {}
         router = fleet.make_router(router, table=routing, **options)
-    if isinstance(replicas, (list, tuple)):   # configs (dicts, YAML paths) as replicas too
-        replicas = [r if isinstance(r, fleet.Replica) else fleet_replica(r) for r in replicas]
     profile = _profile(profile)
+    if isinstance(replicas, (list, tuple)):   # configs (dicts, YAML paths) as replicas too
+        replicas = [r if isinstance(r, fleet.Replica) else fleet_replica(r, fleet=profile)
+                    for r in replicas]
     run = fleet.simulate_fleet(
-        trace, replicas, router, profile=profile,
-        config=load_config(config, profile.model.max_position_embeddings),
+        trace, replicas, router, profile=profile, config=load_config(config, profile=profile),
         catalog=load_catalog(catalog), window_s=window_s, refresh_s=refresh_s,
         workers=workers, backend=backend, address=address, progress=progress,
         trace_source=source)
@@ -208,21 +201,18 @@ def simulate_fleet(trace: pd.DataFrame | str | os.PathLike, replicas=2,
 
 
 def fleet_replica(config: ServingConfig | dict | str | os.PathLike | None = None,
-                  profile: Profile | str | os.PathLike | None = None):
+                  profile: Profile | str | os.PathLike | None = None, *,
+                  fleet: Profile | None = None):
     """One replica of a fleet (``twin.fleet.Replica``): its config and profile (None: the
-    fleet's ``profile``; a config without ``max_model_len`` then gets the default
-    profile's model context). A dict or YAML file that lists ``lora-modules`` (the
-    ``gpu-*/vllm_config.yaml`` twin place writes) serves those adapters: they are what the
-    replica preloads, as vLLM loads the listed modules at start-up."""
-    from twin import fleet   # lazy: as simulate_fleet
+    fleet's, ``fleet``, else the default profile, whose model context a config without
+    ``max_model_len`` gets and whose engine its engine settings are checked against). A
+    dict or YAML file that lists ``lora-modules`` (the ``gpu-*/vllm_config.yaml`` twin
+    place writes) serves those adapters: they are what the replica preloads, as vLLM loads
+    the listed modules at start-up (``ServingConfig.lora_modules``)."""
+    from twin.fleet import Replica   # lazy: as simulate_fleet
 
-    prof = _profile(profile)   # a config without max_model_len gets its model's context
-    served = None
-    if not isinstance(config, ServingConfig):   # the file read once, for both
-        d, source = _settings(config)
-        served = lora_module_names(d.get("lora_modules"))
-        config = _config_of(d, source, prof.model.max_position_embeddings, prof)
-    return fleet.Replica(config, None if profile is None else prof, served)
+    prof = _profile(profile if profile is not None else fleet)
+    return Replica(load_config(config, profile=prof), None if profile is None else prof)
 
 
 def recommend(trace: pd.DataFrame | str | os.PathLike, *,
@@ -262,7 +252,7 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
         if catalog is not None:   # as `twin recommend`: ranks vLLM can load at all
             catalog.check(trace, 512, path or "trace")   # an unknown adapter: the trace's row
         model = model if isinstance(model, Recommender) else Recommender.load(model)
-        base = _base(base, profile.model.max_position_embeddings)
+        base = _base(base, profile)
         rec = _recommend(trace, catalog, profile=profile, model=model, base=base,
                          objective=objective, slo=slo, window_s=window_s, max_runs=max_runs,
                          workers=workers, optimizer=optimizer, seed=seed)
@@ -274,19 +264,22 @@ def recommend(trace: pd.DataFrame | str | os.PathLike, *,
     return rec
 
 
-def _base(base, model_context: int | None = None) -> ServingConfig:
+def _base(base, profile: Profile) -> ServingConfig:
     """The recommender's fixed settings (see :func:`recommend`); ``max_model_len``, unless
-    given, is the model's context, as vLLM derives it (``twin.ml.spec.base_config``)."""
+    given, is the model's context, as vLLM derives it (``twin.ml.spec.base_config``);
+    engine settings are the profile's."""
     from twin.ml.spec import base_config   # lazy: twin.ml off simulate's path
 
+    context, engine = profile.model.max_position_embeddings, profile.hardware
     if isinstance(base, ServingConfig):
         return base
     if base is None or isinstance(base, _PATH):
-        return base_config(base, model_context)
+        return base_config(base, context, engine=engine)
     if isinstance(base, dict):
         given = setting_names(base, "base")
-        d = base_config(None, None if "max_model_len" in given else model_context).to_dict()
-        return ServingConfig.from_dict({**d, **given}, source="base")   # names and values checked
+        d = base_config(None, None if "max_model_len" in given else context).to_dict()
+        return ServingConfig.from_dict({**d, **given}, source="base",   # names, values checked
+                                       engine=engine)
     _refuse("base", base, "a ServingConfig, a dict of vLLM settings or a YAML path")
 
 

@@ -29,7 +29,7 @@ BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 POLICIES = ("vllm", "slora", "merged", "hybrid", "split")
 # `vllm serve` settings that do not change what the twin models: accepted and ignored, so a
 # vLLM YAML config (e.g. the one `twin recommend` writes) can be simulated as it is
-VLLM_IGNORED = frozenset({"model", "lora_modules", "served_model_name", "host", "port",
+VLLM_IGNORED = frozenset({"model", "served_model_name", "host", "port",
                           "tokenizer", "dtype", "seed", "api_key", "disable_log_requests",
                           "disable_log_stats", "trust_remote_code", "download_dir"})
 #: engine settings a profile describes (``twin profile``; ``profile.hardware``), with vLLM's
@@ -78,6 +78,10 @@ class ServingConfig:
     # with hash_ids reuse cached prefix blocks of their own adapter; without hash_ids no
     # request hits and every figure is what caching off gives
     enable_prefix_caching: bool = True
+    # vLLM's --lora-modules, by name: the adapters a server loads at start-up (with
+    # preload_adapters; None: every catalog adapter), as a config file twin place writes
+    # lists its GPU's; a config that gives none writes none (to_dict)
+    lora_modules: tuple | None = None
 
     def __post_init__(self):
         # vLLM's max_cpu_loras defaults to max_loras: a config given none follows its
@@ -91,15 +95,23 @@ class ServingConfig:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ServingConfig":
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config",
+                  engine: dict | None = None) -> "ServingConfig":
+        """The config of vLLM settings ``d`` (vLLM's names or flag spellings). Engine
+        settings (``ENGINE_SETTINGS``: tensor parallelism, FP8) are the profile's: they
+        are checked against ``engine`` (the profile's ``hardware``) and refused without
+        it, never dropped unread."""
         if not isinstance(d, dict):
             raise TwinInputError(f"expected a mapping of vLLM setting names to values, got "
                                  f"{type(d).__name__}", file=source)
         known = {f.name for f in dataclasses.fields(cls)}
         named = setting_names(d, source)
+        check_engine_settings(named, engine, source=source)
         norm = {k: v for k, v in named.items()
                 if k not in VLLM_IGNORED and k not in ENGINE_SETTINGS}
-        if named.get("lora_modules") and "preload_adapters" not in norm:
+        if "lora_modules" in norm:
+            norm["lora_modules"] = lora_module_names(norm["lora_modules"], source)
+        if norm.get("lora_modules") and "preload_adapters" not in norm:
             # vLLM loads --lora-modules into host memory at start-up (init_static_loras ->
             # add_lora), as the config files twin recommend writes list them
             norm["preload_adapters"] = True
@@ -114,9 +126,9 @@ class ServingConfig:
         return cls(**c)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ServingConfig":
+    def from_yaml(cls, path: str | Path, *, engine: dict | None = None) -> "ServingConfig":
         data = read_yaml_mapping(path, expected="a mapping of vLLM setting names to values")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), engine=engine)
 
     def replace(self, **changes) -> "ServingConfig":
         """A copy with ``changes``; ``max_cpu_loras`` still vLLM's default (``max_loras``)
@@ -129,7 +141,12 @@ class ServingConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["lora_modules"] is None:   # as every config written before the field
+            del d["lora_modules"]
+        else:
+            d["lora_modules"] = list(d["lora_modules"])
+        return d
 
     # -- checks vLLM makes at start-up -----------------------------------------------------
     def validate(self) -> None:
@@ -174,6 +191,7 @@ class ServingSchema(Schema):
     policy: Literal[POLICIES]
     preload_adapters: bool
     enable_prefix_caching: bool
+    lora_modules: tuple[str, ...] | None
 
 
 def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict[str, Any]:
@@ -217,32 +235,47 @@ def _checked(values: dict[str, Any], source: str, *, vllm: bool = False) -> dict
     return c
 
 
-def check_engine_settings(settings: dict, hardware: dict, *, source: str = "config",
-                          profile: str = "the profile") -> None:
-    """Refuse engine settings (``ENGINE_SETTINGS``) of a config file that are not those of
-    the profile it is simulated with (``hardware``: ``profile.hardware``; a profile that
-    does not say has vLLM's defaults): its KV capacity, weights and step times are another
-    engine's."""
+def check_engine_settings(settings: dict, engine: dict | None, *,
+                          source: str = "config") -> None:
+    """Engine settings (``ENGINE_SETTINGS``) a config states must be those of the profile
+    it is served on (``engine``: ``profile.hardware``; unsaid there: vLLM's defaults): with
+    others its KV capacity, weights and step times are another engine's. Without a
+    profile to check them against (``engine`` None) they are refused, not dropped."""
     for name, default in ENGINE_SETTINGS.items():
         if name not in settings:
             continue
-        given = settings[name]
-        want = hardware.get(name, default)
-        if name == "tensor_parallel_size":
-            given, want = int(given), int(want or 1)
-        elif name == "kv_cache_dtype":
-            given, want = str(given), str(want or "auto")
-        else:
-            given, want = (given or None), (want or None)
+        flag = "--" + name.replace("_", "-")
+        given = _engine_value(name, settings[name], source)
+        if engine is None:
+            raise TwinInputError(
+                f"{name} is an engine setting, which a profile describes: give this config "
+                "with the profile built for it (--profile; twin.load_config(..., "
+                "profile=...)), or drop the setting", file=source, field=name)
+        want = _engine_value(name, engine.get(name, default), "the profile")
         if given != want:
             raise TwinInputError(
-                f"{name} is {given!r} here but {want!r} in {profile}: its memory and step "
-                f"times are of another engine; build a profile for it (twin profile "
-                f"--{name.replace('_', '-')} {given}) or drop the setting",
-                file=source, field=name)
+                f"{name} is {given!r} here but {want!r} in the profile: its memory and step "
+                f"times are of another engine; build a profile for it (twin profile {flag} "
+                f"{given}) or drop the setting", file=source, field=name)
 
 
-def lora_module_names(modules) -> tuple | None:
+def _engine_value(name: str, v, source: str):
+    """An engine setting's value, normalised (vLLM's FP8 KV aliases are one dtype)."""
+    if name == "tensor_parallel_size":
+        if v is None:
+            return 1
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)) \
+                or not str(v).strip().isdigit() or int(v) < 1:
+            raise TwinInputError(f"expected a whole number of GPUs >= 1, got {v!r}",
+                                 file=source, field=name)
+        return int(v)
+    if name == "kv_cache_dtype":
+        v = str(v or "auto").lower()
+        return "fp8" if v.startswith("fp8") else v
+    return str(v).lower() if v else None
+
+
+def lora_module_names(modules, source: str = "config") -> tuple | None:
     """The adapter names of a ``lora-modules`` setting as vLLM takes it: ``name=path``
     strings, JSON strings or mappings with a ``name``; None when there is none."""
     if not modules:
@@ -251,9 +284,15 @@ def lora_module_names(modules) -> tuple | None:
         modules = [modules]
     names = []
     for m in modules:
-        if isinstance(m, str) and m.lstrip().startswith("{"):
-            m = json.loads(m)
-        names.append(str(m["name"]) if isinstance(m, dict) else str(m).split("=", 1)[0].strip())
+        try:
+            if isinstance(m, str) and m.lstrip().startswith("{"):
+                m = json.loads(m)
+            names.append(str(m["name"]) if isinstance(m, dict)
+                         else str(m).split("=", 1)[0].strip())
+        except (ValueError, KeyError, TypeError):
+            raise TwinInputError(f"a lora-modules entry is name=path, or JSON or a mapping "
+                                 f"with a name; got {m!r}", file=source,
+                                 field="lora_modules") from None
     return tuple(names)
 
 

@@ -95,15 +95,25 @@ def unified_pool_tokens(config: ServingConfig, profile: Profile) -> int:
     return profile.memory.kv_tokens(config.replace(enable_lora=False))
 
 
-def preload_ids(config: ServingConfig, catalog, lora_modules=None) -> list[int] | None:
-    """The catalog ids a vLLM server loads at start-up: the adapters ``lora_modules`` names
-    (vLLM's ``--lora-modules``, in their order; a name the catalog lacks is not in this
-    trace and is skipped), none without ``preload_adapters``; None when no list is given
-    (the server's default: every catalog adapter with ``preload_adapters``)."""
-    if lora_modules is None:
-        return None
+def server_kv_tokens(config: ServingConfig, profile: Profile) -> int:
+    """The KV tokens the server ``config`` lays out holds (``build_server``'s): vLLM's
+    pool beside its slots, or S-LoRA's unified pool."""
+    if config.policy == "slora":
+        return unified_pool_tokens(config, profile)
+    return kv_capacity_tokens(config, profile)
+
+
+def preload_ids(config: ServingConfig, catalog, lora_modules=None) -> list[int]:
+    """The catalog ids a vLLM server loads at start-up with ``preload_adapters`` (none
+    without): the adapters ``lora_modules`` names, else ``config.lora_modules`` (vLLM's
+    ``--lora-modules``, in their order; a name the catalog lacks is not in this trace and
+    is skipped), else every catalog adapter."""
     if not config.preload_adapters:
         return []
+    if lora_modules is None:
+        lora_modules = config.lora_modules
+    if lora_modules is None:
+        return list(range(len(catalog)))
     ids = {a: i for i, a in enumerate(catalog.adapters)}
     return [ids[a] for a in lora_modules if a in ids]
 
@@ -119,8 +129,9 @@ def build_server(config: ServingConfig, profile: Profile | None, catalog, *, tra
     refuses (adapters without ``enable_lora``, unknown adapters, ranks over
     ``max_lora_rank``). ``num_blocks``: the pool's size when the caller chose it (the
     executor); default from ``profile``'s memory model, refusing a config the server would
-    not start with. ``preload``: adapters resident at start-up (vllm; default every
-    catalog adapter when ``preload_adapters``). ``admission``: S-LoRA's rule (slora).
+    not start with. ``preload``: adapters resident at start-up (vllm; default
+    :func:`preload_ids`: the config's ``lora_modules``, else every catalog adapter, when
+    ``preload_adapters``). ``admission``: S-LoRA's rule (slora).
     ``any_peft_kind``: serve catalog adapters of every PEFT kind (a split client), not
     LoRA only as vLLM does.
     """
@@ -147,7 +158,7 @@ def _build_vllm(config, profile, catalog, trace, trace_source, num_blocks, prelo
     else:
         kv_tokens = num_blocks * config.block_size
     if preload is None:
-        preload = list(range(len(catalog))) if config.preload_adapters else []
+        preload = preload_ids(config, catalog)
     cache = AdapterCache(config.max_loras, config.max_cpu_loras, preload=preload)
     sched = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
                       max_num_seqs=config.max_num_seqs,
@@ -183,4 +194,5 @@ def _build_slora(config, profile, catalog, num_blocks, admission):
 
 
 __all__ = ["LAYOUTS", "SERVER_LAYOUTS", "ServerParts", "build_server", "kv_capacity_tokens",
-           "adapter_pages", "page_bytes", "unified_pool_tokens"]
+           "adapter_pages", "page_bytes", "unified_pool_tokens", "server_kv_tokens",
+           "preload_ids"]

@@ -9,8 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from twin.argtypes import strict_bool
-from twin.config import (ENGINE_SETTINGS, ServingConfig, check_engine_settings,
-                         lora_module_names, read_yaml_mapping, setting_names)
+from twin.config import ServingConfig, read_yaml_mapping, setting_names
 from twin.costs.profile import Profile, load_profile
 from twin.workload.schema import read_trace
 
@@ -22,7 +21,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServingConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = str(f.type)
-        if typ.startswith("bool"):
+        if f.name == "lora_modules":   # vLLM's: several name=path (or names)
+            g.add_argument(flag, dest=f.name, default=None, nargs="+", metavar="NAME[=PATH]",
+                           help="adapters loaded at start-up (with --preload-adapters, "
+                                "which it turns on; default: every catalog adapter)")
+        elif typ.startswith("bool"):
             g.add_argument(flag, dest=f.name, default=None, type=strict_bool,
                            metavar="{true,false}", help=f"default {f.default}")
         else:
@@ -46,10 +49,8 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     # would hide the model's context below; names, types and refusals are checked once,
     # on the merged settings (ServingConfig.from_dict names the file)
     base = _file_settings(args)
-    if any(k in ENGINE_SETTINGS for k in base) and hasattr(args, "profile"):
-        profile = profile or load_profile(args.profile)
-        check_engine_settings(base, profile.hardware, source=str(args.config),
-                              profile=f"profile {profile.name}")
+    if profile is None and hasattr(args, "profile"):
+        profile = load_profile(args.profile)
     for f in dataclasses.fields(ServingConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -59,30 +60,24 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     if base.get("max_model_len") is None and getattr(args, "profile", None):
         # not given: vLLM derives max_model_len from the model (max_position_embeddings),
         # so a model with a shorter context than the default runs instead of being refused
-        context = (profile or load_profile(args.profile)).model.max_position_embeddings
+        context = profile.model.max_position_embeddings
         if context is not None:
             base["max_model_len"] = context
     # an error names where the settings came from: a flag's value is not the file's
     flags = " ".join(f for f in given_config_flags(args) if f != "--config")
     source = " with ".join(s for s in (str(args.config or ""), flags) if s)
-    return ServingConfig.from_dict(base, source=source or "flags")
-
-
-def config_lora_modules(args) -> tuple | None:
-    """The adapter names ``--config``'s ``lora-modules`` lists (what vLLM loads at start-up;
-    the file twin recommend or twin place writes lists its GPU's), None without them."""
-    return lora_module_names(_file_settings(args).get("lora_modules"))
+    # engine settings (tensor parallelism, FP8) are checked against the profile's; a
+    # command without a profile (the executor) refuses them
+    return ServingConfig.from_dict(base, source=source or "flags",
+                                   engine=None if profile is None else profile.hardware)
 
 
 def _file_settings(args) -> dict:
     """The settings ``--config`` names, by their names ({} without one)."""
-    return _settings_of(args.config) if getattr(args, "config", None) else {}
-
-
-def _settings_of(path) -> dict:
-    """The settings the YAML file ``path`` names, by their names."""
+    if not getattr(args, "config", None):
+        return {}
     return setting_names(read_yaml_mapping(
-        path, expected="a mapping of vLLM setting names to values"), str(path))
+        args.config, expected="a mapping of vLLM setting names to values"), str(args.config))
 
 
 def read_limited_trace(args):
@@ -115,8 +110,6 @@ def ml_base(args, profile: Profile) -> ServingConfig:
     ``--[no-]enable-prefix-caching``."""
     from twin.ml.spec import base_config  # lazy: the ML stack only for the ML commands
 
-    if args.base_config is not None:
-        check_engine_settings(_settings_of(args.base_config), profile.hardware,
-                              source=str(args.base_config), profile=f"profile {profile.name}")
     return with_prefix_caching(base_config(args.base_config,
-                                           profile.model.max_position_embeddings), args)
+                                           profile.model.max_position_embeddings,
+                                           engine=profile.hardware), args)

@@ -130,12 +130,6 @@ def run(args) -> int:
         raise TwinInputError(f"--routing is read by --router static only (got --router "
                              f"{args.router}); add --router static or drop --routing",
                              field="--routing")
-    from twin.fleet.routers import ROUTERS   # lazy: building the parser loads no fleet module
-    if args.router_refresh_s and not ROUTERS[args.router].reads_state:
-        raise TwinInputError(f"--router {args.router} routes from the trace alone and reads no "
-                             "view to refresh; --router-refresh-s is for "
-                             f"{', '.join(n for n, c in ROUTERS.items() if c.reads_state)}",
-                             field="--router-refresh-s")
     say = console(args.json)
     with prepare(args.out, "fleet", inputs=input_paths(args)):
         profile = api.load_profile(args.profile)

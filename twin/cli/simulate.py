@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from twin.argtypes import positive_float
-from twin.cli.config_flags import add_config_flags, config_from_args, config_lora_modules
+from twin.cli.config_flags import add_config_flags, config_from_args
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare
 from twin import api
@@ -74,8 +74,7 @@ def run(args) -> int:
         profile = api.load_profile(args.profile)   # read once: the config takes its context
         result = api.simulate(args.trace, config_from_args(args, profile), profile,
                               catalog=args.catalog, window_s=args.window_s,
-                              progress=not args.no_progress, record_steps=args.steps,
-                              lora_modules=config_lora_modules(args))
+                              progress=not args.no_progress, record_steps=args.steps)
         if args.json:
             print(json_document(result.summary, indent=2))
         else:

@@ -141,8 +141,9 @@ class Profile:
         if limit is not None and config.max_model_len > limit:
             raise TwinInputError(
                 f"User-specified max_model_len ({config.max_model_len}) is greater than the "
-                f"derived max_model_len (max_position_embeddings={limit} in the model's "
-                f"config.json; profile {self.name}). vLLM refuses it: lower max_model_len",
+                f"derived max_model_len ({limit}: the model's max_position_embeddings, times "
+                f"its RoPE scaling factor; profile {self.name}). vLLM refuses it: lower "
+                "max_model_len",
                 file="config", field="max_model_len")
 
 

@@ -40,8 +40,9 @@ from twin.workload.schema import validate_trace
 class Replica:
     """One replica of a fleet: its serving config and profile (name, path or loaded), and
     ``adapters``, the ones it serves (its ``--lora-modules``): those are what it preloads
-    at start-up with ``preload_adapters`` (default None: those a static routing table sends
-    it, else every catalog adapter, as a server given them all)."""
+    at start-up with ``preload_adapters`` (default None: its config's ``lora_modules``,
+    else those a static routing table sends it, else every catalog adapter, as a server
+    given them all)."""
 
     config: ServingConfig
     profile: Profile | str | None = None
@@ -78,13 +79,18 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     if isinstance(router, str):
         router = make_router(router, table=routing)
     router.bind(len(reps), catalog.adapters)
-    # a replica told nothing of what it serves serves what the router sends it: a static
-    # table's rows (what its --lora-modules would list), else any adapter
-    reps = [r if r.adapters is not None else Replica(r.config, r.profile, router.served(k))
-            for k, r in enumerate(reps)]
+    # a replica told nothing of what it serves (adapters, its config's lora_modules) serves
+    # what the router sends it: a static table's rows, else any adapter
+    reps = [r if r.adapters is not None or r.config.lora_modules is not None
+            else Replica(r.config, r.profile, router.served(k)) for k, r in enumerate(reps)]
     if isinstance(refresh_s, bool) or not isinstance(refresh_s, (int, float, np.number)) \
             or not refresh_s >= 0:
         raise TwinInputError(f"refresh_s must be a number of seconds >= 0, got {refresh_s!r}",
+                             field="refresh_s")
+    if refresh_s and not router.reads_state:   # nothing would read the refreshed view
+        raise TwinInputError(f"router {router.name} routes from the trace alone and reads no "
+                             "view to refresh; refresh_s is for the routers that read replica "
+                             "state (least_outstanding_requests, adapter_affinity)",
                              field="refresh_s")
     if sample_dt is None:
         sample_dt = default_sample_dt(trace_horizon(trace, window_s))
@@ -160,18 +166,17 @@ def _event_loop(trace, reps, router, catalogs, refresh_s, progress, *, window_s,
     return np.asarray(route, dtype=np.int64), results
 
 
-def _preload(rep: Replica, catalog) -> list[int] | None:
-    """The catalog ids ``rep`` preloads (None: the server's default, every adapter)."""
+def _preload(rep: Replica, catalog) -> list[int]:
+    """The catalog ids ``rep`` preloads (``twin.servers.preload_ids``)."""
     return preload_ids(rep.config, catalog, rep.adapters)
 
 
 def simulate_replica(payload):
     """One replica on its share of the trace (a process pool's or Ray's task)."""
     k, sub, config, profile, catalog, preload, kw = payload
-    server = None
-    if preload is not None:   # sub: the fleet's validated, windowed trace's share
-        server = build_server(config, profile, catalog, trace=sub,
-                              trace_source=kw["trace_source"], preload=preload)
+    # sub: the fleet's validated, windowed trace's share
+    server = build_server(config, profile, catalog, trace=sub,
+                          trace_source=kw["trace_source"], preload=preload)
     return k, simulate(sub, config, profile, catalog, server=server, **kw)
 
 

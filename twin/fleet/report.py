@@ -20,7 +20,7 @@ from twin.outputs import staged_dir
 from twin.policies.combine import combine
 from twin.policies.deployment import Deployment, ServerRun, ServerSpec
 from twin.results import RunResult
-from twin.servers import kv_capacity_tokens
+from twin.servers import server_kv_tokens
 from twin.results import plot as plots
 from twin.results.queue_head import main_limit
 
@@ -84,7 +84,7 @@ def combine_fleet(trace, reps, router, route, results, window_s, *, wall_s: floa
         runs.append(ServerRun(spec, np.flatnonzero(route == k), res, memory=None, busy_s=busy))
     dep = Deployment(policy=f"fleet/{router.name}", servers=[r.spec for r in runs],
                      route=np.asarray(route), gpus=n)
-    idle = sum(kv_capacity_tokens(rep.config, rep.profile)
+    idle = sum(server_kv_tokens(rep.config, rep.profile)
                for rep, res in zip(reps, results) if res is None)
     result = combine(dep, trace, runs, reps[0].config, reps[0].profile, window_s,
                      idle_kv_tokens=idle)

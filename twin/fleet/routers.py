@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.schema import read_table
+from twin.workload.schema import BASE_MODEL, read_table
 
-BASE_KEY = "(base model)"   # the base model's key in routing tables and hash rings
+BASE_KEY = BASE_MODEL   # the base model's key in routing tables and hash rings
 
 
 class Router:

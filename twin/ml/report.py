@@ -299,7 +299,7 @@ class Recommendation:
                      f"{f['gpus']} server(s) x {tp} GPUs (tensor parallel) = {f['total_gpus']}")
             L.append(f"fewest GPUs meeting the SLOs: {count} (twin place --slo, "
                      f"{f['verify_runs']} twin runs)" if f["ok"] else
-                     f"no placement on up to {f['gpus']} GPUs meets the SLOs "
+                     f"no placement on up to {count} GPUs meets the SLOs "
                      f"({f['verify_runs']} twin runs)")
             L += [f"  gpu {g['gpu']}: {g['adapters']} adapters, {g['config']}, verified p99 "
                   f"TTFT {g['ttft_p99']:.0f} ms TPOT {g['tpot_p99']:.1f} ms"

@@ -364,25 +364,23 @@ def paper_base() -> ServingConfig:
     return ServingConfig(**PAPER_BASE)
 
 
-def base_config(path=None, model_context: int | None = None) -> ServingConfig:
+def base_config(path=None, model_context: int | None = None, *,
+                engine: dict | None = None) -> ServingConfig:
     """The paper's base config, with the settings of the YAML file at ``path`` over it.
     ``model_context``: the served model's context (``max_position_embeddings``); when the
     file does not set ``max_model_len``, vLLM derives it from the model, and so does this
-    (the paper's 131072 is Llama-3.1's context)."""
+    (the paper's 131072 is Llama-3.1's context). ``engine``: the profile's hardware, which
+    engine settings the file states must match (``ServingConfig.from_dict``)."""
     d = dict(PAPER_BASE)
     keys: set = set()
     if path is not None:
-        given = ServingConfig.from_yaml(path)   # checks the file: names, types, refusals
+        given = ServingConfig.from_yaml(path, engine=engine)   # names, types, refusals
         keys = {str(k).replace("-", "_") for k in
                 read_yaml_mapping(path, expected="a mapping of vLLM setting names to values")}
         d.update({k: v for k, v in given.to_dict().items() if k in keys})   # only what it sets
     if model_context is not None and "max_model_len" not in keys:
         d["max_model_len"] = int(model_context)
     return ServingConfig.from_dict(d, source=str(path or "the paper's base"))
-
-
-def config_identity(config: ServingConfig) -> dict:
-    return dataclasses.asdict(config)
 
 
 def paths_beside(d: dict, folder: Path) -> dict:

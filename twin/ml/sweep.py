@@ -88,7 +88,7 @@ def point_key(spec: WorkloadSpec, config: ServingConfig, window_s, profile_sha: 
               spec_identity: dict | None = None) -> str:
     twin_version = twin_version or __import__("twin").__version__
     return digest({"workload": spec_identity or spec.identity(),
-                   "config": dataclasses.asdict(config), "window_s": window_s,
+                   "config": config.to_dict(), "window_s": window_s,
                    "profile": profile_sha, "twin": twin_version,
                    "early_exit": early_exit.identity()})
 

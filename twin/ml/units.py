@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 
 from twin.workload.catalog import AdapterCatalog
+from twin.workload.schema import BASE_MODEL
 
-BASE_UNIT = "(base model)"
+BASE_UNIT = BASE_MODEL   # the base model's traffic, a unit of its own
 
 
 class Units:

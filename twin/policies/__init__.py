@@ -51,7 +51,7 @@ def simulate_policy(trace, config, profile=None, catalog=None, *, gpus: int | No
                     window_s: float | None = None, progress: bool = False,
                     record_steps: bool = False, sample_dt: float | None = None,
                     trace_source: str = "trace", max_in_flight: int | None = None,
-                    jump: bool = True, lora_modules=None, **options) -> RunResult:
+                    jump: bool = True, **options) -> RunResult:
     """Simulate ``trace`` under the strategy ``config.policy`` names: the one entry point
     for any strategy (``twin simulate --policy``, the public API).
 
@@ -59,15 +59,14 @@ def simulate_policy(trace, config, profile=None, catalog=None, *, gpus: int | No
     deployment summary, as it never has); any other strategy, or vLLM on ``gpus`` GPUs,
     is deployed and simulated by its :class:`Policy` (``options``: its constructor's,
     e.g. ``admission``, ``k``; vLLM takes none), the result being the whole deployment's.
-    ``max_in_flight``, ``jump`` and ``lora_modules`` (see ``twin.sim.simulate``) apply to
-    one vLLM server only (the other strategies' servers preload as their kind does).
+    ``max_in_flight`` and ``jump`` (see ``twin.sim.simulate``) apply to one vLLM server
+    only.
     """
     require_serving_config(config)
     if config.policy == "vllm" and gpus is None:
         return simulate(trace, config, profile, catalog, window_s=window_s, progress=progress,
                         record_steps=record_steps, sample_dt=sample_dt,
-                        trace_source=trace_source, max_in_flight=max_in_flight, jump=jump,
-                        lora_modules=lora_modules)
+                        trace_source=trace_source, max_in_flight=max_in_flight, jump=jump)
     if max_in_flight is not None or not jump:
         raise TwinInputError("max_in_flight and jump apply to one vllm server, not to "
                              f"policy {config.policy!r}", field="policy")

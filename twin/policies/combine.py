@@ -93,7 +93,8 @@ def combine(dep: Deployment, trace: pd.DataFrame, runs: list[ServerRun], config,
             "usage_mean": float((use * caps).sum() / cap) if cap else 0.0,
             "usage_max": float(peak)},
         waiting_growth=growth, max_model_len=config.max_model_len)
-    if summary["starving_reason"] == "queue growth":   # a server's own rule decides, below
+    if summary["starving_reason"] == "queue growth" and len(live) > 1:
+        # the summed queue of several servers: each server's own rule decides, below
         summary["starving"], summary["starving_reason"] = False, None
     summary.update(server_tallies([r.result.summary for r in live]))
     server_stalls_in_means(summary, [r.result for r in live])

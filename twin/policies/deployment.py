@@ -283,5 +283,7 @@ def run_deployment(dep: Deployment, trace: pd.DataFrame, config, profile, catalo
         result = runs[0].result
         annotate(result, dep, runs)
     else:
-        result = combine(dep, trace, runs, config, profile, window_s)
+        idle = sum(r.memory.kv_tokens for r in runs
+                   if r.result is None and r.memory is not None)
+        result = combine(dep, trace, runs, config, profile, window_s, idle_kv_tokens=idle)
     return PolicyRun(policy=dep.policy, deployment=dep, result=result, servers=runs)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from twin.workload.schema import BASE_MODEL
+
 #: an adapter whose requests waited this many times the others' mean ...
 HELD_RATIO = 5.0
 #: ... and at least this many seconds more is held back (a few ms apart is noise)
 HELD_MIN_S = 1.0
 #: fewer requests than this say too little about an adapter (one unlucky arrival)
 MIN_REQUESTS = 3
-BASE = "(base model)"
 
 
 def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
@@ -29,7 +30,9 @@ def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
     (``requests``, ``wait_mean_s``), the other adapters' mean wait over their requests
     (``others_wait_mean_s``) and whether it was ``held_back``; None with fewer than two
     adapters (the base model counts as one) of ``MIN_REQUESTS`` requests or more."""
-    offered = req["status"].to_numpy() != "rejected"
+    # the requests a server received: not those vLLM refused, a client's cap failed, or no
+    # server of a deployment served (they never waited in a queue)
+    offered = ~np.isin(req["status"].to_numpy(), ("rejected", "failed", "unserved"))
     if offered.sum() == 0:
         return None
     arrival = req["arrival_s"].to_numpy(dtype=float)[offered]
@@ -45,7 +48,7 @@ def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
     mean = np.where(ok, total / np.maximum(n, 1), -np.inf)
     k = int(np.argmax(mean))
     others = (total.sum() - total[k]) / max(n.sum() - n[k], 1)
-    name = BASE if k == len(names) else str(names[k])
+    name = BASE_MODEL if k == len(names) else str(names[k])
     return {"adapter": name, "requests": int(n[k]), "wait_mean_s": float(mean[k]),
             "others_wait_mean_s": float(others),
             "held_back": bool(mean[k] >= HELD_RATIO * others and
@@ -53,12 +56,13 @@ def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
 
 
 def held_back_note(s: dict) -> str | None:
-    """The summary's note when one adapter was held back (None otherwise)."""
+    """The summary's note when one adapter was held back in a run that keeps up (None
+    otherwise: a starving run's verdict already says its queue waits)."""
     a = s.get("slowest_adapter")
-    if not a or not a["held_back"]:
+    if not a or not a["held_back"] or s.get("starving"):
         return None
     return (f"adapter {a['adapter']}'s {a['requests']} requests waited {a['wait_mean_s']:.1f} s "
             f"on average to be scheduled, the other adapters' {a['others_wait_mean_s']:.2f} s: "
             "the verdict is over the whole load and does not see one adapter held back "
-            "(max_loras slots held by busier adapters, or its prompts' KV blocks); its "
+            "(adapter slots held by busier adapters, or its prompts' KV blocks); its "
             "requests' times are in requests.parquet")

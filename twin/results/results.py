@@ -57,8 +57,7 @@ class RunResult:
     verdict; times in ms), ``timeline`` (running, waiting, KV usage, tokens, adapter loads
     and preemptions over time), ``steps`` (the step log, when recorded) and ``meta``
     (config, profile, window, twin version; the trace file when read from one), ``itl_bins``
-(the ITL histogram, in memory only). ``repr`` is
-    one line of headline figures; ``format_summary()`` is the full report. ``extras``: a
+    (the ITL histogram, in memory only). ``repr`` is one line of headline figures; ``format_summary()`` is the full report. ``extras``: a
     strategy's own tables (split mode: ``base_batches``, ``client_steps``), each
     DataFrame saved as ``<name>.parquet``."""
 

@@ -29,7 +29,7 @@ from twin.results.extrapolation import extrapolation
 from twin.results.recorder import Outcomes, Recorder, build_result, default_sample_dt
 from twin.results.results import RunResult, crop_window
 from twin.sched import Request, RequestStatus
-from twin.servers import SERVER_LAYOUTS, ServerParts, build_server, preload_ids
+from twin.servers import SERVER_LAYOUTS, ServerParts, build_server
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.hash_ids import request_hashes
 from twin.workload.schema import validate_trace
@@ -60,7 +60,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
              window_s: float | None = None, progress: bool = False,
              record_steps: bool = False, sample_dt: float | None = None,
              trace_source: str = "trace", max_in_flight: int | None = None,
-             jump: bool = True, stop=None, lora_modules=None) -> RunResult:
+             jump: bool = True, stop=None) -> RunResult:
     """Simulate ``trace`` served by one server with ``config`` on the hardware/model of
     ``profile``.
 
@@ -84,9 +84,6 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     runs in one closed-form jump: the step-by-step reference the jump must equal (tests);
     the results are the same, only slower.
 
-    ``lora_modules``: the adapters a vLLM server loads into host memory at start-up with
-    ``preload_adapters`` (vLLM's ``--lora-modules`` names; default: every catalog adapter).
-
     ``stop``: a rule asked at each timeline sample, ``stop(now, outcomes)`` (the
     :class:`~twin.results.recorder.Outcomes` of the requests finished so far): True ends the
     run there, its summary over ``now`` seconds and ``meta["stopped_s"] = now`` (e.g. once a
@@ -103,8 +100,7 @@ def simulate(trace: pd.DataFrame, config: ServingConfig, profile: Profile | str 
     if catalog is None:
         catalog = default_catalog(trace, config)
     if server is None:
-        server = build_server(config, profile, catalog, trace=trace, trace_source=trace_source,
-                              preload=preload_ids(config, catalog, lora_modules))
+        server = build_server(config, profile, catalog, trace=trace, trace_source=trace_source)
     clock = _Clock(trace, catalog, server, profile, window_s=window_s,
                    max_in_flight=max_in_flight, record_steps=record_steps,
                    sample_dt=sample_dt, jump=jump, stop=stop)

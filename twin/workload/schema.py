@@ -35,6 +35,9 @@ TRACE_COLUMNS = {
 }
 #: Parquet key-value metadata key holding the trace's ``df.attrs`` that twin keeps (JSON)
 ATTRS_META_KEY = "twin_trace_attrs"
+#: how tables and reports name the base model's requests (an empty adapter cell): routing
+#: tables, placements, the held-back adapter; no adapter may be called so
+BASE_MODEL = "(base model)"
 
 
 def read_trace(path: str | Path) -> pd.DataFrame:
@@ -252,6 +255,12 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
         raise TwinInputError(f"adapter id {adapter.iloc[row]!r} is only whitespace; leave "
                              "the cell empty for a base-model request", file=source, row=row,
                              field="adapter")
+    named_base = (adapter == BASE_MODEL).fillna(False).to_numpy()
+    if named_base.any():   # routing tables and reports would take it for base-model traffic
+        row = int(np.flatnonzero(named_base)[0])
+        raise TwinInputError(f"adapter id {BASE_MODEL!r} is how twin names the base model; "
+                             "leave the cell empty for a base-model request, or rename the "
+                             "adapter", file=source, row=row, field="adapter")
     out = pd.DataFrame({
         "request_id": df["request_id"].astype(np.int64).to_numpy(),
         "arrival_s": df["arrival_s"].astype(np.float64).to_numpy(),
