@@ -39,8 +39,11 @@ def test_max_model_len_follows_the_models_context_unless_set(tmp_path):
 
 def test_the_api_base_follows_the_models_context():
     from twin.api import _base
+    from twin.costs.profile import load_profile
 
-    assert _base({"max_num_seqs": 256}, 32768).max_model_len == 32768
-    assert _base({"max_num_seqs": 256, "max-model-len": 4096}, 32768).max_model_len == 4096
-    assert _base({"max_num_seqs": 256}, 32768).max_num_batched_tokens == PAPER_BASE[
+    qwen = load_profile("llama31-8b-h100-64gb-first-principles")
+    qwen.model.max_position_embeddings = 32768   # a model of a 32k context
+    assert _base({"max_num_seqs": 256}, qwen).max_model_len == 32768
+    assert _base({"max_num_seqs": 256, "max-model-len": 4096}, qwen).max_model_len == 4096
+    assert _base({"max_num_seqs": 256}, qwen).max_num_batched_tokens == PAPER_BASE[
         "max_num_batched_tokens"]
