@@ -80,7 +80,8 @@ def test_requests_no_server_received_are_not_held_back():
 
 def test_no_adapter_may_take_the_base_models_name():
     from twin.errors import TwinInputError
-    from twin.workload.schema import BASE_MODEL, validate_trace
+    from twin.sched.request import BASE_MODEL
+    from twin.workload.schema import validate_trace
 
     tr = rate_class_trace(2, (1.0,), duration_s=10, lengths=uniform_lengths(8, 64), seed=1)
     tr["adapter"] = tr["adapter"].astype(object)

@@ -14,6 +14,7 @@ from twin.costs.profile import load_profile
 from twin.ml.placement import place
 from twin.ml.recommend import recommend
 from twin.ml.recommender import Recommender
+from twin.ml.units import Units
 from twin.sim.engine import simulate
 from twin.workload.catalog import AdapterCatalog
 from twin.workload.generate import rate_class_trace
@@ -175,7 +176,7 @@ def test_only_the_goodput_search_stops_at_the_first_config_meeting_the_slo(
     seen = []
     monkeypatch.setattr(pl, "recommend", lambda *a, **kw: seen.append(kw["first_met"]))
     tr, cat = _busier()
-    s = pl._Search(pl._Units(tr, cat), {}, profile=setup[2], model=setup[3], base=None,
+    s = pl._Search(Units(tr, cat), {}, profile=setup[2], model=setup[3], base=None,
                    window=WINDOW, max_gpus=2, max_runs=4, workers=1, early_exit=None,
                    objective=objective, slo={"ttft": 1000.0, "tpot": 20.0}, search_kw=None)
     s.recommend(tuple(s.U.units)[:1], 1)

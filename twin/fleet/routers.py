@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from twin.errors import TwinInputError
-from twin.workload.schema import BASE_MODEL, read_table
+from twin.sched.request import BASE_MODEL
+from twin.workload.schema import read_table
 
 BASE_KEY = BASE_MODEL   # the base model's key in routing tables and hash rings
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from twin.workload.catalog import AdapterCatalog
-from twin.workload.schema import BASE_MODEL
+from twin.sched.request import BASE_MODEL
 
 BASE_UNIT = BASE_MODEL   # the base model's traffic, a unit of its own
 

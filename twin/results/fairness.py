@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from twin.workload.schema import BASE_MODEL
+from twin.sched.request import BASE_MODEL
 
 #: an adapter whose requests waited this many times the others' mean ...
 HELD_RATIO = 5.0

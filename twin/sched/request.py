@@ -15,6 +15,11 @@ class RequestStatus:
              5: "failed"}
 
 
+#: how tables and reports name the base model's requests (adapter -1; an empty adapter cell
+#: in a trace): routing tables, placements, the held-back adapter; no adapter may be so named
+BASE_MODEL = "(base model)"
+
+
 def exceeds_max_model_len(prompt, output, max_model_len):
     """Would vLLM refuse this request? Its OpenAI server answers HTTP 400 ("maximum context
     length") when prompt + max_tokens exceeds max_model_len, and refuses a prompt of

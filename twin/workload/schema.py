@@ -22,6 +22,7 @@ import pyarrow as pa
 from twin.argtypes import is_positive_number
 from twin.errors import TwinInputError
 from twin.outputs import staged_file, write_parquet
+from twin.sched.request import BASE_MODEL
 from twin.workload.prefix_columns import BLOCK_SIZE_ATTR, PREFIX_COLUMNS, check_prefix_columns
 from twin.workload.values import (INT32_MAX, INT64_RANGE, exact_ints, exact_seconds,
                                   exact_strings)
@@ -35,9 +36,6 @@ TRACE_COLUMNS = {
 }
 #: Parquet key-value metadata key holding the trace's ``df.attrs`` that twin keeps (JSON)
 ATTRS_META_KEY = "twin_trace_attrs"
-#: how tables and reports name the base model's requests (an empty adapter cell): routing
-#: tables, placements, the held-back adapter; no adapter may be called so
-BASE_MODEL = "(base model)"
 
 
 def read_trace(path: str | Path) -> pd.DataFrame:
