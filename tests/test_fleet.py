@@ -462,3 +462,28 @@ def test_refresh_is_refused_for_a_router_that_reads_no_state_and_idle_slora_coun
     assert len(live) == 1
     assert run.summary["kv_cache"]["capacity_tokens"] == 3 * live[0].summary["kv_cache"][
         "capacity_tokens"]
+
+
+def _small_trace(seed):
+    return rate_class_trace(4, (2.0, 1.0), duration_s=20, lengths=uniform_lengths(8, 128),
+                            seed=seed)
+
+
+def test_combined_itl_from_results_without_histograms_is_a_bound():
+    """Results read back from disk carry no ITL histogram: the combined median is the
+    servers' medians weighted by completed requests, the p99 the largest server p99 (an
+    upper bound of the pooled one); with histograms it is the pooled percentile."""
+    from twin.policies.combine import _combined_itl
+
+    a = simulate(_small_trace(1), CONFIG, PROFILE)
+    b = simulate(_small_trace(2), CONFIG.replace(max_loras=1), PROFILE)
+    p50, p99, bins = _combined_itl([a, b])
+    assert bins is not None and p99 <= max(a.summary["itl_ms"]["p99"],
+                                           b.summary["itl_ms"]["p99"]) / 1000 + 1e-12
+    a.itl_bins = None
+    m50, m99, none = _combined_itl([a, b])
+    assert none is None
+    assert m99 == max(a.summary["itl_ms"]["p99"], b.summary["itl_ms"]["p99"]) / 1000
+    w = [a.summary["completed"], b.summary["completed"]]
+    assert m50 == pytest.approx(np.average([a.summary["itl_ms"]["median"],
+                                            b.summary["itl_ms"]["median"]], weights=w) / 1000)
