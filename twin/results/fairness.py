@@ -23,6 +23,8 @@ HELD_RATIO = 5.0
 HELD_MIN_S = 1.0
 #: fewer requests than this say too little about an adapter (one unlucky arrival)
 MIN_REQUESTS = 3
+#: statuses of requests no server queued
+NOT_RECEIVED = ("rejected", "failed", "unserved")
 
 
 def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
@@ -31,24 +33,29 @@ def slowest_adapter(req: pd.DataFrame, end_s: float) -> dict | None:
     (``others_wait_mean_s``) and whether it was ``held_back``; None with fewer than two
     adapters (the base model counts as one) of ``MIN_REQUESTS`` requests or more."""
     # the requests a server received: not those vLLM refused, a client's cap failed, or no
-    # server of a deployment served (they never waited in a queue)
-    offered = ~np.isin(req["status"].to_numpy(), ("rejected", "failed", "unserved"))
-    if offered.sum() == 0:
+    # server of a deployment served (they never waited in a queue). Worked on whole
+    # columns, in place: a run's table has 10^6 rows, held while its summary is made
+    codes, names = pd.factorize(req["adapter"], use_na_sentinel=True)
+    base, skip = len(names), len(names) + 1   # the base model's bucket; the not received
+    codes[codes < 0] = base
+    status, kinds = pd.factorize(req["status"])
+    codes[np.isin(status, [i for i, k in enumerate(kinds) if k in NOT_RECEIVED])] = skip
+    del status
+    wait = req["first_scheduled_s"].to_numpy(dtype=float, copy=True)
+    np.copyto(wait, end_s, where=np.isnan(wait))
+    np.subtract(wait, req["arrival_s"].to_numpy(dtype=float), out=wait)
+    np.maximum(wait, 0.0, out=wait)
+    n = np.bincount(codes, minlength=skip + 1)[:skip]
+    total = np.bincount(codes, weights=wait, minlength=skip + 1)[:skip]
+    if n.sum() == 0:
         return None
-    arrival = req["arrival_s"].to_numpy(dtype=float)[offered]
-    first = req["first_scheduled_s"].to_numpy(dtype=float)[offered]
-    wait = np.maximum(np.where(np.isnan(first), end_s, first) - arrival, 0.0)
-    codes, names = pd.factorize(req["adapter"].to_numpy()[offered], use_na_sentinel=True)
-    codes = np.where(codes < 0, len(names), codes)   # the base model's requests: one more
-    n = np.bincount(codes, minlength=len(names) + 1)
-    total = np.bincount(codes, weights=wait, minlength=len(names) + 1)
     ok = n >= MIN_REQUESTS
     if ok.sum() < 2:
         return None
     mean = np.where(ok, total / np.maximum(n, 1), -np.inf)
     k = int(np.argmax(mean))
     others = (total.sum() - total[k]) / max(n.sum() - n[k], 1)
-    name = BASE_MODEL if k == len(names) else str(names[k])
+    name = BASE_MODEL if k == base else str(names[k])
     return {"adapter": name, "requests": int(n[k]), "wait_mean_s": float(mean[k]),
             "others_wait_mean_s": float(others),
             "held_back": bool(mean[k] >= HELD_RATIO * others and
