@@ -73,8 +73,12 @@ def simulate_fleet(trace: pd.DataFrame, replicas, router: Router | str = "round_
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
     # without a catalog each replica has every adapter at its own max_lora_rank, as twin
     # simulate has them (the same names in the same order: the router's ids are common)
-    catalogs = ([catalog] * len(reps) if catalog is not None else
-                [default_catalog(trace, r.config) for r in reps])
+    if catalog is not None:
+        catalogs = [catalog] * len(reps)
+    else:   # one per rank, not per replica: each reads the whole trace's adapters
+        by_rank = {c.max_lora_rank: default_catalog(trace, c) for c in
+                   {r.config for r in reps}}
+        catalogs = [by_rank[r.config.max_lora_rank] for r in reps]
     catalog = catalogs[0]
     if isinstance(router, str):
         router = make_router(router, table=routing)
@@ -152,7 +156,7 @@ def _event_loop(trace, reps, router, catalogs, refresh_s, progress, *, window_s,
     for r, catalog in zip(reps, catalogs):
         server = build_server(r.config, r.profile, catalog, trace_source=trace_source,
                               trace=None if r.config in checked else trace,
-                              preload=_preload(r, catalog))
+                              preload=preload_ids(r.config, catalog, r.adapters))
         checked.add(r.config)
         clocks.append(FedClock(cols, catalog, server, r.profile, window_s=window_s,
                                sample_dt=sample_dt))
@@ -164,11 +168,6 @@ def _event_loop(trace, reps, router, catalogs, refresh_s, progress, *, window_s,
     results = [c.result(r.config, r.profile, window_s) if c.rows else None
                for c, r in zip(clocks, reps)]
     return np.asarray(route, dtype=np.int64), results
-
-
-def _preload(rep: Replica, catalog) -> list[int]:
-    """The catalog ids ``rep`` preloads (``twin.servers.preload_ids``)."""
-    return preload_ids(rep.config, catalog, rep.adapters)
 
 
 def simulate_replica(payload):
@@ -201,7 +200,8 @@ class _Shares:
         for k, rows in self.rows:
             r, catalog = self.reps[k], self.catalogs[k]
             sub = self.trace.iloc[rows].reset_index(drop=True)
-            yield (k, sub, r.config, r.profile, catalog, _preload(r, catalog), self.kw)
+            yield (k, sub, r.config, r.profile, catalog,
+                   preload_ids(r.config, catalog, r.adapters), self.kw)
 
 
 def _independent(trace, reps, route, catalogs, workers, backend, address, progress, **kw):
