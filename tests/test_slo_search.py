@@ -276,3 +276,20 @@ def test_a_model_that_predicts_starving_everywhere_does_not_make_a_placement(set
     assert not pl.ok
     assert "2 GPU(s): verification failed" in pl.attempts
     assert "2 GPU(s): predicted to starve" not in pl.attempts
+
+
+def test_every_report_counts_tensor_parallel_servers_in_the_same_words():
+    """The cost report, the placement and the recommendation's fewest-GPUs line name a
+    count of TP servers one way (two writings of it had drifted apart)."""
+    from twin.ml.cost import CostPlan
+    from twin.ml.report import GPUPlan, Placement, servers_text
+
+    assert servers_text(3) == "3 GPU(s)" and servers_text(3, bare=True) == "3"
+    tp4 = "2 server(s) x 4 GPUs (tensor parallel) = 8 GPUs"
+    assert servers_text(2, 4) == servers_text(2, 4, bare=True) == tp4
+    pl = Placement([GPUPlan(0, (), [], None), GPUPlan(1, (), [], None)], pd.DataFrame(),
+                   True, 0.1, 4, [], {}, gpus_per_server=4)
+    plan = CostPlan(slo={"ttft": 1000.0}, gpus=2, max_gpus=8, placement=pl, one_gpu=None,
+                    offered_tps=1000.0, gpu_price=None, price_source=None)
+    assert plan.report().splitlines()[0].endswith(": " + tp4)
+    assert pl.report().startswith(tp4)

@@ -67,7 +67,7 @@ class CostPlan:
         if self.ok:
             L = [f"fewest GPUs meeting the SLOs ({slo}) at the trace's load "
                  f"({self.offered_tps:.0f} tok/s offered): "
-                 + (str(self.gpus) if pl.gpus_per_server == 1 else pl.servers_text())]
+                 + pl.servers_text(bare=True)]
             if self.per_hour is not None:
                 L.append(f"cost: {self.total_gpus} x ${self.gpu_price:g}/GPU-hour = "
                          f"${self.per_hour:.2f}/hour (${self.per_mtok:.3f} per million "

@@ -205,6 +205,16 @@ def of_offered(v: dict, workload_offered: float) -> str:
         text += f" {own:.0f} tok/s over the run's span"
     return text
 
+def servers_text(servers: int, gpus_per_server: int = 1, *, bare: bool = False) -> str:
+    """``servers`` servers in GPUs: "3 GPU(s)" ("3" with ``bare``, after "fewest GPUs:"),
+    or with tensor parallelism "2 server(s) x 4 GPUs (tensor parallel) = 8 GPUs". One
+    text for placements, costs and recommendations."""
+    if gpus_per_server == 1:
+        return str(servers) if bare else f"{servers} GPU(s)"
+    return (f"{servers} server(s) x {gpus_per_server} GPUs (tensor parallel) = "
+            f"{servers * gpus_per_server} GPUs")
+
+
 
 @dataclass
 class Recommendation:
@@ -295,11 +305,9 @@ class Recommendation:
         if self.fewest_gpus is not None:
             f = self.fewest_gpus
             tp = f.get("gpus_per_server", 1)
-            count = (str(f["gpus"]) if tp == 1 else
-                     f"{f['gpus']} server(s) x {tp} GPUs (tensor parallel) = {f['total_gpus']}")
-            L.append(f"fewest GPUs meeting the SLOs: {count} (twin place --slo, "
-                     f"{f['verify_runs']} twin runs)" if f["ok"] else
-                     f"no placement on up to {count} GPUs meets the SLOs "
+            L.append(f"fewest GPUs meeting the SLOs: {servers_text(f['gpus'], tp, bare=True)} "
+                     f"(twin place --slo, {f['verify_runs']} twin runs)" if f["ok"] else
+                     f"no placement on up to {servers_text(f['gpus'], tp)} meets the SLOs "
                      f"({f['verify_runs']} twin runs)")
             L += [f"  gpu {g['gpu']}: {g['adapters']} adapters, {g['config']}, verified p99 "
                   f"TTFT {g['ttft_p99']:.0f} ms TPOT {g['tpot_p99']:.1f} ms"
@@ -366,13 +374,10 @@ class Placement:
     def total_gpus(self) -> int:
         return len(self.gpus) * self.gpus_per_server
 
-    def servers_text(self, n: int | None = None) -> str:
-        """``n`` servers (default: this placement's) in GPUs: "3 GPU(s)", or with tensor
-        parallelism "2 servers x 4 GPUs (tensor parallel) = 8 GPUs"."""
-        n = len(self.gpus) if n is None else n
-        tp = self.gpus_per_server
-        return (f"{n} GPU(s)" if tp == 1 else
-                f"{n} server(s) x {tp} GPUs (tensor parallel) = {n * tp} GPUs")
+    def servers_text(self, n: int | None = None, *, bare: bool = False) -> str:
+        """``n`` servers (default: this placement's) in GPUs: :func:`servers_text`."""
+        return servers_text(len(self.gpus) if n is None else n, self.gpus_per_server,
+                            bare=bare)
 
     def report(self) -> str:
         unit = "gpu" if self.gpus_per_server == 1 else "server"
