@@ -279,3 +279,25 @@ def test_a_tensor_parallel_placement_writes_its_engine_and_counts_its_gpus(tiny,
     assert "--tensor-parallel-size=2" in (tmp_path / "gpu-0" / "vllm_args.txt").read_text()
     record = json.loads((tmp_path / "placement.json").read_text())
     assert record["profile"] == tp2.name
+
+
+def test_a_probed_candidate_is_reported_as_the_probe_it_was():
+    """A clearly starving candidate is stopped after the early exit's probe: its figures are
+    the probe's first minute, not the window's, so the report must not print them as a
+    run's throughput and TTFT p99 (it did: a 60-s probe's p99 of 1.7 s beside a full run's
+    134 s, the probe looking far better), and the candidates table says which runs were
+    full (``ver_full``) and what each simulated (``ver_simulated_s``)."""
+    from twin.ml.sweep import EarlyExit
+
+    tr = rate_class_trace(64, (1.6, 0.8, 0.4), duration_s=300.0, seed=0)
+    rec = recommend(tr, None, profile="llama31-8b-h100-64gb", window_s=300.0, workers=1,
+                    max_runs=3)
+    tried = rec.candidates.dropna(subset=["ver_throughput"])
+    probes = tried[tried["ver_full"] == False]   # noqa: E712 (an object column)
+    assert len(probes) >= 1
+    assert (probes["ver_simulated_s"] == EarlyExit().probe_s(300.0)).all()
+    lines = rec.report().splitlines()
+    for m in probes["max_loras"]:
+        line = next(x for x in lines if f"max_loras={int(m):>3}:" in x)
+        assert "not a full run" in line and "TTFT" not in line and "first 60 s" in line
+    assert set(tried["ver_full"]) <= {True, False}

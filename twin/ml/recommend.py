@@ -311,16 +311,23 @@ def _declared_tie(profile, cand: pd.DataFrame, results: dict, good: list, best, 
 
 
 def _record_verified(cand: pd.DataFrame, results: dict[int, dict]) -> None:
-    """The twin runs' figures as the candidates' ``ver_*`` columns (empty where not run)."""
-    for col in ("ver_starts", "ver_starving", *(f"ver_{k}" for k in _VERIFIED)):
+    """The twin runs' figures as the candidates' ``ver_*`` columns (empty where not run).
+    ``ver_full`` False: the run did not simulate the window (the early exit's probe of a
+    clearly starving run, or a run stopped once it missed the SLOs), ``ver_simulated_s``
+    what it did simulate: its figures are that span's, not the window's."""
+    for col in ("ver_starts", "ver_starving", *(f"ver_{k}" for k in _VERIFIED),
+                "ver_simulated_s"):
         cand[col] = np.nan
-    cand["ver_starts"] = cand["ver_starts"].astype(object)
-    cand["ver_starving"] = cand["ver_starving"].astype(object)
+    for col in ("ver_starts", "ver_starving", "ver_full"):
+        cand[col] = pd.Series([None] * len(cand), index=cand.index, dtype=object)
     cand["ver_slo_proven"] = None
     for i, r in results.items():
         cand.at[i, "ver_slo_proven"] = r.get("slo_proven")
         cand.at[i, "ver_starts"] = r["starts"]
         cand.at[i, "ver_starving"] = r["starving"]
+        if r["starts"]:
+            cand.at[i, "ver_full"] = bool(r.get("full", False))
+            cand.at[i, "ver_simulated_s"] = r.get("simulated_s", r.get("stopped_s", np.nan))
         for k in _VERIFIED:
             cand.at[i, f"ver_{k}"] = r.get(k, np.nan)
 

@@ -268,6 +268,14 @@ class Recommendation:
         for _, r in tried.iterrows():
             st = ("does not start" if not r["ver_starts"] else
                   "STARVING" if r["ver_starving"] else "keeps up")
+            if r.get("ver_full") is False and not isinstance(r.get("ver_slo_proven"), str):
+                # the early exit's probe: a starving run's first minutes, not the window
+                name = (f"max_loras={int(r['max_loras']):>3}" if self.slo_verdict is None
+                        else _knob_text(r["_config"], knobs))
+                L.append(f"  twin run {name}: {st} in its first "
+                         f"{r['ver_simulated_s']:.0f} s ({100 * r['ver_achieved']:.1f}% of "
+                         f"the offered load there; stopped early, not a full run)")
+                continue
             if self.slo_verdict is None:
                 L.append(f"  twin run max_loras={int(r['max_loras']):>3}: "
                          f"{r['ver_throughput']:.0f} tok/s ({100 * r['ver_achieved']:.1f}%), "

@@ -63,7 +63,8 @@ def _verify(item):
         return i, {"starts": False, "starving": True, "wall_s": time.perf_counter() - t0}
     if "slo_stop" in res.meta:
         return i, _stopped(res, slo, t0)
-    out = {"starts": True, "full": full, "starving": bool(s["starving"]),
+    out = {"starts": True, "full": full, "simulated_s": float(sim_s),
+           "starving": bool(s["starving"]),
            "starving_reason": s["starving_reason"],
            "throughput": float(s["total_throughput"]),
            "offered": float(s["offered_total_throughput"]),
