@@ -176,3 +176,20 @@ def test_a_fleet_s_means_carry_each_replica_s_own_stalls():
     assert "frontend_stalls" not in plain
     assert plain["itl_ms"]["mean"] < fleet["itl_ms"]["mean"]
     assert np.isclose(plain["total_throughput"], fleet["total_throughput"])
+
+
+def test_the_printed_summary_says_the_stalls_are_in_the_means_only():
+    """A mean TTFT recomputed from requests.parquet is lower than the summary's by the
+    stalls' wait: the printout says so, with the figures it added (it said nothing)."""
+    base = dataclasses.replace(load_profile("llama31-8b-h100-64gb"), frontend=Frontend())
+    scraped = dataclasses.replace(base, frontend=Frontend(metrics_scrape_hz=0.5,
+                                                          metrics_series_s=2e-4))
+    cfg = ServingConfig(max_loras=8, max_cpu_loras=48)
+    res = simulate(_trace(), cfg, scraped)
+    st, req = res.summary["frontend_stalls"], res.requests
+    done = req[req["status"] == "finished"]
+    from_table = 1000 * (done["first_token_s"] - done["arrival_s"]).mean()
+    assert res.summary["ttft_ms"]["mean"] == pytest.approx(from_table + st["ttft_wait_ms"])
+    text = " ".join(res.format_summary().split())
+    assert f"includes {st['ttft_wait_ms']:.1f} ms" in text and "requests.parquet" in text
+    assert "requests.parquet" not in simulate(_trace(), cfg, base).format_summary()

@@ -487,6 +487,11 @@ def test_compare_cli(tmp_path, trace, capsys):
     assert "Winner:" in out and "slora" in out
     assert (tmp_path / "out" / "compare.png").exists()
     assert main(["compare", "--trace", str(path), "--policies", "vllm,bogus"]) == 2
+    # --policy is one server's layout: compare would run --policies and ignore it
+    capsys.readouterr()
+    assert main(["compare", "--trace", str(path), "--policy", "slora",
+                 "--out", str(tmp_path / "out2")]) == 2
+    assert "--policy" in capsys.readouterr().err and not (tmp_path / "out2").exists()
 
 
 def test_compare_prices_every_step_feature_a_profile_may_carry(trace):

@@ -153,19 +153,29 @@ def test_a_setting_given_twice_in_two_spellings_is_refused(tmp_path, capsys):
     assert "given twice" in capsys.readouterr().err
 
 
-def test_an_error_in_settings_from_a_file_and_flags_names_both(tmp_path, capsys):
-    """A flag's value overriding the file is not the file's: the error says which flags
-    were merged in (it named the file alone, for a value only the flag had)."""
+def test_an_error_in_settings_from_a_file_and_flags_names_where_the_value_was_set(
+        tmp_path, capsys):
+    """A flag's value overriding the file is not the file's: the error names the flag that
+    set the faulty field (it named the file alone, for a value only the flag had; then
+    every flag given, "--max-loras --max-num-seqs" for a bad --max-num-seqs), and the file
+    for a value only the file set."""
     from twin.cli import main
 
     p = tmp_path / "b.yaml"
-    p.write_text("max_loras: 4\n")
+    p.write_text("max_loras: 4\nmax_num_seqs: 0\n")
     trace = tmp_path / "t.csv"
     trace.write_text("request_id,arrival_s,adapter,prompt_tokens,output_tokens\n0,0,a,10,5\n")
     assert main(["simulate", "--trace", str(trace), "--config", str(p),
-                 "--max-cpu-loras", "2"]) == 2
-    assert f"{p} with --max-cpu-loras, field 'max_cpu_loras'" in capsys.readouterr().err
-    assert main(["simulate", "--trace", str(trace), "--config", str(p)]) == 0
+                 "--max-cpu-loras", "2", "--max-num-seqs", "8"]) == 2
+    assert "error: --max-cpu-loras, field 'max_cpu_loras'" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(trace), "--config", str(p), "--max-cpu-loras",
+                 "8"]) == 2
+    assert f"error: {p}, field 'max_num_seqs'" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(trace), "--max-num-seqs", "0", "--max-loras",
+                 "2"]) == 2
+    assert "error: --max-num-seqs, field 'max_num_seqs'" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(trace), "--config", str(p),
+                 "--max-num-seqs", "8"]) == 0
 
 
 def test_max_cpu_loras_follows_max_loras_only_when_not_given():

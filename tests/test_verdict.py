@@ -92,6 +92,34 @@ def test_window_keeps_the_papers_rule():
     assert s["starving"]
 
 
+def test_a_short_window_says_when_its_starving_verdict_is_the_edge():
+    """A trace the server keeps up with, measured over a window not much longer than a
+    request's time in service: the paper's rule (completed requests only) reads STARVING,
+    and the summary says that the requests in service at the window's end account for the
+    gap (it said nothing, and `twin compare` read "no strategy keeps up"). A truly
+    overloaded window gets no such note."""
+    from twin.policies.compare import compare
+
+    light = trace_of(np.arange(0.0, 60.0, 0.5), 200, 400)   # 2 req/s: an easy load
+    full = run(light).summary
+    assert not full["starving"] and "in_service_share" not in full
+    res = run(light, window_s=8.0)
+    s, req = res.summary, res.requests
+    assert s["starving"] and s["starving_reason"] == "throughput"   # the paper's rule, kept
+    running = (req["status"] == "running") & (req["arrival_s"] <= 8.0)
+    tok = req["prompt_tokens"] + req["output_tokens"]
+    assert s["in_service_share"] == pytest.approx(tok[running].sum()
+                                                  / tok[req["arrival_s"] <= 8.0].sum())
+    assert s["achieved_over_offered"] + s["in_service_share"] >= 0.9
+    text = res.format_summary()
+    assert "window's edge" in text and f"{100 * s['in_service_share']:.1f}%" in text
+    over = run(trace_of(np.sort(np.random.default_rng(3).uniform(0.0, 60.0, 1200)),
+                        1000, 300), window_s=30.0)
+    assert over.summary["starving"] and "window's edge" not in over.format_summary()
+    cmp = compare(light, ServingConfig(), policies=("vllm", "slora"), window_s=8.0)
+    assert "may be the 8-s window's edge" in cmp.verdict
+
+
 # -- max_model_len ------------------------------------------------------------------------
 def test_request_over_max_model_len_is_rejected_not_truncated(tmp_path):
     L = 2048

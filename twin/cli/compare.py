@@ -108,6 +108,10 @@ def run(args) -> int:
     if bad or not names:
         raise TwinInputError(f"unknown policy {bad[0] if bad else ''!r}; known: "
                              f"{sorted(POLICY_CLASSES)}", field="--policies")
+    if args.policy is not None:   # a serving flag compare sets itself, per strategy
+        raise TwinInputError(f"compare runs each strategy --policies names ({args.policies}); "
+                             "--policy picks one for `twin simulate`: name it in --policies",
+                             field="--policy")
     client_devices(args.client_devices, field="--client-devices")   # before any strategy
     if not args.finetune_tokens_per_s >= 0:
         raise TwinInputError(f"must be >= 0, got {args.finetune_tokens_per_s}",

@@ -11,6 +11,7 @@ from pathlib import Path
 from twin.argtypes import strict_bool
 from twin.config import ServingConfig, read_yaml_mapping, setting_names
 from twin.costs.profile import Profile, load_profile
+from twin.errors import TwinInputError
 from twin.workload.schema import read_trace
 
 
@@ -68,8 +69,27 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
     source = " with ".join(s for s in (str(args.config or ""), flags) if s)
     # engine settings (tensor parallelism, FP8) are checked against the profile's; a
     # command without a profile (the executor) refuses them
-    return ServingConfig.from_dict(base, source=source or "flags",
-                                   engine=None if profile is None else profile.hardware)
+    try:
+        return ServingConfig.from_dict(base, source=source or "flags",
+                                       engine=None if profile is None else profile.hardware)
+    except TwinInputError as e:   # named by where its field was set, not by every flag
+        where = _set_by(e.field, args)
+        if where is None or where == e.file:
+            raise
+        raise type(e)(e.detail, file=where, row=e.row, field=e.field) from None
+
+
+def _set_by(name: str | None, args) -> str | None:
+    """Where setting ``name`` was given: its flag, else the ``--config`` file; None when
+    neither (a default, or not a setting)."""
+    if name is None:
+        return None
+    if getattr(args, name, None) is not None and name in _SETTINGS:
+        return "--" + name.replace("_", "-")
+    return str(args.config) if getattr(args, "config", None) else None
+
+
+_SETTINGS = {f.name for f in dataclasses.fields(ServingConfig)}
 
 
 def _file_settings(args) -> dict:

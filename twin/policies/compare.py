@@ -47,6 +47,7 @@ from twin.policies.deployment import MERGED, SLORA, PolicyRun
 from twin.policies.split import SPLIT
 from twin.results import crop_window
 from twin.results.extrapolation import describe
+from twin.results.notes import edge_counted
 from twin.workload.schema import validate_trace
 
 DEFAULT_POLICIES = ("vllm", "slora", "merged", "hybrid")
@@ -334,8 +335,26 @@ def explain(table: pd.DataFrame, costs: dict, winner: str | None, runs: dict, co
         note = describe(ext)
         if note:
             lines.append(f"  Note on {name}: {note}.")
+    lines += _edge_note(runs)
     lines += _prefix_note(t)
     return "\n".join(lines)
+
+
+def _edge_note(runs: dict) -> list[str]:
+    """Strategies STARVING by throughput only because a short window ends with requests in
+    service (:func:`twin.results.notes.window_edge_note`, one line for them all)."""
+    edge = {n: (edge_counted(r.result.summary), r.result.summary) for n, r in runs.items()}
+    edge = {n: (c, s) for n, (c, s) in edge.items() if c is not None}
+    if not edge:
+        return []
+    lo, hi = (f"{100 * f(s['in_service_share'] for _, s in edge.values()):.0f}"
+              for f in (min, max))
+    window = next(iter(edge.values()))[1]["duration_s"]
+    return [f"  Note: the STARVING verdict of {', '.join(edge)} may be the {window:.0f}-s "
+            f"window's edge: the requests still in service at its end hold "
+            f"{lo if lo == hi else f'{lo}-{hi}'}% of the offered tokens, and counted as served "
+            f"they bring each to >= {100 * min(c for c, _ in edge.values()):.1f}% of offered; "
+            "measure a longer window, or give none to run to the last request."]
 
 
 def _prefix_note(t: pd.DataFrame) -> list[str]:

@@ -18,11 +18,11 @@ from twin.outputs import json_document, staged_dir
 from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.results.extrapolation import describe
 from twin.results.fairness import held_back_note, slowest_adapter
+from twin.results.notes import (STARVATION_THRESHOLD, late_start, spans_note, stalls_note,
+                                window_edge_note)
 from twin.results.queue_head import LIMITS, main_limit
 from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
-
-STARVATION_THRESHOLD = 0.9   # achieved / offered total throughput (arXiv 2508.08343)
 
 
 def crop_window(trace: pd.DataFrame, window_s: float | None) -> pd.DataFrame:
@@ -140,7 +140,9 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     time in service (first scheduled to finish) over the requests; achieved up to the last
     completion. The difference is time spent waiting to be scheduled: a light trace (one
     request, a burst the server takes in at once) keeps up however short its arrival span,
-    while the backlog of an overloaded one drains long after that moment.
+    while the backlog of an overloaded one drains long after that moment. With a window,
+    ``in_service_share`` too: the share of the offered tokens in requests admitted and still
+    running at its end (neither served nor waiting: the window's edge).
     """
     arrival = req["arrival_s"].to_numpy()
     tokens = req["prompt_tokens"].to_numpy() + req["output_tokens"].to_numpy()
@@ -151,9 +153,12 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     done = status == "finished"
     achieved_tok = float((req["prompt_tokens"].to_numpy()[done]
                           + req["generated_tokens"].to_numpy()[done]).sum())
+    in_service = None
     if window_s is not None:
         offered_mask &= arrival <= window_s
         offered_span, achieved_span = window_s, duration_s
+        # admitted and not finished at the window's end: in flight, not unserved
+        in_service = float(tokens[offered_mask & (status == "running")].sum())
     elif offered_mask.any():
         first = float(arrival[offered_mask].min())
         unqueued = (arrival + (req["finish_s"] - req["first_scheduled_s"]).to_numpy())[done]
@@ -164,12 +169,16 @@ def load_spans(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
     else:
         offered_span = achieved_span = duration_s
     offered_span, achieved_span = max(offered_span, 1e-9), max(achieved_span, 1e-9)
-    offered = float(tokens[offered_mask].sum()) / offered_span
+    offered_tokens = float(tokens[offered_mask].sum())
+    offered = offered_tokens / offered_span
     achieved = achieved_tok / achieved_span
-    return {"offered_tps": offered, "offered_span_s": offered_span,
-            "achieved_span_s": achieved_span, "offered_requests": int(offered_mask.sum()),
-            "refused": int(refused.sum()),
-            "achieved_over_offered": achieved / offered if offered > 0 else 1.0}
+    out = {"offered_tps": offered, "offered_span_s": offered_span,
+           "achieved_span_s": achieved_span, "offered_requests": int(offered_mask.sum()),
+           "refused": int(refused.sum()),
+           "achieved_over_offered": achieved / offered if offered > 0 else 1.0}
+    if in_service is not None:   # the window's edge (twin.results.notes.window_edge_note)
+        out["in_service_share"] = in_service / offered_tokens if offered_tokens > 0 else 0.0
+    return out
 
 
 def decode_gaps(generated) -> int:
@@ -222,6 +231,8 @@ def summarize(req: pd.DataFrame, *, duration_s: float, window_s: float | None,
         "offered_span_s": load["offered_span_s"],
         "achieved_span_s": load["achieved_span_s"],
         "rejected_requests": load["refused"],
+        **({"in_service_share": load["in_service_share"]} if "in_service_share" in load
+           else {}),
         "ttft_ms": _stats(ttft) if ttft_spread is None else _spread_stats(ttft, *ttft_spread),
         "tpot_ms": _stats(tpot),
         "itl_ms": {"mean": float(decode_span.sum() / gaps * 1000) if gaps else float("nan"),
@@ -325,41 +336,12 @@ def format_summary(s: dict) -> str:
     else:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
-    notes = [describe(s.get("extrapolated")), held_back_note(s),
-             late_start(s) or spans_note(s)]
+    notes = [describe(s.get("extrapolated")), held_back_note(s), window_edge_note(s),
+             late_start(s) or spans_note(s), stalls_note(s)]
     for note in filter(None, notes):
         lines += textwrap.wrap(f"Note: {note}", w, subsequent_indent="  ")
     lines.append("=" * w)
     return "\n".join(lines)
-
-
-def late_start(s: dict) -> str | None:
-    """A trace whose first request comes long after 0 (a slice of a longer one): the
-    throughput figures are per second from 0, so they count the idle time before it."""
-    first = s.get("first_arrival_s", 0.0)
-    if first <= max(60.0, 0.1 * s["duration_s"]):
-        return None
-    return (f"the first request arrives at {first:.0f} s: throughput is per second from 0, "
-            "idle time before it included; shift the trace's arrivals to start at 0 to "
-            "measure from it")
-
-
-def spans_note(s: dict) -> str | None:
-    """When the throughput over the run (from 0, ``vllm bench serve``'s duration) and the
-    share of offered (each over its span from the first arrival, ``load_spans``) tell
-    different stories: a short run, or one whose first request comes late, printed
-    "51 tok/s, offered 330 tok/s, keeps up (100%)"."""
-    offered = s["offered_total_throughput"]
-    if offered <= 0:
-        return None
-    naive = s["total_throughput"] / offered
-    if abs(naive - s["achieved_over_offered"]) <= 0.1 * max(s["achieved_over_offered"], 1e-9):
-        return None
-    return (f"throughput is per second of the whole run ({s['duration_s']:.1f} s from 0); the "
-            f"offered load and the % of offered are each over its span from the first arrival "
-            f"at {s.get('first_arrival_s', 0.0):.1f} s (offered: {s['offered_span_s']:.1f} s, "
-            f"to the last arrival or the last request's time in service; served: "
-            f"{s['achieved_span_s']:.1f} s, to the last completion)")
 
 
 def waiting_growth(timeline: pd.DataFrame, req: pd.DataFrame, window_s) -> int:
