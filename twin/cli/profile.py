@@ -57,6 +57,29 @@ examples:
 """
 
 
+def _in_range(low: float, high: float, unit: str, example: str):
+    """An argparse ``type=``: a number in [low, high] of ``unit``. The explicit GPU numbers
+    are plain bytes, FLOP/s and GiB: a value typed in TB/s, TFLOP/s or bytes is orders of
+    magnitude off (``--hbm-bandwidth 3.35`` priced a step at 6e9 s) and refused here."""
+
+    def parse(text: str) -> float:
+        v = positive_float(text)
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected {unit} between {low:g} and {high:g} (e.g. {example}), got {text!r}: "
+                f"is it in another unit?")
+        return v
+
+    return parse
+
+
+#: the explicit GPU numbers' plausible ranges (CPU budgets to the largest boards)
+MEMORY_GIB = _in_range(1, 4096, "GiB", "80 for an 80 GB board")
+HBM_BYTES_PER_S = _in_range(1e10, 1e14, "bytes/s", "3.35e12 for 3.35 TB/s")
+FLOP_PER_S = _in_range(1e12, 1e17, "FLOP/s", "9.89e14 for 989 TFLOP/s")
+LINK_BYTES_PER_S = _in_range(1e9, 1e13, "bytes/s", "4.5e11 for 450 GB/s")
+
+
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "profile", help="build a first-principles profile for a model, GPU and TP size",
@@ -75,14 +98,16 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
                    help="fp8: linear-layer weights in FP8 (vLLM --quantization fp8)")
     p.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
                    help="KV-cache dtype (default: %(default)s = the model dtype)")
-    p.add_argument("--gpu-memory-gib", type=positive_float, metavar="GIB",
-                   help="GPU memory as the runtime reports it, GiB (overrides the catalogue)")
-    p.add_argument("--hbm-bandwidth", type=positive_float, metavar="BYTES_PER_S",
-                   help="peak memory bandwidth, bytes/s, e.g. 3.35e12")
-    p.add_argument("--flops", type=positive_float, metavar="FLOP_PER_S",
-                   help="peak dense tensor FLOP/s at the weights' dtype, e.g. 9.89e14")
-    p.add_argument("--link-bandwidth", type=positive_float, metavar="BYTES_PER_S",
-                   help="GPU-to-GPU bandwidth per direction, bytes/s (tensor parallelism)")
+    p.add_argument("--gpu-memory-gib", type=MEMORY_GIB, metavar="GIB",
+                   help="GPU memory as the runtime reports it, GiB, 1-4096 (overrides the "
+                        "catalogue)")
+    p.add_argument("--hbm-bandwidth", type=HBM_BYTES_PER_S, metavar="BYTES_PER_S",
+                   help="peak memory bandwidth, bytes/s (1e10-1e14), e.g. 3.35e12")
+    p.add_argument("--flops", type=FLOP_PER_S, metavar="FLOP_PER_S",
+                   help="peak dense tensor FLOP/s at the weights' dtype (1e12-1e17), e.g. 9.89e14")
+    p.add_argument("--link-bandwidth", type=LINK_BYTES_PER_S, metavar="BYTES_PER_S",
+                   help="GPU-to-GPU bandwidth per direction, bytes/s (1e9-1e13; tensor "
+                        "parallelism)")
     p.add_argument("--gpu-calibration", type=Path, metavar="HW.json",
                    help="hardware coefficients of a calibrated machine (written by `twin "
                         "calibrate --executor` next to its profile): the step time of --model "
