@@ -13,7 +13,7 @@ from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES, build_profile, 
 from twin.costs.gpus import get_gpu, gpu_names
 from twin.costs.hardware import derive_profile, read_calibration
 from twin.costs.memory import GIB
-from twin.costs.model_config import builtin_names, load_model_shape
+from twin.costs.model_config import builtin_names, load_model
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare
@@ -156,6 +156,13 @@ def _gpu_given(args) -> bool:
                                                  args.flops)
 
 
+def _model(args, dtype_bytes: int = 2):
+    """--model's shape; ``args.quantization`` becomes the checkpoint's own when its
+    config.json has a quantization_config (vLLM detects it: twin.costs.model_config)."""
+    shape, args.quantization = load_model(args.model, args.quantization, dtype_bytes)
+    return shape
+
+
 def _from_calibration(args):
     """(profile, machine name) of --model on the machine of --gpu-calibration: step time from
     its hardware coefficients (twin.costs.hardware.derive_profile); memory from --gpu
@@ -164,7 +171,7 @@ def _from_calibration(args):
     tp = args.tensor_parallel_size
     prov = {"gpu_calibration": str(args.gpu_calibration)}
     if _gpu_given(args):
-        shape = load_model_shape(args.model)
+        shape = _model(args)
         gpu = _hardware(args)
         fp = build_profile(shape, gpu, tensor_parallel_size=tp, quantization=args.quantization,
                            kv_cache_dtype=args.kv_cache_dtype)
@@ -180,7 +187,7 @@ def _from_calibration(args):
         raise TwinInputError("the calibration names no profile of its machine: give "
                              "--base-profile PROFILE (or --gpu)", field="--base-profile")
     base = load_profile(ref)
-    shape = load_model_shape(args.model, dtype_bytes=base.model.dtype_bytes)
+    shape = _model(args, dtype_bytes=base.model.dtype_bytes)
     # a base that lists its model's LoRA slot buffers (first principles): this model's
     buffers = lora_buffers(shape, tp) if base.memory.lora_buffers is not None else None
     prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov,
@@ -203,8 +210,9 @@ def run(args) -> int:
         if args.gpu_calibration is not None:
             prof, machine = _from_calibration(args)
         else:
+            shape = _model(args)
             gpu = _hardware(args)
-            prof = build_profile(load_model_shape(args.model), gpu,
+            prof = build_profile(shape, gpu,
                                  tensor_parallel_size=args.tensor_parallel_size,
                                  quantization=args.quantization,
                                  kv_cache_dtype=args.kv_cache_dtype, name=args.name)
