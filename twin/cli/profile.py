@@ -10,10 +10,10 @@ from pathlib import Path
 from twin.argtypes import positive_float, positive_int
 from twin.config import ServingConfig
 from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES, build_profile, lora_buffers
-from twin.costs.gpus import get_gpu, gpu_names
+from twin.costs.gpus import effective, get_gpu, gpu_key_of, gpu_names
 from twin.costs.hardware import derive_profile, read_calibration
 from twin.costs.memory import GIB
-from twin.costs.model_config import builtin_names, load_model_shape
+from twin.costs.model_config import builtin_names, load_model
 from twin.costs.profile import load_profile
 from twin.errors import TwinInputError
 from twin.outputs import input_paths, prepare
@@ -34,7 +34,15 @@ With --gpu-calibration HW.json (written by `twin calibrate --executor` next to i
 the step time comes from that machine's fitted hardware coefficients instead: a model you
 never ran, priced on a machine you calibrated on another model. When the calibration carries
 the machine's measured GEMM table (`twin calibrate --executor --gemm`), --model's GEMMs are
-priced at the rates that machine reaches at their sizes.
+priced at the rates that machine reaches at their sizes. The calibration describes the
+machine it was measured on (the profile written with it): --gpu must name that GPU (or be left
+out: memory and load times from its profile), the rates (--hbm-bandwidth, --flops,
+--link-bandwidth) are refused (the fitted coefficients price the step), and other weights than
+the calibration's (--quantization fp8, an FP8 checkpoint) rescale its dense FLOP term by the
+catalogue's ratio of that GPU's rates (refused on a CPU or a GPU outside the catalogue).
+
+A config.json with a quantization_config is read as vLLM reads it: quant_method fp8 is
+--quantization fp8; other methods (AWQ, GPTQ, ...) are refused.
 
 The step time is a prior, not a measurement: calibrate it on your own runs with
 `twin calibrate` before trusting latencies.
@@ -57,6 +65,29 @@ examples:
 """
 
 
+def _in_range(low: float, high: float, unit: str, example: str):
+    """An argparse ``type=``: a number in [low, high] of ``unit``. The explicit GPU numbers
+    are plain bytes, FLOP/s and GiB: a value typed in TB/s, TFLOP/s or bytes is orders of
+    magnitude off (``--hbm-bandwidth 3.35`` priced a step at 6e9 s) and refused here."""
+
+    def parse(text: str) -> float:
+        v = positive_float(text)
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected {unit} between {low:g} and {high:g} (e.g. {example}), got {text!r}: "
+                f"is it in another unit?")
+        return v
+
+    return parse
+
+
+#: the explicit GPU numbers' plausible ranges (CPU budgets to the largest boards)
+MEMORY_GIB = _in_range(1, 4096, "GiB", "80 for an 80 GB board")
+HBM_BYTES_PER_S = _in_range(1e10, 1e14, "bytes/s", "3.35e12 for 3.35 TB/s")
+FLOP_PER_S = _in_range(1e12, 1e17, "FLOP/s", "9.89e14 for 989 TFLOP/s")
+LINK_BYTES_PER_S = _in_range(1e9, 1e13, "bytes/s", "4.5e11 for 450 GB/s")
+
+
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "profile", help="build a first-principles profile for a model, GPU and TP size",
@@ -75,14 +106,16 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
                    help="fp8: linear-layer weights in FP8 (vLLM --quantization fp8)")
     p.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
                    help="KV-cache dtype (default: %(default)s = the model dtype)")
-    p.add_argument("--gpu-memory-gib", type=positive_float, metavar="GIB",
-                   help="GPU memory as the runtime reports it, GiB (overrides the catalogue)")
-    p.add_argument("--hbm-bandwidth", type=positive_float, metavar="BYTES_PER_S",
-                   help="peak memory bandwidth, bytes/s, e.g. 3.35e12")
-    p.add_argument("--flops", type=positive_float, metavar="FLOP_PER_S",
-                   help="peak dense tensor FLOP/s at the weights' dtype, e.g. 9.89e14")
-    p.add_argument("--link-bandwidth", type=positive_float, metavar="BYTES_PER_S",
-                   help="GPU-to-GPU bandwidth per direction, bytes/s (tensor parallelism)")
+    p.add_argument("--gpu-memory-gib", type=MEMORY_GIB, metavar="GIB",
+                   help="GPU memory as the runtime reports it, GiB, 1-4096 (overrides the "
+                        "catalogue)")
+    p.add_argument("--hbm-bandwidth", type=HBM_BYTES_PER_S, metavar="BYTES_PER_S",
+                   help="peak memory bandwidth, bytes/s (1e10-1e14), e.g. 3.35e12")
+    p.add_argument("--flops", type=FLOP_PER_S, metavar="FLOP_PER_S",
+                   help="peak dense tensor FLOP/s at the weights' dtype (1e12-1e17), e.g. 9.89e14")
+    p.add_argument("--link-bandwidth", type=LINK_BYTES_PER_S, metavar="BYTES_PER_S",
+                   help="GPU-to-GPU bandwidth per direction, bytes/s (1e9-1e13; tensor "
+                        "parallelism)")
     p.add_argument("--gpu-calibration", type=Path, metavar="HW.json",
                    help="hardware coefficients of a calibrated machine (written by `twin "
                         "calibrate --executor` next to its profile): the step time of --model "
@@ -131,15 +164,110 @@ def _gpu_given(args) -> bool:
                                                  args.flops)
 
 
+def _model(args, dtype_bytes: int = 2):
+    """--model's shape; ``args.quantization`` becomes the checkpoint's own when its
+    config.json has a quantization_config (vLLM detects it: twin.costs.model_config)."""
+    shape, args.quantization = load_model(args.model, args.quantization, dtype_bytes)
+    return shape
+
+
+def _is_cpu(machine: dict) -> bool:
+    return (str(machine.get("device", "")).startswith("cpu")
+            or str(machine.get("name", "")).upper().startswith("CPU"))
+
+
+def _identity(machine: dict):
+    """What two hardware records must share to be one machine: a GPU's catalogue key (else
+    its name); any CPU (its thread count may differ between an executor's runs)."""
+    return "cpu" if _is_cpu(machine) else gpu_key_of(machine) or machine.get("name")
+
+
+def _calibrated_machine(args, info: dict) -> tuple[dict | None, str]:
+    """(the hardware record of the machine --gpu-calibration was measured on, where it was
+    read): the file's ``machine`` where it records one, else the hardware of the profile it
+    was written with (its ``profile``, relative to it); (None, "") when it says nothing."""
+    if isinstance(info.get("machine"), dict):
+        return info["machine"], str(args.gpu_calibration)
+    ref = info.get("profile")
+    path = Path(args.gpu_calibration).parent / str(ref) if isinstance(ref, str) and ref else None
+    if path is not None and path.is_file():
+        return dict(load_profile(path).hardware), str(path)
+    return None, ""
+
+
+def _check_calibration(args, machine: dict | None, where: str) -> None:
+    """Refuse the flags that describe another machine than the calibration's: its fitted
+    coefficients give the step time, so a profile naming another GPU (or rates it does not
+    read) would contradict itself."""
+    for flag, v in (("--hbm-bandwidth", args.hbm_bandwidth), ("--flops", args.flops),
+                    ("--link-bandwidth", args.link_bandwidth)):
+        if v is not None:
+            raise TwinInputError(
+                f"--gpu-calibration's fitted coefficients give the step time"
+                + (f" (machine: {machine.get('name')})" if machine else "") + f"; {flag} would "
+                "be recorded in the profile's hardware and price nothing: drop it, or drop "
+                "--gpu-calibration to price the step time from the rates",
+                file=str(args.gpu_calibration), field=flag)
+    if args.gpu is None or machine is None:   # no machine recorded: --gpu says which it is
+        return
+    gpu, name = get_gpu(args.gpu), machine.get("name", "an unnamed machine")
+    if _is_cpu(machine) or gpu_key_of(machine) != gpu["key"]:
+        key = gpu_key_of(machine)
+        raise TwinInputError(
+            f"the calibration was measured on {name}" + (f" ({key})" if key else "")
+            + f" ({where}), not on {gpu['name']}: its coefficients price that machine's "
+            + "steps, and a profile of --gpu with them would contradict itself; "
+            + (f"give --gpu {key} or " if key else "") + "leave --gpu out (--gpu-memory-gib "
+            "sets the memory), or calibrate on that GPU", file=str(args.gpu_calibration),
+            field="--gpu")
+
+
+def _requantize(args, hw: dict, machine: dict | None, info: dict, prov: dict) -> dict:
+    """``hw`` for --quantization on the calibration's machine: the dense FLOP term rescaled
+    by the catalogue's ratio of its FLOP rates at the two weight dtypes (the rule of
+    twin.costs.gpus.effective and the GPU prior; 1 on GPUs without FP8 tensor cores, whose
+    FP8 weights run at the 16-bit rate); refused where there is no such ratio."""
+    was = machine.get("quantization") if machine else None
+    if args.quantization == was:
+        return hw
+    key = gpu_key_of(machine) if machine else (get_gpu(args.gpu)["key"] if args.gpu else None)
+    label = (machine or {}).get("name", "its machine")
+    if key is None:   # a CPU, a GPU the catalogue does not name, a custom one
+        raise TwinInputError(
+            f"the calibration was fitted with {was or '16-bit'} weights on {label}, which the "
+            f"GPU catalogue does not describe: the twin has no ratio of its FLOP rates to "
+            f"price {args.quantization or '16-bit'} weights with (vLLM's FP8 is a GPU "
+            "kernel); drop --quantization (or a quantized --model), or calibrate with "
+            f"{args.quantization or '16-bit'} weights", file=str(args.gpu_calibration),
+            field="--quantization")
+    gpu = get_gpu(key)
+    factor = effective(gpu, fp8=was == "fp8")[1] / effective(gpu, fp8=args.quantization == "fp8")[1]
+    if factor != 1.0 and info.get("gemm") is not None:
+        raise TwinInputError(
+            f"the calibration's GEMM table was measured with {was or '16-bit'} weights on "
+            f"{gpu['name']}: it does not price {args.quantization or '16-bit'} GEMMs; drop "
+            "--quantization, or calibrate with those weights", file=str(args.gpu_calibration),
+            field="--quantization")
+    prov["dense_rate_rescaled"] = {"from": was or "16-bit", "to": args.quantization or "16-bit",
+                                   "dense_s_per_flop_factor": factor, "gpu": key}
+    return dict(hw, dense_s_per_flop=hw.get("dense_s_per_flop", 0.0) * factor)
+
+
 def _from_calibration(args):
     """(profile, machine name) of --model on the machine of --gpu-calibration: step time from
     its hardware coefficients (twin.costs.hardware.derive_profile); memory from --gpu
     (first principles) when given, else from the calibrated machine's own profile."""
     hw, info = read_calibration(args.gpu_calibration)
+    machine, where = _calibrated_machine(args, info)
+    _check_calibration(args, machine, where)
     tp = args.tensor_parallel_size
     prov = {"gpu_calibration": str(args.gpu_calibration)}
-    if _gpu_given(args):
-        shape = load_model_shape(args.model)
+    if machine is None and args.gpu is not None:
+        prov["gpu_calibration_machine"] = ("not recorded by the calibration: taken to be "
+                                           f"--gpu {args.gpu} with 16-bit weights")
+    if args.gpu is not None:
+        shape = _model(args)
+        hw = _requantize(args, hw, machine, info, prov)
         gpu = _hardware(args)
         fp = build_profile(shape, gpu, tensor_parallel_size=tp, quantization=args.quantization,
                            kv_cache_dtype=args.kv_cache_dtype)
@@ -155,7 +283,13 @@ def _from_calibration(args):
         raise TwinInputError("the calibration names no profile of its machine: give "
                              "--base-profile PROFILE (or --gpu)", field="--base-profile")
     base = load_profile(ref)
-    shape = load_model_shape(args.model, dtype_bytes=base.model.dtype_bytes)
+    if machine is not None and _identity(machine) != _identity(base.hardware):
+        raise TwinInputError(f"--base-profile {base.name} describes {base.hardware.get('name')}"
+                             f", the calibration {machine.get('name')} ({where}): give a "
+                             "profile of the calibrated machine, or leave --base-profile out",
+                             file=str(args.gpu_calibration), field="--base-profile")
+    shape = _model(args, dtype_bytes=base.model.dtype_bytes)
+    hw = _requantize(args, hw, machine or base.hardware, info, prov)
     # a base that lists its model's LoRA slot buffers (first principles): this model's
     buffers = lora_buffers(shape, tp) if base.memory.lora_buffers is not None else None
     prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov,
@@ -178,8 +312,9 @@ def run(args) -> int:
         if args.gpu_calibration is not None:
             prof, machine = _from_calibration(args)
         else:
+            shape = _model(args)
             gpu = _hardware(args)
-            prof = build_profile(load_model_shape(args.model), gpu,
+            prof = build_profile(shape, gpu,
                                  tensor_parallel_size=args.tensor_parallel_size,
                                  quantization=args.quantization,
                                  kv_cache_dtype=args.kv_cache_dtype, name=args.name)

@@ -19,6 +19,10 @@ with them under LoRA:
   (three A matrices for qkv_proj, two for gate_up_proj); Phi-3's checkpoint is already fused,
   its mapping lists one module per packed layer, so vLLM wraps them as single-slice layers
   (one A for qkv_proj, one for gate_up_proj): ``ModelShape.lora_fused_modules``.
+
+A checkpoint's ``quantization_config`` is read as vLLM reads it (:func:`load_model`): an FP8
+checkpoint (``quant_method: fp8``) is served as ``--quantization fp8``; other methods (AWQ,
+GPTQ, bitsandbytes, ...) are refused, since the twin models no 4-bit weights.
 """
 
 from __future__ import annotations
@@ -240,9 +244,62 @@ def model_shape(cfg: dict, source: str = "config.json", name: str | None = None,
                       lora_embeddings=lora_emb)
 
 
-def load_model_shape(src: str | Path, dtype_bytes: int = 2) -> ModelShape:
-    """:func:`model_shape` of :func:`load_config` (a file, a directory or a short name)."""
+#: checkpoint quantizations (config.json ``quantization_config.quant_method``) the twin
+#: prices, as the ``--quantization`` they amount to: vLLM detects a checkpoint's method itself
+CHECKPOINT_QUANTIZATIONS = {"fp8": "fp8"}
+
+
+def checkpoint_quantization(cfg: dict, source: str = "config.json") -> str | None:
+    """The quantization vLLM detects from a config's ``quantization_config`` (None: none):
+    ``fp8`` checkpoints store their linear layers in FP8, as ``--quantization fp8`` would.
+    Other methods (AWQ, GPTQ, bitsandbytes, compressed-tensors, ...) are refused: the
+    memory and step-time models know 16-bit and FP8 weights only, and pricing a 4-bit
+    checkpoint as 16-bit would overstate its weights ~3.5x."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise TwinInputError(f"expected an object with a quant_method, got {qc!r}",
+                             file=source, field="quantization_config")
+    method = qc.get("quant_method")
+    if not isinstance(method, str) or not method.strip():
+        raise TwinInputError(f"expected the checkpoint's quantization method (a string), "
+                             f"got {method!r}", file=source,
+                             field="quantization_config.quant_method")
+    found = CHECKPOINT_QUANTIZATIONS.get(method.strip().lower())
+    if found is None:
+        raise TwinInputError(
+            f"a {method!r} checkpoint is not supported: the twin prices 16-bit weights and "
+            f"FP8 linear layers only (supported: {', '.join(CHECKPOINT_QUANTIZATIONS)}, or no "
+            "quantization_config); use the unquantized checkpoint's config.json",
+            file=source, field="quantization_config.quant_method")
+    return found
+
+
+def load_model(src: str | Path, quantization: str | None = None,
+               dtype_bytes: int = 2) -> tuple[ModelShape, str | None]:
+    """``(shape, quantization)`` of a model (:func:`load_model_shape`): ``quantization`` as
+    given (vLLM's ``--quantization``; None: not given), else the checkpoint's own
+    (:func:`checkpoint_quantization`), as vLLM detects it; a given one that differs from
+    the checkpoint's is refused (vLLM refuses it)."""
     cfg, source = load_config(src)
+    found = checkpoint_quantization(cfg, source)
+    if found is not None and quantization not in (None, found):
+        raise TwinInputError(f"the checkpoint is quantized with {found!r} (its "
+                             f"quantization_config.quant_method), not {quantization!r}: vLLM "
+                             "refuses the mix; drop --quantization", file=source,
+                             field="--quantization")
+    return _shape(cfg, source, dtype_bytes), found or quantization
+
+
+def load_model_shape(src: str | Path, dtype_bytes: int = 2) -> ModelShape:
+    """:func:`model_shape` of :func:`load_config` (a file, a directory or a short name); a
+    checkpoint quantized with a method the twin does not price is refused
+    (:func:`checkpoint_quantization`; :func:`load_model` also says which one it is)."""
+    return load_model(src, dtype_bytes=dtype_bytes)[0]
+
+
+def _shape(cfg: dict, source: str, dtype_bytes: int) -> ModelShape:
     name = source[len("built-in:"):] if source.startswith("built-in:") else None
     if name is None:
         name = Path(source).parent.name if Path(source).name == "config.json" else Path(source).stem
@@ -255,5 +312,6 @@ def load_model_shape(src: str | Path, dtype_bytes: int = 2) -> ModelShape:
     return shape
 
 
-__all__ = ["BUILTIN", "SUPPORTED", "builtin_names", "load_config", "load_model_shape",
+__all__ = ["BUILTIN", "CHECKPOINT_QUANTIZATIONS", "SUPPORTED", "builtin_names",
+           "checkpoint_quantization", "load_config", "load_model", "load_model_shape",
            "model_shape"]
