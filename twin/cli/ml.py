@@ -21,6 +21,7 @@ from twin.costs.profile import load_profile
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
 from twin.workload import read_trace
 from twin.workload.catalog import AdapterCatalog
+from twin.workload.schema import refuse_empty_window
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -190,6 +191,7 @@ def _load_workload(args):
         source = spec.params["path"] if spec.family == "trace" else label
     if catalog is not None:   # an unknown adapter is named at the trace's row
         catalog.check(trace, 512, source)
+    refuse_empty_window(trace, args.window_s, source)   # the user's window, if given
     return trace, catalog, window, label
 
 
