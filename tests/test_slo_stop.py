@@ -238,3 +238,26 @@ def test_max_loras_walk_ranks_a_stopped_run_as_missing_the_slos():
     # with no stopped run the walk goes from row 2 (the best) down
     ver = _Runs(down)
     assert 1 in _search_over(ver) and 4 not in ver.seen
+
+
+def test_a_probed_run_s_goodput_counts_only_what_met_the_slos():
+    """A clearly starving run stopped after the early exit's probe: its goodput is what
+    the probe proves, its requests that met the SLOs per second of the whole window, as
+    for a run stopped on the SLOs (it was the probe's whole throughput, printed and stored
+    as goodput for runs missing the SLOs by far)."""
+    from twin.ml.verify import goodput
+
+    tr = rate_class_trace(64, (1.6, 0.8, 0.4), duration_s=300.0, seed=0)
+    cfg = ServingConfig(max_loras=8, max_cpu_loras=64)
+    slo = {"ttft": 300.0, "tpot": 30.0}
+    profile = load_profile("llama31-8b-h100-64gb")
+    ver = Verifier(tr, None, profile, 300.0, slo, EarlyExit(), workers=1, slo_stop=False)
+    try:
+        (_, r), = ver.run([(0, cfg)])
+    finally:
+        ver.close()
+    assert r["full"] is False and r["simulated_s"] == EarlyExit().probe_s(300.0)
+    head = tr[tr["arrival_s"] <= r["simulated_s"]]
+    probe = simulate(head, cfg, profile, window_s=r["simulated_s"])
+    assert r["goodput"] == pytest.approx(goodput(probe.requests, 300.0, slo))
+    assert r["goodput"] < 0.5 * r["throughput"]

@@ -77,6 +77,13 @@ def _step(profile, *, prefill=0, decode=0, ctx=0.0, prefill_ctx=0.0, rank=16, ad
         after_idle=0.0, **derived_features(tokens, slots, adapters))))
 
 
+def tpot_floor_ms(profile, rank: float) -> float:
+    """A lower bound of any request's TPOT on this GPU, whatever the configuration or the
+    GPU count: a decode step of one sequence, alone, at no context, with one adapter of
+    ``rank`` in one slot (an SLO below it is out of reach of every knob and of more GPUs)."""
+    return 1000.0 * _step(profile, decode=1, rank=max(int(rank), 1), adapters=1, slots=1)
+
+
 def prefill_s(profile, prompt: float, chunk: int, rank: int, slots: int) -> float:
     """Seconds to prefill one ``prompt`` alone, in chunks of at most ``chunk`` tokens."""
     t, done, p = 0.0, 0, int(max(prompt, 1))

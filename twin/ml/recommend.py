@@ -56,10 +56,12 @@ from twin.ml.features import public, workload_features
 from twin.ml.inputs import prepare_inputs, short_window_warning, verification_window
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
 from twin.ml.optimize import optimize
+from twin.ml.queueing import tpot_floor_ms
 from twin.ml.prefix_info import prefix_info, unaware_warning, with_verified
-from twin.ml.report import Recommendation, latency_disagreements, slo_violation, slo_verdict
+from twin.ml.report import Recommendation, latency_disagreements, slo_violation
 from twin.ml.search_space import SearchSpace, search_space
 from twin.ml.ties import declared_tie, tie_band
+from twin.ml.slo_verdict import slo_verdict
 from twin.ml.sweep import EarlyExit
 from twin.ml.trials import (FIRST_MET, Trials, any_met, full_reruns, nan_inf, r_full,
                             run_batches)
@@ -142,10 +144,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     _record_verified(cand, results)
     good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
     if goodput_search:
-        met = [i for i in good if r_full(results[i]) and slo_violation(results[i], slo) <= 1]
-        disagree = latency_disagreements(cand, model)
-        verdict = slo_verdict(cand, results, slo, met, space.knobs)
-        good = met
+        good, disagree, verdict = _slo_outcome(cand, results, good, slo, space.knobs, model,
+                                               tpot_floor_ms(profile, wf["rank_min"]))
     best = best_verified(results, good, key) if good else None
     if best is not None and results[best].get("extrapolated"):
         warnings.append(describe(results[best]["extrapolated"]))
@@ -160,6 +160,16 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         total_s=time.perf_counter() - t_start, window_s=window, to_completion=run_window is None,
         warnings=warnings, tie=tie, slo_verdict=verdict, disagreements=disagree, search=search,
         explanation=explain(model, cand.iloc[start]), prefix=with_verified(prefix, results, best))
+
+
+def _slo_outcome(cand: pd.DataFrame, results: dict, good: list, slo: dict, knobs, model,
+                 floor_ms: float):
+    """The goodput objective's outcome: the runs meeting the SLOs in full (the pick's
+    candidates), the model-vs-twin latency disagreements and the verdict on the SLOs
+    (``floor_ms``: the TPOT no configuration on any number of these GPUs goes under)."""
+    met = [i for i in good if r_full(results[i]) and slo_violation(results[i], slo) <= 1]
+    return met, latency_disagreements(cand, model), slo_verdict(
+        cand, results, slo, met, knobs, tpot_floor_ms=floor_ms)
 
 
 def _slo_search(T: Trials, trace, model, wf, max_rank: int, slo: dict, window: float,

@@ -14,7 +14,8 @@ import pandas as pd
 from twin.config import ServingConfig
 from twin.ml.explain import explanation_lines
 from twin.ml.prefix_info import prefix_lines
-from twin.ml.slo_stop import SloStop, might_beat
+# slo_violation: imported from here by the searches
+from twin.ml.slo_verdict import _SLO_P99, _UNIT, slo_violation, verdict_lines  # noqa: F401
 from twin.ml.ties import tie_text
 
 #: How far the model's latency prediction may be from the twin before the report says they
@@ -22,21 +23,6 @@ from twin.ml.ties import tie_text
 #: ``twin train`` since issue 16; the p90 of its held-out SMAPE is used): a factor of 2
 #: either way (SMAPE 66.7 %).
 DEFAULT_LATENCY_SMAPE = 200.0 / 3
-_SLO_P99 = {"ttft": "ttft_p99", "tpot": "tpot_p99"}
-_UNIT = {"ttft_p99": ("p99 TTFT", "ms", 0), "tpot_p99": ("p99 TPOT", "ms", 1)}
-
-
-def slo_violation(run: dict, slo: dict | None) -> float:
-    """The worst ratio of a twin run's p99 to its SLO (<= 1: every SLO met; inf: no p99)."""
-    worst = 0.0
-    for k, m in _SLO_P99.items():
-        if slo and slo.get(k):
-            v = run.get(m)
-            v = float("inf") if v is None or not np.isfinite(v) else float(v)
-            worst = max(worst, v / float(slo[k]))
-    return worst
-
-
 def _smape(a: float, b: float) -> float:
     return 200.0 * abs(a - b) / max(abs(a) + abs(b), 1e-12)
 
@@ -72,91 +58,6 @@ def latency_disagreements(cand: pd.DataFrame, model) -> dict:
                          "verified": float(v), "smape_pct": e, "stated_smape_pct": lim,
                          "beyond": bool(e > lim)})
     return {"source": source, "pairs": rows, "beyond": sum(x["beyond"] for x in rows)}
-
-
-def _knobs(cfg, knobs) -> dict:
-    return {k: getattr(cfg, k) for k in knobs}
-
-
-def slo_verdict(cand: pd.DataFrame, results: dict, slo: dict, met: list, knobs) -> dict:
-    """Did any verified configuration meet the SLOs (p99s of its own twin run)? If none
-    did: the best achievable p99 of each SLO among runs that keep up (with their
-    configurations), and for each SLO missed what bounds it: the knob whose one-step
-    changes moved that p99 the most in the runs made, and whether any run reached the SLO
-    only by starving (the knob bounds it) or none did (the load on this GPU bounds it)."""
-    full = {i: r for i, r in results.items() if r["starts"] and r.get("full")}
-    up = {i: r for i, r in full.items() if not r["starving"]}
-    out = {"met": bool(met), "slo": dict(slo), "meeting": len(met), "runs": len(results),
-           "keeping_up": len(up), "best": {}, "bounds": {},
-           "stopped_early": sum(bool(r.get("slo_violated_early")) for r in results.values()),
-           "stopped_might_beat": {m: len(might_beat(results, m)) for m in _SLO_P99.values()}}
-    if met:
-        return out
-    for k, m in _SLO_P99.items():
-        if not slo.get(k) or not up:
-            continue
-        i = min(up, key=lambda i: (_nan(up[i].get(m)), i))
-        out["best"][m] = {"value": float(up[i][m]), "slo": float(slo[k]),
-                          **_knobs(cand.at[i, "_config"], knobs)}
-        if up[i][m] <= slo[k]:
-            continue
-        effect = {}
-        for kn in knobs:   # pairs of runs that differ in this knob only
-            groups: dict = {}
-            for j, r in full.items():
-                key = tuple(v for n, v in _knobs(cand.at[j, "_config"], knobs).items()
-                            if n != kn)
-                groups.setdefault(key, []).append(_nan(r.get(m)))
-            spans = [max(g) / max(min(g), 1e-9) for g in groups.values()
-                     if len(g) > 1 and np.isfinite(max(g))]
-            if spans:
-                effect[kn] = max(spans)
-        lowest = min(full, key=lambda j: (_nan(full[j].get(m)), j))
-        reach = full[lowest].get(m) is not None and full[lowest][m] <= slo[k]
-        knob = max(effect, key=lambda kn: (effect[kn], kn)) if effect else None
-        out["bounds"][m] = {
-            "knob": knob, "knob_effect": effect.get(knob),
-            "bound_by": "starvation" if reach else "load",
-            "reached_only_starving": _knobs(cand.at[lowest, "_config"], knobs) if reach
-            else None}
-    return out
-
-
-def _nan(x) -> float:
-    return float("inf") if x is None or not np.isfinite(x) else float(x)
-
-
-def verdict_lines(v: dict, objective_gpus: str = "one GPU") -> list[str]:
-    """The report's lines for :func:`slo_verdict`."""
-    slo = ", ".join(f"{_UNIT[_SLO_P99[k]][0]} <= {x:g} ms" for k, x in v["slo"].items() if x)
-    if v["met"]:
-        return [f"SLOs met ({slo}) in the recommended configuration's own twin run "
-                f"({v['meeting']} of {v['runs']} runs meet them)"]
-    stopped = v.get("stopped_early", 0)
-    L = [f"NO verified configuration meets the SLOs ({slo}) on {objective_gpus}: "
-         f"{v['runs']} twin runs, {v['keeping_up']} keep up, none within the SLOs"
-         + (f"; {stopped} stopped once proven to miss them by {SloStop.FACTOR:g}x or "
-            "more (no p99s: the best achievable p99s below are full runs')" if stopped else "")]
-    for m, b in v["best"].items():
-        name, unit, nd = _UNIT[m]
-        cfg = " ".join(f"{k}={x}" for k, x in b.items() if k not in ("value", "slo"))
-        n = v.get("stopped_might_beat", {}).get(m, 0)
-        L.append(f"  best achievable {name}: {b['value']:.{nd}f} {unit} (SLO {b['slo']:g}) "
-                 f"at {cfg}" + (f" ({n} stopped run(s) not run in full might reach lower)"
-                                if n else ""))
-        bd = v["bounds"].get(m)
-        if bd is None:
-            continue
-        moved = (f"{bd['knob']} moved it most (x{bd['knob_effect']:.2f} between runs)"
-                 if bd["knob"] else "no knob was varied")
-        if bd["bound_by"] == "starvation":
-            cfg = " ".join(f"{k}={x}" for k, x in bd["reached_only_starving"].items())
-            L.append(f"    bounded by {bd['knob'] or 'the knobs'}: only a configuration that "
-                     f"cannot keep up reaches it ({cfg}); {moved}")
-        else:
-            L.append(f"    bounded by the load on {objective_gpus}: no knob tried reaches it; "
-                     f"{moved}; spread the adapters over more GPUs (`twin place`)")
-    return L
 
 
 def disagreement_lines(d: dict) -> list[str]:

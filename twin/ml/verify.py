@@ -78,7 +78,11 @@ def _verify(item):
         out.update(enable_prefix_caching=bool(s["enable_prefix_caching"]),
                    prefix_cache_hit_rate=float(s["prefix_cache_hit_rate"]),
                    prefix_cache_hits=int(s["prefix_cache_hits"]))
-    out["goodput"] = goodput(res.requests, sim_s, slo) if (full and slo) else out["throughput"]
+    # with SLOs, the tokens of requests meeting them per second of the window; a starving
+    # run stopped after the early exit's probe: those it finished in the probe, per second
+    # of the whole window (what it proves at least, as a run stopped on the SLOs)
+    out["goodput"] = (goodput(res.requests, sim_s if full else window_s, slo) if slo
+                      else out["throughput"])
     if full and _CTX.get("keep_latencies"):
         out["latencies"], out["duration_s"] = request_latencies(res.requests), sim_s
     out["wall_s"] = time.perf_counter() - t0
