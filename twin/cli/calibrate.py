@@ -4,6 +4,7 @@ or to microbenchmarks of the reference executor (:mod:`twin.calibrate.executor`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ from twin.costs.gpus import DERATE
 from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
 from twin.costs.profile import load_profile, warn_if_shipped
 from twin.errors import TwinInputError
-from twin.outputs import input_paths, prepare, staged_file
+from twin.outputs import check_out, input_paths, prepare, staged_file
 
 _DESCRIPTION = """\
 Fit a twin Profile (memory, adapter load times, step time) to measurements of real vLLM
@@ -135,33 +136,89 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+#: which flags each mode reads (``dest``: modes); a flag given (not at its parser default)
+#: in a mode that does not read it is refused, never silently ignored
+_MODES = {"vllm": "the full fit on vLLM runs (without --few-run or --executor)",
+          "few-run": "--few-run", "executor": "--executor", "split": "--executor --policy split"}
+_RUNS, _FITS = ("vllm", "few-run"), ("vllm", "few-run", "executor")
+_EXEC = ("executor", "split")
+_FLAG_MODES = {
+    "from_vllm_runs": _RUNS, "bench_config": _RUNS, "experiment_set": _RUNS,
+    "max_runs": _RUNS, "window_s": _RUNS, "iterations": _RUNS, "processes": _RUNS,
+    "seed": _RUNS, "base_profile": _RUNS, "name": _FITS,
+    "kv_capacity": ("vllm",), "load_times": ("vllm",), "terms": ("vllm",), "hold": ("vllm",),
+    "decode_target": ("vllm",), "metrics_series_s": ("vllm",), "request_delay": ("vllm",),
+    "few_run": ("few-run",), "executor": _EXEC, "model": _EXEC, "policy": _EXEC,
+    "device": ("executor",), "dtype": ("executor",), "budget": ("executor",),
+    "threads": ("executor",), "repeats": ("executor",), "statistic": ("executor",),
+    "hardware_with": ("executor",), "gemm": ("executor",), "device_memory_gib": ("executor",),
+    "clients_max": ("split",), "quick": ("split",),
+}
+
+
+def _mode(args) -> str:
+    if getattr(args, "executor", False):
+        return "split" if getattr(args, "policy", "vllm") == "split" else "executor"
+    return "few-run" if getattr(args, "few_run", False) else "vllm"
+
+
+def check_mode_flags(args) -> str:
+    """The mode ``args`` ask for; a flag that mode does not read raises ``TwinInputError``
+    naming it and the mode(s) it belongs to (ignored, it would fit something other than the
+    user believes: e.g. --kv-capacity with --few-run). Given = not at the parser's default."""
+    mode = _mode(args)
+    parser = add_calibrate_parser(argparse.ArgumentParser().add_subparsers())
+    defaults = vars(parser.parse_args([]))
+    flag = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    given = []
+    for d, modes in _FLAG_MODES.items():
+        v = getattr(args, d, defaults.get(d))
+        if mode not in modes and v is not None and v != defaults.get(d):
+            given.append(d)
+    if given:
+        names = [flag.get(d, d) for d in given]
+        groups: dict = {}
+        for n, d in zip(names, given):
+            groups.setdefault(_FLAG_MODES[d], []).append(n)
+        where = "; ".join(f"{', '.join(ns)}: only {' or '.join(_MODES[m] for m in ms)}"
+                          for ms, ns in groups.items())
+        raise TwinInputError(f"{_MODES[mode]} does not use {', '.join(names)} ({where}): "
+                             f"drop {'it' if len(names) == 1 else 'them'}", field=names[0])
+    return mode
+
+
 def run(args) -> int:
-    executor = getattr(args, "executor", False)
-    if not executor and not args.from_vllm_runs:
+    mode = check_mode_flags(args)
+    if mode in _RUNS and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
-    if executor:
-        # the two modes fit different things: silently ignoring the runs (and the vLLM-run
-        # inputs) would calibrate the executor while the user believes their GPU was fitted
-        given = [f for f, v in (("--from-vllm-runs", args.from_vllm_runs),
-                                ("--bench-config", args.bench_config),
-                                ("--kv-capacity", args.kv_capacity),
-                                ("--load-times", args.load_times)) if v]
-        if given:
-            raise TwinInputError(f"--executor calibrates the reference executor and reads no "
-                                 f"vLLM measurements; drop {', '.join(given)} (or --executor)",
-                                 field=given[0])
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
     warn_if_shipped(args.out)
     # --out is checked (and locked) before the calibration, not after it
-    if executor and args.policy == "split":
+    if mode == "split":
         return run_split_executor(args)
-    with prepare(args.out, "profile", inputs=input_paths(args), file=True):
-        if executor:
+    inputs = input_paths(args)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(prepare(args.out, "profile", inputs=inputs, file=True))
+        if mode in ("executor", "few-run"):   # OUT.hardware.json too: checked like --out
+            stack.enter_context(_prepare_sidecar(args.out, inputs))
+        if mode == "executor":
             return run_executor(args)
-        if args.few_run:
+        if mode == "few-run":
             return _fit_few_runs(args)
         return _fit_vllm_runs(args)
+
+
+def _prepare_sidecar(out, inputs):
+    """Check and lock ``OUT.hardware.json`` (written beside the profile) as ``--out`` is:
+    never over an input or a file twin did not write."""
+    side = calibration_path(out)
+    try:
+        check_out(side, "hardware", inputs=inputs, file=True)
+    except TwinInputError as exc:
+        raise TwinInputError(f"{exc.detail} (the hardware coefficients that --out {out} "
+                             f"writes beside it)", file=exc.file, field=exc.field) from None
+    return prepare(side, "hardware", inputs=inputs, file=True)
 
 
 def _fit_few_runs(args) -> int:
@@ -309,15 +366,6 @@ def run_split_executor(args) -> int:
     """``--executor --policy split``: the split costs fitted to the executor's split mode
     (twin.calibrate.split_design), written atomically to ``--out``."""
     log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
-    unused = [f for f, v in (("--device", args.device != "cpu"),
-                             ("--dtype", args.dtype != "float32"),
-                             ("--hardware-with", args.hardware_with),
-                             ("--gemm", getattr(args, "gemm", False)),
-                             ("--budget", args.budget is not None),
-                             ("--few-run", args.few_run)) if v]
-    if unused:
-        raise TwinInputError(f"--policy split runs the split mode on CPU in float32 and fits "
-                             f"no profile; drop {', '.join(unused)}", field=unused[0])
     if Path(args.out).suffix.lower() != ".json":
         raise TwinInputError("split costs are JSON: give --out NAME.json", file=str(args.out),
                              field="--out")
