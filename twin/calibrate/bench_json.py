@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import create_model
 
 from twin.calibrate.run_spec import RunSpec
+from twin.calibrate.tables import POSITIVE_METRICS
 from twin.config import ServingConfig, read_yaml_mapping
 from twin.errors import TwinInputError
 from twin.schemas import Schema, validate
@@ -140,9 +141,10 @@ class _Fields:
     def __init__(self, d: dict, info: dict, file: str):
         self.d, self.info, self.file = d, info, file
 
-    def num(self, key, default=None, *, positive=False) -> float:
+    def num(self, key, default=None, *, positive=False, why: str = "") -> float:
         """``key`` as a finite non-negative (``positive``: > 0) number; a missing one
-        without ``default`` is refused with a hint where to give it."""
+        without ``default`` is refused with a hint where to give it (``why``: the message
+        for a 0)."""
         v = self.info.get(key, self.d.get(key, default))
         if v is None:
             raise TwinInputError(f"needs {key!r} ({BENCH_SIDECAR_KEYS.get(key, key)}): give it "
@@ -153,6 +155,8 @@ class _Fields:
         except (TypeError, ValueError):
             raise TwinInputError(f"expected a number, got {v!r}", file=self.file,
                                  field=key) from None
+        if why and v == 0:
+            raise TwinInputError(f"{why} (got {v!r})", file=self.file, field=key)
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
             raise TwinInputError(f"expected a {'positive' if positive else 'non-negative'} "
                                  f"number, got {v!r}", file=self.file, field=key)
@@ -164,16 +168,18 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
     completed = f.num("completed", positive=True)
     cfg = _bench_config(f)
     ranks, rates = _bench_adapters(f, cfg)
-    duration = f.num("duration", positive=True)
+    duration = f.num("duration", positive=True, why=POSITIVE_METRICS["duration"])
     tin, tout = f.num("total_input_tokens"), f.num("total_output_tokens")
     pin = f.num("pool_mean_input_tokens", tin / completed, positive=True)
     pout = f.num("pool_mean_output_tokens", tout / completed, positive=True)
-    total = f.num("total_token_throughput", (tin + tout) / duration)
+    total = f.num("total_token_throughput", (tin + tout) / duration, positive=True,
+                  why=POSITIVE_METRICS["total_throughput"])
     metrics = {"total_throughput": total, "completed": completed}
     for k in ("mean_ttft_ms", "mean_itl_ms", "mean_tpot_ms", "median_ttft_ms",
               "median_itl_ms", "median_tpot_ms", "p99_ttft_ms", "p99_itl_ms"):
-        if d.get(k) is not None:
-            metrics[k] = f.num(k)
+        if d.get(k) is not None or k in POSITIVE_METRICS:   # the fit's logs: > 0
+            metrics[k] = f.num(k, positive=k in POSITIVE_METRICS,
+                               why=POSITIVE_METRICS.get(k, ""))
     return RunSpec(key=Path(file).name, config=cfg, ranks=ranks, rates=rates,
                    pool_means=(pin, pout), duration_s=duration, metrics=metrics,
                    extra={"experiment_set": info.get("experiment_set", "bench")},
