@@ -126,3 +126,22 @@ def test_few_run_never_writes_its_hardware_json_over_an_input_or_a_users_file(tm
                               str(tmp_path / "fr.json")]) == 0
         assert json.loads(side.read_text())["schema"] == "twin.hardware/1"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("hold, said", [("bogus=1", "unknown step-time term(s) ['bogus']"),
+                                        ("decode_context=nan", "expected seconds >= 0"),
+                                        ("const=-1e-3", "expected seconds >= 0")])
+def test_a_held_term_is_checked_like_the_fitted_terms(tmp_path, capsys, no_work, hold, said):
+    """--hold bogus=1 used to crash the fit (exit 70) where --terms bogus is a usage error."""
+    runs = tmp_path / "runs.csv"
+    runs.write_text("a\n1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--from-vllm-runs", str(runs), "--hold", hold,
+              "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--hold" in err and said in err
+    if "unknown" in said:
+        assert "decode_context" in err   # the known terms are listed
+    from twin.argtypes import held_terms
+    assert held_terms("decode_context=6.5536e-8, const=0") == {"decode_context": 6.5536e-8,
+                                                               "const": 0.0}
