@@ -71,3 +71,96 @@ def test_a_run_table_metric_the_fit_takes_the_log_of_must_be_positive(tmp_path, 
     with pytest.raises(TwinInputError, match="must be > 0") as e:
         read_run_table(p)
     assert (e.value.file, e.value.row, e.value.field) == (str(p), ok[1], column)
+
+
+# -- the adapters' ranks and rates at the JSON's top level ----------------------------------
+
+def test_the_documented_metadata_example_loads(tmp_path, capsys):
+    """`twin calibrate --help` and read_bench_results' docstring show `vllm bench serve
+    --metadata max_loras=8 max_cpu_loras=32 max_lora_rank=16 adapter_ranks=...`: --metadata
+    stores strings at the top level; the example's own values must load (it used to say
+    'adapter_ranks name 2 adapters, max_cpu_loras is 32')."""
+    from twin.cli import main
+    from twin.calibrate import bench_json
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in (shown, " ".join(bench_json.read_bench_results.__doc__.split())):
+        example = text.split("--metadata ", 1)[1].split("`")[0]
+        meta = dict(kv.split("=", 1) for kv in example.split() if "=" in kv)
+        assert "adapter_ranks" in meta
+        (spec,) = read_bench_results([write(tmp_path, bench(**meta))])
+        assert sum(spec.ranks.values()) == spec.config.max_cpu_loras == int(meta["max_cpu_loras"])
+        assert sum(spec.rates.values()) == spec.config.max_cpu_loras
+
+
+@pytest.mark.parametrize("ranks, expect", [([8, 8, 16, 16, 16, 16, 32, 32], {8: 2, 16: 4, 32: 2}),
+                                           ({"8": 4, "16": 4}, {8: 4, 16: 4}),
+                                           ("8:6,16:2", {8: 6, 16: 2})])
+def test_adapter_ranks_at_the_top_level_as_a_list_or_mapping_are_read(tmp_path, ranks, expect):
+    """A list or {rank: count} used to be dropped silently (all adapters at max_lora_rank)."""
+    (spec,) = read_bench_results([write(tmp_path, bench(adapter_ranks=ranks, max_lora_rank=32))])
+    assert spec.ranks == expect
+
+
+def test_adapter_rates_at_the_top_level_are_read(tmp_path):
+    rates = [1.0, 1.0] + [0.5] * 4 + [0.25] * 2
+    (spec,) = read_bench_results([write(tmp_path, bench(adapter_rates_rps=rates))])
+    assert spec.rates == {1.0: 2, 0.5: 4, 0.25: 2}
+    (spec,) = read_bench_results([write(tmp_path, bench(adapter_rates_rps={"0.5": 8}))])
+    assert spec.rates == {0.5: 8}
+
+
+def test_a_list_under_another_setting_is_refused_not_dropped(tmp_path):
+    p = write(tmp_path, bench(max_loras=[4, 8]))
+    with pytest.raises(TwinInputError, match="one value") as e:
+        read_bench_results([p])
+    assert (e.value.file, e.value.field) == (str(p), "max_loras")
+    p = write(tmp_path, bench(adapter_ranks=[8, 8]))   # 2 ranks for 8 adapters: said
+    with pytest.raises(TwinInputError, match="2 adapters") as e:
+        read_bench_results([p])
+    assert e.value.field == "adapter_ranks"
+
+
+# -- the client's settings ---------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("max_concurrency", 16), ("burstiness", 0.5)])
+def test_a_run_the_twin_cannot_replay_is_refused(tmp_path, field, value):
+    """A closed loop (max_concurrency) or gamma arrivals (burstiness != 1) are another
+    workload than the open-loop Poisson one the twin replays: fitted, they mislead."""
+    p = write(tmp_path, bench(**{field: value}))
+    with pytest.raises(TwinInputError, match="Poisson") as e:
+        read_bench_results([p])
+    assert (e.value.file, e.value.field) == (str(p), field)
+
+
+def test_failed_requests_and_an_impossible_rate_are_warned_about(tmp_path, capsys):
+    read_bench_results([write(tmp_path, bench())])
+    assert capsys.readouterr().err == ""               # vllm bench serve's own defaults
+    read_bench_results([write(tmp_path, bench(failed=3))])
+    assert "3 request(s) failed" in capsys.readouterr().err
+    # 1200 requests in 300 s cannot come from a client sending 2 per second
+    (spec,) = read_bench_results([write(tmp_path, bench(request_rate=2.0))])
+    assert "request_rate 2" in capsys.readouterr().err and spec.aggregate_rate == 2.0
+    # fewer completions per second than sent: a saturated run, the fit's best: no warning
+    read_bench_results([write(tmp_path, bench(request_rate=8.0))])
+    assert capsys.readouterr().err == ""
+
+
+# -- the sidecar's per-file settings --------------------------------------------------------
+
+def test_sidecar_runs_match_by_name_or_path_and_a_stray_key_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    p = write(tmp_path / "a", bench(), "r1.json")
+    q = write(tmp_path, bench(), "r2.json")
+    side = {"runs": {str(p): {"max_loras": 2}, "r2.json": {"max_loras": 8}}}
+    r1, r2 = read_bench_results([p, q], side)
+    assert (r1.config.max_loras, r2.config.max_loras) == (2, 8)
+    with pytest.raises(TwinInputError) as e:                # a typo used to be ignored
+        read_bench_results([p, q], {"runs": {"r3.json": {"max_loras": 2}}})
+    assert "r3.json" in str(e.value) and str(p) in str(e.value)
+    assert e.value.field == "runs.r3.json"
+    with pytest.raises(TwinInputError, match="give its settings once"):
+        read_bench_results([p], {"runs": {"r1.json": {"max_loras": 2},
+                                          str(p): {"max_loras": 4}}})

@@ -44,14 +44,17 @@ Inputs
                      * one or more `vllm bench serve --save-result` JSON files. Those hold the
                        metrics but not the server's LoRA settings nor the adapters' ranks and
                        rates: pass them with `vllm bench serve --metadata max_loras=8
-                       max_cpu_loras=32 max_lora_rank=16 adapter_ranks=8,16 ...` or in a
-                       YAML sidecar (--bench-config) with keys max_loras, max_cpu_loras,
-                       max_lora_rank, adapter_ranks ({rank: count} or a list),
-                       adapter_rates_rps ({rate: count} or a list; default: request_rate
-                       split evenly), pool_mean_input_tokens / pool_mean_output_tokens
-                       (default: from the completed requests), and optionally
+                       max_cpu_loras=32 max_lora_rank=16 adapter_ranks=8:16,16:16` (16
+                       adapters of rank 8, 16 of rank 16) or in a YAML sidecar
+                       (--bench-config) with keys max_loras, max_cpu_loras,
+                       max_lora_rank, adapter_ranks ({rank: count} or a list, one rank
+                       per adapter), adapter_rates_rps ({rate: count} or a list;
+                       default: request_rate split evenly), pool_mean_input_tokens /
+                       pool_mean_output_tokens (default: from the completed requests), and
+                       optionally
                        max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
-                       max_model_len. Per-file values go under `runs: {FILE NAME: {...}}`.
+                       max_model_len. Per-file values go under `runs: {FILE: {...}}` (its
+                       name or its path as given).
   --kv-capacity      KV-cache tokens vLLM reported at start-up per (max_loras,
                      max_lora_rank) (columns max_loras, max_lora_rank, kv_cache_tokens,
                      optional model_loading_gib): fits the memory model.
