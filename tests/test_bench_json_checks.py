@@ -164,3 +164,56 @@ def test_sidecar_runs_match_by_name_or_path_and_a_stray_key_is_refused(tmp_path)
     with pytest.raises(TwinInputError, match="give its settings once"):
         read_bench_results([p], {"runs": {"r1.json": {"max_loras": 2},
                                           str(p): {"max_loras": 4}}})
+
+
+# -- the runs' model and the base profile's ------------------------------------------------
+
+def test_runs_of_another_model_than_the_base_profile_are_refused(tmp_path, capsys,
+                                                                 monkeypatch):
+    """A bench JSON of Qwen2.5-0.5B used to be fitted onto the default Llama-3.1-8B profile
+    silently: the profile written priced neither model."""
+    import twin.calibrate.vllm as cv
+    from twin.cli import main
+
+    monkeypatch.setattr(cv, "calibrate", lambda *a, **k: pytest.fail("fitted"))
+    p = write(tmp_path, bench(model_id="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert main(["calibrate", "--from-vllm-runs", str(p), "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert "model_id" in err and "Qwen2.5-0.5B" in err and "--base-profile" in err
+    assert "twin profile" in err and not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("name, verdict", [
+    ("meta-llama/Llama-3.1-8B-Instruct", "ok"), ("llama-3.1-8b-instruct", "ok"),
+    ("Meta-Llama-3.1-8B-Instruct", "ok"), ("Qwen/Qwen2.5-7B-Instruct", "refused"),
+    ("meta-llama/Llama-3.1-70B-Instruct", "refused"), ("my-finetune", "warned")])
+def test_model_names_are_compared_conservatively(tmp_path, name, verdict):
+    from twin.calibrate.run_model import check_runs_model
+    from twin.costs.profile import load_profile
+
+    base = load_profile("llama31-8b-h100-64gb-first-principles")   # Llama-3.1-8B-Instruct
+    runs = read_bench_results([write(tmp_path, bench(model_id=name))])
+    said = []
+    if verdict == "refused":
+        with pytest.raises(TwinInputError) as e:
+            check_runs_model(runs, base, warn=said.append)
+        assert e.value.field == "model_id" and e.value.file == runs[0].source
+    else:
+        check_runs_model(runs, base, warn=said.append)
+        assert len(said) == (verdict == "warned")
+
+
+@pytest.mark.skipif(RUNS is None, reason="shared vLLM run table absent")
+def test_a_run_tables_model_column_is_checked(tmp_path):
+    from twin.calibrate.run_model import check_runs_model
+    from twin.costs.profile import load_profile
+
+    base = load_profile("llama31-8b-h100-64gb-first-principles")
+    df = pd.read_csv(RUNS, nrows=8, low_memory=False)
+    check_runs_model(read_run_table(RUNS), base)              # the real runs are of it
+    df["model"] = "qwen2.5-0.5b-instruct"
+    p = tmp_path / "runs.csv"
+    df.to_csv(p, index=False)
+    with pytest.raises(TwinInputError) as e:
+        check_runs_model(read_run_table(p), base)
+    assert (e.value.file, e.value.field) == (str(p), "model") and e.value.row is not None

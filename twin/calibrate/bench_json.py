@@ -261,7 +261,8 @@ def _bench_run(d: dict, info: dict, file: str) -> RunSpec:
                                why=POSITIVE_METRICS.get(k, ""))
     return RunSpec(key=Path(file).name, config=cfg, ranks=ranks, rates=rates,
                    pool_means=(pin, pout), duration_s=duration, metrics=metrics,
-                   extra={"experiment_set": info.get("experiment_set", "bench")},
+                   extra={"experiment_set": info.get("experiment_set", "bench"),
+                          **{k: d[k] for k in ("model_id", "model") if d.get(k)}},
                    source=file)
 
 

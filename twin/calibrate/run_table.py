@@ -24,7 +24,7 @@ RUN_CONFIG_COLUMNS = ("max_loras", "max_cpu_loras", "max_lora_rank", "n_adapters
 RUN_METRIC_COLUMNS = ("status", "duration_s", "total_throughput_tps", "mean_ttft_ms",
                       "mean_itl_ms", "mean_tpot_ms")
 _TABLE_RANKS = (8, 16, 32)
-_OPTIONAL = ("experiment_set", "workload_dir", "run_dir", "source_path", "anomaly",
+_OPTIONAL = ("model", "experiment_set", "workload_dir", "run_dir", "source_path", "anomaly",
              "offered_total_tps_est", "meets_90pct_of_offered", "num_running_mean",
              "num_waiting_mean", "num_waiting_max", "num_running_max", "kv_usage_mean_frac",
              "preemptions_total", "requests_sent_from_twin_replay", "max_num_seqs",

@@ -20,6 +20,7 @@ from twin.calibrate.fewrun import fit_fewrun
 from twin.calibrate.fit_checks import fit_warnings
 from twin.calibrate.gemm_bench import measure_gemm_table
 from twin.calibrate.hardware import calibrate_from_measurements
+from twin.calibrate.run_model import check_runs_model
 from twin.calibrate.split_design import calibrate_split
 from twin.calibrate.split_fit import save_split_costs
 from twin.calibrate.vllm_fits import fit_client_cap
@@ -234,6 +235,7 @@ def _fit_few_runs(args) -> int:
                              "(its GPU numbers give the prior)", field="--base-profile")
     runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
                                                 args.experiment_set), args.max_runs)
+    check_runs_model(runs, base)
     tp = int(base.hardware.get("tensor_parallel_size", 1))
     hw0 = gpu_prior(base.hardware, fp8=base.hardware.get("quantization") == "fp8")
     cap = fit_client_cap(runs)
@@ -264,6 +266,8 @@ def _fit_vllm_runs(args) -> int:
     log = (lambda *a, **k: None) if args.quiet else print
     runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
                                                 args.experiment_set), args.max_runs)
+    base = load_profile(args.base_profile)
+    check_runs_model(runs, base)
     kv = vllm.read_kv_capacity(args.kv_capacity) if args.kv_capacity else None
     loads = vllm.read_load_times(args.load_times) if args.load_times else None
     sources = {"runs": [str(p) for p in args.from_vllm_runs], "run_count": len(runs),
@@ -275,7 +279,7 @@ def _fit_vllm_runs(args) -> int:
     if args.bench_config:
         sources["bench_config"] = str(args.bench_config)
     log(f"calibrating on {len(runs)} runs")
-    prof = vllm.calibrate(runs, kv=kv, loads=loads, base_profile=args.base_profile,
+    prof = vllm.calibrate(runs, kv=kv, loads=loads, base_profile=base,
                           name=args.name, sources=sources, window_s=args.window_s,
                           iterations=args.iterations, processes=args.processes,
                           seed=args.seed, terms=tuple(args.terms or vllm.STEP_TERMS),
