@@ -145,3 +145,44 @@ def test_a_held_term_is_checked_like_the_fitted_terms(tmp_path, capsys, no_work,
     from twin.argtypes import held_terms
     assert held_terms("decode_context=6.5536e-8, const=0") == {"decode_context": 6.5536e-8,
                                                                "const": 0.0}
+
+
+def test_few_run_says_which_iteration_it_kept_and_stores_plain_multipliers(tmp_path, capsys,
+                                                                          monkeypatch):
+    """The last iteration printed is not the result: the kept one is said, and the JSON
+    holds plain multipliers (the fit's log ones labelled as such)."""
+    import math
+
+    from twin.costs.hardware import gpu_prior
+    from twin.calibrate.fewrun import scaled
+
+    hw0 = gpu_prior("h100-64gb")
+    history = [{"iteration": i, "u": [0.0] * 4, "itl_smape_median": e,
+                "throughput_smape_median": e, "ttft_smape_median": 50.0}
+               for i, e in enumerate((30.0, 2.5, 9.0))]
+    u = {"overhead": math.log(1.5), "memory": 0.0, "compute": math.log(0.9), "lora": 0.0}
+
+    def fake_fit(runs, profile, hw, **kw):
+        return {"hardware": scaled(hw, list(u.values())), "u": dict(u), "history": history,
+                "kept": 1, "runs": [r.key for r in runs], "seconds": 0.0}
+    monkeypatch.setattr(cli_calibrate, "fit_fewrun", fake_fit)
+    base = tmp_path / "base.json"
+    assert main(["profile", "--model", "llama-3.1-8b", "--gpu", "h100-64gb", "--out",
+                 str(base)]) == 0
+    bench = tmp_path / "b.json"
+    bench.write_text(json.dumps({
+        "model_id": "meta-llama/Llama-3.1-8B", "request_rate": 4.0, "completed": 1200,
+        "total_input_tokens": 267600, "total_output_tokens": 235200, "duration": 300.0,
+        "mean_ttft_ms": 40.0, "mean_tpot_ms": 20.0, "mean_itl_ms": 20.5, "max_loras": 4,
+        "max_cpu_loras": 8, "max_lora_rank": 16}))
+    capsys.readouterr()
+    out = tmp_path / "fr.json"
+    assert main(["calibrate", "--few-run", "--base-profile", str(base), "--from-vllm-runs",
+                 str(bench), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "kept iteration 1: ITL 2.5%, throughput 2.5%" in said
+    side = json.loads((tmp_path / "fr.hardware.json").read_text())
+    prov = json.loads(out.read_text())["provenance"]
+    for doc in (side, prov):
+        assert doc["multipliers"] == pytest.approx({g: math.exp(v) for g, v in u.items()})
+        assert doc["log_multipliers"] == pytest.approx(u) and doc["kept_iteration"] == 1

@@ -244,20 +244,26 @@ def _fit_few_runs(args) -> int:
                     max_in_flight=cap["max_in_flight"] if cap else None, seed=args.seed,
                     processes=args.processes, tp=tp, log=log,
                     min_multiplier={"memory": DERATE["hbm"], "compute": DERATE["flops"]})
-    warned = fit_warnings(runs, len(fr["u"]), fr["history"])
+    warned = fit_warnings(runs, len(fr["u"]), fr["history"], best=fr["kept"])
     for w in warned:
         log(f"warning: few-run: {w}")
+    kept = fr["history"][fr["kept"]]
+    log(f"kept iteration {fr['kept']}: ITL {kept['itl_smape_median']:.1f}%, throughput "
+        f"{kept['throughput_smape_median']:.1f}% (the best on ITL + throughput)")
+    mult = {g: math.exp(u) for g, u in fr["u"].items()}   # plain; the fit's logs beside
     prof = derive_profile(base, base.model, fr["hardware"], memory=base.memory, tp=tp,
                           name=args.name or base.name.replace("-first-principles", "-fewrun"),
                           provenance={"method": "twin calibrate --few-run (twin.calibrate."
                                       "fewrun)", "fitted": True, "runs": fr["runs"],
-                                      "multipliers": fr["u"], "client": cap,
+                                      "multipliers": mult, "log_multipliers": fr["u"],
+                                      "kept_iteration": fr["kept"], "client": cap,
                                       "history": fr["history"], "warnings": warned})
     prof.save(args.out)
     hw = save_calibration(fr["hardware"], calibration_path(args.out), profile=Path(args.out).name,
-                          model=base.model.name, fitted_on=fr["runs"], multipliers=fr["u"])
-    log(f"wrote {args.out} and {hw} (group multipliers: "
-        + ", ".join(f"{g} x{math.exp(u):.2f}" for g, u in fr["u"].items()) + ")")
+                          model=base.model.name, fitted_on=fr["runs"], multipliers=mult,
+                          log_multipliers=fr["u"], kept_iteration=fr["kept"])
+    log(f"wrote {args.out} and {hw} (group multipliers of iteration {fr['kept']}: "
+        + ", ".join(f"{g} x{m:.2f}" for g, m in mult.items()) + ")")
     return 0
 
 
