@@ -142,9 +142,8 @@ def test_a_held_term_is_checked_like_the_fitted_terms(tmp_path, capsys, no_work,
     assert e.value.code == 2 and "--hold" in err and said in err
     if "unknown" in said:
         assert "decode_context" in err   # the known terms are listed
-    from twin.argtypes import held_terms
-    assert held_terms("decode_context=6.5536e-8, const=0") == {"decode_context": 6.5536e-8,
-                                                               "const": 0.0}
+    assert cli_calibrate.held_step_terms("decode_context=6.5536e-8, const=0") == {
+        "decode_context": 6.5536e-8, "const": 0.0}
 
 
 def test_few_run_says_which_iteration_it_kept_and_stores_plain_multipliers(tmp_path, capsys,

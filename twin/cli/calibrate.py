@@ -13,7 +13,7 @@ from pathlib import Path
 from twin.argtypes import (comma_list, device_name, held_terms, non_negative_float,
                            non_negative_int, positive_float, positive_float_or_fit,
                            positive_int)
-from twin.calibrate import vllm, vllm_runs
+from twin.calibrate import modes, vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
 from twin.calibrate.fewrun import fit_fewrun
@@ -28,6 +28,7 @@ from twin.costs.dispersion import quantile
 from twin.costs.gpus import DERATE
 from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
 from twin.costs.profile import load_profile, warn_if_shipped
+from twin.costs.step_time import FEATURES
 from twin.errors import TwinInputError
 from twin.outputs import check_out, input_paths, prepare, staged_file
 
@@ -140,60 +141,16 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-#: which flags each mode reads (``dest``: modes); a flag given (not at its parser default)
-#: in a mode that does not read it is refused, never silently ignored
-_MODES = {"vllm": "the full fit on vLLM runs (without --few-run or --executor)",
-          "few-run": "--few-run", "executor": "--executor", "split": "--executor --policy split"}
-_RUNS, _FITS = ("vllm", "few-run"), ("vllm", "few-run", "executor")
-_EXEC = ("executor", "split")
-_FLAG_MODES = {
-    "from_vllm_runs": _RUNS, "bench_config": _RUNS, "experiment_set": _RUNS,
-    "max_runs": _RUNS, "window_s": _RUNS, "iterations": _RUNS, "processes": _RUNS,
-    "seed": _RUNS, "base_profile": _RUNS, "name": _FITS,
-    "kv_capacity": ("vllm",), "load_times": ("vllm",), "terms": ("vllm",), "hold": ("vllm",),
-    "decode_target": ("vllm",), "metrics_series_s": ("vllm",), "request_delay": ("vllm",),
-    "few_run": ("few-run",), "executor": _EXEC, "model": _EXEC, "policy": _EXEC,
-    "device": ("executor",), "dtype": ("executor",), "budget": ("executor",),
-    "threads": ("executor",), "repeats": ("executor",), "statistic": ("executor",),
-    "hardware_with": ("executor",), "gemm": ("executor",), "device_memory_gib": ("executor",),
-    "clients_max": ("split",), "quick": ("split",),
-}
-
-
-def _mode(args) -> str:
-    if getattr(args, "executor", False):
-        return "split" if getattr(args, "policy", "vllm") == "split" else "executor"
-    return "few-run" if getattr(args, "few_run", False) else "vllm"
-
-
 def check_mode_flags(args) -> str:
-    """The mode ``args`` ask for; a flag that mode does not read raises ``TwinInputError``
-    naming it and the mode(s) it belongs to (ignored, it would fit something other than the
-    user believes: e.g. --kv-capacity with --few-run). Given = not at the parser's default."""
-    mode = _mode(args)
-    parser = add_calibrate_parser(argparse.ArgumentParser().add_subparsers())
-    defaults = vars(parser.parse_args([]))
-    flag = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-    given = []
-    for d, modes in _FLAG_MODES.items():
-        v = getattr(args, d, defaults.get(d))
-        if mode not in modes and v is not None and v != defaults.get(d):
-            given.append(d)
-    if given:
-        names = [flag.get(d, d) for d in given]
-        groups: dict = {}
-        for n, d in zip(names, given):
-            groups.setdefault(_FLAG_MODES[d], []).append(n)
-        where = "; ".join(f"{', '.join(ns)}: only {' or '.join(_MODES[m] for m in ms)}"
-                          for ms, ns in groups.items())
-        raise TwinInputError(f"{_MODES[mode]} does not use {', '.join(names)} ({where}): "
-                             f"drop {'it' if len(names) == 1 else 'them'}", field=names[0])
-    return mode
+    """The mode ``args`` ask for (twin.calibrate.modes); a flag given that the mode does not
+    read raises ``TwinInputError`` (given: not at this parser's default)."""
+    return modes.check_flags(args, add_calibrate_parser(argparse.ArgumentParser()
+                                                        .add_subparsers()))
 
 
 def run(args) -> int:
     mode = check_mode_flags(args)
-    if mode in _RUNS and not args.from_vllm_runs:
+    if mode in modes.RUNS and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
@@ -299,13 +256,24 @@ def _fit_vllm_runs(args) -> int:
     return 0
 
 
+def held_step_terms(text: str) -> dict:
+    """``--hold``'s type: :func:`twin.argtypes.held_terms` whose TERMs are step-time features
+    (as ``--terms`` checks them): a typo is a usage error, not a crash of the fit."""
+    held = held_terms(text)
+    unknown = sorted(set(held) - set(FEATURES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step-time term(s) {unknown}; known: "
+                                         f"{', '.join(FEATURES)}")
+    return held
+
+
 def add_vllm_fit_args(g) -> None:
     """The options of a fit on vLLM runs beyond its terms, for ``twin calibrate`` and
     ``experiments/reproduce_vllm_h100.py --calibrate`` alike (``calibrate``'s arguments of the
     same names)."""
     g.add_argument("--decode-target", choices=("itl", "tpot"), default="itl",
                    help="the runs' mean ITL (default) or mean TPOT as the decode target")
-    g.add_argument("--hold", type=held_terms, metavar="TERM=S[,...]",
+    g.add_argument("--hold", type=held_step_terms, metavar="TERM=S[,...]",
                    help="coefficients held, not fitted (e.g. decode_context=6.5536e-8: the "
                         "KV read per attended token at 2 TB/s)")
     g.add_argument("--metrics-series-s", type=positive_float_or_fit, metavar="S|fit",
