@@ -60,6 +60,10 @@ def test_fewrun_recovers_a_known_overhead_from_two_runs():
               for r in fake]
     fit = fit_fewrun(fake, prior, hw0, window_s=window, iterations=3, processes=1,
                      log=lambda *a: None)
+    kept = fit["history"][fit["kept"]]   # the iteration whose multipliers are returned
+    assert kept == min(fit["history"], key=lambda h: h["itl_smape_median"]
+                       + h["throughput_smape_median"])
+    assert list(fit["u"].values()) == kept["u"]
     after_prof = derive_profile(fp, fp.model, fit["hardware"], memory=fp.memory)
     after = [simulate_run(r, after_prof, window_s=window)["mean_itl_ms"] / r.metrics["mean_itl_ms"]
              for r in fake]

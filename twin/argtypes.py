@@ -107,10 +107,17 @@ def device_name(text: str) -> str:
 
 def held_terms(text: str) -> dict:
     """``TERM=seconds[,TERM=seconds...]`` as a dict: step-time coefficients held, not fitted
-    (``twin calibrate --hold``, ``reproduce_vllm_h100.py --hold``)."""
+    (``twin calibrate --hold``, ``reproduce_vllm_h100.py --hold``), the seconds finite and
+    >= 0 (the TERM names are checked against the step-time features by the caller's type,
+    ``twin.cli.calibrate.held_step_terms``: this module stays below ``twin.costs``)."""
     try:
-        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+        held = {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected TERM=seconds[,TERM=seconds...], e.g. decode_context=6.5536e-8; "
             f"got {text!r}") from None
+    bad = [k for k, v in held.items() if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]}: expected seconds >= 0, got "
+                                         f"{held[bad[0]]!r}")
+    return held

@@ -75,8 +75,10 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     typical log-error (run-to-run variation and the twin's own), which weighs the data
     against the prior. ``min_multiplier``: a floor per group, e.g. ``{"memory": 0.8}`` when
     the prior's bandwidth is 80% of the datasheet peak (no fit may read weights faster than
-    the peak: without it a few saturated runs trade weight bytes for FLOPs freely). Returns ``{"hardware": fitted coefficients, "u": {group: log multiplier},
-    "history": [...]}``; the step-time model is ``step_time_model(hardware, shape)``."""
+    the peak: without it a few saturated runs trade weight bytes for FLOPs freely). Returns
+    ``{"hardware": fitted coefficients, "u": {group: log multiplier}, "history": [...],
+    "kept": the iteration whose u it is (the lowest median ITL + throughput SMAPE)}``; the
+    step-time model is ``step_time_model(hardware, shape)``."""
     from scipy.optimize import least_squares  # lazy: off twin.calibrate's import path
 
     shape = profile.model
@@ -135,5 +137,5 @@ def fit_fewrun(runs, profile, hw0: dict, *, iterations: int = 3, sigma: float = 
     best = min(history, key=lambda h: h["itl_smape_median"] + h["throughput_smape_median"])
     u_best = np.array(best["u"])
     return {"hardware": scaled(hw0, u_best), "u": dict(zip(GROUPS, u_best.tolist())),
-            "history": history, "runs": [r.key for r in runs],
+            "history": history, "kept": best["iteration"], "runs": [r.key for r in runs],
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from twin.calibrate.run_spec import RunSpec, paper_server_defaults
-from twin.calibrate.tables import numeric_column, read_csv_table
+from twin.calibrate.tables import POSITIVE_METRICS, numeric_column, read_csv_table
 from twin.config import ServingConfig
 from twin.errors import TwinInputError
 
@@ -24,7 +24,7 @@ RUN_CONFIG_COLUMNS = ("max_loras", "max_cpu_loras", "max_lora_rank", "n_adapters
 RUN_METRIC_COLUMNS = ("status", "duration_s", "total_throughput_tps", "mean_ttft_ms",
                       "mean_itl_ms", "mean_tpot_ms")
 _TABLE_RANKS = (8, 16, 32)
-_OPTIONAL = ("experiment_set", "workload_dir", "run_dir", "source_path", "anomaly",
+_OPTIONAL = ("model", "experiment_set", "workload_dir", "run_dir", "source_path", "anomaly",
              "offered_total_tps_est", "meets_90pct_of_offered", "num_running_mean",
              "num_waiting_mean", "num_waiting_max", "num_running_max", "kv_usage_mean_frac",
              "preemptions_total", "requests_sent_from_twin_replay", "max_num_seqs",
@@ -68,9 +68,11 @@ def read_run_table(path: str | Path, *, ok_only: bool = True, need_metrics: bool
     pin = numeric_column(df, "pool_mean_input_tokens", file, keep, positive=True)
     pout = numeric_column(df, "pool_mean_output_tokens", file, keep, positive=True)
     if need_metrics:
-        mets = {c: numeric_column(df, c, file, keep) for c in
-                ("duration_s", "total_throughput_tps", "mean_ttft_ms", "mean_itl_ms",
-                 "mean_tpot_ms")}
+        mets = {c: numeric_column(df, c, file, keep, positive=True,
+                                  why=POSITIVE_METRICS[m]) for c, m in
+                (("duration_s", "duration"), ("total_throughput_tps", "total_throughput"),
+                 ("mean_ttft_ms", "mean_ttft_ms"), ("mean_itl_ms", "mean_itl_ms"),
+                 ("mean_tpot_ms", "mean_tpot_ms"))}
     defaults = paper_server_defaults() | (seed_defaults or {})
     runs = []
     for row in np.flatnonzero(keep):

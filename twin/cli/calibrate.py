@@ -4,6 +4,7 @@ or to microbenchmarks of the reference executor (:mod:`twin.calibrate.executor`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -12,13 +13,14 @@ from pathlib import Path
 from twin.argtypes import (comma_list, device_name, held_terms, non_negative_float,
                            non_negative_int, positive_float, positive_float_or_fit,
                            positive_int)
-from twin.calibrate import vllm, vllm_runs
+from twin.calibrate import modes, vllm, vllm_runs
 from twin.calibrate.executor import (DEFAULT_CPU_MEMORY_GIB, MEASUREMENT_SUFFIX,
                                      calibrate_executor)
 from twin.calibrate.fewrun import fit_fewrun
 from twin.calibrate.fit_checks import fit_warnings
 from twin.calibrate.gemm_bench import measure_gemm_table
 from twin.calibrate.hardware import calibrate_from_measurements
+from twin.calibrate.run_model import check_runs_model
 from twin.calibrate.split_design import calibrate_split
 from twin.calibrate.split_fit import save_split_costs
 from twin.calibrate.vllm_fits import fit_client_cap
@@ -26,8 +28,9 @@ from twin.costs.dispersion import quantile
 from twin.costs.gpus import DERATE
 from twin.costs.hardware import calibration_path, derive_profile, gpu_prior, save_calibration
 from twin.costs.profile import load_profile, warn_if_shipped
+from twin.costs.step_time import FEATURES
 from twin.errors import TwinInputError
-from twin.outputs import input_paths, prepare, staged_file
+from twin.outputs import check_out, input_paths, prepare, staged_file
 
 _DESCRIPTION = """\
 Fit a twin Profile (memory, adapter load times, step time) to measurements of real vLLM
@@ -43,14 +46,17 @@ Inputs
                      * one or more `vllm bench serve --save-result` JSON files. Those hold the
                        metrics but not the server's LoRA settings nor the adapters' ranks and
                        rates: pass them with `vllm bench serve --metadata max_loras=8
-                       max_cpu_loras=32 max_lora_rank=16 adapter_ranks=8,16 ...` or in a
-                       YAML sidecar (--bench-config) with keys max_loras, max_cpu_loras,
-                       max_lora_rank, adapter_ranks ({rank: count} or a list),
-                       adapter_rates_rps ({rate: count} or a list; default: request_rate
-                       split evenly), pool_mean_input_tokens / pool_mean_output_tokens
-                       (default: from the completed requests), and optionally
+                       max_cpu_loras=32 max_lora_rank=16 adapter_ranks=8:16,16:16` (16
+                       adapters of rank 8, 16 of rank 16) or in a YAML sidecar
+                       (--bench-config) with keys max_loras, max_cpu_loras,
+                       max_lora_rank, adapter_ranks ({rank: count} or a list, one rank
+                       per adapter), adapter_rates_rps ({rate: count} or a list;
+                       default: request_rate split evenly), pool_mean_input_tokens /
+                       pool_mean_output_tokens (default: from the completed requests), and
+                       optionally
                        max_num_seqs, max_num_batched_tokens, gpu_memory_utilization,
-                       max_model_len. Per-file values go under `runs: {FILE NAME: {...}}`.
+                       max_model_len. Per-file values go under `runs: {FILE: {...}}` (its
+                       name or its path as given).
   --kv-capacity      KV-cache tokens vLLM reported at start-up per (max_loras,
                      max_lora_rank) (columns max_loras, max_lora_rank, kv_cache_tokens,
                      optional model_loading_gib): fits the memory model.
@@ -135,33 +141,45 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_mode_flags(args) -> str:
+    """The mode ``args`` ask for (twin.calibrate.modes); a flag given that the mode does not
+    read raises ``TwinInputError`` (given: not at this parser's default)."""
+    return modes.check_flags(args, add_calibrate_parser(argparse.ArgumentParser()
+                                                        .add_subparsers()))
+
+
 def run(args) -> int:
-    executor = getattr(args, "executor", False)
-    if not executor and not args.from_vllm_runs:
+    mode = check_mode_flags(args)
+    if mode in modes.RUNS and not args.from_vllm_runs:
         raise TwinInputError("give --from-vllm-runs FILE... (or --executor)", field="--from-vllm-runs")
-    if executor:
-        # the two modes fit different things: silently ignoring the runs (and the vLLM-run
-        # inputs) would calibrate the executor while the user believes their GPU was fitted
-        given = [f for f, v in (("--from-vllm-runs", args.from_vllm_runs),
-                                ("--bench-config", args.bench_config),
-                                ("--kv-capacity", args.kv_capacity),
-                                ("--load-times", args.load_times)) if v]
-        if given:
-            raise TwinInputError(f"--executor calibrates the reference executor and reads no "
-                                 f"vLLM measurements; drop {', '.join(given)} (or --executor)",
-                                 field=given[0])
     if not args.out:
         raise TwinInputError("give --out PROFILE.json", field="--out")
     warn_if_shipped(args.out)
     # --out is checked (and locked) before the calibration, not after it
-    if executor and args.policy == "split":
+    if mode == "split":
         return run_split_executor(args)
-    with prepare(args.out, "profile", inputs=input_paths(args), file=True):
-        if executor:
+    inputs = input_paths(args)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(prepare(args.out, "profile", inputs=inputs, file=True))
+        if mode in ("executor", "few-run"):   # OUT.hardware.json too: checked like --out
+            stack.enter_context(_prepare_sidecar(args.out, inputs))
+        if mode == "executor":
             return run_executor(args)
-        if args.few_run:
+        if mode == "few-run":
             return _fit_few_runs(args)
         return _fit_vllm_runs(args)
+
+
+def _prepare_sidecar(out, inputs):
+    """Check and lock ``OUT.hardware.json`` (written beside the profile) as ``--out`` is:
+    never over an input or a file twin did not write."""
+    side = calibration_path(out)
+    try:
+        check_out(side, "hardware", inputs=inputs, file=True)
+    except TwinInputError as exc:
+        raise TwinInputError(f"{exc.detail} (the hardware coefficients that --out {out} "
+                             f"writes beside it)", file=exc.file, field=exc.field) from None
+    return prepare(side, "hardware", inputs=inputs, file=True)
 
 
 def _fit_few_runs(args) -> int:
@@ -174,6 +192,7 @@ def _fit_few_runs(args) -> int:
                              "(its GPU numbers give the prior)", field="--base-profile")
     runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
                                                 args.experiment_set), args.max_runs)
+    check_runs_model(runs, base)
     tp = int(base.hardware.get("tensor_parallel_size", 1))
     hw0 = gpu_prior(base.hardware, fp8=base.hardware.get("quantization") == "fp8")
     cap = fit_client_cap(runs)
@@ -182,20 +201,26 @@ def _fit_few_runs(args) -> int:
                     max_in_flight=cap["max_in_flight"] if cap else None, seed=args.seed,
                     processes=args.processes, tp=tp, log=log,
                     min_multiplier={"memory": DERATE["hbm"], "compute": DERATE["flops"]})
-    warned = fit_warnings(runs, len(fr["u"]), fr["history"])
+    warned = fit_warnings(runs, len(fr["u"]), fr["history"], best=fr["kept"])
     for w in warned:
         log(f"warning: few-run: {w}")
+    kept = fr["history"][fr["kept"]]
+    log(f"kept iteration {fr['kept']}: ITL {kept['itl_smape_median']:.1f}%, throughput "
+        f"{kept['throughput_smape_median']:.1f}% (the best on ITL + throughput)")
+    mult = {g: math.exp(u) for g, u in fr["u"].items()}   # plain; the fit's logs beside
     prof = derive_profile(base, base.model, fr["hardware"], memory=base.memory, tp=tp,
                           name=args.name or base.name.replace("-first-principles", "-fewrun"),
                           provenance={"method": "twin calibrate --few-run (twin.calibrate."
                                       "fewrun)", "fitted": True, "runs": fr["runs"],
-                                      "multipliers": fr["u"], "client": cap,
+                                      "multipliers": mult, "log_multipliers": fr["u"],
+                                      "kept_iteration": fr["kept"], "client": cap,
                                       "history": fr["history"], "warnings": warned})
     prof.save(args.out)
     hw = save_calibration(fr["hardware"], calibration_path(args.out), profile=Path(args.out).name,
-                          model=base.model.name, fitted_on=fr["runs"], multipliers=fr["u"])
-    log(f"wrote {args.out} and {hw} (group multipliers: "
-        + ", ".join(f"{g} x{math.exp(u):.2f}" for g, u in fr["u"].items()) + ")")
+                          model=base.model.name, fitted_on=fr["runs"], multipliers=mult,
+                          log_multipliers=fr["u"], kept_iteration=fr["kept"])
+    log(f"wrote {args.out} and {hw} (group multipliers of iteration {fr['kept']}: "
+        + ", ".join(f"{g} x{m:.2f}" for g, m in mult.items()) + ")")
     return 0
 
 
@@ -204,6 +229,8 @@ def _fit_vllm_runs(args) -> int:
     log = (lambda *a, **k: None) if args.quiet else print
     runs = vllm_runs.spread(vllm_runs.load_runs(args.from_vllm_runs, args.bench_config,
                                                 args.experiment_set), args.max_runs)
+    base = load_profile(args.base_profile)
+    check_runs_model(runs, base)
     kv = vllm.read_kv_capacity(args.kv_capacity) if args.kv_capacity else None
     loads = vllm.read_load_times(args.load_times) if args.load_times else None
     sources = {"runs": [str(p) for p in args.from_vllm_runs], "run_count": len(runs),
@@ -215,7 +242,7 @@ def _fit_vllm_runs(args) -> int:
     if args.bench_config:
         sources["bench_config"] = str(args.bench_config)
     log(f"calibrating on {len(runs)} runs")
-    prof = vllm.calibrate(runs, kv=kv, loads=loads, base_profile=args.base_profile,
+    prof = vllm.calibrate(runs, kv=kv, loads=loads, base_profile=base,
                           name=args.name, sources=sources, window_s=args.window_s,
                           iterations=args.iterations, processes=args.processes,
                           seed=args.seed, terms=tuple(args.terms or vllm.STEP_TERMS),
@@ -229,13 +256,24 @@ def _fit_vllm_runs(args) -> int:
     return 0
 
 
+def held_step_terms(text: str) -> dict:
+    """``--hold``'s type: :func:`twin.argtypes.held_terms` whose TERMs are step-time features
+    (as ``--terms`` checks them): a typo is a usage error, not a crash of the fit."""
+    held = held_terms(text)
+    unknown = sorted(set(held) - set(FEATURES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step-time term(s) {unknown}; known: "
+                                         f"{', '.join(FEATURES)}")
+    return held
+
+
 def add_vllm_fit_args(g) -> None:
     """The options of a fit on vLLM runs beyond its terms, for ``twin calibrate`` and
     ``experiments/reproduce_vllm_h100.py --calibrate`` alike (``calibrate``'s arguments of the
     same names)."""
     g.add_argument("--decode-target", choices=("itl", "tpot"), default="itl",
                    help="the runs' mean ITL (default) or mean TPOT as the decode target")
-    g.add_argument("--hold", type=held_terms, metavar="TERM=S[,...]",
+    g.add_argument("--hold", type=held_step_terms, metavar="TERM=S[,...]",
                    help="coefficients held, not fitted (e.g. decode_context=6.5536e-8: the "
                         "KV read per attended token at 2 TB/s)")
     g.add_argument("--metrics-series-s", type=positive_float_or_fit, metavar="S|fit",
@@ -309,15 +347,6 @@ def run_split_executor(args) -> int:
     """``--executor --policy split``: the split costs fitted to the executor's split mode
     (twin.calibrate.split_design), written atomically to ``--out``."""
     log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
-    unused = [f for f, v in (("--device", args.device != "cpu"),
-                             ("--dtype", args.dtype != "float32"),
-                             ("--hardware-with", args.hardware_with),
-                             ("--gemm", getattr(args, "gemm", False)),
-                             ("--budget", args.budget is not None),
-                             ("--few-run", args.few_run)) if v]
-    if unused:
-        raise TwinInputError(f"--policy split runs the split mode on CPU in float32 and fits "
-                             f"no profile; drop {', '.join(unused)}", field=unused[0])
     if Path(args.out).suffix.lower() != ".json":
         raise TwinInputError("split costs are JSON: give --out NAME.json", file=str(args.out),
                              field="--out")

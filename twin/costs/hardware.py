@@ -64,7 +64,7 @@ from twin.costs.memory import GIB
 from twin.costs.profile import Profile
 from twin.costs.step_time import FEATURES, Curve, StepTimeModel
 from twin.errors import TwinInputError
-from twin.outputs import json_document
+from twin.outputs import json_document, staged_file
 
 HW_TERMS = (
     "step_s", "layer_s", "weight_s_per_byte", "dense_s_per_flop", "act_s_per_byte",
@@ -286,8 +286,10 @@ def save_calibration(hw: dict, path, gemm: GemmTable | None = None, **info) -> P
     which ``twin profile --gpu-calibration`` takes memory and load times from)."""
     path = Path(path)
     extra = {"gemm": gemm.to_dict()} if gemm is not None else {}
-    path.write_text(json_document({"schema": "twin.hardware/1", "hardware": dict(hw), **extra,
-                                   **info}, indent=2) + "\n")
+    # atomically, and only over a previous calibration file (twin.outputs' rule for --out)
+    with staged_file(path, "hardware") as tmp:
+        tmp.write_text(json_document({"schema": "twin.hardware/1", "hardware": dict(hw),
+                                      **extra, **info}, indent=2) + "\n")
     return path
 
 
