@@ -185,3 +185,10 @@ def test_few_run_says_which_iteration_it_kept_and_stores_plain_multipliers(tmp_p
     for doc in (side, prov):
         assert doc["multipliers"] == pytest.approx({g: math.exp(v) for g, v in u.items()})
         assert doc["log_multipliers"] == pytest.approx(u) and doc["kept_iteration"] == 1
+    # the machine it was measured on, kept in the file itself (twin profile checks flags
+    # by it even when the profile beside it is moved or deleted)
+    assert side["machine"] == json.loads(out.read_text())["hardware"]
+    out.unlink()
+    rc = main(["profile", "--model", "qwen2.5-7b", "--gpu", "a100-40gb", "--gpu-calibration",
+               str(tmp_path / "fr.hardware.json"), "--out", str(tmp_path / "q.json")])
+    assert rc == 2 and "'--gpu'" in capsys.readouterr().err

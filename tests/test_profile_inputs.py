@@ -230,3 +230,32 @@ def test_a_calibration_that_records_its_machine_is_checked_by_that_record(tmp_pa
     assert rc == 2 and not out.exists() and "'--gpu'" in err and "h100-64gb" in err
     assert _run(["profile", "--model", "qwen2.5-7b", "--gpu", "h100-64gb",
                  "--gpu-calibration", cal, "--out", out], capsys)[0] == 0
+
+
+# -- tensor parallelism from a one-device calibration -------------------------------------------
+
+def test_a_one_gpu_calibration_prices_the_all_reduce_of_a_larger_tp(tmp_path, capsys):
+    """A calibration measured on one GPU has no all-reduce terms (0): at
+    --tensor-parallel-size 2 every all-reduce was priced free. They now come from the
+    catalogue's link of its GPU, as in the prior (a TP-1 copy of the prior gives the
+    prior's own TP-2 step time), and a CPU calibration, with no link, is refused."""
+    from twin.costs.first_principles import build_profile
+    from twin.costs.hardware import gpu_prior
+
+    prior = gpu_prior("h100-64gb")
+    one = {k: v for k, v in prior.items() if not k.startswith("allreduce")}
+    base = {}
+    for name, hw in (("full", prior), ("tp1", one)):
+        (tmp_path / name).mkdir()
+        cal = _calibration(tmp_path / name, build_profile(gpu="h100-64gb"), hw)
+        out = tmp_path / f"{name}.json"
+        rc, _, err = _run(["profile", "--model", "llama-3.1-8b", "--gpu-calibration", cal,
+                           "--tensor-parallel-size", 2, "--out", out], capsys)
+        assert rc == 0, err
+        base[name] = load_profile(out).step_time.base
+    assert base["tp1"] == pytest.approx(base["full"])   # the all-reduces priced, not free
+    cpu = _calibration(tmp_path, load_profile("cpu-tiny"))
+    out = tmp_path / "cpu.json"
+    rc, _, err = _run(["profile", "--model", "smollm2-360m", "--gpu-calibration", cpu,
+                       "--tensor-parallel-size", 2, "--out", out], capsys)
+    assert rc == 2 and "'--tensor-parallel-size'" in err and not out.exists()

@@ -217,6 +217,7 @@ def _fit_few_runs(args) -> int:
                                       "history": fr["history"], "warnings": warned})
     prof.save(args.out)
     hw = save_calibration(fr["hardware"], calibration_path(args.out), profile=Path(args.out).name,
+                          machine=dict(prof.hardware),   # what twin profile checks flags by
                           model=base.model.name, fitted_on=fr["runs"], multipliers=mult,
                           log_multipliers=fr["u"], kept_iteration=fr["kept"])
     log(f"wrote {args.out} and {hw} (group multipliers of iteration {fr['kept']}: "
@@ -410,7 +411,8 @@ def run_executor(args) -> int:
                                   progress=not getattr(args, "quiet", False))
     est = calibrate_from_measurements(fitted_on, gemm=gemm)
     hw = save_calibration(est.coef_, calibration_path(args.out), gemm=gemm,
-                          profile=Path(args.out).name, model=str(args.model),
+                          profile=Path(args.out).name, machine=dict(prof.hardware),
+                          model=str(args.model),
                           fitted_on=[str(p) for p in fitted_on], residuals=est.residuals_)
     log(f"wrote {hw}: hardware coefficients of this machine (median |relative error| "
         f"{100 * est.residuals_['rel_abs_median']:.1f}% over {est.n_steps_} steps); "

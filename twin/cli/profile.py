@@ -10,8 +10,8 @@ from pathlib import Path
 from twin.argtypes import positive_float, positive_int
 from twin.config import ServingConfig
 from twin.costs.first_principles import DTYPES, KV_CACHE_DTYPES, build_profile, lora_buffers
-from twin.costs.gpus import effective, get_gpu, gpu_key_of, gpu_names
-from twin.costs.hardware import derive_profile, read_calibration
+from twin.costs.gpus import effective, get_gpu, gpu_key_of, gpu_names, tp_link
+from twin.costs.hardware import derive_profile, gpu_prior, read_calibration
 from twin.costs.memory import GIB
 from twin.costs.model_config import builtin_names, load_model
 from twin.costs.profile import load_profile
@@ -253,6 +253,29 @@ def _requantize(args, hw: dict, machine: dict | None, info: dict, prov: dict) ->
     return dict(hw, dense_s_per_flop=hw.get("dense_s_per_flop", 0.0) * factor)
 
 
+def _tp_terms(args, hw: dict, machine: dict | None, prov: dict) -> dict:
+    """``hw`` at --tensor-parallel-size > 1 when the calibration measured no all-reduce (one
+    GPU: its all-reduce terms 0, which priced every all-reduce as free): those terms from
+    the catalogue's link of its GPU (the prior's rule, with :func:`tp_link` for boards that
+    bridge only pairs); refused where the machine is no catalogue GPU."""
+    tp = args.tensor_parallel_size
+    missing = [k for k in ("allreduce_s_per_byte", "allreduce_call_s") if not hw.get(k)]
+    if tp <= 1 or not missing:
+        return hw
+    key = None if machine is None or _is_cpu(machine) else gpu_key_of(machine)
+    if key is None:
+        raise TwinInputError(
+            f"the calibration measured no all-reduce (one device) on "
+            f"{(machine or {}).get('name', 'a machine the GPU catalogue does not name')}: "
+            f"there is no link to price --tensor-parallel-size {tp} with; calibrate at that "
+            "size, or leave it out", file=str(args.gpu_calibration),
+            field="--tensor-parallel-size")
+    prior = gpu_prior(tp_link(get_gpu(key), tp), fp8=args.quantization == "fp8")
+    filled = {k: prior[k] for k in missing}
+    prov["allreduce_from_catalogue"] = {"gpu": key, **filled}
+    return dict(hw, **filled)
+
+
 def _from_calibration(args):
     """(profile, machine name) of --model on the machine of --gpu-calibration: step time from
     its hardware coefficients (twin.costs.hardware.derive_profile); memory from --gpu
@@ -269,6 +292,7 @@ def _from_calibration(args):
         shape = _model(args)
         hw = _requantize(args, hw, machine, info, prov)
         gpu = _hardware(args)
+        hw = _tp_terms(args, hw, machine or gpu, prov)
         fp = build_profile(shape, gpu, tensor_parallel_size=tp, quantization=args.quantization,
                            kv_cache_dtype=args.kv_cache_dtype)
         name = args.name or f"{shape.name.lower()}-{gpu.get('key', 'gpu')}-calibrated"
@@ -290,6 +314,7 @@ def _from_calibration(args):
                              file=str(args.gpu_calibration), field="--base-profile")
     shape = _model(args, dtype_bytes=base.model.dtype_bytes)
     hw = _requantize(args, hw, machine or base.hardware, info, prov)
+    hw = _tp_terms(args, hw, machine or base.hardware, prov)
     # a base that lists its model's LoRA slot buffers (first principles): this model's
     buffers = lora_buffers(shape, tp) if base.memory.lora_buffers is not None else None
     prof = derive_profile(base, shape, hw, name=args.name, tp=tp, provenance=prov,

@@ -283,7 +283,8 @@ def save_calibration(hw: dict, path, gemm: GemmTable | None = None, **info) -> P
     """A GPU/CPU calibration file: ``{"schema": "twin.hardware/1", "hardware": {...}, ...}``
     (``gemm``: the machine's measured GEMM table, which ``gemm_scale`` multiplies; ``info``:
     what it was fitted on; ``profile``: the profile written with it, relative to the file,
-    which ``twin profile --gpu-calibration`` takes memory and load times from)."""
+    which ``twin profile --gpu-calibration`` takes memory and load times from; ``machine``:
+    that profile's hardware section, by which it checks flags naming another machine)."""
     path = Path(path)
     extra = {"gemm": gemm.to_dict()} if gemm is not None else {}
     # atomically, and only over a previous calibration file (twin.outputs' rule for --out)
