@@ -62,8 +62,10 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--slots", default=None,
                    type=comma_list(int, minimum=1, name="max_loras values"),
                    help="comma-separated max_loras grid (default 1,2,4,8,16,32,64,96,128,...,384)")
-    p.add_argument("--window-s", type=positive_float, default=3600.0,
-                   help="measured window per run (default 3600)")
+    p.add_argument("--window-s", type=positive_float, default=None,
+                   help="measured window per run (default: each workload's duration_s; a "
+                        "trace workload's 3600 s, or to its last request if shorter); "
+                        "refused when it runs past a workload's duration")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--workers", type=positive_int, default=None,
@@ -209,19 +211,24 @@ def run_sweep_cmd(args) -> int:
 def _sweep(args) -> int:
     from twin.ml.spec import (  # lazy: ML stack off twin --help
         SLOTS_GRID, ConfigGrid, load_workloads_yaml)
-    from twin.ml.sweep import EarlyExit, plan, run_sweep  # lazy: ML stack off twin --help
+    from twin.ml.sweep import (  # lazy: ML stack off twin --help
+        SPEC_WINDOW, EarlyExit, plan, run_sweep)
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
     slots = args.slots or SLOTS_GRID
     grid = ConfigGrid(base=ml_base(args, profile), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
-    tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
+    window = SPEC_WINDOW if args.window_s is None else args.window_s
+    tasks = plan(specs, grid, window_s=window, profile=profile, early_exit=ee,
+                 source=str(args.workloads))
+    said = ("each workload's duration_s" if args.window_s is None
+            else f"{args.window_s:g} s")
     print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
-          f"{args.window_s:.0f} s, backend {args.backend}")
+          f"{said}, backend {args.backend}")
     rep = run_sweep(tasks, args.out, profile=profile, backend=args.backend,
                     workers=args.workers, address=args.address, early_exit=ee,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, window=window)
     print(rep.line())
     return 0
 
