@@ -84,6 +84,22 @@ def test_auto_runs_the_whole_space_when_it_fits(exhaustive):
     assert exhaustive.ok and exhaustive.slo_verdict["met"]
 
 
+def test_exhaustive_refused_when_the_space_exceeds_the_budget(setup):
+    from types import SimpleNamespace
+
+    from twin.errors import TwinInputError
+    from twin.ml.optimize import choose
+
+    space = search_space(6, 16, paper_base(), knobs=KNOBS)
+    T = SimpleNamespace(space=space, index={}, results={}, max_runs=3, budget=lambda: 3)
+    with pytest.raises(TwinInputError, match=f"space: {SIZE} .*--max-runs {SIZE} or more"):
+        choose("exhaustive", T)
+    T.max_runs, T.budget = SIZE, lambda: SIZE
+    assert choose("exhaustive", T)[0] == "exhaustive"
+    with pytest.raises(TwinInputError, match="--optimizer exhaustive runs every"):
+        _rec(setup, optimizer="exhaustive", max_runs=3)   # the search: refused, not cut
+
+
 @pytest.mark.parametrize("optimizer", [pytest.param("tpe", marks=needs_optuna), "coordinate"])
 def test_optimizer_finds_the_exhaustive_optimum(setup, exhaustive, optimizer):
     budget = SIZE // 2
