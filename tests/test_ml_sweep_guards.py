@@ -115,3 +115,17 @@ def test_cli_compatible_rerun_resumes(small_store, capsys):
     capsys.readouterr()
     assert _cli(*base) == 0
     assert "2 already done, 0 run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grid", [{"n_adapters": []}, {"seed": [0, 1], "n_adapters": []}])
+def test_empty_grid_list_refused(tmp_path, capsys, grid):
+    wl = tmp_path / "w.yaml"
+    wl.write_text(yaml.safe_dump([_spec(60.0).to_dict(), {**_spec(60.0).to_dict(),
+                                                          "grid": grid}]))
+    with pytest.raises(TwinInputError) as e:
+        load_workloads_yaml(wl)
+    assert (e.value.file, e.value.row, e.value.field) == (str(wl), 1, "grid.n_adapters")
+    assert "non-empty" in str(e.value)
+    out = tmp_path / "s"
+    assert _cli("--workloads", wl, "--out", out, "--no-progress") == 2
+    assert "grid.n_adapters" in capsys.readouterr().err and not SweepStore(out).part_files()
