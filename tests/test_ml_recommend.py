@@ -149,6 +149,13 @@ def test_recommend_cli_writes_vllm_files(tiny, tmp_path):
     assert cfg["enable-lora"] is True and cfg["max-cpu-loras"] == 12
     assert cfg["max-loras"] >= 1 and len(cfg["lora-modules"]) == 12
     assert (out / "throughput_map.png").stat().st_size > 1000
+    from twin.cli.ml_help import RECOMMEND, RECOMMEND_WRITES
+    from twin.outputs import MARKER
+
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*")
+               if p.is_file() and p.name != MARKER}
+    assert written == set(RECOMMEND_WRITES["throughput"])   # what its --help says it writes
+    assert all(f in " ".join(RECOMMEND.split()) for f in written)
     import json
     rec = json.loads((out / "recommendation.json").read_text())
     assert rec["ok"] and rec["verified"]["starving"] is False

@@ -122,6 +122,9 @@ def test_cli_infeasible_exit_3_and_no_vllm_files(setup, tmp_path, trace_files):
     assert not (out / "vllm_config.yaml").exists()
     d = json.loads((out / "recommendation.json").read_text())
     assert d["ok"] is False and d["slo_check"]["met"] is False
+    from twin.cli.ml_help import RECOMMEND_WRITES   # what its --help lists, no vLLM file
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} \
+        == {"recommendation.json"} < set(RECOMMEND_WRITES["goodput"])
 
 
 def _busier():
