@@ -6,7 +6,10 @@ import textwrap
 SWEEP = """\
 Run a workload x configuration grid through the twin into an append-only Parquet dataset
 (one part file per finished chunk, keyed by a hash of workload, config, profile and twin
-version): a killed sweep resumes where it stopped, a re-run skips what is done.
+version): a killed sweep resumes where it stopped, a re-run skips what is done; a re-run
+with another --profile, --window-s or --no-early-exit is refused (its rows would not be
+comparable: use a new --out). Each workload runs over its own duration_s unless --window-s
+is given (refused when it runs past a workload's duration).
 
 The workloads file (YAML) is one spec or a list of specs; a spec's `grid:` mapping expands
 into the cartesian product of its lists, e.g.
