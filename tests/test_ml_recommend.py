@@ -149,6 +149,13 @@ def test_recommend_cli_writes_vllm_files(tiny, tmp_path):
     assert cfg["enable-lora"] is True and cfg["max-cpu-loras"] == 12
     assert cfg["max-loras"] >= 1 and len(cfg["lora-modules"]) == 12
     assert (out / "throughput_map.png").stat().st_size > 1000
+    from twin.cli.ml_help import RECOMMEND, RECOMMEND_WRITES
+    from twin.outputs import MARKER
+
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*")
+               if p.is_file() and p.name != MARKER}
+    assert written == set(RECOMMEND_WRITES["throughput"])   # what its --help says it writes
+    assert all(f in " ".join(RECOMMEND.split()) for f in written)
     import json
     rec = json.loads((out / "recommendation.json").read_text())
     assert rec["ok"] and rec["verified"]["starving"] is False
@@ -171,6 +178,21 @@ def test_recommend_refuses_what_it_would_ignore_or_cannot_serve(tiny, tmp_path, 
                            "--slo", "ttft=1000,tpot=100"]) == 2
         assert "--gpu-price applies to --objective cost only" in capsys.readouterr().err
     assert not (tmp_path / "rec").exists()
+    # so is every other flag only some objectives read (one table, against the defaults)
+    slo = ["--slo", "ttft=1000,tpot=100"]
+    for objective, extra, flag in (
+            ("throughput", ["--seed", "3"], "--seed"),
+            ("throughput", ["--study-db"], "--study-db"),
+            ("throughput", ["--max-gpus", "2"], "--max-gpus"),
+            ("throughput", ["--no-fleet-check"], "--no-fleet-check"),
+            ("throughput", ["--no-place"], "--no-place"),
+            ("throughput", ["--optimizer", "coordinate"], "--optimizer"),
+            ("goodput", slo + ["--no-fleet-check"], "--no-fleet-check"),
+            ("cost", slo + ["--no-place"], "--no-place")):
+        assert main(cli + ["--objective", objective, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} applies to --objective" in err and f"the {objective} objective " \
+            "would ignore it" in err
     # every request longer than max_model_len, or none in the window: nothing to serve
     # (said so, not a division by zero in the tie between 0 tok/s configurations)
     for t, msg in ((tr.assign(prompt_tokens=200_000), "all .* are longer than max_model_len"),

@@ -122,6 +122,9 @@ def test_cli_infeasible_exit_3_and_no_vllm_files(setup, tmp_path, trace_files):
     assert not (out / "vllm_config.yaml").exists()
     d = json.loads((out / "recommendation.json").read_text())
     assert d["ok"] is False and d["slo_check"]["met"] is False
+    from twin.cli.ml_help import RECOMMEND_WRITES   # what its --help lists, no vLLM file
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} \
+        == {"recommendation.json"} < set(RECOMMEND_WRITES["goodput"])
 
 
 def _busier():
@@ -233,6 +236,19 @@ def test_an_slo_the_search_would_misread_is_refused_before_any_run(setup, slo, m
     assert runs == []
     with pytest.raises(TwinInputError, match="> 0"):
         parse_slo("ttft=0,tpot=100")
+
+
+@pytest.mark.parametrize("text, key", [("tpot=40,tpot=50", "tpot"),
+                                       ("ttft=1s,tpot=50,TTFT=900", "ttft")])
+def test_a_repeated_slo_is_refused(text, key):
+    """`--slo tpot=40,tpot=50` used the last value without a word."""
+    from twin.cli.slo import parse_slo
+    from twin.errors import TwinInputError
+
+    with pytest.raises(TwinInputError, match=f"{key} is given twice") as err:
+        parse_slo(text)
+    assert err.value.field == "--slo"
+    assert parse_slo("tpot=40,ttft=1s") == {"tpot": 40.0, "ttft": 1000.0}
 
 
 @pytest.mark.parametrize("kw", [{"max_runs": 0}, {"workers": 0}, {"window_s": 0.0}])

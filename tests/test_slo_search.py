@@ -84,6 +84,22 @@ def test_auto_runs_the_whole_space_when_it_fits(exhaustive):
     assert exhaustive.ok and exhaustive.slo_verdict["met"]
 
 
+def test_exhaustive_refused_when_the_space_exceeds_the_budget(setup):
+    from types import SimpleNamespace
+
+    from twin.errors import TwinInputError
+    from twin.ml.optimize import choose
+
+    space = search_space(6, 16, paper_base(), knobs=KNOBS)
+    T = SimpleNamespace(space=space, index={}, results={}, max_runs=3, budget=lambda: 3)
+    with pytest.raises(TwinInputError, match=f"space: {SIZE} .*--max-runs {SIZE} or more"):
+        choose("exhaustive", T)
+    T.max_runs, T.budget = SIZE, lambda: SIZE
+    assert choose("exhaustive", T)[0] == "exhaustive"
+    with pytest.raises(TwinInputError, match="--optimizer exhaustive runs every"):
+        _rec(setup, optimizer="exhaustive", max_runs=3)   # the search: refused, not cut
+
+
 @pytest.mark.parametrize("optimizer", [pytest.param("tpe", marks=needs_optuna), "coordinate"])
 def test_optimizer_finds_the_exhaustive_optimum(setup, exhaustive, optimizer):
     budget = SIZE // 2
@@ -122,6 +138,7 @@ def test_study_db_resumes_without_running_again(setup, tmp_path, trace_files):
     resumed = [t for t in again if t.get("resumed")]
     assert len(first) == 6 and len(resumed) >= 4
     assert not (tmp_path / ".rec.study.db").exists()   # the working copy is gone
+    assert _as_help_says(out, "goodput") and (out / "vllm_config.yaml").is_file()
 
 
 def _exhaustive_gpus(tr, cat, profile, model, slo, max_gpus):
@@ -170,6 +187,19 @@ def _cli_cost(setup, trace_files, out, slo: str, max_gpus: int, max_runs: int, *
                  "--workers", "1", "--out", str(out), *extra])
 
 
+def _as_help_says(out, objective: str) -> bool:
+    """Whether every file in ``out`` is one `twin recommend --help` says ``objective``
+    writes (gpu-<i>/ for each GPU's folder)."""
+    import re
+
+    from twin.cli.ml_help import RECOMMEND_WRITES
+    from twin.outputs import MARKER
+
+    written = {re.sub(r"^gpu-\d+/", "gpu-<i>/", p.relative_to(out).as_posix())
+               for p in out.rglob("*") if p.is_file() and p.name != MARKER}
+    return written <= set(RECOMMEND_WRITES[objective]) | {"study.db"}
+
+
 def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
     out = tmp_path / "cost"
     rc = _cli_cost(setup, trace_files, out, "ttft=1,tpot=0.5", 2, 3)
@@ -178,6 +208,7 @@ def test_cost_infeasible_is_said_plainly(setup, tmp_path, trace_files, capsys):
     d = json.loads((out / "cost.json").read_text())
     assert d["ok"] is False and d["gpus"] is None and d["max_gpus"] == 2
     assert (out / "cost_curve.png").stat().st_size > 0
+    assert _as_help_says(out, "cost")
 
 
 def test_frontier_plot_and_help(exhaustive, tmp_path, capsys):
@@ -257,6 +288,7 @@ def test_cli_cost_checks_the_slos_on_the_whole_fleet(setup, tmp_path, trace_file
     assert sc["met"] == (sc["ttft_p99"] <= 1000.0 and sc["tpot_p99"] <= 20.0)
     assert rc == (0 if sc["met"] and check["keeps_up"] else 3)
     assert "on the fleet's requests" in text
+    assert _as_help_says(out, "cost") and (out / "gpu-0" / "vllm_args.txt").is_file()
     assert "list price" in d["gpu_price_source"] and d["per_hour"] > 0
     assert "price: public on-demand list price" in text
 

@@ -18,6 +18,7 @@ from twin.cli.place_fleet import (add_verify_fleet_args, check_fleet_routers,
                                   verify_placement_fleet)
 from twin.cli.slo import cost_with_fleet_check, fleet_check_text, fleet_ok, parse_slo
 from twin.costs.profile import load_profile
+from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare, staged_dir
 from twin.workload import read_trace
 from twin.workload.catalog import AdapterCatalog
@@ -36,8 +37,12 @@ def _common_workload(p):
     p.add_argument("--profile", default=None,
                    help="profile JSON path or shipped name (default: llama31-8b-h100-64gb)")
     p.add_argument("--base-config", type=Path,
-                   help="YAML of fixed vLLM settings (default: max_num_seqs 2048, "
-                        "max_num_batched_tokens 2048, gpu_memory_utilization 0.9)")
+                   help="YAML of the vLLM settings the runs start from (default: "
+                        "max_num_seqs 2048, max_num_batched_tokens 2048, "
+                        "gpu_memory_utilization 0.9): fixed, except the knobs the search "
+                        "varies, which it overrides (max_loras, max_cpu_loras, "
+                        "max_lora_rank; with --slo or --objective goodput/cost also "
+                        "max_num_batched_tokens, max_num_seqs, gpu_memory_utilization)")
     p.add_argument("--window-s", type=positive_float, default=None,
                    help="measured window (default: the trace's span; a trace under 10 "
                         "minutes is verified by runs to its last request instead)")
@@ -62,8 +67,10 @@ def add_ml_parsers(subparsers) -> None:
     p.add_argument("--slots", default=None,
                    type=comma_list(int, minimum=1, name="max_loras values"),
                    help="comma-separated max_loras grid (default 1,2,4,8,16,32,64,96,128,...,384)")
-    p.add_argument("--window-s", type=positive_float, default=3600.0,
-                   help="measured window per run (default 3600)")
+    p.add_argument("--window-s", type=positive_float, default=None,
+                   help="measured window per run (default: each workload's duration_s; a "
+                        "trace workload's 3600 s, or to its last request if shorter); "
+                        "refused when it runs past a workload's duration")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--workers", type=positive_int, default=None,
@@ -109,7 +116,8 @@ def add_ml_parsers(subparsers) -> None:
                         "search the fewest GPUs that do (twin place --slo)")
     p.add_argument("--no-plot", action="store_true", help="skip throughput_map.png")
     p.add_argument("--json", action="store_true", help="print recommendation.json")
-    p.set_defaults(func=run_recommend_cmd)
+    p.set_defaults(func=run_recommend_cmd,
+                   flag_defaults={d: p.get_default(d) for d in OBJECTIVE_FLAGS})
 
     p = subparsers.add_parser("place", help="place adapters on the fewest GPUs",
                               description=PLACE, formatter_class=_FMT)
@@ -172,6 +180,26 @@ def add_train_args(p):
 
 # -- helpers ------------------------------------------------------------------------------------
 
+#: `twin recommend`'s flags that only some objectives read (dest -> those objectives): one
+#: given to another objective, away from its default, would be ignored without a word
+OBJECTIVE_FLAGS = {"gpu_price": ("cost",), "slo": ("goodput", "cost"),
+                   "optimizer": ("goodput", "cost"), "seed": ("goodput", "cost"),
+                   "study_db": ("goodput", "cost"), "max_gpus": ("goodput", "cost"),
+                   "no_fleet_check": ("cost",), "no_place": ("goodput",)}
+
+
+def refuse_unread_flags(args) -> None:
+    """Refuse a flag of :data:`OBJECTIVE_FLAGS` set (not at its parser default) for an
+    objective that does not read it."""
+    for dest, objectives in OBJECTIVE_FLAGS.items():
+        if args.objective not in objectives and \
+                getattr(args, dest) != args.flag_defaults[dest]:
+            flag = "--" + dest.replace("_", "-")
+            raise TwinInputError(f"{flag} applies to --objective {' or '.join(objectives)} "
+                                 f"only; the {args.objective} objective would ignore it",
+                                 field=flag)
+
+
 def _load_workload(args):
     window = args.window_s
     if args.trace is not None:
@@ -209,19 +237,24 @@ def run_sweep_cmd(args) -> int:
 def _sweep(args) -> int:
     from twin.ml.spec import (  # lazy: ML stack off twin --help
         SLOTS_GRID, ConfigGrid, load_workloads_yaml)
-    from twin.ml.sweep import EarlyExit, plan, run_sweep  # lazy: ML stack off twin --help
+    from twin.ml.sweep import (  # lazy: ML stack off twin --help
+        SPEC_WINDOW, EarlyExit, plan, run_sweep)
 
     profile = load_profile(args.profile)
     specs = load_workloads_yaml(args.workloads)
     slots = args.slots or SLOTS_GRID
     grid = ConfigGrid(base=ml_base(args, profile), slots=slots)
     ee = EarlyExit(enabled=not args.no_early_exit)
-    tasks = plan(specs, grid, window_s=args.window_s, profile=profile, early_exit=ee)
+    window = SPEC_WINDOW if args.window_s is None else args.window_s
+    tasks = plan(specs, grid, window_s=window, profile=profile, early_exit=ee,
+                 source=str(args.workloads))
+    said = ("each workload's duration_s" if args.window_s is None
+            else f"{args.window_s:g} s")
     print(f"{len(specs)} workloads, {len(tasks)} points, profile {profile.name}, window "
-          f"{args.window_s:.0f} s, backend {args.backend}")
+          f"{said}, backend {args.backend}")
     rep = run_sweep(tasks, args.out, profile=profile, backend=args.backend,
                     workers=args.workers, address=args.address, early_exit=ee,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, window=window)
     print(rep.line())
     return 0
 
@@ -242,6 +275,7 @@ def _recommend(args) -> int:
     from twin.ml.recommender import Recommender  # lazy: ML stack off twin --help
 
     say = console(args.json)
+    refuse_unread_flags(args)
     slo = parse_slo(args.slo)
     check_objective(args.objective, slo, args.gpu_price, slo_ranks=True,
                     allowed=("throughput", "goodput", "cost"))

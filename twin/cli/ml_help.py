@@ -1,10 +1,15 @@
 """The long ``--help`` texts of ``twin sweep``, ``twin recommend`` and ``twin place``: what
 each command does, its inputs' formats and examples (:mod:`twin.cli.ml` builds the parsers)."""
 
+import textwrap
+
 SWEEP = """\
 Run a workload x configuration grid through the twin into an append-only Parquet dataset
 (one part file per finished chunk, keyed by a hash of workload, config, profile and twin
-version): a killed sweep resumes where it stopped, a re-run skips what is done.
+version): a killed sweep resumes where it stopped, a re-run skips what is done; a re-run
+with another --profile, --window-s or --no-early-exit is refused (its rows would not be
+comparable: use a new --out). Each workload runs over its own duration_s unless --window-s
+is given (refused when it runs past a workload's duration).
 
 The workloads file (YAML) is one spec or a list of specs; a spec's `grid:` mapping expands
 into the cartesian product of its lists, e.g.
@@ -30,7 +35,7 @@ examples:
   twin sweep --workloads w.yaml --out runs/sweep --backend ray --address auto
 """
 
-RECOMMEND = """\
+_RECOMMEND = """\
 Recommend a vLLM configuration for a trace, verified by twin runs.
 
 objectives:
@@ -58,11 +63,7 @@ optimizer (--optimizer, goodput/cost): auto = exhaustive when the whole space fi
 budget, else Optuna TPE when optuna is installed (pip install 'twin[search]'), else a
 deterministic coordinate walk; the one used is printed and recorded.
 
-Writes vllm_args.txt, vllm_config.yaml (vllm serve --config), recommendation.json (the
-space searched, the optimizer, every twin run, the model's explanation), throughput_map.png
-and slo_frontier.png; for cost also routing.csv, gpu-<i>/vllm_config.yaml, cost.json and
-cost_curve.png.
-
+{writes}
 examples:
   twin recommend --trace traces/azure_conv_1h_32lora.parquet --out runs/rec
   twin recommend --trace t.parquet --catalog c.csv --objective goodput --slo ttft=2000,tpot=100
@@ -70,6 +71,27 @@ examples:
   twin recommend --trace t.parquet --objective cost --slo ttft=2000,tpot=100 --gpu-price 2.49
   twin recommend --workload-spec w.yaml --profile my-h100.json
 """
+
+#: what `twin recommend` writes into --out for each objective (its epilog lists them)
+RECOMMEND_WRITES = {
+    "throughput": ("vllm_args.txt", "vllm_config.yaml", "recommendation.json",
+                   "throughput_map.png"),
+    "goodput": ("vllm_args.txt", "vllm_config.yaml", "recommendation.json",
+                "throughput_map.png", "slo_frontier.png"),
+    "cost": ("cost.json", "placement.json", "routing.csv", "gpu-<i>/vllm_config.yaml",
+             "gpu-<i>/vllm_args.txt", "cost_curve.png"),
+}
+_WRITES = """\
+writes, into --out (vLLM files only for a configuration found, a .png not with --no-plot,
+study.db with --study-db):
+{lines}
+vllm_config.yaml is for vllm serve --config; recommendation.json holds the space searched,
+the optimizer, every twin run and the model's explanation; cost.json the GPUs, $/hour,
+the cost curve, the one-GPU search and the fleet check; routing.csv each adapter's GPU.
+"""
+RECOMMEND = _RECOMMEND.format(writes=_WRITES.format(lines="\n".join(
+    textwrap.fill(", ".join(files), 90, initial_indent=f"  {obj:<12}",
+                  subsequent_indent=" " * 14) for obj, files in RECOMMEND_WRITES.items())))
 
 PLACE = """\
 Place a trace's adapters on the fewest GPUs with no GPU starving: a load-balanced greedy

@@ -25,6 +25,9 @@ def parse_slo(text: str | None) -> dict | None:
         if not sep or k not in ("ttft", "tpot") or not m or not float(m.group(1)) > 0:
             raise TwinInputError(f"expected ttft=MS,tpot=MS with values > 0, got {text!r}",
                                  field="--slo")
+        if k in out:   # the last would win without a word
+            raise TwinInputError(f"{k} is given twice in {text!r}; give each SLO once",
+                                 field="--slo")
         out[k] = float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0)
     return out
 

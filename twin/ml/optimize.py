@@ -3,7 +3,8 @@
 :func:`optimize` spends what is left of the twin-run budget of a :class:`~twin.ml.trials.
 Trials` after the ``max_loras`` search:
 
-- ``exhaustive`` when every point of the space fits the budget (the exact optimum);
+- ``exhaustive`` when every point of the space fits the budget (the exact optimum; asked
+  for when it does not: refused, not run on a corner of the space);
 - else ``tpe``: Optuna's TPE sampler (``TPESampler(seed=...)``, multivariate), when Optuna
   is installed (the ``search`` extra): the interpretable model is its prior (the
   configurations it predicts best are enqueued as the first trials, and the runs already
@@ -56,6 +57,13 @@ def choose(optimizer: str, T: Trials) -> tuple[str, str]:
         if optuna_version() is not None:
             return "tpe", f"space of {T.space.size()} points; optuna {optuna_version()}"
         return "coordinate", "optuna is not installed (pip install 'twin[search]')"
+    if optimizer == "exhaustive" and left > T.budget():   # it would run a corner of it
+        raise TwinInputError(
+            f"--optimizer exhaustive runs every configuration of the space: "
+            f"{T.space.size()} ({left} not run yet), more than the {T.budget()} twin runs "
+            f"left of --max-runs {T.max_runs}; give --max-runs {T.max_runs + left - T.budget()}"
+            " or more, or --optimizer auto (a search within the budget)",
+            field="--optimizer")
     if optimizer == "tpe" and optuna_version() is None:
         raise TwinInputError("--optimizer tpe needs optuna: pip install 'twin[search]'",
                              field="--optimizer")

@@ -421,8 +421,9 @@ def load_workloads_yaml(path: Path) -> list:
                                  row=i, field="grid")
         keys = list(grid)
         for k in keys:
-            if not isinstance(grid[k], list):
-                raise TwinInputError("grid values are lists", file=str(path), row=i, field=k)
+            if not isinstance(grid[k], list) or not grid[k]:   # [] would expand to nothing
+                raise TwinInputError("grid values are non-empty lists", file=str(path),
+                                     row=i, field=f"grid.{k}")
         for combo in itertools.product(*(grid[k] for k in keys)):
             try:
                 specs.append(WorkloadSpec.from_dict(
@@ -430,4 +431,6 @@ def load_workloads_yaml(path: Path) -> list:
             except TwinInputError as exc:
                 raise TwinInputError(exc.detail, file=str(path), row=i,
                                      field=exc.field) from None
+    if not specs:   # a sweep of nothing would report an empty dataset as done
+        raise TwinInputError("the workloads expand to no workload", file=str(path))
     return specs

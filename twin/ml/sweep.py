@@ -41,17 +41,17 @@ import pandas as pd
 
 from twin.config import ServingConfig
 from twin.costs.profile import Profile, load_profile
-from twin.errors import ConfigError
+from twin.errors import ConfigError, TwinInputError
 from twin.ml.backends import make_backend
 from twin.ml.features import config_features, public, workload_features
 from twin.ml.slo_stop import SloStop, stop_report
 from twin.ml.spec import ConfigGrid, WorkloadSpec, digest, profile_digest
+# read_sweep and comparable are re-exported: callers read a sweep where they run it
 from twin.ml.store import SweepStore, adopt_store, comparable, read_sweep  # noqa: F401
 from twin.outputs import open_store
 from twin.results import crop_window
 from twin.sim.engine import simulate
-
-# read_sweep and comparable are re-exported: callers read a sweep where they run it
+from twin.workload.schema import WINDOW_PAST_TRACE_S, refuse_empty_window
 
 
 @dataclass(frozen=True)
@@ -93,27 +93,60 @@ def point_key(spec: WorkloadSpec, config: ServingConfig, window_s, profile_sha: 
                    "early_exit": early_exit.identity()})
 
 
-def spec_shape(spec: WorkloadSpec) -> tuple[int, int]:
-    """(adapters served, largest rank) of a workload."""
+def spec_shape(spec: WorkloadSpec, built=None) -> tuple[int, int]:
+    """(adapters served, largest rank) of a workload (``built``: its trace and catalog)."""
     p = spec.params
     if spec.family != "trace":
         return int(p["n_adapters"]), int(max(p["ranks"]))
-    trace, catalog = spec.build()
+    trace, catalog = built or spec.build()
     return len(catalog), int(catalog.table["rank"].max())
 
 
+SPEC_WINDOW = "duration_s"   # plan()'s window by default: each workload's (spec_window)
+TRACE_WINDOW_S = 3600.0      # a trace workload's by default, if it runs that long
+
+
+def spec_window(spec: WorkloadSpec, window_s=SPEC_WINDOW, trace=None,
+                source: str = "workloads") -> float | None:
+    """The measured window of ``spec``'s points: ``window_s`` when given (None: to the last
+    request), else (:data:`SPEC_WINDOW`) its ``duration_s`` (a trace workload's:
+    :data:`TRACE_WINDOW_S`, or none when the trace ends sooner). One running far past the
+    workload is refused (``refuse_empty_window``'s margin): its idle time would dilute the
+    offered load and the rows read "keeps up". ``trace``: a trace workload's, if built."""
+    if window_s is None:
+        return None
+    if spec.family == "trace":
+        trace = spec.build()[0] if trace is None else trace
+    else:   # a synthetic workload's requests arrive over [0, duration_s)
+        trace = pd.DataFrame({"arrival_s": [0.0, float(spec.duration_s)]})
+    last = float(trace["arrival_s"].max()) if len(trace) else 0.0
+    if window_s == SPEC_WINDOW:
+        fits = TRACE_WINDOW_S <= last + max(WINDOW_PAST_TRACE_S, 0.1 * TRACE_WINDOW_S)
+        return last if spec.family != "trace" else TRACE_WINDOW_S if fits else None
+    try:
+        return refuse_empty_window(trace, window_s, spec.describe())
+    except TwinInputError as exc:
+        dur = "" if spec.family == "trace" else f" (duration_s {last:g} s)"
+        raise TwinInputError(f"workload {spec.describe()}{dur}: {exc.detail} (without "
+                             "--window-s: each workload's own duration)", file=str(source),
+                             field="--window-s") from None
+
+
 def plan(workloads: Iterable[WorkloadSpec], grid: ConfigGrid | None = None, *,
-         window_s: float | None = 3600.0, profile=None,
-         early_exit: EarlyExit = EarlyExit()) -> list[Task]:
-    """Every (workload, config) point of the grid, grouped by workload."""
+         window_s: float | None | str = SPEC_WINDOW, profile=None,
+         early_exit: EarlyExit = EarlyExit(), source: str = "workloads") -> list[Task]:
+    """Every (workload, config) point of the grid, grouped by workload; each workload's
+    window (in its keys) from :func:`spec_window` (``source``: the file, for errors)."""
     grid = grid or ConfigGrid()
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     psha = profile_digest(profile)
-    tasks = []
-    for spec in workloads:
-        n, r = spec_shape(spec)
+    shaped, tasks = [], []
+    for spec in workloads:   # every window checked before any point is planned
+        built = spec.build() if spec.family == "trace" else None
+        shaped.append((spec, spec_window(spec, window_s, built and built[0], source),
+                       spec_shape(spec, built)))
+    for spec, w, (n, r) in shaped:
         ident = spec.identity()
-        w = window_s
         for cfg in grid.configs(n, r):
             tasks.append(Task(spec, cfg, w, point_key(spec, cfg, w, psha, early_exit,
                                                       spec_identity=ident)))
@@ -277,7 +310,6 @@ def run_chunk(payload: dict) -> list[dict]:
     return rows
 
 
-
 # -- the sweep ---------------------------------------------------------------------------------
 
 @dataclass
@@ -311,8 +343,6 @@ def _chunks(tasks: list[Task], max_points: int) -> list[list[Task]]:
     return out
 
 
-
-
 def run_sweep(tasks: Sequence[Task], out: str | Path, **kw) -> SweepReport:
     """Run the points of ``tasks`` not yet in the dataset at ``out`` (see
     :func:`_run_sweep`), the store checked and locked through :mod:`twin.outputs`: an
@@ -326,20 +356,15 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
               backend: str = "local", workers: int | None = None, address: str | None = None,
               early_exit: EarlyExit = EarlyExit(), chunk_points: int = 16,
               progress: bool = True, on_chunk: Callable[[list], None] | None = None,
-              keep_rows: bool = False) -> SweepReport:
+              keep_rows: bool = False, window=None) -> SweepReport:
     """Run the points of ``tasks`` not yet in the dataset at ``out``; write one part file
     per finished chunk. ``tasks`` come from :func:`plan` with the same profile and early
-    exit rule. ``on_chunk(rows)`` is called after each part is written."""
+    exit rule. ``on_chunk(rows)`` is called after each part is written. ``window``: the
+    rule ``plan`` was given, checked against the store's as its profile is (None: not)."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     store = SweepStore(out)
     store.path.mkdir(parents=True, exist_ok=True)
-    meta = store.path / "sweep.json"
-    if not meta.exists():
-        tmp = meta.with_name(".sweep.json.tmp")
-        tmp.write_text(json.dumps({"profile": profile.name, "profile_sha": profile_digest(profile),
-                                   "twin_version": __import__("twin").__version__,
-                                   "early_exit": early_exit.identity()}, indent=2) + "\n")
-        os.replace(tmp, meta)
+    _store_meta(store.path / "sweep.json", profile, early_exit, window)
     store.clean_temp()
     done = store.done_keys()
     seen, todo = set(), []
@@ -383,3 +408,43 @@ def _run_sweep(tasks: Sequence[Task], out: str | Path, *, profile=None,
             bar.close()
         report.wall_s = time.perf_counter() - t0
     return report
+
+
+def _settings(m: dict) -> dict:
+    """What a store's rows were run with, as its error names them."""
+    ee = m.get("early_exit")
+    return {"--profile": f"{m.get('profile')} (sha {m.get('profile_sha')})",
+            "early exit": "off" if ee is False else "on" if ee == EarlyExit().identity()
+            else json.dumps(ee),
+            "--window-s": None if m.get("window_s") is None else "each workload's duration_s"
+            if m["window_s"] == SPEC_WINDOW else f"{float(m['window_s']):g} s"}
+
+
+def _store_meta(meta: Path, profile, early_exit: EarlyExit, window) -> None:
+    """Write the store's ``sweep.json`` (what its rows were run with), or check a re-run
+    against it: another profile, early-exit rule or window would append rows that are
+    not comparable with those there (and leave ``sweep.json`` stale): refused."""
+    now = {"profile": profile.name, "profile_sha": profile_digest(profile),
+           "twin_version": __import__("twin").__version__,
+           "early_exit": json.loads(json.dumps(early_exit.identity())), "window_s": window}
+    if meta.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError) as exc:
+            raise TwinInputError(f"unreadable sweep metadata ({exc}); use a new --out",
+                                 file=str(meta)) from None
+        was = _settings({**now, **{k: v for k, v in old.items() if v is not None}})
+        now_s = _settings(now)
+        diff = [k for k in was if now_s[k] is not None and was[k] != now_s[k]]
+        if diff:
+            raise TwinInputError(
+                f"this store was swept with {'; '.join(f'{k} {was[k]}' for k in diff)}, this "
+                f"run has {'; '.join(f'{k} {now_s[k]}' for k in diff)}: its rows would not "
+                "be comparable with those stored; use a new --out", file=str(meta),
+                field=diff[0])
+        if window is None or old.get("window_s") is not None:
+            return
+        now = {**old, "window_s": window}   # a store from before windows were recorded
+    tmp = meta.with_name(".sweep.json.tmp")
+    tmp.write_text(json.dumps(now, indent=2) + "\n")
+    os.replace(tmp, meta)
