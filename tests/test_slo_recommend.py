@@ -127,6 +127,25 @@ def test_cli_infeasible_exit_3_and_no_vllm_files(setup, tmp_path, trace_files):
         == {"recommendation.json"} < set(RECOMMEND_WRITES["goodput"])
 
 
+def test_an_slo_no_gpu_count_reaches_is_not_placed_over_more_gpus(setup, tmp_path,
+                                                                   trace_files, capsys):
+    """A p99 TPOT SLO under one lone decode step: the verdict says no number of these GPUs
+    meets it, and recommend does not then spend twin runs placing the trace over more
+    GPUs (it did, and advised "spread the adapters over more GPUs")."""
+    from twin.cli import main
+
+    tr, cat, _, _ = setup
+    tp, cp = trace_files(tr, cat)
+    out = tmp_path / "rec"
+    rc = main(["recommend", "--trace", str(tp), "--catalog", str(cp), "--window-s",
+               str(WINDOW), "--objective", "goodput", "--slo", "ttft=1,tpot=0.5",
+               "--max-runs", "4", "--workers", "1", "--no-plot", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 3 and "out of reach" in text and "fewest GPUs" not in text
+    d = json.loads((out / "recommendation.json").read_text())
+    assert d["fewest_gpus"] is None and "tpot_p99" in d["slo_check"]["out_of_reach"]
+
+
 def _busier():
     """6 adapters at 3.5 req/s: one GPU keeps up, but its p99 TPOT (~23 ms) misses 20 ms;
     half the load per GPU meets it."""

@@ -294,7 +294,8 @@ def _recommend(args) -> int:
         if args.objective == "cost":
             plan = cost_with_fleet_check(args, trace, catalog, profile, model, base, window,
                                          slo, rec, kw)
-        elif rec.slo_verdict is not None and not rec.ok and not args.no_place:
+        elif (rec.slo_verdict is not None and not rec.ok and not args.no_place
+              and not rec.slo_verdict.get("out_of_reach")):   # more GPUs can help
             from twin.ml.placement import place  # lazy: ML stack off twin --help
 
             pl = place(trace, catalog, profile=profile, model=model, base=base,
