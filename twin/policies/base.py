@@ -11,10 +11,12 @@ accounting (``Policy.memory``, ``twin.policies.memory``).
 
 from __future__ import annotations
 
+from twin.errors import TwinInputError
 from twin.policies.deployment import run_deployment
 from twin.policies.memory import MemoryPlan
 from twin.results import crop_window
-from twin.sim.engine import check_run_inputs
+from twin.sim.engine import check_run_inputs, default_catalog
+from twin.workload.catalog import LORA, MAX_RANK
 from twin.workload.schema import validate_trace
 
 
@@ -24,6 +26,34 @@ class Policy:
     name = "policy"
     #: one-line description for tables and ``--help``
     summary = ""
+    #: the PEFT kinds (a catalog's ``kind``) this strategy serves, and why only those
+    peft_kinds: tuple[str, ...] = (LORA,)
+    peft_note = "vLLM serves LoRA adapters only"
+
+    def check_catalog(self, trace, config, catalog, trace_source: str = "trace") -> None:
+        """The catalog check every strategy runs before it deploys (vLLM's server runs it
+        too, ``AdapterCatalog.check``): every adapter ``trace`` names is in ``catalog``, and
+        of a PEFT kind this strategy serves. Ranks are the servers' own check (vLLM's
+        ``max_lora_rank``)."""
+        catalog.check(trace, MAX_RANK, trace_source, lora_only=False)
+        other = [a for a in trace["adapter"].dropna().unique()    # in the trace's order
+                 if catalog.kind(a) not in self.peft_kinds]
+        if other:
+            a = other[0]
+            row = catalog.adapters.index(a)
+            raise TwinInputError(
+                f"adapter {a!r} is {catalog.kind(a)}: {self.peft_note}; serve other PEFT "
+                "kinds with the split strategy", file=catalog.source, row=row, field="kind")
+
+    def prepare(self, trace, config, profile, catalog, window_s, trace_source: str):
+        """What every strategy's ``simulate`` starts with: the run's inputs checked (profile,
+        window), the trace validated and windowed, the catalog resolved and checked
+        (:meth:`check_catalog`). Returns (profile, trace, catalog)."""
+        profile = check_run_inputs(config, profile, window_s)
+        trace = crop_window(validate_trace(trace, source=trace_source), window_s)
+        catalog = catalog if catalog is not None else default_catalog(trace, config)
+        self.check_catalog(trace, config, catalog, trace_source)
+        return profile, trace, catalog
 
     def deploy(self, trace, config, profile, catalog, gpus: int | None = None):
         """The servers this strategy runs for ``trace`` (``twin.policies.deployment``)."""
@@ -44,9 +74,8 @@ class Policy:
                  record_steps: bool = False, sample_dt: float | None = None,
                  trace_source: str = "trace"):
         """Deploy and simulate; returns a :class:`~twin.policies.deployment.PolicyRun`."""
-        profile = check_run_inputs(config, profile, window_s)
-        trace = validate_trace(trace, source=trace_source)
-        trace = crop_window(trace, window_s)
+        profile, trace, catalog = self.prepare(trace, config, profile, catalog, window_s,
+                                               trace_source)
         dep = self.deploy(trace, config, profile, catalog, gpus)
         return run_deployment(dep, trace, config, profile, catalog, window_s=window_s,
                               progress=progress, record_steps=record_steps,

@@ -102,10 +102,14 @@ def compare(trace, config, profile=None, catalog=None, *, policies=DEFAULT_POLIC
     require_serving_config(config)
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     trace = crop_window(validate_trace(trace, source=trace_source), window_s)
+    pols = [p if isinstance(p, tuple) else (None, p) for p in policies]
+    pols = [(label, get_policy(p, **(options or {})) if isinstance(p, str) else p)
+            for label, p in pols]
+    for _, pol in pols:     # every strategy's catalog check before any runs
+        if catalog is not None:
+            pol.check_catalog(trace, config, catalog, trace_source)
     runs: dict[str, PolicyRun] = {}
-    for p in policies:
-        label, p = p if isinstance(p, tuple) else (None, p)
-        pol = get_policy(p, **(options or {})) if isinstance(p, str) else p
+    for label, pol in pols:
         label = label or (pol.name if pol.name not in runs else f"{pol.name}#{len(runs)}")
         run = pol.simulate(trace, config.replace(policy=pol.name), profile, catalog, gpus=gpus,
                            window_s=window_s, record_steps=True, trace_source=trace_source)

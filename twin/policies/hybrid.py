@@ -26,6 +26,7 @@ DYNAMIC = ("vllm", "slora")
 class HybridPolicy(Policy):
     name = "hybrid"
     summary = "hottest k adapters merged on dedicated GPUs, the rest on dynamic servers"
+    peft_note = "hybrid's dynamic servers (vLLM or S-LoRA) serve LoRA adapters only"
 
     def __init__(self, k: int = 1, dynamic: str = "vllm", slora_admission: str = "conservative"):
         if int(k) < 1:

@@ -29,6 +29,7 @@ from twin.errors import ConfigError
 from twin.policies.base import Policy
 from twin.policies.memory import MemoryPlan, memory_plan
 from twin.policies.deployment import MERGED, Deployment, ServerSpec, adapter_keys, adapter_load
+from twin.workload.catalog import IA3, LORA
 
 MAX_REPLICAS_PER_GPU = 64
 
@@ -36,6 +37,11 @@ MAX_REPLICAS_PER_GPU = 64
 class MergedPolicy(Policy):
     name = "merged"
     summary = "one replica per adapter, adapter merged into a full copy of the weights"
+    #: LoRA (W + BA) and IA3 (elementwise scales) fold into the weights; prefix and
+    #: prompt tuning add virtual tokens to every prompt, which no weight can hold
+    peft_kinds = (LORA, IA3)
+    peft_note = ("a merged replica folds LoRA or IA3 adapters into the base weights; prefix "
+                 "and prompt tuning add virtual tokens to every prompt and cannot be merged")
 
     def __init__(self, min_kv_tokens: int | None = None):
         self.min_kv_tokens = min_kv_tokens

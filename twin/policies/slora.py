@@ -49,6 +49,7 @@ from twin.servers import ServerParts, adapter_pages, build_server
 class SLoRAPolicy(Policy):
     name = "slora"
     summary = "unified paging: KV and exact-rank adapter pages share one pool, no slots"
+    peft_note = "S-LoRA serves LoRA adapters only"
 
     def __init__(self, admission: str = "conservative"):
         if admission not in ADMISSIONS:

@@ -48,12 +48,10 @@ from twin.policies.base import Policy
 from twin.policies.deployment import (Deployment, PolicyRun, ServerRun, ServerSpec,
                                       _sub_catalog, combine)
 from twin.policies.memory import MemoryPlan
-from twin.results import crop_window
 from twin.servers import build_server
-from twin.sim.engine import check_run_inputs, default_catalog
+from twin.sim.engine import default_catalog
 from twin.sim.split import SplitClient, SplitLoop, TrainJob
-from twin.workload.catalog import LORA
-from twin.workload.schema import validate_trace
+from twin.workload.catalog import LORA, PEFT_KINDS
 
 SPLIT = "split"
 HOST_MEMORY_GIB = 256.0     # a serving host's RAM for CPU clients' KV (an assumption)
@@ -103,6 +101,7 @@ class ClientFeatures:
 class SplitPolicy(Policy):
     name = SPLIT
     summary = "shared base executor, clients with their own KV/adapters (Symbiosis)"
+    peft_kinds = PEFT_KINDS
 
     def __init__(self, clients: int = 4, link: str = "auto", devices: str = "same",
                  layer_groups: int | None = 4, finetune_tokens_per_s: float = 0.0,
@@ -241,9 +240,8 @@ class SplitPolicy(Policy):
 
     def simulate(self, trace, config, profile=None, catalog=None, *, gpus=None, window_s=None,
                  progress=False, record_steps=False, sample_dt=None, trace_source="trace"):
-        profile = check_run_inputs(config, profile, window_s)
-        trace = crop_window(validate_trace(trace, source=trace_source), window_s)
-        catalog = catalog if catalog is not None else default_catalog(trace, config)
+        profile, trace, catalog = self.prepare(trace, config, profile, catalog, window_s,
+                                               trace_source)
         trace = with_virtual_tokens(trace, peft_kinds(catalog))
         dep = self.deploy(trace, config, profile, catalog, gpus)
         built = [self._client(c, dep, trace, config, profile, catalog, window_s, record_steps,

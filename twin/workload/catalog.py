@@ -103,7 +103,7 @@ class AdapterCatalog:
             row = int(self.table.index[self.table["adapter"] == other[0]][0])
             raise TwinInputError(
                 f"adapter {other[0]!r} is {self.kind(other[0])}: vLLM serves LoRA adapters "
-                "only; serve other PEFT kinds with --policy split", file=self.source, row=row,
+                "only; serve other PEFT kinds with the split strategy", file=self.source, row=row,
                 field="kind")
         too_big = self.table[self.table["rank"] > max_lora_rank]
         if len(too_big):

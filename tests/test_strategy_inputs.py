@@ -1,0 +1,119 @@
+"""Inputs every serving strategy checks the same way (twin.policies): the catalog (unknown
+adapters, PEFT kinds a strategy cannot serve), GPU counts, strategy flags of `twin compare`."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from twin.cli import main
+from twin.config import ServingConfig
+from twin.costs.profile import load_profile
+from twin.errors import TwinInputError
+from twin.policies import POLICY_CLASSES, get_policy, simulate_policy
+from twin.policies.compare import compare
+from twin.workload.catalog import AdapterCatalog
+from twin.workload.generate import powerlaw_trace
+
+PROFILE = load_profile()
+
+
+def cfg(**kw):
+    base = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_model_len=2048)
+    base.update(kw)
+    return ServingConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return powerlaw_trace(4, 2.0, alpha=0.5, duration_s=10, seed=3)
+
+
+def peft_catalog(trace) -> AdapterCatalog:
+    """The trace's 4 adapters as LoRA, IA3, prefix and prompt tuning (in name order)."""
+    names = sorted(trace["adapter"].dropna().unique())
+    return AdapterCatalog(pd.DataFrame({
+        "adapter": names, "rank": [8, 0, 0, 0],
+        "kind": ["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING"],
+        "virtual_tokens": [0, 0, 5, 5]}), source="peft.csv")
+
+
+# -- 1: an adapter the catalog lacks -------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(POLICY_CLASSES))
+def test_every_strategy_refuses_an_adapter_missing_from_the_catalog(trace, name):
+    names = sorted(trace["adapter"].dropna().unique())
+    cat = AdapterCatalog(pd.DataFrame({"adapter": names[:2], "rank": 8}), source="cat2.csv")
+    first = int(trace.index[~trace["adapter"].isin(names[:2])][0])
+    with pytest.raises(TwinInputError) as e:
+        simulate_policy(trace, cfg(policy=name), PROFILE, cat, trace_source="t.parquet")
+    assert e.value.field == "adapter" and e.value.file == "t.parquet"
+    assert e.value.row == first
+    assert "unknown adapter" in str(e.value) and "cat2.csv" in str(e.value)
+
+
+def test_compare_checks_every_strategys_catalog_before_running_any(trace, monkeypatch):
+    ran = []
+    split = POLICY_CLASSES["split"]
+    monkeypatch.setattr(split, "simulate", lambda self, *a, **k: ran.append(1))
+    with pytest.raises(TwinInputError, match="S-LoRA serves LoRA adapters only"):
+        compare(trace, cfg(), PROFILE, peft_catalog(trace), policies=["split", "slora"])
+    assert not ran
+
+
+# -- 2: PEFT kinds ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name,who", [("vllm", "vLLM serves LoRA"),
+                                      ("slora", "S-LoRA serves LoRA"),
+                                      ("hybrid", "hybrid's dynamic servers")])
+def test_lora_only_strategies_refuse_other_peft_kinds(trace, name, who):
+    with pytest.raises(TwinInputError) as e:
+        get_policy(name).simulate(trace, cfg(policy=name), PROFILE, peft_catalog(trace))
+    msg, cat = str(e.value), peft_catalog(trace)
+    assert e.value.field == "kind" and e.value.file == "peft.csv" and e.value.row >= 1
+    a = cat.adapters[e.value.row]
+    assert f"adapter {a!r} is {cat.kind(a)}: " in msg
+    assert who in msg and "the split strategy" in msg
+    assert "--policy split" not in msg     # the flag differs between simulate and compare
+
+
+def test_merged_merges_lora_and_ia3_but_refuses_prefix_and_prompt_tuning(trace):
+    cat = peft_catalog(trace)
+    with pytest.raises(TwinInputError) as e:
+        get_policy("merged").simulate(trace, cfg(policy="merged"), PROFILE, cat)
+    assert e.value.field == "kind" and e.value.row in (2, 3)
+    a = cat.adapters[e.value.row]
+    assert f"adapter {a!r} is {cat.kind(a)}: " in str(e.value)
+    assert "cannot be merged" in str(e.value)
+    # LoRA and IA3 only: merged serves both
+    two = trace[trace["adapter"].isin(cat.adapters[:2]) | trace["adapter"].isna()]
+    run = get_policy("merged").simulate(two.reset_index(drop=True), cfg(policy="merged"),
+                                        PROFILE, cat)
+    assert run.result.summary["completed"] == len(two)
+
+
+def test_split_serves_every_peft_kind(trace):
+    run = get_policy("split", clients=2).simulate(trace, cfg(policy="split"), PROFILE,
+                                                   peft_catalog(trace))
+    assert run.result.summary["completed"] == len(trace)
+
+
+def test_the_vllm_servers_own_check_names_the_split_strategy(trace):
+    with pytest.raises(TwinInputError, match="serve other PEFT kinds with the split strategy"):
+        simulate_policy(trace, cfg(), PROFILE, peft_catalog(trace))
+
+
+# -- 3: `twin execute` refuses what `twin simulate` refuses --------------------------------
+def test_execute_refuses_other_peft_kinds_up_front_as_simulate_does(trace, tmp_path, capsys):
+    """The check runs before the model loads: the catalog's paths need not exist."""
+    cat = peft_catalog(trace)
+    t = cat.table.assign(path=[str(tmp_path / a) for a in cat.adapters])
+    t.to_csv(tmp_path / "peft.csv", index=False)
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    common = ["--trace", str(tmp_path / "t.parquet"), "--max-model-len", "256"]
+    refusals = []
+    for cmd in (["simulate", "--catalog", str(tmp_path / "peft.csv"), "--policy", "vllm"],
+                ["execute", "--adapters", str(tmp_path / "peft.csv"), "--model",
+                 str(tmp_path / "no-model"), "--max-loras", "4"]):
+        assert main([*cmd, *common]) == 2
+        refusals.append(capsys.readouterr().err.strip().split(": error: ", 1)[1])
+    assert refusals[0] == refusals[1]
+    assert "field 'kind'" in refusals[1] and "vLLM serves LoRA adapters only" in refusals[1]
