@@ -13,6 +13,8 @@ from twin.argtypes import comma_list, device_name, positive_float, positive_int
 from twin.cli.config_flags import add_config_flags, config_from_args, read_limited_trace
 from twin.errors import TwinInputError
 from twin.outputs import console, input_paths, json_document, prepare
+from twin.policies import get_policy
+from twin.results import crop_window
 from twin.workload.schema import read_trace, refuse_empty_window
 
 _EXECUTE_DESCRIPTION = """\
@@ -181,9 +183,11 @@ def run_execute(args) -> int:
         if args.time_scale > 0:   # the window applies to scaled arrivals (bad scales: engine)
             refuse_empty_window(trace.assign(arrival_s=trace["arrival_s"] * args.time_scale),
                                 args.window_s, str(args.trace))
+        catalog = args.adapters
+        if not split and catalog is not None:
+            catalog = _checked_catalog(trace, config, catalog, args)
         device = torch_device(args.device)
         model_dir = resolve_model(args.model)
-        catalog = args.adapters
         if args.make_adapters is not None:
             names = trace["adapter"].dropna().unique().tolist()
             catalog = make_cached_adapters(model_dir, args.make_adapters, args.ranks,
@@ -219,6 +223,24 @@ def run_execute(args) -> int:
             out = result.save(args.out, plot=args.plot, kind="execute")
             say(f"wrote {out}/")
     return 0
+
+
+def _checked_catalog(trace, config, catalog, args):
+    """The catalog the executor's server gets, given the check `twin simulate` runs for
+    the same strategy (``Policy.check_catalog``) before the model loads: vLLM's server
+    (and S-LoRA's) serve LoRA only, so a catalog whose adapters the trace uses are IA3 or
+    prefix/prompt tuning is refused up front rather than failing those requests at run
+    time. Unknown adapters are the executor's own check first (its wording)."""
+    from twin.executor.inputs import check_unknown_adapters, resolve_catalog  # lazy: torch
+    if not config.enable_lora or config.policy not in ("vllm", "slora"):
+        return catalog      # the executor refuses these itself
+    catalog = resolve_catalog(catalog, trace)
+    if args.time_scale > 0:   # the requests the run serves (bad scales: the engine's)
+        trace = crop_window(trace.assign(arrival_s=trace["arrival_s"] * args.time_scale),
+                            args.window_s)
+    check_unknown_adapters(trace, catalog, str(args.trace))
+    get_policy(config.policy).check_catalog(trace, config, catalog, str(args.trace))
+    return catalog
 
 
 def _split_mode(args) -> bool:
