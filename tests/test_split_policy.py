@@ -109,6 +109,26 @@ def test_finetune_job_loads_the_base():
     assert "finetune_tokens_per_s" not in plain["split"]
 
 
+def test_finetune_rate_is_tokens_over_the_run_and_compare_shows_it():
+    """A job slower than one step per run trains one step: its rate is that step's tokens
+    over the run, not over the step's own span (which read thousands of tok/s)."""
+    from twin.policies.compare import compare
+
+    t, cat = _trace(duration=10.0)
+    cmp = compare(t, _config(), PROFILE, cat, policies=["vllm", "split"],
+                  options={"clients": 2, "finetune_tokens_per_s": 10.0})
+    s = cmp.runs["split"].result.summary
+    job = s["split"]
+    assert job["finetune_steps"] == 1 and job["finetune_tokens"] == 2048
+    assert job["finetune_tokens_per_s"] == pytest.approx(2048 / s["duration_s"])
+    assert job["finetune_target_tokens_per_s"] == 10.0
+    row = cmp.table.set_index("policy")
+    assert row.loc["split", "finetune_tok_per_s"] == job["finetune_tokens_per_s"]
+    assert pd.isna(row.loc["vllm", "finetune_tok_per_s"])
+    assert (f"fine-tuning job: 2048 tokens in 1 step(s) of 2048, "
+            f"{job['finetune_tokens_per_s']:.1f} tok/s over the run (target 10)") in cmp.format()
+
+
 def test_runs_repeat_and_memory_counts_the_base_once():
     t, cat = _trace(duration=10.0)
     a = _split(t, cat, clients=3, link="pcie")

@@ -151,6 +151,8 @@ def _row(name: str, run: PolicyRun) -> dict:
         "preemptions": s["preemptions"], "adapter_loads": s["adapter_loads"]["from_disk"]
         + s["adapter_loads"]["from_host"],
         "starving": bool(s["starving"]), "starving_reason": s["starving_reason"],
+        # split's fine-tuning job: tokens trained per second of the run (None: no job)
+        "finetune_tok_per_s": s.get("split", {}).get("finetune_tokens_per_s"),
         # a trace with hash_ids: the share of prompt tokens its prefix cache served (None:
         # the trace names no tokens)
         "prefix_cache_hit_rate": (s["prefix_cache_hit_rate"] if s.get("enable_prefix_caching")
@@ -428,6 +430,12 @@ def format_deployments(cmp: Comparison) -> str:
             line += f", {d['replicas_per_gpu']} merged replica(s) fit per GPU"
             if "gpus_for_all_adapters" in d:
                 line += f" ({d['gpus_for_all_adapters']} GPUs would serve every adapter)"
+        job = run.result.summary.get("split", {})
+        if "finetune_tokens" in job:
+            line += (f"; fine-tuning job: {job['finetune_tokens']} tokens in "
+                     f"{job['finetune_steps']} step(s) of {job['finetune_tokens_per_step']}, "
+                     f"{job['finetune_tokens_per_s']:.1f} tok/s over the run (target "
+                     f"{job['finetune_target_tokens_per_s']:g})")
         if d["unserved_adapters"]:
             names = ", ".join(d["unserved_adapter_names"][:5])
             more = "…" if d["unserved_adapters"] > 5 else ""

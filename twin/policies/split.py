@@ -299,7 +299,10 @@ def base_batches(loop: SplitLoop, base) -> pd.DataFrame | None:
 
 
 def split_summary(clients, loop: SplitLoop, job, result) -> dict:
-    """Where the clients' step time went, the base's busy fraction, the job's rate."""
+    """Where the clients' step time went, the base's busy fraction, the job's rate (its
+    tokens over the run's duration: a step of ``finetune_tokens_per_step`` tokens every
+    ``tokens / target`` seconds from the start, so a short run at a low target trains a
+    whole step, more than the target's rate)."""
     log = client_steps(clients)
     tot = float((log["t_end"] - log["t_start"]).sum()) if len(log) else 0.0
     dur = result.summary["duration_s"]
@@ -311,8 +314,10 @@ def split_summary(clients, loop: SplitLoop, job, result) -> dict:
            "base_queue_share": max(float((log["base_wait_s"] - log["base_alone_s"]).sum()
                                          / tot), 0.0) if tot else 0.0,
            "local_share": float(log["local_s"].sum() / tot) if tot else 0.0}
-    if job is not None:
-        span = job.steps[-1][1] - job.steps[0][0] if job.steps else 0.0
-        out["finetune_tokens_per_s"] = job.done_tokens / span if span > 0 else 0.0
+    if job is not None:     # tokens trained per second of the run, as serving's throughput
+        out["finetune_tokens_per_s"] = job.done_tokens / dur if dur > 0 else 0.0
         out["finetune_target_tokens_per_s"] = job.rate
+        out["finetune_tokens"] = job.done_tokens
+        out["finetune_steps"] = len(job.steps)
+        out["finetune_tokens_per_step"] = job.tokens
     return out
