@@ -117,3 +117,23 @@ def test_execute_refuses_other_peft_kinds_up_front_as_simulate_does(trace, tmp_p
         refusals.append(capsys.readouterr().err.strip().split(": error: ", 1)[1])
     assert refusals[0] == refusals[1]
     assert "field 'kind'" in refusals[1] and "vLLM serves LoRA adapters only" in refusals[1]
+
+
+# -- 5: split prices virtual tokens but reports the requests' own prompts ----------------
+def test_split_reports_the_users_prompt_tokens_and_prices_virtual_ones(trace):
+    cat = peft_catalog(trace)
+    one = AdapterCatalog(cat.table.assign(virtual_tokens=[0, 0, 1, 1]), source="peft.csv")
+    pol = get_policy("split", clients=2, log_batches=True)
+    with_v = pol.simulate(trace, cfg(policy="split"), PROFILE, cat).result
+    without = pol.simulate(trace, cfg(policy="split"), PROFILE, one).result
+    req = with_v.requests
+    assert list(req["prompt_tokens"]) == list(trace["prompt_tokens"])
+    virtual = int(trace["adapter"].isin(cat.adapters[2:]).sum()) * (5 - 1)
+    assert with_v.summary["completed"] == len(trace)
+    # served tokens: the requests' own, however many virtual tokens their adapters add
+    served = (req["prompt_tokens"] + req["generated_tokens"]).sum()
+    assert served == (without.requests["prompt_tokens"]
+                      + without.requests["generated_tokens"]).sum()
+    # priced: the clients' prefills hold every virtual token
+    steps = with_v.extras["client_steps"]["num_prefill_tokens"].sum()
+    assert steps == without.extras["client_steps"]["num_prefill_tokens"].sum() + virtual

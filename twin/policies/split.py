@@ -78,7 +78,8 @@ def with_virtual_tokens(trace: pd.DataFrame, kinds: dict) -> pd.DataFrame:
     """Prompt and prefix tuning: each request's prompt grows by its adapter's virtual
     tokens (prompt tuning computes them through the base; prefix tuning only attends and
     holds them, and the executor's split mode sends them to the base no more, but they
-    are priced here as prompt tuning: an upper bound of a few tokens' base rows)."""
+    are priced here as prompt tuning: an upper bound of a few tokens' base rows). A cost
+    only: the result reports each request's own ``prompt_tokens`` (as the executor)."""
     extra = trace["adapter"].map(lambda a: 0 if pd.isna(a) else kinds.get(a, ("", 0))[1])
     if not extra.any():
         return trace
@@ -242,7 +243,8 @@ class SplitPolicy(Policy):
                  progress=False, record_steps=False, sample_dt=None, trace_source="trace"):
         profile, trace, catalog = self.prepare(trace, config, profile, catalog, window_s,
                                                trace_source)
-        trace = with_virtual_tokens(trace, peft_kinds(catalog))
+        user = trace        # the requests as sent: what the result reports
+        trace = with_virtual_tokens(trace, peft_kinds(catalog))   # what the clients price
         dep = self.deploy(trace, config, profile, catalog, gpus)
         built = [self._client(c, dep, trace, config, profile, catalog, window_s, record_steps,
                               sample_dt) for c in range(self.clients)]
@@ -261,7 +263,7 @@ class SplitPolicy(Policy):
             res = cl.result(config, profile, window_s) if len(rows) else None
             busy = float(sum(e[3] - e[2] for e in cl.log))
             runs.append(ServerRun(dep.servers[cl.cid], rows, res, mem, 1.0, busy))
-        result = combine(dep, trace, runs, config, profile, window_s)
+        result = combine(dep, user, runs, config, profile, window_s)
         result.summary["split"] = split_summary(clients, loop, job, result)
         result.extras.update(client_steps=client_steps(clients),
                              base_batches=base_batches(loop, base))
