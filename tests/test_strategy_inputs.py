@@ -137,3 +137,27 @@ def test_split_reports_the_users_prompt_tokens_and_prices_virtual_ones(trace):
     # priced: the clients' prefills hold every virtual token
     steps = with_v.extras["client_steps"]["num_prefill_tokens"].sum()
     assert steps == without.extras["client_steps"]["num_prefill_tokens"].sum() + virtual
+
+
+# -- 6: hybrid's GPU count and k --------------------------------------------------------------
+@pytest.mark.parametrize("k,gpus,need", [(4, 2, 4), (4, 3, 4), (3, 2, 4), (2, 2, 3)])
+def test_hybrid_refuses_too_few_gpus_whether_or_not_every_adapter_is_hot(trace, k, gpus, need):
+    with pytest.raises(TwinInputError, match=f"needs at least {need} GPUs.*got {gpus}") as e:
+        get_policy("hybrid", k=k).deploy(trace, cfg(policy="hybrid"), PROFILE, None, gpus)
+    assert e.value.field == "gpus"
+
+
+def test_hybrid_with_every_adapter_hot_deploys_on_the_gpus_asked(trace):
+    pol = get_policy("hybrid", k=4)
+    assert pol.deploy(trace, cfg(policy="hybrid"), PROFILE, None, None).gpus == 4
+    dep = pol.deploy(trace, cfg(policy="hybrid"), PROFILE, None, 5)
+    assert dep.gpus == 5 and len(dep.servers) == 5
+    assert {s.kind for s in dep.servers} == {"merged"}
+    assert len({s.gpu for s in dep.servers}) == 5
+    assert (dep.route >= 0).all()
+
+
+def test_hybrid_refuses_k_above_the_traces_adapters(trace):
+    with pytest.raises(TwinInputError, match=r"k=5 would merge more adapters .* \(4\)") as e:
+        get_policy("hybrid", k=5).deploy(trace, cfg(policy="hybrid"), PROFILE, None, None)
+    assert e.value.field == "k"

@@ -4,8 +4,10 @@ The ``k`` adapters with the most offered tokens each get a merged replica on a G
 their own (no LoRA overhead where most of the traffic is); every other adapter and the
 base model are served by dynamic multi-adapter servers (``vllm`` or ``slora``), one per
 remaining GPU, adapters spread across them as ``twin.policies.vllm`` does. Without a GPU
-count the deployment uses ``k + 1`` GPUs; with ``gpus`` it needs ``gpus > k`` (when every
-adapter is hot, the dynamic part is dropped).
+count the deployment uses ``k + 1`` GPUs; with ``gpus`` it needs ``gpus > k``. When every
+adapter is hot (``k`` = the trace's adapters; a larger ``k`` is refused) there is no
+dynamic part: ``gpus >= k``, the spare GPUs holding extra replicas of the hottest adapters
+(as ``twin.policies.merged`` does).
 """
 
 from __future__ import annotations
@@ -47,13 +49,23 @@ class HybridPolicy(Policy):
 
     def deploy(self, trace, config, profile, catalog, gpus=None):
         load = adapter_load(trace)
-        hot = [a for a in load if a is not None][:self.k]
-        rest = [a for a in load if a not in hot]
-        if gpus is not None and rest and gpus <= len(hot):
+        named = [a for a in load if a is not None]
+        if named and self.k > len(named):
             raise TwinInputError(
-                f"hybrid with k={self.k} merged replicas needs more than {len(hot)} GPUs "
-                f"(one per hot adapter plus the dynamic part), got {gpus}", field="gpus")
-        servers, route, _, _ = place_replicas(self._merged, trace, hot, load, 1, len(hot))
+                f"hybrid with k={self.k} would merge more adapters than the trace names "
+                f"({len(named)}); use k <= {len(named)} (k = {len(named)}: every adapter "
+                "merged, no dynamic part)", field="k")
+        hot = named[:self.k]
+        rest = [a for a in load if a not in hot]
+        need = len(hot) + (1 if rest else 0)
+        if gpus is not None and gpus < need:
+            raise TwinInputError(
+                f"hybrid with k={self.k} merged replicas needs at least {need} GPUs (one "
+                f"per hot adapter{' plus the dynamic part' if rest else ''}), got {gpus}",
+                field="gpus")
+        # every adapter hot: GPUs beyond one each hold extra replicas of the hottest (merged's)
+        g_hot = len(hot) if rest or gpus is None else gpus
+        servers, route, _, _ = place_replicas(self._merged, trace, hot, load, 1, g_hot)
         g_dyn = (1 if gpus is None else gpus - len(hot)) if rest else 0
         if g_dyn:
             keys = adapter_keys(trace)
@@ -62,6 +74,6 @@ class HybridPolicy(Policy):
             assign_dynamic(self._dyn, self.dynamic, trace, keys, rows, g_dyn, route, servers,
                            gpu0=len(hot))
         return Deployment(policy=self.name, servers=servers, route=route,
-                          gpus=len(hot) + g_dyn, unserved=[],
+                          gpus=g_hot + g_dyn, unserved=[],
                           notes={"merged_adapters": [str(a) for a in hot],
                                  "dynamic": self.dynamic, "k": self.k})
