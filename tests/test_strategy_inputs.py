@@ -161,3 +161,15 @@ def test_hybrid_refuses_k_above_the_traces_adapters(trace):
     with pytest.raises(TwinInputError, match=r"k=5 would merge more adapters .* \(4\)") as e:
         get_policy("hybrid", k=5).deploy(trace, cfg(policy="hybrid"), PROFILE, None, None)
     assert e.value.field == "k"
+
+
+# -- 7: merged's own option is blamed, not the config ----------------------------------------
+def test_merged_min_kv_tokens_too_large_names_the_option(trace, tmp_path, capsys):
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    assert main(["compare", "--trace", str(tmp_path / "t.parquet"), "--policies", "merged",
+                 "--merged-min-kv-tokens", "10000000", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--merged-min-kv-tokens" in err and "max_model_len" not in err
+    with pytest.raises(TwinInputError) as e:
+        get_policy("merged", min_kv_tokens=10_000_000).deploy(trace, cfg(), PROFILE, None)
+    assert e.value.field == "min_kv_tokens"

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from twin.errors import ConfigError
+from twin.errors import ConfigError, TwinInputError
 from twin.policies.base import Policy
 from twin.policies.memory import MemoryPlan, memory_plan
 from twin.policies.deployment import MERGED, Deployment, ServerSpec, adapter_keys, adapter_load
@@ -59,6 +59,11 @@ class MergedPolicy(Policy):
             k += 1
         if k == 0:
             mem = self.memory(config, profile)
+            if self.min_kv_tokens:      # the strategy's own option, not the config's
+                raise TwinInputError(
+                    f"a merged replica's KV cache holds {mem.kv_tokens} tokens, fewer than "
+                    f"min_kv_tokens {need} (compare's --merged-min-kv-tokens); not even one "
+                    "replica fits on a GPU. Lower it.", field="min_kv_tokens")
             raise ConfigError(
                 f"a merged replica's KV cache holds {mem.kv_tokens} tokens, fewer than "
                 f"{need}; not even one replica fits on a GPU. Lower max_model_len.",
