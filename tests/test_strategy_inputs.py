@@ -173,3 +173,34 @@ def test_merged_min_kv_tokens_too_large_names_the_option(trace, tmp_path, capsys
     with pytest.raises(TwinInputError) as e:
         get_policy("merged", min_kv_tokens=10_000_000).deploy(trace, cfg(), PROFILE, None)
     assert e.value.field == "min_kv_tokens"
+
+
+# -- 8: a strategy's flags without the strategy are refused, like --split-costs ----------------
+@pytest.mark.parametrize("flag,value,reader", [
+    ("--clients", "8", "split"), ("--client-devices", "cpu", "split"),
+    ("--finetune-tokens-per-s", "100", "split"), ("--link", "network", "split"),
+    ("--split-costs", "costs.json", "split"), ("--hybrid-k", "3", "hybrid"),
+    ("--hybrid-dynamic", "slora", "hybrid"), ("--merged-min-kv-tokens", "100", "merged"),
+    ("--slora-admission", "on_demand", "slora and hybrid")])
+def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsys, monkeypatch,
+                                                         flag, value, reader):
+    import twin.cli.compare as cmd
+
+    ran = []
+    monkeypatch.setattr(cmd, "compare", lambda *a, **k: ran.append(1))
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    rc = main(["compare", "--trace", str(tmp_path / "t.parquet"), "--policies", "vllm", flag,
+               value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and ran == [] and f"field '{flag}'" in err
+    assert f"only {reader} read" in err
+
+
+def test_empty_client_device_items_are_refused(trace, tmp_path, capsys):
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    assert main(["compare", "--trace", str(tmp_path / "t.parquet"), "--policies", "split",
+                 "--client-devices", "same,,cpu", "--out", str(tmp_path / "o")]) == 2
+    assert "field '--client-devices': empty item" in capsys.readouterr().err
+    with pytest.raises(TwinInputError, match="empty item") as e:
+        get_policy("split", devices="same,")
+    assert e.value.field == "devices"

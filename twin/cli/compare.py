@@ -98,8 +98,34 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         "(default runs/compare-<trace name>)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     add_config_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, strategy_defaults={d: p.get_default(d) for d in STRATEGY_FLAGS})
     return p
+
+
+#: each strategy's own flags (by argparse dest) -> the strategies that read them; one given
+#: (not its default) while none of those is in --policies is refused, not dropped
+STRATEGY_FLAGS = {"hybrid_k": ("hybrid",), "hybrid_dynamic": ("hybrid",),
+                  "slora_admission": ("slora", "hybrid"), "merged_min_kv_tokens": ("merged",),
+                  "clients": ("split",), "link": ("split",), "client_devices": ("split",),
+                  "finetune_tokens_per_s": ("split",), "split_costs": ("split",)}
+
+
+def _refuse_unread_flags(args, names) -> None:
+    """A strategy flag none of the strategies compared reads (see :data:`STRATEGY_FLAGS`);
+    ``--client-devices`` with an empty item."""
+    for dest, readers in STRATEGY_FLAGS.items():
+        if getattr(args, dest) != args.strategy_defaults[dest] and \
+                not set(readers) & set(names):
+            flag = "--" + dest.replace("_", "-")
+            who, one = " and ".join(readers), len(readers) == 1
+            raise TwinInputError(
+                f"only {who} read{'s' if one else ''} {flag}, and --policies "
+                f"({','.join(names)}) {'does not name it' if one else 'names neither'}; add "
+                f"{who if one else 'one'} to --policies or drop {flag}", field=flag)
+    items = str(args.client_devices).split(",")
+    if any(not d.strip() for d in items):
+        raise TwinInputError(f"empty item in {args.client_devices!r}: name a device for each "
+                             "comma-separated client (same, gpu, cpu)", field="--client-devices")
 
 
 def run(args) -> int:
@@ -112,6 +138,7 @@ def run(args) -> int:
         raise TwinInputError(f"compare runs each strategy --policies names ({args.policies}); "
                              "--policy picks one for `twin simulate`: name it in --policies",
                              field="--policy")
+    _refuse_unread_flags(args, names)
     client_devices(args.client_devices, field="--client-devices")   # before any strategy
     if not args.finetune_tokens_per_s >= 0:
         raise TwinInputError(f"must be >= 0, got {args.finetune_tokens_per_s}",
@@ -156,9 +183,6 @@ def _split_costs(args, names, profile, say):
     """The ``--split-costs`` file as costs for ``profile``'s model shape (None without it)."""
     if args.split_costs is None:
         return None
-    if "split" not in names:
-        raise TwinInputError("only the split policy takes split costs; add split to "
-                             "--policies or drop --split-costs", field="--split-costs")
     costs = load_split_costs(args.split_costs, profile.model, None)
     fitted = costs.notes.get("model")
     if fitted and fitted != profile.model.name:

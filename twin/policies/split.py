@@ -114,6 +114,9 @@ class SplitPolicy(Policy):
         self.clients = int(clients)
         self.link = link if link == "auto" and costs is None else (
             get_link(link) if costs is None else costs.link)
+        if isinstance(devices, str) and any(not d.strip() for d in devices.split(",")):
+            raise TwinInputError(f"empty item in devices {devices!r}: name a device for each "
+                                 "comma-separated client (same, gpu, cpu)", field="devices")
         self.devices = client_devices(devices)
         self.layer_groups = layer_groups
         self.finetune_tokens_per_s = float(finetune_tokens_per_s)
