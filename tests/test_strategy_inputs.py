@@ -204,3 +204,15 @@ def test_empty_client_device_items_are_refused(trace, tmp_path, capsys):
     with pytest.raises(TwinInputError, match="empty item") as e:
         get_policy("split", devices="same,")
     assert e.value.field == "devices"
+
+
+# -- 9: split clients beyond the adapters would idle ----------------------------------------
+def test_split_refuses_more_clients_than_adapters_unless_the_trace_routes_them(trace):
+    with pytest.raises(TwinInputError, match="8 clients serves 4 adapter.*at most 4") as e:
+        get_policy("split", clients=8).deploy(trace, cfg(policy="split"), PROFILE, None)
+    assert e.value.field == "clients"
+    dep = get_policy("split", clients=4).deploy(trace, cfg(policy="split"), PROFILE, None)
+    assert all(s.adapters for s in dep.servers)      # every client serves an adapter
+    routed = trace.assign(client=trace.index % 8)    # the trace's own routing: any count
+    dep = get_policy("split", clients=8).deploy(routed, cfg(policy="split"), PROFILE, None)
+    assert sorted(set(dep.route)) == list(range(8))

@@ -5,7 +5,8 @@ What changes against vLLM (``twin.policies.vllm``):
 
 - **Clients.** ``clients`` servers, each the shared scheduler over its own requests (the
   trace's ``client`` column, else adapter i of the catalog -> client ``i % clients``,
-  base-model requests -> client 0), its adapters always resident (no slots, no loads, no
+  base-model requests -> client 0; more clients than adapters are refused, as the
+  spare ones would idle), its adapters always resident (no slots, no loads, no
   skip rule; LoRA priced at the adapters' exact ranks).
 - **The base executor** is shared: every client step is a pass of requests to it, one per
   stage (``twin.costs.split_costs``), queued FIFO and batched per stage across clients
@@ -141,6 +142,14 @@ class SplitPolicy(Policy):
                                      f"{trace['client'].iloc[bad[0]]!r}", row=int(bad[0]),
                                      field="client")
             return c.astype(np.int64)
+        most = max(len(catalog), 1)     # adapters, or the base model alone
+        if self.clients > most:
+            raise TwinInputError(
+                f"split with {self.clients} clients serves {len(catalog)} adapter(s) (adapter "
+                f"i -> client i mod {self.clients}, base-model requests -> client 0): "
+                f"{self.clients - most} client(s) would get no request yet hold KV memory "
+                f"(a GPU each on 'gpu'); use at most {most} client(s), or route requests "
+                "with the trace's 'client' column", field="clients")
         index = {a: i % self.clients for i, a in enumerate(catalog.adapters)}
         return np.array([0 if pd.isna(a) else index[a] for a in trace["adapter"].tolist()],
                         dtype=np.int64)
