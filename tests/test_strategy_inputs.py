@@ -181,7 +181,7 @@ def test_merged_min_kv_tokens_too_large_names_the_option(trace, tmp_path, capsys
     ("--finetune-tokens-per-s", "100", "split"), ("--link", "network", "split"),
     ("--split-costs", "costs.json", "split"), ("--hybrid-k", "3", "hybrid"),
     ("--hybrid-dynamic", "slora", "hybrid"), ("--merged-min-kv-tokens", "100", "merged"),
-    ("--slora-admission", "on_demand", "slora and hybrid")])
+    ("--slora-admission", "on_demand", "slora and hybrid policies")])
 def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsys, monkeypatch,
                                                          flag, value, reader):
     import twin.cli.compare as cmd
@@ -193,7 +193,7 @@ def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsy
                value, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and ran == [] and f"field '{flag}'" in err
-    assert f"only {reader} read" in err
+    assert f"only the {reader if ' ' in reader else reader + ' policy'} read" in err
 
 
 def test_empty_client_device_items_are_refused(trace, tmp_path, capsys):

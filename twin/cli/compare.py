@@ -119,9 +119,9 @@ def _refuse_unread_flags(args, names) -> None:
             flag = "--" + dest.replace("_", "-")
             who, one = " and ".join(readers), len(readers) == 1
             raise TwinInputError(
-                f"only {who} read{'s' if one else ''} {flag}, and --policies "
-                f"({','.join(names)}) {'does not name it' if one else 'names neither'}; add "
-                f"{who if one else 'one'} to --policies or drop {flag}", field=flag)
+                f"only the {who} polic{'y reads' if one else 'ies read'} {flag}, and "
+                f"--policies ({','.join(names)}) {'does not name it' if one else 'names neither'}"
+                f"; add {who if one else 'one'} to --policies or drop {flag}", field=flag)
     items = str(args.client_devices).split(",")
     if any(not d.strip() for d in items):
         raise TwinInputError(f"empty item in {args.client_devices!r}: name a device for each "
