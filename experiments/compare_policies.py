@@ -41,6 +41,8 @@ from twin.workload.generate import powerlaw_trace
 HERE = Path(__file__).resolve().parent
 FIG = HERE / "figures"
 PROFILE = "llama31-8b-h100-64gb-first-principles"
+#: the split rows' (README_split.md): the calibrated H100 profile they were written with
+SPLIT_PROFILE = "llama31-8b-h100-64gb"
 CALIBRATED = "llama31-8b-h100-64gb"   # read only for the Limits note (its per-adapter terms)
 RANK = 8
 ADAPTERS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -450,7 +452,7 @@ def split_rows(args) -> int:
 
     duration = 60.0 if args.quick else min(args.duration, 300.0)
     t0 = time.time()
-    df = study(load_profile(PROFILE), duration)
+    df = study(load_profile(SPLIT_PROFILE), duration)
     FIG.mkdir(parents=True, exist_ok=True)
     df.to_csv(FIG / "policies_split.csv", index=False)
     (FIG / "policies_split.md").write_text(markdown(df))
