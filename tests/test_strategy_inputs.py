@@ -216,3 +216,27 @@ def test_split_refuses_more_clients_than_adapters_unless_the_trace_routes_them(t
     routed = trace.assign(client=trace.index % 8)    # the trace's own routing: any count
     dep = get_policy("split", clients=8).deploy(routed, cfg(policy="split"), PROFILE, None)
     assert sorted(set(dep.route)) == list(range(8))
+
+
+def test_execute_reads_the_kinds_of_an_adapter_folder_without_a_catalog(trace, tmp_path,
+                                                                        capsys):
+    """An adapters folder without catalog.csv: each adapter's kind is its
+    adapter_config.json's peft_type, so IA3 / prefix-tuning adapters are refused before the
+    model loads (the folder's catalog had no kind column: every adapter read as LoRA, and
+    the non-LoRA ones failed at run time, or as LoRA adapters of rank 0)."""
+    import json
+
+    cat = peft_catalog(trace)
+    root = tmp_path / "adapters"
+    for a in cat.adapters:
+        (root / a).mkdir(parents=True)
+        cfg = {"peft_type": cat.kind(a), "task_type": "CAUSAL_LM"}
+        if cat.kind(a) == "LORA":
+            cfg.update(r=8, lora_alpha=16, target_modules=["q_proj"])
+        (root / a / "adapter_config.json").write_text(json.dumps(cfg))
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    rc = main(["execute", "--adapters", str(root), "--model", str(tmp_path / "no-model"),
+               "--max-loras", "4", "--trace", str(tmp_path / "t.parquet"),
+               "--max-model-len", "256"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "field 'kind'" in err and "vLLM serves LoRA adapters only" in err

@@ -370,7 +370,7 @@ def write_synthetic_adapters(model_dir, out_dir, n: int, ranks: Iterable[int] = 
 
 
 def adapter_catalog(source) -> "Any":
-    """Catalog (DataFrame: adapter, rank, path, bytes) of PEFT adapter directories.
+    """Catalog (DataFrame: adapter, rank, path, bytes, kind) of PEFT adapter directories.
 
     ``source``: a directory whose sub-directories are adapters, or an iterable of adapter
     directories. Reads only the configs and file sizes.
@@ -387,8 +387,11 @@ def adapter_catalog(source) -> "Any":
         except (OSError, json.JSONDecodeError) as exc:
             raise AdapterError(d.name, f"cannot read {d / CONFIG_NAME}: {exc}") from None
         w = d / WEIGHTS_NAME
+        # PEFT's own name of the kind (LORA where the field is absent), as a catalog's column:
+        # a strategy that serves LoRA only refuses the others before the model loads
         rows.append({"adapter": d.name, "rank": int(cfg.get("r", 0)), "path": str(d),
-                     "bytes": w.stat().st_size if w.exists() else 0})
+                     "bytes": w.stat().st_size if w.exists() else 0,
+                     "kind": str(cfg.get("peft_type") or "LORA").upper()})
     return _frame(rows)
 
 
@@ -405,7 +408,9 @@ def write_adapter_catalog(catalog, path) -> Path:
 
 
 def _frame(rows: list[dict]):
-    df = pd.DataFrame(rows, columns=list(CATALOG_COLUMNS))
+    # a folder's PEFT kinds, where any is not LoRA (the column's default)
+    kind = ("kind",) if any(r.get("kind", "LORA") != "LORA" for r in rows) else ()
+    df = pd.DataFrame(rows, columns=[*CATALOG_COLUMNS, *kind])
     return df.astype({"adapter": "string", "rank": "int64", "path": "string", "bytes": "int64"})
 
 
