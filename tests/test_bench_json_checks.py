@@ -186,7 +186,9 @@ def test_runs_of_another_model_than_the_base_profile_are_refused(tmp_path, capsy
 @pytest.mark.parametrize("name, verdict", [
     ("meta-llama/Llama-3.1-8B-Instruct", "ok"), ("llama-3.1-8b-instruct", "ok"),
     ("Meta-Llama-3.1-8B-Instruct", "ok"), ("Qwen/Qwen2.5-7B-Instruct", "refused"),
-    ("meta-llama/Llama-3.1-70B-Instruct", "refused"), ("my-finetune", "warned")])
+    ("meta-llama/Llama-3.1-70B-Instruct", "refused"), ("my-finetune", "warned"),
+    # a fine-tune of the same shape whose name leads with another word: warned, not refused
+    ("NousResearch/Hermes-3-Llama-3.1-8B", "warned")])
 def test_model_names_are_compared_conservatively(tmp_path, name, verdict):
     from twin.calibrate.run_model import check_runs_model
     from twin.costs.profile import load_profile

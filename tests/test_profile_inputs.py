@@ -259,3 +259,39 @@ def test_a_one_gpu_calibration_prices_the_all_reduce_of_a_larger_tp(tmp_path, ca
     rc, _, err = _run(["profile", "--model", "smollm2-360m", "--gpu-calibration", cpu,
                        "--tensor-parallel-size", 2, "--out", out], capsys)
     assert rc == 2 and "'--tensor-parallel-size'" in err and not out.exists()
+
+
+def test_a_cuda_calibration_named_by_torch_is_taken_as_the_gpu_given(tmp_path, capsys):
+    """The executor on CUDA records torch's board name ("NVIDIA H100 80GB HBM3"), which the
+    catalogue does not list: such a calibration was refused on its own GPU (--gpu, fp8 and
+    --tensor-parallel-size 2 all "another machine"); --gpu now says which board it is."""
+    from twin.costs.hardware import gpu_prior, save_calibration
+
+    cal = save_calibration(gpu_prior("h100-80gb"), tmp_path / "cuda.hardware.json",
+                           machine={"name": "NVIDIA H100 80GB HBM3", "device": "cuda:0"})
+    out = tmp_path / "p.json"
+    rc, _, err = _run(["profile", "--model", "llama-3.1-8b", "--gpu", "h100-80gb",
+                       "--gpu-calibration", cal, "--tensor-parallel-size", 2, "--out", out],
+                      capsys)
+    assert rc == 0, err
+    assert "catalogue GPU" in load_profile(out).provenance["gpu_calibration_machine"]
+
+
+@pytest.mark.parametrize("qc, fp8", [
+    ({"quant_method": "fbgemm_fp8"}, True),
+    ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "weights": {"num_bits": 8, "type": "float"}, "targets": ["Linear"]}}}, True),
+    ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "weights": {"num_bits": 4, "type": "int"}, "targets": ["Linear"]}}}, False)])
+def test_fp8_checkpoints_in_other_formats_are_priced_as_fp8(qc, fp8, tmp_path, capsys):
+    """FP8 checkpoints are mostly published as compressed-tensors (the *-FP8 ones) or
+    fbgemm_fp8, which vLLM serves as FP8: priced so, where the first fix refused them; an
+    int4 compressed-tensors one is still refused."""
+    ckpt = _checkpoint(tmp_path, qc)
+    out = tmp_path / "p.json"
+    rc, _, err = _run(["profile", "--model", ckpt, "--gpu", "l4", "--out", out], capsys)
+    if fp8:
+        assert rc == 0, err
+        assert load_profile(out).hardware["quantization"] == "fp8"
+    else:
+        assert rc == 2 and "quantization_config.quant_method" in err

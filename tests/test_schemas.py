@@ -158,7 +158,7 @@ def test_an_error_in_settings_from_a_file_and_flags_names_where_the_value_was_se
     """A flag's value overriding the file is not the file's: the error names the flag that
     set the faulty field (it named the file alone, for a value only the flag had; then
     every flag given, "--max-loras --max-num-seqs" for a bad --max-num-seqs), and the file
-    for a value only the file set."""
+    with the flags for a value only the file set."""
     from twin.cli import main
 
     p = tmp_path / "b.yaml"
@@ -170,7 +170,9 @@ def test_an_error_in_settings_from_a_file_and_flags_names_where_the_value_was_se
     assert "error: --max-cpu-loras, field 'max_cpu_loras'" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(trace), "--config", str(p), "--max-cpu-loras",
                  "8"]) == 2
-    assert f"error: {p}, field 'max_num_seqs'" in capsys.readouterr().err
+    # a value only the file set: the file, with the flags merged over it (a check between
+    # two settings may involve them)
+    assert f"error: {p} with --max-cpu-loras, field 'max_num_seqs'" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(trace), "--max-num-seqs", "0", "--max-loras",
                  "2"]) == 2
     assert "error: --max-num-seqs, field 'max_num_seqs'" in capsys.readouterr().err

@@ -42,8 +42,8 @@ def test_a_tpot_slo_under_one_lone_decode_step_is_out_of_reach():
     GPUs reaches it, so the report says so instead of "spread the adapters over more
     GPUs" (and a TPOT SLO above that floor keeps the old advice)."""
     profile = load_profile("llama31-8b-h100-64gb")
-    floor = tpot_floor_ms(profile, 8)
-    assert 0 < floor < tpot_floor_ms(profile, 64)   # a larger rank costs more
+    floor = tpot_floor_ms(profile)
+    assert 0 < floor <= 1000 * profile.step_time.base["const"] + 1.0
     cand, results = _case([{"max_loras": 8, "starving": False, "ttft_p99": 900.0,
                             "tpot_p99": 38.0},
                            {"max_loras": 16, "starving": False, "ttft_p99": 700.0,

@@ -157,10 +157,12 @@ def test_hybrid_with_every_adapter_hot_deploys_on_the_gpus_asked(trace):
     assert (dep.route >= 0).all()
 
 
-def test_hybrid_refuses_k_above_the_traces_adapters(trace):
-    with pytest.raises(TwinInputError, match=r"k=5 would merge more adapters .* \(4\)") as e:
-        get_policy("hybrid", k=5).deploy(trace, cfg(policy="hybrid"), PROFILE, None, None)
-    assert e.value.field == "k"
+def test_hybrid_with_k_above_the_traces_adapters_merges_them_all(trace):
+    """A k above the adapters a trace (or a short window of it) names merges every one,
+    with no dynamic part, on as many GPUs: the same deployment as k = their number."""
+    big = get_policy("hybrid", k=5).deploy(trace, cfg(policy="hybrid"), PROFILE, None, None)
+    four = get_policy("hybrid", k=4).deploy(trace, cfg(policy="hybrid"), PROFILE, None, None)
+    assert big.gpus == four.gpus == 4 and list(big.route) == list(four.route)
 
 
 # -- 7: merged's own option is blamed, not the config ----------------------------------------
@@ -216,6 +218,13 @@ def test_split_refuses_more_clients_than_adapters_unless_the_trace_routes_them(t
     routed = trace.assign(client=trace.index % 8)    # the trace's own routing: any count
     dep = get_policy("split", clients=8).deploy(routed, cfg(policy="split"), PROFILE, None)
     assert sorted(set(dep.route)) == list(range(8))
+    # the default (4 clients) is not refused on fewer adapters: `twin simulate --policy
+    # split` has no --clients flag, and a base-model trace has no adapter at all
+    two = trace[trace["adapter"].isin(sorted(trace["adapter"].dropna().unique())[:2])]
+    dep = get_policy("split").deploy(two, cfg(policy="split"), PROFILE, None)
+    assert len(dep.servers) >= 1
+    base = trace.assign(adapter=pd.array([None] * len(trace), dtype="string"))
+    get_policy("split").deploy(base, cfg(policy="split"), PROFILE, None)
 
 
 def test_execute_reads_the_kinds_of_an_adapter_folder_without_a_catalog(trace, tmp_path,

@@ -5,7 +5,8 @@ Model names come in many spellings (``meta-llama/Llama-3.1-8B-Instruct``, ``llam
 ``llama31-8b-h100-64gb``, ``Qwen2.5-0.5B-Instruct``), so the check is conservative: a name
 is reduced to its family (the leading word: llama, qwen, smollm, ...) and its size in
 parameters (``8B``, ``0.5B``, ``135M``); two names are refused only when both reduce and the
-family or the size differs, and only warned about when they differ but do not both reduce.
+sizes differ, and warned about when the families differ (a fine-tune's name may lead with
+another word: ``Hermes-3-Llama-3.1-8B``) or the names cannot both be reduced.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def check_runs_model(runs, profile, warn=None) -> None:
         if _plain(theirs) == _plain(want) or _plain(want) in _plain(theirs):
             continue
         key = model_key(theirs)
-        if key is not None and mine is not None and key != mine:
+        # only a size tells models apart for sure: a fine-tune's name may lead with another
+        # word than its base's ("Hermes-3-Llama-3.1-8B" is a Llama 3.1 8B)
+        if key is not None and mine is not None and key[1] != mine[1]:
             raise TwinInputError(
                 f"the run is of {theirs!r}, the base profile {profile.name!r} of {want!r}: "
                 "the fit would price another model; pass a --base-profile of this model "

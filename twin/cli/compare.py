@@ -77,7 +77,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         "on demand with preemption (conservative)")
     p.add_argument("--merged-min-kv-tokens", type=positive_int, default=None,
                    help="merged: KV tokens a replica must hold (default max_model_len)")
-    p.add_argument("--clients", type=positive_int, default=4, help="split: clients (4)")
+    p.add_argument("--clients", type=positive_int, default=None,
+                   help="split: clients (default 4; more than the adapters only when given)")
     p.add_argument("--link", choices=("auto", "shm", "ipc", "pcie", "nvlink", "network",
                                       "free"), default="auto",
                    help="split: client <-> base link; auto: by device (same GPU: ipc, "
@@ -111,8 +112,7 @@ STRATEGY_FLAGS = {"hybrid_k": ("hybrid",), "hybrid_dynamic": ("hybrid",),
 
 
 def _refuse_unread_flags(args, names) -> None:
-    """A strategy flag none of the strategies compared reads (see :data:`STRATEGY_FLAGS`);
-    ``--client-devices`` with an empty item."""
+    """A strategy flag none of the strategies compared reads (see :data:`STRATEGY_FLAGS`)."""
     for dest, readers in STRATEGY_FLAGS.items():
         if getattr(args, dest) != args.strategy_defaults[dest] and \
                 not set(readers) & set(names):
@@ -122,10 +122,6 @@ def _refuse_unread_flags(args, names) -> None:
                 f"only the {who} polic{'y reads' if one else 'ies read'} {flag}, and "
                 f"--policies ({','.join(names)}) {'does not name it' if one else 'names neither'}"
                 f"; add {who if one else 'one'} to --policies or drop {flag}", field=flag)
-    items = str(args.client_devices).split(",")
-    if any(not d.strip() for d in items):
-        raise TwinInputError(f"empty item in {args.client_devices!r}: name a device for each "
-                             "comma-separated client (same, gpu, cpu)", field="--client-devices")
 
 
 def run(args) -> int:

@@ -80,13 +80,12 @@ def config_from_args(args, profile: Profile | None = None) -> ServingConfig:
 
 
 def _set_by(name: str | None, args) -> str | None:
-    """Where setting ``name`` was given: its flag, else the ``--config`` file; None when
-    neither (a default, or not a setting)."""
-    if name is None:
-        return None
-    if getattr(args, name, None) is not None and name in _SETTINGS:
+    """The flag that set setting ``name``; None when a flag did not (the file, a default, or
+    not a setting: the error keeps naming the file with every flag merged over it, which a
+    check between two settings may involve)."""
+    if name in _SETTINGS and getattr(args, name, None) is not None:
         return "--" + name.replace("_", "-")
-    return str(args.config) if getattr(args, "config", None) else None
+    return None
 
 
 _SETTINGS = {f.name for f in dataclasses.fields(ServingConfig)}

@@ -41,7 +41,7 @@ def _common_workload(p):
                         "max_num_seqs 2048, max_num_batched_tokens 2048, "
                         "gpu_memory_utilization 0.9): fixed, except the knobs the search "
                         "varies, which it overrides (max_loras, max_cpu_loras, "
-                        "max_lora_rank; with --slo or --objective goodput/cost also "
+                        "max_lora_rank; with --objective goodput or cost also "
                         "max_num_batched_tokens, max_num_seqs, gpu_memory_utilization)")
     p.add_argument("--window-s", type=positive_float, default=None,
                    help="measured window (default: the trace's span; a trace under 10 "

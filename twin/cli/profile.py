@@ -82,9 +82,9 @@ def _in_range(low: float, high: float, unit: str, example: str):
 
 
 #: the explicit GPU numbers' plausible ranges (CPU budgets to the largest boards)
-MEMORY_GIB = _in_range(1, 4096, "GiB", "80 for an 80 GB board")
-HBM_BYTES_PER_S = _in_range(1e10, 1e14, "bytes/s", "3.35e12 for 3.35 TB/s")
-FLOP_PER_S = _in_range(1e12, 1e17, "FLOP/s", "9.89e14 for 989 TFLOP/s")
+MEMORY_GIB = _in_range(0.1, 4096, "GiB", "80 for an 80 GB board")
+HBM_BYTES_PER_S = _in_range(1e9, 1e14, "bytes/s", "3.35e12 for 3.35 TB/s")
+FLOP_PER_S = _in_range(1e10, 1e17, "FLOP/s", "9.89e14 for 989 TFLOP/s")
 LINK_BYTES_PER_S = _in_range(1e9, 1e13, "bytes/s", "4.5e11 for 450 GB/s")
 
 
@@ -107,12 +107,12 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
                    help="KV-cache dtype (default: %(default)s = the model dtype)")
     p.add_argument("--gpu-memory-gib", type=MEMORY_GIB, metavar="GIB",
-                   help="GPU memory as the runtime reports it, GiB, 1-4096 (overrides the "
+                   help="GPU memory as the runtime reports it, GiB, 0.1-4096 (overrides the "
                         "catalogue)")
     p.add_argument("--hbm-bandwidth", type=HBM_BYTES_PER_S, metavar="BYTES_PER_S",
-                   help="peak memory bandwidth, bytes/s (1e10-1e14), e.g. 3.35e12")
+                   help="peak memory bandwidth, bytes/s (1e9-1e14), e.g. 3.35e12")
     p.add_argument("--flops", type=FLOP_PER_S, metavar="FLOP_PER_S",
-                   help="peak dense tensor FLOP/s at the weights' dtype (1e12-1e17), e.g. 9.89e14")
+                   help="peak dense tensor FLOP/s at the weights' dtype (1e10-1e17), e.g. 9.89e14")
     p.add_argument("--link-bandwidth", type=LINK_BYTES_PER_S, metavar="BYTES_PER_S",
                    help="GPU-to-GPU bandwidth per direction, bytes/s (1e9-1e13; tensor "
                         "parallelism)")
@@ -185,14 +185,19 @@ def _identity(machine: dict):
 def _calibrated_machine(args, info: dict) -> tuple[dict | None, str]:
     """(the hardware record of the machine --gpu-calibration was measured on, where it was
     read): the file's ``machine`` where it records one, else the hardware of the profile it
-    was written with (its ``profile``, relative to it); (None, "") when it says nothing."""
-    if isinstance(info.get("machine"), dict):
-        return info["machine"], str(args.gpu_calibration)
+    was written with (its ``profile``, relative to it); (None, "") when it says nothing, or
+    names a GPU by a name the catalogue does not know (the executor on CUDA records torch's
+    name, "NVIDIA H100 80GB HBM3"): then --gpu says which board it is, as for no record."""
+    machine, where = None, ""
     ref = info.get("profile")
     path = Path(args.gpu_calibration).parent / str(ref) if isinstance(ref, str) and ref else None
-    if path is not None and path.is_file():
-        return dict(load_profile(path).hardware), str(path)
-    return None, ""
+    if isinstance(info.get("machine"), dict):
+        machine, where = info["machine"], str(args.gpu_calibration)
+    elif path is not None and path.is_file():
+        machine, where = dict(load_profile(path).hardware), str(path)
+    if machine is not None and not _is_cpu(machine) and gpu_key_of(machine) is None:
+        return None, ""
+    return machine, where
 
 
 def _check_calibration(args, machine: dict | None, where: str) -> None:
@@ -286,7 +291,7 @@ def _from_calibration(args):
     tp = args.tensor_parallel_size
     prov = {"gpu_calibration": str(args.gpu_calibration)}
     if machine is None and args.gpu is not None:
-        prov["gpu_calibration_machine"] = ("not recorded by the calibration: taken to be "
+        prov["gpu_calibration_machine"] = ("not recorded as a catalogue GPU: taken to be "
                                            f"--gpu {args.gpu} with 16-bit weights")
     if args.gpu is not None:
         shape = _model(args)

@@ -246,13 +246,26 @@ def model_shape(cfg: dict, source: str = "config.json", name: str | None = None,
 
 #: checkpoint quantizations (config.json ``quantization_config.quant_method``) the twin
 #: prices, as the ``--quantization`` they amount to: vLLM detects a checkpoint's method itself
-CHECKPOINT_QUANTIZATIONS = {"fp8": "fp8"}
+CHECKPOINT_QUANTIZATIONS = {"fp8": "fp8", "fbgemm_fp8": "fp8"}
+
+
+def _fp8_compressed(qc: dict) -> bool:
+    """A ``compressed-tensors`` checkpoint whose every weight group is 8-bit float (the
+    ``*-FP8`` / ``FP8-dynamic`` checkpoints vLLM serves as FP8); other schemes (int4/int8
+    weights) are not."""
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        return False
+    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict)]
+    return bool(weights) and all(isinstance(w, dict) and w.get("num_bits") == 8
+                                 and str(w.get("type", "")).lower() == "float" for w in weights)
 
 
 def checkpoint_quantization(cfg: dict, source: str = "config.json") -> str | None:
     """The quantization vLLM detects from a config's ``quantization_config`` (None: none):
     ``fp8`` checkpoints store their linear layers in FP8, as ``--quantization fp8`` would.
-    Other methods (AWQ, GPTQ, bitsandbytes, compressed-tensors, ...) are refused: the
+    So are ``fbgemm_fp8`` and ``compressed-tensors`` ones whose weights are all 8-bit
+    floats. Other methods (AWQ, GPTQ, bitsandbytes, int compressed-tensors ...) are refused: the
     memory and step-time models know 16-bit and FP8 weights only, and pricing a 4-bit
     checkpoint as 16-bit would overstate its weights ~3.5x."""
     qc = cfg.get("quantization_config")
@@ -267,10 +280,13 @@ def checkpoint_quantization(cfg: dict, source: str = "config.json") -> str | Non
                              f"got {method!r}", file=source,
                              field="quantization_config.quant_method")
     found = CHECKPOINT_QUANTIZATIONS.get(method.strip().lower())
+    if found is None and method.strip().lower() == "compressed-tensors" and _fp8_compressed(qc):
+        found = "fp8"
     if found is None:
         raise TwinInputError(
             f"a {method!r} checkpoint is not supported: the twin prices 16-bit weights and "
-            f"FP8 linear layers only (supported: {', '.join(CHECKPOINT_QUANTIZATIONS)}, or no "
+            f"FP8 linear layers only (supported: {', '.join(CHECKPOINT_QUANTIZATIONS)}, "
+            "compressed-tensors with 8-bit float weights, or no "
             "quantization_config); use the unquantized checkpoint's config.json",
             file=source, field="quantization_config.quant_method")
     return found

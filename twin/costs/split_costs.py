@@ -266,12 +266,16 @@ def client_devices(text, field: str = "devices") -> tuple[str, ...]:
     """``same,cpu`` -> ('same', 'cpu'): the clients' devices (cycled over the clients), each
     one of :data:`DEVICES`; anything else is an error naming ``field`` (the policy's option,
     or the CLI's flag, which checks it before any strategy runs)."""
-    devices = tuple(d.strip() for d in str(text).split(",") if d.strip())
+    devices = tuple(d.strip() for d in str(text).split(","))
+    if len(devices) > 1 and not all(devices):   # "same,,cpu": a client without a device
+        raise TwinInputError(f"empty item in {text!r}: name a device for each "
+                             "comma-separated client (same, gpu, cpu)", field=field)
     bad = [d for d in devices if d not in DEVICES]
-    if bad or not devices:
-        raise TwinInputError(f"unknown client device {bad[0] if bad else ''!r}; known: "
+    if bad:
+        raise TwinInputError(f"unknown client device {bad[0]!r}; known: "
                              f"{', '.join(DEVICES)}", field=field)
     return devices
+
 _BYTES_FEATURES = ("decode_tokens", "prefill_tokens", "decode_context", "adapter_rank")
 _FLOP_FEATURES = ("prefill_context", "lora_token_rank")
 

@@ -370,11 +370,9 @@ def write_synthetic_adapters(model_dir, out_dir, n: int, ranks: Iterable[int] = 
 
 
 def adapter_catalog(source) -> "Any":
-    """Catalog (DataFrame: adapter, rank, path, bytes, kind) of PEFT adapter directories.
-
-    ``source``: a directory whose sub-directories are adapters, or an iterable of adapter
-    directories. Reads only the configs and file sizes.
-    """
+    """Catalog (DataFrame: adapter, rank, path, bytes; kind where one is not LoRA) of PEFT
+    adapter directories: ``source``'s sub-directories, or an iterable of adapter
+    directories (only their configs and file sizes are read)."""
     if isinstance(source, (str, Path)):
         root = Path(source)
         dirs = sorted(p for p in root.iterdir() if (p / CONFIG_NAME).is_file())
@@ -387,10 +385,8 @@ def adapter_catalog(source) -> "Any":
         except (OSError, json.JSONDecodeError) as exc:
             raise AdapterError(d.name, f"cannot read {d / CONFIG_NAME}: {exc}") from None
         w = d / WEIGHTS_NAME
-        # PEFT's own name of the kind (LORA where the field is absent), as a catalog's column:
-        # a strategy that serves LoRA only refuses the others before the model loads
         rows.append({"adapter": d.name, "rank": int(cfg.get("r", 0)), "path": str(d),
-                     "bytes": w.stat().st_size if w.exists() else 0,
+                     "bytes": w.stat().st_size if w.exists() else 0,   # kind: PEFT's name
                      "kind": str(cfg.get("peft_type") or "LORA").upper()})
     return _frame(rows)
 
@@ -408,8 +404,7 @@ def write_adapter_catalog(catalog, path) -> Path:
 
 
 def _frame(rows: list[dict]):
-    # a folder's PEFT kinds, where any is not LoRA (the column's default)
-    kind = ("kind",) if any(r.get("kind", "LORA") != "LORA" for r in rows) else ()
+    kind = ("kind",) if any(r.get("kind", "LORA") != "LORA" for r in rows) else ()   # LoRA: no
     df = pd.DataFrame(rows, columns=[*CATALOG_COLUMNS, *kind])
     return df.astype({"adapter": "string", "rank": "int64", "path": "string", "bytes": "int64"})
 

@@ -77,11 +77,15 @@ def _step(profile, *, prefill=0, decode=0, ctx=0.0, prefill_ctx=0.0, rank=16, ad
         after_idle=0.0, **derived_features(tokens, slots, adapters))))
 
 
-def tpot_floor_ms(profile, rank: float) -> float:
-    """A lower bound of any request's TPOT on this GPU, whatever the configuration or the
-    GPU count: a decode step of one sequence, alone, at no context, with one adapter of
-    ``rank`` in one slot (an SLO below it is out of reach of every knob and of more GPUs)."""
-    return 1000.0 * _step(profile, decode=1, rank=max(int(rank), 1), adapters=1, slots=1)
+def tpot_floor_ms(profile) -> float:
+    """A lower bound of any request's TPOT on this GPU, whatever the configuration, the
+    adapter or the GPU count: a decode step of one sequence, alone, at no context, with no
+    LoRA work (a base-model request's; an adapter's costs more, every coefficient being
+    >= 0): an SLO below it is out of reach of every knob and of more GPUs."""
+    return 1000.0 * float(profile.step_time(StepFeatures(
+        const=1.0, decode_tokens=1, prefill_tokens=0, decode_context=0, prefill_context=0,
+        lora_token_rank=0, adapters=0, adapter_rank=0, lora_slots=0, lora_active=0,
+        prefill_seqs=0, after_idle=0.0, **derived_features(1, 0, 0))))
 
 
 def prefill_s(profile, prompt: float, chunk: int, rank: int, slots: int) -> float:

@@ -145,7 +145,7 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     good = [i for i, r in results.items() if r["starts"] and not r["starving"]]
     if goodput_search:
         good, disagree, verdict = _slo_outcome(cand, results, good, slo, space.knobs, model,
-                                               tpot_floor_ms(profile, wf["rank_min"]))
+                                               tpot_floor_ms(profile))
     best = best_verified(results, good, key) if good else None
     if best is not None and results[best].get("extrapolated"):
         warnings.append(describe(results[best]["extrapolated"]))

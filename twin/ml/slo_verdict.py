@@ -101,11 +101,11 @@ def verdict_lines(v: dict, objective_gpus: str = "one GPU") -> list[str]:
                  f"request decoding alone takes {f['floor']:.{nd}f} {unit} a token, so no "
                  "configuration and no number of these GPUs meets it; relax it, or price a "
                  "faster GPU (`twin profile`)")
-    if not v["keeping_up"]:
+    if not v["keeping_up"]:   # more GPUs help the load, not an SLO out of reach
         L.append(f"  no configuration tried keeps up with this load on {objective_gpus}: a "
-                 "starving run's p99s grow with its window, so none is achievable here; "
-                 "spread the adapters over more GPUs (`twin place --slo`, or --objective "
-                 "cost)")
+                 "starving run's p99s grow with its window, so none is achievable here"
+                 + ("" if v.get("out_of_reach") else "; spread the adapters over more GPUs "
+                    "(`twin place --slo`, or --objective cost)"))
     for m, b in v["best"].items():
         name, unit, nd = _UNIT[m]
         cfg = " ".join(f"{k}={x}" for k, x in b.items() if k not in ("value", "slo"))

@@ -51,7 +51,7 @@ from twin.ml.store import SweepStore, adopt_store, comparable, read_sweep  # noq
 from twin.outputs import open_store
 from twin.results import crop_window
 from twin.sim.engine import simulate
-from twin.workload.schema import WINDOW_PAST_TRACE_S, refuse_empty_window
+from twin.workload.schema import refuse_empty_window, window_runs_past
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def spec_window(spec: WorkloadSpec, window_s=SPEC_WINDOW, trace=None,
         trace = pd.DataFrame({"arrival_s": [0.0, float(spec.duration_s)]})
     last = float(trace["arrival_s"].max()) if len(trace) else 0.0
     if window_s == SPEC_WINDOW:
-        fits = TRACE_WINDOW_S <= last + max(WINDOW_PAST_TRACE_S, 0.1 * TRACE_WINDOW_S)
+        fits = not window_runs_past(TRACE_WINDOW_S, last)
         return last if spec.family != "trace" else TRACE_WINDOW_S if fits else None
     try:
         return refuse_empty_window(trace, window_s, spec.describe())

@@ -11,7 +11,6 @@ accounting (``Policy.memory``, ``twin.policies.memory``).
 
 from __future__ import annotations
 
-from twin.errors import TwinInputError
 from twin.policies.deployment import run_deployment
 from twin.policies.memory import MemoryPlan
 from twin.results import crop_window
@@ -35,15 +34,8 @@ class Policy:
         too, ``AdapterCatalog.check``): every adapter ``trace`` names is in ``catalog``, and
         of a PEFT kind this strategy serves. Ranks are the servers' own check (vLLM's
         ``max_lora_rank``)."""
-        catalog.check(trace, MAX_RANK, trace_source, lora_only=False)
-        other = [a for a in trace["adapter"].dropna().unique()    # in the trace's order
-                 if catalog.kind(a) not in self.peft_kinds]
-        if other:
-            a = other[0]
-            row = catalog.adapters.index(a)
-            raise TwinInputError(
-                f"adapter {a!r} is {catalog.kind(a)}: {self.peft_note}; serve other PEFT "
-                "kinds with the split strategy", file=catalog.source, row=row, field="kind")
+        catalog.check(trace, MAX_RANK, trace_source, kinds=self.peft_kinds,
+                      note=self.peft_note)
 
     def prepare(self, trace, config, profile, catalog, window_s, trace_source: str):
         """What every strategy's ``simulate`` starts with: the run's inputs checked (profile,

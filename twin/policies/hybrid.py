@@ -50,11 +50,8 @@ class HybridPolicy(Policy):
     def deploy(self, trace, config, profile, catalog, gpus=None):
         load = adapter_load(trace)
         named = [a for a in load if a is not None]
-        if named and self.k > len(named):
-            raise TwinInputError(
-                f"hybrid with k={self.k} would merge more adapters than the trace names "
-                f"({len(named)}); use k <= {len(named)} (k = {len(named)}: every adapter "
-                "merged, no dynamic part)", field="k")
+        # the k hottest, or every adapter when the trace (its window) names fewer: a k above
+        # them merges them all, with no dynamic part (a short window may name fewer)
         hot = named[:self.k]
         rest = [a for a in load if a not in hot]
         need = len(hot) + (1 if rest else 0)

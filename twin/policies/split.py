@@ -105,19 +105,19 @@ class SplitPolicy(Policy):
     summary = "shared base executor, clients with their own KV/adapters (Symbiosis)"
     peft_kinds = PEFT_KINDS
 
-    def __init__(self, clients: int = 4, link: str = "auto", devices: str = "same",
+    def __init__(self, clients: int | None = None, link: str = "auto", devices: str = "same",
                  layer_groups: int | None = 4, finetune_tokens_per_s: float = 0.0,
                  finetune_tokens_per_step: int = 2048, host_memory_gib: float = HOST_MEMORY_GIB,
                  costs=None, log_batches: bool = False, client_kv_tokens: int | None = None,
                  shared_compute: bool | None = None):
+        # None: the default, 4 (more than the adapters is refused only when asked for)
+        self.clients_given = clients is not None
+        clients = 4 if clients is None else clients
         if int(clients) < 1:
             raise TwinInputError(f"split needs >= 1 client, got {clients}", field="clients")
         self.clients = int(clients)
         self.link = link if link == "auto" and costs is None else (
             get_link(link) if costs is None else costs.link)
-        if isinstance(devices, str) and any(not d.strip() for d in devices.split(",")):
-            raise TwinInputError(f"empty item in devices {devices!r}: name a device for each "
-                                 "comma-separated client (same, gpu, cpu)", field="devices")
         self.devices = client_devices(devices)
         self.layer_groups = layer_groups
         self.finetune_tokens_per_s = float(finetune_tokens_per_s)
@@ -143,7 +143,7 @@ class SplitPolicy(Policy):
                                      field="client")
             return c.astype(np.int64)
         most = max(len(catalog), 1)     # adapters, or the base model alone
-        if self.clients > most:
+        if self.clients > most and self.clients_given:
             raise TwinInputError(
                 f"split with {self.clients} clients serves {len(catalog)} adapter(s) (adapter "
                 f"i -> client i mod {self.clients}, base-model requests -> client 0): "

@@ -88,9 +88,12 @@ class AdapterCatalog:
         return self._kind.get(adapter, LORA)
 
     def check(self, trace: pd.DataFrame, max_lora_rank: int, trace_source: str = "trace", *,
-              lora_only: bool = True) -> None:
+              lora_only: bool = True, kinds: tuple[str, ...] | None = None,
+              note: str = "vLLM serves LoRA adapters only") -> None:
         """Refuse traces naming unknown adapters and adapters vLLM would refuse to load
-        (``lora_only``: vLLM serves LoRA only; a split client serves every PEFT kind)."""
+        (``lora_only``: vLLM serves LoRA only; a split client serves every PEFT kind; or
+        ``kinds``: the PEFT kinds the server serves, ``note`` saying why only those)."""
+        kinds = kinds if kinds is not None else (LORA,) if lora_only else PEFT_KINDS
         names = trace["adapter"].dropna().unique()
         unknown = [a for a in names if a not in self._rank]
         if unknown:
@@ -98,13 +101,12 @@ class AdapterCatalog:
             raise TwinInputError(f"unknown adapter {unknown[0]!r} (not in {self.source}; "
                                  f"{len(unknown)} unknown in all)", file=trace_source, row=row,
                                  field="adapter")
-        other = [a for a in names if self.kind(a) != LORA] if lora_only else []
+        other = [a for a in names if self.kind(a) not in kinds]
         if other:
             row = int(self.table.index[self.table["adapter"] == other[0]][0])
             raise TwinInputError(
-                f"adapter {other[0]!r} is {self.kind(other[0])}: vLLM serves LoRA adapters "
-                "only; serve other PEFT kinds with the split strategy", file=self.source, row=row,
-                field="kind")
+                f"adapter {other[0]!r} is {self.kind(other[0])}: {note}; serve other PEFT "
+                "kinds with the split strategy", file=self.source, row=row, field="kind")
         too_big = self.table[self.table["rank"] > max_lora_rank]
         if len(too_big):
             row = int(too_big.index[0])

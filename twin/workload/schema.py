@@ -191,12 +191,13 @@ def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
                         source: str = "trace") -> float | None:
     """A user's ``--window-s`` that ends before the first arrival sends nothing (``vllm bench
     serve`` with a time limit) and would report an empty run as a result: refused. So is
-    one that runs far past the last arrival (more than :data:`WINDOW_PAST_TRACE_S` or 10%
-    of it): a window's rates are per second of the window, so the idle time dilutes the
-    offered load and a backlog drains inside it (a server 3x too slow for a 300-s trace
-    read "keeps up, 100%" over 3600 s). The engines crop with
-    :func:`twin.results.crop_window` and accept any window (a probe's, a share's). Returns
-    the window as a float (None: none), so a numpy scalar's type goes no further."""
+    one that runs far past the last arrival (:func:`window_runs_past`: more than
+    :data:`WINDOW_PAST_TRACE_S` or 10% of the window): a window's rates are per second of
+    the window, so the idle time dilutes the offered load and a backlog drains inside it (a
+    server 3x too slow for a 300-s trace read "keeps up, 100%" over 3600 s). The engines
+    crop with :func:`twin.results.crop_window` and accept any window (a probe's, a
+    share's). Returns the window as a float (None: none), so a numpy scalar's type goes no
+    further."""
     if window_s is None:
         return None
     if not is_positive_number(window_s):   # the API's; the CLI's flag checks its own
@@ -209,7 +210,7 @@ def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
                              f"({first:g} s): no request would be sent; give a window longer "
                              f"than {first:g} s, or none", file=source, field="window_s")
     last = float(trace["arrival_s"].max()) if len(trace) else 0.0
-    if window_s > last + max(WINDOW_PAST_TRACE_S, 0.1 * window_s):
+    if window_runs_past(window_s, last):
         raise TwinInputError(
             f"the window ({window_s:g} s) runs {window_s - last:.0f} s past the trace's last "
             f"arrival ({last:g} s): its rates are per second of the window, so that idle time "
@@ -221,6 +222,12 @@ def refuse_empty_window(trace: pd.DataFrame, window_s: float | None,
 
 #: how far past a trace's last arrival a window may run (or 10% of the window, if more)
 WINDOW_PAST_TRACE_S = 60.0
+
+
+def window_runs_past(window_s: float, last_arrival_s: float) -> bool:
+    """Does a window run further past the last arrival than :data:`WINDOW_PAST_TRACE_S`
+    or 10% of the window (whichever is more)? Then its per-window rates dilute the load."""
+    return window_s > last_arrival_s + max(WINDOW_PAST_TRACE_S, 0.1 * window_s)
 
 
 def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
