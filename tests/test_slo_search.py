@@ -84,8 +84,10 @@ def test_auto_runs_the_whole_space_when_it_fits(exhaustive):
     assert exhaustive.ok and exhaustive.slo_verdict["met"]
 
 
-def test_exhaustive_refused_when_the_space_exceeds_the_budget(setup):
+def test_exhaustive_refused_when_the_space_exceeds_the_budget(setup, monkeypatch):
     from types import SimpleNamespace
+
+    import twin.ml.recommend as rm
 
     from twin.errors import TwinInputError
     from twin.ml.optimize import choose
@@ -96,6 +98,9 @@ def test_exhaustive_refused_when_the_space_exceeds_the_budget(setup):
         choose("exhaustive", T)
     T.max_runs, T.budget = SIZE, lambda: SIZE
     assert choose("exhaustive", T)[0] == "exhaustive"
+    # refused before any twin run (it came after the max_loras walk's runs: for
+    # --objective cost, after minutes of place's runs)
+    monkeypatch.setattr(rm, "Verifier", lambda *a, **k: pytest.fail("a twin run started"))
     with pytest.raises(TwinInputError, match="--optimizer exhaustive runs every"):
         _rec(setup, optimizer="exhaustive", max_runs=3)   # the search: refused, not cut
 

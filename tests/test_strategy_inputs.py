@@ -183,7 +183,7 @@ def test_merged_min_kv_tokens_too_large_names_the_option(trace, tmp_path, capsys
     ("--finetune-tokens-per-s", "100", "split"), ("--link", "network", "split"),
     ("--split-costs", "costs.json", "split"), ("--hybrid-k", "3", "hybrid"),
     ("--hybrid-dynamic", "slora", "hybrid"), ("--merged-min-kv-tokens", "100", "merged"),
-    ("--slora-admission", "on_demand", "slora and hybrid policies")])
+    ("--slora-admission", "on_demand", "slora and hybrid+slora policies")])
 def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsys, monkeypatch,
                                                          flag, value, reader):
     import twin.cli.compare as cmd
@@ -196,6 +196,23 @@ def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and ran == [] and f"field '{flag}'" in err
     assert f"only the {reader if ' ' in reader else reader + ' policy'} read" in err
+
+
+def test_slora_admission_is_read_by_hybrid_only_with_slora_dynamic_servers(trace, tmp_path,
+                                                                           capsys, monkeypatch):
+    """Hybrid's S-LoRA admission rule applies to its dynamic servers only when they are
+    S-LoRA's (--hybrid-dynamic slora): with vLLM's, --slora-admission was ignored."""
+    import twin.cli.compare as cmd
+
+    ran = []
+    monkeypatch.setattr(cmd, "compare", lambda *a, **k: ran.append(1))
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    base = ["compare", "--trace", str(tmp_path / "t.parquet"), "--policies", "hybrid",
+            "--slora-admission", "on_demand"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2 and ran == []
+    assert "field '--slora-admission'" in capsys.readouterr().err
+    main([*base, "--hybrid-dynamic", "slora", "--out", str(tmp_path / "b")])
+    assert ran == [1]
 
 
 def test_empty_client_device_items_are_refused(trace, tmp_path, capsys):

@@ -106,16 +106,18 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 #: each strategy's own flags (by argparse dest) -> the strategies that read them; one given
 #: (not its default) while none of those is in --policies is refused, not dropped
 STRATEGY_FLAGS = {"hybrid_k": ("hybrid",), "hybrid_dynamic": ("hybrid",),
-                  "slora_admission": ("slora", "hybrid"), "merged_min_kv_tokens": ("merged",),
+                  "slora_admission": ("slora", "hybrid+slora"), "merged_min_kv_tokens": ("merged",),
                   "clients": ("split",), "link": ("split",), "client_devices": ("split",),
                   "finetune_tokens_per_s": ("split",), "split_costs": ("split",)}
 
 
 def _refuse_unread_flags(args, names) -> None:
-    """A strategy flag none of the strategies compared reads (see :data:`STRATEGY_FLAGS`)."""
+    """A strategy flag none of the strategies compared reads (see :data:`STRATEGY_FLAGS`;
+    hybrid+slora: hybrid with --hybrid-dynamic slora, whose S-LoRA servers admit by it)."""
+    present = set(names) | ({"hybrid+slora"} if "hybrid" in names
+                            and args.hybrid_dynamic == "slora" else set())
     for dest, readers in STRATEGY_FLAGS.items():
-        if getattr(args, dest) != args.strategy_defaults[dest] and \
-                not set(readers) & set(names):
+        if getattr(args, dest) != args.strategy_defaults[dest] and not set(readers) & present:
             flag = "--" + dest.replace("_", "-")
             who, one = " and ".join(readers), len(readers) == 1
             raise TwinInputError(

@@ -124,6 +124,8 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
     own = verifier is None
     key = "goodput" if objective == "goodput" else "throughput"
     goodput_search = objective == "goodput"
+    if goodput_search:   # an exhaustive search too large is refused before any twin run
+        space = _space(space, len(catalog), max_rank, base, objective, knobs, optimizer, max_runs)
     ver = verifier or Verifier(trace, catalog, profile, run_window, slo, early_exit, workers,
                                slo_stop=goodput_search)   # a stopped run has no throughput
     search = verdict = disagree = None
@@ -132,7 +134,6 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         results = _search(cand, score, start, ver, min(first, max_runs), objective, key,
                           slo if first_met else None)
         if goodput_search:
-            space = space or search_space(len(catalog), max_rank, base, objective, knobs)
             T = Trials(cand, results, space, ver, max_runs, profile,
                        done=(lambda: any_met(results, slo)) if first_met else None)
             search = _slo_search(T, trace, model, wf, max_rank, slo, window, workers,
@@ -160,6 +161,20 @@ def recommend(trace: pd.DataFrame, catalog=None, *, profile=None, model: Recomme
         total_s=time.perf_counter() - t_start, window_s=window, to_completion=run_window is None,
         warnings=warnings, tie=tie, slo_verdict=verdict, disagreements=disagree, search=search,
         explanation=explain(model, cand.iloc[start]), prefix=with_verified(prefix, results, best))
+
+
+def _space(space, n_adapters: int, max_rank: int, base, objective: str, knobs, optimizer: str,
+           max_runs: int) -> SearchSpace:
+    """The goodput search's space (given, else :func:`search_space`'s); with ``--optimizer
+    exhaustive`` one larger than ``max_runs`` is refused here, before the ``max_loras`` walk's
+    runs (``twin.ml.optimize.choose`` refuses it there too, counting the runs made)."""
+    space = space or search_space(n_adapters, max_rank, base, objective, knobs)
+    if optimizer == "exhaustive" and space.size() > max_runs:
+        raise TwinInputError(
+            f"--optimizer exhaustive runs every configuration of the space: {space.size()}, "
+            f"more than --max-runs {max_runs}; give --max-runs {space.size()} or more, or "
+            "--optimizer auto (a search within the budget)", field="--optimizer")
+    return space
 
 
 def _slo_outcome(cand: pd.DataFrame, results: dict, good: list, slo: dict, knobs, model,
