@@ -44,6 +44,19 @@ def optuna_version() -> str | None:
         return "unknown"
 
 
+def exhaustive_over_budget(size: int, max_runs: int, left: int | None = None,
+                           budget: int | None = None) -> TwinInputError:
+    """The refusal of an exhaustive search over a space of ``size`` configurations that
+    ``--max-runs`` cannot cover (``left`` not run yet of them, ``budget`` runs left; None:
+    before any run, all of them and all of ``max_runs``)."""
+    left, budget = (size if left is None else left), (max_runs if budget is None else budget)
+    return TwinInputError(
+        f"--optimizer exhaustive runs every configuration of the space: {size} ({left} not "
+        f"run yet), more than the {budget} twin runs left of --max-runs {max_runs}; give "
+        f"--max-runs {max_runs + left - budget} or more, or --optimizer auto (a search "
+        "within the budget)", field="--optimizer")
+
+
 def choose(optimizer: str, T: Trials) -> tuple[str, str]:
     """The optimizer to run and why."""
     if optimizer not in OPTIMIZERS:
@@ -58,12 +71,7 @@ def choose(optimizer: str, T: Trials) -> tuple[str, str]:
             return "tpe", f"space of {T.space.size()} points; optuna {optuna_version()}"
         return "coordinate", "optuna is not installed (pip install 'twin[search]')"
     if optimizer == "exhaustive" and left > T.budget():   # it would run a corner of it
-        raise TwinInputError(
-            f"--optimizer exhaustive runs every configuration of the space: "
-            f"{T.space.size()} ({left} not run yet), more than the {T.budget()} twin runs "
-            f"left of --max-runs {T.max_runs}; give --max-runs {T.max_runs + left - T.budget()}"
-            " or more, or --optimizer auto (a search within the budget)",
-            field="--optimizer")
+        raise exhaustive_over_budget(T.space.size(), T.max_runs, left, T.budget())
     if optimizer == "tpe" and optuna_version() is None:
         raise TwinInputError("--optimizer tpe needs optuna: pip install 'twin[search]'",
                              field="--optimizer")

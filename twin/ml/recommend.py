@@ -55,7 +55,7 @@ from twin.ml.explain import explain
 from twin.ml.features import public, workload_features
 from twin.ml.inputs import prepare_inputs, short_window_warning, verification_window
 from twin.ml.recommender import STARVING_P, Recommender, candidate_table, catalog_max_rank
-from twin.ml.optimize import optimize
+from twin.ml.optimize import exhaustive_over_budget, optimize
 from twin.ml.queueing import tpot_floor_ms
 from twin.ml.prefix_info import prefix_info, unaware_warning, with_verified
 from twin.ml.report import Recommendation, latency_disagreements, slo_violation
@@ -170,10 +170,7 @@ def _space(space, n_adapters: int, max_rank: int, base, objective: str, knobs, o
     runs (``twin.ml.optimize.choose`` refuses it there too, counting the runs made)."""
     space = space or search_space(n_adapters, max_rank, base, objective, knobs)
     if optimizer == "exhaustive" and space.size() > max_runs:
-        raise TwinInputError(
-            f"--optimizer exhaustive runs every configuration of the space: {space.size()}, "
-            f"more than --max-runs {max_runs}; give --max-runs {space.size()} or more, or "
-            "--optimizer auto (a search within the budget)", field="--optimizer")
+        raise exhaustive_over_budget(space.size(), max_runs)
     return space
 
 
