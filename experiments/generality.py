@@ -1,6 +1,10 @@
 """Issue 14's generality figures: a step-time model in hardware terms that transfers across
 models, the H100 prior with no run of the model, and few-run calibration.
 
+0. **KV capacity and `twin profile`'s wall time** (``--part kv``): ``kv_capacity.py``'s
+   figures (vLLM's start-up KV tokens on every measured (max_loras, rank) against the
+   first-principles memory model), so that this script's JSON carries every figure of the
+   issue.
 1. **Executor transfer (CPU)** — hardware coefficients (``twin.costs.hardware``) are fitted
    on executor microbenchmarks of ONE model, SmolLM2-135M (its real weights at full depth,
    a random-weight copy of the same width at half depth, so per-step and per-layer costs
@@ -8,7 +12,9 @@ models, the H100 prior with no run of the model, and few-run calibration.
    layers' GEMM time separate: ``CAL_MODELS``), then profiles of two models never run — SmolLM2-360M and Qwen2.5-0.5B
    (random weights of their real shapes from ``shared/data/model-configs``; timing does not
    depend on weight values) — are derived from the coefficients alone and checked with
-   ``twin validate`` (executor vs twin: throughput, mean TTFT, mean ITL SMAPE). Torch
+   ``twin validate`` (executor vs twin: throughput, mean TTFT, mean ITL SMAPE; the twin
+   against the median of ``--runs`` executor runs, 3 by default, each row with the
+   executor's own run-to-run spread). Torch
    threads pinned to 1, fp32. The dense work is priced from a GEMM table measured on the
    machine right after the calibration (``twin.costs.gemm``, one fitted multiplier); the
    same executor runs are also compared with the flat-FLOP-rate fit (``flat_*`` keys, the
@@ -172,9 +178,13 @@ def part_cpu(args, log=print) -> dict:
         for mname, (prof, prof_flat, prof_two) in profs.items():
             t = time.perf_counter()
             v = validate(trace, config, prof, model=str(models[mname]), threads=1, plot=False,
-                         speed_anchor=args.speed_anchor)
+                         speed_anchor=args.speed_anchor, repeats=args.runs)
+            sp = v.spread   # the executor's own run-to-run noise (NaN with one run)
             r = {"model": mname, "workload": wname, "never_run": mname in TARGETS,
-                 **_errors(v), "wall_s": round(time.perf_counter() - t, 1)}
+                 **_errors(v), "wall_s": round(time.perf_counter() - t, 1),
+                 **{f"spread_{k}": 100 * sp.get(key, float("nan"))
+                    for k, key in (("throughput", "throughput"), ("ttft", "ttft_mean"),
+                                   ("itl", "itl_mean"))}}
             steps += _step_rows(v.executor.steps, {"gemm": prof, "flat": prof_flat,
                                                    "two_depth": prof_two}, mname, wname)
             for tag, p in (("flat", prof_flat), ("two_depth", prof_two)):
@@ -188,7 +198,9 @@ def part_cpu(args, log=print) -> dict:
                 f"{r['two_depth_throughput']:.1f}% / {r['two_depth_ttft']:.1f}% / "
                 f"{r['two_depth_itl']:.1f}%; raw, no anchor: "
                 f"{r['throughput_raw']:.1f}% / {r['ttft_raw']:.1f}% / {r['itl_raw']:.1f}%, "
-                f"anchor ratio {r['anchor_ratio'] or float('nan'):.3f})  [{r['wall_s']} s]")
+                f"anchor ratio {r['anchor_ratio'] or float('nan'):.3f}; executor spread "
+                f"{r['spread_throughput']:.1f}% / {r['spread_ttft']:.1f}% / "
+                f"{r['spread_itl']:.1f}% over {args.runs} run(s))  [{r['wall_s']} s]")
     step_check = _step_check(steps)
     for line in step_check["lines"]:
         log("[cpu] steps " + line)
@@ -199,6 +211,7 @@ def part_cpu(args, log=print) -> dict:
            "fit_residual_median_flat": flat.residuals_["rel_abs_median"],
            "fit_residual_median_two_depth": two.residuals_["rel_abs_median"],
            "step_check": step_check["table"], "seconds": round(time.perf_counter() - t0, 1),
+           "executor_runs": args.runs,
            "transfer_throughput_smape_median": float(np.median([r["throughput"] for r in never])),
            "transfer_throughput_smape_max": float(np.max([r["throughput"] for r in never])),
            "transfer_ttft_smape_median": float(np.median([r["ttft"] for r in never])),
@@ -375,9 +388,16 @@ def _fmt(e: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", choices=("cpu", "h100", "all"), default="all")
+    ap.add_argument("--part", choices=("kv", "cpu", "h100", "all"), default="all",
+                    help="kv: vLLM's KV capacity and twin profile's wall time "
+                         "(kv_capacity.py); cpu: the executor transfer; h100: prior and "
+                         "few-run on the real runs; all: the three")
     ap.add_argument("--out", type=Path, default=Path("runs/generality"))
     ap.add_argument("--repeats", type=int, default=2, help="executor calibration repeats")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="CPU: executor runs per (model, workload); the twin is compared to "
+                         "their per-metric median, as twin validate --repeats and issue 15's "
+                         "validation do (1: one run, the protocol before 2026-12-03)")
     ap.add_argument("--no-gemm", action="store_true",
                     help="CPU: no GEMM table, one flat FLOP rate (the model before the table)")
     ap.add_argument("--max-runs", type=int, default=60, help="held-out H100 runs (spread)")
@@ -396,11 +416,18 @@ def main(argv=None) -> int:
                     help="skip the reference profiles (shipped first-principles profile, the prior "
                          "without its LoRA per-adapter term)")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
     if args.quick:
         args.repeats = 1
         args.max_runs = min(args.max_runs, 30)
         args.ks = [1, 3, 5]
     summary = {}
+    if args.part in ("kv", "all"):
+        from kv_capacity import measure  # lazy: a sibling script, on the path when run
+
+        r = measure(log=lambda line: print("[kv]", line))
+        summary.update({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
     if args.part in ("cpu", "all"):
         r = part_cpu(args)
         summary.update({k: round(v, 2) for k, v in r.items() if k.startswith(("transfer_", "two_depth_transfer_"))})

@@ -85,7 +85,9 @@ def wall_time(runs: int = 3) -> tuple[float, float, float]:
     return statistics.median(walls), cpu, inproc
 
 
-def main() -> int:
+def measure(log=print) -> dict:
+    """Every figure of this script; the headline keys (``kv_capacity_err_max_pct``,
+    ``profile_wall_s``, ...) are also part of ``generality.py``'s JSON."""
     kv = pd.read_csv(shared_data_dir() / "vllm-h100" / "kv_cache_tokens_llama31_8b.csv")
     fp = build_profile(load_model_shape("llama-3.1-8b"), "h100-64gb").memory
     linear = MemoryModel(**{k: v for k, v in fp.to_dict().items() if k != "lora_buffers"})
@@ -96,20 +98,24 @@ def main() -> int:
         rel, wrong = errors(mem, kv)
         out[label] = {"err_max_pct": 100 * max(rel), "err_median_pct": 100 * statistics.median(rel),
                       "rows": len(rel), "no_kv_rows_given_kv": wrong}
-        print(f"{label:17s} KV capacity error max {100 * max(rel):.3f}%  median "
-              f"{100 * statistics.median(rel):.3f}% over {len(rel)} probes; rows without a KV "
-              f"cache given one: {wrong} of {int(kv['kv_cache_tokens'].isna().sum())}")
+        log(f"{label:17s} KV capacity error max {100 * max(rel):.3f}%  median "
+            f"{100 * statistics.median(rel):.3f}% over {len(rel)} probes; rows without a KV "
+            f"cache given one: {wrong} of {int(kv['kv_cache_tokens'].isna().sum())}")
     wall, cpu, inproc = wall_time()
-    print(f"twin profile: {wall:.2f} s wall (median of 3 processes), {cpu:.2f} s CPU per "
-          f"process, {inproc * 1e3:.0f} ms to build and write in-process; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(json.dumps({"kv_capacity_err_max_pct": out["first_principles"]["err_max_pct"],
-                      "kv_capacity_err_median_pct": out["first_principles"]["err_median_pct"],
-                      "kv_capacity_no_kv_rows_given_kv": out["first_principles"]["no_kv_rows_given_kv"],
-                      "kv_capacity_err_max_pct_no_allocator": out["no_allocator"]["err_max_pct"],
-                      "kv_capacity_err_max_pct_calibrated": out["calibrated"]["err_max_pct"],
-                      "profile_wall_s": wall, "profile_cpu_s": cpu,
-                      "profile_build_in_process_s": inproc}))
+    log(f"twin profile: {wall:.2f} s wall (median of 3 processes), {cpu:.2f} s CPU per "
+        f"process, {inproc * 1e3:.0f} ms to build and write in-process; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    fp_err = out["first_principles"]
+    return {"kv_capacity_err_max_pct": fp_err["err_max_pct"],
+            "kv_capacity_err_median_pct": fp_err["err_median_pct"],
+            "kv_capacity_no_kv_rows_given_kv": fp_err["no_kv_rows_given_kv"],
+            "kv_capacity_err_max_pct_no_allocator": out["no_allocator"]["err_max_pct"],
+            "kv_capacity_err_max_pct_calibrated": out["calibrated"]["err_max_pct"],
+            "profile_wall_s": wall, "profile_cpu_s": cpu, "profile_build_in_process_s": inproc}
+
+
+def main() -> int:
+    print(json.dumps(measure()))
     return 0
 
 
