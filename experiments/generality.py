@@ -29,7 +29,7 @@ models, the H100 prior with no run of the model, and few-run calibration.
 3. **Few-run calibration** — the prior + k ``digital_twin_modelling`` runs
    (``twin.calibrate.fewrun``), k = 1..5, held-out error vs k.
 
-    python experiments/generality.py            # CPU ~17 min (25+ on a loaded box), H100 ~35 min
+    python experiments/generality.py            # CPU ~25 min (--runs 1: ~17), H100 ~35 min
     python experiments/generality.py --quick    # 1 calibration repeat, 2 workloads, ks 1 3 5,
                                                 # 1200-s windows only (~25 min in all)
     python experiments/generality.py --part cpu|h100
@@ -431,6 +431,7 @@ def main(argv=None) -> int:
     if args.part in ("cpu", "all"):
         r = part_cpu(args)
         summary.update({k: round(v, 2) for k, v in r.items() if k.startswith(("transfer_", "two_depth_transfer_"))})
+        summary["executor_runs"] = r["executor_runs"]
         summary["anchor_ratios"] = [None if x is None else round(x, 3)
                                     for x in r["anchor_ratios"]]
     if args.part in ("h100", "all"):
