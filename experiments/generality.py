@@ -179,12 +179,8 @@ def part_cpu(args, log=print) -> dict:
             t = time.perf_counter()
             v = validate(trace, config, prof, model=str(models[mname]), threads=1, plot=False,
                          speed_anchor=args.speed_anchor, repeats=args.runs)
-            sp = v.spread   # the executor's own run-to-run noise (NaN with one run)
             r = {"model": mname, "workload": wname, "never_run": mname in TARGETS,
-                 **_errors(v), "wall_s": round(time.perf_counter() - t, 1),
-                 **{f"spread_{k}": 100 * sp.get(key, float("nan"))
-                    for k, key in (("throughput", "throughput"), ("ttft", "ttft_mean"),
-                                   ("itl", "itl_mean"))}}
+                 **_errors(v), "wall_s": round(time.perf_counter() - t, 1)}
             steps += _step_rows(v.executor.steps, {"gemm": prof, "flat": prof_flat,
                                                    "two_depth": prof_two}, mname, wname)
             for tag, p in (("flat", prof_flat), ("two_depth", prof_two)):
@@ -229,7 +225,7 @@ def part_cpu(args, log=print) -> dict:
     # drift-corrected: B's twin/executor ratio over A's on the same workload, run just before
 
     ref = {r["workload"]: r for r in rows if not r["never_run"]}
-    for short, k in (("throughput", "throughput"), ("ttft", "ttft_mean"), ("itl", "itl_mean")):
+    for short, k in COMPARED:
         e = [smape(r[f"twin_{k}"] / (ref[r["workload"]][f"twin_{k}"] / ref[r["workload"]][f"executor_{k}"]),
                    r[f"executor_{k}"], percent=True) for r in never]
         res[f"drift_corrected_{short}_smape_median"] = float(np.median(e))
@@ -241,15 +237,20 @@ def part_cpu(args, log=print) -> dict:
     return res
 
 
+#: the figures compared per validation: (short name, the validation table's key)
+COMPARED = (("throughput", "throughput"), ("ttft", "ttft_mean"), ("itl", "itl_mean"))
+
+
 def _errors(v) -> dict:
-    """SMAPEs (%) and both sides' values of one validation."""
-    t = v.table.set_index("key")
-    keys = (("throughput", "throughput"), ("ttft", "ttft_mean"), ("itl", "itl_mean"))
-    return {**{short: 100 * v.smape(k) for short, k in keys},
-            **{f"{short}_raw": 100 * v.smape_raw(k) for short, k in keys},   # no anchor
+    """SMAPEs (%), both sides' values and the executor's own run-to-run spread (%, NaN with
+    one run) of one validation."""
+    t, spread = v.table.set_index("key"), v.spread
+    return {**{short: 100 * v.smape(k) for short, k in COMPARED},
+            **{f"{short}_raw": 100 * v.smape_raw(k) for short, k in COMPARED},   # no anchor
+            **{f"spread_{short}": 100 * spread.get(k, float("nan")) for short, k in COMPARED},
             "anchor_ratio": v.anchor_info.get("ratio"),
             **{f"{side}_{k}": float(t.loc[k, side]) for side in ("executor", "twin", "twin_raw")
-               for _, k in keys}}
+               for _, k in COMPARED}}
 
 
 TOKEN_BINS = (0, 2, 8, 64, 10 ** 9)
