@@ -183,7 +183,8 @@ def test_merged_min_kv_tokens_too_large_names_the_option(trace, tmp_path, capsys
     ("--finetune-tokens-per-s", "100", "split"), ("--link", "network", "split"),
     ("--split-costs", "costs.json", "split"), ("--hybrid-k", "3", "hybrid"),
     ("--hybrid-dynamic", "slora", "hybrid"), ("--merged-min-kv-tokens", "100", "merged"),
-    ("--slora-admission", "on_demand", "slora and hybrid+slora policies")])
+    ("--slora-admission", "on_demand",
+     "the slora policy and the hybrid policy with --hybrid-dynamic slora read")])
 def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsys, monkeypatch,
                                                          flag, value, reader):
     import twin.cli.compare as cmd
@@ -195,7 +196,7 @@ def test_compare_refuses_strategy_flags_no_strategy_reads(trace, tmp_path, capsy
                value, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and ran == [] and f"field '{flag}'" in err
-    assert f"only the {reader if ' ' in reader else reader + ' policy'} read" in err
+    assert f"only {reader if ' ' in reader else f'the {reader} policy reads'}" in err
 
 
 def test_slora_admission_is_read_by_hybrid_only_with_slora_dynamic_servers(trace, tmp_path,
@@ -266,3 +267,23 @@ def test_execute_reads_the_kinds_of_an_adapter_folder_without_a_catalog(trace, t
                "--max-model-len", "256"])
     err = capsys.readouterr().err
     assert rc == 2 and "field 'kind'" in err and "vLLM serves LoRA adapters only" in err
+
+
+def test_compare_says_hybrid_reads_slora_admission_only_with_dynamic_slora(trace, tmp_path, capsys,
+                                                                          monkeypatch):
+    """hybrid in --policies without --hybrid-dynamic slora does not read --slora-admission: the
+    refusal says so (not 'names neither', which a user naming hybrid would not believe)."""
+    import twin.cli.compare as cmd
+
+    ran = []
+    monkeypatch.setattr(cmd, "compare", lambda *a, **k: ran.append(1))
+    trace.to_parquet(tmp_path / "t.parquet", index=False)
+    rc = main(["compare", "--trace", str(tmp_path / "t.parquet"), "--policies", "vllm,hybrid",
+               "--slora-admission", "on_demand", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and ran == []
+    assert "names hybrid without --hybrid-dynamic slora" in err and "names neither" not in err
+    main(["compare", "--trace", str(tmp_path / "t.parquet"), "--policies", "vllm,hybrid",
+          "--hybrid-dynamic", "slora", "--slora-admission", "on_demand",
+          "--out", str(tmp_path / "o2")])
+    assert ran == [1] and "only the" not in capsys.readouterr().err   # compare was reached

@@ -109,6 +109,8 @@ STRATEGY_FLAGS = {"hybrid_k": ("hybrid",), "hybrid_dynamic": ("hybrid",),
                   "slora_admission": ("slora", "hybrid+slora"), "merged_min_kv_tokens": ("merged",),
                   "clients": ("split",), "link": ("split",), "client_devices": ("split",),
                   "finetune_tokens_per_s": ("split",), "split_costs": ("split",)}
+#: how a message names a reader that is not a policy name alone
+READER_NAMES = {"hybrid+slora": "hybrid with --hybrid-dynamic slora"}
 
 
 def _refuse_unread_flags(args, names) -> None:
@@ -119,11 +121,18 @@ def _refuse_unread_flags(args, names) -> None:
     for dest, readers in STRATEGY_FLAGS.items():
         if getattr(args, dest) != args.strategy_defaults[dest] and not set(readers) & present:
             flag = "--" + dest.replace("_", "-")
-            who, one = " and ".join(readers), len(readers) == 1
-            raise TwinInputError(
-                f"only the {who} polic{'y reads' if one else 'ies read'} {flag}, and "
-                f"--policies ({','.join(names)}) {'does not name it' if one else 'names neither'}"
-                f"; add {who if one else 'one'} to --policies or drop {flag}", field=flag)
+            one = len(readers) == 1
+            said = [READER_NAMES.get(r, r) for r in readers]   # hybrid with --hybrid-dynamic ...
+            who = " and ".join(f"the {w.replace(' with', ' policy with', 1)}" if " with" in w
+                               else f"the {w} policy" for w in said)
+            named = [w for r, w in zip(readers, said) if "+" in r and r.split("+")[0] in names]
+            fix = (f"--policies ({','.join(names)}) names {named[0].split(' with')[0]} without"
+                   f"{named[0].split(' with', 1)[1]}; pass that" if named else
+                   f"--policies ({','.join(names)}) "
+                   f"{'does not name it' if one else 'names neither'}; add "
+                   f"{' or '.join(said)} to --policies")
+            raise TwinInputError(f"only {who} {'reads' if one else 'read'} {flag}, and {fix} "
+                                 f"or drop {flag}", field=flag)
 
 
 def run(args) -> int:
