@@ -188,3 +188,48 @@ def test_every_request_rejected_offers_no_load():
     assert s["rejected_requests"] == 2 and s["completed"] == 0 and not s["starving"]
     assert s["offered_total_throughput"] == 0
     assert "Verdict: no load offered" in res.format_summary()
+
+
+# -- the family where the twin is measured optimistic: many adapters per max_loras slot ------
+def _many_adapters(n_adapters, seed=0):
+    """A heavy trace over ``n_adapters`` adapters: 3000 requests in 10 s."""
+    rng = np.random.default_rng(seed)
+    t = trace_of(np.sort(rng.uniform(0, 10, 3000)), 200, 200)
+    return t.assign(adapter=pd.array([f"a{k}" for k in rng.integers(0, n_adapters, 3000)],
+                                     dtype="string"))
+
+
+def test_starving_behind_few_slots_with_many_adapters_says_it_is_an_upper_bound():
+    from twin.results.notes import SLOT_BOUND_MEASURED
+
+    trace = _many_adapters(48)
+    res = run(trace, max_loras=2)
+    s = res.summary
+    assert s["adapters_per_slot"] == pytest.approx(trace["adapter"].nunique() / 2)
+    assert s["starving"] and s["waiting_held_by"]["max_loras"] >= 0.5, s["waiting_held_by"]
+    text = " ".join(res.format_summary().split())
+    assert f"with {s['adapters_per_slot']:.0f} adapters per slot" in text
+    assert f"median {SLOT_BOUND_MEASURED['throughput_pct']:.1f}% high" in text
+    assert "upper bound" in text
+    res.meta["executor"] = True   # a measured run (the executor's) is not told the twin's error
+    assert "upper bound" not in res.format_summary()
+    # the same trace with a slot per 6 adapters: outside the measured family, no note
+    r8 = run(trace, max_loras=8)
+    assert r8.summary["adapters_per_slot"] == pytest.approx(6.0)
+    assert "upper bound" not in r8.format_summary()
+
+
+def test_slot_bound_note_needs_a_starving_run_held_by_max_loras():
+    from twin.results.notes import slot_bound_note
+
+    s = {"starving": True, "adapters_per_slot": 20.0}
+    assert "20 adapters per slot" in slot_bound_note(s, True)
+    assert slot_bound_note(s, False) is None                       # held by the KV cache
+    assert slot_bound_note({**s, "starving": False}, True) is None  # keeps up
+    assert slot_bound_note({**s, "adapters_per_slot": 8.0}, True) is None
+    assert slot_bound_note({"starving": True}, True) is None        # S-LoRA: no slots
+
+
+def test_no_adapters_per_slot_without_lora():
+    s = run(trace_of(np.linspace(0, 5, 50), 100, 50)).summary
+    assert "adapters_per_slot" in s and s["adapters_per_slot"] == 0.0

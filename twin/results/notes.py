@@ -8,6 +8,16 @@ from __future__ import annotations
 
 #: achieved / offered total throughput below which a run starves (arXiv 2508.08343)
 STARVATION_THRESHOLD = 0.9
+#: the run family where the twin is measured optimistic against real vLLM: starving, its
+#: queue held by max_loras, more than this many served adapters per slot. The figures are the
+#: shipped H100 profile's on the held-out real runs of ``experiments/reproduce_vllm_h100.py``
+#: (Llama-3.1-8B, vLLM 0.8.5; twin minus real, signed SMAPE): 42 such runs, throughput median
+#: +4.0% (interquartile 2.0 to 6.6), mean ITL +15.9%; the 164 starving runs at <= 8 per slot
+#: +0.7% / -0.3%. The mechanism is not found (README_validate.md, "the runs that starve at
+#: 16 slots"), so the run is told, not corrected.
+SLOT_BOUND_PER_SLOT = 8
+SLOT_BOUND_MEASURED = {"runs": 42, "throughput_pct": 4.0, "throughput_iqr_pct": (2.0, 6.6),
+                       "itl_pct": 15.9, "others_throughput_pct": 0.7}
 
 
 def late_start(s: dict) -> str | None:
@@ -78,3 +88,21 @@ def stalls_note(s: dict) -> str | None:
             f"{st['itl_scale']:.3f} of the API server's stalls (its metrics scrapes, as a "
             "streaming client times them); requests.parquet, the medians and the p99s are "
             "the engine's times")
+
+
+def slot_bound_note(s: dict, held_by_max_loras: bool) -> str | None:
+    """A run that starves behind ``max_loras`` with many adapters per slot is in the family
+    where the twin's throughput and ITL were measured high against real vLLM
+    (:data:`SLOT_BOUND_MEASURED`): say so, with the figures, beside the verdict.
+    ``held_by_max_loras``: max_loras held the queue's head most of the busy time."""
+    per_slot = s.get("adapters_per_slot", 0.0)
+    if not (s.get("starving") and held_by_max_loras and per_slot > SLOT_BOUND_PER_SLOT):
+        return None
+    m = SLOT_BOUND_MEASURED
+    lo, hi = m["throughput_iqr_pct"]
+    return (f"starving behind max_loras with {per_slot:.0f} adapters per slot: in {m['runs']} "
+            f"held-out real vLLM runs like it (H100, more than {SLOT_BOUND_PER_SLOT} per slot) "
+            f"the twin's throughput was a median {m['throughput_pct']:.1f}% high (IQR "
+            f"{lo:.1f}-{hi:.1f}%), its mean ITL {m['itl_pct']:.1f}% high "
+            f"(throughput {m['others_throughput_pct']:.1f}% at fewer per slot): read its "
+            "throughput as an upper bound")

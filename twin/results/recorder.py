@@ -22,6 +22,7 @@ from twin.results import extrapolation, queue_head
 from twin.results.queue_head import held_seconds, waiting_held_by
 from twin.results.results import (RunResult, decode_gaps, prefix_cache_summary,
                                   request_table, summarize, waiting_growth)
+from twin.sched.adapter_cache import AdapterCache
 from twin.sched.request import Request, RequestStatus
 
 TIMELINE_COLUMNS = ["time_s", "running", "waiting", "kv_usage", "tokens", "adapter_loads",
@@ -258,6 +259,9 @@ def build_result(trace: pd.DataFrame, out: Outcomes, rec: Recorder, sched, cache
     summary["steps"] = rec.steps
     summary["waiting_held_by"] = waiting_held_by(rec.held, rec.busy)
     summary["step_adapters_max"] = rec.adapters_max
+    if isinstance(cache, AdapterCache) and getattr(sched, "enable_lora", False):
+        # vLLM's slots: the trace's adapters that share each one (notes.slot_bound_note)
+        summary["adapters_per_slot"] = trace["adapter"].nunique() / cache.max_loras
     if getattr(cache, "running_sets", None) is not None:
         # the distinct (running, waiting) adapter-set labels its steps ran with (vLLM's
         # lora_requests_info series; 1 with no adapter: the empty pair)

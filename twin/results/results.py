@@ -18,8 +18,8 @@ from twin.outputs import json_document, staged_dir
 from twin.results import plot as plots   # looked up at call time (tests replace it)
 from twin.results.extrapolation import describe
 from twin.results.fairness import held_back_note, slowest_adapter
-from twin.results.notes import (STARVATION_THRESHOLD, late_start, spans_note, stalls_note,
-                                window_edge_note)
+from twin.results.notes import (STARVATION_THRESHOLD, late_start, slot_bound_note,
+                                spans_note, stalls_note, window_edge_note)
 from twin.results.queue_head import LIMITS, main_limit
 from twin.results.spread import spread_percentiles
 from twin.sched.request import exceeds_max_model_len
@@ -108,7 +108,7 @@ class RunResult:
             plots.plot_timeline(self, d / "timeline.png")
 
     def format_summary(self) -> str:
-        return format_summary(self.summary)
+        return format_summary(self.summary, measured=bool(self.meta.get("executor")))
 
 
 def _stats(x: np.ndarray, scale: float = 1000.0) -> dict:
@@ -277,8 +277,9 @@ def prefix_cache_summary(req: pd.DataFrame, enabled: bool) -> dict:
             "prefix_cache_by_adapter": by}
 
 
-def format_summary(s: dict) -> str:
-    """The summary as ``vllm bench serve`` prints it, plus twin's extras."""
+def format_summary(s: dict, *, measured: bool = False) -> str:
+    """The summary as ``vllm bench serve`` prints it, plus twin's extras. ``measured``: the
+    executor's run, not the twin's prediction (no note on the twin's known error)."""
     w = 50
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result (twin) ", n=w, c="=")]
 
@@ -337,6 +338,7 @@ def format_summary(s: dict) -> str:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
     notes = [describe(s.get("extrapolated")), held_back_note(s), window_edge_note(s),
+             None if measured else slot_bound_note(s, main_limit(held) == "max_loras"),
              late_start(s) or spans_note(s), stalls_note(s)]
     for note in filter(None, notes):
         lines += textwrap.wrap(f"Note: {note}", w, subsequent_indent="  ")
