@@ -109,8 +109,15 @@ STRATEGY_FLAGS = {"hybrid_k": ("hybrid",), "hybrid_dynamic": ("hybrid",),
                   "slora_admission": ("slora", "hybrid+slora"), "merged_min_kv_tokens": ("merged",),
                   "clients": ("split",), "link": ("split",), "client_devices": ("split",),
                   "finetune_tokens_per_s": ("split",), "split_costs": ("split",)}
-#: how a message names a reader that is not a policy name alone
-READER_NAMES = {"hybrid+slora": "hybrid with --hybrid-dynamic slora"}
+#: a reader that is a policy only with another flag given: (the policy, that flag)
+CONDITIONAL_READERS = {"hybrid+slora": ("hybrid", "--hybrid-dynamic slora")}
+
+
+def _reader(name: str, noun: str = "") -> str:
+    """A reader as a user types it: ``hybrid with --hybrid-dynamic slora`` (``noun`` after
+    the policy's name: ``hybrid policy with ...``)."""
+    policy, flag = CONDITIONAL_READERS.get(name, (name, None))
+    return policy + noun + (f" with {flag}" if flag else "")
 
 
 def _refuse_unread_flags(args, names) -> None:
@@ -121,16 +128,13 @@ def _refuse_unread_flags(args, names) -> None:
     for dest, readers in STRATEGY_FLAGS.items():
         if getattr(args, dest) != args.strategy_defaults[dest] and not set(readers) & present:
             flag = "--" + dest.replace("_", "-")
-            one = len(readers) == 1
-            said = [READER_NAMES.get(r, r) for r in readers]   # hybrid with --hybrid-dynamic ...
-            who = " and ".join(f"the {w.replace(' with', ' policy with', 1)}" if " with" in w
-                               else f"the {w} policy" for w in said)
-            named = [w for r, w in zip(readers, said) if "+" in r and r.split("+")[0] in names]
-            fix = (f"--policies ({','.join(names)}) names {named[0].split(' with')[0]} without"
-                   f"{named[0].split(' with', 1)[1]}; pass that" if named else
-                   f"--policies ({','.join(names)}) "
-                   f"{'does not name it' if one else 'names neither'}; add "
-                   f"{' or '.join(said)} to --policies")
+            one, listed = len(readers) == 1, f"--policies ({','.join(names)})"
+            who = " and ".join("the " + _reader(r, " policy") for r in readers)
+            half = [CONDITIONAL_READERS[r] for r in readers
+                    if r in CONDITIONAL_READERS and CONDITIONAL_READERS[r][0] in names]
+            fix = (f"{listed} names {half[0][0]} without {half[0][1]}; pass it" if half else
+                   f"{listed} {'does not name it' if one else 'names neither'}; add "
+                   f"{' or '.join(map(_reader, readers))} to --policies")
             raise TwinInputError(f"only {who} {'reads' if one else 'read'} {flag}, and {fix} "
                                  f"or drop {flag}", field=flag)
 
