@@ -233,3 +233,31 @@ def test_slot_bound_note_needs_a_starving_run_held_by_max_loras():
 def test_no_adapters_per_slot_without_lora():
     s = run(trace_of(np.linspace(0, 5, 50), 100, 50)).summary
     assert "adapters_per_slot" in s and s["adapters_per_slot"] == 0.0
+
+
+def test_slot_bound_figures_are_the_committed_held_out_runs():
+    """The note's figures are recomputed from the per-run table the shipped profile's
+    ``reproduce_vllm_h100.py`` run committed: a refit that regenerates the table without
+    updating them fails here."""
+    from pathlib import Path
+
+    from twin.results.notes import SLOT_BOUND_MEASURED, SLOT_BOUND_PER_SLOT
+
+    runs = pd.read_csv(Path(__file__).resolve().parents[1] / "experiments" / "figures"
+                       / "reproduce_vllm_h100_runs.csv")
+    runs = runs[runs["real_starving"].astype(bool)]
+    per_slot = runs["max_cpu_loras"] / runs["max_loras"]
+
+    def signed(real, twin):
+        return 200 * (twin - real) / (real.abs() + twin.abs())
+
+    thr = signed(runs["real_throughput"], runs["twin_throughput"])
+    itl = signed(runs["real_itl"], runs["twin_itl"])
+    many = per_slot > SLOT_BOUND_PER_SLOT
+    m = SLOT_BOUND_MEASURED
+    assert int(many.sum()) == m["runs"]
+    assert thr[many].median() == pytest.approx(m["throughput_pct"], abs=0.05)
+    assert tuple(thr[many].quantile([0.25, 0.75])) == pytest.approx(m["throughput_iqr_pct"],
+                                                                    abs=0.05)
+    assert itl[many].median() == pytest.approx(m["itl_pct"], abs=0.05)
+    assert thr[~many].median() == pytest.approx(m["others_throughput_pct"], abs=0.05)
