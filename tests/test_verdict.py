@@ -222,12 +222,15 @@ def test_starving_behind_few_slots_with_many_adapters_says_it_is_an_upper_bound(
 def test_slot_bound_note_needs_a_starving_run_held_by_max_loras():
     from twin.results.notes import slot_bound_note
 
-    s = {"starving": True, "adapters_per_slot": 20.0}
-    assert "20 adapters per slot" in slot_bound_note(s, True)
-    assert slot_bound_note(s, False) is None                       # held by the KV cache
-    assert slot_bound_note({**s, "starving": False}, True) is None  # keeps up
-    assert slot_bound_note({**s, "adapters_per_slot": 8.0}, True) is None
-    assert slot_bound_note({"starving": True}, True) is None        # S-LoRA: no slots
+    held = {"busy_s": 10.0, "max_loras": 0.8, "kv_cache": 0.1, "max_num_batched_tokens": 0.0,
+            "max_num_seqs": 0.0}
+    s = {"starving": True, "adapters_per_slot": 20.0, "waiting_held_by": held}
+    assert "20 adapters per slot" in slot_bound_note(s)
+    by_kv = {**held, "max_loras": 0.1, "kv_cache": 0.8}
+    assert slot_bound_note({**s, "waiting_held_by": by_kv}) is None   # held by the KV cache
+    assert slot_bound_note({**s, "starving": False}) is None          # keeps up
+    assert slot_bound_note({**s, "adapters_per_slot": 8.0}) is None
+    assert slot_bound_note({"starving": True, "waiting_held_by": held}) is None  # S-LoRA
 
 
 def test_no_adapters_per_slot_without_lora():

@@ -6,6 +6,8 @@ Each takes the summary dict and returns a sentence, or None when there is nothin
 
 from __future__ import annotations
 
+from twin.results.queue_head import main_limit
+
 #: achieved / offered total throughput below which a run starves (arXiv 2508.08343)
 STARVATION_THRESHOLD = 0.9
 #: the run family where the twin is measured optimistic against real vLLM: starving, its
@@ -90,13 +92,14 @@ def stalls_note(s: dict) -> str | None:
             "the engine's times")
 
 
-def slot_bound_note(s: dict, held_by_max_loras: bool) -> str | None:
-    """A run that starves behind ``max_loras`` with many adapters per slot is in the family
-    where the twin's throughput and ITL were measured high against real vLLM
-    (:data:`SLOT_BOUND_MEASURED`): say so, with the figures, beside the verdict.
-    ``held_by_max_loras``: max_loras held the queue's head most of the busy time."""
+def slot_bound_note(s: dict) -> str | None:
+    """A run that starves behind ``max_loras`` (the limit its verdict names) with many
+    adapters per slot is in the family where the twin's throughput and ITL were measured
+    high against real vLLM (:data:`SLOT_BOUND_MEASURED`): say so, with the figures, beside
+    the verdict."""
     per_slot = s.get("adapters_per_slot", 0.0)
-    if not (s.get("starving") and held_by_max_loras and per_slot > SLOT_BOUND_PER_SLOT):
+    if not (s.get("starving") and per_slot > SLOT_BOUND_PER_SLOT
+            and main_limit(s.get("waiting_held_by")) == "max_loras"):
         return None
     m = SLOT_BOUND_MEASURED
     lo, hi = m["throughput_iqr_pct"]

@@ -338,7 +338,7 @@ def format_summary(s: dict, *, measured: bool = False) -> str:
         verdict = f"keeps up ({100 * s['achieved_over_offered']:.1f}% of offered)"
     lines.append(f"Verdict: {verdict}")
     notes = [describe(s.get("extrapolated")), held_back_note(s), window_edge_note(s),
-             None if measured else slot_bound_note(s, main_limit(held) == "max_loras"),
+             None if measured else slot_bound_note(s),
              late_start(s) or spans_note(s), stalls_note(s)]
     for note in filter(None, notes):
         lines += textwrap.wrap(f"Note: {note}", w, subsequent_indent="  ")
